@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Installs what `make` and `make test` need on a fresh Debian 12 (bookworm) machine.
+# Idempotent: every step checks first and says what it installs. Needs root (or sudo).
+#
+#   scripts/bootstrap-debian.sh build   # kld cross-build toolchain
+#   scripts/bootstrap-debian.sh lab     # QEMU for the lab tests
+set -euo pipefail
+
+want=${1:-build}
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+APT_TMP=$(mktemp -d)
+trap 'rm -rf "$APT_TMP"' EXIT
+apt_get() { $SUDO env TMPDIR="$APT_TMP" apt-get -y -q -o DPkg::Lock::Timeout=600 "$@"; }
+missing() { local p out=(); for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || out+=("$p"); done; echo "${out[@]:-}"; }
+
+if ! command -v apt-get >/dev/null; then
+    echo "bootstrap: not a Debian-like system; install the packages listed in README.md by hand" >&2
+    exit 1
+fi
+
+# The backports suite is added by deriving the mirror from the machine's own Debian source entry,
+# so no host name is written anywhere by this project.
+add_backports() {
+    local list=/etc/apt/sources.list.d/nvmehp-bookworm-backports.sources uri=""
+    [ -f "$list" ] && return 0
+    if grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null; then return 0; fi
+    if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+        uri=$(awk '/^URIs:/{u=$2} /^Suites:/ && / bookworm( |$)/{print u; exit}' /etc/apt/sources.list.d/debian.sources)
+    fi
+    if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
+        uri=$(awk '$1=="deb" && $3=="bookworm" {print $2; exit}' /etc/apt/sources.list)
+    fi
+    if [ -z "$uri" ]; then
+        echo "bootstrap: cannot find this machine's Debian bookworm mirror to derive bookworm-backports" >&2
+        exit 1
+    fi
+    echo "bootstrap: adding bookworm-backports from this machine's mirror ($list)"
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" | $SUDO tee "$list" >/dev/null
+    apt_get update
+}
+
+updated=0
+apt_update_once() { [ $updated -eq 1 ] || { apt_get update; updated=1; }; }
+
+case "$want" in
+build)
+    pkgs=$(missing rustc-web cargo-web rust-web-src clang-19 lld-19 llvm-19 libclang-19-dev)
+    if [ -n "$pkgs" ]; then
+        echo "bootstrap: installing Debian packages: $pkgs"
+        apt_update_once
+        apt_get install --no-install-recommends $pkgs
+    fi
+    ;;
+lab)
+    if ! command -v qemu-system-x86_64 >/dev/null; then
+        add_backports
+        apt_update_once
+        echo "bootstrap: installing qemu-system-x86 from bookworm-backports"
+        apt_get install --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-system-data ipxe-qemu seabios
+    fi
+    ;;
+*) echo "usage: $0 build|lab" >&2; exit 2 ;;
+esac

@@ -1,0 +1,1 @@
+//! The hotplug state machine and node lifecycle (placeholder; see issue 4).

@@ -1,0 +1,1 @@
+//! The NVMe engine (placeholder; see issue 3).
