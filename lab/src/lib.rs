@@ -1,0 +1,1 @@
+//! nvmehp-lab (placeholder)
