@@ -10,10 +10,10 @@ all:
 	@sh scripts/build-kld.sh
 
 test:
-	@sh scripts/test.sh
+	@bash scripts/test.sh
 
 bench:
-	@sh scripts/bench.sh
+	@bash scripts/bench.sh
 
 clean:
 	rm -rf target nvme_hotplug.ko
