@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# `make test`: every test of the project, in the order a failure is cheapest to read.
+#   1. build nvme_hotplug.ko (installs the cross toolchain on Debian/Ubuntu if missing)
+#   2. static checks of the .ko (scripts/check-ko.sh, tools/kocheck)
+#   3. install QEMU for the lab if missing (scripts/bootstrap-debian.sh lab)
+#   4. cargo test of the whole workspace: engine, hotplug logic, FreeBSD-rules model, .ko checker
+#      negative tests, and the QEMU lab (real QEMU NVMe + PIIX4 ACPI hotplug models)
+#   5. the lab scenarios in scenarios/ (each report must say ok = true)
+# The last line is the sum over all cargo test binaries: "tests: N passed, N failed, N skipped".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/host-cargo.sh
+
+log=$(mktemp -d)/test.log
+trap 'rm -rf "$(dirname "$log")"' EXIT
+
+echo "== 1. build nvme_hotplug.ko"
+sh scripts/build-kld.sh
+
+echo "== 2. static checks of nvme_hotplug.ko"
+bash scripts/check-ko.sh
+
+echo "== 3. QEMU for the lab"
+if [ "$(uname -s)" = Linux ]; then bash scripts/bootstrap-debian.sh lab; fi
+# make test installs QEMU, so a lab test that cannot find it is a failure here, not a skip.
+export NVMEHP_REQUIRE_QEMU=1
+
+echo "== 4. cargo test --workspace"
+status=0
+"$HOST_CARGO" test --workspace --release 2>&1 | tee "$log" || status=$?
+
+echo "== 5. lab scenarios"
+scen_fail=0
+if [ -d scenarios ]; then
+    "$HOST_CARGO" build -q --release -p nvmehp-lab
+    for s in scenarios/*.toml; do
+        [ -e "$s" ] || continue
+        out="target/scenario-$(basename "$s" .toml).json"
+        if ./target/release/nvmehp-lab run "$s" --json "$out"; then
+            echo "PASS scenario $s (report $out)"
+        else
+            echo "FAIL scenario $s (report $out)"; scen_fail=$((scen_fail + 1))
+        fi
+    done
+fi
+
+passed=$(awk '/^test result:/{for(i=1;i<=NF;i++) if($(i+1) ~ /^passed/) s+=$i} END{print s+0}' "$log")
+failed=$(awk '/^test result:/{for(i=1;i<=NF;i++) if($(i+1) ~ /^failed/) s+=$i} END{print s+0}' "$log")
+skipped=$(grep -c '^SKIP' "$log" || true)
+echo "scenarios: $scen_fail failed"
+echo "tests: $passed passed, $((failed + scen_fail)) failed, $skipped skipped"
+[ "$status" -eq 0 ] && [ "$scen_fail" -eq 0 ]
