@@ -1,0 +1,44 @@
+//! Undefined symbols must be kernel exports. The allowlist is not typed by hand: the kld build
+//! writes every function and variable bindgen declared from the FreeBSD headers (and the
+//! project's stand-in headers) to target/kld/kpi-symbols.txt. A name outside it is something
+//! the compiler invented (`puts`, `bcmp`, `__udivti3`, ...) or a typo the kernel linker would
+//! only report at `kldload` time.
+
+use crate::ko::Ko;
+use crate::report::Verdict;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+pub const RULE: &str = "kpi-symbols";
+
+/// One name per line; blank lines and `#` comments ignored.
+pub fn read_allowlist(path: &Path) -> Result<BTreeSet<String>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e} (written by scripts/build-kld.sh)", path.display()))?;
+    let names: BTreeSet<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    if names.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(names)
+}
+
+pub fn check(ko: &Ko, kpi: Option<&Path>) -> Verdict {
+    let undefined: BTreeSet<&str> =
+        ko.symbols.iter().filter(|s| s.undefined && !s.name.is_empty()).map(|s| s.name.as_str()).collect();
+    let Some(path) = kpi else {
+        return Verdict::fail(RULE, format!("{} undefined symbols and no allowlist (--kpi FILE)", undefined.len()));
+    };
+    let allow = match read_allowlist(path) {
+        Ok(a) => a,
+        Err(e) => return Verdict::fail(RULE, e),
+    };
+    let unknown: Vec<String> =
+        undefined.iter().filter(|n| !allow.contains(**n)).map(|n| format!("undefined {n}: not in {}", path.display())).collect();
+    let ok = format!("{} undefined symbols, all in {} ({} names)", undefined.len(), path.display(), allow.len());
+    Verdict::from_findings(RULE, ok, "undefined symbols are not kernel exports", unknown)
+}

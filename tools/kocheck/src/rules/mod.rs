@@ -1,0 +1,8 @@
+//! One file per rule family. Each returns `Verdict`s; none prints or exits.
+
+pub mod code;
+pub mod header;
+pub mod kpi;
+pub mod module;
+pub mod relocations;
+pub mod sections;
