@@ -1,0 +1,293 @@
+//! The task half of the hotplug state machine: turns pending events into slot actions.
+//!
+//! [`SlotMachine::run`] runs on our own taskqueue (never in the ACPI notify context), takes a
+//! snapshot of pending bits and, slot by slot, reads the slot's real state through
+//! [`SlotOps`] and performs at most one eject, one check and one namespace rescan.
+//!
+//! Per slot the order is fixed: finish a running eject, then a new eject request, then a
+//! device check, then the namespace rescan. Checks are state-based (present? `device_t`?), so
+//! the order of a "3 then 1" or "1 then 3" burst does not matter: after the eject, the check
+//! sees whatever is really in the slot.
+//!
+//! Eject, when we own the slot (like Linux acpiphp + acpi_device_hotplug, facts §4.1-4.3;
+//! unlike acpi_pci.c, facts §1.2-1.3):
+//! 1. nothing present and no `device_t`: `_OST` non-specific failure, no detach, no `_EJ0`;
+//! 2. `_OST` eject-in-progress;
+//! 3. detach + delete the child (only if a `device_t` exists); Busy / InUse / Failed are
+//!    reported with `_OST` and stop here: `_EJ0` is never evaluated on a device still in use;
+//! 4. if the device is already gone (surprise removal): `_OST` success, no `_EJ0`;
+//! 5. `_EJ0`; then confirm absence, re-checking after a delay if needed; `_OST` success, or
+//!    non-specific failure when the device never went away.
+
+use super::ost::{OstStatus, SOURCE_EJECT_REQUEST};
+use super::pending::{Pending, PendingEvents, PendingSnapshot};
+use super::mode::Role;
+use super::slot::{Slot, SlotState};
+use super::slot_ops::{DetachError, DetachReason, SlotIndex, SlotOps};
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// `_STA` bit 0: the device is present.
+const STA_PRESENT: u32 = 1 << 0;
+
+/// Tunables of the state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotplugConfig {
+    /// How many times to re-check that an ejected device vanished before reporting failure.
+    pub eject_confirm_tries: u16,
+    /// Delay between those re-checks, for the glue's timeout task.
+    pub eject_confirm_delay_us: u32,
+}
+
+impl Default for HotplugConfig {
+    fn default() -> Self {
+        // 50 x 10 ms: acpi_pci's EC2 quirk waits 10 ms once (facts §1.7); we wait up to 0.5 s
+        // without holding any thread, since each re-check is a new task run.
+        HotplugConfig { eject_confirm_tries: 50, eject_confirm_delay_us: 10_000 }
+    }
+}
+
+/// What one run did, for counters, `device_printf` and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RunReport {
+    /// Slot rescans performed.
+    pub rescans: u32,
+    /// Detaches performed (eject or stale sweep).
+    pub detaches: u32,
+    /// Of those, stale devices swept (config space gone, `device_t` still there).
+    pub swept: u32,
+    /// `_EJ0` evaluations.
+    pub ejects: u32,
+    /// Ejects refused because the device was busy or in use.
+    pub refused: u32,
+    /// Ejects that completed (device confirmed absent).
+    pub ejected: u32,
+    /// Failures (rescan, detach, `_EJ0`, eject never completed, eject of an empty slot).
+    pub failures: u32,
+    /// ACPI events ignored because we only observe the slot.
+    pub ignored: u32,
+    /// Namespace rescans.
+    pub ns_rescans: u32,
+    /// When set, run again after this many microseconds even if no event arrives
+    /// (an eject is waiting for the device to vanish).
+    pub rerun_after_us: Option<u32>,
+}
+
+/// Per-slot state for the task side.
+#[derive(Debug, Clone)]
+pub struct SlotMachine {
+    slots: Vec<Slot>,
+    roles: Vec<Role>,
+    config: HotplugConfig,
+}
+
+impl SlotMachine {
+    /// One entry per slot, with the role [`super::mode::resolve`] gave each slot.
+    pub fn new(roles: Vec<Role>, config: HotplugConfig) -> Self {
+        SlotMachine { slots: vec![Slot::default(); roles.len()], roles, config }
+    }
+
+    /// The state of `slot`, for tests and sysctl.
+    pub fn state(&self, slot: SlotIndex) -> Option<SlotState> {
+        self.slots.get(slot).map(|s| s.state)
+    }
+
+    /// The role of `slot`.
+    pub fn role(&self, slot: SlotIndex) -> Option<Role> {
+        self.roles.get(slot).copied()
+    }
+
+    /// Processes one snapshot. Sleeps only inside `ops`.
+    pub fn run<O: SlotOps>(&mut self, snap: &PendingSnapshot, ops: &mut O) -> RunReport {
+        let mut report = RunReport::default();
+        for i in 0..self.slots.len() {
+            let bits = snap.get(i).bits();
+            let unrecognized = snap.unrecognized.get(i).copied().unwrap_or(0);
+            self.run_slot(i, bits, unrecognized, ops, &mut report);
+        }
+        report
+    }
+
+    fn run_slot<O: SlotOps>(&mut self, i: SlotIndex, bits: u8, unrecognized: u32, ops: &mut O, r: &mut RunReport) {
+        let owner = self.roles[i] == Role::Owner;
+        let mut bits = bits;
+        if !owner {
+            // Observer: ACPI events belong to acpi_pci (or nobody). Acting on them could
+            // duplicate its detach or `_EJ0`, so they are dropped here whatever the glue did.
+            let acpi = Pending::EJECT | Pending::CHECK | Pending::UNRECOGNIZED;
+            if bits & acpi != 0 {
+                r.ignored += 1;
+            }
+            bits &= !acpi;
+        }
+
+        if let SlotState::EjectWait { tries } = self.slots[i].state {
+            // Duplicated eject requests are absorbed; anything else waits for the outcome.
+            self.slots[i].deferred |= bits & !Pending::EJECT;
+            self.continue_eject(i, tries, ops, r);
+            if self.slots[i].state != SlotState::Idle {
+                return;
+            }
+            bits = core::mem::take(&mut self.slots[i].deferred) & !Pending::EJECT;
+        }
+
+        if bits & Pending::EJECT != 0 {
+            self.start_eject(i, ops, r);
+            if self.slots[i].state != SlotState::Idle {
+                self.slots[i].deferred |= bits & !Pending::EJECT;
+                return;
+            }
+        }
+        if bits & Pending::CHECK != 0 {
+            self.check(i, true, ops, r);
+        } else if bits & Pending::QUIET_CHECK != 0 {
+            self.check(i, false, ops, r);
+        }
+        if bits & Pending::NS_CHANGE != 0 && ops.has_child(i) {
+            r.ns_rescans += 1;
+            if ops.rescan_namespaces(i).is_err() {
+                r.failures += 1;
+            }
+        }
+        if bits & Pending::UNRECOGNIZED != 0 {
+            ops.ost(i, unrecognized, OstStatus::UnrecognizedNotify);
+        }
+    }
+
+    /// Present per config space and, when the slot has `_STA`, per its present bit.
+    fn presence<O: SlotOps>(i: SlotIndex, ops: &mut O) -> bool {
+        ops.present(i) && ops.sta(i).is_none_or(|sta| sta & STA_PRESENT != 0)
+    }
+
+    fn start_eject<O: SlotOps>(&mut self, i: SlotIndex, ops: &mut O, r: &mut RunReport) {
+        let present = Self::presence(i, ops);
+        let child = ops.has_child(i);
+        if !present && !child {
+            r.failures += 1;
+            ops.ost(i, SOURCE_EJECT_REQUEST, OstStatus::NonSpecificFailure);
+            return;
+        }
+        ops.ost(i, SOURCE_EJECT_REQUEST, OstStatus::EjectInProgress);
+        if child {
+            let why = if present { DetachReason::Eject } else { DetachReason::Gone };
+            match ops.detach_slot(i, why) {
+                Ok(()) => r.detaches += 1,
+                // Someone removed it under the lock before us: nothing to detach, go on.
+                Err(DetachError::NoDevice) => {}
+                Err(e) => {
+                    let status = match e {
+                        DetachError::Busy => OstStatus::DeviceBusy,
+                        DetachError::InUse => OstStatus::DeviceInUse,
+                        _ => OstStatus::NonSpecificFailure,
+                    };
+                    if status == OstStatus::NonSpecificFailure {
+                        r.failures += 1;
+                    } else {
+                        r.refused += 1;
+                    }
+                    ops.ost(i, SOURCE_EJECT_REQUEST, status);
+                    return;
+                }
+            }
+        }
+        if !present || !Self::presence(i, ops) {
+            // Surprise-removed before we got here: there is nothing left to eject.
+            r.ejected += 1;
+            ops.ost(i, SOURCE_EJECT_REQUEST, OstStatus::Success);
+            return;
+        }
+        r.ejects += 1;
+        if ops.eject(i).is_err() {
+            r.failures += 1;
+            ops.ost(i, SOURCE_EJECT_REQUEST, OstStatus::NonSpecificFailure);
+            return;
+        }
+        self.continue_eject(i, 0, ops, r);
+    }
+
+    fn continue_eject<O: SlotOps>(&mut self, i: SlotIndex, tries: u16, ops: &mut O, r: &mut RunReport) {
+        if !Self::presence(i, ops) {
+            self.slots[i].state = SlotState::Idle;
+            r.ejected += 1;
+            ops.ost(i, SOURCE_EJECT_REQUEST, OstStatus::Success);
+        } else if tries >= self.config.eject_confirm_tries {
+            // The device ignored `_EJ0`. Its `device_t` is already deleted; a later device
+            // check re-attaches it, which is better than a driverless ghost.
+            self.slots[i].state = SlotState::Idle;
+            r.failures += 1;
+            ops.ost(i, SOURCE_EJECT_REQUEST, OstStatus::NonSpecificFailure);
+        } else {
+            self.slots[i].state = SlotState::EjectWait { tries: tries + 1 };
+            r.rerun_after_us = Some(self.config.eject_confirm_delay_us);
+        }
+    }
+
+    /// Device check (ACPI, answered with `_OST`) or quiet fallback check.
+    fn check<O: SlotOps>(&mut self, i: SlotIndex, answer: bool, ops: &mut O, r: &mut RunReport) {
+        let present = Self::presence(i, ops);
+        let child = ops.has_child(i);
+        let ok = match (present, child) {
+            (true, false) => {
+                r.rescans += 1;
+                ops.rescan_slot(i).is_ok()
+            }
+            (false, true) => match ops.detach_slot(i, DetachReason::Gone) {
+                Ok(()) => {
+                    r.detaches += 1;
+                    r.swept += 1;
+                    true
+                }
+                Err(DetachError::NoDevice) => true,
+                Err(_) => false,
+            },
+            // Already attached (a spurious or duplicated check), or nothing there.
+            _ => true,
+        };
+        if !ok {
+            r.failures += 1;
+        }
+        if answer {
+            let status = if ok { OstStatus::Success } else { OstStatus::NonSpecificFailure };
+            ops.ost(i, super::ost::SOURCE_DEVICE_CHECK, status);
+        }
+    }
+}
+
+/// Both halves together for single-owner callers (the lab, tests). The kernel glue keeps
+/// [`PendingEvents`] under its mtx(9) and the [`SlotMachine`] in the task instead.
+#[derive(Debug, Clone)]
+pub struct Hotplug {
+    pending: PendingEvents,
+    snapshot: PendingSnapshot,
+    machine: SlotMachine,
+}
+
+impl Hotplug {
+    /// One slot per entry of `roles`.
+    pub fn new(roles: Vec<Role>, config: HotplugConfig) -> Self {
+        let pending = PendingEvents::new(roles.len());
+        let snapshot = pending.snapshot_buffer();
+        Hotplug { pending, snapshot, machine: SlotMachine::new(roles, config) }
+    }
+    /// The notify handler's work: returns true when the task must be enqueued.
+    pub fn notify(&mut self, slot: SlotIndex, value: u32) -> bool {
+        self.pending.notify(slot, value)
+    }
+    /// A namespace attribute changed event.
+    pub fn namespace_changed(&mut self, slot: SlotIndex) -> bool {
+        self.pending.namespace_changed(slot)
+    }
+    /// The pending-event half, e.g. for [`super::fallback::FallbackRescan::tick`].
+    pub fn pending_mut(&mut self) -> &mut PendingEvents {
+        &mut self.pending
+    }
+    /// The task half, read-only.
+    pub fn machine(&self) -> &SlotMachine {
+        &self.machine
+    }
+    /// The task's work.
+    pub fn run_pending<O: SlotOps>(&mut self, ops: &mut O) -> RunReport {
+        self.pending.take(&mut self.snapshot);
+        self.machine.run(&self.snapshot, ops)
+    }
+}
