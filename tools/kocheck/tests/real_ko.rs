@@ -9,7 +9,7 @@ use std::path::Path;
 
 #[test]
 fn real_nvme_hotplug_ko_passes_every_rule() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root");
     let ko = root.join("nvme_hotplug.ko");
     let kpi = root.join("target/kld/kpi-symbols.txt");
     if !ko.exists() {
