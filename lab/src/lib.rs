@@ -1,1 +1,53 @@
-//! nvmehp-lab (placeholder)
+//! nvmehp-lab: the nvme_hotplug engine run against QEMU's real NVMe controller and PIIX4 ACPI
+//! PCI hotplug models, with no guest OS.
+//!
+//! QEMU runs with a halt BIOS; the lab drives it through qtest (MMIO, port I/O, guest RAM) and
+//! QMP (block nodes, `device_add`/`device_del`). The lab plays three parts a real machine has:
+//! - the **firmware** ([`firmware`]): BARs, command registers, PIRQ routing, GPE enables;
+//! - the **ACPI AML** ([`acpi_hotplug`]): PCIU/PCID + SCI become `Notify(slot, 1|3)`, `_EJ0`
+//!   is an eject write;
+//! - the **kernel** around the engine ([`runner`]): on Notify 1 probe and bring up, create a
+//!   node per namespace; on Notify 3 or a detected surprise removal stop I/O, fail or drain
+//!   what is in flight, destroy nodes, free, eject.
+//!
+//! The engine itself (`nvme_hotplug::nvme::Controller`) sees only [`platform::LabPlatform`],
+//! the lab's implementation of the same traits the kld implements over bus_space(9).
+//!
+//! Modules, one concept each:
+//! - [`qemu`]: spawning and always reaping QEMU; the halt BIOS.
+//! - [`qtest`]: the qtest protocol client (with asynchronous IRQ lines).
+//! - [`qmp`]: block nodes and devices over QMP (`qapi` crate).
+//! - [`guest`]: the shared qtest connection + DMA pool + first harness fault.
+//! - [`dma`]: guest-RAM allocator and the DMA region type.
+//! - [`platform`]: the engine's platform traits over qtest.
+//! - [`firmware`]: PCI config, BAR programming, PIRQ, GPE enable.
+//! - [`acpi_hotplug`]: the PIIX4 hotplug block and the `_E01` logic.
+//! - [`machine`]: one QEMU machine with its plugged devices and images.
+//! - [`scenario`]: the TOML scenario format (see `docs/scenarios.md`).
+//! - [`ledger`]: acked writes and the end-of-run check of the raw images.
+//! - [`workload`]: an `io` step's request generator and verifier.
+//! - [`observer`]: **the hook for kernel models** (nodes, rule violations).
+//! - [`runner`]: runs a scenario and produces a [`report::Report`].
+//! - [`report`]: the JSON report.
+//! - [`skip`]: the loud SKIP / `NVMEHP_REQUIRE_QEMU` policy for tests.
+//!
+//! # Plugging in a kernel model
+//! Implement [`observer::Observer`] (every method has a default) and pass it to
+//! [`runner::Runner::with_observer`]. The runner reports node creation after bring-up, every
+//! I/O start and finish per node, the start of a detach, node destruction and the controller
+//! being freed; the report's `nodes_left` is [`observer::Observer::nodes_alive`] at the end and
+//! `violations` includes [`observer::Observer::violations`]. Any violation makes `ok = false`.
+
+pub mod acpi_hotplug;
+pub mod dma;
+pub mod firmware;
+pub mod guest;
+pub mod ledger;
+pub mod machine;
+pub mod observer;
+pub mod platform;
+pub mod qemu;
+pub mod qmp;
+pub mod qtest;
+pub mod scenario;
+pub mod skip;

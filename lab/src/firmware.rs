@@ -1,0 +1,163 @@
+//! The harness is the firmware: nothing programs the machine when no BIOS runs, so this file does
+//! what SeaBIOS and the OS's PCI layer would do for the devices the lab uses.
+//!
+//! - PCI configuration mechanism #1 (ports 0xcf8/0xcfc), the only config path the pc machine has.
+//! - BAR0 of each NVMe function: 64-bit memory BAR, placed at a fixed window per slot inside the
+//!   pc machine's 32-bit PCI hole (which starts right after the 256 MiB of RAM and ends at the
+//!   I/O APIC), so two controllers never overlap and a re-added slot gets the same address.
+//! - Command register: memory decode + bus master (without bus master, QEMU's NVMe model drops
+//!   every DMA, and nothing completes).
+//! - PIIX3 PIRQ routing (config 0x60–0x63 of 00:01.0) so INTx reaches the I/O APIC, as SeaBIOS
+//!   does; the engine polls, but the routed line is visible in qtest IRQ events for the curious.
+//! - GPE0 enable bit 1 (`outw 0xafe2, 2`): the PCI-hotplug GPE, without which no SCI is raised.
+
+use crate::qtest::{Qtest, QtestResult};
+
+/// Config address port.
+const CONFIG_ADDRESS: u16 = 0xcf8;
+/// Config data port.
+const CONFIG_DATA: u16 = 0xcfc;
+
+/// PCI config offsets used here.
+pub mod cfg {
+    /// Vendor ID (16 bit).
+    pub const VENDOR_ID: u16 = 0x00;
+    /// Device ID (16 bit).
+    pub const DEVICE_ID: u16 = 0x02;
+    /// Command register (16 bit).
+    pub const COMMAND: u16 = 0x04;
+    /// Class code, subclass, prog-if, revision (32 bit at 0x08).
+    pub const CLASS_REV: u16 = 0x08;
+    /// BAR0 (low dword of the 64-bit BAR).
+    pub const BAR0: u16 = 0x10;
+    /// BAR1 (high dword of the 64-bit BAR0).
+    pub const BAR1: u16 = 0x14;
+    /// Interrupt pin (8 bit).
+    pub const INT_PIN: u16 = 0x3d;
+    /// Command register: memory space enable.
+    pub const CMD_MEM: u16 = 1 << 1;
+    /// Command register: bus master enable.
+    pub const CMD_BUS_MASTER: u16 = 1 << 2;
+}
+
+/// Bus/device/function of a PCI function (the lab only uses bus 0, function 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bdf {
+    /// Bus number.
+    pub bus: u8,
+    /// Device (slot) number, 0..32.
+    pub dev: u8,
+    /// Function number, 0..8.
+    pub func: u8,
+}
+
+impl Bdf {
+    /// Function 0 of `slot` on bus 0.
+    pub fn slot(slot: u8) -> Self {
+        Bdf { bus: 0, dev: slot, func: 0 }
+    }
+
+    fn address(self, reg: u16) -> u32 {
+        0x8000_0000 | (self.bus as u32) << 16 | (self.dev as u32 & 31) << 11 | (self.func as u32 & 7) << 8 | (reg as u32 & 0xfc)
+    }
+}
+
+/// Reads a config dword.
+pub fn cfg_read32(q: &mut Qtest, bdf: Bdf, reg: u16) -> QtestResult<u32> {
+    q.outl(CONFIG_ADDRESS, bdf.address(reg))?;
+    q.inl(CONFIG_DATA)
+}
+
+/// Reads a config word (reg must be 2-aligned).
+pub fn cfg_read16(q: &mut Qtest, bdf: Bdf, reg: u16) -> QtestResult<u16> {
+    q.outl(CONFIG_ADDRESS, bdf.address(reg))?;
+    q.inw(CONFIG_DATA + (reg & 2))
+}
+
+/// Reads a config byte.
+pub fn cfg_read8(q: &mut Qtest, bdf: Bdf, reg: u16) -> QtestResult<u8> {
+    q.outl(CONFIG_ADDRESS, bdf.address(reg))?;
+    q.inb(CONFIG_DATA + (reg & 3))
+}
+
+/// Writes a config dword.
+pub fn cfg_write32(q: &mut Qtest, bdf: Bdf, reg: u16, v: u32) -> QtestResult<()> {
+    q.outl(CONFIG_ADDRESS, bdf.address(reg))?;
+    q.outl(CONFIG_DATA, v)
+}
+
+/// Writes a config word.
+pub fn cfg_write16(q: &mut Qtest, bdf: Bdf, reg: u16, v: u16) -> QtestResult<()> {
+    q.outl(CONFIG_ADDRESS, bdf.address(reg))?;
+    q.outw(CONFIG_DATA + (reg & 2), v)
+}
+
+/// Writes a config byte.
+pub fn cfg_write8(q: &mut Qtest, bdf: Bdf, reg: u16, v: u8) -> QtestResult<()> {
+    q.outl(CONFIG_ADDRESS, bdf.address(reg))?;
+    q.outb(CONFIG_DATA + (reg & 3), v)
+}
+
+/// Base of the BAR windows: inside the 32-bit PCI hole of a 256 MiB pc machine.
+pub const BAR_WINDOW_BASE: u64 = 0xc000_0000;
+/// Size of each slot's window (the NVMe BAR0 is 16 KiB; 1 MiB keeps addresses readable).
+pub const BAR_WINDOW_SIZE: u64 = 0x10_0000;
+
+/// The BAR0 address the firmware gives `slot`.
+pub fn bar0_for_slot(slot: u8) -> u64 {
+    BAR_WINDOW_BASE + slot as u64 * BAR_WINDOW_SIZE
+}
+
+/// What the firmware found and programmed in a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciFunction {
+    /// Where it is.
+    pub bdf: Bdf,
+    /// Vendor ID.
+    pub vendor: u16,
+    /// Device ID.
+    pub device: u16,
+    /// Class code << 8 | prog-if (0x010802 for NVMe).
+    pub class: u32,
+    /// The programmed BAR0 address.
+    pub bar0: u64,
+}
+
+/// Class code of an NVMe controller (mass storage / NVM / NVMe).
+pub const CLASS_NVME: u32 = 0x01_08_02;
+
+/// Probes `slot`; if an NVMe function is there, sizes and programs its 64-bit BAR0 and enables
+/// memory decode and bus mastering. Returns `None` for an empty slot or a non-NVMe function.
+pub fn probe_and_program(q: &mut Qtest, slot: u8) -> QtestResult<Option<PciFunction>> {
+    let bdf = Bdf::slot(slot);
+    let id = cfg_read32(q, bdf, cfg::VENDOR_ID)?;
+    let vendor = id as u16;
+    if vendor == 0xffff || vendor == 0 {
+        return Ok(None);
+    }
+    let class = cfg_read32(q, bdf, cfg::CLASS_REV)? >> 8;
+    if class != CLASS_NVME {
+        return Ok(None);
+    }
+    // Disable decode while the BAR moves, as every PCI layer does.
+    let cmd = cfg_read16(q, bdf, cfg::COMMAND)?;
+    cfg_write16(q, bdf, cfg::COMMAND, cmd & !(cfg::CMD_MEM | cfg::CMD_BUS_MASTER))?;
+    let bar0 = bar0_for_slot(slot);
+    cfg_write32(q, bdf, cfg::BAR0, bar0 as u32)?;
+    cfg_write32(q, bdf, cfg::BAR1, (bar0 >> 32) as u32)?;
+    cfg_write16(q, bdf, cfg::COMMAND, cmd | cfg::CMD_MEM | cfg::CMD_BUS_MASTER)?;
+    Ok(Some(PciFunction { bdf, vendor, device: (id >> 16) as u16, class, bar0 }))
+}
+
+/// PIIX3 (00:01.0) PIRQ route control registers, one per PIRQA..D.
+const PIIX3_PIRQRC: u16 = 0x60;
+
+/// One-time machine setup on pc: PIRQ routing (A,B → 10; C,D → 11, as SeaBIOS does) and the
+/// PCI-hotplug GPE enable.
+pub fn init_pc(q: &mut Qtest) -> QtestResult<()> {
+    let isa = Bdf { bus: 0, dev: 1, func: 0 };
+    for (i, irq) in [10u8, 10, 11, 11].into_iter().enumerate() {
+        cfg_write8(q, isa, PIIX3_PIRQRC + i as u16, irq)?;
+    }
+    crate::acpi_hotplug::enable_gpe(q)
+}

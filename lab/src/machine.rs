@@ -1,0 +1,347 @@
+//! One QEMU machine as the lab drives it: the process, the shared guest (qtest + DMA pool), QMP,
+//! the ACPI hotplug block, and the NVMe devices plugged into it with their image files.
+//!
+//! This is the *platform* side of hotplug — what the hypervisor and the firmware do. The
+//! driver side (what to do on Notify 1/3, the engine) lives in the runner, so that a scenario
+//! exercises exactly the sequence a FreeBSD kernel sees.
+//!
+//! Device lifetime in QEMU, and why [`Machine::reap`] exists: after an eject, QEMU finishes the
+//! unplug asynchronously (`DEVICE_DELETED` 5–60 ms later), and only then can the block nodes be
+//! deleted. An eject while commands are in flight in the backend may never finish (QEMU leaks
+//! the device), so removed devices are parked as *retiring* and reaped opportunistically; what
+//! is left at the end is reported, never waited on forever.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::acpi_hotplug::{self, AcpiHotplug, Notify};
+use crate::dma::{GuestRam, DMA_POOL_START};
+use crate::firmware::{self, PciFunction};
+use crate::guest::Guest;
+use crate::platform::LabPlatform;
+use crate::qemu::{MachineKind, QemuProcess};
+use crate::qmp::QmpClient;
+use crate::qtest::Qtest;
+use crate::scenario::ControllerSpec;
+
+/// Guest RAM size: the DMA pool is everything above [`DMA_POOL_START`].
+pub const GUEST_RAM_MIB: u32 = 256;
+
+/// A namespace's backing image.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// Namespace ID it backs.
+    pub nsid: u32,
+    /// Host path of the raw image.
+    pub path: PathBuf,
+    /// Logical block size the namespace was given.
+    pub lba_bytes: u32,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// A controller plugged into QEMU (cold at start, or hot-added).
+#[derive(Debug, Clone)]
+pub struct PluggedDevice {
+    /// Scenario id ("c1").
+    pub id: String,
+    /// PCI slot on bus 0.
+    pub slot: u8,
+    /// qdev id of the `nvme` device (fresh per plug).
+    pub qdev: String,
+    /// Backing images, one per namespace.
+    pub images: Vec<Image>,
+    /// Block nodes to delete after the device is gone, raw nodes before their file nodes.
+    pub nodes: Vec<String>,
+}
+
+/// The running machine.
+pub struct Machine {
+    kind: MachineKind,
+    guest: Rc<Guest>,
+    qmp: QmpClient,
+    acpi: AcpiHotplug,
+    images_dir: tempfile::TempDir,
+    /// Devices currently in a slot (from QEMU's point of view), by slot.
+    plugged: BTreeMap<u8, PluggedDevice>,
+    /// Ejected devices whose `DEVICE_DELETED`/`blockdev-del` has not happened yet.
+    retiring: Vec<PluggedDevice>,
+    generation: u64,
+    // Declared last: dropped (killed and reaped) after everything that talks to it.
+    process: QemuProcess,
+}
+
+impl Machine {
+    /// Starts QEMU with `cold` controllers present at power-on, connects qtest and QMP, and does
+    /// the firmware's one-time setup. Does not probe the bus: call [`Machine::scan`].
+    pub fn start(kind: MachineKind, cold: &[ControllerSpec]) -> io::Result<Machine> {
+        if kind == MachineKind::Q35 {
+            return Err(io::Error::other(
+                "machine \"q35\" is not supported by the lab yet (its root bus is not hotpluggable; \
+                 use \"pc\")",
+            ));
+        }
+        let images_dir = tempfile::Builder::new().prefix("nvmehp-images-").tempdir()?;
+        let mut generation = 0;
+        let mut args = Vec::new();
+        let mut plugged = BTreeMap::new();
+        for spec in cold {
+            generation += 1;
+            let dev = Self::make_device(images_dir.path(), spec, generation)?;
+            for img in &dev.images {
+                let (f, r) = node_names(&dev.qdev, img.nsid);
+                args.push("-blockdev".into());
+                args.push(format!("driver=file,filename={},node-name={f}", img.path.display()));
+                args.push("-blockdev".into());
+                args.push(format!("driver=raw,file={f},node-name={r}"));
+            }
+            for (driver, props) in device_props(&dev) {
+                args.push("-device".into());
+                let p: Vec<String> = props.iter().map(|(k, v)| format!("{k}={}", plain(v))).collect();
+                args.push(format!("{driver},{}", p.join(",")));
+            }
+            plugged.insert(spec.slot, dev);
+        }
+        let (process, mut qtest, qmp_stream) = QemuProcess::spawn(kind, GUEST_RAM_MIB, &args)?;
+        let io_err = |e: crate::qtest::QtestError| io::Error::other(e.to_string());
+        setup_firmware(&mut qtest).map_err(io_err)?;
+        let qmp = QmpClient::new(qmp_stream)?;
+        let ram = GuestRam::new(DMA_POOL_START, (GUEST_RAM_MIB as u64) << 20);
+        Ok(Machine {
+            kind,
+            guest: Rc::new(Guest::new(qtest, ram)),
+            qmp,
+            acpi: AcpiHotplug::new(),
+            images_dir,
+            plugged,
+            retiring: Vec::new(),
+            generation,
+            process,
+        })
+    }
+
+    fn make_device(dir: &std::path::Path, spec: &ControllerSpec, generation: u64) -> io::Result<PluggedDevice> {
+        let qdev = format!("{}-g{generation}", spec.id);
+        let mut images = Vec::new();
+        let mut nodes = Vec::new();
+        for ns in &spec.namespaces {
+            let path = dir.join(format!("{qdev}-ns{}.raw", ns.nsid));
+            let bytes = ns.size_mib as u64 * 1024 * 1024;
+            let f = fs::File::create(&path)?;
+            f.set_len(bytes)?;
+            images.push(Image { nsid: ns.nsid, path, lba_bytes: ns.lba, bytes });
+            let (fnode, rnode) = node_names(&qdev, ns.nsid);
+            nodes.push(rnode);
+            nodes.push(fnode);
+        }
+        Ok(PluggedDevice { id: spec.id.clone(), slot: spec.slot, qdev, images, nodes })
+    }
+
+    /// Which machine model runs.
+    pub fn kind(&self) -> MachineKind {
+        self.kind
+    }
+
+    /// The shared guest (qtest + DMA pool).
+    pub fn guest(&self) -> &Rc<Guest> {
+        &self.guest
+    }
+
+    /// The QEMU process (pid, RSS).
+    pub fn process(&self) -> &QemuProcess {
+        &self.process
+    }
+
+    /// QMP commands sent so far.
+    pub fn qmp_commands(&self) -> u64 {
+        self.qmp.commands()
+    }
+
+    /// The device QEMU has in `slot`, if any.
+    pub fn plugged(&self, slot: u8) -> Option<&PluggedDevice> {
+        self.plugged.get(&slot)
+    }
+
+    /// The plugged device with scenario id `id`.
+    pub fn plugged_by_id(&self, id: &str) -> Option<&PluggedDevice> {
+        self.plugged.values().find(|d| d.id == id)
+    }
+
+    /// Every device ever plugged that still has its image files (for the end-of-run ledger check).
+    pub fn images_dir(&self) -> &std::path::Path {
+        self.images_dir.path()
+    }
+
+    /// Bus scan at "boot": probes and programs every slot; returns the NVMe functions found.
+    pub fn scan(&mut self) -> io::Result<Vec<PciFunction>> {
+        let mut found = Vec::new();
+        for slot in 2..32u8 {
+            if let Some(f) = self.probe(slot)? {
+                found.push(f);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Probes one slot and programs its BAR (the rescan that follows a Notify 1).
+    pub fn probe(&mut self, slot: u8) -> io::Result<Option<PciFunction>> {
+        self.guest.qtest(|q| firmware::probe_and_program(q, slot)).map_err(to_io)
+    }
+
+    /// The engine platform for a probed function.
+    pub fn platform(&self, f: &PciFunction) -> LabPlatform {
+        LabPlatform::new(self.guest.clone(), f.bdf, f.bar0)
+    }
+
+    /// Hot-adds a controller: image files, block nodes, `device_add` (plus `nvme-ns` devices).
+    /// QEMU then sets PCIU and raises the SCI; see [`Machine::poll_notifies`].
+    pub fn hot_add(&mut self, spec: &ControllerSpec) -> io::Result<()> {
+        if self.plugged.contains_key(&spec.slot) {
+            return Err(io::Error::other(format!("slot {} is already occupied", spec.slot)));
+        }
+        self.generation += 1;
+        let dev = Self::make_device(self.images_dir.path(), spec, self.generation)?;
+        for img in &dev.images {
+            let (f, r) = node_names(&dev.qdev, img.nsid);
+            self.qmp.blockdev_add_raw(&img.path.to_string_lossy(), &f, &r)?;
+        }
+        for (driver, mut props) in device_props(&dev) {
+            let id = props.iter().position(|(k, _)| *k == "id").map(|i| plain(&props.remove(i).1)).unwrap_or_default();
+            let bus = props.iter().position(|(k, _)| *k == "bus").map(|i| plain(&props.remove(i).1)).unwrap_or_default();
+            self.qmp.device_add(driver, &id, &bus, &props)?;
+        }
+        self.plugged.insert(spec.slot, dev);
+        Ok(())
+    }
+
+    /// Asks QEMU to remove the controller (QMP `device_del`): PCID is set and the SCI raised;
+    /// the device stays fully alive until ejected.
+    pub fn request_unplug(&mut self, slot: u8) -> io::Result<()> {
+        let dev = self.plugged.get(&slot).ok_or_else(|| io::Error::other(format!("slot {slot} is empty")))?;
+        let qdev = dev.qdev.clone();
+        self.qmp.device_del(&qdev)
+    }
+
+    /// Runs the `_E01` logic if the SCI is up: the notifications the AML would send.
+    pub fn poll_notifies(&mut self) -> io::Result<Vec<Notify>> {
+        let guest = self.guest.clone();
+        let acpi = &mut self.acpi;
+        guest.qtest(|q| acpi.poll(q)).map_err(to_io)
+    }
+
+    /// `_EJ0` of `slot` (also the surprise-removal trigger when no `device_del` came first).
+    /// The device moves to the retiring list; its QEMU objects are reaped by [`Machine::reap`].
+    pub fn eject(&mut self, slot: u8) -> io::Result<()> {
+        self.guest.qtest(|q| acpi_hotplug::eject(q, slot)).map_err(to_io)?;
+        self.acpi.ejected(slot);
+        if let Some(dev) = self.plugged.remove(&slot) {
+            self.retiring.push(dev);
+        }
+        Ok(())
+    }
+
+    /// True while config space of `slot` still answers.
+    pub fn slot_present(&mut self, slot: u8) -> io::Result<bool> {
+        let v = self
+            .guest
+            .qtest(|q| firmware::cfg_read16(q, firmware::Bdf::slot(slot), firmware::cfg::VENDOR_ID))
+            .map_err(to_io)?;
+        Ok(v != 0xffff)
+    }
+
+    /// Finishes the QEMU side of removed devices: waits up to `wait` for their
+    /// `DEVICE_DELETED`, then deletes their block nodes. Returns how many are still retiring.
+    pub fn reap(&mut self, wait: Duration) -> io::Result<usize> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut still = Vec::new();
+        for dev in std::mem::take(&mut self.retiring) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if self.qmp.wait_deleted(&dev.qdev, left)? {
+                for n in &dev.nodes {
+                    // A node can stay busy if QEMU leaked the device; keep going, count it below.
+                    let _ = self.qmp.blockdev_del(n);
+                }
+            } else {
+                still.push(dev);
+            }
+        }
+        self.retiring = still;
+        Ok(self.retiring.len())
+    }
+
+    /// Devices ejected but not (yet) deleted by QEMU.
+    pub fn retiring(&self) -> &[PluggedDevice] {
+        &self.retiring
+    }
+}
+
+/// A property value as the command line spells it.
+fn plain(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn to_io(e: crate::qtest::QtestError) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// One-time firmware work on a fresh pc machine.
+fn setup_firmware(q: &mut Qtest) -> crate::qtest::QtestResult<()> {
+    // Interrupt lines come to this connection (SCI = GSI 9). QEMU accepts this once.
+    q.irq_intercept_in("ioapic")?;
+    firmware::init_pc(q)
+}
+
+/// File and raw node names for a namespace of `qdev`.
+fn node_names(qdev: &str, nsid: u32) -> (String, String) {
+    (format!("{qdev}-f{nsid}"), format!("{qdev}-r{nsid}"))
+}
+
+/// The qdev devices of a controller: one `nvme` (owning the drive itself when it has exactly
+/// namespace 1), or an `nvme` plus one `nvme-ns` per namespace.
+///
+/// Values are typed JSON: QMP's `device_add` checks types strictly (a size given as a string is
+/// refused), while the command line takes their plain text form.
+fn device_props(dev: &PluggedDevice) -> Vec<(&'static str, Vec<(&'static str, Value)>)> {
+    // NVMe serial numbers are at most 20 characters; the qdev id is unique per plug.
+    let serial: String = format!("NVMEHP{}", dev.qdev).chars().take(20).collect();
+    let mut ctrl = vec![
+        ("id", Value::from(dev.qdev.clone())),
+        ("bus", Value::from("pci.0")),
+        ("addr", Value::from(format!("0x{:x}", dev.slot))),
+        ("serial", Value::from(serial)),
+    ];
+    let single = dev.images.len() == 1 && dev.images[0].nsid == 1;
+    let mut out = Vec::new();
+    if single {
+        let img = &dev.images[0];
+        ctrl.push(("drive", Value::from(node_names(&dev.qdev, 1).1)));
+        ctrl.push(("logical_block_size", Value::from(img.lba_bytes)));
+        ctrl.push(("physical_block_size", Value::from(img.lba_bytes)));
+        out.push(("nvme", ctrl));
+    } else {
+        out.push(("nvme", ctrl));
+        for img in &dev.images {
+            out.push((
+                "nvme-ns",
+                vec![
+                    ("id", Value::from(format!("{}-ns{}", dev.qdev, img.nsid))),
+                    ("bus", Value::from(dev.qdev.clone())),
+                    ("drive", Value::from(node_names(&dev.qdev, img.nsid).1)),
+                    ("nsid", Value::from(img.nsid)),
+                    ("logical_block_size", Value::from(img.lba_bytes)),
+                    ("physical_block_size", Value::from(img.lba_bytes)),
+                ],
+            ));
+        }
+    }
+    out
+}

@@ -1,0 +1,415 @@
+//! The scenario file format (TOML), parsed strictly: an unknown key or op is an error that names
+//! it, never silently ignored — a typo in a test must not turn it into a weaker test.
+//! The format is documented for users in `docs/scenarios.md`.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::qemu::MachineKind;
+
+/// A whole scenario.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Name shown in reports.
+    pub name: String,
+    /// Machine model.
+    #[serde(default = "default_machine")]
+    pub machine: MachineKind,
+    /// Seed every random choice derives from.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Controllers present at power-on.
+    #[serde(default, rename = "controller")]
+    pub controllers: Vec<ControllerSpec>,
+    /// Steps, in order.
+    #[serde(default, rename = "step")]
+    pub steps: Vec<Step>,
+}
+
+fn default_machine() -> MachineKind {
+    MachineKind::Pc
+}
+
+fn default_seed() -> u64 {
+    1
+}
+
+/// A controller: where it sits and what namespaces it has.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerSpec {
+    /// Scenario-level name ("c0"); letters, digits, '-' and '_', starting with a letter.
+    pub id: String,
+    /// PCI slot on bus 0 (2..=31; 0 and 1 are the host bridge and the PIIX).
+    pub slot: u8,
+    /// Namespaces (at least one).
+    pub namespaces: Vec<NamespaceSpec>,
+}
+
+/// One namespace and its backing image.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSpec {
+    /// Namespace ID (1..=256).
+    pub nsid: u32,
+    /// Image size in MiB.
+    pub size_mib: u32,
+    /// Logical block size: 512 or 4096.
+    #[serde(default = "default_lba")]
+    pub lba: u32,
+}
+
+fn default_lba() -> u32 {
+    512
+}
+
+/// What an `io` step does.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum IoKind {
+    /// Write a block, then read it back and compare.
+    WriteVerify,
+    /// Read blocks; compare with what the ledger knows is there.
+    Read,
+    /// Random reads and writes, reads compared with the ledger.
+    Mixed,
+}
+
+/// How a controller leaves.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DetachMode {
+    /// `device_del`: ACPI eject request (Notify 3), the driver detaches, then `_EJ0`.
+    #[default]
+    Announced,
+    /// The device vanishes with no notification; the driver learns only from what it reads.
+    Surprise,
+}
+
+/// What a `wait` step waits for.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum WaitUntil {
+    /// Every I/O job finished and nothing outstanding on any controller.
+    Idle,
+}
+
+/// One step.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Step {
+    /// Hot-add a controller.
+    Attach {
+        /// Scenario id.
+        id: String,
+        /// Slot.
+        slot: u8,
+        /// Namespaces.
+        namespaces: Vec<NamespaceSpec>,
+    },
+    /// Run I/O against one namespace.
+    Io {
+        /// "ctrl/nsid", e.g. "c1/1".
+        target: String,
+        /// What to do.
+        kind: IoKind,
+        /// Number of operations.
+        ops: u64,
+        /// Most requests in flight at once.
+        #[serde(default = "default_depth")]
+        depth: u32,
+        /// Bytes per request (a multiple of the namespace's block size).
+        #[serde(default = "default_block")]
+        block: u32,
+        /// Run interleaved with the following steps instead of to completion.
+        #[serde(default)]
+        background: bool,
+    },
+    /// Remove a controller.
+    Detach {
+        /// Scenario id.
+        id: String,
+        /// Announced or surprise.
+        #[serde(default)]
+        mode: DetachMode,
+        /// Remove while requests are in flight (the runner makes sure some are).
+        #[serde(default)]
+        during_io: bool,
+    },
+    /// Let time pass, or wait until idle.
+    Wait {
+        /// Milliseconds to keep servicing the machine.
+        #[serde(default)]
+        ms: Option<u64>,
+        /// A condition instead of a time.
+        #[serde(default)]
+        until: Option<WaitUntil>,
+    },
+    /// Repeat inline steps.
+    Repeat {
+        /// How many times.
+        times: u64,
+        /// The steps (same keys as top-level steps).
+        steps: Vec<Step>,
+    },
+    /// Check the current state.
+    Expect {
+        /// Controllers attached and live.
+        #[serde(default)]
+        controllers: Option<usize>,
+        /// Namespaces across live controllers.
+        #[serde(default)]
+        namespaces: Option<usize>,
+        /// Device nodes alive (as the observer counts them).
+        #[serde(default)]
+        nodes: Option<usize>,
+    },
+}
+
+fn default_depth() -> u32 {
+    8
+}
+
+fn default_block() -> u32 {
+    4096
+}
+
+impl Step {
+    /// The `op` name, for reports.
+    pub fn op_name(&self) -> &'static str {
+        match self {
+            Step::Attach { .. } => "attach",
+            Step::Io { .. } => "io",
+            Step::Detach { .. } => "detach",
+            Step::Wait { .. } => "wait",
+            Step::Repeat { .. } => "repeat",
+            Step::Expect { .. } => "expect",
+        }
+    }
+}
+
+/// A scenario that failed to load or validate.
+#[derive(Debug)]
+pub struct ScenarioError(pub String);
+
+impl fmt::Display for ScenarioError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ScenarioError {}
+
+impl Scenario {
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
+        let s: Scenario = toml::from_str(text).map_err(|e| ScenarioError(format!("invalid scenario: {e}")))?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ScenarioError(format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| ScenarioError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// Checks everything that can be checked without running (ids, slots, sizes, targets).
+    pub fn validate(&self) -> Result<(), ScenarioError> {
+        let mut slots = std::collections::BTreeMap::new();
+        for c in &self.controllers {
+            validate_controller(&c.id, c.slot, &c.namespaces)?;
+            if let Some(other) = slots.insert(c.slot, c.id.clone()) {
+                return Err(ScenarioError(format!("controllers {other} and {} both use slot {}", c.id, c.slot)));
+            }
+        }
+        validate_steps(&self.steps, 0)
+    }
+}
+
+fn validate_steps(steps: &[Step], depth: usize) -> Result<(), ScenarioError> {
+    for (i, s) in steps.iter().enumerate() {
+        let at = |m: String| ScenarioError(format!("step {} ({}): {m}", i + 1, s.op_name()));
+        match s {
+            Step::Attach { id, slot, namespaces } => validate_controller(id, *slot, namespaces).map_err(|e| at(e.0))?,
+            Step::Io { target, ops, depth, block, .. } => {
+                parse_target(target).map_err(|e| at(e.0))?;
+                if *ops == 0 {
+                    return Err(at("ops must be at least 1".into()));
+                }
+                if *depth == 0 || *depth > 1024 {
+                    return Err(at(format!("depth {depth} outside 1..=1024")));
+                }
+                if *block == 0 || block % 512 != 0 || *block > 8 << 20 {
+                    return Err(at(format!("block {block} must be a multiple of 512, at most 8 MiB")));
+                }
+            }
+            Step::Detach { id, .. } => validate_id(id).map_err(|e| at(e.0))?,
+            Step::Wait { ms, until } => {
+                if ms.is_some() == until.is_some() {
+                    return Err(at("give exactly one of `ms` or `until`".into()));
+                }
+            }
+            Step::Repeat { times, steps } => {
+                if *times == 0 {
+                    return Err(at("times must be at least 1".into()));
+                }
+                if depth > 4 {
+                    return Err(at("repeat nested too deeply".into()));
+                }
+                validate_steps(steps, depth + 1).map_err(|e| at(e.0))?;
+            }
+            Step::Expect { controllers, namespaces, nodes } => {
+                if controllers.is_none() && namespaces.is_none() && nodes.is_none() {
+                    return Err(at("expect needs at least one of controllers, namespaces, nodes".into()));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_id(id: &str) -> Result<(), ScenarioError> {
+    let ok = id.len() <= 12
+        && id.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ScenarioError(format!(
+            "id {id:?}: use 1-12 letters, digits, '-' or '_', starting with a letter"
+        )))
+    }
+}
+
+fn validate_controller(id: &str, slot: u8, namespaces: &[NamespaceSpec]) -> Result<(), ScenarioError> {
+    validate_id(id)?;
+    if !(2..=31).contains(&slot) {
+        return Err(ScenarioError(format!("{id}: slot {slot} outside 2..=31")));
+    }
+    if namespaces.is_empty() {
+        return Err(ScenarioError(format!("{id}: needs at least one namespace")));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for ns in namespaces {
+        if ns.nsid == 0 || ns.nsid > 256 {
+            return Err(ScenarioError(format!("{id}: nsid {} outside 1..=256", ns.nsid)));
+        }
+        if !seen.insert(ns.nsid) {
+            return Err(ScenarioError(format!("{id}: nsid {} given twice", ns.nsid)));
+        }
+        if ns.lba != 512 && ns.lba != 4096 {
+            return Err(ScenarioError(format!("{id}: lba {} must be 512 or 4096", ns.lba)));
+        }
+        if ns.size_mib == 0 || ns.size_mib > 4096 {
+            return Err(ScenarioError(format!("{id}: size_mib {} outside 1..=4096", ns.size_mib)));
+        }
+    }
+    Ok(())
+}
+
+/// Splits "ctrl/nsid".
+pub fn parse_target(t: &str) -> Result<(String, u32), ScenarioError> {
+    let (c, n) = t
+        .split_once('/')
+        .ok_or_else(|| ScenarioError(format!("target {t:?} must look like \"c1/1\"")))?;
+    validate_id(c)?;
+    let nsid: u32 = n.parse().map_err(|_| ScenarioError(format!("target {t:?}: bad nsid")))?;
+    if nsid == 0 {
+        return Err(ScenarioError(format!("target {t:?}: nsid 0")));
+    }
+    Ok((c.to_string(), nsid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+name = "remove-under-write"
+machine = "pc"
+seed = 1
+[[controller]]
+id = "c0"
+slot = 4
+namespaces = [{ nsid = 1, size_mib = 64, lba = 512 }]
+[[step]]
+op = "attach"
+id = "c1"
+slot = 6
+namespaces = [{ nsid = 1, size_mib = 16, lba = 4096 }]
+[[step]]
+op = "io"
+target = "c1/1"
+kind = "write-verify"
+ops = 2000
+depth = 32
+block = 4096
+background = true
+[[step]]
+op = "detach"
+id = "c1"
+mode = "surprise"
+during_io = true
+[[step]]
+op = "wait"
+until = "idle"
+[[step]]
+op = "repeat"
+times = 100
+steps = [ { op = "attach", id = "c2", slot = 7, namespaces = [{ nsid = 1, size_mib = 8, lba = 512 }] },
+          { op = "detach", id = "c2", mode = "announced" } ]
+[[step]]
+op = "expect"
+controllers = 1
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let s = Scenario::parse(EXAMPLE).unwrap();
+        assert_eq!(s.controllers.len(), 1);
+        assert_eq!(s.steps.len(), 6);
+        match &s.steps[4] {
+            Step::Repeat { times, steps } => {
+                assert_eq!(*times, 100);
+                assert_eq!(steps.len(), 2);
+            }
+            other => panic!("wrong step {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_op_is_an_error_naming_it() {
+        let e = Scenario::parse("name='x'\n[[step]]\nop='explode'\n").unwrap_err();
+        assert!(e.0.contains("explode"), "{}", e.0);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let e = Scenario::parse("name='x'\n[[step]]\nop='wait'\nms=3\nfrobnicate=1\n").unwrap_err();
+        assert!(e.0.contains("frobnicate"), "{}", e.0);
+        let e = Scenario::parse("name='x'\ncolour='red'\n").unwrap_err();
+        assert!(e.0.contains("colour"), "{}", e.0);
+        let e = Scenario::parse("name='x'\n[[controller]]\nid='c0'\nslot=4\nnamespaces=[{nsid=1,size_mib=1,lab=512}]\n")
+            .unwrap_err();
+        assert!(e.0.contains("lab"), "{}", e.0);
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        for (bad, word) in [
+            ("name='x'\n[[controller]]\nid='c0'\nslot=1\nnamespaces=[{nsid=1,size_mib=1}]\n", "slot"),
+            ("name='x'\n[[controller]]\nid='c0'\nslot=4\nnamespaces=[{nsid=1,size_mib=1,lba=1024}]\n", "lba"),
+            ("name='x'\n[[step]]\nop='wait'\n", "exactly one"),
+            ("name='x'\n[[step]]\nop='io'\ntarget='c0'\nkind='read'\nops=1\n", "target"),
+            ("name='x'\nmachine='sparc'\n", "sparc"),
+        ] {
+            let e = Scenario::parse(bad).unwrap_err();
+            assert!(e.0.contains(word), "{bad}: {}", e.0);
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The platform side of the lab on its own (no engine): QEMU starts, the firmware finds and
+//! programs the controller, the ACPI block turns plug/unplug into Notify 1/3, eject removes the
+//! function, a surprise eject raises nothing. These pin down the QEMU facts the runner relies on.
+
+use std::time::Duration;
+
+use nvme_hotplug::platform::{PciPresence, RegisterIo};
+use nvmehp_lab::acpi_hotplug::{Notify, NotifyCode};
+use nvmehp_lab::machine::Machine;
+use nvmehp_lab::qemu::MachineKind;
+use nvmehp_lab::scenario::{ControllerSpec, NamespaceSpec};
+use nvmehp_lab::skip::qemu_or_skip;
+
+fn spec(id: &str, slot: u8) -> ControllerSpec {
+    ControllerSpec { id: id.into(), slot, namespaces: vec![NamespaceSpec { nsid: 1, size_mib: 4, lba: 512 }] }
+}
+
+fn wait_notifies(m: &mut Machine) -> Vec<Notify> {
+    for _ in 0..500 {
+        let n = m.poll_notifies().unwrap();
+        if !n.is_empty() {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Vec::new()
+}
+
+#[test]
+fn firmware_finds_cold_controller_and_registers_answer() {
+    if !qemu_or_skip("firmware_finds_cold_controller_and_registers_answer") {
+        return;
+    }
+    let mut m = Machine::start(MachineKind::Pc, &[spec("c0", 4)]).unwrap();
+    let found = m.scan().unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].bdf.dev, 4);
+    assert_eq!((found[0].vendor, found[0].device), (0x1b36, 0x0010));
+    let p = m.platform(&found[0]);
+    assert!(p.present());
+    let cap = p.read64(0);
+    assert_eq!(cap & 0xffff, 0x7ff, "CAP.MQES {cap:#x}");
+    assert_eq!(p.read32(8), 0x0001_0400, "VS");
+}
+
+#[test]
+fn hot_add_announced_removal_and_surprise_removal() {
+    if !qemu_or_skip("hot_add_announced_removal_and_surprise_removal") {
+        return;
+    }
+    let mut m = Machine::start(MachineKind::Pc, &[spec("c0", 4)]).unwrap();
+    m.scan().unwrap();
+    assert!(m.poll_notifies().unwrap().is_empty());
+
+    m.hot_add(&spec("c1", 6)).unwrap();
+    assert_eq!(wait_notifies(&mut m), vec![Notify { slot: 6, code: NotifyCode::DeviceCheck }]);
+    let f = m.probe(6).unwrap().expect("function in slot 6");
+    let p = m.platform(&f);
+    assert_eq!(p.read32(8), 0x0001_0400);
+
+    m.request_unplug(6).unwrap();
+    assert_eq!(wait_notifies(&mut m), vec![Notify { slot: 6, code: NotifyCode::EjectRequest }]);
+    assert!(m.slot_present(6).unwrap(), "device stays until ejected");
+    m.eject(6).unwrap();
+    assert!(!m.slot_present(6).unwrap());
+    assert_eq!(m.reap(Duration::from_secs(5)).unwrap(), 0, "DEVICE_DELETED and blockdev-del");
+
+    // Surprise: eject with no device_del. Nothing is announced; reads of the old BAR return 0.
+    let c0 = m.probe(4).unwrap().unwrap();
+    let p0 = m.platform(&c0);
+    m.eject(4).unwrap();
+    assert!(m.poll_notifies().unwrap().is_empty());
+    assert!(!p0.present());
+    assert_eq!(p0.read32(0x1c), 0, "CSTS after removal reads 0 in QEMU");
+    assert_eq!(m.reap(Duration::from_secs(5)).unwrap(), 0);
+    assert_eq!(m.guest().fault(), None);
+}
