@@ -16,7 +16,7 @@ fn kld_shaped_fixture_passes_every_rule() {
     assert!(meta.contains("module nvme_hotplug"), "{meta}");
     assert!(meta.contains("depend kernel 1500068..1599999"), "{meta}");
     assert!(run.rule("sysinit-set").detail.contains("1 entries"), "{}", run.stdout);
-    assert!(run.rule("kpi-symbols").detail.starts_with("3 undefined symbols"), "{}", run.stdout);
+    assert!(run.rule("kpi-symbols").detail.starts_with("3 undefined symbols: 3 in"), "{}", run.stdout);
 }
 
 #[test]
@@ -89,6 +89,19 @@ fn undefined_symbol_outside_allowlist_fails() {
     let run = kocheck(&obj, &["--kpi", kpi.to_str().unwrap()]);
     run.assert_only_fail(&["kpi-symbols"]);
     run.assert_fails("kpi-symbols", &["undefined puts"]);
+}
+
+#[test]
+fn section_bounds_resolve_only_to_existing_sections() {
+    let kpi = kpi_file();
+    let present = kld_object("bounds", &["-DUSE_SET_BOUNDS=set_sysinit_set"]);
+    let run = kocheck(&present, &["--kpi", kpi.to_str().unwrap()]);
+    run.assert_only_fail(&[]);
+    assert!(run.rule("kpi-symbols").detail.contains("2 section bounds"), "{}", run.stdout);
+    let absent = kld_object("nobounds", &["-DUSE_SET_BOUNDS=set_missing"]);
+    let run = kocheck(&absent, &["--kpi", kpi.to_str().unwrap()]);
+    run.assert_only_fail(&["kpi-symbols"]);
+    run.assert_fails("kpi-symbols", &["__start_set_missing", "no section set_missing"]);
 }
 
 #[test]
