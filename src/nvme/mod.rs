@@ -1,1 +1,75 @@
-//! The NVMe engine (placeholder; see issue 3).
+//! The NVMe engine: bring-up, admin and I/O queue pairs, namespaces, I/O, removal.
+//!
+//! Hardware- and OS-neutral safe Rust, generic over [`Platform`](crate::platform::Platform).
+//! The engine is single-threaded by design: the caller (the kld's per-controller mutex, or a
+//! test) serialises every call. It never sleeps except through [`Clock::delay_us`] inside
+//! bounded waits, and it never trusts a value read from the device: every register, identify
+//! field and completion entry is validated, and a bad one becomes [`NvmeError::BadDevice`] or a
+//! counted [`Event::BadCompletion`], never a panic, an out-of-bounds access or an endless loop.
+//!
+//! One concept per file:
+//! - [`regs`]: register offsets and the CAP/CC/CSTS bit fields;
+//! - [`cmd`]: submission/completion entry layout and opcodes;
+//! - [`status`]: completion status decoding into typed errors;
+//! - [`identify`]: parsing and validating Identify Controller / Namespace data;
+//! - [`qpair`]: one SQ/CQ ring pair: phase tag, doorbells with DSTRD, CID tracker table;
+//! - [`ctrlr`]: reset, enable, disable and shutdown sequences bounded by CAP.TO;
+//! - [`admin`]: synchronous admin commands used by bring-up and rescan;
+//! - [`ns`]: namespaces and namespace rescans;
+//! - [`io`]: request validation, MDTS splitting and PRP building;
+//! - [`aer`]: Asynchronous Event Requests and the Get Log Page that clears them;
+//! - [`health`]: removal and failure detection;
+//! - [`controller`]: the [`Controller`] that ties them together;
+//! - [`error`]: the error, completion and event types of the public API.
+//!
+//! [`Clock::delay_us`]: crate::platform::Clock::delay_us
+
+pub mod admin;
+pub mod aer;
+pub mod cmd;
+pub mod controller;
+pub mod ctrlr;
+pub mod error;
+pub mod health;
+pub mod identify;
+pub mod io;
+pub mod ns;
+pub mod qpair;
+pub mod regs;
+pub mod status;
+
+pub use controller::{Controller, Stats};
+pub use error::{Completion, Event, NvmeError};
+pub use health::Health;
+pub use identify::ControllerInfo;
+pub use io::{DataBuf, IoOp, IoRequest};
+pub use ns::{Namespace, NsChanges};
+pub use status::{Status, StatusCode};
+
+/// Engine tunables. The kld exposes them as loader tunables; tests set them directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Admin queue entries requested (capped by CAP.MQES+1 and 4096, at least 2).
+    pub admin_entries: u16,
+    /// Entries per I/O queue requested (capped by CAP.MQES+1, at least 2).
+    pub io_entries: u16,
+    /// I/O queue pairs requested (the controller may grant fewer; at least 1).
+    pub io_queues: u16,
+    /// Per-command timeout in microseconds. An overdue command makes the engine check the
+    /// controller's health and, since the device may still own the data buffer, stop it.
+    pub cmd_timeout_us: u64,
+    /// The most namespaces we accept, whatever NN claims (bounds memory per controller).
+    pub max_namespaces: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            admin_entries: 32,
+            io_entries: 256,
+            io_queues: 1,
+            cmd_timeout_us: 30_000_000,
+            max_namespaces: 256,
+        }
+    }
+}

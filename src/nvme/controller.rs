@@ -1,0 +1,903 @@
+//! The [`Controller`]: one NVMe controller driven through a [`Platform`].
+//!
+//! Life cycle: [`Controller::new`] touches nothing; [`Controller::bring_up`] resets and
+//! enables the controller, identifies it, creates the I/O queues, scans namespaces and arms
+//! an Asynchronous Event Request; then [`submit`](Controller::submit) and
+//! [`poll`](Controller::poll) move I/O. The controller ends by [`shutdown`](Controller::shutdown)
+//! (announced removal) or by [`fail_all`](Controller::fail_all) (surprise removal or a dead
+//! device), and may be brought up again afterwards.
+//!
+//! Memory rule: DMA memory the device knows about (rings, identify page, PRP lists) is only
+//! given back after the controller is disabled or known to be gone. If a disable times out
+//! on a device that is still present, the engine leaks that memory on purpose rather than
+//! let the device write into memory that has been reused.
+
+use alloc::collections::VecDeque;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use super::admin;
+use super::aer::{self, AsyncEvent};
+use super::cmd::{log_page, Cqe, Sqe};
+use super::ctrlr;
+use super::error::{Completion, Event, NvmeError};
+use super::health::{self, Health};
+use super::identify::{self, ControllerInfo, IDENTIFY_LEN};
+use super::io::{IoRequest, Plan, Prp2};
+use super::ns::{Namespace, NsChanges};
+use super::qpair::QueuePair;
+use super::regs::{self, Cap, Version};
+use super::status::Status;
+use super::Config;
+use crate::platform::{DmaRegion, Platform};
+
+/// Sleep between completion checks in the synchronous paths.
+const SYNC_POLL_US: u32 = 10;
+
+/// Counters for sysctl(8) and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// I/O requests accepted by `submit`.
+    pub requests: u64,
+    /// Requests that needed more than one command (MDTS / NLB splitting).
+    pub split_requests: u64,
+    /// Commands written to any submission queue (admin included).
+    pub commands: u64,
+    /// Completion entries that failed validation and were dropped.
+    pub bad_completions: u64,
+    /// Times a command became overdue and the controller was given up.
+    pub timeouts: u64,
+    /// Requests completed with an error by `fail_all` (or a timeout).
+    pub failed_requests: u64,
+    /// Asynchronous events received.
+    pub async_events: u64,
+    /// DMA regions deliberately leaked because the device could not be stopped.
+    pub leaked_regions: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Not brought up (new, after shutdown, or after a failed bring-up).
+    Down,
+    /// Brought up: I/O accepted.
+    Ready,
+    /// Failed or gone: every submit is refused with `Gone` until the next bring-up.
+    Dead,
+}
+
+/// Who an admin command belongs to.
+#[derive(Debug)]
+enum AdminOwner {
+    /// A synchronous command; the number tells a stale completion (of a command whose
+    /// waiter timed out) from the one being waited for.
+    Sync(u32),
+    /// The Asynchronous Event Request.
+    Aer,
+    /// The Get Log Page that re-arms an asynchronous event.
+    AerLog,
+}
+
+/// One command of an I/O request.
+struct IoPart<R> {
+    /// Index into the request table.
+    req: u32,
+    /// The PRP list page, if the command needed one.
+    prp: Option<R>,
+}
+
+struct ReqState {
+    tag: u64,
+    parts_left: u32,
+    err: Option<NvmeError>,
+}
+
+/// An NVMe controller and everything the engine keeps for it.
+pub struct Controller<P: Platform> {
+    p: P,
+    cfg: Config,
+    state: State,
+    /// CC.EN set by us and RDY seen: the device may be doing DMA.
+    enabled: bool,
+    cap: Option<Cap>,
+    info: Option<ControllerInfo>,
+    namespaces: Vec<Namespace>,
+    rejected: Vec<(u32, &'static str)>,
+    admin: Option<QueuePair<P::Region, AdminOwner>>,
+    io: Vec<QueuePair<P::Region, IoPart<P::Region>>>,
+    /// One page for synchronous admin data (identify, log pages).
+    scratch: Option<P::Region>,
+    /// One page for the log page read that re-arms an asynchronous event.
+    aer_page: Option<P::Region>,
+    aer_log_busy: bool,
+    prp_pool: Vec<P::Region>,
+    requests: Vec<Option<ReqState>>,
+    free_reqs: Vec<u32>,
+    live: usize,
+    deferred: VecDeque<Event>,
+    sync_seq: u32,
+    /// Clock time at which outstanding commands must next be checked for being overdue.
+    next_check_us: u64,
+    next_queue: usize,
+    stats: Stats,
+}
+
+fn status_result(cqe: &Cqe) -> Result<(), NvmeError> {
+    match Status::from_cqe_status(cqe.status) {
+        None => Ok(()),
+        Some(s) => Err(NvmeError::Status(s)),
+    }
+}
+
+/// Records one finished part of request `idx`; returns the request's completion when it was
+/// the last part.
+fn finish_part(requests: &mut [Option<ReqState>], free: &mut Vec<u32>, live: &mut usize,
+               idx: u32, res: Result<(), NvmeError>) -> Option<Completion> {
+    let slot = requests.get_mut(idx as usize)?;
+    let st = slot.as_mut()?;
+    if let Err(e) = res {
+        st.err.get_or_insert(e);
+    }
+    st.parts_left = st.parts_left.saturating_sub(1);
+    if st.parts_left > 0 {
+        return None;
+    }
+    let st = slot.take()?;
+    free.push(idx);
+    *live -= 1;
+    Some(Completion { tag: st.tag, result: st.err.map_or(Ok(()), Err) })
+}
+
+impl<P: Platform> Controller<P> {
+    /// Wraps a platform. Touches no register and allocates nothing.
+    pub fn new(platform: P, config: Config) -> Self {
+        Controller {
+            p: platform,
+            cfg: config,
+            state: State::Down,
+            enabled: false,
+            cap: None,
+            info: None,
+            namespaces: Vec::new(),
+            rejected: Vec::new(),
+            admin: None,
+            io: Vec::new(),
+            scratch: None,
+            aer_page: None,
+            aer_log_busy: false,
+            prp_pool: Vec::new(),
+            requests: Vec::new(),
+            free_reqs: Vec::new(),
+            live: 0,
+            deferred: VecDeque::new(),
+            sync_seq: 0,
+            next_check_us: u64::MAX,
+            next_queue: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    /// The platform (for the lab and tests).
+    pub fn platform(&self) -> &P {
+        &self.p
+    }
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    /// Identify data and queue geometry, once brought up.
+    pub fn info(&self) -> Option<&ControllerInfo> {
+        self.info.as_ref()
+    }
+    /// Usable namespaces, sorted by NSID.
+    pub fn namespaces(&self) -> &[Namespace] {
+        &self.namespaces
+    }
+    /// Active namespaces the engine refused, with the reason (bad identify data, metadata
+    /// formats, a failed Identify).
+    pub fn rejected_namespaces(&self) -> &[(u32, &'static str)] {
+        &self.rejected
+    }
+    /// I/O requests accepted and not yet completed.
+    pub fn outstanding(&self) -> usize {
+        self.live
+    }
+    /// True once the controller was failed or found gone (until the next bring-up).
+    pub fn is_dead(&self) -> bool {
+        self.state == State::Dead
+    }
+    /// True when brought up and accepting I/O.
+    pub fn is_ready(&self) -> bool {
+        self.state == State::Ready
+    }
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Resets and enables the controller and prepares it for I/O:
+    /// CAP/VS, disable and wait for !RDY (bounded by CAP.TO), admin queue, enable and wait
+    /// for RDY, Identify Controller, Set Features (Number of Queues), I/O CQ/SQ pairs,
+    /// namespace scan (active list + Identify Namespace each), Asynchronous Event Request.
+    ///
+    /// May be called again to recover after a failure; anything outstanding must have been
+    /// completed (with [`Controller::fail_all`]) first, or it is failed with `Aborted` and
+    /// reported by the next [`Controller::poll`].
+    pub fn bring_up(&mut self) -> Result<(), NvmeError> {
+        if self.live > 0 {
+            let mut done = Vec::new();
+            self.fail_all(NvmeError::Aborted, &mut |c| done.push(c));
+            self.deferred.extend(done.into_iter().map(Event::Io));
+        }
+        self.stop_and_release();
+        self.state = State::Down;
+        match self.bring_up_steps() {
+            Ok(()) => {
+                self.state = State::Ready;
+                Ok(())
+            }
+            Err(e) => {
+                self.stop_and_release();
+                self.state = if e == NvmeError::Gone { State::Dead } else { State::Down };
+                Err(e)
+            }
+        }
+    }
+
+    fn bring_up_steps(&mut self) -> Result<(), NvmeError> {
+        let cap = ctrlr::read_cap(&self.p)?;
+        self.cap = Some(cap);
+        let vs = self.p.read32(regs::VS);
+        // Whatever state firmware or a previous driver left: stop it before handing it memory.
+        ctrlr::disable(&self.p, &cap)?;
+
+        let admin_entries = self.cfg.admin_entries.clamp(2, cap.max_entries.min(4096) as u16);
+        let admin = QueuePair::new(&self.p, &cap, 0, admin_entries)?;
+        let aqa = (admin_entries as u32 - 1) << 16 | (admin_entries as u32 - 1);
+        self.p.write32(regs::AQA, aqa);
+        self.p.write64(regs::ASQ, admin.sq_addr());
+        self.p.write64(regs::ACQ, admin.cq_addr());
+        self.admin = Some(admin);
+        self.scratch = Some(self.alloc_page()?);
+        self.aer_page = Some(self.alloc_page()?);
+
+        // From here on the device may DMA: `enabled` makes every exit path disable it.
+        self.enabled = true;
+        ctrlr::enable(&self.p, &cap)?;
+
+        let page_addr = self.scratch_addr()?;
+        self.admin_sync(admin::identify_controller(page_addr))?;
+        let page = self.read_scratch()?;
+        let mut info = identify::parse_controller(&page, Version::decode(vs))?;
+
+        // Ask only for queues whose doorbells lie inside BAR0.
+        let mut want = self.cfg.io_queues.max(1);
+        while want > 1 && cap.cq_head_doorbell(want).is_none() {
+            want -= 1;
+        }
+        if cap.cq_head_doorbell(1).is_none() {
+            return Err(NvmeError::BadDevice("CAP.DSTRD leaves no room for an I/O doorbell"));
+        }
+        let granted = self.admin_sync(admin::set_num_queues(want))?.dw0;
+        let nsqa = (granted & 0xffff) + 1;
+        let ncqa = (granted >> 16) + 1;
+        let nq = (want as u32).min(nsqa).min(ncqa) as u16;
+        let io_entries = self.cfg.io_entries.clamp(2, cap.max_entries.min(65535) as u16);
+        for qid in 1..=nq {
+            let q = QueuePair::new(&self.p, &cap, qid, io_entries)?;
+            self.admin_sync(admin::create_cq(qid, io_entries, q.cq_addr(), 0))?;
+            let sq = admin::create_sq(qid, io_entries, q.sq_addr(), qid);
+            // Keep the pair even if SQ creation fails: its CQ exists on the device, and its
+            // memory must live until the controller is disabled.
+            let sq_res = self.admin_sync(sq);
+            self.io.push(q);
+            sq_res?;
+        }
+        info.io_queues = nq;
+        info.io_entries = io_entries;
+        self.info = Some(info);
+
+        // Every request needs at least one command slot: sizing the tables once here means
+        // the I/O path never allocates bookkeeping memory.
+        let slots: usize = self.io.iter().map(|q| q.capacity()).sum();
+        self.requests = (0..slots).map(|_| None).collect();
+        self.free_reqs = (0..slots as u32).rev().collect();
+        self.prp_pool.reserve(slots);
+        self.deferred.reserve(slots + 8);
+
+        let (list, rejected) = self.scan_namespaces()?;
+        self.namespaces = list;
+        self.rejected = rejected;
+
+        // Older controllers may refuse the configuration; the AER works regardless.
+        match self.admin_sync(aer::enable_notices()) {
+            Ok(_) | Err(NvmeError::Status(_)) => {}
+            Err(e) => return Err(e),
+        }
+        self.arm_aer();
+        Ok(())
+    }
+
+    fn alloc_page(&self) -> Result<P::Region, NvmeError> {
+        let r = self.p.alloc_dma(IDENTIFY_LEN, 4096).map_err(|_| NvmeError::NoMemory)?;
+        if r.len() < IDENTIFY_LEN {
+            return Err(NvmeError::NoMemory);
+        }
+        Ok(r)
+    }
+
+    fn scratch_addr(&self) -> Result<u64, NvmeError> {
+        self.scratch.as_ref().map(|r| r.bus_addr()).ok_or(NvmeError::NotReady)
+    }
+
+    fn read_scratch(&self) -> Result<Vec<u8>, NvmeError> {
+        let r = self.scratch.as_ref().ok_or(NvmeError::NotReady)?;
+        let mut page = vec![0u8; IDENTIFY_LEN];
+        r.read(0, &mut page);
+        Ok(page)
+    }
+
+    /// Runs one admin command to completion, bounded by `cmd_timeout_us`.
+    fn admin_sync(&mut self, sqe: Sqe) -> Result<Cqe, NvmeError> {
+        self.sync_seq = self.sync_seq.wrapping_add(1);
+        let seq = self.sync_seq;
+        let start = self.p.now_us();
+        let deadline = start.saturating_add(self.cfg.cmd_timeout_us);
+        {
+            let admin = self.admin.as_mut().ok_or(NvmeError::NotReady)?;
+            admin.push(sqe, AdminOwner::Sync(seq), deadline)?;
+            admin.ring(&self.p);
+        }
+        self.stats.commands += 1;
+        self.next_check_us = self.next_check_us.min(deadline);
+        let max_iters = self.cfg.cmd_timeout_us / SYNC_POLL_US as u64 + 2;
+        for _ in 0..max_iters {
+            if let Some(res) = self.reap_admin(Some(seq)) {
+                return res;
+            }
+            if self.p.now_us().saturating_sub(start) >= self.cfg.cmd_timeout_us {
+                break;
+            }
+            self.p.delay_us(SYNC_POLL_US);
+        }
+        // The command stays tracked (its deadline has passed): the next poll gives the
+        // controller up unless the caller does first.
+        match health::assess(&self.p, self.enabled) {
+            Health::Gone => Err(NvmeError::Gone),
+            _ => Err(NvmeError::Timeout),
+        }
+    }
+
+    /// Reaps the admin completion queue. Returns the result of synchronous command `want`
+    /// if it completed; asynchronous events go to `deferred`.
+    fn reap_admin(&mut self, want: Option<u32>) -> Option<Result<Cqe, NvmeError>> {
+        let admin = self.admin.as_mut()?;
+        let mut found = None;
+        let mut consumed = false;
+        let mut rearm = false;
+        let mut read_log = None;
+        for _ in 0..admin.entries() {
+            let Some(r) = admin.next_completion() else { break };
+            consumed = true;
+            match r {
+                Err(what) => {
+                    self.stats.bad_completions += 1;
+                    self.deferred.push_back(Event::BadCompletion { qid: 0, what });
+                }
+                Ok((cqe, t)) => match t.owner {
+                    AdminOwner::Sync(s) => {
+                        if Some(s) == want {
+                            found = Some(status_result(&cqe).map(|_| cqe));
+                        }
+                    }
+                    AdminOwner::Aer => {
+                        if status_result(&cqe).is_ok() {
+                            self.stats.async_events += 1;
+                            let ev = AsyncEvent::decode(cqe.dw0);
+                            if ev.is_ns_changed() {
+                                self.deferred.push_back(Event::NamespacesChanged);
+                            } else {
+                                self.deferred.push_back(Event::AsyncNotice {
+                                    kind: ev.kind, info: ev.info, log_page: ev.log_page,
+                                });
+                                read_log = Some(ev.log_page);
+                            }
+                            rearm = true;
+                        }
+                        // An AER that fails (limit exceeded, aborted) is not resubmitted:
+                        // retrying would only loop on the same error.
+                    }
+                    AdminOwner::AerLog => self.aer_log_busy = false,
+                },
+            }
+        }
+        admin.finish_reap(&self.p, consumed);
+        if let Some(lid) = read_log {
+            self.read_event_log(lid);
+        }
+        if rearm {
+            self.arm_aer();
+        }
+        found
+    }
+
+    fn arm_aer(&mut self) {
+        if let Some(admin) = self.admin.as_mut() {
+            if admin.trackers().any(|t| matches!(t.owner, AdminOwner::Aer)) {
+                return;
+            }
+            if admin.push(aer::request(), AdminOwner::Aer, u64::MAX).is_ok() {
+                admin.ring(&self.p);
+                self.stats.commands += 1;
+            }
+        }
+    }
+
+    /// Reads the log page an event points at, which is what re-enables that event type.
+    fn read_event_log(&mut self, lid: u8) {
+        if self.aer_log_busy {
+            return;
+        }
+        let Some(addr) = self.aer_page.as_ref().map(|r| r.bus_addr()) else { return };
+        let bytes = match lid {
+            log_page::ERROR => 64,
+            log_page::SMART => 512,
+            _ => 4096,
+        };
+        let deadline = self.p.now_us().saturating_add(self.cfg.cmd_timeout_us);
+        if let Some(admin) = self.admin.as_mut() {
+            if admin.push(aer::get_log_page(lid, bytes, addr), AdminOwner::AerLog, deadline)
+                .is_ok()
+            {
+                admin.ring(&self.p);
+                self.aer_log_busy = true;
+                self.stats.commands += 1;
+                self.next_check_us = self.next_check_us.min(deadline);
+            }
+        }
+    }
+
+    /// Finds the active namespaces and identifies each. Returns the usable ones and the
+    /// rejected ones.
+    #[allow(clippy::type_complexity)]
+    fn scan_namespaces(&mut self)
+                       -> Result<(Vec<Namespace>, Vec<(u32, &'static str)>), NvmeError> {
+        let (nn, mdts) = match &self.info {
+            Some(i) => (i.nn, i.mdts_bytes),
+            None => return Err(NvmeError::NotReady),
+        };
+        let limit = nn.min(self.cfg.max_namespaces) as usize;
+        let addr = self.scratch_addr()?;
+        let mut ids: Vec<u32> = Vec::new();
+        let mut have_list = true;
+        let mut after = 0u32;
+        // Each page holds 1024 IDs; the bound keeps a lying device from looping us.
+        for _ in 0..limit / 1024 + 2 {
+            if ids.len() >= limit {
+                break;
+            }
+            match self.admin_sync(admin::active_ns_list(after, addr)) {
+                Ok(_) => {}
+                Err(NvmeError::Status(_)) if after == 0 => {
+                    have_list = false; // NVMe 1.0 controller: no CNS 02h
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+            let page = self.read_scratch()?;
+            let (got, full) = identify::parse_ns_list(&page, after, nn, limit - ids.len())?;
+            let Some(&last) = got.last() else { break };
+            ids.extend_from_slice(&got);
+            after = last;
+            if !full {
+                break;
+            }
+        }
+        if !have_list {
+            ids = (1..=limit as u32).collect();
+        }
+        let mut found = Vec::new();
+        let mut rejected = Vec::new();
+        for id in ids {
+            match self.admin_sync(admin::identify_namespace(id, addr)) {
+                Ok(_) => {}
+                Err(NvmeError::Status(_)) => {
+                    rejected.push((id, "Identify Namespace failed"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            let page = self.read_scratch()?;
+            match identify::parse_namespace(id, &page, mdts) {
+                Ok(Some(ns)) => found.push(ns),
+                Ok(None) if !have_list => {} // probing: inactive NSID
+                Ok(None) => rejected.push((id, "active namespace reports zero size")),
+                Err(why) => rejected.push((id, why)),
+            }
+        }
+        Ok((found, rejected))
+    }
+
+    /// Queues an I/O request. On `Ok` the request is the engine's until its one
+    /// [`Completion`] is delivered by [`Controller::poll`] or [`Controller::fail_all`]; on
+    /// `Err` nothing was sent and nothing will be delivered.
+    pub fn submit(&mut self, req: IoRequest) -> Result<(), NvmeError> {
+        match self.state {
+            State::Dead => return Err(NvmeError::Gone),
+            State::Down => return Err(NvmeError::NotReady),
+            State::Ready => {}
+        }
+        let mdts = self.info.as_ref().ok_or(NvmeError::NotReady)?.mdts_bytes;
+        let ns = self.namespaces.iter().find(|n| n.nsid == req.nsid)
+            .ok_or(NvmeError::InvalidRequest("unknown namespace"))?;
+        let per_queue = self.io.first().map(|q| q.capacity()).ok_or(NvmeError::NotReady)?;
+        let plan = Plan::new(req, ns, mdts, per_queue as u32)?;
+        let parts = plan.parts as usize;
+
+        let nq = self.io.len();
+        let qi = (0..nq).map(|k| (self.next_queue + k) % nq)
+            .find(|&qi| self.io[qi].has_room(parts))
+            .ok_or(NvmeError::QueueFull)?;
+        self.next_queue = (qi + 1) % nq;
+
+        let need = plan.list_pages_needed();
+        while self.prp_pool.len() < need {
+            let page = self.alloc_page()?;
+            self.prp_pool.push(page);
+        }
+        let idx = self.free_reqs.pop().ok_or(NvmeError::QueueFull)?;
+        self.requests[idx as usize] = Some(ReqState { tag: plan.tag(), parts_left: plan.parts,
+                                                      err: None });
+        self.live += 1;
+
+        let deadline = self.p.now_us().saturating_add(self.cfg.cmd_timeout_us);
+        let q = &mut self.io[qi];
+        for i in 0..plan.parts {
+            let part = plan.part(i);
+            let mut sqe = part.sqe;
+            let prp1 = sqe.prp1();
+            let prp = match part.prp2 {
+                Prp2::None => None,
+                Prp2::Page(a) => {
+                    sqe.set_prp(prp1, a);
+                    None
+                }
+                Prp2::List { first, count } => match self.prp_pool.pop() {
+                    Some(page) => {
+                        write_prp_list(&page, first, count);
+                        sqe.set_prp(prp1, page.bus_addr());
+                        Some(page)
+                    }
+                    None => None, // cannot happen: `need` pages were reserved above
+                },
+            };
+            let ok = !matches!(part.prp2, Prp2::List { .. }) || prp.is_some();
+            let pushed = if ok { q.push(sqe, IoPart { req: idx, prp }, deadline).is_ok() }
+                         else { false };
+            if !pushed {
+                // Cannot happen after the room check; if it does, the request must still
+                // complete exactly once: with an error, once the parts already queued finish.
+                let st = self.requests[idx as usize].as_mut();
+                if i == 0 {
+                    self.requests[idx as usize] = None;
+                    self.free_reqs.push(idx);
+                    self.live -= 1;
+                    return Err(NvmeError::QueueFull);
+                }
+                if let Some(st) = st {
+                    st.parts_left = i;
+                    st.err = Some(NvmeError::QueueFull);
+                }
+                break;
+            }
+            self.stats.commands += 1;
+        }
+        q.ring(&self.p);
+        self.stats.requests += 1;
+        if plan.parts > 1 {
+            self.stats.split_requests += 1;
+        }
+        self.next_check_us = self.next_check_us.min(deadline);
+        Ok(())
+    }
+
+    /// Reaps every completion queue and reports what happened. Each accepted request is
+    /// reported exactly once as [`Event::Io`]. Completion entries are validated (CID in range
+    /// and outstanding, SQID, SQ head); a bad one is counted and reported, never trusted.
+    /// Overdue commands make the engine check the controller's health and give it up
+    /// ([`Event::ControllerLost`]). Returns the number of I/O completions reported.
+    pub fn poll(&mut self, on: &mut dyn FnMut(Event)) -> usize {
+        let mut n = 0;
+        if self.state == State::Ready {
+            let _ = self.reap_admin(None);
+        }
+        while let Some(e) = self.deferred.pop_front() {
+            if matches!(e, Event::Io(_)) {
+                n += 1;
+            }
+            on(e);
+        }
+        if self.state != State::Ready {
+            return n;
+        }
+        for q in self.io.iter_mut() {
+            let mut consumed = false;
+            for _ in 0..q.entries() {
+                let Some(r) = q.next_completion() else { break };
+                consumed = true;
+                match r {
+                    Err(what) => {
+                        self.stats.bad_completions += 1;
+                        on(Event::BadCompletion { qid: q.qid(), what });
+                    }
+                    Ok((cqe, t)) => {
+                        if let Some(page) = t.owner.prp {
+                            self.prp_pool.push(page);
+                        }
+                        let res = status_result(&cqe);
+                        if let Some(c) = finish_part(&mut self.requests, &mut self.free_reqs,
+                                                     &mut self.live, t.owner.req, res) {
+                            n += 1;
+                            on(Event::Io(c));
+                        }
+                    }
+                }
+            }
+            q.finish_reap(&self.p, consumed);
+        }
+        n + self.check_deadlines(on)
+    }
+
+    /// Gives the controller up if any command is overdue. Returns I/O completions reported.
+    fn check_deadlines(&mut self, on: &mut dyn FnMut(Event)) -> usize {
+        if self.next_check_us == u64::MAX {
+            return 0;
+        }
+        let now = self.p.now_us();
+        if now < self.next_check_us {
+            return 0;
+        }
+        let io_min = self.io.iter().map(|q| q.earliest_deadline()).min().unwrap_or(u64::MAX);
+        let admin_min = self.admin.as_ref().map_or(u64::MAX, |a| a.earliest_deadline());
+        let earliest = io_min.min(admin_min);
+        if earliest > now {
+            self.next_check_us = earliest;
+            return 0;
+        }
+        self.stats.timeouts += 1;
+        let health = health::assess(&self.p, self.enabled);
+        let reason = if health == Health::Gone { NvmeError::Gone } else { NvmeError::Timeout };
+        let mut n = 0;
+        self.fail_all(reason, &mut |c| {
+            n += 1;
+            on(Event::Io(c))
+        });
+        on(Event::ControllerLost { reason, health });
+        n
+    }
+
+    /// Classifies the controller from CSTS and config space (see [`health`]).
+    pub fn check_health(&mut self) -> Health {
+        health::assess(&self.p, self.enabled && self.state == State::Ready)
+    }
+
+    /// Marks the controller dead and completes every accepted request exactly once, now:
+    /// completions already reaped but not yet reported keep their real result, everything
+    /// else gets `Err(err)`. Later submits fail with [`NvmeError::Gone`].
+    ///
+    /// Unless the device is already gone, it is disabled first (bounded by CAP.TO), because
+    /// completing a read hands its buffer back to the caller, and a controller that is still
+    /// running could DMA into it afterwards. A gone device is not waited for.
+    pub fn fail_all(&mut self, err: NvmeError, done: &mut dyn FnMut(Completion)) {
+        if self.state != State::Dead && self.enabled {
+            self.stop_device();
+        }
+        self.state = State::Dead;
+        let mut keep = VecDeque::new();
+        while let Some(e) = self.deferred.pop_front() {
+            match e {
+                Event::Io(c) => done(c),
+                other => keep.push_back(other),
+            }
+        }
+        self.deferred = keep;
+        for q in self.io.iter_mut() {
+            for t in q.take_all() {
+                if let Some(page) = t.owner.prp {
+                    self.prp_pool.push(page);
+                }
+            }
+        }
+        if let Some(a) = self.admin.as_mut() {
+            a.take_all();
+        }
+        self.aer_log_busy = false;
+        self.next_check_us = u64::MAX;
+        for (idx, slot) in self.requests.iter_mut().enumerate() {
+            if let Some(st) = slot.take() {
+                self.free_reqs.push(idx as u32);
+                self.stats.failed_requests += 1;
+                done(Completion { tag: st.tag, result: Err(err) });
+            }
+        }
+        self.live = 0;
+    }
+
+    /// Disables the controller unless it is gone; clears `enabled` when DMA has stopped.
+    fn stop_device(&mut self) {
+        let Some(cap) = self.cap else {
+            self.enabled = false;
+            return;
+        };
+        match health::assess(&self.p, false) {
+            Health::Gone => self.enabled = false,
+            _ => {
+                if ctrlr::disable(&self.p, &cap).is_ok() || !self.p.present() {
+                    self.enabled = false;
+                }
+            }
+        }
+    }
+
+    /// Stops the device if needed and releases every DMA region, leaking those the device
+    /// might still use.
+    fn stop_and_release(&mut self) {
+        if self.enabled {
+            self.stop_device();
+        }
+        let stopped = !self.enabled;
+        let mut leaked = 0u64;
+        let mut drop_or_leak = |r: P::Region| {
+            if stopped {
+                drop(r);
+            } else {
+                leaked += 1;
+                core::mem::forget(r);
+            }
+        };
+        if let Some(a) = self.admin.take() {
+            drop_or_leak_queue(a, &mut drop_or_leak);
+        }
+        for q in self.io.drain(..) {
+            drop_or_leak_queue(q, &mut drop_or_leak);
+        }
+        for r in self.scratch.take().into_iter().chain(self.aer_page.take())
+            .chain(self.prp_pool.drain(..))
+        {
+            drop_or_leak(r);
+        }
+        self.stats.leaked_regions += leaked;
+        self.enabled = false;
+        self.aer_log_busy = false;
+        self.next_check_us = u64::MAX;
+    }
+
+    /// Announced removal: deletes the I/O queues, sends the normal shutdown notification,
+    /// waits for it to complete (bounded), and disables the controller. Requests must have
+    /// been drained (poll until [`Controller::outstanding`] is 0) or failed first. A dead
+    /// controller is not touched.
+    pub fn shutdown(&mut self) -> Result<(), NvmeError> {
+        match self.state {
+            State::Dead => {
+                self.stop_and_release();
+                return Ok(());
+            }
+            State::Down => return Ok(()),
+            State::Ready => {}
+        }
+        if self.live > 0 {
+            return Err(NvmeError::InvalidRequest(
+                "I/O outstanding: drain with poll() or fail_all() first"));
+        }
+        let cap = self.cap.ok_or(NvmeError::NotReady)?;
+        let mut first_err = None;
+        // SQs before their CQs (a CQ with an SQ still attached cannot be deleted).
+        let qids: Vec<u16> = self.io.iter().rev().map(|q| q.qid()).collect();
+        for qid in qids {
+            let r = self.admin_sync(admin::delete_sq(qid))
+                .and_then(|_| self.admin_sync(admin::delete_cq(qid)));
+            if let Err(e) = r {
+                first_err = Some(e);
+                break;
+            }
+        }
+        if first_err != Some(NvmeError::Gone) {
+            if let Err(e) = ctrlr::shutdown_notify(&self.p, &cap) {
+                first_err.get_or_insert(e);
+            }
+        }
+        self.stop_and_release();
+        self.state = if first_err == Some(NvmeError::Gone) { State::Dead } else { State::Down };
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Re-reads the namespace list (after [`Event::NamespacesChanged`], or on demand) and
+    /// reports what changed. Reading the Changed Namespace List log page first re-arms the
+    /// Namespace Attribute Changed event.
+    pub fn rescan_namespaces(&mut self) -> Result<NsChanges, NvmeError> {
+        match self.state {
+            State::Dead => return Err(NvmeError::Gone),
+            State::Down => return Err(NvmeError::NotReady),
+            State::Ready => {}
+        }
+        let addr = self.scratch_addr()?;
+        match self.admin_sync(aer::changed_ns_list(addr)) {
+            Ok(_) | Err(NvmeError::Status(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let (list, rejected) = self.scan_namespaces()?;
+        let changes = NsChanges::between(&self.namespaces, &list);
+        self.namespaces = list;
+        self.rejected = rejected;
+        Ok(changes)
+    }
+
+    /// Submits `req` and polls until it completes; never hangs: the wait is bounded by the
+    /// command timeout (after which the controller is given up, as in `poll`). Other events
+    /// seen meanwhile are kept for the next [`Controller::poll`].
+    pub fn io_sync(&mut self, req: IoRequest) -> Result<(), NvmeError> {
+        let tag = req.tag;
+        self.submit(req)?;
+        let start = self.p.now_us();
+        let bound = self.cfg.cmd_timeout_us.saturating_mul(2);
+        let max_iters = bound / SYNC_POLL_US as u64 + 2;
+        let mut result = None;
+        let mut others = Vec::new();
+        for _ in 0..max_iters {
+            self.poll(&mut |e| match e {
+                Event::Io(c) if c.tag == tag && result.is_none() => result = Some(c.result),
+                other => others.push(other),
+            });
+            if result.is_some() || self.p.now_us().saturating_sub(start) > bound {
+                break;
+            }
+            self.p.delay_us(SYNC_POLL_US);
+        }
+        if result.is_none() {
+            // The poll loop should have given the controller up already; make sure.
+            self.stats.timeouts += 1;
+            self.fail_all(NvmeError::Timeout, &mut |c| {
+                if c.tag == tag && result.is_none() {
+                    result = Some(c.result);
+                } else {
+                    others.push(Event::Io(c));
+                }
+            });
+        }
+        for e in others.into_iter().rev() {
+            self.deferred.push_front(e);
+        }
+        result.unwrap_or(Err(NvmeError::Timeout))
+    }
+}
+
+fn drop_or_leak_queue<R: DmaRegion, T>(q: QueuePair<R, T>, f: &mut impl FnMut(R)) {
+    let (sq, cq) = q.into_regions();
+    f(sq);
+    f(cq);
+}
+
+/// Writes `count` page addresses, `first` and each following page, into a PRP list page,
+/// in chunks so the stack buffer stays small.
+fn write_prp_list<R: DmaRegion>(page: &R, first: u64, count: usize) {
+    const CHUNK: usize = 64;
+    let mut buf = [0u8; CHUNK * 8];
+    let mut i = 0;
+    while i < count {
+        let n = (count - i).min(CHUNK);
+        for j in 0..n {
+            let addr = first + ((i + j) as u64) * regs::PAGE_SIZE as u64;
+            buf[j * 8..j * 8 + 8].copy_from_slice(&addr.to_le_bytes());
+        }
+        page.write(i * 8, &buf[..n * 8]);
+        i += n;
+    }
+}
+
+impl<P: Platform> Drop for Controller<P> {
+    /// Stops the controller before its queue memory is freed (or leaks the memory if it
+    /// cannot be stopped): dropping a running controller must not leave it DMA-ing into
+    /// freed pages.
+    fn drop(&mut self) {
+        self.stop_and_release();
+    }
+}

@@ -1,0 +1,101 @@
+//! Controller register sequences: capability checks, disable, enable, shutdown notification.
+//! Every wait is bounded by CAP.TO (or the shutdown bound) *and* by an iteration count, so a
+//! device that never changes state, or a clock that stops, cannot hang the caller.
+
+use super::error::NvmeError;
+use super::regs::{self, Cap, CcFlags, CstsFlags, PAGE_SIZE};
+use crate::platform::{Clock, PciPresence, RegisterIo};
+
+/// How long each wait iteration sleeps.
+const POLL_US: u32 = 100;
+
+/// Reads and validates CAP. All-ones, or zero with config space gone, means the device left.
+pub fn read_cap<P: RegisterIo + PciPresence>(p: &P) -> Result<Cap, NvmeError> {
+    let raw = p.read64(regs::CAP);
+    if raw == u64::MAX || !p.present() {
+        return Err(NvmeError::Gone);
+    }
+    let cap = Cap::decode(raw);
+    if raw == 0 {
+        return Err(NvmeError::BadDevice("CAP reads zero"));
+    }
+    if cap.max_entries < 2 {
+        return Err(NvmeError::BadDevice("CAP.MQES allows fewer than 2 entries"));
+    }
+    if cap.css & 1 == 0 {
+        return Err(NvmeError::BadDevice("CAP.CSS lacks the NVM command set"));
+    }
+    if (1usize << cap.mps_min_shift) > PAGE_SIZE {
+        return Err(NvmeError::BadDevice("CAP.MPSMIN above the 4 KiB host page"));
+    }
+    if cap.sq_tail_doorbell(0).is_none() || cap.cq_head_doorbell(0).is_none() {
+        return Err(NvmeError::BadDevice("CAP.DSTRD puts the admin doorbells outside BAR0"));
+    }
+    Ok(cap)
+}
+
+/// Polls CSTS until `done(csts)` holds or `timeout_ms` passes. CSTS all-ones is `Gone`; on
+/// timeout, config space decides between `Gone` and `Timeout`.
+pub fn wait_csts<P, F>(p: &P, timeout_ms: u32, done: F) -> Result<u32, NvmeError>
+where
+    P: RegisterIo + PciPresence + Clock,
+    F: Fn(u32) -> bool,
+{
+    let timeout_us = timeout_ms as u64 * 1000;
+    let start = p.now_us();
+    // The iteration bound keeps the loop finite even if the clock does not advance.
+    let max_iters = timeout_us / POLL_US as u64 + 2;
+    for _ in 0..max_iters {
+        let csts = p.read32(regs::CSTS);
+        if csts == regs::ALL_ONES {
+            return Err(NvmeError::Gone);
+        }
+        if done(csts) {
+            return Ok(csts);
+        }
+        if p.now_us().saturating_sub(start) >= timeout_us {
+            break;
+        }
+        p.delay_us(POLL_US);
+    }
+    if !p.present() {
+        return Err(NvmeError::Gone);
+    }
+    Err(NvmeError::Timeout)
+}
+
+/// Clears CC.EN and waits for CSTS.RDY to drop. Disabling is what stops all DMA, so every
+/// path that gives memory back to the system after the device used it goes through here
+/// (or knows the device is gone).
+pub fn disable<P: RegisterIo + PciPresence + Clock>(p: &P, cap: &Cap) -> Result<(), NvmeError> {
+    let cc = p.read32(regs::CC);
+    if cc != regs::ALL_ONES && cc & CcFlags::EN.bits() != 0 {
+        p.write32(regs::CC, cc & !CcFlags::EN.bits() & !regs::CC_SHN_MASK);
+    }
+    wait_csts(p, cap.timeout_ms, |c| c & CstsFlags::RDY.bits() == 0).map(|_| ())
+}
+
+/// Sets CC (enable value) and waits for CSTS.RDY. CFS during the wait is a broken device.
+pub fn enable<P: RegisterIo + PciPresence + Clock>(p: &P, cap: &Cap) -> Result<(), NvmeError> {
+    p.write32(regs::CC, regs::cc_enable_value());
+    let csts = wait_csts(p, cap.timeout_ms, |c| c & (CstsFlags::RDY | CstsFlags::CFS).bits() != 0)?;
+    if csts & CstsFlags::CFS.bits() != 0 {
+        return Err(NvmeError::BadDevice("controller fatal status during enable"));
+    }
+    Ok(())
+}
+
+/// Sends the normal shutdown notification (CC.SHN = 01b) and waits for CSTS.SHST = complete,
+/// so a volatile write cache is flushed before the slot loses power.
+pub fn shutdown_notify<P: RegisterIo + PciPresence + Clock>(p: &P, cap: &Cap)
+                                                          -> Result<(), NvmeError> {
+    let cc = p.read32(regs::CC);
+    if cc == regs::ALL_ONES {
+        return Err(NvmeError::Gone);
+    }
+    p.write32(regs::CC, (cc & !regs::CC_SHN_MASK) | regs::CC_SHN_NORMAL);
+    // CAP.TO bounds enable/disable; shutdown has its own (RTD3E), which may be 0 or absurd;
+    // use the larger of CAP.TO and 5 s, as a bounded, conservative choice.
+    let bound = cap.timeout_ms.max(5000);
+    wait_csts(p, bound, |c| c & regs::CSTS_SHST_MASK == regs::CSTS_SHST_COMPLETE).map(|_| ())
+}

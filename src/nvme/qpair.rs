@@ -1,0 +1,212 @@
+//! One submission/completion ring pair: phase tag, doorbells (with CAP.DSTRD) and the command
+//! identifier (CID) tracker table.
+//!
+//! The CID is the index of the command's tracker slot, so a completion is matched in O(1) and
+//! a CID the device makes up is caught by a bounds check plus an "is it outstanding" check.
+//! There are `entries - 1` slots: a ring of N entries holds at most N-1 commands, so the CID
+//! count alone also keeps the SQ from overflowing — the SQ head reported in completions is
+//! still checked, and used, because a device may report it late.
+
+use alloc::vec::Vec;
+
+use super::cmd::{Cqe, Sqe, CQE_SIZE, SQE_SIZE};
+use super::error::NvmeError;
+use super::regs::Cap;
+use crate::platform::{DmaAllocator, DmaRegion, RegisterIo};
+
+/// What the engine remembers about one outstanding command.
+#[derive(Debug)]
+pub struct Tracker<T> {
+    /// Who the command belongs to.
+    pub owner: T,
+    /// Clock time after which the command is overdue (`u64::MAX`: never, e.g. an AER).
+    pub deadline_us: u64,
+}
+
+/// Why a completion entry was rejected.
+pub type BadCqe = &'static str;
+
+/// A submission queue and the completion queue it posts to (same queue ID).
+pub struct QueuePair<R: DmaRegion, T> {
+    qid: u16,
+    entries: u16,
+    sq: R,
+    cq: R,
+    sq_db: u32,
+    cq_db: u32,
+    sq_tail: u16,
+    /// Last SQ head the device reported.
+    sq_head: u16,
+    cq_head: u16,
+    phase: bool,
+    /// Entries pushed since the last doorbell write.
+    unrung: bool,
+    slots: Vec<Option<Tracker<T>>>,
+    free: Vec<u16>,
+}
+
+impl<R: DmaRegion, T> QueuePair<R, T> {
+    /// Allocates the rings of queue `qid` with `entries` (2..=65536 is the caller's job;
+    /// checked again here) entries each.
+    pub fn new<A>(alloc: &A, cap: &Cap, qid: u16, entries: u16) -> Result<Self, NvmeError>
+    where
+        A: DmaAllocator<Region = R>,
+    {
+        if entries < 2 {
+            return Err(NvmeError::InvalidRequest("a queue needs at least 2 entries"));
+        }
+        let sq_db = cap.sq_tail_doorbell(qid)
+            .ok_or(NvmeError::BadDevice("CAP.DSTRD puts a doorbell outside BAR0"))?;
+        let cq_db = cap.cq_head_doorbell(qid)
+            .ok_or(NvmeError::BadDevice("CAP.DSTRD puts a doorbell outside BAR0"))?;
+        let n = entries as usize;
+        let sq = alloc.alloc_dma(n * SQE_SIZE, 4096).map_err(|_| NvmeError::NoMemory)?;
+        let cq = alloc.alloc_dma(n * CQE_SIZE, 4096).map_err(|_| NvmeError::NoMemory)?;
+        if sq.len() < n * SQE_SIZE || cq.len() < n * CQE_SIZE {
+            return Err(NvmeError::NoMemory);
+        }
+        let slots = (0..n - 1).map(|_| None).collect();
+        // Hand out low CIDs first (pop from the end).
+        let free = (0..entries - 1).rev().collect();
+        Ok(QueuePair { qid, entries, sq, cq, sq_db, cq_db, sq_tail: 0, sq_head: 0, cq_head: 0,
+                       phase: true, unrung: false, slots, free })
+    }
+
+    /// Queue ID.
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+    /// Ring size.
+    pub fn entries(&self) -> u16 {
+        self.entries
+    }
+    /// Most commands that can be outstanding at once.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+    /// Bus address of the submission ring.
+    pub fn sq_addr(&self) -> u64 {
+        self.sq.bus_addr()
+    }
+    /// Bus address of the completion ring.
+    pub fn cq_addr(&self) -> u64 {
+        self.cq.bus_addr()
+    }
+    /// Commands outstanding.
+    pub fn outstanding(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    fn sq_used(&self) -> u16 {
+        ((self.sq_tail as u32 + self.entries as u32 - self.sq_head as u32)
+            % self.entries as u32) as u16
+    }
+
+    /// True when `n` more commands fit (free CIDs and free SQ slots).
+    pub fn has_room(&self, n: usize) -> bool {
+        self.free.len() >= n && ((self.entries - 1 - self.sq_used()) as usize) >= n
+    }
+
+    /// Writes `sqe` into the ring with a fresh CID. Call [`QueuePair::ring`] afterwards; the
+    /// device sees nothing before the doorbell.
+    pub fn push(&mut self, mut sqe: Sqe, owner: T, deadline_us: u64) -> Result<u16, NvmeError> {
+        if !self.has_room(1) {
+            return Err(NvmeError::QueueFull);
+        }
+        let cid = self.free.pop().ok_or(NvmeError::QueueFull)?;
+        sqe.set_cid(cid);
+        self.sq.write(self.sq_tail as usize * SQE_SIZE, &sqe.to_bytes());
+        self.sq_tail = (self.sq_tail + 1) % self.entries;
+        self.slots[cid as usize] = Some(Tracker { owner, deadline_us });
+        self.unrung = true;
+        Ok(cid)
+    }
+
+    /// Publishes pushed entries with one tail doorbell write.
+    pub fn ring<P: RegisterIo>(&mut self, regs: &P) {
+        if self.unrung {
+            self.unrung = false;
+            regs.write32(self.sq_db, self.sq_tail as u32);
+        }
+    }
+
+    /// Takes the next completion entry if the device has posted one (phase tag matches).
+    ///
+    /// `Some(Ok(..))` is a validated completion whose tracker is released; `Some(Err(..))` is
+    /// an entry that failed validation: it is consumed (so the ring moves on) but no tracker
+    /// is touched. `None`: nothing new. Call [`QueuePair::finish_reap`] after the last one.
+    pub fn next_completion(&mut self) -> Option<Result<(Cqe, Tracker<T>), BadCqe>> {
+        let off = self.cq_head as usize * CQE_SIZE;
+        // Read the dword holding the phase tag first, the rest only once it says "new": the
+        // device writes the entry before it flips the phase.
+        let dw3 = self.cq.read_u32(off + 12);
+        if (dw3 & (1 << 16) != 0) != self.phase {
+            return None;
+        }
+        let mut b = [0u8; CQE_SIZE];
+        self.cq.read(off, &mut b);
+        let mut cqe = Cqe::from_bytes(&b);
+        cqe.cid = dw3 as u16;
+        cqe.status = (dw3 >> 16) as u16;
+        self.cq_head += 1;
+        if self.cq_head == self.entries {
+            self.cq_head = 0;
+            self.phase = !self.phase;
+        }
+        Some(self.validate(&cqe).map(|t| (cqe, t)))
+    }
+
+    fn validate(&mut self, cqe: &Cqe) -> Result<Tracker<T>, BadCqe> {
+        if cqe.sqid != self.qid {
+            return Err("completion names another submission queue");
+        }
+        if cqe.sqhd >= self.entries {
+            return Err("SQ head beyond the queue size");
+        }
+        // The new head may only move forward, and not past the tail.
+        let advance = (cqe.sqhd as u32 + self.entries as u32 - self.sq_head as u32)
+            % self.entries as u32;
+        if advance > self.sq_used() as u32 {
+            return Err("SQ head moved past the tail");
+        }
+        let slot = self.slots.get_mut(cqe.cid as usize).ok_or("CID out of range")?;
+        let tracker = slot.take().ok_or("CID not outstanding (duplicate or invented)")?;
+        self.free.push(cqe.cid);
+        self.sq_head = cqe.sqhd;
+        Ok(tracker)
+    }
+
+    /// Tells the device how far we have consumed the completion ring.
+    pub fn finish_reap<P: RegisterIo>(&mut self, regs: &P, consumed: bool) {
+        if consumed {
+            regs.write32(self.cq_db, self.cq_head as u32);
+        }
+    }
+
+    /// Removes every outstanding tracker (after the controller was stopped or lost).
+    pub fn take_all(&mut self) -> Vec<Tracker<T>> {
+        let mut out = Vec::new();
+        for (cid, slot) in self.slots.iter_mut().enumerate() {
+            if let Some(t) = slot.take() {
+                out.push(t);
+                self.free.push(cid as u16);
+            }
+        }
+        out
+    }
+
+    /// Earliest deadline among outstanding commands (`u64::MAX` when none).
+    pub fn earliest_deadline(&self) -> u64 {
+        self.slots.iter().flatten().map(|t| t.deadline_us).min().unwrap_or(u64::MAX)
+    }
+
+    /// Gives the ring memory back (only once the device can no longer use it).
+    pub fn into_regions(self) -> (R, R) {
+        (self.sq, self.cq)
+    }
+
+    /// Iterates over outstanding trackers.
+    pub fn trackers(&self) -> impl Iterator<Item = &Tracker<T>> {
+        self.slots.iter().flatten()
+    }
+}
