@@ -21,7 +21,7 @@ pub struct Section {
 
 impl Section {
     pub fn is_exec(&self) -> bool {
-        self.flags & u64::from(elf::SHF_EXECINSTR.0) != 0
+        self.flags & elf::SHF_EXECINSTR.0 != 0
     }
 }
 

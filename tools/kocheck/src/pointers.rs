@@ -17,7 +17,7 @@ pub enum Pointee<'a> {
     Undefined(&'a str),
 }
 
-pub fn read_bytes<'a>(ko: &'a Ko, section: usize, offset: u64, len: usize) -> Result<&'a [u8], String> {
+pub fn read_bytes(ko: &Ko, section: usize, offset: u64, len: usize) -> Result<&[u8], String> {
     let sec = ko.sections.get(section).ok_or_else(|| format!("section index {section} out of range"))?;
     let start = usize::try_from(offset).map_err(|_| "offset overflow".to_string())?;
     sec.data

@@ -27,7 +27,7 @@ pub fn check(ko: &Ko) -> Verdict {
     let mut findings = Vec::new();
     for s in &ko.sections {
         let by_type = [elf::SHT_INIT_ARRAY.0, elf::SHT_FINI_ARRAY.0, elf::SHT_PREINIT_ARRAY.0].contains(&s.sh_type);
-        let tls = s.flags & u64::from(elf::SHF_TLS.0) != 0;
+        let tls = s.flags & elf::SHF_TLS.0 != 0;
         if let Some(f) = forbidden_name(&s.name) {
             findings.push(format!("section {} ({f})", s.name));
         } else if by_type {
