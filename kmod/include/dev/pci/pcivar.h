@@ -1,0 +1,44 @@
+/*
+ * Stand-in for FreeBSD sys/dev/pci/pcivar.h, which the ziglang header set does not ship.
+ * Declares only what nvme_hotplug uses: the ivar accessors for vendor, device and class codes
+ * and pci_read_config()/pci_write_config(). The ivar numbers are positions in the real
+ * `enum pci_device_ivars`, unchanged since FreeBSD 4 for these first entries.
+ * Used only for Linux cross-builds; a native FreeBSD build uses the real header.
+ */
+#ifndef _NVMEHP_PCIVAR_H_
+#define _NVMEHP_PCIVAR_H_
+
+#include "pci_if.h"
+
+enum pci_device_ivars {
+	PCI_IVAR_SUBVENDOR,
+	PCI_IVAR_SUBDEVICE,
+	PCI_IVAR_VENDOR,
+	PCI_IVAR_DEVICE,
+	PCI_IVAR_DEVID,
+	PCI_IVAR_CLASS,
+	PCI_IVAR_SUBCLASS,
+	PCI_IVAR_PROGIF,
+};
+
+#define	PCI_ACCESSOR(var, ivar, type)	__BUS_ACCESSOR(pci, var, PCI, ivar, type)
+PCI_ACCESSOR(vendor,	VENDOR,		uint16_t)
+PCI_ACCESSOR(device,	DEVICE,		uint16_t)
+PCI_ACCESSOR(class,	CLASS,		uint8_t)
+PCI_ACCESSOR(subclass,	SUBCLASS,	uint8_t)
+PCI_ACCESSOR(progif,	PROGIF,		uint8_t)
+#undef PCI_ACCESSOR
+
+static __inline uint32_t
+pci_read_config(device_t dev, int reg, int width)
+{
+	return (PCI_READ_CONFIG(device_get_parent(dev), dev, reg, width));
+}
+
+static __inline void
+pci_write_config(device_t dev, int reg, uint32_t val, int width)
+{
+	PCI_WRITE_CONFIG(device_get_parent(dev), dev, reg, val, width);
+}
+
+#endif

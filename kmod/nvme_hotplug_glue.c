@@ -1,0 +1,163 @@
+/*
+ * C glue for nvme_hotplug: only what needs C macros. The driver itself is Rust (src/freebsd/).
+ *
+ * - the newbus driver "nvmehp" on the pci bus, whose kobj methods are Rust functions;
+ * - the module metadata: version, dependency on pci (the kernel dependency comes from
+ *   DECLARE_MODULE via __FreeBSD_version);
+ * - the malloc(9) type and the hw.nvme_hotplug sysctl tree;
+ * - one-line wrappers for KPI macros and static inline functions.
+ */
+#define	NVMEHP_GLUE_RUST_ENTRY_POINTS
+#include "kpi.h"
+
+MALLOC_DEFINE(M_NVMEHP, "nvme_hotplug", "nvme_hotplug driver state and queues");
+
+/* --- hw.nvme_hotplug sysctl tree and tunables ----------------------------------------------- */
+
+SYSCTL_NODE(_hw, OID_AUTO, nvme_hotplug, CTLFLAG_RD | CTLFLAG_MPSAFE, 0,
+    "NVMe hot-attach and hot-detach (nvme_hotplug(4))");
+
+/*
+ * 0 (default): never bid for a controller; attach only where devctl(8) "set driver" names nvmehp.
+ * 1: bid at BUS_PROBE_LOW_PRIORITY, so nvme(4) still wins wherever it is loaded.
+ */
+static int nvmehp_claim = 0;
+SYSCTL_INT(_hw_nvme_hotplug, OID_AUTO, claim, CTLFLAG_RWTUN, &nvmehp_claim, 0,
+    "Bid for NVMe controllers (1) or attach only when devctl set driver asks (0)");
+
+int
+nvmehp_tunable_claim(void)
+{
+	return (atomic_load_int(&nvmehp_claim));
+}
+
+/* --- newbus driver -------------------------------------------------------------------------- */
+
+static device_method_t nvmehp_methods[] = {
+	DEVMETHOD(device_probe,		nvmehp_probe),
+	DEVMETHOD(device_attach,	nvmehp_attach),
+	DEVMETHOD(device_detach,	nvmehp_detach),
+	DEVMETHOD_END
+};
+
+static driver_t nvmehp_driver = {
+	"nvmehp",
+	nvmehp_methods,
+	sizeof(struct nvmehp_softc),
+};
+
+/*
+ * nvmehp_modevent is chained by driver_module_handler(): it runs before the driver is added to
+ * the pci devclass on MOD_LOAD, and after every nvmehp device has detached on MOD_UNLOAD.
+ */
+DRIVER_MODULE(nvme_hotplug, pci, nvmehp_driver, nvmehp_modevent, NULL);
+MODULE_VERSION(nvme_hotplug, 1);
+MODULE_DEPEND(nvme_hotplug, pci, 1, 1, 1);
+
+/* --- wrappers for KPI macros ---------------------------------------------------------------- */
+
+void
+nvmehp_mtx_init(struct mtx *m, const char *name)
+{
+	mtx_init(m, name, NULL, MTX_DEF);
+}
+
+void
+nvmehp_mtx_destroy(struct mtx *m)
+{
+	mtx_destroy(m);
+}
+
+/*
+ * The out-of-line entry points, as a LOCK_DEBUG kernel uses: they do not bake the kernel's
+ * struct thread layout (curthread) or the lock word protocol into the module.
+ */
+void
+nvmehp_mtx_lock(struct mtx *m)
+{
+	_mtx_lock_flags(m, 0, __FILE__, __LINE__);
+}
+
+void
+nvmehp_mtx_unlock(struct mtx *m)
+{
+	_mtx_unlock_flags(m, 0, __FILE__, __LINE__);
+}
+
+void
+nvmehp_task_init(struct task *t, int priority, task_fn_t *func, void *context)
+{
+	TASK_INIT(t, priority, func, context);
+}
+
+void
+nvmehp_make_dev_args_init(struct make_dev_args *args)
+{
+	make_dev_args_init(args);
+}
+
+uint32_t
+nvmehp_bus_read_4(struct resource *r, bus_size_t off)
+{
+	return (bus_read_4(r, off));
+}
+
+void
+nvmehp_bus_write_4(struct resource *r, bus_size_t off, uint32_t val)
+{
+	bus_write_4(r, off, val);
+}
+
+uint32_t
+nvmehp_pci_read_config(device_t dev, int reg, int width)
+{
+	return (pci_read_config(dev, reg, width));
+}
+
+uint16_t
+nvmehp_pci_get_vendor(device_t dev)
+{
+	return (pci_get_vendor(dev));
+}
+
+uint16_t
+nvmehp_pci_get_device(device_t dev)
+{
+	return (pci_get_device(dev));
+}
+
+uint8_t
+nvmehp_pci_get_class(device_t dev)
+{
+	return (pci_get_class(dev));
+}
+
+uint8_t
+nvmehp_pci_get_subclass(device_t dev)
+{
+	return (pci_get_subclass(dev));
+}
+
+uint8_t
+nvmehp_pci_get_progif(device_t dev)
+{
+	return (pci_get_progif(dev));
+}
+
+int
+nvmehp_bus_rescan(device_t bus)
+{
+	return (BUS_RESCAN(bus));
+}
+
+sbintime_t
+nvmehp_sbinuptime(void)
+{
+	return (sbinuptime());
+}
+
+sbintime_t
+nvmehp_getsbinuptime(void)
+{
+	return (getsbinuptime());
+}

@@ -1,0 +1,75 @@
+/*
+ * The interface between the C glue (nvme_hotplug_glue.c) and the Rust side.
+ *
+ * The glue exists only for what C macros must do: linker-set declarations (DRIVER_MODULE,
+ * MODULE_VERSION, MODULE_DEPEND, MALLOC_DEFINE, SYSCTL_*), the kobj method table, and one-line
+ * wrappers for KPI entry points that are macros or static inline functions and therefore have no
+ * symbol Rust could call. Everything declared here is defined in the glue, except the functions
+ * under "Implemented in Rust", which the glue calls.
+ */
+#ifndef _NVMEHP_GLUE_H_
+#define _NVMEHP_GLUE_H_
+
+/* The driver's malloc(9) type: every allocation of the module is accounted to it (vmstat -m). */
+MALLOC_DECLARE(M_NVMEHP);
+
+/* Constants from function-like macros, which bindgen cannot evaluate. */
+enum {
+	NVMEHP_PCIR_BAR0 = PCIR_BAR(0),
+};
+
+/* Newbus softc: one pointer to the Rust-owned per-device state (NULL until attach succeeds). */
+struct nvmehp_softc {
+	void	*nvmehp_state;
+};
+
+/* hw.nvme_hotplug.claim: see nvme_hotplug(4). Read atomically. */
+int	nvmehp_tunable_claim(void);
+
+/* mtx(9) with MTX_DEF; the lock/unlock wrappers call the out-of-line _mtx_*_flags entry points. */
+void	nvmehp_mtx_init(struct mtx *m, const char *name);
+void	nvmehp_mtx_destroy(struct mtx *m);
+void	nvmehp_mtx_lock(struct mtx *m);
+void	nvmehp_mtx_unlock(struct mtx *m);
+
+/* TASK_INIT(9) */
+void	nvmehp_task_init(struct task *t, int priority, task_fn_t *func, void *context);
+
+/* make_dev_args_init(9) */
+void	nvmehp_make_dev_args_init(struct make_dev_args *args);
+
+/* bus_read_4(9)/bus_write_4(9) on a resource from bus_alloc_resource(9). */
+uint32_t nvmehp_bus_read_4(struct resource *r, bus_size_t off);
+void	nvmehp_bus_write_4(struct resource *r, bus_size_t off, uint32_t val);
+
+/* pci(9) accessors (kobj dispatch to the parent bus). */
+uint32_t nvmehp_pci_read_config(device_t dev, int reg, int width);
+uint16_t nvmehp_pci_get_vendor(device_t dev);
+uint16_t nvmehp_pci_get_device(device_t dev);
+uint8_t	nvmehp_pci_get_class(device_t dev);
+uint8_t	nvmehp_pci_get_subclass(device_t dev);
+uint8_t	nvmehp_pci_get_progif(device_t dev);
+
+/* BUS_RESCAN(9) on a bus device. */
+int	nvmehp_bus_rescan(device_t bus);
+
+/* sbinuptime(9), getsbinuptime(9): static inline in <sys/time.h>. */
+sbintime_t nvmehp_sbinuptime(void);
+sbintime_t nvmehp_getsbinuptime(void);
+
+/*
+ * Emitted by the compiler for -fstack-protector in the glue, defined by the kernel in
+ * sys/kern/stack_protector.c. Declared so they appear in the KPI symbol list.
+ */
+extern long __stack_chk_guard[];
+void	__stack_chk_fail(void);
+
+#ifdef NVMEHP_GLUE_RUST_ENTRY_POINTS
+/* Implemented in Rust (src/freebsd/pci_driver.rs, src/freebsd/module.rs); called by the glue. */
+int	nvmehp_probe(device_t dev);
+int	nvmehp_attach(device_t dev);
+int	nvmehp_detach(device_t dev);
+int	nvmehp_modevent(module_t mod, int what, void *arg);
+#endif
+
+#endif

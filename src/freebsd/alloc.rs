@@ -1,0 +1,114 @@
+//! Kernel memory for Rust: the `#[global_allocator]` over `malloc(9)`, and the sleeping path.
+//!
+//! **The global allocator never sleeps** (`M_NOWAIT`). `Box::new`, `Vec::push` and friends can
+//! therefore be used anywhere, including with an `mtx(9)` held or in a taskqueue callback, and
+//! they can fail: callers use the fallible APIs (`Box::try_new` is unstable, so
+//! [`try_box`], `Vec::try_reserve`) and turn failure into `ENOMEM`. An infallible `Box::new` that
+//! fails ends in the alloc error handler, i.e. `panic(9)`: do not use it in the driver.
+//!
+//! **Sleeping allocations are explicit**: [`box_waitok`] uses `M_WAITOK`, cannot fail, and may
+//! only be called where sleeping is allowed (attach, detach, MOD_LOAD/MOD_UNLOAD, taskqueue
+//! threads) and no non-sleepable lock is held. WITNESS reports a violation on debug kernels.
+//!
+//! **Alignment**: `malloc(9)` returns memory aligned to at least 8 bytes for every size on amd64
+//! (its smallest zone is 16 bytes), `malloc_aligned(9)` up to a page; a larger alignment cannot be
+//! served from malloc(9) at all, so the allocator fails instead of returning misaligned memory.
+//!
+//! Everything is accounted to the module's own malloc type `M_NVMEHP` (`vmstat -m`), defined in
+//! the C glue, so a leak is visible and kld unload with outstanding memory is diagnosable.
+
+use super::bindings;
+use alloc::boxed::Box;
+use core::alloc::{GlobalAlloc, Layout};
+use core::ffi::{c_int, c_void};
+
+/// Alignment `malloc(9)` guarantees without asking.
+const MALLOC_MIN_ALIGN: usize = 8;
+/// Largest alignment `malloc_aligned(9)` accepts.
+const MAX_ALIGN: usize = bindings::PAGE_SIZE as usize;
+
+/// The `struct malloc_type *` of this module.
+pub fn malloc_type() -> *mut bindings::malloc_type {
+    // Only the address of the extern static is taken (no access, so no `unsafe`); M_NVMEHP is
+    // defined by MALLOC_DEFINE in the glue and lives as long as the module.
+    (&raw mut bindings::M_NVMEHP).cast()
+}
+
+/// malloc(9) for `layout` with `flags`; NULL on failure or impossible alignment.
+fn kmalloc(layout: Layout, flags: c_int) -> *mut u8 {
+    let size = layout.size();
+    let align = layout.align();
+    if align <= MALLOC_MIN_ALIGN {
+        // SAFETY: plain malloc(9); the size is non-zero (callers) and the type is ours.
+        unsafe { bindings::malloc(size, malloc_type(), flags).cast() }
+    } else if align <= MAX_ALIGN {
+        // SAFETY: `align` is a power of two (Layout invariant) no larger than a page, which is
+        // what malloc_aligned(9) asserts.
+        unsafe { bindings::malloc_aligned(size, align, malloc_type(), flags).cast() }
+    } else {
+        core::ptr::null_mut()
+    }
+}
+
+/// The global allocator: `malloc(9)`/`free(9)` with `M_NOWAIT`. See the module documentation.
+pub struct KernelAllocator;
+
+// SAFETY: kmalloc returns either NULL or a fresh block of at least `layout.size()` bytes aligned
+// to `layout.align()`; dealloc hands back to free(9) exactly the blocks malloc(9)/malloc_aligned(9)
+// returned, with the same malloc type. malloc(9) is thread-safe.
+unsafe impl GlobalAlloc for KernelAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        kmalloc(layout, bindings::M_NOWAIT)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        kmalloc(layout, bindings::M_NOWAIT | bindings::M_ZERO)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
+        // SAFETY: per the GlobalAlloc contract `ptr` came from this allocator (or from
+        // box_waitok, which uses the same malloc(9) type) and is freed once.
+        unsafe { bindings::free(ptr.cast::<c_void>(), malloc_type()) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: KernelAllocator = KernelAllocator;
+
+/// Moves `value` into kernel memory without sleeping; `None` when memory is short.
+pub fn try_box<T>(value: T) -> Option<Box<T>> {
+    let layout = Layout::new::<T>();
+    if layout.size() == 0 {
+        return Some(Box::new(value)); // a zero-sized Box does not allocate
+    }
+    let p = kmalloc(layout, bindings::M_NOWAIT).cast::<T>();
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` is a fresh, suitably aligned block of `size_of::<T>()` bytes from the global
+    // allocator's own malloc type, so Box may own it and free it through KernelAllocator.
+    unsafe {
+        p.write(value);
+        Some(Box::from_raw(p))
+    }
+}
+
+/// Moves `value` into kernel memory, sleeping until memory is available (`M_WAITOK`).
+///
+/// Only from a sleepable context with no mutex held: attach/detach, module load/unload,
+/// taskqueue threads. Never fails. Types aligned above a page are rejected at compile time.
+pub fn box_waitok<T>(value: T) -> Box<T> {
+    const { assert!(core::mem::align_of::<T>() <= MAX_ALIGN, "malloc(9) cannot align above a page") };
+    let layout = Layout::new::<T>();
+    if layout.size() == 0 {
+        return Box::new(value);
+    }
+    let p = kmalloc(layout, bindings::M_WAITOK).cast::<T>();
+    // M_WAITOK never returns NULL; if the kernel ever did, this is a bug worth a panic(9).
+    assert!(!p.is_null(), "malloc(M_WAITOK) returned NULL");
+    // SAFETY: as in try_box.
+    unsafe {
+        p.write(value);
+        Box::from_raw(p)
+    }
+}

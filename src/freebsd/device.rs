@@ -1,0 +1,101 @@
+//! A newbus device (`device_t`) and the PCI accessors the driver needs.
+
+use super::bindings;
+use core::ffi::{c_int, CStr};
+use core::ptr::NonNull;
+
+/// A `device_t` the kernel handed to one of our methods.
+///
+/// Invariant: the device exists for as long as this handle is used. Newbus guarantees that from
+/// probe until detach returns; the driver keeps no handle past its detach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Device(NonNull<bindings::_device>);
+
+// SAFETY: a device_t may be used from any thread; the accessors used here take the kernel's own
+// locks or read fields fixed at device creation.
+unsafe impl Send for Device {}
+// SAFETY: as above.
+unsafe impl Sync for Device {}
+
+impl Device {
+    /// Wraps a `device_t` passed in by the kernel.
+    ///
+    /// # Safety
+    /// `raw` must be NULL or a device that stays alive while the handle is used.
+    pub unsafe fn from_raw(raw: bindings::device_t) -> Option<Self> {
+        NonNull::new(raw).map(Device)
+    }
+
+    /// The `device_t` for KPI calls.
+    pub fn as_raw(self) -> bindings::device_t {
+        self.0.as_ptr()
+    }
+
+    /// "nvmehp0", or "" before the device has a unit.
+    pub fn nameunit(&self) -> &CStr {
+        // SAFETY: device_get_nameunit returns a NUL-terminated string owned by the device, or
+        // NULL; the borrow ends with `self`'s use, while the device is alive.
+        unsafe {
+            let p = bindings::device_get_nameunit(self.as_raw());
+            if p.is_null() { c"" } else { CStr::from_ptr(p) }
+        }
+    }
+
+    /// Sets the description shown by `devinfo` and at attach. The kernel keeps the pointer.
+    pub fn set_desc(&self, desc: &'static CStr) {
+        // SAFETY: the string is 'static, as device_set_desc (which does not copy) requires.
+        unsafe { bindings::device_set_desc(self.as_raw(), desc.as_ptr()) }
+    }
+
+    /// The parent bus.
+    pub fn parent(&self) -> Option<Device> {
+        // SAFETY: a live device's parent pointer is a live device (or NULL for root).
+        unsafe { Device::from_raw(bindings::device_get_parent(self.as_raw())) }
+    }
+
+    /// The softc the glue declared (`struct nvmehp_softc`), allocated and zeroed by newbus.
+    /// Only meaningful for a device whose driver is nvmehp.
+    pub fn softc(&self) -> *mut bindings::nvmehp_softc {
+        // SAFETY: device_get_softc only reads the device.
+        unsafe { bindings::device_get_softc(self.as_raw()).cast() }
+    }
+
+    /// Reads `width` (1, 2 or 4) bytes of config space at `reg`; all-ones once the function is
+    /// gone.
+    pub fn pci_read_config(&self, reg: c_int, width: c_int) -> u32 {
+        // SAFETY: pci_read_config(9) on a device whose parent is a pci bus (only PCI devices
+        // reach the nvmehp methods); `width` is 1, 2 or 4 at every call site.
+        unsafe { bindings::nvmehp_pci_read_config(self.as_raw(), reg, width) }
+    }
+
+    /// Cached class code (byte 0x0b of config space).
+    pub fn pci_class(&self) -> u8 {
+        // SAFETY: ivar read on a PCI child, as above.
+        unsafe { bindings::nvmehp_pci_get_class(self.as_raw()) }
+    }
+
+    /// Cached subclass (byte 0x0a).
+    pub fn pci_subclass(&self) -> u8 {
+        // SAFETY: as above.
+        unsafe { bindings::nvmehp_pci_get_subclass(self.as_raw()) }
+    }
+
+    /// Cached programming interface (byte 0x09).
+    pub fn pci_progif(&self) -> u8 {
+        // SAFETY: as above.
+        unsafe { bindings::nvmehp_pci_get_progif(self.as_raw()) }
+    }
+
+    /// Cached vendor ID.
+    pub fn pci_vendor(&self) -> u16 {
+        // SAFETY: as above.
+        unsafe { bindings::nvmehp_pci_get_vendor(self.as_raw()) }
+    }
+
+    /// Cached device ID.
+    pub fn pci_device(&self) -> u16 {
+        // SAFETY: as above.
+        unsafe { bindings::nvmehp_pci_get_device(self.as_raw()) }
+    }
+}

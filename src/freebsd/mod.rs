@@ -1,0 +1,35 @@
+//! The only part of the crate that touches the FreeBSD kernel (feature `kld`).
+//!
+//! Everything here is a thin, safe wrapper over one piece of the KPI, one concept per file;
+//! every `unsafe` block says why it is sound. The engine (`crate::nvme`) and the hotplug logic
+//! (`crate::hotplug`) never call the kernel directly: they see [`platform::KernelPlatform`] through
+//! the traits of `crate::platform`.
+//!
+//! - [`bindings`]: the bindgen'd KPI (build.rs over kmod/kpi.h).
+//! - [`cstr_buf`]: fixed-size, no-allocation message formatting.
+//! - [`log`]: `printf(9)`/`device_printf(9)` with Rust formatting.
+//! - [`panic`]: the panic handler, which ends in `panic(9)`.
+//! - [`alloc`]: the global allocator over `malloc(9)` (never sleeps) and the sleeping path.
+//! - [`mutex`]: `mtx(9)` (MTX_DEF) owning the data it protects.
+//! - [`taskqueue`]: `taskqueue(9)` with tasks that are drained before they are freed.
+//! - [`device`]: newbus `device_t` and its PCI accessors.
+//! - [`resource`]: a memory BAR from `bus_alloc_resource(9)`, as register I/O.
+//! - [`clock`], [`dma`], [`platform`]: the `crate::platform` traits in the kernel.
+//! - [`pci_driver`]: the `nvmehp` driver's probe/attach/detach.
+//! - [`module`]: the module event handler.
+
+pub mod bindings;
+pub mod cstr_buf;
+#[macro_use]
+pub mod log;
+pub mod alloc;
+pub mod panic;
+pub mod mutex;
+pub mod taskqueue;
+pub mod device;
+pub mod resource;
+pub mod clock;
+pub mod dma;
+pub mod platform;
+pub mod pci_driver;
+pub mod module;

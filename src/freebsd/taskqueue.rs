@@ -1,0 +1,154 @@
+//! `taskqueue(9)`: a private queue with its own thread, and tasks that cannot outlive it.
+//!
+//! Ordering rules, enforced by types:
+//! - A [`Task`] borrows its [`TaskQueue`], so the queue outlives every task built on it.
+//! - Dropping a `Task` first drains it (`taskqueue_drain(9)`): waits until it is neither queued
+//!   nor running. Only then is its memory (and the context it owns) freed. This is the
+//!   "drain, don't refcount" rule for callback contexts.
+//! - Dropping the `TaskQueue` frees it with `taskqueue_free(9)`, which stops the thread.
+//!
+//! Both drops sleep: they must run in a sleepable context without a mutex held, and never on the
+//! queue's own thread (a task cannot drain itself).
+
+use super::alloc::{box_waitok, try_box};
+use super::bindings;
+use alloc::boxed::Box;
+use core::cell::UnsafeCell;
+use core::ffi::{c_int, c_void, CStr};
+use core::marker::PhantomPinned;
+use core::pin::Pin;
+
+/// A taskqueue with one kernel thread at `PWAIT` priority.
+pub struct TaskQueue {
+    /// The queue pointer, boxed: taskqueue_thread_enqueue's context is the *address* of the
+    /// pointer (`&tq`), which must not move while the queue exists.
+    slot: Box<*mut bindings::taskqueue>,
+}
+
+// SAFETY: taskqueue(9) functions are thread-safe; the queue is only freed in Drop.
+unsafe impl Send for TaskQueue {}
+// SAFETY: as above.
+unsafe impl Sync for TaskQueue {}
+
+impl TaskQueue {
+    /// Creates the queue and starts its thread, named `name` in `procstat -t`. Sleeps
+    /// (M_WAITOK): only from a sleepable context.
+    pub fn new(name: &'static CStr) -> Result<Self, c_int> {
+        let mut slot = box_waitok(core::ptr::null_mut::<bindings::taskqueue>());
+        let ctx = (&raw mut *slot).cast::<c_void>();
+        // SAFETY: M_WAITOK creation with the standard thread enqueue function, whose context is
+        // the boxed slot; the box lives in the returned TaskQueue until after taskqueue_free.
+        let tq = unsafe {
+            bindings::taskqueue_create(
+                name.as_ptr(),
+                bindings::M_WAITOK,
+                Some(bindings::taskqueue_thread_enqueue),
+                ctx,
+            )
+        };
+        if tq.is_null() {
+            return Err(bindings::ENOMEM);
+        }
+        *slot = tq;
+        // SAFETY: the slot holds the queue just created; "%s" consumes the one name argument.
+        let err = unsafe {
+            bindings::taskqueue_start_threads(
+                &raw mut *slot,
+                1,
+                bindings::PWAIT,
+                c"%s".as_ptr(),
+                name.as_ptr(),
+            )
+        };
+        if err != 0 {
+            // SAFETY: nothing was ever enqueued; the queue is ours to free.
+            unsafe { bindings::taskqueue_free(tq) };
+            return Err(err);
+        }
+        Ok(TaskQueue { slot })
+    }
+
+    fn raw(&self) -> *mut bindings::taskqueue {
+        *self.slot
+    }
+
+    /// Makes a task that runs `handler.run()` on this queue's thread.
+    /// Allocates without sleeping; `None` when memory is short.
+    pub fn task<H: TaskHandler>(&self, priority: u8, handler: H) -> Option<Pin<Box<Task<'_, H>>>> {
+        let task = try_box(Task {
+            raw: UnsafeCell::new(bindings::task::default()),
+            queue: self,
+            handler,
+            _pinned: PhantomPinned,
+        })?;
+        let raw = task.raw.get();
+        // SAFETY: TASK_INIT on a task at its final address (boxed, pinned below and never
+        // moved); the context is the Task itself, which outlives every run (Drop drains).
+        unsafe {
+            bindings::nvmehp_task_init(
+                raw,
+                c_int::from(priority),
+                Some(trampoline::<H>),
+                (&raw const *task).cast_mut().cast::<c_void>(),
+            )
+        };
+        Some(Box::into_pin(task))
+    }
+}
+
+impl Drop for TaskQueue {
+    fn drop(&mut self) {
+        // SAFETY: every Task borrowing this queue has been dropped (and so drained) already;
+        // taskqueue_free stops the thread and frees the queue. The slot is freed after it.
+        unsafe { bindings::taskqueue_free(self.raw()) };
+    }
+}
+
+/// What a task does when it runs. `pending` is how many enqueues were coalesced into this run
+/// (taskqueue(9) runs a task once however often it was enqueued meanwhile).
+pub trait TaskHandler: Sync {
+    /// Runs on the queue's thread: may sleep, may take mutexes.
+    fn run(&self, pending: u32);
+}
+
+/// A `struct task` bound to its queue and handler. Pinned: the kernel links it into the queue.
+pub struct Task<'q, H: TaskHandler> {
+    raw: UnsafeCell<bindings::task>,
+    queue: &'q TaskQueue,
+    handler: H,
+    _pinned: PhantomPinned,
+}
+
+// SAFETY: the kernel touches `raw` only under the queue's lock; the handler is Sync and only
+// shared (&H) between the enqueuer and the queue thread.
+unsafe impl<H: TaskHandler> Sync for Task<'_, H> {}
+
+impl<H: TaskHandler> Task<'_, H> {
+    /// Queues the task (or bumps its pending count if it is already queued). Never sleeps:
+    /// usable with a mutex held and from ACPI notify context.
+    pub fn enqueue(&self) {
+        // SAFETY: the task was initialised in TaskQueue::task, is pinned, and outlives any run
+        // (Drop drains); the queue outlives the task (borrow).
+        unsafe { bindings::taskqueue_enqueue(self.queue.raw(), self.raw.get()) };
+    }
+
+    /// The handler, for the code that enqueues.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+}
+
+impl<H: TaskHandler> Drop for Task<'_, H> {
+    fn drop(&mut self) {
+        // SAFETY: after taskqueue_drain returns the task is neither queued nor running, so its
+        // memory and handler may be freed. Drop runs in the owner's (sleepable) context.
+        unsafe { bindings::taskqueue_drain(self.queue.raw(), self.raw.get()) };
+    }
+}
+
+unsafe extern "C" fn trampoline<H: TaskHandler>(context: *mut c_void, pending: c_int) {
+    // SAFETY: `context` is the Task registered in TaskQueue::task; it is alive because its Drop
+    // drains before freeing it.
+    let task = unsafe { &*context.cast::<Task<'_, H>>() };
+    task.handler.run(u32::try_from(pending).unwrap_or(0));
+}
