@@ -422,6 +422,11 @@ impl Device {
         }
     }
 
+    /// Posts an arbitrary completion entry to CQ `cqid` (fuzzing: the device invents it).
+    pub fn inject(&mut self, cqid: u16, cqe: Cqe) {
+        self.post(cqid, cqe);
+    }
+
     /// Posts every held I/O completion.
     pub fn release_held(&mut self) {
         for (cqid, cqe) in std::mem::take(&mut self.held) {

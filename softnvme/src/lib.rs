@@ -21,7 +21,7 @@ use std::rc::Rc;
 use nvme_hotplug::platform::{AllocError, Clock, DmaAllocator, PciPresence, RegisterIo};
 
 pub use bus::SoftRegion;
-pub use device::{DevStats, Device, SoftConfig};
+pub use device::{Cqe, DevStats, Device, SoftConfig};
 pub use faults::{CqeMutation, Faults, Vanish};
 pub use media::SoftNs;
 
@@ -69,6 +69,11 @@ impl SoftNvme {
     /// Posts completions held by `Faults::hold_io`.
     pub fn release_held(&self) {
         self.dev.borrow_mut().release_held();
+    }
+
+    /// Posts an invented completion entry to CQ `cqid` with the right phase tag.
+    pub fn inject_cqe(&self, cqid: u16, cqe: device::Cqe) {
+        self.dev.borrow_mut().inject(cqid, cqe);
     }
 
     /// Completions currently held.
