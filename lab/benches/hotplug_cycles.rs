@@ -1,1 +1,17 @@
-fn main(){}
+//! `cargo bench -p nvmehp-lab`: lab hotplug cycles per second (figures printed, never asserted).
+//! Cycles: NVMEHP_BENCH_CYCLES (default 200).
+
+fn main() {
+    if !nvmehp_lab::qemu::qemu_available() {
+        println!("SKIP: hotplug_cycles bench: qemu-system-x86_64 not found (run scripts/bootstrap-debian.sh lab)");
+        return;
+    }
+    let cycles = std::env::var("NVMEHP_BENCH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    match nvmehp_lab::bench::hotplug_cycles(cycles) {
+        Ok(r) => println!("{}", r.describe()),
+        Err(e) => {
+            eprintln!("hotplug_cycles bench failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}

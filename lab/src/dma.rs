@@ -113,6 +113,13 @@ impl GuestDma {
     }
 }
 
+impl GuestDma {
+    /// Fills the whole region with `byte` (one qtest command; used to poison read buffers).
+    pub fn fill(&self, byte: u8) {
+        self.guest.qtest_or((), |q| q.memset(self.addr, self.len, byte));
+    }
+}
+
 impl DmaRegion for GuestDma {
     fn bus_addr(&self) -> u64 {
         self.addr

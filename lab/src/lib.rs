@@ -27,6 +27,8 @@
 //! - [`ledger`]: acked writes and the end-of-run check of the raw images.
 //! - [`workload`]: an `io` step's request generator and verifier.
 //! - [`observer`]: **the hook for kernel models** (nodes, rule violations).
+//! - [`driver`]: the kernel's side of one controller (attach, poll, watchdog, detach).
+//! - [`bench`]: the hotplug-cycle benchmark.
 //! - [`runner`]: runs a scenario and produces a [`report::Report`].
 //! - [`report`]: the JSON report.
 //! - [`skip`]: the loud SKIP / `NVMEHP_REQUIRE_QEMU` policy for tests.
@@ -39,7 +41,9 @@
 //! `violations` includes [`observer::Observer::violations`]. Any violation makes `ok = false`.
 
 pub mod acpi_hotplug;
+pub mod bench;
 pub mod dma;
+pub mod driver;
 pub mod firmware;
 pub mod guest;
 pub mod ledger;
@@ -49,5 +53,8 @@ pub mod platform;
 pub mod qemu;
 pub mod qmp;
 pub mod qtest;
+pub mod report;
+pub mod runner;
 pub mod scenario;
 pub mod skip;
+pub mod workload;

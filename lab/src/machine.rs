@@ -275,6 +275,11 @@ impl Machine {
         Ok(self.retiring.len())
     }
 
+    /// ACPI GPEs handled so far.
+    pub fn gpes(&self) -> u64 {
+        self.acpi.gpes
+    }
+
     /// Devices ejected but not (yet) deleted by QEMU.
     pub fn retiring(&self) -> &[PluggedDevice] {
         &self.retiring

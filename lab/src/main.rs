@@ -1,1 +1,200 @@
-fn main(){}
+//! `nvmehp-lab`: run scenarios against QEMU, show the demo, measure hotplug cycles.
+//!
+//! ```text
+//! nvmehp-lab run SCENARIO.toml [--json REPORT.json] [-v]
+//! nvmehp-lab demo
+//! nvmehp-lab bench [--cycles N]
+//! ```
+//! Exit status: 0 when the report says ok, 1 when it does not, 2 on a usage or file error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use nvmehp_lab::bench::{hotplug_cycles, BenchResult};
+use nvmehp_lab::qemu::{qemu_available, QEMU_BIN};
+use nvmehp_lab::runner::Runner;
+use nvmehp_lab::scenario::Scenario;
+
+#[derive(Parser)]
+#[command(name = "nvmehp-lab", version, about = "Drive the nvme_hotplug engine against QEMU's NVMe and ACPI hotplug models")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a scenario file (format: docs/scenarios.md).
+    Run {
+        /// The scenario (TOML).
+        scenario: PathBuf,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Tell the story as it happens.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// A short live story: a controller appears, I/O runs, it is removed, all is torn down.
+    Demo,
+    /// Hotplug cycles per second: attach, bring-up, 4 KiB write+read+verify, announced detach.
+    Bench {
+        /// Number of cycles.
+        #[arg(long, default_value_t = 200)]
+        cycles: u32,
+    },
+}
+
+fn need_qemu() -> Result<(), ExitCode> {
+    if qemu_available() {
+        Ok(())
+    } else {
+        eprintln!("nvmehp-lab: {QEMU_BIN} not found (run scripts/bootstrap-debian.sh lab)");
+        Err(ExitCode::from(2))
+    }
+}
+
+const DEMO: &str = r#"
+name = "demo"
+machine = "pc"
+seed = 7
+[[controller]]
+id = "boot0"
+slot = 4
+namespaces = [{ nsid = 1, size_mib = 16, lba = 512 }]
+[[step]]
+op = "attach"
+id = "ebs1"
+slot = 6
+namespaces = [{ nsid = 1, size_mib = 32, lba = 4096 }, { nsid = 2, size_mib = 8, lba = 512 }]
+[[step]]
+op = "expect"
+controllers = 2
+namespaces = 3
+[[step]]
+op = "io"
+target = "ebs1/1"
+kind = "write-verify"
+ops = 400
+depth = 16
+block = 16384
+[[step]]
+op = "io"
+target = "ebs1/2"
+kind = "mixed"
+ops = 400
+depth = 16
+block = 4096
+background = true
+[[step]]
+op = "detach"
+id = "ebs1"
+mode = "announced"
+during_io = true
+[[step]]
+op = "attach"
+id = "ebs2"
+slot = 7
+namespaces = [{ nsid = 1, size_mib = 16, lba = 512 }]
+[[step]]
+op = "io"
+target = "ebs2/1"
+kind = "write-verify"
+ops = 2000
+depth = 32
+block = 4096
+background = true
+[[step]]
+op = "wait"
+ms = 150
+[[step]]
+op = "detach"
+id = "ebs2"
+mode = "surprise"
+during_io = true
+[[step]]
+op = "expect"
+controllers = 1
+nodes = 1
+"#;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run { scenario, json, verbose } => {
+            let sc = match Scenario::load(&scenario) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("nvmehp-lab: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Err(code) = need_qemu() {
+                return code;
+            }
+            let report = Runner::new(sc).verbose(verbose).progress(verbose).run();
+            println!("{}", report.summary());
+            if let Some(path) = json {
+                let text = match serde_json::to_string_pretty(&report) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("nvmehp-lab: cannot encode the report: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                if let Err(e) = std::fs::write(&path, text + "\n") {
+                    eprintln!("nvmehp-lab: cannot write {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            }
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Cmd::Demo => {
+            if let Err(code) = need_qemu() {
+                return code;
+            }
+            let sc = Scenario::parse(DEMO).expect("the built-in demo scenario is valid");
+            println!("nvmehp-lab demo: QEMU pc machine (i440fx/PIIX4), no guest OS; the lab plays firmware, ACPI and kernel.");
+            let report = Runner::new(sc).verbose(true).progress(true).run();
+            println!();
+            println!("{}", report.summary());
+            println!(
+                "  {} MiB moved, {} reads verified, {} qtest commands, {} GPEs",
+                report.io.bytes >> 20,
+                report.io.reads_verified,
+                report.qemu.qtest_commands,
+                report.qemu.gpes
+            );
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Cmd::Bench { cycles } => {
+            if let Err(code) = need_qemu() {
+                return code;
+            }
+            match hotplug_cycles(cycles) {
+                Ok(r) => {
+                    print_bench(&r);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("nvmehp-lab bench: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn print_bench(r: &BenchResult) {
+    println!("{}", r.describe());
+}

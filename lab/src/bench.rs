@@ -1,0 +1,143 @@
+//! The hotplug-cycle benchmark: how many full cycles per second the lab sustains, and where
+//! the time goes. One cycle = hot-add (QMP) → SCI → Notify 1 → probe + BAR → engine bring-up
+//! → 4 KiB write + read + verify → `device_del` → Notify 3 → engine shutdown → `_EJ0` →
+//! `DEVICE_DELETED` → `blockdev-del`. Figures are printed, never asserted.
+
+use std::time::{Duration, Instant};
+
+use nvme_hotplug::nvme::{Controller, DataBuf, IoOp, IoRequest};
+use nvme_hotplug::platform::{DmaAllocator, DmaRegion};
+
+use crate::acpi_hotplug::NotifyCode;
+use crate::driver::lab_config;
+use crate::ledger::fill_block;
+use crate::machine::Machine;
+use crate::qemu::MachineKind;
+use crate::scenario::{ControllerSpec, NamespaceSpec};
+
+/// Figures of one benchmark run.
+#[derive(Debug, Clone, Default)]
+pub struct BenchResult {
+    /// Cycles completed.
+    pub cycles: u32,
+    /// Wall-clock seconds for all cycles.
+    pub secs: f64,
+    /// Mean milliseconds per phase: add+notify, bring-up, I/O, detach+eject+delete.
+    pub phase_ms: [f64; 4],
+    /// qtest commands per cycle.
+    pub qtest_per_cycle: f64,
+    /// QEMU RSS at start and end (KiB).
+    pub rss_kib: (u64, u64),
+    /// DMA bytes still allocated at the end (must be 0).
+    pub leaked_bytes: u64,
+}
+
+impl BenchResult {
+    /// Human-readable figures.
+    pub fn describe(&self) -> String {
+        let rate = self.cycles as f64 / self.secs.max(1e-9);
+        format!(
+            "hotplug cycles: {} in {:.2} s = {:.1} cycles/s ({:.2} ms/cycle)\n\
+             per cycle: add+notify {:.2} ms, bring-up {:.2} ms, 4 KiB write+read+verify {:.2} ms, \
+             detach+eject+delete {:.2} ms; {:.0} qtest commands\n\
+             QEMU RSS {} -> {} KiB; DMA bytes leaked {}",
+            self.cycles,
+            self.secs,
+            rate,
+            1e3 / rate,
+            self.phase_ms[0],
+            self.phase_ms[1],
+            self.phase_ms[2],
+            self.phase_ms[3],
+            self.qtest_per_cycle,
+            self.rss_kib.0,
+            self.rss_kib.1,
+            self.leaked_bytes
+        )
+    }
+}
+
+fn wait_notify(m: &mut Machine, slot: u8, code: NotifyCode) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = m.poll_notifies().map_err(|e| e.to_string())?;
+        if n.iter().any(|n| n.slot == slot && n.code == code) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no Notify {} on slot {slot}", code as u32));
+        }
+    }
+}
+
+/// Runs `cycles` hotplug cycles on one QEMU and measures them.
+pub fn hotplug_cycles(cycles: u32) -> Result<BenchResult, String> {
+    let mut m = Machine::start(MachineKind::Pc, &[]).map_err(|e| e.to_string())?;
+    let slot = 6;
+    let spec = ControllerSpec {
+        id: "bench".into(),
+        slot,
+        namespaces: vec![NamespaceSpec { nsid: 1, size_mib: 1, lba: 512 }],
+    };
+    let mut r = BenchResult { rss_kib: (m.process().rss_kib(), 0), ..Default::default() };
+    let q0 = m.guest().qtest_commands();
+    let start = Instant::now();
+    let mut phase = [Duration::ZERO; 4];
+    for i in 0..cycles {
+        let t0 = Instant::now();
+        m.hot_add(&spec).map_err(|e| format!("cycle {i}: hot-add: {e}"))?;
+        wait_notify(&mut m, slot, NotifyCode::DeviceCheck)?;
+        let f = m.probe(slot).map_err(|e| e.to_string())?.ok_or("no function after device check")?;
+        let t1 = Instant::now();
+        let mut ctrl = Controller::new(m.platform(&f), lab_config());
+        ctrl.bring_up().map_err(|e| format!("cycle {i}: bring-up: {e}"))?;
+        let t2 = Instant::now();
+        {
+            let buf = ctrl.platform().alloc_dma(4096, 4096).map_err(|e| format!("{e:?}"))?;
+            let mut data = vec![0u8; 4096];
+            for (k, chunk) in data.chunks_mut(512).enumerate() {
+                fill_block(i as u64 + 1, k as u64, chunk);
+            }
+            buf.write(0, &data);
+            let req = |op| IoRequest {
+                tag: 1,
+                nsid: 1,
+                op,
+                lba: 0,
+                blocks: 8,
+                data: DataBuf { bus_addr: buf.bus_addr(), len: 4096 },
+            };
+            ctrl.io_sync(req(IoOp::Write)).map_err(|e| format!("cycle {i}: write: {e}"))?;
+            buf.write(0, &[0u8; 4096]);
+            ctrl.io_sync(req(IoOp::Read)).map_err(|e| format!("cycle {i}: read: {e}"))?;
+            let mut back = vec![0u8; 4096];
+            buf.read(0, &mut back);
+            if back != data {
+                return Err(format!("cycle {i}: read back different data"));
+            }
+        }
+        let t3 = Instant::now();
+        m.request_unplug(slot).map_err(|e| e.to_string())?;
+        wait_notify(&mut m, slot, NotifyCode::EjectRequest)?;
+        ctrl.shutdown().map_err(|e| format!("cycle {i}: shutdown: {e}"))?;
+        drop(ctrl);
+        m.eject(slot).map_err(|e| e.to_string())?;
+        if m.reap(Duration::from_secs(2)).map_err(|e| e.to_string())? != 0 {
+            return Err(format!("cycle {i}: QEMU did not delete the device"));
+        }
+        let t4 = Instant::now();
+        for (k, d) in [t1 - t0, t2 - t1, t3 - t2, t4 - t3].into_iter().enumerate() {
+            phase[k] += d;
+        }
+        r.cycles += 1;
+    }
+    r.secs = start.elapsed().as_secs_f64();
+    let n = r.cycles.max(1) as f64;
+    for k in 0..4 {
+        r.phase_ms[k] = phase[k].as_secs_f64() * 1e3 / n;
+    }
+    r.qtest_per_cycle = (m.guest().qtest_commands() - q0) as f64 / n;
+    r.rss_kib.1 = m.process().rss_kib();
+    r.leaked_bytes = m.guest().live_dma_bytes();
+    Ok(r)
+}

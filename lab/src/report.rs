@@ -1,0 +1,149 @@
+//! The JSON report of a scenario run, and the rule that decides `ok`.
+
+use serde::Serialize;
+
+/// Time spent in one top-level step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    /// The step's `op`.
+    pub op: String,
+    /// Wall-clock milliseconds.
+    pub ms: f64,
+    /// A short human note (what happened).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+/// Counters about QEMU itself (informational: they never decide `ok`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QemuFigures {
+    /// qtest commands sent.
+    pub qtest_commands: u64,
+    /// QMP commands sent.
+    pub qmp_commands: u64,
+    /// ACPI GPEs handled (SCI with the hotplug bit).
+    pub gpes: u64,
+    /// Devices QEMU did not finish deleting after eject (a known QEMU behaviour when ejected
+    /// with commands in flight in its backend; not a driver failure).
+    pub devices_not_deleted: usize,
+    /// QEMU resident set size at the end, KiB.
+    pub rss_kib: u64,
+}
+
+/// I/O totals over every job.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IoFigures {
+    /// Requests submitted.
+    pub submitted: u64,
+    /// Reads checked against the ledger and found right.
+    pub reads_verified: u64,
+    /// Reads that returned wrong data.
+    pub read_mismatches: u64,
+    /// Bytes moved successfully.
+    pub bytes: u64,
+    /// Submissions refused by the engine (other than a full queue).
+    pub refused: u64,
+}
+
+/// The report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub name: String,
+    /// Seed used.
+    pub seed: u64,
+    /// Machine model.
+    pub machine: String,
+    /// True if nothing below went wrong.
+    pub ok: bool,
+    /// Hot-remove cycles completed (a controller attached, then removed and torn down).
+    pub cycles: u64,
+    /// Write requests the engine reported complete.
+    pub acked_writes: u64,
+    /// Acked writes whose data is not in the image file at the end.
+    pub lost_writes: u64,
+    /// Requests completed with an error (expected around removals).
+    pub failed_ops: u64,
+    /// Requests never completed by the engine.
+    pub hung_ops: u64,
+    /// Panics caught inside the engine.
+    pub panics: u64,
+    /// DMA bytes still allocated after every controller and job is gone.
+    pub leaked_bytes: u64,
+    /// Device nodes alive at the end (after every controller was torn down).
+    pub nodes_left: usize,
+    /// Everything that broke a rule or an expectation.
+    pub violations: Vec<String>,
+    /// Per top-level step timing.
+    pub steps: Vec<StepRecord>,
+    /// I/O totals.
+    pub io: IoFigures,
+    /// QEMU figures.
+    pub qemu: QemuFigures,
+    /// Total wall-clock milliseconds.
+    pub total_ms: f64,
+}
+
+impl Report {
+    /// Applies the `ok` rule: no lost write, no hung request, no panic, no leak, no node left,
+    /// no corrupt read, no violation (unmet expectations are violations).
+    pub fn decide(&mut self) {
+        self.ok = self.lost_writes == 0
+            && self.hung_ops == 0
+            && self.panics == 0
+            && self.leaked_bytes == 0
+            && self.nodes_left == 0
+            && self.io.read_mismatches == 0
+            && self.violations.is_empty();
+    }
+
+    /// A few human lines.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{}: {} — cycles {}, acked writes {}, lost {}, failed ops {}, hung {}, panics {}, leaked {} B, nodes left {}, {} violation(s), {:.0} ms",
+            self.name,
+            if self.ok { "OK" } else { "FAILED" },
+            self.cycles,
+            self.acked_writes,
+            self.lost_writes,
+            self.failed_ops,
+            self.hung_ops,
+            self.panics,
+            self.leaked_bytes,
+            self.nodes_left,
+            self.violations.len(),
+            self.total_ms
+        );
+        for v in self.violations.iter().take(20) {
+            s.push_str("\n  violation: ");
+            s.push_str(v);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_bad_counter_fails_the_run() {
+        let mut r = Report::default();
+        r.decide();
+        assert!(r.ok);
+        for f in [
+            |r: &mut Report| r.lost_writes = 1,
+            |r: &mut Report| r.hung_ops = 1,
+            |r: &mut Report| r.panics = 1,
+            |r: &mut Report| r.leaked_bytes = 4096,
+            |r: &mut Report| r.nodes_left = 1,
+            |r: &mut Report| r.io.read_mismatches = 1,
+            |r: &mut Report| r.violations.push("x".into()),
+        ] {
+            let mut r = Report::default();
+            f(&mut r);
+            r.decide();
+            assert!(!r.ok);
+        }
+    }
+}

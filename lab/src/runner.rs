@@ -1,0 +1,495 @@
+//! Runs a [`Scenario`] against QEMU and produces a [`Report`].
+//!
+//! Single-threaded: one loop, [`Session::tick`], does everything a kernel does concurrently —
+//! the ACPI `_E01` handler (SCI → Notify), completion polling, the health watchdog, and feeding
+//! I/O jobs. Background `io` steps are simply jobs that later steps keep ticking, so a detach
+//! really happens with requests in flight.
+//!
+//! The end of a run is the module unload: every remaining controller is detached (drain,
+//! nodes destroyed, shutdown, freed), every job's buffers are released, and then the report
+//! counts what is left: DMA bytes (`leaked_bytes`), nodes (`nodes_left`), requests never
+//! completed (`hung_ops`), and acked writes missing from the raw image files (`lost_writes`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::acpi_hotplug::NotifyCode;
+use crate::driver::{Driver, World};
+use crate::ledger::Ledger;
+use crate::machine::Machine;
+use crate::observer::{NodeRules, Observer};
+use crate::report::{Report, StepRecord};
+use crate::scenario::{parse_target, ControllerSpec, DetachMode, IoKind, Scenario, Step, WaitUntil};
+use crate::workload::{IoJob, JobTarget, StopReason};
+
+/// Longest an attach or detach step waits for the machine and the driver.
+const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a `wait until = "idle"` (and the final drain) waits without progress.
+const IDLE_STALL: Duration = Duration::from_secs(20);
+
+/// Configures and runs scenarios.
+pub struct Runner {
+    scenario: Scenario,
+    observer: Box<dyn Observer>,
+    verbose: bool,
+    progress: bool,
+}
+
+impl Runner {
+    /// A runner with the built-in [`NodeRules`] observer.
+    pub fn new(scenario: Scenario) -> Self {
+        Runner { scenario, observer: Box::new(NodeRules::new()), verbose: false, progress: false }
+    }
+
+    /// Plugs in another kernel model (see [`crate::observer`]).
+    pub fn with_observer(mut self, observer: Box<dyn Observer>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// Prints the story (attach, nodes, removals) as it happens.
+    pub fn verbose(mut self, on: bool) -> Self {
+        self.verbose = on;
+        self
+    }
+
+    /// Shows a progress bar for foreground I/O steps.
+    pub fn progress(mut self, on: bool) -> Self {
+        self.progress = on;
+        self
+    }
+
+    /// Runs the scenario. Never panics on engine bugs (they are counted); a harness failure
+    /// (QEMU missing or dying) is reported as a violation with `ok = false`.
+    pub fn run(self) -> Report {
+        let start = Instant::now();
+        let sc = self.scenario;
+        let mut report = Report {
+            name: sc.name.clone(),
+            seed: sc.seed,
+            machine: sc.machine.qemu_name().to_string(),
+            ..Report::default()
+        };
+        let machine = match Machine::start(sc.machine, &sc.controllers) {
+            Ok(m) => m,
+            Err(e) => {
+                report.violations.push(format!("harness: cannot start QEMU: {e}"));
+                report.total_ms = start.elapsed().as_secs_f64() * 1e3;
+                report.decide();
+                return report;
+            }
+        };
+        let world = World {
+            machine,
+            observer: self.observer,
+            ledger: Ledger::new(),
+            jobs: Vec::new(),
+            report,
+            verbose: self.verbose,
+        };
+        let mut s = Session { w: world, drivers: BTreeMap::new(), seed: sc.seed, progress: self.progress };
+        s.boot();
+        for step in &sc.steps {
+            let t = Instant::now();
+            let note = s.step(step);
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            s.w.report.steps.push(StepRecord { op: step.op_name().to_string(), ms, note });
+            if s.w.machine.guest().fault().is_some() {
+                break;
+            }
+        }
+        let mut report = s.finish();
+        report.total_ms = start.elapsed().as_secs_f64() * 1e3;
+        report.decide();
+        report
+    }
+}
+
+/// A run in progress.
+pub struct Session {
+    w: World,
+    drivers: BTreeMap<String, Driver>,
+    seed: u64,
+    progress: bool,
+}
+
+impl Session {
+    /// Boot: scan the bus and attach what is there (the cold-plugged controllers).
+    fn boot(&mut self) {
+        match self.w.machine.scan() {
+            Ok(found) => {
+                for f in found {
+                    if let Some(d) = Driver::attach(&mut self.w, f.bdf.dev) {
+                        self.drivers.insert(d.id.clone(), d);
+                    }
+                }
+            }
+            Err(e) => self.w.violation(format!("harness: bus scan: {e}")),
+        }
+    }
+
+    /// One round of everything a kernel does concurrently.
+    fn tick(&mut self) {
+        // 1. The SCI handler: Notify(slot, 1|3).
+        match self.w.machine.poll_notifies() {
+            Ok(notifies) => {
+                for n in notifies {
+                    self.w.observer.notify(n.slot, n.code as u32);
+                    self.w.say(format!("slot {}: Notify {} ({:?})", n.slot, n.code as u32, n.code));
+                    self.handle_notify(n.slot, n.code);
+                }
+            }
+            Err(e) => self.w.violation(format!("harness: ACPI poll: {e}")),
+        }
+        // 2. Completions and the watchdog.
+        let ids: Vec<String> = self.drivers.keys().cloned().collect();
+        for id in &ids {
+            let Some(mut d) = self.drivers.remove(id) else { continue };
+            let mut lost = d.poll(&mut self.w);
+            if lost.is_none() {
+                lost = d.watchdog(&mut self.w);
+            }
+            match lost {
+                Some(h) => d.teardown_lost(&mut self.w, h),
+                None => {
+                    self.drivers.insert(id.clone(), d);
+                }
+            }
+        }
+        // 3. Feed the jobs.
+        for job in self.w.jobs.iter_mut() {
+            if job.finished() || job.stopped.is_some() {
+                continue;
+            }
+            match self.drivers.get_mut(&job.target.ctrl) {
+                Some(d) => d.feed(&mut self.w.report, self.w.observer.as_mut(), &mut self.w.ledger, job),
+                None => job.stop(StopReason::ControllerGone),
+            }
+        }
+    }
+
+    fn handle_notify(&mut self, slot: u8, code: NotifyCode) {
+        let existing = self.drivers.values().find(|d| d.slot == slot).map(|d| d.id.clone());
+        match (code, existing) {
+            (NotifyCode::DeviceCheck, Some(_)) => {} // already attached: a bus check, nothing new
+            (NotifyCode::DeviceCheck, None) => {
+                if let Some(d) = Driver::attach(&mut self.w, slot) {
+                    self.drivers.insert(d.id.clone(), d);
+                }
+            }
+            (NotifyCode::EjectRequest, Some(id)) => {
+                if let Some(mut d) = self.drivers.remove(&id) {
+                    d.detach_announced(&mut self.w, true);
+                }
+            }
+            (NotifyCode::EjectRequest, None) => {
+                // Nothing attached (never came up, or already lost): just complete the eject.
+                if let Err(e) = self.w.machine.eject(slot) {
+                    self.w.violation(format!("harness: eject of slot {slot}: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Ticks until `done` or `timeout`; returns whether `done` became true.
+    fn tick_until(&mut self, timeout: Duration, mut done: impl FnMut(&mut Session) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(self) {
+                return true;
+            }
+            if Instant::now() >= deadline || self.w.machine.guest().fault().is_some() {
+                return false;
+            }
+            self.tick();
+        }
+    }
+
+    fn step(&mut self, step: &Step) -> String {
+        match step {
+            Step::Attach { id, slot, namespaces } => {
+                let spec = ControllerSpec { id: id.clone(), slot: *slot, namespaces: namespaces.clone() };
+                self.attach(&spec)
+            }
+            Step::Io { target, kind, ops, depth, block, background } => {
+                self.io(target, *kind, *ops, *depth, *block, *background)
+            }
+            Step::Detach { id, mode, during_io } => self.detach(id, *mode, *during_io),
+            Step::Wait { ms, until } => match (ms, until) {
+                (Some(ms), _) => {
+                    self.tick_until(Duration::from_millis(*ms), |_| false);
+                    String::new()
+                }
+                (None, Some(WaitUntil::Idle)) => self.wait_idle(),
+                (None, None) => String::new(),
+            },
+            Step::Repeat { times, steps } => {
+                for _ in 0..*times {
+                    for s in steps {
+                        self.step(s);
+                    }
+                    if self.w.machine.guest().fault().is_some() {
+                        break;
+                    }
+                }
+                format!("{times} times")
+            }
+            Step::Expect { controllers, namespaces, nodes } => {
+                let live: Vec<&Driver> = self.drivers.values().filter(|d| d.is_live()).collect();
+                let got_c = live.len();
+                let got_n: usize = live.iter().map(|d| d.node_count()).sum();
+                let got_nodes = self.w.observer.nodes_alive();
+                let mut notes = Vec::new();
+                for (what, want, got) in [
+                    ("controllers", controllers, got_c),
+                    ("namespaces", namespaces, got_n),
+                    ("nodes", nodes, got_nodes),
+                ] {
+                    if let Some(want) = want {
+                        if *want != got {
+                            self.w.violation(format!("expect: {what} = {want}, found {got}"));
+                        }
+                        notes.push(format!("{what}={got}"));
+                    }
+                }
+                notes.join(" ")
+            }
+        }
+    }
+
+    fn attach(&mut self, spec: &ControllerSpec) -> String {
+        if self.drivers.contains_key(&spec.id) {
+            self.w.violation(format!("attach {}: a controller with that id is attached already", spec.id));
+            return "refused".into();
+        }
+        self.w.say(format!("hot-add {} at slot {} (QMP blockdev-add + device_add)", spec.id, spec.slot));
+        if let Err(e) = self.w.machine.hot_add(spec) {
+            self.w.violation(format!("attach {}: QEMU refused: {e}", spec.id));
+            return "qemu refused".into();
+        }
+        let id = spec.id.clone();
+        if !self.tick_until(STEP_TIMEOUT, |s| s.drivers.contains_key(&id)) {
+            self.w.violation(format!("attach {}: no controller came up within {:?}", spec.id, STEP_TIMEOUT));
+            return "timeout".into();
+        }
+        String::new()
+    }
+
+    fn io(&mut self, target: &str, kind: IoKind, ops: u64, depth: u32, block: u32, background: bool) -> String {
+        let Some(job_id) = self.start_job(target, kind, ops, depth, block) else {
+            return "not started".into();
+        };
+        if background {
+            return "background".into();
+        }
+        let bar = if self.progress {
+            let pb = ProgressBar::new(ops);
+            if let Ok(style) = ProgressStyle::with_template("  {bar:40} {pos}/{len} ops {per_sec} {msg}") {
+                pb.set_style(style);
+            }
+            Some(pb)
+        } else {
+            None
+        };
+        let mut last = 0;
+        let mut last_progress = Instant::now();
+        loop {
+            let job = &self.w.jobs[job_id];
+            if job.finished() {
+                break;
+            }
+            let done = job.stats.ops_done;
+            if done != last {
+                last = done;
+                last_progress = Instant::now();
+                if let Some(b) = &bar {
+                    b.set_position(done);
+                }
+            } else if last_progress.elapsed() > IDLE_STALL || self.w.machine.guest().fault().is_some() {
+                self.w.violation(format!("io {target}: no progress for {IDLE_STALL:?}"));
+                break;
+            }
+            self.tick();
+        }
+        let st = self.w.jobs[job_id].stats;
+        if let Some(b) = bar {
+            b.set_position(st.ops_done);
+            b.finish_with_message(format!("{} MiB moved", st.bytes >> 20));
+        }
+        format!("{} ops, {} verified reads, {} failed", st.ops_done, st.reads_verified, st.failed)
+    }
+
+    fn start_job(&mut self, target: &str, kind: IoKind, ops: u64, depth: u32, block: u32) -> Option<usize> {
+        let (ctrl, nsid) = match parse_target(target) {
+            Ok(t) => t,
+            Err(e) => {
+                self.w.violation(format!("io: {e}"));
+                return None;
+            }
+        };
+        let Some(d) = self.drivers.get(&ctrl).filter(|d| d.is_live()) else {
+            self.w.violation(format!("io {target}: controller {ctrl} is not attached"));
+            return None;
+        };
+        let Some(img) = d.images.get(&nsid) else {
+            self.w.violation(format!("io {target}: controller {ctrl} has no namespace {nsid}"));
+            return None;
+        };
+        let t = JobTarget {
+            ctrl,
+            nsid,
+            image: img.path.clone(),
+            lba_bytes: img.lba_bytes,
+            ns_blocks: img.bytes / img.lba_bytes as u64,
+        };
+        let id = self.w.jobs.len() as u32;
+        let seed = self.seed.wrapping_add(id as u64);
+        let job = IoJob::new(id, self.w.machine.guest(), t, kind, ops, depth, block, seed);
+        if let Some(StopReason::Setup(why)) = &job.stopped {
+            self.w.violation(format!("io {target}: {why}"));
+        }
+        self.w.jobs.push(job);
+        Some(id as usize)
+    }
+
+    fn detach(&mut self, id: &str, mode: DetachMode, during_io: bool) -> String {
+        let Some(slot) = self.drivers.get(id).map(|d| d.slot) else {
+            self.w.violation(format!("detach {id}: not attached"));
+            return "not attached".into();
+        };
+        if during_io {
+            // Make sure requests are really in flight at the moment of removal.
+            if self.drivers.get(id).map_or(0, |d| d.outstanding()) == 0 {
+                let first_ns = self.drivers.get(id).and_then(|d| d.images.keys().next().copied()).unwrap_or(1);
+                let block = self.drivers.get(id).and_then(|d| d.images.get(&first_ns)).map_or(4096, |i| i.lba_bytes.max(4096));
+                self.start_job(&format!("{id}/{first_ns}"), IoKind::Mixed, 64, 16, block);
+                self.tick();
+            }
+        } else {
+            let cid = id.to_string();
+            let idle = self.tick_until(IDLE_STALL, |s| {
+                s.drivers.get(&cid).map_or(true, |d| d.outstanding() == 0)
+                    && s.w.jobs.iter().filter(|j| j.target.ctrl == cid).all(|j| j.finished())
+            });
+            if !idle {
+                self.w.violation(format!("detach {id}: I/O did not finish before an idle detach"));
+            }
+        }
+        let in_flight = self.drivers.get(id).map_or(0, |d| d.outstanding());
+        if let Some(d) = self.drivers.get_mut(id) {
+            d.expect_removal = true;
+        }
+        let cid = id.to_string();
+        match mode {
+            DetachMode::Announced => {
+                self.w.say(format!("{id}: QMP device_del (announced removal, {in_flight} in flight)"));
+                if let Err(e) = self.w.machine.request_unplug(slot) {
+                    self.w.violation(format!("detach {id}: device_del: {e}"));
+                    return "qemu refused".into();
+                }
+            }
+            DetachMode::Surprise => {
+                self.w.say(format!("{id}: surprise removal (eject with no device_del, {in_flight} in flight)"));
+                if let Err(e) = self.w.machine.eject(slot) {
+                    self.w.violation(format!("harness: surprise eject of slot {slot}: {e}"));
+                }
+            }
+        }
+        if !self.tick_until(STEP_TIMEOUT, |s| !s.drivers.contains_key(&cid)) {
+            self.w.violation(format!("detach {id}: driver did not finish detaching within {STEP_TIMEOUT:?}"));
+            return "timeout".into();
+        }
+        // Let QEMU finish deleting the device so the slot can be reused (bounded: with commands
+        // in flight in its backend QEMU may never finish).
+        let _ = self.w.machine.reap(Duration::from_secs(1));
+        format!("{in_flight} in flight")
+    }
+
+    fn busy(&self) -> bool {
+        self.w.jobs.iter().any(|j| !j.finished()) || self.drivers.values().any(|d| d.outstanding() > 0)
+    }
+
+    fn wait_idle(&mut self) -> String {
+        let mut last = u64::MAX;
+        let mut since = Instant::now();
+        while self.busy() {
+            let done: u64 = self.w.jobs.iter().map(|j| j.stats.ops_done).sum();
+            if done != last {
+                last = done;
+                since = Instant::now();
+            } else if since.elapsed() > IDLE_STALL || self.w.machine.guest().fault().is_some() {
+                self.w.violation(format!("wait idle: no progress for {IDLE_STALL:?}"));
+                return "stalled".into();
+            }
+            self.tick();
+        }
+        String::new()
+    }
+
+    /// Module unload and accounting.
+    fn finish(mut self) -> Report {
+        if self.busy() && self.w.machine.guest().fault().is_none() {
+            self.wait_idle();
+        }
+        for (_, mut d) in std::mem::take(&mut self.drivers) {
+            d.expect_removal = true;
+            d.detach_announced(&mut self.w, false);
+        }
+        let mut hung = 0;
+        for job in self.w.jobs.iter_mut() {
+            hung += job.abandon(&mut self.w.ledger);
+        }
+        if hung > 0 {
+            self.w.report.hung_ops += hung;
+            self.w.violation(format!("{hung} request(s) still in flight at the end"));
+        }
+        let w = &mut self.w;
+        for job in w.jobs.iter_mut() {
+            job.release_buffers();
+            let st = job.stats;
+            w.report.io.submitted += st.submitted;
+            w.report.io.reads_verified += st.reads_verified;
+            w.report.io.read_mismatches += st.read_mismatches;
+            w.report.io.bytes += st.bytes;
+            w.report.io.refused += st.refused;
+            for m in job.mismatches.clone() {
+                if w.report.violations.len() < 200 {
+                    w.report.violations.push(m);
+                }
+            }
+        }
+        w.jobs.clear();
+        w.report.leaked_bytes = w.machine.guest().live_dma_bytes();
+        if w.report.leaked_bytes > 0 {
+            let lb = w.report.leaked_bytes;
+            w.violation(format!("{lb} bytes of DMA memory still allocated after teardown"));
+        }
+        let _ = w.machine.reap(Duration::from_secs(2));
+        w.report.acked_writes = w.ledger.acked_writes();
+        match w.ledger.verify_images() {
+            Ok(lost) => {
+                w.report.lost_writes = lost.len() as u64;
+                if !lost.is_empty() {
+                    let n = lost.len();
+                    w.violation(format!("{n} acknowledged write(s) not found in the image files"));
+                }
+            }
+            Err(e) => w.violation(format!("harness: reading images: {e}")),
+        }
+        w.report.nodes_left = w.observer.nodes_alive();
+        for v in w.observer.violations() {
+            w.violation(format!("observer: {v}"));
+        }
+        if let Some(f) = w.machine.guest().fault() {
+            w.violation(format!("harness: {f}"));
+        }
+        w.report.qemu.qtest_commands = w.machine.guest().qtest_commands();
+        w.report.qemu.qmp_commands = w.machine.qmp_commands();
+        w.report.qemu.gpes = w.machine.gpes();
+        w.report.qemu.devices_not_deleted = w.machine.retiring().len();
+        w.report.qemu.rss_kib = w.machine.process().rss_kib();
+        std::mem::take(&mut w.report)
+    }
+}
