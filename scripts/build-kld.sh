@@ -57,7 +57,9 @@ SPEC=kmod/x86_64-freebsd-kld.json
 TRIPLE=x86_64-freebsd-kld
 export CARGO_TARGET_DIR="$root/target/kld"
 LIB=$CARGO_TARGET_DIR/$TRIPLE/kld/libnvme_hotplug.a
-if [ -f "$LIB" ]; then kind=incremental; else kind=cold; fi
+# "cold" = core/alloc/compiler_builtins and the build dependencies are compiled from scratch.
+set -- "$CARGO_TARGET_DIR/$TRIPLE"/kld/deps/libcore-*.rlib
+if [ -f "$1" ]; then kind=incremental; else kind=cold; fi
 say "cargo: Rust staticlib for $SPEC ($kind build)"
 RUSTC=$RUSTC RUSTC_BOOTSTRAP=1 "$CARGO" rustc -p nvme_hotplug --profile kld --features kld \
     -Zjson-target-spec -Zbuild-std=core,alloc --target "$SPEC" --crate-type staticlib
