@@ -63,16 +63,23 @@ seed = 7
 [[controller]]
 id = "boot0"
 slot = 4
-namespaces = [{ nsid = 1, size_mib = 16, lba = 512 }]
+namespaces = [{ nsid = 1, size_mib = 16, lba = 4096 }, { nsid = 2, size_mib = 8, lba = 512 }]
 [[step]]
 op = "attach"
 id = "ebs1"
 slot = 6
-namespaces = [{ nsid = 1, size_mib = 32, lba = 4096 }, { nsid = 2, size_mib = 8, lba = 512 }]
+namespaces = [{ nsid = 1, size_mib = 32, lba = 4096 }]
 [[step]]
 op = "expect"
 controllers = 2
 namespaces = 3
+[[step]]
+op = "io"
+target = "boot0/2"
+kind = "write-verify"
+ops = 200
+depth = 8
+block = 4096
 [[step]]
 op = "io"
 target = "ebs1/1"
@@ -82,7 +89,7 @@ depth = 16
 block = 16384
 [[step]]
 op = "io"
-target = "ebs1/2"
+target = "ebs1/1"
 kind = "mixed"
 ops = 400
 depth = 16
@@ -117,7 +124,7 @@ during_io = true
 [[step]]
 op = "expect"
 controllers = 1
-nodes = 1
+nodes = 2
 "#;
 
 fn main() -> ExitCode {

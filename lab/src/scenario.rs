@@ -235,7 +235,17 @@ fn validate_steps(steps: &[Step], depth: usize) -> Result<(), ScenarioError> {
     for (i, s) in steps.iter().enumerate() {
         let at = |m: String| ScenarioError(format!("step {} ({}): {m}", i + 1, s.op_name()));
         match s {
-            Step::Attach { id, slot, namespaces } => validate_controller(id, *slot, namespaces).map_err(|e| at(e.0))?,
+            Step::Attach { id, slot, namespaces } => {
+                validate_controller(id, *slot, namespaces).map_err(|e| at(e.0))?;
+                // QEMU's NVMe bus is not hotpluggable: a hot-added controller can only carry
+                // the namespace its own `drive` gives it.
+                if namespaces.len() != 1 || namespaces[0].nsid != 1 {
+                    return Err(at(format!(
+                        "{id}: a hot-added controller has exactly one namespace, nsid 1 (QEMU cannot \
+                         hot-plug nvme-ns); put multi-namespace controllers in [[controller]]"
+                    )));
+                }
+            }
             Step::Io { target, ops, depth, block, .. } => {
                 parse_target(target).map_err(|e| at(e.0))?;
                 if *ops == 0 {
@@ -407,6 +417,7 @@ controllers = 1
             ("name='x'\n[[step]]\nop='wait'\n", "exactly one"),
             ("name='x'\n[[step]]\nop='io'\ntarget='c0'\nkind='read'\nops=1\n", "target"),
             ("name='x'\nmachine='sparc'\n", "sparc"),
+            ("name='x'\n[[step]]\nop='attach'\nid='c1'\nslot=6\nnamespaces=[{nsid=2,size_mib=1}]\n", "exactly one"),
         ] {
             let e = Scenario::parse(bad).unwrap_err();
             assert!(e.0.contains(word), "{bad}: {}", e.0);
