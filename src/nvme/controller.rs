@@ -31,8 +31,54 @@ use super::status::Status;
 use super::Config;
 use crate::platform::{DmaRegion, Platform};
 
-/// Sleep between completion checks in the synchronous paths.
-const SYNC_POLL_US: u32 = 10;
+/// Longest sleep between completion checks in the synchronous paths (they start at 1 us
+/// and double, so a fast device is not slowed down and a slow one is not spun on).
+const SYNC_POLL_MAX_US: u32 = 1000;
+
+/// How often a synchronous wait checks whether the device is still there, so a removal
+/// during bring-up or `io_sync` is noticed in about this time rather than a command timeout.
+const SYNC_HEALTH_US: u64 = 100_000;
+
+/// A bounded wait: a clock deadline plus an iteration bound, so a stuck clock cannot make
+/// it endless, with exponential back-off and a periodic presence check.
+struct SyncWait {
+    start: u64,
+    bound_us: u64,
+    iters_left: u64,
+    delay: u32,
+    next_health: u64,
+}
+
+impl SyncWait {
+    fn new(now: u64, bound_us: u64) -> SyncWait {
+        SyncWait {
+            start: now,
+            bound_us,
+            iters_left: bound_us / SYNC_POLL_MAX_US as u64 + 32,
+            delay: 1,
+            next_health: now.saturating_add(SYNC_HEALTH_US),
+        }
+    }
+
+    /// Sleeps before the next check. Returns `Err` when the wait is over: `Timeout`, or
+    /// `Gone` if the periodic check found the device gone.
+    fn pause<P: Platform>(&mut self, p: &P, enabled: bool) -> Result<(), NvmeError> {
+        let now = p.now_us();
+        if self.iters_left == 0 || now.saturating_sub(self.start) >= self.bound_us {
+            return Err(NvmeError::Timeout);
+        }
+        if now >= self.next_health {
+            self.next_health = now.saturating_add(SYNC_HEALTH_US);
+            if health::assess(p, enabled) == Health::Gone {
+                return Err(NvmeError::Gone);
+            }
+        }
+        self.iters_left -= 1;
+        p.delay_us(self.delay);
+        self.delay = (self.delay * 2).min(SYNC_POLL_MAX_US);
+        Ok(())
+    }
+}
 
 /// Counters for sysctl(8) and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -349,21 +395,19 @@ impl<P: Platform> Controller<P> {
         }
         self.stats.commands += 1;
         self.next_check_us = self.next_check_us.min(deadline);
-        let max_iters = self.cfg.cmd_timeout_us / SYNC_POLL_US as u64 + 2;
-        for _ in 0..max_iters {
+        let mut wait = SyncWait::new(start, self.cfg.cmd_timeout_us);
+        loop {
             if let Some(res) = self.reap_admin(Some(seq)) {
                 return res;
             }
-            if self.p.now_us().saturating_sub(start) >= self.cfg.cmd_timeout_us {
-                break;
+            if let Err(e) = wait.pause(&self.p, self.enabled) {
+                // The command stays tracked (its deadline passes): the next poll gives the
+                // controller up unless the caller does first.
+                if e == NvmeError::Gone || health::assess(&self.p, self.enabled) == Health::Gone {
+                    return Err(NvmeError::Gone);
+                }
+                return Err(NvmeError::Timeout);
             }
-            self.p.delay_us(SYNC_POLL_US);
-        }
-        // The command stays tracked (its deadline has passed): the next poll gives the
-        // controller up unless the caller does first.
-        match health::assess(&self.p, self.enabled) {
-            Health::Gone => Err(NvmeError::Gone),
-            _ => Err(NvmeError::Timeout),
         }
     }
 
@@ -837,25 +881,31 @@ impl<P: Platform> Controller<P> {
     pub fn io_sync(&mut self, req: IoRequest) -> Result<(), NvmeError> {
         let tag = req.tag;
         self.submit(req)?;
-        let start = self.p.now_us();
         let bound = self.cfg.cmd_timeout_us.saturating_mul(2);
-        let max_iters = bound / SYNC_POLL_US as u64 + 2;
+        let mut wait = SyncWait::new(self.p.now_us(), bound);
         let mut result = None;
         let mut others = Vec::new();
-        for _ in 0..max_iters {
+        let mut gave_up = None;
+        loop {
             self.poll(&mut |e| match e {
                 Event::Io(c) if c.tag == tag && result.is_none() => result = Some(c.result),
                 other => others.push(other),
             });
-            if result.is_some() || self.p.now_us().saturating_sub(start) > bound {
+            if result.is_some() {
                 break;
             }
-            self.p.delay_us(SYNC_POLL_US);
+            if let Err(e) = wait.pause(&self.p, self.enabled) {
+                gave_up = Some(e);
+                break;
+            }
         }
-        if result.is_none() {
-            // The poll loop should have given the controller up already; make sure.
-            self.stats.timeouts += 1;
-            self.fail_all(NvmeError::Timeout, &mut |c| {
+        if let (None, Some(reason)) = (result, gave_up) {
+            // Gone (noticed by the presence check), or poll should already have given the
+            // controller up: stop it and fail everything, ours included.
+            if reason == NvmeError::Timeout {
+                self.stats.timeouts += 1;
+            }
+            self.fail_all(reason, &mut |c| {
                 if c.tag == tag && result.is_none() {
                     result = Some(c.result);
                 } else {
