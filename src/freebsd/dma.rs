@@ -99,7 +99,7 @@ impl DmaRegion for ContigRegion {
     }
 
     fn read_u32(&self, off: usize) -> u32 {
-        if off % 4 != 0 || !self.fits(off, 4) {
+        if !off.is_multiple_of(4) || !self.fits(off, 4) {
             let mut b = [0u8; 4];
             self.read(off, &mut b);
             return u32::from_le_bytes(b);
@@ -109,7 +109,7 @@ impl DmaRegion for ContigRegion {
     }
 
     fn write_u32(&self, off: usize, v: u32) {
-        if off % 4 != 0 || !self.fits(off, 4) {
+        if !off.is_multiple_of(4) || !self.fits(off, 4) {
             self.write(off, &v.to_le_bytes());
             return;
         }
@@ -118,7 +118,7 @@ impl DmaRegion for ContigRegion {
     }
 
     fn read_u64(&self, off: usize) -> u64 {
-        if off % 8 != 0 || !self.fits(off, 8) {
+        if !off.is_multiple_of(8) || !self.fits(off, 8) {
             let mut b = [0u8; 8];
             self.read(off, &mut b);
             return u64::from_le_bytes(b);
@@ -128,7 +128,7 @@ impl DmaRegion for ContigRegion {
     }
 
     fn write_u64(&self, off: usize, v: u64) {
-        if off % 8 != 0 || !self.fits(off, 8) {
+        if !off.is_multiple_of(8) || !self.fits(off, 8) {
             self.write(off, &v.to_le_bytes());
             return;
         }

@@ -43,9 +43,12 @@ struct Attached {
 }
 
 /// DEVICE_PROBE: an NVMe controller, at a priority that never beats nvme(4).
+///
+/// # Safety
+/// Called by newbus (through the glue's method table) with a live device.
 #[no_mangle]
-pub extern "C" fn nvmehp_probe(dev: device_t) -> c_int {
-    // SAFETY: newbus passes the live device being probed.
+pub unsafe extern "C" fn nvmehp_probe(dev: device_t) -> c_int {
+    // SAFETY: the caller (newbus) passes the live device being probed.
     let Some(dev) = (unsafe { Device::from_raw(dev) }) else {
         return bindings::ENXIO;
     };
@@ -61,8 +64,11 @@ pub extern "C" fn nvmehp_probe(dev: device_t) -> c_int {
 }
 
 /// DEVICE_ATTACH: map BAR0, report CAP and VS. Sleepable context.
+///
+/// # Safety
+/// Called by newbus (through the glue's method table) with a live device.
 #[no_mangle]
-pub extern "C" fn nvmehp_attach(dev: device_t) -> c_int {
+pub unsafe extern "C" fn nvmehp_attach(dev: device_t) -> c_int {
     // SAFETY: newbus passes the live device being attached.
     let Some(dev) = (unsafe { Device::from_raw(dev) }) else {
         return bindings::ENXIO;
@@ -97,8 +103,11 @@ pub extern "C" fn nvmehp_attach(dev: device_t) -> c_int {
 }
 
 /// DEVICE_DETACH: release everything attach took. Sleepable context.
+///
+/// # Safety
+/// Called by newbus (through the glue's method table) with a live device.
 #[no_mangle]
-pub extern "C" fn nvmehp_detach(dev: device_t) -> c_int {
+pub unsafe extern "C" fn nvmehp_detach(dev: device_t) -> c_int {
     // SAFETY: newbus passes the live device being detached.
     let Some(dev) = (unsafe { Device::from_raw(dev) }) else {
         return 0;

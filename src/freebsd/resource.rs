@@ -58,7 +58,7 @@ impl MemResource {
     }
 
     fn in_range(&self, off: u32) -> bool {
-        u64::from(off) % 4 == 0 && u64::from(off) + 4 <= self.size
+        u64::from(off).is_multiple_of(4) && u64::from(off) + 4 <= self.size
     }
 }
 
