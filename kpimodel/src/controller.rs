@@ -12,6 +12,9 @@ use nvme_hotplug::hotplug::teardown::Live;
 /// Size of the modelled softc.
 pub const SOFTC_SIZE: usize = 512;
 
+/// Bytes of the per-disk context teardown allocates for each namespace.
+pub const DISK_CTX_BYTES: usize = nvme_hotplug::hotplug::teardown::DISK_CTX_SIZE;
+
 /// The engine's request queues as teardown sees them.
 #[derive(Debug)]
 pub struct ModelIo {

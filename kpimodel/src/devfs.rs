@@ -251,6 +251,11 @@ impl Model {
         self.nodes.get(node.0).is_some_and(|n| !n.destroyed && (n.opens > 0 || !n.threads.is_empty()))
     }
 
+    /// The published node called `name`.
+    pub fn find_node(&self, name: &str) -> Option<NodeRef> {
+        self.nodes.iter().position(|n| n.named && n.name == name).map(NodeRef)
+    }
+
     /// The node was destroyed.
     pub fn node_destroyed(&self, node: NodeRef) -> bool {
         self.nodes.get(node.0).is_none_or(|n| n.destroyed)

@@ -117,6 +117,11 @@ impl Model {
         self.disks.iter().filter(|d| !d.destroyed).count()
     }
 
+    /// The newest disk with unit `unit`.
+    pub fn find_disk(&self, unit: u32) -> Option<DiskRef> {
+        self.disks.iter().rposition(|d| d.unit == unit).map(DiskRef)
+    }
+
     /// A disk's provider is open.
     pub fn disk_busy(&self, disk: DiskRef) -> bool {
         self.disks.get(disk.0).is_some_and(|d| d.opens > 0)
