@@ -1,0 +1,124 @@
+//! Every scenario shipped in `scenarios/` runs with `ok = true`, and the runner can fail: an
+//! unmet expectation, a violation reported by a plugged-in observer, and a bad scenario file
+//! each make the run fail.
+
+use std::path::PathBuf;
+
+use nvmehp_lab::observer::{NodeId, NodeRules, Observer};
+use nvmehp_lab::runner::Runner;
+use nvmehp_lab::scenario::Scenario;
+use nvmehp_lab::skip::qemu_or_skip;
+
+fn scenarios_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
+}
+
+fn run_file(name: &str) {
+    let sc = Scenario::load(&scenarios_dir().join(name)).expect("scenario parses");
+    let r = Runner::new(sc).run();
+    eprintln!("{}", r.summary());
+    assert!(r.ok, "{}", r.summary());
+    assert_eq!(r.lost_writes + r.hung_ops + r.panics + r.leaked_bytes, 0);
+    assert!(r.acked_writes > 0, "the scenario really wrote");
+    assert!(r.io.reads_verified > 0, "and really verified reads");
+}
+
+#[test]
+fn scenario_smoke() {
+    if qemu_or_skip("scenario_smoke") {
+        run_file("smoke.toml");
+    }
+}
+
+#[test]
+fn scenario_hotplug_cycles() {
+    if qemu_or_skip("scenario_hotplug_cycles") {
+        run_file("hotplug-cycles.toml");
+    }
+}
+
+#[test]
+fn scenario_remove_under_write() {
+    if qemu_or_skip("scenario_remove_under_write") {
+        run_file("remove-under-write.toml");
+    }
+}
+
+#[test]
+fn every_shipped_scenario_parses() {
+    let mut n = 0;
+    for e in std::fs::read_dir(scenarios_dir()).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            Scenario::load(&p).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "found {n} scenarios");
+}
+
+const SMALL: &str = r#"
+name = "small"
+[[controller]]
+id = "c0"
+slot = 4
+namespaces = [{ nsid = 1, size_mib = 4 }]
+[[step]]
+op = "io"
+target = "c0/1"
+kind = "write-verify"
+ops = 20
+"#;
+
+#[test]
+fn unmet_expectation_fails_the_run() {
+    if !qemu_or_skip("unmet_expectation_fails_the_run") {
+        return;
+    }
+    let sc = Scenario::parse(&format!("{SMALL}[[step]]\nop = \"expect\"\ncontrollers = 2\n")).unwrap();
+    let r = Runner::new(sc).run();
+    assert!(!r.ok);
+    assert_eq!(r.violations, vec!["expect: controllers = 2, found 1".to_string()]);
+    assert_eq!(r.acked_writes, 20);
+}
+
+/// An observer that objects to every node destruction: its violations must reach the report.
+struct Strict(NodeRules);
+
+impl Observer for Strict {
+    fn node_created(&mut self, n: &NodeId) {
+        self.0.node_created(n)
+    }
+    fn node_destroyed(&mut self, n: &NodeId) {
+        self.0.node_destroyed(n)
+    }
+    fn nodes_alive(&self) -> usize {
+        self.0.nodes_alive()
+    }
+    fn violations(&self) -> Vec<String> {
+        vec!["strict: nothing may ever be destroyed".into()]
+    }
+}
+
+#[test]
+fn observer_violations_fail_the_run() {
+    if !qemu_or_skip("observer_violations_fail_the_run") {
+        return;
+    }
+    let sc = Scenario::parse(SMALL).unwrap();
+    let r = Runner::new(sc).with_observer(Box::new(Strict(NodeRules::new()))).run();
+    assert!(!r.ok);
+    assert!(r.violations.iter().any(|v| v.contains("strict")), "{:?}", r.violations);
+    assert_eq!(r.nodes_left, 0, "unload destroyed the node");
+}
+
+#[test]
+fn io_to_a_missing_controller_is_a_violation() {
+    if !qemu_or_skip("io_to_a_missing_controller_is_a_violation") {
+        return;
+    }
+    let sc = Scenario::parse(&format!("{SMALL}[[step]]\nop = \"io\"\ntarget = \"c9/1\"\nkind = \"read\"\nops = 1\n")).unwrap();
+    let r = Runner::new(sc).run();
+    assert!(!r.ok);
+    assert!(r.violations[0].contains("c9"), "{:?}", r.violations);
+}
