@@ -276,7 +276,7 @@ impl Device {
         let asqs = (self.aqa & 0xfff) as u16 + 1;
         let acqs = ((self.aqa >> 16) & 0xfff) as u16 + 1;
         if iosqes != 6 || iocqes != 4 || mps != 0 || self.asq == 0 || self.acq == 0
-            || self.asq % PAGE != 0 || self.acq % PAGE != 0 || asqs < 2 || acqs < 2
+            || !self.asq.is_multiple_of(PAGE) || !self.acq.is_multiple_of(PAGE) || asqs < 2 || acqs < 2
         {
             self.fatal();
             return;
@@ -307,7 +307,7 @@ impl Device {
     fn doorbell(&mut self, off: u32, val: u32) {
         let stride = 4u32 << self.cfg.dstrd;
         let rel = off - 0x1000;
-        if rel % stride != 0 {
+        if !rel.is_multiple_of(stride) {
             return;
         }
         let idx = rel / stride;
@@ -315,7 +315,7 @@ impl Device {
         if self.csts & 1 == 0 || self.csts & 2 != 0 {
             return;
         }
-        if idx % 2 == 0 {
+        if idx.is_multiple_of(2) {
             let Some(Some(sq)) = self.sqs.get_mut(qid) else { return };
             if val >= sq.size as u32 {
                 return; // invalid doorbell write: a real device posts an async error
@@ -454,7 +454,7 @@ impl Device {
             return Ok(segs);
         }
         if rest <= PAGE as usize {
-            if prp2 % PAGE != 0 {
+            if !prp2.is_multiple_of(PAGE) {
                 return Err(INVALID_PRP_OFFSET);
             }
             segs.push((prp2, rest));
@@ -655,7 +655,7 @@ impl Device {
         if size < 2 || size > self.cfg.max_entries {
             return (0, INVALID_QSIZE);
         }
-        if c.cdw11 & 1 == 0 || c.prp1 % PAGE != 0 {
+        if c.cdw11 & 1 == 0 || !c.prp1.is_multiple_of(PAGE) {
             return (0, INVALID_FIELD);
         }
         self.cqs[qid] = Some(Cq { base: c.prp1, size: size as u16, tail: 0, head: 0,
@@ -678,7 +678,7 @@ impl Device {
         if size < 2 || size > self.cfg.max_entries {
             return (0, INVALID_QSIZE);
         }
-        if c.cdw11 & 1 == 0 || c.prp1 % PAGE != 0 {
+        if c.cdw11 & 1 == 0 || !c.prp1.is_multiple_of(PAGE) {
             return (0, INVALID_FIELD);
         }
         self.sqs[qid] = Some(Sq { base: c.prp1, size: size as u16, head: 0, tail: 0,
