@@ -136,7 +136,7 @@ proptest! {
     /// commands, removal in either flavour, fail_all, re-bring-up.
     #[test]
     fn random_operation_sequences(ops in proptest::collection::vec(0u8..10, 1..60),
-                                  sizes in proptest::collection::vec(1u32..700, 60)) {
+                                  sizes in proptest::collection::vec(1u32..300, 60)) {
         let dev = SoftNvme::new(SoftConfig::default());
         let mut c = Controller::new(dev.clone(), Config::default());
         c.bring_up().unwrap();

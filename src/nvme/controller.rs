@@ -294,6 +294,7 @@ impl<P: Platform> Controller<P> {
         self.cap = Some(cap);
         let vs = self.p.read32(regs::VS);
         // Whatever state firmware or a previous driver left: stop it before handing it memory.
+        ctrlr::settle(&self.p, &cap)?;
         ctrlr::disable(&self.p, &cap)?;
 
         let admin_entries = self.cfg.admin_entries.clamp(2, cap.max_entries.min(4096) as u16);

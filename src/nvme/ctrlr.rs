@@ -64,6 +64,25 @@ where
     Err(NvmeError::Timeout)
 }
 
+/// Brings a controller left enabled-but-not-ready (by firmware or a previous driver) to a
+/// settled state before it is disabled: some controllers misbehave when CC.EN is cleared
+/// while CSTS.RDY is still rising (FreeBSD's nvme_ctrlr_disable waits the same way). A
+/// timeout here is not an error: the disable that follows has its own bound.
+pub fn settle<P: RegisterIo + PciPresence + Clock>(p: &P, cap: &Cap) -> Result<(), NvmeError> {
+    let cc = p.read32(regs::CC);
+    let csts = p.read32(regs::CSTS);
+    if cc == regs::ALL_ONES || csts == regs::ALL_ONES {
+        return Err(NvmeError::Gone);
+    }
+    if cc & CcFlags::EN.bits() != 0 && csts & CstsFlags::RDY.bits() == 0 {
+        match wait_csts(p, cap.timeout_ms, |c| c & CstsFlags::RDY.bits() != 0) {
+            Ok(_) | Err(NvmeError::Timeout) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Clears CC.EN and waits for CSTS.RDY to drop. Disabling is what stops all DMA, so every
 /// path that gives memory back to the system after the device used it goes through here
 /// (or knows the device is gone).
