@@ -210,3 +210,153 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
         self.slots.iter().flatten()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::platform::AllocError;
+    use core::cell::{Cell, RefCell};
+    use std::rc::Rc;
+
+    struct Mem {
+        bytes: Rc<RefCell<Vec<u8>>>,
+        addr: u64,
+    }
+    impl DmaRegion for Mem {
+        fn bus_addr(&self) -> u64 {
+            self.addr
+        }
+        fn len(&self) -> usize {
+            self.bytes.borrow().len()
+        }
+        fn read(&self, off: usize, buf: &mut [u8]) {
+            buf.copy_from_slice(&self.bytes.borrow()[off..off + buf.len()]);
+        }
+        fn write(&self, off: usize, buf: &[u8]) {
+            self.bytes.borrow_mut()[off..off + buf.len()].copy_from_slice(buf);
+        }
+    }
+
+    /// Allocator keeping a handle on every region, so the test can play the device.
+    #[derive(Default)]
+    struct Host {
+        regions: RefCell<Vec<Rc<RefCell<Vec<u8>>>>>,
+        doorbells: RefCell<Vec<(u32, u32)>>,
+        next: Cell<u64>,
+    }
+    impl DmaAllocator for Host {
+        type Region = Mem;
+        fn alloc_dma(&self, len: usize, _align: usize) -> Result<Mem, AllocError> {
+            let bytes = Rc::new(RefCell::new(alloc::vec![0u8; len]));
+            self.regions.borrow_mut().push(bytes.clone());
+            let addr = 0x10_0000 + self.next.get();
+            self.next.set(self.next.get() + 0x10_0000);
+            Ok(Mem { bytes, addr })
+        }
+    }
+    impl RegisterIo for Host {
+        fn read32(&self, _off: u32) -> u32 {
+            0
+        }
+        fn write32(&self, off: u32, val: u32) {
+            self.doorbells.borrow_mut().push((off, val));
+        }
+    }
+
+    fn post(host: &Host, slot: usize, cqe: Cqe, phase: bool) {
+        let mut c = cqe;
+        c.status = (c.status & !1) | phase as u16;
+        let cq = host.regions.borrow()[1].clone();
+        cq.borrow_mut()[slot * CQE_SIZE..(slot + 1) * CQE_SIZE].copy_from_slice(&c.to_bytes());
+    }
+
+    fn queue(host: &Host, entries: u16) -> QueuePair<Mem, u32> {
+        let cap = Cap::decode(0x0040_0820_0f01_07ff);
+        QueuePair::new(host, &cap, 1, entries).unwrap()
+    }
+
+    #[test]
+    fn submit_ring_and_reap() {
+        let host = Host::default();
+        let mut q = queue(&host, 4);
+        assert_eq!(q.capacity(), 3);
+        let cid = q.push(Sqe::new(2, 1), 7, 100).unwrap();
+        assert!(host.doorbells.borrow().is_empty(), "nothing is visible before the doorbell");
+        q.ring(&host);
+        assert_eq!(*host.doorbells.borrow(), [(0x1008, 1)]);
+        assert!(q.next_completion().is_none(), "no entry with the current phase yet");
+        post(&host, 0, Cqe { sqid: 1, sqhd: 1, cid, ..Cqe::default() }, true);
+        let (cqe, t) = q.next_completion().unwrap().unwrap();
+        assert_eq!((cqe.cid, t.owner), (cid, 7));
+        q.finish_reap(&host, true);
+        assert_eq!(host.doorbells.borrow()[1], (0x100c, 1));
+        assert_eq!(q.outstanding(), 0);
+    }
+
+    #[test]
+    fn rejects_bad_entries_without_touching_trackers() {
+        let host = Host::default();
+        let mut q = queue(&host, 8);
+        let cid = q.push(Sqe::new(2, 1), 1, 100).unwrap();
+        q.ring(&host);
+        let bad = [
+            (Cqe { sqid: 2, sqhd: 1, cid, ..Cqe::default() }, "completion names another submission queue"),
+            (Cqe { sqid: 1, sqhd: 8, cid, ..Cqe::default() }, "SQ head beyond the queue size"),
+            (Cqe { sqid: 1, sqhd: 2, cid, ..Cqe::default() }, "SQ head moved past the tail"),
+            (Cqe { sqid: 1, sqhd: 1, cid: 7, ..Cqe::default() }, "CID out of range"),
+            (Cqe { sqid: 1, sqhd: 1, cid: cid + 1, ..Cqe::default() },
+             "CID not outstanding (duplicate or invented)"),
+        ];
+        for (i, (cqe, why)) in bad.iter().enumerate() {
+            post(&host, i, *cqe, true);
+            assert_eq!(q.next_completion().unwrap().unwrap_err(), *why);
+            assert_eq!(q.outstanding(), 1);
+        }
+        post(&host, 5, Cqe { sqid: 1, sqhd: 1, cid, ..Cqe::default() }, true);
+        assert!(q.next_completion().unwrap().is_ok());
+        post(&host, 6, Cqe { sqid: 1, sqhd: 1, cid, ..Cqe::default() }, true);
+        assert!(q.next_completion().unwrap().is_err(), "a duplicate is rejected");
+    }
+
+    #[test]
+    fn phase_flips_on_wrap_and_room_is_bounded() {
+        let host = Host::default();
+        let mut q = queue(&host, 2);
+        for round in 0..5u16 {
+            assert!(q.has_room(1));
+            let cid = q.push(Sqe::new(2, 1), 0, 0).unwrap();
+            assert!(!q.has_room(1), "a 2-entry ring holds one command");
+            assert_eq!(q.push(Sqe::new(2, 1), 0, 0).unwrap_err(), NvmeError::QueueFull);
+            q.ring(&host);
+            let slot = (round % 2) as usize;
+            let phase = (round / 2) % 2 == 0;
+            // A stale entry from the previous lap (old phase) is not new.
+            post(&host, slot, Cqe { sqid: 1, sqhd: (round + 1) % 2, cid, ..Cqe::default() }, !phase);
+            assert!(q.next_completion().is_none());
+            post(&host, slot, Cqe { sqid: 1, sqhd: (round + 1) % 2, cid, ..Cqe::default() }, phase);
+            assert!(q.next_completion().unwrap().is_ok(), "round {round}");
+        }
+    }
+
+    #[test]
+    fn take_all_frees_every_slot() {
+        let host = Host::default();
+        let mut q = queue(&host, 8);
+        for i in 0..5 {
+            q.push(Sqe::new(2, 1), i, i as u64 + 10).unwrap();
+        }
+        assert_eq!(q.earliest_deadline(), 10);
+        let all = q.take_all();
+        assert_eq!(all.len(), 5);
+        assert_eq!(q.outstanding(), 0);
+        assert_eq!(q.earliest_deadline(), u64::MAX);
+    }
+
+    #[test]
+    fn doorbell_outside_bar0_is_refused() {
+        let host = Host::default();
+        let cap = Cap::decode(0xf_0000_0000 | 0x1_07ff | 0x20 << 32);
+        assert!(matches!(QueuePair::<Mem, u32>::new(&host, &cap, 1, 4),
+                         Err(NvmeError::BadDevice(_))));
+    }
+}
