@@ -50,6 +50,12 @@ mod kld {
         // taskqueue(9)
         "taskqueue_create", "taskqueue_start_threads", "taskqueue_thread_enqueue",
         "taskqueue_enqueue", "taskqueue_drain", "taskqueue_free",
+        // newbus topology changes (under bus_topo_lock)
+        "bus_topo_lock", "bus_topo_unlock", "device_detach", "device_find_child",
+        // ACPICA and the FreeBSD ACPI driver
+        "AcpiGetHandle", "AcpiGetName", "AcpiWalkNamespace", "AcpiEvaluateObject",
+        "AcpiInstallNotifyHandler", "AcpiRemoveNotifyHandler",
+        "acpi_get_device", "acpi_GetInteger", "acpi_SetInteger",
         // make_dev(9)/destroy_dev(9)
         "make_dev_s", "make_dev_args_init_impl", "destroy_dev", "destroy_dev_sched_cb",
         "destroy_dev_drain",
@@ -73,10 +79,12 @@ mod kld {
     /// Macro constants the Rust side uses.
     const KPI_CONSTANTS: &[&str] = &[
         "M_NOWAIT", "M_WAITOK", "M_ZERO", "PAGE_SIZE", "PWAIT", "MTX_DEF",
-        "ENXIO", "ENOMEM", "EBUSY", "EINVAL", "EOPNOTSUPP", "EEXIST",
+        "ENXIO", "ENOMEM", "EBUSY", "EINVAL", "EOPNOTSUPP", "EEXIST", "ENAMETOOLONG", "SPECNAMELEN",
         "SYS_RES_MEMORY", "RF_ACTIVE", "BUS_PROBE_LOW_PRIORITY", "BUS_PROBE_NOWILDCARD",
         "PCIR_VENDOR", "PCIC_STORAGE", "PCIS_STORAGE_NVM", "PCIP_STORAGE_NVM_ENTERPRISE_NVMHCI_1_0",
         "MAKEDEV_WAITOK", "MAKEDEV_NOWAIT", "MAKEDEV_CHECKNAME", "UID_ROOT", "GID_OPERATOR", "D_VERSION", "BUS_SPACE_MAXADDR",
+        "ACPI_SYSTEM_NOTIFY", "ACPI_TYPE_DEVICE", "ACPI_TYPE_INTEGER", "ACPI_TYPE_BUFFER",
+        "ACPI_FULL_PATHNAME",
     ];
 
     pub fn generate() {
@@ -130,6 +138,9 @@ mod kld {
             .allowlist_file(".*/nvme_hotplug_glue\\.h")
             .allowlist_type("modeventtype")
             .allowlist_type("module_t")
+            .allowlist_type("ACPI_OBJECT")
+            .allowlist_type("ACPI_OBJECT_LIST")
+            .allowlist_type("ACPI_BUFFER")
             // ... except the Rust entry points, which the glue calls and Rust defines.
             .blocklist_function("nvmehp_(probe|attach|detach|modevent)");
         for f in KPI_FUNCTIONS {

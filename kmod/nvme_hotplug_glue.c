@@ -2,8 +2,8 @@
  * C glue for nvme_hotplug: only what needs C macros. The driver itself is Rust (src/freebsd/).
  *
  * - the newbus driver "nvmehp" on the pci bus, whose kobj methods are Rust functions;
- * - the module metadata: version, dependency on pci (the kernel dependency comes from
- *   DECLARE_MODULE via __FreeBSD_version);
+ * - the module metadata: version, dependencies on pci and acpi (the kernel dependency comes
+ *   from DECLARE_MODULE via __FreeBSD_version);
  * - the malloc(9) type and the hw.nvme_hotplug sysctl tree;
  * - one-line wrappers for KPI macros and static inline functions.
  */
@@ -53,6 +53,7 @@ static driver_t nvmehp_driver = {
 DRIVER_MODULE(nvme_hotplug, pci, nvmehp_driver, nvmehp_modevent, NULL);
 MODULE_VERSION(nvme_hotplug, 1);
 MODULE_DEPEND(nvme_hotplug, pci, 1, 1, 1);
+MODULE_DEPEND(nvme_hotplug, acpi, 1, 1, 1);
 
 /* --- wrappers for KPI macros ---------------------------------------------------------------- */
 
@@ -148,6 +149,12 @@ int
 nvmehp_bus_rescan(device_t bus)
 {
 	return (BUS_RESCAN(bus));
+}
+
+ACPI_HANDLE
+nvmehp_acpi_get_handle(device_t dev)
+{
+	return (acpi_get_handle(dev));
 }
 
 sbintime_t

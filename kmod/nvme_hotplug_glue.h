@@ -13,9 +13,19 @@
 /* The driver's malloc(9) type: every allocation of the module is accounted to it (vmstat -m). */
 MALLOC_DECLARE(M_NVMEHP);
 
-/* Constants from function-like macros, which bindgen cannot evaluate. */
+/*
+ * Constants bindgen cannot evaluate: function-like macros and the cast expressions ACPICA uses
+ * (`(ACPI_STATUS) 0x0005`). As enumerators they keep their header-derived values.
+ */
 enum {
 	NVMEHP_PCIR_BAR0 = PCIR_BAR(0),
+	NVMEHP_AE_OK = AE_OK,
+	NVMEHP_AE_NO_MEMORY = AE_NO_MEMORY,
+	NVMEHP_AE_NOT_FOUND = AE_NOT_FOUND,
+	NVMEHP_AE_ALREADY_EXISTS = AE_ALREADY_EXISTS,
+	NVMEHP_ACPI_NOTIFY_BUS_CHECK = ACPI_NOTIFY_BUS_CHECK,
+	NVMEHP_ACPI_NOTIFY_DEVICE_CHECK = ACPI_NOTIFY_DEVICE_CHECK,
+	NVMEHP_ACPI_NOTIFY_EJECT_REQUEST = ACPI_NOTIFY_EJECT_REQUEST,
 };
 
 /* Newbus softc: one pointer to the Rust-owned per-device state (NULL until attach succeeds). */
@@ -50,8 +60,11 @@ uint8_t	nvmehp_pci_get_class(device_t dev);
 uint8_t	nvmehp_pci_get_subclass(device_t dev);
 uint8_t	nvmehp_pci_get_progif(device_t dev);
 
-/* BUS_RESCAN(9) on a bus device. */
+/* BUS_RESCAN(9) on a bus device (call with bus_topo_lock() held). */
 int	nvmehp_bus_rescan(device_t bus);
+
+/* The ACPI handle of a device whose parent bus is ACPI-aware (acpi_pci), or NULL. */
+ACPI_HANDLE nvmehp_acpi_get_handle(device_t dev);
 
 /* sbinuptime(9), getsbinuptime(9): static inline in <sys/time.h>. */
 sbintime_t nvmehp_sbinuptime(void);

@@ -15,6 +15,9 @@
 //! - [`device`]: newbus `device_t` and its PCI accessors.
 //! - [`resource`]: a memory BAR from `bus_alloc_resource(9)`, as register I/O.
 //! - [`clock`], [`dma`], [`platform`]: the `crate::platform` traits in the kernel.
+//! - [`acpi`]: ACPI slot objects, notify handlers, `_STA`/`_EJ0`/`_OST`.
+//! - [`bus_topo`]: newbus rescan/detach/delete under `bus_topo_lock()`.
+//! - [`cdev`]: device nodes that are never eternal and always destroyed.
 //! - [`pci_driver`]: the `nvmehp` driver's probe/attach/detach.
 //! - [`module`]: the module event handler.
 
@@ -31,5 +34,8 @@ pub mod resource;
 pub mod clock;
 pub mod dma;
 pub mod platform;
+pub mod acpi;
+pub mod bus_topo;
+pub mod cdev;
 pub mod pci_driver;
 pub mod module;
