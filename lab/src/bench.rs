@@ -126,15 +126,15 @@ pub fn hotplug_cycles(cycles: u32) -> Result<BenchResult, String> {
             return Err(format!("cycle {i}: QEMU did not delete the device"));
         }
         let t4 = Instant::now();
-        for (k, d) in [t1 - t0, t2 - t1, t3 - t2, t4 - t3].into_iter().enumerate() {
-            phase[k] += d;
+        for (acc, d) in phase.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
+            *acc += d;
         }
         r.cycles += 1;
     }
     r.secs = start.elapsed().as_secs_f64();
     let n = r.cycles.max(1) as f64;
-    for k in 0..4 {
-        r.phase_ms[k] = phase[k].as_secs_f64() * 1e3 / n;
+    for (ms, d) in r.phase_ms.iter_mut().zip(phase) {
+        *ms = d.as_secs_f64() * 1e3 / n;
     }
     r.qtest_per_cycle = (m.guest().qtest_commands() - q0) as f64 / n;
     r.rss_kib.1 = m.process().rss_kib();

@@ -193,7 +193,7 @@ mod tests {
 
     #[test]
     fn alloc_free_coalesces_and_counts() {
-        let mut r = GuestRam::new(0x1000_000, 0x1010_000);
+        let mut r = GuestRam::new(0x0100_0000, 0x0101_0000);
         let a = r.alloc(100, 8).unwrap();
         let b = r.alloc(4096, 4096).unwrap();
         let c = r.alloc(8192, 64).unwrap();
@@ -209,7 +209,7 @@ mod tests {
         r.free(c);
         assert_eq!(r.live_bytes(), 0);
         // Fully coalesced: the whole 64 KiB is one extent again.
-        assert_eq!(r.alloc(0x10_000, 4096).unwrap(), 0x1000_000);
+        assert_eq!(r.alloc(0x10_000, 4096).unwrap(), 0x0100_0000);
         assert_eq!(r.alloc(1, 1), Err(AllocError::NoMemory));
     }
 

@@ -370,7 +370,7 @@ impl Session {
         } else {
             let cid = id.to_string();
             let idle = self.tick_until(IDLE_STALL, |s| {
-                s.drivers.get(&cid).map_or(true, |d| d.outstanding() == 0)
+                s.drivers.get(&cid).is_none_or(|d| d.outstanding() == 0)
                     && s.w.jobs.iter().filter(|j| j.target.ctrl == cid).all(|j| j.finished())
             });
             if !idle {

@@ -148,7 +148,7 @@ impl IoJob {
             tainted: false,
             target,
         };
-        if block % job.target.lba_bytes != 0 {
+        if !block.is_multiple_of(job.target.lba_bytes) {
             job.stopped = Some(StopReason::Setup(format!(
                 "block {} is not a multiple of the namespace block size {}",
                 block, job.target.lba_bytes

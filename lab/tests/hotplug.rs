@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nvme_hotplug::nvme::{Controller, Event, Health, IoOp, NvmeError};
-use nvme_hotplug::platform::DmaRegion;
 use nvmehp_lab::acpi_hotplug::NotifyCode;
 use nvmehp_lab::driver::lab_config;
 use nvmehp_lab::machine::Machine;
