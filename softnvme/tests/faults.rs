@@ -13,6 +13,7 @@ fn bring_up_err(dev: &SoftNvme) -> NvmeError {
     let mut c = Controller::new(dev.clone(), Config::default());
     let e = c.bring_up().unwrap_err();
     assert!(!c.is_ready());
+    assert!(c.info().is_none() && c.namespaces().is_empty());
     drop(c);
     assert_eq!(dev.dma_bytes(), 0, "a failed bring-up frees its DMA memory");
     e
@@ -225,4 +226,23 @@ fn device_that_cannot_be_disabled_leaks_instead_of_freeing() {
     c.shutdown().unwrap(); // dead: releases what it may
     assert!(c.stats().leaked_regions > 0, "memory the device may still write is not freed");
     assert!(dev.dma_bytes() > 0);
+}
+
+#[test]
+fn controller_left_enabled_but_not_ready_is_settled_then_reset() {
+    // Firmware left CC.EN = 1 and the controller never came ready: bring-up waits (bounded)
+    // for it to settle, disables it, and starts over.
+    let dev = SoftNvme::new(SoftConfig { to: 2, ..Default::default() });
+    dev.faults(|f| f.never_ready = true);
+    dev.write32(0x24, 0x001f_001f);
+    let scratch = dev.buffer(8192);
+    dev.write64(0x28, scratch.bus_addr());
+    dev.write64(0x30, scratch.bus_addr() + 4096);
+    dev.write32(0x14, 1 | 6 << 16 | 4 << 20);
+    assert_eq!(dev.read32(0x1c) & 1, 0);
+    dev.faults(|f| f.never_ready = false);
+    let t0 = dev.now();
+    let mut c = Controller::new(dev.clone(), Config::default());
+    c.bring_up().unwrap();
+    assert!(dev.now() - t0 >= 1_000_000, "waited for RDY before clearing EN");
 }

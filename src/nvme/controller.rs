@@ -276,6 +276,11 @@ impl<P: Platform> Controller<P> {
         }
         self.stop_and_release();
         self.state = State::Down;
+        // Nothing from a previous life may be reported as current if this bring-up fails.
+        self.info = None;
+        self.cap = None;
+        self.namespaces.clear();
+        self.rejected.clear();
         match self.bring_up_steps() {
             Ok(()) => {
                 self.state = State::Ready;
@@ -283,6 +288,8 @@ impl<P: Platform> Controller<P> {
             }
             Err(e) => {
                 self.stop_and_release();
+                self.info = None;
+                self.namespaces.clear();
                 self.state = if e == NvmeError::Gone { State::Dead } else { State::Down };
                 Err(e)
             }
@@ -947,7 +954,8 @@ fn write_prp_list<R: DmaRegion>(page: &R, first: u64, count: usize) {
 impl<P: Platform> Drop for Controller<P> {
     /// Stops the controller before its queue memory is freed (or leaks the memory if it
     /// cannot be stopped): dropping a running controller must not leave it DMA-ing into
-    /// freed pages.
+    /// freed pages. Drop has no way to report completions: the owner calls
+    /// [`Controller::fail_all`] (or drains) first, so no request is silently forgotten.
     fn drop(&mut self) {
         self.stop_and_release();
     }
