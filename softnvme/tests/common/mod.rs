@@ -13,17 +13,18 @@ pub fn up(cfg: SoftConfig) -> (SoftNvme, Controller<SoftNvme>) {
     (dev, c)
 }
 
-/// A deterministic pattern for block `lba` of `tag`.
+/// A deterministic pattern for `seed` (a xorshift stream, 8 bytes per step).
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
 }
 
 /// A write request for `blocks` at `lba` from `buf`.
