@@ -32,5 +32,9 @@ else
     echo "   (no readelf: install binutils or llvm)"
 fi
 
+# What nvme_hotplug.ko must declare beyond kocheck's defaults (kernel 15.x, pci): the ACPI
+# hotplug notify handlers (issue 4) need acpi(4) loaded first.
+requires=(--also-depend acpi)
+
 echo "-- kocheck $ko"
-"$HOST_CARGO" run -q -p kocheck --release -- "$ko" --kpi "$kpi" "$@"
+"$HOST_CARGO" run -q -p kocheck --release -- "$ko" --kpi "$kpi" "${requires[@]}" "$@"

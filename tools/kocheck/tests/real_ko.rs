@@ -22,6 +22,8 @@ fn real_nvme_hotplug_ko_passes_every_rule() {
         return;
     }
     assert!(kpi.exists(), "{} exists but {} does not: rebuild with `make`", ko.display(), kpi.display());
-    let run = common::kocheck(&ko, &["--kpi", kpi.to_str().unwrap()]);
+    // The same requirements as scripts/check-ko.sh: the defaults plus acpi (issue 4).
+    let run = common::kocheck(&ko, &["--kpi", kpi.to_str().unwrap(), "--also-depend", "acpi"]);
     run.assert_only_fail(&[]);
+    run.rule("module-depend-acpi");
 }
