@@ -13,6 +13,7 @@
 pub mod acpi_slots;
 pub mod controller;
 pub mod devfs;
+pub mod driver_events;
 pub mod geom;
 pub mod kernel_impl;
 pub mod memory;
@@ -21,6 +22,7 @@ pub mod report;
 pub mod rules;
 pub mod sched;
 
+pub use driver_events::DriverEvents;
 pub use acpi_slots::{Actor, SlotEvent, SlotWorld};
 pub use model::{CbKind, CbRef, DiskRef, IoBoard, IoRef, LockId, MemRef, Model, NodeRef, ThreadId, ThreadKind, TqRef};
 pub use report::Report;
