@@ -175,3 +175,22 @@ fn vanish_during_bring_up_reports_gone() {
         assert!(c.is_dead());
     }
 }
+
+#[test]
+fn fail_all_on_a_present_controller_shuts_it_down_first() {
+    // Announced detach with stuck I/O: the write cache must be flushed (shutdown
+    // notification) before the controller is disabled and the slot ejected.
+    let (dev, mut c, _bufs) = with_outstanding(2);
+    let mut done = Vec::new();
+    c.fail_all(NvmeError::Aborted, &mut |x| done.push(x));
+    exactly_once(&done, 2, NvmeError::Aborted);
+    assert_eq!(dev.stats().shutdowns, 1);
+    c.shutdown().unwrap();
+    drop(c);
+    assert_eq!(dev.stats().shutdowns, 1, "sent once");
+    // A gone controller gets no notification at all.
+    let (dev, mut c, _bufs) = with_outstanding(2);
+    dev.vanish(Vanish::AllOnes);
+    c.fail_all(NvmeError::Gone, &mut |_| {});
+    assert_eq!(dev.stats().shutdowns, 0);
+}

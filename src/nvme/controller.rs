@@ -144,6 +144,8 @@ pub struct Controller<P: Platform> {
     state: State,
     /// CC.EN set by us and RDY seen: the device may be doing DMA.
     enabled: bool,
+    /// The shutdown notification was sent since the last enable (send it once).
+    shutdown_sent: bool,
     cap: Option<Cap>,
     info: Option<ControllerInfo>,
     namespaces: Vec<Namespace>,
@@ -201,6 +203,7 @@ impl<P: Platform> Controller<P> {
             cfg: config,
             state: State::Down,
             enabled: false,
+            shutdown_sent: false,
             cap: None,
             info: None,
             namespaces: Vec::new(),
@@ -316,6 +319,7 @@ impl<P: Platform> Controller<P> {
 
         // From here on the device may DMA: `enabled` makes every exit path disable it.
         self.enabled = true;
+        self.shutdown_sent = false;
         ctrlr::enable(&self.p, &cap)?;
 
         let page_addr = self.scratch_addr()?;
@@ -736,9 +740,10 @@ impl<P: Platform> Controller<P> {
     /// completions already reaped but not yet reported keep their real result, everything
     /// else gets `Err(err)`. Later submits fail with [`NvmeError::Gone`].
     ///
-    /// Unless the device is already gone, it is disabled first (bounded by CAP.TO), because
-    /// completing a read hands its buffer back to the caller, and a controller that is still
-    /// running could DMA into it afterwards. A gone device is not waited for.
+    /// Unless the device is already gone, it is shut down (normal shutdown notification, so
+    /// its write cache is flushed) and disabled first, each step bounded, because completing
+    /// a read hands its buffer back to the caller, and a controller that is still running
+    /// could DMA into it afterwards. A gone device is not waited for.
     pub fn fail_all(&mut self, err: NvmeError, done: &mut dyn FnMut(Completion)) {
         if self.state != State::Dead && self.enabled {
             self.stop_device();
@@ -775,6 +780,11 @@ impl<P: Platform> Controller<P> {
     }
 
     /// Disables the controller unless it is gone; clears `enabled` when DMA has stopped.
+    ///
+    /// A present controller gets the normal shutdown notification first (bounded): it makes
+    /// the controller flush its volatile write cache, and the slot may lose power right after
+    /// (an eject follows an announced detach), which would otherwise lose writes that were
+    /// already reported done.
     fn stop_device(&mut self) {
         let Some(cap) = self.cap else {
             self.enabled = false;
@@ -783,6 +793,10 @@ impl<P: Platform> Controller<P> {
         match health::assess(&self.p, false) {
             Health::Gone => self.enabled = false,
             _ => {
+                if !self.shutdown_sent {
+                    self.shutdown_sent = true;
+                    let _ = ctrlr::shutdown_notify(&self.p, &cap);
+                }
                 if ctrlr::disable(&self.p, &cap).is_ok() || !self.p.present() {
                     self.enabled = false;
                 }
@@ -853,6 +867,7 @@ impl<P: Platform> Controller<P> {
             }
         }
         if first_err != Some(NvmeError::Gone) {
+            self.shutdown_sent = true;
             if let Err(e) = ctrlr::shutdown_notify(&self.p, &cap) {
                 first_err.get_or_insert(e);
             }
