@@ -32,6 +32,7 @@ pub struct Symbol {
     pub undefined: bool,
     pub value: u64,
     pub kind: u8,
+    pub bind: u8,
 }
 
 /// One relocation entry, from an `SHT_RELA` or `SHT_REL` section.
@@ -134,6 +135,7 @@ impl Ko {
                 undefined: i != 0 && sym.st_shndx(e) == elf::SHN_UNDEF,
                 value: sym.st_value(e),
                 kind: sym.st_type().0,
+                bind: sym.st_bind().0,
             });
         }
 

@@ -43,6 +43,14 @@ struct Cli {
     #[arg(long)]
     allow_gs_pcpu: bool,
 
+    /// Largest stack frame (bytes reserved by one function) accepted; kernel stacks are 16 KiB.
+    #[arg(long, value_name = "BYTES", default_value_t = 2048)]
+    max_frame: u64,
+
+    /// Defined symbol allowed to stay global (exported to other modules); repeatable.
+    #[arg(long = "export", value_name = "SYMBOL")]
+    exports: Vec<String>,
+
     /// Print every finding under a FAIL line, not only the first few.
     #[arg(long, short)]
     verbose: bool,
@@ -70,7 +78,9 @@ fn main() -> ExitCode {
             verdicts.push(rules::module::check_sysinit(&ko));
             verdicts.push(rules::relocations::check(&ko));
             verdicts.push(rules::sections::check(&ko));
-            verdicts.extend(rules::code::check(&ko, &rules::code::Options { allow_gs_pcpu: cli.allow_gs_pcpu }));
+            let code = rules::code::Options { allow_gs_pcpu: cli.allow_gs_pcpu, max_frame: cli.max_frame };
+            verdicts.extend(rules::code::check(&ko, &code));
+            verdicts.push(rules::exports::check(&ko, &cli.exports));
             verdicts.push(rules::kpi::check(&ko, cli.kpi.as_deref()));
         }
         Err(e) => verdicts.push(Verdict::fail("elf-parse", format!("{}: {e}", cli.ko.display()))),

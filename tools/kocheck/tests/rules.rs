@@ -32,7 +32,8 @@ fn userland_build_fails_header_simd_x87_red_zone() {
     run.assert_fails("forbidden-sections", &[".eh_frame"]);
     run.assert_fails("modmetadata", &["no set_modmetadata_set"]);
     run.assert_fails("sysinit-set", &["no set_sysinit_set"]);
-    for ok in ["relocation-types", "code-decodes", "no-fs-gs", "kpi-symbols"] {
+    run.assert_fails("no-exports", &["global definition copy_big"]);
+    for ok in ["relocation-types", "code-decodes", "no-fs-gs", "stack-frames", "kpi-symbols"] {
         assert!(run.rule(ok).pass, "{ok} should pass:\n{}", run.stdout);
     }
 }
@@ -181,4 +182,24 @@ fn non_amd64_object_fails_header() {
     let obj = compile("i386", "kld.c", &["-target", "i386-unknown-freebsd15.0", "-O2", "-ffreestanding"]);
     let run = kocheck(&obj, &["--kpi", kpi_file().to_str().unwrap()]);
     run.assert_fails("elf-header", &["not ELFCLASS64", "e_machine 3"]);
+}
+
+#[test]
+fn big_stack_frame_fails_unless_limit_raised() {
+    let obj = kld_object("bigframe", &["-DBIG_FRAME"]);
+    let kpi = kpi_file();
+    let run = kocheck(&obj, &["--kpi", kpi.to_str().unwrap()]);
+    run.assert_only_fail(&["stack-frames"]);
+    run.assert_fails("stack-frames", &["<big_frame+", "limit 2048"]);
+    kocheck(&obj, &["--kpi", kpi.to_str().unwrap(), "--max-frame", "8192"]).assert_only_fail(&[]);
+}
+
+#[test]
+fn global_definition_fails_unless_exported_on_purpose() {
+    let obj = kld_object("export", &["-DEXPORT_FN"]);
+    let kpi = kpi_file();
+    let run = kocheck(&obj, &["--kpi", kpi.to_str().unwrap()]);
+    run.assert_only_fail(&["no-exports"]);
+    run.assert_fails("no-exports", &["global definition fixture_exported"]);
+    kocheck(&obj, &["--kpi", kpi.to_str().unwrap(), "--export", "fixture_exported"]).assert_only_fail(&[]);
 }

@@ -9,6 +9,7 @@
 
 use crate::ko::{Ko, Section};
 use crate::report::Verdict;
+use crate::rules::stack::Frame;
 use iced_x86::{
     CpuidFeature, Decoder, DecoderOptions, Formatter, GasFormatter, Instruction, InstructionInfoFactory, Mnemonic,
     OpKind, Register,
@@ -17,6 +18,8 @@ use iced_x86::{
 pub struct Options {
     /// Accept `%gs:`-relative memory operands (per-CPU data). Never `%fs`, never `swapgs`/`wrgsbase`.
     pub allow_gs_pcpu: bool,
+    /// Largest stack reservation accepted in one function, in bytes.
+    pub max_frame: u64,
 }
 
 #[derive(Default)]
@@ -26,6 +29,7 @@ struct Findings {
     x87: Vec<String>,
     red_zone: Vec<String>,
     seg: Vec<String>,
+    frames: Vec<Frame>,
     instructions: usize,
     bytes: usize,
 }
@@ -80,6 +84,7 @@ fn scan_section(ko: &Ko, sec: &Section, opts: &Options, f: &mut Findings) {
     let mut info = InstructionInfoFactory::new();
     let mut fmt = GasFormatter::new();
     let mut ins = Instruction::default();
+    let mut frames = FrameTracker::default();
     while decoder.can_decode() {
         decoder.decode_out(&mut ins);
         f.instructions += 1;
@@ -117,6 +122,10 @@ fn scan_section(ko: &Ko, sec: &Section, opts: &Options, f: &mut Findings) {
             f.red_zone.push(format!("{}: {}", at(), text(&mut fmt, &ins)));
         }
 
+        if let Some(bytes) = frames.step(&ins) {
+            f.frames.push(Frame { at: at(), bytes });
+        }
+
         let prefix = ins.segment_prefix();
         let seg_mem = has_memory_operand(&ins)
             && (prefix == Register::FS || (prefix == Register::GS && !opts.allow_gs_pcpu));
@@ -126,6 +135,44 @@ fn scan_section(ko: &Ko, sec: &Section, opts: &Options, f: &mut Findings) {
         }
     }
     f.bytes += sec.data.len();
+}
+
+/// Finds stack reservations in an instruction stream: `sub $N,%rsp`, and the inline
+/// stack-probe form that computes the frame bottom first (`mov %rsp,%r11; sub $N,%r11`, or
+/// `lea -N(%rsp),%r11`) and then walks %rsp down a page at a time.
+#[derive(Default)]
+struct FrameTracker {
+    /// The register that last received a copy of %rsp.
+    rsp_copy: Option<Register>,
+}
+
+impl FrameTracker {
+    /// Bytes reserved by `ins`, if it reserves stack.
+    fn step(&mut self, ins: &Instruction) -> Option<u64> {
+        let imm = matches!(ins.op1_kind(), OpKind::Immediate8to64 | OpKind::Immediate32to64 | OpKind::Immediate32);
+        let reserved = match ins.mnemonic() {
+            Mnemonic::Sub if ins.op0_kind() == OpKind::Register && imm => {
+                let r = ins.op0_register();
+                let n = ins.immediate(1) as i64;
+                (n > 0 && (r == Register::RSP || Some(r) == self.rsp_copy)).then_some(n as u64)
+            }
+            Mnemonic::Lea if ins.memory_base() == Register::RSP && ins.memory_index() == Register::None => {
+                let d = ins.memory_displacement64() as i64;
+                (d < 0).then_some(d.unsigned_abs())
+            }
+            _ => None,
+        };
+        let copies_rsp = ins.mnemonic() == Mnemonic::Mov
+            && ins.op0_kind() == OpKind::Register
+            && ins.op1_kind() == OpKind::Register
+            && ins.op1_register() == Register::RSP;
+        if copies_rsp {
+            self.rsp_copy = Some(ins.op0_register());
+        } else if ins.op0_kind() == OpKind::Register && Some(ins.op0_register()) == self.rsp_copy {
+            self.rsp_copy = None;
+        }
+        reserved
+    }
 }
 
 pub fn check(ko: &Ko, opts: &Options) -> Vec<Verdict> {
@@ -156,5 +203,37 @@ pub fn check(ko: &Ko, opts: &Options) -> Vec<Verdict> {
             f.red_zone,
         ),
         Verdict::from_findings("no-fs-gs", format!("{scope}: {gs}"), "%fs/%gs uses", f.seg),
+        crate::rules::stack::check(&f.frames, opts.max_frame),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(bytes: &[u8]) -> Vec<u64> {
+        let mut d = Decoder::new(64, bytes, DecoderOptions::NONE);
+        let mut t = FrameTracker::default();
+        d.iter().filter_map(|ins| t.step(&ins)).collect()
+    }
+
+    #[test]
+    fn plain_sub_rsp_is_a_frame() {
+        // sub $0x308,%rsp
+        assert_eq!(frames(&[0x48, 0x81, 0xec, 0x08, 0x03, 0x00, 0x00]), [0x308]);
+    }
+
+    #[test]
+    fn stack_probe_frame_is_seen_through_the_copy() {
+        // mov %rsp,%r11 ; sub $0x3000,%r11 ; sub $0x1000,%rsp
+        let code = [0x49, 0x89, 0xe3, 0x49, 0x81, 0xeb, 0x00, 0x30, 0x00, 0x00, 0x48, 0x81, 0xec, 0x00, 0x10, 0x00, 0x00];
+        assert_eq!(frames(&code), [0x3000, 0x1000]);
+    }
+
+    #[test]
+    fn unrelated_sub_is_not_a_frame() {
+        // mov %rsp,%r11 ; mov %rdi,%r11 ; sub $0x3000,%r11 ; sub $0x10,%rax
+        let code = [0x49, 0x89, 0xe3, 0x49, 0x89, 0xfb, 0x49, 0x81, 0xeb, 0x00, 0x30, 0x00, 0x00, 0x48, 0x83, 0xe8, 0x10];
+        assert_eq!(frames(&code), Vec::<u64>::new());
+    }
 }

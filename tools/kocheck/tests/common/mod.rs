@@ -13,7 +13,7 @@ pub const LLD: &str = "ld.lld-19";
 
 /// Every rule kocheck reports for a readable ELF64 file with the default flags: a passing
 /// fixture must show all of them, so a rule that silently stopped running fails a test.
-pub const ALL_RULES: [&str; 15] = [
+pub const ALL_RULES: [&str; 17] = [
     "elf-header",
     "modmetadata",
     "module-name",
@@ -28,6 +28,8 @@ pub const ALL_RULES: [&str; 15] = [
     "no-x87",
     "no-red-zone",
     "no-fs-gs",
+    "stack-frames",
+    "no-exports",
     "kpi-symbols",
 ];
 
