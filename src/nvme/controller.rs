@@ -106,6 +106,7 @@ pub struct Stats {
     pub leaked_regions: u64,
 }
 
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Not brought up (new, after shutdown, or after a failed bring-up).
@@ -272,6 +273,12 @@ impl<P: Platform> Controller<P> {
     /// Counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+    /// Completions whose SQ head pointer was outside the valid window and was ignored
+    /// (summed over the queues that exist now).
+    pub fn ignored_sq_heads(&self) -> u64 {
+        self.io.iter().map(|q| q.ignored_sqhd()).sum::<u64>()
+            + self.admin.as_ref().map_or(0, |a| a.ignored_sqhd())
     }
 
     /// Resets and enables the controller and prepares it for I/O:

@@ -43,6 +43,7 @@ pub struct QueuePair<R: DmaRegion, T> {
     unrung: bool,
     slots: Vec<Option<Tracker<T>>>,
     free: Vec<u16>,
+    ignored_sqhd: u64,
 }
 
 impl<R: DmaRegion, T> QueuePair<R, T> {
@@ -69,7 +70,7 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
         // Hand out low CIDs first (pop from the end).
         let free = (0..entries - 1).rev().collect();
         Ok(QueuePair { qid, entries, sq, cq, sq_db, cq_db, sq_tail: 0, sq_head: 0, cq_head: 0,
-                       phase: true, unrung: false, slots, free })
+                       phase: true, unrung: false, slots, free, ignored_sqhd: 0 })
     }
 
     /// Queue ID.
@@ -163,17 +164,27 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
         if cqe.sqhd >= self.entries {
             return Err("SQ head beyond the queue size");
         }
-        // The new head may only move forward, and not past the tail.
-        let advance = (cqe.sqhd as u32 + self.entries as u32 - self.sq_head as u32)
-            % self.entries as u32;
-        if advance > self.sq_used() as u32 {
-            return Err("SQ head moved past the tail");
-        }
         let slot = self.slots.get_mut(cqe.cid as usize).ok_or("CID out of range")?;
         let tracker = slot.take().ok_or("CID not outstanding (duplicate or invented)")?;
         self.free.push(cqe.cid);
-        self.sq_head = cqe.sqhd;
+        // The head may only move forward, and not past the tail. A value outside that window
+        // (a stale head, or nonsense) is not used, but it does not void an otherwise valid
+        // completion: flow control never depends on it alone (the CID count bounds the
+        // queue), so ignoring it is safe, while rejecting the entry would turn a quirk into a
+        // timeout and a lost controller.
+        let advance = (cqe.sqhd as u32 + self.entries as u32 - self.sq_head as u32)
+            % self.entries as u32;
+        if advance <= self.sq_used() as u32 {
+            self.sq_head = cqe.sqhd;
+        } else {
+            self.ignored_sqhd += 1;
+        }
         Ok(tracker)
+    }
+
+    /// Completions whose SQ head was outside the valid window (and so was not used).
+    pub fn ignored_sqhd(&self) -> u64 {
+        self.ignored_sqhd
     }
 
     /// Tells the device how far we have consumed the completion ring.
@@ -302,7 +313,6 @@ mod tests {
         let bad = [
             (Cqe { sqid: 2, sqhd: 1, cid, ..Cqe::default() }, "completion names another submission queue"),
             (Cqe { sqid: 1, sqhd: 8, cid, ..Cqe::default() }, "SQ head beyond the queue size"),
-            (Cqe { sqid: 1, sqhd: 2, cid, ..Cqe::default() }, "SQ head moved past the tail"),
             (Cqe { sqid: 1, sqhd: 1, cid: 7, ..Cqe::default() }, "CID out of range"),
             (Cqe { sqid: 1, sqhd: 1, cid: cid + 1, ..Cqe::default() },
              "CID not outstanding (duplicate or invented)"),
@@ -312,9 +322,12 @@ mod tests {
             assert_eq!(q.next_completion().unwrap().unwrap_err(), *why);
             assert_eq!(q.outstanding(), 1);
         }
-        post(&host, 5, Cqe { sqid: 1, sqhd: 1, cid, ..Cqe::default() }, true);
+        // A head past the tail is not used, but the completion itself is valid.
+        post(&host, 4, Cqe { sqid: 1, sqhd: 2, cid, ..Cqe::default() }, true);
         assert!(q.next_completion().unwrap().is_ok());
-        post(&host, 6, Cqe { sqid: 1, sqhd: 1, cid, ..Cqe::default() }, true);
+        assert_eq!(q.ignored_sqhd(), 1);
+        assert!(q.has_room(6), "the head did not move, the CID was freed");
+        post(&host, 5, Cqe { sqid: 1, sqhd: 1, cid, ..Cqe::default() }, true);
         assert!(q.next_completion().unwrap().is_err(), "a duplicate is rejected");
     }
 
