@@ -23,12 +23,14 @@ pub struct ModelIo {
     outstanding: Vec<(u32, IoRef)>,
     /// Requests refused with ENXIO after mark_gone.
     pub refused: usize,
+    /// Requests that completed normally during an announced removal's quiesce.
+    pub quiesced: usize,
 }
 
 impl ModelIo {
     /// An engine whose requests complete on `board`.
     pub fn new(board: IoBoard) -> Self {
-        ModelIo { board, gone: false, outstanding: Vec::new(), refused: 0 }
+        ModelIo { board, gone: false, outstanding: Vec::new(), refused: 0, quiesced: 0 }
     }
 
     /// Submits a request to namespace `nsid`; ENXIO at once when gone.
@@ -51,6 +53,13 @@ impl ModelIo {
 impl IoGate for ModelIo {
     fn mark_gone(&mut self) {
         self.gone = true;
+    }
+    fn quiesce(&mut self) {
+        // The device is still there: what is in flight completes normally.
+        self.quiesced += self.outstanding.len();
+        for (_, io) in self.outstanding.drain(..) {
+            self.board.complete(io);
+        }
     }
     fn fail_all(&mut self) -> usize {
         let n = self.outstanding.len();

@@ -9,7 +9,7 @@ use nvme_hotplug::hotplug::machine::{Hotplug, HotplugConfig};
 use nvme_hotplug::hotplug::mode::Role;
 use nvme_hotplug::hotplug::ost::OstStatus;
 use nvme_hotplug::hotplug::slot_ops::{DetachError, DetachReason, OpFailed, SlotIndex, SlotOps};
-use nvme_hotplug::hotplug::teardown::{teardown, Live};
+use nvme_hotplug::hotplug::teardown::{teardown, Live, Removal};
 
 /// The glue: newbus children of the bus are our controllers.
 struct Stack {
@@ -54,7 +54,8 @@ impl SlotOps for Stack {
         self.world.detach_slot(slot, why)?;
         if let Some(live) = self.ctrls[slot].take() {
             let unit = live.unit();
-            teardown(live, &mut self.model);
+            let how = if why == DetachReason::Eject { Removal::Announced } else { Removal::Surprise };
+            teardown(live, &mut self.model, how);
             self.model.check_detached(unit);
         }
         Ok(())

@@ -5,7 +5,7 @@ use kpimodel::controller::{attach, ModelIo};
 use kpimodel::{Model, Rule, ThreadKind};
 use nvme_hotplug::hotplug::errno::Errno;
 use nvme_hotplug::hotplug::kernel::Kernel;
-use nvme_hotplug::hotplug::teardown::{teardown, Live};
+use nvme_hotplug::hotplug::teardown::{teardown, Live, Removal};
 use nvme_hotplug::hotplug::unload::unload;
 
 fn nodes_of(m: &Model) -> Vec<String> {
@@ -19,7 +19,7 @@ fn attach_creates_non_eternal_nodes_with_the_right_names() {
     let mut names = nodes_of(&m);
     names.sort();
     assert_eq!(names, ["nvmehp0", "nvmehp0ns1", "nvmehp0ns2"]);
-    let f = teardown(live, &mut m);
+    let f = teardown(live, &mut m, Removal::Surprise);
     m.run_geom_events();
     assert_eq!((f.nodes_destroyed, f.disks_gone), (3, 2));
     assert!(m.module_unloaded().is_clean(), "{:?}", m.report());
@@ -44,7 +44,7 @@ fn teardown_with_io_in_flight_is_clean() {
     m.on_thread(ioctl, |m| m.enter_method(ctrl_node, Some(io2))).unwrap();
     assert!(live.in_use(&m), "threads inside nodes make the controller busy");
 
-    let freed = teardown(live, &mut m);
+    let freed = teardown(live, &mut m, Removal::Surprise);
     assert_eq!(freed.failed_requests, 2);
     assert!(m.io_done(io1) && m.io_done(io2), "outstanding I/O failed at once, not timed out");
     assert_eq!(m.check_detached(unit), 0);
@@ -59,13 +59,26 @@ fn find_node(m: &Model, name: &str) -> kpimodel::NodeRef {
     m.find_node(name).unwrap_or_else(|| panic!("no node {name}"))
 }
 
+/// An announced removal lets the requests in flight finish on the still-present device.
+#[test]
+fn announced_removal_lets_in_flight_io_finish() {
+    let mut m = Model::new();
+    let mut live = attach(&mut m, &[1]).unwrap();
+    let io = live.io().submit(1).unwrap();
+    let freed = teardown(live, &mut m, Removal::Announced);
+    assert!(m.io_done(io));
+    assert_eq!(freed.failed_requests, 0, "nothing had to be failed");
+    m.run_geom_events();
+    assert!(m.module_unloaded().is_clean(), "{:?}", m.report());
+}
+
 #[test]
 fn mounted_disk_is_freed_only_after_its_last_close() {
     let mut m = Model::new();
     let live = attach(&mut m, &[1]).unwrap();
     let disk = m.find_disk(1).unwrap();
     assert!(m.disk_open(disk));
-    let _ = teardown(live, &mut m);
+    let _ = teardown(live, &mut m, Removal::Surprise);
     m.run_geom_events();
     assert_eq!(m.disks_awaiting_gone(), 1, "GEOM holds the disk while mounted");
     assert_eq!(m.report().leaked_bytes, kpimodel::controller::DISK_CTX_BYTES);
@@ -85,7 +98,7 @@ fn namespace_removal_destroys_only_that_namespace() {
     names.sort();
     assert_eq!(names, ["nvmehp0", "nvmehp0ns1"]);
     assert_eq!(live.remove_namespace(&mut m, 2), Err(Errno::ENXIO));
-    let _ = teardown(live, &mut m);
+    let _ = teardown(live, &mut m, Removal::Surprise);
     m.run_geom_events();
     assert!(m.module_unloaded().is_clean(), "{:?}", m.report());
 }
@@ -98,7 +111,7 @@ fn teardown_under_a_mutex_is_caught() {
     let live = attach(&mut m, &[1]).unwrap();
     let mtx = m.mtx_init("wrong");
     m.mtx_lock(mtx);
-    let _ = teardown(live, &mut m);
+    let _ = teardown(live, &mut m, Removal::Surprise);
     assert!(m.broke(Rule::SleepWithMutex));
 }
 
@@ -113,7 +126,7 @@ fn partial_attach_tears_down_cleanly() {
     let squatter = Kernel::make_node(&mut m, &nvme_hotplug::hotplug::node_name::NodeName::namespace(0, 3), other).unwrap();
     assert_eq!(live.add_namespace(&mut m, 3, 3), Err(Errno::EEXIST));
     assert!(m.violations().is_empty(), "{:?}", m.violations());
-    let _ = teardown(live, &mut m);
+    let _ = teardown(live, &mut m, Removal::Surprise);
     m.destroy_dev(squatter);
     m.free(other);
     m.run_geom_events();

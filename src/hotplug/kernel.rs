@@ -82,6 +82,11 @@ pub trait IoGate {
     /// Marks the controller gone. From now on every new request completes with ENXIO at once,
     /// without touching the device.
     fn mark_gone(&mut self);
+    /// Announced removal only (the device still answers): give the requests already in flight
+    /// a bounded chance to complete normally, so that an eject of an idle-ish disk loses no
+    /// acknowledged write. Bounded by the engine's own command timeout budget; returns at once
+    /// when the device stops answering. Whatever is left is failed by [`IoGate::fail_all`].
+    fn quiesce(&mut self);
     /// Completes every queued and outstanding request with ENXIO now (never by waiting for a
     /// command timeout: the device will not answer). Returns how many were failed.
     fn fail_all(&mut self) -> usize;

@@ -13,7 +13,8 @@
 //!    fail with ENXIO; `disk_gone` withers each provider so GEOM consumers get ENXIO too. Done
 //!    first so that nothing new enters while we empty the pipes.
 //! 2. **Failed** (fail everything at once): every queued and outstanding request completes with
-//!    ENXIO now. A removed device never answers, so waiting for a timeout would only delay, and
+//!    ENXIO now (after an announced removal, [`Gone::quiesce`] first lets the requests already
+//!    in flight finish on the still-present device, bounded). A removed device never answers, so waiting for a timeout would only delay, and
 //!    a thread sleeping in a node method on such a request would make step 4's destroy_dev wait
 //!    forever (destroy_dev drains threads, facts §2.4).
 //! 3. **Drained** (interrupts, timers, tasks): bus_teardown_intr, callout_drain,
@@ -227,6 +228,14 @@ impl<K: Kernel, C: IoGate> Live<K, C> {
 }
 
 impl<K: Kernel, C: IoGate> Gone<K, C> {
+    /// Optional, announced removal only: let in-flight requests finish on the still-present
+    /// device (bounded), before step 2 fails the rest. Never used for a vanished device:
+    /// nothing would answer.
+    pub fn quiesce(mut self) -> Gone<K, C> {
+        self.0.io.quiesce();
+        self
+    }
+
     /// Step 2: complete every queued and outstanding request with ENXIO, now.
     pub fn fail_outstanding(mut self) -> Failed<K, C> {
         self.0.failed_requests += self.0.io.fail_all();
@@ -286,9 +295,24 @@ impl<K: Kernel, C: IoGate> NodesDestroyed<K, C> {
     }
 }
 
+/// How the controller is leaving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Eject request or kldunload: the device still answers, so in-flight requests may finish
+    /// (bounded) before the rest is failed.
+    Announced,
+    /// Surprise removal or a dead controller: fail everything at once.
+    Surprise,
+}
+
 /// The whole order in one call: what `device_detach` runs.
-pub fn teardown<K: Kernel, C: IoGate>(live: Live<K, C>, k: &mut K) -> Freed {
-    live.mark_gone(k).fail_outstanding().drain(k).destroy_nodes(k).free(k)
+pub fn teardown<K: Kernel, C: IoGate>(live: Live<K, C>, k: &mut K, how: Removal) -> Freed {
+    let gone = live.mark_gone(k);
+    let gone = match how {
+        Removal::Announced => gone.quiesce(),
+        Removal::Surprise => gone,
+    };
+    gone.fail_outstanding().drain(k).destroy_nodes(k).free(k)
 }
 
 /// The `d_gone` callback: GEOM's last call for this disk (facts §2.7). Only here is the disk

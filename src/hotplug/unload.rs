@@ -18,7 +18,7 @@
 
 use super::errno::Errno;
 use super::kernel::{AcpiNotify, IoGate, Kernel};
-use super::teardown::{teardown, Freed, Live};
+use super::teardown::{teardown, Freed, Live, Removal};
 use alloc::vec::Vec;
 
 /// What unload returns when it ran.
@@ -55,7 +55,7 @@ pub fn unload<K: Kernel + AcpiNotify, C: IoGate>(
     if let Some(tq) = hotplug_tq.as_mut() {
         k.taskqueue_drain_all(tq);
     }
-    let receipts = controllers.into_iter().map(|c| teardown(c, k)).collect();
+    let receipts = controllers.into_iter().map(|c| teardown(c, k, Removal::Announced)).collect();
     k.drain_sched_destroys();
     k.wait_disks_gone();
     if let Some(tq) = hotplug_tq {
