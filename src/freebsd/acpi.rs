@@ -355,3 +355,28 @@ unsafe extern "C" fn notify_trampoline<H: NotifyHandler>(
         handler.notify(handle, NotifyValue::from(value));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{AcpiStatus, NotifyValue};
+    use alloc::format;
+
+    #[test]
+    fn notify_values_follow_the_acpi_spec() {
+        assert_eq!(NotifyValue::from(0), NotifyValue::BusCheck);
+        assert_eq!(NotifyValue::from(1), NotifyValue::DeviceCheck);
+        assert_eq!(NotifyValue::from(3), NotifyValue::EjectRequest);
+        assert_eq!(NotifyValue::from(2), NotifyValue::Other(2));
+        assert_eq!(NotifyValue::from(0x80), NotifyValue::Other(0x80));
+    }
+
+    #[test]
+    fn status_codes_match_acexcep() {
+        assert_eq!(AcpiStatus::OK.0, 0);
+        assert_eq!(AcpiStatus::NO_MEMORY.0, 4);
+        assert_eq!(AcpiStatus::NOT_FOUND.0, 5);
+        assert_eq!(AcpiStatus::ALREADY_EXISTS.0, 7);
+        assert_eq!(format!("{}", AcpiStatus::NOT_FOUND), "AE_NOT_FOUND");
+        assert_eq!(format!("{}", AcpiStatus(0x1001)), "ACPI status 0x1001");
+    }
+}

@@ -72,6 +72,8 @@ unsafe impl GlobalAlloc for KernelAllocator {
     }
 }
 
+// Host unit tests of src/freebsd (`cargo test --features kld`) run on std's allocator.
+#[cfg(not(test))]
 #[global_allocator]
 static ALLOCATOR: KernelAllocator = KernelAllocator;
 

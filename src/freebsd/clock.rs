@@ -28,3 +28,23 @@ impl Clock for KernelClock {
         unsafe { bindings::DELAY(us) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::sbt_to_us;
+
+    #[test]
+    fn converts_whole_and_fractional_seconds() {
+        assert_eq!(sbt_to_us(0), 0);
+        assert_eq!(sbt_to_us(1 << 32), 1_000_000);
+        assert_eq!(sbt_to_us(1 << 31), 500_000);
+        assert_eq!(sbt_to_us(-5), 0);
+    }
+
+    #[test]
+    fn no_overflow_after_long_uptimes() {
+        // 10 years of uptime: a naive `sbt * 1_000_000 >> 32` overflows after ~71 minutes.
+        let secs: i64 = 10 * 365 * 24 * 3600;
+        assert_eq!(sbt_to_us(secs << 32), secs as u64 * 1_000_000);
+    }
+}

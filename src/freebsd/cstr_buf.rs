@@ -85,3 +85,44 @@ impl<const N: usize> fmt::Write for StackCStr<N> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::StackCStr;
+
+    #[test]
+    fn short_text_is_kept_and_terminated() {
+        let s = StackCStr::<16>::format(format_args!("nvme{}", 0));
+        assert_eq!(s.as_bytes(), b"nvme0");
+        assert_eq!(s.as_cstr().to_bytes(), b"nvme0");
+        assert!(!s.truncated());
+    }
+
+    #[test]
+    fn long_text_is_cut_with_marker() {
+        let s = StackCStr::<8>::format(format_args!("{}", "0123456789"));
+        assert_eq!(s.as_bytes(), b"0123...");
+        assert_eq!(s.as_bytes().len(), 7);
+        assert!(s.truncated());
+    }
+
+    #[test]
+    fn exact_fit_is_not_truncated() {
+        let s = StackCStr::<8>::format(format_args!("{}", "0123456"));
+        assert_eq!(s.as_bytes(), b"0123456");
+        assert!(!s.truncated());
+    }
+
+    #[test]
+    fn interior_nul_cannot_cut_the_string() {
+        let s = StackCStr::<16>::format(format_args!("a{}b", '\0'));
+        assert_eq!(s.as_cstr().to_bytes(), b"a?b");
+    }
+
+    #[test]
+    fn percent_is_plain_text() {
+        // The buffer is passed as the argument of "%s", never as a format.
+        let s = StackCStr::<16>::format(format_args!("100%s"));
+        assert_eq!(s.as_bytes(), b"100%s");
+    }
+}
