@@ -3,9 +3,11 @@
 //!
 //! The CID is the index of the command's tracker slot, so a completion is matched in O(1) and
 //! a CID the device makes up is caught by a bounds check plus an "is it outstanding" check.
-//! There are `entries - 1` slots: a ring of N entries holds at most N-1 commands, so the CID
-//! count alone also keeps the SQ from overflowing — the SQ head reported in completions is
-//! still checked, and used, because a device may report it late.
+//! There are `entries - 1` slots: a ring of N entries holds at most N-1 commands. That alone
+//! keeps the SQ from overflowing: the controller fetches entries in order, so the entries it
+//! has not fetched yet are a subset of the outstanding commands, at most N-1, and the slot at
+//! the tail is always free. The SQ head reported in completions is therefore only checked
+//! and recorded (a stale or nonsensical one is counted), never needed for flow control.
 
 use alloc::vec::Vec;
 
@@ -103,9 +105,9 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
             % self.entries as u32) as u16
     }
 
-    /// True when `n` more commands fit (free CIDs and free SQ slots).
+    /// True when `n` more commands fit (see the module comment for why free CIDs suffice).
     pub fn has_room(&self, n: usize) -> bool {
-        self.free.len() >= n && ((self.entries - 1 - self.sq_used()) as usize) >= n
+        self.free.len() >= n
     }
 
     /// Writes `sqe` into the ring with a fresh CID. Call [`QueuePair::ring`] afterwards; the
@@ -168,10 +170,10 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
         let tracker = slot.take().ok_or("CID not outstanding (duplicate or invented)")?;
         self.free.push(cqe.cid);
         // The head may only move forward, and not past the tail. A value outside that window
-        // (a stale head, or nonsense) is not used, but it does not void an otherwise valid
-        // completion: flow control never depends on it alone (the CID count bounds the
-        // queue), so ignoring it is safe, while rejecting the entry would turn a quirk into a
-        // timeout and a lost controller.
+        // (a stale head, or nonsense) is not recorded, but it does not void an otherwise
+        // valid completion: flow control does not depend on it (the CID count bounds the
+        // queue), while rejecting the entry would turn a quirk into a timeout and a lost
+        // controller.
         let advance = (cqe.sqhd as u32 + self.entries as u32 - self.sq_head as u32)
             % self.entries as u32;
         if advance <= self.sq_used() as u32 {
@@ -326,7 +328,7 @@ mod tests {
         post(&host, 4, Cqe { sqid: 1, sqhd: 2, cid, ..Cqe::default() }, true);
         assert!(q.next_completion().unwrap().is_ok());
         assert_eq!(q.ignored_sqhd(), 1);
-        assert!(q.has_room(6), "the head did not move, the CID was freed");
+        assert!(q.has_room(7), "the CID was freed");
         post(&host, 5, Cqe { sqid: 1, sqhd: 1, cid, ..Cqe::default() }, true);
         assert!(q.next_completion().unwrap().is_err(), "a duplicate is rejected");
     }
