@@ -248,3 +248,18 @@ fn controller_left_enabled_but_not_ready_is_settled_then_reset() {
     c.bring_up().unwrap();
     assert!(dev.now() - t0 >= 1_000_000, "waited for RDY before clearing EN");
 }
+
+#[test]
+fn a_device_that_never_updates_sq_head_keeps_working() {
+    let (dev, mut c) = up(SoftConfig::default());
+    let buf = dev.buffer(512);
+    dev.faults(|f| {
+        for _ in 0..1000 {
+            f.cqe_mutations.push_back(CqeMutation { sqhd: Some(0), ..Default::default() });
+        }
+    });
+    for t in 0..1000 {
+        c.io_sync(req(t, IoOp::Write, 1, t, 1, &buf, 512)).unwrap();
+    }
+    assert!(c.ignored_sq_heads() > 0);
+}
