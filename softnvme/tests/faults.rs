@@ -255,7 +255,7 @@ fn a_device_that_never_updates_sq_head_keeps_working() {
     let buf = dev.buffer(512);
     dev.faults(|f| {
         for _ in 0..1000 {
-            f.cqe_mutations.push_back(CqeMutation { sqhd: Some(0), ..Default::default() });
+            f.cqe_mutations.push_back(CqeMutation { sqhd: Some(5), ..Default::default() });
         }
     });
     for t in 0..1000 {
