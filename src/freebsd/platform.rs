@@ -71,3 +71,11 @@ impl DmaAllocator for KernelPlatform {
         self.dma.alloc_dma(len, align)
     }
 }
+
+/// Compile-time proof that the engine's bound is met, and that a controller over the kernel
+/// platform may live in a [`Mutex`](super::mutex::Mutex) shared with interrupt and taskqueue
+/// threads (which needs `Send`).
+const _: fn() = || {
+    fn engine_platform<P: crate::platform::Platform + Send + Sync>() {}
+    engine_platform::<KernelPlatform>();
+};
