@@ -47,6 +47,11 @@ apt_update_once() { [ $updated -eq 1 ] || { apt_get update; updated=1; }; }
 case "$want" in
 build)
     pkgs=$(missing rustc-web cargo-web rust-web-src clang-19 lld-19 llvm-19 libclang-19-dev)
+    # scripts/freebsd-headers.sh fetches the FreeBSD headers with `python3 -m pip download`.
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        extra=$(missing python3 python3-pip)
+        pkgs="$pkgs${extra:+ $extra}"
+    fi
     if [ -n "$pkgs" ]; then
         echo "bootstrap: installing Debian packages: $pkgs"
         apt_update_once
