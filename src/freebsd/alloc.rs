@@ -6,9 +6,10 @@
 //! [`try_box`], `Vec::try_reserve`) and turn failure into `ENOMEM`. An infallible `Box::new` that
 //! fails ends in the alloc error handler, i.e. `panic(9)`: do not use it in the driver.
 //!
-//! **Sleeping allocations are explicit**: [`box_waitok`] uses `M_WAITOK`, cannot fail, and may
-//! only be called where sleeping is allowed (attach, detach, MOD_LOAD/MOD_UNLOAD, taskqueue
-//! threads) and no non-sleepable lock is held. WITNESS reports a violation on debug kernels.
+//! **Sleeping allocations are explicit**: [`alloc_waitok`] and [`box_waitok`] use `M_WAITOK`,
+//! cannot fail for a valid request, and may only be called where sleeping is allowed (attach,
+//! detach, MOD_LOAD/MOD_UNLOAD, taskqueue threads) with no non-sleepable lock held. WITNESS
+//! reports a violation on debug kernels.
 //!
 //! **Alignment**: `malloc(9)` returns memory aligned to at least 8 bytes for every size on amd64
 //! (its smallest zone is 16 bytes), `malloc_aligned(9)` up to a page; a larger alignment cannot be
@@ -21,6 +22,7 @@ use super::bindings;
 use alloc::boxed::Box;
 use core::alloc::{GlobalAlloc, Layout};
 use core::ffi::{c_int, c_void};
+use core::ptr::NonNull;
 
 /// Alignment `malloc(9)` guarantees without asking.
 const MALLOC_MIN_ALIGN: usize = 8;
@@ -95,20 +97,36 @@ pub fn try_box<T>(value: T) -> Option<Box<T>> {
     }
 }
 
-/// Moves `value` into kernel memory, sleeping until memory is available (`M_WAITOK`).
+/// Allocates `layout` with `M_WAITOK`: sleeps until memory is available instead of failing.
 ///
 /// Only from a sleepable context with no mutex held: attach/detach, module load/unload,
-/// taskqueue threads. Never fails. Types aligned above a page are rejected at compile time.
+/// taskqueue threads. `None` only for requests malloc(9) can never satisfy (zero size,
+/// alignment above a page). Free the block through the global allocator
+/// (`alloc::alloc::dealloc`) or by handing it to a `Box` of the same layout.
+pub fn alloc_waitok(layout: Layout) -> Option<NonNull<u8>> {
+    if layout.size() == 0 || layout.align() > MAX_ALIGN {
+        return None;
+    }
+    let p = kmalloc(layout, bindings::M_WAITOK);
+    // M_WAITOK never returns NULL for a valid request; if the kernel ever did, that is a bug
+    // worth a panic(9) rather than a NULL dereference later.
+    assert!(!p.is_null(), "malloc(M_WAITOK) returned NULL");
+    NonNull::new(p)
+}
+
+/// Moves `value` into kernel memory, sleeping until memory is available (`M_WAITOK`).
+///
+/// Same context rules as [`alloc_waitok`]. Never fails. Types aligned above a page are
+/// rejected at compile time.
 pub fn box_waitok<T>(value: T) -> Box<T> {
     const { assert!(core::mem::align_of::<T>() <= MAX_ALIGN, "malloc(9) cannot align above a page") };
     let layout = Layout::new::<T>();
-    if layout.size() == 0 {
-        return Box::new(value);
-    }
-    let p = kmalloc(layout, bindings::M_WAITOK).cast::<T>();
-    // M_WAITOK never returns NULL; if the kernel ever did, this is a bug worth a panic(9).
-    assert!(!p.is_null(), "malloc(M_WAITOK) returned NULL");
-    // SAFETY: as in try_box.
+    let Some(p) = alloc_waitok(layout) else {
+        return Box::new(value); // zero-sized: Box does not allocate
+    };
+    let p = p.as_ptr().cast::<T>();
+    // SAFETY: `p` is a fresh, suitably aligned block of `size_of::<T>()` bytes from the global
+    // allocator's own malloc type, so Box may own it and free it through KernelAllocator.
     unsafe {
         p.write(value);
         Box::from_raw(p)
