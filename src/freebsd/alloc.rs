@@ -74,8 +74,9 @@ unsafe impl GlobalAlloc for KernelAllocator {
     }
 }
 
-// Host unit tests of src/freebsd (`cargo test --features kld`) run on std's allocator.
-#[cfg(not(test))]
+// Only in the kernel build (kmod/x86_64-freebsd-kld.json has os "none"); host builds of this
+// module (its unit tests, clippy) use std's allocator.
+#[cfg(target_os = "none")]
 #[global_allocator]
 static ALLOCATOR: KernelAllocator = KernelAllocator;
 

@@ -9,8 +9,6 @@ use super::bindings;
 use super::cstr_buf::StackCStr;
 use core::panic::PanicInfo;
 
-// Host unit tests of src/freebsd (`cargo test --features kld`) use std's panic machinery.
-#[cfg(not(test))]
 #[panic_handler]
 fn rust_panic(info: &PanicInfo<'_>) -> ! {
     let msg = StackCStr::<{ super::log::MSG_MAX }>::format(format_args!("nvme_hotplug: {info}"));
