@@ -103,6 +103,22 @@ fn namespace_removal_destroys_only_that_namespace() {
     assert!(m.module_unloaded().is_clean(), "{:?}", m.report());
 }
 
+#[test]
+fn namespace_list_changes_add_and_remove_nodes() {
+    let mut m = Model::new();
+    let mut live = attach(&mut m, &[1, 2]).unwrap();
+    let io = live.io().submit(1).unwrap();
+    assert_eq!(live.sync_namespaces(&mut m, &[2, 3, 4], |ns| 100 + ns), Ok((2, 1)));
+    assert!(m.io_done(io), "I/O of the deleted namespace failed");
+    let mut names = nodes_of(&m);
+    names.sort();
+    assert_eq!(names, ["nvmehp0", "nvmehp0ns2", "nvmehp0ns3", "nvmehp0ns4"]);
+    assert_eq!(live.sync_namespaces(&mut m, &[2, 3, 4], |ns| 100 + ns), Ok((0, 0)), "idempotent");
+    let _ = teardown(live, &mut m, Removal::Surprise);
+    m.run_geom_events();
+    assert!(m.module_unloaded().is_clean(), "{:?}", m.report());
+}
+
 /// The model sees the teardown's sleeping calls: run it with a mutex held and it complains.
 /// (Guards against a model that checks nothing.)
 #[test]

@@ -199,6 +199,32 @@ impl<K: Kernel, C: IoGate> Live<K, C> {
         Ok(())
     }
 
+    /// Brings the namespace nodes in line with `present` (the controller's namespace list after
+    /// a namespace-attribute-changed event): removes the nodes of vanished namespaces first
+    /// ([`Live::remove_namespace`] order), then creates nodes and disks for new ones.
+    /// Returns (added, removed). Stops at the first creation error; what was made stays owned
+    /// and is torn down with the controller.
+    pub fn sync_namespaces(
+        &mut self,
+        k: &mut K,
+        present: &[u32],
+        mut disk_unit: impl FnMut(u32) -> u32,
+    ) -> Result<(u32, u32), Errno> {
+        let gone: Vec<u32> =
+            self.0.namespaces.iter().map(|n| n.nsid).filter(|id| !present.contains(id)).collect();
+        for &nsid in &gone {
+            self.remove_namespace(k, nsid)?;
+        }
+        let mut added = 0;
+        for &nsid in present {
+            if !self.0.namespaces.iter().any(|n| n.nsid == nsid) {
+                self.add_namespace(k, nsid, disk_unit(nsid))?;
+                added += 1;
+            }
+        }
+        Ok((added, gone.len() as u32))
+    }
+
     /// Namespaces with nodes, in creation order.
     pub fn namespaces(&self) -> impl Iterator<Item = u32> + '_ {
         self.0.namespaces.iter().map(|n| n.nsid)
