@@ -9,7 +9,10 @@
 //!   every DMA, and nothing completes).
 //! - PIIX3 PIRQ routing (config 0x60–0x63 of 00:01.0) so INTx reaches the I/O APIC, as SeaBIOS
 //!   does; the engine polls, but the routed line is visible in qtest IRQ events for the curious.
-//! - GPE0 enable bit 1 (`outw 0xafe2, 2`): the PCI-hotplug GPE, without which no SCI is raised.
+//! - On q35: the ICH9 PM I/O base and ACPI enable (LPC config 0x40/0x44), without which the
+//!   GPE block is not decoded, and each `pcie-root-port`'s bus numbers and memory window, so
+//!   config cycles and MMIO reach the device behind it.
+//! (The GPE enable itself is the ACPI layer's, see `acpi_hotplug`.)
 
 use crate::qtest::{Qtest, QtestResult};
 
@@ -126,10 +129,9 @@ pub struct PciFunction {
 /// Class code of an NVMe controller (mass storage / NVM / NVMe).
 pub const CLASS_NVME: u32 = 0x01_08_02;
 
-/// Probes `slot`; if an NVMe function is there, sizes and programs its 64-bit BAR0 and enables
+/// Probes `bdf`; if an NVMe function is there, programs its 64-bit BAR0 at `bar0` and enables
 /// memory decode and bus mastering. Returns `None` for an empty slot or a non-NVMe function.
-pub fn probe_and_program(q: &mut Qtest, slot: u8) -> QtestResult<Option<PciFunction>> {
-    let bdf = Bdf::slot(slot);
+pub fn probe_and_program(q: &mut Qtest, bdf: Bdf, bar0: u64) -> QtestResult<Option<PciFunction>> {
     let id = cfg_read32(q, bdf, cfg::VENDOR_ID)?;
     let vendor = id as u16;
     if vendor == 0xffff || vendor == 0 {
@@ -142,7 +144,6 @@ pub fn probe_and_program(q: &mut Qtest, slot: u8) -> QtestResult<Option<PciFunct
     // Disable decode while the BAR moves, as every PCI layer does.
     let cmd = cfg_read16(q, bdf, cfg::COMMAND)?;
     cfg_write16(q, bdf, cfg::COMMAND, cmd & !(cfg::CMD_MEM | cfg::CMD_BUS_MASTER))?;
-    let bar0 = bar0_for_slot(slot);
     cfg_write32(q, bdf, cfg::BAR0, bar0 as u32)?;
     cfg_write32(q, bdf, cfg::BAR1, (bar0 >> 32) as u32)?;
     cfg_write16(q, bdf, cfg::COMMAND, cmd | cfg::CMD_MEM | cfg::CMD_BUS_MASTER)?;
@@ -152,12 +153,46 @@ pub fn probe_and_program(q: &mut Qtest, slot: u8) -> QtestResult<Option<PciFunct
 /// PIIX3 (00:01.0) PIRQ route control registers, one per PIRQA..D.
 const PIIX3_PIRQRC: u16 = 0x60;
 
-/// One-time machine setup on pc: PIRQ routing (A,B → 10; C,D → 11, as SeaBIOS does) and the
-/// PCI-hotplug GPE enable.
+/// One-time machine setup on pc: PIRQ routing (A,B → 10; C,D → 11, as SeaBIOS does).
 pub fn init_pc(q: &mut Qtest) -> QtestResult<()> {
     let isa = Bdf { bus: 0, dev: 1, func: 0 };
     for (i, irq) in [10u8, 10, 11, 11].into_iter().enumerate() {
         cfg_write8(q, isa, PIIX3_PIRQRC + i as u16, irq)?;
     }
-    crate::acpi_hotplug::enable_gpe(q)
+    Ok(())
+}
+
+/// ICH9 LPC bridge (00:1f.0): PM I/O base and ACPI control registers.
+const ICH9_LPC: Bdf = Bdf { bus: 0, dev: 0x1f, func: 0 };
+const ICH9_PMBASE: u16 = 0x40;
+const ICH9_ACPI_CTRL: u16 = 0x44;
+const ICH9_ACPI_EN: u8 = 0x80;
+
+/// Bridge config offsets (type 1 header).
+mod bridge {
+    pub const BUS_NUMBERS: u16 = 0x18;
+    pub const IO_BASE_LIMIT: u16 = 0x1c;
+    pub const MEM_BASE_LIMIT: u16 = 0x20;
+    pub const PREF_BASE_LIMIT: u16 = 0x24;
+}
+
+/// One-time machine setup on q35: PM I/O base + ACPI enable, then every root port: secondary
+/// bus = its slot number (so a device's address is bus `slot`, device 0), and a memory window
+/// that is exactly the slot's BAR window.
+pub fn init_q35(q: &mut Qtest, port_slots: &[u8]) -> QtestResult<()> {
+    cfg_write32(q, ICH9_LPC, ICH9_PMBASE, crate::acpi_hotplug::Q35_PMBASE as u32 | 1)?;
+    cfg_write8(q, ICH9_LPC, ICH9_ACPI_CTRL, ICH9_ACPI_EN)?;
+    for &s in port_slots {
+        let port = Bdf::slot(s);
+        cfg_write32(q, port, bridge::BUS_NUMBERS, (s as u32) << 16 | (s as u32) << 8)?;
+        // No I/O window (base above limit), no prefetchable window.
+        cfg_write16(q, port, bridge::IO_BASE_LIMIT, 0x00f0)?;
+        cfg_write32(q, port, bridge::PREF_BASE_LIMIT, 0x0000_fff0)?;
+        let base = bar0_for_slot(s);
+        let limit = base + BAR_WINDOW_SIZE - 1;
+        let window = ((limit >> 16) as u32 & 0xfff0) << 16 | ((base >> 16) as u32 & 0xfff0);
+        cfg_write32(q, port, bridge::MEM_BASE_LIMIT, window)?;
+        cfg_write16(q, port, cfg::COMMAND, cfg::CMD_MEM | cfg::CMD_BUS_MASTER)?;
+    }
+    Ok(())
 }

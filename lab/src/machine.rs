@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::acpi_hotplug::{self, AcpiHotplug, Notify};
+use crate::acpi_hotplug::{AcpiHotplug, HotplugLayout, Notify};
 use crate::dma::{GuestRam, DMA_POOL_START};
-use crate::firmware::{self, PciFunction};
+use crate::firmware::{self, Bdf, PciFunction};
 use crate::guest::Guest;
 use crate::platform::LabPlatform;
 use crate::qemu::{MachineKind, QemuProcess};
@@ -64,6 +64,8 @@ pub struct PluggedDevice {
 /// The running machine.
 pub struct Machine {
     kind: MachineKind,
+    /// q35: slots holding a `pcie-root-port` (a scenario slot names the port).
+    ports: Vec<u8>,
     guest: Rc<Guest>,
     qmp: QmpClient,
     acpi: AcpiHotplug,
@@ -80,16 +82,30 @@ pub struct Machine {
 impl Machine {
     /// Starts QEMU with `cold` controllers present at power-on, connects qtest and QMP, and does
     /// the firmware's one-time setup. Does not probe the bus: call [`Machine::scan`].
+    /// On q35, root ports are created for the cold slots and for slots 2..=15.
     pub fn start(kind: MachineKind, cold: &[ControllerSpec]) -> io::Result<Machine> {
+        Self::start_with_slots(kind, cold, &(2..=15).collect::<Vec<u8>>())
+    }
+
+    /// Like [`Machine::start`], naming the slots hot-adds will use (q35 needs a root port in
+    /// each before power-on; pc ignores the list).
+    pub fn start_with_slots(kind: MachineKind, cold: &[ControllerSpec], hot_slots: &[u8]) -> io::Result<Machine> {
+        let mut ports: Vec<u8> = Vec::new();
         if kind == MachineKind::Q35 {
-            return Err(io::Error::other(
-                "machine \"q35\" is not supported by the lab yet (its root bus is not hotpluggable; \
-                 use \"pc\")",
-            ));
+            ports = cold.iter().map(|c| c.slot).chain(hot_slots.iter().copied()).collect();
+            ports.sort_unstable();
+            ports.dedup();
+            if let Some(bad) = ports.iter().find(|s| !(2..=30).contains(*s)) {
+                return Err(io::Error::other(format!("q35: slot {bad} cannot hold a root port (use 2..=30)")));
+            }
         }
         let images_dir = tempfile::Builder::new().prefix("nvmehp-images-").tempdir()?;
         let mut generation = 0;
         let mut args = Vec::new();
+        for &s in &ports {
+            args.push("-device".into());
+            args.push(format!("pcie-root-port,id=rp{s},bus=pcie.0,chassis={s},addr=0x{s:x}"));
+        }
         let mut plugged = BTreeMap::new();
         for spec in cold {
             generation += 1;
@@ -101,7 +117,7 @@ impl Machine {
                 args.push("-blockdev".into());
                 args.push(format!("driver=raw,file={f},node-name={r}"));
             }
-            for (driver, props) in device_props(&dev) {
+            for (driver, props) in device_props(kind, &dev) {
                 args.push("-device".into());
                 let p: Vec<String> = props.iter().map(|(k, v)| format!("{k}={}", plain(v))).collect();
                 args.push(format!("{driver},{}", p.join(",")));
@@ -109,21 +125,43 @@ impl Machine {
             plugged.insert(spec.slot, dev);
         }
         let (process, mut qtest, qmp_stream) = QemuProcess::spawn(kind, GUEST_RAM_MIB, &args)?;
-        let io_err = |e: crate::qtest::QtestError| io::Error::other(e.to_string());
-        setup_firmware(&mut qtest).map_err(io_err)?;
-        let qmp = QmpClient::new(qmp_stream)?;
+        let mut qmp = QmpClient::new(qmp_stream)?;
+        let layout = match kind {
+            MachineKind::Pc => HotplugLayout::pc(),
+            MachineKind::Q35 => {
+                // The DSDT hard-codes each bridge's BSEL; QEMU numbers them itself, so ask it.
+                let mut pairs = Vec::new();
+                for &s in &ports {
+                    let bsel = qmp.qom_get_u64(&format!("/machine/peripheral/rp{s}/rp{s}"), "acpi-pcihp-bsel")?;
+                    pairs.push((bsel as u32, s));
+                }
+                HotplugLayout::q35(&pairs)
+            }
+        };
+        let acpi = AcpiHotplug::new(layout);
+        setup_firmware(kind, &mut qtest, &ports, &acpi).map_err(to_io)?;
         let ram = GuestRam::new(DMA_POOL_START, (GUEST_RAM_MIB as u64) << 20);
         Ok(Machine {
             kind,
+            ports,
             guest: Rc::new(Guest::new(qtest, ram)),
             qmp,
-            acpi: AcpiHotplug::new(),
+            acpi,
             images_dir,
             plugged,
             retiring: Vec::new(),
             generation,
             process,
         })
+    }
+
+    /// Where the function of a scenario slot lives: bus 0 slot `slot` on pc, slot 0 of the bus
+    /// behind the root port in `slot` on q35.
+    pub fn bdf(&self, slot: u8) -> Bdf {
+        match self.kind {
+            MachineKind::Pc => Bdf::slot(slot),
+            MachineKind::Q35 => Bdf { bus: slot, dev: 0, func: 0 },
+        }
     }
 
     fn make_device(dir: &std::path::Path, spec: &ControllerSpec, generation: u64) -> io::Result<PluggedDevice> {
@@ -178,12 +216,17 @@ impl Machine {
         self.images_dir.path()
     }
 
-    /// Bus scan at "boot": probes and programs every slot; returns the NVMe functions found.
-    pub fn scan(&mut self) -> io::Result<Vec<PciFunction>> {
+    /// Bus scan at "boot": probes and programs every slot; returns the NVMe functions found,
+    /// with the scenario slot each is in.
+    pub fn scan(&mut self) -> io::Result<Vec<(u8, PciFunction)>> {
         let mut found = Vec::new();
-        for slot in 2..32u8 {
+        let slots: Vec<u8> = match self.kind {
+            MachineKind::Pc => (2..32).collect(),
+            MachineKind::Q35 => self.ports.clone(),
+        };
+        for slot in slots {
             if let Some(f) = self.probe(slot)? {
-                found.push(f);
+                found.push((slot, f));
             }
         }
         Ok(found)
@@ -191,7 +234,8 @@ impl Machine {
 
     /// Probes one slot and programs its BAR (the rescan that follows a Notify 1).
     pub fn probe(&mut self, slot: u8) -> io::Result<Option<PciFunction>> {
-        self.guest.qtest(|q| firmware::probe_and_program(q, slot)).map_err(to_io)
+        let bdf = self.bdf(slot);
+        self.guest.qtest(|q| firmware::probe_and_program(q, bdf, firmware::bar0_for_slot(slot))).map_err(to_io)
     }
 
     /// The engine platform for a probed function.
@@ -202,6 +246,9 @@ impl Machine {
     /// Hot-adds a controller: image files, block nodes, `device_add` (plus `nvme-ns` devices).
     /// QEMU then sets PCIU and raises the SCI; see [`Machine::poll_notifies`].
     pub fn hot_add(&mut self, spec: &ControllerSpec) -> io::Result<()> {
+        if self.kind == MachineKind::Q35 && !self.ports.contains(&spec.slot) {
+            return Err(io::Error::other(format!("q35: no root port in slot {} (not named at start)", spec.slot)));
+        }
         if self.plugged.contains_key(&spec.slot) {
             return Err(io::Error::other(format!("slot {} is already occupied", spec.slot)));
         }
@@ -211,7 +258,7 @@ impl Machine {
             let (f, r) = node_names(&dev.qdev, img.nsid);
             self.qmp.blockdev_add_raw(&img.path.to_string_lossy(), &f, &r)?;
         }
-        for (driver, mut props) in device_props(&dev) {
+        for (driver, mut props) in device_props(self.kind, &dev) {
             let id = props.iter().position(|(k, _)| *k == "id").map(|i| plain(&props.remove(i).1)).unwrap_or_default();
             let bus = props.iter().position(|(k, _)| *k == "bus").map(|i| plain(&props.remove(i).1)).unwrap_or_default();
             self.qmp.device_add(driver, &id, &bus, &props)?;
@@ -238,8 +285,9 @@ impl Machine {
     /// `_EJ0` of `slot` (also the surprise-removal trigger when no `device_del` came first).
     /// The device moves to the retiring list; its QEMU objects are reaped by [`Machine::reap`].
     pub fn eject(&mut self, slot: u8) -> io::Result<()> {
-        self.guest.qtest(|q| acpi_hotplug::eject(q, slot)).map_err(to_io)?;
-        self.acpi.ejected(slot);
+        let guest = self.guest.clone();
+        let acpi = &mut self.acpi;
+        guest.qtest(|q| acpi.eject(q, slot)).map_err(to_io)?;
         if let Some(dev) = self.plugged.remove(&slot) {
             self.retiring.push(dev);
         }
@@ -248,9 +296,10 @@ impl Machine {
 
     /// True while config space of `slot` still answers.
     pub fn slot_present(&mut self, slot: u8) -> io::Result<bool> {
+        let bdf = self.bdf(slot);
         let v = self
             .guest
-            .qtest(|q| firmware::cfg_read16(q, firmware::Bdf::slot(slot), firmware::cfg::VENDOR_ID))
+            .qtest(|q| firmware::cfg_read16(q, bdf, firmware::cfg::VENDOR_ID))
             .map_err(to_io)?;
         Ok(v != 0xffff)
     }
@@ -298,11 +347,15 @@ fn to_io(e: crate::qtest::QtestError) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-/// One-time firmware work on a fresh pc machine.
-fn setup_firmware(q: &mut Qtest) -> crate::qtest::QtestResult<()> {
+/// One-time firmware work on a fresh machine.
+fn setup_firmware(kind: MachineKind, q: &mut Qtest, ports: &[u8], acpi: &AcpiHotplug) -> crate::qtest::QtestResult<()> {
     // Interrupt lines come to this connection (SCI = GSI 9). QEMU accepts this once.
     q.irq_intercept_in("ioapic")?;
-    firmware::init_pc(q)
+    match kind {
+        MachineKind::Pc => firmware::init_pc(q)?,
+        MachineKind::Q35 => firmware::init_q35(q, ports)?,
+    }
+    acpi.enable_gpe(q)
 }
 
 /// File and raw node names for a namespace of `qdev`.
@@ -315,15 +368,18 @@ fn node_names(qdev: &str, nsid: u32) -> (String, String) {
 ///
 /// Values are typed JSON: QMP's `device_add` checks types strictly (a size given as a string is
 /// refused), while the command line takes their plain text form.
-fn device_props(dev: &PluggedDevice) -> Vec<(&'static str, Vec<(&'static str, Value)>)> {
+fn device_props(kind: MachineKind, dev: &PluggedDevice) -> Vec<(&'static str, Vec<(&'static str, Value)>)> {
     // NVMe serial numbers are at most 20 characters; the qdev id is unique per plug.
     let serial: String = format!("NVMEHP{}", dev.qdev).chars().take(20).collect();
-    let mut ctrl = vec![
-        ("id", Value::from(dev.qdev.clone())),
-        ("bus", Value::from("pci.0")),
-        ("addr", Value::from(format!("0x{:x}", dev.slot))),
-        ("serial", Value::from(serial)),
-    ];
+    let mut ctrl = vec![("id", Value::from(dev.qdev.clone()))];
+    match kind {
+        MachineKind::Pc => {
+            ctrl.push(("bus", Value::from("pci.0")));
+            ctrl.push(("addr", Value::from(format!("0x{:x}", dev.slot))));
+        }
+        MachineKind::Q35 => ctrl.push(("bus", Value::from(format!("rp{}", dev.slot)))),
+    }
+    ctrl.push(("serial", Value::from(serial)));
     let single = dev.images.len() == 1 && dev.images[0].nsid == 1;
     let mut out = Vec::new();
     if single {

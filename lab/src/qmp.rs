@@ -125,6 +125,12 @@ impl QmpClient {
         self.exec(&qmp::device_del { id: id.to_string() }).map(drop)
     }
 
+    /// `qom-get` of an integer property (e.g. a bus's `acpi-pcihp-bsel`).
+    pub fn qom_get_u64(&mut self, path: &str, property: &str) -> io::Result<u64> {
+        let v = self.exec(&qmp::qom_get { path: path.to_string(), property: property.to_string() })?;
+        v.as_u64().ok_or_else(|| io::Error::other(format!("qom-get {path} {property}: not an integer: {v}")))
+    }
+
     /// Polls the socket for events (with a cheap `query-version`).
     pub fn poll_events(&mut self) -> io::Result<()> {
         self.commands += 1;

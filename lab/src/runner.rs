@@ -72,7 +72,7 @@ impl Runner {
             machine: sc.machine.qemu_name().to_string(),
             ..Report::default()
         };
-        let machine = match Machine::start(sc.machine, &sc.controllers) {
+        let machine = match Machine::start_with_slots(sc.machine, &sc.controllers, &sc.slots()) {
             Ok(m) => m,
             Err(e) => {
                 report.violations.push(format!("harness: cannot start QEMU: {e}"));
@@ -120,8 +120,8 @@ impl Session {
     fn boot(&mut self) {
         match self.w.machine.scan() {
             Ok(found) => {
-                for f in found {
-                    if let Some(d) = Driver::attach(&mut self.w, f.bdf.dev) {
+                for (slot, _) in found {
+                    if let Some(d) = Driver::attach(&mut self.w, slot) {
                         self.drivers.insert(d.id.clone(), d);
                     }
                 }
@@ -471,7 +471,8 @@ impl Session {
             let lb = w.report.leaked_bytes;
             w.violation(format!("{lb} bytes of DMA memory still allocated after teardown"));
         }
-        let _ = w.machine.reap(Duration::from_secs(2));
+        // Bounded: devices QEMU leaked (ejected with backend I/O in flight) never finish.
+        let _ = w.machine.reap(Duration::from_millis(500));
         w.report.acked_writes = w.ledger.acked_writes();
         match w.ledger.verify_images() {
             Ok(lost) => {

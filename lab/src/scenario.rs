@@ -218,6 +218,24 @@ impl Scenario {
         Self::parse(&text).map_err(|e| ScenarioError(format!("{}: {}", path.display(), e.0)))
     }
 
+    /// Every slot the scenario uses (boot-time controllers and attach steps, repeats included).
+    pub fn slots(&self) -> Vec<u8> {
+        fn walk(steps: &[Step], out: &mut Vec<u8>) {
+            for s in steps {
+                match s {
+                    Step::Attach { slot, .. } => out.push(*slot),
+                    Step::Repeat { steps, .. } => walk(steps, out),
+                    _ => {}
+                }
+            }
+        }
+        let mut out: Vec<u8> = self.controllers.iter().map(|c| c.slot).collect();
+        walk(&self.steps, &mut out);
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Checks everything that can be checked without running (ids, slots, sizes, targets).
     pub fn validate(&self) -> Result<(), ScenarioError> {
         let mut slots = std::collections::BTreeMap::new();
@@ -227,7 +245,13 @@ impl Scenario {
                 return Err(ScenarioError(format!("controllers {other} and {} both use slot {}", c.id, c.slot)));
             }
         }
-        validate_steps(&self.steps, 0)
+        validate_steps(&self.steps, 0)?;
+        if self.machine == MachineKind::Q35 {
+            if let Some(s) = self.slots().into_iter().find(|s| *s > 30) {
+                return Err(ScenarioError(format!("q35: slot {s} is the ICH9 LPC's; use 2..=30")));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -34,9 +34,10 @@ fn firmware_finds_cold_controller_and_registers_answer() {
     let mut m = Machine::start(MachineKind::Pc, &[spec("c0", 4)]).unwrap();
     let found = m.scan().unwrap();
     assert_eq!(found.len(), 1, "{found:?}");
-    assert_eq!(found[0].bdf.dev, 4);
-    assert_eq!((found[0].vendor, found[0].device), (0x1b36, 0x0010));
-    let p = m.platform(&found[0]);
+    let (slot, f) = found[0];
+    assert_eq!((slot, f.bdf.dev), (4, 4));
+    assert_eq!((f.vendor, f.device), (0x1b36, 0x0010));
+    let p = m.platform(&f);
     assert!(p.present());
     let cap = p.read64(0);
     assert_eq!(cap & 0xffff, 0x7ff, "CAP.MQES {cap:#x}");
@@ -45,11 +46,22 @@ fn firmware_finds_cold_controller_and_registers_answer() {
 
 #[test]
 fn hot_add_announced_removal_and_surprise_removal() {
-    if !qemu_or_skip("hot_add_announced_removal_and_surprise_removal") {
-        return;
+    if qemu_or_skip("hot_add_announced_removal_and_surprise_removal") {
+        hotplug_sequence(MachineKind::Pc);
     }
-    let mut m = Machine::start(MachineKind::Pc, &[spec("c0", 4)]).unwrap();
-    m.scan().unwrap();
+}
+
+#[test]
+fn q35_root_ports_hot_add_announced_removal_and_surprise_removal() {
+    if qemu_or_skip("q35_root_ports_hot_add_announced_removal_and_surprise_removal") {
+        hotplug_sequence(MachineKind::Q35);
+    }
+}
+
+fn hotplug_sequence(kind: MachineKind) {
+    let mut m = Machine::start(kind, &[spec("c0", 4)]).unwrap();
+    let found = m.scan().unwrap();
+    assert_eq!(found.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![4], "boot-time controller found");
     assert!(m.poll_notifies().unwrap().is_empty());
 
     m.hot_add(&spec("c1", 6)).unwrap();

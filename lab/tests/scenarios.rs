@@ -45,6 +45,13 @@ fn scenario_remove_under_write() {
 }
 
 #[test]
+fn scenario_q35_smoke() {
+    if qemu_or_skip("scenario_q35_smoke") {
+        run_file("q35-smoke.toml");
+    }
+}
+
+#[test]
 fn every_shipped_scenario_parses() {
     let mut n = 0;
     for e in std::fs::read_dir(scenarios_dir()).unwrap() {

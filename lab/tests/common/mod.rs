@@ -32,7 +32,7 @@ pub fn boot(cold: &[ControllerSpec]) -> (Machine, Vec<Ctrl>) {
     let found = m.scan().expect("bus scan");
     assert_eq!(found.len(), cold.len(), "every cold controller is found: {found:?}");
     let mut ctrls = Vec::new();
-    for f in found {
+    for (_, f) in found {
         let mut c = Controller::new(m.platform(&f), lab_config());
         c.bring_up().expect("bring-up");
         ctrls.push(c);
