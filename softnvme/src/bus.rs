@@ -33,7 +33,11 @@ impl Bus {
         if len == 0 || !align.is_power_of_two() || align > 4096 {
             return Err(AllocError::Invalid);
         }
-        if let Some(i) = self.free.iter().position(|&(a, l)| l == len && a % align as u64 == 0) {
+        if let Some(i) = self
+            .free
+            .iter()
+            .position(|&(a, l)| l == len && a % align as u64 == 0)
+        {
             let (addr, _) = self.free.swap_remove(i);
             let off = (addr - BUS_BASE) as usize;
             self.arena[off..off + len].fill(0);
@@ -90,8 +94,11 @@ pub struct SoftRegion {
 }
 
 impl SoftRegion {
-    pub(crate) fn new(bus: Rc<RefCell<Bus>>, len: usize, align: usize)
-                      -> Result<SoftRegion, AllocError> {
+    pub(crate) fn new(
+        bus: Rc<RefCell<Bus>>,
+        len: usize,
+        align: usize,
+    ) -> Result<SoftRegion, AllocError> {
         let addr = bus.borrow_mut().alloc(len, align)?;
         Ok(SoftRegion { bus, addr, len })
     }
@@ -99,8 +106,11 @@ impl SoftRegion {
     fn range(&self, off: usize, n: usize) -> usize {
         // The engine promises never to pass a range outside the region; a test that
         // breaks the promise must fail loudly, so this is an assertion, not a clamp.
-        assert!(off.checked_add(n).is_some_and(|e| e <= self.len),
-                "DMA region access {off}+{n} outside length {}", self.len);
+        assert!(
+            off.checked_add(n).is_some_and(|e| e <= self.len),
+            "DMA region access {off}+{n} outside length {}",
+            self.len
+        );
         (self.addr - BUS_BASE) as usize + off
     }
 

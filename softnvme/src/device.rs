@@ -157,8 +157,11 @@ pub struct Device {
 impl Device {
     /// A controller with `cfg`, disabled.
     pub fn new(bus: Rc<RefCell<Bus>>, cfg: SoftConfig) -> Device {
-        let namespaces = cfg.namespaces.iter()
-            .map(|&(id, lbads, blocks)| (id, SoftNs::new(id, lbads, blocks))).collect();
+        let namespaces = cfg
+            .namespaces
+            .iter()
+            .map(|&(id, lbads, blocks)| (id, SoftNs::new(id, lbads, blocks)))
+            .collect();
         let nq = cfg.max_io_queues as usize + 1;
         Device {
             bus,
@@ -198,7 +201,12 @@ impl Device {
 
     fn tick(&mut self) {
         self.accesses += 1;
-        if self.vanished.is_none() && self.faults.vanish_at_access.is_some_and(|n| self.accesses >= n) {
+        if self.vanished.is_none()
+            && self
+                .faults
+                .vanish_at_access
+                .is_some_and(|n| self.accesses >= n)
+        {
             self.vanished = Some(self.faults.vanish_style);
         }
     }
@@ -264,7 +272,11 @@ impl Device {
         }
         if shn != 0 && (self.csts >> 2) & 3 == 0 {
             self.stats.shutdowns += 1;
-            let shst = if self.faults.shutdown_never_completes { 1 } else { 2 };
+            let shst = if self.faults.shutdown_never_completes {
+                1
+            } else {
+                2
+            };
             self.csts = (self.csts & !0xc) | shst << 2;
         }
     }
@@ -275,15 +287,34 @@ impl Device {
         let mps = (self.cc >> 7) & 0xf;
         let asqs = (self.aqa & 0xfff) as u16 + 1;
         let acqs = ((self.aqa >> 16) & 0xfff) as u16 + 1;
-        if iosqes != 6 || iocqes != 4 || mps != 0 || self.asq == 0 || self.acq == 0
-            || !self.asq.is_multiple_of(PAGE) || !self.acq.is_multiple_of(PAGE) || asqs < 2 || acqs < 2
+        if iosqes != 6
+            || iocqes != 4
+            || mps != 0
+            || self.asq == 0
+            || self.acq == 0
+            || !self.asq.is_multiple_of(PAGE)
+            || !self.acq.is_multiple_of(PAGE)
+            || asqs < 2
+            || acqs < 2
         {
             self.fatal();
             return;
         }
-        self.sqs[0] = Some(Sq { base: self.asq, size: asqs, head: 0, tail: 0, cqid: 0 });
-        self.cqs[0] = Some(Cq { base: self.acq, size: acqs, tail: 0, head: 0, phase: true,
-                                overflow: VecDeque::new() });
+        self.sqs[0] = Some(Sq {
+            base: self.asq,
+            size: asqs,
+            head: 0,
+            tail: 0,
+            cqid: 0,
+        });
+        self.cqs[0] = Some(Cq {
+            base: self.acq,
+            size: acqs,
+            tail: 0,
+            head: 0,
+            phase: true,
+            overflow: VecDeque::new(),
+        });
         if !self.faults.never_ready {
             self.csts |= 1;
         }
@@ -316,14 +347,18 @@ impl Device {
             return;
         }
         if idx.is_multiple_of(2) {
-            let Some(Some(sq)) = self.sqs.get_mut(qid) else { return };
+            let Some(Some(sq)) = self.sqs.get_mut(qid) else {
+                return;
+            };
             if val >= sq.size as u32 {
                 return; // invalid doorbell write: a real device posts an async error
             }
             sq.tail = val as u16;
             self.process_sq(qid as u16);
         } else {
-            let Some(Some(cq)) = self.cqs.get_mut(qid) else { return };
+            let Some(Some(cq)) = self.cqs.get_mut(qid) else {
+                return;
+            };
             if val >= cq.size as u32 {
                 return;
             }
@@ -353,7 +388,11 @@ impl Device {
             }
             self.stats.commands += 1;
             let cmd = Cmd::parse(&raw);
-            let result = if qid == 0 { self.admin(&cmd) } else { self.io(&cmd) };
+            let result = if qid == 0 {
+                self.admin(&cmd)
+            } else {
+                self.io(&cmd)
+            };
             if let Some((dw0, status)) = result {
                 self.complete(qid, sq.cqid, cmd.cid, dw0, status);
             }
@@ -366,10 +405,21 @@ impl Device {
             Some(Some(s)) => s.head,
             _ => 0,
         };
-        let mut cqe = Cqe { dw0, sqhd, sqid, cid, status };
+        let mut cqe = Cqe {
+            dw0,
+            sqhd,
+            sqid,
+            cid,
+            status,
+        };
         let admin = sqid == 0;
         let mut dup = false;
-        if self.faults.cqe_mutations.front().is_some_and(|m| m.admin == admin) {
+        if self
+            .faults
+            .cqe_mutations
+            .front()
+            .is_some_and(|m| m.admin == admin)
+        {
             let m: CqeMutation = self.faults.cqe_mutations.pop_front().unwrap_or_default();
             cqe.cid = m.cid.unwrap_or(cqe.cid);
             cqe.sqid = m.sqid.unwrap_or(cqe.sqid);
@@ -391,16 +441,22 @@ impl Device {
     }
 
     fn post(&mut self, cqid: u16, cqe: Cqe) {
-        let Some(Some(cq)) = self.cqs.get_mut(cqid as usize) else { return };
+        let Some(Some(cq)) = self.cqs.get_mut(cqid as usize) else {
+            return;
+        };
         cq.overflow.push_back(cqe);
         self.flush_overflow(cqid);
     }
 
     fn flush_overflow(&mut self, cqid: u16) {
         let bus = self.bus.clone();
-        let Some(Some(cq)) = self.cqs.get_mut(cqid as usize) else { return };
+        let Some(Some(cq)) = self.cqs.get_mut(cqid as usize) else {
+            return;
+        };
         while (cq.tail + 1) % cq.size != cq.head {
-            let Some(e) = cq.overflow.pop_front() else { break };
+            let Some(e) = cq.overflow.pop_front() else {
+                break;
+            };
             let mut b = [0u8; 16];
             b[0..4].copy_from_slice(&e.dw0.to_le_bytes());
             b[8..10].copy_from_slice(&e.sqhd.to_le_bytes());
@@ -408,7 +464,11 @@ impl Device {
             b[12..14].copy_from_slice(&e.cid.to_le_bytes());
             let status = (e.status & !1) | cq.phase as u16;
             b[14..16].copy_from_slice(&status.to_le_bytes());
-            if bus.borrow_mut().dma_write(cq.base + cq.tail as u64 * 16, &b).is_err() {
+            if bus
+                .borrow_mut()
+                .dma_write(cq.base + cq.tail as u64 * 16, &b)
+                .is_err()
+            {
                 self.stats.dma_faults += 1;
                 self.csts |= 2;
                 return;
@@ -470,7 +530,12 @@ impl Device {
             let mut i = 0;
             while i < entries_left_in_page && rest > 0 {
                 let mut e = [0u8; 8];
-                if self.bus.borrow().dma_read(list + i as u64 * 8, &mut e).is_err() {
+                if self
+                    .bus
+                    .borrow()
+                    .dma_read(list + i as u64 * 8, &mut e)
+                    .is_err()
+                {
                     return Err(DATA_XFER_ERROR);
                 }
                 let entry = u64::from_le_bytes(e);
@@ -497,7 +562,12 @@ impl Device {
     fn dma_out(&mut self, segs: &[(u64, usize)], data: &[u8]) -> u16 {
         let mut off = 0;
         for &(a, n) in segs {
-            if self.bus.borrow_mut().dma_write(a, &data[off..off + n]).is_err() {
+            if self
+                .bus
+                .borrow_mut()
+                .dma_write(a, &data[off..off + n])
+                .is_err()
+            {
                 self.stats.dma_faults += 1;
                 return DATA_XFER_ERROR;
             }
@@ -509,7 +579,12 @@ impl Device {
     fn dma_in(&mut self, segs: &[(u64, usize)], data: &mut [u8]) -> u16 {
         let mut off = 0;
         for &(a, n) in segs {
-            if self.bus.borrow().dma_read(a, &mut data[off..off + n]).is_err() {
+            if self
+                .bus
+                .borrow()
+                .dma_read(a, &mut data[off..off + n])
+                .is_err()
+            {
                 self.stats.dma_faults += 1;
                 return DATA_XFER_ERROR;
             }
@@ -590,7 +665,11 @@ impl Device {
 
     fn identify(&mut self, c: &Cmd) -> (u32, u16) {
         let page = match c.cdw10 & 0xff {
-            0x01 => self.faults.identify_ctrl.clone().unwrap_or_else(|| self.identify_ctrl_page()),
+            0x01 => self
+                .faults
+                .identify_ctrl
+                .clone()
+                .unwrap_or_else(|| self.identify_ctrl_page()),
             0x00 => {
                 if c.nsid == 0 || c.nsid > self.cfg.nn {
                     return (0, INVALID_NS);
@@ -609,8 +688,12 @@ impl Device {
                     p.clone()
                 } else {
                     let mut d = vec![0u8; 4096];
-                    for (i, id) in self.namespaces.keys().filter(|&&id| id > c.nsid)
-                        .take(1024).enumerate()
+                    for (i, id) in self
+                        .namespaces
+                        .keys()
+                        .filter(|&&id| id > c.nsid)
+                        .take(1024)
+                        .enumerate()
                     {
                         d[i * 4..i * 4 + 4].copy_from_slice(&id.to_le_bytes());
                     }
@@ -633,7 +716,10 @@ impl Device {
                 let max = self.cfg.max_io_queues as u32;
                 let n = want_sq.min(want_cq).min(max).max(1);
                 self.granted_queues = n as u16;
-                let dw0 = self.faults.grant_queues.unwrap_or((max - 1) | (max - 1) << 16);
+                let dw0 = self
+                    .faults
+                    .grant_queues
+                    .unwrap_or((max - 1) | (max - 1) << 16);
                 (dw0, OK)
             }
             0x0b => {
@@ -647,7 +733,9 @@ impl Device {
     fn create_cq(&mut self, c: &Cmd) -> (u32, u16) {
         let qid = (c.cdw10 & 0xffff) as usize;
         let size = (c.cdw10 >> 16) + 1;
-        if qid == 0 || qid > self.granted_queues as usize || qid >= self.cqs.len()
+        if qid == 0
+            || qid > self.granted_queues as usize
+            || qid >= self.cqs.len()
             || self.cqs[qid].is_some()
         {
             return (0, INVALID_QID);
@@ -658,8 +746,14 @@ impl Device {
         if c.cdw11 & 1 == 0 || !c.prp1.is_multiple_of(PAGE) {
             return (0, INVALID_FIELD);
         }
-        self.cqs[qid] = Some(Cq { base: c.prp1, size: size as u16, tail: 0, head: 0,
-                                  phase: true, overflow: VecDeque::new() });
+        self.cqs[qid] = Some(Cq {
+            base: c.prp1,
+            size: size as u16,
+            tail: 0,
+            head: 0,
+            phase: true,
+            overflow: VecDeque::new(),
+        });
         (0, OK)
     }
 
@@ -667,7 +761,9 @@ impl Device {
         let qid = (c.cdw10 & 0xffff) as usize;
         let size = (c.cdw10 >> 16) + 1;
         let cqid = (c.cdw11 >> 16) as usize;
-        if qid == 0 || qid > self.granted_queues as usize || qid >= self.sqs.len()
+        if qid == 0
+            || qid > self.granted_queues as usize
+            || qid >= self.sqs.len()
             || self.sqs[qid].is_some()
         {
             return (0, INVALID_QID);
@@ -681,8 +777,13 @@ impl Device {
         if c.cdw11 & 1 == 0 || !c.prp1.is_multiple_of(PAGE) {
             return (0, INVALID_FIELD);
         }
-        self.sqs[qid] = Some(Sq { base: c.prp1, size: size as u16, head: 0, tail: 0,
-                                  cqid: cqid as u16 });
+        self.sqs[qid] = Some(Sq {
+            base: c.prp1,
+            size: size as u16,
+            head: 0,
+            tail: 0,
+            cqid: cqid as u16,
+        });
         (0, OK)
     }
 
@@ -787,7 +888,9 @@ impl Device {
             self.faults.swallow_io -= 1;
             return None;
         }
-        let Some(ns) = self.namespaces.get(&c.nsid) else { return Some((0, INVALID_NS)) };
+        let Some(ns) = self.namespaces.get(&c.nsid) else {
+            return Some((0, INVALID_NS));
+        };
         let (lbads, nsze) = (ns.lbads, ns.blocks);
         let status = match c.opcode {
             0x00 => OK,
@@ -795,8 +898,11 @@ impl Device {
                 let slba = c.cdw10 as u64 | (c.cdw11 as u64) << 32;
                 let nlb = (c.cdw12 & 0xffff) as u64 + 1;
                 let len = (nlb << lbads) as usize;
-                let mdts_bytes = if self.cfg.mdts == 0 { usize::MAX }
-                                 else { (PAGE as usize) << self.cfg.mdts };
+                let mdts_bytes = if self.cfg.mdts == 0 {
+                    usize::MAX
+                } else {
+                    (PAGE as usize) << self.cfg.mdts
+                };
                 if len > mdts_bytes {
                     INVALID_FIELD
                 } else if slba.checked_add(nlb).is_none_or(|end| end > nsze) {
@@ -847,7 +953,8 @@ struct Cmd {
 
 impl Cmd {
     fn parse(b: &[u8; 64]) -> Cmd {
-        let dw = |i: usize| u32::from_le_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
+        let dw =
+            |i: usize| u32::from_le_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
         Cmd {
             opcode: b[0],
             cid: u16::from_le_bytes([b[2], b[3]]),

@@ -41,7 +41,11 @@ impl SoftNvme {
     pub fn new(cfg: SoftConfig) -> SoftNvme {
         let bus = Rc::new(RefCell::new(bus::Bus::default()));
         let dev = Rc::new(RefCell::new(Device::new(bus.clone(), cfg)));
-        SoftNvme { dev, bus, clock: Rc::new(Cell::new(0)) }
+        SoftNvme {
+            dev,
+            bus,
+            clock: Rc::new(Cell::new(0)),
+        }
     }
 
     /// Changes fault knobs.
@@ -119,7 +123,9 @@ impl SoftNvme {
 
     /// Attaches a namespace at run time (raises Namespace Attribute Changed).
     pub fn attach_namespace(&self, nsid: u32, lbads: u8, blocks: u64) {
-        self.dev.borrow_mut().attach_namespace(SoftNs::new(nsid, lbads, blocks));
+        self.dev
+            .borrow_mut()
+            .attach_namespace(SoftNs::new(nsid, lbads, blocks));
     }
 
     /// Detaches a namespace at run time.
@@ -154,7 +160,11 @@ impl RegisterIo for SoftNvme {
 
 impl PciPresence for SoftNvme {
     fn vendor_id(&self) -> u16 {
-        if self.dev.borrow().vanished.is_some() { 0xffff } else { VENDOR_ID }
+        if self.dev.borrow().vanished.is_some() {
+            0xffff
+        } else {
+            VENDOR_ID
+        }
     }
 }
 

@@ -18,7 +18,12 @@ pub struct SoftNs {
 impl SoftNs {
     /// An all-zero namespace.
     pub fn new(nsid: u32, lbads: u8, blocks: u64) -> SoftNs {
-        SoftNs { nsid, lbads, blocks, data: HashMap::new() }
+        SoftNs {
+            nsid,
+            lbads,
+            blocks,
+            data: HashMap::new(),
+        }
     }
     /// Block size in bytes.
     pub fn block_bytes(&self) -> usize {
@@ -41,7 +46,8 @@ impl SoftNs {
             match self.data.get_mut(&(lba + i as u64)) {
                 Some(b) => b.copy_from_slice(chunk),
                 None => {
-                    self.data.insert(lba + i as u64, chunk.to_vec().into_boxed_slice());
+                    self.data
+                        .insert(lba + i as u64, chunk.to_vec().into_boxed_slice());
                 }
             }
         }

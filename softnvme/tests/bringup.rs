@@ -13,7 +13,13 @@ fn bring_up_reports_identify_and_namespaces() {
         ..SoftConfig::default()
     };
     let dev = SoftNvme::new(cfg);
-    let mut c = Controller::new(dev.clone(), Config { io_queues: 4, ..Config::default() });
+    let mut c = Controller::new(
+        dev.clone(),
+        Config {
+            io_queues: 4,
+            ..Config::default()
+        },
+    );
     assert!(c.info().is_none());
     assert_eq!(dev.register_accesses(), 0, "new() must not touch registers");
     c.bring_up().unwrap();
@@ -23,13 +29,21 @@ fn bring_up_reports_identify_and_namespaces() {
     assert_eq!(info.model, "softnvme in-process controller");
     assert_eq!(info.mdts_bytes, 128 * 1024);
     assert_eq!(info.nn, 16);
-    assert_eq!(info.io_queues, 2, "granted queues are capped by the controller");
+    assert_eq!(
+        info.io_queues, 2,
+        "granted queues are capped by the controller"
+    );
     assert_eq!((info.version.major, info.version.minor), (1, 4));
     let ns = c.namespaces();
     assert_eq!(ns.len(), 2);
-    assert_eq!((ns[0].nsid, ns[0].lba_bytes, ns[0].blocks), (1, 512, 1 << 21));
-    assert_eq!((ns[1].nsid, ns[1].lba_bytes, ns[1].blocks, ns[1].capacity),
-               (3, 4096, 1000, 4096 * 1000));
+    assert_eq!(
+        (ns[0].nsid, ns[0].lba_bytes, ns[0].blocks),
+        (1, 512, 1 << 21)
+    );
+    assert_eq!(
+        (ns[1].nsid, ns[1].lba_bytes, ns[1].blocks, ns[1].capacity),
+        (3, 4096, 1000, 4096 * 1000)
+    );
     assert!(c.is_ready());
     assert_eq!(c.outstanding(), 0);
 }
@@ -40,7 +54,11 @@ fn bring_up_twice_recovers() {
     let before = dev.dma_bytes();
     c.bring_up().unwrap();
     assert!(c.is_ready());
-    assert_eq!(dev.dma_bytes(), before, "a second bring-up must not leak DMA memory");
+    assert_eq!(
+        dev.dma_bytes(),
+        before,
+        "a second bring-up must not leak DMA memory"
+    );
 }
 
 #[test]
@@ -48,18 +66,38 @@ fn shutdown_is_clean_and_frees_memory() {
     let (dev, mut c) = common::up(SoftConfig::default());
     c.shutdown().unwrap();
     assert_eq!(dev.stats().shutdowns, 1);
-    assert_eq!(dev.dma_bytes(), 0, "after shutdown every DMA region is freed");
-    assert_eq!(c.submit(common::req(1, nvme_hotplug::nvme::IoOp::Flush, 1, 0, 0,
-                                    &dev.buffer(4096), 512)),
-               Err(NvmeError::NotReady));
+    assert_eq!(
+        dev.dma_bytes(),
+        0,
+        "after shutdown every DMA region is freed"
+    );
+    assert_eq!(
+        c.submit(common::req(
+            1,
+            nvme_hotplug::nvme::IoOp::Flush,
+            1,
+            0,
+            0,
+            &dev.buffer(4096),
+            512
+        )),
+        Err(NvmeError::NotReady)
+    );
 }
 
 #[test]
 fn pre_1_1_controller_without_active_list() {
-    let cfg = SoftConfig { active_list: false, nn: 4, namespaces: vec![(2, 9, 100)],
-                           ..SoftConfig::default() };
+    let cfg = SoftConfig {
+        active_list: false,
+        nn: 4,
+        namespaces: vec![(2, 9, 100)],
+        ..SoftConfig::default()
+    };
     let (_dev, c) = common::up(cfg);
-    assert_eq!(c.namespaces().iter().map(|n| n.nsid).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(
+        c.namespaces().iter().map(|n| n.nsid).collect::<Vec<_>>(),
+        vec![2]
+    );
 }
 
 #[test]
@@ -67,5 +105,8 @@ fn drop_disables_and_frees() {
     let (dev, c) = common::up(SoftConfig::default());
     drop(c);
     assert_eq!(dev.dma_bytes(), 0);
-    assert_eq!(nvme_hotplug::platform::RegisterIo::read32(&dev, 0x1c) & 1, 0);
+    assert_eq!(
+        nvme_hotplug::platform::RegisterIo::read32(&dev, 0x1c) & 1,
+        0
+    );
 }

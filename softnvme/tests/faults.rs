@@ -22,31 +22,59 @@ fn bring_up_err(dev: &SoftNvme) -> NvmeError {
 #[test]
 fn bad_cap_values_are_rejected() {
     for cfg in [
-        SoftConfig { css: 0, ..Default::default() },
-        SoftConfig { mpsmin: 1, ..Default::default() },
-        SoftConfig { max_entries: 1, ..Default::default() },
-        SoftConfig { dstrd: 15, ..Default::default() },
+        SoftConfig {
+            css: 0,
+            ..Default::default()
+        },
+        SoftConfig {
+            mpsmin: 1,
+            ..Default::default()
+        },
+        SoftConfig {
+            max_entries: 1,
+            ..Default::default()
+        },
+        SoftConfig {
+            dstrd: 15,
+            ..Default::default()
+        },
     ] {
         let dev = SoftNvme::new(cfg.clone());
-        assert!(matches!(bring_up_err(&dev), NvmeError::BadDevice(_)), "{cfg:?}");
+        assert!(
+            matches!(bring_up_err(&dev), NvmeError::BadDevice(_)),
+            "{cfg:?}"
+        );
     }
 }
 
 #[test]
 fn zero_cap_timeout_still_waits_a_little() {
-    let dev = SoftNvme::new(SoftConfig { to: 0, ..Default::default() });
+    let dev = SoftNvme::new(SoftConfig {
+        to: 0,
+        ..Default::default()
+    });
     dev.faults(|f| f.never_ready = true);
     assert_eq!(bring_up_err(&dev), NvmeError::Timeout);
-    assert!(dev.now() >= 500_000, "CAP.TO = 0 is treated as 500 ms, waited {} us", dev.now());
+    assert!(
+        dev.now() >= 500_000,
+        "CAP.TO = 0 is treated as 500 ms, waited {} us",
+        dev.now()
+    );
 }
 
 #[test]
 fn never_ready_times_out_within_cap_to() {
-    let dev = SoftNvme::new(SoftConfig { to: 20, ..Default::default() });
+    let dev = SoftNvme::new(SoftConfig {
+        to: 20,
+        ..Default::default()
+    });
     dev.faults(|f| f.never_ready = true);
     assert_eq!(bring_up_err(&dev), NvmeError::Timeout);
     let t = dev.now();
-    assert!((10_000_000..=11_000_000).contains(&t), "waited {t} us for CAP.TO = 10 s");
+    assert!(
+        (10_000_000..=11_000_000).contains(&t),
+        "waited {t} us for CAP.TO = 10 s"
+    );
 }
 
 #[test]
@@ -63,8 +91,10 @@ fn garbage_identify_controller() {
 
 #[test]
 fn garbage_identify_namespace_rejects_only_that_namespace() {
-    let dev = SoftNvme::new(SoftConfig { namespaces: vec![(1, 9, 100), (2, 9, 100)],
-                                         ..Default::default() });
+    let dev = SoftNvme::new(SoftConfig {
+        namespaces: vec![(1, 9, 100), (2, 9, 100)],
+        ..Default::default()
+    });
     let mut bad = vec![0u8; 4096];
     bad[0] = 10; // NSZE 10
     bad[8] = 20; // NCAP 20 > NSZE
@@ -73,11 +103,16 @@ fn garbage_identify_namespace_rejects_only_that_namespace() {
     });
     let mut c = Controller::new(dev.clone(), Config::default());
     c.bring_up().unwrap();
-    assert_eq!(c.namespaces().iter().map(|n| n.nsid).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(
+        c.namespaces().iter().map(|n| n.nsid).collect::<Vec<_>>(),
+        vec![1]
+    );
     assert_eq!(c.rejected_namespaces(), &[(2, "NCAP larger than NSZE")]);
     let buf = dev.buffer(512);
-    assert!(matches!(c.submit(req(1, IoOp::Read, 2, 0, 1, &buf, 512)),
-                     Err(NvmeError::InvalidRequest(_))));
+    assert!(matches!(
+        c.submit(req(1, IoOp::Read, 2, 0, 1, &buf, 512)),
+        Err(NvmeError::InvalidRequest(_))
+    ));
 }
 
 #[test]
@@ -97,20 +132,38 @@ fn garbage_active_namespace_list() {
 
 #[test]
 fn huge_nn_is_capped_by_config() {
-    let dev = SoftNvme::new(SoftConfig { nn: u32::MAX, active_list: false,
-                                         namespaces: vec![(1, 9, 8), (7, 9, 8)],
-                                         ..Default::default() });
-    let mut c = Controller::new(dev.clone(), Config { max_namespaces: 4, ..Config::default() });
+    let dev = SoftNvme::new(SoftConfig {
+        nn: u32::MAX,
+        active_list: false,
+        namespaces: vec![(1, 9, 8), (7, 9, 8)],
+        ..Default::default()
+    });
+    let mut c = Controller::new(
+        dev.clone(),
+        Config {
+            max_namespaces: 4,
+            ..Config::default()
+        },
+    );
     c.bring_up().unwrap();
     // Without an active list the engine probes NSIDs 1..=4 only.
-    assert_eq!(c.namespaces().iter().map(|n| n.nsid).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(
+        c.namespaces().iter().map(|n| n.nsid).collect::<Vec<_>>(),
+        vec![1]
+    );
 }
 
 #[test]
 fn absurd_queue_grant_is_capped() {
     let dev = SoftNvme::new(SoftConfig::default());
     dev.faults(|f| f.grant_queues = Some(u32::MAX));
-    let mut c = Controller::new(dev.clone(), Config { io_queues: 2, ..Config::default() });
+    let mut c = Controller::new(
+        dev.clone(),
+        Config {
+            io_queues: 2,
+            ..Config::default()
+        },
+    );
     c.bring_up().unwrap();
     assert_eq!(c.info().unwrap().io_queues, 2);
 }
@@ -128,24 +181,49 @@ fn one_write_with(mutation: CqeMutation) -> (SoftNvme, Controller<SoftNvme>, Vec
 
 #[test]
 fn out_of_range_cid_is_reported_and_never_completes_the_request() {
-    let (dev, mut c, ev) = one_write_with(CqeMutation { cid: Some(0xfff0), ..Default::default() });
-    assert_eq!(ev, vec![Event::BadCompletion { qid: 1, what: "CID out of range" }]);
+    let (dev, mut c, ev) = one_write_with(CqeMutation {
+        cid: Some(0xfff0),
+        ..Default::default()
+    });
+    assert_eq!(
+        ev,
+        vec![Event::BadCompletion {
+            qid: 1,
+            what: "CID out of range"
+        }]
+    );
     assert_eq!(c.stats().bad_completions, 1);
-    assert_eq!(c.outstanding(), 1, "the request is not completed by a bad entry");
+    assert_eq!(
+        c.outstanding(),
+        1,
+        "the request is not completed by a bad entry"
+    );
     // The command is overdue eventually: the controller is given up and the request fails.
     dev.advance(31_000_000);
     let (io, other) = poll_all(&mut c);
     assert_eq!(io.len(), 1);
     assert_eq!(io[0].result, Err(NvmeError::Timeout));
-    assert!(matches!(other[..], [Event::ControllerLost { reason: NvmeError::Timeout,
-                                                         health: Health::Healthy }]));
+    assert!(matches!(
+        other[..],
+        [Event::ControllerLost {
+            reason: NvmeError::Timeout,
+            health: Health::Healthy
+        }]
+    ));
     assert!(c.is_dead());
-    assert_eq!(dev.read32(0x1c) & 1, 0, "controller disabled before buffers are handed back");
+    assert_eq!(
+        dev.read32(0x1c) & 1,
+        0,
+        "controller disabled before buffers are handed back"
+    );
 }
 
 #[test]
 fn duplicate_completion_is_dropped() {
-    let (_dev, c, ev) = one_write_with(CqeMutation { duplicate: true, ..Default::default() });
+    let (_dev, c, ev) = one_write_with(CqeMutation {
+        duplicate: true,
+        ..Default::default()
+    });
     assert_eq!(ev.len(), 2);
     assert!(matches!(ev[0], Event::Io(x) if x.tag == 1 && x.result.is_ok()));
     assert!(matches!(ev[1], Event::BadCompletion { what, .. } if what.contains("not outstanding")));
@@ -154,14 +232,29 @@ fn duplicate_completion_is_dropped() {
 
 #[test]
 fn wrong_sqid_and_sqhd_are_rejected() {
-    let (_d, c, ev) = one_write_with(CqeMutation { sqid: Some(3), ..Default::default() });
+    let (_d, c, ev) = one_write_with(CqeMutation {
+        sqid: Some(3),
+        ..Default::default()
+    });
     assert!(matches!(ev[..], [Event::BadCompletion { .. }]));
     assert_eq!(c.outstanding(), 1);
-    let (_d, c, ev) = one_write_with(CqeMutation { sqhd: Some(5000), ..Default::default() });
-    assert!(matches!(ev[..], [Event::BadCompletion { what: "SQ head beyond the queue size", .. }]));
+    let (_d, c, ev) = one_write_with(CqeMutation {
+        sqhd: Some(5000),
+        ..Default::default()
+    });
+    assert!(matches!(
+        ev[..],
+        [Event::BadCompletion {
+            what: "SQ head beyond the queue size",
+            ..
+        }]
+    ));
     assert_eq!(c.outstanding(), 1);
     // An in-range head outside the valid window is ignored; the completion itself stands.
-    let (_d, c, ev) = one_write_with(CqeMutation { sqhd: Some(100), ..Default::default() });
+    let (_d, c, ev) = one_write_with(CqeMutation {
+        sqhd: Some(100),
+        ..Default::default()
+    });
     assert!(matches!(ev[..], [Event::Io(x)] if x.result.is_ok()));
     assert_eq!(c.ignored_sq_heads(), 1);
 }
@@ -169,7 +262,10 @@ fn wrong_sqid_and_sqhd_are_rejected() {
 #[test]
 fn injected_error_status_is_typed() {
     let status = nvme_hotplug::nvme::Status::field(2, 0x80, true); // media: write fault
-    let (_d, _c, ev) = one_write_with(CqeMutation { status: Some(status), ..Default::default() });
+    let (_d, _c, ev) = one_write_with(CqeMutation {
+        status: Some(status),
+        ..Default::default()
+    });
     assert!(matches!(ev[..], [Event::Io(x)] if matches!(x.result,
         Err(NvmeError::Status(s)) if s.code == nvme_hotplug::nvme::StatusCode::WriteFault)));
 }
@@ -180,13 +276,24 @@ fn never_completing_command_times_out_and_io_sync_does_not_hang() {
     dev.faults(|f| f.swallow_io = 1);
     let buf = dev.buffer(512);
     let t0 = dev.now();
-    assert_eq!(c.io_sync(req(1, IoOp::Write, 1, 0, 1, &buf, 512)), Err(NvmeError::Timeout));
+    assert_eq!(
+        c.io_sync(req(1, IoOp::Write, 1, 0, 1, &buf, 512)),
+        Err(NvmeError::Timeout)
+    );
     let waited = dev.now() - t0;
-    assert!((30_000_000..61_000_000).contains(&waited), "waited {waited} us");
+    assert!(
+        (30_000_000..61_000_000).contains(&waited),
+        "waited {waited} us"
+    );
     assert!(c.is_dead());
-    assert_eq!(c.submit(req(2, IoOp::Write, 1, 0, 1, &buf, 512)), Err(NvmeError::Gone));
+    assert_eq!(
+        c.submit(req(2, IoOp::Write, 1, 0, 1, &buf, 512)),
+        Err(NvmeError::Gone)
+    );
     let (_, other) = poll_all(&mut c);
-    assert!(other.iter().any(|e| matches!(e, Event::ControllerLost { .. })));
+    assert!(other
+        .iter()
+        .any(|e| matches!(e, Event::ControllerLost { .. })));
     // Recovery: bring it up again.
     c.bring_up().unwrap();
     c.io_sync(req(3, IoOp::Write, 1, 0, 1, &buf, 512)).unwrap();
@@ -202,8 +309,13 @@ fn swallowed_admin_command_fails_bring_up_bounded() {
 #[test]
 fn bad_admin_completion_during_bring_up() {
     let dev = SoftNvme::new(SoftConfig::default());
-    dev.faults(|f| f.cqe_mutations.push_back(CqeMutation { admin: true, cid: Some(999),
-                                                           ..Default::default() }));
+    dev.faults(|f| {
+        f.cqe_mutations.push_back(CqeMutation {
+            admin: true,
+            cid: Some(999),
+            ..Default::default()
+        })
+    });
     assert_eq!(bring_up_err(&dev), NvmeError::Timeout);
 }
 
@@ -217,7 +329,13 @@ fn fatal_status_is_failed_health() {
     dev.advance(31_000_000);
     let (io, other) = poll_all(&mut c);
     assert_eq!(io[0].result, Err(NvmeError::Timeout));
-    assert!(matches!(other[..], [Event::ControllerLost { health: Health::Failed { .. }, .. }]));
+    assert!(matches!(
+        other[..],
+        [Event::ControllerLost {
+            health: Health::Failed { .. },
+            ..
+        }]
+    ));
 }
 
 #[test]
@@ -226,7 +344,10 @@ fn device_that_cannot_be_disabled_leaks_instead_of_freeing() {
     dev.faults(|f| f.never_disable = true);
     c.fail_all(NvmeError::Aborted, &mut |_| {});
     c.shutdown().unwrap(); // dead: releases what it may
-    assert!(c.stats().leaked_regions > 0, "memory the device may still write is not freed");
+    assert!(
+        c.stats().leaked_regions > 0,
+        "memory the device may still write is not freed"
+    );
     assert!(dev.dma_bytes() > 0);
 }
 
@@ -234,7 +355,10 @@ fn device_that_cannot_be_disabled_leaks_instead_of_freeing() {
 fn controller_left_enabled_but_not_ready_is_settled_then_reset() {
     // Firmware left CC.EN = 1 and the controller never came ready: bring-up waits (bounded)
     // for it to settle, disables it, and starts over.
-    let dev = SoftNvme::new(SoftConfig { to: 2, ..Default::default() });
+    let dev = SoftNvme::new(SoftConfig {
+        to: 2,
+        ..Default::default()
+    });
     dev.faults(|f| f.never_ready = true);
     dev.write32(0x24, 0x001f_001f);
     let scratch = dev.buffer(8192);
@@ -246,7 +370,10 @@ fn controller_left_enabled_but_not_ready_is_settled_then_reset() {
     let t0 = dev.now();
     let mut c = Controller::new(dev.clone(), Config::default());
     c.bring_up().unwrap();
-    assert!(dev.now() - t0 >= 1_000_000, "waited for RDY before clearing EN");
+    assert!(
+        dev.now() - t0 >= 1_000_000,
+        "waited for RDY before clearing EN"
+    );
 }
 
 #[test]
@@ -255,7 +382,10 @@ fn a_device_that_never_updates_sq_head_keeps_working() {
     let buf = dev.buffer(512);
     dev.faults(|f| {
         for _ in 0..1000 {
-            f.cqe_mutations.push_back(CqeMutation { sqhd: Some(5), ..Default::default() });
+            f.cqe_mutations.push_back(CqeMutation {
+                sqhd: Some(5),
+                ..Default::default()
+            });
         }
     });
     for t in 0..1000 {

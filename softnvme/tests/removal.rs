@@ -16,7 +16,8 @@ fn with_outstanding(n: u64) -> (SoftNvme, Controller<SoftNvme>, Vec<softnvme::So
         let b = dev.buffer(4096 * 64);
         // Mix of single and split requests (MDTS 128 KiB: 256 KiB -> 2 parts).
         let blocks = if t % 2 == 0 { 8 } else { 512 };
-        c.submit(req(t, IoOp::Write, 1, t * 1024, blocks, &b, 512)).unwrap();
+        c.submit(req(t, IoOp::Write, 1, t * 1024, blocks, &b, 512))
+            .unwrap();
         bufs.push(b);
     }
     assert_eq!(c.outstanding(), n as usize);
@@ -29,7 +30,10 @@ fn exactly_once(done: &[Completion], n: u64, err: NvmeError) {
         seen[d.tag as usize] += 1;
         assert_eq!(d.result, Err(err));
     }
-    assert!(seen.iter().all(|&k| k == 1), "each request completed exactly once: {seen:?}");
+    assert!(
+        seen.iter().all(|&k| k == 1),
+        "each request completed exactly once: {seen:?}"
+    );
 }
 
 fn removal(style: Vanish) {
@@ -47,9 +51,15 @@ fn removal(style: Vanish) {
     assert!(io.is_empty());
     let mut again = Vec::new();
     c.fail_all(NvmeError::Gone, &mut |x| again.push(x));
-    assert!(again.is_empty(), "a second fail_all has nothing left to complete");
+    assert!(
+        again.is_empty(),
+        "a second fail_all has nothing left to complete"
+    );
     let b = dev.buffer(512);
-    assert_eq!(c.submit(req(99, IoOp::Read, 1, 0, 1, &b, 512)), Err(NvmeError::Gone));
+    assert_eq!(
+        c.submit(req(99, IoOp::Read, 1, 0, 1, &b, 512)),
+        Err(NvmeError::Gone)
+    );
     // Shutdown of a dead controller touches no register.
     let before = dev.register_accesses();
     c.shutdown().unwrap();
@@ -57,7 +67,11 @@ fn removal(style: Vanish) {
     drop(c);
     drop(b);
     drop(_bufs);
-    assert_eq!(dev.dma_bytes(), 0, "a gone device cannot DMA: all memory is freed");
+    assert_eq!(
+        dev.dma_bytes(),
+        0,
+        "a gone device cannot DMA: all memory is freed"
+    );
 }
 
 #[test]
@@ -79,8 +93,13 @@ fn removal_zero_flavour_is_detected_by_poll_timeout() {
         dev.advance(31_000_000);
         let (io, other) = poll_all(&mut c);
         exactly_once(&io, 3, NvmeError::Gone);
-        assert_eq!(other, vec![Event::ControllerLost { reason: NvmeError::Gone,
-                                                       health: Health::Gone }]);
+        assert_eq!(
+            other,
+            vec![Event::ControllerLost {
+                reason: NvmeError::Gone,
+                health: Health::Gone
+            }]
+        );
     }
 }
 
@@ -103,8 +122,19 @@ fn fail_all_keeps_real_results_already_reaped() {
     let mut done = Vec::new();
     c.fail_all(NvmeError::Gone, &mut |x| done.push(x));
     done.sort_by_key(|x| x.tag);
-    assert_eq!(done, vec![Completion { tag: 1, result: Ok(()) },
-                          Completion { tag: 3, result: Err(NvmeError::Gone) }]);
+    assert_eq!(
+        done,
+        vec![
+            Completion {
+                tag: 1,
+                result: Ok(())
+            },
+            Completion {
+                tag: 3,
+                result: Err(NvmeError::Gone)
+            }
+        ]
+    );
     assert_eq!(dev.media_read(1, 0, 1).unwrap(), pattern(512, 1));
 }
 
@@ -118,7 +148,10 @@ fn vanish_during_io_sync_is_bounded() {
         f.vanish_at_access = Some(at);
         f.vanish_style = Vanish::Zeros;
     });
-    assert_eq!(c.io_sync(req(1, IoOp::Read, 1, 0, 1, &b, 512)), Err(NvmeError::Gone));
+    assert_eq!(
+        c.io_sync(req(1, IoOp::Read, 1, 0, 1, &b, 512)),
+        Err(NvmeError::Gone)
+    );
     assert!(c.is_dead());
 }
 
@@ -131,7 +164,10 @@ fn vanish_at_every_access_of_a_lifecycle() {
     let mut before_shutdown = 0;
     lifecycle(&dev, &mut before_shutdown).unwrap();
     let count = dev.register_accesses();
-    assert!(count > 20 && before_shutdown < count, "{before_shutdown} / {count} accesses");
+    assert!(
+        count > 20 && before_shutdown < count,
+        "{before_shutdown} / {count} accesses"
+    );
     for style in [Vanish::AllOnes, Vanish::Zeros] {
         for n in 1..=count + 1 {
             let dev = SoftNvme::new(SoftConfig::default());
@@ -142,12 +178,19 @@ fn vanish_at_every_access_of_a_lifecycle() {
             let r = lifecycle(&dev, &mut 0);
             if n <= before_shutdown {
                 // Gone before or during bring-up/I/O: some later access must notice.
-                assert!(r.is_err(), "vanish at access {n} ({style:?}) went unnoticed");
+                assert!(
+                    r.is_err(),
+                    "vanish at access {n} ({style:?}) went unnoticed"
+                );
             } else if n > count {
                 assert_eq!(r, Ok(()));
             }
             // Inside shutdown either answer is acceptable (zeros read like "disabled").
-            assert!(dev.now() < 200_000_000, "vanish at {n} ({style:?}) took {} us", dev.now());
+            assert!(
+                dev.now() < 200_000_000,
+                "vanish at {n} ({style:?}) took {} us",
+                dev.now()
+            );
         }
     }
 }

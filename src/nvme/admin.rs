@@ -28,7 +28,9 @@ pub fn active_ns_list(after: u32, addr: u64) -> Sqe {
 /// Completion dword 0 holds what was granted (0-based, SQs in 15:0, CQs in 31:16).
 pub fn set_num_queues(n: u16) -> Sqe {
     let v = (n.max(1) - 1) as u32;
-    Sqe::new(admin_op::SET_FEATURES, 0).cdw(10, feature::NUM_QUEUES).cdw(11, v | v << 16)
+    Sqe::new(admin_op::SET_FEATURES, 0)
+        .cdw(10, feature::NUM_QUEUES)
+        .cdw(11, v | v << 16)
 }
 
 /// Create I/O Completion Queue `qid` with `entries` at `addr`, physically contiguous,

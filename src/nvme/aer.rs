@@ -27,7 +27,11 @@ pub struct AsyncEvent {
 impl AsyncEvent {
     /// Decodes dword 0 of an AER completion.
     pub fn decode(dw0: u32) -> AsyncEvent {
-        AsyncEvent { kind: (dw0 & 7) as u8, info: (dw0 >> 8) as u8, log_page: (dw0 >> 16) as u8 }
+        AsyncEvent {
+            kind: (dw0 & 7) as u8,
+            info: (dw0 >> 8) as u8,
+            log_page: (dw0 >> 16) as u8,
+        }
     }
     /// Namespace Attribute Changed.
     pub fn is_ns_changed(&self) -> bool {
@@ -47,7 +51,9 @@ pub fn request() -> Sqe {
 /// Set Features / Asynchronous Event Configuration: enable Namespace Attribute Notices
 /// (bit 8) and the SMART critical warnings (bits 7:0).
 pub fn enable_notices() -> Sqe {
-    Sqe::new(admin_op::SET_FEATURES, 0).cdw(10, feature::ASYNC_EVENT_CONFIG).cdw(11, 0x1ff)
+    Sqe::new(admin_op::SET_FEATURES, 0)
+        .cdw(10, feature::ASYNC_EVENT_CONFIG)
+        .cdw(11, 0x1ff)
 }
 
 /// Get Log Page for `lid`, `bytes` long (a multiple of 4, at most 4096), into PRP1 `addr`

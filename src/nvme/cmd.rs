@@ -211,7 +211,14 @@ mod tests {
 
     #[test]
     fn cqe_round_trip() {
-        let c = Cqe { dw0: 1, dw1: 2, sqhd: 3, sqid: 4, cid: 5, status: 0x8101 };
+        let c = Cqe {
+            dw0: 1,
+            dw1: 2,
+            sqhd: 3,
+            sqid: 4,
+            cid: 5,
+            status: 0x8101,
+        };
         let p = Cqe::from_bytes(&c.to_bytes());
         assert_eq!(p, c);
         assert!(p.phase());

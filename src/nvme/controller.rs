@@ -106,7 +106,6 @@ pub struct Stats {
     pub leaked_regions: u64,
 }
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Not brought up (new, after shutdown, or after a failed bring-up).
@@ -188,8 +187,13 @@ fn status_result(cqe: &Cqe) -> Result<(), NvmeError> {
 
 /// Records one finished part of request `idx`; returns the request's completion when it was
 /// the last part.
-fn finish_part(requests: &mut [Option<ReqState>], free: &mut Vec<u32>, live: &mut usize,
-               idx: u32, res: Result<(), NvmeError>) -> Option<Completion> {
+fn finish_part(
+    requests: &mut [Option<ReqState>],
+    free: &mut Vec<u32>,
+    live: &mut usize,
+    idx: u32,
+    res: Result<(), NvmeError>,
+) -> Option<Completion> {
     let slot = requests.get_mut(idx as usize)?;
     let st = slot.as_mut()?;
     if let Err(e) = res {
@@ -202,7 +206,10 @@ fn finish_part(requests: &mut [Option<ReqState>], free: &mut Vec<u32>, live: &mu
     let st = slot.take()?;
     free.push(idx);
     *live -= 1;
-    Some(Completion { tag: st.tag, result: st.err.map_or(Ok(()), Err) })
+    Some(Completion {
+        tag: st.tag,
+        result: st.err.map_or(Ok(()), Err),
+    })
 }
 
 impl<P: Platform> Controller<P> {
@@ -311,7 +318,11 @@ impl<P: Platform> Controller<P> {
                 self.stop_and_release();
                 self.info = None;
                 self.namespaces.clear();
-                self.state = if e == NvmeError::Gone { State::Dead } else { State::Down };
+                self.state = if e == NvmeError::Gone {
+                    State::Dead
+                } else {
+                    State::Down
+                };
                 Err(e)
             }
         }
@@ -325,7 +336,10 @@ impl<P: Platform> Controller<P> {
         ctrlr::settle(&self.p, &cap)?;
         ctrlr::disable(&self.p, &cap)?;
 
-        let admin_entries = self.cfg.admin_entries.clamp(2, cap.max_entries.min(4096) as u16);
+        let admin_entries = self
+            .cfg
+            .admin_entries
+            .clamp(2, cap.max_entries.min(4096) as u16);
         let admin = QueuePair::new(&self.p, &cap, 0, admin_entries)?;
         let aqa = (admin_entries as u32 - 1) << 16 | (admin_entries as u32 - 1);
         self.p.write32(regs::AQA, aqa);
@@ -351,13 +365,18 @@ impl<P: Platform> Controller<P> {
             want -= 1;
         }
         if cap.cq_head_doorbell(1).is_none() {
-            return Err(NvmeError::BadDevice("CAP.DSTRD leaves no room for an I/O doorbell"));
+            return Err(NvmeError::BadDevice(
+                "CAP.DSTRD leaves no room for an I/O doorbell",
+            ));
         }
         let granted = self.admin_sync(admin::set_num_queues(want))?.dw0;
         let nsqa = (granted & 0xffff) + 1;
         let ncqa = (granted >> 16) + 1;
         let nq = (want as u32).min(nsqa).min(ncqa) as u16;
-        let io_entries = self.cfg.io_entries.clamp(2, cap.max_entries.min(65535) as u16);
+        let io_entries = self
+            .cfg
+            .io_entries
+            .clamp(2, cap.max_entries.min(65535) as u16);
         for qid in 1..=nq {
             let q = QueuePair::new(&self.p, &cap, qid, io_entries)?;
             self.admin_sync(admin::create_cq(qid, io_entries, q.cq_addr(), 0))?;
@@ -394,7 +413,10 @@ impl<P: Platform> Controller<P> {
     }
 
     fn alloc_page(&self) -> Result<P::Region, NvmeError> {
-        let r = self.p.alloc_dma(IDENTIFY_LEN, 4096).map_err(|_| NvmeError::NoMemory)?;
+        let r = self
+            .p
+            .alloc_dma(IDENTIFY_LEN, 4096)
+            .map_err(|_| NvmeError::NoMemory)?;
         if r.len() < IDENTIFY_LEN {
             return Err(NvmeError::NoMemory);
         }
@@ -402,7 +424,10 @@ impl<P: Platform> Controller<P> {
     }
 
     fn scratch_addr(&self) -> Result<u64, NvmeError> {
-        self.scratch.as_ref().map(|r| r.bus_addr()).ok_or(NvmeError::NotReady)
+        self.scratch
+            .as_ref()
+            .map(|r| r.bus_addr())
+            .ok_or(NvmeError::NotReady)
     }
 
     fn read_scratch(&self) -> Result<Vec<u8>, NvmeError> {
@@ -450,12 +475,15 @@ impl<P: Platform> Controller<P> {
         let mut rearm = false;
         let mut read_log = None;
         for _ in 0..admin.entries() {
-            let Some(r) = admin.next_completion() else { break };
+            let Some(r) = admin.next_completion() else {
+                break;
+            };
             consumed = true;
             match r {
                 Err(what) => {
                     self.stats.bad_completions += 1;
-                    self.deferred.push_back(Event::BadCompletion { qid: 0, what });
+                    self.deferred
+                        .push_back(Event::BadCompletion { qid: 0, what });
                 }
                 Ok((cqe, t)) => match t.owner {
                     AdminOwner::Sync(s) => {
@@ -472,7 +500,9 @@ impl<P: Platform> Controller<P> {
                                 self.deferred.push_back(Event::NamespacesChanged);
                             } else {
                                 self.deferred.push_back(Event::AsyncNotice {
-                                    kind: ev.kind, info: ev.info, log_page: ev.log_page,
+                                    kind: ev.kind,
+                                    info: ev.info,
+                                    log_page: ev.log_page,
                                 });
                                 read_log = Some(ev.log_page);
                             }
@@ -500,7 +530,10 @@ impl<P: Platform> Controller<P> {
             return;
         }
         if let Some(admin) = self.admin.as_mut() {
-            if admin.push(aer::request(), AdminOwner::Aer, u64::MAX).is_ok() {
+            if admin
+                .push(aer::request(), AdminOwner::Aer, u64::MAX)
+                .is_ok()
+            {
                 admin.ring(&self.p);
                 self.aer_armed = true;
                 self.stats.commands += 1;
@@ -513,7 +546,9 @@ impl<P: Platform> Controller<P> {
         if self.aer_log_busy {
             return;
         }
-        let Some(addr) = self.aer_page.as_ref().map(|r| r.bus_addr()) else { return };
+        let Some(addr) = self.aer_page.as_ref().map(|r| r.bus_addr()) else {
+            return;
+        };
         let bytes = match lid {
             log_page::ERROR => 64,
             log_page::SMART => 512,
@@ -521,7 +556,12 @@ impl<P: Platform> Controller<P> {
         };
         let deadline = self.p.now_us().saturating_add(self.cfg.cmd_timeout_us);
         if let Some(admin) = self.admin.as_mut() {
-            if admin.push(aer::get_log_page(lid, bytes, addr), AdminOwner::AerLog, deadline)
+            if admin
+                .push(
+                    aer::get_log_page(lid, bytes, addr),
+                    AdminOwner::AerLog,
+                    deadline,
+                )
                 .is_ok()
             {
                 admin.ring(&self.p);
@@ -535,8 +575,7 @@ impl<P: Platform> Controller<P> {
     /// Finds the active namespaces and identifies each. Returns the usable ones and the
     /// rejected ones.
     #[allow(clippy::type_complexity)]
-    fn scan_namespaces(&mut self)
-                       -> Result<(Vec<Namespace>, Vec<(u32, &'static str)>), NvmeError> {
+    fn scan_namespaces(&mut self) -> Result<(Vec<Namespace>, Vec<(u32, &'static str)>), NvmeError> {
         let (nn, mdts) = match &self.info {
             Some(i) => (i.nn, i.mdts_bytes),
             None => return Err(NvmeError::NotReady),
@@ -603,14 +642,22 @@ impl<P: Platform> Controller<P> {
             State::Ready => {}
         }
         let mdts = self.info.as_ref().ok_or(NvmeError::NotReady)?.mdts_bytes;
-        let ns = self.namespaces.iter().find(|n| n.nsid == req.nsid)
+        let ns = self
+            .namespaces
+            .iter()
+            .find(|n| n.nsid == req.nsid)
             .ok_or(NvmeError::InvalidRequest("unknown namespace"))?;
-        let per_queue = self.io.first().map(|q| q.capacity()).ok_or(NvmeError::NotReady)?;
+        let per_queue = self
+            .io
+            .first()
+            .map(|q| q.capacity())
+            .ok_or(NvmeError::NotReady)?;
         let plan = Plan::new(req, ns, mdts, per_queue as u32)?;
         let parts = plan.parts as usize;
 
         let nq = self.io.len();
-        let qi = (0..nq).map(|k| (self.next_queue + k) % nq)
+        let qi = (0..nq)
+            .map(|k| (self.next_queue + k) % nq)
             .find(|&qi| self.io[qi].has_room(parts))
             .ok_or(NvmeError::QueueFull)?;
         self.next_queue = (qi + 1) % nq;
@@ -621,8 +668,11 @@ impl<P: Platform> Controller<P> {
             self.prp_pool.push(page);
         }
         let idx = self.free_reqs.pop().ok_or(NvmeError::QueueFull)?;
-        self.requests[idx as usize] = Some(ReqState { tag: plan.tag(), parts_left: plan.parts,
-                                                      err: None });
+        self.requests[idx as usize] = Some(ReqState {
+            tag: plan.tag(),
+            parts_left: plan.parts,
+            err: None,
+        });
         self.live += 1;
 
         let deadline = self.p.now_us().saturating_add(self.cfg.cmd_timeout_us);
@@ -647,8 +697,11 @@ impl<P: Platform> Controller<P> {
                 },
             };
             let ok = !matches!(part.prp2, Prp2::List { .. }) || prp.is_some();
-            let pushed = if ok { q.push(sqe, IoPart { req: idx, prp }, deadline).is_ok() }
-                         else { false };
+            let pushed = if ok {
+                q.push(sqe, IoPart { req: idx, prp }, deadline).is_ok()
+            } else {
+                false
+            };
             if !pushed {
                 // Cannot happen after the room check; if it does, the request must still
                 // complete exactly once: with an error, once the parts already queued finish.
@@ -716,8 +769,13 @@ impl<P: Platform> Controller<P> {
                             self.prp_pool.push(page);
                         }
                         let res = status_result(&cqe);
-                        if let Some(c) = finish_part(&mut self.requests, &mut self.free_reqs,
-                                                     &mut self.live, t.owner.req, res) {
+                        if let Some(c) = finish_part(
+                            &mut self.requests,
+                            &mut self.free_reqs,
+                            &mut self.live,
+                            t.owner.req,
+                            res,
+                        ) {
                             n += 1;
                             on(Event::Io(c));
                         }
@@ -738,8 +796,16 @@ impl<P: Platform> Controller<P> {
         if now < self.next_check_us {
             return 0;
         }
-        let io_min = self.io.iter().map(|q| q.earliest_deadline()).min().unwrap_or(u64::MAX);
-        let admin_min = self.admin.as_ref().map_or(u64::MAX, |a| a.earliest_deadline());
+        let io_min = self
+            .io
+            .iter()
+            .map(|q| q.earliest_deadline())
+            .min()
+            .unwrap_or(u64::MAX);
+        let admin_min = self
+            .admin
+            .as_ref()
+            .map_or(u64::MAX, |a| a.earliest_deadline());
         let earliest = io_min.min(admin_min);
         if earliest > now {
             self.next_check_us = earliest;
@@ -747,7 +813,11 @@ impl<P: Platform> Controller<P> {
         }
         self.stats.timeouts += 1;
         let health = health::assess(&self.p, self.enabled);
-        let reason = if health == Health::Gone { NvmeError::Gone } else { NvmeError::Timeout };
+        let reason = if health == Health::Gone {
+            NvmeError::Gone
+        } else {
+            NvmeError::Timeout
+        };
         let mut n = 0;
         self.fail_all(reason, &mut |c| {
             n += 1;
@@ -800,7 +870,10 @@ impl<P: Platform> Controller<P> {
             if let Some(st) = slot.take() {
                 self.free_reqs.push(idx as u32);
                 self.stats.failed_requests += 1;
-                done(Completion { tag: st.tag, result: Err(err) });
+                done(Completion {
+                    tag: st.tag,
+                    result: Err(err),
+                });
             }
         }
         self.live = 0;
@@ -853,7 +926,11 @@ impl<P: Platform> Controller<P> {
         for q in self.io.drain(..) {
             drop_or_leak_queue(q, &mut drop_or_leak);
         }
-        for r in self.scratch.take().into_iter().chain(self.aer_page.take())
+        for r in self
+            .scratch
+            .take()
+            .into_iter()
+            .chain(self.aer_page.take())
             .chain(self.prp_pool.drain(..))
         {
             drop_or_leak(r);
@@ -880,14 +957,16 @@ impl<P: Platform> Controller<P> {
         }
         if self.live > 0 {
             return Err(NvmeError::InvalidRequest(
-                "I/O outstanding: drain with poll() or fail_all() first"));
+                "I/O outstanding: drain with poll() or fail_all() first",
+            ));
         }
         let cap = self.cap.ok_or(NvmeError::NotReady)?;
         let mut first_err = None;
         // SQs before their CQs (a CQ with an SQ still attached cannot be deleted).
         let qids: Vec<u16> = self.io.iter().rev().map(|q| q.qid()).collect();
         for qid in qids {
-            let r = self.admin_sync(admin::delete_sq(qid))
+            let r = self
+                .admin_sync(admin::delete_sq(qid))
                 .and_then(|_| self.admin_sync(admin::delete_cq(qid)));
             if let Err(e) = r {
                 first_err = Some(e);
@@ -901,7 +980,11 @@ impl<P: Platform> Controller<P> {
             }
         }
         self.stop_and_release();
-        self.state = if first_err == Some(NvmeError::Gone) { State::Dead } else { State::Down };
+        self.state = if first_err == Some(NvmeError::Gone) {
+            State::Dead
+        } else {
+            State::Down
+        };
         first_err.map_or(Ok(()), Err)
     }
 

@@ -29,7 +29,9 @@ pub fn read_cap<P: RegisterIo + PciPresence>(p: &P) -> Result<Cap, NvmeError> {
         return Err(NvmeError::BadDevice("CAP.MPSMIN above the 4 KiB host page"));
     }
     if cap.sq_tail_doorbell(0).is_none() || cap.cq_head_doorbell(0).is_none() {
-        return Err(NvmeError::BadDevice("CAP.DSTRD puts the admin doorbells outside BAR0"));
+        return Err(NvmeError::BadDevice(
+            "CAP.DSTRD puts the admin doorbells outside BAR0",
+        ));
     }
     Ok(cap)
 }
@@ -97,17 +99,23 @@ pub fn disable<P: RegisterIo + PciPresence + Clock>(p: &P, cap: &Cap) -> Result<
 /// Sets CC (enable value) and waits for CSTS.RDY. CFS during the wait is a broken device.
 pub fn enable<P: RegisterIo + PciPresence + Clock>(p: &P, cap: &Cap) -> Result<(), NvmeError> {
     p.write32(regs::CC, regs::cc_enable_value());
-    let csts = wait_csts(p, cap.timeout_ms, |c| c & (CstsFlags::RDY | CstsFlags::CFS).bits() != 0)?;
+    let csts = wait_csts(p, cap.timeout_ms, |c| {
+        c & (CstsFlags::RDY | CstsFlags::CFS).bits() != 0
+    })?;
     if csts & CstsFlags::CFS.bits() != 0 {
-        return Err(NvmeError::BadDevice("controller fatal status during enable"));
+        return Err(NvmeError::BadDevice(
+            "controller fatal status during enable",
+        ));
     }
     Ok(())
 }
 
 /// Sends the normal shutdown notification (CC.SHN = 01b) and waits for CSTS.SHST = complete,
 /// so a volatile write cache is flushed before the slot loses power.
-pub fn shutdown_notify<P: RegisterIo + PciPresence + Clock>(p: &P, cap: &Cap)
-                                                          -> Result<(), NvmeError> {
+pub fn shutdown_notify<P: RegisterIo + PciPresence + Clock>(
+    p: &P,
+    cap: &Cap,
+) -> Result<(), NvmeError> {
     let cc = p.read32(regs::CC);
     if cc == regs::ALL_ONES {
         return Err(NvmeError::Gone);
@@ -116,5 +124,8 @@ pub fn shutdown_notify<P: RegisterIo + PciPresence + Clock>(p: &P, cap: &Cap)
     // CAP.TO bounds enable/disable; shutdown has its own (RTD3E), which may be 0 or absurd;
     // use the larger of CAP.TO and 5 s, as a bounded, conservative choice.
     let bound = cap.timeout_ms.max(5000);
-    wait_csts(p, bound, |c| c & regs::CSTS_SHST_MASK == regs::CSTS_SHST_COMPLETE).map(|_| ())
+    wait_csts(p, bound, |c| {
+        c & regs::CSTS_SHST_MASK == regs::CSTS_SHST_COMPLETE
+    })
+    .map(|_| ())
 }

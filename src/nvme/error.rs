@@ -34,8 +34,14 @@ impl core::fmt::Display for NvmeError {
             NvmeError::Gone => f.write_str("controller gone"),
             NvmeError::Timeout => f.write_str("timed out"),
             NvmeError::Status(s) => {
-                write!(f, "status sct {:#x} sc {:#x} ({:?}){}", s.sct, s.sc, s.code,
-                       if s.dnr { " dnr" } else { "" })
+                write!(
+                    f,
+                    "status sct {:#x} sc {:#x} ({:?}){}",
+                    s.sct,
+                    s.sc,
+                    s.code,
+                    if s.dnr { " dnr" } else { "" }
+                )
             }
             NvmeError::BadDevice(w) => write!(f, "bad device: {w}"),
             NvmeError::NoMemory => f.write_str("no DMA memory"),

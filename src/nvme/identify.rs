@@ -67,7 +67,15 @@ fn le64(d: &[u8], o: usize) -> u64 {
 fn ascii(field: &[u8]) -> String {
     let s: String = field
         .iter()
-        .map(|&b| if (0x20..0x7f).contains(&b) { b as char } else if b == 0 { ' ' } else { '?' })
+        .map(|&b| {
+            if (0x20..0x7f).contains(&b) {
+                b as char
+            } else if b == 0 {
+                ' '
+            } else {
+                '?'
+            }
+        })
         .collect();
     String::from(s.trim_end())
 }
@@ -86,10 +94,14 @@ pub fn parse_controller(d: &[u8], version: Version) -> Result<ControllerInfo, Nv
     let cqes = d[513];
     // The entry sizes we program are 64/16 bytes: the device must allow them.
     if sqes & 0xf > 6 || sqes >> 4 < 6 {
-        return Err(NvmeError::BadDevice("SQES does not allow 64-byte submission entries"));
+        return Err(NvmeError::BadDevice(
+            "SQES does not allow 64-byte submission entries",
+        ));
     }
     if cqes & 0xf > 4 || cqes >> 4 < 4 {
-        return Err(NvmeError::BadDevice("CQES does not allow 16-byte completion entries"));
+        return Err(NvmeError::BadDevice(
+            "CQES does not allow 16-byte completion entries",
+        ));
     }
     Ok(ControllerInfo {
         vid: le16(d, 0),
@@ -122,8 +134,11 @@ pub fn mdts_bytes(mdts: u8) -> u32 {
 /// `mdts_bytes` is needed because a block larger than one command's transfer is unusable.
 /// `Ok(None)` means "inactive" (all-zero data, NSZE = 0), which is normal when probing NSIDs
 /// without an active list.
-pub fn parse_namespace(nsid: u32, d: &[u8], mdts_bytes: u32)
-                       -> Result<Option<Namespace>, &'static str> {
+pub fn parse_namespace(
+    nsid: u32,
+    d: &[u8],
+    mdts_bytes: u32,
+) -> Result<Option<Namespace>, &'static str> {
     if d.len() < IDENTIFY_LEN {
         return Err("identify namespace data too short");
     }
@@ -167,15 +182,27 @@ pub fn parse_namespace(nsid: u32, d: &[u8], mdts_bytes: u32)
     if lba_bytes > mdts_bytes {
         return Err("one block is larger than MDTS");
     }
-    let capacity = nsze.checked_mul(lba_bytes as u64).ok_or("NSZE x block size overflows")?;
-    Ok(Some(Namespace { nsid, lba_shift: lbads, lba_bytes, blocks: nsze, capacity }))
+    let capacity = nsze
+        .checked_mul(lba_bytes as u64)
+        .ok_or("NSZE x block size overflows")?;
+    Ok(Some(Namespace {
+        nsid,
+        lba_shift: lbads,
+        lba_bytes,
+        blocks: nsze,
+        capacity,
+    }))
 }
 
 /// Parses an Active Namespace ID list page (CNS 02h). NSIDs must be strictly ascending,
 /// greater than `after`, and not above `nn`; the list ends at the first zero. At most
 /// `limit` IDs are returned. Returns `(ids, page_was_full)`.
-pub fn parse_ns_list(d: &[u8], after: u32, nn: u32, limit: usize)
-                     -> Result<(Vec<u32>, bool), NvmeError> {
+pub fn parse_ns_list(
+    d: &[u8],
+    after: u32,
+    nn: u32,
+    limit: usize,
+) -> Result<(Vec<u32>, bool), NvmeError> {
     let mut ids = Vec::new();
     let mut prev = after;
     let entries = d.len().min(IDENTIFY_LEN) / 4;
@@ -188,7 +215,9 @@ pub fn parse_ns_list(d: &[u8], after: u32, nn: u32, limit: usize)
             return Err(NvmeError::BadDevice("active namespace list not ascending"));
         }
         if id > nn || id == u32::MAX {
-            return Err(NvmeError::BadDevice("active namespace list has an NSID above NN"));
+            return Err(NvmeError::BadDevice(
+                "active namespace list has an NSID above NN",
+            ));
         }
         if ids.len() >= limit {
             return Ok((ids, false));
@@ -229,7 +258,10 @@ mod tests {
     fn bad_controller_fields() {
         let mut d = ctrl_page();
         d[512] = 0x77;
-        assert!(matches!(parse_controller(&d, Version::decode(0)), Err(NvmeError::BadDevice(_))));
+        assert!(matches!(
+            parse_controller(&d, Version::decode(0)),
+            Err(NvmeError::BadDevice(_))
+        ));
         let z = alloc::vec![0u8; IDENTIFY_LEN];
         assert!(parse_controller(&z, Version::decode(0)).is_err());
         assert!(parse_controller(&z[..100], Version::decode(0)).is_err());
@@ -253,7 +285,9 @@ mod tests {
 
     #[test]
     fn namespace_validation() {
-        let ns = parse_namespace(1, &ns_page(100, 100, 10, 9), 4096).unwrap().unwrap();
+        let ns = parse_namespace(1, &ns_page(100, 100, 10, 9), 4096)
+            .unwrap()
+            .unwrap();
         assert_eq!((ns.lba_bytes, ns.blocks, ns.capacity), (512, 100, 51200));
         assert_eq!(parse_namespace(1, &ns_page(0, 0, 0, 9), 4096), Ok(None));
         assert!(parse_namespace(1, &ns_page(10, 11, 0, 9), 4096).is_err());
@@ -273,7 +307,10 @@ mod tests {
         for (i, id) in [1u32, 2, 5].iter().enumerate() {
             d[i * 4..i * 4 + 4].copy_from_slice(&id.to_le_bytes());
         }
-        assert_eq!(parse_ns_list(&d, 0, 8, 100).unwrap(), (alloc::vec![1, 2, 5], false));
+        assert_eq!(
+            parse_ns_list(&d, 0, 8, 100).unwrap(),
+            (alloc::vec![1, 2, 5], false)
+        );
         assert_eq!(parse_ns_list(&d, 0, 8, 2).unwrap().0, alloc::vec![1, 2]);
         assert!(parse_ns_list(&d, 0, 4, 100).is_err());
         assert!(parse_ns_list(&d, 1, 8, 100).is_err());

@@ -89,23 +89,36 @@ pub struct Part {
 impl Plan {
     /// Validates `req` against namespace `ns` and the controller's `mdts_bytes`.
     /// `max_parts` is the most commands one request may occupy (a queue's capacity).
-    pub fn new(req: IoRequest, ns: &Namespace, mdts_bytes: u32, max_parts: u32)
-               -> Result<Plan, NvmeError> {
+    pub fn new(
+        req: IoRequest,
+        ns: &Namespace,
+        mdts_bytes: u32,
+        max_parts: u32,
+    ) -> Result<Plan, NvmeError> {
         if req.op == IoOp::Flush {
-            return Ok(Plan { req, lba_shift: ns.lba_shift, blocks_per_part: 1, parts: 1 });
+            return Ok(Plan {
+                req,
+                lba_shift: ns.lba_shift,
+                blocks_per_part: 1,
+                parts: 1,
+            });
         }
         if req.blocks == 0 {
             return Err(NvmeError::InvalidRequest("zero blocks"));
         }
         let bytes = (req.blocks as u64) << ns.lba_shift;
         if req.data.len as u64 != bytes {
-            return Err(NvmeError::InvalidRequest("buffer length is not blocks x block size"));
+            return Err(NvmeError::InvalidRequest(
+                "buffer length is not blocks x block size",
+            ));
         }
         if req.data.bus_addr & 3 != 0 {
             return Err(NvmeError::InvalidRequest("buffer not dword aligned"));
         }
         if req.data.bus_addr.checked_add(bytes).is_none() {
-            return Err(NvmeError::InvalidRequest("buffer wraps the bus address space"));
+            return Err(NvmeError::InvalidRequest(
+                "buffer wraps the bus address space",
+            ));
         }
         if req.lba.checked_add(req.blocks as u64).is_none() {
             return Err(NvmeError::InvalidRequest("LBA range wraps"));
@@ -115,9 +128,16 @@ impl Plan {
         let blocks_per_part = ((mdts_bytes as u64) >> ns.lba_shift).clamp(1, MAX_NLB);
         let parts = (req.blocks as u64).div_ceil(blocks_per_part);
         if parts > max_parts as u64 {
-            return Err(NvmeError::InvalidRequest("request larger than a queue can carry"));
+            return Err(NvmeError::InvalidRequest(
+                "request larger than a queue can carry",
+            ));
         }
-        Ok(Plan { req, lba_shift: ns.lba_shift, blocks_per_part, parts: parts as u32 })
+        Ok(Plan {
+            req,
+            lba_shift: ns.lba_shift,
+            blocks_per_part,
+            parts: parts as u32,
+        })
     }
 
     /// The caller's tag.
@@ -129,14 +149,21 @@ impl Plan {
     pub fn part(&self, i: u32) -> Part {
         let r = &self.req;
         if r.op == IoOp::Flush {
-            return Part { sqe: Sqe::new(io_op::FLUSH, r.nsid), prp2: Prp2::None };
+            return Part {
+                sqe: Sqe::new(io_op::FLUSH, r.nsid),
+                prp2: Prp2::None,
+            };
         }
         let first = i as u64 * self.blocks_per_part;
         let blocks = (r.blocks as u64 - first).min(self.blocks_per_part);
         let lba = r.lba + first;
         let addr = r.data.bus_addr + (first << self.lba_shift);
         let len = (blocks << self.lba_shift) as usize;
-        let opcode = if r.op == IoOp::Write { io_op::WRITE } else { io_op::READ };
+        let opcode = if r.op == IoOp::Write {
+            io_op::WRITE
+        } else {
+            io_op::READ
+        };
         let mut sqe = Sqe::new(opcode, r.nsid)
             .cdw(10, lba as u32)
             .cdw(11, (lba >> 32) as u32)
@@ -148,7 +175,9 @@ impl Plan {
 
     /// Number of parts that need a PRP list page.
     pub fn list_pages_needed(&self) -> usize {
-        (0..self.parts).filter(|&i| matches!(self.part(i).prp2, Prp2::List { .. })).count()
+        (0..self.parts)
+            .filter(|&i| matches!(self.part(i).prp2, Prp2::List { .. }))
+            .count()
     }
 }
 
@@ -166,7 +195,10 @@ pub fn prp2_for(addr: u64, len: usize) -> Prp2 {
     if rest <= page {
         Prp2::Page(next)
     } else {
-        Prp2::List { first: next, count: rest.div_ceil(page) as usize }
+        Prp2::List {
+            first: next,
+            count: rest.div_ceil(page) as usize,
+        }
     }
 }
 
@@ -175,13 +207,27 @@ mod tests {
     use super::*;
 
     fn ns(shift: u32) -> Namespace {
-        Namespace { nsid: 1, lba_shift: shift, lba_bytes: 1 << shift, blocks: 1 << 20,
-                    capacity: 1 << (20 + shift) }
+        Namespace {
+            nsid: 1,
+            lba_shift: shift,
+            lba_bytes: 1 << shift,
+            blocks: 1 << 20,
+            capacity: 1 << (20 + shift),
+        }
     }
 
     fn req(blocks: u32, shift: u32, addr: u64) -> IoRequest {
-        IoRequest { tag: 9, nsid: 1, op: IoOp::Write, lba: 100, blocks,
-                    data: DataBuf { bus_addr: addr, len: (blocks as usize) << shift } }
+        IoRequest {
+            tag: 9,
+            nsid: 1,
+            op: IoOp::Write,
+            lba: 100,
+            blocks,
+            data: DataBuf {
+                bus_addr: addr,
+                len: (blocks as usize) << shift,
+            },
+        }
     }
 
     #[test]
@@ -189,8 +235,20 @@ mod tests {
         assert_eq!(prp2_for(0x1000, 4096), Prp2::None);
         assert_eq!(prp2_for(0x1200, 4096), Prp2::Page(0x2000));
         assert_eq!(prp2_for(0x1000, 8192), Prp2::Page(0x2000));
-        assert_eq!(prp2_for(0x1000, 12288), Prp2::List { first: 0x2000, count: 2 });
-        assert_eq!(prp2_for(0x1004, 1 << 20), Prp2::List { first: 0x2000, count: 256 });
+        assert_eq!(
+            prp2_for(0x1000, 12288),
+            Prp2::List {
+                first: 0x2000,
+                count: 2
+            }
+        );
+        assert_eq!(
+            prp2_for(0x1004, 1 << 20),
+            Prp2::List {
+                first: 0x2000,
+                count: 256
+            }
+        );
     }
 
     #[test]

@@ -56,23 +56,45 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
         A: DmaAllocator<Region = R>,
     {
         if entries < 2 {
-            return Err(NvmeError::InvalidRequest("a queue needs at least 2 entries"));
+            return Err(NvmeError::InvalidRequest(
+                "a queue needs at least 2 entries",
+            ));
         }
-        let sq_db = cap.sq_tail_doorbell(qid)
-            .ok_or(NvmeError::BadDevice("CAP.DSTRD puts a doorbell outside BAR0"))?;
-        let cq_db = cap.cq_head_doorbell(qid)
-            .ok_or(NvmeError::BadDevice("CAP.DSTRD puts a doorbell outside BAR0"))?;
+        let sq_db = cap.sq_tail_doorbell(qid).ok_or(NvmeError::BadDevice(
+            "CAP.DSTRD puts a doorbell outside BAR0",
+        ))?;
+        let cq_db = cap.cq_head_doorbell(qid).ok_or(NvmeError::BadDevice(
+            "CAP.DSTRD puts a doorbell outside BAR0",
+        ))?;
         let n = entries as usize;
-        let sq = alloc.alloc_dma(n * SQE_SIZE, 4096).map_err(|_| NvmeError::NoMemory)?;
-        let cq = alloc.alloc_dma(n * CQE_SIZE, 4096).map_err(|_| NvmeError::NoMemory)?;
+        let sq = alloc
+            .alloc_dma(n * SQE_SIZE, 4096)
+            .map_err(|_| NvmeError::NoMemory)?;
+        let cq = alloc
+            .alloc_dma(n * CQE_SIZE, 4096)
+            .map_err(|_| NvmeError::NoMemory)?;
         if sq.len() < n * SQE_SIZE || cq.len() < n * CQE_SIZE {
             return Err(NvmeError::NoMemory);
         }
         let slots = (0..n - 1).map(|_| None).collect();
         // Hand out low CIDs first (pop from the end).
         let free = (0..entries - 1).rev().collect();
-        Ok(QueuePair { qid, entries, sq, cq, sq_db, cq_db, sq_tail: 0, sq_head: 0, cq_head: 0,
-                       phase: true, unrung: false, slots, free, ignored_sqhd: 0 })
+        Ok(QueuePair {
+            qid,
+            entries,
+            sq,
+            cq,
+            sq_db,
+            cq_db,
+            sq_tail: 0,
+            sq_head: 0,
+            cq_head: 0,
+            phase: true,
+            unrung: false,
+            slots,
+            free,
+            ignored_sqhd: 0,
+        })
     }
 
     /// Queue ID.
@@ -101,8 +123,8 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
     }
 
     fn sq_used(&self) -> u16 {
-        ((self.sq_tail as u32 + self.entries as u32 - self.sq_head as u32)
-            % self.entries as u32) as u16
+        ((self.sq_tail as u32 + self.entries as u32 - self.sq_head as u32) % self.entries as u32)
+            as u16
     }
 
     /// True when `n` more commands fit (see the module comment for why free CIDs suffice).
@@ -118,7 +140,8 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
         }
         let cid = self.free.pop().ok_or(NvmeError::QueueFull)?;
         sqe.set_cid(cid);
-        self.sq.write(self.sq_tail as usize * SQE_SIZE, &sqe.to_bytes());
+        self.sq
+            .write(self.sq_tail as usize * SQE_SIZE, &sqe.to_bytes());
         self.sq_tail = (self.sq_tail + 1) % self.entries;
         self.slots[cid as usize] = Some(Tracker { owner, deadline_us });
         self.unrung = true;
@@ -166,16 +189,21 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
         if cqe.sqhd >= self.entries {
             return Err("SQ head beyond the queue size");
         }
-        let slot = self.slots.get_mut(cqe.cid as usize).ok_or("CID out of range")?;
-        let tracker = slot.take().ok_or("CID not outstanding (duplicate or invented)")?;
+        let slot = self
+            .slots
+            .get_mut(cqe.cid as usize)
+            .ok_or("CID out of range")?;
+        let tracker = slot
+            .take()
+            .ok_or("CID not outstanding (duplicate or invented)")?;
         self.free.push(cqe.cid);
         // The head may only move forward, and not past the tail. A value outside that window
         // (a stale head, or nonsense) is not recorded, but it does not void an otherwise
         // valid completion: flow control does not depend on it (the CID count bounds the
         // queue), while rejecting the entry would turn a quirk into a timeout and a lost
         // controller.
-        let advance = (cqe.sqhd as u32 + self.entries as u32 - self.sq_head as u32)
-            % self.entries as u32;
+        let advance =
+            (cqe.sqhd as u32 + self.entries as u32 - self.sq_head as u32) % self.entries as u32;
         if advance <= self.sq_used() as u32 {
             self.sq_head = cqe.sqhd;
         } else {
@@ -210,7 +238,12 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
 
     /// Earliest deadline among outstanding commands (`u64::MAX` when none).
     pub fn earliest_deadline(&self) -> u64 {
-        self.slots.iter().flatten().map(|t| t.deadline_us).min().unwrap_or(u64::MAX)
+        self.slots
+            .iter()
+            .flatten()
+            .map(|t| t.deadline_us)
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     /// Gives the ring memory back (only once the device can no longer use it).
@@ -294,11 +327,27 @@ mod tests {
         let mut q = queue(&host, 4);
         assert_eq!(q.capacity(), 3);
         let cid = q.push(Sqe::new(2, 1), 7, 100).unwrap();
-        assert!(host.doorbells.borrow().is_empty(), "nothing is visible before the doorbell");
+        assert!(
+            host.doorbells.borrow().is_empty(),
+            "nothing is visible before the doorbell"
+        );
         q.ring(&host);
         assert_eq!(*host.doorbells.borrow(), [(0x1008, 1)]);
-        assert!(q.next_completion().is_none(), "no entry with the current phase yet");
-        post(&host, 0, Cqe { sqid: 1, sqhd: 1, cid, ..Cqe::default() }, true);
+        assert!(
+            q.next_completion().is_none(),
+            "no entry with the current phase yet"
+        );
+        post(
+            &host,
+            0,
+            Cqe {
+                sqid: 1,
+                sqhd: 1,
+                cid,
+                ..Cqe::default()
+            },
+            true,
+        );
         let (cqe, t) = q.next_completion().unwrap().unwrap();
         assert_eq!((cqe.cid, t.owner), (cid, 7));
         q.finish_reap(&host, true);
@@ -313,11 +362,42 @@ mod tests {
         let cid = q.push(Sqe::new(2, 1), 1, 100).unwrap();
         q.ring(&host);
         let bad = [
-            (Cqe { sqid: 2, sqhd: 1, cid, ..Cqe::default() }, "completion names another submission queue"),
-            (Cqe { sqid: 1, sqhd: 8, cid, ..Cqe::default() }, "SQ head beyond the queue size"),
-            (Cqe { sqid: 1, sqhd: 1, cid: 7, ..Cqe::default() }, "CID out of range"),
-            (Cqe { sqid: 1, sqhd: 1, cid: cid + 1, ..Cqe::default() },
-             "CID not outstanding (duplicate or invented)"),
+            (
+                Cqe {
+                    sqid: 2,
+                    sqhd: 1,
+                    cid,
+                    ..Cqe::default()
+                },
+                "completion names another submission queue",
+            ),
+            (
+                Cqe {
+                    sqid: 1,
+                    sqhd: 8,
+                    cid,
+                    ..Cqe::default()
+                },
+                "SQ head beyond the queue size",
+            ),
+            (
+                Cqe {
+                    sqid: 1,
+                    sqhd: 1,
+                    cid: 7,
+                    ..Cqe::default()
+                },
+                "CID out of range",
+            ),
+            (
+                Cqe {
+                    sqid: 1,
+                    sqhd: 1,
+                    cid: cid + 1,
+                    ..Cqe::default()
+                },
+                "CID not outstanding (duplicate or invented)",
+            ),
         ];
         for (i, (cqe, why)) in bad.iter().enumerate() {
             post(&host, i, *cqe, true);
@@ -325,12 +405,35 @@ mod tests {
             assert_eq!(q.outstanding(), 1);
         }
         // A head past the tail is not used, but the completion itself is valid.
-        post(&host, 4, Cqe { sqid: 1, sqhd: 2, cid, ..Cqe::default() }, true);
+        post(
+            &host,
+            4,
+            Cqe {
+                sqid: 1,
+                sqhd: 2,
+                cid,
+                ..Cqe::default()
+            },
+            true,
+        );
         assert!(q.next_completion().unwrap().is_ok());
         assert_eq!(q.ignored_sqhd(), 1);
         assert!(q.has_room(7), "the CID was freed");
-        post(&host, 5, Cqe { sqid: 1, sqhd: 1, cid, ..Cqe::default() }, true);
-        assert!(q.next_completion().unwrap().is_err(), "a duplicate is rejected");
+        post(
+            &host,
+            5,
+            Cqe {
+                sqid: 1,
+                sqhd: 1,
+                cid,
+                ..Cqe::default()
+            },
+            true,
+        );
+        assert!(
+            q.next_completion().unwrap().is_err(),
+            "a duplicate is rejected"
+        );
     }
 
     #[test]
@@ -341,14 +444,37 @@ mod tests {
             assert!(q.has_room(1));
             let cid = q.push(Sqe::new(2, 1), 0, 0).unwrap();
             assert!(!q.has_room(1), "a 2-entry ring holds one command");
-            assert_eq!(q.push(Sqe::new(2, 1), 0, 0).unwrap_err(), NvmeError::QueueFull);
+            assert_eq!(
+                q.push(Sqe::new(2, 1), 0, 0).unwrap_err(),
+                NvmeError::QueueFull
+            );
             q.ring(&host);
             let slot = (round % 2) as usize;
             let phase = (round / 2) % 2 == 0;
             // A stale entry from the previous lap (old phase) is not new.
-            post(&host, slot, Cqe { sqid: 1, sqhd: (round + 1) % 2, cid, ..Cqe::default() }, !phase);
+            post(
+                &host,
+                slot,
+                Cqe {
+                    sqid: 1,
+                    sqhd: (round + 1) % 2,
+                    cid,
+                    ..Cqe::default()
+                },
+                !phase,
+            );
             assert!(q.next_completion().is_none());
-            post(&host, slot, Cqe { sqid: 1, sqhd: (round + 1) % 2, cid, ..Cqe::default() }, phase);
+            post(
+                &host,
+                slot,
+                Cqe {
+                    sqid: 1,
+                    sqhd: (round + 1) % 2,
+                    cid,
+                    ..Cqe::default()
+                },
+                phase,
+            );
             assert!(q.next_completion().unwrap().is_ok(), "round {round}");
         }
     }
@@ -371,7 +497,9 @@ mod tests {
     fn doorbell_outside_bar0_is_refused() {
         let host = Host::default();
         let cap = Cap::decode(0xf_0000_0000 | 0x1_07ff | 0x20 << 32);
-        assert!(matches!(QueuePair::<Mem, u32>::new(&host, &cap, 1, 4),
-                         Err(NvmeError::BadDevice(_))));
+        assert!(matches!(
+            QueuePair::<Mem, u32>::new(&host, &cap, 1, 4),
+            Err(NvmeError::BadDevice(_))
+        ));
     }
 }

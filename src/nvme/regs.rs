@@ -86,7 +86,9 @@ impl Cap {
     }
 
     fn doorbell(&self, index: u32) -> Option<u32> {
-        let off = index.checked_mul(self.doorbell_stride)?.checked_add(DOORBELL_BASE)?;
+        let off = index
+            .checked_mul(self.doorbell_stride)?
+            .checked_add(DOORBELL_BASE)?;
         if off.checked_add(4)? <= MIN_BAR0_LEN {
             Some(off)
         } else {
@@ -114,7 +116,7 @@ pub const CC_SHN_NORMAL: u32 = 0b01 << 14;
 pub fn cc_enable_value() -> u32 {
     const IOSQES: u32 = 6 << 16; // 2^6 = 64-byte submission entries
     const IOCQES: u32 = 4 << 20; // 2^4 = 16-byte completion entries
-    // CSS = 000b (NVM), MPS = 0 (4 KiB), AMS = 000b (round robin).
+                                 // CSS = 000b (NVM), MPS = 0 (4 KiB), AMS = 000b (round robin).
     CcFlags::EN.bits() | IOSQES | IOCQES
 }
 
@@ -155,7 +157,11 @@ pub struct Version {
 impl Version {
     /// Decodes VS.
     pub fn decode(raw: u32) -> Version {
-        Version { major: (raw >> 16) as u16, minor: (raw >> 8) as u8, tertiary: raw as u8 }
+        Version {
+            major: (raw >> 16) as u16,
+            minor: (raw >> 8) as u8,
+            tertiary: raw as u8,
+        }
     }
 }
 

@@ -28,10 +28,26 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// A write request for `blocks` at `lba` from `buf`.
-pub fn req(tag: u64, op: IoOp, nsid: u32, lba: u64, blocks: u32, buf: &SoftRegion,
-           lba_bytes: usize) -> IoRequest {
-    IoRequest { tag, nsid, op, lba, blocks,
-                data: DataBuf { bus_addr: buf.bus_addr(), len: blocks as usize * lba_bytes } }
+pub fn req(
+    tag: u64,
+    op: IoOp,
+    nsid: u32,
+    lba: u64,
+    blocks: u32,
+    buf: &SoftRegion,
+    lba_bytes: usize,
+) -> IoRequest {
+    IoRequest {
+        tag,
+        nsid,
+        op,
+        lba,
+        blocks,
+        data: DataBuf {
+            bus_addr: buf.bus_addr(),
+            len: blocks as usize * lba_bytes,
+        },
+    }
 }
 
 /// Polls once and collects I/O completions and other events.
