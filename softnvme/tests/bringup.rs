@@ -110,3 +110,34 @@ fn drop_disables_and_frees() {
         0
     );
 }
+
+#[test]
+fn zero_config_values_are_sanitized() {
+    let dev = SoftNvme::new(SoftConfig::default());
+    let cfg = Config {
+        admin_entries: 0,
+        io_entries: 0,
+        io_queues: 0,
+        cmd_timeout_us: 0,
+        max_namespaces: 1,
+    };
+    let mut c = Controller::new(dev.clone(), cfg);
+    c.bring_up().unwrap();
+    assert_eq!(
+        c.config().cmd_timeout_us,
+        nvme_hotplug::nvme::MIN_CMD_TIMEOUT_US
+    );
+    assert_eq!(c.info().unwrap().io_queues, 1);
+    assert_eq!(c.info().unwrap().io_entries, 2);
+    let b = dev.buffer(512);
+    c.io_sync(common::req(
+        1,
+        nvme_hotplug::nvme::IoOp::Write,
+        1,
+        0,
+        1,
+        &b,
+        512,
+    ))
+    .unwrap();
+}

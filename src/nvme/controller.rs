@@ -217,7 +217,7 @@ impl<P: Platform> Controller<P> {
     pub fn new(platform: P, config: Config) -> Self {
         Controller {
             p: platform,
-            cfg: config,
+            cfg: config.sanitized(),
             state: State::Down,
             enabled: false,
             shutdown_sent: false,

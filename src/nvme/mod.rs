@@ -55,11 +55,29 @@ pub struct Config {
     pub io_entries: u16,
     /// I/O queue pairs requested (the controller may grant fewer; at least 1).
     pub io_queues: u16,
-    /// Per-command timeout in microseconds. An overdue command makes the engine check the
-    /// controller's health and, since the device may still own the data buffer, stop it.
+    /// Per-command timeout in microseconds (at least [`MIN_CMD_TIMEOUT_US`]). An overdue
+    /// command makes the engine check the controller's health and, since the device may
+    /// still own the data buffer, stop it.
     pub cmd_timeout_us: u64,
     /// The most namespaces we accept, whatever NN claims (bounds memory per controller).
     pub max_namespaces: u32,
+}
+
+/// Shortest command timeout the engine accepts: a zero timeout would give up every
+/// controller on its first command.
+pub const MIN_CMD_TIMEOUT_US: u64 = 1_000;
+
+impl Config {
+    /// The configuration with out-of-range values brought into range (what the engine uses).
+    pub fn sanitized(self) -> Config {
+        Config {
+            admin_entries: self.admin_entries.max(2),
+            io_entries: self.io_entries.max(2),
+            io_queues: self.io_queues.max(1),
+            cmd_timeout_us: self.cmd_timeout_us.max(MIN_CMD_TIMEOUT_US),
+            max_namespaces: self.max_namespaces,
+        }
+    }
 }
 
 impl Default for Config {
