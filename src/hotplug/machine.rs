@@ -19,7 +19,7 @@
 //! 5. `_EJ0`; then confirm absence, re-checking after a delay if needed; `_OST` success, or
 //!    non-specific failure when the device never went away.
 
-use super::ost::{OstStatus, SOURCE_EJECT_REQUEST};
+use super::ost::{OstStatus, SOURCE_BUS_CHECK, SOURCE_DEVICE_CHECK, SOURCE_EJECT_REQUEST};
 use super::pending::{Pending, PendingEvents, PendingSnapshot};
 use super::mode::Role;
 use super::slot::{Slot, SlotState};
@@ -114,7 +114,7 @@ impl SlotMachine {
         if !owner {
             // Observer: ACPI events belong to acpi_pci (or nobody). Acting on them could
             // duplicate its detach or `_EJ0`, so they are dropped here whatever the glue did.
-            let acpi = Pending::EJECT | Pending::CHECK | Pending::UNRECOGNIZED;
+            let acpi = Pending::EJECT | Pending::CHECK | Pending::BUS_CHECK | Pending::UNRECOGNIZED;
             if bits & acpi != 0 {
                 r.ignored += 1;
             }
@@ -138,10 +138,15 @@ impl SlotMachine {
                 return;
             }
         }
-        if bits & Pending::CHECK != 0 {
-            self.check(i, true, ops, r);
-        } else if bits & Pending::QUIET_CHECK != 0 {
-            self.check(i, false, ops, r);
+        if bits & (Pending::CHECK | Pending::BUS_CHECK | Pending::QUIET_CHECK) != 0 {
+            let status = if self.check(i, ops, r) { OstStatus::Success } else { OstStatus::NonSpecificFailure };
+            // One check answers every ACPI notify that asked for it, each with its own source.
+            if bits & Pending::BUS_CHECK != 0 {
+                ops.ost(i, SOURCE_BUS_CHECK, status);
+            }
+            if bits & Pending::CHECK != 0 {
+                ops.ost(i, SOURCE_DEVICE_CHECK, status);
+            }
         }
         if bits & Pending::NS_CHANGE != 0 && ops.has_child(i) {
             r.ns_rescans += 1;
@@ -222,8 +227,8 @@ impl SlotMachine {
         }
     }
 
-    /// Device check (ACPI, answered with `_OST`) or quiet fallback check.
-    fn check<O: SlotOps>(&mut self, i: SlotIndex, answer: bool, ops: &mut O, r: &mut RunReport) {
+    /// Device, bus or quiet fallback check; returns whether it succeeded (for `_OST`).
+    fn check<O: SlotOps>(&mut self, i: SlotIndex, ops: &mut O, r: &mut RunReport) -> bool {
         let present = Self::presence(i, ops);
         let child = ops.has_child(i);
         let ok = match (present, child) {
@@ -246,10 +251,7 @@ impl SlotMachine {
         if !ok {
             r.failures += 1;
         }
-        if answer {
-            let status = if ok { OstStatus::Success } else { OstStatus::NonSpecificFailure };
-            ops.ost(i, super::ost::SOURCE_DEVICE_CHECK, status);
-        }
+        ok
     }
 }
 

@@ -6,6 +6,8 @@
 
 /// `_OST` source event for an eject request (Arg0), the notify value itself.
 pub const SOURCE_EJECT_REQUEST: u32 = 3;
+/// `_OST` source event for a bus check.
+pub const SOURCE_BUS_CHECK: u32 = 0;
 /// `_OST` source event for a device check.
 pub const SOURCE_DEVICE_CHECK: u32 = 1;
 

@@ -19,8 +19,10 @@ pub struct Pending(u8);
 impl Pending {
     /// An ACPI eject request (notify 3).
     pub const EJECT: u8 = 1 << 0;
-    /// An ACPI device or bus check (notify 1, 0): answered with `_OST`.
+    /// An ACPI device check (notify 1): answered with `_OST` source 1.
     pub const CHECK: u8 = 1 << 1;
+    /// An ACPI bus check on the slot (notify 0): the same work, answered with `_OST` source 0.
+    pub const BUS_CHECK: u8 = 1 << 5;
     /// A check from the fallback timer: same work, no `_OST` (firmware asked nothing).
     pub const QUIET_CHECK: u8 = 1 << 2;
     /// A namespace attribute changed (NVMe async event): rescan the namespaces.
@@ -127,7 +129,8 @@ impl PendingEvents {
     pub fn notify(&mut self, slot: SlotIndex, value: u32) -> bool {
         match Notify::from_value(value) {
             Notify::EjectRequest => self.set(slot, Pending::EJECT),
-            Notify::DeviceCheck | Notify::BusCheck => self.set(slot, Pending::CHECK),
+            Notify::DeviceCheck => self.set(slot, Pending::CHECK),
+            Notify::BusCheck => self.set(slot, Pending::BUS_CHECK),
             Notify::Other(v) => {
                 if let Some(u) = self.unrecognized.get_mut(slot) {
                     *u = v;

@@ -255,6 +255,20 @@ fn observer_never_acts_on_acpi_events() {
 }
 
 #[test]
+fn bus_and_device_check_share_one_rescan_and_each_get_an_answer() {
+    let mut hp = owner(1);
+    let mut bus = FakeBus::new(1);
+    bus.present[0] = true;
+    hp.notify(0, 0);
+    hp.notify(0, 1);
+    hp.run_pending(&mut bus);
+    assert_eq!(
+        bus.calls,
+        vec![Call::Rescan(0), Call::Ost(0, 0, OstStatus::Success), Call::Ost(0, 1, OstStatus::Success)]
+    );
+}
+
+#[test]
 fn unrecognized_notify_is_answered() {
     let mut hp = owner(1);
     let mut bus = FakeBus::new(1);
