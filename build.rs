@@ -51,7 +51,7 @@ mod kld {
         "taskqueue_create", "taskqueue_start_threads", "taskqueue_thread_enqueue",
         "taskqueue_enqueue", "taskqueue_drain", "taskqueue_free",
         // newbus topology changes (under bus_topo_lock)
-        "bus_topo_lock", "bus_topo_unlock", "device_detach", "device_find_child",
+        "bus_topo_lock", "bus_topo_unlock", "device_detach", "device_find_child", "pci_find_dbsf",
         // ACPICA and the FreeBSD ACPI driver
         "AcpiGetHandle", "AcpiGetName", "AcpiWalkNamespace", "AcpiEvaluateObject",
         "AcpiInstallNotifyHandler", "AcpiRemoveNotifyHandler",
@@ -72,7 +72,7 @@ mod kld {
     const KPI_VARIABLES: &[&str] = &[
         "device_probe_desc", "device_attach_desc", "device_detach_desc",
         "bus_read_ivar_desc", "bus_write_ivar_desc", "bus_rescan_desc",
-        "pci_read_config_desc", "pci_write_config_desc",
+        "pci_read_config_desc", "pci_write_config_desc", "pcib_read_config_desc",
         "sysctl___hw", "__stack_chk_guard", "__start_set_pcpu", "__stop_set_pcpu",
     ];
 
@@ -81,7 +81,7 @@ mod kld {
         "M_NOWAIT", "M_WAITOK", "M_ZERO", "PAGE_SIZE", "PWAIT", "MTX_DEF",
         "ENXIO", "ENOMEM", "EBUSY", "EINVAL", "EOPNOTSUPP", "EEXIST", "ENAMETOOLONG", "SPECNAMELEN",
         "SYS_RES_MEMORY", "RF_ACTIVE", "BUS_PROBE_LOW_PRIORITY", "BUS_PROBE_NOWILDCARD",
-        "PCIR_VENDOR", "PCIC_STORAGE", "PCIS_STORAGE_NVM", "PCIP_STORAGE_NVM_ENTERPRISE_NVMHCI_1_0",
+        "PCIR_VENDOR", "PCIR_HDRTYPE", "PCIM_MFDEV", "PCI_FUNCMAX", "PCI_SLOTMAX", "PCIC_STORAGE", "PCIS_STORAGE_NVM", "PCIP_STORAGE_NVM_ENTERPRISE_NVMHCI_1_0",
         "MAKEDEV_WAITOK", "MAKEDEV_NOWAIT", "MAKEDEV_CHECKNAME", "UID_ROOT", "GID_OPERATOR", "D_VERSION", "BUS_SPACE_MAXADDR",
         "ACPI_SYSTEM_NOTIFY", "ACPI_TYPE_DEVICE", "ACPI_TYPE_INTEGER", "ACPI_TYPE_BUFFER",
         "ACPI_FULL_PATHNAME",

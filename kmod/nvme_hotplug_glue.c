@@ -145,6 +145,36 @@ nvmehp_pci_get_progif(device_t dev)
 	return (pci_get_progif(dev));
 }
 
+uint8_t
+nvmehp_pci_get_slot(device_t dev)
+{
+	return (pci_get_slot(dev));
+}
+
+uint8_t
+nvmehp_pci_get_function(device_t dev)
+{
+	return (pci_get_function(dev));
+}
+
+uint32_t
+nvmehp_pcib_get_domain(device_t pci_bus)
+{
+	return (pcib_get_domain(pci_bus));
+}
+
+uint32_t
+nvmehp_pcib_get_bus(device_t pci_bus)
+{
+	return (pcib_get_bus(pci_bus));
+}
+
+uint32_t
+nvmehp_pcib_read_config(device_t pcib, u_int bus, u_int slot, u_int func, u_int reg, int width)
+{
+	return (PCIB_READ_CONFIG(pcib, bus, slot, func, reg, width));
+}
+
 int
 nvmehp_bus_rescan(device_t bus)
 {

@@ -59,6 +59,14 @@ uint16_t nvmehp_pci_get_device(device_t dev);
 uint8_t	nvmehp_pci_get_class(device_t dev);
 uint8_t	nvmehp_pci_get_subclass(device_t dev);
 uint8_t	nvmehp_pci_get_progif(device_t dev);
+uint8_t	nvmehp_pci_get_slot(device_t dev);
+uint8_t	nvmehp_pci_get_function(device_t dev);
+
+/* A pci bus's domain and bus number (ivars of its bridge), and PCIB_READ_CONFIG on a bridge. */
+uint32_t nvmehp_pcib_get_domain(device_t pci_bus);
+uint32_t nvmehp_pcib_get_bus(device_t pci_bus);
+uint32_t nvmehp_pcib_read_config(device_t pcib, u_int bus, u_int slot, u_int func, u_int reg,
+	    int width);
 
 /* BUS_RESCAN(9) on a bus device (call with bus_topo_lock() held). */
 int	nvmehp_bus_rescan(device_t bus);

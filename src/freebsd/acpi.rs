@@ -203,6 +203,19 @@ impl AcpiHandle {
         Ok(slots)
     }
 
+    /// Evaluates `_ADR`: for a PCI slot object, `(device << 16) | function` (function 0xffff:
+    /// all functions). Returned as `(slot, function)`.
+    pub fn pci_address(&self) -> Result<(u8, u16), AcpiStatus> {
+        let mut adr: u32 = 0;
+        // SAFETY: acpi_GetInteger evaluates a name returning an Integer into `adr`.
+        AcpiStatus::result(unsafe { bindings::acpi_GetInteger(self.as_raw(), c"_ADR".as_ptr(), &mut adr) })?;
+        let slot = (adr >> 16) as u16;
+        if slot > bindings::PCI_SLOTMAX as u16 {
+            return Err(AcpiStatus::NOT_FOUND); // not a PCI device address
+        }
+        Ok((slot as u8, adr as u16))
+    }
+
     /// Evaluates `_STA`; an object without `_STA` is present and functioning (ACPI spec).
     pub fn status(&self) -> Result<u32, AcpiStatus> {
         let mut sta: u32 = 0;

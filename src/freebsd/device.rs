@@ -87,6 +87,18 @@ impl Device {
         unsafe { bindings::nvmehp_pci_get_progif(self.as_raw()) }
     }
 
+    /// PCI slot (device number) on its bus.
+    pub fn pci_slot(&self) -> u8 {
+        // SAFETY: ivar read on a PCI child, as above.
+        unsafe { bindings::nvmehp_pci_get_slot(self.as_raw()) }
+    }
+
+    /// PCI function number.
+    pub fn pci_function(&self) -> u8 {
+        // SAFETY: ivar read on a PCI child, as above.
+        unsafe { bindings::nvmehp_pci_get_function(self.as_raw()) }
+    }
+
     /// Cached vendor ID.
     pub fn pci_vendor(&self) -> u16 {
         // SAFETY: as above.

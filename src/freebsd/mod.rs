@@ -17,6 +17,7 @@
 //! - [`clock`], [`dma`], [`platform`]: the `crate::platform` traits in the kernel.
 //! - [`acpi`]: ACPI slot objects, notify handlers, `_STA`/`_EJ0`/`_OST`.
 //! - [`bus_topo`]: newbus rescan/detach/delete under `bus_topo_lock()`.
+//! - [`pci_bus`]: a pci bus and config reads of its slots, with or without a device.
 //! - [`cdev`]: device nodes that are never eternal and always destroyed.
 //! - [`pci_driver`]: the `nvmehp` driver's probe/attach/detach.
 //! - [`module`]: the module event handler.
@@ -39,6 +40,7 @@ pub mod dma;
 pub mod platform;
 pub mod acpi;
 pub mod bus_topo;
+pub mod pci_bus;
 pub mod cdev;
 pub mod pci_driver;
 pub mod module;

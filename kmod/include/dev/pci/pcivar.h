@@ -1,8 +1,9 @@
 /*
  * Stand-in for FreeBSD sys/dev/pci/pcivar.h, which the ziglang header set does not ship.
- * Declares only what nvme_hotplug uses: the ivar accessors for vendor, device and class codes
- * and pci_read_config()/pci_write_config(). The ivar numbers are positions in the real
- * `enum pci_device_ivars`, unchanged since FreeBSD 4 for these first entries.
+ * Declares only what nvme_hotplug uses: the ivar accessors for IDs, class codes and the
+ * slot/function address, pci_read_config()/pci_write_config(), the bus and domain ivars of a
+ * pci bus (read from its bridge), and pci_find_dbsf(). The ivar numbers are positions in the
+ * real `enum pci_device_ivars` / `enum pcib_device_ivars` of FreeBSD 15.
  * Used only for Linux cross-builds; a native FreeBSD build uses the real header.
  */
 #ifndef _NVMEHP_PCIVAR_H_
@@ -19,6 +20,13 @@ enum pci_device_ivars {
 	PCI_IVAR_CLASS,
 	PCI_IVAR_SUBCLASS,
 	PCI_IVAR_PROGIF,
+	PCI_IVAR_REVID,
+	PCI_IVAR_INTPIN,
+	PCI_IVAR_IRQ,
+	PCI_IVAR_DOMAIN,
+	PCI_IVAR_BUS,
+	PCI_IVAR_SLOT,
+	PCI_IVAR_FUNCTION,
 };
 
 #define	PCI_ACCESSOR(var, ivar, type)	__BUS_ACCESSOR(pci, var, PCI, ivar, type)
@@ -27,6 +35,8 @@ PCI_ACCESSOR(device,	DEVICE,		uint16_t)
 PCI_ACCESSOR(class,	CLASS,		uint8_t)
 PCI_ACCESSOR(subclass,	SUBCLASS,	uint8_t)
 PCI_ACCESSOR(progif,	PROGIF,		uint8_t)
+PCI_ACCESSOR(slot,	SLOT,		uint8_t)
+PCI_ACCESSOR(function,	FUNCTION,	uint8_t)
 #undef PCI_ACCESSOR
 
 static __inline uint32_t
@@ -40,5 +50,18 @@ pci_write_config(device_t dev, int reg, uint32_t val, int width)
 {
 	PCI_WRITE_CONFIG(device_get_parent(dev), dev, reg, val, width);
 }
+
+/* Ivars of a pci bus, answered by its parent bridge. */
+enum pcib_device_ivars {
+	PCIB_IVAR_DOMAIN,
+	PCIB_IVAR_BUS
+};
+
+#define	PCIB_ACCESSOR(var, ivar, type)	__BUS_ACCESSOR(pcib, var, PCIB, ivar, type)
+PCIB_ACCESSOR(domain,	DOMAIN,		uint32_t)
+PCIB_ACCESSOR(bus,	BUS,		uint32_t)
+#undef PCIB_ACCESSOR
+
+device_t	pci_find_dbsf(uint32_t domain, uint8_t bus, uint8_t slot, uint8_t func);
 
 #endif
