@@ -4,6 +4,7 @@
 #
 #   scripts/bootstrap-debian.sh build   # kld cross-build toolchain
 #   scripts/bootstrap-debian.sh lab     # QEMU for the lab tests
+#   scripts/bootstrap-debian.sh bench   # valgrind, for the benchmarks' instruction counts
 set -euo pipefail
 
 want=${1:-build}
@@ -66,5 +67,13 @@ lab)
         apt_get install --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-system-data ipxe-qemu seabios
     fi
     ;;
-*) echo "usage: $0 build|lab" >&2; exit 2 ;;
+bench)
+    pkgs=$(missing valgrind)
+    if [ -n "$pkgs" ]; then
+        echo "bootstrap: installing Debian packages: $pkgs"
+        apt_update_once
+        apt_get install --no-install-recommends $pkgs
+    fi
+    ;;
+*) echo "usage: $0 build|lab|bench" >&2; exit 2 ;;
 esac
