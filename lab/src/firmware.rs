@@ -12,7 +12,8 @@
 //! - On q35: the ICH9 PM I/O base and ACPI enable (LPC config 0x40/0x44), without which the
 //!   GPE block is not decoded, and each `pcie-root-port`'s bus numbers and memory window, so
 //!   config cycles and MMIO reach the device behind it.
-//! (The GPE enable itself is the ACPI layer's, see `acpi_hotplug`.)
+//!
+//! The GPE enable itself belongs to the ACPI layer (`acpi_hotplug`).
 
 use crate::qtest::{Qtest, QtestResult};
 
