@@ -159,13 +159,16 @@ impl SlotMachine {
         }
     }
 
-    /// Present per config space and, when the slot has `_STA`, per its present bit.
-    fn presence<O: SlotOps>(i: SlotIndex, ops: &mut O) -> bool {
-        ops.present(i) && ops.sta(i).is_none_or(|sta| sta & STA_PRESENT != 0)
+    /// The device is there if config space answers *or* `_STA` says present, as Linux's
+    /// trim_stale_devices decides (facts §4.4): a device is only declared gone (and torn down
+    /// without asking) when every source agrees, so a lagging `_STA` or a config read racing a
+    /// link retrain cannot tear down a working disk.
+    fn alive<O: SlotOps>(i: SlotIndex, ops: &mut O) -> bool {
+        ops.present(i) || ops.sta(i).is_some_and(|sta| sta & STA_PRESENT != 0)
     }
 
     fn start_eject<O: SlotOps>(&mut self, i: SlotIndex, ops: &mut O, r: &mut RunReport) {
-        let present = Self::presence(i, ops);
+        let present = Self::alive(i, ops);
         let child = ops.has_child(i);
         if !present && !child {
             r.failures += 1;
@@ -195,7 +198,7 @@ impl SlotMachine {
                 }
             }
         }
-        if !present || !Self::presence(i, ops) {
+        if !present || !Self::alive(i, ops) {
             // Surprise-removed before we got here: there is nothing left to eject.
             r.ejected += 1;
             ops.ost(i, SOURCE_EJECT_REQUEST, OstStatus::Success);
@@ -211,7 +214,7 @@ impl SlotMachine {
     }
 
     fn continue_eject<O: SlotOps>(&mut self, i: SlotIndex, tries: u16, ops: &mut O, r: &mut RunReport) {
-        if !Self::presence(i, ops) {
+        if !Self::alive(i, ops) {
             self.slots[i].state = SlotState::Idle;
             r.ejected += 1;
             ops.ost(i, SOURCE_EJECT_REQUEST, OstStatus::Success);
@@ -229,14 +232,15 @@ impl SlotMachine {
 
     /// Device, bus or quiet fallback check; returns whether it succeeded (for `_OST`).
     fn check<O: SlotOps>(&mut self, i: SlotIndex, ops: &mut O, r: &mut RunReport) -> bool {
-        let present = Self::presence(i, ops);
         let child = ops.has_child(i);
-        let ok = match (present, child) {
-            (true, false) => {
+        // Attaching needs config space; declaring a device stale needs every source to agree.
+        let (attachable, alive) = if child { (false, Self::alive(i, ops)) } else { (ops.present(i), false) };
+        let ok = match (attachable, child, alive) {
+            (true, false, _) => {
                 r.rescans += 1;
                 ops.rescan_slot(i).is_ok()
             }
-            (false, true) => match ops.detach_slot(i, DetachReason::Gone) {
+            (_, true, false) => match ops.detach_slot(i, DetachReason::Gone) {
                 Ok(()) => {
                     r.detaches += 1;
                     r.swept += 1;

@@ -24,6 +24,7 @@ struct FakeBus {
     present: Vec<bool>,
     child: Vec<bool>,
     busy: Vec<bool>,
+    sta: Vec<Option<u32>>,
     /// `_EJ0` removes the device at once (QEMU PIIX4 behaviour) unless this is set.
     ej0_lags: bool,
     calls: Vec<Call>,
@@ -31,7 +32,13 @@ struct FakeBus {
 
 impl FakeBus {
     fn new(n: usize) -> Self {
-        FakeBus { present: vec![false; n], child: vec![false; n], busy: vec![false; n], ..Default::default() }
+        FakeBus {
+            present: vec![false; n],
+            child: vec![false; n],
+            busy: vec![false; n],
+            sta: vec![None; n],
+            ..Default::default()
+        }
     }
     fn count(&self, f: impl Fn(&Call) -> bool) -> usize {
         self.calls.iter().filter(|c| f(c)).count()
@@ -51,8 +58,8 @@ impl SlotOps for FakeBus {
     fn present(&mut self, slot: SlotIndex) -> bool {
         self.present[slot]
     }
-    fn sta(&mut self, _slot: SlotIndex) -> Option<u32> {
-        None
+    fn sta(&mut self, slot: SlotIndex) -> Option<u32> {
+        self.sta[slot]
     }
     fn has_child(&mut self, slot: SlotIndex) -> bool {
         self.child[slot]
@@ -275,4 +282,34 @@ fn unrecognized_notify_is_answered() {
     hp.notify(0, 2);
     hp.run_pending(&mut bus);
     assert_eq!(bus.calls, vec![Call::Ost(0, 2, OstStatus::UnrecognizedNotify)]);
+}
+
+#[test]
+fn a_device_is_stale_only_when_config_space_and_sta_agree() {
+    let mut hp = owner(1);
+    let mut bus = FakeBus::new(1);
+    bus.child[0] = true;
+    bus.sta[0] = Some(0xf); // firmware still says present, config space already gone
+    hp.notify(0, 1);
+    hp.run_pending(&mut bus);
+    assert_eq!(bus.count(|c| matches!(c, Call::Detach(..))), 0, "not torn down on one source");
+    bus.sta[0] = Some(0);
+    hp.notify(0, 1);
+    let r = hp.run_pending(&mut bus);
+    assert_eq!(r.swept, 1);
+    assert_eq!(bus.count(|c| matches!(c, Call::Detach(0, DetachReason::Gone))), 1);
+}
+
+#[test]
+fn attaching_needs_config_space() {
+    let mut hp = owner(1);
+    let mut bus = FakeBus::new(1);
+    bus.sta[0] = Some(0xf); // _STA present, but the function does not answer yet
+    hp.notify(0, 1);
+    hp.run_pending(&mut bus);
+    assert_eq!(bus.count(|c| matches!(c, Call::Rescan(_))), 0);
+    bus.present[0] = true;
+    hp.notify(0, 1);
+    hp.run_pending(&mut bus);
+    assert!(bus.child[0]);
 }
