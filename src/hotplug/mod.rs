@@ -12,6 +12,34 @@
 //! - [`kernel`], [`node_name`], [`teardown`], [`unload`]: the one teardown order and its
 //!   kernel services; kldunload policy.
 
+//!
+//! # How the kernel glue wires it (contract for `src/freebsd/`)
+//!
+//! - **Load / bus attach.** For every ACPI slot object with `_EJ0` under the PCI bus, find out
+//!   whether acpi_pci's handler is there and removable ([`mode::InTreeHandler`]), call
+//!   [`mode::resolve`] with `hw.nvme_hotplug.acpi_mode`, remove acpi_pci's handler when told,
+//!   install ours when told. Build one [`pending::PendingEvents`] (kept under an MTX_DEF mtx(9))
+//!   and one [`machine::SlotMachine`] (owned by the hotplug task) with the per-slot roles.
+//! - **Notify handler** (acpi_task thread): take the mtx, `if pending.notify(slot, value)`,
+//!   enqueue the hotplug task, drop the mtx. Nothing else: no AML, no newbus, no sleep.
+//! - **Hotplug task** (our taskqueue): under the mtx `pending.take(&mut snapshot)`; without it,
+//!   `machine.run(&snapshot, &mut ops)`. If the report has `rerun_after_us`, enqueue the task
+//!   again with `taskqueue_enqueue_timeout`.
+//! - **[`slot_ops::SlotOps`]**: each action takes `bus_topo_lock()` itself; `detach_slot`
+//!   re-checks the `device_t` under that lock (NoDevice otherwise) and, for
+//!   [`slot_ops::DetachReason::Eject`], returns Busy while [`teardown::Live::in_use`].
+//! - **`device_detach`** of our driver: [`teardown::teardown`] with
+//!   [`teardown::Removal::Announced`] when the device still answers, `Surprise` otherwise.
+//!   When acpi_pci (observer role) asks to detach a controller that is in use, returning
+//!   EBUSY makes acpi_pci skip `_EJ0` (facts §1.2), which is the same safe outcome.
+//! - **Fallback callout** (`hw.nvme_hotplug.rescan_interval_ms`, 0 = off):
+//!   [`fallback::FallbackRescan::tick`] under the mtx, enqueue the task when it says so.
+//! - **Namespace attribute changed** (NVMe AER): `pending.namespace_changed(slot)`; the task's
+//!   `rescan_namespaces` applies the engine's list with [`teardown::Live::sync_namespaces`].
+//! - **[`kernel::Kernel`]**: `make_node` passes exactly `MAKEDEV_CHECKNAME | MAKEDEV_WAITOK`
+//!   (asserted); `d_gone` is a trampoline to [`teardown::on_disk_gone`].
+//! - **MOD_UNLOAD**: [`unload::unload`]; EBUSY while any node or disk is open.
+
 pub mod errno;
 pub mod fallback;
 pub mod kernel;
