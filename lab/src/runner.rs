@@ -315,9 +315,15 @@ impl Session {
         }
         let st = self.w.jobs[job_id].stats;
         if let Some(b) = bar {
-            b.set_position(st.ops_done);
-            b.finish_with_message(format!("{} MiB moved", st.bytes >> 20));
+            b.finish_and_clear();
         }
+        self.w.say(format!(
+            "io {target}: {} ops done, {} KiB moved, {} reads verified, {} failed",
+            st.ops_done,
+            st.bytes >> 10,
+            st.reads_verified,
+            st.failed
+        ));
         format!("{} ops, {} verified reads, {} failed", st.ops_done, st.reads_verified, st.failed)
     }
 
