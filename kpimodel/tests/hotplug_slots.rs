@@ -250,3 +250,40 @@ proptest! {
         prop_assert!(w.violations.is_empty(), "{:?}", w.violations);
     }
 }
+
+/// The bus model's own checks, each provoked directly through `SlotOps`.
+#[test]
+fn bus_model_checks_each_fire() {
+    use nvme_hotplug::hotplug::slot_ops::{DetachReason, SlotOps};
+    // Detach of a slot without device_t.
+    let mut w = SlotWorld::new(1);
+    let _ = w.detach_slot(0, DetachReason::Eject);
+    assert!(w.violations.iter().any(|v| v.rule == Rule::DetachWithoutDevice));
+    // _EJ0 with the driver still attached.
+    let mut w = SlotWorld::new(1);
+    w.insert(0);
+    w.rescan_slot(0).unwrap();
+    w.eject(0).unwrap();
+    assert!(w.violations.iter().any(|v| v.rule == Rule::EjectAttached));
+    // _EJ0 twice for one insertion (slow eject).
+    let mut w = SlotWorld::new(1);
+    w.set_ej0_lags(0, true);
+    w.insert(0);
+    w.eject(0).unwrap();
+    w.eject(0).unwrap();
+    assert!(w.violations.iter().any(|v| v.rule == Rule::DoubleEject));
+    // Ours on an empty slot.
+    let mut w = SlotWorld::new(1);
+    w.eject(0).unwrap();
+    assert!(w.violations.iter().any(|v| v.rule == Rule::DoubleEject));
+    // A device detached by acpi_pci, then by us.
+    let mut w = SlotWorld::new(1);
+    let mut hp = Hotplug::new(vec![Role::Owner], HotplugConfig::default());
+    w.set_handlers(0, true, false);
+    w.set_ej0_lags(0, true);
+    w.insert(0);
+    w.bus_rescan();
+    w.firmware_notify(0, 3, &mut hp); // acpi_pci: detach, _EJ0 (slow), rescan keeps the ghost
+    let _ = w.detach_slot(0, DetachReason::Eject);
+    assert!(w.violations.iter().any(|v| v.rule == Rule::DoubleDetach), "{:?}", w.violations);
+}

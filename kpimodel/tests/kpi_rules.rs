@@ -287,3 +287,30 @@ fn unload_with_nodes_or_pending_d_gone() {
     assert!(r.violations.iter().filter(|v| v.rule == Rule::UnloadWithLiveCallbacks).count() >= 2, "{r:?}");
     assert!(r.to_json().contains("\"nodes_left\":[\"nvmehp0\"]"), "{}", r.to_json());
 }
+
+#[test]
+fn destroy_twice() {
+    let mut m = Model::new();
+    let n = node(&mut m, "nvmehp0", flags::CHECKNAME, None);
+    m.destroy_dev(n);
+    m.destroy_dev(n);
+    only(&m, Rule::DoubleDestroy);
+}
+
+#[test]
+fn disk_released_twice() {
+    let mut m = Model::new();
+    let ctx = m.malloc(M_NVMEHP, 8, true);
+    let d = m.disk_create(0, ctx);
+    m.disk_gone(d);
+    m.disk_gone(d);
+    only(&m, Rule::DiskDoubleRelease);
+}
+
+#[test]
+fn alias_with_foreign_flags() {
+    let mut m = Model::new();
+    let n = node(&mut m, "nvmehp0n1", flags::CHECKNAME, None);
+    assert!(m.make_dev_alias(n, "nvmehp0ns1", flags::ETERNAL).is_err());
+    only(&m, Rule::BadMakeDevFlags);
+}
