@@ -49,7 +49,12 @@ mod kld {
         "DELAY", "binuptime", "getbinuptime", "pmap_kextract",
         // taskqueue(9)
         "taskqueue_create", "taskqueue_start_threads", "taskqueue_thread_enqueue",
-        "taskqueue_enqueue", "taskqueue_drain", "taskqueue_free",
+        "taskqueue_enqueue", "taskqueue_drain", "taskqueue_drain_all", "taskqueue_free",
+        // interrupts, callout(9)
+        "bus_setup_intr", "bus_teardown_intr",
+        "_callout_init_lock", "callout_reset_sbt_on", "_callout_stop_safe",
+        // disk(9)
+        "disk_alloc", "disk_create", "disk_gone", "disk_destroy", "biodone",
         // newbus topology changes (under bus_topo_lock)
         "bus_topo_lock", "bus_topo_unlock", "device_detach", "device_find_child", "pci_find_dbsf",
         // ACPICA and the FreeBSD ACPI driver
@@ -73,6 +78,8 @@ mod kld {
         "device_probe_desc", "device_attach_desc", "device_detach_desc",
         "bus_read_ivar_desc", "bus_write_ivar_desc", "bus_rescan_desc",
         "pci_read_config_desc", "pci_write_config_desc", "pcib_read_config_desc",
+        "pci_enable_busmaster_desc", "pci_alloc_msix_desc", "pci_release_msi_desc",
+        "pci_msix_count_desc",
         "sysctl___hw", "__stack_chk_guard", "__start_set_pcpu", "__stop_set_pcpu",
     ];
 
@@ -84,7 +91,8 @@ mod kld {
         "PCIR_VENDOR", "PCIR_HDRTYPE", "PCIM_MFDEV", "PCI_FUNCMAX", "PCI_SLOTMAX", "PCIC_STORAGE", "PCIS_STORAGE_NVM", "PCIP_STORAGE_NVM_ENTERPRISE_NVMHCI_1_0",
         "MAKEDEV_WAITOK", "MAKEDEV_NOWAIT", "MAKEDEV_CHECKNAME", "UID_ROOT", "GID_OPERATOR", "D_VERSION", "BUS_SPACE_MAXADDR",
         "ACPI_SYSTEM_NOTIFY", "ACPI_TYPE_DEVICE", "ACPI_TYPE_INTEGER", "ACPI_TYPE_BUFFER",
-        "ACPI_FULL_PATHNAME",
+        "ACPI_FULL_PATHNAME", "SYS_RES_IRQ", "RF_SHAREABLE", "CS_DRAIN", "DISK_VERSION",
+        "DISKFLAG_.*", "BIO_READ", "BIO_WRITE", "BIO_FLUSH", "BIO_DELETE", "BIO_ERROR",
     ];
 
     pub fn generate() {
@@ -141,6 +149,7 @@ mod kld {
             .allowlist_type("ACPI_OBJECT")
             .allowlist_type("ACPI_OBJECT_LIST")
             .allowlist_type("ACPI_BUFFER")
+            .allowlist_type("intr_type")
             // ... except the Rust entry points, which the glue calls and Rust defines.
             .blocklist_function("nvmehp_(probe|attach|detach|modevent)");
         for f in KPI_FUNCTIONS {

@@ -25,11 +25,15 @@
 #include <sys/taskqueue.h>
 #include <sys/sysctl.h>
 #include <sys/conf.h>
+#include <sys/callout.h>
+#include <sys/bio.h>
 #include <sys/rman.h>
 #include <sys/time.h>
 
 #include <machine/bus.h>
 #include <machine/resource.h>
+
+#include <geom/geom_disk.h>
 
 #include <vm/vm.h>
 #include <vm/pmap.h>

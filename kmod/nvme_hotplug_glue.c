@@ -157,6 +157,30 @@ nvmehp_pci_get_function(device_t dev)
 	return (pci_get_function(dev));
 }
 
+int
+nvmehp_pci_enable_busmaster(device_t dev)
+{
+	return (pci_enable_busmaster(dev));
+}
+
+int
+nvmehp_pci_msix_count(device_t dev)
+{
+	return (pci_msix_count(dev));
+}
+
+int
+nvmehp_pci_alloc_msix(device_t dev, int *count)
+{
+	return (pci_alloc_msix(dev, count));
+}
+
+int
+nvmehp_pci_release_msi(device_t dev)
+{
+	return (pci_release_msi(dev));
+}
+
 uint32_t
 nvmehp_pcib_get_domain(device_t pci_bus)
 {

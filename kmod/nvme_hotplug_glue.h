@@ -62,6 +62,12 @@ uint8_t	nvmehp_pci_get_progif(device_t dev);
 uint8_t	nvmehp_pci_get_slot(device_t dev);
 uint8_t	nvmehp_pci_get_function(device_t dev);
 
+/* pci(9) bus mastering and MSI-X (kobj dispatch to the parent bus). */
+int	nvmehp_pci_enable_busmaster(device_t dev);
+int	nvmehp_pci_msix_count(device_t dev);
+int	nvmehp_pci_alloc_msix(device_t dev, int *count);
+int	nvmehp_pci_release_msi(device_t dev);
+
 /* A pci bus's domain and bus number (ivars of its bridge), and PCIB_READ_CONFIG on a bridge. */
 uint32_t nvmehp_pcib_get_domain(device_t pci_bus);
 uint32_t nvmehp_pcib_get_bus(device_t pci_bus);

@@ -119,6 +119,22 @@ impl Cdev {
         self.raw.as_ptr()
     }
 
+    /// The node is open (`si_usecount`) or a thread is inside one of its methods
+    /// (`si_threadcount`). A hint for unload policy, stale as soon as it is returned: the
+    /// fields are read without dev_lock (the kernel updates them atomically or under it).
+    pub fn in_use(&self) -> bool {
+        let cdev = self.raw.as_ptr();
+        // SAFETY: reads of two word-sized fields of our live cdev; a racy read is acceptable
+        // for a hint and cannot tear on amd64.
+        let (users, threads) = unsafe {
+            (
+                (&raw const (*cdev).si_usecount).read_volatile(),
+                (&raw const (*cdev).si_threadcount).read_volatile(),
+            )
+        };
+        users > 0 || threads > 0
+    }
+
     /// Destroys the node now; same as dropping it. Returns once no thread is inside one of
     /// its methods and none will enter again: the `drv1` memory may be freed afterwards.
     pub fn destroy(self) {

@@ -99,6 +99,42 @@ impl Device {
         unsafe { bindings::nvmehp_pci_get_function(self.as_raw()) }
     }
 
+    /// Enables bus mastering (DMA) in the command register.
+    pub fn enable_busmaster(&self) -> Result<(), c_int> {
+        // SAFETY: kobj call to the parent pci bus.
+        match unsafe { bindings::nvmehp_pci_enable_busmaster(self.as_raw()) } {
+            0 => Ok(()),
+            e => Err(e),
+        }
+    }
+
+    /// How many MSI-X vectors the function offers (0: none).
+    pub fn msix_count(&self) -> c_int {
+        // SAFETY: kobj call to the parent pci bus.
+        unsafe { bindings::nvmehp_pci_msix_count(self.as_raw()) }
+    }
+
+    /// Allocates up to `want` MSI-X vectors; returns how many were granted. They become IRQ
+    /// resources with rid 1..=n. Release with [`Device::release_msi`] after every IRQ
+    /// resource is released.
+    pub fn alloc_msix(&self, want: c_int) -> Result<c_int, c_int> {
+        let mut count = want;
+        // SAFETY: kobj call to the parent pci bus; `count` is a valid in/out int.
+        match unsafe { bindings::nvmehp_pci_alloc_msix(self.as_raw(), &mut count) } {
+            0 => Ok(count),
+            e => Err(e),
+        }
+    }
+
+    /// Gives back MSI/MSI-X vectors.
+    pub fn release_msi(&self) -> Result<(), c_int> {
+        // SAFETY: kobj call to the parent pci bus.
+        match unsafe { bindings::nvmehp_pci_release_msi(self.as_raw()) } {
+            0 => Ok(()),
+            e => Err(e),
+        }
+    }
+
     /// Cached vendor ID.
     pub fn pci_vendor(&self) -> u16 {
         // SAFETY: as above.

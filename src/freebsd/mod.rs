@@ -12,6 +12,8 @@
 //! - [`alloc`]: the global allocator over `malloc(9)` (never sleeps) and the sleeping path.
 //! - [`mutex`]: `mtx(9)` (MTX_DEF) owning the data it protects.
 //! - [`taskqueue`]: `taskqueue(9)` with tasks that are drained before they are freed.
+//! - [`callout`]: `callout(9)` timers bound to a [`mutex::Mutex`], drained before freed.
+//! - [`intr`]: IRQ resources and interrupt handlers, torn down before freed.
 //! - [`device`]: newbus `device_t` and its PCI accessors.
 //! - [`resource`]: a memory BAR from `bus_alloc_resource(9)`, as register I/O.
 //! - [`clock`], [`dma`], [`platform`]: the `crate::platform` traits in the kernel.
@@ -19,6 +21,7 @@
 //! - [`bus_topo`]: newbus rescan/detach/delete under `bus_topo_lock()`.
 //! - [`pci_bus`]: a pci bus and config reads of its slots, with or without a device.
 //! - [`cdev`]: device nodes that are never eternal and always destroyed.
+//! - [`disk`], [`bio`]: GEOM disks with the nvd(4) teardown order, and their I/O requests.
 //! - [`pci_driver`]: the `nvmehp` driver's probe/attach/detach.
 //! - [`module`]: the module event handler.
 
@@ -33,6 +36,8 @@ pub mod alloc;
 pub mod panic;
 pub mod mutex;
 pub mod taskqueue;
+pub mod callout;
+pub mod intr;
 pub mod device;
 pub mod resource;
 pub mod clock;
@@ -42,5 +47,7 @@ pub mod acpi;
 pub mod bus_topo;
 pub mod pci_bus;
 pub mod cdev;
+pub mod disk;
+pub mod bio;
 pub mod pci_driver;
 pub mod module;

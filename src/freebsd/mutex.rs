@@ -44,6 +44,24 @@ impl<T> Mutex<T> {
         Some(Box::into_pin(boxed))
     }
 
+    /// The lock object, for KPIs that take a lock by reference (callout_init_mtx).
+    pub(crate) fn lock_object(&self) -> *mut bindings::lock_object {
+        // SAFETY: only the address of a field is computed; the mutex lives at this address.
+        unsafe { &raw mut (*self.mtx.get()).lock_object }
+    }
+
+    /// The data, for code the kernel calls with this mutex already held (a callout bound with
+    /// callout_init_mtx).
+    ///
+    /// # Safety
+    /// The calling thread must hold the mutex, and no other reference to the data may exist
+    /// for the lifetime of the returned one.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn data_while_held(&self) -> &mut T {
+        // SAFETY: per this function's contract.
+        unsafe { &mut *self.data.get() }
+    }
+
     /// Blocks until the mutex is ours; unlocked when the guard is dropped.
     pub fn lock(&self) -> MutexGuard<'_, T> {
         // SAFETY: the mutex was initialised in new_boxed and is destroyed only in Drop, which

@@ -96,6 +96,15 @@ impl TaskQueue {
     }
 }
 
+impl TaskQueue {
+    /// `taskqueue_drain_all(9)`: waits until every task enqueued so far has run. Sleeps; not
+    /// from the queue's own thread.
+    pub fn drain_all(&self) {
+        // SAFETY: a live queue; the caller is not on its thread (documented).
+        unsafe { bindings::taskqueue_drain_all(self.raw()) }
+    }
+}
+
 impl Drop for TaskQueue {
     fn drop(&mut self) {
         // SAFETY: every Task borrowing this queue has been dropped (and so drained) already;

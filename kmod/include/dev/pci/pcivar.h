@@ -1,7 +1,8 @@
 /*
  * Stand-in for FreeBSD sys/dev/pci/pcivar.h, which the ziglang header set does not ship.
  * Declares only what nvme_hotplug uses: the ivar accessors for IDs, class codes and the
- * slot/function address, pci_read_config()/pci_write_config(), the bus and domain ivars of a
+ * slot/function address, pci_read_config()/pci_write_config(), bus mastering and MSI-X
+ * allocation, the bus and domain ivars of a
  * pci bus (read from its bridge), and pci_find_dbsf(). The ivar numbers are positions in the
  * real `enum pci_device_ivars` / `enum pcib_device_ivars` of FreeBSD 15.
  * Used only for Linux cross-builds; a native FreeBSD build uses the real header.
@@ -49,6 +50,30 @@ static __inline void
 pci_write_config(device_t dev, int reg, uint32_t val, int width)
 {
 	PCI_WRITE_CONFIG(device_get_parent(dev), dev, reg, val, width);
+}
+
+static __inline int
+pci_enable_busmaster(device_t dev)
+{
+	return (PCI_ENABLE_BUSMASTER(device_get_parent(dev), dev));
+}
+
+static __inline int
+pci_alloc_msix(device_t dev, int *count)
+{
+	return (PCI_ALLOC_MSIX(device_get_parent(dev), dev, count));
+}
+
+static __inline int
+pci_release_msi(device_t dev)
+{
+	return (PCI_RELEASE_MSI(device_get_parent(dev), dev));
+}
+
+static __inline int
+pci_msix_count(device_t dev)
+{
+	return (PCI_MSIX_COUNT(device_get_parent(dev), dev));
 }
 
 /* Ivars of a pci bus, answered by its parent bridge. */

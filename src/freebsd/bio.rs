@@ -1,0 +1,111 @@
+//! One I/O request (`struct bio`) handed to a disk's `d_strategy`.
+//!
+//! A [`Bio`] is the driver's obligation to complete the request exactly once: it can only be
+//! consumed by [`Bio::done`] or [`Bio::fail`], which call `biodone(9)`.
+
+use super::bindings;
+use core::ffi::{c_int, c_void};
+use core::ptr::NonNull;
+
+/// What a request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BioCmd {
+    /// BIO_READ
+    Read,
+    /// BIO_WRITE
+    Write,
+    /// BIO_DELETE (deallocate / TRIM)
+    Delete,
+    /// BIO_FLUSH
+    Flush,
+    /// Anything else (answered with EOPNOTSUPP by the driver).
+    Other(u16),
+}
+
+/// A request owned by the driver until completed.
+pub struct Bio {
+    raw: NonNull<bindings::bio>,
+}
+
+// SAFETY: a bio may be completed from any thread (biodone is thread-safe).
+unsafe impl Send for Bio {}
+
+impl Bio {
+    /// Takes ownership of the bio GEOM passed to `d_strategy`.
+    ///
+    /// # Safety
+    /// `bp` is the pointer passed to this driver's `d_strategy`, taken once.
+    pub unsafe fn from_strategy(bp: *mut bindings::bio) -> Option<Bio> {
+        NonNull::new(bp).map(|raw| Bio { raw })
+    }
+
+    fn get(&self) -> &bindings::bio {
+        // SAFETY: GEOM keeps the bio alive until biodone, and only we touch it until then.
+        unsafe { self.raw.as_ref() }
+    }
+
+    /// The operation.
+    pub fn cmd(&self) -> BioCmd {
+        let c = self.get().bio_cmd;
+        match i32::from(c) {
+            bindings::BIO_READ => BioCmd::Read,
+            bindings::BIO_WRITE => BioCmd::Write,
+            bindings::BIO_DELETE => BioCmd::Delete,
+            bindings::BIO_FLUSH => BioCmd::Flush,
+            _ => BioCmd::Other(c),
+        }
+    }
+
+    /// Byte offset on the disk.
+    pub fn offset(&self) -> u64 {
+        self.get().bio_offset as u64
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.get().bio_bcount as usize
+    }
+
+    /// True for a zero-length request.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The kernel virtual address of the data (mapped bios only: the driver does not set
+    /// DISKFLAG_UNMAPPED_BIO).
+    pub fn data(&self) -> *mut c_void {
+        self.get().bio_data.cast()
+    }
+
+    /// The disk's `d_drv1`.
+    pub fn disk_drv1(&self) -> *mut c_void {
+        let d = self.get().bio_disk;
+        if d.is_null() {
+            return core::ptr::null_mut();
+        }
+        // SAFETY: the disk outlives its in-flight bios (GEOM withers before d_gone).
+        unsafe { (*d).d_drv1 }
+    }
+
+    /// Completes the request successfully: everything was transferred.
+    pub fn done(self) {
+        let bp = self.raw.as_ptr();
+        // SAFETY: our bio, completed once (consumed).
+        unsafe {
+            (*bp).bio_resid = 0;
+            bindings::biodone(bp);
+        }
+    }
+
+    /// Completes the request with `errno`; nothing counts as transferred.
+    pub fn fail(self, errno: c_int) {
+        let bp = self.raw.as_ptr();
+        // SAFETY: our bio, completed once (consumed).
+        unsafe {
+            (*bp).bio_error = errno;
+            (*bp).bio_flags |= bindings::BIO_ERROR as u16;
+            (*bp).bio_resid = (*bp).bio_bcount;
+            bindings::biodone(bp);
+        }
+    }
+}
