@@ -5,9 +5,9 @@
 //! - normal operation: poll completions and route them to the I/O job that owns the tag; a
 //!   watchdog asks the engine for the controller's health (the only way a surprise removal is
 //!   noticed: QEMU raises nothing and returns zeros);
-//! - announced detach (Notify 3): stop new I/O, let in-flight I/O finish (the device is still
-//!   there), fail whatever is left, destroy the nodes, shut the controller down, free it, and
-//!   only then `_EJ0`;
+//! - announced detach (Notify 3, through the hotplug state machine, see `slot_ops`): stop new
+//!   I/O, let in-flight I/O finish (the device is still there), fail whatever is left, destroy
+//!   the nodes, shut the controller down, free it; the state machine then calls `_EJ0`;
 //! - lost controller (surprise removal, engine gave up): fail everything at once, destroy
 //!   nodes, free.
 //!
@@ -349,9 +349,10 @@ impl Driver {
         }
     }
 
-    /// Announced detach (after Notify 3): drain, fail leftovers, destroy nodes, shut down,
-    /// free — and only then eject (`_EJ0`). `eject = false` is the module-unload path.
-    pub fn detach_announced(&mut self, w: &mut World, eject: bool) {
+    /// Announced detach (the state machine's `detach_slot(Eject)` after a Notify 3, or module
+    /// unload): drain, fail leftovers, destroy nodes, shut down, free. The `_EJ0` comes after,
+    /// from the state machine, once this returned.
+    pub fn detach_announced(&mut self, w: &mut World) {
         self.detaching = true;
         let outstanding = self.outstanding();
         w.observer.detach_started(&self.id, false, outstanding);
@@ -377,17 +378,6 @@ impl Driver {
             }
         }
         self.free(w);
-        if eject {
-            if let Err(e) = w.machine.eject(self.slot) {
-                w.violation(format!("harness: eject of slot {}: {e}", self.slot));
-            }
-            match w.machine.slot_present(self.slot) {
-                Ok(false) => w.say(format!("slot {}: _EJ0 done, function gone", self.slot)),
-                Ok(true) => w.violation(format!("slot {} still present after _EJ0", self.slot)),
-                Err(e) => w.violation(format!("harness: {e}")),
-            }
-            w.report.cycles += 1;
-        }
     }
 
     /// The controller is gone or broken: fail everything now, destroy nodes, free.
@@ -409,8 +399,5 @@ impl Driver {
             let _ = guard(&mut w.report, "shutdown", || ctrl.shutdown());
         }
         self.free(w);
-        if self.expect_removal {
-            w.report.cycles += 1;
-        }
     }
 }

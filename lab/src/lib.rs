@@ -6,9 +6,11 @@
 //! - the **firmware** ([`firmware`]): BARs, command registers, PIRQ routing, GPE enables;
 //! - the **ACPI AML** ([`acpi_hotplug`]): PCIU/PCID + SCI become `Notify(slot, 1|3)`, `_EJ0`
 //!   is an eject write;
-//! - the **kernel** around the engine ([`runner`]): on Notify 1 probe and bring up, create a
-//!   node per namespace; on Notify 3 or a detected surprise removal stop I/O, fail or drain
-//!   what is in flight, destroy nodes, free, eject.
+//! - the **kernel** around the engine ([`runner`], [`driver`], [`slot_ops`]): every Notify goes
+//!   into the project's own hotplug state machine (`nvme_hotplug::hotplug`), which decides;
+//!   the lab's `SlotOps` act: on a device check probe and bring up, create a node per
+//!   namespace; on an eject request stop I/O, drain or fail what is in flight, destroy nodes,
+//!   free, then `_EJ0`. A surprise removal is noticed by the driver's health watchdog.
 //!
 //! The engine itself (`nvme_hotplug::nvme::Controller`) sees only [`platform::LabPlatform`],
 //! the lab's implementation of the same traits the kld implements over bus_space(9).
@@ -28,6 +30,7 @@
 //! - [`workload`]: an `io` step's request generator and verifier.
 //! - [`observer`]: **the hook for kernel models** (nodes, rule violations).
 //! - [`driver`]: the kernel's side of one controller (attach, poll, watchdog, detach).
+//! - [`slot_ops`]: the project's hotplug state machine run against QEMU (its `SlotOps`).
 //! - [`bench`]: the hotplug-cycle benchmark.
 //! - [`runner`]: runs a scenario and produces a [`report::Report`].
 //! - [`report`]: the JSON report.
@@ -57,4 +60,5 @@ pub mod report;
 pub mod runner;
 pub mod scenario;
 pub mod skip;
+pub mod slot_ops;
 pub mod workload;

@@ -45,6 +45,25 @@ pub struct IoFigures {
     pub refused: u64,
 }
 
+/// What the hotplug state machine did (sums of its run reports).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HotplugFigures {
+    /// ACPI notifications delivered to it.
+    pub notifies: u64,
+    /// Slot rescans (device checks that attached something).
+    pub rescans: u64,
+    /// Detaches it asked for.
+    pub detaches: u64,
+    /// `_EJ0` evaluations.
+    pub ejects: u64,
+    /// Ejects confirmed complete.
+    pub ejected: u64,
+    /// Ejects refused (device busy / in use).
+    pub refused: u64,
+    /// Failures it reported (each is also a violation).
+    pub failures: u64,
+}
+
 /// The report.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
@@ -78,6 +97,8 @@ pub struct Report {
     pub steps: Vec<StepRecord>,
     /// I/O totals.
     pub io: IoFigures,
+    /// The hotplug state machine's counters.
+    pub hotplug: HotplugFigures,
     /// QEMU figures.
     pub qemu: QemuFigures,
     /// Total wall-clock milliseconds.

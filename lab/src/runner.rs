@@ -15,12 +15,14 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::acpi_hotplug::NotifyCode;
+use nvme_hotplug::hotplug::machine::Hotplug;
+
 use crate::driver::{Driver, World};
 use crate::ledger::Ledger;
 use crate::machine::Machine;
 use crate::observer::{NodeRules, Observer};
 use crate::report::{Report, StepRecord};
+use crate::slot_ops::{lab_hotplug, LabSlotOps};
 use crate::scenario::{parse_target, ControllerSpec, DetachMode, IoKind, Scenario, Step, WaitUntil};
 use crate::workload::{IoJob, JobTarget, StopReason};
 
@@ -89,7 +91,14 @@ impl Runner {
             report,
             verbose: self.verbose,
         };
-        let mut s = Session { w: world, drivers: BTreeMap::new(), seed: sc.seed, progress: self.progress };
+        let mut s = Session {
+            w: world,
+            drivers: BTreeMap::new(),
+            hotplug: lab_hotplug(),
+            rerun_at: None,
+            seed: sc.seed,
+            progress: self.progress,
+        };
         s.boot();
         for step in &sc.steps {
             let t = Instant::now();
@@ -111,6 +120,10 @@ impl Runner {
 pub struct Session {
     w: World,
     drivers: BTreeMap<String, Driver>,
+    /// The project's hotplug state machine (notify half + task half).
+    hotplug: Hotplug,
+    /// When the state machine asked to run again (an eject waiting for the device to vanish).
+    rerun_at: Option<Instant>,
     seed: u64,
     progress: bool,
 }
@@ -132,16 +145,22 @@ impl Session {
 
     /// One round of everything a kernel does concurrently.
     fn tick(&mut self) {
-        // 1. The SCI handler: Notify(slot, 1|3).
+        // 1. The SCI handler: Notify(slot, 1|3) into the state machine's notify half; its
+        //    task half runs when told to (or when a re-check is due).
+        let mut run = self.rerun_at.is_some_and(|t| Instant::now() >= t);
         match self.w.machine.poll_notifies() {
             Ok(notifies) => {
                 for n in notifies {
                     self.w.observer.notify(n.slot, n.code as u32);
+                    self.w.report.hotplug.notifies += 1;
                     self.w.say(format!("slot {}: Notify {} ({:?})", n.slot, n.code as u32, n.code));
-                    self.handle_notify(n.slot, n.code);
+                    run |= self.hotplug.notify(n.slot as usize, n.code as u32);
                 }
             }
             Err(e) => self.w.violation(format!("harness: ACPI poll: {e}")),
+        }
+        if run {
+            self.run_hotplug();
         }
         // 2. Completions and the watchdog.
         let ids: Vec<String> = self.drivers.keys().cloned().collect();
@@ -170,27 +189,21 @@ impl Session {
         }
     }
 
-    fn handle_notify(&mut self, slot: u8, code: NotifyCode) {
-        let existing = self.drivers.values().find(|d| d.slot == slot).map(|d| d.id.clone());
-        match (code, existing) {
-            (NotifyCode::DeviceCheck, Some(_)) => {} // already attached: a bus check, nothing new
-            (NotifyCode::DeviceCheck, None) => {
-                if let Some(d) = Driver::attach(&mut self.w, slot) {
-                    self.drivers.insert(d.id.clone(), d);
-                }
-            }
-            (NotifyCode::EjectRequest, Some(id)) => {
-                if let Some(mut d) = self.drivers.remove(&id) {
-                    d.detach_announced(&mut self.w, true);
-                }
-            }
-            (NotifyCode::EjectRequest, None) => {
-                // Nothing attached (never came up, or already lost): just complete the eject.
-                if let Err(e) = self.w.machine.eject(slot) {
-                    self.w.violation(format!("harness: eject of slot {slot}: {e}"));
-                }
-            }
+    /// The hotplug task: runs the state machine over the pending events with the lab's ops.
+    fn run_hotplug(&mut self) {
+        let mut ops = LabSlotOps { w: &mut self.w, drivers: &mut self.drivers };
+        let r = self.hotplug.run_pending(&mut ops);
+        let h = &mut self.w.report.hotplug;
+        h.rescans += r.rescans as u64;
+        h.detaches += r.detaches as u64;
+        h.ejects += r.ejects as u64;
+        h.ejected += r.ejected as u64;
+        h.refused += r.refused as u64;
+        h.failures += r.failures as u64;
+        if r.failures > 0 {
+            self.w.violation(format!("hotplug state machine reported {} failure(s): {r:?}", r.failures));
         }
+        self.rerun_at = r.rerun_after_us.map(|us| Instant::now() + Duration::from_micros(us as u64));
     }
 
     /// Ticks until `done` or `timeout`; returns whether `done` became true.
@@ -403,10 +416,14 @@ impl Session {
                 }
             }
         }
-        if !self.tick_until(STEP_TIMEOUT, |s| !s.drivers.contains_key(&cid)) {
-            self.w.violation(format!("detach {id}: driver did not finish detaching within {STEP_TIMEOUT:?}"));
+        let gone = self.tick_until(STEP_TIMEOUT, |s| {
+            !s.drivers.contains_key(&cid) && s.rerun_at.is_none() && !s.w.machine.slot_present(slot).unwrap_or(true)
+        });
+        if !gone {
+            self.w.violation(format!("detach {id}: not detached and ejected within {STEP_TIMEOUT:?}"));
             return "timeout".into();
         }
+        self.w.report.cycles += 1;
         // Let QEMU finish deleting the device so the slot can be reused. Bounded, and short
         // after a surprise removal: ejected with commands in flight in its backend, QEMU may
         // never finish (it leaks the device; counted in `qemu.devices_not_deleted`).
@@ -446,7 +463,7 @@ impl Session {
         }
         for (_, mut d) in std::mem::take(&mut self.drivers) {
             d.expect_removal = true;
-            d.detach_announced(&mut self.w, false);
+            d.detach_announced(&mut self.w);
         }
         let mut hung = 0;
         for job in self.w.jobs.iter_mut() {
