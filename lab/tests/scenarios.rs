@@ -52,6 +52,13 @@ fn scenario_q35_smoke() {
 }
 
 #[test]
+fn scenario_many_slots() {
+    if qemu_or_skip("scenario_many_slots") {
+        run_file("many-slots.toml");
+    }
+}
+
+#[test]
 fn every_shipped_scenario_parses() {
     let mut n = 0;
     for e in std::fs::read_dir(scenarios_dir()).unwrap() {
@@ -61,7 +68,7 @@ fn every_shipped_scenario_parses() {
             n += 1;
         }
     }
-    assert!(n >= 3, "found {n} scenarios");
+    assert!(n >= 5, "found {n} scenarios");
 }
 
 const SMALL: &str = r#"
