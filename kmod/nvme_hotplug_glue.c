@@ -55,7 +55,37 @@ MODULE_VERSION(nvme_hotplug, 1);
 MODULE_DEPEND(nvme_hotplug, pci, 1, 1, 1);
 MODULE_DEPEND(nvme_hotplug, acpi, 1, 1, 1);
 
-/* --- wrappers for KPI macros ---------------------------------------------------------------- */
+/* --- wrappers for KPI macros and variadic functions ------------------------------------------ */
+
+void
+nvmehp_print(const char *msg)
+{
+	printf("%s", msg);
+}
+
+void
+nvmehp_device_print(device_t dev, const char *msg)
+{
+	device_printf(dev, "%s", msg);
+}
+
+void
+nvmehp_panic(const char *msg)
+{
+	panic("%s", msg);
+}
+
+int
+nvmehp_make_dev_s(struct make_dev_args *args, struct cdev **cdev, const char *name)
+{
+	return (make_dev_s(args, cdev, "%s", name));
+}
+
+int
+nvmehp_taskqueue_start_threads(struct taskqueue **tqp, int pri, const char *name)
+{
+	return (taskqueue_start_threads(tqp, 1, pri, "%s", name));
+}
 
 void
 nvmehp_mtx_init(struct mtx *m, const char *name)

@@ -36,6 +36,16 @@ struct nvmehp_softc {
 /* hw.nvme_hotplug.claim: see nvme_hotplug(4). Read atomically. */
 int	nvmehp_tunable_claim(void);
 
+/*
+ * The variadic KPI, called with a fixed "%s" format: the Rust side formats its text itself and
+ * never makes a variadic call or passes a format string it built.
+ */
+void	nvmehp_print(const char *msg);
+void	nvmehp_device_print(device_t dev, const char *msg);
+void	nvmehp_panic(const char *msg) __dead2;
+int	nvmehp_make_dev_s(struct make_dev_args *args, struct cdev **cdev, const char *name);
+int	nvmehp_taskqueue_start_threads(struct taskqueue **tqp, int pri, const char *name);
+
 /* mtx(9) with MTX_DEF; the lock/unlock wrappers call the out-of-line _mtx_*_flags entry points. */
 void	nvmehp_mtx_init(struct mtx *m, const char *name);
 void	nvmehp_mtx_destroy(struct mtx *m);

@@ -105,9 +105,9 @@ impl Cdev {
         args.mda_unit = unit;
         args.mda_si_drv1 = drv1;
         let mut out: *mut bindings::cdev = core::ptr::null_mut();
-        // SAFETY: initialised args with a static cdevsw; "%s" consumes the one name argument;
-        // `out` is a valid out pointer.
-        let err = unsafe { bindings::make_dev_s(&mut args, &mut out, c"%s".as_ptr(), name.as_ptr()) };
+        // SAFETY: initialised args with a static cdevsw; the name is NUL-terminated (the glue
+        // passes it as "%s"); `out` is a valid out pointer.
+        let err = unsafe { bindings::nvmehp_make_dev_s(&mut args, &mut out, name.as_ptr()) };
         if err != 0 {
             return Err(err);
         }

@@ -12,7 +12,7 @@ use core::panic::PanicInfo;
 #[panic_handler]
 fn rust_panic(info: &PanicInfo<'_>) -> ! {
     let msg = StackCStr::<{ super::log::MSG_MAX }>::format(format_args!("nvme_hotplug: {info}"));
-    // SAFETY: the format and the message are NUL-terminated; "%s" consumes the one argument;
-    // panic(9) does not return.
-    unsafe { bindings::panic(c"%s".as_ptr(), msg.as_ptr()) }
+    // SAFETY: the message is NUL-terminated; the glue passes it to panic(9) as "%s", which
+    // does not return.
+    unsafe { bindings::nvmehp_panic(msg.as_ptr()) }
 }

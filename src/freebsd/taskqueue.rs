@@ -50,16 +50,8 @@ impl TaskQueue {
             return Err(bindings::ENOMEM);
         }
         *slot = tq;
-        // SAFETY: the slot holds the queue just created; "%s" consumes the one name argument.
-        let err = unsafe {
-            bindings::taskqueue_start_threads(
-                &raw mut *slot,
-                1,
-                bindings::PWAIT,
-                c"%s".as_ptr(),
-                name.as_ptr(),
-            )
-        };
+        // SAFETY: the slot holds the queue just created; the name is NUL-terminated and 'static.
+        let err = unsafe { bindings::nvmehp_taskqueue_start_threads(&raw mut *slot, bindings::PWAIT, name.as_ptr()) };
         if err != 0 {
             // SAFETY: nothing was ever enqueued; the queue is ours to free.
             unsafe { bindings::taskqueue_free(tq) };
