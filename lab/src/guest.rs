@@ -8,7 +8,7 @@
 //! return 0 — which looks like a vanished device, the engine's problem to handle — and the
 //! runner reports the recorded fault as a harness failure rather than blaming the engine.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use crate::dma::GuestRam;
 use crate::qtest::{Qtest, QtestError};
@@ -18,12 +18,14 @@ pub struct Guest {
     qtest: RefCell<Qtest>,
     ram: RefCell<GuestRam>,
     fault: RefCell<Option<String>>,
+    /// Fault injection: register reads left before one of them panics (inside the engine).
+    panic_in: Cell<Option<u64>>,
 }
 
 impl Guest {
     /// Wraps a connected qtest session and the RAM pool the DMA allocator may use.
     pub fn new(qtest: Qtest, ram: GuestRam) -> Self {
-        Guest { qtest: RefCell::new(qtest), ram: RefCell::new(ram), fault: RefCell::new(None) }
+        Guest { qtest: RefCell::new(qtest), ram: RefCell::new(ram), fault: RefCell::new(None), panic_in: Cell::new(None) }
     }
 
     /// Runs `f` with the qtest connection, returning its result (harness code that wants errors).
@@ -61,6 +63,23 @@ impl Guest {
     /// The first harness fault, if any.
     pub fn fault(&self) -> Option<String> {
         self.fault.borrow().clone()
+    }
+
+    /// Fault injection for tests of the lab itself: the `n`-th register read from now panics,
+    /// as an engine bug would, inside whatever engine call made it. Fires once.
+    pub fn inject_register_read_panic(&self, n: u64) {
+        self.panic_in.set(Some(n));
+    }
+
+    /// Called by the platform on every register read; panics when the injected fault is due.
+    pub fn register_read_hook(&self) {
+        if let Some(left) = self.panic_in.get() {
+            if left <= 1 {
+                self.panic_in.set(None);
+                panic!("injected fault: register read panicked");
+            }
+            self.panic_in.set(Some(left - 1));
+        }
     }
 
     /// qtest commands sent so far.

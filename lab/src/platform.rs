@@ -42,6 +42,7 @@ impl LabPlatform {
 
 impl RegisterIo for LabPlatform {
     fn read32(&self, off: u32) -> u32 {
+        self.guest.register_read_hook();
         self.guest.qtest_or(0, |q| q.readl(self.bar0 + off as u64))
     }
 

@@ -37,12 +37,13 @@ pub struct Runner {
     observer: Box<dyn Observer>,
     verbose: bool,
     progress: bool,
+    panic_after_reads: Option<u64>,
 }
 
 impl Runner {
     /// A runner with the built-in [`NodeRules`] observer.
     pub fn new(scenario: Scenario) -> Self {
-        Runner { scenario, observer: Box::new(NodeRules::new()), verbose: false, progress: false }
+        Runner { scenario, observer: Box::new(NodeRules::new()), verbose: false, progress: false, panic_after_reads: None }
     }
 
     /// Plugs in another kernel model (see [`crate::observer`]).
@@ -60,6 +61,13 @@ impl Runner {
     /// Shows a progress bar for foreground I/O steps.
     pub fn progress(mut self, on: bool) -> Self {
         self.progress = on;
+        self
+    }
+
+    /// Fault injection (tests of the lab): after boot, the `n`-th controller register read
+    /// panics inside the engine call that made it.
+    pub fn inject_panic_after_register_reads(mut self, n: u64) -> Self {
+        self.panic_after_reads = Some(n);
         self
     }
 
@@ -100,6 +108,9 @@ impl Runner {
             progress: self.progress,
         };
         s.boot();
+        if let Some(n) = self.panic_after_reads {
+            s.w.machine.guest().inject_register_read_panic(n);
+        }
         for step in &sc.steps {
             let t = Instant::now();
             let note = s.step(step);

@@ -136,3 +136,18 @@ fn io_to_a_missing_controller_is_a_violation() {
     assert!(!r.ok);
     assert!(r.violations[0].contains("c9"), "{:?}", r.violations);
 }
+
+#[test]
+fn a_panic_inside_the_engine_is_caught_and_counted() {
+    if !qemu_or_skip("a_panic_inside_the_engine_is_caught_and_counted") {
+        return;
+    }
+    let sc = Scenario::parse(&format!("{SMALL}[[step]]\nop = \"expect\"\ncontrollers = 1\n")).unwrap();
+    let r = Runner::new(sc).inject_panic_after_register_reads(2).run();
+    assert_eq!(r.panics, 1, "{}", r.summary());
+    assert!(!r.ok);
+    assert!(r.violations.iter().any(|v| v.contains("engine panicked") && v.contains("injected fault")), "{:?}", r.violations);
+    // The lab went on: the controller was treated as lost and torn down, the run ended.
+    assert_eq!(r.nodes_left, 0);
+    assert_eq!(r.hung_ops, 0, "every accepted request completed once, even after the panic");
+}
