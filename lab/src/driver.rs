@@ -257,17 +257,17 @@ impl Driver {
                     observer.io_started(&NodeId { ctrl: self.id.clone(), nsid: req.nsid }, tag);
                 }
                 Some(Err(NvmeError::QueueFull)) => {
-                    job.refused(pending, NvmeError::QueueFull, ledger);
+                    job.refused(pending, NvmeError::QueueFull);
                     break;
                 }
                 Some(Err(e)) => {
-                    job.refused(pending, e, ledger);
+                    job.refused(pending, e);
                     if !matches!(e, NvmeError::Gone | NvmeError::NotReady) {
                         w_report.failed_ops += 1;
                     }
                 }
                 None => {
-                    job.refused(pending, NvmeError::Aborted, ledger);
+                    job.refused(pending, NvmeError::Aborted);
                     self.detaching = true;
                     break;
                 }

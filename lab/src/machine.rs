@@ -211,7 +211,7 @@ impl Machine {
         self.plugged.values().find(|d| d.id == id)
     }
 
-    /// Every device ever plugged that still has its image files (for the end-of-run ledger check).
+    /// The temporary directory holding every image of this machine (removed on drop).
     pub fn images_dir(&self) -> &std::path::Path {
         self.images_dir.path()
     }
@@ -327,6 +327,13 @@ impl Machine {
     /// ACPI GPEs handled so far.
     pub fn gpes(&self) -> u64 {
         self.acpi.gpes
+    }
+
+    /// The removable-slots mask (PCIRMV) of the bus holding `slot`, as the AML reads it.
+    pub fn removable_slots(&mut self, slot: u8) -> io::Result<u32> {
+        let guest = self.guest.clone();
+        let acpi = &self.acpi;
+        guest.qtest(|q| acpi.removable_slots(q, slot)).map_err(to_io)
     }
 
     /// Devices ejected but not (yet) deleted by QEMU.

@@ -308,7 +308,7 @@ impl IoJob {
 
     /// The engine refused the request: `QueueFull` is retried later; anything else ends the
     /// operation (and `Gone`/`NotReady` stop the job).
-    pub fn refused(&mut self, p: PendingSubmit, err: NvmeError, ledger: &mut Ledger) {
+    pub fn refused(&mut self, p: PendingSubmit, err: NvmeError) {
         let f = p.1;
         if err == NvmeError::QueueFull {
             if f.op == IoOp::Read && f.verify_of_write {
@@ -322,7 +322,6 @@ impl IoJob {
             return;
         }
         // Nothing was sent: the media is unchanged, the ledger needs no update for a write.
-        let _ = ledger;
         self.busy.remove(&f.unit);
         self.free_bufs.push(f.buf);
         self.stats.refused += 1;

@@ -64,6 +64,7 @@ fn hotplug_sequence(kind: MachineKind) {
     assert_eq!(found.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![4], "boot-time controller found");
     assert!(m.poll_notifies().unwrap().is_empty());
 
+    assert_ne!(m.removable_slots(6).unwrap() & (1 << if kind == MachineKind::Pc { 6 } else { 0 }), 0, "slot removable");
     m.hot_add(&spec("c1", 6)).unwrap();
     assert_eq!(wait_notifies(&mut m), vec![Notify { slot: 6, code: NotifyCode::DeviceCheck }]);
     let f = m.probe(6).unwrap().expect("function in slot 6");
