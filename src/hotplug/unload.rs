@@ -6,6 +6,11 @@
 //! the device is already gone, so its teardown never waits for users, see
 //! [`super::slot_ops::DetachReason::Gone`].)
 //!
+//! The busy check and the teardown are not one atomic step: an open that slips in between
+//! would find a dying node (ENXIO from dead_cdevsw: safe) or, for a disk, make step 5 wait for
+//! its close. The glue closes that window by setting its "unloading" flag, checked by d_open and
+//! the GEOM access method under the same lock as its open counts, before calling [`unload`].
+//!
 //! Order, once allowed, and why:
 //! 1. remove our ACPI notify handlers, from the MOD_UNLOAD thread (never from an ACPI task
 //!    thread: AcpiRemoveNotifyHandler drains the ACPI task queue, facts §1.9); afterwards no
