@@ -10,11 +10,14 @@
 //! - `-qtest-log` must be given (otherwise QEMU logs every command to stderr).
 //!
 //! Every spawned QEMU is owned by a [`QemuProcess`] whose `Drop` kills and waits for it, so a
-//! failing test or a panic never leaves a QEMU behind.
+//! failing test or a panic never leaves a QEMU behind. If the harness itself is killed (no
+//! `Drop` runs), the kernel sends QEMU SIGKILL (`PR_SET_PDEATHSIG`), so not even a `kill -9` of
+//! a test binary leaves one running.
 
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -100,6 +103,16 @@ impl QemuProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(fs::File::create(&stderr_path)?));
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
+        // is async-signal-safe; it touches no memory shared with the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd.spawn()?;
         let mut proc = QemuProcess { child: Some(child), _dir: dir, qmp_path, stderr_path };
 
