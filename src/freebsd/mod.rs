@@ -51,3 +51,8 @@ pub mod disk;
 pub mod bio;
 pub mod pci_driver;
 pub mod module;
+
+#[cfg(test)]
+mod fake_kernel;
+#[cfg(test)]
+mod kpi_tests;

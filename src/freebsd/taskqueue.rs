@@ -133,6 +133,12 @@ impl<H: TaskHandler> Task<'_, H> {
         unsafe { bindings::taskqueue_enqueue(self.queue.raw(), self.raw.get()) };
     }
 
+    /// The raw task, for the fake kernel's queue runner.
+    #[cfg(test)]
+    pub(crate) fn raw_for_tests(&self) -> *mut bindings::task {
+        self.raw.get()
+    }
+
     /// The handler, for the code that enqueues.
     pub fn handler(&self) -> &H {
         &self.handler

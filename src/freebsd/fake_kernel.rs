@@ -1,0 +1,426 @@
+//! A fake of the kernel entry points the wrappers call, for host unit tests (`cargo test
+//! --features kld --lib freebsd::`). Each fake records what it was called with in a per-thread
+//! log, and a few can be told to fail, so the tests in `kpi_tests.rs` can check the flags the
+//! wrappers pass and, above all, the *order* of calls their ownership rules promise (teardown
+//! before free, drain before free, destroy exactly once).
+//!
+//! libc's own `malloc`/`free` stand in for malloc(9)/free(9) (the extra malloc-type and flags
+//! arguments are ignored by the x86-64 calling convention); no libc symbol is redefined here.
+#![allow(non_snake_case, clippy::missing_safety_doc)]
+
+use super::bindings::{self, *};
+use core::ffi::{c_char, c_int, c_void, CStr};
+use std::boxed::Box;
+use std::cell::{Cell, RefCell};
+use std::format;
+use std::string::{String, ToString};
+use std::vec::Vec;
+
+/// Failure knobs: what the next calls return.
+#[derive(Default, Clone, Copy)]
+pub struct Knobs {
+    pub make_dev_s_error: c_int,
+    pub acpi_remove_status: u32,
+    pub teardown_intr_error: c_int,
+    pub rman_size: u64,
+}
+
+std::thread_local! {
+    static LOG: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    static KNOBS: Cell<Knobs> = Cell::new(Knobs::default());
+    static NOTIFY: Cell<Option<(unsafe extern "C" fn(ACPI_HANDLE, u32, *mut c_void), *mut c_void)>> = const { Cell::new(None) };
+    static INTR: Cell<Option<(unsafe extern "C" fn(*mut c_void), *mut c_void)>> = const { Cell::new(None) };
+    static CALLOUT: Cell<Option<(unsafe extern "C" fn(*mut c_void), *mut c_void)>> = const { Cell::new(None) };
+    static MTX_HELD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Starts a test: empty log, default knobs.
+pub fn reset(knobs: Knobs) {
+    LOG.with(|l| l.borrow_mut().clear());
+    KNOBS.with(|k| k.set(knobs));
+}
+
+/// Everything recorded since `reset`, in order.
+pub fn log() -> Vec<String> {
+    LOG.with(|l| l.borrow().clone())
+}
+
+/// Records an event (tests use it to mark when their own values are dropped).
+pub fn record(s: impl ToString) {
+    LOG.with(|l| l.borrow_mut().push(s.to_string()));
+}
+
+fn knobs() -> Knobs {
+    KNOBS.with(|k| k.get())
+}
+
+fn cstr(p: *const c_char) -> String {
+    if p.is_null() {
+        return "(null)".into();
+    }
+    // SAFETY: the wrappers pass NUL-terminated strings.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+fn leak<T>() -> *mut T {
+    // SAFETY: the kernel structs are plain C data for which all-zero is a valid value.
+    Box::into_raw(Box::new(unsafe { core::mem::zeroed::<T>() }))
+}
+
+/// Simulates the ACPI task thread delivering notification `value`.
+pub fn deliver_notify(value: u32) {
+    let (f, ctx) = NOTIFY.with(|n| n.get()).expect("no notify handler installed");
+    // SAFETY: the handler and context the wrapper installed.
+    unsafe { f(0x5107 as ACPI_HANDLE, value, ctx) }
+}
+
+/// Simulates the interrupt thread running the handler.
+pub fn fire_interrupt() {
+    let (f, arg) = INTR.with(|n| n.get()).expect("no interrupt handler set up");
+    // SAFETY: the handler and argument the wrapper set up.
+    unsafe { f(arg) }
+}
+
+/// Simulates softclock running an armed callout with its mutex held.
+pub fn fire_callout() {
+    let (f, arg) = CALLOUT.with(|n| n.get()).expect("no callout armed");
+    MTX_HELD.with(|h| h.set(true));
+    // SAFETY: the function and argument the wrapper armed.
+    unsafe { f(arg) }
+    MTX_HELD.with(|h| h.set(false));
+}
+
+#[no_mangle]
+pub static mut M_NVMEHP: [malloc_type; 1] = [unsafe { core::mem::zeroed() }];
+
+extern "C" {
+    fn aligned_alloc(align: usize, size: usize) -> *mut c_void;
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn malloc_aligned(size: usize, align: usize, _t: *mut malloc_type, _f: c_int) -> *mut c_void {
+    // SAFETY: libc; size rounded up to a multiple of align as aligned_alloc requires.
+    unsafe { aligned_alloc(align, size.div_ceil(align) * align) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_print(msg: *const c_char) {
+    record(format!("printf {}", cstr(msg)));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_device_print(_dev: device_t, msg: *const c_char) {
+    record(format!("device_printf {}", cstr(msg)));
+}
+
+// --- cdev ---------------------------------------------------------------------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_make_dev_args_init(args: *mut make_dev_args) {
+    // SAFETY: a valid args struct (wrapper's local).
+    unsafe {
+        *args = core::mem::zeroed();
+        (*args).mda_size = core::mem::size_of::<make_dev_args>();
+    }
+    record("make_dev_args_init");
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_make_dev_s(args: *mut make_dev_args, out: *mut *mut cdev, name: *const c_char) -> c_int {
+    // SAFETY: the wrapper passes initialised args and a valid out pointer.
+    let a = unsafe { &*args };
+    record(format!(
+        "make_dev_s size={} flags={:#x} unit={} mode={:o} drv1={:p} devsw={:p} name={}",
+        a.mda_size, a.mda_flags, a.mda_unit, a.mda_mode, a.mda_si_drv1, a.mda_devsw, cstr(name)
+    ));
+    let err = knobs().make_dev_s_error;
+    if err == 0 {
+        let c = leak::<cdev>();
+        // SAFETY: fresh fake cdev.
+        unsafe {
+            (*c).si_drv1 = a.mda_si_drv1;
+            *out = c;
+        }
+    }
+    err
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn destroy_dev(dev: *mut cdev) {
+    record(format!("destroy_dev {dev:p}"));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn destroy_dev_sched_cb(dev: *mut cdev, cb: Option<unsafe extern "C" fn(*mut c_void)>, arg: *mut c_void) -> c_int {
+    record(format!("destroy_dev_sched_cb {dev:p} cb={}", cb.is_some()));
+    if let Some(cb) = cb {
+        // SAFETY: the callback the wrapper's caller vouched for.
+        unsafe { cb(arg) };
+    }
+    0
+}
+
+// --- ACPI ---------------------------------------------------------------------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn AcpiInstallNotifyHandler(dev: ACPI_HANDLE, ty: u32, h: ACPI_NOTIFY_HANDLER, ctx: *mut c_void) -> u32 {
+    record(format!("AcpiInstallNotifyHandler {dev:p} type={ty}"));
+    NOTIFY.with(|n| n.set(h.map(|f| (f, ctx))));
+    NVMEHP_AE_OK
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn AcpiRemoveNotifyHandler(dev: ACPI_HANDLE, ty: u32, h: ACPI_NOTIFY_HANDLER) -> u32 {
+    // Identity of the function, as ACPICA compares it when removing.
+    let same = NOTIFY.with(|n| n.get()).map(|(f, _)| Some(f as usize) == h.map(|h| h as usize)).unwrap_or(false);
+    record(format!("AcpiRemoveNotifyHandler {dev:p} type={ty} same_handler={same}"));
+    let st = knobs().acpi_remove_status;
+    if st == NVMEHP_AE_OK {
+        NOTIFY.with(|n| n.set(None));
+    }
+    st
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn AcpiGetName(_h: ACPI_HANDLE, _ty: u32, buf: *mut ACPI_BUFFER) -> u32 {
+    let name = b"\\_SB_.S18_\0";
+    // SAFETY: the wrapper passes a caller-provided buffer of `Length` bytes.
+    unsafe {
+        let b = &mut *buf;
+        if (b.Length as usize) < name.len() {
+            return 0x000b; // AE_BUFFER_OVERFLOW
+        }
+        core::ptr::copy_nonoverlapping(name.as_ptr(), b.Pointer.cast::<u8>(), name.len());
+    }
+    NVMEHP_AE_OK
+}
+
+// --- resources and interrupts -------------------------------------------------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn bus_alloc_resource(_dev: device_t, ty: c_int, rid: *mut c_int, _s: u64, _e: u64, _c: u64, flags: u32) -> *mut resource {
+    // SAFETY: valid in/out rid from the wrapper.
+    let r = unsafe { *rid };
+    record(format!("bus_alloc_resource type={ty} rid={r:#x} flags={flags:#x}"));
+    leak::<resource>()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn bus_release_resource(_dev: device_t, r: *mut resource) -> c_int {
+    record(format!("bus_release_resource {r:p}"));
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn rman_get_size(_r: *const resource) -> u64 {
+    knobs().rman_size
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_bus_read_4(_r: *mut resource, off: u64) -> u32 {
+    record(format!("bus_read_4 {off:#x}"));
+    0x1000_0000 | off as u32
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_bus_write_4(_r: *mut resource, off: u64, val: u32) {
+    record(format!("bus_write_4 {off:#x} {val:#x}"));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn bus_setup_intr(
+    _dev: device_t,
+    _r: *mut resource,
+    flags: c_int,
+    filter: driver_filter_t,
+    handler: driver_intr_t,
+    arg: *mut c_void,
+    cookie: *mut *mut c_void,
+) -> c_int {
+    record(format!("bus_setup_intr flags={flags:#x} filter={}", filter.is_some()));
+    INTR.with(|i| i.set(handler.map(|h| (h, arg))));
+    // SAFETY: valid out pointer.
+    unsafe { *cookie = 0xc00c1e as *mut c_void };
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn bus_teardown_intr(_dev: device_t, _r: *mut resource, cookie: *mut c_void) -> c_int {
+    record(format!("bus_teardown_intr cookie={cookie:p}"));
+    let err = knobs().teardown_intr_error;
+    if err == 0 {
+        INTR.with(|i| i.set(None));
+    }
+    err
+}
+
+// --- taskqueue ----------------------------------------------------------------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn taskqueue_create(name: *const c_char, mflags: c_int, enq: taskqueue_enqueue_fn, ctx: *mut c_void) -> *mut taskqueue {
+    record(format!("taskqueue_create {} mflags={mflags} thread_enqueue={} ctx_set={}", cstr(name), enq.is_some(), !ctx.is_null()));
+    0x7a5c as *mut taskqueue
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn taskqueue_thread_enqueue(_ctx: *mut c_void) {}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_taskqueue_start_threads(tqp: *mut *mut taskqueue, pri: c_int, name: *const c_char) -> c_int {
+    // SAFETY: valid pointer to the queue slot.
+    let q = unsafe { *tqp };
+    record(format!("taskqueue_start_threads {q:p} pri={pri} {}", cstr(name)));
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_task_init(t: *mut task, prio: c_int, f: task_fn_t, ctx: *mut c_void) {
+    // SAFETY: the wrapper's task; this is what TASK_INIT does.
+    unsafe {
+        (*t).ta_pending = 0;
+        (*t).ta_priority = prio as u8;
+        (*t).ta_func = f;
+        (*t).ta_context = ctx;
+    }
+    record(format!("TASK_INIT prio={prio}"));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn taskqueue_enqueue(_q: *mut taskqueue, t: *mut task) -> c_int {
+    record("taskqueue_enqueue");
+    // SAFETY: the wrapper's initialised task.
+    unsafe { (*t).ta_pending += 1 };
+    0
+}
+
+/// Simulates the queue thread running a queued task (what taskqueue_run_locked does).
+pub fn run_task(t: *mut task) {
+    // SAFETY: a task enqueued by the wrapper.
+    unsafe {
+        let pending = (*t).ta_pending;
+        (*t).ta_pending = 0;
+        if let Some(f) = (*t).ta_func {
+            f((*t).ta_context, c_int::from(pending));
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn taskqueue_drain(_q: *mut taskqueue, _t: *mut task) {
+    record("taskqueue_drain");
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn taskqueue_drain_all(_q: *mut taskqueue) {
+    record("taskqueue_drain_all");
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn taskqueue_free(q: *mut taskqueue) {
+    record(format!("taskqueue_free {q:p}"));
+}
+
+// --- mtx and callout ----------------------------------------------------------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_mtx_init(_m: *mut mtx, name: *const c_char) {
+    record(format!("mtx_init {}", cstr(name)));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_mtx_lock(_m: *mut mtx) {
+    assert!(!MTX_HELD.with(|h| h.replace(true)), "mtx_lock of a held mutex");
+    record("mtx_lock");
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_mtx_unlock(_m: *mut mtx) {
+    assert!(MTX_HELD.with(|h| h.replace(false)), "mtx_unlock of a free mutex");
+    record("mtx_unlock");
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_mtx_destroy(_m: *mut mtx) {
+    record("mtx_destroy");
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn _callout_init_lock(_c: *mut callout, lo: *mut lock_object, flags: c_int) {
+    record(format!("callout_init_lock lock_set={} flags={flags}", !lo.is_null()));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn callout_reset_sbt_on(
+    _c: *mut callout,
+    sbt: i64,
+    pr: i64,
+    f: Option<unsafe extern "C" fn(*mut c_void)>,
+    arg: *mut c_void,
+    cpu: c_int,
+    flags: c_int,
+) -> c_int {
+    assert!(MTX_HELD.with(|h| h.get()), "callout_reset without the mutex held");
+    record(format!("callout_reset sbt={sbt} pr={pr} cpu={cpu} flags={flags}"));
+    CALLOUT.with(|c| c.set(f.map(|f| (f, arg))));
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn _callout_stop_safe(_c: *mut callout, flags: c_int) -> c_int {
+    record(format!("callout_stop flags={flags}"));
+    CALLOUT.with(|c| c.set(None));
+    0
+}
+
+// --- disk and bio -------------------------------------------------------------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn disk_alloc() -> *mut disk {
+    record("disk_alloc");
+    leak::<disk>()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn disk_create(d: *mut disk, version: c_int) {
+    // SAFETY: the wrapper's disk.
+    let d = unsafe { &*d };
+    record(format!(
+        "disk_create version={version:#x} name={} unit={} sector={} media={} maxsize={} ident={} descr={} strategy={} gone={}",
+        cstr(d.d_name), d.d_unit, d.d_sectorsize, d.d_mediasize, d.d_maxsize,
+        cstr(d.d_ident.as_ptr()), cstr(d.d_descr.as_ptr()), d.d_strategy.is_some(), d.d_gone.is_some()
+    ));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn disk_gone(_d: *mut disk) {
+    record("disk_gone");
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn disk_destroy(_d: *mut disk) {
+    record("disk_destroy");
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn biodone(bp: *mut bio) {
+    // SAFETY: the wrapper's bio.
+    let b = unsafe { &*bp };
+    record(format!("biodone error={} flags={:#x} resid={}", b.bio_error, b.bio_flags, b.bio_resid));
+}
+
+/// A fresh fake bio.
+pub fn new_bio(cmd: u16, offset: i64, bcount: i64) -> *mut bio {
+    let b = leak::<bio>();
+    // SAFETY: fresh fake bio.
+    unsafe {
+        (*b).bio_cmd = cmd;
+        (*b).bio_offset = offset;
+        (*b).bio_bcount = bcount;
+    }
+    b
+}
+
+/// A device_t for wrappers that only pass it through to the fakes.
+pub fn fake_device() -> bindings::device_t {
+    0xde71ce as bindings::device_t
+}
