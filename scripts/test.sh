@@ -28,8 +28,8 @@ export NVMEHP_REQUIRE_QEMU=1
 echo "== 4. cargo test --workspace"
 status=0
 "$HOST_CARGO" test --workspace --release 2>&1 | tee "$log" || status=$?
-# The kernel layer's own unit tests (src/freebsd is compiled only with feature kld; its pure
-# parts run on the host against the headers step 1 fetched).
+# The kernel layer's own unit tests (src/freebsd is compiled only with feature kld): on the host,
+# bindgen'd from the headers step 1 fetched, the wrappers run against a recording fake kernel.
 "$HOST_CARGO" test --release -p nvme_hotplug --features kld --lib freebsd:: 2>&1 | tee -a "$log" || status=$?
 
 echo "== 5. lab scenarios"
