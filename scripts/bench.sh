@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/host-cargo.sh
 if [ "$(uname -s)" = Linux ]; then bash scripts/bootstrap-debian.sh lab; bash scripts/bootstrap-debian.sh bench; fi
-for pkg in softnvme nvmehp-lab; do
+for pkg in softnvme kpimodel nvmehp-lab; do
     echo "== cargo bench -p $pkg"
     "$HOST_CARGO" bench -p "$pkg"
 done
