@@ -46,7 +46,8 @@ pub struct DiskParams<'a> {
     pub drv1: *mut c_void,
 }
 
-/// A live disk created by us.
+/// A live disk created by us. Dropping it gives it up like [`Disk::gone`] (a disk is never
+/// left published behind the driver's back); keep the `d_gone` callback ready either way.
 pub struct Disk {
     raw: NonNull<bindings::disk>,
 }
@@ -105,9 +106,18 @@ impl Disk {
     /// `disk_gone(9)`: withers the provider (consumers get ENXIO); GEOM calls `d_gone` after
     /// the last close. The disk's memory now belongs to GEOM.
     pub fn gone(self) -> GoneDisk {
+        let raw = self.raw;
+        core::mem::forget(self); // Drop would call disk_gone a second time
         // SAFETY: our published disk, given up once (the handle is consumed).
+        unsafe { bindings::disk_gone(raw.as_ptr()) };
+        GoneDisk { raw }
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        // SAFETY: our published disk, given up once: `gone` forgets the handle instead.
         unsafe { bindings::disk_gone(self.raw.as_ptr()) };
-        GoneDisk { raw: self.raw }
     }
 }
 

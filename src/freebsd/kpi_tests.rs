@@ -318,6 +318,28 @@ fn disk_lifecycle_is_create_gone_destroy_in_that_order() {
 }
 
 #[test]
+fn a_dropped_disk_is_given_up_exactly_once() {
+    fk::reset(Knobs::default());
+    let p = DiskParams {
+        name: c"nvmehpd",
+        unit: 0,
+        sector_size: 4096,
+        media_size: 1 << 20,
+        max_io: 4096,
+        flags: 0,
+        ident: b"",
+        descr: b"",
+        strategy,
+        gone,
+        drv1: core::ptr::null_mut(),
+    };
+    drop(Disk::create(&p));
+    let _token = Disk::create(&p).gone();
+    assert_eq!(count(&fk::log(), "disk_gone"), 2, "one per disk, never twice for one");
+    assert_eq!(count(&fk::log(), "disk_destroy"), 0, "destroy belongs to d_gone");
+}
+
+#[test]
 fn failed_bio_reports_error_and_full_residual() {
     fk::reset(Knobs::default());
     let bp = fk::new_bio(bindings::BIO_WRITE as u16, 4096, 8192);
