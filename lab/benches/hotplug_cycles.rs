@@ -1,4 +1,6 @@
-//! `cargo bench -p nvmehp-lab`: lab hotplug cycles per second (figures printed, never asserted).
+//! `cargo bench -p nvmehp-lab`: lab hotplug cycles per second, and how long the engine takes to
+//! complete every request after a surprise removal with 1, 64 and 255 in flight (figures
+//! printed, never asserted).
 //! Cycles: NVMEHP_BENCH_CYCLES (default 200).
 
 fn main() {
@@ -12,6 +14,15 @@ fn main() {
         Err(e) => {
             eprintln!("hotplug_cycles bench failed: {e}");
             std::process::exit(1);
+        }
+    }
+    for n in [1, 64, 255] {
+        match nvmehp_lab::bench::surprise_removal(n) {
+            Ok(r) => println!("{}", r.describe()),
+            Err(e) => {
+                eprintln!("surprise_removal bench failed: {e}");
+                std::process::exit(1);
+            }
         }
     }
 }

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use nvmehp_lab::bench::{hotplug_cycles, BenchResult};
+use nvmehp_lab::bench::{hotplug_cycles, surprise_removal, BenchResult};
 use nvmehp_lab::qemu::{qemu_available, QEMU_BIN};
 use nvmehp_lab::runner::Runner;
 use nvmehp_lab::scenario::Scenario;
@@ -39,7 +39,8 @@ enum Cmd {
     },
     /// A short live story: a controller appears, I/O runs, it is removed, all is torn down.
     Demo,
-    /// Hotplug cycles per second: attach, bring-up, 4 KiB write+read+verify, announced detach.
+    /// Hotplug cycles per second (attach, bring-up, 4 KiB write+read+verify, announced detach),
+    /// and completion time after a surprise removal with requests in flight.
     Bench {
         /// Number of cycles.
         #[arg(long, default_value_t = 200)]
@@ -189,15 +190,22 @@ fn main() -> ExitCode {
                 return code;
             }
             match hotplug_cycles(cycles) {
-                Ok(r) => {
-                    print_bench(&r);
-                    ExitCode::SUCCESS
-                }
+                Ok(r) => print_bench(&r),
                 Err(e) => {
                     eprintln!("nvmehp-lab bench: {e}");
-                    ExitCode::from(1)
+                    return ExitCode::from(1);
                 }
             }
+            for n in [1, 64, 255] {
+                match surprise_removal(n) {
+                    Ok(r) => println!("{}", r.describe()),
+                    Err(e) => {
+                        eprintln!("nvmehp-lab bench: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+            ExitCode::SUCCESS
         }
     }
 }
