@@ -131,6 +131,19 @@ impl Ledger {
         }
     }
 
+    /// Some block that holds an acknowledged write: (image, byte offset, length). For fault
+    /// injection in the lab's own tests.
+    pub fn some_acked_block(&self) -> Option<(PathBuf, u64, usize)> {
+        self.images.iter().find_map(|(path, img)| {
+            img.blocks.iter().find_map(|(&lba, e)| match e {
+                Expect::Exactly(s) if *s != ZERO_STAMP => {
+                    Some((path.clone(), lba * img.lba_bytes as u64, img.lba_bytes as usize))
+                }
+                _ => None,
+            })
+        })
+    }
+
     /// Reads every image from the host and returns the acked write stamps whose data is not
     /// there (each stamp counted once, however many of its blocks are wrong).
     pub fn verify_images(&self) -> io::Result<BTreeSet<u64>> {

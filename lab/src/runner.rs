@@ -38,12 +38,13 @@ pub struct Runner {
     verbose: bool,
     progress: bool,
     panic_after_reads: Option<u64>,
+    lose_a_write: bool,
 }
 
 impl Runner {
     /// A runner with the built-in [`NodeRules`] observer.
     pub fn new(scenario: Scenario) -> Self {
-        Runner { scenario, observer: Box::new(NodeRules::new()), verbose: false, progress: false, panic_after_reads: None }
+        Runner { scenario, observer: Box::new(NodeRules::new()), verbose: false, progress: false, panic_after_reads: None, lose_a_write: false }
     }
 
     /// Plugs in another kernel model (see [`crate::observer`]).
@@ -68,6 +69,13 @@ impl Runner {
     /// panics inside the engine call that made it.
     pub fn inject_panic_after_register_reads(mut self, n: u64) -> Self {
         self.panic_after_reads = Some(n);
+        self
+    }
+
+    /// Fault injection (tests of the lab): at the end, before the images are checked, one block
+    /// of an acknowledged write is zeroed in its image file, as if the device had lost it.
+    pub fn inject_lost_write(mut self) -> Self {
+        self.lose_a_write = true;
         self
     }
 
@@ -120,7 +128,7 @@ impl Runner {
                 break;
             }
         }
-        let mut report = s.finish();
+        let mut report = s.finish(self.lose_a_write);
         report.total_ms = start.elapsed().as_secs_f64() * 1e3;
         report.decide();
         report
@@ -468,7 +476,7 @@ impl Session {
     }
 
     /// Module unload and accounting.
-    fn finish(mut self) -> Report {
+    fn finish(mut self, lose_a_write: bool) -> Report {
         if self.busy() && self.w.machine.guest().fault().is_none() {
             self.wait_idle();
         }
@@ -508,6 +516,15 @@ impl Session {
         // Bounded: devices QEMU leaked (ejected with backend I/O in flight) never finish.
         let _ = w.machine.reap(Duration::from_millis(500));
         w.report.acked_writes = w.ledger.acked_writes();
+        if lose_a_write {
+            if let Some((path, off, len)) = w.ledger.some_acked_block() {
+                use std::os::unix::fs::FileExt;
+                let zeroed = std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.write_all_at(&vec![0; len], off));
+                if let Err(e) = zeroed {
+                    w.violation(format!("harness: fault injection on {}: {e}", path.display()));
+                }
+            }
+        }
         match w.ledger.verify_images() {
             Ok(lost) => {
                 w.report.lost_writes = lost.len() as u64;

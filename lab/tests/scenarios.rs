@@ -151,3 +151,14 @@ fn a_panic_inside_the_engine_is_caught_and_counted() {
     assert_eq!(r.nodes_left, 0);
     assert_eq!(r.hung_ops, 0, "every accepted request completed once, even after the panic");
 }
+
+#[test]
+fn a_lost_acknowledged_write_is_found_in_the_image() {
+    if !qemu_or_skip("a_lost_acknowledged_write_is_found_in_the_image") {
+        return;
+    }
+    let r = Runner::new(Scenario::parse(SMALL).unwrap()).inject_lost_write().run();
+    assert_eq!(r.lost_writes, 1, "{}", r.summary());
+    assert!(!r.ok);
+    assert!(r.violations.iter().any(|v| v.contains("not found in the image")), "{:?}", r.violations);
+}
