@@ -50,6 +50,8 @@ mod kld {
         // taskqueue(9)
         "taskqueue_create", "taskqueue_start_threads", "taskqueue_thread_enqueue",
         "taskqueue_enqueue", "taskqueue_drain", "taskqueue_drain_all", "taskqueue_free",
+        "_timeout_task_init", "taskqueue_enqueue_timeout_sbt", "taskqueue_cancel_timeout",
+        "taskqueue_drain_timeout",
         // interrupts, callout(9)
         "bus_setup_intr", "bus_teardown_intr",
         "_callout_init_lock", "callout_reset_sbt_on", "_callout_stop_safe",

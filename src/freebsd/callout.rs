@@ -11,6 +11,7 @@
 
 use super::alloc::try_box;
 use super::bindings;
+use super::clock::us_to_sbt;
 use super::mutex::{Mutex, MutexGuard};
 use alloc::boxed::Box;
 use core::cell::UnsafeCell;
@@ -37,14 +38,6 @@ pub struct Callout<'m, T, H: CalloutHandler<T>> {
 unsafe impl<T: Send, H: CalloutHandler<T>> Sync for Callout<'_, T, H> {}
 // SAFETY: as above.
 unsafe impl<T: Send, H: CalloutHandler<T>> Send for Callout<'_, T, H> {}
-
-/// Microseconds to sbintime_t (32.32 fixed-point seconds), rounded up so a non-zero delay
-/// never becomes 0, and capped at 2^31 - 1 seconds so it cannot overflow.
-pub fn us_to_sbt(us: u64) -> i64 {
-    let secs = (us / 1_000_000).min(i32::MAX as u64);
-    let rem = us % 1_000_000;
-    ((secs << 32) + (rem << 32).div_ceil(1_000_000)) as i64
-}
 
 impl<'m, T, H: CalloutHandler<T>> Callout<'m, T, H> {
     /// Allocates (without sleeping) and initialises a callout bound to `mutex`.
@@ -102,24 +95,4 @@ unsafe extern "C" fn callout_trampoline<T, H: CalloutHandler<T>>(arg: *mut c_voi
     // thread has exclusive access to the data, exactly as a MutexGuard would give.
     let data = unsafe { this.mutex.data_while_held() };
     this.handler.fire(data);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::us_to_sbt;
-
-    #[test]
-    fn converts_and_rounds_up() {
-        assert_eq!(us_to_sbt(0), 0);
-        assert_eq!(us_to_sbt(1_000_000), 1 << 32);
-        assert_eq!(us_to_sbt(500_000), 1 << 31);
-        assert!(us_to_sbt(1) > 0, "1 us must not round to 0");
-        assert_eq!(us_to_sbt(1), 4295); // ceil(2^32 / 10^6)
-    }
-
-    #[test]
-    fn huge_delays_saturate() {
-        assert_eq!(us_to_sbt(u64::MAX) >> 32, i64::from(i32::MAX));
-        assert!(us_to_sbt(u64::MAX) > 0);
-    }
 }

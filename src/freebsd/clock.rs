@@ -14,6 +14,14 @@ pub fn sbt_to_us(sbt: i64) -> u64 {
     (sbt >> 32) * 1_000_000 + (((sbt & 0xffff_ffff) * 1_000_000) >> 32)
 }
 
+/// Microseconds to sbintime_t (32.32 fixed-point seconds), rounded up so a non-zero delay
+/// never becomes 0, and capped at 2^31 - 1 seconds so it cannot overflow.
+pub fn us_to_sbt(us: u64) -> i64 {
+    let secs = (us / 1_000_000).min(i32::MAX as u64);
+    let rem = us % 1_000_000;
+    ((secs << 32) + (rem << 32).div_ceil(1_000_000)) as i64
+}
+
 impl Clock for KernelClock {
     fn now_us(&self) -> u64 {
         // SAFETY: sbinuptime reads the timecounter; callable from any context.
@@ -31,7 +39,7 @@ impl Clock for KernelClock {
 
 #[cfg(test)]
 mod tests {
-    use super::sbt_to_us;
+    use super::{sbt_to_us, us_to_sbt};
 
     #[test]
     fn converts_whole_and_fractional_seconds() {
@@ -46,5 +54,20 @@ mod tests {
         // 10 years of uptime: a naive `sbt * 1_000_000 >> 32` overflows after ~71 minutes.
         let secs: i64 = 10 * 365 * 24 * 3600;
         assert_eq!(sbt_to_us(secs << 32), secs as u64 * 1_000_000);
+    }
+
+    #[test]
+    fn converts_and_rounds_up() {
+        assert_eq!(us_to_sbt(0), 0);
+        assert_eq!(us_to_sbt(1_000_000), 1 << 32);
+        assert_eq!(us_to_sbt(500_000), 1 << 31);
+        assert!(us_to_sbt(1) > 0, "1 us must not round to 0");
+        assert_eq!(us_to_sbt(1), 4295); // ceil(2^32 / 10^6)
+    }
+
+    #[test]
+    fn huge_delays_saturate() {
+        assert_eq!(us_to_sbt(u64::MAX) >> 32, i64::from(i32::MAX));
+        assert!(us_to_sbt(u64::MAX) > 0);
     }
 }

@@ -306,6 +306,32 @@ pub fn run_task(t: *mut task) {
 }
 
 #[no_mangle]
+pub unsafe extern "C" fn _timeout_task_init(_q: *mut taskqueue, tt: *mut timeout_task, prio: c_int, f: task_fn_t, ctx: *mut c_void) {
+    // SAFETY: the wrapper's timeout task; this is the task half of what the kernel does.
+    unsafe { nvmehp_task_init(&raw mut (*tt).t, prio, f, ctx) };
+    record("TIMEOUT_TASK_INIT");
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn taskqueue_enqueue_timeout_sbt(_q: *mut taskqueue, tt: *mut timeout_task, sbt: i64, pr: i64, flags: c_int) -> c_int {
+    record(format!("taskqueue_enqueue_timeout sbt={sbt} pr={pr} flags={flags}"));
+    // SAFETY: the wrapper's timeout task.
+    unsafe { (*tt).t.ta_pending += 1 };
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn taskqueue_cancel_timeout(_q: *mut taskqueue, _tt: *mut timeout_task, _p: *mut u32) -> c_int {
+    record("taskqueue_cancel_timeout");
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn taskqueue_drain_timeout(_q: *mut taskqueue, _tt: *mut timeout_task) {
+    record("taskqueue_drain_timeout");
+}
+
+#[no_mangle]
 pub unsafe extern "C" fn taskqueue_drain(_q: *mut taskqueue, _t: *mut task) {
     record("taskqueue_drain");
 }

@@ -246,6 +246,24 @@ fn tasks_coalesce_and_are_drained_before_they_are_freed() {
     assert!(index_of(&log, "dropped task ctx") < index_of(&log, "taskqueue_free"));
 }
 
+#[test]
+fn timeout_tasks_use_the_delay_and_are_drained_before_they_are_freed() {
+    fk::reset(Knobs::default());
+    let q = TaskQueue::new(c"nvmehp_test").unwrap();
+    let t = q.timeout_task(0, Work { runs: AtomicU32::new(0), _probe: DropProbe("timeout ctx") }).unwrap();
+    t.enqueue_after(250_000);
+    fk::run_task(t.raw_task_for_tests());
+    assert_eq!(t.handler().runs.load(Ordering::Relaxed), 1);
+    assert!(t.cancel());
+    drop(t);
+    drop(q);
+    let log = fk::log();
+    let line = &log[index_of(&log, "taskqueue_enqueue_timeout")];
+    assert!(line.starts_with(&std::format!("taskqueue_enqueue_timeout sbt={} ", super::clock::us_to_sbt(250_000))), "{line}");
+    assert!(index_of(&log, "taskqueue_drain_timeout") < index_of(&log, "dropped timeout ctx"));
+    assert!(index_of(&log, "dropped timeout ctx") < index_of(&log, "taskqueue_free"));
+}
+
 // --- mutex and callout --------------------------------------------------------------------
 
 struct Tick {
@@ -272,7 +290,7 @@ fn mutex_guards_and_callout_runs_locked_and_is_drained_before_free() {
     drop(m);
     let log = fk::log();
     let reset_line = &log[index_of(&log, "callout_reset")];
-    assert!(reset_line.starts_with(&std::format!("callout_reset sbt={} ", super::callout::us_to_sbt(1_000))));
+    assert!(reset_line.starts_with(&std::format!("callout_reset sbt={} ", super::clock::us_to_sbt(1_000))));
     let drain = log.iter().position(|l| *l == std::format!("callout_stop flags={}", bindings::CS_DRAIN)).unwrap();
     assert!(drain < index_of(&log, "dropped callout ctx"));
     assert!(index_of(&log, "dropped callout ctx") < index_of(&log, "mtx_destroy"));

@@ -2,6 +2,7 @@
 //!
 //! Ordering rules, enforced by types:
 //! - A [`Task`] borrows its [`TaskQueue`], so the queue outlives every task built on it.
+//! - The same holds for a [`TimeoutTask`] (a task run after a delay).
 //! - Dropping a `Task` first drains it (`taskqueue_drain(9)`): waits until it is neither queued
 //!   nor running. Only then is its memory (and the context it owns) freed. This is the
 //!   "drain, don't refcount" rule for callback contexts.
@@ -157,5 +158,90 @@ unsafe extern "C" fn trampoline<H: TaskHandler>(context: *mut c_void, pending: c
     // SAFETY: `context` is the Task registered in TaskQueue::task; it is alive because its Drop
     // drains before freeing it.
     let task = unsafe { &*context.cast::<Task<'_, H>>() };
+    task.handler.run(u32::try_from(pending).unwrap_or(0));
+}
+
+impl TaskQueue {
+    /// Makes a task that runs `handler.run()` on this queue's thread after a delay
+    /// (`struct timeout_task`). Allocates without sleeping; `None` when memory is short.
+    pub fn timeout_task<H: TaskHandler>(&self, priority: u8, handler: H) -> Option<Pin<Box<TimeoutTask<'_, H>>>> {
+        let task = try_box(TimeoutTask {
+            raw: UnsafeCell::new(bindings::timeout_task::default()),
+            queue: self,
+            handler,
+            _pinned: PhantomPinned,
+        })?;
+        // SAFETY: TIMEOUT_TASK_INIT on a timeout_task at its final (boxed, then pinned) address;
+        // it binds the task's callout to this queue's lock. The context is the TimeoutTask,
+        // which outlives every run (Drop drains).
+        unsafe {
+            bindings::_timeout_task_init(
+                self.raw(),
+                task.raw.get(),
+                c_int::from(priority),
+                Some(timeout_trampoline::<H>),
+                (&raw const *task).cast_mut().cast::<c_void>(),
+            )
+        };
+        Some(Box::into_pin(task))
+    }
+}
+
+/// A `struct timeout_task`: a task enqueued after a delay. Pinned; drained when dropped.
+pub struct TimeoutTask<'q, H: TaskHandler> {
+    raw: UnsafeCell<bindings::timeout_task>,
+    queue: &'q TaskQueue,
+    handler: H,
+    _pinned: PhantomPinned,
+}
+
+// SAFETY: as Task: the kernel touches `raw` under the queue's lock; the handler is Sync.
+unsafe impl<H: TaskHandler> Sync for TimeoutTask<'_, H> {}
+
+impl<H: TaskHandler> TimeoutTask<'_, H> {
+    /// Runs the task `delay_us` from now (re-arming moves an armed timer). Never sleeps.
+    pub fn enqueue_after(&self, delay_us: u64) {
+        // SAFETY: initialised, pinned, drained before freed; the queue outlives it (borrow).
+        unsafe {
+            bindings::taskqueue_enqueue_timeout_sbt(
+                self.queue.raw(),
+                self.raw.get(),
+                super::clock::us_to_sbt(delay_us),
+                0,
+                0,
+            )
+        };
+    }
+
+    /// The task inside, for the fake kernel's queue runner.
+    #[cfg(test)]
+    pub(crate) fn raw_task_for_tests(&self) -> *mut bindings::task {
+        // SAFETY: only the address of a field is computed.
+        unsafe { &raw mut (*self.raw.get()).t }
+    }
+
+    /// Cancels a pending run. `false` when it is already running (it will finish).
+    pub fn cancel(&self) -> bool {
+        // SAFETY: as enqueue_after; no pending count is requested.
+        unsafe { bindings::taskqueue_cancel_timeout(self.queue.raw(), self.raw.get(), core::ptr::null_mut()) == 0 }
+    }
+
+    /// The handler.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+}
+
+impl<H: TaskHandler> Drop for TimeoutTask<'_, H> {
+    fn drop(&mut self) {
+        // SAFETY: taskqueue_drain_timeout stops the timer and waits until the task is neither
+        // queued nor running; then its memory may be freed. Sleeps (owner's context).
+        unsafe { bindings::taskqueue_drain_timeout(self.queue.raw(), self.raw.get()) };
+    }
+}
+
+unsafe extern "C" fn timeout_trampoline<H: TaskHandler>(context: *mut c_void, pending: c_int) {
+    // SAFETY: `context` is the TimeoutTask registered in timeout_task; alive until drained.
+    let task = unsafe { &*context.cast::<TimeoutTask<'_, H>>() };
     task.handler.run(u32::try_from(pending).unwrap_or(0));
 }
