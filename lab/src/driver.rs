@@ -245,7 +245,7 @@ impl Driver {
     /// Submits the next requests of `job` (which must target this controller).
     pub fn feed(&mut self, w_report: &mut Report, observer: &mut dyn Observer, ledger: &mut Ledger, job: &mut IoJob) {
         if !self.is_live() {
-            job.stop(StopReason::ControllerGone);
+            job.stop(StopReason::ControllerGone, ledger);
             return;
         }
         let Some(ctrl) = self.ctrl.as_mut() else { return };
@@ -257,17 +257,17 @@ impl Driver {
                     observer.io_started(&NodeId { ctrl: self.id.clone(), nsid: req.nsid }, tag);
                 }
                 Some(Err(NvmeError::QueueFull)) => {
-                    job.refused(pending, NvmeError::QueueFull);
+                    job.refused(pending, NvmeError::QueueFull, ledger);
                     break;
                 }
                 Some(Err(e)) => {
-                    job.refused(pending, e);
+                    job.refused(pending, e, ledger);
                     if !matches!(e, NvmeError::Gone | NvmeError::NotReady) {
                         w_report.failed_ops += 1;
                     }
                 }
                 None => {
-                    job.refused(pending, NvmeError::Aborted);
+                    job.refused(pending, NvmeError::Aborted, ledger);
                     self.detaching = true;
                     break;
                 }
@@ -332,7 +332,7 @@ impl Driver {
         let mut hung = 0;
         for job in w.jobs.iter_mut().filter(|j| j.target.ctrl == id) {
             hung += job.abandon(&mut w.ledger);
-            job.stop(StopReason::ControllerGone);
+            job.stop(StopReason::ControllerGone, &mut w.ledger);
         }
         if hung > 0 {
             w.report.hung_ops += hung;

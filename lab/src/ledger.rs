@@ -64,9 +64,14 @@ struct ImageLedger {
 }
 
 /// The ledger for every image of the run.
+///
+/// It also hands out *reservations*: a request may only touch blocks no other request (of any
+/// job) has in flight. Two jobs on one namespace, or a read racing a write of the same block,
+/// would otherwise make the expected contents ambiguous.
 #[derive(Debug, Default)]
 pub struct Ledger {
     images: BTreeMap<PathBuf, ImageLedger>,
+    reserved: BTreeMap<PathBuf, BTreeSet<u64>>,
     next_stamp: u64,
     acked_writes: u64,
 }
@@ -80,6 +85,30 @@ impl Ledger {
     /// Registers an image (fresh, all zeros) with its logical block size.
     pub fn add_image(&mut self, path: &Path, lba_bytes: u32) {
         self.images.insert(path.to_path_buf(), ImageLedger { lba_bytes, blocks: BTreeMap::new() });
+    }
+
+    /// Reserves blocks `lba..lba+n` of `image` for one request; false if any is in flight.
+    pub fn try_reserve(&mut self, image: &Path, lba: u64, n: u64) -> bool {
+        let set = self.reserved.entry(image.to_path_buf()).or_default();
+        if set.range(lba..lba + n).next().is_some() {
+            return false;
+        }
+        set.extend(lba..lba + n);
+        true
+    }
+
+    /// Releases a reservation.
+    pub fn release(&mut self, image: &Path, lba: u64, n: u64) {
+        if let Some(set) = self.reserved.get_mut(image) {
+            for b in lba..lba + n {
+                set.remove(&b);
+            }
+        }
+    }
+
+    /// Blocks reserved right now (0 when nothing is in flight).
+    pub fn reserved_blocks(&self) -> usize {
+        self.reserved.values().map(|s| s.len()).sum()
     }
 
     /// A fresh write stamp.
@@ -189,6 +218,20 @@ impl Ledger {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn reservations_exclude_overlaps() {
+        let p = Path::new("/img");
+        let mut l = Ledger::new();
+        assert!(l.try_reserve(p, 8, 8));
+        assert!(!l.try_reserve(p, 15, 1));
+        assert!(!l.try_reserve(p, 0, 9));
+        assert!(l.try_reserve(p, 0, 8));
+        assert!(l.try_reserve(Path::new("/other"), 8, 8));
+        l.release(p, 8, 8);
+        assert!(l.try_reserve(p, 12, 2));
+        assert_eq!(l.reserved_blocks(), 8 + 8 + 2);
+    }
 
     #[test]
     fn patterns_differ_by_stamp_and_lba() {

@@ -1,7 +1,7 @@
 //! `nvmehp-lab`: run scenarios against QEMU, show the demo, measure hotplug cycles.
 //!
 //! ```text
-//! nvmehp-lab run SCENARIO.toml [--json REPORT.json] [-v]
+//! nvmehp-lab run SCENARIO.toml [--json REPORT.json] [-v] [--seed N]
 //! nvmehp-lab demo
 //! nvmehp-lab bench [--cycles N]
 //! ```
@@ -36,6 +36,9 @@ enum Cmd {
         /// Tell the story as it happens.
         #[arg(short, long)]
         verbose: bool,
+        /// Override the scenario's seed.
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// A short live story: a controller appears, I/O runs, it is removed, all is torn down.
     Demo,
@@ -131,14 +134,17 @@ nodes = 2
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run { scenario, json, verbose } => {
-            let sc = match Scenario::load(&scenario) {
+        Cmd::Run { scenario, json, verbose, seed } => {
+            let mut sc = match Scenario::load(&scenario) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("nvmehp-lab: {e}");
                     return ExitCode::from(2);
                 }
             };
+            if let Some(seed) = seed {
+                sc.seed = seed;
+            }
             if let Err(code) = need_qemu() {
                 return code;
             }

@@ -203,7 +203,7 @@ impl Session {
             }
             match self.drivers.get_mut(&job.target.ctrl) {
                 Some(d) => d.feed(&mut self.w.report, self.w.observer.as_mut(), &mut self.w.ledger, job),
-                None => job.stop(StopReason::ControllerGone),
+                None => job.stop(StopReason::ControllerGone, &mut self.w.ledger),
             }
         }
     }
@@ -508,6 +508,10 @@ impl Session {
             }
         }
         w.jobs.clear();
+        if w.ledger.reserved_blocks() != 0 {
+            let n = w.ledger.reserved_blocks();
+            w.violation(format!("harness: {n} block reservation(s) left after every job ended"));
+        }
         w.report.leaked_bytes = w.machine.guest().live_dma_bytes();
         if w.report.leaked_bytes > 0 {
             let lb = w.report.leaked_bytes;

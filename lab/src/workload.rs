@@ -1,15 +1,16 @@
 //! One `io` step: a seeded generator of read/write requests against one namespace, and the
 //! checker of what comes back.
 //!
-//! The namespace is cut into *units* of `block` bytes; at most one request per unit is in
-//! flight, so the expected contents of every block are always well defined (the completion
-//! order of concurrent commands is not deterministic in QEMU, see the lab notes, so the checks
-//! must hold for every order). Each data buffer is a guest-RAM DMA region owned by the job
+//! The namespace is cut into *units* of `block` bytes; a request reserves its blocks in the
+//! [`Ledger`] first, so no two requests — of this job or of any other job on the same
+//! namespace — have a block in flight at once, and the expected contents of every block are
+//! always well defined (the completion order of concurrent commands is not deterministic in
+//! QEMU, see the lab notes, so the checks must hold for every order). Each data buffer is a guest-RAM DMA region owned by the job
 //! until its request's one completion arrives — the same contract the kernel's bio has.
 //! Read buffers are poisoned before submission, so a read reported complete that transferred
 //! nothing cannot pass by matching stale data.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 
@@ -99,7 +100,6 @@ pub struct IoJob {
     units: u64,
     bufs: Vec<GuestDma>,
     free_bufs: Vec<usize>,
-    busy: BTreeSet<u64>,
     inflight: BTreeMap<u64, InFlight>,
     /// Reads to issue after an acked write (write-verify), by unit.
     verify_queue: Vec<(u64, usize, u64)>,
@@ -138,7 +138,6 @@ impl IoJob {
             units: 0,
             bufs: Vec::new(),
             free_bufs: Vec::new(),
-            busy: BTreeSet::new(),
             inflight: BTreeMap::new(),
             verify_queue: Vec::new(),
             ops_started: 0,
@@ -197,14 +196,23 @@ impl IoJob {
         self.ops
     }
 
+    fn per_unit(&self) -> u64 {
+        (self.block / self.target.lba_bytes) as u64
+    }
+
+    fn release_unit(&self, ledger: &mut Ledger, unit: u64) {
+        let n = self.per_unit();
+        ledger.release(&self.target.image, unit * n, n);
+    }
+
     /// Stops issuing new requests (the controller is going away).
-    pub fn stop(&mut self, why: StopReason) {
+    pub fn stop(&mut self, why: StopReason, ledger: &mut Ledger) {
         if self.stopped.is_none() {
             self.stopped = Some(why);
         }
         // Queued verify reads will never be issued: their operations end here.
-        for (unit, buf, _) in self.verify_queue.drain(..) {
-            self.busy.remove(&unit);
+        for (unit, buf, _) in std::mem::take(&mut self.verify_queue) {
+            self.release_unit(ledger, unit);
             self.free_bufs.push(buf);
             self.stats.ops_done += 1;
         }
@@ -214,14 +222,17 @@ impl IoJob {
         splitmix64(&mut self.rng)
     }
 
-    fn pick_unit(&mut self) -> Option<u64> {
+    /// A random unit whose blocks are free, reserved in the ledger.
+    fn pick_unit(&mut self, ledger: &mut Ledger) -> Option<u64> {
+        let n = self.per_unit();
         for _ in 0..16 {
             let u = self.next_rand() % self.units;
-            if !self.busy.contains(&u) {
+            if ledger.try_reserve(&self.target.image, u * n, n) {
                 return Some(u);
             }
         }
-        (0..self.units).find(|u| !self.busy.contains(u))
+        let image = self.target.image.clone();
+        (0..self.units).find(|u| ledger.try_reserve(&image, u * n, n))
     }
 
     fn tag(&mut self) -> u64 {
@@ -245,8 +256,11 @@ impl IoJob {
         if self.ops_started >= self.ops || self.free_bufs.is_empty() {
             return None;
         }
-        let unit = self.pick_unit()?;
-        let buf = self.free_bufs.pop()?;
+        let unit = self.pick_unit(ledger)?;
+        let Some(buf) = self.free_bufs.pop() else {
+            self.release_unit(ledger, unit);
+            return None;
+        };
         let lba = unit * per_unit;
         let write = match self.kind {
             IoKind::WriteVerify => true,
@@ -254,7 +268,6 @@ impl IoJob {
             IoKind::Mixed => self.next_rand() & 1 == 0,
         };
         self.ops_started += 1;
-        self.busy.insert(unit);
         if write {
             let stamp = ledger.new_stamp();
             let lb = self.target.lba_bytes as usize;
@@ -308,7 +321,7 @@ impl IoJob {
 
     /// The engine refused the request: `QueueFull` is retried later; anything else ends the
     /// operation (and `Gone`/`NotReady` stop the job).
-    pub fn refused(&mut self, p: PendingSubmit, err: NvmeError) {
+    pub fn refused(&mut self, p: PendingSubmit, err: NvmeError, ledger: &mut Ledger) {
         let f = p.1;
         if err == NvmeError::QueueFull {
             if f.op == IoOp::Read && f.verify_of_write {
@@ -316,18 +329,18 @@ impl IoJob {
                 self.verify_queue.push((f.unit, f.buf, stamp));
             } else {
                 self.ops_started -= 1;
-                self.busy.remove(&f.unit);
+                self.release_unit(ledger, f.unit);
                 self.free_bufs.push(f.buf);
             }
             return;
         }
         // Nothing was sent: the media is unchanged, the ledger needs no update for a write.
-        self.busy.remove(&f.unit);
+        self.release_unit(ledger, f.unit);
         self.free_bufs.push(f.buf);
         self.stats.refused += 1;
         self.stats.ops_done += 1;
         if matches!(err, NvmeError::Gone | NvmeError::NotReady) {
-            self.stop(StopReason::ControllerGone);
+            self.stop(StopReason::ControllerGone, ledger);
         }
     }
 
@@ -392,7 +405,7 @@ impl IoJob {
             }
             (IoOp::Flush, Ok(())) => self.stats.ops_done += 1,
         }
-        self.busy.remove(&f.unit);
+        self.release_unit(ledger, f.unit);
         self.free_bufs.push(f.buf);
         true
     }
@@ -406,11 +419,11 @@ impl IoJob {
             if f.op == IoOp::Write {
                 ledger.write_uncertain(&self.target.image, f.lba, f.blocks, f.stamp);
             }
-            self.busy.remove(&f.unit);
+            self.release_unit(ledger, f.unit);
             self.free_bufs.push(f.buf);
             self.stats.ops_done += 1;
         }
-        self.stop(StopReason::ControllerGone);
+        self.stop(StopReason::ControllerGone, ledger);
         n
     }
 
