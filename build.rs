@@ -42,11 +42,15 @@ mod kld {
         "printf", "panic", "device_printf",
         // newbus
         "device_get_softc", "device_get_nameunit", "device_get_parent", "device_set_desc",
+        "device_get_name", "device_get_unit", "devclass_find", "devclass_get_maxunit",
+        "devclass_get_device",
         "device_delete_child", "bus_alloc_resource", "bus_release_resource", "rman_get_size",
         // memory helpers LLVM may call for copies (kernel exports, see cross-build.md)
         "memcpy", "memmove", "memset", "memcmp",
         // time and pmap
-        "DELAY", "binuptime", "getbinuptime", "pmap_kextract",
+        "DELAY", "binuptime", "getbinuptime", "pmap_kextract", "pause_sbt",
+        // the glue's sysctls and counters
+        "strlcpy",
         // taskqueue(9)
         "taskqueue_create", "taskqueue_start_threads", "taskqueue_thread_enqueue",
         "taskqueue_enqueue", "taskqueue_drain", "taskqueue_drain_all", "taskqueue_free",
@@ -69,7 +73,7 @@ mod kld {
         // behind the glue's macros: mtx(9), module and driver declarations, kobj, sysctl(9)
         "_mtx_init", "_mtx_destroy", "__mtx_lock_flags", "__mtx_unlock_flags",
         "driver_module_handler", "module_register_init", "malloc_init", "malloc_uninit",
-        "kobj_lookup_method", "sysctl_handle_int",
+        "kobj_lookup_method", "sysctl_handle_int", "sysctl_handle_64", "sysctl_handle_string",
         // -fstack-protector in the glue
         "__stack_chk_fail",
     ];
@@ -88,7 +92,7 @@ mod kld {
     /// Macro constants the Rust side uses.
     const KPI_CONSTANTS: &[&str] = &[
         "M_NOWAIT", "M_WAITOK", "M_ZERO", "PAGE_SIZE", "PWAIT", "MTX_DEF",
-        "ENXIO", "ENOMEM", "EBUSY", "EINVAL", "EOPNOTSUPP", "EEXIST", "ENAMETOOLONG", "SPECNAMELEN",
+        "ENXIO", "ENOMEM", "EBUSY", "EINVAL", "EIO", "ENOTTY", "EOPNOTSUPP", "EEXIST", "ENAMETOOLONG", "SPECNAMELEN",
         "SYS_RES_MEMORY", "RF_ACTIVE", "BUS_PROBE_LOW_PRIORITY", "BUS_PROBE_NOWILDCARD",
         "PCIR_VENDOR", "PCIR_HDRTYPE", "PCIM_MFDEV", "PCI_FUNCMAX", "PCI_SLOTMAX", "PCIC_STORAGE", "PCIS_STORAGE_NVM", "PCIP_STORAGE_NVM_ENTERPRISE_NVMHCI_1_0",
         "MAKEDEV_WAITOK", "MAKEDEV_NOWAIT", "MAKEDEV_CHECKNAME", "UID_ROOT", "GID_OPERATOR", "D_VERSION", "BUS_SPACE_MAXADDR",

@@ -31,6 +31,60 @@ nvmehp_tunable_claim(void)
 	return (atomic_load_int(&nvmehp_claim));
 }
 
+/*
+ * Who answers ACPI hotplug notifies (src/hotplug/mode.rs): "auto" owns only slots acpi_pci does
+ * not handle, "own" takes every slot where acpi_pci's handler can be removed, "off" never installs
+ * a notify handler. Read once, at module load.
+ */
+static char nvmehp_acpi_mode[8] = "auto";
+SYSCTL_STRING(_hw_nvme_hotplug, OID_AUTO, acpi_mode, CTLFLAG_RDTUN, nvmehp_acpi_mode,
+    sizeof(nvmehp_acpi_mode), "ACPI hotplug notify ownership: auto, own or off (loader tunable)");
+
+void
+nvmehp_tunable_acpi_mode(char *buf, int len)
+{
+	if (len <= 0)
+		return;
+	strlcpy(buf, nvmehp_acpi_mode, len);
+}
+
+/* Fallback periodic slot check for platforms whose notifies never arrive; 0 = off. */
+static u_int nvmehp_rescan_interval_ms = 0;
+SYSCTL_UINT(_hw_nvme_hotplug, OID_AUTO, rescan_interval_ms, CTLFLAG_RDTUN,
+    &nvmehp_rescan_interval_ms, 0,
+    "Periodic hotplug slot check interval in ms, 0 = off (loader tunable)");
+
+u_int
+nvmehp_tunable_rescan_interval_ms(void)
+{
+	return (atomic_load_int(&nvmehp_rescan_interval_ms));
+}
+
+static uint64_t nvmehp_stats[NVMEHP_STAT_COUNT];
+#define	NVMEHP_STAT_SYSCTL(idx, name, descr)					\
+	SYSCTL_U64(_hw_nvme_hotplug, OID_AUTO, name, CTLFLAG_RD, &nvmehp_stats[idx], 0, descr)
+NVMEHP_STAT_SYSCTL(NVMEHP_STAT_CONTROLLERS, controllers, "NVMe controllers attached now");
+NVMEHP_STAT_SYSCTL(NVMEHP_STAT_ATTACHES, attaches, "Controller attaches");
+NVMEHP_STAT_SYSCTL(NVMEHP_STAT_DETACHES, detaches, "Controller detaches");
+NVMEHP_STAT_SYSCTL(NVMEHP_STAT_SURPRISE_REMOVALS, surprise_removals,
+    "Controllers found gone (registers or config space stopped answering)");
+NVMEHP_STAT_SYSCTL(NVMEHP_STAT_FAILED_REQUESTS, failed_requests,
+    "I/O requests completed with ENXIO because their controller went away");
+NVMEHP_STAT_SYSCTL(NVMEHP_STAT_NOTIFIES, notifies, "ACPI hotplug notifications received");
+NVMEHP_STAT_SYSCTL(NVMEHP_STAT_RESCANS, rescans, "Slot rescans performed");
+NVMEHP_STAT_SYSCTL(NVMEHP_STAT_EJECTS, ejects, "_EJ0 evaluations");
+NVMEHP_STAT_SYSCTL(NVMEHP_STAT_EJECTS_REFUSED, ejects_refused,
+    "Eject requests refused because the disk was in use");
+NVMEHP_STAT_SYSCTL(NVMEHP_STAT_HOTPLUG_FAILURES, hotplug_failures,
+    "Failed hotplug actions (rescan, detach, _EJ0, eject never completed)");
+
+void
+nvmehp_stat_add(int which, int64_t delta)
+{
+	if (which >= 0 && which < NVMEHP_STAT_COUNT)
+		atomic_add_64(&nvmehp_stats[which], (uint64_t)delta);
+}
+
 /* --- newbus driver -------------------------------------------------------------------------- */
 
 static device_method_t nvmehp_methods[] = {
@@ -239,6 +293,12 @@ ACPI_HANDLE
 nvmehp_acpi_get_handle(device_t dev)
 {
 	return (acpi_get_handle(dev));
+}
+
+void
+nvmehp_pause_ms(const char *wmesg, int ms)
+{
+	pause_sbt(wmesg, SBT_1MS * ms, 0, 0);
 }
 
 sbintime_t

@@ -37,6 +37,33 @@ struct nvmehp_softc {
 int	nvmehp_tunable_claim(void);
 
 /*
+ * hw.nvme_hotplug.acpi_mode (loader tunable, "auto" | "own" | "off"): copies the NUL-terminated
+ * value into buf (at most len bytes, always terminated).
+ */
+void	nvmehp_tunable_acpi_mode(char *buf, int len);
+/* hw.nvme_hotplug.rescan_interval_ms (loader tunable; 0 = no periodic rescan). */
+u_int	nvmehp_tunable_rescan_interval_ms(void);
+
+/*
+ * Read-only counters under hw.nvme_hotplug (sysctl -a hw.nvme_hotplug). Rust adds to them with
+ * nvmehp_stat_add(); CONTROLLERS is a gauge (attached controllers), the others only grow.
+ */
+enum nvmehp_stat {
+	NVMEHP_STAT_CONTROLLERS,
+	NVMEHP_STAT_ATTACHES,
+	NVMEHP_STAT_DETACHES,
+	NVMEHP_STAT_SURPRISE_REMOVALS,
+	NVMEHP_STAT_FAILED_REQUESTS,
+	NVMEHP_STAT_NOTIFIES,
+	NVMEHP_STAT_RESCANS,
+	NVMEHP_STAT_EJECTS,
+	NVMEHP_STAT_EJECTS_REFUSED,
+	NVMEHP_STAT_HOTPLUG_FAILURES,
+	NVMEHP_STAT_COUNT
+};
+void	nvmehp_stat_add(int which, int64_t delta);
+
+/*
  * The variadic KPI, called with a fixed "%s" format: the Rust side formats its text itself and
  * never makes a variadic call or passes a format string it built.
  */
@@ -89,6 +116,9 @@ int	nvmehp_bus_rescan(device_t bus);
 
 /* The ACPI handle of a device whose parent bus is ACPI-aware (acpi_pci), or NULL. */
 ACPI_HANDLE nvmehp_acpi_get_handle(device_t dev);
+
+/* pause(9) for `ms` milliseconds: sleeps; never with a mutex held. */
+void	nvmehp_pause_ms(const char *wmesg, int ms);
 
 /* sbinuptime(9), getsbinuptime(9): static inline in <sys/time.h>. */
 sbintime_t nvmehp_sbinuptime(void);
