@@ -77,6 +77,27 @@ impl Bio {
         self.get().bio_data.cast()
     }
 
+    /// The data as bytes (a write's source). Empty when the bio carries no data.
+    pub fn data_bytes(&self) -> &[u8] {
+        let (p, n) = (self.data().cast::<u8>(), self.len());
+        if p.is_null() || n == 0 {
+            return &[];
+        }
+        // SAFETY: a mapped bio (the driver does not set DISKFLAG_UNMAPPED_BIO) has `bio_bcount`
+        // bytes at `bio_data`, owned by the request until biodone, which consumes `self`.
+        unsafe { core::slice::from_raw_parts(p, n) }
+    }
+
+    /// The data as writable bytes (a read's destination).
+    pub fn data_bytes_mut(&mut self) -> &mut [u8] {
+        let (p, n) = (self.data().cast::<u8>(), self.len());
+        if p.is_null() || n == 0 {
+            return &mut [];
+        }
+        // SAFETY: as data_bytes; `&mut self` makes this the only view until biodone.
+        unsafe { core::slice::from_raw_parts_mut(p, n) }
+    }
+
     /// The disk's `d_drv1`.
     pub fn disk_drv1(&self) -> *mut c_void {
         let d = self.get().bio_disk;

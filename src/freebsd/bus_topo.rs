@@ -50,6 +50,20 @@ impl TopoLock {
     }
 }
 
+impl TopoLock {
+    /// Every device of devclass `class` (e.g. all attached `nvmehp` units), lowest unit first.
+    pub fn devices_of_class(&self, class: &CStr) -> impl Iterator<Item = Device> + '_ {
+        // SAFETY: devclass lookups walk newbus lists, stable under the topology lock.
+        let dc = unsafe { bindings::devclass_find(class.as_ptr()) };
+        // SAFETY: as above; devclass_get_maxunit accepts NULL (returns -1).
+        let max = if dc.is_null() { 0 } else { unsafe { bindings::devclass_get_maxunit(dc) }.max(0) };
+        (0..max).filter_map(move |unit| {
+            // SAFETY: as above; the device returned is alive while the lock is held.
+            unsafe { Device::from_raw(bindings::devclass_get_device(dc, unit)) }
+        })
+    }
+}
+
 impl Drop for TopoLock {
     fn drop(&mut self) {
         // SAFETY: this thread took the lock in TopoLock::lock.

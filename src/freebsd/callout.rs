@@ -80,6 +80,16 @@ impl<'m, T, H: CalloutHandler<T>> Callout<'m, T, H> {
     }
 }
 
+impl<T, H: CalloutHandler<T>> Callout<'_, T, H> {
+    /// `callout_drain(9)`: stops a pending timer and waits until a running handler returned.
+    /// Sleeps: without the mutex held, from a sleepable context. A handler that re-arms must
+    /// have been told to stop first (a flag in the mutex's data), or it may re-arm afterwards.
+    pub fn drain(self: Pin<&Self>) {
+        // SAFETY: initialised callout; CS_DRAIN waits for the handler (documented context).
+        unsafe { bindings::_callout_stop_safe(self.get_ref().raw.get(), bindings::CS_DRAIN) };
+    }
+}
+
 impl<T, H: CalloutHandler<T>> Drop for Callout<'_, T, H> {
     fn drop(&mut self) {
         // SAFETY: callout_drain: after it returns the callout is neither pending nor running,

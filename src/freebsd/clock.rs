@@ -37,6 +37,13 @@ impl Clock for KernelClock {
     }
 }
 
+/// `pause(9)` for `ms` milliseconds: sleeps (never with a mutex held). `wmesg` is the wait
+/// channel name shown by `ps`/`procstat -k`.
+pub fn sleep_ms(wmesg: &'static core::ffi::CStr, ms: u32) {
+    // SAFETY: pause_sbt only sleeps; the message is a 'static NUL-terminated string.
+    unsafe { bindings::nvmehp_pause_ms(wmesg.as_ptr(), ms.min(i32::MAX as u32) as i32) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{sbt_to_us, us_to_sbt};

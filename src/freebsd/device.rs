@@ -42,6 +42,22 @@ impl Device {
         }
     }
 
+    /// Unit number ("nvmehp3" → 3); -1 before one is assigned.
+    pub fn unit(&self) -> c_int {
+        // SAFETY: reads a field of a live device.
+        unsafe { bindings::device_get_unit(self.as_raw()) }
+    }
+
+    /// Name of the device's devclass ("nvmehp"), or "" when it has none (no driver).
+    pub fn class_name(&self) -> &CStr {
+        // SAFETY: device_get_name returns the devclass name (static for the driver's life) or
+        // NULL.
+        unsafe {
+            let p = bindings::device_get_name(self.as_raw());
+            if p.is_null() { c"" } else { CStr::from_ptr(p) }
+        }
+    }
+
     /// Sets the description shown by `devinfo` and at attach. The kernel keeps the pointer.
     pub fn set_desc(&self, desc: &'static CStr) {
         // SAFETY: the string is 'static, as device_set_desc (which does not copy) requires.

@@ -19,6 +19,9 @@ use core::ptr::NonNull;
 pub type StrategyFn = unsafe extern "C" fn(*mut bindings::bio);
 /// `d_gone`: called once, after the last close following [`Disk::gone`].
 pub type GoneFn = unsafe extern "C" fn(*mut bindings::disk);
+/// `d_open` / `d_close`: first open and last close of the provider (GEOM access counts going
+/// from zero / back to zero). `d_open` may refuse with an errno.
+pub type OpenCloseFn = unsafe extern "C" fn(*mut bindings::disk) -> c_int;
 
 /// What a disk is made of.
 pub struct DiskParams<'a> {
@@ -42,6 +45,10 @@ pub struct DiskParams<'a> {
     pub strategy: StrategyFn,
     /// The last-close callback; see module docs.
     pub gone: GoneFn,
+    /// First open (may refuse), if the driver tracks opens.
+    pub open: Option<OpenCloseFn>,
+    /// Last close, if the driver tracks opens.
+    pub close: Option<OpenCloseFn>,
     /// Driver memory for the callbacks (`d_drv1`). Must stay valid until `d_gone` has run.
     pub drv1: *mut c_void,
 }
@@ -90,6 +97,8 @@ impl Disk {
         d.d_flags = p.flags;
         d.d_strategy = Some(p.strategy);
         d.d_gone = Some(p.gone);
+        d.d_open = p.open;
+        d.d_close = p.close;
         d.d_drv1 = p.drv1;
         copy_ident(&mut d.d_ident, p.ident);
         copy_ident(&mut d.d_descr, p.descr);

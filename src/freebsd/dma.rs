@@ -64,6 +64,24 @@ impl ContigRegion {
     fn fits(&self, off: usize, n: usize) -> bool {
         off.checked_add(n).is_some_and(|end| end <= self.len)
     }
+
+    /// Bulk copy into the start of the region (a bounce buffer before a write is submitted).
+    /// A plain memcpy: the device does not own the buffer yet. Copies at most `len()` bytes.
+    pub fn copy_in(&self, src: &[u8]) {
+        let n = src.len().min(self.len);
+        // SAFETY: `n` bytes fit the live region and `src`; the two cannot overlap (the region
+        // is private kernel memory, `src` a caller's buffer).
+        unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), self.va.as_ptr(), n) }
+    }
+
+    /// Bulk copy out of the start of the region (a bounce buffer after its read completed:
+    /// the completion entry was seen, so the device's writes are done). Copies at most
+    /// `len()` bytes.
+    pub fn copy_out(&self, dst: &mut [u8]) {
+        let n = dst.len().min(self.len);
+        // SAFETY: as copy_in, in the other direction.
+        unsafe { core::ptr::copy_nonoverlapping(self.va.as_ptr(), dst.as_mut_ptr(), n) }
+    }
 }
 
 impl DmaRegion for ContigRegion {

@@ -317,6 +317,8 @@ fn disk_lifecycle_is_create_gone_destroy_in_that_order() {
         descr: b"QEMU NVMe Ctrl",
         strategy,
         gone,
+        open: None,
+        close: None,
         drv1: (&raw mut ctx).cast(),
     };
     let d = Disk::create(&p);
@@ -349,6 +351,8 @@ fn a_dropped_disk_is_given_up_exactly_once() {
         descr: b"",
         strategy,
         gone,
+        open: None,
+        close: None,
         drv1: core::ptr::null_mut(),
     };
     drop(Disk::create(&p));

@@ -49,6 +49,7 @@ pub mod pci_bus;
 pub mod cdev;
 pub mod disk;
 pub mod bio;
+pub mod tunables;
 pub mod pci_driver;
 pub mod module;
 
