@@ -51,6 +51,8 @@ mod kld {
         "DELAY", "binuptime", "getbinuptime", "pmap_kextract", "pause_sbt",
         // the glue's sysctls and counters
         "strlcpy",
+        // CStr::from_ptr (libkern strlen, a kernel export)
+        "strlen",
         // taskqueue(9)
         "taskqueue_create", "taskqueue_start_threads", "taskqueue_thread_enqueue",
         "taskqueue_enqueue", "taskqueue_drain", "taskqueue_drain_all", "taskqueue_free",

@@ -20,10 +20,12 @@ use core::marker::PhantomPinned;
 use core::pin::Pin;
 
 /// What a callout does when it fires. Runs in the callout thread (softclock) with the
-/// mutex held; must not sleep.
+/// mutex held; must not sleep, and should be short (it holds up every other callout).
 pub trait CalloutHandler<T>: Sync + Send {
-    /// `data` is the mutex's data, already locked for the call.
-    fn fire(&self, data: &mut T);
+    /// `data` is the mutex's data, already locked for the call. Returning `Some(us)` re-arms
+    /// the timer to fire again `us` from now (a periodic timer); a handler that may be drained
+    /// must stop returning `Some` once a flag in `data` says so.
+    fn fire(&self, data: &mut T) -> Option<u64>;
 }
 
 /// A callout bound to `mutex`.
@@ -104,5 +106,19 @@ unsafe extern "C" fn callout_trampoline<T, H: CalloutHandler<T>>(arg: *mut c_voi
     // SAFETY: the callout subsystem holds the mutex for this call (callout_init_mtx), so this
     // thread has exclusive access to the data, exactly as a MutexGuard would give.
     let data = unsafe { this.mutex.data_while_held() };
-    this.handler.fire(data);
+    if let Some(delay_us) = this.handler.fire(data) {
+        // SAFETY: re-arming from the handler with the callout's mutex held, as callout(9)
+        // allows; the context is this pinned Callout, which is drained before it is freed.
+        unsafe {
+            bindings::callout_reset_sbt_on(
+                this.raw.get(),
+                us_to_sbt(delay_us),
+                0,
+                Some(callout_trampoline::<T, H>),
+                arg,
+                -1,
+                0,
+            )
+        };
+    }
 }

@@ -67,6 +67,14 @@ impl NodePerms {
         NodePerms { uid: bindings::UID_ROOT as u32, gid: bindings::GID_OPERATOR as u32, mode: 0o640 };
 }
 
+/// The flags of every node this driver creates: a bad or duplicate name is an error
+/// (CHECKNAME), creation may sleep (WAITOK), and never `MAKEDEV_ETERNAL` (0x10 in sys/conf.h),
+/// whose nodes may never be destroyed (facts §2.3).
+pub const NODE_FLAGS: c_int = bindings::MAKEDEV_CHECKNAME | bindings::MAKEDEV_WAITOK;
+/// `MAKEDEV_ETERNAL` from sys/conf.h, only to assert that it is never passed.
+const MAKEDEV_ETERNAL: c_int = 0x10;
+const _: () = assert!(NODE_FLAGS & MAKEDEV_ETERNAL == 0, "device nodes must never be eternal");
+
 /// A device node we created. Dropping it destroys it (`destroy_dev(9)`, which sleeps).
 pub struct Cdev {
     raw: NonNull<bindings::cdev>,
@@ -97,7 +105,7 @@ impl Cdev {
         let mut args = bindings::make_dev_args::default();
         // SAFETY: make_dev_args_init zeroes the struct and sets its size.
         unsafe { bindings::nvmehp_make_dev_args_init(&mut args) };
-        args.mda_flags = bindings::MAKEDEV_CHECKNAME | bindings::MAKEDEV_WAITOK;
+        args.mda_flags = NODE_FLAGS;
         args.mda_devsw = sw.as_ptr();
         args.mda_uid = perms.uid;
         args.mda_gid = perms.gid;

@@ -270,8 +270,9 @@ struct Tick {
     _probe: DropProbe,
 }
 impl CalloutHandler<u32> for Tick {
-    fn fire(&self, data: &mut u32) {
+    fn fire(&self, data: &mut u32) -> Option<u64> {
         *data += 1;
+        None
     }
 }
 

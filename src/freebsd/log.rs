@@ -14,6 +14,10 @@ use core::fmt;
 pub const MSG_MAX: usize = 256;
 
 /// `printf(9)` of already formatted text. Use [`kprintf!`](crate::kprintf).
+///
+/// Never inlined: the message buffer then lives in this frame only, instead of adding
+/// `MSG_MAX` bytes to every caller's (kernel stack frames must stay small).
+#[inline(never)]
 pub fn print(args: fmt::Arguments<'_>) {
     let msg = StackCStr::<MSG_MAX>::format(args);
     // SAFETY: a valid NUL-terminated string for the duration of the call; the glue prints it
@@ -22,7 +26,8 @@ pub fn print(args: fmt::Arguments<'_>) {
 }
 
 /// `device_printf(9)` of already formatted text: the kernel prefixes "nvmehp0: ".
-/// Use [`dev_printf!`](crate::dev_printf).
+/// Use [`dev_printf!`](crate::dev_printf). Never inlined, like [`print`].
+#[inline(never)]
 pub fn device_print(dev: &Device, args: fmt::Arguments<'_>) {
     let msg = StackCStr::<MSG_MAX>::format(args);
     // SAFETY: `dev` is a live device_t (Device invariant); the string is NUL-terminated; the

@@ -22,8 +22,15 @@
 //! - [`pci_bus`]: a pci bus and config reads of its slots, with or without a device.
 //! - [`cdev`]: device nodes that are never eternal and always destroyed.
 //! - [`disk`], [`bio`]: GEOM disks with the nvd(4) teardown order, and their I/O requests.
+//! - [`tunables`]: `hw.nvme_hotplug.*` tunables and counters.
+//! - [`ctrl`]: one controller at run time: engine under its mutex, bios in flight, interrupt
+//!   and watchdog, and the teardown's `IoGate`.
+//! - [`ns_disk`]: a namespace as a GEOM disk (strategy, open/close, `d_gone`).
+//! - [`node`]: the `nvmehp<U>` / `nvmehp<U>ns<N>` device nodes.
+//! - [`kernel`]: the hotplug `Kernel` and `AcpiNotify` traits over the KPI.
+//! - [`slots`]: ACPI slot discovery, notify handlers, the hotplug task and `SlotOps`.
 //! - [`pci_driver`]: the `nvmehp` driver's probe/attach/detach.
-//! - [`module`]: the module event handler.
+//! - [`module`]: the module event handler (load, quiesce/EBUSY, unload).
 
 pub mod bindings;
 pub mod cstr_buf;
@@ -50,6 +57,11 @@ pub mod cdev;
 pub mod disk;
 pub mod bio;
 pub mod tunables;
+pub mod ctrl;
+pub mod ns_disk;
+pub mod node;
+pub mod kernel;
+pub mod slots;
 pub mod pci_driver;
 pub mod module;
 

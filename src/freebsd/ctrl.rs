@@ -1,0 +1,470 @@
+//! One attached controller at run time: the NVMe engine behind its mtx(9), the I/O in flight,
+//! and the three callbacks that touch it (interrupt, watchdog callout, watchdog task).
+//!
+//! **Locking.** Everything mutable sits in [`CtrlState`] behind one MTX_DEF [`Mutex`]: the
+//! engine (single-threaded by design), the table of bios in flight and the gone/lost flags.
+//! It is taken by `d_strategy` (GEOM's g_down thread), the interrupt thread, the watchdog
+//! callout (softclock, bound to this mutex) and task, and the teardown. MTX_DEF, never a spin
+//! lock: the holders are threads that may block on it. Nothing sleeps with it held; the engine
+//! only busy-waits (DELAY) inside its bounded register waits. Lock order: a disk's link mutex
+//! ([`super::ns_disk`]) before this one; the hotplug pending-event mutex after it.
+//!
+//! **Completion under the lock.** bios are finished with `biodone(9)` while the mutex is held:
+//! without DISKFLAG_DIRECT_COMPLETION, GEOM only queues the bio for its g_up thread, so no
+//! consumer code runs under our lock.
+//!
+//! **Lifetime.** [`CtrlShared`] is allocated at attach and freed when the teardown drops the
+//! [`EngineGate`], the typestate's last step before the softc: after the interrupt was torn
+//! down, the callout and task drained and every node destroyed. The callbacks therefore hold a
+//! plain [`CtrlRef`] pointer, no reference count (drain, don't refcount).
+
+use super::alloc::box_waitok;
+use super::bio::{Bio, BioCmd};
+use super::bindings;
+use super::callout::CalloutHandler;
+use super::clock::sleep_ms;
+use super::device::Device;
+use super::dma::{ContigDma, ContigRegion};
+use super::intr::InterruptHandler;
+use super::mutex::Mutex;
+use super::platform::KernelPlatform;
+use super::taskqueue::{Task, TaskHandler};
+use super::tunables::Stat;
+use crate::hotplug::kernel::IoGate;
+use crate::nvme::{Completion, Controller, DataBuf, Event, Health, IoOp, IoRequest, NvmeError};
+use crate::platform::{Clock, DmaAllocator, DmaRegion, PciPresence};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::ffi::c_int;
+use core::pin::Pin;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+
+/// How often the watchdog looks at the controller: reads CSTS and config space (removal
+/// detection: all-ones on hardware, zeros in QEMU; the engine decides) and polls, which also
+/// expires overdue commands.
+pub const WATCHDOG_US: u64 = 1_000_000;
+
+/// Longest an announced removal waits for in-flight requests before failing them.
+const QUIESCE_MAX_US: u64 = 10_000_000;
+
+/// The errno a request finishes with for an engine error. ENXIO means "the device is gone",
+/// ENOMEM makes GEOM retry the bio later (queue full, no bounce memory).
+pub fn errno_of(e: NvmeError) -> c_int {
+    match e {
+        NvmeError::Gone | NvmeError::NotReady => bindings::ENXIO,
+        NvmeError::QueueFull | NvmeError::NoMemory => bindings::ENOMEM,
+        NvmeError::InvalidRequest(_) => bindings::EINVAL,
+        NvmeError::Timeout | NvmeError::Status(_) | NvmeError::BadDevice(_) | NvmeError::Aborted => bindings::EIO,
+    }
+}
+
+/// A bio handed to the engine, with its bounce buffer.
+struct InFlight {
+    bio: Bio,
+    /// The bounce buffer (None for a flush). Freed only after the request's completion: the
+    /// engine completes a request only once the device is done with its buffer, or stopped.
+    buf: Option<ContigRegion>,
+    read: bool,
+}
+
+/// What a locked section saw that must be acted on after it (prints, hotplug requests).
+#[derive(Default)]
+#[must_use]
+pub struct Outcome {
+    /// Requests completed with ENXIO.
+    failed: u64,
+    /// The engine gave up on the controller, with this reason.
+    lost: Option<(NvmeError, Health)>,
+    /// The controller reported a namespace attribute change.
+    ns_changed: bool,
+    /// Completion entries that failed validation.
+    bad: u64,
+}
+
+/// The mutable per-controller state, always behind [`CtrlShared`]'s mutex.
+pub struct CtrlState {
+    engine: Box<Controller<KernelPlatform>>,
+    /// Teardown has begun ([`IoGate::mark_gone`]): no new I/O, no watchdog re-arm.
+    gone: bool,
+    /// The engine gave up on the controller (reported once).
+    lost: bool,
+    /// Bios in flight, indexed by request tag.
+    inflight: Vec<Option<InFlight>>,
+    /// Free tags.
+    free: Vec<u32>,
+}
+
+fn finish(inflight: &mut [Option<InFlight>], free: &mut Vec<u32>, c: Completion, out: &mut Outcome) {
+    let Some(f) = usize::try_from(c.tag).ok().and_then(|i| inflight.get_mut(i)).and_then(Option::take) else {
+        out.bad += 1; // the engine never reports a tag twice; count it rather than trust it
+        return;
+    };
+    free.push(c.tag as u32);
+    let InFlight { mut bio, buf, read } = f;
+    match c.result {
+        Ok(()) => {
+            if let (true, Some(b)) = (read, buf.as_ref()) {
+                b.copy_out(bio.data_bytes_mut());
+            }
+            bio.done();
+        }
+        Err(e) => {
+            if e == NvmeError::Gone {
+                out.failed += 1;
+            }
+            bio.fail(errno_of(e));
+        }
+    }
+    drop(buf);
+}
+
+impl CtrlState {
+    /// The engine, for namespace rescans (synchronous admin commands, bounded busy-waits).
+    pub fn engine(&mut self) -> &mut Controller<KernelPlatform> {
+        &mut self.engine
+    }
+
+    /// Hands a bio to the engine. `buf` is its bounce buffer (allocated by the caller outside
+    /// the lock), already filled for a write. On error the bio is given back with its errno.
+    fn submit(&mut self, bio: Bio, req: IoRequest, buf: Option<ContigRegion>) -> Result<(), (Bio, c_int)> {
+        if self.gone {
+            return Err((bio, bindings::ENXIO));
+        }
+        let Some(tag) = self.free.pop() else {
+            return Err((bio, bindings::ENOMEM)); // every tag in use: GEOM retries ENOMEM
+        };
+        let read = req.op == IoOp::Read;
+        match self.engine.submit(IoRequest { tag: u64::from(tag), ..req }) {
+            Ok(()) => {
+                self.inflight[tag as usize] = Some(InFlight { bio, buf, read });
+                Ok(())
+            }
+            Err(e) => {
+                self.free.push(tag);
+                Err((bio, errno_of(e)))
+            }
+        }
+    }
+
+    /// Reaps completions and events.
+    fn reap(&mut self, out: &mut Outcome) {
+        let CtrlState { engine, inflight, free, .. } = self;
+        engine.poll(&mut |e| match e {
+            Event::Io(c) => finish(inflight, free, c, out),
+            Event::NamespacesChanged => out.ns_changed = true,
+            Event::ControllerLost { reason, health } => out.lost = Some((reason, health)),
+            Event::BadCompletion { .. } => out.bad += 1,
+            Event::AsyncNotice { .. } => {}
+        });
+        if out.lost.is_some() {
+            self.lost = true;
+        }
+    }
+
+    /// Completes every request now with `err` (the engine stops a still-present device first).
+    fn fail_everything(&mut self, err: NvmeError, out: &mut Outcome) -> usize {
+        let CtrlState { engine, inflight, free, .. } = self;
+        let mut n = 0;
+        engine.fail_all(err, &mut |c| {
+            n += 1;
+            finish(inflight, free, c, out)
+        });
+        n
+    }
+}
+
+impl Drop for CtrlState {
+    fn drop(&mut self) {
+        // The teardown failed every request before this point; a bio is never dropped without
+        // biodone, even if that invariant were broken.
+        for f in self.inflight.iter_mut().filter_map(Option::take) {
+            f.bio.fail(bindings::ENXIO);
+        }
+    }
+}
+
+/// What the watchdog callout, the interrupt and the nodes share for one controller.
+pub struct CtrlShared {
+    dev: Device,
+    unit: u32,
+    /// Mirror of [`CtrlState::gone`] readable without the lock (node `d_open`).
+    gone: AtomicBool,
+    state: Pin<Box<Mutex<CtrlState>>>,
+    /// The watchdog task, enqueued by the callout; set once at attach.
+    watchdog_task: AtomicPtr<Task<'static, WatchdogTask>>,
+}
+
+/// A pointer to a live [`CtrlShared`]. Valid from [`CtrlShared::create`] until the teardown
+/// drops the one [`EngineGate`] made for it, which happens only after every holder of a
+/// `CtrlRef` (interrupt, callout, task, node and disk links) was drained or severed.
+#[derive(Clone, Copy)]
+pub struct CtrlRef(NonNull<CtrlShared>);
+
+// SAFETY: CtrlShared is only accessed through its atomics and its mutex.
+unsafe impl Send for CtrlRef {}
+// SAFETY: as above.
+unsafe impl Sync for CtrlRef {}
+
+impl core::ops::Deref for CtrlRef {
+    type Target = CtrlShared;
+    fn deref(&self) -> &CtrlShared {
+        // SAFETY: valid for as long as any CtrlRef is used (type invariant).
+        unsafe { self.0.as_ref() }
+    }
+}
+
+impl CtrlRef {
+    /// A `'static` borrow for wrappers that tie a lifetime to the mutex (the watchdog callout).
+    ///
+    /// # Safety
+    /// The borrower must be dropped before the [`EngineGate`] of this controller is.
+    pub unsafe fn as_static(self) -> &'static CtrlShared {
+        // SAFETY: per this function's contract.
+        unsafe { &*self.0.as_ptr() }
+    }
+}
+
+impl CtrlShared {
+    /// Wraps a brought-up engine. Sleeps (M_WAITOK); `None` when memory is short.
+    #[inline(never)]
+    pub fn create(dev: Device, unit: u32, engine: Box<Controller<KernelPlatform>>) -> Option<(CtrlRef, EngineGate)> {
+        let cap = engine.info().map_or(0, |i| usize::from(i.io_entries) * usize::from(i.io_queues)).clamp(1, 65_536);
+        let mut inflight = Vec::new();
+        inflight.try_reserve_exact(cap).ok()?;
+        inflight.resize_with(cap, || None);
+        let mut free = Vec::new();
+        free.try_reserve_exact(cap).ok()?;
+        free.extend((0..cap as u32).rev());
+        let state = Mutex::new_boxed(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, inflight, free })?;
+        let shared = box_waitok(CtrlShared {
+            dev,
+            unit,
+            gone: AtomicBool::new(false),
+            state,
+            watchdog_task: AtomicPtr::new(core::ptr::null_mut()),
+        });
+        let r = CtrlRef(NonNull::from(Box::leak(shared)));
+        Some((r, EngineGate { ctrl: r }))
+    }
+
+    /// The newbus device.
+    pub fn device(&self) -> Device {
+        self.dev
+    }
+
+    /// The unit number.
+    pub fn unit(&self) -> u32 {
+        self.unit
+    }
+
+    /// The mutex, for the watchdog callout and namespace rescans.
+    pub fn state(&self) -> &Mutex<CtrlState> {
+        &self.state
+    }
+
+    /// Teardown has begun: new opens and I/O are refused.
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
+    }
+
+    /// Records the watchdog task the callout enqueues (once, at attach).
+    pub fn set_watchdog_task(&self, t: NonNull<Task<'static, WatchdogTask>>) {
+        self.watchdog_task.store(t.as_ptr(), Ordering::Release);
+    }
+
+    /// `d_strategy`'s work for a namespace: bounce, submit; or finish the bio with an errno.
+    pub fn start_bio(&self, bio: Bio, nsid: u32, lba_shift: u32) {
+        let sector = 1u64 << lba_shift;
+        let (op, len) = match bio.cmd() {
+            BioCmd::Read => (IoOp::Read, bio.len()),
+            BioCmd::Write => (IoOp::Write, bio.len()),
+            BioCmd::Flush => (IoOp::Flush, 0),
+            BioCmd::Delete | BioCmd::Other(_) => return bio.fail(bindings::EOPNOTSUPP),
+        };
+        if op != IoOp::Flush && (len == 0 || bio.offset() % sector != 0 || len as u64 % sector != 0) {
+            return bio.fail(bindings::EINVAL);
+        }
+        // The bounce buffer is allocated before the lock is taken (contigmalloc M_NOWAIT).
+        let buf = if op == IoOp::Flush {
+            None
+        } else {
+            match ContigDma.alloc_dma(len, bindings::PAGE_SIZE as usize) {
+                Ok(b) => Some(b),
+                Err(_) => return bio.fail(bindings::ENOMEM),
+            }
+        };
+        if let (IoOp::Write, Some(b)) = (op, buf.as_ref()) {
+            b.copy_in(bio.data_bytes());
+        }
+        let req = IoRequest {
+            tag: 0,
+            nsid,
+            op,
+            lba: bio.offset() >> lba_shift,
+            blocks: (len as u64 >> lba_shift) as u32,
+            data: DataBuf { bus_addr: buf.as_ref().map_or(0, |b| b.bus_addr()), len },
+        };
+        let r = self.state.lock().submit(bio, req, buf);
+        if let Err((bio, errno)) = r {
+            bio.fail(errno);
+        }
+    }
+
+    /// Acts on what a locked section saw. Called without the controller mutex.
+    fn after(&self, out: Outcome) {
+        if out.failed > 0 {
+            Stat::FailedRequests.add(out.failed as i64);
+        }
+        if out.bad > 0 {
+            dev_printf!(&self.dev, "dropped {} invalid completion entries\n", out.bad);
+        }
+        if let Some((reason, health)) = out.lost {
+            if health == Health::Gone {
+                Stat::SurpriseRemovals.add(1);
+            }
+            dev_printf!(
+                &self.dev,
+                "controller lost ({}, health {:?}): {} requests failed; nodes and disks stay until detach\n",
+                reason,
+                health,
+                out.failed
+            );
+            super::slots::controller_lost(self.dev);
+        }
+        if out.ns_changed {
+            super::slots::namespace_changed(self.dev);
+        }
+    }
+}
+
+/// The [`IoGate`] of the teardown typestate over one controller. Owns the [`CtrlShared`]:
+/// dropping it (teardown step 5) frees the engine, its queue memory and the mutex.
+pub struct EngineGate {
+    ctrl: CtrlRef,
+}
+
+impl EngineGate {
+    /// The controller.
+    pub fn ctrl(&self) -> CtrlRef {
+        self.ctrl
+    }
+}
+
+impl IoGate for EngineGate {
+    fn mark_gone(&mut self) {
+        let mut st = self.ctrl.state.lock();
+        st.gone = true;
+        self.ctrl.gone.store(true, Ordering::Release);
+    }
+
+    fn quiesce(&mut self) {
+        let dev = self.ctrl.dev;
+        let start = {
+            let st = self.ctrl.state.lock();
+            st.engine.platform().now_us()
+        };
+        loop {
+            let mut out = Outcome::default();
+            let (left, present, now, bound) = {
+                let mut st = self.ctrl.state.lock();
+                st.reap(&mut out);
+                let p = st.engine.platform();
+                (st.engine.outstanding(), p.present(), p.now_us(), st.engine.config().cmd_timeout_us.min(QUIESCE_MAX_US))
+            };
+            self.ctrl.after(out);
+            if left == 0 || !present {
+                return;
+            }
+            if now.saturating_sub(start) >= bound {
+                dev_printf!(&dev, "{} requests still in flight after {} ms; failing them\n", left, bound / 1000);
+                return;
+            }
+            sleep_ms(c"nvmehpq", 1);
+        }
+    }
+
+    fn fail_all(&mut self) -> usize {
+        let mut out = Outcome::default();
+        let n = self.ctrl.state.lock().fail_everything(NvmeError::Gone, &mut out);
+        let out = Outcome { lost: None, ..out }; // teardown reports its own receipt
+        self.ctrl.after(out);
+        n
+    }
+
+    /// Nothing to fail by hand: a deleted namespace's commands are completed by the (live)
+    /// controller with an error status, and pulling their buffers from under a running device
+    /// would be the use-after-free this driver exists to avoid.
+    fn fail_namespace(&mut self, _nsid: u32) -> usize {
+        0
+    }
+}
+
+impl Drop for EngineGate {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from Box::leak in CtrlShared::create and exactly one
+        // EngineGate exists for it; the teardown drops it only after the interrupt, callout and
+        // task were drained and every node destroyed and disk link severed, so no CtrlRef is
+        // used any more (CtrlRef invariant).
+        drop(unsafe { Box::from_raw(self.ctrl.0.as_ptr()) });
+    }
+}
+
+/// The interrupt handler (ithread): reap completions.
+pub struct IntrHandler(pub CtrlRef);
+
+impl InterruptHandler for IntrHandler {
+    fn handle(&self) {
+        let mut out = Outcome::default();
+        self.0.state.lock().reap(&mut out);
+        self.0.after(out);
+    }
+}
+
+/// The watchdog callout (softclock, controller mutex held): enqueue the watchdog task, which
+/// does the work in a thread where a bounded busy-wait is acceptable, and come back in
+/// [`WATCHDOG_US`], until teardown or the controller is lost.
+pub struct WatchdogFire(pub CtrlRef);
+
+impl CalloutHandler<CtrlState> for WatchdogFire {
+    fn fire(&self, st: &mut CtrlState) -> Option<u64> {
+        if st.gone || st.lost {
+            return None;
+        }
+        let t = self.0.watchdog_task.load(Ordering::Acquire);
+        // SAFETY: the task lives in this controller's task queue, which is drained and freed
+        // only after this callout was drained (teardown step 3 before step 5).
+        if let Some(t) = unsafe { t.as_ref() } {
+            t.enqueue();
+        }
+        Some(WATCHDOG_US)
+    }
+}
+
+/// The watchdog task (our taskqueue thread): health check + poll.
+pub struct WatchdogTask(pub CtrlRef);
+
+impl TaskHandler for WatchdogTask {
+    fn run(&self, _pending: u32) {
+        let mut out = Outcome::default();
+        {
+            let mut st = self.0.state.lock();
+            if st.gone || st.lost {
+                return;
+            }
+            st.reap(&mut out);
+            if !st.lost {
+                match st.engine.check_health() {
+                    Health::Healthy => {}
+                    health => {
+                        let reason = if health == Health::Gone { NvmeError::Gone } else { NvmeError::Timeout };
+                        st.lost = true;
+                        st.fail_everything(reason, &mut out);
+                        out.lost = Some((reason, health));
+                    }
+                }
+            }
+        }
+        self.0.after(out);
+    }
+}

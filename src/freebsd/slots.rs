@@ -1,0 +1,595 @@
+//! ACPI PCI hotplug slots at run time: discovery, notify handlers, the hotplug task and the
+//! FreeBSD [`SlotOps`], wired to the OS-neutral state machine in `crate::hotplug`.
+//!
+//! Contexts (the contract in `crate::hotplug`):
+//! - **Notify handler** (an `acpi_task` thread, [`SlotNotify`]): under the pending mutex,
+//!   `PendingEvents::notify`; enqueue our task if that made work appear. Nothing else.
+//! - **Hotplug task** (our own taskqueue, one thread, [`HotplugTask`]): the first runs discover
+//!   the slots under `\_SB_.PCI0` (retried each second while the PCI bus is not attached yet,
+//!   as when the module is loaded from loader.conf), decide ownership per slot
+//!   (`hotplug::mode::resolve`) and install our handlers on owned slots. Later runs take the
+//!   pending bits and run `SlotMachine::run` with [`FreeBsdSlots`], whose every action takes
+//!   `bus_topo_lock()` itself.
+//! - **Fallback callout** (`hw.nvme_hotplug.rescan_interval_ms`): `FallbackRescan::tick` under
+//!   the pending mutex, enqueue the task.
+//! - **Controllers** ([`controller_lost`], [`namespace_changed`]), from their interrupt or
+//!   watchdog: record a quiet check or a namespace change for their slot and enqueue the task.
+//!
+//! Single-slot rescan: FreeBSD exports no "rescan this slot" KPI; `rescan_slot` runs
+//! `BUS_RESCAN` on the slot's bus under the topology lock, as acpi_pci does for a device check
+//! (facts §1.2). pci_rescan only adds functions it did not know and deletes those that stopped
+//! answering, so the other slots' working devices are untouched.
+
+use super::acpi::{AcpiHandle, NotifyHandler, NotifyRegistration, NotifyValue};
+use super::alloc::box_waitok;
+use super::bus_topo::TopoLock;
+use super::callout::{Callout, CalloutHandler};
+use super::device::Device;
+use super::kernel::{OwnedQueue, Timer};
+use super::mutex::Mutex;
+use super::pci_bus::PciBus;
+use super::taskqueue::{Task, TaskHandler, TimeoutTask};
+use super::tunables::{self, Stat};
+use crate::hotplug::fallback::FallbackRescan;
+use crate::hotplug::machine::{HotplugConfig, SlotMachine};
+use crate::hotplug::mode::{self, AcpiMode, InTreeHandler, Role};
+use crate::hotplug::ost::OstStatus;
+use crate::hotplug::pending::{PendingEvents, PendingSnapshot};
+use crate::hotplug::slot_ops::{DetachError, DetachReason, OpFailed, SlotIndex, SlotOps};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::cell::UnsafeCell;
+use core::pin::Pin;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
+
+/// The ACPI object of the legacy PCI root bus (i440fx QEMU/bhyve/EC2 Nitro).
+const ROOT_BUS_PATH: &core::ffi::CStr = c"\\_SB_.PCI0";
+/// Discovery retries (one per second) while the PCI bus is not attached yet.
+const DISCOVERY_TRIES: u32 = 120;
+
+/// The pending events and whether the module is stopping (no more enqueues or re-arms).
+pub struct PendingState {
+    events: PendingEvents,
+    stopping: bool,
+}
+
+/// The state only the hotplug task touches.
+struct MachineState {
+    machine: SlotMachine,
+    snapshot: PendingSnapshot,
+}
+
+/// One hotplug slot.
+struct SlotInfo {
+    handle: AcpiHandle,
+    pci_slot: u8,
+    role: Role,
+}
+
+/// What discovery found; immutable after it, except through its mutexes and the task cell.
+struct Discovered {
+    bus: PciBus,
+    slots: Vec<SlotInfo>,
+    pending: Pin<Box<Mutex<PendingState>>>,
+    /// Only the hotplug task's thread uses it (see [`HotplugTask`]).
+    machine: UnsafeCell<MachineState>,
+    /// Our notify handlers, taken out (under the lock) and dropped (outside it) at unload.
+    notify: Pin<Box<Mutex<Vec<NotifyRegistration<SlotNotify>>>>>,
+    /// The fallback callout, taken out at unload.
+    fallback: Pin<Box<Mutex<Option<Timer>>>>,
+}
+
+// SAFETY: the cell is used by the hotplug task thread alone; everything else is behind
+// mutexes or immutable after discovery.
+unsafe impl Sync for Discovered {}
+// SAFETY: as above.
+unsafe impl Send for Discovered {}
+
+/// The module's hotplug state, from MOD_LOAD to MOD_UNLOAD.
+pub struct Hotplug {
+    mode: AcpiMode,
+    interval_ms: u32,
+    stopping: AtomicBool,
+    tries: AtomicU32,
+    /// Set once by discovery; freed at unload.
+    disc: AtomicPtr<Discovered>,
+    task: AtomicPtr<Task<'static, HotplugTask>>,
+    rerun: AtomicPtr<TimeoutTask<'static, HotplugTask>>,
+}
+
+/// The one instance, for the controllers' callbacks. Null before MOD_LOAD and after unload.
+static HOTPLUG: AtomicPtr<Hotplug> = AtomicPtr::new(core::ptr::null_mut());
+
+fn hotplug() -> Option<&'static Hotplug> {
+    // SAFETY: set at MOD_LOAD to a leaked Hotplug; cleared and freed at MOD_UNLOAD only after
+    // every controller detached and every handler, callout and task was drained, so no
+    // reader remains.
+    unsafe { HOTPLUG.load(Ordering::Acquire).as_ref() }
+}
+
+impl Hotplug {
+    fn disc(&self) -> Option<&Discovered> {
+        // SAFETY: published once (Release) by discovery, freed only at unload (see hotplug()).
+        unsafe { self.disc.load(Ordering::Acquire).as_ref() }
+    }
+
+    fn enqueue(&self) {
+        // SAFETY: the task lives in the module's queue until unload, which first drains it.
+        if let Some(t) = unsafe { self.task.load(Ordering::Acquire).as_ref() } {
+            t.enqueue();
+        }
+    }
+
+    fn rerun_after(&self, us: u64) {
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        // SAFETY: as enqueue.
+        if let Some(t) = unsafe { self.rerun.load(Ordering::Acquire).as_ref() } {
+            t.enqueue_after(us);
+        }
+    }
+
+    /// The slot index of a PCI function on the hotplug bus.
+    fn slot_of(&self, dev: Device) -> Option<(&Discovered, SlotIndex)> {
+        let d = self.disc()?;
+        let bus = dev.parent()?;
+        if bus != d.bus.device() {
+            return None;
+        }
+        let s = dev.pci_slot();
+        d.slots.iter().position(|x| x.pci_slot == s).map(|i| (d, i))
+    }
+}
+
+/// The module's share of the hotplug machinery, kept by `module.rs` from load to unload.
+pub struct HotplugModule {
+    hp: NonNull<Hotplug>,
+    /// Our task queue with the hotplug task and its timeout twin.
+    pub queue: Option<OwnedQueue>,
+}
+
+// SAFETY: only the module event handler (serialised by the kld lock) uses it.
+unsafe impl Send for HotplugModule {}
+
+/// MOD_LOAD: reads the tunables, creates our task queue and starts discovery on it. Sleeps.
+pub fn load() -> Result<HotplugModule, core::ffi::c_int> {
+    let mode = match tunables::acpi_mode() {
+        Ok(m) => m,
+        Err(raw) => {
+            let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+            kprintf!(
+                "nvme_hotplug: hw.nvme_hotplug.acpi_mode=\"{}\" is not auto, own or off; using auto\n",
+                core::str::from_utf8(&raw[..end]).unwrap_or("?")
+            );
+            AcpiMode::Auto
+        }
+    };
+    let hp = NonNull::from(Box::leak(box_waitok(Hotplug {
+        mode,
+        interval_ms: tunables::rescan_interval_ms(),
+        stopping: AtomicBool::new(false),
+        tries: AtomicU32::new(0),
+        disc: AtomicPtr::new(core::ptr::null_mut()),
+        task: AtomicPtr::new(core::ptr::null_mut()),
+        rerun: AtomicPtr::new(core::ptr::null_mut()),
+    })));
+    let mut m = HotplugModule { hp, queue: None };
+    let mut q = OwnedQueue::new(c"nvmehp_hotplug")?;
+    let r = HpRef(hp);
+    let task = q.add_task(0, HotplugTask(r)).ok_or(super::bindings::ENOMEM)?;
+    let rerun = q.add_timeout_task(0, HotplugTask(r)).ok_or(super::bindings::ENOMEM)?;
+    // SAFETY: `hp` is the leaked Hotplug, alive until unload.
+    let h = unsafe { hp.as_ref() };
+    h.task.store(task.as_ptr(), Ordering::Release);
+    h.rerun.store(rerun.as_ptr(), Ordering::Release);
+    m.queue = Some(q);
+    HOTPLUG.store(hp.as_ptr(), Ordering::Release);
+    h.enqueue(); // first run: discovery
+    Ok(m)
+}
+
+/// A pointer to the module's [`Hotplug`], for handlers and tasks (all drained before it is
+/// freed).
+#[derive(Clone, Copy)]
+struct HpRef(NonNull<Hotplug>);
+// SAFETY: Hotplug is Sync (atomics, mutexes, the task-only cell).
+unsafe impl Send for HpRef {}
+// SAFETY: as above.
+unsafe impl Sync for HpRef {}
+impl core::ops::Deref for HpRef {
+    type Target = Hotplug;
+    fn deref(&self) -> &Hotplug {
+        // SAFETY: alive until unload, which drains every holder first.
+        unsafe { self.0.as_ref() }
+    }
+}
+
+// --- notify handler -------------------------------------------------------------------------
+
+/// Our ACPI notify handler for one owned slot.
+pub struct SlotNotify {
+    hp: HpRef,
+    index: SlotIndex,
+}
+
+fn notify_value(v: NotifyValue) -> u32 {
+    match v {
+        NotifyValue::BusCheck => 0,
+        NotifyValue::DeviceCheck => 1,
+        NotifyValue::EjectRequest => 3,
+        NotifyValue::Other(x) => x,
+    }
+}
+
+impl NotifyHandler for SlotNotify {
+    /// ACPI task thread: record, enqueue, return. No AML, no newbus, no sleep.
+    fn notify(&self, _handle: AcpiHandle, value: NotifyValue) {
+        Stat::Notifies.add(1);
+        let Some(d) = self.hp.disc() else { return };
+        let enqueue = {
+            let mut p = d.pending.lock();
+            !p.stopping && p.events.notify(self.index, notify_value(value))
+        };
+        if enqueue {
+            self.hp.enqueue();
+        }
+    }
+}
+
+// --- fallback callout -----------------------------------------------------------------------
+
+/// The periodic quiet check of every slot.
+struct FallbackTick {
+    hp: HpRef,
+    rescan: FallbackRescan,
+}
+
+impl CalloutHandler<PendingState> for FallbackTick {
+    fn fire(&self, p: &mut PendingState) -> Option<u64> {
+        if p.stopping {
+            return None;
+        }
+        if self.rescan.tick(&mut p.events) {
+            self.hp.enqueue();
+        }
+        self.rescan.interval_ms().map(|ms| u64::from(ms) * 1000)
+    }
+}
+
+// --- controllers ----------------------------------------------------------------------------
+
+/// A controller's watchdog or interrupt found it gone or dead: ask the hotplug task to check
+/// the slots (a stale device is then detached with `DetachReason::Gone`). Never sleeps.
+pub fn controller_lost(dev: Device) {
+    let Some(hp) = hotplug() else { return };
+    match hp.slot_of(dev) {
+        Some((d, _)) => {
+            let enqueue = {
+                let mut p = d.pending.lock();
+                !p.stopping && p.events.check_all_quietly()
+            };
+            if enqueue {
+                hp.enqueue();
+            }
+        }
+        None => dev_printf!(
+            &dev,
+            "not in a known hotplug slot: detach it with `devctl detach {}` or `devctl rescan` its bus\n",
+            core::str::from_utf8(dev.nameunit().to_bytes()).unwrap_or("?")
+        ),
+    }
+}
+
+/// A controller reported a namespace attribute change: rescan its namespaces from the task.
+pub fn namespace_changed(dev: Device) {
+    let Some(hp) = hotplug() else { return };
+    match hp.slot_of(dev) {
+        Some((d, i)) => {
+            let enqueue = {
+                let mut p = d.pending.lock();
+                !p.stopping && p.events.namespace_changed(i)
+            };
+            if enqueue {
+                hp.enqueue();
+            }
+        }
+        None => dev_printf!(&dev, "namespace change on a controller outside the hotplug slots: not rescanned\n"),
+    }
+}
+
+// --- the task -------------------------------------------------------------------------------
+
+/// The hotplug task (and its timeout twin, on the same one-thread queue, so the two never
+/// run at the same time).
+pub struct HotplugTask(HpRef);
+
+impl TaskHandler for HotplugTask {
+    fn run(&self, _pending: u32) {
+        let hp = &*self.0;
+        if hp.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(d) = hp.disc() else {
+            discover(self.0);
+            return;
+        };
+        // SAFETY: only this task's thread reaches the machine: both tasks that run this code
+        // are on one queue with one thread, so no two runs overlap.
+        let ms = unsafe { &mut *d.machine.get() };
+        d.pending.lock().events.take(&mut ms.snapshot);
+        let mut ops = FreeBsdSlots { d };
+        let r = ms.machine.run(&ms.snapshot, &mut ops);
+        Stat::Rescans.add(i64::from(r.rescans));
+        Stat::Ejects.add(i64::from(r.ejects));
+        Stat::EjectsRefused.add(i64::from(r.refused));
+        Stat::HotplugFailures.add(i64::from(r.failures));
+        if r.detaches + r.ejected + r.refused + r.failures > 0 {
+            kprintf!(
+                "nvme_hotplug: hotplug run: {} rescans, {} detaches ({} stale), {} ejected, {} refused, {} failures\n",
+                r.rescans,
+                r.detaches,
+                r.swept,
+                r.ejected,
+                r.refused,
+                r.failures
+            );
+        }
+        if let Some(us) = r.rerun_after_us {
+            hp.rerun_after(u64::from(us));
+        }
+    }
+}
+
+/// Finds the hotplug slots, decides ownership and installs our handlers. Runs on our task.
+fn discover(hp: HpRef) {
+    let tries = hp.tries.fetch_add(1, Ordering::AcqRel) + 1;
+    let Ok(root) = AcpiHandle::lookup(ROOT_BUS_PATH) else {
+        if tries == 1 {
+            kprintf!("nvme_hotplug: no ACPI \\_SB_.PCI0; ACPI hotplug disabled (controllers still work)\n");
+        }
+        return;
+    };
+    let bus = {
+        let topo = TopoLock::lock();
+        root.device().and_then(|pcib| topo.find_child(pcib, c"pci", -1))
+    };
+    let Some(bus) = bus else {
+        if tries < DISCOVERY_TRIES {
+            hp.rerun_after(1_000_000); // PCI not attached yet (loaded from loader.conf)
+        } else {
+            kprintf!("nvme_hotplug: {:?} has no pci bus after {} s; ACPI hotplug disabled\n", root, tries);
+        }
+        return;
+    };
+    let handles = match root.hotplug_slots() {
+        Ok(h) => h,
+        Err(e) => {
+            kprintf!("nvme_hotplug: walking {:?} failed: {}; ACPI hotplug disabled\n", root, e);
+            return;
+        }
+    };
+    // acpi_pci installs its (static, unremovable) handler on every _EJ0 slot of a bus it
+    // drives; a bus whose children have ACPI handles is acpi_pci's (inferred, facts §1.1).
+    let in_tree = if AcpiHandle::of_device(&bus).is_some() { InTreeHandler::Fixed } else { InTreeHandler::Absent };
+    let mut slots: Vec<SlotInfo> = Vec::new();
+    if slots.try_reserve(handles.len()).is_err() {
+        return;
+    }
+    let (mut owned, mut downgraded) = (0u32, 0u32);
+    for h in handles {
+        let Ok((pci_slot, _func)) = h.pci_address() else { continue };
+        let res = mode::resolve(hp.mode, in_tree);
+        owned += u32::from(res.role == Role::Owner);
+        downgraded += u32::from(res.downgraded);
+        slots.push(SlotInfo { handle: h, pci_slot, role: res.role });
+    }
+    let roles: Vec<Role> = slots.iter().map(|s| s.role).collect();
+    let events = PendingEvents::new(slots.len());
+    let snapshot = events.snapshot_buffer();
+    let (Some(pending), Some(notify), Some(fallback)) = (
+        Mutex::new_boxed(c"nvmehp pending", PendingState { events, stopping: false }),
+        Mutex::new_boxed(c"nvmehp notify", Vec::new()),
+        Mutex::new_boxed(c"nvmehp fallback", None),
+    ) else {
+        kprintf!("nvme_hotplug: out of memory; ACPI hotplug disabled\n");
+        return;
+    };
+    let d = Box::leak(box_waitok(Discovered {
+        bus: PciBus::new(bus),
+        slots,
+        pending,
+        machine: UnsafeCell::new(MachineState { machine: SlotMachine::new(roles, HotplugConfig::default()), snapshot }),
+        notify,
+        fallback,
+    }));
+    hp.disc.store(d, Ordering::Release);
+    let mut installed = 0u32;
+    for (i, s) in d.slots.iter().enumerate().filter(|(_, s)| s.role == Role::Owner) {
+        let Some(h) = super::alloc::try_box(SlotNotify { hp, index: i }) else { continue };
+        match NotifyRegistration::install(s.handle, h) {
+            Ok(reg) => {
+                let mut v = d.notify.lock();
+                if v.try_reserve(1).is_ok() {
+                    v.push(reg);
+                    installed += 1;
+                } else {
+                    drop(v);
+                    drop(reg); // cannot keep it: remove it now (we are not on an ACPI thread)
+                }
+            }
+            Err((st, _)) => kprintf!("nvme_hotplug: cannot install notify handler on {:?}: {}\n", s.handle, st),
+        }
+    }
+    if downgraded > 0 {
+        kprintf!(
+            "nvme_hotplug: acpi_mode=own: acpi_pci's notify handler cannot be removed from {} slots; observing them\n",
+            downgraded
+        );
+    }
+    let rescan = FallbackRescan::new(hp.interval_ms);
+    if let Some(ms) = rescan.interval_ms() {
+        // SAFETY: the pending mutex lives in the leaked Discovered until unload, which drops
+        // this callout (after draining it) before freeing the Discovered.
+        let pend: &'static Mutex<PendingState> = unsafe { &*(&*d.pending as *const Mutex<PendingState>) };
+        if let Some(c) = Callout::new(pend, FallbackTick { hp, rescan }) {
+            c.as_ref().reset(&pend.lock(), u64::from(ms) * 1000);
+            *d.fallback.lock() = Some(Timer(c));
+        }
+    }
+    kprintf!(
+        "nvme_hotplug: {} hotplug slots under {:?} (acpi_mode={}): {} owned ({} handlers), {} observed; fallback rescan {}\n",
+        d.slots.len(),
+        root,
+        hp.mode.as_str(),
+        owned,
+        installed,
+        d.slots.len() as u32 - owned,
+        if rescan.is_enabled() { "on" } else { "off" }
+    );
+}
+
+// --- SlotOps --------------------------------------------------------------------------------
+
+/// The state machine's actions on FreeBSD. Each takes `bus_topo_lock()` itself.
+pub struct FreeBsdSlots<'a> {
+    d: &'a Discovered,
+}
+
+impl FreeBsdSlots<'_> {
+    fn slot(&self, i: SlotIndex) -> Option<&SlotInfo> {
+        self.d.slots.get(i)
+    }
+}
+
+impl SlotOps for FreeBsdSlots<'_> {
+    fn present(&mut self, i: SlotIndex) -> bool {
+        self.slot(i).is_some_and(|s| self.d.bus.slot_present(s.pci_slot))
+    }
+
+    fn sta(&mut self, i: SlotIndex) -> Option<u32> {
+        let s = self.slot(i)?;
+        if !s.handle.has(c"_STA") {
+            return None;
+        }
+        s.handle.status().ok()
+    }
+
+    fn has_child(&mut self, i: SlotIndex) -> bool {
+        let Some(s) = self.slot(i) else { return false };
+        let _topo = TopoLock::lock();
+        self.d.bus.child_at(s.pci_slot, 0).is_some()
+    }
+
+    fn rescan_slot(&mut self, i: SlotIndex) -> Result<(), OpFailed> {
+        let Some(s) = self.slot(i) else { return Err(OpFailed) };
+        let topo = TopoLock::lock();
+        topo.rescan(self.d.bus.device()).map_err(|e| {
+            kprintf!("nvme_hotplug: rescan for slot {:?} failed: {}\n", s.handle, e);
+            OpFailed
+        })
+    }
+
+    fn detach_slot(&mut self, i: SlotIndex, why: DetachReason) -> Result<(), DetachError> {
+        let Some(s) = self.slot(i) else { return Err(DetachError::Failed) };
+        let topo = TopoLock::lock();
+        let bus = self.d.bus;
+        // Re-checked under the lock: someone else (acpi_pci, devctl) may have removed it.
+        if bus.child_at(s.pci_slot, 0).is_none() {
+            return Err(DetachError::NoDevice);
+        }
+        // Functions last first, as Linux's disable_slot does (facts §4.3).
+        for f in (0..=super::bindings::PCI_FUNCMAX as u8).rev() {
+            let Some(child) = bus.child_at(s.pci_slot, f) else { continue };
+            if why == DetachReason::Eject && super::pci_driver::in_use(child, &topo) {
+                dev_printf!(&child, "eject request refused: a node or disk is open\n");
+                return Err(DetachError::InUse);
+            }
+            match topo.detach(child) {
+                Ok(()) => {}
+                Err(e) if e == super::bindings::EBUSY => return Err(DetachError::Busy),
+                Err(e) => {
+                    dev_printf!(&child, "detach for {:?} failed: {}\n", why, e);
+                    return Err(DetachError::Failed);
+                }
+            }
+            if let Err(e) = topo.delete_child(bus.device(), child) {
+                kprintf!("nvme_hotplug: device_delete_child in slot {:?} failed: {}\n", s.handle, e);
+                return Err(DetachError::Failed);
+            }
+        }
+        Ok(())
+    }
+
+    fn eject(&mut self, i: SlotIndex) -> Result<(), OpFailed> {
+        let Some(s) = self.slot(i) else { return Err(OpFailed) };
+        s.handle.eject().map_err(|e| {
+            kprintf!("nvme_hotplug: _EJ0 on {:?} failed: {}\n", s.handle, e);
+            OpFailed
+        })
+    }
+
+    fn ost(&mut self, i: SlotIndex, source: u32, status: OstStatus) {
+        let Some(s) = self.slot(i) else { return };
+        if let Err(e) = s.handle.ost(source, status.code()) {
+            kprintf!("nvme_hotplug: _OST({:#x}, {:#x}) on {:?} failed: {}\n", source, status.code(), s.handle, e);
+        }
+    }
+
+    fn rescan_namespaces(&mut self, i: SlotIndex) -> Result<(), OpFailed> {
+        let Some(s) = self.slot(i) else { return Err(OpFailed) };
+        let topo = TopoLock::lock();
+        let Some(child) = self.d.bus.child_at(s.pci_slot, 0) else { return Err(OpFailed) };
+        super::pci_driver::rescan_namespaces(child, &topo).map_err(|_| OpFailed)
+    }
+}
+
+// --- unload ---------------------------------------------------------------------------------
+
+impl HotplugModule {
+    /// First half of MOD_UNLOAD: no new work from now on (notifies, fallback ticks, reruns,
+    /// discovery), and the running task has finished. Sleeps.
+    pub fn stop(&mut self) {
+        // SAFETY: alive until `finish`.
+        let hp = unsafe { self.hp.as_ref() };
+        hp.stopping.store(true, Ordering::Release);
+        if let Some(d) = hp.disc() {
+            d.pending.lock().stopping = true;
+        }
+        if let Some(q) = self.queue.as_ref() {
+            q.drain_all();
+        }
+    }
+
+    /// Our notify handlers, taken out so that dropping them (AcpiRemoveNotifyHandler, which
+    /// waits) happens without a lock held. From the unload thread only.
+    pub fn take_notify_handlers(&self) -> Vec<NotifyRegistration<SlotNotify>> {
+        // SAFETY: alive until `finish`.
+        let hp = unsafe { self.hp.as_ref() };
+        hp.disc().map(|d| core::mem::take(&mut *d.notify.lock())).unwrap_or_default()
+    }
+
+    /// The fallback callout, if armed, for the unload order to drain.
+    pub fn take_fallback(&self) -> Option<Timer> {
+        // SAFETY: alive until `finish`.
+        let hp = unsafe { self.hp.as_ref() };
+        hp.disc().and_then(|d| d.fallback.lock().take())
+    }
+
+    /// Last step: frees the hotplug state. Every handler, callout and task referring to it
+    /// must have been removed or drained (the unload order did).
+    pub fn finish(self) {
+        HOTPLUG.store(core::ptr::null_mut(), Ordering::Release);
+        let HotplugModule { hp, queue } = self;
+        drop(queue);
+        // SAFETY: leaked in load/discover, reclaimed once here, after every user was drained.
+        unsafe {
+            let h = Box::from_raw(hp.as_ptr());
+            let d = h.disc.load(Ordering::Acquire);
+            if !d.is_null() {
+                drop(Box::from_raw(d));
+            }
+        }
+    }
+}
