@@ -36,6 +36,12 @@ pub fn unloading() -> bool {
     UNLOADING.load(Ordering::Acquire)
 }
 
+/// A detach refused with EBUSY ends an unload attempt (kldunload fails and the module
+/// stays): accept opens again.
+pub fn unload_refused() {
+    UNLOADING.store(false, Ordering::Release);
+}
+
 /// Whether unloading must be refused: a controller's node or disk is open, or GEOM still holds
 /// a disk whose `d_gone` has not run.
 fn busy() -> bool {
@@ -56,8 +62,10 @@ fn load() -> c_int {
             0
         }
         Err(e) => {
-            kprintf!("nvme_hotplug: cannot start the hotplug task queue: {}\n", e);
-            e
+            // Not fatal (and driver_module_handler would ignore an error here anyway): the
+            // controllers still attach and detach through newbus.
+            kprintf!("nvme_hotplug: cannot start the hotplug task queue ({}): ACPI hotplug disabled\n", e);
+            0
         }
     }
 }
@@ -81,6 +89,7 @@ fn unload_module() -> c_int {
         super::clock::sleep_ms(c"nvmehpdg", 100);
         if disks_live() > 0 {
             kprintf!("nvme_hotplug: {} disks still open in GEOM: not unloading\n", disks_live());
+            UNLOADING.store(false, Ordering::Release); // the module stays: opens work again
             return bindings::EBUSY;
         }
     }

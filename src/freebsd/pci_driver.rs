@@ -377,6 +377,7 @@ pub unsafe extern "C" fn nvmehp_detach(dev: device_t) -> c_int {
         let Some(a) = (unsafe { attached(dev) }) else { return 0 };
         if present && a.live.in_use(&k) {
             dev_printf!(&dev, "in use (a node or disk is open): detach refused, close it first\n");
+            super::module::unload_refused();
             return bindings::EBUSY;
         }
     }

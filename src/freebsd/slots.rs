@@ -346,7 +346,10 @@ impl TaskHandler for HotplugTask {
 fn discover(hp: HpRef) {
     let tries = hp.tries.fetch_add(1, Ordering::AcqRel) + 1;
     let Ok(root) = AcpiHandle::lookup(ROOT_BUS_PATH) else {
-        if tries == 1 {
+        // Loaded from loader.conf, the ACPI namespace may not be loaded yet: retry.
+        if tries < DISCOVERY_TRIES {
+            hp.rerun_after(1_000_000);
+        } else {
             kprintf!("nvme_hotplug: no ACPI \\_SB_.PCI0; ACPI hotplug disabled (controllers still work)\n");
         }
         return;
