@@ -188,6 +188,12 @@ impl DriverEvents {
         self.model.violations().iter().map(|v| v.to_string()).collect()
     }
 
+    /// MOD_UNLOAD returned (the end of a lab run): records what would outlive the module's
+    /// text (nodes, pending d_gone, armed callbacks) and the malloc_uninit leak warning.
+    pub fn module_unloaded(&mut self) -> Report {
+        self.model.module_unloaded()
+    }
+
     /// nodes_left / violations / leaked_bytes of the model.
     pub fn report(&self) -> Report {
         self.model.report()

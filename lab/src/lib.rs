@@ -29,6 +29,7 @@
 //! - [`ledger`]: acked writes and the end-of-run check of the raw images.
 //! - [`workload`]: an `io` step's request generator and verifier.
 //! - [`observer`]: **the hook for kernel models** (nodes, rule violations).
+//! - [`freebsd_model`]: the FreeBSD-rules model (`kpimodel`) as the default observer.
 //! - [`driver`]: the kernel's side of one controller (attach, poll, watchdog, detach).
 //! - [`slot_ops`]: the project's hotplug state machine run against QEMU (its `SlotOps`).
 //! - [`bench`]: the hotplug-cycle benchmark.
@@ -36,18 +37,22 @@
 //! - [`report`]: the JSON report.
 //! - [`skip`]: the loud SKIP / `NVMEHP_REQUIRE_QEMU` policy for tests.
 //!
-//! # Plugging in a kernel model
-//! Implement [`observer::Observer`] (every method has a default) and pass it to
+//! # The kernel model
+//! Every run is judged by [`freebsd_model::FreeBsdRules`]: the lab's own ordering rules plus
+//! the FreeBSD-rules model (`kpimodel`). To plug in another, implement [`observer::Observer`] (every method has a default) and pass it to
 //! [`runner::Runner::with_observer`]. The runner reports node creation after bring-up, every
 //! I/O start and finish per node, the start of a detach, node destruction and the controller
-//! being freed; the report's `nodes_left` is [`observer::Observer::nodes_alive`] at the end and
-//! `violations` includes [`observer::Observer::violations`]. Any violation makes `ok = false`.
+//! being freed, then the module unload; the report's `nodes_left` is
+//! [`observer::Observer::nodes_alive`] at the end, `violations` includes
+//! [`observer::Observer::violations`], and `kernel` is [`observer::Observer::kernel_report`]
+//! (whose leaked bytes are added to `leaked_bytes`). Any violation makes `ok = false`.
 
 pub mod acpi_hotplug;
 pub mod bench;
 pub mod dma;
 pub mod driver;
 pub mod firmware;
+pub mod freebsd_model;
 pub mod guest;
 pub mod ledger;
 pub mod machine;

@@ -5,7 +5,8 @@
 //! fails or drains what is in flight, destroys the nodes, and only then frees the controller.
 //! Each of those moments is reported to an [`Observer`]. The report's `nodes_left` and
 //! `violations` come from the observer, so a stricter model of the kernel's rules (the hotplug
-//! helper's `kpimodel`: devfs, destroy_dev(9) draining, malloc poisoning) can be plugged in with
+//! helper's `kpimodel`: devfs, destroy_dev(9) draining, malloc poisoning) is plugged in by default
+//! ([`crate::freebsd_model::FreeBsdRules`]); another can be given with
 //! [`crate::runner::Runner::with_observer`] without touching the runner.
 //!
 //! [`NodeRules`] is the built-in observer: it checks the ordering rules the runner must obey
@@ -42,6 +43,8 @@ pub trait Observer {
     fn node_destroyed(&mut self, _node: &NodeId) {}
     /// The controller's memory was freed (the engine object dropped).
     fn controller_freed(&mut self, _ctrl: &str) {}
+    /// The run is over and every controller was detached: the module is unloaded.
+    fn module_unloaded(&mut self) {}
     /// Nodes that exist now.
     fn nodes_alive(&self) -> usize {
         0
@@ -49,6 +52,11 @@ pub trait Observer {
     /// Rule violations seen so far.
     fn violations(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// A kernel model's own end-of-run summary (nodes, violations with their FreeBSD rule,
+    /// leaked bytes), embedded in the JSON report as `kernel`.
+    fn kernel_report(&self) -> Option<crate::report::KernelReport> {
+        None
     }
 }
 

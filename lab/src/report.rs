@@ -64,6 +64,32 @@ pub struct HotplugFigures {
     pub failures: u64,
 }
 
+/// One rule a kernel model saw broken.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelViolation {
+    /// The rule (e.g. `OrphanNode`).
+    pub rule: String,
+    /// What happened.
+    pub detail: String,
+    /// The FreeBSD source the rule mirrors.
+    pub source: String,
+}
+
+/// What the kernel model was left with at module unload.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KernelReport {
+    /// Which model.
+    pub model: String,
+    /// Our device nodes still published.
+    pub nodes_left: Vec<String>,
+    /// Every broken rule, with its FreeBSD source.
+    pub violations: Vec<KernelViolation>,
+    /// Bytes of the driver's malloc type still allocated.
+    pub leaked_bytes: u64,
+    /// ACPI notifies the model saw.
+    pub notifies: u64,
+}
+
 /// The report.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
@@ -87,12 +113,20 @@ pub struct Report {
     pub hung_ops: u64,
     /// Panics caught inside the engine.
     pub panics: u64,
-    /// DMA bytes still allocated after every controller and job is gone.
+    /// Bytes still allocated after every controller and job is gone: DMA memory (guest RAM,
+    /// `dma_leaked_bytes`) plus the kernel model's malloc(9) bytes (`kernel.leaked_bytes`).
     pub leaked_bytes: u64,
-    /// Device nodes alive at the end (after every controller was torn down).
+    /// DMA bytes (guest RAM) still allocated at the end.
+    pub dma_leaked_bytes: u64,
+    /// Device nodes alive at the end (after every controller was torn down), as the kernel
+    /// model counts them.
     pub nodes_left: usize,
-    /// Everything that broke a rule or an expectation.
+    /// Everything that broke a rule or an expectation (the kernel model's lines start with
+    /// `observer: kpimodel:` and name the FreeBSD rule and source).
     pub violations: Vec<String>,
+    /// The kernel model's own summary (absent only with an observer that has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelReport>,
     /// Per top-level step timing.
     pub steps: Vec<StepRecord>,
     /// I/O totals.

@@ -20,7 +20,8 @@ use nvme_hotplug::hotplug::machine::Hotplug;
 use crate::driver::{Driver, World};
 use crate::ledger::Ledger;
 use crate::machine::Machine;
-use crate::observer::{NodeRules, Observer};
+use crate::freebsd_model::FreeBsdRules;
+use crate::observer::Observer;
 use crate::report::{Report, StepRecord};
 use crate::slot_ops::{lab_hotplug, LabSlotOps};
 use crate::scenario::{parse_target, ControllerSpec, DetachMode, IoKind, Scenario, Step, WaitUntil};
@@ -42,9 +43,10 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// A runner with the built-in [`NodeRules`] observer.
+    /// A runner judged by the FreeBSD-rules model ([`FreeBsdRules`]: the lab's node rules plus
+    /// `kpimodel`).
     pub fn new(scenario: Scenario) -> Self {
-        Runner { scenario, observer: Box::new(NodeRules::new()), verbose: false, progress: false, panic_after_reads: None, lose_a_write: false }
+        Runner { scenario, observer: Box::new(FreeBsdRules::new()), verbose: false, progress: false, panic_after_reads: None, lose_a_write: false }
     }
 
     /// Plugs in another kernel model (see [`crate::observer`]).
@@ -512,9 +514,9 @@ impl Session {
             let n = w.ledger.reserved_blocks();
             w.violation(format!("harness: {n} block reservation(s) left after every job ended"));
         }
-        w.report.leaked_bytes = w.machine.guest().live_dma_bytes();
-        if w.report.leaked_bytes > 0 {
-            let lb = w.report.leaked_bytes;
+        w.report.dma_leaked_bytes = w.machine.guest().live_dma_bytes();
+        if w.report.dma_leaked_bytes > 0 {
+            let lb = w.report.dma_leaked_bytes;
             w.violation(format!("{lb} bytes of DMA memory still allocated after teardown"));
         }
         // Bounded: devices QEMU leaked (ejected with backend I/O in flight) never finish.
@@ -539,10 +541,15 @@ impl Session {
             }
             Err(e) => w.violation(format!("harness: reading images: {e}")),
         }
+        // Every controller is detached: the module is unloaded, and the kernel model says what a
+        // FreeBSD kernel would have been left with.
+        w.observer.module_unloaded();
         w.report.nodes_left = w.observer.nodes_alive();
         for v in w.observer.violations() {
             w.violation(format!("observer: {v}"));
         }
+        w.report.kernel = w.observer.kernel_report();
+        w.report.leaked_bytes = w.report.dma_leaked_bytes + w.report.kernel.as_ref().map_or(0, |k| k.leaked_bytes);
         if let Some(f) = w.machine.guest().fault() {
             w.violation(format!("harness: {f}"));
         }

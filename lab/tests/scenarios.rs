@@ -1,6 +1,6 @@
 //! Every scenario shipped in `scenarios/` runs with `ok = true`, and the runner can fail: an
 //! unmet expectation, a violation reported by a plugged-in observer, and a bad scenario file
-//! each make the run fail.
+//! each make the run fail, and so does a finding of the FreeBSD-rules model.
 
 use std::path::PathBuf;
 
@@ -19,6 +19,10 @@ fn run_file(name: &str) {
     eprintln!("{}", r.summary());
     assert!(r.ok, "{}", r.summary());
     assert_eq!(r.lost_writes + r.hung_ops + r.panics + r.leaked_bytes, 0);
+    // Judged by the FreeBSD-rules model: it saw the run and was left with nothing.
+    let k = r.kernel.as_ref().expect("the FreeBSD model is the default observer");
+    assert!(k.nodes_left.is_empty() && k.violations.is_empty() && k.leaked_bytes == 0, "{k:?}");
+    assert!(k.notifies > 0 || name == "smoke.toml", "the model saw the ACPI notifies");
     assert!(r.acked_writes > 0, "the scenario really wrote");
     assert!(r.io.reads_verified > 0, "and really verified reads");
 }
