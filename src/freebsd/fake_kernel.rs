@@ -23,6 +23,11 @@ pub struct Knobs {
     pub acpi_remove_status: u32,
     pub teardown_intr_error: c_int,
     pub rman_size: u64,
+    /// What config space returns for the vendor ID (0 = a device answers; 0xffff = gone).
+    pub pci_vendor: u32,
+    /// disk_gone calls d_gone at once (GEOM with no consumer left), instead of the test
+    /// calling `geom_disk_gone` later.
+    pub d_gone_at_once: bool,
 }
 
 std::thread_local! {
@@ -31,12 +36,17 @@ std::thread_local! {
     static NOTIFY: Cell<Option<(unsafe extern "C" fn(ACPI_HANDLE, u32, *mut c_void), *mut c_void)>> = const { Cell::new(None) };
     static INTR: Cell<Option<(unsafe extern "C" fn(*mut c_void), *mut c_void)>> = const { Cell::new(None) };
     static CALLOUT: Cell<Option<(unsafe extern "C" fn(*mut c_void), *mut c_void)>> = const { Cell::new(None) };
-    static MTX_HELD: Cell<bool> = const { Cell::new(false) };
+    /// Addresses of the mutexes this thread holds (0: the one softclock holds for a callout).
+    static MTX_HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    static CDEVS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    static DISKS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Starts a test: empty log, default knobs.
 pub fn reset(knobs: Knobs) {
     LOG.with(|l| l.borrow_mut().clear());
+    CDEVS.with(|l| l.borrow_mut().clear());
+    DISKS.with(|l| l.borrow_mut().clear());
     KNOBS.with(|k| k.set(knobs));
 }
 
@@ -84,10 +94,10 @@ pub fn fire_interrupt() {
 /// Simulates softclock running an armed callout with its mutex held.
 pub fn fire_callout() {
     let (f, arg) = CALLOUT.with(|n| n.get()).expect("no callout armed");
-    MTX_HELD.with(|h| h.set(true));
+    MTX_HELD.with(|h| h.borrow_mut().push(0));
     // SAFETY: the function and argument the wrapper armed.
     unsafe { f(arg) }
-    MTX_HELD.with(|h| h.set(false));
+    MTX_HELD.with(|h| h.borrow_mut().pop());
 }
 
 #[no_mangle]
@@ -136,6 +146,7 @@ pub unsafe extern "C" fn nvmehp_make_dev_s(args: *mut make_dev_args, out: *mut *
     let err = knobs().make_dev_s_error;
     if err == 0 {
         let c = leak::<cdev>();
+        CDEVS.with(|l| l.borrow_mut().push(c as usize));
         // SAFETY: fresh fake cdev.
         unsafe {
             (*c).si_drv1 = a.mda_si_drv1;
@@ -355,13 +366,20 @@ pub unsafe extern "C" fn nvmehp_mtx_init(_m: *mut mtx, name: *const c_char) {
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_mtx_lock(_m: *mut mtx) {
-    assert!(!MTX_HELD.with(|h| h.replace(true)), "mtx_lock of a held mutex");
+    let a = _m as usize;
+    assert!(!MTX_HELD.with(|h| h.borrow().contains(&a)), "mtx_lock of a held mutex");
+    MTX_HELD.with(|h| h.borrow_mut().push(a));
     record("mtx_lock");
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_mtx_unlock(_m: *mut mtx) {
-    assert!(MTX_HELD.with(|h| h.replace(false)), "mtx_unlock of a free mutex");
+    let a = _m as usize;
+    let held = MTX_HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        h.iter().position(|x| *x == a).map(|i| h.remove(i)).is_some()
+    });
+    assert!(held, "mtx_unlock of a free mutex");
     record("mtx_unlock");
 }
 
@@ -385,7 +403,7 @@ pub unsafe extern "C" fn callout_reset_sbt_on(
     cpu: c_int,
     flags: c_int,
 ) -> c_int {
-    assert!(MTX_HELD.with(|h| h.get()), "callout_reset without the mutex held");
+    assert!(MTX_HELD.with(|h| !h.borrow().is_empty()), "callout_reset without the mutex held");
     record(format!("callout_reset sbt={sbt} pr={pr} cpu={cpu} flags={flags}"));
     CALLOUT.with(|c| c.set(f.map(|f| (f, arg))));
     0
@@ -403,7 +421,123 @@ pub unsafe extern "C" fn _callout_stop_safe(_c: *mut callout, flags: c_int) -> c
 #[no_mangle]
 pub unsafe extern "C" fn disk_alloc() -> *mut disk {
     record("disk_alloc");
-    leak::<disk>()
+    let d = leak::<disk>();
+    DISKS.with(|l| l.borrow_mut().push(d as usize));
+    d
+}
+
+/// Every cdev made since `reset`, in creation order.
+pub fn cdevs() -> Vec<*mut cdev> {
+    CDEVS.with(|l| l.borrow().iter().map(|a| *a as *mut cdev).collect())
+}
+
+/// Every disk allocated since `reset`, in creation order.
+pub fn disks() -> Vec<*mut disk> {
+    DISKS.with(|l| l.borrow().iter().map(|a| *a as *mut disk).collect())
+}
+
+/// Simulates GEOM's event thread calling `d_gone` after the last close.
+pub fn geom_disk_gone(d: *mut disk) {
+    // SAFETY: a fake disk the wrapper created and filled.
+    let f = unsafe { (*d).d_gone }.expect("disk without d_gone");
+    // SAFETY: as GEOM would call it.
+    unsafe { f(d) }
+}
+
+// --- more KPI for the glue tests ----------------------------------------------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_stat_add(which: c_int, delta: i64) {
+    record(format!("stat {which} {delta:+}"));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_read_config(_dev: device_t, reg: c_int, _width: c_int) -> u32 {
+    if reg == 0 { knobs().pci_vendor } else { 0 }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_sbinuptime() -> i64 {
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn DELAY(_us: c_int) {}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pause_ms(_w: *const c_char, ms: c_int) {
+    record(format!("pause {ms} ms"));
+    // A wait that never ends fails the test instead of hanging it.
+    let n = LOG.with(|l| l.borrow().iter().filter(|x| x.starts_with("pause ")).count());
+    assert!(n < 10_000, "pause(9) called {n} times: a wait never ended");
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn contigmalloc(size: u64, _t: *mut malloc_type, _f: c_int, _lo: u64, _hi: u64, align: u64, _b: u64) -> *mut c_void {
+    record(format!("contigmalloc {size}"));
+    // SAFETY: libc; the size rounded up to the alignment as aligned_alloc requires.
+    unsafe { aligned_alloc(align as usize, (size as usize).div_ceil(align as usize) * align as usize) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn pmap_kextract(va: u64) -> u64 {
+    va
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn destroy_dev_drain(_csw: *mut cdevsw) {
+    record("destroy_dev_drain");
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_release_msi(_dev: device_t) -> c_int {
+    record("pci_release_msi");
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_alloc_msix(_dev: device_t, _count: *mut c_int) -> c_int {
+    bindings::ENXIO
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_get_parent(_dev: device_t) -> device_t {
+    core::ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_get_nameunit(_dev: device_t) -> *const c_char {
+    c"nvmehp0".as_ptr()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_get_name(_dev: device_t) -> *const c_char {
+    c"nvmehp".as_ptr()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_get_unit(_dev: device_t) -> c_int {
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_get_slot(_dev: device_t) -> u8 {
+    3
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_msix_count(_dev: device_t) -> c_int {
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn bus_topo_lock() {
+    record("bus_topo_lock");
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn bus_topo_unlock() {
+    record("bus_topo_unlock");
 }
 
 #[no_mangle]
@@ -418,8 +552,11 @@ pub unsafe extern "C" fn disk_create(d: *mut disk, version: c_int) {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn disk_gone(_d: *mut disk) {
+pub unsafe extern "C" fn disk_gone(d: *mut disk) {
     record("disk_gone");
+    if knobs().d_gone_at_once {
+        geom_disk_gone(d);
+    }
 }
 
 #[no_mangle]

@@ -69,3 +69,5 @@ pub mod module;
 mod fake_kernel;
 #[cfg(test)]
 mod kpi_tests;
+#[cfg(test)]
+mod glue_tests;

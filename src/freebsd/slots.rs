@@ -214,6 +214,15 @@ pub struct SlotNotify {
     index: SlotIndex,
 }
 
+#[cfg(test)]
+impl SlotNotify {
+    /// A handler for registration-order tests only: its Hotplug pointer is dangling, so it
+    /// must never receive a notification.
+    pub(crate) fn unattached_for_tests(index: SlotIndex) -> Self {
+        SlotNotify { hp: HpRef(NonNull::dangling()), index }
+    }
+}
+
 fn notify_value(v: NotifyValue) -> u32 {
     match v {
         NotifyValue::BusCheck => 0,

@@ -1,0 +1,221 @@
+//! Host tests of the glue that wires the engine and the hotplug logic into the kernel
+//! (ctrl.rs, ns_disk.rs, node.rs, kernel.rs) against the recording [`fake_kernel`]: the KPI call
+//! sequence of a whole controller teardown, the node flags, I/O after removal, and the unload
+//! policy and order.
+//!
+//! [`fake_kernel`]: super::fake_kernel
+
+use super::acpi::{AcpiHandle, NotifyRegistration};
+use super::bindings;
+use super::callout::Callout;
+use super::ctrl::{CtrlRef, CtrlShared, EngineGate, IntrHandler, WatchdogFire, WatchdogTask, WATCHDOG_US};
+use super::device::Device;
+use super::fake_kernel::{self as fk, Knobs};
+use super::intr::{Interrupt, IrqResource};
+use super::kernel::{disks_live, next_disk_unit, CtrlIntr, FreeBsdKernel, OwnedQueue, Timer};
+use super::node::NodeCtx;
+use super::ns_disk::DiskSpec;
+use super::platform::KernelPlatform;
+use super::resource::MemResource;
+use crate::hotplug::kernel::Kernel;
+use crate::hotplug::teardown::{teardown, Live, Removal};
+use crate::hotplug::unload::unload;
+use crate::nvme::{Config, Controller};
+use std::boxed::Box;
+use std::string::String;
+use std::vec::Vec;
+
+/// The disk counter is global: tests that create disks run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn dev() -> Device {
+    // SAFETY: the fakes never dereference the device.
+    unsafe { Device::from_raw(fk::fake_device()) }.unwrap()
+}
+
+fn positions(log: &[String], prefix: &str) -> Vec<usize> {
+    log.iter().enumerate().filter(|(_, l)| l.starts_with(prefix)).map(|(i, _)| i).collect()
+}
+
+fn first(log: &[String], prefix: &str) -> usize {
+    *positions(log, prefix).first().unwrap_or_else(|| panic!("no `{prefix}` in {log:#?}"))
+}
+
+fn last(log: &[String], prefix: &str) -> usize {
+    *positions(log, prefix).last().unwrap_or_else(|| panic!("no `{prefix}` in {log:#?}"))
+}
+
+fn spec(ctrl: CtrlRef, nsid: u32) -> DiskSpec {
+    DiskSpec {
+        ctrl,
+        nsid,
+        lba_shift: 9,
+        media_size: 1 << 30,
+        max_io: 128 * 1024,
+        flags: 0,
+        ident: *b"SERIAL0000000000000\0",
+        descr: [b'm'; 40],
+    }
+}
+
+/// An attached controller exactly as `pci_driver::build` assembles one (engine not brought up:
+/// the fake kernel has no device model), with `nsids` namespaces.
+fn attached(k: &mut FreeBsdKernel, nsids: &[u32]) -> (Live<FreeBsdKernel, EngineGate>, CtrlRef) {
+    let d = dev();
+    let bar = MemResource::alloc(d, 0x10).unwrap();
+    let engine = Box::new(Controller::new(KernelPlatform::new(d, bar), Config::default()));
+    let (ctrl, gate) = CtrlShared::create(d, 0, engine).unwrap();
+    let mut q = OwnedQueue::new(c"nvmehp_test").unwrap();
+    let task = q.add_task(0, WatchdogTask(ctrl)).unwrap();
+    ctrl.set_watchdog_task(task);
+    // SAFETY: the callout goes into the Live, whose teardown drops it before the gate.
+    let shared = unsafe { ctrl.as_static() };
+    let c = Callout::new(shared.state(), WatchdogFire(ctrl)).unwrap();
+    c.as_ref().reset(&shared.state().lock(), WATCHDOG_US);
+    let irq = IrqResource::alloc(d, 0).unwrap();
+    let intr = Interrupt::setup(irq, Box::new(IntrHandler(ctrl))).map_err(|e| e.0).unwrap();
+    let softc = k.malloc(core::mem::size_of::<NodeCtx>()).unwrap();
+    // SAFETY: a fresh block large enough for a NodeCtx.
+    unsafe { softc.as_ptr().cast::<NodeCtx>().write(NodeCtx { ctrl }) };
+    let mut live = Live::new(0, gate, softc, Some(CtrlIntr { intr, dev: d, msix: false }), Some(Timer(c)), Some(q));
+    live.create_controller_node(k).unwrap();
+    for &nsid in nsids {
+        let unit = next_disk_unit();
+        k.stage_disk(unit, spec(ctrl, nsid)).unwrap();
+        live.add_namespace(k, nsid, unit).unwrap();
+    }
+    (live, ctrl)
+}
+
+#[test]
+fn teardown_of_a_controller_runs_the_typestate_order_through_the_kpi() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, ..Knobs::default() });
+    let mut k = FreeBsdKernel::new();
+    let before = disks_live();
+    let (live, _ctrl) = attached(&mut k, &[1, 2]);
+    assert_eq!(disks_live(), before + 2);
+
+    // The watchdog callout enqueues its task and re-arms itself while the controller lives.
+    fk::fire_callout();
+    fk::record("-- teardown --");
+    let receipt = teardown(live, &mut k, Removal::Surprise);
+    assert_eq!((receipt.nodes_destroyed, receipt.disks_gone), (3, 2));
+    let log = fk::log();
+    let t = first(&log, "-- teardown --");
+    assert!(first(&log, "taskqueue_enqueue") < t, "the callout enqueued the watchdog task");
+
+    // Nodes: exactly CHECKNAME|WAITOK (never ETERNAL 0x10), si_drv1 set through the args.
+    let made = positions(&log, "make_dev_s");
+    assert_eq!(made.len(), 3);
+    for &i in &made {
+        let want = std::format!("flags={:#x}", bindings::MAKEDEV_CHECKNAME | bindings::MAKEDEV_WAITOK);
+        assert!(log[i].contains(&want), "{}", log[i]);
+        assert!(!log[i].contains("drv1=0x0 "), "si_drv1 must be set at creation: {}", log[i]);
+    }
+    assert!(log[made[0]].ends_with("name=nvmehp0"));
+    assert!(log[made[1]].ends_with("name=nvmehp0ns1") && log[made[2]].ends_with("name=nvmehp0ns2"));
+
+    // The order after "teardown": gone (disks withered) < interrupt < callout < tasks <
+    // nodes < task queue freed < controller mutex destroyed < BAR released.
+    let gone = positions(&log, "disk_gone");
+    assert_eq!(gone.len(), 2);
+    assert!(gone.iter().all(|&g| g > t));
+    let intr = first(&log, "bus_teardown_intr");
+    let callout_drain = log.iter().position(|l| *l == std::format!("callout_stop flags={}", bindings::CS_DRAIN)).unwrap();
+    let drain_all = first(&log, "taskqueue_drain_all");
+    let destroyed = positions(&log, "destroy_dev ");
+    assert_eq!(destroyed.len(), 3, "every node destroyed, exactly once");
+    let tq_free = first(&log, "taskqueue_free");
+    let mtx_destroy = last(&log, "mtx_destroy");
+    let bar = last(&log, "bus_release_resource");
+    let order = [gone[1], intr, callout_drain, drain_all, destroyed[0], destroyed[2], tq_free, mtx_destroy, bar];
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "out of order: {order:?}\n{log:#?}");
+    // Namespace nodes before the controller node.
+    let ctrl_node = fk::cdevs()[0];
+    assert_eq!(log[destroyed[2]], std::format!("destroy_dev {ctrl_node:p}"));
+    assert_eq!(positions(&log, "disk_destroy").len(), 0, "disks are destroyed only from d_gone");
+
+    // I/O and opens after removal: ENXIO, without touching the freed controller.
+    let d0 = fk::disks()[0];
+    let bp = fk::new_bio(bindings::BIO_READ as u16, 0, 4096);
+    // SAFETY: a fake bio addressed to our (gone, not yet d_gone'd) disk.
+    unsafe {
+        (*bp).bio_disk = d0;
+        ((*d0).d_strategy.unwrap())(bp);
+        assert_eq!(((*d0).d_open.unwrap())(d0), bindings::ENXIO, "a gone disk cannot be opened");
+    }
+    let log = fk::log();
+    let done = &log[last(&log, "biodone")];
+    assert_eq!(done, &std::format!("biodone error={} flags={:#x} resid=4096", bindings::ENXIO, bindings::BIO_ERROR));
+    assert_eq!(positions(&log, "contigmalloc").len(), 0, "no bounce buffer for a bio refused at the link");
+
+    // GEOM's last close: d_gone destroys the disk and frees its context.
+    for d in fk::disks() {
+        fk::geom_disk_gone(d);
+    }
+    assert_eq!(positions(&fk::log(), "disk_destroy").len(), 2);
+    assert_eq!(disks_live(), before);
+}
+
+#[test]
+fn a_failed_attach_tears_down_what_was_made_and_leaves_no_node() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, ..Knobs::default() });
+    let mut k = FreeBsdKernel::new();
+    let (mut live, _ctrl) = attached(&mut k, &[1]);
+    // A duplicate namespace is refused before anything is created for it.
+    let unit = next_disk_unit();
+    assert!(live.add_namespace(&mut k, 1, unit).is_err());
+    // A disk whose parameters were not staged is refused; its node is still torn down.
+    assert!(live.add_namespace(&mut k, 7, next_disk_unit()).is_err());
+    let _ = teardown(live, &mut k, Removal::Surprise);
+    let log = fk::log();
+    assert_eq!(positions(&log, "make_dev_s").len(), positions(&log, "destroy_dev ").len(), "no orphan node");
+    for d in fk::disks() {
+        fk::geom_disk_gone(d);
+    }
+}
+
+#[test]
+fn unload_refuses_with_ebusy_while_a_node_is_open_then_removes_handlers_first() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // No consumer holds the disks: GEOM calls d_gone right after disk_gone, so the unload's
+    // wait for every d_gone returns.
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, d_gone_at_once: true, ..Knobs::default() });
+    let mut k = FreeBsdKernel::new();
+    // SAFETY: the fakes never dereference the handle.
+    let slot = unsafe { AcpiHandle::from_raw(0x5107 as bindings::ACPI_HANDLE) }.unwrap();
+    let reg = NotifyRegistration::install(slot, Box::new(super::slots::SlotNotify::unattached_for_tests(0)))
+        .map_err(|e| e.0)
+        .unwrap();
+    assert!(k.keep_notify(reg).is_ok());
+    let (live, _ctrl) = attached(&mut k, &[1]);
+    let node = fk::cdevs()[1];
+    // SAFETY: our fake cdev; devfs would count the open here.
+    unsafe { (*node).si_usecount = 1 };
+    fk::record("-- unload 1 --");
+    let refused = match unload::<FreeBsdKernel, EngineGate>(&mut k, std::vec![live], None, None) {
+        Err(r) => r,
+        Ok(_) => panic!("unload with an open node must be refused"),
+    };
+    assert_eq!(refused.errno, crate::hotplug::errno::Errno::EBUSY);
+    let log = fk::log();
+    let u1 = first(&log, "-- unload 1 --");
+    assert!(log[u1..].iter().all(|l| !l.starts_with("destroy_dev") && !l.starts_with("disk_gone") && !l.starts_with("AcpiRemove")),
+        "a refused unload touches nothing: {:#?}", &log[u1..]);
+
+    // SAFETY: as above: the last close.
+    unsafe { (*node).si_usecount = 0 };
+    fk::record("-- unload 2 --");
+    let done = unload::<FreeBsdKernel, EngineGate>(&mut k, refused.controllers, None, None).map_err(|r| r.errno).unwrap();
+    assert_eq!(done.controllers.len(), 1);
+    let log = fk::log();
+    let u2 = first(&log, "-- unload 2 --");
+    let remove = first(&log, "AcpiRemoveNotifyHandler");
+    assert!(u2 < remove && remove < first(&log, "disk_gone") && remove < first(&log, "destroy_dev "),
+        "handlers are removed before any controller is torn down: {log:#?}");
+    assert!(log[remove].contains("same_handler=true"));
+    assert_eq!(k.notify_handlers(), 0);
+    assert_eq!(positions(&log, "disk_destroy").len(), 1, "d_gone ran before unload returned");
+}
