@@ -131,29 +131,43 @@ fn disk_spec(ctrl: CtrlRef, info: &ControllerInfo, ns: &Namespace) -> DiskSpec {
 }
 
 /// Brings the namespace nodes and disks in line with the engine's list (attach, and after a
-/// namespace attribute change).
+/// namespace attribute change). Every allocation here is fallible (ENOMEM), never a panic.
 fn sync_namespaces(a: &mut Attached, k: &mut FreeBsdKernel, rescan: bool) -> Result<(u32, u32), Errno> {
-    let (info, nss): (ControllerInfo, Vec<Namespace>) = {
+    let have: Vec<u32> = {
+        let mut v = Vec::new();
+        v.try_reserve(a.live.namespaces().count()).map_err(|_| Errno::ENOMEM)?;
+        v.extend(a.live.namespaces());
+        v
+    };
+    let mut present: Vec<u32> = Vec::new();
+    let mut new: Vec<DiskSpec> = Vec::new();
+    {
         let mut st = a.ctrl.state().lock();
         if rescan {
             if let Err(e) = st.engine().rescan_namespaces() {
+                drop(st);
                 dev_printf!(&a.ctrl.device(), "namespace rescan failed: {}\n", e);
                 return Err(Errno::ENXIO);
             }
         }
-        let info = st.engine().info().cloned().ok_or(Errno::ENXIO)?;
-        let mut v = Vec::new();
-        v.try_reserve(st.engine().namespaces().len()).map_err(|_| Errno::ENOMEM)?;
-        v.extend_from_slice(st.engine().namespaces());
-        (info, v)
-    };
-    let present: Vec<u32> = nss.iter().map(|n| n.nsid).collect();
-    let have: Vec<u32> = a.live.namespaces().collect();
-    let mut units = Vec::new();
-    for ns in nss.iter().filter(|n| !have.contains(&n.nsid)) {
-        let unit = next_disk_unit();
-        k.stage_disk(unit, disk_spec(a.ctrl, &info, ns))?;
-        units.push((ns.nsid, unit));
+        let engine = st.engine();
+        let info = engine.info().ok_or(Errno::ENXIO)?;
+        let nss = engine.namespaces();
+        present.try_reserve(nss.len()).map_err(|_| Errno::ENOMEM)?;
+        new.try_reserve(nss.len()).map_err(|_| Errno::ENOMEM)?;
+        for ns in nss {
+            present.push(ns.nsid);
+            if !have.contains(&ns.nsid) {
+                new.push(disk_spec(a.ctrl, info, ns));
+            }
+        }
+    }
+    let mut units: Vec<(u32, u32)> = Vec::new();
+    units.try_reserve(new.len()).map_err(|_| Errno::ENOMEM)?;
+    for spec in new {
+        let (nsid, unit) = (spec.nsid, next_disk_unit());
+        k.stage_disk(unit, spec)?;
+        units.push((nsid, unit));
     }
     let unit_of = |nsid: u32| units.iter().find(|(n, _)| *n == nsid).map_or(u32::MAX, |(_, u)| *u);
     a.live.sync_namespaces(k, &present, unit_of)

@@ -382,8 +382,9 @@ fn discover(hp: HpRef) {
             return;
         }
     };
-    // acpi_pci installs its (static, unremovable) handler on every _EJ0 slot of a bus it
-    // drives; a bus whose children have ACPI handles is acpi_pci's (inferred, facts §1.1).
+    // acpi_pci installs its (static, hence unremovable) handler on every _EJ0 slot of a bus it
+    // drives (facts §1.1), and it drives exactly the pci buses that have an ACPI handle: that
+    // is acpi_pci_probe's own test.
     let in_tree = if AcpiHandle::of_device(&bus).is_some() { InTreeHandler::Fixed } else { InTreeHandler::Absent };
     let mut slots: Vec<SlotInfo> = Vec::new();
     if slots.try_reserve(handles.len()).is_err() {
