@@ -282,7 +282,7 @@ impl CtrlShared {
             BioCmd::Flush => (IoOp::Flush, 0),
             BioCmd::Delete | BioCmd::Other(_) => return bio.fail(bindings::EOPNOTSUPP),
         };
-        if op != IoOp::Flush && (len == 0 || bio.offset() % sector != 0 || len as u64 % sector != 0) {
+        if op != IoOp::Flush && (len == 0 || !bio.offset().is_multiple_of(sector) || !(len as u64).is_multiple_of(sector)) {
             return bio.fail(bindings::EINVAL);
         }
         // The bounce buffer is allocated before the lock is taken (contigmalloc M_NOWAIT).

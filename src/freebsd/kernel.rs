@@ -280,7 +280,9 @@ impl Kernel for FreeBsdKernel {
             ctx.sever(); // no d_strategy reaches the controller after this returns
         }
         match disk {
-            KDisk::Live(d) => drop(d.gone()), // GEOM owns it until d_gone
+            KDisk::Live(d) => {
+                let _given_up = d.gone(); // GEOM owns it until d_gone; the token does nothing
+            }
             KDisk::Gone(_) => {}              // already given up
         }
     }
@@ -309,7 +311,7 @@ impl Kernel for FreeBsdKernel {
                 // Not from d_gone: the contract was broken. Give the disk up instead of
                 // destroying it under GEOM; d_gone will come and destroy it.
                 kprintf!("nvme_hotplug: disk_destroy of a live disk refused; giving it up\n");
-                drop(d.gone());
+                let _given_up = d.gone();
             }
         }
     }
@@ -321,7 +323,7 @@ impl Kernel for FreeBsdKernel {
     fn wait_disks_gone(&mut self) {
         let mut waited = 0u32;
         while disks_live() > 0 {
-            if waited % 5000 == 0 {
+            if waited.is_multiple_of(5000) {
                 kprintf!("nvme_hotplug: waiting for GEOM to release {} disks\n", disks_live());
             }
             sleep_ms(c"nvmehpdg", 10);
