@@ -235,6 +235,9 @@ impl Kernel for FreeBsdKernel {
     }
 
     fn free(&mut self, mem: KMem) {
+        if mem.size == 0 {
+            return; // the "no memory" KMem of disk_ctx for a disk without context
+        }
         // SAFETY: allocated by `malloc` above through the global allocator's malloc type with
         // this layout; the caller guarantees no user is left.
         unsafe { alloc::alloc::dealloc(mem.ptr.as_ptr(), Layout::from_size_align_unchecked(mem.size, 16)) }
@@ -288,10 +291,11 @@ impl Kernel for FreeBsdKernel {
     }
 
     fn disk_ctx(&self, disk: &KDisk) -> KMem {
-        let p = disk_ctx_of(disk).map_or(core::ptr::null_mut(), |c| (c as *const DiskCtx).cast_mut().cast::<u8>());
-        KMem {
-            ptr: NonNull::new(p).unwrap_or(NonNull::dangling()),
-            size: crate::hotplug::teardown::DISK_CTX_SIZE.max(core::mem::size_of::<DiskCtx>()),
+        let p = disk_ctx_of(disk).map(|c| NonNull::from(c).cast::<u8>());
+        match p {
+            Some(ptr) => KMem { ptr, size: crate::hotplug::teardown::DISK_CTX_SIZE.max(core::mem::size_of::<DiskCtx>()) },
+            // Never for our disks (d_drv1 is set at creation); `free` ignores a zero size.
+            None => KMem { ptr: NonNull::dangling(), size: 0 },
         }
     }
 

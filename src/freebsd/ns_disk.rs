@@ -68,6 +68,11 @@ pub struct DiskSpec {
 const DISK_NAME: &core::ffi::CStr = c"nvmehpd";
 const _: () = assert!(DISK_NAME.to_bytes().len() == crate::hotplug::node_name::DISK_NAME.len());
 
+/// The bytes before the first NUL (identify strings are zero-padded into fixed arrays).
+fn until_nul(b: &[u8]) -> &[u8] {
+    &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]
+}
+
 impl DiskCtx {
     /// Fills freshly allocated context memory `mem` and returns the disk parameters for
     /// `disk_create`. `None` when memory for the link is short.
@@ -92,8 +97,8 @@ impl DiskCtx {
             media_size: spec.media_size,
             max_io: spec.max_io,
             flags: spec.flags,
-            ident: &spec.ident,
-            descr: &spec.descr,
+            ident: until_nul(&spec.ident),
+            descr: until_nul(&spec.descr),
             strategy: disk_strategy,
             gone: disk_gone_cb,
             open: Some(disk_open),
