@@ -40,11 +40,19 @@ std::thread_local! {
     static MTX_HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     static CDEVS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     static DISKS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    static QUEUED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    /// The fake PCI slot 3 on bus 0: its vendor ID and whether newbus has a device_t for it.
+    static SLOT_VENDOR: Cell<u32> = const { Cell::new(0xffff) };
+    static SLOT_CHILD: Cell<bool> = const { Cell::new(false) };
+    static SOFTC: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Starts a test: empty log, default knobs.
 pub fn reset(knobs: Knobs) {
     LOG.with(|l| l.borrow_mut().clear());
+    QUEUED.with(|l| l.borrow_mut().clear());
+    SLOT_VENDOR.with(|v| v.set(0xffff));
+    SLOT_CHILD.with(|v| v.set(false));
     CDEVS.with(|l| l.borrow_mut().clear());
     DISKS.with(|l| l.borrow_mut().clear());
     KNOBS.with(|k| k.set(knobs));
@@ -300,8 +308,27 @@ pub unsafe extern "C" fn nvmehp_task_init(t: *mut task, prio: c_int, f: task_fn_
 pub unsafe extern "C" fn taskqueue_enqueue(_q: *mut taskqueue, t: *mut task) -> c_int {
     record("taskqueue_enqueue");
     // SAFETY: the wrapper's initialised task.
-    unsafe { (*t).ta_pending += 1 };
+    unsafe {
+        if (*t).ta_pending == 0 {
+            QUEUED.with(|q| q.borrow_mut().push(t as usize));
+        }
+        (*t).ta_pending += 1;
+    }
     0
+}
+
+/// Simulates the queue thread: runs every queued task (and what they queue) in order.
+pub fn run_queued() {
+    for _ in 0..1000 {
+        let Some(t) = QUEUED.with(|q| {
+            let mut q = q.borrow_mut();
+            if q.is_empty() { None } else { Some(q.remove(0)) }
+        }) else {
+            return;
+        };
+        run_task(t as *mut task);
+    }
+    panic!("the task queue never became empty");
 }
 
 /// Simulates the queue thread running a queued task (what taskqueue_run_locked does).
@@ -500,9 +527,187 @@ pub unsafe extern "C" fn nvmehp_pci_alloc_msix(_dev: device_t, _count: *mut c_in
     bindings::ENXIO
 }
 
+// --- a fake ACPI PCI bus: \_SB_.PCI0 (pcib0 -> pci0) with one _EJ0 slot S18_ = PCI slot 3 ---
+
+/// pcib0, pci0, the slot object and the PCI0 object.
+pub const PCIB0: usize = 0xb0;
+pub const PCI0: usize = 0xb1;
+pub const SLOT3: usize = 0x5103;
+pub const PCI0_ACPI: usize = 0x9c10;
+
+/// Puts a device (vendor `vendor`) into slot 3, with a device_t (as after an attach).
+pub fn insert_slot3(vendor: u32) {
+    SLOT_VENDOR.with(|v| v.set(vendor));
+    SLOT_CHILD.with(|v| v.set(true));
+}
+
 #[no_mangle]
-pub unsafe extern "C" fn device_get_parent(_dev: device_t) -> device_t {
+pub unsafe extern "C" fn device_get_parent(dev: device_t) -> device_t {
+    match dev as usize {
+        PCI0 => PCIB0 as device_t,
+        0xde71ce => PCI0 as device_t,
+        _ => core::ptr::null_mut(),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_get_softc(_dev: device_t) -> *mut c_void {
+    if SOFTC.with(|s| s.get()) == 0 {
+        SOFTC.with(|s| s.set(leak::<nvmehp_softc>() as usize));
+    }
+    SOFTC.with(|s| s.get()) as *mut c_void
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn AcpiGetHandle(parent: ACPI_HANDLE, path: *const c_char, out: *mut ACPI_HANDLE) -> u32 {
+    let path = cstr(path);
+    let found = match (parent as usize, path.as_str()) {
+        (0, "\\_SB_.PCI0") => Some(PCI0_ACPI),
+        (SLOT3, "_EJ0") | (SLOT3, "_OST") => Some(SLOT3 + 0x1000),
+        _ => None,
+    };
+    match found {
+        Some(h) => {
+            // SAFETY: valid out pointer from the wrapper.
+            unsafe { *out = h as ACPI_HANDLE };
+            NVMEHP_AE_OK
+        }
+        None => NVMEHP_AE_NOT_FOUND,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn AcpiWalkNamespace(
+    _ty: u32,
+    start: ACPI_HANDLE,
+    _depth: u32,
+    cb: ACPI_WALK_CALLBACK,
+    _asc: ACPI_WALK_CALLBACK,
+    ctx: *mut c_void,
+    _ret: *mut *mut c_void,
+) -> u32 {
+    if start as usize == PCI0_ACPI {
+        // SAFETY: the wrapper's callback and context.
+        unsafe { cb.unwrap()(SLOT3 as ACPI_HANDLE, 1, ctx, core::ptr::null_mut()) };
+    }
+    NVMEHP_AE_OK
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn acpi_get_device(h: ACPI_HANDLE) -> device_t {
+    if h as usize == PCI0_ACPI { PCIB0 as device_t } else { core::ptr::null_mut() }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_find_child(dev: device_t, class: *const c_char, _unit: c_int) -> device_t {
+    if dev as usize == PCIB0 && cstr(class) == "pci" { PCI0 as device_t } else { core::ptr::null_mut() }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn acpi_GetInteger(h: ACPI_HANDLE, path: *const c_char, out: *mut u32) -> u32 {
+    if h as usize == SLOT3 && cstr(path) == "_ADR" {
+        // SAFETY: valid out pointer.
+        unsafe { *out = 3 << 16 };
+        return NVMEHP_AE_OK;
+    }
+    NVMEHP_AE_NOT_FOUND
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn acpi_SetInteger(h: ACPI_HANDLE, path: *const c_char, v: u32) -> u32 {
+    record(format!("acpi_SetInteger {h:p} {}({v})", cstr(path)));
+    if h as usize == SLOT3 && cstr(path) == "_EJ0" {
+        SLOT_VENDOR.with(|x| x.set(0xffff)); // the platform removes the device
+    }
+    NVMEHP_AE_OK
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn AcpiEvaluateObject(h: ACPI_HANDLE, path: ACPI_STRING, args: *mut ACPI_OBJECT_LIST, _ret: *mut ACPI_BUFFER) -> u32 {
+    // SAFETY: the wrapper passes a list of initialised integer objects first.
+    let (a0, a1) = unsafe {
+        let l = &*args;
+        let p = l.Pointer;
+        ((*p).Integer.Value, (*p.add(1)).Integer.Value)
+    };
+    record(format!("AcpiEvaluateObject {h:p} {}({a0:#x}, {a1:#x})", cstr(path)));
+    NVMEHP_AE_OK
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_acpi_get_handle(_dev: device_t) -> ACPI_HANDLE {
+    core::ptr::null_mut() // the bus is not acpi_pci's: nobody else handles the slot
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pcib_get_domain(_bus: device_t) -> u32 {
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pcib_get_bus(_bus: device_t) -> u32 {
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pcib_read_config(_pcib: device_t, _b: u32, slot: u32, func: u32, reg: u32, _w: c_int) -> u32 {
+    if slot == 3 && func == 0 && reg == 0 { SLOT_VENDOR.with(|v| v.get()) } else { 0xffff }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn pci_find_dbsf(_d: u32, _b: u8, slot: u8, func: u8) -> device_t {
+    if slot == 3 && func == 0 && SLOT_CHILD.with(|c| c.get()) { fake_device() } else { core::ptr::null_mut() }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_detach(dev: device_t) -> c_int {
+    record(format!("device_detach {dev:p}"));
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_delete_child(_bus: device_t, dev: device_t) -> c_int {
+    record(format!("device_delete_child {dev:p}"));
+    SLOT_CHILD.with(|c| c.set(false));
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_bus_rescan(bus: device_t) -> c_int {
+    record(format!("BUS_RESCAN {bus:p}"));
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn devclass_find(_name: *const c_char) -> devclass_t {
     core::ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn devclass_get_maxunit(_dc: devclass_t) -> c_int {
+    -1
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn devclass_get_device(_dc: devclass_t, _unit: c_int) -> device_t {
+    core::ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_tunable_acpi_mode(buf: *mut c_char, len: c_int) {
+    let v = b"auto\0";
+    // SAFETY: the wrapper passes a buffer of `len` bytes.
+    unsafe { core::ptr::copy_nonoverlapping(v.as_ptr().cast(), buf, v.len().min(len as usize)) };
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_tunable_rescan_interval_ms() -> u32 {
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_tunable_claim() -> c_int {
+    0
 }
 
 #[no_mangle]

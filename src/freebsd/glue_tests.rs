@@ -219,3 +219,64 @@ fn unload_refuses_with_ebusy_while_a_node_is_open_then_removes_handlers_first() 
     assert_eq!(k.notify_handlers(), 0);
     assert_eq!(positions(&log, "disk_destroy").len(), 1, "d_gone ran before unload returned");
 }
+
+/// The module's whole ACPI path on a fake `\_SB_.PCI0` with one `_EJ0` slot that nobody else
+/// handles: MOD_LOAD starts the task, whose first run discovers the slot and installs our
+/// handler; an eject request is only recorded by the handler and acted on by the task, in the
+/// state machine's order (_OST in progress, detach + delete under the topology lock, _EJ0,
+/// confirmed absent, _OST success); MOD_QUIESCE and MOD_UNLOAD remove the handler from the
+/// unload thread before the queue is freed.
+#[test]
+fn module_load_eject_and_unload_through_the_freebsd_glue() {
+    use super::module::nvmehp_modevent;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs::default());
+    fk::insert_slot3(0x1b36);
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_LOAD as i32, arg), 0);
+    fk::run_queued(); // discovery
+    let log = fk::log();
+    let install = first(&log, "AcpiInstallNotifyHandler");
+    assert!(log[install].contains(&std::format!("{:p}", fk::SLOT3 as *const u8)), "{log:#?}");
+    assert!(log.iter().any(|l| l.contains("1 hotplug slots under ") && l.contains("(acpi_mode=auto): 1 owned (1 handlers), 0 observed")), "{log:#?}");
+
+    fk::record("-- notify --");
+    fk::deliver_notify(3);
+    fk::deliver_notify(3); // a storm is coalesced into one run
+    let log = fk::log();
+    let n = first(&log, "-- notify --");
+    let in_handler: Vec<&String> = log[n..].iter().filter(|l| !l.starts_with("mtx_") && !l.starts_with("stat ")).collect();
+    assert_eq!(in_handler.len(), 2, "the handler only records and enqueues once: {in_handler:#?}");
+    assert_eq!(in_handler[1], "taskqueue_enqueue");
+
+    fk::record("-- task --");
+    fk::run_queued();
+    let log = fk::log();
+    let t = first(&log, "-- task --");
+    if std::env::var_os("NVMEHP_SHOW_LOG").is_some() {
+        std::eprintln!("{:#?}", &log[t..]);
+    }
+    let slot = fk::SLOT3 as *const u8;
+    let step = |what: &str| first(&log[t..], what) + t;
+    let order = [
+        step(&std::format!("AcpiEvaluateObject {slot:p} _OST(0x3, 0x84)")),
+        step("device_detach"),
+        step("device_delete_child"),
+        step(&std::format!("acpi_SetInteger {slot:p} _EJ0(1)")),
+        step(&std::format!("AcpiEvaluateObject {slot:p} _OST(0x3, 0x0)")),
+    ];
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "eject out of order: {order:?}\n{:#?}", &log[t..]);
+    assert_eq!(positions(&log[t..], "acpi_SetInteger").len(), 1, "one _EJ0 for a coalesced storm");
+    assert!(positions(&log[t..], "bus_topo_lock").len() == positions(&log[t..], "bus_topo_unlock").len());
+
+    fk::record("-- unload --");
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
+    let log = fk::log();
+    let u = first(&log, "-- unload --");
+    let remove = first(&log[u..], "AcpiRemoveNotifyHandler") + u;
+    assert!(log[remove].contains("same_handler=true"), "{}", log[remove]);
+    assert!(remove < first(&log[u..], "destroy_dev_drain") + u);
+    assert!(remove < last(&log, "taskqueue_free"));
+    assert!(log.last().unwrap().contains("unloaded (1 ACPI notify handlers removed)"), "{log:#?}");
+}
