@@ -237,3 +237,19 @@ fn fail_all_on_a_present_controller_shuts_it_down_first() {
     c.fail_all(NvmeError::Gone, &mut |_| {});
     assert_eq!(dev.stats().shutdowns, 0);
 }
+
+/// QEMU's flavour of removal during enable: CSTS reads 0, which looks like "not ready yet".
+/// The wait must notice the missing function (config space) within a few milliseconds instead
+/// of spending the whole CAP.TO (here 10 s): found by the lab's bring-up removal sweep.
+#[test]
+fn zero_reads_while_waiting_for_ready_are_noticed_long_before_cap_to() {
+    let dev = SoftNvme::new(SoftConfig { to: 20, ..Default::default() });
+    dev.faults(|f| {
+        f.never_ready = true;
+        f.vanish_at_access = Some(40); // well inside the wait for CSTS.RDY
+        f.vanish_style = Vanish::Zeros;
+    });
+    let mut c = Controller::new(dev.clone(), Config::default());
+    assert_eq!(c.bring_up(), Err(NvmeError::Gone));
+    assert!(dev.now() < 100_000, "noticed after {} us (CAP.TO is 10 s)", dev.now());
+}

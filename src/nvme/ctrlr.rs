@@ -8,6 +8,10 @@ use crate::platform::{Clock, PciPresence, RegisterIo};
 
 /// How long each wait iteration sleeps.
 const POLL_US: u32 = 100;
+/// How often a CSTS wait also asks config space whether the function is still there. A
+/// device that vanished reads CSTS as 0 on some platforms (QEMU after an eject), which looks
+/// like "not ready yet": without this, a removal during enable costs the whole CAP.TO.
+const PRESENCE_EVERY_US: u64 = 10_000;
 
 /// Reads and validates CAP. All-ones, or zero with config space gone, means the device left.
 pub fn read_cap<P: RegisterIo + PciPresence>(p: &P) -> Result<Cap, NvmeError> {
@@ -36,8 +40,9 @@ pub fn read_cap<P: RegisterIo + PciPresence>(p: &P) -> Result<Cap, NvmeError> {
     Ok(cap)
 }
 
-/// Polls CSTS until `done(csts)` holds or `timeout_ms` passes. CSTS all-ones is `Gone`; on
-/// timeout, config space decides between `Gone` and `Timeout`.
+/// Polls CSTS until `done(csts)` holds or `timeout_ms` passes. CSTS all-ones is `Gone`, and so
+/// is config space not answering (checked every [`PRESENCE_EVERY_US`] and on timeout);
+/// otherwise a timeout is `Timeout`.
 pub fn wait_csts<P, F>(p: &P, timeout_ms: u32, done: F) -> Result<u32, NvmeError>
 where
     P: RegisterIo + PciPresence + Clock,
@@ -47,7 +52,11 @@ where
     let start = p.now_us();
     // The iteration bound keeps the loop finite even if the clock does not advance.
     let max_iters = timeout_us / POLL_US as u64 + 2;
-    for _ in 0..max_iters {
+    let presence_iters = (PRESENCE_EVERY_US / POLL_US as u64).max(1);
+    for i in 0..max_iters {
+        if i > 0 && i % presence_iters == 0 && !p.present() {
+            return Err(NvmeError::Gone);
+        }
         let csts = p.read32(regs::CSTS);
         if csts == regs::ALL_ONES {
             return Err(NvmeError::Gone);
