@@ -76,6 +76,7 @@ mod kld {
         "_mtx_init", "_mtx_destroy", "__mtx_lock_flags", "__mtx_unlock_flags",
         "driver_module_handler", "module_register_init", "malloc_init", "malloc_uninit",
         "kobj_lookup_method", "sysctl_handle_int", "sysctl_handle_64", "sysctl_handle_string",
+        "sysctl_ctx_init", "sysctl_ctx_free", "sysctl_add_oid", "device_get_sysctl_tree",
         // -fstack-protector in the glue
         "__stack_chk_fail",
     ];

@@ -85,6 +85,34 @@ nvmehp_stat_add(int which, int64_t delta)
 		atomic_add_64(&nvmehp_stats[which], (uint64_t)delta);
 }
 
+struct sysctl_ctx_list *
+nvmehp_sysctl_ctx_create(void)
+{
+	struct sysctl_ctx_list *ctx;
+
+	ctx = malloc(sizeof(*ctx), M_NVMEHP, M_WAITOK | M_ZERO);
+	sysctl_ctx_init(ctx);
+	return (ctx);
+}
+
+void
+nvmehp_sysctl_ctx_destroy(struct sysctl_ctx_list *ctx)
+{
+	sysctl_ctx_free(ctx);
+	free(ctx, M_NVMEHP);
+}
+
+int
+nvmehp_dev_sysctl_u64(struct sysctl_ctx_list *ctx, device_t dev, const char *name,
+    uint64_t *ptr, const char *descr)
+{
+	struct sysctl_oid *oid;
+
+	oid = SYSCTL_ADD_U64(ctx, SYSCTL_CHILDREN(device_get_sysctl_tree(dev)), OID_AUTO, name,
+	    CTLFLAG_RD, ptr, 0, descr);
+	return (oid == NULL ? ENOMEM : 0);
+}
+
 /* --- newbus driver -------------------------------------------------------------------------- */
 
 static device_method_t nvmehp_methods[] = {

@@ -117,6 +117,16 @@ int	nvmehp_bus_rescan(device_t bus);
 /* The ACPI handle of a device whose parent bus is ACPI-aware (acpi_pci), or NULL. */
 ACPI_HANDLE nvmehp_acpi_get_handle(device_t dev);
 
+/*
+ * Per-device read-only counters (dev.nvmehp.N.*) in a sysctl context of the driver's own, so that
+ * detach can remove them (sysctl_ctx_free waits for running handlers) before the counters' memory
+ * is freed; newbus frees the device's own context only after the softc.
+ */
+struct sysctl_ctx_list *nvmehp_sysctl_ctx_create(void);
+void	nvmehp_sysctl_ctx_destroy(struct sysctl_ctx_list *ctx);
+int	nvmehp_dev_sysctl_u64(struct sysctl_ctx_list *ctx, device_t dev, const char *name,
+	    uint64_t *ptr, const char *descr);
+
 /* pause(9) for `ms` milliseconds: sleeps; never with a mutex held. */
 void	nvmehp_pause_ms(const char *wmesg, int ms);
 

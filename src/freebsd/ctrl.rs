@@ -23,6 +23,7 @@ use super::bio::{Bio, BioCmd};
 use super::bindings;
 use super::callout::CalloutHandler;
 use super::clock::sleep_ms;
+use super::dev_sysctl::DevSysctls;
 use super::device::Device;
 use super::dma::{ContigDma, ContigRegion};
 use super::intr::InterruptHandler;
@@ -35,10 +36,10 @@ use crate::nvme::{Completion, Controller, DataBuf, Event, Health, IoOp, IoReques
 use crate::platform::{Clock, DmaAllocator, DmaRegion, PciPresence};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::ffi::c_int;
+use core::ffi::{c_int, CStr};
 use core::pin::Pin;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 /// How often the watchdog looks at the controller: reads CSTS and config space (removal
 /// detection: all-ones on hardware, zeros in QEMU; the engine decides) and polls, which also
@@ -93,6 +94,8 @@ pub struct CtrlState {
     inflight: Vec<Option<InFlight>>,
     /// Free tags.
     free: Vec<u32>,
+    /// `dev.nvmehp.N.*`; taken out and dropped (which sleeps) outside the lock at teardown.
+    sysctls: Option<DevSysctls>,
 }
 
 fn finish(inflight: &mut [Option<InFlight>], free: &mut Vec<u32>, c: Completion, out: &mut Outcome) {
@@ -193,6 +196,19 @@ pub struct CtrlShared {
     state: Pin<Box<Mutex<CtrlState>>>,
     /// The watchdog task, enqueued by the callout; set once at attach.
     watchdog_task: AtomicPtr<Task<'static, WatchdogTask>>,
+    /// What `dev.nvmehp.N.*` shows, refreshed by the watchdog once a second.
+    counters: Counters,
+}
+
+/// The per-controller sysctl values (engine counters, copied out of the lock).
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    failed_requests: AtomicU64,
+    timeouts: AtomicU64,
+    bad_completions: AtomicU64,
+    async_events: AtomicU64,
+    in_flight: AtomicU64,
 }
 
 /// A pointer to a live [`CtrlShared`]. Valid from [`CtrlShared::create`] until the teardown
@@ -236,13 +252,14 @@ impl CtrlShared {
         let mut free = Vec::new();
         free.try_reserve_exact(cap).ok()?;
         free.extend((0..cap as u32).rev());
-        let state = Mutex::new_boxed(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, inflight, free })?;
+        let state = Mutex::new_boxed(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, inflight, free, sysctls: None })?;
         let shared = box_waitok(CtrlShared {
             dev,
             unit,
             gone: AtomicBool::new(false),
             state,
             watchdog_task: AtomicPtr::new(core::ptr::null_mut()),
+            counters: Counters::default(),
         });
         let r = CtrlRef(NonNull::from(Box::leak(shared)));
         Some((r, EngineGate { ctrl: r }))
@@ -271,6 +288,40 @@ impl CtrlShared {
     /// Records the watchdog task the callout enqueues (once, at attach).
     pub fn set_watchdog_task(&self, t: NonNull<Task<'static, WatchdogTask>>) {
         self.watchdog_task.store(t.as_ptr(), Ordering::Release);
+    }
+
+    /// Creates `dev.nvmehp.N.*` (attach, sleepable). Failure only costs the counters.
+    pub fn publish_sysctls(&self) {
+        let Some(s) = DevSysctls::new() else { return };
+        let c = &self.counters;
+        let list: [(&'static CStr, &AtomicU64, &'static CStr); 6] = [
+            (c"requests", &c.requests, c"I/O requests accepted by the controller"),
+            (c"failed_requests", &c.failed_requests, c"I/O requests completed with an error by a failure or removal"),
+            (c"timeouts", &c.timeouts, c"Commands that became overdue (the controller was then given up)"),
+            (c"bad_completions", &c.bad_completions, c"Invalid completion entries dropped"),
+            (c"async_events", &c.async_events, c"Asynchronous events received"),
+            (c"in_flight", &c.in_flight, c"I/O requests in flight (as of the last watchdog run)"),
+        ];
+        for (name, v, descr) in list {
+            // SAFETY: the counters live in this CtrlShared, which is freed only after the
+            // EngineGate dropped the sysctls (see its Drop).
+            if !unsafe { s.add_u64(self.dev, name, v, descr) } {
+                dev_printf!(&self.dev, "cannot add sysctl dev.nvmehp.{}.{:?}\n", self.unit, name);
+            }
+        }
+        self.state.lock().sysctls = Some(s);
+    }
+
+    /// Copies the engine's counters for sysctl (under the lock, from the watchdog).
+    fn refresh_counters(&self, st: &CtrlState) {
+        let e = st.engine.stats();
+        let c = &self.counters;
+        c.requests.store(e.requests, Ordering::Relaxed);
+        c.failed_requests.store(e.failed_requests, Ordering::Relaxed);
+        c.timeouts.store(e.timeouts, Ordering::Relaxed);
+        c.bad_completions.store(e.bad_completions, Ordering::Relaxed);
+        c.async_events.store(e.async_events, Ordering::Relaxed);
+        c.in_flight.store(st.engine.outstanding() as u64, Ordering::Relaxed);
     }
 
     /// `d_strategy`'s work for a namespace: bounce, submit; or finish the bio with an errno.
@@ -402,6 +453,10 @@ impl IoGate for EngineGate {
 
 impl Drop for EngineGate {
     fn drop(&mut self) {
+        // The sysctls read the counters in CtrlShared: remove them first (waits for readers),
+        // outside the mutex since that sleeps.
+        let sysctls = self.ctrl.state.lock().sysctls.take();
+        drop(sysctls);
         // SAFETY: the pointer came from Box::leak in CtrlShared::create and exactly one
         // EngineGate exists for it; the teardown drops it only after the interrupt, callout and
         // task were drained and every node destroyed and disk link severed, so no CtrlRef is
@@ -453,6 +508,7 @@ impl TaskHandler for WatchdogTask {
                 return;
             }
             st.reap(&mut out);
+            self.0.refresh_counters(&st);
             if !st.lost {
                 match st.engine.check_health() {
                     Health::Healthy => {}

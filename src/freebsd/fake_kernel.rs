@@ -679,6 +679,23 @@ pub unsafe extern "C" fn nvmehp_bus_rescan(bus: device_t) -> c_int {
 }
 
 #[no_mangle]
+pub unsafe extern "C" fn nvmehp_sysctl_ctx_create() -> *mut sysctl_ctx_list {
+    record("sysctl_ctx_create");
+    leak::<sysctl_ctx_list>()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_sysctl_ctx_destroy(_ctx: *mut sysctl_ctx_list) {
+    record("sysctl_ctx_destroy");
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_dev_sysctl_u64(_ctx: *mut sysctl_ctx_list, _dev: device_t, name: *const c_char, _p: *mut u64, _d: *const c_char) -> c_int {
+    record(format!("sysctl_add_u64 {}", cstr(name)));
+    0
+}
+
+#[no_mangle]
 pub unsafe extern "C" fn devclass_find(_name: *const c_char) -> devclass_t {
     core::ptr::null_mut()
 }

@@ -77,6 +77,7 @@ fn attached(k: &mut FreeBsdKernel, nsids: &[u32]) -> (Live<FreeBsdKernel, Engine
     let softc = k.malloc(core::mem::size_of::<NodeCtx>()).unwrap();
     // SAFETY: a fresh block large enough for a NodeCtx.
     unsafe { softc.as_ptr().cast::<NodeCtx>().write(NodeCtx { ctrl }) };
+    ctrl.publish_sysctls();
     let mut live = Live::new(0, gate, softc, Some(CtrlIntr { intr, dev: d, msix: false }), Some(Timer(c)), Some(q));
     live.create_controller_node(k).unwrap();
     for &nsid in nsids {
@@ -129,7 +130,9 @@ fn teardown_of_a_controller_runs_the_typestate_order_through_the_kpi() {
     let tq_free = first(&log, "taskqueue_free");
     let mtx_destroy = last(&log, "mtx_destroy");
     let bar = last(&log, "bus_release_resource");
-    let order = [gone[1], intr, callout_drain, drain_all, destroyed[0], destroyed[2], tq_free, mtx_destroy, bar];
+    let sysctls = first(&log, "sysctl_ctx_destroy");
+    assert_eq!(positions(&log, "sysctl_add_u64").len(), 6);
+    let order = [gone[1], intr, callout_drain, drain_all, destroyed[0], destroyed[2], tq_free, sysctls, mtx_destroy, bar];
     assert!(order.windows(2).all(|w| w[0] < w[1]), "out of order: {order:?}\n{log:#?}");
     // Namespace nodes before the controller node.
     let ctrl_node = fk::cdevs()[0];

@@ -23,6 +23,7 @@
 //! - [`cdev`]: device nodes that are never eternal and always destroyed.
 //! - [`disk`], [`bio`]: GEOM disks with the nvd(4) teardown order, and their I/O requests.
 //! - [`tunables`]: `hw.nvme_hotplug.*` tunables and counters.
+//! - [`dev_sysctl`]: per-device `dev.nvmehp.N.*` counters, removed before their memory.
 //! - [`ctrl`]: one controller at run time: engine under its mutex, bios in flight, interrupt
 //!   and watchdog, and the teardown's `IoGate`.
 //! - [`ns_disk`]: a namespace as a GEOM disk (strategy, open/close, `d_gone`).
@@ -57,6 +58,7 @@ pub mod cdev;
 pub mod disk;
 pub mod bio;
 pub mod tunables;
+pub mod dev_sysctl;
 pub mod ctrl;
 pub mod ns_disk;
 pub mod node;

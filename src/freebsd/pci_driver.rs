@@ -363,6 +363,7 @@ pub unsafe extern "C" fn nvmehp_attach(dev: device_t) -> c_int {
         Ok(a) => a,
         Err(e) => return e,
     };
+    a.ctrl.publish_sysctls();
     let nns = a.live.namespaces().count();
     // SAFETY: the softc is newbus-allocated for this nvmehp device and zeroed; only attach,
     // detach and holders of bus_topo_lock touch it.
