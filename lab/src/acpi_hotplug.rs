@@ -159,6 +159,26 @@ impl AcpiHotplug {
         Ok(())
     }
 
+    /// The port writes [`AcpiHotplug::eject`] makes for `slot` (for a platform that must eject
+    /// from inside a device access: see `access_faults`).
+    pub fn eject_write(&self, slot: u8) -> Option<crate::access_faults::EjectWrite> {
+        let (bsel, bit) = self.layout.locate(slot)?;
+        Some(crate::access_faults::EjectWrite {
+            select: Some((self.layout.base + reg::BNUM, bsel)),
+            port: self.layout.base + reg::PCEJ,
+            value: 1u32 << bit,
+        })
+    }
+
+    /// Forgets a pending eject request of `slot` (it was ejected behind the AML's back).
+    pub fn forget_pending(&mut self, slot: u8) {
+        if let Some((bsel, bit)) = self.layout.locate(slot) {
+            if let Some(p) = self.pending_eject.get_mut(&bsel) {
+                *p &= !(1 << bit);
+            }
+        }
+    }
+
     /// The removable-slots mask of the bus holding `slot`.
     pub fn removable_slots(&self, q: &mut Qtest, slot: u8) -> QtestResult<u32> {
         let (bsel, _) = self.layout.locate(slot).unwrap_or((0, 0));

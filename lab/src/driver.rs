@@ -20,6 +20,8 @@ use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
+use nvme_hotplug::hotplug::ost::OstStatus;
+use nvme_hotplug::hotplug::slot_ops::DetachError;
 use nvme_hotplug::nvme::{Completion, Config, Controller, Event, Health, NvmeError};
 
 use crate::ledger::Ledger;
@@ -43,6 +45,10 @@ pub struct World {
     pub report: Report,
     /// Print the story as it happens.
     pub verbose: bool,
+    /// `_OST(source, status)` evaluations per slot, in order (steps that check them clear it).
+    pub ost_log: Vec<(u8, u32, OstStatus)>,
+    /// `_EJ0` evaluations, by slot (steps that check them clear it).
+    pub ej0_log: Vec<u8>,
 }
 
 impl World {
@@ -122,6 +128,12 @@ pub struct Driver {
     /// A removal the scenario caused (a loss is then expected, not a violation).
     pub expect_removal: bool,
     last_health: Instant,
+    /// Nodes held open (`open` step), by nsid: an eject request is refused while any is.
+    pub open: BTreeMap<u32, u32>,
+    /// How an eject request is refused while a node is open.
+    pub refusal: DetachError,
+    /// Device accesses the bring-up made.
+    pub bringup_accesses: u64,
 }
 
 /// How often the watchdog asks for the controller's health.
@@ -151,8 +163,20 @@ impl Driver {
         ));
         let mut ctrl = Controller::new(w.machine.platform(&func), lab_config());
         let up = guard(&mut w.report, "bring_up", || ctrl.bring_up());
+        // A removal injected at a device access of this bring-up (access_faults) is expected
+        // to make it fail: that is the point of the exercise, not a violation.
+        let injected = ctrl.platform().faults().fired();
         match up {
             Some(Ok(())) => {}
+            Some(Err(e)) if injected => {
+                w.say(format!(
+                    "{}: bring-up failed as it should ({e}) after a removal before access {}",
+                    dev.id,
+                    ctrl.platform().faults().accesses().saturating_sub(1)
+                ));
+                let _ = guard(&mut w.report, "drop", move || drop(ctrl));
+                return None;
+            }
             Some(Err(e)) => {
                 w.violation(format!("{}: bring-up failed: {e}", dev.id));
                 let _ = guard(&mut w.report, "drop", move || drop(ctrl));
@@ -210,6 +234,7 @@ impl Driver {
         for img in &dev.images {
             w.ledger.add_image(&img.path, img.lba_bytes);
         }
+        let bringup_accesses = ctrl.platform().faults().accesses();
         Some(Driver {
             id: dev.id.clone(),
             slot,
@@ -217,8 +242,13 @@ impl Driver {
             nodes,
             images: dev.images.iter().map(|i| (i.nsid, i.clone())).collect(),
             detaching: false,
-            expect_removal: false,
+            // Removed at the very end of bring-up (after its last read): the watchdog will
+            // notice, and that loss is expected.
+            expect_removal: injected,
             last_health: Instant::now(),
+            open: BTreeMap::new(),
+            refusal: DetachError::InUse,
+            bringup_accesses,
         })
     }
 
@@ -230,6 +260,11 @@ impl Driver {
     /// The engine (for direct tests and the bench).
     pub fn controller(&mut self) -> Option<&mut Controller<LabPlatform>> {
         self.ctrl.as_mut()
+    }
+
+    /// Nodes held open.
+    pub fn open_count(&self) -> u32 {
+        self.open.values().sum()
     }
 
     /// Namespaces with a node.

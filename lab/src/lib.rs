@@ -22,6 +22,7 @@
 //! - [`guest`]: the shared qtest connection + DMA pool + first harness fault.
 //! - [`dma`]: guest-RAM allocator and the DMA region type.
 //! - [`platform`]: the engine's platform traits over qtest.
+//! - [`access_faults`]: removal at a chosen device access; zeros vs all-ones after removal.
 //! - [`firmware`]: PCI config, BAR programming, PIRQ, GPE enable.
 //! - [`acpi_hotplug`]: the PIIX4 hotplug block and the `_E01` logic.
 //! - [`machine`]: one QEMU machine with its plugged devices and images.
@@ -47,6 +48,7 @@
 //! [`observer::Observer::violations`], and `kernel` is [`observer::Observer::kernel_report`]
 //! (whose leaked bytes are added to `leaked_bytes`). Any violation makes `ok = false`.
 
+pub mod access_faults;
 pub mod acpi_hotplug;
 pub mod bench;
 pub mod dma;

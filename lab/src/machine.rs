@@ -11,6 +11,7 @@
 //! the device), so removed devices are parked as *retiring* and reaped opportunistically; what
 //! is left at the end is reported, never waited on forever.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::access_faults::{RemovalReads, SlotFaults};
 use crate::acpi_hotplug::{AcpiHotplug, HotplugLayout, Notify};
 use crate::dma::{GuestRam, DMA_POOL_START};
 use crate::firmware::{self, Bdf, PciFunction};
@@ -75,6 +77,12 @@ pub struct Machine {
     /// Ejected devices whose `DEVICE_DELETED`/`blockdev-del` has not happened yet.
     retiring: Vec<PluggedDevice>,
     generation: u64,
+    /// Fault state of the platform last handed out per slot.
+    faults: RefCell<BTreeMap<u8, Rc<SlotFaults>>>,
+    /// Removals armed for the next platform of a slot: eject before access N.
+    armed: RefCell<BTreeMap<u8, u64>>,
+    /// What reads of a removed device return.
+    removal_reads: RemovalReads,
     // Declared last: dropped (killed and reaped) after everything that talks to it.
     process: QemuProcess,
 }
@@ -151,6 +159,9 @@ impl Machine {
             plugged,
             retiring: Vec::new(),
             generation,
+            faults: RefCell::new(BTreeMap::new()),
+            armed: RefCell::new(BTreeMap::new()),
+            removal_reads: RemovalReads::Zeros,
             process,
         })
     }
@@ -238,9 +249,55 @@ impl Machine {
         self.guest.qtest(|q| firmware::probe_and_program(q, bdf, firmware::bar0_for_slot(slot))).map_err(to_io)
     }
 
-    /// The engine platform for a probed function.
+    /// The engine platform for a probed function, with fresh fault state (and the removal
+    /// armed for its slot, if any).
     pub fn platform(&self, f: &PciFunction) -> LabPlatform {
-        LabPlatform::new(self.guest.clone(), f.bdf, f.bar0)
+        let slot = (0..32u8).find(|&s| self.bdf(s) == f.bdf).unwrap_or(f.bdf.dev);
+        let faults = Rc::new(SlotFaults::new(slot, self.acpi.eject_write(slot), self.removal_reads));
+        if let Some(n) = self.armed.borrow_mut().remove(&slot) {
+            faults.arm(n);
+        }
+        self.faults.borrow_mut().insert(slot, faults.clone());
+        LabPlatform::new(self.guest.clone(), f.bdf, f.bar0, faults)
+    }
+
+    /// What reads of a removed device return from now on (for platforms handed out later).
+    pub fn set_removal_reads(&mut self, reads: RemovalReads) {
+        self.removal_reads = reads;
+    }
+
+    /// The removal flavour in effect.
+    pub fn removal_reads(&self) -> RemovalReads {
+        self.removal_reads
+    }
+
+    /// Arms a surprise removal of `slot` right before device access `n` of the next platform
+    /// handed out for it (see [`crate::access_faults`]).
+    pub fn arm_removal(&mut self, slot: u8, n: u64) {
+        self.armed.borrow_mut().insert(slot, n);
+    }
+
+    /// True if the current platform of `slot` performed its armed eject.
+    pub fn removal_fired(&self, slot: u8) -> bool {
+        self.faults.borrow().get(&slot).is_some_and(|f| f.fired())
+    }
+
+    /// Device accesses made through the current platform of `slot`.
+    pub fn accesses(&self, slot: u8) -> u64 {
+        self.faults.borrow().get(&slot).map_or(0, |f| f.accesses())
+    }
+
+    /// Books the ejects a platform performed from inside a device access (the device moves to
+    /// the retiring list, as after [`Machine::eject`]).
+    pub fn sync_injected_removals(&mut self) {
+        let fired: Vec<u8> = self.faults.borrow().iter().filter(|(_, f)| f.fired()).map(|(s, _)| *s).collect();
+        for slot in fired {
+            if let Some(dev) = self.plugged.remove(&slot) {
+                self.acpi.forget_pending(slot);
+                self.retiring.push(dev);
+            }
+            self.faults.borrow_mut().remove(&slot);
+        }
     }
 
     /// Hot-adds a controller: image files, block nodes, `device_add` (plus `nvme-ns` devices).
@@ -288,6 +345,9 @@ impl Machine {
         let guest = self.guest.clone();
         let acpi = &mut self.acpi;
         guest.qtest(|q| acpi.eject(q, slot)).map_err(to_io)?;
+        if let Some(f) = self.faults.borrow_mut().remove(&slot) {
+            f.mark_removed();
+        }
         if let Some(dev) = self.plugged.remove(&slot) {
             self.retiring.push(dev);
         }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use nvme_hotplug::platform::{AllocError, Clock, DmaAllocator, PciPresence, RegisterIo};
 
+use crate::access_faults::SlotFaults;
 use crate::dma::GuestDma;
 use crate::firmware::{self, Bdf};
 use crate::guest::Guest;
@@ -21,12 +22,19 @@ pub struct LabPlatform {
     guest: Rc<Guest>,
     bdf: Bdf,
     bar0: u64,
+    faults: Rc<SlotFaults>,
 }
 
 impl LabPlatform {
-    /// The platform for the function at `bdf` whose BAR0 the firmware put at `bar0`.
-    pub fn new(guest: Rc<Guest>, bdf: Bdf, bar0: u64) -> Self {
-        LabPlatform { guest, bdf, bar0 }
+    /// The platform for the function at `bdf` whose BAR0 the firmware put at `bar0`; every
+    /// device access goes through `faults` first (see [`crate::access_faults`]).
+    pub fn new(guest: Rc<Guest>, bdf: Bdf, bar0: u64, faults: Rc<SlotFaults>) -> Self {
+        LabPlatform { guest, bdf, bar0, faults }
+    }
+
+    /// The fault state of this controller (access count, injected removal).
+    pub fn faults(&self) -> &Rc<SlotFaults> {
+        &self.faults
     }
 
     /// The shared guest.
@@ -42,17 +50,26 @@ impl LabPlatform {
 
 impl RegisterIo for LabPlatform {
     fn read32(&self, off: u32) -> u32 {
+        if self.faults.before_access(&self.guest) {
+            return 0xffff_ffff;
+        }
         self.guest.register_read_hook();
         self.guest.qtest_or(0, |q| q.readl(self.bar0 + off as u64))
     }
 
     fn write32(&self, off: u32, val: u32) {
+        if self.faults.before_access(&self.guest) {
+            return;
+        }
         self.guest.qtest_or((), |q| q.writel(self.bar0 + off as u64, val));
     }
 }
 
 impl PciPresence for LabPlatform {
     fn vendor_id(&self) -> u16 {
+        if self.faults.before_access(&self.guest) {
+            return 0xffff;
+        }
         // A broken harness reads as "gone": the engine fails I/O, the runner reports the fault.
         self.guest.qtest_or(0xffff, |q| firmware::cfg_read16(q, self.bdf, firmware::cfg::VENDOR_ID))
     }

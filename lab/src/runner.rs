@@ -24,7 +24,13 @@ use crate::freebsd_model::FreeBsdRules;
 use crate::observer::Observer;
 use crate::report::{Report, StepRecord};
 use crate::slot_ops::{lab_hotplug, LabSlotOps};
-use crate::scenario::{parse_target, ControllerSpec, DetachMode, IoKind, Scenario, Step, WaitUntil};
+use crate::access_faults::RemovalReads;
+use crate::ledger::splitmix64;
+use crate::scenario::{
+    parse_target, ControllerSpec, DetachMode, IoKind, NamespaceSpec, OstExpect, Refusal, Scenario, Step, SweepReads, WaitUntil,
+};
+use nvme_hotplug::hotplug::ost::OstStatus;
+use nvme_hotplug::hotplug::slot_ops::DetachError;
 use crate::workload::{IoJob, JobTarget, StopReason};
 
 /// Longest an attach or detach step waits for the machine and the driver.
@@ -93,7 +99,10 @@ impl Runner {
             ..Report::default()
         };
         let machine = match Machine::start_with_slots(sc.machine, &sc.controllers, &sc.slots()) {
-            Ok(m) => m,
+            Ok(mut m) => {
+                m.set_removal_reads(sc.removal_reads);
+                m
+            }
             Err(e) => {
                 report.violations.push(format!("harness: cannot start QEMU: {e}"));
                 report.total_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -108,6 +117,8 @@ impl Runner {
             jobs: Vec::new(),
             report,
             verbose: self.verbose,
+            ost_log: Vec::new(),
+            ej0_log: Vec::new(),
         };
         let mut s = Session {
             w: world,
@@ -115,6 +126,8 @@ impl Runner {
             hotplug: lab_hotplug(),
             rerun_at: None,
             seed: sc.seed,
+            rng: sc.seed ^ 0x6a09_e667_f3bc_c909,
+            allow_failures: false,
             progress: self.progress,
         };
         s.boot();
@@ -146,6 +159,11 @@ pub struct Session {
     /// When the state machine asked to run again (an eject waiting for the device to vanish).
     rerun_at: Option<Instant>,
     seed: u64,
+    /// Seeded generator for the scenario's random choices (removal mode and timing).
+    rng: u64,
+    /// The hotplug state machine's failures are expected right now (a removal injected into a
+    /// bring-up, an eject request for an empty slot); they are counted but not violations.
+    allow_failures: bool,
     progress: bool,
 }
 
@@ -221,7 +239,7 @@ impl Session {
         h.ejected += r.ejected as u64;
         h.refused += r.refused as u64;
         h.failures += r.failures as u64;
-        if r.failures > 0 {
+        if r.failures > 0 && !self.allow_failures {
             self.w.violation(format!("hotplug state machine reported {} failure(s): {r:?}", r.failures));
         }
         self.rerun_at = r.rerun_after_us.map(|us| Instant::now() + Duration::from_micros(us as u64));
@@ -243,14 +261,28 @@ impl Session {
 
     fn step(&mut self, step: &Step) -> String {
         match step {
-            Step::Attach { id, slot, namespaces } => {
+            Step::Attach { id, slot, namespaces, wait } => {
                 let spec = ControllerSpec { id: id.clone(), slot: *slot, namespaces: namespaces.clone() };
-                self.attach(&spec)
+                if *wait {
+                    self.attach(&spec)
+                } else {
+                    self.plug(&spec)
+                }
+            }
+            Step::Notify { slot, code, times, expect_ost, expect_rescans } => {
+                self.notify(*slot, *code, *times, *expect_ost, *expect_rescans)
+            }
+            Step::Open { target, refuse } => self.open(target, *refuse),
+            Step::Close { target } => self.close(target),
+            Step::BringupRemovalSweep { slot, namespaces, reads, stride } => {
+                self.bringup_removal_sweep(*slot, namespaces, *reads, *stride)
             }
             Step::Io { target, kind, ops, depth, block, background } => {
                 self.io(target, *kind, *ops, *depth, *block, *background)
             }
-            Step::Detach { id, mode, during_io } => self.detach(id, *mode, *during_io),
+            Step::Detach { id, mode, during_io, jitter_ms, refused } => {
+                self.detach(id, *mode, *during_io, *jitter_ms, *refused)
+            }
             Step::Wait { ms, until } => match (ms, until) {
                 (Some(ms), _) => {
                     self.tick_until(Duration::from_millis(*ms), |_| false);
@@ -289,6 +321,18 @@ impl Session {
                     }
                 }
                 notes.join(" ")
+            }
+        }
+    }
+
+    /// Plugs a controller without waiting for the driver (`attach` with `wait = false`).
+    fn plug(&mut self, spec: &ControllerSpec) -> String {
+        self.w.say(format!("hot-add {} at slot {} (not waiting for the driver)", spec.id, spec.slot));
+        match self.w.machine.hot_add(spec) {
+            Ok(()) => "plugged".into(),
+            Err(e) => {
+                self.w.violation(format!("attach {}: QEMU refused: {e}", spec.id));
+                "qemu refused".into()
             }
         }
     }
@@ -394,11 +438,32 @@ impl Session {
         Some(id as usize)
     }
 
-    fn detach(&mut self, id: &str, mode: DetachMode, during_io: bool) -> String {
+    fn random(&mut self) -> u64 {
+        splitmix64(&mut self.rng)
+    }
+
+    fn detach(&mut self, id: &str, mode: DetachMode, during_io: bool, jitter_ms: u64, refused: bool) -> String {
         let Some(slot) = self.drivers.get(id).map(|d| d.slot) else {
             self.w.violation(format!("detach {id}: not attached"));
             return "not attached".into();
         };
+        let mode = match mode {
+            DetachMode::Random if self.random() & 1 == 0 => DetachMode::Announced,
+            DetachMode::Random => DetachMode::Surprise,
+            m => m,
+        };
+        if jitter_ms > 0 {
+            // A random point of the running I/O.
+            let ms = self.random() % (jitter_ms + 1);
+            self.tick_until(Duration::from_millis(ms), |_| false);
+            if !self.drivers.contains_key(id) {
+                self.w.violation(format!("detach {id}: the controller went away by itself"));
+                return "gone before removal".into();
+            }
+        }
+        if refused {
+            return self.detach_refused(id, slot, during_io);
+        }
         if during_io {
             // Make sure requests are really in flight at the moment of removal.
             if self.drivers.get(id).map_or(0, |d| d.outstanding()) == 0 {
@@ -430,7 +495,7 @@ impl Session {
                     return "qemu refused".into();
                 }
             }
-            DetachMode::Surprise => {
+            DetachMode::Surprise | DetachMode::Random => {
                 self.w.say(format!("{id}: surprise removal (eject with no device_del, {in_flight} in flight)"));
                 if let Err(e) = self.w.machine.eject(slot) {
                     self.w.violation(format!("harness: surprise eject of slot {slot}: {e}"));
@@ -445,15 +510,258 @@ impl Session {
             return "timeout".into();
         }
         self.w.report.cycles += 1;
+        self.w.ej0_log.clear();
         // Let QEMU finish deleting the device so the slot can be reused. Bounded, and short
         // after a surprise removal: ejected with commands in flight in its backend, QEMU may
         // never finish (it leaks the device; counted in `qemu.devices_not_deleted`).
         let wait = match mode {
-            DetachMode::Announced => Duration::from_secs(1),
             DetachMode::Surprise => Duration::from_millis(100),
+            _ => Duration::from_secs(1),
         };
         let _ = self.w.machine.reap(wait);
-        format!("{in_flight} in flight")
+        format!("{mode:?}, {in_flight} in flight")
+    }
+
+    /// An eject request the driver must refuse (a node is open): `device_del`, then wait for the
+    /// state machine's final `_OST` for the slot; it must be 0x81/0x82, with no `_EJ0`, and the
+    /// controller must still be attached and working.
+    fn detach_refused(&mut self, id: &str, slot: u8, during_io: bool) -> String {
+        if during_io && self.drivers.get(id).map_or(0, |d| d.outstanding()) == 0 {
+            let first_ns = self.drivers.get(id).and_then(|d| d.images.keys().next().copied()).unwrap_or(1);
+            self.start_job(&format!("{id}/{first_ns}"), IoKind::Mixed, 64, 16, 4096);
+            self.tick();
+        }
+        let in_flight = self.drivers.get(id).map_or(0, |d| d.outstanding());
+        self.w.ost_log.clear();
+        self.w.ej0_log.clear();
+        self.w.say(format!("{id}: QMP device_del with a node open ({in_flight} in flight): must be refused"));
+        if let Err(e) = self.w.machine.request_unplug(slot) {
+            self.w.violation(format!("detach {id}: device_del: {e}"));
+            return "qemu refused".into();
+        }
+        let answered = self.tick_until(STEP_TIMEOUT, |s| final_ost(&s.w.ost_log, slot, 3).is_some());
+        let status = final_ost(&self.w.ost_log, slot, 3);
+        if !answered {
+            self.w.violation(format!("detach {id}: the eject request was never answered with _OST"));
+        }
+        if !matches!(status, Some(OstStatus::DeviceInUse | OstStatus::DeviceBusy)) {
+            self.w.violation(format!("detach {id}: eject request with an open node answered {status:?}, not in-use/busy"));
+        }
+        if self.w.ej0_log.contains(&slot) {
+            self.w.violation(format!("detach {id}: _EJ0 evaluated on a device in use"));
+        }
+        if !self.drivers.get(id).is_some_and(|d| d.is_live()) {
+            self.w.violation(format!("detach {id}: the controller did not stay attached after refusing the eject"));
+        }
+        format!("refused with {status:?}, {in_flight} in flight, no _EJ0")
+    }
+
+    /// A storm of `Notify(slot, code)`: every notification (and whatever QEMU raised meanwhile)
+    /// reaches the state machine's notify half before its task runs once.
+    fn notify(&mut self, slot: u8, code: u32, times: u32, expect_ost: Option<OstExpect>, expect_rescans: Option<u64>) -> String {
+        self.w.ost_log.clear();
+        self.w.ej0_log.clear();
+        let rescans0 = self.w.report.hotplug.rescans;
+        let mut run = false;
+        match self.w.machine.poll_notifies() {
+            Ok(ns) => {
+                for n in ns {
+                    self.w.observer.notify(n.slot, n.code as u32);
+                    self.w.report.hotplug.notifies += 1;
+                    run |= self.hotplug.notify(n.slot as usize, n.code as u32);
+                }
+            }
+            Err(e) => self.w.violation(format!("harness: ACPI poll: {e}")),
+        }
+        for _ in 0..times {
+            self.w.observer.notify(slot, code);
+            self.w.report.hotplug.notifies += 1;
+            run |= self.hotplug.notify(slot as usize, code);
+        }
+        self.w.say(format!("slot {slot}: {times} x Notify {code} before the hotplug task runs"));
+        self.allow_failures = expect_ost == Some(OstExpect::Failure);
+        if run {
+            self.run_hotplug();
+        }
+        // An eject waits for the device to vanish (re-runs); then one more round for the rest.
+        if !self.tick_until(STEP_TIMEOUT, |s| s.rerun_at.is_none()) {
+            self.w.violation(format!("notify slot {slot}: the hotplug task did not settle within {STEP_TIMEOUT:?}"));
+        }
+        self.tick();
+        self.allow_failures = false;
+        let source = match code {
+            0 => Some(0),
+            1 => Some(1),
+            3 => Some(3),
+            _ => None,
+        };
+        let answers: Vec<OstStatus> = self
+            .w
+            .ost_log
+            .iter()
+            .filter(|(s, src, st)| *s == slot && source.is_none_or(|x| x == *src) && st.is_final())
+            .map(|(_, _, st)| *st)
+            .collect();
+        let rescans = self.w.report.hotplug.rescans - rescans0;
+        if let Some(want) = expect_ost {
+            let want = match want {
+                OstExpect::Success => OstStatus::Success,
+                OstExpect::Failure => OstStatus::NonSpecificFailure,
+                OstExpect::Unrecognized => OstStatus::UnrecognizedNotify,
+                OstExpect::InUse => OstStatus::DeviceInUse,
+                OstExpect::Busy => OstStatus::DeviceBusy,
+            };
+            if answers != [want] {
+                self.w.violation(format!(
+                    "notify slot {slot}: {times} x Notify {code} answered {answers:?}, expected exactly one {want:?} (coalesced)"
+                ));
+            }
+        }
+        if let Some(want) = expect_rescans {
+            if rescans != want {
+                self.w.violation(format!("notify slot {slot}: {times} x Notify {code} caused {rescans} rescan(s), expected {want}"));
+            }
+        }
+        if self.w.ej0_log.contains(&slot) || !self.w.machine.retiring().is_empty() {
+            self.w.report.cycles += u64::from(self.w.ej0_log.contains(&slot));
+            let _ = self.w.machine.reap(Duration::from_secs(1));
+        }
+        format!("{times} x Notify {code}: {rescans} rescan(s), _OST {answers:?}, _EJ0 {}", self.w.ej0_log.len())
+    }
+
+    fn open(&mut self, target: &str, refuse: Refusal) -> String {
+        let (ctrl, nsid) = match parse_target(target) {
+            Ok(t) => t,
+            Err(e) => {
+                self.w.violation(format!("open: {e}"));
+                return "bad target".into();
+            }
+        };
+        match self.drivers.get_mut(&ctrl).filter(|d| d.is_live() && d.images.contains_key(&nsid)) {
+            Some(d) => {
+                *d.open.entry(nsid).or_default() += 1;
+                d.refusal = match refuse {
+                    Refusal::InUse => DetachError::InUse,
+                    Refusal::Busy => DetachError::Busy,
+                };
+                self.w.say(format!("{target}: node opened"));
+                format!("open ({refuse:?})")
+            }
+            None => {
+                self.w.violation(format!("open {target}: no such live node"));
+                "no node".into()
+            }
+        }
+    }
+
+    fn close(&mut self, target: &str) -> String {
+        let Ok((ctrl, nsid)) = parse_target(target) else {
+            self.w.violation(format!("close {target}: bad target"));
+            return "bad target".into();
+        };
+        let Some(d) = self.drivers.get_mut(&ctrl) else {
+            // Torn down while open (a surprise removal): the node is gone, close has nothing to do.
+            return "controller gone".into();
+        };
+        match d.open.get_mut(&nsid) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                if *n == 0 {
+                    d.open.remove(&nsid);
+                }
+                self.w.say(format!("{target}: node closed"));
+                "closed".into()
+            }
+            _ => {
+                self.w.violation(format!("close {target}: not open"));
+                "not open".into()
+            }
+        }
+    }
+
+    /// See [`Step::BringupRemovalSweep`].
+    fn bringup_removal_sweep(&mut self, slot: u8, namespaces: &[NamespaceSpec], reads: SweepReads, stride: u64) -> String {
+        if self.w.machine.plugged(slot).is_some() {
+            self.w.violation(format!("bringup-removal-sweep: slot {slot} is occupied"));
+            return "slot occupied".into();
+        }
+        let flavours: &[RemovalReads] = match reads {
+            SweepReads::Zeros => &[RemovalReads::Zeros],
+            SweepReads::AllOnes => &[RemovalReads::AllOnes],
+            SweepReads::Both => &[RemovalReads::Zeros, RemovalReads::AllOnes],
+        };
+        let saved = self.w.machine.removal_reads();
+        let spec = ControllerSpec { id: "sweep".into(), slot, namespaces: namespaces.to_vec() };
+        let mut notes = Vec::new();
+        for &flavour in flavours {
+            self.w.machine.set_removal_reads(flavour);
+            let (mut failed, mut late, mut total) = (0u64, 0u64, None);
+            let mut n = 0u64;
+            loop {
+                let dma0 = self.w.machine.guest().live_dma_bytes();
+                let nodes0 = self.w.observer.nodes_alive();
+                if let Err(e) = self.w.machine.hot_add(&spec) {
+                    self.w.violation(format!("sweep {flavour:?} access {n}: QEMU refused the hot-add: {e}"));
+                    break;
+                }
+                self.w.machine.arm_removal(slot, n);
+                self.allow_failures = true;
+                let came = self.tick_until(STEP_TIMEOUT, |s| s.drivers.contains_key("sweep") || s.w.machine.removal_fired(slot));
+                let fired = self.w.machine.removal_fired(slot);
+                if !came {
+                    self.allow_failures = false;
+                    self.w.violation(format!("sweep {flavour:?} access {n}: neither attached nor removed within {STEP_TIMEOUT:?}"));
+                    break;
+                }
+                if !fired {
+                    // Bring-up finished before access n: every access has been swept.
+                    self.allow_failures = false;
+                    total = self.drivers.get("sweep").map(|d| d.bringup_accesses);
+                    self.detach("sweep", DetachMode::Surprise, false, 0, false);
+                    break;
+                }
+                if self.drivers.contains_key("sweep") {
+                    // Removed before the last access but bring-up had nothing left to read: the
+                    // watchdog must notice and tear down.
+                    late += 1;
+                    if !self.tick_until(STEP_TIMEOUT, |s| !s.drivers.contains_key("sweep")) {
+                        self.w.violation(format!("sweep {flavour:?} access {n}: removal after bring-up never noticed"));
+                    }
+                } else {
+                    failed += 1;
+                }
+                self.allow_failures = false;
+                self.w.report.cycles += 1;
+                self.w.machine.sync_injected_removals();
+                let _ = self.w.machine.reap(Duration::from_secs(2));
+                let dma = self.w.machine.guest().live_dma_bytes();
+                if dma != dma0 {
+                    self.w.violation(format!("sweep {flavour:?} access {n}: DMA live bytes {dma0} before, {dma} after teardown"));
+                }
+                let nodes = self.w.observer.nodes_alive();
+                if nodes != nodes0 {
+                    self.w.violation(format!("sweep {flavour:?} access {n}: {nodes0} node(s) before, {nodes} after"));
+                }
+                if self.w.machine.guest().fault().is_some() || self.w.report.violations.len() >= 200 {
+                    break;
+                }
+                n += stride;
+                if n > 100_000 {
+                    self.w.violation("sweep: bring-up never completed without reaching the removal".to_string());
+                    break;
+                }
+            }
+            match total {
+                Some(t) => notes.push(format!(
+                    "{flavour:?}: bring-up = {t} device accesses; removed at {} of them: {failed} bring-up errors, {late} noticed by the watchdog",
+                    failed + late
+                )),
+                None => notes.push(format!("{flavour:?}: incomplete after {} removals", failed + late)),
+            }
+            self.w.say(notes.last().cloned().unwrap_or_default());
+        }
+        self.w.machine.set_removal_reads(saved);
+        notes.join("; ")
     }
 
     fn busy(&self) -> bool {
@@ -479,6 +787,19 @@ impl Session {
 
     /// Module unload and accounting.
     fn finish(mut self, lose_a_write: bool) -> Report {
+        let open: Vec<String> = self
+            .drivers
+            .values()
+            .filter(|d| d.open_count() > 0)
+            .map(|d| d.id.clone())
+            .collect();
+        for id in open {
+            // MOD_UNLOAD refuses with EBUSY while a node is open: a scenario must close first.
+            self.w.violation(format!("{id}: node(s) still open at the end (MOD_UNLOAD would refuse with EBUSY)"));
+            if let Some(d) = self.drivers.get_mut(&id) {
+                d.open.clear();
+            }
+        }
         if self.busy() && self.w.machine.guest().fault().is_none() {
             self.wait_idle();
         }
@@ -560,4 +881,9 @@ impl Session {
         w.report.qemu.rss_kib = w.machine.process().rss_kib();
         std::mem::take(&mut w.report)
     }
+}
+
+/// The last final `_OST` answer for `slot` and `source` in `log`.
+fn final_ost(log: &[(u8, u32, OstStatus)], slot: u8, source: u32) -> Option<OstStatus> {
+    log.iter().rev().find(|(s, src, st)| *s == slot && *src == source && st.is_final()).map(|(_, _, st)| *st)
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::access_faults::RemovalReads;
 use crate::qemu::MachineKind;
 
 /// A whole scenario.
@@ -21,6 +22,9 @@ pub struct Scenario {
     /// Seed every random choice derives from.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// What reads of a removed controller return: `zeros` (QEMU) or `all-ones` (real PCIe).
+    #[serde(default)]
+    pub removal_reads: RemovalReads,
     /// Controllers present at power-on.
     #[serde(default, rename = "controller")]
     pub controllers: Vec<ControllerSpec>,
@@ -87,6 +91,48 @@ pub enum DetachMode {
     Announced,
     /// The device vanishes with no notification; the driver learns only from what it reads.
     Surprise,
+    /// Announced or surprise, chosen from the scenario's seed.
+    Random,
+}
+
+/// The `_OST` answer a `notify` step expects (one for the whole burst).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OstExpect {
+    /// 0x0: handled (for an eject: the device is gone).
+    Success,
+    /// 0x1: non-specific failure (e.g. an eject request for an empty slot).
+    Failure,
+    /// 0x2: the notify value is not one we handle.
+    Unrecognized,
+    /// 0x81: the device is in use (a node is open).
+    InUse,
+    /// 0x82: the device is busy (detach returned EBUSY).
+    Busy,
+}
+
+/// How a driver with an open node refuses an eject request.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Refusal {
+    /// A consumer holds the device: `_OST` 0x81 (what the kld does for an open node).
+    #[default]
+    InUse,
+    /// `device_detach` returned EBUSY: `_OST` 0x82.
+    Busy,
+}
+
+/// Which removal flavours a bring-up sweep runs.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SweepReads {
+    /// QEMU's: reads return 0.
+    Zeros,
+    /// Real PCIe's: reads return all-ones.
+    AllOnes,
+    /// Both, one sweep each.
+    #[default]
+    Both,
 }
 
 /// What a `wait` step waits for.
@@ -109,6 +155,10 @@ pub enum Step {
         slot: u8,
         /// Namespaces.
         namespaces: Vec<NamespaceSpec>,
+        /// Wait until the driver attached (default). With `false` the step only plugs the
+        /// device (QEMU raises the GPE); a later step (e.g. `notify`) sees it arrive.
+        #[serde(default = "yes")]
+        wait: bool,
     },
     /// Run I/O against one namespace.
     Io {
@@ -138,6 +188,64 @@ pub enum Step {
         /// Remove while requests are in flight (the runner makes sure some are).
         #[serde(default)]
         during_io: bool,
+        /// Before removing, keep servicing the machine for a seeded-random 0..=jitter_ms ms,
+        /// so the removal lands at a random point of the running I/O.
+        #[serde(default)]
+        jitter_ms: u64,
+        /// Announced only: the driver is expected to refuse the eject (a node is held open
+        /// with `open`): `_OST` 0x81/0x82, no `_EJ0`, the controller stays attached.
+        #[serde(default)]
+        refused: bool,
+    },
+    /// The platform's `Notify(slot, code)`, `times` times in a row, all delivered before the
+    /// hotplug task runs (a storm): the state machine must coalesce them into one action.
+    Notify {
+        /// Slot (2..=31).
+        slot: u8,
+        /// Notify value: 0 bus check, 1 device check, 3 eject request, anything else is
+        /// unrecognized.
+        code: u32,
+        /// How many.
+        #[serde(default = "one")]
+        times: u32,
+        /// The one final `_OST` the burst must be answered with (checked when given).
+        #[serde(default)]
+        expect_ost: Option<OstExpect>,
+        /// Slot rescans (attaches) the burst must cause (checked when given).
+        #[serde(default)]
+        expect_rescans: Option<u64>,
+    },
+    /// Hold a namespace node open (like a mounted file system): an eject request is refused
+    /// until `close`.
+    Open {
+        /// "ctrl/nsid".
+        target: String,
+        /// How the refusal is reported.
+        #[serde(default)]
+        refuse: Refusal,
+    },
+    /// Close a node held open by `open`.
+    Close {
+        /// "ctrl/nsid".
+        target: String,
+    },
+    /// Surprise removal at every device access of a bring-up: for N = 0, 1, 2, ... hot-add a
+    /// fresh controller in `slot` and eject it right before the driver's device access N, until
+    /// a bring-up completes before access N. Every run must end with bring-up failing (or
+    /// the removal noticed right after it) and a clean teardown: no panic, no hang, DMA memory
+    /// back to where it was, no node left.
+    BringupRemovalSweep {
+        /// Slot to use (must be free).
+        slot: u8,
+        /// Namespaces of the swept controller (default: one 4 MiB namespace, 512 B blocks).
+        #[serde(default = "sweep_namespaces")]
+        namespaces: Vec<NamespaceSpec>,
+        /// Removal flavour(s).
+        #[serde(default)]
+        reads: SweepReads,
+        /// Sweep every `stride`-th access (1 = every access).
+        #[serde(default = "one_u64")]
+        stride: u64,
     },
     /// Let time pass, or wait until idle.
     Wait {
@@ -169,6 +277,22 @@ pub enum Step {
     },
 }
 
+fn yes() -> bool {
+    true
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn one_u64() -> u64 {
+    1
+}
+
+fn sweep_namespaces() -> Vec<NamespaceSpec> {
+    vec![NamespaceSpec { nsid: 1, size_mib: 4, lba: 512 }]
+}
+
 fn default_depth() -> u32 {
     8
 }
@@ -187,6 +311,10 @@ impl Step {
             Step::Wait { .. } => "wait",
             Step::Repeat { .. } => "repeat",
             Step::Expect { .. } => "expect",
+            Step::Notify { .. } => "notify",
+            Step::Open { .. } => "open",
+            Step::Close { .. } => "close",
+            Step::BringupRemovalSweep { .. } => "bringup-removal-sweep",
         }
     }
 }
@@ -223,7 +351,7 @@ impl Scenario {
         fn walk(steps: &[Step], out: &mut Vec<u8>) {
             for s in steps {
                 match s {
-                    Step::Attach { slot, .. } => out.push(*slot),
+                    Step::Attach { slot, .. } | Step::BringupRemovalSweep { slot, .. } => out.push(*slot),
                     Step::Repeat { steps, .. } => walk(steps, out),
                     _ => {}
                 }
@@ -259,7 +387,7 @@ fn validate_steps(steps: &[Step], depth: usize) -> Result<(), ScenarioError> {
     for (i, s) in steps.iter().enumerate() {
         let at = |m: String| ScenarioError(format!("step {} ({}): {m}", i + 1, s.op_name()));
         match s {
-            Step::Attach { id, slot, namespaces } => {
+            Step::Attach { id, slot, namespaces, .. } => {
                 validate_controller(id, *slot, namespaces).map_err(|e| at(e.0))?;
                 // QEMU's NVMe bus is not hotpluggable: a hot-added controller can only carry
                 // the namespace its own `drive` gives it.
@@ -282,7 +410,35 @@ fn validate_steps(steps: &[Step], depth: usize) -> Result<(), ScenarioError> {
                     return Err(at(format!("block {block} must be a multiple of 512, at most 8 MiB")));
                 }
             }
-            Step::Detach { id, .. } => validate_id(id).map_err(|e| at(e.0))?,
+            Step::Detach { id, mode, refused, jitter_ms, .. } => {
+                validate_id(id).map_err(|e| at(e.0))?;
+                if *refused && *mode != DetachMode::Announced {
+                    return Err(at("refused = true needs mode = \"announced\" (only an eject request can be refused)".into()));
+                }
+                if *jitter_ms > 60_000 {
+                    return Err(at(format!("jitter_ms {jitter_ms} above 60000")));
+                }
+            }
+            Step::Notify { slot, times, .. } => {
+                if !(2..=31).contains(slot) {
+                    return Err(at(format!("slot {slot} outside 2..=31")));
+                }
+                if *times == 0 || *times > 100_000 {
+                    return Err(at(format!("times {times} outside 1..=100000")));
+                }
+            }
+            Step::Open { target, .. } | Step::Close { target } => {
+                parse_target(target).map_err(|e| at(e.0))?;
+            }
+            Step::BringupRemovalSweep { slot, namespaces, stride, .. } => {
+                validate_controller("sweep", *slot, namespaces).map_err(|e| at(e.0))?;
+                if namespaces.len() != 1 || namespaces[0].nsid != 1 {
+                    return Err(at("the swept controller is hot-added: exactly one namespace, nsid 1".into()));
+                }
+                if *stride == 0 {
+                    return Err(at("stride must be at least 1".into()));
+                }
+            }
             Step::Wait { ms, until } => {
                 if ms.is_some() == until.is_some() {
                     return Err(at("give exactly one of `ms` or `until`".into()));

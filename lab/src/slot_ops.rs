@@ -85,6 +85,14 @@ impl SlotOps for LabSlotOps<'_> {
     fn detach_slot(&mut self, slot: SlotIndex, why: DetachReason) -> Result<(), DetachError> {
         let id = self.driver_id(slot).ok_or(DetachError::NoDevice)?;
         let mut d = self.drivers.remove(&id).ok_or(DetachError::NoDevice)?;
+        if why == DetachReason::Eject && d.open_count() > 0 {
+            // Like the kld (src/freebsd/slots.rs): an eject request is refused while a node is
+            // open; the device keeps working and `_EJ0` is not evaluated.
+            self.w.say(format!("{id}: eject request refused: {} node(s) open ({:?})", d.open_count(), d.refusal));
+            let e = d.refusal;
+            self.drivers.insert(id, d);
+            return Err(e);
+        }
         match why {
             DetachReason::Eject => d.detach_announced(self.w),
             DetachReason::Gone => d.teardown_lost(self.w, Health::Gone),
@@ -94,6 +102,7 @@ impl SlotOps for LabSlotOps<'_> {
 
     fn eject(&mut self, slot: SlotIndex) -> Result<(), OpFailed> {
         self.w.say(format!("slot {slot}: _EJ0"));
+        self.w.ej0_log.push(slot as u8);
         self.w.machine.eject(slot as u8).map_err(|e| {
             self.w.violation(format!("harness: eject of slot {slot}: {e}"));
             OpFailed
@@ -102,6 +111,11 @@ impl SlotOps for LabSlotOps<'_> {
 
     fn ost(&mut self, slot: SlotIndex, source: u32, status: OstStatus) {
         self.w.say(format!("slot {slot}: _OST(source {source}, {status:?})"));
+        if self.w.ost_log.len() >= 100_000 {
+            // Bounded over long runs; steps that check `_OST` clear the log first.
+            self.w.ost_log.clear();
+        }
+        self.w.ost_log.push((slot as u8, source, status));
     }
 
     fn rescan_namespaces(&mut self, _slot: SlotIndex) -> Result<(), OpFailed> {
