@@ -138,9 +138,14 @@ impl CtrlState {
             return Err((bio, bindings::ENOMEM)); // every tag in use: GEOM retries ENOMEM
         };
         let read = req.op == IoOp::Read;
+        if self.inflight.get(tag as usize).is_none() {
+            return Err((bio, bindings::ENOMEM)); // cannot happen: tags index the table
+        }
         match self.engine.submit(IoRequest { tag: u64::from(tag), ..req }) {
             Ok(()) => {
-                self.inflight[tag as usize] = Some(InFlight { bio, buf, read });
+                if let Some(slot) = self.inflight.get_mut(tag as usize) {
+                    *slot = Some(InFlight { bio, buf, read });
+                }
                 Ok(())
             }
             Err(e) => {
