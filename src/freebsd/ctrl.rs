@@ -139,6 +139,7 @@ impl CtrlState {
         };
         let read = req.op == IoOp::Read;
         if self.inflight.get(tag as usize).is_none() {
+            self.free.push(tag);
             return Err((bio, bindings::ENOMEM)); // cannot happen: tags index the table
         }
         match self.engine.submit(IoRequest { tag: u64::from(tag), ..req }) {
