@@ -60,6 +60,35 @@ nvmehp_tunable_rescan_interval_ms(void)
 	return (atomic_load_int(&nvmehp_rescan_interval_ms));
 }
 
+/* NVMe engine settings (src/nvme Config), read at each attach; the engine clamps them. */
+static u_int nvmehp_io_queues = 1;
+SYSCTL_UINT(_hw_nvme_hotplug, OID_AUTO, io_queues, CTLFLAG_RWTUN, &nvmehp_io_queues, 0,
+    "I/O queue pairs requested per controller (applies at the next attach)");
+static u_int nvmehp_io_entries = 256;
+SYSCTL_UINT(_hw_nvme_hotplug, OID_AUTO, io_entries, CTLFLAG_RWTUN, &nvmehp_io_entries, 0,
+    "Entries per I/O queue requested (applies at the next attach)");
+static u_int nvmehp_cmd_timeout_ms = 30000;
+SYSCTL_UINT(_hw_nvme_hotplug, OID_AUTO, cmd_timeout_ms, CTLFLAG_RWTUN, &nvmehp_cmd_timeout_ms, 0,
+    "Command timeout in ms; an overdue command gives the controller up (applies at the next attach)");
+
+u_int
+nvmehp_tunable_io_queues(void)
+{
+	return (atomic_load_int(&nvmehp_io_queues));
+}
+
+u_int
+nvmehp_tunable_io_entries(void)
+{
+	return (atomic_load_int(&nvmehp_io_entries));
+}
+
+u_int
+nvmehp_tunable_cmd_timeout_ms(void)
+{
+	return (atomic_load_int(&nvmehp_cmd_timeout_ms));
+}
+
 static uint64_t nvmehp_stats[NVMEHP_STAT_COUNT];
 #define	NVMEHP_STAT_SYSCTL(idx, name, descr)					\
 	SYSCTL_U64(_hw_nvme_hotplug, OID_AUTO, name, CTLFLAG_RD, &nvmehp_stats[idx], 0, descr)

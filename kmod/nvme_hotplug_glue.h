@@ -43,6 +43,10 @@ int	nvmehp_tunable_claim(void);
 void	nvmehp_tunable_acpi_mode(char *buf, int len);
 /* hw.nvme_hotplug.rescan_interval_ms (loader tunable; 0 = no periodic rescan). */
 u_int	nvmehp_tunable_rescan_interval_ms(void);
+/* Engine tunables, read at each attach: io_queues, io_entries, cmd_timeout_ms. */
+u_int	nvmehp_tunable_io_queues(void);
+u_int	nvmehp_tunable_io_entries(void);
+u_int	nvmehp_tunable_cmd_timeout_ms(void);
 
 /*
  * Read-only counters under hw.nvme_hotplug (sysctl -a hw.nvme_hotplug). Rust adds to them with

@@ -41,7 +41,7 @@ use super::tunables::{self, Stat};
 use crate::hotplug::errno::Errno;
 use crate::hotplug::kernel::Kernel;
 use crate::hotplug::teardown::{teardown, Live, Removal};
-use crate::nvme::{Config, Controller, ControllerInfo, Namespace};
+use crate::nvme::{Controller, ControllerInfo, Namespace};
 use crate::platform::RegisterIo;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -249,7 +249,7 @@ fn start_engine(dev: Device, unit: u32) -> Result<(CtrlRef, EngineGate), c_int> 
         dev_printf!(&dev, "cannot enable bus mastering: {}\n", e);
         return Err(bindings::ENXIO);
     }
-    let mut engine = box_waitok(Controller::new(KernelPlatform::new(dev, bar), Config::default()));
+    let mut engine = box_waitok(Controller::new(KernelPlatform::new(dev, bar), tunables::engine_config()));
     if let Err(e) = engine.bring_up() {
         dev_printf!(&dev, "bring-up failed: {}\n", e);
         return Err(bindings::ENXIO); // the engine stops the controller and releases BAR0 on drop

@@ -28,6 +28,25 @@ pub fn rescan_interval_ms() -> u32 {
     unsafe { bindings::nvmehp_tunable_rescan_interval_ms() }
 }
 
+/// The engine configuration from `hw.nvme_hotplug.{io_queues,io_entries,cmd_timeout_ms}`
+/// (read at each attach; the engine brings out-of-range values into range).
+pub fn engine_config() -> crate::nvme::Config {
+    // SAFETY: atomic loads of ints owned by the glue.
+    let (q, e, t) = unsafe {
+        (
+            bindings::nvmehp_tunable_io_queues(),
+            bindings::nvmehp_tunable_io_entries(),
+            bindings::nvmehp_tunable_cmd_timeout_ms(),
+        )
+    };
+    crate::nvme::Config {
+        io_queues: u16::try_from(q).unwrap_or(u16::MAX),
+        io_entries: u16::try_from(e).unwrap_or(u16::MAX),
+        cmd_timeout_us: u64::from(t) * 1000,
+        ..crate::nvme::Config::default()
+    }
+}
+
 /// A counter under `hw.nvme_hotplug`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
