@@ -283,3 +283,39 @@ fn module_load_eject_and_unload_through_the_freebsd_glue() {
     assert!(remove < last(&log, "taskqueue_free"));
     assert!(log.last().unwrap().contains("unloaded (1 ACPI notify handlers removed)"), "{log:#?}");
 }
+
+/// A controller that vanished without an eject request (its watchdog saw it gone): the task
+/// checks the slots quietly and detaches + deletes the stale device, without `_EJ0` or `_OST`
+/// (nobody asked for an eject). A device still present is left alone.
+#[test]
+fn a_vanished_controller_is_swept_without_ej0_or_ost() {
+    use super::module::nvmehp_modevent;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs::default());
+    fk::insert_slot3(0x1b36);
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_LOAD as i32, arg), 0);
+    fk::run_queued(); // discovery
+
+    // Still present: a quiet check changes nothing.
+    fk::record("-- present --");
+    super::slots::controller_lost(dev());
+    fk::run_queued();
+    let log = fk::log();
+    let p = first(&log, "-- present --");
+    assert_eq!(positions(&log[p..], "device_detach").len(), 0, "{:#?}", &log[p..]);
+
+    // Gone from config space (and no _STA): detached and deleted, quietly.
+    fk::insert_slot3(0xffff);
+    fk::record("-- gone --");
+    super::slots::controller_lost(dev());
+    fk::run_queued();
+    let log = fk::log();
+    let g = first(&log, "-- gone --");
+    assert!(first(&log[g..], "device_detach") < first(&log[g..], "device_delete_child"));
+    assert_eq!(positions(&log[g..], "acpi_SetInteger").len(), 0, "no _EJ0 for a sweep");
+    assert_eq!(positions(&log[g..], "AcpiEvaluateObject").len(), 0, "no _OST for a sweep");
+
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
+}
