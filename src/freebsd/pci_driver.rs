@@ -62,9 +62,13 @@ fn is_nvme_controller(dev: &Device) -> bool {
 
 type LiveCtrl = Live<FreeBsdKernel, EngineGate>;
 
-/// Per-controller state, owned through the softc pointer from attach to detach.
+/// Per-controller state, owned through the softc pointer from attach to the end of detach.
 struct Attached {
-    live: LiveCtrl,
+    /// The typestate; `None` while detach runs its teardown. Detach may sleep, and
+    /// bus_topo_lock (Giant) is dropped while it sleeps: a second detach arriving then (an
+    /// ACPI eject racing a sweep or `devctl detach`) finds `None` and is refused with EBUSY
+    /// instead of letting newbus free the device under the first.
+    live: Option<LiveCtrl>,
     ctrl: CtrlRef,
 }
 
@@ -90,7 +94,7 @@ pub fn in_use(dev: Device, _topo: &TopoLock) -> bool {
     }
     let k = FreeBsdKernel::new();
     // SAFETY: ours, under the topology lock (proof argument).
-    unsafe { attached(dev) }.is_some_and(|a| a.live.in_use(&k))
+    unsafe { attached(dev) }.and_then(|a| a.live.as_ref()).is_some_and(|l| l.in_use(&k))
 }
 
 /// Whether any attached controller is in use (MOD_QUIESCE).
@@ -103,7 +107,7 @@ pub fn live_disks(topo: &TopoLock) -> usize {
     topo.devices_of_class(c"nvmehp")
         .filter(|d| is_ours(*d))
         // SAFETY: ours, under the topology lock (proof argument).
-        .map(|d| unsafe { attached(d) }.map_or(0, |a| a.live.namespaces().count()))
+        .map(|d| unsafe { attached(d) }.and_then(|a| a.live.as_ref()).map_or(0, |l| l.namespaces().count()))
         .sum()
 }
 
@@ -133,20 +137,22 @@ fn disk_spec(ctrl: CtrlRef, info: &ControllerInfo, ns: &Namespace) -> DiskSpec {
 /// Brings the namespace nodes and disks in line with the engine's list (attach, and after a
 /// namespace attribute change). Every allocation here is fallible (ENOMEM), never a panic.
 fn sync_namespaces(a: &mut Attached, k: &mut FreeBsdKernel, rescan: bool) -> Result<(u32, u32), Errno> {
+    let ctrl = a.ctrl;
+    let Some(live) = a.live.as_mut() else { return Err(Errno::ENXIO) }; // being detached
     let have: Vec<u32> = {
         let mut v = Vec::new();
-        v.try_reserve(a.live.namespaces().count()).map_err(|_| Errno::ENOMEM)?;
-        v.extend(a.live.namespaces());
+        v.try_reserve(live.namespaces().count()).map_err(|_| Errno::ENOMEM)?;
+        v.extend(live.namespaces());
         v
     };
     let mut present: Vec<u32> = Vec::new();
     let mut new: Vec<DiskSpec> = Vec::new();
     {
-        let mut st = a.ctrl.state().lock();
+        let mut st = ctrl.state().lock();
         if rescan {
             if let Err(e) = st.engine().rescan_namespaces() {
                 drop(st);
-                dev_printf!(&a.ctrl.device(), "namespace rescan failed: {}\n", e);
+                dev_printf!(&ctrl.device(), "namespace rescan failed: {}\n", e);
                 return Err(Errno::ENXIO);
             }
         }
@@ -158,7 +164,7 @@ fn sync_namespaces(a: &mut Attached, k: &mut FreeBsdKernel, rescan: bool) -> Res
         for ns in nss {
             present.push(ns.nsid);
             if !have.contains(&ns.nsid) {
-                new.push(disk_spec(a.ctrl, info, ns));
+                new.push(disk_spec(ctrl, info, ns));
             }
         }
     }
@@ -170,7 +176,7 @@ fn sync_namespaces(a: &mut Attached, k: &mut FreeBsdKernel, rescan: bool) -> Res
         units.push((nsid, unit));
     }
     let unit_of = |nsid: u32| units.iter().find(|(n, _)| *n == nsid).map_or(u32::MAX, |(_, u)| *u);
-    a.live.sync_namespaces(k, &present, unit_of)
+    live.sync_namespaces(k, &present, unit_of)
 }
 
 /// SlotOps::rescan_namespaces for the controller `dev` (hotplug task, topology lock held).
@@ -333,16 +339,16 @@ fn build(dev: Device, unit: u32, ctrl: CtrlRef, gate: EngineGate) -> Result<Box<
     // SAFETY: a fresh, zeroed, 16-byte aligned block of at least size_of::<NodeCtx>() bytes.
     unsafe { softc.as_ptr().cast::<NodeCtx>().write(NodeCtx { ctrl }) };
     let ok = intr.is_some() && timer.is_some();
-    let mut a = box_waitok(Attached { live: Live::new(unit, gate, softc, intr, timer, Some(queue)), ctrl });
-    let made = if ok {
-        a.live.create_controller_node(&mut k).and_then(|()| sync_namespaces(&mut a, &mut k, false))
-    } else {
-        Err(Errno::ENXIO)
+    let mut a = box_waitok(Attached { live: Some(Live::new(unit, gate, softc, intr, timer, Some(queue))), ctrl });
+    let made = match (ok, a.live.as_mut()) {
+        (true, Some(live)) => live.create_controller_node(&mut k).and_then(|()| sync_namespaces(&mut a, &mut k, false)),
+        _ => Err(Errno::ENXIO),
     };
     if let Err(e) = made {
         dev_printf!(&dev, "attach failed (errno {}); tearing down what was set up\n", e.0);
-        let Attached { live, ctrl: _ } = *a;
-        let _ = teardown(live, &mut k, Removal::Announced);
+        if let Some(live) = a.live.take() {
+            let _ = teardown(live, &mut k, Removal::Announced);
+        }
         return Err(if e.0 == 0 { bindings::ENXIO } else { e.0 });
     }
     Ok(a)
@@ -364,7 +370,7 @@ pub unsafe extern "C" fn nvmehp_attach(dev: device_t) -> c_int {
         Err(e) => return e,
     };
     a.ctrl.publish_sysctls();
-    let nns = a.live.namespaces().count();
+    let nns = a.live.as_ref().map_or(0, |l| l.namespaces().count());
     // SAFETY: the softc is newbus-allocated for this nvmehp device and zeroed; only attach,
     // detach and holders of bus_topo_lock touch it.
     unsafe { (*dev.softc()).nvmehp_state = Box::into_raw(a).cast() };
@@ -387,25 +393,28 @@ pub unsafe extern "C" fn nvmehp_detach(dev: device_t) -> c_int {
     let mut k = FreeBsdKernel::new();
     // Config space, not BAR reads: QEMU's BAR reads 0 after a removal, config space 0xffff.
     let present = dev.pci_read_config(bindings::PCIR_VENDOR, 2) as u16 != 0xffff;
-    {
-        // SAFETY: ours; newbus holds bus_topo_lock around DEVICE_DETACH.
-        let Some(a) = (unsafe { attached(dev) }) else { return 0 };
-        if present && a.live.in_use(&k) {
-            dev_printf!(&dev, "in use (a node or disk is open): detach refused, close it first\n");
-            super::module::unload_refused();
-            return bindings::EBUSY;
-        }
+    // SAFETY: ours; newbus holds bus_topo_lock around DEVICE_DETACH.
+    let Some(a) = (unsafe { attached(dev) }) else { return 0 };
+    let Some(live) = a.live.as_ref() else {
+        dev_printf!(&dev, "detach already in progress\n");
+        return bindings::EBUSY;
+    };
+    if present && live.in_use(&k) {
+        dev_printf!(&dev, "in use (a node or disk is open): detach refused, close it first\n");
+        super::module::unload_refused();
+        return bindings::EBUSY;
     }
-    // SAFETY: as above; the pointer is taken out of the softc before it is freed.
-    let state = unsafe { core::mem::replace(&mut (*dev.softc()).nvmehp_state, core::ptr::null_mut()) };
-    // SAFETY: `state` came from Box::into_raw in attach and is freed exactly once.
-    let a = unsafe { Box::from_raw(state.cast::<Attached>()) };
+    let Some(live) = a.live.take() else { return bindings::EBUSY };
     let how = if present { Removal::Announced } else { Removal::Surprise };
     if !present {
         Stat::SurpriseRemovals.add(1);
     }
-    let Attached { live, ctrl: _ } = *a;
+    // May sleep (and so drop Giant): the softc keeps `live: None` meanwhile (see Attached).
     let r = teardown(live, &mut k, how);
+    // SAFETY: as above; the pointer is taken out of the softc before it is freed.
+    let state = unsafe { core::mem::replace(&mut (*dev.softc()).nvmehp_state, core::ptr::null_mut()) };
+    // SAFETY: `state` came from Box::into_raw in attach and is freed exactly once.
+    drop(unsafe { Box::from_raw(state.cast::<Attached>()) });
     Stat::Detaches.add(1);
     Stat::Controllers.add(-1);
     dev_printf!(
