@@ -204,6 +204,8 @@ pub struct CtrlShared {
     watchdog_task: AtomicPtr<Task<'static, WatchdogTask>>,
     /// What `dev.nvmehp.N.*` shows, refreshed by the watchdog once a second.
     counters: Counters,
+    /// Invalid completion entries seen, for rate-limited messages.
+    bad_total: AtomicU64,
 }
 
 /// The per-controller sysctl values (engine counters, copied out of the lock).
@@ -266,6 +268,7 @@ impl CtrlShared {
             state,
             watchdog_task: AtomicPtr::new(core::ptr::null_mut()),
             counters: Counters::default(),
+            bad_total: AtomicU64::new(0),
         });
         let r = CtrlRef(NonNull::from(Box::leak(shared)));
         Some((r, EngineGate { ctrl: r }))
@@ -374,7 +377,13 @@ impl CtrlShared {
             Stat::FailedRequests.add(out.failed as i64);
         }
         if out.bad > 0 {
-            dev_printf!(&self.dev, "dropped {} invalid completion entries\n", out.bad);
+            // A hostile device can send invalid entries on every interrupt: say so when the
+            // total reaches 1, 2, 4, 8, ... instead of flooding the console.
+            let before = self.bad_total.fetch_add(out.bad, Ordering::Relaxed);
+            let after = before + out.bad;
+            if before == 0 || (u64::BITS - before.leading_zeros()) != (u64::BITS - after.leading_zeros()) {
+                dev_printf!(&self.dev, "dropped invalid completion entries ({} so far)\n", after);
+            }
         }
         if let Some((reason, health)) = out.lost {
             if health == Health::Gone {
