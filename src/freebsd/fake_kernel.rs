@@ -108,6 +108,7 @@ pub fn fire_callout() {
     MTX_HELD.with(|h| h.borrow_mut().pop());
 }
 
+// SAFETY: malloc_type is plain C data for which all-zero is a valid value.
 #[no_mangle]
 pub static mut M_NVMEHP: [malloc_type; 1] = [unsafe { core::mem::zeroed() }];
 
