@@ -27,7 +27,9 @@
 //!   again with `taskqueue_enqueue_timeout`.
 //! - **[`slot_ops::SlotOps`]**: each action takes `bus_topo_lock()` itself; `detach_slot`
 //!   re-checks the `device_t` under that lock (NoDevice otherwise) and, for
-//!   [`slot_ops::DetachReason::Eject`], returns Busy while [`teardown::Live::in_use`].
+//!   [`slot_ops::DetachReason::Eject`], returns [`slot_ops::DetachError::InUse`] (`_OST` 0x81)
+//!   while [`teardown::Live::in_use`] (an open node or disk); `Busy` (0x82) is for a driver
+//!   that refuses for another, transient reason.
 //! - **`device_detach`** of our driver: [`teardown::teardown`] with
 //!   [`teardown::Removal::Announced`] when the device still answers, `Surprise` otherwise.
 //!   When acpi_pci (observer role) asks to detach a controller that is in use, returning
