@@ -366,11 +366,21 @@ impl Machine {
 
     /// Finishes the QEMU side of removed devices: waits up to `wait` for their
     /// `DEVICE_DELETED`, then deletes their block nodes. Returns how many are still retiring.
+    /// Only the newest retiring device is waited for; older ones (QEMU may never delete a
+    /// device ejected with backend I/O in flight) are checked against the events received so
+    /// far, so a long run with many leaked devices does not wait for each of them every time.
     pub fn reap(&mut self, wait: Duration) -> io::Result<usize> {
         let deadline = std::time::Instant::now() + wait;
         let mut still = Vec::new();
-        for dev in std::mem::take(&mut self.retiring) {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+        self.qmp.poll_events()?;
+        let devs = std::mem::take(&mut self.retiring);
+        let newest = devs.len().saturating_sub(1);
+        for (i, dev) in devs.into_iter().enumerate() {
+            let left = if i == newest {
+                deadline.saturating_duration_since(std::time::Instant::now())
+            } else {
+                Duration::ZERO
+            };
             if self.qmp.wait_deleted(&dev.qdev, left)? {
                 for n in &dev.nodes {
                     // A node can stay busy if QEMU leaked the device; keep going, count it below.
@@ -394,6 +404,11 @@ impl Machine {
         let guest = self.guest.clone();
         let acpi = &self.acpi;
         guest.qtest(|q| acpi.removable_slots(q, slot)).map_err(to_io)
+    }
+
+    /// Slots holding a plugged device (from QEMU's point of view).
+    pub fn plugged_slots(&self) -> Vec<u8> {
+        self.plugged.keys().copied().collect()
     }
 
     /// Devices ejected but not (yet) deleted by QEMU.

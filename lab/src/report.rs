@@ -64,6 +64,23 @@ pub struct HotplugFigures {
     pub failures: u64,
 }
 
+/// Removals the scenario caused, and what was in flight at the moment of removal.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RemovalFigures {
+    /// Announced removals (`device_del` -> Notify 3 -> detach -> `_EJ0`).
+    pub announced: u64,
+    /// Surprise removals (eject with no notification).
+    pub surprise: u64,
+    /// Eject requests refused because a node was open.
+    pub refused: u64,
+    /// Removals that happened with at least one request in flight.
+    pub with_io_in_flight: u64,
+    /// Requests in flight at those moments, summed.
+    pub requests_in_flight: u64,
+    /// Removals injected at a device access of a bring-up (`bringup-removal-sweep`).
+    pub during_bring_up: u64,
+}
+
 /// One rule a kernel model saw broken.
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelViolation {
@@ -133,6 +150,8 @@ pub struct Report {
     pub io: IoFigures,
     /// The hotplug state machine's counters.
     pub hotplug: HotplugFigures,
+    /// Removals and what they interrupted.
+    pub removals: RemovalFigures,
     /// QEMU figures.
     pub qemu: QemuFigures,
     /// Total wall-clock milliseconds.

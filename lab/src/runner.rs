@@ -128,6 +128,7 @@ impl Runner {
             seed: sc.seed,
             rng: sc.seed ^ 0x6a09_e667_f3bc_c909,
             allow_failures: false,
+            removing: Vec::new(),
             progress: self.progress,
         };
         s.boot();
@@ -164,6 +165,8 @@ pub struct Session {
     /// The hotplug state machine's failures are expected right now (a removal injected into a
     /// bring-up, an eject request for an empty slot); they are counted but not violations.
     allow_failures: bool,
+    /// Removals started by `detach` with `wait = false`: (id, slot).
+    removing: Vec<(String, u8)>,
     progress: bool,
 }
 
@@ -280,8 +283,8 @@ impl Session {
             Step::Io { target, kind, ops, depth, block, background } => {
                 self.io(target, *kind, *ops, *depth, *block, *background)
             }
-            Step::Detach { id, mode, during_io, jitter_ms, refused } => {
-                self.detach(id, *mode, *during_io, *jitter_ms, *refused)
+            Step::Detach { id, mode, during_io, jitter_ms, refused, wait } => {
+                self.detach(id, *mode, *during_io, *jitter_ms, *refused, *wait)
             }
             Step::Wait { ms, until } => match (ms, until) {
                 (Some(ms), _) => {
@@ -289,6 +292,8 @@ impl Session {
                     String::new()
                 }
                 (None, Some(WaitUntil::Idle)) => self.wait_idle(),
+                (None, Some(WaitUntil::Attached)) => self.wait_attached(),
+                (None, Some(WaitUntil::Removed)) => self.wait_removed(),
                 (None, None) => String::new(),
             },
             Step::Repeat { times, steps } => {
@@ -442,7 +447,7 @@ impl Session {
         splitmix64(&mut self.rng)
     }
 
-    fn detach(&mut self, id: &str, mode: DetachMode, during_io: bool, jitter_ms: u64, refused: bool) -> String {
+    fn detach(&mut self, id: &str, mode: DetachMode, during_io: bool, jitter_ms: u64, refused: bool, wait: bool) -> String {
         let Some(slot) = self.drivers.get(id).map(|d| d.slot) else {
             self.w.violation(format!("detach {id}: not attached"));
             return "not attached".into();
@@ -486,6 +491,15 @@ impl Session {
         if let Some(d) = self.drivers.get_mut(id) {
             d.expect_removal = true;
         }
+        let rf = &mut self.w.report.removals;
+        match mode {
+            DetachMode::Announced => rf.announced += 1,
+            _ => rf.surprise += 1,
+        }
+        if in_flight > 0 {
+            rf.with_io_in_flight += 1;
+            rf.requests_in_flight += in_flight as u64;
+        }
         let cid = id.to_string();
         match mode {
             DetachMode::Announced => {
@@ -502,6 +516,10 @@ impl Session {
                 }
             }
         }
+        if !wait {
+            self.removing.push((cid, slot));
+            return format!("{mode:?} started, {in_flight} in flight");
+        }
         let gone = self.tick_until(STEP_TIMEOUT, |s| {
             !s.drivers.contains_key(&cid) && s.rerun_at.is_none() && !s.w.machine.slot_present(slot).unwrap_or(true)
         });
@@ -511,11 +529,12 @@ impl Session {
         }
         self.w.report.cycles += 1;
         self.w.ej0_log.clear();
-        // Let QEMU finish deleting the device so the slot can be reused. Bounded, and short
+        // Let QEMU finish deleting the device and free its block nodes. Bounded, and short
         // after a surprise removal: ejected with commands in flight in its backend, QEMU may
-        // never finish (it leaks the device; counted in `qemu.devices_not_deleted`).
+        // never finish (it leaks the device; counted in `qemu.devices_not_deleted`); a later
+        // reap picks up a late DEVICE_DELETED. The slot itself is reusable at once.
         let wait = match mode {
-            DetachMode::Surprise => Duration::from_millis(100),
+            DetachMode::Surprise => Duration::from_millis(20),
             _ => Duration::from_secs(1),
         };
         let _ = self.w.machine.reap(wait);
@@ -553,6 +572,7 @@ impl Session {
         if !self.drivers.get(id).is_some_and(|d| d.is_live()) {
             self.w.violation(format!("detach {id}: the controller did not stay attached after refusing the eject"));
         }
+        self.w.report.removals.refused += 1;
         format!("refused with {status:?}, {in_flight} in flight, no _EJ0")
     }
 
@@ -717,7 +737,7 @@ impl Session {
                     // Bring-up finished before access n: every access has been swept.
                     self.allow_failures = false;
                     total = self.drivers.get("sweep").map(|d| d.bringup_accesses);
-                    self.detach("sweep", DetachMode::Surprise, false, 0, false);
+                    self.detach("sweep", DetachMode::Surprise, false, 0, false, true);
                     break;
                 }
                 if self.drivers.contains_key("sweep") {
@@ -732,6 +752,7 @@ impl Session {
                 }
                 self.allow_failures = false;
                 self.w.report.cycles += 1;
+                self.w.report.removals.during_bring_up += 1;
                 self.w.machine.sync_injected_removals();
                 let _ = self.w.machine.reap(Duration::from_secs(2));
                 let dma = self.w.machine.guest().live_dma_bytes();
@@ -768,6 +789,42 @@ impl Session {
         self.w.jobs.iter().any(|j| !j.finished()) || self.drivers.values().any(|d| d.outstanding() > 0)
     }
 
+    fn wait_attached(&mut self) -> String {
+        let all = |s: &mut Session| {
+            s.w.machine.plugged_slots().iter().all(|slot| s.drivers.values().any(|d| d.slot == *slot))
+        };
+        if !self.tick_until(STEP_TIMEOUT, all) {
+            let missing: Vec<u8> = self
+                .w
+                .machine
+                .plugged_slots()
+                .into_iter()
+                .filter(|slot| !self.drivers.values().any(|d| d.slot == *slot))
+                .collect();
+            self.w.violation(format!("wait attached: slot(s) {missing:?} still without a driver after {STEP_TIMEOUT:?}"));
+            return "timeout".into();
+        }
+        format!("{} attached", self.drivers.len())
+    }
+
+    fn wait_removed(&mut self) -> String {
+        let pending = std::mem::take(&mut self.removing);
+        let n = pending.len();
+        let p2 = pending.clone();
+        let done = self.tick_until(STEP_TIMEOUT, move |s| {
+            s.rerun_at.is_none()
+                && p2.iter().all(|(id, slot)| !s.drivers.contains_key(id) && !s.w.machine.slot_present(*slot).unwrap_or(true))
+        });
+        if !done {
+            let left: Vec<&String> = pending.iter().filter(|(id, _)| self.drivers.contains_key(id)).map(|(id, _)| id).collect();
+            self.w.violation(format!("wait removed: {left:?} not detached and ejected within {STEP_TIMEOUT:?}"));
+            return "timeout".into();
+        }
+        self.w.report.cycles += n as u64;
+        let _ = self.w.machine.reap(Duration::from_secs(1));
+        format!("{n} removed")
+    }
+
     fn wait_idle(&mut self) -> String {
         let mut last = u64::MAX;
         let mut since = Instant::now();
@@ -787,6 +844,9 @@ impl Session {
 
     /// Module unload and accounting.
     fn finish(mut self, lose_a_write: bool) -> Report {
+        if !self.removing.is_empty() && self.w.machine.guest().fault().is_none() {
+            self.wait_removed();
+        }
         let open: Vec<String> = self
             .drivers
             .values()

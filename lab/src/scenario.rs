@@ -141,6 +141,11 @@ pub enum SweepReads {
 pub enum WaitUntil {
     /// Every I/O job finished and nothing outstanding on any controller.
     Idle,
+    /// Every plugged controller has a driver (after `attach` steps with `wait = false`).
+    Attached,
+    /// Every removal started by a `detach` step with `wait = false` has finished (driver torn
+    /// down, slot empty, hotplug task settled).
+    Removed,
 }
 
 /// One step.
@@ -192,6 +197,10 @@ pub enum Step {
         /// so the removal lands at a random point of the running I/O.
         #[serde(default)]
         jitter_ms: u64,
+        /// Wait until the controller is torn down and its slot empty (default). With `false`
+        /// the step only starts the removal; `wait until = "removed"` waits for all of them.
+        #[serde(default = "yes")]
+        wait: bool,
         /// Announced only: the driver is expected to refuse the eject (a node is held open
         /// with `open`): `_OST` 0x81/0x82, no `_EJ0`, the controller stays attached.
         #[serde(default)]
