@@ -149,6 +149,10 @@ pub struct Controller<P: Platform> {
     state: State,
     /// CC.EN set by us and RDY seen: the device may be doing DMA.
     enabled: bool,
+    /// A present device could not be disabled and its memory was leaked (`stop_and_release`):
+    /// it may still be doing DMA although `enabled` was cleared. Cleared only by a disable
+    /// that succeeds (the next bring-up's).
+    runaway: bool,
     /// The shutdown notification was sent since the last enable (send it once).
     shutdown_sent: bool,
     cap: Option<Cap>,
@@ -220,6 +224,7 @@ impl<P: Platform> Controller<P> {
             cfg: config.sanitized(),
             state: State::Down,
             enabled: false,
+            runaway: false,
             shutdown_sent: false,
             cap: None,
             info: None,
@@ -335,6 +340,8 @@ impl<P: Platform> Controller<P> {
         // Whatever state firmware or a previous driver left: stop it before handing it memory.
         ctrlr::settle(&self.p, &cap)?;
         ctrlr::disable(&self.p, &cap)?;
+        // CSTS.RDY is clear: whatever a previous life left running has stopped.
+        self.runaway = false;
 
         let admin_entries = self
             .cfg
@@ -827,6 +834,20 @@ impl<P: Platform> Controller<P> {
         n
     }
 
+    /// True when the device cannot be accessing host memory: it was never enabled, or it was
+    /// disabled (CSTS.RDY seen clear), or it is gone (CSTS all-ones or config space absent).
+    ///
+    /// False while the controller runs, and, the case a caller must handle, after
+    /// [`fail_all`](Controller::fail_all) (also run by a timeout in [`poll`](Controller::poll)
+    /// and by [`io_sync`](Controller::io_sync)) could not stop a device that is still present:
+    /// the requests those calls completed with an error may still have their data buffers read
+    /// or written by the device. Their owner must then not free or reuse those buffers but
+    /// leak them, as the engine leaks its own rings ([`Stats::leaked_regions`]). A completion
+    /// with `Ok` always means the device is done with its buffer, whatever this says.
+    pub fn dma_stopped(&self) -> bool {
+        !self.enabled && !self.runaway
+    }
+
     /// Classifies the controller from CSTS and config space (see [`health`]).
     pub fn check_health(&mut self) -> Health {
         health::assess(&self.p, self.enabled && self.state == State::Ready)
@@ -834,7 +855,9 @@ impl<P: Platform> Controller<P> {
 
     /// Marks the controller dead and completes every accepted request exactly once, now:
     /// completions already reaped but not yet reported keep their real result, everything
-    /// else gets `Err(err)`. Later submits fail with [`NvmeError::Gone`].
+    /// else gets `Err(err)`. Later submits fail with [`NvmeError::Gone`]. If the device could
+    /// not be stopped, [`Controller::dma_stopped`] says so afterwards: the buffers of the
+    /// requests completed with an error must then be leaked, not reused.
     ///
     /// Unless the device is already gone, it is shut down (normal shutdown notification, so
     /// its write cache is flushed) and disabled first, each step bounded, because completing
@@ -936,6 +959,9 @@ impl<P: Platform> Controller<P> {
             drop_or_leak(r);
         }
         self.stats.leaked_regions += leaked;
+        if !stopped {
+            self.runaway = true;
+        }
         self.enabled = false;
         self.aer_armed = false;
         self.aer_log_busy = false;
@@ -1084,5 +1110,129 @@ impl<P: Platform> Drop for Controller<P> {
     /// [`Controller::fail_all`] (or drains) first, so no request is silently forgotten.
     fn drop(&mut self) {
         self.stop_and_release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! [`Controller::dma_stopped`] against a minimal register model (no softnvme): a device that
+    //! enables but never answers an admin command, and that can be told to ignore a disable.
+    use super::*;
+    use crate::nvme::MIN_CMD_TIMEOUT_US;
+    use crate::platform::{AllocError, Clock, DmaAllocator, PciPresence, RegisterIo};
+    use core::cell::{Cell, RefCell};
+
+    struct Region(RefCell<Vec<u8>>, u64);
+    impl DmaRegion for Region {
+        fn bus_addr(&self) -> u64 {
+            self.1
+        }
+        fn len(&self) -> usize {
+            self.0.borrow().len()
+        }
+        fn read(&self, off: usize, buf: &mut [u8]) {
+            buf.copy_from_slice(&self.0.borrow()[off..off + buf.len()]);
+        }
+        fn write(&self, off: usize, buf: &[u8]) {
+            self.0.borrow_mut()[off..off + buf.len()].copy_from_slice(buf);
+        }
+    }
+
+    /// CC.EN=1 sets CSTS.RDY; CC.EN=0 clears it unless `stuck`. Admin commands are ignored.
+    struct Stuck {
+        stuck: bool,
+        cc: Cell<u32>,
+        rdy: Cell<bool>,
+        now: Cell<u64>,
+        next: Cell<u64>,
+    }
+    impl Stuck {
+        fn new(stuck: bool) -> Stuck {
+            Stuck {
+                stuck,
+                cc: Cell::new(0),
+                rdy: Cell::new(false),
+                now: Cell::new(0),
+                next: Cell::new(0x10_0000),
+            }
+        }
+    }
+    impl RegisterIo for Stuck {
+        fn read32(&self, off: u32) -> u32 {
+            // CAP: MQES 63, TO 1 (500 ms), DSTRD 0, CSS NVM.
+            match off {
+                regs::CAP => 63 | 1 << 24,
+                0x04 => 1 << 5,
+                regs::CC => self.cc.get(),
+                regs::CSTS => u32::from(self.rdy.get()),
+                _ => 0,
+            }
+        }
+        fn write32(&self, off: u32, val: u32) {
+            if off == regs::CC {
+                self.cc.set(val);
+                if val & 1 != 0 {
+                    self.rdy.set(true);
+                } else if !self.stuck {
+                    self.rdy.set(false);
+                }
+            }
+        }
+    }
+    impl PciPresence for Stuck {
+        fn vendor_id(&self) -> u16 {
+            0x1b36
+        }
+    }
+    impl Clock for Stuck {
+        fn now_us(&self) -> u64 {
+            self.now.get()
+        }
+        fn delay_us(&self, us: u32) {
+            self.now.set(self.now.get() + u64::from(us));
+        }
+    }
+    impl DmaAllocator for Stuck {
+        type Region = Region;
+        fn alloc_dma(&self, len: usize, _align: usize) -> Result<Region, AllocError> {
+            let a = self.next.get();
+            self.next.set(a + 0x10_0000);
+            Ok(Region(RefCell::new(vec![0; len]), a))
+        }
+    }
+
+    fn config() -> Config {
+        Config {
+            cmd_timeout_us: MIN_CMD_TIMEOUT_US,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn a_device_that_ignores_the_disable_is_not_reported_stopped() {
+        let mut c = Controller::new(Stuck::new(true), config());
+        assert!(c.dma_stopped(), "never enabled");
+        // Enable succeeds, Identify times out, the disable on the way out times out.
+        assert_eq!(c.bring_up(), Err(NvmeError::Timeout));
+        assert!(
+            c.stats().leaked_regions > 0,
+            "rings of a running device are leaked"
+        );
+        assert!(
+            !c.dma_stopped(),
+            "the device may still write the leaked memory"
+        );
+        let mut n = 0;
+        c.fail_all(NvmeError::Gone, &mut |_| n += 1);
+        assert_eq!(n, 0);
+        assert!(!c.dma_stopped(), "fail_all cannot have stopped it either");
+    }
+
+    #[test]
+    fn a_device_that_obeys_the_disable_is_reported_stopped() {
+        let mut c = Controller::new(Stuck::new(false), config());
+        assert_eq!(c.bring_up(), Err(NvmeError::Timeout));
+        assert_eq!(c.stats().leaked_regions, 0);
+        assert!(c.dma_stopped());
     }
 }
