@@ -161,7 +161,7 @@ impl SurpriseResult {
     /// Human-readable figures.
     pub fn describe(&self) -> String {
         format!(
-            "surprise removal with {} x 16 KiB writes in flight: eject {:.2} ms, all completed {:.2} ms later \
+            "QEMU surprise removal with {} x 16 KiB writes in flight: eject {:.2} ms, all completed {:.2} ms later \
              ({} by the device, {} failed with Gone)",
             self.in_flight, self.eject_ms, self.settle_ms, self.completed_ok, self.failed
         )
@@ -179,8 +179,15 @@ pub fn surprise_removal(n: usize) -> Result<SurpriseResult, String> {
     };
     let mut m = Machine::start(MachineKind::Pc, std::slice::from_ref(&spec)).map_err(|e| e.to_string())?;
     let (_, f) = m.scan().map_err(|e| e.to_string())?.into_iter().next().ok_or("controller not found")?;
-    let mut ctrl = Controller::new(m.platform(&f), lab_config());
+    // One I/O queue deep enough for every request (QEMU's MQES allows 2,048 entries).
+    let entries = (n + 1).clamp(256, 2048) as u16;
+    let mut ctrl = Controller::new(m.platform(&f), nvme_hotplug::nvme::Config { io_entries: entries, ..lab_config() });
     ctrl.bring_up().map_err(|e| format!("bring-up: {e}"))?;
+    if let Some(info) = ctrl.info() {
+        if (info.io_queues as usize) * (info.io_entries as usize).saturating_sub(1) < n {
+            return Err(format!("{n} requests do not fit in {} x {} queue entries", info.io_queues, info.io_entries));
+        }
+    }
     let mut bufs = Vec::new();
     for tag in 0..n as u64 {
         let buf = ctrl.platform().alloc_dma(16384, 4096).map_err(|e| format!("{e:?}"))?;

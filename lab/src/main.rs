@@ -202,7 +202,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             }
-            for n in [1, 64, 255] {
+            for n in [1, 64, 1024] {
                 match surprise_removal(n) {
                     Ok(r) => println!("{}", r.describe()),
                     Err(e) => {
