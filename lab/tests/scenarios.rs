@@ -72,7 +72,20 @@ fn every_shipped_scenario_parses() {
             n += 1;
         }
     }
-    assert!(n >= 5, "found {n} scenarios");
+    assert!(n >= 12, "found {n} scenarios");
+}
+
+/// The examples in docs/scenarios.md are valid scenarios (the doc must not drift from the code).
+#[test]
+fn every_example_in_the_docs_parses() {
+    let doc = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/scenarios.md")).unwrap();
+    let mut n = 0;
+    for block in doc.split("```toml\n").skip(1) {
+        let text = block.split("```").next().unwrap();
+        Scenario::parse(text).unwrap_or_else(|e| panic!("docs/scenarios.md example {}: {e}", n + 1));
+        n += 1;
+    }
+    assert!(n >= 2, "found {n} examples");
 }
 
 const SMALL: &str = r#"
