@@ -106,12 +106,20 @@ NVMEHP_STAT_SYSCTL(NVMEHP_STAT_EJECTS_REFUSED, ejects_refused,
     "Eject requests refused because the disk was in use");
 NVMEHP_STAT_SYSCTL(NVMEHP_STAT_HOTPLUG_FAILURES, hotplug_failures,
     "Failed hotplug actions (rescan, detach, _EJ0, eject never completed)");
+NVMEHP_STAT_SYSCTL(NVMEHP_STAT_LEAKED_BUFFERS, leaked_buffers,
+    "I/O bounce buffers never freed because a controller that could not be stopped may still DMA into them");
 
 void
 nvmehp_stat_add(int which, int64_t delta)
 {
 	if (which >= 0 && which < NVMEHP_STAT_COUNT)
 		atomic_add_64(&nvmehp_stats[which], (uint64_t)delta);
+}
+
+void
+nvmehp_contig_free(void *va)
+{
+	free(va, M_NVMEHP);
 }
 
 struct sysctl_ctx_list *

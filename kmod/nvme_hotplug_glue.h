@@ -63,6 +63,7 @@ enum nvmehp_stat {
 	NVMEHP_STAT_EJECTS,
 	NVMEHP_STAT_EJECTS_REFUSED,
 	NVMEHP_STAT_HOTPLUG_FAILURES,
+	NVMEHP_STAT_LEAKED_BUFFERS,
 	NVMEHP_STAT_COUNT
 };
 void	nvmehp_stat_add(int which, int64_t delta);
@@ -130,6 +131,14 @@ struct sysctl_ctx_list *nvmehp_sysctl_ctx_create(void);
 void	nvmehp_sysctl_ctx_destroy(struct sysctl_ctx_list *ctx);
 int	nvmehp_dev_sysctl_u64(struct sysctl_ctx_list *ctx, device_t dev, const char *name,
 	    uint64_t *ptr, const char *descr);
+
+/*
+ * Gives back one contigmalloc(9) region of the module (queues, PRP pages, bounce buffers) with
+ * free(9), which takes contigmalloc memory on FreeBSD 15 (contigfree(9) is deprecated there).
+ * One function so that every return of DMA memory is a single, visible call: the host tests'
+ * fake kernel records it to prove that memory a running device may still use is never freed.
+ */
+void	nvmehp_contig_free(void *va);
 
 /* pause(9) for `ms` milliseconds: sleeps; never with a mutex held. */
 void	nvmehp_pause_ms(const char *wmesg, int ms);

@@ -63,8 +63,9 @@ pub fn errno_of(e: NvmeError) -> c_int {
 /// A bio handed to the engine, with its bounce buffer.
 struct InFlight {
     bio: Bio,
-    /// The bounce buffer (None for a flush). Freed only after the request's completion: the
-    /// engine completes a request only once the device is done with its buffer, or stopped.
+    /// The bounce buffer (None for a flush): the device reads it (write) or writes it (read).
+    /// Freed after the request's completion, unless that completion was made up by the
+    /// engine's `fail_all` for a device it could not stop: see [`CtrlState::release_parked`].
     buf: Option<ContigRegion>,
     read: bool,
 }
@@ -81,6 +82,8 @@ pub struct Outcome {
     ns_changed: bool,
     /// Completion entries that failed validation.
     bad: u64,
+    /// Bounce buffers leaked because the device could not be stopped.
+    leaked: u64,
 }
 
 /// The mutable per-controller state, always behind [`CtrlShared`]'s mutex.
@@ -94,11 +97,17 @@ pub struct CtrlState {
     inflight: Vec<Option<InFlight>>,
     /// Free tags.
     free: Vec<u32>,
+    /// Bounce buffers of requests completed with an error during the current engine call.
+    /// Whether the device may still DMA into them is known only once the call has returned
+    /// (the engine cannot be asked from inside its own callback), so they wait here; see
+    /// [`CtrlState::release_parked`]. Capacity for every tag is reserved at attach, so a push
+    /// never allocates under the mutex.
+    parked: Vec<ContigRegion>,
     /// `dev.nvmehp.N.*`; taken out and dropped (which sleeps) outside the lock at teardown.
     sysctls: Option<DevSysctls>,
 }
 
-fn finish(inflight: &mut [Option<InFlight>], free: &mut Vec<u32>, c: Completion, out: &mut Outcome) {
+fn finish(inflight: &mut [Option<InFlight>], free: &mut Vec<u32>, parked: &mut Vec<ContigRegion>, c: Completion, out: &mut Outcome) {
     let Some(f) = usize::try_from(c.tag).ok().and_then(|i| inflight.get_mut(i)).and_then(Option::take) else {
         out.bad += 1; // the engine never reports a tag twice; count it rather than trust it
         return;
@@ -111,15 +120,18 @@ fn finish(inflight: &mut [Option<InFlight>], free: &mut Vec<u32>, c: Completion,
                 b.copy_out(bio.data_bytes_mut());
             }
             bio.done();
+            // The device wrote the completion entry after its last access to the buffer.
+            drop(buf);
         }
         Err(e) => {
             if e == NvmeError::Gone {
                 out.failed += 1;
             }
+            // The bio's own memory was never given to the device: it can be completed now.
             bio.fail(errno_of(e));
+            parked.extend(buf);
         }
     }
-    drop(buf);
 }
 
 impl CtrlState {
@@ -156,11 +168,37 @@ impl CtrlState {
         }
     }
 
+    /// Frees, or leaks, the bounce buffers [`finish`] parked during the engine call that just
+    /// returned.
+    ///
+    /// A controller that is still running only reports completions the device wrote, so it
+    /// is done with their buffers, errors included. A controller that was given up (by
+    /// `fail_all`, directly or from a timeout in `poll`) completed its outstanding requests
+    /// by hand; if it could not be stopped (a present device that ignored the shutdown and
+    /// the disable, [`Controller::dma_stopped`]), it may still write a read's buffer or read
+    /// a write's. Those buffers are leaked, never freed: the same rule the engine applies to
+    /// its own rings. A leak costs memory; a free would let a device scribble on memory the
+    /// kernel has reused.
+    fn release_parked(&mut self, out: &mut Outcome) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let leak = !self.engine.is_ready() && !self.engine.dma_stopped();
+        for b in self.parked.drain(..) {
+            if leak {
+                out.leaked += 1;
+                core::mem::forget(b);
+            } else {
+                drop(b);
+            }
+        }
+    }
+
     /// Reaps completions and events.
     fn reap(&mut self, out: &mut Outcome) {
-        let CtrlState { engine, inflight, free, .. } = self;
+        let CtrlState { engine, inflight, free, parked, .. } = self;
         engine.poll(&mut |e| match e {
-            Event::Io(c) => finish(inflight, free, c, out),
+            Event::Io(c) => finish(inflight, free, parked, c, out),
             Event::NamespacesChanged => out.ns_changed = true,
             Event::ControllerLost { reason, health } => out.lost = Some((reason, health)),
             Event::BadCompletion { .. } => out.bad += 1,
@@ -169,16 +207,18 @@ impl CtrlState {
         if out.lost.is_some() {
             self.lost = true;
         }
+        self.release_parked(out);
     }
 
     /// Completes every request now with `err` (the engine stops a still-present device first).
     fn fail_everything(&mut self, err: NvmeError, out: &mut Outcome) -> usize {
-        let CtrlState { engine, inflight, free, .. } = self;
+        let CtrlState { engine, inflight, free, parked, .. } = self;
         let mut n = 0;
         engine.fail_all(err, &mut |c| {
             n += 1;
-            finish(inflight, free, c, out)
+            finish(inflight, free, parked, c, out)
         });
+        self.release_parked(out);
         n
     }
 }
@@ -186,9 +226,15 @@ impl CtrlState {
 impl Drop for CtrlState {
     fn drop(&mut self) {
         // The teardown failed every request before this point; a bio is never dropped without
-        // biodone, even if that invariant were broken.
+        // biodone, even if that invariant were broken, and its buffer is freed only if the
+        // device is known to be stopped (the engine is dropped, and tries again, after this).
+        let stopped = self.engine.dma_stopped();
         for f in self.inflight.iter_mut().filter_map(Option::take) {
             f.bio.fail(bindings::ENXIO);
+            if let (false, Some(b)) = (stopped, f.buf) {
+                core::mem::forget(b);
+                Stat::LeakedBuffers.add(1);
+            }
         }
     }
 }
@@ -206,6 +252,8 @@ pub struct CtrlShared {
     counters: Counters,
     /// Invalid completion entries seen, for rate-limited messages.
     bad_total: AtomicU64,
+    /// Bounce buffers leaked for a device that could not be stopped (said once, counted always).
+    leaked_total: AtomicU64,
 }
 
 /// The per-controller sysctl values (engine counters, copied out of the lock).
@@ -260,7 +308,9 @@ impl CtrlShared {
         let mut free = Vec::new();
         free.try_reserve_exact(cap).ok()?;
         free.extend((0..cap as u32).rev());
-        let state = Mutex::new_boxed(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, inflight, free, sysctls: None })?;
+        let mut parked = Vec::new();
+        parked.try_reserve_exact(cap).ok()?;
+        let state = Mutex::new_boxed(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, inflight, free, parked, sysctls: None })?;
         let shared = box_waitok(CtrlShared {
             dev,
             unit,
@@ -269,6 +319,7 @@ impl CtrlShared {
             watchdog_task: AtomicPtr::new(core::ptr::null_mut()),
             counters: Counters::default(),
             bad_total: AtomicU64::new(0),
+            leaked_total: AtomicU64::new(0),
         });
         let r = CtrlRef(NonNull::from(Box::leak(shared)));
         Some((r, EngineGate { ctrl: r }))
@@ -383,6 +434,16 @@ impl CtrlShared {
             let after = before + out.bad;
             if before == 0 || (u64::BITS - before.leading_zeros()) != (u64::BITS - after.leading_zeros()) {
                 dev_printf!(&self.dev, "dropped invalid completion entries ({} so far)\n", after);
+            }
+        }
+        if out.leaked > 0 {
+            Stat::LeakedBuffers.add(out.leaked as i64);
+            if self.leaked_total.fetch_add(out.leaked, Ordering::Relaxed) == 0 {
+                dev_printf!(
+                    &self.dev,
+                    "controller could not be stopped: leaking the I/O buffers it may still access ({} now; hw.nvme_hotplug.leaked_buffers)\n",
+                    out.leaked
+                );
             }
         }
         if let Some((reason, health)) = out.lost {

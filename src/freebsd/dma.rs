@@ -18,8 +18,10 @@ use core::ptr::NonNull;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ContigDma;
 
-/// One contigmalloc(9) region (whole pages, so page-aligned whatever `align` was), freed with free(9) when dropped (contigfree(9) is deprecated in
-/// FreeBSD 15, where free(9) handles contigmalloc memory).
+/// One contigmalloc(9) region (whole pages, so page-aligned whatever `align` was), freed with
+/// free(9) when dropped (contigfree(9) is deprecated in FreeBSD 15, where free(9) handles
+/// contigmalloc memory), through the glue's `nvmehp_contig_free`. A region a running device
+/// may still access is never dropped: its owner leaks it with `mem::forget` instead.
 pub struct ContigRegion {
     va: NonNull<u8>,
     len: usize,
@@ -160,6 +162,6 @@ impl Drop for ContigRegion {
         // SAFETY: the region came from contigmalloc with our malloc type and is freed once;
         // the engine drops regions only after the device can no longer DMA into them
         // (DmaRegion invariant).
-        unsafe { bindings::free(self.va.as_ptr().cast(), malloc_type()) }
+        unsafe { bindings::nvmehp_contig_free(self.va.as_ptr().cast()) }
     }
 }

@@ -45,6 +45,18 @@ std::thread_local! {
     static SLOT_VENDOR: Cell<u32> = const { Cell::new(0xffff) };
     static SLOT_CHILD: Cell<bool> = const { Cell::new(false) };
     static SOFTC: Cell<usize> = const { Cell::new(0) };
+    /// The device behind the BAR, if a test installed one ([`install_nvme`]).
+    static NVME: RefCell<Option<super::fake_nvme::FakeNvme>> = const { RefCell::new(None) };
+}
+
+/// Puts an NVMe device model behind `bus_read_4`/`bus_write_4` (until the next `reset`).
+pub fn install_nvme(dev: super::fake_nvme::FakeNvme) {
+    NVME.with(|n| *n.borrow_mut() = Some(dev));
+}
+
+/// Runs `f` on the installed device model.
+pub fn with_nvme<R>(f: impl FnOnce(&mut super::fake_nvme::FakeNvme) -> R) -> R {
+    NVME.with(|n| f(n.borrow_mut().as_mut().expect("no NVMe model installed")))
 }
 
 /// Starts a test: empty log, default knobs.
@@ -56,6 +68,7 @@ pub fn reset(knobs: Knobs) {
     CDEVS.with(|l| l.borrow_mut().clear());
     DISKS.with(|l| l.borrow_mut().clear());
     KNOBS.with(|k| k.set(knobs));
+    NVME.with(|n| *n.borrow_mut() = None);
 }
 
 /// Everything recorded since `reset`, in order.
@@ -238,12 +251,18 @@ pub unsafe extern "C" fn rman_get_size(_r: *const resource) -> u64 {
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_bus_read_4(_r: *mut resource, off: u64) -> u32 {
+    if let Some(v) = NVME.with(|n| n.borrow().as_ref().map(|d| d.read32(off as u32))) {
+        return v; // not recorded: bring-up polls CSTS thousands of times
+    }
     record(format!("bus_read_4 {off:#x}"));
     0x1000_0000 | off as u32
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_bus_write_4(_r: *mut resource, off: u64, val: u32) {
+    if NVME.with(|n| n.borrow_mut().as_mut().map(|d| d.write32(off as u32, val)).is_some()) {
+        return;
+    }
     record(format!("bus_write_4 {off:#x} {val:#x}"));
 }
 
@@ -502,9 +521,22 @@ pub unsafe extern "C" fn nvmehp_pause_ms(_w: *const c_char, ms: c_int) {
 
 #[no_mangle]
 pub unsafe extern "C" fn contigmalloc(size: u64, _t: *mut malloc_type, _f: c_int, _lo: u64, _hi: u64, align: u64, _b: u64) -> *mut c_void {
-    record(format!("contigmalloc {size}"));
     // SAFETY: libc; the size rounded up to the alignment as aligned_alloc requires.
-    unsafe { aligned_alloc(align as usize, (size as usize).div_ceil(align as usize) * align as usize) }
+    let p = unsafe { aligned_alloc(align as usize, (size as usize).div_ceil(align as usize) * align as usize) };
+    if !p.is_null() {
+        // SAFETY: M_ZERO, as every caller asks.
+        unsafe { core::ptr::write_bytes(p.cast::<u8>(), 0, size as usize) };
+    }
+    record(format!("contigmalloc {size} = {p:p}"));
+    p
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_contig_free(va: *mut c_void) {
+    record(format!("contig_free {va:p}"));
+    // SAFETY: memory from the fake contigmalloc (libc), freed once by the wrapper; libc's
+    // free ignores the malloc-type argument.
+    unsafe { bindings::free(va, core::ptr::null_mut()) }
 }
 
 #[no_mangle]

@@ -61,9 +61,18 @@ fn spec(ctrl: CtrlRef, nsid: u32) -> DiskSpec {
 /// An attached controller exactly as `pci_driver::build` assembles one (engine not brought up:
 /// the fake kernel has no device model), with `nsids` namespaces.
 fn attached(k: &mut FreeBsdKernel, nsids: &[u32]) -> (Live<FreeBsdKernel, EngineGate>, CtrlRef) {
+    attached_with(k, nsids, false)
+}
+
+/// As [`attached`]; with `bring_up`, the engine is brought up first (on the
+/// [`fake_nvme`](super::fake_nvme) model the test installed), as `pci_driver::build` does.
+fn attached_with(k: &mut FreeBsdKernel, nsids: &[u32], bring_up: bool) -> (Live<FreeBsdKernel, EngineGate>, CtrlRef) {
     let d = dev();
     let bar = MemResource::alloc(d, 0x10).unwrap();
-    let engine = Box::new(Controller::new(KernelPlatform::new(d, bar), Config::default()));
+    let mut engine = Box::new(Controller::new(KernelPlatform::new(d, bar), Config::default()));
+    if bring_up {
+        engine.bring_up().expect("bring-up on the fake NVMe model");
+    }
     let (ctrl, gate) = CtrlShared::create(d, 0, engine).unwrap();
     let mut q = OwnedQueue::new(c"nvmehp_test").unwrap();
     let task = q.add_task(0, WatchdogTask(ctrl)).unwrap();
@@ -318,4 +327,79 @@ fn a_vanished_controller_is_swept_without_ej0_or_ost() {
 
     assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
     assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
+}
+
+/// Runs one read through `d_strategy` of our first disk; returns the bio, its data buffer and
+/// the bounce buffer's address (from the fake contigmalloc's record).
+fn strategy_read(buf: &mut [u8]) -> (*mut bindings::bio, String) {
+    let d0 = fk::disks()[0];
+    let bp = fk::new_bio(bindings::BIO_READ as u16, 0, buf.len() as i64);
+    let before = fk::log().len();
+    // SAFETY: a fake bio addressed to our live disk, with a data buffer of bio_bcount bytes.
+    unsafe {
+        (*bp).bio_disk = d0;
+        (*bp).bio_data = buf.as_mut_ptr().cast();
+        ((*d0).d_strategy.unwrap())(bp);
+    }
+    let log = fk::log();
+    let m = log[before..].iter().find(|l| l.starts_with("contigmalloc ")).expect("a bounce buffer").clone();
+    (bp, m.rsplit(' ').next().unwrap().into())
+}
+
+/// A read in flight on a device that ignores the shutdown and the disable (present, still
+/// able to DMA) when the controller is torn down: the bio fails with ENXIO at once, but its
+/// bounce buffer is leaked, never freed, counted and reported once; the device can still
+/// write it afterwards. The same teardown on a device that obeys frees the buffer, and a read
+/// the device completed frees its buffer after copying the data out.
+#[test]
+fn bounce_buffers_of_a_device_that_cannot_be_stopped_are_leaked_not_freed() {
+    use super::fake_nvme::FakeNvme;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for stuck in [true, false] {
+        fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+        fk::install_nvme(FakeNvme::new(stuck, false));
+        let mut k = FreeBsdKernel::new();
+        let (live, _ctrl) = attached_with(&mut k, &[1], true);
+
+        // A read the device completes: data copied out, bounce buffer freed.
+        let mut done = std::vec![0u8; 4096];
+        let (_bp, bounce) = strategy_read(&mut done);
+        fk::fire_interrupt();
+        assert!(done.iter().all(|&b| b == 0xab), "the read's data reached the bio");
+        let log = fk::log();
+        assert!(log.iter().any(|l| *l == std::format!("contig_free {bounce}")), "completed read frees its buffer: {log:#?}");
+
+        // A read the device holds, then the controller goes away under it.
+        fk::with_nvme(|d| d.hold_io = true);
+        let mut held = std::vec![0u8; 4096];
+        let (_bp, bounce) = strategy_read(&mut held);
+        let prp1 = fk::with_nvme(|d| d.held.clone());
+        assert_eq!(prp1.len(), 1);
+        assert_eq!(std::format!("{:#x}", prp1[0].1), bounce, "the device was given the bounce buffer");
+        fk::record("-- teardown --");
+        let _ = teardown(live, &mut k, Removal::Surprise);
+        let log = fk::log();
+        let t = first(&log, "-- teardown --");
+        let failed = t + first(&log[t..], "biodone");
+        assert_eq!(log[failed], std::format!("biodone error={} flags={:#x} resid=4096", bindings::ENXIO, bindings::BIO_ERROR));
+        let freed = log.iter().any(|l| *l == std::format!("contig_free {bounce}"));
+        let leak_stat = std::format!("stat {} +1", bindings::NVMEHP_STAT_LEAKED_BUFFERS);
+        let said: Vec<&String> = log.iter().filter(|l| l.contains("could not be stopped")).collect();
+        if stuck {
+            assert!(!freed, "a buffer the device may still DMA into was freed: {log:#?}");
+            assert_eq!(positions(&log, &leak_stat).len(), 1, "leak counted: {log:#?}");
+            assert_eq!(said.len(), 1, "said once: {said:#?}");
+            // The device does what it still owed: the memory is still ours, not reused.
+            fk::with_nvme(|d| d.dma_into_held());
+            // SAFETY: the leaked bounce buffer (asserted not freed above), 512 bytes written.
+            let late = unsafe { core::slice::from_raw_parts(prp1[0].1 as *const u8, 512) };
+            assert!(late.iter().all(|&b| b == 0xab));
+            assert!(held.iter().all(|&b| b == 0), "a failed read returns no data");
+        } else {
+            assert!(freed, "a stopped device's buffer is given back: {log:#?}");
+            assert!(first(&log, &std::format!("contig_free {bounce}")) > failed);
+            assert_eq!(positions(&log, &leak_stat).len(), 0);
+            assert!(said.is_empty());
+        }
+    }
 }

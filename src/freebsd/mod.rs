@@ -70,6 +70,8 @@ pub mod module;
 #[cfg(test)]
 mod fake_kernel;
 #[cfg(test)]
+mod fake_nvme;
+#[cfg(test)]
 mod kpi_tests;
 #[cfg(test)]
 mod glue_tests;

@@ -70,6 +70,8 @@ pub enum Stat {
     EjectsRefused,
     /// Failed hotplug actions.
     HotplugFailures,
+    /// Bounce buffers leaked because their controller could not be stopped.
+    LeakedBuffers,
 }
 
 impl Stat {
@@ -85,6 +87,7 @@ impl Stat {
             Stat::Ejects => bindings::NVMEHP_STAT_EJECTS,
             Stat::EjectsRefused => bindings::NVMEHP_STAT_EJECTS_REFUSED,
             Stat::HotplugFailures => bindings::NVMEHP_STAT_HOTPLUG_FAILURES,
+            Stat::LeakedBuffers => bindings::NVMEHP_STAT_LEAKED_BUFFERS,
         }
     }
 

@@ -1,0 +1,229 @@
+//! A minimal NVMe controller behind the fake kernel's `bus_read_4`/`bus_write_4`, so host tests
+//! can bring the real engine up inside the real glue (`CtrlShared`, `d_strategy`, teardown) and
+//! keep I/O in flight. DMA addresses are host pointers (the fake `pmap_kextract` is the
+//! identity), so the model reads commands and writes data and completions in place.
+//!
+//! Only what bring-up and one I/O queue need: CAP/VS/CC/CSTS, the admin queue (Identify
+//! controller, active list and namespace; Set Features; create/delete queues; an AER that is
+//! held), and I/O commands that are either completed at once (reads filled with
+//! [`FakeNvme::fill`]) or held as in flight. `stuck` makes it a present device that ignores
+//! the shutdown notification and the disable, i.e. one that may still DMA after being failed.
+
+use std::vec::Vec;
+
+const CC: u32 = 0x14;
+const CSTS: u32 = 0x1c;
+const AQA: u32 = 0x24;
+const ASQ: u32 = 0x28;
+const ACQ: u32 = 0x30;
+/// One namespace of 2048 blocks of 512 bytes.
+pub const NS_BLOCKS: u64 = 2048;
+
+/// One queue as the device sees it.
+#[derive(Default, Clone, Copy)]
+struct Ring {
+    sq: u64,
+    cq: u64,
+    entries: u16,
+    sq_head: u16,
+    cq_tail: u16,
+    phase: bool,
+}
+
+/// The device model.
+pub struct FakeNvme {
+    /// Ignores CC.SHN and CC.EN = 0: CSTS.RDY stays set, SHST never completes.
+    pub stuck: bool,
+    /// Hold I/O commands instead of completing them.
+    pub hold_io: bool,
+    /// The byte a completed read fills its buffer with.
+    pub fill: u8,
+    /// I/O commands accepted and not completed: (CID, PRP1).
+    pub held: Vec<(u16, u64)>,
+    cc: u32,
+    csts: u32,
+    aqa: u32,
+    asq: u64,
+    acq: u64,
+    admin: Ring,
+    io: Ring,
+}
+
+fn read_mem(addr: u64, buf: &mut [u8]) {
+    // SAFETY: `addr` is a bus address the engine gave the device: a live host allocation from
+    // the fake contigmalloc (identity pmap_kextract) of at least the length the command names.
+    unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) }
+}
+
+fn write_mem(addr: u64, buf: &[u8]) {
+    // SAFETY: as read_mem.
+    unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), addr as *mut u8, buf.len()) }
+}
+
+fn le32(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]])
+}
+
+impl FakeNvme {
+    /// A healthy device that holds I/O (`hold_io`) or completes it.
+    pub fn new(stuck: bool, hold_io: bool) -> FakeNvme {
+        FakeNvme {
+            stuck,
+            hold_io,
+            fill: 0xab,
+            held: Vec::new(),
+            cc: 0,
+            csts: 0,
+            aqa: 0,
+            asq: 0,
+            acq: 0,
+            admin: Ring::default(),
+            io: Ring::default(),
+        }
+    }
+
+    /// A 32-bit register read.
+    pub fn read32(&self, off: u32) -> u32 {
+        match off {
+            0x00 => 63 | 1 << 24, // MQES 63, TO 500 ms
+            0x04 => 1 << 5,       // CSS: NVM
+            0x08 => 0x0001_0400,  // 1.4
+            CC => self.cc,
+            CSTS => self.csts,
+            AQA => self.aqa,
+            _ => 0,
+        }
+    }
+
+    /// A 32-bit register write.
+    pub fn write32(&mut self, off: u32, val: u32) {
+        match off {
+            CC => self.set_cc(val),
+            AQA => self.aqa = val,
+            ASQ => self.asq = (self.asq & !0xffff_ffff) | u64::from(val),
+            0x2c => self.asq = (self.asq & 0xffff_ffff) | u64::from(val) << 32,
+            ACQ => self.acq = (self.acq & !0xffff_ffff) | u64::from(val),
+            0x34 => self.acq = (self.acq & 0xffff_ffff) | u64::from(val) << 32,
+            0x1000 => self.run_admin(val as u16),
+            0x1008 => self.run_io(val as u16),
+            _ => {}
+        }
+    }
+
+    fn set_cc(&mut self, val: u32) {
+        let was = self.cc & 1 != 0;
+        self.cc = val;
+        if self.stuck && was {
+            return; // neither disable nor shutdown takes effect
+        }
+        if val & (3 << 14) != 0 {
+            self.csts = (self.csts & !(3 << 2)) | (2 << 2); // SHST: complete
+        }
+        match (was, val & 1 != 0) {
+            (false, true) => {
+                let n = (self.aqa & 0xfff) as u16 + 1;
+                self.admin = Ring { sq: self.asq, cq: self.acq, entries: n, phase: true, ..Ring::default() };
+                self.io = Ring::default();
+                self.csts = 1;
+            }
+            (true, false) => self.csts &= !1,
+            _ => {}
+        }
+    }
+
+    fn post(ring: &mut Ring, qid: u16, cid: u16, dw0: u32, status: u16) {
+        let mut e = [0u8; 16];
+        e[0..4].copy_from_slice(&dw0.to_le_bytes());
+        e[8..10].copy_from_slice(&ring.sq_head.to_le_bytes());
+        e[10..12].copy_from_slice(&qid.to_le_bytes());
+        e[12..14].copy_from_slice(&cid.to_le_bytes());
+        e[14..16].copy_from_slice(&((status << 1) | u16::from(ring.phase)).to_le_bytes());
+        write_mem(ring.cq + u64::from(ring.cq_tail) * 16, &e);
+        ring.cq_tail += 1;
+        if ring.cq_tail == ring.entries {
+            ring.cq_tail = 0;
+            ring.phase = !ring.phase;
+        }
+    }
+
+    fn next_sqe(ring: &mut Ring, tail: u16) -> Option<[u8; 64]> {
+        if ring.entries == 0 || ring.sq_head == tail {
+            return None;
+        }
+        let mut sqe = [0u8; 64];
+        read_mem(ring.sq + u64::from(ring.sq_head) * 64, &mut sqe);
+        ring.sq_head = (ring.sq_head + 1) % ring.entries;
+        Some(sqe)
+    }
+
+    fn run_admin(&mut self, tail: u16) {
+        while let Some(sqe) = Self::next_sqe(&mut self.admin, tail) {
+            let (op, cid) = (sqe[0], le32(&sqe, 0) >> 16);
+            let (nsid, prp1, cdw10) = (le32(&sqe, 1), u64::from(le32(&sqe, 6)) | u64::from(le32(&sqe, 7)) << 32, le32(&sqe, 10));
+            let mut dw0 = 0;
+            match op {
+                0x06 => {
+                    let mut page = [0u8; 4096];
+                    match cdw10 & 0xff {
+                        1 => {
+                            page[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
+                            page[4..24].copy_from_slice(b"FAKE0001            ");
+                            page[24..64].copy_from_slice(&[b'f'; 40]);
+                            page[77] = 5; // MDTS: 128 KiB
+                            page[512] = 0x66;
+                            page[513] = 0x44;
+                            page[516..520].copy_from_slice(&1u32.to_le_bytes());
+                        }
+                        2 if nsid < 1 => page[0..4].copy_from_slice(&1u32.to_le_bytes()),
+                        2 => {}
+                        _ if nsid == 1 => {
+                            for o in [0, 8, 16] {
+                                page[o..o + 8].copy_from_slice(&NS_BLOCKS.to_le_bytes());
+                            }
+                            page[128..132].copy_from_slice(&(9u32 << 16).to_le_bytes());
+                        }
+                        _ => {}
+                    }
+                    write_mem(prp1, &page);
+                }
+                0x05 => {
+                    self.io.cq = prp1;
+                    self.io.entries = (cdw10 >> 16) as u16 + 1;
+                    self.io.phase = true;
+                }
+                0x01 => self.io.sq = prp1,
+                0x0c => continue, // AER: held until an event (never, here)
+                _ => {}
+            }
+            if op == 0x09 && cdw10 & 0xff == 0x07 {
+                dw0 = 0; // one SQ and one CQ
+            }
+            Self::post(&mut self.admin, 0, cid as u16, dw0, 0);
+        }
+    }
+
+    fn run_io(&mut self, tail: u16) {
+        while let Some(sqe) = Self::next_sqe(&mut self.io, tail) {
+            let (op, cid) = (sqe[0], (le32(&sqe, 0) >> 16) as u16);
+            let prp1 = u64::from(le32(&sqe, 6)) | u64::from(le32(&sqe, 7)) << 32;
+            if self.hold_io {
+                self.held.push((cid, prp1));
+                continue;
+            }
+            if op == 0x02 {
+                let blocks = (le32(&sqe, 12) & 0xffff) as usize + 1;
+                // One page at most in these tests: PRP1 covers it.
+                write_mem(prp1, &std::vec![self.fill; (blocks * 512).min(4096)]);
+            }
+            Self::post(&mut self.io, 1, cid, 0, 0);
+        }
+    }
+
+    /// The device finally does what it still owes: writes `fill` into the buffer of every held
+    /// read (one page each), as a runaway DMA engine would.
+    pub fn dma_into_held(&self) {
+        for &(_, prp1) in &self.held {
+            write_mem(prp1, &[self.fill; 512]);
+        }
+    }
+}
