@@ -56,14 +56,20 @@ impl Bio {
         }
     }
 
-    /// Byte offset on the disk.
-    pub fn offset(&self) -> u64 {
-        self.get().bio_offset as u64
+    /// Byte offset on the disk, as GEOM set it (an `off_t`: validate before use).
+    pub fn offset(&self) -> i64 {
+        self.get().bio_offset
     }
 
-    /// Length in bytes.
+    /// `bio_bcount` as GEOM set it (a `long`: validate before use).
+    pub fn bcount(&self) -> i64 {
+        self.get().bio_bcount
+    }
+
+    /// Length of the data in bytes; 0 for a negative `bio_bcount` (which GEOM never sends and
+    /// the driver refuses), so the data slices below can never be larger than the request.
     pub fn len(&self) -> usize {
-        self.get().bio_bcount as usize
+        usize::try_from(self.get().bio_bcount).unwrap_or(0)
     }
 
     /// True for a zero-length request.

@@ -19,7 +19,7 @@
 //! plain [`CtrlRef`] pointer, no reference count (drain, don't refcount).
 
 use super::alloc::box_waitok;
-use super::bio::{Bio, BioCmd};
+use super::bio::Bio;
 use super::bindings;
 use super::callout::CalloutHandler;
 use super::clock::sleep_ms;
@@ -28,6 +28,7 @@ use super::device::Device;
 use super::dma::{ContigDma, ContigRegion};
 use super::intr::InterruptHandler;
 use super::mutex::Mutex;
+use super::ns_disk::Xfer;
 use super::platform::KernelPlatform;
 use super::taskqueue::{Task, TaskHandler};
 use super::tunables::Stat;
@@ -385,17 +386,11 @@ impl CtrlShared {
     }
 
     /// `d_strategy`'s work for a namespace: bounce, submit; or finish the bio with an errno.
-    pub fn start_bio(&self, bio: Bio, nsid: u32, lba_shift: u32) {
-        let sector = 1u64 << lba_shift;
-        let (op, len) = match bio.cmd() {
-            BioCmd::Read => (IoOp::Read, bio.len()),
-            BioCmd::Write => (IoOp::Write, bio.len()),
-            BioCmd::Flush => (IoOp::Flush, 0),
-            BioCmd::Delete | BioCmd::Other(_) => return bio.fail(bindings::EOPNOTSUPP),
-        };
-        if op != IoOp::Flush && (len == 0 || !bio.offset().is_multiple_of(sector) || !(len as u64).is_multiple_of(sector)) {
-            return bio.fail(bindings::EINVAL);
-        }
+    /// `x` is the bio already validated against the disk ([`super::ns_disk::Xfer`]): `len`
+    /// is at most the disk's `d_maxsize`, so the bounce allocation is bounded, and an ENOMEM
+    /// (which GEOM retries) can only mean a transient shortage.
+    pub fn start_bio(&self, bio: Bio, nsid: u32, x: Xfer) {
+        let (op, len) = (x.op, x.len);
         // The bounce buffer is allocated before the lock is taken (contigmalloc M_NOWAIT).
         let buf = if op == IoOp::Flush {
             None
@@ -412,8 +407,8 @@ impl CtrlShared {
             tag: 0,
             nsid,
             op,
-            lba: bio.offset() >> lba_shift,
-            blocks: (len as u64 >> lba_shift) as u32,
+            lba: x.lba,
+            blocks: x.blocks,
             data: DataBuf { bus_addr: buf.as_ref().map_or(0, |b| b.bus_addr()), len },
         };
         let r = self.state.lock().submit(bio, req, buf);

@@ -12,23 +12,101 @@
 //!
 //! So no reference count is needed: the link mutex is the drain for `d_strategy`, and the
 //! controller memory is freed only after every link to it was severed.
+//!
+//! **Every bio is checked** against the disk's geometry ([`Geometry::check`]) before any
+//! memory is allocated for it, although GEOM's `g_io_check` already filters what consumers
+//! send: a bio that slipped past it (negative, misaligned, beyond the media, larger than
+//! `d_maxsize`) must end as EINVAL or EIO, never as an oversized allocation, a wrapped LBA,
+//! or an ENOMEM that GEOM would retry for ever.
 
 use super::bindings;
-use super::bio::Bio;
+use super::bio::{Bio, BioCmd};
 use super::ctrl::CtrlRef;
 use super::disk::{DiskParams, GoneDisk};
 use super::kernel::{FreeBsdKernel, KDisk};
 use super::mutex::Mutex;
+use crate::nvme::IoOp;
 use alloc::boxed::Box;
 use core::ffi::c_int;
 use core::pin::Pin;
+
+/// The shape of one namespace's disk, as published to GEOM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// log2 of the sector (LBA) size.
+    pub lba_shift: u32,
+    /// Capacity in sectors (`d_mediasize >> lba_shift`).
+    pub blocks: u64,
+    /// `d_maxsize`: the largest transfer accepted, in bytes.
+    pub max_io: u32,
+}
+
+/// A bio that passed [`Geometry::check`]: what to ask the engine for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Xfer {
+    /// Read, write or flush.
+    pub op: IoOp,
+    /// First sector (0 for a flush).
+    pub lba: u64,
+    /// Sectors (0 for a flush).
+    pub blocks: u32,
+    /// Bytes of data (0 for a flush), at most `max_io`.
+    pub len: usize,
+}
+
+/// What [`Geometry::check`] decided for a bio.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Hand it to the controller.
+    Submit(Xfer),
+    /// Nothing to transfer (zero length): complete it successfully, as GEOM itself does.
+    Done,
+    /// Complete it with this errno.
+    Fail(c_int),
+}
+
+impl Geometry {
+    /// Validates a bio (command, `bio_offset`, `bio_bcount`) with the rules of GEOM's
+    /// `g_io_check`: misaligned or negative → EINVAL; starting or ending beyond the media →
+    /// EIO; zero length → done. Larger than `d_maxsize` → EINVAL (GEOM splits at it, so only
+    /// a broken caller gets there, and its bounce buffer must not be allocated). BIO_DELETE
+    /// and anything else → EOPNOTSUPP (the disk does not advertise them). No arithmetic here
+    /// can overflow: every sum is checked.
+    pub fn check(&self, cmd: BioCmd, offset: i64, bcount: i64) -> Verdict {
+        let op = match cmd {
+            BioCmd::Read => IoOp::Read,
+            BioCmd::Write => IoOp::Write,
+            BioCmd::Flush => return Verdict::Submit(Xfer { op: IoOp::Flush, lba: 0, blocks: 0, len: 0 }),
+            BioCmd::Delete | BioCmd::Other(_) => return Verdict::Fail(bindings::EOPNOTSUPP),
+        };
+        let (Ok(offset), Ok(len)) = (u64::try_from(offset), u64::try_from(bcount)) else {
+            return Verdict::Fail(bindings::EINVAL);
+        };
+        let sector_mask = (1u64 << self.lba_shift) - 1;
+        if offset & sector_mask != 0 || len & sector_mask != 0 {
+            return Verdict::Fail(bindings::EINVAL);
+        }
+        let (lba, blocks) = (offset >> self.lba_shift, len >> self.lba_shift);
+        if lba.checked_add(blocks).is_none_or(|end| end > self.blocks) {
+            return Verdict::Fail(bindings::EIO);
+        }
+        if len == 0 {
+            return Verdict::Done;
+        }
+        if len > u64::from(self.max_io) {
+            return Verdict::Fail(bindings::EINVAL);
+        }
+        // len <= max_io (a u32), so both conversions are lossless.
+        Verdict::Submit(Xfer { op, lba, blocks: blocks as u32, len: len as usize })
+    }
+}
 
 /// What `d_strategy` needs for one namespace, and whether the disk is open.
 pub struct DiskLink {
     /// The controller; `None` once the teardown gave the disk up.
     ctrl: Option<CtrlRef>,
     nsid: u32,
-    lba_shift: u32,
+    geometry: Geometry,
     /// GEOM has the provider open (between `d_open` and `d_close`).
     opened: bool,
 }
@@ -83,7 +161,12 @@ impl DiskCtx {
     pub unsafe fn init(mem: *mut DiskCtx, unit: u32, spec: &DiskSpec) -> Option<DiskParams<'_>> {
         let link = Mutex::new_boxed(
             c"nvmehp disk",
-            DiskLink { ctrl: Some(spec.ctrl), nsid: spec.nsid, lba_shift: spec.lba_shift, opened: false },
+            DiskLink {
+                ctrl: Some(spec.ctrl),
+                nsid: spec.nsid,
+                geometry: Geometry { lba_shift: spec.lba_shift, blocks: spec.media_size >> spec.lba_shift, max_io: spec.max_io },
+                opened: false,
+            },
         )?;
         // SAFETY: the link is pinned and never moved: only its address is kept, and it is
         // turned back into a box only in `release`.
@@ -150,11 +233,13 @@ unsafe extern "C" fn disk_strategy(bp: *mut bindings::bio) {
         return bio.fail(bindings::ENXIO);
     };
     let link = ctx.link().lock();
-    match link.ctrl {
+    let Some(ctrl) = link.ctrl else { return bio.fail(bindings::ENXIO) };
+    match link.geometry.check(bio.cmd(), bio.offset(), bio.bcount()) {
         // The link mutex stays held while the bio is handed over, so a concurrent sever (and
         // the controller's free after it) waits until the controller no longer needs `ctrl`.
-        Some(ctrl) => ctrl.start_bio(bio, link.nsid, link.lba_shift),
-        None => bio.fail(bindings::ENXIO),
+        Verdict::Submit(x) => ctrl.start_bio(bio, link.nsid, x),
+        Verdict::Done => bio.done(),
+        Verdict::Fail(errno) => bio.fail(errno),
     }
 }
 
@@ -182,4 +267,54 @@ unsafe extern "C" fn disk_gone_cb(dp: *mut bindings::disk) {
     let Some(gone) = (unsafe { GoneDisk::in_d_gone(dp) }) else { return };
     let mut k = FreeBsdKernel::new();
     crate::hotplug::teardown::on_disk_gone(&mut k, KDisk::Gone(gone));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 512-byte sectors, 1 MiB, d_maxsize 128 KiB.
+    const G: Geometry = Geometry { lba_shift: 9, blocks: 2048, max_io: 128 * 1024 };
+
+    fn read(offset: i64, bcount: i64) -> Verdict {
+        G.check(BioCmd::Read, offset, bcount)
+    }
+
+    #[test]
+    fn a_valid_read_becomes_sectors() {
+        assert_eq!(read(4096, 8192), Verdict::Submit(Xfer { op: IoOp::Read, lba: 8, blocks: 16, len: 8192 }));
+        // The very last sector.
+        assert_eq!(read((2048 - 1) * 512, 512), Verdict::Submit(Xfer { op: IoOp::Read, lba: 2047, blocks: 1, len: 512 }));
+    }
+
+    #[test]
+    fn misaligned_or_negative_is_einval() {
+        for (o, c) in [(1, 512), (512, 1), (0, 511), (-512, 512), (0, -512), (i64::MIN, 512), (0, i64::MIN)] {
+            assert_eq!(read(o, c), Verdict::Fail(bindings::EINVAL), "offset {o} bcount {c}");
+        }
+    }
+
+    #[test]
+    fn beyond_the_media_is_eio_without_overflow() {
+        assert_eq!(read(2048 * 512, 512), Verdict::Fail(bindings::EIO), "starts at the end");
+        assert_eq!(read(2047 * 512, 1024), Verdict::Fail(bindings::EIO), "ends past it");
+        let huge = i64::MAX & !511;
+        assert_eq!(read(huge, 512), Verdict::Fail(bindings::EIO));
+        assert_eq!(read(512, huge), Verdict::Fail(bindings::EIO));
+    }
+
+    #[test]
+    fn zero_length_is_done_and_oversized_is_refused() {
+        assert_eq!(read(0, 0), Verdict::Done);
+        assert_eq!(read(2048 * 512, 0), Verdict::Done, "zero bytes at the end, as GEOM allows");
+        assert_eq!(read(0, 128 * 1024 + 512), Verdict::Fail(bindings::EINVAL));
+    }
+
+    #[test]
+    fn flush_delete_and_others() {
+        assert_eq!(G.check(BioCmd::Flush, 0, 0), Verdict::Submit(Xfer { op: IoOp::Flush, lba: 0, blocks: 0, len: 0 }));
+        assert_eq!(G.check(BioCmd::Delete, 0, 512), Verdict::Fail(bindings::EOPNOTSUPP));
+        assert_eq!(G.check(BioCmd::Other(9), 0, 512), Verdict::Fail(bindings::EOPNOTSUPP));
+        assert_eq!(G.check(BioCmd::Write, 512, 512), Verdict::Submit(Xfer { op: IoOp::Write, lba: 1, blocks: 1, len: 512 }));
+    }
 }
