@@ -84,7 +84,7 @@ mod kld {
     /// Kernel variables referenced by the glue (kobj method descriptors, the sysctl parent
     /// node, the stack guard) or by every module (the pcpu linker set bounds of <sys/pcpu.h>).
     const KPI_VARIABLES: &[&str] = &[
-        "device_probe_desc", "device_attach_desc", "device_detach_desc",
+        "device_probe_desc", "device_attach_desc", "device_detach_desc", "device_shutdown_desc",
         "bus_read_ivar_desc", "bus_write_ivar_desc", "bus_rescan_desc",
         "pci_read_config_desc", "pci_write_config_desc", "pcib_read_config_desc",
         "pci_enable_busmaster_desc", "pci_alloc_msix_desc", "pci_release_msi_desc",
@@ -160,7 +160,7 @@ mod kld {
             .allowlist_type("ACPI_BUFFER")
             .allowlist_type("intr_type")
             // ... except the Rust entry points, which the glue calls and Rust defines.
-            .blocklist_function("nvmehp_(probe|attach|detach|modevent)");
+            .blocklist_function("nvmehp_(probe|attach|detach|shutdown|modevent)");
         for f in KPI_FUNCTIONS {
             b = b.allowlist_function(format!("^{f}$"));
         }

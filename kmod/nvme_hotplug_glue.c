@@ -156,6 +156,7 @@ static device_method_t nvmehp_methods[] = {
 	DEVMETHOD(device_probe,		nvmehp_probe),
 	DEVMETHOD(device_attach,	nvmehp_attach),
 	DEVMETHOD(device_detach,	nvmehp_detach),
+	DEVMETHOD(device_shutdown,	nvmehp_shutdown),
 	DEVMETHOD_END
 };
 

@@ -159,6 +159,7 @@ void	__stack_chk_fail(void);
 int	nvmehp_probe(device_t dev);
 int	nvmehp_attach(device_t dev);
 int	nvmehp_detach(device_t dev);
+int	nvmehp_shutdown(device_t dev);
 int	nvmehp_modevent(module_t mod, int what, void *arg);
 #endif
 

@@ -473,6 +473,21 @@ impl EngineGate {
     }
 }
 
+impl EngineGate {
+    /// DEVICE_SHUTDOWN (reboot, halt, power-off): the controller must get the normal shutdown
+    /// notification, which makes it flush its volatile write cache, before power goes away;
+    /// otherwise writes already reported done could be lost. Requests in flight are given the
+    /// bounded time an announced removal gives them, the rest fail with ENXIO, and the engine
+    /// then sends CC.SHN and disables the device (its `fail_all`). New I/O and opens are
+    /// refused from here on; nodes and disks stay (the system is going down, and a detach may
+    /// still follow).
+    pub fn shutdown(&mut self) {
+        self.mark_gone();
+        self.quiesce();
+        let _ = self.fail_all();
+    }
+}
+
 impl IoGate for EngineGate {
     fn mark_gone(&mut self) {
         let mut st = self.ctrl.state.lock();

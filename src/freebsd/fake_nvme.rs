@@ -40,6 +40,8 @@ pub struct FakeNvme {
     pub fill: u8,
     /// I/O commands accepted and not completed: (CID, PRP1).
     pub held: Vec<(u16, u64)>,
+    /// A normal shutdown notification (CC.SHN = 01b) arrived while the device was enabled.
+    pub shutdown_notified: bool,
     cc: u32,
     csts: u32,
     aqa: u32,
@@ -72,6 +74,7 @@ impl FakeNvme {
             hold_io,
             fill: 0xab,
             held: Vec::new(),
+            shutdown_notified: false,
             cc: 0,
             csts: 0,
             aqa: 0,
@@ -113,6 +116,9 @@ impl FakeNvme {
     fn set_cc(&mut self, val: u32) {
         let was = self.cc & 1 != 0;
         self.cc = val;
+        if was && val & (3 << 14) == 1 << 14 {
+            self.shutdown_notified = true;
+        }
         if self.stuck && was {
             return; // neither disable nor shutdown takes effect
         }

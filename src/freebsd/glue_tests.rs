@@ -444,3 +444,32 @@ fn strategy_refuses_bad_bios_before_allocating() {
     }
     let _ = teardown(live, &mut k, Removal::Surprise);
 }
+
+/// DEVICE_SHUTDOWN's work on an attached controller: the normal shutdown notification reaches
+/// the device (its write cache is flushed before power-off), the device is disabled, and I/O
+/// arriving afterwards fails with ENXIO instead of reaching a shut-down controller.
+#[test]
+fn shutdown_notifies_the_controller_and_refuses_later_io() {
+    use super::fake_nvme::FakeNvme;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+    fk::install_nvme(FakeNvme::new(false, false));
+    let mut k = FreeBsdKernel::new();
+    let (mut live, _ctrl) = attached_with(&mut k, &[1], true);
+    assert!(!fk::with_nvme(|d| d.shutdown_notified));
+    live.io().shutdown();
+    assert!(fk::with_nvme(|d| d.shutdown_notified), "CC.SHN = normal shutdown was sent");
+    assert_eq!(fk::with_nvme(|d| d.read32(0x1c)) & 1, 0, "and the controller disabled");
+    let d0 = fk::disks()[0];
+    let bp = fk::new_bio(bindings::BIO_WRITE as u16, 0, 512);
+    let mut data = [0u8; 512];
+    // SAFETY: a fake bio addressed to our live disk, with 512 bytes of data.
+    unsafe {
+        (*bp).bio_disk = d0;
+        (*bp).bio_data = data.as_mut_ptr().cast();
+        ((*d0).d_strategy.unwrap())(bp);
+    }
+    let log = fk::log();
+    assert_eq!(log[last(&log, "biodone")], std::format!("biodone error={} flags={:#x} resid=512", bindings::ENXIO, bindings::BIO_ERROR));
+    let _ = teardown(live, &mut k, Removal::Surprise);
+}

@@ -380,6 +380,28 @@ pub unsafe extern "C" fn nvmehp_attach(dev: device_t) -> c_int {
     0
 }
 
+/// DEVICE_SHUTDOWN: shut the controller down cleanly before the system halts or reboots
+/// ([`EngineGate::shutdown`]: flushes its write cache). Sleeps briefly at most (a bounded
+/// quiesce; pause(9) busy-waits by itself after a panic).
+///
+/// # Safety
+/// Called by newbus (through the glue's method table) with a live device.
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_shutdown(dev: device_t) -> c_int {
+    // SAFETY: newbus passes a live device of ours.
+    let Some(dev) = (unsafe { Device::from_raw(dev) }) else {
+        return 0;
+    };
+    // The softc's state is only touched under the topology lock (see Attached); newbus may not
+    // hold it on the shutdown path, and taking it again is allowed (it is recursive).
+    let _topo = TopoLock::lock();
+    // SAFETY: ours, under the topology lock.
+    if let Some(live) = unsafe { attached(dev) }.and_then(|a| a.live.as_mut()) {
+        live.io().shutdown();
+    }
+    0
+}
+
 /// DEVICE_DETACH: the teardown typestate. Sleepable context, bus_topo_lock held by newbus.
 ///
 /// # Safety
