@@ -1,7 +1,9 @@
 //! One I/O request (`struct bio`) handed to a disk's `d_strategy`.
 //!
 //! A [`Bio`] is the driver's obligation to complete the request exactly once: it can only be
-//! consumed by [`Bio::done`] or [`Bio::fail`], which call `biodone(9)`.
+//! consumed by [`Bio::done`] or [`Bio::fail`], which call `biodone(9)`. Dropping one any other
+//! way would be a driver bug that leaves its consumer waiting for ever; the `Drop` safety net
+//! completes it with EIO instead (and says so).
 
 use super::bindings;
 use core::ffi::{c_int, c_void};
@@ -116,8 +118,8 @@ impl Bio {
 
     /// Completes the request successfully: everything was transferred.
     pub fn done(self) {
-        let bp = self.raw.as_ptr();
-        // SAFETY: our bio, completed once (consumed).
+        let bp = core::mem::ManuallyDrop::new(self).raw.as_ptr();
+        // SAFETY: our bio, completed once (consumed, and Drop will not run).
         unsafe {
             (*bp).bio_resid = 0;
             bindings::biodone(bp);
@@ -126,13 +128,31 @@ impl Bio {
 
     /// Completes the request with `errno`; nothing counts as transferred.
     pub fn fail(self, errno: c_int) {
-        let bp = self.raw.as_ptr();
-        // SAFETY: our bio, completed once (consumed).
-        unsafe {
-            (*bp).bio_error = errno;
-            (*bp).bio_flags |= bindings::BIO_ERROR as u16;
-            (*bp).bio_resid = (*bp).bio_bcount;
-            bindings::biodone(bp);
-        }
+        let bp = core::mem::ManuallyDrop::new(self).raw.as_ptr();
+        // SAFETY: as in done.
+        unsafe { complete_with_error(bp, errno) }
+    }
+}
+
+/// Sets the error fields and calls biodone.
+///
+/// # Safety
+/// `bp` is a bio owned by the driver and not yet completed; it is completed here.
+unsafe fn complete_with_error(bp: *mut bindings::bio, errno: c_int) {
+    // SAFETY: per the contract.
+    unsafe {
+        (*bp).bio_error = errno;
+        (*bp).bio_flags |= bindings::BIO_ERROR as u16;
+        (*bp).bio_resid = (*bp).bio_bcount;
+        bindings::biodone(bp);
+    }
+}
+
+impl Drop for Bio {
+    /// Only reached if a code path forgot to complete the bio (done and fail skip it).
+    fn drop(&mut self) {
+        crate::kprintf!("nvme_hotplug: bug: a bio was dropped without completion; failing it with EIO\n");
+        // SAFETY: the bio is still ours (neither done nor fail consumed it) and is completed once.
+        unsafe { complete_with_error(self.raw.as_ptr(), bindings::EIO) }
     }
 }

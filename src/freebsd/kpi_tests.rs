@@ -374,3 +374,20 @@ fn failed_bio_reports_error_and_full_residual() {
     let log = fk::log();
     assert_eq!(log, [std::format!("biodone error={} flags={:#x} resid=8192", bindings::ENXIO, bindings::BIO_ERROR)]);
 }
+
+#[test]
+fn a_bio_dropped_without_completion_is_failed_once_with_eio() {
+    fk::reset(Knobs::default());
+    let bp = fk::new_bio(bindings::BIO_READ as u16, 0, 512);
+    // SAFETY: a fake bio as d_strategy would receive it.
+    drop(unsafe { Bio::from_strategy(bp) }.unwrap());
+    let bp2 = fk::new_bio(bindings::BIO_READ as u16, 0, 512);
+    // SAFETY: as above.
+    unsafe { Bio::from_strategy(bp2) }.unwrap().done();
+    let done: Vec<String> = fk::log().into_iter().filter(|l| l.starts_with("biodone")).collect();
+    assert_eq!(
+        done,
+        [std::format!("biodone error={} flags={:#x} resid=512", bindings::EIO, bindings::BIO_ERROR), "biodone error=0 flags=0x0 resid=0".into()],
+        "the dropped bio is failed once, a completed one is not completed again"
+    );
+}
