@@ -370,7 +370,10 @@ impl CtrlShared {
                 dev_printf!(&self.dev, "cannot add sysctl dev.nvmehp.{}.{:?}\n", self.unit, name);
             }
         }
-        self.state.lock().sysctls = Some(s);
+        // A previous context (never, attach publishes once) would be dropped after the unlock:
+        // sysctl_ctx_free sleeps.
+        let old = self.state.lock().sysctls.replace(s);
+        drop(old);
     }
 
     /// Copies the engine's counters for sysctl (under the lock, from the watchdog).
