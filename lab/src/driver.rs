@@ -358,6 +358,16 @@ impl Driver {
     }
 
     fn free(&mut self, w: &mut World) {
+        if self.ctrl.as_ref().is_some_and(|c| !c.dma_stopped()) {
+            // fail_all could not stop a device that is still there: the buffers of the
+            // requests it failed may still be DMA targets. Leak them (as the engine leaks its
+            // rings) rather than reuse them; the leak is reported, never hidden.
+            w.violation(format!("{}: the device could not be stopped; its requests' buffers are leaked", self.id));
+            let id = self.id.clone();
+            for job in w.jobs.iter_mut().filter(|j| j.target.ctrl == id) {
+                job.taint();
+            }
+        }
         if let Some(ctrl) = self.ctrl.take() {
             let _ = guard(&mut w.report, "drop", move || drop(ctrl));
         }

@@ -427,6 +427,13 @@ impl IoJob {
         n
     }
 
+    /// The device these requests went to could not be stopped (`Controller::dma_stopped` is
+    /// false after its requests were failed): it may still read or write any of this job's
+    /// buffers, so they are leaked at the end instead of freed (and show as leaked bytes).
+    pub fn taint(&mut self) {
+        self.tainted = true;
+    }
+
     /// Releases the DMA buffers. Only valid once nothing is in flight (the device might still
     /// write into a buffer of a request that was not completed); otherwise they are leaked on
     /// purpose and show up in `leaked_bytes`.
