@@ -329,17 +329,41 @@ impl<H: NotifyHandler> NotifyRegistration<H> {
     }
 }
 
-impl<H: NotifyHandler> Drop for NotifyRegistration<H> {
-    fn drop(&mut self) {
+impl<H: NotifyHandler> NotifyRegistration<H> {
+    /// `AcpiRemoveNotifyHandler` for exactly the (object, type, function) of `install`.
+    fn remove_raw(&self) -> u32 {
         // SAFETY: removes exactly the (object, type, function) installed in `install`; ACPICA
         // waits for running handlers before returning, so the context is unused afterwards.
-        let st = unsafe {
+        unsafe {
             bindings::AcpiRemoveNotifyHandler(
                 self.handle.as_raw(),
                 bindings::ACPI_SYSTEM_NOTIFY as u32,
                 Some(notify_trampoline::<H>),
             )
-        };
+        }
+    }
+
+    /// Removes the handler and frees its context. On failure the registration is given back:
+    /// the handler may still be installed, so neither its context nor the code it calls (the
+    /// module) may go away; module unload must then be refused.
+    pub fn remove(self) -> Result<(), (AcpiStatus, Self)> {
+        let st = self.remove_raw();
+        if st != bindings::NVMEHP_AE_OK {
+            return Err((AcpiStatus(st), self));
+        }
+        let mut this = ManuallyDrop::new(self);
+        // SAFETY: the handler is removed and no call is running: the context is unused, and it
+        // is dropped exactly once (`this` is never dropped).
+        unsafe { ManuallyDrop::drop(&mut this.context) };
+        Ok(())
+    }
+}
+
+impl<H: NotifyHandler> Drop for NotifyRegistration<H> {
+    /// Last resort when [`NotifyRegistration::remove`] was not used: on failure the context is
+    /// leaked (the owner must then keep the module loaded).
+    fn drop(&mut self) {
+        let st = self.remove_raw();
         if st == bindings::NVMEHP_AE_OK {
             // SAFETY: the handler is removed and no call is running: the context is unused,
             // and it is dropped exactly once.

@@ -71,6 +71,11 @@ pub fn reset(knobs: Knobs) {
     NVME.with(|n| *n.borrow_mut() = None);
 }
 
+/// Changes the failure knobs in the middle of a test (the log and fakes are kept).
+pub fn set_knobs(knobs: Knobs) {
+    KNOBS.with(|k| k.set(knobs));
+}
+
 /// Everything recorded since `reset`, in order.
 pub fn log() -> Vec<String> {
     LOG.with(|l| l.borrow().clone())

@@ -11,9 +11,11 @@
 //!   by it (counted in the node's thread count) or refused by the flag.
 //! - **MOD_UNLOAD**: newbus first detaches every nvmehp device (each runs the teardown
 //!   typestate; one that is in use refuses with EBUSY and the unload stops), then calls us. We
-//!   run `hotplug::unload::unload`: remove our ACPI handlers (from this thread, never an ACPI
-//!   task thread), drain the fallback callout and our task queue, destroy_dev_drain, wait for
-//!   every `d_gone`, free the queue. No controller is left for its teardown step.
+//!   remove our ACPI handlers (from this thread, never an ACPI task thread) and refuse with
+//!   EBUSY if one cannot be removed (it could still call into this module's code), then run
+//!   `hotplug::unload::unload`: drain the fallback callout and our task queue,
+//!   destroy_dev_drain, wait for every `d_gone`, free the queue. No controller is left for its
+//!   teardown step.
 
 use super::bindings::{self, module_t};
 use super::bus_topo::TopoLock;
@@ -101,15 +103,35 @@ fn unload_module() -> c_int {
     let mut m = *unsafe { alloc::boxed::Box::from_raw(p) };
     // Nothing new from here: no enqueues, re-arms or discovery; the running task finished.
     m.stop();
-    let mut k = FreeBsdKernel::new();
+    // Our ACPI handlers go first, from this (unload) thread, never an ACPI task thread. One
+    // that cannot be removed may still be called: its context and the module's code must stay,
+    // so the unload is refused before anything else is torn down (the hotplug machinery stays
+    // stopped; the next kldunload retries).
+    let mut handlers = 0u32;
+    let mut stuck = Vec::new();
     for reg in m.take_notify_handlers() {
-        if let Err(reg) = k.keep_notify(reg) {
-            drop(reg); // removed right here, on this (unload) thread
+        match reg.remove() {
+            Ok(()) => handlers += 1,
+            Err((st, reg)) => {
+                kprintf!("nvme_hotplug: AcpiRemoveNotifyHandler({:?}) failed: {}\n", reg.handle(), st);
+                if stuck.try_reserve(1).is_ok() {
+                    stuck.push(reg);
+                } else {
+                    drop(reg); // tries once more; leaks its context if that fails too
+                }
+            }
         }
     }
+    if !stuck.is_empty() {
+        kprintf!("nvme_hotplug: {} ACPI notify handlers still installed: not unloading (ACPI hotplug stopped)\n", stuck.len());
+        m.keep_notify_handlers(stuck);
+        HOTPLUG_MODULE.store(alloc::boxed::Box::into_raw(super::alloc::box_waitok(m)), Ordering::Release);
+        UNLOADING.store(false, Ordering::Release);
+        return bindings::EBUSY;
+    }
+    let mut k = FreeBsdKernel::new();
     let mut fallback = m.take_fallback();
     let queue = m.queue.take();
-    let handlers = k.notify_handlers();
     match unload::<FreeBsdKernel, EngineGate>(&mut k, Vec::new(), fallback.as_mut(), queue) {
         Ok(_) => {}
         Err(r) => {

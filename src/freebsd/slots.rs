@@ -583,6 +583,23 @@ impl HotplugModule {
         hp.disc().map(|d| core::mem::take(&mut *d.notify.lock())).unwrap_or_default()
     }
 
+    /// Gives back handlers that could not be removed (unload refused): they stay with the
+    /// module, whose memory and code they need, and are tried again at the next unload.
+    pub fn keep_notify_handlers(&self, regs: Vec<NotifyRegistration<SlotNotify>>) {
+        // SAFETY: alive until `finish`.
+        let hp = unsafe { self.hp.as_ref() };
+        let Some(d) = hp.disc() else { return };
+        let mut v = d.notify.lock();
+        if v.try_reserve(regs.len()).is_ok() {
+            v.extend(regs);
+        } else {
+            drop(v);
+            // No memory to keep them: dropping tries the removal once more and leaks each
+            // context whose handler stays installed (the module stays loaded either way).
+            drop(regs);
+        }
+    }
+
     /// The fallback callout, if armed, for the unload order to drain.
     pub fn take_fallback(&self) -> Option<Timer> {
         // SAFETY: alive until `finish`.
