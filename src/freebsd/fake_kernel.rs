@@ -821,7 +821,8 @@ pub unsafe extern "C" fn disk_gone(d: *mut disk) {
 
 #[no_mangle]
 pub unsafe extern "C" fn disk_destroy(_d: *mut disk) {
-    record("disk_destroy");
+    // What MOD_UNLOAD would see at this moment (it must still count this disk).
+    record(format!("disk_destroy disks_live={}", super::kernel::disks_live()));
 }
 
 #[no_mangle]

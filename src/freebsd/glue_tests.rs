@@ -162,9 +162,13 @@ fn teardown_of_a_controller_runs_the_typestate_order_through_the_kpi() {
     assert_eq!(done, &std::format!("biodone error={} flags={:#x} resid=4096", bindings::ENXIO, bindings::BIO_ERROR));
     assert_eq!(positions(&log, "contigmalloc").len(), 0, "no bounce buffer for a bio refused at the link");
 
-    // GEOM's last close: d_gone destroys the disk and frees its context.
-    for d in fk::disks() {
+    // GEOM's last close: d_gone destroys the disk and frees its context, and only then stops
+    // counting it (MOD_UNLOAD waits for that count: module code must not run after it).
+    for (i, d) in fk::disks().into_iter().enumerate() {
         fk::geom_disk_gone(d);
+        let log = fk::log();
+        assert_eq!(log[last(&log, "disk_destroy")], std::format!("disk_destroy disks_live={}", before + 2 - i));
+        assert_eq!(disks_live(), before + 1 - i);
     }
     assert_eq!(positions(&fk::log(), "disk_destroy").len(), 2);
     assert_eq!(disks_live(), before);

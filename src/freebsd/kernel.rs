@@ -49,6 +49,12 @@ pub fn next_disk_unit() -> u32 {
     NEXT_DISK_UNIT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// The last thing a `d_gone` callback does: from here on module unload may proceed, so no
+/// more of this module's code may run on the GEOM thread than the callback's return.
+pub fn d_gone_returning() {
+    DISKS_LIVE.fetch_sub(1, Ordering::AcqRel);
+}
+
 /// Disks whose `d_gone` has not run yet.
 pub fn disks_live() -> usize {
     DISKS_LIVE.load(Ordering::Acquire)
@@ -309,7 +315,8 @@ impl Kernel for FreeBsdKernel {
                     unsafe { ctx.release() };
                 }
                 g.destroy_in_d_gone();
-                DISKS_LIVE.fetch_sub(1, Ordering::AcqRel);
+                // DISKS_LIVE is decremented by the d_gone callback itself, as its very last
+                // action (`d_gone_returning`), not here: the context is freed after this.
             }
             KDisk::Live(d) => {
                 // Not from d_gone: the contract was broken. Give the disk up instead of
