@@ -12,9 +12,13 @@
 //! | node_created | make_dev `nvmehp<U>ns<N>`, malloc disk context, disk_create |
 //! | io_started | a thread enters d_strategy of the node and sleeps on the request |
 //! | io_finished | the request completes (callback reads the softc), the thread leaves |
+//! | node_opened / node_closed | a GEOM consumer (mount, dd) opens / closes the namespace's disk |
 //! | detach_started | disk_gone on every disk of the controller |
 //! | node_destroyed | destroy_dev of the namespace node |
 //! | controller_freed | destroy_dev `nvmehp<U>`, free softc, d_gone callbacks, leak check |
+//!
+//! A disk still open when its controller is freed keeps its context until the consumer's last
+//! close: d_gone runs then (geom_disk.c), and only then is the context checked for a leak.
 
 use crate::memory::M_NVMEHP;
 use crate::model::{DiskRef, IoRef, MemRef, Model, NodeRef, ThreadId, ThreadKind};
@@ -29,6 +33,8 @@ use std::collections::BTreeMap;
 struct Ns {
     node: NodeRef,
     disk: Option<DiskRef>,
+    /// The disk, kept after disk_gone for the consumers that still hold it open.
+    disk_ref: DiskRef,
     ctx: MemRef,
 }
 
@@ -48,6 +54,8 @@ pub struct DriverEvents {
     ctrls: BTreeMap<String, Ctrl>,
     io: BTreeMap<(String, u32, u64), (ThreadId, IoRef, NodeRef)>,
     notifies: u64,
+    /// Disks a consumer holds open, per (controller, nsid), with their d_gone context.
+    opens: BTreeMap<(String, u32), Vec<(DiskRef, MemRef)>>,
 }
 
 impl DriverEvents {
@@ -96,9 +104,9 @@ impl DriverEvents {
             return;
         };
         let ctx = Model::malloc(&mut self.model, M_NVMEHP, DISK_CTX_SIZE, true);
-        let disk = Some(Model::disk_create(&mut self.model, unit * 1000 + nsid, ctx));
+        let d = Model::disk_create(&mut self.model, unit * 1000 + nsid, ctx);
         if let Some(c) = self.ctrls.get_mut(ctrl) {
-            c.ns.insert(nsid, Ns { node, disk, ctx });
+            c.ns.insert(nsid, Ns { node, disk: Some(d), disk_ref: d, ctx });
         }
     }
 
@@ -125,6 +133,36 @@ impl DriverEvents {
         if let Some((t, io, node)) = self.io.remove(&(ctrl.to_string(), nsid, tag)) {
             self.model.complete_io(io);
             self.model.on_thread(t, |m| m.leave_method(node));
+        }
+    }
+
+    /// A consumer opened the namespace's disk (a mount). Refused (nothing recorded) on a disk
+    /// that is gone, as GEOM refuses opens of a withered provider.
+    pub fn node_opened(&mut self, ctrl: &str, nsid: u32) {
+        let Some(ns) = self.ctrls.get(ctrl).filter(|c| !c.freed).and_then(|c| c.ns.get(&nsid)) else {
+            return;
+        };
+        let (d, ctx) = (ns.disk_ref, ns.ctx);
+        if Model::disk_open(&mut self.model, d) {
+            self.opens.entry((ctrl.to_string(), nsid)).or_default().push((d, ctx));
+        }
+    }
+
+    /// The consumer closed it. After a removal, the last close lets d_gone run, which frees
+    /// the disk context; that is checked here.
+    pub fn node_closed(&mut self, ctrl: &str, nsid: u32) {
+        let key = (ctrl.to_string(), nsid);
+        let Some((d, ctx)) = self.opens.get_mut(&key).and_then(|v| v.pop()) else {
+            return;
+        };
+        if self.opens.get(&key).is_some_and(|v| v.is_empty()) {
+            self.opens.remove(&key);
+        }
+        Model::disk_close(&mut self.model, d);
+        self.model.run_geom_events();
+        let freed = self.ctrls.get(ctrl).is_some_and(|c| c.freed);
+        if freed && !self.opens.values().flatten().any(|(_, m)| *m == ctx) && !self.model.is_freed(ctx) {
+            self.model.violate(Rule::Leak, format!("{ctrl}/{nsid}: disk context not freed after the last close"));
         }
     }
 
@@ -164,6 +202,9 @@ impl DriverEvents {
         c.freed = true;
         let (unit, softc, node) = (c.unit, c.softc, c.node.take());
         let ctxs: Vec<MemRef> = c.ns.values().map(|n| n.ctx).collect();
+        // Contexts of disks a consumer still holds open are freed by d_gone after the last
+        // close (checked in node_closed), not now.
+        let held: Vec<MemRef> = self.opens.iter().filter(|((c, _), _)| c == ctrl).flat_map(|(_, v)| v.iter().map(|(_, m)| *m)).collect();
         if let Some(n) = node {
             self.model.destroy_dev(n);
         }
@@ -171,7 +212,7 @@ impl DriverEvents {
         Model::free(&mut self.model, softc);
         self.model.check_detached(unit);
         self.model.run_geom_events();
-        for m in ctxs {
+        for m in ctxs.into_iter().filter(|m| !held.contains(m)) {
             if !self.model.is_freed(m) {
                 self.model.violate(Rule::Leak, format!("controller {ctrl}: disk context {m:?} never freed"));
             }

@@ -57,6 +57,12 @@ impl Observer for FreeBsdRules {
         self.rules.io_finished(n, tag, ok);
         self.model.io_finished(&n.ctrl, n.nsid, tag, ok);
     }
+    fn node_opened(&mut self, n: &NodeId) {
+        self.model.node_opened(&n.ctrl, n.nsid);
+    }
+    fn node_closed(&mut self, n: &NodeId) {
+        self.model.node_closed(&n.ctrl, n.nsid);
+    }
     fn detach_started(&mut self, ctrl: &str, surprise: bool, outstanding: usize) {
         self.rules.detach_started(ctrl, surprise, outstanding);
         self.model.detach_started(ctrl, surprise, outstanding);
@@ -127,6 +133,37 @@ mod tests {
         assert_eq!(o.violations(), Vec::<String>::new());
         let k = o.kernel_report().unwrap();
         assert!(k.nodes_left.is_empty() && k.violations.is_empty() && k.leaked_bytes == 0, "{k:?}");
+    }
+
+    #[test]
+    fn open_disk_outlives_its_controller_until_the_last_close() {
+        let mut o = FreeBsdRules::new();
+        o.controller_attached("c1", 6);
+        o.node_created(&n("c1", 1));
+        o.node_opened(&n("c1", 1));
+        o.detach_started("c1", true, 0);
+        o.node_destroyed(&n("c1", 1));
+        o.controller_freed("c1");
+        // Mounted: d_gone has not run, its context is still allocated.
+        assert!(o.kernel_report().unwrap().leaked_bytes > 0);
+        o.node_closed(&n("c1", 1));
+        o.module_unloaded();
+        let k = o.kernel_report().unwrap();
+        assert!(k.violations.is_empty() && k.leaked_bytes == 0, "{k:?}");
+    }
+
+    #[test]
+    fn unload_with_a_disk_still_open_is_a_violation() {
+        let mut o = FreeBsdRules::new();
+        o.controller_attached("c1", 6);
+        o.node_created(&n("c1", 1));
+        o.node_opened(&n("c1", 1));
+        o.detach_started("c1", true, 0);
+        o.node_destroyed(&n("c1", 1));
+        o.controller_freed("c1");
+        o.module_unloaded();
+        let k = o.kernel_report().unwrap();
+        assert!(!k.violations.is_empty(), "{k:?}");
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub trait Observer {
     fn io_started(&mut self, _node: &NodeId, _tag: u64) {}
     /// The request `tag` completed (successfully or not).
     fn io_finished(&mut self, _node: &NodeId, _tag: u64, _ok: bool) {}
+    /// A consumer opened the node (a mount; the `open` step).
+    fn node_opened(&mut self, _node: &NodeId) {}
+    /// The consumer closed it (possibly after its controller was removed).
+    fn node_closed(&mut self, _node: &NodeId) {}
     /// The driver began detaching `ctrl` (announced or surprise); `outstanding` requests were in
     /// flight at that moment.
     fn detach_started(&mut self, _ctrl: &str, _surprise: bool, _outstanding: usize) {}

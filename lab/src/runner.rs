@@ -21,7 +21,7 @@ use crate::driver::{Driver, World};
 use crate::ledger::Ledger;
 use crate::machine::Machine;
 use crate::freebsd_model::FreeBsdRules;
-use crate::observer::Observer;
+use crate::observer::{NodeId, Observer};
 use crate::report::{Report, StepRecord};
 use crate::slot_ops::{lab_hotplug, LabSlotOps};
 use crate::access_faults::RemovalReads;
@@ -129,6 +129,7 @@ impl Runner {
             rng: sc.seed ^ 0x6a09_e667_f3bc_c909,
             allow_failures: false,
             removing: Vec::new(),
+            opened: BTreeMap::new(),
             progress: self.progress,
         };
         s.boot();
@@ -167,6 +168,8 @@ pub struct Session {
     allow_failures: bool,
     /// Removals started by `detach` with `wait = false`: (id, slot).
     removing: Vec<(String, u8)>,
+    /// Nodes held open by `open` steps, by (controller, nsid); outlives a removed controller.
+    opened: BTreeMap<(String, u32), u32>,
     progress: bool,
 }
 
@@ -660,6 +663,8 @@ impl Session {
         match self.drivers.get_mut(&ctrl).filter(|d| d.is_live() && d.images.contains_key(&nsid)) {
             Some(d) => {
                 *d.open.entry(nsid).or_default() += 1;
+                *self.opened.entry((ctrl.clone(), nsid)).or_default() += 1;
+                self.w.observer.node_opened(&NodeId { ctrl: ctrl.clone(), nsid });
                 d.refusal = match refuse {
                     Refusal::InUse => DetachError::InUse,
                     Refusal::Busy => DetachError::Busy,
@@ -679,23 +684,34 @@ impl Session {
             self.w.violation(format!("close {target}: bad target"));
             return "bad target".into();
         };
-        let Some(d) = self.drivers.get_mut(&ctrl) else {
-            // Torn down while open (a surprise removal): the node is gone, close has nothing to do.
-            return "controller gone".into();
-        };
-        match d.open.get_mut(&nsid) {
+        let key = (ctrl.clone(), nsid);
+        match self.opened.get_mut(&key) {
             Some(n) if *n > 0 => {
                 *n -= 1;
                 if *n == 0 {
-                    d.open.remove(&nsid);
+                    self.opened.remove(&key);
                 }
-                self.w.say(format!("{target}: node closed"));
-                "closed".into()
             }
             _ => {
                 self.w.violation(format!("close {target}: not open"));
-                "not open".into()
+                return "not open".into();
             }
+        }
+        // The consumer's close reaches the kernel whether or not the controller is still
+        // there: after a removal, the last close is what lets GEOM call d_gone.
+        self.w.observer.node_closed(&NodeId { ctrl: ctrl.clone(), nsid });
+        self.w.say(format!("{target}: node closed"));
+        match self.drivers.get_mut(&ctrl) {
+            Some(d) => {
+                if let Some(n) = d.open.get_mut(&nsid) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        d.open.remove(&nsid);
+                    }
+                }
+                "closed".into()
+            }
+            None => "closed (controller already removed)".into(),
         }
     }
 
@@ -847,16 +863,11 @@ impl Session {
         if !self.removing.is_empty() && self.w.machine.guest().fault().is_none() {
             self.wait_removed();
         }
-        let open: Vec<String> = self
-            .drivers
-            .values()
-            .filter(|d| d.open_count() > 0)
-            .map(|d| d.id.clone())
-            .collect();
-        for id in open {
+        for ((ctrl, nsid), _) in std::mem::take(&mut self.opened) {
             // MOD_UNLOAD refuses with EBUSY while a node is open: a scenario must close first.
-            self.w.violation(format!("{id}: node(s) still open at the end (MOD_UNLOAD would refuse with EBUSY)"));
-            if let Some(d) = self.drivers.get_mut(&id) {
+            self.w.violation(format!("{ctrl}/{nsid}: still open at the end (MOD_UNLOAD would refuse with EBUSY)"));
+            self.w.observer.node_closed(&NodeId { ctrl: ctrl.clone(), nsid });
+            if let Some(d) = self.drivers.get_mut(&ctrl) {
                 d.open.clear();
             }
         }

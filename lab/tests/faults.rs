@@ -266,3 +266,23 @@ fn wrong_ost_expectation_fails_the_run() {
     assert!(!r.ok);
     assert!(r.violations.iter().any(|v| v.contains("NonSpecificFailure")), "{:?}", r.violations);
 }
+
+/// A surprise removal of a mounted namespace tears down at once; the disk's context lives
+/// until the consumer's last close (d_gone), and a node left open at the end fails the run.
+#[test]
+fn surprise_removal_of_an_open_node_then_last_close() {
+    if !qemu_or_skip("surprise_removal_of_an_open_node_then_last_close") {
+        return;
+    }
+    let body = format!(
+        "{TWO}[[step]]\nop = 'open'\ntarget = 'c0/1'\n\
+         [[step]]\nop = 'io'\ntarget = 'c0/1'\nkind = 'write-verify'\nops = 400\ndepth = 16\nbackground = true\n\
+         [[step]]\nop = 'detach'\nid = 'c0'\nmode = 'surprise'\nduring_io = true\n\
+         [[step]]\nop = 'expect'\ncontrollers = 0\nnodes = 0\n"
+    );
+    let r = run(&format!("{body}[[step]]\nop = 'close'\ntarget = 'c0/1'\n"));
+    assert_clean(&r);
+    let r = run(&body);
+    assert!(!r.ok, "a node still open at unload must fail the run");
+    assert!(r.violations.iter().any(|v| v.contains("still open at the end")), "{:?}", r.violations);
+}
