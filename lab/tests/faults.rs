@@ -286,3 +286,86 @@ fn surprise_removal_of_an_open_node_then_last_close() {
     assert!(!r.ok, "a node still open at unload must fail the run");
     assert!(r.violations.iter().any(|v| v.contains("still open at the end")), "{:?}", r.violations);
 }
+
+/// Surprise removal right before every device access of an *announced* detach with writes in
+/// flight (the device vanishes while the driver is draining, shutting it down, disabling it):
+/// every request completes exactly once, every write reported done is in the image file, and
+/// all DMA memory comes back. Both removal flavours.
+#[test]
+fn surprise_removal_at_every_access_of_an_announced_detach() {
+    if !qemu_or_skip("surprise_removal_at_every_access_of_an_announced_detach") {
+        return;
+    }
+    use common::{image, pattern_buf, read_image, req};
+    use nvme_hotplug::nvme::{Event, IoOp};
+    const WRITES: u64 = 8;
+    for reads in [RemovalReads::Zeros, RemovalReads::AllOnes] {
+        let mut m = Machine::start(MachineKind::Pc, &[]).expect("QEMU starts");
+        m.set_removal_reads(reads);
+        let mut n = 0u64;
+        let mut removed_at = 0;
+        loop {
+            let dma0 = m.guest().live_dma_bytes();
+            m.hot_add(&spec(&format!("d{n}"), SLOT, &[(1, 4, 512)])).expect("hot-add");
+            let _ = common::wait_notify(&mut m);
+            let f = m.probe(SLOT).unwrap().expect("present");
+            let img = image(&m, SLOT, 1);
+            let mut c = Controller::new(m.platform(&f), lab_config());
+            c.bring_up().expect("bring-up");
+            let mut bufs = Vec::new();
+            for tag in 0..WRITES {
+                let (buf, data) = pattern_buf(&c, 4096, (n as u8).wrapping_mul(7).wrapping_add(tag as u8));
+                c.submit(req(IoOp::Write, 1, tag * 8, 8, &buf, tag)).expect("accepted");
+                bufs.push((buf, data));
+            }
+            // The removal lands before access n of the detach (counted from here).
+            let faults = c.platform().faults().clone();
+            faults.arm(faults.accesses() + n);
+            // The driver's announced detach: drain (bounded), fail the rest, shut down, free.
+            let mut done = vec![None; WRITES as usize];
+            let mut record = |tag: u64, ok: bool| {
+                assert!(done[tag as usize].is_none(), "{reads:?} n={n}: request {tag} completed twice");
+                done[tag as usize] = Some(ok);
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let mut lost = false;
+            while c.outstanding() > 0 && !lost && std::time::Instant::now() < deadline {
+                c.poll(&mut |e| match e {
+                    Event::Io(x) => record(x.tag, x.result.is_ok()),
+                    Event::ControllerLost { .. } => lost = true,
+                    _ => {}
+                });
+            }
+            c.fail_all(NvmeError::Aborted, &mut |x| record(x.tag, x.result.is_ok()));
+            let shut = c.shutdown();
+            drop(c);
+            let fired = faults.fired();
+            if !fired {
+                assert_eq!(shut, Ok(()), "{reads:?}: shutdown of a present controller");
+            }
+            assert!(done.iter().all(|d| d.is_some()), "{reads:?} n={n}: a request never completed: {done:?}");
+            for (tag, (_, data)) in bufs.iter().enumerate() {
+                if done[tag] == Some(true) {
+                    assert_eq!(&read_image(&img, tag as u64 * 8 * 512, 4096), data, "{reads:?} n={n}: acked write {tag} not on the media");
+                }
+            }
+            drop(bufs);
+            assert_eq!(m.guest().live_dma_bytes(), dma0, "{reads:?} n={n}: DMA memory leaked");
+            if fired {
+                removed_at += 1;
+                m.sync_injected_removals();
+            } else {
+                m.eject(SLOT).unwrap();
+            }
+            m.reap(Duration::from_secs(2)).unwrap();
+            if !fired {
+                break;
+            }
+            n += 1;
+            assert!(n < 10_000, "the detach never finished before the removal point");
+        }
+        assert!(removed_at >= 5, "{reads:?}: a detach makes more than {removed_at} device accesses");
+        eprintln!("{reads:?}: removal before each of the {removed_at} device accesses of an announced detach");
+        assert_eq!(m.guest().fault(), None);
+    }
+}
