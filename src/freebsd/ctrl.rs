@@ -255,6 +255,25 @@ pub struct CtrlShared {
     bad_total: AtomicU64,
     /// Bounce buffers leaked for a device that could not be stopped (said once, counted always).
     leaked_total: AtomicU64,
+    /// bus_teardown_intr failed: the interrupt handler may still run and reach this memory,
+    /// so the [`EngineGate`] must not free it ([`CtrlShared::keep_for_stuck_interrupt`]).
+    intr_stuck: AtomicBool,
+}
+
+/// Interrupt handlers that could not be torn down: they may still run this module's code, so
+/// module unload is refused for as long as the system runs.
+static STUCK_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
+
+/// Interrupt handlers of ours that may still run (see `CtrlShared::keep_for_stuck_interrupt`).
+pub fn stuck_interrupts() -> u64 {
+    STUCK_INTERRUPTS.load(Ordering::Acquire)
+}
+
+/// Host tests: forget the stuck handlers a test provoked (the process-wide count would make
+/// every later unload test refuse).
+#[cfg(test)]
+pub fn forget_stuck_interrupts_for_tests() {
+    STUCK_INTERRUPTS.store(0, Ordering::Release);
 }
 
 /// The per-controller sysctl values (engine counters, copied out of the lock).
@@ -321,9 +340,18 @@ impl CtrlShared {
             counters: Counters::default(),
             bad_total: AtomicU64::new(0),
             leaked_total: AtomicU64::new(0),
+            intr_stuck: AtomicBool::new(false),
         });
         let r = CtrlRef(NonNull::from(Box::leak(shared)));
         Some((r, EngineGate { ctrl: r }))
+    }
+
+    /// The interrupt handler could not be torn down (teardown step 3): this controller's
+    /// memory is kept for ever instead of freed at step 5, and module unload is refused.
+    pub fn keep_for_stuck_interrupt(&self) {
+        if !self.intr_stuck.swap(true, Ordering::AcqRel) {
+            STUCK_INTERRUPTS.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// The newbus device.
@@ -546,6 +574,12 @@ impl Drop for EngineGate {
         // outside the mutex since that sleeps.
         let sysctls = self.ctrl.state.lock().sysctls.take();
         drop(sysctls);
+        if self.ctrl.intr_stuck.load(Ordering::Acquire) {
+            // The interrupt handler may still run and lock this state: leak it (engine, queue
+            // memory and all). The device is stopped or gone by now (fail_all ran).
+            dev_printf!(&self.ctrl.dev, "interrupt handler still installed: keeping the controller's memory\n");
+            return;
+        }
         // SAFETY: the pointer came from Box::leak in CtrlShared::create and exactly one
         // EngineGate exists for it; the teardown drops it only after the interrupt, callout and
         // task were drained and every node destroyed and disk link severed, so no CtrlRef is

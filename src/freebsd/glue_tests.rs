@@ -515,3 +515,34 @@ fn unload_is_refused_while_a_notify_handler_cannot_be_removed() {
     assert!(remove < last(&log, "taskqueue_free"));
     assert!(log.last().unwrap().contains("unloaded (1 ACPI notify handlers removed)"), "{log:#?}");
 }
+
+/// bus_teardown_intr fails: the handler may still run (a shared INTx line calls it for other
+/// devices' interrupts) and it reaches the controller's state, so the teardown keeps that
+/// memory (no BAR or IRQ release, no free) and module unload is refused; the handler can
+/// still run safely afterwards.
+#[test]
+fn a_stuck_interrupt_keeps_the_controller_memory_and_the_module() {
+    use super::module::nvmehp_modevent;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, d_gone_at_once: true, ..Knobs::default() });
+    let mut k = FreeBsdKernel::new();
+    let (live, _ctrl) = attached(&mut k, &[1]);
+    fk::set_knobs(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, d_gone_at_once: true, teardown_intr_error: bindings::EBUSY, ..Knobs::default() });
+    fk::record("-- teardown --");
+    let _ = teardown(live, &mut k, Removal::Surprise);
+    let log = fk::log();
+    let t = first(&log, "-- teardown --");
+    assert_eq!(positions(&log[t..], "bus_release_resource").len(), 0, "neither IRQ nor BAR released: {:#?}", &log[t..]);
+    assert_eq!(positions(&log[t..], "pci_release_msi").len(), 0);
+    assert!(log[t..].iter().any(|l| l.contains("interrupt handler still installed: keeping")), "{:#?}", &log[t..]);
+    assert_eq!(positions(&log[t..], "destroy_dev ").len(), 2, "nodes are still destroyed");
+    // The handler fires again: its controller state is still there.
+    fk::record("-- late interrupt --");
+    fk::fire_interrupt();
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), bindings::EBUSY);
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), bindings::EBUSY);
+    assert!(fk::log().iter().any(|l| l.contains("1 interrupt handlers could not be torn down: not unloading")));
+    super::ctrl::forget_stuck_interrupts_for_tests();
+    super::module::unload_refused(); // clear the unloading flag for the tests that follow
+}

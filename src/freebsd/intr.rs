@@ -112,21 +112,42 @@ impl<H: InterruptHandler> Interrupt<H> {
     }
 }
 
-impl<H: InterruptHandler> Drop for Interrupt<H> {
-    fn drop(&mut self) {
+impl<H: InterruptHandler> Interrupt<H> {
+    /// `bus_teardown_intr(9)`, then frees the context and releases the IRQ. `Err(errno)` when
+    /// the teardown failed: the handler may still run, so its context and the IRQ are kept
+    /// for ever, and so must be everything the handler reaches (the caller's business: with
+    /// plain `drop` that is easy to forget, hence this method).
+    pub fn teardown(self) -> Result<(), c_int> {
+        let mut this = ManuallyDrop::new(self);
+        // SAFETY: `this` is never dropped, so the teardown runs exactly once, here.
+        unsafe { this.teardown_once() }
+    }
+
+    /// # Safety
+    /// At most once per Interrupt (Drop and `teardown` each call it once and never both).
+    unsafe fn teardown_once(&mut self) -> Result<(), c_int> {
         // SAFETY: the cookie came from bus_setup_intr on this IRQ; teardown waits for a running
         // handler to return and guarantees no new invocation.
         let err = unsafe { bindings::bus_teardown_intr(self.dev.as_raw(), self.irq.res.as_ptr(), self.cookie) };
         if err != 0 {
             // The handler may still be live: keep its context and the IRQ forever.
             crate::dev_printf!(&self.dev, "bus_teardown_intr failed: {}; leaking the handler\n", err);
-            return;
+            return Err(err);
         }
-        // SAFETY: the handler can no longer run; context and IRQ are dropped exactly once.
+        // SAFETY: the handler can no longer run; context and IRQ are dropped exactly once (the
+        // caller's contract).
         unsafe {
             ManuallyDrop::drop(&mut self.context);
             ManuallyDrop::drop(&mut self.irq);
         }
+        Ok(())
+    }
+}
+
+impl<H: InterruptHandler> Drop for Interrupt<H> {
+    fn drop(&mut self) {
+        // SAFETY: Drop runs once, and only for an Interrupt that `teardown` did not consume.
+        let _ = unsafe { self.teardown_once() };
     }
 }
 

@@ -344,7 +344,15 @@ impl Kernel for FreeBsdKernel {
 
     fn teardown_intr(&mut self, intr: CtrlIntr) {
         let CtrlIntr { intr, dev, msix } = intr;
-        drop(intr); // bus_teardown_intr, then the IRQ resource is released
+        let ctrl = intr.handler().0;
+        // bus_teardown_intr, then the IRQ resource is released.
+        if intr.teardown().is_err() {
+            // The handler may still run (a shared INTx line calls it for every interrupt on
+            // the line) and it reaches the controller's state: that must never be freed now,
+            // nor the module's code unloaded. The MSI-X vector stays allocated with its IRQ.
+            ctrl.keep_for_stuck_interrupt();
+            return;
+        }
         if msix {
             if let Err(e) = dev.release_msi() {
                 dev_printf!(&dev, "pci_release_msi failed: {}\n", e);

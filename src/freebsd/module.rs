@@ -73,6 +73,10 @@ fn load() -> c_int {
 }
 
 fn quiesce() -> c_int {
+    if super::ctrl::stuck_interrupts() > 0 {
+        kprintf!("nvme_hotplug: {} interrupt handlers could not be torn down: not unloading\n", super::ctrl::stuck_interrupts());
+        return bindings::EBUSY;
+    }
     UNLOADING.store(true, Ordering::Release);
     if busy() {
         UNLOADING.store(false, Ordering::Release);
@@ -84,6 +88,12 @@ fn quiesce() -> c_int {
 
 fn unload_module() -> c_int {
     UNLOADING.store(true, Ordering::Release);
+    // An interrupt handler that could not be torn down may still run our code.
+    if super::ctrl::stuck_interrupts() > 0 {
+        kprintf!("nvme_hotplug: {} interrupt handlers could not be torn down: not unloading\n", super::ctrl::stuck_interrupts());
+        UNLOADING.store(false, Ordering::Release);
+        return bindings::EBUSY;
+    }
     // Every controller is detached by now; only disks GEOM still holds may remain. Their
     // d_gone runs our code: refuse rather than unload under them.
     if disks_live() > 0 {
