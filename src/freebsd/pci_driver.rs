@@ -328,8 +328,11 @@ fn build(dev: Device, unit: u32, ctrl: CtrlRef, gate: EngineGate) -> Result<Box<
     let softc: KMem = match k.malloc(core::mem::size_of::<NodeCtx>()) {
         Ok(m) => m,
         Err(_) => {
-            // The same order as the teardown: interrupt, callout, tasks, then the engine.
-            drop(intr);
+            // The same order as the teardown: interrupt (and its MSI-X vector), callout,
+            // tasks, then the engine.
+            if let Some(i) = intr {
+                k.teardown_intr(i);
+            }
             drop(timer);
             drop(queue);
             drop(gate);
