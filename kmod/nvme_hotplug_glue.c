@@ -19,7 +19,8 @@ SYSCTL_NODE(_hw, OID_AUTO, nvme_hotplug, CTLFLAG_RD | CTLFLAG_MPSAFE, 0,
 
 /*
  * 0 (default): never bid for a controller; attach only where devctl(8) "set driver" names nvmehp.
- * 1: bid at BUS_PROBE_LOW_PRIORITY, so nvme(4) still wins wherever it is loaded.
+ * 1: bid at BUS_PROBE_HOOVER, below nvme(4)'s DEFAULT and GENERIC bids, so nvme(4) still wins
+ *    wherever it is loaded.
  */
 static int nvmehp_claim = 0;
 SYSCTL_INT(_hw_nvme_hotplug, OID_AUTO, claim, CTLFLAG_RWTUN, &nvmehp_claim, 0,

@@ -28,6 +28,10 @@ pub struct Knobs {
     /// disk_gone calls d_gone at once (GEOM with no consumer left), instead of the test
     /// calling `geom_disk_gone` later.
     pub d_gone_at_once: bool,
+    /// PCI class, subclass and programming interface of the fake device.
+    pub pci_class: [u8; 3],
+    /// `hw.nvme_hotplug.claim`.
+    pub claim: c_int,
 }
 
 std::thread_local! {
@@ -762,7 +766,27 @@ pub unsafe extern "C" fn nvmehp_tunable_rescan_interval_ms() -> u32 {
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_tunable_claim() -> c_int {
-    0
+    knobs().claim
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_get_class(_dev: device_t) -> u8 {
+    knobs().pci_class[0]
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_get_subclass(_dev: device_t) -> u8 {
+    knobs().pci_class[1]
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_get_progif(_dev: device_t) -> u8 {
+    knobs().pci_class[2]
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_set_desc(_dev: device_t, desc: *const c_char) {
+    record(format!("device_set_desc {}", cstr(desc)));
 }
 
 #[no_mangle]

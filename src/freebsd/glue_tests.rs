@@ -546,3 +546,31 @@ fn a_stuck_interrupt_keeps_the_controller_memory_and_the_module() {
     super::ctrl::forget_stuck_interrupts_for_tests();
     super::module::unload_refused(); // clear the unloading flag for the tests that follow
 }
+
+/// The probe never takes a controller on its own: by default it bids BUS_PROBE_NOWILDCARD
+/// (newbus turns that into ENXIO unless `devctl set driver` fixed the devclass); with
+/// `hw.nvme_hotplug.claim=1` it bids BUS_PROBE_HOOVER, below nvme(4)'s DEFAULT and GENERIC
+/// bids (LOW_PRIORITY, -40, would beat GENERIC, -100); anything that is not an NVMe I/O
+/// controller is refused.
+#[test]
+fn probe_never_outbids_nvme4() {
+    use super::pci_driver::nvmehp_probe;
+    let nvme = [bindings::PCIC_STORAGE as u8, bindings::PCIS_STORAGE_NVM as u8, bindings::PCIP_STORAGE_NVM_ENTERPRISE_NVMHCI_1_0 as u8];
+    for (class, claim, want) in [
+        (nvme, 0, bindings::BUS_PROBE_NOWILDCARD),
+        (nvme, 1, bindings::BUS_PROBE_HOOVER),
+        ([nvme[0], nvme[1], 0x03], 1, bindings::ENXIO), // NVMe admin-only controller
+        ([nvme[0], 0x06, 0x01], 1, bindings::ENXIO),    // AHCI
+    ] {
+        fk::reset(Knobs { pci_class: class, claim, ..Knobs::default() });
+        // SAFETY: a fake device; the fakes answer the PCI ivars.
+        let got = unsafe { nvmehp_probe(fk::fake_device()) };
+        assert_eq!(got, want, "class {class:x?} claim {claim}");
+    }
+    // nvme(4)'s bids (sys/dev/nvme/nvme_pci.c), which always win over claim=1.
+    const {
+        assert!(bindings::BUS_PROBE_HOOVER < bindings::BUS_PROBE_GENERIC);
+        assert!(bindings::BUS_PROBE_HOOVER < bindings::BUS_PROBE_DEFAULT);
+        assert!(bindings::BUS_PROBE_NOWILDCARD < bindings::BUS_PROBE_HOOVER);
+    }
+}

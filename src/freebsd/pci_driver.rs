@@ -5,11 +5,16 @@
 //!
 //! **Who gets the controller.** nvme(4) is the system's NVMe driver and we never take a
 //! controller from it by default:
-//! - `hw.nvme_hotplug.claim=0` (default): probe bids `BUS_PROBE_NOWILDCARD`, which newbus only
-//!   honours when the device's driver was named explicitly, i.e. after
-//!   `devctl set driver -f nvme0 nvmehp`. Nothing attaches on its own.
-//! - `hw.nvme_hotplug.claim=1`: probe bids `BUS_PROBE_LOW_PRIORITY`, so nvmehp attaches to NVMe
-//!   controllers only where nvme(4) is not loaded (nvme(4) bids BUS_PROBE_DEFAULT).
+//! - `hw.nvme_hotplug.claim=0` (default): probe bids `BUS_PROBE_NOWILDCARD`, which newbus
+//!   (device_probe_child) turns into ENXIO unless the device's devclass was fixed explicitly
+//!   (DF_FIXEDCLASS), i.e. after `devctl set driver -f nvme0 nvmehp`. Nothing attaches on its
+//!   own, and a controller nvme(4) has attached is never probed again anyway.
+//! - `hw.nvme_hotplug.claim=1`: probe bids `BUS_PROBE_HOOVER`, so nvmehp attaches to NVMe
+//!   controllers only where nvme(4) is not loaded: nvme(4) bids BUS_PROBE_DEFAULT (-20) for the
+//!   controllers it knows by ID and BUS_PROBE_GENERIC (-100) for any other of this class
+//!   (sys/dev/nvme/nvme_pci.c), both above HOOVER. Not BUS_PROBE_LOW_PRIORITY: that is -40,
+//!   which beats GENERIC and would take every controller nvme(4) does not know by ID (EC2's
+//!   EBS volumes, the root disk included) away from it.
 //!
 //! **Attach**: BAR0, bus mastering, the engine's bring-up (synchronous, polled), then the
 //! run-time pieces in the order their teardown undoes them: shared state, task queue with the
@@ -207,7 +212,7 @@ pub unsafe extern "C" fn nvmehp_probe(dev: device_t) -> c_int {
     }
     dev.set_desc(c"NVMe controller (nvme_hotplug)");
     if tunables::claim() {
-        bindings::BUS_PROBE_LOW_PRIORITY
+        bindings::BUS_PROBE_HOOVER
     } else {
         bindings::BUS_PROBE_NOWILDCARD
     }
