@@ -17,6 +17,12 @@
 //! [`EngineGate`], the typestate's last step before the softc: after the interrupt was torn
 //! down, the callout and task drained and every node destroyed. The callbacks therefore hold a
 //! plain [`CtrlRef`] pointer, no reference count (drain, don't refcount).
+//!
+//! **Memory the device may still touch is never freed.** A bounce buffer goes back to the
+//! kernel only after the device's own completion, or once the engine says DMA has stopped
+//! ([`Controller::dma_stopped`]); a controller that could not be stopped keeps its buffers
+//! leaked (`hw.nvme_hotplug.leaked_buffers`), as the engine keeps its rings. Likewise, if the
+//! interrupt cannot be torn down, this whole structure is kept, since the handler reaches it.
 
 use super::alloc::box_waitok;
 use super::bio::Bio;
