@@ -34,7 +34,8 @@
 //! - [`driver`]: the kernel's side of one controller (attach, poll, watchdog, detach).
 //! - [`slot_ops`]: the project's hotplug state machine run against QEMU (its `SlotOps`).
 //! - [`bench`]: the hotplug-cycle benchmark.
-//! - [`runner`]: runs a scenario and produces a [`report::Report`].
+//! - [`runner`]: runs a scenario and produces a [`report::Report`] (its fault-injection steps
+//!   in `runner/faults.rs`).
 //! - [`report`]: the JSON report.
 //! - [`skip`]: the loud SKIP / `NVMEHP_REQUIRE_QEMU` policy for tests.
 //!
