@@ -116,6 +116,8 @@ pub struct Report {
     pub seed: u64,
     /// Machine model.
     pub machine: String,
+    /// What a removed controller's reads returned (`zeros` as in QEMU, `all-ones` as on PCIe).
+    pub removal_reads: String,
     /// True if nothing below went wrong.
     pub ok: bool,
     /// Hot-remove cycles completed (a controller attached, then removed and torn down).

@@ -116,7 +116,10 @@ impl Session {
             }
         }
         if self.w.ej0_log.contains(&slot) || !self.w.machine.retiring().is_empty() {
-            self.w.report.cycles += u64::from(self.w.ej0_log.contains(&slot));
+            // An eject request the platform sent directly (or retried): an announced removal.
+            let ejected = u64::from(self.w.ej0_log.contains(&slot));
+            self.w.report.cycles += ejected;
+            self.w.report.removals.announced += ejected;
             let _ = self.w.machine.reap(Duration::from_secs(1));
         }
         format!("{times} x Notify {code}: {rescans} rescan(s), _OST {answers:?}, _EJ0 {}", self.w.ej0_log.len())
