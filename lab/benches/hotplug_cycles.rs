@@ -1,4 +1,5 @@
-//! `cargo bench -p nvmehp-lab`: lab hotplug cycles per second, and how long the engine takes to
+//! `cargo bench -p nvmehp-lab`: lab hotplug cycles per second (engine only, and through the
+//! whole kernel path: GPE, Notify, hotplug state machine, FreeBSD model), and how long the engine takes to
 //! complete every request after a surprise removal with 1, 64 and 1,024 in flight (QEMU's
 //! NVMe model, one I/O queue deep enough for all of them; figures printed, never asserted).
 //! Teardown with commands that never complete is in `cargo bench -p softnvme --bench teardown`.
@@ -15,6 +16,20 @@ fn main() {
         Err(e) => {
             eprintln!("hotplug_cycles bench failed: {e}");
             std::process::exit(1);
+        }
+    }
+    for surprise in [false, true] {
+        match nvmehp_lab::bench::kernel_path_cycles(cycles.min(500), surprise) {
+            Ok((rate, r)) => println!(
+                "kernel path ({}, hotplug state machine + FreeBSD model): {} cycles at {rate:.1} cycles/s ({:.2} ms/cycle)",
+                if surprise { "surprise removal" } else { "announced removal" },
+                r.cycles,
+                1e3 / rate
+            ),
+            Err(e) => {
+                eprintln!("kernel_path_cycles bench failed: {e}");
+                std::process::exit(1);
+            }
         }
     }
     for n in [1, 64, 1024] {

@@ -235,3 +235,25 @@ pub fn surprise_removal(n: usize) -> Result<SurpriseResult, String> {
     let _ = ctrl.shutdown();
     Ok(r)
 }
+
+/// Hotplug cycles per second through the whole kernel path the scenarios use: QEMU's GPE,
+/// the lab's `_E01` -> `Notify`, the project's hotplug state machine, probe + bring-up +
+/// nodes, a 4 KiB write-verify, then the removal (`device_del` -> Notify 3 -> detach -> `_EJ0`
+/// when `surprise` is false; an eject with no notification, noticed by the watchdog, when
+/// true), all judged by the FreeBSD-rules model. Returns (cycles per second, the report).
+pub fn kernel_path_cycles(cycles: u32, surprise: bool) -> Result<(f64, crate::report::Report), String> {
+    let mode = if surprise { "surprise" } else { "announced" };
+    let text = format!(
+        "name = 'bench-{mode}'\n[[step]]\nop = 'repeat'\ntimes = {cycles}\nsteps = [\n\
+         {{ op = 'attach', id = 'b', slot = 6, namespaces = [{{ nsid = 1, size_mib = 4 }}] }},\n\
+         {{ op = 'io', target = 'b/1', kind = 'write-verify', ops = 1, depth = 1, block = 4096 }},\n\
+         {{ op = 'detach', id = 'b', mode = '{mode}' }} ]\n"
+    );
+    let sc = crate::scenario::Scenario::parse(&text).map_err(|e| e.to_string())?;
+    let r = crate::runner::Runner::new(sc).run();
+    if !r.ok {
+        return Err(r.summary());
+    }
+    let step = r.steps.iter().find(|s| s.op == "repeat").map_or(r.total_ms, |s| s.ms);
+    Ok((r.cycles as f64 / (step / 1e3), r))
+}

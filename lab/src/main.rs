@@ -202,7 +202,21 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             }
-            for n in [1, 64, 1024] {
+                    for surprise in [false, true] {
+        match nvmehp_lab::bench::kernel_path_cycles(cycles.min(500), surprise) {
+            Ok((rate, r)) => println!(
+                "kernel path ({}, hotplug state machine + FreeBSD model): {} cycles at {rate:.1} cycles/s ({:.2} ms/cycle)",
+                if surprise { "surprise removal" } else { "announced removal" },
+                r.cycles,
+                1e3 / rate
+            ),
+            Err(e) => {
+                eprintln!("kernel_path_cycles bench failed: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    for n in [1, 64, 1024] {
                 match surprise_removal(n) {
                     Ok(r) => println!("{}", r.describe()),
                     Err(e) => {
