@@ -1,7 +1,8 @@
 //! `cargo bench -p nvmehp-lab`: lab hotplug cycles per second (engine only, and through the
-//! whole kernel path: GPE, Notify, hotplug state machine, FreeBSD model), and how long the engine takes to
-//! complete every request after a surprise removal with 1, 64 and 1,024 in flight (QEMU's
-//! NVMe model, one I/O queue deep enough for all of them; figures printed, never asserted).
+//! whole kernel path: GPE, Notify, hotplug state machine, FreeBSD model), and how long the
+//! engine takes to complete every request after a surprise removal with 1, 64 and 1,024 in
+//! flight (QEMU's NVMe model, one I/O queue deep enough for all of them; figures printed,
+//! never asserted).
 //! Teardown with commands that never complete is in `cargo bench -p softnvme --bench teardown`.
 //! Cycles: NVMEHP_BENCH_CYCLES (default 200).
 
