@@ -205,9 +205,12 @@ impl Session {
         for &flavour in flavours {
             self.w.machine.set_removal_reads(flavour);
             let (mut failed, mut late, mut total) = (0u64, 0u64, None);
+            // Hot-add to torn-down, per removal point (a figure for the report, not a check).
+            let mut worst_ms = 0f64;
             let mut n = 0u64;
             loop {
                 let dma0 = self.w.machine.guest().live_dma_bytes();
+                let t0 = std::time::Instant::now();
                 let nodes0 = self.w.observer.nodes_alive();
                 if let Err(e) = self.w.machine.hot_add(&spec) {
                     self.w.violation(format!("sweep {flavour:?} access {n}: QEMU refused the hot-add: {e}"));
@@ -255,6 +258,7 @@ impl Session {
                 if self.w.machine.guest().fault().is_some() || self.w.report.violations.len() >= 200 {
                     break;
                 }
+                worst_ms = worst_ms.max(t0.elapsed().as_secs_f64() * 1e3);
                 n += stride;
                 if n > 100_000 {
                     self.w.violation("sweep: bring-up never completed without reaching the removal".to_string());
@@ -263,7 +267,8 @@ impl Session {
             }
             match total {
                 Some(t) => notes.push(format!(
-                    "{flavour:?}: bring-up = {t} device accesses; removed at {} of them: {failed} bring-up errors, {late} noticed by the watchdog",
+                    "{flavour:?}: bring-up = {t} device accesses; removed at {} of them: {failed} bring-up errors, \
+                     {late} noticed by the watchdog; slowest removal point {worst_ms:.1} ms from hot-add to torn down",
                     failed + late
                 )),
                 None => notes.push(format!("{flavour:?}: incomplete after {} removals", failed + late)),
