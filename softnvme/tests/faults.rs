@@ -211,11 +211,16 @@ fn out_of_range_cid_is_reported_and_never_completes_the_request() {
         }]
     ));
     assert!(c.is_dead());
-    assert_eq!(
-        dev.read32(0x1c) & 1,
-        0,
-        "controller disabled before buffers are handed back"
-    );
+    // poll runs under the kld's mutex: it only does the fast half. The device is not touched
+    // yet, and the engine says its buffers may not be reused until the stop has run.
+    assert_eq!(dev.read32(0x1c) & 1, 1, "poll does not wait for a disable");
+    assert!(!c.dma_stopped(), "buffers are held while the stop is pending");
+    let stop = c.take_stop().expect("the slow half is left for the caller");
+    let outcome = stop.run(c.platform());
+    assert!(outcome.dma_stopped());
+    assert_eq!(c.finish_stop(outcome), Ok(()));
+    assert_eq!(dev.read32(0x1c) & 1, 0, "the stop disabled the controller");
+    assert!(c.dma_stopped());
 }
 
 #[test]

@@ -11,6 +11,23 @@
 //! given back after the controller is disabled or known to be gone. If a disable times out
 //! on a device that is still present, the engine leaks that memory on purpose rather than
 //! let the device write into memory that has been reused.
+//!
+//! **Lock rule: the lock the engine lives behind is never held across a wait on the device
+//! that a broken device can stretch to seconds.** The engine is single-threaded; a kernel
+//! serialises it with a mutex that the interrupt thread and the I/O path (GEOM's g_down
+//! thread, shared by every disk) also take, and such a mutex may be held only briefly. So
+//! the removal paths are split ([`stop`](super::stop)): under the lock,
+//! [`fail_fast`](Controller::fail_fast) (or [`begin_shutdown`](Controller::begin_shutdown))
+//! marks the controller dead, completes every request once and gives up the rings; the
+//! [`DeviceStop`] it leaves ([`take_stop`](Controller::take_stop)) does the shutdown
+//! notification, the disable and their bounded waits without the lock, from a context that
+//! may sleep; [`finish_stop`](Controller::finish_stop) records the outcome under the lock.
+//! Meanwhile the dead engine touches no register and no ring, so the interrupt and I/O paths
+//! that take the lock fail fast. [`fail_all`](Controller::fail_all) and
+//! [`shutdown`](Controller::shutdown) do both halves in one call, for callers without such a
+//! lock (the lab, tests). The one wait that remains inside engine calls is a synchronous
+//! admin command's ([`rescan_namespaces`](Controller::rescan_namespaces), bring-up): bounded by
+//! the command timeout, and it ends at once when the device leaves (presence checks).
 
 use alloc::collections::VecDeque;
 use alloc::vec;
@@ -28,6 +45,7 @@ use super::ns::{Namespace, NsChanges};
 use super::qpair::QueuePair;
 use super::regs::{self, Cap, Version};
 use super::status::Status;
+use super::stop::{DeviceStop, StopOutcome};
 use super::Config;
 use crate::platform::{DmaRegion, Platform};
 
@@ -118,7 +136,7 @@ enum State {
 
 /// Who an admin command belongs to.
 #[derive(Debug)]
-enum AdminOwner {
+pub(super) enum AdminOwner {
     /// A synchronous command; the number tells a stale completion (of a command whose
     /// waiter timed out) from the one being waited for.
     Sync(u32),
@@ -129,11 +147,11 @@ enum AdminOwner {
 }
 
 /// One command of an I/O request.
-struct IoPart<R> {
+pub(super) struct IoPart<R> {
     /// Index into the request table.
     req: u32,
     /// The PRP list page, if the command needed one.
-    prp: Option<R>,
+    pub(super) prp: Option<R>,
 }
 
 struct ReqState {
@@ -155,6 +173,11 @@ pub struct Controller<P: Platform> {
     runaway: bool,
     /// The shutdown notification was sent since the last enable (send it once).
     shutdown_sent: bool,
+    /// The slow half of a stop, made by `fail_fast`/`begin_shutdown` and not yet taken.
+    pending_stop: Option<DeviceStop<P::Region>>,
+    /// A stop was made and its outcome not yet given to `finish_stop`: the device may
+    /// still be running, and the engine owns no ring.
+    stop_out: bool,
     cap: Option<Cap>,
     info: Option<ControllerInfo>,
     namespaces: Vec<Namespace>,
@@ -226,6 +249,8 @@ impl<P: Platform> Controller<P> {
             enabled: false,
             runaway: false,
             shutdown_sent: false,
+            pending_stop: None,
+            stop_out: false,
             cap: None,
             info: None,
             namespaces: Vec::new(),
@@ -302,6 +327,10 @@ impl<P: Platform> Controller<P> {
     /// completed (with [`Controller::fail_all`]) first, or it is failed with `Aborted` and
     /// reported by the next [`Controller::poll`].
     pub fn bring_up(&mut self) -> Result<(), NvmeError> {
+        if self.stop_out && self.pending_stop.is_none() {
+            // A stop taken by a caller still owns the device and its memory.
+            return Err(NvmeError::NotReady);
+        }
         if self.live > 0 {
             let mut done = Vec::new();
             self.fail_all(NvmeError::Aborted, &mut |c| done.push(c));
@@ -339,7 +368,7 @@ impl<P: Platform> Controller<P> {
         let vs = self.p.read32(regs::VS);
         // Whatever state firmware or a previous driver left: stop it before handing it memory.
         ctrlr::settle(&self.p, &cap)?;
-        ctrlr::disable(&self.p, &cap)?;
+        ctrlr::disable(&self.p, &cap, ctrlr::POLL_US)?;
         // CSTS.RDY is clear: whatever a previous life left running has stopped.
         self.runaway = false;
 
@@ -740,7 +769,11 @@ impl<P: Platform> Controller<P> {
     /// reported exactly once as [`Event::Io`]. Completion entries are validated (CID in range
     /// and outstanding, SQID, SQ head); a bad one is counted and reported, never trusted.
     /// Overdue commands make the engine check the controller's health and give it up
-    /// ([`Event::ControllerLost`]). Returns the number of I/O completions reported.
+    /// ([`Event::ControllerLost`]): the fast half only, as [`fail_fast`](Controller::fail_fast)
+    /// does, since poll is called under the caller's lock; the caller then runs the stop
+    /// ([`take_stop`](Controller::take_stop)), or lets [`fail_all`](Controller::fail_all),
+    /// [`shutdown`](Controller::shutdown) or drop run it. Returns the number of I/O completions
+    /// reported.
     pub fn poll(&mut self, on: &mut dyn FnMut(Event)) -> usize {
         let mut n = 0;
         if self.state == State::Ready {
@@ -826,7 +859,9 @@ impl<P: Platform> Controller<P> {
             NvmeError::Timeout
         };
         let mut n = 0;
-        self.fail_all(reason, &mut |c| {
+        // Only the fast half: poll runs under the caller's lock (the kld's interrupt thread).
+        // The stop is left pending for the caller (see `take_stop`).
+        self.fail_fast(reason, &mut |c| {
             n += 1;
             on(Event::Io(c))
         });
@@ -837,19 +872,33 @@ impl<P: Platform> Controller<P> {
     /// True when the device cannot be accessing host memory: it was never enabled, or it was
     /// disabled (CSTS.RDY seen clear), or it is gone (CSTS all-ones or config space absent).
     ///
-    /// False while the controller runs, and, the case a caller must handle, after
-    /// [`fail_all`](Controller::fail_all) (also run by a timeout in [`poll`](Controller::poll)
-    /// and by [`io_sync`](Controller::io_sync)) could not stop a device that is still present:
-    /// the requests those calls completed with an error may still have their data buffers read
-    /// or written by the device. Their owner must then not free or reuse those buffers but
-    /// leak them, as the engine leaks its own rings ([`Stats::leaked_regions`]). A completion
-    /// with `Ok` always means the device is done with its buffer, whatever this says.
+    /// False while the controller runs; while a [`DeviceStop`] is out (made by
+    /// [`fail_fast`](Controller::fail_fast) or [`begin_shutdown`](Controller::begin_shutdown),
+    /// its outcome not yet given to [`finish_stop`](Controller::finish_stop)); and, the case a
+    /// caller must handle, after a stop could not stop a device that is still present. In the
+    /// last two cases the requests completed with an error by hand (by `fail_fast`, `fail_all`,
+    /// a timeout in [`poll`](Controller::poll), or [`io_sync`](Controller::io_sync)) may still
+    /// have their data buffers read or written by the device: their owner must hold them until
+    /// the stop finished, then free them only if this says true, else leak them, as the engine
+    /// leaks its own rings ([`Stats::leaked_regions`]). A completion with `Ok` always means the
+    /// device is done with its buffer, whatever this says.
     pub fn dma_stopped(&self) -> bool {
-        !self.enabled && !self.runaway
+        !self.enabled && !self.runaway && !self.stop_out
     }
 
-    /// Classifies the controller from CSTS and config space (see [`health`]).
+    /// True while a [`DeviceStop`] made by the engine has not been finished
+    /// ([`finish_stop`](Controller::finish_stop)): pending here or taken by a caller.
+    pub fn stop_in_progress(&self) -> bool {
+        self.stop_out
+    }
+
+    /// Classifies the controller from CSTS and config space (see [`health`]). A dead
+    /// controller is not touched (its stop may be running without the engine's lock): it is
+    /// reported [`Health::Gone`], gone as far as the engine is concerned.
     pub fn check_health(&mut self) -> Health {
+        if self.state == State::Dead {
+            return Health::Gone;
+        }
         health::assess(&self.p, self.enabled && self.state == State::Ready)
     }
 
@@ -860,35 +909,57 @@ impl<P: Platform> Controller<P> {
     /// requests completed with an error must then be leaked, not reused.
     ///
     /// Unless the device is already gone, it is shut down (normal shutdown notification, so
-    /// its write cache is flushed) and disabled first, each step bounded, because completing
-    /// a read hands its buffer back to the caller, and a controller that is still running
-    /// could DMA into it afterwards. A gone device is not waited for.
+    /// its write cache is flushed) and disabled, each step bounded, before any completion is
+    /// delivered, because completing a read hands its buffer back to the caller, and a
+    /// controller that is still running could DMA into it afterwards. A gone device is not
+    /// waited for.
+    ///
+    /// This is [`fail_fast`](Controller::fail_fast) plus the stop, run in place: it waits up to
+    /// ~5 s + CAP.TO on a broken device. A caller whose lock is shared with an interrupt or I/O
+    /// path must use the two halves instead (see the module documentation).
     pub fn fail_all(&mut self, err: NvmeError, done: &mut dyn FnMut(Completion)) {
-        if self.state != State::Dead && self.enabled {
-            self.stop_device();
+        let mut failed = Vec::new();
+        self.fail_fast(err, &mut |c| failed.push(c));
+        let _ = self.run_pending_stop();
+        for c in failed {
+            done(c);
         }
+    }
+
+    /// The fast half of giving the controller up, fit to run under a lock that interrupt
+    /// and I/O paths take: no register access, no wait, no allocation.
+    ///
+    /// Marks the controller dead (later submits fail with [`NvmeError::Gone`]), completes every
+    /// accepted request exactly once through `done` (completions already reaped but not yet
+    /// reported keep their real result, everything else gets `Err(err)`), and gives up its
+    /// rings and pages into a [`DeviceStop`], kept until [`take_stop`](Controller::take_stop).
+    /// The device may still be running until that stop has run: hold the buffers of the
+    /// requests completed here with an error until [`finish_stop`](Controller::finish_stop),
+    /// then free them only if [`dma_stopped`](Controller::dma_stopped). Calling it again
+    /// completes nothing twice and makes no second stop.
+    pub fn fail_fast(&mut self, err: NvmeError, done: &mut dyn FnMut(Completion)) {
         self.state = State::Dead;
-        let mut keep = VecDeque::new();
-        while let Some(e) = self.deferred.pop_front() {
-            match e {
-                Event::Io(c) => done(c),
-                other => keep.push_back(other),
+        // Events other than completions stay queued, in order, for the next poll (popping and
+        // pushing back within the same capacity allocates nothing).
+        for _ in 0..self.deferred.len() {
+            match self.deferred.pop_front() {
+                Some(Event::Io(c)) => done(c),
+                Some(other) => self.deferred.push_back(other),
+                None => break,
             }
         }
-        self.deferred = keep;
+        let pool = &mut self.prp_pool;
         for q in self.io.iter_mut() {
-            for t in q.take_all() {
+            q.take_each(|t| {
                 if let Some(page) = t.owner.prp {
-                    self.prp_pool.push(page);
+                    // `prp_pool` has room for one page per request slot (reserved at bring-up).
+                    pool.push(page);
                 }
-            }
+            });
         }
         if let Some(a) = self.admin.as_mut() {
-            a.take_all();
+            a.take_each(drop);
         }
-        self.aer_armed = false;
-        self.aer_log_busy = false;
-        self.next_check_us = u64::MAX;
         for (idx, slot) in self.requests.iter_mut().enumerate() {
             if let Some(st) = slot.take() {
                 self.free_reqs.push(idx as u32);
@@ -900,85 +971,126 @@ impl<P: Platform> Controller<P> {
             }
         }
         self.live = 0;
-    }
-
-    /// Disables the controller unless it is gone; clears `enabled` when DMA has stopped.
-    ///
-    /// A present controller gets the normal shutdown notification first (bounded): it makes
-    /// the controller flush its volatile write cache, and the slot may lose power right after
-    /// (an eject follows an announced detach), which would otherwise lose writes that were
-    /// already reported done.
-    fn stop_device(&mut self) {
-        let Some(cap) = self.cap else {
-            self.enabled = false;
-            return;
-        };
-        match health::assess(&self.p, false) {
-            Health::Gone => self.enabled = false,
-            _ => {
-                if !self.shutdown_sent {
-                    self.shutdown_sent = true;
-                    let _ = ctrlr::shutdown_notify(&self.p, &cap);
-                }
-                if ctrlr::disable(&self.p, &cap).is_ok() || !self.p.present() {
-                    self.enabled = false;
-                }
-            }
+        if self.pending_stop.is_none() && self.owns_device_state() {
+            let stop = self.make_stop(false);
+            self.pending_stop = Some(stop);
         }
     }
 
-    /// Stops the device if needed and releases every DMA region, leaking those the device
-    /// might still use.
-    fn stop_and_release(&mut self) {
-        if self.enabled {
-            self.stop_device();
-        }
-        let stopped = !self.enabled;
-        let mut leaked = 0u64;
-        let mut drop_or_leak = |r: P::Region| {
-            if stopped {
-                drop(r);
-            } else {
-                leaked += 1;
-                core::mem::forget(r);
-            }
-        };
-        if let Some(a) = self.admin.take() {
-            drop_or_leak_queue(a, &mut drop_or_leak);
-        }
-        for q in self.io.drain(..) {
-            drop_or_leak_queue(q, &mut drop_or_leak);
-        }
-        for r in self
-            .scratch
-            .take()
-            .into_iter()
-            .chain(self.aer_page.take())
-            .chain(self.prp_pool.drain(..))
-        {
-            drop_or_leak(r);
-        }
-        self.stats.leaked_regions += leaked;
-        if !stopped {
+    /// Hands out the slow half left by [`fail_fast`](Controller::fail_fast) or
+    /// [`begin_shutdown`](Controller::begin_shutdown) (also by a timeout in
+    /// [`poll`](Controller::poll)): run it with [`DeviceStop::run`] without the engine's lock,
+    /// then give the outcome to [`finish_stop`](Controller::finish_stop). `None`: nothing to
+    /// stop, or already taken.
+    pub fn take_stop(&mut self) -> Option<DeviceStop<P::Region>> {
+        self.pending_stop.take()
+    }
+
+    /// Records what a [`DeviceStop`] achieved: whether DMA stopped (if not, the controller is
+    /// a runaway: [`dma_stopped`](Controller::dma_stopped) stays false until a later bring-up
+    /// disables it) and the regions it leaked. Returns the stop's result; a stop that found the
+    /// device gone leaves the controller dead.
+    pub fn finish_stop(&mut self, outcome: StopOutcome) -> Result<(), NvmeError> {
+        self.stop_out = false;
+        if !outcome.dma_stopped() {
             self.runaway = true;
         }
+        self.stats.leaked_regions += outcome.leaked_regions();
+        if outcome.result() == Err(NvmeError::Gone) {
+            self.state = State::Dead;
+        }
+        outcome.result()
+    }
+
+    /// Runs the pending stop, if any, in place (single-threaded callers).
+    fn run_pending_stop(&mut self) -> Result<(), NvmeError> {
+        match self.pending_stop.take() {
+            Some(stop) => {
+                let outcome = stop.run(&self.p);
+                self.finish_stop(outcome)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The device may be running, or the engine still holds memory lent to it.
+    fn owns_device_state(&self) -> bool {
+        self.enabled
+            || self.admin.is_some()
+            || !self.io.is_empty()
+            || self.scratch.is_some()
+            || self.aer_page.is_some()
+            || !self.prp_pool.is_empty()
+    }
+
+    /// Gives up everything the device may use into a [`DeviceStop`]; the engine keeps no ring
+    /// and no page, so nothing it does afterwards can reach the device or that memory. Moves
+    /// only (no allocation).
+    fn make_stop(&mut self, delete_queues: bool) -> DeviceStop<P::Region> {
+        let running = self.enabled;
+        // Send the notification once per life: it makes the controller flush its volatile
+        // write cache, and the slot may lose power right after (an eject follows an
+        // announced detach), which would otherwise lose writes already reported done.
+        let notify = running && !self.shutdown_sent;
+        self.shutdown_sent |= notify;
         self.enabled = false;
+        self.stop_out = true;
         self.aer_armed = false;
         self.aer_log_busy = false;
         self.next_check_us = u64::MAX;
+        DeviceStop::new(
+            self.cap,
+            running,
+            notify,
+            delete_queues,
+            self.cfg.cmd_timeout_us,
+            self.admin.take(),
+            core::mem::take(&mut self.io),
+            [self.scratch.take(), self.aer_page.take()],
+            core::mem::take(&mut self.prp_pool),
+        )
+    }
+
+    /// Stops the device if needed and releases every DMA region, leaking those the device
+    /// might still use; in place, waiting as long as the device needs (bring-up, drop). Does
+    /// nothing while a stop taken by a caller is still running: that stop owns the device.
+    fn stop_and_release(&mut self) {
+        if self.stop_out && self.pending_stop.is_none() {
+            return;
+        }
+        if self.pending_stop.is_none() && self.owns_device_state() {
+            let stop = self.make_stop(false);
+            self.pending_stop = Some(stop);
+        }
+        let _ = self.run_pending_stop();
     }
 
     /// Announced removal: deletes the I/O queues, sends the normal shutdown notification,
     /// waits for it to complete (bounded), and disables the controller. Requests must have
     /// been drained (poll until [`Controller::outstanding`] is 0) or failed first. A dead
-    /// controller is not touched.
+    /// controller is only stopped if its stop is still pending, and its memory released.
+    ///
+    /// This is [`begin_shutdown`](Controller::begin_shutdown) plus the stop, run in place; a
+    /// caller with a shared lock uses the two halves.
     pub fn shutdown(&mut self) -> Result<(), NvmeError> {
+        let was_dead = self.state == State::Dead;
+        self.begin_shutdown()?;
+        let r = self.run_pending_stop();
+        if was_dead {
+            self.stop_and_release();
+            return Ok(());
+        }
+        r
+    }
+
+    /// The fast half of [`shutdown`](Controller::shutdown), fit to run under a lock: refuses
+    /// with `InvalidRequest` while I/O is outstanding; otherwise stops accepting I/O (submits
+    /// fail with `NotReady`) and leaves a [`DeviceStop`] that deletes the I/O queues, sends the
+    /// shutdown notification and disables the controller ([`take_stop`](Controller::take_stop)).
+    /// Nothing to do for a controller that is down; a dead one keeps its pending stop.
+    pub fn begin_shutdown(&mut self) -> Result<(), NvmeError> {
         match self.state {
-            State::Dead => {
-                self.stop_and_release();
-                return Ok(());
-            }
-            State::Down => return Ok(()),
+            State::Dead | State::Down => return Ok(()),
             State::Ready => {}
         }
         if self.live > 0 {
@@ -986,32 +1098,16 @@ impl<P: Platform> Controller<P> {
                 "I/O outstanding: drain with poll() or fail_all() first",
             ));
         }
-        let cap = self.cap.ok_or(NvmeError::NotReady)?;
-        let mut first_err = None;
-        // SQs before their CQs (a CQ with an SQ still attached cannot be deleted).
-        let qids: Vec<u16> = self.io.iter().rev().map(|q| q.qid()).collect();
-        for qid in qids {
-            let r = self
-                .admin_sync(admin::delete_sq(qid))
-                .and_then(|_| self.admin_sync(admin::delete_cq(qid)));
-            if let Err(e) = r {
-                first_err = Some(e);
-                break;
-            }
+        self.state = State::Down;
+        if let Some(a) = self.admin.as_mut() {
+            // A synchronous command whose waiter timed out, and the AER: nobody waits for them.
+            a.take_each(drop);
         }
-        if first_err != Some(NvmeError::Gone) {
-            self.shutdown_sent = true;
-            if let Err(e) = ctrlr::shutdown_notify(&self.p, &cap) {
-                first_err.get_or_insert(e);
-            }
+        if self.pending_stop.is_none() {
+            let stop = self.make_stop(true);
+            self.pending_stop = Some(stop);
         }
-        self.stop_and_release();
-        self.state = if first_err == Some(NvmeError::Gone) {
-            State::Dead
-        } else {
-            State::Down
-        };
-        first_err.map_or(Ok(()), Err)
+        Ok(())
     }
 
     /// Re-reads the namespace list (after [`Event::NamespacesChanged`], or on demand) and
@@ -1078,12 +1174,6 @@ impl<P: Platform> Controller<P> {
         }
         result.unwrap_or(Err(NvmeError::Timeout))
     }
-}
-
-fn drop_or_leak_queue<R: DmaRegion, T>(q: QueuePair<R, T>, f: &mut impl FnMut(R)) {
-    let (sq, cq) = q.into_regions();
-    f(sq);
-    f(cq);
 }
 
 /// Writes `count` page addresses, `first` and each following page, into a PRP list page,

@@ -6,8 +6,9 @@ use super::error::NvmeError;
 use super::regs::{self, Cap, CcFlags, CstsFlags, PAGE_SIZE};
 use crate::platform::{Clock, PciPresence, RegisterIo};
 
-/// How long each wait iteration sleeps.
-const POLL_US: u32 = 100;
+/// How long each wait iteration of bring-up sleeps (a busy-wait: bring-up runs before the
+/// controller is shared, so nobody waits for it).
+pub const POLL_US: u32 = 100;
 /// How often a CSTS wait also asks config space whether the function is still there. A
 /// device that vanished reads CSTS as 0 on some platforms (QEMU after an eject), which looks
 /// like "not ready yet": without this, a removal during enable costs the whole CAP.TO.
@@ -40,19 +41,20 @@ pub fn read_cap<P: RegisterIo + PciPresence>(p: &P) -> Result<Cap, NvmeError> {
     Ok(cap)
 }
 
-/// Polls CSTS until `done(csts)` holds or `timeout_ms` passes. CSTS all-ones is `Gone`, and so
-/// is config space not answering (checked every [`PRESENCE_EVERY_US`] and on timeout);
-/// otherwise a timeout is `Timeout`.
-pub fn wait_csts<P, F>(p: &P, timeout_ms: u32, done: F) -> Result<u32, NvmeError>
+/// Polls CSTS every `poll_us` until `done(csts)` holds or `timeout_ms` passes. CSTS all-ones
+/// is `Gone`, and so is config space not answering (checked every [`PRESENCE_EVERY_US`] and on
+/// timeout); otherwise a timeout is `Timeout`.
+pub fn wait_csts<P, F>(p: &P, timeout_ms: u32, poll_us: u32, done: F) -> Result<u32, NvmeError>
 where
     P: RegisterIo + PciPresence + Clock,
     F: Fn(u32) -> bool,
 {
+    let poll_us = poll_us.max(1);
     let timeout_us = timeout_ms as u64 * 1000;
     let start = p.now_us();
     // The iteration bound keeps the loop finite even if the clock does not advance.
-    let max_iters = timeout_us / POLL_US as u64 + 2;
-    let presence_iters = (PRESENCE_EVERY_US / POLL_US as u64).max(1);
+    let max_iters = timeout_us / poll_us as u64 + 2;
+    let presence_iters = (PRESENCE_EVERY_US / poll_us as u64).max(1);
     for i in 0..max_iters {
         if i > 0 && i % presence_iters == 0 && !p.present() {
             return Err(NvmeError::Gone);
@@ -67,7 +69,7 @@ where
         if p.now_us().saturating_sub(start) >= timeout_us {
             break;
         }
-        p.delay_us(POLL_US);
+        p.delay_us(poll_us);
     }
     if !p.present() {
         return Err(NvmeError::Gone);
@@ -86,7 +88,7 @@ pub fn settle<P: RegisterIo + PciPresence + Clock>(p: &P, cap: &Cap) -> Result<(
         return Err(NvmeError::Gone);
     }
     if cc & CcFlags::EN.bits() != 0 && csts & CstsFlags::RDY.bits() == 0 {
-        match wait_csts(p, cap.timeout_ms, |c| c & CstsFlags::RDY.bits() != 0) {
+        match wait_csts(p, cap.timeout_ms, POLL_US, |c| c & CstsFlags::RDY.bits() != 0) {
             Ok(_) | Err(NvmeError::Timeout) => {}
             Err(e) => return Err(e),
         }
@@ -94,21 +96,25 @@ pub fn settle<P: RegisterIo + PciPresence + Clock>(p: &P, cap: &Cap) -> Result<(
     Ok(())
 }
 
-/// Clears CC.EN and waits for CSTS.RDY to drop. Disabling is what stops all DMA, so every
-/// path that gives memory back to the system after the device used it goes through here
-/// (or knows the device is gone).
-pub fn disable<P: RegisterIo + PciPresence + Clock>(p: &P, cap: &Cap) -> Result<(), NvmeError> {
+/// Clears CC.EN and waits (polling every `poll_us`) for CSTS.RDY to drop. Disabling is what
+/// stops all DMA, so every path that gives memory back to the system after the device used it
+/// goes through here (or knows the device is gone).
+pub fn disable<P: RegisterIo + PciPresence + Clock>(
+    p: &P,
+    cap: &Cap,
+    poll_us: u32,
+) -> Result<(), NvmeError> {
     let cc = p.read32(regs::CC);
     if cc != regs::ALL_ONES && cc & CcFlags::EN.bits() != 0 {
         p.write32(regs::CC, cc & !CcFlags::EN.bits() & !regs::CC_SHN_MASK);
     }
-    wait_csts(p, cap.timeout_ms, |c| c & CstsFlags::RDY.bits() == 0).map(|_| ())
+    wait_csts(p, cap.timeout_ms, poll_us, |c| c & CstsFlags::RDY.bits() == 0).map(|_| ())
 }
 
 /// Sets CC (enable value) and waits for CSTS.RDY. CFS during the wait is a broken device.
 pub fn enable<P: RegisterIo + PciPresence + Clock>(p: &P, cap: &Cap) -> Result<(), NvmeError> {
     p.write32(regs::CC, regs::cc_enable_value());
-    let csts = wait_csts(p, cap.timeout_ms, |c| {
+    let csts = wait_csts(p, cap.timeout_ms, POLL_US, |c| {
         c & (CstsFlags::RDY | CstsFlags::CFS).bits() != 0
     })?;
     if csts & CstsFlags::CFS.bits() != 0 {
@@ -119,11 +125,12 @@ pub fn enable<P: RegisterIo + PciPresence + Clock>(p: &P, cap: &Cap) -> Result<(
     Ok(())
 }
 
-/// Sends the normal shutdown notification (CC.SHN = 01b) and waits for CSTS.SHST = complete,
-/// so a volatile write cache is flushed before the slot loses power.
+/// Sends the normal shutdown notification (CC.SHN = 01b) and waits (polling every `poll_us`)
+/// for CSTS.SHST = complete, so a volatile write cache is flushed before the slot loses power.
 pub fn shutdown_notify<P: RegisterIo + PciPresence + Clock>(
     p: &P,
     cap: &Cap,
+    poll_us: u32,
 ) -> Result<(), NvmeError> {
     let cc = p.read32(regs::CC);
     if cc == regs::ALL_ONES {
@@ -133,7 +140,7 @@ pub fn shutdown_notify<P: RegisterIo + PciPresence + Clock>(
     // CAP.TO bounds enable/disable; shutdown has its own (RTD3E), which may be 0 or absurd;
     // use the larger of CAP.TO and 5 s, as a bounded, conservative choice.
     let bound = cap.timeout_ms.max(5000);
-    wait_csts(p, bound, |c| {
+    wait_csts(p, bound, poll_us, |c| {
         c & regs::CSTS_SHST_MASK == regs::CSTS_SHST_COMPLETE
     })
     .map(|_| ())

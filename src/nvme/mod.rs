@@ -3,7 +3,9 @@
 //! Hardware- and OS-neutral safe Rust, generic over [`Platform`](crate::platform::Platform).
 //! The engine is single-threaded by design: the caller (the kld's per-controller mutex, or a
 //! test) serialises every call. It never sleeps except through [`Clock::delay_us`] inside
-//! bounded waits, and it never trusts a value read from the device: every register, identify
+//! bounded waits, and the long ones (shutdown notification, disable) are split out into a
+//! [`DeviceStop`] that the caller runs without its lock (see [`controller`]'s lock rule).
+//! It never trusts a value read from the device: every register, identify
 //! field and completion entry is validated, and a bad one becomes [`NvmeError::BadDevice`] or a
 //! counted [`Event::BadCompletion`], never a panic, an out-of-bounds access or an endless loop.
 //!
@@ -19,6 +21,7 @@
 //! - [`io`]: request validation, MDTS splitting and PRP building;
 //! - [`aer`]: Asynchronous Event Requests and the Get Log Page that clears them;
 //! - [`health`]: removal and failure detection;
+//! - [`stop`]: the slow half of stopping a controller, run without the caller's lock;
 //! - [`controller`]: the [`Controller`] that ties them together;
 //! - [`error`]: the error, completion and event types of the public API.
 //!
@@ -37,6 +40,7 @@ pub mod ns;
 pub mod qpair;
 pub mod regs;
 pub mod status;
+pub mod stop;
 
 pub use controller::{Controller, Stats};
 pub use error::{Completion, Event, NvmeError};
@@ -45,6 +49,7 @@ pub use identify::ControllerInfo;
 pub use io::{DataBuf, IoOp, IoRequest};
 pub use ns::{Namespace, NsChanges};
 pub use status::{Status, StatusCode};
+pub use stop::{DeviceStop, StopOutcome};
 
 /// Engine tunables. The kld exposes them as loader tunables; tests set them directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

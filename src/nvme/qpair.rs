@@ -227,13 +227,19 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
     /// Removes every outstanding tracker (after the controller was stopped or lost).
     pub fn take_all(&mut self) -> Vec<Tracker<T>> {
         let mut out = Vec::new();
+        self.take_each(|t| out.push(t));
+        out
+    }
+
+    /// Removes every outstanding tracker, handing each to `f`. Allocates nothing (the free
+    /// list has room for every CID), so it may run under a lock that forbids sleeping.
+    pub fn take_each(&mut self, mut f: impl FnMut(Tracker<T>)) {
         for (cid, slot) in self.slots.iter_mut().enumerate() {
             if let Some(t) = slot.take() {
-                out.push(t);
+                f(t);
                 self.free.push(cid as u16);
             }
         }
-        out
     }
 
     /// Earliest deadline among outstanding commands (`u64::MAX` when none).
