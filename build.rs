@@ -65,6 +65,8 @@ mod kld {
         "disk_alloc", "disk_create", "disk_gone", "disk_destroy", "biodone",
         // newbus topology changes (under bus_topo_lock)
         "bus_topo_lock", "bus_topo_unlock", "device_detach", "device_find_child", "pci_find_dbsf",
+        // single-slot rescan (pci_private.h): what pci_rescan_method does for one new function
+        "pci_read_device", "pci_add_child", "device_probe_and_attach",
         // ACPICA and the FreeBSD ACPI driver
         "AcpiGetHandle", "AcpiGetName", "AcpiWalkNamespace", "AcpiEvaluateObject",
         "AcpiInstallNotifyHandler", "AcpiRemoveNotifyHandler",
@@ -86,7 +88,7 @@ mod kld {
     const KPI_VARIABLES: &[&str] = &[
         "device_probe_desc", "device_attach_desc", "device_detach_desc", "device_shutdown_desc",
         "bus_read_ivar_desc", "bus_write_ivar_desc", "bus_rescan_desc",
-        "pci_read_config_desc", "pci_write_config_desc", "pcib_read_config_desc",
+        "pci_read_config_desc", "pci_write_config_desc", "pcib_read_config_desc", "pcib_maxfuncs_desc",
         "pci_enable_busmaster_desc", "pci_alloc_msix_desc", "pci_release_msi_desc",
         "pci_msix_count_desc",
         "sysctl___hw", "__stack_chk_guard", "__start_set_pcpu", "__stop_set_pcpu",
@@ -98,7 +100,7 @@ mod kld {
         "ENXIO", "ENOMEM", "EBUSY", "EINVAL", "EIO", "ENOTTY", "EOPNOTSUPP", "EEXIST", "ENAMETOOLONG", "SPECNAMELEN",
         "SYS_RES_MEMORY", "RF_ACTIVE", "BUS_PROBE_LOW_PRIORITY", "BUS_PROBE_NOWILDCARD",
         "BUS_PROBE_DEFAULT", "BUS_PROBE_GENERIC", "BUS_PROBE_HOOVER",
-        "PCIR_VENDOR", "PCIR_HDRTYPE", "PCIM_MFDEV", "PCI_FUNCMAX", "PCI_SLOTMAX", "PCIC_STORAGE", "PCIS_STORAGE_NVM", "PCIP_STORAGE_NVM_ENTERPRISE_NVMHCI_1_0",
+        "PCIR_VENDOR", "PCIR_HDRTYPE", "PCIM_HDRTYPE", "PCI_MAXHDRTYPE", "PCIM_MFDEV", "PCI_FUNCMAX", "PCI_SLOTMAX", "PCIC_STORAGE", "PCIS_STORAGE_NVM", "PCIP_STORAGE_NVM_ENTERPRISE_NVMHCI_1_0",
         "MAKEDEV_WAITOK", "MAKEDEV_NOWAIT", "MAKEDEV_CHECKNAME", "UID_ROOT", "GID_OPERATOR", "D_VERSION", "BUS_SPACE_MAXADDR",
         "ACPI_SYSTEM_NOTIFY", "ACPI_TYPE_DEVICE", "ACPI_TYPE_INTEGER", "ACPI_TYPE_BUFFER",
         "ACPI_FULL_PATHNAME", "SYS_RES_IRQ", "RF_SHAREABLE", "CS_DRAIN", "DISK_VERSION",
@@ -160,6 +162,9 @@ mod kld {
             .allowlist_type("ACPI_OBJECT_LIST")
             .allowlist_type("ACPI_BUFFER")
             .allowlist_type("intr_type")
+            // Only ever passed back to the kernel (pci_read_device -> pci_add_child): its layout
+            // is pci(4)'s business, and stays out of the bindings on native builds too.
+            .opaque_type("pci_devinfo")
             // ... except the Rust entry points, which the glue calls and Rust defines.
             .blocklist_function("nvmehp_(probe|attach|detach|shutdown|modevent)");
         for f in KPI_FUNCTIONS {

@@ -40,6 +40,7 @@
 
 #include <dev/pci/pcireg.h>
 #include <dev/pci/pcivar.h>
+#include <dev/pci/pci_private.h>
 #include "pcib_if.h"
 
 #include <contrib/dev/acpica/include/acpi.h>

@@ -351,6 +351,12 @@ nvmehp_pcib_read_config(device_t pcib, u_int bus, u_int slot, u_int func, u_int 
 }
 
 int
+nvmehp_pcib_maxfuncs(device_t pcib)
+{
+	return (PCIB_MAXFUNCS(pcib));
+}
+
+int
 nvmehp_bus_rescan(device_t bus)
 {
 	return (BUS_RESCAN(bus));

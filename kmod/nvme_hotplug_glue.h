@@ -115,6 +115,8 @@ uint32_t nvmehp_pcib_get_domain(device_t pci_bus);
 uint32_t nvmehp_pcib_get_bus(device_t pci_bus);
 uint32_t nvmehp_pcib_read_config(device_t pcib, u_int bus, u_int slot, u_int func, u_int reg,
 	    int width);
+/* PCIB_MAXFUNCS on a bridge: PCI_FUNCMAX, or more when ARI is enabled below it. */
+int	nvmehp_pcib_maxfuncs(device_t pcib);
 
 /* BUS_RESCAN(9) on a bus device (call with bus_topo_lock() held). */
 int	nvmehp_bus_rescan(device_t bus);

@@ -1,4 +1,5 @@
-//! Newbus topology changes: detach, delete, rescan, all under `bus_topo_lock()`.
+//! Newbus topology changes: detach, delete, rescan, add a PCI function, probe+attach, all under
+//! `bus_topo_lock()`.
 //!
 //! The newbus tree (devices, their children, drivers) may only change under the topology lock
 //! (Giant in disguise). A [`TopoLock`] guard is the proof the functions here require, so a
@@ -7,6 +8,7 @@
 
 use super::bindings;
 use super::device::Device;
+use super::pci_bus::PciBus;
 use core::ffi::{c_int, CStr};
 use core::marker::PhantomData;
 
@@ -28,6 +30,42 @@ impl TopoLock {
     pub fn rescan(&self, bus: Device) -> Result<(), c_int> {
         // SAFETY: a live bus device, under the topology lock.
         errno(unsafe { bindings::nvmehp_bus_rescan(bus.as_raw()) })
+    }
+
+    /// Adds the newbus child for `slot`.`func` of `bus`, as pci's own rescan does for a
+    /// function it did not know (its `pci_identify_function`): `pci_read_device` through the
+    /// bus's bridge, then `pci_add_child` on the bus. The child is added, not probed (see
+    /// [`TopoLock::probe_and_attach`]). `Ok(None)`: the function stopped answering between the
+    /// caller's presence check and this read. `Err`: the child did not appear in pci's device
+    /// list (the bus has no bridge, or its number does not fit pci_find_dbsf's u8).
+    /// The caller must have checked that no child exists for this function: a second devinfo
+    /// for one function would shadow the first in pci's list.
+    pub fn add_pci_function(&self, bus: &PciBus, slot: u8, func: u8) -> Result<Option<Device>, c_int> {
+        let pcib = bus.device().parent().ok_or(bindings::ENXIO)?;
+        let (domain, number) = (bus.domain(), bus.number());
+        let (Ok(d), Ok(b)) = (c_int::try_from(domain), u8::try_from(number)) else {
+            return Err(bindings::EINVAL);
+        };
+        // SAFETY: pcib is the live bridge of the live pci bus `bus`; under the topology lock,
+        // as pci_rescan_method runs. pci_read_device allocates with M_WAITOK (we may sleep).
+        let dinfo = unsafe {
+            bindings::pci_read_device(pcib.as_raw(), bus.device().as_raw(), d, c_int::from(b), c_int::from(slot), c_int::from(func))
+        };
+        if dinfo.is_null() {
+            return Ok(None);
+        }
+        // SAFETY: the devinfo pci_read_device just returned for a child of `bus`; pci_add_child
+        // takes it over (it becomes the new device's ivars).
+        unsafe { bindings::pci_add_child(bus.device().as_raw(), dinfo) };
+        bus.child_at(slot, func).map(Some).ok_or(bindings::ENXIO)
+    }
+
+    /// `device_probe_and_attach(9)`: finds the best driver for a new child and attaches it.
+    /// An error (no driver wants it, or attach failed) leaves the child in the tree, unattached,
+    /// as pci's rescan does.
+    pub fn probe_and_attach(&self, dev: Device) -> Result<(), c_int> {
+        // SAFETY: a live device, under the topology lock; may sleep (we are in a task).
+        errno(unsafe { bindings::device_probe_and_attach(dev.as_raw()) })
     }
 
     /// `device_detach(9)`: runs the driver's detach; the device stays in the tree.

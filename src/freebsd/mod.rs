@@ -20,6 +20,7 @@
 //! - [`acpi`]: ACPI slot objects, notify handlers, `_STA`/`_EJ0`/`_OST`.
 //! - [`bus_topo`]: newbus rescan/detach/delete under `bus_topo_lock()`.
 //! - [`pci_bus`]: a pci bus and config reads of its slots, with or without a device.
+//! - [`slot_rescan`]: add and attach the new functions of one slot (not a whole-bus rescan).
 //! - [`cdev`]: device nodes that are never eternal and always destroyed.
 //! - [`disk`], [`bio`]: GEOM disks with the nvd(4) teardown order, and their I/O requests.
 //! - [`tunables`]: `hw.nvme_hotplug.*` tunables and counters.
@@ -54,6 +55,7 @@ pub mod platform;
 pub mod acpi;
 pub mod bus_topo;
 pub mod pci_bus;
+pub mod slot_rescan;
 pub mod cdev;
 pub mod disk;
 pub mod bio;
@@ -75,3 +77,5 @@ mod fake_nvme;
 mod kpi_tests;
 #[cfg(test)]
 mod glue_tests;
+#[cfg(test)]
+mod slot_rescan_tests;

@@ -72,6 +72,23 @@ impl PciBus {
         self.read_config(slot, func, bindings::PCIR_VENDOR as u32, 2) as u16
     }
 
+    /// Header type byte of `slot`.`func` (`PCIR_HDRTYPE`): the layout in its low 7 bits
+    /// (`PCIM_HDRTYPE`), the multi-function flag in bit 7 (`PCIM_MFDEV`, meaningful on
+    /// function 0). 0xff when nothing answers.
+    pub fn header_type(&self, slot: u8, func: u8) -> u8 {
+        self.read_config(slot, func, bindings::PCIR_HDRTYPE as u32, 1) as u8
+    }
+
+    /// `PCIB_MAXFUNCS` of the bus's bridge: the highest function number a multi-function
+    /// device may use, `PCI_FUNCMAX` (7) unless ARI is enabled below the bridge (then the
+    /// slot field is part of the function number and only slot 0 exists). `None` without a
+    /// bridge.
+    pub fn max_funcs(&self) -> Option<c_int> {
+        let pcib = self.bus.parent()?;
+        // SAFETY: a kobj method call on the bus's live bridge; it only reads bridge state.
+        Some(unsafe { bindings::nvmehp_pcib_maxfuncs(pcib.as_raw()) })
+    }
+
     /// Function 0 of `slot` answers config reads.
     pub fn slot_present(&self, slot: u8) -> bool {
         self.vendor_id(slot, 0) != VENDOR_NONE

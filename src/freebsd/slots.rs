@@ -15,10 +15,13 @@
 //! - **Controllers** ([`controller_lost`], [`namespace_changed`]), from their interrupt or
 //!   watchdog: record a quiet check or a namespace change for their slot and enqueue the task.
 //!
-//! Single-slot rescan: FreeBSD exports no "rescan this slot" KPI; `rescan_slot` runs
-//! `BUS_RESCAN` on the slot's bus under the topology lock, as acpi_pci does for a device check
-//! (facts §1.2). pci_rescan only adds functions it did not know and deletes those that stopped
-//! answering, so the other slots' working devices are untouched.
+//! Single-slot rescan: FreeBSD exports no "rescan this slot" KPI, and acpi_pci answers a device
+//! check with `BUS_RESCAN` of the whole bus (facts §1.2), which also deletes every child of
+//! *other* slots whose function stopped answering. `rescan_slot` instead walks the one slot
+//! under the topology lock ([`super::slot_rescan`]: what pci_rescan_method does for a slot,
+//! through the global `pci_read_device`/`pci_add_child`), adding and attaching only that
+//! slot's new functions. Only when the walk cannot be done (ARI below the bridge, a function
+//! that could not be added) does it fall back to `BUS_RESCAN` of the bus, and says so.
 
 use super::acpi::{AcpiHandle, NotifyHandler, NotifyRegistration, NotifyValue};
 use super::alloc::box_waitok;
@@ -498,10 +501,27 @@ impl SlotOps for FreeBsdSlots<'_> {
     fn rescan_slot(&mut self, i: SlotIndex) -> Result<(), OpFailed> {
         let Some(s) = self.slot(i) else { return Err(OpFailed) };
         let topo = TopoLock::lock();
-        topo.rescan(self.d.bus.device()).map_err(|e| {
-            kprintf!("nvme_hotplug: rescan for slot {:?} failed: {}\n", s.handle, e);
-            OpFailed
-        })
+        match super::slot_rescan::rescan_slot(&topo, &self.d.bus, s.pci_slot) {
+            Ok(scan) => {
+                if scan.added > 0 {
+                    kprintf!(
+                        "nvme_hotplug: slot {:?}: {} new functions, {} attached\n",
+                        s.handle,
+                        scan.added,
+                        scan.attached
+                    );
+                }
+                Ok(())
+            }
+            // The documented fallback: the whole bus, as acpi_pci does for a device check.
+            Err(e) => {
+                kprintf!("nvme_hotplug: slot {:?}: {}; rescanning the whole bus\n", s.handle, e);
+                topo.rescan(self.d.bus.device()).map_err(|e| {
+                    kprintf!("nvme_hotplug: rescan for slot {:?} failed: {}\n", s.handle, e);
+                    OpFailed
+                })
+            }
+        }
     }
 
     fn detach_slot(&mut self, i: SlotIndex, why: DetachReason) -> Result<(), DetachError> {
