@@ -45,9 +45,13 @@ std::thread_local! {
     static CDEVS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     static DISKS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     static QUEUED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
-    /// The fake PCI slot 3 on bus 0: its vendor ID and whether newbus has a device_t for it.
-    static SLOT_VENDOR: Cell<u32> = const { Cell::new(0xffff) };
-    static SLOT_CHILD: Cell<bool> = const { Cell::new(false) };
+    /// The functions of the fake pci0 that answer config reads, or have a device_t (see
+    /// [`FakeFn`]); slot 3 is the ACPI slot `S18_`.
+    static FUNCS: RefCell<std::collections::BTreeMap<(u8, u8), FakeFn>> = const { RefCell::new(std::collections::BTreeMap::new()) };
+    /// Every config read through the bridge since `reset`: (slot, function, register).
+    static CONFIG_READS: RefCell<Vec<(u8, u8, u32)>> = const { RefCell::new(Vec::new()) };
+    /// What PCIB_MAXFUNCS of pcib0 answers (7; more would mean ARI).
+    static MAX_FUNCS: Cell<c_int> = const { Cell::new(7) };
     static SOFTC: Cell<usize> = const { Cell::new(0) };
     /// The device behind the BAR, if a test installed one ([`install_nvme`]).
     static NVME: RefCell<Option<super::fake_nvme::FakeNvme>> = const { RefCell::new(None) };
@@ -67,8 +71,9 @@ pub fn with_nvme<R>(f: impl FnOnce(&mut super::fake_nvme::FakeNvme) -> R) -> R {
 pub fn reset(knobs: Knobs) {
     LOG.with(|l| l.borrow_mut().clear());
     QUEUED.with(|l| l.borrow_mut().clear());
-    SLOT_VENDOR.with(|v| v.set(0xffff));
-    SLOT_CHILD.with(|v| v.set(false));
+    FUNCS.with(|f| f.borrow_mut().clear());
+    CONFIG_READS.with(|r| r.borrow_mut().clear());
+    MAX_FUNCS.with(|m| m.set(7));
     CDEVS.with(|l| l.borrow_mut().clear());
     DISKS.with(|l| l.borrow_mut().clear());
     KNOBS.with(|k| k.set(knobs));
@@ -577,17 +582,61 @@ pub const PCI0: usize = 0xb1;
 pub const SLOT3: usize = 0x5103;
 pub const PCI0_ACPI: usize = 0x9c10;
 
+/// One PCI function of the fake pci0.
+#[derive(Clone, Copy, Debug)]
+pub struct FakeFn {
+    /// Vendor ID config reads return (0xffff: nothing answers).
+    pub vendor: u32,
+    /// `PCIR_HDRTYPE` (bit 7: multi-function).
+    pub hdrtype: u8,
+    /// newbus has a device_t for it.
+    pub child: bool,
+}
+
 /// Puts a device (vendor `vendor`) into slot 3, with a device_t (as after an attach).
 pub fn insert_slot3(vendor: u32) {
-    SLOT_VENDOR.with(|v| v.set(vendor));
-    SLOT_CHILD.with(|v| v.set(true));
+    set_function(3, 0, FakeFn { vendor, hdrtype: 0, child: true });
+}
+
+/// Sets what `slot`.`func` of pci0 answers and whether it has a device_t.
+pub fn set_function(slot: u8, func: u8, f: FakeFn) {
+    FUNCS.with(|m| m.borrow_mut().insert((slot, func), f));
+}
+
+/// The state of `slot`.`func` (absent: nothing answers, no device_t).
+pub fn function(slot: u8, func: u8) -> FakeFn {
+    FUNCS.with(|m| m.borrow().get(&(slot, func)).copied()).unwrap_or(FakeFn { vendor: 0xffff, hdrtype: 0xff, child: false })
+}
+
+/// Every config read through pcib0 since `reset`: (slot, function, register).
+pub fn config_reads() -> Vec<(u8, u8, u32)> {
+    CONFIG_READS.with(|r| r.borrow().clone())
+}
+
+/// What PCIB_MAXFUNCS answers from now on (above 7: ARI).
+pub fn set_max_funcs(n: c_int) {
+    MAX_FUNCS.with(|m| m.set(n));
+}
+
+/// The device_t pci0 has for `slot`.`func`: slot 3 function 0 is [`fake_device`] (the
+/// controller the other tests attach); the others get an address of their own.
+pub fn function_device(slot: u8, func: u8) -> device_t {
+    if (slot, func) == (3, 0) { fake_device() } else { (0xd000 + (usize::from(slot) << 3) + usize::from(func)) as device_t }
+}
+
+fn function_of(dev: device_t) -> Option<(u8, u8)> {
+    match dev as usize {
+        0xde71ce => Some((3, 0)),
+        a @ 0xd000..=0xd0ff => Some((((a - 0xd000) >> 3) as u8, ((a - 0xd000) & 7) as u8)),
+        _ => None,
+    }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn device_get_parent(dev: device_t) -> device_t {
     match dev as usize {
         PCI0 => PCIB0 as device_t,
-        0xde71ce => PCI0 as device_t,
+        0xde71ce | 0xd000..=0xd0ff => PCI0 as device_t,
         _ => core::ptr::null_mut(),
     }
 }
@@ -659,7 +708,8 @@ pub unsafe extern "C" fn acpi_GetInteger(h: ACPI_HANDLE, path: *const c_char, ou
 pub unsafe extern "C" fn acpi_SetInteger(h: ACPI_HANDLE, path: *const c_char, v: u32) -> u32 {
     record(format!("acpi_SetInteger {h:p} {}({v})", cstr(path)));
     if h as usize == SLOT3 && cstr(path) == "_EJ0" {
-        SLOT_VENDOR.with(|x| x.set(0xffff)); // the platform removes the device
+        // The platform removes the device: none of the slot's functions answers any more.
+        FUNCS.with(|m| m.borrow_mut().iter_mut().filter(|((s, _), _)| *s == 3).for_each(|(_, f)| f.vendor = 0xffff));
     }
     NVMEHP_AE_OK
 }
@@ -692,13 +742,54 @@ pub unsafe extern "C" fn nvmehp_pcib_get_bus(_bus: device_t) -> u32 {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmehp_pcib_read_config(_pcib: device_t, _b: u32, slot: u32, func: u32, reg: u32, _w: c_int) -> u32 {
-    if slot == 3 && func == 0 && reg == 0 { SLOT_VENDOR.with(|v| v.get()) } else { 0xffff }
+pub unsafe extern "C" fn nvmehp_pcib_read_config(_pcib: device_t, _b: u32, slot: u32, func: u32, reg: u32, w: c_int) -> u32 {
+    let (slot, func) = (slot as u8, func as u8);
+    CONFIG_READS.with(|r| r.borrow_mut().push((slot, func, reg)));
+    let f = function(slot, func);
+    let ones = if w == 4 { u32::MAX } else { (1u32 << (8 * w)) - 1 };
+    match reg {
+        _ if f.vendor == 0xffff => ones,
+        0 => f.vendor,
+        0x0e => u32::from(f.hdrtype),
+        _ => 0,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pcib_maxfuncs(_pcib: device_t) -> c_int {
+    MAX_FUNCS.with(|m| m.get())
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn pci_find_dbsf(_d: u32, _b: u8, slot: u8, func: u8) -> device_t {
-    if slot == 3 && func == 0 && SLOT_CHILD.with(|c| c.get()) { fake_device() } else { core::ptr::null_mut() }
+    if function(slot, func).child { function_device(slot, func) } else { core::ptr::null_mut() }
+}
+
+/// A devinfo names its function: (slot << 8 | func) + 1, never dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn pci_read_device(pcib: device_t, bus: device_t, _d: c_int, _b: c_int, s: c_int, f: c_int) -> *mut pci_devinfo {
+    record(format!("pci_read_device pcib={pcib:p} bus={bus:p} {s}.{f}"));
+    if function(s as u8, f as u8).vendor == 0xffff {
+        return core::ptr::null_mut();
+    }
+    (((s as usize) << 8 | f as usize) + 1) as *mut pci_devinfo
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn pci_add_child(bus: device_t, dinfo: *mut pci_devinfo) {
+    let a = dinfo as usize - 1;
+    let (s, f) = ((a >> 8) as u8, (a & 0xff) as u8);
+    record(format!("pci_add_child bus={bus:p} {s}.{f}"));
+    FUNCS.with(|m| {
+        m.borrow_mut().entry((s, f)).and_modify(|x| x.child = true);
+    });
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_probe_and_attach(dev: device_t) -> c_int {
+    let (s, f) = function_of(dev).expect("probe of a device pci0 does not have");
+    record(format!("device_probe_and_attach {s}.{f}"));
+    0
 }
 
 #[no_mangle]
@@ -710,7 +801,11 @@ pub unsafe extern "C" fn device_detach(dev: device_t) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn device_delete_child(_bus: device_t, dev: device_t) -> c_int {
     record(format!("device_delete_child {dev:p}"));
-    SLOT_CHILD.with(|c| c.set(false));
+    if let Some(k) = function_of(dev) {
+        FUNCS.with(|m| {
+            m.borrow_mut().entry(k).and_modify(|x| x.child = false);
+        });
+    }
     0
 }
 

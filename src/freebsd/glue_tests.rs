@@ -25,8 +25,9 @@ use std::boxed::Box;
 use std::string::String;
 use std::vec::Vec;
 
-/// The disk counter is global: tests that create disks run one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// The disk counter and the module instance are global: tests that create disks or load the
+/// module run one at a time.
+pub(super) static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn dev() -> Device {
     // SAFETY: the fakes never dereference the device.

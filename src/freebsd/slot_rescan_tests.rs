@@ -1,0 +1,184 @@
+//! Host tests of the single-slot rescan ([`super::slot_rescan`]) against the fake pci0 of
+//! [`fake_kernel`]: a device check on slot S reads and adds only slot S's functions, adds only
+//! functions that answer and have no child yet, probes and attaches only the children it added
+//! (after adding them all), honours the multi-function bit of function 0, and falls back to a
+//! whole-bus `BUS_RESCAN` only when the walk cannot be done (ARI).
+//!
+//! [`fake_kernel`]: super::fake_kernel
+
+use super::bindings;
+use super::bus_topo::TopoLock;
+use super::fake_kernel::{self as fk, FakeFn, Knobs};
+use super::pci_bus::PciBus;
+use super::slot_rescan::{rescan_slot, SlotScan, WalkError};
+use std::string::String;
+use std::vec::Vec;
+
+fn pci0() -> PciBus {
+    // SAFETY: the fakes never dereference device pointers.
+    PciBus::new(unsafe { super::device::Device::from_raw(fk::PCI0 as bindings::device_t) }.unwrap())
+}
+
+const NEW: FakeFn = FakeFn { vendor: 0x1b36, hdrtype: 0, child: false };
+const KNOWN: FakeFn = FakeFn { vendor: 0x1b36, hdrtype: 0, child: true };
+const MF_NEW: FakeFn = FakeFn { vendor: 0x1b36, hdrtype: bindings::PCIM_MFDEV as u8, child: false };
+const MF_KNOWN: FakeFn = FakeFn { vendor: 0x1b36, hdrtype: bindings::PCIM_MFDEV as u8, child: true };
+/// Removed under a device_t: reads all-ones, the stale child is still there.
+const STALE: FakeFn = FakeFn { vendor: 0xffff, hdrtype: 0, child: true };
+const GONE: FakeFn = FakeFn { vendor: 0xffff, hdrtype: 0, child: false };
+
+fn matching(log: &[String], prefix: &str) -> Vec<String> {
+    log.iter().filter(|l| l.starts_with(prefix)).cloned().collect()
+}
+
+fn run(slot: u8) -> (Result<SlotScan, WalkError>, Vec<String>) {
+    fk::record("-- rescan --");
+    let r = {
+        let topo = TopoLock::lock();
+        rescan_slot(&topo, &pci0(), slot)
+    };
+    let log = fk::log();
+    let from = log.iter().position(|l| l == "-- rescan --").unwrap();
+    (r, log[from..].to_vec())
+}
+
+/// A device check on slot 3 while slot 5 also holds a function newbus does not know and slot 4
+/// a stale child: only slot 3 is read, only 3.0 is added and attached; slot 5 stays unknown,
+/// slot 4's stale child is not deleted, and there is no whole-bus rescan.
+#[test]
+fn a_device_check_touches_only_its_own_slot() {
+    fk::reset(Knobs::default());
+    fk::set_function(3, 0, NEW);
+    fk::set_function(4, 0, STALE);
+    fk::set_function(5, 0, NEW);
+    let (r, log) = run(3);
+    assert_eq!(r, Ok(SlotScan { present: 1, added: 1, attached: 1 }), "{log:#?}");
+    let reads = fk::config_reads();
+    assert!(!reads.is_empty() && reads.iter().all(|&(s, _, _)| s == 3), "config reads outside slot 3: {reads:?}");
+    assert_eq!(matching(&log, "pci_read_device").len(), 1, "{log:#?}");
+    assert!(log.iter().any(|l| l.starts_with("pci_read_device") && l.ends_with(" 3.0")), "{log:#?}");
+    assert_eq!(matching(&log, "pci_add_child"), [std::format!("pci_add_child bus={:p} 3.0", fk::PCI0 as *const u8)]);
+    assert_eq!(matching(&log, "device_probe_and_attach"), ["device_probe_and_attach 3.0"]);
+    assert!(matching(&log, "BUS_RESCAN").is_empty() && matching(&log, "device_delete_child").is_empty(), "{log:#?}");
+    assert!(!fk::function(5, 0).child, "slot 5 was added by a check of slot 3");
+    assert!(fk::function(4, 0).child, "slot 4's stale child was deleted by a check of slot 3");
+    assert!(fk::function(3, 0).child);
+}
+
+/// A multi-function device (PCIM_MFDEV in function 0's header type) whose functions 0 and 7
+/// are known, 1 and 3 new, 2 and 4..6 empty: only 1 and 3 are read in full, added, and probed,
+/// after both were added; known functions are neither re-added nor re-probed, empty ones are
+/// skipped, and nothing beyond function 7 is read.
+#[test]
+fn a_multifunction_slot_adds_and_attaches_only_its_new_functions() {
+    fk::reset(Knobs::default());
+    fk::set_function(3, 0, MF_KNOWN);
+    fk::set_function(3, 1, MF_NEW);
+    fk::set_function(3, 2, GONE);
+    fk::set_function(3, 3, NEW);
+    fk::set_function(3, 7, KNOWN);
+    let (r, log) = run(3);
+    assert_eq!(r, Ok(SlotScan { present: 4, added: 2, attached: 2 }), "{log:#?}");
+    let read: Vec<String> = matching(&log, "pci_read_device").iter().map(|l| l.rsplit(' ').next().unwrap().into()).collect();
+    assert_eq!(read, ["3.1", "3.3"], "{log:#?}");
+    let added: Vec<String> = matching(&log, "pci_add_child").iter().map(|l| l.rsplit(' ').next().unwrap().into()).collect();
+    assert_eq!(added, ["3.1", "3.3"]);
+    assert_eq!(matching(&log, "device_probe_and_attach"), ["device_probe_and_attach 3.1", "device_probe_and_attach 3.3"]);
+    let last_add = log.iter().rposition(|l| l.starts_with("pci_add_child")).unwrap();
+    let first_probe = log.iter().position(|l| l.starts_with("device_probe_and_attach")).unwrap();
+    assert!(last_add < first_probe, "a new child was probed before all were added: {log:#?}");
+    let funcs: Vec<u8> = fk::config_reads().iter().map(|&(_, f, _)| f).collect();
+    assert!(funcs.contains(&7) && funcs.iter().all(|&f| f <= 7), "{funcs:?}");
+}
+
+/// Function 0 without PCIM_MFDEV: functions 1..7 are never looked at, even if something
+/// answers there (a device that decodes only the device number mirrors function 0).
+#[test]
+fn a_single_function_slot_never_probes_functions_1_to_7() {
+    fk::reset(Knobs::default());
+    fk::set_function(3, 0, NEW);
+    fk::set_function(3, 1, NEW);
+    let (r, log) = run(3);
+    assert_eq!(r, Ok(SlotScan { present: 1, added: 1, attached: 1 }), "{log:#?}");
+    assert!(fk::config_reads().iter().all(|&(s, f, _)| (s, f) == (3, 0)), "{:?}", fk::config_reads());
+    assert!(!fk::function(3, 1).child);
+}
+
+/// Function 0 reads 0xffff: the slot is empty, whatever the other functions say; a known
+/// function 0 is not re-added or re-probed (a second device check is a no-op).
+#[test]
+fn an_empty_or_known_slot_adds_nothing() {
+    fk::reset(Knobs::default());
+    fk::set_function(3, 0, GONE);
+    fk::set_function(3, 1, MF_NEW);
+    let (r, log) = run(3);
+    assert_eq!(r, Ok(SlotScan::default()));
+    assert!(matching(&log, "pci_").is_empty() && matching(&log, "device_probe").is_empty(), "{log:#?}");
+    assert!(fk::config_reads().iter().all(|&(s, f, r)| (s, f, r) == (3, 0, 0)), "{:?}", fk::config_reads());
+
+    fk::reset(Knobs::default());
+    fk::set_function(3, 0, KNOWN);
+    let (r, log) = run(3);
+    assert_eq!(r, Ok(SlotScan { present: 1, added: 0, attached: 0 }));
+    assert!(matching(&log, "pci_").is_empty() && matching(&log, "device_probe").is_empty(), "{log:#?}");
+}
+
+/// A header layout above PCI_MAXHDRTYPE: pci_rescan skips such a slot, and so do we.
+#[test]
+fn an_unknown_header_layout_is_skipped() {
+    fk::reset(Knobs::default());
+    fk::set_function(3, 0, FakeFn { vendor: 0x1b36, hdrtype: 0x7f, child: false });
+    let (r, log) = run(3);
+    assert_eq!(r, Ok(SlotScan::default()));
+    assert!(matching(&log, "pci_").is_empty(), "{log:#?}");
+}
+
+/// ARI below the bridge (PCIB_MAXFUNCS above 7): the slot number does not group functions, so
+/// the walk refuses before reading or adding anything.
+#[test]
+fn ari_below_the_bridge_refuses_the_walk() {
+    fk::reset(Knobs::default());
+    fk::set_function(3, 0, NEW);
+    fk::set_max_funcs(255);
+    let (r, log) = run(3);
+    assert_eq!(r, Err(WalkError::Ari(255)));
+    assert!(fk::config_reads().is_empty() && matching(&log, "pci_").is_empty(), "{log:#?}");
+}
+
+/// The whole path: a Device Check notification on the slot reaches the hotplug task, whose
+/// rescan adds and attaches the new controller in slot 3 alone, without BUS_RESCAN; with ARI
+/// the same notification falls back to BUS_RESCAN of pci0 and says so.
+#[test]
+fn a_device_check_notification_rescans_the_slot_not_the_bus() {
+    use super::module::nvmehp_modevent;
+    let _serial = super::glue_tests::SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for ari in [false, true] {
+        fk::reset(Knobs::default());
+        let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+        assert_eq!(nvmehp_modevent(null, bindings::MOD_LOAD as i32, arg), 0);
+        fk::run_queued(); // discovery
+        fk::set_function(3, 0, NEW); // the platform inserted a controller
+        fk::set_function(5, 0, NEW); // and something newbus does not know sits in slot 5
+        if ari {
+            fk::set_max_funcs(255);
+        }
+        fk::record("-- device check --");
+        fk::deliver_notify(1);
+        fk::run_queued();
+        let log = fk::log();
+        let from = log.iter().position(|l| l == "-- device check --").unwrap();
+        let log = &log[from..];
+        let rescans = matching(log, "BUS_RESCAN");
+        if ari {
+            assert_eq!(rescans.len(), 1, "{log:#?}");
+            assert!(log.iter().any(|l| l.contains("ARI is enabled") && l.contains("rescanning the whole bus")), "{log:#?}");
+        } else {
+            assert!(rescans.is_empty(), "{log:#?}");
+            assert_eq!(matching(log, "device_probe_and_attach"), ["device_probe_and_attach 3.0"], "{log:#?}");
+            assert!(log.iter().any(|l| l.contains("1 new functions, 1 attached")), "{log:#?}");
+            assert!(!fk::function(5, 0).child);
+        }
+        assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
+        assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
+    }
+}
