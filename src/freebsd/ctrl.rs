@@ -5,9 +5,23 @@
 //! engine (single-threaded by design), the table of bios in flight and the gone/lost flags.
 //! It is taken by `d_strategy` (GEOM's g_down thread), the interrupt thread, the watchdog
 //! callout (softclock, bound to this mutex) and task, and the teardown. MTX_DEF, never a spin
-//! lock: the holders are threads that may block on it. Nothing sleeps with it held; the engine
-//! only busy-waits (DELAY) inside its bounded register waits. Lock order: a disk's link mutex
-//! ([`super::ns_disk`]) before this one; the hotplug pending-event mutex after it.
+//! lock: the holders are threads that may block on it. Nothing sleeps with it held. Lock order:
+//! a disk's link mutex ([`super::ns_disk`]) before this one; the hotplug pending-event mutex
+//! after it.
+//!
+//! **The mutex is never held across a wait on the device.** An MTX_DEF may be held only
+//! briefly: GEOM's one g_down thread (serving every disk in the system) and our interrupt
+//! thread block on it. Stopping a broken controller waits up to ~5 s + CAP.TO (shutdown
+//! notification, disable), so it is split ([`crate::nvme::stop`]): under the mutex the engine
+//! only marks itself dead, completes every request once ([`Controller::fail_fast`]) and gives
+//! up its rings into a [`DeviceStop`]; the stop then runs without the mutex, in a thread that
+//! may sleep (the teardown's [`IoGate::fail_all`], or the watchdog task after the interrupt
+//! thread's poll or the health check gave the controller up), polling with pause_sbt(9)
+//! ([`StopAccess`]), and its outcome is recorded under the mutex again. Meanwhile `d_strategy`
+//! and the interrupt thread find a dead engine and fail fast (ENXIO) without touching the
+//! device. The bounce buffers of the requests failed by hand stay parked until that outcome
+//! says whether the device stopped. The remaining device waits under the mutex are the
+//! engine's synchronous admin commands of a namespace rescan (see [`CtrlState::engine`]).
 //!
 //! **Completion under the lock.** bios are finished with `biodone(9)` while the mutex is held:
 //! without DISKFLAG_DIRECT_COMPLETION, GEOM only queues the bio for its g_up thread, so no
@@ -35,11 +49,11 @@ use super::dma::{ContigDma, ContigRegion};
 use super::intr::InterruptHandler;
 use super::mutex::Mutex;
 use super::ns_disk::Xfer;
-use super::platform::KernelPlatform;
+use super::platform::{KernelPlatform, StopAccess};
 use super::taskqueue::{Task, TaskHandler};
 use super::tunables::Stat;
 use crate::hotplug::kernel::IoGate;
-use crate::nvme::{Completion, Controller, DataBuf, Event, Health, IoOp, IoRequest, NvmeError};
+use crate::nvme::{Completion, Controller, DataBuf, DeviceStop, Event, Health, IoOp, IoRequest, NvmeError};
 use crate::platform::{Clock, DmaAllocator, DmaRegion, PciPresence};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -55,6 +69,11 @@ pub const WATCHDOG_US: u64 = 1_000_000;
 
 /// Longest an announced removal waits for in-flight requests before failing them.
 const QUIESCE_MAX_US: u64 = 10_000_000;
+
+/// Longest the teardown waits (sleeping) for a stop the watchdog task is running. The stop is
+/// bounded by itself (the shutdown bound, CAP.TO up to 127.5 s, twice); this only keeps the
+/// loop finite if that reasoning were ever wrong.
+const STOP_WAIT_MAX_MS: u32 = 300_000;
 
 /// The errno a request finishes with for an engine error. ENXIO means "the device is gone",
 /// ENOMEM makes GEOM retry the bio later (queue full, no bounce memory).
@@ -142,7 +161,11 @@ fn finish(inflight: &mut [Option<InFlight>], free: &mut Vec<u32>, parked: &mut V
 }
 
 impl CtrlState {
-    /// The engine, for namespace rescans (synchronous admin commands, bounded busy-waits).
+    /// The engine, for namespace rescans. Their synchronous admin commands busy-wait under
+    /// the mutex: each is bounded by the command timeout (`cmd_timeout_us`), ends as soon as
+    /// the controller answers (it normally answers within microseconds) and within 100 ms of
+    /// the device leaving (presence checks). A controller that stops answering is given up by
+    /// the next poll, whose stop then runs outside the mutex.
     pub fn engine(&mut self) -> &mut Controller<KernelPlatform> {
         &mut self.engine
     }
@@ -186,8 +209,11 @@ impl CtrlState {
     /// a write's. Those buffers are leaked, never freed: the same rule the engine applies to
     /// its own rings. A leak costs memory; a free would let a device scribble on memory the
     /// kernel has reused.
+    ///
+    /// While the engine's stop is still out (made by `fail_fast`, run without the mutex), it is
+    /// not known yet: the buffers stay parked until [`CtrlState::finish_stop`].
     fn release_parked(&mut self, out: &mut Outcome) {
-        if self.parked.is_empty() {
+        if self.parked.is_empty() || self.engine.stop_in_progress() {
             return;
         }
         let leak = !self.engine.is_ready() && !self.engine.dma_stopped();
@@ -217,16 +243,34 @@ impl CtrlState {
         self.release_parked(out);
     }
 
-    /// Completes every request now with `err` (the engine stops a still-present device first).
-    fn fail_everything(&mut self, err: NvmeError, out: &mut Outcome) -> usize {
+    /// The fast half of giving the controller up: completes every request now with `err`
+    /// (their bounce buffers are parked), without touching the device or waiting. The device
+    /// is stopped by the stop this leaves ([`CtrlState::take_stop`]), run without the mutex.
+    fn fail_fast(&mut self, err: NvmeError, out: &mut Outcome) -> usize {
         let CtrlState { engine, inflight, free, parked, .. } = self;
         let mut n = 0;
-        engine.fail_all(err, &mut |c| {
+        engine.fail_fast(err, &mut |c| {
             n += 1;
             finish(inflight, free, parked, c, out)
         });
-        self.release_parked(out);
         n
+    }
+
+    /// The engine's pending stop, with what running it needs; `None` if there is none (or
+    /// another thread took it). Run it with [`CtrlShared::run_stop`], without the mutex.
+    fn take_stop(&mut self) -> Option<(DeviceStop<ContigRegion>, StopAccess)> {
+        let stop = self.engine.take_stop()?;
+        // SAFETY: the engine owns the BAR and lives in this CtrlShared until the EngineGate is
+        // dropped (teardown step 5). The access is used only by run_stop, called by the gate's
+        // fail_all (which borrows the gate) or by the watchdog task (drained at step 3).
+        let access = unsafe { self.engine.platform().stop_access() };
+        Some((stop, access))
+    }
+
+    /// Records the outcome of a stop and frees, or leaks, the buffers parked meanwhile.
+    fn finish_stop(&mut self, outcome: crate::nvme::StopOutcome, out: &mut Outcome) {
+        let _ = self.engine.finish_stop(outcome);
+        self.release_parked(out);
     }
 }
 
@@ -239,6 +283,13 @@ impl Drop for CtrlState {
         for f in self.inflight.iter_mut().filter_map(Option::take) {
             f.bio.fail(bindings::ENXIO);
             if let (false, Some(b)) = (stopped, f.buf) {
+                core::mem::forget(b);
+                Stat::LeakedBuffers.add(1);
+            }
+        }
+        // Parked buffers of a stop that never finished: the device may still use them.
+        if !stopped {
+            for b in self.parked.drain(..) {
                 core::mem::forget(b);
                 Stat::LeakedBuffers.add(1);
             }
@@ -454,6 +505,25 @@ impl CtrlShared {
         }
     }
 
+    /// The slow half of giving the controller up: runs `stop` (shutdown notification, disable,
+    /// bounded waits that sleep) **without the mutex**, then records the outcome under it.
+    /// Sleeps: only from the teardown or our taskqueue thread.
+    fn run_stop(&self, stop: DeviceStop<ContigRegion>, access: StopAccess, out: &mut Outcome) {
+        let outcome = stop.run(&access);
+        self.state.lock().finish_stop(outcome, out);
+    }
+
+    /// Has the watchdog task run a stop the interrupt thread's poll left (an ithread must not
+    /// sleep, so it cannot run it itself). Never sleeps.
+    fn kick_watchdog_task(&self) {
+        let t = self.watchdog_task.load(Ordering::Acquire);
+        // SAFETY: the task lives in this controller's task queue, which is drained and freed
+        // only after the interrupt was torn down (teardown step 3, before step 5).
+        if let Some(t) = unsafe { t.as_ref() } {
+            t.enqueue();
+        }
+    }
+
     /// Acts on what a locked section saw. Called without the controller mutex.
     fn after(&self, out: Outcome) {
         if out.failed > 0 {
@@ -517,7 +587,7 @@ impl EngineGate {
     /// bounded time an announced removal gives them, the rest fail with ENXIO, and the engine
     /// then sends CC.SHN and disables the device (its `fail_all`). New I/O and opens are
     /// refused from here on; nodes and disks stay (the system is going down, and a detach may
-    /// still follow).
+    /// still follow). The waits run without the controller mutex (see [`IoGate::fail_all`]).
     pub fn shutdown(&mut self) {
         self.mark_gone();
         self.quiesce();
@@ -558,9 +628,28 @@ impl IoGate for EngineGate {
         }
     }
 
+    /// Fails every request under the mutex (fast: no device access), then stops the device
+    /// without it: the shutdown notification and the disable wait (sleeping) up to ~5 s +
+    /// CAP.TO on a broken device, while d_strategy and the interrupt thread, which take the
+    /// mutex, find a dead engine and return at once. Returns with the device stopped or given
+    /// up as a runaway (its memory and the failed requests' buffers leaked), also when the
+    /// watchdog task had taken the stop.
     fn fail_all(&mut self) -> usize {
         let mut out = Outcome::default();
-        let n = self.ctrl.state.lock().fail_everything(NvmeError::Gone, &mut out);
+        let (n, stop) = {
+            let mut st = self.ctrl.state.lock();
+            let n = st.fail_fast(NvmeError::Gone, &mut out);
+            (n, st.take_stop())
+        };
+        if let Some((stop, access)) = stop {
+            self.ctrl.run_stop(stop, access, &mut out);
+        }
+        // A stop the watchdog task took is running in that task: wait for its outcome.
+        let mut waited = 0;
+        while self.ctrl.state.lock().engine.stop_in_progress() && waited < STOP_WAIT_MAX_MS {
+            sleep_ms(c"nvmehpsw", 1);
+            waited += 1;
+        }
         let out = Outcome { lost: None, ..out }; // teardown reports its own receipt
         self.ctrl.after(out);
         n
@@ -600,7 +689,16 @@ pub struct IntrHandler(pub CtrlRef);
 impl InterruptHandler for IntrHandler {
     fn handle(&self) {
         let mut out = Outcome::default();
-        self.0.state.lock().reap(&mut out);
+        let stop_left = {
+            let mut st = self.0.state.lock();
+            st.reap(&mut out);
+            st.engine.stop_pending()
+        };
+        if stop_left {
+            // An overdue command made the engine give the controller up (fast half only):
+            // the stop waits and sleeps, which an interrupt thread may not do.
+            self.0.kick_watchdog_task();
+        }
         self.0.after(out);
     }
 }
@@ -625,30 +723,35 @@ impl CalloutHandler<CtrlState> for WatchdogFire {
     }
 }
 
-/// The watchdog task (our taskqueue thread): health check + poll.
+/// The watchdog task (our taskqueue thread): health check + poll, and the stop of a controller
+/// given up here or by the interrupt thread's poll, run after the mutex is released.
 pub struct WatchdogTask(pub CtrlRef);
 
 impl TaskHandler for WatchdogTask {
     fn run(&self, _pending: u32) {
         let mut out = Outcome::default();
-        {
+        let stop = {
             let mut st = self.0.state.lock();
-            if st.gone || st.lost {
-                return;
-            }
-            st.reap(&mut out);
-            self.0.refresh_counters(&st);
-            if !st.lost {
-                match st.engine.check_health() {
-                    Health::Healthy => {}
-                    health => {
-                        let reason = if health == Health::Gone { NvmeError::Gone } else { NvmeError::Timeout };
-                        st.lost = true;
-                        st.fail_everything(reason, &mut out);
-                        out.lost = Some((reason, health));
+            if !st.gone && !st.lost {
+                st.reap(&mut out);
+                self.0.refresh_counters(&st);
+                if !st.lost {
+                    match st.engine.check_health() {
+                        Health::Healthy => {}
+                        health => {
+                            let reason = if health == Health::Gone { NvmeError::Gone } else { NvmeError::Timeout };
+                            st.lost = true;
+                            st.fail_fast(reason, &mut out);
+                            out.lost = Some((reason, health));
+                        }
                     }
                 }
             }
+            st.take_stop()
+        };
+        if let Some((stop, access)) = stop {
+            // This thread may sleep, and the mutex is released: the waits cost nobody else.
+            self.0.run_stop(stop, access, &mut out);
         }
         self.0.after(out);
     }

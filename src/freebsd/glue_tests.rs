@@ -409,6 +409,77 @@ fn bounce_buffers_of_a_device_that_cannot_be_stopped_are_leaked_not_freed() {
     }
 }
 
+/// For each `pause` in `log[from..]`: how many mutexes were held (mtx_lock minus mtx_unlock
+/// recorded before it, from the start of the log).
+fn mutexes_held_at_pauses(log: &[String], from: usize) -> Vec<i64> {
+    let mut held = 0i64;
+    let mut at = Vec::new();
+    for (i, l) in log.iter().enumerate() {
+        match l.as_str() {
+            "mtx_lock" => held += 1,
+            "mtx_unlock" => held -= 1,
+            _ if i >= from && l.starts_with("pause ") => at.push(held),
+            _ => {}
+        }
+    }
+    at
+}
+
+/// The lock rule: the controller mutex is never held across a wait on the device. A present
+/// controller that ignores the shutdown notification and the disable makes the stop wait to
+/// its bounds (5 s + CAP.TO); the teardown fails the read in flight under the mutex, then the
+/// stop waits with pause(9) (it sleeps) and no mutex held, so the interrupt thread and
+/// d_strategy would have found the mutex free and a dead engine. Before the split these waits
+/// were DELAY(9) spins inside `fail_all`, under the mutex, and no pause was made at all.
+#[test]
+fn the_stop_of_a_broken_controller_waits_without_the_mutex() {
+    use super::fake_nvme::FakeNvme;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+    fk::install_nvme(FakeNvme::new(true, true));
+    let mut k = FreeBsdKernel::new();
+    let (live, _ctrl) = attached_with(&mut k, &[1], true);
+    let mut held = std::vec![0u8; 4096];
+    let (_bp, _bounce) = strategy_read(&mut held);
+    fk::record("-- teardown --");
+    let _ = teardown(live, &mut k, Removal::Surprise);
+    let log = fk::log();
+    let t = first(&log, "-- teardown --");
+    assert!(fk::with_nvme(|d| d.shutdown_notified), "the stop sent the shutdown notification");
+    let failed = t + first(&log[t..], "biodone");
+    let stop_pauses = log[failed..].iter().filter(|l| *l == "pause 1 ms").count();
+    // CAP.TO is 500 ms and the shutdown bound 5 s, at one poll per millisecond.
+    assert!(stop_pauses >= 5_000, "the stop waited for the device, sleeping: {stop_pauses} pauses");
+    let held_at = mutexes_held_at_pauses(&log, t);
+    assert!(held_at.iter().all(|&n| n == 0), "a pause with a mutex held: {:?}", held_at.iter().filter(|&&n| n != 0).count());
+    assert!(positions(&log[t..failed], "pause ").is_empty(), "the requests were failed before any wait");
+}
+
+/// A controller the watchdog finds gone is given up by the watchdog task: the read in flight
+/// fails with ENXIO under the mutex, the stop runs after it was released (nothing to wait for
+/// on a gone device), and its outcome frees the bounce buffer (a gone device does no DMA).
+#[test]
+fn the_watchdog_task_runs_the_stop_of_a_controller_it_gives_up() {
+    use super::fake_nvme::FakeNvme;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+    fk::install_nvme(FakeNvme::new(false, true));
+    let mut k = FreeBsdKernel::new();
+    let (live, _ctrl) = attached_with(&mut k, &[1], true);
+    let mut held = std::vec![0u8; 4096];
+    let (_bp, bounce) = strategy_read(&mut held);
+    fk::set_knobs(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, d_gone_at_once: true, ..Knobs::default() });
+    let before = fk::log().len();
+    fk::fire_callout();
+    fk::run_queued();
+    let log = fk::log();
+    let failed = before + first(&log[before..], "biodone");
+    assert_eq!(log[failed], std::format!("biodone error={} flags={:#x} resid=4096", bindings::ENXIO, bindings::BIO_ERROR));
+    let freed = before + first(&log[before..], &std::format!("contig_free {bounce}"));
+    assert!(freed > failed, "the buffer is freed once the stop found the device gone");
+    let _ = teardown(live, &mut k, Removal::Surprise);
+}
+
 /// `d_strategy` of a live disk checks every bio before it allocates anything: a negative or
 /// oversized length, a misaligned or negative offset and a request past the media end end with
 /// EINVAL/EIO (never an allocation GEOM would retry on ENOMEM), a zero-length read completes.

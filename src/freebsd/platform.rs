@@ -4,10 +4,10 @@
 //! the BAR ([`MemResource`]), presence by config space through the [`Device`], time by
 //! [`KernelClock`], DMA memory by [`ContigDma`]. The engine sees only `P: Platform`.
 
-use super::clock::KernelClock;
+use super::clock::{sleep_ms, KernelClock};
 use super::device::Device;
 use super::dma::{ContigDma, ContigRegion};
-use super::resource::MemResource;
+use super::resource::{MemResource, RegWindow};
 use crate::platform::{AllocError, Clock, DmaAllocator, PciPresence, RegisterIo};
 use core::ffi::c_int;
 
@@ -33,6 +33,52 @@ impl KernelPlatform {
     /// The register BAR.
     pub fn bar(&self) -> &MemResource {
         &self.bar
+    }
+}
+
+impl KernelPlatform {
+    /// What the stop of this controller needs once the engine gave it up
+    /// ([`crate::nvme::DeviceStop::run`]), usable without the engine and its mutex.
+    ///
+    /// # Safety
+    /// The result must not be used after this platform (the engine owning it) is dropped.
+    pub unsafe fn stop_access(&self) -> StopAccess {
+        // SAFETY: forwarded to our caller: the window is used only while `self.bar` lives.
+        StopAccess { dev: self.dev, regs: unsafe { self.bar.window() } }
+    }
+}
+
+/// The device as the stop of a given-up controller sees it: the same registers and config
+/// space as [`KernelPlatform`], but a clock whose delays **sleep** (pause_sbt(9)) instead of
+/// spinning (DELAY(9)): the stop waits up to seconds for a broken device, runs without the
+/// controller mutex, and only from contexts that may sleep (the teardown, our taskqueue).
+pub struct StopAccess {
+    dev: Device,
+    regs: RegWindow,
+}
+
+impl RegisterIo for StopAccess {
+    fn read32(&self, off: u32) -> u32 {
+        self.regs.read32(off)
+    }
+    fn write32(&self, off: u32, val: u32) {
+        self.regs.write32(off, val)
+    }
+}
+
+impl PciPresence for StopAccess {
+    fn vendor_id(&self) -> u16 {
+        self.dev.pci_read_config(super::bindings::PCIR_VENDOR, VENDOR_WIDTH) as u16
+    }
+}
+
+impl Clock for StopAccess {
+    fn now_us(&self) -> u64 {
+        KernelClock.now_us()
+    }
+    /// Sleeps, rounded up to whole milliseconds (the stop polls every millisecond).
+    fn delay_us(&self, us: u32) {
+        sleep_ms(c"nvmehpst", us.div_ceil(1000).max(1));
     }
 }
 

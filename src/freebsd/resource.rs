@@ -80,6 +80,52 @@ impl RegisterIo for MemResource {
     }
 }
 
+impl MemResource {
+    /// A copy of the register window that does not own the resource, for the one thing that
+    /// must reach the registers without holding the engine (which owns this resource) or its
+    /// mutex: the stop that runs after the engine gave the controller up
+    /// ([`crate::nvme::DeviceStop`]).
+    ///
+    /// # Safety
+    /// The window must not be used after this resource is dropped.
+    pub unsafe fn window(&self) -> RegWindow {
+        RegWindow { res: self.res, size: self.size }
+    }
+}
+
+/// A borrowed view of a [`MemResource`]'s registers, with the same bounds checks; see
+/// [`MemResource::window`] for who may hold one and for how long.
+#[derive(Clone, Copy)]
+pub struct RegWindow {
+    res: NonNull<bindings::resource>,
+    size: u64,
+}
+
+// SAFETY: as for MemResource: bus_space accesses are valid from any thread, and the resource
+// outlives every use of the window (MemResource::window's contract).
+unsafe impl Send for RegWindow {}
+// SAFETY: as above.
+unsafe impl Sync for RegWindow {}
+
+impl RegisterIo for RegWindow {
+    fn read32(&self, off: u32) -> u32 {
+        if !(u64::from(off).is_multiple_of(4) && u64::from(off) + 4 <= self.size) {
+            return u32::MAX;
+        }
+        // SAFETY: aligned 32-bit access inside the resource, which is still active
+        // (MemResource::window's contract).
+        unsafe { bindings::nvmehp_bus_read_4(self.res.as_ptr(), u64::from(off)) }
+    }
+
+    fn write32(&self, off: u32, val: u32) {
+        if !(u64::from(off).is_multiple_of(4) && u64::from(off) + 4 <= self.size) {
+            return;
+        }
+        // SAFETY: as in read32.
+        unsafe { bindings::nvmehp_bus_write_4(self.res.as_ptr(), u64::from(off), val) }
+    }
+}
+
 impl Drop for MemResource {
     fn drop(&mut self) {
         // SAFETY: the resource was allocated for `dev` and is released once; nothing uses it

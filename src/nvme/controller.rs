@@ -886,6 +886,12 @@ impl<P: Platform> Controller<P> {
         !self.enabled && !self.runaway && !self.stop_out
     }
 
+    /// True while a [`DeviceStop`] made by the engine waits to be taken
+    /// ([`take_stop`](Controller::take_stop)).
+    pub fn stop_pending(&self) -> bool {
+        self.pending_stop.is_some()
+    }
+
     /// True while a [`DeviceStop`] made by the engine has not been finished
     /// ([`finish_stop`](Controller::finish_stop)): pending here or taken by a caller.
     pub fn stop_in_progress(&self) -> bool {
