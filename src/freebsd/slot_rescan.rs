@@ -19,6 +19,10 @@
 //! 4. after the walk, `device_probe_and_attach` runs on the new children only; children that
 //!    existed before are neither re-probed nor deleted.
 //!
+//! Calling pci_add_child rather than rebuilding its steps keeps everything pci does for a new
+//! child, including the bus's own `PCI_CHILD_ADDED` hook (acpi_pci binds the child to its ACPI
+//! object there) and the `pci_add_device` event; the devinfo stays opaque to this module.
+//!
 //! ARI: pci_rescan does not check for ARI on a rescan, it only asks `PCIB_MAXFUNCS`. With ARI
 //! enabled below the bridge (more than `PCI_FUNCMAX` functions) the slot field is part of the
 //! function number, so an ACPI slot (`_ADR` device number) does not name a set of functions:
