@@ -133,3 +133,49 @@ fn begin_shutdown_refuses_while_io_is_outstanding() {
     assert!(c.is_ready());
     assert_eq!(dev.register_accesses(), before);
 }
+
+/// A namespace rescan driven step by step, as the kld does with its mutex released between
+/// steps: a step never waits (the device clock does not move inside one), and a completion
+/// the interrupt path's `poll` reaps between two steps still reaches the scan.
+#[test]
+fn a_stepped_rescan_never_waits_and_survives_polls_between_steps() {
+    let (dev, mut c) = up(SoftConfig::default());
+    for nsid in 2..=12 {
+        dev.attach_namespace(nsid, 9, 4096);
+    }
+    let mut scan = c.rescan_begin().unwrap();
+    let mut steps = 0;
+    let changes = loop {
+        let t = dev.now();
+        let r = c.rescan_step(&mut scan);
+        assert_eq!(dev.now(), t, "a step does not wait");
+        if let Some(r) = r {
+            break r.expect("rescan");
+        }
+        steps += 1;
+        assert!(steps < 100, "the scan lost a completion that poll reaped");
+        // What the interrupt thread does while the hotplug thread sleeps.
+        let _ = poll_all(&mut c);
+    };
+    assert!(steps > 0, "13 commands take more than one step");
+    assert_eq!(changes.added, (2..=12).collect::<Vec<u32>>());
+    assert_eq!(c.namespaces().len(), 12);
+}
+
+/// A rescan command the controller never answers ends the scan with `Timeout` once the
+/// command timeout passed on the clock, each step returning at once meanwhile.
+#[test]
+fn a_stepped_rescan_of_a_silent_controller_times_out() {
+    let (dev, mut c) = up(SoftConfig::default());
+    dev.faults(|f| f.swallow_admin = 1);
+    let mut scan = c.rescan_begin().unwrap();
+    for _ in 0..3 {
+        assert!(c.rescan_step(&mut scan).is_none());
+    }
+    assert!(
+        matches!(c.rescan_begin(), Err(NvmeError::InvalidRequest(_))),
+        "one scan at a time while its command is with the device"
+    );
+    dev.advance(c.config().cmd_timeout_us);
+    assert_eq!(c.rescan_step(&mut scan).map(|r| r.err()), Some(Some(NvmeError::Timeout)));
+}

@@ -49,6 +49,9 @@ use super::stop::{DeviceStop, StopOutcome};
 use super::Config;
 use crate::platform::{DmaRegion, Platform};
 
+mod scan;
+pub use scan::NsScan;
+
 /// Longest sleep between completion checks in the synchronous paths (they start at 1 us
 /// and double, so a fast device is not slowed down and a slow one is not spun on).
 const SYNC_POLL_MAX_US: u32 = 1000;
@@ -199,6 +202,8 @@ pub struct Controller<P: Platform> {
     live: usize,
     deferred: VecDeque<Event>,
     sync_seq: u32,
+    /// The command of a stepped namespace scan, and its result if `poll` reaped it first.
+    stepped: Option<scan::Stepped>,
     /// Clock time at which outstanding commands must next be checked for being overdue.
     next_check_us: u64,
     next_queue: usize,
@@ -268,6 +273,7 @@ impl<P: Platform> Controller<P> {
             live: 0,
             deferred: VecDeque::new(),
             sync_seq: 0,
+            stepped: None,
             next_check_us: u64::MAX,
             next_queue: 0,
             stats: Stats::default(),
@@ -435,9 +441,9 @@ impl<P: Platform> Controller<P> {
         self.prp_pool.reserve(slots);
         self.deferred.reserve(slots + 8);
 
-        let (list, rejected) = self.scan_namespaces()?;
-        self.namespaces = list;
-        self.rejected = rejected;
+        let mut scan = self.scan_begin(false)?;
+        self.drive_scan(&mut scan)?;
+        let _ = self.apply_scan(&mut scan);
 
         // Older controllers may refuse the configuration; the AER works regardless.
         match self.admin_sync(aer::enable_notices()) {
@@ -473,19 +479,25 @@ impl<P: Platform> Controller<P> {
         Ok(page)
     }
 
-    /// Runs one admin command to completion, bounded by `cmd_timeout_us`.
-    fn admin_sync(&mut self, sqe: Sqe) -> Result<Cqe, NvmeError> {
+    /// Sends one admin command owned by a synchronous waiter; returns its sequence number and
+    /// the time it was sent. Its deadline makes `poll` give the controller up if it is never
+    /// answered.
+    fn admin_submit(&mut self, sqe: Sqe) -> Result<(u32, u64), NvmeError> {
         self.sync_seq = self.sync_seq.wrapping_add(1);
         let seq = self.sync_seq;
         let start = self.p.now_us();
         let deadline = start.saturating_add(self.cfg.cmd_timeout_us);
-        {
-            let admin = self.admin.as_mut().ok_or(NvmeError::NotReady)?;
-            admin.push(sqe, AdminOwner::Sync(seq), deadline)?;
-            admin.ring(&self.p);
-        }
+        let admin = self.admin.as_mut().ok_or(NvmeError::NotReady)?;
+        admin.push(sqe, AdminOwner::Sync(seq), deadline)?;
+        admin.ring(&self.p);
         self.stats.commands += 1;
         self.next_check_us = self.next_check_us.min(deadline);
+        Ok((seq, start))
+    }
+
+    /// Runs one admin command to completion, bounded by `cmd_timeout_us`.
+    fn admin_sync(&mut self, sqe: Sqe) -> Result<Cqe, NvmeError> {
+        let (seq, start) = self.admin_submit(sqe)?;
         let mut wait = SyncWait::new(start, self.cfg.cmd_timeout_us);
         loop {
             if let Some(res) = self.reap_admin(Some(seq)) {
@@ -523,8 +535,12 @@ impl<P: Platform> Controller<P> {
                 }
                 Ok((cqe, t)) => match t.owner {
                     AdminOwner::Sync(s) => {
+                        let res = status_result(&cqe).map(|_| cqe);
                         if Some(s) == want {
-                            found = Some(status_result(&cqe).map(|_| cqe));
+                            found = Some(res);
+                        } else if let Some(st) = self.stepped.as_mut().filter(|st| st.seq == s) {
+                            // A stepped scan's command, reaped by poll: keep it for the scan.
+                            st.result = Some(res);
                         }
                     }
                     AdminOwner::Aer => {
@@ -606,66 +622,6 @@ impl<P: Platform> Controller<P> {
                 self.next_check_us = self.next_check_us.min(deadline);
             }
         }
-    }
-
-    /// Finds the active namespaces and identifies each. Returns the usable ones and the
-    /// rejected ones.
-    #[allow(clippy::type_complexity)]
-    fn scan_namespaces(&mut self) -> Result<(Vec<Namespace>, Vec<(u32, &'static str)>), NvmeError> {
-        let (nn, mdts) = match &self.info {
-            Some(i) => (i.nn, i.mdts_bytes),
-            None => return Err(NvmeError::NotReady),
-        };
-        let limit = nn.min(self.cfg.max_namespaces) as usize;
-        let addr = self.scratch_addr()?;
-        let mut ids: Vec<u32> = Vec::new();
-        let mut have_list = true;
-        let mut after = 0u32;
-        // Each page holds 1024 IDs; the bound keeps a lying device from looping us.
-        for _ in 0..limit / 1024 + 2 {
-            if ids.len() >= limit {
-                break;
-            }
-            match self.admin_sync(admin::active_ns_list(after, addr)) {
-                Ok(_) => {}
-                Err(NvmeError::Status(_)) if after == 0 => {
-                    have_list = false; // NVMe 1.0 controller: no CNS 02h
-                    break;
-                }
-                Err(e) => return Err(e),
-            }
-            let page = self.read_scratch()?;
-            let (got, full) = identify::parse_ns_list(&page, after, nn, limit - ids.len())?;
-            let Some(&last) = got.last() else { break };
-            ids.extend_from_slice(&got);
-            after = last;
-            if !full {
-                break;
-            }
-        }
-        if !have_list {
-            ids = (1..=limit as u32).collect();
-        }
-        let mut found = Vec::new();
-        let mut rejected = Vec::new();
-        for id in ids {
-            match self.admin_sync(admin::identify_namespace(id, addr)) {
-                Ok(_) => {}
-                Err(NvmeError::Status(_)) => {
-                    rejected.push((id, "Identify Namespace failed"));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-            let page = self.read_scratch()?;
-            match identify::parse_namespace(id, &page, mdts) {
-                Ok(Some(ns)) => found.push(ns),
-                Ok(None) if !have_list => {} // probing: inactive NSID
-                Ok(None) => rejected.push((id, "active namespace reports zero size")),
-                Err(why) => rejected.push((id, why)),
-            }
-        }
-        Ok((found, rejected))
     }
 
     /// Queues an I/O request. On `Ok` the request is the engine's until its one
@@ -1041,6 +997,7 @@ impl<P: Platform> Controller<P> {
         self.shutdown_sent |= notify;
         self.enabled = false;
         self.stop_out = true;
+        self.stepped = None;
         self.aer_armed = false;
         self.aer_log_busy = false;
         self.next_check_us = u64::MAX;
@@ -1119,22 +1076,14 @@ impl<P: Platform> Controller<P> {
     /// Re-reads the namespace list (after [`Event::NamespacesChanged`], or on demand) and
     /// reports what changed. Reading the Changed Namespace List log page first re-arms the
     /// Namespace Attribute Changed event.
+    ///
+    /// Waits for each admin command in place (bounded busy-waits); a caller behind a lock
+    /// that the interrupt or I/O path takes uses [`rescan_begin`](Controller::rescan_begin)
+    /// and [`rescan_step`](Controller::rescan_step) instead, releasing it between steps.
     pub fn rescan_namespaces(&mut self) -> Result<NsChanges, NvmeError> {
-        match self.state {
-            State::Dead => return Err(NvmeError::Gone),
-            State::Down => return Err(NvmeError::NotReady),
-            State::Ready => {}
-        }
-        let addr = self.scratch_addr()?;
-        match self.admin_sync(aer::changed_ns_list(addr)) {
-            Ok(_) | Err(NvmeError::Status(_)) => {}
-            Err(e) => return Err(e),
-        }
-        let (list, rejected) = self.scan_namespaces()?;
-        let changes = NsChanges::between(&self.namespaces, &list);
-        self.namespaces = list;
-        self.rejected = rejected;
-        Ok(changes)
+        let mut scan = self.rescan_begin()?;
+        self.drive_scan(&mut scan)?;
+        Ok(self.apply_scan(&mut scan))
     }
 
     /// Submits `req` and polls until it completes; never hangs: the wait is bounded by the

@@ -42,7 +42,7 @@ pub mod regs;
 pub mod status;
 pub mod stop;
 
-pub use controller::{Controller, Stats};
+pub use controller::{Controller, NsScan, Stats};
 pub use error::{Completion, Event, NvmeError};
 pub use health::Health;
 pub use identify::ControllerInfo;
