@@ -20,8 +20,9 @@
 //! ([`StopAccess`]), and its outcome is recorded under the mutex again. Meanwhile `d_strategy`
 //! and the interrupt thread find a dead engine and fail fast (ENXIO) without touching the
 //! device. The bounce buffers of the requests failed by hand stay parked until that outcome
-//! says whether the device stopped. The remaining device waits under the mutex are the
-//! engine's synchronous admin commands of a namespace rescan (see [`CtrlState::engine`]).
+//! says whether the device stopped. A namespace rescan ([`CtrlShared::rescan_namespaces`])
+//! likewise sends each admin command under the mutex and sleeps, mutex released, until the
+//! controller answered. Bring-up's waits happen before the engine is behind the mutex.
 //!
 //! **Completion under the lock.** bios are finished with `biodone(9)` while the mutex is held:
 //! without DISKFLAG_DIRECT_COMPLETION, GEOM only queues the bio for its g_up thread, so no
@@ -161,11 +162,8 @@ fn finish(inflight: &mut [Option<InFlight>], free: &mut Vec<u32>, parked: &mut V
 }
 
 impl CtrlState {
-    /// The engine, for namespace rescans. Their synchronous admin commands busy-wait under
-    /// the mutex: each is bounded by the command timeout (`cmd_timeout_us`), ends as soon as
-    /// the controller answers (it normally answers within microseconds) and within 100 ms of
-    /// the device leaving (presence checks). A controller that stops answering is given up by
-    /// the next poll, whose stop then runs outside the mutex.
+    /// The engine, to read its namespace list. Never call an engine method that waits on the
+    /// device with the mutex held: rescans go through [`CtrlShared::rescan_namespaces`].
     pub fn engine(&mut self) -> &mut Controller<KernelPlatform> {
         &mut self.engine
     }
@@ -511,6 +509,22 @@ impl CtrlShared {
     fn run_stop(&self, stop: DeviceStop<ContigRegion>, access: StopAccess, out: &mut Outcome) {
         let outcome = stop.run(&access);
         self.state.lock().finish_stop(outcome, out);
+    }
+
+    /// Re-reads the controller's namespace list (hotplug task, after a namespace attribute
+    /// change). Each step runs under the mutex and never waits: it handles the completion of
+    /// the admin command in flight (the interrupt thread may have reaped it meanwhile; the
+    /// engine keeps it for the scan) and sends the next. Between steps this thread sleeps with
+    /// the mutex released. The engine bounds every command (command timeout, and a step count
+    /// should the clock stop) and the number of commands, so the loop ends. Sleeps.
+    pub fn rescan_namespaces(&self) -> Result<crate::nvme::NsChanges, NvmeError> {
+        let mut scan = self.state.lock().engine.rescan_begin()?;
+        loop {
+            if let Some(r) = self.state.lock().engine.rescan_step(&mut scan) {
+                return r;
+            }
+            sleep_ms(c"nvmehpns", 1);
+        }
     }
 
     /// Has the watchdog task run a stop the interrupt thread's poll left (an ithread must not

@@ -55,6 +55,7 @@ std::thread_local! {
     static SOFTC: Cell<usize> = const { Cell::new(0) };
     /// The device behind the BAR, if a test installed one ([`install_nvme`]).
     static NVME: RefCell<Option<super::fake_nvme::FakeNvme>> = const { RefCell::new(None) };
+    static ON_PAUSE: Cell<Option<fn()>> = const { Cell::new(None) };
 }
 
 /// Puts an NVMe device model behind `bus_read_4`/`bus_write_4` (until the next `reset`).
@@ -70,6 +71,7 @@ pub fn with_nvme<R>(f: impl FnOnce(&mut super::fake_nvme::FakeNvme) -> R) -> R {
 /// Starts a test: empty log, default knobs.
 pub fn reset(knobs: Knobs) {
     LOG.with(|l| l.borrow_mut().clear());
+    ON_PAUSE.with(|c| c.set(None));
     QUEUED.with(|l| l.borrow_mut().clear());
     FUNCS.with(|f| f.borrow_mut().clear());
     CONFIG_READS.with(|r| r.borrow_mut().clear());
@@ -525,9 +527,18 @@ pub unsafe extern "C" fn nvmehp_sbinuptime() -> i64 {
 #[no_mangle]
 pub unsafe extern "C" fn DELAY(_us: c_int) {}
 
+/// Runs `f` at every pause(9), as another thread would run while this one sleeps (e.g. the
+/// device finishing a command); `None` removes it. Cleared by [`reset`].
+pub fn on_pause(f: Option<fn()>) {
+    ON_PAUSE.with(|c| c.set(f));
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pause_ms(_w: *const c_char, ms: c_int) {
     record(format!("pause {ms} ms"));
+    if let Some(f) = ON_PAUSE.with(|c| c.get()) {
+        f();
+    }
     // A wait that never ends fails the test instead of hanging it.
     let n = LOG.with(|l| l.borrow().iter().filter(|x| x.starts_with("pause ")).count());
     assert!(n < 10_000, "pause(9) called {n} times: a wait never ended");

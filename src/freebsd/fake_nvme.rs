@@ -42,6 +42,11 @@ pub struct FakeNvme {
     pub held: Vec<(u16, u64)>,
     /// A normal shutdown notification (CC.SHN = 01b) arrived while the device was enabled.
     pub shutdown_notified: bool,
+    /// Leave admin commands in the ring (unanswered) until [`FakeNvme::release_admin`].
+    pub hold_admin: bool,
+    /// Admin commands taken from the ring since the model was made.
+    pub admin_commands: u32,
+    admin_tail: u16,
     cc: u32,
     csts: u32,
     aqa: u32,
@@ -75,6 +80,9 @@ impl FakeNvme {
             fill: 0xab,
             held: Vec::new(),
             shutdown_notified: false,
+            hold_admin: false,
+            admin_commands: 0,
+            admin_tail: 0,
             cc: 0,
             csts: 0,
             aqa: 0,
@@ -107,7 +115,12 @@ impl FakeNvme {
             0x2c => self.asq = (self.asq & 0xffff_ffff) | u64::from(val) << 32,
             ACQ => self.acq = (self.acq & !0xffff_ffff) | u64::from(val),
             0x34 => self.acq = (self.acq & 0xffff_ffff) | u64::from(val) << 32,
-            0x1000 => self.run_admin(val as u16),
+            0x1000 => {
+                self.admin_tail = val as u16;
+                if !self.hold_admin {
+                    self.run_admin(val as u16);
+                }
+            }
             0x1008 => self.run_io(val as u16),
             _ => {}
         }
@@ -162,8 +175,15 @@ impl FakeNvme {
         Some(sqe)
     }
 
+    /// Answers the admin commands held by `hold_admin`, and stops holding.
+    pub fn release_admin(&mut self) {
+        self.hold_admin = false;
+        self.run_admin(self.admin_tail);
+    }
+
     fn run_admin(&mut self, tail: u16) {
         while let Some(sqe) = Self::next_sqe(&mut self.admin, tail) {
+            self.admin_commands += 1;
             let (op, cid) = (sqe[0], le32(&sqe, 0) >> 16);
             let (nsid, prp1, cdw10) = (le32(&sqe, 1), u64::from(le32(&sqe, 6)) | u64::from(le32(&sqe, 7)) << 32, le32(&sqe, 10));
             let mut dw0 = 0;

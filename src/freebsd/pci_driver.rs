@@ -152,15 +152,15 @@ fn sync_namespaces(a: &mut Attached, k: &mut FreeBsdKernel, rescan: bool) -> Res
     };
     let mut present: Vec<u32> = Vec::new();
     let mut new: Vec<DiskSpec> = Vec::new();
+    if rescan {
+        // Sleeps between the admin commands, with the controller mutex released.
+        if let Err(e) = ctrl.rescan_namespaces() {
+            dev_printf!(&ctrl.device(), "namespace rescan failed: {}\n", e);
+            return Err(Errno::ENXIO);
+        }
+    }
     {
         let mut st = ctrl.state().lock();
-        if rescan {
-            if let Err(e) = st.engine().rescan_namespaces() {
-                drop(st);
-                dev_printf!(&ctrl.device(), "namespace rescan failed: {}\n", e);
-                return Err(Errno::ENXIO);
-            }
-        }
         let engine = st.engine();
         let info = engine.info().ok_or(Errno::ENXIO)?;
         let nss = engine.namespaces();
