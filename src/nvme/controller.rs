@@ -25,9 +25,11 @@
 //! Meanwhile the dead engine touches no register and no ring, so the interrupt and I/O paths
 //! that take the lock fail fast. [`fail_all`](Controller::fail_all) and
 //! [`shutdown`](Controller::shutdown) do both halves in one call, for callers without such a
-//! lock (the lab, tests). The one wait that remains inside engine calls is a synchronous
-//! admin command's ([`rescan_namespaces`](Controller::rescan_namespaces), bring-up): bounded by
-//! the command timeout, and it ends at once when the device leaves (presence checks).
+//! lock (the lab, tests). Namespace rescans are split the same way:
+//! [`rescan_begin`](Controller::rescan_begin) and [`rescan_step`](Controller::rescan_step) send
+//! and reap one admin command at a time without waiting, and the caller sleeps between steps
+//! with its lock released; [`rescan_namespaces`](Controller::rescan_namespaces) waits in place.
+//! Bring-up waits in place too: it runs before the controller is shared.
 
 use alloc::collections::VecDeque;
 use alloc::vec;
