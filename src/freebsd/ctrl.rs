@@ -162,10 +162,11 @@ fn finish(inflight: &mut [Option<InFlight>], free: &mut Vec<u32>, parked: &mut V
 }
 
 impl CtrlState {
-    /// The engine, to read its namespace list. Never call an engine method that waits on the
-    /// device with the mutex held: rescans go through [`CtrlShared::rescan_namespaces`].
-    pub fn engine(&mut self) -> &mut Controller<KernelPlatform> {
-        &mut self.engine
+    /// The engine, read-only (its namespace list, identify data). Read-only on purpose: the
+    /// engine methods that wait on the device must not run with the mutex held, and the ones
+    /// that may are called from this file only (rescans: [`CtrlShared::rescan_namespaces`]).
+    pub fn engine(&self) -> &Controller<KernelPlatform> {
+        &self.engine
     }
 
     /// Hands a bio to the engine. `buf` is its bounce buffer (allocated by the caller outside

@@ -160,7 +160,7 @@ fn sync_namespaces(a: &mut Attached, k: &mut FreeBsdKernel, rescan: bool) -> Res
         }
     }
     {
-        let mut st = ctrl.state().lock();
+        let st = ctrl.state().lock();
         let engine = st.engine();
         let info = engine.info().ok_or(Errno::ENXIO)?;
         let nss = engine.namespaces();
