@@ -56,6 +56,7 @@ std::thread_local! {
     /// The device behind the BAR, if a test installed one ([`install_nvme`]).
     static NVME: RefCell<Option<super::fake_nvme::FakeNvme>> = const { RefCell::new(None) };
     static ON_PAUSE: Cell<Option<fn()>> = const { Cell::new(None) };
+    static DELAYS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
 }
 
 /// Puts an NVMe device model behind `bus_read_4`/`bus_write_4` (until the next `reset`).
@@ -72,6 +73,7 @@ pub fn with_nvme<R>(f: impl FnOnce(&mut super::fake_nvme::FakeNvme) -> R) -> R {
 pub fn reset(knobs: Knobs) {
     LOG.with(|l| l.borrow_mut().clear());
     ON_PAUSE.with(|c| c.set(None));
+    DELAYS.with(|c| c.set((0, 0)));
     QUEUED.with(|l| l.borrow_mut().clear());
     FUNCS.with(|f| f.borrow_mut().clear());
     CONFIG_READS.with(|r| r.borrow_mut().clear());
@@ -524,8 +526,20 @@ pub unsafe extern "C" fn nvmehp_sbinuptime() -> i64 {
     0
 }
 
+/// DELAY(9) calls since [`reset`]: `(all, with a mutex held)`. Not logged (bring-up makes
+/// thousands); a spin with our controller mutex held is what the lock rule forbids for waits.
+pub fn delays() -> (u64, u64) {
+    DELAYS.with(|c| c.get())
+}
+
 #[no_mangle]
-pub unsafe extern "C" fn DELAY(_us: c_int) {}
+pub unsafe extern "C" fn DELAY(_us: c_int) {
+    let held = MTX_HELD.with(|h| !h.borrow().is_empty());
+    DELAYS.with(|c| {
+        let (all, locked) = c.get();
+        c.set((all + 1, locked + u64::from(held)));
+    });
+}
 
 /// Runs `f` at every pause(9), as another thread would run while this one sleeps (e.g. the
 /// device finishing a command); `None` removes it. Cleared by [`reset`].

@@ -442,7 +442,10 @@ fn the_stop_of_a_broken_controller_waits_without_the_mutex() {
     let mut held = std::vec![0u8; 4096];
     let (_bp, _bounce) = strategy_read(&mut held);
     fk::record("-- teardown --");
+    let spins_before = fk::delays();
     let _ = teardown(live, &mut k, Removal::Surprise);
+    let spins = fk::delays();
+    assert_eq!(spins.1, spins_before.1, "no DELAY(9) spin with a mutex held during the teardown");
     let log = fk::log();
     let t = first(&log, "-- teardown --");
     assert!(fk::with_nvme(|d| d.shutdown_notified), "the stop sent the shutdown notification");
