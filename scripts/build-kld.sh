@@ -62,6 +62,7 @@ set -- "$CARGO_TARGET_DIR/$TRIPLE"/kld/deps/libcore-*.rlib
 if [ -f "$1" ]; then kind=incremental; else kind=cold; fi
 say "cargo: Rust staticlib for $SPEC ($kind build)"
 RUSTC=$RUSTC RUSTC_BOOTSTRAP=1 "$CARGO" rustc -p nvme_hotplug --profile kld --features kld \
+    --config 'profile.kld.package.compiler_builtins.codegen-units=10000' \
     -Zjson-target-spec -Zbuild-std=core,alloc --target "$SPEC" --crate-type staticlib
 [ -f "$LIB" ] || die "cargo did not produce $LIB"
 
