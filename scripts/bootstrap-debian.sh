@@ -45,6 +45,10 @@ add_backports() {
 updated=0
 apt_update_once() { [ $updated -eq 1 ] || { apt_get update; updated=1; }; }
 
+# Only Debian 12 (bookworm) is verified: it is where rustc-web 1.96 and rust-web-src (matching
+# library sources for -Zbuild-std) and QEMU 10 from bookworm-backports come from.
+codename=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-unknown}")
+
 case "$want" in
 build)
     pkgs=$(missing rustc-web cargo-web rust-web-src clang-19 lld-19 llvm-19 libclang-19-dev)
@@ -56,15 +60,26 @@ build)
     if [ -n "$pkgs" ]; then
         echo "bootstrap: installing Debian packages: $pkgs"
         apt_update_once
-        apt_get install --no-install-recommends $pkgs
+        if ! apt_get install --no-install-recommends $pkgs; then
+            echo "bootstrap: could not install: $pkgs (this is $codename; verified on Debian 12 bookworm only)." >&2
+            echo "bootstrap: the kld needs rustc+cargo 1.96 with matching rust-src, clang/lld/llvm >= 17, libclang, python3-pip." >&2
+            exit 1
+        fi
     fi
     ;;
 lab)
     if ! command -v qemu-system-x86_64 >/dev/null; then
-        add_backports
-        apt_update_once
-        echo "bootstrap: installing qemu-system-x86 from bookworm-backports"
-        apt_get install --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-system-data ipxe-qemu seabios
+        if [ "$codename" = bookworm ]; then
+            # bookworm's own qemu-system 7.2 conflicts with the qemu-utils 10 some images carry.
+            add_backports
+            apt_update_once
+            echo "bootstrap: installing qemu-system-x86 from bookworm-backports"
+            apt_get install --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-system-data ipxe-qemu seabios
+        else
+            apt_update_once
+            echo "bootstrap: installing qemu-system-x86 ($codename; the lab is verified with QEMU 10.0 on bookworm)"
+            apt_get install --no-install-recommends qemu-system-x86 qemu-system-data ipxe-qemu seabios
+        fi
     fi
     ;;
 bench)
