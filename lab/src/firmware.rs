@@ -8,7 +8,8 @@
 //! - Command register: memory decode + bus master (without bus master, QEMU's NVMe model drops
 //!   every DMA, and nothing completes).
 //! - PIIX3 PIRQ routing (config 0x60–0x63 of 00:01.0) so INTx reaches the I/O APIC, as SeaBIOS
-//!   does; the engine polls, but the routed line is visible in qtest IRQ events for the curious.
+//!   does, so INTx reaches the I/O APIC (and qtest's interception) at the GSI [`intx_gsi`]
+//!   computes; [`crate::interrupts`] uses it when a controller runs interrupt-driven.
 //! - On q35: the ICH9 PM I/O base and ACPI enable (LPC config 0x40/0x44), without which the
 //!   GPE block is not decoded, and each `pcie-root-port`'s bus numbers and memory window, so
 //!   config cycles and MMIO reach the device behind it.
@@ -36,8 +37,12 @@ pub mod cfg {
     pub const BAR0: u16 = 0x10;
     /// BAR1 (high dword of the 64-bit BAR0).
     pub const BAR1: u16 = 0x14;
-    /// Interrupt pin (8 bit).
+    /// Capabilities pointer (8 bit).
+    pub const CAP_PTR: u16 = 0x34;
+    /// Interrupt pin (8 bit): 1..=4 for INTA..INTD, 0 for none.
     pub const INT_PIN: u16 = 0x3d;
+    /// Capability ID of MSI-X.
+    pub const CAP_ID_MSIX: u8 = 0x11;
     /// Command register: memory space enable.
     pub const CMD_MEM: u16 = 1 << 1;
     /// Command register: bus master enable.
@@ -153,6 +158,39 @@ pub fn probe_and_program(q: &mut Qtest, bdf: Bdf, bar0: u64) -> QtestResult<Opti
 
 /// PIIX3 (00:01.0) PIRQ route control registers, one per PIRQA..D.
 const PIIX3_PIRQRC: u16 = 0x60;
+/// PIRQ route control: routing disabled.
+const PIRQRC_DISABLE: u8 = 0x80;
+
+/// Offset of capability `id` in `bdf`'s config space, walking the list from 0x34. The walk is
+/// bounded (48 entries fit in 192 bytes) so a looping list from a broken device cannot hang.
+pub fn find_capability(q: &mut Qtest, bdf: Bdf, id: u8) -> QtestResult<Option<u16>> {
+    let mut at = cfg_read8(q, bdf, cfg::CAP_PTR)? & 0xfc;
+    for _ in 0..48 {
+        if at < 0x40 {
+            return Ok(None);
+        }
+        let hdr = cfg_read16(q, bdf, at as u16)?;
+        if hdr as u8 == id {
+            return Ok(Some(at as u16));
+        }
+        at = (hdr >> 8) as u8 & 0xfc;
+    }
+    Ok(None)
+}
+
+/// The I/O APIC input (GSI) the INTx pin of `bdf` reaches on pc, as the OS would compute it
+/// from the \_PRT: QEMU's i440fx swizzle PIRQ = (slot - 1 + pin - 1) & 3, then the PIIX3 route
+/// register of that PIRQ (programmed by [`init_pc`]). `None`: no pin, or the PIRQ is unrouted.
+pub fn intx_gsi(q: &mut Qtest, bdf: Bdf) -> QtestResult<Option<u8>> {
+    let pin = cfg_read8(q, bdf, cfg::INT_PIN)?;
+    if !(1..=4).contains(&pin) {
+        return Ok(None);
+    }
+    // (slot - 1 + pin - 1) mod 4, written as + 2 so slot 0 cannot underflow.
+    let pirq = (bdf.dev as u16 + pin as u16 + 2) & 3;
+    let route = cfg_read8(q, Bdf { bus: 0, dev: 1, func: 0 }, PIIX3_PIRQRC + pirq)?;
+    Ok((route & PIRQRC_DISABLE == 0).then_some(route & 0x0f))
+}
 
 /// One-time machine setup on pc: PIRQ routing (A,B → 10; C,D → 11, as SeaBIOS does).
 pub fn init_pc(q: &mut Qtest) -> QtestResult<()> {

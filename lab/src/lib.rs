@@ -25,6 +25,8 @@
 //! - [`access_faults`]: removal at a chosen device access; zeros vs all-ones after removal.
 //! - [`firmware`]: PCI config, BAR programming, PIRQ, GPE enable.
 //! - [`acpi_hotplug`]: the PIIX4 hotplug block and the `_E01` logic.
+//! - [`interrupts`]: a controller's vector 0 as MSI-X written to guest RAM, or intercepted INTx.
+//! - [`irq_driven`]: the kld ithread's loop (wait for the interrupt, bounded, then poll).
 //! - [`machine`]: one QEMU machine with its plugged devices and images.
 //! - [`scenario`]: the TOML scenario format (see `docs/scenarios.md`).
 //! - [`ledger`]: acked writes and the end-of-run check of the raw images.
@@ -57,6 +59,8 @@ pub mod driver;
 pub mod firmware;
 pub mod freebsd_model;
 pub mod guest;
+pub mod interrupts;
+pub mod irq_driven;
 pub mod ledger;
 pub mod machine;
 pub mod observer;

@@ -46,6 +46,11 @@ impl LabPlatform {
     pub fn bdf(&self) -> Bdf {
         self.bdf
     }
+
+    /// Where the firmware put BAR0 (the MSI-X table lives in it).
+    pub fn bar0(&self) -> u64 {
+        self.bar0
+    }
 }
 
 impl RegisterIo for LabPlatform {
