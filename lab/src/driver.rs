@@ -24,6 +24,7 @@ use nvme_hotplug::hotplug::ost::OstStatus;
 use nvme_hotplug::hotplug::slot_ops::DetachError;
 use nvme_hotplug::nvme::{Completion, Config, Controller, Event, Health, NvmeError};
 
+use crate::interrupts::{Interrupt, InterruptMode, MSI_DATA};
 use crate::ledger::Ledger;
 use crate::machine::{Image, Machine};
 use crate::observer::{NodeId, Observer};
@@ -49,6 +50,8 @@ pub struct World {
     pub ost_log: Vec<(u8, u32, OstStatus)>,
     /// `_EJ0` evaluations, by slot (steps that check them clear it).
     pub ej0_log: Vec<u8>,
+    /// How drivers learn of completions (the scenario's `interrupts`).
+    pub interrupts: InterruptMode,
 }
 
 impl World {
@@ -128,6 +131,11 @@ pub struct Driver {
     /// A removal the scenario caused (a loss is then expected, not a violation).
     pub expect_removal: bool,
     last_health: Instant,
+    /// The controller's interrupt when the scenario runs interrupt-driven (dropped, which
+    /// turns MSI-X off and frees the mailbox, only after the controller is freed).
+    irq: Option<Interrupt>,
+    /// When the watchdog last polled (interrupt-driven mode only).
+    last_watchdog_poll: Instant,
     /// Nodes held open (`open` step), by nsid: an eject request is refused while any is.
     pub open: BTreeMap<u32, u32>,
     /// How an eject request is refused while a node is open.
@@ -138,6 +146,10 @@ pub struct Driver {
 
 /// How often the watchdog asks for the controller's health.
 pub const HEALTH_PERIOD: Duration = Duration::from_millis(10);
+
+/// Interrupt-driven mode: how often the watchdog polls anyway (the kld's `WATCHDOG_US`), which
+/// also expires overdue commands and recovers a missed interrupt.
+pub const WATCHDOG_POLL_PERIOD: Duration = Duration::from_secs(1);
 
 impl Driver {
     /// Attach: probe `slot`, bring the engine up, check namespaces, create nodes.
@@ -161,7 +173,22 @@ impl Driver {
             "slot {slot}: NVMe {:04x}:{:04x} found, BAR0 at {:#x}; bringing up {}",
             func.vendor, func.device, func.bar0, dev.id
         ));
-        let mut ctrl = Controller::new(w.machine.platform(&func), lab_config());
+        let platform = w.machine.platform(&func);
+        // The interrupt is set up before bring-up, as pci_alloc_msix(9) comes before the
+        // driver enables the controller (QEMU binds a queue to its MSI-X vector at creation).
+        let irq = match w.interrupts {
+            InterruptMode::Poll => Ok(None),
+            InterruptMode::Msix => Interrupt::msix_to_ram(&platform, MSI_DATA).map(Some),
+            InterruptMode::Intx => Interrupt::intx(&platform).map(Some),
+        };
+        let irq = match irq {
+            Ok(irq) => irq,
+            Err(e) => {
+                w.violation(format!("harness: {}: interrupt setup: {e}", dev.id));
+                return None;
+            }
+        };
+        let mut ctrl = Controller::new(platform, lab_config());
         let up = guard(&mut w.report, "bring_up", || ctrl.bring_up());
         // A removal injected at a device access of this bring-up (access_faults) is expected
         // to make it fail: that is the point of the exercise, not a violation.
@@ -246,6 +273,8 @@ impl Driver {
             // notice, and that loss is expected.
             expect_removal: injected,
             last_health: Instant::now(),
+            irq,
+            last_watchdog_poll: Instant::now(),
             open: BTreeMap::new(),
             refusal: DetachError::InUse,
             bringup_accesses,
@@ -312,10 +341,31 @@ impl Driver {
 
     /// Reaps completions. Returns `Some(health)` if the engine gave the controller up (or
     /// panicked), in which case the caller must tear it down with [`Driver::teardown_lost`].
+    /// Interrupt-driven, it polls only after an interrupt, or when the watchdog's poll is due
+    /// (as the kld's ithread and watchdog task do).
     pub fn poll(&mut self, w: &mut World) -> Option<Health> {
         let ctrl = self.ctrl.as_mut()?;
+        let by_irq = match &self.irq {
+            None => false,
+            // A harness error is recorded by `Guest`; the watchdog poll still runs.
+            Some(irq) if irq.take().unwrap_or(false) => {
+                w.report.interrupts.taken += 1;
+                true
+            }
+            Some(_) if self.last_watchdog_poll.elapsed() >= WATCHDOG_POLL_PERIOD => {
+                self.last_watchdog_poll = Instant::now();
+                false
+            }
+            Some(_) => return None,
+        };
         let mut events = Vec::new();
         let r = guard(&mut w.report, "poll", || ctrl.poll(&mut |e| events.push(e)));
+        let reaped = events.iter().filter(|e| matches!(e, Event::Io(_))).count() as u64;
+        if by_irq {
+            w.report.interrupts.reaped_by_irq += reaped;
+        } else {
+            w.report.interrupts.reaped_by_watchdog += reaped;
+        }
         let mut lost = None;
         for e in events {
             match e {
@@ -371,6 +421,8 @@ impl Driver {
         if let Some(ctrl) = self.ctrl.take() {
             let _ = guard(&mut w.report, "drop", move || drop(ctrl));
         }
+        // After the controller: the device is stopped or gone, so the mailbox is free to reuse.
+        self.irq = None;
         w.observer.controller_freed(&self.id);
         // Requests the engine never completed are hung: abandon them so the run can end.
         let id = self.id.clone();

@@ -25,12 +25,30 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use nvme_hotplug::platform::{DmaAllocator, DmaRegion};
+use serde::{Deserialize, Serialize};
 
 use crate::dma::GuestDma;
 use crate::firmware::{self, cfg, Bdf};
 use crate::guest::Guest;
 use crate::platform::LabPlatform;
 use crate::qtest::{QtestError, QtestResult};
+
+/// How a scenario's driver learns of completions (the scenario's `interrupts` key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InterruptMode {
+    /// The lab polls the queues continuously (no interrupt set up).
+    #[default]
+    Poll,
+    /// MSI-X vector 0 written to a guest-RAM mailbox ([`Interrupt::msix_to_ram`]).
+    Msix,
+    /// The INTx line at its routed GSI ([`Interrupt::intx`]); pc machine only.
+    Intx,
+}
+
+/// The data value the lab's MSI-X messages carry ("NVME"): distinct from anything else that
+/// could land in a mailbox.
+pub const MSI_DATA: u32 = 0x4e56_4d45;
 
 /// MSI-X capability layout (PCI 3.0 §6.8.2).
 mod msix {
@@ -221,11 +239,12 @@ impl Drop for Interrupt {
         }
         let bdf = self.bdf;
         self.guest.qtest_or((), |q| {
+            if firmware::cfg_read16(q, bdf, cfg::VENDOR_ID)? == 0xffff {
+                return Ok(()); // gone: nothing to turn off
+            }
             if let Some(cap) = firmware::find_capability(q, bdf, cfg::CAP_ID_MSIX)? {
                 let ctl = firmware::cfg_read16(q, bdf, cap + msix::CONTROL)?;
-                if ctl != 0xffff {
-                    firmware::cfg_write16(q, bdf, cap + msix::CONTROL, ctl & !msix::CTRL_ENABLE)?;
-                }
+                firmware::cfg_write16(q, bdf, cap + msix::CONTROL, ctl & !msix::CTRL_ENABLE)?;
             }
             Ok(())
         });

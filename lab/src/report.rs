@@ -64,6 +64,20 @@ pub struct HotplugFigures {
     pub failures: u64,
 }
 
+/// How completions were noticed (the scenario's `interrupts` mode).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InterruptFigures {
+    /// `poll`, `msix` or `intx`.
+    pub mode: String,
+    /// Interrupts taken (each followed by a poll).
+    pub taken: u64,
+    /// I/O completions reaped by a poll that followed an interrupt.
+    pub reaped_by_irq: u64,
+    /// I/O completions reaped by the once-a-second watchdog poll (missed interrupts, or
+    /// completions that raced the check); in `poll` mode, every completion.
+    pub reaped_by_watchdog: u64,
+}
+
 /// Removals the scenario caused, and what was in flight at the moment of removal.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RemovalFigures {
@@ -154,6 +168,8 @@ pub struct Report {
     pub hotplug: HotplugFigures,
     /// Removals and what they interrupted.
     pub removals: RemovalFigures,
+    /// Interrupts and what they reaped.
+    pub interrupts: InterruptFigures,
     /// QEMU figures.
     pub qemu: QemuFigures,
     /// Total wall-clock milliseconds.
@@ -190,6 +206,13 @@ impl Report {
             self.violations.len(),
             self.total_ms
         );
+        if self.interrupts.mode != "poll" && !self.interrupts.mode.is_empty() {
+            let i = &self.interrupts;
+            s.push_str(&format!(
+                "\n  interrupts ({}): {} taken, {} completions reaped after one, {} by the watchdog poll",
+                i.mode, i.taken, i.reaped_by_irq, i.reaped_by_watchdog
+            ));
+        }
         for v in self.violations.iter().take(20) {
             s.push_str("\n  violation: ");
             s.push_str(v);

@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::access_faults::RemovalReads;
+use crate::interrupts::InterruptMode;
 use crate::qemu::MachineKind;
 
 /// A whole scenario.
@@ -25,6 +26,11 @@ pub struct Scenario {
     /// What reads of a removed controller return: `zeros` (QEMU) or `all-ones` (real PCIe).
     #[serde(default)]
     pub removal_reads: RemovalReads,
+    /// How drivers learn of completions: `poll` (default), `msix` (MSI-X vector 0 written to
+    /// guest RAM) or `intx` (the intercepted INTx line; pc only). With interrupts, a driver
+    /// polls only after an interrupt, plus once a second from its watchdog, as the kld does.
+    #[serde(default)]
+    pub interrupts: InterruptMode,
     /// Controllers present at power-on.
     #[serde(default, rename = "controller")]
     pub controllers: Vec<ControllerSpec>,

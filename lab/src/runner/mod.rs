@@ -99,6 +99,13 @@ impl Runner {
             },
             ..Report::default()
         };
+        report.interrupts.mode = format!("{:?}", sc.interrupts).to_lowercase();
+        if sc.interrupts == crate::interrupts::InterruptMode::Intx && sc.machine != crate::qemu::MachineKind::Pc {
+            report.violations.push("scenario: `interrupts = \"intx\"` needs the pc machine (PIIX3 PIRQ routing)".into());
+            report.total_ms = start.elapsed().as_secs_f64() * 1e3;
+            report.decide();
+            return report;
+        }
         let machine = match Machine::start_with_slots(sc.machine, &sc.controllers, &sc.slots()) {
             Ok(mut m) => {
                 m.set_removal_reads(sc.removal_reads);
@@ -120,6 +127,7 @@ impl Runner {
             verbose: self.verbose,
             ost_log: Vec::new(),
             ej0_log: Vec::new(),
+            interrupts: sc.interrupts,
         };
         let mut s = Session {
             w: world,
