@@ -1,7 +1,8 @@
 //! The engine run interrupt-driven against QEMU's real NVMe, as the kld's ithread runs it:
 //! MSI-X vector 0 written into guest RAM, or INTx intercepted at the I/O APIC; wait for the
-//! interrupt (bounded), then poll. Includes a negative control (a masked vector) showing that
-//! the "completed by interrupts" checks can fail.
+//! interrupt (bounded), then poll. Includes negative controls (an MSI-X vector masked in its
+//! vector control, INTx masked in INTMS) showing that no interrupt is then observed and that the
+//! "completed by interrupts" checks can fail.
 
 mod common;
 
@@ -249,5 +250,30 @@ fn masked_msix_vector_delivers_nothing_and_the_loop_notices() {
     assert!(lp.interrupt().wait(WAIT).unwrap(), "unmasking delivers the pending message");
     assert!(!lp.interrupt().pending().unwrap());
     drop(lp);
+    c.shutdown().unwrap();
+}
+
+/// Negative control for INTx: with vector 0 masked in the controller's INTMS register (NVMe
+/// 3.1.3/3.1.4, INTx and MSI only), the line never rises and the wait times out; clearing the
+/// mask (INTMC) raises it for the completion that is still pending.
+#[test]
+fn intx_masked_by_intms_is_not_observed() {
+    if !qemu_or_skip("intx_masked_by_intms_is_not_observed") {
+        return;
+    }
+    use nvme_hotplug::platform::RegisterIo;
+    const INTMS: u32 = 0x0c;
+    const INTMC: u32 = 0x10;
+    let (_m, mut c, irq) = setup(Mode::Intx);
+    c.platform().write32(INTMS, 1);
+    let (buf, _) = pattern_buf(&c, 4096, 4);
+    c.submit(req(IoOp::Write, 1, 0, 8, &buf, 1)).unwrap();
+    assert!(!irq.wait(Duration::from_millis(300)).unwrap(), "INTx rose while masked");
+    c.platform().write32(INTMC, 1);
+    assert!(irq.wait(WAIT).unwrap(), "unmasking raises INTx for the pending completion");
+    let mut lp = IrqDriven::new(irq, WAIT);
+    let mut done = Vec::new();
+    assert_eq!(lp.service(&mut c, &mut collect(&mut done)).unwrap(), None);
+    assert_eq!((done.len(), lp.stats().reaped_by_irq), (1, 1));
     c.shutdown().unwrap();
 }
