@@ -253,3 +253,32 @@ fn zero_reads_while_waiting_for_ready_are_noticed_long_before_cap_to() {
     assert_eq!(c.bring_up(), Err(NvmeError::Gone));
     assert!(dev.now() < 100_000, "noticed after {} us (CAP.TO is 10 s)", dev.now());
 }
+
+#[test]
+fn fail_all_reports_completions_posted_before_the_removal() {
+    // The device finished tag 1 and posted its entry to host memory, then vanished before
+    // anyone polled. That entry is a real result: fail_all must report it as done (its data is
+    // on the media), and fail only what the device never answered.
+    for style in [Vanish::AllOnes, Vanish::Zeros] {
+        let (dev, mut c) = up(SoftConfig::default());
+        let a = dev.buffer(512);
+        a.write(0, &pattern(512, 7));
+        c.submit(req(1, IoOp::Write, 1, 0, 1, &a, 512)).unwrap();
+        dev.faults(|f| f.hold_io = true);
+        let b = dev.buffer(512);
+        c.submit(req(2, IoOp::Write, 1, 1, 1, &b, 512)).unwrap();
+        dev.vanish(style);
+        let mut done = Vec::new();
+        c.fail_all(NvmeError::Gone, &mut |x| done.push(x));
+        done.sort_by_key(|x| x.tag);
+        assert_eq!(
+            done,
+            vec![
+                Completion { tag: 1, result: Ok(()) },
+                Completion { tag: 2, result: Err(NvmeError::Gone) },
+            ],
+            "{style:?}"
+        );
+        assert_eq!(dev.media_read(1, 0, 1).unwrap(), pattern(512, 7));
+    }
+}

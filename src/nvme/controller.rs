@@ -752,6 +752,17 @@ impl<P: Platform> Controller<P> {
         if self.state != State::Ready {
             return n;
         }
+        n += self.reap_io(true, on);
+        n + self.check_deadlines(on)
+    }
+
+    /// Reaps every I/O completion queue (memory reads only) and reports each entry. `ring`:
+    /// tell the device how far we consumed (the CQ head doorbell); [`fail_fast`] passes false
+    /// because it touches no register. Returns the number of I/O completions reported.
+    ///
+    /// [`fail_fast`]: Controller::fail_fast
+    fn reap_io(&mut self, ring: bool, on: &mut dyn FnMut(Event)) -> usize {
+        let mut n = 0;
         for q in self.io.iter_mut() {
             let mut consumed = false;
             for _ in 0..q.entries() {
@@ -780,9 +791,11 @@ impl<P: Platform> Controller<P> {
                     }
                 }
             }
-            q.finish_reap(&self.p, consumed);
+            if ring {
+                q.finish_reap(&self.p, consumed);
+            }
         }
-        n + self.check_deadlines(on)
+        n
     }
 
     /// Gives the controller up if any command is overdue. Returns I/O completions reported.
@@ -894,14 +907,25 @@ impl<P: Platform> Controller<P> {
     /// and I/O paths take: no register access, no wait, no allocation.
     ///
     /// Marks the controller dead (later submits fail with [`NvmeError::Gone`]), completes every
-    /// accepted request exactly once through `done` (completions already reaped but not yet
-    /// reported keep their real result, everything else gets `Err(err)`), and gives up its
+    /// accepted request exactly once through `done` (completions the device already posted, or
+    /// reaped but not yet reported, keep their real result; everything else gets `Err(err)`),
+    /// and gives up its
     /// rings and pages into a [`DeviceStop`], kept until [`take_stop`](Controller::take_stop).
     /// The device may still be running until that stop has run: hold the buffers of the
     /// requests completed here with an error until [`finish_stop`](Controller::finish_stop),
     /// then free them only if [`dma_stopped`](Controller::dma_stopped). Calling it again
     /// completes nothing twice and makes no second stop.
     pub fn fail_fast(&mut self, err: NvmeError, done: &mut dyn FnMut(Completion)) {
+        // Entries the device posted before it was lost are real results, written to host
+        // memory: report them as they are (a completed write is on the device) instead of
+        // failing those requests too. Bad entries are counted in `stats` and dropped.
+        if self.state == State::Ready {
+            self.reap_io(false, &mut |e| {
+                if let Event::Io(c) = e {
+                    done(c)
+                }
+            });
+        }
         self.state = State::Dead;
         // Events other than completions stay queued, in order, for the next poll (popping and
         // pushing back within the same capacity allocates nothing).
