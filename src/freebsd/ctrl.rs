@@ -255,6 +255,20 @@ impl CtrlState {
         n
     }
 
+    /// The fast half of an orderly stop, for a controller that finished every request on its
+    /// own and is still present: the engine stops accepting I/O and leaves a stop that deletes
+    /// the I/O queues (SQ, then CQ), sends the normal shutdown notification and disables, as
+    /// NVMe recommends and nvme(4) does for a device that is not gone (facts §3.2). False, with
+    /// nothing changed, when a request is still outstanding, the controller is not running or
+    /// the device left: the caller then gives it up with [`CtrlState::fail_fast`].
+    fn begin_orderly_stop(&mut self) -> bool {
+        self.engine.is_ready()
+            && self.engine.outstanding() == 0
+            && self.engine.platform().present()
+            && self.engine.begin_shutdown().is_ok()
+            && self.engine.stop_pending()
+    }
+
     /// The engine's pending stop, with what running it needs; `None` if there is none (or
     /// another thread took it). Run it with [`CtrlShared::run_stop`], without the mutex.
     fn take_stop(&mut self) -> Option<(DeviceStop<ContigRegion>, StopAccess)> {
@@ -399,7 +413,7 @@ impl CtrlShared {
             intr_stuck: AtomicBool::new(false),
         });
         let r = CtrlRef(NonNull::from(Box::leak(shared)));
-        Some((r, EngineGate { ctrl: r }))
+        Some((r, EngineGate { ctrl: r, idle_after_quiesce: false }))
     }
 
     /// The interrupt handler could not be torn down (teardown step 3): this controller's
@@ -586,6 +600,10 @@ impl CtrlShared {
 /// dropping it (teardown step 5) frees the engine, its queue memory and the mutex.
 pub struct EngineGate {
     ctrl: CtrlRef,
+    /// The last [`IoGate::quiesce`] saw every request finish on a present device: the next
+    /// [`IoGate::fail_all`] may stop the controller the orderly way (queues deleted first).
+    /// Never set for a surprise removal, which skips `quiesce`.
+    idle_after_quiesce: bool,
 }
 
 impl EngineGate {
@@ -600,7 +618,8 @@ impl EngineGate {
     /// notification, which makes it flush its volatile write cache, before power goes away;
     /// otherwise writes already reported done could be lost. Requests in flight are given the
     /// bounded time an announced removal gives them, the rest fail with ENXIO, and the engine
-    /// then sends CC.SHN and disables the device (its `fail_all`). New I/O and opens are
+    /// then sends CC.SHN and disables the device (its `fail_all`; if nothing was left
+    /// outstanding, it deletes the I/O queues first, as nvme(4) does). New I/O and opens are
     /// refused from here on; nodes and disks stay (the system is going down, and a detach may
     /// still follow). The waits run without the controller mutex (see [`IoGate::fail_all`]).
     pub fn shutdown(&mut self) {
@@ -618,6 +637,7 @@ impl IoGate for EngineGate {
     }
 
     fn quiesce(&mut self) {
+        self.idle_after_quiesce = false;
         let dev = self.ctrl.dev;
         let start = {
             let st = self.ctrl.state.lock();
@@ -633,6 +653,7 @@ impl IoGate for EngineGate {
             };
             self.ctrl.after(out);
             if left == 0 || !present {
+                self.idle_after_quiesce = left == 0 && present;
                 return;
             }
             if now.saturating_sub(start) >= bound {
@@ -649,10 +670,20 @@ impl IoGate for EngineGate {
     /// mutex, find a dead engine and return at once. Returns with the device stopped or given
     /// up as a runaway (its memory and the failed requests' buffers leaked), also when the
     /// watchdog task had taken the stop.
+    ///
+    /// After a quiesce that left nothing outstanding on a present device (announced removal,
+    /// DEVICE_SHUTDOWN) the stop is the orderly one ([`CtrlState::begin_orderly_stop`]): it
+    /// also deletes the I/O queues before the notification, each deletion a bounded admin
+    /// command waited for without the mutex like the rest. `fail_fast` still runs after it,
+    /// to mark the engine dead and report completions already reaped; it fails nothing then.
     fn fail_all(&mut self) -> usize {
         let mut out = Outcome::default();
+        let orderly = core::mem::take(&mut self.idle_after_quiesce);
         let (n, stop) = {
             let mut st = self.ctrl.state.lock();
+            if orderly {
+                let _ = st.begin_orderly_stop();
+            }
             let n = st.fail_fast(NvmeError::Gone, &mut out);
             (n, st.take_stop())
         };

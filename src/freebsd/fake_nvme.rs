@@ -8,7 +8,14 @@
 //! held), and I/O commands that are either completed at once (reads filled with
 //! [`FakeNvme::fill`]) or held as in flight. `stuck` makes it a present device that ignores
 //! the shutdown notification and the disable, i.e. one that may still DMA after being failed.
+//!
+//! What a stop does to the device goes into the fake kernel's log, in order, among the
+//! `mtx_lock`/`pause` entries: `nvme delete_sq qid=N status=S`, `nvme delete_cq ...`,
+//! `nvme cc shn` (normal shutdown notification) and `nvme cc disable` (CC.EN 1 -> 0). Like a
+//! real controller, the model refuses to delete a CQ while its SQ exists (Invalid Queue
+//! Deletion) and a queue that does not exist (Invalid Queue Identifier).
 
+use std::format;
 use std::vec::Vec;
 
 const CC: u32 = 0x14;
@@ -54,7 +61,14 @@ pub struct FakeNvme {
     acq: u64,
     admin: Ring,
     io: Ring,
+    /// I/O queue 1's SQ and CQ exist (created, not deleted).
+    io_sq_live: bool,
+    io_cq_live: bool,
 }
+
+/// Status field values (SCT << 8 | SC) the model answers queue deletions with.
+const SC_INVALID_QID: u16 = 1 << 8 | 0x01;
+const SC_INVALID_QUEUE_DELETION: u16 = 1 << 8 | 0x0c;
 
 fn read_mem(addr: u64, buf: &mut [u8]) {
     // SAFETY: `addr` is a bus address the engine gave the device: a live host allocation from
@@ -90,6 +104,8 @@ impl FakeNvme {
             acq: 0,
             admin: Ring::default(),
             io: Ring::default(),
+            io_sq_live: false,
+            io_cq_live: false,
         }
     }
 
@@ -131,6 +147,10 @@ impl FakeNvme {
         self.cc = val;
         if was && val & (3 << 14) == 1 << 14 {
             self.shutdown_notified = true;
+            super::fake_kernel::record("nvme cc shn");
+        }
+        if was && val & 1 == 0 {
+            super::fake_kernel::record("nvme cc disable");
         }
         if self.stuck && was {
             return; // neither disable nor shutdown takes effect
@@ -143,6 +163,7 @@ impl FakeNvme {
                 let n = (self.aqa & 0xfff) as u16 + 1;
                 self.admin = Ring { sq: self.asq, cq: self.acq, entries: n, phase: true, ..Ring::default() };
                 self.io = Ring::default();
+                (self.io_sq_live, self.io_cq_live) = (false, false);
                 self.csts = 1;
             }
             (true, false) => self.csts &= !1,
@@ -187,6 +208,7 @@ impl FakeNvme {
             let (op, cid) = (sqe[0], le32(&sqe, 0) >> 16);
             let (nsid, prp1, cdw10) = (le32(&sqe, 1), u64::from(le32(&sqe, 6)) | u64::from(le32(&sqe, 7)) << 32, le32(&sqe, 10));
             let mut dw0 = 0;
+            let mut status = 0;
             match op {
                 0x06 => {
                     let mut page = [0u8; 4096];
@@ -216,15 +238,35 @@ impl FakeNvme {
                     self.io.cq = prp1;
                     self.io.entries = (cdw10 >> 16) as u16 + 1;
                     self.io.phase = true;
+                    self.io_cq_live = true;
                 }
-                0x01 => self.io.sq = prp1,
+                0x01 => {
+                    self.io.sq = prp1;
+                    self.io_sq_live = true;
+                }
+                0x00 => {
+                    let qid = cdw10 & 0xffff;
+                    status = if qid != 1 || !self.io_sq_live { SC_INVALID_QID } else { 0 };
+                    self.io_sq_live &= status != 0;
+                    super::fake_kernel::record(format!("nvme delete_sq qid={qid} status={status:#x}"));
+                }
+                0x04 => {
+                    let qid = cdw10 & 0xffff;
+                    status = match (qid == 1 && self.io_cq_live, self.io_sq_live) {
+                        (false, _) => SC_INVALID_QID,
+                        (true, true) => SC_INVALID_QUEUE_DELETION,
+                        (true, false) => 0,
+                    };
+                    self.io_cq_live &= status != 0;
+                    super::fake_kernel::record(format!("nvme delete_cq qid={qid} status={status:#x}"));
+                }
                 0x0c => continue, // AER: held until an event (never, here)
                 _ => {}
             }
             if op == 0x09 && cdw10 & 0xff == 0x07 {
                 dw0 = 0; // one SQ and one CQ
             }
-            Self::post(&mut self.admin, 0, cid as u16, dw0, 0);
+            Self::post(&mut self.admin, 0, cid as u16, dw0, status);
         }
     }
 

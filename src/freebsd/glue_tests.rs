@@ -411,20 +411,107 @@ fn bounce_buffers_of_a_device_that_cannot_be_stopped_are_leaked_not_freed() {
     }
 }
 
-/// For each `pause` in `log[from..]`: how many mutexes were held (mtx_lock minus mtx_unlock
-/// recorded before it, from the start of the log).
-fn mutexes_held_at_pauses(log: &[String], from: usize) -> Vec<i64> {
+/// For each entry of `log[from..]` that starts with one of `prefixes`: how many mutexes were
+/// held (mtx_lock minus mtx_unlock recorded before it, from the start of the log).
+fn mutexes_held_at(log: &[String], from: usize, prefixes: &[&str]) -> Vec<i64> {
     let mut held = 0i64;
     let mut at = Vec::new();
     for (i, l) in log.iter().enumerate() {
         match l.as_str() {
             "mtx_lock" => held += 1,
             "mtx_unlock" => held -= 1,
-            _ if i >= from && l.starts_with("pause ") => at.push(held),
+            _ if i >= from && prefixes.iter().any(|p| l.starts_with(p)) => at.push(held),
             _ => {}
         }
     }
     at
+}
+
+/// For each `pause` in `log[from..]`: how many mutexes were held.
+fn mutexes_held_at_pauses(log: &[String], from: usize) -> Vec<i64> {
+    mutexes_held_at(log, from, &["pause "])
+}
+
+/// What the fake NVMe model saw the stop do (queue deletions, CC.SHN, disable), in order.
+fn device_stop_ops(log: &[String]) -> Vec<&str> {
+    log.iter().filter(|l| l.starts_with("nvme ")).map(String::as_str).collect()
+}
+
+/// An announced removal of a controller with nothing left in flight stops it the way NVMe
+/// recommends and nvme(4) does for a device that is not gone (facts §3.2): Delete I/O SQ, then
+/// Delete I/O CQ, then the normal shutdown notification, then the disable, in that order. The
+/// model answers each deletion only while the tearing-down thread sleeps (as a device answers
+/// while another thread runs), so the teardown waited for both, and every wait and every step
+/// happened with no mutex held. A surprise removal of the same controller deletes no queue: it
+/// fails fast, then only notifies and disables. An announced removal whose device leaves while
+/// a read is still in flight is given up as today: the read fails with ENXIO, and nothing is
+/// sent to the absent device.
+#[test]
+fn an_announced_removal_deletes_the_io_queues_before_the_shutdown_notification() {
+    use super::fake_nvme::FakeNvme;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for how in [Removal::Announced, Removal::Surprise] {
+        fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+        fk::install_nvme(FakeNvme::new(false, false));
+        let mut k = FreeBsdKernel::new();
+        let (live, _ctrl) = attached_with(&mut k, &[1], true);
+        // The I/O queue was used and is idle again.
+        let mut data = std::vec![0u8; 4096];
+        let _ = strategy_read(&mut data);
+        fk::fire_interrupt();
+        assert!(data.iter().all(|&b| b == 0xab), "the read completed before the removal");
+        fk::with_nvme(|d| d.hold_admin = true);
+        fk::on_pause(Some(|| {
+            fk::with_nvme(|d| {
+                d.release_admin();
+                d.hold_admin = true;
+            })
+        }));
+        fk::record("-- teardown --");
+        let spins_before = fk::delays();
+        let _ = teardown(live, &mut k, how);
+        fk::on_pause(None);
+        assert_eq!(fk::delays().1, spins_before.1, "no DELAY(9) spin with a mutex held ({how:?})");
+        let log = fk::log();
+        let t = first(&log, "-- teardown --");
+        let ops = device_stop_ops(&log[t..]);
+        let held = mutexes_held_at(&log, t, &["pause ", "nvme "]);
+        assert!(held.iter().all(|&n| n == 0), "a wait or a stop step with a mutex held ({how:?}): {held:?}\n{ops:#?}");
+        assert_eq!(fk::with_nvme(|d| d.read32(0x1c)) & 1, 0, "the controller is disabled ({how:?})");
+        match how {
+            Removal::Announced => {
+                assert_eq!(
+                    ops,
+                    ["nvme delete_sq qid=1 status=0x0", "nvme delete_cq qid=1 status=0x0", "nvme cc shn", "nvme cc disable"],
+                    "{log:#?}"
+                );
+                // Each deletion was answered during a sleep of the teardown: it waited for it.
+                for op in ["nvme delete_sq", "nvme delete_cq"] {
+                    let at = t + first(&log[t..], op);
+                    assert!(log[at - 1].starts_with("pause "), "`{op}` answered while the teardown slept: {:#?}", &log[t..=at]);
+                }
+            }
+            Removal::Surprise => assert_eq!(ops, ["nvme cc shn", "nvme cc disable"], "{log:#?}"),
+        }
+    }
+
+    // Announced, but the device leaves during the quiesce with a read still in flight.
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+    fk::install_nvme(FakeNvme::new(false, true));
+    let mut k = FreeBsdKernel::new();
+    let (live, _ctrl) = attached_with(&mut k, &[1], true);
+    let mut data = std::vec![0u8; 4096];
+    let _ = strategy_read(&mut data);
+    fk::on_pause(Some(|| fk::set_knobs(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, d_gone_at_once: true, ..Knobs::default() })));
+    fk::record("-- teardown --");
+    let _ = teardown(live, &mut k, Removal::Announced);
+    fk::on_pause(None);
+    let log = fk::log();
+    let t = first(&log, "-- teardown --");
+    assert!(!positions(&log[t..], "pause ").is_empty(), "the quiesce waited for the read");
+    let failed = t + first(&log[t..], "biodone");
+    assert_eq!(log[failed], std::format!("biodone error={} flags={:#x} resid=4096", bindings::ENXIO, bindings::BIO_ERROR));
+    assert!(device_stop_ops(&log[t..]).is_empty(), "nothing sent to a device that left: {log:#?}");
 }
 
 /// The lock rule: the controller mutex is never held across a wait on the device. A present
@@ -571,8 +658,16 @@ fn shutdown_notifies_the_controller_and_refuses_later_io() {
     let mut k = FreeBsdKernel::new();
     let (mut live, _ctrl) = attached_with(&mut k, &[1], true);
     assert!(!fk::with_nvme(|d| d.shutdown_notified));
+    let t = fk::log().len();
     live.io().shutdown();
     assert!(fk::with_nvme(|d| d.shutdown_notified), "CC.SHN = normal shutdown was sent");
+    let log = fk::log();
+    assert_eq!(
+        device_stop_ops(&log[t..]),
+        ["nvme delete_sq qid=1 status=0x0", "nvme delete_cq qid=1 status=0x0", "nvme cc shn", "nvme cc disable"],
+        "an idle controller's I/O queues are deleted before the notification"
+    );
+    assert!(mutexes_held_at(&log, t, &["pause ", "nvme "]).iter().all(|&n| n == 0));
     assert_eq!(fk::with_nvme(|d| d.read32(0x1c)) & 1, 0, "and the controller disabled");
     let d0 = fk::disks()[0];
     let bp = fk::new_bio(bindings::BIO_WRITE as u16, 0, 512);
