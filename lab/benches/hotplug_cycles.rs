@@ -12,34 +12,8 @@ fn main() {
         return;
     }
     let cycles = std::env::var("NVMEHP_BENCH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-    match nvmehp_lab::bench::hotplug_cycles(cycles) {
-        Ok(r) => println!("{}", r.describe()),
-        Err(e) => {
-            eprintln!("hotplug_cycles bench failed: {e}");
-            std::process::exit(1);
-        }
-    }
-    for surprise in [false, true] {
-        match nvmehp_lab::bench::kernel_path_cycles(cycles.min(500), surprise) {
-            Ok((rate, r)) => println!(
-                "kernel path ({}, hotplug state machine + FreeBSD model): {} cycles at {rate:.1} cycles/s ({:.2} ms/cycle)",
-                if surprise { "surprise removal" } else { "announced removal" },
-                r.cycles,
-                1e3 / rate
-            ),
-            Err(e) => {
-                eprintln!("kernel_path_cycles bench failed: {e}");
-                std::process::exit(1);
-            }
-        }
-    }
-    for n in [1, 64, 1024] {
-        match nvmehp_lab::bench::surprise_removal(n) {
-            Ok(r) => println!("{}", r.describe()),
-            Err(e) => {
-                eprintln!("surprise_removal bench failed: {e}");
-                std::process::exit(1);
-            }
-        }
+    if let Err(e) = nvmehp_lab::bench::print_all(cycles) {
+        eprintln!("nvmehp-lab bench failed: {e}");
+        std::process::exit(1);
     }
 }

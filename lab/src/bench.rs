@@ -257,3 +257,24 @@ pub fn kernel_path_cycles(cycles: u32, surprise: bool) -> Result<(f64, crate::re
     let step = r.steps.iter().find(|s| s.op == "repeat").map_or(r.total_ms, |s| s.ms);
     Ok((r.cycles as f64 / (step / 1e3), r))
 }
+
+/// Every lab figure, in the order `cargo bench -p nvmehp-lab` and `nvmehp-lab bench` print them:
+/// engine-only hotplug cycles, cycles through the whole kernel path (announced and surprise
+/// removal), then surprise removal with 1, 64 and 1,024 requests in flight. Each figure is
+/// printed as soon as it is measured; the first failure ends the run.
+pub fn print_all(cycles: u32) -> Result<(), String> {
+    println!("{}", hotplug_cycles(cycles)?.describe());
+    for surprise in [false, true] {
+        let (rate, r) = kernel_path_cycles(cycles.min(500), surprise)?;
+        println!(
+            "kernel path ({}, hotplug state machine + FreeBSD model): {} cycles at {rate:.1} cycles/s ({:.2} ms/cycle)",
+            if surprise { "surprise removal" } else { "announced removal" },
+            r.cycles,
+            1e3 / rate
+        );
+    }
+    for n in [1, 64, 1024] {
+        println!("{}", surprise_removal(n)?.describe());
+    }
+    Ok(())
+}

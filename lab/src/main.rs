@@ -12,7 +12,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use nvmehp_lab::bench::{hotplug_cycles, surprise_removal, BenchResult};
 use nvmehp_lab::qemu::{qemu_available, QEMU_BIN};
 use nvmehp_lab::runner::Runner;
 use nvmehp_lab::scenario::Scenario;
@@ -195,41 +194,11 @@ fn main() -> ExitCode {
             if let Err(code) = need_qemu() {
                 return code;
             }
-            match hotplug_cycles(cycles) {
-                Ok(r) => print_bench(&r),
-                Err(e) => {
-                    eprintln!("nvmehp-lab bench: {e}");
-                    return ExitCode::from(1);
-                }
-            }
-                    for surprise in [false, true] {
-        match nvmehp_lab::bench::kernel_path_cycles(cycles.min(500), surprise) {
-            Ok((rate, r)) => println!(
-                "kernel path ({}, hotplug state machine + FreeBSD model): {} cycles at {rate:.1} cycles/s ({:.2} ms/cycle)",
-                if surprise { "surprise removal" } else { "announced removal" },
-                r.cycles,
-                1e3 / rate
-            ),
-            Err(e) => {
-                eprintln!("kernel_path_cycles bench failed: {e}");
+            if let Err(e) = nvmehp_lab::bench::print_all(cycles) {
+                eprintln!("nvmehp-lab bench: {e}");
                 return ExitCode::from(1);
-            }
-        }
-    }
-    for n in [1, 64, 1024] {
-                match surprise_removal(n) {
-                    Ok(r) => println!("{}", r.describe()),
-                    Err(e) => {
-                        eprintln!("nvmehp-lab bench: {e}");
-                        return ExitCode::from(1);
-                    }
-                }
             }
             ExitCode::SUCCESS
         }
     }
-}
-
-fn print_bench(r: &BenchResult) {
-    println!("{}", r.describe());
 }
