@@ -29,6 +29,14 @@
 //! **The `Live` value** of a controller lives in the softc and is only touched under
 //! `bus_topo_lock()`: newbus holds it around attach and detach, and the hotplug task's
 //! actions take it ([`TopoLock`]).
+//!
+//! **Only an attached device has our softc.** MOD_QUIESCE and the eject policy walk every
+//! device of devclass `nvmehp`, and that includes devices with no driver: a device whose
+//! devclass was fixed (`devctl set driver -f nvme0 nvmehp`) stays in the devclass after a
+//! failed attach or a detach, and newbus has then freed its softc (device_get_softc is NULL),
+//! or, once probed again, handed it a fresh zeroed one (sys/kern/subr_bus.c device_attach,
+//! device_detach, device_set_driver). [`attached`] therefore looks at a softc only when
+//! device_is_attached says so, and never through NULL.
 
 use super::alloc::box_waitok;
 use super::bindings::{self, device_t};
@@ -77,14 +85,23 @@ struct Attached {
     ctrl: CtrlRef,
 }
 
-/// The softc's Attached of one of our devices.
+/// The softc's Attached of one of our devices; `None` for a device that is not attached (no
+/// softc, or a fresh zeroed one: see the module doc) or is not ours.
 ///
 /// # Safety
-/// `dev` is an nvmehp device and the caller holds `bus_topo_lock()` (newbus does around
-/// attach/detach), which serialises every access to the softc's state.
+/// The caller holds `bus_topo_lock()` (newbus does around attach/detach), which serialises
+/// every access to the softc's state.
 unsafe fn attached<'a>(dev: Device) -> Option<&'a mut Attached> {
-    // SAFETY: per the contract; the pointer is null or our Box from attach.
-    unsafe { (*dev.softc()).nvmehp_state.cast::<Attached>().as_mut() }
+    if !is_ours(dev) || !dev.is_attached() {
+        return None;
+    }
+    let sc = dev.softc();
+    if sc.is_null() {
+        return None;
+    }
+    // SAFETY: an attached nvmehp device: the softc is ours, and its state pointer is null or
+    // our Box from attach, freed only by detach (which the caller's lock excludes).
+    unsafe { (*sc).nvmehp_state.cast::<Attached>().as_mut() }
 }
 
 fn is_ours(dev: Device) -> bool {
