@@ -1116,6 +1116,11 @@ pub fn newbus_attach(dev: device_t) -> c_int {
     e
 }
 
+/// Puts `dev` into DS_ATTACHING by hand (another thread's attach asleep in DEVICE_ATTACH).
+pub fn newbus_set_attaching(dev: device_t, attaching: bool) {
+    newbus_set(dev, |d| d.state = if attaching { DevState::Attaching } else { DevState::Alive });
+}
+
 fn newbus_detach(dev: device_t) -> c_int {
     let Some(d) = newbus_dev(dev) else { return 0 };
     if d.busy > 0 {
@@ -1199,6 +1204,15 @@ pub fn kldunload(force: bool) -> c_int {
         }
     }
     nvmehp_modevent(null, MOD_UNLOAD as c_int, arg)
+}
+
+/// kldload: driver_module_handler calls our MOD_LOAD, then overwrites its result with
+/// devclass_add_driver's (0 here): the module is loaded whatever our handler returned.
+pub fn kldload() -> c_int {
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    let ours = super::module::nvmehp_modevent(null, MOD_LOAD as c_int, arg);
+    record(format!("kldload: our MOD_LOAD returned {ours}"));
+    0
 }
 
 // --- what a full attach through nvmehp_attach needs besides the above ---------------------

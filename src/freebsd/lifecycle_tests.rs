@@ -1,7 +1,9 @@
 //! Host tests of a controller's and the module's life through the newbus model of the fake
-//! kernel ([`fake_kernel`]'s `newbus_*`, `kldunload`): what the kldunload walk may touch (only
-//! attached devices' softcs), and busy references across the sleeps of a namespace rescan and
-//! of DEVICE_SHUTDOWN (a detach arriving meanwhile is refused and frees nothing).
+//! kernel ([`fake_kernel`]'s `newbus_*`, `kldload`, `kldunload`): what the kldunload walk may
+//! touch (only attached devices' softcs), busy references across the sleeps of a namespace
+//! rescan and of DEVICE_SHUTDOWN (a detach arriving meanwhile is refused and frees nothing),
+//! and the module events' order and refusals (every refusal in MOD_QUIESCE, the unloading flag
+//! and the hotplug task restored on every refusal path, a failed load leaving nothing).
 //!
 //! [`fake_kernel`]: super::fake_kernel
 
@@ -11,6 +13,7 @@ use super::device::Device;
 use super::fake_kernel::{self as fk, DevState, Knobs};
 use super::fake_nvme::FakeNvme;
 use super::glue_tests::SERIAL;
+use super::module::{nvmehp_modevent, unloading};
 use std::cell::Cell;
 use std::string::String;
 use std::vec::Vec;
@@ -41,6 +44,22 @@ fn attach_controller() {
     assert_eq!(fk::newbus_state(fk::fake_device()), DevState::Attached);
 }
 
+/// Loads the module on a fake `\_SB_.PCI0` whose slot 3 holds the controller; discovery
+/// installs our notify handler.
+fn load_module() {
+    fk::insert_slot3(0x1b36);
+    assert_eq!(fk::kldload(), 0);
+    fk::run_queued(); // discovery
+    assert_eq!(positions(&fk::log(), "AcpiInstallNotifyHandler").len(), 1);
+}
+
+/// Marks the namespace node open (devfs would count the open here), or closes it.
+fn set_node_open(open: bool) {
+    let node = fk::cdevs()[1];
+    // SAFETY: our fake cdev, made by the attach.
+    unsafe { (*node).si_usecount = u64::from(open) };
+}
+
 // --- 1. the kldunload walk and devices that are not attached --------------------------------
 
 /// MOD_QUIESCE's busy walk visits every device of devclass nvmehp. After `devctl set driver
@@ -52,6 +71,7 @@ fn attach_controller() {
 fn the_unload_walk_skips_devices_that_are_not_attached() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     fk::reset(present_knobs());
+    super::module::reset_for_tests();
     attach_controller();
     let probed = fk::function_device(4, 0);
     fk::newbus_add(probed);
@@ -74,6 +94,7 @@ fn the_unload_walk_skips_devices_that_are_not_attached() {
     }
     // The whole unload walks them too.
     assert_eq!(fk::kldunload(false), 0);
+    assert!(fk::log().last().unwrap().contains("unloaded"), "{:#?}", fk::log());
 }
 
 // --- 2. busy references across sleeps ------------------------------------------------------
@@ -111,6 +132,7 @@ fn teardown_calls(log: &[String]) -> Vec<&String> {
 fn a_detach_during_a_namespace_rescan_is_refused_and_frees_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     fk::reset(present_knobs());
+    super::module::reset_for_tests();
     attach_controller();
     DETACH_DURING_SLEEP.with(|c| c.set(None));
     fk::with_nvme(|d| d.hold_admin = true);
@@ -157,6 +179,7 @@ fn a_detach_during_a_namespace_rescan_is_refused_and_frees_nothing() {
 fn a_detach_during_shutdown_is_refused_and_frees_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     fk::reset(present_knobs());
+    super::module::reset_for_tests();
     attach_controller();
     DETACH_DURING_SLEEP.with(|c| c.set(None));
     // A read the device holds: the quiesce waits for it, sleeping.
@@ -191,4 +214,202 @@ fn a_detach_during_shutdown_is_refused_and_frees_nothing() {
     assert_eq!(fk::newbus_busy(fk::fake_device()), 0);
     // SAFETY: the fake device_detach.
     assert_eq!(unsafe { bindings::device_detach(fk::fake_device()) }, 0);
+}
+
+// --- 6. kldunload never wedges ---------------------------------------------------------------
+
+/// Whether our notify handler is installed on the slot (the fake ACPI keeps the last one).
+fn handler_installed() -> bool {
+    let log = fk::log();
+    let installs = positions(&log, "AcpiInstallNotifyHandler").len();
+    let removes = log.iter().filter(|l| l.starts_with("AcpiRemoveNotifyHandler") && l.contains("same_handler=true")).count();
+    installs > removes
+}
+
+/// An open namespace node: MOD_QUIESCE refuses, before newbus detaches anything, and leaves the
+/// module as it was: opens allowed, the hotplug task running, our ACPI handler installed. Once
+/// closed, the unload goes through in the order MOD_QUIESCE (handlers removed, task paused),
+/// then the detaches, then our MOD_UNLOAD.
+#[test]
+fn a_busy_unload_is_refused_in_quiesce_and_changes_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(present_knobs());
+    super::module::reset_for_tests();
+    load_module();
+    attach_controller();
+    set_node_open(true);
+    fk::record("-- unload 1 --");
+    assert_eq!(fk::kldunload(false), bindings::EBUSY);
+    fk::run_queued(); // the resume
+    let log = fk::log();
+    let u = first(&log, "-- unload 1 --");
+    assert!(positions(&log[u..], "kldunload: MOD_UNLOAD").is_empty(), "refused in MOD_QUIESCE: {:#?}", &log[u..]);
+    assert!(positions(&log[u..], "device_detach").is_empty());
+    assert!(!unloading(), "opens work again");
+    assert_eq!(super::slots::paused_for_tests(), Some(false), "the hotplug task runs");
+    assert!(handler_installed());
+
+    set_node_open(false);
+    fk::record("-- unload 2 --");
+    assert_eq!(fk::kldunload(false), 0);
+    let log = fk::log();
+    let u = first(&log, "-- unload 2 --");
+    let q = first(&log[u..], "kldunload: MOD_QUIESCE") + u;
+    let removed = first(&log[u..], "AcpiRemoveNotifyHandler") + u;
+    let unload = first(&log[u..], "kldunload: MOD_UNLOAD") + u;
+    let detach = first(&log[u..], "device_detach") + u;
+    let drain = first(&log[u..], "destroy_dev_drain") + u;
+    let order = [q, removed, unload, detach, drain];
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "quiesce (handlers removed), detaches, unload: {order:?}\n{:#?}", &log[u..]);
+    assert!(log.last().unwrap().contains("unloaded (1 ACPI notify handlers removed)"), "{log:#?}");
+    assert_eq!(super::slots::paused_for_tests(), None, "the hotplug machinery is gone");
+}
+
+/// kldunload -f with an open node: linker_file_unload ignores MOD_QUIESCE's veto and goes on
+/// to MOD_UNLOAD, whose detach of the open controller refuses. The module stays as it was.
+#[test]
+fn a_forced_unload_of_an_open_controller_is_refused_by_its_detach() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(present_knobs());
+    super::module::reset_for_tests();
+    load_module();
+    attach_controller();
+    set_node_open(true);
+    fk::record("-- unload -f --");
+    assert_eq!(fk::kldunload(true), bindings::EBUSY);
+    fk::run_queued();
+    let log = fk::log();
+    let u = first(&log, "-- unload -f --");
+    assert!(first(&log[u..], "kldunload: MOD_UNLOAD") < first(&log[u..], "device_detach"), "{:#?}", &log[u..]);
+    assert!(log[u..].iter().any(|l| l.contains("in use (a node or disk is open): detach refused")));
+    assert!(positions(&log[u..], "destroy_dev").is_empty(), "nothing torn down");
+    assert!(!unloading());
+    assert_eq!(super::slots::paused_for_tests(), Some(false));
+    assert!(handler_installed());
+    assert_eq!(fk::newbus_state(fk::fake_device()), DevState::Attached);
+    set_node_open(false);
+    assert_eq!(fk::kldunload(false), 0);
+}
+
+/// A detach refused after MOD_QUIESCE succeeded ends the unload without any further module
+/// event (driver_module_handler calls our MOD_UNLOAD only if every detach succeeded): the
+/// refusing detach itself clears the unloading flag and has the hotplug task resume, which
+/// reinstalls the handler MOD_QUIESCE removed. (An open arriving after MOD_QUIESCE stands in
+/// for any such refusal here: in the kernel the unloading flag refuses it.) Before the fix
+/// the task and handlers were stopped only in MOD_UNLOAD and the flag could stay set.
+#[test]
+fn a_detach_refused_after_quiesce_restores_the_module() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(present_knobs());
+    super::module::reset_for_tests();
+    load_module();
+    attach_controller();
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    fk::record("-- quiesce --");
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
+    assert!(unloading());
+    assert_eq!(super::slots::paused_for_tests(), Some(true), "MOD_QUIESCE paused the hotplug task");
+    assert!(!handler_installed(), "MOD_QUIESCE removed our handler");
+    // A notification now is not acted on by a paused task.
+    set_node_open(true);
+    fk::record("-- detaches --");
+    // SAFETY: newbus' detach of our controller, as devclass_delete_driver does it.
+    assert_eq!(unsafe { bindings::device_detach(fk::fake_device()) }, bindings::EBUSY);
+    assert!(!unloading(), "the refusing detach cleared the flag");
+    fk::run_queued(); // the resume
+    let log = fk::log();
+    let d = first(&log, "-- detaches --");
+    assert!(log[d..].iter().any(|l| l.contains("unload abandoned")), "{:#?}", &log[d..]);
+    assert_eq!(positions(&log[d..], "AcpiInstallNotifyHandler").len(), 1, "handler reinstalled: {:#?}", &log[d..]);
+    assert!(log[d..].iter().any(|l| l.contains("ACPI hotplug resumed (1 notify handlers reinstalled)")));
+    assert_eq!(super::slots::paused_for_tests(), Some(false));
+    // The reinstalled handler works: an eject request reaches the task (refused: open).
+    fk::record("-- notify --");
+    fk::deliver_notify(3);
+    fk::run_queued();
+    let log = fk::log();
+    let n = first(&log, "-- notify --");
+    assert!(log[n..].iter().any(|l| l.contains("eject request refused")), "{:#?}", &log[n..]);
+    set_node_open(false);
+    assert_eq!(fk::kldunload(false), 0);
+}
+
+/// A refusal that can only arise after the detaches (GEOM has not let go of a disk of a
+/// controller just detached) stays in MOD_UNLOAD; it too clears the flag and resumes the task.
+#[test]
+fn a_refusal_in_mod_unload_restores_the_flag_and_the_task() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { d_gone_at_once: false, ..present_knobs() });
+    super::module::reset_for_tests();
+    load_module();
+    attach_controller();
+    fk::record("-- unload --");
+    assert_eq!(fk::kldunload(false), bindings::EBUSY);
+    fk::run_queued();
+    let log = fk::log();
+    let u = first(&log, "-- unload --");
+    assert!(log[u..].iter().any(|l| l.contains("1 disks still held by GEOM: not unloading")), "{:#?}", &log[u..]);
+    assert!(!unloading());
+    assert_eq!(super::slots::paused_for_tests(), Some(false));
+    assert!(handler_installed());
+    for d in fk::disks() {
+        fk::geom_disk_gone(d);
+    }
+    assert_eq!(fk::kldunload(false), 0);
+}
+
+/// MOD_LOAD cannot fail the load (driver_module_handler overwrites our error with
+/// devclass_add_driver's): a failure to start the hotplug machinery must leave no task queue
+/// thread and nothing allocated, and the module must still unload. Before the fix the
+/// hotplug state was leaked on both paths.
+#[test]
+fn a_failed_load_leaves_nothing_behind() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for knobs in [
+        Knobs { taskqueue_create_fails: true, ..Knobs::default() },
+        Knobs { start_threads_error: bindings::ENOMEM, ..Knobs::default() },
+    ] {
+        fk::reset(knobs);
+        super::module::reset_for_tests();
+        let before = super::slots::live_instances_for_tests();
+        assert_eq!(fk::kldload(), 0, "the module is loaded whatever our handler said");
+        let log = fk::log();
+        assert!(log.iter().any(|l| l.contains("ACPI hotplug disabled")), "{log:#?}");
+        assert_eq!(super::slots::live_instances_for_tests(), before, "hotplug state freed");
+        assert_eq!(super::slots::paused_for_tests(), None);
+        let created = log.iter().filter(|l| l.starts_with("taskqueue_create") && !l.ends_with("= NULL")).count();
+        assert_eq!(positions(&log, "taskqueue_free").len(), created, "every queue made was freed (its thread stopped)");
+        assert!(positions(&log, "callout_reset").is_empty() && positions(&log, "taskqueue_enqueue").is_empty());
+        assert_eq!(fk::kldunload(false), 0);
+    }
+}
+
+/// A controller whose DEVICE_ATTACH is asleep (DS_ATTACHING) when MOD_UNLOAD's detaches reach
+/// it makes newbus refuse the unload without an event to us ("device in attaching state",
+/// sys/kern/subr_bus.c device_detach): MOD_QUIESCE refuses while one is attaching, and from a
+/// standing MOD_QUIESCE on, our DEVICE_ATTACH refuses to start.
+#[test]
+fn attaches_and_the_unload_exclude_each_other() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(present_knobs());
+    super::module::reset_for_tests();
+    load_module();
+    let other = fk::function_device(4, 0);
+    fk::newbus_add(other);
+    fk::newbus_probe(other);
+    fk::newbus_set_attaching(other, true);
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), bindings::EBUSY);
+    assert!(fk::log().iter().any(|l| l.contains("a controller is attaching: not unloading")));
+    assert!(!unloading());
+    fk::newbus_set_attaching(other, false);
+
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
+    fk::record("-- attach while quiesced --");
+    assert_eq!(fk::newbus_attach(other), bindings::ENXIO);
+    let log = fk::log();
+    let a = first(&log, "-- attach while quiesced --");
+    assert!(log[a..].iter().any(|l| l.contains("module unloading: not attaching")), "{:#?}", &log[a..]);
+    assert!(positions(&log[a..], "bus_alloc_resource").is_empty(), "refused before touching the device");
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
 }

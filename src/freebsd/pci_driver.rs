@@ -463,6 +463,13 @@ pub unsafe extern "C" fn nvmehp_attach(dev: device_t) -> c_int {
     let Some(dev) = (unsafe { Device::from_raw(dev) }) else {
         return bindings::ENXIO;
     };
+    // Refused from MOD_QUIESCE on: an attach asleep when MOD_UNLOAD's detaches run would make
+    // newbus refuse the unload without telling us ("device in attaching state",
+    // sys/kern/subr_bus.c device_detach). `devctl attach` or a rescan attaches it later.
+    if super::module::unloading() {
+        dev_printf!(&dev, "module unloading: not attaching\n");
+        return bindings::ENXIO;
+    }
     let unit = dev.unit().max(0) as u32;
     let a = match start_engine(dev, unit).and_then(|(ctrl, gate)| build(dev, unit, ctrl, gate)) {
         Ok(a) => a,
@@ -539,13 +546,13 @@ pub unsafe extern "C" fn nvmehp_detach(dev: device_t) -> c_int {
         // Not reached for a rescan or shutdown (they hold the device busy, and newbus refuses
         // to detach a busy device before calling us); a second detach gets here.
         dev_printf!(&dev, "detach refused: {:?} in progress\n", op);
-        super::module::unload_refused();
+        super::module::detach_refused();
         return bindings::EBUSY;
     }
     let Some(live) = a.live.as_ref() else { return bindings::EBUSY };
     if present && live.in_use(&k) {
         dev_printf!(&dev, "in use (a node or disk is open): detach refused, close it first\n");
-        super::module::unload_refused();
+        super::module::detach_refused();
         return bindings::EBUSY;
     }
     let Some(live) = a.live.take() else { return bindings::EBUSY };
