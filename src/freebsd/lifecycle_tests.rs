@@ -310,7 +310,6 @@ fn a_detach_refused_after_quiesce_restores_the_module() {
     assert!(unloading());
     assert_eq!(super::slots::paused_for_tests(), Some(true), "MOD_QUIESCE paused the hotplug task");
     assert!(!handler_installed(), "MOD_QUIESCE removed our handler");
-    // A notification now is not acted on by a paused task.
     set_node_open(true);
     fk::record("-- detaches --");
     // SAFETY: newbus' detach of our controller, as devclass_delete_driver does it.
@@ -412,4 +411,36 @@ fn attaches_and_the_unload_exclude_each_other() {
     assert!(log[a..].iter().any(|l| l.contains("module unloading: not attaching")), "{:#?}", &log[a..]);
     assert!(positions(&log[a..], "bus_alloc_resource").is_empty(), "refused before touching the device");
     assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
+}
+
+/// kldunload -f when MOD_QUIESCE refused for a reason the detaches do not see (an ACPI notify
+/// handler that cannot be removed): newbus detaches the controller anyway, and our MOD_UNLOAD,
+/// finding no standing MOD_QUIESCE, runs the quiesce steps itself before it frees anything. The
+/// handler still cannot be removed, so it refuses: the module stays loaded (controller
+/// detached), opens allowed, the hotplug task resumed, the handler kept.
+#[test]
+fn a_forced_unload_redoes_the_quiesce_in_mod_unload() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(present_knobs());
+    super::module::reset_for_tests();
+    load_module();
+    attach_controller();
+    fk::set_knobs(Knobs { acpi_remove_status: 0x0001, ..present_knobs() }); // AE_ERROR
+    fk::record("-- unload -f --");
+    assert_eq!(fk::kldunload(true), bindings::EBUSY);
+    fk::run_queued();
+    let log = fk::log();
+    let u = first(&log, "-- unload -f --");
+    let unload = first(&log[u..], "kldunload: MOD_UNLOAD") + u;
+    let detach = first(&log[u..], "device_detach") + u;
+    let redo = u + first(&log[u..], "printf nvme_hotplug: MOD_UNLOAD without a standing MOD_QUIESCE");
+    assert!(unload < detach && detach < redo, "{:#?}", &log[u..]);
+    assert_eq!(positions(&log[u..], "AcpiRemoveNotifyHandler").len(), 2, "tried in both events: {:#?}", &log[u..]);
+    assert!(positions(&log[u..], "destroy_dev_drain").is_empty(), "the module was not torn down");
+    assert_eq!(fk::newbus_state(fk::fake_device()), DevState::NotPresent, "the controller was detached");
+    assert!(!unloading());
+    assert_eq!(super::slots::paused_for_tests(), Some(false));
+    fk::set_knobs(present_knobs());
+    assert_eq!(fk::kldunload(false), 0);
+    assert!(fk::log().last().unwrap().contains("unloaded (1 ACPI notify handlers removed)"), "{:#?}", fk::log());
 }
