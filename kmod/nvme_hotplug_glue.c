@@ -332,6 +332,36 @@ nvmehp_pci_release_msi(device_t dev)
 	return (pci_release_msi(dev));
 }
 
+int
+nvmehp_pci_disable_busmaster(device_t dev)
+{
+	return (pci_disable_busmaster(dev));
+}
+
+int
+nvmehp_pci_msix_table_bar(device_t dev)
+{
+	return (pci_msix_table_bar(dev));
+}
+
+int
+nvmehp_pci_msix_pba_bar(device_t dev)
+{
+	return (pci_msix_pba_bar(dev));
+}
+
+int
+nvmehp_pci_msi_count(device_t dev)
+{
+	return (pci_msi_count(dev));
+}
+
+int
+nvmehp_pci_alloc_msi(device_t dev, int *count)
+{
+	return (pci_alloc_msi(dev, count));
+}
+
 uint32_t
 nvmehp_pcib_get_domain(device_t pci_bus)
 {
@@ -372,6 +402,12 @@ void
 nvmehp_pause_ms(const char *wmesg, int ms)
 {
 	pause_sbt(wmesg, SBT_1MS * ms, 0, 0);
+}
+
+void
+nvmehp_pause_us(const char *wmesg, int us)
+{
+	pause_sbt(wmesg, SBT_1US * us, 0, C_PREL(1));
 }
 
 sbintime_t
