@@ -401,6 +401,9 @@ impl CtrlShared {
         let mut parked = Vec::new();
         parked.try_reserve_exact(cap).ok()?;
         let state = Mutex::new_boxed(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, inflight, free, parked, sysctls: None })?;
+        // Behind the mutex from here on: the engine's waits must not sleep any more (set
+        // before any other thread can reach it).
+        state.lock().engine.platform().forbid_sleep();
         let shared = box_waitok(CtrlShared {
             dev,
             unit,
@@ -521,8 +524,22 @@ impl CtrlShared {
     /// The slow half of giving the controller up: runs `stop` (shutdown notification, disable,
     /// bounded waits that sleep) **without the mutex**, then records the outcome under it.
     /// Sleeps: only from the teardown or our taskqueue thread.
+    ///
+    /// **A controller that could not be stopped loses bus mastering** before the outcome is
+    /// recorded, i.e. before the buffers parked meanwhile are let go: the stop found it still
+    /// there but ignoring CC.SHN and CC.EN = 0, so it may still read and write host memory.
+    /// Clearing PCIM_CMD_BUSMASTEREN (sys/dev/pci/pci.c pci_disable_busmaster_method) stops a
+    /// function from initiating any DMA. Its memory (rings, the parked bounce buffers) stays
+    /// leaked all the same: a device that ignored the disable is not trusted to honour the
+    /// command register either, and a leak costs only memory.
     fn run_stop(&self, stop: DeviceStop<ContigRegion>, access: StopAccess, out: &mut Outcome) {
         let outcome = stop.run(&access);
+        if !outcome.dma_stopped() {
+            match self.dev.disable_busmaster() {
+                Ok(()) => dev_printf!(&self.dev, "controller ignored the disable: bus mastering turned off\n"),
+                Err(e) => dev_printf!(&self.dev, "controller ignored the disable; turning bus mastering off failed: {}\n", e),
+            }
+        }
         self.state.lock().finish_stop(outcome, out);
     }
 
@@ -721,6 +738,10 @@ impl Drop for EngineGate {
             dev_printf!(&self.ctrl.dev, "interrupt handler still installed: keeping the controller's memory\n");
             return;
         }
+        // Nobody else reaches the engine any more, and this thread may sleep (attach's error
+        // path or teardown step 5, no mutex held): should dropping it still have to stop the
+        // device (a gate dropped before any fail_all), that stop sleeps instead of spinning.
+        self.ctrl.state.lock().engine.platform().allow_sleep();
         // SAFETY: the pointer came from Box::leak in CtrlShared::create and exactly one
         // EngineGate exists for it; the teardown drops it only after the interrupt, callout and
         // task were drained and every node destroyed and disk link severed, so no CtrlRef is
