@@ -139,6 +139,8 @@ impl Clock for KernelPlatform {
     /// thread, whose waits sleep in pause_sbt (nvme_ctrlr_wait_for_ready,
     /// nvme_completion_poll). A sleep gives Giant up until it wakes; a DELAY spin would keep
     /// every other Giant holder (newbus, the rest of the device tree) waiting for up to CAP.TO.
+    /// Meanwhile the device is DS_ATTACHING, which sys/kern/subr_bus.c `device_detach` refuses
+    /// with EBUSY: no detach runs under a sleeping bring-up.
     fn delay_us(&self, us: u32) {
         if self.may_sleep.load(Ordering::Acquire) && us >= SPIN_BELOW_US {
             sleep_us(c"nvmehpbu", us);
