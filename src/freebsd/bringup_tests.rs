@@ -291,3 +291,27 @@ fn a_controller_that_cannot_be_stopped_loses_bus_mastering_before_its_memory_is_
         assert!(off < t + first(&log[t..], &leak), "before the parked buffer is let go (leaked)");
     }
 }
+
+/// An MSI-X interrupt that cannot be torn down (the handler may still run): the vector stays
+/// allocated and so does BAR4 with its table, which pci(4) still programs the vector through;
+/// neither pci_release_msi nor the BAR's release happens. Before the change there was no BAR
+/// to keep (and MSI-X was never had).
+#[test]
+fn an_interrupt_that_cannot_be_torn_down_keeps_its_vector_and_table_bar() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let msix = Knobs { msix_count: 1, msix_table_rid: 0x20, msix_pba_rid: 0x20, ..Knobs::default() };
+    fk::reset(knobs(msix));
+    fk::install_nvme(FakeNvme::new(false, false));
+    assert_eq!(attach(), 0, "{:#?}", fk::log());
+    assert!(fk::log().iter().any(|l| l == "device_printf interrupt: MSI-X\n"));
+
+    fk::set_knobs(knobs(Knobs { teardown_intr_error: bindings::EBUSY, ..msix }));
+    fk::record("-- detach --");
+    assert_eq!(detach(), 0);
+    super::ctrl::forget_stuck_interrupts_for_tests();
+    let log = fk::log();
+    let d = first(&log, "-- detach --");
+    assert!(!positions(&log[d..], "bus_teardown_intr").is_empty());
+    assert!(positions(&log[d..], "pci_release_msi").is_empty(), "{:#?}", &log[d..]);
+    assert!(fk::active_memory_rids().contains(&0x20), "BAR4 kept with the vector: {:?}", fk::active_memory_rids());
+}
