@@ -118,12 +118,6 @@ impl IrqSource {
         self.kind
     }
 
-    /// The rids of the BARs held for the MSI-X table and PBA (none for MSI, INTx, or MSI-X
-    /// whose table and PBA are in BAR0).
-    pub fn bar_rids(&self) -> impl Iterator<Item = c_int> + '_ {
-        self.bars.iter().flatten().map(MemResource::rid)
-    }
-
     /// Gives the messages back (`pci_release_msi`), then the MSI-X table and PBA BARs. Call
     /// only after the IRQ resource was released (its interrupt torn down).
     pub fn release(self, dev: Device) {

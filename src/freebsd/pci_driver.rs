@@ -223,7 +223,7 @@ pub unsafe extern "C" fn nvmehp_probe(dev: device_t) -> c_int {
 /// the shared INTx line ([`IrqSource::alloc`]: the MSI-X table and PBA BARs are allocated
 /// first). BAR0, which the MSI-X table may share, is held by the engine for longer than the
 /// interrupt lives. Says which one it got.
-pub(super) fn setup_interrupt(dev: Device, ctrl: CtrlRef) -> Result<CtrlIntr, c_int> {
+fn setup_interrupt(dev: Device, ctrl: CtrlRef) -> Result<CtrlIntr, c_int> {
     let Some((source, irq)) = IrqSource::alloc(dev, bindings::NVMEHP_PCIR_BAR0 as c_int) else {
         return Err(bindings::ENXIO);
     };
