@@ -151,6 +151,17 @@ nvmehp_dev_sysctl_u64(struct sysctl_ctx_list *ctx, device_t dev, const char *nam
 	return (oid == NULL ? ENOMEM : 0);
 }
 
+int
+nvmehp_dev_sysctl_string(struct sysctl_ctx_list *ctx, device_t dev, const char *name,
+    const char *value, const char *descr)
+{
+	struct sysctl_oid *oid;
+
+	oid = SYSCTL_ADD_STRING(ctx, SYSCTL_CHILDREN(device_get_sysctl_tree(dev)), OID_AUTO,
+	    name, CTLFLAG_RD, __DECONST(char *, value), 0, descr);
+	return (oid == NULL ? ENOMEM : 0);
+}
+
 /* --- newbus driver -------------------------------------------------------------------------- */
 
 static device_method_t nvmehp_methods[] = {

@@ -150,6 +150,9 @@ struct sysctl_ctx_list *nvmehp_sysctl_ctx_create(void);
 void	nvmehp_sysctl_ctx_destroy(struct sysctl_ctx_list *ctx);
 int	nvmehp_dev_sysctl_u64(struct sysctl_ctx_list *ctx, device_t dev, const char *name,
 	    uint64_t *ptr, const char *descr);
+/* A read-only string, `value` constant for as long as the oid exists. */
+int	nvmehp_dev_sysctl_string(struct sysctl_ctx_list *ctx, device_t dev, const char *name,
+	    const char *value, const char *descr);
 
 /*
  * Gives back one contigmalloc(9) region of the module (queues, PRP pages, bounce buffers) with

@@ -166,6 +166,7 @@ fn msix_allocates_its_table_bar_first_and_releases_it_last() {
     assert_eq!(positions(&log, "bus_alloc_resource type=3 rid=0x20").len(), 1, "table and PBA share BAR4: allocated once");
     assert!(positions(&log, "pci_alloc_msi ").is_empty(), "no MSI once MSI-X worked");
     assert!(log.iter().any(|l| l == "device_printf interrupt: MSI-X\n"), "{log:#?}");
+    assert!(log.iter().any(|l| l == "sysctl_add_string interrupt=MSI-X"), "dev.nvmehp.0.interrupt: {log:#?}");
     assert_eq!(fk::active_memory_rids(), std::vec![0x10, 0x20]);
 
     fk::record("-- detach --");
@@ -245,10 +246,12 @@ fn msix_refused_falls_back_to_msi_then_to_a_shared_intx() {
             assert!(first(&log, "pci_alloc_msi want=1 got=1") < irq);
             assert!(log[irq].contains("rid=0x1 "), "{}", log[irq]);
             assert!(log.iter().any(|l| l == "device_printf interrupt: MSI\n"), "{log:#?}");
+            assert!(log.iter().any(|l| l == "sysctl_add_string interrupt=MSI"), "{log:#?}");
         } else {
             let shareable = bindings::RF_ACTIVE | bindings::RF_SHAREABLE;
             assert_eq!(log[irq], format!("bus_alloc_resource type=1 rid=0x0 flags={shareable:#x}"));
             assert!(log.iter().any(|l| l == "device_printf interrupt: INTx\n"), "{log:#?}");
+            assert!(log.iter().any(|l| l == "sysctl_add_string interrupt=INTx"), "{log:#?}");
         }
         assert_eq!(fk::active_memory_rids(), std::vec![0x10], "only BAR0 held");
         assert_eq!(detach(), 0);

@@ -48,6 +48,7 @@ use super::dev_sysctl::DevSysctls;
 use super::device::Device;
 use super::dma::{ContigDma, ContigRegion};
 use super::intr::InterruptHandler;
+use super::irq_source::IrqKind;
 use super::mutex::Mutex;
 use super::ns_disk::Xfer;
 use super::platform::{KernelPlatform, StopAccess};
@@ -61,7 +62,7 @@ use alloc::vec::Vec;
 use core::ffi::{c_int, CStr};
 use core::pin::Pin;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, Ordering};
 
 /// How often the watchdog looks at the controller: reads CSTS and config space (removal
 /// detection: all-ones on hardware, zeros in QEMU; the engine decides) and polls, which also
@@ -325,6 +326,9 @@ pub struct CtrlShared {
     bad_total: AtomicU64,
     /// Bounce buffers leaked for a device that could not be stopped (said once, counted always).
     leaked_total: AtomicU64,
+    /// The interrupt kind set up at attach (`IrqKind as u8`, 0 before), for
+    /// `dev.nvmehp.N.interrupt`.
+    interrupt: AtomicU8,
     /// bus_teardown_intr failed: the interrupt handler may still run and reach this memory,
     /// so the [`EngineGate`] must not free it ([`CtrlShared::keep_for_stuck_interrupt`]).
     intr_stuck: AtomicBool,
@@ -413,6 +417,7 @@ impl CtrlShared {
             counters: Counters::default(),
             bad_total: AtomicU64::new(0),
             leaked_total: AtomicU64::new(0),
+            interrupt: AtomicU8::new(0),
             intr_stuck: AtomicBool::new(false),
         });
         let r = CtrlRef(NonNull::from(Box::leak(shared)));
@@ -447,6 +452,11 @@ impl CtrlShared {
         self.gone.load(Ordering::Acquire)
     }
 
+    /// Records the interrupt kind set up (attach, before [`CtrlShared::publish_sysctls`]).
+    pub fn set_interrupt_kind(&self, kind: IrqKind) {
+        self.interrupt.store(kind as u8, Ordering::Release);
+    }
+
     /// Records the watchdog task the callout enqueues (once, at attach).
     pub fn set_watchdog_task(&self, t: NonNull<Task<'static, WatchdogTask>>) {
         self.watchdog_task.store(t.as_ptr(), Ordering::Release);
@@ -469,6 +479,11 @@ impl CtrlShared {
             // EngineGate dropped the sysctls (see its Drop).
             if !unsafe { s.add_u64(self.dev, name, v, descr) } {
                 dev_printf!(&self.dev, "cannot add sysctl dev.nvmehp.{}.{:?}\n", self.unit, name);
+            }
+        }
+        if let Some(kind) = IrqKind::from_code(self.interrupt.load(Ordering::Acquire)) {
+            if !s.add_str(self.dev, c"interrupt", kind.name(), c"Interrupt in use: MSI-X, MSI or INTx") {
+                dev_printf!(&self.dev, "cannot add sysctl dev.nvmehp.{}.interrupt\n", self.unit);
             }
         }
         // A previous context (never, attach publishes once) would be dropped after the unlock:

@@ -1005,6 +1005,12 @@ pub unsafe extern "C" fn nvmehp_sysctl_ctx_destroy(_ctx: *mut sysctl_ctx_list) {
 }
 
 #[no_mangle]
+pub unsafe extern "C" fn nvmehp_dev_sysctl_string(_ctx: *mut sysctl_ctx_list, _dev: device_t, name: *const c_char, value: *const c_char, _d: *const c_char) -> c_int {
+    record(format!("sysctl_add_string {}={}", cstr(name), cstr(value)));
+    0
+}
+
+#[no_mangle]
 pub unsafe extern "C" fn nvmehp_dev_sysctl_u64(_ctx: *mut sysctl_ctx_list, _dev: device_t, name: *const c_char, _p: *mut u64, _d: *const c_char) -> c_int {
     record(format!("sysctl_add_u64 {}", cstr(name)));
     0

@@ -19,27 +19,40 @@
 use super::device::Device;
 use super::intr::IrqResource;
 use super::resource::MemResource;
-use core::ffi::c_int;
+use core::ffi::{c_int, CStr};
 use core::fmt;
 
 /// The kind of interrupt a controller got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum IrqKind {
     /// One MSI-X vector (IRQ rid 1).
-    Msix,
+    Msix = 1,
     /// One MSI message (IRQ rid 1).
-    Msi,
+    Msi = 2,
     /// The legacy line, shared with other functions (IRQ rid 0, RF_SHAREABLE).
-    Intx,
+    Intx = 3,
+}
+
+impl IrqKind {
+    /// Its name, as `dev.nvmehp.N.interrupt` and the attach message say it.
+    pub fn name(self) -> &'static CStr {
+        match self {
+            IrqKind::Msix => c"MSI-X",
+            IrqKind::Msi => c"MSI",
+            IrqKind::Intx => c"INTx",
+        }
+    }
+
+    /// The kind `code` (`kind as u8`) stands for; `None` for anything else (0: none yet).
+    pub fn from_code(code: u8) -> Option<IrqKind> {
+        [IrqKind::Msix, IrqKind::Msi, IrqKind::Intx].into_iter().find(|k| *k as u8 == code)
+    }
 }
 
 impl fmt::Display for IrqKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            IrqKind::Msix => "MSI-X",
-            IrqKind::Msi => "MSI",
-            IrqKind::Intx => "INTx",
-        })
+        f.write_str(self.name().to_str().unwrap_or("?"))
     }
 }
 

@@ -231,6 +231,7 @@ fn setup_interrupt(dev: Device, ctrl: CtrlRef) -> Result<CtrlIntr, c_int> {
     match Interrupt::setup(irq, handler) {
         Ok(intr) => {
             dev_printf!(&dev, "interrupt: {}\n", source.kind());
+            ctrl.set_interrupt_kind(source.kind());
             Ok(CtrlIntr { intr, dev, source })
         }
         Err((e, irq, _h)) => {
