@@ -77,6 +77,22 @@ fn never_ready_times_out_within_cap_to() {
     );
 }
 
+/// A controller that never became ready gets no shutdown notification on the way out of the
+/// failed bring-up (nothing to flush; a real one would make the stop wait out the shutdown
+/// bound, max(CAP.TO, 5 s)), only the disable. Fails without the engine's `rdy_seen` rule.
+#[test]
+fn never_ready_gets_no_shutdown_notification() {
+    let dev = SoftNvme::new(SoftConfig::default());
+    dev.faults(|f| {
+        f.never_ready = true;
+        f.shutdown_never_completes = true;
+    });
+    assert_eq!(bring_up_err(&dev), NvmeError::Timeout);
+    assert_eq!(dev.stats().shutdowns, 0, "CC.SHN sent to a controller that never became ready");
+    let cap_to = u64::from(SoftConfig::default().to.max(1)) * 500_000;
+    assert!(dev.now() < cap_to + cap_to / 10, "waited {} us: more than the enable's CAP.TO", dev.now());
+}
+
 #[test]
 fn garbage_identify_controller() {
     let dev = SoftNvme::new(SoftConfig::default());
