@@ -93,6 +93,8 @@ mod kld {
         "pci_read_config_desc", "pci_write_config_desc", "pcib_read_config_desc", "pcib_maxfuncs_desc",
         "pci_enable_busmaster_desc", "pci_alloc_msix_desc", "pci_release_msi_desc",
         "pci_msix_count_desc",
+        "pci_disable_busmaster_desc", "pci_alloc_msi_desc", "pci_msi_count_desc",
+        "pci_msix_table_bar_desc", "pci_msix_pba_bar_desc",
         "sysctl___hw", "__stack_chk_guard", "__start_set_pcpu", "__stop_set_pcpu",
     ];
 

@@ -151,6 +151,17 @@ nvmehp_dev_sysctl_u64(struct sysctl_ctx_list *ctx, device_t dev, const char *nam
 	return (oid == NULL ? ENOMEM : 0);
 }
 
+int
+nvmehp_dev_sysctl_string(struct sysctl_ctx_list *ctx, device_t dev, const char *name,
+    const char *value, const char *descr)
+{
+	struct sysctl_oid *oid;
+
+	oid = SYSCTL_ADD_STRING(ctx, SYSCTL_CHILDREN(device_get_sysctl_tree(dev)), OID_AUTO,
+	    name, CTLFLAG_RD, __DECONST(char *, value), 0, descr);
+	return (oid == NULL ? ENOMEM : 0);
+}
+
 /* --- newbus driver -------------------------------------------------------------------------- */
 
 static device_method_t nvmehp_methods[] = {
@@ -332,6 +343,36 @@ nvmehp_pci_release_msi(device_t dev)
 	return (pci_release_msi(dev));
 }
 
+int
+nvmehp_pci_disable_busmaster(device_t dev)
+{
+	return (pci_disable_busmaster(dev));
+}
+
+int
+nvmehp_pci_msix_table_bar(device_t dev)
+{
+	return (pci_msix_table_bar(dev));
+}
+
+int
+nvmehp_pci_msix_pba_bar(device_t dev)
+{
+	return (pci_msix_pba_bar(dev));
+}
+
+int
+nvmehp_pci_msi_count(device_t dev)
+{
+	return (pci_msi_count(dev));
+}
+
+int
+nvmehp_pci_alloc_msi(device_t dev, int *count)
+{
+	return (pci_alloc_msi(dev, count));
+}
+
 uint32_t
 nvmehp_pcib_get_domain(device_t pci_bus)
 {
@@ -372,6 +413,12 @@ void
 nvmehp_pause_ms(const char *wmesg, int ms)
 {
 	pause_sbt(wmesg, SBT_1MS * ms, 0, 0);
+}
+
+void
+nvmehp_pause_us(const char *wmesg, int us)
+{
+	pause_sbt(wmesg, SBT_1US * us, 0, C_PREL(1));
 }
 
 sbintime_t

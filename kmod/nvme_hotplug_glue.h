@@ -110,6 +110,23 @@ int	nvmehp_pci_msix_count(device_t dev);
 int	nvmehp_pci_alloc_msix(device_t dev, int *count);
 int	nvmehp_pci_release_msi(device_t dev);
 
+/*
+ * Turns bus mastering off (PCIM_CMD_BUSMASTEREN): a still-present device can no longer start
+ * DMA. For a controller that could not be stopped, and at the end of a detach (as
+ * nvme_pci_detach does).
+ */
+int	nvmehp_pci_disable_busmaster(device_t dev);
+
+/*
+ * Where the MSI-X table and PBA live (PCIR_BAR(n), or -1 without MSI-X): pci_alloc_msix()
+ * fails unless both BARs are allocated and active (pci.c pci_alloc_msix_method). MSI messages
+ * as the fallback.
+ */
+int	nvmehp_pci_msix_table_bar(device_t dev);
+int	nvmehp_pci_msix_pba_bar(device_t dev);
+int	nvmehp_pci_msi_count(device_t dev);
+int	nvmehp_pci_alloc_msi(device_t dev, int *count);
+
 /* A pci bus's domain and bus number (ivars of its bridge), and PCIB_READ_CONFIG on a bridge. */
 uint32_t nvmehp_pcib_get_domain(device_t pci_bus);
 uint32_t nvmehp_pcib_get_bus(device_t pci_bus);
@@ -133,6 +150,9 @@ struct sysctl_ctx_list *nvmehp_sysctl_ctx_create(void);
 void	nvmehp_sysctl_ctx_destroy(struct sysctl_ctx_list *ctx);
 int	nvmehp_dev_sysctl_u64(struct sysctl_ctx_list *ctx, device_t dev, const char *name,
 	    uint64_t *ptr, const char *descr);
+/* A read-only string, `value` constant for as long as the oid exists. */
+int	nvmehp_dev_sysctl_string(struct sysctl_ctx_list *ctx, device_t dev, const char *name,
+	    const char *value, const char *descr);
 
 /*
  * Gives back one contigmalloc(9) region of the module (queues, PRP pages, bounce buffers) with
@@ -144,6 +164,13 @@ void	nvmehp_contig_free(void *va);
 
 /* pause(9) for `ms` milliseconds: sleeps; never with a mutex held. */
 void	nvmehp_pause_ms(const char *wmesg, int ms);
+
+/*
+ * pause(9) for `us` microseconds with half of it as slack (C_PREL(1)), as nvme(4)'s
+ * nvme_ctrlr_wait_for_ready sleeps. Sleeps (dropping Giant meanwhile); busy-waits by itself
+ * while the system is cold (pause_sbt). Never with a mutex held.
+ */
+void	nvmehp_pause_us(const char *wmesg, int us);
 
 /* sbinuptime(9), getsbinuptime(9): static inline in <sys/time.h>. */
 sbintime_t nvmehp_sbinuptime(void);

@@ -152,6 +152,11 @@ pub struct Device {
     changed_ns: Vec<u32>,
     aec: u32,
     held: Vec<(u16, Cqe)>,
+    /// Virtual time, as `SoftNvme::advance` last set it.
+    now_us: u64,
+    /// Admin completions held back by `Faults::admin_latency_us`: (due, sqid, cqid, cid, dw0,
+    /// status).
+    slow_admin: VecDeque<(u64, u16, u16, u16, u32, u16)>,
 }
 
 impl Device {
@@ -181,6 +186,8 @@ impl Device {
             granted_queues: 0,
             aer_cids: VecDeque::new(),
             pending_events: VecDeque::new(),
+            now_us: 0,
+            slow_admin: VecDeque::new(),
             ns_events_masked: false,
             changed_ns: Vec::new(),
             aec: 0,
@@ -197,6 +204,18 @@ impl Device {
             | ((c.dstrd & 0xf) as u64) << 32
             | (c.css as u64) << 37
             | ((c.mpsmin & 0xf) as u64) << 48
+    }
+
+    /// Virtual time moved to `now`: answers the slow admin commands that are due.
+    pub fn set_time(&mut self, now: u64) {
+        self.now_us = now;
+        while self.slow_admin.front().is_some_and(|c| c.0 <= now) {
+            if let Some((_, sqid, cqid, cid, dw0, status)) = self.slow_admin.pop_front() {
+                if self.vanished.is_none() && self.csts & 1 != 0 {
+                    self.complete(sqid, cqid, cid, dw0, status);
+                }
+            }
+        }
     }
 
     fn tick(&mut self) {
@@ -329,6 +348,7 @@ impl Device {
         }
         self.aer_cids.clear();
         self.held.clear();
+        self.slow_admin.clear();
         self.granted_queues = 0;
         if !self.faults.never_disable {
             self.csts &= !(1 | 0xc);
@@ -393,8 +413,14 @@ impl Device {
             } else {
                 self.io(&cmd)
             };
-            if let Some((dw0, status)) = result {
-                self.complete(qid, sq.cqid, cmd.cid, dw0, status);
+            let slow = qid == 0 && cmd.opcode != 0x0c && self.faults.admin_latency_us > 0;
+            match result {
+                Some((dw0, status)) if slow => {
+                    let due = self.now_us.saturating_add(self.faults.admin_latency_us);
+                    self.slow_admin.push_back((due, qid, sq.cqid, cmd.cid, dw0, status));
+                }
+                Some((dw0, status)) => self.complete(qid, sq.cqid, cmd.cid, dw0, status),
+                None => {}
             }
         }
     }

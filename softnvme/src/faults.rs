@@ -52,6 +52,9 @@ pub struct Faults {
     pub vanish_at_access: Option<u64>,
     /// What reads return after vanishing.
     pub vanish_style: Vanish,
+    /// Admin commands other than AERs are answered only this many microseconds of virtual
+    /// time (`SoftNvme::advance`) after they were fetched (0: at once): a slow controller.
+    pub admin_latency_us: u64,
     /// CSTS.RDY never rises after CC.EN = 1.
     pub never_ready: bool,
     /// CSTS.RDY never drops after CC.EN = 0.

@@ -146,6 +146,7 @@ impl SoftNvme {
     /// Advances virtual time.
     pub fn advance(&self, us: u64) {
         self.clock.set(self.clock.get() + us);
+        self.dev.borrow_mut().set_time(self.clock.get());
     }
 }
 

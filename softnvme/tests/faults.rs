@@ -77,6 +77,44 @@ fn never_ready_times_out_within_cap_to() {
     );
 }
 
+/// A controller that never became ready gets no shutdown notification on the way out of the
+/// failed bring-up (nothing to flush; a real one would make the stop wait out the shutdown
+/// bound, max(CAP.TO, 5 s)), only the disable. Fails without the engine's `rdy_seen` rule.
+#[test]
+fn never_ready_gets_no_shutdown_notification() {
+    let dev = SoftNvme::new(SoftConfig::default());
+    dev.faults(|f| {
+        f.never_ready = true;
+        f.shutdown_never_completes = true;
+    });
+    assert_eq!(bring_up_err(&dev), NvmeError::Timeout);
+    assert_eq!(dev.stats().shutdowns, 0, "CC.SHN sent to a controller that never became ready");
+    let cap_to = u64::from(SoftConfig::default().to.max(1)) * 500_000;
+    assert!(dev.now() < cap_to + cap_to / 10, "waited {} us: more than the enable's CAP.TO", dev.now());
+}
+
+/// The admin commands of one bring-up share one budget, max(command timeout, 5 s): a
+/// controller that answers each after 0.9 s, within a 1 s command timeout, fails the bring-up
+/// with a timeout once 5 s are spent instead of taking 0.9 s per command for as long as it
+/// likes. The same controller a little faster (5 commands' worth fits) comes up. Fails without
+/// the budget (the slow bring-up succeeds after about 7 s).
+#[test]
+fn admin_commands_of_a_bring_up_share_one_budget() {
+    use nvme_hotplug::nvme::controller::BRING_UP_ADMIN_MIN_US;
+    let cfg = Config { cmd_timeout_us: 1_000_000, ..Config::default() };
+    let dev = SoftNvme::new(SoftConfig::default());
+    dev.faults(|f| f.admin_latency_us = 900_000);
+    let mut c = Controller::new(dev.clone(), cfg);
+    assert_eq!(c.bring_up(), Err(NvmeError::Timeout));
+    let took = dev.now();
+    assert!(took <= BRING_UP_ADMIN_MIN_US + 1_000_000, "bring-up took {took} us");
+
+    let dev = SoftNvme::new(SoftConfig::default());
+    dev.faults(|f| f.admin_latency_us = 100_000);
+    let mut c = Controller::new(dev.clone(), cfg);
+    assert_eq!(c.bring_up(), Ok(()), "a slow controller within the budget comes up");
+}
+
 #[test]
 fn garbage_identify_controller() {
     let dev = SoftNvme::new(SoftConfig::default());

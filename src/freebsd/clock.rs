@@ -1,4 +1,4 @@
-//! Time for the engine: `sbinuptime(9)` and `DELAY(9)`.
+//! Time for the engine: `sbinuptime(9)`, `DELAY(9)` and `pause_sbt(9)`.
 
 use super::bindings;
 use crate::platform::Clock;
@@ -42,6 +42,16 @@ impl Clock for KernelClock {
 pub fn sleep_ms(wmesg: &'static core::ffi::CStr, ms: u32) {
     // SAFETY: pause_sbt only sleeps; the message is a 'static NUL-terminated string.
     unsafe { bindings::nvmehp_pause_ms(wmesg.as_ptr(), ms.min(i32::MAX as u32) as i32) }
+}
+
+/// `pause_sbt(9)` for `us` microseconds, with half of it as slack (as nvme(4)'s
+/// nvme_ctrlr_wait_for_ready sleeps). Never with a mutex held. While asleep the thread holds
+/// no Giant: sys/kern/kern_synch.c `_sleep` does DROP_GIANT before it sleeps and PICKUP_GIANT
+/// after. While the system is cold (thread0 during autoconfiguration), pause_sbt busy-waits
+/// with DELAY by itself, so this is right at boot too.
+pub fn sleep_us(wmesg: &'static core::ffi::CStr, us: u32) {
+    // SAFETY: pause_sbt only sleeps; the message is a 'static NUL-terminated string.
+    unsafe { bindings::nvmehp_pause_us(wmesg.as_ptr(), us.clamp(1, i32::MAX as u32) as i32) }
 }
 
 #[cfg(test)]

@@ -48,6 +48,7 @@ use super::dev_sysctl::DevSysctls;
 use super::device::Device;
 use super::dma::{ContigDma, ContigRegion};
 use super::intr::InterruptHandler;
+use super::irq_source::IrqKind;
 use super::mutex::Mutex;
 use super::ns_disk::Xfer;
 use super::platform::{KernelPlatform, StopAccess};
@@ -61,7 +62,7 @@ use alloc::vec::Vec;
 use core::ffi::{c_int, CStr};
 use core::pin::Pin;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, Ordering};
 
 /// How often the watchdog looks at the controller: reads CSTS and config space (removal
 /// detection: all-ones on hardware, zeros in QEMU; the engine decides) and polls, which also
@@ -325,6 +326,9 @@ pub struct CtrlShared {
     bad_total: AtomicU64,
     /// Bounce buffers leaked for a device that could not be stopped (said once, counted always).
     leaked_total: AtomicU64,
+    /// The interrupt kind set up at attach (`IrqKind as u8`, 0 before), for
+    /// `dev.nvmehp.N.interrupt`.
+    interrupt: AtomicU8,
     /// bus_teardown_intr failed: the interrupt handler may still run and reach this memory,
     /// so the [`EngineGate`] must not free it ([`CtrlShared::keep_for_stuck_interrupt`]).
     intr_stuck: AtomicBool,
@@ -401,6 +405,9 @@ impl CtrlShared {
         let mut parked = Vec::new();
         parked.try_reserve_exact(cap).ok()?;
         let state = Mutex::new_boxed(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, inflight, free, parked, sysctls: None })?;
+        // Behind the mutex from here on: the engine's waits must not sleep any more (set
+        // before any other thread can reach it).
+        state.lock().engine.platform().forbid_sleep();
         let shared = box_waitok(CtrlShared {
             dev,
             unit,
@@ -410,6 +417,7 @@ impl CtrlShared {
             counters: Counters::default(),
             bad_total: AtomicU64::new(0),
             leaked_total: AtomicU64::new(0),
+            interrupt: AtomicU8::new(0),
             intr_stuck: AtomicBool::new(false),
         });
         let r = CtrlRef(NonNull::from(Box::leak(shared)));
@@ -444,6 +452,11 @@ impl CtrlShared {
         self.gone.load(Ordering::Acquire)
     }
 
+    /// Records the interrupt kind set up (attach, before [`CtrlShared::publish_sysctls`]).
+    pub fn set_interrupt_kind(&self, kind: IrqKind) {
+        self.interrupt.store(kind as u8, Ordering::Release);
+    }
+
     /// Records the watchdog task the callout enqueues (once, at attach).
     pub fn set_watchdog_task(&self, t: NonNull<Task<'static, WatchdogTask>>) {
         self.watchdog_task.store(t.as_ptr(), Ordering::Release);
@@ -466,6 +479,11 @@ impl CtrlShared {
             // EngineGate dropped the sysctls (see its Drop).
             if !unsafe { s.add_u64(self.dev, name, v, descr) } {
                 dev_printf!(&self.dev, "cannot add sysctl dev.nvmehp.{}.{:?}\n", self.unit, name);
+            }
+        }
+        if let Some(kind) = IrqKind::from_code(self.interrupt.load(Ordering::Acquire)) {
+            if !s.add_str(self.dev, c"interrupt", kind.name(), c"Interrupt in use: MSI-X, MSI or INTx") {
+                dev_printf!(&self.dev, "cannot add sysctl dev.nvmehp.{}.interrupt\n", self.unit);
             }
         }
         // A previous context (never, attach publishes once) would be dropped after the unlock:
@@ -521,8 +539,22 @@ impl CtrlShared {
     /// The slow half of giving the controller up: runs `stop` (shutdown notification, disable,
     /// bounded waits that sleep) **without the mutex**, then records the outcome under it.
     /// Sleeps: only from the teardown or our taskqueue thread.
+    ///
+    /// **A controller that could not be stopped loses bus mastering** before the outcome is
+    /// recorded, i.e. before the buffers parked meanwhile are let go: the stop found it still
+    /// there but ignoring CC.SHN and CC.EN = 0, so it may still read and write host memory.
+    /// Clearing PCIM_CMD_BUSMASTEREN (sys/dev/pci/pci.c pci_disable_busmaster_method) stops a
+    /// function from initiating any DMA. Its memory (rings, the parked bounce buffers) stays
+    /// leaked all the same: a device that ignored the disable is not trusted to honour the
+    /// command register either, and a leak costs only memory.
     fn run_stop(&self, stop: DeviceStop<ContigRegion>, access: StopAccess, out: &mut Outcome) {
         let outcome = stop.run(&access);
+        if !outcome.dma_stopped() {
+            match self.dev.disable_busmaster() {
+                Ok(()) => dev_printf!(&self.dev, "controller ignored the disable: bus mastering turned off\n"),
+                Err(e) => dev_printf!(&self.dev, "controller ignored the disable; turning bus mastering off failed: {}\n", e),
+            }
+        }
         self.state.lock().finish_stop(outcome, out);
     }
 
@@ -721,6 +753,10 @@ impl Drop for EngineGate {
             dev_printf!(&self.ctrl.dev, "interrupt handler still installed: keeping the controller's memory\n");
             return;
         }
+        // Nobody else reaches the engine any more, and this thread may sleep (attach's error
+        // path or teardown step 5, no mutex held): should dropping it still have to stop the
+        // device (a gate dropped before any fail_all), that stop sleeps instead of spinning.
+        self.ctrl.state.lock().engine.platform().allow_sleep();
         // SAFETY: the pointer came from Box::leak in CtrlShared::create and exactly one
         // EngineGate exists for it; the teardown drops it only after the interrupt, callout and
         // task were drained and every node destroyed and disk link severed, so no CtrlRef is

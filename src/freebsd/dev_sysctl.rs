@@ -43,6 +43,18 @@ impl DevSysctls {
     }
 }
 
+impl DevSysctls {
+    /// Adds `dev.<name><unit>.<name>`, a read-only string that never changes.
+    pub fn add_str(&self, dev: Device, name: &'static CStr, value: &'static CStr, descr: &'static CStr) -> bool {
+        // SAFETY: a live context and device; `value` is 'static and the kernel only reads it
+        // (CTLFLAG_RD). Names are copied by sysctl_add_oid.
+        unsafe {
+            bindings::nvmehp_dev_sysctl_string(self.ctx.as_ptr(), dev.as_raw(), name.as_ptr(), value.as_ptr(), descr.as_ptr())
+                == 0
+        }
+    }
+}
+
 impl Drop for DevSysctls {
     fn drop(&mut self) {
         // SAFETY: our context, freed once; sysctl_ctx_free waits for handlers still running.

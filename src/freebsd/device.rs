@@ -166,6 +166,49 @@ impl Device {
         }
     }
 
+    /// Turns bus mastering off in the command register (pci.c pci_disable_busmaster_method
+    /// clears PCIM_CMD_BUSMASTEREN): a function that is still there can no longer start DMA.
+    pub fn disable_busmaster(&self) -> Result<(), c_int> {
+        // SAFETY: kobj call to the parent pci bus.
+        match unsafe { bindings::nvmehp_pci_disable_busmaster(self.as_raw()) } {
+            0 => Ok(()),
+            e => Err(e),
+        }
+    }
+
+    /// The memory BAR (`PCIR_BAR(n)`, a resource ID) holding the MSI-X table; `None` without
+    /// MSI-X.
+    pub fn msix_table_bar(&self) -> Option<c_int> {
+        // SAFETY: kobj call to the parent pci bus.
+        let rid = unsafe { bindings::nvmehp_pci_msix_table_bar(self.as_raw()) };
+        (rid >= 0).then_some(rid)
+    }
+
+    /// The memory BAR holding the MSI-X Pending Bit Array (may be the table's); `None`
+    /// without MSI-X.
+    pub fn msix_pba_bar(&self) -> Option<c_int> {
+        // SAFETY: kobj call to the parent pci bus.
+        let rid = unsafe { bindings::nvmehp_pci_msix_pba_bar(self.as_raw()) };
+        (rid >= 0).then_some(rid)
+    }
+
+    /// How many MSI messages the function offers (0: none).
+    pub fn msi_count(&self) -> c_int {
+        // SAFETY: kobj call to the parent pci bus.
+        unsafe { bindings::nvmehp_pci_msi_count(self.as_raw()) }
+    }
+
+    /// Allocates up to `want` MSI messages; returns how many were granted (IRQ resources with
+    /// rid 1..=n). Release with [`Device::release_msi`] after every IRQ resource is released.
+    pub fn alloc_msi(&self, want: c_int) -> Result<c_int, c_int> {
+        let mut count = want;
+        // SAFETY: kobj call to the parent pci bus; `count` is a valid in/out int.
+        match unsafe { bindings::nvmehp_pci_alloc_msi(self.as_raw(), &mut count) } {
+            0 => Ok(count),
+            e => Err(e),
+        }
+    }
+
     /// Cached vendor ID.
     pub fn pci_vendor(&self) -> u16 {
         // SAFETY: as above.

@@ -36,6 +36,18 @@ pub struct Knobs {
     pub taskqueue_create_fails: bool,
     /// What taskqueue_start_threads returns.
     pub start_threads_error: c_int,
+    /// MSI-X vectors the function offers (0: no MSI-X capability).
+    pub msix_count: c_int,
+    /// `PCIR_BAR(n)` of the MSI-X table and of the PBA (meaningful with `msix_count` > 0).
+    pub msix_table_rid: c_int,
+    pub msix_pba_rid: c_int,
+    /// MSI messages the function offers (0: no MSI capability).
+    pub msi_count: c_int,
+    /// What pci_alloc_msix returns even with its BARs active (0: success), e.g. ENXIO for a
+    /// system where MSI-X is blacklisted.
+    pub msix_alloc_error: c_int,
+    /// `hw.nvme_hotplug.cmd_timeout_ms` (0: the default, 30000).
+    pub cmd_timeout_ms: u32,
 }
 
 std::thread_local! {
@@ -63,6 +75,42 @@ std::thread_local! {
     static DELAYS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
     /// The devices of devclass `nvmehp` the newbus model knows ([`newbus_add`]), unit order.
     static NEWBUS: RefCell<Vec<(usize, FakeDev)>> = const { RefCell::new(Vec::new()) };
+    /// Microseconds spun in DELAY(9) since `reset`.
+    static DELAY_US: Cell<u64> = const { Cell::new(0) };
+    /// The fake uptime in microseconds, if a test made the clock advance ([`start_clock`]):
+    /// DELAY(9) and pause(9) move it by what they wait. `None`: sbinuptime reads 0 for ever.
+    static CLOCK_US: Cell<Option<u64>> = const { Cell::new(None) };
+    /// Active SYS_RES_MEMORY resources: (resource, rid).
+    static MEM_RES: RefCell<Vec<(usize, c_int)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Makes the fake uptime start at 0 and advance by every DELAY(9) and pause(9) (until the
+/// next [`reset`]), so waits bounded by the clock end by time, as in the kernel.
+pub fn start_clock() {
+    CLOCK_US.with(|c| c.set(Some(0)));
+}
+
+/// The fake uptime in microseconds (0 unless [`start_clock`] was called).
+pub fn clock_us() -> u64 {
+    CLOCK_US.with(|c| c.get().unwrap_or(0))
+}
+
+fn advance_clock(us: u64) {
+    CLOCK_US.with(|c| {
+        if let Some(t) = c.get() {
+            c.set(Some(t + us));
+        }
+    });
+}
+
+/// Microseconds spun in DELAY(9) since [`reset`].
+pub fn delay_total_us() -> u64 {
+    DELAY_US.with(|c| c.get())
+}
+
+/// The rids of the memory BARs currently allocated.
+pub fn active_memory_rids() -> Vec<c_int> {
+    MEM_RES.with(|m| m.borrow().iter().map(|&(_, rid)| rid).collect())
 }
 
 /// Puts an NVMe device model behind `bus_read_4`/`bus_write_4` (until the next `reset`).
@@ -80,6 +128,9 @@ pub fn reset(knobs: Knobs) {
     LOG.with(|l| l.borrow_mut().clear());
     ON_PAUSE.with(|c| c.set(None));
     DELAYS.with(|c| c.set((0, 0)));
+    DELAY_US.with(|c| c.set(0));
+    CLOCK_US.with(|c| c.set(None));
+    MEM_RES.with(|m| m.borrow_mut().clear());
     QUEUED.with(|l| l.borrow_mut().clear());
     FUNCS.with(|f| f.borrow_mut().clear());
     CONFIG_READS.with(|r| r.borrow_mut().clear());
@@ -260,12 +311,24 @@ pub unsafe extern "C" fn bus_alloc_resource(_dev: device_t, ty: c_int, rid: *mut
     // SAFETY: valid in/out rid from the wrapper.
     let r = unsafe { *rid };
     record(format!("bus_alloc_resource type={ty} rid={r:#x} flags={flags:#x}"));
-    leak::<resource>()
+    let res = leak::<resource>();
+    if ty == bindings::SYS_RES_MEMORY {
+        MEM_RES.with(|m| m.borrow_mut().push((res as usize, r)));
+    }
+    res
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn bus_release_resource(_dev: device_t, r: *mut resource) -> c_int {
-    record(format!("bus_release_resource {r:p}"));
+    let mem = MEM_RES.with(|m| {
+        let mut m = m.borrow_mut();
+        let i = m.iter().position(|&(p, _)| p == r as usize)?;
+        Some(m.remove(i).1)
+    });
+    match mem {
+        Some(rid) => record(format!("bus_release_resource {r:p} memory rid={rid:#x}")),
+        None => record(format!("bus_release_resource {r:p}")),
+    }
     0
 }
 
@@ -537,7 +600,10 @@ pub unsafe extern "C" fn nvmehp_pci_read_config(_dev: device_t, reg: c_int, _wid
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_sbinuptime() -> i64 {
-    0
+    // Exact for whole microseconds (the 32.32 fraction of us / 10^6, floored, read back by
+    // sbt_to_us as the same us).
+    let us = clock_us();
+    (((us / 1_000_000) << 32) + (((us % 1_000_000) << 32).div_ceil(1_000_000))) as i64
 }
 
 /// DELAY(9) calls since [`reset`]: `(all, with a mutex held)`. Not logged (bring-up makes
@@ -547,7 +613,10 @@ pub fn delays() -> (u64, u64) {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn DELAY(_us: c_int) {
+pub unsafe extern "C" fn DELAY(us: c_int) {
+    let us = u64::try_from(us).unwrap_or(0);
+    DELAY_US.with(|c| c.set(c.get() + us));
+    advance_clock(us);
     let held = MTX_HELD.with(|h| !h.borrow().is_empty());
     DELAYS.with(|c| {
         let (all, locked) = c.get();
@@ -564,6 +633,18 @@ pub fn on_pause(f: Option<fn()>) {
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pause_ms(_w: *const c_char, ms: c_int) {
     record(format!("pause {ms} ms"));
+    paused(u64::try_from(ms).unwrap_or(0) * 1000);
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pause_us(w: *const c_char, us: c_int) {
+    record(format!("pause {us} us {}", cstr(w)));
+    paused(u64::try_from(us).unwrap_or(0));
+}
+
+/// What every fake pause(9) does after recording itself: time passes, other threads run.
+fn paused(us: u64) {
+    advance_clock(us);
     if let Some(f) = ON_PAUSE.with(|c| c.get()) {
         f();
     }
@@ -608,9 +689,81 @@ pub unsafe extern "C" fn nvmehp_pci_release_msi(_dev: device_t) -> c_int {
     0
 }
 
+/// ENODEV of sys/sys/errno.h (the Rust side never returns it, so bindgen does not export it).
+const ENODEV: c_int = 19;
+
+/// pci.c pci_alloc_msix_method: ENODEV without the capability, ENXIO unless the memory BARs
+/// of the MSI-X table and of the PBA are allocated and active; then at most the vectors the
+/// function offers.
 #[no_mangle]
-pub unsafe extern "C" fn nvmehp_pci_alloc_msix(_dev: device_t, _count: *mut c_int) -> c_int {
-    bindings::ENXIO
+pub unsafe extern "C" fn nvmehp_pci_alloc_msix(_dev: device_t, count: *mut c_int) -> c_int {
+    let k = knobs();
+    // SAFETY: valid in/out count from the wrapper.
+    let want = unsafe { *count };
+    if k.msix_count == 0 {
+        record(format!("pci_alloc_msix want={want} = ENODEV"));
+        return ENODEV;
+    }
+    if k.msix_alloc_error != 0 {
+        record(format!("pci_alloc_msix want={want} = error {}", k.msix_alloc_error));
+        return k.msix_alloc_error;
+    }
+    let active = active_memory_rids();
+    if !active.contains(&k.msix_table_rid) || !active.contains(&k.msix_pba_rid) {
+        record(format!("pci_alloc_msix want={want} = ENXIO (table/PBA BAR not active)"));
+        return bindings::ENXIO;
+    }
+    let got = want.min(k.msix_count);
+    // SAFETY: as above.
+    unsafe { *count = got };
+    record(format!("pci_alloc_msix want={want} got={got}"));
+    0
+}
+
+/// pci.c pci_alloc_msi_method: ENODEV without the capability.
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_alloc_msi(_dev: device_t, count: *mut c_int) -> c_int {
+    let k = knobs();
+    // SAFETY: valid in/out count from the wrapper.
+    let want = unsafe { *count };
+    if k.msi_count == 0 {
+        record(format!("pci_alloc_msi want={want} = ENODEV"));
+        return ENODEV;
+    }
+    let got = want.min(k.msi_count);
+    // SAFETY: as above.
+    unsafe { *count = got };
+    record(format!("pci_alloc_msi want={want} got={got}"));
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_msi_count(_dev: device_t) -> c_int {
+    knobs().msi_count
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_msix_table_bar(_dev: device_t) -> c_int {
+    let k = knobs();
+    if k.msix_count > 0 { k.msix_table_rid } else { -1 }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_msix_pba_bar(_dev: device_t) -> c_int {
+    let k = knobs();
+    if k.msix_count > 0 { k.msix_pba_rid } else { -1 }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_enable_busmaster(_dev: device_t) -> c_int {
+    record("pci_enable_busmaster");
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_disable_busmaster(_dev: device_t) -> c_int {
+    record("pci_disable_busmaster");
+    0
 }
 
 // --- a fake ACPI PCI bus: \_SB_.PCI0 (pcib0 -> pci0) with one _EJ0 slot S18_ = PCI slot 3 ---
@@ -869,6 +1022,12 @@ pub unsafe extern "C" fn nvmehp_sysctl_ctx_destroy(_ctx: *mut sysctl_ctx_list) {
 }
 
 #[no_mangle]
+pub unsafe extern "C" fn nvmehp_dev_sysctl_string(_ctx: *mut sysctl_ctx_list, _dev: device_t, name: *const c_char, value: *const c_char, _d: *const c_char) -> c_int {
+    record(format!("sysctl_add_string {}={}", cstr(name), cstr(value)));
+    0
+}
+
+#[no_mangle]
 pub unsafe extern "C" fn nvmehp_dev_sysctl_u64(_ctx: *mut sysctl_ctx_list, _dev: device_t, name: *const c_char, _p: *mut u64, _d: *const c_char) -> c_int {
     record(format!("sysctl_add_u64 {}", cstr(name)));
     0
@@ -907,6 +1066,25 @@ pub unsafe extern "C" fn nvmehp_tunable_rescan_interval_ms() -> u32 {
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_tunable_claim() -> c_int {
     knobs().claim
+}
+
+/// `hw.nvme_hotplug.{io_queues,io_entries,cmd_timeout_ms}` (defaults; the last is a knob).
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_tunable_io_queues() -> u32 {
+    1
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_tunable_io_entries() -> u32 {
+    64
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_tunable_cmd_timeout_ms() -> u32 {
+    match knobs().cmd_timeout_ms {
+        0 => 30_000,
+        ms => ms,
+    }
 }
 
 #[no_mangle]
@@ -951,7 +1129,7 @@ pub unsafe extern "C" fn nvmehp_pci_get_slot(_dev: device_t) -> u8 {
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_msix_count(_dev: device_t) -> c_int {
-    0
+    knobs().msix_count
 }
 
 #[no_mangle]
@@ -1213,27 +1391,4 @@ pub fn kldload() -> c_int {
     let ours = super::module::nvmehp_modevent(null, MOD_LOAD as c_int, arg);
     record(format!("kldload: our MOD_LOAD returned {ours}"));
     0
-}
-
-// --- what a full attach through nvmehp_attach needs besides the above ---------------------
-
-#[no_mangle]
-pub unsafe extern "C" fn nvmehp_pci_enable_busmaster(_dev: device_t) -> c_int {
-    record("pci_enable_busmaster");
-    0
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn nvmehp_tunable_io_queues() -> u32 {
-    1
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn nvmehp_tunable_io_entries() -> u32 {
-    64
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn nvmehp_tunable_cmd_timeout_ms() -> u32 {
-    30_000
 }

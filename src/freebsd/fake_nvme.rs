@@ -53,6 +53,17 @@ pub struct FakeNvme {
     pub hold_admin: bool,
     /// Admin commands taken from the ring since the model was made.
     pub admin_commands: u32,
+    /// How long after CC.EN = 1 CSTS.RDY rises, in the fake kernel's clock
+    /// ([`start_clock`](super::fake_kernel::start_clock)): `None` at once, `Some(u64::MAX)`
+    /// never (a controller that never becomes ready).
+    pub ready_after_us: Option<u64>,
+    /// When CSTS.RDY rises (clock time), while an enable is pending.
+    rdy_at: Option<u64>,
+    /// Answer admin commands only this long after their doorbell, in the fake kernel's clock,
+    /// when [`FakeNvme::tick`] runs (tests call it from `on_pause`, as time passes).
+    pub admin_latency_us: Option<u64>,
+    /// When the admin commands rung in but not answered yet are due.
+    admin_due_at: Option<u64>,
     admin_tail: u16,
     cc: u32,
     csts: u32,
@@ -96,6 +107,10 @@ impl FakeNvme {
             shutdown_notified: false,
             hold_admin: false,
             admin_commands: 0,
+            ready_after_us: None,
+            rdy_at: None,
+            admin_latency_us: None,
+            admin_due_at: None,
             admin_tail: 0,
             cc: 0,
             csts: 0,
@@ -116,7 +131,7 @@ impl FakeNvme {
             0x04 => 1 << 5,       // CSS: NVM
             0x08 => 0x0001_0400,  // 1.4
             CC => self.cc,
-            CSTS => self.csts,
+            CSTS => self.csts | u32::from(self.rdy_at.is_some_and(|t| super::fake_kernel::clock_us() >= t)),
             AQA => self.aqa,
             _ => 0,
         }
@@ -133,7 +148,10 @@ impl FakeNvme {
             0x34 => self.acq = (self.acq & 0xffff_ffff) | u64::from(val) << 32,
             0x1000 => {
                 self.admin_tail = val as u16;
-                if !self.hold_admin {
+                if let Some(l) = self.admin_latency_us {
+                    let now = super::fake_kernel::clock_us();
+                    self.admin_due_at.get_or_insert(now.saturating_add(l));
+                } else if !self.hold_admin {
                     self.run_admin(val as u16);
                 }
             }
@@ -164,9 +182,18 @@ impl FakeNvme {
                 self.admin = Ring { sq: self.asq, cq: self.acq, entries: n, phase: true, ..Ring::default() };
                 self.io = Ring::default();
                 (self.io_sq_live, self.io_cq_live) = (false, false);
-                self.csts = 1;
+                match self.ready_after_us {
+                    None => self.csts = 1,
+                    Some(d) => {
+                        self.csts = 0;
+                        self.rdy_at = Some(super::fake_kernel::clock_us().saturating_add(d));
+                    }
+                }
             }
-            (true, false) => self.csts &= !1,
+            (true, false) => {
+                self.csts &= !1;
+                self.rdy_at = None;
+            }
             _ => {}
         }
     }
@@ -194,6 +221,14 @@ impl FakeNvme {
         read_mem(ring.sq + u64::from(ring.sq_head) * 64, &mut sqe);
         ring.sq_head = (ring.sq_head + 1) % ring.entries;
         Some(sqe)
+    }
+
+    /// Answers the admin commands whose [`FakeNvme::admin_latency_us`] has passed.
+    pub fn tick(&mut self) {
+        if self.admin_due_at.is_some_and(|t| super::fake_kernel::clock_us() >= t) {
+            self.admin_due_at = None;
+            self.run_admin(self.admin_tail);
+        }
     }
 
     /// Answers the admin commands held by `hold_admin`, and stops holding.

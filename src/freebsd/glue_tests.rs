@@ -12,6 +12,7 @@ use super::ctrl::{CtrlRef, CtrlShared, EngineGate, IntrHandler, WatchdogFire, Wa
 use super::device::Device;
 use super::fake_kernel::{self as fk, Knobs};
 use super::intr::{Interrupt, IrqResource};
+use super::irq_source::IrqSource;
 use super::kernel::{disks_live, next_disk_unit, CtrlIntr, FreeBsdKernel, OwnedQueue, Timer};
 use super::node::NodeCtx;
 use super::ns_disk::DiskSpec;
@@ -67,7 +68,7 @@ fn attached(k: &mut FreeBsdKernel, nsids: &[u32]) -> (Live<FreeBsdKernel, Engine
 
 /// As [`attached`]; with `bring_up`, the engine is brought up first (on the
 /// [`fake_nvme`](super::fake_nvme) model the test installed), as `pci_driver::build` does.
-fn attached_with(k: &mut FreeBsdKernel, nsids: &[u32], bring_up: bool) -> (Live<FreeBsdKernel, EngineGate>, CtrlRef) {
+pub(super) fn attached_with(k: &mut FreeBsdKernel, nsids: &[u32], bring_up: bool) -> (Live<FreeBsdKernel, EngineGate>, CtrlRef) {
     let d = dev();
     let bar = MemResource::alloc(d, 0x10).unwrap();
     let mut engine = Box::new(Controller::new(KernelPlatform::new(d, bar), Config::default()));
@@ -88,7 +89,7 @@ fn attached_with(k: &mut FreeBsdKernel, nsids: &[u32], bring_up: bool) -> (Live<
     // SAFETY: a fresh block large enough for a NodeCtx.
     unsafe { softc.as_ptr().cast::<NodeCtx>().write(NodeCtx { ctrl }) };
     ctrl.publish_sysctls();
-    let mut live = Live::new(0, gate, softc, Some(CtrlIntr { intr, dev: d, msix: false }), Some(Timer(c)), Some(q));
+    let mut live = Live::new(0, gate, softc, Some(CtrlIntr { intr, dev: d, source: IrqSource::intx() }), Some(Timer(c)), Some(q));
     live.create_controller_node(k).unwrap();
     for &nsid in nsids {
         let unit = next_disk_unit();
@@ -336,7 +337,7 @@ fn a_vanished_controller_is_swept_without_ej0_or_ost() {
 
 /// Runs one read through `d_strategy` of our first disk; returns the bio, its data buffer and
 /// the bounce buffer's address (from the fake contigmalloc's record).
-fn strategy_read(buf: &mut [u8]) -> (*mut bindings::bio, String) {
+pub(super) fn strategy_read(buf: &mut [u8]) -> (*mut bindings::bio, String) {
     let d0 = fk::disks()[0];
     let bp = fk::new_bio(bindings::BIO_READ as u16, 0, buf.len() as i64);
     let before = fk::log().len();

@@ -17,6 +17,7 @@ use super::ctrl::IntrHandler;
 use super::device::Device;
 use super::disk::{Disk, GoneDisk};
 use super::intr::Interrupt;
+use super::irq_source::IrqSource;
 use super::node::NODE_CDEVSW;
 use super::ns_disk::{DiskCtx, DiskSpec};
 use super::slots::SlotNotify;
@@ -89,10 +90,11 @@ pub enum KDisk {
 pub struct CtrlIntr {
     /// The handler (torn down first).
     pub intr: Interrupt<IntrHandler>,
-    /// The device, to give the MSI-X vector back.
+    /// The device, to give the MSI-X vector or MSI message back.
     pub dev: Device,
-    /// Whether the IRQ is an MSI-X vector (release_msi after the IRQ resource is gone).
-    pub msix: bool,
+    /// The messages and MSI-X BARs behind the IRQ, given back after the IRQ resource is gone
+    /// ([`IrqSource::release`]).
+    pub source: IrqSource,
 }
 
 /// A callout that can be drained, whatever its data and handler.
@@ -343,21 +345,20 @@ impl Kernel for FreeBsdKernel {
     }
 
     fn teardown_intr(&mut self, intr: CtrlIntr) {
-        let CtrlIntr { intr, dev, msix } = intr;
+        let CtrlIntr { intr, dev, source } = intr;
         let ctrl = intr.handler().0;
         // bus_teardown_intr, then the IRQ resource is released.
         if intr.teardown().is_err() {
             // The handler may still run (a shared INTx line calls it for every interrupt on
             // the line) and it reaches the controller's state: that must never be freed now,
-            // nor the module's code unloaded. The MSI-X vector stays allocated with its IRQ.
+            // nor the module's code unloaded. The vector or message stays allocated with its
+            // IRQ, and so do the MSI-X table and PBA BARs pci(4) still programs it through.
             ctrl.keep_for_stuck_interrupt();
+            core::mem::forget(source);
             return;
         }
-        if msix {
-            if let Err(e) = dev.release_msi() {
-                dev_printf!(&dev, "pci_release_msi failed: {}\n", e);
-            }
-        }
+        // The IRQ resource is released: the messages, then the MSI-X BARs.
+        source.release(dev);
     }
 
     fn callout_drain(&mut self, timer: &mut Timer) {

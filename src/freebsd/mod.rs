@@ -14,6 +14,8 @@
 //! - [`taskqueue`]: `taskqueue(9)` with tasks that are drained before they are freed.
 //! - [`callout`]: `callout(9)` timers bound to a [`mutex::Mutex`], drained before freed.
 //! - [`intr`]: IRQ resources and interrupt handlers, torn down before freed.
+//! - [`irq_source`]: which interrupt a controller gets (MSI-X with its table and PBA BARs,
+//!   MSI, INTx) and the order it is given back in.
 //! - [`device`]: newbus `device_t` and its PCI accessors.
 //! - [`resource`]: a memory BAR from `bus_alloc_resource(9)`, as register I/O.
 //! - [`clock`], [`dma`], [`platform`]: the `crate::platform` traits in the kernel.
@@ -47,6 +49,7 @@ pub mod mutex;
 pub mod taskqueue;
 pub mod callout;
 pub mod intr;
+pub mod irq_source;
 pub mod device;
 pub mod resource;
 pub mod clock;
@@ -81,3 +84,5 @@ mod glue_tests;
 mod slot_rescan_tests;
 #[cfg(test)]
 mod lifecycle_tests;
+#[cfg(test)]
+mod bringup_tests;

@@ -48,7 +48,8 @@ use super::bus_topo::{BusyRef, TopoLock};
 use super::callout::Callout;
 use super::ctrl::{CtrlRef, CtrlShared, EngineGate, IntrHandler, WatchdogFire, WatchdogTask, WATCHDOG_US};
 use super::device::Device;
-use super::intr::{Interrupt, IrqResource};
+use super::intr::Interrupt;
+use super::irq_source::IrqSource;
 use super::kernel::{next_disk_unit, CtrlIntr, FreeBsdKernel, KMem, OwnedQueue, Timer};
 use super::node::NodeCtx;
 use super::ns_disk::DiskSpec;
@@ -309,24 +310,24 @@ pub unsafe extern "C" fn nvmehp_probe(dev: device_t) -> c_int {
     }
 }
 
-/// The interrupt: one MSI-X vector (every queue uses vector 0) or the shared INTx line.
+/// The interrupt (every queue completes on it): one MSI-X vector, else one MSI message, else
+/// the shared INTx line ([`IrqSource::alloc`]: the MSI-X table and PBA BARs are allocated
+/// first). BAR0, which the MSI-X table may share, is held by the engine for longer than the
+/// interrupt lives. Says which one it got.
 fn setup_interrupt(dev: Device, ctrl: CtrlRef) -> Result<CtrlIntr, c_int> {
-    let msix = dev.msix_count() >= 1 && dev.alloc_msix(1) == Ok(1);
-    let rid = if msix { 1 } else { 0 };
-    let Some(irq) = IrqResource::alloc(dev, rid) else {
-        if msix {
-            let _ = dev.release_msi();
-        }
+    let Some((source, irq)) = IrqSource::alloc(dev, bindings::NVMEHP_PCIR_BAR0 as c_int) else {
         return Err(bindings::ENXIO);
     };
     let handler = box_waitok(IntrHandler(ctrl));
     match Interrupt::setup(irq, handler) {
-        Ok(intr) => Ok(CtrlIntr { intr, dev, msix }),
+        Ok(intr) => {
+            dev_printf!(&dev, "interrupt: {}\n", source.kind());
+            ctrl.set_interrupt_kind(source.kind());
+            Ok(CtrlIntr { intr, dev, source })
+        }
         Err((e, irq, _h)) => {
             drop(irq);
-            if msix {
-                let _ = dev.release_msi();
-            }
+            source.release(dev);
             Err(e)
         }
     }
@@ -473,7 +474,13 @@ pub unsafe extern "C" fn nvmehp_attach(dev: device_t) -> c_int {
     let unit = dev.unit().max(0) as u32;
     let a = match start_engine(dev, unit).and_then(|(ctrl, gate)| build(dev, unit, ctrl, gate)) {
         Ok(a) => a,
-        Err(e) => return e,
+        Err(e) => {
+            // Everything made is gone: the engine stopped the controller, or leaked the memory
+            // of one that ignored the disable. Such a device must not keep DMA on; nor does a
+            // function no driver drives (nvme_pci.c nvme_pci_detach turns it off too).
+            let _ = dev.disable_busmaster();
+            return e;
+        }
     };
     a.ctrl.publish_sysctls();
     let nns = a.live.as_ref().map_or(0, |l| l.namespaces().count());
@@ -563,6 +570,13 @@ pub unsafe extern "C" fn nvmehp_detach(dev: device_t) -> c_int {
     }
     // May sleep (and so drop Giant): the softc keeps `live: None` meanwhile (see Attached).
     let r = teardown(live, &mut k, how);
+    if present {
+        // As nvme_pci.c nvme_pci_detach does after nvme_detach: the function stays on the bus
+        // with nobody driving it, so it may not master the bus any more. After the teardown:
+        // the controller was stopped (or, if it ignored that, already cut off by the stop's
+        // outcome, see CtrlShared::run_stop) and its interrupt and messages released.
+        let _ = dev.disable_busmaster();
+    }
     // SAFETY: as above; the pointer is taken out of the softc before it is freed.
     let state = unsafe { core::mem::replace(&mut (*dev.softc()).nvmehp_state, core::ptr::null_mut()) };
     // SAFETY: `state` came from Box::into_raw in attach and is freed exactly once.

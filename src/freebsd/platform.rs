@@ -4,12 +4,19 @@
 //! the BAR ([`MemResource`]), presence by config space through the [`Device`], time by
 //! [`KernelClock`], DMA memory by [`ContigDma`]. The engine sees only `P: Platform`.
 
-use super::clock::{sleep_ms, KernelClock};
+use super::clock::{sleep_ms, sleep_us, KernelClock};
 use super::device::Device;
 use super::dma::{ContigDma, ContigRegion};
 use super::resource::{MemResource, RegWindow};
 use crate::platform::{AllocError, Clock, DmaAllocator, PciPresence, RegisterIo};
 use core::ffi::c_int;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+/// Waits shorter than this are spun (DELAY(9)) even where waits may sleep. They are the first
+/// steps of the engine's back-off, which starts at 1 us, and an admin command usually
+/// completes within them; sleeping instead would cost a context switch each for nothing. A
+/// spin before the first sleep is at most 1 + 2 + 4 + 8 us.
+pub const SPIN_BELOW_US: u32 = 16;
 
 /// Everything the engine needs from the kernel for one controller.
 pub struct KernelPlatform {
@@ -17,12 +24,31 @@ pub struct KernelPlatform {
     bar: MemResource,
     clock: KernelClock,
     dma: ContigDma,
+    /// The engine's waits ([`Clock::delay_us`]) may sleep: from attach until the engine is put
+    /// behind the controller mutex ([`KernelPlatform::forbid_sleep`]), and again once it is
+    /// taken out of it to be freed ([`KernelPlatform::allow_sleep`]).
+    may_sleep: AtomicBool,
 }
 
 impl KernelPlatform {
-    /// Takes ownership of the controller's register BAR.
+    /// Takes ownership of the controller's register BAR. Waits may sleep: the engine is new
+    /// and owned by the attaching thread, which may sleep (DEVICE_ATTACH).
     pub fn new(dev: Device, bar: MemResource) -> Self {
-        KernelPlatform { dev, bar, clock: KernelClock, dma: ContigDma }
+        KernelPlatform { dev, bar, clock: KernelClock, dma: ContigDma, may_sleep: AtomicBool::new(true) }
+    }
+
+    /// From now on the engine's waits spin (DELAY(9)): it is about to live behind the
+    /// controller's MTX_DEF mutex, and a sleep with that held is forbidden. (The lock rule
+    /// keeps the waits off the mutex anyway: every wait on the device runs through a
+    /// [`StopAccess`] or a rescan step with the mutex released.)
+    pub fn forbid_sleep(&self) {
+        self.may_sleep.store(false, Ordering::Release);
+    }
+
+    /// From now on the engine's waits sleep again: the engine is no longer shared (its owner
+    /// is freeing it from a sleepable thread, without the mutex).
+    pub fn allow_sleep(&self) {
+        self.may_sleep.store(true, Ordering::Release);
     }
 
     /// The newbus device.
@@ -106,8 +132,21 @@ impl Clock for KernelPlatform {
     fn now_us(&self) -> u64 {
         self.clock.now_us()
     }
+    /// Sleeps (pause_sbt) while waits may sleep, except for the first microseconds of a
+    /// back-off ([`SPIN_BELOW_US`]); spins otherwise. Bring-up runs here with bus_topo_lock
+    /// (Giant) held by newbus, and so does nvme(4)'s: after boot, config_intrhook_establish
+    /// (sys/kern/subr_autoconf.c) runs nvme_ctrlr_start_config_hook at once in the attaching
+    /// thread, whose waits sleep in pause_sbt (nvme_ctrlr_wait_for_ready,
+    /// nvme_completion_poll). A sleep gives Giant up until it wakes; a DELAY spin would keep
+    /// every other Giant holder (newbus, the rest of the device tree) waiting for up to CAP.TO.
+    /// Meanwhile the device is DS_ATTACHING, which sys/kern/subr_bus.c `device_detach` refuses
+    /// with EBUSY: no detach runs under a sleeping bring-up.
     fn delay_us(&self, us: u32) {
-        self.clock.delay_us(us)
+        if self.may_sleep.load(Ordering::Acquire) && us >= SPIN_BELOW_US {
+            sleep_us(c"nvmehpbu", us);
+        } else {
+            self.clock.delay_us(us)
+        }
     }
 }
 

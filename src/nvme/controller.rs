@@ -67,6 +67,12 @@ const SYNC_HEALTH_US: u64 = 100_000;
 /// polls halves the memory reads of an idle poll (each one is a round trip in the lab).
 const ADMIN_POLL_US: u64 = 5_000;
 
+/// The shortest time all admin commands of one bring-up may take together (see
+/// [`Controller::bring_up`]): the budget is the command timeout, but never less than this, so a
+/// short command timeout (tests, a tunable set to its minimum) still leaves room for the
+/// handful of commands a bring-up sends.
+pub const BRING_UP_ADMIN_MIN_US: u64 = 5_000_000;
+
 /// A bounded wait: a clock deadline plus an iteration bound, so a stuck clock cannot make
 /// it endless, with exponential back-off and a periodic presence check.
 struct SyncWait {
@@ -178,6 +184,14 @@ pub struct Controller<P: Platform> {
     runaway: bool,
     /// The shutdown notification was sent since the last enable (send it once).
     shutdown_sent: bool,
+    /// CSTS.RDY was seen set since the last enable: the controller became operational, so a
+    /// stop sends it the shutdown notification. One that never became ready has no write
+    /// cache to flush and never reports the shutdown complete: notifying it would only make a
+    /// failed bring-up wait out the shutdown bound (max(CAP.TO, 5 s)) for nothing.
+    rdy_seen: bool,
+    /// Clock time by which the admin commands of the bring-up in progress must be done
+    /// (`u64::MAX`: no bring-up in progress, each command has only its own timeout).
+    admin_deadline_us: u64,
     /// The slow half of a stop, made by `fail_fast`/`begin_shutdown` and not yet taken.
     pending_stop: Option<DeviceStop<P::Region>>,
     /// A stop was made and its outcome not yet given to `finish_stop`: the device may
@@ -256,6 +270,8 @@ impl<P: Platform> Controller<P> {
             enabled: false,
             runaway: false,
             shutdown_sent: false,
+            rdy_seen: false,
+            admin_deadline_us: u64::MAX,
             pending_stop: None,
             stop_out: false,
             cap: None,
@@ -334,6 +350,14 @@ impl<P: Platform> Controller<P> {
     /// May be called again to recover after a failure; anything outstanding must have been
     /// completed (with [`Controller::fail_all`]) first, or it is failed with `Aborted` and
     /// reported by the next [`Controller::poll`].
+    ///
+    /// **Bounded in total.** Each CSTS wait is bounded by CAP.TO (the settle of a controller
+    /// found enabled but not ready, the disable, the enable), and all admin commands together
+    /// by one budget, max(command timeout, [`BRING_UP_ADMIN_MIN_US`]), besides each command's
+    /// own timeout: at most 3 x CAP.TO + that budget. A failure adds the stop: the disable
+    /// (CAP.TO), and for a controller that had become ready the shutdown notification first
+    /// (max(CAP.TO, 5 s)). Every wait goes through [`Clock::delay_us`](crate::platform::Clock),
+    /// which may sleep.
     pub fn bring_up(&mut self) -> Result<(), NvmeError> {
         if self.stop_out && self.pending_stop.is_none() {
             // A stop taken by a caller still owns the device and its memory.
@@ -351,7 +375,9 @@ impl<P: Platform> Controller<P> {
         self.cap = None;
         self.namespaces.clear();
         self.rejected.clear();
-        match self.bring_up_steps() {
+        let steps = self.bring_up_steps();
+        self.admin_deadline_us = u64::MAX;
+        match steps {
             Ok(()) => {
                 self.state = State::Ready;
                 Ok(())
@@ -396,7 +422,11 @@ impl<P: Platform> Controller<P> {
         // From here on the device may DMA: `enabled` makes every exit path disable it.
         self.enabled = true;
         self.shutdown_sent = false;
+        self.rdy_seen = false;
         ctrlr::enable(&self.p, &cap)?;
+        self.rdy_seen = true;
+        let budget = self.cfg.cmd_timeout_us.max(BRING_UP_ADMIN_MIN_US);
+        self.admin_deadline_us = self.p.now_us().saturating_add(budget);
 
         let page_addr = self.scratch_addr()?;
         self.admin_sync(admin::identify_controller(page_addr))?;
@@ -497,10 +527,17 @@ impl<P: Platform> Controller<P> {
         Ok((seq, start))
     }
 
-    /// Runs one admin command to completion, bounded by `cmd_timeout_us`.
+    /// How long a synchronous admin command sent at `start` may be waited for: its timeout,
+    /// cut short by what is left of the bring-up's admin budget.
+    pub(super) fn sync_bound(&self, start: u64) -> u64 {
+        self.cfg.cmd_timeout_us.min(self.admin_deadline_us.saturating_sub(start))
+    }
+
+    /// Runs one admin command to completion, bounded by `cmd_timeout_us` (and during
+    /// bring-up by its admin budget).
     fn admin_sync(&mut self, sqe: Sqe) -> Result<Cqe, NvmeError> {
         let (seq, start) = self.admin_submit(sqe)?;
-        let mut wait = SyncWait::new(start, self.cfg.cmd_timeout_us);
+        let mut wait = SyncWait::new(start, self.sync_bound(start));
         loop {
             if let Some(res) = self.reap_admin(Some(seq)) {
                 return res;
@@ -1019,7 +1056,7 @@ impl<P: Platform> Controller<P> {
         // Send the notification once per life: it makes the controller flush its volatile
         // write cache, and the slot may lose power right after (an eject follows an
         // announced detach), which would otherwise lose writes already reported done.
-        let notify = running && !self.shutdown_sent;
+        let notify = running && self.rdy_seen && !self.shutdown_sent;
         self.shutdown_sent |= notify;
         self.enabled = false;
         self.stop_out = true;

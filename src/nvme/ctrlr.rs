@@ -6,8 +6,9 @@ use super::error::NvmeError;
 use super::regs::{self, Cap, CcFlags, CstsFlags, PAGE_SIZE};
 use crate::platform::{Clock, PciPresence, RegisterIo};
 
-/// How long each wait iteration of bring-up sleeps (a busy-wait: bring-up runs before the
-/// controller is shared, so nobody waits for it).
+/// How long each CSTS wait iteration of bring-up waits, through [`Clock::delay_us`]. The kld
+/// sleeps it (pause_sbt: bring-up runs with Giant held by newbus, which a sleep gives up and a
+/// spin would not); each wait is bounded by CAP.TO whatever the sleeps' granularity.
 pub const POLL_US: u32 = 100;
 /// How often a CSTS wait also asks config space whether the function is still there. A
 /// device that vanished reads CSTS as 0 on some platforms (QEMU after an eject), which looks

@@ -142,14 +142,16 @@ impl<P: Platform> Controller<P> {
     /// `rescan_namespaces` for callers without a shared lock).
     pub(super) fn drive_scan(&mut self, scan: &mut NsScan) -> Result<(), NvmeError> {
         let mut done = scan.completed;
-        let mut wait = SyncWait::new(self.p.now_us(), self.cfg.cmd_timeout_us);
+        let now = self.p.now_us();
+        let mut wait = SyncWait::new(now, self.sync_bound(now));
         loop {
             if let Some(r) = self.scan_step(scan) {
                 return r;
             }
             if scan.completed != done {
                 done = scan.completed;
-                wait = SyncWait::new(self.p.now_us(), self.cfg.cmd_timeout_us);
+                let now = self.p.now_us();
+                wait = SyncWait::new(now, self.sync_bound(now));
             }
             if let Err(e) = wait.pause(&self.p, self.enabled) {
                 self.stepped = None;

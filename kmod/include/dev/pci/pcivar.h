@@ -1,8 +1,8 @@
 /*
  * Stand-in for FreeBSD sys/dev/pci/pcivar.h, which the ziglang header set does not ship.
  * Declares only what nvme_hotplug uses: the ivar accessors for IDs, class codes and the
- * slot/function address, pci_read_config()/pci_write_config(), bus mastering and MSI-X
- * allocation, the bus and domain ivars of a
+ * slot/function address, pci_read_config()/pci_write_config(), bus mastering (on and off) and MSI-X/MSI
+ * allocation with the MSI-X table and PBA BARs, the bus and domain ivars of a
  * pci bus (read from its bridge), and pci_find_dbsf(). The ivar numbers are positions in the
  * real `enum pci_device_ivars` / `enum pcib_device_ivars` of FreeBSD 15.
  * Used only for Linux cross-builds; a native FreeBSD build uses the real header.
@@ -74,6 +74,36 @@ static __inline int
 pci_msix_count(device_t dev)
 {
 	return (PCI_MSIX_COUNT(device_get_parent(dev), dev));
+}
+
+static __inline int
+pci_disable_busmaster(device_t dev)
+{
+	return (PCI_DISABLE_BUSMASTER(device_get_parent(dev), dev));
+}
+
+static __inline int
+pci_alloc_msi(device_t dev, int *count)
+{
+	return (PCI_ALLOC_MSI(device_get_parent(dev), dev, count));
+}
+
+static __inline int
+pci_msi_count(device_t dev)
+{
+	return (PCI_MSI_COUNT(device_get_parent(dev), dev));
+}
+
+static __inline int
+pci_msix_table_bar(device_t dev)
+{
+	return (PCI_MSIX_TABLE_BAR(device_get_parent(dev), dev));
+}
+
+static __inline int
+pci_msix_pba_bar(device_t dev)
+{
+	return (PCI_MSIX_PBA_BAR(device_get_parent(dev), dev));
 }
 
 /* Ivars of a pci bus, answered by its parent bridge. */

@@ -1,0 +1,320 @@
+//! Host tests of attach and detach through the real entry points (`nvmehp_attach`,
+//! `nvmehp_detach`) against the fake kernel and its NVMe model: bring-up waits that sleep and
+//! are bounded, the interrupt chosen as nvme(4) chooses it (MSI-X with its table and PBA BARs
+//! allocated first, MSI, INTx) and given back in order, and bus mastering turned off for a
+//! controller that could not be stopped and at the end of a detach.
+
+use super::bindings;
+use super::fake_kernel::{self as fk, Knobs};
+use super::fake_nvme::FakeNvme;
+use super::glue_tests::{attached_with, strategy_read, SERIAL};
+use super::kernel::FreeBsdKernel;
+use super::pci_driver::{nvmehp_attach, nvmehp_detach};
+use crate::hotplug::teardown::{teardown, Removal};
+use crate::nvme::controller::BRING_UP_ADMIN_MIN_US;
+use std::format;
+use std::string::String;
+use std::vec::Vec;
+
+/// CAP.TO of the fake NVMe model (TO = 1: 500 ms).
+const CAP_TO_US: u64 = 500_000;
+
+fn positions(log: &[String], prefix: &str) -> Vec<usize> {
+    log.iter().enumerate().filter(|(_, l)| l.starts_with(prefix)).map(|(i, _)| i).collect()
+}
+
+fn first(log: &[String], prefix: &str) -> usize {
+    *positions(log, prefix).first().unwrap_or_else(|| panic!("no `{prefix}` in {log:#?}"))
+}
+
+/// How many mutexes were held at each entry of `log[from..]` starting with `prefix`.
+fn mutexes_held_at(log: &[String], from: usize, prefix: &str) -> Vec<i64> {
+    let mut held = 0i64;
+    let mut at = Vec::new();
+    for (i, l) in log.iter().enumerate() {
+        match l.as_str() {
+            "mtx_lock" => held += 1,
+            "mtx_unlock" => held -= 1,
+            _ if i >= from && l.starts_with(prefix) => at.push(held),
+            _ => {}
+        }
+    }
+    at
+}
+
+/// A present NVMe function (vendor 0x1b36) with a 16 KiB BAR0 and the given MSI knobs.
+fn knobs(msi: Knobs) -> Knobs {
+    Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..msi }
+}
+
+fn attach() -> i32 {
+    // SAFETY: the fake device; the fakes never dereference it.
+    unsafe { nvmehp_attach(fk::fake_device()) }
+}
+
+fn detach() -> i32 {
+    // SAFETY: as above.
+    unsafe { nvmehp_detach(fk::fake_device()) }
+}
+
+/// Bring-up against a controller whose CSTS.RDY rises 200 ms after CC.EN = 1: attach waits
+/// for it by sleeping in pause(9) (no mutex held), with at most a few microseconds spun in
+/// DELAY(9) in all, and the clock shows it really waited. Before the change every wait of
+/// bring-up was a DELAY spin (200 ms spun here, Giant held all along by newbus), and detach
+/// left bus mastering on.
+#[test]
+fn bring_up_waits_for_a_slow_ready_by_sleeping_not_spinning() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(knobs(Knobs::default()));
+    fk::start_clock();
+    let mut nvme = FakeNvme::new(false, false);
+    nvme.ready_after_us = Some(200_000);
+    fk::install_nvme(nvme);
+
+    assert_eq!(attach(), 0, "attach: {:#?}", fk::log());
+    let log = fk::log();
+    let sleeps = positions(&log, "pause ");
+    assert!(sleeps.len() >= 100, "the 200 ms were slept in pause(9): {} pauses", sleeps.len());
+    assert!(sleeps.iter().all(|&i| log[i].ends_with("nvmehpbu")), "bring-up's pauses: {:?}", &log[sleeps[0]]);
+    let held = mutexes_held_at(&log, 0, "pause ");
+    assert!(held.iter().all(|&n| n == 0), "a pause with a mutex held: {held:?}");
+    assert!(fk::clock_us() >= 200_000, "attach returned before RDY rose ({} us)", fk::clock_us());
+    let spun = fk::delay_total_us();
+    assert!(spun < 1_000, "bring-up spun {spun} us in DELAY(9)");
+    assert_eq!(fk::delays().1, 0, "no DELAY(9) with a mutex held");
+
+    // Detach of the present controller ends with bus mastering off (nvme_pci_detach), after
+    // the teardown stopped the controller and gave its interrupt back.
+    fk::record("-- detach --");
+    assert_eq!(detach(), 0);
+    let log = fk::log();
+    let d = first(&log, "-- detach --");
+    let off = d + first(&log[d..], "pci_disable_busmaster");
+    assert!(d + first(&log[d..], "nvme cc disable") < off && d + first(&log[d..], "bus_teardown_intr") < off, "{:#?}", &log[d..]);
+}
+
+/// A controller that never sets CSTS.RDY: attach fails after CAP.TO of sleeping, not later,
+/// sends no shutdown notification to a controller that never became ready (it would only wait
+/// out the 5 s shutdown bound), disables it, and turns bus mastering off after the engine let
+/// go of the controller. Before the change: CAP.TO spun in DELAY(9), then CC.SHN, and bus
+/// mastering left on.
+#[test]
+fn bring_up_of_a_controller_that_never_becomes_ready_is_bounded() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(knobs(Knobs::default()));
+    fk::start_clock();
+    let mut nvme = FakeNvme::new(false, false);
+    nvme.ready_after_us = Some(u64::MAX);
+    fk::install_nvme(nvme);
+
+    assert_eq!(attach(), bindings::ENXIO);
+    let log = fk::log();
+    let took = fk::clock_us();
+    assert!((CAP_TO_US..CAP_TO_US + 50_000).contains(&took), "bring-up took {took} us, CAP.TO is {CAP_TO_US} us");
+    let sleeps = positions(&log, "pause ");
+    assert!(sleeps.len() as u64 >= CAP_TO_US / 1000, "CAP.TO slept in pause(9): {} pauses", sleeps.len());
+    assert!(fk::delay_total_us() < 1_000, "spun {} us in DELAY(9)", fk::delay_total_us());
+    assert!(positions(&log, "nvme cc shn").is_empty(), "no CC.SHN for a controller that never became ready");
+    let disabled = first(&log, "nvme cc disable");
+    let off = first(&log, "pci_disable_busmaster");
+    assert!(first(&log, "pci_enable_busmaster") < disabled && disabled < off, "{log:#?}");
+    assert_eq!(fk::active_memory_rids(), Vec::<i32>::new(), "BAR0 given back");
+}
+
+/// The admin commands of one bring-up share one budget, max(command timeout, 5 s), on top
+/// of each command's own timeout. A controller that answers every admin command after 0.9 s,
+/// within a 1 s command timeout, would otherwise keep attach busy for 0.9 s per command, as
+/// long as it likes; here it fails once the 5 s are used up, then stops the controller (which
+/// had become ready, so it gets CC.SHN) and turns bus mastering off. Before the change the
+/// bring-up took every command's 0.9 s and succeeded.
+#[test]
+fn admin_commands_of_a_bring_up_share_one_budget() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(knobs(Knobs { cmd_timeout_ms: 1_000, ..Knobs::default() }));
+    fk::start_clock();
+    let mut nvme = FakeNvme::new(false, false);
+    nvme.admin_latency_us = Some(900_000);
+    fk::install_nvme(nvme);
+    fk::on_pause(Some(|| fk::with_nvme(|d| d.tick())));
+
+    assert_eq!(attach(), bindings::ENXIO, "{:#?}", fk::log().iter().filter(|l| !l.starts_with("pause")).collect::<Vec<_>>());
+    fk::on_pause(None);
+    let took = fk::clock_us();
+    assert!(took <= BRING_UP_ADMIN_MIN_US + 1_100_000, "bring-up took {took} us");
+    assert!(fk::delay_total_us() < 1_000, "spun {} us in DELAY(9)", fk::delay_total_us());
+    let log = fk::log();
+    assert!(first(&log, "nvme cc shn") < first(&log, "nvme cc disable"));
+    assert!(first(&log, "pci_disable_busmaster") > first(&log, "nvme cc disable"));
+}
+
+/// MSI-X whose table and PBA are in BAR4 (as on bhyve): the BAR is allocated and active before
+/// pci_alloc_msix, the vector's IRQ is rid 1 (not shareable), and the BAR is held until the
+/// detach has torn the interrupt down, released the IRQ and the vector. Before the change
+/// pci_alloc_msix failed with ENXIO (no table BAR) and the controller fell back to INTx.
+#[test]
+fn msix_allocates_its_table_bar_first_and_releases_it_last() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(knobs(Knobs { msix_count: 4, msix_table_rid: 0x20, msix_pba_rid: 0x20, msi_count: 1, ..Knobs::default() }));
+    fk::install_nvme(FakeNvme::new(false, false));
+
+    assert_eq!(attach(), 0, "{:#?}", fk::log());
+    let log = fk::log();
+    let bar4 = first(&log, "bus_alloc_resource type=3 rid=0x20");
+    let msix = first(&log, "pci_alloc_msix want=1 got=1");
+    let irq = first(&log, &format!("bus_alloc_resource type=1 rid=0x1 flags={:#x}", bindings::RF_ACTIVE));
+    assert!(bar4 < msix && msix < irq, "{log:#?}");
+    assert_eq!(positions(&log, "bus_alloc_resource type=3 rid=0x20").len(), 1, "table and PBA share BAR4: allocated once");
+    assert!(positions(&log, "pci_alloc_msi ").is_empty(), "no MSI once MSI-X worked");
+    assert!(log.iter().any(|l| l == "device_printf interrupt: MSI-X\n"), "{log:#?}");
+    assert!(log.iter().any(|l| l == "sysctl_add_string interrupt=MSI-X"), "dev.nvmehp.0.interrupt: {log:#?}");
+    assert_eq!(fk::active_memory_rids(), std::vec![0x10, 0x20]);
+
+    fk::record("-- detach --");
+    assert_eq!(detach(), 0);
+    let log = fk::log();
+    let d = first(&log, "-- detach --");
+    let torn = d + first(&log[d..], "bus_teardown_intr");
+    let released = d + first(&log[d..], "pci_release_msi");
+    let bar_gone = d + first(&log[d..], "bus_release_resource");
+    let bar4_gone = log.iter().position(|l| l.ends_with("memory rid=0x20")).expect("BAR4 released");
+    assert!(torn < bar_gone && bar_gone < released && released < bar4_gone, "teardown, IRQ, vector, then BAR4: {:#?}", &log[d..]);
+    assert_eq!(fk::active_memory_rids(), Vec::<i32>::new());
+}
+
+/// MSI-X table in BAR0 (held by the engine already) and PBA in BAR2: only BAR2 is allocated,
+/// BAR0 is not allocated a second time. Before the change: ENXIO, INTx.
+#[test]
+fn msix_allocates_only_the_bars_not_already_held() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(knobs(Knobs { msix_count: 2, msix_table_rid: 0x10, msix_pba_rid: 0x18, ..Knobs::default() }));
+    fk::install_nvme(FakeNvme::new(false, false));
+
+    assert_eq!(attach(), 0, "{:#?}", fk::log());
+    let log = fk::log();
+    assert_eq!(positions(&log, "bus_alloc_resource type=3 rid=0x10").len(), 1, "BAR0 once, for the registers");
+    assert!(first(&log, "bus_alloc_resource type=3 rid=0x18") < first(&log, "pci_alloc_msix want=1 got=1"));
+    assert!(log.iter().any(|l| l == "device_printf interrupt: MSI-X\n"), "{log:#?}");
+    assert_eq!(detach(), 0);
+    assert_eq!(fk::active_memory_rids(), Vec::<i32>::new());
+}
+
+/// No MSI-X capability, one MSI message: MSI, IRQ rid 1, released at detach. Before the
+/// change: INTx.
+#[test]
+fn msi_when_there_is_no_msix() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(knobs(Knobs { msi_count: 1, ..Knobs::default() }));
+    fk::install_nvme(FakeNvme::new(false, false));
+
+    assert_eq!(attach(), 0, "{:#?}", fk::log());
+    let log = fk::log();
+    let msi = first(&log, "pci_alloc_msi want=1 got=1");
+    assert!(msi < first(&log, &format!("bus_alloc_resource type=1 rid=0x1 flags={:#x}", bindings::RF_ACTIVE)));
+    assert!(log.iter().any(|l| l == "device_printf interrupt: MSI\n"), "{log:#?}");
+    fk::record("-- detach --");
+    assert_eq!(detach(), 0);
+    let log = fk::log();
+    let d = first(&log, "-- detach --");
+    assert!(first(&log[d..], "bus_teardown_intr") < first(&log[d..], "pci_release_msi"));
+}
+
+/// MSI-X present but refused by pci(4) (ENXIO, e.g. blacklisted): its table BAR is given back
+/// at once, then MSI is used; without MSI either, the shared INTx line (rid 0, RF_SHAREABLE)
+/// with nothing held for MSI-X. Before the change: MSI was never tried.
+#[test]
+fn msix_refused_falls_back_to_msi_then_to_a_shared_intx() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for msi_count in [1, 0] {
+        fk::reset(knobs(Knobs {
+            msix_count: 1,
+            msix_table_rid: 0x20,
+            msix_pba_rid: 0x24,
+            msix_alloc_error: bindings::ENXIO,
+            msi_count,
+            ..Knobs::default()
+        }));
+        fk::install_nvme(FakeNvme::new(false, false));
+
+        assert_eq!(attach(), 0, "{:#?}", fk::log());
+        let log = fk::log();
+        let refused = first(&log, "pci_alloc_msix want=1 = error");
+        let bars_gone = log.iter().rposition(|l| l.ends_with("memory rid=0x24") || l.ends_with("memory rid=0x20")).expect("MSI-X BARs released");
+        assert!(refused < bars_gone, "{log:#?}");
+        let irq = first(&log, "bus_alloc_resource type=1");
+        assert!(bars_gone < irq, "MSI-X BARs given back before the fallback: {log:#?}");
+        if msi_count == 1 {
+            assert!(first(&log, "pci_alloc_msi want=1 got=1") < irq);
+            assert!(log[irq].contains("rid=0x1 "), "{}", log[irq]);
+            assert!(log.iter().any(|l| l == "device_printf interrupt: MSI\n"), "{log:#?}");
+            assert!(log.iter().any(|l| l == "sysctl_add_string interrupt=MSI"), "{log:#?}");
+        } else {
+            let shareable = bindings::RF_ACTIVE | bindings::RF_SHAREABLE;
+            assert_eq!(log[irq], format!("bus_alloc_resource type=1 rid=0x0 flags={shareable:#x}"));
+            assert!(log.iter().any(|l| l == "device_printf interrupt: INTx\n"), "{log:#?}");
+            assert!(log.iter().any(|l| l == "sysctl_add_string interrupt=INTx"), "{log:#?}");
+        }
+        assert_eq!(fk::active_memory_rids(), std::vec![0x10], "only BAR0 held");
+        assert_eq!(detach(), 0);
+        assert_eq!(fk::active_memory_rids(), Vec::<i32>::new());
+    }
+}
+
+/// A present controller that ignores CC.SHN and CC.EN = 0 with a read in flight: the stop
+/// cannot disable it, so bus mastering is turned off right after the stop's disable attempt,
+/// before the outcome releases (here: leaks) the parked bounce buffer, and no memory is freed
+/// before that; a controller that obeys keeps bus mastering through the teardown (detach turns
+/// it off afterwards). Before the change bus mastering was never turned off.
+#[test]
+fn a_controller_that_cannot_be_stopped_loses_bus_mastering_before_its_memory_is_let_go() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for stuck in [true, false] {
+        fk::reset(knobs(Knobs::default()));
+        fk::install_nvme(FakeNvme::new(stuck, true));
+        let mut k = FreeBsdKernel::new();
+        let (live, _ctrl) = attached_with(&mut k, &[1], true);
+        let mut held = std::vec![0u8; 4096];
+        let (_bp, bounce) = strategy_read(&mut held);
+        fk::record("-- teardown --");
+        let _ = teardown(live, &mut k, Removal::Surprise);
+        let log = fk::log();
+        let t = first(&log, "-- teardown --");
+        let off = positions(&log[t..], "pci_disable_busmaster");
+        if !stuck {
+            assert!(off.is_empty(), "a stopped controller keeps bus mastering through the teardown: {log:#?}");
+            continue;
+        }
+        assert_eq!(off.len(), 1, "{:#?}", &log[t..]);
+        let off = t + off[0];
+        let tried = t + first(&log[t..], "nvme cc disable");
+        assert!(tried < off, "after the stop tried to disable it");
+        let frees: Vec<usize> = positions(&log[t..], "contig_free").into_iter().map(|i| t + i).collect();
+        assert!(frees.iter().all(|&f| f > off), "memory freed before bus mastering was off: {:#?}", &log[t..]);
+        assert!(!log[t..].iter().any(|l| *l == format!("contig_free {bounce}")), "the parked bounce buffer stays leaked");
+        let leak = format!("stat {} +1", bindings::NVMEHP_STAT_LEAKED_BUFFERS);
+        assert!(off < t + first(&log[t..], &leak), "before the parked buffer is let go (leaked)");
+    }
+}
+
+/// An MSI-X interrupt that cannot be torn down (the handler may still run): the vector stays
+/// allocated and so does BAR4 with its table, which pci(4) still programs the vector through;
+/// neither pci_release_msi nor the BAR's release happens. Before the change there was no BAR
+/// to keep (and MSI-X was never had).
+#[test]
+fn an_interrupt_that_cannot_be_torn_down_keeps_its_vector_and_table_bar() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let msix = Knobs { msix_count: 1, msix_table_rid: 0x20, msix_pba_rid: 0x20, ..Knobs::default() };
+    fk::reset(knobs(msix));
+    fk::install_nvme(FakeNvme::new(false, false));
+    assert_eq!(attach(), 0, "{:#?}", fk::log());
+    assert!(fk::log().iter().any(|l| l == "device_printf interrupt: MSI-X\n"));
+
+    fk::set_knobs(knobs(Knobs { teardown_intr_error: bindings::EBUSY, ..msix }));
+    fk::record("-- detach --");
+    assert_eq!(detach(), 0);
+    super::ctrl::forget_stuck_interrupts_for_tests();
+    let log = fk::log();
+    let d = first(&log, "-- detach --");
+    assert!(!positions(&log[d..], "bus_teardown_intr").is_empty());
+    assert!(positions(&log[d..], "pci_release_msi").is_empty(), "{:#?}", &log[d..]);
+    assert!(fk::active_memory_rids().contains(&0x20), "BAR4 kept with the vector: {:?}", fk::active_memory_rids());
+}
