@@ -45,7 +45,7 @@ mod kld {
         "device_get_name", "device_get_unit", "devclass_find", "devclass_get_maxunit",
         "devclass_get_device",
         "device_delete_child", "bus_alloc_resource", "bus_release_resource", "rman_get_size",
-        // memory helpers LLVM may call for copies (kernel exports, see cross-build.md)
+        // memory helpers LLVM may call for copies (kernel exports: sys/libkern/memcpy.c etc.)
         "memcpy", "memmove", "memset", "memcmp",
         // time and pmap
         "DELAY", "binuptime", "getbinuptime", "pmap_kextract", "pause_sbt",

@@ -1,7 +1,7 @@
 //! ACPI namespace access for PCI hotplug: slot objects, their notifications, and the
 //! `_STA`/`_EJ0`/`_OST` methods.
 //!
-//! Facts this module encodes (see docs/freebsd-facts.md §1):
+//! Facts this module encodes (docs/freebsd-kpi.md sections 1 and 4):
 //! - Hotplug slots are the Device objects under the PCI bus's ACPI object that have an `_EJ0`
 //!   method (acpi_pci.c finds them the same way, one level deep).
 //! - Notify handlers run on the ACPI task queue (`acpi_task`, 3 threads shared with GPE, EC,

@@ -438,7 +438,8 @@ fn device_stop_ops(log: &[String]) -> Vec<&str> {
 }
 
 /// An announced removal of a controller with nothing left in flight stops it the way NVMe
-/// recommends and nvme(4) does for a device that is not gone (facts §3.2): Delete I/O SQ, then
+/// recommends and nvme(4) does for a device that is not gone (nvme_ctrlr.c nvme_ctrlr_destruct):
+/// Delete I/O SQ, then
 /// Delete I/O CQ, then the normal shutdown notification, then the disable, in that order. The
 /// model answers each deletion only while the tearing-down thread sleeps (as a device answers
 /// while another thread runs), so the teardown waited for both, and every wait and every step

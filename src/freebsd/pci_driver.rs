@@ -24,7 +24,8 @@
 //! **Detach** is `hotplug::teardown::teardown`, nothing else: mark gone, refuse new I/O, fail
 //! everything with ENXIO (after a bounded quiesce when the device still answers), drain
 //! interrupt, callout and task, destroy every node, free. A controller that still answers and
-//! has an open node or disk refuses with EBUSY (an eject is then not performed, facts §1.2).
+//! has an open node or disk refuses with EBUSY (an eject is then not performed: acpi_pci.c
+//! acpi_pci_device_notify_handler).
 //!
 //! **The `Live` value** of a controller lives in the softc and is only touched under
 //! `bus_topo_lock()`: newbus holds it around attach and detach, and the hotplug task's

@@ -16,7 +16,8 @@
 //!   watchdog: record a quiet check or a namespace change for their slot and enqueue the task.
 //!
 //! Single-slot rescan: FreeBSD exports no "rescan this slot" KPI, and acpi_pci answers a device
-//! check with `BUS_RESCAN` of the whole bus (facts §1.2), which also deletes every child of
+//! check with `BUS_RESCAN` of the whole bus (acpi_pci.c acpi_pci_device_notify_handler), which also
+//! deletes every child of
 //! *other* slots whose function stopped answering. `rescan_slot` instead walks the one slot
 //! under the topology lock ([`super::slot_rescan`]: what pci_rescan_method does for a slot,
 //! through the global `pci_read_device`/`pci_add_child`), adding and attaching only that
@@ -386,7 +387,8 @@ fn discover(hp: HpRef) {
         }
     };
     // acpi_pci installs its (static, hence unremovable) handler on every _EJ0 slot of a bus it
-    // drives (facts §1.1), and it drives exactly the pci buses that have an ACPI handle: that
+    // drives (acpi_pci.c acpi_pci_attach), and it drives exactly the pci buses that have an ACPI
+    // handle: that
     // is acpi_pci_probe's own test.
     let in_tree = if AcpiHandle::of_device(&bus).is_some() { InTreeHandler::Fixed } else { InTreeHandler::Absent };
     let mut slots: Vec<SlotInfo> = Vec::new();
@@ -532,7 +534,7 @@ impl SlotOps for FreeBsdSlots<'_> {
         if bus.child_at(s.pci_slot, 0).is_none() {
             return Err(DetachError::NoDevice);
         }
-        // Functions last first, as Linux's disable_slot does (facts §4.3).
+        // Functions last first, as Linux's disable_slot does (drivers/pci/hotplug/acpiphp_glue.c).
         for f in (0..=super::bindings::PCI_FUNCMAX as u8).rev() {
             let Some(child) = bus.child_at(s.pci_slot, f) else { continue };
             if why == DetachReason::Eject && super::pci_driver::in_use(child, &topo) {

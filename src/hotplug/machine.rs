@@ -9,8 +9,9 @@
 //! the order of a "3 then 1" or "1 then 3" burst does not matter: after the eject, the check
 //! sees whatever is really in the slot.
 //!
-//! Eject, when we own the slot (like Linux acpiphp + acpi_device_hotplug, facts §4.1-4.3;
-//! unlike acpi_pci.c, facts §1.2-1.3):
+//! Eject, when we own the slot (like Linux acpi_device_hotplug, drivers/acpi/scan.c, and
+//! acpiphp's disable_slot, drivers/pci/hotplug/acpiphp_glue.c; unlike FreeBSD's
+//! acpi_pci_device_notify_handler, sys/dev/acpica/acpi_pci.c):
 //! 1. nothing present and no `device_t`: `_OST` non-specific failure, no detach, no `_EJ0`;
 //! 2. `_OST` eject-in-progress;
 //! 3. detach + delete the child (only if a `device_t` exists); Busy / InUse / Failed are
@@ -41,8 +42,9 @@ pub struct HotplugConfig {
 
 impl Default for HotplugConfig {
     fn default() -> Self {
-        // 50 x 10 ms: acpi_pci's EC2 quirk waits 10 ms once (facts §1.7); we wait up to 0.5 s
-        // without holding any thread, since each re-check is a new task run.
+        // 50 x 10 ms: acpi_pci's EC2 quirk waits 10 ms once (acpi_pci.c,
+        // ACPI_Q_DELAY_BEFORE_EJECT_RESCAN); we wait up to 0.5 s without holding any thread,
+        // since each re-check is a new task run.
         HotplugConfig { eject_confirm_tries: 50, eject_confirm_delay_us: 10_000 }
     }
 }
@@ -160,8 +162,9 @@ impl SlotMachine {
     }
 
     /// The device is there if config space answers *or* `_STA` says present, as Linux's
-    /// trim_stale_devices decides (facts §4.4): a device is only declared gone (and torn down
-    /// without asking) when every source agrees, so a lagging `_STA` or a config read racing a
+    /// trim_stale_devices decides (drivers/pci/hotplug/acpiphp_glue.c): a device is only declared
+    /// gone (and torn down without asking) when every source agrees, so a lagging `_STA` or a
+    /// config read racing a
     /// link retrain cannot tear down a working disk.
     fn alive<O: SlotOps>(i: SlotIndex, ops: &mut O) -> bool {
         ops.present(i) || ops.sta(i).is_some_and(|sta| sta & STA_PRESENT != 0)

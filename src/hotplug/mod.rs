@@ -33,7 +33,8 @@
 //! - **`device_detach`** of our driver: [`teardown::teardown`] with
 //!   [`teardown::Removal::Announced`] when the device still answers, `Surprise` otherwise.
 //!   When acpi_pci (observer role) asks to detach a controller that is in use, returning
-//!   EBUSY makes acpi_pci skip `_EJ0` (facts §1.2), which is the same safe outcome.
+//!   EBUSY makes acpi_pci skip `_EJ0` (acpi_pci.c acpi_pci_device_notify_handler), which is the
+//!   same safe outcome.
 //! - **Fallback callout** (`hw.nvme_hotplug.rescan_interval_ms`, 0 = off):
 //!   [`fallback::FallbackRescan::tick`] under the mtx, enqueue the task when it says so.
 //! - **Namespace attribute changed** (NVMe AER): `pending.namespace_changed(slot)`; the task's

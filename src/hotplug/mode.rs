@@ -2,8 +2,10 @@
 //!
 //! # Why this has to be decided at all
 //! acpi_pci.c installs `acpi_pci_device_notify_handler` on every slot object that has `_EJ0`
-//! when the PCI bus attaches (facts §1.1). ACPICA lets several system notify handlers sit on one
-//! object and calls all of them (facts §1.10). If we simply added ours, an eject request would
+//! when the PCI bus attaches (acpi_pci.c acpi_pci_attach). ACPICA lets several system notify
+//! handlers sit on one
+//! object and calls all of them (ACPICA evmisc.c AcpiEvNotifyDispatch). If we simply added ours, an
+//! eject request would
 //! run both: the first `device_detach` + `_EJ0` would be ours, the second acpi_pci's (or the
 //! other way round): a double detach and a double `_EJ0`, possibly of the *next* device
 //! inserted into the slot. So on every slot exactly one party may act on notifies:
@@ -16,7 +18,8 @@
 //!
 //! - *own*: we install our handler, and after acpi_pci's handler has been removed from that slot
 //!   (the glue calls `AcpiRemoveNotifyHandler` from attach or the module load path, never from an
-//!   ACPI task thread, facts §1.9) we do the slot rescan, the safe detach, `_EJ0` and `_OST`.
+//!   ACPI task thread: Osd/OsdSchedule.c AcpiOsWaitEventsComplete) we do the slot rescan, the safe
+//!   detach, `_EJ0` and `_OST`.
 //! - *observe*: we install no notify handler on the slot; acpi_pci (if any) detaches our
 //!   controller through newbus, which runs our ordinary `device_detach` teardown. We still run
 //!   the optional fallback rescan and namespace rescans, which never `_EJ0`.
