@@ -69,7 +69,7 @@ mod kld {
         "pci_read_device", "pci_add_child", "device_probe_and_attach",
         // ACPICA and the FreeBSD ACPI driver
         "AcpiGetHandle", "AcpiGetName", "AcpiWalkNamespace", "AcpiEvaluateObject",
-        "AcpiInstallNotifyHandler", "AcpiRemoveNotifyHandler",
+        "AcpiInstallNotifyHandler", "AcpiRemoveNotifyHandler", "AcpiOsWaitEventsComplete",
         "acpi_get_device", "acpi_GetInteger", "acpi_SetInteger",
         // make_dev(9)/destroy_dev(9)
         "make_dev_s", "make_dev_args_init_impl", "destroy_dev", "destroy_dev_sched_cb",

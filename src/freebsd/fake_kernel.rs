@@ -57,6 +57,9 @@ std::thread_local! {
     static NVME: RefCell<Option<super::fake_nvme::FakeNvme>> = const { RefCell::new(None) };
     static ON_PAUSE: Cell<Option<fn()>> = const { Cell::new(None) };
     static DELAYS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    /// Notify dispatches ACPICA queued with the handler list as it was then (see
+    /// [`queue_notify_dispatch`]); `AcpiOsWaitEventsComplete` runs them.
+    static DISPATCHES: RefCell<Vec<(unsafe extern "C" fn(ACPI_HANDLE, u32, *mut c_void), usize, u32)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Puts an NVMe device model behind `bus_read_4`/`bus_write_4` (until the next `reset`).
@@ -82,6 +85,7 @@ pub fn reset(knobs: Knobs) {
     DISKS.with(|l| l.borrow_mut().clear());
     KNOBS.with(|k| k.set(knobs));
     NVME.with(|n| *n.borrow_mut() = None);
+    DISPATCHES.with(|d| d.borrow_mut().clear());
 }
 
 /// Changes the failure knobs in the middle of a test (the log and fakes are kept).
@@ -230,6 +234,26 @@ pub unsafe extern "C" fn AcpiRemoveNotifyHandler(dev: ACPI_HANDLE, ty: u32, h: A
         NOTIFY.with(|n| n.set(None));
     }
     st
+}
+
+/// Simulates ACPICA queueing notify `value` now (`AcpiEvQueueNotifyRequest` keeps the handler
+/// list as it is at this moment, without a reference) for an `acpi_task` thread that has not run
+/// it yet: the dispatch calls the handler installed now, with its context, when
+/// `AcpiOsWaitEventsComplete` drains the queue, even if the handler was removed in between.
+pub fn queue_notify_dispatch(value: u32) {
+    let (f, ctx) = NOTIFY.with(|n| n.get()).expect("no notify handler installed");
+    DISPATCHES.with(|d| d.borrow_mut().push((f, ctx as usize, value)));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn AcpiOsWaitEventsComplete() {
+    record("AcpiOsWaitEventsComplete");
+    let queued = DISPATCHES.with(|d| core::mem::take(&mut *d.borrow_mut()));
+    for (f, ctx, value) in queued {
+        // SAFETY: the handler and context that were installed when the notify was queued; the
+        // test checks they are still alive, which is what the wrapper must guarantee.
+        unsafe { f(0x5107 as ACPI_HANDLE, value, ctx as *mut c_void) };
+    }
 }
 
 #[no_mangle]

@@ -294,6 +294,9 @@ fn module_load_eject_and_unload_through_the_freebsd_glue() {
     let remove = first(&log[u..], "AcpiRemoveNotifyHandler") + u;
     assert!(log[remove].contains("same_handler=true"), "{}", log[remove]);
     assert!(remove < first(&log[u..], "destroy_dev_drain") + u);
+    // The queued-notify barrier comes after the removal and before anything is freed.
+    let wait = first(&log[remove..], "AcpiOsWaitEventsComplete") + remove;
+    assert!(wait < first(&log[u..], "destroy_dev_drain") + u && wait < last(&log, "taskqueue_free"), "{log:#?}");
     assert!(remove < last(&log, "taskqueue_free"));
     assert!(log.last().unwrap().contains("unloaded (1 ACPI notify handlers removed)"), "{log:#?}");
 }
