@@ -32,6 +32,9 @@ pub struct Knobs {
     pub pci_class: [u8; 3],
     /// `hw.nvme_hotplug.claim`.
     pub claim: c_int,
+    /// pci0 has an ACPI handle, so acpi_pci drives it and its handler is on every `_EJ0` slot
+    /// (stock FreeBSD); otherwise pci0 is a plain pci bus and nobody else handles the slots.
+    pub acpi_pci_bus: bool,
 }
 
 std::thread_local! {
@@ -57,6 +60,9 @@ std::thread_local! {
     static NVME: RefCell<Option<super::fake_nvme::FakeNvme>> = const { RefCell::new(None) };
     static ON_PAUSE: Cell<Option<fn()>> = const { Cell::new(None) };
     static DELAYS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    /// The driver of a pci0 function's device_t when it is not nvmehp ([`set_driver`]):
+    /// `Some(name)` another driver's, `None` no driver (DS_NOTPRESENT).
+    static DRIVERS: RefCell<std::collections::BTreeMap<(u8, u8), Option<&'static CStr>>> = const { RefCell::new(std::collections::BTreeMap::new()) };
     /// Notify dispatches ACPICA queued with the handler list as it was then (see
     /// [`queue_notify_dispatch`]); `AcpiOsWaitEventsComplete` runs them.
     static DISPATCHES: RefCell<Vec<(unsafe extern "C" fn(ACPI_HANDLE, u32, *mut c_void), usize, u32)>> = const { RefCell::new(Vec::new()) };
@@ -86,6 +92,22 @@ pub fn reset(knobs: Knobs) {
     KNOBS.with(|k| k.set(knobs));
     NVME.with(|n| *n.borrow_mut() = None);
     DISPATCHES.with(|d| d.borrow_mut().clear());
+    DRIVERS.with(|d| d.borrow_mut().clear());
+}
+
+/// Gives the device_t of pci0's `slot`.`func` another driver (`Some(c"nvme")`) or none
+/// (`None`: probed, no driver took it); without this every device is nvmehp's.
+pub fn set_driver(slot: u8, func: u8, driver: Option<&'static CStr>) {
+    DRIVERS.with(|d| d.borrow_mut().insert((slot, func), driver));
+}
+
+fn driver_entry(dev: device_t) -> Option<Option<&'static CStr>> {
+    function_of(dev).and_then(|k| DRIVERS.with(|d| d.borrow().get(&k).copied()))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_is_alive(dev: device_t) -> c_int {
+    c_int::from(!matches!(driver_entry(dev), Some(None)))
 }
 
 /// Changes the failure knobs in the middle of a test (the log and fakes are kept).
@@ -776,7 +798,10 @@ pub unsafe extern "C" fn AcpiEvaluateObject(h: ACPI_HANDLE, path: ACPI_STRING, a
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmehp_acpi_get_handle(_dev: device_t) -> ACPI_HANDLE {
+pub unsafe extern "C" fn nvmehp_acpi_get_handle(dev: device_t) -> ACPI_HANDLE {
+    if knobs().acpi_pci_bus && dev as usize == PCI0 {
+        return PCI0_ACPI as ACPI_HANDLE; // acpi_pci's bus: its handler is on the slot
+    }
     core::ptr::null_mut() // the bus is not acpi_pci's: nobody else handles the slot
 }
 
@@ -939,8 +964,12 @@ pub unsafe extern "C" fn device_get_nameunit(_dev: device_t) -> *const c_char {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn device_get_name(_dev: device_t) -> *const c_char {
-    c"nvmehp".as_ptr()
+pub unsafe extern "C" fn device_get_name(dev: device_t) -> *const c_char {
+    match driver_entry(dev) {
+        Some(Some(name)) => name.as_ptr(),
+        Some(None) => core::ptr::null(),
+        None => c"nvmehp".as_ptr(),
+    }
 }
 
 #[no_mangle]

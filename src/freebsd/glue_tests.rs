@@ -783,3 +783,94 @@ fn probe_never_outbids_nvme4() {
         assert!(bindings::BUS_PROBE_NOWILDCARD < bindings::BUS_PROBE_HOOVER);
     }
 }
+
+/// Loads the module on the fake pci0 and runs discovery.
+fn load_module(knobs: Knobs) {
+    use super::module::nvmehp_modevent;
+    fk::reset(knobs);
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_LOAD as i32, arg), 0);
+}
+
+fn unload_module() {
+    use super::module::nvmehp_modevent;
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
+}
+
+/// On a slot we own, nvme(4)'s device is never detached or deleted by our task: not when a
+/// device check finds it stale (its detach would sleep until its disks are unmounted, holding
+/// our task and with it kldunload), and not for an eject request, which is refused with
+/// `_OST` 0x80 before `_EJ0`. A stale child that no driver took is deleted (no driver code
+/// runs), without a device_detach.
+#[test]
+fn a_stale_nvme4_device_is_left_alone() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    load_module(Knobs::default());
+    fk::set_function(3, 0, fk::FakeFn { vendor: 0xffff, hdrtype: 0, child: true });
+    fk::set_driver(3, 0, Some(c"nvme"));
+    fk::run_queued(); // discovery: the slot is ours (pci0 is not acpi_pci's)
+    assert!(fk::log().iter().any(|l| l.contains("1 owned (1 handlers)")), "{:#?}", fk::log());
+
+    fk::record("-- device check, stale nvme(4) --");
+    fk::deliver_notify(1);
+    fk::run_queued();
+    let log = fk::log();
+    let s = first(&log, "-- device check, stale nvme(4) --");
+    assert!(positions(&log[s..], "device_detach").is_empty() && positions(&log[s..], "device_delete_child").is_empty(), "{:#?}", &log[s..]);
+    assert!(log[s..].iter().any(|l| l.contains("stale device left alone: it is another driver's device")), "{:#?}", &log[s..]);
+    assert!(fk::function(3, 0).child);
+
+    fk::record("-- eject, live nvme(4) --");
+    fk::set_function(3, 0, fk::FakeFn { vendor: 0x1b36, hdrtype: 0, child: true });
+    fk::deliver_notify(3);
+    fk::run_queued();
+    let log = fk::log();
+    let e = first(&log, "-- eject, live nvme(4) --");
+    let slot = fk::SLOT3 as *const u8;
+    assert!(positions(&log[e..], "device_detach").is_empty() && positions(&log[e..], "acpi_SetInteger").is_empty(), "{:#?}", &log[e..]);
+    assert!(positions(&log[e..], &std::format!("AcpiEvaluateObject {slot:p} _OST(0x3, 0x80)")).len() == 1, "{:#?}", &log[e..]);
+
+    fk::record("-- device check, stale driverless --");
+    fk::set_function(3, 0, fk::FakeFn { vendor: 0xffff, hdrtype: 0, child: true });
+    fk::set_driver(3, 0, None);
+    fk::deliver_notify(1);
+    fk::run_queued();
+    let log = fk::log();
+    let d = first(&log, "-- device check, stale driverless --");
+    assert!(positions(&log[d..], "device_detach").is_empty(), "{:#?}", &log[d..]);
+    assert_eq!(positions(&log[d..], "device_delete_child").len(), 1, "{:#?}", &log[d..]);
+    assert!(!fk::function(3, 0).child);
+    unload_module();
+}
+
+/// Stock FreeBSD: pci0 is acpi_pci's, whose handler is on the slot, so `acpi_mode=auto`
+/// observes it. Our controller there vanished (its watchdog calls controller_lost): the task's
+/// check neither detaches nor deletes it (acpi_pci's eject or BUS_RESCAN does, and a delete of
+/// ours could race pci_rescan_method's list of children), nor rescans; it says so once.
+#[test]
+fn a_slot_observed_by_acpi_pci_is_not_swept() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    load_module(Knobs { acpi_pci_bus: true, ..Knobs::default() });
+    fk::insert_slot3(0xffff); // our controller's device_t, its function gone
+    fk::run_queued(); // discovery
+    let log = fk::log();
+    assert!(log.iter().any(|l| l.contains("(acpi_mode=auto): 0 owned (0 handlers), 1 observed")), "{log:#?}");
+    assert!(positions(&log, "AcpiInstallNotifyHandler").is_empty());
+
+    for round in 0..2 {
+        fk::record("-- lost --");
+        super::slots::controller_lost(dev());
+        fk::run_queued();
+        let log = fk::log();
+        let l = last(&log, "-- lost --");
+        for call in ["device_detach", "device_delete_child", "BUS_RESCAN", "pci_add_child", "acpi_SetInteger", "AcpiEvaluateObject"] {
+            assert!(positions(&log[l..], call).is_empty(), "round {round}: {call} on an observed slot: {:#?}", &log[l..]);
+        }
+        let said = log[l..].iter().filter(|s| s.contains("its device is gone; left alone (acpi_pci handles this slot)")).count();
+        assert_eq!(said, usize::from(round == 0), "reported once: {:#?}", &log[l..]);
+    }
+    assert!(fk::function(3, 0).child);
+    unload_module();
+}

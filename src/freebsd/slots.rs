@@ -39,7 +39,7 @@ use crate::hotplug::machine::{HotplugConfig, SlotMachine};
 use crate::hotplug::mode::{self, AcpiMode, InTreeHandler, Role};
 use crate::hotplug::ost::OstStatus;
 use crate::hotplug::pending::{PendingEvents, PendingSnapshot};
-use crate::hotplug::slot_ops::{DetachError, DetachReason, OpFailed, SlotIndex, SlotOps};
+use crate::hotplug::slot_ops::{DetachError, DetachReason, LeftAlone, OpFailed, SlotIndex, SlotOps};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
@@ -74,6 +74,8 @@ struct SlotInfo {
 /// What discovery found; immutable after it, except through its mutexes and the task cell.
 struct Discovered {
     bus: PciBus,
+    /// acpi_pci's handler is on the bus's slots (it drives the bus).
+    in_tree: InTreeHandler,
     slots: Vec<SlotInfo>,
     pending: Pin<Box<Mutex<PendingState>>>,
     /// Only the hotplug task's thread uses it (see [`HotplugTask`]).
@@ -340,13 +342,14 @@ impl TaskHandler for HotplugTask {
         Stat::HotplugFailures.add(i64::from(r.failures));
         if r.detaches + r.ejected + r.refused + r.failures > 0 {
             kprintf!(
-                "nvme_hotplug: hotplug run: {} rescans, {} detaches ({} stale), {} ejected, {} refused, {} failures\n",
+                "nvme_hotplug: hotplug run: {} rescans, {} detaches ({} stale), {} ejected, {} refused, {} failures, {} left alone\n",
                 r.rescans,
                 r.detaches,
                 r.swept,
                 r.ejected,
                 r.refused,
-                r.failures
+                r.failures,
+                r.left_alone
             );
         }
         if let Some(us) = r.rerun_after_us {
@@ -416,6 +419,7 @@ fn discover(hp: HpRef) {
     };
     let d = Box::leak(box_waitok(Discovered {
         bus: PciBus::new(bus),
+        in_tree,
         slots,
         pending,
         machine: UnsafeCell::new(MachineState { machine: SlotMachine::new(roles, HotplugConfig::default()), snapshot }),
@@ -469,6 +473,29 @@ fn discover(hp: HpRef) {
 }
 
 // --- SlotOps --------------------------------------------------------------------------------
+
+/// Who drives a PCI function's `device_t`, for the rule that the hotplug task detaches and
+/// deletes only what is its own.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Driver {
+    /// nvmehp: our detach never waits for users of a gone device (the disk is freed from
+    /// `d_gone` later), and refuses with EBUSY for an eject while a node or disk is open.
+    Ours,
+    /// No driver took it (`DS_NOTPRESENT`): deleting it runs no driver code.
+    None,
+    /// Another driver (nvme(4), or anything else): never touched.
+    Other,
+}
+
+fn driver_of(dev: Device) -> Driver {
+    if !dev.is_alive() {
+        Driver::None
+    } else if dev.class_name() == c"nvmehp" {
+        Driver::Ours
+    } else {
+        Driver::Other
+    }
+}
 
 /// The state machine's actions on FreeBSD. Each takes `bus_topo_lock()` itself.
 pub struct FreeBsdSlots<'a> {
@@ -526,13 +553,46 @@ impl SlotOps for FreeBsdSlots<'_> {
         }
     }
 
+    /// Detaches and deletes the slot's functions, only on a slot we own and only if every
+    /// function is ours or driverless.
+    ///
+    /// - **Never another driver's device.** nvme(4)'s detach sleeps until every disk of the
+    ///   controller has been closed (`nvd_controller_fail`, sys/dev/nvd/nvd.c): a mounted file
+    ///   system would hold this task, and with it kldunload, which drains the task. So a slot
+    ///   with any function of another driver is refused as a whole ([`DetachError::NotOurs`])
+    ///   before anything is detached; the administrator can `devctl detach` it.
+    /// - **Driverless children** (no driver took them) are deleted: `device_delete_child` of a
+    ///   device that is not attached runs no driver code and waits for nobody, which is what
+    ///   `pci_rescan_method` (sys/dev/pci/pci.c) does to a function that stopped answering. That
+    ///   is safe only because no rescan of the bus can run concurrently: slots we own are on a
+    ///   bus acpi_pci does not drive (`acpi_pci_probe` takes only buses with an ACPI handle), so
+    ///   no notify handler rescans it. (`devctl rescan` by hand is the administrator's race.)
+    /// - **Never on an observed slot.** The state machine does not ask (its observer rule); the
+    ///   role is checked again here so that no caller can get around it.
     fn detach_slot(&mut self, i: SlotIndex, why: DetachReason) -> Result<(), DetachError> {
         let Some(s) = self.slot(i) else { return Err(DetachError::Failed) };
+        if s.role != Role::Owner {
+            kprintf!("nvme_hotplug: slot {:?} is only observed: not detaching it\n", s.handle);
+            return Err(DetachError::Failed);
+        }
         let topo = TopoLock::lock();
         let bus = self.d.bus;
         // Re-checked under the lock: someone else (acpi_pci, devctl) may have removed it.
         if bus.child_at(s.pci_slot, 0).is_none() {
             return Err(DetachError::NoDevice);
+        }
+        // Every function first: a slot is refused whole, never half detached.
+        for f in 0..=super::bindings::PCI_FUNCMAX as u8 {
+            let Some(child) = bus.child_at(s.pci_slot, f) else { continue };
+            if driver_of(child) == Driver::Other {
+                dev_printf!(
+                    &child,
+                    "slot {:?}: {} left alone: it is another driver's device (devctl detach it first)\n",
+                    s.handle,
+                    if why == DetachReason::Eject { "eject request refused" } else { "stale device" }
+                );
+                return Err(DetachError::NotOurs);
+            }
         }
         // Functions last first, as Linux's disable_slot does (drivers/pci/hotplug/acpiphp_glue.c).
         for f in (0..=super::bindings::PCI_FUNCMAX as u8).rev() {
@@ -541,7 +601,11 @@ impl SlotOps for FreeBsdSlots<'_> {
                 dev_printf!(&child, "eject request refused: a node or disk is open\n");
                 return Err(DetachError::InUse);
             }
-            match topo.detach(child) {
+            let detached = match driver_of(child) {
+                Driver::None => Ok(()), // not attached: device_delete_child alone
+                _ => topo.detach(child),
+            };
+            match detached {
                 Ok(()) => {}
                 Err(e) if e == super::bindings::EBUSY => return Err(DetachError::Busy),
                 Err(e) => {
@@ -577,6 +641,18 @@ impl SlotOps for FreeBsdSlots<'_> {
         let topo = TopoLock::lock();
         let Some(child) = self.d.bus.child_at(s.pci_slot, 0) else { return Err(OpFailed) };
         super::pci_driver::rescan_namespaces(child, &topo).map_err(|_| OpFailed)
+    }
+
+    fn left_alone(&mut self, i: SlotIndex, what: LeftAlone) {
+        let Some(s) = self.slot(i) else { return };
+        let dev = self.d.bus.device();
+        let bus = core::str::from_utf8(dev.nameunit().to_bytes()).unwrap_or("pci");
+        let who = if self.d.in_tree == InTreeHandler::Absent { "acpi_mode=off" } else { "acpi_pci handles this slot" };
+        let what = match what {
+            LeftAlone::Stale => "its device is gone",
+            LeftAlone::New => "a new function answers",
+        };
+        kprintf!("nvme_hotplug: slot {:?}: {}; left alone ({}): `devctl rescan {}` updates the bus\n", s.handle, what, who, bus);
     }
 }
 

@@ -24,7 +24,7 @@ use super::ost::{OstStatus, SOURCE_BUS_CHECK, SOURCE_DEVICE_CHECK, SOURCE_EJECT_
 use super::pending::{Pending, PendingEvents, PendingSnapshot};
 use super::mode::Role;
 use super::slot::{Slot, SlotState};
-use super::slot_ops::{DetachError, DetachReason, SlotIndex, SlotOps};
+use super::slot_ops::{DetachError, DetachReason, LeftAlone, SlotIndex, SlotOps};
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -66,6 +66,9 @@ pub struct RunReport {
     pub ejected: u32,
     /// Failures (rescan, detach, `_EJ0`, eject never completed, eject of an empty slot).
     pub failures: u32,
+    /// Changes a check found and left alone: stale or new devices on slots we only observe,
+    /// and stale devices of other drivers.
+    pub left_alone: u32,
     /// ACPI events ignored because we only observe the slot.
     pub ignored: u32,
     /// Namespace rescans.
@@ -189,6 +192,7 @@ impl SlotMachine {
                     let status = match e {
                         DetachError::Busy => OstStatus::DeviceBusy,
                         DetachError::InUse => OstStatus::DeviceInUse,
+                        DetachError::NotOurs => OstStatus::EjectNotSupported,
                         _ => OstStatus::NonSpecificFailure,
                     };
                     if status == OstStatus::NonSpecificFailure {
@@ -234,10 +238,37 @@ impl SlotMachine {
     }
 
     /// Device, bus or quiet fallback check; returns whether it succeeded (for `_OST`).
+    ///
+    /// **Observer rule.** On a slot we do not own (acpi_pci's handler is installed there, or
+    /// `acpi_mode=off`) the check changes nothing: no slot rescan, no detach, no delete; it only
+    /// reports ([`SlotOps::left_alone`]). acpi_pci acts on that slot from an ACPI task under
+    /// `bus_topo_lock` (`acpi_pci_device_notify_handler`, sys/dev/acpica/acpi_pci.c), and its
+    /// `BUS_RESCAN` (`pci_rescan_method`, sys/dev/pci/pci.c) keeps a list of the bus's children
+    /// across sleeps (detach, attach, `M_WAITOK` devinfo allocations) during which Giant, the
+    /// topology lock, is given up: a child we deleted meanwhile would be deleted again from its
+    /// stale list, a function we added could be added twice, and a detach of ours racing its
+    /// eject makes its `device_detach` fail, so it skips `_EJ0` and the eject is lost. Only
+    /// namespace rescans (inside our own driver) run on such slots.
     fn check<O: SlotOps>(&mut self, i: SlotIndex, ops: &mut O, r: &mut RunReport) -> bool {
         let child = ops.has_child(i);
         // Attaching needs config space; declaring a device stale needs every source to agree.
         let (attachable, alive) = if child { (false, Self::alive(i, ops)) } else { (ops.present(i), false) };
+        if self.roles[i] != Role::Owner {
+            let what = match (attachable, child, alive) {
+                (true, false, _) => Some(LeftAlone::New),
+                (_, true, false) => Some(LeftAlone::Stale),
+                _ => None,
+            };
+            if what.is_some() {
+                r.left_alone += 1;
+            }
+            let slot = &mut self.slots[i];
+            if let (Some(w), true) = (what, what != slot.left_alone) {
+                ops.left_alone(i, w);
+            }
+            slot.left_alone = what;
+            return true;
+        }
         let ok = match (attachable, child, alive) {
             (true, false, _) => {
                 r.rescans += 1;
@@ -250,6 +281,12 @@ impl SlotMachine {
                     true
                 }
                 Err(DetachError::NoDevice) => true,
+                // Another driver's device: left alone on purpose (the glue said so), not a
+                // failure of the check.
+                Err(DetachError::NotOurs) => {
+                    r.left_alone += 1;
+                    true
+                }
                 Err(_) => false,
             },
             // Already attached (a spurious or duplicated check), or nothing there.

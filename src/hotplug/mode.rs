@@ -21,8 +21,11 @@
 //!   ACPI task thread: Osd/OsdSchedule.c AcpiOsWaitEventsComplete) we do the slot rescan, the safe
 //!   detach, `_EJ0` and `_OST`.
 //! - *observe*: we install no notify handler on the slot; acpi_pci (if any) detaches our
-//!   controller through newbus, which runs our ordinary `device_detach` teardown. We still run
-//!   the optional fallback rescan and namespace rescans, which never `_EJ0`.
+//!   controller through newbus, which runs our ordinary `device_detach` teardown, and our
+//!   EBUSY for an open node or disk makes it skip `_EJ0`. Our task never changes the slot's
+//!   topology (no rescan, detach or delete; see `SlotMachine::check`, the observer rule): the
+//!   optional fallback check and a controller that saw itself vanish only report what they
+//!   found. Namespace rescans (inside our own driver) still run.
 //! - `auto` is the default: fill the gaps (kernels before r353586, slots acpi_pci did not see at
 //!   bus attach) and leave the rest to the kernel, which already works on current FreeBSD.
 //! - "Removable" means the glue can name acpi_pci's handler function to `AcpiRemoveNotifyHandler`
