@@ -35,6 +35,8 @@ pub struct Knobs {
     /// pci0 has an ACPI handle, so acpi_pci drives it and its handler is on every `_EJ0` slot
     /// (stock FreeBSD); otherwise pci0 is a plain pci bus and nobody else handles the slots.
     pub acpi_pci_bus: bool,
+    /// nvme(4) is in the kernel: `devclass_find("nvme")` finds its devclass.
+    pub nvme4_loaded: bool,
 }
 
 std::thread_local! {
@@ -907,7 +909,10 @@ pub unsafe extern "C" fn nvmehp_dev_sysctl_u64(_ctx: *mut sysctl_ctx_list, _dev:
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn devclass_find(_name: *const c_char) -> devclass_t {
+pub unsafe extern "C" fn devclass_find(name: *const c_char) -> devclass_t {
+    if cstr(name) == "nvme" && knobs().nvme4_loaded {
+        return 0xdc as devclass_t; // never dereferenced
+    }
     core::ptr::null_mut()
 }
 

@@ -172,6 +172,7 @@ pub fn load() -> Result<HotplugModule, core::ffi::c_int> {
             AcpiMode::Auto
         }
     };
+    super::claim::announce(tunables::claim());
     let hp = NonNull::from(Box::leak(box_waitok(Hotplug {
         mode,
         interval_ms: tunables::rescan_interval_ms(),
@@ -448,6 +449,17 @@ fn discover(hp: HpRef) {
         kprintf!(
             "nvme_hotplug: acpi_mode=own: acpi_pci's notify handler cannot be removed from {} slots; observing them\n",
             downgraded
+        );
+    }
+    if in_tree == InTreeHandler::Fixed && owned == 0 && !d.slots.is_empty() {
+        // Stock FreeBSD: say plainly what runs and what does not (nvme_hotplug.4, "STOCK
+        // FREEBSD"). acpi_pci's handler is a static function of acpi_pci.c, so a module cannot
+        // remove it, and two acting handlers would detach and _EJ0 twice (mode.rs).
+        kprintf!(
+            "nvme_hotplug: acpi_pci handles these slots (its handler cannot be removed): it rescans the bus on a device check and detaches + _EJ0s on an eject request\n"
+        );
+        kprintf!(
+            "nvme_hotplug: running: safe detach of nvmehp controllers, eject refused (EBUSY, no _EJ0) while a node or disk is open, namespace rescans; not running: _OST, slot-only rescans, stale-device sweeps\n"
         );
     }
     let rescan = FallbackRescan::new(hp.interval_ms);

@@ -28,6 +28,13 @@
 //!   found. Namespace rescans (inside our own driver) still run.
 //! - `auto` is the default: fill the gaps (kernels before r353586, slots acpi_pci did not see at
 //!   bus attach) and leave the rest to the kernel, which already works on current FreeBSD.
+//!   On stock FreeBSD 15 every slot is "present, not removable", so `auto` observes them all:
+//!   acpi_pci rescans and ejects, our detach keeps the teardown safe and refuses an eject with
+//!   EBUSY while a node or disk is open (acpi_pci then skips `_EJ0`), namespace rescans run;
+//!   no `_OST`, no slot rescan, no sweep (README "On stock FreeBSD 15", nvme_hotplug.4). We do
+//!   not answer `_OST` there: we cannot tell when acpi_pci's handler has finished without
+//!   waiting on the ACPI task queue, and such a wait can last as long as an nvme(4) detach
+//!   waits for an unmount, which our task (drained at unload) must never do.
 //! - "Removable" means the glue can name acpi_pci's handler function to `AcpiRemoveNotifyHandler`
 //!   (it is a static function of acpi_pci.c, found through the kernel linker's symbol table).
 //!   If it cannot, the handler is "not removable" and `own` must degrade to observing: the
