@@ -820,7 +820,7 @@ fn a_stale_nvme4_device_is_left_alone() {
     let log = fk::log();
     let s = first(&log, "-- device check, stale nvme(4) --");
     assert!(positions(&log[s..], "device_detach").is_empty() && positions(&log[s..], "device_delete_child").is_empty(), "{:#?}", &log[s..]);
-    assert!(log[s..].iter().any(|l| l.contains("stale device left alone: it is another driver's device")), "{:#?}", &log[s..]);
+    assert!(log[s..].iter().any(|l| l.contains("its device is gone; left alone (another driver's device")), "{:#?}", &log[s..]);
     assert!(fk::function(3, 0).child);
 
     fk::record("-- eject, live nvme(4) --");

@@ -597,12 +597,14 @@ impl SlotOps for FreeBsdSlots<'_> {
         for f in 0..=super::bindings::PCI_FUNCMAX as u8 {
             let Some(child) = bus.child_at(s.pci_slot, f) else { continue };
             if driver_of(child) == Driver::Other {
-                dev_printf!(
-                    &child,
-                    "slot {:?}: {} left alone: it is another driver's device (devctl detach it first)\n",
-                    s.handle,
-                    if why == DetachReason::Eject { "eject request refused" } else { "stale device" }
-                );
+                // A sweep's NotOurs is reported by left_alone (once, not at every tick).
+                if why == DetachReason::Eject {
+                    dev_printf!(
+                        &child,
+                        "slot {:?}: eject request refused: it is another driver's device (devctl detach it first)\n",
+                        s.handle
+                    );
+                }
                 return Err(DetachError::NotOurs);
             }
         }
@@ -660,9 +662,10 @@ impl SlotOps for FreeBsdSlots<'_> {
         let dev = self.d.bus.device();
         let bus = core::str::from_utf8(dev.nameunit().to_bytes()).unwrap_or("pci");
         let who = if self.d.in_tree == InTreeHandler::Absent { "acpi_mode=off" } else { "acpi_pci handles this slot" };
-        let what = match what {
-            LeftAlone::Stale => "its device is gone",
-            LeftAlone::New => "a new function answers",
+        let (what, who) = match what {
+            LeftAlone::Stale => ("its device is gone", who),
+            LeftAlone::New => ("a new function answers", who),
+            LeftAlone::OtherDriver => ("its device is gone", "another driver's device: `devctl detach` it first"),
         };
         kprintf!("nvme_hotplug: slot {:?}: {}; left alone ({}): `devctl rescan {}` updates the bus\n", s.handle, what, who, bus);
     }

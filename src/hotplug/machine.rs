@@ -259,16 +259,10 @@ impl SlotMachine {
                 (_, true, false) => Some(LeftAlone::Stale),
                 _ => None,
             };
-            if what.is_some() {
-                r.left_alone += 1;
-            }
-            let slot = &mut self.slots[i];
-            if let (Some(w), true) = (what, what != slot.left_alone) {
-                ops.left_alone(i, w);
-            }
-            slot.left_alone = what;
+            self.note_left_alone(i, what, ops, r);
             return true;
         }
+        let mut left = None;
         let ok = match (attachable, child, alive) {
             (true, false, _) => {
                 r.rescans += 1;
@@ -281,10 +275,9 @@ impl SlotMachine {
                     true
                 }
                 Err(DetachError::NoDevice) => true,
-                // Another driver's device: left alone on purpose (the glue said so), not a
-                // failure of the check.
+                // Another driver's device: left alone on purpose, not a failure of the check.
                 Err(DetachError::NotOurs) => {
-                    r.left_alone += 1;
+                    left = Some(LeftAlone::OtherDriver);
                     true
                 }
                 Err(_) => false,
@@ -292,10 +285,24 @@ impl SlotMachine {
             // Already attached (a spurious or duplicated check), or nothing there.
             _ => true,
         };
+        self.note_left_alone(i, left, ops, r);
         if !ok {
             r.failures += 1;
         }
         ok
+    }
+
+    /// Counts what a check left alone and reports it when the finding changed (a periodic
+    /// check that finds the same stale device again is counted, not reported again).
+    fn note_left_alone<O: SlotOps>(&mut self, i: SlotIndex, what: Option<LeftAlone>, ops: &mut O, r: &mut RunReport) {
+        if what.is_some() {
+            r.left_alone += 1;
+        }
+        let slot = &mut self.slots[i];
+        if let (Some(w), true) = (what, what != slot.left_alone) {
+            ops.left_alone(i, w);
+        }
+        slot.left_alone = what;
     }
 }
 

@@ -39,14 +39,15 @@ pub enum DetachError {
     Failed,
 }
 
-/// What the state machine found on a slot it only observes and left for the party that handles
-/// the slot (see [`SlotOps::left_alone`]).
+/// What a check found and, by rule, left for someone else (see [`SlotOps::left_alone`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeftAlone {
     /// A `device_t` whose device no longer answers (config space and `_STA` agree).
     Stale,
     /// A function that answers and has no `device_t` yet.
     New,
+    /// On a slot we own: a stale device of another driver ([`DetachError::NotOurs`]).
+    OtherDriver,
 }
 
 /// A slot action failed (rescan, `_EJ0`, namespace rescan).
@@ -77,8 +78,8 @@ pub trait SlotOps {
     /// A namespace attribute changed on the controller in this slot: re-read the namespace
     /// list, add new namespaces, remove deleted ones.
     fn rescan_namespaces(&mut self, slot: SlotIndex) -> Result<(), OpFailed>;
-    /// A check of a slot we only observe found something to add or remove and, by the observer
-    /// rule, did nothing: say so (the kernel glue prints what the administrator can do). Called
-    /// when the finding changes, not at every check that repeats it.
+    /// A check found something to add or remove and, by rule, did nothing (a slot we only
+    /// observe, or another driver's stale device): say so (the kernel glue prints what the
+    /// administrator can do). Called when the finding changes, not at every check repeating it.
     fn left_alone(&mut self, _slot: SlotIndex, _what: LeftAlone) {}
 }

@@ -364,6 +364,7 @@ fn other_drivers_devices_are_neither_swept_nor_ejected() {
     let r = hp.run_pending(&mut bus);
     assert_eq!((r.left_alone, r.swept, r.failures), (1, 0, 0));
     assert!(bus.child[0]);
+    assert_eq!(bus.count(|c| matches!(c, Call::LeftAlone(0, LeftAlone::OtherDriver))), 1);
     hp.notify(1, 3);
     let r = hp.run_pending(&mut bus);
     assert_eq!(r.refused, 1);
