@@ -964,7 +964,10 @@ pub unsafe extern "C" fn device_set_desc(_dev: device_t, desc: *const c_char) {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn device_get_nameunit(_dev: device_t) -> *const c_char {
+pub unsafe extern "C" fn device_get_nameunit(dev: device_t) -> *const c_char {
+    if dev as usize == PCI0 {
+        return c"pci0".as_ptr();
+    }
     c"nvmehp0".as_ptr()
 }
 

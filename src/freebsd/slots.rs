@@ -21,8 +21,12 @@
 //! *other* slots whose function stopped answering. `rescan_slot` instead walks the one slot
 //! under the topology lock ([`super::slot_rescan`]: what pci_rescan_method does for a slot,
 //! through the global `pci_read_device`/`pci_add_child`), adding and attaching only that
-//! slot's new functions. Only when the walk cannot be done (ARI below the bridge, a function
-//! that could not be added) does it fall back to `BUS_RESCAN` of the bus, and says so.
+//! slot's new functions. When the walk cannot be done (ARI below the bridge, a function that
+//! could not be added) the check fails (`_OST` non-specific failure) and says so; it does not
+//! fall back to `BUS_RESCAN`: pci_rescan_method (sys/dev/pci/pci.c) deletes every child whose
+//! function stopped answering, whatever its driver, and an nvme(4) controller's detach sleeps
+//! until its disks are unmounted (nvd.c nvd_controller_fail), which our task, drained at
+//! unload, must never wait for.
 
 use super::acpi::{AcpiHandle, NotifyHandler, NotifyRegistration, NotifyValue};
 use super::alloc::box_waitok;
@@ -554,13 +558,16 @@ impl SlotOps for FreeBsdSlots<'_> {
                 }
                 Ok(())
             }
-            // The documented fallback: the whole bus, as acpi_pci does for a device check.
+            // No whole-bus fallback (module doc): it would detach other drivers' devices.
             Err(e) => {
-                kprintf!("nvme_hotplug: slot {:?}: {}; rescanning the whole bus\n", s.handle, e);
-                topo.rescan(self.d.bus.device()).map_err(|e| {
-                    kprintf!("nvme_hotplug: rescan for slot {:?} failed: {}\n", s.handle, e);
-                    OpFailed
-                })
+                let dev = self.d.bus.device();
+                kprintf!(
+                    "nvme_hotplug: slot {:?}: {}; not rescanning the whole bus from the hotplug task: `devctl rescan {}` does\n",
+                    s.handle,
+                    e,
+                    core::str::from_utf8(dev.nameunit().to_bytes()).unwrap_or("pci")
+                );
+                Err(OpFailed)
             }
         }
     }
