@@ -34,7 +34,11 @@
 //!   no `_OST`, no slot rescan, no sweep (README "On stock FreeBSD 15", nvme_hotplug.4). We do
 //!   not answer `_OST` there: we cannot tell when acpi_pci's handler has finished without
 //!   waiting on the ACPI task queue, and such a wait can last as long as an nvme(4) detach
-//!   waits for an unmount, which our task (drained at unload) must never do.
+//!   waits for an unmount, which our task (drained at unload) must never do. Nor do we install
+//!   a recording-only handler to learn of the notifies: removing it at unload waits for every
+//!   queued ACPI task (`AcpiRemoveNotifyHandler` and `AcpiOsWaitEventsComplete`), acpi_pci's
+//!   eject of a mounted nvme(4) disk included, so kldunload could hang until an unmount;
+//!   without a handler of ours, unload waits for no ACPI task.
 //! - "Removable" means the glue can name acpi_pci's handler function to `AcpiRemoveNotifyHandler`
 //!   (it is a static function of acpi_pci.c, found through the kernel linker's symbol table).
 //!   If it cannot, the handler is "not removable" and `own` must degrade to observing: the
