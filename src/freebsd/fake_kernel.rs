@@ -39,6 +39,9 @@ pub struct Knobs {
     pub nvme4_loaded: bool,
 }
 
+/// An ACPI notify handler as ACPICA calls it.
+type NotifyFn = unsafe extern "C" fn(ACPI_HANDLE, u32, *mut c_void);
+
 std::thread_local! {
     static LOG: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
     static KNOBS: Cell<Knobs> = Cell::new(Knobs::default());
@@ -67,7 +70,7 @@ std::thread_local! {
     static DRIVERS: RefCell<std::collections::BTreeMap<(u8, u8), Option<&'static CStr>>> = const { RefCell::new(std::collections::BTreeMap::new()) };
     /// Notify dispatches ACPICA queued with the handler list as it was then (see
     /// [`queue_notify_dispatch`]); `AcpiOsWaitEventsComplete` runs them.
-    static DISPATCHES: RefCell<Vec<(unsafe extern "C" fn(ACPI_HANDLE, u32, *mut c_void), usize, u32)>> = const { RefCell::new(Vec::new()) };
+    static DISPATCHES: RefCell<Vec<(NotifyFn, usize, u32)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Puts an NVMe device model behind `bus_read_4`/`bus_write_4` (until the next `reset`).

@@ -180,7 +180,7 @@ fn every_removal_waits_for_queued_notifies_before_the_context_is_freed() {
     let reg = NotifyRegistration::install(slot(), Box::new(LogRecorder { _probe: DropProbe("notify ctx") }))
         .map_err(|e| e.0)
         .unwrap();
-    let (st, reg) = reg.remove().map(|()| ()).unwrap_err();
+    let (st, reg) = reg.remove().unwrap_err();
     assert_eq!(st, AcpiStatus::NOT_FOUND);
     core::mem::forget(reg); // still installed as far as the fake knows: keep its context
     assert_eq!(count(&fk::log(), "AcpiOsWaitEventsComplete"), 0);

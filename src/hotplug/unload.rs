@@ -20,9 +20,9 @@
 //! 2. drain the fallback callout, then our hotplug taskqueue: no hotplug task is running;
 //! 3. tear down every controller ([`super::teardown::teardown`]);
 //! 4. destroy_dev_drain: no scheduled destroy of our cdevsw is pending (kern_conf.c
-//! destroy_dev_drain);
+//!    destroy_dev_drain);
 //! 5. wait for every `d_gone`: they call our code, which must still be loaded (geom_disk.c
-//! g_disk_providergone);
+//!    g_disk_providergone);
 //! 6. free the hotplug taskqueue.
 
 use super::errno::Errno;
