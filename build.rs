@@ -44,6 +44,8 @@ mod kld {
         "device_get_softc", "device_get_nameunit", "device_get_parent", "device_set_desc",
         "device_get_name", "device_get_unit", "device_is_alive", "devclass_find", "devclass_get_maxunit",
         "devclass_get_device",
+        // newbus device state and busy references (kldunload walk, sleeping operations)
+        "device_is_attached", "device_get_state", "device_busy", "device_unbusy",
         "device_delete_child", "bus_alloc_resource", "bus_release_resource", "rman_get_size",
         // memory helpers LLVM may call for copies (kernel exports: sys/libkern/memcpy.c etc.)
         "memcpy", "memmove", "memset", "memcmp",

@@ -104,6 +104,43 @@ impl TopoLock {
     }
 }
 
+impl TopoLock {
+    /// `device_busy(9)`: holds `dev` busy until the returned reference is dropped. In
+    /// FreeBSD 15, device_detach refuses a device whose busy count is not zero with EBUSY,
+    /// before it calls DEVICE_DETACH (sys/kern/subr_bus.c device_detach; device_quiesce and
+    /// so MOD_QUIESCE refuse it too), so neither acpi_pci's eject, `devctl detach`, a slot
+    /// detach nor kldunload can detach the device, and newbus cannot free its softc, while
+    /// the reference is held. Taken under the topology lock, on an attached device: the
+    /// caller has looked it up and checked it under the same lock.
+    pub fn busy(&self, dev: Device) -> BusyRef {
+        // SAFETY: a live device, under the topology lock (it cannot be deleted meanwhile).
+        unsafe { bindings::device_busy(dev.as_raw()) };
+        BusyRef { dev }
+    }
+}
+
+/// A busy reference on a device ([`TopoLock::busy`]); `device_unbusy(9)` on drop. The device
+/// cannot be detached, hence not deleted, while it is held, so the handle stays valid.
+#[must_use = "the device is busy only while the reference is held"]
+pub struct BusyRef {
+    dev: Device,
+}
+
+impl BusyRef {
+    /// The busy device.
+    pub fn device(&self) -> Device {
+        self.dev
+    }
+}
+
+impl Drop for BusyRef {
+    fn drop(&mut self) {
+        // SAFETY: the device is alive (a busy device is never detached or deleted) and this
+        // reference holds one of its busy counts; device_unbusy is a refcount release.
+        unsafe { bindings::device_unbusy(self.dev.as_raw()) };
+    }
+}
+
 impl Drop for TopoLock {
     fn drop(&mut self) {
         // SAFETY: this thread took the lock in TopoLock::lock.

@@ -77,8 +77,23 @@ impl Device {
         unsafe { Device::from_raw(bindings::device_get_parent(self.as_raw())) }
     }
 
+    /// `device_is_attached(9)`: a driver is attached (DEVICE_ATTACH returned 0 and
+    /// DEVICE_DETACH has not completed). Only then is the softc our driver's and set up: newbus
+    /// frees it when the driver is cleared (device_set_driver(dev, NULL) after a failed attach
+    /// or a detach, sys/kern/subr_bus.c) and hands a fresh zeroed one to a probed device.
+    pub fn is_attached(&self) -> bool {
+        // SAFETY: reads the state of a live device.
+        unsafe { bindings::device_is_attached(self.as_raw()) != 0 }
+    }
+
+    /// DEVICE_ATTACH is running for this device (DS_ATTACHING): its attach may be asleep.
+    pub fn is_attaching(&self) -> bool {
+        // SAFETY: reads the state of a live device.
+        unsafe { bindings::device_get_state(self.as_raw()) == bindings::DS_ATTACHING }
+    }
+
     /// The softc the glue declared (`struct nvmehp_softc`), allocated and zeroed by newbus.
-    /// Only meaningful for a device whose driver is nvmehp.
+    /// Only meaningful for a device whose driver is nvmehp; NULL when it has no driver.
     pub fn softc(&self) -> *mut bindings::nvmehp_softc {
         // SAFETY: device_get_softc only reads the device.
         unsafe { bindings::device_get_softc(self.as_raw()).cast() }

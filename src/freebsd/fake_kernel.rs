@@ -37,6 +37,10 @@ pub struct Knobs {
     pub acpi_pci_bus: bool,
     /// nvme(4) is in the kernel: `devclass_find("nvme")` finds its devclass.
     pub nvme4_loaded: bool,
+    /// taskqueue_create returns NULL.
+    pub taskqueue_create_fails: bool,
+    /// What taskqueue_start_threads returns.
+    pub start_threads_error: c_int,
 }
 
 /// An ACPI notify handler as ACPICA calls it.
@@ -65,12 +69,14 @@ std::thread_local! {
     static NVME: RefCell<Option<super::fake_nvme::FakeNvme>> = const { RefCell::new(None) };
     static ON_PAUSE: Cell<Option<fn()>> = const { Cell::new(None) };
     static DELAYS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
-    /// The driver of a pci0 function's device_t when it is not nvmehp ([`set_driver`]):
+    /// The driver of a pci0 function's device_t when it is not nvmehp ([`set_function_driver`]):
     /// `Some(name)` another driver's, `None` no driver (DS_NOTPRESENT).
     static DRIVERS: RefCell<std::collections::BTreeMap<(u8, u8), Option<&'static CStr>>> = const { RefCell::new(std::collections::BTreeMap::new()) };
     /// Notify dispatches ACPICA queued with the handler list as it was then (see
     /// [`queue_notify_dispatch`]); `AcpiOsWaitEventsComplete` runs them.
     static DISPATCHES: RefCell<Vec<(NotifyFn, usize, u32)>> = const { RefCell::new(Vec::new()) };
+    /// The devices of devclass `nvmehp` the newbus model knows ([`newbus_add`]), unit order.
+    static NEWBUS: RefCell<Vec<(usize, FakeDev)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Puts an NVMe device model behind `bus_read_4`/`bus_write_4` (until the next `reset`).
@@ -96,13 +102,14 @@ pub fn reset(knobs: Knobs) {
     DISKS.with(|l| l.borrow_mut().clear());
     KNOBS.with(|k| k.set(knobs));
     NVME.with(|n| *n.borrow_mut() = None);
+    NEWBUS.with(|n| n.borrow_mut().clear());
     DISPATCHES.with(|d| d.borrow_mut().clear());
     DRIVERS.with(|d| d.borrow_mut().clear());
 }
 
 /// Gives the device_t of pci0's `slot`.`func` another driver (`Some(c"nvme")`) or none
 /// (`None`: probed, no driver took it); without this every device is nvmehp's.
-pub fn set_driver(slot: u8, func: u8, driver: Option<&'static CStr>) {
+pub fn set_function_driver(slot: u8, func: u8, driver: Option<&'static CStr>) {
     DRIVERS.with(|d| d.borrow_mut().insert((slot, func), driver));
 }
 
@@ -112,7 +119,11 @@ fn driver_entry(dev: device_t) -> Option<Option<&'static CStr>> {
 
 #[no_mangle]
 pub unsafe extern "C" fn device_is_alive(dev: device_t) -> c_int {
-    c_int::from(!matches!(driver_entry(dev), Some(None)))
+    match driver_entry(dev) {
+        Some(driver) => c_int::from(driver.is_some()),
+        // In the newbus model: probed (DS_ALIVE) or later; otherwise an attached nvmehp device.
+        None => newbus_dev(dev).map_or(1, |d| c_int::from(d.state != DevState::NotPresent)),
+    }
 }
 
 /// Changes the failure knobs in the middle of a test (the log and fakes are kept).
@@ -366,8 +377,15 @@ pub unsafe extern "C" fn bus_teardown_intr(_dev: device_t, _r: *mut resource, co
 
 #[no_mangle]
 pub unsafe extern "C" fn taskqueue_create(name: *const c_char, mflags: c_int, enq: taskqueue_enqueue_fn, ctx: *mut c_void) -> *mut taskqueue {
-    record(format!("taskqueue_create {} mflags={mflags} thread_enqueue={} ctx_set={}", cstr(name), enq.is_some(), !ctx.is_null()));
-    0x7a5c as *mut taskqueue
+    let fails = knobs().taskqueue_create_fails;
+    record(format!(
+        "taskqueue_create {} mflags={mflags} thread_enqueue={} ctx_set={}{}",
+        cstr(name),
+        enq.is_some(),
+        !ctx.is_null(),
+        if fails { " = NULL" } else { "" }
+    ));
+    if fails { core::ptr::null_mut() } else { 0x7a5c as *mut taskqueue }
 }
 
 #[no_mangle]
@@ -378,7 +396,7 @@ pub unsafe extern "C" fn nvmehp_taskqueue_start_threads(tqp: *mut *mut taskqueue
     // SAFETY: valid pointer to the queue slot.
     let q = unsafe { *tqp };
     record(format!("taskqueue_start_threads {q:p} pri={pri} {}", cstr(name)));
-    0
+    knobs().start_threads_error
 }
 
 #[no_mangle]
@@ -718,7 +736,10 @@ pub unsafe extern "C" fn device_get_parent(dev: device_t) -> device_t {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn device_get_softc(_dev: device_t) -> *mut c_void {
+pub unsafe extern "C" fn device_get_softc(dev: device_t) -> *mut c_void {
+    if let Some(d) = newbus_dev(dev) {
+        return d.softc as *mut c_void;
+    }
     if SOFTC.with(|s| s.get()) == 0 {
         SOFTC.with(|s| s.set(leak::<nvmehp_softc>() as usize));
     }
@@ -874,7 +895,7 @@ pub unsafe extern "C" fn device_probe_and_attach(dev: device_t) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn device_detach(dev: device_t) -> c_int {
     record(format!("device_detach {dev:p}"));
-    0
+    newbus_detach(dev)
 }
 
 #[no_mangle]
@@ -913,20 +934,24 @@ pub unsafe extern "C" fn nvmehp_dev_sysctl_u64(_ctx: *mut sysctl_ctx_list, _dev:
 
 #[no_mangle]
 pub unsafe extern "C" fn devclass_find(name: *const c_char) -> devclass_t {
-    if cstr(name) == "nvme" && knobs().nvme4_loaded {
-        return 0xdc as devclass_t; // never dereferenced
+    let name = cstr(name);
+    if name == "nvme" && knobs().nvme4_loaded {
+        return 0xdc as devclass_t; // nvme(4) is in the kernel; never dereferenced
     }
-    core::ptr::null_mut()
+    if name == "nvmehp" && NEWBUS.with(|n| !n.borrow().is_empty()) { NVMEHP_DEVCLASS as devclass_t } else { core::ptr::null_mut() }
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn devclass_get_maxunit(_dc: devclass_t) -> c_int {
-    -1
+pub unsafe extern "C" fn devclass_get_maxunit(dc: devclass_t) -> c_int {
+    if dc as usize == NVMEHP_DEVCLASS { NEWBUS.with(|n| n.borrow().len() as c_int) } else { -1 }
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn devclass_get_device(_dc: devclass_t, _unit: c_int) -> device_t {
-    core::ptr::null_mut()
+pub unsafe extern "C" fn devclass_get_device(dc: devclass_t, unit: c_int) -> device_t {
+    if dc as usize != NVMEHP_DEVCLASS || unit < 0 {
+        return core::ptr::null_mut();
+    }
+    NEWBUS.with(|n| n.borrow().get(unit as usize).map_or(core::ptr::null_mut(), |(d, _)| *d as device_t))
 }
 
 #[no_mangle]
@@ -1055,4 +1080,229 @@ pub fn new_bio(cmd: u16, offset: i64, bcount: i64) -> *mut bio {
 /// A device_t for wrappers that only pass it through to the fakes.
 pub fn fake_device() -> bindings::device_t {
     0xde71ce as bindings::device_t
+}
+
+// --- a newbus model for the devices of devclass nvmehp (sys/kern/subr_bus.c) ---------------
+//
+// Devices added with [`newbus_add`] behave as FreeBSD 15's subr_bus.c makes them; every other
+// device_t keeps the simple fakes above (always "attached", one shared softc, detach = 0).
+// - The devclass is fixed (`devctl set driver -f nvmeN nvmehp`, DF_FIXEDCLASS): a device stays
+//   in devclass nvmehp after a failed attach or a detach, as device_attach and device_detach
+//   only delete non-fixed devices from their devclass.
+// - device_get_softc is NULL unless a driver is set: device_set_driver frees the softc when
+//   the driver is cleared (after a failed attach, after detach) and allocates a zeroed one
+//   when a driver is set (probe, attach).
+// - device_is_attached: state >= DS_ATTACHED.
+// - device_busy/device_unbusy count; device_detach refuses a busy device with EBUSY and a
+//   device in DS_ATTACHING with EBUSY, returns 0 without calling DEVICE_DETACH for one that is
+//   not attached, and otherwise calls our nvmehp_detach; on success the driver is cleared.
+
+const NVMEHP_DEVCLASS: usize = 0xdc0;
+
+/// The newbus state of one modelled device (`device_state_t`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DevState {
+    /// DS_NOTPRESENT: no driver (a failed attach, a detach); softc NULL.
+    NotPresent,
+    /// DS_ALIVE: probed, driver set, softc allocated and zeroed, not attached.
+    Alive,
+    /// DS_ATTACHING: DEVICE_ATTACH is running.
+    Attaching,
+    /// DS_ATTACHED.
+    Attached,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FakeDev {
+    state: DevState,
+    /// The softc (0: NULL).
+    softc: usize,
+    busy: u32,
+}
+
+fn newbus_dev(dev: device_t) -> Option<FakeDev> {
+    NEWBUS.with(|n| n.borrow().iter().find(|(d, _)| *d == dev as usize).map(|(_, f)| *f))
+}
+
+fn newbus_set(dev: device_t, f: impl FnOnce(&mut FakeDev)) {
+    NEWBUS.with(|n| {
+        let mut n = n.borrow_mut();
+        let e = n.iter_mut().find(|(d, _)| *d == dev as usize).expect("device not in the newbus model");
+        f(&mut e.1)
+    })
+}
+
+/// Adds `dev` to devclass nvmehp (the next unit), not attached: as `devctl set driver -f`
+/// leaves a device whose attach has not run yet.
+pub fn newbus_add(dev: device_t) {
+    NEWBUS.with(|n| n.borrow_mut().push((dev as usize, FakeDev { state: DevState::NotPresent, softc: 0, busy: 0 })));
+}
+
+/// The modelled state of `dev`.
+pub fn newbus_state(dev: device_t) -> DevState {
+    newbus_dev(dev).expect("device not in the newbus model").state
+}
+
+/// The modelled busy count of `dev`.
+pub fn newbus_busy(dev: device_t) -> u32 {
+    newbus_dev(dev).expect("device not in the newbus model").busy
+}
+
+fn set_driver(dev: device_t, on: bool) {
+    newbus_set(dev, |d| {
+        if d.softc != 0 {
+            // SAFETY: a softc this model allocated with `leak` (Box) and not freed since.
+            drop(unsafe { Box::from_raw(d.softc as *mut nvmehp_softc) });
+            d.softc = 0;
+        }
+        if on {
+            d.softc = leak::<nvmehp_softc>() as usize;
+        }
+    });
+}
+
+/// device_probe: the driver is set (fresh zeroed softc) and the device is DS_ALIVE.
+pub fn newbus_probe(dev: device_t) {
+    set_driver(dev, true);
+    newbus_set(dev, |d| d.state = DevState::Alive);
+}
+
+/// device_attach: DS_ATTACHING, DEVICE_ATTACH (our nvmehp_attach), then DS_ATTACHED, or on
+/// failure the driver cleared (softc freed: NULL) and DS_NOTPRESENT.
+pub fn newbus_attach(dev: device_t) -> c_int {
+    if newbus_state(dev) != DevState::Alive {
+        newbus_probe(dev);
+    }
+    newbus_set(dev, |d| d.state = DevState::Attaching);
+    // SAFETY: what newbus does: our DEVICE_ATTACH on a device whose driver is nvmehp.
+    let e = unsafe { super::pci_driver::nvmehp_attach(dev) };
+    if e == 0 {
+        newbus_set(dev, |d| d.state = DevState::Attached);
+    } else {
+        set_driver(dev, false);
+        newbus_set(dev, |d| d.state = DevState::NotPresent);
+    }
+    e
+}
+
+/// Puts `dev` into DS_ATTACHING by hand (another thread's attach asleep in DEVICE_ATTACH).
+pub fn newbus_set_attaching(dev: device_t, attaching: bool) {
+    newbus_set(dev, |d| d.state = if attaching { DevState::Attaching } else { DevState::Alive });
+}
+
+fn newbus_detach(dev: device_t) -> c_int {
+    let Some(d) = newbus_dev(dev) else { return 0 };
+    if d.busy > 0 {
+        record(format!("device_detach {dev:p} refused: busy"));
+        return EBUSY;
+    }
+    if d.state == DevState::Attaching {
+        return EBUSY;
+    }
+    if d.state != DevState::Attached {
+        return 0;
+    }
+    // SAFETY: what newbus does: our DEVICE_DETACH on an attached nvmehp device.
+    let e = unsafe { super::pci_driver::nvmehp_detach(dev) };
+    if e == 0 {
+        newbus_set(dev, |d| d.state = DevState::NotPresent);
+        set_driver(dev, false);
+    }
+    e
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_is_attached(dev: device_t) -> c_int {
+    newbus_dev(dev).map_or(1, |d| c_int::from(d.state == DevState::Attached))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_get_state(dev: device_t) -> device_state_t {
+    match newbus_dev(dev).map_or(DevState::Attached, |d| d.state) {
+        DevState::NotPresent => DS_NOTPRESENT,
+        DevState::Alive => DS_ALIVE,
+        DevState::Attaching => DS_ATTACHING,
+        DevState::Attached => DS_ATTACHED,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_busy(dev: device_t) {
+    record(format!("device_busy {dev:p}"));
+    if newbus_dev(dev).is_some() {
+        newbus_set(dev, |d| d.busy += 1);
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_unbusy(dev: device_t) {
+    record(format!("device_unbusy {dev:p}"));
+    if newbus_dev(dev).is_some() {
+        newbus_set(dev, |d| {
+            assert!(d.busy > 0, "device_unbusy of a device that is not busy");
+            d.busy -= 1
+        });
+    }
+}
+
+/// What newbus's driver_module_handler (sys/kern/subr_bus.c) and the kernel linker's
+/// linker_file_unload (sys/kern/kern_linker.c) do around our module event handler at
+/// kldunload, for the devices of the model: MOD_QUIESCE first asks every device
+/// (device_quiesce: EBUSY for a busy one), then our handler; a veto ends the unload unless
+/// `force` (kldunload -f: the quiesce still runs, its error is ignored). MOD_UNLOAD first
+/// detaches every attached device (the first error ends it, and our handler is not called),
+/// then calls our handler. Returns what kldunload(2) would.
+pub fn kldunload(force: bool) -> c_int {
+    use super::module::nvmehp_modevent;
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    let devs: Vec<usize> = NEWBUS.with(|n| n.borrow().iter().map(|(d, _)| *d).collect());
+    record("kldunload: MOD_QUIESCE");
+    let mut q = devs.iter().find_map(|&d| (newbus_busy(d as device_t) > 0).then_some(EBUSY)).unwrap_or(0);
+    if q == 0 {
+        q = nvmehp_modevent(null, MOD_QUIESCE as c_int, arg);
+    }
+    if q != 0 && !force {
+        return q;
+    }
+    record("kldunload: MOD_UNLOAD");
+    for &d in &devs {
+        // SAFETY: the fake device_detach (records, then the model's detach).
+        let e = unsafe { device_detach(d as device_t) };
+        if e != 0 {
+            return e;
+        }
+    }
+    nvmehp_modevent(null, MOD_UNLOAD as c_int, arg)
+}
+
+/// kldload: driver_module_handler calls our MOD_LOAD, then overwrites its result with
+/// devclass_add_driver's (0 here): the module is loaded whatever our handler returned.
+pub fn kldload() -> c_int {
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    let ours = super::module::nvmehp_modevent(null, MOD_LOAD as c_int, arg);
+    record(format!("kldload: our MOD_LOAD returned {ours}"));
+    0
+}
+
+// --- what a full attach through nvmehp_attach needs besides the above ---------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_enable_busmaster(_dev: device_t) -> c_int {
+    record("pci_enable_busmaster");
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_tunable_io_queues() -> u32 {
+    1
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_tunable_io_entries() -> u32 {
+    64
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_tunable_cmd_timeout_ms() -> u32 {
+    30_000
 }

@@ -287,6 +287,15 @@ impl FakeNvme {
         }
     }
 
+    /// Completes every held I/O command successfully (a read's first page filled with
+    /// `fill`), as a slow but healthy device eventually does.
+    pub fn complete_held(&mut self) {
+        for (cid, prp1) in core::mem::take(&mut self.held) {
+            write_mem(prp1, &[self.fill; 512]);
+            Self::post(&mut self.io, 1, cid, 0, 0);
+        }
+    }
+
     /// The device finally does what it still owes: writes `fill` into the buffer of every held
     /// read (one page each), as a runaway DMA engine would.
     pub fn dma_into_held(&self) {

@@ -689,8 +689,9 @@ fn shutdown_notifies_the_controller_and_refuses_later_io() {
 }
 
 /// An ACPI notify handler that cannot be removed could still be called after kldunload, into
-/// unloaded code: MOD_UNLOAD refuses with EBUSY before tearing anything down, keeps the
-/// handler, and a later unload (removal now succeeding) removes it and completes.
+/// unloaded code: MOD_QUIESCE refuses with EBUSY, before newbus detaches anything, keeps the
+/// handler, clears the unloading flag and resumes the hotplug task; a later unload (removal now
+/// succeeding) removes it and completes.
 #[test]
 fn unload_is_refused_while_a_notify_handler_cannot_be_removed() {
     use super::module::nvmehp_modevent;
@@ -703,8 +704,7 @@ fn unload_is_refused_while_a_notify_handler_cannot_be_removed() {
 
     fk::set_knobs(Knobs { acpi_remove_status: 0x0001, ..Knobs::default() }); // AE_ERROR
     fk::record("-- unload 1 --");
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), bindings::EBUSY);
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), bindings::EBUSY);
     let log = fk::log();
     let u = first(&log, "-- unload 1 --");
     assert_eq!(positions(&log[u..], "AcpiRemoveNotifyHandler").len(), 1);
@@ -713,10 +713,16 @@ fn unload_is_refused_while_a_notify_handler_cannot_be_removed() {
         "nothing is torn down: {:#?}",
         &log[u..]
     );
-    assert!(log.iter().any(|l| l.contains("still installed: not unloading")));
+    assert!(log.iter().any(|l| l.contains("1 ACPI notify handlers still installed: not unloading")), "{log:#?}");
+    assert!(!super::module::unloading(), "opens work again");
+    fk::run_queued(); // the resume
+    assert_eq!(super::slots::paused_for_tests(), Some(false), "the hotplug task runs again");
+    let log = fk::log();
+    assert_eq!(positions(&log[u..], "AcpiInstallNotifyHandler").len(), 0, "the kept handler is not installed twice");
 
     fk::set_knobs(Knobs::default());
     fk::record("-- unload 2 --");
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
     assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
     let log = fk::log();
     let u = first(&log, "-- unload 2 --");
@@ -754,7 +760,7 @@ fn a_stuck_interrupt_keeps_the_controller_memory_and_the_module() {
     assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), bindings::EBUSY);
     assert!(fk::log().iter().any(|l| l.contains("1 interrupt handlers could not be torn down: not unloading")));
     super::ctrl::forget_stuck_interrupts_for_tests();
-    super::module::unload_refused(); // clear the unloading flag for the tests that follow
+    super::module::reset_for_tests(); // clear the unloading flag for the tests that follow
 }
 
 /// The probe never takes a controller on its own: by default it bids BUS_PROBE_NOWILDCARD
@@ -810,7 +816,7 @@ fn a_stale_nvme4_device_is_left_alone() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     load_module(Knobs::default());
     fk::set_function(3, 0, fk::FakeFn { vendor: 0xffff, hdrtype: 0, child: true });
-    fk::set_driver(3, 0, Some(c"nvme"));
+    fk::set_function_driver(3, 0, Some(c"nvme"));
     fk::run_queued(); // discovery: the slot is ours (pci0 is not acpi_pci's)
     assert!(fk::log().iter().any(|l| l.contains("1 owned (1 handlers)")), "{:#?}", fk::log());
 
@@ -835,7 +841,7 @@ fn a_stale_nvme4_device_is_left_alone() {
 
     fk::record("-- device check, stale driverless --");
     fk::set_function(3, 0, fk::FakeFn { vendor: 0xffff, hdrtype: 0, child: true });
-    fk::set_driver(3, 0, None);
+    fk::set_function_driver(3, 0, None);
     fk::deliver_notify(1);
     fk::run_queued();
     let log = fk::log();

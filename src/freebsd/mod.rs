@@ -81,3 +81,5 @@ mod kpi_tests;
 mod glue_tests;
 #[cfg(test)]
 mod slot_rescan_tests;
+#[cfg(test)]
+mod lifecycle_tests;

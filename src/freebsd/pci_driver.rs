@@ -24,16 +24,27 @@
 //! **Detach** is `hotplug::teardown::teardown`, nothing else: mark gone, refuse new I/O, fail
 //! everything with ENXIO (after a bounded quiesce when the device still answers), drain
 //! interrupt, callout and task, destroy every node, free. A controller that still answers and
-//! has an open node or disk refuses with EBUSY (an eject is then not performed: acpi_pci.c
-//! acpi_pci_device_notify_handler).
+//! has an open node or disk refuses with EBUSY (an eject is then not performed: acpi_pci's
+//! acpi_pci_device_notify_handler skips _EJ0 when device_detach fails, sys/dev/acpica/acpi_pci.c).
 //!
 //! **The `Live` value** of a controller lives in the softc and is only touched under
 //! `bus_topo_lock()`: newbus holds it around attach and detach, and the hotplug task's
-//! actions take it ([`TopoLock`]).
+//! actions take it ([`TopoLock`]). bus_topo_lock is Giant, which every sleep drops, so an
+//! operation that sleeps never keeps a reference into the softc across a sleep: it takes the
+//! `Live` out ([`Lease`]), holds the device busy so that newbus refuses to detach it
+//! meanwhile, and puts it back after re-validating the softc.
+//!
+//! **Only an attached device has our softc.** MOD_QUIESCE and the eject policy walk every
+//! device of devclass `nvmehp`, and that includes devices with no driver: a device whose
+//! devclass was fixed (`devctl set driver -f nvme0 nvmehp`) stays in the devclass after a
+//! failed attach or a detach, and newbus has then freed its softc (device_get_softc is NULL),
+//! or, once probed again, handed it a fresh zeroed one (sys/kern/subr_bus.c device_attach,
+//! device_detach, device_set_driver). [`attached`] therefore looks at a softc only when
+//! device_is_attached says so, and never through NULL.
 
 use super::alloc::box_waitok;
 use super::bindings::{self, device_t};
-use super::bus_topo::TopoLock;
+use super::bus_topo::{BusyRef, TopoLock};
 use super::callout::Callout;
 use super::ctrl::{CtrlRef, CtrlShared, EngineGate, IntrHandler, WatchdogFire, WatchdogTask, WATCHDOG_US};
 use super::device::Device;
@@ -68,24 +79,95 @@ fn is_nvme_controller(dev: &Device) -> bool {
 
 type LiveCtrl = Live<FreeBsdKernel, EngineGate>;
 
+/// What holds a controller's `Live` out of the softc while it sleeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    /// DEVICE_DETACH's teardown: the `Live` never comes back.
+    Detach,
+    /// The hotplug task's namespace rescan ([`rescan_namespaces`]).
+    NamespaceRescan,
+    /// DEVICE_SHUTDOWN's quiesce and stop.
+    Shutdown,
+}
+
 /// Per-controller state, owned through the softc pointer from attach to the end of detach.
 struct Attached {
-    /// The typestate; `None` while detach runs its teardown. Detach may sleep, and
-    /// bus_topo_lock (Giant) is dropped while it sleeps: a second detach arriving then (an
-    /// ACPI eject racing a sweep or `devctl detach`) finds `None` and is refused with EBUSY
-    /// instead of letting newbus free the device under the first.
+    /// The typestate; `None` while `lent_to` has it. Those operations sleep, and
+    /// bus_topo_lock (Giant) is dropped while they sleep: whatever arrives meanwhile finds
+    /// `None` and keeps its hands off (a second detach, e.g. an ACPI eject racing a sweep or
+    /// `devctl detach`, is refused with EBUSY instead of letting newbus free the device under
+    /// the first).
     live: Option<LiveCtrl>,
+    /// Who has `live`, if anyone.
+    lent_to: Option<Op>,
     ctrl: CtrlRef,
 }
 
-/// The softc's Attached of one of our devices.
+/// The softc's Attached of one of our devices; `None` for a device that is not attached (no
+/// softc, or a fresh zeroed one: see the module doc) or is not ours.
 ///
 /// # Safety
-/// `dev` is an nvmehp device and the caller holds `bus_topo_lock()` (newbus does around
-/// attach/detach), which serialises every access to the softc's state.
+/// The caller holds `bus_topo_lock()` (newbus does around attach/detach), which serialises
+/// every access to the softc's state, and does not keep the reference across a sleep.
 unsafe fn attached<'a>(dev: Device) -> Option<&'a mut Attached> {
-    // SAFETY: per the contract; the pointer is null or our Box from attach.
-    unsafe { (*dev.softc()).nvmehp_state.cast::<Attached>().as_mut() }
+    if !is_ours(dev) || !dev.is_attached() {
+        return None;
+    }
+    let sc = dev.softc();
+    if sc.is_null() {
+        return None;
+    }
+    // SAFETY: an attached nvmehp device: the softc is ours, and its state pointer is null or
+    // our Box from attach, freed only by detach (which the caller's lock excludes).
+    unsafe { (*sc).nvmehp_state.cast::<Attached>().as_mut() }
+}
+
+/// A controller's `Live`, taken out of the softc for an operation that sleeps, with the
+/// device held busy: device_detach refuses a busy device with EBUSY before it calls our
+/// DEVICE_DETACH (sys/kern/subr_bus.c device_detach, FreeBSD 15), so the controller cannot be
+/// torn down and freed under the operation, whoever asks (acpi_pci's eject, `devctl detach`,
+/// a slot detach from our task, kldunload). Given back with [`Lease::give_back`].
+struct Lease {
+    live: LiveCtrl,
+    ctrl: CtrlRef,
+    op: Op,
+    busy: BusyRef,
+}
+
+/// Takes the `Live` of `dev` for `op`. `Err(Some(other))`: another operation has it;
+/// `Err(None)`: not an attached controller of ours.
+fn lend(dev: Device, topo: &TopoLock, op: Op) -> Result<Lease, Option<Op>> {
+    // SAFETY: under the topology lock (proof argument); the reference ends in this function.
+    let a = unsafe { attached(dev) }.ok_or(None)?;
+    if let Some(other) = a.lent_to {
+        return Err(Some(other));
+    }
+    let live = a.live.take().ok_or(None)?;
+    a.lent_to = Some(op);
+    Ok(Lease { live, ctrl: a.ctrl, op, busy: topo.busy(dev) })
+}
+
+impl Lease {
+    /// Puts the `Live` back, after the operation's sleeps: the softc is looked up again
+    /// (nothing from before the sleeps is trusted), then the device is unbusied.
+    fn give_back(self, _topo: &TopoLock) {
+        let Lease { live, ctrl, op, busy } = self;
+        let dev = busy.device();
+        // SAFETY: under the topology lock (proof argument); the reference ends here.
+        match unsafe { attached(dev) } {
+            Some(a) if a.lent_to == Some(op) && a.live.is_none() && core::ptr::eq(&*a.ctrl, &*ctrl) => {
+                a.live = Some(live);
+                a.lent_to = None;
+            }
+            // Newbus never detaches a busy device, so this does not happen; should it, the
+            // controller is torn down here rather than leaked or put into a stranger's softc.
+            _ => {
+                dev_printf!(&dev, "softc changed during {:?}; tearing the controller down\n", op);
+                let _ = teardown(live, &mut FreeBsdKernel::new(), Removal::Announced);
+            }
+        }
+        drop(busy);
+    }
 }
 
 fn is_ours(dev: Device) -> bool {
@@ -99,8 +181,13 @@ pub fn in_use(dev: Device, _topo: &TopoLock) -> bool {
         return false;
     }
     let k = FreeBsdKernel::new();
-    // SAFETY: ours, under the topology lock (proof argument).
-    unsafe { attached(dev) }.and_then(|a| a.live.as_ref()).is_some_and(|l| l.in_use(&k))
+    // SAFETY: under the topology lock (proof argument).
+    match unsafe { attached(dev) } {
+        Some(Attached { live: Some(l), .. }) => l.in_use(&k),
+        // A rescan or shutdown holds it busy: it cannot be detached now either.
+        Some(Attached { lent_to: Some(Op::NamespaceRescan | Op::Shutdown), .. }) => true,
+        _ => false,
+    }
 }
 
 /// Whether any attached controller is in use (MOD_QUIESCE).
@@ -111,8 +198,7 @@ pub fn any_in_use(topo: &TopoLock) -> bool {
 /// Disks of attached controllers (one per namespace node).
 pub fn live_disks(topo: &TopoLock) -> usize {
     topo.devices_of_class(c"nvmehp")
-        .filter(|d| is_ours(*d))
-        // SAFETY: ours, under the topology lock (proof argument).
+        // SAFETY: under the topology lock (proof argument).
         .map(|d| unsafe { attached(d) }.and_then(|a| a.live.as_ref()).map_or(0, |l| l.namespaces().count()))
         .sum()
 }
@@ -140,11 +226,11 @@ fn disk_spec(ctrl: CtrlRef, info: &ControllerInfo, ns: &Namespace) -> DiskSpec {
     }
 }
 
-/// Brings the namespace nodes and disks in line with the engine's list (attach, and after a
-/// namespace attribute change). Every allocation here is fallible (ENOMEM), never a panic.
-fn sync_namespaces(a: &mut Attached, k: &mut FreeBsdKernel, rescan: bool) -> Result<(u32, u32), Errno> {
-    let ctrl = a.ctrl;
-    let Some(live) = a.live.as_mut() else { return Err(Errno::ENXIO) }; // being detached
+/// Brings the namespace nodes and disks of `live` in line with the engine's list (attach, and
+/// after a namespace attribute change). Every allocation here is fallible (ENOMEM), never a
+/// panic. Sleeps: `live` is not in the softc meanwhile (attach has not published it yet, or a
+/// [`Lease`] holds it).
+fn sync_namespaces(live: &mut LiveCtrl, ctrl: CtrlRef, k: &mut FreeBsdKernel, rescan: bool) -> Result<(u32, u32), Errno> {
     let have: Vec<u32> = {
         let mut v = Vec::new();
         v.try_reserve(live.namespaces().count()).map_err(|_| Errno::ENOMEM)?;
@@ -186,14 +272,18 @@ fn sync_namespaces(a: &mut Attached, k: &mut FreeBsdKernel, rescan: bool) -> Res
 }
 
 /// SlotOps::rescan_namespaces for the controller `dev` (hotplug task, topology lock held).
-pub fn rescan_namespaces(dev: Device, _topo: &TopoLock) -> Result<(), Errno> {
-    if !is_ours(dev) {
-        return Err(Errno::ENXIO);
-    }
-    // SAFETY: ours, under the topology lock (proof argument).
-    let Some(a) = (unsafe { attached(dev) }) else { return Err(Errno::ENXIO) };
+/// The rescan sleeps between admin commands and node creation sleeps (both drop Giant), so
+/// it runs on a [`Lease`]: the device is busy and cannot be detached until it is done.
+pub fn rescan_namespaces(dev: Device, topo: &TopoLock) -> Result<(), Errno> {
+    let mut lease = match lend(dev, topo, Op::NamespaceRescan) {
+        Ok(l) => l,
+        Err(Some(Op::NamespaceRescan | Op::Shutdown)) => return Err(Errno::EBUSY),
+        Err(Some(Op::Detach) | None) => return Err(Errno::ENXIO), // going away, or not ours
+    };
     let mut k = FreeBsdKernel::new();
-    let (added, removed) = sync_namespaces(a, &mut k, true)?;
+    let r = sync_namespaces(&mut lease.live, lease.ctrl, &mut k, true);
+    lease.give_back(topo);
+    let (added, removed) = r?;
     dev_printf!(&dev, "namespaces changed: {} added, {} removed\n", added, removed);
     Ok(())
 }
@@ -348,9 +438,9 @@ fn build(dev: Device, unit: u32, ctrl: CtrlRef, gate: EngineGate) -> Result<Box<
     // SAFETY: a fresh, zeroed, 16-byte aligned block of at least size_of::<NodeCtx>() bytes.
     unsafe { softc.as_ptr().cast::<NodeCtx>().write(NodeCtx { ctrl }) };
     let ok = intr.is_some() && timer.is_some();
-    let mut a = box_waitok(Attached { live: Some(Live::new(unit, gate, softc, intr, timer, Some(queue))), ctrl });
+    let mut a = box_waitok(Attached { live: Some(Live::new(unit, gate, softc, intr, timer, Some(queue))), lent_to: None, ctrl });
     let made = match (ok, a.live.as_mut()) {
-        (true, Some(live)) => live.create_controller_node(&mut k).and_then(|()| sync_namespaces(&mut a, &mut k, false)),
+        (true, Some(live)) => live.create_controller_node(&mut k).and_then(|()| sync_namespaces(live, ctrl, &mut k, false)),
         _ => Err(Errno::ENXIO),
     };
     if let Err(e) = made {
@@ -373,6 +463,13 @@ pub unsafe extern "C" fn nvmehp_attach(dev: device_t) -> c_int {
     let Some(dev) = (unsafe { Device::from_raw(dev) }) else {
         return bindings::ENXIO;
     };
+    // Refused from MOD_QUIESCE on: an attach asleep when MOD_UNLOAD's detaches run would make
+    // newbus refuse the unload without telling us ("device in attaching state",
+    // sys/kern/subr_bus.c device_detach). `devctl attach` or a rescan attaches it later.
+    if super::module::unloading() {
+        dev_printf!(&dev, "module unloading: not attaching\n");
+        return bindings::ENXIO;
+    }
     let unit = dev.unit().max(0) as u32;
     let a = match start_engine(dev, unit).and_then(|(ctrl, gate)| build(dev, unit, ctrl, gate)) {
         Ok(a) => a,
@@ -389,9 +486,15 @@ pub unsafe extern "C" fn nvmehp_attach(dev: device_t) -> c_int {
     0
 }
 
+/// How long DEVICE_SHUTDOWN waits for a namespace rescan to give the controller back (the
+/// rescan's admin commands are bounded by the engine's command timeout).
+const SHUTDOWN_WAIT_MS: u32 = 30_000;
+
 /// DEVICE_SHUTDOWN: shut the controller down cleanly before the system halts or reboots
 /// ([`EngineGate::shutdown`]: flushes its write cache). Sleeps briefly at most (a bounded
-/// quiesce; pause(9) busy-waits by itself after a panic).
+/// quiesce; pause(9) busy-waits by itself after a panic). The quiesce sleeps, so it runs on a
+/// [`Lease`] (device busy: no detach frees the controller under it); a namespace rescan that
+/// has the controller is waited for, bounded; a detach that has it stops the controller itself.
 ///
 /// # Safety
 /// Called by newbus (through the glue's method table) with a live device.
@@ -403,11 +506,24 @@ pub unsafe extern "C" fn nvmehp_shutdown(dev: device_t) -> c_int {
     };
     // The softc's state is only touched under the topology lock (see Attached); newbus may not
     // hold it on the shutdown path, and taking it again is allowed (it is recursive).
-    let _topo = TopoLock::lock();
-    // SAFETY: ours, under the topology lock.
-    if let Some(live) = unsafe { attached(dev) }.and_then(|a| a.live.as_mut()) {
-        live.io().shutdown();
-    }
+    let topo = TopoLock::lock();
+    let mut waited = 0u32;
+    let mut lease = loop {
+        match lend(dev, &topo, Op::Shutdown) {
+            Ok(l) => break l,
+            Err(Some(Op::NamespaceRescan)) if waited < SHUTDOWN_WAIT_MS => {
+                super::clock::sleep_ms(c"nvmehpsd", 10); // drops Giant: the rescan can finish
+                waited += 10;
+            }
+            Err(Some(op)) => {
+                dev_printf!(&dev, "shutdown: {:?} has the controller; not stopping it here\n", op);
+                return 0;
+            }
+            Err(None) => return 0,
+        }
+    };
+    lease.live.io().shutdown();
+    lease.give_back(&topo);
     0
 }
 
@@ -426,16 +542,21 @@ pub unsafe extern "C" fn nvmehp_detach(dev: device_t) -> c_int {
     let present = dev.pci_read_config(bindings::PCIR_VENDOR, 2) as u16 != 0xffff;
     // SAFETY: ours; newbus holds bus_topo_lock around DEVICE_DETACH.
     let Some(a) = (unsafe { attached(dev) }) else { return 0 };
-    let Some(live) = a.live.as_ref() else {
-        dev_printf!(&dev, "detach already in progress\n");
+    if let Some(op) = a.lent_to {
+        // Not reached for a rescan or shutdown (they hold the device busy, and newbus refuses
+        // to detach a busy device before calling us); a second detach gets here.
+        dev_printf!(&dev, "detach refused: {:?} in progress\n", op);
+        super::module::detach_refused();
         return bindings::EBUSY;
-    };
+    }
+    let Some(live) = a.live.as_ref() else { return bindings::EBUSY };
     if present && live.in_use(&k) {
         dev_printf!(&dev, "in use (a node or disk is open): detach refused, close it first\n");
-        super::module::unload_refused();
+        super::module::detach_refused();
         return bindings::EBUSY;
     }
     let Some(live) = a.live.take() else { return bindings::EBUSY };
+    a.lent_to = Some(Op::Detach);
     let how = if present { Removal::Announced } else { Removal::Surprise };
     if !present {
         Stat::SurpriseRemovals.add(1);

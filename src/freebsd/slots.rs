@@ -49,7 +49,7 @@ use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::pin::Pin;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU8, Ordering};
 
 /// The ACPI object of the legacy PCI root bus (i440fx QEMU/bhyve/EC2 Nitro).
 const ROOT_BUS_PATH: &core::ffi::CStr = c"\\_SB_.PCI0";
@@ -101,6 +101,9 @@ pub struct Hotplug {
     mode: AcpiMode,
     interval_ms: u32,
     stopping: AtomicBool,
+    /// [`RUNNING`], [`PAUSED`] (MOD_QUIESCE until the unload ends) or [`RESUMING`] (an
+    /// unload was refused: the task reinstalls our handlers and runs again).
+    run_state: AtomicU8,
     tries: AtomicU32,
     /// Set once by discovery; freed at unload.
     disc: AtomicPtr<Discovered>,
@@ -181,21 +184,34 @@ pub fn load() -> Result<HotplugModule, core::ffi::c_int> {
         mode,
         interval_ms: tunables::rescan_interval_ms(),
         stopping: AtomicBool::new(false),
+        run_state: AtomicU8::new(RUNNING),
         tries: AtomicU32::new(0),
         disc: AtomicPtr::new(core::ptr::null_mut()),
         task: AtomicPtr::new(core::ptr::null_mut()),
         rerun: AtomicPtr::new(core::ptr::null_mut()),
     })));
+    #[cfg(test)]
+    LIVE_FOR_TESTS.fetch_add(1, Ordering::AcqRel);
     let mut m = HotplugModule { hp, queue: None };
-    let mut q = OwnedQueue::new(c"nvmehp_hotplug")?;
+    // A failure from here on frees what was made (`finish`: the queue's thread is stopped by
+    // taskqueue_free) before returning: MOD_LOAD's error never reaches the kernel linker
+    // (driver_module_handler overwrites it, see module.rs), so nothing may stay behind.
+    let q = match OwnedQueue::new(c"nvmehp_hotplug") {
+        Ok(q) => m.queue.insert(q),
+        Err(e) => {
+            m.finish();
+            return Err(e);
+        }
+    };
     let r = HpRef(hp);
-    let task = q.add_task(0, HotplugTask(r)).ok_or(super::bindings::ENOMEM)?;
-    let rerun = q.add_timeout_task(0, HotplugTask(r)).ok_or(super::bindings::ENOMEM)?;
+    let (Some(task), Some(rerun)) = (q.add_task(0, HotplugTask(r)), q.add_timeout_task(0, HotplugTask(r))) else {
+        m.finish();
+        return Err(super::bindings::ENOMEM);
+    };
     // SAFETY: `hp` is the leaked Hotplug, alive until unload.
     let h = unsafe { hp.as_ref() };
     h.task.store(task.as_ptr(), Ordering::Release);
     h.rerun.store(rerun.as_ptr(), Ordering::Release);
-    m.queue = Some(q);
     HOTPLUG.store(hp.as_ptr(), Ordering::Release);
     h.enqueue(); // first run: discovery
     Ok(m)
@@ -330,6 +346,14 @@ impl TaskHandler for HotplugTask {
         let hp = &*self.0;
         if hp.stopping.load(Ordering::Acquire) {
             return;
+        }
+        match hp.run_state.load(Ordering::Acquire) {
+            PAUSED => return, // MOD_QUIESCE: the unload may still be refused
+            RESUMING => resume(self.0),
+            _ => {}
+        }
+        if hp.run_state.load(Ordering::Acquire) != RUNNING {
+            return; // paused again meanwhile
         }
         let Some(d) = hp.disc() else {
             discover(self.0);
@@ -731,6 +755,8 @@ impl HotplugModule {
     /// must have been removed or drained (the unload order did).
     pub fn finish(self) {
         HOTPLUG.store(core::ptr::null_mut(), Ordering::Release);
+        #[cfg(test)]
+        LIVE_FOR_TESTS.fetch_sub(1, Ordering::AcqRel);
         let HotplugModule { hp, queue } = self;
         drop(queue);
         // SAFETY: leaked in load/discover, reclaimed once here, after every user was drained.
@@ -740,6 +766,90 @@ impl HotplugModule {
             if !d.is_null() {
                 drop(Box::from_raw(d));
             }
+        }
+    }
+}
+
+// --- pausing for MOD_QUIESCE, resuming after a refused unload ------------------------------
+
+/// The hotplug task acts on events.
+const RUNNING: u8 = 0;
+/// MOD_QUIESCE paused it: runs return at once; events stay pending.
+const PAUSED: u8 = 1;
+/// An unload was refused after MOD_QUIESCE: the next run reinstalls our handlers, then acts.
+const RESUMING: u8 = 2;
+
+/// Hotplug instances made by `load` and not yet freed by `finish` (host tests: a failed
+/// load leaves none).
+#[cfg(test)]
+static LIVE_FOR_TESTS: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Host tests: how many hotplug instances exist.
+#[cfg(test)]
+pub(crate) fn live_instances_for_tests() -> usize {
+    LIVE_FOR_TESTS.load(Ordering::Acquire)
+}
+
+/// Host tests: whether the task is paused (`Some(true)`), running (`Some(false)`), or there is
+/// no hotplug machinery (`None`).
+#[cfg(test)]
+pub(crate) fn paused_for_tests() -> Option<bool> {
+    hotplug().map(|h| h.run_state.load(Ordering::Acquire) != RUNNING)
+}
+
+/// Asks the hotplug task to resume after a refused unload: it reinstalls our notify handlers
+/// (removed at MOD_QUIESCE), checks every slot once for what it missed, and acts on events
+/// again. Never sleeps, so a refusing DEVICE_DETACH may call it from any thread; the work is
+/// done on the task's own thread. A pause that comes first wins (the unload goes on).
+pub fn request_resume() {
+    let Some(hp) = hotplug() else { return };
+    if hp.run_state.compare_exchange(PAUSED, RESUMING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        hp.enqueue();
+    }
+}
+
+/// On the task's thread: the resume [`request_resume`] asked for.
+fn resume(hp: HpRef) {
+    let mut installed = 0u32;
+    if let Some(d) = hp.disc() {
+        for (i, s) in d.slots.iter().enumerate().filter(|(_, s)| s.role == Role::Owner) {
+            if d.notify.lock().iter().any(|r| r.handle() == s.handle) {
+                continue; // kept: its removal failed
+            }
+            let Some(h) = super::alloc::try_box(SlotNotify { hp, index: i }) else { continue };
+            match NotifyRegistration::install(s.handle, h) {
+                Ok(reg) => {
+                    let mut v = d.notify.lock();
+                    if v.try_reserve(1).is_ok() {
+                        v.push(reg);
+                        installed += 1;
+                    } else {
+                        drop(v);
+                        drop(reg); // cannot keep it: remove it now (not an ACPI thread)
+                    }
+                }
+                Err((st, _)) => kprintf!("nvme_hotplug: cannot reinstall notify handler on {:?}: {}\n", s.handle, st),
+            }
+        }
+        // Notifications that came while our handlers were removed are lost: look at every
+        // slot once.
+        d.pending.lock().events.check_all_quietly();
+    }
+    if hp.run_state.compare_exchange(RESUMING, RUNNING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        kprintf!("nvme_hotplug: unload refused: ACPI hotplug resumed ({} notify handlers reinstalled)\n", installed);
+    }
+}
+
+impl HotplugModule {
+    /// MOD_QUIESCE: the hotplug task acts on nothing from now on (runs return at once; our
+    /// handlers and the fallback callout still record events) and the run in progress, if
+    /// any, has finished. Undone by [`request_resume`]. Sleeps; not from the task's thread.
+    pub fn pause(&self) {
+        // SAFETY: alive until `finish`.
+        let hp = unsafe { self.hp.as_ref() };
+        hp.run_state.store(PAUSED, Ordering::Release);
+        if let Some(q) = self.queue.as_ref() {
+            q.drain_all();
         }
     }
 }

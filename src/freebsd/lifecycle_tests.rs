@@ -1,0 +1,446 @@
+//! Host tests of a controller's and the module's life through the newbus model of the fake
+//! kernel ([`fake_kernel`]'s `newbus_*`, `kldload`, `kldunload`): what the kldunload walk may
+//! touch (only attached devices' softcs), busy references across the sleeps of a namespace
+//! rescan and of DEVICE_SHUTDOWN (a detach arriving meanwhile is refused and frees nothing),
+//! and the module events' order and refusals (every refusal in MOD_QUIESCE, the unloading flag
+//! and the hotplug task restored on every refusal path, a failed load leaving nothing).
+//!
+//! [`fake_kernel`]: super::fake_kernel
+
+use super::bindings;
+use super::bus_topo::TopoLock;
+use super::device::Device;
+use super::fake_kernel::{self as fk, DevState, Knobs};
+use super::fake_nvme::FakeNvme;
+use super::glue_tests::SERIAL;
+use super::module::{nvmehp_modevent, unloading};
+use std::cell::Cell;
+use std::string::String;
+use std::vec::Vec;
+
+fn positions(log: &[String], prefix: &str) -> Vec<usize> {
+    log.iter().enumerate().filter(|(_, l)| l.starts_with(prefix)).map(|(i, _)| i).collect()
+}
+
+fn first(log: &[String], prefix: &str) -> usize {
+    *positions(log, prefix).first().unwrap_or_else(|| panic!("no `{prefix}` in {log:#?}"))
+}
+
+fn ctrl_dev() -> Device {
+    // SAFETY: the fakes never dereference the device.
+    unsafe { Device::from_raw(fk::fake_device()) }.unwrap()
+}
+
+/// A controller that answers, with one namespace; GEOM lets disks go at once.
+fn present_knobs() -> Knobs {
+    Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() }
+}
+
+/// The fake controller in slot 3, in devclass nvmehp, attached through our DEVICE_ATTACH.
+fn attach_controller() {
+    fk::install_nvme(FakeNvme::new(false, false));
+    fk::newbus_add(fk::fake_device());
+    assert_eq!(fk::newbus_attach(fk::fake_device()), 0, "attach: {:#?}", fk::log());
+    assert_eq!(fk::newbus_state(fk::fake_device()), DevState::Attached);
+}
+
+/// Loads the module on a fake `\_SB_.PCI0` whose slot 3 holds the controller; discovery
+/// installs our notify handler.
+fn load_module() {
+    fk::insert_slot3(0x1b36);
+    assert_eq!(fk::kldload(), 0);
+    fk::run_queued(); // discovery
+    assert_eq!(positions(&fk::log(), "AcpiInstallNotifyHandler").len(), 1);
+}
+
+/// Marks the namespace node open (devfs would count the open here), or closes it.
+fn set_node_open(open: bool) {
+    let node = fk::cdevs()[1];
+    // SAFETY: our fake cdev, made by the attach.
+    unsafe { (*node).si_usecount = u64::from(open) };
+}
+
+// --- 1. the kldunload walk and devices that are not attached --------------------------------
+
+/// MOD_QUIESCE's busy walk visits every device of devclass nvmehp. After `devctl set driver
+/// -f nvme0 nvmehp` and `devctl detach`, or a failed attach, the device stays in the devclass
+/// (fixed) with no driver and newbus has freed its softc (device_get_softc is NULL); a probed
+/// device that is not attached has a fresh zeroed softc. The walk must not read either: before
+/// the fix it read `softc->nvmehp_state` through NULL (a panic in the kernel; here SIGSEGV).
+#[test]
+fn the_unload_walk_skips_devices_that_are_not_attached() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(present_knobs());
+    super::module::reset_for_tests();
+    attach_controller();
+    let probed = fk::function_device(4, 0);
+    fk::newbus_add(probed);
+    fk::newbus_probe(probed);
+    // SAFETY: our fake device_t's; the model answers device_get_softc.
+    unsafe {
+        assert!(!bindings::device_get_softc(probed).is_null(), "a probed device has a zeroed softc");
+        // `devctl detach nvmehp0`.
+        assert_eq!(bindings::device_detach(fk::fake_device()), 0);
+        assert!(bindings::device_get_softc(fk::fake_device()).is_null(), "newbus freed the softc");
+    }
+    assert_eq!(fk::newbus_state(fk::fake_device()), DevState::NotPresent);
+    {
+        let topo = TopoLock::lock();
+        assert_eq!(topo.devices_of_class(c"nvmehp").count(), 2, "both are still in devclass nvmehp");
+        assert!(!super::pci_driver::any_in_use(&topo));
+        assert_eq!(super::pci_driver::live_disks(&topo), 0);
+        assert!(!super::pci_driver::in_use(ctrl_dev(), &topo));
+        assert_eq!(super::pci_driver::rescan_namespaces(ctrl_dev(), &topo), Err(crate::hotplug::errno::Errno::ENXIO));
+    }
+    // The whole unload walks them too.
+    assert_eq!(fk::kldunload(false), 0);
+    assert!(fk::log().last().unwrap().contains("unloaded"), "{:#?}", fk::log());
+}
+
+// --- 2. busy references across sleeps ------------------------------------------------------
+
+std::thread_local! {
+    /// What the detach tried from inside a pause returned (None: not tried yet).
+    static DETACH_DURING_SLEEP: Cell<Option<i32>> = const { Cell::new(None) };
+}
+
+/// The detach that arrives while the rescan or shutdown sleeps (acpi_pci's eject, `devctl
+/// detach`): newbus' device_detach on our controller, once.
+fn detach_once() {
+    if DETACH_DURING_SLEEP.with(|c| c.get()).is_none() {
+        // SAFETY: the fake device_detach, as another thread holding Giant would call it.
+        let e = unsafe { bindings::device_detach(fk::fake_device()) };
+        DETACH_DURING_SLEEP.with(|c| c.set(Some(e)));
+        fk::record(format_args!("-- detach during the sleep returned {e} --"));
+    }
+}
+
+/// Freeing the controller shows up as these calls (teardown steps 3 to 5).
+fn teardown_calls(log: &[String]) -> Vec<&String> {
+    log.iter()
+        .filter(|l| l.starts_with("destroy_dev ") || l.starts_with("taskqueue_free") || l.starts_with("mtx_destroy") || l.starts_with("bus_teardown_intr"))
+        .collect()
+}
+
+/// The namespace rescan sleeps between admin commands (and node creation sleeps); each sleep
+/// drops Giant, so a detach can run meanwhile. The rescan holds the device busy: newbus
+/// refuses that detach with EBUSY before calling our DEVICE_DETACH, nothing is torn down
+/// until the rescan is over, and the same detach afterwards succeeds. Before the fix the
+/// rescan held `&mut Attached` across the sleeps with no reference: the detach tore the
+/// controller down and freed it under the rescan.
+#[test]
+fn a_detach_during_a_namespace_rescan_is_refused_and_frees_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(present_knobs());
+    super::module::reset_for_tests();
+    attach_controller();
+    DETACH_DURING_SLEEP.with(|c| c.set(None));
+    fk::with_nvme(|d| d.hold_admin = true);
+    fk::on_pause(Some(|| {
+        detach_once();
+        fk::with_nvme(|d| {
+            d.release_admin();
+            d.hold_admin = true;
+        })
+    }));
+    fk::record("-- rescan --");
+    let r = {
+        let topo = TopoLock::lock();
+        super::pci_driver::rescan_namespaces(ctrl_dev(), &topo)
+    };
+    fk::on_pause(None);
+    fk::with_nvme(|d| d.hold_admin = false);
+    fk::record("-- rescan done --");
+    assert_eq!(r, Ok(()));
+    assert_eq!(DETACH_DURING_SLEEP.with(|c| c.get()), Some(bindings::EBUSY), "the detach during the rescan is refused");
+    let log = fk::log();
+    let (s, e) = (first(&log, "-- rescan --"), first(&log, "-- rescan done --"));
+    let busy = first(&log[s..], "device_busy") + s;
+    let unbusy = first(&log[s..], "device_unbusy") + s;
+    let during = first(&log, "-- detach during the sleep");
+    assert!(busy < during && during < unbusy && unbusy < e, "busy across the sleeps: {:#?}", &log[s..e]);
+    assert!(log[during - 1].contains("refused: busy"), "newbus refused it, before our DEVICE_DETACH: {:#?}", &log[s..e]);
+    assert!(teardown_calls(&log[s..e]).is_empty(), "nothing torn down under the rescan: {:#?}", teardown_calls(&log[s..e]));
+    assert_eq!(fk::newbus_busy(fk::fake_device()), 0);
+    assert_eq!(fk::newbus_state(fk::fake_device()), DevState::Attached);
+
+    // Not busy any more: the detach goes through, and tears the controller down.
+    // SAFETY: the fake device_detach.
+    assert_eq!(unsafe { bindings::device_detach(fk::fake_device()) }, 0);
+    assert!(!teardown_calls(&fk::log()[e..]).is_empty());
+    assert_eq!(fk::newbus_state(fk::fake_device()), DevState::NotPresent);
+}
+
+/// DEVICE_SHUTDOWN quiesces the controller, sleeping until the I/O in flight finishes, so a
+/// detach can arrive meanwhile: it is refused (device busy) and the shutdown finishes on a
+/// controller that still exists. Before the fix, shutdown held `&mut Live` across the sleeps
+/// with no reference: the detach freed the controller under the quiesce.
+#[test]
+fn a_detach_during_shutdown_is_refused_and_frees_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(present_knobs());
+    super::module::reset_for_tests();
+    attach_controller();
+    DETACH_DURING_SLEEP.with(|c| c.set(None));
+    // A read the device holds: the quiesce waits for it, sleeping.
+    fk::with_nvme(|d| d.hold_io = true);
+    let d0 = fk::disks()[0];
+    let bp = fk::new_bio(bindings::BIO_READ as u16, 0, 512);
+    let mut buf = [0u8; 512];
+    // SAFETY: a fake bio addressed to our live disk, with 512 bytes of data.
+    unsafe {
+        (*bp).bio_disk = d0;
+        (*bp).bio_data = buf.as_mut_ptr().cast();
+        ((*d0).d_strategy.unwrap())(bp);
+    }
+    // The detach arrives during the first sleep; then the device answers the read.
+    fk::on_pause(Some(|| {
+        detach_once();
+        fk::with_nvme(|d| {
+            d.hold_io = false;
+            d.complete_held();
+        });
+    }));
+    fk::record("-- shutdown --");
+    // SAFETY: DEVICE_SHUTDOWN on our attached fake device, as newbus calls it.
+    assert_eq!(unsafe { super::pci_driver::nvmehp_shutdown(fk::fake_device()) }, 0);
+    fk::on_pause(None);
+    fk::record("-- shutdown done --");
+    assert_eq!(DETACH_DURING_SLEEP.with(|c| c.get()), Some(bindings::EBUSY), "the detach during the shutdown is refused");
+    let log = fk::log();
+    let (s, e) = (first(&log, "-- shutdown --"), first(&log, "-- shutdown done --"));
+    assert!(teardown_calls(&log[s..e]).is_empty(), "nothing torn down under the shutdown: {:#?}", &log[s..e]);
+    assert!(fk::with_nvme(|d| d.shutdown_notified), "the shutdown reached the controller");
+    assert_eq!(fk::newbus_busy(fk::fake_device()), 0);
+    // SAFETY: the fake device_detach.
+    assert_eq!(unsafe { bindings::device_detach(fk::fake_device()) }, 0);
+}
+
+// --- 6. kldunload never wedges ---------------------------------------------------------------
+
+/// Whether our notify handler is installed on the slot (the fake ACPI keeps the last one).
+fn handler_installed() -> bool {
+    let log = fk::log();
+    let installs = positions(&log, "AcpiInstallNotifyHandler").len();
+    let removes = log.iter().filter(|l| l.starts_with("AcpiRemoveNotifyHandler") && l.contains("same_handler=true")).count();
+    installs > removes
+}
+
+/// An open namespace node: MOD_QUIESCE refuses, before newbus detaches anything, and leaves the
+/// module as it was: opens allowed, the hotplug task running, our ACPI handler installed. Once
+/// closed, the unload goes through in the order MOD_QUIESCE (handlers removed, task paused),
+/// then the detaches, then our MOD_UNLOAD.
+#[test]
+fn a_busy_unload_is_refused_in_quiesce_and_changes_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(present_knobs());
+    super::module::reset_for_tests();
+    load_module();
+    attach_controller();
+    set_node_open(true);
+    fk::record("-- unload 1 --");
+    assert_eq!(fk::kldunload(false), bindings::EBUSY);
+    fk::run_queued(); // the resume
+    let log = fk::log();
+    let u = first(&log, "-- unload 1 --");
+    assert!(positions(&log[u..], "kldunload: MOD_UNLOAD").is_empty(), "refused in MOD_QUIESCE: {:#?}", &log[u..]);
+    assert!(positions(&log[u..], "device_detach").is_empty());
+    assert!(!unloading(), "opens work again");
+    assert_eq!(super::slots::paused_for_tests(), Some(false), "the hotplug task runs");
+    assert!(handler_installed());
+
+    set_node_open(false);
+    fk::record("-- unload 2 --");
+    assert_eq!(fk::kldunload(false), 0);
+    let log = fk::log();
+    let u = first(&log, "-- unload 2 --");
+    let q = first(&log[u..], "kldunload: MOD_QUIESCE") + u;
+    let removed = first(&log[u..], "AcpiRemoveNotifyHandler") + u;
+    let unload = first(&log[u..], "kldunload: MOD_UNLOAD") + u;
+    let detach = first(&log[u..], "device_detach") + u;
+    let drain = first(&log[u..], "destroy_dev_drain") + u;
+    let order = [q, removed, unload, detach, drain];
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "quiesce (handlers removed), detaches, unload: {order:?}\n{:#?}", &log[u..]);
+    assert!(log.last().unwrap().contains("unloaded (1 ACPI notify handlers removed)"), "{log:#?}");
+    assert_eq!(super::slots::paused_for_tests(), None, "the hotplug machinery is gone");
+}
+
+/// kldunload -f with an open node: linker_file_unload ignores MOD_QUIESCE's veto and goes on
+/// to MOD_UNLOAD, whose detach of the open controller refuses. The module stays as it was.
+#[test]
+fn a_forced_unload_of_an_open_controller_is_refused_by_its_detach() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(present_knobs());
+    super::module::reset_for_tests();
+    load_module();
+    attach_controller();
+    set_node_open(true);
+    fk::record("-- unload -f --");
+    assert_eq!(fk::kldunload(true), bindings::EBUSY);
+    fk::run_queued();
+    let log = fk::log();
+    let u = first(&log, "-- unload -f --");
+    assert!(first(&log[u..], "kldunload: MOD_UNLOAD") < first(&log[u..], "device_detach"), "{:#?}", &log[u..]);
+    assert!(log[u..].iter().any(|l| l.contains("in use (a node or disk is open): detach refused")));
+    assert!(positions(&log[u..], "destroy_dev").is_empty(), "nothing torn down");
+    assert!(!unloading());
+    assert_eq!(super::slots::paused_for_tests(), Some(false));
+    assert!(handler_installed());
+    assert_eq!(fk::newbus_state(fk::fake_device()), DevState::Attached);
+    set_node_open(false);
+    assert_eq!(fk::kldunload(false), 0);
+}
+
+/// A detach refused after MOD_QUIESCE succeeded ends the unload without any further module
+/// event (driver_module_handler calls our MOD_UNLOAD only if every detach succeeded): the
+/// refusing detach itself clears the unloading flag and has the hotplug task resume, which
+/// reinstalls the handler MOD_QUIESCE removed. (An open arriving after MOD_QUIESCE stands in
+/// for any such refusal here: in the kernel the unloading flag refuses it.) Before the fix
+/// the task and handlers were stopped only in MOD_UNLOAD and the flag could stay set.
+#[test]
+fn a_detach_refused_after_quiesce_restores_the_module() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(present_knobs());
+    super::module::reset_for_tests();
+    load_module();
+    attach_controller();
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    fk::record("-- quiesce --");
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
+    assert!(unloading());
+    assert_eq!(super::slots::paused_for_tests(), Some(true), "MOD_QUIESCE paused the hotplug task");
+    assert!(!handler_installed(), "MOD_QUIESCE removed our handler");
+    set_node_open(true);
+    fk::record("-- detaches --");
+    // SAFETY: newbus' detach of our controller, as devclass_delete_driver does it.
+    assert_eq!(unsafe { bindings::device_detach(fk::fake_device()) }, bindings::EBUSY);
+    assert!(!unloading(), "the refusing detach cleared the flag");
+    fk::run_queued(); // the resume
+    let log = fk::log();
+    let d = first(&log, "-- detaches --");
+    assert!(log[d..].iter().any(|l| l.contains("unload abandoned")), "{:#?}", &log[d..]);
+    assert_eq!(positions(&log[d..], "AcpiInstallNotifyHandler").len(), 1, "handler reinstalled: {:#?}", &log[d..]);
+    assert!(log[d..].iter().any(|l| l.contains("ACPI hotplug resumed (1 notify handlers reinstalled)")));
+    assert_eq!(super::slots::paused_for_tests(), Some(false));
+    // The reinstalled handler works: an eject request reaches the task (refused: open).
+    fk::record("-- notify --");
+    fk::deliver_notify(3);
+    fk::run_queued();
+    let log = fk::log();
+    let n = first(&log, "-- notify --");
+    assert!(log[n..].iter().any(|l| l.contains("eject request refused")), "{:#?}", &log[n..]);
+    set_node_open(false);
+    assert_eq!(fk::kldunload(false), 0);
+}
+
+/// A refusal that can only arise after the detaches (GEOM has not let go of a disk of a
+/// controller just detached) stays in MOD_UNLOAD; it too clears the flag and resumes the task.
+#[test]
+fn a_refusal_in_mod_unload_restores_the_flag_and_the_task() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { d_gone_at_once: false, ..present_knobs() });
+    super::module::reset_for_tests();
+    load_module();
+    attach_controller();
+    fk::record("-- unload --");
+    assert_eq!(fk::kldunload(false), bindings::EBUSY);
+    fk::run_queued();
+    let log = fk::log();
+    let u = first(&log, "-- unload --");
+    assert!(log[u..].iter().any(|l| l.contains("1 disks still held by GEOM: not unloading")), "{:#?}", &log[u..]);
+    assert!(!unloading());
+    assert_eq!(super::slots::paused_for_tests(), Some(false));
+    assert!(handler_installed());
+    for d in fk::disks() {
+        fk::geom_disk_gone(d);
+    }
+    assert_eq!(fk::kldunload(false), 0);
+}
+
+/// MOD_LOAD cannot fail the load (driver_module_handler overwrites our error with
+/// devclass_add_driver's): a failure to start the hotplug machinery must leave no task queue
+/// thread and nothing allocated, and the module must still unload. Before the fix the
+/// hotplug state was leaked on both paths.
+#[test]
+fn a_failed_load_leaves_nothing_behind() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for knobs in [
+        Knobs { taskqueue_create_fails: true, ..Knobs::default() },
+        Knobs { start_threads_error: bindings::ENOMEM, ..Knobs::default() },
+    ] {
+        fk::reset(knobs);
+        super::module::reset_for_tests();
+        let before = super::slots::live_instances_for_tests();
+        assert_eq!(fk::kldload(), 0, "the module is loaded whatever our handler said");
+        let log = fk::log();
+        assert!(log.iter().any(|l| l.contains("ACPI hotplug disabled")), "{log:#?}");
+        assert_eq!(super::slots::live_instances_for_tests(), before, "hotplug state freed");
+        assert_eq!(super::slots::paused_for_tests(), None);
+        let created = log.iter().filter(|l| l.starts_with("taskqueue_create") && !l.ends_with("= NULL")).count();
+        assert_eq!(positions(&log, "taskqueue_free").len(), created, "every queue made was freed (its thread stopped)");
+        assert!(positions(&log, "callout_reset").is_empty() && positions(&log, "taskqueue_enqueue").is_empty());
+        assert_eq!(fk::kldunload(false), 0);
+    }
+}
+
+/// A controller whose DEVICE_ATTACH is asleep (DS_ATTACHING) when MOD_UNLOAD's detaches reach
+/// it makes newbus refuse the unload without an event to us ("device in attaching state",
+/// sys/kern/subr_bus.c device_detach): MOD_QUIESCE refuses while one is attaching, and from a
+/// standing MOD_QUIESCE on, our DEVICE_ATTACH refuses to start.
+#[test]
+fn attaches_and_the_unload_exclude_each_other() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(present_knobs());
+    super::module::reset_for_tests();
+    load_module();
+    let other = fk::function_device(4, 0);
+    fk::newbus_add(other);
+    fk::newbus_probe(other);
+    fk::newbus_set_attaching(other, true);
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), bindings::EBUSY);
+    assert!(fk::log().iter().any(|l| l.contains("a controller is attaching: not unloading")));
+    assert!(!unloading());
+    fk::newbus_set_attaching(other, false);
+
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
+    fk::record("-- attach while quiesced --");
+    assert_eq!(fk::newbus_attach(other), bindings::ENXIO);
+    let log = fk::log();
+    let a = first(&log, "-- attach while quiesced --");
+    assert!(log[a..].iter().any(|l| l.contains("module unloading: not attaching")), "{:#?}", &log[a..]);
+    assert!(positions(&log[a..], "bus_alloc_resource").is_empty(), "refused before touching the device");
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
+}
+
+/// kldunload -f when MOD_QUIESCE refused for a reason the detaches do not see (an ACPI notify
+/// handler that cannot be removed): newbus detaches the controller anyway, and our MOD_UNLOAD,
+/// finding no standing MOD_QUIESCE, runs the quiesce steps itself before it frees anything. The
+/// handler still cannot be removed, so it refuses: the module stays loaded (controller
+/// detached), opens allowed, the hotplug task resumed, the handler kept.
+#[test]
+fn a_forced_unload_redoes_the_quiesce_in_mod_unload() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(present_knobs());
+    super::module::reset_for_tests();
+    load_module();
+    attach_controller();
+    fk::set_knobs(Knobs { acpi_remove_status: 0x0001, ..present_knobs() }); // AE_ERROR
+    fk::record("-- unload -f --");
+    assert_eq!(fk::kldunload(true), bindings::EBUSY);
+    fk::run_queued();
+    let log = fk::log();
+    let u = first(&log, "-- unload -f --");
+    let unload = first(&log[u..], "kldunload: MOD_UNLOAD") + u;
+    let detach = first(&log[u..], "device_detach") + u;
+    let redo = u + first(&log[u..], "printf nvme_hotplug: MOD_UNLOAD without a standing MOD_QUIESCE");
+    assert!(unload < detach && detach < redo, "{:#?}", &log[u..]);
+    assert_eq!(positions(&log[u..], "AcpiRemoveNotifyHandler").len(), 2, "tried in both events: {:#?}", &log[u..]);
+    assert!(positions(&log[u..], "destroy_dev_drain").is_empty(), "the module was not torn down");
+    assert_eq!(fk::newbus_state(fk::fake_device()), DevState::NotPresent, "the controller was detached");
+    assert!(!unloading());
+    assert_eq!(super::slots::paused_for_tests(), Some(false));
+    fk::set_knobs(present_knobs());
+    assert_eq!(fk::kldunload(false), 0);
+    assert!(fk::log().last().unwrap().contains("unloaded (1 ACPI notify handlers removed)"), "{:#?}", fk::log());
+}
