@@ -295,8 +295,10 @@ unsafe extern "C" fn collect_child(
 /// (sys/dev/acpica/Osd/OsdSchedule.c) drains only the task slots it finds enqueued while it
 /// walks the pool once, so a dispatch of a notify raised just before the unlink and enqueued
 /// just after that walk passed its slot is not waited for, and still reaches our handler and its
-/// context. A second wait, started after the removal returned, covers every dispatch queued
-/// before that moment; only then may the context (and, at unload, the module's code) go.
+/// context. A second wait, started after the removal returned, drains every dispatch enqueued
+/// by then; only then may the context (and, at unload, the module's code) go. What remains is a
+/// queueing thread preempted across both walks, a window no ACPICA caller can close (ACPICA
+/// frees its own handler object in it too).
 pub fn wait_events_complete() {
     // SAFETY: no arguments; it sleeps, and its callers (NotifyRegistration::remove and Drop)
     // run on a sleepable, non-ACPI thread without a mutex held, as their contracts say.
