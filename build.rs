@@ -42,12 +42,12 @@ mod kld {
         "printf", "panic", "device_printf",
         // newbus
         "device_get_softc", "device_get_nameunit", "device_get_parent", "device_set_desc",
-        "device_get_name", "device_get_unit", "devclass_find", "devclass_get_maxunit",
+        "device_get_name", "device_get_unit", "device_is_alive", "devclass_find", "devclass_get_maxunit",
         "devclass_get_device",
         // newbus device state and busy references (kldunload walk, sleeping operations)
         "device_is_attached", "device_get_state", "device_busy", "device_unbusy",
         "device_delete_child", "bus_alloc_resource", "bus_release_resource", "rman_get_size",
-        // memory helpers LLVM may call for copies (kernel exports, see cross-build.md)
+        // memory helpers LLVM may call for copies (kernel exports: sys/libkern/memcpy.c etc.)
         "memcpy", "memmove", "memset", "memcmp",
         // time and pmap
         "DELAY", "binuptime", "getbinuptime", "pmap_kextract", "pause_sbt",
@@ -71,7 +71,7 @@ mod kld {
         "pci_read_device", "pci_add_child", "device_probe_and_attach",
         // ACPICA and the FreeBSD ACPI driver
         "AcpiGetHandle", "AcpiGetName", "AcpiWalkNamespace", "AcpiEvaluateObject",
-        "AcpiInstallNotifyHandler", "AcpiRemoveNotifyHandler",
+        "AcpiInstallNotifyHandler", "AcpiRemoveNotifyHandler", "AcpiOsWaitEventsComplete",
         "acpi_get_device", "acpi_GetInteger", "acpi_SetInteger",
         // make_dev(9)/destroy_dev(9)
         "make_dev_s", "make_dev_args_init_impl", "destroy_dev", "destroy_dev_sched_cb",

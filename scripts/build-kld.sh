@@ -3,7 +3,7 @@
 #
 # FreeBSD: `make -C kmod` (bsd.kmod.mk against SYSDIR, default /usr/src/sys), which runs cargo for
 #          the Rust part and links it with the C glue like any kld.
-# Linux:   cross-build for FreeBSD 15 amd64 (see docs in kmod/ and /work/shared/docs/cross-build.md):
+# Linux:   cross-build for FreeBSD 15 amd64 (see kmod/README.md):
 #          1. toolchain (Debian: scripts/bootstrap-debian.sh build; idempotent)
 #          2. FreeBSD headers (scripts/freebsd-headers.sh; skipped when present)
 #          3. Rust staticlib: cargo + build-std + fat LTO for kmod/x86_64-freebsd-kld.json,

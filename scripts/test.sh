@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test`: every test of the project, in the order a failure is cheapest to read.
 #   1. build nvme_hotplug.ko (installs the cross toolchain on Debian/Ubuntu if missing)
-#   2. static checks of the .ko (scripts/check-ko.sh, tools/kocheck)
+#   2. static checks of the .ko (scripts/check-ko.sh, tools/kocheck), and that no tracked file
+#      cites a document outside the repository (scripts/check-self-contained.sh)
 #   3. install QEMU for the lab if missing (scripts/bootstrap-debian.sh lab)
 #   4. cargo test of the whole workspace: engine, hotplug logic, FreeBSD-rules model, .ko checker
 #      negative tests, and the QEMU lab (real QEMU NVMe + PIIX4 ACPI hotplug models)
@@ -19,6 +20,7 @@ sh scripts/build-kld.sh
 
 echo "== 2. static checks of nvme_hotplug.ko"
 bash scripts/check-ko.sh
+bash scripts/check-self-contained.sh
 
 echo "== 3. QEMU for the lab"
 if [ "$(uname -s)" = Linux ]; then bash scripts/bootstrap-debian.sh lab; fi

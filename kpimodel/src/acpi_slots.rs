@@ -1,10 +1,11 @@
 //! A legacy PCI bus with ACPI hotplug slots (QEMU PIIX4 / EC2 Nitro style), newbus children,
 //! and acpi_pci.c's own slot notify handler, as the world the hotplug state machine acts on.
 //!
-//! The in-tree handler follows sys/dev/acpica/acpi_pci.c (facts §1.2): notify 1 rescans the
+//! The in-tree handler follows sys/dev/acpica/acpi_pci.c (acpi_pci_device_notify_handler): notify 1
+//! rescans the
 //! whole bus; notify 3 finds the child, `device_detach`es it (a refusal stops everything),
 //! evaluates `_EJ0`, then rescans, which deletes children whose config space is gone.
-//! pci_rescan_method (facts §1.4) adds new functions and deletes vanished ones.
+//! pci_rescan_method (sys/dev/pci/pci.c) adds new functions and deletes vanished ones.
 //!
 //! Checked here: a device detached by two parties ([`Rule::DoubleDetach`]), a detach asked for
 //! a slot without `device_t` ([`Rule::DetachWithoutDevice`]), `_EJ0` twice for one insertion or
@@ -175,7 +176,7 @@ impl SlotWorld {
         enqueue
     }
 
-    /// acpi_pci_device_notify_handler (facts §1.2).
+    /// acpi_pci_device_notify_handler (sys/dev/acpica/acpi_pci.c).
     fn in_tree_handler(&mut self, slot: SlotIndex, value: u32) {
         match value {
             1 => self.bus_rescan(),

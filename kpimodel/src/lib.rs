@@ -8,7 +8,8 @@
 //! teardown and hotplug code runs against it in unit tests and in the QEMU lab.
 //!
 //! Each check is a [`Rule`] naming the FreeBSD source it mirrors. The rules come from
-//! /work/shared/docs/freebsd-facts.md §2 (KPI), §1 (acpi_pci) and §3 (nvme/nvd).
+//! docs/freebsd-kpi.md, sections 5-6 (devfs, GEOM), 1 (acpi_pci) and 7 (nvme/nvd), each with
+//! its FreeBSD source file and function.
 
 pub mod acpi_slots;
 pub mod controller;

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-/// One rule of the FreeBSD KPI (see /work/shared/docs/freebsd-facts.md §2).
+/// One rule of the FreeBSD KPI (docs/freebsd-kpi.md names the source of each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Rule {
     /// destroy_dev on a node made with MAKEDEV_ETERNAL.
@@ -83,7 +83,7 @@ impl Rule {
             Rule::DrainFromOwnTask => "sys/kern/subr_taskqueue.c taskqueue_drain: waits for the running task, i.e. for itself",
             Rule::UnloadWithLiveCallbacks => "sys/kern/kern_conf.c: cdevsw and module text must stay valid until csw->d_devs is empty (destroy_dev_drain) and every d_gone ran",
             Rule::WaitForeverForGone => "sys/geom/geom_disk.c: d_gone runs only after the last consumer closed; nvd_controller_fail msleeps until then",
-            Rule::DoubleDetach => "sys/dev/acpica/acpi_pci.c + sys/kern/subr_bus.c: two notify handlers on one slot both device_detach the child (facts 1.10)",
+            Rule::DoubleDetach => "sys/dev/acpica/acpi_pci.c + sys/kern/subr_bus.c: two notify handlers on one slot both device_detach the child (ACPICA evmisc.c AcpiEvNotifyDispatch calls every handler)",
             Rule::DetachWithoutDevice => "sys/kern/subr_bus.c device_detach/device_delete_child on a device_t that no longer exists: use-after-free",
             Rule::DoubleEject => "acpi_pci.c: _EJ0 evaluated twice for one insertion may eject the next device put into the slot",
             Rule::EjectAttached => "ACPI 6.5 6.3.3: the OS must release the device (detach) before evaluating _EJ0",

@@ -4,7 +4,8 @@
 //! The runner plays the kernel around the engine; [`FreeBsdRules`] turns each moment it reports
 //! into the kernel calls the FreeBSD driver makes at that moment (make_dev, disk_create, a thread
 //! in d_strategy, disk_gone, destroy_dev, free, d_gone; see `kpimodel::driver_events`), and the
-//! model judges them against the KPI's rules (freebsd-facts §2). So the report's `nodes_left`,
+//! model judges them against the KPI's rules (docs/freebsd-kpi.md, sections 5 and 6). So the
+//! report's `nodes_left`,
 //! `violations` and `leaked_bytes` say what a FreeBSD kernel would have been left with, each
 //! violation naming the rule and the FreeBSD source it mirrors.
 //!

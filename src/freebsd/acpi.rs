@@ -1,7 +1,7 @@
 //! ACPI namespace access for PCI hotplug: slot objects, their notifications, and the
 //! `_STA`/`_EJ0`/`_OST` methods.
 //!
-//! Facts this module encodes (see docs/freebsd-facts.md §1):
+//! Facts this module encodes (docs/freebsd-kpi.md sections 1 and 4):
 //! - Hotplug slots are the Device objects under the PCI bus's ACPI object that have an `_EJ0`
 //!   method (acpi_pci.c finds them the same way, one level deep).
 //! - Notify handlers run on the ACPI task queue (`acpi_task`, 3 threads shared with GPE, EC,
@@ -10,6 +10,9 @@
 //! - `AcpiRemoveNotifyHandler` waits for every queued ACPI task to finish, so removing a handler
 //!   from an ACPI task thread (e.g. from inside a notify handler) deadlocks. [`NotifyRegistration`]
 //!   removes its handler when dropped: never drop one from a notify handler.
+//! - That wait is not the last word: a notify queued before the unlink can still call the handler
+//!   after `AcpiRemoveNotifyHandler` returned (see [`wait_events_complete`]), so every removal is
+//!   followed by `AcpiOsWaitEventsComplete()` before the context is freed.
 
 use super::bindings;
 use super::cstr_buf::StackCStr;
@@ -280,6 +283,28 @@ unsafe extern "C" fn collect_child(
     bindings::NVMEHP_AE_OK
 }
 
+/// `AcpiOsWaitEventsComplete()`: returns once every ACPI task queued at the time of the call
+/// (GPE and notify dispatches) has run. Sleeps; never call it from an ACPI task thread (it would
+/// drain the task it runs in) or with a mutex held.
+///
+/// Why a removal needs it again although `AcpiRemoveNotifyHandler` calls it itself
+/// (sys/contrib/dev/acpica/components/events/evxface.c): ACPICA queues a notify with a pointer
+/// to the object's handler list *as it was then* and takes no reference on it
+/// (`AcpiEvQueueNotifyRequest`, .../events/evmisc.c); `AcpiEvNotifyDispatch` walks that list
+/// later on an `acpi_task` thread. FreeBSD's `AcpiOsWaitEventsComplete`
+/// (sys/dev/acpica/Osd/OsdSchedule.c) drains only the task slots it finds enqueued while it
+/// walks the pool once, so a dispatch of a notify raised just before the unlink and enqueued
+/// just after that walk passed its slot is not waited for, and still reaches our handler and its
+/// context. A second wait, started after the removal returned, drains every dispatch enqueued
+/// by then; only then may the context (and, at unload, the module's code) go. What remains is a
+/// queueing thread preempted across both walks, a window no ACPICA caller can close (ACPICA
+/// frees its own handler object in it too).
+pub fn wait_events_complete() {
+    // SAFETY: no arguments; it sleeps, and its callers (NotifyRegistration::remove and Drop)
+    // run on a sleepable, non-ACPI thread without a mutex held, as their contracts say.
+    unsafe { bindings::AcpiOsWaitEventsComplete() }
+}
+
 /// What to do with a notification. Runs on an ACPI task thread: record, enqueue, return.
 pub trait NotifyHandler: Sync + Send {
     /// `handle` is the object the notification was sent to.
@@ -288,8 +313,9 @@ pub trait NotifyHandler: Sync + Send {
 
 /// A system notify handler installed on one object; removed (and its context freed) on drop.
 ///
-/// Drop calls `AcpiRemoveNotifyHandler`, which waits until no handler of ours is running: after
-/// it, the context may be freed. It sleeps, and it deadlocks if run on an ACPI task thread.
+/// Drop calls `AcpiRemoveNotifyHandler`, then [`wait_events_complete`]: after both, no call of
+/// the handler is running or still queued, and the context may be freed. Both sleep, and they
+/// deadlock if run on an ACPI task thread.
 pub struct NotifyRegistration<H: NotifyHandler> {
     handle: AcpiHandle,
     /// Freed in Drop only once the handler is known to be removed; leaked otherwise.
@@ -330,17 +356,25 @@ impl<H: NotifyHandler> NotifyRegistration<H> {
 }
 
 impl<H: NotifyHandler> NotifyRegistration<H> {
-    /// `AcpiRemoveNotifyHandler` for exactly the (object, type, function) of `install`.
+    /// `AcpiRemoveNotifyHandler` for exactly the (object, type, function) of `install`; when it
+    /// succeeded, then [`wait_events_complete`] for the dispatches it does not wait for. On
+    /// success the context is unused afterwards.
     fn remove_raw(&self) -> u32 {
-        // SAFETY: removes exactly the (object, type, function) installed in `install`; ACPICA
-        // waits for running handlers before returning, so the context is unused afterwards.
-        unsafe {
+        // SAFETY: removes exactly the (object, type, function) installed in `install`.
+        let st = unsafe {
             bindings::AcpiRemoveNotifyHandler(
                 self.handle.as_raw(),
                 bindings::ACPI_SYSTEM_NOTIFY as u32,
                 Some(notify_trampoline::<H>),
             )
+        };
+        if st == bindings::NVMEHP_AE_OK {
+            // Unlinked: no *new* dispatch can find the handler. One queued before the unlink
+            // may still be on its way to it (see wait_events_complete): wait for it before the
+            // caller frees the context.
+            wait_events_complete();
         }
+        st
     }
 
     /// Removes the handler and frees its context. On failure the registration is given back:

@@ -27,6 +27,8 @@ impl TopoLock {
 
     /// `BUS_RESCAN(bus)`: re-enumerates the bus. New functions are probed and attached;
     /// children no longer found (config space reads 0xffff) are deleted.
+    /// Deleted *whatever their driver*, so the hotplug task does not call it (an nvme(4) detach
+    /// sleeps until its disks are unmounted; see `slots.rs`, rescan_slot).
     pub fn rescan(&self, bus: Device) -> Result<(), c_int> {
         // SAFETY: a live bus device, under the topology lock.
         errno(unsafe { bindings::nvmehp_bus_rescan(bus.as_raw()) })

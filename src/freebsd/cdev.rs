@@ -1,6 +1,6 @@
 //! Device nodes: `make_dev_s(9)` and the ways to destroy them.
 //!
-//! The rules (docs/freebsd-facts.md §2) this module makes hard to break:
+//! The rules (sys/kern/kern_conf.c; docs/freebsd-kpi.md section 5) this module makes hard to break:
 //! - **Never eternal.** A node created with `MAKEDEV_ETERNAL` is skipped by the thread counting
 //!   that makes `destroy_dev(9)` safe, and destroying it panics (INVARIANTS) or frees memory
 //!   under running threads. The flag is not even in our bindings; [`Cdev::create`] always
@@ -69,7 +69,7 @@ impl NodePerms {
 
 /// The flags of every node this driver creates: a bad or duplicate name is an error
 /// (CHECKNAME), creation may sleep (WAITOK), and never `MAKEDEV_ETERNAL` (0x10 in sys/conf.h),
-/// whose nodes may never be destroyed (facts §2.3).
+/// whose nodes may never be destroyed (kern_conf.c destroy_devl).
 pub const NODE_FLAGS: c_int = bindings::MAKEDEV_CHECKNAME | bindings::MAKEDEV_WAITOK;
 /// `MAKEDEV_ETERNAL` from sys/conf.h, only to assert that it is never passed.
 const MAKEDEV_ETERNAL: c_int = 0x10;

@@ -259,7 +259,8 @@ impl CtrlState {
     /// The fast half of an orderly stop, for a controller that finished every request on its
     /// own and is still present: the engine stops accepting I/O and leaves a stop that deletes
     /// the I/O queues (SQ, then CQ), sends the normal shutdown notification and disables, as
-    /// NVMe recommends and nvme(4) does for a device that is not gone (facts §3.2). False, with
+    /// NVMe recommends and nvme(4) does for a device that is not gone (nvme_ctrlr.c
+    /// nvme_ctrlr_destruct). False, with
     /// nothing changed, when a request is still outstanding, the controller is not running or
     /// the device left: the caller then gives it up with [`CtrlState::fail_fast`].
     fn begin_orderly_stop(&mut self) -> bool {

@@ -58,6 +58,13 @@ impl Device {
         }
     }
 
+    /// Whether a driver's probe won for this device (`device_is_alive(9)`: state `DS_ALIVE` or
+    /// later). False for a child the bus added that no driver took (`DS_NOTPRESENT`).
+    pub fn is_alive(&self) -> bool {
+        // SAFETY: reads the state of a live device.
+        unsafe { bindings::device_is_alive(self.as_raw()) != 0 }
+    }
+
     /// Sets the description shown by `devinfo` and at attach. The kernel keeps the pointer.
     pub fn set_desc(&self, desc: &'static CStr) {
         // SAFETY: the string is 'static, as device_set_desc (which does not copy) requires.

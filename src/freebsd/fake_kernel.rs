@@ -32,6 +32,11 @@ pub struct Knobs {
     pub pci_class: [u8; 3],
     /// `hw.nvme_hotplug.claim`.
     pub claim: c_int,
+    /// pci0 has an ACPI handle, so acpi_pci drives it and its handler is on every `_EJ0` slot
+    /// (stock FreeBSD); otherwise pci0 is a plain pci bus and nobody else handles the slots.
+    pub acpi_pci_bus: bool,
+    /// nvme(4) is in the kernel: `devclass_find("nvme")` finds its devclass.
+    pub nvme4_loaded: bool,
     /// taskqueue_create returns NULL.
     pub taskqueue_create_fails: bool,
     /// What taskqueue_start_threads returns.
@@ -49,6 +54,9 @@ pub struct Knobs {
     /// `hw.nvme_hotplug.cmd_timeout_ms` (0: the default, 30000).
     pub cmd_timeout_ms: u32,
 }
+
+/// An ACPI notify handler as ACPICA calls it.
+type NotifyFn = unsafe extern "C" fn(ACPI_HANDLE, u32, *mut c_void);
 
 std::thread_local! {
     static LOG: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
@@ -73,6 +81,12 @@ std::thread_local! {
     static NVME: RefCell<Option<super::fake_nvme::FakeNvme>> = const { RefCell::new(None) };
     static ON_PAUSE: Cell<Option<fn()>> = const { Cell::new(None) };
     static DELAYS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    /// The driver of a pci0 function's device_t when it is not nvmehp ([`set_function_driver`]):
+    /// `Some(name)` another driver's, `None` no driver (DS_NOTPRESENT).
+    static DRIVERS: RefCell<std::collections::BTreeMap<(u8, u8), Option<&'static CStr>>> = const { RefCell::new(std::collections::BTreeMap::new()) };
+    /// Notify dispatches ACPICA queued with the handler list as it was then (see
+    /// [`queue_notify_dispatch`]); `AcpiOsWaitEventsComplete` runs them.
+    static DISPATCHES: RefCell<Vec<(NotifyFn, usize, u32)>> = const { RefCell::new(Vec::new()) };
     /// The devices of devclass `nvmehp` the newbus model knows ([`newbus_add`]), unit order.
     static NEWBUS: RefCell<Vec<(usize, FakeDev)>> = const { RefCell::new(Vec::new()) };
     /// Microseconds spun in DELAY(9) since `reset`.
@@ -140,6 +154,27 @@ pub fn reset(knobs: Knobs) {
     KNOBS.with(|k| k.set(knobs));
     NVME.with(|n| *n.borrow_mut() = None);
     NEWBUS.with(|n| n.borrow_mut().clear());
+    DISPATCHES.with(|d| d.borrow_mut().clear());
+    DRIVERS.with(|d| d.borrow_mut().clear());
+}
+
+/// Gives the device_t of pci0's `slot`.`func` another driver (`Some(c"nvme")`) or none
+/// (`None`: probed, no driver took it); without this every device is nvmehp's.
+pub fn set_function_driver(slot: u8, func: u8, driver: Option<&'static CStr>) {
+    DRIVERS.with(|d| d.borrow_mut().insert((slot, func), driver));
+}
+
+fn driver_entry(dev: device_t) -> Option<Option<&'static CStr>> {
+    function_of(dev).and_then(|k| DRIVERS.with(|d| d.borrow().get(&k).copied()))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn device_is_alive(dev: device_t) -> c_int {
+    match driver_entry(dev) {
+        Some(driver) => c_int::from(driver.is_some()),
+        // In the newbus model: probed (DS_ALIVE) or later; otherwise an attached nvmehp device.
+        None => newbus_dev(dev).map_or(1, |d| c_int::from(d.state != DevState::NotPresent)),
+    }
 }
 
 /// Changes the failure knobs in the middle of a test (the log and fakes are kept).
@@ -288,6 +323,26 @@ pub unsafe extern "C" fn AcpiRemoveNotifyHandler(dev: ACPI_HANDLE, ty: u32, h: A
         NOTIFY.with(|n| n.set(None));
     }
     st
+}
+
+/// Simulates ACPICA queueing notify `value` now (`AcpiEvQueueNotifyRequest` keeps the handler
+/// list as it is at this moment, without a reference) for an `acpi_task` thread that has not run
+/// it yet: the dispatch calls the handler installed now, with its context, when
+/// `AcpiOsWaitEventsComplete` drains the queue, even if the handler was removed in between.
+pub fn queue_notify_dispatch(value: u32) {
+    let (f, ctx) = NOTIFY.with(|n| n.get()).expect("no notify handler installed");
+    DISPATCHES.with(|d| d.borrow_mut().push((f, ctx as usize, value)));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn AcpiOsWaitEventsComplete() {
+    record("AcpiOsWaitEventsComplete");
+    let queued = DISPATCHES.with(|d| core::mem::take(&mut *d.borrow_mut()));
+    for (f, ctx, value) in queued {
+        // SAFETY: the handler and context that were installed when the notify was queued; the
+        // test checks they are still alive, which is what the wrapper must guarantee.
+        unsafe { f(0x5107 as ACPI_HANDLE, value, ctx as *mut c_void) };
+    }
 }
 
 #[no_mangle]
@@ -922,7 +977,10 @@ pub unsafe extern "C" fn AcpiEvaluateObject(h: ACPI_HANDLE, path: ACPI_STRING, a
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmehp_acpi_get_handle(_dev: device_t) -> ACPI_HANDLE {
+pub unsafe extern "C" fn nvmehp_acpi_get_handle(dev: device_t) -> ACPI_HANDLE {
+    if knobs().acpi_pci_bus && dev as usize == PCI0 {
+        return PCI0_ACPI as ACPI_HANDLE; // acpi_pci's bus: its handler is on the slot
+    }
     core::ptr::null_mut() // the bus is not acpi_pci's: nobody else handles the slot
 }
 
@@ -1035,7 +1093,11 @@ pub unsafe extern "C" fn nvmehp_dev_sysctl_u64(_ctx: *mut sysctl_ctx_list, _dev:
 
 #[no_mangle]
 pub unsafe extern "C" fn devclass_find(name: *const c_char) -> devclass_t {
-    if cstr(name) == "nvmehp" && NEWBUS.with(|n| !n.borrow().is_empty()) { NVMEHP_DEVCLASS as devclass_t } else { core::ptr::null_mut() }
+    let name = cstr(name);
+    if name == "nvme" && knobs().nvme4_loaded {
+        return 0xdc as devclass_t; // nvme(4) is in the kernel; never dereferenced
+    }
+    if name == "nvmehp" && NEWBUS.with(|n| !n.borrow().is_empty()) { NVMEHP_DEVCLASS as devclass_t } else { core::ptr::null_mut() }
 }
 
 #[no_mangle]
@@ -1108,13 +1170,20 @@ pub unsafe extern "C" fn device_set_desc(_dev: device_t, desc: *const c_char) {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn device_get_nameunit(_dev: device_t) -> *const c_char {
+pub unsafe extern "C" fn device_get_nameunit(dev: device_t) -> *const c_char {
+    if dev as usize == PCI0 {
+        return c"pci0".as_ptr();
+    }
     c"nvmehp0".as_ptr()
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn device_get_name(_dev: device_t) -> *const c_char {
-    c"nvmehp".as_ptr()
+pub unsafe extern "C" fn device_get_name(dev: device_t) -> *const c_char {
+    match driver_entry(dev) {
+        Some(Some(name)) => name.as_ptr(),
+        Some(None) => core::ptr::null(),
+        None => c"nvmehp".as_ptr(),
+    }
 }
 
 #[no_mangle]

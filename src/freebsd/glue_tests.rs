@@ -257,6 +257,7 @@ fn module_load_eject_and_unload_through_the_freebsd_glue() {
     let install = first(&log, "AcpiInstallNotifyHandler");
     assert!(log[install].contains(&std::format!("{:p}", fk::SLOT3 as *const u8)), "{log:#?}");
     assert!(log.iter().any(|l| l.contains("1 hotplug slots under ") && l.contains("(acpi_mode=auto): 1 owned (1 handlers), 0 observed")), "{log:#?}");
+    assert!(!log.iter().any(|l| l.contains("acpi_pci handles these slots")), "not stock FreeBSD here: {log:#?}");
 
     fk::record("-- notify --");
     fk::deliver_notify(3);
@@ -295,6 +296,9 @@ fn module_load_eject_and_unload_through_the_freebsd_glue() {
     let remove = first(&log[u..], "AcpiRemoveNotifyHandler") + u;
     assert!(log[remove].contains("same_handler=true"), "{}", log[remove]);
     assert!(remove < first(&log[u..], "destroy_dev_drain") + u);
+    // The queued-notify barrier comes after the removal and before anything is freed.
+    let wait = first(&log[remove..], "AcpiOsWaitEventsComplete") + remove;
+    assert!(wait < first(&log[u..], "destroy_dev_drain") + u && wait < last(&log, "taskqueue_free"), "{log:#?}");
     assert!(remove < last(&log, "taskqueue_free"));
     assert!(log.last().unwrap().contains("unloaded (1 ACPI notify handlers removed)"), "{log:#?}");
 }
@@ -439,7 +443,8 @@ fn device_stop_ops(log: &[String]) -> Vec<&str> {
 }
 
 /// An announced removal of a controller with nothing left in flight stops it the way NVMe
-/// recommends and nvme(4) does for a device that is not gone (facts §3.2): Delete I/O SQ, then
+/// recommends and nvme(4) does for a device that is not gone (nvme_ctrlr.c nvme_ctrlr_destruct):
+/// Delete I/O SQ, then
 /// Delete I/O CQ, then the normal shutdown notification, then the disable, in that order. The
 /// model answers each deletion only while the tearing-down thread sleeps (as a device answers
 /// while another thread runs), so the teardown waited for both, and every wait and every step
@@ -785,4 +790,174 @@ fn probe_never_outbids_nvme4() {
         assert!(bindings::BUS_PROBE_HOOVER < bindings::BUS_PROBE_DEFAULT);
         assert!(bindings::BUS_PROBE_NOWILDCARD < bindings::BUS_PROBE_HOOVER);
     }
+}
+
+/// Loads the module on the fake pci0 and runs discovery.
+fn load_module(knobs: Knobs) {
+    use super::module::nvmehp_modevent;
+    fk::reset(knobs);
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_LOAD as i32, arg), 0);
+}
+
+fn unload_module() {
+    use super::module::nvmehp_modevent;
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
+}
+
+/// On a slot we own, nvme(4)'s device is never detached or deleted by our task: not when a
+/// device check finds it stale (its detach would sleep until its disks are unmounted, holding
+/// our task and with it kldunload), and not for an eject request, which is refused with
+/// `_OST` 0x80 before `_EJ0`. A stale child that no driver took is deleted (no driver code
+/// runs), without a device_detach.
+#[test]
+fn a_stale_nvme4_device_is_left_alone() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    load_module(Knobs::default());
+    fk::set_function(3, 0, fk::FakeFn { vendor: 0xffff, hdrtype: 0, child: true });
+    fk::set_function_driver(3, 0, Some(c"nvme"));
+    fk::run_queued(); // discovery: the slot is ours (pci0 is not acpi_pci's)
+    assert!(fk::log().iter().any(|l| l.contains("1 owned (1 handlers)")), "{:#?}", fk::log());
+
+    fk::record("-- device check, stale nvme(4) --");
+    fk::deliver_notify(1);
+    fk::run_queued();
+    let log = fk::log();
+    let s = first(&log, "-- device check, stale nvme(4) --");
+    assert!(positions(&log[s..], "device_detach").is_empty() && positions(&log[s..], "device_delete_child").is_empty(), "{:#?}", &log[s..]);
+    assert!(log[s..].iter().any(|l| l.contains("its device is gone; left alone (another driver's device")), "{:#?}", &log[s..]);
+    assert!(fk::function(3, 0).child);
+
+    fk::record("-- eject, live nvme(4) --");
+    fk::set_function(3, 0, fk::FakeFn { vendor: 0x1b36, hdrtype: 0, child: true });
+    fk::deliver_notify(3);
+    fk::run_queued();
+    let log = fk::log();
+    let e = first(&log, "-- eject, live nvme(4) --");
+    let slot = fk::SLOT3 as *const u8;
+    assert!(positions(&log[e..], "device_detach").is_empty() && positions(&log[e..], "acpi_SetInteger").is_empty(), "{:#?}", &log[e..]);
+    assert!(positions(&log[e..], &std::format!("AcpiEvaluateObject {slot:p} _OST(0x3, 0x80)")).len() == 1, "{:#?}", &log[e..]);
+
+    fk::record("-- device check, stale driverless --");
+    fk::set_function(3, 0, fk::FakeFn { vendor: 0xffff, hdrtype: 0, child: true });
+    fk::set_function_driver(3, 0, None);
+    fk::deliver_notify(1);
+    fk::run_queued();
+    let log = fk::log();
+    let d = first(&log, "-- device check, stale driverless --");
+    assert!(positions(&log[d..], "device_detach").is_empty(), "{:#?}", &log[d..]);
+    assert_eq!(positions(&log[d..], "device_delete_child").len(), 1, "{:#?}", &log[d..]);
+    assert!(!fk::function(3, 0).child);
+    unload_module();
+}
+
+/// Stock FreeBSD: pci0 is acpi_pci's, whose handler is on the slot, so `acpi_mode=auto`
+/// observes it. Our controller there vanished (its watchdog calls controller_lost): the task's
+/// check neither detaches nor deletes it (acpi_pci's eject or BUS_RESCAN does, and a delete of
+/// ours could race pci_rescan_method's list of children), nor rescans; it says so once.
+#[test]
+fn a_slot_observed_by_acpi_pci_is_not_swept() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    load_module(Knobs { acpi_pci_bus: true, ..Knobs::default() });
+    fk::insert_slot3(0xffff); // our controller's device_t, its function gone
+    fk::run_queued(); // discovery
+    let log = fk::log();
+    assert!(log.iter().any(|l| l.contains("(acpi_mode=auto): 0 owned (0 handlers), 1 observed")), "{log:#?}");
+    assert!(positions(&log, "AcpiInstallNotifyHandler").is_empty());
+    // Stock FreeBSD is said plainly at load: who acts, what runs and what does not.
+    assert!(log.iter().any(|l| l.contains("acpi_pci handles these slots (its handler cannot be removed)")), "{log:#?}");
+    assert!(log.iter().any(|l| l.contains("running: safe detach of nvmehp controllers") && l.contains("not running: _OST")), "{log:#?}");
+
+    for round in 0..2 {
+        fk::record("-- lost --");
+        super::slots::controller_lost(dev());
+        fk::run_queued();
+        let log = fk::log();
+        let l = last(&log, "-- lost --");
+        for call in ["device_detach", "device_delete_child", "BUS_RESCAN", "pci_add_child", "acpi_SetInteger", "AcpiEvaluateObject"] {
+            assert!(positions(&log[l..], call).is_empty(), "round {round}: {call} on an observed slot: {:#?}", &log[l..]);
+        }
+        let said = log[l..].iter().filter(|s| s.contains("its device is gone; left alone (acpi_pci handles this slot)")).count();
+        assert_eq!(said, usize::from(round == 0), "reported once: {:#?}", &log[l..]);
+    }
+    assert!(fk::function(3, 0).child);
+    unload_module();
+}
+
+// --- who gets a hot-added NVMe controller (claim.rs) --------------------------------------
+
+/// newbus's choice among the pci drivers' bids, as sys/kern/subr_bus.c device_probe_child
+/// makes it: with the devclass fixed by hand (`devctl set driver`, DF_FIXEDCLASS) only that
+/// class's driver probes and any bid counts; otherwise a bid at or below BUS_PROBE_NOWILDCARD
+/// becomes ENXIO. Errors (> 0) drop out; the highest bid wins.
+fn newbus_winner(bids: &[(&'static str, core::ffi::c_int)], fixed: Option<&str>) -> Option<&'static str> {
+    bids.iter()
+        .filter(|(name, _)| fixed.is_none_or(|f| f == *name))
+        .map(|&(name, bid)| (name, if bid <= bindings::BUS_PROBE_NOWILDCARD && fixed.is_none() { bindings::ENXIO } else { bid }))
+        .filter(|&(_, bid)| bid <= 0)
+        .max_by_key(|&(_, bid)| bid)
+        .map(|(name, _)| name)
+}
+
+/// nvme_pci_probe's bid (sys/dev/nvme/nvme_pci.c): DEFAULT for a controller in its ID table,
+/// GENERIC for any other NVMe I/O controller.
+fn nvme4_bid(known_id: bool) -> core::ffi::c_int {
+    if known_id { bindings::BUS_PROBE_DEFAULT } else { bindings::BUS_PROBE_GENERIC }
+}
+
+/// One row of claim.rs's table: a hot-added NVMe I/O controller (EC2's EBS volumes are not in
+/// nvme(4)'s ID table, a QEMU/Intel one can be) is probed by the real nvmehp_probe under
+/// `claim`, next to nvme(4)'s bid when it is loaded; newbus's winner must be what
+/// `hot_added_driver` and the load message say, and `devctl set driver -f <dev> nvmehp` always
+/// gives it to nvmehp.
+fn hot_add_case(claim: bool, nvme4_loaded: bool, expect: super::claim::HotAddDriver, said: &str) {
+    use super::claim::{announce, hot_added_driver, HotAddDriver};
+    let nvme = [bindings::PCIC_STORAGE as u8, bindings::PCIS_STORAGE_NVM as u8, bindings::PCIP_STORAGE_NVM_ENTERPRISE_NVMHCI_1_0 as u8];
+    fk::reset(Knobs { pci_class: nvme, claim: c_int_from(claim), nvme4_loaded, ..Knobs::default() });
+    // SAFETY: a fake device; the fakes answer the PCI ivars.
+    let ours = unsafe { super::pci_driver::nvmehp_probe(fk::fake_device()) };
+    assert_eq!(hot_added_driver(claim, nvme4_loaded), expect);
+    let want = match expect {
+        HotAddDriver::Nvme4 => Some("nvme"),
+        HotAddDriver::Nvmehp => Some("nvmehp"),
+        HotAddDriver::None => None,
+    };
+    for known_id in [false, true] {
+        let mut bids = std::vec![("nvmehp", ours)];
+        if nvme4_loaded {
+            bids.push(("nvme", nvme4_bid(known_id)));
+        }
+        assert_eq!(newbus_winner(&bids, None), want, "claim={claim} nvme4={nvme4_loaded} known_id={known_id} bids {bids:?}");
+        assert_eq!(newbus_winner(&bids, Some("nvmehp")), Some("nvmehp"), "devctl set driver -f: {bids:?}");
+    }
+    announce(claim);
+    let log = fk::log();
+    let line = log.iter().find(|l| l.contains("hot-added NVMe controllers attach to")).expect("no load message");
+    assert!(line.contains(said), "{line}");
+}
+
+fn c_int_from(b: bool) -> core::ffi::c_int {
+    core::ffi::c_int::from(b)
+}
+
+#[test]
+fn hot_added_controller_with_claim_0_and_nvme4_goes_to_nvme4() {
+    hot_add_case(false, true, super::claim::HotAddDriver::Nvme4, "attach to nvme(4) (claim=0)");
+}
+
+#[test]
+fn hot_added_controller_with_claim_0_without_nvme4_gets_no_driver() {
+    hot_add_case(false, false, super::claim::HotAddDriver::None, "attach to no driver (claim=0)");
+}
+
+#[test]
+fn hot_added_controller_with_claim_1_and_nvme4_still_goes_to_nvme4() {
+    hot_add_case(true, true, super::claim::HotAddDriver::Nvme4, "attach to nvme(4) (claim=1): nvme(4) outbids claim=1");
+}
+
+#[test]
+fn hot_added_controller_with_claim_1_without_nvme4_goes_to_nvmehp() {
+    hot_add_case(true, false, super::claim::HotAddDriver::Nvmehp, "attach to nvmehp (claim=1)");
 }

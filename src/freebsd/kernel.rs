@@ -377,7 +377,7 @@ impl Kernel for FreeBsdKernel {
 impl AcpiNotify for FreeBsdKernel {
     /// Removes every handler we installed (each drop calls AcpiRemoveNotifyHandler, which
     /// waits for a running handler). Only from the module unload thread, never from an ACPI
-    /// task thread (facts §1.9).
+    /// task thread (Osd/OsdSchedule.c AcpiOsWaitEventsComplete).
     fn remove_notify_handlers(&mut self) {
         self.notify.clear();
     }

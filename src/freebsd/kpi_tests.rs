@@ -1,7 +1,7 @@
 //! Host unit tests of the KPI wrappers against [`fake_kernel`](super::fake_kernel): the flags
 //! they pass and the order of calls their ownership rules promise.
 
-use super::acpi::{AcpiHandle, NotifyHandler, NotifyRegistration, NotifyValue};
+use super::acpi::{AcpiHandle, AcpiStatus, NotifyHandler, NotifyRegistration, NotifyValue};
 use super::bindings;
 use super::bio::{Bio, BioCmd};
 use super::callout::{Callout, CalloutHandler};
@@ -135,6 +135,55 @@ fn notify_handler_is_removed_before_its_context_is_freed() {
     assert!(log[index_of(&log, "AcpiInstallNotifyHandler")].ends_with("type=1"), "system notify");
     assert!(log[index_of(&log, "AcpiRemoveNotifyHandler")].contains("same_handler=true"));
     assert!(index_of(&log, "AcpiRemoveNotifyHandler") < index_of(&log, "dropped notify ctx"));
+}
+
+/// Records every call into the fake kernel's log, so a test sees whether it ran before or after
+/// its context was dropped.
+struct LogRecorder {
+    _probe: DropProbe,
+}
+impl NotifyHandler for LogRecorder {
+    fn notify(&self, _h: AcpiHandle, v: NotifyValue) {
+        fk::record(std::format!("handler ran {v:?}"));
+    }
+}
+
+/// A notify ACPICA queued before the unlink (with the handler list as it was then) is
+/// dispatched after AcpiRemoveNotifyHandler returned: every removal, by `remove` and by drop,
+/// is followed by AcpiOsWaitEventsComplete, which lets that dispatch run while the context is
+/// still alive; only then is the context freed. A failed removal frees nothing and needs no
+/// wait.
+#[test]
+fn every_removal_waits_for_queued_notifies_before_the_context_is_freed() {
+    for by_drop in [false, true] {
+        fk::reset(Knobs::default());
+        let reg = NotifyRegistration::install(slot(), Box::new(LogRecorder { _probe: DropProbe("notify ctx") }))
+            .map_err(|e| e.0)
+            .unwrap();
+        fk::queue_notify_dispatch(3);
+        if by_drop {
+            drop(reg);
+        } else {
+            assert!(reg.remove().is_ok());
+        }
+        let log = fk::log();
+        let order = [
+            index_of(&log, "AcpiRemoveNotifyHandler"),
+            index_of(&log, "AcpiOsWaitEventsComplete"),
+            index_of(&log, "handler ran EjectRequest"),
+            index_of(&log, "dropped notify ctx"),
+        ];
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "by_drop={by_drop}: {order:?} {log:#?}");
+        assert_eq!(count(&log, "AcpiOsWaitEventsComplete"), 1);
+    }
+    fk::reset(Knobs { acpi_remove_status: bindings::NVMEHP_AE_NOT_FOUND, ..Knobs::default() });
+    let reg = NotifyRegistration::install(slot(), Box::new(LogRecorder { _probe: DropProbe("notify ctx") }))
+        .map_err(|e| e.0)
+        .unwrap();
+    let (st, reg) = reg.remove().unwrap_err();
+    assert_eq!(st, AcpiStatus::NOT_FOUND);
+    core::mem::forget(reg); // still installed as far as the fake knows: keep its context
+    assert_eq!(count(&fk::log(), "AcpiOsWaitEventsComplete"), 0);
 }
 
 #[test]

@@ -34,6 +34,7 @@
 //! - [`kernel`]: the hotplug `Kernel` and `AcpiNotify` traits over the KPI.
 //! - [`slots`]: ACPI slot discovery, notify handlers, the hotplug task and `SlotOps`.
 //! - [`pci_driver`]: the `nvmehp` driver's probe/attach/detach.
+//! - [`claim`]: which driver a hot-added NVMe controller gets, said at load.
 //! - [`module`]: the module event handler (load, quiesce/EBUSY, unload).
 
 pub mod bindings;
@@ -70,6 +71,7 @@ pub mod node;
 pub mod kernel;
 pub mod slots;
 pub mod pci_driver;
+pub mod claim;
 pub mod module;
 
 #[cfg(test)]

@@ -26,7 +26,7 @@
 //! ARI: pci_rescan does not check for ARI on a rescan, it only asks `PCIB_MAXFUNCS`. With ARI
 //! enabled below the bridge (more than `PCI_FUNCMAX` functions) the slot field is part of the
 //! function number, so an ACPI slot (`_ADR` device number) does not name a set of functions:
-//! the walk refuses ([`WalkError::Ari`]) and the caller rescans the whole bus instead. The
+//! the walk refuses ([`WalkError::Ari`]) and the caller reports the check as failed. The
 //! legacy buses this module serves (i440fx QEMU/bhyve/EC2 Nitro) have no ARI.
 //!
 //! Functions of the slot that stopped answering are left alone here: removing devices is the
@@ -54,7 +54,7 @@ pub struct SlotScan {
     pub attached: u8,
 }
 
-/// Why the slot walk could not be done; the caller falls back to `BUS_RESCAN` of the bus.
+/// Why the slot walk could not be done; the caller fails the check (never a `BUS_RESCAN`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WalkError {
     /// The bus has no bridge (not a pci bus).

@@ -16,12 +16,17 @@
 //!   watchdog: record a quiet check or a namespace change for their slot and enqueue the task.
 //!
 //! Single-slot rescan: FreeBSD exports no "rescan this slot" KPI, and acpi_pci answers a device
-//! check with `BUS_RESCAN` of the whole bus (facts §1.2), which also deletes every child of
+//! check with `BUS_RESCAN` of the whole bus (acpi_pci.c acpi_pci_device_notify_handler), which also
+//! deletes every child of
 //! *other* slots whose function stopped answering. `rescan_slot` instead walks the one slot
 //! under the topology lock ([`super::slot_rescan`]: what pci_rescan_method does for a slot,
 //! through the global `pci_read_device`/`pci_add_child`), adding and attaching only that
-//! slot's new functions. Only when the walk cannot be done (ARI below the bridge, a function
-//! that could not be added) does it fall back to `BUS_RESCAN` of the bus, and says so.
+//! slot's new functions. When the walk cannot be done (ARI below the bridge, a function that
+//! could not be added) the check fails (`_OST` non-specific failure) and says so; it does not
+//! fall back to `BUS_RESCAN`: pci_rescan_method (sys/dev/pci/pci.c) deletes every child whose
+//! function stopped answering, whatever its driver, and an nvme(4) controller's detach sleeps
+//! until its disks are unmounted (nvd.c nvd_controller_fail), which our task, drained at
+//! unload, must never wait for.
 
 use super::acpi::{AcpiHandle, NotifyHandler, NotifyRegistration, NotifyValue};
 use super::alloc::box_waitok;
@@ -38,7 +43,7 @@ use crate::hotplug::machine::{HotplugConfig, SlotMachine};
 use crate::hotplug::mode::{self, AcpiMode, InTreeHandler, Role};
 use crate::hotplug::ost::OstStatus;
 use crate::hotplug::pending::{PendingEvents, PendingSnapshot};
-use crate::hotplug::slot_ops::{DetachError, DetachReason, OpFailed, SlotIndex, SlotOps};
+use crate::hotplug::slot_ops::{DetachError, DetachReason, LeftAlone, OpFailed, SlotIndex, SlotOps};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
@@ -73,6 +78,8 @@ struct SlotInfo {
 /// What discovery found; immutable after it, except through its mutexes and the task cell.
 struct Discovered {
     bus: PciBus,
+    /// acpi_pci's handler is on the bus's slots (it drives the bus).
+    in_tree: InTreeHandler,
     slots: Vec<SlotInfo>,
     pending: Pin<Box<Mutex<PendingState>>>,
     /// Only the hotplug task's thread uses it (see [`HotplugTask`]).
@@ -172,6 +179,7 @@ pub fn load() -> Result<HotplugModule, core::ffi::c_int> {
             AcpiMode::Auto
         }
     };
+    super::claim::announce(tunables::claim());
     let hp = NonNull::from(Box::leak(box_waitok(Hotplug {
         mode,
         interval_ms: tunables::rescan_interval_ms(),
@@ -363,13 +371,14 @@ impl TaskHandler for HotplugTask {
         Stat::HotplugFailures.add(i64::from(r.failures));
         if r.detaches + r.ejected + r.refused + r.failures > 0 {
             kprintf!(
-                "nvme_hotplug: hotplug run: {} rescans, {} detaches ({} stale), {} ejected, {} refused, {} failures\n",
+                "nvme_hotplug: hotplug run: {} rescans, {} detaches ({} stale), {} ejected, {} refused, {} failures, {} left alone\n",
                 r.rescans,
                 r.detaches,
                 r.swept,
                 r.ejected,
                 r.refused,
-                r.failures
+                r.failures,
+                r.left_alone
             );
         }
         if let Some(us) = r.rerun_after_us {
@@ -410,7 +419,8 @@ fn discover(hp: HpRef) {
         }
     };
     // acpi_pci installs its (static, hence unremovable) handler on every _EJ0 slot of a bus it
-    // drives (facts §1.1), and it drives exactly the pci buses that have an ACPI handle: that
+    // drives (acpi_pci.c acpi_pci_attach), and it drives exactly the pci buses that have an ACPI
+    // handle: that
     // is acpi_pci_probe's own test.
     let in_tree = if AcpiHandle::of_device(&bus).is_some() { InTreeHandler::Fixed } else { InTreeHandler::Absent };
     let mut slots: Vec<SlotInfo> = Vec::new();
@@ -438,6 +448,7 @@ fn discover(hp: HpRef) {
     };
     let d = Box::leak(box_waitok(Discovered {
         bus: PciBus::new(bus),
+        in_tree,
         slots,
         pending,
         machine: UnsafeCell::new(MachineState { machine: SlotMachine::new(roles, HotplugConfig::default()), snapshot }),
@@ -468,6 +479,17 @@ fn discover(hp: HpRef) {
             downgraded
         );
     }
+    if in_tree == InTreeHandler::Fixed && owned == 0 && !d.slots.is_empty() {
+        // Stock FreeBSD: say plainly what runs and what does not (nvme_hotplug.4, "STOCK
+        // FREEBSD"). acpi_pci's handler is a static function of acpi_pci.c, so a module cannot
+        // remove it, and two acting handlers would detach and _EJ0 twice (mode.rs).
+        kprintf!(
+            "nvme_hotplug: acpi_pci handles these slots (its handler cannot be removed): it rescans the bus on a device check and detaches + _EJ0s on an eject request\n"
+        );
+        kprintf!(
+            "nvme_hotplug: running: safe detach of nvmehp controllers, eject refused (EBUSY, no _EJ0) while a node or disk is open, namespace rescans; not running: _OST, slot-only rescans, stale-device sweeps\n"
+        );
+    }
     let rescan = FallbackRescan::new(hp.interval_ms);
     if let Some(ms) = rescan.interval_ms() {
         // SAFETY: the pending mutex lives in the leaked Discovered until unload, which drops
@@ -491,6 +513,29 @@ fn discover(hp: HpRef) {
 }
 
 // --- SlotOps --------------------------------------------------------------------------------
+
+/// Who drives a PCI function's `device_t`, for the rule that the hotplug task detaches and
+/// deletes only what is its own.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Driver {
+    /// nvmehp: our detach never waits for users of a gone device (the disk is freed from
+    /// `d_gone` later), and refuses with EBUSY for an eject while a node or disk is open.
+    Ours,
+    /// No driver took it (`DS_NOTPRESENT`): deleting it runs no driver code.
+    None,
+    /// Another driver (nvme(4), or anything else): never touched.
+    Other,
+}
+
+fn driver_of(dev: Device) -> Driver {
+    if !dev.is_alive() {
+        Driver::None
+    } else if dev.class_name() == c"nvmehp" {
+        Driver::Ours
+    } else {
+        Driver::Other
+    }
+}
 
 /// The state machine's actions on FreeBSD. Each takes `bus_topo_lock()` itself.
 pub struct FreeBsdSlots<'a> {
@@ -537,33 +582,75 @@ impl SlotOps for FreeBsdSlots<'_> {
                 }
                 Ok(())
             }
-            // The documented fallback: the whole bus, as acpi_pci does for a device check.
+            // No whole-bus fallback (module doc): it would detach other drivers' devices.
             Err(e) => {
-                kprintf!("nvme_hotplug: slot {:?}: {}; rescanning the whole bus\n", s.handle, e);
-                topo.rescan(self.d.bus.device()).map_err(|e| {
-                    kprintf!("nvme_hotplug: rescan for slot {:?} failed: {}\n", s.handle, e);
-                    OpFailed
-                })
+                let dev = self.d.bus.device();
+                kprintf!(
+                    "nvme_hotplug: slot {:?}: {}; not rescanning the whole bus from the hotplug task: `devctl rescan {}` does\n",
+                    s.handle,
+                    e,
+                    core::str::from_utf8(dev.nameunit().to_bytes()).unwrap_or("pci")
+                );
+                Err(OpFailed)
             }
         }
     }
 
+    /// Detaches and deletes the slot's functions, only on a slot we own and only if every
+    /// function is ours or driverless.
+    ///
+    /// - **Never another driver's device.** nvme(4)'s detach sleeps until every disk of the
+    ///   controller has been closed (`nvd_controller_fail`, sys/dev/nvd/nvd.c): a mounted file
+    ///   system would hold this task, and with it kldunload, which drains the task. So a slot
+    ///   with any function of another driver is refused as a whole ([`DetachError::NotOurs`])
+    ///   before anything is detached; the administrator can `devctl detach` it.
+    /// - **Driverless children** (no driver took them) are deleted: `device_delete_child` of a
+    ///   device that is not attached runs no driver code and waits for nobody, which is what
+    ///   `pci_rescan_method` (sys/dev/pci/pci.c) does to a function that stopped answering. That
+    ///   is safe only because no rescan of the bus can run concurrently: slots we own are on a
+    ///   bus acpi_pci does not drive (`acpi_pci_probe` takes only buses with an ACPI handle), so
+    ///   no notify handler rescans it. (`devctl rescan` by hand is the administrator's race.)
+    /// - **Never on an observed slot.** The state machine does not ask (its observer rule); the
+    ///   role is checked again here so that no caller can get around it.
     fn detach_slot(&mut self, i: SlotIndex, why: DetachReason) -> Result<(), DetachError> {
         let Some(s) = self.slot(i) else { return Err(DetachError::Failed) };
+        if s.role != Role::Owner {
+            kprintf!("nvme_hotplug: slot {:?} is only observed: not detaching it\n", s.handle);
+            return Err(DetachError::Failed);
+        }
         let topo = TopoLock::lock();
         let bus = self.d.bus;
         // Re-checked under the lock: someone else (acpi_pci, devctl) may have removed it.
         if bus.child_at(s.pci_slot, 0).is_none() {
             return Err(DetachError::NoDevice);
         }
-        // Functions last first, as Linux's disable_slot does (facts §4.3).
+        // Every function first: a slot is refused whole, never half detached.
+        for f in 0..=super::bindings::PCI_FUNCMAX as u8 {
+            let Some(child) = bus.child_at(s.pci_slot, f) else { continue };
+            if driver_of(child) == Driver::Other {
+                // A sweep's NotOurs is reported by left_alone (once, not at every tick).
+                if why == DetachReason::Eject {
+                    dev_printf!(
+                        &child,
+                        "slot {:?}: eject request refused: it is another driver's device (devctl detach it first)\n",
+                        s.handle
+                    );
+                }
+                return Err(DetachError::NotOurs);
+            }
+        }
+        // Functions last first, as Linux's disable_slot does (drivers/pci/hotplug/acpiphp_glue.c).
         for f in (0..=super::bindings::PCI_FUNCMAX as u8).rev() {
             let Some(child) = bus.child_at(s.pci_slot, f) else { continue };
             if why == DetachReason::Eject && super::pci_driver::in_use(child, &topo) {
                 dev_printf!(&child, "eject request refused: a node or disk is open\n");
                 return Err(DetachError::InUse);
             }
-            match topo.detach(child) {
+            let detached = match driver_of(child) {
+                Driver::None => Ok(()), // not attached: device_delete_child alone
+                _ => topo.detach(child),
+            };
+            match detached {
                 Ok(()) => {}
                 Err(e) if e == super::bindings::EBUSY => return Err(DetachError::Busy),
                 Err(e) => {
@@ -599,6 +686,19 @@ impl SlotOps for FreeBsdSlots<'_> {
         let topo = TopoLock::lock();
         let Some(child) = self.d.bus.child_at(s.pci_slot, 0) else { return Err(OpFailed) };
         super::pci_driver::rescan_namespaces(child, &topo).map_err(|_| OpFailed)
+    }
+
+    fn left_alone(&mut self, i: SlotIndex, what: LeftAlone) {
+        let Some(s) = self.slot(i) else { return };
+        let dev = self.d.bus.device();
+        let bus = core::str::from_utf8(dev.nameunit().to_bytes()).unwrap_or("pci");
+        let who = if self.d.in_tree == InTreeHandler::Absent { "acpi_mode=off" } else { "acpi_pci handles this slot" };
+        let (what, who) = match what {
+            LeftAlone::Stale => ("its device is gone", who),
+            LeftAlone::New => ("a new function answers", who),
+            LeftAlone::OtherDriver => ("its device is gone", "another driver's device: `devctl detach` it first"),
+        };
+        kprintf!("nvme_hotplug: slot {:?}: {}; left alone ({}): `devctl rescan {}` updates the bus\n", s.handle, what, who, bus);
     }
 }
 

@@ -2,12 +2,12 @@
 //!
 //! Two implementations: `src/freebsd/` (make_dev_s(9), destroy_dev(9), disk(9), malloc(9),
 //! bus_teardown_intr(9), callout(9), taskqueue(9)) and `kpimodel/`, a host model that enforces
-//! the FreeBSD rules (facts §2) and records every violation.
+//! the FreeBSD rules (docs/freebsd-kpi.md section 5) and records every violation.
 //!
 //! What the trait deliberately cannot express:
 //! - **No eternal nodes.** [`Kernel::make_node`] has no flags argument. The FreeBSD
 //!   implementation passes exactly `MAKEDEV_CHECKNAME | MAKEDEV_WAITOK` and asserts it;
-//!   `MAKEDEV_ETERNAL` nodes may never be destroyed (facts §2.3), which was bug 1.
+//!   `MAKEDEV_ETERNAL` nodes may never be destroyed (kern_conf.c destroy_devl), which was bug 1.
 //! - **No free-form names.** Names come only from [`NodeName`].
 //! - **No early disk free.** A disk is given up to the kernel by [`Kernel::disk_gone`]; only
 //!   the kernel's `d_gone` callback, [`super::teardown::on_disk_gone`], destroys and frees it.
@@ -39,11 +39,12 @@ pub trait Kernel {
     fn free(&mut self, mem: Self::Mem);
 
     /// make_dev_s(9) with `MAKEDEV_CHECKNAME | MAKEDEV_WAITOK` and `si_drv1 = drv1`
-    /// (set before the node is published, facts §2.1). Duplicate name: `EEXIST`.
+    /// (set before the node is published, kern_conf.c make_dev_sv). Duplicate name: `EEXIST`.
     fn make_node(&mut self, name: &NodeName, drv1: Self::Mem) -> Result<Self::Node, Errno>;
     /// destroy_dev(9): removes the name, then waits until no thread is inside any method of
-    /// the node (facts §2.4). Never from the node's own methods: the caller would wait for
-    /// itself (facts §2.6).
+    /// the node (kern_conf.c destroy_devl). Never from the node's own methods: the caller would
+    /// wait for
+    /// itself (kern_conf.c destroy_devl counts it in si_threadcount).
     fn destroy_node(&mut self, node: Self::Node);
     /// destroy_dev_sched(9): for method context (d_close, cdevpriv destructors).
     fn destroy_node_sched(&mut self, node: Self::Node);
@@ -97,6 +98,7 @@ pub trait IoGate {
 /// ACPI notify handler registration, for module unload.
 pub trait AcpiNotify {
     /// AcpiRemoveNotifyHandler(9) on every slot we installed a handler on. Waits for running
-    /// handlers (facts §1.9), so never call it from an ACPI task thread.
+    /// handlers (Osd/OsdSchedule.c AcpiOsWaitEventsComplete), so never call it from an ACPI task
+    /// thread.
     fn remove_notify_handlers(&mut self);
 }

@@ -9,8 +9,9 @@
 //! the order of a "3 then 1" or "1 then 3" burst does not matter: after the eject, the check
 //! sees whatever is really in the slot.
 //!
-//! Eject, when we own the slot (like Linux acpiphp + acpi_device_hotplug, facts §4.1-4.3;
-//! unlike acpi_pci.c, facts §1.2-1.3):
+//! Eject, when we own the slot (like Linux acpi_device_hotplug, drivers/acpi/scan.c, and
+//! acpiphp's disable_slot, drivers/pci/hotplug/acpiphp_glue.c; unlike FreeBSD's
+//! acpi_pci_device_notify_handler, sys/dev/acpica/acpi_pci.c):
 //! 1. nothing present and no `device_t`: `_OST` non-specific failure, no detach, no `_EJ0`;
 //! 2. `_OST` eject-in-progress;
 //! 3. detach + delete the child (only if a `device_t` exists); Busy / InUse / Failed are
@@ -23,7 +24,7 @@ use super::ost::{OstStatus, SOURCE_BUS_CHECK, SOURCE_DEVICE_CHECK, SOURCE_EJECT_
 use super::pending::{Pending, PendingEvents, PendingSnapshot};
 use super::mode::Role;
 use super::slot::{Slot, SlotState};
-use super::slot_ops::{DetachError, DetachReason, SlotIndex, SlotOps};
+use super::slot_ops::{DetachError, DetachReason, LeftAlone, SlotIndex, SlotOps};
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -41,8 +42,9 @@ pub struct HotplugConfig {
 
 impl Default for HotplugConfig {
     fn default() -> Self {
-        // 50 x 10 ms: acpi_pci's EC2 quirk waits 10 ms once (facts §1.7); we wait up to 0.5 s
-        // without holding any thread, since each re-check is a new task run.
+        // 50 x 10 ms: acpi_pci's EC2 quirk waits 10 ms once (acpi_pci.c,
+        // ACPI_Q_DELAY_BEFORE_EJECT_RESCAN); we wait up to 0.5 s without holding any thread,
+        // since each re-check is a new task run.
         HotplugConfig { eject_confirm_tries: 50, eject_confirm_delay_us: 10_000 }
     }
 }
@@ -64,6 +66,9 @@ pub struct RunReport {
     pub ejected: u32,
     /// Failures (rescan, detach, `_EJ0`, eject never completed, eject of an empty slot).
     pub failures: u32,
+    /// Changes a check found and left alone: stale or new devices on slots we only observe,
+    /// and stale devices of other drivers.
+    pub left_alone: u32,
     /// ACPI events ignored because we only observe the slot.
     pub ignored: u32,
     /// Namespace rescans.
@@ -160,8 +165,9 @@ impl SlotMachine {
     }
 
     /// The device is there if config space answers *or* `_STA` says present, as Linux's
-    /// trim_stale_devices decides (facts §4.4): a device is only declared gone (and torn down
-    /// without asking) when every source agrees, so a lagging `_STA` or a config read racing a
+    /// trim_stale_devices decides (drivers/pci/hotplug/acpiphp_glue.c): a device is only declared
+    /// gone (and torn down without asking) when every source agrees, so a lagging `_STA` or a
+    /// config read racing a
     /// link retrain cannot tear down a working disk.
     fn alive<O: SlotOps>(i: SlotIndex, ops: &mut O) -> bool {
         ops.present(i) || ops.sta(i).is_some_and(|sta| sta & STA_PRESENT != 0)
@@ -186,6 +192,7 @@ impl SlotMachine {
                     let status = match e {
                         DetachError::Busy => OstStatus::DeviceBusy,
                         DetachError::InUse => OstStatus::DeviceInUse,
+                        DetachError::NotOurs => OstStatus::EjectNotSupported,
                         _ => OstStatus::NonSpecificFailure,
                     };
                     if status == OstStatus::NonSpecificFailure {
@@ -231,10 +238,31 @@ impl SlotMachine {
     }
 
     /// Device, bus or quiet fallback check; returns whether it succeeded (for `_OST`).
+    ///
+    /// **Observer rule.** On a slot we do not own (acpi_pci's handler is installed there, or
+    /// `acpi_mode=off`) the check changes nothing: no slot rescan, no detach, no delete; it only
+    /// reports ([`SlotOps::left_alone`]). acpi_pci acts on that slot from an ACPI task under
+    /// `bus_topo_lock` (`acpi_pci_device_notify_handler`, sys/dev/acpica/acpi_pci.c), and its
+    /// `BUS_RESCAN` (`pci_rescan_method`, sys/dev/pci/pci.c) keeps a list of the bus's children
+    /// across sleeps (detach, attach, `M_WAITOK` devinfo allocations) during which Giant, the
+    /// topology lock, is given up: a child we deleted meanwhile would be deleted again from its
+    /// stale list, a function we added could be added twice, and a detach of ours racing its
+    /// eject makes its `device_detach` fail, so it skips `_EJ0` and the eject is lost. Only
+    /// namespace rescans (inside our own driver) run on such slots.
     fn check<O: SlotOps>(&mut self, i: SlotIndex, ops: &mut O, r: &mut RunReport) -> bool {
         let child = ops.has_child(i);
         // Attaching needs config space; declaring a device stale needs every source to agree.
         let (attachable, alive) = if child { (false, Self::alive(i, ops)) } else { (ops.present(i), false) };
+        if self.roles[i] != Role::Owner {
+            let what = match (attachable, child, alive) {
+                (true, false, _) => Some(LeftAlone::New),
+                (_, true, false) => Some(LeftAlone::Stale),
+                _ => None,
+            };
+            self.note_left_alone(i, what, ops, r);
+            return true;
+        }
+        let mut left = None;
         let ok = match (attachable, child, alive) {
             (true, false, _) => {
                 r.rescans += 1;
@@ -247,15 +275,34 @@ impl SlotMachine {
                     true
                 }
                 Err(DetachError::NoDevice) => true,
+                // Another driver's device: left alone on purpose, not a failure of the check.
+                Err(DetachError::NotOurs) => {
+                    left = Some(LeftAlone::OtherDriver);
+                    true
+                }
                 Err(_) => false,
             },
             // Already attached (a spurious or duplicated check), or nothing there.
             _ => true,
         };
+        self.note_left_alone(i, left, ops, r);
         if !ok {
             r.failures += 1;
         }
         ok
+    }
+
+    /// Counts what a check left alone and reports it when the finding changed (a periodic
+    /// check that finds the same stale device again is counted, not reported again).
+    fn note_left_alone<O: SlotOps>(&mut self, i: SlotIndex, what: Option<LeftAlone>, ops: &mut O, r: &mut RunReport) {
+        if what.is_some() {
+            r.left_alone += 1;
+        }
+        let slot = &mut self.slots[i];
+        if let (Some(w), true) = (what, what != slot.left_alone) {
+            ops.left_alone(i, w);
+        }
+        slot.left_alone = what;
     }
 }
 

@@ -29,11 +29,14 @@
 //!   re-checks the `device_t` under that lock (NoDevice otherwise) and, for
 //!   [`slot_ops::DetachReason::Eject`], returns [`slot_ops::DetachError::InUse`] (`_OST` 0x81)
 //!   while [`teardown::Live::in_use`] (an open node or disk); `Busy` (0x82) is for a driver
-//!   that refuses for another, transient reason.
+//!   that refuses for another, transient reason; [`slot_ops::DetachError::NotOurs`] (0x80)
+//!   when a function of the slot belongs to another driver, which is never detached. The
+//!   state machine asks only on slots it owns (observer rule, [`machine::SlotMachine`]).
 //! - **`device_detach`** of our driver: [`teardown::teardown`] with
 //!   [`teardown::Removal::Announced`] when the device still answers, `Surprise` otherwise.
 //!   When acpi_pci (observer role) asks to detach a controller that is in use, returning
-//!   EBUSY makes acpi_pci skip `_EJ0` (facts §1.2), which is the same safe outcome.
+//!   EBUSY makes acpi_pci skip `_EJ0` (acpi_pci.c acpi_pci_device_notify_handler), which is the
+//!   same safe outcome.
 //! - **Fallback callout** (`hw.nvme_hotplug.rescan_interval_ms`, 0 = off):
 //!   [`fallback::FallbackRescan::tick`] under the mtx, enqueue the task when it says so.
 //! - **Namespace attribute changed** (NVMe AER): `pending.namespace_changed(slot)`; the task's

@@ -2,8 +2,10 @@
 //!
 //! # Why this has to be decided at all
 //! acpi_pci.c installs `acpi_pci_device_notify_handler` on every slot object that has `_EJ0`
-//! when the PCI bus attaches (facts §1.1). ACPICA lets several system notify handlers sit on one
-//! object and calls all of them (facts §1.10). If we simply added ours, an eject request would
+//! when the PCI bus attaches (acpi_pci.c acpi_pci_attach). ACPICA lets several system notify
+//! handlers sit on one
+//! object and calls all of them (ACPICA evmisc.c AcpiEvNotifyDispatch). If we simply added ours, an
+//! eject request would
 //! run both: the first `device_detach` + `_EJ0` would be ours, the second acpi_pci's (or the
 //! other way round): a double detach and a double `_EJ0`, possibly of the *next* device
 //! inserted into the slot. So on every slot exactly one party may act on notifies:
@@ -16,12 +18,27 @@
 //!
 //! - *own*: we install our handler, and after acpi_pci's handler has been removed from that slot
 //!   (the glue calls `AcpiRemoveNotifyHandler` from attach or the module load path, never from an
-//!   ACPI task thread, facts §1.9) we do the slot rescan, the safe detach, `_EJ0` and `_OST`.
+//!   ACPI task thread: Osd/OsdSchedule.c AcpiOsWaitEventsComplete) we do the slot rescan, the safe
+//!   detach, `_EJ0` and `_OST`.
 //! - *observe*: we install no notify handler on the slot; acpi_pci (if any) detaches our
-//!   controller through newbus, which runs our ordinary `device_detach` teardown. We still run
-//!   the optional fallback rescan and namespace rescans, which never `_EJ0`.
+//!   controller through newbus, which runs our ordinary `device_detach` teardown, and our
+//!   EBUSY for an open node or disk makes it skip `_EJ0`. Our task never changes the slot's
+//!   topology (no rescan, detach or delete; see `SlotMachine::check`, the observer rule): the
+//!   optional fallback check and a controller that saw itself vanish only report what they
+//!   found. Namespace rescans (inside our own driver) still run.
 //! - `auto` is the default: fill the gaps (kernels before r353586, slots acpi_pci did not see at
 //!   bus attach) and leave the rest to the kernel, which already works on current FreeBSD.
+//!   On stock FreeBSD 15 every slot is "present, not removable", so `auto` observes them all:
+//!   acpi_pci rescans and ejects, our detach keeps the teardown safe and refuses an eject with
+//!   EBUSY while a node or disk is open (acpi_pci then skips `_EJ0`), namespace rescans run;
+//!   no `_OST`, no slot rescan, no sweep (README "On stock FreeBSD 15", nvme_hotplug.4). We do
+//!   not answer `_OST` there: we cannot tell when acpi_pci's handler has finished without
+//!   waiting on the ACPI task queue, and such a wait can last as long as an nvme(4) detach
+//!   waits for an unmount, which our task (drained at unload) must never do. Nor do we install
+//!   a recording-only handler to learn of the notifies: removing it at unload waits for every
+//!   queued ACPI task (`AcpiRemoveNotifyHandler` and `AcpiOsWaitEventsComplete`), acpi_pci's
+//!   eject of a mounted nvme(4) disk included, so kldunload could hang until an unmount;
+//!   without a handler of ours, unload waits for no ACPI task.
 //! - "Removable" means the glue can name acpi_pci's handler function to `AcpiRemoveNotifyHandler`
 //!   (it is a static function of acpi_pci.c, found through the kernel linker's symbol table).
 //!   If it cannot, the handler is "not removable" and `own` must degrade to observing: the

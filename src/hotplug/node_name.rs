@@ -2,7 +2,8 @@
 //!
 //! The prefix differs from nvme(4)'s `nvme<U>` so that both drivers can coexist on one machine
 //! without a duplicate-name panic (make_dev without MAKEDEV_CHECKNAME panics on duplicates,
-//! facts §2.2). The name is built in a fixed buffer: no allocation, always NUL-terminated for
+//! kern_conf.c make_dev_sv). The name is built in a fixed buffer: no allocation, always
+//! NUL-terminated for
 //! make_dev_s(9)'s `"%s"` format.
 
 use core::fmt::{self, Write};

@@ -1,6 +1,7 @@
 //! `_OST` (OSPM Status Indication, ACPI 6.5 §6.3.5): how the OS tells firmware what became of
-//! a notify. acpi_pci.c never evaluates it (facts §1.3); Linux always does (facts §4.1), and a
-//! hypervisor that waits for it (e.g. to finish a volume detach) needs it.
+//! a notify. acpi_pci.c never evaluates it; Linux always does (drivers/acpi/scan.c
+//! acpi_device_hotplug), and a hypervisor that waits for it (e.g. to finish a volume detach)
+//! needs it.
 //!
 //! Codes verified against Linux include/linux/acpi.h (`ACPI_OST_SC_*`), which follows the spec.
 

@@ -1,7 +1,8 @@
 //! The cheap half of the hotplug state machine: recording events in the notify context.
 //!
 //! An ACPI notify handler runs on one of only three `acpi_task` threads shared with GPE, EC,
-//! thermal and button events (facts §1.8, §1.9), and when ACPICA's task pool is full events
+//! thermal and button events (sys/dev/acpica/Osd/OsdSchedule.c AcpiOsExecute), and when ACPICA's
+//! task pool is full events
 //! are dropped. So the handler does nothing but set a bit here (under a short mtx(9) in the
 //! kernel; no allocation, no sleep) and enqueue our own task if this call made work appear.
 //! Repeated or stormy notifies for a slot collapse into one bit: 100 device checks in a row

@@ -27,4 +27,7 @@ pub struct Slot {
     pub state: SlotState,
     /// Pending bits that arrived during [`SlotState::EjectWait`] and run after it ends.
     pub deferred: u8,
+    /// What the last check of an observed slot left alone, so that a periodic check reports
+    /// a stale or new device once, not at every tick.
+    pub left_alone: Option<super::slot_ops::LeftAlone>,
 }

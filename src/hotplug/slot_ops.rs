@@ -29,8 +29,25 @@ pub enum DetachError {
     /// There was no `device_t` for the slot when the lock was taken: someone else (the
     /// in-tree handler, a `devctl delete`) removed it first. Not an error for an eject.
     NoDevice,
+    /// A function of the slot is attached to another driver (nvme(4), or anything else):
+    /// nothing was detached. We never detach other drivers' devices: nvme(4)'s detach sleeps
+    /// until every disk's file system is unmounted (sys/dev/nvd/nvd.c nvd_controller_fail), and
+    /// our hotplug task, which unload drains, must never wait for that. For an eject: `_OST`
+    /// 0x80 (eject not supported); the owner detaches it (`devctl detach`) and asks again.
+    NotOurs,
     /// Anything else.
     Failed,
+}
+
+/// What a check found and, by rule, left for someone else (see [`SlotOps::left_alone`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeftAlone {
+    /// A `device_t` whose device no longer answers (config space and `_STA` agree).
+    Stale,
+    /// A function that answers and has no `device_t` yet.
+    New,
+    /// On a slot we own: a stale device of another driver ([`DetachError::NotOurs`]).
+    OtherDriver,
 }
 
 /// A slot action failed (rescan, `_EJ0`, namespace rescan).
@@ -61,4 +78,8 @@ pub trait SlotOps {
     /// A namespace attribute changed on the controller in this slot: re-read the namespace
     /// list, add new namespaces, remove deleted ones.
     fn rescan_namespaces(&mut self, slot: SlotIndex) -> Result<(), OpFailed>;
+    /// A check found something to add or remove and, by rule, did nothing (a slot we only
+    /// observe, or another driver's stale device): say so (the kernel glue prints what the
+    /// administrator can do). Called when the finding changes, not at every check repeating it.
+    fn left_alone(&mut self, _slot: SlotIndex, _what: LeftAlone) {}
 }

@@ -16,7 +16,7 @@
 //!    ENXIO now (after an announced removal, [`Gone::quiesce`] first lets the requests already
 //!    in flight finish on the still-present device, bounded). A removed device never answers, so waiting for a timeout would only delay, and
 //!    a thread sleeping in a node method on such a request would make step 4's destroy_dev wait
-//!    forever (destroy_dev drains threads, facts §2.4).
+//!    forever (destroy_dev drains threads, kern_conf.c destroy_devl).
 //! 3. **Drained** (interrupts, timers, tasks): bus_teardown_intr, callout_drain,
 //!    taskqueue_drain_all, in that order: interrupts schedule tasks and timers re-arm, and the
 //!    gone flag stops each from re-arming the others, so after the last drain no callback of
@@ -26,7 +26,7 @@
 //!    method, after which nothing reaches the softc through `si_drv1`.
 //! 5. **Freed**: the task queue, the engine (its queue memory), the softc, last, after every
 //!    drain and callback returned. Disks are not freed here: GEOM owns them after `disk_gone`
-//!    and frees them in `d_gone` ([`on_disk_gone`]), as nvd(4) does (facts §3.4).
+//!    and frees them in `d_gone` ([`on_disk_gone`]), as nvd(4) does (nvd.c nvd_gonecb).
 //!
 //! ```
 //! // The one order, spelled out (this compiles; the two below do not).
@@ -341,8 +341,9 @@ pub fn teardown<K: Kernel, C: IoGate>(live: Live<K, C>, k: &mut K, how: Removal)
     gone.fail_outstanding().drain(k).destroy_nodes(k).free(k)
 }
 
-/// The `d_gone` callback: GEOM's last call for this disk (facts §2.7). Only here is the disk
-/// destroyed and its context freed, as nvd_gonecb does (facts §3.4). Reads `d_drv1` first,
+/// The `d_gone` callback: GEOM's last call for this disk (geom_disk.c g_disk_providergone). Only
+/// here is the disk
+/// destroyed and its context freed, as nvd_gonecb does (sys/dev/nvd/nvd.c). Reads `d_drv1` first,
 /// since the disk is gone after disk_destroy.
 pub fn on_disk_gone<K: Kernel>(k: &mut K, disk: K::Disk) {
     let ctx = k.disk_ctx(&disk);

@@ -6,7 +6,7 @@ use super::machine::{Hotplug, HotplugConfig};
 use super::mode::Role;
 use super::ost::OstStatus;
 use super::slot::SlotState;
-use super::slot_ops::{DetachError, DetachReason, OpFailed, SlotIndex, SlotOps};
+use super::slot_ops::{DetachError, DetachReason, LeftAlone, OpFailed, SlotIndex, SlotOps};
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -17,6 +17,7 @@ enum Call {
     Ej0(usize),
     Ost(usize, u32, OstStatus),
     NsRescan(usize),
+    LeftAlone(usize, LeftAlone),
 }
 
 #[derive(Default)]
@@ -24,6 +25,8 @@ struct FakeBus {
     present: Vec<bool>,
     child: Vec<bool>,
     busy: Vec<bool>,
+    /// The slot's device is attached to another driver (nvme(4)): detach says NotOurs.
+    foreign: Vec<bool>,
     sta: Vec<Option<u32>>,
     /// `_EJ0` removes the device at once (QEMU PIIX4 behaviour) unless this is set.
     ej0_lags: bool,
@@ -36,6 +39,7 @@ impl FakeBus {
             present: vec![false; n],
             child: vec![false; n],
             busy: vec![false; n],
+            foreign: vec![false; n],
             sta: vec![None; n],
             ..Default::default()
         }
@@ -76,6 +80,9 @@ impl SlotOps for FakeBus {
         if !self.child[slot] {
             return Err(DetachError::NoDevice);
         }
+        if self.foreign[slot] {
+            return Err(DetachError::NotOurs);
+        }
         if self.busy[slot] && why == DetachReason::Eject {
             return Err(DetachError::Busy);
         }
@@ -95,6 +102,9 @@ impl SlotOps for FakeBus {
     fn rescan_namespaces(&mut self, slot: SlotIndex) -> Result<(), OpFailed> {
         self.calls.push(Call::NsRescan(slot));
         Ok(())
+    }
+    fn left_alone(&mut self, slot: SlotIndex, what: LeftAlone) {
+        self.calls.push(Call::LeftAlone(slot, what));
     }
 }
 
@@ -312,4 +322,52 @@ fn attaching_needs_config_space() {
     hp.notify(0, 1);
     hp.run_pending(&mut bus);
     assert!(bus.child[0]);
+}
+
+/// On slots we only observe (acpi_pci's handler acts there), a quiet check (fallback rescan, a
+/// controller that saw itself vanish) neither sweeps a stale device nor adds a new function: it
+/// only reports both. Owned slots in the same run are still swept and rescanned.
+#[test]
+fn observed_slots_are_never_swept_or_rescanned() {
+    let mut hp = Hotplug::new(vec![Role::Observer, Role::Observer, Role::Owner], HotplugConfig::default());
+    let mut bus = FakeBus::new(3);
+    bus.child[0] = true; // stale: config space gone, no _STA
+    bus.present[1] = true; // new function, no device_t
+    bus.child[2] = true; // stale on a slot we own
+    assert!(hp.pending_mut().check_all_quietly());
+    let r = hp.run_pending(&mut bus);
+    assert_eq!(
+        bus.calls,
+        vec![Call::LeftAlone(0, LeftAlone::Stale), Call::LeftAlone(1, LeftAlone::New), Call::Detach(2, DetachReason::Gone)]
+    );
+    assert_eq!((r.left_alone, r.swept, r.rescans, r.failures), (2, 1, 0, 0));
+    assert!(bus.child[0], "the observed slot's stale device_t is still there");
+    // The next tick finds the same: counted, not reported again.
+    bus.calls.clear();
+    hp.pending_mut().check_all_quietly();
+    assert_eq!(hp.run_pending(&mut bus).left_alone, 2);
+    assert!(bus.calls.is_empty(), "{:?}", bus.calls);
+}
+
+/// Another driver's device (nvme(4)) on a slot we own: a sweep leaves it (not a failure) and
+/// an eject request is refused with `_OST` 0x80 before `_EJ0`.
+#[test]
+fn other_drivers_devices_are_neither_swept_nor_ejected() {
+    let mut hp = owner(2);
+    let mut bus = FakeBus::new(2);
+    bus.child[0] = true;
+    bus.foreign[0] = true; // stale nvme(4) device
+    bus.child[1] = true;
+    bus.present[1] = true;
+    bus.foreign[1] = true; // live nvme(4) device
+    hp.pending_mut().check_all_quietly();
+    let r = hp.run_pending(&mut bus);
+    assert_eq!((r.left_alone, r.swept, r.failures), (1, 0, 0));
+    assert!(bus.child[0]);
+    assert_eq!(bus.count(|c| matches!(c, Call::LeftAlone(0, LeftAlone::OtherDriver))), 1);
+    hp.notify(1, 3);
+    let r = hp.run_pending(&mut bus);
+    assert_eq!(r.refused, 1);
+    assert_eq!(bus.count(|c| matches!(c, Call::Ej0(_))), 0);
+    assert_eq!(bus.osts(1), vec![(3, OstStatus::EjectInProgress), (3, OstStatus::EjectNotSupported)]);
 }

@@ -13,12 +13,16 @@
 //!
 //! Order, once allowed, and why:
 //! 1. remove our ACPI notify handlers, from the MOD_UNLOAD thread (never from an ACPI task
-//!    thread: AcpiRemoveNotifyHandler drains the ACPI task queue, facts §1.9); afterwards no
-//!    handler of ours runs or can enqueue work;
+//!    thread: AcpiRemoveNotifyHandler drains the ACPI task queue, Osd/OsdSchedule.c), each
+//!    followed by AcpiOsWaitEventsComplete for the notifies queued just before its unlink
+//!    (evmisc.c AcpiEvQueueNotifyRequest keeps the old handler list); afterwards no handler of
+//!    ours runs or can enqueue work;
 //! 2. drain the fallback callout, then our hotplug taskqueue: no hotplug task is running;
 //! 3. tear down every controller ([`super::teardown::teardown`]);
-//! 4. destroy_dev_drain: no scheduled destroy of our cdevsw is pending (facts §2.6);
-//! 5. wait for every `d_gone`: they call our code, which must still be loaded (facts §3.9);
+//! 4. destroy_dev_drain: no scheduled destroy of our cdevsw is pending (kern_conf.c
+//!    destroy_dev_drain);
+//! 5. wait for every `d_gone`: they call our code, which must still be loaded (geom_disk.c
+//!    g_disk_providergone);
 //! 6. free the hotplug taskqueue.
 
 use super::errno::Errno;

@@ -1,7 +1,8 @@
 //! Removal and failure detection.
 //!
 //! Real PCIe returns all-ones for reads of a vanished function, but QEMU returns **zero** for
-//! the old BAR after an eject (see docs/qemu-lab.md). So "CSTS == 0xffffffff" alone misses a
+//! the old BAR after an eject (docs/freebsd-kpi.md section 9, pinned down by lab/tests/machine.rs).
+//! So "CSTS == 0xffffffff" alone misses a
 //! QEMU removal: a controller we enabled whose CSTS.RDY reads 0 is suspicious, and config
 //! space (vendor ID 0xffff) is the tie-breaker, because config reads of a missing function are
 //! all-ones on both.

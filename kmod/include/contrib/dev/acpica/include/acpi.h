@@ -1,7 +1,7 @@
 /*
  * Stand-in for ACPICA's acpi.h as shipped in FreeBSD sys/contrib/dev/acpica/include/ (the
- * types of actypes.h, the status codes of acexcep.h and the entry points of acpixf.h), which the
- * ziglang header set does not ship. Declares only what nvme_hotplug uses, with the 64-bit
+ * types of actypes.h, the status codes of acexcep.h, the entry points of acpixf.h and the OS
+ * services of acpiosxf.h), which the ziglang header set does not ship. Declares only what nvme_hotplug uses, with the 64-bit
  * (ACPI_MACHINE_WIDTH 64) definitions and the same spelling, casts included, as the real headers.
  * Used only for Linux cross-builds; a native FreeBSD build uses the real headers.
  */
@@ -107,5 +107,8 @@ ACPI_STATUS AcpiInstallNotifyHandler(ACPI_HANDLE Device, UINT32 HandlerType,
     ACPI_NOTIFY_HANDLER Handler, void *Context);
 ACPI_STATUS AcpiRemoveNotifyHandler(ACPI_HANDLE Device, UINT32 HandlerType,
     ACPI_NOTIFY_HANDLER Handler);
+
+/* acpiosxf.h (FreeBSD implements it in sys/dev/acpica/Osd/OsdSchedule.c) */
+void AcpiOsWaitEventsComplete(void);
 
 #endif
