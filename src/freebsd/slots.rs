@@ -546,6 +546,60 @@ impl FreeBsdSlots<'_> {
     fn slot(&self, i: SlotIndex) -> Option<&SlotInfo> {
         self.d.slots.get(i)
     }
+
+    /// Detaches and deletes function `f` of slot `s`, if it has a `device_t`, for
+    /// [`SlotOps::detach_slot`], which has checked the slot's functions.
+    ///
+    /// **The `device_t` is looked up again after the detach.** device_detach runs our
+    /// DEVICE_DETACH, whose teardown sleeps (pause, taskqueue and callout drains,
+    /// destroy_dev), and a sleeping thread gives up Giant, which is what `bus_topo_lock` takes
+    /// (sys/kern/subr_bus.c). `topo` is held again when the detach returns, but meanwhile
+    /// another thread may have deleted the device (`devctl delete`, a `BUS_RESCAN` by hand):
+    /// device_delete_child frees the `device_t` (kobj_delete in sys/kern/subr_bus.c). Nothing
+    /// in newbus keeps a `device_t` alive for us across the sleep: it has no reference count,
+    /// and a device_busy reference, which makes device_detach and so device_delete_child
+    /// (which detaches first) fail with EBUSY, would make our own device_detach fail just the
+    /// same. Or a driver may have been attached to the device meanwhile (`devctl attach`, a
+    /// driver loaded meanwhile probes every device without one): deleting it would run that
+    /// driver's detach, which for nvme(4) sleeps until its disks are unmounted. So after the
+    /// detach the function is found again (`pci_find_dbsf`, under the lock) and only a device
+    /// that is there and has no driver is deleted; that runs no driver code, whichever
+    /// `device_t` it is.
+    fn detach_function(&self, topo: &TopoLock, s: &SlotInfo, f: u8, why: DetachReason) -> Result<(), DetachError> {
+        let bus = self.d.bus;
+        let Some(child) = bus.child_at(s.pci_slot, f) else { return Ok(()) };
+        let child = match driver_of(child) {
+            Driver::None => child, // not attached: device_delete_child alone, no sleep before it
+            Driver::Other => return Err(DetachError::NotOurs),
+            Driver::Ours => {
+                if why == DetachReason::Eject && super::pci_driver::in_use(child, topo) {
+                    dev_printf!(&child, "eject request refused: a node or disk is open\n");
+                    return Err(DetachError::InUse);
+                }
+                match topo.detach(child) {
+                    Ok(()) => {}
+                    Err(e) if e == super::bindings::EBUSY => return Err(DetachError::Busy),
+                    Err(e) => {
+                        dev_printf!(&child, "detach for {:?} failed: {}\n", why, e);
+                        return Err(DetachError::Failed);
+                    }
+                }
+                // `child` may be freed now: look the function up again (see above).
+                match bus.child_at(s.pci_slot, f) {
+                    None => return Ok(()), // deleted meanwhile: what we were doing
+                    Some(c) if driver_of(c) == Driver::None => c,
+                    Some(c) => {
+                        dev_printf!(&c, "slot {:?}: a driver attached it while its detach slept; not deleting it\n", s.handle);
+                        return Err(DetachError::Failed);
+                    }
+                }
+            }
+        };
+        topo.delete_child(bus.device(), child).map_err(|e| {
+            kprintf!("nvme_hotplug: device_delete_child in slot {:?} failed: {}\n", s.handle, e);
+            DetachError::Failed
+        })
+    }
 }
 
 impl SlotOps for FreeBsdSlots<'_> {
@@ -641,27 +695,7 @@ impl SlotOps for FreeBsdSlots<'_> {
         }
         // Functions last first, as Linux's disable_slot does (drivers/pci/hotplug/acpiphp_glue.c).
         for f in (0..=super::bindings::PCI_FUNCMAX as u8).rev() {
-            let Some(child) = bus.child_at(s.pci_slot, f) else { continue };
-            if why == DetachReason::Eject && super::pci_driver::in_use(child, &topo) {
-                dev_printf!(&child, "eject request refused: a node or disk is open\n");
-                return Err(DetachError::InUse);
-            }
-            let detached = match driver_of(child) {
-                Driver::None => Ok(()), // not attached: device_delete_child alone
-                _ => topo.detach(child),
-            };
-            match detached {
-                Ok(()) => {}
-                Err(e) if e == super::bindings::EBUSY => return Err(DetachError::Busy),
-                Err(e) => {
-                    dev_printf!(&child, "detach for {:?} failed: {}\n", why, e);
-                    return Err(DetachError::Failed);
-                }
-            }
-            if let Err(e) = topo.delete_child(bus.device(), child) {
-                kprintf!("nvme_hotplug: device_delete_child in slot {:?} failed: {}\n", s.handle, e);
-                return Err(DetachError::Failed);
-            }
+            self.detach_function(&topo, s, f, why)?;
         }
         Ok(())
     }
