@@ -572,6 +572,8 @@ impl FreeBsdSlots<'_> {
             Driver::None => child, // not attached: device_delete_child alone, no sleep before it
             Driver::Other => return Err(DetachError::NotOurs),
             Driver::Ours => {
+                // Checked for every function before the first detach; again here because an
+                // earlier function's detach slept, and a node may have been opened meanwhile.
                 if why == DetachReason::Eject && super::pci_driver::in_use(child, topo) {
                     dev_printf!(&child, "eject request refused: a node or disk is open\n");
                     return Err(DetachError::InUse);
@@ -651,7 +653,8 @@ impl SlotOps for FreeBsdSlots<'_> {
     }
 
     /// Detaches and deletes the slot's functions, only on a slot we own and only if every
-    /// function is ours or driverless.
+    /// function is ours or driverless and, for an eject, none is open: all are checked before
+    /// the first is detached (a slot is refused whole, never half detached).
     ///
     /// - **Never another driver's device.** nvme(4)'s detach sleeps until every disk of the
     ///   controller has been closed (`nvd_controller_fail`, sys/dev/nvd/nvd.c): a mounted file
@@ -678,7 +681,9 @@ impl SlotOps for FreeBsdSlots<'_> {
         if bus.child_at(s.pci_slot, 0).is_none() {
             return Err(DetachError::NoDevice);
         }
-        // Every function first: a slot is refused whole, never half detached.
+        // Every function first: a slot is refused whole, never half detached. An eject of a
+        // slot whose function 0 is open would otherwise detach function 1 and then be refused,
+        // leaving a slot that stays with a function nobody drives.
         for f in 0..=super::bindings::PCI_FUNCMAX as u8 {
             let Some(child) = bus.child_at(s.pci_slot, f) else { continue };
             if driver_of(child) == Driver::Other {
@@ -691,6 +696,10 @@ impl SlotOps for FreeBsdSlots<'_> {
                     );
                 }
                 return Err(DetachError::NotOurs);
+            }
+            if why == DetachReason::Eject && super::pci_driver::in_use(child, &topo) {
+                dev_printf!(&child, "eject request refused: a node or disk is open\n");
+                return Err(DetachError::InUse);
             }
         }
         // Functions last first, as Linux's disable_slot does (drivers/pci/hotplug/acpiphp_glue.c).
