@@ -1107,12 +1107,6 @@ pub unsafe extern "C" fn device_delete_child(_bus: device_t, dev: device_t) -> c
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmehp_bus_rescan(bus: device_t) -> c_int {
-    record(format!("BUS_RESCAN {bus:p}"));
-    0
-}
-
-#[no_mangle]
 pub unsafe extern "C" fn nvmehp_sysctl_ctx_create() -> *mut sysctl_ctx_list {
     record("sysctl_ctx_create");
     leak::<sysctl_ctx_list>()
