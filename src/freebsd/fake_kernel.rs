@@ -82,6 +82,8 @@ std::thread_local! {
     static ON_PAUSE: Cell<Option<fn()>> = const { Cell::new(None) };
     /// What other threads do while a device_detach has given up the topology lock ([`on_detached`]).
     static ON_DETACHED: Cell<Option<fn(device_t)>> = const { Cell::new(None) };
+    /// What other threads do while a device_probe_and_attach sleeps ([`on_probed`]).
+    static ON_PROBED: Cell<Option<fn(device_t)>> = const { Cell::new(None) };
     static DELAYS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
     /// The driver of a pci0 function's device_t when it is not nvmehp ([`set_function_driver`]):
     /// `Some(name)` another driver's, `None` no driver (DS_NOTPRESENT).
@@ -144,6 +146,7 @@ pub fn reset(knobs: Knobs) {
     LOG.with(|l| l.borrow_mut().clear());
     ON_PAUSE.with(|c| c.set(None));
     ON_DETACHED.with(|c| c.set(None));
+    ON_PROBED.with(|c| c.set(None));
     DELAYS.with(|c| c.set((0, 0)));
     DELAY_US.with(|c| c.set(0));
     CLOCK_US.with(|c| c.set(None));
@@ -1041,10 +1044,26 @@ pub unsafe extern "C" fn pci_add_child(bus: device_t, dinfo: *mut pci_devinfo) {
     });
 }
 
+/// Runs `f` (with the device) after every device_probe_and_attach, as the other threads that
+/// take the topology lock while it sleeps: a driver's DEVICE_ATTACH sleeps (ours and nvme(4)'s
+/// bring the controller up with pause_sbt), and a sleeping thread gives up Giant.
+pub fn on_probed(f: Option<fn(device_t)>) {
+    ON_PROBED.with(|c| c.set(f));
+}
+
+/// Records, besides the call, the probe of a device_t newbus has already freed (`freed
+/// device_t`): a use after free in the kernel.
 #[no_mangle]
 pub unsafe extern "C" fn device_probe_and_attach(dev: device_t) -> c_int {
     let (s, f) = function_of(dev).expect("probe of a device pci0 does not have");
     record(format!("device_probe_and_attach {s}.{f}"));
+    if !function(s, f).child {
+        record(format!("device_probe_and_attach {s}.{f}: freed device_t"));
+        return 0;
+    }
+    if let Some(h) = ON_PROBED.with(|c| c.get()) {
+        h(dev);
+    }
     0
 }
 

@@ -185,3 +185,27 @@ fn a_device_check_notification_rescans_the_slot_not_the_bus() {
         assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
     }
 }
+
+/// The new children are probed one after the other, and each probe_and_attach sleeps (the
+/// driver's attach brings the controller up) and so gives up the topology lock: another thread
+/// (`devctl delete`, or the platform's surprise removal handled by someone else) deleted
+/// function 3 while function 1 attached. The walk must not probe function 3's freed
+/// device_t; it looks each function up again. Before the fix it probed the device_t it had
+/// kept from the add.
+#[test]
+fn a_new_child_deleted_while_another_attaches_is_not_probed() {
+    fk::reset(Knobs::default());
+    fk::set_function(3, 0, MF_KNOWN);
+    fk::set_function(3, 1, MF_NEW);
+    fk::set_function(3, 3, NEW);
+    fk::on_probed(Some(|dev| {
+        if dev == fk::function_device(3, 1) {
+            fk::delete_function_child(3, 3);
+        }
+    }));
+    let (r, log) = run(3);
+    fk::on_probed(None);
+    assert!(matching(&log, "device_probe_and_attach 3.3").is_empty(), "a freed device_t was probed: {log:#?}");
+    assert_eq!(matching(&log, "device_probe_and_attach"), ["device_probe_and_attach 3.1"], "{log:#?}");
+    assert_eq!(r, Ok(SlotScan { present: 3, added: 2, attached: 1 }), "{log:#?}");
+}
