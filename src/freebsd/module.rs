@@ -64,8 +64,9 @@ pub fn unloading() -> bool {
 /// here and no module event follows (driver_module_handler calls our MOD_UNLOAD only if every
 /// detach succeeded): undo MOD_QUIESCE, so opens work again and ACPI hotplug resumes. Never
 /// sleeps (the resume runs on the hotplug task). A refused detach outside an unload changes
-/// nothing; one that races an unload which then goes on is harmless: MOD_UNLOAD redoes the
-/// quiesce steps.
+/// nothing. One that races an unload which then goes on (a second detach of a controller
+/// whose first detach sleeps) re-allows attaches until MOD_UNLOAD, which redoes the quiesce
+/// steps and refuses if a controller was attached meanwhile (`mod_unload`).
 pub fn detach_refused() {
     if QUIESCED.swap(false, Ordering::AcqRel) {
         UNLOADING.store(false, Ordering::Release);
