@@ -90,7 +90,7 @@ fn busy() -> bool {
 }
 
 /// How many nvmehp controllers are attached (MOD_UNLOAD: there must be none).
-fn attached() -> usize {
+fn attached_count() -> usize {
     let topo = TopoLock::lock();
     let n = topo.devices_of_class(c"nvmehp").filter(|d| d.is_attached()).count();
     n
@@ -211,7 +211,7 @@ fn mod_unload() -> c_int {
     // detach_refused, attaches were allowed again meanwhile, and the walk
     // (devclass_delete_driver, sys/kern/subr_bus.c) visits each unit once, so a controller
     // attached behind it is still attached now. Its interrupt, callout and nodes call our code.
-    let n = attached();
+    let n = attached_count();
     if n > 0 {
         return refuse(format_args!("{} controllers still attached", n));
     }
