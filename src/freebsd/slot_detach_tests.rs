@@ -125,3 +125,28 @@ fn a_multi_function_slot_is_refused_whole_when_one_function_is_open() {
     assert!(!fk::function(3, 0).child && !fk::function(3, 1).child);
     assert_eq!(fk::kldunload(false), 0);
 }
+
+/// A slot whose function 0 has no `device_t` (deleted by hand, `devctl delete`) while function
+/// 1 still has one: an eject request must detach function 1 before `_EJ0`, not find "no
+/// device" by looking at function 0 alone and power the slot off under function 1's driver.
+/// Before the fix has_child and detach_slot looked at function 0 only, and `_EJ0` ran with
+/// function 1 still attached.
+#[test]
+fn an_eject_detaches_function_1_when_function_0_has_no_device() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs::default());
+    super::module::reset_for_tests();
+    fk::set_function(3, 0, FakeFn { vendor: 0x1b36, hdrtype: 0x80, child: false });
+    fk::set_function(3, 1, FakeFn { vendor: 0x1b36, hdrtype: 0, child: true });
+    assert_eq!(fk::kldload(), 0);
+    fk::run_queued(); // discovery
+    let log = eject("-- eject, only function 1 has a device_t --");
+    let f1 = fk::function_device(3, 1);
+    let detach = positions(&log, &std::format!("device_detach {f1:p}"));
+    let delete = positions(&log, &std::format!("device_delete_child {f1:p}"));
+    let ej0_at = positions(&log, &std::format!("acpi_SetInteger {:p} _EJ0(1)", fk::SLOT3 as *const u8));
+    assert!(detach.len() == 1 && delete.len() == 1 && ej0_at.len() == 1, "{log:#?}");
+    assert!(detach[0] < delete[0] && delete[0] < ej0_at[0], "{log:#?}");
+    assert!(!fk::function(3, 1).child);
+    assert_eq!(fk::kldunload(false), 0);
+}

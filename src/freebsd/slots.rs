@@ -547,6 +547,12 @@ impl FreeBsdSlots<'_> {
         self.d.slots.get(i)
     }
 
+    /// Some function of the slot has a `device_t` (any function: function 0's may have been
+    /// deleted by hand while another's is still attached). Under the topology lock.
+    fn any_child(&self, _topo: &TopoLock, s: &SlotInfo) -> bool {
+        (0..=super::bindings::PCI_FUNCMAX as u8).any(|f| self.d.bus.child_at(s.pci_slot, f).is_some())
+    }
+
     /// Detaches and deletes function `f` of slot `s`, if it has a `device_t`, for
     /// [`SlotOps::detach_slot`], which has checked the slot's functions.
     ///
@@ -619,8 +625,8 @@ impl SlotOps for FreeBsdSlots<'_> {
 
     fn has_child(&mut self, i: SlotIndex) -> bool {
         let Some(s) = self.slot(i) else { return false };
-        let _topo = TopoLock::lock();
-        self.d.bus.child_at(s.pci_slot, 0).is_some()
+        let topo = TopoLock::lock();
+        self.any_child(&topo, s)
     }
 
     fn rescan_slot(&mut self, i: SlotIndex) -> Result<(), OpFailed> {
@@ -677,8 +683,10 @@ impl SlotOps for FreeBsdSlots<'_> {
         }
         let topo = TopoLock::lock();
         let bus = self.d.bus;
-        // Re-checked under the lock: someone else (acpi_pci, devctl) may have removed it.
-        if bus.child_at(s.pci_slot, 0).is_none() {
+        // Re-checked under the lock: someone else (acpi_pci, devctl) may have removed it. Every
+        // function: an eject must not find "no device" at function 0 and power the slot off
+        // under another function's driver.
+        if !self.any_child(&topo, s) {
             return Err(DetachError::NoDevice);
         }
         // Every function first: a slot is refused whole, never half detached. An eject of a
