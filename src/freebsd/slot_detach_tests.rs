@@ -150,3 +150,34 @@ fn an_eject_detaches_function_1_when_function_0_has_no_device() {
     assert!(!fk::function(3, 1).child);
     assert_eq!(fk::kldunload(false), 0);
 }
+
+/// A namespace change reported by our controller on function 1 of a slot whose function 0 is
+/// another driver's: the task rescans function 1's namespaces. Before the fix the slot's
+/// namespace rescan went to function 0 only (not ours: ENXIO), and the change was never
+/// applied.
+#[test]
+fn a_namespace_change_on_function_1_rescans_function_1() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+    super::module::reset_for_tests();
+    fk::set_function(3, 0, FakeFn { vendor: 0x1b36, hdrtype: 0x80, child: true });
+    fk::set_function_driver(3, 0, Some(c"nvme"));
+    fk::set_function(3, 1, FakeFn { vendor: 0x1b36, hdrtype: 0, child: true });
+    assert_eq!(fk::kldload(), 0);
+    fk::run_queued(); // discovery
+    let f1 = fk::function_device(3, 1);
+    fk::install_nvme(FakeNvme::new(false, false));
+    fk::newbus_add(f1);
+    assert_eq!(fk::newbus_attach(f1), 0, "attach: {:#?}", fk::log());
+    fk::record("-- namespace change on 3.1 --");
+    // SAFETY: the fakes never dereference the device.
+    super::slots::namespace_changed(unsafe { super::device::Device::from_raw(f1) }.unwrap());
+    fk::run_queued();
+    let log = fk::log();
+    let log = &log[from(&log, "-- namespace change on 3.1 --")..];
+    assert_eq!(positions(log, &std::format!("device_busy {f1:p}")).len(), 1, "function 1 leased for the rescan: {log:#?}");
+    assert!(positions(log, "namespaces changed: 0 added, 0 removed").len() == 1, "{log:#?}");
+    assert!(positions(log, "hotplug run").iter().all(|&i| log[i].contains(" 0 failures")), "{log:#?}");
+    fk::set_function_driver(3, 0, None);
+    assert_eq!(fk::kldunload(false), 0);
+}

@@ -732,11 +732,23 @@ impl SlotOps for FreeBsdSlots<'_> {
         }
     }
 
+    /// Rescans the namespaces of every controller of ours in the slot: the pending bit says
+    /// which slot reported a change, not which function, and a multi-function slot may hold
+    /// our controller at any function (function 0 may be another driver's). Each function is
+    /// looked up when its turn comes, since the rescan before it slept.
     fn rescan_namespaces(&mut self, i: SlotIndex) -> Result<(), OpFailed> {
         let Some(s) = self.slot(i) else { return Err(OpFailed) };
         let topo = TopoLock::lock();
-        let Some(child) = self.d.bus.child_at(s.pci_slot, 0) else { return Err(OpFailed) };
-        super::pci_driver::rescan_namespaces(child, &topo).map_err(|_| OpFailed)
+        let (mut ours, mut failed) = (0u32, 0u32);
+        for f in 0..=super::bindings::PCI_FUNCMAX as u8 {
+            let Some(child) = self.d.bus.child_at(s.pci_slot, f) else { continue };
+            if driver_of(child) != Driver::Ours {
+                continue;
+            }
+            ours += 1;
+            failed += u32::from(super::pci_driver::rescan_namespaces(child, &topo).is_err());
+        }
+        if ours == 0 || failed > 0 { Err(OpFailed) } else { Ok(()) }
     }
 
     fn left_alone(&mut self, i: SlotIndex, what: LeftAlone) {
