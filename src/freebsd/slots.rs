@@ -561,7 +561,11 @@ impl FreeBsdSlots<'_> {
     /// destroy_dev), and a sleeping thread gives up Giant, which is what `bus_topo_lock` takes
     /// (sys/kern/subr_bus.c). `topo` is held again when the detach returns, but meanwhile
     /// another thread may have deleted the device (`devctl delete`, a `BUS_RESCAN` by hand):
-    /// device_delete_child frees the `device_t` (kobj_delete in sys/kern/subr_bus.c). Nothing
+    /// device_delete_child frees the `device_t` (kobj_delete in sys/kern/subr_bus.c). (While
+    /// our teardown sleeps, a second detach is refused by the softc's state, see pci_driver.rs
+    /// `Attached`; but device_detach goes on after DEVICE_DETACH returned, with steps that may
+    /// sleep too, such as device_sysctl_fini taking the sysctl lock, and then our softc state
+    /// is gone.) Nothing
     /// in newbus keeps a `device_t` alive for us across the sleep: it has no reference count,
     /// and a device_busy reference, which makes device_detach and so device_delete_child
     /// (which detaches first) fail with EBUSY, would make our own device_detach fail just the
