@@ -24,7 +24,7 @@ const TYPES: &[&str] = &[
 
 const CONSTANTS: &[&str] = &[
     "MDT_STRUCT_VERSION", "MDT_DEPEND", "MDT_MODULE", "MDT_VERSION", "MDT_PNP_INFO",
-    "MDT_SETNAME", "M_MAGIC", "CTLTYPE", "CTLTYPE_.*", "CTLFLAG_.*", "OID_AUTO",
+    "MDT_SETNAME", "M_VERSION", "CTLTYPE", "CTLTYPE_.*", "CTLFLAG_.*", "OID_AUTO",
 ];
 
 fn main() {

@@ -277,3 +277,30 @@ pub fn sysctls(ko: &LoadedKo) -> Result<Vec<SysctlOid>, LoadError> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{exchange_sort, Sysinit};
+
+    fn si(at: u64, subsystem: u32, order: u32) -> Sysinit {
+        Sysinit { at, subsystem, order, func: 0, udata: 0 }
+    }
+
+    #[test]
+    fn sysinits_sort_by_subsystem_then_order_and_sysuninits_the_reverse() {
+        let mut v = vec![si(1, 3, 1), si(2, 1, 9), si(3, 3, 0), si(4, 2, 5)];
+        exchange_sort(&mut v, false);
+        assert_eq!(v.iter().map(|s| s.at).collect::<Vec<_>>(), [2, 4, 3, 1]);
+        exchange_sort(&mut v, true);
+        assert_eq!(v.iter().map(|s| s.at).collect::<Vec<_>>(), [1, 3, 4, 2]);
+    }
+
+    #[test]
+    fn equal_keys_keep_the_order_the_kernels_exchange_sort_gives_them() {
+        // Entries 1 and 2 tie; swapping 3 (lower subsystem) to the front moves 1 behind 2:
+        // a stable sort would give [3, 1, 2].
+        let mut v = vec![si(1, 5, 0), si(2, 5, 0), si(3, 4, 0)];
+        exchange_sort(&mut v, false);
+        assert_eq!(v.iter().map(|s| s.at).collect::<Vec<_>>(), [3, 2, 1]);
+    }
+}
