@@ -11,3 +11,6 @@
 #include <sys/bus.h>
 #include <sys/malloc.h>
 #include <sys/sysctl.h>
+#include <sys/errno.h>
+#include <sys/time.h>
+#include <sys/taskqueue.h>

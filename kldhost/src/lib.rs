@@ -7,6 +7,7 @@
 //! with the struct layouts bindgen derives from the FreeBSD 15 headers ([`layouts`]).
 
 pub mod elf;
+pub mod emu;
 pub mod error;
 pub mod freebsd15;
 pub mod kpi;

@@ -19,6 +19,12 @@ enum Cmd {
     Load {
         ko: PathBuf,
     },
+    /// Load, then run the module's life against the emulated kernel: SYSINITs (MOD_LOAD), the
+    /// taskqueue threads, MOD_QUIESCE, MOD_UNLOAD, SYSUNINITs; print every emulated call.
+    /// Exit status 1 if anything was refused or a finding was reported; 70 on an emulated panic.
+    Run {
+        ko: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -31,12 +37,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Run { ko } => match run(&ko) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("{}: {e}", ko.display());
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
 fn load(path: &PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     let data = std::fs::read(path)?;
-    let ko = kldhost::load(&data, &kldhost::freebsd15::table())?;
+    let ko = kldhost::load(&data, &kldhost::emu::table())?;
     println!("loaded {} at {:#x} ({} bytes of module, {} imports)", path.display(), ko.base(), ko.module_size, ko.imports.len());
     println!("sections:");
     for p in &ko.progtab {
@@ -80,4 +94,23 @@ fn load(path: &PathBuf) -> Result<(), Box<dyn std::error::Error>> {
         println!("  {:<40} kind {:#010x}  {}", o.path, o.kind, o.descr);
     }
     Ok(())
+}
+
+fn run(path: &PathBuf) -> Result<bool, Box<dyn std::error::Error>> {
+    let data = std::fs::read(path)?;
+    let ko = kldhost::load(&data, &kldhost::emu::table())?;
+    println!("loaded {} at {:#x}", path.display(), ko.base());
+    println!("calls:");
+    kldhost::emu::set_trace(true);
+    let r = kldhost::emu::run::load_and_unload(&ko)?;
+    println!("console:");
+    for l in r.console.lines() {
+        println!("  {l}");
+    }
+    println!("MOD_QUIESCE: {:?}, MOD_UNLOAD: {:?}, unloaded: {}", r.quiesce, r.unload, r.unloaded);
+    println!("findings: {}", r.findings.len());
+    for f in &r.findings {
+        println!("  {f}");
+    }
+    Ok(r.unloaded && r.findings.is_empty())
 }
