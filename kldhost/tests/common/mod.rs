@@ -71,3 +71,45 @@ pub fn compile(test: &str, name: &str, flags: &[&str]) -> Option<Vec<u8>> {
     let _ = std::fs::remove_file(&out);
     Some(b)
 }
+
+/// KERNEL_FLAGS plus the FreeBSD 15 headers and defines scripts/build-kld.sh compiles the glue
+/// with, for fixtures that use kernel macros.
+pub fn kernel_header_flags() -> Vec<String> {
+    let root = repo_root();
+    let inc = std::env::var("NVMEHP_FBSD_INCLUDE").map(PathBuf::from).unwrap_or_else(|_| root.join(".cache/freebsd-include"));
+    let mut v: Vec<String> = KERNEL_FLAGS.iter().map(|s| s.to_string()).collect();
+    v.extend(
+        [
+            "-nostdinc".to_string(),
+            "-D_KERNEL".into(),
+            "-DKLD_MODULE".into(),
+            "-D__FreeBSD_version=1500068".into(),
+            format!("-I{}", root.join("kmod").display()),
+            format!("-I{}", root.join("kmod/include").display()),
+            format!("-I{}", inc.join("x86_64-freebsd-none").display()),
+            format!("-I{}", inc.join("generic-freebsd").display()),
+            "-include".into(),
+            "opt_global.h".into(),
+        ],
+    );
+    v
+}
+
+/// Writes `bytes` to a temporary file for the CLI and returns its path.
+pub fn temp_object(test: &str, bytes: &[u8]) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("kldhost-{}-{test}.ko", std::process::id()));
+    std::fs::write(&p, bytes).expect("write the fixture");
+    p
+}
+
+/// Runs `kldhost run <path>`: (exit code, stdout and stderr). A temporary fixture file
+/// (see temp_object) is removed afterwards.
+pub fn kldhost_run(path: &Path) -> (Option<i32>, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_kldhost")).arg("run").arg(path).output().expect("run kldhost");
+    if path.starts_with(std::env::temp_dir()) {
+        let _ = std::fs::remove_file(path);
+    }
+    let mut out = String::from_utf8_lossy(&o.stdout).into_owned();
+    out.push_str(&String::from_utf8_lossy(&o.stderr));
+    (o.status.code(), out)
+}

@@ -1,0 +1,103 @@
+//! `kldhost run`: a module's life (SYSINITs with MOD_LOAD, taskqueues, MOD_QUIESCE,
+//! MOD_UNLOAD, SYSUNINITs) against the emulated kernel, in a child process each, since an
+//! emulated panic ends the process as a kernel panic ends the kernel.
+
+mod common;
+
+use common::{compile, kernel_header_flags, kldhost_run, temp_object};
+
+/// The lines of `out`, which must contain every one of `wanted` in that order.
+fn assert_in_order(out: &str, wanted: &[&str]) {
+    let mut from = 0;
+    for w in wanted {
+        match out[from..].find(w) {
+            Some(i) => from += i + w.len(),
+            None => panic!("{w:?} missing or out of order in:\n{out}"),
+        }
+    }
+}
+
+#[test]
+fn the_real_module_loads_attaches_its_driver_runs_its_task_and_unloads_clean() {
+    if common::real_ko("run_real").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run(&ko);
+    assert_eq!(code, Some(0), "kldhost run failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "module_register(pci/nvme_hotplug, evhand driver_module_handler",
+            "sysctl_register_oid(hw.nvme_hotplug.claim)",
+            // SI_SUB_KMEM before SI_SUB_DRIVERS.
+            "malloc_init(nvme_hotplug)",
+            "module_register_init(pci/nvme_hotplug)",
+            // driver_module_handler: the chained handler, then the driver joins the devclass.
+            "driver_module_handler(nvmehp on pci, MOD_LOAD)",
+            "taskqueue_create(nvmehp_hotplug",
+            "taskqueue_enqueue(",
+            "printf(\"nvme_hotplug: loaded",
+            "devclass_add_driver(pci, nvmehp",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_LOAD) = 0",
+            // The discovery task, on a machine without an ACPI namespace.
+            "taskqueue nvmehp_hotplug: run task",
+            "AcpiGetHandle(",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_QUIESCE) = 0",
+            // Newbus removes the driver before the module's own unload runs.
+            "devclass_delete_driver(pci, nvmehp)",
+            "taskqueue_free(nvmehp_hotplug)",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
+            "malloc_uninit(nvme_hotplug)",
+            "sysctl_unregister_oid(hw.nvme_hotplug.claim)",
+            "unloaded: true",
+            "findings: 0",
+        ],
+    );
+    // Every allocation was freed (and poisoned) before malloc_uninit.
+    let mallocs = out.matches("  malloc(").count();
+    let frees = out.matches("  free(0x").count();
+    assert!(mallocs > 0);
+    assert_eq!(mallocs, frees, "{out}");
+}
+
+#[test]
+fn malloc_init_refuses_a_malloc_type_of_another_layout_version_with_a_panic() {
+    let flags = kernel_header_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let Some(good) = compile("malloc_ok", "malloc_type", &flags) else { return };
+    let mut old = flags.clone();
+    old.push("-DKLDHOST_OLD_MALLOC_VERSION");
+    let Some(bad) = compile("malloc_old", "malloc_type", &old) else { return };
+
+    // Control: the same module with FreeBSD 15's M_VERSION loads and unloads.
+    let (code, out) = kldhost_run(&temp_object("malloc_ok", &good));
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(&out, &["malloc_init(kldhost_fixture)", "malloc_uninit(kldhost_fixture)", "findings: 0"]);
+
+    let (code, out) = kldhost_run(&temp_object("malloc_old", &bad));
+    assert_eq!(code, Some(kldhost::emu::PANIC_EXIT), "{out}");
+    assert!(out.contains("panic: malloc_init: type kldhost_fixture with unsupported version 2020110501"), "{out}");
+    assert!(!out.contains("malloc_uninit"), "{out}");
+}
+
+#[test]
+fn memory_a_module_never_frees_is_reported_at_unload() {
+    let mut flags = kernel_header_flags();
+    flags.push("-DKLDHOST_LEAK".into());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let Some(obj) = compile("leak", "malloc_type", &flags) else { return };
+    let (code, out) = kldhost_run(&temp_object("leak", &obj));
+    assert_eq!(code, Some(1), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "malloc_init(kldhost_fixture)",
+            "malloc(100, flags 0x2)",
+            "malloc_uninit(kldhost_fixture)",
+            "findings: 2",
+            "malloc type kldhost_fixture destroyed with 1 allocations (100 bytes) never freed",
+            "after unload: 1 malloc(9) allocations (100 bytes) never freed",
+        ],
+    );
+}
