@@ -101,3 +101,24 @@ fn memory_a_module_never_frees_is_reported_at_unload() {
         ],
     );
 }
+
+#[test]
+fn sleeping_with_a_mutex_held_is_a_finding() {
+    let flags = kernel_header_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut control = flags.clone();
+    control.push("-DKLDHOST_UNLOCK_FIRST");
+    let Some(bad) = compile("sleep_locked", "sleep_locked", &flags) else { return };
+    let Some(good) = compile("sleep_unlocked", "sleep_locked", &control) else { return };
+
+    let (code, out) = kldhost_run(&temp_object("sleep_unlocked", &good));
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(&out, &["mtx_lock(kldhost_fixture)", "mtx_unlock(kldhost_fixture)", "pause_sbt(kldhost", "findings: 0"]);
+
+    let (code, out) = kldhost_run(&temp_object("sleep_locked", &bad));
+    assert_eq!(code, Some(1), "{out}");
+    assert_in_order(
+        &out,
+        &["mtx_lock(kldhost_fixture)", "pause_sbt(kldhost", "mtx_unlock(kldhost_fixture)", "findings: 1", "pause_sbt may sleep, called with mutex kldhost_fixture held"],
+    );
+}
