@@ -20,13 +20,14 @@ const TYPES: &[&str] = &[
     "sysinit", "sysinit_sub_id", "sysinit_elem_order", "mod_metadata", "moduledata",
     "moduledata_t", "mod_depend", "mod_version", "modeventtype", "sysctl_oid",
     "driver_module_data", "malloc_type", "malloc_type_internal", "kobj_class", "task",
-    "timeout_task", "bintime",
+    "timeout_task", "bintime", "cdev", "cdevsw", "make_dev_args",
 ];
 
 const CONSTANTS: &[&str] = &[
     "MDT_STRUCT_VERSION", "MDT_DEPEND", "MDT_MODULE", "MDT_VERSION", "MDT_PNP_INFO",
     "MDT_SETNAME", "M_VERSION", "CTLTYPE", "CTLTYPE_.*", "CTLFLAG_.*", "OID_AUTO",
     "M_NOWAIT", "M_WAITOK", "M_ZERO", "EBUSY", "EINVAL", "ENOMEM", "EOPNOTSUPP", "EWOULDBLOCK", "TASK_ENQUEUED",
+    "EEXIST", "ENAMETOOLONG", "MAKEDEV_.*", "SI_ETERNAL", "SI_NAMED", "SPECNAMELEN",
 ];
 
 fn main() {

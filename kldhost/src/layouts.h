@@ -14,3 +14,4 @@
 #include <sys/errno.h>
 #include <sys/time.h>
 #include <sys/taskqueue.h>
+#include <sys/conf.h>

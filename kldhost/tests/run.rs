@@ -122,3 +122,36 @@ fn sleeping_with_a_mutex_held_is_a_finding() {
         &["mtx_lock(kldhost_fixture)", "pause_sbt(kldhost", "mtx_unlock(kldhost_fixture)", "findings: 1", "pause_sbt may sleep, called with mutex kldhost_fixture held"],
     );
 }
+
+#[test]
+fn make_dev_s_refuses_a_make_dev_args_larger_than_the_kernels_with_einval() {
+    let flags = kernel_header_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut big = flags.clone();
+    big.push("-DKLDHOST_BIG_ARGS");
+    let Some(good) = compile("make_dev_ok", "make_dev", &flags) else { return };
+    let Some(bad) = compile("make_dev_big", "make_dev", &big) else { return };
+
+    // Control: the node is created with the caller's attributes and destroyed at unload.
+    let (code, out) = kldhost_run(&temp_object("make_dev_ok", &good));
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "make_dev_args_init(",
+            "make_dev_s(\"kldhost_fixture0\", uid 0, gid 5, mode 640",
+            "kldhost_fixture: make_dev_s returned 0",
+            "destroy_dev(kldhost_fixture0)",
+            "findings: 0",
+        ],
+    );
+
+    // EINVAL is 22 on FreeBSD; no node exists, so the SYSUNINIT destroys nothing.
+    let (code, out) = kldhost_run(&temp_object("make_dev_big", &bad));
+    assert_eq!(code, Some(0), "{out}");
+    let size = std::mem::size_of::<kldhost::layouts::make_dev_args>();
+    let msg = format!("make_dev_s: mda_size {} > sizeof(struct make_dev_args) {size}: EINVAL", size + 8);
+    assert!(out.contains(&msg), "{out}");
+    assert!(out.contains("kldhost_fixture: make_dev_s returned 22"), "{out}");
+    assert!(!out.contains("destroy_dev("), "{out}");
+}

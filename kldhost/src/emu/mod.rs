@@ -11,6 +11,7 @@
 //! A kernel panic ends the process with [`PANIC_EXIT`], as a panic ends the kernel.
 
 pub mod acpi;
+pub mod devfs;
 pub mod kern;
 pub mod run;
 pub mod sched;
@@ -38,6 +39,8 @@ pub struct Emu {
     pub(crate) topo_locked: bool,
     pub(crate) armed_timeouts: BTreeMap<u64, u64>,
     pub(crate) armed_callouts: BTreeMap<u64, u64>,
+    /// The emulated devfs: node name to struct cdev.
+    pub(crate) devs: BTreeMap<String, u64>,
 }
 
 static EMU: Mutex<Option<Emu>> = Mutex::new(None);
@@ -85,5 +88,6 @@ pub fn table() -> crate::kpi::KpiTable {
     kern::register(&mut t);
     sched::register(&mut t);
     acpi::register(&mut t);
+    devfs::register(&mut t);
     t
 }

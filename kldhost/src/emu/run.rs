@@ -138,6 +138,9 @@ fn end_of_life_checks() {
         if !e.drivers.is_empty() {
             f.push(format!("drivers still registered: {:?}", e.drivers));
         }
+        for n in e.devs.keys() {
+            f.push(format!("device node {n} never destroyed"));
+        }
         if e.topo_locked {
             f.push("the newbus topology lock is still held".to_string());
         }

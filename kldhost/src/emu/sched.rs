@@ -25,7 +25,7 @@ pub struct Mtx {
 }
 
 /// A sleeping KPI call: a finding if any mutex is held.
-fn may_sleep(what: &str) {
+pub(crate) fn may_sleep(what: &str) {
     let held: Vec<String> = with(|e| e.mutexes.values().filter(|m| m.held).map(|m| m.name.clone()).collect());
     if !held.is_empty() {
         finding(format!("{what} may sleep, called with mutex {} held", held.join(", ")));
