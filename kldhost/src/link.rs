@@ -1,4 +1,5 @@
-//! Loading a kld: the steps of link_elf_load_file (sys/kern/link_elf_obj.c) in its order.
+//! Loading a kld: the steps of link_elf_load_file (sys/kern/link_elf_obj.c, read at
+//! freebsd-src commit f121d450) in its order.
 //!
 //! 1. Size the module: every loaded section (non-empty PROGBITS/NOBITS/X86_64_UNWIND with
 //!    SHF_ALLOC), in section-table order, each at its `sh_addralign`.

@@ -1,4 +1,5 @@
-//! One relocation, applied as sys/amd64/amd64/elf_machdep.c elf_reloc_internal does.
+//! One relocation, applied as sys/amd64/amd64/elf_machdep.c elf_reloc_internal does (read at
+//! freebsd-src commit e6f528b2, the version that handles R_X86_64_PLT32).
 //!
 //! Types and formulas (S = symbol value, A = addend, P = the patched place, B = the base of
 //! the patched section, which link_elf_obj passes as `relocbase`):

@@ -192,10 +192,12 @@ fn read_sysinits(ko: &LoadedKo, set: &str) -> Result<Vec<Sysinit>, LoadError> {
         .collect()
 }
 
-/// The exchange sort linker_file_sysinit and linker_file_sysuninit (sys/kern/kern_linker.c)
-/// run over the set in place: element i is swapped with every later element j that must come
-/// before it. With `reverse`, the sysuninit order (subsystem, then order, both descending).
-/// The same algorithm, not merely the same keys, so ties keep the kernel's order.
+/// The exchange sort linker_file_sysinit and linker_file_sysuninit (sys/kern/kern_linker.c,
+/// read at freebsd-src commit 2e696f27, an older version) run over the set in place: element i
+/// is swapped with every later element j that must come before it. With `reverse`, the
+/// sysuninit order (subsystem, then order, both descending). The same algorithm, not merely
+/// the same keys, so ties come out as that sort leaves them; whether FreeBSD 15 orders ties the
+/// same way is not verified (nvme_hotplug.ko has no ties).
 fn exchange_sort(v: &mut [Sysinit], reverse: bool) {
     for i in 0..v.len() {
         for j in i + 1..v.len() {

@@ -79,8 +79,9 @@ pub fn load_and_unload(ko: &LoadedKo) -> Result<Report, LoadError> {
     let mut report = Report::default();
     let mut refused = false;
     for name in &names {
-        // module_unload with LINKER_UNLOAD_NORMAL.
-        let mut q = mod_event(name, layouts::MOD_QUIESCE as c_int).unwrap_or(0);
+        // module_unload with LINKER_UNLOAD_NORMAL. A module whose MOD_LOAD failed was released
+        // by module_register_init: the file stays loaded without it.
+        let Some(mut q) = mod_event(name, layouts::MOD_QUIESCE as c_int) else { continue };
         report.quiesce = Some(q);
         if q == layouts::EOPNOTSUPP || q == layouts::EINVAL {
             q = 0;
@@ -90,7 +91,7 @@ pub fn load_and_unload(ko: &LoadedKo) -> Result<Report, LoadError> {
             refused = true;
             break;
         }
-        let u = mod_event(name, layouts::MOD_UNLOAD as c_int).unwrap_or(0);
+        let u = mod_event(name, layouts::MOD_UNLOAD as c_int).unwrap_or(0); // registered: just quiesced
         report.unload = Some(u);
         if u != 0 {
             log(format!("kldunload: {name} refused MOD_UNLOAD: error {u}"));
