@@ -155,3 +155,65 @@ fn make_dev_s_refuses_a_make_dev_args_larger_than_the_kernels_with_einval() {
     assert!(out.contains("kldhost_fixture: make_dev_s returned 22"), "{out}");
     assert!(!out.contains("destroy_dev("), "{out}");
 }
+
+/// The modevent fixture built with extra `-D` flags.
+fn modevent(test: &str, defines: &[&str]) -> Option<std::path::PathBuf> {
+    let mut flags = kernel_header_flags();
+    flags.extend(defines.iter().map(|d| d.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    compile(test, "modevent", &flags).map(|o| temp_object(test, &o))
+}
+
+#[test]
+fn module_events_follow_kern_module_c_load_quiesce_unload() {
+    let Some(ko) = modevent("modevent_ok", &[]) else { return };
+    let (code, out) = kldhost_run(&ko);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "module_register(kldhost_fixture, evhand kldhost_fixture_modevent",
+            "module_register_init(kldhost_fixture)",
+            "MOD_EVENT(kldhost_fixture, MOD_LOAD) = 0",
+            "MOD_EVENT(kldhost_fixture, MOD_QUIESCE) = 0",
+            "MOD_EVENT(kldhost_fixture, MOD_UNLOAD) = 0",
+            "unloaded: true",
+        ],
+    );
+}
+
+#[test]
+fn a_failed_mod_load_is_followed_by_mod_unload_and_the_kernels_message() {
+    // ENXIO is 6 on FreeBSD.
+    let Some(ko) = modevent("modevent_load_err", &["-DKLDHOST_LOAD_ERROR=ENXIO"]) else { return };
+    let (code, out) = kldhost_run(&ko);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "MOD_EVENT(kldhost_fixture, MOD_LOAD) = 6",
+            "MOD_EVENT(kldhost_fixture, MOD_UNLOAD) = 0",
+            "module_register_init: MOD_LOAD (kldhost_fixture, 0x",
+            ") error 6",
+            "unloaded: true",
+        ],
+    );
+    // Released: the unload sends it nothing more.
+    assert!(!out.contains("MOD_EVENT(kldhost_fixture, MOD_QUIESCE)"), "{out}");
+}
+
+#[test]
+fn mod_quiesce_refusing_stops_the_unload_and_eopnotsupp_does_not() {
+    // EBUSY (16): kldunload fails, MOD_UNLOAD is never sent, the SYSUNINITs do not run.
+    let Some(ko) = modevent("modevent_busy", &["-DKLDHOST_QUIESCE_ERROR=EBUSY"]) else { return };
+    let (code, out) = kldhost_run(&ko);
+    assert_eq!(code, Some(1), "{out}");
+    assert_in_order(&out, &["MOD_EVENT(kldhost_fixture, MOD_QUIESCE) = 16", "refused MOD_QUIESCE: error 16", "unloaded: false"]);
+    assert!(!out.contains("MOD_EVENT(kldhost_fixture, MOD_UNLOAD)"), "{out}");
+
+    // EOPNOTSUPP from MOD_QUIESCE counts as agreement (module_unload).
+    let Some(ko) = modevent("modevent_eopnotsupp", &["-DKLDHOST_QUIESCE_ERROR=EOPNOTSUPP"]) else { return };
+    let (code, out) = kldhost_run(&ko);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(&out, &["MOD_EVENT(kldhost_fixture, MOD_QUIESCE) = 45", "MOD_EVENT(kldhost_fixture, MOD_UNLOAD) = 0", "unloaded: true"]);
+}

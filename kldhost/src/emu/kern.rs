@@ -336,11 +336,13 @@ extern "C" fn emu_module_register_init(arg: *const c_void) {
     if error != 0 {
         mod_event(&name, layouts::MOD_UNLOAD as c_int);
         with(|e| e.modules.retain(|m| m.name != name));
-        console(&format!(
+        let msg = format!(
             "module_register_init: MOD_LOAD ({name}, {:#x}, {:p}) error {error}\n",
             data.evhand.map_or(0, |f| f as usize),
             data.priv_
-        ));
+        );
+        log(format!("printf({msg:?}) (the kernel's)"));
+        console(&msg);
     }
 }
 
