@@ -6,6 +6,10 @@
 //! [`sets`] then reads its linker sets (module metadata, SYSINITs, SYSUNINITs, sysctl OIDs)
 //! with the struct layouts bindgen derives from the FreeBSD 15 headers ([`layouts`]).
 
+// The module's code runs in this process: an amd64 host, and MAP_32BIT as Linux defines it.
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+compile_error!("kldhost loads and runs amd64 kernel code: it builds on x86-64 Linux only");
+
 pub mod elf;
 pub mod emu;
 pub mod error;
