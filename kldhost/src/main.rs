@@ -24,6 +24,10 @@ enum Cmd {
     /// Exit status 1 if anything was refused or a finding was reported; 70 on an emulated panic.
     Run {
         ko: PathBuf,
+        /// Let time pass after MOD_LOAD: fire armed timeout tasks, at most this many times
+        /// (0: timeouts never fire).
+        #[arg(long, default_value_t = 0)]
+        timeouts: usize,
     },
 }
 
@@ -37,7 +41,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko } => match run(&ko) {
+        Cmd::Run { ko, timeouts } => match run(&ko, timeouts) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
@@ -96,13 +100,13 @@ fn load(path: &PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn run(path: &PathBuf) -> Result<bool, Box<dyn std::error::Error>> {
+fn run(path: &PathBuf, timeouts: usize) -> Result<bool, Box<dyn std::error::Error>> {
     let data = std::fs::read(path)?;
     let ko = kldhost::load(&data, &kldhost::emu::table())?;
     println!("loaded {} at {:#x}", path.display(), ko.base());
     println!("calls:");
     kldhost::emu::set_trace(true);
-    let r = kldhost::emu::run::load_and_unload(&ko)?;
+    let r = kldhost::emu::run::load_and_unload(&ko, timeouts)?;
     println!("console:");
     for l in r.console.lines() {
         println!("  {l}");

@@ -217,3 +217,47 @@ fn mod_quiesce_refusing_stops_the_unload_and_eopnotsupp_does_not() {
     assert_eq!(code, Some(0), "{out}");
     assert_in_order(&out, &["MOD_EVENT(kldhost_fixture, MOD_QUIESCE) = 45", "MOD_EVENT(kldhost_fixture, MOD_UNLOAD) = 0", "unloaded: true"]);
 }
+
+#[test]
+fn without_an_acpi_pci_root_the_real_module_retries_discovery_a_bounded_number_of_times() {
+    if common::real_ko("run_timeouts").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = common::kldhost_run_with(&ko, &["--timeouts", "1000"]);
+    assert_eq!(code, Some(0), "{out}");
+    // One lookup at load, then one per expiry of the one-second rerun timeout, until the
+    // module gives up (src/freebsd/slots.rs DISCOVERY_TRIES) and re-arms no more.
+    let lookups = out.matches("AcpiGetHandle(0x0, \"\\\\_SB_.PCI0\") = AE_NOT_FOUND").count();
+    assert_eq!(lookups, 120, "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "printf(\"nvme_hotplug: no ACPI",
+            "119 timeout task expiries",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
+            "console:",
+            "nvme_hotplug: no ACPI \\_SB_.PCI0; ACPI hotplug disabled (controllers still work)",
+            "findings: 0",
+        ],
+    );
+}
+
+#[test]
+fn a_timeout_task_that_re_arms_forever_is_a_finding() {
+    let flags = kernel_header_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut once = flags.clone();
+    once.push("-DKLDHOST_ONCE");
+    let Some(forever) = compile("rearm_forever", "rearm", &flags) else { return };
+    let Some(once) = compile("rearm_once", "rearm", &once) else { return };
+
+    let (code, out) = common::kldhost_run_with(&temp_object("rearm_once", &once), &["--timeouts", "50"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(&out, &["expires", "1 timeout task expiries", "taskqueue_free(kldhost_fixture)", "findings: 0"]);
+
+    let (code, out) = common::kldhost_run_with(&temp_object("rearm_forever", &forever), &["--timeouts", "50"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(out.matches("expires").count(), 50, "{out}");
+    assert_in_order(&out, &["50 timeout task expiries", "findings: 1", "1 timeout tasks still re-arming after 50 expiries"]);
+}

@@ -7,7 +7,8 @@
 //! 3. linker_file_sysinit: the SYSINITs in (subsystem, order) order, SI_SUB_DUMMY skipped;
 //!    DECLARE_MODULE's is module_register_init, which sends MOD_LOAD.
 //!
-//! Then the taskqueue threads get to run what MOD_LOAD queued.
+//! Then the taskqueue threads get to run what MOD_LOAD queued, and (optionally) time passes:
+//! armed timeout tasks expire until none re-arms.
 //!
 //! Unload (kern_kldunload -> linker_file_unload): module_unload for each module of the file
 //! (kern_module.c: MOD_QUIESCE; EOPNOTSUPP or EINVAL count as success; then MOD_UNLOAD,
@@ -49,10 +50,11 @@ fn run_sysinits(ko: &LoadedKo, list: &[sets::Sysinit], what: &str) {
     }
 }
 
-/// Loads the module's modules and runs MOD_LOAD, lets the taskqueues run, then unloads it
-/// (MOD_QUIESCE, MOD_UNLOAD, SYSUNINITs). One module per process: the emulated kernel's state
-/// is global.
-pub fn load_and_unload(ko: &LoadedKo) -> Result<Report, LoadError> {
+/// Loads the module's modules and runs MOD_LOAD, lets the taskqueues run and, if
+/// `timeout_expiries` > 0, lets time pass until the module's timeout tasks stop re-arming (at
+/// most that many expiries), then unloads it (MOD_QUIESCE, MOD_UNLOAD, SYSUNINITs). One
+/// module per process: the emulated kernel's state is global.
+pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report, LoadError> {
     let records = sets::modmetadata(ko)?;
     let mut names = Vec::new();
     for r in &records {
@@ -75,6 +77,10 @@ pub fn load_and_unload(ko: &LoadedKo) -> Result<Report, LoadError> {
     run_sysinits(ko, &sets::sysinits(ko)?, "sysinit");
     let ran = super::sched::run_queues(1000);
     log(format!("taskqueue threads ran {ran} tasks"));
+    if timeout_expiries > 0 {
+        let fired = super::sched::fire_timeouts(timeout_expiries);
+        log(format!("{fired} timeout task expiries"));
+    }
 
     let mut report = Report::default();
     let mut refused = false;

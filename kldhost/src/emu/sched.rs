@@ -69,6 +69,27 @@ pub fn run_queues(limit: usize) -> usize {
     queues.into_iter().map(|q| drain(q, limit)).sum()
 }
 
+/// Time passes: every armed timeout task expires, which enqueues its task on its queue
+/// (taskqueue(9) TIMEOUT_TASK), and the queues run; repeated while tasks re-arm, at most
+/// `limit` expiries. Returns how many expired; a timeout still armed at the limit is a finding.
+pub fn fire_timeouts(limit: usize) -> usize {
+    let mut fired = 0;
+    while fired < limit {
+        let Some((tt, q)) = with(|e| e.armed_timeouts.pop_first()) else { return fired };
+        fired += 1;
+        log(format!("time passes: timeout task {tt:#x} expires"));
+        // SAFETY: an armed timeout_task of the module, valid until drained or cancelled.
+        let task = unsafe { &raw mut (*(tt as *mut layouts::timeout_task)).t };
+        enqueue(q, task);
+        run_queues(1000);
+    }
+    let armed = with(|e| e.armed_timeouts.len());
+    if armed > 0 {
+        finding(format!("{armed} timeout tasks still re-arming after {limit} expiries"));
+    }
+    fired
+}
+
 extern "C" fn emu_taskqueue_create(name: *const c_char, mflags: c_int, enqueue: *mut c_void, context: *mut c_void) -> *mut c_void {
     // SAFETY: a C string per taskqueue_create(9).
     let name = unsafe { cstr(name) };

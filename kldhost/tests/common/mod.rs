@@ -105,7 +105,12 @@ pub fn temp_object(test: &str, bytes: &[u8]) -> PathBuf {
 /// Runs `kldhost run <path>`: (exit code, stdout and stderr). A temporary fixture file
 /// (see temp_object) is removed afterwards.
 pub fn kldhost_run(path: &Path) -> (Option<i32>, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_kldhost")).arg("run").arg(path).output().expect("run kldhost");
+    kldhost_run_with(path, &[])
+}
+
+/// `kldhost run <extra...> <path>`.
+pub fn kldhost_run_with(path: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_kldhost")).arg("run").args(extra).arg(path).output().expect("run kldhost");
     if path.starts_with(std::env::temp_dir()) {
         let _ = std::fs::remove_file(path);
     }
