@@ -22,7 +22,8 @@ pub const FUNCTIONS: &[&str] = &[
     // newbus
     "device_get_softc", "device_get_nameunit", "device_get_parent", "device_set_desc",
     "device_get_name", "device_get_unit", "devclass_find", "devclass_get_maxunit",
-    "devclass_get_device", "device_delete_child", "bus_alloc_resource", "bus_release_resource",
+    "devclass_get_device", "device_is_attached", "device_get_state", "device_busy",
+    "device_unbusy", "device_delete_child", "bus_alloc_resource", "bus_release_resource",
     "rman_get_size", "bus_setup_intr", "bus_teardown_intr", "bus_topo_lock", "bus_topo_unlock",
     "device_detach", "device_find_child", "device_probe_and_attach", "device_get_sysctl_tree",
     "driver_module_handler", "module_register_init", "kobj_lookup_method",

@@ -10,10 +10,13 @@
 //! Then the taskqueue threads get to run what MOD_LOAD queued, and (optionally) time passes:
 //! armed timeout tasks expire until none re-arms.
 //!
-//! Unload (kern_kldunload -> linker_file_unload): module_unload for each module of the file
-//! (kern_module.c: MOD_QUIESCE; EOPNOTSUPP or EINVAL count as success; then MOD_UNLOAD,
-//! unless the quiesce failed and the unload is not forced); a refusal stops the unload and the
-//! file stays. Then linker_file_sysuninit (reverse order) and the sysctls are unregistered.
+//! Unload (kern_kldunload -> linker_file_unload, not forced): MOD_QUIESCE to every module of
+//! the file, EOPNOTSUPP or EINVAL counting as agreement, stopping at the first veto; then
+//! MOD_UNLOAD to each, stopping at a refusal; a refusal leaves the file loaded. That is FreeBSD
+//! 15's order as docs/teardown.md describes it; the older kern_linker.c/kern_module.c read for
+//! this (commits 2e696f27, 0373a290) send both events per module in module_unload, which is the
+//! same sequence for a file with one module, as nvme_hotplug.ko is. Then linker_file_sysuninit
+//! (reverse order) and the sysctls are unregistered.
 
 use super::kern::{event_name, mod_event, Module};
 use super::{log, with};
@@ -84,10 +87,13 @@ pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report,
 
     let mut report = Report::default();
     let mut refused = false;
-    for name in &names {
-        // module_unload with LINKER_UNLOAD_NORMAL. A module whose MOD_LOAD failed was released
-        // by module_register_init: the file stays loaded without it.
-        let Some(mut q) = mod_event(name, layouts::MOD_QUIESCE as c_int) else { continue };
+    // A module whose MOD_LOAD failed was released by module_register_init: the file stays
+    // loaded without it and the unload sends it nothing.
+    let live: Vec<&String> = names.iter().filter(|n| with(|e| e.modules.iter().any(|m| m.name == **n))).collect();
+    // Every module is asked first (MOD_QUIESCE; EOPNOTSUPP and EINVAL count as agreement) and
+    // the first veto ends the unload; only then is MOD_UNLOAD sent to each.
+    for name in &live {
+        let mut q = mod_event(name, layouts::MOD_QUIESCE as c_int).unwrap_or(0);
         report.quiesce = Some(q);
         if q == layouts::EOPNOTSUPP || q == layouts::EINVAL {
             q = 0;
@@ -97,14 +103,18 @@ pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report,
             refused = true;
             break;
         }
-        let u = mod_event(name, layouts::MOD_UNLOAD as c_int).unwrap_or(0); // registered: just quiesced
-        report.unload = Some(u);
-        if u != 0 {
-            log(format!("kldunload: {name} refused MOD_UNLOAD: error {u}"));
-            refused = true;
-            break;
+    }
+    if !refused {
+        for name in &live {
+            let u = mod_event(name, layouts::MOD_UNLOAD as c_int).unwrap_or(0);
+            report.unload = Some(u);
+            if u != 0 {
+                log(format!("kldunload: {name} refused MOD_UNLOAD: error {u}"));
+                refused = true;
+                break;
+            }
+            with(|e| e.modules.retain(|m| m.name != **name));
         }
-        with(|e| e.modules.retain(|m| m.name != *name));
     }
     if !refused {
         run_sysinits(ko, &sets::sysuninits(ko)?, "sysuninit");
