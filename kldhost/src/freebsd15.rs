@@ -3,9 +3,9 @@
 //! Every name is one the kld may import (build.rs KPI_FUNCTIONS / KPI_VARIABLES at the root of
 //! the repository, which bindgen checks against the FreeBSD headers), written out here rather
 //! than read from the .ko, so the load test really checks the module's imports against an
-//! independent list. Functions are not emulated yet: each gets a trap trampoline that names
-//! it and aborts if the module calls it. Data objects are zeroed and sized from the bindgen'd
-//! layouts.
+//! independent list. Here every function gets a trap trampoline that names it and aborts if the
+//! module calls it; `emu::table()` replaces the ones the emulated kernel implements. Data
+//! objects are zeroed and sized from the bindgen'd layouts.
 
 use crate::kpi::KpiTable;
 use crate::layouts;
