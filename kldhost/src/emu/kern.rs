@@ -20,7 +20,7 @@ pub unsafe fn cstr(p: *const c_char) -> String {
 }
 
 /// printf(9) formatting of the conversions the module uses (`%s %d %i %u %x %X %o %c %p %%`,
-/// flags, width, precision, and the `h hh l ll j z t q` length modifiers) over the integer
+/// the `-`, `0` and `#` flags, width, precision, and the `h hh l ll j z t q` length modifiers) over the integer
 /// arguments the caller passed in registers. A conversion without an argument prints `<?>`.
 ///
 /// # Safety
@@ -43,9 +43,11 @@ pub unsafe fn format(fmt: *const c_char, args: &[u64]) -> String {
         i += 1;
         let mut left = false;
         let mut zero = false;
+        let mut alt = false;
         while i < f.len() && b"-+ #0".contains(&f[i]) {
             left |= f[i] == b'-';
             zero |= f[i] == b'0';
+            alt |= f[i] == b'#';
             i += 1;
         }
         let mut width = 0usize;
@@ -108,7 +110,9 @@ pub unsafe fn format(fmt: *const c_char, args: &[u64]) -> String {
         let s = match conv {
             b'd' | b'i' => signed(a).to_string(),
             b'u' => narrow(a).to_string(),
+            b'x' if alt && narrow(a) != 0 => format!("{:#x}", narrow(a)),
             b'x' => format!("{:x}", narrow(a)),
+            b'X' if alt && narrow(a) != 0 => format!("0X{:X}", narrow(a)),
             b'X' => format!("{:X}", narrow(a)),
             b'o' => format!("{:o}", narrow(a)),
             b'c' => char::from(a as u8).to_string(),
@@ -398,4 +402,28 @@ pub fn register(t: &mut KpiTable) {
     t.function("strlcpy", emu_strlcpy as extern "C" fn(_, _, _) -> _ as usize);
     t.function("module_register_init", emu_module_register_init as extern "C" fn(_) as usize);
     t.function("driver_module_handler", emu_driver_module_handler as extern "C" fn(_, _, _) -> _ as usize);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format;
+    use std::ffi::CString;
+
+    fn f(fmt: &str, args: &[u64]) -> String {
+        let c = CString::new(fmt).unwrap();
+        // SAFETY: a C format; %s arguments below are C strings.
+        unsafe { format(c.as_ptr(), args) }
+    }
+
+    #[test]
+    fn printf_conversions_the_module_uses() {
+        let s = CString::new("nvme").unwrap();
+        assert_eq!(f("%s%d: %u %x %%", &[s.as_ptr() as u64, 1, 7, 255]), "nvme1: 7 ff %");
+        // int arguments are 32 bits wide unless a length modifier says otherwise.
+        assert_eq!(f("%d %ld %jd", &[0xffff_ffff, u64::MAX, (-2i64) as u64]), "-1 -1 -2");
+        assert_eq!(f("%lu %zu %#x %#x %p", &[u64::MAX, 3, 16, 0, 0x1000]), "18446744073709551615 3 0x10 0 0x1000");
+        assert_eq!(f("[%5d|%-4s|%04x|%.2s]", &[42, s.as_ptr() as u64, 0xa, s.as_ptr() as u64]), "[   42|nvme|000a|nv]");
+        assert_eq!(f("%s", &[0]), "(null)");
+        assert_eq!(f("%d %d", &[1]), "1 <?>");
+    }
 }
