@@ -261,3 +261,21 @@ fn a_timeout_task_that_re_arms_forever_is_a_finding() {
     assert_eq!(out.matches("expires").count(), 50, "{out}");
     assert_in_order(&out, &["50 timeout task expiries", "findings: 1", "1 timeout tasks still re-arming after 50 expiries"]);
 }
+
+#[test]
+fn freed_memory_reads_as_the_poison_and_a_double_free_panics() {
+    let flags = kernel_header_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut twice = flags.clone();
+    twice.push("-DKLDHOST_DOUBLE_FREE");
+    let Some(once) = compile("uaf", "use_after_free", &flags) else { return };
+    let Some(twice) = compile("double_free", "use_after_free", &twice) else { return };
+
+    let (code, out) = kldhost_run(&temp_object("uaf", &once));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("kldhost_fixture: after free 0xdeadc0de"), "{out}");
+
+    let (code, out) = kldhost_run(&temp_object("double_free", &twice));
+    assert_eq!(code, Some(kldhost::emu::PANIC_EXIT), "{out}");
+    assert_in_order(&out, &["kldhost_fixture: after free 0xdeadc0de", "panic: free(0x", "): the address is already free"]);
+}
