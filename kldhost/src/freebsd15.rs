@@ -22,7 +22,7 @@ pub const FUNCTIONS: &[&str] = &[
     // newbus
     "device_get_softc", "device_get_nameunit", "device_get_parent", "device_set_desc",
     "device_get_name", "device_get_unit", "devclass_find", "devclass_get_maxunit",
-    "devclass_get_device", "device_is_attached", "device_get_state", "device_busy",
+    "devclass_get_device", "device_is_attached", "device_is_alive", "device_get_state", "device_busy",
     "device_unbusy", "device_delete_child", "bus_alloc_resource", "bus_release_resource",
     "rman_get_size", "bus_setup_intr", "bus_teardown_intr", "bus_topo_lock", "bus_topo_unlock",
     "device_detach", "device_find_child", "device_probe_and_attach", "device_get_sysctl_tree",
@@ -48,7 +48,7 @@ pub const FUNCTIONS: &[&str] = &[
     // ACPICA and acpi(4)
     "AcpiGetHandle", "AcpiGetName", "AcpiWalkNamespace", "AcpiEvaluateObject",
     "AcpiInstallNotifyHandler", "AcpiRemoveNotifyHandler", "acpi_get_device", "acpi_GetInteger",
-    "acpi_SetInteger",
+    "acpi_SetInteger", "AcpiOsWaitEventsComplete",
 ];
 
 /// kobj method descriptors (`struct kobjop_desc`) the driver's method table names.
@@ -57,6 +57,8 @@ pub const KOBJOP_DESCS: &[&str] = &[
     "bus_read_ivar_desc", "bus_write_ivar_desc", "bus_rescan_desc", "pci_read_config_desc",
     "pci_write_config_desc", "pcib_read_config_desc", "pcib_maxfuncs_desc",
     "pci_enable_busmaster_desc", "pci_alloc_msix_desc", "pci_release_msi_desc", "pci_msix_count_desc",
+    "pci_disable_busmaster_desc", "pci_msix_table_bar_desc", "pci_msix_pba_bar_desc",
+    "pci_msi_count_desc", "pci_alloc_msi_desc",
 ];
 
 /// The table with every name above.
