@@ -165,8 +165,8 @@ pub struct BioQueue {
 unsafe impl Send for BioQueue {}
 
 impl BioQueue {
-    /// An empty queue (attach: may sleep).
-    pub fn new() -> BioQueue {
+    /// An empty queue. Sleeps (M_WAITOK): attach only.
+    pub fn new_waitok() -> BioQueue {
         // SAFETY: bio_queue_head is plain C data for which all-zero is a valid value.
         let mut head = super::alloc::box_waitok(unsafe { core::mem::zeroed::<bindings::bio_queue_head>() });
         // SAFETY: a boxed head that never moves again; initialised once.

@@ -214,9 +214,4 @@ impl DmaMap {
         }
         self.segs.clear();
     }
-
-    /// True while loaded.
-    pub fn is_loaded(&self) -> bool {
-        self.loaded.is_some()
-    }
 }

@@ -467,7 +467,7 @@ impl CtrlShared {
                 return None;
             }
         };
-        let state = Mutex::new_boxed(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, io, queued: BioQueue::new(), sysctls: None })?;
+        let state = Mutex::new_boxed(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, io, queued: BioQueue::new_waitok(), sysctls: None })?;
         let shared = box_waitok(CtrlShared {
             dev,
             unit,

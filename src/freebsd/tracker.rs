@@ -70,11 +70,6 @@ impl Trackers {
         Ok(t)
     }
 
-    /// Number of trackers.
-    pub fn count(&self) -> usize {
-        self.slots.len()
-    }
-
     /// True when a tracker is free.
     pub fn has_free(&self) -> bool {
         !self.free.is_empty()
@@ -164,11 +159,6 @@ impl Trackers {
         }
         self.held += held as usize;
         held
-    }
-
-    /// Bios in flight (carried by a tracker, parked or not, held excluded).
-    pub fn in_flight(&self) -> usize {
-        self.slots.iter().filter(|s| s.bio.is_some()).count().saturating_sub(self.held)
     }
 
     fn destroy_maps(&mut self, tag: &DmaTag) -> bool {

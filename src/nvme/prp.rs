@@ -172,11 +172,6 @@ impl<R: DmaRegion> PrpLists<R> {
         Ok(lists)
     }
 
-    /// Entries one list holds.
-    pub fn capacity(&self) -> usize {
-        self.entries
-    }
-
     /// Lists not in use.
     pub fn available(&self) -> usize {
         self.free.len()
