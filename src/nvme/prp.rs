@@ -208,7 +208,9 @@ impl<R: DmaRegion> PrpLists<R> {
     /// for PRP2. Error if the slot does not exist or the entries do not fit.
     pub fn write(&self, i: u32, list: impl Iterator<Item = u64>) -> Result<u64, NvmeError> {
         let (page, base) = self.place(i).ok_or(NvmeError::InvalidRequest("no such PRP list"))?;
-        const CHUNK: usize = 32;
+        // In chunks, so the stack buffer stays small and a list costs few region writes (each
+        // one is a round trip in the lab).
+        const CHUNK: usize = 64;
         let mut buf = [0u8; CHUNK * 8];
         let (mut n, mut written) = (0usize, 0usize);
         for addr in list {
@@ -306,6 +308,56 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Page-sized regions at increasing bus addresses, recording every write.
+    struct Pages(core::cell::Cell<u64>);
+    struct Page(u64, core::cell::RefCell<Vec<u8>>);
+    impl DmaRegion for Page {
+        fn bus_addr(&self) -> u64 {
+            self.0
+        }
+        fn len(&self) -> usize {
+            self.1.borrow().len()
+        }
+        fn read(&self, off: usize, buf: &mut [u8]) {
+            buf.copy_from_slice(&self.1.borrow()[off..off + buf.len()]);
+        }
+        fn write(&self, off: usize, buf: &[u8]) {
+            self.1.borrow_mut()[off..off + buf.len()].copy_from_slice(buf);
+        }
+    }
+    impl DmaAllocator for Pages {
+        type Region = Page;
+        fn alloc_dma(&self, len: usize, _align: usize) -> Result<Page, crate::platform::AllocError> {
+            let a = self.0.get();
+            self.0.set(a + 0x10_0000);
+            Ok(Page(a, core::cell::RefCell::new(vec![0; len])))
+        }
+    }
+
+    #[test]
+    fn lists_are_packed_within_pages_and_bounded() {
+        // 128 KiB commands: 32 entries, 256 bytes per list, 16 lists per page.
+        let mut l = PrpLists::allocate(&Pages(core::cell::Cell::new(0x10_0000)), 40, 128 * 1024).unwrap();
+        assert_eq!(l.pages.len(), 3);
+        let mut addrs = Vec::new();
+        while let Some(i) = l.take() {
+            let a = l.write(i, (0..32u64).map(|k| k * PAGE)).unwrap();
+            assert_eq!(a % 8, 0);
+            assert_eq!(a / PAGE, (a + 32 * 8 - 1) / PAGE, "list {i} crosses a page");
+            addrs.push(a);
+        }
+        assert_eq!(addrs.len(), 40);
+        addrs.sort();
+        addrs.dedup();
+        assert_eq!(addrs.len(), 40, "every list has its own memory");
+        // One entry too many is an error, not an overflow into the next list.
+        l.put(0);
+        assert!(l.write(0, (0..33u64).map(|k| k * PAGE)).is_err());
+        assert_eq!(l.available(), 1);
+        assert_eq!(l.take_pages().len(), 3);
+        assert!(l.take().is_none(), "no slot without pages");
     }
 
     fn segment_view(segs: &[DmaSeg]) -> Vec<u64> {
