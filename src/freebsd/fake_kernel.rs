@@ -1286,9 +1286,10 @@ pub unsafe extern "C" fn nvmehp_bus_dmamap_unload(_dmat: bus_dma_tag_t, map: bus
     unsafe { (*map.cast::<FakeMap>()).loaded = false };
 }
 
-/// Loads a mapped bio as busdma does for the tag: its virtual range (identity-mapped: the
-/// fake pmap_kextract is the identity) cut at `boundary` and `maxsegsz`; the callback runs
-/// before the return (the driver passes BUS_DMA_NOWAIT).
+/// Loads a bio as busdma does for the tag: a mapped bio's virtual range (identity-mapped: the
+/// fake pmap_kextract is the identity), or an unmapped bio's `bio_ma` pages, cut at
+/// `boundary` and `maxsegsz`; the callback runs before the return (the driver passes
+/// BUS_DMA_NOWAIT).
 #[no_mangle]
 pub unsafe extern "C" fn bus_dmamap_load_bio(
     dmat: bus_dma_tag_t,
@@ -1305,13 +1306,31 @@ pub unsafe extern "C" fn bus_dmamap_load_bio(
     let cb = callback.expect("a load callback");
     let err = LOAD_ERROR.with(|c| c.replace(0));
     let mut segs: Vec<bus_dma_segment> = Vec::new();
-    let (mut va, mut left) = (b.bio_data as u64, b.bio_bcount.max(0) as u64);
     let step = t.boundary.min(t.maxsegsz);
-    while left > 0 && err == 0 {
-        let n = (step - va % step).min(left);
-        segs.push(bus_dma_segment { ds_addr: va, ds_len: n });
-        va += n;
-        left -= n;
+    let mut left = b.bio_bcount.max(0) as u64;
+    if b.bio_flags & bindings::BIO_UNMAPPED as u16 != 0 {
+        // An unmapped bio: its pages are `bio_ma` (here the fake "vm_page_t" values are the
+        // pages' bus addresses), starting `bio_ma_offset` into the first; bio_data is not used.
+        let mut off = b.bio_ma_offset.max(0) as u64;
+        for i in 0..b.bio_ma_n.max(0) as usize {
+            if left == 0 || err != 0 {
+                break;
+            }
+            // SAFETY: the test made bio_ma an array of bio_ma_n entries.
+            let page = unsafe { *b.bio_ma.add(i) } as u64;
+            let n = (step - off).min(left);
+            segs.push(bus_dma_segment { ds_addr: page + off, ds_len: n });
+            left -= n;
+            off = 0;
+        }
+    } else {
+        let mut va = b.bio_data as u64;
+        while left > 0 && err == 0 {
+            let n = (step - va % step).min(left);
+            segs.push(bus_dma_segment { ds_addr: va, ds_len: n });
+            va += n;
+            left -= n;
+        }
     }
     let err = if err == 0 && segs.len() > t.nsegments as usize { bindings::EFBIG } else { err };
     record(format!("bus_dmamap_load_bio map={map:p} flags={flags:#x} nsegs={} error={err} mutexes_held={held}", segs.len()));
