@@ -98,6 +98,14 @@ pub fn errno_of(e: NvmeError) -> c_int {
     }
 }
 
+/// What [`CtrlState::submit_on`] did with a bio it did not fail.
+enum Started {
+    /// The engine has it, on its tracker.
+    OnTracker,
+    /// Back first in the queue: the engine had no room.
+    Requeued,
+}
+
 /// What a locked section saw that must be acted on after it (prints, hotplug requests).
 #[derive(Default)]
 #[must_use]
@@ -189,7 +197,7 @@ impl CtrlState {
             return Ok(());
         }
         match self.io.take() {
-            Some(t) => self.submit_on(t, bio, x),
+            Some(t) => self.submit_on(t, bio, x).map(|_| ()),
             None => {
                 self.queued.push_back(bio);
                 Ok(())
@@ -198,10 +206,11 @@ impl CtrlState {
     }
 
     /// Loads `bio` into tracker `t`'s map and hands the request to the engine. On error the
-    /// tracker is free again and the bio given back with its errno; an engine without room
-    /// (cannot happen: there are no more trackers than request slots) puts it back first in
-    /// the queue while requests are in flight, whose completions restart it.
-    fn submit_on(&mut self, t: u32, bio: Bio, x: Xfer) -> Result<(), (Bio, c_int)> {
+    /// tracker is free again and the bio given back with its errno. An engine without room
+    /// (cannot happen: there are no more trackers than request slots, and a bio of at most
+    /// MDTS is one command) puts it back first in the queue while requests are in flight, whose
+    /// completions restart it: [`Started::Requeued`].
+    fn submit_on(&mut self, t: u32, bio: Bio, x: Xfer) -> Result<Started, (Bio, c_int)> {
         let dir = match x.op {
             IoOp::Read => Some(Dir::ToMemory),
             IoOp::Write => Some(Dir::ToDevice),
@@ -231,12 +240,12 @@ impl CtrlState {
             data: DataBuf { bus_addr: segs.first().map_or(0, |s| s.addr), len: x.len },
         };
         match self.engine.submit_segments(req, segs) {
-            Ok(()) => self.io.attach(t, bio).map_err(|bio| (bio, bindings::EIO)),
+            Ok(()) => self.io.attach(t, bio).map(|()| Started::OnTracker).map_err(|bio| (bio, bindings::EIO)),
             Err(e) => {
                 self.io.give_back(t);
                 if e == NvmeError::QueueFull && self.engine.outstanding() > 0 {
                     self.queued.push_front(bio);
-                    return Ok(());
+                    return Ok(Started::Requeued);
                 }
                 Err((bio, errno_of(e)))
             }
@@ -266,8 +275,12 @@ impl CtrlState {
                 self.queued.push_front(bio);
                 return;
             };
-            if let Err((bio, errno)) = self.submit_on(t, bio, x) {
-                bio.fail(errno);
+            match self.submit_on(t, bio, x) {
+                Ok(Started::OnTracker) => {}
+                // The engine is full: the next completion tries again (looping here would
+                // take the same bio for ever).
+                Ok(Started::Requeued) => return,
+                Err((bio, errno)) => bio.fail(errno),
             }
         }
     }
