@@ -214,4 +214,9 @@ impl DmaMap {
         }
         self.segs.clear();
     }
+
+    /// True while loaded: the device was given pages through this map.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.is_some()
+    }
 }

@@ -371,9 +371,9 @@ impl FakeNvme {
     }
 
     /// The device finally does what it still owes: writes `fill` into the buffer of every held
-    /// read (one page each), as a runaway DMA engine would.
+    /// command with data (512 bytes at PRP1), as a runaway DMA engine would.
     pub fn dma_into_held(&self) {
-        for &(_, prp1) in &self.held {
+        for &(_, prp1) in self.held.iter().filter(|&&(_, prp1)| prp1 != 0) {
             write_mem(prp1, &[self.fill; 512]);
         }
     }

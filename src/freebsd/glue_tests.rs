@@ -390,8 +390,10 @@ fn bios_of_a_device_that_cannot_be_stopped_are_held_not_completed() {
         fk::with_nvme(|d| d.hold_io = true);
         let mut held = std::vec![0u8; 4096];
         let (bp, map) = strategy_read(&mut held);
+        // A cache flush held too: it lent the device no pages.
+        let flush = strategy(bindings::BIO_FLUSH as u32, 0, &mut []);
         let prp1 = fk::with_nvme(|d| d.held.clone());
-        assert_eq!(prp1.len(), 1);
+        assert_eq!(prp1.len(), 2);
         assert_eq!(prp1[0].1, held.as_ptr() as u64, "the device was given the bio's own pages");
         fk::record("-- teardown --");
         let _ = teardown(live, &mut k, Removal::Surprise);
@@ -402,6 +404,7 @@ fn bios_of_a_device_that_cannot_be_stopped_are_held_not_completed() {
         let said: Vec<&String> = log.iter().filter(|l| l.contains("could not be stopped")).collect();
         if stuck {
             assert_eq!(fk::biodone_count(bp), 0, "a bio whose pages the device may still write was completed: {log:#?}");
+            assert_eq!(fk::biodone_count(flush), 1, "a flush has no pages to hold: failed");
             assert!(!unloaded, "its map was unloaded");
             assert_eq!(positions(&log, &leak_stat).len(), 1, "hold counted: {log:#?}");
             assert_eq!(said.len(), 1, "said once: {said:#?}");
@@ -411,7 +414,9 @@ fn bios_of_a_device_that_cannot_be_stopped_are_held_not_completed() {
             assert!(held[..512].iter().all(|&b| b == 0xab));
         } else {
             assert_eq!(fk::biodone_count(bp), 1);
-            let failed = t + first(&log[t..], "biodone");
+            assert_eq!(fk::biodone_count(flush), 1);
+            let failed = t + first(&log[t..], &std::format!("bus_dmamap_unload map={map}")) + 1;
+            let failed = failed + first(&log[failed..], "biodone");
             assert_eq!(log[failed], std::format!("biodone error={} flags={:#x} resid=4096", bindings::ENXIO, bindings::BIO_ERROR));
             let unload = t + first(&log[t..], &std::format!("bus_dmamap_unload map={map}"));
             assert!(t + first(&log[t..], "nvme cc disable") < unload && unload < failed, "stopped, unloaded, then failed: {log:#?}");

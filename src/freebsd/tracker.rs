@@ -33,6 +33,8 @@ struct Tracker {
     bio: Option<Bio>,
     /// The errno a parked request fails with once the device is known to be stopped.
     errno: c_int,
+    /// Held for ever (counted once): the device could not be stopped.
+    held: bool,
 }
 
 /// Every tracker of one controller, with the payload tag their maps belong to.
@@ -43,8 +45,6 @@ pub struct Trackers {
     free: Vec<u32>,
     /// Failed by hand; waiting for the stop's outcome.
     parked: Vec<u32>,
-    /// Held for ever: the device could not be stopped.
-    held: usize,
 }
 
 impl Trackers {
@@ -52,13 +52,13 @@ impl Trackers {
     /// (sleeps, allocates). The errno of the failing busdma call, or ENOMEM.
     pub fn create(dev: Device, count: usize, max_bytes: u32) -> Result<Trackers, c_int> {
         let tag = DmaTag::for_payload(dev, max_bytes)?;
-        let mut t = Trackers { tag: None, slots: Vec::new(), free: Vec::new(), parked: Vec::new(), held: 0 };
+        let mut t = Trackers { tag: None, slots: Vec::new(), free: Vec::new(), parked: Vec::new() };
         t.slots.try_reserve_exact(count).map_err(|_| bindings::ENOMEM)?;
         t.free.try_reserve_exact(count).map_err(|_| bindings::ENOMEM)?;
         t.parked.try_reserve_exact(count).map_err(|_| bindings::ENOMEM)?;
         for _ in 0..count {
             match tag.create_map() {
-                Ok(map) => t.slots.push(Tracker { map, bio: None, errno: 0 }),
+                Ok(map) => t.slots.push(Tracker { map, bio: None, errno: 0, held: false }),
                 Err(e) => {
                     t.destroy_maps(&tag);
                     return Err(e);
@@ -116,6 +116,7 @@ impl Trackers {
         let tag = self.tag.as_ref()?;
         let s = self.slots.get_mut(t as usize)?;
         let bio = s.bio.take()?;
+        s.held = false;
         s.map.unload(tag);
         if self.free.len() < self.free.capacity() {
             self.free.push(t);
@@ -142,22 +143,23 @@ impl Trackers {
 
     /// Decides the parked trackers: with `device_stopped` (or a device that completed them
     /// itself), their maps are unloaded and their bios failed with their errno; otherwise they
-    /// are held for ever. Returns the number held now.
+    /// are held for ever, except requests without data (a flush), which lent the device no
+    /// pages. Returns the number newly held.
     pub fn release_parked(&mut self, device_stopped: bool) -> u64 {
         let mut held = 0;
         while let Some(t) = self.parked.pop() {
-            if device_stopped {
-                if let Some(s) = self.slots.get(t as usize) {
-                    let errno = s.errno;
-                    if let Some(bio) = self.complete(t) {
-                        bio.fail(errno);
-                    }
+            let Some(s) = self.slots.get_mut(t as usize) else { continue };
+            // A request without data (a flush) lent the device no pages: it never needs holding.
+            if device_stopped || !s.map.is_loaded() {
+                let errno = s.errno;
+                if let Some(bio) = self.complete(t) {
+                    bio.fail(errno);
                 }
-            } else {
+            } else if !s.held {
+                s.held = true;
                 held += 1;
             }
         }
-        self.held += held as usize;
         held
     }
 
@@ -174,19 +176,21 @@ impl Trackers {
     }
 
     /// Teardown (step 5, the device stopped or given up): any bio still carried is completed
-    /// with ENXIO if `device_stopped`, else held; then every unloaded map is destroyed, and
-    /// the tag if no map had to be kept. Returns the number of bios held here.
+    /// with ENXIO if `device_stopped` (or if it lent the device no pages), else held; then every
+    /// unloaded map is destroyed, and the tag if no map had to be kept. Returns the number of
+    /// bios newly held here.
     pub fn destroy(&mut self, device_stopped: bool) -> u64 {
         let mut held = self.release_parked(device_stopped);
-        if device_stopped {
-            for t in 0..self.slots.len() as u32 {
+        for t in 0..self.slots.len() as u32 {
+            let Some(s) = self.slots.get_mut(t as usize).filter(|s| s.bio.is_some()) else { continue };
+            if device_stopped || !s.map.is_loaded() {
                 if let Some(bio) = self.complete(t) {
                     bio.fail(bindings::ENXIO);
                 }
+            } else if !s.held {
+                s.held = true;
+                held += 1;
             }
-        } else {
-            let carried = self.slots.iter().filter(|s| s.bio.is_some()).count();
-            held += carried.saturating_sub(self.held) as u64;
         }
         if let Some(tag) = self.tag.take() {
             if !self.destroy_maps(&tag) {
