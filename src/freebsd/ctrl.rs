@@ -87,7 +87,7 @@ const STOP_WAIT_MAX_MS: u32 = 300_000;
 
 /// The errno a request finishes with for an engine error. ENXIO means "the device is gone".
 /// A full queue is never an errno: the bio waits in the controller's [`BioQueue`]
-/// ([`CtrlState::submit_on`]); `QueueFull` maps to EIO only for a request that can never fit.
+/// (`CtrlState::submit_on`); `QueueFull` maps to EIO only for a request that can never fit.
 pub fn errno_of(e: NvmeError) -> c_int {
     match e {
         NvmeError::Gone | NvmeError::NotReady => bindings::ENXIO,

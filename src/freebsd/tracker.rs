@@ -17,7 +17,8 @@
 //! process through physio) while the device may still write them: memory corruption. Holding it
 //! leaves that consumer waiting for ever (and GEOM never calls `d_gone` while the consumer keeps
 //! the provider open, so kldunload is refused), which is the honest result of a device that
-//! cannot be stopped. They are counted in `hw.nvme_hotplug.leaked_buffers`.
+//! cannot be stopped. They are counted in `hw.nvme_hotplug.leaked_buffers`. A request without
+//! data (a flush) lent the device no pages and is failed either way.
 
 use super::bindings;
 use super::bio::Bio;

@@ -2,8 +2,10 @@
 //!
 //! Life cycle: [`Controller::new`] touches nothing; [`Controller::bring_up`] resets and
 //! enables the controller, identifies it, creates the I/O queues, scans namespaces and arms
-//! an Asynchronous Event Request; then [`submit`](Controller::submit) and
-//! [`poll`](Controller::poll) move I/O. The controller ends by [`shutdown`](Controller::shutdown)
+//! an Asynchronous Event Request; then [`submit`](Controller::submit) (a contiguous buffer) or
+//! [`submit_segments`](Controller::submit_segments) (busdma segments) and
+//! [`poll`](Controller::poll) move I/O, without allocating: request slots and PRP lists are
+//! sized at bring-up. The controller ends by [`shutdown`](Controller::shutdown)
 //! (announced removal) or by [`fail_all`](Controller::fail_all) (surprise removal or a dead
 //! device), and may be brought up again afterwards.
 //!
