@@ -66,6 +66,7 @@ pub fn install_nvme(dev: super::fake_nvme::FakeNvme) {
 
 /// Runs `f` on the installed device model.
 pub fn with_nvme<R>(f: impl FnOnce(&mut super::fake_nvme::FakeNvme) -> R) -> R {
+    let _fake = FakeWork::begin(); // the model's allocations are not the driver's
     NVME.with(|n| f(n.borrow_mut().as_mut().expect("no NVMe model installed")))
 }
 

@@ -329,3 +329,87 @@ fn unmapped_bios_move_data_from_their_pages() {
     }
     let _ = teardown(live, &mut k, Removal::Surprise);
 }
+
+/// A seeded mix of reads and writes of 512 B to 128 KiB at buffer offsets, submitted while
+/// the device holds commands and completes them in bursts, so the queue fills, bios wait and
+/// restart: every bio completes exactly once and successfully, every write is on the media,
+/// every read returns the media, and the whole run allocates nothing.
+#[test]
+fn a_random_mix_under_queue_pressure_completes_every_bio_once_without_allocating() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+    fk::install_nvme(FakeNvme::new(false, true));
+    let mut k = FreeBsdKernel::new();
+    let (live, ctrl) = attached_with(&mut k, &[1], true);
+    let depth = queue_depth(ctrl);
+
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    // Each bio has its own 128 KiB region of the media: writes never overlap, reads target
+    // regions nobody writes (the media's fill byte) or regions written before the run.
+    let count = 3 * depth;
+    let mut plan = Vec::new();
+    for i in 0..count {
+        let write = next(3) != 0;
+        let blocks = 1 + next(256) as usize;
+        let off = 512 * next(8) as usize;
+        plan.push((write, (i * 256) as i64, blocks * 512, off));
+    }
+    let mut bufs: Vec<Vec<u8>> = plan.iter().enumerate().map(|(i, &(w, _, n, off))| {
+        let mut b = std::vec![0u8; off + n];
+        if w {
+            b[off..].copy_from_slice(&pattern(i + 100, n));
+        }
+        b
+    }).collect();
+    let bios: Vec<_> = bufs
+        .iter_mut()
+        .zip(&plan)
+        .map(|(b, &(w, lba, n, off))| {
+            let cmd = if w { bindings::BIO_WRITE } else { bindings::BIO_READ };
+            bio_for(cmd as u32, lba * 512, &mut b[off..off + n])
+        })
+        .collect();
+    // Phases of pressure (no completions until more bios than trackers were sent) alternate
+    // with phases of churn (completions in random bursts).
+    let phase = depth + 7;
+    let bursts: Vec<bool> = (0..count).map(|i| i % phase == phase - 1 || ((i / phase) % 2 == 1 && next(6) == 0)).collect();
+
+    let t = fk::log().len();
+    let before = fk::allocations();
+    for (&bp, &burst) in bios.iter().zip(&bursts) {
+        start(bp);
+        if burst {
+            fk::with_nvme(|d| d.release_held());
+            fk::fire_interrupt();
+        }
+    }
+    for _ in 0..count {
+        if bios.iter().all(|&bp| fk::biodone_count(bp) == 1) {
+            break;
+        }
+        fk::with_nvme(|d| d.release_held());
+        fk::fire_interrupt();
+    }
+    assert_eq!(fk::allocations() - before, 0, "allocations during the run");
+    assert!(!positions(&fk::log()[t..], "bioq_insert_tail").is_empty(), "the queue filled at least once");
+
+    for (i, (&bp, &(w, lba, n, off))) in bios.iter().zip(&plan).enumerate() {
+        assert_eq!((fk::biodone_count(bp), error_of(bp)), (1, 0), "bio {i}");
+        for b in (0..n / 512).step_by(37).chain([n / 512 - 1]) {
+            let block = fk::with_nvme(|d| d.media_block(lba as u64 + b as u64));
+            let got = &bufs[i][off + b * 512..off + b * 512 + 512];
+            if w {
+                assert_eq!(&block[..], got, "write {i} block {b} on the media");
+            } else {
+                assert!(got.iter().all(|&x| x == 0xab), "read {i} block {b} returned the media");
+            }
+        }
+    }
+    let _ = teardown(live, &mut k, Removal::Surprise);
+}
