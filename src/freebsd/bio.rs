@@ -85,8 +85,9 @@ impl Bio {
         self.raw.as_ptr()
     }
 
-    /// Records the namespace ID in `bio_driver2` (the provider's field), for a bio that may
-    /// wait in a [`BioQueue`] and be started later.
+    /// Records the namespace ID in `bio_driver2` ("private use by the provider", sys/sys/bio.h;
+    /// geom_disk.c's `g_disk_start` hands d_strategy a clone, so the field is ours), for a bio
+    /// that may wait in a [`BioQueue`] and be started later.
     pub fn set_nsid(&mut self, nsid: u32) {
         // SAFETY: our bio until biodone; bio_driver2 is the driver's to use.
         unsafe { (*self.raw.as_ptr()).bio_driver2 = nsid as usize as *mut c_void };
