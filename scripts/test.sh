@@ -5,7 +5,8 @@
 #      cites a document outside the repository (scripts/check-self-contained.sh)
 #   3. install QEMU for the lab if missing (scripts/bootstrap-debian.sh lab)
 #   4. cargo test of the whole workspace: engine, hotplug logic, FreeBSD-rules model, .ko checker
-#      negative tests, and the QEMU lab (real QEMU NVMe + PIIX4 ACPI hotplug models)
+#      negative tests, the .ko loaded by kldhost (FreeBSD's kernel linker in a Linux process),
+#      and the QEMU lab (real QEMU NVMe + PIIX4 ACPI hotplug models)
 #   5. the lab scenarios in scenarios/ (each report must say ok = true)
 # The last line is the sum over all cargo test binaries: "tests: N passed, N failed, N skipped".
 set -euo pipefail
@@ -17,6 +18,9 @@ trap 'rm -rf "$(dirname "$log")"' EXIT
 
 echo "== 1. build nvme_hotplug.ko"
 sh scripts/build-kld.sh
+
+# The .ko exists now: kldhost's tests (step 4) that load it fail instead of skipping without it.
+export NVMEHP_REQUIRE_KO=1
 
 echo "== 2. static checks of nvme_hotplug.ko"
 bash scripts/check-ko.sh

@@ -1,0 +1,121 @@
+//! make_dev(9) and destroy_dev(9), with the argument checks of sys/kern/kern_conf.c
+//! (make_dev_sv, prep_devname, destroy_devl).
+//!
+//! - `make_dev_args_init_impl(args, sz)`: zeroes `sz` bytes and sets `mda_size = sz`.
+//! - `make_dev_s`: a `struct make_dev_args` larger than the kernel's (`mda_size` above its
+//!   size, a module built against other headers) is refused with EINVAL before anything else;
+//!   a smaller one is read up to its size. WAITOK with NOWAIT is a KASSERT. A bad name (empty,
+//!   too long, whitespace or `"`, a trailing `/`, a `.` or `..` component) or an existing one
+//!   returns its error with MAKEDEV_CHECKNAME and panics without it.
+//! - `destroy_dev`: may sleep (it waits for threads in the device); the node must be named and
+//!   must not be MAKEDEV_ETERNAL; `si_drv1`/`si_drv2` are cleared.
+//!
+//! The emulated devfs holds the nodes by name; a node is never opened here.
+
+use super::kern::format;
+use super::{kernel_panic, log, with};
+use crate::kpi::KpiTable;
+use crate::layouts;
+use std::ffi::{c_char, c_int};
+
+extern "C" fn emu_make_dev_args_init_impl(args: *mut layouts::make_dev_args, sz: usize) {
+    // SAFETY: the caller's struct make_dev_args of `sz` bytes (make_dev_args_init passes
+    // sizeof).
+    unsafe {
+        std::ptr::write_bytes(args.cast::<u8>(), 0, sz);
+        (*args).mda_size = sz;
+    }
+    log(format!("make_dev_args_init({args:p}, {sz})"));
+}
+
+/// prep_devname's checks on a formatted name.
+fn name_error(name: &str, exists: bool) -> Option<c_int> {
+    if name.len() > layouts::SPECNAMELEN as usize {
+        return Some(layouts::ENAMETOOLONG);
+    }
+    let bad_char = name.bytes().any(|b| b.is_ascii_whitespace() || b == b'"');
+    let bad_component = name.split('/').any(|c| c == "." || c == "..");
+    if name.is_empty() || bad_char || name.ends_with('/') || bad_component {
+        return Some(layouts::EINVAL);
+    }
+    exists.then_some(layouts::EEXIST)
+}
+
+extern "C" fn emu_make_dev_s(args1: *const layouts::make_dev_args, dres: *mut *mut layouts::cdev, fmt: *const c_char, a1: u64, a2: u64, a3: u64) -> c_int {
+    let kernel_size = std::mem::size_of::<layouts::make_dev_args>();
+    // SAFETY: the caller's struct make_dev_args; mda_size is its first field.
+    let size = unsafe { (*args1).mda_size };
+    if size > kernel_size {
+        log(format!("make_dev_s: mda_size {size} > sizeof(struct make_dev_args) {kernel_size}: EINVAL"));
+        return layouts::EINVAL;
+    }
+    let mut args = layouts::make_dev_args::default();
+    // SAFETY: copies the caller's first `size` bytes (at most the struct) into a zeroed one.
+    unsafe { std::ptr::copy_nonoverlapping(args1.cast::<u8>(), (&raw mut args).cast::<u8>(), size) };
+    let waitok = args.mda_flags & layouts::MAKEDEV_WAITOK != 0;
+    if waitok && args.mda_flags & layouts::MAKEDEV_NOWAIT != 0 {
+        kernel_panic("make_dev_sv: both WAITOK and NOWAIT specified");
+    }
+    if waitok {
+        super::sched::may_sleep("make_dev_s(MAKEDEV_WAITOK)");
+    }
+    // SAFETY: a printf(9) format and its arguments, per make_dev(9).
+    let name = unsafe { format(fmt, &[a1, a2, a3]) };
+    let exists = with(|e| e.devs.contains_key(&name));
+    if let Some(err) = name_error(&name, exists) {
+        if args.mda_flags & layouts::MAKEDEV_CHECKNAME == 0 {
+            kernel_panic(&format!("make_dev_sv: bad si_name (error={err}, si_name={name})"));
+        }
+        log(format!("make_dev_s({name:?}) = {err}"));
+        return err;
+    }
+    let mut dev = Box::<layouts::cdev>::default();
+    dev.si_flags = layouts::SI_NAMED as u32;
+    if args.mda_flags & layouts::MAKEDEV_ETERNAL != 0 {
+        dev.si_flags |= layouts::SI_ETERNAL as u32;
+    }
+    dev.si_uid = args.mda_uid;
+    dev.si_gid = args.mda_gid;
+    dev.si_mode = args.mda_mode as u16;
+    dev.si_drv0 = args.mda_unit;
+    dev.si_drv1 = args.mda_si_drv1;
+    dev.si_drv2 = args.mda_si_drv2;
+    dev.si_devsw = args.mda_devsw;
+    for (d, s) in dev.si_name.iter_mut().zip(name.bytes()) {
+        *d = s as c_char;
+    }
+    let p = Box::into_raw(dev);
+    with(|e| e.devs.insert(name.clone(), p as u64));
+    // SAFETY: the caller's struct cdev pointer.
+    unsafe { *dres = p };
+    log(format!(
+        "make_dev_s({name:?}, uid {}, gid {}, mode {:o}, flags {:#x}, si_drv1 {:p}) = 0",
+        args.mda_uid, args.mda_gid, args.mda_mode, args.mda_flags, args.mda_si_drv1
+    ));
+    0
+}
+
+extern "C" fn emu_destroy_dev(dev: *mut layouts::cdev) {
+    super::sched::may_sleep("destroy_dev");
+    let name = with(|e| e.devs.iter().find(|(_, a)| **a == dev as u64).map(|(n, _)| n.clone()));
+    let Some(name) = name else {
+        kernel_panic(&format!("destroy_dev({dev:p}): not a device node of the emulated devfs"));
+    };
+    // SAFETY: a node make_dev_s created and still lists.
+    let d = unsafe { &mut *dev };
+    if d.si_flags & layouts::SI_ETERNAL as u32 != 0 {
+        kernel_panic(&format!("WARNING: Driver mistake: destroy_dev on eternal {name}"));
+    }
+    d.si_flags &= !(layouts::SI_NAMED as u32);
+    d.si_drv1 = std::ptr::null_mut();
+    d.si_drv2 = std::ptr::null_mut();
+    with(|e| e.devs.remove(&name));
+    // The struct stays allocated, as the kernel keeps it while references remain.
+    log(format!("destroy_dev({name})"));
+}
+
+pub fn register(t: &mut KpiTable) {
+    t.function("make_dev_args_init_impl", emu_make_dev_args_init_impl as extern "C" fn(_, _) as usize);
+    t.function("make_dev_s", emu_make_dev_s as extern "C" fn(_, _, _, _, _, _) -> _ as usize);
+    t.function("destroy_dev", emu_destroy_dev as extern "C" fn(_) as usize);
+}

@@ -1,0 +1,93 @@
+//! A first emulated FreeBSD kernel for running a loaded kld's module events in this process.
+//!
+//! One module per process: the emulated functions are plain `extern "C"` functions the module
+//! calls through its import trampolines, so their state is global ([`with`]). Every call is
+//! logged, in order. The state lock is never held while module code runs (a task or an event
+//! handler may call back into the emulation).
+//!
+//! What the emulated kernel is: a machine with no PCI NVMe controller attached to the driver
+//! and no ACPI namespace (ACPICA lookups answer AE_NOT_FOUND), whose taskqueue threads run only
+//! when [`run`] lets them, and whose callouts and timeout tasks never fire during a run.
+//! A kernel panic ends the process with [`PANIC_EXIT`], as a panic ends the kernel.
+
+pub mod acpi;
+pub mod devfs;
+pub mod kern;
+pub mod run;
+pub mod sched;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// Exit status of a process whose emulated kernel panicked.
+pub const PANIC_EXIT: i32 = 70;
+
+#[derive(Default)]
+pub struct Emu {
+    /// Every emulated call and kernel-linker step, in order.
+    pub log: Vec<String>,
+    /// Rule violations the emulation noticed (sleeping with a mutex held, leaks, ...).
+    pub findings: Vec<String>,
+    /// Console output (printf, device_printf).
+    pub console: String,
+    pub(crate) blocks: BTreeMap<u64, kern::Block>,
+    pub(crate) malloc_types: Vec<u64>,
+    pub(crate) modules: Vec<kern::Module>,
+    pub(crate) drivers: Vec<(String, String)>,
+    pub(crate) queues: BTreeMap<u64, sched::Queue>,
+    pub(crate) mutexes: BTreeMap<u64, sched::Mtx>,
+    pub(crate) topo_locked: bool,
+    pub(crate) armed_timeouts: BTreeMap<u64, u64>,
+    pub(crate) armed_callouts: BTreeMap<u64, u64>,
+    /// The emulated devfs: node name to struct cdev.
+    pub(crate) devs: BTreeMap<String, u64>,
+}
+
+static EMU: Mutex<Option<Emu>> = Mutex::new(None);
+static TRACE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Print every log line as it is made (the CLI does: a trap or a panic ends the process
+/// before a report could be printed).
+pub fn set_trace(on: bool) {
+    TRACE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Runs `f` on the emulated kernel's state (created on first use).
+pub fn with<R>(f: impl FnOnce(&mut Emu) -> R) -> R {
+    let mut g = EMU.lock().unwrap_or_else(|p| p.into_inner());
+    f(g.get_or_insert_with(Emu::default))
+}
+
+/// Appends a line to the call log.
+pub fn log(line: String) {
+    if TRACE.load(std::sync::atomic::Ordering::Relaxed) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "  {line}");
+    }
+    with(|e| e.log.push(line));
+}
+
+pub fn finding(line: String) {
+    with(|e| e.findings.push(line));
+}
+
+/// The emulated kernel panics: say why and end the process.
+pub fn kernel_panic(msg: &str) -> ! {
+    use std::io::Write;
+    log(format!("panic: {msg}"));
+    let _ = writeln!(std::io::stdout(), "panic: {msg}");
+    let _ = std::io::stdout().flush();
+    let _ = writeln!(std::io::stderr(), "kldhost: the emulated kernel panicked: {msg}");
+    std::process::exit(PANIC_EXIT)
+}
+
+/// The KPI table with every emulated function in place of its trap (freebsd15::table lists
+/// the names; the rest still trap when called).
+pub fn table() -> crate::kpi::KpiTable {
+    let mut t = crate::freebsd15::table();
+    kern::register(&mut t);
+    sched::register(&mut t);
+    acpi::register(&mut t);
+    devfs::register(&mut t);
+    t
+}

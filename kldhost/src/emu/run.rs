@@ -1,0 +1,169 @@
+//! Running a loaded module's life as kldload(8) and kldunload(8) drive it.
+//!
+//! Load (sys/kern/kern_linker.c linker_load_file, after the file is linked):
+//! 1. linker_file_register_modules: module_register for each MDT_MODULE record
+//!    (sys/kern/kern_module.c: name, event handler, argument; no event yet);
+//! 2. linker_file_register_sysctls: the OIDs of `set_sysctl_set`;
+//! 3. linker_file_sysinit: the SYSINITs in (subsystem, order) order, SI_SUB_DUMMY skipped;
+//!    DECLARE_MODULE's is module_register_init, which sends MOD_LOAD.
+//!
+//! Then the taskqueue threads get to run what MOD_LOAD queued, and (optionally) time passes:
+//! armed timeout tasks expire until none re-arms.
+//!
+//! Unload (kern_kldunload -> linker_file_unload, not forced): MOD_QUIESCE to every module of
+//! the file, EOPNOTSUPP or EINVAL counting as agreement, stopping at the first veto; then
+//! MOD_UNLOAD to each, stopping at a refusal; a refusal leaves the file loaded. That is FreeBSD
+//! 15's order as docs/teardown.md describes it; the older kern_linker.c/kern_module.c read for
+//! this (commits 2e696f27, 0373a290) send both events per module in module_unload, which is the
+//! same sequence for a file with one module, as nvme_hotplug.ko is. Then linker_file_sysuninit
+//! (reverse order) and the sysctls are unregistered.
+
+use super::kern::{event_name, mod_event, Module};
+use super::{log, with};
+use crate::layouts;
+use crate::sets::{self, ModRecord};
+use crate::{LoadError, LoadedKo};
+use std::ffi::{c_int, c_void};
+
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Every emulated call and linker step, in order.
+    pub log: Vec<String>,
+    pub findings: Vec<String>,
+    pub console: String,
+    /// MOD_QUIESCE's and MOD_UNLOAD's results per module (None: not sent).
+    pub quiesce: Option<c_int>,
+    pub unload: Option<c_int>,
+    /// Whether the file was unloaded (every module agreed).
+    pub unloaded: bool,
+}
+
+type SysinitFn = extern "C" fn(*const c_void);
+
+fn run_sysinits(ko: &LoadedKo, list: &[sets::Sysinit], what: &str) {
+    for s in list {
+        if s.subsystem == layouts::SI_SUB_DUMMY {
+            continue;
+        }
+        log(format!("{what}: subsystem {:#x} order {:#x}: {}({})", s.subsystem, s.order, ko.describe(s.func), ko.describe(s.udata)));
+        // SAFETY: a SYSINIT's func is a sysinit_cfunc_t taking its udata; the module is loaded
+        // and relocated, its imports point at the emulation.
+        let f: SysinitFn = unsafe { std::mem::transmute::<u64, SysinitFn>(s.func) };
+        f(s.udata as *const c_void);
+    }
+}
+
+/// Loads the module's modules and runs MOD_LOAD, lets the taskqueues run and, if
+/// `timeout_expiries` > 0, lets time pass until the module's timeout tasks stop re-arming (at
+/// most that many expiries), then unloads it (MOD_QUIESCE, MOD_UNLOAD, SYSUNINITs). One
+/// module per process: the emulated kernel's state is global.
+pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report, LoadError> {
+    let records = sets::modmetadata(ko)?;
+    let mut names = Vec::new();
+    for r in &records {
+        if let ModRecord::Module { name, evhand, priv_, .. } = r {
+            let dup = with(|e| e.modules.iter().any(|m| m.name == *name));
+            if dup {
+                return Err(LoadError::Bad(format!("module_register: module {name} already exists!")));
+            }
+            log(format!("module_register({name}, evhand {}, arg {})", ko.describe(*evhand), ko.describe(*priv_)));
+            if *evhand == 0 {
+                return Err(LoadError::Bad(format!("module {name} has no event handler: modevent_nop is not emulated")));
+            }
+            with(|e| e.modules.push(Module { name: name.clone(), handler: *evhand, arg: *priv_, id: Box::new(0) }));
+            names.push(name.clone());
+        }
+    }
+    for o in sets::sysctls(ko)? {
+        log(format!("sysctl_register_oid({})", o.path));
+    }
+    run_sysinits(ko, &sets::sysinits(ko)?, "sysinit");
+    let ran = super::sched::run_queues(1000);
+    log(format!("taskqueue threads ran {ran} tasks"));
+    if timeout_expiries > 0 {
+        let fired = super::sched::fire_timeouts(timeout_expiries);
+        log(format!("{fired} timeout task expiries"));
+    }
+
+    let mut report = Report::default();
+    let mut refused = false;
+    // A module whose MOD_LOAD failed was released by module_register_init: the file stays
+    // loaded without it and the unload sends it nothing.
+    let live: Vec<&String> = names.iter().filter(|n| with(|e| e.modules.iter().any(|m| m.name == **n))).collect();
+    // Every module is asked first (MOD_QUIESCE; EOPNOTSUPP and EINVAL count as agreement) and
+    // the first veto ends the unload; only then is MOD_UNLOAD sent to each.
+    for name in &live {
+        let mut q = mod_event(name, layouts::MOD_QUIESCE as c_int).unwrap_or(0);
+        report.quiesce = Some(q);
+        if q == layouts::EOPNOTSUPP || q == layouts::EINVAL {
+            q = 0;
+        }
+        if q != 0 {
+            log(format!("kldunload: {name} refused {}: error {q}", event_name(layouts::MOD_QUIESCE as c_int)));
+            refused = true;
+            break;
+        }
+    }
+    if !refused {
+        for name in &live {
+            let u = mod_event(name, layouts::MOD_UNLOAD as c_int).unwrap_or(0);
+            report.unload = Some(u);
+            if u != 0 {
+                log(format!("kldunload: {name} refused MOD_UNLOAD: error {u}"));
+                refused = true;
+                break;
+            }
+            with(|e| e.modules.retain(|m| m.name != **name));
+        }
+    }
+    if !refused {
+        run_sysinits(ko, &sets::sysuninits(ko)?, "sysuninit");
+        for o in sets::sysctls(ko)? {
+            log(format!("sysctl_unregister_oid({})", o.path));
+        }
+        report.unloaded = true;
+        end_of_life_checks();
+    }
+    with(|e| {
+        report.log = std::mem::take(&mut e.log);
+        report.findings = std::mem::take(&mut e.findings);
+        report.console = std::mem::take(&mut e.console);
+    });
+    Ok(report)
+}
+
+/// What an unloaded module must not leave behind.
+fn end_of_life_checks() {
+    let left = with(|e| {
+        let mut f = Vec::new();
+        let live: Vec<_> = e.blocks.iter().filter(|(_, b)| !b.freed).collect();
+        if !live.is_empty() {
+            f.push(format!("{} malloc(9) allocations ({} bytes) never freed", live.len(), live.iter().map(|(_, b)| b.size).sum::<usize>()));
+        }
+        for q in e.queues.values() {
+            f.push(format!("taskqueue {} never freed", q.name));
+        }
+        for m in e.mutexes.values() {
+            f.push(format!("mutex {} never destroyed{}", m.name, if m.held { " (held)" } else { "" }));
+        }
+        if !e.armed_callouts.is_empty() {
+            f.push(format!("{} callouts still armed", e.armed_callouts.len()));
+        }
+        if !e.armed_timeouts.is_empty() {
+            f.push(format!("{} timeout tasks still armed", e.armed_timeouts.len()));
+        }
+        if !e.drivers.is_empty() {
+            f.push(format!("drivers still registered: {:?}", e.drivers));
+        }
+        for n in e.devs.keys() {
+            f.push(format!("device node {n} never destroyed"));
+        }
+        if e.topo_locked {
+            f.push("the newbus topology lock is still held".to_string());
+        }
+        f
+    });
+    for l in left {
+        super::finding(format!("after unload: {l}"));
+    }
+}

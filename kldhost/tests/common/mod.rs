@@ -1,0 +1,120 @@
+//! Finding the real nvme_hotplug.ko and compiling fixture objects.
+//!
+//! Without the kld toolchain (clang-19) or the built .ko a test prints a line starting with
+//! `SKIP` and returns, which scripts/test.sh counts as skipped; with NVMEHP_REQUIRE_KO=1 (set
+//! by scripts/test.sh, which builds the .ko first) a missing .ko or compiler is a failure.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("kldhost/ is in the repository").to_path_buf()
+}
+
+fn required() -> bool {
+    std::env::var("NVMEHP_REQUIRE_KO").is_ok_and(|v| v == "1")
+}
+
+/// Either panics (required) or prints the SKIP line and returns None.
+fn unavailable<T>(test: &str, why: &str) -> Option<T> {
+    if required() {
+        panic!("{test}: {why} (NVMEHP_REQUIRE_KO=1)");
+    }
+    // To the real stderr, not through the harness's captured eprintln!: scripts/test.sh counts
+    // lines starting with SKIP in the log. The leading newline starts the line even after a
+    // `test name ... ` prefix.
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(format!("\nSKIP: {test}: {why}\n").as_bytes());
+    None
+}
+
+/// The .ko at the repository root; with NVMEHP_REQUIRE_KO=1 it is built if missing.
+pub fn real_ko(test: &str) -> Option<Vec<u8>> {
+    let ko = repo_root().join("nvme_hotplug.ko");
+    // One build at a time: the tests of a binary run in parallel threads.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    if !ko.exists() && required() {
+        let st = Command::new("sh")
+            .arg(repo_root().join("scripts/build-kld.sh"))
+            .env("NVMEHP_SKIP_BOOTSTRAP", "1")
+            .current_dir(repo_root())
+            .status()
+            .expect("run scripts/build-kld.sh");
+        assert!(st.success(), "{test}: scripts/build-kld.sh failed");
+    }
+    match std::fs::read(&ko) {
+        Ok(b) => Some(b),
+        Err(e) => unavailable(test, &format!("{}: {e}; build it with NVMEHP_SKIP_BOOTSTRAP=1 sh scripts/build-kld.sh", ko.display())),
+    }
+}
+
+/// The flags scripts/build-kld.sh compiles the kld's C with (code generation only).
+pub const KERNEL_FLAGS: &[&str] = &[
+    "--target=x86_64-unknown-freebsd15.0", "-O2", "-ffreestanding", "-fno-common",
+    "-mcmodel=kernel", "-fno-pic", "-mno-red-zone", "-mno-mmx", "-mno-sse", "-msoft-float",
+    "-fno-asynchronous-unwind-tables",
+];
+
+/// Compiles `tests/fixtures/<name>.c` with `flags` into an object file and returns its bytes.
+pub fn compile(test: &str, name: &str, flags: &[&str]) -> Option<Vec<u8>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.c"));
+    let out = std::env::temp_dir().join(format!("kldhost-{}-{test}-{name}.o", std::process::id()));
+    let r = Command::new("clang-19").args(flags).arg("-c").arg(&src).arg("-o").arg(&out).output();
+    let o = match r {
+        Ok(o) => o,
+        Err(e) => return unavailable(test, &format!("clang-19: {e} (scripts/bootstrap-debian.sh build installs it)")),
+    };
+    assert!(o.status.success(), "{test}: clang-19 failed on {}: {}", src.display(), String::from_utf8_lossy(&o.stderr));
+    let b = std::fs::read(&out).expect("read the fixture object");
+    let _ = std::fs::remove_file(&out);
+    Some(b)
+}
+
+/// KERNEL_FLAGS plus the FreeBSD 15 headers and defines scripts/build-kld.sh compiles the glue
+/// with, for fixtures that use kernel macros.
+pub fn kernel_header_flags() -> Vec<String> {
+    let root = repo_root();
+    let inc = std::env::var("NVMEHP_FBSD_INCLUDE").map(PathBuf::from).unwrap_or_else(|_| root.join(".cache/freebsd-include"));
+    let mut v: Vec<String> = KERNEL_FLAGS.iter().map(|s| s.to_string()).collect();
+    v.extend(
+        [
+            "-nostdinc".to_string(),
+            "-D_KERNEL".into(),
+            "-DKLD_MODULE".into(),
+            "-D__FreeBSD_version=1500068".into(),
+            format!("-I{}", root.join("kmod").display()),
+            format!("-I{}", root.join("kmod/include").display()),
+            format!("-I{}", inc.join("x86_64-freebsd-none").display()),
+            format!("-I{}", inc.join("generic-freebsd").display()),
+            "-include".into(),
+            "opt_global.h".into(),
+        ],
+    );
+    v
+}
+
+/// Writes `bytes` to a temporary file for the CLI and returns its path.
+pub fn temp_object(test: &str, bytes: &[u8]) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("kldhost-{}-{test}.ko", std::process::id()));
+    std::fs::write(&p, bytes).expect("write the fixture");
+    p
+}
+
+/// Runs `kldhost run <path>`: (exit code, stdout and stderr). A temporary fixture file
+/// (see temp_object) is removed afterwards.
+pub fn kldhost_run(path: &Path) -> (Option<i32>, String) {
+    kldhost_run_with(path, &[])
+}
+
+/// `kldhost run <extra...> <path>`.
+pub fn kldhost_run_with(path: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_kldhost")).arg("run").args(extra).arg(path).output().expect("run kldhost");
+    if path.starts_with(std::env::temp_dir()) {
+        let _ = std::fs::remove_file(path);
+    }
+    let mut out = String::from_utf8_lossy(&o.stdout).into_owned();
+    out.push_str(&String::from_utf8_lossy(&o.stderr));
+    (o.status.code(), out)
+}
