@@ -95,7 +95,7 @@ mod kld {
     /// node, the stack guard) or by every module (the pcpu linker set bounds of <sys/pcpu.h>).
     const KPI_VARIABLES: &[&str] = &[
         "device_probe_desc", "device_attach_desc", "device_detach_desc", "device_shutdown_desc",
-        "bus_read_ivar_desc", "bus_write_ivar_desc", "bus_rescan_desc",
+        "bus_read_ivar_desc", "bus_write_ivar_desc",
         "pci_read_config_desc", "pci_write_config_desc", "pcib_read_config_desc", "pcib_maxfuncs_desc",
         "pci_enable_busmaster_desc", "pci_alloc_msix_desc", "pci_release_msi_desc",
         "pci_msix_count_desc",

@@ -421,12 +421,6 @@ nvmehp_pcib_maxfuncs(device_t pcib)
 	return (PCIB_MAXFUNCS(pcib));
 }
 
-int
-nvmehp_bus_rescan(device_t bus)
-{
-	return (BUS_RESCAN(bus));
-}
-
 ACPI_HANDLE
 nvmehp_acpi_get_handle(device_t dev)
 {

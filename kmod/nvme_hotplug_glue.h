@@ -135,8 +135,6 @@ uint32_t nvmehp_pcib_read_config(device_t pcib, u_int bus, u_int slot, u_int fun
 /* PCIB_MAXFUNCS on a bridge: PCI_FUNCMAX, or more when ARI is enabled below it. */
 int	nvmehp_pcib_maxfuncs(device_t pcib);
 
-/* BUS_RESCAN(9) on a bus device (call with bus_topo_lock() held). */
-int	nvmehp_bus_rescan(device_t bus);
 
 /* The ACPI handle of a device whose parent bus is ACPI-aware (acpi_pci), or NULL. */
 ACPI_HANDLE nvmehp_acpi_get_handle(device_t dev);

@@ -1,7 +1,7 @@
 /*
  * Stand-in for the generated bus_if.h (FreeBSD sys/kern/bus_if.m, run through makeobjops.awk at
  * kernel build time). Declares only the methods nvme_hotplug calls: READ_IVAR/WRITE_IVAR (behind
- * the pci_get_*() accessors) and RESCAN. The inline dispatchers do what the generated ones do:
+ * the pci_get_*() accessors). The inline dispatchers do what the generated ones do:
  * look the method up in the object's kobj ops cache and call it.
  * Used only for Linux cross-builds; a native FreeBSD build uses the generated header.
  */
@@ -28,17 +28,6 @@ BUS_WRITE_IVAR(device_t _dev, device_t _child, int _indx, uintptr_t _value)
 
 	KOBJOPLOOKUP(((kobj_t)_dev)->ops, bus_write_ivar);
 	return (((bus_write_ivar_t *)_m)(_dev, _child, _indx, _value));
-}
-
-extern struct kobjop_desc bus_rescan_desc;
-typedef int bus_rescan_t(device_t _dev);
-static __inline int
-BUS_RESCAN(device_t _dev)
-{
-	kobjop_t _m;
-
-	KOBJOPLOOKUP(((kobj_t)_dev)->ops, bus_rescan);
-	return (((bus_rescan_t *)_m)(_dev));
 }
 
 #endif

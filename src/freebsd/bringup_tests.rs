@@ -48,6 +48,9 @@ fn knobs(msi: Knobs) -> Knobs {
 }
 
 fn attach() -> i32 {
+    // A kldunload of another test (one process, one set of module statics) leaves the
+    // unloading flag set, which refuses attaches: back to "loaded".
+    super::module::reset_for_tests();
     // SAFETY: the fake device; the fakes never dereference it.
     unsafe { nvmehp_attach(fk::fake_device()) }
 }

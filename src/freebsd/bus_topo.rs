@@ -1,4 +1,4 @@
-//! Newbus topology changes: detach, delete, rescan, add a PCI function, probe+attach, all under
+//! Newbus topology changes: detach, delete, add a PCI function, probe+attach, all under
 //! `bus_topo_lock()`.
 //!
 //! The newbus tree (devices, their children, drivers) may only change under the topology lock
@@ -23,15 +23,6 @@ impl TopoLock {
         // SAFETY: bus_topo_lock takes a sleepable lock; the guard releases it on this thread.
         unsafe { bindings::bus_topo_lock() };
         TopoLock { _not_send: PhantomData }
-    }
-
-    /// `BUS_RESCAN(bus)`: re-enumerates the bus. New functions are probed and attached;
-    /// children no longer found (config space reads 0xffff) are deleted.
-    /// Deleted *whatever their driver*, so the hotplug task does not call it (an nvme(4) detach
-    /// sleeps until its disks are unmounted; see `slots.rs`, rescan_slot).
-    pub fn rescan(&self, bus: Device) -> Result<(), c_int> {
-        // SAFETY: a live bus device, under the topology lock.
-        errno(unsafe { bindings::nvmehp_bus_rescan(bus.as_raw()) })
     }
 
     /// Adds the newbus child for `slot`.`func` of `bus`, as pci's own rescan does for a

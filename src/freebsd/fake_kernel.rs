@@ -82,6 +82,10 @@ std::thread_local! {
     /// The device behind the BAR, if a test installed one ([`install_nvme`]).
     static NVME: RefCell<Option<super::fake_nvme::FakeNvme>> = const { RefCell::new(None) };
     static ON_PAUSE: Cell<Option<fn()>> = const { Cell::new(None) };
+    /// What other threads do while a device_detach has given up the topology lock ([`on_detached`]).
+    static ON_DETACHED: Cell<Option<fn(device_t)>> = const { Cell::new(None) };
+    /// What other threads do while a device_probe_and_attach sleeps ([`on_probed`]).
+    static ON_PROBED: Cell<Option<fn(device_t)>> = const { Cell::new(None) };
     static DELAYS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
     /// The driver of a pci0 function's device_t when it is not nvmehp ([`set_function_driver`]):
     /// `Some(name)` another driver's, `None` no driver (DS_NOTPRESENT).
@@ -147,6 +151,8 @@ pub fn with_nvme<R>(f: impl FnOnce(&mut super::fake_nvme::FakeNvme) -> R) -> R {
 pub fn reset(knobs: Knobs) {
     LOG.with(|l| l.borrow_mut().clear());
     ON_PAUSE.with(|c| c.set(None));
+    ON_DETACHED.with(|c| c.set(None));
+    ON_PROBED.with(|c| c.set(None));
     DELAYS.with(|c| c.set((0, 0)));
     DELAY_US.with(|c| c.set(0));
     CLOCK_US.with(|c| c.set(None));
@@ -1132,37 +1138,87 @@ pub unsafe extern "C" fn pci_add_child(bus: device_t, dinfo: *mut pci_devinfo) {
     });
 }
 
+/// Runs `f` (with the device) after every device_probe_and_attach, as the other threads that
+/// take the topology lock while it sleeps: a driver's DEVICE_ATTACH sleeps (ours and nvme(4)'s
+/// bring the controller up with pause_sbt), and a sleeping thread gives up Giant.
+pub fn on_probed(f: Option<fn(device_t)>) {
+    ON_PROBED.with(|c| c.set(f));
+}
+
+/// Records, besides the call, the probe of a device_t newbus has already freed (`freed
+/// device_t`): a use after free in the kernel.
 #[no_mangle]
 pub unsafe extern "C" fn device_probe_and_attach(dev: device_t) -> c_int {
     let _fake = FakeWork::begin();
     let (s, f) = function_of(dev).expect("probe of a device pci0 does not have");
     record(format!("device_probe_and_attach {s}.{f}"));
+    if !function(s, f).child {
+        record(format!("device_probe_and_attach {s}.{f}: freed device_t"));
+        return 0;
+    }
+    if let Some(h) = ON_PROBED.with(|c| c.get()) {
+        h(dev);
+    }
     0
+}
+
+/// Runs `f` (once per successful device_detach, with the device) as the other threads that
+/// take the topology lock while a device_detach sleeps: DEVICE_DETACH (our teardown) sleeps,
+/// and a sleeping thread gives up Giant, which is `bus_topo_lock` (sys/kern/subr_bus.c). So
+/// when device_detach returns, the device_t may have been deleted (`devctl delete`, a
+/// `BUS_RESCAN`) or given a driver again (`devctl attach`, a driver loaded meanwhile).
+pub fn on_detached(f: Option<fn(device_t)>) {
+    ON_DETACHED.with(|c| c.set(f));
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn device_detach(dev: device_t) -> c_int {
     let _fake = FakeWork::begin();
     record(format!("device_detach {dev:p}"));
-    newbus_detach(dev)
+    let e = newbus_detach(dev);
+    if e == 0 {
+        // A pci0 function outside the newbus model has no driver after a detach
+        // (device_detach: DS_NOTPRESENT, device_set_driver(dev, NULL)).
+        if let (None, Some(k)) = (newbus_dev(dev), function_of(dev)) {
+            DRIVERS.with(|d| d.borrow_mut().insert(k, None));
+        }
+        if let Some(f) = ON_DETACHED.with(|c| c.get()) {
+            f(dev);
+        }
+    }
+    e
 }
 
+/// Another thread's `device_delete_child` of pci0's `slot`.`func` (while ours slept): the
+/// device_t is freed; a later one for the function starts with no recorded driver.
+pub fn delete_function_child(slot: u8, func: u8) {
+    record(format!("(another thread) device_delete_child {slot}.{func}"));
+    FUNCS.with(|m| {
+        m.borrow_mut().entry((slot, func)).and_modify(|x| x.child = false);
+    });
+    DRIVERS.with(|d| d.borrow_mut().remove(&(slot, func)));
+}
+
+/// Records, besides the call, what would be a bug in the kernel: deleting a device_t newbus
+/// has already freed (`freed device_t`), or one another driver has attached (`detaches
+/// <driver>`: device_delete_child detaches first, sys/kern/subr_bus.c).
 #[no_mangle]
 pub unsafe extern "C" fn device_delete_child(_bus: device_t, dev: device_t) -> c_int {
     let _fake = FakeWork::begin();
     record(format!("device_delete_child {dev:p}"));
     if let Some(k) = function_of(dev) {
+        if !function(k.0, k.1).child {
+            record(format!("device_delete_child {dev:p}: freed device_t"));
+            return 0;
+        }
+        if let Some(Some(name)) = driver_entry(dev) {
+            record(format!("device_delete_child {dev:p}: detaches {}", name.to_string_lossy()));
+        }
         FUNCS.with(|m| {
             m.borrow_mut().entry(k).and_modify(|x| x.child = false);
         });
+        DRIVERS.with(|d| d.borrow_mut().remove(&k));
     }
-    0
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn nvmehp_bus_rescan(bus: device_t) -> c_int {
-    let _fake = FakeWork::begin();
-    record(format!("BUS_RESCAN {bus:p}"));
     0
 }
 

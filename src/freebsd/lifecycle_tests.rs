@@ -444,3 +444,40 @@ fn a_forced_unload_redoes_the_quiesce_in_mod_unload() {
     assert_eq!(fk::kldunload(false), 0);
     assert!(fk::log().last().unwrap().contains("unloaded (1 ACPI notify handlers removed)"), "{:#?}", fk::log());
 }
+
+/// A detach refused while MOD_UNLOAD's detaches run (a second `devctl detach` of a controller
+/// whose first detach sleeps: our DEVICE_DETACH refuses it) undoes the standing MOD_QUIESCE,
+/// so for a while attaches are allowed again, and one may attach a controller that newbus's
+/// detach walk does not visit again (a unit below the walk's position). MOD_UNLOAD must not
+/// free the module under an attached controller (its interrupt handler, callout and nodes
+/// call our code): it refuses, and the module stays loaded and usable. Before the fix
+/// MOD_UNLOAD took "newbus calls us only once every device detached" on trust and unloaded.
+#[test]
+fn mod_unload_refuses_while_a_controller_is_attached() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(present_knobs());
+    super::module::reset_for_tests();
+    load_module();
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
+    assert!(unloading());
+    // The racing second detach, refused by our DEVICE_DETACH.
+    super::module::detach_refused();
+    assert!(!unloading());
+    // An attach in the window, which the detach walk does not see.
+    attach_controller();
+    fk::record("-- MOD_UNLOAD --");
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), bindings::EBUSY, "{:#?}", fk::log());
+    let log = fk::log();
+    let u = first(&log, "-- MOD_UNLOAD --");
+    assert!(log[u..].iter().any(|l| l.contains("still attached: not unloading")), "{:#?}", &log[u..]);
+    assert!(positions(&log[u..], "destroy_dev_drain").is_empty(), "the module was not torn down");
+    assert_eq!(fk::newbus_state(fk::fake_device()), DevState::Attached);
+    assert!(!unloading());
+    fk::run_queued(); // the resume
+    assert_eq!(super::slots::paused_for_tests(), Some(false));
+    assert!(handler_installed());
+    // A real unload then detaches it first, and goes through.
+    assert_eq!(fk::kldunload(false), 0);
+    assert!(fk::log().last().unwrap().contains("unloaded"), "{:#?}", fk::log());
+}

@@ -90,6 +90,8 @@ mod glue_tests;
 #[cfg(test)]
 mod slot_rescan_tests;
 #[cfg(test)]
+mod slot_detach_tests;
+#[cfg(test)]
 mod lifecycle_tests;
 #[cfg(test)]
 mod bringup_tests;

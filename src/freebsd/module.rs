@@ -22,7 +22,9 @@
 //!   detach runs the teardown typestate) and calls us only if all of them detached: a refusal
 //!   from us now would come after every controller was already gone. A detach that refuses
 //!   (EBUSY) ends the unload *without* an event to us, so that detach itself undoes MOD_QUIESCE
-//!   ([`detach_refused`]). If nothing refused, we stop the hotplug machinery for good and run
+//!   ([`detach_refused`]). Because such a refusal may also race an unload that goes on (and
+//!   re-allows attaches), MOD_UNLOAD checks that no nvmehp device is attached before anything
+//!   else is freed. If nothing refused, we stop the hotplug machinery for good and run
 //!   the unload order (`hotplug::unload::unload`): drain the fallback callout and our task
 //!   queue, destroy_dev_drain, wait for every `d_gone`, free the queue.
 //! - **kldunload -f** (LINKER_UNLOAD_FORCE): MOD_QUIESCE still runs, but linker_file_unload
@@ -62,8 +64,9 @@ pub fn unloading() -> bool {
 /// here and no module event follows (driver_module_handler calls our MOD_UNLOAD only if every
 /// detach succeeded): undo MOD_QUIESCE, so opens work again and ACPI hotplug resumes. Never
 /// sleeps (the resume runs on the hotplug task). A refused detach outside an unload changes
-/// nothing; one that races an unload which then goes on is harmless: MOD_UNLOAD redoes the
-/// quiesce steps.
+/// nothing. One that races an unload which then goes on (a second detach of a controller
+/// whose first detach sleeps) re-allows attaches until MOD_UNLOAD, which redoes the quiesce
+/// steps and refuses if a controller was attached meanwhile (`mod_unload`).
 pub fn detach_refused() {
     if QUIESCED.swap(false, Ordering::AcqRel) {
         UNLOADING.store(false, Ordering::Release);
@@ -84,6 +87,13 @@ fn hotplug_module() -> Option<&'static HotplugModule> {
 fn busy() -> bool {
     let topo = TopoLock::lock();
     super::pci_driver::any_in_use(&topo) || disks_live() > super::pci_driver::live_disks(&topo)
+}
+
+/// How many nvmehp controllers are attached (MOD_UNLOAD: there must be none).
+fn attached_count() -> usize {
+    let topo = TopoLock::lock();
+    let n = topo.devices_of_class(c"nvmehp").filter(|d| d.is_attached()).count();
+    n
 }
 
 /// A controller's DEVICE_ATTACH is asleep: newbus would refuse to detach it ("device in
@@ -187,7 +197,7 @@ fn mod_quiesce() -> c_int {
 }
 
 fn mod_unload() -> c_int {
-    // Every nvmehp device has detached by now (newbus calls us only then).
+    // Newbus calls us only once every nvmehp device it walked has detached (checked below).
     if !QUIESCED.swap(false, Ordering::AcqRel) {
         // kldunload -f after a vetoed MOD_QUIESCE, or a refused detach undid it meanwhile.
         kprintf!("nvme_hotplug: MOD_UNLOAD without a standing MOD_QUIESCE: quiescing now\n");
@@ -195,6 +205,15 @@ fn mod_unload() -> c_int {
             Ok(removed) => HANDLERS_REMOVED.store(removed, Ordering::Release),
             Err(e) => return e,
         }
+    }
+    // Checked, not taken on trust: a detach refused while newbus's detaches ran (a second
+    // detach of a controller whose first one sleeps) undid the standing MOD_QUIESCE through
+    // detach_refused, attaches were allowed again meanwhile, and the walk
+    // (devclass_delete_driver, sys/kern/subr_bus.c) visits each unit once, so a controller
+    // attached behind it is still attached now. Its interrupt, callout and nodes call our code.
+    let n = attached_count();
+    if n > 0 {
+        return refuse(format_args!("{} controllers still attached", n));
     }
     // Left from the detaches just done: a handler they could not tear down may still run our
     // code; GEOM's d_gone calls our code.

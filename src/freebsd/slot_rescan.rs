@@ -17,7 +17,9 @@
 //!    `pci_identify_function`: `pci_read_device(pcib, bus, domain, busno, slot, func)` and, if
 //!    that returned a devinfo, `pci_add_child(bus, dinfo)`;
 //! 4. after the walk, `device_probe_and_attach` runs on the new children only; children that
-//!    existed before are neither re-probed nor deleted.
+//!    existed before are neither re-probed nor deleted. Each child is looked up again before
+//!    its probe: the adds and the probes before it may have slept, and with them given up the
+//!    topology lock to a thread that deleted it.
 //!
 //! Calling pci_add_child rather than rebuilding its steps keeps everything pci does for a new
 //! child, including the bus's own `PCI_CHILD_ADDED` hook (acpi_pci binds the child to its ACPI
@@ -35,7 +37,6 @@
 
 use super::bindings;
 use super::bus_topo::TopoLock;
-use super::device::Device;
 use super::pci_bus::{PciBus, VENDOR_NONE};
 use core::ffi::c_int;
 use core::fmt;
@@ -91,9 +92,10 @@ pub fn rescan_slot(topo: &TopoLock, bus: &PciBus, slot: u8) -> Result<SlotScan, 
         return Ok(scan);
     }
     let high = if u32::from(hdrtype) & bindings::PCIM_MFDEV as u32 != 0 { max_funcs as u8 } else { 0 };
-    // The children added by this walk, attached after it (pci_rescan's order: add all, then
-    // probe the new ones), so that a multi-function driver finds its siblings in the tree.
-    let mut added: [Option<Device>; FUNCS] = [None; FUNCS];
+    // The functions whose children this walk added, attached after it (pci_rescan's order: add
+    // all, then probe the new ones), so that a multi-function driver finds its siblings in the
+    // tree. Function numbers, not device_t's: see the probe loop.
+    let mut added = [false; FUNCS];
     let mut failure = None;
     for func in 0..=high {
         if bus.vendor_id(slot, func) == VENDOR_NONE {
@@ -104,8 +106,8 @@ pub fn rescan_slot(topo: &TopoLock, bus: &PciBus, slot: u8) -> Result<SlotScan, 
             continue; // known: not re-added, not re-probed
         }
         match topo.add_pci_function(bus, slot, func) {
-            Ok(Some(dev)) => {
-                added[usize::from(func)] = Some(dev);
+            Ok(Some(_)) => {
+                added[usize::from(func)] = true;
                 scan.added += 1;
             }
             Ok(None) => scan.present -= 1, // stopped answering between the two reads
@@ -115,7 +117,14 @@ pub fn rescan_slot(topo: &TopoLock, bus: &PciBus, slot: u8) -> Result<SlotScan, 
             }
         }
     }
-    for dev in added.into_iter().flatten() {
+    for func in (0..FUNCS as u8).filter(|&f| added[usize::from(f)]) {
+        // Looked up again: every probe_and_attach before this one slept (DEVICE_ATTACH brings
+        // a controller up), and so may pci_read_device (M_WAITOK), giving up Giant, the
+        // topology lock; meanwhile another thread may have deleted the child and newbus freed
+        // its device_t (device_delete_child, sys/kern/subr_bus.c). A function whose child is
+        // gone is skipped; a child someone else already probed is not probed again
+        // (device_probe_and_attach returns at once for a device that has a driver).
+        let Some(dev) = bus.child_at(slot, func) else { continue };
         if topo.probe_and_attach(dev).is_ok() {
             scan.attached += 1;
         }

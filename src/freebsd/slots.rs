@@ -546,6 +546,72 @@ impl FreeBsdSlots<'_> {
     fn slot(&self, i: SlotIndex) -> Option<&SlotInfo> {
         self.d.slots.get(i)
     }
+
+    /// Some function of the slot has a `device_t` (any function: function 0's may have been
+    /// deleted by hand while another's is still attached). Under the topology lock.
+    fn any_child(&self, _topo: &TopoLock, s: &SlotInfo) -> bool {
+        (0..=super::bindings::PCI_FUNCMAX as u8).any(|f| self.d.bus.child_at(s.pci_slot, f).is_some())
+    }
+
+    /// Detaches and deletes function `f` of slot `s`, if it has a `device_t`, for
+    /// [`SlotOps::detach_slot`], which has checked the slot's functions.
+    ///
+    /// **The `device_t` is looked up again after the detach.** device_detach runs our
+    /// DEVICE_DETACH, whose teardown sleeps (pause, taskqueue and callout drains,
+    /// destroy_dev), and a sleeping thread gives up Giant, which is what `bus_topo_lock` takes
+    /// (sys/kern/subr_bus.c). `topo` is held again when the detach returns, but meanwhile
+    /// another thread may have deleted the device (`devctl delete`, a `BUS_RESCAN` by hand):
+    /// device_delete_child frees the `device_t` (kobj_delete in sys/kern/subr_bus.c). (While
+    /// our teardown sleeps, a second detach is refused by the softc's state, see pci_driver.rs
+    /// `Attached`; but device_detach goes on after DEVICE_DETACH returned, with steps that may
+    /// sleep too, such as device_sysctl_fini taking the sysctl lock, and then our softc state
+    /// is gone.) Nothing
+    /// in newbus keeps a `device_t` alive for us across the sleep: it has no reference count,
+    /// and a device_busy reference, which makes device_detach and so device_delete_child
+    /// (which detaches first) fail with EBUSY, would make our own device_detach fail just the
+    /// same. Or a driver may have been attached to the device meanwhile (`devctl attach`, a
+    /// driver loaded meanwhile probes every device without one): deleting it would run that
+    /// driver's detach, which for nvme(4) sleeps until its disks are unmounted. So after the
+    /// detach the function is found again (`pci_find_dbsf`, under the lock) and only a device
+    /// that is there and has no driver is deleted; that runs no driver code, whichever
+    /// `device_t` it is.
+    fn detach_function(&self, topo: &TopoLock, s: &SlotInfo, f: u8, why: DetachReason) -> Result<(), DetachError> {
+        let bus = self.d.bus;
+        let Some(child) = bus.child_at(s.pci_slot, f) else { return Ok(()) };
+        let child = match driver_of(child) {
+            Driver::None => child, // not attached: device_delete_child alone, no sleep before it
+            Driver::Other => return Err(DetachError::NotOurs),
+            Driver::Ours => {
+                // Checked for every function before the first detach; again here because an
+                // earlier function's detach slept, and a node may have been opened meanwhile.
+                if why == DetachReason::Eject && super::pci_driver::in_use(child, topo) {
+                    dev_printf!(&child, "eject request refused: a node or disk is open\n");
+                    return Err(DetachError::InUse);
+                }
+                match topo.detach(child) {
+                    Ok(()) => {}
+                    Err(e) if e == super::bindings::EBUSY => return Err(DetachError::Busy),
+                    Err(e) => {
+                        dev_printf!(&child, "detach for {:?} failed: {}\n", why, e);
+                        return Err(DetachError::Failed);
+                    }
+                }
+                // `child` may be freed now: look the function up again (see above).
+                match bus.child_at(s.pci_slot, f) {
+                    None => return Ok(()), // deleted meanwhile: what we were doing
+                    Some(c) if driver_of(c) == Driver::None => c,
+                    Some(c) => {
+                        dev_printf!(&c, "slot {:?}: a driver attached it while its detach slept; not deleting it\n", s.handle);
+                        return Err(DetachError::Failed);
+                    }
+                }
+            }
+        };
+        topo.delete_child(bus.device(), child).map_err(|e| {
+            kprintf!("nvme_hotplug: device_delete_child in slot {:?} failed: {}\n", s.handle, e);
+            DetachError::Failed
+        })
+    }
 }
 
 impl SlotOps for FreeBsdSlots<'_> {
@@ -563,8 +629,8 @@ impl SlotOps for FreeBsdSlots<'_> {
 
     fn has_child(&mut self, i: SlotIndex) -> bool {
         let Some(s) = self.slot(i) else { return false };
-        let _topo = TopoLock::lock();
-        self.d.bus.child_at(s.pci_slot, 0).is_some()
+        let topo = TopoLock::lock();
+        self.any_child(&topo, s)
     }
 
     fn rescan_slot(&mut self, i: SlotIndex) -> Result<(), OpFailed> {
@@ -597,7 +663,8 @@ impl SlotOps for FreeBsdSlots<'_> {
     }
 
     /// Detaches and deletes the slot's functions, only on a slot we own and only if every
-    /// function is ours or driverless.
+    /// function is ours or driverless and, for an eject, none is open: all are checked before
+    /// the first is detached (a slot is refused whole, never half detached).
     ///
     /// - **Never another driver's device.** nvme(4)'s detach sleeps until every disk of the
     ///   controller has been closed (`nvd_controller_fail`, sys/dev/nvd/nvd.c): a mounted file
@@ -620,11 +687,15 @@ impl SlotOps for FreeBsdSlots<'_> {
         }
         let topo = TopoLock::lock();
         let bus = self.d.bus;
-        // Re-checked under the lock: someone else (acpi_pci, devctl) may have removed it.
-        if bus.child_at(s.pci_slot, 0).is_none() {
+        // Re-checked under the lock: someone else (acpi_pci, devctl) may have removed it. Every
+        // function: an eject must not find "no device" at function 0 and power the slot off
+        // under another function's driver.
+        if !self.any_child(&topo, s) {
             return Err(DetachError::NoDevice);
         }
-        // Every function first: a slot is refused whole, never half detached.
+        // Every function first: a slot is refused whole, never half detached. An eject of a
+        // slot whose function 0 is open would otherwise detach function 1 and then be refused,
+        // leaving a slot that stays with a function nobody drives.
         for f in 0..=super::bindings::PCI_FUNCMAX as u8 {
             let Some(child) = bus.child_at(s.pci_slot, f) else { continue };
             if driver_of(child) == Driver::Other {
@@ -638,30 +709,14 @@ impl SlotOps for FreeBsdSlots<'_> {
                 }
                 return Err(DetachError::NotOurs);
             }
-        }
-        // Functions last first, as Linux's disable_slot does (drivers/pci/hotplug/acpiphp_glue.c).
-        for f in (0..=super::bindings::PCI_FUNCMAX as u8).rev() {
-            let Some(child) = bus.child_at(s.pci_slot, f) else { continue };
             if why == DetachReason::Eject && super::pci_driver::in_use(child, &topo) {
                 dev_printf!(&child, "eject request refused: a node or disk is open\n");
                 return Err(DetachError::InUse);
             }
-            let detached = match driver_of(child) {
-                Driver::None => Ok(()), // not attached: device_delete_child alone
-                _ => topo.detach(child),
-            };
-            match detached {
-                Ok(()) => {}
-                Err(e) if e == super::bindings::EBUSY => return Err(DetachError::Busy),
-                Err(e) => {
-                    dev_printf!(&child, "detach for {:?} failed: {}\n", why, e);
-                    return Err(DetachError::Failed);
-                }
-            }
-            if let Err(e) = topo.delete_child(bus.device(), child) {
-                kprintf!("nvme_hotplug: device_delete_child in slot {:?} failed: {}\n", s.handle, e);
-                return Err(DetachError::Failed);
-            }
+        }
+        // Functions last first, as Linux's disable_slot does (drivers/pci/hotplug/acpiphp_glue.c).
+        for f in (0..=super::bindings::PCI_FUNCMAX as u8).rev() {
+            self.detach_function(&topo, s, f, why)?;
         }
         Ok(())
     }
@@ -681,11 +736,23 @@ impl SlotOps for FreeBsdSlots<'_> {
         }
     }
 
+    /// Rescans the namespaces of every controller of ours in the slot: the pending bit says
+    /// which slot reported a change, not which function, and a multi-function slot may hold
+    /// our controller at any function (function 0 may be another driver's). Each function is
+    /// looked up when its turn comes, since the rescan before it slept.
     fn rescan_namespaces(&mut self, i: SlotIndex) -> Result<(), OpFailed> {
         let Some(s) = self.slot(i) else { return Err(OpFailed) };
         let topo = TopoLock::lock();
-        let Some(child) = self.d.bus.child_at(s.pci_slot, 0) else { return Err(OpFailed) };
-        super::pci_driver::rescan_namespaces(child, &topo).map_err(|_| OpFailed)
+        let (mut ours, mut failed) = (0u32, 0u32);
+        for f in 0..=super::bindings::PCI_FUNCMAX as u8 {
+            let Some(child) = self.d.bus.child_at(s.pci_slot, f) else { continue };
+            if driver_of(child) != Driver::Ours {
+                continue;
+            }
+            ours += 1;
+            failed += u32::from(super::pci_driver::rescan_namespaces(child, &topo).is_err());
+        }
+        if ours == 0 || failed > 0 { Err(OpFailed) } else { Ok(()) }
     }
 
     fn left_alone(&mut self, i: SlotIndex, what: LeftAlone) {

@@ -65,7 +65,8 @@ pub trait SlotOps {
     /// The slot's `_STA` value, or `None` when the object has no `_STA` (ACPI: then assume
     /// present and functioning).
     fn sta(&mut self, slot: SlotIndex) -> Option<u32>;
-    /// A `device_t` exists for the slot (attached or not).
+    /// A `device_t` exists for the slot (attached or not), at any of its functions: an eject
+    /// must not take "function 0 has none" for an empty slot.
     fn has_child(&mut self, slot: SlotIndex) -> bool;
     /// Adds and attaches the functions of this slot only (not a whole-bus rescan).
     fn rescan_slot(&mut self, slot: SlotIndex) -> Result<(), OpFailed>;
@@ -75,8 +76,9 @@ pub trait SlotOps {
     fn eject(&mut self, slot: SlotIndex) -> Result<(), OpFailed>;
     /// Evaluates `_OST(source, status)` on the slot object. Absent `_OST` is not an error.
     fn ost(&mut self, slot: SlotIndex, source: u32, status: crate::hotplug::ost::OstStatus);
-    /// A namespace attribute changed on the controller in this slot: re-read the namespace
-    /// list, add new namespaces, remove deleted ones.
+    /// A namespace attribute changed on a controller in this slot: re-read the namespace
+    /// list of every controller of ours in it (the event does not say which function), add
+    /// new namespaces, remove deleted ones.
     fn rescan_namespaces(&mut self, slot: SlotIndex) -> Result<(), OpFailed>;
     /// A check found something to add or remove and, by rule, did nothing (a slot we only
     /// observe, or another driver's stale device): say so (the kernel glue prints what the
