@@ -90,6 +90,11 @@ impl SlotFaults {
         self.fired.get()
     }
 
+    /// True while an eject is armed for a later access and has not been performed yet.
+    pub fn pending(&self) -> bool {
+        self.eject_before.get().is_some() && !self.fired.get()
+    }
+
     /// True once the slot was ejected (armed fault or [`SlotFaults::mark_removed`]).
     pub fn removed(&self) -> bool {
         self.removed.get()

@@ -193,6 +193,8 @@ impl Driver {
         // A removal injected at a device access of this bring-up (access_faults) is expected
         // to make it fail: that is the point of the exercise, not a violation.
         let injected = ctrl.platform().faults().fired();
+        // An eject armed for an access after bring-up's last (the watchdog's first read).
+        let armed_later = ctrl.platform().faults().pending();
         match up {
             Some(Ok(())) => {}
             Some(Err(e)) if injected => {
@@ -269,9 +271,10 @@ impl Driver {
             nodes,
             images: dev.images.iter().map(|i| (i.nsid, i.clone())).collect(),
             detaching: false,
-            // Removed at the very end of bring-up (after its last read): the watchdog will
-            // notice, and that loss is expected.
-            expect_removal: injected,
+            // Removed at the very end of bring-up (after its last read), or armed for an access
+            // after it (the watchdog's first read, which may come within the same tick as the
+            // attach on a loaded machine): the watchdog will notice, and that loss is expected.
+            expect_removal: injected || armed_later,
             last_health: Instant::now(),
             irq,
             last_watchdog_poll: Instant::now(),
