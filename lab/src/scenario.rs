@@ -593,6 +593,13 @@ controllers = 1
     }
 
     #[test]
+    fn ram_access_defaults_to_shared_and_qtest_can_be_asked_for() {
+        assert_eq!(Scenario::parse("name='x'\n").unwrap().ram_access, RamAccess::Shared);
+        assert_eq!(Scenario::parse("name='x'\nram_access='qtest'\n").unwrap().ram_access, RamAccess::Qtest);
+        assert_eq!(Scenario::parse("name='x'\nram_access='shared'\n").unwrap().ram_access, RamAccess::Shared);
+    }
+
+    #[test]
     fn unknown_op_is_an_error_naming_it() {
         let e = Scenario::parse("name='x'\n[[step]]\nop='explode'\n").unwrap_err();
         assert!(e.0.contains("explode"), "{}", e.0);
@@ -617,6 +624,7 @@ controllers = 1
             ("name='x'\n[[step]]\nop='wait'\n", "exactly one"),
             ("name='x'\n[[step]]\nop='io'\ntarget='c0'\nkind='read'\nops=1\n", "target"),
             ("name='x'\nmachine='sparc'\n", "sparc"),
+            ("name='x'\nram_access='mmap'\n", "mmap"),
             ("name='x'\n[[step]]\nop='attach'\nid='c1'\nslot=6\nnamespaces=[{nsid=2,size_mib=1}]\n", "exactly one"),
         ] {
             let e = Scenario::parse(bad).unwrap_err();

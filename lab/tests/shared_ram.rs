@@ -2,8 +2,8 @@
 //! the same bytes. Checked three ways: bytes written through the mapping are read back by
 //! qtest `read` and the other way round (pc and q35); a real NVMe DMA (an Identify the test
 //! submits by hand, queues in the mapping) lands in the mapping; an address outside guest RAM
-//! is refused. Then the same hotplug cycles run through both RAM paths, and only the qtest
-//! path spends qtest commands on RAM.
+//! is refused. Then the same hotplug cycles, and the smoke scenario, run through both RAM
+//! paths, and only the qtest path spends qtest commands on RAM.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,8 @@ use nvmehp_lab::bench::hotplug_cycles;
 use nvmehp_lab::dma::DMA_POOL_START;
 use nvmehp_lab::machine::{Machine, GUEST_RAM_MIB};
 use nvmehp_lab::qemu::MachineKind;
+use nvmehp_lab::runner::Runner;
+use nvmehp_lab::scenario::Scenario;
 use nvmehp_lab::scenario::{ControllerSpec, NamespaceSpec};
 use nvmehp_lab::shared_ram::{RamAccess, RamError};
 use nvmehp_lab::skip::qemu_or_skip;
@@ -173,4 +175,24 @@ fn both_ram_paths_run_the_same_cycles() {
         shared.qtest_per_cycle,
         qtest.qtest_per_cycle
     );
+}
+
+/// The scenario knob: `smoke.toml` passes with `ram_access = "qtest"` and with the default
+/// (`shared`), the report says which ran, and the shared run needs fewer qtest commands.
+#[test]
+fn smoke_scenario_passes_through_both_ram_paths() {
+    if !qemu_or_skip("smoke_scenario_passes_through_both_ram_paths") {
+        return;
+    }
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/smoke.toml");
+    let shared = Scenario::load(&path).expect("smoke parses");
+    assert_eq!(shared.ram_access, RamAccess::Shared, "shared is the default");
+    let qtest = Scenario { ram_access: RamAccess::Qtest, ..shared.clone() };
+    let (rq, rs) = (Runner::new(qtest).run(), Runner::new(shared).run());
+    for r in [&rq, &rs] {
+        eprintln!("{} [{}]: {} qtest commands", r.summary(), r.ram_access, r.qemu.qtest_commands);
+        assert!(r.ok && r.io.reads_verified > 0, "{}", r.summary());
+    }
+    assert_eq!((rq.ram_access.as_str(), rs.ram_access.as_str()), ("qtest", "shared"));
+    assert!(rs.qemu.qtest_commands < rq.qemu.qtest_commands, "{} vs {}", rs.qemu.qtest_commands, rq.qemu.qtest_commands);
 }
