@@ -169,6 +169,24 @@ impl SharedRam {
         self.offset(gpa, size)
     }
 
+    /// Where `gpa..gpa+len` is in the lab's address space: for code that must hand out host
+    /// pointers to guest RAM (a loader running the kld against this machine, whose
+    /// contigmalloc(9) memory must have real guest-physical addresses). Dereferencing it is the
+    /// caller's `unsafe`, under the same rules as this module (QEMU may write it concurrently).
+    pub fn host_ptr(&self, gpa: u64, len: u64) -> Result<NonNull<u8>, RamError> {
+        let off = self.offset(gpa, len)?;
+        // SAFETY: off <= size (checked by `offset`), so the result is inside the mapping or one
+        // past its end, and not null because `base` is not.
+        Ok(unsafe { NonNull::new_unchecked(self.base.as_ptr().add(off)) })
+    }
+
+    /// The guest-physical address of the host pointer `p`, if `p..p+len` lies in guest RAM (the
+    /// reverse of [`SharedRam::host_ptr`]: what pmap_kextract(9) answers for such memory).
+    pub fn gpa_of(&self, p: *const u8, len: u64) -> Option<u64> {
+        let off = (p as usize).checked_sub(self.base.as_ptr() as usize)? as u64;
+        self.offset(off, len).ok().map(|_| off)
+    }
+
     /// Copies guest RAM at `gpa` into `buf`.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), RamError> {
         let off = self.offset(gpa, buf.len() as u64)?;
@@ -294,6 +312,21 @@ mod tests {
         assert_eq!(r.load_u32(0x10_0004).unwrap(), 0x1122_3344);
         assert_eq!(r.swap_u32(0x10_0000, 0).unwrap(), 0x5566_7788);
         assert_eq!(r.load_u64(0x10_0000).unwrap(), 0x1122_3344_0000_0000);
+    }
+
+    #[test]
+    fn host_pointers_translate_both_ways_inside_ram_only() {
+        let r = SharedRam::create(2 << 20).unwrap();
+        let p = r.host_ptr(0x10_0040, 16).unwrap();
+        assert_eq!(r.gpa_of(p.as_ptr(), 16), Some(0x10_0040));
+        r.store_u32(0x10_0040, 0x0102_0304).unwrap();
+        // SAFETY: p points at 4 bytes inside the mapping, aligned, nobody else writes them.
+        assert_eq!(unsafe { p.as_ptr().cast::<u32>().read_volatile() }, 0x0102_0304u32.to_le());
+        assert!(matches!(r.host_ptr(r.size() - 8, 16), Err(RamError::OutOfRange { .. })));
+        assert!(matches!(r.host_ptr(0xa_0000, 1), Err(RamError::LegacyWindow { .. })));
+        assert_eq!(r.gpa_of(p.as_ptr().wrapping_sub(0x20_0000), 1), None, "below the mapping");
+        assert_eq!(r.gpa_of(p.as_ptr().wrapping_add(0x20_0000), 1), None, "past its end");
+        assert_eq!(r.gpa_of(p.as_ptr(), 0x10_0000), None, "runs past the end");
     }
 
     #[test]
