@@ -20,7 +20,7 @@
 //! - [`qemu`]: spawning and always reaping QEMU; the halt BIOS.
 //! - [`qtest`]: the qtest protocol client (with asynchronous IRQ lines).
 //! - [`qmp`]: block nodes and devices over QMP (`qapi` crate).
-//! - [`guest`]: the shared qtest connection + DMA pool + first harness fault.
+//! - [`guest`]: the shared qtest connection + DMA pool + guest-RAM path + first harness fault.
 //! - [`shared_ram`]: guest RAM as a file QEMU and the lab both map (the direct RAM path).
 //! - [`dma`]: guest-RAM allocator and the DMA region type.
 //! - [`platform`]: the engine's platform traits over qtest.
