@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::access_faults::RemovalReads;
 use crate::interrupts::InterruptMode;
 use crate::qemu::MachineKind;
+use crate::shared_ram::RamAccess;
 
 /// A whole scenario.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -31,6 +32,10 @@ pub struct Scenario {
     /// polls only after an interrupt, plus once a second from its watchdog, as the kld does.
     #[serde(default)]
     pub interrupts: InterruptMode,
+    /// How the lab reaches guest RAM (DMA buffers, queues, MSI-X mailboxes): `shared` (default:
+    /// QEMU's RAM is a file the lab maps too) or `qtest` (qtest `read`/`write` commands).
+    #[serde(default)]
+    pub ram_access: RamAccess,
     /// Controllers present at power-on.
     #[serde(default, rename = "controller")]
     pub controllers: Vec<ControllerSpec>,
@@ -588,6 +593,13 @@ controllers = 1
     }
 
     #[test]
+    fn ram_access_defaults_to_shared_and_qtest_can_be_asked_for() {
+        assert_eq!(Scenario::parse("name='x'\n").unwrap().ram_access, RamAccess::Shared);
+        assert_eq!(Scenario::parse("name='x'\nram_access='qtest'\n").unwrap().ram_access, RamAccess::Qtest);
+        assert_eq!(Scenario::parse("name='x'\nram_access='shared'\n").unwrap().ram_access, RamAccess::Shared);
+    }
+
+    #[test]
     fn unknown_op_is_an_error_naming_it() {
         let e = Scenario::parse("name='x'\n[[step]]\nop='explode'\n").unwrap_err();
         assert!(e.0.contains("explode"), "{}", e.0);
@@ -612,6 +624,7 @@ controllers = 1
             ("name='x'\n[[step]]\nop='wait'\n", "exactly one"),
             ("name='x'\n[[step]]\nop='io'\ntarget='c0'\nkind='read'\nops=1\n", "target"),
             ("name='x'\nmachine='sparc'\n", "sparc"),
+            ("name='x'\nram_access='mmap'\n", "mmap"),
             ("name='x'\n[[step]]\nop='attach'\nid='c1'\nslot=6\nnamespaces=[{nsid=2,size_mib=1}]\n", "exactly one"),
         ] {
             let e = Scenario::parse(bad).unwrap_err();
