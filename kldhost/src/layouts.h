@@ -15,3 +15,9 @@
 #include <sys/time.h>
 #include <sys/taskqueue.h>
 #include <sys/conf.h>
+#include <sys/kobj.h>
+#include <sys/bio.h>
+#include <sys/rman.h>
+#include <machine/bus.h>
+#include <machine/resource.h>
+#include <geom/geom_disk.h>

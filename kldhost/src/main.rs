@@ -28,6 +28,11 @@ enum Cmd {
         /// (0: timeouts never fire).
         #[arg(long, default_value_t = 0)]
         timeouts: usize,
+        /// Start QEMU with an NVMe controller behind the emulated pci0: after MOD_LOAD the
+        /// driver is attached to it (devctl set driver -f, probe, attach) and detached
+        /// (devctl detach) before the unload.
+        #[arg(long)]
+        qemu: bool,
     },
 }
 
@@ -41,7 +46,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts } => match run(&ko, timeouts) {
+        Cmd::Run { ko, timeouts, qemu } => match run(&ko, &kldhost::emu::run::Options { timeouts, qemu }) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
@@ -100,16 +105,25 @@ fn load(path: &PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn run(path: &PathBuf, timeouts: usize) -> Result<bool, Box<dyn std::error::Error>> {
+fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dyn std::error::Error>> {
     let data = std::fs::read(path)?;
     let ko = kldhost::load(&data, &kldhost::emu::table())?;
     println!("loaded {} at {:#x}", path.display(), ko.base());
     println!("calls:");
     kldhost::emu::set_trace(true);
-    let r = kldhost::emu::run::load_and_unload(&ko, timeouts)?;
+    let r = kldhost::emu::run::run(&ko, opts)?;
     println!("console:");
     for l in r.console.lines() {
         println!("  {l}");
+    }
+    for (loc, name, e) in &r.attach {
+        println!("attach {loc} ({name}): {e}");
+    }
+    if !r.attach.is_empty() {
+        println!("nodes after attach: {:?}; disks: {:?}", r.nodes_attached, r.disks_attached);
+    }
+    for (loc, name, e) in &r.detach {
+        println!("detach {loc} ({name}): {e}");
     }
     println!("MOD_QUIESCE: {:?}, MOD_UNLOAD: {:?}, unloaded: {}", r.quiesce, r.unload, r.unloaded);
     println!("findings: {}", r.findings.len());

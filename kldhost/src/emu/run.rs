@@ -36,6 +36,24 @@ pub struct Report {
     pub unload: Option<c_int>,
     /// Whether the file was unloaded (every module agreed).
     pub unloaded: bool,
+    /// With a machine: device_probe_and_attach and device_detach of each PCI function, by
+    /// its location ("device 4.0"), with the device's name and the result.
+    pub attach: Vec<(String, String, c_int)>,
+    pub detach: Vec<(String, String, c_int)>,
+    /// Device nodes and disks present once attach was done.
+    pub nodes_attached: Vec<String>,
+    pub disks_attached: Vec<String>,
+}
+
+/// What a run does besides loading and unloading.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Timeout task expiries to allow after MOD_LOAD (0: time does not pass).
+    pub timeouts: usize,
+    /// Start QEMU with one NVMe controller behind pci0, attach the module's driver to it
+    /// (`devctl set driver -f` then probe and attach), detach it (`devctl detach`), then
+    /// unload.
+    pub qemu: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -58,6 +76,53 @@ fn run_sysinits(ko: &LoadedKo, list: &[sets::Sysinit], what: &str) {
 /// most that many expiries), then unloads it (MOD_QUIESCE, MOD_UNLOAD, SYSUNINITs). One
 /// module per process: the emulated kernel's state is global.
 pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report, LoadError> {
+    run(ko, &Options { timeouts: timeout_expiries, qemu: false })
+}
+
+/// The devctl(8) steps on every PCI function of the machine, each under the newbus topology
+/// lock as devctl's ioctl takes it (sys/kern/subr_bus.c devctl2_ioctl): DEV_SET_DRIVER with
+/// force (the devclass fixed to the driver, then probe and attach) and DEV_DETACH.
+fn devctl_set_driver_and_attach(driver: &str, report: &mut Report) {
+    for child in super::newbus::pci_children() {
+        super::sched::topo_lock();
+        super::newbus::set_devclass_fixed(child, driver);
+        let r = super::newbus::probe_and_attach(child);
+        super::sched::topo_unlock();
+        report.attach.push((location(child), super::newbus::nameunit(child), r));
+    }
+}
+
+fn devctl_detach(report: &mut Report) {
+    for child in super::newbus::pci_children() {
+        if super::newbus::state(child) < layouts::DS_ATTACHED {
+            continue;
+        }
+        let name = super::newbus::nameunit(child);
+        super::sched::topo_lock();
+        let r = super::newbus::device_detach(child);
+        super::sched::topo_unlock();
+        report.detach.push((location(child), name, r));
+    }
+}
+
+fn location(dev: u64) -> String {
+    with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.as_ref()).map(|p| format!("device {}.{}", p.bdf.dev, p.bdf.func)).unwrap_or_default())
+}
+
+/// Loads, runs and unloads the module per `opts` (see [`load_and_unload`] and [`Options`]).
+pub fn run(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
+    if opts.qemu {
+        super::machine::start().map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
+        let functions = super::machine::with_machine(|m| m.functions.clone());
+        super::newbus::build_tree(&functions);
+    }
+    let r = run_module(ko, opts);
+    super::machine::stop();
+    r
+}
+
+fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
+    let timeout_expiries = opts.timeouts;
     let records = sets::modmetadata(ko)?;
     let mut names = Vec::new();
     for r in &records {
@@ -86,6 +151,22 @@ pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report,
     }
 
     let mut report = Report::default();
+    if opts.qemu {
+        // The driver DRIVER_MODULE registered (the only one on pci).
+        let driver = with(|e| e.newbus.drivers.iter().find(|(_, (bus, _))| bus == "pci").map(|(n, _)| n.clone()));
+        if let Some(driver) = driver {
+            devctl_set_driver_and_attach(&driver, &mut report);
+            let ran = super::sched::run_queues(1000);
+            log(format!("after attach: taskqueue and kernel threads ran {ran} times"));
+            with(|e| {
+                report.nodes_attached = e.devs.keys().cloned().collect();
+                report.disks_attached = e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
+            });
+            devctl_detach(&mut report);
+            let ran = super::sched::run_queues(1000);
+            log(format!("after detach: taskqueue and kernel threads ran {ran} times"));
+        }
+    }
     let mut refused = false;
     // A module whose MOD_LOAD failed was released by module_register_init: the file stays
     // loaded without it and the unload sends it nothing.
@@ -123,6 +204,9 @@ pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report,
         }
         report.unloaded = true;
         end_of_life_checks();
+        super::newbus::end_of_life_checks();
+        super::geom::end_of_life_checks();
+        super::sysctl::end_of_life_checks();
     }
     with(|e| {
         report.log = std::mem::take(&mut e.log);
