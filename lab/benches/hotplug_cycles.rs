@@ -4,7 +4,8 @@
 //! flight (QEMU's NVMe model, one I/O queue deep enough for all of them; figures printed,
 //! never asserted).
 //! Teardown with commands that never complete is in `cargo bench -p softnvme --bench teardown`.
-//! Cycles: NVMEHP_BENCH_CYCLES (default 200).
+//! Cycles: NVMEHP_BENCH_CYCLES (default 200). Guest RAM path: NVMEHP_BENCH_RAM=shared|qtest
+//! (default shared), to compare the two.
 
 fn main() {
     if !nvmehp_lab::qemu::qemu_available() {
@@ -12,7 +13,15 @@ fn main() {
         return;
     }
     let cycles = std::env::var("NVMEHP_BENCH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-    if let Err(e) = nvmehp_lab::bench::print_all(cycles) {
+    let ram = match std::env::var("NVMEHP_BENCH_RAM").as_deref() {
+        Ok("qtest") => nvmehp_lab::shared_ram::RamAccess::Qtest,
+        Ok("shared") | Err(_) => nvmehp_lab::shared_ram::RamAccess::Shared,
+        Ok(other) => {
+            eprintln!("NVMEHP_BENCH_RAM={other}: use shared or qtest");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = nvmehp_lab::bench::print_all(cycles, ram) {
         eprintln!("nvmehp-lab bench failed: {e}");
         std::process::exit(1);
     }

@@ -1,7 +1,8 @@
 //! The hotplug-cycle benchmark: how many full cycles per second the lab sustains, and where
 //! the time goes. One cycle = hot-add (QMP) → SCI → Notify 1 → probe + BAR → engine bring-up
 //! → 4 KiB write + read + verify → `device_del` → Notify 3 → engine shutdown → `_EJ0` →
-//! `DEVICE_DELETED` → `blockdev-del`. Figures are printed, never asserted.
+//! `DEVICE_DELETED` → `blockdev-del`. Figures are printed, never asserted. Every figure is
+//! measured with the guest-RAM path asked for ([`RamAccess`]), so the two can be compared.
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use crate::ledger::fill_block;
 use crate::machine::Machine;
 use crate::qemu::MachineKind;
 use crate::scenario::{ControllerSpec, NamespaceSpec};
+use crate::shared_ram::RamAccess;
 
 /// Figures of one benchmark run.
 #[derive(Debug, Clone, Default)]
@@ -71,8 +73,8 @@ fn wait_notify(m: &mut Machine, slot: u8, code: NotifyCode) -> Result<(), String
 }
 
 /// Runs `cycles` hotplug cycles on one QEMU and measures them.
-pub fn hotplug_cycles(cycles: u32) -> Result<BenchResult, String> {
-    let mut m = Machine::start(MachineKind::Pc, &[]).map_err(|e| e.to_string())?;
+pub fn hotplug_cycles(cycles: u32, ram: RamAccess) -> Result<BenchResult, String> {
+    let mut m = Machine::start_with(MachineKind::Pc, &[], &[], ram).map_err(|e| e.to_string())?;
     let slot = 6;
     let spec = ControllerSpec {
         id: "bench".into(),
@@ -171,13 +173,13 @@ impl SurpriseResult {
 /// Submits `n` 16 KiB writes, ejects the controller with no warning, and measures how long the
 /// engine takes to complete every request (polling + the health check a driver's watchdog
 /// would run, back to back).
-pub fn surprise_removal(n: usize) -> Result<SurpriseResult, String> {
+pub fn surprise_removal(n: usize, ram: RamAccess) -> Result<SurpriseResult, String> {
     let spec = ControllerSpec {
         id: "victim".into(),
         slot: 5,
         namespaces: vec![NamespaceSpec { nsid: 1, size_mib: 64, lba: 512 }],
     };
-    let mut m = Machine::start(MachineKind::Pc, std::slice::from_ref(&spec)).map_err(|e| e.to_string())?;
+    let mut m = Machine::start_with(MachineKind::Pc, std::slice::from_ref(&spec), &[], ram).map_err(|e| e.to_string())?;
     let (_, f) = m.scan().map_err(|e| e.to_string())?.into_iter().next().ok_or("controller not found")?;
     // One I/O queue deep enough for every request (QEMU's MQES allows 2,048 entries).
     let entries = (n + 1).clamp(256, 2048) as u16;
@@ -241,10 +243,11 @@ pub fn surprise_removal(n: usize) -> Result<SurpriseResult, String> {
 /// nodes, a 4 KiB write-verify, then the removal (`device_del` -> Notify 3 -> detach -> `_EJ0`
 /// when `surprise` is false; an eject with no notification, noticed by the watchdog, when
 /// true), all judged by the FreeBSD-rules model. Returns (cycles per second, the report).
-pub fn kernel_path_cycles(cycles: u32, surprise: bool) -> Result<(f64, crate::report::Report), String> {
+pub fn kernel_path_cycles(cycles: u32, surprise: bool, ram: RamAccess) -> Result<(f64, crate::report::Report), String> {
     let mode = if surprise { "surprise" } else { "announced" };
+    let ram = format!("{ram:?}").to_lowercase();
     let text = format!(
-        "name = 'bench-{mode}'\n[[step]]\nop = 'repeat'\ntimes = {cycles}\nsteps = [\n\
+        "name = 'bench-{mode}'\nram_access = '{ram}'\n[[step]]\nop = 'repeat'\ntimes = {cycles}\nsteps = [\n\
          {{ op = 'attach', id = 'b', slot = 6, namespaces = [{{ nsid = 1, size_mib = 4 }}] }},\n\
          {{ op = 'io', target = 'b/1', kind = 'write-verify', ops = 1, depth = 1, block = 4096 }},\n\
          {{ op = 'detach', id = 'b', mode = '{mode}' }} ]\n"
@@ -262,10 +265,11 @@ pub fn kernel_path_cycles(cycles: u32, surprise: bool) -> Result<(f64, crate::re
 /// engine-only hotplug cycles, cycles through the whole kernel path (announced and surprise
 /// removal), then surprise removal with 1, 64 and 1,024 requests in flight. Each figure is
 /// printed as soon as it is measured; the first failure ends the run.
-pub fn print_all(cycles: u32) -> Result<(), String> {
-    println!("{}", hotplug_cycles(cycles)?.describe());
+pub fn print_all(cycles: u32, ram: RamAccess) -> Result<(), String> {
+    println!("guest RAM reached through {}", if ram == RamAccess::Shared { "the shared mapping" } else { "qtest" });
+    println!("{}", hotplug_cycles(cycles, ram)?.describe());
     for surprise in [false, true] {
-        let (rate, r) = kernel_path_cycles(cycles.min(500), surprise)?;
+        let (rate, r) = kernel_path_cycles(cycles.min(500), surprise, ram)?;
         println!(
             "kernel path ({}, hotplug state machine + FreeBSD model): {} cycles at {rate:.1} cycles/s ({:.2} ms/cycle)",
             if surprise { "surprise removal" } else { "announced removal" },
@@ -274,7 +278,7 @@ pub fn print_all(cycles: u32) -> Result<(), String> {
         );
     }
     for n in [1, 64, 1024] {
-        println!("{}", surprise_removal(n)?.describe());
+        println!("{}", surprise_removal(n, ram)?.describe());
     }
     Ok(())
 }

@@ -95,7 +95,8 @@ impl GuestRam {
     }
 }
 
-/// A DMA region in guest RAM; reads and writes go through qtest. Freed on drop.
+/// A DMA region in guest RAM; reads and writes go through the guest's RAM path (the shared
+/// mapping or qtest, see [`Guest`]). Freed on drop.
 pub struct GuestDma {
     guest: Rc<Guest>,
     addr: u64,
@@ -108,15 +109,26 @@ impl GuestDma {
         let addr = guest.ram().alloc(len, align)?;
         let region = GuestDma { guest: guest.clone(), addr, len };
         // Zeroed memory is part of the allocator contract (queues start with phase 0).
-        guest.qtest_or((), |q| q.memset(addr, len, 0));
+        guest.ram_fill(addr, len, 0);
         Ok(region)
     }
 }
 
 impl GuestDma {
-    /// Fills the whole region with `byte` (one qtest command; used to poison read buffers).
+    /// Fills the whole region with `byte` (used to poison read buffers).
     pub fn fill(&self, byte: u8) {
-        self.guest.qtest_or((), |q| q.memset(self.addr, self.len, byte));
+        self.guest.ram_fill(self.addr, self.len, byte);
+    }
+
+    /// Reads the u32 at `off` and clears it, as one atomic swap when guest RAM is shared (see
+    /// [`Guest::ram_take_u32`]): an MSI-X mailbox.
+    pub fn take_u32(&self, off: usize) -> Result<u32, String> {
+        if off.checked_add(4).is_none_or(|e| e > self.len) {
+            let msg = format!("DMA take_u32 at {off} outside region of {}", self.len);
+            self.guest.record_fault(msg.clone());
+            return Err(msg);
+        }
+        self.guest.ram_take_u32(self.addr + off as u64)
     }
 }
 
@@ -135,9 +147,7 @@ impl DmaRegion for GuestDma {
             buf.fill(0);
             return;
         }
-        if self.guest.qtest(|q| q.read(self.addr + off as u64, buf)).is_err() {
-            buf.fill(0);
-        }
+        self.guest.ram_read(self.addr + off as u64, buf);
     }
 
     fn write(&self, off: usize, buf: &[u8]) {
@@ -145,7 +155,7 @@ impl DmaRegion for GuestDma {
             self.guest.record_fault(format!("DMA write {off}+{} outside region of {}", buf.len(), self.len));
             return;
         }
-        self.guest.qtest_or((), |q| q.write(self.addr + off as u64, buf));
+        self.guest.ram_write(self.addr + off as u64, buf);
     }
 
     fn read_u32(&self, off: usize) -> u32 {
@@ -153,7 +163,7 @@ impl DmaRegion for GuestDma {
             self.guest.record_fault(format!("DMA read_u32 at {off} outside region of {}", self.len));
             return 0;
         }
-        self.guest.qtest_or(0, |q| q.readl(self.addr + off as u64))
+        self.guest.ram_read_u32(self.addr + off as u64)
     }
 
     fn write_u32(&self, off: usize, v: u32) {
@@ -161,7 +171,7 @@ impl DmaRegion for GuestDma {
             self.guest.record_fault(format!("DMA write_u32 at {off} outside region of {}", self.len));
             return;
         }
-        self.guest.qtest_or((), |q| q.writel(self.addr + off as u64, v));
+        self.guest.ram_write_u32(self.addr + off as u64, v);
     }
 
     fn read_u64(&self, off: usize) -> u64 {
@@ -169,7 +179,7 @@ impl DmaRegion for GuestDma {
             self.guest.record_fault(format!("DMA read_u64 at {off} outside region of {}", self.len));
             return 0;
         }
-        self.guest.qtest_or(0, |q| q.readq(self.addr + off as u64))
+        self.guest.ram_read_u64(self.addr + off as u64)
     }
 
     fn write_u64(&self, off: usize, v: u64) {
@@ -177,7 +187,7 @@ impl DmaRegion for GuestDma {
             self.guest.record_fault(format!("DMA write_u64 at {off} outside region of {}", self.len));
             return;
         }
-        self.guest.qtest_or((), |q| q.writeq(self.addr + off as u64, v));
+        self.guest.ram_write_u64(self.addr + off as u64, v);
     }
 }
 

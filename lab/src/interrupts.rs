@@ -15,10 +15,12 @@
 //!   catches up) and because the ACPI layer discards the edge list on every SCI check; the SCI
 //!   (GSI 9) is untouched by this module.
 //!
-//! Ordering rule for the mailbox: it is cleared *before* the caller polls. A message that lands
-//! between our read and the clear was sent after its completion entries were written, so the
-//! poll that follows reaps them; one that lands after the clear stays in the mailbox and makes
-//! the next wait return at once (at worst a poll that finds nothing). Never lost.
+//! Ordering rule for the mailbox: it is cleared *before* the caller polls. With shared guest
+//! RAM the read and the clear are one atomic swap. Through qtest they are two commands, and a
+//! message that lands between them is overwritten; it was sent after its completion entries
+//! were written, so the poll that follows reaps them. One that lands after the clear stays in
+//! the mailbox and makes the next wait return at once (at worst a poll that finds nothing).
+//! Never lost.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -190,12 +192,10 @@ impl Interrupt {
     pub fn take(&self) -> QtestResult<bool> {
         match &self.line {
             Line::Msix { mailbox, data, .. } => {
-                let addr = mailbox.bus_addr();
-                let v = self.guest.qtest(|q| q.readl(addr))?;
+                let v = mailbox.take_u32(0).map_err(protocol)?;
                 if v == 0 {
                     return Ok(false);
                 }
-                self.guest.qtest(|q| q.writel(addr, 0))?;
                 if v != *data {
                     self.stray.set(self.stray.get() + 1);
                     return Ok(false);
@@ -221,8 +221,9 @@ impl Interrupt {
             if Instant::now() >= deadline {
                 return Ok(false);
             }
-            // Each check is a qtest round trip (~40 µs); a short nap keeps QEMU's main loop
-            // (which runs the device) from being starved by our commands.
+            // A check is a qtest round trip (~40 µs), or a load from the shared mapping; a
+            // short nap keeps QEMU's main loop (which runs the device) from being starved by
+            // our commands, and the lab from spinning on a core QEMU needs.
             std::thread::sleep(Duration::from_micros(50));
         }
     }

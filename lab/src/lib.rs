@@ -1,7 +1,8 @@
 //! nvmehp-lab: the nvme_hotplug engine run against QEMU's real NVMe controller and PIIX4 ACPI
 //! PCI hotplug models, with no guest OS.
 //!
-//! QEMU runs with a halt BIOS; the lab drives it through qtest (MMIO, port I/O, guest RAM) and
+//! QEMU runs with a halt BIOS; the lab drives it through qtest (MMIO, port I/O), reaches guest
+//! RAM through a shared mapping of it (or qtest, see [`shared_ram::RamAccess`]), and uses
 //! QMP (block nodes, `device_add`/`device_del`). The lab plays three parts a real machine has:
 //! - the **firmware** ([`firmware`]): BARs, command registers, PIRQ routing, GPE enables;
 //! - the **ACPI AML** ([`acpi_hotplug`]): PCIU/PCID + SCI become `Notify(slot, 1|3)`, `_EJ0`
@@ -20,6 +21,7 @@
 //! - [`qtest`]: the qtest protocol client (with asynchronous IRQ lines).
 //! - [`qmp`]: block nodes and devices over QMP (`qapi` crate).
 //! - [`guest`]: the shared qtest connection + DMA pool + first harness fault.
+//! - [`shared_ram`]: guest RAM as a file QEMU and the lab both map (the direct RAM path).
 //! - [`dma`]: guest-RAM allocator and the DMA region type.
 //! - [`platform`]: the engine's platform traits over qtest.
 //! - [`access_faults`]: removal at a chosen device access; zeros vs all-ones after removal.
@@ -71,6 +73,7 @@ pub mod qtest;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod shared_ram;
 pub mod skip;
 pub mod slot_ops;
 pub mod workload;

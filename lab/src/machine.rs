@@ -31,6 +31,7 @@ use crate::qemu::{MachineKind, QemuProcess};
 use crate::qmp::QmpClient;
 use crate::qtest::Qtest;
 use crate::scenario::ControllerSpec;
+use crate::shared_ram::{RamAccess, SharedRam};
 
 /// Guest RAM size: the DMA pool is everything above [`DMA_POOL_START`].
 pub const GUEST_RAM_MIB: u32 = 256;
@@ -98,6 +99,17 @@ impl Machine {
     /// Like [`Machine::start`], naming the slots hot-adds will use (q35 needs a root port in
     /// each before power-on; pc ignores the list).
     pub fn start_with_slots(kind: MachineKind, cold: &[ControllerSpec], hot_slots: &[u8]) -> io::Result<Machine> {
+        Self::start_with(kind, cold, hot_slots, RamAccess::default())
+    }
+
+    /// Like [`Machine::start_with_slots`], choosing how the lab reaches guest RAM: with
+    /// [`RamAccess::Shared`] QEMU's RAM is a file the lab maps too ([`SharedRam`]).
+    pub fn start_with(
+        kind: MachineKind,
+        cold: &[ControllerSpec],
+        hot_slots: &[u8],
+        ram_access: RamAccess,
+    ) -> io::Result<Machine> {
         let mut ports: Vec<u8> = Vec::new();
         if kind == MachineKind::Q35 {
             ports = cold.iter().map(|c| c.slot).chain(hot_slots.iter().copied()).collect();
@@ -132,7 +144,11 @@ impl Machine {
             }
             plugged.insert(spec.slot, dev);
         }
-        let (process, mut qtest, qmp_stream) = QemuProcess::spawn(kind, GUEST_RAM_MIB, &args)?;
+        let shared = match ram_access {
+            RamAccess::Shared => Some(SharedRam::create((GUEST_RAM_MIB as u64) << 20)?),
+            RamAccess::Qtest => None,
+        };
+        let (process, mut qtest, qmp_stream) = QemuProcess::spawn(kind, GUEST_RAM_MIB, shared.as_ref(), &args)?;
         let mut qmp = QmpClient::new(qmp_stream)?;
         let layout = match kind {
             MachineKind::Pc => HotplugLayout::pc(),
@@ -149,10 +165,14 @@ impl Machine {
         let acpi = AcpiHotplug::new(layout);
         setup_firmware(kind, &mut qtest, &ports, &acpi).map_err(to_io)?;
         let ram = GuestRam::new(DMA_POOL_START, (GUEST_RAM_MIB as u64) << 20);
+        let guest = match shared {
+            Some(s) => Guest::with_shared_ram(qtest, ram, s),
+            None => Guest::new(qtest, ram),
+        };
         Ok(Machine {
             kind,
             ports,
-            guest: Rc::new(Guest::new(qtest, ram)),
+            guest: Rc::new(guest),
             qmp,
             acpi,
             images_dir,

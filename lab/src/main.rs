@@ -3,7 +3,7 @@
 //! ```text
 //! nvmehp-lab run SCENARIO.toml [--json REPORT.json] [-v] [--seed N]
 //! nvmehp-lab demo
-//! nvmehp-lab bench [--cycles N]
+//! nvmehp-lab bench [--cycles N] [--ram-access shared|qtest]
 //! ```
 //! Exit status: 0 when the report says ok, 1 when it does not, 2 on a usage or file error.
 
@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 use nvmehp_lab::qemu::{qemu_available, QEMU_BIN};
 use nvmehp_lab::runner::Runner;
 use nvmehp_lab::scenario::Scenario;
+use nvmehp_lab::shared_ram::RamAccess;
 
 #[derive(Parser)]
 #[command(name = "nvmehp-lab", version, about = "Drive the nvme_hotplug engine against QEMU's NVMe and ACPI hotplug models")]
@@ -47,6 +48,9 @@ enum Cmd {
         /// Number of cycles.
         #[arg(long, default_value_t = 200)]
         cycles: u32,
+        /// How the lab reaches guest RAM: `shared` (the mapping) or `qtest` (commands).
+        #[arg(long, default_value = "shared", value_parser = ["shared", "qtest"])]
+        ram_access: String,
     },
 }
 
@@ -190,11 +194,12 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Cmd::Bench { cycles } => {
+        Cmd::Bench { cycles, ram_access } => {
             if let Err(code) = need_qemu() {
                 return code;
             }
-            if let Err(e) = nvmehp_lab::bench::print_all(cycles) {
+            let ram = if ram_access == "qtest" { RamAccess::Qtest } else { RamAccess::Shared };
+            if let Err(e) = nvmehp_lab::bench::print_all(cycles, ram) {
                 eprintln!("nvmehp-lab bench: {e}");
                 return ExitCode::from(1);
             }

@@ -9,6 +9,10 @@
 //!   socket (`wait=off`), so the harness connects after the qtest handshake.
 //! - `-qtest-log` must be given (otherwise QEMU logs every command to stderr).
 //!
+//! - With shared guest RAM ([`crate::shared_ram`]) the RAM file's descriptor is created
+//!   close-on-exec and the flag is cleared only in the forked child, so concurrently spawned
+//!   QEMUs (tests run in parallel threads) never inherit each other's RAM.
+//!
 //! Every spawned QEMU is owned by a [`QemuProcess`] whose `Drop` kills and waits for it, so a
 //! failing test or a panic never leaves a QEMU behind. If the harness itself is killed (no
 //! `Drop` runs), the kernel sends QEMU SIGKILL (`PR_SET_PDEATHSIG`), so not even a `kill -9` of
@@ -24,6 +28,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::qtest::Qtest;
+use crate::shared_ram::{SharedRam, BACKEND_ID};
 
 /// The QEMU binary the lab runs (Debian's, from bookworm-backports on bookworm).
 pub const QEMU_BIN: &str = "qemu-system-x86_64";
@@ -74,8 +79,19 @@ pub struct QemuProcess {
 
 impl QemuProcess {
     /// Starts QEMU with `extra` arguments appended (cold-plugged devices) and returns it with the
-    /// qtest connection and the QMP stream.
-    pub fn spawn(kind: MachineKind, mem_mib: u32, extra: &[String]) -> io::Result<(QemuProcess, Qtest, UnixStream)> {
+    /// qtest connection and the QMP stream. With `ram`, that file is the machine's RAM (its size
+    /// must be `mem_mib`); without, QEMU allocates private RAM.
+    pub fn spawn(
+        kind: MachineKind,
+        mem_mib: u32,
+        ram: Option<&SharedRam>,
+        extra: &[String],
+    ) -> io::Result<(QemuProcess, Qtest, UnixStream)> {
+        if let Some(r) = ram {
+            if r.size() != (mem_mib as u64) << 20 {
+                return Err(io::Error::other(format!("shared RAM is {} bytes, the machine has {mem_mib} MiB", r.size())));
+            }
+        }
         let dir = tempfile::Builder::new().prefix("nvmehp-qemu-").tempdir()?;
         let qtest_path = dir.path().join("qtest.sock");
         let qmp_path = dir.path().join("qmp.sock");
@@ -86,9 +102,15 @@ impl QemuProcess {
         listener.set_nonblocking(true)?;
 
         let mut cmd = Command::new(QEMU_BIN);
-        cmd.arg("-M")
-            .arg(kind.qemu_name())
-            .arg("-qtest")
+        let machine = match ram {
+            Some(_) => format!("{},memory-backend={BACKEND_ID}", kind.qemu_name()),
+            None => kind.qemu_name().to_string(),
+        };
+        cmd.arg("-M").arg(machine);
+        if let Some(r) = ram {
+            cmd.arg("-object").arg(r.qemu_object());
+        }
+        cmd.arg("-qtest")
             .arg(format!("unix:{}", qtest_path.display()))
             .arg("-qtest-log")
             .arg("/dev/null")
@@ -103,12 +125,20 @@ impl QemuProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(fs::File::create(&stderr_path)?));
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
-        // is async-signal-safe; it touches no memory shared with the parent.
+        let ram_fd = ram.map(|r| r.fd());
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2) and
+        // fcntl(2), which are async-signal-safe; it touches no memory shared with the parent
+        // (`ram_fd` is a copied integer).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
                     return Err(io::Error::last_os_error());
+                }
+                // QEMU opens the RAM file as /proc/self/fd/N: N must survive the exec.
+                if let Some(fd) = ram_fd {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

@@ -132,6 +132,8 @@ pub struct Report {
     pub machine: String,
     /// What a removed controller's reads returned (`zeros` as in QEMU, `all-ones` as on PCIe).
     pub removal_reads: String,
+    /// How the lab reached guest RAM (`shared` or `qtest`).
+    pub ram_access: String,
     /// True if nothing below went wrong.
     pub ok: bool,
     /// Hot-remove cycles completed (a controller attached, then removed and torn down).

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::access_faults::RemovalReads;
 use crate::interrupts::InterruptMode;
 use crate::qemu::MachineKind;
+use crate::shared_ram::RamAccess;
 
 /// A whole scenario.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -31,6 +32,10 @@ pub struct Scenario {
     /// polls only after an interrupt, plus once a second from its watchdog, as the kld does.
     #[serde(default)]
     pub interrupts: InterruptMode,
+    /// How the lab reaches guest RAM (DMA buffers, queues, MSI-X mailboxes): `shared` (default:
+    /// QEMU's RAM is a file the lab maps too) or `qtest` (qtest `read`/`write` commands).
+    #[serde(default)]
+    pub ram_access: RamAccess,
     /// Controllers present at power-on.
     #[serde(default, rename = "controller")]
     pub controllers: Vec<ControllerSpec>,

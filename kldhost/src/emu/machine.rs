@@ -2,10 +2,10 @@
 //! NVMe controller, driven through the lab crate (nvmehp-lab: spawning and reaping QEMU, the
 //! qtest protocol, the firmware's BAR placement and command register).
 //!
-//! - **Guest RAM is shared**: QEMU's RAM is a `memory-backend-file` with `share=on` on a file in
-//!   /dev/shm that this process maps too, so memory the module gets from `contigmalloc(9)` is
-//!   memory QEMU's NVMe model can DMA to, at physical address = offset in the file
-//!   (`pmap_kextract`). Below [`DMA_POOL_START`] nothing is handed out.
+//! - **Guest RAM is shared**: the lab's [`SharedRam`] (a memfd QEMU runs the machine on and this
+//!   process maps too), so memory the module gets from `contigmalloc(9)` is memory QEMU's NVMe
+//!   model can DMA to, at physical address = offset in the file (`pmap_kextract`). Below
+//!   [`DMA_POOL_START`] nothing is handed out.
 //! - **Config space** goes through qtest (configuration mechanism #1, the lab's `firmware`).
 //! - **BAR0** is not mapped: the module's register access is `bus_read_4`/`bus_write_4`, which
 //!   amd64's <machine/bus.h> (x86/bus.h `bus_space_read_4`) inlines into the glue's
@@ -21,8 +21,8 @@
 use nvmehp_lab::firmware::{self, Bdf, PciFunction};
 use nvmehp_lab::qemu::{MachineKind, QemuProcess};
 use nvmehp_lab::qtest::Qtest;
+use nvmehp_lab::shared_ram::SharedRam;
 use std::io;
-use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -39,9 +39,8 @@ pub struct Machine {
     pub qtest: Qtest,
     /// What the firmware found in each populated slot.
     pub functions: Vec<PciFunction>,
-    /// This process's view of guest RAM.
-    pub ram: *mut u8,
-    pub ram_len: usize,
+    /// Guest RAM, mapped in this process too.
+    pub ram: SharedRam,
     /// The controller's backing image (raw), for checking data a write put there.
     pub image: PathBuf,
     /// Bump pointer of the contigmalloc pool (guest-physical). Freed memory is poisoned and
@@ -49,12 +48,12 @@ pub struct Machine {
     pub next_free: u64,
     _qmp: std::os::unix::net::UnixStream,
     _dir: tempfile::TempDir,
-    _ram_file: std::fs::File,
     qemu: QemuProcess,
 }
 
-// SAFETY: `ram` is a MAP_SHARED mapping owned by the Machine for its whole life; every access
-// goes through the MACHINE mutex or through module code the emulation serialises.
+// SAFETY: SharedRam is a mapping owned by the Machine for its whole life (not Send only because
+// it holds a raw pointer); every access from here goes through the MACHINE mutex or through
+// module code the emulation serialises.
 unsafe impl Send for Machine {}
 
 pub static MACHINE: Mutex<Option<Machine>> = Mutex::new(None);
@@ -69,16 +68,8 @@ impl Machine {
         let dir = tempfile::Builder::new().prefix("kldhost-").tempdir()?;
         let image = dir.path().join("nvme0n1.img");
         std::fs::File::create(&image)?.set_len(IMAGE_BYTES)?;
-        let ram_len = (RAM_MIB as usize) << 20;
-        let shm = tempfile::Builder::new().prefix("kldhost-ram-").tempfile_in("/dev/shm")?;
-        shm.as_file().set_len(ram_len as u64)?;
-        let (ram_file, ram_path) = shm.keep().map_err(|e| e.error)?;
-        // QEMU opens the file by name; the name is removed once both sides have it mapped.
+        let ram = SharedRam::create(u64::from(RAM_MIB) << 20)?;
         let args = vec![
-            "-object".to_string(),
-            format!("memory-backend-file,id=kldhost-ram,size={RAM_MIB}M,mem-path={},share=on", ram_path.display()),
-            "-machine".to_string(),
-            "memory-backend=kldhost-ram".to_string(),
             "-blockdev".to_string(),
             format!("driver=file,filename={},node-name=img0", image.display()),
             "-blockdev".to_string(),
@@ -86,17 +77,7 @@ impl Machine {
             "-device".to_string(),
             format!("nvme,serial=KLDHOST0,drive=nvm0,bus=pci.0,addr=0x{NVME_SLOT:x}"),
         ];
-        let spawned = QemuProcess::spawn(MachineKind::Pc, RAM_MIB, &args);
-        let _ = std::fs::remove_file(&ram_path);
-        let (qemu, mut qtest, qmp) = spawned?;
-        // SAFETY: a fresh shared mapping of the whole file, which stays open (and mapped) for
-        // the Machine's life; nothing else in this process maps it.
-        let ram = unsafe {
-            libc::mmap(std::ptr::null_mut(), ram_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, ram_file.as_raw_fd(), 0)
-        };
-        if ram == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let (qemu, mut qtest, qmp) = QemuProcess::spawn(MachineKind::Pc, RAM_MIB, Some(&ram), &args)?;
         let to_io = |e: nvmehp_lab::qtest::QtestError| io::Error::other(e.to_string());
         firmware::init_pc(&mut qtest).map_err(to_io)?;
         let mut functions = Vec::new();
@@ -110,21 +91,18 @@ impl Machine {
         Ok(Machine {
             qtest,
             functions,
-            ram: ram.cast(),
-            ram_len,
+            ram,
             image,
             next_free: DMA_POOL_START,
             _qmp: qmp,
             _dir: dir,
-            _ram_file: ram_file,
             qemu,
         })
     }
 
     /// The guest-physical address of `va` if it lies in guest RAM.
     pub fn phys_of(&self, va: u64) -> Option<u64> {
-        let base = self.ram as u64;
-        (va >= base && va < base + self.ram_len as u64).then(|| va - base)
+        self.ram.gpa_of(va as *const u8)
     }
 
     /// Allocates `size` bytes of guest RAM aligned to `align` within `[low, high]`
@@ -136,24 +114,17 @@ impl Machine {
         }
         let start = self.next_free.max(low).div_ceil(align) * align;
         let end = start.checked_add(size)?;
-        if end > self.ram_len as u64 || end - 1 > high {
+        if end - 1 > high {
             return None;
         }
+        let p = self.ram.host_ptr(start, size).ok()?;
         self.next_free = end.div_ceil(4096) * 4096;
-        // SAFETY: start..end lies inside the mapping (checked above).
-        Some(unsafe { self.ram.add(start as usize) })
+        Some(p)
     }
 
     /// QEMU's stderr so far (for error messages).
     pub fn qemu_stderr(&self) -> String {
         self.qemu.stderr_text()
-    }
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in start, unmapped once; QEMU is killed after (field drop).
-        unsafe { libc::munmap(self.ram.cast(), self.ram_len) };
     }
 }
 

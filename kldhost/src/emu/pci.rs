@@ -473,18 +473,8 @@ pub fn run_interrupts() -> usize {
     let intrs: Vec<(u64, c_int, u64, u64, u64)> = with(|e| e.pci.intrs.values().filter(|i| i.rid > 0).map(|i| (i.dev, i.rid, i.filter, i.handler, i.arg)).collect());
     let mut n = 0;
     for (dev, rid, filter, handler, arg) in intrs {
-        let fired = machine::with_machine(|m| {
-            let off = (MSIX_MAILBOX + 4 * rid as u64) as usize;
-            // SAFETY: the mailbox word lies in the guest-RAM mapping; QEMU writes it.
-            unsafe {
-                let p = m.ram.add(off).cast::<u32>();
-                let v = p.read_volatile();
-                if v != 0 {
-                    p.write_volatile(0);
-                }
-                v != 0
-            }
-        });
+        // Read and cleared in one atomic swap: a message QEMU writes meanwhile is not lost.
+        let fired = machine::with_machine(|m| m.ram.swap_u32(MSIX_MAILBOX + 4 * rid as u64, 0).is_ok_and(|v| v != 0));
         if !fired {
             continue;
         }

@@ -100,13 +100,14 @@ impl Runner {
             ..Report::default()
         };
         report.interrupts.mode = format!("{:?}", sc.interrupts).to_lowercase();
+        report.ram_access = format!("{:?}", sc.ram_access).to_lowercase();
         if sc.interrupts == crate::interrupts::InterruptMode::Intx && sc.machine != crate::qemu::MachineKind::Pc {
             report.violations.push("scenario: `interrupts = \"intx\"` needs the pc machine (PIIX3 PIRQ routing)".into());
             report.total_ms = start.elapsed().as_secs_f64() * 1e3;
             report.decide();
             return report;
         }
-        let machine = match Machine::start_with_slots(sc.machine, &sc.controllers, &sc.slots()) {
+        let machine = match Machine::start_with(sc.machine, &sc.controllers, &sc.slots(), sc.ram_access) {
             Ok(mut m) => {
                 m.set_removal_reads(sc.removal_reads);
                 m
