@@ -23,7 +23,7 @@ const TYPES: &[&str] = &[
     "timeout_task", "bintime", "cdev", "cdevsw", "make_dev_args",
     // newbus, PCI resources, disk(9), sysctl(9) contexts (the device attach path)
     "kobj_ops", "kobj_method", "kobjop_desc", "resource", "disk", "bio", "sysctl_ctx_list",
-    "device_state",
+    "device_state", "mtx",
 ];
 
 const CONSTANTS: &[&str] = &[
@@ -32,7 +32,7 @@ const CONSTANTS: &[&str] = &[
     "M_NOWAIT", "M_WAITOK", "M_ZERO", "EBUSY", "EINVAL", "ENOMEM", "EOPNOTSUPP", "EWOULDBLOCK", "TASK_ENQUEUED",
     "EEXIST", "ENAMETOOLONG", "MAKEDEV_.*", "SI_ETERNAL", "SI_NAMED", "SPECNAMELEN",
     "ENXIO", "ENOENT", "ENODEV", "KOBJ_CACHE_SIZE", "DS_.*", "DF_.*", "BUS_PROBE_.*", "SYS_RES_.*", "RF_ACTIVE",
-    "X86_BUS_SPACE_MEM", "DISK_VERSION", "DISK_VERSION_.*", "BIO_READ", "BIO_WRITE", "BIO_ERROR",
+    "X86_BUS_SPACE_MEM", "DISK_VERSION", "DISK_VERSION_.*", "BIO_READ", "BIO_WRITE", "BIO_ERROR", "BIO_DONE",
 ];
 
 fn main() {

@@ -29,8 +29,8 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         timeouts: usize,
         /// Start QEMU with an NVMe controller behind the emulated pci0: after MOD_LOAD the
-        /// driver is attached to it (devctl set driver -f, probe, attach) and detached
-        /// (devctl detach) before the unload.
+        /// driver is attached to it (devctl set driver -f, probe, attach), its disk written
+        /// and read through d_strategy, and it is detached (devctl detach) before the unload.
         #[arg(long)]
         qemu: bool,
     },
@@ -122,6 +122,12 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
     if !r.attach.is_empty() {
         println!("nodes after attach: {:?}; disks: {:?}", r.nodes_attached, r.disks_attached);
     }
+    for (what, e) in &r.io {
+        println!("io {what}: {e}");
+    }
+    if !r.io.is_empty() {
+        println!("io data in the backing file and read back: {}", if r.io_data_ok { "ok" } else { "WRONG" });
+    }
     for (loc, name, e) in &r.detach {
         println!("detach {loc} ({name}): {e}");
     }
@@ -130,5 +136,6 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
     for f in &r.findings {
         println!("  {f}");
     }
-    Ok(r.unloaded && r.findings.is_empty())
+    let io_ok = r.io.iter().all(|(_, e)| *e == 0) && (r.io.is_empty() || r.io_data_ok);
+    Ok(r.unloaded && r.findings.is_empty() && io_ok)
 }

@@ -49,6 +49,18 @@ fn the_real_module_brings_up_qemus_controller_and_tears_it_down_clean() {
             "make_dev_s(\"nvmehp0ns1\"",
             "disk_create(nvmehpd0: 16777216 bytes, 512-byte sectors, d_gone set)",
             "nvmehp0: device_attach_desc = 0",
+            // A consumer opens the disk, writes 4 KiB at 8 KiB through d_strategy and reads it
+            // back; the driver completes each bio with biodone.
+            "g_disk_access(nvmehpd0, open) -> d_open = 0",
+            "g_down: d_strategy(nvmehpd0, BIO_WRITE, offset 8192, 4096 bytes)",
+            "bus_write_4(nvmehp0 BAR 0x10 + 0x1008, 0x1)",
+            "biodone(",
+            "done: error 0, resid 0",
+            "g_down: d_strategy(nvmehpd0, BIO_READ, offset 8192, 4096 bytes)",
+            "biodone(",
+            "done: error 0, resid 0",
+            "g_disk_access(nvmehpd0, close) -> d_close = 0",
+            "at 8192: the written data; read back: the written data",
             // devctl detach: the interrupt, the nodes, the BAR, bus mastering off.
             "nvmehp0: device_detach_desc ->",
             "disk_gone(nvmehpd0)",
@@ -72,6 +84,9 @@ fn the_real_module_brings_up_qemus_controller_and_tears_it_down_clean() {
             "nvmehp0: detached",
             "attach device 4.0 (nvmehp0): 0",
             "nodes after attach: [\"nvmehp0\", \"nvmehp0ns1\"]; disks: [\"nvmehpd0\"]",
+            "io BIO_WRITE nvmehpd0 8192 4096: 0",
+            "io BIO_READ nvmehpd0 8192 4096: 0",
+            "io data in the backing file and read back: ok",
             "detach device 4.0 (nvmehp0): 0",
             "unloaded: true",
             "findings: 0",

@@ -8,6 +8,12 @@
 //!   threads run, never inside `disk_gone` itself). A second `disk_gone` is a finding.
 //! - `disk_destroy` ends the disk; the struct is poisoned and kept. After unload every disk
 //!   must have been destroyed.
+//! - I/O as GEOM's g_down thread sends it ([`open`], [`io`], [`close`]): `d_open` first (a
+//!   consumer gained access), then a `struct bio` (command, offset, length, data, disk) to
+//!   `d_strategy`; the caller waits, letting interrupt and taskqueue threads run, until the
+//!   driver's `biodone` (bounded); after 50 ms without it, time passes for the driver's
+//!   callouts (its watchdog polls the controller). `biodone` marks the bio BIO_DONE; a second
+//!   one panics.
 
 use super::kern::cstr;
 use super::{finding, kernel_panic, log, with};
@@ -120,6 +126,91 @@ pub fn run_events() -> usize {
     n
 }
 
+fn disk_by_name(name: &str) -> Option<u64> {
+    with(|e| e.disks.iter().find(|(_, d)| d.name == name && d.state == DiskState::Created).map(|(p, _)| *p))
+}
+
+type DOpen = unsafe extern "C" fn(*mut layouts::disk) -> c_int;
+type DStrategy = unsafe extern "C" fn(*mut layouts::bio);
+
+/// g_disk_access: the first open of the provider calls d_open (if the driver has one).
+pub fn open(name: &str) -> c_int {
+    let Some(dp) = disk_by_name(name) else { return layouts::ENXIO };
+    // SAFETY: a created disk of the driver.
+    let f = unsafe { (*(dp as *mut layouts::disk)).d_open };
+    // SAFETY: the driver's d_open with its disk; no emulation lock held.
+    let r = f.map_or(0, |f| unsafe { std::mem::transmute::<_, DOpen>(f)(dp as *mut layouts::disk) });
+    log(format!("g_disk_access({name}, open) -> d_open = {r}"));
+    r
+}
+
+/// The last close of the provider calls d_close.
+pub fn close(name: &str) -> c_int {
+    let Some(dp) = disk_by_name(name) else { return layouts::ENXIO };
+    // SAFETY: as open.
+    let f = unsafe { (*(dp as *mut layouts::disk)).d_close };
+    // SAFETY: as open.
+    let r = f.map_or(0, |f| unsafe { std::mem::transmute::<_, DOpen>(f)(dp as *mut layouts::disk) });
+    log(format!("g_disk_access({name}, close) -> d_close = {r}"));
+    r
+}
+
+/// One bio of `cmd` (BIO_READ or BIO_WRITE) at `offset` over `buf` through the disk's
+/// d_strategy; waits at most `timeout` for biodone. Returns bio_error (ETIMEDOUT-like -1 if
+/// biodone never came: the bio then stays allocated, as the driver may still complete it).
+pub fn io(name: &str, cmd: u32, offset: i64, buf: &mut [u8], timeout: std::time::Duration) -> c_int {
+    let Some(dp) = disk_by_name(name) else { return layouts::ENXIO };
+    let mut bp = Box::<layouts::bio>::default();
+    bp.bio_cmd = cmd as u16;
+    bp.bio_offset = offset;
+    bp.bio_length = buf.len() as i64;
+    bp.bio_bcount = buf.len() as _;
+    bp.bio_data = buf.as_mut_ptr().cast();
+    bp.bio_disk = dp as *mut layouts::disk;
+    let bp = Box::into_raw(bp);
+    // SAFETY: a created disk of the driver: d_strategy is set (disk_create checks it).
+    let strategy = unsafe { (*(dp as *mut layouts::disk)).d_strategy }.expect("d_strategy");
+    let what = if cmd == layouts::BIO_READ as u32 { "BIO_READ" } else { "BIO_WRITE" };
+    log(format!("g_down: d_strategy({name}, {what}, offset {offset}, {} bytes) bio {bp:p}", buf.len()));
+    // SAFETY: the driver's strategy with a bio it owns until biodone; no emulation lock held.
+    unsafe { std::mem::transmute::<_, DStrategy>(strategy)(bp) };
+    let start = std::time::Instant::now();
+    let mut idle = start;
+    loop {
+        // SAFETY: our bio; the driver only sets its fields.
+        if unsafe { (*bp).bio_flags } & layouts::BIO_DONE as u16 != 0 {
+            break;
+        }
+        if start.elapsed() > timeout {
+            log(format!("g_down: bio {bp:p} not done after {timeout:?}"));
+            return -1;
+        }
+        if super::sched::run_queues(1000) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // No interrupt for 50 ms: let the driver's timers run (its watchdog polls).
+        if idle.elapsed() > std::time::Duration::from_millis(50) {
+            super::sched::fire_callouts();
+            idle = std::time::Instant::now();
+        }
+    }
+    // SAFETY: done: the driver no longer touches it.
+    let b = unsafe { Box::from_raw(bp) };
+    log(format!("g_up: bio {bp:p} done: error {}, resid {}", b.bio_error, b.bio_resid));
+    if b.bio_flags & layouts::BIO_ERROR as u16 != 0 { b.bio_error.max(1) } else { 0 }
+}
+
+/// biodone(9): the request is finished (flags BIO_DONE); GEOM's g_up would deliver it.
+extern "C" fn emu_biodone(bp: *mut layouts::bio) {
+    // SAFETY: a bio the driver got from d_strategy.
+    let b = unsafe { &mut *bp };
+    if b.bio_flags & layouts::BIO_DONE as u16 != 0 {
+        kernel_panic(&format!("biodone: bio {bp:p} already done"));
+    }
+    b.bio_flags |= layouts::BIO_DONE as u16;
+    log(format!("biodone({bp:p}): error {}, flags {:#x}, resid {}", b.bio_error, b.bio_flags, b.bio_resid));
+}
+
 /// Disks not destroyed (after unload).
 pub fn end_of_life_checks() {
     let left: Vec<(String, DiskState)> = with(|e| e.disks.values().filter(|d| d.state != DiskState::Destroyed).map(|d| (d.name.clone(), d.state)).collect());
@@ -133,4 +224,5 @@ pub fn register(t: &mut KpiTable) {
     t.function("disk_create", emu_disk_create as extern "C" fn(_, _) as usize);
     t.function("disk_gone", emu_disk_gone as extern "C" fn(_) as usize);
     t.function("disk_destroy", emu_disk_destroy as extern "C" fn(_) as usize);
+    t.function("biodone", emu_biodone as extern "C" fn(_) as usize);
 }

@@ -49,7 +49,10 @@ pub struct Emu {
     pub(crate) mutexes: BTreeMap<u64, sched::Mtx>,
     pub(crate) topo_locked: bool,
     pub(crate) armed_timeouts: BTreeMap<u64, u64>,
-    pub(crate) armed_callouts: BTreeMap<u64, u64>,
+    /// Armed callouts: callout to (function, argument).
+    pub(crate) armed_callouts: BTreeMap<u64, (u64, u64)>,
+    /// The mutex each callout was initialised with (callout_init_mtx).
+    pub(crate) callout_locks: BTreeMap<u64, u64>,
     /// The emulated devfs: node name to struct cdev.
     pub(crate) devs: BTreeMap<String, u64>,
     /// destroy_dev_sched_cb requests the devfs destroy thread has not run: (cdev, cb, arg).

@@ -43,6 +43,33 @@ pub struct Report {
     /// Device nodes and disks present once attach was done.
     pub nodes_attached: Vec<String>,
     pub disks_attached: Vec<String>,
+    /// With a machine: the I/O through the first disk's d_strategy, each with its bio_error
+    /// (-1: never done), and whether the data landed in the controller's backing file and
+    /// came back from it.
+    pub io: Vec<(String, c_int)>,
+    pub io_data_ok: bool,
+}
+
+/// Offset and size of the test I/O.
+const IO_OFFSET: i64 = 8192;
+const IO_BYTES: usize = 4096;
+
+/// A write and a read of the first disk, as a consumer opening it would do them, and the
+/// data checked in QEMU's backing file.
+fn disk_io(report: &mut Report) {
+    let Some(disk) = report.disks_attached.first().cloned() else { return };
+    let pattern: Vec<u8> = (0..IO_BYTES).map(|i| (i as u8).wrapping_mul(7) ^ 0x5a).collect();
+    let timeout = std::time::Duration::from_secs(10);
+    report.io.push((format!("d_open {disk}"), super::geom::open(&disk)));
+    let mut w = pattern.clone();
+    report.io.push((format!("BIO_WRITE {disk} {IO_OFFSET} {IO_BYTES}"), super::geom::io(&disk, layouts::BIO_WRITE as u32, IO_OFFSET, &mut w, timeout)));
+    let mut r = vec![0u8; IO_BYTES];
+    report.io.push((format!("BIO_READ {disk} {IO_OFFSET} {IO_BYTES}"), super::geom::io(&disk, layouts::BIO_READ as u32, IO_OFFSET, &mut r, timeout)));
+    report.io.push((format!("d_close {disk}"), super::geom::close(&disk)));
+    let image = super::machine::with_machine(|m| m.image.clone());
+    let on_disk = std::fs::read(&image).ok().map(|b| b[IO_OFFSET as usize..IO_OFFSET as usize + IO_BYTES].to_vec());
+    report.io_data_ok = r == pattern && on_disk.as_deref() == Some(&pattern[..]);
+    log(format!("backing file {} at {IO_OFFSET}: {}; read back: {}", image.display(), if on_disk.as_deref() == Some(&pattern[..]) { "the written data" } else { "NOT the written data" }, if r == pattern { "the written data" } else { "NOT the written data" }));
 }
 
 /// What a run does besides loading and unloading.
@@ -51,8 +78,8 @@ pub struct Options {
     /// Timeout task expiries to allow after MOD_LOAD (0: time does not pass).
     pub timeouts: usize,
     /// Start QEMU with one NVMe controller behind pci0, attach the module's driver to it
-    /// (`devctl set driver -f` then probe and attach), detach it (`devctl detach`), then
-    /// unload.
+    /// (`devctl set driver -f` then probe and attach), write and read its first disk through
+    /// d_strategy, detach it (`devctl detach`), then unload.
     pub qemu: bool,
 }
 
@@ -162,6 +189,7 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
                 report.nodes_attached = e.devs.keys().cloned().collect();
                 report.disks_attached = e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
             });
+            disk_io(&mut report);
             devctl_detach(&mut report);
             let ran = super::sched::run_queues(1000);
             log(format!("after detach: taskqueue and kernel threads ran {ran} times"));

@@ -283,12 +283,39 @@ extern "C" fn emu_mtx_unlock_flags(c: *mut usize, _opts: c_int, _file: *const c_
 // --- callout(9) ---------------------------------------------------------------------------------
 
 extern "C" fn emu_callout_init_lock(c: *mut c_void, lock: *mut c_void, flags: c_int) {
+    with(|e| e.callout_locks.insert(c as u64, lock as u64));
     log(format!("callout_init_lock({c:p}, {lock:p}, {flags:#x})"));
 }
 
+type CalloutFn = unsafe extern "C" fn(*mut c_void);
+
+/// Time passes by one period of every armed callout: each fires once, as softclock runs it
+/// (sys/kern/kern_timeout.c softclock_call_cc): disarmed first, its mutex taken around the
+/// function (callout_init_mtx; the callout may re-arm itself). Returns how many fired.
+pub fn fire_callouts() -> usize {
+    let armed: Vec<(u64, (u64, u64))> = with(|e| std::mem::take(&mut e.armed_callouts).into_iter().collect());
+    for (c, (f, arg)) in &armed {
+        // callout_init_mtx passes &mtx->lock_object (the struct's start); mtx_init, and so the
+        // emulated mutexes, use &mtx->mtx_lock.
+        let lock = with(|e| e.callout_locks.get(c).copied().unwrap_or(0));
+        let lock = if lock == 0 { 0 } else { lock + std::mem::offset_of!(layouts::mtx, mtx_lock) as u64 };
+        log(format!("time passes: callout {c:#x} fires"));
+        if lock != 0 {
+            emu_mtx_lock_flags(lock as *mut usize, 0, std::ptr::null(), 0);
+        }
+        // SAFETY: the function and argument the module armed the callout with; the callout's
+        // mutex is held as softclock holds it.
+        unsafe { std::mem::transmute::<u64, CalloutFn>(*f)(*arg as *mut c_void) };
+        if lock != 0 {
+            emu_mtx_unlock_flags(lock as *mut usize, 0, std::ptr::null(), 0);
+        }
+    }
+    armed.len()
+}
+
 extern "C" fn emu_callout_reset_sbt_on(c: *mut c_void, sbt: i64, _pr: i64, f: *mut c_void, arg: *mut c_void, cpu: c_int, flags: c_int) -> c_int {
-    let was = with(|e| e.armed_callouts.insert(c as u64, f as u64).is_some());
-    log(format!("callout_reset_sbt_on({c:p}, sbt {sbt:#x}, {f:p}({arg:p}), cpu {cpu}, flags {flags:#x}) (never fires here)"));
+    let was = with(|e| e.armed_callouts.insert(c as u64, (f as u64, arg as u64)).is_some());
+    log(format!("callout_reset_sbt_on({c:p}, sbt {sbt:#x}, {f:p}({arg:p}), cpu {cpu}, flags {flags:#x}) (fires when the emulation lets time pass)"));
     c_int::from(was)
 }
 
