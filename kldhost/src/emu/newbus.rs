@@ -87,6 +87,8 @@ pub struct Newbus {
     pub host_methods: BTreeMap<(u64, u64), u64>,
     pub null_method: u64,
     pub pci0: u64,
+    /// Devclass names as C strings for device_get_name (alive as long as the emulation).
+    pub class_names: BTreeMap<String, CString>,
 }
 
 fn null_method() -> u64 {
@@ -560,12 +562,8 @@ extern "C" fn emu_device_get_name(dev: *mut c_void) -> *const c_char {
     let d = dev_of(dev, "device_get_name");
     let class = with(|e| e.newbus.devices[&d].devclass.clone());
     match class {
-        // The devclass name: a C string that lives as long as the devclass (never freed here).
-        Some(c) => with(|e| {
-            let key = format!("name:{c}");
-            let (t, _) = e.newbus.devclasses.entry(key).or_insert_with(|| (CString::new(c).expect("name").into_raw() as u64, Vec::new()));
-            *t as *const c_char
-        }),
+        // The devclass name, a C string that lives as long as the devclass (never freed here).
+        Some(c) => with(|e| e.newbus.class_names.entry(c.clone()).or_insert_with(|| CString::new(c).expect("name")).as_ptr()),
         None => std::ptr::null(),
     }
 }
@@ -665,7 +663,7 @@ extern "C" fn emu_devclass_find(name: *const c_char) -> *mut c_void {
 }
 
 fn class_of_token(dc: *mut c_void) -> Option<Vec<u64>> {
-    with(|e| e.newbus.devclasses.iter().find(|(n, (t, _))| *t == dc as u64 && !n.starts_with("name:")).map(|(_, (_, u))| u.clone()))
+    with(|e| e.newbus.devclasses.values().find(|(t, _)| *t == dc as u64).map(|(_, u)| u.clone()))
 }
 
 extern "C" fn emu_devclass_get_maxunit(dc: *mut c_void) -> c_int {
