@@ -478,7 +478,7 @@ pub fn run_interrupts() -> usize {
         if !fired {
             continue;
         }
-        log(format!("{}: interrupt (MSI-X vector {rid})", newbus::nameunit(dev)));
+        log(format!("{}: interrupt (IRQ rid {rid}, MSI-X table entry {})", newbus::nameunit(dev), rid - 1));
         // SAFETY: the handler and argument the module set up with bus_setup_intr, not torn
         // down (still listed); no emulation lock is held.
         unsafe {
