@@ -19,6 +19,10 @@
 //! here because the fault is synchronous in module code, which holds no host lock: the
 //! emulation's state lock is never held while module code runs, and the machine lock only
 //! inside emulated functions (a `try_lock` failure aborts instead of deadlocking).
+//!
+//! The handler replaces the Rust runtime's SIGSEGV handler for the whole process (installed at
+//! the first BAR mapping): a stack overflow then ends in a plain SIGSEGV instead of Rust's
+//! "has overflowed its stack" message.
 
 use super::log;
 use super::machine::MACHINE;
@@ -68,7 +72,7 @@ fn install_handler() {
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_fault as extern "C" fn(_, _, _) as usize;
-            sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+            sa.sa_flags = libc::SA_SIGINFO;
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut());
         }
