@@ -87,6 +87,8 @@ pub struct Newbus {
     pub host_methods: BTreeMap<(u64, u64), u64>,
     pub null_method: u64,
     pub pci0: u64,
+    /// Each class's compiled ops (kobj_class_compile).
+    pub class_ops: BTreeMap<u64, u64>,
     /// Devclass names as C strings for device_get_name (alive as long as the emulation).
     pub class_names: BTreeMap<String, CString>,
 }
@@ -100,15 +102,21 @@ fn null_method() -> u64 {
     })
 }
 
-/// New ops for `cls`: every cache slot at the NULL method (kobj_init).
+/// The ops of class `cls`, compiled once per class as kobj_class_compile does (every cache slot
+/// at the NULL method); every object of the class points to them (kobj_init).
 fn new_ops(cls: u64) -> u64 {
+    if let Some(o) = with(|e| e.newbus.class_ops.get(&cls).copied()) {
+        return o;
+    }
     let null = null_method() as *mut layouts::kobj_method;
     let mut ops = Box::<layouts::kobj_ops>::default();
     for c in ops.cache.iter_mut() {
         *c = null;
     }
     ops.cls = cls as *mut layouts::kobj_class;
-    Box::into_raw(ops) as u64
+    let o = Box::into_raw(ops) as u64;
+    with(|e| e.newbus.class_ops.insert(cls, o));
+    o
 }
 
 fn host_class(kind: HostClass, name: &'static std::ffi::CStr) -> u64 {
