@@ -33,6 +33,9 @@ enum Cmd {
         /// and read through d_strategy, and it is detached (devctl detach) before the unload.
         #[arg(long)]
         qemu: bool,
+        /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
+        #[arg(long = "tunable", value_name = "NAME=VALUE")]
+        tunables: Vec<String>,
     },
 }
 
@@ -46,14 +49,17 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu } => match run(&ko, &kldhost::emu::run::Options { timeouts, qemu }) {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::FAILURE,
-            Err(e) => {
-                eprintln!("{}: {e}", ko.display());
-                ExitCode::FAILURE
+        Cmd::Run { ko, timeouts, qemu, tunables } => {
+            let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
+            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables }) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("{}: {e}", ko.display());
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
     }
 }
 

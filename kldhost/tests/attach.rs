@@ -204,3 +204,32 @@ fn fixture_named(test: &str, name: &str, define: Option<&str>) -> Option<std::pa
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     compile(test, name, &flags).map(|o| temp_object(test, &o))
 }
+
+#[test]
+fn with_the_claim_tunable_the_driver_takes_the_controller_at_load_with_a_hoover_bid() {
+    if !nvmehp_lab::skip::qemu_or_skip("attach_claim") || common::real_ko("attach_claim").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "tunable hw.nvme_hotplug.claim=1 loaded",
+            "devclass_add_driver(pci, nvmehp",
+            "pci_driver_added(nvmehp): probing device 4.0",
+            // BUS_PROBE_HOOVER: accepted without a fixed devclass.
+            "nvmehp0: device_probe_desc = -1000000",
+            "nvmehp0: device_attach_desc = 0",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_LOAD) = 0",
+            "device 4.0 nvmehp0: attached at MOD_LOAD; devctl set driver not needed",
+            "io data in the backing file and read back: ok",
+            "detach device 4.0 (nvmehp0): 0",
+            "unloaded: true",
+            "findings: 0",
+        ],
+    );
+    assert!(!out.contains("no driver attached"), "{out}");
+    assert!(!out.contains("devctl set driver -f"), "{out}");
+}

@@ -331,7 +331,12 @@ pub fn add_driver(bus: &str, driver: u64) {
         for child in pci_children() {
             if state(child) == layouts::DS_NOTPRESENT {
                 log(format!("pci_driver_added({name}): probing {}", pci_location(child)));
+                // Newbus changes the tree under the topology lock (bus_topo_assert in
+                // device_probe_and_attach); it is not held while the module's chained event
+                // handler runs, which takes it itself.
+                super::sched::topo_lock();
                 let _ = probe_and_attach(child);
+                super::sched::topo_unlock();
             }
         }
     }
@@ -342,11 +347,15 @@ pub fn add_driver(bus: &str, driver: u64) {
 pub fn delete_driver(driver: u64) -> c_int {
     let devs: Vec<u64> = with(|e| e.newbus.devices.iter().filter(|(_, d)| d.driver == driver).map(|(a, _)| *a).collect());
     for d in devs {
+        super::sched::topo_lock();
         let r = device_detach(d);
+        if r == 0 {
+            set_driver(d, 0);
+        }
+        super::sched::topo_unlock();
         if r != 0 {
             return r;
         }
-        set_driver(d, 0);
     }
     // SAFETY: the module's driver_t.
     let name = unsafe { cstr((*(driver as *const layouts::kobj_class)).name) };
