@@ -21,6 +21,9 @@ const TYPES: &[&str] = &[
     "moduledata_t", "mod_depend", "mod_version", "modeventtype", "sysctl_oid",
     "driver_module_data", "malloc_type", "malloc_type_internal", "kobj_class", "task",
     "timeout_task", "bintime", "cdev", "cdevsw", "make_dev_args",
+    // newbus, PCI resources, disk(9), sysctl(9) contexts (the device attach path)
+    "kobj_ops", "kobj_method", "kobjop_desc", "resource", "disk", "bio", "sysctl_ctx_list",
+    "device_state", "mtx",
 ];
 
 const CONSTANTS: &[&str] = &[
@@ -28,6 +31,8 @@ const CONSTANTS: &[&str] = &[
     "MDT_SETNAME", "M_VERSION", "CTLTYPE", "CTLTYPE_.*", "CTLFLAG_.*", "OID_AUTO",
     "M_NOWAIT", "M_WAITOK", "M_ZERO", "EBUSY", "EINVAL", "ENOMEM", "EOPNOTSUPP", "EWOULDBLOCK", "TASK_ENQUEUED",
     "EEXIST", "ENAMETOOLONG", "MAKEDEV_.*", "SI_ETERNAL", "SI_NAMED", "SPECNAMELEN",
+    "ENXIO", "ENOENT", "ENODEV", "KOBJ_CACHE_SIZE", "DS_.*", "DF_.*", "BUS_PROBE_.*", "SYS_RES_.*", "RF_ACTIVE",
+    "X86_BUS_SPACE_MEM", "CTLFLAG_TUN", "DISK_VERSION", "DISK_VERSION_.*", "BIO_READ", "BIO_WRITE", "BIO_ERROR", "BIO_DONE",
 ];
 
 fn main() {

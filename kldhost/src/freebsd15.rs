@@ -7,7 +7,7 @@
 //! module calls it; `emu::table()` replaces the ones the emulated kernel implements. Data
 //! objects are zeroed and sized from the bindgen'd layouts.
 
-use crate::kpi::KpiTable;
+use crate::kpi::{Import, KpiTable};
 use crate::layouts;
 use std::mem::{align_of, size_of};
 
@@ -70,8 +70,14 @@ pub fn table() -> KpiTable {
     for f in FUNCTIONS {
         t.unemulated(f);
     }
-    for d in KOBJOP_DESCS {
-        t.data(d, size_of::<layouts::kobjop_desc>(), align_of::<layouts::kobjop_desc>());
+    for (i, d) in KOBJOP_DESCS.iter().enumerate() {
+        // Each descriptor gets its unique id as kobj_register_method gives one when a class
+        // using it is compiled (sys/kern/subr_kobj.c: ids count from 1, so no descriptor
+        // matches the NULL method every cache slot starts with). The module's inline
+        // KOBJOPLOOKUP indexes the method cache with it; the default method stays NULL.
+        let mut bytes = vec![0u8; size_of::<layouts::kobjop_desc>()];
+        bytes[..4].copy_from_slice(&desc_id(i).to_le_bytes());
+        t.insert(d, Import::Data { bytes, align: align_of::<layouts::kobjop_desc>() });
     }
     // The `hw` sysctl root node the module's hw.nvme_hotplug node hangs from.
     t.data("sysctl___hw", size_of::<layouts::sysctl_oid>(), align_of::<layouts::sysctl_oid>());
@@ -81,4 +87,14 @@ pub fn table() -> KpiTable {
     // -fstack-protector's guard.
     t.data("__stack_chk_guard", 8, 8);
     t
+}
+
+/// The id the emulated kernel gives `KOBJOP_DESCS[index]`.
+pub fn desc_id(index: usize) -> u32 {
+    index as u32 + 1
+}
+
+/// The descriptor name of a kobj method id, if it is one of [`KOBJOP_DESCS`].
+pub fn desc_name(id: u32) -> Option<&'static str> {
+    KOBJOP_DESCS.get((id as usize).checked_sub(1)?).copied()
 }

@@ -15,3 +15,11 @@
 #include <sys/time.h>
 #include <sys/taskqueue.h>
 #include <sys/conf.h>
+#include <sys/lock.h>
+#include <sys/mutex.h>
+#include <sys/kobj.h>
+#include <sys/bio.h>
+#include <sys/rman.h>
+#include <machine/bus.h>
+#include <machine/resource.h>
+#include <geom/geom_disk.h>

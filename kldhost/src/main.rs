@@ -28,6 +28,14 @@ enum Cmd {
         /// (0: timeouts never fire).
         #[arg(long, default_value_t = 0)]
         timeouts: usize,
+        /// Start QEMU with an NVMe controller behind the emulated pci0: after MOD_LOAD the
+        /// driver is attached to it (devctl set driver -f, probe, attach), its disk written
+        /// and read through d_strategy, and it is detached (devctl detach) before the unload.
+        #[arg(long)]
+        qemu: bool,
+        /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
+        #[arg(long = "tunable", value_name = "NAME=VALUE")]
+        tunables: Vec<String>,
     },
 }
 
@@ -41,14 +49,17 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts } => match run(&ko, timeouts) {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::FAILURE,
-            Err(e) => {
-                eprintln!("{}: {e}", ko.display());
-                ExitCode::FAILURE
+        Cmd::Run { ko, timeouts, qemu, tunables } => {
+            let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
+            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables }) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("{}: {e}", ko.display());
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
     }
 }
 
@@ -100,21 +111,37 @@ fn load(path: &PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn run(path: &PathBuf, timeouts: usize) -> Result<bool, Box<dyn std::error::Error>> {
+fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dyn std::error::Error>> {
     let data = std::fs::read(path)?;
     let ko = kldhost::load(&data, &kldhost::emu::table())?;
     println!("loaded {} at {:#x}", path.display(), ko.base());
     println!("calls:");
     kldhost::emu::set_trace(true);
-    let r = kldhost::emu::run::load_and_unload(&ko, timeouts)?;
+    let r = kldhost::emu::run::run(&ko, opts)?;
     println!("console:");
     for l in r.console.lines() {
         println!("  {l}");
+    }
+    for (loc, name, e) in &r.attach {
+        println!("attach {loc} ({name}): {e}");
+    }
+    if !r.attach.is_empty() {
+        println!("nodes after attach: {:?}; disks: {:?}", r.nodes_attached, r.disks_attached);
+    }
+    for (what, e) in &r.io {
+        println!("io {what}: {e}");
+    }
+    if !r.io.is_empty() {
+        println!("io data in the backing file and read back: {}", if r.io_data_ok { "ok" } else { "WRONG" });
+    }
+    for (loc, name, e) in &r.detach {
+        println!("detach {loc} ({name}): {e}");
     }
     println!("MOD_QUIESCE: {:?}, MOD_UNLOAD: {:?}, unloaded: {}", r.quiesce, r.unload, r.unloaded);
     println!("findings: {}", r.findings.len());
     for f in &r.findings {
         println!("  {f}");
     }
-    Ok(r.unloaded && r.findings.is_empty())
+    let io_ok = r.io.iter().all(|(_, e)| *e == 0) && (r.io.is_empty() || r.io_data_ok);
+    Ok(r.unloaded && r.findings.is_empty() && io_ok)
 }

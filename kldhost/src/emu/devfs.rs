@@ -16,7 +16,7 @@ use super::kern::format;
 use super::{kernel_panic, log, with};
 use crate::kpi::KpiTable;
 use crate::layouts;
-use std::ffi::{c_char, c_int};
+use std::ffi::{c_char, c_int, c_void};
 
 extern "C" fn emu_make_dev_args_init_impl(args: *mut layouts::make_dev_args, sz: usize) {
     // SAFETY: the caller's struct make_dev_args of `sz` bytes (make_dev_args_init passes
@@ -114,7 +114,36 @@ extern "C" fn emu_destroy_dev(dev: *mut layouts::cdev) {
     log(format!("destroy_dev({name})"));
 }
 
+type DestroyCb = unsafe extern "C" fn(*mut c_void);
+
+/// destroy_dev_sched_cb(9): the node is destroyed later by the kernel's destroy thread, which
+/// then calls `cb(arg)` ([`run_deferred`]). It never sleeps and always succeeds.
+extern "C" fn emu_destroy_dev_sched_cb(dev: *mut layouts::cdev, cb: Option<DestroyCb>, arg: *mut c_void) {
+    let known = with(|e| e.devs.values().any(|a| *a == dev as u64));
+    if !known {
+        kernel_panic(&format!("destroy_dev_sched_cb({dev:p}): not a device node of the emulated devfs"));
+    }
+    with(|e| e.deferred_destroys.push_back((dev as u64, cb.map_or(0, |f| f as usize as u64), arg as u64)));
+    log(format!("destroy_dev_sched_cb({dev:p}) (the destroy thread runs it later)"));
+}
+
+/// The devfs destroy thread (destroy_dev_tq): every scheduled node destroyed, then its
+/// callback. Returns how many ran.
+pub fn run_deferred() -> usize {
+    let mut n = 0;
+    while let Some((dev, cb, arg)) = with(|e| e.deferred_destroys.pop_front()) {
+        emu_destroy_dev(dev as *mut layouts::cdev);
+        if cb != 0 {
+            // SAFETY: the callback and argument the module scheduled; no emulation lock held.
+            unsafe { std::mem::transmute::<u64, DestroyCb>(cb)(arg as *mut c_void) };
+        }
+        n += 1;
+    }
+    n
+}
+
 pub fn register(t: &mut KpiTable) {
+    t.function("destroy_dev_sched_cb", emu_destroy_dev_sched_cb as extern "C" fn(_, _, _) as usize);
     t.function("make_dev_args_init_impl", emu_make_dev_args_init_impl as extern "C" fn(_, _) as usize);
     t.function("make_dev_s", emu_make_dev_s as extern "C" fn(_, _, _, _, _, _) -> _ as usize);
     t.function("destroy_dev", emu_destroy_dev as extern "C" fn(_) as usize);

@@ -351,14 +351,16 @@ extern "C" fn emu_module_register_init(arg: *const c_void) {
 }
 
 /// driver_module_handler (sys/kern/subr_bus.c): MOD_LOAD runs the chained handler first and
-/// then adds the driver to the bus devclass whatever it returned; MOD_QUIESCE and MOD_UNLOAD
-/// quiesce or delete the driver (detaching its devices) first and call the chained handler
-/// only if that succeeded. No device is attached to the driver here, so those succeed.
+/// then adds the driver to the bus devclass whatever it returned (devclass_add_driver offers
+/// the bus's unattached devices to it); MOD_QUIESCE and MOD_UNLOAD quiesce or delete the
+/// driver (devclass_delete_driver detaches each device it has, the first failure ending the
+/// unload) first and call the chained handler only if that succeeded.
 extern "C" fn emu_driver_module_handler(module: *mut c_void, what: c_int, arg: *mut c_void) -> c_int {
     // SAFETY: DRIVER_MODULE passes its struct driver_module_data.
     let dmd = unsafe { arg.cast::<layouts::driver_module_data>().read() };
     // SAFETY: dmd_busname is a C string, dmd_driver the driver's kobj class with its name.
     let (bus, driver) = unsafe { (cstr(dmd.dmd_busname), cstr((*dmd.dmd_driver).name)) };
+    let driver_t = dmd.dmd_driver as u64;
     let chain = |what: c_int| match dmd.dmd_chainevh {
         // SAFETY: the module's own event handler with its own argument.
         Some(f) => unsafe { f(module.cast(), what, dmd.dmd_chainarg) },
@@ -369,20 +371,39 @@ extern "C" fn emu_driver_module_handler(module: *mut c_void, what: c_int, arg: *
         layouts::MOD_LOAD => {
             let _ = chain(what);
             log(format!("devclass_add_driver({bus}, {driver}, pass {})", dmd.dmd_pass));
-            with(|e| e.drivers.push((bus, driver)));
+            with(|e| e.drivers.push((bus.clone(), driver)));
+            super::newbus::add_driver(&bus, driver_t);
             0
         }
         layouts::MOD_QUIESCE => {
-            log(format!("devclass_quiesce_driver({bus}, {driver}) = 0 (no device attached)"));
+            // DEVICE_QUIESCE of each attached device: the driver's table has none, and the
+            // default (null_quiesce) agrees.
+            let n = super::newbus::attached_with(driver_t).len();
+            log(format!("devclass_quiesce_driver({bus}, {driver}) = 0 ({n} devices attached)"));
             chain(what)
         }
         layouts::MOD_UNLOAD => {
-            log(format!("devclass_delete_driver({bus}, {driver}) = 0 (no device attached)"));
+            let r = super::newbus::delete_driver(driver_t);
+            log(format!("devclass_delete_driver({bus}, {driver}) = {r}"));
+            if r != 0 {
+                return r;
+            }
             with(|e| e.drivers.retain(|(b, d)| !(*b == bus && *d == driver)));
             chain(what)
         }
         _ => layouts::EOPNOTSUPP,
     }
+}
+
+/// Console output without a log line (the caller logged it).
+pub fn console_text(s: &str) {
+    console(s);
+}
+
+/// A line of the kernel's own (printf from kernel code, not the module's).
+pub fn console_line(s: &str) {
+    log(format!("printf({s:?}) (the kernel's)"));
+    console(s);
 }
 
 pub fn register(t: &mut KpiTable) {

@@ -5,16 +5,27 @@
 //! logged, in order. The state lock is never held while module code runs (a task or an event
 //! handler may call back into the emulation).
 //!
-//! What the emulated kernel is: a machine with no PCI NVMe controller attached to the driver
-//! and no ACPI namespace (ACPICA lookups answer AE_NOT_FOUND), whose taskqueue threads run only
-//! when [`run`] lets them, and whose callouts and timeout tasks never fire during a run.
+//! What the emulated kernel is: a machine with no ACPI namespace (ACPICA lookups answer
+//! AE_NOT_FOUND), whose taskqueue threads run only when [`run`] lets them, and whose callouts
+//! and timeout tasks never fire during a run. Without `--qemu` it has no PCI bus; with it,
+//! QEMU's pc machine with one NVMe controller ([`machine`]) behind an emulated `pci0`
+//! ([`newbus`], [`pci`]), its registers reached through trapped loads and stores ([`mmio`]),
+//! its DMA memory in shared guest RAM ([`dma`]), and disk(9) ([`geom`]) and run-time
+//! sysctl(9) contexts ([`sysctl`]) recorded.
 //! A kernel panic ends the process with [`PANIC_EXIT`], as a panic ends the kernel.
 
 pub mod acpi;
 pub mod devfs;
+pub mod dma;
+pub mod geom;
 pub mod kern;
+pub mod machine;
+pub mod mmio;
+pub mod newbus;
+pub mod pci;
 pub mod run;
 pub mod sched;
+pub mod sysctl;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -38,9 +49,23 @@ pub struct Emu {
     pub(crate) mutexes: BTreeMap<u64, sched::Mtx>,
     pub(crate) topo_locked: bool,
     pub(crate) armed_timeouts: BTreeMap<u64, u64>,
-    pub(crate) armed_callouts: BTreeMap<u64, u64>,
+    /// Armed callouts: callout to (function, argument).
+    pub(crate) armed_callouts: BTreeMap<u64, (u64, u64)>,
+    /// The mutex each callout was initialised with (callout_init_mtx).
+    pub(crate) callout_locks: BTreeMap<u64, u64>,
     /// The emulated devfs: node name to struct cdev.
     pub(crate) devs: BTreeMap<String, u64>,
+    /// destroy_dev_sched_cb requests the devfs destroy thread has not run: (cdev, cb, arg).
+    pub(crate) deferred_destroys: std::collections::VecDeque<(u64, u64, u64)>,
+    /// Newbus: devices, devclasses, drivers, kobj classes.
+    pub newbus: newbus::Newbus,
+    /// pci(4): resources and interrupt handlers handed out.
+    pub(crate) pci: pci::PciState,
+    /// disk(9): every disk by its struct disk, and GEOM's pending d_gone events.
+    pub(crate) disks: BTreeMap<u64, geom::DiskRec>,
+    pub(crate) geom_events: std::collections::VecDeque<u64>,
+    /// sysctl contexts to the OIDs added to them.
+    pub(crate) sysctl_ctxs: BTreeMap<u64, Vec<(String, u64)>>,
 }
 
 static EMU: Mutex<Option<Emu>> = Mutex::new(None);
@@ -89,5 +114,10 @@ pub fn table() -> crate::kpi::KpiTable {
     sched::register(&mut t);
     acpi::register(&mut t);
     devfs::register(&mut t);
+    newbus::register(&mut t);
+    pci::register(&mut t);
+    dma::register(&mut t);
+    geom::register(&mut t);
+    sysctl::register(&mut t);
     t
 }

@@ -36,6 +36,55 @@ pub struct Report {
     pub unload: Option<c_int>,
     /// Whether the file was unloaded (every module agreed).
     pub unloaded: bool,
+    /// With a machine: device_probe_and_attach and device_detach of each PCI function, by
+    /// its location ("device 4.0"), with the device's name and the result.
+    pub attach: Vec<(String, String, c_int)>,
+    pub detach: Vec<(String, String, c_int)>,
+    /// Device nodes and disks present once attach was done.
+    pub nodes_attached: Vec<String>,
+    pub disks_attached: Vec<String>,
+    /// With a machine: the I/O through the first disk's d_strategy, each with its bio_error
+    /// (-1: never done), and whether the data landed in the controller's backing file and
+    /// came back from it.
+    pub io: Vec<(String, c_int)>,
+    pub io_data_ok: bool,
+}
+
+/// Offset and size of the test I/O.
+const IO_OFFSET: i64 = 8192;
+const IO_BYTES: usize = 4096;
+
+/// A write and a read of the first disk, as a consumer opening it would do them, and the
+/// data checked in QEMU's backing file.
+fn disk_io(report: &mut Report) {
+    let Some(disk) = report.disks_attached.first().cloned() else { return };
+    let pattern: Vec<u8> = (0..IO_BYTES).map(|i| (i as u8).wrapping_mul(7) ^ 0x5a).collect();
+    let timeout = std::time::Duration::from_secs(10);
+    report.io.push((format!("d_open {disk}"), super::geom::open(&disk)));
+    let mut w = pattern.clone();
+    report.io.push((format!("BIO_WRITE {disk} {IO_OFFSET} {IO_BYTES}"), super::geom::io(&disk, layouts::BIO_WRITE as u32, IO_OFFSET, &mut w, timeout)));
+    let mut r = vec![0u8; IO_BYTES];
+    report.io.push((format!("BIO_READ {disk} {IO_OFFSET} {IO_BYTES}"), super::geom::io(&disk, layouts::BIO_READ as u32, IO_OFFSET, &mut r, timeout)));
+    report.io.push((format!("d_close {disk}"), super::geom::close(&disk)));
+    let image = super::machine::with_machine(|m| m.image.clone());
+    let on_disk = std::fs::read(&image).ok().map(|b| b[IO_OFFSET as usize..IO_OFFSET as usize + IO_BYTES].to_vec());
+    report.io_data_ok = r == pattern && on_disk.as_deref() == Some(&pattern[..]);
+    log(format!("backing file {} at {IO_OFFSET}: {}; read back: {}", image.display(), if on_disk.as_deref() == Some(&pattern[..]) { "the written data" } else { "NOT the written data" }, if r == pattern { "the written data" } else { "NOT the written data" }));
+}
+
+/// What a run does besides loading and unloading.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Timeout task expiries to allow after MOD_LOAD (0: time does not pass).
+    pub timeouts: usize,
+    /// Start QEMU with one NVMe controller behind pci0, attach the module's driver to it
+    /// (`devctl set driver -f` then probe and attach; a function the driver took by itself at
+    /// MOD_LOAD is left as it is), write and read its first disk through d_strategy, detach it
+    /// (`devctl detach`), then unload.
+    pub qemu: bool,
+    /// Loader tunables (kenv) as (name, value): a CTLFLAG_TUN sysctl of the module with that
+    /// name takes the value when it is registered.
+    pub tunables: Vec<(String, String)>,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -58,6 +107,58 @@ fn run_sysinits(ko: &LoadedKo, list: &[sets::Sysinit], what: &str) {
 /// most that many expiries), then unloads it (MOD_QUIESCE, MOD_UNLOAD, SYSUNINITs). One
 /// module per process: the emulated kernel's state is global.
 pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report, LoadError> {
+    run(ko, &Options { timeouts: timeout_expiries, ..Options::default() })
+}
+
+/// The devctl(8) steps on every PCI function of the machine, each under the newbus topology
+/// lock as devctl's ioctl takes it (sys/kern/subr_bus.c devctl2_ioctl): DEV_SET_DRIVER with
+/// force (the devclass fixed to the driver, then probe and attach) and DEV_DETACH.
+fn devctl_set_driver_and_attach(driver: &str, report: &mut Report) {
+    for child in super::newbus::pci_children() {
+        if super::newbus::state(child) >= layouts::DS_ATTACHED {
+            log(format!("{} {}: attached at MOD_LOAD; devctl set driver not needed", location(child), super::newbus::nameunit(child)));
+            report.attach.push((location(child), super::newbus::nameunit(child), 0));
+            continue;
+        }
+        super::sched::topo_lock();
+        super::newbus::set_devclass_fixed(child, driver);
+        let r = super::newbus::probe_and_attach(child);
+        super::sched::topo_unlock();
+        report.attach.push((location(child), super::newbus::nameunit(child), r));
+    }
+}
+
+fn devctl_detach(report: &mut Report) {
+    for child in super::newbus::pci_children() {
+        if super::newbus::state(child) < layouts::DS_ATTACHED {
+            continue;
+        }
+        let name = super::newbus::nameunit(child);
+        super::sched::topo_lock();
+        let r = super::newbus::device_detach(child);
+        super::sched::topo_unlock();
+        report.detach.push((location(child), name, r));
+    }
+}
+
+fn location(dev: u64) -> String {
+    with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.as_ref()).map(|p| format!("device {}.{}", p.bdf.dev, p.bdf.func)).unwrap_or_default())
+}
+
+/// Loads, runs and unloads the module per `opts` (see [`load_and_unload`] and [`Options`]).
+pub fn run(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
+    if opts.qemu {
+        super::machine::start().map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
+        let functions = super::machine::with_machine(|m| m.functions.clone());
+        super::newbus::build_tree(&functions);
+    }
+    let r = run_module(ko, opts);
+    super::machine::stop();
+    r
+}
+
+fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
+    let timeout_expiries = opts.timeouts;
     let records = sets::modmetadata(ko)?;
     let mut names = Vec::new();
     for r in &records {
@@ -76,6 +177,9 @@ pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report,
     }
     for o in sets::sysctls(ko)? {
         log(format!("sysctl_register_oid({})", o.path));
+        if let Some((_, v)) = opts.tunables.iter().find(|(n, _)| *n == o.path) {
+            load_tunable(&o, v)?;
+        }
     }
     run_sysinits(ko, &sets::sysinits(ko)?, "sysinit");
     let ran = super::sched::run_queues(1000);
@@ -86,6 +190,23 @@ pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report,
     }
 
     let mut report = Report::default();
+    if opts.qemu {
+        // The driver DRIVER_MODULE registered (the only one on pci).
+        let driver = with(|e| e.newbus.drivers.iter().find(|(_, (bus, _))| bus == "pci").map(|(n, _)| n.clone()));
+        if let Some(driver) = driver {
+            devctl_set_driver_and_attach(&driver, &mut report);
+            let ran = super::sched::run_queues(1000);
+            log(format!("after attach: taskqueue and kernel threads ran {ran} times"));
+            with(|e| {
+                report.nodes_attached = e.devs.keys().cloned().collect();
+                report.disks_attached = e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
+            });
+            disk_io(&mut report);
+            devctl_detach(&mut report);
+            let ran = super::sched::run_queues(1000);
+            log(format!("after detach: taskqueue and kernel threads ran {ran} times"));
+        }
+    }
     let mut refused = false;
     // A module whose MOD_LOAD failed was released by module_register_init: the file stays
     // loaded without it and the unload sends it nothing.
@@ -123,6 +244,9 @@ pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report,
         }
         report.unloaded = true;
         end_of_life_checks();
+        super::newbus::end_of_life_checks();
+        super::geom::end_of_life_checks();
+        super::sysctl::end_of_life_checks();
     }
     with(|e| {
         report.log = std::mem::take(&mut e.log);
@@ -130,6 +254,42 @@ pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report,
         report.console = std::mem::take(&mut e.console);
     });
     Ok(report)
+}
+
+/// sysctl_load_tunable_by_oid_locked (sys/kern/kern_sysctl.c): a CTLFLAG_TUN OID registered
+/// while the kernel environment names it takes the value: an int or u_int is parsed (decimal,
+/// or hex with 0x), a string copied up to the buffer's size (arg2) with its NUL.
+fn load_tunable(o: &sets::SysctlOid, value: &str) -> Result<(), LoadError> {
+    if o.kind & layouts::CTLFLAG_TUN as u32 == 0 {
+        return Err(LoadError::Bad(format!("tunable {}: the sysctl is not CTLFLAG_TUN", o.path)));
+    }
+    // SAFETY: `at` is the module's struct sysctl_oid (from the linker set).
+    let oid = unsafe { &*(o.at as *const layouts::sysctl_oid) };
+    let bad = || LoadError::Bad(format!("tunable {}={value}: not a number", o.path));
+    match o.ctl_type() {
+        t if t == layouts::CTLTYPE_INT as u32 || t == layouts::CTLTYPE_UINT as u32 => {
+            let v = match value.strip_prefix("0x") {
+                Some(h) => i64::from_str_radix(h, 16).map_err(|_| bad())?,
+                None => value.parse::<i64>().map_err(|_| bad())?,
+            };
+            // SAFETY: an int sysctl's arg1 is the module's int.
+            unsafe { *(oid.oid_arg1 as *mut i32) = v as i32 };
+        }
+        t if t == layouts::CTLTYPE_STRING as u32 => {
+            let size = oid.oid_arg2 as usize;
+            if value.len() + 1 > size {
+                return Err(LoadError::Bad(format!("tunable {}: longer than its {size}-byte buffer", o.path)));
+            }
+            // SAFETY: a string sysctl's arg1 is the module's buffer of arg2 bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(value.as_ptr(), oid.oid_arg1 as *mut u8, value.len());
+                *(oid.oid_arg1 as *mut u8).add(value.len()) = 0;
+            }
+        }
+        _ => return Err(LoadError::Bad(format!("tunable {}: type not supported here", o.path))),
+    }
+    log(format!("tunable {}={value} loaded", o.path));
+    Ok(())
 }
 
 /// What an unloaded module must not leave behind.

@@ -65,8 +65,15 @@ fn drain(queue: u64, limit: usize) -> usize {
 
 /// Lets every taskqueue thread run until the queues are empty (at most `limit` tasks).
 pub fn run_queues(limit: usize) -> usize {
-    let queues: Vec<u64> = with(|e| e.queues.keys().copied().collect());
-    queues.into_iter().map(|q| drain(q, limit)).sum()
+    let mut total = 0;
+    loop {
+        let queues: Vec<u64> = with(|e| e.queues.keys().copied().collect());
+        let ran: usize = queues.into_iter().map(|q| drain(q, limit)).sum::<usize>() + run_kernel_threads();
+        total += ran;
+        if ran == 0 || total >= limit {
+            return total;
+        }
+    }
 }
 
 /// Time passes: every armed timeout task expires, which enqueues its task on its queue
@@ -276,12 +283,39 @@ extern "C" fn emu_mtx_unlock_flags(c: *mut usize, _opts: c_int, _file: *const c_
 // --- callout(9) ---------------------------------------------------------------------------------
 
 extern "C" fn emu_callout_init_lock(c: *mut c_void, lock: *mut c_void, flags: c_int) {
+    with(|e| e.callout_locks.insert(c as u64, lock as u64));
     log(format!("callout_init_lock({c:p}, {lock:p}, {flags:#x})"));
 }
 
+type CalloutFn = unsafe extern "C" fn(*mut c_void);
+
+/// Time passes by one period of every armed callout: each fires once, as softclock runs it
+/// (sys/kern/kern_timeout.c softclock_call_cc): disarmed first, its mutex taken around the
+/// function (callout_init_mtx; the callout may re-arm itself). Returns how many fired.
+pub fn fire_callouts() -> usize {
+    let armed: Vec<(u64, (u64, u64))> = with(|e| std::mem::take(&mut e.armed_callouts).into_iter().collect());
+    for (c, (f, arg)) in &armed {
+        // callout_init_mtx passes &mtx->lock_object (the struct's start); mtx_init, and so the
+        // emulated mutexes, use &mtx->mtx_lock.
+        let lock = with(|e| e.callout_locks.get(c).copied().unwrap_or(0));
+        let lock = if lock == 0 { 0 } else { lock + std::mem::offset_of!(layouts::mtx, mtx_lock) as u64 };
+        log(format!("time passes: callout {c:#x} fires"));
+        if lock != 0 {
+            emu_mtx_lock_flags(lock as *mut usize, 0, std::ptr::null(), 0);
+        }
+        // SAFETY: the function and argument the module armed the callout with; the callout's
+        // mutex is held as softclock holds it.
+        unsafe { std::mem::transmute::<u64, CalloutFn>(*f)(*arg as *mut c_void) };
+        if lock != 0 {
+            emu_mtx_unlock_flags(lock as *mut usize, 0, std::ptr::null(), 0);
+        }
+    }
+    armed.len()
+}
+
 extern "C" fn emu_callout_reset_sbt_on(c: *mut c_void, sbt: i64, _pr: i64, f: *mut c_void, arg: *mut c_void, cpu: c_int, flags: c_int) -> c_int {
-    let was = with(|e| e.armed_callouts.insert(c as u64, f as u64).is_some());
-    log(format!("callout_reset_sbt_on({c:p}, sbt {sbt:#x}, {f:p}({arg:p}), cpu {cpu}, flags {flags:#x}) (never fires here)"));
+    let was = with(|e| e.armed_callouts.insert(c as u64, (f as u64, arg as u64)).is_some());
+    log(format!("callout_reset_sbt_on({c:p}, sbt {sbt:#x}, {f:p}({arg:p}), cpu {cpu}, flags {flags:#x}) (fires when the emulation lets time pass)"));
     c_int::from(was)
 }
 
@@ -295,6 +329,15 @@ extern "C" fn emu_callout_stop_safe(c: *mut c_void, flags: c_int) -> c_int {
 }
 
 // --- newbus -------------------------------------------------------------------------------------
+
+/// bus_topo_lock() taken by the emulated kernel itself (devctl's ioctl).
+pub fn topo_lock() {
+    emu_bus_topo_lock();
+}
+
+pub fn topo_unlock() {
+    emu_bus_topo_unlock();
+}
 
 extern "C" fn emu_bus_topo_lock() {
     let was = with(|e| std::mem::replace(&mut e.topo_locked, true));
@@ -310,28 +353,6 @@ extern "C" fn emu_bus_topo_unlock() {
         kernel_panic("bus_topo_unlock: not locked");
     }
     log("bus_topo_unlock()".into());
-}
-
-/// The devclass of a driver the emulated newbus knows (added by driver_module_handler), as a
-/// non-NULL token; it never has devices.
-extern "C" fn emu_devclass_find(name: *const c_char) -> *mut c_void {
-    // SAFETY: a C string per devclass_find(9).
-    let name = unsafe { cstr(name) };
-    let idx = with(|e| e.drivers.iter().position(|(_, d)| *d == name));
-    let r = idx.map_or(0, |i| 0x1000 + i as u64);
-    log(format!("devclass_find({name}) = {r:#x}"));
-    r as *mut c_void
-}
-
-extern "C" fn emu_devclass_get_maxunit(dc: *mut c_void) -> c_int {
-    let r = if dc.is_null() { -1 } else { 0 };
-    log(format!("devclass_get_maxunit({dc:p}) = {r}"));
-    r
-}
-
-extern "C" fn emu_devclass_get_device(dc: *mut c_void, unit: c_int) -> *mut c_void {
-    log(format!("devclass_get_device({dc:p}, {unit}) = NULL"));
-    std::ptr::null_mut()
 }
 
 // --- time, sleeping -----------------------------------------------------------------------------
@@ -360,6 +381,9 @@ extern "C" fn emu_pause_sbt(wmesg: *const c_char, sbt: i64, _pr: i64, _flags: c_
     // SAFETY: a C string per pause(9).
     let w = unsafe { cstr(wmesg) };
     log(format!("pause_sbt({w}, {:.3} ms)", sbt as f64 / (1u64 << 32) as f64 * 1000.0));
+    // While this thread sleeps, QEMU runs on and the kernel's other threads run.
+    std::thread::sleep(std::time::Duration::from_nanos(((sbt.max(0) as u128 * 1_000_000_000) >> 32).min(10_000_000) as u64));
+    run_kernel_threads();
     // EWOULDBLOCK (FreeBSD's value): the timeout expired (pause(9)).
     layouts::EWOULDBLOCK
 }
@@ -369,11 +393,43 @@ extern "C" fn emu_delay(usec: c_int) {
     std::thread::sleep(std::time::Duration::from_micros(usec.max(0) as u64));
 }
 
-/// destroy_dev_drain(9): waits for the destroy_dev_sched callbacks of a cdevsw; the emulated
-/// kernel has created no device, so there are none.
+/// destroy_dev_drain(9): waits for the destroy_dev_sched callbacks of a cdevsw: the destroy
+/// thread runs what is scheduled (all of it: nodes are not told apart by cdevsw here).
 extern "C" fn emu_destroy_dev_drain(csw: *mut c_void) {
     may_sleep("destroy_dev_drain");
-    log(format!("destroy_dev_drain({csw:p})"));
+    let n = super::devfs::run_deferred();
+    log(format!("destroy_dev_drain({csw:p}): {n} scheduled destructions ran"));
+}
+
+/// Newbus calls that need the topology lock (bus_topo_assert in subr_bus.c): a finding
+/// without it.
+pub(crate) fn require_topo(what: &str) {
+    if !with(|e| e.topo_locked) {
+        finding(format!("{what} without the newbus topology lock (bus_topo_assert)"));
+    }
+}
+
+thread_local! {
+    static IN_KERNEL_THREADS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The kernel's own threads get to run (the caller sleeps, or taskqueue threads run): GEOM's
+/// event thread (d_gone), devfs's destroy thread (destroy_dev_sched_cb) and interrupt
+/// threads (MSI-X vectors that fired). Not re-entered from code those threads run.
+pub fn run_kernel_threads() -> usize {
+    if IN_KERNEL_THREADS.with(|c| c.replace(true)) {
+        return 0;
+    }
+    let mut n = 0;
+    loop {
+        let ran = super::pci::run_interrupts() + super::geom::run_events() + super::devfs::run_deferred();
+        if ran == 0 {
+            break;
+        }
+        n += ran;
+    }
+    IN_KERNEL_THREADS.with(|c| c.set(false));
+    n
 }
 
 pub fn register(t: &mut KpiTable) {
@@ -398,9 +454,6 @@ pub fn register(t: &mut KpiTable) {
     t.function("_callout_stop_safe", emu_callout_stop_safe as extern "C" fn(_, _) -> _ as usize);
     t.function("bus_topo_lock", emu_bus_topo_lock as extern "C" fn() as usize);
     t.function("bus_topo_unlock", emu_bus_topo_unlock as extern "C" fn() as usize);
-    t.function("devclass_find", emu_devclass_find as extern "C" fn(_) -> _ as usize);
-    t.function("devclass_get_maxunit", emu_devclass_get_maxunit as extern "C" fn(_) -> _ as usize);
-    t.function("devclass_get_device", emu_devclass_get_device as extern "C" fn(_, _) -> _ as usize);
     t.function("binuptime", emu_binuptime as extern "C" fn(_) as usize);
     t.function("getbinuptime", emu_getbinuptime as extern "C" fn(_) as usize);
     t.function("pause_sbt", emu_pause_sbt as extern "C" fn(_, _, _, _) -> _ as usize);

@@ -1,0 +1,223 @@
+//! disk(9) as GEOM presents it to a disk driver (sys/geom/geom_disk.c), recorded.
+//!
+//! - `disk_alloc` may sleep (M_WAITOK) and returns a zeroed `struct disk`.
+//! - `disk_create` refuses a disk of another `DISK_VERSION` with the kernel's warning (a
+//!   finding here) and publishes the disk (no provider is tasted, nothing opens it).
+//! - `disk_gone` withers the disk; since nothing has it open, GEOM's event thread then calls
+//!   the driver's `d_gone` ([`run_events`], run when the module sleeps and when taskqueue
+//!   threads run, never inside `disk_gone` itself). A second `disk_gone` is a finding.
+//! - `disk_destroy` ends the disk; the struct is poisoned and kept. After unload every disk
+//!   must have been destroyed.
+//! - I/O as GEOM's g_down thread sends it ([`open`], [`io`], [`close`]): `d_open` first (a
+//!   consumer gained access), then a `struct bio` (command, offset, length, data, disk) to
+//!   `d_strategy`; the caller waits, letting interrupt and taskqueue threads run, until the
+//!   driver's `biodone` (bounded); after 50 ms without it, time passes for the driver's
+//!   callouts (its watchdog polls the controller). `biodone` marks the bio BIO_DONE; a second
+//!   one panics.
+
+use super::kern::cstr;
+use super::{finding, kernel_panic, log, with};
+use crate::kpi::KpiTable;
+use crate::layouts;
+use std::ffi::c_int;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskState {
+    Allocated,
+    Created,
+    /// disk_gone called, d_gone not yet.
+    Gone,
+    /// d_gone has run.
+    GoneDone,
+    Destroyed,
+}
+
+pub struct DiskRec {
+    pub name: String,
+    pub state: DiskState,
+}
+
+fn name_of(dp: *mut layouts::disk) -> String {
+    // SAFETY: the driver's disk: d_name is a C string it set before disk_create.
+    unsafe { format!("{}{}", cstr((*dp).d_name), (*dp).d_unit) }
+}
+
+extern "C" fn emu_disk_alloc() -> *mut layouts::disk {
+    super::sched::may_sleep("disk_alloc");
+    let p = Box::into_raw(Box::<layouts::disk>::default());
+    with(|e| e.disks.insert(p as u64, DiskRec { name: String::new(), state: DiskState::Allocated }));
+    log(format!("disk_alloc() = {p:p}"));
+    p
+}
+
+extern "C" fn emu_disk_create(dp: *mut layouts::disk, version: c_int) {
+    let name = name_of(dp);
+    if version != layouts::DISK_VERSION {
+        super::kern::console_line(&format!("WARNING: Attempt to add disk {name} using incompatible ABI version of disk(9)\n"));
+        finding(format!("disk_create({name}) with disk(9) version {version:#x}, the kernel's is {:#x}", layouts::DISK_VERSION));
+        return;
+    }
+    let st = with(|e| e.disks.get(&(dp as u64)).map(|d| d.state));
+    if st != Some(DiskState::Allocated) {
+        kernel_panic(&format!("disk_create({name}): not a disk from disk_alloc, or created twice"));
+    }
+    // SAFETY: the driver's filled-in disk.
+    let (ss, size, has_gone, has_strategy) = unsafe { ((*dp).d_sectorsize, (*dp).d_mediasize, (*dp).d_gone.is_some(), (*dp).d_strategy.is_some()) };
+    if !has_strategy {
+        kernel_panic(&format!("disk_create({name}): no d_strategy"));
+    }
+    with(|e| {
+        let d = e.disks.get_mut(&(dp as u64)).expect("disk");
+        d.name = name.clone();
+        d.state = DiskState::Created;
+    });
+    log(format!("disk_create({name}: {size} bytes, {ss}-byte sectors, d_gone {})", if has_gone { "set" } else { "NULL" }));
+}
+
+extern "C" fn emu_disk_gone(dp: *mut layouts::disk) {
+    let st = with(|e| e.disks.get(&(dp as u64)).map(|d| (d.state, d.name.clone())));
+    match st {
+        Some((DiskState::Created, name)) => {
+            with(|e| {
+                e.disks.get_mut(&(dp as u64)).expect("disk").state = DiskState::Gone;
+                e.geom_events.push_back(dp as u64);
+            });
+            log(format!("disk_gone({name}) (d_gone runs from the GEOM event thread)"));
+        }
+        Some((s, name)) => finding(format!("disk_gone({name}) on a disk in state {s:?}")),
+        None => kernel_panic(&format!("disk_gone({dp:p}): not a disk")),
+    }
+}
+
+extern "C" fn emu_disk_destroy(dp: *mut layouts::disk) {
+    let st = with(|e| e.disks.get(&(dp as u64)).map(|d| (d.state, d.name.clone())));
+    let Some((s, name)) = st else { kernel_panic(&format!("disk_destroy({dp:p}): not a disk")) };
+    if s == DiskState::Destroyed {
+        kernel_panic(&format!("disk_destroy({name}): destroyed twice"));
+    }
+    with(|e| e.disks.get_mut(&(dp as u64)).expect("disk").state = DiskState::Destroyed);
+    // SAFETY: the disk struct disk_alloc made; poisoned and kept.
+    unsafe {
+        let w = dp.cast::<u32>();
+        for i in 0..std::mem::size_of::<layouts::disk>() / 4 {
+            w.add(i).write_unaligned(super::kern::FREE_POISON);
+        }
+    }
+    log(format!("disk_destroy({name}) (was {s:?})"));
+}
+
+/// GEOM's event thread: d_gone of every withered disk. Returns how many ran.
+pub fn run_events() -> usize {
+    let mut n = 0;
+    while let Some(dp) = with(|e| e.geom_events.pop_front()) {
+        // SAFETY: a disk disk_gone withered; its d_gone was set by the driver.
+        let f = unsafe { (*(dp as *mut layouts::disk)).d_gone };
+        let name = with(|e| e.disks.get(&dp).map(|d| d.name.clone()).unwrap_or_default());
+        with(|e| e.disks.get_mut(&dp).map(|d| d.state = DiskState::GoneDone));
+        if let Some(f) = f {
+            log(format!("g_event: d_gone({name})"));
+            // SAFETY: the driver's d_gone with its disk; no emulation lock held.
+            unsafe { f(dp as *mut layouts::disk) };
+        }
+        n += 1;
+    }
+    n
+}
+
+fn disk_by_name(name: &str) -> Option<u64> {
+    with(|e| e.disks.iter().find(|(_, d)| d.name == name && d.state == DiskState::Created).map(|(p, _)| *p))
+}
+
+/// g_disk_access: the first open of the provider calls d_open (if the driver has one).
+pub fn open(name: &str) -> c_int {
+    let Some(dp) = disk_by_name(name) else { return layouts::ENXIO };
+    // SAFETY: a created disk of the driver.
+    let f = unsafe { (*(dp as *mut layouts::disk)).d_open };
+    // SAFETY: the driver's d_open with its disk; no emulation lock held.
+    let r = f.map_or(0, |f| unsafe { f(dp as *mut layouts::disk) });
+    log(format!("g_disk_access({name}, open) -> d_open = {r}"));
+    r
+}
+
+/// The last close of the provider calls d_close.
+pub fn close(name: &str) -> c_int {
+    let Some(dp) = disk_by_name(name) else { return layouts::ENXIO };
+    // SAFETY: as open.
+    let f = unsafe { (*(dp as *mut layouts::disk)).d_close };
+    // SAFETY: as open.
+    let r = f.map_or(0, |f| unsafe { f(dp as *mut layouts::disk) });
+    log(format!("g_disk_access({name}, close) -> d_close = {r}"));
+    r
+}
+
+/// One bio of `cmd` (BIO_READ or BIO_WRITE) at `offset` over `buf` through the disk's
+/// d_strategy; waits at most `timeout` for biodone. Returns bio_error (ETIMEDOUT-like -1 if
+/// biodone never came: the bio then stays allocated, as the driver may still complete it).
+pub fn io(name: &str, cmd: u32, offset: i64, buf: &mut [u8], timeout: std::time::Duration) -> c_int {
+    let Some(dp) = disk_by_name(name) else { return layouts::ENXIO };
+    let mut bp = Box::<layouts::bio>::default();
+    bp.bio_cmd = cmd as u16;
+    bp.bio_offset = offset;
+    bp.bio_length = buf.len() as i64;
+    bp.bio_bcount = buf.len() as _;
+    bp.bio_data = buf.as_mut_ptr().cast();
+    bp.bio_disk = dp as *mut layouts::disk;
+    let bp = Box::into_raw(bp);
+    // SAFETY: a created disk of the driver: d_strategy is set (disk_create checks it).
+    let strategy = unsafe { (*(dp as *mut layouts::disk)).d_strategy }.expect("d_strategy");
+    let what = if cmd == layouts::BIO_READ as u32 { "BIO_READ" } else { "BIO_WRITE" };
+    log(format!("g_down: d_strategy({name}, {what}, offset {offset}, {} bytes) bio {bp:p}", buf.len()));
+    // SAFETY: the driver's strategy with a bio it owns until biodone; no emulation lock held.
+    unsafe { strategy(bp) };
+    let start = std::time::Instant::now();
+    let mut idle = start;
+    loop {
+        // SAFETY: our bio; the driver only sets its fields.
+        if unsafe { (*bp).bio_flags } & layouts::BIO_DONE as u16 != 0 {
+            break;
+        }
+        if start.elapsed() > timeout {
+            log(format!("g_down: bio {bp:p} not done after {timeout:?}"));
+            return -1;
+        }
+        if super::sched::run_queues(1000) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // No interrupt for 50 ms: let the driver's timers run (its watchdog polls).
+        if idle.elapsed() > std::time::Duration::from_millis(50) {
+            super::sched::fire_callouts();
+            idle = std::time::Instant::now();
+        }
+    }
+    // SAFETY: done: the driver no longer touches it.
+    let b = unsafe { Box::from_raw(bp) };
+    log(format!("g_up: bio {bp:p} done: error {}, resid {}", b.bio_error, b.bio_resid));
+    if b.bio_flags & layouts::BIO_ERROR as u16 != 0 { b.bio_error.max(1) } else { 0 }
+}
+
+/// biodone(9): the request is finished (flags BIO_DONE); GEOM's g_up would deliver it.
+extern "C" fn emu_biodone(bp: *mut layouts::bio) {
+    // SAFETY: a bio the driver got from d_strategy.
+    let b = unsafe { &mut *bp };
+    if b.bio_flags & layouts::BIO_DONE as u16 != 0 {
+        kernel_panic(&format!("biodone: bio {bp:p} already done"));
+    }
+    b.bio_flags |= layouts::BIO_DONE as u16;
+    log(format!("biodone({bp:p}): error {}, flags {:#x}, resid {}", b.bio_error, b.bio_flags, b.bio_resid));
+}
+
+/// Disks not destroyed (after unload).
+pub fn end_of_life_checks() {
+    let left: Vec<(String, DiskState)> = with(|e| e.disks.values().filter(|d| d.state != DiskState::Destroyed).map(|d| (d.name.clone(), d.state)).collect());
+    for (n, s) in left {
+        finding(format!("after unload: disk {n} never destroyed (state {s:?})"));
+    }
+}
+
+pub fn register(t: &mut KpiTable) {
+    t.function("disk_alloc", emu_disk_alloc as extern "C" fn() -> _ as usize);
+    t.function("disk_create", emu_disk_create as extern "C" fn(_, _) as usize);
+    t.function("disk_gone", emu_disk_gone as extern "C" fn(_) as usize);
+    t.function("disk_destroy", emu_disk_destroy as extern "C" fn(_) as usize);
+    t.function("biodone", emu_biodone as extern "C" fn(_) as usize);
+}

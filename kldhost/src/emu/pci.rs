@@ -1,0 +1,553 @@
+//! pci(4) under the module: the methods of the `pci0` bus (and its `pcib0` bridge) that the
+//! module's inline kobj dispatch reaches, bus resources and interrupts of a pci child, all over
+//! QEMU (super::machine).
+//!
+//! - Config space: `pci_read_config`/`pci_write_config` and the ivars (vendor, device, class,
+//!   slot, function) read the function's config space through qtest.
+//! - Bus mastering: the command register's bit, read-modify-write (sys/dev/pci/pci.c
+//!   pci_enable_busmaster_method).
+//! - BARs are sized at enumeration as pci(4)'s pci_add_map does (all-ones written with decode
+//!   off, the mask read back, the address restored). `bus_alloc_resource(SYS_RES_MEMORY, rid)`
+//!   of a BAR gives a `struct resource` whose bus tag is X86_BUS_SPACE_MEM and whose handle is
+//!   a trapping window (super::mmio); a BAR can be allocated once at a time (rman).
+//! - MSI-X: the vector count from the capability; `pci_alloc_msix` grants what is asked (up
+//!   to the count) and enables MSI-X with every vector masked, as pci_alloc_msix_method does;
+//!   `bus_setup_intr` on IRQ rid k programs table entry k-1 with an address in guest RAM (a
+//!   mailbox below the DMA pool) and data k, and unmasks it. The interrupt thread is
+//!   [`run_interrupts`]: a non-zero mailbox word is cleared and the handler runs (filter first,
+//!   if any). It runs when the module sleeps (pause_sbt, DELAY) and when taskqueue threads
+//!   run. INTx (rid 0) can be allocated and set up but never fires.
+//! - BUS_CHILD_DETACHED is pci_child_detached: a driver that detached with memory or IRQ
+//!   resources or MSI vectors still allocated gets pci(4)'s "Device leaked ..." message, and
+//!   here a finding; the vectors are released as pci(4) does.
+
+use super::machine::{self, cfg_read, cfg_write};
+use super::newbus::{self, HostClass};
+use super::{finding, kernel_panic, log, with};
+use crate::kpi::KpiTable;
+use crate::layouts;
+use nvmehp_lab::firmware::{Bdf, PciFunction};
+use std::ffi::{c_int, c_void};
+
+/// Guest-physical base of the MSI-X mailboxes (4 bytes per vector), below the DMA pool.
+pub const MSIX_MAILBOX: u64 = 0x10_0000;
+/// PCI capability ids and registers used here (PCI Local Bus 3.0, sys/dev/pci/pcireg.h).
+const PCIY_MSIX: u8 = 0x11;
+const PCIY_MSI: u8 = 0x05;
+const PCIR_COMMAND: u16 = 0x04;
+const PCIM_CMD_BUSMASTEREN: u32 = 0x4;
+const PCIM_MSIXCTRL_ENABLE: u32 = 0x8000;
+const PCIM_MSIXCTRL_FUNCTION_MASK: u32 = 0x4000;
+
+/// A BAR of a pci child: its rid (config offset), physical address and size.
+#[derive(Clone, Debug)]
+pub struct Bar {
+    pub rid: c_int,
+    pub phys: u64,
+    pub size: u64,
+    /// The resource allocated on it, if any.
+    pub allocated: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Msix {
+    pub cap: u16,
+    pub count: u32,
+    pub table_rid: c_int,
+    pub table_off: u64,
+    pub pba_rid: c_int,
+    pub allocated: u32,
+}
+
+/// The pci(4) state of one child (its `struct pci_devinfo`, in part).
+#[derive(Clone, Debug)]
+pub struct PciChild {
+    pub bdf: Bdf,
+    pub bars: Vec<Bar>,
+    pub msix: Option<Msix>,
+    /// MSI vectors the capability offers (0: no MSI capability).
+    pub msi: u32,
+}
+
+/// A `struct resource` handed out, with its owner.
+pub struct Res {
+    pub dev: u64,
+    pub kind: c_int,
+    pub rid: c_int,
+    pub size: u64,
+    pub window: u64,
+}
+
+/// An interrupt handler set up on an IRQ resource.
+pub struct Intr {
+    pub dev: u64,
+    pub res: u64,
+    pub rid: c_int,
+    pub filter: u64,
+    pub handler: u64,
+    pub arg: u64,
+}
+
+#[derive(Default)]
+pub struct PciState {
+    pub resources: std::collections::BTreeMap<u64, Res>,
+    /// Cookie to handler.
+    pub intrs: std::collections::BTreeMap<u64, Intr>,
+}
+
+fn find_cap(bdf: Bdf, id: u8) -> Option<u16> {
+    let mut at = cfg_read(bdf, 0x34, 1) as u16 & 0xfc;
+    for _ in 0..48 {
+        if at < 0x40 {
+            return None;
+        }
+        let hdr = cfg_read(bdf, at, 2);
+        if hdr as u8 == id {
+            return Some(at);
+        }
+        at = (hdr >> 8) as u16 & 0xfc;
+    }
+    None
+}
+
+/// pci(4)'s enumeration of one function: BARs sized, MSI-X and MSI capabilities read.
+pub fn enumerate(f: &PciFunction) -> PciChild {
+    let bdf = f.bdf;
+    let cmd = cfg_read(bdf, PCIR_COMMAND, 2);
+    cfg_write(bdf, PCIR_COMMAND, cmd & !0x3, 2);
+    let mut bars = Vec::new();
+    let mut i = 0u16;
+    while i < 6 {
+        let reg = 0x10 + 4 * i;
+        let lo = cfg_read(bdf, reg, 4);
+        let is64 = lo & 1 == 0 && (lo >> 1) & 3 == 2;
+        cfg_write(bdf, reg, u32::MAX, 4);
+        let mask = cfg_read(bdf, reg, 4);
+        cfg_write(bdf, reg, lo, 4);
+        let mut hi = 0;
+        if is64 {
+            hi = cfg_read(bdf, reg + 4, 4);
+        }
+        if lo & 1 == 0 && mask & !0xf != 0 {
+            let size = u64::from(!(mask & !0xf)) + 1;
+            let phys = u64::from(lo & !0xf) | u64::from(hi) << 32;
+            bars.push(Bar { rid: c_int::from(reg), phys, size, allocated: 0 });
+        }
+        i += if is64 { 2 } else { 1 };
+    }
+    cfg_write(bdf, PCIR_COMMAND, cmd, 2);
+    let msix = find_cap(bdf, PCIY_MSIX).map(|cap| {
+        let ctrl = cfg_read(bdf, cap + 2, 2);
+        let table = cfg_read(bdf, cap + 4, 4);
+        let pba = cfg_read(bdf, cap + 8, 4);
+        Msix {
+            cap,
+            count: (ctrl & 0x7ff) + 1,
+            table_rid: 0x10 + 4 * (table & 7) as c_int,
+            table_off: u64::from(table & !7),
+            pba_rid: 0x10 + 4 * (pba & 7) as c_int,
+            allocated: 0,
+        }
+    });
+    // Multiple Message Capable: log2 of the vector count (PCI 3.0, 6.8.1.3).
+    let msi = find_cap(bdf, PCIY_MSI).map_or(0, |cap| 1 << ((cfg_read(bdf, cap + 2, 2) >> 1) & 7));
+    PciChild { bdf, bars, msix, msi }
+}
+
+fn child_of(child: *mut c_void) -> PciChild {
+    let c = with(|e| e.newbus.devices.get(&(child as u64)).and_then(|d| d.pci.clone()));
+    c.unwrap_or_else(|| kernel_panic(&format!("pci: {child:p} is not a child of pci0")))
+}
+
+fn update_child(child: u64, f: impl FnOnce(&mut PciChild)) {
+    with(|e| {
+        if let Some(p) = e.newbus.devices.get_mut(&child).and_then(|d| d.pci.as_mut()) {
+            f(p)
+        }
+    })
+}
+
+// --- pci0's methods (pci_if.m, bus_if.m) ------------------------------------------------------
+
+extern "C" fn pci_read_ivar(_dev: *mut c_void, child: *mut c_void, which: c_int, result: *mut usize) -> c_int {
+    let c = child_of(child);
+    let b = c.bdf;
+    // The order of enum pci_device_ivars (sys/dev/pci/pcivar.h).
+    let v = match which {
+        0 => cfg_read(b, 0x2c, 2) as usize,
+        1 => cfg_read(b, 0x2e, 2) as usize,
+        2 => cfg_read(b, 0x00, 2) as usize,
+        3 => cfg_read(b, 0x02, 2) as usize,
+        4 => cfg_read(b, 0x00, 4) as usize,
+        5 => cfg_read(b, 0x0b, 1) as usize,
+        6 => cfg_read(b, 0x0a, 1) as usize,
+        7 => cfg_read(b, 0x09, 1) as usize,
+        8 => cfg_read(b, 0x08, 1) as usize,
+        9 => cfg_read(b, 0x3d, 1) as usize,
+        10 => cfg_read(b, 0x3c, 1) as usize,
+        11 => 0,
+        12 => usize::from(b.bus),
+        13 => usize::from(b.dev),
+        14 => usize::from(b.func),
+        _ => {
+            log(format!("BUS_READ_IVAR(pci0, ivar {which}) = ENOENT"));
+            return layouts::ENOENT;
+        }
+    };
+    // SAFETY: the caller's uintptr_t.
+    unsafe { *result = v };
+    0
+}
+
+extern "C" fn pci_read_config_m(_dev: *mut c_void, child: *mut c_void, reg: c_int, width: c_int) -> u32 {
+    let c = child_of(child);
+    let v = cfg_read(c.bdf, reg as u16, width);
+    log(format!("pci_read_config({}, {reg:#x}, {width}) = {v:#x}", newbus::nameunit(child as u64)));
+    v
+}
+
+extern "C" fn pci_write_config_m(_dev: *mut c_void, child: *mut c_void, reg: c_int, val: u32, width: c_int) {
+    let c = child_of(child);
+    cfg_write(c.bdf, reg as u16, val, width);
+    log(format!("pci_write_config({}, {reg:#x}, {val:#x}, {width})", newbus::nameunit(child as u64)));
+}
+
+fn set_busmaster(child: *mut c_void, on: bool) -> c_int {
+    let c = child_of(child);
+    let cmd = cfg_read(c.bdf, PCIR_COMMAND, 2);
+    let new = if on { cmd | PCIM_CMD_BUSMASTEREN } else { cmd & !PCIM_CMD_BUSMASTEREN };
+    cfg_write(c.bdf, PCIR_COMMAND, new, 2);
+    log(format!("pci_{}_busmaster({}) (command {cmd:#x} -> {new:#x})", if on { "enable" } else { "disable" }, newbus::nameunit(child as u64)));
+    0
+}
+
+extern "C" fn pci_enable_busmaster_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
+    set_busmaster(child, true)
+}
+
+extern "C" fn pci_disable_busmaster_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
+    set_busmaster(child, false)
+}
+
+extern "C" fn pci_msix_count_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
+    child_of(child).msix.map_or(0, |m| m.count as c_int)
+}
+
+extern "C" fn pci_msi_count_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
+    child_of(child).msi as c_int
+}
+
+extern "C" fn pci_msix_table_bar_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
+    child_of(child).msix.map_or(-1, |m| m.table_rid)
+}
+
+extern "C" fn pci_msix_pba_bar_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
+    child_of(child).msix.map_or(-1, |m| m.pba_rid)
+}
+
+/// Writes MSI-X table entry `i` of `c` (address, data, vector control) through qtest.
+fn msix_entry(c: &PciChild, i: u32, addr: u64, data: u32, masked: bool) {
+    let Some(m) = &c.msix else { return };
+    let Some(bar) = c.bars.iter().find(|b| b.rid == m.table_rid) else { return };
+    let at = bar.phys + m.table_off + 16 * u64::from(i);
+    machine::with_machine(|mc| {
+        let q = &mut mc.qtest;
+        let _ = q.writel(at, addr as u32);
+        let _ = q.writel(at + 4, (addr >> 32) as u32);
+        let _ = q.writel(at + 8, data);
+        let _ = q.writel(at + 12, u32::from(masked));
+    });
+}
+
+extern "C" fn pci_alloc_msix_m(_dev: *mut c_void, child: *mut c_void, count: *mut c_int) -> c_int {
+    let c = child_of(child);
+    // SAFETY: the caller's int.
+    let want = unsafe { *count };
+    let Some(m) = c.msix.clone() else { return layouts::ENODEV };
+    if m.allocated > 0 || want < 1 {
+        return layouts::ENXIO;
+    }
+    let n = (want as u32).min(m.count);
+    for i in 0..m.count {
+        msix_entry(&c, i, 0, 0, true);
+    }
+    let ctrl = cfg_read(c.bdf, m.cap + 2, 2);
+    cfg_write(c.bdf, m.cap + 2, (ctrl | PCIM_MSIXCTRL_ENABLE) & !PCIM_MSIXCTRL_FUNCTION_MASK, 2);
+    update_child(child as u64, |p| p.msix.as_mut().expect("msix").allocated = n);
+    // SAFETY: as above.
+    unsafe { *count = n as c_int };
+    log(format!("pci_alloc_msix({}, {want}) = 0, {n} vectors", newbus::nameunit(child as u64)));
+    0
+}
+
+/// MSI allocation is not emulated: QEMU's NVMe model has MSI-X only, so the module never
+/// gets here on this machine; a function with MSI would be refused, never half-served.
+extern "C" fn pci_alloc_msi_m(_dev: *mut c_void, child: *mut c_void, _count: *mut c_int) -> c_int {
+    log(format!("pci_alloc_msi({}) = ENXIO (not emulated)", newbus::nameunit(child as u64)));
+    layouts::ENXIO
+}
+
+/// pci_release_msi_method: MSI-X off, vectors given back; ENODEV if none were allocated. It
+/// refuses (EBUSY) while an IRQ resource of a vector is still allocated.
+fn release_msi(child: u64) -> c_int {
+    let c = child_of(child as *mut c_void);
+    let Some(m) = c.msix.clone().filter(|m| m.allocated > 0) else { return layouts::ENODEV };
+    let busy = with(|e| e.pci.resources.values().any(|r| r.dev == child && r.kind == layouts::SYS_RES_IRQ && r.rid > 0));
+    if busy {
+        return layouts::EBUSY;
+    }
+    let ctrl = cfg_read(c.bdf, m.cap + 2, 2);
+    cfg_write(c.bdf, m.cap + 2, ctrl & !PCIM_MSIXCTRL_ENABLE, 2);
+    update_child(child, |p| p.msix.as_mut().expect("msix").allocated = 0);
+    log(format!("pci_release_msi({}) = 0", newbus::nameunit(child)));
+    0
+}
+
+extern "C" fn pci_release_msi_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
+    release_msi(child as u64)
+}
+
+// --- pcib0's methods (pcib_if.m) --------------------------------------------------------------
+
+extern "C" fn pcib_read_ivar(_dev: *mut c_void, _child: *mut c_void, which: c_int, result: *mut usize) -> c_int {
+    // enum pcib_device_ivars: PCIB_IVAR_DOMAIN, PCIB_IVAR_BUS; both 0 on this machine.
+    if !(0..=1).contains(&which) {
+        return layouts::ENOENT;
+    }
+    // SAFETY: the caller's uintptr_t.
+    unsafe { *result = 0 };
+    0
+}
+
+extern "C" fn pcib_read_config_m(_dev: *mut c_void, bus: u32, slot: u32, func: u32, reg: u32, width: c_int) -> u32 {
+    let bdf = Bdf { bus: bus as u8, dev: slot as u8, func: func as u8 };
+    cfg_read(bdf, reg as u16, width)
+}
+
+extern "C" fn pcib_maxfuncs_m(_dev: *mut c_void) -> c_int {
+    7 // PCI_FUNCMAX
+}
+
+/// The host function for method `name` of a host class, or None (the lookup then panics).
+pub fn method(kind: HostClass, name: &str) -> Option<usize> {
+    Some(match (kind, name) {
+        (HostClass::Pci, "bus_read_ivar_desc") => pci_read_ivar as extern "C" fn(_, _, _, _) -> _ as usize,
+        (HostClass::Pci, "pci_read_config_desc") => pci_read_config_m as extern "C" fn(_, _, _, _) -> _ as usize,
+        (HostClass::Pci, "pci_write_config_desc") => pci_write_config_m as extern "C" fn(_, _, _, _, _) as usize,
+        (HostClass::Pci, "pci_enable_busmaster_desc") => pci_enable_busmaster_m as extern "C" fn(_, _) -> _ as usize,
+        (HostClass::Pci, "pci_disable_busmaster_desc") => pci_disable_busmaster_m as extern "C" fn(_, _) -> _ as usize,
+        (HostClass::Pci, "pci_msix_count_desc") => pci_msix_count_m as extern "C" fn(_, _) -> _ as usize,
+        (HostClass::Pci, "pci_msi_count_desc") => pci_msi_count_m as extern "C" fn(_, _) -> _ as usize,
+        (HostClass::Pci, "pci_msix_table_bar_desc") => pci_msix_table_bar_m as extern "C" fn(_, _) -> _ as usize,
+        (HostClass::Pci, "pci_msix_pba_bar_desc") => pci_msix_pba_bar_m as extern "C" fn(_, _) -> _ as usize,
+        (HostClass::Pci, "pci_alloc_msix_desc") => pci_alloc_msix_m as extern "C" fn(_, _, _) -> _ as usize,
+        (HostClass::Pci, "pci_alloc_msi_desc") => pci_alloc_msi_m as extern "C" fn(_, _, _) -> _ as usize,
+        (HostClass::Pci, "pci_release_msi_desc") => pci_release_msi_m as extern "C" fn(_, _) -> _ as usize,
+        (HostClass::Pcib, "bus_read_ivar_desc") => pcib_read_ivar as extern "C" fn(_, _, _, _) -> _ as usize,
+        (HostClass::Pcib, "pcib_read_config_desc") => pcib_read_config_m as extern "C" fn(_, _, _, _, _, _) -> _ as usize,
+        (HostClass::Pcib, "pcib_maxfuncs_desc") => pcib_maxfuncs_m as extern "C" fn(_) -> _ as usize,
+        _ => return None,
+    })
+}
+
+// --- resources --------------------------------------------------------------------------------
+
+extern "C" fn emu_bus_alloc_resource(dev: *mut c_void, kind: c_int, rid: *mut c_int, start: u64, end: u64, count: u64, flags: u32) -> *mut layouts::resource {
+    let c = child_of(dev);
+    // SAFETY: the caller's int.
+    let r = unsafe { *rid };
+    let name = newbus::nameunit(dev as u64);
+    let mut res = Box::<layouts::resource>::default();
+    let (size, window) = match kind {
+        layouts::SYS_RES_MEMORY => {
+            let Some(bar) = c.bars.iter().find(|b| b.rid == r) else {
+                log(format!("bus_alloc_resource({name}, SYS_RES_MEMORY, rid {r:#x}) = NULL (no such BAR)"));
+                return std::ptr::null_mut();
+            };
+            if bar.allocated != 0 {
+                log(format!("bus_alloc_resource({name}, SYS_RES_MEMORY, rid {r:#x}) = NULL (already allocated)"));
+                return std::ptr::null_mut();
+            }
+            let w = super::mmio::map_bar(bar.phys, bar.size, &format!("{name} BAR {r:#x}"));
+            res.r_bustag = layouts::X86_BUS_SPACE_MEM as u64;
+            res.r_bushandle = w;
+            (bar.size, w)
+        }
+        layouts::SYS_RES_IRQ => {
+            let vectors = c.msix.as_ref().map_or(0, |m| m.allocated) as c_int;
+            let taken = with(|e| e.pci.resources.values().any(|x| x.dev == dev as u64 && x.kind == kind && x.rid == r));
+            if (r > 0 && r > vectors) || taken {
+                log(format!("bus_alloc_resource({name}, SYS_RES_IRQ, rid {r}) = NULL"));
+                return std::ptr::null_mut();
+            }
+            res.r_bushandle = r as u64;
+            (1, 0)
+        }
+        _ => {
+            log(format!("bus_alloc_resource({name}, type {kind}, rid {r}) = NULL (type not emulated)"));
+            return std::ptr::null_mut();
+        }
+    };
+    let p = Box::into_raw(res) as u64;
+    if kind == layouts::SYS_RES_MEMORY {
+        update_child(dev as u64, |pc| {
+            if let Some(b) = pc.bars.iter_mut().find(|b| b.rid == r) {
+                b.allocated = p;
+            }
+        });
+    }
+    with(|e| e.pci.resources.insert(p, Res { dev: dev as u64, kind, rid: r, size, window }));
+    log(format!("bus_alloc_resource({name}, type {kind}, rid {r:#x}, {start:#x}, {end:#x}, {count}, flags {flags:#x}) = {p:#x}"));
+    p as *mut _
+}
+
+extern "C" fn emu_bus_release_resource(dev: *mut c_void, r: *mut layouts::resource) -> c_int {
+    let res = with(|e| {
+        let ok = e.pci.resources.get(&(r as u64)).is_some_and(|x| x.dev == dev as u64);
+        if ok { e.pci.resources.remove(&(r as u64)) } else { None }
+    });
+    let Some(res) = res else {
+        log(format!("bus_release_resource({dev:p}, {r:p}) = EINVAL"));
+        return layouts::EINVAL;
+    };
+    let has_intr = with(|e| e.pci.intrs.values().any(|i| i.res == r as u64));
+    if has_intr {
+        finding(format!("bus_release_resource({}, irq rid {}) with an interrupt handler still set up", newbus::nameunit(dev as u64), res.rid));
+    }
+    if res.window != 0 {
+        super::mmio::unmap_bar(res.window);
+        update_child(dev as u64, |pc| {
+            if let Some(b) = pc.bars.iter_mut().find(|b| b.allocated == r as u64) {
+                b.allocated = 0;
+            }
+        });
+    }
+    log(format!("bus_release_resource({}, type {}, rid {:#x}) = 0", newbus::nameunit(dev as u64), res.kind, res.rid));
+    // The struct stays allocated (a stale pointer reads the old values, not someone else's).
+    0
+}
+
+extern "C" fn emu_rman_get_size(r: *mut layouts::resource) -> u64 {
+    with(|e| e.pci.resources.get(&(r as u64)).map(|x| x.size)).unwrap_or_else(|| kernel_panic(&format!("rman_get_size({r:p}): not an allocated resource")))
+}
+
+extern "C" fn emu_bus_setup_intr(dev: *mut c_void, r: *mut layouts::resource, flags: c_int, filter: u64, handler: u64, arg: u64, cookiep: *mut *mut c_void) -> c_int {
+    let Some(rid) = with(|e| e.pci.resources.get(&(r as u64)).filter(|x| x.kind == layouts::SYS_RES_IRQ).map(|x| x.rid)) else {
+        return layouts::EINVAL;
+    };
+    if filter == 0 && handler == 0 {
+        return layouts::EINVAL;
+    }
+    let cookie = Box::into_raw(Box::new(0u64)) as u64;
+    with(|e| e.pci.intrs.insert(cookie, Intr { dev: dev as u64, res: r as u64, rid, filter, handler, arg }));
+    if rid > 0 {
+        let c = child_of(dev);
+        msix_entry(&c, rid as u32 - 1, MSIX_MAILBOX + 4 * rid as u64, rid as u32, false);
+    }
+    // SAFETY: the caller's cookie pointer.
+    unsafe { *cookiep = cookie as *mut c_void };
+    log(format!("bus_setup_intr({}, irq rid {rid}, flags {flags:#x}) = 0 ({})", newbus::nameunit(dev as u64), if rid > 0 { "MSI-X to a guest-RAM mailbox" } else { "INTx: never fires here" }));
+    0
+}
+
+extern "C" fn emu_bus_teardown_intr(dev: *mut c_void, _r: *mut layouts::resource, cookie: *mut c_void) -> c_int {
+    super::sched::may_sleep("bus_teardown_intr");
+    let Some(i) = with(|e| e.pci.intrs.remove(&(cookie as u64))) else {
+        return layouts::EINVAL;
+    };
+    if i.rid > 0 {
+        let c = child_of(dev);
+        msix_entry(&c, i.rid as u32 - 1, 0, 0, true);
+    }
+    log(format!("bus_teardown_intr({}, irq rid {}) = 0", newbus::nameunit(dev as u64), i.rid));
+    0
+}
+
+type Filter = unsafe extern "C" fn(*mut c_void) -> c_int;
+type Handler = unsafe extern "C" fn(*mut c_void);
+
+/// The interrupt threads: every MSI-X vector whose mailbox QEMU wrote runs its handler once.
+/// Returns how many ran.
+pub fn run_interrupts() -> usize {
+    if !machine::has_machine() {
+        return 0;
+    }
+    let intrs: Vec<(u64, c_int, u64, u64, u64)> = with(|e| e.pci.intrs.values().filter(|i| i.rid > 0).map(|i| (i.dev, i.rid, i.filter, i.handler, i.arg)).collect());
+    let mut n = 0;
+    for (dev, rid, filter, handler, arg) in intrs {
+        // Read and cleared in one atomic swap: a message QEMU writes meanwhile is not lost.
+        let fired = machine::with_machine(|m| m.ram.swap_u32(MSIX_MAILBOX + 4 * rid as u64, 0).is_ok_and(|v| v != 0));
+        if !fired {
+            continue;
+        }
+        log(format!("{}: interrupt (IRQ rid {rid}, MSI-X table entry {})", newbus::nameunit(dev), rid - 1));
+        // SAFETY: the handler and argument the module set up with bus_setup_intr, not torn
+        // down (still listed); no emulation lock is held.
+        unsafe {
+            if filter != 0 {
+                std::mem::transmute::<u64, Filter>(filter)(arg as *mut c_void);
+            }
+            if handler != 0 {
+                std::mem::transmute::<u64, Handler>(handler)(arg as *mut c_void);
+            }
+        }
+        n += 1;
+    }
+    n
+}
+
+// --- what pci(4) prints and checks ------------------------------------------------------------
+
+/// bus_print_child for a pci child: "nvmehp0: <desc> mem a-b at device 4.0 on pci0".
+pub fn print_child(dev: u64) {
+    let (desc, pc) = with(|e| e.newbus.devices.get(&dev).map(|d| (d.desc.clone(), d.pci.clone())).unwrap_or_default());
+    let Some(pc) = pc else { return };
+    let mems: Vec<String> = pc.bars.iter().map(|b| format!("{:#x}-{:#x}", b.phys, b.phys + b.size - 1)).collect();
+    let desc = desc.map(|d| format!(" <{d}>")).unwrap_or_default();
+    let mem = if mems.is_empty() { String::new() } else { format!(" mem {}", mems.join(",")) };
+    super::kern::console_line(&format!("{}:{desc}{mem} at device {}.{} on pci0\n", newbus::nameunit(dev), pc.bdf.dev, pc.bdf.func));
+}
+
+/// pci_probe_nomatch: the function no driver took.
+pub fn probe_nomatch(dev: u64) {
+    let pc = with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.clone()));
+    let Some(pc) = pc else { return };
+    let class = cfg_read(pc.bdf, 0x08, 4) >> 8;
+    let what = if class == 0x01_08_02 { "mass storage, NVM" } else { "unknown" };
+    super::kern::console_line(&format!("pci0: <{what}> at device {}.{} (no driver attached)\n", pc.bdf.dev, pc.bdf.func));
+}
+
+/// pci_child_detached: resources a detached driver left are released with pci(4)'s message.
+pub fn child_detached(dev: u64) {
+    let pc = with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.clone()));
+    let Some(pc) = pc else { return };
+    let loc = format!("pci0:{}:{}:{}", pc.bdf.bus, pc.bdf.dev, pc.bdf.func);
+    let intrs: Vec<u64> = with(|e| e.pci.intrs.iter().filter(|(_, i)| i.dev == dev).map(|(c, _)| *c).collect());
+    if !intrs.is_empty() {
+        finding(format!("{}: detached with {} interrupt handlers still set up", newbus::nameunit(dev), intrs.len()));
+        with(|e| e.pci.intrs.retain(|_, i| i.dev != dev));
+    }
+    for (kind, what) in [(layouts::SYS_RES_MEMORY, "memory"), (layouts::SYS_RES_IRQ, "IRQ")] {
+        let leaked: Vec<u64> = with(|e| e.pci.resources.iter().filter(|(_, r)| r.dev == dev && r.kind == kind).map(|(p, _)| *p).collect());
+        if !leaked.is_empty() {
+            super::kern::console_line(&format!("{loc}: Device leaked {what} resources\n"));
+            finding(format!("{}: detached with {} {what} resources still allocated", newbus::nameunit(dev), leaked.len()));
+            for r in leaked {
+                emu_bus_release_resource(dev as *mut c_void, r as *mut _);
+            }
+        }
+    }
+    if pc.msix.as_ref().is_some_and(|m| m.allocated > 0) {
+        super::kern::console_line(&format!("{loc}: Device leaked MSI vectors\n"));
+        finding(format!("{}: detached with MSI-X vectors still allocated", newbus::nameunit(dev)));
+        release_msi(dev);
+    }
+}
+
+pub fn register(t: &mut KpiTable) {
+    t.function("bus_alloc_resource", emu_bus_alloc_resource as extern "C" fn(_, _, _, _, _, _, _) -> _ as usize);
+    t.function("bus_release_resource", emu_bus_release_resource as extern "C" fn(_, _) -> _ as usize);
+    t.function("rman_get_size", emu_rman_get_size as extern "C" fn(_) -> _ as usize);
+    t.function("bus_setup_intr", emu_bus_setup_intr as extern "C" fn(_, _, _, _, _, _, _) -> _ as usize);
+    t.function("bus_teardown_intr", emu_bus_teardown_intr as extern "C" fn(_, _, _) -> _ as usize);
+}
