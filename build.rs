@@ -65,6 +65,12 @@ mod kld {
         "_callout_init_lock", "callout_reset_sbt_on", "_callout_stop_safe",
         // disk(9)
         "disk_alloc", "disk_create", "disk_gone", "disk_destroy", "biodone",
+        // bioq: bios waiting for a free tracker (functions of sys/kern/subr_disk.c, declared
+        // in <sys/bio.h>)
+        "bioq_init", "bioq_insert_tail", "bioq_insert_head", "bioq_takefirst",
+        // busdma(9): the payload tag and loading a bio (the map operations are inline on
+        // amd64: the glue wraps them)
+        "bus_get_dma_tag", "bus_dma_tag_create", "bus_dma_tag_destroy", "bus_dmamap_load_bio",
         // newbus topology changes (under bus_topo_lock)
         "bus_topo_lock", "bus_topo_unlock", "device_detach", "device_find_child", "pci_find_dbsf",
         // single-slot rescan (pci_private.h): what pci_rescan_method does for one new function
@@ -101,14 +107,16 @@ mod kld {
     /// Macro constants the Rust side uses.
     const KPI_CONSTANTS: &[&str] = &[
         "M_NOWAIT", "M_WAITOK", "M_ZERO", "PAGE_SIZE", "PWAIT", "MTX_DEF",
-        "ENXIO", "ENOMEM", "EBUSY", "EINVAL", "EIO", "ENOTTY", "EOPNOTSUPP", "EEXIST", "ENAMETOOLONG", "SPECNAMELEN",
+        "ENXIO", "ENOMEM", "EBUSY", "EFBIG", "EINVAL", "EIO", "ENOTTY", "EOPNOTSUPP", "EEXIST", "ENAMETOOLONG", "SPECNAMELEN",
         "SYS_RES_MEMORY", "RF_ACTIVE", "BUS_PROBE_LOW_PRIORITY", "BUS_PROBE_NOWILDCARD",
         "BUS_PROBE_DEFAULT", "BUS_PROBE_GENERIC", "BUS_PROBE_HOOVER",
-        "PCIR_VENDOR", "PCIR_HDRTYPE", "PCIM_HDRTYPE", "PCI_MAXHDRTYPE", "PCIM_MFDEV", "PCI_FUNCMAX", "PCI_SLOTMAX", "PCIC_STORAGE", "PCIS_STORAGE_NVM", "PCIP_STORAGE_NVM_ENTERPRISE_NVMHCI_1_0",
+        "PCIR_VENDOR", "PCIR_COMMAND", "PCIM_CMD_BUSMASTEREN", "PCIR_HDRTYPE", "PCIM_HDRTYPE", "PCI_MAXHDRTYPE", "PCIM_MFDEV", "PCI_FUNCMAX", "PCI_SLOTMAX", "PCIC_STORAGE", "PCIS_STORAGE_NVM", "PCIP_STORAGE_NVM_ENTERPRISE_NVMHCI_1_0",
         "MAKEDEV_WAITOK", "MAKEDEV_NOWAIT", "MAKEDEV_CHECKNAME", "UID_ROOT", "GID_OPERATOR", "D_VERSION", "BUS_SPACE_MAXADDR",
         "ACPI_SYSTEM_NOTIFY", "ACPI_TYPE_DEVICE", "ACPI_TYPE_INTEGER", "ACPI_TYPE_BUFFER",
         "ACPI_FULL_PATHNAME", "SYS_RES_IRQ", "RF_SHAREABLE", "CS_DRAIN", "DISK_VERSION",
-        "DISKFLAG_.*", "BIO_READ", "BIO_WRITE", "BIO_FLUSH", "BIO_DELETE", "BIO_ERROR",
+        "DISKFLAG_.*", "BIO_READ", "BIO_WRITE", "BIO_FLUSH", "BIO_DELETE", "BIO_ERROR", "BIO_UNMAPPED",
+        "BUS_DMA_NOWAIT", "BUS_DMASYNC_PREREAD", "BUS_DMASYNC_PREWRITE", "BUS_DMASYNC_POSTREAD",
+        "BUS_DMASYNC_POSTWRITE",
     ];
 
     pub fn generate() {

@@ -31,6 +31,7 @@
 #include <sys/time.h>
 
 #include <machine/bus.h>
+#include <machine/bus_dma.h>
 #include <machine/resource.h>
 
 #include <geom/geom_disk.h>

@@ -108,7 +108,7 @@ NVMEHP_STAT_SYSCTL(NVMEHP_STAT_EJECTS_REFUSED, ejects_refused,
 NVMEHP_STAT_SYSCTL(NVMEHP_STAT_HOTPLUG_FAILURES, hotplug_failures,
     "Failed hotplug actions (rescan, detach, _EJ0, eject never completed)");
 NVMEHP_STAT_SYSCTL(NVMEHP_STAT_LEAKED_BUFFERS, leaked_buffers,
-    "I/O bounce buffers never freed because a controller that could not be stopped may still DMA into them");
+    "I/O requests held (never completed, their pages never given back) because a controller that could not be stopped may still DMA into them");
 
 void
 nvmehp_stat_add(int which, int64_t delta)
@@ -257,6 +257,30 @@ void
 nvmehp_make_dev_args_init(struct make_dev_args *args)
 {
 	make_dev_args_init(args);
+}
+
+int
+nvmehp_bus_dmamap_create(bus_dma_tag_t tag, int flags, bus_dmamap_t *mapp)
+{
+	return (bus_dmamap_create(tag, flags, mapp));
+}
+
+int
+nvmehp_bus_dmamap_destroy(bus_dma_tag_t tag, bus_dmamap_t map)
+{
+	return (bus_dmamap_destroy(tag, map));
+}
+
+void
+nvmehp_bus_dmamap_sync(bus_dma_tag_t tag, bus_dmamap_t map, int op)
+{
+	bus_dmamap_sync(tag, map, op);
+}
+
+void
+nvmehp_bus_dmamap_unload(bus_dma_tag_t tag, bus_dmamap_t map)
+{
+	bus_dmamap_unload(tag, map);
 }
 
 uint32_t

@@ -155,7 +155,7 @@ int	nvmehp_dev_sysctl_string(struct sysctl_ctx_list *ctx, device_t dev, const ch
 	    const char *value, const char *descr);
 
 /*
- * Gives back one contigmalloc(9) region of the module (queues, PRP pages, bounce buffers) with
+ * Gives back one contigmalloc(9) region of the module (queues, identify and PRP list pages) with
  * free(9), which takes contigmalloc memory on FreeBSD 15 (contigfree(9) is deprecated there).
  * One function so that every return of DMA memory is a single, visible call: the host tests'
  * fake kernel records it to prove that memory a running device may still use is never freed.
@@ -175,6 +175,16 @@ void	nvmehp_pause_us(const char *wmesg, int us);
 /* sbinuptime(9), getsbinuptime(9): static inline in <sys/time.h>. */
 sbintime_t nvmehp_sbinuptime(void);
 sbintime_t nvmehp_getsbinuptime(void);
+
+/*
+ * busdma(9) map operations: static inline on amd64 (<x86/bus_dma.h>, WANT_INLINE_DMAMAP), where
+ * they dispatch through the tag's implementation. The I/O path's data moves through them
+ * (src/freebsd/busdma.rs).
+ */
+int	nvmehp_bus_dmamap_create(bus_dma_tag_t tag, int flags, bus_dmamap_t *mapp);
+int	nvmehp_bus_dmamap_destroy(bus_dma_tag_t tag, bus_dmamap_t map);
+void	nvmehp_bus_dmamap_sync(bus_dma_tag_t tag, bus_dmamap_t map, int op);
+void	nvmehp_bus_dmamap_unload(bus_dma_tag_t tag, bus_dmamap_t map);
 
 /*
  * Emitted by the compiler for -fstack-protector in the glue, defined by the kernel in

@@ -38,8 +38,11 @@ pub const FUNCTIONS: &[&str] = &[
     "_callout_init_lock", "callout_reset_sbt_on", "_callout_stop_safe",
     // mtx(9)
     "_mtx_init", "_mtx_destroy", "__mtx_lock_flags", "__mtx_unlock_flags",
-    // disk(9), bio
-    "disk_alloc", "disk_create", "disk_gone", "disk_destroy", "biodone",
+    // disk(9), bio, bioq
+    "disk_alloc", "disk_create", "disk_gone", "disk_destroy", "biodone", "bioq_init",
+    "bioq_insert_head", "bioq_insert_tail", "bioq_takefirst",
+    // busdma(9): the map operations are inline on amd64 (x86/bus_dma.h), through the tag
+    "bus_get_dma_tag", "bus_dma_tag_create", "bus_dma_tag_destroy", "bus_dmamap_load_bio",
     // make_dev(9), destroy_dev(9)
     "make_dev_s", "make_dev_args_init_impl", "destroy_dev", "destroy_dev_sched_cb", "destroy_dev_drain",
     // sysctl(9)

@@ -1,4 +1,5 @@
-//! One I/O request (`struct bio`) handed to a disk's `d_strategy`.
+//! One I/O request (`struct bio`) handed to a disk's `d_strategy`, and [`BioQueue`], the bios
+//! waiting for a free tracker.
 //!
 //! A [`Bio`] is the driver's obligation to complete the request exactly once: it can only be
 //! consumed by [`Bio::done`] or [`Bio::fail`], which call `biodone(9)`. Dropping one any other
@@ -69,7 +70,7 @@ impl Bio {
     }
 
     /// Length of the data in bytes; 0 for a negative `bio_bcount` (which GEOM never sends and
-    /// the driver refuses), so the data slices below can never be larger than the request.
+    /// the driver refuses).
     pub fn len(&self) -> usize {
         usize::try_from(self.get().bio_bcount).unwrap_or(0)
     }
@@ -79,31 +80,22 @@ impl Bio {
         self.len() == 0
     }
 
-    /// The kernel virtual address of the data (mapped bios only: the driver does not set
-    /// DISKFLAG_UNMAPPED_BIO).
-    pub fn data(&self) -> *mut c_void {
-        self.get().bio_data.cast()
+    /// The raw bio, for busdma(9) (`bus_dmamap_load_bio` maps its data, mapped or not).
+    pub fn as_raw(&self) -> *mut bindings::bio {
+        self.raw.as_ptr()
     }
 
-    /// The data as bytes (a write's source). Empty when the bio carries no data.
-    pub fn data_bytes(&self) -> &[u8] {
-        let (p, n) = (self.data().cast::<u8>(), self.len());
-        if p.is_null() || n == 0 {
-            return &[];
-        }
-        // SAFETY: a mapped bio (the driver does not set DISKFLAG_UNMAPPED_BIO) has `bio_bcount`
-        // bytes at `bio_data`, owned by the request until biodone, which consumes `self`.
-        unsafe { core::slice::from_raw_parts(p, n) }
+    /// Records the namespace ID in `bio_driver2` ("private use by the provider", sys/sys/bio.h;
+    /// geom_disk.c's `g_disk_start` hands d_strategy a clone, so the field is ours), for a bio
+    /// that may wait in a [`BioQueue`] and be started later.
+    pub fn set_nsid(&mut self, nsid: u32) {
+        // SAFETY: our bio until biodone; bio_driver2 is the driver's to use.
+        unsafe { (*self.raw.as_ptr()).bio_driver2 = nsid as usize as *mut c_void };
     }
 
-    /// The data as writable bytes (a read's destination).
-    pub fn data_bytes_mut(&mut self) -> &mut [u8] {
-        let (p, n) = (self.data().cast::<u8>(), self.len());
-        if p.is_null() || n == 0 {
-            return &mut [];
-        }
-        // SAFETY: as data_bytes; `&mut self` makes this the only view until biodone.
-        unsafe { core::slice::from_raw_parts_mut(p, n) }
+    /// The namespace ID [`Bio::set_nsid`] recorded.
+    pub fn nsid(&self) -> u32 {
+        self.get().bio_driver2 as usize as u32
     }
 
     /// The disk's `d_drv1`.
@@ -154,5 +146,79 @@ impl Drop for Bio {
         crate::kprintf!("nvme_hotplug: bug: a bio was dropped without completion; failing it with EIO\n");
         // SAFETY: the bio is still ours (neither done nor fail consumed it) and is completed once.
         unsafe { complete_with_error(self.raw.as_ptr(), bindings::EIO) }
+    }
+}
+
+/// A FIFO of bios waiting for a free tracker: `struct bio_queue_head` with the bioq functions of
+/// sys/kern/subr_disk.c (`bioq_init`, `bioq_insert_tail`, `bioq_insert_head`,
+/// `bioq_takefirst`: functions, not inlines, in <sys/bio.h>). The queue links the bios
+/// through their own `bio_queue` field, so queueing never allocates.
+///
+/// The head is boxed: `bioq_init` makes its `TAILQ_HEAD` point into itself, so it must not
+/// move after that.
+pub struct BioQueue {
+    head: alloc::boxed::Box<bindings::bio_queue_head>,
+    len: usize,
+}
+
+// SAFETY: the queue is only used under the controller mutex; bios may be completed from any
+// thread.
+unsafe impl Send for BioQueue {}
+
+impl BioQueue {
+    /// An empty queue. Sleeps (M_WAITOK): attach only.
+    pub fn new_waitok() -> BioQueue {
+        // SAFETY: bio_queue_head is plain C data for which all-zero is a valid value.
+        let mut head = super::alloc::box_waitok(unsafe { core::mem::zeroed::<bindings::bio_queue_head>() });
+        // SAFETY: a boxed head that never moves again; initialised once.
+        unsafe { bindings::bioq_init(&mut *head) };
+        BioQueue { head, len: 0 }
+    }
+
+    /// Bios waiting.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no bio waits.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `bio`; the queue owns it until [`BioQueue::pop`].
+    pub fn push_back(&mut self, bio: Bio) {
+        let bp = core::mem::ManuallyDrop::new(bio).raw.as_ptr();
+        // SAFETY: an initialised head; our bio, in no other queue.
+        unsafe { bindings::bioq_insert_tail(&mut *self.head, bp) };
+        self.len += 1;
+    }
+
+    /// Puts `bio` back first in line (it was taken and could not be started).
+    pub fn push_front(&mut self, bio: Bio) {
+        let bp = core::mem::ManuallyDrop::new(bio).raw.as_ptr();
+        // SAFETY: as push_back.
+        unsafe { bindings::bioq_insert_head(&mut *self.head, bp) };
+        self.len += 1;
+    }
+
+    /// Takes the oldest bio.
+    pub fn pop(&mut self) -> Option<Bio> {
+        if self.len == 0 {
+            return None;
+        }
+        // SAFETY: an initialised head whose bios were all put there by push_*.
+        let bp = unsafe { bindings::bioq_takefirst(&mut *self.head) };
+        let bio = NonNull::new(bp).map(|raw| Bio { raw })?;
+        self.len -= 1;
+        Some(bio)
+    }
+}
+
+impl Drop for BioQueue {
+    /// Only reached with bios left if a teardown path forgot to fail them: complete each once.
+    fn drop(&mut self) {
+        while let Some(b) = self.pop() {
+            b.fail(bindings::ENXIO);
+        }
     }
 }

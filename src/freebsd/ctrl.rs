@@ -19,9 +19,9 @@
 //! thread's poll or the health check gave the controller up), polling with pause_sbt(9)
 //! ([`StopAccess`]), and its outcome is recorded under the mutex again. Meanwhile `d_strategy`
 //! and the interrupt thread find a dead engine and fail fast (ENXIO) without touching the
-//! device. The bounce buffers of the requests failed by hand stay parked until that outcome
-//! says whether the device stopped. A namespace rescan ([`CtrlShared::rescan_namespaces`])
-//! likewise sends each admin command under the mutex and sleeps, mutex released, until the
+//! device. The trackers of the requests failed by hand stay parked (bio not completed, map
+//! still loaded) until that outcome says whether the device stopped. A namespace rescan
+//! ([`CtrlShared::rescan_namespaces`]) likewise sends each admin command under the mutex and sleeps, mutex released, until the
 //! controller answered. Bring-up's waits happen before the engine is behind the mutex.
 //!
 //! **Completion under the lock.** bios are finished with `biodone(9)` while the mutex is held:
@@ -33,32 +33,41 @@
 //! down, the callout and task drained and every node destroyed. The callbacks therefore hold a
 //! plain [`CtrlRef`] pointer, no reference count (drain, don't refcount).
 //!
-//! **Memory the device may still touch is never freed.** A bounce buffer goes back to the
-//! kernel only after the device's own completion, or once the engine says DMA has stopped
-//! ([`Controller::dma_stopped`]); a controller that could not be stopped keeps its buffers
-//! leaked (`hw.nvme_hotplug.leaked_buffers`), as the engine keeps its rings. Likewise, if the
-//! interrupt cannot be torn down, this whole structure is kept, since the handler reaches it.
+//! **The I/O path allocates nothing.** A bio's data moves through busdma(9), straight from its
+//! own pages (no bounce copy; UNMAPPED_BIO bios too): `d_strategy` takes a preallocated
+//! tracker ([`super::tracker`]) and loads its map with `BUS_DMA_NOWAIT` under the mutex, and
+//! the engine's PRP lists were allocated at bring-up. With every tracker busy the bio waits
+//! in a [`BioQueue`] and is started when a completion frees one; a full queue is never an
+//! error to GEOM. Removal fails the waiting bios with ENXIO, once, at teardown step 2.
+//!
+//! **Pages the device may still touch are never given back.** A bio is completed, and its map
+//! unloaded, only after the device's own completion, or once the engine says DMA has stopped
+//! ([`Controller::dma_stopped`]); the bio of a controller that could not be stopped is held
+//! for ever (`hw.nvme_hotplug.leaked_buffers`), as the engine keeps its rings. Likewise, if
+//! the interrupt cannot be torn down, this whole structure is kept, since the handler reaches
+//! it.
 
 use super::alloc::box_waitok;
-use super::bio::Bio;
+use super::bio::{Bio, BioCmd, BioQueue};
 use super::bindings;
+use super::busdma::Dir;
 use super::callout::CalloutHandler;
 use super::clock::sleep_ms;
 use super::dev_sysctl::DevSysctls;
 use super::device::Device;
-use super::dma::{ContigDma, ContigRegion};
+use super::dma::ContigRegion;
 use super::intr::InterruptHandler;
 use super::irq_source::IrqKind;
 use super::mutex::Mutex;
 use super::ns_disk::Xfer;
 use super::platform::{KernelPlatform, StopAccess};
 use super::taskqueue::{Task, TaskHandler};
+use super::tracker::Trackers;
 use super::tunables::Stat;
 use crate::hotplug::kernel::IoGate;
 use crate::nvme::{Completion, Controller, DataBuf, DeviceStop, Event, Health, IoOp, IoRequest, NvmeError};
-use crate::platform::{Clock, DmaAllocator, DmaRegion, PciPresence};
+use crate::platform::{Clock, PciPresence};
 use alloc::boxed::Box;
-use alloc::vec::Vec;
 use core::ffi::{c_int, CStr};
 use core::pin::Pin;
 use core::ptr::NonNull;
@@ -77,25 +86,25 @@ const QUIESCE_MAX_US: u64 = 10_000_000;
 /// loop finite if that reasoning were ever wrong.
 const STOP_WAIT_MAX_MS: u32 = 300_000;
 
-/// The errno a request finishes with for an engine error. ENXIO means "the device is gone",
-/// ENOMEM makes GEOM retry the bio later (queue full, no bounce memory).
+/// The errno a request finishes with for an engine error. ENXIO means "the device is gone".
+/// A full queue is never an errno: the bio waits in the controller's [`BioQueue`]
+/// (`CtrlState::submit_on`); `QueueFull` maps to EIO only for a request that can never fit.
 pub fn errno_of(e: NvmeError) -> c_int {
     match e {
         NvmeError::Gone | NvmeError::NotReady => bindings::ENXIO,
-        NvmeError::QueueFull | NvmeError::NoMemory => bindings::ENOMEM,
+        NvmeError::NoMemory => bindings::ENOMEM,
+        NvmeError::QueueFull => bindings::EIO,
         NvmeError::InvalidRequest(_) => bindings::EINVAL,
         NvmeError::Timeout | NvmeError::Status(_) | NvmeError::BadDevice(_) | NvmeError::Aborted => bindings::EIO,
     }
 }
 
-/// A bio handed to the engine, with its bounce buffer.
-struct InFlight {
-    bio: Bio,
-    /// The bounce buffer (None for a flush): the device reads it (write) or writes it (read).
-    /// Freed after the request's completion, unless that completion was made up by the
-    /// engine's `fail_all` for a device it could not stop: see [`CtrlState::release_parked`].
-    buf: Option<ContigRegion>,
-    read: bool,
+/// What [`CtrlState::submit_on`] did with a bio it did not fail.
+enum Started {
+    /// The engine has it, on its tracker.
+    OnTracker,
+    /// Back first in the queue: the engine had no room.
+    Requeued,
 }
 
 /// What a locked section saw that must be acted on after it (prints, hotplug requests).
@@ -110,7 +119,7 @@ pub struct Outcome {
     ns_changed: bool,
     /// Completion entries that failed validation.
     bad: u64,
-    /// Bounce buffers leaked because the device could not be stopped.
+    /// Bios held for ever because the device could not be stopped.
     leaked: u64,
 }
 
@@ -121,45 +130,54 @@ pub struct CtrlState {
     gone: bool,
     /// The engine gave up on the controller (reported once).
     lost: bool,
-    /// Bios in flight, indexed by request tag.
-    inflight: Vec<Option<InFlight>>,
-    /// Free tags.
-    free: Vec<u32>,
-    /// Bounce buffers of requests completed with an error during the current engine call.
-    /// Whether the device may still DMA into them is known only once the call has returned
-    /// (the engine cannot be asked from inside its own callback), so they wait here; see
-    /// [`CtrlState::release_parked`]. Capacity for every tag is reserved at attach, so a push
-    /// never allocates under the mutex.
-    parked: Vec<ContigRegion>,
+    /// Bios in flight, one tracker each (the request tag is the tracker's index).
+    io: Trackers,
+    /// Bios waiting for a free tracker (FIFO).
+    queued: BioQueue,
     /// `dev.nvmehp.N.*`; taken out and dropped (which sleeps) outside the lock at teardown.
     sysctls: Option<DevSysctls>,
+    /// The device ignored the disable, and bus mastering was then turned off and read back
+    /// off ([`CtrlShared::run_stop`]): it can no longer start DMA, so the bios parked for it
+    /// may be completed.
+    busmaster_off: bool,
 }
 
-fn finish(inflight: &mut [Option<InFlight>], free: &mut Vec<u32>, parked: &mut Vec<ContigRegion>, c: Completion, out: &mut Outcome) {
-    let Some(f) = usize::try_from(c.tag).ok().and_then(|i| inflight.get_mut(i)).and_then(Option::take) else {
-        out.bad += 1; // the engine never reports a tag twice; count it rather than trust it
+/// One engine completion: the bio is completed now if the device itself finished it (its
+/// completion entry came after its last access to the pages); with an error, its tracker is
+/// parked until the engine call returns (see [`CtrlState::release_parked`]).
+fn finish(io: &mut Trackers, c: Completion, out: &mut Outcome) {
+    let Ok(t) = u32::try_from(c.tag) else {
+        out.bad += 1;
         return;
     };
-    free.push(c.tag as u32);
-    let InFlight { mut bio, buf, read } = f;
     match c.result {
-        Ok(()) => {
-            if let (true, Some(b)) = (read, buf.as_ref()) {
-                b.copy_out(bio.data_bytes_mut());
-            }
-            bio.done();
-            // The device wrote the completion entry after its last access to the buffer.
-            drop(buf);
-        }
+        Ok(()) => match io.complete(t) {
+            Some(bio) => bio.done(),
+            None => out.bad += 1, // the engine never reports a tag twice; count it rather than trust it
+        },
         Err(e) => {
             if e == NvmeError::Gone {
                 out.failed += 1;
             }
-            // The bio's own memory was never given to the device: it can be completed now.
-            bio.fail(errno_of(e));
-            parked.extend(buf);
+            if !io.park(t, errno_of(e)) {
+                out.bad += 1;
+            }
         }
     }
+}
+
+/// What to ask the engine for a bio taken from the queue: derived again from the bio (it was
+/// checked against the disk's geometry by `d_strategy`) and the namespace's block size.
+fn queued_xfer(bio: &Bio, lba_shift: u32) -> Option<Xfer> {
+    let op = match bio.cmd() {
+        BioCmd::Read => IoOp::Read,
+        BioCmd::Write => IoOp::Write,
+        BioCmd::Flush => return Some(Xfer { op: IoOp::Flush, lba: 0, blocks: 0, len: 0 }),
+        BioCmd::Delete | BioCmd::Other(_) => return None,
+    };
+    let (offset, len) = (u64::try_from(bio.offset()).ok()?, u64::try_from(bio.bcount()).ok()?);
+    let blocks = u32::try_from(len >> lba_shift).ok()?;
+    Some(Xfer { op, lba: offset >> lba_shift, blocks, len: usize::try_from(len).ok()? })
 }
 
 impl CtrlState {
@@ -170,68 +188,139 @@ impl CtrlState {
         &self.engine
     }
 
-    /// Hands a bio to the engine. `buf` is its bounce buffer (allocated by the caller outside
-    /// the lock), already filled for a write. On error the bio is given back with its errno.
-    fn submit(&mut self, bio: Bio, req: IoRequest, buf: Option<ContigRegion>) -> Result<(), (Bio, c_int)> {
-        if self.gone {
+    /// `d_strategy`'s locked part: start `bio` on a free tracker, or queue it behind the bios
+    /// already waiting (FIFO: a new bio never overtakes them). On error the bio is given back
+    /// with its errno, to be failed after the unlock.
+    fn start_or_queue(&mut self, bio: Bio, x: Xfer) -> Result<(), (Bio, c_int)> {
+        // A controller given up (dead, or stopping) never completes anything again: nothing
+        // may wait for it.
+        if self.gone || !self.engine.is_ready() {
             return Err((bio, bindings::ENXIO));
         }
-        let Some(tag) = self.free.pop() else {
-            return Err((bio, bindings::ENOMEM)); // every tag in use: GEOM retries ENOMEM
-        };
-        let read = req.op == IoOp::Read;
-        if self.inflight.get(tag as usize).is_none() {
-            self.free.push(tag);
-            return Err((bio, bindings::ENOMEM)); // cannot happen: tags index the table
+        if !self.queued.is_empty() {
+            self.queued.push_back(bio);
+            return Ok(());
         }
-        match self.engine.submit(IoRequest { tag: u64::from(tag), ..req }) {
-            Ok(()) => {
-                if let Some(slot) = self.inflight.get_mut(tag as usize) {
-                    *slot = Some(InFlight { bio, buf, read });
-                }
+        match self.io.take() {
+            Some(t) => self.submit_on(t, bio, x).map(|_| ()),
+            None => {
+                self.queued.push_back(bio);
                 Ok(())
             }
+        }
+    }
+
+    /// Loads `bio` into tracker `t`'s map and hands the request to the engine. On error the
+    /// tracker is free again and the bio given back with its errno. An engine without room
+    /// (cannot happen: there are no more trackers than request slots, and a bio of at most
+    /// MDTS is one command) puts it back first in the queue while requests are in flight, whose
+    /// completions restart it: [`Started::Requeued`].
+    fn submit_on(&mut self, t: u32, bio: Bio, x: Xfer) -> Result<Started, (Bio, c_int)> {
+        let dir = match x.op {
+            IoOp::Read => Some(Dir::ToMemory),
+            IoOp::Write => Some(Dir::ToDevice),
+            IoOp::Flush => None,
+        };
+        let segs = match dir {
+            Some(d) => match self.io.load(t, &bio, d) {
+                Ok(segs) => segs,
+                Err(errno) => {
+                    // ENOMEM: busdma is short of resources (bounce pages; never on amd64
+                    // without an IOMMU for this tag), which GEOM retries. Anything else means
+                    // this bio cannot be mapped: an I/O error, as nvme(4) fails a tracker whose
+                    // load failed (DATA_TRANSFER_ERROR, _nvme_qpair_submit_request).
+                    self.io.give_back(t);
+                    let errno = if errno == bindings::ENOMEM { errno } else { bindings::EIO };
+                    return Err((bio, errno));
+                }
+            },
+            None => &[],
+        };
+        let req = IoRequest {
+            tag: u64::from(t),
+            nsid: bio.nsid(),
+            op: x.op,
+            lba: x.lba,
+            blocks: x.blocks,
+            data: DataBuf { bus_addr: segs.first().map_or(0, |s| s.addr), len: x.len },
+        };
+        match self.engine.submit_segments(req, segs) {
+            Ok(()) => self.io.attach(t, bio).map(|()| Started::OnTracker).map_err(|bio| (bio, bindings::EIO)),
             Err(e) => {
-                self.free.push(tag);
+                self.io.give_back(t);
+                if e == NvmeError::QueueFull && self.engine.outstanding() > 0 {
+                    self.queued.push_front(bio);
+                    return Ok(Started::Requeued);
+                }
                 Err((bio, errno_of(e)))
             }
         }
     }
 
-    /// Frees, or leaks, the bounce buffers [`finish`] parked during the engine call that just
-    /// returned.
-    ///
-    /// A controller that is still running only reports completions the device wrote, so it
-    /// is done with their buffers, errors included. A controller that was given up (by
-    /// `fail_all`, directly or from a timeout in `poll`) completed its outstanding requests
-    /// by hand; if it could not be stopped (a present device that ignored the shutdown and
-    /// the disable, [`Controller::dma_stopped`]), it may still write a read's buffer or read
-    /// a write's. Those buffers are leaked, never freed: the same rule the engine applies to
-    /// its own rings. A leak costs memory; a free would let a device scribble on memory the
-    /// kernel has reused.
-    ///
-    /// While the engine's stop is still out (made by `fail_fast`, run without the mutex), it is
-    /// not known yet: the buffers stay parked until [`CtrlState::finish_stop`].
-    fn release_parked(&mut self, out: &mut Outcome) {
-        if self.parked.is_empty() || self.engine.stop_in_progress() {
+    /// Starts waiting bios on the trackers completions freed; fails every waiting bio with
+    /// ENXIO once the engine no longer runs (given up, or stopping). Completing under the
+    /// mutex is fine (see the module documentation).
+    fn restart_queued(&mut self, out: &mut Outcome) {
+        if !self.engine.is_ready() {
+            while let Some(bio) = self.queued.pop() {
+                out.failed += 1;
+                bio.fail(bindings::ENXIO);
+            }
             return;
         }
-        let leak = !self.engine.is_ready() && !self.engine.dma_stopped();
-        for b in self.parked.drain(..) {
-            if leak {
-                out.leaked += 1;
-                core::mem::forget(b);
-            } else {
-                drop(b);
+        while self.io.has_free() {
+            let Some(bio) = self.queued.pop() else { return };
+            let nsid = bio.nsid();
+            let shift = self.engine.namespaces().iter().find(|n| n.nsid == nsid).map(|n| n.lba_shift);
+            let Some(x) = shift.and_then(|s| queued_xfer(&bio, s)) else {
+                bio.fail(bindings::ENXIO); // the namespace went away while the bio waited
+                continue;
+            };
+            let Some(t) = self.io.take() else {
+                self.queued.push_front(bio);
+                return;
+            };
+            match self.submit_on(t, bio, x) {
+                Ok(Started::OnTracker) => {}
+                // The engine is full: the next completion tries again (looping here would
+                // take the same bio for ever).
+                Ok(Started::Requeued) => return,
+                Err((bio, errno)) => bio.fail(errno),
             }
         }
     }
 
+    /// Completes, or holds, the trackers [`finish`] parked during the engine call that just
+    /// returned, then restarts (or fails) the waiting bios.
+    ///
+    /// A controller that is still running only reports completions the device wrote, so it
+    /// is done with their pages, errors included. A controller that was given up (by
+    /// `fail_all`, directly or from a timeout in `poll`) completed its outstanding requests
+    /// by hand; if it could not be stopped (a present device that ignored the shutdown and
+    /// the disable, [`Controller::dma_stopped`]), it may still write a read's pages or read
+    /// a write's. Those bios are held, never completed and their maps never unloaded: the same
+    /// rule the engine applies to its own rings. Holding costs a consumer that waits for
+    /// ever; completing would let a device scribble on pages the kernel has given back.
+    /// Unless bus mastering was turned off and reads back off (`busmaster_off`): a function
+    /// whose PCIM_CMD_BUSMASTEREN is clear cannot start DMA (PCI Local Bus Specification,
+    /// Command register), so its bios fail with ENXIO as nvme(4)'s `nvme_qpair_fail` fails
+    /// every tracker. Only the rings stay leaked (the engine's own rule; memory only).
+    ///
+    /// While the engine's stop is still out (made by `fail_fast`, run without the mutex), it is
+    /// not known yet: the trackers stay parked until [`CtrlState::finish_stop`].
+    fn release_parked(&mut self, out: &mut Outcome) {
+        if self.io.has_parked() && !self.engine.stop_in_progress() {
+            let stopped = self.engine.is_ready() || self.engine.dma_stopped() || self.busmaster_off;
+            out.leaked += self.io.release_parked(stopped);
+        }
+        self.restart_queued(out);
+    }
+
     /// Reaps completions and events.
     fn reap(&mut self, out: &mut Outcome) {
-        let CtrlState { engine, inflight, free, parked, .. } = self;
+        let CtrlState { engine, io, .. } = self;
         engine.poll(&mut |e| match e {
-            Event::Io(c) => finish(inflight, free, parked, c, out),
+            Event::Io(c) => finish(io, c, out),
             Event::NamespacesChanged => out.ns_changed = true,
             Event::ControllerLost { reason, health } => out.lost = Some((reason, health)),
             Event::BadCompletion { .. } => out.bad += 1,
@@ -244,16 +333,19 @@ impl CtrlState {
     }
 
     /// The fast half of giving the controller up: completes every request now with `err`
-    /// (their bounce buffers are parked), without touching the device or waiting. The device
-    /// is stopped by the stop this leaves ([`CtrlState::take_stop`]), run without the mutex.
+    /// (their trackers are parked), fails the waiting bios with ENXIO, without touching the
+    /// device or waiting. The device is stopped by the stop this leaves
+    /// ([`CtrlState::take_stop`]), run without the mutex.
     fn fail_fast(&mut self, err: NvmeError, out: &mut Outcome) -> usize {
-        let CtrlState { engine, inflight, free, parked, .. } = self;
+        let CtrlState { engine, io, .. } = self;
         let mut n = 0;
         engine.fail_fast(err, &mut |c| {
             n += 1;
-            finish(inflight, free, parked, c, out)
+            finish(io, c, out)
         });
-        n
+        let waiting = self.queued.len();
+        self.release_parked(out);
+        n + waiting
     }
 
     /// The fast half of an orderly stop, for a controller that finished every request on its
@@ -282,8 +374,9 @@ impl CtrlState {
         Some((stop, access))
     }
 
-    /// Records the outcome of a stop and frees, or leaks, the buffers parked meanwhile.
-    fn finish_stop(&mut self, outcome: crate::nvme::StopOutcome, out: &mut Outcome) {
+    /// Records the outcome of a stop and completes, or holds, the trackers parked meanwhile.
+    fn finish_stop(&mut self, outcome: crate::nvme::StopOutcome, busmaster_off: bool, out: &mut Outcome) {
+        self.busmaster_off |= busmaster_off;
         let _ = self.engine.finish_stop(outcome);
         self.release_parked(out);
     }
@@ -291,23 +384,15 @@ impl CtrlState {
 
 impl Drop for CtrlState {
     fn drop(&mut self) {
-        // The teardown failed every request before this point; a bio is never dropped without
-        // biodone, even if that invariant were broken, and its buffer is freed only if the
-        // device is known to be stopped (the engine is dropped, and tries again, after this).
-        let stopped = self.engine.dma_stopped();
-        for f in self.inflight.iter_mut().filter_map(Option::take) {
-            f.bio.fail(bindings::ENXIO);
-            if let (false, Some(b)) = (stopped, f.buf) {
-                core::mem::forget(b);
-                Stat::LeakedBuffers.add(1);
-            }
-        }
-        // Parked buffers of a stop that never finished: the device may still use them.
-        if !stopped {
-            for b in self.parked.drain(..) {
-                core::mem::forget(b);
-                Stat::LeakedBuffers.add(1);
-            }
+        // The teardown failed every request before this point (step 2). Should that invariant
+        // ever break, no bio is dropped without biodone, and none is completed while the device
+        // may still use its pages: the trackers complete them with ENXIO only if DMA is known
+        // to have stopped, else hold them; their maps are destroyed, then the tag (teardown
+        // step 5, after the device stopped). Waiting bios were never given to the device: the
+        // queue fails them on drop.
+        let held = self.io.destroy(self.engine.dma_stopped() || self.busmaster_off);
+        if held > 0 {
+            Stat::LeakedBuffers.add(held as i64);
         }
     }
 }
@@ -325,7 +410,7 @@ pub struct CtrlShared {
     counters: Counters,
     /// Invalid completion entries seen, for rate-limited messages.
     bad_total: AtomicU64,
-    /// Bounce buffers leaked for a device that could not be stopped (said once, counted always).
+    /// Bios held for a device that could not be stopped (said once, counted always).
     leaked_total: AtomicU64,
     /// The interrupt kind set up at attach (`IrqKind as u8`, 0 before), for
     /// `dev.nvmehp.N.interrupt`.
@@ -396,16 +481,20 @@ impl CtrlShared {
     /// Wraps a brought-up engine. Sleeps (M_WAITOK); `None` when memory is short.
     #[inline(never)]
     pub fn create(dev: Device, unit: u32, engine: Box<Controller<KernelPlatform>>) -> Option<(CtrlRef, EngineGate)> {
-        let cap = engine.info().map_or(0, |i| usize::from(i.io_entries) * usize::from(i.io_queues)).clamp(1, 65_536);
-        let mut inflight = Vec::new();
-        inflight.try_reserve_exact(cap).ok()?;
-        inflight.resize_with(cap, || None);
-        let mut free = Vec::new();
-        free.try_reserve_exact(cap).ok()?;
-        free.extend((0..cap as u32).rev());
-        let mut parked = Vec::new();
-        parked.try_reserve_exact(cap).ok()?;
-        let state = Mutex::new_boxed(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, inflight, free, parked, sysctls: None })?;
+        // One tracker per request the engine can hold (a ring of N entries holds N-1 commands,
+        // and a bio, at most d_maxsize <= MDTS, is one command), each with its busdma map, for
+        // transfers of up to MDTS: everything the I/O path needs, allocated now.
+        let (slots, max_bytes) = engine
+            .info()
+            .map_or((0, 0), |i| (usize::from(i.io_entries).saturating_sub(1) * usize::from(i.io_queues), i.mdts_bytes));
+        let io = match Trackers::create(dev, slots.clamp(1, 65_536), max_bytes.max(bindings::PAGE_SIZE as u32)) {
+            Ok(io) => io,
+            Err(e) => {
+                dev_printf!(&dev, "cannot set up busdma for I/O (error {})\n", e);
+                return None;
+            }
+        };
+        let state = Mutex::new_boxed(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, io, queued: BioQueue::new_waitok(), sysctls: None, busmaster_off: false })?;
         // Behind the mutex from here on: the engine's waits must not sleep any more (set
         // before any other thread can reach it).
         state.lock().engine.platform().forbid_sleep();
@@ -505,33 +594,13 @@ impl CtrlShared {
         c.in_flight.store(st.engine.outstanding() as u64, Ordering::Relaxed);
     }
 
-    /// `d_strategy`'s work for a namespace: bounce, submit; or finish the bio with an errno.
-    /// `x` is the bio already validated against the disk ([`super::ns_disk::Xfer`]): `len`
-    /// is at most the disk's `d_maxsize`, so the bounce allocation is bounded, and an ENOMEM
-    /// (which GEOM retries) can only mean a transient shortage.
-    pub fn start_bio(&self, bio: Bio, nsid: u32, x: Xfer) {
-        let (op, len) = (x.op, x.len);
-        // The bounce buffer is allocated before the lock is taken (contigmalloc M_NOWAIT).
-        let buf = if op == IoOp::Flush {
-            None
-        } else {
-            match ContigDma.alloc_dma(len, bindings::PAGE_SIZE as usize) {
-                Ok(b) => Some(b),
-                Err(_) => return bio.fail(bindings::ENOMEM),
-            }
-        };
-        if let (IoOp::Write, Some(b)) = (op, buf.as_ref()) {
-            b.copy_in(bio.data_bytes());
-        }
-        let req = IoRequest {
-            tag: 0,
-            nsid,
-            op,
-            lba: x.lba,
-            blocks: x.blocks,
-            data: DataBuf { bus_addr: buf.as_ref().map_or(0, |b| b.bus_addr()), len },
-        };
-        let r = self.state.lock().submit(bio, req, buf);
+    /// `d_strategy`'s work for a namespace: start the bio on a tracker (busdma, submit), or
+    /// queue it while every tracker is busy; or finish it with an errno. `x` is the bio
+    /// already validated against the disk ([`super::ns_disk::Xfer`]): `len` is at most the
+    /// disk's `d_maxsize`, which the payload tag's `maxsize` covers. Allocates nothing.
+    pub fn start_bio(&self, mut bio: Bio, nsid: u32, x: Xfer) {
+        bio.set_nsid(nsid);
+        let r = self.state.lock().start_or_queue(bio, x);
         if let Err((bio, errno)) = r {
             bio.fail(errno);
         }
@@ -542,21 +611,35 @@ impl CtrlShared {
     /// Sleeps: only from the teardown or our taskqueue thread.
     ///
     /// **A controller that could not be stopped loses bus mastering** before the outcome is
-    /// recorded, i.e. before the buffers parked meanwhile are let go: the stop found it still
-    /// there but ignoring CC.SHN and CC.EN = 0, so it may still read and write host memory.
-    /// Clearing PCIM_CMD_BUSMASTEREN (sys/dev/pci/pci.c pci_disable_busmaster_method) stops a
-    /// function from initiating any DMA. Its memory (rings, the parked bounce buffers) stays
-    /// leaked all the same: a device that ignored the disable is not trusted to honour the
-    /// command register either, and a leak costs only memory.
+    /// recorded, i.e. before the trackers parked meanwhile are decided: the stop found it
+    /// still there but ignoring CC.SHN and CC.EN = 0, so it may still read and write host
+    /// memory. Clearing PCIM_CMD_BUSMASTEREN (sys/dev/pci/pci.c pci_disable_busmaster_method)
+    /// stops a function from initiating any DMA; the command register is read back to see that
+    /// the bit is really clear (config space still answers when CC.EN does not: it is the
+    /// function's PCI interface, not its firmware). Then the parked bios fail with ENXIO
+    /// instead of being held for ever (a consumer that never gets its bio back is a hang),
+    /// which is also what nvme(4) and Linux do after a failed controller
+    /// (`nvme_qpair_fail`; `nvme_dev_disable` clears bus mastering before cancelling). The
+    /// rings stay leaked all the same (memory only). If the bit does not read back clear, the
+    /// bios stay held.
     fn run_stop(&self, stop: DeviceStop<ContigRegion>, access: StopAccess, out: &mut Outcome) {
         let outcome = stop.run(&access);
+        let mut busmaster_off = false;
         if !outcome.dma_stopped() {
             match self.dev.disable_busmaster() {
-                Ok(()) => dev_printf!(&self.dev, "controller ignored the disable: bus mastering turned off\n"),
+                Ok(()) => {
+                    let cmd = self.dev.pci_read_config(bindings::PCIR_COMMAND as c_int, 2) as u16;
+                    busmaster_off = cmd != 0xffff && cmd & bindings::PCIM_CMD_BUSMASTEREN as u16 == 0;
+                    if busmaster_off {
+                        dev_printf!(&self.dev, "controller ignored the disable: bus mastering turned off; its requests fail\n");
+                    } else {
+                        dev_printf!(&self.dev, "controller ignored the disable and still has bus mastering on (command {:#06x}): its requests are held\n", cmd);
+                    }
+                }
                 Err(e) => dev_printf!(&self.dev, "controller ignored the disable; turning bus mastering off failed: {}\n", e),
             }
         }
-        self.state.lock().finish_stop(outcome, out);
+        self.state.lock().finish_stop(outcome, busmaster_off, out);
     }
 
     /// Re-reads the controller's namespace list (hotplug task, after a namespace attribute
@@ -605,7 +688,7 @@ impl CtrlShared {
             if self.leaked_total.fetch_add(out.leaked, Ordering::Relaxed) == 0 {
                 dev_printf!(
                     &self.dev,
-                    "controller could not be stopped: leaking the I/O buffers it may still access ({} now; hw.nvme_hotplug.leaked_buffers)\n",
+                    "controller could not be stopped: holding the I/O requests whose pages it may still access, never completing them ({} now; hw.nvme_hotplug.leaked_buffers)\n",
                     out.leaked
                 );
             }

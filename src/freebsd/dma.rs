@@ -1,9 +1,11 @@
 //! DMA memory for the engine: `contigmalloc(9)` regions and their physical addresses.
 //!
-//! Why contigmalloc and not busdma(9) yet: the engine needs a handful of page-sized, physically
-//! contiguous queues and PRP pages, and the EC2/bhyve/QEMU targets have no IOMMU in front of
-//! the controller, so the physical address is the bus address. A bus_dma tag per controller
-//! (needed with DMAR or bounce buffers) is the planned replacement behind the same trait.
+//! Only the engine's own memory comes from here: queue rings, the identify and log pages, the
+//! PRP list pages, all allocated at bring-up. I/O data never does: it moves through busdma(9)
+//! straight from the bio's pages ([`super::busdma`]). Why contigmalloc and not busdma for
+//! this memory yet: the EC2/bhyve/QEMU targets have no IOMMU in front of the controller, so
+//! the physical address is the bus address; a bus_dmamem_alloc per ring (needed with DMAR) is
+//! the planned replacement behind the same trait.
 //!
 //! The memory is shared with the device, which writes it behind the compiler's back: every
 //! access is volatile, and 32/64-bit accesses at aligned offsets are single loads and stores, so
@@ -65,24 +67,6 @@ impl DmaAllocator for ContigDma {
 impl ContigRegion {
     fn fits(&self, off: usize, n: usize) -> bool {
         off.checked_add(n).is_some_and(|end| end <= self.len)
-    }
-
-    /// Bulk copy into the start of the region (a bounce buffer before a write is submitted).
-    /// A plain memcpy: the device does not own the buffer yet. Copies at most `len()` bytes.
-    pub fn copy_in(&self, src: &[u8]) {
-        let n = src.len().min(self.len);
-        // SAFETY: `n` bytes fit the live region and `src`; the two cannot overlap (the region
-        // is private kernel memory, `src` a caller's buffer).
-        unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), self.va.as_ptr(), n) }
-    }
-
-    /// Bulk copy out of the start of the region (a bounce buffer after its read completed:
-    /// the completion entry was seen, so the device's writes are done). Copies at most
-    /// `len()` bytes.
-    pub fn copy_out(&self, dst: &mut [u8]) {
-        let n = dst.len().min(self.len);
-        // SAFETY: as copy_in, in the other direction.
-        unsafe { core::ptr::copy_nonoverlapping(self.va.as_ptr(), dst.as_mut_ptr(), n) }
     }
 }
 

@@ -53,6 +53,8 @@ pub struct Knobs {
     pub msix_alloc_error: c_int,
     /// `hw.nvme_hotplug.cmd_timeout_ms` (0: the default, 30000).
     pub cmd_timeout_ms: u32,
+    /// The function ignores writes of PCIM_CMD_BUSMASTEREN (bus mastering stays on).
+    pub busmaster_stuck: bool,
 }
 
 /// An ACPI notify handler as ACPICA calls it.
@@ -96,6 +98,9 @@ std::thread_local! {
     static CLOCK_US: Cell<Option<u64>> = const { Cell::new(None) };
     /// Active SYS_RES_MEMORY resources: (resource, rid).
     static MEM_RES: RefCell<Vec<(usize, c_int)>> = const { RefCell::new(Vec::new()) };
+    /// The function's PCIR_COMMAND register (bus mastering set and cleared by the pci_*_busmaster
+    /// methods).
+    static COMMAND: Cell<u16> = const { Cell::new(0) };
 }
 
 /// Makes the fake uptime start at 0 and advance by every DELAY(9) and pause(9) (until the
@@ -134,6 +139,7 @@ pub fn install_nvme(dev: super::fake_nvme::FakeNvme) {
 
 /// Runs `f` on the installed device model.
 pub fn with_nvme<R>(f: impl FnOnce(&mut super::fake_nvme::FakeNvme) -> R) -> R {
+    let _fake = FakeWork::begin(); // the model's allocations are not the driver's
     NVME.with(|n| f(n.borrow_mut().as_mut().expect("no NVMe model installed")))
 }
 
@@ -145,6 +151,7 @@ pub fn reset(knobs: Knobs) {
     DELAY_US.with(|c| c.set(0));
     CLOCK_US.with(|c| c.set(None));
     MEM_RES.with(|m| m.borrow_mut().clear());
+    COMMAND.with(|c| c.set(0));
     QUEUED.with(|l| l.borrow_mut().clear());
     FUNCS.with(|f| f.borrow_mut().clear());
     CONFIG_READS.with(|r| r.borrow_mut().clear());
@@ -170,6 +177,7 @@ fn driver_entry(dev: device_t) -> Option<Option<&'static CStr>> {
 
 #[no_mangle]
 pub unsafe extern "C" fn device_is_alive(dev: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     match driver_entry(dev) {
         Some(driver) => c_int::from(driver.is_some()),
         // In the newbus model: probed (DS_ALIVE) or later; otherwise an attached nvmehp device.
@@ -189,6 +197,7 @@ pub fn log() -> Vec<String> {
 
 /// Records an event (tests use it to mark when their own values are dropped).
 pub fn record(s: impl ToString) {
+    let _fake = FakeWork::begin();
     LOG.with(|l| l.borrow_mut().push(s.to_string()));
 }
 
@@ -242,17 +251,21 @@ extern "C" {
 
 #[no_mangle]
 pub unsafe extern "C" fn malloc_aligned(size: usize, align: usize, _t: *mut malloc_type, _f: c_int) -> *mut c_void {
+    let _fake = FakeWork::begin();
+    count_allocation();
     // SAFETY: libc; size rounded up to a multiple of align as aligned_alloc requires.
     unsafe { aligned_alloc(align, size.div_ceil(align) * align) }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_print(msg: *const c_char) {
+    let _fake = FakeWork::begin();
     record(format!("printf {}", cstr(msg)));
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_device_print(_dev: device_t, msg: *const c_char) {
+    let _fake = FakeWork::begin();
     record(format!("device_printf {}", cstr(msg)));
 }
 
@@ -260,6 +273,7 @@ pub unsafe extern "C" fn nvmehp_device_print(_dev: device_t, msg: *const c_char)
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_make_dev_args_init(args: *mut make_dev_args) {
+    let _fake = FakeWork::begin();
     // SAFETY: a valid args struct (wrapper's local).
     unsafe {
         *args = core::mem::zeroed();
@@ -270,6 +284,7 @@ pub unsafe extern "C" fn nvmehp_make_dev_args_init(args: *mut make_dev_args) {
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_make_dev_s(args: *mut make_dev_args, out: *mut *mut cdev, name: *const c_char) -> c_int {
+    let _fake = FakeWork::begin();
     // SAFETY: the wrapper passes initialised args and a valid out pointer.
     let a = unsafe { &*args };
     record(format!(
@@ -291,11 +306,13 @@ pub unsafe extern "C" fn nvmehp_make_dev_s(args: *mut make_dev_args, out: *mut *
 
 #[no_mangle]
 pub unsafe extern "C" fn destroy_dev(dev: *mut cdev) {
+    let _fake = FakeWork::begin();
     record(format!("destroy_dev {dev:p}"));
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn destroy_dev_sched_cb(dev: *mut cdev, cb: Option<unsafe extern "C" fn(*mut c_void)>, arg: *mut c_void) -> c_int {
+    let _fake = FakeWork::begin();
     record(format!("destroy_dev_sched_cb {dev:p} cb={}", cb.is_some()));
     if let Some(cb) = cb {
         // SAFETY: the callback the wrapper's caller vouched for.
@@ -308,6 +325,7 @@ pub unsafe extern "C" fn destroy_dev_sched_cb(dev: *mut cdev, cb: Option<unsafe 
 
 #[no_mangle]
 pub unsafe extern "C" fn AcpiInstallNotifyHandler(dev: ACPI_HANDLE, ty: u32, h: ACPI_NOTIFY_HANDLER, ctx: *mut c_void) -> u32 {
+    let _fake = FakeWork::begin();
     record(format!("AcpiInstallNotifyHandler {dev:p} type={ty}"));
     NOTIFY.with(|n| n.set(h.map(|f| (f, ctx))));
     NVMEHP_AE_OK
@@ -315,6 +333,7 @@ pub unsafe extern "C" fn AcpiInstallNotifyHandler(dev: ACPI_HANDLE, ty: u32, h: 
 
 #[no_mangle]
 pub unsafe extern "C" fn AcpiRemoveNotifyHandler(dev: ACPI_HANDLE, ty: u32, h: ACPI_NOTIFY_HANDLER) -> u32 {
+    let _fake = FakeWork::begin();
     // Identity of the function, as ACPICA compares it when removing.
     let same = NOTIFY.with(|n| n.get()).map(|(f, _)| Some(f as usize) == h.map(|h| h as usize)).unwrap_or(false);
     record(format!("AcpiRemoveNotifyHandler {dev:p} type={ty} same_handler={same}"));
@@ -336,6 +355,7 @@ pub fn queue_notify_dispatch(value: u32) {
 
 #[no_mangle]
 pub unsafe extern "C" fn AcpiOsWaitEventsComplete() {
+    let _fake = FakeWork::begin();
     record("AcpiOsWaitEventsComplete");
     let queued = DISPATCHES.with(|d| core::mem::take(&mut *d.borrow_mut()));
     for (f, ctx, value) in queued {
@@ -347,6 +367,7 @@ pub unsafe extern "C" fn AcpiOsWaitEventsComplete() {
 
 #[no_mangle]
 pub unsafe extern "C" fn AcpiGetName(_h: ACPI_HANDLE, _ty: u32, buf: *mut ACPI_BUFFER) -> u32 {
+    let _fake = FakeWork::begin();
     let name = b"\\_SB_.S18_\0";
     // SAFETY: the wrapper passes a caller-provided buffer of `Length` bytes.
     unsafe {
@@ -363,6 +384,7 @@ pub unsafe extern "C" fn AcpiGetName(_h: ACPI_HANDLE, _ty: u32, buf: *mut ACPI_B
 
 #[no_mangle]
 pub unsafe extern "C" fn bus_alloc_resource(_dev: device_t, ty: c_int, rid: *mut c_int, _s: u64, _e: u64, _c: u64, flags: u32) -> *mut resource {
+    let _fake = FakeWork::begin();
     // SAFETY: valid in/out rid from the wrapper.
     let r = unsafe { *rid };
     record(format!("bus_alloc_resource type={ty} rid={r:#x} flags={flags:#x}"));
@@ -375,6 +397,7 @@ pub unsafe extern "C" fn bus_alloc_resource(_dev: device_t, ty: c_int, rid: *mut
 
 #[no_mangle]
 pub unsafe extern "C" fn bus_release_resource(_dev: device_t, r: *mut resource) -> c_int {
+    let _fake = FakeWork::begin();
     let mem = MEM_RES.with(|m| {
         let mut m = m.borrow_mut();
         let i = m.iter().position(|&(p, _)| p == r as usize)?;
@@ -389,11 +412,13 @@ pub unsafe extern "C" fn bus_release_resource(_dev: device_t, r: *mut resource) 
 
 #[no_mangle]
 pub unsafe extern "C" fn rman_get_size(_r: *const resource) -> u64 {
+    let _fake = FakeWork::begin();
     knobs().rman_size
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_bus_read_4(_r: *mut resource, off: u64) -> u32 {
+    let _fake = FakeWork::begin();
     if let Some(v) = NVME.with(|n| n.borrow().as_ref().map(|d| d.read32(off as u32))) {
         return v; // not recorded: bring-up polls CSTS thousands of times
     }
@@ -403,6 +428,7 @@ pub unsafe extern "C" fn nvmehp_bus_read_4(_r: *mut resource, off: u64) -> u32 {
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_bus_write_4(_r: *mut resource, off: u64, val: u32) {
+    let _fake = FakeWork::begin();
     if NVME.with(|n| n.borrow_mut().as_mut().map(|d| d.write32(off as u32, val)).is_some()) {
         return;
     }
@@ -419,6 +445,7 @@ pub unsafe extern "C" fn bus_setup_intr(
     arg: *mut c_void,
     cookie: *mut *mut c_void,
 ) -> c_int {
+    let _fake = FakeWork::begin();
     record(format!("bus_setup_intr flags={flags:#x} filter={}", filter.is_some()));
     INTR.with(|i| i.set(handler.map(|h| (h, arg))));
     // SAFETY: valid out pointer.
@@ -428,6 +455,7 @@ pub unsafe extern "C" fn bus_setup_intr(
 
 #[no_mangle]
 pub unsafe extern "C" fn bus_teardown_intr(_dev: device_t, _r: *mut resource, cookie: *mut c_void) -> c_int {
+    let _fake = FakeWork::begin();
     record(format!("bus_teardown_intr cookie={cookie:p}"));
     let err = knobs().teardown_intr_error;
     if err == 0 {
@@ -440,6 +468,7 @@ pub unsafe extern "C" fn bus_teardown_intr(_dev: device_t, _r: *mut resource, co
 
 #[no_mangle]
 pub unsafe extern "C" fn taskqueue_create(name: *const c_char, mflags: c_int, enq: taskqueue_enqueue_fn, ctx: *mut c_void) -> *mut taskqueue {
+    let _fake = FakeWork::begin();
     let fails = knobs().taskqueue_create_fails;
     record(format!(
         "taskqueue_create {} mflags={mflags} thread_enqueue={} ctx_set={}{}",
@@ -456,6 +485,7 @@ pub unsafe extern "C" fn taskqueue_thread_enqueue(_ctx: *mut c_void) {}
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_taskqueue_start_threads(tqp: *mut *mut taskqueue, pri: c_int, name: *const c_char) -> c_int {
+    let _fake = FakeWork::begin();
     // SAFETY: valid pointer to the queue slot.
     let q = unsafe { *tqp };
     record(format!("taskqueue_start_threads {q:p} pri={pri} {}", cstr(name)));
@@ -464,6 +494,7 @@ pub unsafe extern "C" fn nvmehp_taskqueue_start_threads(tqp: *mut *mut taskqueue
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_task_init(t: *mut task, prio: c_int, f: task_fn_t, ctx: *mut c_void) {
+    let _fake = FakeWork::begin();
     // SAFETY: the wrapper's task; this is what TASK_INIT does.
     unsafe {
         (*t).ta_pending = 0;
@@ -476,6 +507,7 @@ pub unsafe extern "C" fn nvmehp_task_init(t: *mut task, prio: c_int, f: task_fn_
 
 #[no_mangle]
 pub unsafe extern "C" fn taskqueue_enqueue(_q: *mut taskqueue, t: *mut task) -> c_int {
+    let _fake = FakeWork::begin();
     record("taskqueue_enqueue");
     // SAFETY: the wrapper's initialised task.
     unsafe {
@@ -515,6 +547,7 @@ pub fn run_task(t: *mut task) {
 
 #[no_mangle]
 pub unsafe extern "C" fn _timeout_task_init(_q: *mut taskqueue, tt: *mut timeout_task, prio: c_int, f: task_fn_t, ctx: *mut c_void) {
+    let _fake = FakeWork::begin();
     // SAFETY: the wrapper's timeout task; this is the task half of what the kernel does.
     unsafe { nvmehp_task_init(&raw mut (*tt).t, prio, f, ctx) };
     record("TIMEOUT_TASK_INIT");
@@ -522,6 +555,7 @@ pub unsafe extern "C" fn _timeout_task_init(_q: *mut taskqueue, tt: *mut timeout
 
 #[no_mangle]
 pub unsafe extern "C" fn taskqueue_enqueue_timeout_sbt(_q: *mut taskqueue, tt: *mut timeout_task, sbt: i64, pr: i64, flags: c_int) -> c_int {
+    let _fake = FakeWork::begin();
     record(format!("taskqueue_enqueue_timeout sbt={sbt} pr={pr} flags={flags}"));
     // SAFETY: the wrapper's timeout task.
     unsafe { (*tt).t.ta_pending += 1 };
@@ -530,27 +564,32 @@ pub unsafe extern "C" fn taskqueue_enqueue_timeout_sbt(_q: *mut taskqueue, tt: *
 
 #[no_mangle]
 pub unsafe extern "C" fn taskqueue_cancel_timeout(_q: *mut taskqueue, _tt: *mut timeout_task, _p: *mut u32) -> c_int {
+    let _fake = FakeWork::begin();
     record("taskqueue_cancel_timeout");
     0
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn taskqueue_drain_timeout(_q: *mut taskqueue, _tt: *mut timeout_task) {
+    let _fake = FakeWork::begin();
     record("taskqueue_drain_timeout");
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn taskqueue_drain(_q: *mut taskqueue, _t: *mut task) {
+    let _fake = FakeWork::begin();
     record("taskqueue_drain");
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn taskqueue_drain_all(_q: *mut taskqueue) {
+    let _fake = FakeWork::begin();
     record("taskqueue_drain_all");
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn taskqueue_free(q: *mut taskqueue) {
+    let _fake = FakeWork::begin();
     record(format!("taskqueue_free {q:p}"));
 }
 
@@ -558,11 +597,13 @@ pub unsafe extern "C" fn taskqueue_free(q: *mut taskqueue) {
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_mtx_init(_m: *mut mtx, name: *const c_char) {
+    let _fake = FakeWork::begin();
     record(format!("mtx_init {}", cstr(name)));
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_mtx_lock(_m: *mut mtx) {
+    let _fake = FakeWork::begin();
     let a = _m as usize;
     assert!(!MTX_HELD.with(|h| h.borrow().contains(&a)), "mtx_lock of a held mutex");
     MTX_HELD.with(|h| h.borrow_mut().push(a));
@@ -571,6 +612,7 @@ pub unsafe extern "C" fn nvmehp_mtx_lock(_m: *mut mtx) {
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_mtx_unlock(_m: *mut mtx) {
+    let _fake = FakeWork::begin();
     let a = _m as usize;
     let held = MTX_HELD.with(|h| {
         let mut h = h.borrow_mut();
@@ -582,11 +624,13 @@ pub unsafe extern "C" fn nvmehp_mtx_unlock(_m: *mut mtx) {
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_mtx_destroy(_m: *mut mtx) {
+    let _fake = FakeWork::begin();
     record("mtx_destroy");
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn _callout_init_lock(_c: *mut callout, lo: *mut lock_object, flags: c_int) {
+    let _fake = FakeWork::begin();
     record(format!("callout_init_lock lock_set={} flags={flags}", !lo.is_null()));
 }
 
@@ -600,6 +644,7 @@ pub unsafe extern "C" fn callout_reset_sbt_on(
     cpu: c_int,
     flags: c_int,
 ) -> c_int {
+    let _fake = FakeWork::begin();
     assert!(MTX_HELD.with(|h| !h.borrow().is_empty()), "callout_reset without the mutex held");
     record(format!("callout_reset sbt={sbt} pr={pr} cpu={cpu} flags={flags}"));
     CALLOUT.with(|c| c.set(f.map(|f| (f, arg))));
@@ -608,6 +653,7 @@ pub unsafe extern "C" fn callout_reset_sbt_on(
 
 #[no_mangle]
 pub unsafe extern "C" fn _callout_stop_safe(_c: *mut callout, flags: c_int) -> c_int {
+    let _fake = FakeWork::begin();
     record(format!("callout_stop flags={flags}"));
     CALLOUT.with(|c| c.set(None));
     0
@@ -617,6 +663,7 @@ pub unsafe extern "C" fn _callout_stop_safe(_c: *mut callout, flags: c_int) -> c
 
 #[no_mangle]
 pub unsafe extern "C" fn disk_alloc() -> *mut disk {
+    let _fake = FakeWork::begin();
     record("disk_alloc");
     let d = leak::<disk>();
     DISKS.with(|l| l.borrow_mut().push(d as usize));
@@ -645,16 +692,26 @@ pub fn geom_disk_gone(d: *mut disk) {
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_stat_add(which: c_int, delta: i64) {
+    let _fake = FakeWork::begin();
     record(format!("stat {which} {delta:+}"));
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_read_config(_dev: device_t, reg: c_int, _width: c_int) -> u32 {
-    if reg == 0 { knobs().pci_vendor } else { 0 }
+    let _fake = FakeWork::begin();
+    match reg {
+        0 => knobs().pci_vendor,
+        // A function that left answers all-ones.
+        r if r == PCIR_COMMAND as c_int && knobs().pci_vendor == 0xffff => 0xffff,
+        r if r == PCIR_COMMAND as c_int && knobs().busmaster_stuck => u32::from(COMMAND.with(|c| c.get()) | PCIM_CMD_BUSMASTEREN as u16),
+        r if r == PCIR_COMMAND as c_int => u32::from(COMMAND.with(|c| c.get())),
+        _ => 0,
+    }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_sbinuptime() -> i64 {
+    let _fake = FakeWork::begin();
     // Exact for whole microseconds (the 32.32 fraction of us / 10^6, floored, read back by
     // sbt_to_us as the same us).
     let us = clock_us();
@@ -669,6 +726,7 @@ pub fn delays() -> (u64, u64) {
 
 #[no_mangle]
 pub unsafe extern "C" fn DELAY(us: c_int) {
+    let _fake = FakeWork::begin();
     let us = u64::try_from(us).unwrap_or(0);
     DELAY_US.with(|c| c.set(c.get() + us));
     advance_clock(us);
@@ -687,12 +745,14 @@ pub fn on_pause(f: Option<fn()>) {
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pause_ms(_w: *const c_char, ms: c_int) {
+    let _fake = FakeWork::begin();
     record(format!("pause {ms} ms"));
     paused(u64::try_from(ms).unwrap_or(0) * 1000);
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pause_us(w: *const c_char, us: c_int) {
+    let _fake = FakeWork::begin();
     record(format!("pause {us} us {}", cstr(w)));
     paused(u64::try_from(us).unwrap_or(0));
 }
@@ -710,6 +770,8 @@ fn paused(us: u64) {
 
 #[no_mangle]
 pub unsafe extern "C" fn contigmalloc(size: u64, _t: *mut malloc_type, _f: c_int, _lo: u64, _hi: u64, align: u64, _b: u64) -> *mut c_void {
+    let _fake = FakeWork::begin();
+    count_allocation();
     // SAFETY: libc; the size rounded up to the alignment as aligned_alloc requires.
     let p = unsafe { aligned_alloc(align as usize, (size as usize).div_ceil(align as usize) * align as usize) };
     if !p.is_null() {
@@ -722,6 +784,7 @@ pub unsafe extern "C" fn contigmalloc(size: u64, _t: *mut malloc_type, _f: c_int
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_contig_free(va: *mut c_void) {
+    let _fake = FakeWork::begin();
     record(format!("contig_free {va:p}"));
     // SAFETY: memory from the fake contigmalloc (libc), freed once by the wrapper; libc's
     // free ignores the malloc-type argument.
@@ -730,16 +793,19 @@ pub unsafe extern "C" fn nvmehp_contig_free(va: *mut c_void) {
 
 #[no_mangle]
 pub unsafe extern "C" fn pmap_kextract(va: u64) -> u64 {
+    let _fake = FakeWork::begin();
     va
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn destroy_dev_drain(_csw: *mut cdevsw) {
+    let _fake = FakeWork::begin();
     record("destroy_dev_drain");
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_release_msi(_dev: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     record("pci_release_msi");
     0
 }
@@ -752,6 +818,7 @@ const ENODEV: c_int = 19;
 /// function offers.
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_alloc_msix(_dev: device_t, count: *mut c_int) -> c_int {
+    let _fake = FakeWork::begin();
     let k = knobs();
     // SAFETY: valid in/out count from the wrapper.
     let want = unsafe { *count };
@@ -778,6 +845,7 @@ pub unsafe extern "C" fn nvmehp_pci_alloc_msix(_dev: device_t, count: *mut c_int
 /// pci.c pci_alloc_msi_method: ENODEV without the capability.
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_alloc_msi(_dev: device_t, count: *mut c_int) -> c_int {
+    let _fake = FakeWork::begin();
     let k = knobs();
     // SAFETY: valid in/out count from the wrapper.
     let want = unsafe { *count };
@@ -794,30 +862,39 @@ pub unsafe extern "C" fn nvmehp_pci_alloc_msi(_dev: device_t, count: *mut c_int)
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_msi_count(_dev: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     knobs().msi_count
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_msix_table_bar(_dev: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     let k = knobs();
     if k.msix_count > 0 { k.msix_table_rid } else { -1 }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_msix_pba_bar(_dev: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     let k = knobs();
     if k.msix_count > 0 { k.msix_pba_rid } else { -1 }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_enable_busmaster(_dev: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     record("pci_enable_busmaster");
+    COMMAND.with(|c| c.set(c.get() | PCIM_CMD_BUSMASTEREN as u16));
     0
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_disable_busmaster(_dev: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     record("pci_disable_busmaster");
+    if !knobs().busmaster_stuck {
+        COMMAND.with(|c| c.set(c.get() & !(PCIM_CMD_BUSMASTEREN as u16)));
+    }
     0
 }
 
@@ -881,6 +958,7 @@ fn function_of(dev: device_t) -> Option<(u8, u8)> {
 
 #[no_mangle]
 pub unsafe extern "C" fn device_get_parent(dev: device_t) -> device_t {
+    let _fake = FakeWork::begin();
     match dev as usize {
         PCI0 => PCIB0 as device_t,
         0xde71ce | 0xd000..=0xd0ff => PCI0 as device_t,
@@ -890,6 +968,7 @@ pub unsafe extern "C" fn device_get_parent(dev: device_t) -> device_t {
 
 #[no_mangle]
 pub unsafe extern "C" fn device_get_softc(dev: device_t) -> *mut c_void {
+    let _fake = FakeWork::begin();
     if let Some(d) = newbus_dev(dev) {
         return d.softc as *mut c_void;
     }
@@ -901,6 +980,7 @@ pub unsafe extern "C" fn device_get_softc(dev: device_t) -> *mut c_void {
 
 #[no_mangle]
 pub unsafe extern "C" fn AcpiGetHandle(parent: ACPI_HANDLE, path: *const c_char, out: *mut ACPI_HANDLE) -> u32 {
+    let _fake = FakeWork::begin();
     let path = cstr(path);
     let found = match (parent as usize, path.as_str()) {
         (0, "\\_SB_.PCI0") => Some(PCI0_ACPI),
@@ -927,6 +1007,7 @@ pub unsafe extern "C" fn AcpiWalkNamespace(
     ctx: *mut c_void,
     _ret: *mut *mut c_void,
 ) -> u32 {
+    let _fake = FakeWork::begin();
     if start as usize == PCI0_ACPI {
         // SAFETY: the wrapper's callback and context.
         unsafe { cb.unwrap()(SLOT3 as ACPI_HANDLE, 1, ctx, core::ptr::null_mut()) };
@@ -936,16 +1017,19 @@ pub unsafe extern "C" fn AcpiWalkNamespace(
 
 #[no_mangle]
 pub unsafe extern "C" fn acpi_get_device(h: ACPI_HANDLE) -> device_t {
+    let _fake = FakeWork::begin();
     if h as usize == PCI0_ACPI { PCIB0 as device_t } else { core::ptr::null_mut() }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn device_find_child(dev: device_t, class: *const c_char, _unit: c_int) -> device_t {
+    let _fake = FakeWork::begin();
     if dev as usize == PCIB0 && cstr(class) == "pci" { PCI0 as device_t } else { core::ptr::null_mut() }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn acpi_GetInteger(h: ACPI_HANDLE, path: *const c_char, out: *mut u32) -> u32 {
+    let _fake = FakeWork::begin();
     if h as usize == SLOT3 && cstr(path) == "_ADR" {
         // SAFETY: valid out pointer.
         unsafe { *out = 3 << 16 };
@@ -956,6 +1040,7 @@ pub unsafe extern "C" fn acpi_GetInteger(h: ACPI_HANDLE, path: *const c_char, ou
 
 #[no_mangle]
 pub unsafe extern "C" fn acpi_SetInteger(h: ACPI_HANDLE, path: *const c_char, v: u32) -> u32 {
+    let _fake = FakeWork::begin();
     record(format!("acpi_SetInteger {h:p} {}({v})", cstr(path)));
     if h as usize == SLOT3 && cstr(path) == "_EJ0" {
         // The platform removes the device: none of the slot's functions answers any more.
@@ -966,6 +1051,7 @@ pub unsafe extern "C" fn acpi_SetInteger(h: ACPI_HANDLE, path: *const c_char, v:
 
 #[no_mangle]
 pub unsafe extern "C" fn AcpiEvaluateObject(h: ACPI_HANDLE, path: ACPI_STRING, args: *mut ACPI_OBJECT_LIST, _ret: *mut ACPI_BUFFER) -> u32 {
+    let _fake = FakeWork::begin();
     // SAFETY: the wrapper passes a list of initialised integer objects first.
     let (a0, a1) = unsafe {
         let l = &*args;
@@ -978,6 +1064,7 @@ pub unsafe extern "C" fn AcpiEvaluateObject(h: ACPI_HANDLE, path: ACPI_STRING, a
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_acpi_get_handle(dev: device_t) -> ACPI_HANDLE {
+    let _fake = FakeWork::begin();
     if knobs().acpi_pci_bus && dev as usize == PCI0 {
         return PCI0_ACPI as ACPI_HANDLE; // acpi_pci's bus: its handler is on the slot
     }
@@ -986,16 +1073,19 @@ pub unsafe extern "C" fn nvmehp_acpi_get_handle(dev: device_t) -> ACPI_HANDLE {
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pcib_get_domain(_bus: device_t) -> u32 {
+    let _fake = FakeWork::begin();
     0
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pcib_get_bus(_bus: device_t) -> u32 {
+    let _fake = FakeWork::begin();
     0
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pcib_read_config(_pcib: device_t, _b: u32, slot: u32, func: u32, reg: u32, w: c_int) -> u32 {
+    let _fake = FakeWork::begin();
     let (slot, func) = (slot as u8, func as u8);
     CONFIG_READS.with(|r| r.borrow_mut().push((slot, func, reg)));
     let f = function(slot, func);
@@ -1010,17 +1100,20 @@ pub unsafe extern "C" fn nvmehp_pcib_read_config(_pcib: device_t, _b: u32, slot:
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pcib_maxfuncs(_pcib: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     MAX_FUNCS.with(|m| m.get())
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn pci_find_dbsf(_d: u32, _b: u8, slot: u8, func: u8) -> device_t {
+    let _fake = FakeWork::begin();
     if function(slot, func).child { function_device(slot, func) } else { core::ptr::null_mut() }
 }
 
 /// A devinfo names its function: (slot << 8 | func) + 1, never dereferenced.
 #[no_mangle]
 pub unsafe extern "C" fn pci_read_device(pcib: device_t, bus: device_t, _d: c_int, _b: c_int, s: c_int, f: c_int) -> *mut pci_devinfo {
+    let _fake = FakeWork::begin();
     record(format!("pci_read_device pcib={pcib:p} bus={bus:p} {s}.{f}"));
     if function(s as u8, f as u8).vendor == 0xffff {
         return core::ptr::null_mut();
@@ -1030,6 +1123,7 @@ pub unsafe extern "C" fn pci_read_device(pcib: device_t, bus: device_t, _d: c_in
 
 #[no_mangle]
 pub unsafe extern "C" fn pci_add_child(bus: device_t, dinfo: *mut pci_devinfo) {
+    let _fake = FakeWork::begin();
     let a = dinfo as usize - 1;
     let (s, f) = ((a >> 8) as u8, (a & 0xff) as u8);
     record(format!("pci_add_child bus={bus:p} {s}.{f}"));
@@ -1040,6 +1134,7 @@ pub unsafe extern "C" fn pci_add_child(bus: device_t, dinfo: *mut pci_devinfo) {
 
 #[no_mangle]
 pub unsafe extern "C" fn device_probe_and_attach(dev: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     let (s, f) = function_of(dev).expect("probe of a device pci0 does not have");
     record(format!("device_probe_and_attach {s}.{f}"));
     0
@@ -1047,12 +1142,14 @@ pub unsafe extern "C" fn device_probe_and_attach(dev: device_t) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn device_detach(dev: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     record(format!("device_detach {dev:p}"));
     newbus_detach(dev)
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn device_delete_child(_bus: device_t, dev: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     record(format!("device_delete_child {dev:p}"));
     if let Some(k) = function_of(dev) {
         FUNCS.with(|m| {
@@ -1064,35 +1161,41 @@ pub unsafe extern "C" fn device_delete_child(_bus: device_t, dev: device_t) -> c
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_bus_rescan(bus: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     record(format!("BUS_RESCAN {bus:p}"));
     0
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_sysctl_ctx_create() -> *mut sysctl_ctx_list {
+    let _fake = FakeWork::begin();
     record("sysctl_ctx_create");
     leak::<sysctl_ctx_list>()
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_sysctl_ctx_destroy(_ctx: *mut sysctl_ctx_list) {
+    let _fake = FakeWork::begin();
     record("sysctl_ctx_destroy");
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_dev_sysctl_string(_ctx: *mut sysctl_ctx_list, _dev: device_t, name: *const c_char, value: *const c_char, _d: *const c_char) -> c_int {
+    let _fake = FakeWork::begin();
     record(format!("sysctl_add_string {}={}", cstr(name), cstr(value)));
     0
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_dev_sysctl_u64(_ctx: *mut sysctl_ctx_list, _dev: device_t, name: *const c_char, _p: *mut u64, _d: *const c_char) -> c_int {
+    let _fake = FakeWork::begin();
     record(format!("sysctl_add_u64 {}", cstr(name)));
     0
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn devclass_find(name: *const c_char) -> devclass_t {
+    let _fake = FakeWork::begin();
     let name = cstr(name);
     if name == "nvme" && knobs().nvme4_loaded {
         return 0xdc as devclass_t; // nvme(4) is in the kernel; never dereferenced
@@ -1102,11 +1205,13 @@ pub unsafe extern "C" fn devclass_find(name: *const c_char) -> devclass_t {
 
 #[no_mangle]
 pub unsafe extern "C" fn devclass_get_maxunit(dc: devclass_t) -> c_int {
+    let _fake = FakeWork::begin();
     if dc as usize == NVMEHP_DEVCLASS { NEWBUS.with(|n| n.borrow().len() as c_int) } else { -1 }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn devclass_get_device(dc: devclass_t, unit: c_int) -> device_t {
+    let _fake = FakeWork::begin();
     if dc as usize != NVMEHP_DEVCLASS || unit < 0 {
         return core::ptr::null_mut();
     }
@@ -1115,6 +1220,7 @@ pub unsafe extern "C" fn devclass_get_device(dc: devclass_t, unit: c_int) -> dev
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_tunable_acpi_mode(buf: *mut c_char, len: c_int) {
+    let _fake = FakeWork::begin();
     let v = b"auto\0";
     // SAFETY: the wrapper passes a buffer of `len` bytes.
     unsafe { core::ptr::copy_nonoverlapping(v.as_ptr().cast(), buf, v.len().min(len as usize)) };
@@ -1122,27 +1228,32 @@ pub unsafe extern "C" fn nvmehp_tunable_acpi_mode(buf: *mut c_char, len: c_int) 
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_tunable_rescan_interval_ms() -> u32 {
+    let _fake = FakeWork::begin();
     0
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_tunable_claim() -> c_int {
+    let _fake = FakeWork::begin();
     knobs().claim
 }
 
 /// `hw.nvme_hotplug.{io_queues,io_entries,cmd_timeout_ms}` (defaults; the last is a knob).
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_tunable_io_queues() -> u32 {
+    let _fake = FakeWork::begin();
     1
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_tunable_io_entries() -> u32 {
+    let _fake = FakeWork::begin();
     64
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_tunable_cmd_timeout_ms() -> u32 {
+    let _fake = FakeWork::begin();
     match knobs().cmd_timeout_ms {
         0 => 30_000,
         ms => ms,
@@ -1151,26 +1262,31 @@ pub unsafe extern "C" fn nvmehp_tunable_cmd_timeout_ms() -> u32 {
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_get_class(_dev: device_t) -> u8 {
+    let _fake = FakeWork::begin();
     knobs().pci_class[0]
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_get_subclass(_dev: device_t) -> u8 {
+    let _fake = FakeWork::begin();
     knobs().pci_class[1]
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_get_progif(_dev: device_t) -> u8 {
+    let _fake = FakeWork::begin();
     knobs().pci_class[2]
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn device_set_desc(_dev: device_t, desc: *const c_char) {
+    let _fake = FakeWork::begin();
     record(format!("device_set_desc {}", cstr(desc)));
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn device_get_nameunit(dev: device_t) -> *const c_char {
+    let _fake = FakeWork::begin();
     if dev as usize == PCI0 {
         return c"pci0".as_ptr();
     }
@@ -1179,6 +1295,7 @@ pub unsafe extern "C" fn device_get_nameunit(dev: device_t) -> *const c_char {
 
 #[no_mangle]
 pub unsafe extern "C" fn device_get_name(dev: device_t) -> *const c_char {
+    let _fake = FakeWork::begin();
     match driver_entry(dev) {
         Some(Some(name)) => name.as_ptr(),
         Some(None) => core::ptr::null(),
@@ -1188,31 +1305,37 @@ pub unsafe extern "C" fn device_get_name(dev: device_t) -> *const c_char {
 
 #[no_mangle]
 pub unsafe extern "C" fn device_get_unit(_dev: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     0
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_get_slot(_dev: device_t) -> u8 {
+    let _fake = FakeWork::begin();
     3
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_msix_count(_dev: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     knobs().msix_count
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn bus_topo_lock() {
+    let _fake = FakeWork::begin();
     record("bus_topo_lock");
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn bus_topo_unlock() {
+    let _fake = FakeWork::begin();
     record("bus_topo_unlock");
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn disk_create(d: *mut disk, version: c_int) {
+    let _fake = FakeWork::begin();
     // SAFETY: the wrapper's disk.
     let d = unsafe { &*d };
     record(format!(
@@ -1224,6 +1347,7 @@ pub unsafe extern "C" fn disk_create(d: *mut disk, version: c_int) {
 
 #[no_mangle]
 pub unsafe extern "C" fn disk_gone(d: *mut disk) {
+    let _fake = FakeWork::begin();
     record("disk_gone");
     if knobs().d_gone_at_once {
         geom_disk_gone(d);
@@ -1232,20 +1356,34 @@ pub unsafe extern "C" fn disk_gone(d: *mut disk) {
 
 #[no_mangle]
 pub unsafe extern "C" fn disk_destroy(_d: *mut disk) {
+    let _fake = FakeWork::begin();
     // What MOD_UNLOAD would see at this moment (it must still count this disk).
     record(format!("disk_destroy disks_live={}", super::kernel::disks_live()));
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn biodone(bp: *mut bio) {
+    let _fake = FakeWork::begin();
     // SAFETY: the wrapper's bio.
     let b = unsafe { &*bp };
     record(format!("biodone error={} flags={:#x} resid={}", b.bio_error, b.bio_flags, b.bio_resid));
+    BIODONES.with(|m| *m.borrow_mut().entry(bp as usize).or_insert(0) += 1);
+}
+
+std::thread_local! {
+    /// biodone calls per bio (by address) since the bio was made by [`new_bio`].
+    static BIODONES: RefCell<std::collections::BTreeMap<usize, u32>> = const { RefCell::new(std::collections::BTreeMap::new()) };
+}
+
+/// How many times `bp` was completed since [`new_bio`] made it.
+pub fn biodone_count(bp: *mut bio) -> u32 {
+    BIODONES.with(|m| m.borrow().get(&(bp as usize)).copied().unwrap_or(0))
 }
 
 /// A fresh fake bio.
 pub fn new_bio(cmd: u16, offset: i64, bcount: i64) -> *mut bio {
     let b = leak::<bio>();
+    BIODONES.with(|m| m.borrow_mut().remove(&(b as usize)));
     // SAFETY: fresh fake bio.
     unsafe {
         (*b).bio_cmd = cmd;
@@ -1391,11 +1529,13 @@ fn newbus_detach(dev: device_t) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn device_is_attached(dev: device_t) -> c_int {
+    let _fake = FakeWork::begin();
     newbus_dev(dev).map_or(1, |d| c_int::from(d.state == DevState::Attached))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn device_get_state(dev: device_t) -> device_state_t {
+    let _fake = FakeWork::begin();
     match newbus_dev(dev).map_or(DevState::Attached, |d| d.state) {
         DevState::NotPresent => DS_NOTPRESENT,
         DevState::Alive => DS_ALIVE,
@@ -1406,6 +1546,7 @@ pub unsafe extern "C" fn device_get_state(dev: device_t) -> device_state_t {
 
 #[no_mangle]
 pub unsafe extern "C" fn device_busy(dev: device_t) {
+    let _fake = FakeWork::begin();
     record(format!("device_busy {dev:p}"));
     if newbus_dev(dev).is_some() {
         newbus_set(dev, |d| d.busy += 1);
@@ -1414,6 +1555,7 @@ pub unsafe extern "C" fn device_busy(dev: device_t) {
 
 #[no_mangle]
 pub unsafe extern "C" fn device_unbusy(dev: device_t) {
+    let _fake = FakeWork::begin();
     record(format!("device_unbusy {dev:p}"));
     if newbus_dev(dev).is_some() {
         newbus_set(dev, |d| {
@@ -1460,4 +1602,281 @@ pub fn kldload() -> c_int {
     let ours = super::module::nvmehp_modevent(null, MOD_LOAD as c_int, arg);
     record(format!("kldload: our MOD_LOAD returned {ours}"));
     0
+}
+// --- allocation counter -----------------------------------------------------------------------
+
+std::thread_local! {
+    /// Allocations made by this thread: Rust heap (what malloc(9) serves in the kernel),
+    /// malloc_aligned, contigmalloc, busdma tag and map creations.
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count_allocation() {
+    let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+}
+
+std::thread_local! {
+    /// Depth of fake-kernel bookkeeping on this thread (the log, the device model, the bioq
+    /// table): heap allocations made there are the fake's, not the driver's.
+    static FAKE_DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// While alive, heap allocations of this thread are the fake's own and not counted.
+struct FakeWork;
+
+impl FakeWork {
+    fn begin() -> FakeWork {
+        let _ = FAKE_DEPTH.try_with(|d| d.set(d.get() + 1));
+        FakeWork
+    }
+}
+
+impl Drop for FakeWork {
+    fn drop(&mut self) {
+        let _ = FAKE_DEPTH.try_with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
+fn count_heap_allocation() {
+    if FAKE_DEPTH.try_with(|d| d.get() == 0).unwrap_or(false) {
+        count_allocation();
+    }
+}
+
+/// Allocations made by this thread so far (see [`ALLOCATIONS`]). Compare two readings around the
+/// code under test: other threads' allocations are not counted.
+pub fn allocations() -> u64 {
+    ALLOCATIONS.with(|c| c.get())
+}
+
+/// The test binary's global allocator: the system allocator, counting each allocation made by
+/// the current thread. In the kernel the Rust heap is malloc(9) (`alloc.rs`), so this counts
+/// what the driver would allocate there. (`kmalloc`'s direct malloc(9) calls, used only by
+/// `box_waitok`/`try_box`, reach libc's malloc here and are not counted.)
+struct CountingAlloc;
+
+// SAFETY: every method forwards to the system allocator with the same arguments.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count_heap_allocation();
+        // SAFETY: forwarded.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count_heap_allocation();
+        // SAFETY: forwarded.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        count_heap_allocation();
+        // SAFETY: forwarded.
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static COUNTING_ALLOC: CountingAlloc = CountingAlloc;
+
+// --- busdma(9) ----------------------------------------------------------------------------------
+
+/// What the fake tag was created with.
+#[derive(Clone, Copy, Debug)]
+pub struct FakeTag {
+    pub boundary: u64,
+    pub nsegments: c_int,
+    pub maxsegsz: u64,
+}
+
+struct FakeMap {
+    loaded: bool,
+}
+
+std::thread_local! {
+    /// The next `bus_dmamap_load_bio` fails with this errno (through its callback, as busdma
+    /// does), if non-zero.
+    static LOAD_ERROR: Cell<c_int> = const { Cell::new(0) };
+    /// bioq heads (by address) and their bios, oldest first.
+    static BIOQS: RefCell<std::collections::BTreeMap<usize, std::collections::VecDeque<usize>>> = const { RefCell::new(std::collections::BTreeMap::new()) };
+}
+
+/// The next `bus_dmamap_load_bio` fails with `errno`.
+pub fn fail_next_load(errno: c_int) {
+    LOAD_ERROR.with(|c| c.set(errno));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn bus_get_dma_tag(_dev: device_t) -> bus_dma_tag_t {
+    let _fake = FakeWork::begin();
+    0x9a7e47 as bus_dma_tag_t
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn bus_dma_tag_create(
+    parent: bus_dma_tag_t,
+    alignment: bus_size_t,
+    boundary: bus_addr_t,
+    lowaddr: bus_addr_t,
+    highaddr: bus_addr_t,
+    _filt: bus_dma_filter_t,
+    _filtarg: *mut c_void,
+    maxsize: bus_size_t,
+    nsegments: c_int,
+    maxsegsz: bus_size_t,
+    flags: c_int,
+    _lockfunc: bus_dma_lock_t,
+    _lockarg: *mut c_void,
+    dmat: *mut bus_dma_tag_t,
+) -> c_int {
+    let _fake = FakeWork::begin();
+    count_allocation();
+    let t = Box::into_raw(Box::new(FakeTag { boundary, nsegments, maxsegsz }));
+    record(format!(
+        "bus_dma_tag_create parent={parent:p} align={alignment} boundary={boundary:#x} lowaddr={lowaddr:#x} highaddr={highaddr:#x} maxsize={maxsize} nsegments={nsegments} maxsegsz={maxsegsz:#x} flags={flags:#x} = {t:p}"
+    ));
+    // SAFETY: the wrapper passes a valid out pointer.
+    unsafe { *dmat = t.cast() };
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn bus_dma_tag_destroy(dmat: bus_dma_tag_t) -> c_int {
+    let _fake = FakeWork::begin();
+    record(format!("bus_dma_tag_destroy {dmat:p}"));
+    // SAFETY: a tag from the fake bus_dma_tag_create, destroyed once by the wrapper.
+    drop(unsafe { Box::from_raw(dmat.cast::<FakeTag>()) });
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_bus_dmamap_create(dmat: bus_dma_tag_t, flags: c_int, mapp: *mut bus_dmamap_t) -> c_int {
+    let _fake = FakeWork::begin();
+    count_allocation();
+    let m = Box::into_raw(Box::new(FakeMap { loaded: false }));
+    record(format!("bus_dmamap_create tag={dmat:p} flags={flags:#x} = {m:p}"));
+    // SAFETY: the wrapper passes a valid out pointer.
+    unsafe { *mapp = m.cast() };
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_bus_dmamap_destroy(dmat: bus_dma_tag_t, map: bus_dmamap_t) -> c_int {
+    let _fake = FakeWork::begin();
+    record(format!("bus_dmamap_destroy tag={dmat:p} map={map:p}"));
+    // SAFETY: a map from the fake create.
+    if unsafe { (*map.cast::<FakeMap>()).loaded } {
+        return bindings::EBUSY; // as busdma: a loaded map cannot be destroyed
+    }
+    // SAFETY: as above, destroyed once.
+    drop(unsafe { Box::from_raw(map.cast::<FakeMap>()) });
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_bus_dmamap_sync(_dmat: bus_dma_tag_t, map: bus_dmamap_t, op: c_int) {
+    let _fake = FakeWork::begin();
+    record(format!("bus_dmamap_sync map={map:p} op={op}"));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_bus_dmamap_unload(_dmat: bus_dma_tag_t, map: bus_dmamap_t) {
+    let _fake = FakeWork::begin();
+    record(format!("bus_dmamap_unload map={map:p}"));
+    // SAFETY: a map from the fake create.
+    unsafe { (*map.cast::<FakeMap>()).loaded = false };
+}
+
+/// Loads a bio as busdma does for the tag: a mapped bio's virtual range (identity-mapped: the
+/// fake pmap_kextract is the identity), or an unmapped bio's `bio_ma` pages, cut at
+/// `boundary` and `maxsegsz`; the callback runs before the return (the driver passes
+/// BUS_DMA_NOWAIT).
+#[no_mangle]
+pub unsafe extern "C" fn bus_dmamap_load_bio(
+    dmat: bus_dma_tag_t,
+    map: bus_dmamap_t,
+    bio: *mut bio,
+    callback: bus_dmamap_callback_t,
+    arg: *mut c_void,
+    flags: c_int,
+) -> c_int {
+    let _fake = FakeWork::begin();
+    // SAFETY: a tag from the fake create; the driver's bio.
+    let (t, b) = unsafe { (*dmat.cast::<FakeTag>(), &*bio) };
+    let fake = FakeWork::begin();
+    let held = MTX_HELD.with(|h| h.borrow().len());
+    let cb = callback.expect("a load callback");
+    let err = LOAD_ERROR.with(|c| c.replace(0));
+    let mut segs: Vec<bus_dma_segment> = Vec::new();
+    let step = t.boundary.min(t.maxsegsz);
+    let mut left = b.bio_bcount.max(0) as u64;
+    if b.bio_flags & bindings::BIO_UNMAPPED as u16 != 0 {
+        // An unmapped bio: its pages are `bio_ma` (here the fake "vm_page_t" values are the
+        // pages' bus addresses), starting `bio_ma_offset` into the first; bio_data is not used.
+        let mut off = b.bio_ma_offset.max(0) as u64;
+        for i in 0..b.bio_ma_n.max(0) as usize {
+            if left == 0 || err != 0 {
+                break;
+            }
+            // SAFETY: the test made bio_ma an array of bio_ma_n entries.
+            let page = unsafe { *b.bio_ma.add(i) } as u64;
+            let n = (step - off).min(left);
+            segs.push(bus_dma_segment { ds_addr: page + off, ds_len: n });
+            left -= n;
+            off = 0;
+        }
+    } else {
+        let mut va = b.bio_data as u64;
+        while left > 0 && err == 0 {
+            let n = (step - va % step).min(left);
+            segs.push(bus_dma_segment { ds_addr: va, ds_len: n });
+            va += n;
+            left -= n;
+        }
+    }
+    let err = if err == 0 && segs.len() > t.nsegments as usize { bindings::EFBIG } else { err };
+    record(format!("bus_dmamap_load_bio map={map:p} flags={flags:#x} nsegs={} error={err} mutexes_held={held}", segs.len()));
+    drop(fake); // the callback is the driver's code
+    if err != 0 {
+        // SAFETY: the driver's callback and argument.
+        unsafe { cb(arg, core::ptr::null_mut(), 0, err) };
+        return if err == bindings::ENOMEM { err } else { 0 };
+    }
+    // SAFETY: a map from the fake create.
+    unsafe { (*map.cast::<FakeMap>()).loaded = true };
+    // SAFETY: the driver's callback and argument; `segs` lives across the call.
+    unsafe { cb(arg, segs.as_mut_ptr(), segs.len() as c_int, 0) };
+    0
+}
+
+// --- bioq -----------------------------------------------------------------------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn bioq_init(head: *mut bio_queue_head) {
+    let _fake = FakeWork::begin();
+    record("bioq_init");
+    BIOQS.with(|q| q.borrow_mut().insert(head as usize, Default::default()));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn bioq_insert_tail(head: *mut bio_queue_head, bp: *mut bio) {
+    let _fake = FakeWork::begin();
+    record("bioq_insert_tail");
+    BIOQS.with(|q| q.borrow_mut().get_mut(&(head as usize)).expect("bioq_init first").push_back(bp as usize));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn bioq_insert_head(head: *mut bio_queue_head, bp: *mut bio) {
+    let _fake = FakeWork::begin();
+    record("bioq_insert_head");
+    BIOQS.with(|q| q.borrow_mut().get_mut(&(head as usize)).expect("bioq_init first").push_front(bp as usize));
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn bioq_takefirst(head: *mut bio_queue_head) -> *mut bio {
+    let _fake = FakeWork::begin();
+    record("bioq_takefirst");
+    BIOQS.with(|q| q.borrow_mut().get_mut(&(head as usize)).and_then(|v| v.pop_front()).unwrap_or(0) as *mut bio)
 }

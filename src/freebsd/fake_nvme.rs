@@ -5,8 +5,9 @@
 //!
 //! Only what bring-up and one I/O queue need: CAP/VS/CC/CSTS, the admin queue (Identify
 //! controller, active list and namespace; Set Features; create/delete queues; an AER that is
-//! held), and I/O commands that are either completed at once (reads filled with
-//! [`FakeNvme::fill`]) or held as in flight. `stuck` makes it a present device that ignores
+//! held), and I/O commands that are either completed at once or held as in flight. Reads and
+//! writes move data through their PRP1/PRP2/PRP list (each entry after the first checked to be
+//! page aligned) to and from a media whose unwritten blocks read as [`FakeNvme::fill`]. `stuck` makes it a present device that ignores
 //! the shutdown notification and the disable, i.e. one that may still DMA after being failed.
 //!
 //! What a stop does to the device goes into the fake kernel's log, in order, among the
@@ -75,6 +76,12 @@ pub struct FakeNvme {
     /// I/O queue 1's SQ and CQ exist (created, not deleted).
     io_sq_live: bool,
     io_cq_live: bool,
+    /// Blocks written (by LBA); the others read as `fill`.
+    media: std::collections::BTreeMap<u64, [u8; 512]>,
+    /// I/O commands completed so far.
+    pub io_completed: u64,
+    /// The held commands themselves, for [`FakeNvme::release_held`].
+    held_sqes: Vec<[u8; 64]>,
 }
 
 /// Status field values (SCT << 8 | SC) the model answers queue deletions with.
@@ -121,7 +128,43 @@ impl FakeNvme {
             io: Ring::default(),
             io_sq_live: false,
             io_cq_live: false,
+            media: std::collections::BTreeMap::new(),
+            io_completed: 0,
+            held_sqes: Vec::new(),
         }
+    }
+
+    /// The bus addresses of the `len` bytes a command's PRP1/PRP2 describe, page by page
+    /// (NVMe 1.4 §4.3): PRP1 to the end of its page; then PRP2 as a page, or as a pointer to
+    /// a list of page addresses. Entries after the first must be page aligned, or the model
+    /// panics (the test fails): a wrong PRP is a driver bug.
+    fn prp_pages(prp1: u64, prp2: u64, len: usize) -> Vec<(u64, usize)> {
+        let first = (4096 - (prp1 % 4096) as usize).min(len);
+        let mut out = std::vec![(prp1, first)];
+        let mut left = len - first;
+        if left == 0 {
+            return out;
+        }
+        let entries: Vec<u64> = if left <= 4096 {
+            std::vec![prp2]
+        } else {
+            let n = left.div_ceil(4096);
+            let mut list = std::vec![0u8; n * 8];
+            read_mem(prp2, &mut list);
+            list.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect()
+        };
+        for a in entries {
+            assert_eq!(a % 4096, 0, "PRP entry {a:#x} after the first is not page aligned");
+            let n = left.min(4096);
+            out.push((a, n));
+            left -= n;
+        }
+        out
+    }
+
+    /// What the media holds at `lba`.
+    pub fn media_block(&self, lba: u64) -> [u8; 512] {
+        self.media.get(&lba).copied().unwrap_or([self.fill; 512])
     }
 
     /// A 32-bit register read.
@@ -307,34 +350,65 @@ impl FakeNvme {
 
     fn run_io(&mut self, tail: u16) {
         while let Some(sqe) = Self::next_sqe(&mut self.io, tail) {
-            let (op, cid) = (sqe[0], (le32(&sqe, 0) >> 16) as u16);
-            let prp1 = u64::from(le32(&sqe, 6)) | u64::from(le32(&sqe, 7)) << 32;
             if self.hold_io {
+                let cid = (le32(&sqe, 0) >> 16) as u16;
+                let prp1 = u64::from(le32(&sqe, 6)) | u64::from(le32(&sqe, 7)) << 32;
                 self.held.push((cid, prp1));
+                self.held_sqes.push(sqe);
                 continue;
             }
-            if op == 0x02 {
-                let blocks = (le32(&sqe, 12) & 0xffff) as usize + 1;
-                // One page at most in these tests: PRP1 covers it.
-                write_mem(prp1, &std::vec![self.fill; (blocks * 512).min(4096)]);
-            }
-            Self::post(&mut self.io, 1, cid, 0, 0);
+            self.execute(&sqe);
         }
     }
 
-    /// Completes every held I/O command successfully (a read's first page filled with
-    /// `fill`), as a slow but healthy device eventually does.
-    pub fn complete_held(&mut self) {
-        for (cid, prp1) in core::mem::take(&mut self.held) {
-            write_mem(prp1, &[self.fill; 512]);
-            Self::post(&mut self.io, 1, cid, 0, 0);
+    /// Completes every held I/O command now (data moved as for any other), in order.
+    pub fn release_held(&mut self) {
+        self.held.clear();
+        for sqe in core::mem::take(&mut self.held_sqes) {
+            self.execute(&sqe);
         }
+    }
+
+    /// Runs one I/O command and posts its completion.
+    fn execute(&mut self, sqe: &[u8; 64]) {
+        let (op, cid) = (sqe[0], (le32(sqe, 0) >> 16) as u16);
+        let prp1 = u64::from(le32(sqe, 6)) | u64::from(le32(sqe, 7)) << 32;
+        if op == 0x01 || op == 0x02 {
+            // Read and write move real data through the PRPs, to and from the media.
+            let prp2 = u64::from(le32(sqe, 8)) | u64::from(le32(sqe, 9)) << 32;
+            let lba = u64::from(le32(sqe, 10)) | u64::from(le32(sqe, 11)) << 32;
+            let blocks = (le32(sqe, 12) & 0xffff) as usize + 1;
+            let mut bytes = std::vec![0u8; blocks * 512];
+            if op == 0x02 {
+                for b in 0..blocks {
+                    bytes[b * 512..b * 512 + 512].copy_from_slice(&self.media_block(lba + b as u64));
+                }
+            }
+            let mut at = 0;
+            for (addr, n) in Self::prp_pages(prp1, prp2, bytes.len()) {
+                if op == 0x02 {
+                    write_mem(addr, &bytes[at..at + n]);
+                } else {
+                    read_mem(addr, &mut bytes[at..at + n]);
+                }
+                at += n;
+            }
+            if op == 0x01 {
+                for b in 0..blocks {
+                    let mut blk = [0u8; 512];
+                    blk.copy_from_slice(&bytes[b * 512..b * 512 + 512]);
+                    self.media.insert(lba + b as u64, blk);
+                }
+            }
+        }
+        self.io_completed += 1;
+        Self::post(&mut self.io, 1, cid, 0, 0);
     }
 
     /// The device finally does what it still owes: writes `fill` into the buffer of every held
-    /// read (one page each), as a runaway DMA engine would.
+    /// command with data (512 bytes at PRP1), as a runaway DMA engine would.
     pub fn dma_into_held(&self) {
-        for &(_, prp1) in &self.held {
+        for &(_, prp1) in self.held.iter().filter(|&&(_, prp1)| prp1 != 0) {
             write_mem(prp1, &[self.fill; 512]);
         }
     }

@@ -35,11 +35,11 @@ fn dev() -> Device {
     unsafe { Device::from_raw(fk::fake_device()) }.unwrap()
 }
 
-fn positions(log: &[String], prefix: &str) -> Vec<usize> {
+pub(super) fn positions(log: &[String], prefix: &str) -> Vec<usize> {
     log.iter().enumerate().filter(|(_, l)| l.starts_with(prefix)).map(|(i, _)| i).collect()
 }
 
-fn first(log: &[String], prefix: &str) -> usize {
+pub(super) fn first(log: &[String], prefix: &str) -> usize {
     *positions(log, prefix).first().unwrap_or_else(|| panic!("no `{prefix}` in {log:#?}"))
 }
 
@@ -162,7 +162,7 @@ fn teardown_of_a_controller_runs_the_typestate_order_through_the_kpi() {
     let log = fk::log();
     let done = &log[last(&log, "biodone")];
     assert_eq!(done, &std::format!("biodone error={} flags={:#x} resid=4096", bindings::ENXIO, bindings::BIO_ERROR));
-    assert_eq!(positions(&log, "contigmalloc").len(), 0, "no bounce buffer for a bio refused at the link");
+    assert_eq!(positions(&log, "bus_dmamap_load_bio").len(), 0, "nothing mapped for a bio refused at the link");
 
     // GEOM's last close: d_gone destroys the disk and frees its context, and only then stops
     // counting it (MOD_UNLOAD waits for that count: module code must not run after it).
@@ -339,79 +339,111 @@ fn a_vanished_controller_is_swept_without_ej0_or_ost() {
     assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
 }
 
-/// Runs one read through `d_strategy` of our first disk; returns the bio, its data buffer and
-/// the bounce buffer's address (from the fake contigmalloc's record).
-pub(super) fn strategy_read(buf: &mut [u8]) -> (*mut bindings::bio, String) {
+/// Sends one bio through `d_strategy` of our first disk: `cmd` at byte `offset`, with `buf` as
+/// its data (the bio's own pages: the driver hands them to the device through busdma).
+pub(super) fn strategy(cmd: u32, offset: i64, buf: &mut [u8]) -> *mut bindings::bio {
     let d0 = fk::disks()[0];
-    let bp = fk::new_bio(bindings::BIO_READ as u16, 0, buf.len() as i64);
-    let before = fk::log().len();
+    let bp = fk::new_bio(cmd as u16, offset, buf.len() as i64);
     // SAFETY: a fake bio addressed to our live disk, with a data buffer of bio_bcount bytes.
     unsafe {
         (*bp).bio_disk = d0;
         (*bp).bio_data = buf.as_mut_ptr().cast();
         ((*d0).d_strategy.unwrap())(bp);
     }
+    bp
+}
+
+/// Runs one read through `d_strategy` of our first disk; returns the bio and the busdma map
+/// its data was loaded into (from the fake's record).
+pub(super) fn strategy_read(buf: &mut [u8]) -> (*mut bindings::bio, String) {
+    let before = fk::log().len();
+    let bp = strategy(bindings::BIO_READ as u32, 0, buf);
     let log = fk::log();
-    let m = log[before..].iter().find(|l| l.starts_with("contigmalloc ")).expect("a bounce buffer").clone();
-    (bp, m.rsplit(' ').next().unwrap().into())
+    let m = log[before..].iter().find(|l| l.starts_with("bus_dmamap_load_bio ")).expect("a busdma load").clone();
+    let map = m.split(' ').find_map(|w| w.strip_prefix("map=")).expect("map=").into();
+    (bp, map)
 }
 
 /// A read in flight on a device that ignores the shutdown and the disable (present, still
-/// able to DMA) when the controller is torn down: the bio fails with ENXIO at once, but its
-/// bounce buffer is leaked, never freed, counted and reported once; the device can still
-/// write it afterwards. The same teardown on a device that obeys frees the buffer, and a read
-/// the device completed frees its buffer after copying the data out.
+/// able to DMA) when the controller is torn down: its bio is never completed and its map never
+/// unloaded, since the device may still write the bio's own pages; the hold is counted and
+/// reported once, and the device's late write lands in pages nobody was given back. The same
+/// teardown on a device that obeys completes the bio with ENXIO after its map was unloaded,
+/// and a read the device completed delivers its data in place, map unloaded before biodone.
 #[test]
-fn bounce_buffers_of_a_device_that_cannot_be_stopped_are_leaked_not_freed() {
+fn bios_of_a_device_that_cannot_be_stopped_are_held_unless_bus_mastering_is_off() {
     use super::fake_nvme::FakeNvme;
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    for stuck in [true, false] {
-        fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
-        fk::install_nvme(FakeNvme::new(stuck, false));
+    // (device ignores the disable, function ignores the bus-master bit): only both hold.
+    for (ignores_disable, busmaster_stuck) in [(true, true), (true, false), (false, false)] {
+        let stuck = ignores_disable && busmaster_stuck;
+        fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, busmaster_stuck, ..Knobs::default() });
+        fk::install_nvme(FakeNvme::new(ignores_disable, false));
         let mut k = FreeBsdKernel::new();
         let (live, _ctrl) = attached_with(&mut k, &[1], true);
 
-        // A read the device completes: data copied out, bounce buffer freed.
+        // A read the device completes: the data lands in the bio's own buffer.
         let mut done = std::vec![0u8; 4096];
-        let (_bp, bounce) = strategy_read(&mut done);
+        let (bp, map) = strategy_read(&mut done);
         fk::fire_interrupt();
         assert!(done.iter().all(|&b| b == 0xab), "the read's data reached the bio");
+        assert_eq!(fk::biodone_count(bp), 1);
         let log = fk::log();
-        assert!(log.iter().any(|l| *l == std::format!("contig_free {bounce}")), "completed read frees its buffer: {log:#?}");
+        let unload = last(&log, &std::format!("bus_dmamap_unload map={map}"));
+        assert!(unload < last(&log, "biodone"), "unloaded before the bio was completed: {log:#?}");
+        assert!(log[..unload].iter().any(|l| *l == std::format!("bus_dmamap_sync map={map} op={}", bindings::BUS_DMASYNC_POSTREAD)));
 
         // A read the device holds, then the controller goes away under it.
         fk::with_nvme(|d| d.hold_io = true);
         let mut held = std::vec![0u8; 4096];
-        let (_bp, bounce) = strategy_read(&mut held);
+        let (bp, map) = strategy_read(&mut held);
+        // A cache flush held too: it lent the device no pages.
+        let flush = strategy(bindings::BIO_FLUSH as u32, 0, &mut []);
         let prp1 = fk::with_nvme(|d| d.held.clone());
-        assert_eq!(prp1.len(), 1);
-        assert_eq!(std::format!("{:#x}", prp1[0].1), bounce, "the device was given the bounce buffer");
+        assert_eq!(prp1.len(), 2);
+        assert_eq!(prp1[0].1, held.as_ptr() as u64, "the device was given the bio's own pages");
         fk::record("-- teardown --");
         let _ = teardown(live, &mut k, Removal::Surprise);
         let log = fk::log();
         let t = first(&log, "-- teardown --");
-        let failed = t + first(&log[t..], "biodone");
-        assert_eq!(log[failed], std::format!("biodone error={} flags={:#x} resid=4096", bindings::ENXIO, bindings::BIO_ERROR));
-        // From the teardown on only: the allocator may have given the held read the address of
-        // the completed read's buffer, freed before.
-        let freed = log[t..].iter().any(|l| *l == std::format!("contig_free {bounce}"));
+        let unloaded = log[t..].iter().any(|l| *l == std::format!("bus_dmamap_unload map={map}"));
         let leak_stat = std::format!("stat {} +1", bindings::NVMEHP_STAT_LEAKED_BUFFERS);
         let said: Vec<&String> = log.iter().filter(|l| l.contains("could not be stopped")).collect();
         if stuck {
-            assert!(!freed, "a buffer the device may still DMA into was freed: {log:#?}");
-            assert_eq!(positions(&log, &leak_stat).len(), 1, "leak counted: {log:#?}");
+            assert_eq!(fk::biodone_count(bp), 0, "a bio whose pages the device may still write was completed: {log:#?}");
+            assert_eq!(fk::biodone_count(flush), 1, "a flush has no pages to hold: failed");
+            assert!(!unloaded, "its map was unloaded");
+            assert_eq!(positions(&log, &leak_stat).len(), 1, "hold counted: {log:#?}");
             assert_eq!(said.len(), 1, "said once: {said:#?}");
-            // The device does what it still owed: the memory is still ours, not reused.
+            assert!(positions(&log[t..], "bus_dma_tag_destroy").is_empty(), "the tag of a loaded map is kept");
+            // The device does what it still owed, into pages that were never given back.
             fk::with_nvme(|d| d.dma_into_held());
-            // SAFETY: the leaked bounce buffer (asserted not freed above), 512 bytes written.
-            let late = unsafe { core::slice::from_raw_parts(prp1[0].1 as *const u8, 512) };
-            assert!(late.iter().all(|&b| b == 0xab));
-            assert!(held.iter().all(|&b| b == 0), "a failed read returns no data");
+            assert!(held[..512].iter().all(|&b| b == 0xab));
+            assert!(log.iter().any(|l| l.contains("still has bus mastering on")), "{log:#?}");
+        } else if ignores_disable {
+            // Bus mastering turned off and read back off: the device can no longer start DMA,
+            // so the bio is failed (not held for ever), after that and after its map's unload.
+            assert_eq!(fk::biodone_count(bp), 1, "{log:#?}");
+            assert_eq!(fk::biodone_count(flush), 1);
+            let off = t + first(&log[t..], "pci_disable_busmaster");
+            let unload = t + first(&log[t..], &std::format!("bus_dmamap_unload map={map}"));
+            let failed = unload + first(&log[unload..], "biodone");
+            assert!(off < unload, "bus mastering off before the pages are given back: {log:#?}");
+            assert_eq!(log[failed], std::format!("biodone error={} flags={:#x} resid=4096", bindings::ENXIO, bindings::BIO_ERROR));
+            assert_eq!(positions(&log, &leak_stat).len(), 0, "nothing held: {log:#?}");
+            assert!(log.iter().any(|l| l.contains("bus mastering turned off; its requests fail")), "{log:#?}");
         } else {
-            assert!(freed, "a stopped device's buffer is given back: {log:#?}");
-            assert!(t + first(&log[t..], &std::format!("contig_free {bounce}")) > failed);
+            assert_eq!(fk::biodone_count(bp), 1);
+            assert_eq!(fk::biodone_count(flush), 1);
+            let failed = t + first(&log[t..], &std::format!("bus_dmamap_unload map={map}")) + 1;
+            let failed = failed + first(&log[failed..], "biodone");
+            assert_eq!(log[failed], std::format!("biodone error={} flags={:#x} resid=4096", bindings::ENXIO, bindings::BIO_ERROR));
+            let unload = t + first(&log[t..], &std::format!("bus_dmamap_unload map={map}"));
+            assert!(t + first(&log[t..], "nvme cc disable") < unload && unload < failed, "stopped, unloaded, then failed: {log:#?}");
+            assert!(held.iter().all(|&b| b == 0), "a failed read returns no data");
             assert_eq!(positions(&log, &leak_stat).len(), 0);
             assert!(said.is_empty());
+            assert_eq!(positions(&log[t..], "bus_dma_tag_destroy").len(), 1, "maps, then the tag, destroyed at the end");
         }
     }
 }
@@ -535,7 +567,7 @@ fn the_stop_of_a_broken_controller_waits_without_the_mutex() {
     let mut k = FreeBsdKernel::new();
     let (live, _ctrl) = attached_with(&mut k, &[1], true);
     let mut held = std::vec![0u8; 4096];
-    let (_bp, _bounce) = strategy_read(&mut held);
+    let (bp, _map) = strategy_read(&mut held);
     fk::record("-- teardown --");
     let spins_before = fk::delays();
     let _ = teardown(live, &mut k, Removal::Surprise);
@@ -544,18 +576,23 @@ fn the_stop_of_a_broken_controller_waits_without_the_mutex() {
     let log = fk::log();
     let t = first(&log, "-- teardown --");
     assert!(fk::with_nvme(|d| d.shutdown_notified), "the stop sent the shutdown notification");
-    let failed = t + first(&log[t..], "biodone");
-    let stop_pauses = log[failed..].iter().filter(|l| *l == "pause 1 ms").count();
+    let stop = t + first(&log[t..], "nvme cc shn");
+    let stop_pauses = log[stop..].iter().filter(|l| *l == "pause 1 ms").count();
     // CAP.TO is 500 ms and the shutdown bound 5 s, at one poll per millisecond.
     assert!(stop_pauses >= 5_000, "the stop waited for the device, sleeping: {stop_pauses} pauses");
     let held_at = mutexes_held_at_pauses(&log, t);
     assert!(held_at.iter().all(|&n| n == 0), "a pause with a mutex held: {:?}", held_at.iter().filter(|&&n| n != 0).count());
-    assert!(positions(&log[t..failed], "pause ").is_empty(), "the requests were failed before any wait");
+    assert!(positions(&log[t..stop], "pause ").is_empty(), "the requests were failed (parked) before any wait");
+    // The device was never stopped, but its bus mastering was turned off (and reads back
+    // off): its read's bio is failed once, not held.
+    assert!(t + first(&log[t..], "pci_disable_busmaster") > stop);
+    assert_eq!(fk::biodone_count(bp), 1);
 }
 
 /// A controller the watchdog finds gone is given up by the watchdog task: the read in flight
-/// fails with ENXIO under the mutex, the stop runs after it was released (nothing to wait for
-/// on a gone device), and its outcome frees the bounce buffer (a gone device does no DMA).
+/// is failed by hand under the mutex (parked), the stop runs after it was released (nothing to
+/// wait for on a gone device), and its outcome (a gone device does no DMA) unloads the read's
+/// map and completes its bio with ENXIO, once.
 #[test]
 fn the_watchdog_task_runs_the_stop_of_a_controller_it_gives_up() {
     use super::fake_nvme::FakeNvme;
@@ -565,7 +602,7 @@ fn the_watchdog_task_runs_the_stop_of_a_controller_it_gives_up() {
     let mut k = FreeBsdKernel::new();
     let (live, _ctrl) = attached_with(&mut k, &[1], true);
     let mut held = std::vec![0u8; 4096];
-    let (_bp, bounce) = strategy_read(&mut held);
+    let (bp, map) = strategy_read(&mut held);
     fk::set_knobs(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, d_gone_at_once: true, ..Knobs::default() });
     let before = fk::log().len();
     fk::fire_callout();
@@ -573,9 +610,10 @@ fn the_watchdog_task_runs_the_stop_of_a_controller_it_gives_up() {
     let log = fk::log();
     let failed = before + first(&log[before..], "biodone");
     assert_eq!(log[failed], std::format!("biodone error={} flags={:#x} resid=4096", bindings::ENXIO, bindings::BIO_ERROR));
-    let freed = before + first(&log[before..], &std::format!("contig_free {bounce}"));
-    assert!(freed > failed, "the buffer is freed once the stop found the device gone");
+    let unloaded = before + first(&log[before..], &std::format!("bus_dmamap_unload map={map}"));
+    assert!(unloaded < failed, "the map is unloaded, then the bio completed, once the stop found the device gone");
     let _ = teardown(live, &mut k, Removal::Surprise);
+    assert_eq!(fk::biodone_count(bp), 1, "completed exactly once");
 }
 
 /// A namespace rescan (hotplug task) sends each admin command under the controller mutex and

@@ -198,7 +198,7 @@ fn a_detach_during_shutdown_is_refused_and_frees_nothing() {
         detach_once();
         fk::with_nvme(|d| {
             d.hold_io = false;
-            d.complete_held();
+            d.release_held();
         });
     }));
     fk::record("-- shutdown --");

@@ -19,12 +19,15 @@
 //! - [`device`]: newbus `device_t` and its PCI accessors.
 //! - [`resource`]: a memory BAR from `bus_alloc_resource(9)`, as register I/O.
 //! - [`clock`], [`dma`], [`platform`]: the `crate::platform` traits in the kernel.
+//! - [`busdma`]: busdma(9) payload tag and per-tracker maps: bios' data straight to the device.
 //! - [`acpi`]: ACPI slot objects, notify handlers, `_STA`/`_EJ0`/`_OST`.
 //! - [`bus_topo`]: newbus rescan/detach/delete under `bus_topo_lock()`.
 //! - [`pci_bus`]: a pci bus and config reads of its slots, with or without a device.
 //! - [`slot_rescan`]: add and attach the new functions of one slot (not a whole-bus rescan).
 //! - [`cdev`]: device nodes that are never eternal and always destroyed.
-//! - [`disk`], [`bio`]: GEOM disks with the nvd(4) teardown order, and their I/O requests.
+//! - [`disk`], [`bio`]: GEOM disks with the nvd(4) teardown order, and their I/O requests
+//!   (and the bioq of bios waiting for a tracker).
+//! - [`tracker`]: the preallocated per-controller trackers (busdma map + bio in flight).
 //! - [`tunables`]: `hw.nvme_hotplug.*` tunables and counters.
 //! - [`dev_sysctl`]: per-device `dev.nvmehp.N.*` counters, removed before their memory.
 //! - [`ctrl`]: one controller at run time: engine under its mutex, bios in flight, interrupt
@@ -55,6 +58,7 @@ pub mod device;
 pub mod resource;
 pub mod clock;
 pub mod dma;
+pub mod busdma;
 pub mod platform;
 pub mod acpi;
 pub mod bus_topo;
@@ -63,6 +67,7 @@ pub mod slot_rescan;
 pub mod cdev;
 pub mod disk;
 pub mod bio;
+pub mod tracker;
 pub mod tunables;
 pub mod dev_sysctl;
 pub mod ctrl;
@@ -88,3 +93,5 @@ mod slot_rescan_tests;
 mod lifecycle_tests;
 #[cfg(test)]
 mod bringup_tests;
+#[cfg(test)]
+mod io_path_tests;

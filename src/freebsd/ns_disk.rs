@@ -69,7 +69,7 @@ impl Geometry {
     /// Validates a bio (command, `bio_offset`, `bio_bcount`) with the rules of GEOM's
     /// `g_io_check`: misaligned or negative → EINVAL; starting or ending beyond the media →
     /// EIO; zero length → done. Larger than `d_maxsize` → EINVAL (GEOM splits at it, so only
-    /// a broken caller gets there, and its bounce buffer must not be allocated). BIO_DELETE
+    /// a broken caller gets there, and the payload tag would refuse it). BIO_DELETE
     /// and anything else → EOPNOTSUPP (the disk does not advertise them). No arithmetic here
     /// can overflow: every sum is checked.
     pub fn check(&self, cmd: BioCmd, offset: i64, bcount: i64) -> Verdict {
@@ -179,7 +179,10 @@ impl DiskCtx {
             sector_size: 1 << spec.lba_shift,
             media_size: spec.media_size,
             max_io: spec.max_io,
-            flags: spec.flags,
+            // d_strategy never touches bio_data: the data moves through bus_dmamap_load_bio,
+            // which maps unmapped bios (bio_ma pages) too, as nvd(4) relies on (nvd_new_disk).
+            // GEOM then need not map the pages into KVA for us.
+            flags: spec.flags | bindings::DISKFLAG_UNMAPPED_BIO as u32,
             ident: until_nul(&spec.ident),
             descr: until_nul(&spec.descr),
             strategy: disk_strategy,

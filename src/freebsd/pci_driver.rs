@@ -68,7 +68,8 @@ use core::ffi::c_int;
 /// NVMe register offsets (NVMe base specification, "Controller Registers").
 const REG_CAP: u32 = 0x00;
 const REG_VS: u32 = 0x08;
-/// Largest single I/O we hand to a disk (bounce buffers are contigmalloc'd per request).
+/// Largest single I/O we hand to a disk (`d_maxsize`; also bounded by MDTS, which sizes the
+/// busdma payload tag).
 const MAX_IO: u32 = 128 * 1024;
 
 /// PCI class 01h (mass storage), subclass 08h (NVM), interface 02h (NVMe I/O controller).

@@ -70,7 +70,8 @@ pub enum Stat {
     EjectsRefused,
     /// Failed hotplug actions.
     HotplugFailures,
-    /// Bounce buffers leaked because their controller could not be stopped.
+    /// Bios held for ever (never completed, their pages never given back) because their
+    /// controller could not be stopped and may still DMA into them.
     LeakedBuffers,
 }
 

@@ -2,8 +2,10 @@
 //!
 //! Life cycle: [`Controller::new`] touches nothing; [`Controller::bring_up`] resets and
 //! enables the controller, identifies it, creates the I/O queues, scans namespaces and arms
-//! an Asynchronous Event Request; then [`submit`](Controller::submit) and
-//! [`poll`](Controller::poll) move I/O. The controller ends by [`shutdown`](Controller::shutdown)
+//! an Asynchronous Event Request; then [`submit`](Controller::submit) (a contiguous buffer) or
+//! [`submit_segments`](Controller::submit_segments) (busdma segments) and
+//! [`poll`](Controller::poll) move I/O, without allocating: request slots and PRP lists are
+//! sized at bring-up. The controller ends by [`shutdown`](Controller::shutdown)
 //! (announced removal) or by [`fail_all`](Controller::fail_all) (surprise removal or a dead
 //! device), and may be brought up again afterwards.
 //!
@@ -42,8 +44,9 @@ use super::ctrlr;
 use super::error::{Completion, Event, NvmeError};
 use super::health::{self, Health};
 use super::identify::{self, ControllerInfo, IDENTIFY_LEN};
-use super::io::{IoRequest, Plan, Prp2};
+use super::io::{IoOp, IoRequest, Plan};
 use super::ns::{Namespace, NsChanges};
+use super::prp::{DmaSeg, PrpLists};
 use super::qpair::QueuePair;
 use super::regs::{self, Cap, Version};
 use super::status::Status;
@@ -158,11 +161,11 @@ pub(super) enum AdminOwner {
 }
 
 /// One command of an I/O request.
-pub(super) struct IoPart<R> {
+pub(super) struct IoPart {
     /// Index into the request table.
     req: u32,
-    /// The PRP list page, if the command needed one.
-    pub(super) prp: Option<R>,
+    /// The PRP list slot ([`PrpLists`]), if the command needed one.
+    prp: Option<u32>,
 }
 
 struct ReqState {
@@ -202,7 +205,7 @@ pub struct Controller<P: Platform> {
     namespaces: Vec<Namespace>,
     rejected: Vec<(u32, &'static str)>,
     admin: Option<QueuePair<P::Region, AdminOwner>>,
-    io: Vec<QueuePair<P::Region, IoPart<P::Region>>>,
+    io: Vec<QueuePair<P::Region, IoPart>>,
     /// One page for synchronous admin data (identify, log pages).
     scratch: Option<P::Region>,
     /// One page for the log page read that re-arms an asynchronous event.
@@ -212,7 +215,8 @@ pub struct Controller<P: Platform> {
     aer_armed: bool,
     /// Clock time of the next admin queue check in `poll` (when only the AER is there).
     next_admin_poll_us: u64,
-    prp_pool: Vec<P::Region>,
+    /// One PRP list per I/O command slot, allocated at bring-up: submit never allocates.
+    prp_lists: PrpLists<P::Region>,
     requests: Vec<Option<ReqState>>,
     free_reqs: Vec<u32>,
     live: usize,
@@ -285,7 +289,7 @@ impl<P: Platform> Controller<P> {
             aer_log_busy: false,
             aer_armed: false,
             next_admin_poll_us: 0,
-            prp_pool: Vec::new(),
+            prp_lists: PrpLists::empty(),
             requests: Vec::new(),
             free_reqs: Vec::new(),
             live: 0,
@@ -463,14 +467,17 @@ impl<P: Platform> Controller<P> {
         }
         info.io_queues = nq;
         info.io_entries = io_entries;
+        let mdts_bytes = info.mdts_bytes;
         self.info = Some(info);
 
-        // Every request needs at least one command slot: sizing the tables once here means
-        // the I/O path never allocates bookkeeping memory.
+        // Every request needs at least one command slot, and every command at most one PRP
+        // list: sizing the tables and allocating the lists once here means the I/O path never
+        // allocates, neither bookkeeping nor DMA memory (nvme(4) likewise gives each tracker
+        // its list at nvme_qpair_construct).
         let slots: usize = self.io.iter().map(|q| q.capacity()).sum();
         self.requests = (0..slots).map(|_| None).collect();
         self.free_reqs = (0..slots as u32).rev().collect();
-        self.prp_pool.reserve(slots);
+        self.prp_lists = PrpLists::allocate(&self.p, slots, mdts_bytes)?;
         self.deferred.reserve(slots + 8);
 
         let mut scan = self.scan_begin(false)?;
@@ -663,10 +670,24 @@ impl<P: Platform> Controller<P> {
         }
     }
 
-    /// Queues an I/O request. On `Ok` the request is the engine's until its one
-    /// [`Completion`] is delivered by [`Controller::poll`] or [`Controller::fail_all`]; on
-    /// `Err` nothing was sent and nothing will be delivered.
+    /// Queues an I/O request whose data is the contiguous buffer `req.data`. On `Ok` the
+    /// request is the engine's until its one [`Completion`] is delivered by
+    /// [`Controller::poll`] or [`Controller::fail_all`]; on `Err` nothing was sent and nothing
+    /// will be delivered.
     pub fn submit(&mut self, req: IoRequest) -> Result<(), NvmeError> {
+        let seg = [DmaSeg { addr: req.data.bus_addr, len: req.data.len }];
+        let segs: &[DmaSeg] = if req.op == IoOp::Flush { &[] } else { &seg };
+        self.submit_segments(req, segs)
+    }
+
+    /// Queues an I/O request whose data is `segs`, as busdma(9) gives them (see
+    /// [`super::prp`]): `req.data.len` is the request's length, which the segments must add
+    /// up to; `req.data.bus_addr` is not used. Segments that PRP entries cannot express are
+    /// refused with `InvalidRequest`. Same contract as [`submit`](Controller::submit).
+    ///
+    /// Allocates nothing: the request slot, the command slots and the PRP lists were all
+    /// reserved at bring-up. Every slot in use is `QueueFull`.
+    pub fn submit_segments(&mut self, req: IoRequest, segs: &[DmaSeg]) -> Result<(), NvmeError> {
         match self.state {
             State::Dead => return Err(NvmeError::Gone),
             State::Down => return Err(NvmeError::NotReady),
@@ -683,7 +704,7 @@ impl<P: Platform> Controller<P> {
             .first()
             .map(|q| q.capacity())
             .ok_or(NvmeError::NotReady)?;
-        let plan = Plan::new(req, ns, mdts, per_queue as u32)?;
+        let plan = Plan::new(req, segs, ns, mdts, per_queue as u32)?;
         let parts = plan.parts as usize;
 
         let nq = self.io.len();
@@ -691,66 +712,68 @@ impl<P: Platform> Controller<P> {
             .map(|k| (self.next_queue + k) % nq)
             .find(|&qi| self.io[qi].has_room(parts))
             .ok_or(NvmeError::QueueFull)?;
-        self.next_queue = (qi + 1) % nq;
-
-        let need = plan.list_pages_needed();
-        while self.prp_pool.len() < need {
-            let page = self.alloc_page()?;
-            self.prp_pool.push(page);
+        // Lists are one per command slot, so a queue with room has lists for it; checked
+        // anyway, before anything is sent, so the request is never half submitted.
+        if self.prp_lists.available() < parts {
+            return Err(NvmeError::QueueFull);
         }
+        self.next_queue = (qi + 1) % nq;
         let idx = self.free_reqs.pop().ok_or(NvmeError::QueueFull)?;
-        self.requests[idx as usize] = Some(ReqState {
-            tag: plan.tag(),
-            parts_left: plan.parts,
-            err: None,
-        });
-        self.live += 1;
 
         let deadline = self.p.now_us().saturating_add(self.cfg.cmd_timeout_us);
         let q = &mut self.io[qi];
+        let mut sent = 0;
+        let mut err = None;
         for i in 0..plan.parts {
             let part = plan.part(i);
             let mut sqe = part.sqe;
-            let prp1 = sqe.prp1();
-            let prp = match part.prp2 {
-                Prp2::None => None,
-                Prp2::Page(a) => {
-                    sqe.set_prp(prp1, a);
-                    None
-                }
-                Prp2::List { first, count } => match self.prp_pool.pop() {
-                    Some(page) => {
-                        write_prp_list(&page, first, count);
-                        sqe.set_prp(prp1, page.bus_addr());
-                        Some(page)
+            let mut prp = None;
+            if req.op != IoOp::Flush {
+                let mut e = plan.entries(&part);
+                let prp1 = e.next().unwrap_or(0);
+                let rest = e.clone().count();
+                let prp2 = match rest {
+                    0 => Ok(0),
+                    1 => Ok(e.next().unwrap_or(0)),
+                    _ => match self.prp_lists.take() {
+                        Some(slot) => {
+                            prp = Some(slot);
+                            self.prp_lists.write(slot, e)
+                        }
+                        None => Err(NvmeError::QueueFull),
+                    },
+                };
+                match prp2 {
+                    Ok(a) => sqe.set_prp(prp1, a),
+                    Err(e) => {
+                        prp.take().into_iter().for_each(|s| self.prp_lists.put(s));
+                        err = Some(e);
+                        break;
                     }
-                    None => None, // cannot happen: `need` pages were reserved above
-                },
-            };
-            let ok = !matches!(part.prp2, Prp2::List { .. }) || prp.is_some();
-            let pushed = if ok {
-                q.push(sqe, IoPart { req: idx, prp }, deadline).is_ok()
-            } else {
-                false
-            };
-            if !pushed {
-                // Cannot happen after the room check; if it does, the request must still
-                // complete exactly once: with an error, once the parts already queued finish.
-                let st = self.requests[idx as usize].as_mut();
-                if i == 0 {
-                    self.requests[idx as usize] = None;
-                    self.free_reqs.push(idx);
-                    self.live -= 1;
-                    return Err(NvmeError::QueueFull);
                 }
-                if let Some(st) = st {
-                    st.parts_left = i;
-                    st.err = Some(NvmeError::QueueFull);
-                }
+            }
+            if q.push(sqe, IoPart { req: idx, prp }, deadline).is_err() {
+                prp.into_iter().for_each(|s| self.prp_lists.put(s));
+                err = Some(NvmeError::QueueFull);
                 break;
             }
+            sent += 1;
             self.stats.commands += 1;
         }
+        if sent == 0 {
+            // Nothing reached the device: the request was never accepted.
+            self.free_reqs.push(idx);
+            return Err(err.unwrap_or(NvmeError::QueueFull));
+        }
+        // Cannot fail after the first part (the room and the lists were checked, the
+        // segments validated); if it does, the request must still complete exactly once:
+        // with the error, once the parts already queued finish.
+        self.requests[idx as usize] = Some(ReqState {
+            tag: plan.tag(),
+            parts_left: sent,
+            err,
+        });
+        self.live += 1;
         q.ring(&self.p);
         self.stats.requests += 1;
         if plan.parts > 1 {
@@ -811,8 +834,8 @@ impl<P: Platform> Controller<P> {
                         on(Event::BadCompletion { qid: q.qid(), what });
                     }
                     Ok((cqe, t)) => {
-                        if let Some(page) = t.owner.prp {
-                            self.prp_pool.push(page);
+                        if let Some(slot) = t.owner.prp {
+                            self.prp_lists.put(slot);
                         }
                         let res = status_result(&cqe);
                         if let Some(c) = finish_part(
@@ -973,12 +996,11 @@ impl<P: Platform> Controller<P> {
                 None => break,
             }
         }
-        let pool = &mut self.prp_pool;
+        let lists = &mut self.prp_lists;
         for q in self.io.iter_mut() {
             q.take_each(|t| {
-                if let Some(page) = t.owner.prp {
-                    // `prp_pool` has room for one page per request slot (reserved at bring-up).
-                    pool.push(page);
+                if let Some(slot) = t.owner.prp {
+                    lists.put(slot);
                 }
             });
         }
@@ -1045,7 +1067,7 @@ impl<P: Platform> Controller<P> {
             || !self.io.is_empty()
             || self.scratch.is_some()
             || self.aer_page.is_some()
-            || !self.prp_pool.is_empty()
+            || !self.prp_lists.is_empty()
     }
 
     /// Gives up everything the device may use into a [`DeviceStop`]; the engine keeps no ring
@@ -1073,7 +1095,7 @@ impl<P: Platform> Controller<P> {
             self.admin.take(),
             core::mem::take(&mut self.io),
             [self.scratch.take(), self.aer_page.take()],
-            core::mem::take(&mut self.prp_pool),
+            self.prp_lists.take_pages(),
         )
     }
 
@@ -1191,23 +1213,6 @@ impl<P: Platform> Controller<P> {
             self.deferred.push_front(e);
         }
         result.unwrap_or(Err(NvmeError::Timeout))
-    }
-}
-
-/// Writes `count` page addresses, `first` and each following page, into a PRP list page,
-/// in chunks so the stack buffer stays small.
-fn write_prp_list<R: DmaRegion>(page: &R, first: u64, count: usize) {
-    const CHUNK: usize = 64;
-    let mut buf = [0u8; CHUNK * 8];
-    let mut i = 0;
-    while i < count {
-        let n = (count - i).min(CHUNK);
-        for j in 0..n {
-            let addr = first + ((i + j) as u64) * regs::PAGE_SIZE as u64;
-            buf[j * 8..j * 8 + 8].copy_from_slice(&addr.to_le_bytes());
-        }
-        page.write(i * 8, &buf[..n * 8]);
-        i += n;
     }
 }
 

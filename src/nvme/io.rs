@@ -1,14 +1,15 @@
-//! I/O requests: validation, MDTS splitting and PRP building.
+//! I/O requests: validation and MDTS splitting.
 //!
-//! The engine never touches the data buffer: it only computes PRP entries from the bus address
-//! the caller gives. The caller keeps that memory alive (and device-visible) until the
-//! request's tag completes. Requests larger than one command may carry (MDTS, or the 16-bit
-//! block count) are split into parts; the request completes once, when every part has.
+//! The engine never touches the data buffer: it only computes PRP entries ([`super::prp`])
+//! from the bus addresses the caller gives, one contiguous [`DataBuf`] or a list of
+//! [`DmaSeg`]s. The caller keeps that memory alive (and device-visible) until the request's
+//! tag completes. Requests larger than one command may carry (MDTS, or the 16-bit block
+//! count) are split into parts; the request completes once, when every part has.
 
 use super::cmd::{io_op, Sqe};
 use super::error::NvmeError;
 use super::ns::Namespace;
-use super::regs::PAGE_SIZE;
+use super::prp::{self, DmaSeg, Entries};
 
 /// What to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,52 +53,43 @@ const MAX_NLB: u64 = 1 << 16;
 
 /// A validated request, ready to be cut into commands.
 #[derive(Debug, Clone, Copy)]
-pub struct Plan {
+pub struct Plan<'a> {
     req: IoRequest,
+    /// The data (empty for a flush).
+    segs: &'a [DmaSeg],
     lba_shift: u32,
     blocks_per_part: u64,
     /// Number of commands the request becomes.
     pub parts: u32,
 }
 
-/// Where a part's second PRP entry comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prp2 {
-    /// The transfer fits in the page PRP1 points into.
-    None,
-    /// The transfer ends in the next page: PRP2 is that page's address.
-    Page(u64),
-    /// PRP2 must point to a list of `count` page addresses starting at `first` and
-    /// increasing by one page each.
-    List {
-        /// First page address.
-        first: u64,
-        /// Number of entries (at most 512: one list page, see `MAX_TRANSFER_BYTES`).
-        count: usize,
-    },
-}
-
 /// One command's worth of a request.
 #[derive(Debug, Clone, Copy)]
 pub struct Part {
-    /// The command, without CID and PRP2.
+    /// The command, without CID and PRPs.
     pub sqe: Sqe,
-    /// PRP1 is already in `sqe`; this says what PRP2 must be.
-    pub prp2: Prp2,
+    /// Byte offset of the part's data in the request's data.
+    pub off: usize,
+    /// Bytes of data (0 for a flush).
+    pub len: usize,
 }
 
-impl Plan {
-    /// Validates `req` against namespace `ns` and the controller's `mdts_bytes`.
-    /// `max_parts` is the most commands one request may occupy (a queue's capacity).
+impl<'a> Plan<'a> {
+    /// Validates `req` against namespace `ns` and the controller's `mdts_bytes`, with its data
+    /// in `segs` (checked with [`prp::check_segments`]: `req.data.len` bytes, in a shape PRP
+    /// entries can express). `max_parts` is the most commands one request may occupy (a
+    /// queue's capacity).
     pub fn new(
         req: IoRequest,
+        segs: &'a [DmaSeg],
         ns: &Namespace,
         mdts_bytes: u32,
         max_parts: u32,
-    ) -> Result<Plan, NvmeError> {
+    ) -> Result<Plan<'a>, NvmeError> {
         if req.op == IoOp::Flush {
             return Ok(Plan {
                 req,
+                segs: &[],
                 lba_shift: ns.lba_shift,
                 blocks_per_part: 1,
                 parts: 1,
@@ -112,14 +104,7 @@ impl Plan {
                 "buffer length is not blocks x block size",
             ));
         }
-        if req.data.bus_addr & 3 != 0 {
-            return Err(NvmeError::InvalidRequest("buffer not dword aligned"));
-        }
-        if req.data.bus_addr.checked_add(bytes).is_none() {
-            return Err(NvmeError::InvalidRequest(
-                "buffer wraps the bus address space",
-            ));
-        }
+        prp::check_segments(segs, req.data.len)?;
         if req.lba.checked_add(req.blocks as u64).is_none() {
             return Err(NvmeError::InvalidRequest("LBA range wraps"));
         }
@@ -134,6 +119,7 @@ impl Plan {
         }
         Ok(Plan {
             req,
+            segs,
             lba_shift: ns.lba_shift,
             blocks_per_part,
             parts: parts as u32,
@@ -151,54 +137,32 @@ impl Plan {
         if r.op == IoOp::Flush {
             return Part {
                 sqe: Sqe::new(io_op::FLUSH, r.nsid),
-                prp2: Prp2::None,
+                off: 0,
+                len: 0,
             };
         }
         let first = i as u64 * self.blocks_per_part;
         let blocks = (r.blocks as u64 - first).min(self.blocks_per_part);
         let lba = r.lba + first;
-        let addr = r.data.bus_addr + (first << self.lba_shift);
-        let len = (blocks << self.lba_shift) as usize;
         let opcode = if r.op == IoOp::Write {
             io_op::WRITE
         } else {
             io_op::READ
         };
-        let mut sqe = Sqe::new(opcode, r.nsid)
+        let sqe = Sqe::new(opcode, r.nsid)
             .cdw(10, lba as u32)
             .cdw(11, (lba >> 32) as u32)
             .cdw(12, (blocks - 1) as u32);
-        let prp2 = prp2_for(addr, len);
-        sqe.set_prp(addr, 0);
-        Part { sqe, prp2 }
-    }
-
-    /// Number of parts that need a PRP list page.
-    pub fn list_pages_needed(&self) -> usize {
-        (0..self.parts)
-            .filter(|&i| matches!(self.part(i).prp2, Prp2::List { .. }))
-            .count()
-    }
-}
-
-/// Computes PRP2 for a transfer of `len` (> 0) bytes starting at `addr` (NVMe 1.4 §4.3):
-/// PRP1 covers up to the end of its page; the rest is one more page or a list of pages.
-pub fn prp2_for(addr: u64, len: usize) -> Prp2 {
-    let page = PAGE_SIZE as u64;
-    let first_len = page - (addr % page);
-    let len = len as u64;
-    if len <= first_len {
-        return Prp2::None;
-    }
-    let next = addr - (addr % page) + page;
-    let rest = len - first_len;
-    if rest <= page {
-        Prp2::Page(next)
-    } else {
-        Prp2::List {
-            first: next,
-            count: rest.div_ceil(page) as usize,
+        Part {
+            sqe,
+            off: (first << self.lba_shift) as usize,
+            len: (blocks << self.lba_shift) as usize,
         }
+    }
+
+    /// The PRP entries of `part`'s data: PRP1 first, then one per following page.
+    pub fn entries(&self, part: &Part) -> Entries<'a> {
+        prp::entries(self.segs, part.off, part.len)
     }
 }
 
@@ -230,49 +194,54 @@ mod tests {
         }
     }
 
+    fn one(r: &IoRequest) -> [DmaSeg; 1] {
+        [DmaSeg {
+            addr: r.data.bus_addr,
+            len: r.data.len,
+        }]
+    }
+
     #[test]
-    fn prp_shapes() {
-        assert_eq!(prp2_for(0x1000, 4096), Prp2::None);
-        assert_eq!(prp2_for(0x1200, 4096), Prp2::Page(0x2000));
-        assert_eq!(prp2_for(0x1000, 8192), Prp2::Page(0x2000));
-        assert_eq!(
-            prp2_for(0x1000, 12288),
-            Prp2::List {
-                first: 0x2000,
-                count: 2
-            }
-        );
-        assert_eq!(
-            prp2_for(0x1004, 1 << 20),
-            Prp2::List {
-                first: 0x2000,
-                count: 256
-            }
-        );
+    fn prp_entries_of_a_part() {
+        let r = req(24, 9, 0x1200); // 12 KiB from an offset: four pages
+        let segs = one(&r);
+        let p = Plan::new(r, &segs, &ns(9), 1 << 20, 10).unwrap();
+        let part = p.part(0);
+        let e: alloc::vec::Vec<u64> = p.entries(&part).collect();
+        assert_eq!(e, [0x1200, 0x2000, 0x3000, 0x4000]);
     }
 
     #[test]
     fn split_above_mdts() {
-        let p = Plan::new(req(300, 9, 0x10000), &ns(9), 64 * 1024, 100).unwrap();
+        let r = req(300, 9, 0x10000);
+        let segs = one(&r);
+        let p = Plan::new(r, &segs, &ns(9), 64 * 1024, 100).unwrap();
         assert_eq!(p.parts, 3); // 128 + 128 + 44 blocks
-        let last = p.part(2).sqe;
-        assert_eq!(last.dw[10], 356);
-        assert_eq!(last.dw[12], 43);
-        assert_eq!(last.prp1(), 0x10000 + 256 * 512);
+        let last = p.part(2);
+        assert_eq!(last.sqe.dw[10], 356);
+        assert_eq!(last.sqe.dw[12], 43);
+        assert_eq!(p.entries(&last).next(), Some(0x10000 + 256 * 512));
     }
 
     #[test]
     fn rejects_bad_requests() {
         let n = ns(12);
-        assert!(Plan::new(req(0, 12, 0), &n, 4096, 10).is_err());
-        assert!(Plan::new(req(1, 12, 2), &n, 4096, 10).is_err());
+        let plan = |r: IoRequest, mdts: u32| Plan::new(r, &one(&r), &n, mdts, 10).map(|p| p.parts);
+        assert!(plan(req(0, 12, 0), 4096).is_err());
+        assert!(plan(req(1, 12, 2), 4096).is_err());
         let mut r = req(1, 12, 0);
         r.data.len = 100;
-        assert!(Plan::new(r, &n, 4096, 10).is_err());
-        assert!(Plan::new(req(11, 12, 0), &n, 4096, 10).is_err()); // 11 parts > 10
-        assert!(Plan::new(req(1, 12, u64::MAX - 3), &n, 4096, 10).is_err());
+        assert!(plan(r, 4096).is_err());
+        assert!(plan(req(11, 12, 0), 4096).is_err()); // 11 parts > 10
+        assert!(plan(req(1, 12, u64::MAX - 3), 4096).is_err());
         let mut r = req(2, 12, 0);
         r.lba = u64::MAX;
-        assert!(Plan::new(r, &n, 1 << 20, 10).is_err());
+        assert!(plan(r, 1 << 20).is_err());
+        // Segments that do not add up to the request, or that PRPs cannot express.
+        let r = req(2, 12, 0x1000);
+        let short = [DmaSeg { addr: 0x1000, len: 4096 }];
+        assert!(Plan::new(r, &short, &n, 1 << 20, 10).is_err());
+        let holed = [DmaSeg { addr: 0x1000, len: 2048 }, DmaSeg { addr: 0x5000, len: 6144 }];
+        assert!(Plan::new(r, &holed, &n, 1 << 20, 10).is_err());
     }
 }

@@ -18,7 +18,8 @@
 //! - [`ctrlr`]: reset, enable, disable and shutdown sequences bounded by CAP.TO;
 //! - [`admin`]: synchronous admin commands used by bring-up and rescan;
 //! - [`ns`]: namespaces and namespace rescans;
-//! - [`io`]: request validation, MDTS splitting and PRP building;
+//! - [`io`]: request validation and MDTS splitting;
+//! - [`prp`]: data as DMA segments, PRP entries from them, the preallocated PRP lists;
 //! - [`aer`]: Asynchronous Event Requests and the Get Log Page that clears them;
 //! - [`health`]: removal and failure detection;
 //! - [`stop`]: the slow half of stopping a controller, run without the caller's lock;
@@ -37,6 +38,7 @@ pub mod health;
 pub mod identify;
 pub mod io;
 pub mod ns;
+pub mod prp;
 pub mod qpair;
 pub mod regs;
 pub mod status;
@@ -48,6 +50,7 @@ pub use health::Health;
 pub use identify::ControllerInfo;
 pub use io::{DataBuf, IoOp, IoRequest};
 pub use ns::{Namespace, NsChanges};
+pub use prp::DmaSeg;
 pub use status::{Status, StatusCode};
 pub use stop::{DeviceStop, StopOutcome};
 

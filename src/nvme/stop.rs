@@ -69,7 +69,7 @@ pub struct DeviceStop<R: DmaRegion> {
     /// Bound of each queue-deletion command.
     cmd_timeout_us: u64,
     admin: Option<QueuePair<R, AdminOwner>>,
-    io: Vec<QueuePair<R, IoPart<R>>>,
+    io: Vec<QueuePair<R, IoPart>>,
     pages: [Option<R>; 2],
     prp_pool: Vec<R>,
 }
@@ -112,7 +112,7 @@ impl<R: DmaRegion> DeviceStop<R> {
         delete_queues: bool,
         cmd_timeout_us: u64,
         admin: Option<QueuePair<R, AdminOwner>>,
-        io: Vec<QueuePair<R, IoPart<R>>>,
+        io: Vec<QueuePair<R, IoPart>>,
         pages: [Option<R>; 2],
         prp_pool: Vec<R>,
     ) -> Self {
@@ -221,9 +221,9 @@ impl<R: DmaRegion> DeviceStop<R> {
             drop_or_leak(cq);
         }
         for mut q in self.io.drain(..) {
-            // Normally empty (the engine completed every request first); a PRP list page
-            // still listed here was lent to the device like the rings.
-            q.take_each(|t| t.owner.prp.into_iter().for_each(&mut drop_or_leak));
+            // Normally empty (the engine completed every request first). A PRP list slot
+            // names memory in `prp_pool`, released below with the other pages.
+            q.take_each(drop);
             let (sq, cq) = q.into_regions();
             drop_or_leak(sq);
             drop_or_leak(cq);

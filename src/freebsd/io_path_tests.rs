@@ -1,0 +1,415 @@
+//! Host tests of the I/O path (`d_strategy` → busdma → engine → interrupt → `biodone`) against
+//! the recording fake kernel and the fake NVMe model: nothing is allocated per bio, a full
+//! queue queues bios and restarts them on completion, a teardown fails the queued bios with
+//! ENXIO exactly once, and the payload tag and loads are made as nvme(4) makes them.
+
+use super::bindings;
+use super::ctrl::CtrlRef;
+use super::fake_kernel::{self as fk, Knobs};
+use super::fake_nvme::FakeNvme;
+use super::glue_tests::{attached_with, first, positions, SERIAL};
+use super::kernel::FreeBsdKernel;
+use crate::hotplug::teardown::{teardown, Removal};
+use std::vec::Vec;
+
+/// A bio for our first disk, with `buf` as its data, not yet started.
+fn bio_for(cmd: u32, offset: i64, buf: &mut [u8]) -> *mut bindings::bio {
+    let bp = fk::new_bio(cmd as u16, offset, buf.len() as i64);
+    // SAFETY: a fresh fake bio; the disk is our live disk; `buf` outlives the bio's use.
+    unsafe {
+        (*bp).bio_disk = fk::disks()[0];
+        (*bp).bio_data = buf.as_mut_ptr().cast();
+    }
+    bp
+}
+
+/// Calls `d_strategy` of the bio's disk (without allocating: the tests count allocations).
+fn start(bp: *mut bindings::bio) {
+    // SAFETY: a bio of our live disk, handed over once.
+    unsafe { ((*(*bp).bio_disk).d_strategy.unwrap())(bp) }
+}
+
+fn error_of(bp: *mut bindings::bio) -> i32 {
+    // SAFETY: a fake bio, leaked for the test's duration.
+    unsafe { (*bp).bio_error }
+}
+
+fn pattern(seed: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i.wrapping_mul(31) ^ seed.wrapping_mul(131)) as u8).collect()
+}
+
+/// How many requests the controller's I/O queues hold at once (a ring of N entries holds
+/// N-1 commands): one tracker each.
+fn queue_depth(ctrl: CtrlRef) -> usize {
+    let st = ctrl.state().lock();
+    let i = st.engine().info().expect("brought up");
+    (usize::from(i.io_entries) - 1) * usize::from(i.io_queues)
+}
+
+/// After attach, reads and writes of every size up to 128 KiB, at buffer offsets that give
+/// PRP1 an offset and need a PRP list, go through d_strategy → busdma → engine → interrupt →
+/// biodone without a single allocation (Rust heap, malloc, contigmalloc, busdma map or tag);
+/// every bio is completed once, writes are on the media and reads return them. Before the
+/// busdma path, every bio contigmalloc'ed a bounce buffer (and freed it).
+#[test]
+fn steady_state_io_allocates_nothing_per_bio() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+    fk::install_nvme(FakeNvme::new(false, false));
+    let mut k = FreeBsdKernel::new();
+    let (live, _ctrl) = attached_with(&mut k, &[1], true);
+
+    // Everything the test itself needs is allocated before the measurement.
+    let sizes = [512usize, 4096, 4096 + 512, 3 * 4096, 64 * 1024, 128 * 1024 - 512, 128 * 1024];
+    let offsets = [0usize, 512, 4096 - 512, 1024];
+    let mut cases = Vec::new();
+    let mut lba = 0i64;
+    for (i, &n) in sizes.iter().enumerate() {
+        let off = offsets[i % offsets.len()];
+        let mut w = std::vec![0u8; off + n];
+        w[off..].copy_from_slice(&pattern(i, n));
+        let r = std::vec![0u8; off + n];
+        cases.push((lba, off, n, w, r));
+        lba += (n / 512) as i64 + 8;
+    }
+    let mut bios = Vec::new();
+    for (lba, off, n, w, r) in cases.iter_mut() {
+        let wb = bio_for(bindings::BIO_WRITE as u32, *lba * 512, &mut w[*off..*off + *n]);
+        let rb = bio_for(bindings::BIO_READ as u32, *lba * 512, &mut r[*off..*off + *n]);
+        bios.push((wb, rb));
+    }
+
+    let before = fk::allocations();
+    for &(wb, rb) in &bios {
+        start(wb);
+        fk::fire_interrupt();
+        start(rb);
+        fk::fire_interrupt();
+    }
+    let allocated = fk::allocations() - before;
+    assert_eq!(allocated, 0, "allocations on the I/O path for {} bios", bios.len() * 2);
+
+    for (i, ((lba, off, n, w, r), &(wb, rb))) in cases.iter().zip(&bios).enumerate() {
+        assert_eq!((fk::biodone_count(wb), error_of(wb)), (1, 0), "write {i}");
+        assert_eq!((fk::biodone_count(rb), error_of(rb)), (1, 0), "read {i}");
+        assert_eq!(&r[*off..], &w[*off..], "read {i} returns what write {i} wrote");
+        let first_block = fk::with_nvme(|d| d.media_block(*lba as u64));
+        assert_eq!(&first_block[..], &w[*off..*off + 512], "write {i} is on the media");
+        let _ = n;
+    }
+    let log = fk::log();
+    assert!(positions(&log, "bus_dmamap_load_bio").len() >= bios.len() * 2);
+    assert!(log.iter().filter(|l| l.starts_with("bus_dmamap_load_bio")).all(|l| l.contains("error=0")));
+    let _ = teardown(live, &mut k, Removal::Surprise);
+}
+
+/// With every tracker busy (the device holds the commands), further bios wait in the bioq
+/// instead of failing (never ENOMEM to GEOM), allocating nothing; the completions that free
+/// trackers restart them, and every bio completes exactly once, successfully, with its data
+/// on the media. Before, the first bio beyond the trackers completed at once with ENOMEM.
+#[test]
+fn a_full_queue_queues_bios_and_restarts_them_on_completion() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+    fk::install_nvme(FakeNvme::new(false, true));
+    let mut k = FreeBsdKernel::new();
+    let (live, ctrl) = attached_with(&mut k, &[1], true);
+    let n = queue_depth(ctrl);
+    assert!(n >= 8, "queue depth: {n}");
+    let extra = 5;
+    let mut bufs: Vec<Vec<u8>> = (0..n + extra).map(|i| pattern(i + 1, 4096)).collect();
+    let mut bios: Vec<_> = bufs.iter_mut().enumerate().map(|(i, b)| bio_for(bindings::BIO_WRITE as u32, (i * 4096) as i64, b)).collect();
+    // The last waiting bio is a cache flush: no data, restarted like the others.
+    let flush = bio_for(bindings::BIO_FLUSH as u32, 0, &mut []);
+    bios.push(flush);
+    let extra = extra + 1;
+
+    let t = fk::log().len();
+    let before = fk::allocations();
+    for &bp in &bios {
+        start(bp);
+    }
+    assert_eq!(fk::allocations() - before, 0, "queueing allocates nothing");
+    let log = fk::log();
+    assert!(positions(&log[t..], "biodone").is_empty(), "no bio failed or completed early: {:#?}", &log[t..]);
+    assert_eq!(positions(&log[t..], "bioq_insert_tail").len(), extra, "the bios beyond the trackers wait");
+    assert_eq!(fk::with_nvme(|d| d.held.len()), n);
+
+    // The device completes what it held; the interrupt reaps, frees trackers and restarts the
+    // waiting bios, which the device now completes at once; the next interrupt reaps those.
+    fk::with_nvme(|d| {
+        d.hold_io = false;
+        d.release_held();
+    });
+    fk::fire_interrupt();
+    assert_eq!(positions(&fk::log()[t..], "bioq_takefirst").len(), extra, "restarted by the completions");
+    fk::fire_interrupt();
+    for (i, &bp) in bios.iter().enumerate() {
+        assert_eq!((fk::biodone_count(bp), error_of(bp)), (1, 0), "bio {i}");
+    }
+    for (i, buf) in bufs.iter().enumerate() {
+        let block = fk::with_nvme(|d| d.media_block((i * 8) as u64));
+        assert_eq!(&block[..], &buf[..512], "bio {i}'s data is on the media");
+    }
+    assert_eq!(fk::with_nvme(|d| d.io_completed), (n + extra) as u64);
+    let _ = teardown(live, &mut k, Removal::Surprise);
+}
+
+/// A surprise removal with every tracker busy and bios waiting: teardown step 2 fails each
+/// waiting bio with ENXIO exactly once (and, the device being gone, so no longer able to DMA,
+/// every bio in flight too), all before the drains of step 3.
+#[test]
+fn teardown_fails_queued_bios_with_enxio_exactly_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+    fk::install_nvme(FakeNvme::new(false, true));
+    let mut k = FreeBsdKernel::new();
+    let (live, ctrl) = attached_with(&mut k, &[1], true);
+    let n = queue_depth(ctrl);
+    let extra = 3;
+    let mut bufs: Vec<Vec<u8>> = (0..n + extra).map(|_| std::vec![0u8; 4096]).collect();
+    let bios: Vec<_> = bufs.iter_mut().enumerate().map(|(i, b)| bio_for(bindings::BIO_READ as u32, (i * 4096) as i64, b)).collect();
+    for &bp in &bios {
+        start(bp);
+    }
+    assert!(bios.iter().all(|&bp| fk::biodone_count(bp) == 0));
+
+    fk::set_knobs(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, d_gone_at_once: true, ..Knobs::default() });
+    fk::record("-- teardown --");
+    let _ = teardown(live, &mut k, Removal::Surprise);
+    let log = fk::log();
+    let t = first(&log, "-- teardown --");
+    for (i, &bp) in bios.iter().enumerate() {
+        assert_eq!((fk::biodone_count(bp), error_of(bp)), (1, bindings::ENXIO), "bio {i}");
+    }
+    let dones = positions(&log[t..], "biodone");
+    assert_eq!(dones.len(), n + extra);
+    let drains = first(&log[t..], "bus_teardown_intr");
+    assert!(dones.iter().all(|&d| d < drains), "every bio failed at step 2, before the drains of step 3");
+    assert!(bufs.iter().all(|b| b.iter().all(|&x| x == 0)), "failed reads return no data");
+}
+
+/// The payload tag is nvme(4)'s (sys/dev/nvme/nvme_qpair.c, nvme_qpair_construct): parent
+/// bus_get_dma_tag(dev), alignment 4, boundary and maxsegsz PAGE_SIZE, no address limit,
+/// maxsize the largest transfer (MDTS: the model's 5 is 128 KiB), one segment per page + 1.
+/// Loads happen under the controller mutex with BUS_DMA_NOWAIT, and the disk takes unmapped
+/// bios.
+#[test]
+fn the_payload_tag_and_loads_follow_nvme4() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+    fk::install_nvme(FakeNvme::new(false, false));
+    let mut k = FreeBsdKernel::new();
+    let (live, ctrl) = attached_with(&mut k, &[1], true);
+    let log = fk::log();
+    assert_eq!(positions(&log, "bus_dmamap_create").len(), queue_depth(ctrl), "one map per tracker, one tracker per request slot");
+    let tag = &log[first(&log, "bus_dma_tag_create")];
+    let max = u64::MAX;
+    assert!(
+        tag.starts_with(&std::format!(
+            "bus_dma_tag_create parent=0x9a7e47 align=4 boundary=0x1000 lowaddr={max:#x} highaddr={max:#x} maxsize=131072 nsegments=33 maxsegsz=0x1000 flags=0x0"
+        )),
+        "{tag}"
+    );
+    // SAFETY: our live disk.
+    let flags = unsafe { (*fk::disks()[0]).d_flags };
+    assert_ne!(flags & bindings::DISKFLAG_UNMAPPED_BIO as u32, 0, "d_flags {flags:#x}");
+
+    let mut buf = std::vec![0u8; 8192];
+    let bp = bio_for(bindings::BIO_READ as u32, 0, &mut buf[4..4096 + 4]);
+    start(bp);
+    fk::fire_interrupt();
+    let log = fk::log();
+    let load = &log[first(&log, "bus_dmamap_load_bio")];
+    // Held: the disk's link mutex (ns_disk.rs) and, inside it, the controller mutex.
+    assert!(load.contains(&std::format!("flags={:#x} nsegs=2 error=0 mutexes_held=2", bindings::BUS_DMA_NOWAIT)), "{load}");
+    assert_eq!(fk::biodone_count(bp), 1);
+    let _ = teardown(live, &mut k, Removal::Surprise);
+}
+
+/// A bio busdma cannot map fails with EIO (as nvme(4) fails a tracker whose load failed) and
+/// gives its tracker back: the next bio goes through on it.
+#[test]
+fn a_failed_load_fails_the_bio_and_frees_its_tracker() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+    fk::install_nvme(FakeNvme::new(false, false));
+    let mut k = FreeBsdKernel::new();
+    let (live, ctrl) = attached_with(&mut k, &[1], true);
+    let n = queue_depth(ctrl);
+    let mut buf = std::vec![0u8; 4096];
+    let bp = bio_for(bindings::BIO_READ as u32, 0, &mut buf);
+    fk::fail_next_load(bindings::EFBIG);
+    start(bp);
+    assert_eq!((fk::biodone_count(bp), error_of(bp)), (1, bindings::EIO));
+    assert_eq!(fk::with_nvme(|d| d.io_completed), 0, "nothing reached the device");
+    // Every tracker is still usable: n reads in flight at once, all completed.
+    fk::with_nvme(|d| d.hold_io = true);
+    let mut bufs: Vec<Vec<u8>> = (0..n).map(|_| std::vec![0u8; 512]).collect();
+    let bios: Vec<_> = bufs.iter_mut().enumerate().map(|(i, b)| bio_for(bindings::BIO_READ as u32, (i * 512) as i64, b)).collect();
+    let t = fk::log().len();
+    for &b in &bios {
+        start(b);
+    }
+    assert!(positions(&fk::log()[t..], "bioq_insert_tail").is_empty(), "a tracker was lost");
+    fk::with_nvme(|d| d.release_held());
+    fk::fire_interrupt();
+    assert!(bios.iter().all(|&b| fk::biodone_count(b) == 1 && error_of(b) == 0));
+    let _ = teardown(live, &mut k, Removal::Surprise);
+}
+
+/// An unmapped bio (DISKFLAG_UNMAPPED_BIO: GEOM may pass the pages, `bio_ma`, without a kernel
+/// mapping; `bio_data` is then not an address) is written and read through busdma from its
+/// scattered, non-adjacent pages, starting at an offset in the first: d_strategy never touches
+/// `bio_data`, and the data lands where the pages are.
+#[test]
+fn unmapped_bios_move_data_from_their_pages() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+    fk::install_nvme(FakeNvme::new(false, false));
+    let mut k = FreeBsdKernel::new();
+    let (live, _ctrl) = attached_with(&mut k, &[1], true);
+
+    // Three pages taken from every other page of one buffer, used in reverse order.
+    let mut arena = std::vec![0u8; 8 * 4096];
+    let base = (arena.as_mut_ptr() as usize).next_multiple_of(4096);
+    let pages: Vec<usize> = [4usize, 2, 0].iter().map(|&p| base + p * 4096).collect();
+    let (offset, len) = (512usize, 2 * 4096);
+    let data = pattern(7, len);
+    let unmapped = |cmd: u32, lba: i64, ma: &mut [usize]| {
+        let bp = fk::new_bio(cmd as u16, lba * 512, len as i64);
+        // SAFETY: a fresh fake bio for our live disk; `ma` (the page list) outlives its use.
+        unsafe {
+            (*bp).bio_disk = fk::disks()[0];
+            (*bp).bio_data = 0xdead_0000 as *mut _; // not an address for an unmapped bio
+            (*bp).bio_flags |= bindings::BIO_UNMAPPED as u16;
+            (*bp).bio_ma = ma.as_mut_ptr().cast();
+            (*bp).bio_ma_n = ma.len() as i32;
+            (*bp).bio_ma_offset = offset as i32;
+        }
+        bp
+    };
+    // The payload as it sits in the pages: from `offset` in the first, then whole pages.
+    let mut at = 0;
+    let mut spans = Vec::new();
+    let mut off = offset;
+    for &p in &pages {
+        let n = (4096 - off).min(len - at);
+        spans.push((p + off, at, n));
+        at += n;
+        off = 0;
+        if at == len {
+            break;
+        }
+    }
+    for &(addr, at, n) in &spans {
+        // SAFETY: inside `arena`.
+        unsafe { core::ptr::copy_nonoverlapping(data[at..].as_ptr(), addr as *mut u8, n) };
+    }
+    let mut ma = pages.clone();
+    let w = unmapped(bindings::BIO_WRITE as u32, 40, &mut ma);
+    start(w);
+    fk::fire_interrupt();
+    assert_eq!((fk::biodone_count(w), error_of(w)), (1, 0));
+    for b in 0..len / 512 {
+        let block = fk::with_nvme(|d| d.media_block(40 + b as u64));
+        assert_eq!(&block[..], &data[b * 512..b * 512 + 512], "block {b} on the media");
+    }
+
+    arena.fill(0);
+    let mut ma = pages.clone();
+    let r = unmapped(bindings::BIO_READ as u32, 40, &mut ma);
+    start(r);
+    fk::fire_interrupt();
+    assert_eq!((fk::biodone_count(r), error_of(r)), (1, 0));
+    for &(addr, at, n) in &spans {
+        // SAFETY: inside `arena`.
+        let got = unsafe { core::slice::from_raw_parts(addr as *const u8, n) };
+        assert_eq!(got, &data[at..at + n], "bytes {at}.. landed in their page");
+    }
+    let _ = teardown(live, &mut k, Removal::Surprise);
+}
+
+/// A seeded mix of reads and writes of 512 B to 128 KiB at buffer offsets, submitted while
+/// the device holds commands and completes them in bursts, so the queue fills, bios wait and
+/// restart: every bio completes exactly once and successfully, every write is on the media,
+/// every read returns the media, and the whole run allocates nothing.
+#[test]
+fn a_random_mix_under_queue_pressure_completes_every_bio_once_without_allocating() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+    fk::install_nvme(FakeNvme::new(false, true));
+    let mut k = FreeBsdKernel::new();
+    let (live, ctrl) = attached_with(&mut k, &[1], true);
+    let depth = queue_depth(ctrl);
+
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    // Each bio has its own 128 KiB region of the media: writes never overlap, reads target
+    // regions nobody writes (the media's fill byte) or regions written before the run.
+    let count = 3 * depth;
+    let mut plan = Vec::new();
+    for i in 0..count {
+        let write = next(3) != 0;
+        let blocks = 1 + next(256) as usize;
+        let off = 512 * next(8) as usize;
+        plan.push((write, (i * 256) as i64, blocks * 512, off));
+    }
+    let mut bufs: Vec<Vec<u8>> = plan.iter().enumerate().map(|(i, &(w, _, n, off))| {
+        let mut b = std::vec![0u8; off + n];
+        if w {
+            b[off..].copy_from_slice(&pattern(i + 100, n));
+        }
+        b
+    }).collect();
+    let bios: Vec<_> = bufs
+        .iter_mut()
+        .zip(&plan)
+        .map(|(b, &(w, lba, n, off))| {
+            let cmd = if w { bindings::BIO_WRITE } else { bindings::BIO_READ };
+            bio_for(cmd as u32, lba * 512, &mut b[off..off + n])
+        })
+        .collect();
+    // Phases of pressure (no completions until more bios than trackers were sent) alternate
+    // with phases of churn (completions in random bursts).
+    let phase = depth + 7;
+    let bursts: Vec<bool> = (0..count).map(|i| i % phase == phase - 1 || ((i / phase) % 2 == 1 && next(6) == 0)).collect();
+
+    let t = fk::log().len();
+    let before = fk::allocations();
+    for (&bp, &burst) in bios.iter().zip(&bursts) {
+        start(bp);
+        if burst {
+            fk::with_nvme(|d| d.release_held());
+            fk::fire_interrupt();
+        }
+    }
+    for _ in 0..count {
+        if bios.iter().all(|&bp| fk::biodone_count(bp) == 1) {
+            break;
+        }
+        fk::with_nvme(|d| d.release_held());
+        fk::fire_interrupt();
+    }
+    assert_eq!(fk::allocations() - before, 0, "allocations during the run");
+    assert!(!positions(&fk::log()[t..], "bioq_insert_tail").is_empty(), "the queue filled at least once");
+
+    for (i, (&bp, &(w, lba, n, off))) in bios.iter().zip(&plan).enumerate() {
+        assert_eq!((fk::biodone_count(bp), error_of(bp)), (1, 0), "bio {i}");
+        for b in (0..n / 512).step_by(37).chain([n / 512 - 1]) {
+            let block = fk::with_nvme(|d| d.media_block(lba as u64 + b as u64));
+            let got = &bufs[i][off + b * 512..off + b * 512 + 512];
+            if w {
+                assert_eq!(&block[..], got, "write {i} block {b} on the media");
+            } else {
+                assert!(got.iter().all(|&x| x == 0xab), "read {i} block {b} returned the media");
+            }
+        }
+    }
+    let _ = teardown(live, &mut k, Removal::Surprise);
+}
