@@ -33,6 +33,10 @@ enum Cmd {
         /// and read through d_strategy, and it is detached (devctl detach) before the unload.
         #[arg(long)]
         qemu: bool,
+        /// With --qemu: the write's and the read's data are host memory outside guest RAM
+        /// (which no device can reach) instead of guest RAM, so busdma must refuse them.
+        #[arg(long, requires = "qemu")]
+        bio_outside_guest_ram: bool,
     },
 }
 
@@ -46,7 +50,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu } => match run(&ko, &kldhost::emu::run::Options { timeouts, qemu }) {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram } => match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, bio_outside_guest_ram }) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {

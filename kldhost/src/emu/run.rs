@@ -55,21 +55,46 @@ const IO_OFFSET: i64 = 8192;
 const IO_BYTES: usize = 4096;
 
 /// A write and a read of the first disk, as a consumer opening it would do them, and the
-/// data checked in QEMU's backing file.
-fn disk_io(report: &mut Report) {
+/// data checked in QEMU's backing file. The bios' data live in guest RAM, as a kernel buffer
+/// a bio carries is memory the device can reach by DMA (busdma translates it page by page);
+/// with `outside_guest_ram` they are host memory instead, which busdma must refuse.
+fn disk_io(report: &mut Report, outside_guest_ram: bool) {
     let Some(disk) = report.disks_attached.first().cloned() else { return };
     let pattern: Vec<u8> = (0..IO_BYTES).map(|i| (i as u8).wrapping_mul(7) ^ 0x5a).collect();
     let timeout = std::time::Duration::from_secs(10);
     report.io.push((format!("d_open {disk}"), super::geom::open(&disk)));
-    let mut w = pattern.clone();
-    report.io.push((format!("BIO_WRITE {disk} {IO_OFFSET} {IO_BYTES}"), super::geom::io(&disk, layouts::BIO_WRITE as u32, IO_OFFSET, &mut w, timeout)));
-    let mut r = vec![0u8; IO_BYTES];
-    report.io.push((format!("BIO_READ {disk} {IO_OFFSET} {IO_BYTES}"), super::geom::io(&disk, layouts::BIO_READ as u32, IO_OFFSET, &mut r, timeout)));
+    let (mut host_w, mut host_r) = (vec![0u8; IO_BYTES], vec![0u8; IO_BYTES]);
+    let (w, r): (&mut [u8], &mut [u8]) = if outside_guest_ram {
+        (&mut host_w, &mut host_r)
+    } else {
+        // Two pages from the machine's DMA pool (never handed out again, never freed: it is
+        // not the module's memory, so it is not counted as the module's allocations).
+        let p = super::machine::with_machine(|m| m.contig_alloc(2 * IO_BYTES as u64, 0, u64::MAX, 4096, 0));
+        let Some(p) = p else {
+            report.io.push(("guest RAM for the bios".to_string(), layouts::ENOMEM));
+            return;
+        };
+        // SAFETY: 2 * IO_BYTES bytes of the shared guest RAM mapping, handed out to nobody
+        // else, alive until the machine stops (after this function).
+        let both = unsafe { std::slice::from_raw_parts_mut(p, 2 * IO_BYTES) };
+        both.split_at_mut(IO_BYTES)
+    };
+    log(format!("bio data: write at {:p}, read at {:p} ({})", w.as_ptr(), r.as_ptr(), if outside_guest_ram { "host memory, outside guest RAM" } else { "guest RAM" }));
+    w.copy_from_slice(&pattern);
+    r.fill(0);
+    report.io.push((format!("BIO_WRITE {disk} {IO_OFFSET} {IO_BYTES}"), super::geom::io(&disk, layouts::BIO_WRITE as u32, IO_OFFSET, w, timeout)));
+    report.io.push((format!("BIO_READ {disk} {IO_OFFSET} {IO_BYTES}"), super::geom::io(&disk, layouts::BIO_READ as u32, IO_OFFSET, r, timeout)));
     report.io.push((format!("d_close {disk}"), super::geom::close(&disk)));
     let image = super::machine::with_machine(|m| m.image.clone());
     let on_disk = std::fs::read(&image).ok().map(|b| b[IO_OFFSET as usize..IO_OFFSET as usize + IO_BYTES].to_vec());
-    report.io_data_ok = r == pattern && on_disk.as_deref() == Some(&pattern[..]);
-    log(format!("backing file {} at {IO_OFFSET}: {}; read back: {}", image.display(), if on_disk.as_deref() == Some(&pattern[..]) { "the written data" } else { "NOT the written data" }, if r == pattern { "the written data" } else { "NOT the written data" }));
+    report.io_data_ok = *r == pattern[..] && on_disk.as_deref() == Some(&pattern[..]);
+    let zeroes = on_disk.as_deref().is_some_and(|d| d.iter().all(|&b| b == 0));
+    log(format!(
+        "backing file {} at {IO_OFFSET}: {}; read back: {}",
+        image.display(),
+        if on_disk.as_deref() == Some(&pattern[..]) { "the written data" } else if zeroes { "NOT the written data (still zeroes)" } else { "NOT the written data" },
+        if *r == pattern[..] { "the written data" } else { "NOT the written data" }
+    ));
 }
 
 /// What a run does besides loading and unloading.
@@ -81,6 +106,9 @@ pub struct Options {
     /// (`devctl set driver -f` then probe and attach), write and read its first disk through
     /// d_strategy, detach it (`devctl detach`), then unload.
     pub qemu: bool,
+    /// With `qemu`: the bios' data are host memory outside guest RAM (a negative control:
+    /// busdma must refuse them, never translate them to a wrong address).
+    pub bio_outside_guest_ram: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -103,7 +131,7 @@ fn run_sysinits(ko: &LoadedKo, list: &[sets::Sysinit], what: &str) {
 /// most that many expiries), then unloads it (MOD_QUIESCE, MOD_UNLOAD, SYSUNINITs). One
 /// module per process: the emulated kernel's state is global.
 pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report, LoadError> {
-    run(ko, &Options { timeouts: timeout_expiries, qemu: false })
+    run(ko, &Options { timeouts: timeout_expiries, ..Options::default() })
 }
 
 /// The devctl(8) steps on every PCI function of the machine, each under the newbus topology
@@ -189,7 +217,7 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
                 report.nodes_attached = e.devs.keys().cloned().collect();
                 report.disks_attached = e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
             });
-            disk_io(&mut report);
+            disk_io(&mut report, opts.bio_outside_guest_ram);
             devctl_detach(&mut report);
             let ran = super::sched::run_queues(1000);
             log(format!("after detach: taskqueue and kernel threads ran {ran} times"));
@@ -235,6 +263,7 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
         super::newbus::end_of_life_checks();
         super::geom::end_of_life_checks();
         super::sysctl::end_of_life_checks();
+        super::busdma::end_of_life_checks();
     }
     with(|e| {
         report.log = std::mem::take(&mut e.log);
