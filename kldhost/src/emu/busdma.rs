@@ -483,7 +483,11 @@ extern "C" fn emu_bus_dmamap_load_bio(tag: u64, map: u64, bp: *mut layouts::bio,
             unsafe { callback(arg, p, n, 0) };
         }
         Err((err, why)) => {
-            finding(format!("{what}: refused: {why}"));
+            // Too many segments is the tag's answer to a driver that asked too much (EFBIG,
+            // as busdma gives it); memory no device can reach is a finding.
+            if err != layouts::EFBIG {
+                finding(format!("{what}: refused: {why}"));
+            }
             log(format!("{what}: callback error {err} ({why})"));
             with_dma(|d| d.maps.get_mut(&map).expect("map").state = MapState::LoadFailed);
             let p = with_dma(|d| d.tags.get_mut(&tag).expect("tag").segs.as_mut_ptr());
