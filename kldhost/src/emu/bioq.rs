@@ -122,3 +122,57 @@ pub fn register(t: &mut KpiTable) {
     t.function("bioq_insert_tail", emu_bioq_insert_tail as extern "C" fn(_, _) as usize);
     t.function("bioq_takefirst", emu_bioq_takefirst as extern "C" fn(_) -> _ as usize);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bio_at(offset: i64, length: i64) -> *mut bio {
+        let mut b = Box::<bio>::default();
+        b.bio_offset = offset;
+        b.bio_length = length;
+        Box::into_raw(b)
+    }
+
+    #[test]
+    fn the_queue_is_fifo_with_head_insertions_and_keeps_subr_disks_bookkeeping() {
+        let h = Box::into_raw(Box::<bio_queue_head>::default());
+        emu_bioq_init(h);
+        assert!(emu_bioq_takefirst(h).is_null());
+        let (a, b, c) = (bio_at(0, 512), bio_at(4096, 512), bio_at(8192, 1024));
+        emu_bioq_insert_tail(h, a);
+        emu_bioq_insert_tail(h, b);
+        // SAFETY (test): the head and bios are live boxes.
+        let hd = || unsafe { &*h };
+        assert_eq!((hd().total, hd().insert_point, hd().last_offset), (2, b, 4096));
+        // A head insertion with an insert point set leaves last_offset alone.
+        emu_bioq_insert_head(h, c);
+        assert_eq!((hd().total, hd().last_offset), (3, 4096));
+        assert_eq!(emu_bioq_takefirst(h), c);
+        assert_eq!(emu_bioq_takefirst(h), a);
+        assert_eq!(hd().insert_point, b);
+        // Taking the insert point clears it.
+        assert_eq!(emu_bioq_takefirst(h), b);
+        assert_eq!((hd().total, hd().insert_point), (0, null_mut()));
+        assert!(emu_bioq_takefirst(h).is_null());
+        // Empty again: the tail pointer is back at the head, so a tail insertion is first.
+        assert_eq!(hd().queue.tqh_last, &raw const hd().queue.tqh_first as *mut _);
+        // Without an insert point, a head insertion sets last_offset to the bio's offset and
+        // taking the first bio moves it past the bio.
+        // SAFETY (test): a live bio.
+        unsafe { (*a).bio_offset = 100 };
+        emu_bioq_insert_head(h, a);
+        assert_eq!(hd().last_offset, 100);
+        emu_bioq_insert_tail(h, b);
+        assert_eq!(emu_bioq_takefirst(h), a);
+        assert_eq!(emu_bioq_takefirst(h), b);
+        assert!(emu_bioq_takefirst(h).is_null());
+        // SAFETY (test): the boxes made above, off every queue.
+        unsafe {
+            for p in [a, b, c] {
+                drop(Box::from_raw(p));
+            }
+            drop(Box::from_raw(h));
+        }
+    }
+}

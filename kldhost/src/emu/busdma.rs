@@ -515,3 +515,46 @@ pub fn register(t: &mut KpiTable) {
     t.function("bus_dma_tag_destroy", emu_bus_dma_tag_destroy as extern "C" fn(_) -> _ as usize);
     t.function("bus_dmamap_load_bio", emu_bus_dmamap_load_bio as extern "C" fn(_, _, _, _, _, _) -> _ as usize);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(parent: u64, alignment: u64, boundary: u64, lowaddr: u64, filter: u64, nsegs: c_int, maxsegsz: u64) -> Result<u64, c_int> {
+        let mut t = 0u64;
+        let e = emu_bus_dma_tag_create(parent, alignment, boundary, lowaddr, MAXADDR, filter, 0, 1 << 20, nsegs, maxsegsz, 0, 0, 0, &mut t);
+        if e == 0 { Ok(t) } else { Err(e) }
+    }
+
+    #[test]
+    fn tag_create_checks_its_arguments_and_applies_the_parents_limits() {
+        let pci0 = pci0_tag();
+        assert_eq!(create(pci0, 4, 4096, MAXADDR, 0, 8, 0), Err(layouts::EINVAL), "maxsegsz 0");
+        assert_eq!(create(pci0, 3, 4096, MAXADDR, 0, 8, 4096), Err(layouts::EINVAL), "alignment 3");
+        assert_eq!(create(pci0, 0, 4096, MAXADDR, 0, 8, 4096), Err(layouts::EINVAL), "alignment 0");
+        assert_eq!(create(pci0, 4, 0x3000, MAXADDR, 0, 8, 4096), Err(layouts::EINVAL), "boundary 0x3000");
+        assert_eq!(create(pci0, 4, 4096, MAXADDR, 0, 0, 4096), Err(layouts::EINVAL), "nsegments 0");
+        assert_eq!(create(pci0, 4, 4096, MAXADDR, 0x1234, 8, 4096), Err(layouts::EINVAL), "a filter");
+        // A boundary below maxsegsz lowers it; lowaddr ends its page.
+        let t = create(pci0, 4, 4096, 0x12345, 0, 8, 0x10000).expect("tag");
+        assert_eq!((common(t).maxsegsz, common(t).lowaddr, common(t).boundary), (4096, 0x12fff, 4096));
+        // No boundary of its own: pci0's 4 GiB one applies.
+        let u = create(pci0, 1, 0, MAXADDR, 0, 8, 0x10000).expect("tag");
+        assert_eq!(common(u).boundary, PCI_DMA_BOUNDARY);
+        assert_eq!(emu_bus_dma_tag_destroy(u), 0);
+        // Map rules: a tag with a map alive is EBUSY; a sync or unload of an unloaded map is a
+        // finding; the map and then the tag go.
+        let mut m = 0u64;
+        assert_eq!(emu_map_create(t, 0, &mut m), 0);
+        assert_ne!(m, 0, "the inline sync and unload skip a NULL map");
+        assert_eq!(emu_bus_dma_tag_destroy(t), layouts::EBUSY);
+        emu_map_sync(t, m, layouts::BUS_DMASYNC_POSTREAD);
+        emu_map_unload(t, m);
+        let mine: Vec<String> = super::super::with(|e| e.findings.iter().filter(|f| f.contains(&format!("map {m:#x}"))).cloned().collect());
+        assert_eq!(mine.len(), 2, "{mine:?}");
+        assert!(mine[0].contains("a POST sync of a map with nothing loaded"), "{mine:?}");
+        assert!(mine[1].contains("the map is not loaded"), "{mine:?}");
+        assert_eq!(emu_map_destroy(t, m), 0);
+        assert_eq!(emu_bus_dma_tag_destroy(t), 0);
+    }
+}
