@@ -37,6 +37,9 @@ enum Cmd {
         /// (which no device can reach) instead of guest RAM, so busdma must refuse them.
         #[arg(long, requires = "qemu")]
         bio_outside_guest_ram: bool,
+        /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
+        #[arg(long = "tunable", value_name = "NAME=VALUE")]
+        tunables: Vec<String>,
     },
 }
 
@@ -50,14 +53,17 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram } => match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, bio_outside_guest_ram }) {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::FAILURE,
-            Err(e) => {
-                eprintln!("{}: {e}", ko.display());
-                ExitCode::FAILURE
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, tunables } => {
+            let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
+            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram }) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("{}: {e}", ko.display());
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
     }
 }
 

@@ -163,3 +163,73 @@ fn a_busy_device_is_not_detached_and_its_driver_not_unloaded() {
         ],
     );
 }
+
+#[test]
+fn an_msix_vector_set_up_before_the_queues_interrupts_and_one_set_up_after_does_not() {
+    if !nvmehp_lab::skip::qemu_or_skip("attach_msix") {
+        return;
+    }
+    // MSI-X first, then the controller: the Identify's completion arrives as a message in the
+    // guest-RAM mailbox and the interrupt thread runs the handler.
+    let Some(first) = fixture_named("pci_msix_first", "pci_msix", None) else { return };
+    let (code, out) = kldhost_run_with(&first, &["--qemu"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "pci_alloc_msix(kldhostfx0, 1) = 0, 1 vectors",
+            "bus_setup_intr(kldhostfx0, irq rid 1",
+            "bus_write_4(kldhostfx0 BAR 0x10 + 0x14, 0x460001)",
+            "bus_write_4(kldhostfx0 BAR 0x10 + 0x1000, 0x1)",
+            "kldhostfx0: interrupt (IRQ rid 1, MSI-X table entry 0)",
+            "kldhostfx0: interrupts 1, completion status 0x1",
+            "bus_teardown_intr(kldhostfx0, irq rid 1) = 0",
+            "pci_release_msi(kldhostfx0) = 0",
+            "findings: 0",
+        ],
+    );
+    // The controller first (nvme_hotplug.ko's order for its I/O queue): QEMU's NVMe model never
+    // marks the vector used, the command completes (status: phase 1, success) but no message
+    // comes.
+    let Some(after) = fixture_named("pci_msix_after", "pci_msix", Some("-DKLDHOST_MSIX_AFTER_QUEUES")) else { return };
+    let (code, out) = kldhost_run_with(&after, &["--qemu"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(&out, &["kldhostfx0: interrupts 0, completion status 0x1", "findings: 0"]);
+    assert!(!out.contains("kldhostfx0: interrupt ("), "{out}");
+}
+
+fn fixture_named(test: &str, name: &str, define: Option<&str>) -> Option<std::path::PathBuf> {
+    let mut flags = kernel_header_flags();
+    flags.extend(define.map(str::to_string));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    compile(test, name, &flags).map(|o| temp_object(test, &o))
+}
+
+#[test]
+fn with_the_claim_tunable_the_driver_takes_the_controller_at_load_with_a_hoover_bid() {
+    if !nvmehp_lab::skip::qemu_or_skip("attach_claim") || common::real_ko("attach_claim").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "tunable hw.nvme_hotplug.claim=1 loaded",
+            "devclass_add_driver(pci, nvmehp",
+            "pci_driver_added(nvmehp): probing device 4.0",
+            // BUS_PROBE_HOOVER: accepted without a fixed devclass.
+            "nvmehp0: device_probe_desc = -1000000",
+            "nvmehp0: device_attach_desc = 0",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_LOAD) = 0",
+            "device 4.0 nvmehp0: attached at MOD_LOAD; devctl set driver not needed",
+            "io data in the backing file and read back: ok",
+            "detach device 4.0 (nvmehp0): 0",
+            "unloaded: true",
+            "findings: 0",
+        ],
+    );
+    assert!(!out.contains("no driver attached"), "{out}");
+    assert!(!out.contains("devctl set driver -f"), "{out}");
+}

@@ -149,22 +149,6 @@ impl SharedRam {
         )
     }
 
-    /// The address in this process of guest RAM `gpa..gpa+len` (same range rules as
-    /// [`SharedRam::read`]), for a caller that gives the memory to code accessing it directly:
-    /// kldhost's contigmalloc(9) hands it to the loaded kernel module.
-    pub fn host_ptr(&self, gpa: u64, len: u64) -> Result<*mut u8, RamError> {
-        let off = self.offset(gpa, len)?;
-        // SAFETY: off + len lies inside the mapping (checked by `offset`).
-        Ok(unsafe { self.base.as_ptr().add(off) })
-    }
-
-    /// The guest-physical address of `p`, if it lies in the mapping (vtophys for kldhost).
-    pub fn gpa_of(&self, p: *const u8) -> Option<u64> {
-        let base = self.base.as_ptr() as u64;
-        let a = p as u64;
-        (a >= base && a - base < self.size).then(|| a - base)
-    }
-
     /// The offset of `gpa..gpa+len` in the mapping, if the whole range may be accessed.
     fn offset(&self, gpa: u64, len: u64) -> Result<usize, RamError> {
         let end = gpa.checked_add(len).ok_or(RamError::OutOfRange { gpa, len, ram: self.size })?;
@@ -183,6 +167,24 @@ impl SharedRam {
             return Err(RamError::Unaligned { gpa, size });
         }
         self.offset(gpa, size)
+    }
+
+    /// Where `gpa..gpa+len` is in the lab's address space: for code that must hand out host
+    /// pointers to guest RAM (a loader running the kld against this machine, whose
+    /// contigmalloc(9) memory must have real guest-physical addresses). Dereferencing it is the
+    /// caller's `unsafe`, under the same rules as this module (QEMU may write it concurrently).
+    pub fn host_ptr(&self, gpa: u64, len: u64) -> Result<NonNull<u8>, RamError> {
+        let off = self.offset(gpa, len)?;
+        // SAFETY: off <= size (checked by `offset`), so the result is inside the mapping or one
+        // past its end, and not null because `base` is not.
+        Ok(unsafe { NonNull::new_unchecked(self.base.as_ptr().add(off)) })
+    }
+
+    /// The guest-physical address of the host pointer `p`, if `p..p+len` lies in guest RAM (the
+    /// reverse of [`SharedRam::host_ptr`]: what pmap_kextract(9) answers for such memory).
+    pub fn gpa_of(&self, p: *const u8, len: u64) -> Option<u64> {
+        let off = (p as usize).checked_sub(self.base.as_ptr() as usize)? as u64;
+        self.offset(off, len).ok().map(|_| off)
     }
 
     /// Copies guest RAM at `gpa` into `buf`.
@@ -310,6 +312,21 @@ mod tests {
         assert_eq!(r.load_u32(0x10_0004).unwrap(), 0x1122_3344);
         assert_eq!(r.swap_u32(0x10_0000, 0).unwrap(), 0x5566_7788);
         assert_eq!(r.load_u64(0x10_0000).unwrap(), 0x1122_3344_0000_0000);
+    }
+
+    #[test]
+    fn host_pointers_translate_both_ways_inside_ram_only() {
+        let r = SharedRam::create(2 << 20).unwrap();
+        let p = r.host_ptr(0x10_0040, 16).unwrap();
+        assert_eq!(r.gpa_of(p.as_ptr(), 16), Some(0x10_0040));
+        r.store_u32(0x10_0040, 0x0102_0304).unwrap();
+        // SAFETY: p points at 4 bytes inside the mapping, aligned, nobody else writes them.
+        assert_eq!(unsafe { p.as_ptr().cast::<u32>().read_volatile() }, 0x0102_0304u32.to_le());
+        assert!(matches!(r.host_ptr(r.size() - 8, 16), Err(RamError::OutOfRange { .. })));
+        assert!(matches!(r.host_ptr(0xa_0000, 1), Err(RamError::LegacyWindow { .. })));
+        assert_eq!(r.gpa_of(p.as_ptr().wrapping_sub(0x20_0000), 1), None, "below the mapping");
+        assert_eq!(r.gpa_of(p.as_ptr().wrapping_add(0x20_0000), 1), None, "past its end");
+        assert_eq!(r.gpa_of(p.as_ptr(), 0x10_0000), None, "runs past the end");
     }
 
     #[test]

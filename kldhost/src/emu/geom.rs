@@ -106,8 +106,6 @@ extern "C" fn emu_disk_destroy(dp: *mut layouts::disk) {
     log(format!("disk_destroy({name}) (was {s:?})"));
 }
 
-type DGone = unsafe extern "C" fn(*mut layouts::disk);
-
 /// GEOM's event thread: d_gone of every withered disk. Returns how many ran.
 pub fn run_events() -> usize {
     let mut n = 0;
@@ -119,7 +117,7 @@ pub fn run_events() -> usize {
         if let Some(f) = f {
             log(format!("g_event: d_gone({name})"));
             // SAFETY: the driver's d_gone with its disk; no emulation lock held.
-            unsafe { std::mem::transmute::<DGone, DGone>(f)(dp as *mut layouts::disk) };
+            unsafe { f(dp as *mut layouts::disk) };
         }
         n += 1;
     }
@@ -130,16 +128,13 @@ fn disk_by_name(name: &str) -> Option<u64> {
     with(|e| e.disks.iter().find(|(_, d)| d.name == name && d.state == DiskState::Created).map(|(p, _)| *p))
 }
 
-type DOpen = unsafe extern "C" fn(*mut layouts::disk) -> c_int;
-type DStrategy = unsafe extern "C" fn(*mut layouts::bio);
-
 /// g_disk_access: the first open of the provider calls d_open (if the driver has one).
 pub fn open(name: &str) -> c_int {
     let Some(dp) = disk_by_name(name) else { return layouts::ENXIO };
     // SAFETY: a created disk of the driver.
     let f = unsafe { (*(dp as *mut layouts::disk)).d_open };
     // SAFETY: the driver's d_open with its disk; no emulation lock held.
-    let r = f.map_or(0, |f| unsafe { std::mem::transmute::<_, DOpen>(f)(dp as *mut layouts::disk) });
+    let r = f.map_or(0, |f| unsafe { f(dp as *mut layouts::disk) });
     log(format!("g_disk_access({name}, open) -> d_open = {r}"));
     r
 }
@@ -150,7 +145,7 @@ pub fn close(name: &str) -> c_int {
     // SAFETY: as open.
     let f = unsafe { (*(dp as *mut layouts::disk)).d_close };
     // SAFETY: as open.
-    let r = f.map_or(0, |f| unsafe { std::mem::transmute::<_, DOpen>(f)(dp as *mut layouts::disk) });
+    let r = f.map_or(0, |f| unsafe { f(dp as *mut layouts::disk) });
     log(format!("g_disk_access({name}, close) -> d_close = {r}"));
     r
 }
@@ -173,7 +168,7 @@ pub fn io(name: &str, cmd: u32, offset: i64, buf: &mut [u8], timeout: std::time:
     let what = if cmd == layouts::BIO_READ as u32 { "BIO_READ" } else { "BIO_WRITE" };
     log(format!("g_down: d_strategy({name}, {what}, offset {offset}, {} bytes) bio {bp:p}", buf.len()));
     // SAFETY: the driver's strategy with a bio it owns until biodone; no emulation lock held.
-    unsafe { std::mem::transmute::<_, DStrategy>(strategy)(bp) };
+    unsafe { strategy(bp) };
     let start = std::time::Instant::now();
     let mut idle = start;
     loop {

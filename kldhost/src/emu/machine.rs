@@ -102,7 +102,7 @@ impl Machine {
 
     /// The guest-physical address of `va` if it lies in guest RAM.
     pub fn phys_of(&self, va: u64) -> Option<u64> {
-        self.ram.gpa_of(va as *const u8)
+        self.ram.gpa_of(va as *const u8, 1)
     }
 
     /// Allocates `size` bytes of guest RAM aligned to `align` within `[low, high]`
@@ -117,7 +117,7 @@ impl Machine {
         if end - 1 > high {
             return None;
         }
-        let p = self.ram.host_ptr(start, size).ok()?;
+        let p = self.ram.host_ptr(start, size).ok()?.as_ptr();
         self.next_free = end.div_ceil(4096) * 4096;
         Some(p)
     }

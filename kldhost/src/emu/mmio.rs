@@ -7,9 +7,10 @@
 //! mapped with no access: each register access faults, and the SIGSEGV handler here
 //! - checks the fault address lies in a registered window (anything else: the default action,
 //!   a crash, as before),
-//! - decodes the faulting instruction, accepting only `mov r32/r64, m` (8B) and
-//!   `mov m, r32/r64` (89) with an optional REX prefix — what the compiler emits for a
-//!   volatile load or store; anything else aborts naming the bytes,
+//! - decodes the faulting instruction, accepting only `mov r32/r64, m` (8B),
+//!   `mov m, r32/r64` (89) and `mov m, imm32` (C7 /0) with an optional REX prefix — what the
+//!   compiler emits for a volatile load or store (the immediate form when the value is a
+//!   constant); anything else aborts naming the bytes,
 //! - does the access through qtest at the BAR's physical address, puts a load's value in the
 //!   destination register (a 32-bit load zero-extends, as the CPU does) and steps past the
 //!   instruction.
@@ -18,6 +19,10 @@
 //! here because the fault is synchronous in module code, which holds no host lock: the
 //! emulation's state lock is never held while module code runs, and the machine lock only
 //! inside emulated functions (a `try_lock` failure aborts instead of deadlocking).
+//!
+//! The handler replaces the Rust runtime's SIGSEGV handler for the whole process (installed at
+//! the first BAR mapping): a stack overflow then ends in a plain SIGSEGV instead of Rust's
+//! "has overflowed its stack" message.
 
 use super::log;
 use super::machine::MACHINE;
@@ -67,14 +72,14 @@ fn install_handler() {
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_fault as extern "C" fn(_, _, _) as usize;
-            sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+            sa.sa_flags = libc::SA_SIGINFO;
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut());
         }
     });
 }
 
-/// A decoded `mov` between a register and memory.
+/// A decoded `mov` between a register (or an immediate) and memory.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Access {
     pub store: bool,
@@ -82,6 +87,8 @@ pub struct Access {
     pub width: u8,
     /// The register operand (0 = rax ... 15 = r15, the encoding's numbering).
     pub reg: u8,
+    /// A store's immediate (C7 /0; sign-extended to 64 bits for a 64-bit store).
+    pub imm: Option<u64>,
     /// Instruction length.
     pub len: usize,
 }
@@ -94,15 +101,16 @@ pub fn decode(code: &[u8]) -> Option<Access> {
         rex = code[0];
         i = 1;
     }
-    let store = match *code.get(i)? {
+    let op = *code.get(i)?;
+    let store = match op {
         0x8b => false,
-        0x89 => true,
+        0x89 | 0xc7 => true,
         _ => return None,
     };
     let modrm = *code.get(i + 1)?;
     let (md, reg, rm) = (modrm >> 6, (modrm >> 3) & 7, modrm & 7);
-    if md == 3 {
-        return None; // register to register
+    if md == 3 || (op == 0xc7 && reg != 0) {
+        return None; // register to register, or not a mov
     }
     let mut len = i + 2;
     if rm == 4 {
@@ -119,7 +127,13 @@ pub fn decode(code: &[u8]) -> Option<Access> {
         2 => 4,
         _ => 0,
     };
-    Some(Access { store, width: if rex & 8 != 0 { 8 } else { 4 }, reg: reg | ((rex & 4) << 1), len })
+    let mut imm = None;
+    if op == 0xc7 {
+        let b = code.get(len..len + 4)?;
+        imm = Some(i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])) as u64);
+        len += 4;
+    }
+    Some(Access { store, width: if rex & 8 != 0 { 8 } else { 4 }, reg: reg | ((rex & 4) << 1), imm, len })
 }
 
 /// The ucontext gregs index of an encoded register number (Linux <sys/ucontext.h> order).
@@ -163,7 +177,7 @@ extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, ctx: *mut c_void) {
     let Some(m) = g.as_mut() else { die("register access with no machine") };
     let r = greg(a.reg);
     if a.store {
-        let v = uc.uc_mcontext.gregs[r] as u64;
+        let v = a.imm.unwrap_or(uc.uc_mcontext.gregs[r] as u64);
         let res = if a.width == 8 { m.qtest.writeq(phys, v) } else { m.qtest.writel(phys, v as u32) };
         drop(g);
         if let Err(e) = res {
@@ -190,11 +204,20 @@ mod tests {
     #[test]
     fn decodes_the_glue_accessors() {
         // nvmehp_bus_read_4: movl (%rsi),%eax; nvmehp_bus_write_4: movl %edx,(%rsi).
-        assert_eq!(decode(&[0x8b, 0x06]), Some(Access { store: false, width: 4, reg: 0, len: 2 }));
-        assert_eq!(decode(&[0x89, 0x16]), Some(Access { store: true, width: 4, reg: 2, len: 2 }));
+        assert_eq!(decode(&[0x8b, 0x06]), Some(Access { store: false, width: 4, reg: 0, imm: None, len: 2 }));
+        assert_eq!(decode(&[0x89, 0x16]), Some(Access { store: true, width: 4, reg: 2, imm: None, len: 2 }));
         // movq 0x10(%rdi),%r9 (REX.WR, disp8), movl %eax,(%rdi,%rsi) (SIB).
-        assert_eq!(decode(&[0x4c, 0x8b, 0x4f, 0x10]), Some(Access { store: false, width: 8, reg: 9, len: 4 }));
-        assert_eq!(decode(&[0x89, 0x04, 0x37]), Some(Access { store: true, width: 4, reg: 0, len: 3 }));
+        assert_eq!(decode(&[0x4c, 0x8b, 0x4f, 0x10]), Some(Access { store: false, width: 8, reg: 9, imm: None, len: 4 }));
+        assert_eq!(decode(&[0x89, 0x04, 0x37]), Some(Access { store: true, width: 4, reg: 0, imm: None, len: 3 }));
+        // A constant stored: movl $0x10001,0x24(%r15) (REX.B, disp8, imm32) and
+        // movl $0x10001,0x24(%r12) (REX.B, SIB, disp8, imm32).
+        assert_eq!(decode(&[0x41, 0xc7, 0x47, 0x24, 0x01, 0x00, 0x01, 0x00]), Some(Access { store: true, width: 4, reg: 0, imm: Some(0x10001), len: 8 }));
+        assert_eq!(
+            decode(&[0x41, 0xc7, 0x44, 0x24, 0x24, 0x01, 0x00, 0x01, 0x00]),
+            Some(Access { store: true, width: 4, reg: 0, imm: Some(0x10001), len: 9 })
+        );
+        // C7 with a /1..7 reg field is not a mov.
+        assert_eq!(decode(&[0xc7, 0x4f, 0x24, 0, 0, 0, 0]), None);
         // Not emulated: inl, register moves, RIP-relative operands.
         assert_eq!(decode(&[0xed]), None);
         assert_eq!(decode(&[0x89, 0xc0]), None);

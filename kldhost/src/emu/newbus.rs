@@ -87,6 +87,10 @@ pub struct Newbus {
     pub host_methods: BTreeMap<(u64, u64), u64>,
     pub null_method: u64,
     pub pci0: u64,
+    /// Each class's compiled ops (kobj_class_compile).
+    pub class_ops: BTreeMap<u64, u64>,
+    /// Devclass names as C strings for device_get_name (alive as long as the emulation).
+    pub class_names: BTreeMap<String, CString>,
 }
 
 fn null_method() -> u64 {
@@ -98,15 +102,21 @@ fn null_method() -> u64 {
     })
 }
 
-/// New ops for `cls`: every cache slot at the NULL method (kobj_init).
+/// The ops of class `cls`, compiled once per class as kobj_class_compile does (every cache slot
+/// at the NULL method); every object of the class points to them (kobj_init).
 fn new_ops(cls: u64) -> u64 {
+    if let Some(o) = with(|e| e.newbus.class_ops.get(&cls).copied()) {
+        return o;
+    }
     let null = null_method() as *mut layouts::kobj_method;
     let mut ops = Box::<layouts::kobj_ops>::default();
     for c in ops.cache.iter_mut() {
         *c = null;
     }
     ops.cls = cls as *mut layouts::kobj_class;
-    Box::into_raw(ops) as u64
+    let o = Box::into_raw(ops) as u64;
+    with(|e| e.newbus.class_ops.insert(cls, o));
+    o
 }
 
 fn host_class(kind: HostClass, name: &'static std::ffi::CStr) -> u64 {
@@ -321,7 +331,12 @@ pub fn add_driver(bus: &str, driver: u64) {
         for child in pci_children() {
             if state(child) == layouts::DS_NOTPRESENT {
                 log(format!("pci_driver_added({name}): probing {}", pci_location(child)));
+                // Newbus changes the tree under the topology lock (bus_topo_assert in
+                // device_probe_and_attach); it is not held while the module's chained event
+                // handler runs, which takes it itself.
+                super::sched::topo_lock();
                 let _ = probe_and_attach(child);
+                super::sched::topo_unlock();
             }
         }
     }
@@ -332,11 +347,15 @@ pub fn add_driver(bus: &str, driver: u64) {
 pub fn delete_driver(driver: u64) -> c_int {
     let devs: Vec<u64> = with(|e| e.newbus.devices.iter().filter(|(_, d)| d.driver == driver).map(|(a, _)| *a).collect());
     for d in devs {
+        super::sched::topo_lock();
         let r = device_detach(d);
+        if r == 0 {
+            set_driver(d, 0);
+        }
+        super::sched::topo_unlock();
         if r != 0 {
             return r;
         }
-        set_driver(d, 0);
     }
     // SAFETY: the module's driver_t.
     let name = unsafe { cstr((*(driver as *const layouts::kobj_class)).name) };
@@ -560,12 +579,8 @@ extern "C" fn emu_device_get_name(dev: *mut c_void) -> *const c_char {
     let d = dev_of(dev, "device_get_name");
     let class = with(|e| e.newbus.devices[&d].devclass.clone());
     match class {
-        // The devclass name: a C string that lives as long as the devclass (never freed here).
-        Some(c) => with(|e| {
-            let key = format!("name:{c}");
-            let (t, _) = e.newbus.devclasses.entry(key).or_insert_with(|| (CString::new(c).expect("name").into_raw() as u64, Vec::new()));
-            *t as *const c_char
-        }),
+        // The devclass name, a C string that lives as long as the devclass (never freed here).
+        Some(c) => with(|e| e.newbus.class_names.entry(c.clone()).or_insert_with(|| CString::new(c).expect("name")).as_ptr()),
         None => std::ptr::null(),
     }
 }
@@ -665,7 +680,7 @@ extern "C" fn emu_devclass_find(name: *const c_char) -> *mut c_void {
 }
 
 fn class_of_token(dc: *mut c_void) -> Option<Vec<u64>> {
-    with(|e| e.newbus.devclasses.iter().find(|(n, (t, _))| *t == dc as u64 && !n.starts_with("name:")).map(|(_, (_, u))| u.clone()))
+    with(|e| e.newbus.devclasses.values().find(|(t, _)| *t == dc as u64).map(|(_, u)| u.clone()))
 }
 
 extern "C" fn emu_devclass_get_maxunit(dc: *mut c_void) -> c_int {

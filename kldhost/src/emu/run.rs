@@ -103,12 +103,16 @@ pub struct Options {
     /// Timeout task expiries to allow after MOD_LOAD (0: time does not pass).
     pub timeouts: usize,
     /// Start QEMU with one NVMe controller behind pci0, attach the module's driver to it
-    /// (`devctl set driver -f` then probe and attach), write and read its first disk through
-    /// d_strategy, detach it (`devctl detach`), then unload.
+    /// (`devctl set driver -f` then probe and attach; a function the driver took by itself at
+    /// MOD_LOAD is left as it is), write and read its first disk through d_strategy, detach it
+    /// (`devctl detach`), then unload.
     pub qemu: bool,
     /// With `qemu`: the bios' data are host memory outside guest RAM (a negative control:
     /// busdma must refuse them, never translate them to a wrong address).
     pub bio_outside_guest_ram: bool,
+    /// Loader tunables (kenv) as (name, value): a CTLFLAG_TUN sysctl of the module with that
+    /// name takes the value when it is registered.
+    pub tunables: Vec<(String, String)>,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -139,6 +143,11 @@ pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report,
 /// force (the devclass fixed to the driver, then probe and attach) and DEV_DETACH.
 fn devctl_set_driver_and_attach(driver: &str, report: &mut Report) {
     for child in super::newbus::pci_children() {
+        if super::newbus::state(child) >= layouts::DS_ATTACHED {
+            log(format!("{} {}: attached at MOD_LOAD; devctl set driver not needed", location(child), super::newbus::nameunit(child)));
+            report.attach.push((location(child), super::newbus::nameunit(child), 0));
+            continue;
+        }
         super::sched::topo_lock();
         super::newbus::set_devclass_fixed(child, driver);
         let r = super::newbus::probe_and_attach(child);
@@ -196,6 +205,9 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
     }
     for o in sets::sysctls(ko)? {
         log(format!("sysctl_register_oid({})", o.path));
+        if let Some((_, v)) = opts.tunables.iter().find(|(n, _)| *n == o.path) {
+            load_tunable(&o, v)?;
+        }
     }
     run_sysinits(ko, &sets::sysinits(ko)?, "sysinit");
     let ran = super::sched::run_queues(1000);
@@ -271,6 +283,42 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
         report.console = std::mem::take(&mut e.console);
     });
     Ok(report)
+}
+
+/// sysctl_load_tunable_by_oid_locked (sys/kern/kern_sysctl.c): a CTLFLAG_TUN OID registered
+/// while the kernel environment names it takes the value: an int or u_int is parsed (decimal,
+/// or hex with 0x), a string copied up to the buffer's size (arg2) with its NUL.
+fn load_tunable(o: &sets::SysctlOid, value: &str) -> Result<(), LoadError> {
+    if o.kind & layouts::CTLFLAG_TUN as u32 == 0 {
+        return Err(LoadError::Bad(format!("tunable {}: the sysctl is not CTLFLAG_TUN", o.path)));
+    }
+    // SAFETY: `at` is the module's struct sysctl_oid (from the linker set).
+    let oid = unsafe { &*(o.at as *const layouts::sysctl_oid) };
+    let bad = || LoadError::Bad(format!("tunable {}={value}: not a number", o.path));
+    match o.ctl_type() {
+        t if t == layouts::CTLTYPE_INT as u32 || t == layouts::CTLTYPE_UINT as u32 => {
+            let v = match value.strip_prefix("0x") {
+                Some(h) => i64::from_str_radix(h, 16).map_err(|_| bad())?,
+                None => value.parse::<i64>().map_err(|_| bad())?,
+            };
+            // SAFETY: an int sysctl's arg1 is the module's int.
+            unsafe { *(oid.oid_arg1 as *mut i32) = v as i32 };
+        }
+        t if t == layouts::CTLTYPE_STRING as u32 => {
+            let size = oid.oid_arg2 as usize;
+            if value.len() + 1 > size {
+                return Err(LoadError::Bad(format!("tunable {}: longer than its {size}-byte buffer", o.path)));
+            }
+            // SAFETY: a string sysctl's arg1 is the module's buffer of arg2 bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(value.as_ptr(), oid.oid_arg1 as *mut u8, value.len());
+                *(oid.oid_arg1 as *mut u8).add(value.len()) = 0;
+            }
+        }
+        _ => return Err(LoadError::Bad(format!("tunable {}: type not supported here", o.path))),
+    }
+    log(format!("tunable {}={value} loaded", o.path));
+    Ok(())
 }
 
 /// What an unloaded module must not leave behind.
