@@ -102,9 +102,13 @@ fn with_dma<R>(f: impl FnOnce(&mut BusDma) -> R) -> R {
     f(g.get_or_insert_with(BusDma::default))
 }
 
-fn common(tag: u64) -> &'static mut layouts::bus_dma_tag_common {
-    // SAFETY: only called with addresses found in `tags`: tags made by new_tag, never freed.
-    unsafe { &mut *(tag as *mut layouts::bus_dma_tag_common) }
+/// A copy of a live tag's `struct bus_dma_tag_common`.
+fn common(tag: u64) -> layouts::bus_dma_tag_common {
+    if !with_dma(|d| d.tags.contains_key(&tag)) {
+        kernel_panic(&format!("busdma: {tag:#x} is not a live busdma tag"));
+    }
+    // SAFETY: a tag new_tag made (a leaked box, never freed) and not destroyed.
+    unsafe { *(tag as *const layouts::bus_dma_tag_common) }
 }
 
 /// The method table: every slot a trap naming the method, the four inline map operations
@@ -192,10 +196,8 @@ fn new_tag(parent: u64, l: Limits, owned: bool) -> u64 {
             c.boundary = c.boundary.min(p.boundary);
         }
     }
-    let n = c.nsegments as usize;
     let p = Box::into_raw(c) as u64;
-    let segs = vec![layouts::bus_dma_segment::default(); n.min(1 << 16)];
-    with_dma(|d| d.tags.insert(p, TagRec { owned, maps: 0, segs }));
+    with_dma(|d| d.tags.insert(p, TagRec { owned, maps: 0, segs: Vec::new() }));
     p
 }
 
@@ -211,7 +213,7 @@ fn pci0_tag() -> u64 {
         lowaddr: MAXADDR,
         highaddr: MAXADDR,
         maxsize: MAXADDR,
-        nsegments: 1 << 16, // BUS_SPACE_UNRESTRICTED, bounded for the segment array
+        nsegments: i32::MAX as u32, // BUS_SPACE_UNRESTRICTED
         maxsegsz: MAXADDR,
         flags: 0,
     };
@@ -302,9 +304,8 @@ extern "C" fn emu_bus_dma_tag_destroy(tag: u64) -> c_int {
         Ok(None) => {
             // The struct stays allocated and zeroed: a use after destroy calls through a NULL
             // `impl` and faults, as it would on freed memory, instead of reaching a live table.
-            let c = common(tag);
-            *c = layouts::bus_dma_tag_common::default();
-            c.impl_ = std::ptr::null_mut();
+            // SAFETY: the tag new_tag made (a leaked box), no longer in `tags`.
+            unsafe { *(tag as *mut layouts::bus_dma_tag_common) = layouts::bus_dma_tag_common::default() };
             log(format!("bus_dma_tag_destroy({tag:#x}) = 0"));
             0
         }
@@ -462,7 +463,7 @@ extern "C" fn emu_bus_dmamap_load_bio(tag: u64, map: u64, bp: *mut layouts::bio,
     let r = if unmapped {
         Err((layouts::EINVAL, "an unmapped bio (BIO_UNMAPPED/BIO_VLIST): not emulated".to_string()))
     } else {
-        segments(common(tag), va, len)
+        segments(&common(tag), va, len)
     };
     match r {
         Ok(segs) => {
@@ -472,10 +473,8 @@ extern "C" fn emu_bus_dmamap_load_bio(tag: u64, map: u64, bp: *mut layouts::bio,
             let (p, n) = with_dma(|d| {
                 d.maps.get_mut(&map).expect("map").state = MapState::Loaded { segs: segs.clone(), pre_synced: false };
                 let t = d.tags.get_mut(&tag).expect("tag");
-                for (s, (a, l)) in t.segs.iter_mut().zip(&segs) {
-                    s.ds_addr = *a;
-                    s.ds_len = *l;
-                }
+                t.segs.clear();
+                t.segs.extend(segs.iter().map(|&(ds_addr, ds_len)| layouts::bus_dma_segment { ds_addr, ds_len }));
                 (t.segs.as_mut_ptr(), segs.len() as c_int)
             });
             // SAFETY: the driver's callback with its argument; the segment array lives in the
