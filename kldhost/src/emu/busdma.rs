@@ -117,30 +117,49 @@ fn impl_table() -> u64 {
     with_dma(|d| {
         if d.impl_table == 0 {
             let mut t = Box::<layouts::bus_dma_impl>::default();
-            // SAFETY: each slot is an `Option<unsafe extern "C" fn(..)>` (a nullable code
-            // pointer); the emulated ones get host functions of the C signature
-            // <x86/busdma_impl.h> gives them, the others a trap whose arguments are unused.
-            unsafe {
-                t.tag_create = std::mem::transmute::<usize, _>(trap_tag_create as extern "C" fn() -> ! as usize);
-                t.tag_destroy = std::mem::transmute::<usize, _>(trap_tag_destroy as extern "C" fn() -> ! as usize);
-                t.tag_set_domain = std::mem::transmute::<usize, _>(trap_tag_set_domain as extern "C" fn() -> ! as usize);
-                t.id_mapped = std::mem::transmute::<usize, _>(trap_id_mapped as extern "C" fn() -> ! as usize);
-                t.mem_alloc = std::mem::transmute::<usize, _>(trap_mem_alloc as extern "C" fn() -> ! as usize);
-                t.mem_free = std::mem::transmute::<usize, _>(trap_mem_free as extern "C" fn() -> ! as usize);
-                t.load_ma = std::mem::transmute::<usize, _>(trap_load_ma as extern "C" fn() -> ! as usize);
-                t.load_phys = std::mem::transmute::<usize, _>(trap_load_phys as extern "C" fn() -> ! as usize);
-                t.load_buffer = std::mem::transmute::<usize, _>(trap_load_buffer as extern "C" fn() -> ! as usize);
-                t.map_waitok = std::mem::transmute::<usize, _>(trap_map_waitok as extern "C" fn() -> ! as usize);
-                t.map_complete = std::mem::transmute::<usize, _>(trap_map_complete as extern "C" fn() -> ! as usize);
-                t.map_create = std::mem::transmute::<usize, _>(emu_map_create as extern "C" fn(u64, c_int, *mut u64) -> c_int as usize);
-                t.map_destroy = std::mem::transmute::<usize, _>(emu_map_destroy as extern "C" fn(u64, u64) -> c_int as usize);
-                t.map_unload = std::mem::transmute::<usize, _>(emu_map_unload as extern "C" fn(u64, u64) as usize);
-                t.map_sync = std::mem::transmute::<usize, _>(emu_map_sync as extern "C" fn(u64, u64, c_int) as usize);
+            t.map_create = Some(impl_map_create);
+            t.map_destroy = Some(impl_map_destroy);
+            t.map_unload = Some(impl_map_unload);
+            t.map_sync = Some(impl_map_sync);
+            let p = Box::into_raw(t);
+            let traps: [(usize, extern "C" fn() -> !); 11] = [
+                (std::mem::offset_of!(layouts::bus_dma_impl, tag_create), trap_tag_create),
+                (std::mem::offset_of!(layouts::bus_dma_impl, tag_destroy), trap_tag_destroy),
+                (std::mem::offset_of!(layouts::bus_dma_impl, tag_set_domain), trap_tag_set_domain),
+                (std::mem::offset_of!(layouts::bus_dma_impl, id_mapped), trap_id_mapped),
+                (std::mem::offset_of!(layouts::bus_dma_impl, mem_alloc), trap_mem_alloc),
+                (std::mem::offset_of!(layouts::bus_dma_impl, mem_free), trap_mem_free),
+                (std::mem::offset_of!(layouts::bus_dma_impl, load_ma), trap_load_ma),
+                (std::mem::offset_of!(layouts::bus_dma_impl, load_phys), trap_load_phys),
+                (std::mem::offset_of!(layouts::bus_dma_impl, load_buffer), trap_load_buffer),
+                (std::mem::offset_of!(layouts::bus_dma_impl, map_waitok), trap_map_waitok),
+                (std::mem::offset_of!(layouts::bus_dma_impl, map_complete), trap_map_complete),
+            ];
+            for (off, trap) in traps {
+                // SAFETY: `off` is a field of the table, a nullable code pointer (`Option<unsafe
+                // extern "C" fn ..>`); a trap's address is a valid non-null value for it. The
+                // trap never returns and reads no argument, so its signature cannot mismatch
+                // the caller's in any way that matters.
+                unsafe { p.cast::<u8>().add(off).cast::<usize>().write(trap as usize) };
             }
-            d.impl_table = Box::into_raw(t) as u64;
+            d.impl_table = p as u64;
         }
         d.impl_table
     })
+}
+
+// The four map methods with the table's C signatures (<x86/busdma_impl.h>).
+unsafe extern "C" fn impl_map_create(tag: layouts::bus_dma_tag_t, flags: c_int, mapp: *mut layouts::bus_dmamap_t) -> c_int {
+    emu_map_create(tag as u64, flags, mapp.cast())
+}
+unsafe extern "C" fn impl_map_destroy(tag: layouts::bus_dma_tag_t, map: layouts::bus_dmamap_t) -> c_int {
+    emu_map_destroy(tag as u64, map as u64)
+}
+unsafe extern "C" fn impl_map_unload(tag: layouts::bus_dma_tag_t, map: layouts::bus_dmamap_t) {
+    emu_map_unload(tag as u64, map as u64)
+}
+unsafe extern "C" fn impl_map_sync(tag: layouts::bus_dma_tag_t, map: layouts::bus_dmamap_t, op: layouts::bus_dmasync_op_t) {
+    emu_map_sync(tag as u64, map as u64, op)
 }
 
 macro_rules! traps {
@@ -321,7 +340,7 @@ fn check_map(what: &str, tag: u64, map: u64) -> Result<(), String> {
     })
 }
 
-extern "C" fn emu_map_create(tag: u64, flags: c_int, mapp: *mut u64) -> c_int {
+fn emu_map_create(tag: u64, flags: c_int, mapp: *mut u64) -> c_int {
     if !with_dma(|d| d.tags.contains_key(&tag)) {
         kernel_panic(&format!("bus_dmamap_create({tag:#x}): not a busdma tag"));
     }
@@ -337,7 +356,7 @@ extern "C" fn emu_map_create(tag: u64, flags: c_int, mapp: *mut u64) -> c_int {
     0
 }
 
-extern "C" fn emu_map_destroy(tag: u64, map: u64) -> c_int {
+fn emu_map_destroy(tag: u64, map: u64) -> c_int {
     let what = format!("bus_dmamap_destroy(tag {tag:#x}, map {map:#x})");
     if let Err(e) = check_map(&what, tag, map) {
         kernel_panic(&e);
@@ -356,7 +375,7 @@ extern "C" fn emu_map_destroy(tag: u64, map: u64) -> c_int {
     0
 }
 
-extern "C" fn emu_map_unload(tag: u64, map: u64) {
+fn emu_map_unload(tag: u64, map: u64) {
     let what = format!("bus_dmamap_unload(tag {tag:#x}, map {map:#x})");
     if let Err(e) = check_map(&what, tag, map) {
         kernel_panic(&e);
@@ -387,7 +406,7 @@ fn sync_name(op: c_int) -> String {
     v.join("|")
 }
 
-extern "C" fn emu_map_sync(tag: u64, map: u64, op: c_int) {
+fn emu_map_sync(tag: u64, map: u64, op: c_int) {
     let what = format!("bus_dmamap_sync(tag {tag:#x}, map {map:#x}, {})", sync_name(op));
     if let Err(e) = check_map(&what, tag, map) {
         kernel_panic(&e);
