@@ -208,3 +208,32 @@ fn a_fixtures_load_of_memory_outside_guest_ram_gets_an_error_and_no_segment() {
     );
     assert!(!out.contains("kldhostfx0: segment 0"), "{out}");
 }
+
+#[test]
+fn more_bios_than_trackers_wait_in_the_bioq_and_all_reach_the_medium() {
+    if !nvmehp_lab::skip::qemu_or_skip("busdma_burst") || common::real_ko("busdma_burst").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--burst", "300"]);
+    assert_eq!(code, Some(0), "{out}");
+    // One map per tracker; the bios beyond them wait in the controller's bioq and are taken
+    // from it as completions free trackers.
+    let trackers = out.matches("bus_dmamap_create(tag ").count();
+    assert!(trackers > 0 && trackers < 300, "{trackers} trackers:\n{out}");
+    let burst = between(&out, "g_down: 300 bios to d_strategy(nvmehpd0) without waiting", "burst: 300 writes");
+    assert_eq!(burst.matches("bioq_insert_tail(").count(), 300 - trackers, "{burst}");
+    let taken = burst.lines().filter(|l| l.contains("bioq_takefirst(") && !l.contains(") = 0x0")).count();
+    assert_eq!(taken, 300 - trackers, "{burst}");
+    assert_in_order(
+        &out,
+        &[
+            "bioq_init(",
+            "g_up: 300 of 300 bios done",
+            "burst: 300 writes, 0 failed, 0 pages not in the backing file",
+            "io burst of 300 BIO_WRITE nvmehpd0: bios not done without error: 0",
+            "io burst of 300: pages not on the medium: 0",
+            "findings: 0",
+        ],
+    );
+}

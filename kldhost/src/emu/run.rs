@@ -97,6 +97,55 @@ fn disk_io(report: &mut Report, outside_guest_ram: bool) {
     ));
 }
 
+/// `n` 4 KiB writes from guest RAM sent to the first disk at once, page `i` at offset
+/// `BURST_OFFSET + i * 4096` filled with a pattern of `i`; then the backing file checked.
+fn burst_io(report: &mut Report, n: usize) {
+    let Some(disk) = report.disks_attached.first().cloned() else { return };
+    let image_len = super::machine::IMAGE_BYTES as usize;
+    if BURST_OFFSET as usize + n * IO_BYTES > image_len {
+        report.io.push((format!("burst of {n}: larger than the disk"), layouts::EINVAL));
+        return;
+    }
+    let p = super::machine::with_machine(|m| m.contig_alloc((n * IO_BYTES) as u64, 0, u64::MAX, 4096, 0));
+    let Some(p) = p else {
+        report.io.push((format!("guest RAM for a burst of {n}"), layouts::ENOMEM));
+        return;
+    };
+    // SAFETY: n * IO_BYTES bytes of the shared guest RAM mapping, handed out to nobody else,
+    // alive until the machine stops (after this function).
+    let all = unsafe { std::slice::from_raw_parts_mut(p, n * IO_BYTES) };
+    let pattern = |i: usize, j: usize| (i as u8) ^ (j as u8).wrapping_mul(13) ^ 0xa5;
+    let mut bufs: Vec<(i64, &mut [u8])> = all
+        .chunks_mut(IO_BYTES)
+        .enumerate()
+        .map(|(i, c)| {
+            for (j, b) in c.iter_mut().enumerate() {
+                *b = pattern(i, j);
+            }
+            (BURST_OFFSET + (i * IO_BYTES) as i64, c)
+        })
+        .collect();
+    let d = super::geom::open(&disk);
+    let errors = super::geom::io_burst(&disk, layouts::BIO_WRITE as u32, &mut bufs, std::time::Duration::from_secs(30));
+    super::geom::close(&disk);
+    let failed = errors.iter().filter(|&&e| e != 0).count();
+    report.io.push((format!("burst d_open {disk}"), d));
+    report.io.push((format!("burst of {n} BIO_WRITE {disk}: bios not done without error"), failed as c_int));
+    let image = super::machine::with_machine(|m| m.image.clone());
+    let on_disk = std::fs::read(&image).unwrap_or_default();
+    let wrong = (0..n)
+        .filter(|&i| {
+            let at = BURST_OFFSET as usize + i * IO_BYTES;
+            on_disk.get(at..at + IO_BYTES).is_none_or(|d| d.iter().enumerate().any(|(j, &b)| b != pattern(i, j)))
+        })
+        .count();
+    report.io.push((format!("burst of {n}: pages not on the medium"), wrong as c_int));
+    log(format!("burst: {n} writes, {failed} failed, {wrong} pages not in the backing file"));
+}
+
+/// Where the burst writes start (past the single write and read).
+const BURST_OFFSET: i64 = 1 << 20;
+
 /// What a run does besides loading and unloading.
 #[derive(Clone, Debug, Default)]
 pub struct Options {
@@ -110,6 +159,10 @@ pub struct Options {
     /// With `qemu`: the bios' data are host memory outside guest RAM (a negative control:
     /// busdma must refuse them, never translate them to a wrong address).
     pub bio_outside_guest_ram: bool,
+    /// With `qemu`: after the single write and read, this many 4 KiB writes sent at once
+    /// (more than the driver's trackers exercises its bio queue), their data then checked in
+    /// the backing file.
+    pub burst: usize,
     /// Loader tunables (kenv) as (name, value): a CTLFLAG_TUN sysctl of the module with that
     /// name takes the value when it is registered.
     pub tunables: Vec<(String, String)>,
@@ -230,6 +283,9 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
                 report.disks_attached = e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
             });
             disk_io(&mut report, opts.bio_outside_guest_ram);
+            if opts.burst > 0 {
+                burst_io(&mut report, opts.burst);
+            }
             devctl_detach(&mut report);
             let ran = super::sched::run_queues(1000);
             log(format!("after detach: taskqueue and kernel threads ran {ran} times"));
