@@ -8,7 +8,7 @@
 //!   threads run, never inside `disk_gone` itself). A second `disk_gone` is a finding.
 //! - `disk_destroy` ends the disk; the struct is poisoned and kept. After unload every disk
 //!   must have been destroyed.
-//! - I/O as GEOM's g_down thread sends it ([`open`], [`io`], [`close`]): `d_open` first (a
+//! - I/O as GEOM's g_down thread sends it ([`open`], [`io`], [`io_burst`], [`close`]): `d_open` first (a
 //!   consumer gained access), then a `struct bio` (command, offset, length, data, disk) to
 //!   `d_strategy`; the caller waits, letting interrupt and taskqueue threads run, until the
 //!   driver's `biodone` (bounded); after 50 ms without it, time passes for the driver's
