@@ -24,6 +24,8 @@ const TYPES: &[&str] = &[
     // newbus, PCI resources, disk(9), sysctl(9) contexts (the device attach path)
     "kobj_ops", "kobj_method", "kobjop_desc", "resource", "disk", "bio", "sysctl_ctx_list",
     "device_state", "mtx",
+    // busdma(9) on amd64 (the tag's method table the inline map operations call) and bioq
+    "bus_dma_tag_common", "bus_dma_impl", "bus_dma_segment", "bio_queue_head",
 ];
 
 const CONSTANTS: &[&str] = &[
@@ -33,6 +35,7 @@ const CONSTANTS: &[&str] = &[
     "EEXIST", "ENAMETOOLONG", "MAKEDEV_.*", "SI_ETERNAL", "SI_NAMED", "SPECNAMELEN",
     "ENXIO", "ENOENT", "ENODEV", "KOBJ_CACHE_SIZE", "DS_.*", "DF_.*", "BUS_PROBE_.*", "SYS_RES_.*", "RF_ACTIVE",
     "X86_BUS_SPACE_MEM", "CTLFLAG_TUN", "DISK_VERSION", "DISK_VERSION_.*", "BIO_READ", "BIO_WRITE", "BIO_ERROR", "BIO_DONE",
+    "BUS_DMA_NOWAIT", "BUS_DMA_WAITOK", "BUS_DMASYNC_.*", "BIO_UNMAPPED", "BIO_VLIST", "EFBIG", "EFAULT",
 ];
 
 fn main() {

@@ -21,5 +21,7 @@
 #include <sys/bio.h>
 #include <sys/rman.h>
 #include <machine/bus.h>
+#include <machine/bus_dma.h>
+#include <x86/busdma_impl.h>
 #include <machine/resource.h>
 #include <geom/geom_disk.h>

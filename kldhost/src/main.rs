@@ -33,6 +33,14 @@ enum Cmd {
         /// and read through d_strategy, and it is detached (devctl detach) before the unload.
         #[arg(long)]
         qemu: bool,
+        /// With --qemu: the write's and the read's data are host memory outside guest RAM
+        /// (which no device can reach) instead of guest RAM, so busdma must refuse them.
+        #[arg(long, requires = "qemu")]
+        bio_outside_guest_ram: bool,
+        /// With --qemu: after the single write and read, this many 4 KiB writes sent at once
+        /// (more than the driver's trackers: its bio queue), checked in the backing file.
+        #[arg(long, default_value_t = 0, requires = "qemu")]
+        burst: usize,
         /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
         #[arg(long = "tunable", value_name = "NAME=VALUE")]
         tunables: Vec<String>,
@@ -49,9 +57,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, tunables } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, tunables } => {
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
-            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables }) {
+            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst }) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {

@@ -8,7 +8,7 @@
 //!   threads run, never inside `disk_gone` itself). A second `disk_gone` is a finding.
 //! - `disk_destroy` ends the disk; the struct is poisoned and kept. After unload every disk
 //!   must have been destroyed.
-//! - I/O as GEOM's g_down thread sends it ([`open`], [`io`], [`close`]): `d_open` first (a
+//! - I/O as GEOM's g_down thread sends it ([`open`], [`io`], [`io_burst`], [`close`]): `d_open` first (a
 //!   consumer gained access), then a `struct bio` (command, offset, length, data, disk) to
 //!   `d_strategy`; the caller waits, letting interrupt and taskqueue threads run, until the
 //!   driver's `biodone` (bounded); after 50 ms without it, time passes for the driver's
@@ -193,6 +193,63 @@ pub fn io(name: &str, cmd: u32, offset: i64, buf: &mut [u8], timeout: std::time:
     let b = unsafe { Box::from_raw(bp) };
     log(format!("g_up: bio {bp:p} done: error {}, resid {}", b.bio_error, b.bio_resid));
     if b.bio_flags & layouts::BIO_ERROR as u16 != 0 { b.bio_error.max(1) } else { 0 }
+}
+
+/// Many bios at once, as GEOM's g_down thread sends them without waiting for one to finish:
+/// a `cmd` bio per `(offset, buffer)` through d_strategy, then a wait (bounded by `timeout`,
+/// callouts firing after 50 ms without progress, as [`io`]) until every one is done. Returns
+/// each bio's error, -1 for one never done (left allocated: the driver may still complete it).
+pub fn io_burst(name: &str, cmd: u32, bufs: &mut [(i64, &mut [u8])], timeout: std::time::Duration) -> Vec<c_int> {
+    let Some(dp) = disk_by_name(name) else { return vec![layouts::ENXIO; bufs.len()] };
+    // SAFETY: a created disk of the driver: d_strategy is set (disk_create checks it).
+    let strategy = unsafe { (*(dp as *mut layouts::disk)).d_strategy }.expect("d_strategy");
+    let mut bios = Vec::with_capacity(bufs.len());
+    for (offset, buf) in bufs.iter_mut() {
+        let mut bp = Box::<layouts::bio>::default();
+        bp.bio_cmd = cmd as u16;
+        bp.bio_offset = *offset;
+        bp.bio_length = buf.len() as i64;
+        bp.bio_bcount = buf.len() as _;
+        bp.bio_data = buf.as_mut_ptr().cast();
+        bp.bio_disk = dp as *mut layouts::disk;
+        bios.push(Box::into_raw(bp));
+    }
+    log(format!("g_down: {} bios to d_strategy({name}) without waiting", bios.len()));
+    for &bp in &bios {
+        // SAFETY: the driver's strategy with a bio it owns until biodone; no emulation lock held.
+        unsafe { strategy(bp) };
+    }
+    // SAFETY: our bios; the driver only sets their fields.
+    let done = |bp: *mut layouts::bio| unsafe { (*bp).bio_flags } & layouts::BIO_DONE as u16 != 0;
+    let start = std::time::Instant::now();
+    let mut idle = start;
+    let mut left = bios.iter().filter(|&&b| !done(b)).count();
+    while left > 0 && start.elapsed() <= timeout {
+        if super::sched::run_queues(1000) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let now = bios.iter().filter(|&&b| !done(b)).count();
+        if now < left {
+            idle = std::time::Instant::now();
+        }
+        left = now;
+        if idle.elapsed() > std::time::Duration::from_millis(50) {
+            super::sched::fire_callouts();
+            idle = std::time::Instant::now();
+        }
+    }
+    let mut errors = Vec::with_capacity(bios.len());
+    for bp in bios {
+        if !done(bp) {
+            errors.push(-1);
+            continue;
+        }
+        // SAFETY: done: the driver no longer touches it.
+        let b = unsafe { Box::from_raw(bp) };
+        errors.push(if b.bio_flags & layouts::BIO_ERROR as u16 != 0 { b.bio_error.max(1) } else { 0 });
+    }
+    log(format!("g_up: {} of {} bios done", errors.iter().filter(|&&e| e >= 0).count(), errors.len()));
+    errors
 }
 
 /// biodone(9): the request is finished (flags BIO_DONE); GEOM's g_up would deliver it.

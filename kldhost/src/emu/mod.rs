@@ -10,11 +10,13 @@
 //! and timeout tasks never fire during a run. Without `--qemu` it has no PCI bus; with it,
 //! QEMU's pc machine with one NVMe controller ([`machine`]) behind an emulated `pci0`
 //! ([`newbus`], [`pci`]), its registers reached through trapped loads and stores ([`mmio`]),
-//! its DMA memory in shared guest RAM ([`dma`]), and disk(9) ([`geom`]) and run-time
+//! its DMA memory in shared guest RAM ([`dma`], [`busdma`]), bio queues ([`bioq`]), and disk(9) ([`geom`]) and run-time
 //! sysctl(9) contexts ([`sysctl`]) recorded.
 //! A kernel panic ends the process with [`PANIC_EXIT`], as a panic ends the kernel.
 
 pub mod acpi;
+pub mod bioq;
+pub mod busdma;
 pub mod devfs;
 pub mod dma;
 pub mod geom;
@@ -119,5 +121,7 @@ pub fn table() -> crate::kpi::KpiTable {
     dma::register(&mut t);
     geom::register(&mut t);
     sysctl::register(&mut t);
+    busdma::register(&mut t);
+    bioq::register(&mut t);
     t
 }

@@ -55,22 +55,96 @@ const IO_OFFSET: i64 = 8192;
 const IO_BYTES: usize = 4096;
 
 /// A write and a read of the first disk, as a consumer opening it would do them, and the
-/// data checked in QEMU's backing file.
-fn disk_io(report: &mut Report) {
+/// data checked in QEMU's backing file. The bios' data live in guest RAM, as a kernel buffer
+/// a bio carries is memory the device can reach by DMA (busdma translates it page by page);
+/// with `outside_guest_ram` they are host memory instead, which busdma must refuse.
+fn disk_io(report: &mut Report, outside_guest_ram: bool) {
     let Some(disk) = report.disks_attached.first().cloned() else { return };
     let pattern: Vec<u8> = (0..IO_BYTES).map(|i| (i as u8).wrapping_mul(7) ^ 0x5a).collect();
     let timeout = std::time::Duration::from_secs(10);
     report.io.push((format!("d_open {disk}"), super::geom::open(&disk)));
-    let mut w = pattern.clone();
-    report.io.push((format!("BIO_WRITE {disk} {IO_OFFSET} {IO_BYTES}"), super::geom::io(&disk, layouts::BIO_WRITE as u32, IO_OFFSET, &mut w, timeout)));
-    let mut r = vec![0u8; IO_BYTES];
-    report.io.push((format!("BIO_READ {disk} {IO_OFFSET} {IO_BYTES}"), super::geom::io(&disk, layouts::BIO_READ as u32, IO_OFFSET, &mut r, timeout)));
+    let (mut host_w, mut host_r) = (vec![0u8; IO_BYTES], vec![0u8; IO_BYTES]);
+    let (w, r): (&mut [u8], &mut [u8]) = if outside_guest_ram {
+        (&mut host_w, &mut host_r)
+    } else {
+        // Two pages from the machine's DMA pool (never handed out again, never freed: it is
+        // not the module's memory, so it is not counted as the module's allocations).
+        let p = super::machine::with_machine(|m| m.contig_alloc(2 * IO_BYTES as u64, 0, u64::MAX, 4096, 0));
+        let Some(p) = p else {
+            report.io.push(("guest RAM for the bios".to_string(), layouts::ENOMEM));
+            return;
+        };
+        // SAFETY: 2 * IO_BYTES bytes of the shared guest RAM mapping, handed out to nobody
+        // else, alive until the machine stops (after this function).
+        let both = unsafe { std::slice::from_raw_parts_mut(p, 2 * IO_BYTES) };
+        both.split_at_mut(IO_BYTES)
+    };
+    log(format!("bio data: write at {:p}, read at {:p} ({})", w.as_ptr(), r.as_ptr(), if outside_guest_ram { "host memory, outside guest RAM" } else { "guest RAM" }));
+    w.copy_from_slice(&pattern);
+    r.fill(0);
+    report.io.push((format!("BIO_WRITE {disk} {IO_OFFSET} {IO_BYTES}"), super::geom::io(&disk, layouts::BIO_WRITE as u32, IO_OFFSET, w, timeout)));
+    report.io.push((format!("BIO_READ {disk} {IO_OFFSET} {IO_BYTES}"), super::geom::io(&disk, layouts::BIO_READ as u32, IO_OFFSET, r, timeout)));
     report.io.push((format!("d_close {disk}"), super::geom::close(&disk)));
     let image = super::machine::with_machine(|m| m.image.clone());
     let on_disk = std::fs::read(&image).ok().map(|b| b[IO_OFFSET as usize..IO_OFFSET as usize + IO_BYTES].to_vec());
-    report.io_data_ok = r == pattern && on_disk.as_deref() == Some(&pattern[..]);
-    log(format!("backing file {} at {IO_OFFSET}: {}; read back: {}", image.display(), if on_disk.as_deref() == Some(&pattern[..]) { "the written data" } else { "NOT the written data" }, if r == pattern { "the written data" } else { "NOT the written data" }));
+    report.io_data_ok = *r == pattern[..] && on_disk.as_deref() == Some(&pattern[..]);
+    let zeroes = on_disk.as_deref().is_some_and(|d| d.iter().all(|&b| b == 0));
+    log(format!(
+        "backing file {} at {IO_OFFSET}: {}; read back: {}",
+        image.display(),
+        if on_disk.as_deref() == Some(&pattern[..]) { "the written data" } else if zeroes { "NOT the written data (still zeroes)" } else { "NOT the written data" },
+        if *r == pattern[..] { "the written data" } else { "NOT the written data" }
+    ));
 }
+
+/// `n` 4 KiB writes from guest RAM sent to the first disk at once, page `i` at offset
+/// `BURST_OFFSET + i * 4096` filled with a pattern of `i`; then the backing file checked.
+fn burst_io(report: &mut Report, n: usize) {
+    let Some(disk) = report.disks_attached.first().cloned() else { return };
+    let image_len = super::machine::IMAGE_BYTES as usize;
+    if BURST_OFFSET as usize + n * IO_BYTES > image_len {
+        report.io.push((format!("burst of {n}: larger than the disk"), layouts::EINVAL));
+        return;
+    }
+    let p = super::machine::with_machine(|m| m.contig_alloc((n * IO_BYTES) as u64, 0, u64::MAX, 4096, 0));
+    let Some(p) = p else {
+        report.io.push((format!("guest RAM for a burst of {n}"), layouts::ENOMEM));
+        return;
+    };
+    // SAFETY: n * IO_BYTES bytes of the shared guest RAM mapping, handed out to nobody else,
+    // alive until the machine stops (after this function).
+    let all = unsafe { std::slice::from_raw_parts_mut(p, n * IO_BYTES) };
+    let pattern = |i: usize, j: usize| (i as u8) ^ (j as u8).wrapping_mul(13) ^ 0xa5;
+    let mut bufs: Vec<(i64, &mut [u8])> = all
+        .chunks_mut(IO_BYTES)
+        .enumerate()
+        .map(|(i, c)| {
+            for (j, b) in c.iter_mut().enumerate() {
+                *b = pattern(i, j);
+            }
+            (BURST_OFFSET + (i * IO_BYTES) as i64, c)
+        })
+        .collect();
+    let d = super::geom::open(&disk);
+    let errors = super::geom::io_burst(&disk, layouts::BIO_WRITE as u32, &mut bufs, std::time::Duration::from_secs(30));
+    super::geom::close(&disk);
+    let failed = errors.iter().filter(|&&e| e != 0).count();
+    report.io.push((format!("burst d_open {disk}"), d));
+    report.io.push((format!("burst of {n} BIO_WRITE {disk}: bios not done without error"), failed as c_int));
+    let image = super::machine::with_machine(|m| m.image.clone());
+    let on_disk = std::fs::read(&image).unwrap_or_default();
+    let wrong = (0..n)
+        .filter(|&i| {
+            let at = BURST_OFFSET as usize + i * IO_BYTES;
+            on_disk.get(at..at + IO_BYTES).is_none_or(|d| d.iter().enumerate().any(|(j, &b)| b != pattern(i, j)))
+        })
+        .count();
+    report.io.push((format!("burst of {n}: pages not on the medium"), wrong as c_int));
+    log(format!("burst: {n} writes, {failed} failed, {wrong} pages not in the backing file"));
+}
+
+/// Where the burst writes start (past the single write and read).
+const BURST_OFFSET: i64 = 1 << 20;
 
 /// What a run does besides loading and unloading.
 #[derive(Clone, Debug, Default)]
@@ -82,6 +156,13 @@ pub struct Options {
     /// MOD_LOAD is left as it is), write and read its first disk through d_strategy, detach it
     /// (`devctl detach`), then unload.
     pub qemu: bool,
+    /// With `qemu`: the bios' data are host memory outside guest RAM (a negative control:
+    /// busdma must refuse them, never translate them to a wrong address).
+    pub bio_outside_guest_ram: bool,
+    /// With `qemu`: after the single write and read, this many 4 KiB writes sent at once
+    /// (more than the driver's trackers exercises its bio queue), their data then checked in
+    /// the backing file.
+    pub burst: usize,
     /// Loader tunables (kenv) as (name, value): a CTLFLAG_TUN sysctl of the module with that
     /// name takes the value when it is registered.
     pub tunables: Vec<(String, String)>,
@@ -201,7 +282,10 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
                 report.nodes_attached = e.devs.keys().cloned().collect();
                 report.disks_attached = e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
             });
-            disk_io(&mut report);
+            disk_io(&mut report, opts.bio_outside_guest_ram);
+            if opts.burst > 0 {
+                burst_io(&mut report, opts.burst);
+            }
             devctl_detach(&mut report);
             let ran = super::sched::run_queues(1000);
             log(format!("after detach: taskqueue and kernel threads ran {ran} times"));
@@ -247,6 +331,7 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
         super::newbus::end_of_life_checks();
         super::geom::end_of_life_checks();
         super::sysctl::end_of_life_checks();
+        super::busdma::end_of_life_checks();
     }
     with(|e| {
         report.log = std::mem::take(&mut e.log);

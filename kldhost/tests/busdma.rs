@@ -1,0 +1,239 @@
+//! busdma(9) and bioq(9) in the emulated kernel (`src/emu/busdma.rs`, `src/emu/bioq.rs`): the
+//! real module's I/O path loads each bio through busdma, on data in guest RAM; a bio whose
+//! data no device can reach is refused, never translated; a fixture driver checks segments,
+//! the tag's limits and the per-map rules. Needs QEMU (SKIP without it, a failure with
+//! NVMEHP_REQUIRE_QEMU=1) and, for the real module, the built .ko (NVMEHP_REQUIRE_KO=1).
+
+mod common;
+
+use common::{compile, kernel_header_flags, kldhost_run_with, temp_object};
+
+fn assert_in_order(out: &str, wanted: &[&str]) {
+    let mut from = 0;
+    for w in wanted {
+        match out[from..].find(w) {
+            Some(i) => from += i + w.len(),
+            None => panic!("{w:?} missing or out of order in:\n{out}"),
+        }
+    }
+}
+
+/// The text between the first `from` and the next `to` after it.
+fn between<'a>(out: &'a str, from: &str, to: &str) -> &'a str {
+    let a = out.find(from).unwrap_or_else(|| panic!("{from:?} missing in:\n{out}"));
+    let b = out[a..].find(to).unwrap_or_else(|| panic!("{to:?} missing after {from:?} in:\n{out}"));
+    &out[a..a + b]
+}
+
+#[test]
+fn the_real_modules_bios_are_loaded_through_busdma_from_guest_ram() {
+    if !nvmehp_lab::skip::qemu_or_skip("busdma_real") || common::real_ko("busdma_real").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu"]);
+    assert_eq!(code, Some(0), "kldhost run --qemu failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "bus_get_dma_tag(nvmehp0) = pci0's tag",
+            // The payload tag: PRP entries are page-sized pieces.
+            "alignment 0x4, boundary 0x1000",
+            ") = 0: tag ",
+            "bus_dmamap_create(tag ",
+            "nvmehp0: device_attach_desc = 0",
+            "bio data: write at ",
+            "(guest RAM)",
+            // The write: one page of guest RAM, synced for the device, then back.
+            "g_down: d_strategy(nvmehpd0, BIO_WRITE",
+            "flags 0x1) = 0: 1 segment(s) [0x",
+            "+0x1000]",
+            "PREWRITE)",
+            "bus_write_4(nvmehp0 BAR 0x10 + 0x1008, 0x1)",
+            "POSTWRITE)",
+            "bus_dmamap_unload(",
+            "biodone(",
+            "g_down: d_strategy(nvmehpd0, BIO_READ",
+            "= 0: 1 segment(s) [0x",
+            "PREREAD)",
+            "POSTREAD)",
+            "bus_dmamap_unload(",
+            "biodone(",
+            "at 8192: the written data; read back: the written data",
+            // Detach: the maps, then the tag, after the controller stopped.
+            "nvmehp0: device_detach_desc ->",
+            "bus_dmamap_destroy(",
+            "bus_dma_tag_destroy(0x",
+            ") = 0",
+            "nvmehp0: device_detach_desc = 0",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
+            "io data in the backing file and read back: ok",
+            "findings: 0",
+        ],
+    );
+    // Every map made at attach was destroyed before the tag.
+    let created = out.matches("bus_dmamap_create(tag ").count();
+    assert!(created > 0, "{out}");
+    assert_eq!(out.matches("bus_dmamap_destroy(").count(), created, "{out}");
+    assert!(out.rfind("bus_dmamap_destroy(").unwrap() < out.find("bus_dma_tag_destroy(").unwrap(), "{out}");
+    assert!(!out.contains("EBUSY"), "{out}");
+}
+
+#[test]
+fn a_bio_whose_data_no_device_can_reach_is_refused_not_translated() {
+    if !nvmehp_lab::skip::qemu_or_skip("busdma_outside") || common::real_ko("busdma_outside").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--bio-outside-guest-ram"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "(host memory, outside guest RAM)",
+            "g_down: d_strategy(nvmehpd0, BIO_WRITE",
+            "callback error 14 (data at 0x",
+            "is not in guest RAM",
+            "g_up: bio ",
+            "g_down: d_strategy(nvmehpd0, BIO_READ",
+            "callback error 14 (data at 0x",
+            "g_up: bio ",
+            // Nothing reached the medium.
+            "at 8192: NOT the written data (still zeroes)",
+            "nvmehp0: device_detach_desc = 0",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
+            "io BIO_WRITE nvmehpd0 8192 4096: ",
+            "io BIO_READ nvmehpd0 8192 4096: ",
+            "io data in the backing file and read back: WRONG",
+            "findings: 2",
+            "refused: data at 0x",
+            "refused: data at 0x",
+        ],
+    );
+    // Both bios failed, and no command was rung in for either: no doorbell write between the
+    // first bio and the check of the backing file.
+    assert!(!out.contains("io BIO_WRITE nvmehpd0 8192 4096: 0\n"), "{out}");
+    assert!(!out.contains("io BIO_READ nvmehpd0 8192 4096: 0\n"), "{out}");
+    let io = between(&out, "bio data: write at ", "backing file ");
+    assert!(!io.contains("BAR 0x10 + 0x1008"), "a command was submitted for a refused bio:\n{io}");
+    assert!(!io.contains("segment(s) ["), "{io}");
+}
+
+fn fixture(test: &str, define: Option<&str>) -> Option<std::path::PathBuf> {
+    let mut flags = kernel_header_flags();
+    flags.extend(define.map(str::to_string));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    compile(test, "busdma", &flags).map(|o| temp_object(test, &o))
+}
+
+#[test]
+fn segments_follow_the_tags_limits_and_a_map_destroyed_while_loaded_is_refused() {
+    if !nvmehp_lab::skip::qemu_or_skip("busdma_fixture") {
+        return;
+    }
+    // Control: 8 KiB from 2 KiB into a page-aligned guest-RAM buffer is three page-bounded
+    // segments; every rule kept.
+    let Some(good) = fixture("busdma_ok", None) else { return };
+    let (code, out) = kldhost_run_with(&good, &["--qemu"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "kldhostfx0: tag with alignment 3: 22",
+            "kldhostfx0: callback: error 0, 3 segment(s)",
+            "kldhostfx0: segment 0: +0x800, 2048 bytes",
+            "kldhostfx0: segment 1: +0, 4096 bytes",
+            "kldhostfx0: segment 2: +0, 2048 bytes",
+            "kldhostfx0: load: 0, callback error 0",
+            // Four pieces for a three-segment tag: EFBIG through the callback, 0 returned.
+            "kldhostfx0: callback: error 27, 0 segment(s)",
+            "kldhostfx0: 3 pages from mid-page: load 0, callback error 27",
+            "kldhostfx0: tag destroy with a map alive: 16",
+            "kldhostfx0: map destroy: 0",
+            "kldhostfx0: tag destroy: 0",
+            "findings: 0",
+        ],
+    );
+    // The segments are the buffer's guest-physical pages, in order.
+    let load = out.lines().find(|l| l.contains("= 0: 3 segment(s) [")).unwrap_or_else(|| panic!("{out}"));
+    let list = &load[load.find('[').unwrap() + 1..load.find(']').unwrap()];
+    let segs: Vec<(u64, u64)> = list
+        .split(", ")
+        .map(|s| {
+            let (a, l) = s.split_once('+').unwrap();
+            (u64::from_str_radix(a.trim_start_matches("0x"), 16).unwrap(), u64::from_str_radix(l.trim_start_matches("0x"), 16).unwrap())
+        })
+        .collect();
+    assert_eq!(segs.len(), 3, "{load}");
+    assert_eq!(segs[0].0 % 4096, 0x800, "{load}");
+    assert_eq!(segs[1].0, segs[0].0 + 0x800, "{load}");
+    assert_eq!(segs[2].0, segs[1].0 + 0x1000, "{load}");
+    assert_eq!([segs[0].1, segs[1].1, segs[2].1], [0x800, 0x1000, 0x800], "{load}");
+
+    let Some(bad) = fixture("busdma_destroy_loaded", Some("-DKLDHOST_DESTROY_LOADED")) else { return };
+    let (code, out) = kldhost_run_with(&bad, &["--qemu"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "kldhostfx0: load: 0, callback error 0",
+            "kldhostfx0: destroy while loaded: 16",
+            "kldhostfx0: map destroy: 0",
+            "kldhostfx0: tag destroy: 0",
+            "findings: 1",
+            "the map is loaded (the device may still use its pages)",
+        ],
+    );
+}
+
+#[test]
+fn a_fixtures_load_of_memory_outside_guest_ram_gets_an_error_and_no_segment() {
+    if !nvmehp_lab::skip::qemu_or_skip("busdma_host_buffer") {
+        return;
+    }
+    let Some(bad) = fixture("busdma_host_buffer", Some("-DKLDHOST_HOST_BUFFER")) else { return };
+    let (code, out) = kldhost_run_with(&bad, &["--qemu"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "kldhostfx0: callback: error 14, 0 segment(s)",
+            "kldhostfx0: load: 0, callback error 14",
+            "kldhostfx0: callback: error 14, 0 segment(s)",
+            "kldhostfx0: map destroy: 0",
+            "kldhostfx0: tag destroy: 0",
+            "findings: 2",
+            "is not in guest RAM",
+        ],
+    );
+    assert!(!out.contains("kldhostfx0: segment 0"), "{out}");
+}
+
+#[test]
+fn more_bios_than_trackers_wait_in_the_bioq_and_all_reach_the_medium() {
+    if !nvmehp_lab::skip::qemu_or_skip("busdma_burst") || common::real_ko("busdma_burst").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--burst", "300"]);
+    assert_eq!(code, Some(0), "{out}");
+    // One map per tracker; the bios beyond them wait in the controller's bioq and are taken
+    // from it as completions free trackers.
+    let trackers = out.matches("bus_dmamap_create(tag ").count();
+    assert!(trackers > 0 && trackers < 300, "{trackers} trackers:\n{out}");
+    let burst = between(&out, "g_down: 300 bios to d_strategy(nvmehpd0) without waiting", "burst: 300 writes");
+    assert_eq!(burst.matches("bioq_insert_tail(").count(), 300 - trackers, "{burst}");
+    let taken = burst.lines().filter(|l| l.contains("bioq_takefirst(") && !l.contains(") = 0x0")).count();
+    assert_eq!(taken, 300 - trackers, "{burst}");
+    assert_in_order(
+        &out,
+        &[
+            "bioq_init(",
+            "g_up: 300 of 300 bios done",
+            "burst: 300 writes, 0 failed, 0 pages not in the backing file",
+            "io burst of 300 BIO_WRITE nvmehpd0: bios not done without error: 0",
+            "io burst of 300: pages not on the medium: 0",
+            "findings: 0",
+        ],
+    );
+}
