@@ -95,11 +95,24 @@ pub fn kernel_header_flags() -> Vec<String> {
     v
 }
 
+/// The name prefix of the files [`temp_object`] writes: only those are removed after a run.
+fn temp_prefix() -> String {
+    format!("kldhost-{}-", std::process::id())
+}
+
 /// Writes `bytes` to a temporary file for the CLI and returns its path.
 pub fn temp_object(test: &str, bytes: &[u8]) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("kldhost-{}-{test}.ko", std::process::id()));
+    let p = std::env::temp_dir().join(format!("{}{test}.ko", temp_prefix()));
     std::fs::write(&p, bytes).expect("write the fixture");
     p
+}
+
+/// Whether `path` is a file [`temp_object`] wrote. Not merely "under the temporary directory":
+/// a checkout may live there too (CI clones into one), and its real nvme_hotplug.ko must
+/// survive the run.
+fn is_temp_object(path: &Path) -> bool {
+    path.parent() == Some(std::env::temp_dir().as_path())
+        && path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&temp_prefix()))
 }
 
 /// Runs `kldhost run <path>`: (exit code, stdout and stderr). A temporary fixture file
@@ -111,7 +124,7 @@ pub fn kldhost_run(path: &Path) -> (Option<i32>, String) {
 /// `kldhost run <extra...> <path>`.
 pub fn kldhost_run_with(path: &Path, extra: &[&str]) -> (Option<i32>, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_kldhost")).arg("run").args(extra).arg(path).output().expect("run kldhost");
-    if path.starts_with(std::env::temp_dir()) {
+    if is_temp_object(path) {
         let _ = std::fs::remove_file(path);
     }
     let mut out = String::from_utf8_lossy(&o.stdout).into_owned();
