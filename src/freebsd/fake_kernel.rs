@@ -55,6 +55,8 @@ pub struct Knobs {
     pub cmd_timeout_ms: u32,
     /// The function ignores writes of PCIM_CMD_BUSMASTEREN (bus mastering stays on).
     pub busmaster_stuck: bool,
+    /// What bus_dma_tag_create returns (0: success; the tag is then made).
+    pub dma_tag_create_error: c_int,
 }
 
 /// An ACPI notify handler as ACPICA calls it.
@@ -1788,6 +1790,11 @@ pub unsafe extern "C" fn bus_dma_tag_create(
     dmat: *mut bus_dma_tag_t,
 ) -> c_int {
     let _fake = FakeWork::begin();
+    let err = knobs().dma_tag_create_error;
+    if err != 0 {
+        record(format!("bus_dma_tag_create maxsize={maxsize} = error {err}"));
+        return err;
+    }
     count_allocation();
     let t = Box::into_raw(Box::new(FakeTag { boundary, nsegments, maxsegsz }));
     record(format!(
