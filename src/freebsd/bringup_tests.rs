@@ -386,11 +386,12 @@ fn a_failed_bring_up_releases_the_interrupt_it_allocated() {
     assert_eq!(fk::active_memory_rids(), Vec::<i32>::new());
 }
 
-/// An attach that fails after a successful bring-up, before the handler is set up, gives the
+/// An attach that fails after a successful bring-up, before a handler is installed, gives the
 /// allocated interrupt back before the engine lets BAR0 go (the MSI-X table may live there):
-/// when busdma for the I/O path cannot be set up (the shared state is never made) and when
-/// the controller's task queue cannot be created. Before the change nothing was allocated
-/// yet at either point (this test fails at its first lookup).
+/// when busdma for the I/O path cannot be set up (the shared state is never made), when the
+/// controller's task queue cannot be created, and when bus_setup_intr fails. Before the
+/// change nothing was allocated yet at the first two points (this test fails at its first
+/// lookup).
 #[test]
 fn an_attach_failing_after_bring_up_releases_the_unused_interrupt_before_bar0() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -398,6 +399,7 @@ fn an_attach_failing_after_bring_up_releases_the_unused_interrupt_before_bar0() 
     for (k, errno) in [
         (Knobs { dma_tag_create_error: bindings::ENOMEM, ..msix }, bindings::ENOMEM),
         (Knobs { taskqueue_create_fails: true, ..msix }, bindings::ENOMEM),
+        (Knobs { setup_intr_error: bindings::EINVAL, ..msix }, bindings::ENXIO),
     ] {
         fk::reset(knobs(k));
         fk::install_nvme(FakeNvme::new(false, false));
@@ -411,7 +413,12 @@ fn an_attach_failing_after_bring_up_releases_the_unused_interrupt_before_bar0() 
         let bar4 = log.iter().position(|l| l.ends_with("memory rid=0x20")).expect("BAR4 released");
         let bar0 = log.iter().position(|l| l.ends_with("memory rid=0x10")).expect("BAR0 released");
         assert!(cq < irq && irq < vector && vector < bar4 && bar4 < bar0, "IRQ, vector, BAR4, then BAR0: {log:#?}");
-        assert!(positions(&log, "bus_setup_intr").is_empty(), "no handler: {log:#?}");
+        if k.setup_intr_error != 0 {
+            assert!(first(&log, "bus_setup_intr = error") < irq, "{log:#?}");
+            assert!(positions(&log, "bus_teardown_intr").is_empty(), "nothing installed to tear down: {log:#?}");
+        } else {
+            assert!(positions(&log, "bus_setup_intr").is_empty(), "no handler: {log:#?}");
+        }
         assert_eq!(fk::active_memory_rids(), Vec::<i32>::new());
     }
 }

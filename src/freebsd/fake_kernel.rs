@@ -57,6 +57,8 @@ pub struct Knobs {
     pub busmaster_stuck: bool,
     /// What bus_dma_tag_create returns (0: success; the tag is then made).
     pub dma_tag_create_error: c_int,
+    /// What bus_setup_intr returns (0: success; the handler is then installed).
+    pub setup_intr_error: c_int,
 }
 
 /// An ACPI notify handler as ACPICA calls it.
@@ -455,6 +457,11 @@ pub unsafe extern "C" fn bus_setup_intr(
 ) -> c_int {
     let _fake = FakeWork::begin();
     record(format!("bus_setup_intr flags={flags:#x} filter={}", filter.is_some()));
+    let err = knobs().setup_intr_error;
+    if err != 0 {
+        record(format!("bus_setup_intr = error {err}"));
+        return err;
+    }
     INTR.with(|i| i.set(handler.map(|h| (h, arg))));
     // SAFETY: valid out pointer.
     unsafe { *cookie = 0xc00c1e as *mut c_void };
