@@ -322,3 +322,103 @@ fn an_interrupt_that_cannot_be_torn_down_keeps_its_vector_and_table_bar() {
     assert!(positions(&log[d..], "pci_release_msi").is_empty(), "{:#?}", &log[d..]);
     assert!(fk::active_memory_rids().contains(&0x20), "BAR4 kept with the vector: {:?}", fk::active_memory_rids());
 }
+
+/// Whether `line` is the release of a resource that is not a memory BAR (the IRQ).
+fn is_irq_release(line: &str) -> bool {
+    line.starts_with("bus_release_resource") && !line.contains("memory")
+}
+
+/// The interrupt is allocated before the bring-up creates any completion queue (before
+/// CC.EN, which creates the admin CQ, and before Create I/O Completion Queue), whichever kind
+/// it is: QEMU's NVMe model binds a CQ's MSI-X vector only if MSI-X was enabled when the CQ
+/// was created. The handler is set up after the engine is behind the controller mutex, and
+/// the I/O CQ asks for vector 0, the only one allocated. Before the change MSI-X was
+/// allocated after the bring-up, and on QEMU every I/O waited for the 1 s watchdog.
+#[test]
+fn the_interrupt_is_allocated_before_the_completion_queues_are_created() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let msix = Knobs { msix_count: 4, msix_table_rid: 0x20, msix_pba_rid: 0x20, msi_count: 1, ..Knobs::default() };
+    let msi = Knobs { msi_count: 1, ..Knobs::default() };
+    for (k, allocated) in [(msix, "pci_alloc_msix want=1 got=1"), (msi, "pci_alloc_msi want=1 got=1"), (Knobs::default(), "bus_alloc_resource type=1 rid=0x0 ")] {
+        fk::reset(knobs(k));
+        fk::install_nvme(FakeNvme::new(false, false));
+
+        assert_eq!(attach(), 0, "{:#?}", fk::log());
+        let log = fk::log();
+        let allocated = first(&log, allocated);
+        let enabled = first(&log, "nvme cc enable");
+        let cq = first(&log, "nvme create_cq qid=1 ");
+        assert_eq!(log[cq], "nvme create_cq qid=1 iv=0 ien=1", "vector 0, the one allocated");
+        let mutex = first(&log, "mtx_init nvmehp ctrl");
+        let handler = first(&log, "bus_setup_intr");
+        assert!(allocated < enabled && enabled < cq, "allocated before the queues: {log:#?}");
+        assert!(cq < mutex && mutex < handler, "handler after the engine is behind its mutex: {log:#?}");
+        assert_eq!(positions(&log, "bus_alloc_resource type=1").len(), 1, "one IRQ resource: {log:#?}");
+        assert_eq!(detach(), 0);
+        assert_eq!(fk::active_memory_rids(), Vec::<i32>::new());
+    }
+}
+
+/// A bring-up that fails (a controller that never becomes ready) gives back the MSI-X
+/// interrupt it allocated before it: the IRQ resource, then the vector, then the table's
+/// BAR4, and only then BAR0 with the engine; no handler was ever set up. Before the change
+/// no interrupt was allocated before the bring-up (this test fails at its first lookup).
+#[test]
+fn a_failed_bring_up_releases_the_interrupt_it_allocated() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(knobs(Knobs { msix_count: 1, msix_table_rid: 0x20, msix_pba_rid: 0x20, ..Knobs::default() }));
+    fk::start_clock();
+    let mut nvme = FakeNvme::new(false, false);
+    nvme.ready_after_us = Some(u64::MAX);
+    fk::install_nvme(nvme);
+
+    assert_eq!(attach(), bindings::ENXIO);
+    let log = fk::log();
+    let allocated = first(&log, "pci_alloc_msix want=1 got=1");
+    let disabled = first(&log, "nvme cc disable");
+    let irq = log.iter().position(|l| is_irq_release(l)).unwrap_or_else(|| panic!("IRQ released: {log:#?}"));
+    let vector = first(&log, "pci_release_msi");
+    let bar4 = log.iter().position(|l| l.ends_with("memory rid=0x20")).expect("BAR4 released");
+    let bar0 = log.iter().position(|l| l.ends_with("memory rid=0x10")).expect("BAR0 released");
+    assert!(allocated < first(&log, "nvme cc enable"), "{log:#?}");
+    assert!(disabled < irq && irq < vector && vector < bar4 && bar4 < bar0, "stop, IRQ, vector, BAR4, BAR0: {log:#?}");
+    assert!(positions(&log, "bus_setup_intr").is_empty(), "no handler: {log:#?}");
+    assert_eq!(fk::active_memory_rids(), Vec::<i32>::new());
+}
+
+/// An attach that fails after a successful bring-up, before a handler is installed, gives the
+/// allocated interrupt back before the engine lets BAR0 go (the MSI-X table may live there):
+/// when busdma for the I/O path cannot be set up (the shared state is never made), when the
+/// controller's task queue cannot be created, and when bus_setup_intr fails. Before the
+/// change nothing was allocated yet at the first two points (this test fails at its first
+/// lookup).
+#[test]
+fn an_attach_failing_after_bring_up_releases_the_unused_interrupt_before_bar0() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let msix = Knobs { msix_count: 1, msix_table_rid: 0x20, msix_pba_rid: 0x20, ..Knobs::default() };
+    for (k, errno) in [
+        (Knobs { dma_tag_create_error: bindings::ENOMEM, ..msix }, bindings::ENOMEM),
+        (Knobs { taskqueue_create_fails: true, ..msix }, bindings::ENOMEM),
+        (Knobs { setup_intr_error: bindings::EINVAL, ..msix }, bindings::ENXIO),
+    ] {
+        fk::reset(knobs(k));
+        fk::install_nvme(FakeNvme::new(false, false));
+
+        assert_eq!(attach(), errno, "{:#?}", fk::log());
+        let log = fk::log();
+        let cq = first(&log, "nvme create_cq qid=1 ");
+        assert!(first(&log, "pci_alloc_msix want=1 got=1") < cq, "{log:#?}");
+        let irq = log.iter().position(|l| is_irq_release(l)).unwrap_or_else(|| panic!("IRQ released: {log:#?}"));
+        let vector = first(&log, "pci_release_msi");
+        let bar4 = log.iter().position(|l| l.ends_with("memory rid=0x20")).expect("BAR4 released");
+        let bar0 = log.iter().position(|l| l.ends_with("memory rid=0x10")).expect("BAR0 released");
+        assert!(cq < irq && irq < vector && vector < bar4 && bar4 < bar0, "IRQ, vector, BAR4, then BAR0: {log:#?}");
+        if k.setup_intr_error != 0 {
+            assert!(first(&log, "bus_setup_intr = error") < irq, "{log:#?}");
+            assert!(positions(&log, "bus_teardown_intr").is_empty(), "nothing installed to tear down: {log:#?}");
+        } else {
+            assert!(positions(&log, "bus_setup_intr").is_empty(), "no handler: {log:#?}");
+        }
+        assert_eq!(fk::active_memory_rids(), Vec::<i32>::new());
+    }
+}

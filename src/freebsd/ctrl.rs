@@ -478,9 +478,12 @@ impl CtrlRef {
 }
 
 impl CtrlShared {
-    /// Wraps a brought-up engine. Sleeps (M_WAITOK); `None` when memory is short.
+    /// Wraps a brought-up engine. Sleeps (M_WAITOK). When the I/O path's busdma cannot be set
+    /// up, the engine is given back untouched, so that attach can release the interrupt it
+    /// allocated before the engine lets BAR0 go (the MSI-X table may live there; see
+    /// irq_source.rs).
     #[inline(never)]
-    pub fn create(dev: Device, unit: u32, engine: Box<Controller<KernelPlatform>>) -> Option<(CtrlRef, EngineGate)> {
+    pub fn create(dev: Device, unit: u32, engine: Box<Controller<KernelPlatform>>) -> Result<(CtrlRef, EngineGate), Box<Controller<KernelPlatform>>> {
         // One tracker per request the engine can hold (a ring of N entries holds N-1 commands,
         // and a bio, at most d_maxsize <= MDTS, is one command), each with its busdma map, for
         // transfers of up to MDTS: everything the I/O path needs, allocated now.
@@ -491,10 +494,10 @@ impl CtrlShared {
             Ok(io) => io,
             Err(e) => {
                 dev_printf!(&dev, "cannot set up busdma for I/O (error {})\n", e);
-                return None;
+                return Err(engine);
             }
         };
-        let state = Mutex::new_boxed(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, io, queued: BioQueue::new_waitok(), sysctls: None, busmaster_off: false })?;
+        let state = Mutex::new_boxed_waitok(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, io, queued: BioQueue::new_waitok(), sysctls: None, busmaster_off: false });
         // Behind the mutex from here on: the engine's waits must not sleep any more (set
         // before any other thread can reach it).
         state.lock().engine.platform().forbid_sleep();
@@ -511,7 +514,7 @@ impl CtrlShared {
             intr_stuck: AtomicBool::new(false),
         });
         let r = CtrlRef(NonNull::from(Box::leak(shared)));
-        Some((r, EngineGate { ctrl: r, idle_after_quiesce: false }))
+        Ok((r, EngineGate { ctrl: r, idle_after_quiesce: false }))
     }
 
     /// The interrupt handler could not be torn down (teardown step 3): this controller's

@@ -55,6 +55,10 @@ pub struct Knobs {
     pub cmd_timeout_ms: u32,
     /// The function ignores writes of PCIM_CMD_BUSMASTEREN (bus mastering stays on).
     pub busmaster_stuck: bool,
+    /// What bus_dma_tag_create returns (0: success; the tag is then made).
+    pub dma_tag_create_error: c_int,
+    /// What bus_setup_intr returns (0: success; the handler is then installed).
+    pub setup_intr_error: c_int,
 }
 
 /// An ACPI notify handler as ACPICA calls it.
@@ -453,6 +457,11 @@ pub unsafe extern "C" fn bus_setup_intr(
 ) -> c_int {
     let _fake = FakeWork::begin();
     record(format!("bus_setup_intr flags={flags:#x} filter={}", filter.is_some()));
+    let err = knobs().setup_intr_error;
+    if err != 0 {
+        record(format!("bus_setup_intr = error {err}"));
+        return err;
+    }
     INTR.with(|i| i.set(handler.map(|h| (h, arg))));
     // SAFETY: valid out pointer.
     unsafe { *cookie = 0xc00c1e as *mut c_void };
@@ -1788,6 +1797,11 @@ pub unsafe extern "C" fn bus_dma_tag_create(
     dmat: *mut bus_dma_tag_t,
 ) -> c_int {
     let _fake = FakeWork::begin();
+    let err = knobs().dma_tag_create_error;
+    if err != 0 {
+        record(format!("bus_dma_tag_create maxsize={maxsize} = error {err}"));
+        return err;
+    }
     count_allocation();
     let t = Box::into_raw(Box::new(FakeTag { boundary, nsegments, maxsegsz }));
     record(format!(

@@ -221,6 +221,8 @@ impl FakeNvme {
         }
         match (was, val & 1 != 0) {
             (false, true) => {
+                // The admin queues come into being here (the admin CQ on vector 0).
+                super::fake_kernel::record("nvme cc enable");
                 let n = (self.aqa & 0xfff) as u16 + 1;
                 self.admin = Ring { sq: self.asq, cq: self.acq, entries: n, phase: true, ..Ring::default() };
                 self.io = Ring::default();
@@ -313,6 +315,10 @@ impl FakeNvme {
                     write_mem(prp1, &page);
                 }
                 0x05 => {
+                    // Recorded so that tests can order it against the interrupt's allocation
+                    // (a controller may bind the CQ's vector to the mode in force now).
+                    let cdw11 = le32(&sqe, 11);
+                    super::fake_kernel::record(format!("nvme create_cq qid={} iv={} ien={}", cdw10 & 0xffff, cdw11 >> 16, cdw11 >> 1 & 1));
                     self.io.cq = prp1;
                     self.io.entries = (cdw10 >> 16) as u16 + 1;
                     self.io.phase = true;

@@ -75,7 +75,7 @@ pub(super) fn attached_with(k: &mut FreeBsdKernel, nsids: &[u32], bring_up: bool
     if bring_up {
         engine.bring_up().expect("bring-up on the fake NVMe model");
     }
-    let (ctrl, gate) = CtrlShared::create(d, 0, engine).unwrap();
+    let Ok((ctrl, gate)) = CtrlShared::create(d, 0, engine) else { panic!("CtrlShared::create failed") };
     let mut q = OwnedQueue::new(c"nvmehp_test").unwrap();
     let task = q.add_task(0, WatchdogTask(ctrl)).unwrap();
     ctrl.set_watchdog_task(task);

@@ -15,12 +15,33 @@
 //! **Release order** ([`IrqSource::release`]): after `bus_teardown_intr` and the IRQ resource's
 //! release, `pci_release_msi` (it refuses while a message's IRQ resource is allocated), and
 //! only then the table and PBA BARs, which pci(4) uses until the messages are gone.
+//!
+//! **Allocated before the queues, set up after** ([`IrqAlloc`]). Attach allocates the interrupt
+//! before the engine's bring-up creates any completion queue, as nvme(4) does:
+//! sys/dev/nvme/nvme_pci.c `nvme_pci_attach` calls `nvme_ctrlr_setup_interrupts` before
+//! `nvme_attach`, and the queues are created on the device only later, in
+//! sys/dev/nvme/nvme_ctrlr.c `nvme_ctrlr_start` (`nvme_ctrlr_create_qpairs`). A controller may
+//! tie a completion queue's vector to the interrupt mode in force when the queue was created:
+//! QEMU's NVMe model marks an MSI-X vector in use only for a queue created while MSI-X is
+//! enabled (hw/nvme/ctrl.c `nvme_init_cq`), and drops the messages of a vector not in use
+//! (hw/pci/msix.c `msix_notify`). `pci_alloc_msix_method` (sys/dev/pci/pci.c) sets the MSI-X
+//! Enable bit with every vector masked, and `pci_setup_intr` unmasks the vector only once
+//! `bus_setup_intr` gives it a handler (`pci_enable_msix`, `pci_unmask_msix`): a message sent
+//! in between waits in the Pending Bit Array and is delivered at the unmask. The handler itself
+//! is set up after the bring-up, once the engine is behind the controller mutex it takes;
+//! bring-up's own admin commands are polled, and no I/O is outstanding before the first node
+//! exists.
+//!
+//! **One vector, IV 0.** The engine creates every completion queue with interrupt vector 0
+//! (`nvme::admin::create_cq`), which is the only vector we allocate: MSI-X table entry 0
+//! (IRQ rid 1), MSI message 0 (rid 1), or INTx, where the IV only selects an INTMS bit.
 
 use super::device::Device;
 use super::intr::IrqResource;
 use super::resource::MemResource;
 use core::ffi::{c_int, CStr};
 use core::fmt;
+use core::mem::ManuallyDrop;
 
 /// The kind of interrupt a controller got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,5 +161,50 @@ impl IrqSource {
             }
         }
         drop(self.bars);
+    }
+}
+
+/// An interrupt allocated and not (yet) set up: the IRQ resource and its [`IrqSource`].
+/// Attach holds it across the engine's bring-up (see the module doc). Dropped, it gives
+/// everything back in the release order: the IRQ resource, the messages, then the MSI-X
+/// table and PBA BARs; so every failure path between the allocation and `bus_setup_intr`
+/// releases it right without a line of its own.
+pub struct IrqAlloc {
+    dev: Device,
+    irq: ManuallyDrop<IrqResource>,
+    source: ManuallyDrop<IrqSource>,
+}
+
+impl IrqAlloc {
+    /// [`IrqSource::alloc`]: MSI-X, else MSI, else INTx; `None` if not even INTx.
+    pub fn alloc(dev: Device, regs_rid: c_int) -> Option<IrqAlloc> {
+        let (source, irq) = IrqSource::alloc(dev, regs_rid)?;
+        Some(IrqAlloc { dev, irq: ManuallyDrop::new(irq), source: ManuallyDrop::new(source) })
+    }
+
+    /// The kind allocated.
+    pub fn kind(&self) -> IrqKind {
+        self.source.kind()
+    }
+
+    /// The parts, for `bus_setup_intr` on the IRQ resource; from here on the caller releases
+    /// them (`Interrupt` and [`IrqSource::release`]).
+    pub fn into_parts(self) -> (IrqSource, IrqResource) {
+        let mut this = ManuallyDrop::new(self);
+        // SAFETY: `this` is never dropped, so each field is taken exactly once, here.
+        unsafe { (ManuallyDrop::take(&mut this.source), ManuallyDrop::take(&mut this.irq)) }
+    }
+}
+
+impl Drop for IrqAlloc {
+    fn drop(&mut self) {
+        // SAFETY: Drop runs once and only for a value `into_parts` did not consume; each field
+        // is dropped or taken exactly once. The IRQ resource goes first: pci_release_msi
+        // refuses while a message's IRQ resource is allocated.
+        let source = unsafe {
+            ManuallyDrop::drop(&mut self.irq);
+            ManuallyDrop::take(&mut self.source)
+        };
+        source.release(self.dev);
     }
 }

@@ -9,7 +9,7 @@
 //! address), so a [`Mutex`] only exists pinned in kernel memory: [`Mutex::new_boxed`].
 //! Holding it, do not sleep: no `M_WAITOK`, no `box_waitok`, no `taskqueue_drain`.
 
-use super::alloc::try_box;
+use super::alloc::{box_waitok, try_box};
 use super::bindings;
 use alloc::boxed::Box;
 use core::cell::UnsafeCell;
@@ -42,6 +42,19 @@ impl<T> Mutex<T> {
         // pinned right after and never moved); the name is 'static as mtx_init requires.
         unsafe { bindings::nvmehp_mtx_init(boxed.mtx.get(), name.as_ptr()) };
         Some(Box::into_pin(boxed))
+    }
+
+    /// As [`Mutex::new_boxed`], but sleeps until memory is available (`M_WAITOK`), so it never
+    /// fails: for a sleepable caller holding no mutex (attach) that cannot afford to lose
+    /// `data` to a failed allocation.
+    pub fn new_boxed_waitok(name: &'static CStr, data: T) -> Pin<Box<Self>> {
+        let boxed = box_waitok(Mutex {
+            mtx: UnsafeCell::new(bindings::mtx::default()),
+            data: UnsafeCell::new(data),
+        });
+        // SAFETY: as in new_boxed: zeroed lock word at its final address, 'static name.
+        unsafe { bindings::nvmehp_mtx_init(boxed.mtx.get(), name.as_ptr()) };
+        Box::into_pin(boxed)
     }
 
     /// The lock object, for KPIs that take a lock by reference (callout_init_mtx).

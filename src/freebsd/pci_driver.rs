@@ -16,10 +16,12 @@
 //!   which beats GENERIC and would take every controller nvme(4) does not know by ID (EC2's
 //!   EBS volumes, the root disk included) away from it.
 //!
-//! **Attach**: BAR0, bus mastering, the engine's bring-up (synchronous, polled), then the
-//! run-time pieces in the order their teardown undoes them: shared state, task queue with the
-//! watchdog task, watchdog callout, interrupt (MSI-X, else INTx), and through the typestate
-//! `Live` the controller node and per namespace a node and a disk.
+//! **Attach**: BAR0, bus mastering, the interrupt's resources (MSI-X, else MSI, else INTx:
+//! allocated before the bring-up creates the completion queues, as nvme(4) does, see
+//! irq_source.rs), the engine's bring-up (synchronous, polled), then the run-time pieces in the
+//! order their teardown undoes them: shared state, task queue with the watchdog task, watchdog
+//! callout, the interrupt handler on the resources allocated before, and through the
+//! typestate `Live` the controller node and per namespace a node and a disk.
 //!
 //! **Detach** is `hotplug::teardown::teardown`, nothing else: mark gone, refuse new I/O, fail
 //! everything with ENXIO (after a bounded quiesce when the device still answers), drain
@@ -49,7 +51,7 @@ use super::callout::Callout;
 use super::ctrl::{CtrlRef, CtrlShared, EngineGate, IntrHandler, WatchdogFire, WatchdogTask, WATCHDOG_US};
 use super::device::Device;
 use super::intr::Interrupt;
-use super::irq_source::IrqSource;
+use super::irq_source::IrqAlloc;
 use super::kernel::{next_disk_unit, CtrlIntr, FreeBsdKernel, KMem, OwnedQueue, Timer};
 use super::node::NodeCtx;
 use super::ns_disk::DiskSpec;
@@ -311,14 +313,12 @@ pub unsafe extern "C" fn nvmehp_probe(dev: device_t) -> c_int {
     }
 }
 
-/// The interrupt (every queue completes on it): one MSI-X vector, else one MSI message, else
-/// the shared INTx line ([`IrqSource::alloc`]: the MSI-X table and PBA BARs are allocated
-/// first). BAR0, which the MSI-X table may share, is held by the engine for longer than the
-/// interrupt lives. Says which one it got.
-fn setup_interrupt(dev: Device, ctrl: CtrlRef) -> Result<CtrlIntr, c_int> {
-    let Some((source, irq)) = IrqSource::alloc(dev, bindings::NVMEHP_PCIR_BAR0 as c_int) else {
-        return Err(bindings::ENXIO);
-    };
+/// The interrupt handler (every queue completes on it), on the resources [`start_engine`]
+/// allocated before the bring-up: `bus_setup_intr` needs the shared state the handler locks,
+/// which exists only once the engine is behind its mutex. Says which kind it got. BAR0, which
+/// the MSI-X table may share, is held by the engine for longer than the interrupt lives.
+fn setup_interrupt(dev: Device, ctrl: CtrlRef, alloc: IrqAlloc) -> Result<CtrlIntr, c_int> {
+    let (source, irq) = alloc.into_parts();
     let handler = box_waitok(IntrHandler(ctrl));
     match Interrupt::setup(irq, handler) {
         Ok(intr) => {
@@ -334,11 +334,19 @@ fn setup_interrupt(dev: Device, ctrl: CtrlRef) -> Result<CtrlIntr, c_int> {
     }
 }
 
-/// Attach, part 1: BAR0, bus mastering, the engine's bring-up (synchronous, polled; no
-/// interrupt yet), then the shared run-time state. Kept out of line so that the engine value
-/// never sits in the same stack frame as the rest of attach.
+/// Attach, part 1: BAR0, bus mastering, the interrupt's resources, the engine's bring-up
+/// (synchronous, polled; no handler yet), then the shared run-time state. Kept out of line so
+/// that the engine value never sits in the same stack frame as the rest of attach.
+///
+/// The interrupt is allocated before the bring-up creates any completion queue (MSI-X is
+/// then enabled, its vector masked until `bus_setup_intr`): a controller may bind a queue's
+/// vector to the interrupt mode in force at Create I/O Completion Queue, and QEMU's NVMe
+/// model does (irq_source.rs). nvme(4) orders it the same way (sys/dev/nvme/nvme_pci.c
+/// `nvme_pci_attach`: `nvme_ctrlr_setup_interrupts` before `nvme_attach`; the queues are
+/// created later, in sys/dev/nvme/nvme_ctrlr.c `nvme_ctrlr_start`). On a failure the
+/// interrupt is released before the engine, which lets BAR0 go (the MSI-X table may be there).
 #[inline(never)]
-fn start_engine(dev: Device, unit: u32) -> Result<(CtrlRef, EngineGate), c_int> {
+fn start_engine(dev: Device, unit: u32) -> Result<(CtrlRef, EngineGate, IrqAlloc), c_int> {
     let Some(bar) = MemResource::alloc(dev, bindings::NVMEHP_PCIR_BAR0 as c_int) else {
         dev_printf!(&dev, "cannot allocate BAR0 (memory resource rid {:#x})\n", bindings::NVMEHP_PCIR_BAR0);
         return Err(bindings::ENXIO);
@@ -353,10 +361,19 @@ fn start_engine(dev: Device, unit: u32) -> Result<(CtrlRef, EngineGate), c_int> 
         dev_printf!(&dev, "cannot enable bus mastering: {}\n", e);
         return Err(bindings::ENXIO);
     }
+    // Controller::new touches nothing; it takes BAR0 along (released when it is dropped).
     let mut engine = box_waitok(Controller::new(KernelPlatform::new(dev, bar), tunables::engine_config()));
+    let Some(irq) = IrqAlloc::alloc(dev, bindings::NVMEHP_PCIR_BAR0 as c_int) else {
+        dev_printf!(&dev, "cannot allocate an interrupt (MSI-X, MSI or INTx); not attaching\n");
+        return Err(bindings::ENXIO);
+    };
     if let Err(e) = engine.bring_up() {
         dev_printf!(&dev, "bring-up failed: {}\n", e);
-        return Err(bindings::ENXIO); // the engine stops the controller and releases BAR0 on drop
+        // The failed bring-up has stopped the controller. Then the interrupt (IRQ resource,
+        // messages, MSI-X BARs), then the engine with BAR0.
+        drop(irq);
+        drop(engine);
+        return Err(bindings::ENXIO);
     }
     if let Some(i) = engine.info() {
         dev_printf!(
@@ -376,22 +393,29 @@ fn start_engine(dev: Device, unit: u32) -> Result<(CtrlRef, EngineGate), c_int> 
     for (nsid, why) in engine.rejected_namespaces() {
         dev_printf!(&dev, "namespace {} not exposed: {}\n", nsid, why);
     }
-    CtrlShared::create(dev, unit, engine).ok_or_else(|| {
-        dev_printf!(&dev, "out of memory\n");
-        bindings::ENOMEM
-    })
+    match CtrlShared::create(dev, unit, engine) {
+        Ok((ctrl, gate)) => Ok((ctrl, gate, irq)),
+        Err(engine) => {
+            // The interrupt first, then the engine (it stops the controller, then lets BAR0 go).
+            drop(irq);
+            drop(engine);
+            Err(bindings::ENOMEM)
+        }
+    }
 }
 
 /// Attach, part 2: watchdog (a task on our queue, enqueued by a callout bound to the
-/// controller mutex), interrupt, the nodes' context, and the typestate `Live` with the
-/// controller node and every namespace's node and disk. On any failure the typestate tears
-/// down whatever subset was made.
+/// controller mutex), the interrupt handler on `irq`, the nodes' context, and the typestate
+/// `Live` with the controller node and every namespace's node and disk. On any failure the
+/// typestate tears down whatever subset was made; an `irq` that got no handler is released
+/// before it, and so before the engine lets BAR0 go.
 #[inline(never)]
-fn build(dev: Device, unit: u32, ctrl: CtrlRef, gate: EngineGate) -> Result<Box<Attached>, c_int> {
+fn build(dev: Device, unit: u32, ctrl: CtrlRef, gate: EngineGate, irq: IrqAlloc) -> Result<Box<Attached>, c_int> {
     let mut k = FreeBsdKernel::new();
     let mut queue = match OwnedQueue::new(c"nvmehp_ctrl") {
         Ok(q) => q,
         Err(e) => {
+            drop(irq);
             drop(gate);
             return Err(e);
         }
@@ -409,11 +433,8 @@ fn build(dev: Device, unit: u32, ctrl: CtrlRef, gate: EngineGate) -> Result<Box<
         }
         None => None,
     };
-    if timer.is_none() {
-        dev_printf!(&dev, "out of memory for the watchdog; not attaching\n");
-    }
     let intr = if timer.is_some() {
-        match setup_interrupt(dev, ctrl) {
+        match setup_interrupt(dev, ctrl, irq) {
             Ok(i) => Some(i),
             Err(e) => {
                 dev_printf!(&dev, "cannot set up an interrupt: {}\n", e);
@@ -421,6 +442,8 @@ fn build(dev: Device, unit: u32, ctrl: CtrlRef, gate: EngineGate) -> Result<Box<
             }
         }
     } else {
+        dev_printf!(&dev, "out of memory for the watchdog; not attaching\n");
+        drop(irq); // no handler on it: released now, before the typestate's teardown below
         None
     };
     let softc: KMem = match k.malloc(core::mem::size_of::<NodeCtx>()) {
@@ -473,7 +496,7 @@ pub unsafe extern "C" fn nvmehp_attach(dev: device_t) -> c_int {
         return bindings::ENXIO;
     }
     let unit = dev.unit().max(0) as u32;
-    let a = match start_engine(dev, unit).and_then(|(ctrl, gate)| build(dev, unit, ctrl, gate)) {
+    let a = match start_engine(dev, unit).and_then(|(ctrl, gate, irq)| build(dev, unit, ctrl, gate, irq)) {
         Ok(a) => a,
         Err(e) => {
             // Everything made is gone: the engine stopped the controller, or leaked the memory
