@@ -35,15 +35,18 @@ fn the_real_module_brings_up_qemus_controller_and_tears_it_down_clean() {
             "nvmehp0: device_probe_desc = -2000000000",
             "nvmehp0: device_attach_desc ->",
             "bus_alloc_resource(nvmehp0, type 3, rid 0x10",
-            // The firmware left bus mastering off; the driver turns it on.
-            "pci_enable_busmaster(nvmehp0) (command 0x2 -> 0x6)",
-            // Registers through the trapped loads and stores: CAP, VS, then the admin queues in
-            // guest RAM and the controller enabled.
+            // Registers through the trapped loads and stores: CAP, VS.
             "bus_read_4(nvmehp0 BAR 0x10 + 0x0)",
             "bus_read_4(nvmehp0 BAR 0x10 + 0x8) = 0x10400",
+            // The firmware left bus mastering off; the driver turns it on.
+            "pci_enable_busmaster(nvmehp0) (command 0x2 -> 0x6)",
+            // The interrupt is allocated before any completion queue exists (QEMU marks a
+            // vector used only for queues created while MSI-X is on), then the admin queues in
+            // guest RAM and the controller enabled; the handler comes once the engine is behind
+            // its mutex.
+            "pci_alloc_msix(nvmehp0, 1) = 0, 1 vectors",
             "contigmalloc(",
             "bus_write_4(nvmehp0 BAR 0x10 + 0x14",
-            "pci_alloc_msix(nvmehp0, 1) = 0, 1 vectors",
             "bus_setup_intr(nvmehp0, irq rid 1",
             "make_dev_s(\"nvmehp0\"",
             "make_dev_s(\"nvmehp0ns1\"",
@@ -54,6 +57,8 @@ fn the_real_module_brings_up_qemus_controller_and_tears_it_down_clean() {
             "g_disk_access(nvmehpd0, open) -> d_open = 0",
             "g_down: d_strategy(nvmehpd0, BIO_WRITE, offset 8192, 4096 bytes)",
             "bus_write_4(nvmehp0 BAR 0x10 + 0x1008, 0x1)",
+            // QEMU signals the completion: MSI-X message, the module's interrupt handler runs.
+            "nvmehp0: interrupt (IRQ rid 1, MSI-X table entry 0)",
             "biodone(",
             "done: error 0, resid 0",
             "g_down: d_strategy(nvmehpd0, BIO_READ, offset 8192, 4096 bytes)",
