@@ -456,23 +456,7 @@ fn discover(hp: HpRef) {
         fallback,
     }));
     hp.disc.store(d, Ordering::Release);
-    let mut installed = 0u32;
-    for (i, s) in d.slots.iter().enumerate().filter(|(_, s)| s.role == Role::Owner) {
-        let Some(h) = super::alloc::try_box(SlotNotify { hp, index: i }) else { continue };
-        match NotifyRegistration::install(s.handle, h) {
-            Ok(reg) => {
-                let mut v = d.notify.lock();
-                if v.try_reserve(1).is_ok() {
-                    v.push(reg);
-                    installed += 1;
-                } else {
-                    drop(v);
-                    drop(reg); // cannot keep it: remove it now (we are not on an ACPI thread)
-                }
-            }
-            Err((st, _)) => kprintf!("nvme_hotplug: cannot install notify handler on {:?}: {}\n", s.handle, st),
-        }
-    }
+    let installed = install_notify_handlers(hp, d);
     if downgraded > 0 {
         kprintf!(
             "nvme_hotplug: acpi_mode=own: acpi_pci's notify handler cannot be removed from {} slots; observing them\n",
@@ -875,29 +859,39 @@ pub fn request_resume() {
     }
 }
 
+/// Installs our notify handler on every slot we own that has none of ours yet (discovery: none
+/// has; a resume after a refused unload: those whose removal failed were kept). Returns how many
+/// were installed. On the task's thread, never an ACPI thread, so a registration that cannot be
+/// kept may be removed at once.
+fn install_notify_handlers(hp: HpRef, d: &Discovered) -> u32 {
+    let mut installed = 0u32;
+    for (i, s) in d.slots.iter().enumerate().filter(|(_, s)| s.role == Role::Owner) {
+        if d.notify.lock().iter().any(|r| r.handle() == s.handle) {
+            continue; // kept: its removal failed
+        }
+        let Some(h) = super::alloc::try_box(SlotNotify { hp, index: i }) else { continue };
+        match NotifyRegistration::install(s.handle, h) {
+            Ok(reg) => {
+                let mut v = d.notify.lock();
+                if v.try_reserve(1).is_ok() {
+                    v.push(reg);
+                    installed += 1;
+                } else {
+                    drop(v);
+                    drop(reg); // cannot keep it: remove it now (not an ACPI thread)
+                }
+            }
+            Err((st, _)) => kprintf!("nvme_hotplug: cannot install notify handler on {:?}: {}\n", s.handle, st),
+        }
+    }
+    installed
+}
+
 /// On the task's thread: the resume [`request_resume`] asked for.
 fn resume(hp: HpRef) {
     let mut installed = 0u32;
     if let Some(d) = hp.disc() {
-        for (i, s) in d.slots.iter().enumerate().filter(|(_, s)| s.role == Role::Owner) {
-            if d.notify.lock().iter().any(|r| r.handle() == s.handle) {
-                continue; // kept: its removal failed
-            }
-            let Some(h) = super::alloc::try_box(SlotNotify { hp, index: i }) else { continue };
-            match NotifyRegistration::install(s.handle, h) {
-                Ok(reg) => {
-                    let mut v = d.notify.lock();
-                    if v.try_reserve(1).is_ok() {
-                        v.push(reg);
-                        installed += 1;
-                    } else {
-                        drop(v);
-                        drop(reg); // cannot keep it: remove it now (not an ACPI thread)
-                    }
-                }
-                Err((st, _)) => kprintf!("nvme_hotplug: cannot reinstall notify handler on {:?}: {}\n", s.handle, st),
-            }
-        }
+        installed = install_notify_handlers(hp, d);
         // Notifications that came while our handlers were removed are lost: look at every
         // slot once.
         d.pending.lock().events.check_all_quietly();
