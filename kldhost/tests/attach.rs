@@ -4,17 +4,8 @@
 
 mod common;
 
-use common::{compile, kernel_header_flags, kldhost_run_with, temp_object};
+use common::{assert_in_order, kldhost_run_with};
 
-fn assert_in_order(out: &str, wanted: &[&str]) {
-    let mut from = 0;
-    for w in wanted {
-        match out[from..].find(w) {
-            Some(i) => from += i + w.len(),
-            None => panic!("{w:?} missing or out of order in:\n{out}"),
-        }
-    }
-}
 
 #[test]
 fn the_real_module_brings_up_qemus_controller_and_tears_it_down_clean() {
@@ -111,10 +102,7 @@ fn the_real_module_brings_up_qemus_controller_and_tears_it_down_clean() {
 }
 
 fn fixture(test: &str, define: Option<&str>) -> Option<std::path::PathBuf> {
-    let mut flags = kernel_header_flags();
-    flags.extend(define.map(str::to_string));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    compile(test, "pci_bar", &flags).map(|o| temp_object(test, &o))
+    common::fixture_object(test, "pci_bar", define)
 }
 
 #[test]
@@ -204,10 +192,7 @@ fn an_msix_vector_set_up_before_the_queues_interrupts_and_one_set_up_after_does_
 }
 
 fn fixture_named(test: &str, name: &str, define: Option<&str>) -> Option<std::path::PathBuf> {
-    let mut flags = kernel_header_flags();
-    flags.extend(define.map(str::to_string));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    compile(test, name, &flags).map(|o| temp_object(test, &o))
+    common::fixture_object(test, name, define)
 }
 
 #[test]

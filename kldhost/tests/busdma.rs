@@ -6,17 +6,8 @@
 
 mod common;
 
-use common::{compile, kernel_header_flags, kldhost_run_with, temp_object};
+use common::{assert_in_order, kldhost_run_with};
 
-fn assert_in_order(out: &str, wanted: &[&str]) {
-    let mut from = 0;
-    for w in wanted {
-        match out[from..].find(w) {
-            Some(i) => from += i + w.len(),
-            None => panic!("{w:?} missing or out of order in:\n{out}"),
-        }
-    }
-}
 
 /// The text between the first `from` and the next `to` after it.
 fn between<'a>(out: &'a str, from: &str, to: &str) -> &'a str {
@@ -120,10 +111,7 @@ fn a_bio_whose_data_no_device_can_reach_is_refused_not_translated() {
 }
 
 fn fixture(test: &str, define: Option<&str>) -> Option<std::path::PathBuf> {
-    let mut flags = kernel_header_flags();
-    flags.extend(define.map(str::to_string));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    compile(test, "busdma", &flags).map(|o| temp_object(test, &o))
+    common::fixture_object(test, "busdma", define)
 }
 
 #[test]

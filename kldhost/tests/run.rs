@@ -4,18 +4,8 @@
 
 mod common;
 
-use common::{compile, kernel_header_flags, kldhost_run, temp_object};
+use common::{assert_in_order, compile, kernel_header_flags, kldhost_run, temp_object};
 
-/// The lines of `out`, which must contain every one of `wanted` in that order.
-fn assert_in_order(out: &str, wanted: &[&str]) {
-    let mut from = 0;
-    for w in wanted {
-        match out[from..].find(w) {
-            Some(i) => from += i + w.len(),
-            None => panic!("{w:?} missing or out of order in:\n{out}"),
-        }
-    }
-}
 
 #[test]
 fn the_real_module_loads_attaches_its_driver_runs_its_task_and_unloads_clean() {

@@ -131,3 +131,25 @@ pub fn kldhost_run_with(path: &Path, extra: &[&str]) -> (Option<i32>, String) {
     out.push_str(&String::from_utf8_lossy(&o.stderr));
     (o.status.code(), out)
 }
+
+/// Panics unless `out` contains every one of `wanted`, in that order.
+#[allow(dead_code)] // each test binary compiles this module; not all use every helper
+pub fn assert_in_order(out: &str, wanted: &[&str]) {
+    let mut from = 0;
+    for w in wanted {
+        match out[from..].find(w) {
+            Some(i) => from += i + w.len(),
+            None => panic!("{w:?} missing or out of order in:\n{out}"),
+        }
+    }
+}
+
+/// Compiles the fixture driver `tests/fixtures/<source>.c` with the FreeBSD 15 headers (and
+/// `define`, e.g. `-DKLDHOST_LEAK_BAR`) into a temporary object for `kldhost run`.
+#[allow(dead_code)]
+pub fn fixture_object(test: &str, source: &str, define: Option<&str>) -> Option<PathBuf> {
+    let mut flags = kernel_header_flags();
+    flags.extend(define.map(str::to_string));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    compile(test, source, &flags).map(|o| temp_object(test, &o))
+}
