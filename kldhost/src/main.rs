@@ -41,6 +41,11 @@ enum Cmd {
         /// (more than the driver's trackers: its bio queue), checked in the backing file.
         #[arg(long, default_value_t = 0, requires = "qemu")]
         burst: usize,
+        /// With --qemu: an ACPI namespace for the root bus as QEMU's pc DSDT has it
+        /// (\_SB_.PCI0, slot objects S00_..S1F_ with _ADR and _EJ0), so the module's hotplug
+        /// discovery finds the slots and installs its notify handlers.
+        #[arg(long, requires = "qemu")]
+        acpi: bool,
         /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
         #[arg(long = "tunable", value_name = "NAME=VALUE")]
         tunables: Vec<String>,
@@ -57,9 +62,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, tunables } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, tunables } => {
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
-            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst }) {
+            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi }) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {

@@ -68,6 +68,8 @@ pub struct Emu {
     pub(crate) geom_events: std::collections::VecDeque<u64>,
     /// sysctl contexts to the OIDs added to them.
     pub(crate) sysctl_ctxs: BTreeMap<u64, Vec<(String, u64)>>,
+    /// ACPI: the emulated namespace (`--acpi`) and the notify handlers installed on it.
+    pub(crate) acpi: acpi::AcpiState,
 }
 
 static EMU: Mutex<Option<Emu>> = Mutex::new(None);

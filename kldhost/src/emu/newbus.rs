@@ -698,10 +698,16 @@ extern "C" fn emu_devclass_get_device(dc: *mut c_void, unit: c_int) -> *mut c_vo
 extern "C" fn emu_device_find_child(dev: *mut c_void, class: *const c_char, unit: c_int) -> *mut c_void {
     // SAFETY: a C string.
     let class = unsafe { cstr(class) };
+    // sys/kern/subr_bus.c device_find_child: unit -1 is the child of that class with the
+    // lowest unit (the hotplug discovery looks up pcib0's "pci" child so).
     let r = with(|e| {
         let (_, units) = e.newbus.devclasses.get(&class)?;
+        let mine = |c: &u64| *c != 0 && e.newbus.devices.get(c).is_some_and(|d| d.parent == dev as u64);
+        if unit == -1 {
+            return units.iter().copied().find(mine);
+        }
         let c = *units.get(usize::try_from(unit).ok()?)?;
-        (e.newbus.devices.get(&c)?.parent == dev as u64).then_some(c)
+        mine(&c).then_some(c)
     });
     r.unwrap_or(0) as *mut c_void
 }

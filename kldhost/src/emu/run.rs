@@ -166,6 +166,10 @@ pub struct Options {
     /// Loader tunables (kenv) as (name, value): a CTLFLAG_TUN sysctl of the module with that
     /// name takes the value when it is registered.
     pub tunables: Vec<(String, String)>,
+    /// With `qemu`: the ACPI namespace of QEMU's pc DSDT for the root bus (`\_SB_.PCI0` and
+    /// its slot objects, [`super::acpi`]) instead of none, so the module's hotplug discovery
+    /// finds the slots and installs its notify handlers.
+    pub acpi: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -232,6 +236,11 @@ pub fn run(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
         super::machine::start().map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
         super::newbus::build_tree(&functions);
+        if opts.acpi {
+            let pci0 = super::newbus::pci0();
+            let pcib0 = with(|e| e.newbus.devices.get(&pci0).map_or(0, |d| d.parent));
+            super::acpi::enable(pcib0);
+        }
     }
     let r = run_module(ko, opts);
     super::machine::stop();
@@ -332,6 +341,7 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
         super::geom::end_of_life_checks();
         super::sysctl::end_of_life_checks();
         super::busdma::end_of_life_checks();
+        super::acpi::end_of_life_checks();
     }
     with(|e| {
         report.log = std::mem::take(&mut e.log);

@@ -1,0 +1,92 @@
+//! `kldhost run --qemu --acpi`: the ACPI namespace of QEMU's pc DSDT for the root bus
+//! (`\_SB_.PCI0`, slot objects with `_ADR` and `_EJ0`), so the real module's hotplug discovery
+//! finds the slots, owns them (no acpi_pci handler: pcib0 answers no ACPI handle for pci0) and
+//! installs, then at unload removes, its notify handlers. Needs QEMU (the lab's rule: SKIP
+//! without it, a failure with NVMEHP_REQUIRE_QEMU=1) and the built .ko or clang-19.
+
+mod common;
+
+use common::{compile, kernel_header_flags, kldhost_run_with, temp_object};
+
+fn assert_in_order(out: &str, wanted: &[&str]) {
+    let mut from = 0;
+    for w in wanted {
+        match out[from..].find(w) {
+            Some(i) => from += i + w.len(),
+            None => panic!("{w:?} missing or out of order in:\n{out}"),
+        }
+    }
+}
+
+#[test]
+fn the_real_module_finds_the_slots_owns_them_and_removes_its_handlers_at_unload() {
+    if !nvmehp_lab::skip::qemu_or_skip("acpi_real") || common::real_ko("acpi_real").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "kldhost run --qemu --acpi failed:\n{out}");
+    // QEMU's PIIX4 hotplug block marks every slot but 0 (host bridge) and 1 (PIIX4) removable.
+    assert!(out.contains("_EJ0 on PCIRMV 0xfffffffc"), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            // The hotplug task's discovery: the root bus object, its acpi(4) device (pcib0) and
+            // that bridge's pci child, the walk of its Device objects, _EJ0 and _ADR per slot.
+            "AcpiGetHandle(0x0, \"\\\\_SB_.PCI0\") = AE_OK",
+            "acpi_get_device(",
+            "AcpiWalkNamespace(type 6,",
+            "visits 32 objects",
+            "\"_EJ0\") = AE_OK (\\_SB_.PCI0.S02_._EJ0)",
+            "\"_ADR\") = AE_OK (0x20000)",
+            "AcpiInstallNotifyHandler(\\_SB_.PCI0.S02_, type 1,",
+            "AcpiInstallNotifyHandler(\\_SB_.PCI0.S1F_, type 1,",
+            // The controller in slot 4 is still attached and does I/O.
+            "at 8192: the written data; read back: the written data",
+            // Unload: each handler removed, then ACPI's queued events waited for.
+            "AcpiRemoveNotifyHandler(\\_SB_.PCI0.S02_, type 1,",
+            "AcpiOsWaitEventsComplete()",
+            "AcpiRemoveNotifyHandler(\\_SB_.PCI0.S1F_, type 1,",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
+            "console:",
+            "nvme_hotplug: 30 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 30 owned (30 handlers), 0 observed",
+            "nvme_hotplug: unloaded (30 ACPI notify handlers removed)",
+            "findings: 0",
+        ],
+    );
+    // Slots 0 and 1 have no _EJ0: not hotplug slots, no handler.
+    assert!(!out.contains("AcpiInstallNotifyHandler(\\_SB_.PCI0.S00_") && !out.contains("AcpiInstallNotifyHandler(\\_SB_.PCI0.S01_"), "{out}");
+    assert_eq!(out.matches("AcpiInstallNotifyHandler(").count(), 30, "{out}");
+    assert_eq!(out.matches("AcpiRemoveNotifyHandler(").count(), 30, "{out}");
+
+    // Control: without --acpi the machine has no namespace, and no handler is installed.
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("AcpiGetHandle(0x0, \"\\\\_SB_.PCI0\") = AE_NOT_FOUND"), "{out}");
+    assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
+}
+
+fn fixture(test: &str, define: Option<&str>) -> Option<std::path::PathBuf> {
+    let mut flags = kernel_header_flags();
+    flags.extend(define.map(str::to_string));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    compile(test, "acpi_notify", &flags).map(|o| temp_object(test, &o))
+}
+
+#[test]
+fn a_notify_handler_left_installed_at_unload_is_a_finding() {
+    if !nvmehp_lab::skip::qemu_or_skip("acpi_handler_leak") {
+        return;
+    }
+    // Control: installed once (a second identical install is AE_ALREADY_EXISTS, as ACPICA's
+    // AcpiInstallNotifyHandler answers), removed at unload: no finding.
+    let Some(good) = fixture("acpi_notify_ok", None) else { return };
+    let (code, out) = kldhost_run_with(&good, &["--qemu", "--acpi"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(&out, &["kldhost_fixture: install 0", "kldhost_fixture: install again 0x7", "kldhost_fixture: remove 0", "findings: 0"]);
+
+    let Some(bad) = fixture("acpi_notify_keep", Some("-DKLDHOST_KEEP_HANDLER")) else { return };
+    let (code, out) = kldhost_run_with(&bad, &["--qemu", "--acpi"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_in_order(&out, &["kldhost_fixture: install 0", "findings: 1", "after unload: ACPI notify handler still installed on \\_SB_.PCI0.S05_"]);
+}
