@@ -46,6 +46,10 @@ enum Cmd {
         /// discovery finds the slots and installs its notify handlers.
         #[arg(long, requires = "qemu")]
         acpi: bool,
+        /// With --acpi: after the I/O, QMP device_del of the controller; QEMU's hotplug GPE
+        /// becomes Notify(S04_, 3) to the module's handler, which should detach it and _EJ0.
+        #[arg(long, requires = "acpi")]
+        eject: bool,
         /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
         #[arg(long = "tunable", value_name = "NAME=VALUE")]
         tunables: Vec<String>,
@@ -62,9 +66,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, tunables } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, tunables } => {
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
-            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi }) {
+            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject }) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {
@@ -146,6 +150,12 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
     }
     if !r.io.is_empty() {
         println!("io data in the backing file and read back: {}", if r.io_data_ok { "ok" } else { "WRONG" });
+    }
+    for (slot, value, n) in &r.notifies {
+        println!("notify slot {slot} value {value}: {n} handler(s)");
+    }
+    if !r.notifies.is_empty() {
+        println!("ejected (deleted from pci0, DEVICE_DELETED): {}", r.ejected);
     }
     for (loc, name, e) in &r.detach {
         println!("detach {loc} ({name}): {e}");

@@ -90,3 +90,68 @@ fn a_notify_handler_left_installed_at_unload_is_a_finding() {
     assert_eq!(code, Some(1), "{out}");
     assert_in_order(&out, &["kldhost_fixture: install 0", "findings: 1", "after unload: ACPI notify handler still installed on \\_SB_.PCI0.S05_"]);
 }
+
+#[test]
+fn an_eject_request_reaches_the_modules_handler_which_detaches_deletes_and_ejects() {
+    if !nvmehp_lab::skip::qemu_or_skip("acpi_eject") || common::real_ko("acpi_eject").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--eject", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "kldhost run --qemu --acpi --eject failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "AcpiInstallNotifyHandler(\\_SB_.PCI0.S04_, type 1,",
+            "at 8192: the written data; read back: the written data",
+            // QEMU's device_del sets PCID and raises the GPE; _E01's AML notifies the slot, the
+            // acpi_task thread calls the module's handler, which hands the work to its task.
+            "QMP device_del nvme0: ok",
+            "acpi_task: Notify(\\_SB_.PCI0.S04_, 3) to 1 handler(s)",
+            "taskqueue nvmehp_hotplug: run task",
+            // The task finds the function, detaches it (disk_gone, the BAR released), deletes
+            // it from pci0, then evaluates _EJ0, which QEMU's AML turns into the PCEJ write.
+            "pci_find_dbsf(0, 0, 4, 0) = 0x",
+            "nvmehp0: device_detach_desc ->",
+            "disk_gone(nvmehpd0)",
+            "bus_release_resource(nvmehp0, type 3, rid 0x10) = 0",
+            "nvmehp0: device_detach_desc = 0",
+            "device_delete_child(pci0, pci0:0:4:0) = 0 (device_t",
+            "acpi_SetInteger(\\_SB_.PCI0.S04_, \"_EJ0\", 1) = 0x0",
+            "after the eject request: device 4.0 deleted from pci0",
+            "QMP: DEVICE_DELETED nvme0: received",
+            "AcpiRemoveNotifyHandler(\\_SB_.PCI0.S04_, type 1,",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
+            "console:",
+            "nvmehp0: detached",
+            "nvme_hotplug: hotplug run: 0 rescans, 1 detaches (0 stale), 1 ejected, 0 refused, 0 failures, 0 left alone",
+            "notify slot 4 value 3: 1 handler(s)",
+            "ejected (deleted from pci0, DEVICE_DELETED): true",
+            "findings: 0",
+        ],
+    );
+    // The _EJ0 comes after the delete: nothing may touch the function once QEMU removed it.
+    let del = out.find("device_delete_child(pci0, pci0:0:4:0)").expect("delete");
+    let ej0 = out.find("acpi_SetInteger(\\_SB_.PCI0.S04_, \"_EJ0\"").expect("_EJ0");
+    assert!(del < ej0, "{out}");
+
+    // Control: with hw.nvme_hotplug.acpi_mode=off the module installs no handler: the notify
+    // reaches nobody, the controller stays attached, QEMU keeps it (no _EJ0), and devctl
+    // detach takes it down as usual.
+    let (code, out) =
+        kldhost_run_with(&ko, &["--qemu", "--acpi", "--eject", "--tunable", "hw.nvme_hotplug.claim=1", "--tunable", "hw.nvme_hotplug.acpi_mode=off"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
+    assert!(!out.contains("acpi_SetInteger("), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "acpi_task: Notify(\\_SB_.PCI0.S04_, 3) to 0 handler(s)",
+            "after the eject request: device 4.0 still on pci0",
+            "QMP: DEVICE_DELETED nvme0: not received",
+            "ejected (deleted from pci0, DEVICE_DELETED): false",
+            "detach device 4.0 (nvmehp0): 0",
+            "findings: 0",
+        ],
+    );
+}

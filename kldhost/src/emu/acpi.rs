@@ -114,17 +114,21 @@ pub struct AcpiState {
     pub pcib0: u64,
     /// System notify handlers: object to its (handler, context) list, in install order.
     pub handlers: BTreeMap<Node, Vec<(u64, u64)>>,
+    /// The AML's part (`\_GPE._E01`, `_EJ0`): the lab's PIIX4 hotplug block driver.
+    pub hp: Option<nvmehp_lab::acpi_hotplug::AcpiHotplug>,
 }
 
 /// Builds the namespace of the running machine (`--qemu --acpi`): reads PCIRMV from QEMU's
 /// hotplug block.
 pub fn enable(pcib0: u64) {
+    let hp = nvmehp_lab::acpi_hotplug::AcpiHotplug::new(nvmehp_lab::acpi_hotplug::HotplugLayout::pc());
     let removable = super::machine::with_machine(|m| {
-        let hp = nvmehp_lab::acpi_hotplug::AcpiHotplug::new(nvmehp_lab::acpi_hotplug::HotplugLayout::pc());
+        // The OS enables the hotplug GPE when it loads the DSDT's _E01 handler.
+        let _ = hp.enable_gpe(&mut m.qtest);
         hp.removable_slots(&mut m.qtest, 0).unwrap_or(0)
     });
     log(format!("ACPI namespace: \\_SB_.PCI0 (pcib0), slots S00_..S1F_ with _ADR, _EJ0 on PCIRMV {removable:#010x}"));
-    with(|e| e.acpi = AcpiState { enabled: true, removable, pcib0, handlers: BTreeMap::new() });
+    with(|e| e.acpi = AcpiState { enabled: true, removable, pcib0, handlers: BTreeMap::new(), hp: Some(hp) });
 }
 
 /// Resolves `path` relative to `parent` (NULL: absolute) in the emulated namespace.
@@ -261,6 +265,61 @@ extern "C" fn emu_acpi_get_integer(obj: *mut c_void, path: *const c_char, v: *mu
     }
 }
 
+/// `acpi_SetInteger(slot, "_EJ0", 1)`: QEMU's `_EJ0` writes the slot's bit to the hotplug
+/// block's eject register (PCEJ), and QEMU removes the device at once.
+extern "C" fn emu_acpi_set_integer(obj: *mut c_void, path: *const c_char, v: u32) -> u32 {
+    // SAFETY: a C string per acpi_SetInteger.
+    let p = unsafe { cstr(path) };
+    let st = match node_of(obj).and_then(|o| resolve(Some(o), &p)) {
+        Some(Node::Ej0(s)) => {
+            let hp = with(|e| e.acpi.hp.take());
+            let st = match hp {
+                Some(mut hp) => {
+                    let r = super::machine::with_machine(|m| hp.eject(&mut m.qtest, s));
+                    with(|e| e.acpi.hp = Some(hp));
+                    if r.is_ok() { AE_OK } else { AE_BAD_PARAMETER }
+                }
+                None => AE_NOT_FOUND,
+            };
+            log(format!("acpi_SetInteger({}, {p:?}, {v}) = {st:#x}: PCEJ bit {s} written, QEMU removes slot {s}", Node::Slot(s).path()));
+            return st;
+        }
+        _ => AE_NOT_FOUND,
+    };
+    log(format!("acpi_SetInteger({obj:p}, {p:?}, {v}) = {st:#x}"));
+    st
+}
+
+type NotifyFn = extern "C" fn(*mut c_void, u32, *mut c_void);
+
+/// The SCI's work, as acpi(4) does it: the `_E01` GPE handler's AML (the lab's
+/// `AcpiHotplug::handle_gpe`: PCIU/PCID turned into `Notify(Sxx_, 1)`/`Notify(Sxx_, 3)`), then
+/// each notify dispatched to the handlers installed on the slot object, in install order.
+/// ACPICA queues each dispatch (`AcpiEvQueueNotifyRequest`, evmisc.c) and FreeBSD runs it from
+/// the acpi_task taskqueue (sys/dev/acpica/Osd/OsdSchedule.c `AcpiOsExecute`); here that
+/// thread is the caller's, as the emulation's taskqueue threads are, with no emulation lock
+/// held while a handler runs. Returns the notifies delivered as (slot, value, handlers).
+pub fn run_gpe() -> Vec<(u8, u32, usize)> {
+    let Some(mut hp) = with(|e| e.acpi.hp.take()) else { return Vec::new() };
+    let notifies = super::machine::with_machine(|m| hp.handle_gpe(&mut m.qtest)).unwrap_or_default();
+    with(|e| e.acpi.hp = Some(hp));
+    let mut out = Vec::new();
+    for n in notifies {
+        let value = n.code as u32;
+        let node = Node::Slot(n.slot);
+        let handlers = with(|e| e.acpi.handlers.get(&node).cloned().unwrap_or_default());
+        log(format!("acpi_task: Notify({}, {value}) to {} handler(s)", node.path(), handlers.len()));
+        for &(f, ctx) in &handlers {
+            // SAFETY: an ACPI_NOTIFY_HANDLER the module installed on this object and has not
+            // removed (it is in the list), called with the context it gave.
+            let f: NotifyFn = unsafe { std::mem::transmute::<u64, NotifyFn>(f) };
+            f(node.handle(), value, ctx as *mut c_void);
+        }
+        out.push((n.slot, value, handlers.len()));
+    }
+    out
+}
+
 extern "C" fn emu_acpi_get_device(h: *mut c_void) -> *mut c_void {
     let dev = match node_of(h) {
         Some(Node::Pci0) => with(|e| e.acpi.pcib0),
@@ -332,6 +391,7 @@ pub fn register(t: &mut KpiTable) {
     t.function("acpi_get_device", emu_acpi_get_device as extern "C" fn(_) -> _ as usize);
     t.function("AcpiInstallNotifyHandler", emu_acpi_install_notify_handler as extern "C" fn(_, _, _, _) -> _ as usize);
     t.function("AcpiRemoveNotifyHandler", emu_acpi_remove_notify_handler as extern "C" fn(_, _, _) -> _ as usize);
+    t.function("acpi_SetInteger", emu_acpi_set_integer as extern "C" fn(_, _, _) -> _ as usize);
     t.function("AcpiOsWaitEventsComplete", emu_acpi_os_wait_events_complete as extern "C" fn() as usize);
 }
 
@@ -341,7 +401,7 @@ mod tests {
 
     #[test]
     fn namespace_paths_handlers_and_the_leak_check() {
-        with(|e| e.acpi = AcpiState { enabled: true, removable: 1 << 5, pcib0: 0x1234, handlers: BTreeMap::new() });
+        with(|e| e.acpi = AcpiState { enabled: true, removable: 1 << 5, pcib0: 0x1234, handlers: BTreeMap::new(), hp: None });
         assert_eq!(resolve(None, "\\_SB.PCI0"), Some(Node::Pci0));
         assert_eq!(resolve(None, "\\_SB_.PCI0.S05_"), Some(Node::Slot(5)));
         assert_eq!(resolve(Some(Node::Slot(5)), "_EJ0"), Some(Node::Ej0(5)));

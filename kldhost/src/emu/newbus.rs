@@ -91,6 +91,8 @@ pub struct Newbus {
     pub class_ops: BTreeMap<u64, u64>,
     /// Devclass names as C strings for device_get_name (alive as long as the emulation).
     pub class_names: BTreeMap<String, CString>,
+    /// device_t's freed by device_delete_child (their memory poisoned and kept).
+    pub deleted: std::collections::BTreeSet<u64>,
 }
 
 fn null_method() -> u64 {
@@ -554,6 +556,10 @@ pub fn devices_with_driver() -> Vec<String> {
 
 fn dev_of(dev: *mut c_void, what: &str) -> u64 {
     let ok = with(|e| e.newbus.devices.contains_key(&(dev as u64)));
+    if !ok && with(|e| e.newbus.deleted.contains(&(dev as u64))) {
+        super::finding(format!("use after free: {what}({dev:p}) of a device_t device_delete_child freed"));
+        kernel_panic(&format!("{what}({dev:p}): use after free of a deleted device_t"));
+    }
     if !ok {
         kernel_panic(&format!("{what}({dev:p}): not a device"));
     }
@@ -712,7 +718,64 @@ extern "C" fn emu_device_find_child(dev: *mut c_void, class: *const c_char, unit
     r.unwrap_or(0) as *mut c_void
 }
 
+/// pci_find_dbsf (sys/dev/pci/pci.c): the pci child at domain/bus/slot/function, or NULL.
+extern "C" fn emu_pci_find_dbsf(domain: u32, bus: u8, slot: u8, func: u8) -> *mut c_void {
+    let r = with(|e| {
+        e.newbus.devices.iter().find_map(|(&d, dev)| {
+            let b = dev.pci.as_ref()?.bdf;
+            (domain == 0 && b.bus == bus && b.dev == slot && b.func == func).then_some(d)
+        })
+    });
+    log(format!("pci_find_dbsf({domain}, {bus}, {slot}, {func}) = {:#x}", r.unwrap_or(0)));
+    r.unwrap_or(0) as *mut c_void
+}
+
+/// device_delete_child (sys/kern/subr_bus.c): the child's children first, then device_detach
+/// (an error, e.g. EBUSY, ends it and the child stays), then it leaves its devclass and its
+/// parent's list and is freed. Here the freed device_t's memory is poisoned and kept, so a
+/// later use reads the poison, and a later KPI call with it is a finding (and a panic).
+pub fn device_delete_child(parent: u64, child: u64) -> c_int {
+    let grandchildren = with(|e| e.newbus.devices.get(&child).map(|d| d.children.clone()).unwrap_or_default());
+    for g in grandchildren {
+        let r = device_delete_child(child, g);
+        if r != 0 {
+            return r;
+        }
+    }
+    // Named by its PCI location (pci0:b:s:f, as pci(4) prints it): a device detached by its
+    // driver and not of a fixed devclass has no name any more.
+    let name = with(|e| e.newbus.devices.get(&child).and_then(|d| d.pci.as_ref()).map(|p| format!("pci0:{}:{}:{}", p.bdf.bus, p.bdf.dev, p.bdf.func)))
+        .unwrap_or_else(|| nameunit(child));
+    let r = device_detach(child);
+    if r != 0 {
+        log(format!("device_delete_child({}, {name}) = {r}", nameunit(parent)));
+        return r;
+    }
+    remove_from_devclass(child);
+    with(|e| {
+        if let Some(p) = e.newbus.devices.get_mut(&parent) {
+            p.children.retain(|&c| c != child);
+        }
+        e.newbus.devices.remove(&child);
+        e.newbus.deleted.insert(child);
+    });
+    // SAFETY: the DeviceObj make_device leaked for this device; nothing in the emulation uses
+    // it any more (the record is gone), and it is never freed, so the write is in bounds.
+    unsafe { std::ptr::write_bytes(child as *mut u8, 0xde, std::mem::size_of::<DeviceObj>()) };
+    log(format!("device_delete_child({}, {name}) = 0 (device_t {child:#x} freed, poisoned)", nameunit(parent)));
+    0
+}
+
+extern "C" fn emu_device_delete_child(parent: *mut c_void, child: *mut c_void) -> c_int {
+    let p = dev_of(parent, "device_delete_child");
+    let c = dev_of(child, "device_delete_child");
+    super::sched::require_topo("device_delete_child");
+    device_delete_child(p, c)
+}
+
 pub fn register(t: &mut KpiTable) {
+    t.function("pci_find_dbsf", emu_pci_find_dbsf as extern "C" fn(_, _, _, _) -> _ as usize);
+    t.function("device_delete_child", emu_device_delete_child as extern "C" fn(_, _) -> _ as usize);
     t.function("kobj_lookup_method", emu_kobj_lookup_method as extern "C" fn(_, _, _) -> _ as usize);
     t.function("device_get_softc", emu_device_get_softc as extern "C" fn(_) -> _ as usize);
     t.function("device_get_parent", emu_device_get_parent as extern "C" fn(_) -> _ as usize);

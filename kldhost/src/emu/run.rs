@@ -48,6 +48,10 @@ pub struct Report {
     /// came back from it.
     pub io: Vec<(String, c_int)>,
     pub io_data_ok: bool,
+    /// With `eject`: the notifies delivered, as (slot, value, handlers called), and whether the
+    /// function left pci0 and QEMU reported DEVICE_DELETED.
+    pub notifies: Vec<(u8, u32, usize)>,
+    pub ejected: bool,
 }
 
 /// Offset and size of the test I/O.
@@ -170,6 +174,12 @@ pub struct Options {
     /// its slot objects, [`super::acpi`]) instead of none, so the module's hotplug discovery
     /// finds the slots and installs its notify handlers.
     pub acpi: bool,
+    /// With `acpi`: after the I/O, the controller's removal as the platform asks for it: QMP
+    /// `device_del`, QEMU raises the hotplug GPE, the emulated acpi_task delivers
+    /// `Notify(S04_, 3)` to the module's handler ([`super::acpi::run_gpe`]), and the module's
+    /// hotplug task is expected to detach and delete the function and evaluate `_EJ0`, after
+    /// which QEMU reports `DEVICE_DELETED`.
+    pub eject: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -224,6 +234,31 @@ fn devctl_detach(report: &mut Report) {
         super::sched::topo_unlock();
         report.detach.push((location(child), name, r));
     }
+}
+
+/// QMP `device_del` of the controller, then the SCI's work and the module's tasks until the
+/// function is gone from pci0 (at most 5 s), then QEMU's `DEVICE_DELETED` awaited (2 s).
+fn eject_request(report: &mut Report) {
+    use super::machine::{with_machine, NVME_ID, NVME_SLOT};
+    let r = with_machine(|m| m.qmp().and_then(|q| q.device_del(NVME_ID)));
+    log(format!("QMP device_del {NVME_ID}: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
+    if r.is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let present = || super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {NVME_SLOT}.0"));
+    while present() && std::time::Instant::now() < deadline {
+        for (slot, value, n) in super::acpi::run_gpe() {
+            report.notifies.push((slot, value, n));
+        }
+        super::sched::run_queues(1000);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let gone = !present();
+    log(format!("after the eject request: device {NVME_SLOT}.0 {}", if gone { "deleted from pci0" } else { "still on pci0" }));
+    let deleted = with_machine(|m| m.qmp().and_then(|q| q.wait_deleted(NVME_ID, std::time::Duration::from_secs(2)))).unwrap_or(false);
+    log(format!("QMP: DEVICE_DELETED {NVME_ID}: {}", if deleted { "received" } else { "not received" }));
+    report.ejected = gone && deleted;
 }
 
 fn location(dev: u64) -> String {
@@ -294,6 +329,9 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
             disk_io(&mut report, opts.bio_outside_guest_ram);
             if opts.burst > 0 {
                 burst_io(&mut report, opts.burst);
+            }
+            if opts.eject {
+                eject_request(&mut report);
             }
             devctl_detach(&mut report);
             let ran = super::sched::run_queues(1000);
