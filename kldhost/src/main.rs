@@ -50,6 +50,10 @@ enum Cmd {
         /// becomes Notify(S04_, 3) to the module's handler, which should detach it and _EJ0.
         #[arg(long, requires = "acpi")]
         eject: bool,
+        /// With --eject: then QMP device_add of a controller in the emptied slot; Notify(S04_, 1)
+        /// should make the module rescan the slot and attach it; its disk is written and read.
+        #[arg(long, requires = "eject")]
+        hot_add: bool,
         /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
         #[arg(long = "tunable", value_name = "NAME=VALUE")]
         tunables: Vec<String>,
@@ -66,9 +70,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, tunables } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, tunables } => {
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
-            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject }) {
+            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject, hot_add }) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {
@@ -156,6 +160,9 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
     }
     if !r.notifies.is_empty() {
         println!("ejected (deleted from pci0, DEVICE_DELETED): {}", r.ejected);
+    }
+    if r.hot_added || r.notifies.iter().any(|n| n.1 == 1) {
+        println!("hot-added and attached: {}; its write and read: {}", r.hot_added, if r.hot_added_io_ok { "ok" } else { "WRONG" });
     }
     for (loc, name, e) in &r.detach {
         println!("detach {loc} ({name}): {e}");

@@ -155,3 +155,46 @@ fn an_eject_request_reaches_the_modules_handler_which_detaches_deletes_and_eject
         ],
     );
 }
+
+#[test]
+fn a_controller_hot_added_to_the_emptied_slot_is_rescanned_attached_and_does_io() {
+    if !nvmehp_lab::skip::qemu_or_skip("acpi_hot_add") || common::real_ko("acpi_hot_add").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--eject", "--hot-add", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "kldhost run --qemu --acpi --eject --hot-add failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "QMP: DEVICE_DELETED nvme0: received",
+            // QEMU's device_add sets PCIU and raises the GPE; _E01's AML sends a device check.
+            "QMP device_add nvme1 at slot 4: ok",
+            "acpi_task: Notify(\\_SB_.PCI0.S04_, 1) to 1 handler(s)",
+            "taskqueue nvmehp_hotplug: run task",
+            // The module's single-slot rescan: the function read, added to pci0, probed and
+            // attached by nvmehp (claim=1's hoover bid), with new nodes and a new disk.
+            "pci_read_device(0, 0, 4, 0) = 0x",
+            "pci_add_child(pci0, 00:04.0) = device_t 0x",
+            "nvmehp0: device_attach_desc ->",
+            "make_dev_s(\"nvmehp0\"",
+            "disk_create(nvmehpd1:",
+            "nvmehp0: device_attach_desc = 0",
+            "after the hot-add: device 4.0 attached",
+            // The image was zeroed first: only the new controller's write can put the data back.
+            "zeroed before the hot-added controller's I/O (Ok(()))",
+            "g_down: d_strategy(nvmehpd1, BIO_WRITE, offset 8192, 4096 bytes)",
+            "at 8192: the written data; read back: the written data",
+            // devctl detach of the new one, then the unload.
+            "nvmehp0: device_detach_desc = 0",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
+            "console:",
+            "nvme_hotplug: slot \\_SB_.PCI0.S04_: 1 new functions, 1 attached",
+            "notify slot 4 value 3: 1 handler(s)",
+            "notify slot 4 value 1: 1 handler(s)",
+            "ejected (deleted from pci0, DEVICE_DELETED): true",
+            "hot-added and attached: true; its write and read: ok",
+            "findings: 0",
+        ],
+    );
+}

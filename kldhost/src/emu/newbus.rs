@@ -93,6 +93,8 @@ pub struct Newbus {
     pub class_names: BTreeMap<String, CString>,
     /// device_t's freed by device_delete_child (their memory poisoned and kept).
     pub deleted: std::collections::BTreeSet<u64>,
+    /// Devinfos pci_read_device handed out and pci_add_child has not taken yet.
+    pub devinfos: BTreeMap<u64, nvmehp_lab::firmware::Bdf>,
 }
 
 fn null_method() -> u64 {
@@ -773,7 +775,52 @@ extern "C" fn emu_device_delete_child(parent: *mut c_void, child: *mut c_void) -
     device_delete_child(p, c)
 }
 
+/// pci_read_device (sys/dev/pci/pci.c): a devinfo for the function if it answers (vendor not
+/// all-ones), else NULL. Opaque to the module: here a host allocation naming the function.
+extern "C" fn emu_pci_read_device(_pcib: *mut c_void, _bus: *mut c_void, d: c_int, b: c_int, s: c_int, f: c_int) -> *mut c_void {
+    let bdf = nvmehp_lab::firmware::Bdf { bus: b as u8, dev: s as u8, func: f as u8 };
+    let vendor = super::machine::cfg_read(bdf, 0, 2);
+    if d != 0 || vendor == 0xffff {
+        log(format!("pci_read_device({d}, {b}, {s}, {f}) = NULL (vendor {vendor:#x})"));
+        return std::ptr::null_mut();
+    }
+    let dinfo = Box::into_raw(Box::new([0u64; 8])) as u64;
+    with(|e| e.newbus.devinfos.insert(dinfo, bdf));
+    log(format!("pci_read_device({d}, {b}, {s}, {f}) = {dinfo:#x} (vendor {vendor:#x})"));
+    dinfo as *mut c_void
+}
+
+/// pci_add_child (sys/dev/pci/pci.c): the new child of the pci bus for a devinfo, its
+/// resources reserved (`pci_add_resources`: here the lab firmware's BAR placement for the slot,
+/// memory decode on, bus mastering left to the driver, as at boot), no driver yet.
+extern "C" fn emu_pci_add_child(bus: *mut c_void, dinfo: *mut c_void) {
+    let bus = dev_of(bus, "pci_add_child");
+    let Some(bdf) = with(|e| e.newbus.devinfos.remove(&(dinfo as u64))) else {
+        kernel_panic(&format!("pci_add_child({dinfo:p}): not a devinfo pci_read_device returned"));
+    };
+    // SAFETY: the Box emu_pci_read_device leaked for this devinfo, taken over here once.
+    drop(unsafe { Box::from_raw(dinfo.cast::<[u64; 8]>()) });
+    let f = super::machine::with_machine(|m| {
+        use nvmehp_lab::firmware;
+        let f = firmware::probe_and_program(&mut m.qtest, bdf, firmware::bar0_for_slot(bdf.dev)).ok().flatten()?;
+        let cmd = firmware::cfg_read16(&mut m.qtest, bdf, firmware::cfg::COMMAND).ok()?;
+        firmware::cfg_write16(&mut m.qtest, bdf, firmware::cfg::COMMAND, cmd & !firmware::cfg::CMD_BUS_MASTER).ok()?;
+        m.functions.push(f);
+        Some(f)
+    });
+    let Some(f) = f else {
+        log(format!("pci_add_child(pci0, {:02x}:{:02x}.{}): not an NVMe function this machine places; no child", bdf.bus, bdf.dev, bdf.func));
+        return;
+    };
+    let child = make_device(bus, new_ops(null_class()), None, -1);
+    let pc = super::pci::enumerate(&f);
+    with(|e| e.newbus.devices.get_mut(&child).expect("dev").pci = Some(pc));
+    log(format!("pci_add_child(pci0, {:02x}:{:02x}.{}) = device_t {child:#x}", bdf.bus, bdf.dev, bdf.func));
+}
+
 pub fn register(t: &mut KpiTable) {
+    t.function("pci_read_device", emu_pci_read_device as extern "C" fn(_, _, _, _, _, _) -> _ as usize);
+    t.function("pci_add_child", emu_pci_add_child as extern "C" fn(_, _) as usize);
     t.function("pci_find_dbsf", emu_pci_find_dbsf as extern "C" fn(_, _, _, _) -> _ as usize);
     t.function("device_delete_child", emu_device_delete_child as extern "C" fn(_, _) -> _ as usize);
     t.function("kobj_lookup_method", emu_kobj_lookup_method as extern "C" fn(_, _, _) -> _ as usize);

@@ -52,6 +52,9 @@ pub struct Report {
     /// function left pci0 and QEMU reported DEVICE_DELETED.
     pub notifies: Vec<(u8, u32, usize)>,
     pub ejected: bool,
+    /// With `hot_add`: whether the hot-added function got attached, and its write and read.
+    pub hot_added: bool,
+    pub hot_added_io_ok: bool,
 }
 
 /// Offset and size of the test I/O.
@@ -180,6 +183,11 @@ pub struct Options {
     /// hotplug task is expected to detach and delete the function and evaluate `_EJ0`, after
     /// which QEMU reports `DEVICE_DELETED`.
     pub eject: bool,
+    /// With `eject`: then a controller hot-added to the emptied slot (QMP `device_add`): the GPE
+    /// becomes `Notify(S04_, 1)`, and the module's task is expected to rescan that slot
+    /// (`pci_read_device`, `pci_add_child`, `device_probe_and_attach`); the new disk is then
+    /// written and read as the first was, and detached with devctl before the unload.
+    pub hot_add: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -261,6 +269,53 @@ fn eject_request(report: &mut Report) {
     report.ejected = gone && deleted;
 }
 
+/// Zeroes the test I/O's range in the controller's backing file (QEMU's raw driver reads it
+/// back through the host page cache, so the zeroes are what the device sees next).
+fn zero_io_range() {
+    use std::io::{Seek, SeekFrom, Write};
+    let image = super::machine::with_machine(|m| m.image.clone());
+    let r = std::fs::OpenOptions::new().write(true).open(&image).and_then(|mut f| {
+        f.seek(SeekFrom::Start(IO_OFFSET as u64))?;
+        f.write_all(&[0u8; IO_BYTES])?;
+        f.sync_data()
+    });
+    log(format!("backing file {} at {IO_OFFSET}: zeroed before the hot-added controller's I/O ({r:?})", image.display()));
+}
+
+/// QMP `device_add` of a controller in the emptied slot (the same backing image), then the SCI's
+/// work and the module's tasks until a function in that slot is attached (at most 5 s).
+fn hot_add(report: &mut Report) {
+    use super::machine::{with_machine, NVME_SLOT};
+    let props = [
+        ("drive", serde_json::Value::from("nvm0")),
+        ("serial", serde_json::Value::from("KLDHOST1")),
+        ("addr", serde_json::Value::from(format!("0x{NVME_SLOT:x}"))),
+    ];
+    let r = with_machine(|m| m.qmp().and_then(|q| q.device_add("nvme", "nvme1", "pci.0", &props)));
+    log(format!("QMP device_add nvme1 at slot {NVME_SLOT}: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
+    if r.is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let attached = || {
+        super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {NVME_SLOT}.0") && super::newbus::state(c) >= layouts::DS_ATTACHED)
+    };
+    while !attached() && std::time::Instant::now() < deadline {
+        for n in super::acpi::run_gpe() {
+            report.notifies.push(n);
+        }
+        super::sched::run_queues(1000);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let ok = attached();
+    log(format!("after the hot-add: device {NVME_SLOT}.0 {}", if ok { "attached" } else { "not attached" }));
+    with(|e| {
+        report.nodes_attached = e.devs.keys().cloned().collect();
+        report.disks_attached = e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
+    });
+    report.hot_added = ok;
+}
+
 fn location(dev: u64) -> String {
     with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.as_ref()).map(|p| format!("device {}.{}", p.bdf.dev, p.bdf.func)).unwrap_or_default())
 }
@@ -332,6 +387,15 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
             }
             if opts.eject {
                 eject_request(&mut report);
+            }
+            if opts.eject && opts.hot_add && report.ejected {
+                hot_add(&mut report);
+                // The first write left the pattern in the image: zero it, so that only the new
+                // controller's write can put it back.
+                zero_io_range();
+                let io_before = report.io.len();
+                disk_io(&mut report, false);
+                report.hot_added_io_ok = report.io.len() > io_before && report.io_data_ok;
             }
             devctl_detach(&mut report);
             let ran = super::sched::run_queues(1000);
