@@ -54,6 +54,10 @@ enum Cmd {
         /// should make the module rescan the slot and attach it; its disk is written and read.
         #[arg(long, requires = "eject")]
         hot_add: bool,
+        /// With --acpi: after the I/O, a surprise removal (the slot ejected with no device_del,
+        /// so no notify); time passes until the module's watchdog finds the controller gone.
+        #[arg(long, requires = "acpi", conflicts_with = "eject")]
+        surprise: bool,
         /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
         #[arg(long = "tunable", value_name = "NAME=VALUE")]
         tunables: Vec<String>,
@@ -70,9 +74,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, tunables } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, tunables } => {
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
-            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject, hot_add }) {
+            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise }) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {
@@ -160,6 +164,9 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
     }
     if !r.notifies.is_empty() {
         println!("ejected (deleted from pci0, DEVICE_DELETED): {}", r.ejected);
+    }
+    if r.surprise_detected {
+        println!("surprise removal: the function left pci0");
     }
     if r.hot_added || r.notifies.iter().any(|n| n.1 == 1) {
         println!("hot-added and attached: {}; its write and read: {}", r.hot_added, if r.hot_added_io_ok { "ok" } else { "WRONG" });

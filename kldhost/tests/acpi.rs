@@ -198,3 +198,40 @@ fn a_controller_hot_added_to_the_emptied_slot_is_rescanned_attached_and_does_io(
         ],
     );
 }
+
+#[test]
+fn a_surprise_removal_is_found_by_the_watchdog_and_torn_down_without_ej0() {
+    if !nvmehp_lab::skip::qemu_or_skip("acpi_surprise") || common::real_ko("acpi_surprise").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--surprise", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "kldhost run --qemu --acpi --surprise failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "at 8192: the written data; read back: the written data",
+            // The slot is ejected with no device_del: no GPE, no notify.
+            "surprise removal: PCEJ bit 4 written with no device_del: Ok(())",
+            // Time passes: the watchdog callout finds the controller gone and asks the hotplug
+            // task, which detaches the stale function and deletes it.
+            "time passes: callout",
+            "taskqueue nvmehp_hotplug: run task",
+            "nvmehp0: device_detach_desc ->",
+            "disk_gone(nvmehpd0)",
+            "nvmehp0: device_detach_desc = 0",
+            "device_delete_child(pci0, pci0:0:4:0) = 0",
+            "after the surprise removal: device 4.0 deleted from pci0",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
+            "console:",
+            "nvmehp0: controller lost (controller gone, health Gone)",
+            "nvmehp0: detached (device gone)",
+            "nvme_hotplug: hotplug run: 0 rescans, 1 detaches (1 stale), 0 ejected, 0 refused, 0 failures, 0 left alone",
+            "surprise removal: the function left pci0",
+            "findings: 0",
+        ],
+    );
+    // No notify came, and nothing evaluates _EJ0 on a slot that is already empty.
+    assert!(!out.contains("acpi_task: Notify("), "{out}");
+    assert!(!out.contains("acpi_SetInteger("), "{out}");
+}

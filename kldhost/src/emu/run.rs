@@ -55,6 +55,8 @@ pub struct Report {
     /// With `hot_add`: whether the hot-added function got attached, and its write and read.
     pub hot_added: bool,
     pub hot_added_io_ok: bool,
+    /// With `surprise`: whether the function left pci0 after the surprise removal.
+    pub surprise_detected: bool,
 }
 
 /// Offset and size of the test I/O.
@@ -188,6 +190,11 @@ pub struct Options {
     /// (`pci_read_device`, `pci_add_child`, `device_probe_and_attach`); the new disk is then
     /// written and read as the first was, and detached with devctl before the unload.
     pub hot_add: bool,
+    /// With `acpi`: after the I/O, a surprise removal: the slot ejected behind everyone's back
+    /// (the PCEJ write with no `device_del`, so no GPE and no notify); then time passes (every
+    /// armed callout fires once per step, the taskqueues run) until the function left pci0,
+    /// which only the module's own detection (its watchdog) can make happen.
+    pub surprise: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -267,6 +274,32 @@ fn eject_request(report: &mut Report) {
     let deleted = with_machine(|m| m.qmp().and_then(|q| q.wait_deleted(NVME_ID, std::time::Duration::from_secs(2)))).unwrap_or(false);
     log(format!("QMP: DEVICE_DELETED {NVME_ID}: {}", if deleted { "received" } else { "not received" }));
     report.ejected = gone && deleted;
+}
+
+/// The lab's surprise removal: `_EJ0`'s register write with no `device_del` first (QEMU
+/// removes the function at once, no SCI), then time passes in steps of one callout period
+/// (at most 30), the taskqueues running after each, until 00:04.0 left pci0.
+fn surprise_removal(report: &mut Report) {
+    use super::machine::{with_machine, NVME_SLOT};
+    let mut hp = nvmehp_lab::acpi_hotplug::AcpiHotplug::new(nvmehp_lab::acpi_hotplug::HotplugLayout::pc());
+    let r = with_machine(|m| hp.eject(&mut m.qtest, NVME_SLOT));
+    log(format!("surprise removal: PCEJ bit {NVME_SLOT} written with no device_del: {r:?}"));
+    let present = || super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {NVME_SLOT}.0"));
+    let mut steps = 0;
+    while present() && steps < 30 {
+        steps += 1;
+        let fired = super::sched::fire_callouts();
+        super::sched::run_queues(1000);
+        for n in super::acpi::run_gpe() {
+            report.notifies.push(n);
+        }
+        if fired == 0 && present() {
+            break; // nothing armed: time passing changes nothing
+        }
+    }
+    let gone = !present();
+    log(format!("after the surprise removal: device {NVME_SLOT}.0 {} after {steps} callout periods", if gone { "deleted from pci0" } else { "still on pci0" }));
+    report.surprise_detected = gone;
 }
 
 /// Zeroes the test I/O's range in the controller's backing file (QEMU's raw driver reads it
@@ -387,6 +420,9 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
             }
             if opts.eject {
                 eject_request(&mut report);
+            }
+            if opts.surprise {
+                surprise_removal(&mut report);
             }
             if opts.eject && opts.hot_add && report.ejected {
                 hot_add(&mut report);
