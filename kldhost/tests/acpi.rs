@@ -235,3 +235,29 @@ fn a_surprise_removal_is_found_by_the_watchdog_and_torn_down_without_ej0() {
     assert!(!out.contains("acpi_task: Notify("), "{out}");
     assert!(!out.contains("acpi_SetInteger("), "{out}");
 }
+
+#[test]
+fn with_acpi_pci_on_the_bus_stock_freebsd_the_module_observes_the_slots() {
+    if !nvmehp_lab::skip::qemu_or_skip("acpi_stock") || common::real_ko("acpi_stock").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--acpi-pci", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "kldhost run --qemu --acpi --acpi-pci failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "acpi_pci: pci0 has ACPI handle \\_SB_.PCI0; its notify handler installed on 30 slots",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_LOAD) = 0",
+            "console:",
+            // acpi_get_handle(pci0) is non-NULL: acpi_pci's unremovable handler is there, so
+            // acpi_mode=auto observes every slot and installs nothing.
+            "nvme_hotplug: acpi_pci handles these slots (its handler cannot be removed)",
+            "nvme_hotplug: 30 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 0 owned (0 handlers), 30 observed",
+            "nvme_hotplug: unloaded (0 ACPI notify handlers removed)",
+            // acpi_pci's handlers are the kernel's: not a leak of the module's.
+            "findings: 0",
+        ],
+    );
+    assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
+}

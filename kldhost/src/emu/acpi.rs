@@ -116,11 +116,38 @@ pub struct AcpiState {
     pub handlers: BTreeMap<Node, Vec<(u64, u64)>>,
     /// The AML's part (`\_GPE._E01`, `_EJ0`): the lab's PIIX4 hotplug block driver.
     pub hp: Option<nvmehp_lab::acpi_hotplug::AcpiHotplug>,
+    /// Stock FreeBSD (`--acpi-pci`): acpi_pci(4) drives pci0 (its bridge answers an ACPI handle
+    /// for it) and its handler is installed on every `_EJ0` slot before the module loads.
+    pub acpi_pci: bool,
 }
 
 /// Builds the namespace of the running machine (`--qemu --acpi`): reads PCIRMV from QEMU's
 /// hotplug block.
 pub fn enable(pcib0: u64) {
+    enable_with(pcib0, false);
+}
+
+/// acpi_pci(4)'s notify handler, a static function of sys/dev/acpica/acpi_pci.c
+/// (`acpi_pci_hotplug_notify` on a device check rescans the bus, on an eject request detaches
+/// and `_EJ0`s). Only recorded here: the stock variant's events are not delivered yet.
+extern "C" fn acpi_pci_notify(h: *mut c_void, value: u32, _ctx: *mut c_void) {
+    log(format!("acpi_pci: Notify({}, {value}) (acpi_pci's handler: its rescan and eject are not emulated)", Node::of(h).map_or("?".into(), Node::path)));
+}
+
+fn acpi_pci_fn() -> u64 {
+    acpi_pci_notify as extern "C" fn(_, _, _) as usize as u64
+}
+
+/// pcib0's `ACPI_IVAR_HANDLE` for pci0 (acpi_pcib_acpi.c `acpi_pcib_read_ivar` answers the
+/// bridge's handle, which is what makes acpi_pci(4) probe the bus): only in the stock variant.
+pub fn pcib_acpi_handle() -> Option<usize> {
+    with(|e| (e.acpi.enabled && e.acpi.acpi_pci).then(|| Node::Pci0.handle() as usize))
+}
+
+/// [`enable`], and with `acpi_pci` the stock-FreeBSD variant: acpi_pci(4) attached to pci0 and
+/// installed its handler on every `_EJ0` slot (acpi_pci.c `acpi_pci_attach` walks the bus's
+/// children), before any module loads.
+pub fn enable_with(pcib0: u64, acpi_pci: bool) {
     let hp = nvmehp_lab::acpi_hotplug::AcpiHotplug::new(nvmehp_lab::acpi_hotplug::HotplugLayout::pc());
     let removable = super::machine::with_machine(|m| {
         // The OS enables the hotplug GPE when it loads the DSDT's _E01 handler.
@@ -128,7 +155,14 @@ pub fn enable(pcib0: u64) {
         hp.removable_slots(&mut m.qtest, 0).unwrap_or(0)
     });
     log(format!("ACPI namespace: \\_SB_.PCI0 (pcib0), slots S00_..S1F_ with _ADR, _EJ0 on PCIRMV {removable:#010x}"));
-    with(|e| e.acpi = AcpiState { enabled: true, removable, pcib0, handlers: BTreeMap::new(), hp: Some(hp) });
+    let mut handlers = BTreeMap::new();
+    if acpi_pci {
+        for s in (0..32u8).filter(|s| removable & (1 << s) != 0) {
+            handlers.insert(Node::Slot(s), vec![(acpi_pci_fn(), 0)]);
+        }
+        log(format!("acpi_pci: pci0 has ACPI handle \\_SB_.PCI0; its notify handler installed on {} slots", handlers.len()));
+    }
+    with(|e| e.acpi = AcpiState { enabled: true, removable, pcib0, handlers, hp: Some(hp), acpi_pci });
 }
 
 /// Resolves `path` relative to `parent` (NULL: absolute) in the emulated namespace.
@@ -379,7 +413,8 @@ pub fn end_of_life_checks() {
 
 /// The objects that have a notify handler installed now, by path.
 pub fn installed_handlers() -> Vec<String> {
-    with(|e| e.acpi.handlers.keys().map(|n| n.path()).collect())
+    let in_tree = acpi_pci_fn();
+    with(|e| e.acpi.handlers.iter().filter(|(_, l)| l.iter().any(|&(f, _)| f != in_tree)).map(|(n, _)| n.path()).collect())
 }
 
 pub fn register(t: &mut KpiTable) {
@@ -401,7 +436,7 @@ mod tests {
 
     #[test]
     fn namespace_paths_handlers_and_the_leak_check() {
-        with(|e| e.acpi = AcpiState { enabled: true, removable: 1 << 5, pcib0: 0x1234, handlers: BTreeMap::new(), hp: None });
+        with(|e| e.acpi = AcpiState { enabled: true, removable: 1 << 5, pcib0: 0x1234, handlers: BTreeMap::new(), hp: None, acpi_pci: false });
         assert_eq!(resolve(None, "\\_SB.PCI0"), Some(Node::Pci0));
         assert_eq!(resolve(None, "\\_SB_.PCI0.S05_"), Some(Node::Slot(5)));
         assert_eq!(resolve(Some(Node::Slot(5)), "_EJ0"), Some(Node::Ej0(5)));

@@ -195,6 +195,9 @@ pub struct Options {
     /// armed callout fires once per step, the taskqueues run) until the function left pci0,
     /// which only the module's own detection (its watchdog) can make happen.
     pub surprise: bool,
+    /// With `acpi`: stock FreeBSD's ACPI, acpi_pci(4) on pci0 with its handler on every slot
+    /// before the module loads (the module then observes: hw.nvme_hotplug.acpi_mode).
+    pub acpi_pci: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -362,7 +365,7 @@ pub fn run(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
         if opts.acpi {
             let pci0 = super::newbus::pci0();
             let pcib0 = with(|e| e.newbus.devices.get(&pci0).map_or(0, |d| d.parent));
-            super::acpi::enable(pcib0);
+            super::acpi::enable_with(pcib0, opts.acpi_pci);
         }
     }
     let r = run_module(ko, opts);
