@@ -6,7 +6,8 @@
 //! handler may call back into the emulation).
 //!
 //! What the emulated kernel is: a machine with no ACPI namespace (ACPICA lookups answer
-//! AE_NOT_FOUND), whose taskqueue threads run only when [`run`] lets them, and whose callouts
+//! AE_NOT_FOUND; with `--qemu --acpi`, QEMU's root-bus namespace and its hotplug events,
+//! [`acpi`]), whose taskqueue threads run only when [`run`] lets them, and whose callouts
 //! and timeout tasks never fire during a run. Without `--qemu` it has no PCI bus; with it,
 //! QEMU's pc machine with one NVMe controller ([`machine`]) behind an emulated `pci0`
 //! ([`newbus`], [`pci`]), its registers reached through trapped loads and stores ([`mmio`]),

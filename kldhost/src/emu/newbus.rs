@@ -851,3 +851,30 @@ pub fn end_of_life_checks() {
         finding(format!("after unload: device {n} still has a driver"));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_delete_child_refuses_a_busy_child_and_frees_and_poisons_a_deleted_one() {
+        let parent = make_device(0, 0, None, -1);
+        let child = make_device(parent, 0, None, -1);
+        let grandchild = make_device(child, 0, None, -1);
+        // A busy device refuses its detach (EBUSY), so it stays, and so does its parent.
+        with(|e| e.newbus.devices.get_mut(&grandchild).expect("dev").busy = 1);
+        assert_eq!(device_delete_child(parent, child), layouts::EBUSY);
+        assert!(with(|e| e.newbus.devices.contains_key(&child) && e.newbus.devices.contains_key(&grandchild)));
+        // Not busy: children first, then the child; out of the parent's list, freed, poisoned.
+        with(|e| e.newbus.devices.get_mut(&grandchild).expect("dev").busy = 0);
+        assert_eq!(device_delete_child(parent, child), 0);
+        with(|e| {
+            assert!(!e.newbus.devices.contains_key(&child) && !e.newbus.devices.contains_key(&grandchild));
+            assert!(e.newbus.deleted.contains(&child) && e.newbus.deleted.contains(&grandchild));
+            assert!(!e.newbus.devices[&parent].children.contains(&child));
+        });
+        // SAFETY: the DeviceObj is kept (never freed) after the delete, so it is readable.
+        let ops = unsafe { (*(child as *const DeviceObj)).ops } as u64;
+        assert_eq!(ops, 0xdede_dede_dede_dede);
+    }
+}
