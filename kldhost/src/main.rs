@@ -50,7 +50,7 @@ enum Cmd {
         /// becomes Notify(S04_, 3) to the module's handler, which should detach it and _EJ0.
         #[arg(long, requires = "acpi")]
         eject: bool,
-        /// With --eject: then QMP device_add of a controller in the emptied slot; Notify(S04_, 1)
+        /// With --eject: then QMP device_add of a controller in slot 5 (empty since boot); Notify(S05_, 1)
         /// should make the module rescan the slot and attach it; its disk is written and read.
         #[arg(long, requires = "eject")]
         hot_add: bool,

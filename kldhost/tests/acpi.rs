@@ -157,7 +157,7 @@ fn an_eject_request_reaches_the_modules_handler_which_detaches_deletes_and_eject
 }
 
 #[test]
-fn a_controller_hot_added_to_the_emptied_slot_is_rescanned_attached_and_does_io() {
+fn a_controller_hot_added_to_an_empty_slot_is_rescanned_attached_and_does_io() {
     if !nvmehp_lab::skip::qemu_or_skip("acpi_hot_add") || common::real_ko("acpi_hot_add").is_none() {
         return;
     }
@@ -169,18 +169,18 @@ fn a_controller_hot_added_to_the_emptied_slot_is_rescanned_attached_and_does_io(
         &[
             "QMP: DEVICE_DELETED nvme0: received",
             // QEMU's device_add sets PCIU and raises the GPE; _E01's AML sends a device check.
-            "QMP device_add nvme1 at slot 4: ok",
-            "acpi_task: Notify(\\_SB_.PCI0.S04_, 1) to 1 handler(s)",
+            "QMP device_add nvme1 at slot 5: ok",
+            "acpi_task: Notify(\\_SB_.PCI0.S05_, 1) to 1 handler(s)",
             "taskqueue nvmehp_hotplug: run task",
             // The module's single-slot rescan: the function read, added to pci0, probed and
             // attached by nvmehp (claim=1's hoover bid), with new nodes and a new disk.
-            "pci_read_device(0, 0, 4, 0) = 0x",
-            "pci_add_child(pci0, 00:04.0) = device_t 0x",
+            "pci_read_device(0, 0, 5, 0) = 0x",
+            "pci_add_child(pci0, 00:05.0) = device_t 0x",
             "nvmehp0: device_attach_desc ->",
             "make_dev_s(\"nvmehp0\"",
             "disk_create(nvmehpd1:",
             "nvmehp0: device_attach_desc = 0",
-            "after the hot-add: device 4.0 attached",
+            "after the hot-add: device 5.0 attached",
             // The image was zeroed first: only the new controller's write can put the data back.
             "zeroed before the hot-added controller's I/O (Ok(()))",
             "g_down: d_strategy(nvmehpd1, BIO_WRITE, offset 8192, 4096 bytes)",
@@ -189,9 +189,9 @@ fn a_controller_hot_added_to_the_emptied_slot_is_rescanned_attached_and_does_io(
             "nvmehp0: device_detach_desc = 0",
             "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
             "console:",
-            "nvme_hotplug: slot \\_SB_.PCI0.S04_: 1 new functions, 1 attached",
+            "nvme_hotplug: slot \\_SB_.PCI0.S05_: 1 new functions, 1 attached",
             "notify slot 4 value 3: 1 handler(s)",
-            "notify slot 4 value 1: 1 handler(s)",
+            "notify slot 5 value 1: 1 handler(s)",
             "ejected (deleted from pci0, DEVICE_DELETED): true",
             "hot-added and attached: true; its write and read: ok",
             "findings: 0",

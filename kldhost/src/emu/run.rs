@@ -185,8 +185,8 @@ pub struct Options {
     /// hotplug task is expected to detach and delete the function and evaluate `_EJ0`, after
     /// which QEMU reports `DEVICE_DELETED`.
     pub eject: bool,
-    /// With `eject`: then a controller hot-added to the emptied slot (QMP `device_add`): the GPE
-    /// becomes `Notify(S04_, 1)`, and the module's task is expected to rescan that slot
+    /// With `eject`: then a controller hot-added to slot 5, empty since boot (QMP `device_add`): the GPE
+    /// becomes `Notify(S05_, 1)`, and the module's task is expected to rescan that slot
     /// (`pci_read_device`, `pci_add_child`, `device_probe_and_attach`); the new disk is then
     /// written and read as the first was, and detached with devctl before the unload.
     pub hot_add: bool,
@@ -318,10 +318,15 @@ fn zero_io_range() {
     log(format!("backing file {} at {IO_OFFSET}: zeroed before the hot-added controller's I/O ({r:?})", image.display()));
 }
 
-/// QMP `device_add` of a controller in the emptied slot (the same backing image), then the SCI's
-/// work and the module's tasks until a function in that slot is attached (at most 5 s).
+/// The slot `--hot-add` plugs into: empty since boot (its slot object has `_EJ0`, no function).
+const HOT_ADD_SLOT: u8 = 5;
+
+/// QMP `device_add` of a controller in [`HOT_ADD_SLOT`] (the same backing image, whose first
+/// controller is gone), then the SCI's work and the module's tasks until a function in that
+/// slot is attached (at most 5 s).
 fn hot_add(report: &mut Report) {
-    use super::machine::{with_machine, NVME_SLOT};
+    use super::machine::with_machine;
+    const NVME_SLOT: u8 = HOT_ADD_SLOT;
     let props = [
         ("drive", serde_json::Value::from("nvm0")),
         ("serial", serde_json::Value::from("KLDHOST1")),
