@@ -41,6 +41,27 @@ enum Cmd {
         /// (more than the driver's trackers: its bio queue), checked in the backing file.
         #[arg(long, default_value_t = 0, requires = "qemu")]
         burst: usize,
+        /// With --qemu: an ACPI namespace for the root bus as QEMU's pc DSDT has it
+        /// (\_SB_.PCI0, slot objects S00_..S1F_ with _ADR and _EJ0), so the module's hotplug
+        /// discovery finds the slots and installs its notify handlers.
+        #[arg(long, requires = "qemu")]
+        acpi: bool,
+        /// With --acpi: after the I/O, QMP device_del of the controller; QEMU's hotplug GPE
+        /// becomes Notify(S04_, 3) to the module's handler, which should detach it and _EJ0.
+        #[arg(long, requires = "acpi")]
+        eject: bool,
+        /// With --eject: then QMP device_add of a controller in slot 5 (empty since boot); Notify(S05_, 1)
+        /// should make the module rescan the slot and attach it; its disk is written and read.
+        #[arg(long, requires = "eject")]
+        hot_add: bool,
+        /// With --acpi: after the I/O, a surprise removal (the slot ejected with no device_del,
+        /// so no notify); time passes until the module's watchdog finds the controller gone.
+        #[arg(long, requires = "acpi", conflicts_with = "eject")]
+        surprise: bool,
+        /// With --acpi: stock FreeBSD, acpi_pci(4) drives pci0 and its (unremovable) notify
+        /// handler is on every slot before the module loads; without it the module owns them.
+        #[arg(long, requires = "acpi")]
+        acpi_pci: bool,
         /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
         #[arg(long = "tunable", value_name = "NAME=VALUE")]
         tunables: Vec<String>,
@@ -57,9 +78,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, tunables } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci, tunables } => {
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
-            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst }) {
+            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci }) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {
@@ -141,6 +162,18 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
     }
     if !r.io.is_empty() {
         println!("io data in the backing file and read back: {}", if r.io_data_ok { "ok" } else { "WRONG" });
+    }
+    for (slot, value, n) in &r.notifies {
+        println!("notify slot {slot} value {value}: {n} handler(s)");
+    }
+    if !r.notifies.is_empty() {
+        println!("ejected (deleted from pci0, DEVICE_DELETED): {}", r.ejected);
+    }
+    if r.surprise_detected {
+        println!("surprise removal: the function left pci0");
+    }
+    if r.hot_added || r.notifies.iter().any(|n| n.1 == 1) {
+        println!("hot-added and attached: {}; its write and read: {}", r.hot_added, if r.hot_added_io_ok { "ok" } else { "WRONG" });
     }
     for (loc, name, e) in &r.detach {
         println!("detach {loc} ({name}): {e}");

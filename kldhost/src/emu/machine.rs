@@ -32,6 +32,8 @@ pub const RAM_MIB: u32 = 256;
 pub const DMA_POOL_START: u64 = 16 << 20;
 /// The slot the controller sits in (pc: 00:04.0).
 pub const NVME_SLOT: u8 = 4;
+/// Its qdev id (QMP `device_del`).
+pub const NVME_ID: &str = "nvme0";
 
 /// One running machine. Its qtest connection is used by config-space accessors and the MMIO
 /// trap; [`MACHINE`] serialises them.
@@ -46,7 +48,9 @@ pub struct Machine {
     /// Bump pointer of the contigmalloc pool (guest-physical). Freed memory is poisoned and
     /// kept, as malloc'd memory is (super::kern), so it is never handed out twice.
     pub next_free: u64,
-    _qmp: std::os::unix::net::UnixStream,
+    /// The QMP connection (connected lazily by [`Machine::qmp`]: `device_del` for hotplug).
+    qmp_stream: Option<std::os::unix::net::UnixStream>,
+    qmp: Option<nvmehp_lab::qmp::QmpClient>,
     _dir: tempfile::TempDir,
     qemu: QemuProcess,
 }
@@ -75,7 +79,7 @@ impl Machine {
             "-blockdev".to_string(),
             "driver=raw,file=img0,node-name=nvm0".to_string(),
             "-device".to_string(),
-            format!("nvme,serial=KLDHOST0,drive=nvm0,bus=pci.0,addr=0x{NVME_SLOT:x}"),
+            format!("nvme,id={NVME_ID},serial=KLDHOST0,drive=nvm0,bus=pci.0,addr=0x{NVME_SLOT:x}"),
         ];
         let (qemu, mut qtest, qmp) = QemuProcess::spawn(MachineKind::Pc, RAM_MIB, Some(&ram), &args)?;
         let to_io = |e: nvmehp_lab::qtest::QtestError| io::Error::other(e.to_string());
@@ -94,7 +98,8 @@ impl Machine {
             ram,
             image,
             next_free: DMA_POOL_START,
-            _qmp: qmp,
+            qmp_stream: Some(qmp),
+            qmp: None,
             _dir: dir,
             qemu,
         })
@@ -120,6 +125,15 @@ impl Machine {
         let p = self.ram.host_ptr(start, size).ok()?.as_ptr();
         self.next_free = end.div_ceil(4096) * 4096;
         Some(p)
+    }
+
+    /// The QMP client (handshake on first use).
+    pub fn qmp(&mut self) -> io::Result<&mut nvmehp_lab::qmp::QmpClient> {
+        if self.qmp.is_none() {
+            let s = self.qmp_stream.take().ok_or_else(|| io::Error::other("QMP: no connection"))?;
+            self.qmp = Some(nvmehp_lab::qmp::QmpClient::new(s)?);
+        }
+        Ok(self.qmp.as_mut().expect("just set"))
     }
 
     /// QEMU's stderr so far (for error messages).

@@ -6,7 +6,8 @@
 //! handler may call back into the emulation).
 //!
 //! What the emulated kernel is: a machine with no ACPI namespace (ACPICA lookups answer
-//! AE_NOT_FOUND), whose taskqueue threads run only when [`run`] lets them, and whose callouts
+//! AE_NOT_FOUND; with `--qemu --acpi`, QEMU's root-bus namespace and its hotplug events,
+//! [`acpi`]), whose taskqueue threads run only when [`run`] lets them, and whose callouts
 //! and timeout tasks never fire during a run. Without `--qemu` it has no PCI bus; with it,
 //! QEMU's pc machine with one NVMe controller ([`machine`]) behind an emulated `pci0`
 //! ([`newbus`], [`pci`]), its registers reached through trapped loads and stores ([`mmio`]),
@@ -68,6 +69,8 @@ pub struct Emu {
     pub(crate) geom_events: std::collections::VecDeque<u64>,
     /// sysctl contexts to the OIDs added to them.
     pub(crate) sysctl_ctxs: BTreeMap<u64, Vec<(String, u64)>>,
+    /// ACPI: the emulated namespace (`--acpi`) and the notify handlers installed on it.
+    pub(crate) acpi: acpi::AcpiState,
 }
 
 static EMU: Mutex<Option<Emu>> = Mutex::new(None);

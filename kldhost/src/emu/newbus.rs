@@ -91,6 +91,10 @@ pub struct Newbus {
     pub class_ops: BTreeMap<u64, u64>,
     /// Devclass names as C strings for device_get_name (alive as long as the emulation).
     pub class_names: BTreeMap<String, CString>,
+    /// device_t's freed by device_delete_child (their memory poisoned and kept).
+    pub deleted: std::collections::BTreeSet<u64>,
+    /// Devinfos pci_read_device handed out and pci_add_child has not taken yet.
+    pub devinfos: BTreeMap<u64, nvmehp_lab::firmware::Bdf>,
 }
 
 fn null_method() -> u64 {
@@ -554,6 +558,10 @@ pub fn devices_with_driver() -> Vec<String> {
 
 fn dev_of(dev: *mut c_void, what: &str) -> u64 {
     let ok = with(|e| e.newbus.devices.contains_key(&(dev as u64)));
+    if !ok && with(|e| e.newbus.deleted.contains(&(dev as u64))) {
+        super::finding(format!("use after free: {what}({dev:p}) of a device_t device_delete_child freed"));
+        kernel_panic(&format!("{what}({dev:p}): use after free of a deleted device_t"));
+    }
     if !ok {
         kernel_panic(&format!("{what}({dev:p}): not a device"));
     }
@@ -698,15 +706,123 @@ extern "C" fn emu_devclass_get_device(dc: *mut c_void, unit: c_int) -> *mut c_vo
 extern "C" fn emu_device_find_child(dev: *mut c_void, class: *const c_char, unit: c_int) -> *mut c_void {
     // SAFETY: a C string.
     let class = unsafe { cstr(class) };
+    // sys/kern/subr_bus.c device_find_child: unit -1 is the child of that class with the
+    // lowest unit (the hotplug discovery looks up pcib0's "pci" child so).
     let r = with(|e| {
         let (_, units) = e.newbus.devclasses.get(&class)?;
+        let mine = |c: &u64| *c != 0 && e.newbus.devices.get(c).is_some_and(|d| d.parent == dev as u64);
+        if unit == -1 {
+            return units.iter().copied().find(mine);
+        }
         let c = *units.get(usize::try_from(unit).ok()?)?;
-        (e.newbus.devices.get(&c)?.parent == dev as u64).then_some(c)
+        mine(&c).then_some(c)
     });
     r.unwrap_or(0) as *mut c_void
 }
 
+/// pci_find_dbsf (sys/dev/pci/pci.c): the pci child at domain/bus/slot/function, or NULL.
+extern "C" fn emu_pci_find_dbsf(domain: u32, bus: u8, slot: u8, func: u8) -> *mut c_void {
+    let r = with(|e| {
+        e.newbus.devices.iter().find_map(|(&d, dev)| {
+            let b = dev.pci.as_ref()?.bdf;
+            (domain == 0 && b.bus == bus && b.dev == slot && b.func == func).then_some(d)
+        })
+    });
+    log(format!("pci_find_dbsf({domain}, {bus}, {slot}, {func}) = {:#x}", r.unwrap_or(0)));
+    r.unwrap_or(0) as *mut c_void
+}
+
+/// device_delete_child (sys/kern/subr_bus.c): the child's children first, then device_detach
+/// (an error, e.g. EBUSY, ends it and the child stays), then it leaves its devclass and its
+/// parent's list and is freed. Here the freed device_t's memory is poisoned and kept, so a
+/// later use reads the poison, and a later KPI call with it is a finding (and a panic).
+pub fn device_delete_child(parent: u64, child: u64) -> c_int {
+    let grandchildren = with(|e| e.newbus.devices.get(&child).map(|d| d.children.clone()).unwrap_or_default());
+    for g in grandchildren {
+        let r = device_delete_child(child, g);
+        if r != 0 {
+            return r;
+        }
+    }
+    // Named by its PCI location (pci0:b:s:f, as pci(4) prints it): a device detached by its
+    // driver and not of a fixed devclass has no name any more.
+    let name = with(|e| e.newbus.devices.get(&child).and_then(|d| d.pci.as_ref()).map(|p| format!("pci0:{}:{}:{}", p.bdf.bus, p.bdf.dev, p.bdf.func)))
+        .unwrap_or_else(|| nameunit(child));
+    let r = device_detach(child);
+    if r != 0 {
+        log(format!("device_delete_child({}, {name}) = {r}", nameunit(parent)));
+        return r;
+    }
+    remove_from_devclass(child);
+    with(|e| {
+        if let Some(p) = e.newbus.devices.get_mut(&parent) {
+            p.children.retain(|&c| c != child);
+        }
+        e.newbus.devices.remove(&child);
+        e.newbus.deleted.insert(child);
+    });
+    // SAFETY: the DeviceObj make_device leaked for this device; nothing in the emulation uses
+    // it any more (the record is gone), and it is never freed, so the write is in bounds.
+    unsafe { std::ptr::write_bytes(child as *mut u8, 0xde, std::mem::size_of::<DeviceObj>()) };
+    log(format!("device_delete_child({}, {name}) = 0 (device_t {child:#x} freed, poisoned)", nameunit(parent)));
+    0
+}
+
+extern "C" fn emu_device_delete_child(parent: *mut c_void, child: *mut c_void) -> c_int {
+    let p = dev_of(parent, "device_delete_child");
+    let c = dev_of(child, "device_delete_child");
+    super::sched::require_topo("device_delete_child");
+    device_delete_child(p, c)
+}
+
+/// pci_read_device (sys/dev/pci/pci.c): a devinfo for the function if it answers (vendor not
+/// all-ones), else NULL. Opaque to the module: here a host allocation naming the function.
+extern "C" fn emu_pci_read_device(_pcib: *mut c_void, _bus: *mut c_void, d: c_int, b: c_int, s: c_int, f: c_int) -> *mut c_void {
+    let bdf = nvmehp_lab::firmware::Bdf { bus: b as u8, dev: s as u8, func: f as u8 };
+    let vendor = super::machine::cfg_read(bdf, 0, 2);
+    if d != 0 || vendor == 0xffff {
+        log(format!("pci_read_device({d}, {b}, {s}, {f}) = NULL (vendor {vendor:#x})"));
+        return std::ptr::null_mut();
+    }
+    let dinfo = Box::into_raw(Box::new([0u64; 8])) as u64;
+    with(|e| e.newbus.devinfos.insert(dinfo, bdf));
+    log(format!("pci_read_device({d}, {b}, {s}, {f}) = {dinfo:#x} (vendor {vendor:#x})"));
+    dinfo as *mut c_void
+}
+
+/// pci_add_child (sys/dev/pci/pci.c): the new child of the pci bus for a devinfo, its
+/// resources reserved (`pci_add_resources`: here the lab firmware's BAR placement for the slot,
+/// memory decode on, bus mastering left to the driver, as at boot), no driver yet.
+extern "C" fn emu_pci_add_child(bus: *mut c_void, dinfo: *mut c_void) {
+    let bus = dev_of(bus, "pci_add_child");
+    let Some(bdf) = with(|e| e.newbus.devinfos.remove(&(dinfo as u64))) else {
+        kernel_panic(&format!("pci_add_child({dinfo:p}): not a devinfo pci_read_device returned"));
+    };
+    // SAFETY: the Box emu_pci_read_device leaked for this devinfo, taken over here once.
+    drop(unsafe { Box::from_raw(dinfo.cast::<[u64; 8]>()) });
+    let f = super::machine::with_machine(|m| {
+        use nvmehp_lab::firmware;
+        let f = firmware::probe_and_program(&mut m.qtest, bdf, firmware::bar0_for_slot(bdf.dev)).ok().flatten()?;
+        let cmd = firmware::cfg_read16(&mut m.qtest, bdf, firmware::cfg::COMMAND).ok()?;
+        firmware::cfg_write16(&mut m.qtest, bdf, firmware::cfg::COMMAND, cmd & !firmware::cfg::CMD_BUS_MASTER).ok()?;
+        m.functions.push(f);
+        Some(f)
+    });
+    let Some(f) = f else {
+        log(format!("pci_add_child(pci0, {:02x}:{:02x}.{}): not an NVMe function this machine places; no child", bdf.bus, bdf.dev, bdf.func));
+        return;
+    };
+    let child = make_device(bus, new_ops(null_class()), None, -1);
+    let pc = super::pci::enumerate(&f);
+    with(|e| e.newbus.devices.get_mut(&child).expect("dev").pci = Some(pc));
+    log(format!("pci_add_child(pci0, {:02x}:{:02x}.{}) = device_t {child:#x}", bdf.bus, bdf.dev, bdf.func));
+}
+
 pub fn register(t: &mut KpiTable) {
+    t.function("pci_read_device", emu_pci_read_device as extern "C" fn(_, _, _, _, _, _) -> _ as usize);
+    t.function("pci_add_child", emu_pci_add_child as extern "C" fn(_, _) as usize);
+    t.function("pci_find_dbsf", emu_pci_find_dbsf as extern "C" fn(_, _, _, _) -> _ as usize);
+    t.function("device_delete_child", emu_device_delete_child as extern "C" fn(_, _) -> _ as usize);
     t.function("kobj_lookup_method", emu_kobj_lookup_method as extern "C" fn(_, _, _) -> _ as usize);
     t.function("device_get_softc", emu_device_get_softc as extern "C" fn(_) -> _ as usize);
     t.function("device_get_parent", emu_device_get_parent as extern "C" fn(_) -> _ as usize);
@@ -733,5 +849,32 @@ pub fn register(t: &mut KpiTable) {
 pub fn end_of_life_checks() {
     for n in devices_with_driver() {
         finding(format!("after unload: device {n} still has a driver"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_delete_child_refuses_a_busy_child_and_frees_and_poisons_a_deleted_one() {
+        let parent = make_device(0, 0, None, -1);
+        let child = make_device(parent, 0, None, -1);
+        let grandchild = make_device(child, 0, None, -1);
+        // A busy device refuses its detach (EBUSY), so it stays, and so does its parent.
+        with(|e| e.newbus.devices.get_mut(&grandchild).expect("dev").busy = 1);
+        assert_eq!(device_delete_child(parent, child), layouts::EBUSY);
+        assert!(with(|e| e.newbus.devices.contains_key(&child) && e.newbus.devices.contains_key(&grandchild)));
+        // Not busy: children first, then the child; out of the parent's list, freed, poisoned.
+        with(|e| e.newbus.devices.get_mut(&grandchild).expect("dev").busy = 0);
+        assert_eq!(device_delete_child(parent, child), 0);
+        with(|e| {
+            assert!(!e.newbus.devices.contains_key(&child) && !e.newbus.devices.contains_key(&grandchild));
+            assert!(e.newbus.deleted.contains(&child) && e.newbus.deleted.contains(&grandchild));
+            assert!(!e.newbus.devices[&parent].children.contains(&child));
+        });
+        // SAFETY: the DeviceObj is kept (never freed) after the delete, so it is readable.
+        let ops = unsafe { (*(child as *const DeviceObj)).ops } as u64;
+        assert_eq!(ops, 0xdede_dede_dede_dede);
     }
 }

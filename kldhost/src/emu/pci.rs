@@ -310,6 +310,15 @@ extern "C" fn pci_release_msi_m(_dev: *mut c_void, child: *mut c_void) -> c_int 
 // --- pcib0's methods (pcib_if.m) --------------------------------------------------------------
 
 extern "C" fn pcib_read_ivar(_dev: *mut c_void, _child: *mut c_void, which: c_int, result: *mut usize) -> c_int {
+    // ACPI_IVAR_HANDLE (dev/acpica/acpivar.h), asked by acpi_get_handle(pci0): answered only
+    // in the stock-FreeBSD ACPI variant (super::acpi::pcib_acpi_handle).
+    if which == 0x100 {
+        if let Some(h) = super::acpi::pcib_acpi_handle() {
+            // SAFETY: the caller's uintptr_t.
+            unsafe { *result = h };
+            return 0;
+        }
+    }
     // enum pcib_device_ivars: PCIB_IVAR_DOMAIN, PCIB_IVAR_BUS; both 0 on this machine.
     if !(0..=1).contains(&which) {
         return layouts::ENOENT;

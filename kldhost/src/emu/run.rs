@@ -48,6 +48,15 @@ pub struct Report {
     /// came back from it.
     pub io: Vec<(String, c_int)>,
     pub io_data_ok: bool,
+    /// With `eject`: the notifies delivered, as (slot, value, handlers called), and whether the
+    /// function left pci0 and QEMU reported DEVICE_DELETED.
+    pub notifies: Vec<(u8, u32, usize)>,
+    pub ejected: bool,
+    /// With `hot_add`: whether the hot-added function got attached, and its write and read.
+    pub hot_added: bool,
+    pub hot_added_io_ok: bool,
+    /// With `surprise`: whether the function left pci0 after the surprise removal.
+    pub surprise_detected: bool,
 }
 
 /// Offset and size of the test I/O.
@@ -166,6 +175,29 @@ pub struct Options {
     /// Loader tunables (kenv) as (name, value): a CTLFLAG_TUN sysctl of the module with that
     /// name takes the value when it is registered.
     pub tunables: Vec<(String, String)>,
+    /// With `qemu`: the ACPI namespace of QEMU's pc DSDT for the root bus (`\_SB_.PCI0` and
+    /// its slot objects, [`super::acpi`]) instead of none, so the module's hotplug discovery
+    /// finds the slots and installs its notify handlers.
+    pub acpi: bool,
+    /// With `acpi`: after the I/O, the controller's removal as the platform asks for it: QMP
+    /// `device_del`, QEMU raises the hotplug GPE, the emulated acpi_task delivers
+    /// `Notify(S04_, 3)` to the module's handler ([`super::acpi::run_gpe`]), and the module's
+    /// hotplug task is expected to detach and delete the function and evaluate `_EJ0`, after
+    /// which QEMU reports `DEVICE_DELETED`.
+    pub eject: bool,
+    /// With `eject`: then a controller hot-added to slot 5, empty since boot (QMP `device_add`): the GPE
+    /// becomes `Notify(S05_, 1)`, and the module's task is expected to rescan that slot
+    /// (`pci_read_device`, `pci_add_child`, `device_probe_and_attach`); the new disk is then
+    /// written and read as the first was, and detached with devctl before the unload.
+    pub hot_add: bool,
+    /// With `acpi`: after the I/O, a surprise removal: the slot ejected behind everyone's back
+    /// (the PCEJ write with no `device_del`, so no GPE and no notify); then time passes (every
+    /// armed callout fires once per step, the taskqueues run) until the function left pci0,
+    /// which only the module's own detection (its watchdog) can make happen.
+    pub surprise: bool,
+    /// With `acpi`: stock FreeBSD's ACPI, acpi_pci(4) on pci0 with its handler on every slot
+    /// before the module loads (the module then observes: hw.nvme_hotplug.acpi_mode).
+    pub acpi_pci: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -222,6 +254,109 @@ fn devctl_detach(report: &mut Report) {
     }
 }
 
+/// QMP `device_del` of the controller, then the SCI's work and the module's tasks until the
+/// function is gone from pci0 (at most 5 s), then QEMU's `DEVICE_DELETED` awaited (2 s).
+fn eject_request(report: &mut Report) {
+    use super::machine::{with_machine, NVME_ID, NVME_SLOT};
+    let r = with_machine(|m| m.qmp().and_then(|q| q.device_del(NVME_ID)));
+    log(format!("QMP device_del {NVME_ID}: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
+    if r.is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let present = || super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {NVME_SLOT}.0"));
+    while present() && std::time::Instant::now() < deadline {
+        for (slot, value, n) in super::acpi::run_gpe() {
+            report.notifies.push((slot, value, n));
+        }
+        super::sched::run_queues(1000);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let gone = !present();
+    log(format!("after the eject request: device {NVME_SLOT}.0 {}", if gone { "deleted from pci0" } else { "still on pci0" }));
+    let deleted = with_machine(|m| m.qmp().and_then(|q| q.wait_deleted(NVME_ID, std::time::Duration::from_secs(2)))).unwrap_or(false);
+    log(format!("QMP: DEVICE_DELETED {NVME_ID}: {}", if deleted { "received" } else { "not received" }));
+    report.ejected = gone && deleted;
+}
+
+/// The lab's surprise removal: `_EJ0`'s register write with no `device_del` first (QEMU
+/// removes the function at once, no SCI), then time passes in steps of one callout period
+/// (at most 30), the taskqueues running after each, until 00:04.0 left pci0.
+fn surprise_removal(report: &mut Report) {
+    use super::machine::{with_machine, NVME_SLOT};
+    let mut hp = nvmehp_lab::acpi_hotplug::AcpiHotplug::new(nvmehp_lab::acpi_hotplug::HotplugLayout::pc());
+    let r = with_machine(|m| hp.eject(&mut m.qtest, NVME_SLOT));
+    log(format!("surprise removal: PCEJ bit {NVME_SLOT} written with no device_del: {r:?}"));
+    let present = || super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {NVME_SLOT}.0"));
+    let mut steps = 0;
+    while present() && steps < 30 {
+        steps += 1;
+        let fired = super::sched::fire_callouts();
+        super::sched::run_queues(1000);
+        for n in super::acpi::run_gpe() {
+            report.notifies.push(n);
+        }
+        if fired == 0 && present() {
+            break; // nothing armed: time passing changes nothing
+        }
+    }
+    let gone = !present();
+    log(format!("after the surprise removal: device {NVME_SLOT}.0 {} after {steps} callout periods", if gone { "deleted from pci0" } else { "still on pci0" }));
+    report.surprise_detected = gone;
+}
+
+/// Zeroes the test I/O's range in the controller's backing file (QEMU's raw driver reads it
+/// back through the host page cache, so the zeroes are what the device sees next).
+fn zero_io_range() {
+    use std::io::{Seek, SeekFrom, Write};
+    let image = super::machine::with_machine(|m| m.image.clone());
+    let r = std::fs::OpenOptions::new().write(true).open(&image).and_then(|mut f| {
+        f.seek(SeekFrom::Start(IO_OFFSET as u64))?;
+        f.write_all(&[0u8; IO_BYTES])?;
+        f.sync_data()
+    });
+    log(format!("backing file {} at {IO_OFFSET}: zeroed before the hot-added controller's I/O ({r:?})", image.display()));
+}
+
+/// The slot `--hot-add` plugs into: empty since boot (its slot object has `_EJ0`, no function).
+const HOT_ADD_SLOT: u8 = 5;
+
+/// QMP `device_add` of a controller in [`HOT_ADD_SLOT`] (the same backing image, whose first
+/// controller is gone), then the SCI's work and the module's tasks until a function in that
+/// slot is attached (at most 5 s).
+fn hot_add(report: &mut Report) {
+    use super::machine::with_machine;
+    const NVME_SLOT: u8 = HOT_ADD_SLOT;
+    let props = [
+        ("drive", serde_json::Value::from("nvm0")),
+        ("serial", serde_json::Value::from("KLDHOST1")),
+        ("addr", serde_json::Value::from(format!("0x{NVME_SLOT:x}"))),
+    ];
+    let r = with_machine(|m| m.qmp().and_then(|q| q.device_add("nvme", "nvme1", "pci.0", &props)));
+    log(format!("QMP device_add nvme1 at slot {NVME_SLOT}: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
+    if r.is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let attached = || {
+        super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {NVME_SLOT}.0") && super::newbus::state(c) >= layouts::DS_ATTACHED)
+    };
+    while !attached() && std::time::Instant::now() < deadline {
+        for n in super::acpi::run_gpe() {
+            report.notifies.push(n);
+        }
+        super::sched::run_queues(1000);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let ok = attached();
+    log(format!("after the hot-add: device {NVME_SLOT}.0 {}", if ok { "attached" } else { "not attached" }));
+    with(|e| {
+        report.nodes_attached = e.devs.keys().cloned().collect();
+        report.disks_attached = e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
+    });
+    report.hot_added = ok;
+}
+
 fn location(dev: u64) -> String {
     with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.as_ref()).map(|p| format!("device {}.{}", p.bdf.dev, p.bdf.func)).unwrap_or_default())
 }
@@ -232,6 +367,11 @@ pub fn run(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
         super::machine::start().map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
         super::newbus::build_tree(&functions);
+        if opts.acpi {
+            let pci0 = super::newbus::pci0();
+            let pcib0 = with(|e| e.newbus.devices.get(&pci0).map_or(0, |d| d.parent));
+            super::acpi::enable_with(pcib0, opts.acpi_pci);
+        }
     }
     let r = run_module(ko, opts);
     super::machine::stop();
@@ -286,6 +426,21 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
             if opts.burst > 0 {
                 burst_io(&mut report, opts.burst);
             }
+            if opts.eject {
+                eject_request(&mut report);
+            }
+            if opts.surprise {
+                surprise_removal(&mut report);
+            }
+            if opts.eject && opts.hot_add && report.ejected {
+                hot_add(&mut report);
+                // The first write left the pattern in the image: zero it, so that only the new
+                // controller's write can put it back.
+                zero_io_range();
+                let io_before = report.io.len();
+                disk_io(&mut report, false);
+                report.hot_added_io_ok = report.io.len() > io_before && report.io_data_ok;
+            }
             devctl_detach(&mut report);
             let ran = super::sched::run_queues(1000);
             log(format!("after detach: taskqueue and kernel threads ran {ran} times"));
@@ -332,6 +487,7 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
         super::geom::end_of_life_checks();
         super::sysctl::end_of_life_checks();
         super::busdma::end_of_life_checks();
+        super::acpi::end_of_life_checks();
     }
     with(|e| {
         report.log = std::mem::take(&mut e.log);

@@ -1,0 +1,263 @@
+//! `kldhost run --qemu --acpi`: the ACPI namespace of QEMU's pc DSDT for the root bus
+//! (`\_SB_.PCI0`, slot objects with `_ADR` and `_EJ0`), so the real module's hotplug discovery
+//! finds the slots, owns them (no acpi_pci handler: pcib0 answers no ACPI handle for pci0) and
+//! installs, then at unload removes, its notify handlers. Needs QEMU (the lab's rule: SKIP
+//! without it, a failure with NVMEHP_REQUIRE_QEMU=1) and the built .ko or clang-19.
+
+mod common;
+
+use common::{compile, kernel_header_flags, kldhost_run_with, temp_object};
+
+fn assert_in_order(out: &str, wanted: &[&str]) {
+    let mut from = 0;
+    for w in wanted {
+        match out[from..].find(w) {
+            Some(i) => from += i + w.len(),
+            None => panic!("{w:?} missing or out of order in:\n{out}"),
+        }
+    }
+}
+
+#[test]
+fn the_real_module_finds_the_slots_owns_them_and_removes_its_handlers_at_unload() {
+    if !nvmehp_lab::skip::qemu_or_skip("acpi_real") || common::real_ko("acpi_real").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "kldhost run --qemu --acpi failed:\n{out}");
+    // QEMU's PIIX4 hotplug block marks every slot but 0 (host bridge) and 1 (PIIX4) removable.
+    assert!(out.contains("_EJ0 on PCIRMV 0xfffffffc"), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            // The hotplug task's discovery: the root bus object, its acpi(4) device (pcib0) and
+            // that bridge's pci child, the walk of its Device objects, _EJ0 and _ADR per slot.
+            "AcpiGetHandle(0x0, \"\\\\_SB_.PCI0\") = AE_OK",
+            "acpi_get_device(",
+            "AcpiWalkNamespace(type 6,",
+            "visits 32 objects",
+            "\"_EJ0\") = AE_OK (\\_SB_.PCI0.S02_._EJ0)",
+            "\"_ADR\") = AE_OK (0x20000)",
+            "AcpiInstallNotifyHandler(\\_SB_.PCI0.S02_, type 1,",
+            "AcpiInstallNotifyHandler(\\_SB_.PCI0.S1F_, type 1,",
+            // The controller in slot 4 is still attached and does I/O.
+            "at 8192: the written data; read back: the written data",
+            // Unload: each handler removed, then ACPI's queued events waited for.
+            "AcpiRemoveNotifyHandler(\\_SB_.PCI0.S02_, type 1,",
+            "AcpiOsWaitEventsComplete()",
+            "AcpiRemoveNotifyHandler(\\_SB_.PCI0.S1F_, type 1,",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
+            "console:",
+            "nvme_hotplug: 30 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 30 owned (30 handlers), 0 observed",
+            "nvme_hotplug: unloaded (30 ACPI notify handlers removed)",
+            "findings: 0",
+        ],
+    );
+    // Slots 0 and 1 have no _EJ0: not hotplug slots, no handler.
+    assert!(!out.contains("AcpiInstallNotifyHandler(\\_SB_.PCI0.S00_") && !out.contains("AcpiInstallNotifyHandler(\\_SB_.PCI0.S01_"), "{out}");
+    assert_eq!(out.matches("AcpiInstallNotifyHandler(").count(), 30, "{out}");
+    assert_eq!(out.matches("AcpiRemoveNotifyHandler(").count(), 30, "{out}");
+
+    // Control: without --acpi the machine has no namespace, and no handler is installed.
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("AcpiGetHandle(0x0, \"\\\\_SB_.PCI0\") = AE_NOT_FOUND"), "{out}");
+    assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
+}
+
+fn fixture(test: &str, define: Option<&str>) -> Option<std::path::PathBuf> {
+    let mut flags = kernel_header_flags();
+    flags.extend(define.map(str::to_string));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    compile(test, "acpi_notify", &flags).map(|o| temp_object(test, &o))
+}
+
+#[test]
+fn a_notify_handler_left_installed_at_unload_is_a_finding() {
+    if !nvmehp_lab::skip::qemu_or_skip("acpi_handler_leak") {
+        return;
+    }
+    // Control: installed once (a second identical install is AE_ALREADY_EXISTS, as ACPICA's
+    // AcpiInstallNotifyHandler answers), removed at unload: no finding.
+    let Some(good) = fixture("acpi_notify_ok", None) else { return };
+    let (code, out) = kldhost_run_with(&good, &["--qemu", "--acpi"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(&out, &["kldhost_fixture: install 0", "kldhost_fixture: install again 0x7", "kldhost_fixture: remove 0", "findings: 0"]);
+
+    let Some(bad) = fixture("acpi_notify_keep", Some("-DKLDHOST_KEEP_HANDLER")) else { return };
+    let (code, out) = kldhost_run_with(&bad, &["--qemu", "--acpi"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_in_order(&out, &["kldhost_fixture: install 0", "findings: 1", "after unload: ACPI notify handler still installed on \\_SB_.PCI0.S05_"]);
+}
+
+#[test]
+fn an_eject_request_reaches_the_modules_handler_which_detaches_deletes_and_ejects() {
+    if !nvmehp_lab::skip::qemu_or_skip("acpi_eject") || common::real_ko("acpi_eject").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--eject", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "kldhost run --qemu --acpi --eject failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "AcpiInstallNotifyHandler(\\_SB_.PCI0.S04_, type 1,",
+            "at 8192: the written data; read back: the written data",
+            // QEMU's device_del sets PCID and raises the GPE; _E01's AML notifies the slot, the
+            // acpi_task thread calls the module's handler, which hands the work to its task.
+            "QMP device_del nvme0: ok",
+            "acpi_task: Notify(\\_SB_.PCI0.S04_, 3) to 1 handler(s)",
+            "taskqueue nvmehp_hotplug: run task",
+            // The task finds the function, detaches it (disk_gone, the BAR released), deletes
+            // it from pci0, then evaluates _EJ0, which QEMU's AML turns into the PCEJ write.
+            "pci_find_dbsf(0, 0, 4, 0) = 0x",
+            "nvmehp0: device_detach_desc ->",
+            "disk_gone(nvmehpd0)",
+            "bus_release_resource(nvmehp0, type 3, rid 0x10) = 0",
+            "nvmehp0: device_detach_desc = 0",
+            "device_delete_child(pci0, pci0:0:4:0) = 0 (device_t",
+            "acpi_SetInteger(\\_SB_.PCI0.S04_, \"_EJ0\", 1) = 0x0",
+            "after the eject request: device 4.0 deleted from pci0",
+            "QMP: DEVICE_DELETED nvme0: received",
+            "AcpiRemoveNotifyHandler(\\_SB_.PCI0.S04_, type 1,",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
+            "console:",
+            "nvmehp0: detached",
+            "nvme_hotplug: hotplug run: 0 rescans, 1 detaches (0 stale), 1 ejected, 0 refused, 0 failures, 0 left alone",
+            "notify slot 4 value 3: 1 handler(s)",
+            "ejected (deleted from pci0, DEVICE_DELETED): true",
+            "findings: 0",
+        ],
+    );
+    // The _EJ0 comes after the delete: nothing may touch the function once QEMU removed it.
+    let del = out.find("device_delete_child(pci0, pci0:0:4:0)").expect("delete");
+    let ej0 = out.find("acpi_SetInteger(\\_SB_.PCI0.S04_, \"_EJ0\"").expect("_EJ0");
+    assert!(del < ej0, "{out}");
+
+    // Control: with hw.nvme_hotplug.acpi_mode=off the module installs no handler: the notify
+    // reaches nobody, the controller stays attached, QEMU keeps it (no _EJ0), and devctl
+    // detach takes it down as usual.
+    let (code, out) =
+        kldhost_run_with(&ko, &["--qemu", "--acpi", "--eject", "--tunable", "hw.nvme_hotplug.claim=1", "--tunable", "hw.nvme_hotplug.acpi_mode=off"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
+    assert!(!out.contains("acpi_SetInteger("), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "acpi_task: Notify(\\_SB_.PCI0.S04_, 3) to 0 handler(s)",
+            "after the eject request: device 4.0 still on pci0",
+            "QMP: DEVICE_DELETED nvme0: not received",
+            "ejected (deleted from pci0, DEVICE_DELETED): false",
+            "detach device 4.0 (nvmehp0): 0",
+            "findings: 0",
+        ],
+    );
+}
+
+#[test]
+fn a_controller_hot_added_to_an_empty_slot_is_rescanned_attached_and_does_io() {
+    if !nvmehp_lab::skip::qemu_or_skip("acpi_hot_add") || common::real_ko("acpi_hot_add").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--eject", "--hot-add", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "kldhost run --qemu --acpi --eject --hot-add failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "QMP: DEVICE_DELETED nvme0: received",
+            // QEMU's device_add sets PCIU and raises the GPE; _E01's AML sends a device check.
+            "QMP device_add nvme1 at slot 5: ok",
+            "acpi_task: Notify(\\_SB_.PCI0.S05_, 1) to 1 handler(s)",
+            "taskqueue nvmehp_hotplug: run task",
+            // The module's single-slot rescan: the function read, added to pci0, probed and
+            // attached by nvmehp (claim=1's hoover bid), with new nodes and a new disk.
+            "pci_read_device(0, 0, 5, 0) = 0x",
+            "pci_add_child(pci0, 00:05.0) = device_t 0x",
+            "nvmehp0: device_attach_desc ->",
+            "make_dev_s(\"nvmehp0\"",
+            "disk_create(nvmehpd1:",
+            "nvmehp0: device_attach_desc = 0",
+            "after the hot-add: device 5.0 attached",
+            // The image was zeroed first: only the new controller's write can put the data back.
+            "zeroed before the hot-added controller's I/O (Ok(()))",
+            "g_down: d_strategy(nvmehpd1, BIO_WRITE, offset 8192, 4096 bytes)",
+            "at 8192: the written data; read back: the written data",
+            // devctl detach of the new one, then the unload.
+            "nvmehp0: device_detach_desc = 0",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
+            "console:",
+            "nvme_hotplug: slot \\_SB_.PCI0.S05_: 1 new functions, 1 attached",
+            "notify slot 4 value 3: 1 handler(s)",
+            "notify slot 5 value 1: 1 handler(s)",
+            "ejected (deleted from pci0, DEVICE_DELETED): true",
+            "hot-added and attached: true; its write and read: ok",
+            "findings: 0",
+        ],
+    );
+}
+
+#[test]
+fn a_surprise_removal_is_found_by_the_watchdog_and_torn_down_without_ej0() {
+    if !nvmehp_lab::skip::qemu_or_skip("acpi_surprise") || common::real_ko("acpi_surprise").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--surprise", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "kldhost run --qemu --acpi --surprise failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "at 8192: the written data; read back: the written data",
+            // The slot is ejected with no device_del: no GPE, no notify.
+            "surprise removal: PCEJ bit 4 written with no device_del: Ok(())",
+            // Time passes: the watchdog callout finds the controller gone and asks the hotplug
+            // task, which detaches the stale function and deletes it.
+            "time passes: callout",
+            "taskqueue nvmehp_hotplug: run task",
+            "nvmehp0: device_detach_desc ->",
+            "disk_gone(nvmehpd0)",
+            "nvmehp0: device_detach_desc = 0",
+            "device_delete_child(pci0, pci0:0:4:0) = 0",
+            "after the surprise removal: device 4.0 deleted from pci0",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
+            "console:",
+            "nvmehp0: controller lost (controller gone, health Gone)",
+            "nvmehp0: detached (device gone)",
+            "nvme_hotplug: hotplug run: 0 rescans, 1 detaches (1 stale), 0 ejected, 0 refused, 0 failures, 0 left alone",
+            "surprise removal: the function left pci0",
+            "findings: 0",
+        ],
+    );
+    // No notify came, and nothing evaluates _EJ0 on a slot that is already empty.
+    assert!(!out.contains("acpi_task: Notify("), "{out}");
+    assert!(!out.contains("acpi_SetInteger("), "{out}");
+}
+
+#[test]
+fn with_acpi_pci_on_the_bus_stock_freebsd_the_module_observes_the_slots() {
+    if !nvmehp_lab::skip::qemu_or_skip("acpi_stock") || common::real_ko("acpi_stock").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--acpi-pci", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "kldhost run --qemu --acpi --acpi-pci failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "acpi_pci: pci0 has ACPI handle \\_SB_.PCI0; its notify handler installed on 30 slots",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_LOAD) = 0",
+            "console:",
+            // acpi_get_handle(pci0) is non-NULL: acpi_pci's unremovable handler is there, so
+            // acpi_mode=auto observes every slot and installs nothing.
+            "nvme_hotplug: acpi_pci handles these slots (its handler cannot be removed)",
+            "nvme_hotplug: 30 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 0 owned (0 handlers), 30 observed",
+            "nvme_hotplug: unloaded (0 ACPI notify handlers removed)",
+            // acpi_pci's handlers are the kernel's: not a leak of the module's.
+            "findings: 0",
+        ],
+    );
+    assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
+}
