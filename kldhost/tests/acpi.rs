@@ -6,17 +6,8 @@
 
 mod common;
 
-use common::{compile, kernel_header_flags, kldhost_run_with, temp_object};
+use common::{assert_in_order, kldhost_run_with};
 
-fn assert_in_order(out: &str, wanted: &[&str]) {
-    let mut from = 0;
-    for w in wanted {
-        match out[from..].find(w) {
-            Some(i) => from += i + w.len(),
-            None => panic!("{w:?} missing or out of order in:\n{out}"),
-        }
-    }
-}
 
 #[test]
 fn the_real_module_finds_the_slots_owns_them_and_removes_its_handlers_at_unload() {
@@ -67,10 +58,7 @@ fn the_real_module_finds_the_slots_owns_them_and_removes_its_handlers_at_unload(
 }
 
 fn fixture(test: &str, define: Option<&str>) -> Option<std::path::PathBuf> {
-    let mut flags = kernel_header_flags();
-    flags.extend(define.map(str::to_string));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    compile(test, "acpi_notify", &flags).map(|o| temp_object(test, &o))
+    common::fixture_object(test, "acpi_notify", define)
 }
 
 #[test]
