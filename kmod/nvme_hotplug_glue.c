@@ -444,9 +444,3 @@ nvmehp_sbinuptime(void)
 {
 	return (sbinuptime());
 }
-
-sbintime_t
-nvmehp_getsbinuptime(void)
-{
-	return (getsbinuptime());
-}

@@ -170,9 +170,8 @@ void	nvmehp_pause_ms(const char *wmesg, int ms);
  */
 void	nvmehp_pause_us(const char *wmesg, int us);
 
-/* sbinuptime(9), getsbinuptime(9): static inline in <sys/time.h>. */
+/* sbinuptime(9): static inline in <sys/time.h>. */
 sbintime_t nvmehp_sbinuptime(void);
-sbintime_t nvmehp_getsbinuptime(void);
 
 /*
  * busdma(9) map operations: static inline on amd64 (<x86/bus_dma.h>, WANT_INLINE_DMAMAP), where

@@ -2,8 +2,9 @@
 //!
 //! They are deliberately small so that each has exactly two implementations that a reviewer can
 //! read side by side: the kernel's (`src/freebsd/`, over bus_space(9), contigmalloc(9),
-//! DELAY(9)/getsbinuptime(9) and pci_read_config(9)) and the lab's (`lab/`, over QEMU's qtest
-//! protocol, where guest RAM is DMA memory and MMIO goes to QEMU's real NVMe model).
+//! DELAY(9)/pause_sbt(9)/sbinuptime(9) and pci_read_config(9)) and the lab's (`lab/`, over
+//! QEMU's qtest protocol and guest RAM shared with QEMU, where guest RAM is DMA memory and MMIO
+//! goes to QEMU's real NVMe model).
 //!
 //! Why DMA memory is accessed through methods and not through a slice: in the lab it lives in
 //! the guest's RAM inside another process, and in the kernel the device writes it behind the

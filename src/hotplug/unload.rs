@@ -12,8 +12,10 @@
 //! the GEOM access method under the same lock as its open counts, before calling [`unload`].
 //!
 //! Order, once allowed, and why:
-//! 1. remove our ACPI notify handlers, from the MOD_UNLOAD thread (never from an ACPI task
-//!    thread: AcpiRemoveNotifyHandler drains the ACPI task queue, Osd/OsdSchedule.c), each
+//! 1. remove our ACPI notify handlers, from the kldunload thread (the FreeBSD glue does it in
+//!    MOD_QUIESCE, so that a handler that cannot be removed refuses the unload before newbus
+//!    detaches anything, and MOD_UNLOAD only redoes it after `kldunload -f`; never from an ACPI
+//!    task thread: AcpiRemoveNotifyHandler drains the ACPI task queue, Osd/OsdSchedule.c), each
 //!    followed by AcpiOsWaitEventsComplete for the notifies queued just before its unlink
 //!    (evmisc.c AcpiEvQueueNotifyRequest keeps the old handler list); afterwards no handler of
 //!    ours runs or can enqueue work;
