@@ -49,8 +49,8 @@ mod kld {
         "device_delete_child", "bus_alloc_resource", "bus_release_resource", "rman_get_size",
         // memory helpers LLVM may call for copies (kernel exports: sys/libkern/memcpy.c etc.)
         "memcpy", "memmove", "memset", "memcmp",
-        // time and pmap
-        "DELAY", "binuptime", "getbinuptime", "pmap_kextract", "pause_sbt",
+        // time and pmap (binuptime: the glue's sbinuptime(), inline in <sys/time.h>, calls it)
+        "DELAY", "binuptime", "pmap_kextract", "pause_sbt",
         // the glue's sysctls and counters
         "strlcpy",
         // CStr::from_ptr (libkern strlen, a kernel export)
@@ -58,7 +58,7 @@ mod kld {
         // taskqueue(9)
         "taskqueue_create", "taskqueue_start_threads", "taskqueue_thread_enqueue",
         "taskqueue_enqueue", "taskqueue_drain", "taskqueue_drain_all", "taskqueue_free",
-        "_timeout_task_init", "taskqueue_enqueue_timeout_sbt", "taskqueue_cancel_timeout",
+        "_timeout_task_init", "taskqueue_enqueue_timeout_sbt",
         "taskqueue_drain_timeout",
         // interrupts, callout(9)
         "bus_setup_intr", "bus_teardown_intr",

@@ -578,13 +578,6 @@ pub unsafe extern "C" fn taskqueue_enqueue_timeout_sbt(_q: *mut taskqueue, tt: *
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn taskqueue_cancel_timeout(_q: *mut taskqueue, _tt: *mut timeout_task, _p: *mut u32) -> c_int {
-    let _fake = FakeWork::begin();
-    record("taskqueue_cancel_timeout");
-    0
-}
-
-#[no_mangle]
 pub unsafe extern "C" fn taskqueue_drain_timeout(_q: *mut taskqueue, _tt: *mut timeout_task) {
     let _fake = FakeWork::begin();
     record("taskqueue_drain_timeout");

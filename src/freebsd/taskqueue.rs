@@ -220,12 +220,6 @@ impl<H: TaskHandler> TimeoutTask<'_, H> {
         unsafe { &raw mut (*self.raw.get()).t }
     }
 
-    /// Cancels a pending run. `false` when it is already running (it will finish).
-    pub fn cancel(&self) -> bool {
-        // SAFETY: as enqueue_after; no pending count is requested.
-        unsafe { bindings::taskqueue_cancel_timeout(self.queue.raw(), self.raw.get(), core::ptr::null_mut()) == 0 }
-    }
-
     /// The handler.
     pub fn handler(&self) -> &H {
         &self.handler
