@@ -339,6 +339,45 @@ fn a_vanished_controller_is_swept_without_ej0_or_ost() {
     assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
 }
 
+/// A controller surprise-removed during its bring-up: the attach fails and newbus keeps the
+/// child, driverless. Its function reads all-ones, so the attach asks for the quiet slot
+/// check, whose sweep deletes that child (no detach: no driver; no `_EJ0`, no `_OST`), and
+/// the next controller put into the slot is a new function for the next device check.
+/// Without the request the child stayed for ever and a controller hot-added into the slot
+/// was never probed (found by `kldhost scenario` running bringup-removal-sweep with the .ko).
+#[test]
+fn a_controller_gone_during_its_attach_leaves_no_driverless_child_behind() {
+    use super::fake_nvme::FakeNvme;
+    use super::module::nvmehp_modevent;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Config space of the function reads all-ones (it left); BAR0 still maps, and the
+    // controller model never becomes ready, so the bring-up fails (after CAP.TO).
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, ..Knobs::default() });
+    fk::start_clock();
+    let mut nvme = FakeNvme::new(false, false);
+    nvme.ready_after_us = Some(u64::MAX);
+    fk::install_nvme(nvme);
+    fk::insert_slot3(0xffff);
+    super::module::reset_for_tests();
+    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_LOAD as i32, arg), 0);
+    fk::run_queued(); // discovery
+
+    fk::newbus_add(fk::fake_device());
+    fk::record("-- attach --");
+    assert_ne!(fk::newbus_attach(fk::fake_device()), 0, "the bring-up of a vanished controller fails");
+    fk::run_queued();
+    let log = fk::log();
+    let a = first(&log, "-- attach --");
+    let deleted = positions(&log[a..], "device_delete_child");
+    assert_eq!(deleted.len(), 1, "the driverless child is deleted once: {:#?}", &log[a..]);
+    assert_eq!(positions(&log[a..], "device_detach").len(), 0, "no driver, no detach");
+    assert_eq!(positions(&log[a..], "acpi_SetInteger").len(), 0, "no _EJ0 for a sweep");
+
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
+    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
+}
+
 /// Sends one bio through `d_strategy` of our first disk: `cmd` at byte `offset`, with `buf` as
 /// its data (the bio's own pages: the driver hands them to the device through busdma).
 pub(super) fn strategy(cmd: u32, offset: i64, buf: &mut [u8]) -> *mut bindings::bio {

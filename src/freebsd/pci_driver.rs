@@ -503,6 +503,9 @@ pub unsafe extern "C" fn nvmehp_attach(dev: device_t) -> c_int {
             // of one that ignored the disable. Such a device must not keep DMA on; nor does a
             // function no driver drives (nvme_pci.c nvme_pci_detach turns it off too).
             let _ = dev.disable_busmaster();
+            if dev.pci_read_config(bindings::PCIR_VENDOR, 2) as u16 == 0xffff {
+                super::slots::function_vanished_during_attach(dev);
+            }
             return e;
         }
     };

@@ -299,23 +299,40 @@ impl CalloutHandler<PendingState> for FallbackTick {
 /// A controller's watchdog or interrupt found it gone or dead: ask the hotplug task to check
 /// the slots (a stale device is then detached with `DetachReason::Gone`). Never sleeps.
 pub fn controller_lost(dev: Device) {
-    let Some(hp) = hotplug() else { return };
-    match hp.slot_of(dev) {
-        Some((d, _)) => {
-            let enqueue = {
-                let mut p = d.pending.lock();
-                !p.stopping && p.events.check_all_quietly()
-            };
-            if enqueue {
-                hp.enqueue();
-            }
-        }
-        None => dev_printf!(
+    if !check_slots_quietly(dev) {
+        dev_printf!(
             &dev,
             "not in a known hotplug slot: detach it with `devctl detach {}` or `devctl rescan` its bus\n",
             core::str::from_utf8(dev.nameunit().to_bytes()).unwrap_or("?")
-        ),
+        );
     }
+}
+
+/// Our attach of `dev` failed and its function no longer answers config reads: it vanished
+/// during the bring-up (a surprise removal). newbus keeps a child whose attach failed,
+/// driverless (device_probe_and_attach, sys/kern/subr_bus.c), and a rescan never probes a
+/// child it already has (pci_rescan_method and our single-slot walk skip known functions), so
+/// the next controller hot-added into that slot would never be attached. The quiet check the
+/// watchdog path asks for deletes it (a driverless child whose function is gone is stale:
+/// `detach_slot` with `DetachReason::Gone`). Outside a known hotplug slot nothing is said:
+/// `devctl rescan` of its bus deletes it, as for any function that left. Never sleeps.
+pub fn function_vanished_during_attach(dev: Device) {
+    let _ = check_slots_quietly(dev);
+}
+
+/// Records a quiet check of every slot and wakes the task; `false` when `dev` is not in one
+/// of our discovered slots (nothing recorded).
+fn check_slots_quietly(dev: Device) -> bool {
+    let Some(hp) = hotplug() else { return true };
+    let Some((d, _)) = hp.slot_of(dev) else { return false };
+    let enqueue = {
+        let mut p = d.pending.lock();
+        !p.stopping && p.events.check_all_quietly()
+    };
+    if enqueue {
+        hp.enqueue();
+    }
+    true
 }
 
 /// A controller reported a namespace attribute change: rescan its namespaces from the task.
