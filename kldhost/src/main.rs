@@ -70,6 +70,16 @@ enum Cmd {
         #[arg(long = "tunable", value_name = "NAME=VALUE")]
         tunables: Vec<String>,
     },
+    /// The module's hotplug story on one QEMU machine, as FreeBSD's console shows it: kldload,
+    /// attach, a write and a read, a surprise removal with writes in flight, a hot-add to
+    /// another slot with its write and read, that controller's announced eject, kldunload.
+    /// Exit status 0 when every step did what it should and there was no finding, 1 otherwise
+    /// (naming the step), 70 on an emulated panic. Needs qemu-system-x86_64.
+    Demo {
+        /// The module.
+        #[arg(long, default_value = "nvme_hotplug.ko")]
+        ko: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -79,6 +89,17 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("{}: {e}", ko.display());
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Demo { ko } => match demo(&ko) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("kldhost demo: {}: {e}", ko.display());
+                if !ko.exists() {
+                    eprintln!("kldhost demo: build the module first: make (or NVMEHP_SKIP_BOOTSTRAP=1 sh scripts/build-kld.sh)");
+                }
                 ExitCode::FAILURE
             }
         },
@@ -94,6 +115,14 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn demo(path: &PathBuf) -> Result<bool, Box<dyn std::error::Error>> {
+    let data = std::fs::read(path)?;
+    let ko = kldhost::load(&data, &kldhost::emu::table())?;
+    let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let verdict = kldhost::demo::demo(&ko, &name, &mut std::io::stdout())?;
+    Ok(verdict.ok())
 }
 
 fn load(path: &PathBuf) -> Result<(), Box<dyn std::error::Error>> {

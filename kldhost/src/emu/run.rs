@@ -79,8 +79,8 @@ fn created_disks() -> Vec<String> {
 }
 
 /// Offset and size of the test I/O.
-const IO_OFFSET: i64 = 8192;
-const IO_BYTES: usize = 4096;
+pub const IO_OFFSET: i64 = 8192;
+pub const IO_BYTES: usize = 4096;
 
 /// A write and a read of the target disk, as a consumer opening it would do them, and the
 /// data checked in QEMU's backing file. The bios' data live in guest RAM, as a kernel buffer
@@ -604,6 +604,8 @@ pub enum Moment<'a> {
     After(&'a Step, bool),
     /// A step skipped because an earlier one failed.
     Skipped(&'a Step),
+    /// The steps are over; MOD_QUIESCE is about to be sent.
+    Unloading,
     /// MOD_QUIESCE and MOD_UNLOAD were sent (see the report) and, if unloaded, the unload's
     /// checks ran.
     Unloaded,
@@ -689,6 +691,7 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
             }
         }
     }
+    observe(Moment::Unloading, &report);
     let mut refused = false;
     // A module whose MOD_LOAD failed was released by module_register_init: the file stays
     // loaded without it and the unload sends it nothing.
@@ -735,6 +738,7 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
     observe(Moment::Unloaded, &report);
     with(|e| {
         report.log = std::mem::take(&mut e.log);
+        e.console_at.clear();
         report.findings = std::mem::take(&mut e.findings);
         report.console = std::mem::take(&mut e.console);
     });
