@@ -237,7 +237,7 @@ pub struct Options {
     /// not waited for ([`Step::Surprise`]).
     pub in_flight: usize,
     /// With `qemu`: the steps to run instead of those the flags above describe
-    /// ([`Options::plan`]).
+    /// ([`Options::effective_plan`]).
     pub plan: Option<Plan>,
 }
 
@@ -443,7 +443,8 @@ fn hot_add(report: &mut Report, slot: u8, id: &str, drive: &Drive) {
     let before = created_disks();
     let props = [
         ("drive", serde_json::Value::from(node.as_str())),
-        ("serial", serde_json::Value::from(format!("KLDHOST{}", id.trim_start_matches("nvme")))),
+        // The serial carries the id's number, as KLDHOST0 is nvme0's.
+        ("serial", serde_json::Value::from(format!("KLDHOST{}", id.trim_start_matches(|c: char| !c.is_ascii_digit())))),
         ("addr", serde_json::Value::from(format!("0x{slot:x}"))),
     ];
     let r = with_machine(|m| m.qmp().and_then(|q| q.device_add("nvme", id, "pci.0", &props)));
@@ -559,15 +560,17 @@ impl Step {
 pub struct Plan {
     pub steps: Vec<Step>,
     /// After a step that did not do what it should, skip to the last step (a final Detach
-    /// still runs, so the unload's checks see a machine the module left as it should).
+    /// still runs, so that the unload's checks judge what the module left, not what the
+    /// skipped steps would have cleaned up).
     pub stop_at_failure: bool,
 }
 
 impl Options {
-    /// The plan `kldhost run`'s flags describe: attach, I/O, then `--burst`, `--eject` or
-    /// `--surprise`, `--hot-add` (on the ejected controller's drive) and its I/O, then
-    /// detach. Every step runs; a hot-add finds its drive still taken when the eject failed.
-    pub fn plan(&self) -> Plan {
+    /// The plan to run: `plan` if given, else the one `kldhost run`'s flags describe: attach,
+    /// I/O, then `--burst`, `--eject` or `--surprise`, `--hot-add` (on the ejected
+    /// controller's drive) and its I/O, then detach. Every step of that one runs; its hot-add
+    /// finds the drive still taken when the eject failed, and its I/O then has no disk.
+    pub fn effective_plan(&self) -> Plan {
         use super::machine::{NVME_ID, NVME_SLOT};
         if let Some(p) = &self.plan {
             return p.clone();
@@ -676,7 +679,7 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
         // The driver DRIVER_MODULE registered (the only one on pci).
         let driver = with(|e| e.newbus.drivers.iter().find(|(_, (bus, _))| bus == "pci").map(|(n, _)| n.clone()));
         if let Some(driver) = driver {
-            let plan = opts.plan();
+            let plan = opts.effective_plan();
             let mut failed = false;
             for (i, step) in plan.steps.iter().enumerate() {
                 if failed && i + 1 < plan.steps.len() {
