@@ -38,7 +38,7 @@ pub fn plan() -> Plan {
         steps: vec![
             Step::Attach,
             Step::Io,
-            Step::Surprise { slot: crate::emu::machine::NVME_SLOT, in_flight: IN_FLIGHT },
+            Step::Surprise { slot: crate::emu::machine::NVME_SLOT, id: crate::emu::machine::NVME_ID.to_string(), in_flight: IN_FLIGHT },
             Step::HotAdd { slot: run::HOT_ADD_SLOT, id: "nvme1".to_string(), drive: Drive::New(1) },
             Step::Io,
             Step::Eject { slot: run::HOT_ADD_SLOT, id: "nvme1".to_string() },
@@ -76,7 +76,7 @@ fn title(step: &Step) -> String {
         Step::Io => "write and read".to_string(),
         Step::Burst(n) => format!("burst of {n} writes"),
         Step::Eject { slot, id } => format!("announced eject of {id} in slot {slot}"),
-        Step::Surprise { slot, in_flight } => format!("surprise removal of slot {slot} with {in_flight} writes in flight"),
+        Step::Surprise { slot, in_flight, .. } => format!("surprise removal of slot {slot} with {in_flight} writes in flight"),
         Step::HotAdd { slot, id, .. } => format!("hot-add of {id} in slot {slot}"),
         Step::Detach => "devctl detach".to_string(),
     }
@@ -92,7 +92,7 @@ fn announce(step: &Step, report: &Report) -> String {
             format!("==> write {IO_BYTES} bytes at offset {IO_OFFSET} of {disk} through d_strategy, read them back; check QEMU's image file {image}")
         }
         Step::Burst(n) => format!("==> {n} writes of 4 KiB to {disk} at once"),
-        Step::Surprise { slot, in_flight } => format!(
+        Step::Surprise { slot, in_flight, .. } => format!(
             "==> {in_flight} writes of 4 KiB sent to {disk} without waiting, then surprise removal of slot {slot} \
              (QEMU: the device vanishes, no ACPI notify); time passes until the driver notices"
         ),
