@@ -147,6 +147,18 @@ fn host_fact(line: &str) -> Option<String> {
     if line.starts_with("MOD_EVENT(") {
         return line.contains(" = ").then(|| line.to_string());
     }
+    // The size as nvd(4) prints it for its disk (sys/dev/nvd/nvd.c nvd_new_disk: "nvd0: 16MB
+    // (32768 512 byte sectors)"); the module prints no such line, and GEOM only "new disk"
+    // with bootverbose (sys/geom/geom_disk.c g_disk_create).
+    if let Some(rest) = line.strip_prefix("disk_create(") {
+        let num = |tag: &str| rest.split_once(tag).and_then(|(a, _)| a.rsplit(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok());
+        if let (Some(bytes), Some(sector)) = (num(" bytes"), num("-byte sectors")) {
+            if sector > 0 {
+                return Some(format!("{line}: {}MB ({} {sector} byte sectors)", bytes >> 20, bytes / sector));
+            }
+        }
+        return Some(line.to_string());
+    }
     if let Some(rest) = line.strip_prefix("make_dev_s(") {
         let name = rest.split(',').next().unwrap_or(rest);
         let r = line.rsplit_once(" = ").map_or("", |(_, r)| r);

@@ -33,7 +33,7 @@ fn the_demo_tells_load_attach_io_surprise_hot_add_eject_and_unload_in_order() {
             "    | DEVICE_PROBE(nvmehp0) = -1000000",
             "\nnvmehp0: <NVMe controller (nvme_hotplug)> mem 0xc0400000-0xc0403fff at device 4.0 on pci0\n",
             "\nnvmehp0: NVMe 1.4.0 \"QEMU NVMe Ctrl\" serial \"KLDHOST0\"",
-            "    | disk_create(nvmehpd0: 16777216 bytes, 512-byte sectors, d_gone set)",
+            "    | disk_create(nvmehpd0: 16777216 bytes, 512-byte sectors, d_gone set): 16MB (32768 512 byte sectors)",
             "\nnvmehp0: attached: /dev/nvmehp0 and 1 namespace node(s) with disks nvmehpd*\n",
             "    | MOD_EVENT(pci/nvme_hotplug, MOD_LOAD) = 0",
             "\nnvme_hotplug: 30 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 30 owned (30 handlers)",
