@@ -141,7 +141,7 @@ fn host_fact(line: &str) -> Option<String> {
     // The kobj methods of newbus, by the name the kernel's DEVMETHODs give them.
     for (desc, method) in [("device_probe_desc", "DEVICE_PROBE"), ("device_attach_desc", "DEVICE_ATTACH"), ("device_detach_desc", "DEVICE_DETACH")] {
         if let Some((dev, r)) = line.split_once(&format!(": {desc} = ")) {
-            return Some(format!("{method}({dev}) = {r}"));
+            return Some(format!("{method}({dev}) = {r}{}", if desc == "device_probe_desc" { probe_name(r) } else { "" }));
         }
     }
     if line.starts_with("MOD_EVENT(") {
@@ -185,6 +185,21 @@ fn host_fact(line: &str) -> Option<String> {
         return Some(format!("g_up: bio done: {result}"));
     }
     Some(strip_ptr(&strip_ptr(line, " bio 0x"), " (device_t 0x"))
+}
+
+/// The name sys/bus.h gives a DEVICE_PROBE bid, if it is one of them.
+fn probe_name(r: &str) -> &'static str {
+    use crate::layouts as l;
+    match r.parse::<i32>() {
+        Ok(l::BUS_PROBE_SPECIFIC) => " (BUS_PROBE_SPECIFIC)",
+        Ok(l::BUS_PROBE_VENDOR) => " (BUS_PROBE_VENDOR)",
+        Ok(l::BUS_PROBE_DEFAULT) => " (BUS_PROBE_DEFAULT)",
+        Ok(l::BUS_PROBE_LOW_PRIORITY) => " (BUS_PROBE_LOW_PRIORITY)",
+        Ok(l::BUS_PROBE_GENERIC) => " (BUS_PROBE_GENERIC)",
+        Ok(l::BUS_PROBE_HOOVER) => " (BUS_PROBE_HOOVER)",
+        Ok(l::BUS_PROBE_NOWILDCARD) => " (BUS_PROBE_NOWILDCARD)",
+        _ => "",
+    }
 }
 
 /// Prints what happened since the last call: the console and the host's lines in the order

@@ -30,7 +30,8 @@ fn the_demo_tells_load_attach_io_surprise_hot_add_eject_and_unload_in_order() {
             "==> kldload nvme_hotplug.ko (loader tunables: hw.nvme_hotplug.claim=1 hw.nvme_hotplug.io_entries=16)",
             "\nnvme_hotplug: loaded (claim=1,",
             "    | pci_driver_added(nvmehp): probing device 4.0",
-            "    | DEVICE_PROBE(nvmehp0) = -1000000",
+            // claim=1: the module bids BUS_PROBE_HOOVER for an NVMe controller.
+            "    | DEVICE_PROBE(nvmehp0) = -1000000 (BUS_PROBE_HOOVER)",
             "\nnvmehp0: <NVMe controller (nvme_hotplug)> mem 0xc0400000-0xc0403fff at device 4.0 on pci0\n",
             "\nnvmehp0: NVMe 1.4.0 \"QEMU NVMe Ctrl\" serial \"KLDHOST0\"",
             "    | disk_create(nvmehpd0: 16777216 bytes, 512-byte sectors, d_gone set): 16MB (32768 512 byte sectors)",
