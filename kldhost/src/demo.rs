@@ -153,8 +153,8 @@ fn host_fact(line: &str) -> Option<String> {
     if let Some(rest) = line.strip_prefix("disk_create(") {
         let num = |tag: &str| rest.split_once(tag).and_then(|(a, _)| a.rsplit(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok());
         if let (Some(bytes), Some(sector)) = (num(" bytes"), num("-byte sectors")) {
-            if sector > 0 {
-                return Some(format!("{line}: {}MB ({} {sector} byte sectors)", bytes >> 20, bytes / sector));
+            if let Some(sectors) = bytes.checked_div(sector) {
+                return Some(format!("{line}: {}MB ({sectors} {sector} byte sectors)", bytes >> 20));
             }
         }
         return Some(line.to_string());
