@@ -51,8 +51,9 @@ pub fn plan() -> Plan {
 /// What the demo found.
 #[derive(Debug, Default)]
 pub struct Verdict {
-    /// The steps that did not do what they should, and those skipped after them.
+    /// The steps that did not do what they should.
     pub failed: Vec<String>,
+    /// The steps skipped after a failure.
     pub skipped: Vec<String>,
     pub unloaded: bool,
     pub findings: usize,
