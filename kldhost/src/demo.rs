@@ -237,8 +237,9 @@ impl Teller<'_> {
         }
     }
 
-    fn console_upto(&mut self, end: usize) {
-        let text = with(|e| e.console.get(self.console_at..end).unwrap_or("").to_string());
+    /// Prints `console` up to byte `end`, from where it was told last.
+    fn console_upto(&mut self, console: &str, end: usize) {
+        let text = console.get(self.console_at..end).unwrap_or("");
         self.console_at = end.max(self.console_at);
         if !text.is_empty() {
             self.flush();
@@ -246,17 +247,26 @@ impl Teller<'_> {
         }
     }
 
-    fn catch_up(&mut self) {
-        let (lines, marks, console_len) = with(|e| (e.log[self.log_at.min(e.log.len())..].to_vec(), e.console_at[self.log_at.min(e.console_at.len())..].to_vec(), e.console.len()));
-        self.log_at += lines.len();
-        for (line, mark) in lines.iter().zip(marks) {
-            self.console_upto(mark);
+    /// Tells the call-log lines from `log_at` on, each after the console text printed before
+    /// it (`marks[i]`: the console's length when `log[i]` was made), then the rest of the
+    /// console.
+    fn tell(&mut self, log: &[String], marks: &[usize], console: &str) {
+        let from = self.log_at.min(log.len());
+        for (line, &mark) in log[from..].iter().zip(&marks[from.min(marks.len())..]) {
+            self.console_upto(console, mark);
             if let Some(fact) = host_fact(line) {
                 self.fact(fact);
             }
         }
-        self.console_upto(console_len);
+        self.log_at = log.len();
+        self.console_upto(console, console.len());
         self.flush();
+    }
+
+    /// Tells what the emulated kernel recorded since the last call.
+    fn catch_up(&mut self) {
+        let (log, marks, console) = with(|e| (e.log.clone(), e.console_at.clone(), e.console.clone()));
+        self.tell(&log, &marks, &console);
     }
 }
 
@@ -336,4 +346,62 @@ pub fn demo(ko: &LoadedKo, ko_name: &str, out: &mut dyn Write) -> Result<Verdict
 
 fn errno(r: Option<std::ffi::c_int>) -> String {
     r.map_or("not sent".to_string(), |e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_lines_are_chosen_and_shortened() {
+        assert_eq!(host_fact("g_down: d_strategy(nvmehpd0, BIO_WRITE, offset 8192, 4096 bytes) bio 0x55e7c27b3d30").as_deref(), Some("g_down: d_strategy(nvmehpd0, BIO_WRITE, offset 8192, 4096 bytes)"));
+        assert_eq!(host_fact("g_up: bio 0x55e7c27b3d30 done: error 0, resid 0").as_deref(), Some("g_up: bio done: error 0, resid 0"));
+        assert_eq!(host_fact("biodone(0x1234): error 6, flags 0x3, resid 4096").as_deref(), Some("biodone: error 6 (ENXIO)"));
+        assert_eq!(host_fact("biodone(0x1234): error 0, flags 0x2, resid 0"), None, "a success is told by g_up");
+        assert_eq!(host_fact("nvmehp0: device_probe_desc = -1000000").as_deref(), Some("DEVICE_PROBE(nvmehp0) = -1000000 (BUS_PROBE_HOOVER)"));
+        assert_eq!(host_fact("nvmehp0: device_probe_desc ->"), None);
+        assert_eq!(host_fact("MOD_EVENT(pci/nvme_hotplug, MOD_LOAD)"), None, "the call, not its result");
+        assert_eq!(host_fact("MOD_EVENT(pci/nvme_hotplug, MOD_LOAD) = 0").as_deref(), Some("MOD_EVENT(pci/nvme_hotplug, MOD_LOAD) = 0"));
+        assert_eq!(host_fact("make_dev_s(\"nvmehp0\", uid 0, gid 5, mode 600, flags 0x28, si_drv1 0x1) = 0").as_deref(), Some("make_dev_s(\"nvmehp0\", ...) = 0"));
+        assert_eq!(host_fact("device_delete_child(pci0, pci0:0:4:0) = 0 (device_t 0x1 freed, poisoned)").as_deref(), Some("device_delete_child(pci0, pci0:0:4:0) = 0"));
+        assert_eq!(
+            host_fact("disk_create(nvmehpd0: 16777216 bytes, 512-byte sectors, d_gone set)").as_deref(),
+            Some("disk_create(nvmehpd0: 16777216 bytes, 512-byte sectors, d_gone set): 16MB (32768 512 byte sectors)")
+        );
+        assert_eq!(host_fact("malloc(48, flags 0x1) = 0x1"), None);
+    }
+
+    #[test]
+    fn console_and_host_lines_come_out_in_the_order_they_were_made_repeats_counted() {
+        let log: Vec<String> = [
+            "surprise removal: PCEJ bit 4 written with no device_del: Ok(())",
+            "biodone(0x1): error 6, flags 0x3, resid 4096",
+            "biodone(0x2): error 6, flags 0x3, resid 4096",
+            "malloc(48, flags 0x1) = 0x3",
+            "disk_gone(nvmehpd0) (d_gone runs from the GEOM event thread)",
+            "g_event: d_gone(nvmehpd0)",
+        ]
+        .map(String::from)
+        .to_vec();
+        let console = "nvmehp0: controller lost\nnvmehp0: detached\nunloaded\n";
+        // "controller lost" was printed after the two biodones, "detached" after disk_gone,
+        // "unloaded" after the last log line.
+        let marks = [0, 0, 0, 25, 25, 43];
+        let mut out = Vec::new();
+        let mut t = Teller { out: &mut out, log_at: 0, console_at: 0, last: None };
+        // Told in two goes, as at a step's boundary (a repeat is counted within one go).
+        t.tell(&log[..1], &marks[..1], &console[..0]);
+        t.tell(&log, &marks, console);
+        let text = String::from_utf8(out).expect("utf-8");
+        assert_eq!(
+            text,
+            "    | surprise removal: PCEJ bit 4 written with no device_del: Ok(())\n\
+             \x20   | biodone: error 6 (ENXIO) (x2)\n\
+             nvmehp0: controller lost\n\
+             \x20   | disk_gone(nvmehpd0) (d_gone runs from the GEOM event thread)\n\
+             nvmehp0: detached\n\
+             \x20   | g_event: d_gone(nvmehpd0)\n\
+             unloaded\n"
+        );
+    }
 }
