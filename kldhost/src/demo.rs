@@ -17,7 +17,7 @@
 //! Console and host lines come out in the order they happened: the emulation records the
 //! console's length at each call-log line ([`crate::emu::Emu::console_at`]).
 
-use crate::emu::run::{self, Drive, Moment, Options, Plan, Report, Step, IO_BYTES, IO_OFFSET};
+use crate::emu::run::{self, Drive, Moment, Options, Plan, Report, Step, IO_BYTES, IO_OFFSET, IO_PATTERN};
 use crate::emu::with;
 use crate::{LoadError, LoadedKo};
 use std::io::Write;
@@ -90,7 +90,7 @@ fn announce(step: &Step, report: &Report) -> String {
         Step::Attach => "==> attach: nvmehp on every pci0 function no driver took at MOD_LOAD (devctl set driver -f)".to_string(),
         Step::Io => {
             let image = report.target.as_ref().map_or(String::new(), |t| t.image.file_name().map_or(String::new(), |f| f.to_string_lossy().into_owned()));
-            format!("==> write {IO_BYTES} bytes at offset {IO_OFFSET} of {disk} through d_strategy, read them back; check QEMU's image file {image}")
+            format!("==> write {IO_BYTES} bytes ({IO_PATTERN}) at offset {IO_OFFSET} of {disk} through d_strategy, read them back; check QEMU's image file {image}")
         }
         Step::Burst(n) => format!("==> {n} writes of 4 KiB to {disk} at once"),
         Step::Surprise { slot, in_flight, .. } => format!(

@@ -39,7 +39,7 @@ fn the_demo_tells_load_attach_io_surprise_hot_add_eject_and_unload_in_order() {
             "    | MOD_EVENT(pci/nvme_hotplug, MOD_LOAD) = 0",
             "\nnvme_hotplug: 30 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 30 owned (30 handlers)",
             // The write and the read, and QEMU's image file holding the data.
-            "==> write 4096 bytes at offset 8192 of nvmehpd0 through d_strategy, read them back; check QEMU's image file nvme0n1.img",
+            "==> write 4096 bytes (byte i = (7 * i mod 256) XOR 0x5a) at offset 8192 of nvmehpd0 through d_strategy, read them back; check QEMU's image file nvme0n1.img",
             "    | g_down: d_strategy(nvmehpd0, BIO_WRITE, offset 8192, 4096 bytes)",
             "    | g_down: d_strategy(nvmehpd0, BIO_READ, offset 8192, 4096 bytes)",
             "/nvme0n1.img at 8192: the written data; read back: the written data",
@@ -73,7 +73,7 @@ fn the_demo_tells_load_attach_io_surprise_hot_add_eject_and_unload_in_order() {
             "\nnvmehp0: <NVMe controller (nvme_hotplug)> mem 0xc0500000-0xc0503fff at device 5.0 on pci0\n",
             "    | disk_create(nvmehpd1: 16777216 bytes",
             "\nnvme_hotplug: slot \\_SB_.PCI0.S05_: 1 new functions, 1 attached\n",
-            "==> write 4096 bytes at offset 8192 of nvmehpd1 through d_strategy, read them back; check QEMU's image file nvme1n1.img",
+            "==> write 4096 bytes (byte i = (7 * i mod 256) XOR 0x5a) at offset 8192 of nvmehpd1 through d_strategy, read them back; check QEMU's image file nvme1n1.img",
             "/nvme1n1.img at 8192: the written data; read back: the written data",
             // Its announced eject: device_del, Notify 3, detach, delete, _EJ0, DEVICE_DELETED.
             "==> eject of slot 5 announced: QMP device_del nvme1",
@@ -126,7 +126,7 @@ fn a_step_that_fails_is_named_and_the_demo_exits_1() {
     assert_in_order(
         &out,
         &[
-            "==> write 4096 bytes at offset 8192 of (no disk)",
+            "==> write 4096 bytes (byte i = (7 * i mod 256) XOR 0x5a) at offset 8192 of (no disk)",
             "==> FAILED: write and read",
             "==> skipped after the failure: surprise removal of slot 4",
             "==> skipped after the failure: announced eject of nvme1 in slot 5",

@@ -82,13 +82,22 @@ fn created_disks() -> Vec<String> {
 pub const IO_OFFSET: i64 = 8192;
 pub const IO_BYTES: usize = 4096;
 
+/// The test write's data, [`IO_PATTERN`]: no two neighbouring bytes alike, so a shifted,
+/// partial or zeroed copy cannot pass for it.
+pub fn io_pattern() -> Vec<u8> {
+    (0..IO_BYTES).map(|i| (i as u8).wrapping_mul(7) ^ 0x5a).collect()
+}
+
+/// [`io_pattern`] in words.
+pub const IO_PATTERN: &str = "byte i = (7 * i mod 256) XOR 0x5a";
+
 /// A write and a read of the target disk, as a consumer opening it would do them, and the
 /// data checked in QEMU's backing file. The bios' data live in guest RAM, as a kernel buffer
 /// a bio carries is memory the device can reach by DMA (busdma translates it page by page);
 /// with `outside_guest_ram` they are host memory instead, which busdma must refuse.
 fn disk_io(report: &mut Report, outside_guest_ram: bool) {
     let Some(Target { disk, image }) = report.target.clone() else { return };
-    let pattern: Vec<u8> = (0..IO_BYTES).map(|i| (i as u8).wrapping_mul(7) ^ 0x5a).collect();
+    let pattern = io_pattern();
     let timeout = std::time::Duration::from_secs(10);
     report.io.push((format!("d_open {disk}"), super::geom::open(&disk)));
     let (mut host_w, mut host_r) = (vec![0u8; IO_BYTES], vec![0u8; IO_BYTES]);
