@@ -575,7 +575,7 @@ impl Step {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub steps: Vec<Step>,
-    /// After a step that did not do what it should, skip to the last step (a final Detach
+    /// After a step that did not do what it should, skip every later step but a Detach (which
     /// still runs, so that the unload's checks judge what the module left, not what the
     /// skipped steps would have cleaned up).
     pub stop_at_failure: bool,
@@ -697,8 +697,8 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
         if let Some(driver) = driver {
             let plan = opts.effective_plan();
             let mut failed = false;
-            for (i, step) in plan.steps.iter().enumerate() {
-                if failed && i + 1 < plan.steps.len() {
+            for step in &plan.steps {
+                if failed && *step != Step::Detach {
                     observe(Moment::Skipped(step), &report);
                     continue;
                 }
