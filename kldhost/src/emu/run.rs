@@ -835,3 +835,28 @@ fn end_of_life_checks() {
         super::finding(format!("after unload: {l}"));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flags_plan_keeps_the_order_kldhost_run_always_had() {
+        let eject = Step::Eject { slot: 4, id: "nvme0".to_string() };
+        let hot_add = Step::HotAdd { slot: 5, id: "nvme1".to_string(), drive: Drive::First };
+        let opts = Options { qemu: true, acpi: true, burst: 3, eject: true, hot_add: true, ..Options::default() };
+        assert_eq!(
+            opts.effective_plan(),
+            Plan { steps: vec![Step::Attach, Step::Io, Step::Burst(3), eject, hot_add, Step::Io, Step::Detach], stop_at_failure: false }
+        );
+        let opts = Options { qemu: true, acpi: true, surprise: true, in_flight: 24, ..Options::default() };
+        assert_eq!(
+            opts.effective_plan().steps,
+            vec![Step::Attach, Step::Io, Step::Surprise { slot: 4, id: "nvme0".to_string(), in_flight: 24 }, Step::Detach]
+        );
+        assert_eq!(Options { qemu: true, ..Options::default() }.effective_plan().steps, vec![Step::Attach, Step::Io, Step::Detach]);
+        // A plan given is the plan run.
+        let given = Plan { steps: vec![Step::Detach], stop_at_failure: true };
+        assert_eq!(Options { qemu: true, eject: true, plan: Some(given.clone()), ..Options::default() }.effective_plan(), given);
+    }
+}
