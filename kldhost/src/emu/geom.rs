@@ -196,19 +196,19 @@ pub fn io(name: &str, cmd: u32, offset: i64, buf: &mut [u8], timeout: std::time:
 }
 
 /// Many bios at once, as GEOM's g_down thread sends them without waiting for one to finish:
-/// a `cmd` bio per `(offset, buffer)` through d_strategy ([`submit`]), then a wait until every
-/// one is done ([`wait`]). Returns each bio's error, -1 for one never done.
+/// a `cmd` bio per `(offset, buffer)` through d_strategy ([`start_burst`]), then a wait until
+/// every one is done ([`finish_burst`]). Returns each bio's error, -1 for one never done.
 pub fn io_burst(name: &str, cmd: u32, bufs: &mut [(i64, &mut [u8])], timeout: std::time::Duration) -> Vec<c_int> {
-    match submit(name, cmd, bufs) {
-        Some(bios) => wait(bios, timeout),
+    match start_burst(name, cmd, bufs) {
+        Some(bios) => finish_burst(bios, timeout),
         None => vec![layouts::ENXIO; bufs.len()],
     }
 }
 
-/// Bios GEOM sent that the caller has not waited for yet (see [`submit`]).
-pub struct InFlight(Vec<*mut layouts::bio>);
+/// Bios GEOM sent that the caller has not waited for yet (see [`start_burst`]).
+pub struct Burst(Vec<*mut layouts::bio>);
 
-impl InFlight {
+impl Burst {
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -220,9 +220,9 @@ impl InFlight {
 
 /// A `cmd` bio per `(offset, buffer)` to the disk's d_strategy, one after the other, none
 /// waited for: they are the driver's until its `biodone`, and the caller may let other things
-/// happen (a removal) before [`wait`]. The buffers must outlive that wait. None if the disk is
-/// not a created one.
-pub fn submit(name: &str, cmd: u32, bufs: &mut [(i64, &mut [u8])]) -> Option<InFlight> {
+/// happen (a removal) before [`finish_burst`]. The buffers must outlive that wait. None if the
+/// disk is not a created one.
+pub fn start_burst(name: &str, cmd: u32, bufs: &mut [(i64, &mut [u8])]) -> Option<Burst> {
     let dp = disk_by_name(name)?;
     // SAFETY: a created disk of the driver: d_strategy is set (disk_create checks it).
     let strategy = unsafe { (*(dp as *mut layouts::disk)).d_strategy }.expect("d_strategy");
@@ -242,13 +242,13 @@ pub fn submit(name: &str, cmd: u32, bufs: &mut [(i64, &mut [u8])]) -> Option<InF
         // SAFETY: the driver's strategy with a bio it owns until biodone; no emulation lock held.
         unsafe { strategy(bp) };
     }
-    Some(InFlight(bios))
+    Some(Burst(bios))
 }
 
 /// Waits (bounded by `timeout`; callouts firing after 50 ms without progress, as [`io`])
 /// until every bio of `bios` is done. Returns each bio's error, -1 for one never done (left
 /// allocated: the driver may still complete it).
-pub fn wait(bios: InFlight, timeout: std::time::Duration) -> Vec<c_int> {
+pub fn finish_burst(bios: Burst, timeout: std::time::Duration) -> Vec<c_int> {
     let bios = bios.0;
     // SAFETY: our bios; the driver only sets their fields.
     let done = |bp: *mut layouts::bio| unsafe { (*bp).bio_flags } & layouts::BIO_DONE as u16 != 0;

@@ -361,7 +361,7 @@ fn surprise_removal(report: &mut Report, slot: u8, id: &str, in_flight: usize) {
                 // gone, from GEOM's orphan handling, which is not emulated.
                 report.io.push((format!("in-flight d_open {disk}"), super::geom::open(&disk)));
                 let mut b: Vec<(i64, &mut [u8])> = bufs.iter_mut().map(|(o, b)| (*o, &mut **b)).collect();
-                sent = super::geom::submit(&disk, layouts::BIO_WRITE as u32, &mut b).map(|f| (f, image));
+                sent = super::geom::start_burst(&disk, layouts::BIO_WRITE as u32, &mut b).map(|f| (f, image));
             }
             Err(e) => return report.io.push(e),
         }
@@ -387,7 +387,7 @@ fn surprise_removal(report: &mut Report, slot: u8, id: &str, in_flight: usize) {
     let deleted = with_machine(|m| m.qmp().and_then(|q| q.wait_deleted(id, std::time::Duration::from_millis(500)))).unwrap_or(false);
     log(format!("QMP: DEVICE_DELETED {id}: {}", if deleted { "received" } else { "not received within 0.5 s (not required)" }));
     if let Some((bios, image)) = sent {
-        let errors = super::geom::wait(bios, std::time::Duration::from_secs(10));
+        let errors = super::geom::finish_burst(bios, std::time::Duration::from_secs(10));
         let ok: Vec<usize> = errors.iter().enumerate().filter(|(_, &e)| e == 0).map(|(i, _)| i).collect();
         report.in_flight_lost = burst_pages_wrong(&image, ok.iter().copied());
         log(format!(
