@@ -130,6 +130,7 @@ fn host_fact(line: &str) -> Option<String> {
         "disk_destroy(",
         "destroy_dev(",
         "backing file ",
+        "g_disk_access(",
         "g_down: ",
         "g_up: ",
         "in flight at the surprise removal",

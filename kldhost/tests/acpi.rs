@@ -274,6 +274,9 @@ fn writes_in_flight_at_a_surprise_removal_end_on_the_medium_or_with_enxio() {
             "error 6, flags 0x3",
             "after the surprise removal: device 4.0 deleted from pci0",
             "g_up: 24 of 24 bios done",
+            // The consumer closes once its writes ended; only then does GEOM call d_gone.
+            "g_disk_access(nvmehpd0, close) -> d_close = 0",
+            "g_event: d_gone(nvmehpd0)",
             "console:",
             "1 I/O queue(s) x 16 entries",
             "nvmehp0: controller lost (controller gone, health Gone): ",

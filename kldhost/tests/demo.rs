@@ -58,11 +58,13 @@ fn the_demo_tells_load_attach_io_surprise_hot_add_eject_and_unload_in_order() {
             "\nnvmehp0: detached (device gone): ",
             "\nnvmehp0: detached\n",
             "    | device_delete_child(pci0, pci0:0:4:0) = 0",
-            "    | g_event: d_gone(nvmehpd0)",
             "    | after the surprise removal: device 4.0 deleted from pci0",
             // Told either way: QEMU does not always send it after the eject write.
             "    | QMP: DEVICE_DELETED nvme0: ",
             "    | g_up: 24 of 24 bios done",
+            // The consumer closes once its writes ended; only then does GEOM call d_gone.
+            "    | g_disk_access(nvmehpd0, close) -> d_close = 0",
+            "    | g_event: d_gone(nvmehpd0)",
             "failed with ENXIO, 0 other errors, 0 never done",
             // Hot-add into slot 5: Notify 1, the module's rescan, attach, its own write and read.
             "==> hot-add: controller nvme1 plugged into slot 5",

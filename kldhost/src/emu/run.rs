@@ -357,8 +357,8 @@ fn surprise_removal(report: &mut Report, slot: u8, id: &str, in_flight: usize) {
         };
         match burst_buffers(in_flight) {
             Ok(mut bufs) => {
-                // The consumer keeps the disk open: its close would come after the disk is
-                // gone, from GEOM's orphan handling, which is not emulated.
+                // The consumer keeps the disk open until its writes have ended; GEOM calls
+                // d_gone only after that close.
                 report.io.push((format!("in-flight d_open {disk}"), super::geom::open(&disk)));
                 let mut b: Vec<(i64, &mut [u8])> = bufs.iter_mut().map(|(o, b)| (*o, &mut **b)).collect();
                 sent = super::geom::start_burst(&disk, layouts::BIO_WRITE as u32, &mut b).map(|f| (f, image));
@@ -388,6 +388,11 @@ fn surprise_removal(report: &mut Report, slot: u8, id: &str, in_flight: usize) {
     log(format!("QMP: DEVICE_DELETED {id}: {}", if deleted { "received" } else { "not received within 0.5 s (not required)" }));
     if let Some((bios, image)) = sent {
         let errors = super::geom::finish_burst(bios, std::time::Duration::from_secs(10));
+        // The consumer, its writes ended (and the provider orphaned), closes; then GEOM can
+        // destroy the provider and call d_gone.
+        let disk = report.target.as_ref().map(|t| t.disk.clone()).unwrap_or_default();
+        report.io.push((format!("in-flight d_close {disk}"), super::geom::close(&disk)));
+        super::sched::run_queues(1000);
         let ok: Vec<usize> = errors.iter().enumerate().filter(|(_, &e)| e == 0).map(|(i, _)| i).collect();
         report.in_flight_lost = burst_pages_wrong(&image, ok.iter().copied());
         log(format!(
