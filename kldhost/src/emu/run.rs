@@ -358,10 +358,11 @@ fn surprise_removal(report: &mut Report, slot: u8, id: &str, in_flight: usize) {
         match burst_buffers(in_flight) {
             Ok(mut bufs) => {
                 // The consumer keeps the disk open until its writes have ended; GEOM calls
-                // d_gone only after that close.
+                // d_gone only after that close. The pages are guest RAM, kept until the machine
+                // stops: dropping `bufs` at the end of this block frees nothing the bios use.
                 report.io.push((format!("in-flight d_open {disk}"), super::geom::open(&disk)));
                 let mut b: Vec<(i64, &mut [u8])> = bufs.iter_mut().map(|(o, b)| (*o, &mut **b)).collect();
-                sent = super::geom::start_burst(&disk, layouts::BIO_WRITE as u32, &mut b).map(|f| (f, image));
+                sent = super::geom::start_burst(&disk, layouts::BIO_WRITE as u32, &mut b).map(|f| (f, disk, image));
             }
             Err(e) => return report.io.push(e),
         }
@@ -386,11 +387,10 @@ fn surprise_removal(report: &mut Report, slot: u8, id: &str, in_flight: usize) {
     report.surprise_detected = gone;
     let deleted = with_machine(|m| m.qmp().and_then(|q| q.wait_deleted(id, std::time::Duration::from_millis(500)))).unwrap_or(false);
     log(format!("QMP: DEVICE_DELETED {id}: {}", if deleted { "received" } else { "not received within 0.5 s (not required)" }));
-    if let Some((bios, image)) = sent {
+    if let Some((bios, disk, image)) = sent {
         let errors = super::geom::finish_burst(bios, std::time::Duration::from_secs(10));
         // The consumer, its writes ended (and the provider orphaned), closes; then GEOM can
         // destroy the provider and call d_gone.
-        let disk = report.target.as_ref().map(|t| t.disk.clone()).unwrap_or_default();
         report.io.push((format!("in-flight d_close {disk}"), super::geom::close(&disk)));
         super::sched::run_queues(1000);
         let ok: Vec<usize> = errors.iter().enumerate().filter(|(_, &e)| e == 0).map(|(i, _)| i).collect();
