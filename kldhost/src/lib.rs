@@ -10,6 +10,7 @@
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 compile_error!("kldhost loads and runs amd64 kernel code: it builds on x86-64 Linux only");
 
+pub mod demo;
 pub mod elf;
 pub mod emu;
 pub mod error;

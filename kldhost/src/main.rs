@@ -58,6 +58,10 @@ enum Cmd {
         /// so no notify); time passes until the module's watchdog finds the controller gone.
         #[arg(long, requires = "acpi", conflicts_with = "eject")]
         surprise: bool,
+        /// With --surprise: this many 4 KiB writes sent to the disk just before the removal,
+        /// not waited for; each must end without error (and be on the medium) or with ENXIO.
+        #[arg(long, default_value_t = 0, requires = "surprise")]
+        in_flight: usize,
         /// With --acpi: stock FreeBSD, acpi_pci(4) drives pci0 and its (unremovable) notify
         /// handler is on every slot before the module loads; without it the module owns them.
         #[arg(long, requires = "acpi")]
@@ -65,6 +69,16 @@ enum Cmd {
         /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
         #[arg(long = "tunable", value_name = "NAME=VALUE")]
         tunables: Vec<String>,
+    },
+    /// The module's hotplug story on one QEMU machine, as FreeBSD's console shows it: kldload,
+    /// attach, a write and a read, a surprise removal with writes in flight, a hot-add to
+    /// another slot with its write and read, that controller's announced eject, kldunload.
+    /// Exit status 0 when every step did what it should and there was no finding, 1 otherwise
+    /// (naming the step), 70 on an emulated panic. Needs qemu-system-x86_64.
+    Demo {
+        /// The module.
+        #[arg(long, default_value = "nvme_hotplug.ko")]
+        ko: PathBuf,
     },
 }
 
@@ -78,9 +92,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci, tunables } => {
+        Cmd::Demo { ko } => match demo(&ko) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("kldhost demo: {}: {e}", ko.display());
+                if !ko.exists() {
+                    eprintln!("kldhost demo: build the module first: make (or NVMEHP_SKIP_BOOTSTRAP=1 sh scripts/build-kld.sh)");
+                }
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, tunables } => {
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
-            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci }) {
+            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, plan: None }) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {
@@ -90,6 +115,14 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn demo(path: &PathBuf) -> Result<bool, Box<dyn std::error::Error>> {
+    let data = std::fs::read(path)?;
+    let ko = kldhost::load(&data, &kldhost::emu::table())?;
+    let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let verdict = kldhost::demo::demo(&ko, &name, &mut std::io::stdout())?;
+    Ok(verdict.ok())
 }
 
 fn load(path: &PathBuf) -> Result<(), Box<dyn std::error::Error>> {
@@ -171,6 +204,18 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
     }
     if r.surprise_detected {
         println!("surprise removal: the function left pci0");
+    }
+    if !r.in_flight.is_empty() {
+        const ENXIO: i32 = kldhost::layouts::ENXIO;
+        let count = |f: fn(i32) -> bool| r.in_flight.iter().filter(|&&e| f(e)).count();
+        println!(
+            "writes in flight at the surprise removal: {} done without error ({} not on the medium), {} ENXIO, {} other errors, {} never done",
+            count(|e| e == 0),
+            r.in_flight_lost,
+            count(|e| e == ENXIO),
+            count(|e| e > 0 && e != ENXIO),
+            count(|e| e < 0)
+        );
     }
     if r.hot_added || r.notifies.iter().any(|n| n.1 == 1) {
         println!("hot-added and attached: {}; its write and read: {}", r.hot_added, if r.hot_added_io_ok { "ok" } else { "WRONG" });

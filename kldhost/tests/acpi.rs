@@ -249,3 +249,51 @@ fn with_acpi_pci_on_the_bus_stock_freebsd_the_module_observes_the_slots() {
     );
     assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
 }
+
+#[test]
+fn writes_in_flight_at_a_surprise_removal_end_on_the_medium_or_with_enxio() {
+    if !nvmehp_lab::skip::qemu_or_skip("acpi_in_flight") || common::real_ko("acpi_in_flight").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    // A 16-entry I/O queue: 15 trackers, so of 24 writes sent at once 9 wait in the driver's
+    // bio queue, which the controller never sees before it vanishes.
+    let (code, out) = kldhost_run_with(
+        &ko,
+        &["--qemu", "--acpi", "--surprise", "--in-flight", "24", "--tunable", "hw.nvme_hotplug.claim=1", "--tunable", "hw.nvme_hotplug.io_entries=16"],
+    );
+    assert_eq!(code, Some(0), "kldhost run --qemu --acpi --surprise --in-flight 24 failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "g_down: 24 bios to d_strategy(nvmehpd0) without waiting",
+            "surprise removal: PCEJ bit 4 written with no device_del: Ok(())",
+            "time passes: callout",
+            // The watchdog finds the controller gone: what it had not completed fails.
+            "biodone(",
+            "error 6, flags 0x3",
+            "after the surprise removal: device 4.0 deleted from pci0",
+            "g_up: 24 of 24 bios done",
+            // The consumer closes once its writes ended; only then does GEOM call d_gone.
+            "g_disk_access(nvmehpd0, close) -> d_close = 0",
+            "g_event: d_gone(nvmehpd0)",
+            "console:",
+            "1 I/O queue(s) x 16 entries",
+            "nvmehp0: controller lost (controller gone, health Gone): ",
+            "nvmehp0: detached (device gone)",
+            "writes in flight at the surprise removal: ",
+            "findings: 0",
+        ],
+    );
+    let line = out.lines().find(|l| l.starts_with("writes in flight at the surprise removal: ")).expect("the in-flight line");
+    let nums: Vec<usize> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    let [done, lost, enxio, other, never] = nums[..] else { panic!("{line}") };
+    assert_eq!((done + enxio, lost, other, never), (24, 0, 0, 0), "{line}");
+    // At least the bio queue's 9 can only have ended by the driver's detection.
+    assert!(enxio >= 9, "{line}");
+    // As many as the module says it failed: when it found the controller lost, and at detach.
+    let count_after = |tag: &str| out.lines().find_map(|l| l.split_once(tag).and_then(|(_, r)| r.split(' ').next()?.parse::<usize>().ok()));
+    let lost = count_after("nvmehp0: controller lost (controller gone, health Gone): ").expect("controller lost line");
+    let at_detach = count_after("nvmehp0: detached (device gone): ").expect("detached line");
+    assert_eq!(lost + at_detach, enxio, "{out}");
+}

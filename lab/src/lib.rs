@@ -42,6 +42,7 @@
 //!   in `runner/faults.rs`).
 //! - [`report`]: the JSON report.
 //! - [`skip`]: the loud SKIP / `NVMEHP_REQUIRE_QEMU` policy for tests.
+//! - [`kldhost_bin`]: the `kldhost` binary next to this one and the shipped `.ko` it runs.
 //!
 //! # The kernel model
 //! Every run is judged by [`freebsd_model::FreeBsdRules`]: the lab's own ordering rules plus
@@ -63,6 +64,7 @@ pub mod freebsd_model;
 pub mod guest;
 pub mod interrupts;
 pub mod irq_driven;
+pub mod kldhost_bin;
 pub mod ledger;
 pub mod machine;
 pub mod observer;

@@ -4,8 +4,11 @@
 //! nvmehp-lab run SCENARIO.toml [--json REPORT.json] [-v] [--seed N]
 //! nvmehp-lab demo
 //! nvmehp-lab bench [--cycles N] [--ram-access shared|qtest]
+//! nvmehp-lab kld demo [--ko PATH]
 //! ```
 //! Exit status: 0 when the report says ok, 1 when it does not, 2 on a usage or file error.
+//! `kld` runs the shipped `.ko` through the `kldhost` binary next to this one and passes its
+//! exit status on (70: the emulated kernel panicked).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +55,53 @@ enum Cmd {
         #[arg(long, default_value = "shared", value_parser = ["shared", "qtest"])]
         ram_access: String,
     },
+    /// The shipped nvme_hotplug.ko itself, in kldhost's emulated FreeBSD kernel over QEMU.
+    Kld {
+        #[command(subcommand)]
+        cmd: KldCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum KldCmd {
+    /// The module's hotplug story on one machine, as FreeBSD's console shows it: kldload,
+    /// attach, a write and a read, a surprise removal with writes in flight, a hot-add to
+    /// another slot, its announced eject, kldunload (`kldhost demo`).
+    Demo {
+        /// The module (default: nvme_hotplug.ko at the repository root above the current
+        /// directory).
+        #[arg(long)]
+        ko: Option<PathBuf>,
+    },
+}
+
+/// Runs `kldhost demo` on the module, its output straight to ours; its exit status is ours.
+fn kld_demo(ko: Option<&std::path::Path>) -> ExitCode {
+    use nvmehp_lab::kldhost_bin;
+    let found = kldhost_bin::module(ko).and_then(|ko| Ok((kldhost_bin::command(["demo", "--ko"])?, ko)));
+    let (mut cmd, ko) = match found {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("nvmehp-lab kld demo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(code) = need_qemu() {
+        return code;
+    }
+    match cmd.arg(&ko).status() {
+        Ok(st) => match st.code() {
+            Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+            None => {
+                eprintln!("nvmehp-lab kld demo: kldhost ended by a signal ({st})");
+                ExitCode::from(1)
+            }
+        },
+        Err(e) => {
+            eprintln!("nvmehp-lab kld demo: cannot run kldhost: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn need_qemu() -> Result<(), ExitCode> {
@@ -194,6 +244,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+        Cmd::Kld { cmd: KldCmd::Demo { ko } } => kld_demo(ko.as_deref()),
         Cmd::Bench { cycles, ram_access } => {
             if let Err(code) = need_qemu() {
                 return code;

@@ -3,9 +3,9 @@
 //! - `disk_alloc` may sleep (M_WAITOK) and returns a zeroed `struct disk`.
 //! - `disk_create` refuses a disk of another `DISK_VERSION` with the kernel's warning (a
 //!   finding here) and publishes the disk (no provider is tasted, nothing opens it).
-//! - `disk_gone` withers the disk; since nothing has it open, GEOM's event thread then calls
-//!   the driver's `d_gone` ([`run_events`], run when the module sleeps and when taskqueue
-//!   threads run, never inside `disk_gone` itself). A second `disk_gone` is a finding.
+//! - `disk_gone` withers the disk; once nothing has it open (the last [`close`]), GEOM's event
+//!   thread calls the driver's `d_gone` ([`run_events`], run when the module sleeps and when
+//!   taskqueue threads run, never inside `disk_gone` itself). A second `disk_gone` is a finding.
 //! - `disk_destroy` ends the disk; the struct is poisoned and kept. After unload every disk
 //!   must have been destroyed.
 //! - I/O as GEOM's g_down thread sends it ([`open`], [`io`], [`io_burst`], [`close`]): `d_open` first (a
@@ -35,6 +35,8 @@ pub enum DiskState {
 pub struct DiskRec {
     pub name: String,
     pub state: DiskState,
+    /// Consumers that have it open ([`open`] without its [`close`] yet).
+    pub opens: u32,
 }
 
 fn name_of(dp: *mut layouts::disk) -> String {
@@ -45,7 +47,7 @@ fn name_of(dp: *mut layouts::disk) -> String {
 extern "C" fn emu_disk_alloc() -> *mut layouts::disk {
     super::sched::may_sleep("disk_alloc");
     let p = Box::into_raw(Box::<layouts::disk>::default());
-    with(|e| e.disks.insert(p as u64, DiskRec { name: String::new(), state: DiskState::Allocated }));
+    with(|e| e.disks.insert(p as u64, DiskRec { name: String::new(), state: DiskState::Allocated, opens: 0 }));
     log(format!("disk_alloc() = {p:p}"));
     p
 }
@@ -106,10 +108,20 @@ extern "C" fn emu_disk_destroy(dp: *mut layouts::disk) {
     log(format!("disk_destroy({name}) (was {s:?})"));
 }
 
-/// GEOM's event thread: d_gone of every withered disk. Returns how many ran.
+/// GEOM's event thread: d_gone of every withered disk nothing has open. Returns how many ran.
+///
+/// One still open waits for its last [`close`]: GEOM destroys a withered provider, and
+/// g_disk_providergone calls d_gone, only once no consumer is attached, and a consumer
+/// detaches only with its access counts at zero (sys/geom/geom_subr.c `g_wither_washer`,
+/// `g_detach`; sys/geom/geom_disk.c `g_disk_providergone`).
 pub fn run_events() -> usize {
     let mut n = 0;
-    while let Some(dp) = with(|e| e.geom_events.pop_front()) {
+    loop {
+        let ready = with(|e| {
+            let i = e.geom_events.iter().position(|dp| e.disks.get(dp).is_none_or(|d| d.opens == 0))?;
+            e.geom_events.remove(i)
+        });
+        let Some(dp) = ready else { break };
         // SAFETY: a disk disk_gone withered; its d_gone was set by the driver.
         let f = unsafe { (*(dp as *mut layouts::disk)).d_gone };
         let name = with(|e| e.disks.get(&dp).map(|d| d.name.clone()).unwrap_or_default());
@@ -128,23 +140,44 @@ fn disk_by_name(name: &str) -> Option<u64> {
     with(|e| e.disks.iter().find(|(_, d)| d.name == name && d.state == DiskState::Created).map(|(p, _)| *p))
 }
 
-/// g_disk_access: the first open of the provider calls d_open (if the driver has one).
+/// g_disk_access: the first open of the provider calls d_open (if the driver has one); a
+/// later one only counts.
 pub fn open(name: &str) -> c_int {
     let Some(dp) = disk_by_name(name) else { return layouts::ENXIO };
+    if with(|e| e.disks.get(&dp).map_or(0, |d| d.opens)) > 0 {
+        with(|e| e.disks.get_mut(&dp).map(|d| d.opens += 1));
+        log(format!("g_disk_access({name}, open): already open"));
+        return 0;
+    }
     // SAFETY: a created disk of the driver.
     let f = unsafe { (*(dp as *mut layouts::disk)).d_open };
     // SAFETY: the driver's d_open with its disk; no emulation lock held.
     let r = f.map_or(0, |f| unsafe { f(dp as *mut layouts::disk) });
+    if r == 0 {
+        with(|e| e.disks.get_mut(&dp).map(|d| d.opens += 1));
+    }
     log(format!("g_disk_access({name}, open) -> d_open = {r}"));
     r
 }
 
-/// The last close of the provider calls d_close.
+/// The last close of the provider calls d_close, also once the disk is gone (disk_gone) as
+/// long as it is not destroyed: d_gone waits for it ([`run_events`]). On a destroyed disk the
+/// close only lowers the count (g_disk_access). ENXIO if `name` is not open.
 pub fn close(name: &str) -> c_int {
-    let Some(dp) = disk_by_name(name) else { return layouts::ENXIO };
-    // SAFETY: as open.
+    let found = with(|e| {
+        e.disks.iter_mut().find(|(_, d)| d.name == name && d.opens > 0).map(|(p, d)| {
+            d.opens -= 1;
+            (*p, d.opens, d.state)
+        })
+    });
+    let Some((dp, left, state)) = found else { return layouts::ENXIO };
+    if left > 0 || state == DiskState::Destroyed {
+        log(format!("g_disk_access({name}, close): {}", if left > 0 { "still open" } else { "destroyed, d_close not called" }));
+        return 0;
+    }
+    // SAFETY: a disk of the driver, not destroyed: its d_close is the driver's.
     let f = unsafe { (*(dp as *mut layouts::disk)).d_close };
-    // SAFETY: as open.
+    // SAFETY: the driver's d_close with its disk; no emulation lock held.
     let r = f.map_or(0, |f| unsafe { f(dp as *mut layouts::disk) });
     log(format!("g_disk_access({name}, close) -> d_close = {r}"));
     r
@@ -196,11 +229,34 @@ pub fn io(name: &str, cmd: u32, offset: i64, buf: &mut [u8], timeout: std::time:
 }
 
 /// Many bios at once, as GEOM's g_down thread sends them without waiting for one to finish:
-/// a `cmd` bio per `(offset, buffer)` through d_strategy, then a wait (bounded by `timeout`,
-/// callouts firing after 50 ms without progress, as [`io`]) until every one is done. Returns
-/// each bio's error, -1 for one never done (left allocated: the driver may still complete it).
+/// a `cmd` bio per `(offset, buffer)` through d_strategy ([`start_burst`]), then a wait until
+/// every one is done ([`finish_burst`]). Returns each bio's error, -1 for one never done.
 pub fn io_burst(name: &str, cmd: u32, bufs: &mut [(i64, &mut [u8])], timeout: std::time::Duration) -> Vec<c_int> {
-    let Some(dp) = disk_by_name(name) else { return vec![layouts::ENXIO; bufs.len()] };
+    match start_burst(name, cmd, bufs) {
+        Some(bios) => finish_burst(bios, timeout),
+        None => vec![layouts::ENXIO; bufs.len()],
+    }
+}
+
+/// Bios GEOM sent that the caller has not waited for yet (see [`start_burst`]).
+pub struct Burst(Vec<*mut layouts::bio>);
+
+impl Burst {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A `cmd` bio per `(offset, buffer)` to the disk's d_strategy, one after the other, none
+/// waited for: they are the driver's until its `biodone`, and the caller may let other things
+/// happen (a removal) before [`finish_burst`]. The buffers must outlive that wait. None if the
+/// disk is not a created one.
+pub fn start_burst(name: &str, cmd: u32, bufs: &mut [(i64, &mut [u8])]) -> Option<Burst> {
+    let dp = disk_by_name(name)?;
     // SAFETY: a created disk of the driver: d_strategy is set (disk_create checks it).
     let strategy = unsafe { (*(dp as *mut layouts::disk)).d_strategy }.expect("d_strategy");
     let mut bios = Vec::with_capacity(bufs.len());
@@ -219,6 +275,14 @@ pub fn io_burst(name: &str, cmd: u32, bufs: &mut [(i64, &mut [u8])], timeout: st
         // SAFETY: the driver's strategy with a bio it owns until biodone; no emulation lock held.
         unsafe { strategy(bp) };
     }
+    Some(Burst(bios))
+}
+
+/// Waits (bounded by `timeout`; callouts firing after 50 ms without progress, as [`io`])
+/// until every bio of `bios` is done. Returns each bio's error, -1 for one never done (left
+/// allocated: the driver may still complete it).
+pub fn finish_burst(bios: Burst, timeout: std::time::Duration) -> Vec<c_int> {
+    let bios = bios.0;
     // SAFETY: our bios; the driver only sets their fields.
     let done = |bp: *mut layouts::bio| unsafe { (*bp).bio_flags } & layouts::BIO_DONE as u16 != 0;
     let start = std::time::Instant::now();
@@ -277,4 +341,50 @@ pub fn register(t: &mut KpiTable) {
     t.function("disk_gone", emu_disk_gone as extern "C" fn(_) as usize);
     t.function("disk_destroy", emu_disk_destroy as extern "C" fn(_) as usize);
     t.function("biodone", emu_biodone as extern "C" fn(_) as usize);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The order of the driver's calls: 1 for d_close, 2 for d_gone, as digits.
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+
+    unsafe extern "C" fn strategy(_: *mut layouts::bio) {}
+    unsafe extern "C" fn d_close(_: *mut layouts::disk) -> c_int {
+        CALLS.store(CALLS.load(Ordering::SeqCst) * 10 + 1, Ordering::SeqCst);
+        0
+    }
+    unsafe extern "C" fn d_gone(_: *mut layouts::disk) {
+        CALLS.store(CALLS.load(Ordering::SeqCst) * 10 + 2, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn d_gone_waits_for_the_last_close_which_still_reaches_d_close() {
+        let dp = emu_disk_alloc();
+        // SAFETY: the zeroed disk emu_disk_alloc made, filled in as a driver does.
+        unsafe {
+            (*dp).d_name = c"geomtest".as_ptr();
+            (*dp).d_unit = 7;
+            (*dp).d_strategy = Some(strategy);
+            (*dp).d_close = Some(d_close);
+            (*dp).d_gone = Some(d_gone);
+        }
+        emu_disk_create(dp, layouts::DISK_VERSION);
+        assert_eq!(open("geomtest7"), 0);
+        assert_eq!(open("geomtest7"), 0, "a second consumer");
+        emu_disk_gone(dp);
+        run_events();
+        assert_eq!(CALLS.load(Ordering::SeqCst), 0, "open twice: no d_gone yet");
+        assert_eq!(close("geomtest7"), 0);
+        run_events();
+        assert_eq!(CALLS.load(Ordering::SeqCst), 0, "still open once: no d_close, no d_gone");
+        // The last close reaches d_close although the disk is gone; then d_gone runs.
+        assert_eq!(close("geomtest7"), 0);
+        run_events();
+        assert_eq!(CALLS.load(Ordering::SeqCst), 12, "d_close, then d_gone");
+        assert_eq!(close("geomtest7"), layouts::ENXIO, "not open any more");
+        emu_disk_destroy(dp);
+    }
 }

@@ -44,6 +44,9 @@ pub struct Emu {
     pub findings: Vec<String>,
     /// Console output (printf, device_printf).
     pub console: String,
+    /// The console's length when each line of `log` was made: `console[..console_at[i]]` was
+    /// printed before `log[i]` (so an observer can tell both in the order they happened).
+    pub console_at: Vec<usize>,
     pub(crate) blocks: BTreeMap<u64, kern::Block>,
     pub(crate) malloc_types: Vec<u64>,
     pub(crate) modules: Vec<kern::Module>,
@@ -94,7 +97,10 @@ pub fn log(line: String) {
         use std::io::Write;
         let _ = writeln!(std::io::stdout(), "  {line}");
     }
-    with(|e| e.log.push(line));
+    with(|e| {
+        e.console_at.push(e.console.len());
+        e.log.push(line)
+    });
 }
 
 pub fn finding(line: String) {

@@ -57,19 +57,47 @@ pub struct Report {
     pub hot_added_io_ok: bool,
     /// With `surprise`: whether the function left pci0 after the surprise removal.
     pub surprise_detected: bool,
+    /// With a surprise removal that had writes in flight: each one's bio_error (-1: never
+    /// done), and how many of those done without error are not in the image file.
+    pub in_flight: Vec<c_int>,
+    pub in_flight_lost: usize,
+    /// The disk the I/O steps use and QEMU's image file behind it: the first controller's
+    /// after attach, the hot-added one's after a hot-add.
+    pub target: Option<Target>,
+}
+
+/// A disk and the image file QEMU keeps its namespace in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub disk: String,
+    pub image: std::path::PathBuf,
+}
+
+/// The created disks, by name (a disk that went away is not one).
+fn created_disks() -> Vec<String> {
+    with(|e| e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect())
 }
 
 /// Offset and size of the test I/O.
-const IO_OFFSET: i64 = 8192;
-const IO_BYTES: usize = 4096;
+pub const IO_OFFSET: i64 = 8192;
+pub const IO_BYTES: usize = 4096;
 
-/// A write and a read of the first disk, as a consumer opening it would do them, and the
+/// The test write's data, [`IO_PATTERN`]: no two neighbouring bytes alike, so a shifted,
+/// partial or zeroed copy cannot pass for it.
+pub fn io_pattern() -> Vec<u8> {
+    (0..IO_BYTES).map(|i| (i as u8).wrapping_mul(7) ^ 0x5a).collect()
+}
+
+/// [`io_pattern`] in words.
+pub const IO_PATTERN: &str = "byte i = (7 * i mod 256) XOR 0x5a";
+
+/// A write and a read of the target disk, as a consumer opening it would do them, and the
 /// data checked in QEMU's backing file. The bios' data live in guest RAM, as a kernel buffer
 /// a bio carries is memory the device can reach by DMA (busdma translates it page by page);
 /// with `outside_guest_ram` they are host memory instead, which busdma must refuse.
 fn disk_io(report: &mut Report, outside_guest_ram: bool) {
-    let Some(disk) = report.disks_attached.first().cloned() else { return };
-    let pattern: Vec<u8> = (0..IO_BYTES).map(|i| (i as u8).wrapping_mul(7) ^ 0x5a).collect();
+    let Some(Target { disk, image }) = report.target.clone() else { return };
+    let pattern = io_pattern();
     let timeout = std::time::Duration::from_secs(10);
     report.io.push((format!("d_open {disk}"), super::geom::open(&disk)));
     let (mut host_w, mut host_r) = (vec![0u8; IO_BYTES], vec![0u8; IO_BYTES]);
@@ -94,7 +122,6 @@ fn disk_io(report: &mut Report, outside_guest_ram: bool) {
     report.io.push((format!("BIO_WRITE {disk} {IO_OFFSET} {IO_BYTES}"), super::geom::io(&disk, layouts::BIO_WRITE as u32, IO_OFFSET, w, timeout)));
     report.io.push((format!("BIO_READ {disk} {IO_OFFSET} {IO_BYTES}"), super::geom::io(&disk, layouts::BIO_READ as u32, IO_OFFSET, r, timeout)));
     report.io.push((format!("d_close {disk}"), super::geom::close(&disk)));
-    let image = super::machine::with_machine(|m| m.image.clone());
     let on_disk = std::fs::read(&image).ok().map(|b| b[IO_OFFSET as usize..IO_OFFSET as usize + IO_BYTES].to_vec());
     report.io_data_ok = *r == pattern[..] && on_disk.as_deref() == Some(&pattern[..]);
     let zeroes = on_disk.as_deref().is_some_and(|d| d.iter().all(|&b| b == 0));
@@ -106,48 +133,65 @@ fn disk_io(report: &mut Report, outside_guest_ram: bool) {
     ));
 }
 
-/// `n` 4 KiB writes from guest RAM sent to the first disk at once, page `i` at offset
-/// `BURST_OFFSET + i * 4096` filled with a pattern of `i`; then the backing file checked.
-fn burst_io(report: &mut Report, n: usize) {
-    let Some(disk) = report.disks_attached.first().cloned() else { return };
-    let image_len = super::machine::IMAGE_BYTES as usize;
-    if BURST_OFFSET as usize + n * IO_BYTES > image_len {
-        report.io.push((format!("burst of {n}: larger than the disk"), layouts::EINVAL));
-        return;
+/// Page `i` of a burst: byte `j`.
+fn burst_pattern(i: usize, j: usize) -> u8 {
+    (i as u8) ^ (j as u8).wrapping_mul(13) ^ 0xa5
+}
+
+/// Bios' data: (disk offset, buffer) each.
+type Pages = Vec<(i64, &'static mut [u8])>;
+
+/// `n` 4 KiB buffers in guest RAM (never handed out again, never freed), page `i` filled with
+/// [`burst_pattern`] of `i` and bound for offset `BURST_OFFSET + i * 4096`. An error is the
+/// report's I/O entry saying why not.
+fn burst_buffers(n: usize) -> Result<Pages, (String, c_int)> {
+    if BURST_OFFSET as usize + n * IO_BYTES > super::machine::IMAGE_BYTES as usize {
+        return Err((format!("burst of {n}: larger than the disk"), layouts::EINVAL));
     }
     let p = super::machine::with_machine(|m| m.contig_alloc((n * IO_BYTES) as u64, 0, u64::MAX, 4096, 0));
-    let Some(p) = p else {
-        report.io.push((format!("guest RAM for a burst of {n}"), layouts::ENOMEM));
-        return;
-    };
+    let Some(p) = p else { return Err((format!("guest RAM for a burst of {n}"), layouts::ENOMEM)) };
     // SAFETY: n * IO_BYTES bytes of the shared guest RAM mapping, handed out to nobody else,
-    // alive until the machine stops (after this function).
+    // alive until the machine stops (after the run's last step).
     let all = unsafe { std::slice::from_raw_parts_mut(p, n * IO_BYTES) };
-    let pattern = |i: usize, j: usize| (i as u8) ^ (j as u8).wrapping_mul(13) ^ 0xa5;
-    let mut bufs: Vec<(i64, &mut [u8])> = all
+    Ok(all
         .chunks_mut(IO_BYTES)
         .enumerate()
         .map(|(i, c)| {
             for (j, b) in c.iter_mut().enumerate() {
-                *b = pattern(i, j);
+                *b = burst_pattern(i, j);
             }
             (BURST_OFFSET + (i * IO_BYTES) as i64, c)
         })
-        .collect();
+        .collect())
+}
+
+/// How many of the burst's pages `which` do not hold their pattern in `image`.
+fn burst_pages_wrong(image: &std::path::Path, which: impl Iterator<Item = usize>) -> usize {
+    let on_disk = std::fs::read(image).unwrap_or_default();
+    which
+        .filter(|&i| {
+            let at = BURST_OFFSET as usize + i * IO_BYTES;
+            on_disk.get(at..at + IO_BYTES).is_none_or(|d| d.iter().enumerate().any(|(j, &b)| b != burst_pattern(i, j)))
+        })
+        .count()
+}
+
+/// `n` 4 KiB writes from guest RAM sent to the target disk at once ([`burst_buffers`]); then
+/// the backing file checked.
+fn burst_io(report: &mut Report, n: usize) {
+    let Some(Target { disk, image }) = report.target.clone() else { return };
+    let mut bufs = match burst_buffers(n) {
+        Ok(b) => b,
+        Err(e) => return report.io.push(e),
+    };
+    let mut bufs: Vec<(i64, &mut [u8])> = bufs.iter_mut().map(|(o, b)| (*o, &mut **b)).collect();
     let d = super::geom::open(&disk);
     let errors = super::geom::io_burst(&disk, layouts::BIO_WRITE as u32, &mut bufs, std::time::Duration::from_secs(30));
     super::geom::close(&disk);
     let failed = errors.iter().filter(|&&e| e != 0).count();
     report.io.push((format!("burst d_open {disk}"), d));
     report.io.push((format!("burst of {n} BIO_WRITE {disk}: bios not done without error"), failed as c_int));
-    let image = super::machine::with_machine(|m| m.image.clone());
-    let on_disk = std::fs::read(&image).unwrap_or_default();
-    let wrong = (0..n)
-        .filter(|&i| {
-            let at = BURST_OFFSET as usize + i * IO_BYTES;
-            on_disk.get(at..at + IO_BYTES).is_none_or(|d| d.iter().enumerate().any(|(j, &b)| b != pattern(i, j)))
-        })
-        .count();
+    let wrong = burst_pages_wrong(&image, 0..n);
     report.io.push((format!("burst of {n}: pages not on the medium"), wrong as c_int));
     log(format!("burst: {n} writes, {failed} failed, {wrong} pages not in the backing file"));
 }
@@ -198,6 +242,12 @@ pub struct Options {
     /// With `acpi`: stock FreeBSD's ACPI, acpi_pci(4) on pci0 with its handler on every slot
     /// before the module loads (the module then observes: hw.nvme_hotplug.acpi_mode).
     pub acpi_pci: bool,
+    /// With `surprise`: this many 4 KiB writes sent to the disk just before the removal and
+    /// not waited for ([`Step::Surprise`]).
+    pub in_flight: usize,
+    /// With `qemu`: the steps to run instead of those the flags above describe
+    /// ([`Options::effective_plan`]).
+    pub plan: Option<Plan>,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -254,63 +304,115 @@ fn devctl_detach(report: &mut Report) {
     }
 }
 
-/// QMP `device_del` of the controller, then the SCI's work and the module's tasks until the
-/// function is gone from pci0 (at most 5 s), then QEMU's `DEVICE_DELETED` awaited (2 s).
-fn eject_request(report: &mut Report) {
-    use super::machine::{with_machine, NVME_ID, NVME_SLOT};
-    let r = with_machine(|m| m.qmp().and_then(|q| q.device_del(NVME_ID)));
-    log(format!("QMP device_del {NVME_ID}: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
+/// Whether a function in `slot` is on pci0.
+fn in_slot(slot: u8) -> bool {
+    super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {slot}.0"))
+}
+
+/// QMP `device_del` of the controller `id` in `slot`, then the SCI's work and the module's
+/// tasks until the function is gone from pci0 (at most 5 s), then QEMU's `DEVICE_DELETED`
+/// awaited (2 s).
+fn eject_request(report: &mut Report, slot: u8, id: &str) {
+    use super::machine::with_machine;
+    let r = with_machine(|m| m.qmp().and_then(|q| q.device_del(id)));
+    log(format!("QMP device_del {id}: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
     if r.is_err() {
         return;
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let present = || super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {NVME_SLOT}.0"));
-    while present() && std::time::Instant::now() < deadline {
+    while in_slot(slot) && std::time::Instant::now() < deadline {
         for (slot, value, n) in super::acpi::run_gpe() {
             report.notifies.push((slot, value, n));
         }
         super::sched::run_queues(1000);
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let gone = !present();
-    log(format!("after the eject request: device {NVME_SLOT}.0 {}", if gone { "deleted from pci0" } else { "still on pci0" }));
-    let deleted = with_machine(|m| m.qmp().and_then(|q| q.wait_deleted(NVME_ID, std::time::Duration::from_secs(2)))).unwrap_or(false);
-    log(format!("QMP: DEVICE_DELETED {NVME_ID}: {}", if deleted { "received" } else { "not received" }));
+    let gone = !in_slot(slot);
+    log(format!("after the eject request: device {slot}.0 {}", if gone { "deleted from pci0" } else { "still on pci0" }));
+    let deleted = with_machine(|m| m.qmp().and_then(|q| q.wait_deleted(id, std::time::Duration::from_secs(2)))).unwrap_or(false);
+    log(format!("QMP: DEVICE_DELETED {id}: {}", if deleted { "received" } else { "not received" }));
     report.ejected = gone && deleted;
 }
 
-/// The lab's surprise removal: `_EJ0`'s register write with no `device_del` first (QEMU
-/// removes the function at once, no SCI), then time passes in steps of one callout period
-/// (at most 30), the taskqueues running after each, until 00:04.0 left pci0.
-fn surprise_removal(report: &mut Report) {
-    use super::machine::{with_machine, NVME_SLOT};
+/// The lab's surprise removal of controller `id` in `slot`: `_EJ0`'s register write with no
+/// `device_del` first (QEMU removes the function at once, no SCI), then time passes in steps
+/// of one callout period (at most 30), the taskqueues running after each, until the function
+/// left pci0. QEMU's `DEVICE_DELETED` is then looked for, 0.5 s at most, and told, not
+/// required: after this eject write it came within 3 s in only about half of the runs tried
+/// here, with or without writes in flight (nvmehp_lab::qmp `wait_deleted` notes that QEMU
+/// leaks a device whose backend still has requests).
+///
+/// With `in_flight` > 0, that many 4 KiB writes ([`burst_buffers`]) are sent to the target
+/// disk just before, not waited for, and no thread of the driver runs between them and the
+/// removal: those the controller had not completed can only end by the driver's own
+/// detection (ENXIO). Afterwards each one's end is recorded, and a write done without error
+/// must be in the image file.
+fn surprise_removal(report: &mut Report, slot: u8, id: &str, in_flight: usize) {
+    use super::machine::with_machine;
+    let mut sent = None;
+    if in_flight > 0 {
+        let Some(Target { disk, image }) = report.target.clone() else {
+            report.io.push(("writes in flight at the surprise removal: no disk".to_string(), layouts::ENXIO));
+            return;
+        };
+        match burst_buffers(in_flight) {
+            Ok(mut bufs) => {
+                // The consumer keeps the disk open until its writes have ended; GEOM calls
+                // d_gone only after that close. The pages are guest RAM, kept until the machine
+                // stops: dropping `bufs` at the end of this block frees nothing the bios use.
+                report.io.push((format!("in-flight d_open {disk}"), super::geom::open(&disk)));
+                let mut b: Vec<(i64, &mut [u8])> = bufs.iter_mut().map(|(o, b)| (*o, &mut **b)).collect();
+                sent = super::geom::start_burst(&disk, layouts::BIO_WRITE as u32, &mut b).map(|f| (f, disk, image));
+            }
+            Err(e) => return report.io.push(e),
+        }
+    }
     let mut hp = nvmehp_lab::acpi_hotplug::AcpiHotplug::new(nvmehp_lab::acpi_hotplug::HotplugLayout::pc());
-    let r = with_machine(|m| hp.eject(&mut m.qtest, NVME_SLOT));
-    log(format!("surprise removal: PCEJ bit {NVME_SLOT} written with no device_del: {r:?}"));
-    let present = || super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {NVME_SLOT}.0"));
+    let r = with_machine(|m| hp.eject(&mut m.qtest, slot));
+    log(format!("surprise removal: PCEJ bit {slot} written with no device_del: {r:?}"));
     let mut steps = 0;
-    while present() && steps < 30 {
+    while in_slot(slot) && steps < 30 {
         steps += 1;
         let fired = super::sched::fire_callouts();
         super::sched::run_queues(1000);
         for n in super::acpi::run_gpe() {
             report.notifies.push(n);
         }
-        if fired == 0 && present() {
+        if fired == 0 && in_slot(slot) {
             break; // nothing armed: time passing changes nothing
         }
     }
-    let gone = !present();
-    log(format!("after the surprise removal: device {NVME_SLOT}.0 {} after {steps} callout periods", if gone { "deleted from pci0" } else { "still on pci0" }));
+    let gone = !in_slot(slot);
+    log(format!("after the surprise removal: device {slot}.0 {} after {steps} callout periods", if gone { "deleted from pci0" } else { "still on pci0" }));
     report.surprise_detected = gone;
+    let deleted = with_machine(|m| m.qmp().and_then(|q| q.wait_deleted(id, std::time::Duration::from_millis(500)))).unwrap_or(false);
+    log(format!("QMP: DEVICE_DELETED {id}: {}", if deleted { "received" } else { "not received within 0.5 s (not required)" }));
+    if let Some((bios, disk, image)) = sent {
+        let errors = super::geom::finish_burst(bios, std::time::Duration::from_secs(10));
+        // The consumer, its writes ended (and the provider orphaned), closes; then GEOM can
+        // destroy the provider and call d_gone.
+        report.io.push((format!("in-flight d_close {disk}"), super::geom::close(&disk)));
+        super::sched::run_queues(1000);
+        let ok: Vec<usize> = errors.iter().enumerate().filter(|(_, &e)| e == 0).map(|(i, _)| i).collect();
+        report.in_flight_lost = burst_pages_wrong(&image, ok.iter().copied());
+        log(format!(
+            "in flight at the surprise removal: {} writes, {} done without error ({} of them not in the backing file), {} failed with ENXIO, {} other errors, {} never done",
+            errors.len(),
+            ok.len(),
+            report.in_flight_lost,
+            errors.iter().filter(|&&e| e == layouts::ENXIO).count(),
+            errors.iter().filter(|&&e| e > 0 && e != layouts::ENXIO).count(),
+            errors.iter().filter(|&&e| e < 0).count()
+        ));
+        report.in_flight = errors;
+    }
 }
 
 /// Zeroes the test I/O's range in the controller's backing file (QEMU's raw driver reads it
 /// back through the host page cache, so the zeroes are what the device sees next).
-fn zero_io_range() {
+fn zero_io_range(image: &std::path::Path) {
     use std::io::{Seek, SeekFrom, Write};
-    let image = super::machine::with_machine(|m| m.image.clone());
-    let r = std::fs::OpenOptions::new().write(true).open(&image).and_then(|mut f| {
+    let r = std::fs::OpenOptions::new().write(true).open(image).and_then(|mut f| {
         f.seek(SeekFrom::Start(IO_OFFSET as u64))?;
         f.write_all(&[0u8; IO_BYTES])?;
         f.sync_data()
@@ -318,28 +420,61 @@ fn zero_io_range() {
     log(format!("backing file {} at {IO_OFFSET}: zeroed before the hot-added controller's I/O ({r:?})", image.display()));
 }
 
-/// The slot `--hot-add` plugs into: empty since boot (its slot object has `_EJ0`, no function).
-const HOT_ADD_SLOT: u8 = 5;
+/// The namespace a hot-added controller gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Drive {
+    /// The first controller's image (QEMU drive `nvm0`): free only once that controller was
+    /// deleted (ejected), and its test range is zeroed first, so that only the new
+    /// controller's write can put the data back.
+    First,
+    /// A new zeroed image file of [`super::machine::IMAGE_BYTES`] (QMP `blockdev-add` as
+    /// drive `nvm<n>`), next to the first: usable whatever became of the first controller
+    /// (after a surprise removal with writes in flight QEMU may keep it, and its drive).
+    New(u8),
+}
 
-/// QMP `device_add` of a controller in [`HOT_ADD_SLOT`] (the same backing image, whose first
-/// controller is gone), then the SCI's work and the module's tasks until a function in that
-/// slot is attached (at most 5 s).
-fn hot_add(report: &mut Report) {
+/// QMP `device_add` of controller `id` into `slot` on `drive`, then the SCI's work and the
+/// module's tasks until a function in that slot is attached (at most 5 s). On success the
+/// new disk (the created one that was not there before) becomes the I/O steps' target.
+fn hot_add(report: &mut Report, slot: u8, id: &str, drive: &Drive) {
     use super::machine::with_machine;
-    const NVME_SLOT: u8 = HOT_ADD_SLOT;
+    report.target = None;
+    let first_image = with_machine(|m| m.image.clone());
+    let (node, image) = match drive {
+        Drive::First => {
+            if !report.ejected {
+                log(format!("hot-add of {id}: skipped, drive nvm0 is still the first controller's (not ejected)"));
+                return;
+            }
+            ("nvm0".to_string(), first_image)
+        }
+        Drive::New(n) => {
+            let image = first_image.with_file_name(format!("nvme{n}n1.img"));
+            let r = std::fs::File::create(&image)
+                .and_then(|f| f.set_len(super::machine::IMAGE_BYTES))
+                .and_then(|_| with_machine(|m| m.qmp().and_then(|q| q.blockdev_add_raw(&image.display().to_string(), &format!("img{n}"), &format!("nvm{n}")))));
+            log(format!("QMP blockdev-add nvm{n} on {} ({} bytes of zeroes): {}", image.display(), super::machine::IMAGE_BYTES, r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
+            if r.is_err() {
+                return;
+            }
+            (format!("nvm{n}"), image)
+        }
+    };
+    let before = created_disks();
     let props = [
-        ("drive", serde_json::Value::from("nvm0")),
-        ("serial", serde_json::Value::from("KLDHOST1")),
-        ("addr", serde_json::Value::from(format!("0x{NVME_SLOT:x}"))),
+        ("drive", serde_json::Value::from(node.as_str())),
+        // The serial carries the id's number, as KLDHOST0 is nvme0's.
+        ("serial", serde_json::Value::from(format!("KLDHOST{}", id.trim_start_matches(|c: char| !c.is_ascii_digit())))),
+        ("addr", serde_json::Value::from(format!("0x{slot:x}"))),
     ];
-    let r = with_machine(|m| m.qmp().and_then(|q| q.device_add("nvme", "nvme1", "pci.0", &props)));
-    log(format!("QMP device_add nvme1 at slot {NVME_SLOT}: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
+    let r = with_machine(|m| m.qmp().and_then(|q| q.device_add("nvme", id, "pci.0", &props)));
+    log(format!("QMP device_add {id} at slot {slot}: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
     if r.is_err() {
         return;
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let attached = || {
-        super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {NVME_SLOT}.0") && super::newbus::state(c) >= layouts::DS_ATTACHED)
+        super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {slot}.0") && super::newbus::state(c) >= layouts::DS_ATTACHED)
     };
     while !attached() && std::time::Instant::now() < deadline {
         for n in super::acpi::run_gpe() {
@@ -349,12 +484,155 @@ fn hot_add(report: &mut Report) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let ok = attached();
-    log(format!("after the hot-add: device {NVME_SLOT}.0 {}", if ok { "attached" } else { "not attached" }));
-    with(|e| {
-        report.nodes_attached = e.devs.keys().cloned().collect();
-        report.disks_attached = e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
-    });
+    log(format!("after the hot-add: device {slot}.0 {}", if ok { "attached" } else { "not attached" }));
+    with(|e| report.nodes_attached = e.devs.keys().cloned().collect());
+    report.disks_attached = created_disks();
     report.hot_added = ok;
+    if !ok {
+        return;
+    }
+    if *drive == Drive::First {
+        zero_io_range(&image);
+    }
+    report.target = report.disks_attached.iter().find(|d| !before.contains(d)).map(|disk| Target { disk: disk.clone(), image });
+}
+
+/// One thing a run does to the machine after MOD_LOAD, in the order a plan lists them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// devctl(8) set driver -f, probe and attach, on every function no driver took at
+    /// MOD_LOAD; the first disk then is the I/O target, on the machine's image.
+    Attach,
+    /// A write and a read of the target disk, checked in its image file.
+    Io,
+    /// This many 4 KiB writes sent at once to the target disk, waited for, checked.
+    Burst(usize),
+    /// The platform's removal request for controller `id` in `slot` (QMP `device_del`,
+    /// `Notify(Sxx_, 3)`), expected to end with the function deleted and `DEVICE_DELETED`.
+    Eject { slot: u8, id: String },
+    /// The lab's surprise removal of controller `id` in `slot`, with `in_flight` writes sent
+    /// just before.
+    Surprise { slot: u8, id: String, in_flight: usize },
+    /// QMP `device_add` of controller `id` into `slot` (`Notify(Sxx_, 1)`), expected to be
+    /// rescanned and attached; its disk becomes the I/O target.
+    HotAdd { slot: u8, id: String, drive: Drive },
+    /// devctl(8) detach of every attached function.
+    Detach,
+}
+
+impl Step {
+    /// Runs the step; whether it did what it is expected to (a refusal the platform made
+    /// when the module did nothing wrong counts as not done).
+    fn run(&self, report: &mut Report, driver: &str, outside_guest_ram: bool) -> bool {
+        match self {
+            Step::Attach => {
+                devctl_set_driver_and_attach(driver, report);
+                let ran = super::sched::run_queues(1000);
+                log(format!("after attach: taskqueue and kernel threads ran {ran} times"));
+                with(|e| report.nodes_attached = e.devs.keys().cloned().collect());
+                report.disks_attached = created_disks();
+                let image = super::machine::with_machine(|m| m.image.clone());
+                report.target = report.disks_attached.first().map(|disk| Target { disk: disk.clone(), image });
+                !report.attach.is_empty() && report.attach.iter().all(|a| a.2 == 0)
+            }
+            Step::Io => {
+                let before = report.io.len();
+                disk_io(report, outside_guest_ram);
+                let ok = report.io.len() > before && report.io[before..].iter().all(|(_, e)| *e == 0) && report.io_data_ok;
+                if report.hot_added {
+                    report.hot_added_io_ok = ok;
+                }
+                ok
+            }
+            Step::Burst(n) => {
+                let before = report.io.len();
+                burst_io(report, *n);
+                report.io.len() > before && report.io[before..].iter().all(|(_, e)| *e == 0)
+            }
+            Step::Eject { slot, id } => {
+                eject_request(report, *slot, id);
+                report.ejected
+            }
+            Step::Surprise { slot, id, in_flight } => {
+                surprise_removal(report, *slot, id, *in_flight);
+                // Every write in flight ended: without error (and on the medium) or with ENXIO.
+                let ended = report.in_flight.len() == *in_flight
+                    && report.in_flight.iter().all(|&e| e == 0 || e == layouts::ENXIO)
+                    && report.in_flight_lost == 0;
+                report.surprise_detected && ended
+            }
+            Step::HotAdd { slot, id, drive } => {
+                hot_add(report, *slot, id, drive);
+                report.hot_added && report.target.is_some()
+            }
+            Step::Detach => {
+                let before = report.detach.len();
+                devctl_detach(report);
+                let ran = super::sched::run_queues(1000);
+                log(format!("after detach: taskqueue and kernel threads ran {ran} times"));
+                report.detach[before..].iter().all(|d| d.2 == 0)
+            }
+        }
+    }
+}
+
+/// The order in which a run's steps happen, and what a failed one means for the rest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    /// After a step that did not do what it should, skip every later step but a Detach (which
+    /// still runs, so that the unload's checks judge what the module left, not what the
+    /// skipped steps would have cleaned up).
+    pub stop_at_failure: bool,
+}
+
+impl Options {
+    /// The plan to run: `plan` if given, else the one `kldhost run`'s flags describe: attach,
+    /// I/O, then `--burst`, `--eject` or `--surprise`, `--hot-add` (on the ejected
+    /// controller's drive) and its I/O, then detach. Every step of that one runs; its hot-add
+    /// finds the drive still taken when the eject failed, and its I/O then has no disk.
+    pub fn effective_plan(&self) -> Plan {
+        use super::machine::{NVME_ID, NVME_SLOT};
+        if let Some(p) = &self.plan {
+            return p.clone();
+        }
+        let mut steps = vec![Step::Attach, Step::Io];
+        if self.burst > 0 {
+            steps.push(Step::Burst(self.burst));
+        }
+        if self.eject {
+            steps.push(Step::Eject { slot: NVME_SLOT, id: NVME_ID.to_string() });
+        }
+        if self.surprise {
+            steps.push(Step::Surprise { slot: NVME_SLOT, id: NVME_ID.to_string(), in_flight: self.in_flight });
+        }
+        if self.eject && self.hot_add {
+            steps.push(Step::HotAdd { slot: HOT_ADD_SLOT, id: "nvme1".to_string(), drive: Drive::First });
+            steps.push(Step::Io);
+        }
+        steps.push(Step::Detach);
+        Plan { steps, stop_at_failure: false }
+    }
+}
+
+/// The slot `--hot-add` plugs into: empty since boot (its slot object has `_EJ0`, no function).
+pub const HOT_ADD_SLOT: u8 = 5;
+
+/// Where a run is, for an observer (the demo) that tells the story as it happens.
+pub enum Moment<'a> {
+    /// MOD_LOAD was sent and the taskqueue threads ran what it queued.
+    Loaded,
+    /// A step is about to run.
+    Before(&'a Step),
+    /// A step ran; whether it did what it should.
+    After(&'a Step, bool),
+    /// A step skipped because an earlier one failed.
+    Skipped(&'a Step),
+    /// The steps are over; MOD_QUIESCE is about to be sent.
+    Unloading,
+    /// MOD_QUIESCE and MOD_UNLOAD were sent (see the report) and, if unloaded, the unload's
+    /// checks ran.
+    Unloaded,
 }
 
 fn location(dev: u64) -> String {
@@ -363,6 +641,12 @@ fn location(dev: u64) -> String {
 
 /// Loads, runs and unloads the module per `opts` (see [`load_and_unload`] and [`Options`]).
 pub fn run(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
+    run_observed(ko, opts, &mut |_, _| {})
+}
+
+/// [`run`], telling `observe` where the run is at each [`Moment`] (the report so far with it;
+/// the call log, findings and console are still in the emulation's state then).
+pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Report)) -> Result<Report, LoadError> {
     if opts.qemu {
         super::machine::start().map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
@@ -373,12 +657,12 @@ pub fn run(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
             super::acpi::enable_with(pcib0, opts.acpi_pci);
         }
     }
-    let r = run_module(ko, opts);
+    let r = run_module(ko, opts, observe);
     super::machine::stop();
     r
 }
 
-fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
+fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Report)) -> Result<Report, LoadError> {
     let timeout_expiries = opts.timeouts;
     let records = sets::modmetadata(ko)?;
     let mut names = Vec::new();
@@ -411,41 +695,27 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
     }
 
     let mut report = Report::default();
+    observe(Moment::Loaded, &report);
     if opts.qemu {
         // The driver DRIVER_MODULE registered (the only one on pci).
         let driver = with(|e| e.newbus.drivers.iter().find(|(_, (bus, _))| bus == "pci").map(|(n, _)| n.clone()));
         if let Some(driver) = driver {
-            devctl_set_driver_and_attach(&driver, &mut report);
-            let ran = super::sched::run_queues(1000);
-            log(format!("after attach: taskqueue and kernel threads ran {ran} times"));
-            with(|e| {
-                report.nodes_attached = e.devs.keys().cloned().collect();
-                report.disks_attached = e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
-            });
-            disk_io(&mut report, opts.bio_outside_guest_ram);
-            if opts.burst > 0 {
-                burst_io(&mut report, opts.burst);
+            let plan = opts.effective_plan();
+            let mut failed = false;
+            for step in &plan.steps {
+                if failed && *step != Step::Detach {
+                    observe(Moment::Skipped(step), &report);
+                    continue;
+                }
+                observe(Moment::Before(step), &report);
+                let ok = step.run(&mut report, &driver, opts.bio_outside_guest_ram);
+                log(format!("step {step:?}: {}", if ok { "done" } else { "NOT done" }));
+                observe(Moment::After(step, ok), &report);
+                failed |= !ok && plan.stop_at_failure;
             }
-            if opts.eject {
-                eject_request(&mut report);
-            }
-            if opts.surprise {
-                surprise_removal(&mut report);
-            }
-            if opts.eject && opts.hot_add && report.ejected {
-                hot_add(&mut report);
-                // The first write left the pattern in the image: zero it, so that only the new
-                // controller's write can put it back.
-                zero_io_range();
-                let io_before = report.io.len();
-                disk_io(&mut report, false);
-                report.hot_added_io_ok = report.io.len() > io_before && report.io_data_ok;
-            }
-            devctl_detach(&mut report);
-            let ran = super::sched::run_queues(1000);
-            log(format!("after detach: taskqueue and kernel threads ran {ran} times"));
         }
     }
+    observe(Moment::Unloading, &report);
     let mut refused = false;
     // A module whose MOD_LOAD failed was released by module_register_init: the file stays
     // loaded without it and the unload sends it nothing.
@@ -489,8 +759,10 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
         super::busdma::end_of_life_checks();
         super::acpi::end_of_life_checks();
     }
+    observe(Moment::Unloaded, &report);
     with(|e| {
         report.log = std::mem::take(&mut e.log);
+        e.console_at.clear();
         report.findings = std::mem::take(&mut e.findings);
         report.console = std::mem::take(&mut e.console);
     });
@@ -566,5 +838,30 @@ fn end_of_life_checks() {
     });
     for l in left {
         super::finding(format!("after unload: {l}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flags_plan_keeps_the_order_kldhost_run_always_had() {
+        let eject = Step::Eject { slot: 4, id: "nvme0".to_string() };
+        let hot_add = Step::HotAdd { slot: 5, id: "nvme1".to_string(), drive: Drive::First };
+        let opts = Options { qemu: true, acpi: true, burst: 3, eject: true, hot_add: true, ..Options::default() };
+        assert_eq!(
+            opts.effective_plan(),
+            Plan { steps: vec![Step::Attach, Step::Io, Step::Burst(3), eject, hot_add, Step::Io, Step::Detach], stop_at_failure: false }
+        );
+        let opts = Options { qemu: true, acpi: true, surprise: true, in_flight: 24, ..Options::default() };
+        assert_eq!(
+            opts.effective_plan().steps,
+            vec![Step::Attach, Step::Io, Step::Surprise { slot: 4, id: "nvme0".to_string(), in_flight: 24 }, Step::Detach]
+        );
+        assert_eq!(Options { qemu: true, ..Options::default() }.effective_plan().steps, vec![Step::Attach, Step::Io, Step::Detach]);
+        // A plan given is the plan run.
+        let given = Plan { steps: vec![Step::Detach], stop_at_failure: true };
+        assert_eq!(Options { qemu: true, eject: true, plan: Some(given.clone()), ..Options::default() }.effective_plan(), given);
     }
 }
