@@ -26,6 +26,7 @@
 //!   delivered yet (no emulated acpi_task thread), so nothing can be queued.
 
 use super::kern::cstr;
+use super::rules::Rule;
 use super::{log, with};
 use crate::kpi::KpiTable;
 use std::collections::BTreeMap;
@@ -306,6 +307,7 @@ extern "C" fn emu_acpi_set_integer(obj: *mut c_void, path: *const c_char, v: u32
     let p = unsafe { cstr(path) };
     let st = match node_of(obj).and_then(|o| resolve(Some(o), &p)) {
         Some(Node::Ej0(s)) => {
+            eject_checks(s);
             let hp = with(|e| e.acpi.hp.take());
             let st = match hp {
                 Some(mut hp) => {
@@ -322,6 +324,41 @@ extern "C" fn emu_acpi_set_integer(obj: *mut c_void, path: *const c_char, v: u32
     };
     log(format!("acpi_SetInteger({obj:p}, {p:?}, {v}) = {st:#x}"));
     st
+}
+
+/// Before `_EJ0` of slot `s` (QEMU removes whatever is in it at once): the OS must have
+/// released the device (EjectAttached: a pci0 child in the slot still has a driver), and the
+/// slot must hold a device at all (DoubleEject: its function 0 answers all-ones, so this is a
+/// second `_EJ0` for one insertion, or one on an empty slot, which would eject the next
+/// device put in).
+fn eject_checks(s: u8) {
+    let path = Node::Slot(s).path();
+    let attached: Vec<u64> = super::newbus::pci_children()
+        .into_iter()
+        .filter(|&c| with(|e| e.newbus.devices.get(&c).and_then(|d| d.pci.as_ref()).is_some_and(|p| p.bdf.bus == 0 && p.bdf.dev == s)))
+        .filter(|&c| super::newbus::state(c) >= crate::layouts::DS_ATTACHED)
+        .collect();
+    for c in attached {
+        super::rules::finding(Rule::EjectAttached, &format!("_EJ0 of {path} while {} is still attached", super::newbus::nameunit(c)));
+    }
+    let vendor = super::machine::cfg_read(nvmehp_lab::firmware::Bdf { bus: 0, dev: s, func: 0 }, 0, 2);
+    if vendor == 0xffff {
+        super::rules::finding(Rule::DoubleEject, &format!("_EJ0 of {path}, a slot with no device (already ejected, or empty)"));
+    }
+}
+
+thread_local! {
+    /// Whether this thread is the acpi_task thread running a notify handler ([`run_gpe`]).
+    static IN_ACPI_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// AcpiOsWaitEventsComplete (sys/dev/acpica/Osd/OsdSchedule.c) taskqueue_drains every
+/// enqueued acpi task; called from one (a notify handler), it waits for itself. ACPICA's
+/// AcpiRemoveNotifyHandler (evxface.c) calls it first.
+fn wait_events_from_acpi_task(what: &str) {
+    if IN_ACPI_TASK.with(|c| c.get()) {
+        super::rules::panic(Rule::RemoveNotifyFromAcpiTask, &format!("deadlock: {what} from a notify handler on the acpi_task thread: it drains the task running it"));
+    }
 }
 
 type NotifyFn = extern "C" fn(*mut c_void, u32, *mut c_void);
@@ -347,7 +384,9 @@ pub fn run_gpe() -> Vec<(u8, u32, usize)> {
             // SAFETY: an ACPI_NOTIFY_HANDLER the module installed on this object and has not
             // removed (it is in the list), called with the context it gave.
             let f: NotifyFn = unsafe { std::mem::transmute::<u64, NotifyFn>(f) };
+            IN_ACPI_TASK.with(|c| c.set(true));
             f(node.handle(), value, ctx as *mut c_void);
+            IN_ACPI_TASK.with(|c| c.set(false));
         }
         out.push((n.slot, value, handlers.len()));
     }
@@ -382,6 +421,7 @@ extern "C" fn emu_acpi_install_notify_handler(obj: *mut c_void, ty: u32, handler
 }
 
 extern "C" fn emu_acpi_remove_notify_handler(obj: *mut c_void, ty: u32, handler: u64) -> u32 {
+    wait_events_from_acpi_task("AcpiRemoveNotifyHandler");
     let st = match node_of(obj) {
         _ if handler == 0 || ty != ACPI_SYSTEM_NOTIFY => AE_BAD_PARAMETER,
         None => AE_BAD_PARAMETER,
@@ -401,13 +441,14 @@ extern "C" fn emu_acpi_remove_notify_handler(obj: *mut c_void, ty: u32, handler:
 }
 
 extern "C" fn emu_acpi_os_wait_events_complete() {
+    wait_events_from_acpi_task("AcpiOsWaitEventsComplete");
     log("AcpiOsWaitEventsComplete()".to_string());
 }
 
 /// After unload: a notify handler left installed would be called in unloaded code.
 pub fn end_of_life_checks() {
     for p in installed_handlers() {
-        super::finding(format!("after unload: ACPI notify handler still installed on {p}"));
+        super::rules::finding(super::rules::Rule::UnloadWithLiveCallbacks, &format!("after unload: ACPI notify handler still installed on {p}"));
     }
 }
 

@@ -13,6 +13,7 @@
 //! The emulated devfs holds the nodes by name; a node is never opened here.
 
 use super::kern::format;
+use super::rules::Rule;
 use super::{kernel_panic, log, with};
 use crate::kpi::KpiTable;
 use crate::layouts;
@@ -54,7 +55,7 @@ extern "C" fn emu_make_dev_s(args1: *const layouts::make_dev_args, dres: *mut *m
     unsafe { std::ptr::copy_nonoverlapping(args1.cast::<u8>(), (&raw mut args).cast::<u8>(), size) };
     let waitok = args.mda_flags & layouts::MAKEDEV_WAITOK != 0;
     if waitok && args.mda_flags & layouts::MAKEDEV_NOWAIT != 0 {
-        kernel_panic("make_dev_sv: both WAITOK and NOWAIT specified");
+        super::rules::panic(Rule::BadMakeDevFlags, "make_dev_sv: both WAITOK and NOWAIT specified");
     }
     if waitok {
         super::sched::may_sleep("make_dev_s(MAKEDEV_WAITOK)");
@@ -64,7 +65,8 @@ extern "C" fn emu_make_dev_s(args1: *const layouts::make_dev_args, dres: *mut *m
     let exists = with(|e| e.devs.contains_key(&name));
     if let Some(err) = name_error(&name, exists) {
         if args.mda_flags & layouts::MAKEDEV_CHECKNAME == 0 {
-            kernel_panic(&format!("make_dev_sv: bad si_name (error={err}, si_name={name})"));
+            let rule = if err == layouts::EEXIST { Rule::DuplicateName } else { Rule::BadMakeDevFlags };
+            super::rules::panic(rule, &format!("make_dev_sv: bad si_name (error={err}, si_name={name})"));
         }
         log(format!("make_dev_s({name:?}) = {err}"));
         return err;
@@ -86,6 +88,10 @@ extern "C" fn emu_make_dev_s(args1: *const layouts::make_dev_args, dres: *mut *m
     }
     let p = Box::into_raw(dev);
     with(|e| e.devs.insert(name.clone(), p as u64));
+    // The device being attached, if any, owns the node: its detach must destroy it.
+    if let Some(owner) = super::newbus::attaching() {
+        with(|e| e.rule_state.node_owner.insert(p as u64, owner));
+    }
     // SAFETY: the caller's struct cdev pointer.
     unsafe { *dres = p };
     log(format!(
@@ -99,17 +105,40 @@ extern "C" fn emu_destroy_dev(dev: *mut layouts::cdev) {
     super::sched::may_sleep("destroy_dev");
     let name = with(|e| e.devs.iter().find(|(_, a)| **a == dev as u64).map(|(n, _)| n.clone()));
     let Some(name) = name else {
+        // The struct of a destroyed node is kept, so its unit is still readable: the
+        // kernel's KASSERT on SI_NAMED (kern_conf.c destroy_devl) is what fires.
+        if let Some(old) = with(|e| e.rule_state.destroyed_nodes.get(&(dev as u64)).cloned()) {
+            // SAFETY: a struct cdev make_dev_s made, kept after its destroy_dev.
+            let unit = unsafe { (*dev).si_drv0 };
+            super::rules::panic(Rule::DoubleDestroy, &format!("WARNING: Driver mistake: destroy_dev on {unit} ({old}, already destroyed)"));
+        }
         kernel_panic(&format!("destroy_dev({dev:p}): not a device node of the emulated devfs"));
     };
     // SAFETY: a node make_dev_s created and still lists.
     let d = unsafe { &mut *dev };
     if d.si_flags & layouts::SI_ETERNAL as u32 != 0 {
-        kernel_panic(&format!("WARNING: Driver mistake: destroy_dev on eternal {name}"));
+        super::rules::panic(Rule::DestroyEternal, &format!("WARNING: Driver mistake: destroy_dev on eternal {} ({name})", d.si_drv0));
+    }
+    let inside = with(|e| e.rule_state.threads_in.get(&(dev as u64)).copied().unwrap_or(0));
+    if inside > 0 {
+        // The only thread in a method here is this one (devfs::open_and_close_all).
+        super::rules::panic(
+            Rule::DestroyFromOwnMethod,
+            &format!("deadlock: destroy_dev({name}) from inside the node's own method: sleeps on \"devdrn\" until si_threadcount ({inside}, this thread) is 0"),
+        );
     }
     d.si_flags &= !(layouts::SI_NAMED as u32);
+    let had_drv1 = !d.si_drv1.is_null();
     d.si_drv1 = std::ptr::null_mut();
     d.si_drv2 = std::ptr::null_mut();
-    with(|e| e.devs.remove(&name));
+    with(|e| {
+        e.devs.remove(&name);
+        e.rule_state.destroyed_nodes.insert(dev as u64, name.clone());
+        e.rule_state.node_owner.remove(&(dev as u64));
+        if had_drv1 {
+            e.rule_state.zeroed_drv1 = Some(name.clone());
+        }
+    });
     // The struct stays allocated, as the kernel keeps it while references remain.
     log(format!("destroy_dev({name})"));
 }
@@ -140,6 +169,74 @@ pub fn run_deferred() -> usize {
         n += 1;
     }
     n
+}
+
+/// Live nodes made while `dev` was attaching: (name, si_drv1).
+pub(crate) fn nodes_owned_by(dev: u64) -> Vec<(String, u64)> {
+    with(|e| {
+        let owned: Vec<u64> = e.rule_state.node_owner.iter().filter(|(_, o)| **o == dev).map(|(c, _)| *c).collect();
+        e.devs.iter().filter(|(_, c)| owned.contains(c)).map(|(n, c)| (n.clone(), drv1_of(*c))).collect()
+    })
+}
+
+/// Live nodes whose si_drv1 points into `[start, start + len)`: (name, si_drv1).
+pub(crate) fn nodes_pointing_into(start: u64, len: u64) -> Vec<(String, u64)> {
+    if start == 0 {
+        return Vec::new();
+    }
+    with(|e| e.devs.iter().map(|(n, c)| (n.clone(), drv1_of(*c))).filter(|(_, d)| *d >= start && *d < start + len.max(1)).collect())
+}
+
+fn drv1_of(cdev: u64) -> u64 {
+    // SAFETY: a live node's struct cdev, made by make_dev_s and never freed.
+    unsafe { (*(cdev as *const layouts::cdev)).si_drv1 as u64 }
+}
+
+/// The node whose non-NULL si_drv1 destroy_dev zeroed last (for [`super::trap`]).
+pub fn last_zeroed_drv1() -> Option<String> {
+    with(|e| e.rule_state.zeroed_drv1.clone())
+}
+
+/// <sys/fcntl.h> FREAD and <sys/stat.h> S_IFCHR: what devfs_open passes as oflags and devtype.
+const FREAD: c_int = 0x0001;
+const S_IFCHR: c_int = 0o020000;
+
+/// A process opens and closes every node (`open(2)`, `close(2)`): devfs_open and devfs_close
+/// (sys/fs/devfs/devfs_vnops.c) call the cdevsw's d_open and d_close with the thread counted
+/// in si_threadcount (dev_refthread) while it is inside the method. Returns each node's
+/// (d_open, d_close) results.
+pub fn open_and_close_all() -> Vec<(String, c_int, c_int)> {
+    let nodes: Vec<(String, u64)> = with(|e| e.devs.iter().map(|(n, d)| (n.clone(), *d)).collect());
+    let mut out = Vec::new();
+    for (name, dev) in nodes {
+        // SAFETY: a live node make_dev_s made; si_devsw is the module's cdevsw.
+        let csw = unsafe { (*(dev as *mut layouts::cdev)).si_devsw };
+        if csw.is_null() {
+            continue;
+        }
+        // SAFETY: the module's struct cdevsw.
+        let (d_open, d_close) = unsafe { ((*csw).d_open, (*csw).d_close) };
+        let call = |f: layouts::d_open_t, what: &str| -> c_int {
+            let Some(f) = f else { return 0 };
+            with(|e| *e.rule_state.threads_in.entry(dev).or_default() += 1);
+            log(format!("devfs: {what}({name})"));
+            // SAFETY: the module's method for its live node, FREAD, S_IFCHR, no thread struct
+            // (the emulation has none); no emulation lock held.
+            let r = unsafe { f(dev as *mut layouts::cdev, FREAD, S_IFCHR, std::ptr::null_mut()) };
+            with(|e| {
+                if let Some(n) = e.rule_state.threads_in.get_mut(&dev) {
+                    *n -= 1;
+                }
+            });
+            log(format!("devfs: {what}({name}) = {r}"));
+            r
+        };
+        // d_close_t has d_open_t's signature (dev, fflag, devtype, td).
+        let o = call(d_open, "d_open");
+        let c = if o == 0 { call(d_close, "d_close") } else { 0 };
+        out.push((name, o, c));
+    }
+    out
 }
 
 pub fn register(t: &mut KpiTable) {

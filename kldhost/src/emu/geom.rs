@@ -16,6 +16,7 @@
 //!   one panics.
 
 use super::kern::cstr;
+use super::rules::Rule;
 use super::{finding, kernel_panic, log, with};
 use crate::kpi::KpiTable;
 use crate::layouts;
@@ -84,7 +85,7 @@ extern "C" fn emu_disk_gone(dp: *mut layouts::disk) {
             });
             log(format!("disk_gone({name}) (d_gone runs from the GEOM event thread)"));
         }
-        Some((s, name)) => finding(format!("disk_gone({name}) on a disk in state {s:?}")),
+        Some((s, name)) => super::rules::finding(Rule::DiskDoubleRelease, &format!("disk_gone({name}) on a disk in state {s:?}")),
         None => kernel_panic(&format!("disk_gone({dp:p}): not a disk")),
     }
 }
@@ -93,7 +94,11 @@ extern "C" fn emu_disk_destroy(dp: *mut layouts::disk) {
     let st = with(|e| e.disks.get(&(dp as u64)).map(|d| (d.state, d.name.clone())));
     let Some((s, name)) = st else { kernel_panic(&format!("disk_destroy({dp:p}): not a disk")) };
     if s == DiskState::Destroyed {
-        kernel_panic(&format!("disk_destroy({name}): destroyed twice"));
+        super::rules::panic(Rule::DiskDoubleRelease, &format!("disk_destroy({name}): destroyed twice"));
+    }
+    if s == DiskState::Gone {
+        // disk_gone was called and GEOM has not called d_gone yet: it still may.
+        super::rules::finding(Rule::DiskFreedBeforeGone, &format!("disk_destroy({name}) before GEOM called its d_gone"));
     }
     with(|e| e.disks.get_mut(&(dp as u64)).expect("disk").state = DiskState::Destroyed);
     // SAFETY: the disk struct disk_alloc made; poisoned and kept.
@@ -267,7 +272,7 @@ extern "C" fn emu_biodone(bp: *mut layouts::bio) {
 pub fn end_of_life_checks() {
     let left: Vec<(String, DiskState)> = with(|e| e.disks.values().filter(|d| d.state != DiskState::Destroyed).map(|d| (d.name.clone(), d.state)).collect());
     for (n, s) in left {
-        finding(format!("after unload: disk {n} never destroyed (state {s:?})"));
+        super::rules::finding(Rule::UnloadWithLiveCallbacks, &format!("after unload: disk {n} never destroyed (state {s:?})"));
     }
 }
 

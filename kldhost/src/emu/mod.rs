@@ -26,9 +26,11 @@ pub mod machine;
 pub mod mmio;
 pub mod newbus;
 pub mod pci;
+pub mod rules;
 pub mod run;
 pub mod sched;
 pub mod sysctl;
+pub mod trap;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -71,6 +73,8 @@ pub struct Emu {
     pub(crate) sysctl_ctxs: BTreeMap<u64, Vec<(String, u64)>>,
     /// ACPI: the emulated namespace (`--acpi`) and the notify handlers installed on it.
     pub(crate) acpi: acpi::AcpiState,
+    /// What the rule checks of [`rules`] remember between calls.
+    pub(crate) rule_state: rules::State,
 }
 
 static EMU: Mutex<Option<Emu>> = Mutex::new(None);

@@ -30,6 +30,7 @@
 //!   driver has; the first error stops the unload.
 
 use super::kern::{cstr, format};
+use super::rules::Rule;
 use super::{finding, kernel_panic, log, with};
 use crate::freebsd15;
 use crate::kpi::KpiTable;
@@ -528,6 +529,7 @@ pub fn device_detach(dev: u64) -> c_int {
         return r;
     }
     device_print(dev, "detached\n");
+    nodes_left_at_detach(dev);
     super::pci::child_detached(dev);
     let fixed = with(|e| e.newbus.devices.get(&dev).is_some_and(|d| d.fixed));
     if !fixed {
@@ -536,6 +538,26 @@ pub fn device_detach(dev: u64) -> c_int {
     with(|e| e.newbus.devices.get_mut(&dev).expect("device").state = layouts::DS_NOTPRESENT);
     set_driver(dev, 0);
     0
+}
+
+/// The device whose DEVICE_ATTACH is running (DS_ATTACHING), if any: what a node made now
+/// belongs to.
+pub fn attaching() -> Option<u64> {
+    with(|e| e.newbus.devices.iter().find(|(_, d)| d.state == layouts::DS_ATTACHING).map(|(a, _)| *a))
+}
+
+/// DEVICE_DETACH returned 0: subr_bus.c device_detach frees the softc next
+/// (device_set_driver(dev, NULL)), so a node the attach made must be gone by now
+/// (NodeLeftAfterDetach), and no live node may point into the softc (OrphanNode).
+fn nodes_left_at_detach(dev: u64) {
+    let (softc, size) = with(|e| e.newbus.devices.get(&dev).map(|d| (d.softc, d.softc_size as u64)).unwrap_or_default());
+    let name = nameunit(dev);
+    for (node, _) in super::devfs::nodes_owned_by(dev) {
+        super::rules::finding(Rule::NodeLeftAfterDetach, &format!("device_detach({name}) returned 0 with node {node}, made by its attach, still published"));
+    }
+    // The softc is freed next: every other check on freed memory applies to it (a node's
+    // si_drv1 in it is an orphan, a callout in it still armed runs on freed memory).
+    super::kern::freed_memory_checks(softc, size, &format!("device_detach({name}) frees the softc {softc:#x}"));
 }
 
 /// The kernel's device_printf (newbus's own messages).
@@ -559,8 +581,11 @@ pub fn devices_with_driver() -> Vec<String> {
 fn dev_of(dev: *mut c_void, what: &str) -> u64 {
     let ok = with(|e| e.newbus.devices.contains_key(&(dev as u64)));
     if !ok && with(|e| e.newbus.deleted.contains(&(dev as u64))) {
-        super::finding(format!("use after free: {what}({dev:p}) of a device_t device_delete_child freed"));
-        kernel_panic(&format!("{what}({dev:p}): use after free of a deleted device_t"));
+        // A detach (or delete) of a device that is gone is its own rule; any other call with
+        // the freed device_t is a plain use after free.
+        let rule = if matches!(what, "device_detach" | "device_delete_child") { Rule::DetachWithoutDevice } else { Rule::UseAfterFree };
+        super::rules::finding(rule, &format!("use after free: {what}({dev:p}) of a device_t device_delete_child freed"));
+        super::rules::panic(rule, &format!("{what}({dev:p}): use after free of a deleted device_t"));
     }
     if !ok {
         kernel_panic(&format!("{what}({dev:p}): not a device"));

@@ -198,6 +198,10 @@ pub struct Options {
     /// With `acpi`: stock FreeBSD's ACPI, acpi_pci(4) on pci0 with its handler on every slot
     /// before the module loads (the module then observes: hw.nvme_hotplug.acpi_mode).
     pub acpi_pci: bool,
+    /// After MOD_LOAD (and with `qemu` after the attach), a process opens and closes every
+    /// device node: d_open and d_close run with the thread counted in the node
+    /// ([`super::devfs::open_and_close_all`]).
+    pub open_nodes: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -363,6 +367,8 @@ fn location(dev: u64) -> String {
 
 /// Loads, runs and unloads the module per `opts` (see [`load_and_unload`] and [`Options`]).
 pub fn run(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
+    // A fault in the module's code is the kernel's fatal trap, not a crash of this process.
+    super::trap::install(ko.base(), ko.module_size);
     if opts.qemu {
         super::machine::start().map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
@@ -409,6 +415,9 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
         let fired = super::sched::fire_timeouts(timeout_expiries);
         log(format!("{fired} timeout task expiries"));
     }
+    if opts.open_nodes {
+        open_nodes();
+    }
 
     let mut report = Report::default();
     if opts.qemu {
@@ -418,6 +427,9 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
             devctl_set_driver_and_attach(&driver, &mut report);
             let ran = super::sched::run_queues(1000);
             log(format!("after attach: taskqueue and kernel threads ran {ran} times"));
+            if opts.open_nodes {
+                open_nodes();
+            }
             with(|e| {
                 report.nodes_attached = e.devs.keys().cloned().collect();
                 report.disks_attached = e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
@@ -497,6 +509,15 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
     Ok(report)
 }
 
+/// `open(2)` and `close(2)` of every node, then the kernel threads (the devfs destroy thread)
+/// run what the methods scheduled.
+fn open_nodes() {
+    for (n, o, c) in super::devfs::open_and_close_all() {
+        log(format!("open and close {n}: d_open {o}, d_close {c}"));
+    }
+    super::sched::run_queues(1000);
+}
+
 /// sysctl_load_tunable_by_oid_locked (sys/kern/kern_sysctl.c): a CTLFLAG_TUN OID registered
 /// while the kernel environment names it takes the value: an int or u_int is parsed (decimal,
 /// or hex with 0x), a string copied up to the buffer's size (arg2) with its NUL.
@@ -556,9 +577,6 @@ fn end_of_life_checks() {
         if !e.drivers.is_empty() {
             f.push(format!("drivers still registered: {:?}", e.drivers));
         }
-        for n in e.devs.keys() {
-            f.push(format!("device node {n} never destroyed"));
-        }
         if e.topo_locked {
             f.push("the newbus topology lock is still held".to_string());
         }
@@ -566,5 +584,9 @@ fn end_of_life_checks() {
     });
     for l in left {
         super::finding(format!("after unload: {l}"));
+    }
+    // A node still published after unload: devfs would call the unloaded cdevsw.
+    for n in with(|e| e.devs.keys().cloned().collect::<Vec<_>>()) {
+        super::rules::finding(super::rules::Rule::UnloadWithLiveCallbacks, &format!("after unload: device node {n} never destroyed (still published, its cdevsw in the unloaded module)"));
     }
 }
