@@ -22,8 +22,12 @@
 //!   install of the same handler function on the object is AE_ALREADY_EXISTS, another function
 //!   is added next to it, and removing a function not installed there is AE_NOT_EXIST. A handler still installed after unload is a finding: ACPICA would
 //!   call into unloaded code on the next Notify.
-//! - `AcpiOsWaitEventsComplete` (sys/dev/acpica/Osd/OsdSchedule.c) returns at once: no notify is
-//!   delivered yet (no emulated acpi_task thread), so nothing can be queued.
+//! - `AcpiOsWaitEventsComplete` (sys/dev/acpica/Osd/OsdSchedule.c) returns at once: notifies are
+//!   dispatched synchronously by [`run_gpe`], so none is ever left queued. Called from a notify
+//!   handler (directly or through `AcpiRemoveNotifyHandler`, evxface.c) it would drain the
+//!   acpi_task running the caller: a deadlock, reported as RemoveNotifyFromAcpiTask.
+//! - `_EJ0` of a slot whose device still has a driver is EjectAttached, of a slot whose function
+//!   0 reads all-ones DoubleEject ([`eject_checks`]).
 
 use super::kern::cstr;
 use super::rules::Rule;

@@ -7,10 +7,14 @@
 //!   a smaller one is read up to its size. WAITOK with NOWAIT is a KASSERT. A bad name (empty,
 //!   too long, whitespace or `"`, a trailing `/`, a `.` or `..` component) or an existing one
 //!   returns its error with MAKEDEV_CHECKNAME and panics without it.
-//! - `destroy_dev`: may sleep (it waits for threads in the device); the node must be named and
-//!   must not be MAKEDEV_ETERNAL; `si_drv1`/`si_drv2` are cleared.
+//! - `destroy_dev`: may sleep (it waits for threads in the device); the node must be named (a
+//!   second destroy_dev of it panics: DoubleDestroy) and must not be MAKEDEV_ETERNAL
+//!   (DestroyEternal); called from inside one of the node's own methods it waits for itself
+//!   (DestroyFromOwnMethod); `si_drv1`/`si_drv2` are cleared. A node made while a device was
+//!   attaching belongs to it (newbus.rs checks it is gone when the detach returns).
 //!
-//! The emulated devfs holds the nodes by name; a node is never opened here.
+//! The emulated devfs holds the nodes by name; destroyed nodes' structs are kept. A node is
+//! opened and closed only by `run --open-nodes` ([`open_and_close_all`]).
 
 use super::kern::format;
 use super::rules::Rule;

@@ -13,7 +13,9 @@
 //! ([`newbus`], [`pci`]), its registers reached through trapped loads and stores ([`mmio`]),
 //! its DMA memory in shared guest RAM ([`dma`], [`busdma`]), bio queues ([`bioq`]), and disk(9) ([`geom`]) and run-time
 //! sysctl(9) contexts ([`sysctl`]) recorded.
-//! A kernel panic ends the process with [`PANIC_EXIT`], as a panic ends the kernel.
+//! A kernel panic ends the process with [`PANIC_EXIT`], as a panic ends the kernel; so does a
+//! fault in the module's code ([`trap`]), as the kernel's fatal trap. The FreeBSD rules each
+//! emulated function checks are named by [`rules`] (kpimodel's names, with their sources).
 
 pub mod acpi;
 pub mod bioq;

@@ -4,7 +4,8 @@
 //! as the kernel's threads would once the loading thread returns) and when the module drains
 //! a queue, which waits for everything queued so far: here the caller's thread runs it.
 //! Callouts and timeout tasks are recorded, never fired. Sleeping calls made with a mutex held
-//! are findings (mtx(9): a mutex may not be held across a sleep).
+//! are findings (mtx(9): a mutex may not be held across a sleep). A task that drains itself or
+//! its own queue waits for itself: a deadlock, reported as DrainFromOwnTask.
 
 use super::kern::cstr;
 use super::{finding, kernel_panic, log, with};
