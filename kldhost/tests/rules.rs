@@ -363,3 +363,27 @@ fn ej0_on_an_attached_device_and_on_an_empty_slot_are_findings() {
         &["device_delete_child(pci0, pci0:0:4:0) = 0", "kldhost_fixture: _EJ0 0", "kldhost_fixture: _EJ0 again 0", "findings: 1", "[DoubleEject] _EJ0 of \\_SB_.PCI0.S04_, a slot with no device"],
     );
 }
+
+/// The real module against the same checks, its nodes opened and closed too: no finding (the
+/// negative controls above are only worth something if the shipped `.ko` passes them).
+#[test]
+fn the_real_modules_nodes_open_and_close_and_it_breaks_no_rule() {
+    if !nvmehp_lab::skip::qemu_or_skip("rules_real_open") || common::real_ko("rules_real_open").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--open-nodes"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "make_dev_s(\"nvmehp0ns1\"",
+            "devfs: d_open(nvmehp0ns1) = 0",
+            "devfs: d_close(nvmehp0ns1) = 0",
+            "destroy_dev(nvmehp0ns1)",
+            "unloaded: true",
+            "findings: 0",
+        ],
+    );
+    assert!(!out.contains("panic:"), "{out}");
+}
