@@ -66,6 +66,10 @@ enum Cmd {
         /// (d_open, d_close, with the thread counted inside the node as devfs counts it).
         #[arg(long)]
         open_nodes: bool,
+        /// After MOD_LOAD (and after the attach with --qemu), open every disk and keep it open
+        /// until the unload returned, as a process holding /dev/<disk> open would.
+        #[arg(long)]
+        hold_disks_open: bool,
         /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
         #[arg(long = "tunable", value_name = "NAME=VALUE")]
         tunables: Vec<String>,
@@ -82,9 +86,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci, open_nodes, tunables } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci, open_nodes, hold_disks_open, tunables } => {
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
-            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci, open_nodes }) {
+            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci, open_nodes, hold_disks_open }) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {

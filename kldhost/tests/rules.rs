@@ -387,3 +387,70 @@ fn the_real_modules_nodes_open_and_close_and_it_breaks_no_rule() {
     );
     assert!(!out.contains("panic:"), "{out}");
 }
+
+// --- GEOM: d_gone only after the last close ---------------------------------------------------------
+
+#[test]
+fn sleeping_until_d_gone_while_a_consumer_holds_the_disk_open_never_ends() {
+    // Control: nobody holds the disk open: d_gone runs during the module's first sleep.
+    let Some((code, out)) = run("gone_wait_ok", "disk_rules", &["-DKLDHOST_WAIT_FOREVER"], &[]) else { return };
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(&out, &["disk_gone(kldhostd0)", "pause_sbt(kldhost", "g_event: d_gone(kldhostd0)", "disk_destroy(kldhostd0) (was GoneDone)", "findings: 0"]);
+
+    let Some((code, out)) = run("gone_wait_held", "disk_rules", &["-DKLDHOST_WAIT_FOREVER"], &["--hold-disks-open"]) else { return };
+    assert_eq!(code, Some(PANIC_EXIT), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "g_disk_access(kldhostd0, open) -> d_open = 0",
+            "disk_gone(kldhostd0)",
+            "panic: [WaitForeverForGone] deadlock: the module slept 501 times in a row while d_gone of kldhostd0 is held back",
+            "geom_disk.c",
+        ],
+    );
+    assert!(!out.contains("g_event: d_gone(kldhostd0)"), "{out}");
+}
+
+/// The real module with its disk held open across the detach: its detach refuses (EBUSY, as
+/// nvme_hotplug.4 says) instead of waiting for a d_gone that cannot come.
+#[test]
+fn the_real_module_refuses_the_detach_of_a_disk_held_open_instead_of_waiting_for_d_gone() {
+    if !nvmehp_lab::skip::qemu_or_skip("rules_real_held") || common::real_ko("rules_real_held").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--hold-disks-open"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "g_disk_access(nvmehpd0, open) -> d_open = 0",
+            "g_disk_access(nvmehpd0, close): still open 1 times, no d_close",
+            "nvmehp0: in use (a node or disk is open): detach refused",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_QUIESCE) = 16",
+            "g_disk_access(nvmehpd0, close) (the holding consumer) -> d_close = 0",
+            "detach device 4.0 (nvmehp0): 16",
+            "unloaded: false",
+            "findings: 0",
+        ],
+    );
+    assert!(!out.contains("panic:"), "{out}");
+}
+
+#[test]
+fn a_task_queued_in_freed_memory_is_found_at_the_free_and_traps_when_the_kernel_runs_it() {
+    let Some((code, out)) = run("task_freed", "callback_freed", &["-DKLDHOST_FREE_QUEUED"], &[]) else { return };
+    assert_eq!(code, Some(PANIC_EXIT), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "taskqueue_enqueue(",
+            "free(0x",
+            "taskqueue kldhost_fixture: run task",
+            "Fatal trap 9: general protection fault while in kernel mode",
+            "finding before the panic: [FreeWhileCallbackArmed] free(0x",
+            "is still queued on kldhost_fixture",
+            "panic: [CallThroughFreedPointer] general protection fault: the kernel called the module through 0xdeadc0dedeadc0de",
+        ],
+    );
+}

@@ -3,11 +3,14 @@
 //! - `disk_alloc` may sleep (M_WAITOK) and returns a zeroed `struct disk`.
 //! - `disk_create` refuses a disk of another `DISK_VERSION` with the kernel's warning (a
 //!   finding here) and publishes the disk (no provider is tasted, nothing opens it).
-//! - `disk_gone` withers the disk; since nothing has it open, GEOM's event thread then calls
+//! - `disk_gone` withers the disk; once nothing has it open, GEOM's event thread then calls
 //!   the driver's `d_gone` ([`run_events`], run when the module sleeps and when taskqueue
 //!   threads run, never inside `disk_gone` itself). A second `disk_gone` is a finding.
-//! - `disk_destroy` ends the disk; the struct is poisoned and kept. After unload every disk
-//!   must have been destroyed.
+//! - `disk_destroy` ends the disk (cancelling a pending `d_gone`, as `g_cancel_event` does);
+//!   the struct is poisoned and kept. After unload every disk must have been destroyed.
+//! - Consumers: `d_open` on the first open, `d_close` on the last close (g_disk_access's
+//!   access counts); `run --hold-disks-open` is a process that keeps every disk open until the
+//!   unload returned ([`hold_all_open`], [`release_held`]).
 //! - I/O as GEOM's g_down thread sends it ([`open`], [`io`], [`io_burst`], [`close`]): `d_open` first (a
 //!   consumer gained access), then a `struct bio` (command, offset, length, data, disk) to
 //!   `d_strategy`; the caller waits, letting interrupt and taskqueue threads run, until the
@@ -100,7 +103,12 @@ extern "C" fn emu_disk_destroy(dp: *mut layouts::disk) {
         // disk_gone was called and GEOM has not called d_gone yet: it still may.
         super::rules::finding(Rule::DiskFreedBeforeGone, &format!("disk_destroy({name}) before GEOM called its d_gone"));
     }
-    with(|e| e.disks.get_mut(&(dp as u64)).expect("disk").state = DiskState::Destroyed);
+    // geom_disk.c disk_destroy: g_cancel_event(dp) first, so a d_gone not yet delivered never
+    // is (the struct is about to be poisoned).
+    with(|e| {
+        e.disks.get_mut(&(dp as u64)).expect("disk").state = DiskState::Destroyed;
+        e.geom_events.retain(|&d| d != dp as u64);
+    });
     // SAFETY: the disk struct disk_alloc made; poisoned and kept.
     unsafe {
         let w = dp.cast::<u32>();
@@ -111,10 +119,21 @@ extern "C" fn emu_disk_destroy(dp: *mut layouts::disk) {
     log(format!("disk_destroy({name}) (was {s:?})"));
 }
 
-/// GEOM's event thread: d_gone of every withered disk. Returns how many ran.
+fn opens(dp: u64) -> u32 {
+    with(|e| e.rule_state.disk_opens.get(&dp).copied().unwrap_or(0))
+}
+
+/// GEOM's event thread: d_gone of every withered disk nobody has open (g_disk_providergone
+/// runs when the provider's last consumer closed); one still open keeps its event. Returns how
+/// many ran.
 pub fn run_events() -> usize {
     let mut n = 0;
+    let mut held = Vec::new();
     while let Some(dp) = with(|e| e.geom_events.pop_front()) {
+        if opens(dp) > 0 {
+            held.push(dp);
+            continue;
+        }
         // SAFETY: a disk disk_gone withered; its d_gone was set by the driver.
         let f = unsafe { (*(dp as *mut layouts::disk)).d_gone };
         let name = with(|e| e.disks.get(&dp).map(|d| d.name.clone()).unwrap_or_default());
@@ -126,7 +145,65 @@ pub fn run_events() -> usize {
         }
         n += 1;
     }
+    with(|e| e.geom_events.extend(held));
     n
+}
+
+/// A sleep of the module (pause_sbt): while a withered disk is held open, its d_gone cannot run
+/// until the consumer closes it. Here that consumer is the runner, which gets to close only
+/// when the module's call returns: a module that sleeps until d_gone waits forever
+/// (WaitForeverForGone; geom_disk.c, nvd_controller_fail's msleep). A bounded number of such
+/// sleeps in a row is allowed (the module may be sleeping for something else); past it, the
+/// wait is reported as the deadlock it is.
+pub fn sleep_while_gone_held() {
+    const LIMIT: u32 = 500;
+    let held: Vec<String> = with(|e| {
+        let names: Vec<String> = e
+            .geom_events
+            .iter()
+            .filter(|dp| e.rule_state.disk_opens.get(dp).copied().unwrap_or(0) > 0)
+            .filter_map(|dp| e.disks.get(dp).map(|d| d.name.clone()))
+            .collect();
+        e.rule_state.sleeps_waiting_for_gone = if names.is_empty() { 0 } else { e.rule_state.sleeps_waiting_for_gone + 1 };
+        names
+    });
+    let n = with(|e| e.rule_state.sleeps_waiting_for_gone);
+    if n > LIMIT {
+        super::rules::panic(
+            Rule::WaitForeverForGone,
+            &format!("deadlock: the module slept {n} times in a row while d_gone of {} is held back by a consumer that has it open and can close it only after this call returns", held.join(", ")),
+        );
+    }
+}
+
+/// A consumer (a process with /dev/<disk> open) opens every created disk and keeps it open:
+/// `run --hold-disks-open`. Returns the disks opened.
+pub fn hold_all_open() -> Vec<u64> {
+    let names: Vec<String> = with(|e| e.disks.values().filter(|d| d.state == DiskState::Created).map(|d| d.name.clone()).collect());
+    let mut out = Vec::new();
+    for name in names {
+        let Some(dp) = disk_by_name(&name) else { continue };
+        if open(&name) == 0 {
+            out.push(dp);
+        }
+    }
+    out
+}
+
+/// The consumer of [`hold_all_open`] closes: d_close of each disk not destroyed, and a withered
+/// disk's d_gone may now run.
+pub fn release_held(disks: &[u64]) {
+    for &dp in disks {
+        let st = with(|e| e.disks.get(&dp).map(|d| (d.state, d.name.clone())));
+        let Some((s, name)) = st else { continue };
+        if s == DiskState::Destroyed {
+            with(|e| e.rule_state.disk_opens.remove(&dp));
+            log(format!("g_disk_access({name}, close) (the holding consumer): the disk was destroyed while open"));
+            continue;
+        }
+        last_close(dp, &name, " (the holding consumer)");
+    }
+    super::sched::run_queues(1000);
 }
 
 fn disk_by_name(name: &str) -> Option<u64> {
@@ -136,22 +213,50 @@ fn disk_by_name(name: &str) -> Option<u64> {
 /// g_disk_access: the first open of the provider calls d_open (if the driver has one).
 pub fn open(name: &str) -> c_int {
     let Some(dp) = disk_by_name(name) else { return layouts::ENXIO };
+    if opens(dp) > 0 {
+        // Already open: only the access count changes (g_disk_access calls d_open on the
+        // first open only).
+        let n = with(|e| {
+            let n = e.rule_state.disk_opens.entry(dp).or_default();
+            *n += 1;
+            *n
+        });
+        log(format!("g_disk_access({name}, open): open {n} times, no d_open"));
+        return 0;
+    }
     // SAFETY: a created disk of the driver.
     let f = unsafe { (*(dp as *mut layouts::disk)).d_open };
     // SAFETY: the driver's d_open with its disk; no emulation lock held.
     let r = f.map_or(0, |f| unsafe { f(dp as *mut layouts::disk) });
     log(format!("g_disk_access({name}, open) -> d_open = {r}"));
+    if r == 0 {
+        with(|e| *e.rule_state.disk_opens.entry(dp).or_default() += 1);
+    }
     r
 }
 
 /// The last close of the provider calls d_close.
 pub fn close(name: &str) -> c_int {
     let Some(dp) = disk_by_name(name) else { return layouts::ENXIO };
-    // SAFETY: as open.
+    last_close(dp, name, "")
+}
+
+/// A consumer closes `dp`: d_close only when it was the last open (g_disk_access).
+fn last_close(dp: u64, name: &str, who: &str) -> c_int {
+    let left = with(|e| {
+        let n = e.rule_state.disk_opens.entry(dp).or_default();
+        *n = n.saturating_sub(1);
+        *n
+    });
+    if left > 0 {
+        log(format!("g_disk_access({name}, close){who}: still open {left} times, no d_close"));
+        return 0;
+    }
+    // SAFETY: a disk not destroyed (the callers check): d_close is the driver's.
     let f = unsafe { (*(dp as *mut layouts::disk)).d_close };
-    // SAFETY: as open.
+    // SAFETY: the driver's d_close with its disk; no emulation lock held.
     let r = f.map_or(0, |f| unsafe { f(dp as *mut layouts::disk) });
-    log(format!("g_disk_access({name}, close) -> d_close = {r}"));
+    log(format!("g_disk_access({name}, close){who} -> d_close = {r}"));
     r
 }
 

@@ -110,6 +110,10 @@ pub fn finding(line: String) {
 /// The emulated kernel panics: say why and end the process.
 pub fn kernel_panic(msg: &str) -> ! {
     use std::io::Write;
+    // What was found before the panic would otherwise be lost with the process.
+    for f in with(|e| e.findings.clone()) {
+        let _ = writeln!(std::io::stdout(), "finding before the panic: {f}");
+    }
     log(format!("panic: {msg}"));
     let _ = writeln!(std::io::stdout(), "panic: {msg}");
     let _ = std::io::stdout().flush();

@@ -172,7 +172,7 @@ pub const ALL: &[RuleCheck] = &[
     RuleCheck {
         rule: Rule::WaitForeverForGone,
         source: "sys/geom/geom_disk.c: d_gone runs only after the last consumer closed; a driver sleeping for it while a consumer holds the disk open waits forever",
-        coverage: NotApplicable("kldhost's GEOM has no consumer that keeps a disk open across a removal: the runner closes the disk after its I/O, before any detach or eject, so d_gone is never held back"),
+        coverage: Checked { at: "src/emu/geom.rs run_events, sleep_while_gone_held (d_gone held back while `run --hold-disks-open` keeps the disk open, and a module that keeps sleeping meanwhile)", test: "tests/rules.rs sleeping_until_d_gone_while_a_consumer_holds_the_disk_open_never_ends" },
     },
     RuleCheck {
         rule: Rule::DoubleDetach,
@@ -230,4 +230,8 @@ pub struct State {
     pub node_owner: std::collections::BTreeMap<u64, u64>,
     /// Threads inside each node's methods (si_threadcount), by cdev.
     pub threads_in: std::collections::BTreeMap<u64, u32>,
+    /// Opens of each disk by a consumer (g_disk_access), by struct disk.
+    pub disk_opens: std::collections::BTreeMap<u64, u32>,
+    /// Sleeps in a row taken while a withered disk's d_gone was held back by an open.
+    pub sleeps_waiting_for_gone: u32,
 }

@@ -202,6 +202,10 @@ pub struct Options {
     /// device node: d_open and d_close run with the thread counted in the node
     /// ([`super::devfs::open_and_close_all`]).
     pub open_nodes: bool,
+    /// After MOD_LOAD (and with `qemu` after the attach), a consumer opens every disk and keeps
+    /// it open until the unload returned (a process holding /dev/<disk> open across a removal):
+    /// GEOM holds each withered disk's d_gone back until then.
+    pub hold_disks_open: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -418,6 +422,10 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
     if opts.open_nodes {
         open_nodes();
     }
+    let mut held = Vec::new();
+    if opts.hold_disks_open && !opts.qemu {
+        held = super::geom::hold_all_open();
+    }
 
     let mut report = Report::default();
     if opts.qemu {
@@ -429,6 +437,9 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
             log(format!("after attach: taskqueue and kernel threads ran {ran} times"));
             if opts.open_nodes {
                 open_nodes();
+            }
+            if opts.hold_disks_open {
+                held = super::geom::hold_all_open();
             }
             with(|e| {
                 report.nodes_attached = e.devs.keys().cloned().collect();
@@ -490,6 +501,10 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
     }
     if !refused {
         run_sysinits(ko, &sets::sysuninits(ko)?, "sysuninit");
+    }
+    // The holding consumer closes only now, after kldunload returned.
+    super::geom::release_held(&held);
+    if !refused {
         for o in sets::sysctls(ko)? {
             log(format!("sysctl_unregister_oid({})", o.path));
         }

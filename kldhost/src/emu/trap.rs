@@ -150,6 +150,20 @@ pub(crate) fn fatal_trap(info: *const libc::siginfo_t, uc: &libc::ucontext_t) {
         );
     }
     if !in_module(rip) {
+        // The emulated kernel's own code calling the module's callback (a task, a callout,
+        // d_gone) through a pointer in freed memory: on CPUs that fault on the branch, the
+        // instruction pointer is still at the call.
+        if code == SI_KERNEL {
+            // SAFETY: rip is in this process's own text (it was executing there).
+            let insn = unsafe { std::slice::from_raw_parts(rip as *const u8, 16) };
+            if let Some(target) = indirect_target(insn, rip, gregs).filter(|t| poisoned(*t)) {
+                trap_lines(9, rip, None);
+                rules::panic(
+                    Rule::CallThroughFreedPointer,
+                    &format!("general protection fault: the kernel called the module through {target:#x}, a callback pointer read from freed memory, at {rip:#x}"),
+                );
+            }
+        }
         return;
     }
     // SAFETY: the faulting instruction is in the module's mapped text (checked above); 16 bytes
