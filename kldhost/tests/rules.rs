@@ -454,3 +454,56 @@ fn a_task_queued_in_freed_memory_is_found_at_the_free_and_traps_when_the_kernel_
         ],
     );
 }
+
+// --- stock FreeBSD: acpi_pci's own eject handler on the slot ------------------------------------
+
+/// With acpi_pci on pci0 (`--acpi-pci`) its handler does the eject: detach, `_EJ0`, rescan.
+/// The real module only observes, and its detach is the one acpi_pci calls.
+#[test]
+fn with_acpi_pci_on_the_bus_its_eject_detaches_the_real_module_which_tears_down_clean() {
+    if !nvmehp_lab::skip::qemu_or_skip("rules_acpi_pci_eject") || common::real_ko("rules_acpi_pci_eject").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--acpi-pci", "--eject"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "acpi_task: Notify(\\_SB_.PCI0.S04_, 3) to 1 handler(s)",
+            "acpi_pci: Notify(\\_SB_.PCI0.S04_, 3)",
+            "nvmehp0: detached (announced)",
+            "acpi_SetInteger(\\_SB_.PCI0.S04_, \"_EJ0\", 1) = 0x0",
+            "BUS_RESCAN(pci0): 00:04.0 is gone: device_delete_child = 0",
+            "ejected (deleted from pci0, DEVICE_DELETED): true",
+            "unloaded: true",
+            "findings: 0",
+        ],
+    );
+}
+
+#[test]
+fn a_second_handler_acting_on_a_device_acpi_pci_already_ejected_is_a_double_detach() {
+    if !nvmehp_lab::skip::qemu_or_skip("rules_double_detach") {
+        return;
+    }
+    // Control: the fixture's handler runs after acpi_pci's too, but its detach method forgot
+    // the device, so its task finds nothing left to do.
+    let args = ["--qemu", "--acpi", "--acpi-pci", "--eject"];
+    let Some((code, out)) = run("double_detach_ok", "acpi_eject", &[], &args) else { return };
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(&out, &["acpi_pci: Notify(\\_SB_.PCI0.S04_, 3)", "kldhostfx0: detached", "BUS_RESCAN(pci0): 00:04.0 is gone", "notify slot 4 value 3: 2 handler(s)", "findings: 0"]);
+
+    let Some((code, out)) = run("double_detach", "acpi_eject", &["-DKLDHOST_STALE_DEV"], &args) else { return };
+    assert_eq!(code, Some(PANIC_EXIT), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "acpi_pci: Notify(\\_SB_.PCI0.S04_, 3)",
+            "BUS_RESCAN(pci0): 00:04.0 is gone",
+            "taskqueue kldhost_fixture: run task",
+            "panic: [DoubleDetach] device_get_parent(0x",
+            "acpi_pci.c acpi_pci_device_notify_handler",
+        ],
+    );
+}

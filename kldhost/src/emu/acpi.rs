@@ -15,8 +15,8 @@
 //! - **No in-tree handler**: `pcib0` answers no `ACPI_IVAR_HANDLE` for `pci0`, so
 //!   `acpi_get_handle(pci0)` is NULL, as for a pci bus acpi_pci(4) did not attach to; the
 //!   module then owns every slot (hw.nvme_hotplug.acpi_mode, src/hotplug/mode.rs) and installs
-//!   its notify handlers. The stock-FreeBSD variant (acpi_pci's handler installed first) is not
-//!   emulated yet.
+//!   its notify handlers. The stock-FreeBSD variant (`--acpi-pci`): acpi_pci's handler is
+//!   installed on every `_EJ0` slot first and acts as acpi_pci.c's does ([`acpi_pci_notify`]).
 //! - `AcpiInstallNotifyHandler`/`AcpiRemoveNotifyHandler` keep a list of system handlers per
 //!   object, as ACPICA's (sys/contrib/dev/acpica/components/events/evxface.c) does: a second
 //!   install of the same handler function on the object is AE_ALREADY_EXISTS, another function
@@ -132,11 +132,46 @@ pub fn enable(pcib0: u64) {
     enable_with(pcib0, false);
 }
 
-/// acpi_pci(4)'s notify handler, a static function of sys/dev/acpica/acpi_pci.c
-/// (`acpi_pci_hotplug_notify` on a device check rescans the bus, on an eject request detaches
-/// and `_EJ0`s). Only recorded here: the stock variant's events are not delivered yet.
+/// acpi_pci(4)'s notify handler, sys/dev/acpica/acpi_pci.c `acpi_pci_device_notify_handler`,
+/// run on the acpi_task thread like every handler ([`run_gpe`]): a device check (1) is
+/// `BUS_RESCAN(pci0)` under the topology lock; an eject request (3) detaches the slot's device
+/// (`acpi_get_device(h)`; an error ends it with the kernel's message and no `_EJ0`), evaluates
+/// `_EJ0`, then `BUS_RESCAN(pci0)`, which deletes the function that left.
 extern "C" fn acpi_pci_notify(h: *mut c_void, value: u32, _ctx: *mut c_void) {
-    log(format!("acpi_pci: Notify({}, {value}) (acpi_pci's handler: its rescan and eject are not emulated)", Node::of(h).map_or("?".into(), Node::path)));
+    let path = Node::of(h).map_or("?".into(), Node::path);
+    log(format!("acpi_pci: Notify({path}, {value})"));
+    let Some(Node::Slot(s)) = Node::of(h) else { return };
+    match value {
+        1 => {
+            super::sched::topo_lock();
+            super::newbus::rescan_pci0();
+            super::sched::topo_unlock();
+        }
+        3 => {
+            let Some(child) = super::newbus::pci_child_at(s, 0) else {
+                super::kern::console_line(&format!("pci0: no device to eject for {path}\n"));
+                return;
+            };
+            let name = super::newbus::nameunit(child);
+            super::sched::topo_lock();
+            let r = super::newbus::device_detach(child);
+            if r != 0 {
+                super::sched::topo_unlock();
+                super::kern::console_line(&format!("pci0: failed to detach {name}: {r}\n"));
+                return;
+            }
+            with(|e| e.rule_state.acpi_pci_detached.insert(child));
+            let st = emu_acpi_set_integer(h, c"_EJ0".as_ptr(), 1);
+            if st != AE_OK {
+                super::sched::topo_unlock();
+                super::kern::console_line(&format!("pci0: failed to eject {path}: {st:#x}\n"));
+                return;
+            }
+            super::newbus::rescan_pci0();
+            super::sched::topo_unlock();
+        }
+        _ => super::kern::console_line(&format!("pci0: unknown notify {value:#x} for {path}\n")),
+    }
 }
 
 fn acpi_pci_fn() -> u64 {

@@ -177,7 +177,7 @@ pub const ALL: &[RuleCheck] = &[
     RuleCheck {
         rule: Rule::DoubleDetach,
         source: "sys/dev/acpica/acpi_pci.c acpi_pci_device_notify_handler + sys/kern/subr_bus.c: two notify handlers on one slot both detach the child (evmisc.c AcpiEvNotifyDispatch calls each)",
-        coverage: NotApplicable("acpi_pci's own detach on a notify is not emulated (--acpi-pci records its handler only), so no second handler detaches; a second device_detach of a live device_t is a no-op in subr_bus.c device_detach, and one of a deleted device_t is DetachWithoutDevice"),
+        coverage: Checked { at: "src/emu/acpi.rs acpi_pci_notify (acpi_pci's eject: detach, _EJ0, rescan); src/emu/newbus.rs detached_by_acpi_pci, dev_of (a call with a device_t it detached or deleted)", test: "tests/rules.rs a_second_handler_acting_on_a_device_acpi_pci_already_ejected_is_a_double_detach" },
     },
     RuleCheck {
         rule: Rule::DetachWithoutDevice,
@@ -234,4 +234,7 @@ pub struct State {
     pub disk_opens: std::collections::BTreeMap<u64, u32>,
     /// Sleeps in a row taken while a withered disk's d_gone was held back by an open.
     pub sleeps_waiting_for_gone: u32,
+    /// device_t's acpi_pci's eject handler detached (and its rescan may have deleted), until
+    /// they attach again: another handler's detach of one of them is the second detach.
+    pub acpi_pci_detached: std::collections::BTreeSet<u64>,
 }
