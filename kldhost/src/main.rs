@@ -70,6 +70,10 @@ enum Cmd {
         /// until the unload returned, as a process holding /dev/<disk> open would.
         #[arg(long)]
         hold_disks_open: bool,
+        /// After MOD_LOAD, read every node that has a d_read, each on its own thread, which
+        /// stays in the module until d_read returns (a read(2) that blocks).
+        #[arg(long)]
+        park_readers: bool,
         /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
         #[arg(long = "tunable", value_name = "NAME=VALUE")]
         tunables: Vec<String>,
@@ -86,9 +90,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci, open_nodes, hold_disks_open, tunables } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables } => {
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
-            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci, open_nodes, hold_disks_open }) {
+            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci, open_nodes, hold_disks_open, park_readers }) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {

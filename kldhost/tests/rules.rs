@@ -507,3 +507,32 @@ fn a_second_handler_acting_on_a_device_acpi_pci_already_ejected_is_a_double_deta
         ],
     );
 }
+
+#[test]
+fn destroy_dev_with_a_reader_nobody_wakes_never_returns() {
+    // Control: the cdevsw's d_purge wakes the reader, destroy_dev waits for it to leave.
+    let Some((code, out)) = run("devfs_reader_purged", "devfs_rules", &["-DKLDHOST_PURGE"], &["--park-readers"]) else { return };
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "devfs: d_read(kldhost_fixture0) on a reader thread",
+            "destroy_dev(kldhost_fixture0): d_purge (1 threads inside)",
+            "devfs: d_read(kldhost_fixture0) = 0 (the reader thread leaves)",
+            "destroy_dev(kldhost_fixture0): the threads in its methods left",
+            "destroy_dev(kldhost_fixture0)",
+            "findings: 0",
+        ],
+    );
+
+    let Some((code, out)) = run("devfs_reader_stuck", "devfs_rules", &[], &["--park-readers"]) else { return };
+    assert_eq!(code, Some(PANIC_EXIT), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "devfs: d_read(kldhost_fixture0) on a reader thread",
+            "panic: [DestroyWaitsForever] deadlock: destroy_dev(kldhost_fixture0) sleeps on \"devdrn\" while 1 thread(s) stay in its methods (no d_purge to wake them)",
+            "kern_conf.c destroy_devl",
+        ],
+    );
+}

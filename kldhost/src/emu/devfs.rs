@@ -123,13 +123,16 @@ extern "C" fn emu_destroy_dev(dev: *mut layouts::cdev) {
     if d.si_flags & layouts::SI_ETERNAL as u32 != 0 {
         super::rules::panic(Rule::DestroyEternal, &format!("WARNING: Driver mistake: destroy_dev on eternal {} ({name})", d.si_drv0));
     }
-    let inside = with(|e| e.rule_state.threads_in.get(&(dev as u64)).copied().unwrap_or(0));
-    if inside > 0 {
-        // The only thread in a method here is this one (devfs::open_and_close_all).
+    let me = std::thread::current().id();
+    let inside = threads_inside(dev as u64);
+    if inside.contains(&me) {
         super::rules::panic(
             Rule::DestroyFromOwnMethod,
-            &format!("deadlock: destroy_dev({name}) from inside the node's own method: sleeps on \"devdrn\" until si_threadcount ({inside}, this thread) is 0"),
+            &format!("deadlock: destroy_dev({name}) from inside the node's own method: sleeps on \"devdrn\" until si_threadcount ({}, this thread among them) is 0", inside.len()),
         );
+    }
+    if !inside.is_empty() {
+        wait_for_threads(d, &name);
     }
     d.si_flags &= !(layouts::SI_NAMED as u32);
     let had_drv1 = !d.si_drv1.is_null();
@@ -205,6 +208,106 @@ pub fn last_zeroed_drv1() -> Option<String> {
 const FREAD: c_int = 0x0001;
 const S_IFCHR: c_int = 0o020000;
 
+fn threads_inside(dev: u64) -> Vec<std::thread::ThreadId> {
+    with(|e| e.rule_state.threads_in.get(&dev).cloned().unwrap_or_default())
+}
+
+fn enter(dev: u64) {
+    let me = std::thread::current().id();
+    with(|e| e.rule_state.threads_in.entry(dev).or_default().push(me));
+}
+
+fn leave(dev: u64) {
+    let me = std::thread::current().id();
+    with(|e| {
+        if let Some(v) = e.rule_state.threads_in.get_mut(&dev) {
+            if let Some(i) = v.iter().position(|t| *t == me) {
+                v.remove(i);
+            }
+        }
+    });
+}
+
+/// destroy_devl with other threads inside the node's methods (sys/kern/kern_conf.c): while
+/// the cdevsw has d_purge and threads remain, d_purge then a 100 ms sleep ("devprg", "Still N
+/// threads in X"); then sleeps on "devdrn" until si_threadcount is 0. Here the wait is bounded
+/// (2 s of sleeps, the other threads running meanwhile); threads still inside then are
+/// waiting for something nobody will do: DestroyWaitsForever.
+fn wait_for_threads(d: &layouts::cdev, name: &str) {
+    let csw = d.si_devsw;
+    // SAFETY: the module's struct cdevsw of a live node.
+    let purge = if csw.is_null() { None } else { unsafe { (*csw).d_purge } };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let dev = d as *const layouts::cdev as u64;
+    loop {
+        let n = threads_inside(dev).len();
+        if n == 0 {
+            log(format!("destroy_dev({name}): the threads in its methods left"));
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            super::rules::panic(
+                Rule::DestroyWaitsForever,
+                &format!("deadlock: destroy_dev({name}) sleeps on \"devdrn\" while {n} thread(s) stay in its methods{}", if purge.is_some() { " after d_purge" } else { " (no d_purge to wake them)" }),
+            );
+        }
+        if let Some(p) = purge {
+            log(format!("destroy_dev({name}): d_purge ({n} threads inside)"));
+            // SAFETY: the module's d_purge for its live node; no emulation lock held.
+            unsafe { p(dev as *mut layouts::cdev) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        super::sched::run_kernel_threads();
+        if purge.is_some() && !threads_inside(dev).is_empty() {
+            super::kern::console_line(&format!("Still {} threads in {name}\n", threads_inside(dev).len()));
+        }
+    }
+}
+
+/// Readers parked by [`park_readers`]: (node, thread).
+static READERS: std::sync::Mutex<Vec<(String, std::thread::JoinHandle<c_int>)>> = std::sync::Mutex::new(Vec::new());
+
+/// A process reads every node that has a d_read, each on its own thread (`read(2)` that may
+/// block: `run --park-readers`): devfs_read_f calls d_read with the thread counted in the
+/// node, and an empty uio (no iovec, uio_resid 0). The thread stays in the module until d_read
+/// returns; the unload's destroy_dev has to wait for it.
+pub fn park_readers() {
+    let nodes: Vec<(String, u64)> = with(|e| e.devs.iter().map(|(n, d)| (n.clone(), *d)).collect());
+    for (name, dev) in nodes {
+        // SAFETY: a live node make_dev_s made; si_devsw is the module's cdevsw.
+        let csw = unsafe { (*(dev as *mut layouts::cdev)).si_devsw };
+        // SAFETY: the module's struct cdevsw.
+        let Some(read) = (if csw.is_null() { None } else { unsafe { (*csw).d_read } }) else { continue };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let n = name.clone();
+        let h = std::thread::spawn(move || {
+            enter(dev);
+            let _ = tx.send(());
+            log(format!("devfs: d_read({n}) on a reader thread"));
+            // A zeroed struct uio (48 bytes on amd64; 64 here): uio_iov NULL, uio_iovcnt 0,
+            // uio_resid 0, UIO_USERSPACE, UIO_READ, uio_td NULL.
+            let mut uio = [0u64; 8];
+            // SAFETY: the module's d_read for its live node with an empty uio; no emulation
+            // lock held; the node stays (destroy_dev waits for this thread).
+            let r = unsafe { read(dev as *mut layouts::cdev, uio.as_mut_ptr().cast(), 0) };
+            log(format!("devfs: d_read({n}) = {r} (the reader thread leaves)"));
+            leave(dev);
+            r
+        });
+        // The reader is counted in the node before the unload can start.
+        let _ = rx.recv();
+        READERS.lock().unwrap_or_else(|p| p.into_inner()).push((name, h));
+    }
+}
+
+/// The parked readers that returned, joined: (node, d_read's result). Ones still inside stay.
+pub fn join_readers() -> Vec<(String, c_int)> {
+    let mut v = READERS.lock().unwrap_or_else(|p| p.into_inner());
+    let (done, running): (Vec<_>, Vec<_>) = v.drain(..).partition(|(_, h)| h.is_finished());
+    *v = running;
+    done.into_iter().map(|(n, h)| (n, h.join().unwrap_or(-1))).collect()
+}
+
 /// A process opens and closes every node (`open(2)`, `close(2)`): devfs_open and devfs_close
 /// (sys/fs/devfs/devfs_vnops.c) call the cdevsw's d_open and d_close with the thread counted
 /// in si_threadcount (dev_refthread) while it is inside the method. Returns each node's
@@ -222,16 +325,12 @@ pub fn open_and_close_all() -> Vec<(String, c_int, c_int)> {
         let (d_open, d_close) = unsafe { ((*csw).d_open, (*csw).d_close) };
         let call = |f: layouts::d_open_t, what: &str| -> c_int {
             let Some(f) = f else { return 0 };
-            with(|e| *e.rule_state.threads_in.entry(dev).or_default() += 1);
+            enter(dev);
             log(format!("devfs: {what}({name})"));
             // SAFETY: the module's method for its live node, FREAD, S_IFCHR, no thread struct
             // (the emulation has none); no emulation lock held.
             let r = unsafe { f(dev as *mut layouts::cdev, FREAD, S_IFCHR, std::ptr::null_mut()) };
-            with(|e| {
-                if let Some(n) = e.rule_state.threads_in.get_mut(&dev) {
-                    *n -= 1;
-                }
-            });
+            leave(dev);
             log(format!("devfs: {what}({name}) = {r}"));
             r
         };

@@ -206,6 +206,9 @@ pub struct Options {
     /// it open until the unload returned (a process holding /dev/<disk> open across a removal):
     /// GEOM holds each withered disk's d_gone back until then.
     pub hold_disks_open: bool,
+    /// After MOD_LOAD, a process reads every node that has a d_read, each on its own thread,
+    /// and stays inside until d_read returns ([`super::devfs::park_readers`]).
+    pub park_readers: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -422,6 +425,9 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
     if opts.open_nodes {
         open_nodes();
     }
+    if opts.park_readers {
+        super::devfs::park_readers();
+    }
     let mut held = Vec::new();
     if opts.hold_disks_open && !opts.qemu {
         held = super::geom::hold_all_open();
@@ -504,6 +510,9 @@ fn run_module(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
     }
     // The holding consumer closes only now, after kldunload returned.
     super::geom::release_held(&held);
+    for (n, r) in super::devfs::join_readers() {
+        log(format!("reader of {n} returned {r}"));
+    }
     if !refused {
         for o in sets::sysctls(ko)? {
             log(format!("sysctl_unregister_oid({})", o.path));
