@@ -281,9 +281,11 @@ pub fn park_readers() {
         let (tx, rx) = std::sync::mpsc::channel();
         let n = name.clone();
         let h = std::thread::spawn(move || {
+            // Logged and counted before the main thread goes on, so the log's order is the
+            // order of events.
+            log(format!("devfs: d_read({n}) on a reader thread"));
             enter(dev);
             let _ = tx.send(());
-            log(format!("devfs: d_read({n}) on a reader thread"));
             // A zeroed struct uio (48 bytes on amd64; 64 here): uio_iov NULL, uio_iovcnt 0,
             // uio_resid 0, UIO_USERSPACE, UIO_READ, uio_td NULL.
             let mut uio = [0u64; 8];
