@@ -232,7 +232,7 @@ fn freeing_an_armed_callout_is_a_finding() {
 
     let Some((code, out)) = run("armed_freed", "callback_freed", &["-DKLDHOST_FREE_ARMED"], &[]) else { return };
     assert_eq!(code, Some(1), "{out}");
-    assert_in_order(&out, &["callout_reset_sbt_on(", "free(0x", "findings: 2", "[FreeWhileCallbackArmed] free(0x", "is still armed on this memory", "kern_timeout.c"]);
+    assert_in_order(&out, &["callout_reset_sbt_on(", "free(0x", "findings: 2", "[FreeWhileCallbackArmed] free(0x", "is still armed on this memory", "kern_timeout.c", "[UnloadWithLiveCallbacks] after unload: 1 callouts still armed"]);
 }
 
 // --- disk(9) --------------------------------------------------------------------------------------

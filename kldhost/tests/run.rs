@@ -87,7 +87,7 @@ fn memory_a_module_never_frees_is_reported_at_unload() {
             "malloc_uninit(kldhost_fixture)",
             "findings: 2",
             "[Leak] malloc type kldhost_fixture destroyed with 1 allocations (100 bytes) never freed",
-            "after unload: 1 malloc(9) allocations (100 bytes) never freed",
+            "[Leak] after unload: 1 malloc(9) allocations (100 bytes) never freed",
         ],
     );
 }

@@ -578,36 +578,42 @@ fn load_tunable(o: &sets::SysctlOid, value: &str) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// What an unloaded module must not leave behind.
+/// What an unloaded module must not leave behind. What would still call into its unloaded
+/// text (a taskqueue's thread, an armed callout or timeout task, a registered driver) is
+/// UnloadWithLiveCallbacks; memory never freed is a Leak; the rest has no kpimodel rule.
 fn end_of_life_checks() {
+    use super::rules::Rule;
     let left = with(|e| {
-        let mut f = Vec::new();
+        let mut f: Vec<(Option<Rule>, String)> = Vec::new();
         let live: Vec<_> = e.blocks.iter().filter(|(_, b)| !b.freed).collect();
         if !live.is_empty() {
-            f.push(format!("{} malloc(9) allocations ({} bytes) never freed", live.len(), live.iter().map(|(_, b)| b.size).sum::<usize>()));
+            f.push((Some(Rule::Leak), format!("{} malloc(9) allocations ({} bytes) never freed", live.len(), live.iter().map(|(_, b)| b.size).sum::<usize>())));
         }
         for q in e.queues.values() {
-            f.push(format!("taskqueue {} never freed", q.name));
+            f.push((Some(Rule::UnloadWithLiveCallbacks), format!("taskqueue {} never freed", q.name)));
         }
         for m in e.mutexes.values() {
-            f.push(format!("mutex {} never destroyed{}", m.name, if m.held { " (held)" } else { "" }));
+            f.push((None, format!("mutex {} never destroyed{}", m.name, if m.held { " (held)" } else { "" })));
         }
         if !e.armed_callouts.is_empty() {
-            f.push(format!("{} callouts still armed", e.armed_callouts.len()));
+            f.push((Some(Rule::UnloadWithLiveCallbacks), format!("{} callouts still armed", e.armed_callouts.len())));
         }
         if !e.armed_timeouts.is_empty() {
-            f.push(format!("{} timeout tasks still armed", e.armed_timeouts.len()));
+            f.push((Some(Rule::UnloadWithLiveCallbacks), format!("{} timeout tasks still armed", e.armed_timeouts.len())));
         }
         if !e.drivers.is_empty() {
-            f.push(format!("drivers still registered: {:?}", e.drivers));
+            f.push((Some(Rule::UnloadWithLiveCallbacks), format!("drivers still registered: {:?}", e.drivers)));
         }
         if e.topo_locked {
-            f.push("the newbus topology lock is still held".to_string());
+            f.push((None, "the newbus topology lock is still held".to_string()));
         }
         f
     });
-    for l in left {
-        super::finding(format!("after unload: {l}"));
+    for (rule, l) in left {
+        match rule {
+            Some(r) => super::rules::finding(r, &format!("after unload: {l}")),
+            None => super::finding(format!("after unload: {l}")),
+        }
     }
     // A node still published after unload: devfs would call the unloaded cdevsw.
     for n in with(|e| e.devs.keys().cloned().collect::<Vec<_>>()) {
