@@ -536,3 +536,28 @@ fn destroy_dev_with_a_reader_nobody_wakes_never_returns() {
         ],
     );
 }
+
+/// The same with a hot-add after the eject: acpi_pci's device check rescans pci0, which adds,
+/// probes and attaches the new controller (the module's hoover bid with claim=1 wins, no
+/// nvme(4) here), and its disk does I/O.
+#[test]
+fn with_acpi_pci_on_the_bus_its_rescan_attaches_a_hot_added_controller_to_the_real_module() {
+    if !nvmehp_lab::skip::qemu_or_skip("rules_acpi_pci_hot_add") || common::real_ko("rules_acpi_pci_hot_add").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--acpi-pci", "--eject", "--hot-add", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "acpi_pci: Notify(\\_SB_.PCI0.S04_, 3)",
+            "BUS_RESCAN(pci0): 00:04.0 is gone: device_delete_child = 0",
+            "acpi_pci: Notify(\\_SB_.PCI0.S05_, 1)",
+            "BUS_RESCAN(pci0): added 00:05.0: device_probe_and_attach = 0",
+            "hot-added and attached: true; its write and read: ok",
+            "unloaded: true",
+            "findings: 0",
+        ],
+    );
+}
