@@ -66,6 +66,18 @@ enum Cmd {
         /// handler is on every slot before the module loads; without it the module owns them.
         #[arg(long, requires = "acpi")]
         acpi_pci: bool,
+        /// After MOD_LOAD (and after the attach with --qemu), open and close every device node
+        /// (d_open, d_close, with the thread counted inside the node as devfs counts it).
+        #[arg(long)]
+        open_nodes: bool,
+        /// After MOD_LOAD (and after the attach with --qemu), open every disk and keep it open
+        /// until the unload returned, as a process holding /dev/<disk> open would.
+        #[arg(long)]
+        hold_disks_open: bool,
+        /// After MOD_LOAD, read every node that has a d_read, each on its own thread, which
+        /// stays in the module until d_read returns (a read(2) that blocks).
+        #[arg(long)]
+        park_readers: bool,
         /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
         #[arg(long = "tunable", value_name = "NAME=VALUE")]
         tunables: Vec<String>,
@@ -103,9 +115,26 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, tunables } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables } => {
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
-            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, plan: None }) {
+            let opts = kldhost::emu::run::Options {
+                timeouts,
+                qemu,
+                tunables,
+                bio_outside_guest_ram,
+                burst,
+                acpi,
+                eject,
+                hot_add,
+                surprise,
+                in_flight,
+                acpi_pci,
+                plan: None,
+                open_nodes,
+                hold_disks_open,
+                park_readers,
+            };
+            match run(&ko, &opts) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {

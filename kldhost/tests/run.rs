@@ -86,8 +86,8 @@ fn memory_a_module_never_frees_is_reported_at_unload() {
             "malloc(100, flags 0x2)",
             "malloc_uninit(kldhost_fixture)",
             "findings: 2",
-            "malloc type kldhost_fixture destroyed with 1 allocations (100 bytes) never freed",
-            "after unload: 1 malloc(9) allocations (100 bytes) never freed",
+            "[Leak] malloc type kldhost_fixture destroyed with 1 allocations (100 bytes) never freed",
+            "[Leak] after unload: 1 malloc(9) allocations (100 bytes) never freed",
         ],
     );
 }
@@ -109,7 +109,7 @@ fn sleeping_with_a_mutex_held_is_a_finding() {
     assert_eq!(code, Some(1), "{out}");
     assert_in_order(
         &out,
-        &["mtx_lock(kldhost_fixture)", "pause_sbt(kldhost", "mtx_unlock(kldhost_fixture)", "findings: 1", "pause_sbt may sleep, called with mutex kldhost_fixture held"],
+        &["mtx_lock(kldhost_fixture)", "pause_sbt(kldhost", "mtx_unlock(kldhost_fixture)", "findings: 1", "[SleepWithMutex] pause_sbt may sleep, called with mutex kldhost_fixture held", "subr_witness.c"],
     );
 }
 
@@ -267,5 +267,5 @@ fn freed_memory_reads_as_the_poison_and_a_double_free_panics() {
 
     let (code, out) = kldhost_run(&temp_object("double_free", &twice));
     assert_eq!(code, Some(kldhost::emu::PANIC_EXIT), "{out}");
-    assert_in_order(&out, &["kldhost_fixture: after free 0xdeadc0de", "panic: free(0x", "): the address is already free"]);
+    assert_in_order(&out, &["kldhost_fixture: after free 0xdeadc0de", "panic: [DoubleFree] free(0x", "): the address is already free", "uma_dbg.c"]);
 }

@@ -15,17 +15,22 @@
 //! - **No in-tree handler**: `pcib0` answers no `ACPI_IVAR_HANDLE` for `pci0`, so
 //!   `acpi_get_handle(pci0)` is NULL, as for a pci bus acpi_pci(4) did not attach to; the
 //!   module then owns every slot (hw.nvme_hotplug.acpi_mode, src/hotplug/mode.rs) and installs
-//!   its notify handlers. The stock-FreeBSD variant (acpi_pci's handler installed first) is not
-//!   emulated yet.
+//!   its notify handlers. The stock-FreeBSD variant (`--acpi-pci`): acpi_pci's handler is
+//!   installed on every `_EJ0` slot first and acts as acpi_pci.c's does ([`acpi_pci_notify`]).
 //! - `AcpiInstallNotifyHandler`/`AcpiRemoveNotifyHandler` keep a list of system handlers per
 //!   object, as ACPICA's (sys/contrib/dev/acpica/components/events/evxface.c) does: a second
 //!   install of the same handler function on the object is AE_ALREADY_EXISTS, another function
 //!   is added next to it, and removing a function not installed there is AE_NOT_EXIST. A handler still installed after unload is a finding: ACPICA would
 //!   call into unloaded code on the next Notify.
-//! - `AcpiOsWaitEventsComplete` (sys/dev/acpica/Osd/OsdSchedule.c) returns at once: no notify is
-//!   delivered yet (no emulated acpi_task thread), so nothing can be queued.
+//! - `AcpiOsWaitEventsComplete` (sys/dev/acpica/Osd/OsdSchedule.c) returns at once: notifies are
+//!   dispatched synchronously by [`run_gpe`], so none is ever left queued. Called from a notify
+//!   handler (directly or through `AcpiRemoveNotifyHandler`, evxface.c) it would drain the
+//!   acpi_task running the caller: a deadlock, reported as RemoveNotifyFromAcpiTask.
+//! - `_EJ0` of a slot whose device still has a driver is EjectAttached, of a slot whose function
+//!   0 reads all-ones DoubleEject ([`eject_checks`]).
 
 use super::kern::cstr;
+use super::rules::Rule;
 use super::{log, with};
 use crate::kpi::KpiTable;
 use std::collections::BTreeMap;
@@ -127,11 +132,46 @@ pub fn enable(pcib0: u64) {
     enable_with(pcib0, false);
 }
 
-/// acpi_pci(4)'s notify handler, a static function of sys/dev/acpica/acpi_pci.c
-/// (`acpi_pci_hotplug_notify` on a device check rescans the bus, on an eject request detaches
-/// and `_EJ0`s). Only recorded here: the stock variant's events are not delivered yet.
+/// acpi_pci(4)'s notify handler, sys/dev/acpica/acpi_pci.c `acpi_pci_device_notify_handler`,
+/// run on the acpi_task thread like every handler ([`run_gpe`]): a device check (1) is
+/// `BUS_RESCAN(pci0)` under the topology lock; an eject request (3) detaches the slot's device
+/// (`acpi_get_device(h)`; an error ends it with the kernel's message and no `_EJ0`), evaluates
+/// `_EJ0`, then `BUS_RESCAN(pci0)`, which deletes the function that left.
 extern "C" fn acpi_pci_notify(h: *mut c_void, value: u32, _ctx: *mut c_void) {
-    log(format!("acpi_pci: Notify({}, {value}) (acpi_pci's handler: its rescan and eject are not emulated)", Node::of(h).map_or("?".into(), Node::path)));
+    let path = Node::of(h).map_or("?".into(), Node::path);
+    log(format!("acpi_pci: Notify({path}, {value})"));
+    let Some(Node::Slot(s)) = Node::of(h) else { return };
+    match value {
+        1 => {
+            super::sched::topo_lock();
+            super::newbus::rescan_pci0();
+            super::sched::topo_unlock();
+        }
+        3 => {
+            let Some(child) = super::newbus::pci_child_at(s, 0) else {
+                super::kern::console_line(&format!("pci0: no device to eject for {path}\n"));
+                return;
+            };
+            let name = super::newbus::nameunit(child);
+            super::sched::topo_lock();
+            let r = super::newbus::device_detach(child);
+            if r != 0 {
+                super::sched::topo_unlock();
+                super::kern::console_line(&format!("pci0: failed to detach {name}: {r}\n"));
+                return;
+            }
+            with(|e| e.rule_state.acpi_pci_detached.insert(child));
+            let st = emu_acpi_set_integer(h, c"_EJ0".as_ptr(), 1);
+            if st != AE_OK {
+                super::sched::topo_unlock();
+                super::kern::console_line(&format!("pci0: failed to eject {path}: {st:#x}\n"));
+                return;
+            }
+            super::newbus::rescan_pci0();
+            super::sched::topo_unlock();
+        }
+        _ => super::kern::console_line(&format!("pci0: unknown notify {value:#x} for {path}\n")),
+    }
 }
 
 fn acpi_pci_fn() -> u64 {
@@ -306,6 +346,7 @@ extern "C" fn emu_acpi_set_integer(obj: *mut c_void, path: *const c_char, v: u32
     let p = unsafe { cstr(path) };
     let st = match node_of(obj).and_then(|o| resolve(Some(o), &p)) {
         Some(Node::Ej0(s)) => {
+            eject_checks(s);
             let hp = with(|e| e.acpi.hp.take());
             let st = match hp {
                 Some(mut hp) => {
@@ -322,6 +363,41 @@ extern "C" fn emu_acpi_set_integer(obj: *mut c_void, path: *const c_char, v: u32
     };
     log(format!("acpi_SetInteger({obj:p}, {p:?}, {v}) = {st:#x}"));
     st
+}
+
+/// Before `_EJ0` of slot `s` (QEMU removes whatever is in it at once): the OS must have
+/// released the device (EjectAttached: a pci0 child in the slot still has a driver), and the
+/// slot must hold a device at all (DoubleEject: its function 0 answers all-ones, so this is a
+/// second `_EJ0` for one insertion, or one on an empty slot, which would eject the next
+/// device put in).
+fn eject_checks(s: u8) {
+    let path = Node::Slot(s).path();
+    let attached: Vec<u64> = super::newbus::pci_children()
+        .into_iter()
+        .filter(|&c| with(|e| e.newbus.devices.get(&c).and_then(|d| d.pci.as_ref()).is_some_and(|p| p.bdf.bus == 0 && p.bdf.dev == s)))
+        .filter(|&c| super::newbus::state(c) >= crate::layouts::DS_ATTACHED)
+        .collect();
+    for c in attached {
+        super::rules::finding(Rule::EjectAttached, &format!("_EJ0 of {path} while {} is still attached", super::newbus::nameunit(c)));
+    }
+    let vendor = super::machine::cfg_read(nvmehp_lab::firmware::Bdf { bus: 0, dev: s, func: 0 }, 0, 2);
+    if vendor == 0xffff {
+        super::rules::finding(Rule::DoubleEject, &format!("_EJ0 of {path}, a slot with no device (already ejected, or empty)"));
+    }
+}
+
+thread_local! {
+    /// Whether this thread is the acpi_task thread running a notify handler ([`run_gpe`]).
+    static IN_ACPI_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// AcpiOsWaitEventsComplete (sys/dev/acpica/Osd/OsdSchedule.c) taskqueue_drains every
+/// enqueued acpi task; called from one (a notify handler), it waits for itself. ACPICA's
+/// AcpiRemoveNotifyHandler (evxface.c) calls it first.
+fn wait_events_from_acpi_task(what: &str) {
+    if IN_ACPI_TASK.with(|c| c.get()) {
+        super::rules::panic(Rule::RemoveNotifyFromAcpiTask, &format!("deadlock: {what} from a notify handler on the acpi_task thread: it drains the task running it"));
+    }
 }
 
 type NotifyFn = extern "C" fn(*mut c_void, u32, *mut c_void);
@@ -347,7 +423,9 @@ pub fn run_gpe() -> Vec<(u8, u32, usize)> {
             // SAFETY: an ACPI_NOTIFY_HANDLER the module installed on this object and has not
             // removed (it is in the list), called with the context it gave.
             let f: NotifyFn = unsafe { std::mem::transmute::<u64, NotifyFn>(f) };
+            IN_ACPI_TASK.with(|c| c.set(true));
             f(node.handle(), value, ctx as *mut c_void);
+            IN_ACPI_TASK.with(|c| c.set(false));
         }
         out.push((n.slot, value, handlers.len()));
     }
@@ -382,6 +460,7 @@ extern "C" fn emu_acpi_install_notify_handler(obj: *mut c_void, ty: u32, handler
 }
 
 extern "C" fn emu_acpi_remove_notify_handler(obj: *mut c_void, ty: u32, handler: u64) -> u32 {
+    wait_events_from_acpi_task("AcpiRemoveNotifyHandler");
     let st = match node_of(obj) {
         _ if handler == 0 || ty != ACPI_SYSTEM_NOTIFY => AE_BAD_PARAMETER,
         None => AE_BAD_PARAMETER,
@@ -401,13 +480,14 @@ extern "C" fn emu_acpi_remove_notify_handler(obj: *mut c_void, ty: u32, handler:
 }
 
 extern "C" fn emu_acpi_os_wait_events_complete() {
+    wait_events_from_acpi_task("AcpiOsWaitEventsComplete");
     log("AcpiOsWaitEventsComplete()".to_string());
 }
 
 /// After unload: a notify handler left installed would be called in unloaded code.
 pub fn end_of_life_checks() {
     for p in installed_handlers() {
-        super::finding(format!("after unload: ACPI notify handler still installed on {p}"));
+        super::rules::finding(super::rules::Rule::UnloadWithLiveCallbacks, &format!("after unload: ACPI notify handler still installed on {p}"));
     }
 }
 

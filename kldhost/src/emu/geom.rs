@@ -6,8 +6,12 @@
 //! - `disk_gone` withers the disk; once nothing has it open (the last [`close`]), GEOM's event
 //!   thread calls the driver's `d_gone` ([`run_events`], run when the module sleeps and when
 //!   taskqueue threads run, never inside `disk_gone` itself). A second `disk_gone` is a finding.
-//! - `disk_destroy` ends the disk; the struct is poisoned and kept. After unload every disk
-//!   must have been destroyed.
+//! - `disk_destroy` ends the disk (cancelling a pending `d_gone`, as `g_cancel_event` does);
+//!   the struct is poisoned and kept. After unload every disk must have been destroyed.
+//! - Consumers: `d_open` on the first open, `d_close` on the last close (g_disk_access's
+//!   access counts), also after `disk_gone` while the disk is not destroyed; `run
+//!   --hold-disks-open` is a process that keeps every disk open until the unload returned
+//!   ([`hold_all_open`], [`release_held`]).
 //! - I/O as GEOM's g_down thread sends it ([`open`], [`io`], [`io_burst`], [`close`]): `d_open` first (a
 //!   consumer gained access), then a `struct bio` (command, offset, length, data, disk) to
 //!   `d_strategy`; the caller waits, letting interrupt and taskqueue threads run, until the
@@ -16,6 +20,7 @@
 //!   one panics.
 
 use super::kern::cstr;
+use super::rules::Rule;
 use super::{finding, kernel_panic, log, with};
 use crate::kpi::KpiTable;
 use crate::layouts;
@@ -86,7 +91,7 @@ extern "C" fn emu_disk_gone(dp: *mut layouts::disk) {
             });
             log(format!("disk_gone({name}) (d_gone runs from the GEOM event thread)"));
         }
-        Some((s, name)) => finding(format!("disk_gone({name}) on a disk in state {s:?}")),
+        Some((s, name)) => super::rules::finding(Rule::DiskDoubleRelease, &format!("disk_gone({name}) on a disk in state {s:?}")),
         None => kernel_panic(&format!("disk_gone({dp:p}): not a disk")),
     }
 }
@@ -95,9 +100,18 @@ extern "C" fn emu_disk_destroy(dp: *mut layouts::disk) {
     let st = with(|e| e.disks.get(&(dp as u64)).map(|d| (d.state, d.name.clone())));
     let Some((s, name)) = st else { kernel_panic(&format!("disk_destroy({dp:p}): not a disk")) };
     if s == DiskState::Destroyed {
-        kernel_panic(&format!("disk_destroy({name}): destroyed twice"));
+        super::rules::panic(Rule::DiskDoubleRelease, &format!("disk_destroy({name}): destroyed twice"));
     }
-    with(|e| e.disks.get_mut(&(dp as u64)).expect("disk").state = DiskState::Destroyed);
+    if s == DiskState::Gone {
+        // disk_gone was called and GEOM has not called d_gone yet: it still may.
+        super::rules::finding(Rule::DiskFreedBeforeGone, &format!("disk_destroy({name}) before GEOM called its d_gone"));
+    }
+    // geom_disk.c disk_destroy: g_cancel_event(dp) first, so a d_gone not yet delivered never
+    // is (the struct is about to be poisoned).
+    with(|e| {
+        e.disks.get_mut(&(dp as u64)).expect("disk").state = DiskState::Destroyed;
+        e.geom_events.retain(|&d| d != dp as u64);
+    });
     // SAFETY: the disk struct disk_alloc made; poisoned and kept.
     unsafe {
         let w = dp.cast::<u32>();
@@ -108,20 +122,25 @@ extern "C" fn emu_disk_destroy(dp: *mut layouts::disk) {
     log(format!("disk_destroy({name}) (was {s:?})"));
 }
 
+/// How many consumers have `dp` open (g_disk_access's access count).
+fn opens(dp: u64) -> u32 {
+    with(|e| e.disks.get(&dp).map_or(0, |d| d.opens))
+}
+
 /// GEOM's event thread: d_gone of every withered disk nothing has open. Returns how many ran.
 ///
-/// One still open waits for its last [`close`]: GEOM destroys a withered provider, and
-/// g_disk_providergone calls d_gone, only once no consumer is attached, and a consumer
+/// One still open keeps its event until its last [`close`]: GEOM destroys a withered provider,
+/// and g_disk_providergone calls d_gone, only once no consumer is attached, and a consumer
 /// detaches only with its access counts at zero (sys/geom/geom_subr.c `g_wither_washer`,
 /// `g_detach`; sys/geom/geom_disk.c `g_disk_providergone`).
 pub fn run_events() -> usize {
     let mut n = 0;
-    loop {
-        let ready = with(|e| {
-            let i = e.geom_events.iter().position(|dp| e.disks.get(dp).is_none_or(|d| d.opens == 0))?;
-            e.geom_events.remove(i)
-        });
-        let Some(dp) = ready else { break };
+    let mut held = Vec::new();
+    while let Some(dp) = with(|e| e.geom_events.pop_front()) {
+        if opens(dp) > 0 {
+            held.push(dp);
+            continue;
+        }
         // SAFETY: a disk disk_gone withered; its d_gone was set by the driver.
         let f = unsafe { (*(dp as *mut layouts::disk)).d_gone };
         let name = with(|e| e.disks.get(&dp).map(|d| d.name.clone()).unwrap_or_default());
@@ -133,7 +152,59 @@ pub fn run_events() -> usize {
         }
         n += 1;
     }
+    with(|e| e.geom_events.extend(held));
     n
+}
+
+/// A sleep of the module (pause_sbt): while a withered disk is held open, its d_gone cannot run
+/// until the consumer closes it. Here that consumer is the runner, which gets to close only
+/// when the module's call returns: a module that sleeps until d_gone waits forever
+/// (WaitForeverForGone; geom_disk.c, nvd_controller_fail's msleep). A bounded number of such
+/// sleeps in a row is allowed (the module may be sleeping for something else); past it, the
+/// wait is reported as the deadlock it is.
+pub fn sleep_while_gone_held() {
+    const LIMIT: u32 = 500;
+    let held: Vec<String> = with(|e| {
+        let names: Vec<String> = e
+            .geom_events
+            .iter()
+            .filter(|dp| e.disks.get(dp).is_some_and(|d| d.opens > 0))
+            .filter_map(|dp| e.disks.get(dp).map(|d| d.name.clone()))
+            .collect();
+        e.rule_state.sleeps_waiting_for_gone = if names.is_empty() { 0 } else { e.rule_state.sleeps_waiting_for_gone + 1 };
+        names
+    });
+    let n = with(|e| e.rule_state.sleeps_waiting_for_gone);
+    if n > LIMIT {
+        super::rules::panic(
+            Rule::WaitForeverForGone,
+            &format!("deadlock: the module slept {n} times in a row while d_gone of {} is held back by a consumer that has it open and can close it only after this call returns", held.join(", ")),
+        );
+    }
+}
+
+/// A consumer (a process with /dev/<disk> open) opens every created disk and keeps it open:
+/// `run --hold-disks-open`. Returns the disks opened.
+pub fn hold_all_open() -> Vec<u64> {
+    let names: Vec<String> = with(|e| e.disks.values().filter(|d| d.state == DiskState::Created).map(|d| d.name.clone()).collect());
+    let mut out = Vec::new();
+    for name in names {
+        let Some(dp) = disk_by_name(&name) else { continue };
+        if open(&name) == 0 {
+            out.push(dp);
+        }
+    }
+    out
+}
+
+/// The consumer of [`hold_all_open`] closes: d_close of each disk not destroyed, and a withered
+/// disk's d_gone may now run.
+pub fn release_held(disks: &[u64]) {
+    for &dp in disks {
+        let Some(name) = with(|e| e.disks.get(&dp).map(|d| d.name.clone())) else { continue };
+        last_close(dp, &name, " (the holding consumer)");
+    }
+    super::sched::run_queues(1000);
 }
 
 fn disk_by_name(name: &str) -> Option<u64> {
@@ -144,9 +215,14 @@ fn disk_by_name(name: &str) -> Option<u64> {
 /// later one only counts.
 pub fn open(name: &str) -> c_int {
     let Some(dp) = disk_by_name(name) else { return layouts::ENXIO };
-    if with(|e| e.disks.get(&dp).map_or(0, |d| d.opens)) > 0 {
-        with(|e| e.disks.get_mut(&dp).map(|d| d.opens += 1));
-        log(format!("g_disk_access({name}, open): already open"));
+    if opens(dp) > 0 {
+        // Already open: only the access count changes (g_disk_access calls d_open on the
+        // first open only).
+        let n = with(|e| e.disks.get_mut(&dp).map_or(0, |d| {
+            d.opens += 1;
+            d.opens
+        }));
+        log(format!("g_disk_access({name}, open): open {n} times, no d_open"));
         return 0;
     }
     // SAFETY: a created disk of the driver.
@@ -164,22 +240,33 @@ pub fn open(name: &str) -> c_int {
 /// long as it is not destroyed: d_gone waits for it ([`run_events`]). On a destroyed disk the
 /// close only lowers the count (g_disk_access). ENXIO if `name` is not open.
 pub fn close(name: &str) -> c_int {
-    let found = with(|e| {
-        e.disks.iter_mut().find(|(_, d)| d.name == name && d.opens > 0).map(|(p, d)| {
-            d.opens -= 1;
-            (*p, d.opens, d.state)
+    let found = with(|e| e.disks.iter().find(|(_, d)| d.name == name && d.opens > 0).map(|(p, _)| *p));
+    let Some(dp) = found else { return layouts::ENXIO };
+    last_close(dp, name, "")
+}
+
+/// A consumer closes `dp`: d_close only when it was the last open (g_disk_access), and not on
+/// a destroyed disk (the count only goes down).
+fn last_close(dp: u64, name: &str, who: &str) -> c_int {
+    let (left, state) = with(|e| {
+        e.disks.get_mut(&dp).map_or((0, DiskState::Destroyed), |d| {
+            d.opens = d.opens.saturating_sub(1);
+            (d.opens, d.state)
         })
     });
-    let Some((dp, left, state)) = found else { return layouts::ENXIO };
     if left > 0 || state == DiskState::Destroyed {
-        log(format!("g_disk_access({name}, close): {}", if left > 0 { "still open" } else { "destroyed, d_close not called" }));
+        if left > 0 {
+            log(format!("g_disk_access({name}, close){who}: still open {left} times, no d_close"));
+        } else {
+            log(format!("g_disk_access({name}, close){who}: destroyed, d_close not called"));
+        }
         return 0;
     }
     // SAFETY: a disk of the driver, not destroyed: its d_close is the driver's.
     let f = unsafe { (*(dp as *mut layouts::disk)).d_close };
     // SAFETY: the driver's d_close with its disk; no emulation lock held.
     let r = f.map_or(0, |f| unsafe { f(dp as *mut layouts::disk) });
-    log(format!("g_disk_access({name}, close) -> d_close = {r}"));
+    log(format!("g_disk_access({name}, close){who} -> d_close = {r}"));
     r
 }
 
@@ -331,7 +418,7 @@ extern "C" fn emu_biodone(bp: *mut layouts::bio) {
 pub fn end_of_life_checks() {
     let left: Vec<(String, DiskState)> = with(|e| e.disks.values().filter(|d| d.state != DiskState::Destroyed).map(|d| (d.name.clone(), d.state)).collect());
     for (n, s) in left {
-        finding(format!("after unload: disk {n} never destroyed (state {s:?})"));
+        super::rules::finding(Rule::UnloadWithLiveCallbacks, &format!("after unload: disk {n} never destroyed (state {s:?})"));
     }
 }
 

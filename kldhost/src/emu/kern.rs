@@ -1,6 +1,7 @@
 //! Console, panic, malloc(9), libkern, and the module/driver registration the kernel linker and
 //! newbus do around a module's event handler.
 
+use super::rules::Rule;
 use super::{finding, kernel_panic, log, with};
 use crate::kpi::KpiTable;
 use crate::layouts;
@@ -227,11 +228,13 @@ extern "C" fn emu_free(addr: *mut c_void, mtp: *mut layouts::malloc_type) {
         }
     });
     match r {
+        Err(why @ "is already free") => super::rules::panic(Rule::DoubleFree, &format!("free({addr:p}): the address {why}")),
         Err(why) => kernel_panic(&format!("free({addr:p}): the address {why}")),
         Ok((size, owner)) => {
             if owner != mtp as u64 {
                 finding(format!("free({addr:p}) with malloc type {mtp:p}, allocated with {owner:#x}"));
             }
+            freed_memory_checks(addr as u64, size as u64, &format!("free({addr:p})"));
             let words = size / 4;
             // SAFETY: the block is `size` bytes we allocated; it stays allocated (quarantined).
             unsafe {
@@ -242,6 +245,51 @@ extern "C" fn emu_free(addr: *mut c_void, mtp: *mut layouts::malloc_type) {
                 std::ptr::write_bytes(addr.cast::<u8>().add(words * 4), 0xde, size - words * 4);
             }
             log(format!("free({addr:p}) ({size} bytes poisoned with {FREE_POISON:#x})"));
+        }
+    }
+}
+
+/// What must not point into memory being freed (`what` says which free): an armed callout or
+/// timeout task or a queued task in it or with its argument in it (FreeWhileCallbackArmed:
+/// softclock or the taskqueue thread would run it on freed memory), a live node's si_drv1
+/// (OrphanNode: devfs hands it to the next open), a disk's d_drv1 before its d_gone ran
+/// (DiskFreedBeforeGone: GEOM may still call the driver with it).
+pub(crate) fn freed_memory_checks(start: u64, len: u64, what: &str) {
+    let inside = |p: u64| p >= start && p < start + len.max(1);
+    let (callouts, tasks, timeouts, disks) = with(|e| {
+        let callouts: Vec<(u64, u64)> = e.armed_callouts.iter().filter(|(c, (_, arg))| inside(**c) || inside(*arg)).map(|(c, (_, a))| (*c, *a)).collect();
+        let tasks: Vec<(String, u64)> =
+            e.queues.values().flat_map(|q| q.tasks.iter().map(move |t| (q.name.clone(), *t))).collect();
+        let timeouts: Vec<u64> = e.armed_timeouts.keys().copied().filter(|t| inside(*t)).collect();
+        let disks: Vec<(String, u64, super::geom::DiskState)> = e
+            .disks
+            .iter()
+            .filter(|(_, d)| matches!(d.state, super::geom::DiskState::Created | super::geom::DiskState::Gone))
+            .map(|(p, d)| (d.name.clone(), *p, d.state))
+            .collect();
+        (callouts, tasks, timeouts, disks)
+    });
+    for (c, arg) in callouts {
+        super::rules::finding(Rule::FreeWhileCallbackArmed, &format!("{what}: callout {c:#x} (argument {arg:#x}) is still armed on this memory; callout_drain first"));
+    }
+    for (q, t) in tasks {
+        // SAFETY: a task still queued: the module's struct task, alive while queued.
+        let ctx = unsafe { (*(t as *const layouts::task)).ta_context } as u64;
+        if inside(t) || inside(ctx) {
+            super::rules::finding(Rule::FreeWhileCallbackArmed, &format!("{what}: task {t:#x} (context {ctx:#x}) is still queued on {q}; taskqueue_drain first"));
+        }
+    }
+    for t in timeouts {
+        super::rules::finding(Rule::FreeWhileCallbackArmed, &format!("{what}: timeout task {t:#x} is still armed; taskqueue_drain_timeout first"));
+    }
+    for (node, drv1) in super::devfs::nodes_pointing_into(start, len) {
+        super::rules::finding(Rule::OrphanNode, &format!("{what}: node {node} is still published with si_drv1 {drv1:#x} in this memory"));
+    }
+    for (name, dp, state) in disks {
+        // SAFETY: a disk disk_alloc made and disk_destroy has not poisoned (state checked).
+        let drv1 = unsafe { (*(dp as *const layouts::disk)).d_drv1 } as u64;
+        if drv1 != 0 && inside(drv1) {
+            super::rules::finding(Rule::DiskFreedBeforeGone, &format!("{what}: d_drv1 of disk {name} ({state:?}: d_gone has not run) is in this memory"));
         }
     }
 }
@@ -272,7 +320,7 @@ extern "C" fn emu_malloc_uninit(data: *mut c_void) {
         (live.len(), live.iter().map(|b| b.size).sum::<usize>())
     });
     if n > 0 {
-        finding(format!("malloc type {name} destroyed with {n} allocations ({bytes} bytes) never freed"));
+        super::rules::finding(Rule::Leak, &format!("malloc type {name} destroyed with {n} allocations ({bytes} bytes) never freed"));
     }
 }
 

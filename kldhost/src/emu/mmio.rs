@@ -64,7 +64,8 @@ pub fn unmap_bar(base: u64) {
     }
 }
 
-fn install_handler() {
+/// Installs the SIGSEGV handler (once): BAR windows here, other faults to [`super::trap`].
+pub(crate) fn install_handler() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // SAFETY: a SA_SIGINFO handler of the right signature; sigaction is given a zeroed,
@@ -155,6 +156,9 @@ extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, ctx: *mut c_void) {
     let addr = unsafe { (*info).si_addr() } as u64;
     let win = WINDOWS.lock().ok().and_then(|w| w.iter().find(|x| addr >= x.base && addr < x.base + x.len).cloned());
     let Some(win) = win else {
+        // A fault in module code is the kernel's fatal trap (which ends the process).
+        // SAFETY: SA_SIGINFO passes the interrupted context as a ucontext_t.
+        super::trap::fatal_trap(info, unsafe { &*ctx.cast::<libc::ucontext_t>() });
         // Not ours: the default action on return (the access faults again).
         // SAFETY: resetting a signal's disposition.
         unsafe { libc::signal(sig, libc::SIG_DFL) };

@@ -13,7 +13,9 @@
 //! ([`newbus`], [`pci`]), its registers reached through trapped loads and stores ([`mmio`]),
 //! its DMA memory in shared guest RAM ([`dma`], [`busdma`]), bio queues ([`bioq`]), and disk(9) ([`geom`]) and run-time
 //! sysctl(9) contexts ([`sysctl`]) recorded.
-//! A kernel panic ends the process with [`PANIC_EXIT`], as a panic ends the kernel.
+//! A kernel panic ends the process with [`PANIC_EXIT`], as a panic ends the kernel; so does a
+//! fault in the module's code ([`trap`]), as the kernel's fatal trap. The FreeBSD rules each
+//! emulated function checks are named by [`rules`] (kpimodel's names, with their sources).
 
 pub mod acpi;
 pub mod bioq;
@@ -26,9 +28,11 @@ pub mod machine;
 pub mod mmio;
 pub mod newbus;
 pub mod pci;
+pub mod rules;
 pub mod run;
 pub mod sched;
 pub mod sysctl;
+pub mod trap;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -74,6 +78,8 @@ pub struct Emu {
     pub(crate) sysctl_ctxs: BTreeMap<u64, Vec<(String, u64)>>,
     /// ACPI: the emulated namespace (`--acpi`) and the notify handlers installed on it.
     pub(crate) acpi: acpi::AcpiState,
+    /// What the rule checks of [`rules`] remember between calls.
+    pub(crate) rule_state: rules::State,
 }
 
 static EMU: Mutex<Option<Emu>> = Mutex::new(None);
@@ -110,6 +116,10 @@ pub fn finding(line: String) {
 /// The emulated kernel panics: say why and end the process.
 pub fn kernel_panic(msg: &str) -> ! {
     use std::io::Write;
+    // What was found before the panic would otherwise be lost with the process.
+    for f in with(|e| e.findings.clone()) {
+        let _ = writeln!(std::io::stdout(), "finding before the panic: {f}");
+    }
     log(format!("panic: {msg}"));
     let _ = writeln!(std::io::stdout(), "panic: {msg}");
     let _ = std::io::stdout().flush();

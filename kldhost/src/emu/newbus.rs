@@ -30,6 +30,7 @@
 //!   driver has; the first error stops the unload.
 
 use super::kern::{cstr, format};
+use super::rules::Rule;
 use super::{finding, kernel_panic, log, with};
 use crate::freebsd15;
 use crate::kpi::KpiTable;
@@ -488,7 +489,10 @@ fn attach(dev: u64) -> c_int {
         with(|e| e.newbus.devices.get_mut(&dev).expect("device").state = layouts::DS_NOTPRESENT);
         return r;
     }
-    with(|e| e.newbus.devices.get_mut(&dev).expect("device").state = layouts::DS_ATTACHED);
+    with(|e| {
+        e.newbus.devices.get_mut(&dev).expect("device").state = layouts::DS_ATTACHED;
+        e.rule_state.acpi_pci_detached.remove(&dev);
+    });
     0
 }
 
@@ -528,6 +532,7 @@ pub fn device_detach(dev: u64) -> c_int {
         return r;
     }
     device_print(dev, "detached\n");
+    nodes_left_at_detach(dev);
     super::pci::child_detached(dev);
     let fixed = with(|e| e.newbus.devices.get(&dev).is_some_and(|d| d.fixed));
     if !fixed {
@@ -536,6 +541,74 @@ pub fn device_detach(dev: u64) -> c_int {
     with(|e| e.newbus.devices.get_mut(&dev).expect("device").state = layouts::DS_NOTPRESENT);
     set_driver(dev, 0);
     0
+}
+
+/// The pci0 child at slot `s`, function `f` (acpi_get_device of a slot object: acpi_pci.c
+/// `acpi_pci_save_handle` pairs them).
+pub fn pci_child_at(s: u8, f: u8) -> Option<u64> {
+    pci_children().into_iter().find(|&c| with(|e| e.newbus.devices.get(&c).and_then(|d| d.pci.as_ref()).is_some_and(|p| p.bdf.bus == 0 && p.bdf.dev == s && p.bdf.func == f)))
+}
+
+/// BUS_RESCAN of pci0, as sys/dev/pci/pci.c `pci_rescan_method` does it: a child whose function
+/// reads all-ones is deleted (device_delete_child); a function 0 of an NVMe controller that
+/// answers and has no child gets one (pci_read_device, pci_add_child) and is probed and
+/// attached. (Only NVMe functions are added: the lab firmware places BARs for them only.)
+/// Called with the topology lock held.
+pub fn rescan_pci0() {
+    let bus = pci0();
+    for child in pci_children() {
+        let Some(bdf) = with(|e| e.newbus.devices.get(&child).and_then(|d| d.pci.as_ref()).map(|p| p.bdf)) else { continue };
+        if super::machine::cfg_read(bdf, 0, 2) == 0xffff {
+            let r = device_delete_child(bus, child);
+            log(format!("BUS_RESCAN(pci0): {:02x}:{:02x}.{} is gone: device_delete_child = {r}", bdf.bus, bdf.dev, bdf.func));
+        }
+    }
+    for s in 0..32u8 {
+        let bdf = nvmehp_lab::firmware::Bdf { bus: 0, dev: s, func: 0 };
+        if pci_child_at(s, 0).is_some() || super::machine::cfg_read(bdf, 0, 2) == 0xffff {
+            continue;
+        }
+        if super::machine::cfg_read(bdf, 0x08, 4) >> 8 != 0x01_08_02 {
+            continue;
+        }
+        let dinfo = emu_pci_read_device(std::ptr::null_mut(), std::ptr::null_mut(), 0, 0, c_int::from(s), 0);
+        if dinfo.is_null() {
+            continue;
+        }
+        emu_pci_add_child(bus as *mut c_void, dinfo);
+        if let Some(child) = pci_child_at(s, 0) {
+            let r = probe_and_attach(child);
+            log(format!("BUS_RESCAN(pci0): added 00:{s:02x}.0: device_probe_and_attach = {r}"));
+        }
+    }
+}
+
+/// A newbus call of the module with a device_t acpi_pci's eject handler already detached: the
+/// second handler's detach of the same device (DoubleDetach).
+fn detached_by_acpi_pci(dev: u64, what: &str) {
+    if with(|e| e.rule_state.acpi_pci_detached.contains(&dev)) {
+        super::rules::finding(Rule::DoubleDetach, &format!("{what}({}) of a device acpi_pci's eject handler already detached", nameunit(dev)));
+    }
+}
+
+/// The device whose DEVICE_ATTACH is running (DS_ATTACHING), if any: what a node made now
+/// belongs to.
+pub fn attaching() -> Option<u64> {
+    with(|e| e.newbus.devices.iter().find(|(_, d)| d.state == layouts::DS_ATTACHING).map(|(a, _)| *a))
+}
+
+/// DEVICE_DETACH returned 0: subr_bus.c device_detach frees the softc next
+/// (device_set_driver(dev, NULL)), so a node the attach made must be gone by now
+/// (NodeLeftAfterDetach), and no live node may point into the softc (OrphanNode).
+fn nodes_left_at_detach(dev: u64) {
+    let (softc, size) = with(|e| e.newbus.devices.get(&dev).map(|d| (d.softc, d.softc_size as u64)).unwrap_or_default());
+    let name = nameunit(dev);
+    for (node, _) in super::devfs::nodes_owned_by(dev) {
+        super::rules::finding(Rule::NodeLeftAfterDetach, &format!("device_detach({name}) returned 0 with node {node}, made by its attach, still published"));
+    }
+    // The softc is freed next: every other check on freed memory applies to it (a node's
+    // si_drv1 in it is an orphan, a callout in it still armed runs on freed memory).
+    super::kern::freed_memory_checks(softc, size, &format!("device_detach({name}) frees the softc {softc:#x}"));
 }
 
 /// The kernel's device_printf (newbus's own messages).
@@ -559,8 +632,19 @@ pub fn devices_with_driver() -> Vec<String> {
 fn dev_of(dev: *mut c_void, what: &str) -> u64 {
     let ok = with(|e| e.newbus.devices.contains_key(&(dev as u64)));
     if !ok && with(|e| e.newbus.deleted.contains(&(dev as u64))) {
-        super::finding(format!("use after free: {what}({dev:p}) of a device_t device_delete_child freed"));
-        kernel_panic(&format!("{what}({dev:p}): use after free of a deleted device_t"));
+        // A detach (or delete) of a device that is gone is its own rule; any other call with
+        // the freed device_t is a plain use after free.
+        let rule = if with(|e| e.rule_state.acpi_pci_detached.contains(&(dev as u64))) {
+            // acpi_pci's handler detached it and its rescan deleted it: this is the second
+            // handler acting on the same removal.
+            Rule::DoubleDetach
+        } else if matches!(what, "device_detach" | "device_delete_child") {
+            Rule::DetachWithoutDevice
+        } else {
+            Rule::UseAfterFree
+        };
+        super::rules::finding(rule, &format!("use after free: {what}({dev:p}) of a device_t device_delete_child freed"));
+        super::rules::panic(rule, &format!("{what}({dev:p}): use after free of a deleted device_t"));
     }
     if !ok {
         kernel_panic(&format!("{what}({dev:p}): not a device"));
@@ -675,6 +759,7 @@ extern "C" fn emu_device_probe_and_attach(dev: *mut c_void) -> c_int {
 
 extern "C" fn emu_device_detach(dev: *mut c_void) -> c_int {
     let d = dev_of(dev, "device_detach");
+    detached_by_acpi_pci(d, "device_detach");
     super::sched::require_topo("device_detach");
     device_detach(d)
 }
@@ -771,6 +856,7 @@ pub fn device_delete_child(parent: u64, child: u64) -> c_int {
 extern "C" fn emu_device_delete_child(parent: *mut c_void, child: *mut c_void) -> c_int {
     let p = dev_of(parent, "device_delete_child");
     let c = dev_of(child, "device_delete_child");
+    detached_by_acpi_pci(c, "device_delete_child");
     super::sched::require_topo("device_delete_child");
     device_delete_child(p, c)
 }

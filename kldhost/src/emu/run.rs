@@ -248,6 +248,17 @@ pub struct Options {
     /// With `qemu`: the steps to run instead of those the flags above describe
     /// ([`Options::effective_plan`]).
     pub plan: Option<Plan>,
+    /// After MOD_LOAD (and with `qemu` after the attach step), a process opens and closes every
+    /// device node: d_open and d_close run with the thread counted in the node
+    /// ([`super::devfs::open_and_close_all`]).
+    pub open_nodes: bool,
+    /// After MOD_LOAD (and with `qemu` after the attach step), a consumer opens every disk and
+    /// keeps it open until the unload returned (a process holding /dev/<disk> open across a
+    /// removal): GEOM holds each withered disk's d_gone back until then.
+    pub hold_disks_open: bool,
+    /// After MOD_LOAD, a process reads every node that has a d_read, each on its own thread,
+    /// and stays inside until d_read returns ([`super::devfs::park_readers`]).
+    pub park_readers: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -647,6 +658,8 @@ pub fn run(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
 /// [`run`], telling `observe` where the run is at each [`Moment`] (the report so far with it;
 /// the call log, findings and console are still in the emulation's state then).
 pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Report)) -> Result<Report, LoadError> {
+    // A fault in the module's code is the kernel's fatal trap, not a crash of this process.
+    super::trap::install(ko.base(), ko.module_size);
     if opts.qemu {
         super::machine::start().map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
@@ -693,6 +706,16 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
         let fired = super::sched::fire_timeouts(timeout_expiries);
         log(format!("{fired} timeout task expiries"));
     }
+    if opts.open_nodes {
+        open_nodes();
+    }
+    if opts.park_readers {
+        super::devfs::park_readers();
+    }
+    let mut held = Vec::new();
+    if opts.hold_disks_open && !opts.qemu {
+        held = super::geom::hold_all_open();
+    }
 
     let mut report = Report::default();
     observe(Moment::Loaded, &report);
@@ -711,6 +734,14 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
                 let ok = step.run(&mut report, &driver, opts.bio_outside_guest_ram);
                 log(format!("step {step:?}: {}", if ok { "done" } else { "NOT done" }));
                 observe(Moment::After(step, ok), &report);
+                if *step == Step::Attach {
+                    if opts.open_nodes {
+                        open_nodes();
+                    }
+                    if opts.hold_disks_open {
+                        held = super::geom::hold_all_open();
+                    }
+                }
                 failed |= !ok && plan.stop_at_failure;
             }
         }
@@ -748,6 +779,13 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
     }
     if !refused {
         run_sysinits(ko, &sets::sysuninits(ko)?, "sysuninit");
+    }
+    // The holding consumer closes only now, after kldunload returned.
+    super::geom::release_held(&held);
+    for (n, r) in super::devfs::join_readers() {
+        log(format!("reader of {n} returned {r}"));
+    }
+    if !refused {
         for o in sets::sysctls(ko)? {
             log(format!("sysctl_unregister_oid({})", o.path));
         }
@@ -767,6 +805,15 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
         report.console = std::mem::take(&mut e.console);
     });
     Ok(report)
+}
+
+/// `open(2)` and `close(2)` of every node, then the kernel threads (the devfs destroy thread)
+/// run what the methods scheduled.
+fn open_nodes() {
+    for (n, o, c) in super::devfs::open_and_close_all() {
+        log(format!("open and close {n}: d_open {o}, d_close {c}"));
+    }
+    super::sched::run_queues(1000);
 }
 
 /// sysctl_load_tunable_by_oid_locked (sys/kern/kern_sysctl.c): a CTLFLAG_TUN OID registered
@@ -805,39 +852,46 @@ fn load_tunable(o: &sets::SysctlOid, value: &str) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// What an unloaded module must not leave behind.
+/// What an unloaded module must not leave behind. What would still call into its unloaded
+/// text (a taskqueue's thread, an armed callout or timeout task, a registered driver) is
+/// UnloadWithLiveCallbacks; memory never freed is a Leak; the rest has no kpimodel rule.
 fn end_of_life_checks() {
+    use super::rules::Rule;
     let left = with(|e| {
-        let mut f = Vec::new();
+        let mut f: Vec<(Option<Rule>, String)> = Vec::new();
         let live: Vec<_> = e.blocks.iter().filter(|(_, b)| !b.freed).collect();
         if !live.is_empty() {
-            f.push(format!("{} malloc(9) allocations ({} bytes) never freed", live.len(), live.iter().map(|(_, b)| b.size).sum::<usize>()));
+            f.push((Some(Rule::Leak), format!("{} malloc(9) allocations ({} bytes) never freed", live.len(), live.iter().map(|(_, b)| b.size).sum::<usize>())));
         }
         for q in e.queues.values() {
-            f.push(format!("taskqueue {} never freed", q.name));
+            f.push((Some(Rule::UnloadWithLiveCallbacks), format!("taskqueue {} never freed", q.name)));
         }
         for m in e.mutexes.values() {
-            f.push(format!("mutex {} never destroyed{}", m.name, if m.held { " (held)" } else { "" }));
+            f.push((None, format!("mutex {} never destroyed{}", m.name, if m.held { " (held)" } else { "" })));
         }
         if !e.armed_callouts.is_empty() {
-            f.push(format!("{} callouts still armed", e.armed_callouts.len()));
+            f.push((Some(Rule::UnloadWithLiveCallbacks), format!("{} callouts still armed", e.armed_callouts.len())));
         }
         if !e.armed_timeouts.is_empty() {
-            f.push(format!("{} timeout tasks still armed", e.armed_timeouts.len()));
+            f.push((Some(Rule::UnloadWithLiveCallbacks), format!("{} timeout tasks still armed", e.armed_timeouts.len())));
         }
         if !e.drivers.is_empty() {
-            f.push(format!("drivers still registered: {:?}", e.drivers));
-        }
-        for n in e.devs.keys() {
-            f.push(format!("device node {n} never destroyed"));
+            f.push((Some(Rule::UnloadWithLiveCallbacks), format!("drivers still registered: {:?}", e.drivers)));
         }
         if e.topo_locked {
-            f.push("the newbus topology lock is still held".to_string());
+            f.push((None, "the newbus topology lock is still held".to_string()));
         }
         f
     });
-    for l in left {
-        super::finding(format!("after unload: {l}"));
+    for (rule, l) in left {
+        match rule {
+            Some(r) => super::rules::finding(r, &format!("after unload: {l}")),
+            None => super::finding(format!("after unload: {l}")),
+        }
+    }
+    // A node still published after unload: devfs would call the unloaded cdevsw.
+    for n in with(|e| e.devs.keys().cloned().collect::<Vec<_>>()) {
+        super::rules::finding(super::rules::Rule::UnloadWithLiveCallbacks, &format!("after unload: device node {n} never destroyed (still published, its cdevsw in the unloaded module)"));
     }
 }
 

@@ -4,7 +4,8 @@
 //! as the kernel's threads would once the loading thread returns) and when the module drains
 //! a queue, which waits for everything queued so far: here the caller's thread runs it.
 //! Callouts and timeout tasks are recorded, never fired. Sleeping calls made with a mutex held
-//! are findings (mtx(9): a mutex may not be held across a sleep).
+//! are findings (mtx(9): a mutex may not be held across a sleep). A task that drains itself or
+//! its own queue waits for itself: a deadlock, reported as DrainFromOwnTask.
 
 use super::kern::cstr;
 use super::{finding, kernel_panic, log, with};
@@ -28,7 +29,7 @@ pub struct Mtx {
 pub(crate) fn may_sleep(what: &str) {
     let held: Vec<String> = with(|e| e.mutexes.values().filter(|m| m.held).map(|m| m.name.clone()).collect());
     if !held.is_empty() {
-        finding(format!("{what} may sleep, called with mutex {} held", held.join(", ")));
+        super::rules::finding(super::rules::Rule::SleepWithMutex, &format!("{what} may sleep, called with mutex {} held", held.join(", ")));
     }
 }
 
@@ -45,10 +46,38 @@ fn run_task(queue: u64, task: *mut layouts::task) {
     };
     let name = with(|e| e.queues.get(&queue).map(|q| q.name.clone()).unwrap_or_default());
     log(format!("taskqueue {name}: run task {task:p} (pending {pending})"));
+    RUNNING.with(|r| r.borrow_mut().push((queue, task as u64)));
     match func {
         // SAFETY: the module's task handler with its own context.
         Some(f) => unsafe { f(ctx, c_int::from(pending)) },
         None => kernel_panic(&format!("taskqueue {name}: task {task:p} has no handler")),
+    }
+    RUNNING.with(|r| r.borrow_mut().pop());
+}
+
+thread_local! {
+    /// The tasks this thread is running, innermost last, as (queue, task): a taskqueue thread
+    /// here is whichever thread runs the queue.
+    static RUNNING: std::cell::RefCell<Vec<(u64, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// sys/kern/subr_taskqueue.c taskqueue_drain sleeps while the task is pending or running
+/// (task_is_running), taskqueue_drain_all while any task of the queue is; a task of `q` that
+/// drains itself, or its whole queue, waits for itself. Draining another task of the same
+/// queue it still has queued waits too when the queue has one thread (the caller is it).
+fn drain_from_own_task(q: u64, task: Option<u64>, what: &str) {
+    let mine: Vec<u64> = RUNNING.with(|r| r.borrow().iter().filter(|(rq, _)| *rq == q).map(|(_, t)| *t).collect());
+    let Some(&current) = mine.last() else { return };
+    let (name, threads, queued) = with(|e| e.queues.get(&q).map(|x| (x.name.clone(), x.threads, task.is_some_and(|t| x.tasks.contains(&t)))).unwrap_or_default());
+    let stuck = match task {
+        None => true,
+        Some(t) => mine.contains(&t) || (queued && threads <= 1),
+    };
+    if stuck {
+        super::rules::panic(
+            super::rules::Rule::DrainFromOwnTask,
+            &format!("deadlock: {what} on {name} from its own task {current:#x}: it sleeps until that task returns"),
+        );
     }
 }
 
@@ -149,6 +178,7 @@ extern "C" fn emu_taskqueue_enqueue(q: *mut c_void, task: *mut layouts::task) ->
 
 extern "C" fn emu_taskqueue_drain(q: *mut c_void, task: *mut layouts::task) {
     may_sleep("taskqueue_drain");
+    drain_from_own_task(q as u64, Some(task as u64), &format!("taskqueue_drain({task:p})"));
     log(format!("taskqueue_drain({q:p}, {task:p})"));
     let queued = with(|e| {
         let Some(queue) = e.queues.get_mut(&(q as u64)) else { return false };
@@ -163,6 +193,7 @@ extern "C" fn emu_taskqueue_drain(q: *mut c_void, task: *mut layouts::task) {
 
 extern "C" fn emu_taskqueue_drain_all(q: *mut c_void) {
     may_sleep("taskqueue_drain_all");
+    drain_from_own_task(q as u64, None, "taskqueue_drain_all");
     log(format!("taskqueue_drain_all({q:p})"));
     let n = drain(q as u64, 1000);
     log(format!("taskqueue_drain_all({q:p}): {n} tasks ran"));
@@ -384,6 +415,7 @@ extern "C" fn emu_pause_sbt(wmesg: *const c_char, sbt: i64, _pr: i64, _flags: c_
     // While this thread sleeps, QEMU runs on and the kernel's other threads run.
     std::thread::sleep(std::time::Duration::from_nanos(((sbt.max(0) as u128 * 1_000_000_000) >> 32).min(10_000_000) as u64));
     run_kernel_threads();
+    super::geom::sleep_while_gone_held();
     // EWOULDBLOCK (FreeBSD's value): the timeout expired (pause(9)).
     layouts::EWOULDBLOCK
 }
