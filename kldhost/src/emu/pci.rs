@@ -31,6 +31,12 @@ use std::ffi::{c_int, c_void};
 
 /// Guest-physical base of the MSI-X mailboxes (4 bytes per vector), below the DMA pool.
 pub const MSIX_MAILBOX: u64 = 0x10_0000;
+
+/// The mailbox of MSI-X vector `rid - 1` of the function at `bdf`: one 1 KiB block per slot
+/// from [`MSIX_MAILBOX`], so the messages of several controllers never share a word.
+pub fn mailbox(bdf: Bdf, rid: c_int) -> u64 {
+    MSIX_MAILBOX + 0x400 * u64::from(bdf.dev) + 4 * rid as u64
+}
 /// PCI capability ids and registers used here (PCI Local Bus 3.0, sys/dev/pci/pcireg.h).
 const PCIY_MSIX: u8 = 0x11;
 const PCIY_MSI: u8 = 0x05;
@@ -251,11 +257,12 @@ fn msix_entry(c: &PciChild, i: u32, addr: u64, data: u32, masked: bool) {
     let Some(bar) = c.bars.iter().find(|b| b.rid == m.table_rid) else { return };
     let at = bar.phys + m.table_off + 16 * u64::from(i);
     machine::with_machine(|mc| {
-        let q = &mut mc.qtest;
-        let _ = q.writel(at, addr as u32);
-        let _ = q.writel(at + 4, (addr >> 32) as u32);
-        let _ = q.writel(at + 8, data);
-        let _ = q.writel(at + 12, u32::from(masked));
+        let _ = mc.qtest(|q| {
+            q.writel(at, addr as u32)?;
+            q.writel(at + 4, (addr >> 32) as u32)?;
+            q.writel(at + 8, data)?;
+            q.writel(at + 12, u32::from(masked))
+        });
     });
 }
 
@@ -451,7 +458,7 @@ extern "C" fn emu_bus_setup_intr(dev: *mut c_void, r: *mut layouts::resource, fl
     with(|e| e.pci.intrs.insert(cookie, Intr { dev: dev as u64, res: r as u64, rid, filter, handler, arg }));
     if rid > 0 {
         let c = child_of(dev);
-        msix_entry(&c, rid as u32 - 1, MSIX_MAILBOX + 4 * rid as u64, rid as u32, false);
+        msix_entry(&c, rid as u32 - 1, mailbox(c.bdf, rid), rid as u32, false);
     }
     // SAFETY: the caller's cookie pointer.
     unsafe { *cookiep = cookie as *mut c_void };
@@ -482,10 +489,12 @@ pub fn run_interrupts() -> usize {
         return 0;
     }
     let intrs: Vec<(u64, c_int, u64, u64, u64)> = with(|e| e.pci.intrs.values().filter(|i| i.rid > 0).map(|i| (i.dev, i.rid, i.filter, i.handler, i.arg)).collect());
+    let bdf_of = |dev: u64| with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.as_ref()).map(|p| p.bdf));
     let mut n = 0;
     for (dev, rid, filter, handler, arg) in intrs {
         // Read and cleared in one atomic swap: a message QEMU writes meanwhile is not lost.
-        let fired = machine::with_machine(|m| m.ram.swap_u32(MSIX_MAILBOX + 4 * rid as u64, 0).is_ok_and(|v| v != 0));
+        let Some(bdf) = bdf_of(dev) else { continue };
+        let fired = machine::with_machine(|m| m.ram().swap_u32(mailbox(bdf, rid), 0).is_ok_and(|v| v != 0));
         if !fired {
             continue;
         }

@@ -258,7 +258,7 @@ fn devctl_detach(report: &mut Report) {
 /// function is gone from pci0 (at most 5 s), then QEMU's `DEVICE_DELETED` awaited (2 s).
 fn eject_request(report: &mut Report) {
     use super::machine::{with_machine, NVME_ID, NVME_SLOT};
-    let r = with_machine(|m| m.qmp().and_then(|q| q.device_del(NVME_ID)));
+    let r = with_machine(|m| m.request_unplug(NVME_SLOT));
     log(format!("QMP device_del {NVME_ID}: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
     if r.is_err() {
         return;
@@ -274,7 +274,7 @@ fn eject_request(report: &mut Report) {
     }
     let gone = !present();
     log(format!("after the eject request: device {NVME_SLOT}.0 {}", if gone { "deleted from pci0" } else { "still on pci0" }));
-    let deleted = with_machine(|m| m.qmp().and_then(|q| q.wait_deleted(NVME_ID, std::time::Duration::from_secs(2)))).unwrap_or(false);
+    let deleted = with_machine(|m| m.reap(std::time::Duration::from_secs(2)) && !m.slot_present(NVME_SLOT));
     log(format!("QMP: DEVICE_DELETED {NVME_ID}: {}", if deleted { "received" } else { "not received" }));
     report.ejected = gone && deleted;
 }
@@ -284,8 +284,7 @@ fn eject_request(report: &mut Report) {
 /// (at most 30), the taskqueues running after each, until 00:04.0 left pci0.
 fn surprise_removal(report: &mut Report) {
     use super::machine::{with_machine, NVME_SLOT};
-    let mut hp = nvmehp_lab::acpi_hotplug::AcpiHotplug::new(nvmehp_lab::acpi_hotplug::HotplugLayout::pc());
-    let r = with_machine(|m| hp.eject(&mut m.qtest, NVME_SLOT));
+    let r = with_machine(|m| m.eject(NVME_SLOT).map_err(|e| e.to_string()));
     log(format!("surprise removal: PCEJ bit {NVME_SLOT} written with no device_del: {r:?}"));
     let present = || super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {NVME_SLOT}.0"));
     let mut steps = 0;
@@ -327,12 +326,12 @@ const HOT_ADD_SLOT: u8 = 5;
 fn hot_add(report: &mut Report) {
     use super::machine::with_machine;
     const NVME_SLOT: u8 = HOT_ADD_SLOT;
-    let props = [
-        ("drive", serde_json::Value::from("nvm0")),
-        ("serial", serde_json::Value::from("KLDHOST1")),
-        ("addr", serde_json::Value::from(format!("0x{NVME_SLOT:x}"))),
-    ];
-    let r = with_machine(|m| m.qmp().and_then(|q| q.device_add("nvme", "nvme1", "pci.0", &props)));
+    let spec = nvmehp_lab::scenario::ControllerSpec {
+        id: "nvme1".into(),
+        slot: NVME_SLOT,
+        namespaces: vec![nvmehp_lab::scenario::NamespaceSpec { nsid: 1, size_mib: (super::machine::IMAGE_BYTES >> 20) as u32, lba: 512 }],
+    };
+    let r = with_machine(|m| m.hot_add(&spec));
     log(format!("QMP device_add nvme1 at slot {NVME_SLOT}: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
     if r.is_err() {
         return;
