@@ -62,9 +62,14 @@ enum Cmd {
         /// handler is on every slot before the module loads; without it the module owns them.
         #[arg(long, requires = "acpi")]
         acpi_pci: bool,
-        /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
+        /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1, or pci(4)'s
+        /// hw.pci.enable_msix=0 and hw.pci.enable_msi=0 (the driver then gets only INTx).
         #[arg(long = "tunable", value_name = "NAME=VALUE")]
         tunables: Vec<String>,
+        /// With --qemu: never deliver an INTx line to its handler (a negative control: a driver
+        /// on INTx then completes its I/O only by polling).
+        #[arg(long, requires = "qemu")]
+        intx_undelivered: bool,
     },
 }
 
@@ -78,9 +83,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci, tunables } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci, tunables, intx_undelivered } => {
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
-            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci }) {
+            match run(&ko, &kldhost::emu::run::Options { timeouts, qemu, tunables, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, acpi_pci, intx_undelivered }) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {

@@ -198,6 +198,10 @@ pub struct Options {
     /// With `acpi`: stock FreeBSD's ACPI, acpi_pci(4) on pci0 with its handler on every slot
     /// before the module loads (the module then observes: hw.nvme_hotplug.acpi_mode).
     pub acpi_pci: bool,
+    /// With `qemu`: INTx lines are never delivered to their handlers (a negative control for
+    /// a driver on INTx, e.g. with [`super::pci_tunables::INTX_ONLY_TUNABLES`]: only its own
+    /// polling can complete its I/O).
+    pub intx_undelivered: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -362,6 +366,9 @@ fn location(dev: u64) -> String {
 
 /// Loads, runs and unloads the module per `opts` (see [`load_and_unload`] and [`Options`]).
 pub fn run(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
+    // Boot: pci(4) reads its tunables from the kernel environment before any module loads.
+    super::pci_tunables::load(&opts.tunables);
+    super::intx::set_delivered(!opts.intx_undelivered);
     if opts.qemu {
         super::machine::start().map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
