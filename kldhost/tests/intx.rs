@@ -23,11 +23,17 @@ fn run_real(extra: &[&str]) -> Option<(Option<i32>, String)> {
     Some(kldhost_run_with(&ko, &args))
 }
 
-/// The calls logged for each bio, from its `d_strategy` to its `g_up`, in order.
+/// The calls logged for each bio of disk nvmehpd0, from its `d_strategy` to its `g_up`.
 fn per_bio(out: &str) -> Vec<&str> {
+    per_bio_of(out, "nvmehpd0")
+}
+
+/// The calls logged for each bio of `disk`, from its `d_strategy` to its `g_up`, in order.
+fn per_bio_of<'a>(out: &'a str, disk: &str) -> Vec<&'a str> {
+    let strategy = format!("g_down: d_strategy({disk}");
     let mut v = Vec::new();
     let mut from = 0;
-    while let Some(i) = out[from..].find("g_down: d_strategy(nvmehpd0") {
+    while let Some(i) = out[from..].find(&strategy) {
         let start = from + i;
         let end = out[start..].find("g_up: bio").map(|j| start + j).unwrap_or(out.len());
         v.push(&out[start..end]);
@@ -119,6 +125,35 @@ fn with_the_intx_line_undelivered_only_the_watchdog_poll_completes_the_bios() {
     assert_eq!(bios.len(), 2, "{out}");
     for b in &bios {
         assert!(b.contains(WATCHDOG_POLL), "a bio completed without the watchdog's poll:\n{b}");
+    }
+}
+
+/// A controller hot-added into slot 5 (INTA# through PIRQA: GSI 10, not the first one's 11)
+/// gets its own route at its rid 0 allocation, and its bios complete through INTx too.
+#[test]
+fn a_hot_added_controller_on_intx_gets_its_slots_gsi_and_completes_through_its_handler() {
+    if !nvmehp_lab::skip::qemu_or_skip("intx_hot_add") || common::real_ko("intx_hot_add").is_none() {
+        return;
+    }
+    let Some((code, out)) = run_real(&["--tunable", "hw.nvme_hotplug.claim=1", "--acpi", "--eject", "--hot-add"]) else { return };
+    assert_eq!(code, Some(0), "kldhost run failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "pci_assign_interrupt(nvmehp0): INTx pin routed to GSI 11",
+            "bus_teardown_intr(nvmehp0, irq rid 0) = 0",
+            "QMP device_add nvme1 at slot 5: ok",
+            "pci_assign_interrupt(nvmehp0): INTx pin routed to GSI 10",
+            "bus_setup_intr(nvmehp0, irq rid 0, flags 0x202) = 0 (INTx on GSI 10, level-triggered)",
+            "hot-added and attached: true; its write and read: ok",
+            "findings: 0",
+        ],
+    );
+    let bios = per_bio_of(&out, "nvmehpd1");
+    assert_eq!(bios.len(), 2, "{out}");
+    for b in &bios {
+        assert!(b.contains("nvmehp0: interrupt (IRQ rid 0, INTx on GSI 10)"), "a bio completed without an INTx interrupt:\n{b}");
+        assert!(!b.contains(WATCHDOG_POLL), "a bio waited for the watchdog's poll:\n{b}");
     }
 }
 
