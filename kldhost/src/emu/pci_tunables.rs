@@ -22,6 +22,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// [`super::run::Options::tunables`], or give them to [`load`] before the module loads).
 pub const INTX_ONLY_TUNABLES: [(&str, &str); 2] = [("hw.pci.enable_msix", "0"), ("hw.pci.enable_msi", "0")];
 
+/// [`INTX_ONLY_TUNABLES`] as kernel-environment pairs, the form [`load`] and
+/// `Options::tunables` take.
+pub fn intx_only() -> Vec<(String, String)> {
+    INTX_ONLY_TUNABLES.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+}
+
 /// `pci_do_msix` and `pci_do_msi` (pci.c): 1 unless the kernel environment says otherwise.
 static DO_MSIX: AtomicBool = AtomicBool::new(true);
 static DO_MSI: AtomicBool = AtomicBool::new(true);
@@ -68,7 +74,7 @@ mod tests {
 
     #[test]
     fn zero_disables_and_anything_else_keeps_the_default() {
-        load(&kenv(&INTX_ONLY_TUNABLES));
+        load(&intx_only());
         assert!(!msix_enabled() && !msi_enabled());
         load(&kenv(&[("hw.pci.enable_msix", "0"), ("hw.pci.enable_msi", "1")]));
         assert!(!msix_enabled() && msi_enabled());
