@@ -183,6 +183,38 @@ fn fixture(test: &str, ack_after: u32) -> Option<std::path::PathBuf> {
     common::fixture_object(test, "pci_intx", Some(&define))
 }
 
+/// bus_teardown_intr stops delivery before it returns: a fixture that tears its handler down
+/// and then makes its controller hold the line high (a second Identify nobody acknowledges)
+/// sees no further run of the handler while it sleeps, no storm, no finding. Its first
+/// command shows the same handler ran while it was set up.
+#[test]
+fn a_handler_torn_down_is_not_run_again_though_its_line_stays_high() {
+    if !nvmehp_lab::skip::qemu_or_skip("intx_teardown") {
+        return;
+    }
+    let mut flags = common::kernel_header_flags();
+    flags.extend(["-DKLDHOST_ACK_AFTER=1".to_string(), "-DKLDHOST_RAISE_AFTER_TEARDOWN".to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let Some(obj) = common::compile("intx_teardown", "pci_intx", &flags) else { return };
+    let ko = common::temp_object("intx_teardown", &obj);
+    let (code, out) = kldhost_run_with(&ko, &["--qemu"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "kldhostfx0: interrupt (IRQ rid 0, INTx on GSI 11)",
+            "kldhostfx0: interrupts 1, completion status 0x1",
+            "bus_teardown_intr(kldhostfx0, irq rid 0) = 0",
+            "bus_write_4(kldhostfx0 BAR 0x10 + 0x1000, 0x0)",
+            "pause_sbt(fxdet",
+            "kldhostfx0: after teardown: interrupts 1, second completion status 0x1",
+            "findings: 0",
+        ],
+    );
+    let teardown = out.find("bus_teardown_intr(kldhostfx0, irq rid 0) = 0").expect("teardown logged");
+    assert!(!out[teardown..].contains("kldhostfx0: interrupt ("), "the handler ran after bus_teardown_intr:\n{out}");
+}
+
 /// Level-triggered: a handler that leaves its line asserted runs again at once (kern_intr.c
 /// unmasks the source after the ithread, and the I/O APIC delivers again). A fixture whose
 /// handler lowers the line (CQ head doorbell) on its 3rd run runs exactly 3 times; on its 1st,
