@@ -17,7 +17,7 @@
 //! Console and host lines come out in the order they happened: the emulation records the
 //! console's length at each call-log line ([`crate::emu::Emu::console_at`]).
 
-use crate::emu::run::{self, Drive, Moment, Options, Plan, Report, Step, IO_BYTES, IO_OFFSET, IO_PATTERN};
+use crate::emu::run::{self, Moment, Options, Plan, Report, Step, IO_BYTES, IO_OFFSET, IO_PATTERN};
 use crate::emu::with;
 use crate::{LoadError, LoadedKo};
 use std::io::Write;
@@ -39,7 +39,7 @@ pub fn plan() -> Plan {
             Step::Attach,
             Step::Io,
             Step::Surprise { slot: crate::emu::machine::NVME_SLOT, id: crate::emu::machine::NVME_ID.to_string(), in_flight: IN_FLIGHT },
-            Step::HotAdd { slot: run::HOT_ADD_SLOT, id: "nvme1".to_string(), drive: Drive::New(1) },
+            Step::HotAdd { slot: run::HOT_ADD_SLOT, id: "nvme1".to_string() },
             Step::Io,
             Step::Eject { slot: run::HOT_ADD_SLOT, id: "nvme1".to_string() },
             Step::Detach,

@@ -78,9 +78,14 @@ enum Cmd {
         /// stays in the module until d_read returns (a read(2) that blocks).
         #[arg(long)]
         park_readers: bool,
-        /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1.
+        /// A loader tunable, name=value (repeatable), e.g. hw.nvme_hotplug.claim=1, or pci(4)'s
+        /// hw.pci.enable_msix=0 and hw.pci.enable_msi=0 (the driver then gets only INTx).
         #[arg(long = "tunable", value_name = "NAME=VALUE")]
         tunables: Vec<String>,
+        /// With --qemu: never deliver an INTx line to its handler (a negative control: a driver
+        /// on INTx then completes its I/O only by polling).
+        #[arg(long, requires = "qemu")]
+        intx_undelivered: bool,
     },
     /// The module's hotplug story on one QEMU machine, as FreeBSD's console shows it: kldload,
     /// attach, a write and a read, a surprise removal with writes in flight, a hot-add to
@@ -115,7 +120,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered } => {
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
             let opts = kldhost::emu::run::Options {
                 timeouts,
@@ -133,6 +138,7 @@ fn main() -> ExitCode {
                 open_nodes,
                 hold_disks_open,
                 park_readers,
+                intx_undelivered,
             };
             match run(&ko, &opts) {
                 Ok(true) => ExitCode::SUCCESS,

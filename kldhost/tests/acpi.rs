@@ -169,10 +169,9 @@ fn a_controller_hot_added_to_an_empty_slot_is_rescanned_attached_and_does_io() {
             "disk_create(nvmehpd1:",
             "nvmehp0: device_attach_desc = 0",
             "after the hot-add: device 5.0 attached",
-            // The image was zeroed first: only the new controller's write can put the data back.
-            "zeroed before the hot-added controller's I/O (Ok(()))",
             "g_down: d_strategy(nvmehpd1, BIO_WRITE, offset 8192, 4096 bytes)",
-            "at 8192: the written data; read back: the written data",
+            // A new zeroed image: only the new controller's write can put the data there.
+            "nvme1-g2-ns1.raw at 8192: the written data; read back: the written data",
             // devctl detach of the new one, then the unload.
             "nvmehp0: device_detach_desc = 0",
             "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",

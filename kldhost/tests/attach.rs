@@ -74,7 +74,8 @@ fn the_real_module_brings_up_qemus_controller_and_tears_it_down_clean() {
             "console:",
             "pci0: <mass storage, NVM> at device 4.0 (no driver attached)",
             "nvmehp0: <NVMe controller (nvme_hotplug)> mem 0xc0400000-0xc0403fff at device 4.0 on pci0",
-            "nvmehp0: NVMe 1.4.0 \"QEMU NVMe Ctrl\" serial \"KLDHOST0\"",
+            // The lab machine names the serial after the plug (NVMEHP + qdev id nvme0-g1).
+            "nvmehp0: NVMe 1.4.0 \"QEMU NVMe Ctrl\" serial \"NVMEHPnvme0-g1\"",
             "nvmehp0: attached: /dev/nvmehp0 and 1 namespace node(s)",
             "nvmehp0: detached (announced)",
             "nvmehp0: detached",

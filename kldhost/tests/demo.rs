@@ -33,16 +33,16 @@ fn the_demo_tells_load_attach_io_surprise_hot_add_eject_and_unload_in_order() {
             // claim=1: the module bids BUS_PROBE_HOOVER for an NVMe controller.
             "    | DEVICE_PROBE(nvmehp0) = -1000000 (BUS_PROBE_HOOVER)",
             "\nnvmehp0: <NVMe controller (nvme_hotplug)> mem 0xc0400000-0xc0403fff at device 4.0 on pci0\n",
-            "\nnvmehp0: NVMe 1.4.0 \"QEMU NVMe Ctrl\" serial \"KLDHOST0\"",
+            "\nnvmehp0: NVMe 1.4.0 \"QEMU NVMe Ctrl\" serial \"NVMEHPnvme0-g1\"",
             "    | disk_create(nvmehpd0: 16777216 bytes, 512-byte sectors, d_gone set): 16MB (32768 512 byte sectors)",
             "\nnvmehp0: attached: /dev/nvmehp0 and 1 namespace node(s) with disks nvmehpd*\n",
             "    | MOD_EVENT(pci/nvme_hotplug, MOD_LOAD) = 0",
             "\nnvme_hotplug: 30 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 30 owned (30 handlers)",
             // The write and the read, and QEMU's image file holding the data.
-            "==> write 4096 bytes (byte i = (7 * i mod 256) XOR 0x5a) at offset 8192 of nvmehpd0 through d_strategy, read them back; check QEMU's image file nvme0n1.img",
+            "==> write 4096 bytes (byte i = (7 * i mod 256) XOR 0x5a) at offset 8192 of nvmehpd0 through d_strategy, read them back; check QEMU's image file nvme0-g1-ns1.raw",
             "    | g_down: d_strategy(nvmehpd0, BIO_WRITE, offset 8192, 4096 bytes)",
             "    | g_down: d_strategy(nvmehpd0, BIO_READ, offset 8192, 4096 bytes)",
-            "/nvme0n1.img at 8192: the written data; read back: the written data",
+            "/nvme0-g1-ns1.raw at 8192: the written data; read back: the written data",
             // Surprise removal with writes in flight: no notify; the watchdog finds the
             // controller gone and fails what it had not completed with ENXIO; the function is
             // detached and deleted, its nodes destroyed, its disk gone.
@@ -75,8 +75,8 @@ fn the_demo_tells_load_attach_io_surprise_hot_add_eject_and_unload_in_order() {
             "\nnvmehp0: <NVMe controller (nvme_hotplug)> mem 0xc0500000-0xc0503fff at device 5.0 on pci0\n",
             "    | disk_create(nvmehpd1: 16777216 bytes",
             "\nnvme_hotplug: slot \\_SB_.PCI0.S05_: 1 new functions, 1 attached\n",
-            "==> write 4096 bytes (byte i = (7 * i mod 256) XOR 0x5a) at offset 8192 of nvmehpd1 through d_strategy, read them back; check QEMU's image file nvme1n1.img",
-            "/nvme1n1.img at 8192: the written data; read back: the written data",
+            "==> write 4096 bytes (byte i = (7 * i mod 256) XOR 0x5a) at offset 8192 of nvmehpd1 through d_strategy, read them back; check QEMU's image file nvme1-g2-ns1.raw",
+            "/nvme1-g2-ns1.raw at 8192: the written data; read back: the written data",
             // Its announced eject: device_del, Notify 3, detach, delete, _EJ0, DEVICE_DELETED.
             "==> eject of slot 5 announced: QMP device_del nvme1",
             "    | acpi_task: Notify(\\_SB_.PCI0.S05_, 3) to 1 handler(s)",

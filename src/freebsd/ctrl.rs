@@ -66,7 +66,7 @@ use super::tracker::Trackers;
 use super::tunables::Stat;
 use crate::hotplug::kernel::IoGate;
 use crate::nvme::{Completion, Controller, DataBuf, DeviceStop, Event, Health, IoOp, IoRequest, NvmeError};
-use crate::platform::{Clock, PciPresence};
+use crate::platform::{Clock, PciPresence, RegisterIo};
 use alloc::boxed::Box;
 use core::ffi::{c_int, CStr};
 use core::pin::Pin;
@@ -625,7 +625,23 @@ impl CtrlShared {
     /// (`nvme_qpair_fail`; `nvme_dev_disable` clears bus mastering before cancelling). The
     /// rings stay leaked all the same (memory only). If the bit does not read back clear, the
     /// bios stay held.
+    ///
+    /// **On INTx the controller's interrupt is masked first** (INTMS bit 0, the one vector).
+    /// The stop's admin commands (queue deletions) complete into the admin CQ, which only the
+    /// stop's own poll reaps, between sleeps; the interrupt thread meanwhile finds a dead
+    /// engine and returns without touching the device. A pin-based interrupt is level-
+    /// triggered: the line stays asserted until the CQ head doorbell catches up, and
+    /// sys/kern/kern_intr.c re-runs the ithread each time the source is unmasked after it
+    /// (`ithread_execute_handlers`, then `post_ithread`), so for the whole sleep the line
+    /// would interrupt back to back, on a line other functions may share (an interrupt storm,
+    /// `intr_storm_threshold`). INTMS masks pin-based and MSI interrupts at the controller
+    /// (NVMe 1.4 §3.1.3; the spec forbids touching it with MSI-X, whose messages are edges and
+    /// need no mask here). CC.EN = 0 at the end of the stop clears the mask with everything
+    /// else; nothing after it expects an interrupt.
     fn run_stop(&self, stop: DeviceStop<ContigRegion>, access: StopAccess, out: &mut Outcome) {
+        if IrqKind::from_code(self.interrupt.load(Ordering::Acquire)) == Some(IrqKind::Intx) {
+            access.write32(crate::nvme::regs::INTMS, 1);
+        }
         let outcome = stop.run(&access);
         let mut busmaster_off = false;
         if !outcome.dma_stopped() {

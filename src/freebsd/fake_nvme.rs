@@ -199,6 +199,8 @@ impl FakeNvme {
                 }
             }
             0x1008 => self.run_io(val as u16),
+            // Interrupt Mask Set: recorded (the model raises no pin-based interrupt).
+            0x0c => super::fake_kernel::record(format!("nvme intms {val:#x}")),
             _ => {}
         }
     }

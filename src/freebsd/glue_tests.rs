@@ -729,6 +729,37 @@ fn strategy_refuses_bad_bios_before_allocating() {
     let _ = teardown(live, &mut k, Removal::Surprise);
 }
 
+/// On INTx the stop masks the controller's interrupt (INTMS bit 0) before its first step, so
+/// the admin completions it reaps by polling between sleeps cannot hold a level-triggered line
+/// up while the interrupt thread, finding a dead engine, leaves them alone (an interrupt storm:
+/// `CtrlShared::run_stop`). With MSI-X the register is never touched (NVMe forbids it there).
+#[test]
+fn on_intx_the_stop_masks_the_controllers_interrupt_before_its_admin_commands() {
+    use super::fake_nvme::FakeNvme;
+    use super::irq_source::IrqKind;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for kind in [IrqKind::Intx, IrqKind::Msix] {
+        fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
+        fk::install_nvme(FakeNvme::new(false, false));
+        let mut k = FreeBsdKernel::new();
+        let (live, ctrl) = attached_with(&mut k, &[1], true);
+        ctrl.set_interrupt_kind(kind);
+        fk::record("-- teardown --");
+        let _ = teardown(live, &mut k, Removal::Announced);
+        let log = fk::log();
+        let t = first(&log, "-- teardown --");
+        let ops = device_stop_ops(&log[t..]);
+        match kind {
+            IrqKind::Intx => assert_eq!(
+                ops,
+                ["nvme intms 0x1", "nvme delete_sq qid=1 status=0x0", "nvme delete_cq qid=1 status=0x0", "nvme cc shn", "nvme cc disable"],
+                "{log:#?}"
+            ),
+            _ => assert_eq!(ops, ["nvme delete_sq qid=1 status=0x0", "nvme delete_cq qid=1 status=0x0", "nvme cc shn", "nvme cc disable"], "{log:#?}"),
+        }
+    }
+}
+
 /// DEVICE_SHUTDOWN's work on an attached controller: the normal shutdown notification reaches
 /// the device (its write cache is flushed before power-off), the device is disabled, and I/O
 /// arriving afterwards fails with ENXIO instead of reaching a shut-down controller.

@@ -119,8 +119,6 @@ pub struct AcpiState {
     pub pcib0: u64,
     /// System notify handlers: object to its (handler, context) list, in install order.
     pub handlers: BTreeMap<Node, Vec<(u64, u64)>>,
-    /// The AML's part (`\_GPE._E01`, `_EJ0`): the lab's PIIX4 hotplug block driver.
-    pub hp: Option<nvmehp_lab::acpi_hotplug::AcpiHotplug>,
     /// Stock FreeBSD (`--acpi-pci`): acpi_pci(4) drives pci0 (its bridge answers an ACPI handle
     /// for it) and its handler is installed on every `_EJ0` slot before the module loads.
     pub acpi_pci: bool,
@@ -188,12 +186,9 @@ pub fn pcib_acpi_handle() -> Option<usize> {
 /// installed its handler on every `_EJ0` slot (acpi_pci.c `acpi_pci_attach` walks the bus's
 /// children), before any module loads.
 pub fn enable_with(pcib0: u64, acpi_pci: bool) {
-    let hp = nvmehp_lab::acpi_hotplug::AcpiHotplug::new(nvmehp_lab::acpi_hotplug::HotplugLayout::pc());
-    let removable = super::machine::with_machine(|m| {
-        // The OS enables the hotplug GPE when it loads the DSDT's _E01 handler.
-        let _ = hp.enable_gpe(&mut m.qtest);
-        hp.removable_slots(&mut m.qtest, 0).unwrap_or(0)
-    });
+    // The machine enabled the hotplug GPE at start (the OS does when it loads the DSDT's _E01
+    // handler); the AML's part (`\_GPE._E01`, `_EJ0`) is the lab's PIIX4 hotplug block driver.
+    let removable = super::machine::with_machine(|m| m.lab.removable_slots(0).unwrap_or(0));
     log(format!("ACPI namespace: \\_SB_.PCI0 (pcib0), slots S00_..S1F_ with _ADR, _EJ0 on PCIRMV {removable:#010x}"));
     let mut handlers = BTreeMap::new();
     if acpi_pci {
@@ -202,7 +197,7 @@ pub fn enable_with(pcib0: u64, acpi_pci: bool) {
         }
         log(format!("acpi_pci: pci0 has ACPI handle \\_SB_.PCI0; its notify handler installed on {} slots", handlers.len()));
     }
-    with(|e| e.acpi = AcpiState { enabled: true, removable, pcib0, handlers, hp: Some(hp), acpi_pci });
+    with(|e| e.acpi = AcpiState { enabled: true, removable, pcib0, handlers, acpi_pci });
 }
 
 /// Resolves `path` relative to `parent` (NULL: absolute) in the emulated namespace.
@@ -347,15 +342,8 @@ extern "C" fn emu_acpi_set_integer(obj: *mut c_void, path: *const c_char, v: u32
     let st = match node_of(obj).and_then(|o| resolve(Some(o), &p)) {
         Some(Node::Ej0(s)) => {
             eject_checks(s);
-            let hp = with(|e| e.acpi.hp.take());
-            let st = match hp {
-                Some(mut hp) => {
-                    let r = super::machine::with_machine(|m| hp.eject(&mut m.qtest, s));
-                    with(|e| e.acpi.hp = Some(hp));
-                    if r.is_ok() { AE_OK } else { AE_BAD_PARAMETER }
-                }
-                None => AE_NOT_FOUND,
-            };
+            let r = super::machine::with_machine(|m| m.eject(s));
+            let st = if r.is_ok() { AE_OK } else { AE_BAD_PARAMETER };
             log(format!("acpi_SetInteger({}, {p:?}, {v}) = {st:#x}: PCEJ bit {s} written, QEMU removes slot {s}", Node::Slot(s).path()));
             return st;
         }
@@ -410,26 +398,30 @@ type NotifyFn = extern "C" fn(*mut c_void, u32, *mut c_void);
 /// thread is the caller's, as the emulation's taskqueue threads are, with no emulation lock
 /// held while a handler runs. Returns the notifies delivered as (slot, value, handlers).
 pub fn run_gpe() -> Vec<(u8, u32, usize)> {
-    let Some(mut hp) = with(|e| e.acpi.hp.take()) else { return Vec::new() };
-    let notifies = super::machine::with_machine(|m| hp.handle_gpe(&mut m.qtest)).unwrap_or_default();
-    with(|e| e.acpi.hp = Some(hp));
-    let mut out = Vec::new();
-    for n in notifies {
-        let value = n.code as u32;
-        let node = Node::Slot(n.slot);
-        let handlers = with(|e| e.acpi.handlers.get(&node).cloned().unwrap_or_default());
-        log(format!("acpi_task: Notify({}, {value}) to {} handler(s)", node.path(), handlers.len()));
-        for &(f, ctx) in &handlers {
-            // SAFETY: an ACPI_NOTIFY_HANDLER the module installed on this object and has not
-            // removed (it is in the list), called with the context it gave.
-            let f: NotifyFn = unsafe { std::mem::transmute::<u64, NotifyFn>(f) };
-            IN_ACPI_TASK.with(|c| c.set(true));
-            f(node.handle(), value, ctx as *mut c_void);
-            IN_ACPI_TASK.with(|c| c.set(false));
-        }
-        out.push((n.slot, value, handlers.len()));
+    if !with(|e| e.acpi.enabled) {
+        return Vec::new();
     }
-    out
+    let notifies = super::machine::with_machine(|m| m.lab.poll_notifies()).unwrap_or_default();
+    notifies.into_iter().map(|n| (n.slot, n.code as u32, notify(n.slot, n.code as u32))).collect()
+}
+
+/// One `Notify(Sxx_, value)` dispatched from the acpi_task to the handlers installed on the
+/// slot object, in install order (what [`run_gpe`] does per notify; a scenario's `notify` step
+/// calls it directly, as firmware that notifies with no hardware change would). Returns how
+/// many handlers ran.
+pub fn notify(slot: u8, value: u32) -> usize {
+    let node = Node::Slot(slot);
+    let handlers = with(|e| e.acpi.handlers.get(&node).cloned().unwrap_or_default());
+    log(format!("acpi_task: Notify({}, {value}) to {} handler(s)", node.path(), handlers.len()));
+    for &(f, ctx) in &handlers {
+        // SAFETY: an ACPI_NOTIFY_HANDLER the module installed on this object and has not
+        // removed (it is in the list), called with the context it gave.
+        let f: NotifyFn = unsafe { std::mem::transmute::<u64, NotifyFn>(f) };
+        IN_ACPI_TASK.with(|c| c.set(true));
+        f(node.handle(), value, ctx as *mut c_void);
+        IN_ACPI_TASK.with(|c| c.set(false));
+    }
+    handlers.len()
 }
 
 extern "C" fn emu_acpi_get_device(h: *mut c_void) -> *mut c_void {
@@ -516,7 +508,7 @@ mod tests {
 
     #[test]
     fn namespace_paths_handlers_and_the_leak_check() {
-        with(|e| e.acpi = AcpiState { enabled: true, removable: 1 << 5, pcib0: 0x1234, handlers: BTreeMap::new(), hp: None, acpi_pci: false });
+        with(|e| e.acpi = AcpiState { enabled: true, removable: 1 << 5, pcib0: 0x1234, handlers: BTreeMap::new(), acpi_pci: false });
         assert_eq!(resolve(None, "\\_SB.PCI0"), Some(Node::Pci0));
         assert_eq!(resolve(None, "\\_SB_.PCI0.S05_"), Some(Node::Slot(5)));
         assert_eq!(resolve(Some(Node::Slot(5)), "_EJ0"), Some(Node::Ej0(5)));

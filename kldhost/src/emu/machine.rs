@@ -1,113 +1,136 @@
-//! The machine under the emulated kernel for `kldhost run --qemu`: QEMU's pc machine with one
-//! NVMe controller, driven through the lab crate (nvmehp-lab: spawning and reaping QEMU, the
-//! qtest protocol, the firmware's BAR placement and command register).
+//! The machine under the emulated kernel: QEMU as the lab drives it
+//! ([`nvmehp_lab::machine::Machine`]: the process, qtest, QMP, the PIIX4 hotplug block, the
+//! NVMe controllers plugged into slots with their image files), plus what only a kernel running
+//! *on* it needs: the pci(4) view of the functions, the contigmalloc pool, and the removal
+//! behaviour of a function's BAR once the function is gone.
 //!
-//! - **Guest RAM is shared**: the lab's [`SharedRam`] (a memfd QEMU runs the machine on and this
+//! `kldhost run --qemu` starts it with one controller in slot 4 ([`Machine::start`]);
+//! `kldhost scenario` with the scenario's controllers ([`Machine::start_scenario`]), so a
+//! scenario gets the same slots, images, hot-adds, unplug requests, ejects and GPE polling in
+//! kld mode as in engine mode.
+//!
+//! - **Guest RAM is shared**: the lab's `SharedRam` (a memfd QEMU runs the machine on and this
 //!   process maps too), so memory the module gets from `contigmalloc(9)` is memory QEMU's NVMe
-//!   model can DMA to, at physical address = offset in the file (`pmap_kextract`). Below
-//!   [`DMA_POOL_START`] nothing is handed out.
-//! - **Config space** goes through qtest (configuration mechanism #1, the lab's `firmware`).
-//! - **BAR0** is not mapped: the module's register access is `bus_read_4`/`bus_write_4`, which
-//!   amd64's <machine/bus.h> (x86/bus.h `bus_space_read_4`) inlines into the glue's
-//!   `nvmehp_bus_read_4` as a plain load from `r_bushandle + offset`; no out-of-line KPI call
-//!   is made. The handle therefore points at an inaccessible window of this process, and
-//!   [`super::mmio`] turns each faulting load or store into a qtest `readl`/`writel` at the
-//!   BAR's physical address.
+//!   model can DMA to, at physical address = offset in the file (`pmap_kextract`). The module's
+//!   pool is [`DMA_POOL_START`]..[`BIO_POOL_START`]; above it, the pages bios carry (the
+//!   scenario runner's buffers, which are not the module's memory).
+//! - **Config space** goes through qtest (configuration mechanism #1, the lab's `firmware`); an
+//!   empty slot answers all-ones, as QEMU's does.
+//! - **BARs** are not mapped: the module's register access is `bus_read_4`/`bus_write_4`, which
+//!   amd64's <machine/bus.h> (x86/bus.h `bus_space_read_4`) inlines into the glue as a plain
+//!   load from `r_bushandle + offset`. The handle points at an inaccessible window of this
+//!   process, and [`super::mmio`] turns each faulting access into qtest at the BAR's physical
+//!   address — unless the function was removed since the window was mapped: then reads return
+//!   what the scenario's `removal_reads` says (0 as QEMU's unassigned memory reads, or all-ones
+//!   as a PCIe master abort completes) and writes go nowhere, imposed here so a stale window
+//!   never reaches a controller later plugged at the same address.
 //!
 //! The firmware role (what SeaBIOS and pci(4) do before a driver runs): BAR0 programmed, memory
 //! decode on. Bus mastering is left **off**: the driver's `pci_enable_busmaster` must turn it
 //! on, or QEMU's NVMe model drops every DMA.
 
+use nvmehp_lab::access_faults::RemovalReads;
 use nvmehp_lab::firmware::{self, Bdf, PciFunction};
-use nvmehp_lab::qemu::{MachineKind, QemuProcess};
-use nvmehp_lab::qtest::Qtest;
-use nvmehp_lab::shared_ram::SharedRam;
+use nvmehp_lab::machine::Machine as LabMachine;
+use nvmehp_lab::qemu::MachineKind;
+use nvmehp_lab::qtest::{Qtest, QtestError};
+use nvmehp_lab::scenario::{ControllerSpec, NamespaceSpec};
+use nvmehp_lab::shared_ram::{RamAccess, SharedRam};
+use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-/// Guest RAM size (the lab's pc machine: the 32-bit PCI hole starts right after it).
-pub const RAM_MIB: u32 = 256;
+/// Guest RAM size (the lab's machine: the 32-bit PCI hole starts right after it).
+pub const RAM_MIB: u32 = nvmehp_lab::machine::GUEST_RAM_MIB;
 /// First guest-physical byte contigmalloc hands out.
 pub const DMA_POOL_START: u64 = 16 << 20;
-/// The slot the controller sits in (pc: 00:04.0).
+/// First guest-physical byte of the bio data pool (scenario I/O buffers); the module's
+/// contigmalloc pool ends here.
+pub const BIO_POOL_START: u64 = 160 << 20;
+/// The slot `run --qemu`'s controller sits in (pc: 00:04.0).
 pub const NVME_SLOT: u8 = 4;
-/// Its qdev id (QMP `device_del`).
+/// Its scenario id (`run --qemu`'s QMP messages name it).
 pub const NVME_ID: &str = "nvme0";
 
-/// One running machine. Its qtest connection is used by config-space accessors and the MMIO
-/// trap; [`MACHINE`] serialises them.
+/// Image size of `run --qemu`'s controller's namespace.
+pub const IMAGE_BYTES: u64 = 16 << 20;
+
+/// Per slot: BAR accesses of the function plugged there, and a removal armed at one of them.
+#[derive(Default, Clone, Copy)]
+struct Trap {
+    accesses: u64,
+    eject_before: Option<u64>,
+    fired: bool,
+}
+
+/// One running machine. [`MACHINE`] serialises its users (emulated config-space accessors and
+/// the MMIO trap).
 pub struct Machine {
-    pub qtest: Qtest,
-    /// What the firmware found in each populated slot.
+    pub lab: LabMachine,
+    /// What the firmware found in each populated slot (and pci_add_child placed later).
     pub functions: Vec<PciFunction>,
-    /// Guest RAM, mapped in this process too.
-    pub ram: SharedRam,
-    /// The controller's backing image (raw), for checking data a write put there.
+    /// The image of the controller plugged last (`run --qemu` checks its I/O there).
     pub image: PathBuf,
     /// Bump pointer of the contigmalloc pool (guest-physical). Freed memory is poisoned and
     /// kept, as malloc'd memory is (super::kern), so it is never handed out twice.
     pub next_free: u64,
-    /// The QMP connection (connected lazily by [`Machine::qmp`]: `device_del` for hotplug).
-    qmp_stream: Option<std::os::unix::net::UnixStream>,
-    qmp: Option<nvmehp_lab::qmp::QmpClient>,
-    _dir: tempfile::TempDir,
-    qemu: QemuProcess,
+    /// What reads of a removed function's BAR return.
+    pub removal_reads: RemovalReads,
+    /// Ejects per slot so far: a BAR window mapped before the last one is a removed function's.
+    ejects: BTreeMap<u8, u64>,
+    traps: BTreeMap<u8, Trap>,
 }
 
-// SAFETY: SharedRam is a mapping owned by the Machine for its whole life (not Send only because
-// it holds a raw pointer); every access from here goes through the MACHINE mutex or through
-// module code the emulation serialises.
+// SAFETY: the lab machine holds `Rc`s and `RefCell`s (its guest), which are not Send because
+// their counts are not atomic. kldhost runs the emulated kernel on one host thread: the machine
+// is created, used (also from the SIGSEGV handler, which runs on the faulting thread) and
+// dropped there; MACHINE only makes the access exclusive, no other thread ever takes it.
 unsafe impl Send for Machine {}
 
 pub static MACHINE: Mutex<Option<Machine>> = Mutex::new(None);
 
-/// Image size of the controller's namespace.
-pub const IMAGE_BYTES: u64 = 16 << 20;
+fn to_io(e: QtestError) -> io::Error {
+    io::Error::other(e.to_string())
+}
 
 impl Machine {
-    /// Starts QEMU (pc, 256 MiB of shared RAM, an NVMe controller in slot [`NVME_SLOT`] with a
-    /// 16 MiB zeroed namespace), does the firmware's part and returns the machine.
+    /// `run --qemu`'s machine: pc, 256 MiB of shared RAM, an NVMe controller in slot
+    /// [`NVME_SLOT`] with a 16 MiB zeroed namespace.
     pub fn start() -> io::Result<Machine> {
-        let dir = tempfile::Builder::new().prefix("kldhost-").tempdir()?;
-        let image = dir.path().join("nvme0n1.img");
-        std::fs::File::create(&image)?.set_len(IMAGE_BYTES)?;
-        let ram = SharedRam::create(u64::from(RAM_MIB) << 20)?;
-        let args = vec![
-            "-blockdev".to_string(),
-            format!("driver=file,filename={},node-name=img0", image.display()),
-            "-blockdev".to_string(),
-            "driver=raw,file=img0,node-name=nvm0".to_string(),
-            "-device".to_string(),
-            format!("nvme,id={NVME_ID},serial=KLDHOST0,drive=nvm0,bus=pci.0,addr=0x{NVME_SLOT:x}"),
-        ];
-        let (qemu, mut qtest, qmp) = QemuProcess::spawn(MachineKind::Pc, RAM_MIB, Some(&ram), &args)?;
-        let to_io = |e: nvmehp_lab::qtest::QtestError| io::Error::other(e.to_string());
-        firmware::init_pc(&mut qtest).map_err(to_io)?;
+        let spec = ControllerSpec { id: NVME_ID.into(), slot: NVME_SLOT, namespaces: vec![NamespaceSpec { nsid: 1, size_mib: (IMAGE_BYTES >> 20) as u32, lba: 512 }] };
+        Self::start_scenario(MachineKind::Pc, &[spec], &[5], RemovalReads::Zeros)
+    }
+
+    /// A scenario's machine: `cold` controllers present at power-on, `hot_slots` the slots
+    /// hot-adds will use; the firmware's boot scan programs each cold function's BAR0, leaving
+    /// bus mastering to the driver.
+    pub fn start_scenario(kind: MachineKind, cold: &[ControllerSpec], hot_slots: &[u8], removal_reads: RemovalReads) -> io::Result<Machine> {
+        let mut lab = LabMachine::start_with(kind, cold, hot_slots, RamAccess::Shared)?;
+        lab.set_removal_reads(removal_reads);
+        let found = lab.scan()?;
         let mut functions = Vec::new();
-        let bdf = Bdf::slot(NVME_SLOT);
-        if let Some(f) = firmware::probe_and_program(&mut qtest, bdf, firmware::bar0_for_slot(NVME_SLOT)).map_err(to_io)? {
-            // The firmware leaves bus mastering to the driver (pci_enable_busmaster).
-            let cmd = firmware::cfg_read16(&mut qtest, bdf, firmware::cfg::COMMAND).map_err(to_io)?;
-            firmware::cfg_write16(&mut qtest, bdf, firmware::cfg::COMMAND, cmd & !firmware::cfg::CMD_BUS_MASTER).map_err(to_io)?;
+        for (_, f) in found {
+            lab.guest().qtest(|q| clear_bus_master(q, f.bdf)).map_err(to_io)?;
             functions.push(f);
         }
-        Ok(Machine {
-            qtest,
-            functions,
-            ram,
-            image,
-            next_free: DMA_POOL_START,
-            qmp_stream: Some(qmp),
-            qmp: None,
-            _dir: dir,
-            qemu,
-        })
+        let image = cold.first().and_then(|c| lab.plugged(c.slot)).and_then(|d| d.images.first()).map(|i| i.path.clone()).unwrap_or_default();
+        Ok(Machine { lab, functions, image, next_free: DMA_POOL_START, removal_reads, ejects: BTreeMap::new(), traps: BTreeMap::new() })
+    }
+
+    /// Runs `f` with the qtest connection.
+    pub fn qtest<T>(&self, f: impl FnOnce(&mut Qtest) -> Result<T, QtestError>) -> Result<T, QtestError> {
+        self.lab.guest().qtest(f)
+    }
+
+    /// Guest RAM as this process maps it.
+    pub fn ram(&self) -> &SharedRam {
+        self.lab.guest().shared_ram().expect("kldhost machines share guest RAM")
     }
 
     /// The guest-physical address of `va` if it lies in guest RAM.
     pub fn phys_of(&self, va: u64) -> Option<u64> {
-        self.ram.gpa_of(va as *const u8, 1)
+        self.ram().gpa_of(va as *const u8, 1)
     }
 
     /// Allocates `size` bytes of guest RAM aligned to `align` within `[low, high]`
@@ -119,27 +142,117 @@ impl Machine {
         }
         let start = self.next_free.max(low).div_ceil(align) * align;
         let end = start.checked_add(size)?;
-        if end - 1 > high {
+        if end - 1 > high || end > BIO_POOL_START {
             return None;
         }
-        let p = self.ram.host_ptr(start, size).ok()?.as_ptr();
+        let p = self.ram().host_ptr(start, size).ok()?.as_ptr();
         self.next_free = end.div_ceil(4096) * 4096;
         Some(p)
     }
 
-    /// The QMP client (handshake on first use).
-    pub fn qmp(&mut self) -> io::Result<&mut nvmehp_lab::qmp::QmpClient> {
-        if self.qmp.is_none() {
-            let s = self.qmp_stream.take().ok_or_else(|| io::Error::other("QMP: no connection"))?;
-            self.qmp = Some(nvmehp_lab::qmp::QmpClient::new(s)?);
+    /// QMP `device_del` of the controller in `slot`: QEMU sets PCID and raises the GPE.
+    pub fn request_unplug(&mut self, slot: u8) -> io::Result<()> {
+        self.lab.request_unplug(slot)
+    }
+
+    /// QMP `blockdev-add` + `device_add` of a controller (fresh zeroed images); QEMU sets PCIU
+    /// and raises the GPE. Its image becomes [`Machine::image`].
+    pub fn hot_add(&mut self, spec: &ControllerSpec) -> io::Result<()> {
+        self.lab.hot_add(spec)?;
+        self.traps.insert(spec.slot, Trap::default());
+        if let Some(i) = self.lab.plugged(spec.slot).and_then(|d| d.images.first()) {
+            self.image = i.path.clone();
         }
-        Ok(self.qmp.as_mut().expect("just set"))
+        Ok(())
+    }
+
+    /// The PCEJ write of `slot` (`_EJ0`'s body; a surprise removal when no `device_del` came
+    /// first): QEMU removes the function at once.
+    pub fn eject(&mut self, slot: u8) -> io::Result<()> {
+        let r = self.lab.eject(slot);
+        *self.ejects.entry(slot).or_default() += 1;
+        self.functions.retain(|f| f.bdf != Bdf::slot(slot));
+        r
+    }
+
+    /// Waits up to `wait` for QEMU to finish deleting ejected devices; true if none is left.
+    pub fn reap(&mut self, wait: std::time::Duration) -> bool {
+        self.lab.reap(wait).is_ok_and(|n| n == 0)
+    }
+
+    /// Waits up to `wait` for QEMU's `DEVICE_DELETED` of the controller `id` (the scenario id
+    /// it was plugged with); true once QEMU deleted it. Other devices still being deleted do
+    /// not count: QEMU may never finish one ejected with requests in its backend.
+    pub fn deleted(&mut self, id: &str, wait: std::time::Duration) -> bool {
+        let _ = self.lab.reap(wait);
+        !self.lab.retiring().iter().any(|d| d.id == id) && self.lab.plugged_by_id(id).is_none()
+    }
+
+    /// The slot whose function's BAR0 is at `phys` (the lab's firmware places one per slot).
+    pub fn slot_of_bar(&self, phys: u64) -> Option<u8> {
+        (0..32u8).find(|&s| firmware::bar0_for_slot(s) == phys)
+    }
+
+    /// Ejects of `slot` so far.
+    pub fn ejects(&self, slot: u8) -> u64 {
+        self.ejects.get(&slot).copied().unwrap_or(0)
+    }
+
+    /// One BAR access of the function in `slot` through a window mapped after `ejects_at_map`
+    /// ejects. Counts it, performs a removal armed for it, and says whether the function is
+    /// gone (the access must then not reach QEMU).
+    pub fn bar_access(&mut self, slot: u8, ejects_at_map: u64) -> bool {
+        if self.ejects(slot) != ejects_at_map {
+            return true;
+        }
+        let t = self.traps.entry(slot).or_default();
+        let n = t.accesses;
+        t.accesses += 1;
+        if t.eject_before == Some(n) && !t.fired {
+            t.fired = true;
+            t.eject_before = None;
+            let _ = self.eject(slot);
+            return true;
+        }
+        false
+    }
+
+    /// Arms a surprise removal of `slot` right before BAR access `n` (0-based) of the function
+    /// plugged there next.
+    pub fn arm_removal(&mut self, slot: u8, n: u64) {
+        self.traps.insert(slot, Trap { accesses: 0, eject_before: Some(n), fired: false });
+    }
+
+    /// BAR accesses made to the function in `slot`, and whether its armed removal fired.
+    pub fn trap_state(&self, slot: u8) -> (u64, bool) {
+        self.traps.get(&slot).map_or((0, false), |t| (t.accesses, t.fired))
+    }
+
+    /// True while config space of `slot` answers.
+    pub fn slot_present(&mut self, slot: u8) -> bool {
+        self.lab.slot_present(slot).unwrap_or(false)
     }
 
     /// QEMU's stderr so far (for error messages).
     pub fn qemu_stderr(&self) -> String {
-        self.qemu.stderr_text()
+        self.lab.process().stderr_text()
     }
+}
+
+fn clear_bus_master(q: &mut Qtest, bdf: Bdf) -> Result<(), QtestError> {
+    let cmd = firmware::cfg_read16(q, bdf, firmware::cfg::COMMAND)?;
+    firmware::cfg_write16(q, bdf, firmware::cfg::COMMAND, cmd & !firmware::cfg::CMD_BUS_MASTER)
+}
+
+/// The firmware's part for a function pci_add_child adds: BAR0 placed for its slot as
+/// pci_add_resources would reserve it, memory decode on, bus mastering left to the driver.
+pub fn program_function(bdf: Bdf) -> Option<PciFunction> {
+    with_machine(|m| {
+        let f = m.qtest(|q| firmware::probe_and_program(q, bdf, firmware::bar0_for_slot(bdf.dev))).ok().flatten()?;
+        m.qtest(|q| clear_bus_master(q, bdf)).ok()?;
+        m.functions.push(f);
+        Some(f)
+    })
 }
 
 /// Runs `f` on the machine. Panics (an emulation bug, not the module's) when there is none.
@@ -153,11 +266,15 @@ pub fn has_machine() -> bool {
     MACHINE.lock().unwrap_or_else(|p| p.into_inner()).is_some()
 }
 
-/// Starts the machine for this process's emulated kernel.
+/// Starts `run --qemu`'s machine for this process's emulated kernel.
 pub fn start() -> io::Result<()> {
-    let m = Machine::start()?;
-    *MACHINE.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
+    install(Machine::start()?);
     Ok(())
+}
+
+/// Makes `m` the machine of this process's emulated kernel.
+pub fn install(m: Machine) {
+    *MACHINE.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
 }
 
 /// Stops QEMU and unmaps guest RAM.
@@ -169,12 +286,11 @@ pub fn stop() {
 /// A config-space read of `bdf` (width 1, 2 or 4) through qtest; all-ones if QEMU is gone.
 pub fn cfg_read(bdf: Bdf, reg: u16, width: i32) -> u32 {
     with_machine(|m| {
-        let q = &mut m.qtest;
-        let r = match width {
+        let r = m.qtest(|q| match width {
             1 => firmware::cfg_read8(q, bdf, reg).map(u32::from),
             2 => firmware::cfg_read16(q, bdf, reg).map(u32::from),
             _ => firmware::cfg_read32(q, bdf, reg),
-        };
+        });
         r.unwrap_or(u32::MAX)
     })
 }
@@ -182,11 +298,10 @@ pub fn cfg_read(bdf: Bdf, reg: u16, width: i32) -> u32 {
 /// A config-space write of `bdf` through qtest.
 pub fn cfg_write(bdf: Bdf, reg: u16, val: u32, width: i32) {
     with_machine(|m| {
-        let q = &mut m.qtest;
-        let _ = match width {
+        let _ = m.qtest(|q| match width {
             1 => firmware::cfg_write8(q, bdf, reg, val as u8),
             2 => firmware::cfg_write16(q, bdf, reg, val as u16),
             _ => firmware::cfg_write32(q, bdf, reg, val),
-        };
+        });
     })
 }

@@ -36,6 +36,9 @@ struct Window {
     len: u64,
     phys: u64,
     name: String,
+    /// The slot of the function whose BAR this is, and its ejects when the window was mapped
+    /// (a later eject means the function is gone: see [`super::machine::Machine::bar_access`]).
+    slot: Option<(u8, u64)>,
 }
 
 static WINDOWS: Mutex<Vec<Window>> = Mutex::new(Vec::new());
@@ -50,7 +53,8 @@ pub fn map_bar(phys: u64, len: u64, name: &str) -> u64 {
     };
     assert!(p != libc::MAP_FAILED, "kldhost: cannot reserve a BAR window");
     let base = p as u64;
-    WINDOWS.lock().unwrap_or_else(|e| e.into_inner()).push(Window { base, len, phys, name: name.to_string() });
+    let slot = super::machine::has_machine().then(|| super::machine::with_machine(|m| m.slot_of_bar(phys).map(|s| (s, m.ejects(s))))).flatten();
+    WINDOWS.lock().unwrap_or_else(|e| e.into_inner()).push(Window { base, len, phys, name: name.to_string(), slot });
     base
 }
 
@@ -180,16 +184,33 @@ extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, ctx: *mut c_void) {
     };
     let Some(m) = g.as_mut() else { die("register access with no machine") };
     let r = greg(a.reg);
-    if a.store {
+    // A function removed since the window was mapped: reads complete with what the machine's
+    // removal_reads says, writes go nowhere (see super::machine).
+    let gone = win.slot.is_some_and(|(s, at)| m.bar_access(s, at));
+    if gone {
+        let ones = m.removal_reads == nvmehp_lab::access_faults::RemovalReads::AllOnes;
+        drop(g);
+        if a.store {
+            log(format!("bus_write_{}({} + {off:#x}): the function is gone, dropped", a.width, win.name));
+        } else {
+            let v = match (ones, a.width) {
+                (false, _) => 0,
+                (true, 8) => u64::MAX,
+                (true, _) => u64::from(u32::MAX),
+            };
+            uc.uc_mcontext.gregs[r] = v as i64;
+            log(format!("bus_read_{}({} + {off:#x}) = {v:#x} (the function is gone)", a.width, win.name));
+        }
+    } else if a.store {
         let v = a.imm.unwrap_or(uc.uc_mcontext.gregs[r] as u64);
-        let res = if a.width == 8 { m.qtest.writeq(phys, v) } else { m.qtest.writel(phys, v as u32) };
+        let res = m.qtest(|q| if a.width == 8 { q.writeq(phys, v) } else { q.writel(phys, v as u32) });
         drop(g);
         if let Err(e) = res {
             die(&format!("qtest write of {} + {off:#x}: {e}", win.name));
         }
         log(format!("bus_write_{}({} + {off:#x}, {v:#x})", a.width, win.name));
     } else {
-        let res = if a.width == 8 { m.qtest.readq(phys) } else { m.qtest.readl(phys).map(u64::from) };
+        let res = m.qtest(|q| if a.width == 8 { q.readq(phys) } else { q.readl(phys).map(u64::from) });
         drop(g);
         let v = match res {
             Ok(v) => v,

@@ -10,7 +10,9 @@
 //! [`acpi`]), whose taskqueue threads run only when [`run`] lets them, and whose callouts
 //! and timeout tasks never fire during a run. Without `--qemu` it has no PCI bus; with it,
 //! QEMU's pc machine with one NVMe controller ([`machine`]) behind an emulated `pci0`
-//! ([`newbus`], [`pci`]), its registers reached through trapped loads and stores ([`mmio`]),
+//! ([`newbus`], [`pci`], with pci(4)'s MSI tunables [`pci_tunables`] and the INTx line
+//! delivered to the driver's ithread [`intx`]), its registers reached through trapped loads
+//! and stores ([`mmio`]),
 //! its DMA memory in shared guest RAM ([`dma`], [`busdma`]), bio queues ([`bioq`]), and disk(9) ([`geom`]) and run-time
 //! sysctl(9) contexts ([`sysctl`]) recorded.
 //! A kernel panic ends the process with [`PANIC_EXIT`], as a panic ends the kernel; so does a
@@ -23,12 +25,14 @@ pub mod busdma;
 pub mod devfs;
 pub mod dma;
 pub mod geom;
+pub mod intx;
 pub mod kern;
 pub mod machine;
 pub mod mmio;
 pub mod newbus;
 pub mod pci;
 pub mod rules;
+pub mod pci_tunables;
 pub mod run;
 pub mod sched;
 pub mod sysctl;

@@ -886,14 +886,7 @@ extern "C" fn emu_pci_add_child(bus: *mut c_void, dinfo: *mut c_void) {
     };
     // SAFETY: the Box emu_pci_read_device leaked for this devinfo, taken over here once.
     drop(unsafe { Box::from_raw(dinfo.cast::<[u64; 8]>()) });
-    let f = super::machine::with_machine(|m| {
-        use nvmehp_lab::firmware;
-        let f = firmware::probe_and_program(&mut m.qtest, bdf, firmware::bar0_for_slot(bdf.dev)).ok().flatten()?;
-        let cmd = firmware::cfg_read16(&mut m.qtest, bdf, firmware::cfg::COMMAND).ok()?;
-        firmware::cfg_write16(&mut m.qtest, bdf, firmware::cfg::COMMAND, cmd & !firmware::cfg::CMD_BUS_MASTER).ok()?;
-        m.functions.push(f);
-        Some(f)
-    });
+    let f = super::machine::program_function(bdf);
     let Some(f) = f else {
         log(format!("pci_add_child(pci0, {:02x}:{:02x}.{}): not an NVMe function this machine places; no child", bdf.bus, bdf.dev, bdf.func));
         return;

@@ -16,7 +16,13 @@
 //!   mailbox below the DMA pool) and data k, and unmasks it. The interrupt thread is
 //!   [`run_interrupts`]: a non-zero mailbox word is cleared and the handler runs (filter first,
 //!   if any). It runs when the module sleeps (pause_sbt, DELAY) and when taskqueue threads
-//!   run. INTx (rid 0) can be allocated and set up but never fires.
+//!   run.
+//! - pci(4)'s tunables `hw.pci.enable_msix`/`hw.pci.enable_msi` (super::pci_tunables): 0 makes
+//!   the counts 0, the table/PBA BARs -1 and the allocations ENODEV, as in pci.c.
+//! - INTx (rid 0): allocated as pci.c does (refused once MSI-X vectors are allocated, and
+//!   MSI-X refused while it is), routed to the function's GSI (super::intx::assign);
+//!   `bus_setup_intr` clears the command register's INTx Disable bit (pci_setup_intr) and the
+//!   handler runs while the line is high (super::intx, level-triggered).
 //! - BUS_CHILD_DETACHED is pci_child_detached: a driver that detached with memory or IRQ
 //!   resources or MSI vectors still allocated gets pci(4)'s "Device leaked ..." message, and
 //!   here a finding; the vectors are released as pci(4) does.
@@ -31,6 +37,12 @@ use std::ffi::{c_int, c_void};
 
 /// Guest-physical base of the MSI-X mailboxes (4 bytes per vector), below the DMA pool.
 pub const MSIX_MAILBOX: u64 = 0x10_0000;
+
+/// The mailbox of MSI-X vector `rid - 1` of the function at `bdf`: one 1 KiB block per slot
+/// from [`MSIX_MAILBOX`], so the messages of several controllers never share a word.
+pub fn mailbox(bdf: Bdf, rid: c_int) -> u64 {
+    MSIX_MAILBOX + 0x400 * u64::from(bdf.dev) + 4 * rid as u64
+}
 /// PCI capability ids and registers used here (PCI Local Bus 3.0, sys/dev/pci/pcireg.h).
 const PCIY_MSIX: u8 = 0x11;
 const PCIY_MSI: u8 = 0x05;
@@ -38,6 +50,7 @@ const PCIR_COMMAND: u16 = 0x04;
 const PCIM_CMD_BUSMASTEREN: u32 = 0x4;
 const PCIM_MSIXCTRL_ENABLE: u32 = 0x8000;
 const PCIM_MSIXCTRL_FUNCTION_MASK: u32 = 0x4000;
+const PCIM_CMD_INTXDIS: u32 = 0x400;
 
 /// A BAR of a pci child: its rid (config offset), physical address and size.
 #[derive(Clone, Debug)]
@@ -229,20 +242,39 @@ extern "C" fn pci_disable_busmaster_m(_dev: *mut c_void, child: *mut c_void) -> 
     set_busmaster(child, false)
 }
 
-extern "C" fn pci_msix_count_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
-    child_of(child).msix.map_or(0, |m| m.count as c_int)
+/// The MSI-X capability as pci(4) offers it: none with `hw.pci.enable_msix=0` (pci.c's
+/// `pci_do_msix` test in the count, table-BAR and PBA-BAR methods).
+fn offered_msix(child: *mut c_void) -> Option<Msix> {
+    child_of(child).msix.filter(|_| super::pci_tunables::msix_enabled())
 }
 
+extern "C" fn pci_msix_count_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
+    let n = offered_msix(child).map_or(0, |m| m.count as c_int);
+    let off = if super::pci_tunables::msix_enabled() { "" } else { " (hw.pci.enable_msix=0)" };
+    log(format!("pci_msix_count({}) = {n}{off}", newbus::nameunit(child as u64)));
+    n
+}
+
+/// 0 with `hw.pci.enable_msi=0` (pci.c pci_msi_count_method tests `pci_do_msi`).
 extern "C" fn pci_msi_count_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
-    child_of(child).msi as c_int
+    let n = if super::pci_tunables::msi_enabled() { child_of(child).msi as c_int } else { 0 };
+    let off = if super::pci_tunables::msi_enabled() { "" } else { " (hw.pci.enable_msi=0)" };
+    log(format!("pci_msi_count({}) = {n}{off}", newbus::nameunit(child as u64)));
+    n
 }
 
 extern "C" fn pci_msix_table_bar_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
-    child_of(child).msix.map_or(-1, |m| m.table_rid)
+    offered_msix(child).map_or(-1, |m| m.table_rid)
 }
 
 extern "C" fn pci_msix_pba_bar_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
-    child_of(child).msix.map_or(-1, |m| m.pba_rid)
+    offered_msix(child).map_or(-1, |m| m.pba_rid)
+}
+
+/// Whether `child`'s legacy IRQ (rid 0) is allocated: pci.c's alloc methods then refuse
+/// messages with ENXIO ("If rid 0 is allocated, then fail").
+fn intx_allocated(child: *mut c_void) -> bool {
+    with(|e| e.pci.resources.values().any(|r| r.dev == child as u64 && r.kind == layouts::SYS_RES_IRQ && r.rid == 0))
 }
 
 /// Writes MSI-X table entry `i` of `c` (address, data, vector control) through qtest.
@@ -251,11 +283,12 @@ fn msix_entry(c: &PciChild, i: u32, addr: u64, data: u32, masked: bool) {
     let Some(bar) = c.bars.iter().find(|b| b.rid == m.table_rid) else { return };
     let at = bar.phys + m.table_off + 16 * u64::from(i);
     machine::with_machine(|mc| {
-        let q = &mut mc.qtest;
-        let _ = q.writel(at, addr as u32);
-        let _ = q.writel(at + 4, (addr >> 32) as u32);
-        let _ = q.writel(at + 8, data);
-        let _ = q.writel(at + 12, u32::from(masked));
+        let _ = mc.qtest(|q| {
+            q.writel(at, addr as u32)?;
+            q.writel(at + 4, (addr >> 32) as u32)?;
+            q.writel(at + 8, data)?;
+            q.writel(at + 12, u32::from(masked))
+        });
     });
 }
 
@@ -263,8 +296,17 @@ extern "C" fn pci_alloc_msix_m(_dev: *mut c_void, child: *mut c_void, count: *mu
     let c = child_of(child);
     // SAFETY: the caller's int.
     let want = unsafe { *count };
-    let Some(m) = c.msix.clone() else { return layouts::ENODEV };
-    if m.allocated > 0 || want < 1 {
+    // pci.c pci_alloc_msix_method's order: rid 0 allocated, messages already allocated
+    // (ENXIO), then no capability or `hw.pci.enable_msix=0` (ENODEV).
+    if intx_allocated(child) || c.msix.as_ref().is_some_and(|m| m.allocated > 0) {
+        log(format!("pci_alloc_msix({}, {want}) = ENXIO", newbus::nameunit(child as u64)));
+        return layouts::ENXIO;
+    }
+    let Some(m) = c.msix.clone().filter(|_| super::pci_tunables::msix_enabled()) else {
+        log(format!("pci_alloc_msix({}, {want}) = ENODEV{}", newbus::nameunit(child as u64), if c.msix.is_some() { " (hw.pci.enable_msix=0)" } else { "" }));
+        return layouts::ENODEV;
+    };
+    if want < 1 {
         return layouts::ENXIO;
     }
     let n = (want as u32).min(m.count);
@@ -281,9 +323,20 @@ extern "C" fn pci_alloc_msix_m(_dev: *mut c_void, child: *mut c_void, count: *mu
 }
 
 /// MSI allocation is not emulated: QEMU's NVMe model has MSI-X only, so the module never
-/// gets here on this machine; a function with MSI would be refused, never half-served.
+/// gets here on this machine; a function with MSI would be refused, never half-served. The
+/// refusals pci.c makes before allocating are made (ENXIO with rid 0 allocated, ENODEV
+/// without the capability or with `hw.pci.enable_msi=0`).
 extern "C" fn pci_alloc_msi_m(_dev: *mut c_void, child: *mut c_void, _count: *mut c_int) -> c_int {
-    log(format!("pci_alloc_msi({}) = ENXIO (not emulated)", newbus::nameunit(child as u64)));
+    let name = newbus::nameunit(child as u64);
+    if intx_allocated(child) {
+        log(format!("pci_alloc_msi({name}) = ENXIO"));
+        return layouts::ENXIO;
+    }
+    if child_of(child).msi == 0 || !super::pci_tunables::msi_enabled() {
+        log(format!("pci_alloc_msi({name}) = ENODEV"));
+        return layouts::ENODEV;
+    }
+    log(format!("pci_alloc_msi({name}) = ENXIO (not emulated)"));
     layouts::ENXIO
 }
 
@@ -389,6 +442,19 @@ extern "C" fn emu_bus_alloc_resource(dev: *mut c_void, kind: c_int, rid: *mut c_
                 log(format!("bus_alloc_resource({name}, SYS_RES_IRQ, rid {r}) = NULL"));
                 return std::ptr::null_mut();
             }
+            if r == 0 {
+                // pci.c pci_alloc_multi_resource: no legacy interrupt once messages are
+                // allocated; else the pin is routed (pci_assign_interrupt), or there is none.
+                if vectors > 0 {
+                    log(format!("bus_alloc_resource({name}, SYS_RES_IRQ, rid 0) = NULL (MSI-X vectors allocated)"));
+                    return std::ptr::null_mut();
+                }
+                let Some(gsi) = super::intx::assign(c.bdf) else {
+                    log(format!("bus_alloc_resource({name}, SYS_RES_IRQ, rid 0) = NULL (no INTx pin routed)"));
+                    return std::ptr::null_mut();
+                };
+                log(format!("pci_assign_interrupt({name}): INTx pin routed to GSI {gsi}"));
+            }
             res.r_bushandle = r as u64;
             (1, 0)
         }
@@ -449,13 +515,26 @@ extern "C" fn emu_bus_setup_intr(dev: *mut c_void, r: *mut layouts::resource, fl
     }
     let cookie = Box::into_raw(Box::new(0u64)) as u64;
     with(|e| e.pci.intrs.insert(cookie, Intr { dev: dev as u64, res: r as u64, rid, filter, handler, arg }));
-    if rid > 0 {
-        let c = child_of(dev);
-        msix_entry(&c, rid as u32 - 1, MSIX_MAILBOX + 4 * rid as u64, rid as u32, false);
-    }
+    let c = child_of(dev);
+    let how = if rid > 0 {
+        msix_entry(&c, rid as u32 - 1, mailbox(c.bdf, rid), rid as u32, false);
+        "MSI-X to a guest-RAM mailbox".to_string()
+    } else {
+        // pci_setup_intr: "Make sure that INTx is enabled" (the command register's bit).
+        let cmd = cfg_read(c.bdf, PCIR_COMMAND, 2);
+        if cmd & PCIM_CMD_INTXDIS != 0 {
+            cfg_write(c.bdf, PCIR_COMMAND, cmd & !PCIM_CMD_INTXDIS, 2);
+        }
+        let gsi = super::intx::gsi_of(c.bdf).map_or("?".to_string(), |g| g.to_string());
+        if super::intx::delivered() {
+            format!("INTx on GSI {gsi}, level-triggered")
+        } else {
+            format!("INTx on GSI {gsi}: never delivered (--intx-undelivered)")
+        }
+    };
     // SAFETY: the caller's cookie pointer.
     unsafe { *cookiep = cookie as *mut c_void };
-    log(format!("bus_setup_intr({}, irq rid {rid}, flags {flags:#x}) = 0 ({})", newbus::nameunit(dev as u64), if rid > 0 { "MSI-X to a guest-RAM mailbox" } else { "INTx: never fires here" }));
+    log(format!("bus_setup_intr({}, irq rid {rid}, flags {flags:#x}) = 0 ({how})", newbus::nameunit(dev as u64)));
     0
 }
 
@@ -482,10 +561,12 @@ pub fn run_interrupts() -> usize {
         return 0;
     }
     let intrs: Vec<(u64, c_int, u64, u64, u64)> = with(|e| e.pci.intrs.values().filter(|i| i.rid > 0).map(|i| (i.dev, i.rid, i.filter, i.handler, i.arg)).collect());
+    let bdf_of = |dev: u64| with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.as_ref()).map(|p| p.bdf));
     let mut n = 0;
     for (dev, rid, filter, handler, arg) in intrs {
         // Read and cleared in one atomic swap: a message QEMU writes meanwhile is not lost.
-        let fired = machine::with_machine(|m| m.ram.swap_u32(MSIX_MAILBOX + 4 * rid as u64, 0).is_ok_and(|v| v != 0));
+        let Some(bdf) = bdf_of(dev) else { continue };
+        let fired = machine::with_machine(|m| m.ram().swap_u32(mailbox(bdf, rid), 0).is_ok_and(|v| v != 0));
         if !fired {
             continue;
         }

@@ -259,6 +259,10 @@ pub struct Options {
     /// After MOD_LOAD, a process reads every node that has a d_read, each on its own thread,
     /// and stays inside until d_read returns ([`super::devfs::park_readers`]).
     pub park_readers: bool,
+    /// With `qemu`: INTx lines are never delivered to their handlers (a negative control for
+    /// a driver on INTx, e.g. with [`super::pci_tunables::INTX_ONLY_TUNABLES`]: only its own
+    /// polling can complete its I/O).
+    pub intx_undelivered: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -325,7 +329,7 @@ fn in_slot(slot: u8) -> bool {
 /// awaited (2 s).
 fn eject_request(report: &mut Report, slot: u8, id: &str) {
     use super::machine::with_machine;
-    let r = with_machine(|m| m.qmp().and_then(|q| q.device_del(id)));
+    let r = with_machine(|m| m.request_unplug(slot));
     log(format!("QMP device_del {id}: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
     if r.is_err() {
         return;
@@ -340,7 +344,7 @@ fn eject_request(report: &mut Report, slot: u8, id: &str) {
     }
     let gone = !in_slot(slot);
     log(format!("after the eject request: device {slot}.0 {}", if gone { "deleted from pci0" } else { "still on pci0" }));
-    let deleted = with_machine(|m| m.qmp().and_then(|q| q.wait_deleted(id, std::time::Duration::from_secs(2)))).unwrap_or(false);
+    let deleted = with_machine(|m| m.deleted(id, std::time::Duration::from_secs(2)) && !m.slot_present(slot));
     log(format!("QMP: DEVICE_DELETED {id}: {}", if deleted { "received" } else { "not received" }));
     report.ejected = gone && deleted;
 }
@@ -378,8 +382,7 @@ fn surprise_removal(report: &mut Report, slot: u8, id: &str, in_flight: usize) {
             Err(e) => return report.io.push(e),
         }
     }
-    let mut hp = nvmehp_lab::acpi_hotplug::AcpiHotplug::new(nvmehp_lab::acpi_hotplug::HotplugLayout::pc());
-    let r = with_machine(|m| hp.eject(&mut m.qtest, slot));
+    let r = with_machine(|m| m.eject(slot).map_err(|e| e.to_string()));
     log(format!("surprise removal: PCEJ bit {slot} written with no device_del: {r:?}"));
     let mut steps = 0;
     while in_slot(slot) && steps < 30 {
@@ -396,7 +399,7 @@ fn surprise_removal(report: &mut Report, slot: u8, id: &str, in_flight: usize) {
     let gone = !in_slot(slot);
     log(format!("after the surprise removal: device {slot}.0 {} after {steps} callout periods", if gone { "deleted from pci0" } else { "still on pci0" }));
     report.surprise_detected = gone;
-    let deleted = with_machine(|m| m.qmp().and_then(|q| q.wait_deleted(id, std::time::Duration::from_millis(500)))).unwrap_or(false);
+    let deleted = with_machine(|m| m.deleted(id, std::time::Duration::from_millis(500)));
     log(format!("QMP: DEVICE_DELETED {id}: {}", if deleted { "received" } else { "not received within 0.5 s (not required)" }));
     if let Some((bios, disk, image)) = sent {
         let errors = super::geom::finish_burst(bios, std::time::Duration::from_secs(10));
@@ -419,66 +422,24 @@ fn surprise_removal(report: &mut Report, slot: u8, id: &str, in_flight: usize) {
     }
 }
 
-/// Zeroes the test I/O's range in the controller's backing file (QEMU's raw driver reads it
-/// back through the host page cache, so the zeroes are what the device sees next).
-fn zero_io_range(image: &std::path::Path) {
-    use std::io::{Seek, SeekFrom, Write};
-    let r = std::fs::OpenOptions::new().write(true).open(image).and_then(|mut f| {
-        f.seek(SeekFrom::Start(IO_OFFSET as u64))?;
-        f.write_all(&[0u8; IO_BYTES])?;
-        f.sync_data()
-    });
-    log(format!("backing file {} at {IO_OFFSET}: zeroed before the hot-added controller's I/O ({r:?})", image.display()));
-}
-
-/// The namespace a hot-added controller gets.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Drive {
-    /// The first controller's image (QEMU drive `nvm0`): free only once that controller was
-    /// deleted (ejected), and its test range is zeroed first, so that only the new
-    /// controller's write can put the data back.
-    First,
-    /// A new zeroed image file of [`super::machine::IMAGE_BYTES`] (QMP `blockdev-add` as
-    /// drive `nvm<n>`), next to the first: usable whatever became of the first controller
-    /// (after a surprise removal with writes in flight QEMU may keep it, and its drive).
-    New(u8),
-}
-
-/// QMP `device_add` of controller `id` into `slot` on `drive`, then the SCI's work and the
-/// module's tasks until a function in that slot is attached (at most 5 s). On success the
-/// new disk (the created one that was not there before) becomes the I/O steps' target.
-fn hot_add(report: &mut Report, slot: u8, id: &str, drive: &Drive) {
+/// QMP `blockdev-add` of a new zeroed image and `device_add` of controller `id` into `slot`
+/// (the lab's plug), then the SCI's work and the module's tasks until a function in that slot
+/// is attached (at most 5 s). On success the new disk (the created one that was not there
+/// before) becomes the I/O steps' target, on the new image: only the new controller's write
+/// can put the data there.
+fn hot_add(report: &mut Report, slot: u8, id: &str) {
     use super::machine::with_machine;
     report.target = None;
-    let first_image = with_machine(|m| m.image.clone());
-    let (node, image) = match drive {
-        Drive::First => {
-            if !report.ejected {
-                log(format!("hot-add of {id}: skipped, drive nvm0 is still the first controller's (not ejected)"));
-                return;
-            }
-            ("nvm0".to_string(), first_image)
-        }
-        Drive::New(n) => {
-            let image = first_image.with_file_name(format!("nvme{n}n1.img"));
-            let r = std::fs::File::create(&image)
-                .and_then(|f| f.set_len(super::machine::IMAGE_BYTES))
-                .and_then(|_| with_machine(|m| m.qmp().and_then(|q| q.blockdev_add_raw(&image.display().to_string(), &format!("img{n}"), &format!("nvm{n}")))));
-            log(format!("QMP blockdev-add nvm{n} on {} ({} bytes of zeroes): {}", image.display(), super::machine::IMAGE_BYTES, r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
-            if r.is_err() {
-                return;
-            }
-            (format!("nvm{n}"), image)
-        }
-    };
     let before = created_disks();
-    let props = [
-        ("drive", serde_json::Value::from(node.as_str())),
-        // The serial carries the id's number, as KLDHOST0 is nvme0's.
-        ("serial", serde_json::Value::from(format!("KLDHOST{}", id.trim_start_matches(|c: char| !c.is_ascii_digit())))),
-        ("addr", serde_json::Value::from(format!("0x{slot:x}"))),
-    ];
-    let r = with_machine(|m| m.qmp().and_then(|q| q.device_add("nvme", id, "pci.0", &props)));
+    let spec = nvmehp_lab::scenario::ControllerSpec {
+        id: id.to_string(),
+        slot,
+        namespaces: vec![nvmehp_lab::scenario::NamespaceSpec { nsid: 1, size_mib: (super::machine::IMAGE_BYTES >> 20) as u32, lba: 512 }],
+    };
+    // The lab's plug: a new zeroed image (QMP blockdev-add), then device_add.
+    let r = with_machine(|m| m.hot_add(&spec));
+    let image = with_machine(|m| m.image.clone());
+    log(format!("QMP blockdev-add of {} ({} bytes of zeroes)", image.display(), super::machine::IMAGE_BYTES));
     log(format!("QMP device_add {id} at slot {slot}: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
     if r.is_err() {
         return;
@@ -502,9 +463,6 @@ fn hot_add(report: &mut Report, slot: u8, id: &str, drive: &Drive) {
     if !ok {
         return;
     }
-    if *drive == Drive::First {
-        zero_io_range(&image);
-    }
     report.target = report.disks_attached.iter().find(|d| !before.contains(d)).map(|disk| Target { disk: disk.clone(), image });
 }
 
@@ -526,7 +484,7 @@ pub enum Step {
     Surprise { slot: u8, id: String, in_flight: usize },
     /// QMP `device_add` of controller `id` into `slot` (`Notify(Sxx_, 1)`), expected to be
     /// rescanned and attached; its disk becomes the I/O target.
-    HotAdd { slot: u8, id: String, drive: Drive },
+    HotAdd { slot: u8, id: String },
     /// devctl(8) detach of every attached function.
     Detach,
 }
@@ -572,8 +530,8 @@ impl Step {
                     && report.in_flight_lost == 0;
                 report.surprise_detected && ended
             }
-            Step::HotAdd { slot, id, drive } => {
-                hot_add(report, *slot, id, drive);
+            Step::HotAdd { slot, id } => {
+                hot_add(report, *slot, id);
                 report.hot_added && report.target.is_some()
             }
             Step::Detach => {
@@ -618,7 +576,7 @@ impl Options {
             steps.push(Step::Surprise { slot: NVME_SLOT, id: NVME_ID.to_string(), in_flight: self.in_flight });
         }
         if self.eject && self.hot_add {
-            steps.push(Step::HotAdd { slot: HOT_ADD_SLOT, id: "nvme1".to_string(), drive: Drive::First });
+            steps.push(Step::HotAdd { slot: HOT_ADD_SLOT, id: "nvme1".to_string() });
             steps.push(Step::Io);
         }
         steps.push(Step::Detach);
@@ -660,6 +618,9 @@ pub fn run(ko: &LoadedKo, opts: &Options) -> Result<Report, LoadError> {
 pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Report)) -> Result<Report, LoadError> {
     // A fault in the module's code is the kernel's fatal trap, not a crash of this process.
     super::trap::install(ko.base(), ko.module_size);
+    // Boot: pci(4) reads its tunables from the kernel environment before any module loads.
+    super::pci_tunables::load(&opts.tunables);
+    super::intx::set_delivered(!opts.intx_undelivered);
     if opts.qemu {
         super::machine::start().map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
@@ -902,7 +863,7 @@ mod tests {
     #[test]
     fn the_flags_plan_keeps_the_order_kldhost_run_always_had() {
         let eject = Step::Eject { slot: 4, id: "nvme0".to_string() };
-        let hot_add = Step::HotAdd { slot: 5, id: "nvme1".to_string(), drive: Drive::First };
+        let hot_add = Step::HotAdd { slot: 5, id: "nvme1".to_string() };
         let opts = Options { qemu: true, acpi: true, burst: 3, eject: true, hot_add: true, ..Options::default() };
         assert_eq!(
             opts.effective_plan(),

@@ -447,14 +447,15 @@ thread_local! {
 
 /// The kernel's own threads get to run (the caller sleeps, or taskqueue threads run): GEOM's
 /// event thread (d_gone), devfs's destroy thread (destroy_dev_sched_cb) and interrupt
-/// threads (MSI-X vectors that fired). Not re-entered from code those threads run.
+/// threads (MSI-X vectors that fired; INTx lines that are high, super::intx). Not re-entered
+/// from code those threads run.
 pub fn run_kernel_threads() -> usize {
     if IN_KERNEL_THREADS.with(|c| c.replace(true)) {
         return 0;
     }
     let mut n = 0;
     loop {
-        let ran = super::pci::run_interrupts() + super::geom::run_events() + super::devfs::run_deferred();
+        let ran = super::pci::run_interrupts() + super::intx::run_lines() + super::geom::run_events() + super::devfs::run_deferred();
         if ran == 0 {
             break;
         }
