@@ -1,11 +1,12 @@
 //! `nvmehp-lab`: run scenarios against QEMU, show the demo, measure hotplug cycles.
 //!
 //! ```text
-//! nvmehp-lab run SCENARIO.toml [--json REPORT.json] [-v] [--seed N]
+//! nvmehp-lab run SCENARIO.toml [--json REPORT.json] [-v] [--seed N] [--driver engine|kld]
 //! nvmehp-lab demo
 //! nvmehp-lab bench [--cycles N] [--ram-access shared|qtest]
 //! ```
-//! Exit status: 0 when the report says ok, 1 when it does not, 2 on a usage or file error.
+//! Exit status: 0 when the report says ok, 1 when it does not, 2 on a usage or file error; with
+//! the kld driver, kldhost's (77: the scenario needs something kldhost does not emulate yet).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +15,7 @@ use clap::{Parser, Subcommand};
 
 use nvmehp_lab::qemu::{qemu_available, QEMU_BIN};
 use nvmehp_lab::runner::Runner;
-use nvmehp_lab::scenario::Scenario;
+use nvmehp_lab::scenario::{DriverKind, Scenario};
 use nvmehp_lab::shared_ram::RamAccess;
 
 #[derive(Parser)]
@@ -39,6 +40,13 @@ enum Cmd {
         /// Override the scenario's seed.
         #[arg(long)]
         seed: Option<u64>,
+        /// Override the scenario's `driver`: `engine` (this process) or `kld` (the shipped
+        /// .ko, run by the `kldhost` binary next to this one).
+        #[arg(long, value_parser = ["engine", "kld"])]
+        driver: Option<String>,
+        /// With the kld driver: the module to load (default: nvme_hotplug.ko here).
+        #[arg(long)]
+        ko: Option<PathBuf>,
     },
     /// A short live story: a controller appears, I/O runs, it is removed, all is torn down.
     Demo,
@@ -52,6 +60,42 @@ enum Cmd {
         #[arg(long, default_value = "shared", value_parser = ["shared", "qtest"])]
         ram_access: String,
     },
+}
+
+/// `driver = "kld"`: the run belongs to kldhost (which links this crate, so this binary cannot
+/// link it back): the `kldhost` executable built next to this one gets the same arguments as
+/// `kldhost scenario`, and its exit status is this run's.
+fn run_kldhost(scenario: &std::path::Path, json: Option<&std::path::Path>, verbose: bool, seed: Option<u64>, ko: Option<&std::path::Path>) -> ExitCode {
+    let dir = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.to_path_buf()));
+    let Some(kldhost) = dir.map(|d| d.join("kldhost")).filter(|p| p.is_file()) else {
+        eprintln!(
+            "nvmehp-lab: driver = \"kld\" runs the shipped nvme_hotplug.ko inside kldhost, and no `kldhost` \
+             executable sits next to this one: build both with `cargo build --release -p nvmehp-lab -p kldhost` \
+             (and the .ko with `make`)"
+        );
+        return ExitCode::from(2);
+    };
+    let mut cmd = std::process::Command::new(&kldhost);
+    cmd.arg("scenario").arg(scenario);
+    if let Some(j) = json {
+        cmd.arg("--json").arg(j);
+    }
+    if verbose {
+        cmd.arg("-v");
+    }
+    if let Some(s) = seed {
+        cmd.arg("--seed").arg(s.to_string());
+    }
+    if let Some(k) = ko {
+        cmd.arg("--ko").arg(k);
+    }
+    match cmd.status() {
+        Ok(st) => ExitCode::from(st.code().unwrap_or(1).clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("nvmehp-lab: cannot run {}: {e}", kldhost.display());
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn need_qemu() -> Result<(), ExitCode> {
@@ -137,7 +181,7 @@ nodes = 2
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run { scenario, json, verbose, seed } => {
+        Cmd::Run { scenario, json, verbose, seed, driver, ko } => {
             let mut sc = match Scenario::load(&scenario) {
                 Ok(s) => s,
                 Err(e) => {
@@ -145,6 +189,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let kld = match driver.as_deref() {
+                Some(d) => d == "kld",
+                None => sc.driver == DriverKind::Kld,
+            };
+            if kld {
+                return run_kldhost(&scenario, json.as_deref(), verbose, seed, ko.as_deref());
+            }
             if let Some(seed) = seed {
                 sc.seed = seed;
             }

@@ -108,6 +108,9 @@ impl Machine {
     pub fn start_scenario(kind: MachineKind, cold: &[ControllerSpec], hot_slots: &[u8], removal_reads: RemovalReads) -> io::Result<Machine> {
         let mut lab = LabMachine::start_with(kind, cold, hot_slots, RamAccess::Shared)?;
         lab.set_removal_reads(removal_reads);
+        // The lab's guest-RAM allocator hands out the bio data pool only (the scenario's I/O
+        // buffers); below it is the module's contigmalloc pool.
+        *lab.guest().ram() = nvmehp_lab::dma::GuestRam::new(BIO_POOL_START, u64::from(RAM_MIB) << 20);
         let found = lab.scan()?;
         let mut functions = Vec::new();
         for (_, f) in found {

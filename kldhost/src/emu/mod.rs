@@ -94,7 +94,31 @@ pub fn log(line: String) {
         use std::io::Write;
         let _ = writeln!(std::io::stdout(), "  {line}");
     }
-    with(|e| e.log.push(line));
+    let keep = LOG_KEEP.load(std::sync::atomic::Ordering::Relaxed);
+    with(|e| {
+        e.log.push(line);
+        // A bounded log keeps the last `keep` lines: dropped in halves, so pushing stays O(1)
+        // amortised; the count of dropped lines is kept.
+        if keep > 0 && e.log.len() >= 2 * keep {
+            let drop_n = e.log.len() - keep;
+            e.log.drain(..drop_n);
+            LOG_DROPPED.fetch_add(drop_n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+}
+
+static LOG_KEEP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static LOG_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bounds the call log to (about) its last `lines` lines (0: unbounded, the default), for long
+/// runs such as a 1,000-cycle scenario.
+pub fn set_log_limit(lines: usize) {
+    LOG_KEEP.store(lines, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Log lines dropped so far by the bound of [`set_log_limit`].
+pub fn log_lines_dropped() -> u64 {
+    LOG_DROPPED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 pub fn finding(line: String) {
