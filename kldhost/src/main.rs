@@ -90,6 +90,9 @@ struct ScenarioArgs {
     /// Override the scenario's seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// Print every emulated call as it is made (long: for one failing step).
+    #[arg(long)]
+    trace: bool,
     /// Negative control: one acknowledged block is zeroed in its image before the check.
     #[arg(long)]
     lose_a_write: bool,
@@ -161,6 +164,7 @@ fn scenario(a: ScenarioArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        kldhost::emu::set_trace(a.trace);
         let opts = kldhost::scenario::runner::Options { verbose: a.verbose, lose_a_write: a.lose_a_write, drop_notifies: a.drop_notifies, tunables };
         let report = kldhost::scenario::runner::run(&ko, &sc, &opts);
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();
@@ -184,6 +188,9 @@ fn scenario(a: ScenarioArgs) -> ExitCode {
     }
     if a.drop_notifies {
         extra.push("--drop-notifies".to_string());
+    }
+    if a.trace {
+        extra.push("--trace".to_string());
     }
     for t in &a.tunables {
         extra.push("--tunable".to_string());

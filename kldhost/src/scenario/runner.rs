@@ -196,11 +196,18 @@ impl Session<'_> {
             }
         }
         let cold: Vec<u8> = self.ctrls.values().map(|c| c.slot).collect();
-        let ok = self.tick_until(STEP_TIMEOUT, |s| cold.iter().all(|&slot| s.ready(slot)));
+        // Loaded means: the cold controllers attached with their disks, and the module's slot
+        // discovery (its taskqueue, after MOD_LOAD) installed its notify handlers; a Notify
+        // before that would reach no handler, as on a real machine during the load.
+        let ok = self.tick_until(STEP_TIMEOUT, |s| cold.iter().all(|&slot| s.ready(slot)) && !acpi::installed_handlers().is_empty());
         if !ok {
             let missing: Vec<u8> = cold.into_iter().filter(|&s| !self.ready(s)).collect();
-            self.violation(format!("boot: the controllers in slots {missing:?} were not attached with all their disks within {STEP_TIMEOUT:?}"));
+            self.violation(format!(
+                "boot: within {STEP_TIMEOUT:?}, the controllers in slots {missing:?} were not attached with all their disks, or no ACPI notify handler was installed ({})",
+                acpi::installed_handlers().len()
+            ));
         }
+        self.settle();
         self.say(format!("kldload: {} controllers attached, disks {:?}", devices::attached_count(), emu::geom::created_disks().iter().map(|d| d.0.clone()).collect::<Vec<_>>()));
         true
     }
