@@ -73,8 +73,12 @@ pub struct Machine {
     /// The image of the controller plugged last (`run --qemu` checks its I/O there).
     pub image: PathBuf,
     /// Bump pointer of the contigmalloc pool (guest-physical). Freed memory is poisoned and
-    /// kept, as malloc'd memory is (super::kern), so it is never handed out twice.
+    /// kept, as malloc'd memory is (super::kern), so it is not handed out again until the pool
+    /// is used up ([`Machine::reclaim`]).
     pub next_free: u64,
+    /// Pool ranges the module freed, given back once the bump pointer reached the end:
+    /// guest-physical (start, end), sorted, coalesced.
+    reclaimed: Vec<(u64, u64)>,
     /// What reads of a removed function's BAR return.
     pub removal_reads: RemovalReads,
     /// Ejects per slot so far: a BAR window mapped before the last one is a removed function's.
@@ -118,7 +122,7 @@ impl Machine {
             functions.push(f);
         }
         let image = cold.first().and_then(|c| lab.plugged(c.slot)).and_then(|d| d.images.first()).map(|i| i.path.clone()).unwrap_or_default();
-        Ok(Machine { lab, functions, image, next_free: DMA_POOL_START, removal_reads, ejects: BTreeMap::new(), traps: BTreeMap::new() })
+        Ok(Machine { lab, functions, image, next_free: DMA_POOL_START, reclaimed: Vec::new(), removal_reads, ejects: BTreeMap::new(), traps: BTreeMap::new() })
     }
 
     /// Runs `f` with the qtest connection.
@@ -145,12 +149,56 @@ impl Machine {
         }
         let start = self.next_free.max(low).div_ceil(align) * align;
         let end = start.checked_add(size)?;
-        if end - 1 > high || end > BIO_POOL_START {
-            return None;
+        if end - 1 <= high && end <= BIO_POOL_START {
+            let p = self.ram().host_ptr(start, size).ok()?.as_ptr();
+            self.next_free = end.div_ceil(4096) * 4096;
+            return Some(p);
         }
-        let p = self.ram().host_ptr(start, size).ok()?.as_ptr();
-        self.next_free = end.div_ceil(4096) * 4096;
-        Some(p)
+        // First fit in what the module freed (only once the bump pointer reached the end).
+        let size = size.div_ceil(4096) * 4096;
+        let i = self.reclaimed.iter().position(|&(s, e)| {
+            let a = s.max(low).div_ceil(align) * align;
+            a + size <= e && a + size - 1 <= high
+        })?;
+        let (s, e) = self.reclaimed.remove(i);
+        let a = s.max(low).div_ceil(align) * align;
+        if a > s {
+            self.reclaimed.insert(i, (s, a));
+        }
+        if a + size < e {
+            let at = if a > s { i + 1 } else { i };
+            self.reclaimed.insert(at, (a + size, e));
+        }
+        Some(self.ram().host_ptr(a, size).ok()?.as_ptr())
+    }
+
+    /// Whether the bump pointer reached the end of the contigmalloc pool.
+    pub fn pool_exhausted(&self, size: u64) -> bool {
+        self.next_free + size > BIO_POOL_START
+    }
+
+    /// Gives freed blocks (host address, size) of the pool back to it, for [`Machine::contig_alloc`]
+    /// once the bump pointer reached the end. Returns how many lay in the pool.
+    pub fn reclaim(&mut self, blocks: &[(u64, u64)]) -> usize {
+        let mut n = 0;
+        for &(va, size) in blocks {
+            let Some(pa) = self.phys_of(va) else { continue };
+            if pa < DMA_POOL_START || pa + size > BIO_POOL_START {
+                continue;
+            }
+            self.reclaimed.push((pa, pa + size.div_ceil(4096) * 4096));
+            n += 1;
+        }
+        self.reclaimed.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.reclaimed.len());
+        for (s, e) in self.reclaimed.drain(..) {
+            match merged.last_mut() {
+                Some(last) if last.1 >= s => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        self.reclaimed = merged;
+        n
     }
 
     /// QMP `device_del` of the controller in `slot`: QEMU sets PCID and raises the GPE.

@@ -35,9 +35,10 @@ impl BioJob {
     /// A consumer of `disk` running `job`: opens the disk (d_open). A refused open stops the
     /// job before its first request (its error is returned).
     pub fn start(job: IoJob, disk: String) -> (BioJob, i32) {
-        let r = if job.stopped.is_some() { 0 } else { geom::open(&disk) };
-        let mut j = BioJob { job, disk, opened: r == 0, inflight: BTreeMap::new() };
-        if !j.opened {
+        let setup_failed = job.stopped.is_some();
+        let r = if setup_failed { 0 } else { super::access::open(&disk) };
+        let mut j = BioJob { job, disk, opened: !setup_failed && r == 0, inflight: BTreeMap::new() };
+        if r != 0 {
             j.job.stopped = Some(StopReason::ControllerGone);
         }
         (j, r)
@@ -52,7 +53,7 @@ impl BioJob {
     pub fn close(&mut self) {
         if self.opened {
             self.opened = false;
-            geom::close(&self.disk);
+            super::access::close(&self.disk);
         }
     }
 

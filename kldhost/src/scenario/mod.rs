@@ -8,6 +8,7 @@
 //! the taskqueue, interrupt, GEOM and softclock threads, GEOM consumers sending bios, devfs
 //! users opening nodes) and reports with the engine mode's keys ([`report`]).
 //!
+//! - [`access`]: GEOM's access counts (the driver sees the first open and the last close);
 //! - [`runner`]: the steps and the loop that plays the kernel's concurrent threads;
 //! - [`bio`]: `io` steps as GEOM consumers: the lab's request generator and ledger, each
 //!   request a `struct bio` to the disk's `d_strategy`, done when the module's `biodone` says;
@@ -18,6 +19,7 @@
 //! - [`child`]: the run in a child process, so an emulated kernel panic (which ends the
 //!   process, as it ends a kernel) still gives a report (`panics = 1`).
 
+pub mod access;
 pub mod bio;
 pub mod child;
 pub mod devfs_open;

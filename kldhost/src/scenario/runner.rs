@@ -244,8 +244,21 @@ impl Session<'_> {
 
     /// Ticks until `done` or `timeout`; returns whether `done` became true. With nothing
     /// happening for [`JUMP_AFTER`], time jumps to the next timer deadline.
-    fn tick_until(&mut self, timeout: Duration, mut done: impl FnMut(&mut Session) -> bool) -> bool {
+    fn tick_until(&mut self, timeout: Duration, done: impl FnMut(&mut Session) -> bool) -> bool {
+        self.tick_until_with(timeout, false, done)
+    }
+
+    /// [`Session::tick_until`] for a wait only a timer can end (a surprise removal, which the
+    /// module's watchdog finds): every [`JUMP_AFTER`] without `done`, time jumps to the next
+    /// deadline even while other I/O keeps progressing. A live controller's command would
+    /// have to stay outstanding for 30 such jumps to reach the module's 30 s command timeout.
+    fn tick_until_timer(&mut self, timeout: Duration, done: impl FnMut(&mut Session) -> bool) -> bool {
+        self.tick_until_with(timeout, true, done)
+    }
+
+    fn tick_until_with(&mut self, timeout: Duration, timer: bool, mut done: impl FnMut(&mut Session) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
+        let mut jumped = Instant::now();
         loop {
             if done(self) {
                 return true;
@@ -255,6 +268,12 @@ impl Session<'_> {
             }
             if !self.tick() {
                 self.idle();
+            }
+            if timer && jumped.elapsed() >= JUMP_AFTER {
+                if let Some(ns) = sched::next_deadline_in().filter(|&ns| ns > 0) {
+                    sched::advance_clock(ns);
+                }
+                jumped = Instant::now();
             }
         }
     }
@@ -544,7 +563,7 @@ impl Session<'_> {
             self.removing.push((id.to_string(), slot));
             return format!("{mode:?} started, {in_flight} in flight");
         }
-        if !self.tick_until(STEP_TIMEOUT, |s| s.removed(slot)) {
+        if !self.tick_until_timer(STEP_TIMEOUT, |s| s.removed(slot)) {
             self.violation(format!("detach {id}: not detached and ejected within {STEP_TIMEOUT:?}"));
             return "timeout".into();
         }
@@ -558,7 +577,7 @@ impl Session<'_> {
     fn wait_removed(&mut self) -> String {
         let pending = std::mem::take(&mut self.removing);
         let p2 = pending.clone();
-        if !self.tick_until(STEP_TIMEOUT, move |s| p2.iter().all(|(_, slot)| s.removed(*slot))) {
+        if !self.tick_until_timer(STEP_TIMEOUT, move |s| p2.iter().all(|(_, slot)| s.removed(*slot))) {
             let left: Vec<&String> = pending.iter().filter(|(_, slot)| !self.removed(*slot)).map(|(id, _)| id).collect();
             self.violation(format!("wait removed: {left:?} not detached and ejected within {STEP_TIMEOUT:?}"));
             return "timeout".into();
@@ -678,7 +697,7 @@ impl Session<'_> {
                     self.violation(format!("open {target}: no such disk"));
                     return "no disk".into();
                 };
-                let r = emu::geom::open(&disk);
+                let r = super::access::open(&disk);
                 if r != 0 {
                     self.violation(format!("open {target}: d_open of {disk} = {r}"));
                     return "refused".into();
@@ -746,7 +765,7 @@ impl Session<'_> {
                 runs += 1;
                 // Either the armed removal fires and the module lets the function go, or the
                 // bring-up finished before access n.
-                let ok = self.tick_until(STEP_TIMEOUT, |s| {
+                let ok = self.tick_until_timer(STEP_TIMEOUT, |s| {
                     let (_, fired) = machine::with_machine(|m| m.trap_state(slot));
                     (fired && !devices::on_pci0(slot)) || (!fired && s.ready(slot))
                 });
@@ -896,7 +915,7 @@ impl Session<'_> {
 fn close_holder(h: Holder) {
     match h {
         Holder::Disk(d) => {
-            emu::geom::close(&d);
+            super::access::close(&d);
         }
         Holder::Node(cdev) => super::devfs_open::close(cdev),
     }
