@@ -210,7 +210,9 @@ impl Machine {
     /// and raises the GPE. Its image becomes [`Machine::image`].
     pub fn hot_add(&mut self, spec: &ControllerSpec) -> io::Result<()> {
         self.lab.hot_add(spec)?;
-        self.traps.insert(spec.slot, Trap::default());
+        // A new function: its accesses are counted from 0; a removal armed for it stays armed.
+        let armed = self.traps.get(&spec.slot).and_then(|t| t.eject_before);
+        self.traps.insert(spec.slot, Trap { eject_before: armed, ..Trap::default() });
         if let Some(i) = self.lab.plugged(spec.slot).and_then(|d| d.images.first()) {
             self.image = i.path.clone();
         }
