@@ -99,6 +99,9 @@ struct ScenarioArgs {
     /// Negative control: the ACPI notifications are not delivered to the module.
     #[arg(long)]
     drop_notifies: bool,
+    /// Negative control: the emulated kernel panics before top-level step N (1-based).
+    #[arg(long, value_name = "N")]
+    panic_before_step: Option<usize>,
     /// A loader tunable, name=value (repeatable), after the runner's own.
     #[arg(long = "tunable", value_name = "NAME=VALUE")]
     tunables: Vec<String>,
@@ -165,7 +168,7 @@ fn scenario(a: ScenarioArgs) -> ExitCode {
             }
         };
         kldhost::emu::set_trace(a.trace);
-        let opts = kldhost::scenario::runner::Options { verbose: a.verbose, lose_a_write: a.lose_a_write, drop_notifies: a.drop_notifies, tunables };
+        let opts = kldhost::scenario::runner::Options { verbose: a.verbose, lose_a_write: a.lose_a_write, drop_notifies: a.drop_notifies, tunables, panic_before_step: a.panic_before_step };
         let report = kldhost::scenario::runner::run(&ko, &sc, &opts);
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();
         if let Err(e) = std::fs::write(out, text + "\n") {
@@ -191,6 +194,10 @@ fn scenario(a: ScenarioArgs) -> ExitCode {
     }
     if a.trace {
         extra.push("--trace".to_string());
+    }
+    if let Some(n) = a.panic_before_step {
+        extra.push("--panic-before-step".to_string());
+        extra.push(n.to_string());
     }
     for t in &a.tunables {
         extra.push("--tunable".to_string());

@@ -61,6 +61,9 @@ pub struct Options {
     pub drop_notifies: bool,
     /// Extra loader tunables (`name=value`), after the runner's own.
     pub tunables: Vec<(String, String)>,
+    /// Negative control of the parent's panic handling: the emulated kernel panics before
+    /// top-level step N (1-based).
+    pub panic_before_step: Option<usize>,
 }
 
 /// A controller the scenario plugged (cold or hot-added), by its scenario id.
@@ -155,7 +158,10 @@ pub fn run(ko: &LoadedKo, sc: &Scenario, opts: &Options) -> Report {
         }
     }
     if s.boot() {
-        for step in &sc.steps {
+        for (i, step) in sc.steps.iter().enumerate() {
+            if opts.panic_before_step == Some(i + 1) {
+                emu::kernel_panic(&format!("injected before step {} (--panic-before-step)", i + 1));
+            }
             let t = Instant::now();
             let note = s.step(step);
             let ms = t.elapsed().as_secs_f64() * 1e3;
