@@ -155,20 +155,7 @@ impl Machine {
             return Some(p);
         }
         // First fit in what the module freed (only once the bump pointer reached the end).
-        let size = size.div_ceil(4096) * 4096;
-        let i = self.reclaimed.iter().position(|&(s, e)| {
-            let a = s.max(low).div_ceil(align) * align;
-            a + size <= e && a + size - 1 <= high
-        })?;
-        let (s, e) = self.reclaimed.remove(i);
-        let a = s.max(low).div_ceil(align) * align;
-        if a > s {
-            self.reclaimed.insert(i, (s, a));
-        }
-        if a + size < e {
-            let at = if a > s { i + 1 } else { i };
-            self.reclaimed.insert(at, (a + size, e));
-        }
+        let a = first_fit(&mut self.reclaimed, size.div_ceil(4096) * 4096, low, high, align)?;
         Some(self.ram().host_ptr(a, size).ok()?.as_ptr())
     }
 
@@ -189,15 +176,7 @@ impl Machine {
             self.reclaimed.push((pa, pa + size.div_ceil(4096) * 4096));
             n += 1;
         }
-        self.reclaimed.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.reclaimed.len());
-        for (s, e) in self.reclaimed.drain(..) {
-            match merged.last_mut() {
-                Some(last) if last.1 >= s => last.1 = last.1.max(e),
-                _ => merged.push((s, e)),
-            }
-        }
-        self.reclaimed = merged;
+        coalesce(&mut self.reclaimed);
         n
     }
 
@@ -284,6 +263,40 @@ impl Machine {
     }
 }
 
+/// Takes `size` bytes aligned to `align` within `[low, high]` from the first free range
+/// (start, end) that has them, splitting it; ranges stay sorted and disjoint.
+fn first_fit(ranges: &mut Vec<(u64, u64)>, size: u64, low: u64, high: u64, align: u64) -> Option<u64> {
+    let place = |s: u64| s.max(low).div_ceil(align) * align;
+    let i = ranges.iter().position(|&(s, e)| {
+        let a = place(s);
+        a + size <= e && a + size - 1 <= high
+    })?;
+    let (s, e) = ranges.remove(i);
+    let a = place(s);
+    let mut at = i;
+    if a > s {
+        ranges.insert(at, (s, a));
+        at += 1;
+    }
+    if a + size < e {
+        ranges.insert(at, (a + size, e));
+    }
+    Some(a)
+}
+
+/// Sorts free ranges and merges those that touch or overlap.
+fn coalesce(ranges: &mut Vec<(u64, u64)>) {
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges.drain(..) {
+        match merged.last_mut() {
+            Some(last) if last.1 >= s => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    *ranges = merged;
+}
+
 fn clear_bus_master(q: &mut Qtest, bdf: Bdf) -> Result<(), QtestError> {
     let cmd = firmware::cfg_read16(q, bdf, firmware::cfg::COMMAND)?;
     firmware::cfg_write16(q, bdf, firmware::cfg::COMMAND, cmd & !firmware::cfg::CMD_BUS_MASTER)
@@ -349,4 +362,32 @@ pub fn cfg_write(bdf: Bdf, reg: u16, val: u32, width: i32) {
             _ => firmware::cfg_write32(q, bdf, reg, val),
         });
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{coalesce, first_fit};
+
+    #[test]
+    fn freed_ranges_merge_and_are_handed_out_first_fit_aligned() {
+        let mut r = vec![(0x30000, 0x31000), (0x10000, 0x12000), (0x12000, 0x13000), (0x20000, 0x28000)];
+        coalesce(&mut r);
+        assert_eq!(r, vec![(0x10000, 0x13000), (0x20000, 0x28000), (0x30000, 0x31000)]);
+        // 8 KiB fits the first range.
+        assert_eq!(first_fit(&mut r, 0x2000, 0, u64::MAX, 0x1000), Some(0x10000));
+        assert_eq!(r, vec![(0x12000, 0x13000), (0x20000, 0x28000), (0x30000, 0x31000)]);
+        // 16 KiB aligned to 16 KiB: not in the first, in the second at its start.
+        assert_eq!(first_fit(&mut r, 0x4000, 0, u64::MAX, 0x4000), Some(0x20000));
+        assert_eq!(r, vec![(0x12000, 0x13000), (0x24000, 0x28000), (0x30000, 0x31000)]);
+        // Alignment inside a range leaves the part before it free.
+        let mut r = vec![(0x11000, 0x20000)];
+        assert_eq!(first_fit(&mut r, 0x1000, 0, u64::MAX, 0x4000), Some(0x14000));
+        assert_eq!(r, vec![(0x11000, 0x14000), (0x15000, 0x20000)]);
+        // Above `high` or below `low`: nothing.
+        assert_eq!(first_fit(&mut r, 0x1000, 0, 0x10fff, 0x1000), None);
+        assert_eq!(first_fit(&mut r, 0x1000, 0x1f000, u64::MAX, 0x1000), Some(0x1f000));
+        assert_eq!(r, vec![(0x11000, 0x14000), (0x15000, 0x1f000)]);
+        // Too large for any range.
+        assert_eq!(first_fit(&mut r, 0x20000, 0, u64::MAX, 0x1000), None);
+    }
 }
