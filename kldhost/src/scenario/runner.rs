@@ -533,6 +533,11 @@ impl Session<'_> {
             }
         }
         if refused {
+            // The jobs' consumers let go, as for any announced removal: what must keep the
+            // controller is the `open` step's holder alone.
+            for j in self.jobs.iter_mut().filter(|j| j.job.target.ctrl == id) {
+                j.close();
+            }
             return self.detach_refused(id, slot);
         }
         let in_flight = self.in_flight_on(id);
@@ -660,10 +665,8 @@ impl Session<'_> {
                 }
                 machine::with_machine(|m| m.reap(Duration::from_secs(1)));
             }
-        } else if code == 1 && expect_ost == Some(OstExpect::Success) {
-            if !self.tick_until(STEP_TIMEOUT, |s| s.ready(slot)) {
-                self.violation(format!("notify slot {slot}: {times} x Notify 1 did not attach the controller within {STEP_TIMEOUT:?}"));
-            }
+        } else if code == 1 && expect_ost == Some(OstExpect::Success) && !self.tick_until(STEP_TIMEOUT, |s| s.ready(slot)) {
+            self.violation(format!("notify slot {slot}: {times} x Notify 1 did not attach the controller within {STEP_TIMEOUT:?}"));
         }
         self.settle();
         let rescans = self.counter("rescans") - rescans0;
