@@ -81,6 +81,10 @@ pub struct Machine {
     reclaimed: Vec<(u64, u64)>,
     /// What reads of a removed function's BAR return.
     pub removal_reads: RemovalReads,
+    /// Functions offer no MSI-X or MSI (pci(4) counts 0 vectors), so a driver falls back to
+    /// its INTx line, whose level QEMU reports to qtest (`irq_intercept_in ioapic`) at the GSI
+    /// the PIIX3 routes the pin to (`firmware::intx_gsi`): a scenario's `interrupts = "intx"`.
+    pub intx: bool,
     /// Ejects per slot so far: a BAR window mapped before the last one is a removed function's.
     ejects: BTreeMap<u8, u64>,
     traps: BTreeMap<u8, Trap>,
@@ -122,7 +126,7 @@ impl Machine {
             functions.push(f);
         }
         let image = cold.first().and_then(|c| lab.plugged(c.slot)).and_then(|d| d.images.first()).map(|i| i.path.clone()).unwrap_or_default();
-        Ok(Machine { lab, functions, image, next_free: DMA_POOL_START, reclaimed: Vec::new(), removal_reads, ejects: BTreeMap::new(), traps: BTreeMap::new() })
+        Ok(Machine { lab, functions, image, next_free: DMA_POOL_START, reclaimed: Vec::new(), removal_reads, intx: false, ejects: BTreeMap::new(), traps: BTreeMap::new() })
     }
 
     /// Runs `f` with the qtest connection.

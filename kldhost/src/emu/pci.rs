@@ -235,11 +235,30 @@ extern "C" fn pci_disable_busmaster_m(_dev: *mut c_void, child: *mut c_void) -> 
     set_busmaster(child, false)
 }
 
+/// Interrupt handlers run so far (MSI-X messages and INTx assertions).
+static TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times an interrupt handler of a device ran (MSI-X or INTx).
+pub fn interrupts_taken() -> u64 {
+    TAKEN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A machine whose functions are to interrupt through INTx (machine::Machine::intx).
+fn intx_only() -> bool {
+    machine::has_machine() && machine::with_machine(|m| m.intx)
+}
+
 extern "C" fn pci_msix_count_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
+    if intx_only() {
+        return 0;
+    }
     child_of(child).msix.map_or(0, |m| m.count as c_int)
 }
 
 extern "C" fn pci_msi_count_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
+    if intx_only() {
+        return 0;
+    }
     child_of(child).msi as c_int
 }
 
@@ -462,7 +481,7 @@ extern "C" fn emu_bus_setup_intr(dev: *mut c_void, r: *mut layouts::resource, fl
     }
     // SAFETY: the caller's cookie pointer.
     unsafe { *cookiep = cookie as *mut c_void };
-    log(format!("bus_setup_intr({}, irq rid {rid}, flags {flags:#x}) = 0 ({})", newbus::nameunit(dev as u64), if rid > 0 { "MSI-X to a guest-RAM mailbox" } else { "INTx: never fires here" }));
+    log(format!("bus_setup_intr({}, irq rid {rid}, flags {flags:#x}) = 0 ({})", newbus::nameunit(dev as u64), if rid > 0 { "MSI-X to a guest-RAM mailbox" } else if intx_only() { "INTx: runs while QEMU asserts the line" } else { "INTx: never fires here" }));
     0
 }
 
@@ -490,6 +509,11 @@ pub fn run_interrupts() -> usize {
     }
     let intrs: Vec<(u64, c_int, u64, u64, u64)> = with(|e| e.pci.intrs.values().filter(|i| i.rid > 0).map(|i| (i.dev, i.rid, i.filter, i.handler, i.arg)).collect());
     let bdf_of = |dev: u64| with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.as_ref()).map(|p| p.bdf));
+    // INTx handlers run once per call and are not counted: a level-triggered line stays
+    // asserted while its device has work (or after a removal left it so), and counted as work
+    // done it would keep the callers' "until nothing runs" loops (run_kernel_threads) going
+    // for ever, an interrupt storm the kernel would throttle (hw.intr_storm_threshold).
+    run_intx();
     let mut n = 0;
     for (dev, rid, filter, handler, arg) in intrs {
         // Read and cleared in one atomic swap: a message QEMU writes meanwhile is not lost.
@@ -499,6 +523,61 @@ pub fn run_interrupts() -> usize {
             continue;
         }
         log(format!("{}: interrupt (IRQ rid {rid}, MSI-X table entry {})", newbus::nameunit(dev), rid - 1));
+        TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the handler and argument the module set up with bus_setup_intr, not torn
+        // down (still listed); no emulation lock is held.
+        unsafe {
+            if filter != 0 {
+                std::mem::transmute::<u64, Filter>(filter)(arg as *mut c_void);
+            }
+            if handler != 0 {
+                std::mem::transmute::<u64, Handler>(handler)(arg as *mut c_void);
+            }
+        }
+        n += 1;
+    }
+    n
+}
+
+/// The INTx lines (machine::Machine::intx): every handler set up on IRQ rid 0 of a function
+/// whose routed GSI QEMU holds asserted runs once (filter, then handler), as the line's
+/// ithread would; a shared line runs each of its handlers. INTx is level-triggered: the
+/// handlers must make the device lower it, or they run again on the next call.
+fn run_intx() -> usize {
+    if !intx_only() {
+        return 0;
+    }
+    thread_local! {
+        static INTX_GSI: std::cell::RefCell<std::collections::BTreeMap<u64, u8>> = const { std::cell::RefCell::new(std::collections::BTreeMap::new()) };
+    }
+    let intrs: Vec<(u64, u64, u64, u64)> = with(|e| e.pci.intrs.values().filter(|i| i.rid == 0).map(|i| (i.dev, i.filter, i.handler, i.arg)).collect());
+    if intrs.is_empty() {
+        return 0;
+    }
+    // One round trip, so the IRQ lines QEMU raised meanwhile have arrived; then each line's
+    // level. A function's GSI is read once (its pin and the PIIX3 route do not change).
+    let levels: Vec<bool> = machine::with_machine(|m| {
+        let _ = m.qtest(|q| q.sync());
+        intrs
+            .iter()
+            .map(|&(dev, ..)| {
+                let gsi = INTX_GSI.with(|c| c.borrow().get(&dev).copied()).or_else(|| {
+                    let bdf = with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.as_ref()).map(|p| p.bdf))?;
+                    let g = m.qtest(|q| nvmehp_lab::firmware::intx_gsi(q, bdf)).ok().flatten()?;
+                    INTX_GSI.with(|c| c.borrow_mut().insert(dev, g));
+                    Some(g)
+                });
+                gsi.is_some_and(|g| m.qtest(|q| Ok(q.irq_level(g))).unwrap_or(false))
+            })
+            .collect()
+    });
+    let mut n = 0;
+    for (&(dev, filter, handler, arg), asserted) in intrs.iter().zip(levels) {
+        if !asserted {
+            continue;
+        }
+        log(format!("{}: interrupt (INTx)", newbus::nameunit(dev)));
+        TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // SAFETY: the handler and argument the module set up with bus_setup_intr, not torn
         // down (still listed); no emulation lock is held.
         unsafe {

@@ -36,9 +36,6 @@ pub const SKIP_EXIT: i32 = 77;
 
 /// Why kldhost cannot run `sc` yet, if it cannot: said loudly, never counted as a pass.
 pub fn unsupported(sc: &Scenario) -> Option<String> {
-    if sc.interrupts == nvmehp_lab::interrupts::InterruptMode::Intx {
-        return Some("interrupts = \"intx\": kldhost delivers MSI-X only (an INTx handler can be set up but never fires)".into());
-    }
     if sc.machine == MachineKind::Q35 {
         return Some("machine = \"q35\": kldhost emulates the ACPI namespace of QEMU's pc DSDT only (no ICH9 root ports or their slot objects)".into());
     }

@@ -117,7 +117,6 @@ pub fn run(ko: &LoadedKo, sc: &Scenario, opts: &Options) -> Report {
         ram_access: "shared".into(),
         ..Report::default()
     };
-    report.interrupts.mode = "msix".into();
     let m = match machine::Machine::start_scenario(sc.machine, &sc.controllers, &sc.slots(), sc.removal_reads) {
         Ok(m) => m,
         Err(e) => {
@@ -127,6 +126,9 @@ pub fn run(ko: &LoadedKo, sc: &Scenario, opts: &Options) -> Report {
             return report;
         }
     };
+    let mut m = m;
+    m.intx = sc.interrupts == nvmehp_lab::interrupts::InterruptMode::Intx;
+    report.interrupts.mode = if m.intx { "intx" } else { "msix" }.into();
     let functions = m.functions.clone();
     let mut ctrls = BTreeMap::new();
     for c in &sc.controllers {
@@ -920,6 +922,7 @@ impl Session<'_> {
         }
         self.report.nodes_left = super::report::nodes_alive();
         super::report::take_findings(&mut self.report);
+        self.report.interrupts.taken = emu::pci::interrupts_taken();
         let figures = machine::with_machine(|m| (m.lab.guest().qtest_commands(), m.lab.qmp_commands(), m.lab.gpes(), m.lab.retiring().len(), m.lab.process().rss_kib()));
         let q = &mut self.report.qemu;
         (q.qtest_commands, q.qmp_commands, q.gpes, q.devices_not_deleted, q.rss_kib) = figures;
