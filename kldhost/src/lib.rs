@@ -20,6 +20,7 @@ pub mod layouts;
 pub mod link;
 pub mod mapping;
 pub mod reloc;
+pub mod scenario;
 pub mod sets;
 
 pub use error::LoadError;

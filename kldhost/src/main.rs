@@ -97,11 +97,54 @@ enum Cmd {
         #[arg(long, default_value = "nvme_hotplug.ko")]
         ko: PathBuf,
     },
+    /// Run a lab scenario (docs/scenarios.md) with the .ko as the driver (`driver = "kld"`):
+    /// QEMU as the lab's machine, the module loaded with hw.nvme_hotplug.claim=1, I/O through
+    /// its disks' d_strategy, kldunload at the end; the report has the engine mode's keys.
+    /// Exit status 0 when the report says ok, 1 when not, 2 on a usage or file error, 77 when
+    /// the scenario needs something kldhost does not emulate yet.
+    Scenario(ScenarioArgs),
+}
+
+#[derive(clap::Args)]
+struct ScenarioArgs {
+    /// The scenario (TOML).
+    scenario: PathBuf,
+    /// The module to load.
+    #[arg(long, default_value = "nvme_hotplug.ko")]
+    ko: PathBuf,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Tell the story as it happens.
+    #[arg(short, long)]
+    verbose: bool,
+    /// Override the scenario's seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print every emulated call as it is made (long: for one failing step).
+    #[arg(long)]
+    trace: bool,
+    /// Negative control: one acknowledged block is zeroed in its image before the check.
+    #[arg(long)]
+    lose_a_write: bool,
+    /// Negative control: the ACPI notifications are not delivered to the module.
+    #[arg(long)]
+    drop_notifies: bool,
+    /// Negative control: the emulated kernel panics before top-level step N (1-based).
+    #[arg(long, value_name = "N")]
+    panic_before_step: Option<usize>,
+    /// A loader tunable, name=value (repeatable), after the runner's own.
+    #[arg(long = "tunable", value_name = "NAME=VALUE")]
+    tunables: Vec<String>,
+    /// (internal) Run in this process and write the report here: the parent's child.
+    #[arg(long, hide = true)]
+    child_report: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Scenario(a) => scenario(a),
         Cmd::Load { ko } => match load(&ko) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -158,6 +201,90 @@ fn demo(path: &PathBuf) -> Result<bool, Box<dyn std::error::Error>> {
     let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
     let verdict = kldhost::demo::demo(&ko, &name, &mut std::io::stdout())?;
     Ok(verdict.ok())
+}
+
+fn scenario(a: ScenarioArgs) -> ExitCode {
+    let mut sc = match nvmehp_lab::scenario::Scenario::load(&a.scenario) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kldhost: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(s) = a.seed {
+        sc.seed = s;
+    }
+    if let Some(why) = kldhost::scenario::unsupported(&sc) {
+        println!("SKIP scenario {} (kld): {why}", sc.name);
+        return ExitCode::from(kldhost::scenario::SKIP_EXIT as u8);
+    }
+    let tunables: Vec<(String, String)> = a.tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
+    if let Some(out) = &a.child_report {
+        // The child: the emulated kernel lives (and may die) in this process.
+        let data = match std::fs::read(&a.ko) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("kldhost: {}: {e} (build it with `make` or scripts/build-kld.sh)", a.ko.display());
+                return ExitCode::from(2);
+            }
+        };
+        let ko = match kldhost::load(&data, &kldhost::emu::table()) {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("kldhost: {}: {e}", a.ko.display());
+                return ExitCode::from(2);
+            }
+        };
+        kldhost::emu::set_trace(a.trace);
+        let opts = kldhost::scenario::runner::Options { verbose: a.verbose, lose_a_write: a.lose_a_write, drop_notifies: a.drop_notifies, tunables, panic_before_step: a.panic_before_step };
+        let report = kldhost::scenario::runner::run(&ko, &sc, &opts);
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(out, text + "\n") {
+            eprintln!("kldhost: cannot write {}: {e}", out.display());
+            return ExitCode::from(2);
+        }
+        return if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) };
+    }
+    if !a.ko.is_file() {
+        eprintln!("kldhost: {}: no such module (build it with `make` or scripts/build-kld.sh)", a.ko.display());
+        return ExitCode::from(2);
+    }
+    if !nvmehp_lab::qemu::qemu_available() {
+        eprintln!("kldhost: {} not found (run scripts/bootstrap-debian.sh lab)", nvmehp_lab::qemu::QEMU_BIN);
+        return ExitCode::from(2);
+    }
+    let mut extra = Vec::new();
+    if a.lose_a_write {
+        extra.push("--lose-a-write".to_string());
+    }
+    if a.drop_notifies {
+        extra.push("--drop-notifies".to_string());
+    }
+    if a.trace {
+        extra.push("--trace".to_string());
+    }
+    if let Some(n) = a.panic_before_step {
+        extra.push("--panic-before-step".to_string());
+        extra.push(n.to_string());
+    }
+    for t in &a.tunables {
+        extra.push("--tunable".to_string());
+        extra.push(t.clone());
+    }
+    let args = kldhost::scenario::child::Args { scenario: a.scenario.clone(), ko: a.ko.clone(), json: a.json.clone(), verbose: a.verbose, seed: a.seed, extra };
+    let (report, json) = kldhost::scenario::child::run(&args, &sc.name, sc.seed, sc.machine.qemu_name());
+    println!("{}", report.summary());
+    if let Some(path) = &a.json {
+        if let Err(e) = std::fs::write(path, json) {
+            eprintln!("kldhost: cannot write {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 fn load(path: &PathBuf) -> Result<(), Box<dyn std::error::Error>> {

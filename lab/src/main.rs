@@ -1,14 +1,15 @@
 //! `nvmehp-lab`: run scenarios against QEMU, show the demo, measure hotplug cycles.
 //!
 //! ```text
-//! nvmehp-lab run SCENARIO.toml [--json REPORT.json] [-v] [--seed N]
+//! nvmehp-lab run SCENARIO.toml [--json REPORT.json] [-v] [--seed N] [--driver engine|kld]
 //! nvmehp-lab demo
 //! nvmehp-lab bench [--cycles N] [--ram-access shared|qtest]
 //! nvmehp-lab kld demo [--ko PATH]
 //! ```
 //! Exit status: 0 when the report says ok, 1 when it does not, 2 on a usage or file error.
-//! `kld` runs the shipped `.ko` through the `kldhost` binary next to this one and passes its
-//! exit status on (70: the emulated kernel panicked).
+//! `kld` and the kld driver run the shipped `.ko` through the `kldhost` binary next to this one
+//! and pass its exit status on (70: the emulated kernel panicked; 77: the scenario needs
+//! something kldhost does not emulate yet).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +18,7 @@ use clap::{Parser, Subcommand};
 
 use nvmehp_lab::qemu::{qemu_available, QEMU_BIN};
 use nvmehp_lab::runner::Runner;
-use nvmehp_lab::scenario::Scenario;
+use nvmehp_lab::scenario::{DriverKind, Scenario};
 use nvmehp_lab::shared_ram::RamAccess;
 
 #[derive(Parser)]
@@ -42,6 +43,13 @@ enum Cmd {
         /// Override the scenario's seed.
         #[arg(long)]
         seed: Option<u64>,
+        /// Override the scenario's `driver`: `engine` (this process) or `kld` (the shipped
+        /// .ko, run by the `kldhost` binary next to this one).
+        #[arg(long, value_parser = ["engine", "kld"])]
+        driver: Option<String>,
+        /// With the kld driver: the module to load (default: nvme_hotplug.ko here).
+        #[arg(long)]
+        ko: Option<PathBuf>,
     },
     /// A short live story: a controller appears, I/O runs, it is removed, all is torn down.
     Demo,
@@ -99,6 +107,38 @@ fn kld_demo(ko: Option<&std::path::Path>) -> ExitCode {
         },
         Err(e) => {
             eprintln!("nvmehp-lab kld demo: cannot run kldhost: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `driver = "kld"`: the run belongs to kldhost (which links this crate, so this binary cannot
+/// link it back): the `kldhost` executable built next to this one gets the same arguments as
+/// `kldhost scenario`, and its exit status is this run's.
+fn run_kldhost(scenario: &std::path::Path, json: Option<&std::path::Path>, verbose: bool, seed: Option<u64>, ko: Option<&std::path::Path>) -> ExitCode {
+    use nvmehp_lab::kldhost_bin;
+    let found = kldhost_bin::module(ko).and_then(|ko| Ok((kldhost_bin::command(["scenario".as_ref(), scenario.as_os_str()])?, ko)));
+    let (mut cmd, ko) = match found {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("nvmehp-lab run (driver = \"kld\"): {e}");
+            return ExitCode::from(2);
+        }
+    };
+    cmd.arg("--ko").arg(&ko);
+    if let Some(j) = json {
+        cmd.arg("--json").arg(j);
+    }
+    if verbose {
+        cmd.arg("-v");
+    }
+    if let Some(s) = seed {
+        cmd.arg("--seed").arg(s.to_string());
+    }
+    match cmd.status() {
+        Ok(st) => ExitCode::from(st.code().unwrap_or(1).clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("nvmehp-lab: cannot run kldhost: {e}");
             ExitCode::from(2)
         }
     }
@@ -187,7 +227,7 @@ nodes = 2
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run { scenario, json, verbose, seed } => {
+        Cmd::Run { scenario, json, verbose, seed, driver, ko } => {
             let mut sc = match Scenario::load(&scenario) {
                 Ok(s) => s,
                 Err(e) => {
@@ -195,6 +235,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let kld = match driver.as_deref() {
+                Some(d) => d == "kld",
+                None => sc.driver == DriverKind::Kld,
+            };
+            if kld {
+                return run_kldhost(&scenario, json.as_deref(), verbose, seed, ko.as_deref());
+            }
             if let Some(seed) = seed {
                 sc.seed = seed;
             }

@@ -130,6 +130,9 @@ pub struct Report {
     pub seed: u64,
     /// Machine model.
     pub machine: String,
+    /// Who drove the controllers: `engine` (the lab's kernel around the engine) or `kld` (the
+    /// shipped .ko in kldhost).
+    pub driver: String,
     /// What a removed controller's reads returned (`zeros` as in QEMU, `all-ones` as on PCIe).
     pub removal_reads: String,
     /// How the lab reached guest RAM (`shared` or `qtest`).
@@ -194,8 +197,9 @@ impl Report {
     /// A few human lines.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "{}: {} — cycles {}, acked writes {}, lost {}, failed ops {}, hung {}, panics {}, leaked {} B, nodes left {}, {} violation(s), {:.0} ms",
+            "{} ({}): {} — cycles {}, acked writes {}, lost {}, failed ops {}, hung {}, panics {}, leaked {} B, nodes left {}, {} violation(s), {:.0} ms",
             self.name,
+            if self.driver.is_empty() { "engine" } else { &self.driver },
             if self.ok { "OK" } else { "FAILED" },
             self.cycles,
             self.acked_writes,

@@ -24,6 +24,11 @@ pub struct Scenario {
     /// Seed every random choice derives from.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Who drives the controllers: `engine` (default: the lab runs the engine and the hotplug
+    /// state machine itself) or `kld` (the shipped nvme_hotplug.ko inside kldhost's emulated
+    /// FreeBSD kernel; `nvmehp-lab run` hands the scenario to the `kldhost` binary).
+    #[serde(default)]
+    pub driver: DriverKind,
     /// What reads of a removed controller return: `zeros` (QEMU) or `all-ones` (real PCIe).
     #[serde(default)]
     pub removal_reads: RemovalReads,
@@ -42,6 +47,27 @@ pub struct Scenario {
     /// Steps, in order.
     #[serde(default, rename = "step")]
     pub steps: Vec<Step>,
+}
+
+/// Who drives the controllers in a run.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriverKind {
+    /// The lab's kernel around the engine (`src/nvme`, `src/hotplug`), in this process.
+    #[default]
+    Engine,
+    /// The shipped `.ko` in kldhost (an emulated FreeBSD kernel), I/O through `d_strategy`.
+    Kld,
+}
+
+impl DriverKind {
+    /// The name reports use (`engine` or `kld`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DriverKind::Engine => "engine",
+            DriverKind::Kld => "kld",
+        }
+    }
 }
 
 fn default_machine() -> MachineKind {
@@ -590,6 +616,14 @@ controllers = 1
             }
             other => panic!("wrong step {other:?}"),
         }
+    }
+
+    #[test]
+    fn driver_defaults_to_engine_and_kld_can_be_asked_for() {
+        assert_eq!(Scenario::parse("name='x'\n").unwrap().driver, DriverKind::Engine);
+        assert_eq!(Scenario::parse("name='x'\ndriver='kld'\n").unwrap().driver, DriverKind::Kld);
+        let e = Scenario::parse("name='x'\ndriver='linux'\n").unwrap_err();
+        assert!(e.0.contains("linux"), "{}", e.0);
     }
 
     #[test]

@@ -1161,6 +1161,13 @@ pub unsafe extern "C" fn device_probe_and_attach(dev: device_t) -> c_int {
     if let Some(h) = ON_PROBED.with(|c| c.get()) {
         h(dev);
     }
+    // A function that stopped answering during its probe and attach (the hook removed it):
+    // the driver's attach read all-ones and failed, as nvmehp_attach does ("bring-up failed:
+    // controller gone"); device_attach returns its error and keeps the child, driverless.
+    if function(s, f).vendor == 0xffff {
+        record(format!("device_attach {s}.{f}: attach returned {}", bindings::ENXIO));
+        return bindings::ENXIO as c_int;
+    }
     0
 }
 

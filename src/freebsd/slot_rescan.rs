@@ -19,7 +19,9 @@
 //! 4. after the walk, `device_probe_and_attach` runs on the new children only; children that
 //!    existed before are neither re-probed nor deleted. Each child is looked up again before
 //!    its probe: the adds and the probes before it may have slept, and with them given up the
-//!    topology lock to a thread that deleted it.
+//!    topology lock to a thread that deleted it. A new child whose attach failed because its
+//!    function left meanwhile (vendor ID all-ones after the attach) is deleted again: nothing
+//!    else would ever delete it, and it would hide the slot's next controller from step 3.
 //!
 //! Calling pci_add_child rather than rebuilding its steps keeps everything pci does for a new
 //! child, including the bus's own `PCI_CHILD_ADDED` hook (acpi_pci binds the child to its ACPI
@@ -125,8 +127,21 @@ pub fn rescan_slot(topo: &TopoLock, bus: &PciBus, slot: u8) -> Result<SlotScan, 
         // gone is skipped; a child someone else already probed is not probed again
         // (device_probe_and_attach returns at once for a device that has a driver).
         let Some(dev) = bus.child_at(slot, func) else { continue };
-        if topo.probe_and_attach(dev).is_ok() {
-            scan.attached += 1;
+        match topo.probe_and_attach(dev) {
+            Ok(()) => scan.attached += 1,
+            // The function left during its own attach (a surprise removal in the middle of the
+            // bring-up: the driver read all-ones or zeros and failed). device_attach keeps a
+            // child whose attach failed, driverless (sys/kern/subr_bus.c), and this one is
+            // stale at once; left on the bus it would keep the controller plugged into the
+            // slot next from ever being added (step 3 skips a function that has a child, and
+            // no check deletes a child whose function answers again). Deleted as the stale
+            // sweep deletes a child no driver took: no driver code runs.
+            Err(_) if bus.vendor_id(slot, func) == VENDOR_NONE => {
+                if let Some(dev) = bus.child_at(slot, func) {
+                    let _ = topo.delete_child(bus.device(), dev);
+                }
+            }
+            Err(_) => {}
         }
     }
     match failure {

@@ -209,3 +209,32 @@ fn a_new_child_deleted_while_another_attaches_is_not_probed() {
     assert_eq!(matching(&log, "device_probe_and_attach"), ["device_probe_and_attach 3.1"], "{log:#?}");
     assert_eq!(r, Ok(SlotScan { present: 3, added: 2, attached: 1 }), "{log:#?}");
 }
+
+/// A surprise removal in the middle of a hot-added controller's bring-up: its attach fails
+/// (the function reads all-ones) and device_attach keeps the child, driverless. The walk
+/// deletes that child again, so the controller plugged into the slot next is added and
+/// attached by the next device check. Before the fix the stale child stayed, and the next
+/// check skipped the new controller (kldhost's bringup-removal-sweep in kld mode found it).
+#[test]
+fn a_child_whose_function_left_during_its_attach_is_deleted_so_the_next_controller_attaches() {
+    fk::reset(Knobs::default());
+    fk::set_function(6, 0, NEW);
+    fk::on_probed(Some(|dev| {
+        if dev == fk::function_device(6, 0) {
+            // The platform ejects the slot while the driver brings the controller up.
+            fk::set_function(6, 0, STALE);
+        }
+    }));
+    let (r, log) = run(6);
+    fk::on_probed(None);
+    assert_eq!(r, Ok(SlotScan { present: 1, added: 1, attached: 0 }), "{log:#?}");
+    assert_eq!(matching(&log, "device_delete_child").len(), 1, "the failed child was not deleted: {log:#?}");
+    assert!(!fk::function(6, 0).child, "{log:#?}");
+    // The next controller in that slot (the log from the second check's marker on).
+    fk::set_function(6, 0, NEW);
+    let (r, log) = run(6);
+    let log = log[log.iter().rposition(|l| l == "-- rescan --").unwrap()..].to_vec();
+    assert_eq!(r, Ok(SlotScan { present: 1, added: 1, attached: 1 }), "{log:#?}");
+    assert_eq!(matching(&log, "pci_add_child").len(), 1, "{log:#?}");
+    assert_eq!(matching(&log, "device_probe_and_attach"), ["device_probe_and_attach 6.0"], "{log:#?}");
+}

@@ -27,7 +27,23 @@ extern "C" fn emu_contigmalloc(size: u64, mtp: *mut layouts::malloc_type, flags:
         log(format!("contigmalloc({size}) = NULL (no machine: no memory a device can reach)"));
         return std::ptr::null_mut();
     }
-    let p = super::machine::with_machine(|m| m.contig_alloc(size, low, high, align, boundary));
+    let mut p = super::machine::with_machine(|m| m.contig_alloc(size, low, high, align, boundary));
+    if p.is_none() && super::machine::with_machine(|m| m.pool_exhausted(size)) {
+        // The pool is used up (a long run: every attach takes fresh rings): the guest RAM of
+        // the module's freed contigmalloc blocks goes back into it. Their poison stays until
+        // they are handed out again, so a device write into freed memory is still caught for
+        // a whole pool's worth of later allocations, just not for ever.
+        let freed: Vec<(u64, u64)> = with(|e| e.blocks.iter().filter(|(_, b)| b.freed).map(|(a, b)| (*a, b.size as u64)).collect());
+        let back: Vec<(u64, u64)> = super::machine::with_machine(|m| freed.into_iter().filter(|&(a, _)| m.phys_of(a).is_some()).collect());
+        with(|e| {
+            for (a, _) in &back {
+                e.blocks.remove(a);
+            }
+        });
+        let n = super::machine::with_machine(|m| m.reclaim(&back));
+        log(format!("contigmalloc: the pool is used up; {n} freed blocks of guest RAM go back into it"));
+        p = super::machine::with_machine(|m| m.contig_alloc(size, low, high, align, boundary));
+    }
     let Some(p) = p else {
         log(format!("contigmalloc({size}, low {low:#x}, high {high:#x}, align {align:#x}, boundary {boundary:#x}) = NULL"));
         return std::ptr::null_mut();

@@ -403,6 +403,61 @@ pub fn finish_burst(bios: Burst, timeout: std::time::Duration) -> Vec<c_int> {
     errors
 }
 
+/// An asynchronous bio, as GEOM's g_down thread sends one without waiting: a `cmd` bio
+/// (BIO_READ or BIO_WRITE) of `len` bytes at `offset` over `data` to the disk's d_strategy.
+/// Returns the bio (poll it with [`bio_done`]) or the error if the disk is not there.
+///
+/// # Safety
+/// `data` must stay valid for `len` bytes until the bio is done (and, if it never is, for as
+/// long as the driver might still complete it).
+pub unsafe fn submit(name: &str, cmd: u32, offset: i64, data: *mut u8, len: usize) -> Result<*mut layouts::bio, c_int> {
+    let Some(dp) = disk_by_name(name) else { return Err(layouts::ENXIO) };
+    let mut bp = Box::<layouts::bio>::default();
+    bp.bio_cmd = cmd as u16;
+    bp.bio_offset = offset;
+    bp.bio_length = len as i64;
+    bp.bio_bcount = len as _;
+    bp.bio_data = data.cast();
+    bp.bio_disk = dp as *mut layouts::disk;
+    let bp = Box::into_raw(bp);
+    // SAFETY: a created disk of the driver: d_strategy is set (disk_create checks it).
+    let strategy = unsafe { (*(dp as *mut layouts::disk)).d_strategy }.expect("d_strategy");
+    let what = if cmd == layouts::BIO_READ as u32 { "BIO_READ" } else { "BIO_WRITE" };
+    log(format!("g_down: d_strategy({name}, {what}, offset {offset}, {len} bytes) bio {bp:p}"));
+    // SAFETY: the driver's strategy with a bio it owns until biodone; no emulation lock held.
+    unsafe { strategy(bp) };
+    Ok(bp)
+}
+
+/// If `bp` (from [`submit`]) is done: frees it and returns its error (0: success). `None`
+/// while the driver still owns it.
+///
+/// # Safety
+/// `bp` came from [`submit`] and was not yet returned as done.
+pub unsafe fn bio_done(bp: *mut layouts::bio) -> Option<c_int> {
+    // SAFETY: our bio; the driver only sets its fields.
+    if unsafe { (*bp).bio_flags } & layouts::BIO_DONE as u16 == 0 {
+        return None;
+    }
+    // SAFETY: done: the driver no longer touches it; the Box submit made, freed once.
+    let b = unsafe { Box::from_raw(bp) };
+    Some(if b.bio_flags & layouts::BIO_ERROR as u16 != 0 { b.bio_error.max(1) } else { 0 })
+}
+
+/// The created disks with their `d_ident` (the controller's serial), `d_unit` and sector size.
+pub fn created_disks() -> Vec<(String, String, u32, u32)> {
+    let disks: Vec<(u64, String)> = with(|e| e.disks.iter().filter(|(_, d)| d.state == DiskState::Created).map(|(p, d)| (*p, d.name.clone())).collect());
+    disks
+        .into_iter()
+        .map(|(p, name)| {
+            // SAFETY: a created disk (not destroyed: its struct is the driver's, filled in).
+            let d = unsafe { &*(p as *const layouts::disk) };
+            let ident: Vec<u8> = d.d_ident.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+            (name, String::from_utf8_lossy(&ident).into_owned(), d.d_unit, d.d_sectorsize)
+        })
+        .collect()
+}
+
 /// biodone(9): the request is finished (flags BIO_DONE); GEOM's g_up would deliver it.
 extern "C" fn emu_biodone(bp: *mut layouts::bio) {
     // SAFETY: a bio the driver got from d_strategy.

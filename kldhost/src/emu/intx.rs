@@ -156,6 +156,7 @@ fn one_pass(gsi: u8, hs: &[Handler]) -> usize {
         }
         log(format!("{}: interrupt (IRQ rid 0, INTx on GSI {gsi})", newbus::nameunit(h.dev)));
         state(|s| *s.delivered.entry(h.dev).or_default() += 1);
+        super::pci::note_taken();
         // SAFETY: as for the filter: the module's ithread handler, still set up.
         unsafe { std::mem::transmute::<u64, IthreadHandler>(h.handler)(h.arg as *mut c_void) };
         ran += 1;

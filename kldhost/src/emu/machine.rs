@@ -73,8 +73,12 @@ pub struct Machine {
     /// The image of the controller plugged last (`run --qemu` checks its I/O there).
     pub image: PathBuf,
     /// Bump pointer of the contigmalloc pool (guest-physical). Freed memory is poisoned and
-    /// kept, as malloc'd memory is (super::kern), so it is never handed out twice.
+    /// kept, as malloc'd memory is (super::kern), so it is not handed out again until the pool
+    /// is used up ([`Machine::reclaim`]).
     pub next_free: u64,
+    /// Pool ranges the module freed, given back once the bump pointer reached the end:
+    /// guest-physical (start, end), sorted, coalesced.
+    reclaimed: Vec<(u64, u64)>,
     /// What reads of a removed function's BAR return.
     pub removal_reads: RemovalReads,
     /// Ejects per slot so far: a BAR window mapped before the last one is a removed function's.
@@ -108,6 +112,9 @@ impl Machine {
     pub fn start_scenario(kind: MachineKind, cold: &[ControllerSpec], hot_slots: &[u8], removal_reads: RemovalReads) -> io::Result<Machine> {
         let mut lab = LabMachine::start_with(kind, cold, hot_slots, RamAccess::Shared)?;
         lab.set_removal_reads(removal_reads);
+        // The lab's guest-RAM allocator hands out the bio data pool only (the scenario's I/O
+        // buffers); below it is the module's contigmalloc pool.
+        *lab.guest().ram() = nvmehp_lab::dma::GuestRam::new(BIO_POOL_START, u64::from(RAM_MIB) << 20);
         let found = lab.scan()?;
         let mut functions = Vec::new();
         for (_, f) in found {
@@ -115,7 +122,7 @@ impl Machine {
             functions.push(f);
         }
         let image = cold.first().and_then(|c| lab.plugged(c.slot)).and_then(|d| d.images.first()).map(|i| i.path.clone()).unwrap_or_default();
-        Ok(Machine { lab, functions, image, next_free: DMA_POOL_START, removal_reads, ejects: BTreeMap::new(), traps: BTreeMap::new() })
+        Ok(Machine { lab, functions, image, next_free: DMA_POOL_START, reclaimed: Vec::new(), removal_reads, ejects: BTreeMap::new(), traps: BTreeMap::new() })
     }
 
     /// Runs `f` with the qtest connection.
@@ -142,12 +149,35 @@ impl Machine {
         }
         let start = self.next_free.max(low).div_ceil(align) * align;
         let end = start.checked_add(size)?;
-        if end - 1 > high || end > BIO_POOL_START {
-            return None;
+        if end - 1 <= high && end <= BIO_POOL_START {
+            let p = self.ram().host_ptr(start, size).ok()?.as_ptr();
+            self.next_free = end.div_ceil(4096) * 4096;
+            return Some(p);
         }
-        let p = self.ram().host_ptr(start, size).ok()?.as_ptr();
-        self.next_free = end.div_ceil(4096) * 4096;
-        Some(p)
+        // First fit in what the module freed (only once the bump pointer reached the end).
+        let a = first_fit(&mut self.reclaimed, size.div_ceil(4096) * 4096, low, high, align)?;
+        Some(self.ram().host_ptr(a, size).ok()?.as_ptr())
+    }
+
+    /// Whether the bump pointer reached the end of the contigmalloc pool.
+    pub fn pool_exhausted(&self, size: u64) -> bool {
+        self.next_free + size > BIO_POOL_START
+    }
+
+    /// Gives freed blocks (host address, size) of the pool back to it, for [`Machine::contig_alloc`]
+    /// once the bump pointer reached the end. Returns how many lay in the pool.
+    pub fn reclaim(&mut self, blocks: &[(u64, u64)]) -> usize {
+        let mut n = 0;
+        for &(va, size) in blocks {
+            let Some(pa) = self.phys_of(va) else { continue };
+            if pa < DMA_POOL_START || pa + size > BIO_POOL_START {
+                continue;
+            }
+            self.reclaimed.push((pa, pa + size.div_ceil(4096) * 4096));
+            n += 1;
+        }
+        coalesce(&mut self.reclaimed);
+        n
     }
 
     /// QMP `device_del` of the controller in `slot`: QEMU sets PCID and raises the GPE.
@@ -159,7 +189,9 @@ impl Machine {
     /// and raises the GPE. Its image becomes [`Machine::image`].
     pub fn hot_add(&mut self, spec: &ControllerSpec) -> io::Result<()> {
         self.lab.hot_add(spec)?;
-        self.traps.insert(spec.slot, Trap::default());
+        // A new function: its accesses are counted from 0; a removal armed for it stays armed.
+        let armed = self.traps.get(&spec.slot).and_then(|t| t.eject_before);
+        self.traps.insert(spec.slot, Trap { eject_before: armed, ..Trap::default() });
         if let Some(i) = self.lab.plugged(spec.slot).and_then(|d| d.images.first()) {
             self.image = i.path.clone();
         }
@@ -239,6 +271,40 @@ impl Machine {
     }
 }
 
+/// Takes `size` bytes aligned to `align` within `[low, high]` from the first free range
+/// (start, end) that has them, splitting it; ranges stay sorted and disjoint.
+fn first_fit(ranges: &mut Vec<(u64, u64)>, size: u64, low: u64, high: u64, align: u64) -> Option<u64> {
+    let place = |s: u64| s.max(low).div_ceil(align) * align;
+    let i = ranges.iter().position(|&(s, e)| {
+        let a = place(s);
+        a + size <= e && a + size - 1 <= high
+    })?;
+    let (s, e) = ranges.remove(i);
+    let a = place(s);
+    let mut at = i;
+    if a > s {
+        ranges.insert(at, (s, a));
+        at += 1;
+    }
+    if a + size < e {
+        ranges.insert(at, (a + size, e));
+    }
+    Some(a)
+}
+
+/// Sorts free ranges and merges those that touch or overlap.
+fn coalesce(ranges: &mut Vec<(u64, u64)>) {
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges.drain(..) {
+        match merged.last_mut() {
+            Some(last) if last.1 >= s => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    *ranges = merged;
+}
+
 fn clear_bus_master(q: &mut Qtest, bdf: Bdf) -> Result<(), QtestError> {
     let cmd = firmware::cfg_read16(q, bdf, firmware::cfg::COMMAND)?;
     firmware::cfg_write16(q, bdf, firmware::cfg::COMMAND, cmd & !firmware::cfg::CMD_BUS_MASTER)
@@ -304,4 +370,32 @@ pub fn cfg_write(bdf: Bdf, reg: u16, val: u32, width: i32) {
             _ => firmware::cfg_write32(q, bdf, reg, val),
         });
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{coalesce, first_fit};
+
+    #[test]
+    fn freed_ranges_merge_and_are_handed_out_first_fit_aligned() {
+        let mut r = vec![(0x30000, 0x31000), (0x10000, 0x12000), (0x12000, 0x13000), (0x20000, 0x28000)];
+        coalesce(&mut r);
+        assert_eq!(r, vec![(0x10000, 0x13000), (0x20000, 0x28000), (0x30000, 0x31000)]);
+        // 8 KiB fits the first range.
+        assert_eq!(first_fit(&mut r, 0x2000, 0, u64::MAX, 0x1000), Some(0x10000));
+        assert_eq!(r, vec![(0x12000, 0x13000), (0x20000, 0x28000), (0x30000, 0x31000)]);
+        // 16 KiB aligned to 16 KiB: not in the first, in the second at its start.
+        assert_eq!(first_fit(&mut r, 0x4000, 0, u64::MAX, 0x4000), Some(0x20000));
+        assert_eq!(r, vec![(0x12000, 0x13000), (0x24000, 0x28000), (0x30000, 0x31000)]);
+        // Alignment inside a range leaves the part before it free.
+        let mut r = vec![(0x11000, 0x20000)];
+        assert_eq!(first_fit(&mut r, 0x1000, 0, u64::MAX, 0x4000), Some(0x14000));
+        assert_eq!(r, vec![(0x11000, 0x14000), (0x15000, 0x20000)]);
+        // Above `high` or below `low`: nothing.
+        assert_eq!(first_fit(&mut r, 0x1000, 0, 0x10fff, 0x1000), None);
+        assert_eq!(first_fit(&mut r, 0x1000, 0x1f000, u64::MAX, 0x1000), Some(0x1f000));
+        assert_eq!(r, vec![(0x11000, 0x14000), (0x15000, 0x1f000)]);
+        // Too large for any range.
+        assert_eq!(first_fit(&mut r, 0x20000, 0, u64::MAX, 0x1000), None);
+    }
 }

@@ -107,10 +107,33 @@ pub fn log(line: String) {
         use std::io::Write;
         let _ = writeln!(std::io::stdout(), "  {line}");
     }
+    let keep = LOG_KEEP.load(std::sync::atomic::Ordering::Relaxed);
     with(|e| {
         e.console_at.push(e.console.len());
-        e.log.push(line)
+        e.log.push(line);
+        // A bounded log keeps the last `keep` lines: dropped in halves, so pushing stays O(1)
+        // amortised; the count of dropped lines is kept. `console_at` goes with its lines.
+        if keep > 0 && e.log.len() >= 2 * keep {
+            let drop_n = e.log.len() - keep;
+            e.log.drain(..drop_n);
+            e.console_at.drain(..drop_n.min(e.console_at.len()));
+            LOG_DROPPED.fetch_add(drop_n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
     });
+}
+
+static LOG_KEEP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static LOG_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bounds the call log to (about) its last `lines` lines (0: unbounded, the default), for long
+/// runs such as a 1,000-cycle scenario.
+pub fn set_log_limit(lines: usize) {
+    LOG_KEEP.store(lines, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Log lines dropped so far by the bound of [`set_log_limit`].
+pub fn log_lines_dropped() -> u64 {
+    LOG_DROPPED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 pub fn finding(line: String) {

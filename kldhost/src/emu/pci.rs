@@ -248,6 +248,19 @@ fn offered_msix(child: *mut c_void) -> Option<Msix> {
     child_of(child).msix.filter(|_| super::pci_tunables::msix_enabled())
 }
 
+/// Interrupt handlers run so far (MSI-X messages and INTx assertions).
+static TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times an interrupt handler of a device ran (MSI-X or INTx).
+pub fn interrupts_taken() -> u64 {
+    TAKEN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// One run of a device's interrupt handler (the INTx ithread counts its runs here too).
+pub(crate) fn note_taken() {
+    TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 extern "C" fn pci_msix_count_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
     let n = offered_msix(child).map_or(0, |m| m.count as c_int);
     let off = if super::pci_tunables::msix_enabled() { "" } else { " (hw.pci.enable_msix=0)" };
@@ -571,6 +584,7 @@ pub fn run_interrupts() -> usize {
             continue;
         }
         log(format!("{}: interrupt (IRQ rid {rid}, MSI-X table entry {})", newbus::nameunit(dev), rid - 1));
+        TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // SAFETY: the handler and argument the module set up with bus_setup_intr, not torn
         // down (still listed); no emulation lock is held.
         unsafe {
@@ -585,6 +599,7 @@ pub fn run_interrupts() -> usize {
     }
     n
 }
+
 
 // --- what pci(4) prints and checks ------------------------------------------------------------
 

@@ -267,7 +267,7 @@ pub struct Options {
 
 type SysinitFn = extern "C" fn(*const c_void);
 
-fn run_sysinits(ko: &LoadedKo, list: &[sets::Sysinit], what: &str) {
+pub(crate) fn run_sysinits(ko: &LoadedKo, list: &[sets::Sysinit], what: &str) {
     for s in list {
         if s.subsystem == layouts::SI_SUB_DUMMY {
             continue;
@@ -636,8 +636,10 @@ pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Momen
     r
 }
 
-fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Report)) -> Result<Report, LoadError> {
-    let timeout_expiries = opts.timeouts;
+/// kldload's part once the file is linked (see the module doc): module_register for each
+/// MDT_MODULE record, the sysctls registered (a CTLFLAG_TUN one takes its value from
+/// `tunables`), the SYSINITs run (MOD_LOAD). Returns the modules' names.
+pub fn kldload(ko: &LoadedKo, tunables: &[(String, String)]) -> Result<Vec<String>, LoadError> {
     let records = sets::modmetadata(ko)?;
     let mut names = Vec::new();
     for r in &records {
@@ -656,11 +658,17 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
     }
     for o in sets::sysctls(ko)? {
         log(format!("sysctl_register_oid({})", o.path));
-        if let Some((_, v)) = opts.tunables.iter().find(|(n, _)| *n == o.path) {
+        if let Some((_, v)) = tunables.iter().find(|(n, _)| *n == o.path) {
             load_tunable(&o, v)?;
         }
     }
     run_sysinits(ko, &sets::sysinits(ko)?, "sysinit");
+    Ok(names)
+}
+
+fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Report)) -> Result<Report, LoadError> {
+    let timeout_expiries = opts.timeouts;
+    let names = kldload(ko, &opts.tunables)?;
     let ran = super::sched::run_queues(1000);
     log(format!("taskqueue threads ran {ran} tasks"));
     if timeout_expiries > 0 {
@@ -708,6 +716,23 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
         }
     }
     observe(Moment::Unloading, &report);
+    kldunload(ko, &names, &mut report, &held)?;
+    observe(Moment::Unloaded, &report);
+    with(|e| {
+        report.log = std::mem::take(&mut e.log);
+        e.console_at.clear();
+        report.findings = std::mem::take(&mut e.findings);
+        report.console = std::mem::take(&mut e.console);
+    });
+    Ok(report)
+}
+
+/// kldunload (not forced) of a file whose modules are `names` (see the module doc): MOD_QUIESCE
+/// to every live module, the first veto ending the unload; MOD_UNLOAD to each, the first
+/// refusal ending it; then the SYSUNINITs, the consumers holding `held` disks open close, the
+/// sysctls unregistered and the end-of-life checks. Sets `report`'s quiesce, unload and
+/// unloaded.
+pub fn kldunload(ko: &LoadedKo, names: &[String], report: &mut Report, held: &[u64]) -> Result<(), LoadError> {
     let mut refused = false;
     // A module whose MOD_LOAD failed was released by module_register_init: the file stays
     // loaded without it and the unload sends it nothing.
@@ -742,7 +767,7 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
         run_sysinits(ko, &sets::sysuninits(ko)?, "sysuninit");
     }
     // The holding consumer closes only now, after kldunload returned.
-    super::geom::release_held(&held);
+    super::geom::release_held(held);
     for (n, r) in super::devfs::join_readers() {
         log(format!("reader of {n} returned {r}"));
     }
@@ -758,14 +783,7 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
         super::busdma::end_of_life_checks();
         super::acpi::end_of_life_checks();
     }
-    observe(Moment::Unloaded, &report);
-    with(|e| {
-        report.log = std::mem::take(&mut e.log);
-        e.console_at.clear();
-        report.findings = std::mem::take(&mut e.findings);
-        report.console = std::mem::take(&mut e.console);
-    });
-    Ok(report)
+    Ok(())
 }
 
 /// `open(2)` and `close(2)` of every node, then the kernel threads (the devfs destroy thread)
@@ -780,7 +798,7 @@ fn open_nodes() {
 /// sysctl_load_tunable_by_oid_locked (sys/kern/kern_sysctl.c): a CTLFLAG_TUN OID registered
 /// while the kernel environment names it takes the value: an int or u_int is parsed (decimal,
 /// or hex with 0x), a string copied up to the buffer's size (arg2) with its NUL.
-fn load_tunable(o: &sets::SysctlOid, value: &str) -> Result<(), LoadError> {
+pub(crate) fn load_tunable(o: &sets::SysctlOid, value: &str) -> Result<(), LoadError> {
     if o.kind & layouts::CTLFLAG_TUN as u32 == 0 {
         return Err(LoadError::Bad(format!("tunable {}: the sysctl is not CTLFLAG_TUN", o.path)));
     }
@@ -816,7 +834,7 @@ fn load_tunable(o: &sets::SysctlOid, value: &str) -> Result<(), LoadError> {
 /// What an unloaded module must not leave behind. What would still call into its unloaded
 /// text (a taskqueue's thread, an armed callout or timeout task, a registered driver) is
 /// UnloadWithLiveCallbacks; memory never freed is a Leak; the rest has no kpimodel rule.
-fn end_of_life_checks() {
+pub(crate) fn end_of_life_checks() {
     use super::rules::Rule;
     let left = with(|e| {
         let mut f: Vec<(Option<Rule>, String)> = Vec::new();

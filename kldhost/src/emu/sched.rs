@@ -236,6 +236,7 @@ extern "C" fn emu_timeout_task_init(q: *mut c_void, tt: *mut layouts::timeout_ta
 
 extern "C" fn emu_taskqueue_enqueue_timeout_sbt(q: *mut c_void, tt: *mut layouts::timeout_task, sbt: i64, pr: i64, flags: c_int) -> c_int {
     with(|e| e.armed_timeouts.insert(tt as u64, q as u64));
+    set_deadline(tt as u64, sbt, flags);
     log(format!("taskqueue_enqueue_timeout_sbt({q:p}, {tt:p}, sbt {sbt:#x}, pr {pr:#x}, flags {flags:#x}) (never fires here)"));
     0
 }
@@ -346,6 +347,7 @@ pub fn fire_callouts() -> usize {
 
 extern "C" fn emu_callout_reset_sbt_on(c: *mut c_void, sbt: i64, _pr: i64, f: *mut c_void, arg: *mut c_void, cpu: c_int, flags: c_int) -> c_int {
     let was = with(|e| e.armed_callouts.insert(c as u64, (f as u64, arg as u64)).is_some());
+    set_deadline(c as u64, sbt, flags);
     log(format!("callout_reset_sbt_on({c:p}, sbt {sbt:#x}, {f:p}({arg:p}), cpu {cpu}, flags {flags:#x}) (fires when the emulation lets time pass)"));
     c_int::from(was)
 }
@@ -389,13 +391,11 @@ extern "C" fn emu_bus_topo_unlock() {
 // --- time, sleeping -----------------------------------------------------------------------------
 
 fn now(bt: *mut layouts::bintime) {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ns = clock_ns();
     // SAFETY: the caller's struct bintime; frac is the fraction of a second in 2^-64 units.
     unsafe {
-        (*bt).sec = ts.tv_sec;
-        (*bt).frac = ((ts.tv_nsec as u128) << 64).div_euclid(1_000_000_000) as u64;
+        (*bt).sec = (ns / 1_000_000_000) as i64;
+        (*bt).frac = (u128::from(ns % 1_000_000_000) << 64).div_euclid(1_000_000_000) as u64;
     }
 }
 
@@ -491,4 +491,96 @@ pub fn register(t: &mut KpiTable) {
     t.function("getbinuptime", emu_getbinuptime as extern "C" fn(_) as usize);
     t.function("pause_sbt", emu_pause_sbt as extern "C" fn(_, _, _, _) -> _ as usize);
     t.function("DELAY", emu_delay as extern "C" fn(_) as usize);
+}
+
+// --- the emulated clock -------------------------------------------------------------------------
+//
+// binuptime(9) is CLOCK_MONOTONIC plus a skew that only grows ([`advance_clock`]): a caller
+// with nothing left to do but wait for a timer (the scenario runner waiting for the module's
+// 1 s watchdog to find a surprise removal) moves the clock to the next deadline instead of
+// sleeping until it. Every callout and timeout task records its deadline on this clock when
+// armed (`callout_reset_sbt_on`, `taskqueue_enqueue_timeout_sbt`: `sbt` relative, or absolute
+// with C_ABSOLUTE, sys/sys/callout.h); [`fire_due`] runs those whose deadline passed.
+
+/// sys/sys/callout.h: the event time is absolute.
+const C_ABSOLUTE: c_int = 0x0200;
+
+static SKEW_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static DEADLINES: std::sync::Mutex<std::collections::BTreeMap<u64, u64>> = std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The emulated uptime in ns: CLOCK_MONOTONIC plus the skew time jumps added.
+pub fn clock_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64 + SKEW_NS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn sbt_to_ns(sbt: i64) -> u64 {
+    ((sbt.max(0) as u128 * 1_000_000_000) >> 32) as u64
+}
+
+fn set_deadline(timer: u64, sbt: i64, flags: c_int) {
+    let at = if flags & C_ABSOLUTE != 0 { sbt_to_ns(sbt) } else { clock_ns() + sbt_to_ns(sbt) };
+    DEADLINES.lock().unwrap_or_else(|p| p.into_inner()).insert(timer, at);
+}
+
+fn deadline(timer: u64) -> u64 {
+    DEADLINES.lock().unwrap_or_else(|p| p.into_inner()).get(&timer).copied().unwrap_or(0)
+}
+
+/// Time jumps forward by `ns` (the emulated clock only; QEMU's runs on).
+pub fn advance_clock(ns: u64) {
+    SKEW_NS.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+    log(format!("time jumps {:.3} ms forward", ns as f64 / 1e6));
+}
+
+/// The nearest deadline of an armed callout or timeout task, in ns from now (0: due).
+pub fn next_deadline_in() -> Option<u64> {
+    let timers: Vec<u64> = with(|e| e.armed_callouts.keys().chain(e.armed_timeouts.keys()).copied().collect());
+    let now = clock_ns();
+    timers.into_iter().map(|t| deadline(t).saturating_sub(now)).min()
+}
+
+/// softclock: every armed callout and timeout task whose deadline passed fires once (a
+/// callout with its mutex held, as [`fire_callouts`] runs one; a timeout task's task is
+/// enqueued and the queues run). Returns how many fired.
+pub fn fire_due() -> usize {
+    let now = clock_ns();
+    let callouts: Vec<(u64, (u64, u64))> = with(|e| e.armed_callouts.iter().map(|(c, v)| (*c, *v)).collect());
+    let mut n = 0;
+    for (c, (f, arg)) in callouts {
+        if deadline(c) > now {
+            continue;
+        }
+        // Disarmed first, as softclock does; the function may re-arm it.
+        if with(|e| e.armed_callouts.remove(&c)).is_none() {
+            continue;
+        }
+        let lock = with(|e| e.callout_locks.get(&c).copied().unwrap_or(0));
+        let lock = if lock == 0 { 0 } else { lock + std::mem::offset_of!(layouts::mtx, mtx_lock) as u64 };
+        log(format!("softclock: callout {c:#x} fires"));
+        if lock != 0 {
+            emu_mtx_lock_flags(lock as *mut usize, 0, std::ptr::null(), 0);
+        }
+        // SAFETY: the function and argument the module armed the callout with; the callout's
+        // mutex is held as softclock holds it.
+        unsafe { std::mem::transmute::<u64, CalloutFn>(f)(arg as *mut c_void) };
+        if lock != 0 {
+            emu_mtx_unlock_flags(lock as *mut usize, 0, std::ptr::null(), 0);
+        }
+        n += 1;
+    }
+    let timeouts: Vec<(u64, u64)> = with(|e| e.armed_timeouts.iter().map(|(t, q)| (*t, *q)).collect());
+    for (tt, q) in timeouts {
+        if deadline(tt) > now || with(|e| e.armed_timeouts.remove(&tt)).is_none() {
+            continue;
+        }
+        log(format!("softclock: timeout task {tt:#x} expires"));
+        // SAFETY: an armed timeout_task of the module, valid until drained or cancelled.
+        let task = unsafe { &raw mut (*(tt as *mut layouts::timeout_task)).t };
+        enqueue(q, task);
+        n += 1;
+    }
+    n
 }

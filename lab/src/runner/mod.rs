@@ -93,6 +93,7 @@ impl Runner {
             name: sc.name.clone(),
             seed: sc.seed,
             machine: sc.machine.qemu_name().to_string(),
+            driver: crate::scenario::DriverKind::Engine.name().to_string(),
             removal_reads: match sc.removal_reads {
                 crate::access_faults::RemovalReads::Zeros => "zeros".into(),
                 crate::access_faults::RemovalReads::AllOnes => "all-ones".into(),
