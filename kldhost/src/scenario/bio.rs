@@ -36,7 +36,7 @@ impl BioJob {
     /// job before its first request (its error is returned).
     pub fn start(job: IoJob, disk: String) -> (BioJob, i32) {
         let setup_failed = job.stopped.is_some();
-        let r = if setup_failed { 0 } else { super::access::open(&disk) };
+        let r = if setup_failed { 0 } else { crate::emu::geom::open(&disk) };
         let mut j = BioJob { job, disk, opened: !setup_failed && r == 0, inflight: BTreeMap::new() };
         if r != 0 {
             j.job.stopped = Some(StopReason::ControllerGone);
@@ -53,7 +53,7 @@ impl BioJob {
     pub fn close(&mut self) {
         if self.opened {
             self.opened = false;
-            super::access::close(&self.disk);
+            let _ = crate::emu::geom::close(&self.disk);
         }
     }
 

@@ -719,7 +719,7 @@ impl Session<'_> {
                     self.violation(format!("open {target}: no such disk"));
                     return "no disk".into();
                 };
-                let r = super::access::open(&disk);
+                let r = crate::emu::geom::open(&disk);
                 if r != 0 {
                     self.violation(format!("open {target}: d_open of {disk} = {r}"));
                     return "refused".into();
@@ -944,7 +944,7 @@ impl Session<'_> {
 fn close_holder(h: Holder) {
     match h {
         Holder::Disk(d) => {
-            super::access::close(&d);
+            let _ = crate::emu::geom::close(&d);
         }
         Holder::Node(cdev) => super::devfs_open::close(cdev),
     }
