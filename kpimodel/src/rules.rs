@@ -59,6 +59,36 @@ pub enum Rule {
 }
 
 impl Rule {
+    /// Every rule, in declaration order (kldhost's emulated kernel checks each of them: its
+    /// `emu::rules::ALL` says where).
+    pub const ALL: [Rule; 25] = [
+        Rule::DestroyEternal,
+        Rule::DestroyFromOwnMethod,
+        Rule::DestroyWaitsForever,
+        Rule::DoubleDestroy,
+        Rule::DrvThroughDestroyedNode,
+        Rule::UseAfterFree,
+        Rule::CallThroughFreedPointer,
+        Rule::FreeWhileCallbackArmed,
+        Rule::DoubleFree,
+        Rule::OrphanNode,
+        Rule::NodeLeftAfterDetach,
+        Rule::Leak,
+        Rule::DuplicateName,
+        Rule::BadMakeDevFlags,
+        Rule::SleepWithMutex,
+        Rule::DiskFreedBeforeGone,
+        Rule::DiskDoubleRelease,
+        Rule::RemoveNotifyFromAcpiTask,
+        Rule::DrainFromOwnTask,
+        Rule::UnloadWithLiveCallbacks,
+        Rule::WaitForeverForGone,
+        Rule::DoubleDetach,
+        Rule::DetachWithoutDevice,
+        Rule::DoubleEject,
+        Rule::EjectAttached,
+    ];
+
     /// The FreeBSD source and behaviour this rule mirrors.
     pub const fn source(self) -> &'static str {
         match self {
@@ -100,8 +130,59 @@ pub struct Violation {
     pub detail: String,
 }
 
+/// A rule is shown by its name, the id kldhost's findings carry (`[DestroyEternal] ...`).
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}: {} [{}]", self.rule, self.detail, self.rule.source())
+    }
+}
+
+#[cfg(test)]
+mod all_tests {
+    use super::Rule;
+
+    /// `Rule::ALL` names every variant once: a new rule fails to compile here until it is
+    /// listed (the match is exhaustive), and a duplicate fails the count.
+    #[test]
+    fn all_lists_every_rule_once() {
+        let index = |r: Rule| match r {
+            Rule::DestroyEternal
+            | Rule::DestroyFromOwnMethod
+            | Rule::DestroyWaitsForever
+            | Rule::DoubleDestroy
+            | Rule::DrvThroughDestroyedNode
+            | Rule::UseAfterFree
+            | Rule::CallThroughFreedPointer
+            | Rule::FreeWhileCallbackArmed
+            | Rule::DoubleFree
+            | Rule::OrphanNode
+            | Rule::NodeLeftAfterDetach
+            | Rule::Leak
+            | Rule::DuplicateName
+            | Rule::BadMakeDevFlags
+            | Rule::SleepWithMutex
+            | Rule::DiskFreedBeforeGone
+            | Rule::DiskDoubleRelease
+            | Rule::RemoveNotifyFromAcpiTask
+            | Rule::DrainFromOwnTask
+            | Rule::UnloadWithLiveCallbacks
+            | Rule::WaitForeverForGone
+            | Rule::DoubleDetach
+            | Rule::DetachWithoutDevice
+            | Rule::DoubleEject
+            | Rule::EjectAttached => r as usize,
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for r in Rule::ALL {
+            assert!(seen.insert(index(r)), "{r:?} twice in Rule::ALL");
+        }
+        assert_eq!(seen.len(), Rule::ALL.len());
+        assert_eq!(seen.iter().copied().max(), Some(Rule::ALL.len() - 1), "a variant is missing from Rule::ALL");
     }
 }

@@ -1,7 +1,7 @@
 //! The FreeBSD rules kldhost's emulated kernel enforces, by a stable id.
 //!
-//! The ids are the names of kpimodel's `Rule` variants (kpimodel/src/rules.rs), so a finding
-//! here and a violation there name the same rule. A broken rule is reported where FreeBSD would
+//! The rules are kpimodel's `Rule` (kpimodel/src/rules.rs), so a finding here and a violation
+//! there name the same rule. A broken rule is reported where FreeBSD would
 //! notice it, on the KPI call itself, as a finding (`[Id] what happened (FreeBSD source)`) or,
 //! where FreeBSD panics or a thread never wakes up again, as an emulated panic with the same
 //! prefix ([`panic`], the process exits with [`super::PANIC_EXIT`]).
@@ -9,43 +9,8 @@
 //! [`ALL`] lists every kpimodel rule with where kldhost checks it and the negative-control test
 //! that proves the check fires, or why it cannot apply to a kld run here.
 
-use std::fmt;
-
-/// One rule, named as kpimodel names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Rule {
-    DestroyEternal,
-    DestroyFromOwnMethod,
-    DestroyWaitsForever,
-    DoubleDestroy,
-    DrvThroughDestroyedNode,
-    UseAfterFree,
-    CallThroughFreedPointer,
-    FreeWhileCallbackArmed,
-    DoubleFree,
-    OrphanNode,
-    NodeLeftAfterDetach,
-    Leak,
-    DuplicateName,
-    BadMakeDevFlags,
-    SleepWithMutex,
-    DiskFreedBeforeGone,
-    DiskDoubleRelease,
-    RemoveNotifyFromAcpiTask,
-    DrainFromOwnTask,
-    UnloadWithLiveCallbacks,
-    WaitForeverForGone,
-    DoubleDetach,
-    DetachWithoutDevice,
-    DoubleEject,
-    EjectAttached,
-}
-
-impl fmt::Display for Rule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
+/// One rule: kpimodel's own type, so a finding here and a violation there name the same rule.
+pub use kpimodel::Rule;
 
 /// How kldhost covers a rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,16 +161,15 @@ pub const ALL: &[RuleCheck] = &[
     },
 ];
 
-impl Rule {
-    /// The FreeBSD source that decides the rule.
-    pub fn source(self) -> &'static str {
-        ALL.iter().find(|c| c.rule == self).map_or("", |c| c.source)
-    }
+/// The FreeBSD source that decides `rule`, as kldhost checks it ([`ALL`]; kpimodel's
+/// `Rule::source` says how its model mirrors it).
+pub fn source_of(rule: Rule) -> &'static str {
+    ALL.iter().find(|c| c.rule == rule).map_or("", |c| c.source)
 }
 
 /// `[Id] detail (source)`: the text of a finding or panic for `rule`.
 pub fn text(rule: Rule, detail: &str) -> String {
-    format!("[{rule}] {detail} ({})", rule.source())
+    format!("[{rule}] {detail} ({})", source_of(rule))
 }
 
 /// A broken rule the kernel survives (or only warns about): a finding.
