@@ -28,8 +28,10 @@
 //!   the bound is [`STORM_THRESHOLD`] passes in a row with the line high (the default in the
 //!   kern_intr.c read for this; whether FreeBSD 15 still defaults to it, or to 0 = detection
 //!   off, was not verified); reaching it prints the same message, is a finding (a handler that
-//!   never lowers its line), and throttles that GSI to one pass per delivery round until it is
-//!   seen low. A throttled pass is not counted as work done, so the callers' loops, which run
+//!   never lowers its line) when a function with a handler on the GSI asserts it (its PCI
+//!   status says so; the line may also be held by a device QEMU kept after its eject, which no
+//!   handler can lower: logged, not a finding), and throttles that GSI to one pass per delivery
+//!   round until it is seen low. A throttled pass is not counted as work done, so the callers' loops, which run
 //!   the kernel's threads until none has anything to do, still end.
 //! - **Teardown**: `bus_teardown_intr` removes the handler from pci0's list
 //!   (super::pci::emu_bus_teardown_intr); every pass checks that list right before calling a
@@ -131,6 +133,25 @@ fn line_high(gsi: u8) -> bool {
     machine::with_machine(|m| m.qtest(|q| q.sync().map(|()| q.irq_level(gsi))).unwrap_or(false))
 }
 
+/// The devices of `hs` still on the bus whose function asserts INTx: PCI's status register
+/// has its interrupt status bit (PCIM_STATUS_INTxSTATE, sys/dev/pci/pcireg.h) set while the
+/// function drives its pin. A line high with none of them asserting is held by something no
+/// handler here can lower: on QEMU, a device ejected with requests in its backend, which QEMU
+/// keeps (and its pin) although it left the bus.
+fn asserting(hs: &[Handler]) -> Vec<String> {
+    const PCIR_STATUS: u16 = 0x06;
+    const PCIM_STATUS_INTXSTATE: u32 = 0x0008;
+    let mut out = Vec::new();
+    for h in hs {
+        let Some(bdf) = with(|e| e.newbus.devices.get(&h.dev).and_then(|d| d.pci.as_ref()).map(|p| p.bdf)) else { continue };
+        let status = machine::cfg_read(bdf, PCIR_STATUS, 2);
+        if status != 0xffff && status & PCIM_STATUS_INTXSTATE != 0 {
+            out.push(newbus::nameunit(h.dev));
+        }
+    }
+    out
+}
+
 /// One interrupt on `gsi`: intr_event_handle's filters, then the ithread's handlers.
 /// Returns how many handlers ran. No emulation lock is held while module code runs.
 fn one_pass(gsi: u8, hs: &[Handler]) -> usize {
@@ -199,7 +220,17 @@ pub fn run_lines() -> usize {
             if passes >= STORM_THRESHOLD {
                 state(|s| s.storming.insert(gsi));
                 super::kern::console_line(&format!("interrupt storm detected on \"irq{gsi}:\"; throttling interrupt source\n"));
-                finding(format!("interrupt storm on GSI {gsi}: the line stayed high through {STORM_THRESHOLD} passes of its handlers (a handler that does not lower it)"));
+                let holders = asserting(&hs);
+                if holders.is_empty() {
+                    log(format!(
+                        "interrupt storm on GSI {gsi}: no function with a handler on it asserts INTx (PCIR_STATUS interrupt status clear on each): the line is held by a function that left pci0 (QEMU keeps a device ejected with requests in its backend); throttled, not a handler's fault"
+                    ));
+                } else {
+                    finding(format!(
+                        "interrupt storm on GSI {gsi}: the line stayed high through {STORM_THRESHOLD} passes of its handlers, asserted by {} (a handler that does not lower it)",
+                        holders.join(", ")
+                    ));
+                }
                 break;
             }
             n += one_pass(gsi, &hs);
