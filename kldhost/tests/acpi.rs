@@ -166,10 +166,12 @@ fn a_controller_hot_added_to_an_empty_slot_is_rescanned_attached_and_does_io() {
             "pci_add_child(pci0, 00:05.0) = device_t 0x",
             "nvmehp0: device_attach_desc ->",
             "make_dev_s(\"nvmehp0\"",
-            "disk_create(nvmehpd1:",
+            // The first disk's d_gone ran after its eject: its unit is free again (as nvd(4)
+            // reuses units), so the hot-added controller's disk is nvmehpd0 again.
+            "disk_create(nvmehpd0:",
             "nvmehp0: device_attach_desc = 0",
             "after the hot-add: device 5.0 attached",
-            "g_down: d_strategy(nvmehpd1, BIO_WRITE, offset 8192, 4096 bytes)",
+            "g_down: d_strategy(nvmehpd0, BIO_WRITE, offset 8192, 4096 bytes)",
             // A new zeroed image: only the new controller's write can put the data there.
             "nvme1-g2-ns1.raw at 8192: the written data; read back: the written data",
             // devctl detach of the new one, then the unload.

@@ -73,14 +73,16 @@ fn the_demo_tells_load_attach_io_surprise_hot_add_eject_and_unload_in_order() {
             "    | pci_read_device(0, 0, 5, 0) = ",
             "    | pci_add_child(pci0, 00:05.0) = device_t",
             "\nnvmehp0: <NVMe controller (nvme_hotplug)> mem 0xc0500000-0xc0503fff at device 5.0 on pci0\n",
-            "    | disk_create(nvmehpd1: 16777216 bytes",
+            // The surprise-removed disk's d_gone ran (its consumer closed): unit 0 is free
+            // again and the new disk reuses it, as nvd(4) reuses units.
+            "    | disk_create(nvmehpd0: 16777216 bytes",
             "\nnvme_hotplug: slot \\_SB_.PCI0.S05_: 1 new functions, 1 attached\n",
-            "==> write 4096 bytes (byte i = (7 * i mod 256) XOR 0x5a) at offset 8192 of nvmehpd1 through d_strategy, read them back; check QEMU's image file nvme1-g2-ns1.raw",
+            "==> write 4096 bytes (byte i = (7 * i mod 256) XOR 0x5a) at offset 8192 of nvmehpd0 through d_strategy, read them back; check QEMU's image file nvme1-g2-ns1.raw",
             "/nvme1-g2-ns1.raw at 8192: the written data; read back: the written data",
             // Its announced eject: device_del, Notify 3, detach, delete, _EJ0, DEVICE_DELETED.
             "==> eject of slot 5 announced: QMP device_del nvme1",
             "    | acpi_task: Notify(\\_SB_.PCI0.S05_, 3) to 1 handler(s)",
-            "    | disk_gone(nvmehpd1)",
+            "    | disk_gone(nvmehpd0)",
             "\nnvmehp0: detached (announced): ",
             "\nnvmehp0: detached\n",
             "    | device_delete_child(pci0, pci0:0:5:0) = 0",

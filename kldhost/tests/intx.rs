@@ -170,7 +170,10 @@ fn a_hot_added_controller_on_intx_gets_its_slots_gsi_and_completes_through_its_h
             "findings: 0",
         ],
     );
-    let bios = per_bio_of(&out, "nvmehpd1");
+    // The hot-added disk reuses unit 0 (the first disk's d_gone ran after its eject, as
+    // nvd(4) reuses units): its bios are those after the hot-add.
+    let hot_add = out.find("QMP device_add nvme1 at slot 5: ok").expect("the hot-add");
+    let bios = per_bio_of(&out[hot_add..], "nvmehpd0");
     assert_eq!(bios.len(), 2, "{out}");
     for b in &bios {
         assert!(b.contains("nvmehp0: interrupt (IRQ rid 0, INTx on GSI 10)"), "a bio completed without an INTx interrupt:\n{b}");

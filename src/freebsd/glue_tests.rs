@@ -176,6 +176,30 @@ fn teardown_of_a_controller_runs_the_typestate_order_through_the_kpi() {
     assert_eq!(disks_live(), before);
 }
 
+/// Disk units are reused as nvd(4) reuses them (the lowest unit no live disk has), and a
+/// disk's unit comes back only from its `d_gone`: a removed controller's disk still open
+/// keeps its name, and a controller attached meanwhile gets another. Before, units only
+/// counted up (a controller hot-added after the first was destroyed got nvmehpd1).
+#[test]
+fn a_disk_unit_is_reused_only_after_its_d_gone() {
+    use super::kernel::give_back_disk_unit;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, ..Knobs::default() });
+    let mut k = FreeBsdKernel::new();
+    let (live, _ctrl) = attached(&mut k, &[1]);
+    let d0 = fk::disks()[0];
+    // SAFETY: the fake disk the wrapper created, alive until its d_gone.
+    let unit = unsafe { (*d0).d_unit } as u32;
+    let _ = teardown(live, &mut k, Removal::Surprise);
+    // Gone but not yet d_gone'd (GEOM still has it: open, or its event not run): taken.
+    let meanwhile = next_disk_unit();
+    assert_ne!(meanwhile, unit, "a disk GEOM still has keeps its unit");
+    give_back_disk_unit(meanwhile);
+    fk::geom_disk_gone(d0);
+    assert_eq!(next_disk_unit(), unit, "after d_gone its unit is the lowest free one again");
+    give_back_disk_unit(unit);
+}
+
 #[test]
 fn a_failed_attach_tears_down_what_was_made_and_leaves_no_node() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -32,7 +32,7 @@ use core::alloc::Layout;
 use core::ffi::{c_int, c_void, CStr};
 use core::pin::Pin;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicU32, AtomicUsize, Ordering};
 
 /// The node flags are exactly what the `Kernel` contract promises, and never eternal
 /// (`cdev::NODE_FLAGS` asserts the latter too).
@@ -41,13 +41,39 @@ const _: () = assert!(NODE_FLAGS == bindings::MAKEDEV_CHECKNAME | bindings::MAKE
 /// Disks created and not yet destroyed from `d_gone`: module unload must wait for them, since
 /// their `d_gone` runs our code.
 static DISKS_LIVE: AtomicUsize = AtomicUsize::new(0);
-/// Disk unit numbers are never reused: a disk of a detached controller may live on (open)
-/// while a new controller attaches, and two disks must never share a name.
-static NEXT_DISK_UNIT: AtomicU32 = AtomicU32::new(0);
+/// Disk units in use, a bit each (units 0..256). A unit is taken when a namespace's disk is
+/// staged and given back by that disk's `d_gone` ([`give_back_disk_unit`]), so the lowest free
+/// unit is reused, as nvd(4) reuses it (sys/dev/nvd/nvd.c: nvd_new_disk takes the lowest unit
+/// not in its disk list, nvd_gonecb takes the disk off the list). A disk of a detached
+/// controller that is still open keeps its unit until GEOM calls `d_gone` after its last close
+/// (sys/geom/geom_disk.c g_disk_providergone), and by then its provider and /dev node are gone:
+/// two live disks never share a name. A unit staged for a disk that was never created is not
+/// given back (a number lost, never a name shared).
+static DISK_UNITS: [AtomicU64; DISK_UNIT_WORDS] = [const { AtomicU64::new(0) }; DISK_UNIT_WORDS];
+const DISK_UNIT_WORDS: usize = 4;
+/// Past 256 disks alive at once: numbers above the bitmap, never reused.
+static OVERFLOW_UNIT: AtomicU32 = AtomicU32::new(DISK_UNIT_WORDS as u32 * 64);
 
-/// A fresh disk unit number.
+/// The lowest disk unit number no live disk has.
 pub fn next_disk_unit() -> u32 {
-    NEXT_DISK_UNIT.fetch_add(1, Ordering::Relaxed)
+    for (w, word) in DISK_UNITS.iter().enumerate() {
+        let mut cur = word.load(Ordering::Relaxed);
+        while cur != u64::MAX {
+            let bit = (!cur).trailing_zeros();
+            match word.compare_exchange_weak(cur, cur | 1 << bit, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return w as u32 * 64 + bit,
+                Err(now) => cur = now,
+            }
+        }
+    }
+    OVERFLOW_UNIT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The disk of `unit` is gone (its `d_gone` ran and destroyed it): the unit may be reused.
+pub fn give_back_disk_unit(unit: u32) {
+    if let Some(word) = DISK_UNITS.get(unit as usize / 64) {
+        word.fetch_and(!(1u64 << (unit % 64)), Ordering::AcqRel);
+    }
 }
 
 /// The last thing a `d_gone` callback does: from here on module unload may proceed, so no

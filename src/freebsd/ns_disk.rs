@@ -268,10 +268,14 @@ unsafe extern "C" fn disk_close(dp: *mut bindings::disk) -> c_int {
 unsafe extern "C" fn disk_gone_cb(dp: *mut bindings::disk) {
     // SAFETY: GEOM calls d_gone once for our disk, after disk_gone, as its last call.
     let Some(gone) = (unsafe { GoneDisk::in_d_gone(dp) }) else { return };
+    // SAFETY: our disk, alive until on_disk_gone destroys it below.
+    let unit = unsafe { (*dp).d_unit } as u32;
     {
         let mut k = FreeBsdKernel::new();
         crate::hotplug::teardown::on_disk_gone(&mut k, KDisk::Gone(gone));
     }
+    // Destroyed: its name (provider, /dev node) is gone, the unit may be reused (nvd_gonecb).
+    super::kernel::give_back_disk_unit(unit);
     // Last: MOD_UNLOAD waits for this count to reach zero before the module's code goes away,
     // so everything above (disk_destroy, freeing the context) must be finished first. Only
     // the return from this function is left after it (d_gone gives no stronger drain).
