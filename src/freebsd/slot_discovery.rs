@@ -38,7 +38,11 @@ use alloc::vec::Vec;
 /// action resolves the path again under the topology lock. Within one action the bus stays:
 /// while the action sleeps (an attach, a detach or a namespace rescan of our controller on that
 /// bus) the bus's detach would have to detach that controller first, which newbus refuses for
-/// a device that is attaching and our driver refuses while it detaches or rescans.
+/// a device that is attaching (subr_bus.c device_detach) and our driver refuses while it
+/// detaches or rescans. One window is left: the single-slot rescan's `pci_read_device`
+/// allocates with M_WAITOK before the new function has a child, and a bridge detached during
+/// that sleep would free the bus under it (an administrator's `devctl detach` racing a device
+/// check; pci0 is never deleted).
 #[derive(Clone, Copy)]
 pub struct BusPath {
     root: AcpiHandle,
