@@ -92,6 +92,10 @@ enum Cmd {
         /// FreeBSD's function answers it (src/emu/fail.rs lists the functions).
         #[arg(long = "fail", value_name = "FUNC[:N][=ERR]", value_parser = kldhost::emu::fail::parse)]
         fail: Vec<kldhost::emu::fail::Injection>,
+        /// After a refused kldunload (EBUSY), let the kernel's threads run and try kldunload
+        /// again, at most this many times.
+        #[arg(long, default_value_t = 0)]
+        kldunload_retries: usize,
     },
     /// The module's hotplug story on one QEMU machine, as FreeBSD's console shows it: kldload,
     /// attach, a write and a read, a surprise removal with writes in flight, a hot-add to
@@ -172,7 +176,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries } => {
             kldhost::emu::fail::arm(fail);
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
             let opts = kldhost::emu::run::Options {
@@ -192,6 +196,7 @@ fn main() -> ExitCode {
                 hold_disks_open,
                 park_readers,
                 intx_undelivered,
+                kldunload_retries,
             };
             match run(&ko, &opts) {
                 Ok(true) => ExitCode::SUCCESS,
