@@ -29,6 +29,39 @@ fn console(out: &str) -> &str {
     &rest[..to]
 }
 
+/// The call log from `from` up to `to` (both must be there, in that order).
+fn between<'a>(out: &'a str, from: &str, to: &str) -> &'a str {
+    let a = out.find(from).unwrap_or_else(|| panic!("{from:?} missing:\n{out}"));
+    let b = out[a..].find(to).unwrap_or_else(|| panic!("{to:?} missing after {from:?}:\n{out}")) + a;
+    &out[a..b]
+}
+
+/// What MOD_LOAD did (up to the taskqueue threads' first run).
+fn mod_load(out: &str) -> &str {
+    between(out, "MOD_EVENT(pci/nvme_hotplug, MOD_LOAD)", "taskqueue threads ran")
+}
+
+/// A failed start of the hotplug machinery at MOD_LOAD: the module loads anyway (MOD_LOAD
+/// cannot fail the load), says so, and leaves no queue, thread, callout or task of it behind;
+/// the driver still works and the module unloads with nothing left.
+fn assert_loaded_without_hotplug(code: Option<i32>, out: &str) {
+    let load = mod_load(out);
+    assert!(load.contains("MOD_EVENT(pci/nvme_hotplug, MOD_LOAD) = 0"), "{load}");
+    let made = load.lines().filter(|l| l.contains("taskqueue_create(") && !l.ends_with(") = NULL")).count();
+    assert_eq!(load.matches("taskqueue_free(").count(), made, "every queue made at MOD_LOAD is freed again:\n{load}");
+    for never in ["callout_reset_sbt_on(", "taskqueue_enqueue(", "taskqueue_enqueue_timeout_sbt("] {
+        assert!(!load.contains(never), "{never} at a failed MOD_LOAD:\n{load}");
+    }
+    assert_in_order(
+        console(out),
+        &["nvme_hotplug: cannot start the hotplug task queue (12): ACPI hotplug disabled", "nvmehp0: attached: /dev/nvmehp0", "nvme_hotplug: unloaded (no hotplug machinery)"],
+    );
+    // No discovery: not one ACPI handler installed although the namespace has 30 slots.
+    assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
+    assert_attached_with_io(out);
+    assert_clean_unload(code, out);
+}
+
 /// The module unloaded and nothing was found: no leak, no node, disk, resource, interrupt,
 /// taskqueue, mutex or ACPI handler left, no rule broken.
 fn assert_clean_unload(code: Option<i32>, out: &str) {
@@ -132,15 +165,20 @@ fn the_hotplug_taskqueue_not_created_leaves_a_module_without_acpi_hotplug_whose_
     let Some(ko) = real_ko("fail_taskqueue_create") else { return };
     // Call 1 is MOD_LOAD's hotplug queue.
     let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--fail", "taskqueue_create:1"]);
-    assert_in_order(&out, &["kldhost: injected NULL into taskqueue_create (call 1)", "taskqueue_create(nvmehp_hotplug, ", ") = NULL"]);
+    assert_in_order(mod_load(&out), &["kldhost: injected NULL into taskqueue_create (call 1)", "taskqueue_create(nvmehp_hotplug, ", ") = NULL"]);
+    assert_loaded_without_hotplug(code, &out);
+}
+
+#[test]
+fn the_hotplug_taskqueue_without_its_thread_is_freed_and_the_module_runs_without_acpi_hotplug() {
+    let Some(ko) = real_ko("fail_taskqueue_start_threads_load") else { return };
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--fail", "taskqueue_start_threads:1"]);
     assert_in_order(
-        console(&out),
-        &["nvme_hotplug: cannot start the hotplug task queue (12): ACPI hotplug disabled", "nvmehp0: attached: /dev/nvmehp0", "nvme_hotplug: unloaded (no hotplug machinery)"],
+        mod_load(&out),
+        &["kldhost: injected ENOMEM into taskqueue_start_threads (call 1)", "\"nvmehp_hotplug\") = 12 (no thread)", "taskqueue_free(nvmehp_hotplug)"],
     );
-    // No discovery: not one ACPI handler installed although the namespace has 30 slots.
-    assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
-    assert_attached_with_io(&out);
-    assert_clean_unload(code, &out);
+    assert!(console(&out).contains("_taskqueue_start_threads: no memory for nvmehp_hotplug threads"), "{out}");
+    assert_loaded_without_hotplug(code, &out);
 }
 
 #[test]
@@ -193,6 +231,12 @@ fn a_notify_handler_that_will_not_go_refuses_the_unload_with_ebusy_and_a_second_
     // kldunload again: the kept handler and the 29 reinstalled all go, and nothing is left.
     let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--fail", "AcpiRemoveNotifyHandler:2", "--kldunload-retries", "1"]);
     assert_in_order(&out, &["kldunload: pci/nvme_hotplug refused MOD_QUIESCE: error 16", "kldunload again (retry 1)"]);
+    // The refused unload tore nothing down: the module's queue and nodes stay until the retry.
+    let refused = between(&out, "MOD_EVENT(pci/nvme_hotplug, MOD_QUIESCE)", "kldunload again (retry 1)");
+    for never in ["taskqueue_free(", "destroy_dev_drain(", "MOD_UNLOAD"] {
+        assert!(!refused.contains(never), "{never} in a refused unload:\n{refused}");
+    }
+    assert_eq!(refused.matches("  AcpiRemoveNotifyHandler(").count(), 30, "each handler's removal tried once:\n{refused}");
     let mut wanted = refusal.to_vec();
     wanted.push("nvme_hotplug: unloaded (30 ACPI notify handlers removed)");
     assert_in_order(console(&out), &wanted);
@@ -205,14 +249,8 @@ fn an_m_nowait_malloc_failing_at_mod_load_disables_acpi_hotplug_and_nothing_else
     // Call 1 of the M_NOWAIT mallocs is MOD_LOAD's, after its task queue started: the queue
     // is freed again and the module runs without hotplug machinery.
     let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--fail", "malloc:1"]);
-    assert_in_order(&out, &["kldhost: injected NULL into malloc (call 1)", "flags 0x1) = NULL", "taskqueue_free("]);
-    assert_in_order(
-        console(&out),
-        &["nvme_hotplug: cannot start the hotplug task queue (12): ACPI hotplug disabled", "nvmehp0: attached: /dev/nvmehp0", "nvme_hotplug: unloaded (no hotplug machinery)"],
-    );
-    assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
-    assert_attached_with_io(&out);
-    assert_clean_unload(code, &out);
+    assert_in_order(mod_load(&out), &["kldhost: injected NULL into malloc (call 1)", "flags 0x1) = NULL", "taskqueue_free("]);
+    assert_loaded_without_hotplug(code, &out);
 }
 
 #[test]
