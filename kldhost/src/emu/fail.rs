@@ -169,6 +169,12 @@ pub const CANNOT_FAIL: &[(&str, &str)] = &[
     ("taskqueue_free", "subr_taskqueue.c taskqueue_free returns nothing"),
 ];
 
+/// Functions FreeBSD can fail that the module does not import (so kldhost does not emulate
+/// them), each with what the module uses instead: refused by the CLI.
+pub const NOT_IMPORTED: &[(&str, &str)] = &[
+    ("bus_dmamem_alloc", "its DMA memory (queues, PRP lists) is contigmalloc's: --fail contigmalloc"),
+];
+
 /// One `--fail` option.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Injection {
@@ -221,10 +227,11 @@ pub fn parse(spec: &str) -> Result<Injection, String> {
         None => (left, None),
     };
     let Some(f) = FAILABLE.iter().find(|f| f.name == name) else {
-        let why = CANNOT_FAIL.iter().find(|(n, _)| *n == name).map_or_else(
-            || format!("{name} is not a KPI function kldhost can fail"),
-            |(n, why)| format!("{n} cannot fail in FreeBSD ({why})"),
-        );
+        let why = match (CANNOT_FAIL.iter().find(|(n, _)| *n == name), NOT_IMPORTED.iter().find(|(n, _)| *n == name)) {
+            (Some((n, why)), _) => format!("{n} cannot fail in FreeBSD ({why})"),
+            (None, Some((n, instead))) => format!("{n} is not called by nvme_hotplug.ko ({instead})"),
+            (None, None) => format!("{name} is not a KPI function kldhost can fail"),
+        };
         return Err(format!("{why}; functions that can: {}", failable_list()));
     };
     let answer = match (f.kind, err) {
@@ -331,6 +338,8 @@ mod tests {
     fn refuses_what_freebsd_cannot_do() {
         let e = parse("disk_alloc").unwrap_err();
         assert!(e.contains("disk_alloc cannot fail") && e.contains("M_WAITOK") && e.contains("make_dev_s, bus_setup_intr"), "{e}");
+        let e = parse("bus_dmamem_alloc").unwrap_err();
+        assert!(e.contains("not called by nvme_hotplug.ko") && e.contains("--fail contigmalloc"), "{e}");
         let e = parse("no_such_function:1").unwrap_err();
         assert!(e.contains("not a KPI function") && e.contains("functions that can: "), "{e}");
         assert!(parse("make_dev_s=ENOMEM").unwrap_err().contains("EEXIST, EINVAL, ENAMETOOLONG"));
