@@ -86,6 +86,16 @@ enum Cmd {
         /// on INTx then completes its I/O only by polling).
         #[arg(long, requires = "qemu")]
         intx_undelivered: bool,
+        /// Failure injection (repeatable): the N-th call (default: every call) of the emulated
+        /// KPI function FUNC fails with ERR (an errno or ACPICA AE_ name or number; NULL for
+        /// a function returning a pointer; default: the likeliest FreeBSD error), answered as
+        /// FreeBSD's function answers it (src/emu/fail.rs lists the functions).
+        #[arg(long = "fail", value_name = "FUNC[:N][=ERR]", value_parser = kldhost::emu::fail::parse)]
+        fail: Vec<kldhost::emu::fail::Injection>,
+        /// After a refused kldunload (EBUSY), let the kernel's threads run and try kldunload
+        /// again, at most this many times.
+        #[arg(long, default_value_t = 0)]
+        kldunload_retries: usize,
     },
     /// The module's hotplug story on one QEMU machine, as FreeBSD's console shows it: kldload,
     /// attach, a write and a read, a surprise removal with writes in flight, a hot-add to
@@ -136,6 +146,9 @@ struct ScenarioArgs {
     /// A loader tunable, name=value (repeatable), after the runner's own.
     #[arg(long = "tunable", value_name = "NAME=VALUE")]
     tunables: Vec<String>,
+    /// Failure injection (repeatable), as for `run`: the N-th call of FUNC fails with ERR.
+    #[arg(long = "fail", value_name = "FUNC[:N][=ERR]", value_parser = kldhost::emu::fail::parse)]
+    fail: Vec<kldhost::emu::fail::Injection>,
     /// (internal) Run in this process and write the report here: the parent's child.
     #[arg(long, hide = true)]
     child_report: Option<PathBuf>,
@@ -163,7 +176,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries } => {
+            kldhost::emu::fail::arm(fail);
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
             let opts = kldhost::emu::run::Options {
                 timeouts,
@@ -182,6 +196,7 @@ fn main() -> ExitCode {
                 hold_disks_open,
                 park_readers,
                 intx_undelivered,
+                kldunload_retries,
             };
             match run(&ko, &opts) {
                 Ok(true) => ExitCode::SUCCESS,
@@ -236,6 +251,7 @@ fn scenario(a: ScenarioArgs) -> ExitCode {
             }
         };
         kldhost::emu::set_trace(a.trace);
+        kldhost::emu::fail::arm(a.fail.clone());
         let opts = kldhost::scenario::runner::Options { verbose: a.verbose, lose_a_write: a.lose_a_write, drop_notifies: a.drop_notifies, tunables, panic_before_step: a.panic_before_step };
         let report = kldhost::scenario::runner::run(&ko, &sc, &opts);
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();
@@ -270,6 +286,10 @@ fn scenario(a: ScenarioArgs) -> ExitCode {
     for t in &a.tunables {
         extra.push("--tunable".to_string());
         extra.push(t.clone());
+    }
+    for f in &a.fail {
+        extra.push("--fail".to_string());
+        extra.push(f.to_string());
     }
     let args = kldhost::scenario::child::Args { scenario: a.scenario.clone(), ko: a.ko.clone(), json: a.json.clone(), verbose: a.verbose, seed: a.seed, extra };
     let (report, json) = kldhost::scenario::child::run(&args, &sc.name, sc.seed, sc.machine.qemu_name());

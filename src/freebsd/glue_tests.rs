@@ -821,50 +821,6 @@ fn shutdown_notifies_the_controller_and_refuses_later_io() {
     let _ = teardown(live, &mut k, Removal::Surprise);
 }
 
-/// An ACPI notify handler that cannot be removed could still be called after kldunload, into
-/// unloaded code: MOD_QUIESCE refuses with EBUSY, before newbus detaches anything, keeps the
-/// handler, clears the unloading flag and resumes the hotplug task; a later unload (removal now
-/// succeeding) removes it and completes.
-#[test]
-fn unload_is_refused_while_a_notify_handler_cannot_be_removed() {
-    use super::module::nvmehp_modevent;
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(Knobs::default());
-    fk::insert_slot3(0x1b36);
-    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_LOAD as i32, arg), 0);
-    fk::run_queued(); // discovery installs the handler
-
-    fk::set_knobs(Knobs { acpi_remove_status: 0x0001, ..Knobs::default() }); // AE_ERROR
-    fk::record("-- unload 1 --");
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), bindings::EBUSY);
-    let log = fk::log();
-    let u = first(&log, "-- unload 1 --");
-    assert_eq!(positions(&log[u..], "AcpiRemoveNotifyHandler").len(), 1);
-    assert!(
-        log[u..].iter().all(|l| !l.starts_with("destroy_dev_drain") && !l.starts_with("taskqueue_free")),
-        "nothing is torn down: {:#?}",
-        &log[u..]
-    );
-    assert!(log.iter().any(|l| l.contains("1 ACPI notify handlers still installed: not unloading")), "{log:#?}");
-    assert!(!super::module::unloading(), "opens work again");
-    fk::run_queued(); // the resume
-    assert_eq!(super::slots::paused_for_tests(), Some(false), "the hotplug task runs again");
-    let log = fk::log();
-    assert_eq!(positions(&log[u..], "AcpiInstallNotifyHandler").len(), 0, "the kept handler is not installed twice");
-
-    fk::set_knobs(Knobs::default());
-    fk::record("-- unload 2 --");
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
-    let log = fk::log();
-    let u = first(&log, "-- unload 2 --");
-    let remove = first(&log[u..], "AcpiRemoveNotifyHandler") + u;
-    assert!(log[remove].contains("same_handler=true"), "the kept handler is removed: {}", log[remove]);
-    assert!(remove < last(&log, "taskqueue_free"));
-    assert!(log.last().unwrap().contains("unloaded (1 ACPI notify handlers removed)"), "{log:#?}");
-}
-
 /// bus_teardown_intr fails: the handler may still run (a shared INTx line calls it for other
 /// devices' interrupts) and it reaches the controller's state, so the teardown keeps that
 /// memory (no BAR or IRQ release, no free) and module unload is refused; the handler can

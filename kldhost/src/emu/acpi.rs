@@ -436,6 +436,7 @@ extern "C" fn emu_acpi_get_device(h: *mut c_void) -> *mut c_void {
 extern "C" fn emu_acpi_install_notify_handler(obj: *mut c_void, ty: u32, handler: u64, ctx: *mut c_void) -> u32 {
     let st = match node_of(obj) {
         _ if handler == 0 || ty != ACPI_SYSTEM_NOTIFY => AE_BAD_PARAMETER,
+        Some(_) if let Some(st) = super::fail::acpi("AcpiInstallNotifyHandler") => st,
         None => AE_BAD_PARAMETER,
         Some(n) => with(|e| {
             let list = e.acpi.handlers.entry(n).or_default();
@@ -455,6 +456,7 @@ extern "C" fn emu_acpi_remove_notify_handler(obj: *mut c_void, ty: u32, handler:
     wait_events_from_acpi_task("AcpiRemoveNotifyHandler");
     let st = match node_of(obj) {
         _ if handler == 0 || ty != ACPI_SYSTEM_NOTIFY => AE_BAD_PARAMETER,
+        Some(_) if let Some(st) = super::fail::acpi("AcpiRemoveNotifyHandler") => st,
         None => AE_BAD_PARAMETER,
         Some(n) => with(|e| {
             let list = e.acpi.handlers.entry(n).or_default();

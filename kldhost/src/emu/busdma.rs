@@ -271,6 +271,13 @@ extern "C" fn emu_bus_dma_tag_create(
     if parent != 0 && !with_dma(|d| d.tags.contains_key(&parent)) {
         kernel_panic(&format!("{what}: parent {parent:#x} is not a busdma tag"));
     }
+    if let Some(err) = super::fail::errno("bus_dma_tag_create") {
+        // common_bus_dma_tag_create: "Return a NULL tag on failure", set before anything.
+        // SAFETY: the caller's out-parameter.
+        unsafe { *dmat = 0 };
+        log(format!("{what} = {err} (*dmat = NULL)"));
+        return err;
+    }
     // common_bus_dma_tag_create: the boundary caps the segment size.
     let maxsegsz = if boundary != 0 && boundary < maxsegsz { boundary } else { maxsegsz };
     let refusal = if maxsegsz == 0 {

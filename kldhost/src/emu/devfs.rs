@@ -67,7 +67,8 @@ extern "C" fn emu_make_dev_s(args1: *const layouts::make_dev_args, dres: *mut *m
     // SAFETY: a printf(9) format and its arguments, per make_dev(9).
     let name = unsafe { format(fmt, &[a1, a2, a3]) };
     let exists = with(|e| e.devs.contains_key(&name));
-    if let Some(err) = name_error(&name, exists) {
+    // An injected failure is one of the name errors (fail.rs), answered as a real one is.
+    if let Some(err) = super::fail::errno("make_dev_s").or_else(|| name_error(&name, exists)) {
         if args.mda_flags & layouts::MAKEDEV_CHECKNAME == 0 {
             let rule = if err == layouts::EEXIST { Rule::DuplicateName } else { Rule::BadMakeDevFlags };
             super::rules::panic(rule, &format!("make_dev_sv: bad si_name (error={err}, si_name={name})"));

@@ -23,6 +23,10 @@ extern "C" fn emu_contigmalloc(size: u64, mtp: *mut layouts::malloc_type, flags:
     if !known {
         finding(format!("contigmalloc({size}) with malloc type {mtp:p}, which malloc_init has not registered"));
     }
+    if super::fail::null("contigmalloc") {
+        log(format!("contigmalloc({size}) = NULL"));
+        return std::ptr::null_mut();
+    }
     if !super::machine::has_machine() {
         log(format!("contigmalloc({size}) = NULL (no machine: no memory a device can reach)"));
         return std::ptr::null_mut();

@@ -180,10 +180,14 @@ pub struct Block {
 /// The pattern freed memory is filled with.
 pub const FREE_POISON: u32 = 0xdeadc0de;
 
-fn alloc(size: usize, align: usize, mtp: *mut layouts::malloc_type, flags: c_int, what: &str) -> *mut c_void {
+fn alloc(size: usize, align: usize, mtp: *mut layouts::malloc_type, flags: c_int, what: &'static str) -> *mut c_void {
     let known = with(|e| e.malloc_types.contains(&(mtp as u64)));
     if !known {
         finding(format!("{what}({size}) with malloc type {mtp:p}, which malloc_init has not registered"));
+    }
+    if flags & layouts::M_NOWAIT != 0 && super::fail::null(what) {
+        log(format!("{what}({size}, flags {flags:#x}) = NULL"));
+        return std::ptr::null_mut();
     }
     let Ok(layout) = Layout::from_size_align(size.max(1), align.max(16)) else {
         log(format!("{what}({size}, align {align}) = NULL (bad size or alignment)"));

@@ -24,6 +24,7 @@ pub mod bioq;
 pub mod busdma;
 pub mod devfs;
 pub mod dma;
+pub mod fail;
 pub mod geom;
 pub mod intx;
 pub mod kern;

@@ -309,6 +309,10 @@ extern "C" fn pci_alloc_msix_m(_dev: *mut c_void, child: *mut c_void, count: *mu
     let c = child_of(child);
     // SAFETY: the caller's int.
     let want = unsafe { *count };
+    if let Some(err) = super::fail::errno("pci_alloc_msix") {
+        log(format!("pci_alloc_msix({}, {want}) = {err} (MSI-X not enabled)", newbus::nameunit(child as u64)));
+        return err;
+    }
     // pci.c pci_alloc_msix_method's order: rid 0 allocated, messages already allocated
     // (ENXIO), then no capability or `hw.pci.enable_msix=0` (ENODEV).
     if intx_allocated(child) || c.msix.as_ref().is_some_and(|m| m.allocated > 0) {
@@ -432,6 +436,10 @@ extern "C" fn emu_bus_alloc_resource(dev: *mut c_void, kind: c_int, rid: *mut c_
     // SAFETY: the caller's int.
     let r = unsafe { *rid };
     let name = newbus::nameunit(dev as u64);
+    if super::fail::null("bus_alloc_resource") {
+        log(format!("bus_alloc_resource({name}, type {kind}, rid {r:#x}) = NULL (nothing allocated)"));
+        return std::ptr::null_mut();
+    }
     let mut res = Box::<layouts::resource>::default();
     let (size, window) = match kind {
         layouts::SYS_RES_MEMORY => {
@@ -525,6 +533,10 @@ extern "C" fn emu_bus_setup_intr(dev: *mut c_void, r: *mut layouts::resource, fl
     };
     if filter == 0 && handler == 0 {
         return layouts::EINVAL;
+    }
+    if let Some(err) = super::fail::errno("bus_setup_intr") {
+        log(format!("bus_setup_intr({}, irq rid {rid}, flags {flags:#x}) = {err} (no handler)", newbus::nameunit(dev as u64)));
+        return err;
     }
     let cookie = Box::into_raw(Box::new(0u64)) as u64;
     with(|e| e.pci.intrs.insert(cookie, Intr { dev: dev as u64, res: r as u64, rid, filter, handler, arg }));

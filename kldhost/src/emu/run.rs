@@ -263,6 +263,10 @@ pub struct Options {
     /// a driver on INTx, e.g. with [`super::pci_tunables::INTX_ONLY_TUNABLES`]: only its own
     /// polling can complete its I/O).
     pub intx_undelivered: bool,
+    /// After a refused kldunload (EBUSY), the kernel's threads run (the module's own work, e.g.
+    /// its hotplug task resuming) and kldunload is tried again, at most this many times, as an
+    /// administrator repeats it.
+    pub kldunload_retries: usize,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -717,6 +721,14 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
     }
     observe(Moment::Unloading, &report);
     kldunload(ko, &names, &mut report, &held)?;
+    for attempt in 0..opts.kldunload_retries {
+        if report.unloaded {
+            break;
+        }
+        let ran = super::sched::run_queues(1000);
+        log(format!("kldunload refused; taskqueue threads ran {ran} tasks; kldunload again (retry {})", attempt + 1));
+        kldunload(ko, &names, &mut report, &held)?;
+    }
     observe(Moment::Unloaded, &report);
     with(|e| {
         report.log = std::mem::take(&mut e.log);

@@ -132,6 +132,10 @@ extern "C" fn emu_taskqueue_create(name: *const c_char, mflags: c_int, enqueue: 
     if mflags & layouts::M_WAITOK != 0 {
         may_sleep("taskqueue_create(M_WAITOK)");
     }
+    if super::fail::null("taskqueue_create") {
+        log(format!("taskqueue_create({name}, enqueue {enqueue:p}, context {context:p}) = NULL"));
+        return std::ptr::null_mut();
+    }
     let id = Box::into_raw(Box::new(0u64)) as u64;
     with(|e| e.queues.insert(id, Queue { name: name.clone(), tasks: VecDeque::new(), threads: 0 }));
     log(format!("taskqueue_create({name}, enqueue {enqueue:p}, context {context:p}) = {id:#x}"));
@@ -141,6 +145,14 @@ extern "C" fn emu_taskqueue_create(name: *const c_char, mflags: c_int, enqueue: 
 extern "C" fn emu_taskqueue_start_threads(tqp: *mut *mut c_void, count: c_int, pri: c_int, fmt: *const c_char, a1: u64, a2: u64, a3: u64, a4: u64) -> c_int {
     // SAFETY: tqp points to the queue pointer taskqueue_create returned; fmt is a format.
     let (q, name) = unsafe { (*tqp as u64, super::kern::format(fmt, &[a1, a2, a3, a4])) };
+    if with(|e| e.queues.contains_key(&q)) {
+        if let Some(err) = super::fail::errno("taskqueue_start_threads") {
+            // _taskqueue_start_threads: its thread array's malloc failed; the queue stays.
+            super::kern::console_text(&format!("_taskqueue_start_threads: no memory for {name} threads\n"));
+            log(format!("taskqueue_start_threads({q:#x}, {count}, pri {pri}, {name:?}) = {err} (no thread)"));
+            return err;
+        }
+    }
     let ok = with(|e| e.queues.get_mut(&q).map(|q| q.threads += count).is_some());
     log(format!("taskqueue_start_threads({q:#x}, {count}, pri {pri}, {name:?})"));
     if !ok {
