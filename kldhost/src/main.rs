@@ -86,6 +86,12 @@ enum Cmd {
         /// on INTx then completes its I/O only by polling).
         #[arg(long, requires = "qemu")]
         intx_undelivered: bool,
+        /// With --qemu: QEMU's q35 (ICH9) machine: the controller behind the pcie-root-port in
+        /// slot 4 (pcib1 -> pci1), and with --acpi q35's namespace (\_SB_.PCI0.S20_.S00_ is
+        /// slot 4's hotplug slot). Not with --eject, --hot-add or --surprise (their steps name
+        /// pc's slots) nor INTx (ICH9's routing is not emulated).
+        #[arg(long, requires = "qemu", conflicts_with_all = ["eject", "surprise", "intx_undelivered"])]
+        q35: bool,
     },
     /// The module's hotplug story on one QEMU machine, as FreeBSD's console shows it: kldload,
     /// attach, a write and a read, a surprise removal with writes in flight, a hot-add to
@@ -163,7 +169,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, q35 } => {
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
             let opts = kldhost::emu::run::Options {
                 timeouts,
@@ -182,6 +188,7 @@ fn main() -> ExitCode {
                 hold_disks_open,
                 park_readers,
                 intx_undelivered,
+                q35,
             };
             match run(&ko, &opts) {
                 Ok(true) => ExitCode::SUCCESS,

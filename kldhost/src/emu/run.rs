@@ -263,6 +263,10 @@ pub struct Options {
     /// a driver on INTx, e.g. with [`super::pci_tunables::INTX_ONLY_TUNABLES`]: only its own
     /// polling can complete its I/O).
     pub intx_undelivered: bool,
+    /// With `qemu`: QEMU's q35 (ICH9) instead of pc: the controller sits behind the
+    /// `pcie-root-port` in slot 4 (00:04.0, a pcib with its own pci bus; the controller is
+    /// device 0.0 on that bus), and with `acpi` the namespace is q35's ([`super::acpi`]).
+    pub q35: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -292,7 +296,7 @@ pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report,
 /// lock as devctl's ioctl takes it (sys/kern/subr_bus.c devctl2_ioctl): DEV_SET_DRIVER with
 /// force (the devclass fixed to the driver, then probe and attach) and DEV_DETACH.
 fn devctl_set_driver_and_attach(driver: &str, report: &mut Report) {
-    for child in super::newbus::pci_children() {
+    for child in super::newbus::pci_functions() {
         if super::newbus::state(child) >= layouts::DS_ATTACHED {
             log(format!("{} {}: attached at MOD_LOAD; devctl set driver not needed", location(child), super::newbus::nameunit(child)));
             report.attach.push((location(child), super::newbus::nameunit(child), 0));
@@ -307,7 +311,7 @@ fn devctl_set_driver_and_attach(driver: &str, report: &mut Report) {
 }
 
 fn devctl_detach(report: &mut Report) {
-    for child in super::newbus::pci_children() {
+    for child in super::newbus::pci_functions() {
         if super::newbus::state(child) < layouts::DS_ATTACHED {
             continue;
         }
@@ -321,7 +325,7 @@ fn devctl_detach(report: &mut Report) {
 
 /// Whether a function in `slot` is on pci0.
 fn in_slot(slot: u8) -> bool {
-    super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {slot}.0"))
+    super::newbus::pci_functions().iter().any(|&c| location(c) == format!("device {slot}.0"))
 }
 
 /// QMP `device_del` of the controller `id` in `slot`, then the SCI's work and the module's
@@ -446,7 +450,7 @@ fn hot_add(report: &mut Report, slot: u8, id: &str) {
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let attached = || {
-        super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {slot}.0") && super::newbus::state(c) >= layouts::DS_ATTACHED)
+        super::newbus::pci_functions().iter().any(|&c| location(c) == format!("device {slot}.0") && super::newbus::state(c) >= layouts::DS_ATTACHED)
     };
     while !attached() && std::time::Instant::now() < deadline {
         for n in super::acpi::run_gpe() {
@@ -622,7 +626,8 @@ pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Momen
     super::pci_tunables::load(&opts.tunables);
     super::intx::set_delivered(!opts.intx_undelivered);
     if opts.qemu {
-        super::machine::start().map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
+        let kind = if opts.q35 { nvmehp_lab::qemu::MachineKind::Q35 } else { nvmehp_lab::qemu::MachineKind::Pc };
+        super::machine::start(kind).map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
         super::newbus::build_tree(&functions);
         if opts.acpi {
