@@ -59,6 +59,25 @@ pub struct Knobs {
     pub dma_tag_create_error: c_int,
     /// What bus_setup_intr returns (0: success; the handler is then installed).
     pub setup_intr_error: c_int,
+    /// Which hotplug slots the fake `\_SB_.PCI0` has ([`Layout`]).
+    pub layout: Layout,
+    /// The root port's secondary bus is not attached yet: `device_find_child(pcib1, "pci")`
+    /// finds nothing (as early in boot, loaded from loader.conf).
+    pub pci1_missing: bool,
+}
+
+/// The fake ACPI namespace below `\_SB_.PCI0` and the newbus tree it describes.
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Layout {
+    /// i440fx: one `_EJ0` slot `S18_` on pci0 (slot 3).
+    #[default]
+    I440fx,
+    /// q35: no slot on pci0; a PCIe root port `S20_` (pci0 slot 4, no `_EJ0`, device `pcib1`)
+    /// whose secondary bus `pci1` (bus number 4) has the one slot `S20_.S00_` (`_ADR` 0);
+    /// and the LPC bridge `SF8_` (pci0 slot 31), whose child has no `_EJ0`.
+    Q35,
+    /// Both: `S18_` on pci0 and the root port's `S20_.S00_` on pci1.
+    Both,
 }
 
 /// An ACPI notify handler as ACPICA calls it.
@@ -67,7 +86,9 @@ type NotifyFn = unsafe extern "C" fn(ACPI_HANDLE, u32, *mut c_void);
 std::thread_local! {
     static LOG: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
     static KNOBS: Cell<Knobs> = Cell::new(Knobs::default());
-    static NOTIFY: Cell<Option<(unsafe extern "C" fn(ACPI_HANDLE, u32, *mut c_void), *mut c_void)>> = const { Cell::new(None) };
+    /// The installed notify handlers, one per object (a second install on an object replaces
+    /// the first), in install order.
+    static NOTIFY: RefCell<Vec<(usize, NotifyFn, *mut c_void)>> = const { RefCell::new(Vec::new()) };
     static INTR: Cell<Option<(unsafe extern "C" fn(*mut c_void), *mut c_void)>> = const { Cell::new(None) };
     static CALLOUT: Cell<Option<(unsafe extern "C" fn(*mut c_void), *mut c_void)>> = const { Cell::new(None) };
     /// Addresses of the mutexes this thread holds (0: the one softclock holds for a callout).
@@ -75,9 +96,12 @@ std::thread_local! {
     static CDEVS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     static DISKS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     static QUEUED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
-    /// The functions of the fake pci0 that answer config reads, or have a device_t (see
-    /// [`FakeFn`]); slot 3 is the ACPI slot `S18_`.
-    static FUNCS: RefCell<std::collections::BTreeMap<(u8, u8), FakeFn>> = const { RefCell::new(std::collections::BTreeMap::new()) };
+    /// Timeout tasks armed and not run yet ([`run_timeouts`]).
+    static TIMEOUTS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    /// The functions that answer config reads, or have a device_t (see [`FakeFn`]), by (bus
+    /// number, slot, function): pci0's slot 3 is the ACPI slot `S18_`, pci1 (bus 4) slot 0 the
+    /// root port's `S20_.S00_`.
+    static FUNCS: RefCell<std::collections::BTreeMap<(u8, u8, u8), FakeFn>> = const { RefCell::new(std::collections::BTreeMap::new()) };
     /// Every config read through the bridge since `reset`: (slot, function, register).
     static CONFIG_READS: RefCell<Vec<(u8, u8, u32)>> = const { RefCell::new(Vec::new()) };
     /// What PCIB_MAXFUNCS of pcib0 answers (7; more would mean ARI).
@@ -93,7 +117,7 @@ std::thread_local! {
     static DELAYS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
     /// The driver of a pci0 function's device_t when it is not nvmehp ([`set_function_driver`]):
     /// `Some(name)` another driver's, `None` no driver (DS_NOTPRESENT).
-    static DRIVERS: RefCell<std::collections::BTreeMap<(u8, u8), Option<&'static CStr>>> = const { RefCell::new(std::collections::BTreeMap::new()) };
+    static DRIVERS: RefCell<std::collections::BTreeMap<(u8, u8, u8), Option<&'static CStr>>> = const { RefCell::new(std::collections::BTreeMap::new()) };
     /// Notify dispatches ACPICA queued with the handler list as it was then (see
     /// [`queue_notify_dispatch`]); `AcpiOsWaitEventsComplete` runs them.
     static DISPATCHES: RefCell<Vec<(NotifyFn, usize, u32)>> = const { RefCell::new(Vec::new()) };
@@ -163,6 +187,7 @@ pub fn reset(knobs: Knobs) {
     MEM_RES.with(|m| m.borrow_mut().clear());
     COMMAND.with(|c| c.set(0));
     QUEUED.with(|l| l.borrow_mut().clear());
+    TIMEOUTS.with(|l| l.borrow_mut().clear());
     FUNCS.with(|f| f.borrow_mut().clear());
     CONFIG_READS.with(|r| r.borrow_mut().clear());
     MAX_FUNCS.with(|m| m.set(7));
@@ -173,12 +198,23 @@ pub fn reset(knobs: Knobs) {
     NEWBUS.with(|n| n.borrow_mut().clear());
     DISPATCHES.with(|d| d.borrow_mut().clear());
     DRIVERS.with(|d| d.borrow_mut().clear());
+    NOTIFY.with(|n| n.borrow_mut().clear());
+    if knobs.layout != Layout::I440fx {
+        // The root port itself: a bridge function of pci0 that pcib(4) drives.
+        set_function(RP_SLOT, 0, FakeFn { vendor: 0x1b36, hdrtype: 0x01, child: true });
+        set_function_driver(RP_SLOT, 0, Some(c"pcib"));
+    }
 }
 
 /// Gives the device_t of pci0's `slot`.`func` another driver (`Some(c"nvme")`) or none
 /// (`None`: probed, no driver took it); without this every device is nvmehp's.
 pub fn set_function_driver(slot: u8, func: u8, driver: Option<&'static CStr>) {
-    DRIVERS.with(|d| d.borrow_mut().insert((slot, func), driver));
+    set_function_driver_on(0, slot, func, driver);
+}
+
+/// [`set_function_driver`] for `slot`.`func` of the pci bus numbered `bus`.
+pub fn set_function_driver_on(bus: u8, slot: u8, func: u8, driver: Option<&'static CStr>) {
+    DRIVERS.with(|d| d.borrow_mut().insert((bus, slot, func), driver));
 }
 
 fn driver_entry(dev: device_t) -> Option<Option<&'static CStr>> {
@@ -228,11 +264,27 @@ fn leak<T>() -> *mut T {
     Box::into_raw(Box::new(unsafe { core::mem::zeroed::<T>() }))
 }
 
-/// Simulates the ACPI task thread delivering notification `value`.
+/// Simulates the ACPI task thread delivering notification `value` to the handler installed
+/// last.
 pub fn deliver_notify(value: u32) {
-    let (f, ctx) = NOTIFY.with(|n| n.get()).expect("no notify handler installed");
+    let (_, f, ctx) = NOTIFY.with(|n| n.borrow().last().copied()).expect("no notify handler installed");
     // SAFETY: the handler and context the wrapper installed.
     unsafe { f(0x5107 as ACPI_HANDLE, value, ctx) }
+}
+
+/// Simulates the ACPI task thread delivering notification `value` sent to the object `handle`
+/// (e.g. [`RP_SLOT_ACPI`]) to the handler installed there.
+pub fn deliver_notify_to(handle: usize, value: u32) {
+    let (h, f, ctx) = NOTIFY
+        .with(|n| n.borrow().iter().find(|(h, _, _)| *h == handle).copied())
+        .unwrap_or_else(|| panic!("no notify handler on {handle:#x}"));
+    // SAFETY: the handler and context the wrapper installed on that object.
+    unsafe { f(h as ACPI_HANDLE, value, ctx) }
+}
+
+/// The objects that have a notify handler installed, in install order.
+pub fn notify_objects() -> Vec<usize> {
+    NOTIFY.with(|n| n.borrow().iter().map(|(h, _, _)| *h).collect())
 }
 
 /// Simulates the interrupt thread running the handler.
@@ -337,7 +389,13 @@ pub unsafe extern "C" fn destroy_dev_sched_cb(dev: *mut cdev, cb: Option<unsafe 
 pub unsafe extern "C" fn AcpiInstallNotifyHandler(dev: ACPI_HANDLE, ty: u32, h: ACPI_NOTIFY_HANDLER, ctx: *mut c_void) -> u32 {
     let _fake = FakeWork::begin();
     record(format!("AcpiInstallNotifyHandler {dev:p} type={ty}"));
-    NOTIFY.with(|n| n.set(h.map(|f| (f, ctx))));
+    NOTIFY.with(|n| {
+        let mut n = n.borrow_mut();
+        n.retain(|(o, _, _)| *o != dev as usize);
+        if let Some(f) = h {
+            n.push((dev as usize, f, ctx));
+        }
+    });
     NVMEHP_AE_OK
 }
 
@@ -345,11 +403,12 @@ pub unsafe extern "C" fn AcpiInstallNotifyHandler(dev: ACPI_HANDLE, ty: u32, h: 
 pub unsafe extern "C" fn AcpiRemoveNotifyHandler(dev: ACPI_HANDLE, ty: u32, h: ACPI_NOTIFY_HANDLER) -> u32 {
     let _fake = FakeWork::begin();
     // Identity of the function, as ACPICA compares it when removing.
-    let same = NOTIFY.with(|n| n.get()).map(|(f, _)| Some(f as usize) == h.map(|h| h as usize)).unwrap_or(false);
+    let installed = NOTIFY.with(|n| n.borrow().iter().find(|(o, _, _)| *o == dev as usize).map(|(_, f, _)| *f as usize));
+    let same = installed.is_some_and(|f| Some(f) == h.map(|h| h as usize));
     record(format!("AcpiRemoveNotifyHandler {dev:p} type={ty} same_handler={same}"));
     let st = knobs().acpi_remove_status;
     if st == NVMEHP_AE_OK {
-        NOTIFY.with(|n| n.set(None));
+        NOTIFY.with(|n| n.borrow_mut().retain(|(o, _, _)| *o != dev as usize));
     }
     st
 }
@@ -359,7 +418,7 @@ pub unsafe extern "C" fn AcpiRemoveNotifyHandler(dev: ACPI_HANDLE, ty: u32, h: A
 /// it yet: the dispatch calls the handler installed now, with its context, when
 /// `AcpiOsWaitEventsComplete` drains the queue, even if the handler was removed in between.
 pub fn queue_notify_dispatch(value: u32) {
-    let (f, ctx) = NOTIFY.with(|n| n.get()).expect("no notify handler installed");
+    let (_, f, ctx) = NOTIFY.with(|n| n.borrow().last().copied()).expect("no notify handler installed");
     DISPATCHES.with(|d| d.borrow_mut().push((f, ctx as usize, value)));
 }
 
@@ -376,9 +435,14 @@ pub unsafe extern "C" fn AcpiOsWaitEventsComplete() {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn AcpiGetName(_h: ACPI_HANDLE, _ty: u32, buf: *mut ACPI_BUFFER) -> u32 {
+pub unsafe extern "C" fn AcpiGetName(h: ACPI_HANDLE, _ty: u32, buf: *mut ACPI_BUFFER) -> u32 {
     let _fake = FakeWork::begin();
-    let name = b"\\_SB_.S18_\0";
+    let name: &[u8] = match h as usize {
+        PCI0_ACPI => b"\\_SB_.PCI0\0",
+        ROOT_PORT_ACPI => b"\\_SB_.PCI0.S20_\0",
+        RP_SLOT_ACPI => b"\\_SB_.PCI0.S20_.S00_\0",
+        _ => b"\\_SB_.S18_\0",
+    };
     // SAFETY: the wrapper passes a caller-provided buffer of `Length` bytes.
     unsafe {
         let b = &mut *buf;
@@ -548,6 +612,16 @@ pub fn run_queued() {
     panic!("the task queue never became empty");
 }
 
+/// Simulates the armed timeout tasks coming due: runs each once (the module must still be
+/// loaded: they are its tasks).
+pub fn run_timeouts() {
+    let armed = TIMEOUTS.with(|l| core::mem::take(&mut *l.borrow_mut()));
+    for tt in armed {
+        // SAFETY: a timeout task the wrapper armed, alive while the module is loaded.
+        run_task(unsafe { &raw mut (*(tt as *mut timeout_task)).t });
+    }
+}
+
 /// Simulates the queue thread running a queued task (what taskqueue_run_locked does).
 pub fn run_task(t: *mut task) {
     // SAFETY: a task enqueued by the wrapper.
@@ -572,15 +646,22 @@ pub unsafe extern "C" fn _timeout_task_init(_q: *mut taskqueue, tt: *mut timeout
 pub unsafe extern "C" fn taskqueue_enqueue_timeout_sbt(_q: *mut taskqueue, tt: *mut timeout_task, sbt: i64, pr: i64, flags: c_int) -> c_int {
     let _fake = FakeWork::begin();
     record(format!("taskqueue_enqueue_timeout sbt={sbt} pr={pr} flags={flags}"));
+    TIMEOUTS.with(|l| {
+        let mut l = l.borrow_mut();
+        if !l.contains(&(tt as usize)) {
+            l.push(tt as usize);
+        }
+    });
     // SAFETY: the wrapper's timeout task.
     unsafe { (*tt).t.ta_pending += 1 };
     0
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn taskqueue_drain_timeout(_q: *mut taskqueue, _tt: *mut timeout_task) {
+pub unsafe extern "C" fn taskqueue_drain_timeout(_q: *mut taskqueue, tt: *mut timeout_task) {
     let _fake = FakeWork::begin();
     record("taskqueue_drain_timeout");
+    TIMEOUTS.with(|l| l.borrow_mut().retain(|&t| t != tt as usize));
 }
 
 #[no_mangle]
@@ -907,12 +988,36 @@ pub unsafe extern "C" fn nvmehp_pci_disable_busmaster(_dev: device_t) -> c_int {
 }
 
 // --- a fake ACPI PCI bus: \_SB_.PCI0 (pcib0 -> pci0) with one _EJ0 slot S18_ = PCI slot 3 ---
+// --- and, in the q35 layouts, a root port S20_ (pcib1 -> pci1) with the slot S20_.S00_ -------
 
 /// pcib0, pci0, the slot object and the PCI0 object.
 pub const PCIB0: usize = 0xb0;
 pub const PCI0: usize = 0xb1;
 pub const SLOT3: usize = 0x5103;
 pub const PCI0_ACPI: usize = 0x9c10;
+/// The root port's slot on pci0 and the bus number of its secondary bus (the lab's numbering:
+/// the bus number is the port's slot).
+pub const RP_SLOT: u8 = 4;
+pub const PCI1_BUS: u8 = 4;
+/// pci1, the root port's secondary bus (the root port, pcib1, is pci0's function 4.0:
+/// [`pcib1`]).
+pub const PCI1: usize = 0xb3;
+/// The root port's object `S20_` (no `_EJ0`) and its hotplug slot `S20_.S00_`.
+pub const ROOT_PORT_ACPI: usize = 0x5120;
+pub const RP_SLOT_ACPI: usize = 0x5200;
+/// The LPC bridge `SF8_` (pci0 slot 31, no `_EJ0`) and its child `SF8_.KBD_` (no `_EJ0`, no
+/// `_ADR`), in the q35 layout.
+pub const LPC_ACPI: usize = 0x51f8;
+pub const KBD_ACPI: usize = 0x5300;
+
+/// The root port's device_t (pcib1): pci0's function `RP_SLOT`.0.
+pub fn pcib1() -> device_t {
+    function_device(RP_SLOT, 0)
+}
+
+fn has_root_port() -> bool {
+    knobs().layout != Layout::I440fx
+}
 
 /// One PCI function of the fake pci0.
 #[derive(Clone, Copy, Debug)]
@@ -932,12 +1037,22 @@ pub fn insert_slot3(vendor: u32) {
 
 /// Sets what `slot`.`func` of pci0 answers and whether it has a device_t.
 pub fn set_function(slot: u8, func: u8, f: FakeFn) {
-    FUNCS.with(|m| m.borrow_mut().insert((slot, func), f));
+    set_function_on(0, slot, func, f);
 }
 
-/// The state of `slot`.`func` (absent: nothing answers, no device_t).
+/// [`set_function`] on the pci bus numbered `bus` (0: pci0, [`PCI1_BUS`]: pci1).
+pub fn set_function_on(bus: u8, slot: u8, func: u8, f: FakeFn) {
+    FUNCS.with(|m| m.borrow_mut().insert((bus, slot, func), f));
+}
+
+/// The state of pci0's `slot`.`func` (absent: nothing answers, no device_t).
 pub fn function(slot: u8, func: u8) -> FakeFn {
-    FUNCS.with(|m| m.borrow().get(&(slot, func)).copied()).unwrap_or(FakeFn { vendor: 0xffff, hdrtype: 0xff, child: false })
+    function_on(0, slot, func)
+}
+
+/// [`function`] on the pci bus numbered `bus`.
+pub fn function_on(bus: u8, slot: u8, func: u8) -> FakeFn {
+    FUNCS.with(|m| m.borrow().get(&(bus, slot, func)).copied()).unwrap_or(FakeFn { vendor: 0xffff, hdrtype: 0xff, child: false })
 }
 
 /// Every config read through pcib0 since `reset`: (slot, function, register).
@@ -953,23 +1068,41 @@ pub fn set_max_funcs(n: c_int) {
 /// The device_t pci0 has for `slot`.`func`: slot 3 function 0 is [`fake_device`] (the
 /// controller the other tests attach); the others get an address of their own.
 pub fn function_device(slot: u8, func: u8) -> device_t {
-    if (slot, func) == (3, 0) { fake_device() } else { (0xd000 + (usize::from(slot) << 3) + usize::from(func)) as device_t }
+    function_device_on(0, slot, func)
 }
 
-fn function_of(dev: device_t) -> Option<(u8, u8)> {
+/// The device_t of `slot`.`func` on the pci bus numbered `bus` (a bus of its own: pci1's
+/// slot 0 is not pci0's slot 0).
+pub fn function_device_on(bus: u8, slot: u8, func: u8) -> device_t {
+    if (bus, slot, func) == (0, 3, 0) {
+        fake_device()
+    } else {
+        (0xd000 + (usize::from(bus) << 8) + (usize::from(slot) << 3) + usize::from(func)) as device_t
+    }
+}
+
+/// (bus number, slot, function) of a function's device_t.
+fn function_of(dev: device_t) -> Option<(u8, u8, u8)> {
     match dev as usize {
-        0xde71ce => Some((3, 0)),
-        a @ 0xd000..=0xd0ff => Some((((a - 0xd000) >> 3) as u8, ((a - 0xd000) & 7) as u8)),
+        0xde71ce => Some((0, 3, 0)),
+        a @ 0xd000..=0xdfff => Some((((a - 0xd000) >> 8) as u8, ((a & 0xff) >> 3) as u8, (a & 7) as u8)),
         _ => None,
     }
+}
+
+/// "slot.func" on pci0, "bus:slot.func" elsewhere, for the log.
+fn function_name((b, s, f): (u8, u8, u8)) -> String {
+    if b == 0 { format!("{s}.{f}") } else { format!("{b}:{s}.{f}") }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn device_get_parent(dev: device_t) -> device_t {
     let _fake = FakeWork::begin();
-    match dev as usize {
-        PCI0 => PCIB0 as device_t,
-        0xde71ce | 0xd000..=0xd0ff => PCI0 as device_t,
+    match (dev as usize, function_of(dev)) {
+        (PCI0, _) => PCIB0 as device_t,
+        (PCI1, _) => pcib1(),
+        (_, Some((0, _, _))) => PCI0 as device_t,
+        (_, Some((PCI1_BUS, _, _))) => PCI1 as device_t,
         _ => core::ptr::null_mut(),
     }
 }
@@ -993,6 +1126,7 @@ pub unsafe extern "C" fn AcpiGetHandle(parent: ACPI_HANDLE, path: *const c_char,
     let found = match (parent as usize, path.as_str()) {
         (0, "\\_SB_.PCI0") => Some(PCI0_ACPI),
         (SLOT3, "_EJ0") | (SLOT3, "_OST") => Some(SLOT3 + 0x1000),
+        (RP_SLOT_ACPI, "_EJ0") | (RP_SLOT_ACPI, "_OST") => Some(RP_SLOT_ACPI + 0x1000),
         _ => None,
     };
     match found {
@@ -1016,9 +1150,17 @@ pub unsafe extern "C" fn AcpiWalkNamespace(
     _ret: *mut *mut c_void,
 ) -> u32 {
     let _fake = FakeWork::begin();
-    if start as usize == PCI0_ACPI {
+    let children: &[usize] = match (start as usize, knobs().layout) {
+        (PCI0_ACPI, Layout::I440fx) => &[SLOT3],
+        (PCI0_ACPI, Layout::Q35) => &[ROOT_PORT_ACPI, LPC_ACPI],
+        (PCI0_ACPI, Layout::Both) => &[SLOT3, ROOT_PORT_ACPI],
+        (ROOT_PORT_ACPI, Layout::Q35 | Layout::Both) => &[RP_SLOT_ACPI],
+        (LPC_ACPI, Layout::Q35) => &[KBD_ACPI],
+        _ => &[],
+    };
+    for &c in children {
         // SAFETY: the wrapper's callback and context.
-        unsafe { cb.unwrap()(SLOT3 as ACPI_HANDLE, 1, ctx, core::ptr::null_mut()) };
+        unsafe { cb.unwrap()(c as ACPI_HANDLE, 1, ctx, core::ptr::null_mut()) };
     }
     NVMEHP_AE_OK
 }
@@ -1026,33 +1168,55 @@ pub unsafe extern "C" fn AcpiWalkNamespace(
 #[no_mangle]
 pub unsafe extern "C" fn acpi_get_device(h: ACPI_HANDLE) -> device_t {
     let _fake = FakeWork::begin();
-    if h as usize == PCI0_ACPI { PCIB0 as device_t } else { core::ptr::null_mut() }
+    match h as usize {
+        PCI0_ACPI => PCIB0 as device_t,
+        // acpi_pci binds the object to the bridge's device_t when it adds pci0's children
+        // (acpi_pci_save_handle): only when it drives pci0.
+        ROOT_PORT_ACPI if has_root_port() && knobs().acpi_pci_bus => pcib1(),
+        _ => core::ptr::null_mut(),
+    }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn device_find_child(dev: device_t, class: *const c_char, _unit: c_int) -> device_t {
     let _fake = FakeWork::begin();
-    if dev as usize == PCIB0 && cstr(class) == "pci" { PCI0 as device_t } else { core::ptr::null_mut() }
+    match (dev, cstr(class).as_str()) {
+        (d, "pci") if d as usize == PCIB0 => PCI0 as device_t,
+        (d, "pci") if d == pcib1() && has_root_port() && !knobs().pci1_missing => PCI1 as device_t,
+        _ => core::ptr::null_mut(),
+    }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn acpi_GetInteger(h: ACPI_HANDLE, path: *const c_char, out: *mut u32) -> u32 {
     let _fake = FakeWork::begin();
-    if h as usize == SLOT3 && cstr(path) == "_ADR" {
-        // SAFETY: valid out pointer.
-        unsafe { *out = 3 << 16 };
-        return NVMEHP_AE_OK;
+    let adr = match h as usize {
+        SLOT3 => 3 << 16,
+        ROOT_PORT_ACPI => u32::from(RP_SLOT) << 16,
+        RP_SLOT_ACPI => 0,
+        LPC_ACPI => 0x1f << 16,
+        _ => return NVMEHP_AE_NOT_FOUND,
+    };
+    if cstr(path) != "_ADR" {
+        return NVMEHP_AE_NOT_FOUND;
     }
-    NVMEHP_AE_NOT_FOUND
+    // SAFETY: valid out pointer.
+    unsafe { *out = adr };
+    NVMEHP_AE_OK
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn acpi_SetInteger(h: ACPI_HANDLE, path: *const c_char, v: u32) -> u32 {
     let _fake = FakeWork::begin();
     record(format!("acpi_SetInteger {h:p} {}({v})", cstr(path)));
-    if h as usize == SLOT3 && cstr(path) == "_EJ0" {
+    let ejected = match h as usize {
+        SLOT3 => Some((0, 3)),
+        RP_SLOT_ACPI => Some((PCI1_BUS, 0)),
+        _ => None,
+    };
+    if let (Some((bus, slot)), "_EJ0") = (ejected, cstr(path).as_str()) {
         // The platform removes the device: none of the slot's functions answers any more.
-        FUNCS.with(|m| m.borrow_mut().iter_mut().filter(|((s, _), _)| *s == 3).for_each(|(_, f)| f.vendor = 0xffff));
+        FUNCS.with(|m| m.borrow_mut().iter_mut().filter(|((b, s, _), _)| (*b, *s) == (bus, slot)).for_each(|(_, f)| f.vendor = 0xffff));
     }
     NVMEHP_AE_OK
 }
@@ -1073,10 +1237,13 @@ pub unsafe extern "C" fn AcpiEvaluateObject(h: ACPI_HANDLE, path: ACPI_STRING, a
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_acpi_get_handle(dev: device_t) -> ACPI_HANDLE {
     let _fake = FakeWork::begin();
-    if knobs().acpi_pci_bus && dev as usize == PCI0 {
-        return PCI0_ACPI as ACPI_HANDLE; // acpi_pci's bus: its handler is on the slot
+    match dev as usize {
+        // acpi_pci's bus: its handler is on the slot.
+        PCI0 if knobs().acpi_pci_bus => PCI0_ACPI as ACPI_HANDLE,
+        // acpi_pcib_pci's secondary bus (acpi_pcib_read_ivar): the root port's object.
+        PCI1 if knobs().acpi_pci_bus => ROOT_PORT_ACPI as ACPI_HANDLE,
+        _ => core::ptr::null_mut(), // the bus is not acpi_pci's: nobody else handles the slot
     }
-    core::ptr::null_mut() // the bus is not acpi_pci's: nobody else handles the slot
 }
 
 #[no_mangle]
@@ -1086,17 +1253,17 @@ pub unsafe extern "C" fn nvmehp_pcib_get_domain(_bus: device_t) -> u32 {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmehp_pcib_get_bus(_bus: device_t) -> u32 {
+pub unsafe extern "C" fn nvmehp_pcib_get_bus(bus: device_t) -> u32 {
     let _fake = FakeWork::begin();
-    0
+    if bus as usize == PCI1 { u32::from(PCI1_BUS) } else { 0 }
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmehp_pcib_read_config(_pcib: device_t, _b: u32, slot: u32, func: u32, reg: u32, w: c_int) -> u32 {
+pub unsafe extern "C" fn nvmehp_pcib_read_config(_pcib: device_t, b: u32, slot: u32, func: u32, reg: u32, w: c_int) -> u32 {
     let _fake = FakeWork::begin();
     let (slot, func) = (slot as u8, func as u8);
     CONFIG_READS.with(|r| r.borrow_mut().push((slot, func, reg)));
-    let f = function(slot, func);
+    let f = function_on(b as u8, slot, func);
     let ones = if w == 4 { u32::MAX } else { (1u32 << (8 * w)) - 1 };
     match reg {
         _ if f.vendor == 0xffff => ones,
@@ -1113,30 +1280,31 @@ pub unsafe extern "C" fn nvmehp_pcib_maxfuncs(_pcib: device_t) -> c_int {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn pci_find_dbsf(_d: u32, _b: u8, slot: u8, func: u8) -> device_t {
+pub unsafe extern "C" fn pci_find_dbsf(_d: u32, b: u8, slot: u8, func: u8) -> device_t {
     let _fake = FakeWork::begin();
-    if function(slot, func).child { function_device(slot, func) } else { core::ptr::null_mut() }
+    if function_on(b, slot, func).child { function_device_on(b, slot, func) } else { core::ptr::null_mut() }
 }
 
-/// A devinfo names its function: (slot << 8 | func) + 1, never dereferenced.
+/// A devinfo names its function: (bus << 16 | slot << 8 | func) + 1, never dereferenced.
 #[no_mangle]
-pub unsafe extern "C" fn pci_read_device(pcib: device_t, bus: device_t, _d: c_int, _b: c_int, s: c_int, f: c_int) -> *mut pci_devinfo {
+pub unsafe extern "C" fn pci_read_device(pcib: device_t, bus: device_t, _d: c_int, b: c_int, s: c_int, f: c_int) -> *mut pci_devinfo {
     let _fake = FakeWork::begin();
-    record(format!("pci_read_device pcib={pcib:p} bus={bus:p} {s}.{f}"));
-    if function(s as u8, f as u8).vendor == 0xffff {
+    let k = (b as u8, s as u8, f as u8);
+    record(format!("pci_read_device pcib={pcib:p} bus={bus:p} {}", function_name(k)));
+    if function_on(k.0, k.1, k.2).vendor == 0xffff {
         return core::ptr::null_mut();
     }
-    (((s as usize) << 8 | f as usize) + 1) as *mut pci_devinfo
+    (((b as usize) << 16 | (s as usize) << 8 | f as usize) + 1) as *mut pci_devinfo
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn pci_add_child(bus: device_t, dinfo: *mut pci_devinfo) {
     let _fake = FakeWork::begin();
     let a = dinfo as usize - 1;
-    let (s, f) = ((a >> 8) as u8, (a & 0xff) as u8);
-    record(format!("pci_add_child bus={bus:p} {s}.{f}"));
+    let k = ((a >> 16) as u8, (a >> 8) as u8, (a & 0xff) as u8);
+    record(format!("pci_add_child bus={bus:p} {}", function_name(k)));
     FUNCS.with(|m| {
-        m.borrow_mut().entry((s, f)).and_modify(|x| x.child = true);
+        m.borrow_mut().entry(k).and_modify(|x| x.child = true);
     });
 }
 
@@ -1152,10 +1320,11 @@ pub fn on_probed(f: Option<fn(device_t)>) {
 #[no_mangle]
 pub unsafe extern "C" fn device_probe_and_attach(dev: device_t) -> c_int {
     let _fake = FakeWork::begin();
-    let (s, f) = function_of(dev).expect("probe of a device pci0 does not have");
-    record(format!("device_probe_and_attach {s}.{f}"));
-    if !function(s, f).child {
-        record(format!("device_probe_and_attach {s}.{f}: freed device_t"));
+    let k = function_of(dev).expect("probe of a device no pci bus has");
+    let name = function_name(k);
+    record(format!("device_probe_and_attach {name}"));
+    if !function_on(k.0, k.1, k.2).child {
+        record(format!("device_probe_and_attach {name}: freed device_t"));
         return 0;
     }
     if let Some(h) = ON_PROBED.with(|c| c.get()) {
@@ -1164,8 +1333,8 @@ pub unsafe extern "C" fn device_probe_and_attach(dev: device_t) -> c_int {
     // A function that stopped answering during its probe and attach (the hook removed it):
     // the driver's attach read all-ones and failed, as nvmehp_attach does ("bring-up failed:
     // controller gone"); device_attach returns its error and keeps the child, driverless.
-    if function(s, f).vendor == 0xffff {
-        record(format!("device_attach {s}.{f}: attach returned {}", bindings::ENXIO));
+    if function_on(k.0, k.1, k.2).vendor == 0xffff {
+        record(format!("device_attach {name}: attach returned {}", bindings::ENXIO));
         return bindings::ENXIO as c_int;
     }
     0
@@ -1203,9 +1372,9 @@ pub unsafe extern "C" fn device_detach(dev: device_t) -> c_int {
 pub fn delete_function_child(slot: u8, func: u8) {
     record(format!("(another thread) device_delete_child {slot}.{func}"));
     FUNCS.with(|m| {
-        m.borrow_mut().entry((slot, func)).and_modify(|x| x.child = false);
+        m.borrow_mut().entry((0, slot, func)).and_modify(|x| x.child = false);
     });
-    DRIVERS.with(|d| d.borrow_mut().remove(&(slot, func)));
+    DRIVERS.with(|d| d.borrow_mut().remove(&(0, slot, func)));
 }
 
 /// Records, besides the call, what would be a bug in the kernel: deleting a device_t newbus
@@ -1216,7 +1385,7 @@ pub unsafe extern "C" fn device_delete_child(_bus: device_t, dev: device_t) -> c
     let _fake = FakeWork::begin();
     record(format!("device_delete_child {dev:p}"));
     if let Some(k) = function_of(dev) {
-        if !function(k.0, k.1).child {
+        if !function_on(k.0, k.1, k.2).child {
             record(format!("device_delete_child {dev:p}: freed device_t"));
             return 0;
         }
@@ -1352,10 +1521,11 @@ pub unsafe extern "C" fn device_set_desc(_dev: device_t, desc: *const c_char) {
 #[no_mangle]
 pub unsafe extern "C" fn device_get_nameunit(dev: device_t) -> *const c_char {
     let _fake = FakeWork::begin();
-    if dev as usize == PCI0 {
-        return c"pci0".as_ptr();
+    match dev as usize {
+        PCI0 => c"pci0".as_ptr(),
+        PCI1 => c"pci1".as_ptr(),
+        _ => c"nvmehp0".as_ptr(),
     }
-    c"nvmehp0".as_ptr()
 }
 
 #[no_mangle]
@@ -1375,9 +1545,9 @@ pub unsafe extern "C" fn device_get_unit(_dev: device_t) -> c_int {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmehp_pci_get_slot(_dev: device_t) -> u8 {
+pub unsafe extern "C" fn nvmehp_pci_get_slot(dev: device_t) -> u8 {
     let _fake = FakeWork::begin();
-    3
+    function_of(dev).map_or(3, |(_, s, _)| s)
 }
 
 #[no_mangle]

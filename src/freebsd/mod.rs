@@ -24,6 +24,7 @@
 //! - [`bus_topo`]: newbus rescan/detach/delete under `bus_topo_lock()`.
 //! - [`pci_bus`]: a pci bus and config reads of its slots, with or without a device.
 //! - [`slot_rescan`]: add and attach the new functions of one slot (not a whole-bus rescan).
+//! - [`slot_discovery`]: which ACPI objects are hotplug slots, on pci0 and behind its bridges.
 //! - [`cdev`]: device nodes that are never eternal and always destroyed.
 //! - [`disk`], [`bio`]: GEOM disks with the nvd(4) teardown order, and their I/O requests
 //!   (and the bioq of bios waiting for a tracker).
@@ -64,6 +65,7 @@ pub mod acpi;
 pub mod bus_topo;
 pub mod pci_bus;
 pub mod slot_rescan;
+pub mod slot_discovery;
 pub mod cdev;
 pub mod disk;
 pub mod bio;
@@ -91,6 +93,8 @@ mod glue_tests;
 mod slot_rescan_tests;
 #[cfg(test)]
 mod slot_detach_tests;
+#[cfg(test)]
+mod slot_bridge_tests;
 #[cfg(test)]
 mod lifecycle_tests;
 #[cfg(test)]

@@ -31,7 +31,10 @@
 //! enabled below the bridge (more than `PCI_FUNCMAX` functions) the slot field is part of the
 //! function number, so an ACPI slot (`_ADR` device number) does not name a set of functions:
 //! the walk refuses ([`WalkError::Ari`]) and the caller reports the check as failed. The
-//! legacy buses this module serves (i440fx QEMU/bhyve/EC2 Nitro) have no ARI.
+//! legacy root bus (i440fx QEMU/bhyve/EC2 Nitro) has no ARI. Below a PCIe root port (q35) pci
+//! enables it only at the bus's attach, when the function at 0.0 then has the ARI capability and
+//! the port supports it (pci.c pci_add_children, pci_pci.c pcib_try_enable_ari): not for a slot
+//! that was empty at boot.
 //!
 //! Functions of the slot that stopped answering are left alone here: removing devices is the
 //! hotplug state machine's detach (`SlotOps::detach_slot`), never a side effect of an add.

@@ -5,8 +5,9 @@
 //! - **Notify handler** (an `acpi_task` thread, [`SlotNotify`]): under the pending mutex,
 //!   `PendingEvents::notify`; enqueue our task if that made work appear. Nothing else.
 //! - **Hotplug task** (our own taskqueue, one thread, [`HotplugTask`]): the first runs discover
-//!   the slots under `\_SB_.PCI0` (retried each second while the PCI bus is not attached yet,
-//!   as when the module is loaded from loader.conf), decide ownership per slot
+//!   the slots under `\_SB_.PCI0`, on pci0 and behind its PCI-PCI bridges
+//!   ([`super::slot_discovery`]; retried each second while a PCI bus is not attached yet, as
+//!   when the module is loaded from loader.conf), decide ownership per slot
 //!   (`hotplug::mode::resolve`) and install our handlers on owned slots. Later runs take the
 //!   pending bits and run `SlotMachine::run` with [`FreeBsdSlots`], whose every action takes
 //!   `bus_topo_lock()` itself.
@@ -36,6 +37,7 @@ use super::device::Device;
 use super::kernel::{OwnedQueue, Timer};
 use super::mutex::Mutex;
 use super::pci_bus::PciBus;
+use super::slot_discovery::{self, Found};
 use super::taskqueue::{Task, TaskHandler, TimeoutTask};
 use super::tunables::{self, Stat};
 use crate::hotplug::fallback::FallbackRescan;
@@ -51,9 +53,9 @@ use core::pin::Pin;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU8, Ordering};
 
-/// The ACPI object of the legacy PCI root bus (i440fx QEMU/bhyve/EC2 Nitro).
+/// The ACPI object of the PCI root bus (QEMU i440fx and q35, bhyve, EC2 Nitro).
 const ROOT_BUS_PATH: &core::ffi::CStr = c"\\_SB_.PCI0";
-/// Discovery retries (one per second) while the PCI bus is not attached yet.
+/// Discovery retries (one per second) while a PCI bus is not attached yet.
 const DISCOVERY_TRIES: u32 = 120;
 
 /// The pending events and whether the module is stopping (no more enqueues or re-arms).
@@ -68,18 +70,20 @@ struct MachineState {
     snapshot: PendingSnapshot,
 }
 
-/// One hotplug slot.
+/// One hotplug slot: a device number on one pci bus (the same number on two buses is two
+/// slots).
 struct SlotInfo {
     handle: AcpiHandle,
+    /// The bus the slot's functions are children of: pci0, or a bridge's secondary bus.
+    bus: PciBus,
     pci_slot: u8,
+    /// acpi_pci's handler is on this slot (it drives `bus`).
+    in_tree: InTreeHandler,
     role: Role,
 }
 
 /// What discovery found; immutable after it, except through its mutexes and the task cell.
 struct Discovered {
-    bus: PciBus,
-    /// acpi_pci's handler is on the bus's slots (it drives the bus).
-    in_tree: InTreeHandler,
     slots: Vec<SlotInfo>,
     pending: Pin<Box<Mutex<PendingState>>>,
     /// Only the hotplug task's thread uses it (see [`HotplugTask`]).
@@ -144,15 +148,12 @@ impl Hotplug {
         }
     }
 
-    /// The slot index of a PCI function on the hotplug bus.
+    /// The slot index of a PCI function: the slot with its device number on *its* parent bus.
     fn slot_of(&self, dev: Device) -> Option<(&Discovered, SlotIndex)> {
         let d = self.disc()?;
         let bus = dev.parent()?;
-        if bus != d.bus.device() {
-            return None;
-        }
         let s = dev.pci_slot();
-        d.slots.iter().position(|x| x.pci_slot == s).map(|i| (d, i))
+        d.slots.iter().position(|x| x.bus.device() == bus && x.pci_slot == s).map(|i| (d, i))
     }
 }
 
@@ -428,30 +429,37 @@ fn discover(hp: HpRef) {
         }
         return;
     };
-    let handles = match root.hotplug_slots() {
-        Ok(h) => h,
+    let found: Found = match slot_discovery::find_slots(root, PciBus::new(bus)) {
+        Ok(f) => f,
         Err(e) => {
             kprintf!("nvme_hotplug: walking {:?} failed: {}; ACPI hotplug disabled\n", root, e);
             return;
         }
     };
-    // acpi_pci installs its (static, hence unremovable) handler on every _EJ0 slot of a bus it
-    // drives (acpi_pci.c acpi_pci_attach), and it drives exactly the pci buses that have an ACPI
-    // handle: that
-    // is acpi_pci_probe's own test.
-    let in_tree = if AcpiHandle::of_device(&bus).is_some() { InTreeHandler::Fixed } else { InTreeHandler::Absent };
+    if !found.missing.is_empty() {
+        if tries < DISCOVERY_TRIES {
+            hp.rerun_after(1_000_000); // a bridge or its bus not attached yet
+            return;
+        }
+        for b in &found.missing {
+            kprintf!("nvme_hotplug: {:?} has hotplug slots but no pci bus below it after {} s; not serving them\n", b, tries);
+        }
+    }
+    let buses = found.buses();
     let mut slots: Vec<SlotInfo> = Vec::new();
-    if slots.try_reserve(handles.len()).is_err() {
+    if slots.try_reserve(found.slots.len()).is_err() {
         return;
     }
     let (mut owned, mut downgraded) = (0u32, 0u32);
-    for h in handles {
-        let Ok((pci_slot, _func)) = h.pci_address() else { continue };
-        let res = mode::resolve(hp.mode, in_tree);
+    for f in found.slots {
+        let res = mode::resolve(hp.mode, f.in_tree);
         owned += u32::from(res.role == Role::Owner);
         downgraded += u32::from(res.downgraded);
-        slots.push(SlotInfo { handle: h, pci_slot, role: res.role });
+        slots.push(SlotInfo { handle: f.handle, bus: f.bus, pci_slot: f.pci_slot, in_tree: f.in_tree, role: res.role });
     }
+    // acpi_pci's handler is on every slot of the buses it drives (slot_discovery): on stock
+    // FreeBSD, all of them.
+    let all_in_tree = slots.iter().all(|s| s.in_tree == InTreeHandler::Fixed);
     let roles: Vec<Role> = slots.iter().map(|s| s.role).collect();
     let events = PendingEvents::new(slots.len());
     let snapshot = events.snapshot_buffer();
@@ -464,8 +472,6 @@ fn discover(hp: HpRef) {
         return;
     };
     let d = Box::leak(box_waitok(Discovered {
-        bus: PciBus::new(bus),
-        in_tree,
         slots,
         pending,
         machine: UnsafeCell::new(MachineState { machine: SlotMachine::new(roles, HotplugConfig::default()), snapshot }),
@@ -480,7 +486,7 @@ fn discover(hp: HpRef) {
             downgraded
         );
     }
-    if in_tree == InTreeHandler::Fixed && owned == 0 && !d.slots.is_empty() {
+    if all_in_tree && owned == 0 && !d.slots.is_empty() {
         // Stock FreeBSD: say plainly what runs and what does not (nvme_hotplug.4, "STOCK
         // FREEBSD"). acpi_pci's handler is a static function of acpi_pci.c, so a module cannot
         // remove it, and two acting handlers would detach and _EJ0 twice (mode.rs).
@@ -502,13 +508,14 @@ fn discover(hp: HpRef) {
         }
     }
     kprintf!(
-        "nvme_hotplug: {} hotplug slots under {:?} (acpi_mode={}): {} owned ({} handlers), {} observed; fallback rescan {}\n",
+        "nvme_hotplug: {} hotplug slots under {:?} (acpi_mode={}): {} owned ({} handlers), {} observed, on {} pci buses; fallback rescan {}\n",
         d.slots.len(),
         root,
         hp.mode.as_str(),
         owned,
         installed,
         d.slots.len() as u32 - owned,
+        buses,
         if rescan.is_enabled() { "on" } else { "off" }
     );
 }
@@ -551,7 +558,7 @@ impl FreeBsdSlots<'_> {
     /// Some function of the slot has a `device_t` (any function: function 0's may have been
     /// deleted by hand while another's is still attached). Under the topology lock.
     fn any_child(&self, _topo: &TopoLock, s: &SlotInfo) -> bool {
-        (0..=super::bindings::PCI_FUNCMAX as u8).any(|f| self.d.bus.child_at(s.pci_slot, f).is_some())
+        (0..=super::bindings::PCI_FUNCMAX as u8).any(|f| s.bus.child_at(s.pci_slot, f).is_some())
     }
 
     /// Detaches and deletes function `f` of slot `s`, if it has a `device_t`, for
@@ -577,7 +584,7 @@ impl FreeBsdSlots<'_> {
     /// that is there and has no driver is deleted; that runs no driver code, whichever
     /// `device_t` it is.
     fn detach_function(&self, topo: &TopoLock, s: &SlotInfo, f: u8, why: DetachReason) -> Result<(), DetachError> {
-        let bus = self.d.bus;
+        let bus = s.bus;
         let Some(child) = bus.child_at(s.pci_slot, f) else { return Ok(()) };
         let child = match driver_of(child) {
             Driver::None => child, // not attached: device_delete_child alone, no sleep before it
@@ -617,7 +624,7 @@ impl FreeBsdSlots<'_> {
 
 impl SlotOps for FreeBsdSlots<'_> {
     fn present(&mut self, i: SlotIndex) -> bool {
-        self.slot(i).is_some_and(|s| self.d.bus.slot_present(s.pci_slot))
+        self.slot(i).is_some_and(|s| s.bus.slot_present(s.pci_slot))
     }
 
     fn sta(&mut self, i: SlotIndex) -> Option<u32> {
@@ -637,7 +644,7 @@ impl SlotOps for FreeBsdSlots<'_> {
     fn rescan_slot(&mut self, i: SlotIndex) -> Result<(), OpFailed> {
         let Some(s) = self.slot(i) else { return Err(OpFailed) };
         let topo = TopoLock::lock();
-        match super::slot_rescan::rescan_slot(&topo, &self.d.bus, s.pci_slot) {
+        match super::slot_rescan::rescan_slot(&topo, &s.bus, s.pci_slot) {
             Ok(scan) => {
                 if scan.added > 0 {
                     kprintf!(
@@ -651,7 +658,7 @@ impl SlotOps for FreeBsdSlots<'_> {
             }
             // No whole-bus fallback (module doc): it would detach other drivers' devices.
             Err(e) => {
-                let dev = self.d.bus.device();
+                let dev = s.bus.device();
                 kprintf!(
                     "nvme_hotplug: slot {:?}: {}; not rescanning the whole bus from the hotplug task: `devctl rescan {}` does\n",
                     s.handle,
@@ -687,7 +694,7 @@ impl SlotOps for FreeBsdSlots<'_> {
             return Err(DetachError::Failed);
         }
         let topo = TopoLock::lock();
-        let bus = self.d.bus;
+        let bus = s.bus;
         // Re-checked under the lock: someone else (acpi_pci, devctl) may have removed it. Every
         // function: an eject must not find "no device" at function 0 and power the slot off
         // under another function's driver.
@@ -746,7 +753,7 @@ impl SlotOps for FreeBsdSlots<'_> {
         let topo = TopoLock::lock();
         let (mut ours, mut failed) = (0u32, 0u32);
         for f in 0..=super::bindings::PCI_FUNCMAX as u8 {
-            let Some(child) = self.d.bus.child_at(s.pci_slot, f) else { continue };
+            let Some(child) = s.bus.child_at(s.pci_slot, f) else { continue };
             if driver_of(child) != Driver::Ours {
                 continue;
             }
@@ -758,9 +765,9 @@ impl SlotOps for FreeBsdSlots<'_> {
 
     fn left_alone(&mut self, i: SlotIndex, what: LeftAlone) {
         let Some(s) = self.slot(i) else { return };
-        let dev = self.d.bus.device();
+        let dev = s.bus.device();
         let bus = core::str::from_utf8(dev.nameunit().to_bytes()).unwrap_or("pci");
-        let who = if self.d.in_tree == InTreeHandler::Absent { "acpi_mode=off" } else { "acpi_pci handles this slot" };
+        let who = if s.in_tree == InTreeHandler::Absent { "acpi_mode=off" } else { "acpi_pci handles this slot" };
         let (what, who) = match what {
             LeftAlone::Stale => ("its device is gone", who),
             LeftAlone::New => ("a new function answers", who),
