@@ -108,9 +108,17 @@ fn the_real_module_attaches_the_controller_behind_a_root_port_and_does_its_io() 
     assert_in_order(
         &out,
         &[
+            // The module's discovery: a handler on each port's hotplug slot, none on bus 0.
+            "AcpiInstallNotifyHandler(\\_SB_.PCI0.S20_.S00_, type 1,",
+            "AcpiInstallNotifyHandler(\\_SB_.PCI0.S28_.S00_, type 1,",
+            "AcpiRemoveNotifyHandler(\\_SB_.PCI0.S20_.S00_, type 1,",
+            "AcpiRemoveNotifyHandler(\\_SB_.PCI0.S28_.S00_, type 1,",
+            "console:",
             // BAR0 in slot 4's window, which is the port's memory window.
             "nvmehp0: <NVMe controller (nvme_hotplug)> mem 0xc0400000-0xc0403fff at device 0.0 on pci1",
             "nvmehp0: interrupt: MSI-X",
+            "nvme_hotplug: 2 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 2 owned (2 handlers), 0 observed, on 2 pci buses",
+            "nvme_hotplug: unloaded (2 ACPI notify handlers removed)",
             "io data in the backing file and read back: ok",
             "detach device 0.0 (nvmehp0): 0",
             "MOD_QUIESCE: Some(0), MOD_UNLOAD: Some(0), unloaded: true",
@@ -123,4 +131,19 @@ fn the_real_module_attaches_the_controller_behind_a_root_port_and_does_its_io() 
     for port in ["device 4.0", "device 5.0"] {
         assert!(!out.contains(&format!("probing {port}")) && !out.contains(&format!("devctl set driver -f: {port}")), "{port}:\n{out}");
     }
+}
+
+#[test]
+fn with_acpi_pci_on_the_ports_buses_the_real_module_observes_their_slots() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_real_acpi_pci") || common::real_ko("q35_real_acpi_pci").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--q35", "--acpi", "--acpi-pci", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    // acpi_get_handle(pciN) is the port's object, so acpi_pci's handler is there: the module
+    // observes both slots and installs nothing (fails when pcibN answers no ACPI handle).
+    assert!(out.contains("nvme_hotplug: 2 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 0 owned (0 handlers), 2 observed, on 2 pci buses"), "{out}");
+    assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
+    assert!(out.contains("findings: 0"), "{out}");
 }
