@@ -87,10 +87,10 @@ enum Cmd {
         #[arg(long, requires = "qemu")]
         intx_undelivered: bool,
         /// With --qemu: QEMU's q35 (ICH9) machine: the controller behind the pcie-root-port in
-        /// slot 4 (pcib1 -> pci1), and with --acpi q35's namespace (\_SB_.PCI0.S20_.S00_ is
-        /// slot 4's hotplug slot). Not with --eject, --hot-add or --surprise (their steps name
-        /// pc's slots) nor INTx (ICH9's routing is not emulated).
-        #[arg(long, requires = "qemu", conflicts_with_all = ["eject", "surprise", "intx_undelivered"])]
+        /// slot 4 (pcib1 -> pci1), another port in slot 5 for --hot-add, and with --acpi q35's
+        /// namespace (\_SB_.PCI0.S20_.S00_ is slot 4's hotplug slot). Not with INTx (ICH9's
+        /// routing is not emulated).
+        #[arg(long, requires = "qemu", conflicts_with = "intx_undelivered")]
         q35: bool,
     },
     /// The module's hotplug story on one QEMU machine, as FreeBSD's console shows it: kldload,

@@ -147,3 +147,95 @@ fn with_acpi_pci_on_the_ports_buses_the_real_module_observes_their_slots() {
     assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
     assert!(out.contains("findings: 0"), "{out}");
 }
+
+#[test]
+fn an_eject_request_and_a_hot_add_behind_root_ports_reach_the_real_module() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_eject") || common::real_ko("q35_eject").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--q35", "--acpi", "--eject", "--hot-add", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            // device_del of the controller behind slot 4's port: Notify 3 to that port's S00_,
+            // the module detaches and deletes it on pci1, then _EJ0 with the port's BSEL.
+            "acpi_task: Notify(\\_SB_.PCI0.S20_.S00_, 3) to 1 handler(s)",
+            "acpi_SetInteger(\\_SB_.PCI0.S20_.S00_, \"_EJ0\", 1) = 0x0: BNUM",
+            "after the eject request: device 0.0 deleted from pci1",
+            "QMP: DEVICE_DELETED nvme0: received",
+            // device_add behind slot 5's port: Notify 1 to its S00_, the module's rescan of
+            // pci2 adds and attaches it; its disk is written and read.
+            "acpi_task: Notify(\\_SB_.PCI0.S28_.S00_, 1) to 1 handler(s)",
+            "pci_add_child(pci2, 05:00.0)",
+            "after the hot-add: device 0.0 attached on pci2",
+            "console:",
+            "mem 0xc0500000-0xc0503fff at device 0.0 on pci2",
+            "findings: 0",
+        ],
+    );
+    assert!(out.contains("hot-added and attached: true; its write and read: ok"), "{out}");
+
+    // Control: with hw.nvme_hotplug.acpi_mode=off nobody handles the port's notify: the
+    // controller stays on pci1 and QEMU keeps it.
+    let (code, out) =
+        kldhost_run_with(&ko, &["--qemu", "--q35", "--acpi", "--eject", "--tunable", "hw.nvme_hotplug.claim=1", "--tunable", "hw.nvme_hotplug.acpi_mode=off"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("acpi_SetInteger("), "{out}");
+    assert_in_order(
+        &out,
+        &["acpi_task: Notify(\\_SB_.PCI0.S20_.S00_, 3) to 0 handler(s)", "after the eject request: device 0.0 still on pci1", "findings: 0"],
+    );
+}
+
+#[test]
+fn with_acpi_pci_the_ports_eject_and_rescan_act_on_the_ports_bus() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_acpi_pci_eject") || common::real_ko("q35_acpi_pci_eject").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--q35", "--acpi", "--acpi-pci", "--eject", "--hot-add", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    // acpi_pci's handler (the only one: the module observes) detaches the controller, _EJ0s
+    // the port's slot and rescans pci1, which deletes it; its device check rescans pci2, which
+    // adds the hot-added controller, and the module's driver (claim=1) attaches it.
+    assert_in_order(
+        &out,
+        &[
+            "acpi_pci: Notify(\\_SB_.PCI0.S20_.S00_, 3)",
+            "acpi_SetInteger(\\_SB_.PCI0.S20_.S00_, \"_EJ0\", 1) = 0x0",
+            "BUS_RESCAN(pci1): 04:00.0 is gone: device_delete_child = 0",
+            "after the eject request: device 0.0 deleted from pci1",
+            "acpi_pci: Notify(\\_SB_.PCI0.S28_.S00_, 1)",
+            "BUS_RESCAN(pci2): added 05:00.0: device_probe_and_attach = 0",
+            "after the hot-add: device 0.0 attached on pci2",
+            "findings: 0",
+        ],
+    );
+    assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
+}
+
+#[test]
+fn a_surprise_removal_behind_a_root_port_is_found_by_the_real_modules_watchdog() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_surprise") || common::real_ko("q35_surprise").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(
+        &ko,
+        &["--qemu", "--q35", "--acpi", "--surprise", "--in-flight", "24", "--tunable", "hw.nvme_hotplug.claim=1", "--tunable", "hw.nvme_hotplug.io_entries=16"],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "surprise removal: PCEJ bit 0 (with the BSEL of slot 4's root port) written with no device_del: Ok(())",
+            "after the surprise removal: device 0.0 deleted from pci1 after",
+            "0 of them not in the backing file",
+            "0 never done",
+            "findings: 0",
+        ],
+    );
+    assert!(!out.contains("acpi_SetInteger("), "no _EJ0 after a surprise removal:\n{out}");
+}
