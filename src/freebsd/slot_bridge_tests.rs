@@ -205,3 +205,37 @@ fn a_bridge_whose_bus_is_not_attached_yet_is_waited_for() {
     assert_eq!(matching(&log, "1 hotplug slots under").len(), 1, "{log:#?}");
     unload();
 }
+
+/// The root port was detached after discovery (`devctl detach pcib1` deletes pci1): the slot's
+/// bus is found again at each action, so a device check finds nothing and an eject request is
+/// refused (`_OST` failure, no `_EJ0`), instead of using pci1's freed device_t; once pci1 is
+/// back the device check adds the slot's function on it.
+#[test]
+fn a_slot_whose_bridge_lost_its_bus_fails_cleanly_and_works_once_the_bus_is_back() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    load(q35());
+    fk::set_function_on(PCI1_BUS, 0, 0, NEW);
+    fk::set_knobs(Knobs { pci1_missing: true, ..q35() });
+    fk::record("-- bus gone --");
+    fk::deliver_notify_to(fk::RP_SLOT_ACPI, 1);
+    fk::run_queued();
+    fk::deliver_notify_to(fk::RP_SLOT_ACPI, 3);
+    fk::run_queued();
+    let log = since("-- bus gone --");
+    let pci1 = format!("{:p}", p(fk::PCI1));
+    assert!(log.iter().all(|l| !l.contains(&pci1)), "pci1's device_t used after its bridge's detach: {log:#?}");
+    assert!(matching(&log, "_EJ0").is_empty(), "{log:#?}");
+    // Nothing answers on a bus newbus does not have: the check finds the slot empty, and the
+    // eject is refused.
+    let slot = p(fk::RP_SLOT_ACPI);
+    assert_eq!(matching(&log, &format!("AcpiEvaluateObject {slot:p} _OST(0x1, 0x0)")).len(), 1, "{log:#?}");
+    assert_eq!(matching(&log, &format!("AcpiEvaluateObject {slot:p} _OST(0x3, 0x1)")).len(), 1, "{log:#?}");
+
+    fk::set_knobs(q35());
+    fk::record("-- bus back --");
+    fk::deliver_notify_to(fk::RP_SLOT_ACPI, 1);
+    fk::run_queued();
+    let log = since("-- bus back --");
+    assert_eq!(matching(&log, "pci_add_child"), [&format!("pci_add_child bus={pci1} 4:0.0")], "{log:#?}");
+    unload();
+}

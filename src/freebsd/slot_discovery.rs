@@ -29,11 +29,50 @@ use super::pci_bus::PciBus;
 use crate::hotplug::mode::InTreeHandler;
 use alloc::vec::Vec;
 
+/// How to find a slot's pci bus in newbus: pci0 (the root object's device's `pci` child), or
+/// the secondary bus of the bridge whose object and `_ADR` it keeps ([`secondary_bus`]).
+///
+/// A slot keeps this path, not the bus's `device_t`: a bridge's secondary bus is deleted with
+/// the bridge's detach (`devctl detach pcib1`; pci_pci.c pcib_detach deletes its children) and
+/// a new one is made at its next attach, so a kept `device_t` could be freed memory. Each slot
+/// action resolves the path again under the topology lock. Within one action the bus stays:
+/// while the action sleeps (an attach, a detach or a namespace rescan of our controller on that
+/// bus) the bus's detach would have to detach that controller first, which newbus refuses for
+/// a device that is attaching (subr_bus.c device_detach) and our driver refuses while it
+/// detaches or rescans. One window is left: the single-slot rescan's `pci_read_device`
+/// allocates with M_WAITOK before the new function has a child, and a bridge detached during
+/// that sleep would free the bus under it (an administrator's `devctl detach` racing a device
+/// check; pci0 is never deleted).
+#[derive(Clone, Copy)]
+pub struct BusPath {
+    root: AcpiHandle,
+    bridge: Option<(AcpiHandle, (u8, u16))>,
+}
+
+impl BusPath {
+    /// The root bus's path (`root`: `\_SB_.PCI0`).
+    pub fn root(root: AcpiHandle) -> Self {
+        BusPath { root, bridge: None }
+    }
+
+    /// The pci bus now, if newbus has it. Under the topology lock; the bus is valid while it
+    /// is held.
+    pub fn resolve(&self, topo: &TopoLock) -> Option<PciBus> {
+        let root_bus = PciBus::new(self.root.device().and_then(|pcib| topo.find_child(pcib, c"pci", -1))?);
+        match self.bridge {
+            None => Some(root_bus),
+            Some((bridge, adr)) => secondary_bus(topo, &root_bus, bridge, adr),
+        }
+    }
+}
+
 /// One hotplug slot: its ACPI object and where its functions live in newbus.
 pub struct FoundSlot {
     /// The slot object (`_EJ0`, `_OST`, `_STA`; notifications arrive here).
     pub handle: AcpiHandle,
-    /// The pci bus the slot's functions are children of.
+    /// How to find `bus` again.
+    pub path: BusPath,
+    /// The pci bus the slot's functions are children of, at discovery.
     pub bus: PciBus,
     /// The device number on `bus` (`_ADR` >> 16).
     pub pci_slot: u8,
@@ -76,7 +115,8 @@ pub fn find_slots(root: AcpiHandle, root_bus: PciBus) -> Result<Found, AcpiStatu
     for c in root.child_devices()? {
         if c.has(c"_EJ0") {
             if let Ok((pci_slot, _)) = c.pci_address() {
-                push(&mut found.slots, FoundSlot { handle: c, bus: root_bus, pci_slot, in_tree: root_in_tree })?;
+                let path = BusPath::root(root);
+                push(&mut found.slots, FoundSlot { handle: c, path, bus: root_bus, pci_slot, in_tree: root_in_tree })?;
             }
             continue;
         }
@@ -85,14 +125,18 @@ pub fn find_slots(root: AcpiHandle, root_bus: PciBus) -> Result<Found, AcpiStatu
         if slots.is_empty() {
             continue; // an ordinary device, or a bridge without hotplug slots
         }
-        let Some(bus) = secondary_bus(&root_bus, c, adr) else {
+        let bus = {
+            let topo = TopoLock::lock();
+            secondary_bus(&topo, &root_bus, c, adr).map(|b| (b, in_tree_of(&b)))
+        };
+        let Some((bus, in_tree)) = bus else {
             push(&mut found.missing, c)?;
             continue;
         };
-        let in_tree = in_tree_of(&bus);
+        let path = BusPath { root, bridge: Some((c, adr)) };
         for s in slots {
             if let Ok((pci_slot, _)) = s.pci_address() {
-                push(&mut found.slots, FoundSlot { handle: s, bus, pci_slot, in_tree })?;
+                push(&mut found.slots, FoundSlot { handle: s, path, bus, pci_slot, in_tree })?;
             }
         }
     }
@@ -116,8 +160,7 @@ fn push<T>(v: &mut Vec<T>, x: T) -> Result<(), AcpiStatus> {
 /// acpi_pci_update_device). On a parent bus acpi_pci does not drive nobody made that
 /// binding, so the function at `adr` on `parent` is looked up instead. Its secondary bus is
 /// its `pci` child (pci_pci.c pcib_attach_child adds it). `None` while either is missing.
-fn secondary_bus(parent: &PciBus, bridge: AcpiHandle, adr: (u8, u16)) -> Option<PciBus> {
-    let topo = TopoLock::lock();
+fn secondary_bus(topo: &TopoLock, parent: &PciBus, bridge: AcpiHandle, adr: (u8, u16)) -> Option<PciBus> {
     let func = u8::try_from(adr.1).ok().filter(|&f| u32::from(f) <= super::bindings::PCI_FUNCMAX as u32);
     let by_adr: Option<Device> = func.and_then(|f| parent.child_at(adr.0, f));
     [bridge.device(), by_adr]

@@ -37,7 +37,7 @@ use super::device::Device;
 use super::kernel::{OwnedQueue, Timer};
 use super::mutex::Mutex;
 use super::pci_bus::PciBus;
-use super::slot_discovery::{self, Found};
+use super::slot_discovery::{self, BusPath, Found};
 use super::taskqueue::{Task, TaskHandler, TimeoutTask};
 use super::tunables::{self, Stat};
 use crate::hotplug::fallback::FallbackRescan;
@@ -49,6 +49,7 @@ use crate::hotplug::slot_ops::{DetachError, DetachReason, LeftAlone, OpFailed, S
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
+use core::ffi::c_void;
 use core::pin::Pin;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU8, Ordering};
@@ -74,8 +75,12 @@ struct MachineState {
 /// slots).
 struct SlotInfo {
     handle: AcpiHandle,
-    /// The bus the slot's functions are children of: pci0, or a bridge's secondary bus.
-    bus: PciBus,
+    /// How to find the bus the slot's functions are children of (pci0, or a bridge's
+    /// secondary bus), again at each action ([`FreeBsdSlots::bus`]).
+    path: BusPath,
+    /// That bus's `device_t` when it was last found: compared with a controller's parent by
+    /// [`Hotplug::slot_of`], never dereferenced (it may have been freed since).
+    bus_seen: AtomicPtr<c_void>,
     pci_slot: u8,
     /// acpi_pci's handler is on this slot (it drives `bus`).
     in_tree: InTreeHandler,
@@ -153,7 +158,8 @@ impl Hotplug {
         let d = self.disc()?;
         let bus = dev.parent()?;
         let s = dev.pci_slot();
-        d.slots.iter().position(|x| x.bus.device() == bus && x.pci_slot == s).map(|i| (d, i))
+        let bus = bus.as_raw().cast::<c_void>();
+        d.slots.iter().position(|x| x.bus_seen.load(Ordering::Acquire) == bus && x.pci_slot == s).map(|i| (d, i))
     }
 }
 
@@ -455,7 +461,14 @@ fn discover(hp: HpRef) {
         let res = mode::resolve(hp.mode, f.in_tree);
         owned += u32::from(res.role == Role::Owner);
         downgraded += u32::from(res.downgraded);
-        slots.push(SlotInfo { handle: f.handle, bus: f.bus, pci_slot: f.pci_slot, in_tree: f.in_tree, role: res.role });
+        slots.push(SlotInfo {
+            handle: f.handle,
+            path: f.path,
+            bus_seen: AtomicPtr::new(f.bus.device().as_raw().cast()),
+            pci_slot: f.pci_slot,
+            in_tree: f.in_tree,
+            role: res.role,
+        });
     }
     // acpi_pci's handler is on every slot of the buses it drives (slot_discovery): on stock
     // FreeBSD, all of them.
@@ -555,10 +568,20 @@ impl FreeBsdSlots<'_> {
         self.d.slots.get(i)
     }
 
+    /// The slot's pci bus now (see [`BusPath`] for why it is found again at each action, and
+    /// why it then stays for the action). `None`: newbus has no such bus now (its bridge was
+    /// detached), so the slot has no device either.
+    fn bus(&self, topo: &TopoLock, s: &SlotInfo) -> Option<PciBus> {
+        let bus = s.path.resolve(topo)?;
+        s.bus_seen.store(bus.device().as_raw().cast(), Ordering::Release);
+        Some(bus)
+    }
+
     /// Some function of the slot has a `device_t` (any function: function 0's may have been
     /// deleted by hand while another's is still attached). Under the topology lock.
-    fn any_child(&self, _topo: &TopoLock, s: &SlotInfo) -> bool {
-        (0..=super::bindings::PCI_FUNCMAX as u8).any(|f| s.bus.child_at(s.pci_slot, f).is_some())
+    fn any_child(&self, topo: &TopoLock, s: &SlotInfo) -> bool {
+        let Some(bus) = self.bus(topo, s) else { return false };
+        (0..=super::bindings::PCI_FUNCMAX as u8).any(|f| bus.child_at(s.pci_slot, f).is_some())
     }
 
     /// Detaches and deletes function `f` of slot `s`, if it has a `device_t`, for
@@ -584,7 +607,7 @@ impl FreeBsdSlots<'_> {
     /// that is there and has no driver is deleted; that runs no driver code, whichever
     /// `device_t` it is.
     fn detach_function(&self, topo: &TopoLock, s: &SlotInfo, f: u8, why: DetachReason) -> Result<(), DetachError> {
-        let bus = s.bus;
+        let Some(bus) = self.bus(topo, s) else { return Ok(()) }; // gone with its bus
         let Some(child) = bus.child_at(s.pci_slot, f) else { return Ok(()) };
         let child = match driver_of(child) {
             Driver::None => child, // not attached: device_delete_child alone, no sleep before it
@@ -624,7 +647,9 @@ impl FreeBsdSlots<'_> {
 
 impl SlotOps for FreeBsdSlots<'_> {
     fn present(&mut self, i: SlotIndex) -> bool {
-        self.slot(i).is_some_and(|s| s.bus.slot_present(s.pci_slot))
+        let Some(s) = self.slot(i) else { return false };
+        let topo = TopoLock::lock();
+        self.bus(&topo, s).is_some_and(|bus| bus.slot_present(s.pci_slot))
     }
 
     fn sta(&mut self, i: SlotIndex) -> Option<u32> {
@@ -644,7 +669,11 @@ impl SlotOps for FreeBsdSlots<'_> {
     fn rescan_slot(&mut self, i: SlotIndex) -> Result<(), OpFailed> {
         let Some(s) = self.slot(i) else { return Err(OpFailed) };
         let topo = TopoLock::lock();
-        match super::slot_rescan::rescan_slot(&topo, &s.bus, s.pci_slot) {
+        let Some(bus) = self.bus(&topo, s) else {
+            kprintf!("nvme_hotplug: slot {:?}: its pci bus is gone (bridge detached); not rescanned\n", s.handle);
+            return Err(OpFailed);
+        };
+        match super::slot_rescan::rescan_slot(&topo, &bus, s.pci_slot) {
             Ok(scan) => {
                 if scan.added > 0 {
                     kprintf!(
@@ -658,7 +687,7 @@ impl SlotOps for FreeBsdSlots<'_> {
             }
             // No whole-bus fallback (module doc): it would detach other drivers' devices.
             Err(e) => {
-                let dev = s.bus.device();
+                let dev = bus.device();
                 kprintf!(
                     "nvme_hotplug: slot {:?}: {}; not rescanning the whole bus from the hotplug task: `devctl rescan {}` does\n",
                     s.handle,
@@ -694,7 +723,10 @@ impl SlotOps for FreeBsdSlots<'_> {
             return Err(DetachError::Failed);
         }
         let topo = TopoLock::lock();
-        let bus = s.bus;
+        let Some(bus) = self.bus(&topo, s) else {
+            kprintf!("nvme_hotplug: slot {:?}: its pci bus is gone (bridge detached); not detaching\n", s.handle);
+            return Err(DetachError::Failed);
+        };
         // Re-checked under the lock: someone else (acpi_pci, devctl) may have removed it. Every
         // function: an eject must not find "no device" at function 0 and power the slot off
         // under another function's driver.
@@ -753,7 +785,8 @@ impl SlotOps for FreeBsdSlots<'_> {
         let topo = TopoLock::lock();
         let (mut ours, mut failed) = (0u32, 0u32);
         for f in 0..=super::bindings::PCI_FUNCMAX as u8 {
-            let Some(child) = s.bus.child_at(s.pci_slot, f) else { continue };
+            // Found again for each function: the rescan before it slept.
+            let Some(child) = self.bus(&topo, s).and_then(|b| b.child_at(s.pci_slot, f)) else { continue };
             if driver_of(child) != Driver::Ours {
                 continue;
             }
@@ -765,8 +798,9 @@ impl SlotOps for FreeBsdSlots<'_> {
 
     fn left_alone(&mut self, i: SlotIndex, what: LeftAlone) {
         let Some(s) = self.slot(i) else { return };
-        let dev = s.bus.device();
-        let bus = core::str::from_utf8(dev.nameunit().to_bytes()).unwrap_or("pci");
+        let topo = TopoLock::lock();
+        let dev = self.bus(&topo, s).map(|b| b.device());
+        let bus = dev.as_ref().and_then(|d| core::str::from_utf8(d.nameunit().to_bytes()).ok()).unwrap_or("pci");
         let who = if s.in_tree == InTreeHandler::Absent { "acpi_mode=off" } else { "acpi_pci handles this slot" };
         let (what, who) = match what {
             LeftAlone::Stale => ("its device is gone", who),
