@@ -46,6 +46,8 @@ fn the_q35_namespace_root_ports_and_config_space_are_what_a_driver_finds() {
             "q35_walk: level 1 \\_SB_.PCI0.S20_ _ADR 0x40000 _EJ0 no",
             // The port's device is its pcib, whose pci bus is number 4, where the controller
             // answers through the bridge; no ACPI handle without acpi_pci.
+            // Without acpi_pci nobody bound the port's object to its device: found by _ADR.
+            "q35_walk: \\_SB_.PCI0.S20_: bridge found by _ADR",
             "q35_walk: \\_SB_.PCI0.S20_: pcib1 -> pci1, bus 4, slot 0 id 0x101b36",
             "q35_walk: \\_SB_.PCI0.S20_: bus handle none, bridge handle none",
             "q35_walk: level 2 \\_SB_.PCI0.S20_.S00_ _ADR 0 _EJ0 yes",
@@ -90,6 +92,9 @@ fn with_acpi_pci_a_root_ports_bus_and_bridge_answer_the_port_object() {
         &[
             "acpi_pci: pci0 has ACPI handle \\_SB_.PCI0; its notify handler installed on 2 slots",
             "console:",
+            // acpi_pci bound the port's object to its pcib.
+            "q35_walk: \\_SB_.PCI0.S20_: bridge found by acpi_get_device",
+            "q35_walk: \\_SB_.PCI0.S20_: pcib1 -> pci1, bus 4, slot 0 id 0x101b36",
             "q35_walk: \\_SB_.PCI0.S20_: bus handle port, bridge handle port",
             "q35_walk: \\_SB_.PCI0.S28_: bus handle port, bridge handle port",
             "findings: 0",

@@ -40,8 +40,9 @@
 //!   number QEMU gave its bus) and the hotplug slot `S00_` of its secondary bus: `_ADR` 0,
 //!   `_SUN` 0, `_EJ0`, whose body is QEMU's `PCEJ(BSEL, _SUN)`: BNUM = the port's BSEL, then
 //!   bit 0 into the eject register (the lab's `AcpiHotplug::eject`, which knows the layout);
-//! - `acpi_get_device(S<s*8>_)` is the port's `pcibN` (super::pcib); notifies from the GPE go
-//!   to the `S00_` of the port the lab names; in the stock variant acpi_pci's handler is on
+//! - `acpi_get_device(S<s*8>_)` is the port's `pcibN` (super::pcib) in the stock variant only
+//!   (acpi_pci makes that binding; without it a driver finds the bridge by `_ADR`); notifies
+//!   from the GPE go to the `S00_` of the port the lab names; in the stock variant acpi_pci's handler is on
 //!   every port's `S00_` (acpi_pci attaches to each `pciN`, whose bridge answers the port's
 //!   handle) and acts on that port's bus.
 
@@ -636,11 +637,17 @@ pub fn notify(slot: u8, value: u32) -> usize {
 }
 
 extern "C" fn emu_acpi_get_device(h: *mut c_void) -> *mut c_void {
+    // acpi(4) attached pcib0 to \_SB_.PCI0. A PCI function's object is bound to its device_t
+    // only by acpi_pci, when it adds the bus's children (acpi_pci.c acpi_pci_save_handle,
+    // acpi_pci_update_device: AcpiAttachData): so only in the stock variant, and only while
+    // the function has a child (q35: a root port's object is its pcibN; the other functions
+    // of bus 0 have no newbus device here).
+    let stock = with(|e| e.acpi.acpi_pci);
     let dev = match node_of(h) {
         Some(Node::Pci0) => with(|e| e.acpi.pcib0),
-        // q35: the pci0 child at the object's devfn (a root port's is its pcibN; the other
-        // functions of bus 0 have no newbus device here).
-        Some(Node::Dev(d)) => super::newbus::pci_child_at(d >> 3, d & 7).unwrap_or(0),
+        Some(Node::Dev(d)) if stock => super::newbus::pci_child_at(d >> 3, d & 7).unwrap_or(0),
+        Some(Node::Slot(s)) if stock => super::newbus::pci_child_at(s, 0).unwrap_or(0),
+        Some(Node::PortSlot(p)) if stock => super::pcib::bridge_at(p).and_then(super::pcib::bus_below).and_then(|b| super::newbus::child_at(b, 0, 0)).unwrap_or(0),
         _ => 0,
     };
     log(format!("acpi_get_device({h:p}) = {:#x}", dev));
