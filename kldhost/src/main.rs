@@ -96,6 +96,12 @@ enum Cmd {
         /// again, at most this many times.
         #[arg(long, default_value_t = 0)]
         kldunload_retries: usize,
+        /// With --qemu: QEMU's q35 (ICH9) machine: the controller behind the pcie-root-port in
+        /// slot 4 (pcib1 -> pci1), another port in slot 5 for --hot-add, and with --acpi q35's
+        /// namespace (\_SB_.PCI0.S20_.S00_ is slot 4's hotplug slot). Not with INTx (ICH9's
+        /// routing is not emulated).
+        #[arg(long, requires = "qemu", conflicts_with = "intx_undelivered")]
+        q35: bool,
     },
     /// The module's hotplug story on one QEMU machine, as FreeBSD's console shows it: kldload,
     /// attach, a write and a read, a surprise removal with writes in flight, a hot-add to
@@ -176,7 +182,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, q35 } => {
             kldhost::emu::fail::arm(fail);
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
             let opts = kldhost::emu::run::Options {
@@ -197,6 +203,7 @@ fn main() -> ExitCode {
                 park_readers,
                 intx_undelivered,
                 kldunload_retries,
+                q35,
             };
             match run(&ko, &opts) {
                 Ok(true) => ExitCode::SUCCESS,

@@ -414,6 +414,12 @@ impl Machine {
         Ok(self.retiring.len())
     }
 
+    /// Where the hotplug block is and which buses it covers (on q35, each root port's slot with
+    /// the BSEL QEMU gave its bus): what an ACPI namespace built for this machine declares.
+    pub fn hotplug_layout(&self) -> &HotplugLayout {
+        self.acpi.layout()
+    }
+
     /// ACPI GPEs handled so far.
     pub fn gpes(&self) -> u64 {
         self.acpi.gpes

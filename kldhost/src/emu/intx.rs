@@ -90,9 +90,16 @@ pub fn delivered() -> bool {
 
 /// pci_assign_interrupt for `bdf`: the GSI its INTx pin reaches, or None (no pin, or its PIRQ
 /// not routed), read from the machine now, so a function plugged later into the slot gets
-/// its own pin's route.
+/// its own pin's route. On q35 always None: the route is PIIX3's (the lab's firmware), and
+/// ICH9's PIRQ routing behind a root port is not emulated, so no line is handed out rather
+/// than a wrong one.
 pub fn assign(bdf: Bdf) -> Option<u8> {
-    let gsi = machine::with_machine(|m| m.qtest(|q| firmware::intx_gsi(q, bdf)).ok().flatten());
+    let gsi = machine::with_machine(|m| {
+        if m.kind() == nvmehp_lab::qemu::MachineKind::Q35 {
+            return None;
+        }
+        m.qtest(|q| firmware::intx_gsi(q, bdf)).ok().flatten()
+    });
     state(|s| match gsi {
         Some(g) => s.routes.insert(key(bdf), g),
         None => s.routes.remove(&key(bdf)),

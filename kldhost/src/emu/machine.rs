@@ -99,11 +99,12 @@ fn to_io(e: QtestError) -> io::Error {
 }
 
 impl Machine {
-    /// `run --qemu`'s machine: pc, 256 MiB of shared RAM, an NVMe controller in slot
-    /// [`NVME_SLOT`] with a 16 MiB zeroed namespace.
-    pub fn start() -> io::Result<Machine> {
+    /// `run --qemu`'s machine: `kind` (pc, or q35 with `--q35`: root ports in slots 4 and 5),
+    /// 256 MiB of shared RAM, an NVMe controller in slot [`NVME_SLOT`] with a 16 MiB zeroed
+    /// namespace.
+    pub fn start(kind: MachineKind) -> io::Result<Machine> {
         let spec = ControllerSpec { id: NVME_ID.into(), slot: NVME_SLOT, namespaces: vec![NamespaceSpec { nsid: 1, size_mib: (IMAGE_BYTES >> 20) as u32, lba: 512 }] };
-        Self::start_scenario(MachineKind::Pc, &[spec], &[5], RemovalReads::Zeros)
+        Self::start_scenario(kind, &[spec], &[5], RemovalReads::Zeros)
     }
 
     /// A scenario's machine: `cold` controllers present at power-on, `hot_slots` the slots
@@ -203,8 +204,28 @@ impl Machine {
     pub fn eject(&mut self, slot: u8) -> io::Result<()> {
         let r = self.lab.eject(slot);
         *self.ejects.entry(slot).or_default() += 1;
-        self.functions.retain(|f| f.bdf != Bdf::slot(slot));
+        let bdf = self.lab.bdf(slot);
+        self.functions.retain(|f| f.bdf != bdf);
         r
+    }
+
+    /// The machine model (pc or q35).
+    pub fn kind(&self) -> MachineKind {
+        self.lab.kind()
+    }
+
+    /// q35: each `pcie-root-port` as (its slot on bus 0, the BSEL QEMU gave its secondary bus),
+    /// in slot order; empty on pc, whose root bus is the hotpluggable one.
+    pub fn root_ports(&self) -> Vec<(u8, u32)> {
+        let mut v: Vec<(u8, u32)> = self.lab.hotplug_layout().buses.iter().filter_map(|b| b.port_slot.map(|s| (s, b.bsel))).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Where the function of scenario slot `slot` lives (pc: 00:slot.0; q35: slot 0 of the bus
+    /// behind the root port in `slot`).
+    pub fn bdf(&self, slot: u8) -> Bdf {
+        self.lab.bdf(slot)
     }
 
     /// Waits up to `wait` for QEMU to finish deleting ejected devices; true if none is left.
@@ -310,11 +331,19 @@ fn clear_bus_master(q: &mut Qtest, bdf: Bdf) -> Result<(), QtestError> {
     firmware::cfg_write16(q, bdf, firmware::cfg::COMMAND, cmd & !firmware::cfg::CMD_BUS_MASTER)
 }
 
+/// The scenario slot an endpoint function's address names: on pc its device number on bus 0;
+/// on q35 the slot of the root port it sits behind, which is the secondary bus number the lab's
+/// firmware gives that port (lab `firmware::init_q35`). Not meant for bus 0's own bridges.
+pub fn slot_of(bdf: Bdf) -> u8 {
+    if bdf.bus != 0 { bdf.bus } else { bdf.dev }
+}
+
 /// The firmware's part for a function pci_add_child adds: BAR0 placed for its slot as
-/// pci_add_resources would reserve it, memory decode on, bus mastering left to the driver.
+/// pci_add_resources would reserve it (on q35 inside its root port's memory window, which the
+/// lab's firmware made that slot's window), memory decode on, bus mastering left to the driver.
 pub fn program_function(bdf: Bdf) -> Option<PciFunction> {
     with_machine(|m| {
-        let f = m.qtest(|q| firmware::probe_and_program(q, bdf, firmware::bar0_for_slot(bdf.dev))).ok().flatten()?;
+        let f = m.qtest(|q| firmware::probe_and_program(q, bdf, firmware::bar0_for_slot(slot_of(bdf)))).ok().flatten()?;
         m.qtest(|q| clear_bus_master(q, bdf)).ok()?;
         m.functions.push(f);
         Some(f)
@@ -332,9 +361,9 @@ pub fn has_machine() -> bool {
     MACHINE.lock().unwrap_or_else(|p| p.into_inner()).is_some()
 }
 
-/// Starts `run --qemu`'s machine for this process's emulated kernel.
-pub fn start() -> io::Result<()> {
-    install(Machine::start()?);
+/// Starts `run --qemu`'s machine (`kind`) for this process's emulated kernel.
+pub fn start(kind: MachineKind) -> io::Result<()> {
+    install(Machine::start(kind)?);
     Ok(())
 }
 

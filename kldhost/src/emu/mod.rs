@@ -32,6 +32,7 @@ pub mod machine;
 pub mod mmio;
 pub mod newbus;
 pub mod pci;
+pub mod pcib;
 pub mod rules;
 pub mod pci_tunables;
 pub mod run;

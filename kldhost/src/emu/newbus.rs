@@ -4,7 +4,9 @@
 //! **Devices.** A `device_t` is a host object whose first field is the kobj ops pointer, the
 //! only field the module reads itself (its inline `KOBJOPLOOKUP`, <sys/kobj.h>); every other
 //! property is reached through emulated functions and lives in [`Dev`]. The tree: `pcib0`
-//! (host bridge) → `pci0` → one child per PCI function the machine has.
+//! (host bridge) → `pci0` → one child per PCI function the machine has; on q35 also a
+//! `pcibN` → `pciN` per root port ([`super::pcib`]), with the functions behind the port as
+//! `pciN`'s children.
 //!
 //! **kobj.** A class's ops hold a 256-entry method cache indexed by the descriptor id, every
 //! slot starting at a NULL method; on a miss the module calls `kobj_lookup_method(cls, cep,
@@ -96,6 +98,8 @@ pub struct Newbus {
     pub deleted: std::collections::BTreeSet<u64>,
     /// Devinfos pci_read_device handed out and pci_add_child has not taken yet.
     pub devinfos: BTreeMap<u64, nvmehp_lab::firmware::Bdf>,
+    /// The pci buses below PCI-PCI bridges (q35's root ports) and their bus numbers.
+    pub buses: BTreeMap<u64, u8>,
 }
 
 fn null_method() -> u64 {
@@ -109,7 +113,7 @@ fn null_method() -> u64 {
 
 /// The ops of class `cls`, compiled once per class as kobj_class_compile does (every cache slot
 /// at the NULL method); every object of the class points to them (kobj_init).
-fn new_ops(cls: u64) -> u64 {
+pub(super) fn new_ops(cls: u64) -> u64 {
     if let Some(o) = with(|e| e.newbus.class_ops.get(&cls).copied()) {
         return o;
     }
@@ -143,7 +147,7 @@ fn devclass_token(name: &str) -> u64 {
 }
 
 /// make_device: a device with `ops`, optionally in devclass `name` (fixed).
-fn make_device(parent: u64, ops: u64, class: Option<&str>, unit: i32) -> u64 {
+pub(super) fn make_device(parent: u64, ops: u64, class: Option<&str>, unit: i32) -> u64 {
     let obj = Box::into_raw(Box::new(DeviceObj { ops: ops as *mut layouts::kobj_ops })) as u64;
     with(|e| {
         e.newbus.devices.insert(obj, Dev { parent, unit, state: layouts::DS_NOTPRESENT, ops, ..Default::default() });
@@ -194,8 +198,9 @@ fn remove_from_devclass(dev: u64) {
     });
 }
 
-/// Builds pcib0 and pci0 with a child per function of the machine (pci(4)'s enumeration:
-/// each child's BARs sized and listed). Called once the machine runs.
+/// Builds pcib0 and pci0, on q35 a pcib and pci bus per root port (in slot order), and a child
+/// per function of the machine on the bus its address names (pci(4)'s enumeration: each
+/// child's BARs sized and listed). Called once the machine runs.
 pub fn build_tree(functions: &[nvmehp_lab::firmware::PciFunction]) {
     let pcib_cls = host_class(HostClass::Pcib, c"pcib");
     let pci_cls = host_class(HostClass::Pci, c"pci");
@@ -207,10 +212,16 @@ pub fn build_tree(functions: &[nvmehp_lab::firmware::PciFunction]) {
             e.newbus.devices.get_mut(&d).expect("dev").state = layouts::DS_ATTACHED;
         }
     });
+    let ports: Vec<u8> = super::machine::with_machine(|m| m.root_ports()).into_iter().map(|(s, _)| s).collect();
+    super::pcib::attach_root_ports(pci0, &ports, new_ops(pcib_cls), new_ops(pci_cls));
     for f in functions {
-        let child = make_device(pci0, new_ops(null_class()), None, -1);
+        let Some(bus) = super::pcib::bus_by_number(f.bdf.bus) else {
+            log(format!("{:02x}:{:02x}.{}: no pci bus {} in the tree; function left out", f.bdf.bus, f.bdf.dev, f.bdf.func, f.bdf.bus));
+            continue;
+        };
+        let child = make_device(bus, new_ops(null_class()), None, -1);
         let pc = super::pci::enumerate(f);
-        log(format!("pci0: {:02x}:{:02x}.{} vendor {:#06x} device {:#06x} class {:06x}", f.bdf.bus, f.bdf.dev, f.bdf.func, f.vendor, f.device, f.class));
+        log(format!("{}: {:02x}:{:02x}.{} vendor {:#06x} device {:#06x} class {:06x}", nameunit(bus), f.bdf.bus, f.bdf.dev, f.bdf.func, f.vendor, f.device, f.class));
         with(|e| e.newbus.devices.get_mut(&child).expect("dev").pci = Some(pc));
     }
 }
@@ -225,9 +236,28 @@ pub fn pci0() -> u64 {
     with(|e| e.newbus.pci0)
 }
 
-/// The pci children of pci0.
+/// The pci children of pci0 (on q35 the root ports' pcibs among them).
 pub fn pci_children() -> Vec<u64> {
-    with(|e| e.newbus.devices.get(&e.newbus.pci0).map(|d| d.children.clone()).unwrap_or_default())
+    children_of(pci0())
+}
+
+/// The children of `bus`.
+pub fn children_of(bus: u64) -> Vec<u64> {
+    with(|e| e.newbus.devices.get(&bus).map(|d| d.children.clone()).unwrap_or_default())
+}
+
+/// Every PCI function a driver could take: the children of every pci bus but the bridges.
+pub fn pci_functions() -> Vec<u64> {
+    super::pcib::buses()
+        .into_iter()
+        .flat_map(children_of)
+        .filter(|&c| with(|e| e.newbus.devices.get(&c).and_then(|d| d.pci.as_ref()).is_some_and(|p| !p.bridge)))
+        .collect()
+}
+
+/// The parent of `dev` (0 for none).
+pub fn parent_of(dev: u64) -> u64 {
+    with(|e| e.newbus.devices.get(&dev).map_or(0, |d| d.parent))
 }
 
 pub fn nameunit(dev: u64) -> String {
@@ -333,7 +363,8 @@ pub fn add_driver(bus: &str, driver: u64) {
     devclass_token(&name);
     with(|e| e.newbus.drivers.insert(name.clone(), (bus.to_string(), driver)));
     if bus == "pci" {
-        for child in pci_children() {
+        // BUS_DRIVER_ADDED on every bus of the devclass: pci0 and the bridges' buses.
+        for child in pci_functions() {
             if state(child) == layouts::DS_NOTPRESENT {
                 log(format!("pci_driver_added({name}): probing {}", pci_location(child)));
                 // Newbus changes the tree under the topology lock (bus_topo_assert in
@@ -543,42 +574,51 @@ pub fn device_detach(dev: u64) -> c_int {
     0
 }
 
-/// The pci0 child at slot `s`, function `f` (acpi_get_device of a slot object: acpi_pci.c
-/// `acpi_pci_save_handle` pairs them).
-pub fn pci_child_at(s: u8, f: u8) -> Option<u64> {
-    pci_children().into_iter().find(|&c| with(|e| e.newbus.devices.get(&c).and_then(|d| d.pci.as_ref()).is_some_and(|p| p.bdf.bus == 0 && p.bdf.dev == s && p.bdf.func == f)))
+/// The child of pci bus `bus` at slot `s`, function `f` (acpi_get_device of a slot object:
+/// acpi_pci.c `acpi_pci_save_handle` pairs them).
+pub fn child_at(bus: u64, s: u8, f: u8) -> Option<u64> {
+    let n = super::pcib::bus_number(bus)?;
+    children_of(bus).into_iter().find(|&c| with(|e| e.newbus.devices.get(&c).and_then(|d| d.pci.as_ref()).is_some_and(|p| p.bdf.bus == n && p.bdf.dev == s && p.bdf.func == f)))
 }
 
-/// BUS_RESCAN of pci0, as sys/dev/pci/pci.c `pci_rescan_method` does it: a child whose function
-/// reads all-ones is deleted (device_delete_child); a function 0 of an NVMe controller that
-/// answers and has no child gets one (pci_read_device, pci_add_child) and is probed and
-/// attached. (Only NVMe functions are added: the lab firmware places BARs for them only.)
+/// The pci0 child at slot `s`, function `f`.
+pub fn pci_child_at(s: u8, f: u8) -> Option<u64> {
+    child_at(pci0(), s, f)
+}
+
+/// BUS_RESCAN of pci bus `bus`, as sys/dev/pci/pci.c `pci_rescan_method` does it: a child
+/// whose function reads all-ones is deleted (device_delete_child); a function 0 of an NVMe
+/// controller that answers and has no child gets one (pci_read_device, pci_add_child) and is
+/// probed and attached. Every slot is walked, also below a PCIe root port (amd64's
+/// `pcib_maxslots` is PCI_SLOTMAX for every bridge; only slot 0 answers there). (Only NVMe
+/// functions are added: the lab firmware places BARs for them only; a bridge never leaves.)
 /// Called with the topology lock held.
-pub fn rescan_pci0() {
-    let bus = pci0();
-    for child in pci_children() {
-        let Some(bdf) = with(|e| e.newbus.devices.get(&child).and_then(|d| d.pci.as_ref()).map(|p| p.bdf)) else { continue };
+pub fn rescan_bus(bus: u64) {
+    let Some(n) = super::pcib::bus_number(bus) else { return };
+    let name = nameunit(bus);
+    for child in children_of(bus) {
+        let Some(bdf) = with(|e| e.newbus.devices.get(&child).and_then(|d| d.pci.as_ref()).filter(|p| !p.bridge).map(|p| p.bdf)) else { continue };
         if super::machine::cfg_read(bdf, 0, 2) == 0xffff {
             let r = device_delete_child(bus, child);
-            log(format!("BUS_RESCAN(pci0): {:02x}:{:02x}.{} is gone: device_delete_child = {r}", bdf.bus, bdf.dev, bdf.func));
+            log(format!("BUS_RESCAN({name}): {:02x}:{:02x}.{} is gone: device_delete_child = {r}", bdf.bus, bdf.dev, bdf.func));
         }
     }
     for s in 0..32u8 {
-        let bdf = nvmehp_lab::firmware::Bdf { bus: 0, dev: s, func: 0 };
-        if pci_child_at(s, 0).is_some() || super::machine::cfg_read(bdf, 0, 2) == 0xffff {
+        let bdf = nvmehp_lab::firmware::Bdf { bus: n, dev: s, func: 0 };
+        if child_at(bus, s, 0).is_some() || super::machine::cfg_read(bdf, 0, 2) == 0xffff {
             continue;
         }
         if super::machine::cfg_read(bdf, 0x08, 4) >> 8 != 0x01_08_02 {
             continue;
         }
-        let dinfo = emu_pci_read_device(std::ptr::null_mut(), std::ptr::null_mut(), 0, 0, c_int::from(s), 0);
+        let dinfo = emu_pci_read_device(std::ptr::null_mut(), std::ptr::null_mut(), 0, c_int::from(n), c_int::from(s), 0);
         if dinfo.is_null() {
             continue;
         }
         emu_pci_add_child(bus as *mut c_void, dinfo);
-        if let Some(child) = pci_child_at(s, 0) {
+        if let Some(child) = child_at(bus, s, 0) {
             let r = probe_and_attach(child);
-            log(format!("BUS_RESCAN(pci0): added 00:{s:02x}.0: device_probe_and_attach = {r}"));
+            log(format!("BUS_RESCAN({name}): added {n:02x}:{s:02x}.0: device_probe_and_attach = {r}"));
         }
     }
 }
@@ -888,13 +928,13 @@ extern "C" fn emu_pci_add_child(bus: *mut c_void, dinfo: *mut c_void) {
     drop(unsafe { Box::from_raw(dinfo.cast::<[u64; 8]>()) });
     let f = super::machine::program_function(bdf);
     let Some(f) = f else {
-        log(format!("pci_add_child(pci0, {:02x}:{:02x}.{}): not an NVMe function this machine places; no child", bdf.bus, bdf.dev, bdf.func));
+        log(format!("pci_add_child({}, {:02x}:{:02x}.{}): not an NVMe function this machine places; no child", nameunit(bus), bdf.bus, bdf.dev, bdf.func));
         return;
     };
     let child = make_device(bus, new_ops(null_class()), None, -1);
     let pc = super::pci::enumerate(&f);
     with(|e| e.newbus.devices.get_mut(&child).expect("dev").pci = Some(pc));
-    log(format!("pci_add_child(pci0, {:02x}:{:02x}.{}) = device_t {child:#x}", bdf.bus, bdf.dev, bdf.func));
+    log(format!("pci_add_child({}, {:02x}:{:02x}.{}) = device_t {child:#x}", nameunit(bus), bdf.bus, bdf.dev, bdf.func));
 }
 
 pub fn register(t: &mut KpiTable) {

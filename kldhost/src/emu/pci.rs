@@ -38,10 +38,12 @@ use std::ffi::{c_int, c_void};
 /// Guest-physical base of the MSI-X mailboxes (4 bytes per vector), below the DMA pool.
 pub const MSIX_MAILBOX: u64 = 0x10_0000;
 
-/// The mailbox of MSI-X vector `rid - 1` of the function at `bdf`: one 1 KiB block per slot
-/// from [`MSIX_MAILBOX`], so the messages of several controllers never share a word.
+/// The mailbox of MSI-X vector `rid - 1` of the function at `bdf`: one 1 KiB block per
+/// scenario slot from [`MSIX_MAILBOX`] (the slot's device number on pc, its root port's on q35,
+/// where every function is device 0 of its own bus), so the messages of several controllers
+/// never share a word.
 pub fn mailbox(bdf: Bdf, rid: c_int) -> u64 {
-    MSIX_MAILBOX + 0x400 * u64::from(bdf.dev) + 4 * rid as u64
+    MSIX_MAILBOX + 0x400 * u64::from(machine::slot_of(bdf)) + 4 * rid as u64
 }
 /// PCI capability ids and registers used here (PCI Local Bus 3.0, sys/dev/pci/pcireg.h).
 const PCIY_MSIX: u8 = 0x11;
@@ -80,6 +82,9 @@ pub struct PciChild {
     pub msix: Option<Msix>,
     /// MSI vectors the capability offers (0: no MSI capability).
     pub msi: u32,
+    /// A PCI-PCI bridge (q35's root port, [`super::pcib`]): no driver of the module's, its
+    /// BARs not listed.
+    pub bridge: bool,
 }
 
 /// A `struct resource` handed out, with its owner.
@@ -164,7 +169,7 @@ pub fn enumerate(f: &PciFunction) -> PciChild {
     });
     // Multiple Message Capable: log2 of the vector count (PCI 3.0, 6.8.1.3).
     let msi = find_cap(bdf, PCIY_MSI).map_or(0, |cap| 1 << ((cfg_read(bdf, cap + 2, 2) >> 1) & 7));
-    PciChild { bdf, bars, msix, msi }
+    PciChild { bdf, bars, msix, msi, bridge: false }
 }
 
 fn child_of(child: *mut c_void) -> PciChild {
@@ -185,6 +190,14 @@ fn update_child(child: u64, f: impl FnOnce(&mut PciChild)) {
 extern "C" fn pci_read_ivar(_dev: *mut c_void, child: *mut c_void, which: c_int, result: *mut usize) -> c_int {
     let c = child_of(child);
     let b = c.bdf;
+    // acpi_pci.c `acpi_pci_read_ivar`: the ACPI object acpi_pci bound to the child by its
+    // `_ADR` (stock variant only; pci.c itself has no such ivar).
+    if which == super::pcib::ACPI_IVAR_HANDLE {
+        let Some(h) = super::acpi::pci_child_handle(b) else { return layouts::ENOENT };
+        // SAFETY: the caller's uintptr_t.
+        unsafe { *result = h };
+        return 0;
+    }
     // The order of enum pci_device_ivars (sys/dev/pci/pcivar.h).
     let v = match which {
         0 => cfg_read(b, 0x2c, 2) as usize,
@@ -379,7 +392,15 @@ extern "C" fn pci_release_msi_m(_dev: *mut c_void, child: *mut c_void) -> c_int 
 
 // --- pcib0's methods (pcib_if.m) --------------------------------------------------------------
 
-extern "C" fn pcib_read_ivar(_dev: *mut c_void, _child: *mut c_void, which: c_int, result: *mut usize) -> c_int {
+extern "C" fn pcib_read_ivar(dev: *mut c_void, _child: *mut c_void, which: c_int, result: *mut usize) -> c_int {
+    // A root port's pcib (q35): its own ivars (super::pcib).
+    let pcib0 = with(|e| e.newbus.devices.get(&e.newbus.pci0).map_or(0, |d| d.parent));
+    if dev as u64 != pcib0 {
+        let Some(v) = super::pcib::read_ivar(dev as u64, which) else { return layouts::ENOENT };
+        // SAFETY: the caller's uintptr_t.
+        unsafe { *result = v };
+        return 0;
+    }
     // ACPI_IVAR_HANDLE (dev/acpica/acpivar.h), asked by acpi_get_handle(pci0): answered only
     // in the stock-FreeBSD ACPI variant (super::acpi::pcib_acpi_handle).
     if which == 0x100 {
@@ -622,7 +643,8 @@ pub fn print_child(dev: u64) {
     let mems: Vec<String> = pc.bars.iter().map(|b| format!("{:#x}-{:#x}", b.phys, b.phys + b.size - 1)).collect();
     let desc = desc.map(|d| format!(" <{d}>")).unwrap_or_default();
     let mem = if mems.is_empty() { String::new() } else { format!(" mem {}", mems.join(",")) };
-    super::kern::console_line(&format!("{}:{desc}{mem} at device {}.{} on pci0\n", newbus::nameunit(dev), pc.bdf.dev, pc.bdf.func));
+    let bus = newbus::nameunit(newbus::parent_of(dev));
+    super::kern::console_line(&format!("{}:{desc}{mem} at device {}.{} on {bus}\n", newbus::nameunit(dev), pc.bdf.dev, pc.bdf.func));
 }
 
 /// pci_probe_nomatch: the function no driver took.
@@ -631,7 +653,8 @@ pub fn probe_nomatch(dev: u64) {
     let Some(pc) = pc else { return };
     let class = cfg_read(pc.bdf, 0x08, 4) >> 8;
     let what = if class == 0x01_08_02 { "mass storage, NVM" } else { "unknown" };
-    super::kern::console_line(&format!("pci0: <{what}> at device {}.{} (no driver attached)\n", pc.bdf.dev, pc.bdf.func));
+    let bus = newbus::nameunit(newbus::parent_of(dev));
+    super::kern::console_line(&format!("{bus}: <{what}> at device {}.{} (no driver attached)\n", pc.bdf.dev, pc.bdf.func));
 }
 
 /// pci_child_detached: resources a detached driver left are released with pci(4)'s message.

@@ -267,6 +267,11 @@ pub struct Options {
     /// its hotplug task resuming) and kldunload is tried again, at most this many times, as an
     /// administrator repeats it.
     pub kldunload_retries: usize,
+    /// With `qemu`: QEMU's q35 (ICH9) instead of pc: the controller sits behind the
+    /// `pcie-root-port` in slot 4 (00:04.0, a pcib with its own pci bus; the controller is
+    /// device 0.0 on that bus), `hot_add` plugs behind slot 5's port, and with `acpi` the
+    /// namespace is q35's ([`super::acpi`]): the notifies go to the ports' `S00_`.
+    pub q35: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -296,7 +301,7 @@ pub fn load_and_unload(ko: &LoadedKo, timeout_expiries: usize) -> Result<Report,
 /// lock as devctl's ioctl takes it (sys/kern/subr_bus.c devctl2_ioctl): DEV_SET_DRIVER with
 /// force (the devclass fixed to the driver, then probe and attach) and DEV_DETACH.
 fn devctl_set_driver_and_attach(driver: &str, report: &mut Report) {
-    for child in super::newbus::pci_children() {
+    for child in super::newbus::pci_functions() {
         if super::newbus::state(child) >= layouts::DS_ATTACHED {
             log(format!("{} {}: attached at MOD_LOAD; devctl set driver not needed", location(child), super::newbus::nameunit(child)));
             report.attach.push((location(child), super::newbus::nameunit(child), 0));
@@ -311,7 +316,7 @@ fn devctl_set_driver_and_attach(driver: &str, report: &mut Report) {
 }
 
 fn devctl_detach(report: &mut Report) {
-    for child in super::newbus::pci_children() {
+    for child in super::newbus::pci_functions() {
         if super::newbus::state(child) < layouts::DS_ATTACHED {
             continue;
         }
@@ -323,9 +328,24 @@ fn devctl_detach(report: &mut Report) {
     }
 }
 
-/// Whether a function in `slot` is on pci0.
+/// Whether newbus has a function in scenario slot `slot` (pc: on pci0 at device `slot`; q35:
+/// behind the root port in `slot`, on its pciN).
 fn in_slot(slot: u8) -> bool {
-    super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {slot}.0"))
+    super::newbus::pci_functions().into_iter().any(|c| slot_of_child(c) == Some(slot))
+}
+
+fn slot_of_child(dev: u64) -> Option<u8> {
+    with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.as_ref()).map(|p| super::machine::slot_of(p.bdf)))
+}
+
+/// Where the function of scenario slot `slot` is, as the log names it: (its location on its
+/// bus, that bus): pc `device 4.0` on `pci0`; q35 `device 0.0` on the root port's `pciN`.
+fn place(slot: u8) -> (String, String) {
+    let q35 = super::machine::with_machine(|m| m.kind() == nvmehp_lab::qemu::MachineKind::Q35);
+    match super::pcib::bridge_at(slot).and_then(super::pcib::bus_below).filter(|_| q35) {
+        Some(bus) => ("device 0.0".into(), super::newbus::nameunit(bus)),
+        None => (format!("device {slot}.0"), "pci0".into()),
+    }
 }
 
 /// QMP `device_del` of the controller `id` in `slot`, then the SCI's work and the module's
@@ -347,7 +367,8 @@ fn eject_request(report: &mut Report, slot: u8, id: &str) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let gone = !in_slot(slot);
-    log(format!("after the eject request: device {slot}.0 {}", if gone { "deleted from pci0" } else { "still on pci0" }));
+    let (at, bus) = place(slot);
+    log(format!("after the eject request: {at} {} {bus}", if gone { "deleted from" } else { "still on" }));
     let deleted = with_machine(|m| m.deleted(id, std::time::Duration::from_secs(2)) && !m.slot_present(slot));
     log(format!("QMP: DEVICE_DELETED {id}: {}", if deleted { "received" } else { "not received" }));
     report.ejected = gone && deleted;
@@ -386,8 +407,10 @@ fn surprise_removal(report: &mut Report, slot: u8, id: &str, in_flight: usize) {
             Err(e) => return report.io.push(e),
         }
     }
+    let (at, bus) = place(slot);
     let r = with_machine(|m| m.eject(slot).map_err(|e| e.to_string()));
-    log(format!("surprise removal: PCEJ bit {slot} written with no device_del: {r:?}"));
+    let bit = if bus == "pci0" { format!("PCEJ bit {slot}") } else { format!("PCEJ bit 0 (with the BSEL of slot {slot}'s root port)") };
+    log(format!("surprise removal: {bit} written with no device_del: {r:?}"));
     let mut steps = 0;
     while in_slot(slot) && steps < 30 {
         steps += 1;
@@ -401,7 +424,7 @@ fn surprise_removal(report: &mut Report, slot: u8, id: &str, in_flight: usize) {
         }
     }
     let gone = !in_slot(slot);
-    log(format!("after the surprise removal: device {slot}.0 {} after {steps} callout periods", if gone { "deleted from pci0" } else { "still on pci0" }));
+    log(format!("after the surprise removal: {at} {} {bus} after {steps} callout periods", if gone { "deleted from" } else { "still on" }));
     report.surprise_detected = gone;
     let deleted = with_machine(|m| m.deleted(id, std::time::Duration::from_millis(500)));
     log(format!("QMP: DEVICE_DELETED {id}: {}", if deleted { "received" } else { "not received within 0.5 s (not required)" }));
@@ -449,9 +472,7 @@ fn hot_add(report: &mut Report, slot: u8, id: &str) {
         return;
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let attached = || {
-        super::newbus::pci_children().iter().any(|&c| location(c) == format!("device {slot}.0") && super::newbus::state(c) >= layouts::DS_ATTACHED)
-    };
+    let attached = || super::newbus::pci_functions().into_iter().any(|c| slot_of_child(c) == Some(slot) && super::newbus::state(c) >= layouts::DS_ATTACHED);
     while !attached() && std::time::Instant::now() < deadline {
         for n in super::acpi::run_gpe() {
             report.notifies.push(n);
@@ -460,7 +481,8 @@ fn hot_add(report: &mut Report, slot: u8, id: &str) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let ok = attached();
-    log(format!("after the hot-add: device {slot}.0 {}", if ok { "attached" } else { "not attached" }));
+    let (at, bus) = place(slot);
+    log(format!("after the hot-add: {at} {}", if ok { format!("attached on {bus}") } else { "not attached".to_string() }));
     with(|e| report.nodes_attached = e.devs.keys().cloned().collect());
     report.disks_attached = created_disks();
     report.hot_added = ok;
@@ -626,7 +648,8 @@ pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Momen
     super::pci_tunables::load(&opts.tunables);
     super::intx::set_delivered(!opts.intx_undelivered);
     if opts.qemu {
-        super::machine::start().map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
+        let kind = if opts.q35 { nvmehp_lab::qemu::MachineKind::Q35 } else { nvmehp_lab::qemu::MachineKind::Pc };
+        super::machine::start(kind).map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
         super::newbus::build_tree(&functions);
         if opts.acpi {

@@ -1,6 +1,7 @@
 //! Which of the module's objects belong to a scenario controller.
 //!
-//! A controller is the pci0 child in its slot; it is *attached* when that child has a driver
+//! A controller is the pci function in its scenario slot (a pci0 child on pc, the child of the
+//! root port's pciN on q35: `emu::machine::slot_of`); it is *attached* when that child has a driver
 //! (`nvmehp<U>`, state DS_ATTACHED or more). Its disks are the created disks whose `d_ident`
 //! is the controller's serial number (the module copies the Identify Controller serial, which
 //! the lab sets per plug: `NVMEHP<qdev>`), in `d_unit` order, which is the order the module
@@ -10,23 +11,24 @@
 use crate::emu::{self, newbus};
 use crate::layouts;
 
-/// The pci0 child in `slot` that has a driver, if any.
+/// The pci function in `slot` that has a driver, if any.
 pub fn attached(slot: u8) -> Option<u64> {
-    newbus::pci_children().into_iter().find(|&c| slot_of(c) == Some(slot) && newbus::state(c) >= layouts::DS_ATTACHED)
+    newbus::pci_functions().into_iter().find(|&c| slot_of(c) == Some(slot) && newbus::state(c) >= layouts::DS_ATTACHED)
 }
 
-/// Whether pci0 has any child in `slot` (with or without a driver).
-pub fn on_pci0(slot: u8) -> bool {
-    newbus::pci_children().into_iter().any(|c| slot_of(c) == Some(slot))
+/// Whether newbus has any function in `slot` (with or without a driver).
+pub fn in_newbus(slot: u8) -> bool {
+    newbus::pci_functions().into_iter().any(|c| slot_of(c) == Some(slot))
 }
 
 fn slot_of(dev: u64) -> Option<u8> {
-    emu::with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.as_ref()).map(|p| p.bdf.dev))
+    emu::with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.as_ref()).map(|p| emu::machine::slot_of(p.bdf)))
 }
 
-/// Controllers with a driver: the pci0 children in state DS_ATTACHED or more.
+/// Controllers with a driver: the pci functions in state DS_ATTACHED or more (never a root
+/// port's pcib: it is no function a driver of the module's takes).
 pub fn attached_count() -> usize {
-    newbus::pci_children().into_iter().filter(|&c| newbus::state(c) >= layouts::DS_ATTACHED).count()
+    newbus::pci_functions().into_iter().filter(|&c| newbus::state(c) >= layouts::DS_ATTACHED).count()
 }
 
 /// The serial number QEMU gives the controller plugged as `qdev` (the lab's device

@@ -1,7 +1,8 @@
 //! The kld-mode runner: a scenario's steps with the loaded module as the driver.
 //!
 //! Boot: the lab machine with the scenario's cold controllers (the firmware programs their
-//! BARs), pci0 enumerates them, the ACPI namespace of QEMU's pc DSDT is there with no
+//! BARs), pci0 enumerates them (on q35: pci0 has a pcib per root port, and each port's pciN the
+//! controller behind it), the ACPI namespace of QEMU's pc or q35 DSDT is there with no
 //! acpi_pci(4) handler (the module owns the slots), then `kldload` with
 //! `hw.nvme_hotplug.claim=1` (its probe bids BUS_PROBE_HOOVER, so newbus gives it every NVMe
 //! function at MOD_LOAD and on every later rescan, as the engine mode's driver takes them).
@@ -505,7 +506,7 @@ impl Session<'_> {
 
     // --- removal -------------------------------------------------------------------------------
 
-    /// The controller left: the module's device is off pci0's attached children and QEMU's
+    /// The controller left: the module's device is off its bus's attached children and QEMU's
     /// slot is empty.
     fn removed(&self, slot: u8) -> bool {
         devices::attached(slot).is_none() && !machine::with_machine(|m| m.slot_present(slot))
@@ -793,9 +794,9 @@ impl Session<'_> {
                 });
                 let (accesses, fired) = machine::with_machine(|m| m.trap_state(slot));
                 if !ok {
-                    let stale = !fired && accesses == 0 && devices::on_pci0(slot) && devices::attached(slot).is_none();
+                    let stale = !fired && accesses == 0 && devices::in_newbus(slot) && devices::attached(slot).is_none();
                     let why = if stale {
-                        " — the new controller was never probed: pci0 still has the driverless child the failed bring-up left in this slot, the module's slot rescan adds only functions that have no child, and nothing deletes that one".to_string()
+                        " — the new controller was never probed: its pci bus still has the driverless child the failed bring-up left in this slot, the module's slot rescan adds only functions that have no child, and nothing deletes that one".to_string()
                     } else {
                         String::new()
                     };

@@ -1,0 +1,246 @@
+//! `kldhost run --qemu --q35`: QEMU's q35 (ICH9) as FreeBSD would see it, checked through the
+//! KPI alone, before any driver relies on it: the namespace of QEMU's q35 DSDT (bus 0's objects
+//! named after their devfn, each `pcie-root-port` with its hotplug slot `S00_` and its `_EJ0`),
+//! a `pcibN` → `pciN` per root port whose bus number is the port's secondary bus, config space
+//! of the function behind a port through `PCIB_READ_CONFIG`, `_EJ0` ejecting through the ICH9
+//! block with the port's BSEL, acpi_pci's handles in the stock variant only; and the real module
+//! attaching the controller behind a root port. Needs QEMU (the lab's rule: SKIP without it, a
+//! failure with NVMEHP_REQUIRE_QEMU=1) and clang-19 or the built .ko.
+
+mod common;
+
+use common::{assert_in_order, kldhost_run_with};
+
+fn walk_fixture(test: &str) -> Option<std::path::PathBuf> {
+    let mut flags = common::kernel_header_flags();
+    flags.push("-DKLDHOST_EJECT_PORT=S20_".into());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    common::compile(test, "q35_walk", &flags).map(|b| common::temp_object(test, &b))
+}
+
+/// The BSEL the namespace line gives the port object `port` (e.g. `S20_`).
+fn bsel_of(out: &str, port: &str) -> String {
+    let key = format!("\\_SB_.PCI0.{port}.S00_ (BSEL ");
+    let at = out.find(&key).unwrap_or_else(|| panic!("no hotplug slot behind {port} in the namespace line:\n{out}")) + key.len();
+    out[at..].chars().take_while(char::is_ascii_digit).collect()
+}
+
+#[test]
+fn the_q35_namespace_root_ports_and_config_space_are_what_a_driver_finds() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_walk") {
+        return;
+    }
+    let Some(f) = walk_fixture("q35_walk") else { return };
+    let (code, out) = kldhost_run_with(&f, &["--qemu", "--q35", "--acpi"]);
+    assert_eq!(code, Some(0), "kldhost run --qemu --q35 --acpi failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            // pci(4)'s enumeration: root ports in slots 4 and 5, each a bridge with its bus.
+            "pcib1: <PCI-PCI bridge> at device 4.0 on pci0; pci1: <PCI bus> on pcib1 (secondary bus 4)",
+            "pcib2: <PCI-PCI bridge> at device 5.0 on pci0; pci2: <PCI bus> on pcib2 (secondary bus 5)",
+            "pci1: 04:00.0 vendor 0x1b36 device 0x0010 class 010802",
+            "console:",
+            // Bus 0's objects in devfn order, none hotpluggable; each port's S00_ at level 2.
+            "q35_walk: level 1 \\_SB_.PCI0.S00_ _ADR 0 _EJ0 no",
+            "q35_walk: level 1 \\_SB_.PCI0.S20_ _ADR 0x40000 _EJ0 no",
+            // The port's device is its pcib, whose pci bus is number 4, where the controller
+            // answers through the bridge; no ACPI handle without acpi_pci.
+            // Without acpi_pci nobody bound the port's object to its device: found by _ADR.
+            "q35_walk: \\_SB_.PCI0.S20_: bridge found by _ADR",
+            "q35_walk: \\_SB_.PCI0.S20_: pcib1 -> pci1, bus 4, slot 0 id 0x101b36",
+            "q35_walk: \\_SB_.PCI0.S20_: bus handle none, bridge handle none",
+            "q35_walk: level 2 \\_SB_.PCI0.S20_.S00_ _ADR 0 _EJ0 yes",
+            "q35_walk: level 1 \\_SB_.PCI0.S28_ _ADR 0x50000 _EJ0 no",
+            // Slot 5's port is empty: all-ones behind it.
+            "q35_walk: \\_SB_.PCI0.S28_: pcib2 -> pci2, bus 5, slot 0 id 0xffffffff",
+            "q35_walk: level 2 \\_SB_.PCI0.S28_.S00_ _ADR 0 _EJ0 yes",
+            "q35_walk: level 1 \\_SB_.PCI0.SF8_ _ADR 0x1f0000 _EJ0 no",
+            // _EJ0 of S20_.S00_ removes exactly the function behind slot 4's port.
+            "q35_walk: before _EJ0: bus 4 slot 0 vendor 0x1b36",
+            "q35_walk: _EJ0 0; after: bus 4 slot 0 vendor 0xffff",
+            "findings: 0",
+        ],
+    );
+    // The eject selected the port's bus with that port's BSEL (QEMU numbers the buses itself;
+    // the two ports have different ones, so the other port's would have ejected nothing).
+    let (b4, b5) = (bsel_of(&out, "S20_"), bsel_of(&out, "S28_"));
+    assert_ne!(b4, b5, "{out}");
+    assert!(out.contains(&format!("acpi_SetInteger(\\_SB_.PCI0.S20_.S00_, \"_EJ0\", 1) = 0x0: BNUM {b4} (the port's BSEL), PCEJ bit 0 written")), "{out}");
+    // No slot-numbered objects as on pc; no _EJ0 on bus 0's objects, one on each port's S00_.
+    assert!(!out.contains("\\_SB_.PCI0.S04_"), "{out}");
+    let console = &out[out.find("console:").expect("console")..];
+    let level = |l: &str| console.lines().filter(|x| x.contains(&format!("q35_walk: level {l} "))).map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(level("1").len(), 6, "{out}");
+    assert!(level("1").iter().all(|x| x.ends_with("_EJ0 no")), "{out}");
+    assert_eq!(level("2").len(), 2, "{out}");
+    assert!(level("2").iter().all(|x| x.ends_with("_EJ0 yes")), "{out}");
+}
+
+#[test]
+fn with_acpi_pci_a_root_ports_bus_and_bridge_answer_the_port_object() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_acpi_pci") {
+        return;
+    }
+    let Some(f) = walk_fixture("q35_acpi_pci") else { return };
+    let (code, out) = kldhost_run_with(&f, &["--qemu", "--q35", "--acpi", "--acpi-pci"]);
+    assert_eq!(code, Some(0), "{out}");
+    // acpi_pcib_pci gives pciN the port's handle (and acpi_pci the bridge its object), so
+    // acpi_pci sits on each port's bus, its handler on that port's hotplug slot.
+    assert_in_order(
+        &out,
+        &[
+            "acpi_pci: pci0 has ACPI handle \\_SB_.PCI0; its notify handler installed on 2 slots",
+            "console:",
+            // acpi_pci bound the port's object to its pcib.
+            "q35_walk: \\_SB_.PCI0.S20_: bridge found by acpi_get_device",
+            "q35_walk: \\_SB_.PCI0.S20_: pcib1 -> pci1, bus 4, slot 0 id 0x101b36",
+            "q35_walk: \\_SB_.PCI0.S20_: bus handle port, bridge handle port",
+            "q35_walk: \\_SB_.PCI0.S28_: bus handle port, bridge handle port",
+            "findings: 0",
+        ],
+    );
+}
+
+#[test]
+fn the_real_module_attaches_the_controller_behind_a_root_port_and_does_its_io() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_real") || common::real_ko("q35_real").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--q35", "--acpi", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "kldhost run --qemu --q35 failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            // The module's discovery: a handler on each port's hotplug slot, none on bus 0.
+            "AcpiInstallNotifyHandler(\\_SB_.PCI0.S20_.S00_, type 1,",
+            "AcpiInstallNotifyHandler(\\_SB_.PCI0.S28_.S00_, type 1,",
+            "AcpiRemoveNotifyHandler(\\_SB_.PCI0.S20_.S00_, type 1,",
+            "AcpiRemoveNotifyHandler(\\_SB_.PCI0.S28_.S00_, type 1,",
+            "console:",
+            // BAR0 in slot 4's window, which is the port's memory window.
+            "nvmehp0: <NVMe controller (nvme_hotplug)> mem 0xc0400000-0xc0403fff at device 0.0 on pci1",
+            "nvmehp0: interrupt: MSI-X",
+            "nvme_hotplug: 2 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 2 owned (2 handlers), 0 observed, on 2 pci buses",
+            "nvme_hotplug: unloaded (2 ACPI notify handlers removed)",
+            "io data in the backing file and read back: ok",
+            "detach device 0.0 (nvmehp0): 0",
+            "MOD_QUIESCE: Some(0), MOD_UNLOAD: Some(0), unloaded: true",
+            "findings: 0",
+        ],
+    );
+    // The root ports (device 4.0 and 5.0 on pci0) were never offered to the module's driver
+    // nor forced onto it; the controller (device 0.0 on pci1) was.
+    assert!(out.contains("probing device 0.0"), "{out}");
+    for port in ["device 4.0", "device 5.0"] {
+        assert!(!out.contains(&format!("probing {port}")) && !out.contains(&format!("devctl set driver -f: {port}")), "{port}:\n{out}");
+    }
+}
+
+#[test]
+fn with_acpi_pci_on_the_ports_buses_the_real_module_observes_their_slots() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_real_acpi_pci") || common::real_ko("q35_real_acpi_pci").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--q35", "--acpi", "--acpi-pci", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    // acpi_get_handle(pciN) is the port's object, so acpi_pci's handler is there: the module
+    // observes both slots and installs nothing (fails when pcibN answers no ACPI handle).
+    assert!(out.contains("nvme_hotplug: 2 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 0 owned (0 handlers), 2 observed, on 2 pci buses"), "{out}");
+    assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
+    assert!(out.contains("findings: 0"), "{out}");
+}
+
+#[test]
+fn an_eject_request_and_a_hot_add_behind_root_ports_reach_the_real_module() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_eject") || common::real_ko("q35_eject").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--q35", "--acpi", "--eject", "--hot-add", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            // device_del of the controller behind slot 4's port: Notify 3 to that port's S00_,
+            // the module detaches and deletes it on pci1, then _EJ0 with the port's BSEL.
+            "acpi_task: Notify(\\_SB_.PCI0.S20_.S00_, 3) to 1 handler(s)",
+            "acpi_SetInteger(\\_SB_.PCI0.S20_.S00_, \"_EJ0\", 1) = 0x0: BNUM",
+            "after the eject request: device 0.0 deleted from pci1",
+            "QMP: DEVICE_DELETED nvme0: received",
+            // device_add behind slot 5's port: Notify 1 to its S00_, the module's rescan of
+            // pci2 adds and attaches it; its disk is written and read.
+            "acpi_task: Notify(\\_SB_.PCI0.S28_.S00_, 1) to 1 handler(s)",
+            "pci_add_child(pci2, 05:00.0)",
+            "after the hot-add: device 0.0 attached on pci2",
+            "console:",
+            "mem 0xc0500000-0xc0503fff at device 0.0 on pci2",
+            "findings: 0",
+        ],
+    );
+    assert!(out.contains("hot-added and attached: true; its write and read: ok"), "{out}");
+
+    // Control: with hw.nvme_hotplug.acpi_mode=off nobody handles the port's notify: the
+    // controller stays on pci1 and QEMU keeps it.
+    let (code, out) =
+        kldhost_run_with(&ko, &["--qemu", "--q35", "--acpi", "--eject", "--tunable", "hw.nvme_hotplug.claim=1", "--tunable", "hw.nvme_hotplug.acpi_mode=off"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("acpi_SetInteger("), "{out}");
+    assert_in_order(
+        &out,
+        &["acpi_task: Notify(\\_SB_.PCI0.S20_.S00_, 3) to 0 handler(s)", "after the eject request: device 0.0 still on pci1", "findings: 0"],
+    );
+}
+
+#[test]
+fn with_acpi_pci_the_ports_eject_and_rescan_act_on_the_ports_bus() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_acpi_pci_eject") || common::real_ko("q35_acpi_pci_eject").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--q35", "--acpi", "--acpi-pci", "--eject", "--hot-add", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    // acpi_pci's handler (the only one: the module observes) detaches the controller, _EJ0s
+    // the port's slot and rescans pci1, which deletes it; its device check rescans pci2, which
+    // adds the hot-added controller, and the module's driver (claim=1) attaches it.
+    assert_in_order(
+        &out,
+        &[
+            "acpi_pci: Notify(\\_SB_.PCI0.S20_.S00_, 3)",
+            "acpi_SetInteger(\\_SB_.PCI0.S20_.S00_, \"_EJ0\", 1) = 0x0",
+            "BUS_RESCAN(pci1): 04:00.0 is gone: device_delete_child = 0",
+            "after the eject request: device 0.0 deleted from pci1",
+            "acpi_pci: Notify(\\_SB_.PCI0.S28_.S00_, 1)",
+            "BUS_RESCAN(pci2): added 05:00.0: device_probe_and_attach = 0",
+            "after the hot-add: device 0.0 attached on pci2",
+            "findings: 0",
+        ],
+    );
+    assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
+}
+
+#[test]
+fn a_surprise_removal_behind_a_root_port_is_found_by_the_real_modules_watchdog() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_surprise") || common::real_ko("q35_surprise").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(
+        &ko,
+        &["--qemu", "--q35", "--acpi", "--surprise", "--in-flight", "24", "--tunable", "hw.nvme_hotplug.claim=1", "--tunable", "hw.nvme_hotplug.io_entries=16"],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert_in_order(
+        &out,
+        &[
+            "surprise removal: PCEJ bit 0 (with the BSEL of slot 4's root port) written with no device_del: Ok(())",
+            "after the surprise removal: device 0.0 deleted from pci1 after",
+            "0 of them not in the backing file",
+            "0 never done",
+            "findings: 0",
+        ],
+    );
+    assert!(!out.contains("acpi_SetInteger("), "no _EJ0 after a surprise removal:\n{out}");
+}
