@@ -4,6 +4,8 @@
 //! written against the small traits in [`platform`]; the same code runs in the kernel (over the
 //! bindgen'd KPI in `src/freebsd/`) and on the host, in the QEMU lab (`lab/`) and in unit tests.
 //!
+//! - [`fallible`]: allocation that reports failure instead of aborting (the kernel's
+//!   allocator is `M_NOWAIT`).
 //! - [`platform`]: what the engine needs from its surroundings (registers, DMA memory, time,
 //!   PCI presence).
 //! - [`nvme`]: the NVMe engine: bring-up, queues, namespaces, I/O, removal.
@@ -18,6 +20,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod platform;
+pub mod fallible;
 pub mod nvme;
 pub mod hotplug;
 

@@ -26,7 +26,7 @@ fn per_op(label: &str, n: u64, f: impl FnOnce()) {
 
 fn main() {
     let n = 10_000_000u64;
-    let mut p = PendingEvents::new(32);
+    let mut p = PendingEvents::new(32).unwrap();
     per_op("notify() storm, one slot (coalesced)", n, || {
         for i in 0..n {
             black_box(p.notify(black_box(6), black_box(1 + 2 * (i & 1) as u32)));

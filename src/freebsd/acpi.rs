@@ -276,11 +276,10 @@ unsafe extern "C" fn collect_child(
     let Some(h) = (unsafe { AcpiHandle::from_raw(object) }) else {
         return bindings::NVMEHP_AE_OK;
     };
-    if found.try_reserve(1).is_err() {
-        return bindings::NVMEHP_AE_NO_MEMORY; // aborts the walk; child_devices reports it
+    match crate::fallible::try_push(found, h) {
+        Ok(()) => bindings::NVMEHP_AE_OK,
+        Err(_) => bindings::NVMEHP_AE_NO_MEMORY, // aborts the walk; child_devices reports it
     }
-    found.push(h);
-    bindings::NVMEHP_AE_OK
 }
 
 /// `AcpiOsWaitEventsComplete()`: returns once every ACPI task queued at the time of the call

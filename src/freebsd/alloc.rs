@@ -2,9 +2,16 @@
 //!
 //! **The global allocator never sleeps** (`M_NOWAIT`). `Box::new`, `Vec::push` and friends can
 //! therefore be used anywhere, including with an `mtx(9)` held or in a taskqueue callback, and
-//! they can fail: callers use the fallible APIs (`Box::try_new` is unstable, so
-//! [`try_box`], `Vec::try_reserve`) and turn failure into `ENOMEM`. An infallible `Box::new` that
-//! fails ends in the alloc error handler, i.e. `panic(9)`: do not use it in the driver.
+//! they can fail. An infallible allocation (`Box::new`, `Vec::push`, `vec!`, `collect`,
+//! `format!`, `VecDeque::push_back`, `Arc::new`, ...) that fails ends in Rust's
+//! allocation-error handler, i.e. `panic(9)`, so **the module contains none**: it uses
+//! [`crate::fallible`] (`try_box`, `try_vec_with_capacity`, `try_push`, `try_collect`, ...)
+//! and [`try_box_with`] and turns failure into `ENOMEM` with a message (attach), a skipped
+//! slot or namespace, or a degraded mode (hotplug disabled). Structures filled at run time where
+//! nothing may fail are sized once at attach or load and never grow. kocheck's
+//! `no-alloc-error-handler` rule proves it on the built `.ko` (no `handle_alloc_error`, no
+//! `__rust_alloc_error_handler`), and `kldhost/tests/nomem.rs` fails every `M_NOWAIT` malloc of
+//! a whole attach/I/O/detach run, one at a time.
 //!
 //! **Sleeping allocations are explicit**: [`alloc_waitok`] and [`box_waitok`] use `M_WAITOK`,
 //! cannot fail for a valid request, and may only be called where sleeping is allowed (attach,
@@ -80,22 +87,17 @@ unsafe impl GlobalAlloc for KernelAllocator {
 #[global_allocator]
 static ALLOCATOR: KernelAllocator = KernelAllocator;
 
-/// Moves `value` into kernel memory without sleeping; `None` when memory is short.
-pub fn try_box<T>(value: T) -> Option<Box<T>> {
-    let layout = Layout::new::<T>();
-    if layout.size() == 0 {
-        return Some(Box::new(value)); // a zero-sized Box does not allocate
-    }
-    let p = kmalloc(layout, bindings::M_NOWAIT).cast::<T>();
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: `p` is a fresh, suitably aligned block of `size_of::<T>()` bytes from the global
-    // allocator's own malloc type, so Box may own it and free it through KernelAllocator.
-    unsafe {
-        p.write(value);
-        Some(Box::from_raw(p))
-    }
+/// Builds the value `make` returns directly in fresh kernel memory, without sleeping; `None`
+/// (and `make` not called) when memory is short.
+///
+/// Room first, value second: a value whose `Drop` undoes a kernel initialisation (a task's
+/// drain, a callout's drain, a mutex's destroy) must never be dropped by a failed allocation
+/// before that initialisation happened, which `try_box(Value { .. })` would do.
+pub fn try_box_with<T>(make: impl FnOnce() -> T) -> Option<Box<T>> {
+    let mut room = crate::fallible::try_box_uninit::<T>().ok()?;
+    room.write(make());
+    // SAFETY: initialised just above.
+    Some(unsafe { room.assume_init() })
 }
 
 /// Allocates `layout` with `M_WAITOK`: sleeps until memory is available instead of failing.
@@ -122,12 +124,12 @@ pub fn alloc_waitok(layout: Layout) -> Option<NonNull<u8>> {
 pub fn box_waitok<T>(value: T) -> Box<T> {
     const { assert!(core::mem::align_of::<T>() <= MAX_ALIGN, "malloc(9) cannot align above a page") };
     let layout = Layout::new::<T>();
-    let Some(p) = alloc_waitok(layout) else {
-        return Box::new(value); // zero-sized: Box does not allocate
-    };
-    let p = p.as_ptr().cast::<T>();
+    // Zero-sized (the only `None` left after the assertion above): a dangling, aligned pointer
+    // is its Box, which never frees it.
+    let p = alloc_waitok(layout).map_or(NonNull::<T>::dangling().as_ptr(), |p| p.as_ptr().cast::<T>());
     // SAFETY: `p` is a fresh, suitably aligned block of `size_of::<T>()` bytes from the global
-    // allocator's own malloc type, so Box may own it and free it through KernelAllocator.
+    // allocator's own malloc type (or dangling for a zero-sized T), so Box may own it and free it
+    // through KernelAllocator.
     unsafe {
         p.write(value);
         Box::from_raw(p)

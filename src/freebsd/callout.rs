@@ -9,7 +9,7 @@
 //! - dropping a `Callout` calls `callout_drain(9)`, which sleeps until the handler is not
 //!   running: drop it without the mutex held, from a sleepable context.
 
-use super::alloc::try_box;
+use super::alloc::try_box_with;
 use super::bindings;
 use super::clock::us_to_sbt;
 use super::mutex::{Mutex, MutexGuard};
@@ -44,7 +44,7 @@ unsafe impl<T: Send, H: CalloutHandler<T>> Send for Callout<'_, T, H> {}
 impl<'m, T, H: CalloutHandler<T>> Callout<'m, T, H> {
     /// Allocates (without sleeping) and initialises a callout bound to `mutex`.
     pub fn new(mutex: &'m Mutex<T>, handler: H) -> Option<Pin<Box<Self>>> {
-        let c = try_box(Callout {
+        let c = try_box_with(|| Callout {
             raw: UnsafeCell::new(bindings::callout::default()),
             mutex,
             handler,

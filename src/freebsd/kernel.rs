@@ -23,6 +23,7 @@ use super::ns_disk::{DiskCtx, DiskSpec};
 use super::slots::SlotNotify;
 use super::taskqueue::{Task, TaskHandler, TaskQueue, TimeoutTask};
 use super::{alloc::box_waitok, bindings};
+use crate::fallible::{push_within_capacity, try_push};
 use crate::hotplug::errno::Errno;
 use crate::hotplug::kernel::{AcpiNotify, Kernel};
 use crate::hotplug::node_name::NodeName;
@@ -174,7 +175,7 @@ impl OwnedQueue {
         self.tasks.try_reserve(1).ok()?;
         let t = self.queue().task(priority, h)?;
         let p = NonNull::from(&*t);
-        self.tasks.push(t);
+        push_within_capacity(&mut self.tasks, t).ok()?; // reserved above
         Some(p)
     }
 
@@ -183,7 +184,7 @@ impl OwnedQueue {
         self.tasks.try_reserve(1).ok()?;
         let t = self.queue().timeout_task(priority, h)?;
         let p = NonNull::from(&*t);
-        self.tasks.push(t);
+        push_within_capacity(&mut self.tasks, t).ok()?; // reserved above
         Some(p)
     }
 
@@ -218,18 +219,15 @@ impl FreeBsdKernel {
 
     /// Stages what `disk_create(unit, ..)` will need (the trait passes only unit and context).
     pub fn stage_disk(&mut self, unit: u32, spec: DiskSpec) -> Result<(), Errno> {
-        self.staged.try_reserve(1).map_err(|_| Errno::ENOMEM)?;
-        self.staged.push((unit, spec));
-        Ok(())
+        try_push(&mut self.staged, (unit, spec)).map_err(|_| Errno::ENOMEM)
     }
 
     /// Keeps a notify handler, removed by [`AcpiNotify::remove_notify_handlers`].
     pub fn keep_notify(&mut self, reg: NotifyRegistration<SlotNotify>) -> Result<(), NotifyRegistration<SlotNotify>> {
-        if self.notify.try_reserve(1).is_err() {
+        if self.notify.len() == self.notify.capacity() && self.notify.try_reserve(1).is_err() {
             return Err(reg);
         }
-        self.notify.push(reg);
-        Ok(())
+        push_within_capacity(&mut self.notify, reg)
     }
 
     /// Number of notify handlers held.
@@ -307,7 +305,10 @@ impl Kernel for FreeBsdKernel {
         }
         // SAFETY: `ctx` is a fresh, 16-byte aligned block large enough for a DiskCtx; the
         // teardown frees it only after d_gone released the link (on_disk_gone).
-        let params = unsafe { DiskCtx::init(ctx.as_ptr().cast(), unit, &spec) }.ok_or(Errno::ENOMEM)?;
+        let Some(params) = (unsafe { DiskCtx::init(ctx.as_ptr().cast(), unit, &spec) }) else {
+            dev_printf!(&spec.ctrl.device(), "out of memory for the disk of namespace {}\n", spec.nsid);
+            return Err(Errno::ENOMEM);
+        };
         DISKS_LIVE.fetch_add(1, Ordering::AcqRel);
         Ok(KDisk::Live(Disk::create(&params)))
     }

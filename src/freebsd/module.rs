@@ -169,9 +169,8 @@ fn quiesce() -> Result<u32, c_int> {
             Ok(()) => removed += 1,
             Err((st, reg)) => {
             kprintf!("nvme_hotplug: AcpiRemoveNotifyHandler({:?}) failed: {}\n", reg.handle(), st);
-                if stuck.try_reserve(1).is_ok() {
-                    stuck.push(reg);
-                } else {
+                let room = stuck.len() < stuck.capacity() || stuck.try_reserve(1).is_ok();
+                if let Err(reg) = if room { crate::fallible::push_within_capacity(&mut stuck, reg) } else { Err(reg) } {
                     drop(reg); // tries once more; leaks its context if that fails too
                 }
             }

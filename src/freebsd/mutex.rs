@@ -9,7 +9,8 @@
 //! address), so a [`Mutex`] only exists pinned in kernel memory: [`Mutex::new_boxed`].
 //! Holding it, do not sleep: no `M_WAITOK`, no `box_waitok`, no `taskqueue_drain`.
 
-use super::alloc::{box_waitok, try_box};
+use super::alloc::box_waitok;
+use crate::fallible::try_box_uninit;
 use super::bindings;
 use alloc::boxed::Box;
 use core::cell::UnsafeCell;
@@ -34,10 +35,12 @@ impl<T> Mutex<T> {
     /// Allocates (without sleeping) and initialises a mutex named `name` (as shown by WITNESS
     /// and `procstat -k`). `None` when memory is short.
     pub fn new_boxed(name: &'static CStr, data: T) -> Option<Pin<Box<Self>>> {
-        let boxed = try_box(Mutex {
-            mtx: UnsafeCell::new(bindings::mtx::default()),
-            data: UnsafeCell::new(data),
-        })?;
+        // Room first, then the mutex in it: a `Mutex` built on the stack and then dropped by a
+        // failed allocation would mtx_destroy a lock word that was never initialised.
+        let mut room = try_box_uninit::<Self>().ok()?;
+        room.write(Mutex { mtx: UnsafeCell::new(bindings::mtx::default()), data: UnsafeCell::new(data) });
+        // SAFETY: written just above.
+        let boxed = unsafe { room.assume_init() };
         // SAFETY: the lock word is zeroed, not yet initialised, at its final address (the box is
         // pinned right after and never moved); the name is 'static as mtx_init requires.
         unsafe { bindings::nvmehp_mtx_init(boxed.mtx.get(), name.as_ptr()) };

@@ -144,9 +144,7 @@ pub fn find_slots(root: AcpiHandle, root_bus: PciBus) -> Result<Found, AcpiStatu
 }
 
 fn push<T>(v: &mut Vec<T>, x: T) -> Result<(), AcpiStatus> {
-    v.try_reserve(1).map_err(|_| AcpiStatus::NO_MEMORY)?;
-    v.push(x);
-    Ok(())
+    crate::fallible::try_push(v, x).map_err(|_| AcpiStatus::NO_MEMORY)
 }
 
 /// The pci bus below the bridge whose ACPI object is `bridge` (`adr`: its `_ADR` on

@@ -40,6 +40,7 @@ use super::pci_bus::PciBus;
 use super::slot_discovery::{self, BusPath, Found};
 use super::taskqueue::{Task, TaskHandler, TimeoutTask};
 use super::tunables::{self, Stat};
+use crate::fallible::{push_within_capacity, try_collect, try_vec_with_capacity};
 use crate::hotplug::fallback::FallbackRescan;
 use crate::hotplug::machine::{HotplugConfig, SlotMachine};
 use crate::hotplug::mode::{self, AcpiMode, InTreeHandler, Role};
@@ -452,42 +453,61 @@ fn discover(hp: HpRef) {
         }
     }
     let buses = found.buses();
-    let mut slots: Vec<SlotInfo> = Vec::new();
-    if slots.try_reserve(found.slots.len()).is_err() {
-        return;
-    }
+    // Everything the hotplug machinery needs is allocated here, once; a failure disables ACPI
+    // hotplug (controllers attached by `devctl` or claim still work) instead of panicking.
+    let nomem = |what: &str| {
+        kprintf!("nvme_hotplug: out of memory for the {} of {} hotplug slots; ACPI hotplug disabled\n", what, found.slots.len());
+    };
+    let Ok(mut slots) = try_vec_with_capacity::<SlotInfo>(found.slots.len()) else {
+        return nomem("slot table");
+    };
     let (mut owned, mut downgraded) = (0u32, 0u32);
-    for f in found.slots {
+    for f in found.slots.iter() {
         let res = mode::resolve(hp.mode, f.in_tree);
         owned += u32::from(res.role == Role::Owner);
         downgraded += u32::from(res.downgraded);
-        slots.push(SlotInfo {
-            handle: f.handle,
-            path: f.path,
-            bus_seen: AtomicPtr::new(f.bus.device().as_raw().cast()),
-            pci_slot: f.pci_slot,
-            in_tree: f.in_tree,
-            role: res.role,
-        });
+        // Within the capacity reserved above: cannot fail.
+        let _ = push_within_capacity(
+            &mut slots,
+            SlotInfo {
+                handle: f.handle,
+                path: f.path,
+                bus_seen: AtomicPtr::new(f.bus.device().as_raw().cast()),
+                pci_slot: f.pci_slot,
+                in_tree: f.in_tree,
+                role: res.role,
+            },
+        );
     }
     // acpi_pci's handler is on every slot of the buses it drives (slot_discovery): on stock
     // FreeBSD, all of them.
     let all_in_tree = slots.iter().all(|s| s.in_tree == InTreeHandler::Fixed);
-    let roles: Vec<Role> = slots.iter().map(|s| s.role).collect();
-    let events = PendingEvents::new(slots.len());
-    let snapshot = events.snapshot_buffer();
+    let Ok(roles) = try_collect(slots.iter().map(|s| s.role)) else {
+        return nomem("slot roles");
+    };
+    let Ok(events) = PendingEvents::new(slots.len()) else {
+        return nomem("pending events");
+    };
+    let Ok(snapshot) = events.snapshot_buffer() else {
+        return nomem("pending-event snapshot");
+    };
+    let Ok(machine) = SlotMachine::new(roles, HotplugConfig::default()) else {
+        return nomem("slot state machines");
+    };
+    let Ok(notify_regs) = try_vec_with_capacity(slots.len()) else {
+        return nomem("notify handler registrations");
+    };
     let (Some(pending), Some(notify), Some(fallback)) = (
         Mutex::new_boxed(c"nvmehp pending", PendingState { events, stopping: false }),
-        Mutex::new_boxed(c"nvmehp notify", Vec::new()),
+        Mutex::new_boxed(c"nvmehp notify", notify_regs),
         Mutex::new_boxed(c"nvmehp fallback", None),
     ) else {
-        kprintf!("nvme_hotplug: out of memory; ACPI hotplug disabled\n");
-        return;
+        return nomem("locks");
     };
     let d = Box::leak(box_waitok(Discovered {
         slots,
         pending,
-        machine: UnsafeCell::new(MachineState { machine: SlotMachine::new(roles, HotplugConfig::default()), snapshot }),
+        machine: UnsafeCell::new(MachineState { machine, snapshot }),
         notify,
         fallback,
     }));
@@ -842,15 +862,23 @@ impl HotplugModule {
         // SAFETY: alive until `finish`.
         let hp = unsafe { self.hp.as_ref() };
         let Some(d) = hp.disc() else { return };
+        let mut regs = regs;
         let mut v = d.notify.lock();
-        if v.try_reserve(regs.len()).is_ok() {
-            v.extend(regs);
-        } else {
-            drop(v);
-            // No memory to keep them: dropping tries the removal once more and leaks each
-            // context whose handler stays installed (the module stays loaded either way).
-            drop(regs);
+        if v.is_empty() {
+            // The usual case (nothing was installed since they were taken): no allocation.
+            core::mem::swap(&mut *v, &mut regs);
+        } else if v.try_reserve(regs.len()).is_ok() {
+            while let Some(r) = regs.pop() {
+                if let Err(r) = push_within_capacity(&mut v, r) {
+                    let _ = push_within_capacity(&mut regs, r); // room it just left
+                    break;
+                }
+            }
         }
+        drop(v);
+        // What could not be kept (no memory): dropping tries the removal once more and leaks each
+        // context whose handler stays installed (the module stays loaded either way).
+        drop(regs);
     }
 
     /// The fallback callout, if armed, for the unload order to drain.
@@ -927,16 +955,21 @@ fn install_notify_handlers(hp: HpRef, d: &Discovered) -> u32 {
         if d.notify.lock().iter().any(|r| r.handle() == s.handle) {
             continue; // kept: its removal failed
         }
-        let Some(h) = super::alloc::try_box(SlotNotify { hp, index: i }) else { continue };
+        let Some(h) = super::alloc::try_box_with(|| SlotNotify { hp, index: i }) else {
+            kprintf!("nvme_hotplug: out of memory for the notify handler of {:?}; slot not served\n", s.handle);
+            continue;
+        };
         match NotifyRegistration::install(s.handle, h) {
             Ok(reg) => {
                 let mut v = d.notify.lock();
-                if v.try_reserve(1).is_ok() {
-                    v.push(reg);
-                    installed += 1;
-                } else {
-                    drop(v);
-                    drop(reg); // cannot keep it: remove it now (not an ACPI thread)
+                let room = v.len() < v.capacity() || v.try_reserve(1).is_ok();
+                match if room { push_within_capacity(&mut v, reg) } else { Err(reg) } {
+                    Ok(()) => installed += 1,
+                    Err(reg) => {
+                        drop(v);
+                        kprintf!("nvme_hotplug: out of memory keeping the notify handler of {:?}; slot not served\n", s.handle);
+                        drop(reg); // cannot keep it: remove it now (not an ACPI thread)
+                    }
                 }
             }
             Err((st, _)) => kprintf!("nvme_hotplug: cannot install notify handler on {:?}: {}\n", s.handle, st),

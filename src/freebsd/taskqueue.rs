@@ -11,7 +11,7 @@
 //! Both drops sleep: they must run in a sleepable context without a mutex held, and never on the
 //! queue's own thread (a task cannot drain itself).
 
-use super::alloc::{box_waitok, try_box};
+use super::alloc::{box_waitok, try_box_with};
 use super::bindings;
 use alloc::boxed::Box;
 use core::cell::UnsafeCell;
@@ -68,7 +68,7 @@ impl TaskQueue {
     /// Makes a task that runs `handler.run()` on this queue's thread.
     /// Allocates without sleeping; `None` when memory is short.
     pub fn task<H: TaskHandler>(&self, priority: u8, handler: H) -> Option<Pin<Box<Task<'_, H>>>> {
-        let task = try_box(Task {
+        let task = try_box_with(|| Task {
             raw: UnsafeCell::new(bindings::task::default()),
             queue: self,
             handler,
@@ -165,7 +165,7 @@ impl TaskQueue {
     /// Makes a task that runs `handler.run()` on this queue's thread after a delay
     /// (`struct timeout_task`). Allocates without sleeping; `None` when memory is short.
     pub fn timeout_task<H: TaskHandler>(&self, priority: u8, handler: H) -> Option<Pin<Box<TimeoutTask<'_, H>>>> {
-        let task = try_box(TimeoutTask {
+        let task = try_box_with(|| TimeoutTask {
             raw: UnsafeCell::new(bindings::timeout_task::default()),
             queue: self,
             handler,

@@ -25,7 +25,7 @@ use super::pending::{Pending, PendingEvents, PendingSnapshot};
 use super::mode::Role;
 use super::slot::{Slot, SlotState};
 use super::slot_ops::{DetachError, DetachReason, LeftAlone, SlotIndex, SlotOps};
-use alloc::vec;
+use crate::fallible::{try_vec_filled, AllocError};
 use alloc::vec::Vec;
 
 /// `_STA` bit 0: the device is present.
@@ -87,9 +87,10 @@ pub struct SlotMachine {
 }
 
 impl SlotMachine {
-    /// One entry per slot, with the role [`super::mode::resolve`] gave each slot.
-    pub fn new(roles: Vec<Role>, config: HotplugConfig) -> Self {
-        SlotMachine { slots: vec![Slot::default(); roles.len()], roles, config }
+    /// One entry per slot, with the role [`super::mode::resolve`] gave each slot; fails when
+    /// memory is short.
+    pub fn new(roles: Vec<Role>, config: HotplugConfig) -> Result<Self, AllocError> {
+        Ok(SlotMachine { slots: try_vec_filled(Slot::default(), roles.len())?, roles, config })
     }
 
     /// The state of `slot`, for tests and sysctl.
@@ -316,11 +317,12 @@ pub struct Hotplug {
 }
 
 impl Hotplug {
-    /// One slot per entry of `roles`.
+    /// One slot per entry of `roles`. Host-only (the lab, tests): panics when memory is short,
+    /// which the kernel glue never may (it builds the halves itself and handles the error).
     pub fn new(roles: Vec<Role>, config: HotplugConfig) -> Self {
-        let pending = PendingEvents::new(roles.len());
-        let snapshot = pending.snapshot_buffer();
-        Hotplug { pending, snapshot, machine: SlotMachine::new(roles, config) }
+        let pending = PendingEvents::new(roles.len()).expect("host allocation");
+        let snapshot = pending.snapshot_buffer().expect("host allocation");
+        Hotplug { pending, snapshot, machine: SlotMachine::new(roles, config).expect("host allocation") }
     }
     /// The notify handler's work: returns true when the task must be enqueued.
     pub fn notify(&mut self, slot: SlotIndex, value: u32) -> bool {

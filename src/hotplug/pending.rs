@@ -10,7 +10,7 @@
 
 use super::notify::Notify;
 use super::slot_ops::SlotIndex;
-use alloc::vec;
+use crate::fallible::{try_vec_filled, AllocError};
 use alloc::vec::Vec;
 
 /// Pending-work bits for one slot.
@@ -75,24 +75,25 @@ impl PendingSnapshot {
 }
 
 impl PendingEvents {
-    /// Room for `nslots` slots. Allocates here, at attach time, never later.
-    pub fn new(nslots: usize) -> Self {
-        PendingEvents {
-            slots: vec![Pending::default(); nslots],
-            unrecognized: vec![0; nslots],
+    /// Room for `nslots` slots. Allocates here, at attach time, never later; fails when memory
+    /// is short.
+    pub fn new(nslots: usize) -> Result<Self, AllocError> {
+        Ok(PendingEvents {
+            slots: try_vec_filled(Pending::default(), nslots)?,
+            unrecognized: try_vec_filled(0, nslots)?,
             queued: false,
             out_of_range: 0,
             recorded: 0,
             coalesced: 0,
-        }
+        })
     }
 
-    /// A snapshot buffer of the right size.
-    pub fn snapshot_buffer(&self) -> PendingSnapshot {
-        PendingSnapshot {
-            slots: vec![Pending::default(); self.slots.len()],
-            unrecognized: vec![0; self.slots.len()],
-        }
+    /// A snapshot buffer of the right size; fails when memory is short.
+    pub fn snapshot_buffer(&self) -> Result<PendingSnapshot, AllocError> {
+        Ok(PendingSnapshot {
+            slots: try_vec_filled(Pending::default(), self.slots.len())?,
+            unrecognized: try_vec_filled(0, self.slots.len())?,
+        })
     }
 
     /// Number of slots.
@@ -180,11 +181,11 @@ mod tests {
 
     #[test]
     fn storm_enqueues_once_and_keeps_one_bit() {
-        let mut p = PendingEvents::new(4);
+        let mut p = PendingEvents::new(4).unwrap();
         let enqueues = (0..100).filter(|_| p.notify(2, 1)).count();
         assert_eq!(enqueues, 1);
         assert_eq!(p.coalesced, 99);
-        let mut s = p.snapshot_buffer();
+        let mut s = p.snapshot_buffer().unwrap();
         p.take(&mut s);
         assert_eq!(s.get(2).bits(), Pending::CHECK);
         assert!(s.get(1).is_empty());
@@ -194,7 +195,7 @@ mod tests {
 
     #[test]
     fn unknown_slot_is_counted_not_acted_on() {
-        let mut p = PendingEvents::new(1);
+        let mut p = PendingEvents::new(1).unwrap();
         assert!(!p.notify(7, 1));
         assert_eq!(p.out_of_range, 1);
         assert!(!p.is_queued());
@@ -202,9 +203,9 @@ mod tests {
 
     #[test]
     fn unrecognized_value_is_kept_for_ost() {
-        let mut p = PendingEvents::new(1);
+        let mut p = PendingEvents::new(1).unwrap();
         assert!(p.notify(0, 0x80));
-        let mut s = p.snapshot_buffer();
+        let mut s = p.snapshot_buffer().unwrap();
         p.take(&mut s);
         assert!(s.get(0).has(Pending::UNRECOGNIZED));
         assert_eq!(s.unrecognized[0], 0x80);
