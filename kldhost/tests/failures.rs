@@ -155,7 +155,10 @@ fn bus_dma_tag_create_failing_fails_the_attach_with_enomem() {
     let Some(ko) = real_ko("fail_bus_dma_tag_create") else { return };
     let (code, out) = kldhost_run_with(&ko, &["--qemu", "--fail", "bus_dma_tag_create"]);
     assert_in_order(&out, &["kldhost: injected ENOMEM into bus_dma_tag_create (call 1)", "= 12 (*dmat = NULL)"]);
-    assert_in_order(console(&out), &["nvmehp0: cannot set up busdma for I/O (error 12)", "device_attach: nvmehp0 attach returned 12"]);
+    assert_in_order(
+        console(&out),
+        &["nvmehp0: out of memory for the 255 I/O trackers (busdma tag and maps); not attaching", "device_attach: nvmehp0 attach returned 12"],
+    );
     assert_attach_failed(&out, 12);
     assert_clean_unload(code, &out);
 }
@@ -253,13 +256,14 @@ fn an_m_nowait_malloc_failing_at_mod_load_disables_acpi_hotplug_and_nothing_else
     assert_loaded_without_hotplug(code, &out);
 }
 
+/// DMA memory that cannot be had is ENOMEM like any other memory (the device is not at fault).
 #[test]
 fn contigmalloc_failing_fails_the_bring_up_with_no_dma_memory() {
     let Some(ko) = real_ko("fail_contigmalloc") else { return };
     let (code, out) = kldhost_run_with(&ko, &["--qemu", "--fail", "contigmalloc:1"]);
     assert_in_order(&out, &["kldhost: injected NULL into contigmalloc (call 1)", "contigmalloc(2048) = NULL"]);
-    assert_in_order(console(&out), &["nvmehp0: bring-up failed: no DMA memory", "device_attach: nvmehp0 attach returned 6"]);
-    assert_attach_failed(&out, 6);
+    assert_in_order(console(&out), &["nvmehp0: bring-up failed: no DMA memory", "device_attach: nvmehp0 attach returned 12"]);
+    assert_attach_failed(&out, 12);
     assert_clean_unload(code, &out);
 }
 

@@ -92,7 +92,7 @@ const STOP_WAIT_MAX_MS: u32 = 300_000;
 pub fn errno_of(e: NvmeError) -> c_int {
     match e {
         NvmeError::Gone | NvmeError::NotReady => bindings::ENXIO,
-        NvmeError::NoMemory => bindings::ENOMEM,
+        NvmeError::NoMemory | NvmeError::OutOfMemory(_) => bindings::ENOMEM,
         NvmeError::QueueFull => bindings::EIO,
         NvmeError::InvalidRequest(_) => bindings::EINVAL,
         NvmeError::Timeout | NvmeError::Status(_) | NvmeError::BadDevice(_) | NvmeError::Aborted => bindings::EIO,
@@ -492,6 +492,10 @@ impl CtrlShared {
             .map_or((0, 0), |i| (usize::from(i.io_entries).saturating_sub(1) * usize::from(i.io_queues), i.mdts_bytes));
         let io = match Trackers::create(dev, slots.clamp(1, 65_536), max_bytes.max(bindings::PAGE_SIZE as u32)) {
             Ok(io) => io,
+            Err(e) if e == bindings::ENOMEM => {
+                dev_printf!(&dev, "out of memory for the {} I/O trackers (busdma tag and maps); not attaching\n", slots.clamp(1, 65_536));
+                return Err(engine);
+            }
             Err(e) => {
                 dev_printf!(&dev, "cannot set up busdma for I/O (error {})\n", e);
                 return Err(engine);

@@ -58,10 +58,11 @@ use super::ns_disk::DiskSpec;
 use super::platform::KernelPlatform;
 use super::resource::MemResource;
 use super::tunables::{self, Stat};
+use crate::fallible::{push_within_capacity, try_collect, try_vec_with_capacity};
 use crate::hotplug::errno::Errno;
 use crate::hotplug::kernel::Kernel;
 use crate::hotplug::teardown::{teardown, Live, Removal};
-use crate::nvme::{Controller, ControllerInfo, Namespace};
+use crate::nvme::{Controller, ControllerInfo, Namespace, NvmeError};
 use crate::platform::RegisterIo;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -235,14 +236,12 @@ fn disk_spec(ctrl: CtrlRef, info: &ControllerInfo, ns: &Namespace) -> DiskSpec {
 /// panic. Sleeps: `live` is not in the softc meanwhile (attach has not published it yet, or a
 /// [`Lease`] holds it).
 fn sync_namespaces(live: &mut LiveCtrl, ctrl: CtrlRef, k: &mut FreeBsdKernel, rescan: bool) -> Result<(u32, u32), Errno> {
-    let have: Vec<u32> = {
-        let mut v = Vec::new();
-        v.try_reserve(live.namespaces().count()).map_err(|_| Errno::ENOMEM)?;
-        v.extend(live.namespaces());
-        v
+    let nomem = |what: &str| {
+        dev_printf!(&ctrl.device(), "out of memory for the {}\n", what);
+        Errno::ENOMEM
     };
-    let mut present: Vec<u32> = Vec::new();
-    let mut new: Vec<DiskSpec> = Vec::new();
+    let have: Vec<u32> = try_collect(live.namespaces()).map_err(|_| nomem("list of namespace nodes"))?;
+    let (present, new): (Vec<u32>, Vec<DiskSpec>);
     if rescan {
         // Sleeps between the admin commands, with the controller mutex released.
         if let Err(e) = ctrl.rescan_namespaces() {
@@ -255,24 +254,22 @@ fn sync_namespaces(live: &mut LiveCtrl, ctrl: CtrlRef, k: &mut FreeBsdKernel, re
         let engine = st.engine();
         let info = engine.info().ok_or(Errno::ENXIO)?;
         let nss = engine.namespaces();
-        present.try_reserve(nss.len()).map_err(|_| Errno::ENOMEM)?;
-        new.try_reserve(nss.len()).map_err(|_| Errno::ENOMEM)?;
-        for ns in nss {
-            present.push(ns.nsid);
-            if !have.contains(&ns.nsid) {
-                new.push(disk_spec(ctrl, info, ns));
-            }
-        }
+        present = try_collect(nss.iter().map(|ns| ns.nsid)).map_err(|_| nomem("namespace list"))?;
+        new = try_collect(nss.iter().filter(|ns| !have.contains(&ns.nsid)).map(|ns| disk_spec(ctrl, info, ns)))
+            .map_err(|_| nomem("disk parameters"))?;
     }
-    let mut units: Vec<(u32, u32)> = Vec::new();
-    units.try_reserve(new.len()).map_err(|_| Errno::ENOMEM)?;
+    let mut units: Vec<(u32, u32)> = try_vec_with_capacity(new.len()).map_err(|_| nomem("disk units"))?;
     for spec in new {
         let (nsid, unit) = (spec.nsid, next_disk_unit());
-        k.stage_disk(unit, spec)?;
-        units.push((nsid, unit));
+        k.stage_disk(unit, spec).map_err(|e| if e == Errno::ENOMEM { nomem("staged disk parameters") } else { e })?;
+        let _ = push_within_capacity(&mut units, (nsid, unit)); // sized above
     }
     let unit_of = |nsid: u32| units.iter().find(|(n, _)| *n == nsid).map_or(u32::MAX, |(_, u)| *u);
-    live.sync_namespaces(k, &present, unit_of)
+    live.sync_namespaces(k, &present, unit_of).inspect_err(|&e| {
+        if e == Errno::ENOMEM {
+            dev_printf!(&ctrl.device(), "out of memory for a namespace node or its disk\n");
+        }
+    })
 }
 
 /// SlotOps::rescan_namespaces for the controller `dev` (hotplug task, topology lock held).
@@ -373,7 +370,8 @@ fn start_engine(dev: Device, unit: u32) -> Result<(CtrlRef, EngineGate, IrqAlloc
         // messages, MSI-X BARs), then the engine with BAR0.
         drop(irq);
         drop(engine);
-        return Err(bindings::ENXIO);
+        // Memory (DMA or kernel) that could not be had is ENOMEM; the device's fault ENXIO.
+        return Err(if matches!(e, NvmeError::NoMemory | NvmeError::OutOfMemory(_)) { bindings::ENOMEM } else { bindings::ENXIO });
     }
     if let Some(i) = engine.info() {
         dev_printf!(
@@ -415,6 +413,7 @@ fn build(dev: Device, unit: u32, ctrl: CtrlRef, gate: EngineGate, irq: IrqAlloc)
     let mut queue = match OwnedQueue::new(c"nvmehp_ctrl") {
         Ok(q) => q,
         Err(e) => {
+            dev_printf!(&dev, "cannot create the controller's task queue (error {}); not attaching\n", e);
             drop(irq);
             drop(gate);
             return Err(e);
@@ -433,22 +432,27 @@ fn build(dev: Device, unit: u32, ctrl: CtrlRef, gate: EngineGate, irq: IrqAlloc)
         }
         None => None,
     };
+    // Why attach cannot go on, if it cannot: the errno attach returns.
+    let mut failed = Errno::ENXIO;
     let intr = if timer.is_some() {
         match setup_interrupt(dev, ctrl, irq) {
             Ok(i) => Some(i),
             Err(e) => {
                 dev_printf!(&dev, "cannot set up an interrupt: {}\n", e);
+                failed = if e == bindings::ENOMEM { Errno::ENOMEM } else { Errno::ENXIO };
                 None
             }
         }
     } else {
-        dev_printf!(&dev, "out of memory for the watchdog; not attaching\n");
+        dev_printf!(&dev, "out of memory for the watchdog (task and callout); not attaching\n");
+        failed = Errno::ENOMEM;
         drop(irq); // no handler on it: released now, before the typestate's teardown below
         None
     };
     let softc: KMem = match k.malloc(core::mem::size_of::<NodeCtx>()) {
         Ok(m) => m,
         Err(_) => {
+            dev_printf!(&dev, "out of memory for the device nodes' context; not attaching\n");
             // The same order as the teardown: interrupt (and its MSI-X vector), callout,
             // tasks, then the engine.
             if let Some(i) = intr {
@@ -466,7 +470,7 @@ fn build(dev: Device, unit: u32, ctrl: CtrlRef, gate: EngineGate, irq: IrqAlloc)
     let mut a = box_waitok(Attached { live: Some(Live::new(unit, gate, softc, intr, timer, Some(queue))), lent_to: None, ctrl });
     let made = match (ok, a.live.as_mut()) {
         (true, Some(live)) => live.create_controller_node(&mut k).and_then(|()| sync_namespaces(live, ctrl, &mut k, false)),
-        _ => Err(Errno::ENXIO),
+        _ => Err(failed),
     };
     if let Err(e) = made {
         dev_printf!(&dev, "attach failed (errno {}); tearing down what was set up\n", e.0);

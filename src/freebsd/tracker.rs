@@ -24,6 +24,7 @@ use super::bindings;
 use super::bio::Bio;
 use super::busdma::{Dir, DmaMap, DmaTag};
 use super::device::Device;
+use crate::fallible::push_within_capacity;
 use crate::nvme::DmaSeg;
 use alloc::vec::Vec;
 use core::ffi::c_int;
@@ -59,14 +60,17 @@ impl Trackers {
         t.parked.try_reserve_exact(count).map_err(|_| bindings::ENOMEM)?;
         for _ in 0..count {
             match tag.create_map() {
-                Ok(map) => t.slots.push(Tracker { map, bio: None, errno: 0, held: false }),
+                // Within the capacity reserved above.
+                Ok(map) => drop(push_within_capacity(&mut t.slots, Tracker { map, bio: None, errno: 0, held: false })),
                 Err(e) => {
                     t.destroy_maps(&tag);
                     return Err(e);
                 }
             }
         }
-        t.free.extend((0..count as u32).rev());
+        for i in (0..count as u32).rev() {
+            let _ = push_within_capacity(&mut t.free, i);
+        }
         t.tag = Some(tag);
         Ok(t)
     }
@@ -85,9 +89,7 @@ impl Trackers {
     pub fn give_back(&mut self, t: u32) {
         let (Some(tag), Some(s)) = (self.tag.as_ref(), self.slots.get_mut(t as usize)) else { return };
         s.map.unload(tag);
-        if self.free.len() < self.free.capacity() {
-            self.free.push(t);
-        }
+        let _ = push_within_capacity(&mut self.free, t); // sized at creation
     }
 
     /// Loads `bio`'s data into tracker `t`'s map (`BUS_DMA_NOWAIT`, PRE sync): the segments to
@@ -119,9 +121,7 @@ impl Trackers {
         let bio = s.bio.take()?;
         s.held = false;
         s.map.unload(tag);
-        if self.free.len() < self.free.capacity() {
-            self.free.push(t);
-        }
+        let _ = push_within_capacity(&mut self.free, t); // sized at creation
         Some(bio)
     }
 
@@ -131,9 +131,7 @@ impl Trackers {
     pub fn park(&mut self, t: u32, errno: c_int) -> bool {
         let Some(s) = self.slots.get_mut(t as usize).filter(|s| s.bio.is_some()) else { return false };
         s.errno = errno;
-        if self.parked.len() < self.parked.capacity() {
-            self.parked.push(t);
-        }
+        let _ = push_within_capacity(&mut self.parked, t); // sized at creation
         true
     }
 

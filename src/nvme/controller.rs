@@ -33,8 +33,7 @@
 //! with its lock released; [`rescan_namespaces`](Controller::rescan_namespaces) waits in place.
 //! Bring-up waits in place too: it runs before the controller is shared.
 
-use alloc::collections::VecDeque;
-use alloc::vec;
+use crate::fallible::{push_within_capacity, try_collect, try_vec_filled, try_vec_with_capacity, Ring};
 use alloc::vec::Vec;
 
 use super::admin;
@@ -136,6 +135,9 @@ pub struct Stats {
     pub async_events: u64,
     /// DMA regions deliberately leaked because the device could not be stopped.
     pub leaked_regions: u64,
+    /// Events (bad completions, asynchronous notices) dropped because the event ring sized at
+    /// bring-up was full: the engine never allocates after bring-up.
+    pub events_dropped: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,7 +222,10 @@ pub struct Controller<P: Platform> {
     requests: Vec<Option<ReqState>>,
     free_reqs: Vec<u32>,
     live: usize,
-    deferred: VecDeque<Event>,
+    /// Events for the next poll; sized at bring-up, never grown.
+    deferred: Ring<Event>,
+    /// Where `fail_all` holds completions until the device is stopped; sized at bring-up.
+    fail_buf: Vec<Completion>,
     sync_seq: u32,
     /// The command of a stepped namespace scan, and its result if `poll` reaped it first.
     stepped: Option<scan::Stepped>,
@@ -256,12 +261,20 @@ fn finish_part(
         return None;
     }
     let st = slot.take()?;
-    free.push(idx);
+    let _ = push_within_capacity(free, idx); // sized for every slot at bring-up
     *live -= 1;
     Some(Completion {
         tag: st.tag,
         result: st.err.map_or(Ok(()), Err),
     })
+}
+
+/// Queues an event for the next poll; counted and dropped when the ring sized at bring-up is
+/// full (the engine never allocates after bring-up).
+fn defer(ring: &mut Ring<Event>, stats: &mut Stats, e: Event) {
+    if ring.push_back(e).is_err() {
+        stats.events_dropped += 1;
+    }
 }
 
 impl<P: Platform> Controller<P> {
@@ -293,7 +306,8 @@ impl<P: Platform> Controller<P> {
             requests: Vec::new(),
             free_reqs: Vec::new(),
             live: 0,
-            deferred: VecDeque::new(),
+            deferred: Ring::new(),
+            fail_buf: Vec::new(),
             sync_seq: 0,
             stepped: None,
             next_check_us: u64::MAX,
@@ -368,9 +382,13 @@ impl<P: Platform> Controller<P> {
             return Err(NvmeError::NotReady);
         }
         if self.live > 0 {
-            let mut done = Vec::new();
-            self.fail_all(NvmeError::Aborted, &mut |c| done.push(c));
-            self.deferred.extend(done.into_iter().map(Event::Io));
+            // Completions go to the event ring, taken out meanwhile (fail_all would otherwise
+            // deliver what it holds): at most one per live request, which bring-up sized it for.
+            let mut ring = core::mem::take(&mut self.deferred);
+            let mut dropped = 0u64;
+            self.fail_all(NvmeError::Aborted, &mut |c| dropped += u64::from(ring.push_back(Event::Io(c)).is_err()));
+            self.deferred = ring;
+            self.stats.events_dropped += dropped;
         }
         self.stop_and_release();
         self.state = State::Down;
@@ -455,6 +473,8 @@ impl<P: Platform> Controller<P> {
             .cfg
             .io_entries
             .clamp(2, cap.max_entries.min(65535) as u16);
+        // Room for every pair first: a pair whose CQ exists on the device must be kept.
+        self.io.try_reserve_exact(usize::from(nq)).map_err(|_| NvmeError::OutOfMemory("the I/O queue table"))?;
         for qid in 1..=nq {
             let q = QueuePair::new(&self.p, &cap, qid, io_entries)?;
             self.admin_sync(admin::create_cq(qid, io_entries, q.cq_addr(), 0))?;
@@ -462,7 +482,8 @@ impl<P: Platform> Controller<P> {
             // Keep the pair even if SQ creation fails: its CQ exists on the device, and its
             // memory must live until the controller is disabled.
             let sq_res = self.admin_sync(sq);
-            self.io.push(q);
+            // Within the room reserved above.
+            push_within_capacity(&mut self.io, q).map_err(|_| NvmeError::OutOfMemory("the I/O queue table"))?;
             sq_res?;
         }
         info.io_queues = nq;
@@ -475,10 +496,11 @@ impl<P: Platform> Controller<P> {
         // allocates, neither bookkeeping nor DMA memory (nvme(4) likewise gives each tracker
         // its list at nvme_qpair_construct).
         let slots: usize = self.io.iter().map(|q| q.capacity()).sum();
-        self.requests = (0..slots).map(|_| None).collect();
-        self.free_reqs = (0..slots as u32).rev().collect();
+        self.requests = try_collect((0..slots).map(|_| None)).map_err(|_| NvmeError::OutOfMemory("the request table"))?;
+        self.free_reqs = try_collect((0..slots as u32).rev()).map_err(|_| NvmeError::OutOfMemory("the request table"))?;
         self.prp_lists = PrpLists::allocate(&self.p, slots, mdts_bytes)?;
-        self.deferred.reserve(slots + 8);
+        self.deferred = Ring::with_capacity(slots + 8).map_err(|_| NvmeError::OutOfMemory("the event ring"))?;
+        self.fail_buf = try_vec_with_capacity(slots + self.deferred.capacity()).map_err(|_| NvmeError::OutOfMemory("the failed-request buffer"))?;
 
         let mut scan = self.scan_begin(false)?;
         self.drive_scan(&mut scan)?;
@@ -513,7 +535,7 @@ impl<P: Platform> Controller<P> {
 
     fn read_scratch(&self) -> Result<Vec<u8>, NvmeError> {
         let r = self.scratch.as_ref().ok_or(NvmeError::NotReady)?;
-        let mut page = vec![0u8; IDENTIFY_LEN];
+        let mut page = try_vec_filled(0u8, IDENTIFY_LEN).map_err(|_| NvmeError::OutOfMemory("identify data"))?;
         r.read(0, &mut page);
         Ok(page)
     }
@@ -576,8 +598,7 @@ impl<P: Platform> Controller<P> {
             match r {
                 Err(what) => {
                     self.stats.bad_completions += 1;
-                    self.deferred
-                        .push_back(Event::BadCompletion { qid: 0, what });
+                    defer(&mut self.deferred, &mut self.stats, Event::BadCompletion { qid: 0, what });
                 }
                 Ok((cqe, t)) => match t.owner {
                     AdminOwner::Sync(s) => {
@@ -595,9 +616,9 @@ impl<P: Platform> Controller<P> {
                             self.stats.async_events += 1;
                             let ev = AsyncEvent::decode(cqe.dw0);
                             if ev.is_ns_changed() {
-                                self.deferred.push_back(Event::NamespacesChanged);
+                                defer(&mut self.deferred, &mut self.stats, Event::NamespacesChanged);
                             } else {
-                                self.deferred.push_back(Event::AsyncNotice {
+                                defer(&mut self.deferred, &mut self.stats, Event::AsyncNotice {
                                     kind: ev.kind,
                                     info: ev.info,
                                     log_page: ev.log_page,
@@ -762,7 +783,7 @@ impl<P: Platform> Controller<P> {
         }
         if sent == 0 {
             // Nothing reached the device: the request was never accepted.
-            self.free_reqs.push(idx);
+            let _ = push_within_capacity(&mut self.free_reqs, idx); // sized for every slot
             return Err(err.unwrap_or(NvmeError::QueueFull));
         }
         // Cannot fail after the first part (the room and the lists were checked, the
@@ -955,12 +976,21 @@ impl<P: Platform> Controller<P> {
     /// ~5 s + CAP.TO on a broken device. A caller whose lock is shared with an interrupt or I/O
     /// path must use the two halves instead (see the module documentation).
     pub fn fail_all(&mut self, err: NvmeError, done: &mut dyn FnMut(Completion)) {
-        let mut failed = Vec::new();
-        self.fail_fast(err, &mut |c| failed.push(c));
+        // Held back until the device is stopped, in the buffer bring-up sized for every
+        // completion fail_fast can produce (each request slot, each deferred event): no
+        // allocation here. Should it ever be short, the rest is delivered at once rather than lost.
+        let mut failed = core::mem::take(&mut self.fail_buf);
+        failed.clear();
+        self.fail_fast(err, &mut |c| {
+            if let Err(c) = push_within_capacity(&mut failed, c) {
+                done(c);
+            }
+        });
         let _ = self.run_pending_stop();
-        for c in failed {
+        for c in failed.drain(..) {
             done(c);
         }
+        self.fail_buf = failed;
     }
 
     /// The fast half of giving the controller up, fit to run under a lock that interrupt
@@ -992,7 +1022,8 @@ impl<P: Platform> Controller<P> {
         for _ in 0..self.deferred.len() {
             match self.deferred.pop_front() {
                 Some(Event::Io(c)) => done(c),
-                Some(other) => self.deferred.push_back(other),
+                // Into the entry just popped: cannot be full.
+                Some(other) => defer(&mut self.deferred, &mut self.stats, other),
                 None => break,
             }
         }
@@ -1009,7 +1040,7 @@ impl<P: Platform> Controller<P> {
         }
         for (idx, slot) in self.requests.iter_mut().enumerate() {
             if let Some(st) = slot.take() {
-                self.free_reqs.push(idx as u32);
+                let _ = push_within_capacity(&mut self.free_reqs, idx as u32); // sized for every slot
                 self.stats.failed_requests += 1;
                 done(Completion {
                     tag: st.tag,
@@ -1168,7 +1199,7 @@ impl<P: Platform> Controller<P> {
     pub fn rescan_namespaces(&mut self) -> Result<NsChanges, NvmeError> {
         let mut scan = self.rescan_begin()?;
         self.drive_scan(&mut scan)?;
-        Ok(self.apply_scan(&mut scan))
+        self.apply_scan(&mut scan)
     }
 
     /// Submits `req` and polls until it completes; never hangs: the wait is bounded by the
@@ -1210,7 +1241,9 @@ impl<P: Platform> Controller<P> {
             });
         }
         for e in others.into_iter().rev() {
-            self.deferred.push_front(e);
+            if self.deferred.push_front(e).is_err() {
+                self.stats.events_dropped += 1;
+            }
         }
         result.unwrap_or(Err(NvmeError::Timeout))
     }
@@ -1232,6 +1265,7 @@ mod tests {
     //! enables but never answers an admin command, and that can be told to ignore a disable.
     use super::*;
     use crate::nvme::MIN_CMD_TIMEOUT_US;
+    use alloc::vec;
     use crate::platform::{AllocError, Clock, DmaAllocator, PciPresence, RegisterIo};
     use core::cell::{Cell, RefCell};
 

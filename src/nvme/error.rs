@@ -18,6 +18,8 @@ pub enum NvmeError {
     BadDevice(&'static str),
     /// DMA memory could not be allocated.
     NoMemory,
+    /// Kernel (heap) memory for the named table could not be allocated.
+    OutOfMemory(&'static str),
     /// No free command slot on the I/O queues; retry after [`poll`](super::Controller::poll).
     QueueFull,
     /// The request itself is malformed; the text says why. Nothing was sent to the device.
@@ -45,6 +47,7 @@ impl core::fmt::Display for NvmeError {
             }
             NvmeError::BadDevice(w) => write!(f, "bad device: {w}"),
             NvmeError::NoMemory => f.write_str("no DMA memory"),
+            NvmeError::OutOfMemory(what) => write!(f, "out of memory for {what}"),
             NvmeError::QueueFull => f.write_str("queue full"),
             NvmeError::InvalidRequest(w) => write!(f, "invalid request: {w}"),
             NvmeError::NotReady => f.write_str("controller not ready"),

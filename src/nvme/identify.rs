@@ -5,7 +5,6 @@
 //! allows becomes a [`NvmeError::BadDevice`] (controller) or a rejected namespace, never a
 //! panic or an out-of-bounds index.
 
-use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::error::NvmeError;
@@ -28,11 +27,11 @@ pub struct ControllerInfo {
     /// PCI Subsystem Vendor ID.
     pub ssvid: u16,
     /// Serial number (printable ASCII, trailing spaces trimmed; other bytes shown as '?').
-    pub serial: String,
+    pub serial: Ascii<20>,
     /// Model number.
-    pub model: String,
+    pub model: Ascii<40>,
     /// Firmware revision.
-    pub firmware: String,
+    pub firmware: Ascii<8>,
     /// Largest transfer per command in bytes (MDTS, capped at [`MAX_TRANSFER_BYTES`]).
     pub mdts_bytes: u32,
     /// Number of Namespaces as reported (the engine only looks at `min(nn, max_namespaces)`).
@@ -63,21 +62,68 @@ fn le64(d: &[u8], o: usize) -> u64 {
     le32(d, o) as u64 | (le32(d, o + 4) as u64) << 32
 }
 
-/// Turns a space-padded ASCII field into a printable string.
-fn ascii(field: &[u8]) -> String {
-    let s: String = field
-        .iter()
-        .map(|&b| {
-            if (0x20..0x7f).contains(&b) {
-                b as char
-            } else if b == 0 {
-                ' '
-            } else {
-                '?'
-            }
-        })
-        .collect();
-    String::from(s.trim_end())
+/// A space-padded ASCII field of Identify data as printable text, kept inline (`N` bytes, the
+/// field's size): no heap allocation, so parsing cannot fail for want of memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Ascii<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> Ascii<N> {
+    /// The text: printable ASCII, trailing spaces trimmed.
+    pub fn as_str(&self) -> &str {
+        // Only bytes 0x20..0x7f are stored (see `ascii`), which are UTF-8.
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl<const N: usize> core::ops::Deref for Ascii<N> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl<const N: usize> core::fmt::Display for Ascii<N> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> core::fmt::Debug for Ascii<N> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl<const N: usize> PartialEq<&str> for Ascii<N> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl<const N: usize> PartialEq<str> for Ascii<N> {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+/// Turns a space-padded ASCII field into printable text: bytes outside 0x20..0x7f become '?'
+/// (NUL a space), trailing spaces are trimmed. Longer fields are cut at `N` bytes.
+fn ascii<const N: usize>(field: &[u8]) -> Ascii<N> {
+    let mut buf = [b' '; N];
+    for (d, &b) in buf.iter_mut().zip(field) {
+        *d = if (0x20..0x7f).contains(&b) {
+            b
+        } else if b == 0 {
+            b' '
+        } else {
+            b'?'
+        };
+    }
+    let len = buf.iter().rposition(|&b| b != b' ').map_or(0, |i| i + 1);
+    Ascii { buf, len }
 }
 
 /// Parses Identify Controller data. `version` is the VS register already read.
@@ -222,7 +268,7 @@ pub fn parse_ns_list(
         if ids.len() >= limit {
             return Ok((ids, false));
         }
-        ids.push(id);
+        crate::fallible::try_push(&mut ids, id).map_err(|_| NvmeError::OutOfMemory("the namespace list"))?;
         prev = id;
     }
     Ok((ids, entries == IDENTIFY_LEN / 4))

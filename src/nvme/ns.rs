@@ -1,5 +1,6 @@
 //! Namespaces: what the engine exposes per namespace, and what changed in a rescan.
 
+use crate::fallible::{try_push, AllocError};
 use alloc::vec::Vec;
 
 /// An active, usable namespace (validated by [`identify::parse_namespace`]).
@@ -31,22 +32,22 @@ pub struct NsChanges {
 }
 
 impl NsChanges {
-    /// Compares two scans (both sorted by NSID).
-    pub fn between(old: &[Namespace], new: &[Namespace]) -> NsChanges {
+    /// Compares two scans (both sorted by NSID); fails only when memory is short.
+    pub fn between(old: &[Namespace], new: &[Namespace]) -> Result<NsChanges, AllocError> {
         let mut c = NsChanges::default();
         for n in new {
             match old.iter().find(|o| o.nsid == n.nsid) {
-                None => c.added.push(n.nsid),
-                Some(o) if o != n => c.resized.push(n.nsid),
+                None => try_push(&mut c.added, n.nsid)?,
+                Some(o) if o != n => try_push(&mut c.resized, n.nsid)?,
                 Some(_) => {}
             }
         }
         for o in old {
             if !new.iter().any(|n| n.nsid == o.nsid) {
-                c.removed.push(o.nsid);
+                try_push(&mut c.removed, o.nsid)?;
             }
         }
-        c
+        Ok(c)
     }
 
     /// True when nothing changed.

@@ -155,9 +155,9 @@ impl<R: DmaRegion> PrpLists<R> {
         let per_page = PAGE_SIZE / stride;
         let npages = count.div_ceil(per_page);
         let mut pages = Vec::new();
-        pages.try_reserve_exact(npages).map_err(|_| NvmeError::NoMemory)?;
+        pages.try_reserve_exact(npages).map_err(|_| NvmeError::OutOfMemory("the PRP list table"))?;
         let mut free = Vec::new();
-        free.try_reserve_exact(count).map_err(|_| NvmeError::NoMemory)?;
+        free.try_reserve_exact(count).map_err(|_| NvmeError::OutOfMemory("the PRP list table"))?;
         let mut lists = PrpLists { pages, entries, stride, per_page, free };
         for _ in 0..npages {
             // On an error the pages allocated so far are dropped with `lists`: the device was
@@ -166,9 +166,12 @@ impl<R: DmaRegion> PrpLists<R> {
             if r.len() < PAGE_SIZE || r.bus_addr() % PAGE != 0 {
                 return Err(NvmeError::NoMemory);
             }
-            lists.pages.push(r);
+            // Within the room reserved above.
+            let _ = crate::fallible::push_within_capacity(&mut lists.pages, r);
         }
-        lists.free.extend((0..count as u32).rev());
+        for i in (0..count as u32).rev() {
+            let _ = crate::fallible::push_within_capacity(&mut lists.free, i);
+        }
         Ok(lists)
     }
 
@@ -190,9 +193,7 @@ impl<R: DmaRegion> PrpLists<R> {
     /// Gives slot `i` back (the command that used it completed or was failed). The vector has
     /// room for every slot (reserved at allocation), so this never allocates.
     pub fn put(&mut self, i: u32) {
-        if self.free.len() < self.free.capacity() {
-            self.free.push(i);
-        }
+        let _ = crate::fallible::push_within_capacity(&mut self.free, i); // sized at creation
     }
 
     fn place(&self, i: u32) -> Option<(&R, usize)> {

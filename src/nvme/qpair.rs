@@ -13,6 +13,7 @@ use alloc::vec::Vec;
 
 use super::cmd::{Cqe, Sqe, CQE_SIZE, SQE_SIZE};
 use super::error::NvmeError;
+use crate::fallible::{push_within_capacity, try_collect};
 use super::regs::Cap;
 use crate::platform::{DmaAllocator, DmaRegion, RegisterIo};
 
@@ -76,9 +77,9 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
         if sq.len() < n * SQE_SIZE || cq.len() < n * CQE_SIZE {
             return Err(NvmeError::NoMemory);
         }
-        let slots = (0..n - 1).map(|_| None).collect();
+        let slots = try_collect((0..n - 1).map(|_| None)).map_err(|_| NvmeError::OutOfMemory("a queue's command table"))?;
         // Hand out low CIDs first (pop from the end).
-        let free = (0..entries - 1).rev().collect();
+        let free = try_collect((0..entries - 1).rev()).map_err(|_| NvmeError::OutOfMemory("a queue's command table"))?;
         Ok(QueuePair {
             qid,
             entries,
@@ -196,7 +197,7 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
         let tracker = slot
             .take()
             .ok_or("CID not outstanding (duplicate or invented)")?;
-        self.free.push(cqe.cid);
+        let _ = push_within_capacity(&mut self.free, cqe.cid); // room for every CID
         // The head may only move forward, and not past the tail. A value outside that window
         // (a stale head, or nonsense) is not recorded, but it does not void an otherwise
         // valid completion: flow control does not depend on it (the CID count bounds the
@@ -224,7 +225,9 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
         }
     }
 
-    /// Removes every outstanding tracker (after the controller was stopped or lost).
+    /// Removes every outstanding tracker (after the controller was stopped or lost). Tests only:
+    /// the driver uses [`QueuePair::take_each`], which allocates nothing.
+    #[cfg(test)]
     pub fn take_all(&mut self) -> Vec<Tracker<T>> {
         let mut out = Vec::new();
         self.take_each(|t| out.push(t));
@@ -237,7 +240,7 @@ impl<R: DmaRegion, T> QueuePair<R, T> {
         for (cid, slot) in self.slots.iter_mut().enumerate() {
             if let Some(t) = slot.take() {
                 f(t);
-                self.free.push(cid as u16);
+                let _ = push_within_capacity(&mut self.free, cid as u16); // room for every CID
             }
         }
     }

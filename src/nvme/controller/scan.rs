@@ -17,6 +17,7 @@
 use alloc::vec::Vec;
 
 use super::{Controller, State, SyncWait, SYNC_HEALTH_US};
+use crate::fallible::{try_collect, try_extend_from_slice, try_push};
 use crate::nvme::admin;
 use crate::nvme::aer;
 use crate::nvme::cmd::{Cqe, Sqe};
@@ -124,18 +125,19 @@ impl<P: Platform> Controller<P> {
             State::Ready => {}
         }
         match self.scan_step(scan)? {
-            Ok(()) => Some(Ok(self.apply_scan(scan))),
+            Ok(()) => Some(self.apply_scan(scan)),
             Err(e) => Some(Err(e)),
         }
     }
 
-    /// Makes a finished scan's result the engine's namespace list.
-    pub(super) fn apply_scan(&mut self, scan: &mut NsScan) -> NsChanges {
+    /// Makes a finished scan's result the engine's namespace list (even when the list of
+    /// changes cannot be allocated: the engine's list is what the driver syncs its nodes to).
+    pub(super) fn apply_scan(&mut self, scan: &mut NsScan) -> Result<NsChanges, NvmeError> {
         let list = core::mem::take(&mut scan.found);
         let changes = NsChanges::between(&self.namespaces, &list);
         self.namespaces = list;
         self.rejected = core::mem::take(&mut scan.rejected);
-        changes
+        changes.map_err(|_| NvmeError::OutOfMemory("the namespace changes"))
     }
 
     /// Runs a scan to its end in place, waiting with bounded busy-waits (bring-up, and
@@ -258,7 +260,7 @@ impl<P: Platform> Controller<P> {
                     Err(NvmeError::Status(_)) if after == 0 => {
                         // NVMe 1.0 controller: no CNS 02h. Probe every NSID instead.
                         scan.have_list = false;
-                        scan.ids = (1..=scan.limit as u32).collect();
+                        scan.ids = try_collect(1..=scan.limit as u32).map_err(|_| NvmeError::OutOfMemory("the namespace list"))?;
                         scan.phase = Phase::Identify { next: 0 };
                         return Ok(());
                     }
@@ -269,11 +271,11 @@ impl<P: Platform> Controller<P> {
                 let (got, full) = identify::parse_ns_list(&page, after, scan.nn, room)?;
                 match got.last() {
                     Some(&last) if full => {
-                        scan.ids.extend_from_slice(&got);
+                        try_extend_from_slice(&mut scan.ids, &got).map_err(|_| NvmeError::OutOfMemory("the namespace list"))?;
                         scan.phase = Phase::List { after: last };
                     }
                     _ => {
-                        scan.ids.extend_from_slice(&got);
+                        try_extend_from_slice(&mut scan.ids, &got).map_err(|_| NvmeError::OutOfMemory("the namespace list"))?;
                         scan.phase = Phase::Identify { next: 0 };
                     }
                 }
@@ -284,18 +286,19 @@ impl<P: Platform> Controller<P> {
                 match res {
                     Ok(_) => {}
                     Err(NvmeError::Status(_)) => {
-                        scan.rejected.push((id, "Identify Namespace failed"));
+                        try_push(&mut scan.rejected, (id, "Identify Namespace failed")).map_err(|_| NvmeError::OutOfMemory("the namespace list"))?;
                         return Ok(());
                     }
                     Err(e) => return Err(e),
                 }
                 let page = self.read_scratch()?;
-                match identify::parse_namespace(id, &page, scan.mdts) {
-                    Ok(Some(ns)) => scan.found.push(ns),
-                    Ok(None) if !scan.have_list => {} // probing: inactive NSID
-                    Ok(None) => scan.rejected.push((id, "active namespace reports zero size")),
-                    Err(why) => scan.rejected.push((id, why)),
-                }
+                let kept = match identify::parse_namespace(id, &page, scan.mdts) {
+                    Ok(Some(ns)) => try_push(&mut scan.found, ns),
+                    Ok(None) if !scan.have_list => Ok(()), // probing: inactive NSID
+                    Ok(None) => try_push(&mut scan.rejected, (id, "active namespace reports zero size")),
+                    Err(why) => try_push(&mut scan.rejected, (id, why)),
+                };
+                kept.map_err(|_| NvmeError::OutOfMemory("the namespace list"))?;
             }
             Phase::Done => {}
         }
