@@ -57,6 +57,7 @@
 //! ```
 
 use super::errno::Errno;
+use crate::fallible::{push_within_capacity, try_collect};
 use super::kernel::{IoGate, Kernel};
 use super::node_name::NodeName;
 use alloc::vec::Vec;
@@ -164,9 +165,19 @@ impl<K: Kernel, C: IoGate> Live<K, C> {
         if self.0.namespaces.iter().any(|n| n.nsid == nsid) {
             return Err(Errno::EEXIST);
         }
+        // Room in the table first, so that the node, once made, is always kept there and a
+        // later failure still destroys it.
+        if self.0.namespaces.len() == self.0.namespaces.capacity() {
+            self.0.namespaces.try_reserve(1).map_err(|_| Errno::ENOMEM)?;
+        }
         let node = k.make_node(&NodeName::namespace(self.0.unit, nsid), self.0.softc)?;
-        // Keep the node in the table at once so a later failure still destroys it.
-        self.0.namespaces.push(NsParts { nsid, node: Some(node), disk: None });
+        if let Err(parts) = push_within_capacity(&mut self.0.namespaces, NsParts { nsid, node: Some(node), disk: None }) {
+            // Not reached (room was made above); should it be, the node is not leaked.
+            if let Some(node) = parts.node {
+                k.destroy_node(node);
+            }
+            return Err(Errno::ENOMEM);
+        }
         let ctx = k.malloc(DISK_CTX_SIZE)?;
         match k.disk_create(disk_unit, ctx) {
             Ok(disk) => {
@@ -210,8 +221,8 @@ impl<K: Kernel, C: IoGate> Live<K, C> {
         present: &[u32],
         mut disk_unit: impl FnMut(u32) -> u32,
     ) -> Result<(u32, u32), Errno> {
-        let gone: Vec<u32> =
-            self.0.namespaces.iter().map(|n| n.nsid).filter(|id| !present.contains(id)).collect();
+        let gone: Vec<u32> = try_collect(self.0.namespaces.iter().map(|n| n.nsid).filter(|id| !present.contains(id)))
+            .map_err(|_| Errno::ENOMEM)?;
         for &nsid in &gone {
             self.remove_namespace(k, nsid)?;
         }

@@ -66,7 +66,13 @@ pub fn unload<K: Kernel + AcpiNotify, C: IoGate>(
     if let Some(tq) = hotplug_tq.as_mut() {
         k.taskqueue_drain_all(tq);
     }
-    let receipts = controllers.into_iter().map(|c| teardown(c, k, Removal::Announced)).collect();
+    // Every controller is torn down whatever memory there is; only its receipt is lost when
+    // there is no room to keep it.
+    let mut receipts = crate::fallible::try_vec_with_capacity(controllers.len()).unwrap_or_default();
+    for c in controllers {
+        let r = teardown(c, k, Removal::Announced);
+        let _ = crate::fallible::push_within_capacity(&mut receipts, r);
+    }
     k.drain_sched_destroys();
     k.wait_disks_gone();
     if let Some(tq) = hotplug_tq {
