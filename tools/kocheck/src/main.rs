@@ -82,6 +82,7 @@ fn main() -> ExitCode {
             verdicts.extend(rules::code::check(&ko, &code));
             verdicts.push(rules::exports::check(&ko, &cli.exports));
             verdicts.push(rules::kpi::check(&ko, cli.kpi.as_deref()));
+            verdicts.push(rules::alloc_error::check(&ko));
         }
         Err(e) => verdicts.push(Verdict::fail("elf-parse", format!("{}: {e}", cli.ko.display()))),
     }

@@ -48,6 +48,15 @@ fn pic_build_fails_on_got_relocation() {
 }
 
 #[test]
+fn allocation_error_path_fails_no_alloc_error_handler() {
+    let obj = link_ko("alloc_error", &[kld_object("alloc_error", &["-DALLOC_ERROR_PATH"])]);
+    let kpi = kpi_file();
+    let run = kocheck(&obj, &["--kpi", kpi.to_str().unwrap()]);
+    run.assert_only_fail(&["no-alloc-error-handler"]);
+    run.assert_fails("no-alloc-error-handler", &["defined _RNvNtCs460uEUzrvaB_5alloc5alloc18handle_alloc_error", "(.text+"]);
+}
+
+#[test]
 fn constructor_fails_forbidden_sections() {
     let obj = kld_object("ctor", &["-DWITH_CTOR"]);
     let kpi = kpi_file();

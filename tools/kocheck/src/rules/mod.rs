@@ -1,5 +1,6 @@
 //! One file per rule family. Each returns `Verdict`s; none prints or exits.
 
+pub mod alloc_error;
 pub mod code;
 pub mod exports;
 pub mod header;

@@ -13,7 +13,7 @@ pub const LLD: &str = "ld.lld-19";
 
 /// Every rule kocheck reports for a readable ELF64 file with the default flags: a passing
 /// fixture must show all of them, so a rule that silently stopped running fails a test.
-pub const ALL_RULES: [&str; 17] = [
+pub const ALL_RULES: [&str; 18] = [
     "elf-header",
     "modmetadata",
     "module-name",
@@ -31,6 +31,7 @@ pub const ALL_RULES: [&str; 17] = [
     "stack-frames",
     "no-exports",
     "kpi-symbols",
+    "no-alloc-error-handler",
 ];
 
 /// The flags kmod.mk uses for amd64 kernel code (the parts that matter to the rules).
