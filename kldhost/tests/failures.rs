@@ -193,8 +193,15 @@ fn the_controllers_taskqueue_without_its_thread_fails_the_attach_and_is_freed() 
         &out,
         &["kldhost: injected ENOMEM into taskqueue_start_threads (call 2)", "\"nvmehp_ctrl\") = 12 (no thread)", "taskqueue_free("],
     );
-    // FreeBSD's own message, then newbus's: the driver adds none of its own here.
-    assert_in_order(console(&out), &["_taskqueue_start_threads: no memory for nvmehp_ctrl threads", "device_attach: nvmehp0 attach returned 12"]);
+    // FreeBSD's own message, the driver's, then newbus's.
+    assert_in_order(
+        console(&out),
+        &[
+            "_taskqueue_start_threads: no memory for nvmehp_ctrl threads",
+            "nvmehp0: cannot create the controller's task queue (error 12); not attaching",
+            "device_attach: nvmehp0 attach returned 12",
+        ],
+    );
     assert_attach_failed(&out, 12);
     assert_clean_unload(code, &out);
 }
