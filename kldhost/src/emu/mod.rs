@@ -23,6 +23,7 @@ pub mod acpi;
 pub mod bioq;
 pub mod busdma;
 pub mod devfs;
+pub mod device_fault;
 pub mod dma;
 pub mod fail;
 pub mod geom;
