@@ -13,24 +13,9 @@
 
 mod common;
 
-use common::{assert_in_order, kldhost_run_with};
+use common::{assert_in_order, console, kldhost_run_with, real_ko_on_qemu as real_ko};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
-/// The real module, or None (SKIP printed) without QEMU or the .ko.
-fn real_ko(test: &str) -> Option<PathBuf> {
-    if !nvmehp_lab::skip::qemu_or_skip(test) || common::real_ko(test).is_none() {
-        return None;
-    }
-    Some(common::repo_root().join("nvme_hotplug.ko"))
-}
-
-/// The emulated console of a `kldhost run` output.
-fn console(out: &str) -> &str {
-    let from = out.find("\nconsole:\n").unwrap_or_else(|| panic!("no console in:\n{out}"));
-    let rest = &out[from..];
-    &rest[..rest.find("\nMOD_QUIESCE:").unwrap_or(rest.len())]
-}
 
 /// The call log's lines (before the console), without the trace's indentation.
 fn calls(out: &str) -> Vec<&str> {
