@@ -96,6 +96,11 @@ enum Cmd {
         /// again, at most this many times.
         #[arg(long, default_value_t = 0)]
         kldunload_retries: usize,
+        /// With --qemu, a device fault (repeatable): what the module sees of QEMU's NVMe
+        /// controller is rewritten between the two (src/emu/device_fault.rs): cap-to=N,
+        /// rdy-never, rdy-slow=MS, no-stop, csts-cfs, identify-garbage=FIELD, cqe-cid[=N].
+        #[arg(long = "device-fault", value_name = "KIND[=ARG]", value_parser = kldhost::emu::device_fault::parse, requires = "qemu")]
+        device_fault: Vec<kldhost::emu::device_fault::Fault>,
         /// With --qemu: QEMU's q35 (ICH9) machine: the controller behind the pcie-root-port in
         /// slot 4 (pcib1 -> pci1), another port in slot 5 for --hot-add, and with --acpi q35's
         /// namespace (\_SB_.PCI0.S20_.S00_ is slot 4's hotplug slot). Not with INTx (ICH9's
@@ -155,6 +160,10 @@ struct ScenarioArgs {
     /// Failure injection (repeatable), as for `run`: the N-th call of FUNC fails with ERR.
     #[arg(long = "fail", value_name = "FUNC[:N][=ERR]", value_parser = kldhost::emu::fail::parse)]
     fail: Vec<kldhost::emu::fail::Injection>,
+    /// A device fault (repeatable), as for `run`: every controller's registers and identify
+    /// data as the fault rewrites them.
+    #[arg(long = "device-fault", value_name = "KIND[=ARG]", value_parser = kldhost::emu::device_fault::parse)]
+    device_fault: Vec<kldhost::emu::device_fault::Fault>,
     /// (internal) Run in this process and write the report here: the parent's child.
     #[arg(long, hide = true)]
     child_report: Option<PathBuf>,
@@ -182,8 +191,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, q35 } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, q35, device_fault } => {
             kldhost::emu::fail::arm(fail);
+            kldhost::emu::device_fault::arm(device_fault);
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
             let opts = kldhost::emu::run::Options {
                 timeouts,
@@ -259,6 +269,7 @@ fn scenario(a: ScenarioArgs) -> ExitCode {
         };
         kldhost::emu::set_trace(a.trace);
         kldhost::emu::fail::arm(a.fail.clone());
+        kldhost::emu::device_fault::arm(a.device_fault.clone());
         let opts = kldhost::scenario::runner::Options { verbose: a.verbose, lose_a_write: a.lose_a_write, drop_notifies: a.drop_notifies, tunables, panic_before_step: a.panic_before_step };
         let report = kldhost::scenario::runner::run(&ko, &sc, &opts);
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();
@@ -296,6 +307,10 @@ fn scenario(a: ScenarioArgs) -> ExitCode {
     }
     for f in &a.fail {
         extra.push("--fail".to_string());
+        extra.push(f.to_string());
+    }
+    for f in &a.device_fault {
+        extra.push("--device-fault".to_string());
         extra.push(f.to_string());
     }
     let args = kldhost::scenario::child::Args { scenario: a.scenario.clone(), ko: a.ko.clone(), json: a.json.clone(), verbose: a.verbose, seed: a.seed, extra };

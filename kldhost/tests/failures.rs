@@ -10,24 +10,8 @@
 
 mod common;
 
-use common::{assert_in_order, kldhost_run_with};
-use std::path::PathBuf;
+use common::{assert_in_order, console, kldhost_run_with, real_ko_on_qemu as real_ko};
 
-/// The real module, or None (SKIP printed) without QEMU or the .ko.
-fn real_ko(test: &str) -> Option<PathBuf> {
-    if !nvmehp_lab::skip::qemu_or_skip(test) || common::real_ko(test).is_none() {
-        return None;
-    }
-    Some(common::repo_root().join("nvme_hotplug.ko"))
-}
-
-/// The emulated console of a `kldhost run` output (what FreeBSD's console would show).
-fn console(out: &str) -> &str {
-    let from = out.find("\nconsole:\n").unwrap_or_else(|| panic!("no console in:\n{out}"));
-    let rest = &out[from..];
-    let to = rest.find("\nMOD_QUIESCE:").unwrap_or(rest.len());
-    &rest[..to]
-}
 
 /// The call log from `from` up to `to` (both must be there, in that order).
 fn between<'a>(out: &'a str, from: &str, to: &str) -> &'a str {

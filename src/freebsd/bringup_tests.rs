@@ -3,6 +3,14 @@
 //! are bounded, the interrupt chosen as nvme(4) chooses it (MSI-X with its table and PBA BARs
 //! allocated first, MSI, INTx) and given back in order, and bus mastering turned off for a
 //! controller that could not be stopped and at the end of a detach.
+//!
+//! The slow-ready and never-ready bring-ups (a wait that sleeps, one bounded by CAP.TO) run
+//! on the shipped .ko now, against QEMU's controller through kldhost's device-fault layer
+//! (kldhost/tests/device_faults.rs), and are no longer here. What stays needs what kldhost
+//! cannot give yet: MSI-X tables in another BAR than BAR0 and MSI (QEMU's NVMe model has its
+//! table in BAR0 and no MSI capability), a bus-master bit that reads back on, a read parked
+//! in flight at a surprise teardown, an admin command answered slowly, a failing
+//! `bus_teardown_intr`, and clock-exact bounds (kldhost uses the host clock).
 
 use super::bindings;
 use super::fake_kernel::{self as fk, Knobs};
@@ -16,30 +24,12 @@ use std::format;
 use std::string::String;
 use std::vec::Vec;
 
-/// CAP.TO of the fake NVMe model (TO = 1: 500 ms).
-const CAP_TO_US: u64 = 500_000;
-
 fn positions(log: &[String], prefix: &str) -> Vec<usize> {
     log.iter().enumerate().filter(|(_, l)| l.starts_with(prefix)).map(|(i, _)| i).collect()
 }
 
 fn first(log: &[String], prefix: &str) -> usize {
     *positions(log, prefix).first().unwrap_or_else(|| panic!("no `{prefix}` in {log:#?}"))
-}
-
-/// How many mutexes were held at each entry of `log[from..]` starting with `prefix`.
-fn mutexes_held_at(log: &[String], from: usize, prefix: &str) -> Vec<i64> {
-    let mut held = 0i64;
-    let mut at = Vec::new();
-    for (i, l) in log.iter().enumerate() {
-        match l.as_str() {
-            "mtx_lock" => held += 1,
-            "mtx_unlock" => held -= 1,
-            _ if i >= from && l.starts_with(prefix) => at.push(held),
-            _ => {}
-        }
-    }
-    at
 }
 
 /// A present NVMe function (vendor 0x1b36) with a 16 KiB BAR0 and the given MSI knobs.
@@ -58,70 +48,6 @@ fn attach() -> i32 {
 fn detach() -> i32 {
     // SAFETY: as above.
     unsafe { nvmehp_detach(fk::fake_device()) }
-}
-
-/// Bring-up against a controller whose CSTS.RDY rises 200 ms after CC.EN = 1: attach waits
-/// for it by sleeping in pause(9) (no mutex held), with at most a few microseconds spun in
-/// DELAY(9) in all, and the clock shows it really waited. Before the change every wait of
-/// bring-up was a DELAY spin (200 ms spun here, Giant held all along by newbus), and detach
-/// left bus mastering on.
-#[test]
-fn bring_up_waits_for_a_slow_ready_by_sleeping_not_spinning() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(knobs(Knobs::default()));
-    fk::start_clock();
-    let mut nvme = FakeNvme::new(false, false);
-    nvme.ready_after_us = Some(200_000);
-    fk::install_nvme(nvme);
-
-    assert_eq!(attach(), 0, "attach: {:#?}", fk::log());
-    let log = fk::log();
-    let sleeps = positions(&log, "pause ");
-    assert!(sleeps.len() >= 100, "the 200 ms were slept in pause(9): {} pauses", sleeps.len());
-    assert!(sleeps.iter().all(|&i| log[i].ends_with("nvmehpbu")), "bring-up's pauses: {:?}", &log[sleeps[0]]);
-    let held = mutexes_held_at(&log, 0, "pause ");
-    assert!(held.iter().all(|&n| n == 0), "a pause with a mutex held: {held:?}");
-    assert!(fk::clock_us() >= 200_000, "attach returned before RDY rose ({} us)", fk::clock_us());
-    let spun = fk::delay_total_us();
-    assert!(spun < 1_000, "bring-up spun {spun} us in DELAY(9)");
-    assert_eq!(fk::delays().1, 0, "no DELAY(9) with a mutex held");
-
-    // Detach of the present controller ends with bus mastering off (nvme_pci_detach), after
-    // the teardown stopped the controller and gave its interrupt back.
-    fk::record("-- detach --");
-    assert_eq!(detach(), 0);
-    let log = fk::log();
-    let d = first(&log, "-- detach --");
-    let off = d + first(&log[d..], "pci_disable_busmaster");
-    assert!(d + first(&log[d..], "nvme cc disable") < off && d + first(&log[d..], "bus_teardown_intr") < off, "{:#?}", &log[d..]);
-}
-
-/// A controller that never sets CSTS.RDY: attach fails after CAP.TO of sleeping, not later,
-/// sends no shutdown notification to a controller that never became ready (it would only wait
-/// out the 5 s shutdown bound), disables it, and turns bus mastering off after the engine let
-/// go of the controller. Before the change: CAP.TO spun in DELAY(9), then CC.SHN, and bus
-/// mastering left on.
-#[test]
-fn bring_up_of_a_controller_that_never_becomes_ready_is_bounded() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(knobs(Knobs::default()));
-    fk::start_clock();
-    let mut nvme = FakeNvme::new(false, false);
-    nvme.ready_after_us = Some(u64::MAX);
-    fk::install_nvme(nvme);
-
-    assert_eq!(attach(), bindings::ENXIO);
-    let log = fk::log();
-    let took = fk::clock_us();
-    assert!((CAP_TO_US..CAP_TO_US + 50_000).contains(&took), "bring-up took {took} us, CAP.TO is {CAP_TO_US} us");
-    let sleeps = positions(&log, "pause ");
-    assert!(sleeps.len() as u64 >= CAP_TO_US / 1000, "CAP.TO slept in pause(9): {} pauses", sleeps.len());
-    assert!(fk::delay_total_us() < 1_000, "spun {} us in DELAY(9)", fk::delay_total_us());
-    assert!(positions(&log, "nvme cc shn").is_empty(), "no CC.SHN for a controller that never became ready");
-    let disabled = first(&log, "nvme cc disable");
-    let off = first(&log, "pci_disable_busmaster");
-    assert!(first(&log, "pci_enable_busmaster") < disabled && disabled < off, "{log:#?}");
-    assert_eq!(fk::active_memory_rids(), Vec::<i32>::new(), "BAR0 given back");
 }
 
 /// The admin commands of one bring-up share one budget, max(command timeout, 5 s), on top

@@ -24,7 +24,7 @@
 //! the first BAR mapping): a stack overflow then ends in a plain SIGSEGV instead of Rust's
 //! "has overflowed its stack" message.
 
-use super::log;
+use super::{device_fault, log};
 use super::machine::MACHINE;
 use std::ffi::c_void;
 use std::sync::Mutex;
@@ -203,12 +203,25 @@ extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, ctx: *mut c_void) {
         }
     } else if a.store {
         let v = a.imm.unwrap_or(uc.uc_mcontext.gregs[r] as u64);
-        let res = m.qtest(|q| if a.width == 8 { q.writeq(phys, v) } else { q.writel(phys, v as u32) });
+        // The device-fault layer may hold the write back, or rewrite what QEMU answers to it.
+        let fault = device_fault::armed().then(|| device_fault::on_write(win.phys, off, v, m.ram()));
+        let res = match &fault {
+            Some(w) if !w.forward => Ok(()),
+            _ => m.qtest(|q| if a.width == 8 { q.writeq(phys, v) } else { q.writel(phys, v as u32) }),
+        };
+        let mut notes = Vec::new();
+        if let Some(w) = fault {
+            notes = w.notes;
+            if let (Ok(()), Some(watch)) = (&res, w.watch) {
+                notes.extend(device_fault::after_write(watch, m.ram()));
+            }
+        }
         drop(g);
         if let Err(e) = res {
             die(&format!("qtest write of {} + {off:#x}: {e}", win.name));
         }
         log(format!("bus_write_{}({} + {off:#x}, {v:#x})", a.width, win.name));
+        notes.into_iter().for_each(log);
     } else {
         let res = m.qtest(|q| if a.width == 8 { q.readq(phys) } else { q.readl(phys).map(u64::from) });
         drop(g);
@@ -216,8 +229,10 @@ extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, ctx: *mut c_void) {
             Ok(v) => v,
             Err(e) => die(&format!("qtest read of {} + {off:#x}: {e}", win.name)),
         };
+        let (v, notes) = if device_fault::armed() { device_fault::on_read(win.phys, off, a.width, v) } else { (v, Vec::new()) };
         uc.uc_mcontext.gregs[r] = v as i64;
         log(format!("bus_read_{}({} + {off:#x}) = {v:#x}", a.width, win.name));
+        notes.into_iter().for_each(log);
     }
     uc.uc_mcontext.gregs[libc::REG_RIP as usize] = (rip + a.len as u64) as i64;
 }

@@ -12,7 +12,7 @@
 //! QEMU's pc machine with one NVMe controller ([`machine`]) behind an emulated `pci0`
 //! ([`newbus`], [`pci`], with pci(4)'s MSI tunables [`pci_tunables`] and the INTx line
 //! delivered to the driver's ithread [`intx`]), its registers reached through trapped loads
-//! and stores ([`mmio`]),
+//! and stores ([`mmio`], where [`device_fault`] can rewrite what the module sees),
 //! its DMA memory in shared guest RAM ([`dma`], [`busdma`]), bio queues ([`bioq`]), and disk(9) ([`geom`]) and run-time
 //! sysctl(9) contexts ([`sysctl`]) recorded.
 //! A kernel panic ends the process with [`PANIC_EXIT`], as a panic ends the kernel; so does a
@@ -23,6 +23,7 @@ pub mod acpi;
 pub mod bioq;
 pub mod busdma;
 pub mod devfs;
+pub mod device_fault;
 pub mod dma;
 pub mod fail;
 pub mod geom;

@@ -153,3 +153,20 @@ pub fn fixture_object(test: &str, source: &str, define: Option<&str>) -> Option<
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     compile(test, source, &flags).map(|o| temp_object(test, &o))
 }
+
+/// The real module for a test that also needs QEMU, or None (a SKIP line printed) without
+/// either (a failure with NVMEHP_REQUIRE_QEMU=1 / NVMEHP_REQUIRE_KO=1).
+pub fn real_ko_on_qemu(test: &str) -> Option<PathBuf> {
+    if !nvmehp_lab::skip::qemu_or_skip(test) || real_ko(test).is_none() {
+        return None;
+    }
+    Some(repo_root().join("nvme_hotplug.ko"))
+}
+
+/// The emulated console of a `kldhost run` output (what FreeBSD's console would show).
+pub fn console(out: &str) -> &str {
+    let from = out.find("\nconsole:\n").unwrap_or_else(|| panic!("no console in:\n{out}"));
+    let rest = &out[from..];
+    let to = rest.find("\nMOD_QUIESCE:").unwrap_or(rest.len());
+    &rest[..to]
+}

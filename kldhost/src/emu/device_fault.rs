@@ -1,0 +1,467 @@
+//! Device faults: `--device-fault KIND[=ARG]` rewrites what the module sees of QEMU's NVMe
+//! controller, for the controller behaviour QEMU will not produce (a CSTS.RDY that never
+//! rises, a controller that ignores the disable, hostile identify data, a stale CID).
+//!
+//! The layer sits between the module and QEMU, where kldhost already is: every register
+//! access of the module is trapped ([`super::mmio`]) and forwarded over qtest, so a register
+//! value can be changed on its way back ([`on_read`]) and a write held back ([`on_write`]);
+//! DMA memory is guest RAM this process maps too, so data QEMU wrote can be changed after
+//! QEMU completed the command and before the module can look at the completion
+//! ([`after_write`]: the module is stopped in the trap of its doorbell write meanwhile).
+//! QEMU's controller itself is never changed: what it does is what an NVMe controller does;
+//! only the module's view of it is hostile. Every fault says so in the call log
+//! (`kldhost: injected device fault KIND: ...`, and each rewritten access names its fault), so
+//! a test can tell an injected fault from the driver's own doing.
+//!
+//! The armed faults are process-global, as the emulated kernel is, and apply to every NVMe
+//! BAR0 window; per controller (BAR address) the layer keeps what it needs to know: whether
+//! the module has set CC.EN and when, and where its admin queues are.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+// NVMe 1.4 §3.1 register offsets in BAR0.
+const CAP: u64 = 0x00;
+const CC: u64 = 0x14;
+const CSTS: u64 = 0x1c;
+const AQA: u64 = 0x24;
+const ASQ: u64 = 0x28;
+const ACQ: u64 = 0x30;
+/// The admin submission queue's tail doorbell (queue 0: at 0x1000 whatever CAP.DSTRD says).
+const ADMIN_SQ_TAIL: u64 = 0x1000;
+
+const CC_EN: u64 = 1;
+const CC_SHN_MASK: u64 = 3 << 14;
+const CSTS_RDY: u64 = 1;
+const CSTS_CFS: u64 = 1 << 1;
+
+/// How long the layer waits for QEMU to complete a command whose data or completion it
+/// rewrites. QEMU answers an Identify in well under a millisecond; a miss is logged.
+const COMPLETION_WAIT: Duration = Duration::from_secs(2);
+
+/// Which identify field `identify-garbage` corrupts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Garbage {
+    /// Identify Controller NN = 0xffffffff.
+    Nn,
+    /// Identify Controller MDTS = 0xff (2^255 pages).
+    Mdts,
+    /// Identify Namespace FLBAS selecting a format beyond NLBAF.
+    Flbas,
+    /// The in-use LBA format's LBADS = 0 (1-byte blocks).
+    Lbads0,
+    /// The in-use LBA format's LBADS = 63.
+    Lbads63,
+    /// NSZE = 0 with NCAP left non-zero.
+    Nsze0,
+    /// NCAP = NSZE + 1.
+    NcapAboveNsze,
+}
+
+const GARBAGE: &[(&str, Garbage)] = &[
+    ("nn", Garbage::Nn),
+    ("mdts", Garbage::Mdts),
+    ("flbas", Garbage::Flbas),
+    ("lbads0", Garbage::Lbads0),
+    ("lbads63", Garbage::Lbads63),
+    ("nsze0", Garbage::Nsze0),
+    ("ncap", Garbage::NcapAboveNsze),
+];
+
+impl Garbage {
+    fn name(self) -> &'static str {
+        GARBAGE.iter().find(|(_, g)| *g == self).map_or("?", |(n, _)| n)
+    }
+    /// Identify Controller (CNS 01h) or Identify Namespace (CNS 00h).
+    fn cns(self) -> u8 {
+        match self {
+            Garbage::Nn | Garbage::Mdts => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// One armed fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// CAP.TO (bits 31:24, 500 ms units) reads as this value.
+    CapTo(u8),
+    /// CSTS.RDY never reads 1 while the module has CC.EN set.
+    RdyNever,
+    /// CSTS.RDY reads 1 only this many ms after the module set CC.EN.
+    RdySlow(u64),
+    /// Once the controller was enabled, a CC write that clears EN or sets SHN is not passed on:
+    /// CSTS.RDY stays 1 and CSTS.SHST never says complete.
+    NoStop,
+    /// CSTS.CFS reads 1 while the module has CC.EN set.
+    CstsCfs,
+    /// The data of the first Identify of the kind the field belongs to is corrupted after
+    /// QEMU completed it.
+    IdentifyGarbage(Garbage),
+    /// The completion of the N-th admin command (1-based) carries CID 0xffff instead of its own.
+    CqeCid(u64),
+}
+
+impl std::fmt::Display for Fault {
+    /// The option's own spelling, which [`parse`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::CapTo(n) => write!(f, "cap-to={n}"),
+            Fault::RdyNever => write!(f, "rdy-never"),
+            Fault::RdySlow(ms) => write!(f, "rdy-slow={ms}"),
+            Fault::NoStop => write!(f, "no-stop"),
+            Fault::CstsCfs => write!(f, "csts-cfs"),
+            Fault::IdentifyGarbage(g) => write!(f, "identify-garbage={}", g.name()),
+            Fault::CqeCid(n) => write!(f, "cqe-cid={n}"),
+        }
+    }
+}
+
+impl Fault {
+    fn kind(&self) -> &'static str {
+        match self {
+            Fault::CapTo(_) => "cap-to",
+            Fault::RdyNever => "rdy-never",
+            Fault::RdySlow(_) => "rdy-slow",
+            Fault::NoStop => "no-stop",
+            Fault::CstsCfs => "csts-cfs",
+            Fault::IdentifyGarbage(_) => "identify-garbage",
+            Fault::CqeCid(_) => "cqe-cid",
+        }
+    }
+}
+
+/// What `--device-fault` accepts, for the usage error.
+pub const USAGE: &str = "cap-to=N (0..255, 500 ms units), rdy-never, rdy-slow=MS, no-stop, csts-cfs, \
+identify-garbage=nn|mdts|flbas|lbads0|lbads63|nsze0|ncap, cqe-cid[=N] (the N-th admin command, default 1)";
+
+/// Parses `KIND[=ARG]` (`KIND:ARG` too).
+pub fn parse(spec: &str) -> Result<Fault, String> {
+    let (kind, arg) = match spec.split_once(['=', ':']) {
+        Some((k, a)) => (k, Some(a)),
+        None => (spec, None),
+    };
+    let bad = || format!("{spec}: not a device fault; one of: {USAGE}");
+    let num = |a: Option<&str>| a.and_then(|a| a.parse::<u64>().ok()).ok_or_else(bad);
+    Ok(match (kind, arg) {
+        ("cap-to", a) => Fault::CapTo(u8::try_from(num(a)?).map_err(|_| bad())?),
+        ("rdy-never", None) => Fault::RdyNever,
+        ("rdy-slow", a) => Fault::RdySlow(num(a)?),
+        ("no-stop", None) => Fault::NoStop,
+        ("csts-cfs", None) => Fault::CstsCfs,
+        ("identify-garbage", Some(a)) => Fault::IdentifyGarbage(GARBAGE.iter().find(|(n, _)| *n == a).map(|(_, g)| *g).ok_or_else(bad)?),
+        ("cqe-cid", None) => Fault::CqeCid(1),
+        ("cqe-cid", a) => Fault::CqeCid(num(a)?.max(1)),
+        _ => return Err(bad()),
+    })
+}
+
+/// What the layer knows of one controller (by BAR0's guest-physical address).
+#[derive(Default)]
+struct Ctrl {
+    /// The module's last CC write had EN set, and when it set it.
+    enabled_at: Option<Instant>,
+    /// The controller was enabled (a CC.EN = 1 write reached QEMU).
+    running: bool,
+    aqa: u32,
+    asq: u64,
+    acq: u64,
+    /// The admin SQ tail the module last wrote (the layer's copy, to find new entries).
+    admin_tail: u32,
+    /// Admin commands seen since the controller was enabled (for `cqe-cid=N`).
+    admin_cmds: u64,
+    /// One-shot faults already done for this controller (identify-garbage, cqe-cid).
+    done: Vec<Fault>,
+}
+
+#[derive(Default)]
+struct State {
+    faults: Vec<Fault>,
+    ctrls: BTreeMap<u64, Ctrl>,
+    /// Kinds whose first use was announced in the log.
+    announced: Vec<&'static str>,
+}
+
+static STATE: Mutex<State> = Mutex::new(State { faults: Vec::new(), ctrls: BTreeMap::new(), announced: Vec::new() });
+
+fn state() -> std::sync::MutexGuard<'static, State> {
+    STATE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether any fault is armed, without the lock: every register access asks.
+static ARMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Arms the faults for the rest of the process (replacing any armed before).
+pub fn arm(list: Vec<Fault>) {
+    let mut s = state();
+    ARMED.store(!list.is_empty(), std::sync::atomic::Ordering::Relaxed);
+    s.faults = list;
+    s.ctrls.clear();
+    s.announced.clear();
+}
+
+/// Whether any fault is armed (the trap does no bookkeeping otherwise).
+pub fn armed() -> bool {
+    ARMED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+impl State {
+    fn has(&self, f: impl Fn(&Fault) -> bool) -> Option<Fault> {
+        self.faults.iter().copied().find(|x| f(x))
+    }
+    /// The one-time `kldhost: injected device fault ...` line of a fault's first effect.
+    fn announce(&mut self, f: Fault, what: &str, notes: &mut Vec<String>) {
+        if !self.announced.contains(&f.kind()) {
+            self.announced.push(f.kind());
+            notes.push(format!("kldhost: injected device fault {f}: {what}"));
+        }
+    }
+}
+
+/// A register read the module made: the value it sees (QEMU's `v`, or the fault's), and the
+/// log lines to add.
+pub fn on_read(bar: u64, off: u64, width: u8, v: u64) -> (u64, Vec<String>) {
+    let mut notes = Vec::new();
+    let mut s = state();
+    let mut out = v;
+    if off == CAP {
+        if let Some(f @ Fault::CapTo(n)) = s.has(|f| matches!(f, Fault::CapTo(_))) {
+            out = (v & !(0xff << 24)) | (u64::from(n) << 24);
+            s.announce(f, &format!("CAP.TO reads {n} ({} ms) instead of {}", u64::from(n) * 500, (v >> 24) & 0xff), &mut notes);
+        }
+    } else if off == CSTS && width == 4 {
+        let en = s.ctrls.get(&bar).and_then(|c| c.enabled_at);
+        if let Some(at) = en {
+            if out & CSTS_RDY != 0 {
+                if let Some(f) = s.has(|f| *f == Fault::RdyNever) {
+                    out &= !CSTS_RDY;
+                    s.announce(f, "CSTS.RDY hidden while CC.EN is set", &mut notes);
+                } else if let Some(f @ Fault::RdySlow(ms)) = s.has(|f| matches!(f, Fault::RdySlow(_))) {
+                    if at.elapsed() < Duration::from_millis(ms) {
+                        out &= !CSTS_RDY;
+                        s.announce(f, &format!("CSTS.RDY hidden for {ms} ms after CC.EN = 1"), &mut notes);
+                    }
+                }
+            }
+            if let Some(f) = s.has(|f| *f == Fault::CstsCfs) {
+                out |= CSTS_CFS;
+                s.announce(f, "CSTS.CFS set while CC.EN is set", &mut notes);
+            }
+        }
+    }
+    if out != v {
+        notes.push(format!("device fault: the module read {out:#x} where QEMU's register holds {v:#x}"));
+    }
+    (out, notes)
+}
+
+/// What to do with a register write of the module.
+pub struct Write {
+    /// Pass it on to QEMU (false: the write is dropped, as a controller ignoring it).
+    pub forward: bool,
+    /// After forwarding: wait for the completion of these admin SQ entries and rewrite them
+    /// ([`after_write`]).
+    pub watch: Option<Watch>,
+    pub notes: Vec<String>,
+}
+
+/// Admin commands whose completion the layer waits for.
+pub struct Watch {
+    acq: u64,
+    entries: u32,
+    /// (CID, the fault to apply, the command's PRP1 and NSID).
+    cmds: Vec<(u16, Fault, u64, u32)>,
+    /// The admin CQ before the doorbell, so a new entry is told from an old one.
+    before: Vec<u8>,
+}
+
+/// A register write of the module, before it reaches QEMU. `ram` reads guest RAM (the admin
+/// submission queue entries, the completion queue).
+pub fn on_write(bar: u64, off: u64, v: u64, ram: &nvmehp_lab::shared_ram::SharedRam) -> Write {
+    let mut w = Write { forward: true, watch: None, notes: Vec::new() };
+    let mut s = state();
+    if s.faults.is_empty() {
+        return w;
+    }
+    let faults = s.faults.clone();
+    let no_stop = s.has(|f| *f == Fault::NoStop);
+    let c = s.ctrls.entry(bar).or_default();
+    let mut ignored = None;
+    match off {
+        CC => {
+            let en = v & CC_EN != 0;
+            let stop = !en || v & CC_SHN_MASK != 0;
+            c.enabled_at = if en { c.enabled_at.or(Some(Instant::now())) } else { None };
+            if en && v & CC_SHN_MASK == 0 && !c.running {
+                // A fresh enable: QEMU starts its admin queues from entry 0, and so does the
+                // layer's copy.
+                c.running = true;
+                c.admin_tail = 0;
+                c.admin_cmds = 0;
+            }
+            if let (Some(f), true, true) = (no_stop, stop, c.running) {
+                w.forward = false;
+                w.notes.push(format!("device fault {f}: the write above ({v:#x}) was not passed on: the controller ignores it"));
+                ignored = Some(f);
+            } else if !en {
+                c.running = false;
+            }
+        }
+        AQA => c.aqa = v as u32,
+        ASQ => c.asq = (c.asq & !0xffff_ffff) | (v & 0xffff_ffff),
+        o if o == ASQ + 4 => c.asq = (c.asq & 0xffff_ffff) | (v << 32),
+        ACQ => c.acq = (c.acq & !0xffff_ffff) | (v & 0xffff_ffff),
+        o if o == ACQ + 4 => c.acq = (c.acq & 0xffff_ffff) | (v << 32),
+        ADMIN_SQ_TAIL => {
+            let sq_entries = (c.aqa & 0xfff) + 1;
+            let cq_entries = ((c.aqa >> 16) & 0xfff) + 1;
+            let new_tail = (v as u32) % sq_entries;
+            let mut cmds = Vec::new();
+            let mut i = c.admin_tail % sq_entries;
+            while i != new_tail {
+                c.admin_cmds += 1;
+                let mut sqe = [0u8; 64];
+                if ram.read(c.asq + u64::from(i) * 64, &mut sqe).is_ok() {
+                    let cid = u16::from_le_bytes([sqe[2], sqe[3]]);
+                    let nsid = u32::from_le_bytes([sqe[4], sqe[5], sqe[6], sqe[7]]);
+                    let prp1 = u64::from_le_bytes([sqe[24], sqe[25], sqe[26], sqe[27], sqe[28], sqe[29], sqe[30], sqe[31]]);
+                    // Identify (opcode 06h), CNS in CDW10 bits 7:0.
+                    let identify = (sqe[0] == 0x06).then_some(sqe[40]);
+                    for &f in &faults {
+                        if c.done.contains(&f) {
+                            continue;
+                        }
+                        let hit = match f {
+                            Fault::IdentifyGarbage(g) => identify == Some(g.cns()),
+                            Fault::CqeCid(n) => c.admin_cmds == n,
+                            _ => false,
+                        };
+                        if hit {
+                            c.done.push(f);
+                            cmds.push((cid, f, prp1, nsid));
+                        }
+                    }
+                }
+                i = (i + 1) % sq_entries;
+            }
+            c.admin_tail = new_tail;
+            if !cmds.is_empty() {
+                let mut before = vec![0u8; cq_entries as usize * 16];
+                let _ = ram.read(c.acq, &mut before);
+                w.watch = Some(Watch { acq: c.acq, entries: cq_entries, cmds, before });
+            }
+        }
+        _ => {}
+    }
+    if let Some(f) = ignored {
+        s.announce(f, "the controller ignores CC.EN = 0 and CC.SHN once enabled", &mut w.notes);
+    }
+    w
+}
+
+/// After a watched doorbell write reached QEMU: waits (bounded) for each watched command's
+/// completion to appear in the admin CQ, then applies its fault, before the module (stopped
+/// in the trap of this very write) can see the completion. Returns the log lines.
+pub fn after_write(watch: Watch, ram: &nvmehp_lab::shared_ram::SharedRam) -> Vec<String> {
+    let mut notes = Vec::new();
+    let start = Instant::now();
+    let mut left = watch.cmds;
+    while !left.is_empty() {
+        let mut now = vec![0u8; watch.entries as usize * 16];
+        if ram.read(watch.acq, &mut now).is_err() {
+            break;
+        }
+        left.retain(|&(cid, f, prp1, nsid)| {
+            // A new entry for this CID: a CQ slot that changed and names it (SQ 0).
+            let slot = (0..watch.entries as usize).find(|&e| {
+                let (a, b) = (&now[e * 16..e * 16 + 16], &watch.before[e * 16..e * 16 + 16]);
+                a != b && u16::from_le_bytes([a[12], a[13]]) == cid && u16::from_le_bytes([a[10], a[11]]) == 0
+            });
+            let Some(e) = slot else { return true };
+            let cqe = watch.acq + e as u64 * 16;
+            match f {
+                Fault::IdentifyGarbage(g) => notes.push(corrupt_identify(g, prp1, nsid, ram)),
+                Fault::CqeCid(_) => {
+                    let _ = ram.write(cqe + 12, &0xffffu16.to_le_bytes());
+                    notes.push(format!("kldhost: injected device fault {f}: the completion of admin command CID {cid} carries CID 0xffff"));
+                }
+                _ => {}
+            }
+            false
+        });
+        if start.elapsed() > COMPLETION_WAIT {
+            for (cid, f, _, _) in &left {
+                notes.push(format!("kldhost: device fault {f}: QEMU did not complete admin command CID {cid} within {COMPLETION_WAIT:?}; not applied"));
+            }
+            break;
+        }
+        if !left.is_empty() {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+    notes
+}
+
+fn le64(d: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes([d[o], d[o + 1], d[o + 2], d[o + 3], d[o + 4], d[o + 5], d[o + 6], d[o + 7]])
+}
+
+/// Corrupts the Identify data QEMU wrote at `prp1` (NVMe 1.4 Figures 247 and 249: NN at byte
+/// 516, MDTS at 77; NSZE 0, NCAP 8, NLBAF 25, FLBAS 26, LBA formats from 128). Returns the
+/// log line.
+fn corrupt_identify(g: Garbage, prp1: u64, nsid: u32, ram: &nvmehp_lab::shared_ram::SharedRam) -> String {
+    let mut d = vec![0u8; 4096];
+    if ram.read(prp1, &mut d).is_err() {
+        return format!("kldhost: device fault identify-garbage={}: PRP1 {prp1:#x} is not guest RAM; not applied", g.name());
+    }
+    let format = (d[26] & 0xf) as usize;
+    let what = match g {
+        Garbage::Nn => {
+            d[516..520].copy_from_slice(&u32::MAX.to_le_bytes());
+            "Identify Controller NN = 0xffffffff".to_string()
+        }
+        Garbage::Mdts => {
+            d[77] = 0xff;
+            "Identify Controller MDTS = 255".to_string()
+        }
+        Garbage::Flbas => {
+            let nlbaf = d[25];
+            d[26] = (d[26] & !0xf) | (nlbaf + 1).min(15);
+            format!("Identify Namespace {nsid} FLBAS = {} with NLBAF {nlbaf}", d[26] & 0xf)
+        }
+        Garbage::Lbads0 | Garbage::Lbads63 => {
+            let v = if g == Garbage::Lbads0 { 0 } else { 63 };
+            d[128 + 4 * format + 2] = v;
+            format!("Identify Namespace {nsid} LBA format {format} LBADS = {v}")
+        }
+        Garbage::Nsze0 => {
+            d[0..8].fill(0);
+            format!("Identify Namespace {nsid} NSZE = 0 (NCAP {})", le64(&d, 8))
+        }
+        Garbage::NcapAboveNsze => {
+            let ncap = le64(&d, 0) + 1;
+            d[8..16].copy_from_slice(&ncap.to_le_bytes());
+            format!("Identify Namespace {nsid} NCAP = {ncap} > NSZE {}", ncap - 1)
+        }
+    };
+    let _ = ram.write(prp1, &d);
+    format!("kldhost: injected device fault identify-garbage={}: {what}, after QEMU's completion", g.name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_what_it_prints() {
+        for s in ["cap-to=1", "rdy-never", "rdy-slow=300", "no-stop", "csts-cfs", "identify-garbage=flbas", "identify-garbage=lbads63", "cqe-cid=3"] {
+            assert_eq!(parse(s).map(|f| f.to_string()), Ok(s.to_string()));
+        }
+        assert_eq!(parse("cap-to:2"), Ok(Fault::CapTo(2)));
+        assert_eq!(parse("cqe-cid"), Ok(Fault::CqeCid(1)));
+        for bad in ["cap-to", "cap-to=256", "rdy-slow", "identify-garbage", "identify-garbage=x", "rdy-never=1", "nonsense"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! `--device-fault` on the real module: controller behaviour QEMU's NVMe model will not
+//! produce, made by kldhost's fault layer between the module and QEMU (src/emu/device_fault.rs),
+//! and the shipped .ko's bring-up and teardown answering it as the driver says it does (its
+//! device_printf lines, src/freebsd/pci_driver.rs, ctrl.rs; the engine's src/nvme/).
+//!
+//! These were fake-kernel tests of the Rust code (src/freebsd/bringup_tests.rs, against
+//! src/freebsd/fake_nvme.rs); here the same assertions hold of the binary. Every test asserts
+//! the layer's `kldhost: injected device fault ...` line and a console line only the fault's
+//! path prints, so a layer that does nothing fails it. No assertion is about elapsed time:
+//! bounds are on what the module asked for (the sleeps it requested, the registers it read).
+//! Needs QEMU (SKIP without it, a failure with NVMEHP_REQUIRE_QEMU=1) and the built .ko
+//! (NVMEHP_REQUIRE_KO=1).
+
+mod common;
+
+use common::{assert_in_order, console, kldhost_run_with, real_ko_on_qemu as real_ko};
+use std::collections::BTreeMap;
+
+
+/// The call log's lines (before the console), without the trace's indentation.
+fn calls(out: &str) -> Vec<&str> {
+    let end = out.find("\nconsole:\n").unwrap_or(out.len());
+    out[..end].lines().map(str::trim_start).collect()
+}
+
+fn index(log: &[&str], from: usize, wanted: &str) -> usize {
+    from + log[from..].iter().position(|l| l.starts_with(wanted)).unwrap_or_else(|| panic!("no {wanted:?} after line {from}:\n{}", log[from..].join("\n")))
+}
+
+/// The module's CC writes (BAR0 + 0x14), as logged.
+const CC_ENABLE: &str = "bus_write_4(nvmehp0 BAR 0x10 + 0x14, 0x460001)";
+const CC_DISABLE: &str = "bus_write_4(nvmehp0 BAR 0x10 + 0x14, 0x460000)";
+/// CC with SHN = 01b (normal shutdown notification) and EN.
+const CC_SHN: &str = "bus_write_4(nvmehp0 BAR 0x10 + 0x14, 0x464001)";
+
+/// Whether `line` frees a block contigmalloc'd earlier in `log` (DMA memory).
+fn frees_dma(log: &[&str], line: &str) -> bool {
+    line.strip_prefix("free(").and_then(|r| r.split(')').next()).is_some_and(|a| {
+        log.iter().any(|l| l.starts_with("contigmalloc(") && l.split(" = ").nth(1).and_then(|r| r.split_whitespace().next()) == Some(a))
+    })
+}
+
+/// Milliseconds of pause_sbt(9) requested with `wmesg` in `lines`.
+fn paused_ms(lines: &[&str], wmesg: &str) -> f64 {
+    let p = format!("pause_sbt({wmesg}, ");
+    lines.iter().filter_map(|l| l.strip_prefix(&p)).filter_map(|r| r.strip_suffix(" ms)")).map(|v| v.parse::<f64>().expect("a pause_sbt duration")).sum()
+}
+
+/// Microseconds spun in DELAY(9) in `lines`.
+fn delayed_us(lines: &[&str]) -> u64 {
+    lines.iter().filter_map(|l| l.strip_prefix("DELAY(")).filter_map(|r| r.strip_suffix(')')).map(|v| v.parse::<u64>().expect("a DELAY argument")).sum()
+}
+
+fn assert_clean_unload(code: Option<i32>, out: &str) {
+    assert!(out.contains("MOD_QUIESCE: Some(0), MOD_UNLOAD: Some(0), unloaded: true"), "the module did not unload:\n{out}");
+    assert!(out.contains("\nfindings: 0\n"), "findings:\n{out}");
+    assert_eq!(code, Some(0), "kldhost run failed:\n{out}");
+}
+
+/// A failed bring-up, as the driver reports it: its message, the attach's ENXIO, nothing made.
+fn assert_bring_up_failed(out: &str, why: &str) {
+    assert_in_order(console(out), &[&format!("nvmehp0: bring-up failed: {why}"), "device_attach: nvmehp0 attach returned 6"]);
+    assert!(out.contains("attach device 4.0 (nvmehp0): 6"), "{out}");
+    assert!(out.contains("nodes after attach: []; disks: []"), "{out}");
+}
+
+/// CSTS.RDY rising 200 ms after CC.EN = 1: the bring-up waits for it by sleeping in pause(9)
+/// ("nvmehpbu"; a sleep with a mutex held would be a finding), spins no DELAY(9) in that
+/// wait (under 1 ms in all of the attach), reads the hidden RDY more than once and then
+/// attaches; I/O works. The detach then stops the controller and tears the interrupt down
+/// before it turns bus mastering off (nvme_pci_detach's order).
+#[test]
+fn a_slow_ready_is_waited_for_by_sleeping_not_spinning() {
+    let Some(ko) = real_ko("device_fault_rdy_slow") else { return };
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--device-fault", "rdy-slow=200"]);
+    let log = calls(&out);
+    let enable = index(&log, 0, CC_ENABLE);
+    assert_in_order(&out, &[CC_ENABLE, "bus_read_4(nvmehp0 BAR 0x10 + 0x1c) = 0x0", "kldhost: injected device fault rdy-slow=200: CSTS.RDY hidden for 200 ms after CC.EN = 1"]);
+    let first_admin = index(&log, enable, "bus_write_4(nvmehp0 BAR 0x10 + 0x1000,");
+    let wait = &log[enable..first_admin];
+    let hidden = wait.iter().filter(|l| l.starts_with("device fault: the module read 0x0 where QEMU's register holds 0x1")).count();
+    assert!(hidden >= 2, "CSTS.RDY was hidden from {hidden} reads:\n{}", wait.join("\n"));
+    assert!(wait.iter().filter(|l| l.starts_with("pause_sbt(nvmehpbu, ")).count() >= hidden, "a sleep between the reads:\n{}", wait.join("\n"));
+    assert_eq!(delayed_us(wait), 0, "no DELAY(9) spin in the RDY wait:\n{}", wait.join("\n"));
+    let attach_end = index(&log, enable, "nvmehp0: device_attach_desc = 0");
+    assert!(delayed_us(&log[..attach_end]) < 1_000, "the attach spun {} us in DELAY(9)", delayed_us(&log[..attach_end]));
+    assert_in_order(console(&out), &["nvmehp0: interrupt: MSI-X", "nvmehp0: attached: /dev/nvmehp0 and 1 namespace node(s)"]);
+    assert!(out.contains("io data in the backing file and read back: ok"), "{out}");
+
+    let detach = index(&log, attach_end, "nvmehp0: device_detach_desc ->");
+    let disabled = index(&log, detach, CC_DISABLE);
+    let torn = index(&log, detach, "bus_teardown_intr(nvmehp0");
+    let off = index(&log, detach, "pci_disable_busmaster(nvmehp0)");
+    assert!(disabled < off && torn < off, "stop and interrupt teardown before bus mastering off:\n{}", log[detach..].join("\n"));
+    assert_clean_unload(code, &out);
+}
+
+/// A controller whose CSTS.RDY never rises, with CAP.TO rewritten to 1 (500 ms): the enable
+/// wait asks for at most CAP.TO of sleep (QEMU's own CAP.TO is 7.5 s, so a CAP.TO the layer
+/// did not rewrite fails this), spins nothing, gets no CC.SHN (it never became ready), is
+/// disabled, and the attach fails with the driver's message. Then, in order: the rings freed
+/// after the disable, the IRQ resource, the MSI-X vector, BAR0, bus mastering off; no handler
+/// was ever set up. Nothing left: no finding, the module unloads.
+#[test]
+fn a_controller_that_never_becomes_ready_fails_the_attach_within_cap_to() {
+    let Some(ko) = real_ko("device_fault_rdy_never") else { return };
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--device-fault", "cap-to=1", "--device-fault", "rdy-never"]);
+    assert_in_order(&out, &["kldhost: injected device fault cap-to=1: CAP.TO reads 1 (500 ms) instead of 15", CC_ENABLE, "kldhost: injected device fault rdy-never: CSTS.RDY hidden while CC.EN is set"]);
+    assert_bring_up_failed(&out, "timed out");
+    let log = calls(&out);
+    let enable = index(&log, 0, CC_ENABLE);
+    let disable = index(&log, enable, CC_DISABLE);
+    let wait = &log[enable..disable];
+    let slept = paused_ms(wait, "nvmehpbu");
+    assert!(slept > 0.0 && slept <= 500.0 + 1.0, "the enable wait asked for {slept} ms of sleep; CAP.TO is 500 ms");
+    assert_eq!(delayed_us(wait), 0, "no DELAY(9) spin in the RDY wait");
+    assert!(!log.contains(&CC_SHN), "no shutdown notification to a controller that never became ready:\n{out}");
+    assert!(!out.contains("bus_setup_intr("), "no handler:\n{out}");
+    let first_free = (disable..log.len()).find(|&i| frees_dma(&log, log[i])).expect("the rings freed");
+    let failed = index(&log, disable, "device_printf(\"nvmehp0: bring-up failed: timed out");
+    let irq = index(&log, failed, "bus_release_resource(nvmehp0, type 1, rid 0x1)");
+    let vector = index(&log, irq, "pci_release_msi(nvmehp0) = 0");
+    let bar0 = index(&log, vector, "bus_release_resource(nvmehp0, type 3, rid 0x10)");
+    let off = index(&log, bar0, "pci_disable_busmaster(nvmehp0) (command 0x6 -> 0x2)");
+    assert!(disable < first_free && first_free < failed && off > bar0, "{}", log[enable..=off].join("\n"));
+    assert_clean_unload(code, &out);
+}
+
+/// CSTS.CFS during the enable: the bring-up stops waiting at once and fails with the engine's
+/// "controller fatal status" message; nothing left.
+#[test]
+fn fatal_status_during_the_enable_fails_the_attach() {
+    let Some(ko) = real_ko("device_fault_csts_cfs") else { return };
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--device-fault", "csts-cfs"]);
+    assert_in_order(&out, &[CC_ENABLE, "kldhost: injected device fault csts-cfs: CSTS.CFS set while CC.EN is set", CC_DISABLE]);
+    assert_bring_up_failed(&out, "bad device: controller fatal status during enable");
+    assert_clean_unload(code, &out);
+}
+
+/// An allocation or free in the call log: (address, bytes, contigmalloc'd).
+fn blocks_left(log: &[&str]) -> BTreeMap<String, (u64, bool)> {
+    let mut live = BTreeMap::new();
+    for l in log {
+        let contig = l.starts_with("contigmalloc(");
+        if contig || l.starts_with("malloc(") || l.starts_with("malloc_aligned(") {
+            let size = l.split(['(', ',']).nth(1).and_then(|s| s.trim().parse::<u64>().ok());
+            let addr = l.split(" = ").nth(1).and_then(|r| r.split_whitespace().next());
+            if let (Some(size), Some(addr)) = (size, addr) {
+                if addr != "NULL" && addr != "0x0" {
+                    live.insert(addr.to_string(), (size, contig));
+                }
+            }
+        } else if let Some(r) = l.strip_prefix("free(") {
+            live.remove(r.split(')').next().unwrap_or(""));
+        }
+    }
+    live
+}
+
+/// A present controller that ignores CC.SHN and CC.EN = 0 (no-stop; CAP.TO 1 keeps the
+/// disable's wait short, the shutdown's is max(CAP.TO, 5 s)): the detach's stop finds it still
+/// enabled and turns bus mastering off (the PCI command register write, read back clear), says
+/// so, and frees none of the memory the controller was given before that: those blocks, and
+/// only contigmalloc'd ones, stay allocated for good (the engine leaks what a running device
+/// may still write), which is what the two [Leak] findings at malloc_uninit are. Control: a
+/// controller that obeys keeps bus mastering until the teardown has freed its rings.
+#[test]
+fn a_controller_that_cannot_be_stopped_loses_bus_mastering_before_its_memory_is_released() {
+    let Some(ko) = real_ko("device_fault_no_stop") else { return };
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--device-fault", "cap-to=1", "--device-fault", "no-stop"]);
+    assert_in_order(
+        &out,
+        &[
+            CC_SHN,
+            "device fault no-stop: the write above (0x464001) was not passed on",
+            "kldhost: injected device fault no-stop: the controller ignores CC.EN = 0 and CC.SHN once enabled",
+            CC_DISABLE,
+            "device fault no-stop: the write above (0x460000) was not passed on",
+        ],
+    );
+    let log = calls(&out);
+    let detach = index(&log, 0, "nvmehp0: device_detach_desc ->");
+    let shn = index(&log, detach, CC_SHN);
+    let off = index(&log, shn, "pci_disable_busmaster(nvmehp0) (command 0x6 -> 0x2)");
+    assert!(log[off..].iter().take(4).any(|l| l.contains("nvmehp0: controller ignored the disable: bus mastering turned off; its requests fail")), "{}", log[shn..].join("\n"));
+    let early_free = log[shn..off].iter().find(|l| frees_dma(&log, l));
+    assert!(early_free.is_none(), "DMA memory freed before bus mastering was off: {early_free:?}");
+    assert_in_order(console(&out), &["nvmehp0: attached: /dev/nvmehp0", "nvmehp0: controller ignored the disable: bus mastering turned off; its requests fail", "nvmehp0: detached (announced)"]);
+
+    let left = blocks_left(&log);
+    assert!(!left.is_empty() && left.values().all(|&(_, contig)| contig), "only DMA memory is kept: {left:?}");
+    let bytes: u64 = left.values().map(|&(n, _)| n).sum();
+    let findings: Vec<&str> = out.lines().skip_while(|l| !l.starts_with("findings: ")).skip(1).map(str::trim).collect();
+    assert_eq!(findings.len(), 2, "{findings:?}");
+    assert!(findings.iter().all(|f| f.starts_with("[Leak]") && f.contains(&format!(" {} ", left.len())) && f.contains(&format!("allocations ({bytes} bytes)"))), "{findings:?} vs {} blocks, {bytes} bytes", left.len());
+    assert!(out.contains("MOD_QUIESCE: Some(0), MOD_UNLOAD: Some(0), unloaded: true"), "{out}");
+    assert_eq!(code, Some(1), "the leak is a finding:\n{out}");
+
+    // Control: the same run without the fault.
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--device-fault", "cap-to=1"]);
+    let log = calls(&out);
+    let detach = index(&log, 0, "nvmehp0: device_detach_desc ->");
+    let offs: Vec<usize> = (detach..log.len()).filter(|&i| log[i].starts_with("pci_disable_busmaster(nvmehp0)")).collect();
+    assert_eq!(offs.len(), 1, "{}", log[detach..].join("\n"));
+    let last_ring_free = (detach..log.len()).rev().find(|&i| frees_dma(&log, log[i])).expect("the rings freed");
+    assert!(last_ring_free < offs[0], "bus mastering kept through a stop that worked");
+    assert!(!console(&out).contains("ignored the disable"), "{out}");
+    assert_clean_unload(code, &out);
+}
+
+/// Hostile Identify Namespace data written over QEMU's after its completion: each is rejected
+/// with the engine's reason, the controller attaches with no namespace node or disk, nothing
+/// panics, nothing is left.
+#[test]
+fn hostile_identify_namespace_data_rejects_the_namespace() {
+    let Some(ko) = real_ko("device_fault_identify_ns") else { return };
+    for (field, what, why) in [
+        ("flbas", "FLBAS = 8 with NLBAF 7", "FLBAS selects a format beyond NLBAF"),
+        ("lbads0", "LBADS = 0", "LBADS outside 512 B..64 KiB"),
+        ("lbads63", "LBADS = 63", "LBADS outside 512 B..64 KiB"),
+        ("nsze0", "NSZE = 0", "NSZE or NCAP is zero"),
+        ("ncap", "> NSZE", "NCAP larger than NSZE"),
+    ] {
+        let (code, out) = kldhost_run_with(&ko, &["--qemu", "--device-fault", &format!("identify-garbage={field}")]);
+        let injected = format!("kldhost: injected device fault identify-garbage={field}: Identify Namespace 1 ");
+        let line = out.lines().find(|l| l.trim_start().starts_with(&injected)).unwrap_or_else(|| panic!("{field}: no injection:\n{out}"));
+        assert!(line.contains(what), "{field}: {line}");
+        assert_in_order(
+            console(&out),
+            &["1 I/O queue(s) x 256 entries, 0 namespace(s)", &format!("nvmehp0: namespace 1 not exposed: {why}"), "nvmehp0: attached: /dev/nvmehp0 and 0 namespace node(s)"],
+        );
+        assert!(out.contains("nodes after attach: [\"nvmehp0\"]; disks: []"), "{field}:\n{out}");
+        assert_clean_unload(code, &out);
+    }
+}
+
+/// Hostile Identify Controller data: NN 0xffffffff and MDTS 255 are bounded by the engine
+/// (it looks at no more namespaces than it supports, a transfer at most 1 MiB), so the
+/// controller attaches and its write lands on the medium and reads back.
+#[test]
+fn hostile_identify_controller_limits_are_bounded_and_io_still_lands() {
+    let Some(ko) = real_ko("device_fault_identify_ctrl") else { return };
+    for (field, what) in [("nn", "Identify Controller NN = 0xffffffff"), ("mdts", "Identify Controller MDTS = 255")] {
+        let (code, out) = kldhost_run_with(&ko, &["--qemu", "--device-fault", &format!("identify-garbage={field}")]);
+        assert!(out.contains(&format!("kldhost: injected device fault identify-garbage={field}: {what}, after QEMU's completion")), "{field}:\n{out}");
+        assert_in_order(console(&out), &["entries, 1 namespace(s)", "nvmehp0: attached: /dev/nvmehp0 and 1 namespace node(s)"]);
+        assert!(out.contains("io data in the backing file and read back: ok"), "{field}: a write not on the medium:\n{out}");
+        assert_clean_unload(code, &out);
+    }
+}
+
+/// The bring-up's Identify completes with CID 0xffff (no such command): the engine drops the
+/// entry instead of indexing with it, the command runs out its timeout (1 s here), and the
+/// attach fails; nothing left.
+#[test]
+fn a_completion_with_an_out_of_range_cid_is_dropped_and_the_bring_up_fails() {
+    let Some(ko) = real_ko("device_fault_cqe_cid") else { return };
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--tunable", "hw.nvme_hotplug.cmd_timeout_ms=1000", "--device-fault", "cqe-cid=1"]);
+    assert!(out.contains("kldhost: injected device fault cqe-cid=1: the completion of admin command CID 0 carries CID 0xffff"), "{out}");
+    assert_bring_up_failed(&out, "timed out");
+    assert_clean_unload(code, &out);
+}
+
+/// A fault kind kldhost does not know is a usage error naming the kinds it does.
+#[test]
+fn an_unknown_device_fault_is_a_usage_error() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kldhost")).args(["run", "--qemu", "--device-fault", "rdy-sometimes", "x.ko"]).output().expect("run kldhost");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("rdy-sometimes: not a device fault; one of: cap-to=N"), "{err}");
+}
