@@ -43,6 +43,15 @@ pub trait PciPresence {
     fn present(&self) -> bool {
         self.vendor_id() != 0xffff
     }
+    /// The last step of stopping a present function that ignored CC.EN = 0: clear its Bus
+    /// Master Enable and read the command register back. True only if the bit reads back
+    /// clear: the function can then no longer start DMA (PCI Local Bus Specification, Command
+    /// register), and the read's completion has flushed the writes it posted before (PCIe
+    /// ordering: a completion does not pass posted requests), so its memory may be freed.
+    /// The default cannot do it and says false (the memory stays leaked).
+    fn stop_bus_mastering(&self) -> bool {
+        false
+    }
 }
 
 /// Monotonic time and short busy-waits.

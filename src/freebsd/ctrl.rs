@@ -136,10 +136,6 @@ pub struct CtrlState {
     queued: BioQueue,
     /// `dev.nvmehp.N.*`; taken out and dropped (which sleeps) outside the lock at teardown.
     sysctls: Option<DevSysctls>,
-    /// The device ignored the disable, and bus mastering was then turned off and read back
-    /// off ([`CtrlShared::run_stop`]): it can no longer start DMA, so the bios parked for it
-    /// may be completed.
-    busmaster_off: bool,
 }
 
 /// One engine completion: the bio is completed now if the device itself finished it (its
@@ -301,16 +297,15 @@ impl CtrlState {
     /// a write's. Those bios are held, never completed and their maps never unloaded: the same
     /// rule the engine applies to its own rings. Holding costs a consumer that waits for
     /// ever; completing would let a device scribble on pages the kernel has given back.
-    /// Unless bus mastering was turned off and reads back off (`busmaster_off`): a function
-    /// whose PCIM_CMD_BUSMASTEREN is clear cannot start DMA (PCI Local Bus Specification,
-    /// Command register), so its bios fail with ENXIO as nvme(4)'s `nvme_qpair_fail` fails
-    /// every tracker. Only the rings stay leaked (the engine's own rule; memory only).
+    /// A stop whose device ignored the disable but then lost bus mastering counts as stopped
+    /// ([`crate::nvme::StopOutcome::bus_mastering_off`]): those bios fail with ENXIO, as
+    /// nvme(4)'s `nvme_qpair_fail` fails every tracker.
     ///
     /// While the engine's stop is still out (made by `fail_fast`, run without the mutex), it is
     /// not known yet: the trackers stay parked until [`CtrlState::finish_stop`].
     fn release_parked(&mut self, out: &mut Outcome) {
         if self.io.has_parked() && !self.engine.stop_in_progress() {
-            let stopped = self.engine.is_ready() || self.engine.dma_stopped() || self.busmaster_off;
+            let stopped = self.engine.is_ready() || self.engine.dma_stopped();
             out.leaked += self.io.release_parked(stopped);
         }
         self.restart_queued(out);
@@ -375,8 +370,7 @@ impl CtrlState {
     }
 
     /// Records the outcome of a stop and completes, or holds, the trackers parked meanwhile.
-    fn finish_stop(&mut self, outcome: crate::nvme::StopOutcome, busmaster_off: bool, out: &mut Outcome) {
-        self.busmaster_off |= busmaster_off;
+    fn finish_stop(&mut self, outcome: crate::nvme::StopOutcome, out: &mut Outcome) {
         let _ = self.engine.finish_stop(outcome);
         self.release_parked(out);
     }
@@ -390,7 +384,7 @@ impl Drop for CtrlState {
         // to have stopped, else hold them; their maps are destroyed, then the tag (teardown
         // step 5, after the device stopped). Waiting bios were never given to the device: the
         // queue fails them on drop.
-        let held = self.io.destroy(self.engine.dma_stopped() || self.busmaster_off);
+        let held = self.io.destroy(self.engine.dma_stopped());
         if held > 0 {
             Stat::LeakedBuffers.add(held as i64);
         }
@@ -501,7 +495,7 @@ impl CtrlShared {
                 return Err(engine);
             }
         };
-        let state = Mutex::new_boxed_waitok(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, io, queued: BioQueue::new_waitok(), sysctls: None, busmaster_off: false });
+        let state = Mutex::new_boxed_waitok(c"nvmehp ctrl", CtrlState { engine, gone: false, lost: false, io, queued: BioQueue::new_waitok(), sysctls: None });
         // Behind the mutex from here on: the engine's waits must not sleep any more (set
         // before any other thread can reach it).
         state.lock().engine.platform().forbid_sleep();
@@ -617,18 +611,16 @@ impl CtrlShared {
     /// bounded waits that sleep) **without the mutex**, then records the outcome under it.
     /// Sleeps: only from the teardown or our taskqueue thread.
     ///
-    /// **A controller that could not be stopped loses bus mastering** before the outcome is
-    /// recorded, i.e. before the trackers parked meanwhile are decided: the stop found it
-    /// still there but ignoring CC.SHN and CC.EN = 0, so it may still read and write host
-    /// memory. Clearing PCIM_CMD_BUSMASTEREN (sys/dev/pci/pci.c pci_disable_busmaster_method)
-    /// stops a function from initiating any DMA; the command register is read back to see that
-    /// the bit is really clear (config space still answers when CC.EN does not: it is the
-    /// function's PCI interface, not its firmware). Then the parked bios fail with ENXIO
-    /// instead of being held for ever (a consumer that never gets its bio back is a hang),
-    /// which is also what nvme(4) and Linux do after a failed controller
-    /// (`nvme_qpair_fail`; `nvme_dev_disable` clears bus mastering before cancelling). The
-    /// rings stay leaked all the same (memory only). If the bit does not read back clear, the
-    /// bios stay held.
+    /// **A controller that could not be stopped loses bus mastering** inside the stop, before
+    /// its memory is decided ([`StopAccess`]'s `stop_bus_mastering`): the stop found it still
+    /// there but ignoring CC.SHN and CC.EN = 0, so it may still read and write host memory.
+    /// Clearing PCIM_CMD_BUSMASTEREN (sys/dev/pci/pci.c pci_disable_busmaster_method) stops a
+    /// function from initiating any DMA; the command register is read back to see that the bit
+    /// is really clear. Then the rings are freed and the parked bios fail with ENXIO instead
+    /// of being held for ever (a consumer that never gets its bio back is a hang; memory kept
+    /// past kldunload is lost for good, its malloc type gone), which is also what nvme(4) and
+    /// Linux do after a failed controller (`nvme_qpair_fail`; `nvme_dev_disable` clears bus
+    /// mastering before cancelling). If the bit does not read back clear, both are held.
     ///
     /// **On INTx the controller's interrupt is masked first** (INTMS bit 0, the one vector).
     /// The stop's admin commands (queue deletions) complete into the admin CQ, which only the
@@ -647,22 +639,7 @@ impl CtrlShared {
             access.write32(crate::nvme::regs::INTMS, 1);
         }
         let outcome = stop.run(&access);
-        let mut busmaster_off = false;
-        if !outcome.dma_stopped() {
-            match self.dev.disable_busmaster() {
-                Ok(()) => {
-                    let cmd = self.dev.pci_read_config(bindings::PCIR_COMMAND as c_int, 2) as u16;
-                    busmaster_off = cmd != 0xffff && cmd & bindings::PCIM_CMD_BUSMASTEREN as u16 == 0;
-                    if busmaster_off {
-                        dev_printf!(&self.dev, "controller ignored the disable: bus mastering turned off; its requests fail\n");
-                    } else {
-                        dev_printf!(&self.dev, "controller ignored the disable and still has bus mastering on (command {:#06x}): its requests are held\n", cmd);
-                    }
-                }
-                Err(e) => dev_printf!(&self.dev, "controller ignored the disable; turning bus mastering off failed: {}\n", e),
-            }
-        }
-        self.state.lock().finish_stop(outcome, busmaster_off, out);
+        self.state.lock().finish_stop(outcome, out);
     }
 
     /// Re-reads the controller's namespace list (hotplug task, after a namespace attribute

@@ -96,6 +96,10 @@ impl PciPresence for StopAccess {
     fn vendor_id(&self) -> u16 {
         self.dev.pci_read_config(super::bindings::PCIR_VENDOR, VENDOR_WIDTH) as u16
     }
+
+    fn stop_bus_mastering(&self) -> bool {
+        stop_bus_mastering(&self.dev)
+    }
 }
 
 impl Clock for StopAccess {
@@ -120,11 +124,36 @@ impl RegisterIo for KernelPlatform {
 /// `PCIR_VENDOR` is a 16-bit register.
 const VENDOR_WIDTH: c_int = 2;
 
+/// [`PciPresence::stop_bus_mastering`] for a controller of ours: pci_disable_busmaster(9),
+/// then PCIR_COMMAND read back (config space still answers when CC.EN does not: it is the
+/// function's PCI interface, not its firmware). Says on the console which way it went: it
+/// decides whether the controller's memory and the requests it held are given back.
+fn stop_bus_mastering(dev: &Device) -> bool {
+    use super::bindings::{PCIM_CMD_BUSMASTEREN, PCIR_COMMAND};
+    if let Err(e) = dev.disable_busmaster() {
+        dev_printf!(dev, "controller ignored the disable; turning bus mastering off failed ({}): its memory and requests are held\n", e);
+        return false;
+    }
+    let cmd = dev.pci_read_config(PCIR_COMMAND as c_int, 2) as u16;
+    let off = cmd != 0xffff && cmd & PCIM_CMD_BUSMASTEREN as u16 == 0;
+    if off {
+        dev_printf!(dev, "controller ignored the disable: bus mastering turned off; its requests fail and its memory is freed\n");
+    } else {
+        dev_printf!(dev, "controller ignored the disable and still has bus mastering on (command {:#06x}): its memory and requests are held\n", cmd);
+    }
+    off
+}
+
 impl PciPresence for KernelPlatform {
     /// Reads config space, not the cached ivar: the cache still says "present" after a
     /// surprise removal, config space reads 0xffff.
     fn vendor_id(&self) -> u16 {
         self.dev.pci_read_config(super::bindings::PCIR_VENDOR, VENDOR_WIDTH) as u16
+    }
+    /// The same last resort as the stop of a given-up controller (a bring-up that fails on a
+    /// controller ignoring the disable ends its stop here).
+    fn stop_bus_mastering(&self) -> bool {
+        stop_bus_mastering(&self.dev)
     }
 }
 

@@ -1286,8 +1286,11 @@ mod tests {
     }
 
     /// CC.EN=1 sets CSTS.RDY; CC.EN=0 clears it unless `stuck`. Admin commands are ignored.
+    /// `bus_master`: what its bus mastering answers to the stop's last resort (None: the
+    /// platform cannot turn it off, the trait's default).
     struct Stuck {
         stuck: bool,
+        bus_master: Option<Cell<bool>>,
         cc: Cell<u32>,
         rdy: Cell<bool>,
         now: Cell<u64>,
@@ -1297,6 +1300,7 @@ mod tests {
         fn new(stuck: bool) -> Stuck {
             Stuck {
                 stuck,
+                bus_master: None,
                 cc: Cell::new(0),
                 rdy: Cell::new(false),
                 now: Cell::new(0),
@@ -1329,6 +1333,13 @@ mod tests {
     impl PciPresence for Stuck {
         fn vendor_id(&self) -> u16 {
             0x1b36
+        }
+        fn stop_bus_mastering(&self) -> bool {
+            // Turned off, and reads back off, only where the test lets it.
+            self.bus_master.as_ref().is_some_and(|on| {
+                on.set(false);
+                true
+            })
         }
     }
     impl Clock for Stuck {
@@ -1373,6 +1384,18 @@ mod tests {
         c.fail_all(NvmeError::Gone, &mut |_| n += 1);
         assert_eq!(n, 0);
         assert!(!c.dma_stopped(), "fail_all cannot have stopped it either");
+    }
+
+    #[test]
+    fn a_device_that_ignores_the_disable_but_loses_bus_mastering_is_stopped_and_freed() {
+        let mut dev = Stuck::new(true);
+        dev.bus_master = Some(Cell::new(true));
+        let mut c = Controller::new(dev, config());
+        assert_eq!(c.bring_up(), Err(NvmeError::Timeout));
+        assert_eq!(c.platform().bus_master.as_ref().map(Cell::get), Some(false), "the last resort was taken");
+        assert!(c.platform().rdy.get(), "the controller itself never stopped");
+        assert_eq!(c.stats().leaked_regions, 0, "with bus mastering off its memory is freed");
+        assert!(c.dma_stopped());
     }
 
     #[test]

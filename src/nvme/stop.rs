@@ -80,16 +80,23 @@ pub struct DeviceStop<R: DmaRegion> {
 #[must_use = "hand it to Controller::finish_stop"]
 pub struct StopOutcome {
     dma_stopped: bool,
+    bus_mastering_off: bool,
     leaked_regions: u64,
     result: Result<(), NvmeError>,
 }
 
 impl StopOutcome {
     /// The device can no longer access host memory: it was disabled (CSTS.RDY seen clear),
-    /// was never enabled, or is gone. False: its DMA regions were leaked, and so must be any
-    /// buffer lent to it by a request that was completed by hand.
+    /// was never enabled, is gone, or ignored the disable but lost bus mastering
+    /// ([`StopOutcome::bus_mastering_off`]). False: its DMA regions were leaked, and so must
+    /// be any buffer lent to it by a request that was completed by hand.
     pub fn dma_stopped(&self) -> bool {
         self.dma_stopped
+    }
+    /// The device ignored the disable and DMA stopped only because its bus mastering was
+    /// turned off ([`PciPresence::stop_bus_mastering`]).
+    pub fn bus_mastering_off(&self) -> bool {
+        self.bus_mastering_off
     }
     /// DMA regions leaked because the device could not be stopped.
     pub fn leaked_regions(&self) -> u64 {
@@ -134,6 +141,7 @@ impl<R: DmaRegion> DeviceStop<R> {
     pub fn run<D: RegisterIo + PciPresence + Clock>(mut self, dev: &D) -> StopOutcome {
         let mut result = Ok(());
         let mut stopped = true;
+        let mut bus_mastering_off = false;
         if let (true, Some(cap)) = (self.running, self.cap) {
             if health::assess(dev, false) == Health::Gone {
                 result = Err(NvmeError::Gone);
@@ -147,10 +155,16 @@ impl<R: DmaRegion> DeviceStop<R> {
                     }
                 }
                 stopped = ctrlr::disable(dev, &cap, STOP_POLL_US).is_ok() || !dev.present();
+                if !stopped {
+                    // Before anything is decided about its memory: with bus mastering off
+                    // the function cannot reach host memory whatever its controller does.
+                    bus_mastering_off = dev.stop_bus_mastering();
+                    stopped = bus_mastering_off;
+                }
             }
         }
         let leaked_regions = self.release(stopped);
-        StopOutcome { dma_stopped: stopped, leaked_regions, result }
+        StopOutcome { dma_stopped: stopped, bus_mastering_off, leaked_regions, result }
     }
 
     /// Deletes every I/O queue (last first; each SQ before its CQ, which cannot be deleted
