@@ -141,3 +141,17 @@ fn zero_config_values_are_sanitized() {
     ))
     .unwrap();
 }
+
+/// A bring-up of a controller with a request in flight fails that request into the event
+/// ring first; the bring-up's own new ring must carry it over, so the next poll reports it
+/// (a completion lost there is a bio never completed).
+#[test]
+fn bring_up_with_a_request_in_flight_reports_it_once() {
+    let (dev, mut c) = common::up(SoftConfig::default());
+    let buf = dev.buffer(4096);
+    c.submit(common::req(7, nvme_hotplug::nvme::IoOp::Flush, 1, 0, 0, &buf, 512)).unwrap();
+    c.bring_up().unwrap();
+    let (io, _) = common::poll_all(&mut c);
+    assert_eq!(io.iter().filter(|x| x.tag == 7).count(), 1, "{io:?}");
+    assert_eq!(c.stats().events_dropped, 0);
+}

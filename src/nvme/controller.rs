@@ -499,7 +499,13 @@ impl<P: Platform> Controller<P> {
         self.requests = try_collect((0..slots).map(|_| None)).map_err(|_| NvmeError::OutOfMemory("the request table"))?;
         self.free_reqs = try_collect((0..slots as u32).rev()).map_err(|_| NvmeError::OutOfMemory("the request table"))?;
         self.prp_lists = PrpLists::allocate(&self.p, slots, mdts_bytes)?;
-        self.deferred = Ring::with_capacity(slots + 8).map_err(|_| NvmeError::OutOfMemory("the event ring"))?;
+        // Events still queued (a bring-up of a controller with live requests failed them into
+        // the ring first) move to the new ring, which has room for them besides its own.
+        let mut ring = Ring::with_capacity(slots + 8 + self.deferred.len()).map_err(|_| NvmeError::OutOfMemory("the event ring"))?;
+        while let Some(e) = self.deferred.pop_front() {
+            let _ = ring.push_back(e); // room for each, reserved just above
+        }
+        self.deferred = ring;
         self.fail_buf = try_vec_with_capacity(slots + self.deferred.capacity()).map_err(|_| NvmeError::OutOfMemory("the failed-request buffer"))?;
 
         let mut scan = self.scan_begin(false)?;
