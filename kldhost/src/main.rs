@@ -96,6 +96,10 @@ enum Cmd {
         /// again, at most this many times.
         #[arg(long, default_value_t = 0)]
         kldunload_retries: usize,
+        /// kldunload -f (LINKER_UNLOAD_FORCE): a MOD_QUIESCE veto is ignored and MOD_UNLOAD
+        /// sent anyway; the retries are forced too.
+        #[arg(long)]
+        kldunload_force: bool,
         /// With --qemu, a device fault (repeatable): what the module sees of QEMU's NVMe
         /// controller is rewritten between the two (src/emu/device_fault.rs): cap-to=N,
         /// rdy-never, rdy-slow=MS, no-stop, csts-cfs, identify-garbage=FIELD, cqe-cid[=N].
@@ -191,7 +195,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, q35, device_fault } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, q35, device_fault } => {
             kldhost::emu::fail::arm(fail);
             kldhost::emu::device_fault::arm(device_fault);
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
@@ -213,6 +217,7 @@ fn main() -> ExitCode {
                 park_readers,
                 intx_undelivered,
                 kldunload_retries,
+                kldunload_force,
                 q35,
             };
             match run(&ko, &opts) {

@@ -5,6 +5,10 @@
 //! and the module events' order and refusals (every refusal in MOD_QUIESCE, the unloading flag
 //! and the hotplug task restored on every refusal path, a failed load leaving nothing).
 //!
+//! `kldunload -f` runs on the shipped .ko now (kldhost/tests/unload.rs: a forced unload of an
+//! open controller refused by its detach, the quiesce redone in MOD_UNLOAD), and is no longer
+//! here.
+//!
 //! [`fake_kernel`]: super::fake_kernel
 
 use super::bindings;
@@ -265,32 +269,6 @@ fn a_busy_unload_is_refused_in_quiesce_and_changes_nothing() {
     assert_eq!(super::slots::paused_for_tests(), None, "the hotplug machinery is gone");
 }
 
-/// kldunload -f with an open node: linker_file_unload ignores MOD_QUIESCE's veto and goes on
-/// to MOD_UNLOAD, whose detach of the open controller refuses. The module stays as it was.
-#[test]
-fn a_forced_unload_of_an_open_controller_is_refused_by_its_detach() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(present_knobs());
-    super::module::reset_for_tests();
-    load_module();
-    attach_controller();
-    set_node_open(true);
-    fk::record("-- unload -f --");
-    assert_eq!(fk::kldunload(true), bindings::EBUSY);
-    fk::run_queued();
-    let log = fk::log();
-    let u = first(&log, "-- unload -f --");
-    assert!(first(&log[u..], "kldunload: MOD_UNLOAD") < first(&log[u..], "device_detach"), "{:#?}", &log[u..]);
-    assert!(log[u..].iter().any(|l| l.contains("in use (a node or disk is open): detach refused")));
-    assert!(positions(&log[u..], "destroy_dev").is_empty(), "nothing torn down");
-    assert!(!unloading());
-    assert_eq!(super::slots::paused_for_tests(), Some(false));
-    assert!(handler_installed());
-    assert_eq!(fk::newbus_state(fk::fake_device()), DevState::Attached);
-    set_node_open(false);
-    assert_eq!(fk::kldunload(false), 0);
-}
-
 /// A detach refused after MOD_QUIESCE succeeded ends the unload without any further module
 /// event (driver_module_handler calls our MOD_UNLOAD only if every detach succeeded): the
 /// refusing detach itself clears the unloading flag and has the hotplug task resume, which
@@ -411,38 +389,6 @@ fn attaches_and_the_unload_exclude_each_other() {
     assert!(log[a..].iter().any(|l| l.contains("module unloading: not attaching")), "{:#?}", &log[a..]);
     assert!(positions(&log[a..], "bus_alloc_resource").is_empty(), "refused before touching the device");
     assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
-}
-
-/// kldunload -f when MOD_QUIESCE refused for a reason the detaches do not see (an ACPI notify
-/// handler that cannot be removed): newbus detaches the controller anyway, and our MOD_UNLOAD,
-/// finding no standing MOD_QUIESCE, runs the quiesce steps itself before it frees anything. The
-/// handler still cannot be removed, so it refuses: the module stays loaded (controller
-/// detached), opens allowed, the hotplug task resumed, the handler kept.
-#[test]
-fn a_forced_unload_redoes_the_quiesce_in_mod_unload() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(present_knobs());
-    super::module::reset_for_tests();
-    load_module();
-    attach_controller();
-    fk::set_knobs(Knobs { acpi_remove_status: 0x0001, ..present_knobs() }); // AE_ERROR
-    fk::record("-- unload -f --");
-    assert_eq!(fk::kldunload(true), bindings::EBUSY);
-    fk::run_queued();
-    let log = fk::log();
-    let u = first(&log, "-- unload -f --");
-    let unload = first(&log[u..], "kldunload: MOD_UNLOAD") + u;
-    let detach = first(&log[u..], "device_detach") + u;
-    let redo = u + first(&log[u..], "printf nvme_hotplug: MOD_UNLOAD without a standing MOD_QUIESCE");
-    assert!(unload < detach && detach < redo, "{:#?}", &log[u..]);
-    assert_eq!(positions(&log[u..], "AcpiRemoveNotifyHandler").len(), 2, "tried in both events: {:#?}", &log[u..]);
-    assert!(positions(&log[u..], "destroy_dev_drain").is_empty(), "the module was not torn down");
-    assert_eq!(fk::newbus_state(fk::fake_device()), DevState::NotPresent, "the controller was detached");
-    assert!(!unloading());
-    assert_eq!(super::slots::paused_for_tests(), Some(false));
-    fk::set_knobs(present_knobs());
-    assert_eq!(fk::kldunload(false), 0);
-    assert!(fk::log().last().unwrap().contains("unloaded (1 ACPI notify handlers removed)"), "{:#?}", fk::log());
 }
 
 /// A detach refused while MOD_UNLOAD's detaches run (a second `devctl detach` of a controller

@@ -10,8 +10,9 @@
 //! Then the taskqueue threads get to run what MOD_LOAD queued, and (optionally) time passes:
 //! armed timeout tasks expire until none re-arms.
 //!
-//! Unload (kern_kldunload -> linker_file_unload, not forced): MOD_QUIESCE to every module of
-//! the file, EOPNOTSUPP or EINVAL counting as agreement, stopping at the first veto; then
+//! Unload (kern_kldunload -> linker_file_unload): MOD_QUIESCE to every module of the file,
+//! EOPNOTSUPP or EINVAL counting as agreement, stopping at the first veto (`kldunload -f`,
+//! LINKER_UNLOAD_FORCE: a veto is ignored and the unload goes on, [`Options::kldunload_force`]); then
 //! MOD_UNLOAD to each, stopping at a refusal; a refusal leaves the file loaded. That is FreeBSD
 //! 15's order as docs/teardown.md describes it; the older kern_linker.c/kern_module.c read for
 //! this (commits 2e696f27, 0373a290) send both events per module in module_unload, which is the
@@ -267,6 +268,11 @@ pub struct Options {
     /// its hotplug task resuming) and kldunload is tried again, at most this many times, as an
     /// administrator repeats it.
     pub kldunload_retries: usize,
+    /// `kldunload -f` (sys/kern/kern_linker.c linker_file_unload with LINKER_UNLOAD_FORCE):
+    /// a module's MOD_QUIESCE veto is logged and ignored, and MOD_UNLOAD is sent anyway (whose
+    /// own refusal, e.g. a detach that refuses in driver_module_handler, still keeps the file).
+    /// Retries are forced too.
+    pub kldunload_force: bool,
     /// With `qemu`: QEMU's q35 (ICH9) instead of pc: the controller sits behind the
     /// `pcie-root-port` in slot 4 (00:04.0, a pcib with its own pci bus; the controller is
     /// device 0.0 on that bus), `hot_add` plugs behind slot 5's port, and with `acpi` the
@@ -743,14 +749,17 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
         }
     }
     observe(Moment::Unloading, &report);
-    kldunload(ko, &names, &mut report, &held)?;
+    kldunload(ko, &names, &mut report, &held, opts.kldunload_force)?;
+    // The holding consumers closed when the first kldunload returned; a retry must not close
+    // them again (a second last close would call d_close twice).
+    held.clear();
     for attempt in 0..opts.kldunload_retries {
         if report.unloaded {
             break;
         }
         let ran = super::sched::run_queues(1000);
         log(format!("kldunload refused; taskqueue threads ran {ran} tasks; kldunload again (retry {})", attempt + 1));
-        kldunload(ko, &names, &mut report, &held)?;
+        kldunload(ko, &names, &mut report, &held, opts.kldunload_force)?;
     }
     observe(Moment::Unloaded, &report);
     with(|e| {
@@ -762,12 +771,13 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
     Ok(report)
 }
 
-/// kldunload (not forced) of a file whose modules are `names` (see the module doc): MOD_QUIESCE
-/// to every live module, the first veto ending the unload; MOD_UNLOAD to each, the first
+/// kldunload of a file whose modules are `names` (see the module doc): MOD_QUIESCE to every
+/// live module, the first veto ending the unload unless `force` (`kldunload -f`, the veto
+/// logged and ignored, as linker_file_unload does); MOD_UNLOAD to each, the first
 /// refusal ending it; then the SYSUNINITs, the consumers holding `held` disks open close, the
 /// sysctls unregistered and the end-of-life checks. Sets `report`'s quiesce, unload and
 /// unloaded.
-pub fn kldunload(ko: &LoadedKo, names: &[String], report: &mut Report, held: &[u64]) -> Result<(), LoadError> {
+pub fn kldunload(ko: &LoadedKo, names: &[String], report: &mut Report, held: &[u64], force: bool) -> Result<(), LoadError> {
     let mut refused = false;
     // A module whose MOD_LOAD failed was released by module_register_init: the file stays
     // loaded without it and the unload sends it nothing.
@@ -780,7 +790,9 @@ pub fn kldunload(ko: &LoadedKo, names: &[String], report: &mut Report, held: &[u
         if q == layouts::EOPNOTSUPP || q == layouts::EINVAL {
             q = 0;
         }
-        if q != 0 {
+        if q != 0 && force {
+            log(format!("kldunload -f: {name} refused {}: error {q}, ignored (LINKER_UNLOAD_FORCE)", event_name(layouts::MOD_QUIESCE as c_int)));
+        } else if q != 0 {
             log(format!("kldunload: {name} refused {}: error {q}", event_name(layouts::MOD_QUIESCE as c_int)));
             refused = true;
             break;

@@ -875,7 +875,7 @@ impl Session<'_> {
         let h = &mut self.report.hotplug;
         (h.rescans, h.detaches, h.ejects, h.refused, h.failures) = (rescans, detaches, ejects, refused, failures);
         let mut unload = crate::emu::run::Report::default();
-        if let Err(e) = crate::emu::run::kldunload(self.ko, &self.modules, &mut unload, &[]) {
+        if let Err(e) = crate::emu::run::kldunload(self.ko, &self.modules, &mut unload, &[], false) {
             self.violation(format!("kldunload: {e}"));
         }
         if !unload.unloaded {
