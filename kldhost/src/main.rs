@@ -100,6 +100,10 @@ enum Cmd {
         /// sent anyway; the retries are forced too.
         #[arg(long)]
         kldunload_force: bool,
+        /// With --qemu, nvme(4) is in the kernel (as in GENERIC): a stand-in driver "nvme"
+        /// bidding as nvme_pci_probe does, on pci before the module loads (src/emu/stock_nvme.rs).
+        #[arg(long)]
+        stock_nvme: bool,
         /// With --qemu, a device fault (repeatable): what the module sees of QEMU's NVMe
         /// controller is rewritten between the two (src/emu/device_fault.rs): cap-to=N,
         /// rdy-never, rdy-slow=MS, no-stop, csts-cfs, identify-garbage=FIELD, cqe-cid[=N].
@@ -195,7 +199,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, q35, device_fault } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, q35, device_fault } => {
             kldhost::emu::fail::arm(fail);
             kldhost::emu::device_fault::arm(device_fault);
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
@@ -218,6 +222,7 @@ fn main() -> ExitCode {
                 intx_undelivered,
                 kldunload_retries,
                 kldunload_force,
+                stock_nvme,
                 q35,
             };
             match run(&ko, &opts) {

@@ -35,8 +35,6 @@ pub struct Knobs {
     /// pci0 has an ACPI handle, so acpi_pci drives it and its handler is on every `_EJ0` slot
     /// (stock FreeBSD); otherwise pci0 is a plain pci bus and nobody else handles the slots.
     pub acpi_pci_bus: bool,
-    /// nvme(4) is in the kernel: `devclass_find("nvme")` finds its devclass.
-    pub nvme4_loaded: bool,
     /// taskqueue_create returns NULL.
     pub taskqueue_create_fails: bool,
     /// What taskqueue_start_threads returns.
@@ -1431,9 +1429,6 @@ pub unsafe extern "C" fn nvmehp_dev_sysctl_u64(_ctx: *mut sysctl_ctx_list, _dev:
 pub unsafe extern "C" fn devclass_find(name: *const c_char) -> devclass_t {
     let _fake = FakeWork::begin();
     let name = cstr(name);
-    if name == "nvme" && knobs().nvme4_loaded {
-        return 0xdc as devclass_t; // nvme(4) is in the kernel; never dereferenced
-    }
     if name == "nvmehp" && NEWBUS.with(|n| !n.borrow().is_empty()) { NVMEHP_DEVCLASS as devclass_t } else { core::ptr::null_mut() }
 }
 

@@ -14,7 +14,8 @@
 //! delivered to the driver's ithread [`intx`]), its registers reached through trapped loads
 //! and stores ([`mmio`], where [`device_fault`] can rewrite what the module sees),
 //! its DMA memory in shared guest RAM ([`dma`], [`busdma`]), bio queues ([`bioq`]), and disk(9) ([`geom`]) and run-time
-//! sysctl(9) contexts ([`sysctl`]) recorded.
+//! sysctl(9) contexts ([`sysctl`]) recorded; with `--stock-nvme`, nvme(4) of a GENERIC kernel
+//! on pci, as far as newbus sees it ([`stock_nvme`]).
 //! A kernel panic ends the process with [`PANIC_EXIT`], as a panic ends the kernel; so does a
 //! fault in the module's code ([`trap`]), as the kernel's fatal trap. The FreeBSD rules each
 //! emulated function checks are named by [`rules`] (kpimodel's names, with their sources).
@@ -38,6 +39,7 @@ pub mod rules;
 pub mod pci_tunables;
 pub mod run;
 pub mod sched;
+pub mod stock_nvme;
 pub mod sysctl;
 pub mod trap;
 

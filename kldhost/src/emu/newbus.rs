@@ -266,6 +266,16 @@ pub fn nameunit(dev: u64) -> String {
     })
 }
 
+/// The PCI address of a pci child, or None for a device that is not one.
+pub fn pci_bdf(dev: u64) -> Option<nvmehp_lab::firmware::Bdf> {
+    with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.as_ref().map(|p| p.bdf)))
+}
+
+/// device_set_desc for a driver of the emulated kernel's own (the stock nvme(4) stand-in).
+pub fn set_desc(dev: u64, desc: &str) {
+    with(|e| e.newbus.devices.get_mut(&dev).map(|d| d.desc = Some(desc.to_string())));
+}
+
 pub fn state(dev: u64) -> u32 {
     with(|e| e.newbus.devices.get(&dev).map_or(0, |d| d.state))
 }

@@ -273,6 +273,9 @@ pub struct Options {
     /// own refusal, e.g. a detach that refuses in driver_module_handler, still keeps the file).
     /// Retries are forced too.
     pub kldunload_force: bool,
+    /// With `qemu`: nvme(4) is in the kernel, as in GENERIC ([`super::stock_nvme`]): its
+    /// driver is on pci before the module loads and takes the boot-time controller.
+    pub stock_nvme: bool,
     /// With `qemu`: QEMU's q35 (ICH9) instead of pc: the controller sits behind the
     /// `pcie-root-port` in slot 4 (00:04.0, a pcib with its own pci bus; the controller is
     /// device 0.0 on that bus), `hot_add` plugs behind slot 5's port, and with `acpi` the
@@ -662,6 +665,10 @@ pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Momen
             let pci0 = super::newbus::pci0();
             let pcib0 = with(|e| e.newbus.devices.get(&pci0).map_or(0, |d| d.parent));
             super::acpi::enable_with(pcib0, opts.acpi_pci);
+        }
+        if opts.stock_nvme {
+            // devclass_add_driver takes the topology lock itself for each probe.
+            super::stock_nvme::boot();
         }
     }
     let r = run_module(ko, opts, observe);
