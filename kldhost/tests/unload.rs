@@ -133,3 +133,45 @@ fn a_forced_unload_refuses_while_a_handler_cannot_be_removed() {
     assert!(!out.contains("panic:"), "{out}");
     assert_eq!(code, Some(1), "{out}");
 }
+
+/// A plain kldunload with a disk held open: MOD_QUIESCE refuses (busy) before anything is
+/// detached, torn down or removed, and no MOD_UNLOAD follows; the module resumes as it was.
+/// Once the holder closed the disk, the retry unloads in the order MOD_QUIESCE (the 30
+/// handlers removed, so no notify can reach a controller being torn down), then
+/// MOD_UNLOAD's detach (disk_gone, the nodes destroyed), with nothing left. Fails if the busy
+/// check comes after the handlers' removal, or if the refusal tears anything down.
+#[test]
+fn a_busy_unload_is_refused_in_quiesce_and_changes_nothing() {
+    let Some(ko) = real_ko("unload_busy") else { return };
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--hold-disks-open", "--kldunload-retries", "1"]);
+    let refused = between(&out, "MOD_EVENT(pci/nvme_hotplug, MOD_QUIESCE)", "kldunload again (retry 1)");
+    assert!(refused.contains("MOD_EVENT(pci/nvme_hotplug, MOD_QUIESCE) = 16"), "{refused}");
+    for never in ["MOD_UNLOAD", "device_detach", "destroy_dev", "disk_gone(", "AcpiRemoveNotifyHandler(", "taskqueue_free("] {
+        assert!(!refused.contains(never), "{never} in an unload refused by MOD_QUIESCE:\n{refused}");
+    }
+    let retry = &out[out.find("kldunload again (retry 1)").expect("a retry")..];
+    assert_in_order(
+        retry,
+        &[
+            "MOD_EVENT(pci/nvme_hotplug, MOD_QUIESCE)",
+            "AcpiRemoveNotifyHandler(\\_SB_.PCI0.S1F_",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_QUIESCE) = 0",
+            "driver_module_handler(nvmehp on pci, MOD_UNLOAD)",
+            "nvmehp0: device_detach_desc ->",
+            "disk_gone(nvmehpd0)",
+            "destroy_dev",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
+        ],
+    );
+    assert_eq!(retry.matches("  AcpiRemoveNotifyHandler(").count(), 30, "{retry}");
+    assert_in_order(
+        console(&out),
+        &[
+            "nvme_hotplug: busy (a node or disk is open): not unloading",
+            "nvme_hotplug: unload refused: ACPI hotplug resumed",
+            "nvmehp0: detached",
+            "nvme_hotplug: unloaded (30 ACPI notify handlers removed)",
+        ],
+    );
+    assert_clean_unload(code, &out);
+}
