@@ -104,6 +104,10 @@ enum Cmd {
         /// bidding as nvme_pci_probe does, on pci before the module loads (src/emu/stock_nvme.rs).
         #[arg(long)]
         stock_nvme: bool,
+        /// With --qemu, reboot(8) before the final detach: DEVICE_SHUTDOWN of every attached
+        /// function, then a write to the disk, which must fail without reaching the medium.
+        #[arg(long)]
+        shutdown: bool,
         /// With --qemu, a device fault (repeatable): what the module sees of QEMU's NVMe
         /// controller is rewritten between the two (src/emu/device_fault.rs): cap-to=N,
         /// rdy-never, rdy-slow=MS, no-stop, csts-cfs, identify-garbage=FIELD, cqe-cid[=N].
@@ -199,7 +203,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, q35, device_fault } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, q35, device_fault } => {
             kldhost::emu::fail::arm(fail);
             kldhost::emu::device_fault::arm(device_fault);
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
@@ -223,6 +227,7 @@ fn main() -> ExitCode {
                 kldunload_retries,
                 kldunload_force,
                 stock_nvme,
+                shutdown,
                 q35,
             };
             match run(&ko, &opts) {
@@ -433,6 +438,12 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
     }
     if r.hot_added || r.notifies.iter().any(|n| n.1 == 1) {
         println!("hot-added and attached: {}; its write and read: {}", r.hot_added, if r.hot_added_io_ok { "ok" } else { "WRONG" });
+    }
+    for (loc, name, e) in &r.shutdown {
+        println!("shutdown {loc} ({name}): {e}");
+    }
+    if let Some((e, landed)) = r.after_shutdown_write {
+        println!("write after the shutdown: bio_error {e}, on the medium: {landed}");
     }
     for (loc, name, e) in &r.detach {
         println!("detach {loc} ({name}): {e}");

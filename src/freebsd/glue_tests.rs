@@ -6,7 +6,8 @@
 //! Who gets a hot-added controller (claim.rs's table: nvme(4), nvmehp or no driver) runs on
 //! the shipped .ko now, with a stand-in for GENERIC's nvme(4) bidding as nvme_pci_probe does
 //! (kldhost/tests/claim.rs), and is no longer here; `probe_never_outbids_nvme4` stays for the
-//! classes QEMU cannot show (an admin-only controller, AHCI).
+//! classes QEMU cannot show (an admin-only controller, AHCI). So does DEVICE_SHUTDOWN (the
+//! I/O queues deleted, CC.SHN, later I/O refused: kldhost/tests/shutdown.rs).
 //!
 //! [`fake_kernel`]: super::fake_kernel
 
@@ -787,43 +788,6 @@ fn on_intx_the_stop_masks_the_controllers_interrupt_before_its_admin_commands() 
             _ => assert_eq!(ops, ["nvme delete_sq qid=1 status=0x0", "nvme delete_cq qid=1 status=0x0", "nvme cc shn", "nvme cc disable"], "{log:#?}"),
         }
     }
-}
-
-/// DEVICE_SHUTDOWN's work on an attached controller: the normal shutdown notification reaches
-/// the device (its write cache is flushed before power-off), the device is disabled, and I/O
-/// arriving afterwards fails with ENXIO instead of reaching a shut-down controller.
-#[test]
-fn shutdown_notifies_the_controller_and_refuses_later_io() {
-    use super::fake_nvme::FakeNvme;
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
-    fk::install_nvme(FakeNvme::new(false, false));
-    let mut k = FreeBsdKernel::new();
-    let (mut live, _ctrl) = attached_with(&mut k, &[1], true);
-    assert!(!fk::with_nvme(|d| d.shutdown_notified));
-    let t = fk::log().len();
-    live.io().shutdown();
-    assert!(fk::with_nvme(|d| d.shutdown_notified), "CC.SHN = normal shutdown was sent");
-    let log = fk::log();
-    assert_eq!(
-        device_stop_ops(&log[t..]),
-        ["nvme delete_sq qid=1 status=0x0", "nvme delete_cq qid=1 status=0x0", "nvme cc shn", "nvme cc disable"],
-        "an idle controller's I/O queues are deleted before the notification"
-    );
-    assert!(mutexes_held_at(&log, t, &["pause ", "nvme "]).iter().all(|&n| n == 0));
-    assert_eq!(fk::with_nvme(|d| d.read32(0x1c)) & 1, 0, "and the controller disabled");
-    let d0 = fk::disks()[0];
-    let bp = fk::new_bio(bindings::BIO_WRITE as u16, 0, 512);
-    let mut data = [0u8; 512];
-    // SAFETY: a fake bio addressed to our live disk, with 512 bytes of data.
-    unsafe {
-        (*bp).bio_disk = d0;
-        (*bp).bio_data = data.as_mut_ptr().cast();
-        ((*d0).d_strategy.unwrap())(bp);
-    }
-    let log = fk::log();
-    assert_eq!(log[last(&log, "biodone")], std::format!("biodone error={} flags={:#x} resid=512", bindings::ENXIO, bindings::BIO_ERROR));
-    let _ = teardown(live, &mut k, Removal::Surprise);
 }
 
 /// bus_teardown_intr fails: the handler may still run (a shared INTx line calls it for other

@@ -553,6 +553,15 @@ pub fn probe_and_attach(dev: u64) -> c_int {
     attach(dev)
 }
 
+/// device_shutdown (sys/kern/subr_bus.c): DEVICE_SHUTDOWN of an attached device, 0 for one
+/// that is not (or whose driver has no method).
+pub fn device_shutdown(dev: u64) -> c_int {
+    if state(dev) < layouts::DS_ATTACHED {
+        return 0;
+    }
+    call_device_method(dev, "device_shutdown_desc").unwrap_or(0)
+}
+
 /// device_detach.
 pub fn device_detach(dev: u64) -> c_int {
     let (st, busy) = with(|e| e.newbus.devices.get(&dev).map(|d| (d.state, d.busy)).unwrap_or_default());

@@ -65,6 +65,11 @@ pub struct Report {
     /// The disk the I/O steps use and QEMU's image file behind it: the first controller's
     /// after attach, the hot-added one's after a hot-add.
     pub target: Option<Target>,
+    /// With `shutdown`: each attached function's DEVICE_SHUTDOWN, as (location, name,
+    /// result), and the write sent to the target disk afterwards: its bio_error (-1: never
+    /// done) and whether its data reached the image file.
+    pub shutdown: Vec<(String, String, c_int)>,
+    pub after_shutdown_write: Option<(c_int, bool)>,
 }
 
 /// A disk and the image file QEMU keeps its namespace in.
@@ -132,6 +137,46 @@ fn disk_io(report: &mut Report, outside_guest_ram: bool) {
         if on_disk.as_deref() == Some(&pattern[..]) { "the written data" } else if zeroes { "NOT the written data (still zeroes)" } else { "NOT the written data" },
         if *r == pattern[..] { "the written data" } else { "NOT the written data" }
     ));
+}
+
+/// Where the write after a shutdown goes (away from the test I/O's and the bursts' blocks).
+pub const SHUTDOWN_WRITE_OFFSET: i64 = 12 * 4096;
+
+/// reboot(8) as far as drivers see it: kern_reboot's `shutdown_post_sync` handlers run
+/// bus_generic_shutdown from the root (sys/kern/subr_bus.c), which calls device_shutdown on
+/// each child in order: DEVICE_SHUTDOWN of every attached function, without the topology
+/// lock. Then, as a consumer still holding the disk would, a 4 KiB write is sent to the
+/// target disk: a driver that shut its controller down must fail it, and its data must not
+/// reach the medium.
+fn shutdown(report: &mut Report) {
+    log("reboot: shutdown_post_sync: bus_generic_shutdown(root0)".to_string());
+    for child in super::newbus::pci_functions() {
+        if super::newbus::state(child) < layouts::DS_ATTACHED {
+            continue;
+        }
+        let r = super::newbus::device_shutdown(child);
+        report.shutdown.push((location(child), super::newbus::nameunit(child), r));
+    }
+    super::sched::run_kernel_threads();
+    let Some(Target { disk, image }) = report.target.clone() else { return };
+    let Some(p) = super::machine::with_machine(|m| m.contig_alloc(IO_BYTES as u64, 0, u64::MAX, 4096, 0)) else {
+        report.after_shutdown_write = Some((layouts::ENOMEM, false));
+        return;
+    };
+    // SAFETY: IO_BYTES bytes of the shared guest RAM mapping, handed out to nobody else,
+    // alive until the machine stops.
+    let w = unsafe { std::slice::from_raw_parts_mut(p, IO_BYTES) };
+    let pattern: Vec<u8> = io_pattern().iter().map(|b| !b).collect();
+    w.copy_from_slice(&pattern);
+    let opened = super::geom::open(&disk);
+    let e = super::geom::io(&disk, layouts::BIO_WRITE as u32, SHUTDOWN_WRITE_OFFSET, w, std::time::Duration::from_secs(5));
+    if opened == 0 {
+        super::geom::close(&disk);
+    }
+    let at = SHUTDOWN_WRITE_OFFSET as usize;
+    let landed = std::fs::read(&image).ok().is_some_and(|b| b.get(at..at + IO_BYTES) == Some(&pattern[..]));
+    log(format!("write to {disk} after the shutdown (d_open {opened}): bio_error {e}; in the backing file: {}", if landed { "yes" } else { "no" }));
+    report.after_shutdown_write = Some((e, landed));
 }
 
 /// Page `i` of a burst: byte `j`.
@@ -276,6 +321,9 @@ pub struct Options {
     /// With `qemu`: nvme(4) is in the kernel, as in GENERIC ([`super::stock_nvme`]): its
     /// driver is on pci before the module loads and takes the boot-time controller.
     pub stock_nvme: bool,
+    /// With `qemu`: before the final detach, reboot(8)'s DEVICE_SHUTDOWN of every attached
+    /// function and a write after it ([`Step::Shutdown`]).
+    pub shutdown: bool,
     /// With `qemu`: QEMU's q35 (ICH9) instead of pc: the controller sits behind the
     /// `pcie-root-port` in slot 4 (00:04.0, a pcib with its own pci bus; the controller is
     /// device 0.0 on that bus), `hot_add` plugs behind slot 5's port, and with `acpi` the
@@ -520,6 +568,9 @@ pub enum Step {
     /// QMP `device_add` of controller `id` into `slot` (`Notify(Sxx_, 1)`), expected to be
     /// rescanned and attached; its disk becomes the I/O target.
     HotAdd { slot: u8, id: String },
+    /// reboot(8): DEVICE_SHUTDOWN of every attached function, then a write to the target
+    /// disk, expected to fail without reaching the medium ([`shutdown`]).
+    Shutdown,
     /// devctl(8) detach of every attached function.
     Detach,
 }
@@ -569,6 +620,12 @@ impl Step {
                 hot_add(report, *slot, id);
                 report.hot_added && report.target.is_some()
             }
+            Step::Shutdown => {
+                shutdown(report);
+                !report.shutdown.is_empty()
+                    && report.shutdown.iter().all(|s| s.2 == 0)
+                    && report.after_shutdown_write.is_some_and(|(e, landed)| e > 0 && !landed)
+            }
             Step::Detach => {
                 let before = report.detach.len();
                 devctl_detach(report);
@@ -613,6 +670,9 @@ impl Options {
         if self.eject && self.hot_add {
             steps.push(Step::HotAdd { slot: HOT_ADD_SLOT, id: "nvme1".to_string() });
             steps.push(Step::Io);
+        }
+        if self.shutdown {
+            steps.push(Step::Shutdown);
         }
         steps.push(Step::Detach);
         Plan { steps, stop_at_failure: false }
