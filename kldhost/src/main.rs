@@ -113,6 +113,12 @@ enum Cmd {
         /// rdy-never, rdy-slow=MS, no-stop, csts-cfs, identify-garbage=FIELD, cqe-cid[=N].
         #[arg(long = "device-fault", value_name = "KIND[=ARG]", value_parser = kldhost::emu::device_fault::parse, requires = "qemu")]
         device_fault: Vec<kldhost::emu::device_fault::Fault>,
+        /// A chosen interleaving (repeatable): while the module sleeps in pause(9) for the
+        /// N-th time (default 1) with wait message WMESG, another kernel thread runs ACTION:
+        /// `detach` (devctl detach of every attached function) or `notify:SLOT:VALUE`
+        /// (src/emu/interleave.rs).
+        #[arg(long = "in-sleep", value_name = "WMESG[:N]=ACTION", value_parser = kldhost::emu::interleave::parse)]
+        in_sleep: Vec<kldhost::emu::interleave::InSleep>,
         /// With --qemu: QEMU's q35 (ICH9) machine: the controller behind the pcie-root-port in
         /// slot 4 (pcib1 -> pci1), another port in slot 5 for --hot-add, and with --acpi q35's
         /// namespace (\_SB_.PCI0.S20_.S00_ is slot 4's hotplug slot). Not with INTx (ICH9's
@@ -203,9 +209,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, q35, device_fault } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, q35, device_fault, in_sleep } => {
             kldhost::emu::fail::arm(fail);
             kldhost::emu::device_fault::arm(device_fault);
+            kldhost::emu::interleave::arm(in_sleep);
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
             let opts = kldhost::emu::run::Options {
                 timeouts,

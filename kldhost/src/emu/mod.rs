@@ -28,6 +28,7 @@ pub mod device_fault;
 pub mod dma;
 pub mod fail;
 pub mod geom;
+pub mod interleave;
 pub mod intx;
 pub mod kern;
 pub mod machine;

@@ -426,6 +426,8 @@ extern "C" fn emu_pause_sbt(wmesg: *const c_char, sbt: i64, _pr: i64, _flags: c_
     log(format!("pause_sbt({w}, {:.3} ms)", sbt as f64 / (1u64 << 32) as f64 * 1000.0));
     // While this thread sleeps, QEMU runs on and the kernel's other threads run.
     std::thread::sleep(std::time::Duration::from_nanos(((sbt.max(0) as u128 * 1_000_000_000) >> 32).min(10_000_000) as u64));
+    // Another thread may have been chosen to run in this sleep (`--in-sleep`).
+    super::interleave::at_sleep(&w);
     run_kernel_threads();
     super::geom::sleep_while_gone_held();
     // EWOULDBLOCK (FreeBSD's value): the timeout expired (pause(9)).

@@ -1,0 +1,188 @@
+//! Chosen interleavings: `--in-sleep WMESG[:N]=ACTION` runs ACTION on another kernel thread
+//! while the module sleeps for the N-th time (default: the first) with the wait message WMESG.
+//!
+//! A sleep is where the kernel runs other threads on the sleeper's CPU, and the point every
+//! ordering rule of the module is about: a detach arriving while a shutdown or a rescan
+//! sleeps, a notify arriving while a detach sleeps. The emulated kernel runs one thread at a
+//! time, so the other thread's work is done inside the sleep, before it returns. As
+//! pause(9) and msleep(9) do (sys/kern/kern_synch.c `_sleep`: DROP_GIANT before the switch,
+//! PICKUP_GIANT after), the sleeper's Giant, which is the newbus topology lock
+//! (bus_topo_lock), is released for the duration and taken back afterwards, so the other
+//! thread can take it as devctl(8) or acpi_task would.
+//!
+//! Every action run says so in the call log (`kldhost: in sleep N on WMESG, another thread:
+//! ...`), with its outcome, so a test can tell where it happened. The armed interleavings
+//! are process-global, as the emulated kernel is.
+
+use super::{log, with};
+use crate::layouts;
+use std::sync::Mutex;
+
+/// What the other thread does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// devctl(8) detach of every attached PCI function (DEV_DETACH: device_detach under the
+    /// topology lock).
+    Detach,
+    /// The firmware's `Notify(Sxx_, value)` on slot `slot`, dispatched from acpi_task to the
+    /// handlers installed on it.
+    Notify { slot: u8, value: u32 },
+    /// kldunload(8) of the module (linker_file_unload, not forced): MOD_QUIESCE to each of its
+    /// modules, the first veto ending it, then MOD_UNLOAD. Both refusing is the only right
+    /// answer while one of the module's threads sleeps in its code: if MOD_UNLOAD agrees, the
+    /// linker would free the text that thread returns into, which is a finding here
+    /// (UnloadWithLiveCallbacks) and the unload is not carried out.
+    Kldunload,
+}
+
+impl std::fmt::Display for Action {
+    /// The option's own spelling, which [`parse`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Detach => write!(f, "detach"),
+            Action::Notify { slot, value } => write!(f, "notify:{slot}:{value}"),
+            Action::Kldunload => write!(f, "kldunload"),
+        }
+    }
+}
+
+/// One `--in-sleep` option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InSleep {
+    pub wmesg: String,
+    /// The sleep (1-based, counting that wait message only) the action runs in.
+    pub nth: u64,
+    pub action: Action,
+}
+
+impl std::fmt::Display for InSleep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}={}", self.wmesg, self.nth, self.action)
+    }
+}
+
+/// Parses `WMESG[:N]=ACTION` (ACTION: `detach`, `kldunload`, or `notify:SLOT:VALUE` with SLOT
+/// the PCI slot number and VALUE the notify value, decimal).
+pub fn parse(s: &str) -> Result<InSleep, String> {
+    let usage = || format!("--in-sleep {s}: expected WMESG[:N]=detach, WMESG[:N]=kldunload or WMESG[:N]=notify:SLOT:VALUE");
+    let (at, action) = s.split_once('=').ok_or_else(usage)?;
+    let (wmesg, nth) = match at.split_once(':') {
+        Some((w, n)) => (w, n.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(usage)?),
+        None => (at, 1),
+    };
+    // pause(9)'s wmesg is a short C string (WMESGLEN, 8 characters, in struct thread).
+    if wmesg.is_empty() || wmesg.len() > 8 {
+        return Err(format!("--in-sleep {s}: a wait message is 1 to 8 characters"));
+    }
+    let action = match action.split(':').collect::<Vec<_>>()[..] {
+        ["detach"] => Action::Detach,
+        ["kldunload"] => Action::Kldunload,
+        ["notify", slot, value] => {
+            let slot = slot.parse::<u8>().ok().filter(|&s| s < 32).ok_or_else(usage)?;
+            let value = value.parse::<u32>().map_err(|_| usage())?;
+            Action::Notify { slot, value }
+        }
+        _ => return Err(usage()),
+    };
+    Ok(InSleep { wmesg: wmesg.to_string(), nth, action })
+}
+
+struct Armed {
+    what: InSleep,
+    /// Sleeps on the wait message seen so far.
+    seen: u64,
+}
+
+static ARMED: Mutex<Vec<Armed>> = Mutex::new(Vec::new());
+
+/// Arms `list` (replacing what was armed).
+pub fn arm(list: Vec<InSleep>) {
+    let mut a = ARMED.lock().unwrap_or_else(|e| e.into_inner());
+    *a = list.into_iter().map(|what| Armed { what, seen: 0 }).collect();
+}
+
+/// Called by every sleeping KPI with its wait message, after the sleep is logged: runs the
+/// actions armed for this sleep.
+pub fn at_sleep(wmesg: &str) {
+    let due: Vec<(u64, Action)> = {
+        let mut a = ARMED.lock().unwrap_or_else(|e| e.into_inner());
+        a.iter_mut()
+            .filter(|x| x.what.wmesg == wmesg)
+            .filter_map(|x| {
+                x.seen += 1;
+                (x.seen == x.what.nth).then(|| (x.seen, x.what.action.clone()))
+            })
+            .collect()
+    };
+    for (n, action) in due {
+        // The sleeper's Giant is dropped for the switch (kern_synch.c `_sleep`).
+        let giant = with(|e| std::mem::replace(&mut e.topo_locked, false));
+        run(n, wmesg, &action);
+        with(|e| e.topo_locked = giant);
+    }
+}
+
+fn run(n: u64, wmesg: &str, action: &Action) {
+    let at = format!("kldhost: in sleep {n} on {wmesg}, another thread");
+    match action {
+        Action::Detach => {
+            // A device still in DEVICE_ATTACH counts: devctl's detach reaches device_detach,
+            // which refuses it ("device in attaching state").
+            let attached: Vec<u64> = super::newbus::pci_functions().into_iter().filter(|&c| super::newbus::state(c) >= layouts::DS_ATTACHING).collect();
+            if attached.is_empty() {
+                log(format!("{at}: devctl detach: no attached function"));
+            }
+            for dev in attached {
+                let name = super::newbus::nameunit(dev);
+                log(format!("{at}: devctl detach {name}"));
+                super::sched::topo_lock();
+                let r = super::newbus::device_detach(dev);
+                super::sched::topo_unlock();
+                log(format!("{at}: devctl detach {name} = {r}"));
+            }
+        }
+        Action::Notify { slot, value } => {
+            log(format!("{at}: acpi_task: Notify(slot {slot}, {value})"));
+            let n = super::acpi::notify(*slot, *value);
+            log(format!("{at}: the notify reached {n} handler(s)"));
+        }
+        Action::Kldunload => kldunload(&at),
+    }
+}
+
+/// [`Action::Kldunload`]: the module events of an unload, stopping at the first refusal.
+fn kldunload(at: &str) {
+    use super::kern::{event_name, mod_event};
+    let names: Vec<String> = with(|e| e.modules.iter().map(|m| m.name.clone()).collect());
+    log(format!("{at}: kldunload"));
+    for what in [layouts::MOD_QUIESCE, layouts::MOD_UNLOAD] {
+        for name in &names {
+            let r = mod_event(name, what as std::ffi::c_int).unwrap_or(0);
+            let agreed = r == 0 || (what == layouts::MOD_QUIESCE && (r == layouts::EOPNOTSUPP || r == layouts::EINVAL));
+            if !agreed {
+                log(format!("{at}: kldunload: {name} refused {}: error {r}", event_name(what as std::ffi::c_int)));
+                return;
+            }
+        }
+    }
+    super::rules::finding(
+        super::rules::Rule::UnloadWithLiveCallbacks,
+        &format!("{at}: kldunload: every module agreed to unload while the module's own thread sleeps in it (its text would be freed under that thread)"),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_option_round_trips_and_bad_spellings_are_refused() {
+        for s in ["nvmehpsd:1=detach", "nvmehpst:3=notify:4:3", "nvmehpbu:2=kldunload"] {
+            assert_eq!(parse(s).map(|x| x.to_string()), Ok(s.to_string()));
+        }
+        assert_eq!(parse("nvmehpst=detach").map(|x| x.nth), Ok(1));
+        for bad in ["nvmehpst", "=detach", "toolongwmesg=detach", "x:0=detach", "x=attach", "x=notify:40:1", "x=notify:4"] {
+            assert!(parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+}
