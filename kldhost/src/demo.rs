@@ -79,6 +79,7 @@ fn title(step: &Step) -> String {
         Step::Eject { slot, id } => format!("announced eject of {id} in slot {slot}"),
         Step::Surprise { slot, in_flight, .. } => format!("surprise removal of slot {slot} with {in_flight} writes in flight"),
         Step::HotAdd { slot, id, .. } => format!("hot-add of {id} in slot {slot}"),
+        Step::Notify { slot, value } => format!("Notify({value}) on slot {slot}"),
         Step::Shutdown => "reboot's DEVICE_SHUTDOWN".to_string(),
         Step::Detach => "devctl detach".to_string(),
     }
@@ -108,6 +109,7 @@ fn announce(step: &Step, report: &Report) -> String {
              the module detaches, deletes the function, evaluates _EJ0)",
             slot_object(*slot)
         ),
+        Step::Notify { slot, value } => format!("==> the firmware's Notify(S{slot:02X}_, {value}) with nothing changed in the machine"),
         Step::Shutdown => "==> reboot: DEVICE_SHUTDOWN of every attached function, then a write that must fail".to_string(),
         Step::Detach => "==> devctl detach of every function still attached".to_string(),
     }

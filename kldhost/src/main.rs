@@ -108,6 +108,10 @@ enum Cmd {
         /// function, then a write to the disk, which must fail without reaching the medium.
         #[arg(long)]
         shutdown: bool,
+        /// With --qemu --acpi (repeatable): after the removal and hot-add steps, the
+        /// firmware's Notify(Sxx_, VALUE) on slot SLOT with nothing changed in the machine.
+        #[arg(long = "notify", value_name = "SLOT=VALUE", value_parser = parse_notify)]
+        notify: Vec<(u8, u32)>,
         /// With --qemu, a device fault (repeatable): what the module sees of QEMU's NVMe
         /// controller is rewritten between the two (src/emu/device_fault.rs): cap-to=N,
         /// rdy-never, rdy-slow=MS, no-stop, csts-cfs, identify-garbage=FIELD, cqe-cid[=N].
@@ -209,7 +213,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, q35, device_fault, in_sleep } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, notify, q35, device_fault, in_sleep } => {
             kldhost::emu::fail::arm(fail);
             kldhost::emu::device_fault::arm(device_fault);
             kldhost::emu::interleave::arm(in_sleep);
@@ -235,6 +239,7 @@ fn main() -> ExitCode {
                 kldunload_force,
                 stock_nvme,
                 shutdown,
+                notify,
                 q35,
             };
             match run(&ko, &opts) {
@@ -247,6 +252,14 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `--notify SLOT=VALUE`: a PCI slot number (0..31) and a notify value, decimal.
+fn parse_notify(s: &str) -> Result<(u8, u32), String> {
+    let bad = || format!("--notify {s}: expected SLOT=VALUE (slot 0..31, a decimal notify value)");
+    let (slot, value) = s.split_once('=').ok_or_else(bad)?;
+    let slot = slot.parse::<u8>().ok().filter(|&n| n < 32).ok_or_else(bad)?;
+    Ok((slot, value.parse::<u32>().map_err(|_| bad())?))
 }
 
 fn demo(path: &PathBuf) -> Result<bool, Box<dyn std::error::Error>> {

@@ -101,3 +101,34 @@ fn with_claim_0_and_no_nvme4_a_hot_added_controller_gets_no_driver() {
     assert!(out.contains("\nfindings: 0\n"), "{out}");
     assert_eq!(code, Some(0), "{out}");
 }
+
+/// nvme(4)'s controller vanishes (the lab's surprise removal: the slot's PCEJ bit written with
+/// no notify), then the firmware sends a device check on its slot: the module's task sees the
+/// function gone but the device another driver's, and leaves it alone with its message (its
+/// detach could sleep until that driver's disks are unmounted, holding the hotplug task and
+/// kldunload): no device_detach, no delete. Fails if the module treats it as its own stale
+/// controller.
+#[test]
+fn a_device_check_on_a_vanished_nvme4_controller_leaves_it_alone() {
+    let Some(ko) = real_ko("claim_stale_nvme4") else { return };
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--stock-nvme", "--surprise", "--notify", "4=1"]);
+    assert!(!out.contains("panic:"), "{out}");
+    let check = between(&out, "acpi_task: Notify(\\_SB_.PCI0.S04_, 1)", "after Notify(slot 4, 1)");
+    for never in ["device_detach(", "device_delete_child(", "acpi_SetInteger("] {
+        assert!(!check.contains(never), "{never} on nvme(4)'s stale device:\n{check}");
+    }
+    assert_in_order(
+        console(&out),
+        &[
+            "nvme0: <Generic NVMe Device> mem ",
+            "nvme_hotplug: slot \\_SB_.PCI0.S04_: its device is gone; left alone (another driver's device: `devctl detach` it first)",
+            "nvme0: detached",
+            "nvme_hotplug: unloaded (30 ACPI notify handlers removed)",
+        ],
+    );
+    assert!(out.contains("notify slot 4 value 1: 1 handler(s)"), "{out}");
+    assert!(out.contains("MOD_QUIESCE: Some(0), MOD_UNLOAD: Some(0), unloaded: true"), "{out}");
+    assert!(out.contains("\nfindings: 0\n"), "{out}");
+    // No disk of the module's, so no I/O was tried; the status judges the unload.
+    assert_eq!(code, Some(0), "{out}");
+}

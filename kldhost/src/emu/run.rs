@@ -324,6 +324,9 @@ pub struct Options {
     /// With `qemu`: before the final detach, reboot(8)'s DEVICE_SHUTDOWN of every attached
     /// function and a write after it ([`Step::Shutdown`]).
     pub shutdown: bool,
+    /// With `qemu` and `acpi`: after the removal and hot-add steps, the firmware's
+    /// `Notify(Sxx_, value)` on each (slot, value), with no change in the machine.
+    pub notify: Vec<(u8, u32)>,
     /// With `qemu`: QEMU's q35 (ICH9) instead of pc: the controller sits behind the
     /// `pcie-root-port` in slot 4 (00:04.0, a pcib with its own pci bus; the controller is
     /// device 0.0 on that bus), `hot_add` plugs behind slot 5's port, and with `acpi` the
@@ -568,6 +571,10 @@ pub enum Step {
     /// QMP `device_add` of controller `id` into `slot` (`Notify(Sxx_, 1)`), expected to be
     /// rescanned and attached; its disk becomes the I/O target.
     HotAdd { slot: u8, id: String },
+    /// The firmware's `Notify(Sxx_, value)` on `slot` with no change in the machine (what
+    /// firmware does after a device check it decided on by itself), from acpi_task, then the
+    /// taskqueue threads run what the handlers queued. Done when a handler got it.
+    Notify { slot: u8, value: u32 },
     /// reboot(8): DEVICE_SHUTDOWN of every attached function, then a write to the target
     /// disk, expected to fail without reaching the medium ([`shutdown`]).
     Shutdown,
@@ -620,6 +627,13 @@ impl Step {
                 hot_add(report, *slot, id);
                 report.hot_added && report.target.is_some()
             }
+            Step::Notify { slot, value } => {
+                let n = super::acpi::notify(*slot, *value);
+                report.notifies.push((*slot, *value, n));
+                let ran = super::sched::run_queues(1000);
+                log(format!("after Notify(slot {slot}, {value}): taskqueue and kernel threads ran {ran} times"));
+                n > 0
+            }
             Step::Shutdown => {
                 shutdown(report);
                 !report.shutdown.is_empty()
@@ -650,7 +664,7 @@ pub struct Plan {
 impl Options {
     /// The plan to run: `plan` if given, else the one `kldhost run`'s flags describe: attach,
     /// I/O, then `--burst`, `--eject` or `--surprise`, `--hot-add` (on the ejected
-    /// controller's drive) and its I/O, then detach. Every step of that one runs; its hot-add
+    /// controller's drive) and its I/O, `--notify`, `--shutdown`, then detach. Every step of that one runs; its hot-add
     /// finds the drive still taken when the eject failed, and its I/O then has no disk.
     pub fn effective_plan(&self) -> Plan {
         use super::machine::{NVME_ID, NVME_SLOT};
@@ -670,6 +684,9 @@ impl Options {
         if self.eject && self.hot_add {
             steps.push(Step::HotAdd { slot: HOT_ADD_SLOT, id: "nvme1".to_string() });
             steps.push(Step::Io);
+        }
+        for &(slot, value) in &self.notify {
+            steps.push(Step::Notify { slot, value });
         }
         if self.shutdown {
             steps.push(Step::Shutdown);
