@@ -64,6 +64,10 @@ pub struct Report {
     /// The disk the I/O steps use and QEMU's image file behind it: the first controller's
     /// after attach, the hot-added one's after a hot-add.
     pub target: Option<Target>,
+    /// The unload was refused: the malloc(9) allocations (count, bytes) still held then. The
+    /// module stays loaded with them, as FreeBSD keeps a module whose unload it refused: they
+    /// are not leaks (the leak check is one of the unload's end-of-life checks).
+    pub kept_loaded: Option<(usize, usize)>,
 }
 
 /// A disk and the image file QEMU keeps its namespace in.
@@ -267,6 +271,11 @@ pub struct Options {
     /// its hotplug task resuming) and kldunload is tried again, at most this many times, as an
     /// administrator repeats it.
     pub kldunload_retries: usize,
+    /// With `qemu`: after the last step, one MSI-X message on every vector that still has a
+    /// handler set up and is unmasked, as the function's late message would come
+    /// ([`super::pci::deliver_msix_messages`]), and the interrupt threads run: a handler a
+    /// failed `bus_teardown_intr` left installed must still be safe to run then.
+    pub late_msix: bool,
     /// With `qemu`: QEMU's q35 (ICH9) instead of pc: the controller sits behind the
     /// `pcie-root-port` in slot 4 (00:04.0, a pcib with its own pci bus; the controller is
     /// device 0.0 on that bus), `hot_add` plugs behind slot 5's port, and with `acpi` the
@@ -742,6 +751,10 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
             }
         }
     }
+    if opts.qemu && opts.late_msix {
+        let ran = super::pci::deliver_msix_messages();
+        log(format!("late MSI-X messages: {ran} interrupt handlers ran"));
+    }
     observe(Moment::Unloading, &report);
     kldunload(ko, &names, &mut report, &held)?;
     for attempt in 0..opts.kldunload_retries {
@@ -751,6 +764,11 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
         let ran = super::sched::run_queues(1000);
         log(format!("kldunload refused; taskqueue threads ran {ran} tasks; kldunload again (retry {})", attempt + 1));
         kldunload(ko, &names, &mut report, &held)?;
+    }
+    if !report.unloaded {
+        let kept = with(|e| e.blocks.values().filter(|b| !b.freed).fold((0, 0), |(n, bytes), b| (n + 1, bytes + b.size)));
+        log(format!("the module stays loaded: {} malloc(9) allocations ({} bytes) stay with it (not leaks)", kept.0, kept.1));
+        report.kept_loaded = Some(kept);
     }
     observe(Moment::Unloaded, &report);
     with(|e| {
