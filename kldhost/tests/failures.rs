@@ -237,6 +237,66 @@ fn a_notify_handler_that_will_not_go_refuses_the_unload_with_ebusy_and_a_second_
     assert_clean_unload(code, &out);
 }
 
+/// A handler bus_teardown_intr could not remove stays installed and may still run: the driver
+/// keeps what it reaches (the controller's memory, its MSI-X vector, BAR0 with the table: it
+/// releases neither) and refuses every kldunload, since the handler is its code. pci(4) then
+/// takes the IRQ resource and BAR0 back at BUS_CHILD_DETACHED (its "Device leaked" lines), not
+/// the vector (pci_release_msi refuses while the handler is counted). A late MSI-X message
+/// after the detach runs the handler on the kept memory: no fault, no finding. The module stays
+/// loaded with its memory, which is no leak.
+#[test]
+fn an_interrupt_that_cannot_be_torn_down_keeps_its_vector_and_memory_and_refuses_every_unload() {
+    let Some(ko) = real_ko("fail_bus_teardown_intr") else { return };
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--fail", "bus_teardown_intr", "--late-msix", "--kldunload-retries", "1"]);
+    assert_in_order(
+        &out,
+        &[
+            "kldhost: injected EINVAL into bus_teardown_intr (call 1)",
+            "bus_teardown_intr(nvmehp0, irq rid 1) = 22 (handler still installed and called, MSI-X vector still unmasked)",
+        ],
+    );
+    // From the failed teardown to the end of DEVICE_DETACH the driver gives back none of it.
+    let detach = between(&out, "kldhost: injected EINVAL into bus_teardown_intr", "nvmehp0: device_detach_desc = 0");
+    for never in ["pci_release_msi(nvmehp0)", "bus_release_resource(nvmehp0, type 1", "bus_release_resource(nvmehp0, type 3, rid 0x10)", "bus_teardown_intr(nvmehp0, irq rid 1) = 0"] {
+        assert!(!detach.contains(never), "{never} after the failed teardown:\n{detach}");
+    }
+    assert!(out.contains("detach device 4.0 (nvmehp0): 0"), "{out}");
+    // pci(4)'s pci_child_detached: the vector stays (the handler is still counted).
+    assert_in_order(
+        &out,
+        &[
+            "nvmehp0: device_detach_desc = 0",
+            "nvmehp0: the handler on irq rid 1 stays installed after its bus_teardown_intr failed (22)",
+            "pci_release_msi(nvmehp0) = EBUSY",
+            "bus_release_resource(nvmehp0, type 3, rid 0x10) = 0",
+        ],
+    );
+    // The late message runs the handler, which locks the kept controller state and returns.
+    let late = between(&out, "nvmehp0: MSI-X message on table entry 0", "late MSI-X messages: 1 interrupt handlers ran");
+    assert_in_order(late, &["nvmehp0: interrupt (IRQ rid 1, MSI-X table entry 0)", "mtx_lock(nvmehp ctrl)", "mtx_unlock(nvmehp ctrl)"]);
+    assert_in_order(
+        console(&out),
+        &[
+            "nvmehp0: interrupt: MSI-X",
+            "nvmehp0: bus_teardown_intr failed: 22; leaking the handler",
+            "nvmehp0: interrupt handler still installed: keeping the controller's memory",
+            "pci0:0:4:0: Device leaked IRQ resources",
+            "pci0:0:4:0: Device leaked MSI vectors",
+            "pci0:0:4:0: Device leaked memory resources",
+            // Both kldunloads, the first and the retry, are refused.
+            "nvme_hotplug: 1 interrupt handlers could not be torn down: not unloading",
+            "nvme_hotplug: 1 interrupt handlers could not be torn down: not unloading",
+        ],
+    );
+    assert_in_order(&out, &["kldunload: pci/nvme_hotplug refused MOD_QUIESCE: error 16", "kldunload again (retry 1)", "kldunload: pci/nvme_hotplug refused MOD_QUIESCE: error 16"]);
+    assert!(out.contains("MOD_QUIESCE: Some(16), MOD_UNLOAD: None, unloaded: false"), "{out}");
+    assert!(out.contains("\nstill loaded: ") && out.contains("stay with the module, not leaks"), "{out}");
+    assert!(out.contains("\nfindings: 0\n"), "findings:\n{out}");
+    assert!(!out.contains("panic"), "{out}");
+    // Not unloaded: exit status 1 (an emulated panic would be 70).
+    assert_eq!(code, Some(1), "{out}");
+}
+
 #[test]
 fn an_m_nowait_malloc_failing_at_mod_load_disables_acpi_hotplug_and_nothing_else() {
     let Some(ko) = real_ko("fail_malloc") else { return };

@@ -120,6 +120,15 @@ pub const FAILABLE: &[Failable] = &[
         leaves: "pci.c pci_alloc_msix_method: the error, MSI-X not enabled, no vector allocated, *count untouched",
     },
     Failable {
+        name: "bus_teardown_intr",
+        // sys/kern/subr_bus.c bus_teardown_intr (no parent), sys/dev/pci/pci.c pci_teardown_intr
+        // (an inactive IRQ resource, an MSI/MSI-X rid with no handler counted) and
+        // sys/kern/kern_intr.c intr_event_remove_handler (a NULL cookie) all answer EINVAL;
+        // nothing on the path returns another errno.
+        kind: Kind::Errno { default: EINVAL, allowed: &[EINVAL] },
+        leaves: "subr_bus.c bus_teardown_intr, pci.c pci_teardown_intr: EINVAL before anything is removed: the handler stays installed and is still called, an MSI-X vector stays unmasked (INTx stays enabled), the handler count pci_release_msi checks stays as it was",
+    },
+    Failable {
         name: "bus_dma_tag_create",
         kind: Kind::Errno { default: ENOMEM, allowed: &[ENOMEM, EINVAL] },
         leaves: "busdma_machdep.c common_bus_dma_tag_create: *dmat set to NULL first, the error, no tag",
@@ -324,6 +333,7 @@ mod tests {
         assert_eq!(parse("taskqueue_create:1"), Ok(Injection { func: "taskqueue_create", nth: Some(1), answer: Answer::Null }));
         assert_eq!(parse("AcpiInstallNotifyHandler:3=AE_ALREADY_EXISTS").map(|i| i.answer), Ok(Answer::Acpi(AE_ALREADY_EXISTS)));
         assert_eq!(parse("AcpiRemoveNotifyHandler=0x1001").map(|i| i.answer), Ok(Answer::Acpi(AE_BAD_PARAMETER)));
+        assert_eq!(parse("bus_teardown_intr"), Ok(Injection { func: "bus_teardown_intr", nth: None, answer: Answer::Errno(EINVAL) }));
     }
 
     #[test]
@@ -344,6 +354,7 @@ mod tests {
         assert!(e.contains("not a KPI function") && e.contains("functions that can: "), "{e}");
         assert!(parse("make_dev_s=ENOMEM").unwrap_err().contains("EEXIST, EINVAL, ENAMETOOLONG"));
         assert!(parse("taskqueue_start_threads=EINVAL").is_err());
+        assert!(parse("bus_teardown_intr=EBUSY").unwrap_err().contains("one of EINVAL, not EBUSY"));
         assert!(parse("malloc=ENOMEM").unwrap_err().contains("NULL"));
         assert!(parse("malloc:0").is_err());
         assert!(parse("AcpiInstallNotifyHandler=ENOMEM").is_err());

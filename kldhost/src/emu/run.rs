@@ -70,6 +70,10 @@ pub struct Report {
     /// done) and whether its data reached the image file.
     pub shutdown: Vec<(String, String, c_int)>,
     pub after_shutdown_write: Option<(c_int, bool)>,
+    /// The unload was refused: the malloc(9) allocations (count, bytes) still held then. The
+    /// module stays loaded with them, as FreeBSD keeps a module whose unload it refused: they
+    /// are not leaks (the leak check is one of the unload's end-of-life checks).
+    pub kept_loaded: Option<(usize, usize)>,
 }
 
 /// A disk and the image file QEMU keeps its namespace in.
@@ -327,6 +331,11 @@ pub struct Options {
     /// With `qemu` and `acpi`: after the removal and hot-add steps, the firmware's
     /// `Notify(Sxx_, value)` on each (slot, value), with no change in the machine.
     pub notify: Vec<(u8, u32)>,
+    /// With `qemu`: after the last step, one MSI-X message on every vector that still has a
+    /// handler set up and is unmasked, as the function's late message would come
+    /// ([`super::pci::deliver_msix_messages`]), and the interrupt threads run: a handler a
+    /// failed `bus_teardown_intr` left installed must still be safe to run then.
+    pub late_msix: bool,
     /// With `qemu`: QEMU's q35 (ICH9) instead of pc: the controller sits behind the
     /// `pcie-root-port` in slot 4 (00:04.0, a pcib with its own pci bus; the controller is
     /// device 0.0 on that bus), `hot_add` plugs behind slot 5's port, and with `acpi` the
@@ -832,6 +841,10 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
             }
         }
     }
+    if opts.qemu && opts.late_msix {
+        let ran = super::pci::deliver_msix_messages();
+        log(format!("late MSI-X messages: {ran} interrupt handlers ran"));
+    }
     observe(Moment::Unloading, &report);
     kldunload(ko, &names, &mut report, &held, opts.kldunload_force)?;
     // The holding consumers closed when the first kldunload returned; a retry must not close
@@ -844,6 +857,11 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
         let ran = super::sched::run_queues(1000);
         log(format!("kldunload refused; taskqueue threads ran {ran} tasks; kldunload again (retry {})", attempt + 1));
         kldunload(ko, &names, &mut report, &held, opts.kldunload_force)?;
+    }
+    if !report.unloaded {
+        let kept = with(|e| e.blocks.values().filter(|b| !b.freed).fold((0, 0), |(n, bytes), b| (n + 1, bytes + b.size)));
+        log(format!("the module stays loaded: {} malloc(9) allocations ({} bytes) stay with it (not leaks)", kept.0, kept.1));
+        report.kept_loaded = Some(kept);
     }
     observe(Moment::Unloaded, &report);
     with(|e| {
