@@ -7,7 +7,9 @@
 //! the shipped .ko now, with a stand-in for GENERIC's nvme(4) bidding as nvme_pci_probe does
 //! (kldhost/tests/claim.rs), and is no longer here; `probe_never_outbids_nvme4` stays for the
 //! classes QEMU cannot show (an admin-only controller, AHCI). So does DEVICE_SHUTDOWN (the
-//! I/O queues deleted, CC.SHN, later I/O refused: kldhost/tests/shutdown.rs).
+//! I/O queues deleted, CC.SHN, later I/O refused: kldhost/tests/shutdown.rs), and a handler
+//! `bus_teardown_intr` could not remove (the controller's memory kept, the handler safe to run,
+//! every unload refused: kldhost/tests/failures.rs).
 //!
 //! [`fake_kernel`]: super::fake_kernel
 
@@ -788,37 +790,6 @@ fn on_intx_the_stop_masks_the_controllers_interrupt_before_its_admin_commands() 
             _ => assert_eq!(ops, ["nvme delete_sq qid=1 status=0x0", "nvme delete_cq qid=1 status=0x0", "nvme cc shn", "nvme cc disable"], "{log:#?}"),
         }
     }
-}
-
-/// bus_teardown_intr fails: the handler may still run (a shared INTx line calls it for other
-/// devices' interrupts) and it reaches the controller's state, so the teardown keeps that
-/// memory (no BAR or IRQ release, no free) and module unload is refused; the handler can
-/// still run safely afterwards.
-#[test]
-fn a_stuck_interrupt_keeps_the_controller_memory_and_the_module() {
-    use super::module::nvmehp_modevent;
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, d_gone_at_once: true, ..Knobs::default() });
-    let mut k = FreeBsdKernel::new();
-    let (live, _ctrl) = attached(&mut k, &[1]);
-    fk::set_knobs(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, d_gone_at_once: true, teardown_intr_error: bindings::EBUSY, ..Knobs::default() });
-    fk::record("-- teardown --");
-    let _ = teardown(live, &mut k, Removal::Surprise);
-    let log = fk::log();
-    let t = first(&log, "-- teardown --");
-    assert_eq!(positions(&log[t..], "bus_release_resource").len(), 0, "neither IRQ nor BAR released: {:#?}", &log[t..]);
-    assert_eq!(positions(&log[t..], "pci_release_msi").len(), 0);
-    assert!(log[t..].iter().any(|l| l.contains("interrupt handler still installed: keeping")), "{:#?}", &log[t..]);
-    assert_eq!(positions(&log[t..], "destroy_dev ").len(), 2, "nodes are still destroyed");
-    // The handler fires again: its controller state is still there.
-    fk::record("-- late interrupt --");
-    fk::fire_interrupt();
-    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), bindings::EBUSY);
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), bindings::EBUSY);
-    assert!(fk::log().iter().any(|l| l.contains("1 interrupt handlers could not be torn down: not unloading")));
-    super::ctrl::forget_stuck_interrupts_for_tests();
-    super::module::reset_for_tests(); // clear the unloading flag for the tests that follow
 }
 
 /// The probe never takes a controller on its own: by default it bids BUS_PROBE_NOWILDCARD
