@@ -114,7 +114,8 @@ enum Cmd {
         notify: Vec<(u8, u32)>,
         /// With --qemu, a device fault (repeatable): what the module sees of QEMU's NVMe
         /// controller is rewritten between the two (src/emu/device_fault.rs): cap-to=N,
-        /// rdy-never, rdy-slow=MS, no-stop, csts-cfs, identify-garbage=FIELD, cqe-cid[=N].
+        /// rdy-never, rdy-slow=MS, no-stop, csts-cfs, identify-garbage=FIELD, cqe-cid[=N],
+        /// admin-latency=MS.
         #[arg(long = "device-fault", value_name = "KIND[=ARG]", value_parser = kldhost::emu::device_fault::parse, requires = "qemu")]
         device_fault: Vec<kldhost::emu::device_fault::Fault>,
         /// A chosen interleaving (repeatable): while the module sleeps in pause(9) for the

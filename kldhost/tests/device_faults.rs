@@ -7,7 +7,8 @@
 //! src/freebsd/fake_nvme.rs); here the same assertions hold of the binary. Every test asserts
 //! the layer's `kldhost: injected device fault ...` line and a console line only the fault's
 //! path prints, so a layer that does nothing fails it. No assertion is about elapsed time:
-//! bounds are on what the module asked for (the sleeps it requested, the registers it read).
+//! bounds are on what the module asked for (the sleeps it requested, the registers it read)
+//! and on the emulation clock as the layer reports it (when a held doorbell reached QEMU).
 //! Needs QEMU (SKIP without it, a failure with NVMEHP_REQUIRE_QEMU=1) and the built .ko
 //! (NVMEHP_REQUIRE_KO=1).
 
@@ -257,11 +258,89 @@ fn a_completion_with_an_out_of_range_cid_is_dropped_and_the_bring_up_fails() {
     assert_clean_unload(code, &out);
 }
 
-/// A fault kind kldhost does not know is a usage error naming the kinds it does.
+/// The engine's shared admin budget of a bring-up (src/nvme/controller.rs
+/// `BRING_UP_ADMIN_MIN_US`): max(command timeout, 5 s).
+const BRING_UP_ADMIN_MS: f64 = 5_000.0;
+
+/// The emulation-clock delays (ms) after which the layer forwarded held admin doorbell writes,
+/// in order, from its `reaches QEMU X ms after the module made it` lines.
+fn forwarded_after_ms(lines: &[&str]) -> Vec<f64> {
+    lines
+        .iter()
+        .filter(|l| l.starts_with("device fault admin-latency="))
+        .filter_map(|l| l.split(" reaches QEMU ").nth(1))
+        .filter_map(|r| r.split(" ms after").next())
+        .map(|v| v.parse::<f64>().expect("a forwarding delay"))
+        .collect()
+}
+
+/// Every admin command answered 900 ms after its doorbell, within the 1 s command timeout
+/// (`hw.nvme_hotplug.cmd_timeout_ms=1000`): each would pass on its own, but the bring-up's
+/// admin commands share one budget, max(1 s, 5 s), so the bring-up fails once it is used up
+/// instead of taking 0.9 s for every command it sends. Five commands fit (the layer forwards
+/// five held doorbells, each no earlier than 900 ms on the emulation clock, while the module
+/// sleeps in its poll); the sixth is given
+/// up after less than its 900 ms, which only the budget explains; `bring-up failed: timed out`,
+/// attach ENXIO. Bounded: from the first admin doorbell to the failure the module asked for
+/// at most the 5 s budget (+ its last 1 ms sleep) of pause, and spun under 1 ms in DELAY in
+/// all of the attach. The stop: CC.SHN (the controller had become ready), then the disable
+/// (the sixth command, never fetched, is dropped with it), then bus mastering off; nothing
+/// left, no finding, the module unloads. Control: a 50 ms latency attaches and I/O works.
+/// About 6 s: 5 s is the budget running out (the emulation clock is the host's monotonic one).
+#[test]
+fn admin_commands_of_a_bring_up_share_one_budget() {
+    let Some(ko) = real_ko("device_fault_admin_latency") else { return };
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--tunable", "hw.nvme_hotplug.cmd_timeout_ms=1000", "--device-fault", "admin-latency=900"]);
+    let log = calls(&out);
+    assert_in_order(&out, &[CC_ENABLE, "bus_write_4(nvmehp0 BAR 0x10 + 0x1000, 0x1)", "kldhost: injected device fault admin-latency=900: every admin SQ tail doorbell write reaches QEMU 900 ms after"]);
+    assert_bring_up_failed(&out, "timed out");
+    let enable = index(&log, 0, CC_ENABLE);
+    let first_admin = index(&log, enable, "bus_write_4(nvmehp0 BAR 0x10 + 0x1000,");
+    let failed = index(&log, enable, "device_printf(\"nvmehp0: bring-up failed: timed out");
+    let admin: Vec<usize> = (first_admin..failed).filter(|&i| log[i].starts_with("bus_write_4(nvmehp0 BAR 0x10 + 0x1000,")).collect();
+    let forwarded = forwarded_after_ms(&log[..failed]);
+    // 5 x 900 ms fit the 5 s budget, a sixth does not (each poll adds at most a few ms).
+    assert_eq!((admin.len(), forwarded.len()), (6, 5), "admin commands sent, answered before the failure:\n{}", log[first_admin..failed].iter().filter(|l| !l.starts_with("pause_sbt")).copied().collect::<Vec<_>>().join("\n"));
+    assert!(forwarded.iter().all(|&ms| ms >= 900.0), "a held doorbell reached QEMU early: {forwarded:?}");
+    // Forwarded while the module sleeps in its poll, not only at its next register access (the
+    // health check, 100 ms apart). One may fall due in the microseconds between a sleep and a
+    // register access: at least 4 of the 5.
+    let in_sleep = log[..failed].iter().filter(|l| l.starts_with("device fault admin-latency=900:") && l.ends_with("while the module sleeps (pause_sbt)")).count();
+    assert!(in_sleep >= 4, "{in_sleep} of 5 held doorbells forwarded while the module slept:\n{}", log[..failed].iter().filter(|l| l.contains("reaches QEMU")).copied().collect::<Vec<_>>().join("\n"));
+    let last_wait = paused_ms(&log[admin[5]..failed], "nvmehpbu");
+    assert!(last_wait < 900.0, "the sixth command was waited for {last_wait} ms: given up by its own 1 s timeout, not the shared budget");
+    let slept = paused_ms(&log[first_admin..failed], "nvmehpbu");
+    assert!(slept <= BRING_UP_ADMIN_MS + 1.0, "the admin commands asked for {slept} ms of sleep; the budget is 5 s");
+    assert!(delayed_us(&log[..failed]) < 1_000, "the attach spun {} us in DELAY(9)", delayed_us(&log[..failed]));
+    let shn = index(&log, admin[5], CC_SHN);
+    let disable = index(&log, shn, CC_DISABLE);
+    assert!(log[disable..].iter().take(3).any(|l| l.starts_with("device fault admin-latency=900: the held admin SQ tail doorbell write(s) 0x6 dropped")), "{}", log[disable..].join("\n"));
+    let off = index(&log, disable, "pci_disable_busmaster(nvmehp0) (command 0x6 -> 0x2)");
+    assert!(shn < disable && disable < off && failed < off);
+    let left = blocks_left(&log);
+    assert!(left.is_empty(), "nothing kept: {left:?}");
+    assert_clean_unload(code, &out);
+
+    // Control: 50 ms per admin command fits every bound.
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--tunable", "hw.nvme_hotplug.cmd_timeout_ms=1000", "--device-fault", "admin-latency=50"]);
+    let log = calls(&out);
+    assert!(out.contains("kldhost: injected device fault admin-latency=50: every admin SQ tail doorbell write reaches QEMU 50 ms after"), "{out}");
+    let forwarded = forwarded_after_ms(&log);
+    assert!(forwarded.len() >= 6 && forwarded.iter().all(|&ms| ms >= 50.0), "{forwarded:?}");
+    assert_in_order(console(&out), &["1 I/O queue(s) x 256 entries, 1 namespace(s)", "nvmehp0: attached: /dev/nvmehp0 and 1 namespace node(s)"]);
+    assert!(out.contains("io data in the backing file and read back: ok"), "{out}");
+    assert_clean_unload(code, &out);
+}
+
+/// A fault kind kldhost does not know, or a known one with a bad argument, is a usage error
+/// naming the kinds it does.
 #[test]
 fn an_unknown_device_fault_is_a_usage_error() {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kldhost")).args(["run", "--qemu", "--device-fault", "rdy-sometimes", "x.ko"]).output().expect("run kldhost");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("rdy-sometimes: not a device fault; one of: cap-to=N"), "{err}");
+    for spec in ["rdy-sometimes", "admin-latency=soon", "admin-latency"] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_kldhost")).args(["run", "--qemu", "--device-fault", spec, "x.ko"]).output().expect("run kldhost");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{spec}: {err}");
+        assert!(err.contains(&format!("{spec}: not a device fault; one of: cap-to=N")), "{spec}: {err}");
+        assert!(err.contains("admin-latency=MS"), "{spec}: {err}");
+    }
 }

@@ -4,7 +4,8 @@
 //! allocated first, MSI, INTx) and given back in order, and bus mastering turned off for a
 //! controller that could not be stopped and at the end of a detach.
 //!
-//! The slow-ready and never-ready bring-ups (a wait that sleeps, one bounded by CAP.TO) run
+//! The slow-ready and never-ready bring-ups (a wait that sleeps, one bounded by CAP.TO) and
+//! the admin commands of a bring-up sharing one budget (admin commands answered slowly) run
 //! on the shipped .ko now, against QEMU's controller through kldhost's device-fault layer
 //! (kldhost/tests/device_faults.rs), and are no longer here; so does an MSI-X interrupt that
 //! cannot be torn down (vector and memory kept, every unload refused), through kldhost's
@@ -13,8 +14,7 @@
 //! (so the table BAR4 kept with a vector whose handler could not be torn down is checked
 //! nowhere on the .ko) and MSI (QEMU's NVMe model has its table in BAR0 and no MSI
 //! capability), a bus-master bit that reads back on, a read parked in flight at a surprise
-//! teardown, an admin command answered slowly, and clock-exact bounds (kldhost uses the host
-//! clock).
+//! teardown, and clock-exact bounds (kldhost uses the host clock).
 
 use super::bindings;
 use super::fake_kernel::{self as fk, Knobs};
@@ -23,7 +23,6 @@ use super::glue_tests::{attached_with, strategy_read, SERIAL};
 use super::kernel::FreeBsdKernel;
 use super::pci_driver::{nvmehp_attach, nvmehp_detach};
 use crate::hotplug::teardown::{teardown, Removal};
-use crate::nvme::controller::BRING_UP_ADMIN_MIN_US;
 use std::format;
 use std::string::String;
 use std::vec::Vec;
@@ -52,32 +51,6 @@ fn attach() -> i32 {
 fn detach() -> i32 {
     // SAFETY: as above.
     unsafe { nvmehp_detach(fk::fake_device()) }
-}
-
-/// The admin commands of one bring-up share one budget, max(command timeout, 5 s), on top
-/// of each command's own timeout. A controller that answers every admin command after 0.9 s,
-/// within a 1 s command timeout, would otherwise keep attach busy for 0.9 s per command, as
-/// long as it likes; here it fails once the 5 s are used up, then stops the controller (which
-/// had become ready, so it gets CC.SHN) and turns bus mastering off. Before the change the
-/// bring-up took every command's 0.9 s and succeeded.
-#[test]
-fn admin_commands_of_a_bring_up_share_one_budget() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(knobs(Knobs { cmd_timeout_ms: 1_000, ..Knobs::default() }));
-    fk::start_clock();
-    let mut nvme = FakeNvme::new(false, false);
-    nvme.admin_latency_us = Some(900_000);
-    fk::install_nvme(nvme);
-    fk::on_pause(Some(|| fk::with_nvme(|d| d.tick())));
-
-    assert_eq!(attach(), bindings::ENXIO, "{:#?}", fk::log().iter().filter(|l| !l.starts_with("pause")).collect::<Vec<_>>());
-    fk::on_pause(None);
-    let took = fk::clock_us();
-    assert!(took <= BRING_UP_ADMIN_MIN_US + 1_100_000, "bring-up took {took} us");
-    assert!(fk::delay_total_us() < 1_000, "spun {} us in DELAY(9)", fk::delay_total_us());
-    let log = fk::log();
-    assert!(first(&log, "nvme cc shn") < first(&log, "nvme cc disable"));
-    assert!(first(&log, "pci_disable_busmaster") > first(&log, "nvme cc disable"));
 }
 
 /// MSI-X whose table and PBA are in BAR4 (as on bhyve): the BAR is allocated and active before

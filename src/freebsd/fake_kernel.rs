@@ -121,8 +121,6 @@ std::thread_local! {
     static DISPATCHES: RefCell<Vec<(NotifyFn, usize, u32)>> = const { RefCell::new(Vec::new()) };
     /// The devices of devclass `nvmehp` the newbus model knows ([`newbus_add`]), unit order.
     static NEWBUS: RefCell<Vec<(usize, FakeDev)>> = const { RefCell::new(Vec::new()) };
-    /// Microseconds spun in DELAY(9) since `reset`.
-    static DELAY_US: Cell<u64> = const { Cell::new(0) };
     /// The fake uptime in microseconds, if a test made the clock advance ([`start_clock`]):
     /// DELAY(9) and pause(9) move it by what they wait. `None`: sbinuptime reads 0 for ever.
     static CLOCK_US: Cell<Option<u64>> = const { Cell::new(None) };
@@ -152,11 +150,6 @@ fn advance_clock(us: u64) {
     });
 }
 
-/// Microseconds spun in DELAY(9) since [`reset`].
-pub fn delay_total_us() -> u64 {
-    DELAY_US.with(|c| c.get())
-}
-
 /// The rids of the memory BARs currently allocated.
 pub fn active_memory_rids() -> Vec<c_int> {
     MEM_RES.with(|m| m.borrow().iter().map(|&(_, rid)| rid).collect())
@@ -180,7 +173,6 @@ pub fn reset(knobs: Knobs) {
     ON_DETACHED.with(|c| c.set(None));
     ON_PROBED.with(|c| c.set(None));
     DELAYS.with(|c| c.set((0, 0)));
-    DELAY_US.with(|c| c.set(0));
     CLOCK_US.with(|c| c.set(None));
     MEM_RES.with(|m| m.borrow_mut().clear());
     COMMAND.with(|c| c.set(0));
@@ -815,7 +807,6 @@ pub fn delays() -> (u64, u64) {
 pub unsafe extern "C" fn DELAY(us: c_int) {
     let _fake = FakeWork::begin();
     let us = u64::try_from(us).unwrap_or(0);
-    DELAY_US.with(|c| c.set(c.get() + us));
     advance_clock(us);
     let held = MTX_HELD.with(|h| !h.borrow().is_empty());
     DELAYS.with(|c| {

@@ -60,11 +60,6 @@ pub struct FakeNvme {
     pub ready_after_us: Option<u64>,
     /// When CSTS.RDY rises (clock time), while an enable is pending.
     rdy_at: Option<u64>,
-    /// Answer admin commands only this long after their doorbell, in the fake kernel's clock,
-    /// when [`FakeNvme::tick`] runs (tests call it from `on_pause`, as time passes).
-    pub admin_latency_us: Option<u64>,
-    /// When the admin commands rung in but not answered yet are due.
-    admin_due_at: Option<u64>,
     admin_tail: u16,
     cc: u32,
     csts: u32,
@@ -116,8 +111,6 @@ impl FakeNvme {
             admin_commands: 0,
             ready_after_us: None,
             rdy_at: None,
-            admin_latency_us: None,
-            admin_due_at: None,
             admin_tail: 0,
             cc: 0,
             csts: 0,
@@ -191,10 +184,7 @@ impl FakeNvme {
             0x34 => self.acq = (self.acq & 0xffff_ffff) | u64::from(val) << 32,
             0x1000 => {
                 self.admin_tail = val as u16;
-                if let Some(l) = self.admin_latency_us {
-                    let now = super::fake_kernel::clock_us();
-                    self.admin_due_at.get_or_insert(now.saturating_add(l));
-                } else if !self.hold_admin {
+                if !self.hold_admin {
                     self.run_admin(val as u16);
                 }
             }
@@ -268,14 +258,6 @@ impl FakeNvme {
         read_mem(ring.sq + u64::from(ring.sq_head) * 64, &mut sqe);
         ring.sq_head = (ring.sq_head + 1) % ring.entries;
         Some(sqe)
-    }
-
-    /// Answers the admin commands whose [`FakeNvme::admin_latency_us`] has passed.
-    pub fn tick(&mut self) {
-        if self.admin_due_at.is_some_and(|t| super::fake_kernel::clock_us() >= t) {
-            self.admin_due_at = None;
-            self.run_admin(self.admin_tail);
-        }
     }
 
     /// Answers the admin commands held by `hold_admin`, and stops holding.

@@ -1,6 +1,7 @@
 //! Device faults: `--device-fault KIND[=ARG]` rewrites what the module sees of QEMU's NVMe
 //! controller, for the controller behaviour QEMU will not produce (a CSTS.RDY that never
-//! rises, a controller that ignores the disable, hostile identify data, a stale CID).
+//! rises, a controller that ignores the disable, hostile identify data, a stale CID, admin
+//! commands answered late).
 //!
 //! The layer sits between the module and QEMU, where kldhost already is: every register
 //! access of the module is trapped ([`super::mmio`]) and forwarded over qtest, so a register
@@ -15,9 +16,11 @@
 //!
 //! The armed faults are process-global, as the emulated kernel is, and apply to every NVMe
 //! BAR0 window; per controller (BAR address) the layer keeps what it needs to know: whether
-//! the module has set CC.EN and when, and where its admin queues are.
+//! the module has set CC.EN and when, where its admin queues are, and the admin doorbell
+//! writes it holds back (`admin-latency`, [`release_due`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -101,6 +104,9 @@ pub enum Fault {
     IdentifyGarbage(Garbage),
     /// The completion of the N-th admin command (1-based) carries CID 0xffff instead of its own.
     CqeCid(u64),
+    /// Every admin SQ tail doorbell write reaches QEMU this many ms (emulation clock) after the
+    /// module made it: each admin command is answered that much later.
+    AdminLatency(u64),
 }
 
 impl std::fmt::Display for Fault {
@@ -114,6 +120,7 @@ impl std::fmt::Display for Fault {
             Fault::CstsCfs => write!(f, "csts-cfs"),
             Fault::IdentifyGarbage(g) => write!(f, "identify-garbage={}", g.name()),
             Fault::CqeCid(n) => write!(f, "cqe-cid={n}"),
+            Fault::AdminLatency(ms) => write!(f, "admin-latency={ms}"),
         }
     }
 }
@@ -128,13 +135,15 @@ impl Fault {
             Fault::CstsCfs => "csts-cfs",
             Fault::IdentifyGarbage(_) => "identify-garbage",
             Fault::CqeCid(_) => "cqe-cid",
+            Fault::AdminLatency(_) => "admin-latency",
         }
     }
 }
 
 /// What `--device-fault` accepts, for the usage error.
 pub const USAGE: &str = "cap-to=N (0..255, 500 ms units), rdy-never, rdy-slow=MS, no-stop, csts-cfs, \
-identify-garbage=nn|mdts|flbas|lbads0|lbads63|nsze0|ncap, cqe-cid[=N] (the N-th admin command, default 1)";
+identify-garbage=nn|mdts|flbas|lbads0|lbads63|nsze0|ncap, cqe-cid[=N] (the N-th admin command, default 1), \
+admin-latency=MS";
 
 /// Parses `KIND[=ARG]` (`KIND:ARG` too).
 pub fn parse(spec: &str) -> Result<Fault, String> {
@@ -153,6 +162,7 @@ pub fn parse(spec: &str) -> Result<Fault, String> {
         ("identify-garbage", Some(a)) => Fault::IdentifyGarbage(GARBAGE.iter().find(|(n, _)| *n == a).map(|(_, g)| *g).ok_or_else(bad)?),
         ("cqe-cid", None) => Fault::CqeCid(1),
         ("cqe-cid", a) => Fault::CqeCid(num(a)?.max(1)),
+        ("admin-latency", a) => Fault::AdminLatency(num(a)?),
         _ => return Err(bad()),
     })
 }
@@ -173,6 +183,25 @@ struct Ctrl {
     admin_cmds: u64,
     /// One-shot faults already done for this controller (identify-garbage, cqe-cid).
     done: Vec<Fault>,
+    /// Admin SQ tail doorbell writes held back (admin-latency), oldest first.
+    held: VecDeque<Held>,
+}
+
+/// An admin SQ tail doorbell write the layer holds back (`admin-latency`) until [`release_due`]
+/// forwards it.
+struct Held {
+    /// When the module made the write and when it is due at QEMU, on the emulation's clock
+    /// ([`super::sched::clock_ns`], what binuptime(9) answers the module).
+    rung_ns: u64,
+    due_ns: u64,
+    value: u64,
+    width: u8,
+    /// The slot of the function and its ejects when the module made the write: a later eject
+    /// means the function is gone, and the write must reach nothing (a controller plugged
+    /// into the slot since has the same BAR address).
+    gen: Option<(u8, u64)>,
+    /// The completions to rewrite once it reached QEMU (another fault on the same command).
+    watch: Option<Watch>,
 }
 
 #[derive(Default)]
@@ -192,6 +221,10 @@ fn state() -> std::sync::MutexGuard<'static, State> {
 /// Whether any fault is armed, without the lock: every register access asks.
 static ARMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Doorbell writes held, over all controllers, without the lock: every sleep and spin of the
+/// module asks ([`time_passes`]).
+static HELD: AtomicUsize = AtomicUsize::new(0);
+
 /// Arms the faults for the rest of the process (replacing any armed before).
 pub fn arm(list: Vec<Fault>) {
     let mut s = state();
@@ -199,6 +232,7 @@ pub fn arm(list: Vec<Fault>) {
     s.faults = list;
     s.ctrls.clear();
     s.announced.clear();
+    HELD.store(0, Ordering::Relaxed);
 }
 
 /// Whether any fault is armed (the trap does no bookkeeping otherwise).
@@ -276,9 +310,11 @@ pub struct Watch {
     before: Vec<u8>,
 }
 
-/// A register write of the module, before it reaches QEMU. `ram` reads guest RAM (the admin
-/// submission queue entries, the completion queue).
-pub fn on_write(bar: u64, off: u64, v: u64, ram: &nvmehp_lab::shared_ram::SharedRam) -> Write {
+/// A register write of the module (`width` bytes), before it reaches QEMU. `ram` reads guest
+/// RAM (the admin submission queue entries, the completion queue); `gen` is the function's
+/// slot and its ejects when the BAR window was mapped (a held write checks it is still the
+/// same function when it is forwarded).
+pub fn on_write(bar: u64, off: u64, v: u64, width: u8, gen: Option<(u8, u64)>, ram: &nvmehp_lab::shared_ram::SharedRam) -> Write {
     let mut w = Write { forward: true, watch: None, notes: Vec::new() };
     let mut s = state();
     if s.faults.is_empty() {
@@ -286,8 +322,10 @@ pub fn on_write(bar: u64, off: u64, v: u64, ram: &nvmehp_lab::shared_ram::Shared
     }
     let faults = s.faults.clone();
     let no_stop = s.has(|f| *f == Fault::NoStop);
+    let latency = s.has(|f| matches!(f, Fault::AdminLatency(_)));
     let c = s.ctrls.entry(bar).or_default();
     let mut ignored = None;
+    let mut delayed = None;
     match off {
         CC => {
             let en = v & CC_EN != 0;
@@ -306,6 +344,19 @@ pub fn on_write(bar: u64, off: u64, v: u64, ram: &nvmehp_lab::shared_ram::Shared
                 ignored = Some(f);
             } else if !en {
                 c.running = false;
+                // A reset: the controller abandons what it has not fetched, so the commands of
+                // doorbell writes still held never reach it (and cannot DMA into memory the
+                // module frees once the controller is disabled).
+                if !c.held.is_empty() {
+                    let tails: Vec<String> = c.held.iter().map(|h| format!("{:#x}", h.value)).collect();
+                    HELD.fetch_sub(c.held.len(), Ordering::Relaxed);
+                    c.held.clear();
+                    let f = latency.map_or(String::new(), |f| format!(" {f}"));
+                    w.notes.push(format!(
+                        "device fault{f}: the held admin SQ tail doorbell write(s) {} dropped: the controller is reset (CC.EN = 0) before it fetched their commands",
+                        tails.join(", ")
+                    ));
+                }
             }
         }
         AQA => c.aqa = v as u32,
@@ -351,13 +402,130 @@ pub fn on_write(bar: u64, off: u64, v: u64, ram: &nvmehp_lab::shared_ram::Shared
                 let _ = ram.read(c.acq, &mut before);
                 w.watch = Some(Watch { acq: c.acq, entries: cq_entries, cmds, before });
             }
+            // Held only while the controller runs: a disabled one ignores the write anyway, and
+            // a write held across its next enable would name entries of a queue that no longer
+            // exists.
+            if let (Some(f @ Fault::AdminLatency(ms)), true) = (latency, c.running) {
+                let now = super::sched::clock_ns();
+                c.held.push_back(Held { rung_ns: now, due_ns: now.saturating_add(ms.saturating_mul(1_000_000)), value: v, width, gen, watch: w.watch.take() });
+                HELD.fetch_add(1, Ordering::Relaxed);
+                w.forward = false;
+                w.notes.push(format!("device fault {f}: the write above ({v:#x}) is held: QEMU gets it {ms} ms after the module made it"));
+                delayed = Some((f, ms));
+            }
         }
         _ => {}
     }
     if let Some(f) = ignored {
         s.announce(f, "the controller ignores CC.EN = 0 and CC.SHN once enabled", &mut w.notes);
     }
+    if let Some((f, ms)) = delayed {
+        s.announce(f, &format!("every admin SQ tail doorbell write reaches QEMU {ms} ms after the module made it (emulation clock): each admin command is answered that much later"), &mut w.notes);
+    }
     w
+}
+
+/// Forwards to QEMU every held admin doorbell write (`admin-latency`) whose time has come on the
+/// emulation's clock, oldest first; returns the log lines. `m` is the machine, its lock held by
+/// the caller; `at` says where the emulation is (the log line names it).
+///
+/// When this runs is what makes the latency sound. The module waits for an admin command by
+/// polling its completion queue in memory, sleeping in pause_sbt(9) (or spinning in DELAY(9) for
+/// the first microseconds of its back-off) between the polls, and reading a register only now and
+/// then (its health check). So the forwarding is hooked where the emulation gets control while
+/// time passes for the module: [`time_passes`], from every pause_sbt after its sleep, every
+/// DELAY after its spin and [`super::sched::run_kernel_threads`] (the runner's and the
+/// taskqueues' turns), and this function itself from every trapped register access, before the
+/// access reaches QEMU. The trap alone would not do: a poll that touches no register between
+/// the health checks (100 ms apart) would see the completion up to that much later than due.
+/// The sleeps alone would not do either: a write falling due while the module runs without
+/// sleeping must still reach QEMU before the module's next register access, so the order QEMU
+/// sees is the order of a controller that fetched the command at its time (a CC.EN = 0 made
+/// after a write fell due comes after it, and does not drop it). A write reaches QEMU at its
+/// time or up to one sleep later (the module's sleeps in its poll are at most 1 ms), never
+/// earlier.
+pub fn release_due(m: &super::machine::Machine, at: At) -> Vec<String> {
+    let mut notes = Vec::new();
+    if HELD.load(Ordering::Relaxed) == 0 {
+        return notes;
+    }
+    let now = super::sched::clock_ns();
+    let (fault, due) = {
+        let mut s = state();
+        let fault = s.has(|f| matches!(f, Fault::AdminLatency(_)));
+        let mut due = Vec::new();
+        for (&bar, c) in s.ctrls.iter_mut() {
+            while c.held.front().is_some_and(|h| h.due_ns <= now) {
+                if let Some(h) = c.held.pop_front() {
+                    due.push((bar, h));
+                }
+            }
+        }
+        HELD.fetch_sub(due.len(), Ordering::Relaxed);
+        (fault, due)
+    };
+    let name = fault.map_or(String::new(), |f| format!(" {f}"));
+    for (bar, h) in due {
+        if h.gen.is_some_and(|(slot, ejects_then)| m.ejects(slot) != ejects_then) {
+            notes.push(format!("device fault{name}: the held admin SQ tail doorbell write ({:#x}) of BAR {bar:#x} dropped: the function is gone", h.value));
+            continue;
+        }
+        let phys = bar + ADMIN_SQ_TAIL;
+        let res = m.qtest(|q| if h.width == 8 { q.writeq(phys, h.value) } else { q.writel(phys, h.value as u32) });
+        let after_ms = super::sched::clock_ns().saturating_sub(h.rung_ns) as f64 / 1e6;
+        match res {
+            Ok(()) => {
+                notes.push(format!("device fault{name}: the admin SQ tail doorbell write ({:#x}) of BAR {bar:#x} reaches QEMU {after_ms:.1} ms after the module made it, {}", h.value, at.what()));
+                if let Some(watch) = h.watch {
+                    notes.extend(after_write(watch, m.ram()));
+                }
+            }
+            Err(e) => notes.push(format!("kldhost: device fault{name}: the held admin SQ tail doorbell write ({:#x}) of BAR {bar:#x} could not be forwarded: {e}", h.value)),
+        }
+    }
+    notes
+}
+
+/// Where the emulation is when it forwards a held write ([`release_due`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    /// At the end of the module's pause_sbt(9).
+    Sleep,
+    /// At the end of the module's DELAY(9).
+    Spin,
+    /// The kernel's threads run (taskqueues, interrupt threads, the runner's turn).
+    KernelThreads,
+    /// Before a register access of the module reaches QEMU.
+    RegisterAccess,
+}
+
+impl At {
+    fn what(self) -> &'static str {
+        match self {
+            At::Sleep => "while the module sleeps (pause_sbt)",
+            At::Spin => "while the module spins (DELAY)",
+            At::KernelThreads => "while the kernel's threads run",
+            At::RegisterAccess => "before the module's register access below",
+        }
+    }
+}
+
+/// Time passes for the module (it sleeps or spins, or the kernel's threads run): held doorbell
+/// writes that fell due reach QEMU ([`release_due`]), logged. Nothing to do (no lock taken)
+/// while none is held. Skipped when the machine is in use (a user on another thread; the next
+/// sleep or register access forwards the write instead).
+pub fn time_passes(at: At) {
+    if HELD.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    let notes = {
+        let Ok(g) = super::machine::MACHINE.try_lock() else { return };
+        match g.as_ref() {
+            Some(m) => release_due(m, at),
+            None => Vec::new(),
+        }
+    };
+    notes.into_iter().for_each(super::log);
 }
 
 /// After a watched doorbell write reached QEMU: waits (bounded) for each watched command's
@@ -455,12 +623,13 @@ mod tests {
 
     #[test]
     fn parses_what_it_prints() {
-        for s in ["cap-to=1", "rdy-never", "rdy-slow=300", "no-stop", "csts-cfs", "identify-garbage=flbas", "identify-garbage=lbads63", "cqe-cid=3"] {
+        for s in ["cap-to=1", "rdy-never", "rdy-slow=300", "no-stop", "csts-cfs", "identify-garbage=flbas", "identify-garbage=lbads63", "cqe-cid=3", "admin-latency=900"] {
             assert_eq!(parse(s).map(|f| f.to_string()), Ok(s.to_string()));
         }
         assert_eq!(parse("cap-to:2"), Ok(Fault::CapTo(2)));
         assert_eq!(parse("cqe-cid"), Ok(Fault::CqeCid(1)));
-        for bad in ["cap-to", "cap-to=256", "rdy-slow", "identify-garbage", "identify-garbage=x", "rdy-never=1", "nonsense"] {
+        assert_eq!(parse("admin-latency:50"), Ok(Fault::AdminLatency(50)));
+        for bad in ["cap-to", "cap-to=256", "rdy-slow", "identify-garbage", "identify-garbage=x", "rdy-never=1", "admin-latency", "admin-latency=", "admin-latency=-1", "admin-latency=1.5", "nonsense"] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }

@@ -202,9 +202,11 @@ extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, ctx: *mut c_void) {
             log(format!("bus_read_{}({} + {off:#x}) = {v:#x} (the function is gone)", a.width, win.name));
         }
     } else if a.store {
+        // Held doorbell writes that fell due reach QEMU before this access (device_fault::release_due).
+        let due = if device_fault::armed() { device_fault::release_due(m, device_fault::At::RegisterAccess) } else { Vec::new() };
         let v = a.imm.unwrap_or(uc.uc_mcontext.gregs[r] as u64);
         // The device-fault layer may hold the write back, or rewrite what QEMU answers to it.
-        let fault = device_fault::armed().then(|| device_fault::on_write(win.phys, off, v, m.ram()));
+        let fault = device_fault::armed().then(|| device_fault::on_write(win.phys, off, v, a.width, win.slot, m.ram()));
         let res = match &fault {
             Some(w) if !w.forward => Ok(()),
             _ => m.qtest(|q| if a.width == 8 { q.writeq(phys, v) } else { q.writel(phys, v as u32) }),
@@ -220,11 +222,14 @@ extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, ctx: *mut c_void) {
         if let Err(e) = res {
             die(&format!("qtest write of {} + {off:#x}: {e}", win.name));
         }
+        due.into_iter().for_each(log);
         log(format!("bus_write_{}({} + {off:#x}, {v:#x})", a.width, win.name));
         notes.into_iter().for_each(log);
     } else {
+        let due = if device_fault::armed() { device_fault::release_due(m, device_fault::At::RegisterAccess) } else { Vec::new() };
         let res = m.qtest(|q| if a.width == 8 { q.readq(phys) } else { q.readl(phys).map(u64::from) });
         drop(g);
+        due.into_iter().for_each(log);
         let v = match res {
             Ok(v) => v,
             Err(e) => die(&format!("qtest read of {} + {off:#x}: {e}", win.name)),

@@ -426,6 +426,10 @@ extern "C" fn emu_pause_sbt(wmesg: *const c_char, sbt: i64, _pr: i64, _flags: c_
     log(format!("pause_sbt({w}, {:.3} ms)", sbt as f64 / (1u64 << 32) as f64 * 1000.0));
     // While this thread sleeps, QEMU runs on and the kernel's other threads run.
     std::thread::sleep(std::time::Duration::from_nanos(((sbt.max(0) as u128 * 1_000_000_000) >> 32).min(10_000_000) as u64));
+    // The device's time passes while the module sleeps: admin commands held by the
+    // admin-latency device fault reach QEMU when due (also from a sleep inside one of the
+    // kernel's threads, where run_kernel_threads does nothing).
+    super::device_fault::time_passes(super::device_fault::At::Sleep);
     // Another thread may have been chosen to run in this sleep (`--in-sleep`).
     super::interleave::at_sleep(&w);
     run_kernel_threads();
@@ -437,6 +441,9 @@ extern "C" fn emu_pause_sbt(wmesg: *const c_char, sbt: i64, _pr: i64, _flags: c_
 extern "C" fn emu_delay(usec: c_int) {
     log(format!("DELAY({usec})"));
     std::thread::sleep(std::time::Duration::from_micros(usec.max(0) as u64));
+    // The controller's time passes during a spin too: admin commands held by the
+    // admin-latency device fault reach QEMU when due.
+    super::device_fault::time_passes(super::device_fault::At::Spin);
 }
 
 /// destroy_dev_drain(9): waits for the destroy_dev_sched callbacks of a cdevsw: the destroy
@@ -462,8 +469,10 @@ thread_local! {
 /// The kernel's own threads get to run (the caller sleeps, or taskqueue threads run): GEOM's
 /// event thread (d_gone), devfs's destroy thread (destroy_dev_sched_cb) and interrupt
 /// threads (MSI-X vectors that fired; INTx lines that are high, super::intx). Not re-entered
-/// from code those threads run.
+/// from code those threads run. First the device's time passes: admin doorbell writes the
+/// admin-latency device fault holds reach QEMU once due (super::device_fault::time_passes).
 pub fn run_kernel_threads() -> usize {
+    super::device_fault::time_passes(super::device_fault::At::KernelThreads);
     if IN_KERNEL_THREADS.with(|c| c.replace(true)) {
         return 0;
     }
