@@ -80,3 +80,36 @@ fn a_bad_in_sleep_option_is_a_usage_error() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("expected WMESG[:N]=detach, WMESG[:N]=kldunload or WMESG[:N]=notify:SLOT:VALUE"), "{out}");
 }
+
+/// devctl detach while DEVICE_SHUTDOWN's stop sleeps (`nvmehpst`, made certain by
+/// `--device-fault admin-latency=30`: its Delete I/O Queue commands take 30 ms): the shutdown
+/// holds the device busy, so newbus refuses the detach before calling the module (EBUSY,
+/// "busy 1") and nothing is torn down under the shutdown, which then completes (CC.SHN, the
+/// later write refused); the detach after it is clean. Fails if the detach reaches the
+/// module's DEVICE_DETACH or tears anything down during the shutdown.
+#[test]
+fn a_detach_during_shutdown_is_refused_and_frees_nothing() {
+    let Some(ko) = real_ko("interleave_shutdown") else { return };
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--acpi", "--shutdown", "--device-fault", "admin-latency=30", "--in-sleep", "nvmehpst=detach"]);
+    assert_in_order(
+        &out,
+        &[
+            "nvmehp0: device_shutdown_desc ->",
+            "device_busy(nvmehp0) -> 1",
+            "kldhost: in sleep 1 on nvmehpst, another thread: devctl detach nvmehp0",
+            "device_detach(nvmehp0) = EBUSY (busy 1)",
+            "kldhost: in sleep 1 on nvmehpst, another thread: devctl detach nvmehp0 = 16",
+            "device_unbusy(nvmehp0) -> 0",
+            "nvmehp0: device_shutdown_desc = 0",
+        ],
+    );
+    let from = out.find("another thread: devctl detach nvmehp0").expect("the detach");
+    let to = out.find("nvmehp0: device_shutdown_desc = 0").expect("the shutdown's end");
+    let during = &out[from..to];
+    for never in ["device_detach_desc", "destroy_dev", "taskqueue_free(", "bus_teardown_intr(", "disk_gone("] {
+        assert!(!during.contains(never), "{never} under the shutdown:\n{during}");
+    }
+    assert!(out.contains("shutdown device 4.0 (nvmehp0): 0"), "{out}");
+    assert!(out.contains("write after the shutdown: bio_error 6, on the medium: false"), "{out}");
+    assert_attached_and_clean(code, &out);
+}
