@@ -241,6 +241,10 @@ fn hostile_identify_controller_limits_are_bounded_and_io_still_lands() {
         let (code, out) = kldhost_run_with(&ko, &["--qemu", "--device-fault", &format!("identify-garbage={field}")]);
         assert!(out.contains(&format!("kldhost: injected device fault identify-garbage={field}: {what}, after QEMU's completion")), "{field}:\n{out}");
         assert_in_order(console(&out), &["entries, 1 namespace(s)", "nvmehp0: attached: /dev/nvmehp0 and 1 namespace node(s)"]);
+        // The bound is said, not silent (MDTS above the engine's largest transfer is just
+        // used up to it, as any large MDTS is).
+        let said = console(&out).contains("nvmehp0: reports 4294967295 namespaces; only IDs up to 256 are scanned");
+        assert_eq!(said, field == "nn", "{field}:\n{out}");
         assert!(out.contains("io data in the backing file and read back: ok"), "{field}: a write not on the medium:\n{out}");
         assert_clean_unload(code, &out);
     }
@@ -248,13 +252,16 @@ fn hostile_identify_controller_limits_are_bounded_and_io_still_lands() {
 
 /// The bring-up's Identify completes with CID 0xffff (no such command): the engine drops the
 /// entry instead of indexing with it, the command runs out its timeout (1 s here), and the
-/// attach fails; nothing left.
+/// attach fails, saying it dropped the entry; nothing left.
 #[test]
 fn a_completion_with_an_out_of_range_cid_is_dropped_and_the_bring_up_fails() {
     let Some(ko) = real_ko("device_fault_cqe_cid") else { return };
     let (code, out) = kldhost_run_with(&ko, &["--qemu", "--tunable", "hw.nvme_hotplug.cmd_timeout_ms=1000", "--device-fault", "cqe-cid=1"]);
     assert!(out.contains("kldhost: injected device fault cqe-cid=1: the completion of admin command CID 0 carries CID 0xffff"), "{out}");
     assert_bring_up_failed(&out, "timed out");
+    // The timeout is explained: the dropped entry is said, though the interrupt path that
+    // reports such entries never ran.
+    assert_in_order(console(&out), &["nvmehp0: bring-up failed: timed out", "nvmehp0: bring-up: dropped 1 invalid completion entries (unknown command id or queue)"]);
     assert_clean_unload(code, &out);
 }
 

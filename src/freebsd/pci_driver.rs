@@ -366,6 +366,13 @@ fn start_engine(dev: Device, unit: u32) -> Result<(CtrlRef, EngineGate, IrqAlloc
     };
     if let Err(e) = engine.bring_up() {
         dev_printf!(&dev, "bring-up failed: {}\n", e);
+        // Entries dropped during the bring-up are otherwise reported by the interrupt path,
+        // which a failed bring-up never reaches: a controller answering with command ids it
+        // was never given explains a timeout, so say so here.
+        let bad = engine.stats().bad_completions;
+        if bad > 0 {
+            dev_printf!(&dev, "bring-up: dropped {} invalid completion entries (unknown command id or queue)\n", bad);
+        }
         // The failed bring-up has stopped the controller. Then the interrupt (IRQ resource,
         // messages, MSI-X BARs), then the engine with BAR0.
         drop(irq);
@@ -387,6 +394,11 @@ fn start_engine(dev: Device, unit: u32) -> Result<(CtrlRef, EngineGate, IrqAlloc
             i.io_entries,
             engine.namespaces().len()
         );
+    }
+    // A namespace count above what the engine scans is bounded, not trusted (a hostile or
+    // broken controller may say 2^32 - 1): say which part is looked at.
+    if let Some(i) = engine.info().filter(|i| i.nn > engine.config().max_namespaces) {
+        dev_printf!(&dev, "reports {} namespaces; only IDs up to {} are scanned\n", i.nn, engine.config().max_namespaces);
     }
     for (nsid, why) in engine.rejected_namespaces() {
         dev_printf!(&dev, "namespace {} not exposed: {}\n", nsid, why);
