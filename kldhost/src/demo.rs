@@ -79,6 +79,7 @@ fn title(step: &Step) -> String {
         Step::Eject { slot, id } => format!("announced eject of {id} in slot {slot}"),
         Step::Surprise { slot, in_flight, .. } => format!("surprise removal of slot {slot} with {in_flight} writes in flight"),
         Step::HotAdd { slot, id, .. } => format!("hot-add of {id} in slot {slot}"),
+        Step::ReadInFlight => "a read left in flight".to_string(),
         Step::Detach => "devctl detach".to_string(),
     }
 }
@@ -107,6 +108,7 @@ fn announce(step: &Step, report: &Report) -> String {
              the module detaches, deletes the function, evaluates _EJ0)",
             slot_object(*slot)
         ),
+        Step::ReadInFlight => format!("==> a 4 KiB read sent to {disk} and left in flight while time passes"),
         Step::Detach => "==> devctl detach of every function still attached".to_string(),
     }
 }

@@ -62,6 +62,11 @@ enum Cmd {
         /// not waited for; each must end without error (and be on the medium) or with ENXIO.
         #[arg(long, default_value_t = 0, requires = "surprise")]
         in_flight: usize,
+        /// With --surprise: before the removal, one 4 KiB read sent to the disk and left in
+        /// flight while time passes, until it is done or the module's watchdog stops re-arming
+        /// (it gave the controller up); with `--device-fault io-stall` it never reaches QEMU.
+        #[arg(long, requires = "surprise")]
+        read_in_flight: bool,
         /// With --acpi: stock FreeBSD, acpi_pci(4) drives pci0 and its (unremovable) notify
         /// handler is on every slot before the module loads; without it the module owns them.
         #[arg(long, requires = "acpi")]
@@ -191,7 +196,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, q35, device_fault } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, q35, device_fault } => {
             kldhost::emu::fail::arm(fail);
             kldhost::emu::device_fault::arm(device_fault);
             let tunables = tunables.iter().map(|t| t.split_once('=').map(|(n, v)| (n.to_string(), v.to_string())).unwrap_or((t.clone(), String::new()))).collect();
@@ -206,6 +211,7 @@ fn main() -> ExitCode {
                 hot_add,
                 surprise,
                 in_flight,
+                read_in_flight,
                 acpi_pci,
                 plan: None,
                 open_nodes,
@@ -408,6 +414,9 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
     }
     if r.surprise_detected {
         println!("surprise removal: the function left pci0");
+    }
+    if let Some(e) = r.read_in_flight {
+        println!("read in flight: {}", if e < 0 { "never done (the module keeps it)".to_string() } else { format!("done, error {e}") });
     }
     if !r.in_flight.is_empty() {
         const ENXIO: i32 = kldhost::layouts::ENXIO;
