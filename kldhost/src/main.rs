@@ -103,7 +103,9 @@ enum Cmd {
         kldunload_retries: usize,
         /// With --qemu, a device fault (repeatable): what the module sees of QEMU's NVMe
         /// controller is rewritten between the two (src/emu/device_fault.rs): cap-to=N,
-        /// rdy-never, rdy-slow=MS, no-stop, csts-cfs, identify-garbage=FIELD, cqe-cid[=N].
+        /// rdy-never, rdy-slow=MS, no-stop, csts-cfs, identify-garbage=FIELD, cqe-cid[=N],
+        /// io-stall[=N] (I/O SQ doorbells after the first N held back), busmaster-stuck (config
+        /// space: the bus-master bit cannot be cleared).
         #[arg(long = "device-fault", value_name = "KIND[=ARG]", value_parser = kldhost::emu::device_fault::parse, requires = "qemu")]
         device_fault: Vec<kldhost::emu::device_fault::Fault>,
         /// With --qemu: QEMU's q35 (ICH9) machine: the controller behind the pcie-root-port in
