@@ -241,7 +241,9 @@ fn parked_read(log: &[&str]) -> (usize, String) {
 /// device gone: no panic, and the kept DMA memory (rings, the loaded map and its tag) is
 /// told as kept, not as a leak, because the module said so; nothing else is left. Control:
 /// without no-stop the controller stops, keeps bus mastering through the teardown, the read
-/// fails (EIO, the timeout's error) after its map was unloaded, and everything is freed.
+/// fails (EIO, the timeout's error) after its map was unloaded, and everything is freed; with
+/// no-stop but a bus-master bit that clears, bus mastering is turned off first, then the read
+/// fails the same way and everything is freed.
 /// This was the fake kernel's `a_controller_that_cannot_be_stopped_loses_bus_mastering_before_its_memory_is_let_go`;
 /// there the teardown was a surprise one with the controller still present, which the shipped
 /// .ko never runs (its detach is a surprise only when config space reads all-ones, and its
@@ -294,6 +296,26 @@ fn a_controller_that_cannot_be_stopped_loses_bus_mastering_before_a_parked_read_
     );
     let left: Vec<_> = blocks_left(&log).into_iter().filter(|(_, (_, contig))| !contig).collect();
     assert!(left.is_empty(), "only DMA memory kept: {left:?}");
+    assert_clean_unload(code, &out);
+
+    // The same controller whose function obeys the bus-master write: cut off, so the read
+    // fails (after its map's unload) and everything is freed.
+    let at = READ_IN_FLIGHT.len() - 2;
+    assert_eq!(READ_IN_FLIGHT[at..], ["--device-fault", "busmaster-stuck"]);
+    let mut args = READ_IN_FLIGHT[..at].to_vec();
+    args.extend(["--device-fault", "no-stop"]);
+    let (code, out) = kldhost_run_with(&ko, &args);
+    let log = calls(&out);
+    let (r, map) = parked_read(&log);
+    let off = index(&log, r, "pci_disable_busmaster(nvmehp0) (command 0x6 -> 0x2)");
+    index(&log, off, "device_printf(\"nvmehp0: controller ignored the disable: bus mastering turned off; its requests fail and its memory is freed");
+    let early_free = log[r..off].iter().find(|l| frees_dma(&log, l));
+    assert!(early_free.is_none(), "DMA memory freed before bus mastering was turned off: {early_free:?}");
+    let unload = index(&log, off, &format!("bus_dmamap_unload({map})"));
+    let done = index(&log, unload, "biodone(");
+    assert!(log[done].contains(": error 5, flags 0x3, resid 4096"), "the read fails with EIO: {}", log[done]);
+    assert!(!out.contains("kept, not a"), "{out}");
+    assert!(blocks_left(&log).is_empty(), "everything freed: {:?}", blocks_left(&log));
     assert_clean_unload(code, &out);
 
     // Control: the controller obeys the disable.

@@ -395,7 +395,7 @@ pub fn on_write(bar: u64, off: u64, v: u64, ram: &nvmehp_lab::shared_ram::Shared
             }
         }
         // An I/O submission queue's tail doorbell (queue y >= 1, the even doorbells).
-        o if o >= DOORBELLS + 2 * stride && (o - DOORBELLS) % stride == 0 && ((o - DOORBELLS) / stride) % 2 == 0 => {
+        o if o >= DOORBELLS + 2 * stride && (o - DOORBELLS).is_multiple_of(stride) && ((o - DOORBELLS) / stride).is_multiple_of(2) => {
             let qid = (o - DOORBELLS) / stride / 2;
             match faults.iter().find_map(|f| if let Fault::IoStall(n) = f { Some((*f, *n)) } else { None }) {
                 Some((f, n)) if c.io_doorbells >= n => {
