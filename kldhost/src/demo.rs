@@ -81,6 +81,7 @@ fn title(step: &Step) -> String {
         Step::HotAdd { slot, id, .. } => format!("hot-add of {id} in slot {slot}"),
         Step::Notify { slot, value } => format!("Notify({value}) on slot {slot}"),
         Step::Shutdown => "reboot's DEVICE_SHUTDOWN".to_string(),
+        Step::ReadInFlight => "a read left in flight".to_string(),
         Step::Detach => "devctl detach".to_string(),
     }
 }
@@ -111,6 +112,7 @@ fn announce(step: &Step, report: &Report) -> String {
         ),
         Step::Notify { slot, value } => format!("==> the firmware's Notify(S{slot:02X}_, {value}) with nothing changed in the machine"),
         Step::Shutdown => "==> reboot: DEVICE_SHUTDOWN of every attached function, then a write that must fail".to_string(),
+        Step::ReadInFlight => format!("==> a 4 KiB read sent to {disk} and left in flight while time passes"),
         Step::Detach => "==> devctl detach of every function still attached".to_string(),
     }
 }

@@ -62,6 +62,11 @@ enum Cmd {
         /// not waited for; each must end without error (and be on the medium) or with ENXIO.
         #[arg(long, default_value_t = 0, requires = "surprise")]
         in_flight: usize,
+        /// With --surprise: before the removal, one 4 KiB read sent to the disk and left in
+        /// flight while time passes, until it is done or the module's watchdog stops re-arming
+        /// (it gave the controller up); with `--device-fault io-stall` it never reaches QEMU.
+        #[arg(long, requires = "surprise")]
+        read_in_flight: bool,
         /// With --acpi: stock FreeBSD, acpi_pci(4) drives pci0 and its (unremovable) notify
         /// handler is on every slot before the module loads; without it the module owns them.
         #[arg(long, requires = "acpi")]
@@ -115,7 +120,8 @@ enum Cmd {
         /// With --qemu, a device fault (repeatable): what the module sees of QEMU's NVMe
         /// controller is rewritten between the two (src/emu/device_fault.rs): cap-to=N,
         /// rdy-never, rdy-slow=MS, no-stop, csts-cfs, identify-garbage=FIELD, cqe-cid[=N],
-        /// admin-latency=MS.
+        /// admin-latency=MS, io-stall[=N] (I/O SQ doorbells after the first N held back),
+        /// busmaster-stuck (config space: the bus-master bit cannot be cleared).
         #[arg(long = "device-fault", value_name = "KIND[=ARG]", value_parser = kldhost::emu::device_fault::parse, requires = "qemu")]
         device_fault: Vec<kldhost::emu::device_fault::Fault>,
         /// A chosen interleaving (repeatable): while the module sleeps in pause(9) for the
@@ -219,7 +225,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, notify, q35, device_fault, in_sleep, late_msix } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, notify, q35, device_fault, in_sleep, late_msix } => {
             kldhost::emu::fail::arm(fail);
             kldhost::emu::device_fault::arm(device_fault);
             kldhost::emu::interleave::arm(in_sleep);
@@ -235,6 +241,7 @@ fn main() -> ExitCode {
                 hot_add,
                 surprise,
                 in_flight,
+                read_in_flight,
                 acpi_pci,
                 plan: None,
                 open_nodes,
@@ -450,6 +457,9 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
     }
     if r.surprise_detected {
         println!("surprise removal: the function left pci0");
+    }
+    if let Some(e) = r.read_in_flight {
+        println!("read in flight: {}", if e < 0 { "never done (the module keeps it)".to_string() } else { format!("done, error {e}") });
     }
     if !r.in_flight.is_empty() {
         const ENXIO: i32 = kldhost::layouts::ENXIO;

@@ -205,6 +205,135 @@ fn a_controller_that_cannot_be_stopped_loses_bus_mastering_before_its_memory_is_
     assert_clean_unload(code, &out);
 }
 
+/// The surprise run with a read left in flight (`--read-in-flight`): the read's SQ doorbell
+/// is the third I/O one (after the I/O step's write and read), which `io-stall=2` holds back,
+/// so QEMU never sees it; the module's 1 s command timeout (tunable) makes its watchdog give
+/// the controller up and run the stop on the still-present controller, with the read parked.
+const READ_IN_FLIGHT: &[&str] = &[
+    "--qemu",
+    "--acpi",
+    "--surprise",
+    "--read-in-flight",
+    "--tunable",
+    "hw.nvme_hotplug.cmd_timeout_ms=1000",
+    "--device-fault",
+    "cap-to=1",
+    "--device-fault",
+    "io-stall=2",
+    "--device-fault",
+    "busmaster-stuck",
+];
+
+/// The parked read's d_strategy and the busdma map it was loaded into (`tag T, map M`).
+fn parked_read(log: &[&str]) -> (usize, String) {
+    let r = index(log, 0, "g_down: d_strategy(nvmehpd0, BIO_READ, offset 1048576, 4096 bytes)");
+    let load = log[index(log, r, "bus_dmamap_load_bio(")];
+    let map = load.strip_prefix("bus_dmamap_load_bio(").and_then(|l| l.split(", bio ").next()).expect("tag and map").to_string();
+    (r, map)
+}
+
+/// A controller that ignores the disable (no-stop) and whose function ignores the clearing of
+/// its bus-master bit (busmaster-stuck), with a read in flight that never completes (io-stall):
+/// the module gives the controller up (command timeout), its stop tries CC.SHN and CC.EN = 0,
+/// then turns bus mastering off (pci_disable_busmaster) before anything is decided about the
+/// parked read and before any DMA memory is freed; the bit reads back on, so the read is held:
+/// never completed, its map never unloaded, counted and said on the console, and the rings
+/// kept. The slot is then pulled (surprise removal) and the controller detached with the
+/// device gone: no panic, and the kept DMA memory (rings, the loaded map and its tag) is
+/// told as kept, not as a leak, because the module said so; nothing else is left. Control:
+/// without no-stop the controller stops, keeps bus mastering through the teardown, the read
+/// fails (EIO, the timeout's error) after its map was unloaded, and everything is freed; with
+/// no-stop but a bus-master bit that clears, bus mastering is turned off first, then the read
+/// fails the same way and everything is freed.
+/// This was the fake kernel's `a_controller_that_cannot_be_stopped_loses_bus_mastering_before_its_memory_is_let_go`;
+/// there the teardown was a surprise one with the controller still present, which the shipped
+/// .ko never runs (its detach is a surprise only when config space reads all-ones, and its
+/// stop then touches nothing), so here the stop is the one of a controller given up while
+/// present, which is where the .ko meets a controller that may still DMA.
+#[test]
+fn a_controller_that_cannot_be_stopped_loses_bus_mastering_before_a_parked_read_is_decided() {
+    let Some(ko) = real_ko("device_fault_busmaster_stuck") else { return };
+    let mut args = READ_IN_FLIGHT.to_vec();
+    args.extend(["--device-fault", "no-stop"]);
+    let (code, out) = kldhost_run_with(&ko, &args);
+    let log = calls(&out);
+    let (r, map) = parked_read(&log);
+    let stalled = index(&log, r, "kldhost: injected device fault io-stall=2: ");
+    let shn = index(&log, stalled, CC_SHN);
+    assert!(log[shn + 1].starts_with("device fault no-stop: the write above (0x464001) was not passed on"), "{}", log[shn + 1]);
+    let disable = index(&log, shn, CC_DISABLE);
+    assert!(log[disable + 1].starts_with("device fault no-stop: the write above (0x460000) was not passed on"), "{}", log[disable + 1]);
+    let stuck = index(&log, disable, "kldhost: injected device fault busmaster-stuck: ");
+    let off = index(&log, disable, "pci_disable_busmaster(nvmehp0)");
+    assert!(stuck < off, "the config write of pci_disable_busmaster was the one held on");
+    index(&log, off, "nvmehp0: PCIR_COMMAND reads back 0x6: bus mastering is still on");
+    let said = index(&log, off, "device_printf(\"nvmehp0: controller ignored the disable and still has bus mastering on (command 0x0006): its memory and requests are held");
+    let held = index(&log, said, "device_printf(\"nvmehp0: controller could not be stopped: holding the I/O requests whose pages it may still access, never completing them (1 now;");
+    let early_free = log[r..off].iter().find(|l| frees_dma(&log, l));
+    assert!(early_free.is_none(), "DMA memory freed before bus mastering was turned off: {early_free:?}");
+    assert!(!log[r..].iter().any(|l| frees_dma(&log, l)), "DMA memory freed although the device may still use it");
+    let unload = format!("bus_dmamap_unload({map})");
+    assert!(!log[r..].iter().any(|l| *l == unload), "the held read's map was unloaded");
+    assert!(!log[r..].iter().any(|l| l.starts_with("biodone(")), "a read the device may still write was completed");
+    assert!(held < index(&log, held, "surprise removal: PCEJ bit 4 written with no device_del"));
+    assert!(out.contains("\nread in flight: never done (the module keeps it)\n"), "{out}");
+    assert_in_order(
+        console(&out),
+        &[
+            "nvmehp0: controller ignored the disable and still has bus mastering on",
+            "nvmehp0: controller could not be stopped: holding the I/O requests",
+            "nvmehp0: controller lost (timed out, health Healthy)",
+            "nvmehp0: detached (device gone)",
+        ],
+    );
+    // Kept, as FreeBSD requires of memory a device may still DMA into, and said so: no finding.
+    assert_in_order(
+        &out,
+        &[
+            "contigmalloc'd blocks (",
+            "kept, not a leak: nvmehp0 may still DMA into them (bus mastering on) and the module said so",
+            "after unload: 1 loaded busdma map(s) and 1 tag(s) kept, not a finding: nvmehp0 may still DMA",
+        ],
+    );
+    let left: Vec<_> = blocks_left(&log).into_iter().filter(|(_, (_, contig))| !contig).collect();
+    assert!(left.is_empty(), "only DMA memory kept: {left:?}");
+    assert_clean_unload(code, &out);
+
+    // The same controller whose function obeys the bus-master write: cut off, so the read
+    // fails (after its map's unload) and everything is freed.
+    let at = READ_IN_FLIGHT.len() - 2;
+    assert_eq!(READ_IN_FLIGHT[at..], ["--device-fault", "busmaster-stuck"]);
+    let mut args = READ_IN_FLIGHT[..at].to_vec();
+    args.extend(["--device-fault", "no-stop"]);
+    let (code, out) = kldhost_run_with(&ko, &args);
+    let log = calls(&out);
+    let (r, map) = parked_read(&log);
+    let off = index(&log, r, "pci_disable_busmaster(nvmehp0) (command 0x6 -> 0x2)");
+    index(&log, off, "device_printf(\"nvmehp0: controller ignored the disable: bus mastering turned off; its requests fail and its memory is freed");
+    let early_free = log[r..off].iter().find(|l| frees_dma(&log, l));
+    assert!(early_free.is_none(), "DMA memory freed before bus mastering was turned off: {early_free:?}");
+    let unload = index(&log, off, &format!("bus_dmamap_unload({map})"));
+    let done = index(&log, unload, "biodone(");
+    assert!(log[done].contains(": error 5, flags 0x3, resid 4096"), "the read fails with EIO: {}", log[done]);
+    assert!(!out.contains("kept, not a"), "{out}");
+    assert!(blocks_left(&log).is_empty(), "everything freed: {:?}", blocks_left(&log));
+    assert_clean_unload(code, &out);
+
+    // Control: the controller obeys the disable.
+    let (code, out) = kldhost_run_with(&ko, READ_IN_FLIGHT);
+    let log = calls(&out);
+    let (r, map) = parked_read(&log);
+    index(&log, r, "kldhost: injected device fault io-stall=2: ");
+    assert!(!log[r..].iter().any(|l| l.starts_with("pci_disable_busmaster(")), "bus mastering kept through the teardown of a stopped controller");
+    let unload = index(&log, r, &format!("bus_dmamap_unload({map})"));
+    let done = index(&log, unload, "biodone(");
+    assert!(log[done].contains(": error 5, flags 0x3, resid 4096"), "the read fails with EIO: {}", log[done]);
+    assert!(out.contains("\nread in flight: done, error 5\n"), "{out}");
+    assert!(!out.contains("kept, not a"), "{out}");
+    assert!(blocks_left(&log).is_empty(), "everything freed: {:?}", blocks_left(&log));
+    assert_clean_unload(code, &out);
+}
+
 /// Hostile Identify Namespace data written over QEMU's after its completion: each is rejected
 /// with the engine's reason, the controller attaches with no namespace node or disk, nothing
 /// panics, nothing is left.

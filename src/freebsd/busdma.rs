@@ -118,7 +118,10 @@ impl DmaTag {
     /// device may still use its pages. Returns false if the map could not be destroyed.
     pub fn destroy_map(&self, map: DmaMap) -> bool {
         if map.loaded.is_some() {
-            core::mem::forget(map);
+            // Only the busdma map itself stays (loaded, never destroyed: its pages stay the
+            // device's). The segment array is this driver's bookkeeping, memory no device
+            // reaches: keeping it would only leak it past kldunload.
+            drop(map.segs);
             return false;
         }
         // SAFETY: a map of this tag, unloaded, destroyed once (consumed).

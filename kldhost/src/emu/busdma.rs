@@ -524,8 +524,22 @@ extern "C" fn emu_bus_dmamap_load_bio(tag: u64, map: u64, bp: *mut layouts::bio,
 }
 
 /// After unload: tags and maps the module made and never destroyed.
+///
+/// A map still loaded and the tag it belongs to are kept, not a finding, when a device may
+/// still DMA into the map's pages and the module said so ([`super::kern::dma_hold_reported`]):
+/// unloading or destroying them would let the pages be reused under the device.
 pub fn end_of_life_checks() {
-    let (tags, maps) = with_dma(|d| (d.tags.values().filter(|t| t.owned).count(), d.maps.len()));
+    let holder = super::with(|e| super::kern::dma_hold_reported(e));
+    let (tags, maps, kept) = with_dma(|d| {
+        let loaded: Vec<(u64, u64)> = d.maps.iter().filter(|(_, m)| matches!(m.state, MapState::Loaded { .. })).map(|(k, m)| (*k, m.tag)).collect();
+        let kept: Vec<(u64, u64)> = if holder.is_some() { loaded } else { Vec::new() };
+        let tags = d.tags.iter().filter(|(t, r)| r.owned && !kept.iter().any(|(_, kt)| kt == *t)).count();
+        (tags, d.maps.len() - kept.len(), kept)
+    });
+    if let (Some(dev), false) = (&holder, kept.is_empty()) {
+        let tags: std::collections::BTreeSet<u64> = kept.iter().map(|k| k.1).collect();
+        log(format!("after unload: {} loaded busdma map(s) and {} tag(s) kept, not a finding: {dev} may still DMA into the maps' pages (bus mastering on) and the module said so", kept.len(), tags.len()));
+    }
     if tags > 0 {
         finding(format!("after unload: {tags} busdma tag(s) never destroyed"));
     }

@@ -1,7 +1,8 @@
 //! Device faults: `--device-fault KIND[=ARG]` rewrites what the module sees of QEMU's NVMe
 //! controller, for the controller behaviour QEMU will not produce (a CSTS.RDY that never
 //! rises, a controller that ignores the disable, hostile identify data, a stale CID, admin
-//! commands answered late).
+//! commands answered late, an I/O command that never completes, a bus-master bit that cannot
+//! be cleared).
 //!
 //! The layer sits between the module and QEMU, where kldhost already is: every register
 //! access of the module is trapped ([`super::mmio`]) and forwarded over qtest, so a register
@@ -13,6 +14,11 @@
 //! only the module's view of it is hostile. Every fault says so in the call log
 //! (`kldhost: injected device fault KIND: ...`, and each rewritten access names its fault), so
 //! a test can tell an injected fault from the driver's own doing.
+//!
+//! Config space has one hook too ([`on_config_write`], called by `machine::cfg_write`, which
+//! every config write of the module goes through: pci_write_config, pci_enable_busmaster and
+//! pci_disable_busmaster): there the layer changes the value before QEMU gets it, so what the
+//! function does afterwards (and reads back) is QEMU's own answer to the changed write.
 //!
 //! The armed faults are process-global, as the emulated kernel is, and apply to every NVMe
 //! BAR0 window; per controller (BAR address) the layer keeps what it needs to know: whether
@@ -33,6 +39,14 @@ const ASQ: u64 = 0x28;
 const ACQ: u64 = 0x30;
 /// The admin submission queue's tail doorbell (queue 0: at 0x1000 whatever CAP.DSTRD says).
 const ADMIN_SQ_TAIL: u64 = 0x1000;
+/// The doorbells: SQ y's tail at 0x1000 + (2y) * (4 << CAP.DSTRD), CQ y's head after it.
+const DOORBELLS: u64 = 0x1000;
+
+/// Config space (PCI Local Bus 3.0, sys/dev/pci/pcireg.h): the command register and its
+/// bus-master enable bit, and the class code an NVMe function has (01h/08h/02h).
+const PCIR_COMMAND: u16 = 0x04;
+const PCIM_CMD_BUSMASTEREN: u32 = 0x4;
+pub const CLASS_NVME: u32 = 0x01_08_02;
 
 const CC_EN: u64 = 1;
 const CC_SHN_MASK: u64 = 3 << 14;
@@ -107,6 +121,14 @@ pub enum Fault {
     /// Every admin SQ tail doorbell write reaches QEMU this many ms (emulation clock) after the
     /// module made it: each admin command is answered that much later.
     AdminLatency(u64),
+    /// Config space: once PCIM_CMD_BUSMASTEREN is set in an NVMe function's PCIR_COMMAND, a
+    /// write clearing it leaves it set (the rest of the write is passed on), so the bit reads
+    /// back on and QEMU's function keeps mastering the bus.
+    BusmasterStuck,
+    /// I/O queues: after the first N tail doorbell writes of I/O submission queues (queue
+    /// ids 1 and up) since the controller was enabled, every later one is not passed on, so
+    /// QEMU never sees those commands and they never complete. The admin queue is untouched.
+    IoStall(u64),
 }
 
 impl std::fmt::Display for Fault {
@@ -121,6 +143,8 @@ impl std::fmt::Display for Fault {
             Fault::IdentifyGarbage(g) => write!(f, "identify-garbage={}", g.name()),
             Fault::CqeCid(n) => write!(f, "cqe-cid={n}"),
             Fault::AdminLatency(ms) => write!(f, "admin-latency={ms}"),
+            Fault::BusmasterStuck => write!(f, "busmaster-stuck"),
+            Fault::IoStall(n) => write!(f, "io-stall={n}"),
         }
     }
 }
@@ -136,6 +160,8 @@ impl Fault {
             Fault::IdentifyGarbage(_) => "identify-garbage",
             Fault::CqeCid(_) => "cqe-cid",
             Fault::AdminLatency(_) => "admin-latency",
+            Fault::BusmasterStuck => "busmaster-stuck",
+            Fault::IoStall(_) => "io-stall",
         }
     }
 }
@@ -143,7 +169,7 @@ impl Fault {
 /// What `--device-fault` accepts, for the usage error.
 pub const USAGE: &str = "cap-to=N (0..255, 500 ms units), rdy-never, rdy-slow=MS, no-stop, csts-cfs, \
 identify-garbage=nn|mdts|flbas|lbads0|lbads63|nsze0|ncap, cqe-cid[=N] (the N-th admin command, default 1), \
-admin-latency=MS";
+admin-latency=MS, busmaster-stuck, io-stall[=N] (I/O SQ doorbells after the first N, default 0, held back)";
 
 /// Parses `KIND[=ARG]` (`KIND:ARG` too).
 pub fn parse(spec: &str) -> Result<Fault, String> {
@@ -163,6 +189,9 @@ pub fn parse(spec: &str) -> Result<Fault, String> {
         ("cqe-cid", None) => Fault::CqeCid(1),
         ("cqe-cid", a) => Fault::CqeCid(num(a)?.max(1)),
         ("admin-latency", a) => Fault::AdminLatency(num(a)?),
+        ("busmaster-stuck", None) => Fault::BusmasterStuck,
+        ("io-stall", None) => Fault::IoStall(0),
+        ("io-stall", a) => Fault::IoStall(num(a)?),
         _ => return Err(bad()),
     })
 }
@@ -185,6 +214,10 @@ struct Ctrl {
     done: Vec<Fault>,
     /// Admin SQ tail doorbell writes held back (admin-latency), oldest first.
     held: VecDeque<Held>,
+    /// CAP.DSTRD as the module read it (the doorbell stride is 4 << DSTRD bytes).
+    dstrd: u32,
+    /// I/O SQ tail doorbell writes passed on since the controller was enabled (`io-stall`).
+    io_doorbells: u64,
 }
 
 /// An admin SQ tail doorbell write the layer holds back (`admin-latency`) until [`release_due`]
@@ -259,6 +292,11 @@ pub fn on_read(bar: u64, off: u64, width: u8, v: u64) -> (u64, Vec<String>) {
     let mut notes = Vec::new();
     let mut s = state();
     let mut out = v;
+    if off == CAP && width == 8 {
+        s.ctrls.entry(bar).or_default().dstrd = ((v >> 32) & 0xf) as u32;
+    } else if off == CAP + 4 {
+        s.ctrls.entry(bar).or_default().dstrd = (v & 0xf) as u32;
+    }
     if off == CAP {
         if let Some(f @ Fault::CapTo(n)) = s.has(|f| matches!(f, Fault::CapTo(_))) {
             out = (v & !(0xff << 24)) | (u64::from(n) << 24);
@@ -326,6 +364,8 @@ pub fn on_write(bar: u64, off: u64, v: u64, width: u8, gen: Option<(u8, u64)>, r
     let c = s.ctrls.entry(bar).or_default();
     let mut ignored = None;
     let mut delayed = None;
+    let mut stalled = None;
+    let stride = 4u64 << c.dstrd;
     match off {
         CC => {
             let en = v & CC_EN != 0;
@@ -337,6 +377,7 @@ pub fn on_write(bar: u64, off: u64, v: u64, width: u8, gen: Option<(u8, u64)>, r
                 c.running = true;
                 c.admin_tail = 0;
                 c.admin_cmds = 0;
+                c.io_doorbells = 0;
             }
             if let (Some(f), true, true) = (no_stop, stop, c.running) {
                 w.forward = false;
@@ -414,6 +455,18 @@ pub fn on_write(bar: u64, off: u64, v: u64, width: u8, gen: Option<(u8, u64)>, r
                 delayed = Some((f, ms));
             }
         }
+        // An I/O submission queue's tail doorbell (queue y >= 1, the even doorbells).
+        o if o >= DOORBELLS + 2 * stride && (o - DOORBELLS).is_multiple_of(stride) && ((o - DOORBELLS) / stride).is_multiple_of(2) => {
+            let qid = (o - DOORBELLS) / stride / 2;
+            match faults.iter().find_map(|f| if let Fault::IoStall(n) = f { Some((*f, *n)) } else { None }) {
+                Some((f, n)) if c.io_doorbells >= n => {
+                    w.forward = false;
+                    w.notes.push(format!("device fault {f}: the write above (SQ {qid} tail {v}) was not passed on: QEMU never sees the command"));
+                    stalled = Some((f, n));
+                }
+                _ => c.io_doorbells += 1,
+            }
+        }
         _ => {}
     }
     if let Some(f) = ignored {
@@ -421,6 +474,9 @@ pub fn on_write(bar: u64, off: u64, v: u64, width: u8, gen: Option<(u8, u64)>, r
     }
     if let Some((f, ms)) = delayed {
         s.announce(f, &format!("every admin SQ tail doorbell write reaches QEMU {ms} ms after the module made it (emulation clock): each admin command is answered that much later"), &mut w.notes);
+    }
+    if let Some((f, n)) = stalled {
+        s.announce(f, &format!("I/O submission queue doorbells after the first {n} are held back: those commands never complete"), &mut w.notes);
     }
     w
 }
@@ -528,6 +584,35 @@ pub fn time_passes(at: At) {
     notes.into_iter().for_each(super::log);
 }
 
+/// A config-space write of the module to the function at `class` (its class code, 24 bits):
+/// the value QEMU is to get instead of `v`, and the log lines to add. `reg`/`width` as
+/// pci_write_config(9) takes them; `cmd` is the function's PCIR_COMMAND before the write.
+pub fn on_config_write(class: u32, reg: u16, v: u32, width: i32, cmd: u32) -> (u32, Vec<String>) {
+    let mut notes = Vec::new();
+    let mut s = state();
+    let Some(f) = s.has(|f| *f == Fault::BusmasterStuck) else { return (v, notes) };
+    // The byte at PCIR_COMMAND holds the bit; a write of width `width` at `reg` covers it
+    // if reg <= 0x04 < reg + width.
+    let covers = reg <= PCIR_COMMAND && u32::from(PCIR_COMMAND) < u32::from(reg) + width.max(1) as u32;
+    if class != CLASS_NVME || !covers || cmd & PCIM_CMD_BUSMASTEREN == 0 {
+        return (v, notes);
+    }
+    let bit = PCIM_CMD_BUSMASTEREN << (8 * u32::from(PCIR_COMMAND - reg));
+    if v & bit != 0 {
+        return (v, notes);
+    }
+    let out = v | bit;
+    notes.push(format!("device fault {f}: config write of {v:#x} at {reg:#x} passed on as {out:#x}: PCIM_CMD_BUSMASTEREN stays set"));
+    s.announce(f, "the function ignores clearing PCIM_CMD_BUSMASTEREN: PCIR_COMMAND reads it back on", &mut notes);
+    (out, notes)
+}
+
+/// Whether a config write of `width` bytes at `reg` may concern the layer (so the caller reads
+/// the class code and command register only then).
+pub fn wants_config_write(reg: u16, width: i32) -> bool {
+    armed() && reg <= PCIR_COMMAND && u32::from(PCIR_COMMAND) < u32::from(reg) + width.max(1) as u32 && state().has(|f| *f == Fault::BusmasterStuck).is_some()
+}
+
 /// After a watched doorbell write reached QEMU: waits (bounded) for each watched command's
 /// completion to appear in the admin CQ, then applies its fault, before the module (stopped
 /// in the trap of this very write) can see the completion. Returns the log lines.
@@ -623,14 +708,31 @@ mod tests {
 
     #[test]
     fn parses_what_it_prints() {
-        for s in ["cap-to=1", "rdy-never", "rdy-slow=300", "no-stop", "csts-cfs", "identify-garbage=flbas", "identify-garbage=lbads63", "cqe-cid=3", "admin-latency=900"] {
+        for s in ["cap-to=1", "rdy-never", "rdy-slow=300", "no-stop", "csts-cfs", "identify-garbage=flbas", "identify-garbage=lbads63", "cqe-cid=3", "admin-latency=900", "busmaster-stuck", "io-stall=2"] {
             assert_eq!(parse(s).map(|f| f.to_string()), Ok(s.to_string()));
         }
         assert_eq!(parse("cap-to:2"), Ok(Fault::CapTo(2)));
         assert_eq!(parse("cqe-cid"), Ok(Fault::CqeCid(1)));
+        assert_eq!(parse("io-stall"), Ok(Fault::IoStall(0)));
         assert_eq!(parse("admin-latency:50"), Ok(Fault::AdminLatency(50)));
-        for bad in ["cap-to", "cap-to=256", "rdy-slow", "identify-garbage", "identify-garbage=x", "rdy-never=1", "admin-latency", "admin-latency=", "admin-latency=-1", "admin-latency=1.5", "nonsense"] {
+        for bad in ["cap-to", "cap-to=256", "rdy-slow", "identify-garbage", "identify-garbage=x", "rdy-never=1", "admin-latency", "admin-latency=", "admin-latency=-1", "admin-latency=1.5", "nonsense", "busmaster-stuck=1", "io-stall=x"] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+    }
+    #[test]
+    fn a_stuck_bus_master_bit_stays_set_only_once_set_and_only_on_nvme() {
+        arm(vec![Fault::BusmasterStuck]);
+        // pci_disable_busmaster's 16-bit write of the command register, bit set before.
+        assert_eq!(on_config_write(CLASS_NVME, 0x04, 0x0002, 2, 0x0006).0, 0x0006);
+        // A 32-bit write at 0x04 (command + status) and a byte write of it.
+        assert_eq!(on_config_write(CLASS_NVME, 0x04, 0x0010_0002, 4, 0x0006).0, 0x0010_0006);
+        assert_eq!(on_config_write(CLASS_NVME, 0x04, 0x02, 1, 0x0006).0, 0x06);
+        // Not set before (enumeration turning decoding off): passed on as written.
+        assert_eq!(on_config_write(CLASS_NVME, 0x04, 0x0000, 2, 0x0003).0, 0x0000);
+        // Another register, another class (a bridge).
+        assert_eq!(on_config_write(CLASS_NVME, 0x06, 0x0000, 2, 0x0006).0, 0x0000);
+        assert_eq!(on_config_write(0x06_04_00, 0x04, 0x0002, 2, 0x0006).0, 0x0002);
+        arm(Vec::new());
+        assert_eq!(on_config_write(CLASS_NVME, 0x04, 0x0002, 2, 0x0006).0, 0x0002);
     }
 }

@@ -56,7 +56,7 @@ extern "C" fn emu_contigmalloc(size: u64, mtp: *mut layouts::malloc_type, flags:
         // SAFETY: `size` bytes of guest RAM just handed out.
         unsafe { std::ptr::write_bytes(p, 0, size as usize) };
     }
-    with(|e| e.blocks.insert(p as u64, Block { size: size as usize, mtp: mtp as u64, freed: false }));
+    with(|e| e.blocks.insert(p as u64, Block { size: size as usize, mtp: mtp as u64, freed: false, dma: true }));
     let pa = super::machine::with_machine(|m| m.phys_of(p as u64)).unwrap_or(0);
     log(format!("contigmalloc({size}, align {align:#x}) = {p:p} (physical {pa:#x})"));
     p.cast()

@@ -175,6 +175,20 @@ pub struct Block {
     pub size: usize,
     pub mtp: u64,
     pub freed: bool,
+    /// contigmalloc'd: guest RAM, memory a device can reach by DMA.
+    pub dma: bool,
+}
+
+/// The device that may still DMA into the module's memory, and says so: a function whose
+/// pci_disable_busmaster(9) left PCIM_CMD_BUSMASTEREN reading back on (pci.rs records it) and
+/// of which the module printed a console line saying its bus mastering is still on (the .ko's
+/// `controller ignored the disable and still has bus mastering on ...: its memory and requests
+/// are held`). FreeBSD's rule is that memory a device may still write must not be freed, so
+/// keeping its DMA memory (contigmalloc'd blocks, loaded busdma maps and their tags) is right
+/// for such a module, and the leak checks tell it as kept, not as a leak. A module that keeps
+/// memory without saying so, or keeps memory no device can reach, still gets the finding.
+pub(crate) fn dma_hold_reported(e: &super::Emu) -> Option<String> {
+    e.pci.dma_unstoppable.iter().find(|d| e.console.lines().any(|l| l.starts_with(&format!("{d}: ")) && l.contains("bus mastering on"))).cloned()
 }
 
 /// The pattern freed memory is filled with.
@@ -205,7 +219,7 @@ fn alloc(size: usize, align: usize, mtp: *mut layouts::malloc_type, flags: c_int
         // SAFETY: p is a fresh allocation of at least size bytes.
         unsafe { std::ptr::write_bytes(p, 0, size) };
     }
-    with(|e| e.blocks.insert(p as u64, Block { size, mtp: mtp as u64, freed: false }));
+    with(|e| e.blocks.insert(p as u64, Block { size, mtp: mtp as u64, freed: false, dma: false }));
     log(format!("{what}({size}, flags {flags:#x}) = {p:p}"));
     p.cast()
 }
@@ -318,11 +332,17 @@ extern "C" fn emu_malloc_uninit(data: *mut c_void) {
     // SAFETY: as for malloc_init.
     let name = unsafe { cstr((*data.cast::<layouts::malloc_type>()).ks_shortdesc) };
     log(format!("malloc_uninit({name})"));
-    let (n, bytes) = with(|e| {
+    let (n, bytes, kept) = with(|e| {
         e.malloc_types.retain(|m| *m != data as u64);
+        let holder = dma_hold_reported(e);
         let live: Vec<_> = e.blocks.values().filter(|b| !b.freed && b.mtp == data as u64).collect();
-        (live.len(), live.iter().map(|b| b.size).sum::<usize>())
+        let (kept, leaked): (Vec<_>, Vec<_>) = live.into_iter().partition(|b| b.dma && holder.is_some());
+        let kept = holder.map(|d| (d, kept.len(), kept.iter().map(|b| b.size).sum::<usize>())).filter(|k| k.1 > 0);
+        (leaked.len(), leaked.iter().map(|b| b.size).sum::<usize>(), kept)
     });
+    if let Some((dev, k, kb)) = kept {
+        log(format!("malloc type {name}: {k} contigmalloc'd blocks ({kb} bytes) kept, not a leak: {dev} may still DMA into them (bus mastering on) and the module said so"));
+    }
     if n > 0 {
         super::rules::finding(Rule::Leak, &format!("malloc type {name} destroyed with {n} allocations ({bytes} bytes) never freed"));
     }

@@ -390,15 +390,25 @@ pub fn cfg_read(bdf: Bdf, reg: u16, width: i32) -> u32 {
     })
 }
 
-/// A config-space write of `bdf` through qtest.
+/// A config-space write of `bdf` through qtest. The device-fault layer sees it first
+/// ([`super::device_fault::on_config_write`]) and may change the value QEMU gets.
 pub fn cfg_write(bdf: Bdf, reg: u16, val: u32, width: i32) {
-    with_machine(|m| {
+    let notes = with_machine(|m| {
+        let mut val = val;
+        let mut notes = Vec::new();
+        if super::device_fault::wants_config_write(reg, width) {
+            let class = m.qtest(|q| firmware::cfg_read32(q, bdf, 0x08)).unwrap_or(u32::MAX) >> 8;
+            let cmd = m.qtest(|q| firmware::cfg_read16(q, bdf, 0x04)).map_or(0, u32::from);
+            (val, notes) = super::device_fault::on_config_write(class, reg, val, width, cmd);
+        }
         let _ = m.qtest(|q| match width {
             1 => firmware::cfg_write8(q, bdf, reg, val as u8),
             2 => firmware::cfg_write16(q, bdf, reg, val as u16),
             _ => firmware::cfg_write32(q, bdf, reg, val),
         });
-    })
+        notes
+    });
+    notes.into_iter().for_each(super::log);
 }
 
 #[cfg(test)]

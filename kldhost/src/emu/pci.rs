@@ -118,6 +118,9 @@ pub struct PciState {
     pub resources: std::collections::BTreeMap<u64, Res>,
     /// Cookie to handler.
     pub intrs: std::collections::BTreeMap<u64, Intr>,
+    /// Functions (by nameunit) whose pci_disable_busmaster left PCIM_CMD_BUSMASTEREN reading
+    /// back on: they may still DMA into memory they were given ([`super::kern::dma_hold_reported`]).
+    pub(crate) dma_unstoppable: Vec<String>,
 }
 
 fn find_cap(bdf: Bdf, id: u8) -> Option<u16> {
@@ -250,7 +253,21 @@ fn set_busmaster(child: *mut c_void, on: bool) -> c_int {
     let cmd = cfg_read(c.bdf, PCIR_COMMAND, 2);
     let new = if on { cmd | PCIM_CMD_BUSMASTEREN } else { cmd & !PCIM_CMD_BUSMASTEREN };
     cfg_write(c.bdf, PCIR_COMMAND, new, 2);
-    log(format!("pci_{}_busmaster({}) (command {cmd:#x} -> {new:#x})", if on { "enable" } else { "disable" }, newbus::nameunit(child as u64)));
+    let name = newbus::nameunit(child as u64);
+    log(format!("pci_{}_busmaster({name}) (command {cmd:#x} -> {new:#x})", if on { "enable" } else { "disable" }));
+    if !on {
+        // Read back, as nothing else in pci(4) would notice a function that ignored the write
+        // (device-fault busmaster-stuck): it may still master the bus.
+        let back = cfg_read(c.bdf, PCIR_COMMAND, 2);
+        if back != 0xffff && back & PCIM_CMD_BUSMASTEREN != 0 {
+            log(format!("{name}: PCIR_COMMAND reads back {back:#x}: bus mastering is still on, the function may still DMA"));
+            with(|e| {
+                if !e.pci.dma_unstoppable.contains(&name) {
+                    e.pci.dma_unstoppable.push(name);
+                }
+            });
+        }
+    }
     0
 }
 

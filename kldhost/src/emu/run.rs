@@ -62,6 +62,9 @@ pub struct Report {
     /// done), and how many of those done without error are not in the image file.
     pub in_flight: Vec<c_int>,
     pub in_flight_lost: usize,
+    /// With `read_in_flight`: the read's bio_error once the module finished with it (-1: never
+    /// done, the module kept it).
+    pub read_in_flight: Option<c_int>,
     /// The disk the I/O steps use and QEMU's image file behind it: the first controller's
     /// after attach, the hot-added one's after a hot-add.
     pub target: Option<Target>,
@@ -295,6 +298,9 @@ pub struct Options {
     /// With `surprise`: this many 4 KiB writes sent to the disk just before the removal and
     /// not waited for ([`Step::Surprise`]).
     pub in_flight: usize,
+    /// With `surprise`: before it, one 4 KiB read sent to the disk and left in flight while
+    /// time passes ([`Step::ReadInFlight`]).
+    pub read_in_flight: bool,
     /// With `qemu`: the steps to run instead of those the flags above describe
     /// ([`Options::effective_plan`]).
     pub plan: Option<Plan>,
@@ -518,6 +524,75 @@ fn surprise_removal(report: &mut Report, slot: u8, id: &str, in_flight: usize) {
     }
 }
 
+/// How long [`read_in_flight`] lets time pass at most: the module's command timeout (the
+/// test sets it short) and a stop of a controller ignoring the disable (shutdown bound 5 s +
+/// CAP.TO) fit in it.
+const READ_IN_FLIGHT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// One 4 KiB read of the target disk sent by a consumer that keeps the disk open, not waited
+/// for; then time passes (every armed callout fires once per 100 ms, the taskqueues run in
+/// between) until the read is done or no callout is armed any more: the module's watchdog
+/// stops re-arming once it gave the controller up, and the stop it then runs (in its task,
+/// within [`super::sched::run_queues`]) decided the read's fate. A read the module keeps is
+/// left with it (never freed here: the driver may still complete it), and the consumer then
+/// closes the disk as a process would never do while its read waits in biowait, so that GEOM
+/// can finish with the disk after the removal that follows. The data is guest RAM, as a
+/// kernel buffer is memory the device can reach, and never freed.
+fn read_in_flight(report: &mut Report) -> bool {
+    let Some(Target { disk, .. }) = report.target.clone() else {
+        report.io.push(("a read in flight: no disk".to_string(), layouts::ENXIO));
+        return false;
+    };
+    let Some(p) = super::machine::with_machine(|m| m.contig_alloc(IO_BYTES as u64, 0, u64::MAX, 4096, 0)) else {
+        report.io.push(("guest RAM for the read in flight".to_string(), layouts::ENOMEM));
+        return false;
+    };
+    report.io.push((format!("read-in-flight d_open {disk}"), super::geom::open(&disk)));
+    // SAFETY: IO_BYTES of guest RAM handed out to nobody else and never freed, so it stays
+    // valid for as long as the driver might complete the bio.
+    let bp = match unsafe { super::geom::submit(&disk, layouts::BIO_READ as u32, BURST_OFFSET, p, IO_BYTES) } {
+        Ok(bp) => bp,
+        Err(e) => {
+            report.io.push((format!("read in flight to {disk}"), e));
+            return false;
+        }
+    };
+    let start = std::time::Instant::now();
+    let mut last_fire = start;
+    let mut periods = 0;
+    let result = loop {
+        super::sched::run_queues(1000);
+        // SAFETY: `bp` came from submit and is returned as done at most once (we stop here).
+        if let Some(e) = unsafe { super::geom::bio_done(bp) } {
+            break e;
+        }
+        if start.elapsed() > READ_IN_FLIGHT_MAX {
+            break -1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        if last_fire.elapsed() >= std::time::Duration::from_millis(100) {
+            last_fire = std::time::Instant::now();
+            periods += 1;
+            if super::sched::fire_callouts() == 0 {
+                super::sched::run_queues(1000);
+                // SAFETY: as above.
+                break unsafe { super::geom::bio_done(bp) }.unwrap_or(-1);
+            }
+        }
+    };
+    log(format!(
+        "the read in flight after {periods} callout periods: {}",
+        if result < 0 { "never done: the module keeps it".to_string() } else { format!("done, error {result}") }
+    ));
+    report.read_in_flight = Some(result);
+    if result < 0 {
+        log(format!("the consumer closes {disk} although its read never ended (a process would stay in biowait)"));
+    }
+    report.io.push((format!("read-in-flight d_close {disk}"), super::geom::close(&disk)));
+    super::sched::run_queues(1000);
+    true
+}
+
 /// QMP `blockdev-add` of a new zeroed image and `device_add` of controller `id` into `slot`
 /// (the lab's plug), then the SCI's work and the module's tasks until a function in that slot
 /// is attached (at most 5 s). On success the new disk (the created one that was not there
@@ -577,6 +652,9 @@ pub enum Step {
     /// The lab's surprise removal of controller `id` in `slot`, with `in_flight` writes sent
     /// just before.
     Surprise { slot: u8, id: String, in_flight: usize },
+    /// One read sent to the target disk and left in flight while time passes, until it is
+    /// done or the module's watchdog stopped re-arming ([`read_in_flight`]).
+    ReadInFlight,
     /// QMP `device_add` of controller `id` into `slot` (`Notify(Sxx_, 1)`), expected to be
     /// rescanned and attached; its disk becomes the I/O target.
     HotAdd { slot: u8, id: String },
@@ -632,6 +710,7 @@ impl Step {
                     && report.in_flight_lost == 0;
                 report.surprise_detected && ended
             }
+            Step::ReadInFlight => read_in_flight(report),
             Step::HotAdd { slot, id } => {
                 hot_add(report, *slot, id);
                 report.hot_added && report.target.is_some()
@@ -686,6 +765,9 @@ impl Options {
         }
         if self.eject {
             steps.push(Step::Eject { slot: NVME_SLOT, id: NVME_ID.to_string() });
+        }
+        if self.surprise && self.read_in_flight {
+            steps.push(Step::ReadInFlight);
         }
         if self.surprise {
             steps.push(Step::Surprise { slot: NVME_SLOT, id: NVME_ID.to_string(), in_flight: self.in_flight });
@@ -987,7 +1069,15 @@ pub(crate) fn end_of_life_checks() {
     use super::rules::Rule;
     let left = with(|e| {
         let mut f: Vec<(Option<Rule>, String)> = Vec::new();
-        let live: Vec<_> = e.blocks.iter().filter(|(_, b)| !b.freed).collect();
+        let holder = super::kern::dma_hold_reported(e);
+        let (kept, live): (Vec<_>, Vec<_>) = e.blocks.iter().filter(|(_, b)| !b.freed).partition(|(_, b)| b.dma && holder.is_some());
+        let note = holder.filter(|_| !kept.is_empty()).map(|dev| {
+            format!(
+                "after unload: {} contigmalloc'd blocks ({} bytes) kept, not a leak: {dev} may still DMA into them (bus mastering on) and the module said so",
+                kept.len(),
+                kept.iter().map(|(_, b)| b.size).sum::<usize>()
+            )
+        });
         if !live.is_empty() {
             f.push((Some(Rule::Leak), format!("{} malloc(9) allocations ({} bytes) never freed", live.len(), live.iter().map(|(_, b)| b.size).sum::<usize>())));
         }
@@ -1009,8 +1099,10 @@ pub(crate) fn end_of_life_checks() {
         if e.topo_locked {
             f.push((None, "the newbus topology lock is still held".to_string()));
         }
-        f
+        (f, note)
     });
+    let (left, note) = left;
+    note.into_iter().for_each(log);
     for (rule, l) in left {
         match rule {
             Some(r) => super::rules::finding(r, &format!("after unload: {l}")),
