@@ -173,3 +173,25 @@ fn msix_refused_falls_back_to_msi_not_to_intx() {
     assert!(!out.contains("bus_alloc_resource(nvmehp0, type 1, rid 0x0"), "the INTx line was allocated:\n{out}");
     assert_bios_completed_by_messages(&out);
 }
+
+/// pci_release_msi refuses (EBUSY) while a handler is still set up on the message: a handler
+/// whose `bus_teardown_intr` failed stays installed, so pci(4)'s clean-up after the detach
+/// (pci_child_detached) cannot take the message back, and the module keeps itself loaded.
+#[test]
+fn a_handler_that_cannot_be_torn_down_keeps_its_msi_message() {
+    let Some((code, out)) = run_real("msi_stuck", &["--msi-instead-of-msix", "--fail", "bus_teardown_intr", "--kldunload-retries", "1"]) else { return };
+    assert_eq!(code, Some(1), "the module must stay loaded:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "pci_alloc_msi(nvmehp0, 1) = 0, 1 message",
+            "bus_teardown_intr(nvmehp0, irq rid 1) = 22 (handler still installed and called, MSI still enabled)",
+            "nvmehp0: the handler on irq rid 1 stays installed after its bus_teardown_intr failed (22)",
+            "printf(\"pci0:0:4:0: Device leaked MSI vectors\\n\")",
+            "pci_release_msi(nvmehp0) = EBUSY (MSI message: a handler is still set up on it)",
+            "still loaded: ",
+            "findings: 0",
+        ],
+    );
+    assert!(!out.contains("pci_release_msi(nvmehp0) = 0"), "the message was given back under its handler:\n{out}");
+}
