@@ -19,8 +19,12 @@
 //!   run.
 //! - pci(4)'s tunables `hw.pci.enable_msix`/`hw.pci.enable_msi` (super::pci_tunables): 0 makes
 //!   the counts 0, the table/PBA BARs -1 and the allocations ENODEV, as in pci.c.
-//! - INTx (rid 0): allocated as pci.c does (refused once MSI-X vectors are allocated, and
-//!   MSI-X refused while it is), routed to the function's GSI (super::intx::assign);
+//! - MSI: QEMU's NVMe model has no MSI capability; with `--msi-instead-of-msix` or
+//!   `--msi-with-msix` pci(4) offers an emulated one with one message (super::msi), allocated,
+//!   enabled at `bus_setup_intr`, disabled at the last `bus_teardown_intr` and released as
+//!   pci.c does; its handler runs on the function's INTx assertions (super::msi::run_messages).
+//! - INTx (rid 0): allocated as pci.c does (refused once MSI or MSI-X messages are allocated,
+//!   and they while it is), routed to the function's GSI (super::intx::assign);
 //!   `bus_setup_intr` clears the command register's INTx Disable bit (pci_setup_intr) and the
 //!   handler runs while the line is high (super::intx, level-triggered).
 //! - BUS_CHILD_DETACHED is pci_child_detached: a driver that detached with memory or IRQ
