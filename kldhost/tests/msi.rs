@@ -195,3 +195,31 @@ fn a_handler_that_cannot_be_torn_down_keeps_its_msi_message() {
     );
     assert!(!out.contains("pci_release_msi(nvmehp0) = 0"), "the message was given back under its handler:\n{out}");
 }
+
+/// A controller hot-added into slot 5 gets its own emulated MSI, stood in for by its own line
+/// (INTA# through PIRQA: GSI 10, not the first one's 11), and its bios complete through it.
+#[test]
+fn a_hot_added_controller_gets_its_own_msi_and_completes_through_it() {
+    let Some((code, out)) = run_real("msi_hot_add", &["--msi-instead-of-msix", "--tunable", "hw.nvme_hotplug.claim=1", "--acpi", "--eject", "--hot-add"]) else { return };
+    assert_eq!(code, Some(0), "kldhost run failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "pci_alloc_msi(nvmehp0, 1) = 0, 1 message (emulated MSI, stood in for by INTx on GSI 11;",
+            "bus_teardown_intr(nvmehp0, irq rid 1) = 0",
+            "pci_release_msi(nvmehp0) = 0 (MSI message given back)",
+            "QMP device_add nvme1 at slot 5: ok",
+            "pci_alloc_msi(nvmehp0, 1) = 0, 1 message (emulated MSI, stood in for by INTx on GSI 10;",
+            "bus_setup_intr(nvmehp0, irq rid 1, flags 0x202) = 0 (MSI message 0, MSI enabled; stood in for by INTx on GSI 10",
+            "hot-added and attached: true; its write and read: ok",
+            "findings: 0",
+        ],
+    );
+    let hot_add = out.find("QMP device_add nvme1 at slot 5: ok").expect("the hot-add");
+    let bios = per_bio(&out[hot_add..]);
+    assert_eq!(bios.len(), 2, "{out}");
+    for b in &bios {
+        assert!(b.contains("nvmehp0: interrupt (IRQ rid 1, MSI message 0, stood in for by INTx on GSI 10)"), "a bio completed without a fresh MSI message:\n{b}");
+        assert_eq!(completed_by(b), "interrupt", "a bio not completed by the MSI handler:\n{b}");
+    }
+}

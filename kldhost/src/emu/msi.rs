@@ -133,6 +133,11 @@ pub fn bind_line(bdf: Bdf) -> Option<u8> {
     Some(gsi)
 }
 
+/// At `pci_release_msi`: `dev`'s message is gone; a device_t reused later starts afresh.
+pub fn forget(dev: u64) {
+    state(|s| s.delivered_at.remove(&dev));
+}
+
 /// The GSI [`bind_line`] gave `bdf`.
 pub fn line_of(bdf: Bdf) -> Option<u8> {
     state(|s| s.lines.get(&(bdf.bus, bdf.dev, bdf.func)).copied())

@@ -476,6 +476,7 @@ fn release_msi_messages(child: u64, c: &PciChild) -> c_int {
         p.msi_alloc = 0;
         p.msi_enabled = false;
     });
+    super::msi::forget(child);
     log(format!("pci_release_msi({name}) = 0 (MSI message given back)"));
     0
 }
