@@ -29,7 +29,7 @@
 //!
 //! **The approximation, and why it is safe.** A real MSI function sends one message per
 //! completion it posts (per interrupt it would have asserted); here there is one per round in
-//! which the line is seen high. Two differences:
+//! which the line is seen high. The differences:
 //! - Completions posted while the line is already high make no new edge: they are covered by
 //!   the same message, as several messages arriving before the ithread runs are covered by one
 //!   pass of the handler on FreeBSD (the ithread's `it_need` coalesces them), and the handler
@@ -46,11 +46,12 @@
 //!   a spurious interrupt, which an MSI handler must tolerate anyway (a message can arrive
 //!   after the handler already reaped its entry). What this cannot show is a handler that
 //!   leaves entries behind and counts on a message a real function would not send: the tests
-//!   check that the I/O's messages were all fresh ones (`delivered_to`, the log).
+//!   check in the log that the I/O's messages were all fresh ones.
 //! - A rising edge on a line shared with another function counts as fresh for each function
 //!   asserting it; on the machines here the NVMe function is alone on its GSI.
-//! - `--msi-undelivered` ([`set_delivered`]) is the negative control: no message at all, so
-//!   only the driver's polling can complete its I/O.
+//!
+//! `--msi-undelivered` ([`set_delivered`]) is the negative control: no message at all, so
+//! only the driver's polling can complete its I/O.
 //!
 //! Only on QEMU's `pc` machine: the line read is the PIIX3-routed GSI (super::intx::route),
 //! and q35's routing is not emulated.
@@ -85,8 +86,6 @@ struct State {
     /// Per function (device_t): the line's rising-edge count when its last message was
     /// delivered; the next message with the same count is a re-delivery.
     delivered_at: BTreeMap<u64, u64>,
-    /// Messages delivered (handler runs) so far, per device, and how many were re-deliveries.
-    delivered: BTreeMap<u64, (u64, u64)>,
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -117,12 +116,6 @@ pub fn set_delivered(on: bool) {
 
 pub fn delivered() -> bool {
     state(|s| !s.undelivered)
-}
-
-/// Messages delivered to `dev` (a device_t) so far, and how many of them were re-deliveries
-/// (the line still high after the previous one).
-pub fn delivered_to(dev: u64) -> (u64, u64) {
-    state(|s| s.delivered.get(&dev).copied().unwrap_or((0, 0)))
 }
 
 /// At `pci_alloc_msi`: the GSI whose level stands in for `bdf`'s messages, or None (no
@@ -201,11 +194,6 @@ pub fn run_messages() -> usize {
         }
         if thread && handler != 0 && set_up(cookie) {
             log(format!("{name}: interrupt (IRQ rid 1, MSI message 0, stood in for by INTx on GSI {gsi}{how})"));
-            state(|s| {
-                let d = s.delivered.entry(dev).or_default();
-                d.0 += 1;
-                d.1 += u64::from(again);
-            });
             super::pci::note_taken();
             // SAFETY: as for the filter: the module's ithread handler, still set up.
             unsafe { std::mem::transmute::<u64, IthreadHandler>(handler)(arg as *mut c_void) };
