@@ -126,7 +126,7 @@ pub const FAILABLE: &[Failable] = &[
         // sys/kern/kern_intr.c intr_event_remove_handler (a NULL cookie) all answer EINVAL;
         // nothing on the path returns another errno.
         kind: Kind::Errno { default: EINVAL, allowed: &[EINVAL] },
-        leaves: "subr_bus.c bus_teardown_intr, pci.c pci_teardown_intr: EINVAL before anything is removed: the handler stays installed and is still called, an MSI-X vector stays unmasked (INTx stays enabled), the handler count pci_release_msi checks stays as it was",
+        leaves: "subr_bus.c bus_teardown_intr, pci.c pci_teardown_intr: EINVAL before anything is removed: the handler stays installed and is still called, an MSI-X vector stays unmasked (INTx, an MSI message stay enabled), the handler count pci_release_msi checks stays as it was",
     },
     Failable {
         name: "bus_dma_tag_create",
