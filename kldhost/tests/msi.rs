@@ -223,3 +223,33 @@ fn a_hot_added_controller_gets_its_own_msi_and_completes_through_it() {
         assert_eq!(completed_by(b), "interrupt", "a bio not completed by the MSI handler:\n{b}");
     }
 }
+
+/// The rest of nvme(4)'s order: MSI-X and MSI both refused, the shared INTx line (rid 0,
+/// RF_SHAREABLE), with no message held.
+#[test]
+fn msix_and_msi_refused_fall_back_to_a_shared_intx() {
+    let Some((code, out)) = run_real("msi_both_refused", &["--msi-with-msix", "--fail", "pci_alloc_msix", "--fail", "pci_alloc_msi"]) else { return };
+    assert_eq!(code, Some(0), "kldhost run failed:\n{out}");
+    assert_in_order(
+        &out,
+        &[
+            "kldhost: injected ENXIO into pci_alloc_msix (call 1)",
+            "pci_msi_count(nvmehp0) = 1",
+            "kldhost: injected ENXIO into pci_alloc_msi (call 1)",
+            "pci_alloc_msi(nvmehp0, 1) = 6 (no message allocated)",
+            "pci_assign_interrupt(nvmehp0): INTx pin routed to GSI 11",
+            // RF_ACTIVE | RF_SHAREABLE.
+            "bus_alloc_resource(nvmehp0, type 1, rid 0x0, 0x0, 0xffffffffffffffff, 1, flags 0x6) = ",
+            "bus_write_4(nvmehp0 BAR 0x10 + 0x14, 0x460001)",
+            "bus_setup_intr(nvmehp0, irq rid 0, flags 0x202) = 0 (INTx on GSI 11, level-triggered)",
+            "device_printf(\"nvmehp0: interrupt: INTx\\n\")",
+            "at 8192: the written data; read back: the written data",
+            "bus_teardown_intr(nvmehp0, irq rid 0) = 0",
+            "bus_release_resource(nvmehp0, type 1, rid 0x0) = 0",
+            "unloaded: true",
+            "findings: 0",
+        ],
+    );
+    assert!(!out.contains("pci_release_msi(nvmehp0) = 0"), "a message was given back though none was allocated:\n{out}");
+    assert!(!out.contains("rid 0x1,"), "a message's IRQ resource:\n{out}");
+}

@@ -401,6 +401,10 @@ extern "C" fn pci_alloc_msi_m(_dev: *mut c_void, child: *mut c_void, count: *mut
     let c = child_of(child);
     // SAFETY: the caller's int.
     let want = unsafe { *count };
+    if let Some(err) = super::fail::errno("pci_alloc_msi") {
+        log(format!("pci_alloc_msi({name}, {want}) = {err} (no message allocated)"));
+        return err;
+    }
     if want == 0 {
         log(format!("pci_alloc_msi({name}, {want}) = EINVAL"));
         return layouts::EINVAL;
