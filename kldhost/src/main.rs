@@ -141,6 +141,19 @@ enum Cmd {
         /// threads: the handler a failed bus_teardown_intr left must still be safe to run.
         #[arg(long, requires = "qemu")]
         late_msix: bool,
+        /// With --qemu: pci(4) offers an emulated MSI capability with one message over QEMU's
+        /// NVMe function and no MSI-X capability; the function's INTx assertions stand in for
+        /// its messages (src/emu/msi.rs). Not with --q35.
+        #[arg(long, requires = "qemu", conflicts_with_all = ["q35", "msi_with_msix"])]
+        msi_instead_of_msix: bool,
+        /// With --qemu: as --msi-instead-of-msix, but QEMU's MSI-X capability is offered too
+        /// (e.g. with --fail pci_alloc_msix, the driver's fallback to MSI). Not with --q35.
+        #[arg(long, requires = "qemu", conflicts_with = "q35")]
+        msi_with_msix: bool,
+        /// With --msi-instead-of-msix or --msi-with-msix: the emulated MSI messages are never
+        /// delivered (a negative control: the driver's I/O then completes only by polling).
+        #[arg(long)]
+        msi_undelivered: bool,
     },
     /// The module's hotplug story on one QEMU machine, as FreeBSD's console shows it: kldload,
     /// attach, a write and a read, a surprise removal with writes in flight, a hot-add to
@@ -225,7 +238,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, notify, q35, device_fault, in_sleep, late_msix } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered } => {
+            if msi_undelivered && !(msi_instead_of_msix || msi_with_msix) {
+                eprintln!("kldhost run: --msi-undelivered needs --msi-instead-of-msix or --msi-with-msix");
+                return ExitCode::from(2);
+            }
             kldhost::emu::fail::arm(fail);
             kldhost::emu::device_fault::arm(device_fault);
             kldhost::emu::interleave::arm(in_sleep);
@@ -255,6 +272,14 @@ fn main() -> ExitCode {
                 notify,
                 q35,
                 late_msix,
+                msi: if msi_instead_of_msix {
+                    kldhost::emu::msi::Mode::InsteadOfMsix
+                } else if msi_with_msix {
+                    kldhost::emu::msi::Mode::WithMsix
+                } else {
+                    kldhost::emu::msi::Mode::Off
+                },
+                msi_undelivered,
             };
             match run(&ko, &opts) {
                 Ok(true) => ExitCode::SUCCESS,

@@ -63,6 +63,9 @@ pub struct Qtest {
     writer: UnixStream,
     line: String,
     levels: [bool; MAX_IRQ],
+    /// `IRQ raise` reports per line since the connection opened (edges, kept apart from
+    /// `events`, which the ACPI path takes).
+    raises: [u64; MAX_IRQ],
     events: Vec<IrqEvent>,
     commands: u64,
 }
@@ -77,6 +80,7 @@ impl Qtest {
             writer,
             line: String::new(),
             levels: [false; MAX_IRQ],
+            raises: [0; MAX_IRQ],
             events: Vec::new(),
             commands: 0,
         })
@@ -130,6 +134,7 @@ impl Qtest {
             .ok_or_else(|| QtestError::Protocol(format!("bad IRQ line `{rest}`")))?;
         if (irq as usize) < MAX_IRQ {
             self.levels[irq as usize] = raised;
+            self.raises[irq as usize] += u64::from(raised);
         }
         self.events.push(IrqEvent { irq, raised });
         Ok(())
@@ -150,6 +155,12 @@ impl Qtest {
     /// Current level of `irq` as last reported.
     pub fn irq_level(&self, irq: u8) -> bool {
         self.levels.get(irq as usize).copied().unwrap_or(false)
+    }
+
+    /// How many times `irq` was reported raised so far (rising edges); unlike
+    /// [`Qtest::take_irq_events`] reading it takes nothing from another reader.
+    pub fn irq_raises(&self, irq: u8) -> u64 {
+        self.raises.get(irq as usize).copied().unwrap_or(0)
     }
 
     /// Takes the IRQ edges seen since the last call.

@@ -9,8 +9,9 @@
 //!
 //! Counting: every call of FUNC counts, except for `malloc` and `malloc_aligned`, where only
 //! `M_NOWAIT` calls do (an `M_WAITOK` malloc(9) sleeps until memory is available and never
-//! returns NULL, so it is not a call that can fail). `pci_alloc_msix` is a kobj method (the
-//! module calls `PCI_ALLOC_MSIX` through `pci_alloc_msix_desc`); it counts as a function.
+//! returns NULL, so it is not a call that can fail). `pci_alloc_msix` and `pci_alloc_msi` are
+//! kobj methods (the module calls `PCI_ALLOC_MSIX` through `pci_alloc_msix_desc`, and
+//! `PCI_ALLOC_MSI`); they count as functions.
 //!
 //! The armed injections are process-global, as the emulated kernel is: one module per process.
 
@@ -120,13 +121,20 @@ pub const FAILABLE: &[Failable] = &[
         leaves: "pci.c pci_alloc_msix_method: the error, MSI-X not enabled, no vector allocated, *count untouched",
     },
     Failable {
+        name: "pci_alloc_msi",
+        // pci.c pci_alloc_msi_method: EINVAL (count 0, not a power of two), ENXIO (rid 0 or
+        // messages allocated, blacklisted, PCIB_ALLOC_MSI out of vectors), ENODEV (no capability).
+        kind: Kind::Errno { default: ENXIO, allowed: &[ENXIO, ENODEV, EINVAL] },
+        leaves: "pci.c pci_alloc_msi_method: the error, no message allocated, *count untouched",
+    },
+    Failable {
         name: "bus_teardown_intr",
         // sys/kern/subr_bus.c bus_teardown_intr (no parent), sys/dev/pci/pci.c pci_teardown_intr
         // (an inactive IRQ resource, an MSI/MSI-X rid with no handler counted) and
         // sys/kern/kern_intr.c intr_event_remove_handler (a NULL cookie) all answer EINVAL;
         // nothing on the path returns another errno.
         kind: Kind::Errno { default: EINVAL, allowed: &[EINVAL] },
-        leaves: "subr_bus.c bus_teardown_intr, pci.c pci_teardown_intr: EINVAL before anything is removed: the handler stays installed and is still called, an MSI-X vector stays unmasked (INTx stays enabled), the handler count pci_release_msi checks stays as it was",
+        leaves: "subr_bus.c bus_teardown_intr, pci.c pci_teardown_intr: EINVAL before anything is removed: the handler stays installed and is still called, an MSI-X vector stays unmasked (INTx, an MSI message stay enabled), the handler count pci_release_msi checks stays as it was",
     },
     Failable {
         name: "bus_dma_tag_create",

@@ -94,17 +94,23 @@ pub fn delivered() -> bool {
 /// ICH9's PIRQ routing behind a root port is not emulated, so no line is handed out rather
 /// than a wrong one.
 pub fn assign(bdf: Bdf) -> Option<u8> {
-    let gsi = machine::with_machine(|m| {
-        if m.kind() == nvmehp_lab::qemu::MachineKind::Q35 {
-            return None;
-        }
-        m.qtest(|q| firmware::intx_gsi(q, bdf)).ok().flatten()
-    });
+    let gsi = route(bdf);
     state(|s| match gsi {
         Some(g) => s.routes.insert(key(bdf), g),
         None => s.routes.remove(&key(bdf)),
     });
     gsi
+}
+
+/// The GSI `bdf`'s INTx pin reaches now (see [`assign`]), without assigning it: the emulated
+/// MSI messages (super::msi) read this line.
+pub fn route(bdf: Bdf) -> Option<u8> {
+    machine::with_machine(|m| {
+        if m.kind() == nvmehp_lab::qemu::MachineKind::Q35 {
+            return None;
+        }
+        m.qtest(|q| firmware::intx_gsi(q, bdf)).ok().flatten()
+    })
 }
 
 /// The GSI [`assign`] gave `bdf`.
@@ -137,7 +143,22 @@ fn set_up(cookie: u64) -> bool {
 /// The line's level as QEMU last reported it, after a round trip that delivers any
 /// `IRQ raise`/`IRQ lower` QEMU queued since the last reply.
 fn line_high(gsi: u8) -> bool {
-    machine::with_machine(|m| m.qtest(|q| q.sync().map(|()| q.irq_level(gsi))).unwrap_or(false))
+    line(gsi).0
+}
+
+/// The line's level and how many times QEMU reported it raised so far (rising edges), after
+/// the same round trip as [`line_high`].
+pub(crate) fn line(gsi: u8) -> (bool, u64) {
+    machine::with_machine(|m| m.qtest(|q| q.sync().map(|()| (q.irq_level(gsi), q.irq_raises(gsi)))).unwrap_or((false, 0)))
+}
+
+/// PCI's status register: the function drives its INTx pin (PCIM_STATUS_INTxSTATE,
+/// sys/dev/pci/pcireg.h); a function gone (all-ones) does not.
+pub(crate) fn function_asserts(bdf: Bdf) -> bool {
+    const PCIR_STATUS: u16 = 0x06;
+    const PCIM_STATUS_INTXSTATE: u32 = 0x0008;
+    let status = machine::cfg_read(bdf, PCIR_STATUS, 2);
+    status != 0xffff && status & PCIM_STATUS_INTXSTATE != 0
 }
 
 /// The devices of `hs` still on the bus whose function asserts INTx: PCI's status register
@@ -146,13 +167,10 @@ fn line_high(gsi: u8) -> bool {
 /// handler here can lower: on QEMU, a device ejected with requests in its backend, which QEMU
 /// keeps (and its pin) although it left the bus.
 fn asserting(hs: &[Handler]) -> Vec<String> {
-    const PCIR_STATUS: u16 = 0x06;
-    const PCIM_STATUS_INTXSTATE: u32 = 0x0008;
     let mut out = Vec::new();
     for h in hs {
         let Some(bdf) = with(|e| e.newbus.devices.get(&h.dev).and_then(|d| d.pci.as_ref()).map(|p| p.bdf)) else { continue };
-        let status = machine::cfg_read(bdf, PCIR_STATUS, 2);
-        if status != 0xffff && status & PCIM_STATUS_INTXSTATE != 0 {
+        if function_asserts(bdf) {
             out.push(newbus::nameunit(h.dev));
         }
     }

@@ -33,6 +33,7 @@ pub mod intx;
 pub mod kern;
 pub mod machine;
 pub mod mmio;
+pub mod msi;
 pub mod newbus;
 pub mod pci;
 pub mod pcib;

@@ -19,8 +19,12 @@
 //!   run.
 //! - pci(4)'s tunables `hw.pci.enable_msix`/`hw.pci.enable_msi` (super::pci_tunables): 0 makes
 //!   the counts 0, the table/PBA BARs -1 and the allocations ENODEV, as in pci.c.
-//! - INTx (rid 0): allocated as pci.c does (refused once MSI-X vectors are allocated, and
-//!   MSI-X refused while it is), routed to the function's GSI (super::intx::assign);
+//! - MSI: QEMU's NVMe model has no MSI capability; with `--msi-instead-of-msix` or
+//!   `--msi-with-msix` pci(4) offers an emulated one with one message (super::msi), allocated,
+//!   enabled at `bus_setup_intr`, disabled at the last `bus_teardown_intr` and released as
+//!   pci.c does; its handler runs on the function's INTx assertions (super::msi::run_messages).
+//! - INTx (rid 0): allocated as pci.c does (refused once MSI or MSI-X messages are allocated,
+//!   and they while it is), routed to the function's GSI (super::intx::assign);
 //!   `bus_setup_intr` clears the command register's INTx Disable bit (pci_setup_intr) and the
 //!   handler runs while the line is high (super::intx, level-triggered).
 //! - BUS_CHILD_DETACHED is pci_child_detached: a driver that detached with memory or IRQ
@@ -85,6 +89,14 @@ pub struct PciChild {
     pub msix: Option<Msix>,
     /// MSI vectors the capability offers (0: no MSI capability).
     pub msi: u32,
+    /// The MSI capability is kldhost's, not QEMU's (super::msi).
+    pub msi_emulated: bool,
+    /// MSI messages allocated (pci.c `msi_alloc`).
+    pub msi_alloc: u32,
+    /// MSI Enable in the capability's control register: set by `pci_setup_intr` with the
+    /// first handler, cleared by `pci_teardown_intr` with the last (pci.c `pci_enable_msi`,
+    /// `pci_disable_msi`).
+    pub msi_enabled: bool,
     /// A PCI-PCI bridge (q35's root port, [`super::pcib`]): no driver of the module's, its
     /// BARs not listed.
     pub bridge: bool,
@@ -178,8 +190,26 @@ pub fn enumerate(f: &PciFunction) -> PciChild {
         }
     });
     // Multiple Message Capable: log2 of the vector count (PCI 3.0, 6.8.1.3).
-    let msi = find_cap(bdf, PCIY_MSI).map_or(0, |cap| 1 << ((cfg_read(bdf, cap + 2, 2) >> 1) & 7));
-    PciChild { bdf, bars, msix, msi, bridge: false }
+    let mut msi = find_cap(bdf, PCIY_MSI).map_or(0, |cap| 1 << ((cfg_read(bdf, cap + 2, 2) >> 1) & 7));
+    // `--msi-instead-of-msix` / `--msi-with-msix`: an MSI capability with one message over a
+    // function that has none (super::msi), and no MSI-X with the first.
+    let mut msix = msix;
+    let emulate = super::msi::mode() != super::msi::Mode::Off && msi == 0;
+    if emulate {
+        msi = 1;
+        if super::msi::mode() == super::msi::Mode::InsteadOfMsix {
+            msix = None;
+        }
+        log(format!(
+            "pci: {}:{}.{}: an emulated MSI capability, 1 message{} (--msi-{}): QEMU's INTx assertions stand in for its messages",
+            bdf.bus,
+            bdf.dev,
+            bdf.func,
+            if msix.is_some() { ", besides QEMU's MSI-X" } else { "; QEMU's MSI-X capability not offered" },
+            if msix.is_some() { "with-msix" } else { "instead-of-msix" }
+        ));
+    }
+    PciChild { bdf, bars, msix, msi, msi_emulated: emulate, msi_alloc: 0, msi_enabled: false, bridge: false }
 }
 
 fn child_of(child: *mut c_void) -> PciChild {
@@ -352,7 +382,7 @@ extern "C" fn pci_alloc_msix_m(_dev: *mut c_void, child: *mut c_void, count: *mu
     }
     // pci.c pci_alloc_msix_method's order: rid 0 allocated, messages already allocated
     // (ENXIO), then no capability or `hw.pci.enable_msix=0` (ENODEV).
-    if intx_allocated(child) || c.msix.as_ref().is_some_and(|m| m.allocated > 0) {
+    if intx_allocated(child) || c.msix.as_ref().is_some_and(|m| m.allocated > 0) || c.msi_alloc > 0 {
         log(format!("pci_alloc_msix({}, {want}) = ENXIO", newbus::nameunit(child as u64)));
         return layouts::ENXIO;
     }
@@ -376,22 +406,53 @@ extern "C" fn pci_alloc_msix_m(_dev: *mut c_void, child: *mut c_void, count: *mu
     0
 }
 
-/// MSI allocation is not emulated: QEMU's NVMe model has MSI-X only, so the module never
-/// gets here on this machine; a function with MSI would be refused, never half-served. The
-/// refusals pci.c makes before allocating are made (ENXIO with rid 0 allocated, ENODEV
-/// without the capability or with `hw.pci.enable_msi=0`).
-extern "C" fn pci_alloc_msi_m(_dev: *mut c_void, child: *mut c_void, _count: *mut c_int) -> c_int {
+/// pci.c pci_alloc_msi_method, in its order: `*count` 0 is EINVAL; rid 0 allocated, or MSI or
+/// MSI-X messages already allocated, ENXIO; no MSI capability or `hw.pci.enable_msi=0`,
+/// ENODEV; then at most the capability's count, a power of two. On QEMU's machine the only MSI
+/// capability is the emulated one (super::msi), whose message is stood in for by the
+/// function's INTx line: without a routed line it is refused (ENXIO, as PCIB_ALLOC_MSI's
+/// failure), never granted without a way to deliver it. MSI stays disabled until
+/// `bus_setup_intr` (pci_setup_intr enables it with the first handler).
+extern "C" fn pci_alloc_msi_m(_dev: *mut c_void, child: *mut c_void, count: *mut c_int) -> c_int {
     let name = newbus::nameunit(child as u64);
-    if intx_allocated(child) {
-        log(format!("pci_alloc_msi({name}) = ENXIO"));
+    let c = child_of(child);
+    // SAFETY: the caller's int.
+    let want = unsafe { *count };
+    if let Some(err) = super::fail::errno("pci_alloc_msi") {
+        log(format!("pci_alloc_msi({name}, {want}) = {err} (no message allocated)"));
+        return err;
+    }
+    if want == 0 {
+        log(format!("pci_alloc_msi({name}, {want}) = EINVAL"));
+        return layouts::EINVAL;
+    }
+    if intx_allocated(child) || c.msi_alloc > 0 || c.msix.as_ref().is_some_and(|m| m.allocated > 0) {
+        log(format!("pci_alloc_msi({name}, {want}) = ENXIO (rid 0 or messages already allocated)"));
         return layouts::ENXIO;
     }
-    if child_of(child).msi == 0 || !super::pci_tunables::msi_enabled() {
-        log(format!("pci_alloc_msi({name}) = ENODEV"));
+    if c.msi == 0 || !super::pci_tunables::msi_enabled() {
+        let why = if c.msi == 0 { "no MSI capability" } else { "hw.pci.enable_msi=0" };
+        log(format!("pci_alloc_msi({name}, {want}) = ENODEV ({why})"));
         return layouts::ENODEV;
     }
-    log(format!("pci_alloc_msi({name}) = ENXIO (not emulated)"));
-    layouts::ENXIO
+    let actual = (want.max(0) as u32).min(c.msi).min(32);
+    if !actual.is_power_of_two() {
+        log(format!("pci_alloc_msi({name}, {want}) = EINVAL ({actual} messages: not a power of two)"));
+        return layouts::EINVAL;
+    }
+    if !c.msi_emulated {
+        log(format!("pci_alloc_msi({name}, {want}) = ENXIO (an MSI capability of QEMU's: its messages are not emulated)"));
+        return layouts::ENXIO;
+    }
+    let Some(gsi) = super::msi::bind_line(c.bdf) else {
+        log(format!("pci_alloc_msi({name}, {want}) = ENXIO (no INTx line to stand in for the emulated MSI message)"));
+        return layouts::ENXIO;
+    };
+    update_child(child as u64, |p| p.msi_alloc = actual);
+    // SAFETY: as above.
+    unsafe { *count = actual as c_int };
+    log(format!("pci_alloc_msi({name}, {want}) = 0, {actual} message (emulated MSI, stood in for by INTx on GSI {gsi}; MSI not enabled until bus_setup_intr)"));
+    0
 }
 
 /// pci_release_msi_method: MSI-X off, vectors given back; ENODEV if none were allocated. It
@@ -399,7 +460,7 @@ extern "C" fn pci_alloc_msi_m(_dev: *mut c_void, child: *mut c_void, _count: *mu
 /// 0`) or an IRQ resource of a vector is still allocated.
 fn release_msi(child: u64) -> c_int {
     let c = child_of(child as *mut c_void);
-    let Some(m) = c.msix.clone().filter(|m| m.allocated > 0) else { return layouts::ENODEV };
+    let Some(m) = c.msix.clone().filter(|m| m.allocated > 0) else { return release_msi_messages(child, &c) };
     let busy = with(|e| {
         e.pci.intrs.values().any(|i| i.dev == child && i.rid > 0)
             || e.pci.resources.values().any(|r| r.dev == child && r.kind == layouts::SYS_RES_IRQ && r.rid > 0)
@@ -412,6 +473,32 @@ fn release_msi(child: u64) -> c_int {
     cfg_write(c.bdf, m.cap + 2, ctrl & !PCIM_MSIXCTRL_ENABLE, 2);
     update_child(child, |p| p.msix.as_mut().expect("msix").allocated = 0);
     log(format!("pci_release_msi({}) = 0", newbus::nameunit(child)));
+    0
+}
+
+/// pci_release_msi_method after pci_release_msix found no MSI-X vector: ENODEV without MSI
+/// messages; EBUSY while a handler is set up on one (`msi_handlers` > 0) or a message's IRQ
+/// resource is allocated; else the messages go back (MSI is already disabled: the last
+/// `bus_teardown_intr` disabled it).
+fn release_msi_messages(child: u64, c: &PciChild) -> c_int {
+    let name = newbus::nameunit(child);
+    if c.msi_alloc == 0 {
+        log(format!("pci_release_msi({name}) = ENODEV"));
+        return layouts::ENODEV;
+    }
+    let handlers = with(|e| e.pci.intrs.values().any(|i| i.dev == child && i.rid > 0));
+    let resources = with(|e| e.pci.resources.values().any(|r| r.dev == child && r.kind == layouts::SYS_RES_IRQ && r.rid > 0));
+    if handlers || resources {
+        let what = if handlers { "a handler is still set up on it" } else { "its IRQ resource is still allocated" };
+        log(format!("pci_release_msi({name}) = EBUSY (MSI message: {what})"));
+        return layouts::EBUSY;
+    }
+    update_child(child, |p| {
+        p.msi_alloc = 0;
+        p.msi_enabled = false;
+    });
+    super::msi::forget(child);
+    log(format!("pci_release_msi({name}) = 0 (MSI message given back)"));
     0
 }
 
@@ -507,7 +594,7 @@ extern "C" fn emu_bus_alloc_resource(dev: *mut c_void, kind: c_int, rid: *mut c_
             (bar.size, w)
         }
         layouts::SYS_RES_IRQ => {
-            let vectors = c.msix.as_ref().map_or(0, |m| m.allocated) as c_int;
+            let vectors = (c.msix.as_ref().map_or(0, |m| m.allocated) + c.msi_alloc) as c_int;
             let taken = with(|e| e.pci.resources.values().any(|x| x.dev == dev as u64 && x.kind == kind && x.rid == r));
             if (r > 0 && r > vectors) || taken {
                 log(format!("bus_alloc_resource({name}, SYS_RES_IRQ, rid {r}) = NULL"));
@@ -517,7 +604,7 @@ extern "C" fn emu_bus_alloc_resource(dev: *mut c_void, kind: c_int, rid: *mut c_
                 // pci.c pci_alloc_multi_resource: no legacy interrupt once messages are
                 // allocated; else the pin is routed (pci_assign_interrupt), or there is none.
                 if vectors > 0 {
-                    log(format!("bus_alloc_resource({name}, SYS_RES_IRQ, rid 0) = NULL (MSI-X vectors allocated)"));
+                    log(format!("bus_alloc_resource({name}, SYS_RES_IRQ, rid 0) = NULL (MSI or MSI-X messages allocated)"));
                     return std::ptr::null_mut();
                 }
                 let Some(gsi) = super::intx::assign(c.bdf) else {
@@ -598,7 +685,18 @@ extern "C" fn emu_bus_setup_intr(dev: *mut c_void, r: *mut layouts::resource, fl
     let cookie = Box::into_raw(Box::new(0u64)) as u64;
     with(|e| e.pci.intrs.insert(cookie, Intr { dev: dev as u64, res: r as u64, rid, filter, handler, arg, teardown_failed: None }));
     let c = child_of(dev);
-    let how = if rid > 0 {
+    let how = if rid > 0 && c.msi_alloc > 0 {
+        // pci_setup_intr: the first handler enables MSI (pci_enable_msi). It would also set
+        // INTx Disable, which on QEMU's device would stop the assertions that stand in for
+        // the messages (super::msi): not set.
+        update_child(dev as u64, |p| p.msi_enabled = true);
+        let gsi = super::msi::line_of(c.bdf).map_or("?".to_string(), |g| g.to_string());
+        if super::msi::delivered() {
+            format!("MSI message 0, MSI enabled; stood in for by INTx on GSI {gsi}, whose INTx Disable stays clear on QEMU's device")
+        } else {
+            "MSI message 0, MSI enabled; never delivered (--msi-undelivered)".to_string()
+        }
+    } else if rid > 0 {
         msix_entry(&c, rid as u32 - 1, mailbox(c.bdf, rid), rid as u32, false);
         "MSI-X to a guest-RAM mailbox".to_string()
     } else {
@@ -634,15 +732,22 @@ extern "C" fn emu_bus_teardown_intr(dev: *mut c_void, _r: *mut layouts::resource
                 i.teardown_failed = Some(err);
             }
         });
-        let kept = if rid > 0 { "MSI-X vector still unmasked" } else { "INTx still enabled" };
+        let msi = child_of(dev).msi_alloc > 0;
+        let kept = if rid > 0 && msi { "MSI still enabled" } else if rid > 0 { "MSI-X vector still unmasked" } else { "INTx still enabled" };
         log(format!("bus_teardown_intr({}, irq rid {rid}) = {err} (handler still installed and called, {kept})", newbus::nameunit(dev as u64)));
         return err;
     }
     let Some(i) = with(|e| e.pci.intrs.remove(&(cookie as u64))) else {
         return layouts::EINVAL;
     };
-    if i.rid > 0 {
-        let c = child_of(dev);
+    let c = child_of(dev);
+    if i.rid > 0 && c.msi_alloc > 0 {
+        // pci_teardown_intr: the last handler gone disables MSI (pci_disable_msi).
+        let left = with(|e| e.pci.intrs.values().any(|x| x.dev == dev as u64 && x.rid > 0));
+        if !left {
+            update_child(dev as u64, |p| p.msi_enabled = false);
+        }
+    } else if i.rid > 0 {
         msix_entry(&c, i.rid as u32 - 1, 0, 0, true);
     }
     log(format!("bus_teardown_intr({}, irq rid {}) = 0", newbus::nameunit(dev as u64), i.rid));
@@ -658,7 +763,9 @@ pub fn run_interrupts() -> usize {
     if !machine::has_machine() {
         return 0;
     }
-    let intrs: Vec<(u64, c_int, u64, u64, u64)> = with(|e| e.pci.intrs.values().filter(|i| i.rid > 0).map(|i| (i.dev, i.rid, i.filter, i.handler, i.arg)).collect());
+    // MSI messages are super::msi's (no mailbox).
+    let msi = |e: &super::Emu, dev: u64| e.newbus.devices.get(&dev).and_then(|d| d.pci.as_ref()).is_some_and(|p| p.msi_alloc > 0);
+    let intrs: Vec<(u64, c_int, u64, u64, u64)> = with(|e| e.pci.intrs.values().filter(|i| i.rid > 0 && !msi(e, i.dev)).map(|i| (i.dev, i.rid, i.filter, i.handler, i.arg)).collect());
     let bdf_of = |dev: u64| with(|e| e.newbus.devices.get(&dev).and_then(|d| d.pci.as_ref()).map(|p| p.bdf));
     let mut n = 0;
     for (dev, rid, filter, handler, arg) in intrs {
@@ -754,11 +861,16 @@ pub fn child_detached(dev: u64) {
             release_resource(dev as *mut c_void, r as *mut _, true);
         }
     }
-    if pc.msix.as_ref().is_some_and(|m| m.allocated > 0) {
+    let msix_left = pc.msix.as_ref().map_or(0, |m| m.allocated as usize);
+    if msix_left > 0 || pc.msi_alloc > 0 {
         super::kern::console_line(&format!("{loc}: Device leaked MSI vectors\n"));
-        leaked("MSI-X vectors", pc.msix.as_ref().map_or(0, |m| m.allocated as usize));
+        if msix_left > 0 {
+            leaked("MSI-X vectors", msix_left);
+        } else {
+            leaked("MSI messages", pc.msi_alloc as usize);
+        }
         if release_msi(dev) != 0 {
-            log(format!("{name}: its MSI-X vectors stay allocated (pci_release_msi refused), their handler installed"));
+            log(format!("{name}: its MSI/MSI-X messages stay allocated (pci_release_msi refused), their handler installed"));
         }
     }
     let mems = of_kind(layouts::SYS_RES_MEMORY);

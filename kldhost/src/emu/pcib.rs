@@ -60,7 +60,7 @@ pub(super) fn attach_root_ports(pci0: u64, slots: &[u8], pcib_ops: u64, pci_ops:
             let d = e.newbus.devices.get_mut(&pcib).expect("pcib");
             d.state = layouts::DS_ATTACHED;
             d.desc = Some("PCI-PCI bridge".into());
-            d.pci = Some(super::pci::PciChild { bdf, bars: Vec::new(), msix: None, msi: 0, bridge: true });
+            d.pci = Some(super::pci::PciChild { bdf, bars: Vec::new(), msix: None, msi: 0, msi_emulated: false, msi_alloc: 0, msi_enabled: false, bridge: true });
             e.newbus.devices.get_mut(&bus).expect("pci").state = layouts::DS_ATTACHED;
             e.newbus.buses.insert(bus, sec);
         });

@@ -347,6 +347,12 @@ pub struct Options {
     /// device 0.0 on that bus), `hot_add` plugs behind slot 5's port, and with `acpi` the
     /// namespace is q35's ([`super::acpi`]): the notifies go to the ports' `S00_`.
     pub q35: bool,
+    /// With `qemu`: pci(4) offers an emulated MSI capability (one message) over QEMU's NVMe
+    /// function, instead of or besides its MSI-X one ([`super::msi`]).
+    pub msi: super::msi::Mode,
+    /// With `msi`: the emulated messages are never delivered (a negative control: only the
+    /// driver's polling can complete its I/O).
+    pub msi_undelivered: bool,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -824,6 +830,8 @@ pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Momen
     // Boot: pci(4) reads its tunables from the kernel environment before any module loads.
     super::pci_tunables::load(&opts.tunables);
     super::intx::set_delivered(!opts.intx_undelivered);
+    super::msi::set_mode(opts.msi);
+    super::msi::set_delivered(!opts.msi_undelivered);
     if opts.qemu {
         let kind = if opts.q35 { nvmehp_lab::qemu::MachineKind::Q35 } else { nvmehp_lab::qemu::MachineKind::Pc };
         super::machine::start(kind).map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;

@@ -478,7 +478,7 @@ pub fn run_kernel_threads() -> usize {
     }
     let mut n = 0;
     loop {
-        let ran = super::pci::run_interrupts() + super::intx::run_lines() + super::geom::run_events() + super::devfs::run_deferred();
+        let ran = super::pci::run_interrupts() + super::intx::run_lines() + super::msi::run_messages() + super::geom::run_events() + super::devfs::run_deferred();
         if ran == 0 {
             break;
         }
