@@ -6,15 +6,8 @@
 
 mod common;
 
-use common::{assert_in_order, kldhost_run_with};
+use common::{assert_in_order, kldhost_run_with, between};
 
-
-/// The text between the first `from` and the next `to` after it.
-fn between<'a>(out: &'a str, from: &str, to: &str) -> &'a str {
-    let a = out.find(from).unwrap_or_else(|| panic!("{from:?} missing in:\n{out}"));
-    let b = out[a..].find(to).unwrap_or_else(|| panic!("{to:?} missing after {from:?} in:\n{out}"));
-    &out[a..a + b]
-}
 
 #[test]
 fn the_real_modules_bios_are_loaded_through_busdma_from_guest_ram() {

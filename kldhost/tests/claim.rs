@@ -11,14 +11,7 @@
 
 mod common;
 
-use common::{assert_in_order, console, kldhost_run_with, real_ko_on_qemu as real_ko};
-
-/// The call log from `from` up to `to` (both must be there, in that order).
-fn between<'a>(out: &'a str, from: &str, to: &str) -> &'a str {
-    let a = out.find(from).unwrap_or_else(|| panic!("{from:?} missing:\n{out}"));
-    let b = out[a..].find(to).unwrap_or_else(|| panic!("{to:?} missing after {from:?}:\n{out}")) + a;
-    &out[a..b]
-}
+use common::{assert_in_order, console, kldhost_run_with, real_ko_on_qemu as real_ko, between};
 
 /// nvme(4) in the kernel, hot-added controllers go to it whatever `claim` says: the boot-time
 /// controller is nvme0 before the module loads; the module says where hot-added ones go; an

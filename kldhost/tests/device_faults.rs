@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{assert_in_order, console, kldhost_run_with, real_ko_on_qemu as real_ko};
+use common::{assert_in_order, console, kldhost_run_with, real_ko_on_qemu as real_ko, assert_clean_unload};
 use std::collections::BTreeMap;
 
 
@@ -50,12 +50,6 @@ fn paused_ms(lines: &[&str], wmesg: &str) -> f64 {
 /// Microseconds spun in DELAY(9) in `lines`.
 fn delayed_us(lines: &[&str]) -> u64 {
     lines.iter().filter_map(|l| l.strip_prefix("DELAY(")).filter_map(|r| r.strip_suffix(')')).map(|v| v.parse::<u64>().expect("a DELAY argument")).sum()
-}
-
-fn assert_clean_unload(code: Option<i32>, out: &str) {
-    assert!(out.contains("MOD_QUIESCE: Some(0), MOD_UNLOAD: Some(0), unloaded: true"), "the module did not unload:\n{out}");
-    assert!(out.contains("\nfindings: 0\n"), "findings:\n{out}");
-    assert_eq!(code, Some(0), "kldhost run failed:\n{out}");
 }
 
 /// A failed bring-up, as the driver reports it: its message, the attach's ENXIO, nothing made.

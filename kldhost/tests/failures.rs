@@ -10,15 +10,8 @@
 
 mod common;
 
-use common::{assert_in_order, console, kldhost_run_with, real_ko_on_qemu as real_ko};
+use common::{assert_in_order, console, kldhost_run_with, real_ko_on_qemu as real_ko, between, assert_clean_unload};
 
-
-/// The call log from `from` up to `to` (both must be there, in that order).
-fn between<'a>(out: &'a str, from: &str, to: &str) -> &'a str {
-    let a = out.find(from).unwrap_or_else(|| panic!("{from:?} missing:\n{out}"));
-    let b = out[a..].find(to).unwrap_or_else(|| panic!("{to:?} missing after {from:?}:\n{out}")) + a;
-    &out[a..b]
-}
 
 /// What MOD_LOAD did (up to the taskqueue threads' first run).
 fn mod_load(out: &str) -> &str {
@@ -44,14 +37,6 @@ fn assert_loaded_without_hotplug(code: Option<i32>, out: &str) {
     assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
     assert_attached_with_io(out);
     assert_clean_unload(code, out);
-}
-
-/// The module unloaded and nothing was found: no leak, no node, disk, resource, interrupt,
-/// taskqueue, mutex or ACPI handler left, no rule broken.
-fn assert_clean_unload(code: Option<i32>, out: &str) {
-    assert!(out.contains("MOD_QUIESCE: Some(0), MOD_UNLOAD: Some(0), unloaded: true"), "the module did not unload:\n{out}");
-    assert!(out.contains("\nfindings: 0\n"), "findings:\n{out}");
-    assert_eq!(code, Some(0), "kldhost run failed:\n{out}");
 }
 
 /// The attach failed with `errno` and left nothing: no node, no disk.

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{assert_in_order, kldhost_run_with};
+use common::{assert_in_order, kldhost_run_with, completed_by, WATCHDOG_POLL};
 use kldhost::emu::pci_tunables::INTX_ONLY_TUNABLES;
 
 /// `--tunable name=value` for each of [`INTX_ONLY_TUNABLES`].
@@ -43,27 +43,6 @@ fn per_bio_of<'a>(out: &'a str, disk: &str) -> Vec<&'a str> {
 }
 
 const INTX_DELIVERED: &str = "nvmehp0: interrupt (IRQ rid 0, INTx on GSI 11)";
-const WATCHDOG_POLL: &str = "time passes: callout";
-
-/// Which thread ran the code that called `biodone` in one bio's log: the last interrupt
-/// delivery (`interrupt (`), callout (`time passes`) or task (`: run task`) before it.
-/// A loaded machine may let the watchdog's callout fire while a bio waits (50 ms without
-/// progress); what matters is who completed it.
-fn completed_by(bio: &str) -> &'static str {
-    let done = bio.find("biodone(").unwrap_or_else(|| panic!("no biodone in:\n{bio}"));
-    let before = &bio[..done];
-    let last = |m: &str| before.rfind(m).map_or(-1, |i| i as i64);
-    let (intr, callout, task) = (last(": interrupt ("), last(WATCHDOG_POLL), last(": run task"));
-    if intr > callout && intr > task {
-        "interrupt"
-    } else if task > callout {
-        "task"
-    } else if callout >= 0 {
-        "callout"
-    } else {
-        "d_strategy"
-    }
-}
 
 #[test]
 fn with_msi_and_msix_off_the_real_module_uses_intx_and_its_handler_completes_every_bio() {

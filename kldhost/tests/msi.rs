@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_in_order, kldhost_run_with};
+use common::{assert_in_order, kldhost_run_with, completed_by, WATCHDOG_POLL};
 
 fn run_real(test: &str, args: &[&str]) -> Option<(Option<i32>, String)> {
     if !nvmehp_lab::skip::qemu_or_skip(test) || common::real_ko(test).is_none() {
@@ -21,7 +21,6 @@ fn run_real(test: &str, args: &[&str]) -> Option<(Option<i32>, String)> {
 
 /// A message (one handler run) on the emulated MSI.
 const MSI_DELIVERED: &str = "nvmehp0: interrupt (IRQ rid 1, MSI message 0, stood in for by INTx on GSI 11";
-const WATCHDOG_POLL: &str = "time passes: callout";
 
 /// The calls logged for each bio of disk nvmehpd0, from its `d_strategy` to its `g_up`.
 fn per_bio(out: &str) -> Vec<&str> {
@@ -35,24 +34,6 @@ fn per_bio(out: &str) -> Vec<&str> {
         from = end;
     }
     v
-}
-
-/// Which thread ran the code that called `biodone` in one bio's log: the last interrupt
-/// delivery, callout or task before it (as in tests/intx.rs).
-fn completed_by(bio: &str) -> &'static str {
-    let done = bio.find("biodone(").unwrap_or_else(|| panic!("no biodone in:\n{bio}"));
-    let before = &bio[..done];
-    let last = |m: &str| before.rfind(m).map_or(-1, |i| i as i64);
-    let (intr, callout, task) = (last(": interrupt ("), last(WATCHDOG_POLL), last(": run task"));
-    if intr > callout && intr > task {
-        "interrupt"
-    } else if task > callout {
-        "task"
-    } else if callout >= 0 {
-        "callout"
-    } else {
-        "d_strategy"
-    }
 }
 
 /// Every bio of the run completed by a fresh MSI message (not a re-delivery of one whose line

@@ -10,21 +10,7 @@
 
 mod common;
 
-use common::{assert_in_order, console, kldhost_run_with, real_ko_on_qemu as real_ko};
-
-/// The call log from `from` up to `to` (both must be there, in that order).
-fn between<'a>(out: &'a str, from: &str, to: &str) -> &'a str {
-    let a = out.find(from).unwrap_or_else(|| panic!("{from:?} missing:\n{out}"));
-    let b = out[a..].find(to).unwrap_or_else(|| panic!("{to:?} missing after {from:?}:\n{out}")) + a;
-    &out[a..b]
-}
-
-fn assert_clean_unload(code: Option<i32>, out: &str) {
-    assert!(out.contains("MOD_QUIESCE: Some(0), MOD_UNLOAD: Some(0), unloaded: true"), "the module did not unload:\n{out}");
-    assert!(out.contains("\nfindings: 0\n"), "findings:\n{out}");
-    assert!(!out.contains("panic:"), "{out}");
-    assert_eq!(code, Some(0), "kldhost run failed:\n{out}");
-}
+use common::{assert_in_order, console, kldhost_run_with, real_ko_on_qemu as real_ko, between, assert_clean_unload};
 
 /// A disk held open across `kldunload -f`: MOD_QUIESCE refuses (busy), the force sends
 /// MOD_UNLOAD anyway, driver_module_handler's detach of the open controller refuses, and the

@@ -170,3 +170,46 @@ pub fn console(out: &str) -> &str {
     let to = rest.find("\nMOD_QUIESCE:").unwrap_or(rest.len());
     &rest[..to]
 }
+
+/// The call log from the first `from` up to the next `to` after it (both must be there, in
+/// that order).
+#[allow(dead_code)]
+pub fn between<'a>(out: &'a str, from: &str, to: &str) -> &'a str {
+    let a = out.find(from).unwrap_or_else(|| panic!("{from:?} missing in:\n{out}"));
+    let b = out[a..].find(to).unwrap_or_else(|| panic!("{to:?} missing after {from:?} in:\n{out}"));
+    &out[a..a + b]
+}
+
+/// A run that ended clean: the module unloaded, no finding, no emulated panic, exit status 0.
+#[allow(dead_code)]
+pub fn assert_clean_unload(code: Option<i32>, out: &str) {
+    assert!(out.contains("MOD_QUIESCE: Some(0), MOD_UNLOAD: Some(0), unloaded: true"), "the module did not unload:\n{out}");
+    assert!(out.contains("\nfindings: 0\n"), "findings:\n{out}");
+    assert!(!out.contains("panic:"), "{out}");
+    assert_eq!(code, Some(0), "kldhost run failed:\n{out}");
+}
+
+/// The watchdog's callout firing, in the call log.
+#[allow(dead_code)]
+pub const WATCHDOG_POLL: &str = "time passes: callout";
+
+/// Which thread ran the code that called `biodone` in one bio's log: the last interrupt
+/// delivery (`interrupt (`), callout (`time passes`) or task (`: run task`) before it.
+/// A loaded machine may let the watchdog's callout fire while a bio waits (50 ms without
+/// progress); what matters is who completed it.
+#[allow(dead_code)]
+pub fn completed_by(bio: &str) -> &'static str {
+    let done = bio.find("biodone(").unwrap_or_else(|| panic!("no biodone in:\n{bio}"));
+    let before = &bio[..done];
+    let last = |m: &str| before.rfind(m).map_or(-1, |i| i as i64);
+    let (intr, callout, task) = (last(": interrupt ("), last(WATCHDOG_POLL), last(": run task"));
+    if intr > callout && intr > task {
+        "interrupt"
+    } else if task > callout {
+        "task"
+    } else if callout >= 0 {
+        "callout"
+    } else {
+        "d_strategy"
+    }
+}
