@@ -115,6 +115,9 @@ pub struct Outcome {
     failed: u64,
     /// The engine gave up on the controller, with this reason.
     lost: Option<(NvmeError, Health)>,
+    /// When `lost`: requests whose fate waits for the stop the engine left (failed once the
+    /// device is known stopped, held if it cannot be), so not yet in `failed`.
+    awaiting_stop: usize,
     /// The controller reported a namespace attribute change.
     ns_changed: bool,
     /// Completion entries that failed validation.
@@ -325,6 +328,9 @@ impl CtrlState {
             self.lost = true;
         }
         self.release_parked(out);
+        if out.lost.is_some() {
+            out.awaiting_stop = self.io.parked_count();
+        }
     }
 
     /// The fast half of giving the controller up: completes every request now with `err`
@@ -697,13 +703,26 @@ impl CtrlShared {
             if health == Health::Gone {
                 Stat::SurpriseRemovals.add(1);
             }
-            dev_printf!(
-                &self.dev,
-                "controller lost ({}, health {:?}): {} requests failed; nodes and disks stay until detach\n",
-                reason,
-                health,
-                out.failed
-            );
+            // Requests the stop decides are said apart: "0 requests failed" alone would read as
+            // nothing affected while a read is still parked on a controller being stopped.
+            if out.awaiting_stop > 0 {
+                dev_printf!(
+                    &self.dev,
+                    "controller lost ({}, health {:?}): {} requests failed, {} more once it is stopped; nodes and disks stay until detach\n",
+                    reason,
+                    health,
+                    out.failed,
+                    out.awaiting_stop
+                );
+            } else {
+                dev_printf!(
+                    &self.dev,
+                    "controller lost ({}, health {:?}): {} requests failed; nodes and disks stay until detach\n",
+                    reason,
+                    health,
+                    out.failed
+                );
+            }
             super::slots::controller_lost(self.dev);
         }
         if out.ns_changed {
@@ -909,6 +928,7 @@ impl TaskHandler for WatchdogTask {
                             st.lost = true;
                             st.fail_fast(reason, &mut out);
                             out.lost = Some((reason, health));
+                            out.awaiting_stop = st.io.parked_count();
                         }
                     }
                 }

@@ -140,6 +140,11 @@ impl Trackers {
         !self.parked.is_empty()
     }
 
+    /// How many trackers wait for the stop's outcome.
+    pub fn parked_count(&self) -> usize {
+        self.parked.len()
+    }
+
     /// Decides the parked trackers: with `device_stopped` (or a device that completed them
     /// itself), their maps are unloaded and their bios failed with their errno; otherwise they
     /// are held for ever, except requests without data (a flush), which lent the device no
