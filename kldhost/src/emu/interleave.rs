@@ -28,10 +28,11 @@ pub enum Action {
     /// handlers installed on it.
     Notify { slot: u8, value: u32 },
     /// kldunload(8) of the module (linker_file_unload, not forced): MOD_QUIESCE to each of its
-    /// modules, the first veto ending it, then MOD_UNLOAD. Both refusing is the only right
-    /// answer while one of the module's threads sleeps in its code: if MOD_UNLOAD agrees, the
-    /// linker would free the text that thread returns into, which is a finding here
-    /// (UnloadWithLiveCallbacks) and the unload is not carried out.
+    /// modules, the first veto ending it, then MOD_UNLOAD. A refusal of one of them is the only
+    /// right answer while one of the module's threads sleeps in its code: if MOD_UNLOAD agrees,
+    /// the linker would free the text that thread returns into, which is a finding here
+    /// (UnloadWithLiveCallbacks); the linker's part (SYSUNINITs, freeing the file) is then not
+    /// carried out, though the module's own MOD_UNLOAD already ran.
     Kldunload,
 }
 
