@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{assert_in_order, kldhost_run_with, completed_by, WATCHDOG_POLL};
+use common::{assert_in_order, kldhost_run_with, completed_by, per_bio, assert_both_bios_completed_by_the_watchdog};
 use kldhost::emu::pci_tunables::INTX_ONLY_TUNABLES;
 
 /// `--tunable name=value` for each of [`INTX_ONLY_TUNABLES`].
@@ -21,25 +21,6 @@ fn run_real(extra: &[&str]) -> Option<(Option<i32>, String)> {
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Some(kldhost_run_with(&ko, &args))
-}
-
-/// The calls logged for each bio of disk nvmehpd0, from its `d_strategy` to its `g_up`.
-fn per_bio(out: &str) -> Vec<&str> {
-    per_bio_of(out, "nvmehpd0")
-}
-
-/// The calls logged for each bio of `disk`, from its `d_strategy` to its `g_up`, in order.
-fn per_bio_of<'a>(out: &'a str, disk: &str) -> Vec<&'a str> {
-    let strategy = format!("g_down: d_strategy({disk}");
-    let mut v = Vec::new();
-    let mut from = 0;
-    while let Some(i) = out[from..].find(&strategy) {
-        let start = from + i;
-        let end = out[start..].find("g_up: bio").map(|j| start + j).unwrap_or(out.len());
-        v.push(&out[start..end]);
-        from = end;
-    }
-    v
 }
 
 const INTX_DELIVERED: &str = "nvmehp0: interrupt (IRQ rid 0, INTx on GSI 11)";
@@ -120,12 +101,7 @@ fn with_the_intx_line_undelivered_only_the_watchdog_poll_completes_the_bios() {
         ],
     );
     assert!(!out.contains("interrupt (IRQ rid 0"), "an INTx interrupt was delivered:\n{out}");
-    let bios = per_bio(&out);
-    assert_eq!(bios.len(), 2, "{out}");
-    for b in &bios {
-        assert!(b.contains(WATCHDOG_POLL), "a bio completed without the watchdog's poll:\n{b}");
-        assert_eq!(completed_by(b), "task", "a bio not completed by the watchdog task:\n{b}");
-    }
+    assert_both_bios_completed_by_the_watchdog(&out);
 }
 
 /// A controller hot-added into slot 5 (INTA# through PIRQA: GSI 10, not the first one's 11)
@@ -152,7 +128,7 @@ fn a_hot_added_controller_on_intx_gets_its_slots_gsi_and_completes_through_its_h
     // The hot-added disk reuses unit 0 (the first disk's d_gone ran after its eject, as
     // nvd(4) reuses units): its bios are those after the hot-add.
     let hot_add = out.find("QMP device_add nvme1 at slot 5: ok").expect("the hot-add");
-    let bios = per_bio_of(&out[hot_add..], "nvmehpd0");
+    let bios = per_bio(&out[hot_add..]);
     assert_eq!(bios.len(), 2, "{out}");
     for b in &bios {
         assert!(b.contains("nvmehp0: interrupt (IRQ rid 0, INTx on GSI 10)"), "a bio completed without an INTx interrupt:\n{b}");

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_in_order, kldhost_run_with, completed_by, WATCHDOG_POLL};
+use common::{assert_in_order, kldhost_run_with, completed_by, per_bio, assert_both_bios_completed_by_the_watchdog};
 
 fn run_real(test: &str, args: &[&str]) -> Option<(Option<i32>, String)> {
     if !nvmehp_lab::skip::qemu_or_skip(test) || common::real_ko(test).is_none() {
@@ -21,20 +21,6 @@ fn run_real(test: &str, args: &[&str]) -> Option<(Option<i32>, String)> {
 
 /// A message (one handler run) on the emulated MSI.
 const MSI_DELIVERED: &str = "nvmehp0: interrupt (IRQ rid 1, MSI message 0, stood in for by INTx on GSI 11";
-
-/// The calls logged for each bio of disk nvmehpd0, from its `d_strategy` to its `g_up`.
-fn per_bio(out: &str) -> Vec<&str> {
-    let strategy = "g_down: d_strategy(nvmehpd0";
-    let mut v = Vec::new();
-    let mut from = 0;
-    while let Some(i) = out[from..].find(strategy) {
-        let start = from + i;
-        let end = out[start..].find("g_up: bio").map(|j| start + j).unwrap_or(out.len());
-        v.push(&out[start..end]);
-        from = end;
-    }
-    v
-}
 
 /// Every bio of the run completed by a fresh MSI message (not a re-delivery of one whose line
 /// stayed high: a real MSI function would not have sent that one), and no message after the
@@ -121,12 +107,7 @@ fn with_the_msi_messages_undelivered_only_the_watchdog_poll_completes_the_bios()
     );
     assert_in_order(&out, &DETACH_AND_UNLOAD);
     assert!(!out.contains(": interrupt (IRQ rid"), "a handler ran:\n{out}");
-    let bios = per_bio(&out);
-    assert_eq!(bios.len(), 2, "{out}");
-    for b in &bios {
-        assert!(b.contains(WATCHDOG_POLL), "a bio completed without the watchdog's poll:\n{b}");
-        assert_eq!(completed_by(b), "task", "a bio not completed by the watchdog task:\n{b}");
-    }
+    assert_both_bios_completed_by_the_watchdog(&out);
 }
 
 /// A function with both capabilities (QEMU's MSI-X and the emulated MSI) whose MSI-X

@@ -15,7 +15,9 @@
 //! and stores ([`mmio`], where [`device_fault`] can rewrite what the module sees),
 //! its DMA memory in shared guest RAM ([`dma`], [`busdma`]), bio queues ([`bioq`]), and disk(9) ([`geom`]) and run-time
 //! sysctl(9) contexts ([`sysctl`]) recorded; with `--stock-nvme`, nvme(4) of a GENERIC kernel
-//! on pci, as far as newbus sees it ([`stock_nvme`]).
+//! on pci, as far as newbus sees it ([`stock_nvme`]); with `--msi-instead-of-msix`, an MSI
+//! function over QEMU's ([`msi`]); with `--in-sleep`, another kernel thread acting inside a
+//! chosen sleep of the module ([`interleave`]).
 //! A kernel panic ends the process with [`PANIC_EXIT`], as a panic ends the kernel; so does a
 //! fault in the module's code ([`trap`]), as the kernel's fatal trap. The FreeBSD rules each
 //! emulated function checks are named by [`rules`] (kpimodel's names, with their sources).

@@ -26,6 +26,9 @@ use std::ffi::{c_int, c_void};
 /// (1d0f:8061) does.
 const KNOWN_IDS: &[(u32, &str)] = &[
     (0x0111_8086, "NVMe Controller"),
+    // IDT32_PCI_ID and IDT8_PCI_ID (sys/dev/nvme/nvme_private.h).
+    (0x80d0_111d, "IDT NVMe Controller (32 channel)"),
+    (0x80d2_111d, "IDT NVMe Controller (8 channel)"),
     (0x0953_8086, "Intel DC PC3500"),
     (0x0a53_8086, "Intel DC PC3520"),
     (0x0a54_8086, "Intel DC PC4500"),

@@ -213,3 +213,31 @@ pub fn completed_by(bio: &str) -> &'static str {
         "d_strategy"
     }
 }
+
+/// The calls logged for each bio of disk `nvmehpd0`, from its `d_strategy` to its `g_up`, in
+/// order.
+#[allow(dead_code)]
+pub fn per_bio(out: &str) -> Vec<&str> {
+    let strategy = "g_down: d_strategy(nvmehpd0";
+    let mut v = Vec::new();
+    let mut from = 0;
+    while let Some(i) = out[from..].find(strategy) {
+        let start = from + i;
+        let end = out[start..].find("g_up: bio").map(|j| start + j).unwrap_or(out.len());
+        v.push(&out[start..end]);
+        from = end;
+    }
+    v
+}
+
+/// The negative control of an interrupt that is never delivered: the run's two bios were both
+/// completed by the watchdog's poll (its callout, then its task), none by a handler.
+#[allow(dead_code)]
+pub fn assert_both_bios_completed_by_the_watchdog(out: &str) {
+    let bios = per_bio(out);
+    assert_eq!(bios.len(), 2, "{out}");
+    for b in &bios {
+        assert!(b.contains(WATCHDOG_POLL), "a bio completed without the watchdog's poll:\n{b}");
+        assert_eq!(completed_by(b), "task", "a bio not completed by the watchdog task:\n{b}");
+    }
+}
