@@ -225,3 +225,24 @@ fn an_eject_detaches_function_1_when_function_0_has_no_device() {
     assert!(out.contains("QMP: DEVICE_DELETED of slot 6's devices: received"), "{out}");
     assert_clean_unload(code, &out);
 }
+
+/// The flags' arguments are checked before anything runs (no QEMU or .ko needed): a
+/// multi-function slot without function 0 (empty to every OS), a function named twice, the
+/// controller's slot 4, a function above 7 are usage errors (exit 2) naming the problem.
+/// Fails when the parser accepts any of them.
+#[test]
+fn a_bad_multi_function_argument_is_a_usage_error() {
+    let ko = std::path::Path::new("no-such.ko");
+    for (args, said) in [
+        (&["--qemu", "--multifunction", "6=1,2"][..], "function 0 must be among the functions"),
+        (&["--qemu", "--multifunction", "6=0,1,1"][..], "a function named twice"),
+        (&["--qemu", "--multifunction", "4=0,1"][..], "not 4 (the controller's)"),
+        (&["--qemu", "--acpi", "--hot-add-function", "6.8"][..], "expected SLOT.FUNC (slot 0..31, function 0..7)"),
+        (&["--qemu", "--devctl-delete", "6"][..], "expected SLOT.FUNC"),
+        (&["--qemu", "--acpi", "--eject-slot", "32"][..], "32"),
+    ] {
+        let (code, out) = kldhost_run_with(ko, args);
+        assert_eq!(code, Some(2), "{args:?} not a usage error:\n{out}");
+        assert!(out.contains(said), "{args:?}: {said:?} not said:\n{out}");
+    }
+}
