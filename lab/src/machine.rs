@@ -275,8 +275,9 @@ impl Machine {
         self.images_dir.path()
     }
 
-    /// Bus scan at "boot": probes and programs every slot; returns the NVMe functions found,
-    /// with the scenario slot each is in.
+    /// Bus scan at "boot": probes and programs every slot (functions 1..7 of a slot whose
+    /// function 0 has PCIM_MFDEV, each function's BAR0 in its eighth of the slot's window);
+    /// returns the NVMe functions found, with the scenario slot each is in.
     pub fn scan(&mut self) -> io::Result<Vec<(u8, PciFunction)>> {
         let mut found = Vec::new();
         let slots: Vec<u8> = match self.kind {

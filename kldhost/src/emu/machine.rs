@@ -4,7 +4,9 @@
 //! *on* it needs: the pci(4) view of the functions, the contigmalloc pool, and the removal
 //! behaviour of a function's BAR once the function is gone.
 //!
-//! `kldhost run --qemu` starts it with one controller in slot 4 ([`Machine::start`]);
+//! `kldhost run --qemu` starts it with one controller in slot 4 ([`Machine::start`]), plus
+//! `--multifunction`'s controllers at functions of their slots
+//! ([`Machine::start_with_multifunction`]);
 //! `kldhost scenario` with the scenario's controllers ([`Machine::start_scenario`]), so a
 //! scenario gets the same slots, images, hot-adds, unplug requests, ejects and GPE polling in
 //! kld mode as in engine mode.
