@@ -121,7 +121,8 @@ enum Cmd {
         /// controller is rewritten between the two (src/emu/device_fault.rs): cap-to=N,
         /// rdy-never, rdy-slow=MS, no-stop, csts-cfs, identify-garbage=FIELD, cqe-cid[=N],
         /// admin-latency=MS, io-stall[=N] (I/O SQ doorbells after the first N held back),
-        /// busmaster-stuck (config space: the bus-master bit cannot be cleared).
+        /// busmaster-stuck (config space: the bus-master bit cannot be cleared), header-layout=N
+        /// (config space: the header type byte reads with layout N).
         #[arg(long = "device-fault", value_name = "KIND[=ARG]", value_parser = kldhost::emu::device_fault::parse, requires = "qemu")]
         device_fault: Vec<kldhost::emu::device_fault::Fault>,
         /// A chosen interleaving (repeatable): while the module sleeps in pause(9) for the

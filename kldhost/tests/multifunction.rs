@@ -246,3 +246,25 @@ fn a_bad_multi_function_argument_is_a_usage_error() {
         assert!(out.contains(said), "{args:?}: {said:?} not said:\n{out}");
     }
 }
+
+/// A function whose header type byte says a layout above PCI_MAXHDRTYPE
+/// (`--device-fault header-layout=127`: QEMU's type 0 header rewritten on its way to the
+/// kernel) hot-added into slot 7: the module's walk reads its vendor ID and header type and
+/// skips the slot, as pci_rescan_method does: no pci_read_device, no pci_add_child, no probe,
+/// no function 1..7 read, and 7.0 stays unattached (the same hot-add without the fault attaches
+/// it: `a_device_check_touches_only_its_own_slot`). Fails when the walk does not skip unknown
+/// layouts (7.0 is added and attached).
+#[test]
+fn an_unknown_header_layout_is_skipped() {
+    let Some((code, out)) = run("mf_hdrtype", &["--device-fault", "header-layout=127", "--hot-add-function", "7.0"]) else { return };
+    let check = between(&out, "QMP device_add mf7f0 at 7.0: ok", "after the device_add of 7.0");
+    assert!(check.contains("acpi_task: Notify(\\_SB_.PCI0.S07_, 1) to 1 handler(s)"), "{check}");
+    assert!(check.contains("PCIB_READ_CONFIG(0:7.0, 0xe, 1) = 0x7f"), "the fault did not reach the walk:\n{check}");
+    let reads = config_reads(check);
+    assert!(reads.iter().all(|&(s, f, _)| (s, f) == (7, 0)), "{reads:?}");
+    for never in ["pci_read_device(", "pci_add_child(", "device_probe_desc"] {
+        assert!(!check.contains(never), "{never} for a slot with an unknown header layout:\n{check}");
+    }
+    assert!(out.contains("after the device_add of 7.0: functions answering in slot 7: [7.0 not attached]"), "{out}");
+    assert_clean_unload(code, &out);
+}

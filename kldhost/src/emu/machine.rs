@@ -311,6 +311,18 @@ impl Machine {
         self.lab.slot_present(slot).unwrap_or(false)
     }
 
+    /// What QEMU's function at `bdf` answers to a config read (width 1, 2 or 4; all-ones if
+    /// QEMU is gone), past the device-fault layer: for the runner's own looking, never the
+    /// emulated kernel's ([`cfg_read`]).
+    pub fn qemu_cfg_read(&self, bdf: Bdf, reg: u16, width: i32) -> u32 {
+        let r = self.qtest(|q| match width {
+            1 => firmware::cfg_read8(q, bdf, reg).map(u32::from),
+            2 => firmware::cfg_read16(q, bdf, reg).map(u32::from),
+            _ => firmware::cfg_read32(q, bdf, reg),
+        });
+        r.unwrap_or(u32::MAX)
+    }
+
     /// QEMU's stderr so far (for error messages).
     pub fn qemu_stderr(&self) -> String {
         self.lab.process().stderr_text()
@@ -415,15 +427,19 @@ pub fn stop() {
 }
 
 /// A config-space read of `bdf` (width 1, 2 or 4) through qtest; all-ones if QEMU is gone.
+/// The device-fault layer may change the value on its way back
+/// ([`super::device_fault::on_config_read`]).
 pub fn cfg_read(bdf: Bdf, reg: u16, width: i32) -> u32 {
-    with_machine(|m| {
-        let r = m.qtest(|q| match width {
-            1 => firmware::cfg_read8(q, bdf, reg).map(u32::from),
-            2 => firmware::cfg_read16(q, bdf, reg).map(u32::from),
-            _ => firmware::cfg_read32(q, bdf, reg),
-        });
-        r.unwrap_or(u32::MAX)
-    })
+    let (v, notes) = with_machine(|m| {
+        let v = m.qemu_cfg_read(bdf, reg, width);
+        if v == u32::MAX || !super::device_fault::wants_config_read(reg, width) {
+            return (v, Vec::new());
+        }
+        let class = m.qtest(|q| firmware::cfg_read32(q, bdf, 0x08)).unwrap_or(u32::MAX) >> 8;
+        super::device_fault::on_config_read(class, reg, width, v)
+    });
+    notes.into_iter().for_each(super::log);
+    v
 }
 
 /// A config-space write of `bdf` through qtest. The device-fault layer sees it first

@@ -611,7 +611,8 @@ pub fn pci_child_at(s: u8, f: u8) -> Option<u64> {
 /// over the new children are probed and attached. Every slot is walked, also below a PCIe
 /// root port (amd64's `pcib_maxslots` is PCI_SLOTMAX for every bridge; only slot 0 answers
 /// there); functions 1..PCIB_MAXFUNCS of a slot only when function 0's header type has
-/// PCIM_MFDEV (a single-function device may answer at every function number). (Only NVMe
+/// PCIM_MFDEV (a single-function device may answer at every function number), and no function
+/// of a slot whose function 0 has a header layout above PCI_MAXHDRTYPE. (Only NVMe
 /// functions are added: the lab firmware places BARs for them only; a bridge never leaves.)
 /// Called with the topology lock held.
 pub fn rescan_bus(bus: u64) {
@@ -630,7 +631,12 @@ pub fn rescan_bus(bus: u64) {
         if super::machine::cfg_read(f0, 0, 2) == 0xffff {
             continue;
         }
-        let last = if super::machine::cfg_read(f0, 0x0e, 1) & 0x80 != 0 { 7 } else { 0 };
+        // A header layout above PCI_MAXHDRTYPE: the slot is skipped, as pci_rescan_method does.
+        let hdrtype = super::machine::cfg_read(f0, 0x0e, 1);
+        if hdrtype & 0x7f > 2 {
+            continue;
+        }
+        let last = if hdrtype & 0x80 != 0 { 7 } else { 0 };
         for f in 0..=last {
             let bdf = nvmehp_lab::firmware::Bdf { func: f, ..f0 };
             if child_at(bus, s, f).is_some() || super::machine::cfg_read(bdf, 0, 2) == 0xffff {

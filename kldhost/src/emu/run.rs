@@ -691,13 +691,15 @@ fn hot_add_function(report: &mut Report, slot: u8, func: u8, multifunction: bool
     if r.is_err() {
         return false;
     }
+    // What QEMU shows (past the device-fault layer: the runner looks, not the kernel).
+    let read = |bdf, reg, width| with_machine(|m| m.qemu_cfg_read(bdf, reg, width));
     let showing = || -> Vec<u8> {
         let f0 = nvmehp_lab::firmware::Bdf::slot(slot);
-        if super::machine::cfg_read(f0, 0, 2) == 0xffff {
+        if read(f0, 0, 2) == 0xffff {
             return Vec::new();
         }
-        let last = if super::machine::cfg_read(f0, 0x0e, 1) & 0x80 != 0 { 7 } else { 0 };
-        (0..=last).filter(|&f| super::machine::cfg_read(nvmehp_lab::firmware::Bdf { func: f, ..f0 }, 0, 2) != 0xffff).collect()
+        let last = if read(f0, 0x0e, 1) & 0x80 != 0 { 7 } else { 0 };
+        (0..=last).filter(|&f| read(nvmehp_lab::firmware::Bdf { func: f, ..f0 }, 0, 2) != 0xffff).collect()
     };
     let attached = |f: u8| super::newbus::pci_child_at(slot, f).is_some_and(|c| super::newbus::state(c) >= layouts::DS_ATTACHED);
     let start = std::time::Instant::now();
