@@ -48,15 +48,16 @@ enum Cmd {
         acpi: bool,
         /// With --acpi: after the I/O, QMP device_del of the controller; QEMU's hotplug GPE
         /// becomes Notify(S04_, 3) to the module's handler, which should detach it and _EJ0.
-        #[arg(long, requires = "acpi")]
+        #[arg(long, requires = "acpi", group = "removal")]
         eject: bool,
-        /// With --eject: then QMP device_add of a controller in slot 5 (empty since boot); Notify(S05_, 1)
-        /// should make the module rescan the slot and attach it; its disk is written and read.
-        #[arg(long, requires = "eject")]
+        /// With --eject or --surprise: then QMP device_add of a controller in slot 5 (empty since
+        /// boot); Notify(S05_, 1) should make the module rescan the slot and attach it; its disk
+        /// is written and read.
+        #[arg(long, requires = "removal")]
         hot_add: bool,
         /// With --acpi: after the I/O, a surprise removal (the slot ejected with no device_del,
         /// so no notify); time passes until the module's watchdog finds the controller gone.
-        #[arg(long, requires = "acpi", conflicts_with = "eject")]
+        #[arg(long, requires = "acpi", conflicts_with = "eject", group = "removal")]
         surprise: bool,
         /// With --surprise: this many 4 KiB writes sent to the disk just before the removal,
         /// not waited for; each must end without error (and be on the medium) or with ENXIO.

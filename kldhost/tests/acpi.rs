@@ -298,3 +298,44 @@ fn writes_in_flight_at_a_surprise_removal_end_on_the_medium_or_with_enxio() {
     let at_detach = count_after("nvmehp0: detached (device gone): ").expect("detached line");
     assert_eq!(lost + at_detach, enxio, "{out}");
 }
+
+/// A disk's unit comes back only with its d_gone, as nvd(4)'s does (nvd_gonecb takes the disk
+/// off the list nvd_new_disk picks the lowest free unit from): a surprise-removed controller's
+/// disk that a process still holds open keeps nvmehpd0 (GEOM keeps its provider until the last
+/// close), so the controller hot-added meanwhile gets nvmehpd1, never a second nvmehpd0; the
+/// held one's d_gone runs after the holder's close, when the first kldunload (refused: busy)
+/// returned, and the retry unloads clean. The hot-add test above is the other half: once
+/// d_gone ran, the next disk is nvmehpd0 again. Replaces the fake kernel's
+/// `a_disk_unit_is_reused_only_after_its_d_gone`. Fails with the unit given back at
+/// disk_gone (src/freebsd/kernel.rs `disk_gone`) instead of in d_gone.
+#[test]
+fn a_disk_held_open_keeps_its_unit_until_its_d_gone() {
+    let Some(ko) = common::real_ko_on_qemu("acpi_unit_held") else { return };
+    let (code, out) = kldhost_run_with(
+        &ko,
+        &["--qemu", "--acpi", "--surprise", "--hot-add", "--hold-disks-open", "--kldunload-retries", "1", "--tunable", "hw.nvme_hotplug.claim=1"],
+    );
+    assert_in_order(
+        &out,
+        &[
+            "disk_create(nvmehpd0:",
+            "surprise removal: PCEJ bit 4 written with no device_del",
+            "disk_gone(nvmehpd0)",
+            "after the surprise removal: device 4.0 deleted from pci0",
+            "QMP device_add nvme1 at slot 5: ok",
+            "disk_create(nvmehpd1:",
+            "nvme1-g2-ns1.raw at 8192: the written data; read back: the written data",
+            "kldunload: pci/nvme_hotplug refused MOD_QUIESCE: error 16",
+            "g_disk_access(nvmehpd0, close) (the holding consumer) -> d_close = 0",
+            "g_event: d_gone(nvmehpd0)",
+            "kldunload again (retry 1)",
+        ],
+    );
+    assert_eq!(out.matches("disk_create(").count(), 2, "{out}");
+    assert_eq!(out.matches("g_event: d_gone(nvmehpd0)").count(), 1, "{out}");
+    assert_in_order(
+        common::console(&out),
+        &["nvmehp0: detached (device gone)", "nvme_hotplug: slot \\_SB_.PCI0.S05_: 1 new functions, 1 attached", "nvme_hotplug: busy (a node or disk is open): not unloading", "nvme_hotplug: unloaded"],
+    );
+    common::assert_clean_unload(code, &out);
+}

@@ -282,7 +282,7 @@ pub struct Options {
     /// hotplug task is expected to detach and delete the function and evaluate `_EJ0`, after
     /// which QEMU reports `DEVICE_DELETED`.
     pub eject: bool,
-    /// With `eject`: then a controller hot-added to slot 5, empty since boot (QMP `device_add`): the GPE
+    /// With `eject` or `surprise`: then a controller hot-added to slot 5, empty since boot (QMP `device_add`): the GPE
     /// becomes `Notify(S05_, 1)`, and the module's task is expected to rescan that slot
     /// (`pci_read_device`, `pci_add_child`, `device_probe_and_attach`); the new disk is then
     /// written and read as the first was, and detached with devctl before the unload.
@@ -757,8 +757,8 @@ pub struct Plan {
 
 impl Options {
     /// The plan to run: `plan` if given, else the one `kldhost run`'s flags describe: attach,
-    /// I/O, then `--burst`, `--eject` or `--surprise`, `--hot-add` (on the ejected
-    /// controller's drive) and its I/O, `--notify`, `--shutdown`, then detach. Every step of that one runs; its hot-add
+    /// I/O, then `--burst`, `--eject` or `--surprise`, `--hot-add` (a new controller, after
+    /// either removal) and its I/O, `--notify`, `--shutdown`, then detach. Every step of that one runs; its hot-add
     /// finds the drive still taken when the eject failed, and its I/O then has no disk.
     pub fn effective_plan(&self) -> Plan {
         use super::machine::{NVME_ID, NVME_SLOT};
@@ -778,7 +778,7 @@ impl Options {
         if self.surprise {
             steps.push(Step::Surprise { slot: NVME_SLOT, id: NVME_ID.to_string(), in_flight: self.in_flight });
         }
-        if self.eject && self.hot_add {
+        if (self.eject || self.surprise) && self.hot_add {
             steps.push(Step::HotAdd { slot: HOT_ADD_SLOT, id: "nvme1".to_string() });
             steps.push(Step::Io);
         }
