@@ -297,6 +297,20 @@ fn writes_in_flight_at_a_surprise_removal_end_on_the_medium_or_with_enxio() {
     let lost = count_after("nvmehp0: controller lost (controller gone, health Gone): ").expect("controller lost line");
     let at_detach = count_after("nvmehp0: detached (device gone): ").expect("detached line");
     assert_eq!(lost + at_detach, enxio, "{out}");
+    // Each ended exactly once, and every ENXIO came before the detach tore the interrupt
+    // down (the teardown fails what waits before it drains anything). With the fake kernel's
+    // `teardown_fails_queued_bios_with_enxio_exactly_once`, which this replaces.
+    let after = &out[out.find("surprise removal: PCEJ bit 4 written").expect("the removal")..];
+    let done: Vec<&str> = after.lines().filter_map(|l| l.trim().strip_prefix("biodone(")).collect();
+    let mut bios: Vec<&str> = done.iter().map(|d| d.split(')').next().unwrap_or_default()).collect();
+    let failed = done.iter().filter(|d| d.contains("): error 6, ")).count();
+    assert_eq!(failed, enxio, "{after}");
+    bios.sort_unstable();
+    let n = bios.len();
+    bios.dedup();
+    assert_eq!(bios.len(), n, "a bio completed twice:\n{after}");
+    let teardown = after.find("bus_teardown_intr(nvmehp0").expect("the detach's interrupt teardown");
+    assert!(!after[teardown..].contains("): error 6, "), "a bio failed after the interrupt was torn down:\n{after}");
 }
 
 /// A disk's unit comes back only with its d_gone, as nvd(4)'s does (nvd_gonecb takes the disk

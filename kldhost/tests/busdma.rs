@@ -61,6 +61,29 @@ fn the_real_modules_bios_are_loaded_through_busdma_from_guest_ram() {
     assert_eq!(out.matches("bus_dmamap_destroy(").count(), created, "{out}");
     assert!(out.rfind("bus_dmamap_destroy(").unwrap() < out.find("bus_dma_tag_destroy(").unwrap(), "{out}");
     assert!(!out.contains("EBUSY"), "{out}");
+    // The payload tag is nvme(4)'s (sys/dev/nvme/nvme_qpair.c nvme_qpair_construct): the
+    // device's tag as parent, alignment 4, boundary and maxsegsz one page, no address limit,
+    // maxsize the largest transfer (QEMU's default MDTS 7 of 4 KiB pages, hw/nvme/ctrl.c:
+    // 512 KiB) and one segment per page of it plus one (a buffer that does not start on a
+    // page); one map per request a queue holds (255 of a 256-entry queue).
+    let parent = out.lines().find_map(|l| l.trim().strip_prefix("bus_get_dma_tag(nvmehp0) = pci0's tag ")).expect("the device's tag");
+    let tag = format!(
+        "bus_dma_tag_create(parent {parent}, alignment 0x4, boundary 0x1000, lowaddr 0xffffffffffffffff, highaddr 0xffffffffffffffff, maxsize 0x80000, nsegments 129, maxsegsz 0x1000, flags 0x0) = 0"
+    );
+    assert!(out.contains(&tag), "not nvme(4)'s payload tag ({tag}):\n{out}");
+    assert!(common::console(&out).contains("1 I/O queue(s) x 256 entries"), "{out}");
+    assert_eq!(created, 255, "{out}");
+    // Each load with BUS_DMA_NOWAIT (flags 0x1), under the controller mutex (taken inside the
+    // disk's link mutex: src/freebsd/ns_disk.rs), never sleeping for a bounce page.
+    for bio in common::per_bio(&out) {
+        let load = bio.find("bus_dmamap_load_bio(").unwrap_or_else(|| panic!("a bio not loaded:\n{bio}"));
+        let locked = bio[..load].rfind("mtx_lock(nvmehp ctrl)").unwrap_or_else(|| panic!("loaded without the controller mutex:\n{bio}"));
+        assert!(!bio[locked..load].contains("mtx_unlock(nvmehp ctrl)"), "loaded without the controller mutex:\n{bio}");
+        assert!(bio[load..].lines().next().is_some_and(|l| l.contains(", flags 0x1) = 0: ")), "{bio}");
+    }
+    assert_eq!(common::per_bio(&out).len(), 2, "{out}");
+    // The disk takes unmapped bios, as nvd(4)'s does (nvme(4) loads them through busdma).
+    assert!(out.contains("disk(9) nvmehpd0: d_flags ") && out.contains(" (DISKFLAG_UNMAPPED_BIO)"), "{out}");
 }
 
 #[test]

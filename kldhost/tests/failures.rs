@@ -20,7 +20,8 @@ fn mod_load(out: &str) -> &str {
 
 /// A failed start of the hotplug machinery at MOD_LOAD: the module loads anyway (MOD_LOAD
 /// cannot fail the load), says so, and leaves no queue, thread, callout or task of it behind;
-/// the driver still works and the module unloads with nothing left.
+/// the driver still works and the module unloads with nothing left (the hotplug state freed:
+/// a leak would be a finding). Replaces the fake kernel's `a_failed_load_leaves_nothing_behind`.
 fn assert_loaded_without_hotplug(code: Option<i32>, out: &str) {
     let load = mod_load(out);
     assert!(load.contains("MOD_EVENT(pci/nvme_hotplug, MOD_LOAD) = 0"), "{load}");

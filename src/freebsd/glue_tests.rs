@@ -1,7 +1,7 @@
 //! Host tests of the glue that wires the engine and the hotplug logic into the kernel
 //! (ctrl.rs, ns_disk.rs, node.rs, kernel.rs) against the recording [`fake_kernel`]: the KPI call
-//! sequence of a whole controller teardown, the node flags, I/O after removal, and the unload
-//! policy and order.
+//! sequence of a whole controller teardown, the node flags, I/O after removal, the ACPI path's
+//! `_OST` order, and the stops of a broken controller.
 //!
 //! Who gets a hot-added controller (claim.rs's table: nvme(4), nvmehp or no driver) runs on
 //! the shipped .ko now, with a stand-in for GENERIC's nvme(4) bidding as nvme_pci_probe does
@@ -11,11 +11,11 @@
 //! `bus_teardown_intr` could not remove (the controller's memory kept, the handler safe to run,
 //! every unload refused: kldhost/tests/failures.rs), the stop of a detached controller (the
 //! queue deletions before CC.SHN, INTMS on INTx) and the watchdog task's stop of a vanished one
-//! (kldhost/tests/stop.rs), and disk units kept until `d_gone` (kldhost/tests/acpi.rs).
+//! (kldhost/tests/stop.rs), disk units kept until `d_gone` (kldhost/tests/acpi.rs), and the
+//! busy unload refused in MOD_QUIESCE, then the handlers removed first (kldhost/tests/unload.rs).
 //!
 //! [`fake_kernel`]: super::fake_kernel
 
-use super::acpi::{AcpiHandle, NotifyRegistration};
 use super::bindings;
 use super::callout::Callout;
 use super::ctrl::{CtrlRef, CtrlShared, EngineGate, IntrHandler, WatchdogFire, WatchdogTask, WATCHDOG_US};
@@ -30,7 +30,6 @@ use super::platform::KernelPlatform;
 use super::resource::MemResource;
 use crate::hotplug::kernel::Kernel;
 use crate::hotplug::teardown::{teardown, Live, Removal};
-use crate::hotplug::unload::unload;
 use crate::nvme::{Config, Controller};
 use std::boxed::Box;
 use std::string::String;
@@ -203,49 +202,6 @@ fn a_failed_attach_tears_down_what_was_made_and_leaves_no_node() {
     for d in fk::disks() {
         fk::geom_disk_gone(d);
     }
-}
-
-#[test]
-fn unload_refuses_with_ebusy_while_a_node_is_open_then_removes_handlers_first() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // No consumer holds the disks: GEOM calls d_gone right after disk_gone, so the unload's
-    // wait for every d_gone returns.
-    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, d_gone_at_once: true, ..Knobs::default() });
-    let mut k = FreeBsdKernel::new();
-    // SAFETY: the fakes never dereference the handle.
-    let slot = unsafe { AcpiHandle::from_raw(0x5107 as bindings::ACPI_HANDLE) }.unwrap();
-    let reg = NotifyRegistration::install(slot, Box::new(super::slots::SlotNotify::unattached_for_tests(0)))
-        .map_err(|e| e.0)
-        .unwrap();
-    assert!(k.keep_notify(reg).is_ok());
-    let (live, _ctrl) = attached(&mut k, &[1]);
-    let node = fk::cdevs()[1];
-    // SAFETY: our fake cdev; devfs would count the open here.
-    unsafe { (*node).si_usecount = 1 };
-    fk::record("-- unload 1 --");
-    let refused = match unload::<FreeBsdKernel, EngineGate>(&mut k, std::vec![live], None, None) {
-        Err(r) => r,
-        Ok(_) => panic!("unload with an open node must be refused"),
-    };
-    assert_eq!(refused.errno, crate::hotplug::errno::Errno::EBUSY);
-    let log = fk::log();
-    let u1 = first(&log, "-- unload 1 --");
-    assert!(log[u1..].iter().all(|l| !l.starts_with("destroy_dev") && !l.starts_with("disk_gone") && !l.starts_with("AcpiRemove")),
-        "a refused unload touches nothing: {:#?}", &log[u1..]);
-
-    // SAFETY: as above: the last close.
-    unsafe { (*node).si_usecount = 0 };
-    fk::record("-- unload 2 --");
-    let done = unload::<FreeBsdKernel, EngineGate>(&mut k, refused.controllers, None, None).map_err(|r| r.errno).unwrap();
-    assert_eq!(done.controllers.len(), 1);
-    let log = fk::log();
-    let u2 = first(&log, "-- unload 2 --");
-    let remove = first(&log, "AcpiRemoveNotifyHandler");
-    assert!(u2 < remove && remove < first(&log, "disk_gone") && remove < first(&log, "destroy_dev "),
-        "handlers are removed before any controller is torn down: {log:#?}");
-    assert!(log[remove].contains("same_handler=true"));
-    assert_eq!(k.notify_handlers(), 0);
-    assert_eq!(positions(&log, "disk_destroy").len(), 1, "d_gone ran before unload returned");
 }
 
 /// The module's whole ACPI path on a fake `\_SB_.PCI0` with one `_EJ0` slot that nobody else

@@ -79,6 +79,13 @@ extern "C" fn emu_disk_create(dp: *mut layouts::disk, version: c_int) {
         d.state = DiskState::Created;
     });
     log(format!("disk_create({name}: {size} bytes, {ss}-byte sectors, d_gone {})", if has_gone { "set" } else { "NULL" }));
+    // sys/geom/geom_disk.h DISKFLAG_UNMAPPED_BIO: GEOM may then hand the driver bios whose
+    // pages have no kernel mapping (`bio_ma`). This GEOM sends mapped bios only, which such a
+    // driver must take too; the flag is told, not acted on.
+    const DISKFLAG_UNMAPPED_BIO: u32 = 0x0010;
+    // SAFETY: as above.
+    let flags = unsafe { (*dp).d_flags };
+    log(format!("disk(9) {name}: d_flags {flags:#x}{}", if flags & DISKFLAG_UNMAPPED_BIO != 0 { " (DISKFLAG_UNMAPPED_BIO)" } else { "" }));
 }
 
 extern "C" fn emu_disk_gone(dp: *mut layouts::disk) {
