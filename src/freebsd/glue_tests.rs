@@ -11,8 +11,10 @@
 //! `bus_teardown_intr` could not remove (the controller's memory kept, the handler safe to run,
 //! every unload refused: kldhost/tests/failures.rs), the stop of a detached controller (the
 //! queue deletions before CC.SHN, INTMS on INTx) and the watchdog task's stop of a vanished one
-//! (kldhost/tests/stop.rs), disk units kept until `d_gone` (kldhost/tests/acpi.rs), and the
-//! busy unload refused in MOD_QUIESCE, then the handlers removed first (kldhost/tests/unload.rs).
+//! (kldhost/tests/stop.rs), disk units kept until `d_gone`, the slot checks of a vanished and
+//! of a present controller and an eject request during an eject (kldhost/tests/acpi.rs), and
+//! the busy unload refused in MOD_QUIESCE, then the handlers removed first
+//! (kldhost/tests/unload.rs).
 //!
 //! [`fake_kernel`]: super::fake_kernel
 
@@ -204,14 +206,15 @@ fn a_failed_attach_tears_down_what_was_made_and_leaves_no_node() {
     }
 }
 
-/// The module's whole ACPI path on a fake `\_SB_.PCI0` with one `_EJ0` slot that nobody else
-/// handles: MOD_LOAD starts the task, whose first run discovers the slot and installs our
-/// handler; an eject request is only recorded by the handler and acted on by the task, in the
-/// state machine's order (_OST in progress, detach + delete under the topology lock, _EJ0,
-/// confirmed absent, _OST success); MOD_QUIESCE and MOD_UNLOAD remove the handler from the
-/// unload thread before the queue is freed.
+/// The module's ACPI path on a fake `\_SB_.PCI0` with one `_EJ0` slot that nobody else
+/// handles, for what QEMU's slots cannot show: an eject request storm (two notifies before the
+/// task runs) is coalesced into one run, and that run follows the state machine's `_OST`
+/// order (in progress, detach + delete under the topology lock, `_EJ0`, confirmed absent,
+/// success). QEMU's pc slots have no `_OST`; the rest (discovery, a handler that only queues,
+/// one `_EJ0`, the unload's removal and acpi_task barrier before anything is freed) runs on
+/// the shipped .ko (kldhost/tests/acpi.rs `an_eject_request_...`).
 #[test]
-fn module_load_eject_and_unload_through_the_freebsd_glue() {
+fn an_eject_request_storm_runs_the_task_once_in_the_ost_order() {
     use super::module::nvmehp_modevent;
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     fk::reset(Knobs::default());
@@ -253,53 +256,6 @@ fn module_load_eject_and_unload_through_the_freebsd_glue() {
     assert!(order.windows(2).all(|w| w[0] < w[1]), "eject out of order: {order:?}\n{:#?}", &log[t..]);
     assert_eq!(positions(&log[t..], "acpi_SetInteger").len(), 1, "one _EJ0 for a coalesced storm");
     assert!(positions(&log[t..], "bus_topo_lock").len() == positions(&log[t..], "bus_topo_unlock").len());
-
-    fk::record("-- unload --");
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
-    let log = fk::log();
-    let u = first(&log, "-- unload --");
-    let remove = first(&log[u..], "AcpiRemoveNotifyHandler") + u;
-    assert!(log[remove].contains("same_handler=true"), "{}", log[remove]);
-    assert!(remove < first(&log[u..], "destroy_dev_drain") + u);
-    // The queued-notify barrier comes after the removal and before anything is freed.
-    let wait = first(&log[remove..], "AcpiOsWaitEventsComplete") + remove;
-    assert!(wait < first(&log[u..], "destroy_dev_drain") + u && wait < last(&log, "taskqueue_free"), "{log:#?}");
-    assert!(remove < last(&log, "taskqueue_free"));
-    assert!(log.last().unwrap().contains("unloaded (1 ACPI notify handlers removed)"), "{log:#?}");
-}
-
-/// A controller that vanished without an eject request (its watchdog saw it gone): the task
-/// checks the slots quietly and detaches + deletes the stale device, without `_EJ0` or `_OST`
-/// (nobody asked for an eject). A device still present is left alone.
-#[test]
-fn a_vanished_controller_is_swept_without_ej0_or_ost() {
-    use super::module::nvmehp_modevent;
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(Knobs::default());
-    fk::insert_slot3(0x1b36);
-    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_LOAD as i32, arg), 0);
-    fk::run_queued(); // discovery
-
-    // Still present: a quiet check changes nothing.
-    fk::record("-- present --");
-    super::slots::controller_lost(dev());
-    fk::run_queued();
-    let log = fk::log();
-    let p = first(&log, "-- present --");
-    assert_eq!(positions(&log[p..], "device_detach").len(), 0, "{:#?}", &log[p..]);
-
-    // Gone from config space (and no _STA): detached and deleted, quietly.
-    fk::insert_slot3(0xffff);
-    fk::record("-- gone --");
-    super::slots::controller_lost(dev());
-    fk::run_queued();
-    let log = fk::log();
-    let g = first(&log, "-- gone --");
-    assert!(first(&log[g..], "device_detach") < first(&log[g..], "device_delete_child"));
-    assert_eq!(positions(&log[g..], "acpi_SetInteger").len(), 0, "no _EJ0 for a sweep");
-    assert_eq!(positions(&log[g..], "AcpiEvaluateObject").len(), 0, "no _OST for a sweep");
 
     assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
     assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
