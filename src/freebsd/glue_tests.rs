@@ -14,7 +14,7 @@
 //! (kldhost/tests/stop.rs), disk units kept until `d_gone`, the slot checks of a vanished and
 //! of a present controller and an eject request during an eject (kldhost/tests/acpi.rs), and
 //! the busy unload refused in MOD_QUIESCE, then the handlers removed first
-//! (kldhost/tests/unload.rs).
+//! (kldhost/tests/unload.rs), and `d_strategy` refusing bad bios (kldhost/tests/strategy.rs).
 //!
 //! [`fake_kernel`]: super::fake_kernel
 
@@ -530,47 +530,6 @@ fn a_namespace_rescan_sleeps_without_the_mutex_while_the_controller_works() {
     let held_at = mutexes_held_at_pauses(&log, t);
     assert!(held_at.len() >= 3, "the rescan slept for each command: {held_at:?}");
     assert!(held_at.iter().all(|&n| n == 0), "a pause with a mutex held: {held_at:?}");
-    let _ = teardown(live, &mut k, Removal::Surprise);
-}
-
-/// `d_strategy` of a live disk checks every bio before it allocates anything: a negative or
-/// oversized length, a misaligned or negative offset and a request past the media end end with
-/// EINVAL/EIO (never an allocation GEOM would retry on ENOMEM), a zero-length read completes.
-#[test]
-fn strategy_refuses_bad_bios_before_allocating() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, d_gone_at_once: true, ..Knobs::default() });
-    let mut k = FreeBsdKernel::new();
-    let (live, _ctrl) = attached(&mut k, &[1]); // 1 GiB of 512-byte sectors, d_maxsize 128 KiB
-    let d0 = fk::disks()[0];
-    let cases = [
-        (bindings::BIO_READ, 0, -512, bindings::EINVAL),
-        (bindings::BIO_WRITE, -4096, 4096, bindings::EINVAL),
-        (bindings::BIO_READ, 100, 512, bindings::EINVAL),
-        (bindings::BIO_READ, 0, 256 * 1024, bindings::EINVAL),
-        (bindings::BIO_READ, 1 << 30, 512, bindings::EIO),
-        (bindings::BIO_READ, i64::MAX & !511, 512, bindings::EIO),
-        (bindings::BIO_DELETE, 0, 512, bindings::EOPNOTSUPP),
-        (bindings::BIO_READ, 0, 0, 0),
-    ];
-    for (cmd, offset, bcount, errno) in cases {
-        let bp = fk::new_bio(cmd as u16, offset, bcount);
-        let before = fk::log().len();
-        // SAFETY: a fake bio addressed to our live disk (no data: none may be touched).
-        unsafe {
-            (*bp).bio_disk = d0;
-            ((*d0).d_strategy.unwrap())(bp);
-        }
-        let log = fk::log();
-        let done: Vec<&String> = log[before..].iter().filter(|l| l.starts_with("biodone")).collect();
-        let want = if errno == 0 {
-            std::string::String::from("biodone error=0 flags=0x0 resid=0")
-        } else {
-            std::format!("biodone error={} flags={:#x} resid={}", errno, bindings::BIO_ERROR, bcount)
-        };
-        assert_eq!(done, [&want], "cmd {cmd} offset {offset} bcount {bcount}");
-        assert!(log[before..].iter().all(|l| !l.starts_with("contigmalloc")), "nothing allocated for a refused bio");
-    }
     let _ = teardown(live, &mut k, Removal::Surprise);
 }
 
