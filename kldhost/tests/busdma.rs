@@ -222,20 +222,37 @@ fn more_bios_than_trackers_wait_in_the_bioq_and_all_reach_the_medium() {
     let (code, out) = kldhost_run_with(&ko, &["--qemu", "--burst", "300"]);
     assert_eq!(code, Some(0), "{out}");
     // One map per tracker; the bios beyond them wait in the controller's bioq and are taken
-    // from it as completions free trackers.
+    // from it as completions free trackers: the 300 writes and the cache flush sent right
+    // behind them, which waits last and has no data. None ends before a tracker took it (no
+    // ENOMEM or early completion for a full queue).
     let trackers = out.matches("bus_dmamap_create(tag ").count();
     assert!(trackers > 0 && trackers < 300, "{trackers} trackers:\n{out}");
     let burst = between(&out, "g_down: 300 bios to d_strategy(nvmehpd0) without waiting", "burst: 300 writes");
-    assert_eq!(burst.matches("bioq_insert_tail(").count(), 300 - trackers, "{burst}");
+    let waiting = 300 + 1 - trackers;
+    assert_eq!(burst.matches("bioq_insert_tail(").count(), waiting, "{burst}");
     let taken = burst.lines().filter(|l| l.contains("bioq_takefirst(") && !l.contains(") = 0x0")).count();
-    assert_eq!(taken, 300 - trackers, "{burst}");
+    assert_eq!(taken, waiting, "{burst}");
+    let flush = burst.lines().find_map(|l| l.trim().strip_prefix("g_down: d_strategy(nvmehpd0, BIO_FLUSH, offset 0, 0 bytes) bio ")).expect("the flush");
+    let sent = between(&out, "g_down: 300 bios to d_strategy(nvmehpd0) without waiting", &format!("bio {flush}"));
+    assert!(!sent.contains("biodone("), "a bio ended while the burst was sent:\n{sent}");
+    assert_in_order(
+        burst,
+        &[
+            &format!(", {flush}): {waiting} queued"),
+            &format!(") = {flush}: 0 queued"),
+            &format!("biodone({flush}): error 0, flags 0x2, resid 0"),
+        ],
+    );
+    assert_eq!(out.matches(&format!("biodone({flush})")).count(), 1, "{out}");
     assert_in_order(
         &out,
         &[
             "bioq_init(",
             "g_up: 300 of 300 bios done",
+            "burst: the BIO_FLUSH behind the writes: error 0",
             "burst: 300 writes, 0 failed, 0 pages not in the backing file",
             "io burst of 300 BIO_WRITE nvmehpd0: bios not done without error: 0",
+            "io burst's BIO_FLUSH nvmehpd0: 0",
             "io burst of 300: pages not on the medium: 0",
             "findings: 0",
         ],

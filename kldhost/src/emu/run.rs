@@ -242,14 +242,51 @@ fn burst_io(report: &mut Report, n: usize) {
     };
     let mut bufs: Vec<(i64, &mut [u8])> = bufs.iter_mut().map(|(o, b)| (*o, &mut **b)).collect();
     let d = super::geom::open(&disk);
-    let errors = super::geom::io_burst(&disk, layouts::BIO_WRITE as u32, &mut bufs, std::time::Duration::from_secs(30));
+    let writes = super::geom::start_burst(&disk, layouts::BIO_WRITE as u32, &mut bufs);
+    // A cache flush right behind the writes, as a filesystem sends BIO_FLUSH after its
+    // writes: with every tracker busy it waits in the driver's bio queue like them, and has no
+    // data of its own.
+    // SAFETY: a flush has no data (length 0, no pointer used).
+    let flush = unsafe { super::geom::submit_any(&disk, BIO_FLUSH, 0, 0, std::ptr::null_mut()) };
+    let errors = writes.map_or_else(|| vec![layouts::ENXIO; n], |w| super::geom::finish_burst(w, std::time::Duration::from_secs(30)));
+    let flushed = match flush {
+        Ok(bp) => wait_bio(bp, std::time::Duration::from_secs(10)).map_or(-1, |(e, _)| e),
+        Err(e) => e,
+    };
+    log(format!("burst: the BIO_FLUSH behind the writes: {}", if flushed < 0 { "not done".to_string() } else { format!("error {flushed}") }));
     super::geom::close(&disk);
     let failed = errors.iter().filter(|&&e| e != 0).count();
     report.io.push((format!("burst d_open {disk}"), d));
     report.io.push((format!("burst of {n} BIO_WRITE {disk}: bios not done without error"), failed as c_int));
+    report.io.push((format!("burst's BIO_FLUSH {disk}"), flushed));
     let wrong = burst_pages_wrong(&image, 0..n);
     report.io.push((format!("burst of {n}: pages not on the medium"), wrong as c_int));
     log(format!("burst: {n} writes, {failed} failed, {wrong} pages not in the backing file"));
+}
+
+/// sys/sys/bio.h BIO_FLUSH.
+const BIO_FLUSH: u16 = 0x05;
+
+/// Waits up to `timeout` for `bp` (from [`super::geom::submit_any`]) to be done, letting the
+/// kernel's threads run meanwhile; its (bio_error, bio_resid), or None if it is still the
+/// driver's (then not freed: the driver may complete it later).
+fn wait_bio(bp: *mut layouts::bio, timeout: std::time::Duration) -> Option<(c_int, i64)> {
+    let start = std::time::Instant::now();
+    loop {
+        // SAFETY: `bp` from submit_any, not yet returned as done; its resid is read before
+        // bio_done frees it.
+        let resid = unsafe { (*bp).bio_resid };
+        // SAFETY: as above.
+        if let Some(e) = unsafe { super::geom::bio_done(bp) } {
+            return Some((e, resid));
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        if super::sched::run_queues(1000) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
 }
 
 /// Where the burst writes start (past the single write and read).
@@ -646,22 +683,7 @@ fn bad_bios(report: &mut Report) -> bool {
                 continue;
             }
         };
-        let start = std::time::Instant::now();
-        let end = loop {
-            // SAFETY: `bp` from submit_any, not yet returned as done; its resid is read before
-            // bio_done frees it.
-            let resid = unsafe { (*bp).bio_resid };
-            // SAFETY: as above.
-            if let Some(e) = unsafe { super::geom::bio_done(bp) } {
-                break Some((e, resid));
-            }
-            if start.elapsed() > std::time::Duration::from_secs(2) {
-                break None;
-            }
-            if super::sched::run_queues(1000) == 0 {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        };
+        let end = wait_bio(bp, std::time::Duration::from_secs(2));
         log(format!("bad bio {what}: {}", end.map_or("not done within 2 s".to_string(), |(e, r)| format!("error {e}, resid {r}"))));
         let (e, r) = end.unwrap_or((-1, 0));
         all &= end.is_some();
