@@ -258,3 +258,45 @@ fn more_bios_than_trackers_wait_in_the_bioq_and_all_reach_the_medium() {
         ],
     );
 }
+
+/// A bio busdma cannot load (`--fail bus_dmamap_load_bio:3`, the burst's first write: EFBIG to
+/// the callback, as busdma_bounce.c answers more segments than the tag allows) fails with EIO,
+/// as nvme(4) fails a tracker whose payload could not be mapped, inside d_strategy, without a
+/// doorbell; its map was unloaded and its tracker given back: the next bio is loaded into the
+/// same map, and of the other 299 writes and the flush exactly those beyond the trackers wait
+/// in the bioq (one more would mean a tracker lost). Replaces the fake kernel's
+/// `a_failed_load_fails_the_bio_and_frees_its_tracker`.
+#[test]
+fn a_bio_busdma_cannot_load_fails_with_eio_and_gives_its_tracker_back() {
+    if !nvmehp_lab::skip::qemu_or_skip("busdma_load_fails") || common::real_ko("busdma_load_fails").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--burst", "300", "--fail", "bus_dmamap_load_bio:3"]);
+    let burst = between(&out, "g_down: 300 bios to d_strategy(nvmehpd0) without waiting", "burst: 300 writes");
+    let failed = between(burst, "kldhost: injected EFBIG into bus_dmamap_load_bio (call 3)", "mtx_lock(nvmehp disk)");
+    let load = failed.lines().nth(1).unwrap_or_default().trim();
+    assert!(load.starts_with("bus_dmamap_load_bio(") && load.ends_with("callback error 27 (injected)"), "{failed}");
+    let map = load.split(" map ").nth(1).and_then(|r| r.split(',').next()).expect("the map");
+    let bio = load.split(" bio ").nth(1).and_then(|r| r.split(':').next()).expect("the bio");
+    assert_in_order(failed, &["bus_dmamap_unload(tag ", &format!("map {map})"), &format!("biodone({bio}): error 5, flags 0x3, resid 4096")]);
+    assert!(!failed.contains("bus_write_4("), "a doorbell for a bio never loaded:\n{failed}");
+    let after = &burst[burst.find(&format!("biodone({bio})")).expect("its biodone")..];
+    let next = after.lines().find(|l| l.contains("bus_dmamap_load_bio(")).expect("the next load");
+    assert!(next.contains(&format!(" map {map}, ")) && next.contains(") = 0: "), "the failed bio's tracker was not the next one's: {next}");
+    let trackers = out.matches("bus_dmamap_create(tag ").count();
+    assert_eq!(burst.matches("bioq_insert_tail(").count(), 300 + 1 - 1 - trackers, "{burst}");
+    assert_in_order(
+        &out,
+        &[
+            "burst: the BIO_FLUSH behind the writes: error 0",
+            "burst: 300 writes, 1 failed, 1 pages not in the backing file",
+            "io burst of 300 BIO_WRITE nvmehpd0: bios not done without error: 1",
+            "MOD_QUIESCE: Some(0), MOD_UNLOAD: Some(0), unloaded: true",
+            "findings: 0",
+        ],
+    );
+    // The run reports the failed write (exit status 1); nothing else went wrong.
+    assert!(!out.contains("panic:"), "{out}");
+    assert_eq!(code, Some(1), "{out}");
+}
