@@ -503,6 +503,18 @@ pub fn register(t: &mut KpiTable) {
     t.function("biodone", emu_biodone as extern "C" fn(_) as usize);
 }
 
+/// sys/sys/bio.h's name of a bio command.
+pub fn bio_cmd_name(cmd: u16) -> &'static str {
+    match cmd {
+        0x01 => "BIO_READ",
+        0x02 => "BIO_WRITE",
+        0x03 => "BIO_DELETE",
+        0x04 => "BIO_GETATTR",
+        0x05 => "BIO_FLUSH",
+        _ => "BIO_?",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,17 +558,5 @@ mod tests {
         assert_eq!(CALLS.load(Ordering::SeqCst), 12, "d_close, then d_gone");
         assert_eq!(close("geomtest7"), layouts::ENXIO, "not open any more");
         emu_disk_destroy(dp);
-    }
-}
-
-/// sys/sys/bio.h's name of a bio command.
-pub fn bio_cmd_name(cmd: u16) -> &'static str {
-    match cmd {
-        0x01 => "BIO_READ",
-        0x02 => "BIO_WRITE",
-        0x03 => "BIO_DELETE",
-        0x04 => "BIO_GETATTR",
-        0x05 => "BIO_FLUSH",
-        _ => "BIO_?",
     }
 }
