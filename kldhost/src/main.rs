@@ -48,15 +48,16 @@ enum Cmd {
         acpi: bool,
         /// With --acpi: after the I/O, QMP device_del of the controller; QEMU's hotplug GPE
         /// becomes Notify(S04_, 3) to the module's handler, which should detach it and _EJ0.
-        #[arg(long, requires = "acpi")]
+        #[arg(long, requires = "acpi", group = "removal")]
         eject: bool,
-        /// With --eject: then QMP device_add of a controller in slot 5 (empty since boot); Notify(S05_, 1)
-        /// should make the module rescan the slot and attach it; its disk is written and read.
-        #[arg(long, requires = "eject")]
+        /// With --eject or --surprise: then QMP device_add of a controller in slot 5 (empty since
+        /// boot); Notify(S05_, 1) should make the module rescan the slot and attach it; its disk
+        /// is written and read.
+        #[arg(long, requires = "removal")]
         hot_add: bool,
         /// With --acpi: after the I/O, a surprise removal (the slot ejected with no device_del,
         /// so no notify); time passes until the module's watchdog finds the controller gone.
-        #[arg(long, requires = "acpi", conflicts_with = "eject")]
+        #[arg(long, requires = "acpi", conflicts_with = "eject", group = "removal")]
         surprise: bool,
         /// With --surprise: this many 4 KiB writes sent to the disk just before the removal,
         /// not waited for; each must end without error (and be on the medium) or with ENXIO.
@@ -109,6 +110,11 @@ enum Cmd {
         /// bidding as nvme_pci_probe does, on pci before the module loads (src/emu/stock_nvme.rs).
         #[arg(long)]
         stock_nvme: bool,
+        /// With --qemu: after the write and read, bios a driver must refuse by itself (negative
+        /// or oversized lengths, misaligned or negative offsets, past the end, BIO_DELETE, an
+        /// empty read), each waited for; their ends are printed.
+        #[arg(long, requires = "qemu")]
+        bad_bios: bool,
         /// With --qemu, reboot(8) before the final detach: DEVICE_SHUTDOWN of every attached
         /// function, then a write to the disk, which must fail without reaching the medium.
         #[arg(long)]
@@ -260,7 +266,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots } => {
             if msi_undelivered && !(msi_instead_of_msix || msi_with_msix) {
                 eprintln!("kldhost run: --msi-undelivered needs --msi-instead-of-msix or --msi-with-msix");
                 return ExitCode::from(2);
@@ -291,6 +297,7 @@ fn main() -> ExitCode {
                 kldunload_force,
                 stock_nvme,
                 shutdown,
+                bad_bios,
                 notify,
                 q35,
                 late_msix,
@@ -557,6 +564,9 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
     }
     if r.hot_added || r.notifies.iter().any(|n| n.1 == 1) {
         println!("hot-added and attached: {}; its write and read: {}", r.hot_added, if r.hot_added_io_ok { "ok" } else { "WRONG" });
+    }
+    for (what, e, resid) in &r.bad_bios {
+        println!("bad bio {what}: error {e}, resid {resid}");
     }
     for (loc, name, e) in &r.shutdown {
         println!("shutdown {loc} ({name}): {e}");

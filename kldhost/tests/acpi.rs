@@ -220,9 +220,11 @@ fn a_surprise_removal_is_found_by_the_watchdog_and_torn_down_without_ej0() {
             "findings: 0",
         ],
     );
-    // No notify came, and nothing evaluates _EJ0 on a slot that is already empty.
+    // No notify came, and nothing evaluates _EJ0 on a slot that is already empty, nor looks
+    // _OST up (nobody asked for an eject; the eject path does, `an_eject_request_during_...`).
     assert!(!out.contains("acpi_task: Notify("), "{out}");
     assert!(!out.contains("acpi_SetInteger("), "{out}");
+    assert!(!out.contains("\"_OST\")"), "{out}");
 }
 
 #[test]
@@ -297,4 +299,152 @@ fn writes_in_flight_at_a_surprise_removal_end_on_the_medium_or_with_enxio() {
     let lost = count_after("nvmehp0: controller lost (controller gone, health Gone): ").expect("controller lost line");
     let at_detach = count_after("nvmehp0: detached (device gone): ").expect("detached line");
     assert_eq!(lost + at_detach, enxio, "{out}");
+    // Each ended exactly once, and every ENXIO came before the detach tore the interrupt
+    // down (the teardown fails what waits before it drains anything). With the fake kernel's
+    // `teardown_fails_queued_bios_with_enxio_exactly_once`, which this replaces.
+    let after = &out[out.find("surprise removal: PCEJ bit 4 written").expect("the removal")..];
+    let done: Vec<&str> = after.lines().filter_map(|l| l.trim().strip_prefix("biodone(")).collect();
+    let mut bios: Vec<&str> = done.iter().map(|d| d.split(')').next().unwrap_or_default()).collect();
+    let failed = done.iter().filter(|d| d.contains("): error 6, ")).count();
+    assert_eq!(failed, enxio, "{after}");
+    bios.sort_unstable();
+    let n = bios.len();
+    bios.dedup();
+    assert_eq!(bios.len(), n, "a bio completed twice:\n{after}");
+    let teardown = after.find("bus_teardown_intr(nvmehp0").expect("the detach's interrupt teardown");
+    assert!(!after[teardown..].contains("): error 6, "), "a bio failed after the interrupt was torn down:\n{after}");
+}
+
+/// A disk's unit comes back only with its d_gone, as nvd(4)'s does (nvd_gonecb takes the disk
+/// off the list nvd_new_disk picks the lowest free unit from): a surprise-removed controller's
+/// disk that a process still holds open keeps nvmehpd0 (GEOM keeps its provider until the last
+/// close), so the controller hot-added meanwhile gets nvmehpd1, never a second nvmehpd0; the
+/// held one's d_gone runs after the holder's close, when the first kldunload (refused: busy)
+/// returned, and the retry unloads clean. The hot-add test above is the other half: once
+/// d_gone ran, the next disk is nvmehpd0 again. Replaces the fake kernel's
+/// `a_disk_unit_is_reused_only_after_its_d_gone`. Fails with the unit given back at
+/// disk_gone (src/freebsd/kernel.rs `disk_gone`) instead of in d_gone.
+#[test]
+fn a_disk_held_open_keeps_its_unit_until_its_d_gone() {
+    let Some(ko) = common::real_ko_on_qemu("acpi_unit_held") else { return };
+    let (code, out) = kldhost_run_with(
+        &ko,
+        &["--qemu", "--acpi", "--surprise", "--hot-add", "--hold-disks-open", "--kldunload-retries", "1", "--tunable", "hw.nvme_hotplug.claim=1"],
+    );
+    assert_in_order(
+        &out,
+        &[
+            "disk_create(nvmehpd0:",
+            "surprise removal: PCEJ bit 4 written with no device_del",
+            "disk_gone(nvmehpd0)",
+            "after the surprise removal: device 4.0 deleted from pci0",
+            "QMP device_add nvme1 at slot 5: ok",
+            "disk_create(nvmehpd1:",
+            "nvme1-g2-ns1.raw at 8192: the written data; read back: the written data",
+            "kldunload: pci/nvme_hotplug refused MOD_QUIESCE: error 16",
+            "g_disk_access(nvmehpd0, close) (the holding consumer) -> d_close = 0",
+            "g_event: d_gone(nvmehpd0)",
+            "kldunload again (retry 1)",
+        ],
+    );
+    assert_eq!(out.matches("disk_create(").count(), 2, "{out}");
+    assert_eq!(out.matches("g_event: d_gone(nvmehpd0)").count(), 1, "{out}");
+    assert_in_order(
+        common::console(&out),
+        &["nvmehp0: detached (device gone)", "nvme_hotplug: slot \\_SB_.PCI0.S05_: 1 new functions, 1 attached", "nvme_hotplug: busy (a node or disk is open): not unloading", "nvme_hotplug: unloaded"],
+    );
+    common::assert_clean_unload(code, &out);
+}
+
+/// A second eject request for slot 4 arriving while the module's task is in the middle of the
+/// first (`--in-sleep nvmehpst=notify:4:3`: acpi_task's Notify while the eject's stop sleeps
+/// on its 30 ms Delete I/O SQ): the handler, on acpi_task, only records the request and queues
+/// the task (its own mutex, `taskqueue_enqueue`; no newbus, ACPI or device call); the first
+/// run detaches, deletes and evaluates `_EJ0` once; the task's second run finds the slot empty
+/// and, as the eject state machine's first rule says (src/hotplug/machine.rs), counts a failure
+/// without a detach or `_EJ0` (a second `_EJ0` on the empty slot would be a DoubleEject
+/// finding); at unload each handler is removed and acpi_task's queued work waited for
+/// (`AcpiOsWaitEventsComplete`) before any node is drained or the task queue freed. With
+/// `an_eject_request_reaches_...` above this replaces the fake kernel's
+/// `module_load_eject_and_unload_through_the_freebsd_glue`, but for its `_OST` order, which
+/// QEMU's slots (no `_OST`) cannot show. Fails with the empty-slot rule dropped (the second
+/// run then evaluates `_EJ0` again).
+#[test]
+fn an_eject_request_during_the_eject_is_only_queued_and_ejects_nothing_more() {
+    let Some(ko) = common::real_ko_on_qemu("acpi_eject_twice") else { return };
+    let (code, out) = kldhost_run_with(
+        &ko,
+        &["--qemu", "--acpi", "--eject", "--device-fault", "admin-latency=30", "--in-sleep", "nvmehpst=notify:4:3", "--tunable", "hw.nvme_hotplug.claim=1"],
+    );
+    let in_handler = common::between(
+        &out,
+        "kldhost: in sleep 1 on nvmehpst, another thread: acpi_task: Notify(slot 4, 3)",
+        "kldhost: in sleep 1 on nvmehpst, another thread: the notify reached 1 handler(s)",
+    );
+    let calls: Vec<&str> = in_handler.lines().skip(1).map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("mtx_lock(nvmehp pending)") && !l.starts_with("mtx_unlock(nvmehp pending)")).collect();
+    assert_eq!(calls.len(), 2, "the handler did more than record and queue:\n{in_handler}");
+    assert!(calls[0].starts_with("acpi_task: Notify(\\_SB_.PCI0.S04_, 3) to 1 handler(s)") && calls[1].starts_with("taskqueue_enqueue("), "{in_handler}");
+    assert_in_order(
+        &out,
+        &[
+            "acpi_task: Notify(\\_SB_.PCI0.S04_, 3) to 1 handler(s)",
+            "nvmehp0: device_detach_desc ->",
+            "kldhost: in sleep 1 on nvmehpst, another thread: the notify reached 1 handler(s)",
+            "nvmehp0: device_detach_desc = 0",
+            "device_delete_child(pci0, pci0:0:4:0) = 0",
+            "acpi_SetInteger(\\_SB_.PCI0.S04_, \"_EJ0\", 1) = 0x0",
+            "taskqueue nvmehp_hotplug: run task",
+            "after the eject request: device 4.0 deleted from pci0",
+            "console:",
+            "nvme_hotplug: hotplug run: 0 rescans, 1 detaches (0 stale), 1 ejected, 0 refused, 0 failures, 0 left alone",
+            "nvme_hotplug: hotplug run: 0 rescans, 0 detaches (0 stale), 0 ejected, 0 refused, 1 failures, 0 left alone",
+        ],
+    );
+    assert_eq!(out.matches("acpi_SetInteger(").count(), 1, "{out}");
+    assert_eq!(out.matches("device_delete_child(").count(), 1, "{out}");
+    // The eject path looks _OST up (QEMU's slots have none): the sweep below must not.
+    assert!(out.contains("\"_OST\") = AE_NOT_FOUND"), "{out}");
+    let unload = common::between(&out, "MOD_EVENT(pci/nvme_hotplug, MOD_QUIESCE)", "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0");
+    let waited = unload.rfind("AcpiOsWaitEventsComplete()").expect("acpi_task's work waited for");
+    let removed = unload.rfind("AcpiRemoveNotifyHandler(").expect("the handlers removed");
+    assert!(removed < waited, "{unload}");
+    for later in ["destroy_dev_drain(", "taskqueue_free(nvmehp_hotplug)"] {
+        let at = unload.find(later).unwrap_or_else(|| panic!("no {later} in the unload:\n{unload}"));
+        assert!(waited < at, "{later} before acpi_task's work was waited for:\n{unload}");
+    }
+    common::assert_clean_unload(code, &out);
+}
+
+/// A controller the module gives up while it is still present (`io-stall=2` holds the read's
+/// doorbell, a 1 s command timeout: `controller lost (timed out, health Healthy)`) asks the
+/// hotplug task for the same quiet slot check as a vanished one (the surprise test above);
+/// with the function still in config space that check detaches, deletes and ejects nothing,
+/// and looks no `_OST` up. (`--read-in-flight` comes with `--surprise`: the slot is emptied
+/// afterwards, and since the given-up controller's watchdog no longer runs and the fallback
+/// rescan is off, nothing notices until the runner's `devctl detach`, which finds the device
+/// gone.) With the surprise test this replaces the fake kernel's
+/// `a_vanished_controller_is_swept_without_ej0_or_ost`. Fails with the check taking a
+/// present function for stale (src/hotplug/machine.rs `check`).
+#[test]
+fn a_lost_controller_still_present_is_left_alone_by_the_slot_check() {
+    let Some(ko) = common::real_ko_on_qemu("acpi_lost_present") else { return };
+    let (code, out) = kldhost_run_with(
+        &ko,
+        &[
+            "--qemu", "--acpi", "--surprise", "--read-in-flight", "--device-fault", "io-stall=2",
+            "--tunable", "hw.nvme_hotplug.claim=1", "--tunable", "hw.nvme_hotplug.cmd_timeout_ms=1000",
+        ],
+    );
+    let present = common::between(
+        &out,
+        "device_printf(\"nvmehp0: controller lost (timed out, health Healthy)",
+        "surprise removal: PCEJ bit 4 written with no device_del",
+    );
+    assert!(present.contains("taskqueue nvmehp_hotplug: run task"), "the lost controller's slot was not checked:\n{present}");
+    for never in ["device_detach_desc", "device_delete_child(", "acpi_SetInteger(", "\"_OST\")"] {
+        assert!(!present.contains(never), "{never} on a slot whose controller is still present:\n{present}");
+    }
+    assert!(out.contains("read in flight: done, error 5"), "{out}");
+    assert!(out.contains("detach device 4.0 (nvmehp0): 0") && common::console(&out).contains("nvmehp0: detached (device gone)"), "{out}");
+    common::assert_clean_unload(code, &out);
 }

@@ -20,7 +20,8 @@ fn mod_load(out: &str) -> &str {
 
 /// A failed start of the hotplug machinery at MOD_LOAD: the module loads anyway (MOD_LOAD
 /// cannot fail the load), says so, and leaves no queue, thread, callout or task of it behind;
-/// the driver still works and the module unloads with nothing left.
+/// the driver still works and the module unloads with nothing left (the hotplug state freed:
+/// a leak would be a finding). Replaces the fake kernel's `a_failed_load_leaves_nothing_behind`.
 fn assert_loaded_without_hotplug(code: Option<i32>, out: &str) {
     let load = mod_load(out);
     assert!(load.contains("MOD_EVENT(pci/nvme_hotplug, MOD_LOAD) = 0"), "{load}");
@@ -68,6 +69,29 @@ fn make_dev_s_failing_for_the_controller_node_fails_the_attach_with_its_error() 
     );
     assert!(!out.contains("make_dev_s(\"nvmehp0ns1\""), "a namespace node after the controller's failed:\n{out}");
     assert_in_order(console(&out), &["nvmehp0: interrupt: MSI-X", "nvmehp0: attach failed (errno 17); tearing down what was set up", "device_attach: nvmehp0 attach returned 17"]);
+    assert_attach_failed(&out, 17);
+    assert_clean_unload(code, &out);
+}
+
+/// The namespace's node refused (`make_dev_s` call 2, after the controller node was made):
+/// the attach fails with that error, and the node already made is destroyed with the rest
+/// (no orphan node: every `make_dev_s` that succeeded has its `destroy_dev`), no disk is
+/// created. With `nomem.rs` (every allocation failing in turn) this is the `.ko`'s side of the
+/// fake kernel's `a_failed_attach_tears_down_what_was_made_and_leaves_no_node`, whose refusals
+/// inside the Rust glue (a duplicate namespace, a disk never staged) stay there.
+#[test]
+fn make_dev_s_failing_for_the_namespace_node_destroys_the_controller_node_too() {
+    let Some(ko) = real_ko("fail_make_dev_s_ns") else { return };
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--fail", "make_dev_s:2=EEXIST"]);
+    assert_in_order(
+        &out,
+        &["make_dev_s(\"nvmehp0\", ", ") = 0", "kldhost: injected EEXIST into make_dev_s (call 2)", "make_dev_s(\"nvmehp0ns1\") = 17", "destroy_dev(nvmehp0)"],
+    );
+    let made = out.lines().filter(|l| l.trim_start().starts_with("make_dev_s(") && l.ends_with(") = 0")).count();
+    assert_eq!(made, 1, "{out}");
+    assert_eq!(out.lines().filter(|l| l.trim_start().starts_with("destroy_dev(")).count(), made, "a node made and never destroyed:\n{out}");
+    assert!(!out.contains("disk_create("), "a disk for a namespace without its node:\n{out}");
+    assert_in_order(console(&out), &["nvmehp0: attach failed (errno 17); tearing down what was set up", "device_attach: nvmehp0 attach returned 17"]);
     assert_attach_failed(&out, 17);
     assert_clean_unload(code, &out);
 }

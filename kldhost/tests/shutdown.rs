@@ -10,15 +10,7 @@
 
 mod common;
 
-use common::{assert_in_order, console, kldhost_run_with, real_ko_on_qemu as real_ko};
-
-/// The values the module wrote to CC (BAR0 + 0x14) in `log`, in order.
-fn cc_writes(log: &str) -> Vec<u32> {
-    log.lines()
-        .filter_map(|l| l.trim().strip_prefix("bus_write_4(nvmehp0 BAR 0x10 + 0x14, 0x"))
-        .filter_map(|v| u32::from_str_radix(v.trim_end_matches(')'), 16).ok())
-        .collect()
-}
+use common::{assert_in_order, cc_writes, console, kldhost_run_with, real_ko_on_qemu as real_ko};
 
 /// The values the module read from CSTS (BAR0 + 0x1c) in `log`, in order.
 fn csts_reads(log: &str) -> Vec<u32> {

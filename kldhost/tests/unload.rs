@@ -124,8 +124,11 @@ fn a_forced_unload_refuses_while_a_handler_cannot_be_removed() {
 /// detached, torn down or removed, and no MOD_UNLOAD follows; the module resumes as it was.
 /// Once the holder closed the disk, the retry unloads in the order MOD_QUIESCE (the 30
 /// handlers removed, so no notify can reach a controller being torn down), then
-/// MOD_UNLOAD's detach (disk_gone, the nodes destroyed), with nothing left. Fails if the busy
-/// check comes after the handlers' removal, or if the refusal tears anything down.
+/// MOD_UNLOAD's detach (disk_gone, the nodes destroyed), and MOD_UNLOAD returns only after
+/// the disk's d_gone, with nothing left. Fails if the busy check comes after the handlers'
+/// removal, or if the refusal tears anything down. Replaces the fake kernel's
+/// `unload_refuses_with_ebusy_while_a_node_is_open_then_removes_handlers_first` (its open
+/// node is a disk here: the module's busy check is one for both).
 #[test]
 fn a_busy_unload_is_refused_in_quiesce_and_changes_nothing() {
     let Some(ko) = real_ko("unload_busy") else { return };
@@ -146,10 +149,16 @@ fn a_busy_unload_is_refused_in_quiesce_and_changes_nothing() {
             "nvmehp0: device_detach_desc ->",
             "disk_gone(nvmehpd0)",
             "destroy_dev",
+            // MOD_UNLOAD returns only after GEOM's d_gone destroyed the disk: no module code
+            // may run on the GEOM thread once the file is gone.
+            "g_event: d_gone(nvmehpd0)",
+            "disk_destroy(nvmehpd0)",
             "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0",
         ],
     );
     assert_eq!(retry.matches("  AcpiRemoveNotifyHandler(").count(), 30, "{retry}");
+    // Each removal names the handler installed (ACPICA answers AE_NOT_EXIST for another).
+    assert_eq!(retry.lines().filter(|l| l.trim_start().starts_with("AcpiRemoveNotifyHandler(") && l.ends_with(") = 0x0")).count(), 30, "{retry}");
     assert_in_order(
         console(&out),
         &[

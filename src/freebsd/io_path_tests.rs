@@ -1,13 +1,18 @@
 //! Host tests of the I/O path (`d_strategy` → busdma → engine → interrupt → `biodone`) against
-//! the recording fake kernel and the fake NVMe model: nothing is allocated per bio, a full
-//! queue queues bios and restarts them on completion, a teardown fails the queued bios with
-//! ENXIO exactly once, and the payload tag and loads are made as nvme(4) makes them.
+//! the recording fake kernel and the fake NVMe model: nothing is allocated per bio (nor under
+//! queue pressure), and unmapped bios move their pages' data.
+//!
+//! On the shipped .ko now: nvme(4)'s payload tag, the loads under the controller mutex,
+//! DISKFLAG_UNMAPPED_BIO, a full queue queueing bios (a cache flush among them) and restarting
+//! them on completion, a failed load giving its tracker back (kldhost/tests/busdma.rs), and the
+//! queued bios failed with
+//! ENXIO exactly once before the interrupt's teardown (kldhost/tests/acpi.rs, `--in-flight`).
 
 use super::bindings;
 use super::ctrl::CtrlRef;
 use super::fake_kernel::{self as fk, Knobs};
 use super::fake_nvme::FakeNvme;
-use super::glue_tests::{attached_with, first, positions, SERIAL};
+use super::glue_tests::{attached_with, positions, SERIAL};
 use super::kernel::FreeBsdKernel;
 use crate::hotplug::teardown::{teardown, Removal};
 use std::vec::Vec;
@@ -100,161 +105,6 @@ fn steady_state_io_allocates_nothing_per_bio() {
     let log = fk::log();
     assert!(positions(&log, "bus_dmamap_load_bio").len() >= bios.len() * 2);
     assert!(log.iter().filter(|l| l.starts_with("bus_dmamap_load_bio")).all(|l| l.contains("error=0")));
-    let _ = teardown(live, &mut k, Removal::Surprise);
-}
-
-/// With every tracker busy (the device holds the commands), further bios wait in the bioq
-/// instead of failing (never ENOMEM to GEOM), allocating nothing; the completions that free
-/// trackers restart them, and every bio completes exactly once, successfully, with its data
-/// on the media. Before, the first bio beyond the trackers completed at once with ENOMEM.
-#[test]
-fn a_full_queue_queues_bios_and_restarts_them_on_completion() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
-    fk::install_nvme(FakeNvme::new(false, true));
-    let mut k = FreeBsdKernel::new();
-    let (live, ctrl) = attached_with(&mut k, &[1], true);
-    let n = queue_depth(ctrl);
-    assert!(n >= 8, "queue depth: {n}");
-    let extra = 5;
-    let mut bufs: Vec<Vec<u8>> = (0..n + extra).map(|i| pattern(i + 1, 4096)).collect();
-    let mut bios: Vec<_> = bufs.iter_mut().enumerate().map(|(i, b)| bio_for(bindings::BIO_WRITE as u32, (i * 4096) as i64, b)).collect();
-    // The last waiting bio is a cache flush: no data, restarted like the others.
-    let flush = bio_for(bindings::BIO_FLUSH as u32, 0, &mut []);
-    bios.push(flush);
-    let extra = extra + 1;
-
-    let t = fk::log().len();
-    let before = fk::allocations();
-    for &bp in &bios {
-        start(bp);
-    }
-    assert_eq!(fk::allocations() - before, 0, "queueing allocates nothing");
-    let log = fk::log();
-    assert!(positions(&log[t..], "biodone").is_empty(), "no bio failed or completed early: {:#?}", &log[t..]);
-    assert_eq!(positions(&log[t..], "bioq_insert_tail").len(), extra, "the bios beyond the trackers wait");
-    assert_eq!(fk::with_nvme(|d| d.held.len()), n);
-
-    // The device completes what it held; the interrupt reaps, frees trackers and restarts the
-    // waiting bios, which the device now completes at once; the next interrupt reaps those.
-    fk::with_nvme(|d| {
-        d.hold_io = false;
-        d.release_held();
-    });
-    fk::fire_interrupt();
-    assert_eq!(positions(&fk::log()[t..], "bioq_takefirst").len(), extra, "restarted by the completions");
-    fk::fire_interrupt();
-    for (i, &bp) in bios.iter().enumerate() {
-        assert_eq!((fk::biodone_count(bp), error_of(bp)), (1, 0), "bio {i}");
-    }
-    for (i, buf) in bufs.iter().enumerate() {
-        let block = fk::with_nvme(|d| d.media_block((i * 8) as u64));
-        assert_eq!(&block[..], &buf[..512], "bio {i}'s data is on the media");
-    }
-    assert_eq!(fk::with_nvme(|d| d.io_completed), (n + extra) as u64);
-    let _ = teardown(live, &mut k, Removal::Surprise);
-}
-
-/// A surprise removal with every tracker busy and bios waiting: teardown step 2 fails each
-/// waiting bio with ENXIO exactly once (and, the device being gone, so no longer able to DMA,
-/// every bio in flight too), all before the drains of step 3.
-#[test]
-fn teardown_fails_queued_bios_with_enxio_exactly_once() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
-    fk::install_nvme(FakeNvme::new(false, true));
-    let mut k = FreeBsdKernel::new();
-    let (live, ctrl) = attached_with(&mut k, &[1], true);
-    let n = queue_depth(ctrl);
-    let extra = 3;
-    let mut bufs: Vec<Vec<u8>> = (0..n + extra).map(|_| std::vec![0u8; 4096]).collect();
-    let bios: Vec<_> = bufs.iter_mut().enumerate().map(|(i, b)| bio_for(bindings::BIO_READ as u32, (i * 4096) as i64, b)).collect();
-    for &bp in &bios {
-        start(bp);
-    }
-    assert!(bios.iter().all(|&bp| fk::biodone_count(bp) == 0));
-
-    fk::set_knobs(Knobs { rman_size: 0x4000, pci_vendor: 0xffff, d_gone_at_once: true, ..Knobs::default() });
-    fk::record("-- teardown --");
-    let _ = teardown(live, &mut k, Removal::Surprise);
-    let log = fk::log();
-    let t = first(&log, "-- teardown --");
-    for (i, &bp) in bios.iter().enumerate() {
-        assert_eq!((fk::biodone_count(bp), error_of(bp)), (1, bindings::ENXIO), "bio {i}");
-    }
-    let dones = positions(&log[t..], "biodone");
-    assert_eq!(dones.len(), n + extra);
-    let drains = first(&log[t..], "bus_teardown_intr");
-    assert!(dones.iter().all(|&d| d < drains), "every bio failed at step 2, before the drains of step 3");
-    assert!(bufs.iter().all(|b| b.iter().all(|&x| x == 0)), "failed reads return no data");
-}
-
-/// The payload tag is nvme(4)'s (sys/dev/nvme/nvme_qpair.c, nvme_qpair_construct): parent
-/// bus_get_dma_tag(dev), alignment 4, boundary and maxsegsz PAGE_SIZE, no address limit,
-/// maxsize the largest transfer (MDTS: the model's 5 is 128 KiB), one segment per page + 1.
-/// Loads happen under the controller mutex with BUS_DMA_NOWAIT, and the disk takes unmapped
-/// bios.
-#[test]
-fn the_payload_tag_and_loads_follow_nvme4() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
-    fk::install_nvme(FakeNvme::new(false, false));
-    let mut k = FreeBsdKernel::new();
-    let (live, ctrl) = attached_with(&mut k, &[1], true);
-    let log = fk::log();
-    assert_eq!(positions(&log, "bus_dmamap_create").len(), queue_depth(ctrl), "one map per tracker, one tracker per request slot");
-    let tag = &log[first(&log, "bus_dma_tag_create")];
-    let max = u64::MAX;
-    assert!(
-        tag.starts_with(&std::format!(
-            "bus_dma_tag_create parent=0x9a7e47 align=4 boundary=0x1000 lowaddr={max:#x} highaddr={max:#x} maxsize=131072 nsegments=33 maxsegsz=0x1000 flags=0x0"
-        )),
-        "{tag}"
-    );
-    // SAFETY: our live disk.
-    let flags = unsafe { (*fk::disks()[0]).d_flags };
-    assert_ne!(flags & bindings::DISKFLAG_UNMAPPED_BIO as u32, 0, "d_flags {flags:#x}");
-
-    let mut buf = std::vec![0u8; 8192];
-    let bp = bio_for(bindings::BIO_READ as u32, 0, &mut buf[4..4096 + 4]);
-    start(bp);
-    fk::fire_interrupt();
-    let log = fk::log();
-    let load = &log[first(&log, "bus_dmamap_load_bio")];
-    // Held: the disk's link mutex (ns_disk.rs) and, inside it, the controller mutex.
-    assert!(load.contains(&std::format!("flags={:#x} nsegs=2 error=0 mutexes_held=2", bindings::BUS_DMA_NOWAIT)), "{load}");
-    assert_eq!(fk::biodone_count(bp), 1);
-    let _ = teardown(live, &mut k, Removal::Surprise);
-}
-
-/// A bio busdma cannot map fails with EIO (as nvme(4) fails a tracker whose load failed) and
-/// gives its tracker back: the next bio goes through on it.
-#[test]
-fn a_failed_load_fails_the_bio_and_frees_its_tracker() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
-    fk::install_nvme(FakeNvme::new(false, false));
-    let mut k = FreeBsdKernel::new();
-    let (live, ctrl) = attached_with(&mut k, &[1], true);
-    let n = queue_depth(ctrl);
-    let mut buf = std::vec![0u8; 4096];
-    let bp = bio_for(bindings::BIO_READ as u32, 0, &mut buf);
-    fk::fail_next_load(bindings::EFBIG);
-    start(bp);
-    assert_eq!((fk::biodone_count(bp), error_of(bp)), (1, bindings::EIO));
-    assert_eq!(fk::with_nvme(|d| d.io_completed), 0, "nothing reached the device");
-    // Every tracker is still usable: n reads in flight at once, all completed.
-    fk::with_nvme(|d| d.hold_io = true);
-    let mut bufs: Vec<Vec<u8>> = (0..n).map(|_| std::vec![0u8; 512]).collect();
-    let bios: Vec<_> = bufs.iter_mut().enumerate().map(|(i, b)| bio_for(bindings::BIO_READ as u32, (i * 512) as i64, b)).collect();
-    let t = fk::log().len();
-    for &b in &bios {
-        start(b);
-    }
-    assert!(positions(&fk::log()[t..], "bioq_insert_tail").is_empty(), "a tracker was lost");
-    fk::with_nvme(|d| d.release_held());
-    fk::fire_interrupt();
-    assert!(bios.iter().all(|&b| fk::biodone_count(b) == 1 && error_of(b) == 0));
     let _ = teardown(live, &mut k, Removal::Surprise);
 }
 

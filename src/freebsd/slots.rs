@@ -198,8 +198,6 @@ pub fn load() -> Result<HotplugModule, core::ffi::c_int> {
         task: AtomicPtr::new(core::ptr::null_mut()),
         rerun: AtomicPtr::new(core::ptr::null_mut()),
     })));
-    #[cfg(test)]
-    LIVE_FOR_TESTS.fetch_add(1, Ordering::AcqRel);
     let mut m = HotplugModule { hp, queue: None };
     // A failure from here on frees what was made (`finish`: the queue's thread is stopped by
     // taskqueue_free) before returning: MOD_LOAD's error never reaches the kernel linker
@@ -247,15 +245,6 @@ impl core::ops::Deref for HpRef {
 pub struct SlotNotify {
     hp: HpRef,
     index: SlotIndex,
-}
-
-#[cfg(test)]
-impl SlotNotify {
-    /// A handler for registration-order tests only: its Hotplug pointer is dangling, so it
-    /// must never receive a notification.
-    pub(crate) fn unattached_for_tests(index: SlotIndex) -> Self {
-        SlotNotify { hp: HpRef(NonNull::dangling()), index }
-    }
 }
 
 fn notify_value(v: NotifyValue) -> u32 {
@@ -892,8 +881,6 @@ impl HotplugModule {
     /// must have been removed or drained (the unload order did).
     pub fn finish(self) {
         HOTPLUG.store(core::ptr::null_mut(), Ordering::Release);
-        #[cfg(test)]
-        LIVE_FOR_TESTS.fetch_sub(1, Ordering::AcqRel);
         let HotplugModule { hp, queue } = self;
         drop(queue);
         // SAFETY: leaked in load/discover, reclaimed once here, after every user was drained.
@@ -915,17 +902,6 @@ const RUNNING: u8 = 0;
 const PAUSED: u8 = 1;
 /// An unload was refused after MOD_QUIESCE: the next run reinstalls our handlers, then acts.
 const RESUMING: u8 = 2;
-
-/// Hotplug instances made by `load` and not yet freed by `finish` (host tests: a failed
-/// load leaves none).
-#[cfg(test)]
-static LIVE_FOR_TESTS: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
-
-/// Host tests: how many hotplug instances exist.
-#[cfg(test)]
-pub(crate) fn live_instances_for_tests() -> usize {
-    LIVE_FOR_TESTS.load(Ordering::Acquire)
-}
 
 /// Host tests: whether the task is paused (`Some(true)`), running (`Some(false)`), or there is
 /// no hotplug machinery (`None`).

@@ -486,7 +486,10 @@ extern "C" fn emu_bus_dmamap_load_bio(tag: u64, map: u64, bp: *mut layouts::bio,
         finding(format!("{what}: the map is already loaded"));
     }
     let unmapped = b.bio_flags as u32 & (layouts::BIO_UNMAPPED | layouts::BIO_VLIST) as u32 != 0;
-    let r = if unmapped {
+    let injected = super::fail::errno("bus_dmamap_load_bio");
+    let r = if let Some(err) = injected {
+        Err((err, "injected".to_string()))
+    } else if unmapped {
         Err((layouts::EINVAL, "an unmapped bio (BIO_UNMAPPED/BIO_VLIST): not emulated".to_string()))
     } else {
         segments(&common(tag), va, len)
@@ -510,7 +513,7 @@ extern "C" fn emu_bus_dmamap_load_bio(tag: u64, map: u64, bp: *mut layouts::bio,
         Err((err, why)) => {
             // Too many segments is the tag's answer to a driver that asked too much (EFBIG,
             // as busdma gives it); memory no device can reach is a finding.
-            if err != layouts::EFBIG {
+            if err != layouts::EFBIG && injected.is_none() {
                 finding(format!("{what}: refused: {why}"));
             }
             log(format!("{what}: callback error {err} ({why})"));
@@ -518,6 +521,10 @@ extern "C" fn emu_bus_dmamap_load_bio(tag: u64, map: u64, bp: *mut layouts::bio,
             let p = with_dma(|d| d.tags.get_mut(&tag).expect("tag").segs.as_mut_ptr());
             // SAFETY: as above, with no segment.
             unsafe { callback(arg, p, 0, err) };
+            // subr_bus_dma.c: ENOMEM is also returned ("so that it can pass it up the stack").
+            if err == layouts::ENOMEM {
+                return err;
+            }
         }
     }
     0

@@ -423,11 +423,15 @@ pub fn on_write(bar: u64, off: u64, v: u64, width: u8, gen: Option<(u8, u64)>, r
             let cq_entries = ((c.aqa >> 16) & 0xfff) + 1;
             let new_tail = (v as u32) % sq_entries;
             let mut cmds = Vec::new();
+            // What the doorbell hands QEMU, for the log of a held write: each new entry's
+            // opcode and CDW10 (for a queue deletion, the queue's ID).
+            let mut named = Vec::new();
             let mut i = c.admin_tail % sq_entries;
             while i != new_tail {
                 c.admin_cmds += 1;
                 let mut sqe = [0u8; 64];
                 if ram.read(c.asq + u64::from(i) * 64, &mut sqe).is_ok() {
+                    named.push(format!("opcode {:#04x} CDW10 {:#x}", sqe[0], u32::from_le_bytes([sqe[40], sqe[41], sqe[42], sqe[43]])));
                     let cid = u16::from_le_bytes([sqe[2], sqe[3]]);
                     let nsid = u32::from_le_bytes([sqe[4], sqe[5], sqe[6], sqe[7]]);
                     let prp1 = u64::from_le_bytes([sqe[24], sqe[25], sqe[26], sqe[27], sqe[28], sqe[29], sqe[30], sqe[31]]);
@@ -464,7 +468,7 @@ pub fn on_write(bar: u64, off: u64, v: u64, width: u8, gen: Option<(u8, u64)>, r
                 c.held.push_back(Held { rung_ns: now, due_ns: now.saturating_add(ms.saturating_mul(1_000_000)), value: v, width, gen, watch: w.watch.take() });
                 HELD.fetch_add(1, Ordering::Relaxed);
                 w.forward = false;
-                w.notes.push(format!("device fault {f}: the write above ({v:#x}) is held: QEMU gets it {ms} ms after the module made it"));
+                w.notes.push(format!("device fault {f}: the write above ({v:#x}) is held: QEMU gets it {ms} ms after the module made it; its command(s): {}", named.join(", ")));
                 delayed = Some((f, ms));
             }
         }

@@ -67,6 +67,7 @@ const EBUSY: c_int = 16;
 const EEXIST: c_int = 17;
 const ENODEV: c_int = 19;
 const EINVAL: c_int = 22;
+const EFBIG: c_int = 27;
 const ENAMETOOLONG: c_int = 63;
 
 /// Errno names the CLI accepts (a number is accepted too).
@@ -78,6 +79,7 @@ pub const ERRNOS: &[(&str, c_int)] = &[
     ("EEXIST", EEXIST),
     ("ENODEV", ENODEV),
     ("EINVAL", EINVAL),
+    ("EFBIG", EFBIG),
     ("ENAMETOOLONG", ENAMETOOLONG),
 ];
 
@@ -140,6 +142,14 @@ pub const FAILABLE: &[Failable] = &[
         name: "bus_dma_tag_create",
         kind: Kind::Errno { default: ENOMEM, allowed: &[ENOMEM, EINVAL] },
         leaves: "busdma_machdep.c common_bus_dma_tag_create: *dmat set to NULL first, the error, no tag",
+    },
+    Failable {
+        name: "bus_dmamap_load_bio",
+        // busdma_bounce.c: EFBIG for more segments than the tag allows; ENOMEM for a
+        // BUS_DMA_NOWAIT load that would need bounce pages not there (the module's loads are
+        // NOWAIT, so no deferral, never EINPROGRESS).
+        kind: Kind::Errno { default: EFBIG, allowed: &[EFBIG, ENOMEM] },
+        leaves: "subr_bus_dma.c bus_dmamap_load_bio: the callback called with no segment and the error, the map not loaded; returns 0, or ENOMEM for ENOMEM",
     },
     Failable {
         name: "taskqueue_create",

@@ -79,6 +79,13 @@ extern "C" fn emu_disk_create(dp: *mut layouts::disk, version: c_int) {
         d.state = DiskState::Created;
     });
     log(format!("disk_create({name}: {size} bytes, {ss}-byte sectors, d_gone {})", if has_gone { "set" } else { "NULL" }));
+    // sys/geom/geom_disk.h DISKFLAG_UNMAPPED_BIO: GEOM may then hand the driver bios whose
+    // pages have no kernel mapping (`bio_ma`). This GEOM sends mapped bios only, which such a
+    // driver must take too; the flag is told, not acted on.
+    const DISKFLAG_UNMAPPED_BIO: u32 = 0x0010;
+    // SAFETY: as above.
+    let flags = unsafe { (*dp).d_flags };
+    log(format!("disk(9) {name}: d_flags {flags:#x}{}", if flags & DISKFLAG_UNMAPPED_BIO != 0 { " (DISKFLAG_UNMAPPED_BIO)" } else { "" }));
 }
 
 extern "C" fn emu_disk_gone(dp: *mut layouts::disk) {
@@ -427,19 +434,30 @@ pub fn finish_burst(bios: Burst, timeout: std::time::Duration) -> Vec<c_int> {
 /// `data` must stay valid for `len` bytes until the bio is done (and, if it never is, for as
 /// long as the driver might still complete it).
 pub unsafe fn submit(name: &str, cmd: u32, offset: i64, data: *mut u8, len: usize) -> Result<*mut layouts::bio, c_int> {
+    // SAFETY: as this function's contract.
+    unsafe { submit_any(name, cmd as u16, offset, len as i64, data) }
+}
+
+/// [`submit`] of any bio GEOM's callers could build, `g_io_check` or not: any command, a
+/// negative or oversized length, any offset (`--bad-bios`: the driver must refuse what it
+/// cannot do itself). `data` must be valid for `length` bytes if the driver could use them.
+///
+/// # Safety
+/// As [`submit`].
+pub unsafe fn submit_any(name: &str, cmd: u16, offset: i64, length: i64, data: *mut u8) -> Result<*mut layouts::bio, c_int> {
     let Some(dp) = disk_by_name(name) else { return Err(layouts::ENXIO) };
     let mut bp = Box::<layouts::bio>::default();
-    bp.bio_cmd = cmd as u16;
+    bp.bio_cmd = cmd;
     bp.bio_offset = offset;
-    bp.bio_length = len as i64;
-    bp.bio_bcount = len as _;
+    bp.bio_length = length;
+    bp.bio_bcount = length as _;
     bp.bio_data = data.cast();
     bp.bio_disk = dp as *mut layouts::disk;
     let bp = Box::into_raw(bp);
     // SAFETY: a created disk of the driver: d_strategy is set (disk_create checks it).
     let strategy = unsafe { (*(dp as *mut layouts::disk)).d_strategy }.expect("d_strategy");
-    let what = if cmd == layouts::BIO_READ as u32 { "BIO_READ" } else { "BIO_WRITE" };
-    log(format!("g_down: d_strategy({name}, {what}, offset {offset}, {len} bytes) bio {bp:p}"));
+    let what = bio_cmd_name(cmd);
+    log(format!("g_down: d_strategy({name}, {what}, offset {offset}, {length} bytes) bio {bp:p}"));
     // SAFETY: the driver's strategy with a bio it owns until biodone; no emulation lock held.
     unsafe { strategy(bp) };
     Ok(bp)
@@ -499,6 +517,18 @@ pub fn register(t: &mut KpiTable) {
     t.function("disk_gone", emu_disk_gone as extern "C" fn(_) as usize);
     t.function("disk_destroy", emu_disk_destroy as extern "C" fn(_) as usize);
     t.function("biodone", emu_biodone as extern "C" fn(_) as usize);
+}
+
+/// sys/sys/bio.h's name of a bio command.
+pub fn bio_cmd_name(cmd: u16) -> &'static str {
+    match cmd {
+        0x01 => "BIO_READ",
+        0x02 => "BIO_WRITE",
+        0x03 => "BIO_DELETE",
+        0x04 => "BIO_GETATTR",
+        0x05 => "BIO_FLUSH",
+        _ => "BIO_?",
+    }
 }
 
 #[cfg(test)]

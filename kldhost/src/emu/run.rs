@@ -65,6 +65,9 @@ pub struct Report {
     /// With `read_in_flight`: the read's bio_error once the module finished with it (-1: never
     /// done, the module kept it).
     pub read_in_flight: Option<c_int>,
+    /// With `bad_bios`: each hostile bio ([`BAD_BIOS`]) and its end: bio_error and bio_resid
+    /// (error -1: not done within 2 s).
+    pub bad_bios: Vec<(String, c_int, i64)>,
     /// The disk the I/O steps use and QEMU's image file behind it: the first controller's
     /// after attach, the hot-added one's after a hot-add.
     pub target: Option<Target>,
@@ -239,14 +242,51 @@ fn burst_io(report: &mut Report, n: usize) {
     };
     let mut bufs: Vec<(i64, &mut [u8])> = bufs.iter_mut().map(|(o, b)| (*o, &mut **b)).collect();
     let d = super::geom::open(&disk);
-    let errors = super::geom::io_burst(&disk, layouts::BIO_WRITE as u32, &mut bufs, std::time::Duration::from_secs(30));
+    let writes = super::geom::start_burst(&disk, layouts::BIO_WRITE as u32, &mut bufs);
+    // A cache flush right behind the writes, as a filesystem sends BIO_FLUSH after its
+    // writes: with every tracker busy it waits in the driver's bio queue like them, and has no
+    // data of its own.
+    // SAFETY: a flush has no data (length 0, no pointer used).
+    let flush = unsafe { super::geom::submit_any(&disk, BIO_FLUSH, 0, 0, std::ptr::null_mut()) };
+    let errors = writes.map_or_else(|| vec![layouts::ENXIO; n], |w| super::geom::finish_burst(w, std::time::Duration::from_secs(30)));
+    let flushed = match flush {
+        Ok(bp) => wait_bio(bp, std::time::Duration::from_secs(10)).map_or(-1, |(e, _)| e),
+        Err(e) => e,
+    };
+    log(format!("burst: the BIO_FLUSH behind the writes: {}", if flushed < 0 { "not done".to_string() } else { format!("error {flushed}") }));
     super::geom::close(&disk);
     let failed = errors.iter().filter(|&&e| e != 0).count();
     report.io.push((format!("burst d_open {disk}"), d));
     report.io.push((format!("burst of {n} BIO_WRITE {disk}: bios not done without error"), failed as c_int));
+    report.io.push((format!("burst's BIO_FLUSH {disk}"), flushed));
     let wrong = burst_pages_wrong(&image, 0..n);
     report.io.push((format!("burst of {n}: pages not on the medium"), wrong as c_int));
     log(format!("burst: {n} writes, {failed} failed, {wrong} pages not in the backing file"));
+}
+
+/// sys/sys/bio.h BIO_FLUSH.
+const BIO_FLUSH: u16 = 0x05;
+
+/// Waits up to `timeout` for `bp` (from [`super::geom::submit_any`]) to be done, letting the
+/// kernel's threads run meanwhile; its (bio_error, bio_resid), or None if it is still the
+/// driver's (then not freed: the driver may complete it later).
+fn wait_bio(bp: *mut layouts::bio, timeout: std::time::Duration) -> Option<(c_int, i64)> {
+    let start = std::time::Instant::now();
+    loop {
+        // SAFETY: `bp` from submit_any, not yet returned as done; its resid is read before
+        // bio_done frees it.
+        let resid = unsafe { (*bp).bio_resid };
+        // SAFETY: as above.
+        if let Some(e) = unsafe { super::geom::bio_done(bp) } {
+            return Some((e, resid));
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        if super::sched::run_queues(1000) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
 }
 
 /// Where the burst writes start (past the single write and read).
@@ -282,7 +322,7 @@ pub struct Options {
     /// hotplug task is expected to detach and delete the function and evaluate `_EJ0`, after
     /// which QEMU reports `DEVICE_DELETED`.
     pub eject: bool,
-    /// With `eject`: then a controller hot-added to slot 5, empty since boot (QMP `device_add`): the GPE
+    /// With `eject` or `surprise`: then a controller hot-added to slot 5, empty since boot (QMP `device_add`): the GPE
     /// becomes `Notify(S05_, 1)`, and the module's task is expected to rescan that slot
     /// (`pci_read_device`, `pci_add_child`, `device_probe_and_attach`); the new disk is then
     /// written and read as the first was, and detached with devctl before the unload.
@@ -301,6 +341,9 @@ pub struct Options {
     /// With `surprise`: before it, one 4 KiB read sent to the disk and left in flight while
     /// time passes ([`Step::ReadInFlight`]).
     pub read_in_flight: bool,
+    /// With `qemu`: after the I/O, the bios of [`BAD_BIOS`] sent to the disk one by one
+    /// ([`Step::BadBios`]).
+    pub bad_bios: bool,
     /// With `qemu`: the steps to run instead of those the flags above describe
     /// ([`Options::effective_plan`]).
     pub plan: Option<Plan>,
@@ -614,6 +657,57 @@ fn read_in_flight(report: &mut Report) -> bool {
     true
 }
 
+/// Bios no GEOM consumer should send and a driver must refuse itself, without allocating or
+/// touching the device (GEOM's own `g_io_check` stops most, but a driver is called by other
+/// paths too, and its arithmetic must not wrap): (command, offset, length). The lengths
+/// are against the 16 MiB, 512-byte-sector namespace and a `d_maxsize` of QEMU's 512 KiB
+/// MDTS; the negative lengths and offsets are on purpose.
+pub const BAD_BIOS: &[(u16, i64, i64)] = &[
+    (layouts::BIO_READ as u16, 0, -512),
+    (layouts::BIO_WRITE as u16, -4096, 4096),
+    (layouts::BIO_READ as u16, 100, 512),
+    (layouts::BIO_READ as u16, 0, 1 << 20),
+    (layouts::BIO_READ as u16, IMAGE_BYTES_I64, 512),
+    (layouts::BIO_READ as u16, IMAGE_BYTES_I64 - 512, 1024),
+    (layouts::BIO_READ as u16, i64::MAX & !511, 512),
+    (0x03, 0, 512), // BIO_DELETE: the disk does not advertise DISKFLAG_CANDELETE
+    (layouts::BIO_READ as u16, 0, 0),
+];
+const IMAGE_BYTES_I64: i64 = super::machine::IMAGE_BYTES as i64;
+
+/// Sends each bio of [`BAD_BIOS`] to the target disk (a consumer holding it open), with one
+/// guest-RAM page as its data whatever its length, and waits up to 2 s for it to end. Done
+/// when every one ended; what each ended with is the report's and the test's to judge.
+fn bad_bios(report: &mut Report) -> bool {
+    let Some(Target { disk, .. }) = report.target.clone() else { return false };
+    let Some(page) = super::machine::with_machine(|m| m.contig_alloc(IO_BYTES as u64, 0, u64::MAX, 4096, 0)) else {
+        report.io.push(("guest RAM for the bad bios".to_string(), layouts::ENOMEM));
+        return false;
+    };
+    report.io.push((format!("bad-bios d_open {disk}"), super::geom::open(&disk)));
+    let mut all = true;
+    for &(cmd, offset, length) in BAD_BIOS {
+        let what = format!("{} offset {offset} length {length}", super::geom::bio_cmd_name(cmd));
+        // SAFETY: `page` is IO_BYTES of guest RAM nobody else uses, never freed; a driver that
+        // used more of it than that would read or write the DMA pool after it, still guest RAM.
+        let bp = match unsafe { super::geom::submit_any(&disk, cmd, offset, length, page) } {
+            Ok(bp) => bp,
+            Err(e) => {
+                report.bad_bios.push((what, e, 0));
+                all = false;
+                continue;
+            }
+        };
+        let end = wait_bio(bp, std::time::Duration::from_secs(2));
+        log(format!("bad bio {what}: {}", end.map_or("not done within 2 s".to_string(), |(e, r)| format!("error {e}, resid {r}"))));
+        let (e, r) = end.unwrap_or((-1, 0));
+        all &= end.is_some();
+        report.bad_bios.push((what, e, r));
+    }
+    report.io.push((format!("bad-bios d_close {disk}"), super::geom::close(&disk)));
+    all
+}
+
 /// QMP `blockdev-add` of a new zeroed image and `device_add` of controller `id` into `slot`
 /// (the lab's plug), then the SCI's work and the module's tasks until a function in that slot
 /// is attached (at most 5 s). On success the new disk (the created one that was not there
@@ -753,6 +847,8 @@ pub enum Step {
     Attach,
     /// A write and a read of the target disk, checked in its image file.
     Io,
+    /// The bios of [`BAD_BIOS`], each sent to the target disk and waited for ([`bad_bios`]).
+    BadBios,
     /// This many 4 KiB writes sent at once to the target disk, waited for, checked.
     Burst(usize),
     /// The platform's removal request for controller `id` in `slot` (QMP `device_del`,
@@ -815,6 +911,7 @@ impl Step {
                 }
                 ok
             }
+            Step::BadBios => bad_bios(report),
             Step::Burst(n) => {
                 let before = report.io.len();
                 burst_io(report, *n);
@@ -876,8 +973,8 @@ pub struct Plan {
 
 impl Options {
     /// The plan to run: `plan` if given, else the one `kldhost run`'s flags describe: attach,
-    /// I/O, then `--burst`, `--eject` or `--surprise`, `--hot-add` (on the ejected
-    /// controller's drive) and its I/O, `--notify`, `--shutdown`, then detach. Every step of that one runs; its hot-add
+    /// I/O, then `--burst`, `--eject` or `--surprise`, `--hot-add` (a new controller, after
+    /// either removal) and its I/O, `--notify`, `--shutdown`, then detach. Every step of that one runs; its hot-add
     /// finds the drive still taken when the eject failed, and its I/O then has no disk.
     pub fn effective_plan(&self) -> Plan {
         use super::machine::{NVME_ID, NVME_SLOT};
@@ -885,6 +982,9 @@ impl Options {
             return p.clone();
         }
         let mut steps = vec![Step::Attach, Step::Io];
+        if self.bad_bios {
+            steps.push(Step::BadBios);
+        }
         if self.burst > 0 {
             steps.push(Step::Burst(self.burst));
         }
@@ -900,7 +1000,7 @@ impl Options {
         if self.surprise {
             steps.push(Step::Surprise { slot: NVME_SLOT, id: NVME_ID.to_string(), in_flight: self.in_flight });
         }
-        if self.eject && self.hot_add {
+        if (self.eject || self.surprise) && self.hot_add {
             steps.push(Step::HotAdd { slot: HOT_ADD_SLOT, id: "nvme1".to_string() });
             steps.push(Step::Io);
         }

@@ -241,3 +241,12 @@ pub fn assert_both_bios_completed_by_the_watchdog(out: &str) {
         assert_eq!(completed_by(b), "task", "a bio not completed by the watchdog task:\n{b}");
     }
 }
+
+/// The values the module wrote to CC (BAR0 + 0x14) in `log`, in order.
+#[allow(dead_code)]
+pub fn cc_writes(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter_map(|l| l.trim().strip_prefix("bus_write_4(nvmehp0 BAR 0x10 + 0x14, 0x"))
+        .filter_map(|v| u32::from_str_radix(v.trim_end_matches(')'), 16).ok())
+        .collect()
+}
