@@ -12,7 +12,7 @@
 //!   access counts), also after `disk_gone` while the disk is not destroyed; `run
 //!   --hold-disks-open` is a process that keeps every disk open until the unload returned
 //!   ([`hold_all_open`], [`release_held`]).
-//! - I/O as GEOM's g_down thread sends it ([`open`], [`io`], [`io_burst`], [`close`]): `d_open` first (a
+//! - I/O as GEOM's g_down thread sends it ([`open`], [`io`], [`start_burst`]/[`finish_burst`], [`close`]): `d_open` first (a
 //!   consumer gained access), then a `struct bio` (command, offset, length, data, disk) to
 //!   `d_strategy`; the caller waits, letting interrupt and taskqueue threads run, until the
 //!   driver's `biodone` (bounded); after 50 ms without it, time passes for the driver's
@@ -336,16 +336,6 @@ pub fn io(name: &str, cmd: u32, offset: i64, buf: &mut [u8], timeout: std::time:
     let b = unsafe { Box::from_raw(bp) };
     log(format!("g_up: bio {bp:p} done: error {}, resid {}", b.bio_error, b.bio_resid));
     if b.bio_flags & layouts::BIO_ERROR as u16 != 0 { b.bio_error.max(1) } else { 0 }
-}
-
-/// Many bios at once, as GEOM's g_down thread sends them without waiting for one to finish:
-/// a `cmd` bio per `(offset, buffer)` through d_strategy ([`start_burst`]), then a wait until
-/// every one is done ([`finish_burst`]). Returns each bio's error, -1 for one never done.
-pub fn io_burst(name: &str, cmd: u32, bufs: &mut [(i64, &mut [u8])], timeout: std::time::Duration) -> Vec<c_int> {
-    match start_burst(name, cmd, bufs) {
-        Some(bios) => finish_burst(bios, timeout),
-        None => vec![layouts::ENXIO; bufs.len()],
-    }
 }
 
 /// Bios GEOM sent that the caller has not waited for yet (see [`start_burst`]).
