@@ -130,6 +130,13 @@ enum Cmd {
         /// (src/emu/interleave.rs).
         #[arg(long = "in-sleep", value_name = "WMESG[:N]=ACTION", value_parser = kldhost::emu::interleave::parse)]
         in_sleep: Vec<kldhost::emu::interleave::InSleep>,
+        /// With --qemu --acpi (pc; repeatable, in order): the controller sits in an NVMe
+        /// subsystem with namespaces 1 and 2 and a lab-private second controller; after the
+        /// I/O, that controller's Namespace Attachment attaches or detaches NSID for the
+        /// module's controller (QEMU then sends it a Namespace Attribute Changed notice), and
+        /// the first disk is written and read again (src/emu/ns_admin.rs).
+        #[arg(long = "namespace", value_name = "attach:NSID|detach:NSID", value_parser = kldhost::emu::ns_admin::parse, requires = "acpi")]
+        namespace: Vec<(bool, u32)>,
         /// With --qemu: QEMU's q35 (ICH9) machine: the controller behind the pcie-root-port in
         /// slot 4 (pcib1 -> pci1), another port in slot 5 for --hot-add, and with --acpi q35's
         /// namespace (\_SB_.PCI0.S20_.S00_ is slot 4's hotplug slot). Not with INTx (ICH9's
@@ -238,7 +245,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, namespace } => {
             if msi_undelivered && !(msi_instead_of_msix || msi_with_msix) {
                 eprintln!("kldhost run: --msi-undelivered needs --msi-instead-of-msix or --msi-with-msix");
                 return ExitCode::from(2);
@@ -280,6 +287,7 @@ fn main() -> ExitCode {
                     kldhost::emu::msi::Mode::Off
                 },
                 msi_undelivered,
+                namespace,
             };
             match run(&ko, &opts) {
                 Ok(true) => ExitCode::SUCCESS,
@@ -501,6 +509,18 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
     if r.hot_added || r.notifies.iter().any(|n| n.1 == 1) {
         println!("hot-added and attached: {}; its write and read: {}", r.hot_added, if r.hot_added_io_ok { "ok" } else { "WRONG" });
     }
+    for n in &r.namespaces {
+        println!(
+            "namespace {} {}: command {}, rescan {}, disks added {:?}, gone {:?}{}",
+            n.nsid,
+            if n.attach { "attach" } else { "detach" },
+            if n.sent { "ok" } else { "FAILED" },
+            if n.rescanned { "ended" } else { "NOT ended" },
+            n.disks_added,
+            n.disks_gone,
+            n.read_ok.map_or(String::new(), |ok| format!(", the new disk reads the medium: {}", if ok { "ok" } else { "WRONG" }))
+        );
+    }
     for (loc, name, e) in &r.shutdown {
         println!("shutdown {loc} ({name}): {e}");
     }
@@ -519,5 +539,6 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
         println!("  {f}");
     }
     let io_ok = r.io.iter().all(|(_, e)| *e == 0) && (r.io.is_empty() || r.io_data_ok);
-    Ok(r.unloaded && r.findings.is_empty() && io_ok)
+    let ns_ok = r.namespaces.iter().all(|n| n.sent && n.rescanned && n.read_ok != Some(false));
+    Ok(r.unloaded && r.findings.is_empty() && io_ok && ns_ok)
 }

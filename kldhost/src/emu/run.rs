@@ -52,6 +52,8 @@ pub struct Report {
     /// With `eject`: the notifies delivered, as (slot, value, handlers called), and whether the
     /// function left pci0 and QEMU reported DEVICE_DELETED.
     pub notifies: Vec<(u8, u32, usize)>,
+    /// With `namespace`: each namespace step's outcome ([`Step::Namespace`]).
+    pub namespaces: Vec<NsStep>,
     pub ejected: bool,
     /// With `hot_add`: whether the hot-added function got attached, and its write and read.
     pub hot_added: bool,
@@ -77,6 +79,22 @@ pub struct Report {
     /// module stays loaded with them, as FreeBSD keeps a module whose unload it refused: they
     /// are not leaks (the leak check is one of the unload's end-of-life checks).
     pub kept_loaded: Option<(usize, usize)>,
+}
+
+/// What one [`Step::Namespace`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NsStep {
+    pub attach: bool,
+    pub nsid: u32,
+    /// QEMU completed the Namespace Attachment command without error.
+    pub sent: bool,
+    /// The module said how its rescan ended (a console line of the controller).
+    pub rescanned: bool,
+    /// Disks created and gone (withered or destroyed) during the step.
+    pub disks_added: Vec<String>,
+    pub disks_gone: Vec<String>,
+    /// After an attach: a read of the new disk gave the data on the medium.
+    pub read_ok: Option<bool>,
 }
 
 /// A disk and the image file QEMU keeps its namespace in.
@@ -353,6 +371,11 @@ pub struct Options {
     /// With `msi`: the emulated messages are never delivered (a negative control: only the
     /// driver's polling can complete its I/O).
     pub msi_undelivered: bool,
+    /// With `qemu` (pc): the controller is in an NVMe subsystem with two namespaces and a
+    /// lab-private second controller ([`super::ns_admin`]); after the I/O, each (attach, nsid)
+    /// in order is a Namespace Attachment for the module's controller ([`Step::Namespace`]),
+    /// each followed by the I/O step on the first disk.
+    pub namespace: Vec<(bool, u32)>,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -642,6 +665,83 @@ fn hot_add(report: &mut Report, slot: u8, id: &str) {
     report.target = report.disks_attached.iter().find(|d| !before.contains(d)).map(|disk| Target { disk: disk.clone(), image });
 }
 
+/// Console lines that end a namespace rescan of the module (`pci_driver.rs`
+/// `rescan_namespaces`, `slots.rs` `namespace_changed`).
+const RESCAN_ENDS: &[&str] = &["namespaces changed:", "namespace rescan failed", "not rescanned"];
+
+fn rescan_ends() -> usize {
+    with(|e| RESCAN_ENDS.iter().map(|w| e.console.matches(w).count()).sum())
+}
+
+/// Disks by state: (created, withered or destroyed).
+fn disks_by_state() -> (Vec<String>, Vec<String>) {
+    with(|e| {
+        let created = e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
+        let gone = e.disks.values().filter(|d| d.state != super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
+        (created, gone)
+    })
+}
+
+/// [`Step::Namespace`].
+fn namespace_step(attach: bool, nsid: u32) -> NsStep {
+    use super::machine::{with_machine, NVME_SLOT};
+    let mut r = NsStep { attach, nsid, ..NsStep::default() };
+    let image = with_machine(|m| m.lab.plugged(NVME_SLOT).and_then(|d| d.images.iter().find(|i| i.nsid == nsid)).map(|i| i.path.clone()));
+    if attach {
+        if let Some(image) = &image {
+            // What another host wrote there while the module's controller did not have it.
+            let ok = std::fs::OpenOptions::new().write(true).open(image).and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &io_pattern(), 0));
+            log(format!("  | subsystem: {IO_BYTES} bytes of the test pattern written at 0 of namespace {nsid}'s image {}: {}", image.display(), ok.map_or_else(|e| e.to_string(), |()| "ok".into())));
+        }
+    }
+    let (created_before, gone_before) = disks_by_state();
+    let ends = rescan_ends();
+    let lines = super::ns_admin::attachment(attach, nsid);
+    r.sent = lines.is_ok();
+    for l in lines.unwrap_or_else(|l| l) {
+        log(format!("  | {l}"));
+    }
+    if !r.sent {
+        return r;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while rescan_ends() == ends && std::time::Instant::now() < deadline {
+        super::sched::run_queues(1000);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let ran = super::sched::run_queues(1000);
+    r.rescanned = rescan_ends() > ends;
+    log(format!("after the namespace {}: the module's rescan {}; threads ran {ran} times", if attach { "attach" } else { "detach" }, if r.rescanned { "ended" } else { "did NOT end in 5 s" }));
+    let (created, gone) = disks_by_state();
+    r.disks_added = created.iter().filter(|d| !created_before.contains(d)).cloned().collect();
+    r.disks_gone = gone.iter().filter(|d| !gone_before.contains(d)).cloned().collect();
+    if attach {
+        if let (Some(disk), Some(image)) = (r.disks_added.first().cloned(), image) {
+            r.read_ok = Some(read_back(&disk, &image));
+        }
+    }
+    r
+}
+
+/// Reads [`IO_BYTES`] at 0 of `disk` through d_strategy (bio data in guest RAM) and compares
+/// them with [`io_pattern`] and with the image file.
+fn read_back(disk: &str, image: &std::path::Path) -> bool {
+    let p = super::machine::with_machine(|m| m.contig_alloc(IO_BYTES as u64, 0, u64::MAX, 4096, 0));
+    let Some(p) = p else { return false };
+    // SAFETY: IO_BYTES bytes of the shared guest RAM mapping, handed out to nobody else, alive
+    // until the machine stops.
+    let buf = unsafe { std::slice::from_raw_parts_mut(p, IO_BYTES) };
+    buf.fill(0);
+    let timeout = std::time::Duration::from_secs(10);
+    let o = super::geom::open(disk);
+    let e = super::geom::io(disk, layouts::BIO_READ as u32, 0, buf, timeout);
+    let c = super::geom::close(disk);
+    let on_disk = std::fs::read(image).ok().map(|b| b[..IO_BYTES].to_vec());
+    let ok = o == 0 && e == 0 && c == 0 && *buf == io_pattern()[..] && on_disk.as_deref() == Some(&io_pattern()[..]);
+    log(format!("read of {disk} at 0: d_open {o}, BIO_READ {e}, d_close {c}; {}", if ok { "the data on the medium" } else { "NOT the data on the medium" }));
+    ok
+}
+
 /// One thing a run does to the machine after MOD_LOAD, in the order a plan lists them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -671,6 +771,14 @@ pub enum Step {
     /// reboot(8): DEVICE_SHUTDOWN of every attached function, then a write to the target
     /// disk, expected to fail without reaching the medium ([`shutdown`]).
     Shutdown,
+    /// The subsystem's other host attaches (`attach`) or detaches namespace `nsid` to or from
+    /// the module's controller (Namespace Attachment through the lab-private controller,
+    /// [`super::ns_admin`]); QEMU sends the module's controller a Namespace Attribute Changed
+    /// notice; the interrupt and taskqueue threads run until the module said how its rescan
+    /// ended (5 s at most). Before an attach, the namespace's image gets [`io_pattern`] at 0
+    /// (data another host left on the medium), which the new disk must read back. Done when
+    /// the module rescanned, and a disk went (detach) or came and read the data (attach).
+    Namespace { attach: bool, nsid: u32 },
     /// devctl(8) detach of every attached function.
     Detach,
 }
@@ -727,6 +835,12 @@ impl Step {
                 let ran = super::sched::run_queues(1000);
                 log(format!("after Notify(slot {slot}, {value}): taskqueue and kernel threads ran {ran} times"));
                 n > 0
+            }
+            Step::Namespace { attach, nsid } => {
+                let r = namespace_step(*attach, *nsid);
+                let ok = r.sent && r.rescanned && if *attach { r.read_ok == Some(true) && r.disks_added.len() == 1 } else { r.disks_gone.len() == 1 };
+                report.namespaces.push(r);
+                ok
             }
             Step::Shutdown => {
                 shutdown(report);
@@ -785,6 +899,10 @@ impl Options {
         for &(slot, value) in &self.notify {
             steps.push(Step::Notify { slot, value });
         }
+        for &(attach, nsid) in &self.namespace {
+            steps.push(Step::Namespace { attach, nsid });
+            steps.push(Step::Io);
+        }
         if self.shutdown {
             steps.push(Step::Shutdown);
         }
@@ -834,7 +952,12 @@ pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Momen
     super::msi::set_delivered(!opts.msi_undelivered);
     if opts.qemu {
         let kind = if opts.q35 { nvmehp_lab::qemu::MachineKind::Q35 } else { nvmehp_lab::qemu::MachineKind::Pc };
-        super::machine::start(kind).map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
+        let subsystem = opts.effective_plan().steps.iter().any(|s| matches!(s, Step::Namespace { .. }));
+        if subsystem && opts.q35 {
+            return Err(LoadError::Bad("--namespace: the NVMe subsystem machine is pc only".to_string()));
+        }
+        let started = if subsystem { super::machine::start_with_subsystem() } else { super::machine::start(kind) };
+        started.map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
         super::newbus::build_tree(&functions);
         if opts.acpi {
