@@ -1,0 +1,212 @@
+//! Namespace rescans of the shipped .ko on QEMU: `run --qemu --acpi --namespace ACTION:NSID`.
+//!
+//! The machine puts the module's controller in an NVMe subsystem with namespaces 1 and 2 and a
+//! lab-private second controller (src/emu/ns_admin.rs); that controller's Namespace Attachment
+//! makes QEMU 10 send the module's controller the Asynchronous Event "Notice: Namespace
+//! Attribute Changed" (hw/nvme/ctrl.c `nvme_ns_attachment`), which is what starts the module's
+//! rescan (src/freebsd/ctrl.rs, pci_driver.rs `rescan_namespaces`, slots.rs
+//! `namespace_changed`). These tests replace the fake kernel's
+//! `a_detach_during_a_namespace_rescan_is_refused_and_frees_nothing` (lifecycle_tests.rs) and
+//! `a_namespace_rescan_sleeps_without_the_mutex_while_the_controller_works` (glue_tests.rs).
+
+mod common;
+
+use common::{assert_clean_unload, assert_in_order, between, console, kldhost_run_with, real_ko_on_qemu};
+
+/// What the rescan of a detach does, from the command to the step's end.
+const DETACH_FROM: &str = "Namespace Attachment (detach) of namespace 2 for CNTLID 0";
+const DETACH_TO: &str = "step Namespace { attach: false, nsid: 2 }";
+
+/// The calls that would mean the controller is being torn down.
+const TEARDOWN: &[&str] = &[
+    "nvmehp0: device_detach_desc",
+    "bus_teardown_intr(",
+    "pci_release_msi(",
+    "bus_dmamap_destroy(",
+    "destroy_dev(nvmehp0)",
+    "destroy_dev(nvmehp0ns1)",
+    "disk_gone(nvmehpd0)",
+];
+
+fn run(test: &str, extra: &[&str]) -> Option<(Option<i32>, String)> {
+    let ko = real_ko_on_qemu(test)?;
+    Some(kldhost_run_with(&ko, extra))
+}
+
+/// The flags of a `make_dev_s` line of `node`.
+fn make_dev_flags(log: &str, node: &str) -> u32 {
+    let tag = format!("make_dev_s(\"{node}\"");
+    let line = log.lines().find(|l| l.contains(&tag)).unwrap_or_else(|| panic!("no {tag} in:\n{log}"));
+    let hex = line.split("flags 0x").nth(1).and_then(|r| r.split(',').next()).expect("flags");
+    u32::from_str_radix(hex, 16).expect("hex flags")
+}
+
+/// sys/sys/conf.h MAKEDEV_ETERNAL.
+const MAKEDEV_ETERNAL: u32 = 0x10;
+
+#[test]
+fn a_namespace_detached_from_the_live_controller_goes_and_comes_back_when_attached_again() {
+    let Some((code, out)) = run("ns_detach_attach", &["--qemu", "--acpi", "--namespace", "detach:2", "--namespace", "attach:2"]) else { return };
+    assert_clean_unload(code, &out);
+    // The target's CNTLID is asked for, not assumed.
+    assert_in_order(&out, &["subsystem: private controller's CNTLID 1; Identify CNS 13h lists the subsystem's controllers [0, 1]", DETACH_FROM]);
+    assert!(make_dev_flags(&out, "nvmehp0ns2") & MAKEDEV_ETERNAL == 0, "the namespace node is not eternal:\n{out}");
+
+    // Detach: the module is told, rescans on a lease, withers the disk and destroys the node;
+    // GEOM then calls d_gone, and the disk is destroyed. Namespace 1 is left alone.
+    let detach = between(&out, DETACH_FROM, DETACH_TO);
+    assert_in_order(
+        detach,
+        &[
+            "device_busy(nvmehp0) -> 1",
+            "disk_gone(nvmehpd1)",
+            "destroy_dev(nvmehp0ns2)",
+            "device_unbusy(nvmehp0) -> 0",
+            "nvmehp0: namespaces changed: 0 added, 1 removed",
+            "g_event: d_gone(nvmehpd1)",
+            "disk_destroy(nvmehpd1)",
+        ],
+    );
+    for t in TEARDOWN {
+        assert!(!detach.contains(t), "{t} during the rescan of a namespace detach:\n{detach}");
+    }
+    // Namespace 1's node still works: a write and a read through d_strategy, the data in its
+    // image file.
+    let io = between(&out, DETACH_TO, "step Io: done");
+    assert_in_order(io, &["BIO_WRITE", "BIO_READ", "-ns1.raw at 8192: the written data; read back: the written data"]);
+
+    // Attach: one added, a new node and disk that read what is on the medium.
+    let attach = between(&out, "Namespace Attachment (attach) of namespace 2 for CNTLID 0", "step Namespace { attach: true, nsid: 2 }");
+    assert_in_order(
+        attach,
+        &[
+            "make_dev_s(\"nvmehp0ns2\"",
+            "disk_create(nvmehpd1",
+            "nvmehp0: namespaces changed: 1 added, 0 removed",
+            "read of nvmehpd1 at 0: d_open 0, BIO_READ 0, d_close 0; the data on the medium",
+        ],
+    );
+    assert_in_order(
+        console(&out),
+        &["nvmehp0: namespaces changed: 0 added, 1 removed", "nvmehp0: namespaces changed: 1 added, 0 removed"],
+    );
+    assert!(out.contains("namespace 2 detach: command ok, rescan ended, disks added [], gone [\"nvmehpd1\"]"), "{out}");
+    assert!(out.contains("namespace 2 attach: command ok, rescan ended, disks added [\"nvmehpd1\"], gone [], the new disk reads the medium: ok"), "{out}");
+}
+
+/// A consumer holds every disk open (a mounted file system) when namespace 2 goes: the rescan
+/// withers the disk and returns; GEOM calls d_gone only after the last close, and the disk's
+/// state is freed only then. The holder closes when the first kldunload (refused: in use)
+/// returns; the retry unloads.
+#[test]
+fn a_namespace_detached_while_its_disk_is_held_open_is_freed_only_after_the_last_close() {
+    let Some((code, out)) = run(
+        "ns_detach_held",
+        &["--qemu", "--acpi", "--hold-disks-open", "--kldunload-retries", "1", "--namespace", "detach:2"],
+    ) else {
+        return;
+    };
+    assert_clean_unload(code, &out);
+    assert_in_order(
+        &out,
+        &[
+            "g_disk_access(nvmehpd1, open) -> d_open = 0",
+            DETACH_FROM,
+            "disk_gone(nvmehpd1)",
+            "destroy_dev(nvmehp0ns2)",
+            "nvmehp0: namespaces changed: 0 added, 1 removed",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_QUIESCE) = 16",
+            "g_disk_access(nvmehpd1, close) (the holding consumer) -> d_close = 0",
+            "g_event: d_gone(nvmehpd1)",
+            "mtx_destroy(nvmehp disk)",
+            "disk_destroy(nvmehpd1)",
+            "kldunload again (retry 1)",
+        ],
+    );
+    let held = between(&out, "disk_gone(nvmehpd1)", "g_disk_access(nvmehpd1, close) (the holding consumer)");
+    for early in ["d_gone(nvmehpd1)", "disk_destroy(nvmehpd1)", "mtx_destroy(nvmehp disk)"] {
+        assert!(!held.contains(early), "{early} before the disk's last close:\n{held}");
+    }
+    // The rescan did not wait for the holder (nor would a kernel thread wait forever).
+    assert!(out.contains("namespace 2 detach: command ok, rescan ended, disks added [], gone [\"nvmehpd1\"]"), "{out}");
+}
+
+/// Each admin command of the module reaches QEMU only while time passes for the module
+/// (`--device-fault admin-latency=5`: its SQ doorbell writes are held 5 ms of the emulation's
+/// clock), so the rescan certainly sleeps for each one, as the fake kernel's held admin
+/// queue made it; without it QEMU may answer before the rescan's step looks again.
+const SLOW_ADMIN: &[&str] = &["--device-fault", "admin-latency=5"];
+
+/// `devctl detach` inside the rescan's sleep (another kernel thread, Giant dropped by the
+/// sleep): newbus refuses it because the rescan's lease holds the device busy, before the
+/// module's DEVICE_DETACH is called, and nothing is torn down during the rescan; after it the
+/// detach tears the controller down cleanly. (Moved from the fake kernel's
+/// lifecycle_tests.rs `a_detach_during_a_namespace_rescan_is_refused_and_frees_nothing`.)
+#[test]
+fn a_detach_inside_the_namespace_rescans_sleep_is_refused_and_frees_nothing() {
+    let args = [&["--qemu", "--acpi", "--in-sleep", "nvmehpns=detach", "--namespace", "detach:2"], SLOW_ADMIN].concat();
+    let Some((code, out)) = run("ns_detach_in_sleep", &args) else {
+        return;
+    };
+    assert_clean_unload(code, &out);
+    let rescan = between(&out, "device_busy(nvmehp0) -> 1", "nvmehp0: namespaces changed: 0 added, 1 removed");
+    assert_in_order(
+        rescan,
+        &[
+            "pause_sbt(nvmehpns",
+            "kldhost: in sleep 1 on nvmehpns, another thread: devctl detach nvmehp0",
+            "device_detach(nvmehp0) = EBUSY (busy 1)",
+            "kldhost: in sleep 1 on nvmehpns, another thread: devctl detach nvmehp0 = 16",
+            "disk_gone(nvmehpd1)",
+            "destroy_dev(nvmehp0ns2)",
+            "device_unbusy(nvmehp0) -> 0",
+        ],
+    );
+    for t in TEARDOWN {
+        assert!(!rescan.contains(t), "{t} during the rescan:\n{rescan}");
+    }
+    // Afterwards the same detach goes through and tears everything down.
+    assert_in_order(
+        &out,
+        &[
+            "nvmehp0: namespaces changed: 0 added, 1 removed",
+            "step Namespace { attach: false, nsid: 2 }: done",
+            "nvmehp0: device_detach_desc",
+            "bus_teardown_intr(nvmehp0",
+            "destroy_dev(nvmehp0ns1)",
+            "destroy_dev(nvmehp0)",
+            "step Detach: done",
+            "detach device 4.0 (nvmehp0): 0",
+        ],
+    );
+}
+
+/// The rescan sends each admin command under the controller mutex and sleeps with it released
+/// while QEMU's controller works: every `nvmehpns` sleep comes after the mutex's unlock, and
+/// completions (the module's interrupt, or the next step's look at the queue) arrive between
+/// the sleeps. kldhost's SleepWithMutex rule would make any sleep with a mutex held a finding
+/// (the run must have none). (Moved from the fake kernel's glue_tests.rs
+/// `a_namespace_rescan_sleeps_without_the_mutex_while_the_controller_works`.)
+#[test]
+fn a_namespace_rescan_sleeps_without_the_mutex_while_the_controller_works() {
+    let args = [&["--qemu", "--acpi", "--namespace", "detach:2"], SLOW_ADMIN].concat();
+    let Some((code, out)) = run("ns_rescan_sleeps", &args) else { return };
+    assert_clean_unload(code, &out);
+    let rescan = between(&out, "device_busy(nvmehp0) -> 1", "nvmehp0: namespaces changed: 0 added, 1 removed");
+    let lines: Vec<&str> = rescan.lines().map(str::trim).collect();
+    let pauses: Vec<usize> = lines.iter().enumerate().filter(|(_, l)| l.starts_with("pause_sbt(nvmehpns")).map(|(i, _)| i).collect();
+    // The changed-namespace log, the active namespace list, an Identify per namespace: each
+    // command is sent in one step and answered while the task sleeps.
+    assert!(pauses.len() >= 3, "the rescan slept for each command: {} sleeps in:\n{rescan}", pauses.len());
+    for &p in &pauses {
+        let last = lines[..p].iter().rev().find(|l| l.starts_with("mtx_lock(") || l.starts_with("mtx_unlock("));
+        assert!(last.is_some_and(|l| l.starts_with("mtx_unlock(")), "a sleep with a mutex held (last: {last:?}) in:\n{rescan}");
+    }
+    // Each command's SQ tail doorbell is rung in a locked step and reaches QEMU only while the
+    // task sleeps; its completion is consumed (CQ head doorbell) in a later step.
+    let sent = lines.iter().filter(|l| l.contains("BAR 0x10 + 0x1000,")).count();
+    let consumed = lines.iter().filter(|l| l.contains("BAR 0x10 + 0x1004,")).count();
+    let in_sleep = lines.iter().filter(|l| l.contains("reaches QEMU") && l.contains("while the module sleeps (pause_sbt)")).count();
+    assert!(sent >= 3 && consumed >= 3 && in_sleep >= sent, "commands {sent}, completions {consumed}, reaching QEMU in a sleep {in_sleep}:\n{rescan}");
+    assert!(!out.contains("[SleepWithMutex]"), "{out}");
+}
