@@ -133,10 +133,12 @@ enum Cmd {
         /// With --qemu --acpi (pc; repeatable, in order): the controller sits in an NVMe
         /// subsystem with namespaces 1 and 2 and a lab-private second controller; after the
         /// I/O, that controller's Namespace Attachment attaches or detaches NSID for the
-        /// module's controller (QEMU then sends it a Namespace Attribute Changed notice), and
-        /// the first disk is written and read again (src/emu/ns_admin.rs).
-        #[arg(long = "namespace", value_name = "attach:NSID|detach:NSID", value_parser = kldhost::emu::ns_admin::parse, requires = "acpi")]
-        namespace: Vec<(bool, u32)>,
+        /// module's controller, or detaches it, formats it to the other block size (512/4096)
+        /// and attaches it again (reformat); QEMU then sends the module's controller a
+        /// Namespace Attribute Changed notice, and the first disk is written and read again
+        /// (src/emu/ns_admin.rs).
+        #[arg(long = "namespace", value_name = "attach:NSID|detach:NSID|reformat:NSID", value_parser = kldhost::emu::ns_admin::parse, requires = "acpi")]
+        namespace: Vec<(kldhost::emu::ns_admin::NsOp, u32)>,
         /// With --qemu: QEMU's q35 (ICH9) machine: the controller behind the pcie-root-port in
         /// slot 4 (pcib1 -> pci1), another port in slot 5 for --hot-add, and with --acpi q35's
         /// namespace (\_SB_.PCI0.S20_.S00_ is slot 4's hotplug slot). Not with INTx (ICH9's
@@ -513,7 +515,7 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
         println!(
             "namespace {} {}: command {}, rescan {}, disks added {:?}, gone {:?}{}",
             n.nsid,
-            if n.attach { "attach" } else { "detach" },
+            n.op.map_or("?", |o| o.name()),
             if n.sent { "ok" } else { "FAILED" },
             if n.rescanned { "ended" } else { "NOT ended" },
             n.disks_added,

@@ -15,7 +15,7 @@ use common::{assert_clean_unload, assert_in_order, between, console, kldhost_run
 
 /// What the rescan of a detach does, from the command to the step's end.
 const DETACH_FROM: &str = "Namespace Attachment (detach) of namespace 2 for CNTLID 0";
-const DETACH_TO: &str = "step Namespace { attach: false, nsid: 2 }";
+const DETACH_TO: &str = "step Namespace { op: Detach, nsid: 2 }";
 
 /// The calls that would mean the controller is being torn down.
 const TEARDOWN: &[&str] = &[
@@ -76,14 +76,14 @@ fn a_namespace_detached_from_the_live_controller_goes_and_comes_back_when_attach
     assert_in_order(io, &["BIO_WRITE", "BIO_READ", "-ns1.raw at 8192: the written data; read back: the written data"]);
 
     // Attach: one added, a new node and disk that read what is on the medium.
-    let attach = between(&out, "Namespace Attachment (attach) of namespace 2 for CNTLID 0", "step Namespace { attach: true, nsid: 2 }");
+    let attach = between(&out, "Namespace Attachment (attach) of namespace 2 for CNTLID 0", "step Namespace { op: Attach, nsid: 2 }");
     assert_in_order(
         attach,
         &[
             "make_dev_s(\"nvmehp0ns2\"",
             "disk_create(nvmehpd1",
             "nvmehp0: namespaces changed: 1 added, 0 removed",
-            "read of nvmehpd1 at 0: d_open 0, BIO_READ 0, d_close 0; the data on the medium",
+            "read of nvmehpd1 at 8192: d_open 0, BIO_READ 0, d_close 0; the data on the medium",
         ],
     );
     assert_in_order(
@@ -170,7 +170,7 @@ fn a_detach_inside_the_namespace_rescans_sleep_is_refused_and_frees_nothing() {
         &out,
         &[
             "nvmehp0: namespaces changed: 0 added, 1 removed",
-            "step Namespace { attach: false, nsid: 2 }: done",
+            "step Namespace { op: Detach, nsid: 2 }: done",
             "nvmehp0: device_detach_desc",
             "bus_teardown_intr(nvmehp0",
             "destroy_dev(nvmehp0ns1)",
@@ -209,4 +209,40 @@ fn a_namespace_rescan_sleeps_without_the_mutex_while_the_controller_works() {
     let consumed = lines.iter().filter(|l| l.contains("BAR 0x10 + 0x1004,")).count();
     let in_sleep = lines.iter().filter(|l| l.contains("reaches QEMU") && l.contains("while the module sleeps (pause_sbt)")).count();
     assert!(sent >= 3 && consumed >= 3 && in_sleep >= sent, "commands {sent}, completions {consumed}, reaching QEMU in a sleep {in_sleep}:\n{rescan}");
+}
+
+/// Another host reformats namespace 2 (detached, Format NVM to 4096-byte blocks, attached
+/// again) before the module looks: one Namespace Attribute Changed notice, and the namespace
+/// is still there under the same ID with another block size. Its old disk (512-byte sectors)
+/// must go as a removed namespace's does and a new one with 4096-byte sectors take its place,
+/// reading the data on the medium. Before the fix the rescan said `0 added, 0 removed` and kept
+/// the old disk, whose every read and write then failed (EINVAL: 512-byte sectors on a
+/// namespace of 4096-byte blocks) until the controller was detached.
+#[test]
+fn a_namespace_reformatted_under_the_same_id_gets_a_new_disk_with_its_new_block_size() {
+    let Some((code, out)) = run("ns_reformat", &["--qemu", "--acpi", "--namespace", "reformat:2"]) else { return };
+    assert_clean_unload(code, &out);
+    let step = between(&out, "Format NVM of namespace 2 to LBA format", "step Namespace { op: Reformat, nsid: 2 }");
+    assert_in_order(
+        step,
+        &[
+            "(4096 bytes, was 512): status 0x0",
+            "Namespace Attachment (attach) of namespace 2 for CNTLID 0: status 0x0",
+            "device_busy(nvmehp0) -> 1",
+            "disk_gone(nvmehpd1)",
+            "destroy_dev(nvmehp0ns2)",
+            "make_dev_s(\"nvmehp0ns2\"",
+            "16777216 bytes, 4096-byte sectors",
+            "device_unbusy(nvmehp0) -> 0",
+            "nvmehp0: namespaces changed: 0 added, 0 removed, 1 replaced (size or block size changed)",
+            "g_event: d_gone(nvmehpd1)",
+            "disk_destroy(nvmehpd1)",
+            "at 8192: d_open 0, BIO_READ 0, d_close 0; the data on the medium",
+        ],
+    );
+    for t in TEARDOWN {
+        assert!(!step.contains(t), "{t} during the rescan of a reformat:\n{step}");
+    }
+    assert!(out.contains("namespace 2 reformat: command ok, rescan ended, disks added [\"nvmehpd"), "{out}");
+    assert!(out.contains("gone [\"nvmehpd1\"], the new disk reads the medium: ok"), "{out}");
 }

@@ -164,6 +164,33 @@ fn send_attachment(m: &mut Machine, c: &mut PrivateCtrl, attach: bool, nsid: u32
     check(cqe, "Namespace Attachment")
 }
 
+/// The namespace's LBA formats from Identify Namespace (CNS 00h) through the private
+/// controller: (the format in use, [(LBADS, MS)] per format).
+fn lba_formats(m: &mut Machine, c: &mut PrivateCtrl, nsid: u32) -> Result<(usize, Vec<(u8, u16)>), String> {
+    let cqe = command(m, c, 0x06, nsid, 0, 0)?;
+    check(cqe, "Identify Namespace")?;
+    let mut id = [0u8; 192];
+    m.ram().read(DATA, &mut id).map_err(|e| format!("guest RAM: {e:?}"))?;
+    let nlbaf = usize::from(id[25]) + 1;
+    let flbas = usize::from(id[26] & 0xf) | usize::from(id[26] >> 5 & 3) << 4;
+    let f = (0..nlbaf.min(16)).map(|i| (id[128 + 4 * i + 2], u16::from_le_bytes([id[128 + 4 * i], id[128 + 4 * i + 1]]))).collect();
+    Ok((flbas, f))
+}
+
+/// Format NVM (opcode 80h, SES 0) of `nsid` to the other of 512 and 4096-byte blocks, no
+/// metadata, through the private controller (which must have the namespace attached).
+fn format_other_block_size(m: &mut Machine, c: &mut PrivateCtrl, nsid: u32, out: &mut Vec<String>) -> Result<(), String> {
+    let (cur, lbafs) = lba_formats(m, c, nsid)?;
+    let now = lbafs.get(cur).map_or(0, |f| f.0);
+    let want = if now == 9 { 12 } else { 9 };
+    let Some(i) = lbafs.iter().position(|&(lbads, ms)| lbads == want && ms == 0) else {
+        return Err(format!("namespace {nsid} has no LBA format of {} bytes without metadata: {lbafs:?}", 1u32 << want));
+    };
+    let cqe = command(m, c, 0x80, nsid, i as u32 & 0xf | ((i as u32 >> 4) & 3) << 12, 0)?;
+    out.push(format!("subsystem: Format NVM of namespace {nsid} to LBA format {i} ({} bytes, was {}): status {:#x}", 1u32 << want, 1u32 << now, cqe.status));
+    check(cqe, "Format NVM")
+}
+
 /// Identify CNS 12h: the CNTLIDs of the controllers `nsid` is attached to.
 fn attached_ctrls(m: &mut Machine, c: &mut PrivateCtrl, nsid: u32) -> Result<Vec<u16>, String> {
     let cqe = command(m, c, 0x06, nsid, 0x12, 0)?;
@@ -219,7 +246,7 @@ fn command(m: &mut Machine, c: &mut PrivateCtrl, opcode: u8, nsid: u32, cdw10: u
 /// private controller: `attach` SEL 0, else SEL 1 (detach); the data is a controller list of
 /// one entry, the module's controller's CNTLID. Returns the host-side log lines (also on
 /// failure, with the reason last).
-pub fn attachment(attach: bool, nsid: u32) -> Result<Vec<String>, Vec<String>> {
+pub fn run(op: NsOp, nsid: u32) -> Result<Vec<String>, Vec<String>> {
     super::machine::with_machine(|m| {
         let mut out = Vec::new();
         let Some(mut c) = m.private.take() else {
@@ -232,20 +259,28 @@ pub fn attachment(attach: bool, nsid: u32) -> Result<Vec<String>, Vec<String>> {
             let own = c.own.expect("learnt by bring_up");
             let before = attached_ctrls(m, &mut c, nsid)?;
             out.push(format!("subsystem: Identify CNS 12h: namespace {nsid} is attached to controllers {before:?}"));
-            if !attach && !before.contains(&target) {
+            if op != NsOp::Attach && !before.contains(&target) {
                 // QEMU 10.0.2 asserts (the process aborts) on the detach of a namespace the
                 // controller does not have (QEMU issue 2976): never sent.
                 return Err(format!("namespace {nsid} is not attached to CNTLID {target}: detach not sent"));
             }
-            if attach && before.contains(&own) {
-                // QEMU 10.0.2 refuses an attach (Namespace Already Attached) when the
-                // controller the command comes to has the namespace, whichever controller the
-                // list names (hw/nvme/ctrl.c nvme_ns_attachment checks `nvme_ns(n, nsid)`, not
-                // the target's; QEMU issue 2976, fixed after 10.0.2): the private controller
-                // gives it up first.
-                send_attachment(m, &mut c, false, nsid, own, &mut out)?;
+            if op != NsOp::Attach {
+                send_attachment(m, &mut c, false, nsid, target, &mut out)?;
             }
-            send_attachment(m, &mut c, attach, nsid, target, &mut out)?;
+            if op == NsOp::Reformat {
+                format_other_block_size(m, &mut c, nsid, &mut out)?;
+            }
+            if op != NsOp::Detach {
+                if attached_ctrls(m, &mut c, nsid)?.contains(&own) {
+                    // QEMU 10.0.2 refuses an attach (Namespace Already Attached) when the
+                    // controller the command comes to has the namespace, whichever controller
+                    // the list names (hw/nvme/ctrl.c nvme_ns_attachment checks `nvme_ns(n,
+                    // nsid)`, not the target's; QEMU issue 2976, fixed after 10.0.2): the
+                    // private controller gives it up first.
+                    send_attachment(m, &mut c, false, nsid, own, &mut out)?;
+                }
+                send_attachment(m, &mut c, true, nsid, target, &mut out)?;
+            }
             let after = attached_ctrls(m, &mut c, nsid)?;
             out.push(format!("subsystem: Identify CNS 12h: namespace {nsid} is attached to controllers {after:?}"));
             Ok(())
@@ -261,25 +296,50 @@ pub fn attachment(attach: bool, nsid: u32) -> Result<Vec<String>, Vec<String>> {
     })
 }
 
-/// `--namespace ACTION:NSID`: `attach:N` or `detach:N` (NSID 1..=256).
-pub fn parse(s: &str) -> Result<(bool, u32), String> {
-    let bad = || format!("--namespace {s}: expected attach:NSID or detach:NSID (NSID 1..256)");
+/// What the subsystem's other host does to a namespace of the module's controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NsOp {
+    /// Namespace Attachment, SEL 0, for the module's controller.
+    Attach,
+    /// Namespace Attachment, SEL 1, for the module's controller.
+    Detach,
+    /// Detach it from the module's controller, Format NVM it to the other block size (512 or
+    /// 4096 bytes, no metadata) through the private controller, attach it again: one namespace
+    /// ID whose attributes changed, as the module's controller sees it.
+    Reformat,
+}
+
+impl NsOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            NsOp::Attach => "attach",
+            NsOp::Detach => "detach",
+            NsOp::Reformat => "reformat",
+        }
+    }
+}
+
+/// `--namespace ACTION:NSID`: `attach:N`, `detach:N` or `reformat:N` (NSID 1..=256).
+pub fn parse(s: &str) -> Result<(NsOp, u32), String> {
+    let bad = || format!("--namespace {s}: expected attach:NSID, detach:NSID or reformat:NSID (NSID 1..256)");
     let (a, n) = s.split_once(':').ok_or_else(bad)?;
-    let attach = match a {
-        "attach" => true,
-        "detach" => false,
+    let op = match a {
+        "attach" => NsOp::Attach,
+        "detach" => NsOp::Detach,
+        "reformat" => NsOp::Reformat,
         _ => return Err(bad()),
     };
     let nsid = n.parse::<u32>().ok().filter(|n| (1..=256).contains(n)).ok_or_else(bad)?;
-    Ok((attach, nsid))
+    Ok((op, nsid))
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn namespace_actions_parse() {
-        assert_eq!(super::parse("detach:2"), Ok((false, 2)));
-        assert_eq!(super::parse("attach:1"), Ok((true, 1)));
+        assert_eq!(super::parse("detach:2"), Ok((super::NsOp::Detach, 2)));
+        assert_eq!(super::parse("attach:1"), Ok((super::NsOp::Attach, 1)));
+        assert_eq!(super::parse("reformat:2"), Ok((super::NsOp::Reformat, 2)));
         assert!(super::parse("detach:0").is_err());
         assert!(super::parse("remove:2").is_err());
         assert!(super::parse("attach").is_err());

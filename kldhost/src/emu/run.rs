@@ -84,7 +84,7 @@ pub struct Report {
 /// What one [`Step::Namespace`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NsStep {
-    pub attach: bool,
+    pub op: Option<super::ns_admin::NsOp>,
     pub nsid: u32,
     /// QEMU completed the Namespace Attachment command without error.
     pub sent: bool,
@@ -93,7 +93,7 @@ pub struct NsStep {
     /// Disks created and gone (withered or destroyed) during the step.
     pub disks_added: Vec<String>,
     pub disks_gone: Vec<String>,
-    /// After an attach: a read of the new disk gave the data on the medium.
+    /// After an attach or a reformat: a read of the new disk gave the data on the medium.
     pub read_ok: Option<bool>,
 }
 
@@ -372,10 +372,10 @@ pub struct Options {
     /// driver's polling can complete its I/O).
     pub msi_undelivered: bool,
     /// With `qemu` (pc): the controller is in an NVMe subsystem with two namespaces and a
-    /// lab-private second controller ([`super::ns_admin`]); after the I/O, each (attach, nsid)
-    /// in order is a Namespace Attachment for the module's controller ([`Step::Namespace`]),
+    /// lab-private second controller ([`super::ns_admin`]); after the I/O, each (op, nsid) in
+    /// order is done to the module's controller's namespace ([`Step::Namespace`]),
     /// each followed by the I/O step on the first disk.
-    pub namespace: Vec<(bool, u32)>,
+    pub namespace: Vec<(super::ns_admin::NsOp, u32)>,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -673,36 +673,44 @@ fn rescan_ends() -> usize {
     with(|e| RESCAN_ENDS.iter().map(|w| e.console.matches(w).count()).sum())
 }
 
-/// Disks by state: (created, withered or destroyed).
-fn disks_by_state() -> (Vec<String>, Vec<String>) {
+/// Disks by state, as (record, name): (created, withered or destroyed). A unit number may be
+/// given again once its disk is destroyed, so disks are told apart by their record.
+fn disks_by_state() -> (Vec<(u64, String)>, Vec<(u64, String)>) {
     with(|e| {
-        let created = e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
-        let gone = e.disks.values().filter(|d| d.state != super::geom::DiskState::Created).map(|d| d.name.clone()).collect();
+        let created = e.disks.iter().filter(|(_, d)| d.state == super::geom::DiskState::Created).map(|(k, d)| (*k, d.name.clone())).collect();
+        let gone = e.disks.iter().filter(|(_, d)| d.state != super::geom::DiskState::Created).map(|(k, d)| (*k, d.name.clone())).collect();
         (created, gone)
     })
 }
 
+/// Writes [`io_pattern`] at [`IO_OFFSET`] of `image` (what another host left on the medium).
+fn leave_data(nsid: u32, image: &std::path::Path) {
+    let ok = std::fs::OpenOptions::new().write(true).open(image).and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &io_pattern(), IO_OFFSET as u64));
+    log(format!("  | subsystem: {IO_BYTES} bytes of the test pattern written at {IO_OFFSET} of namespace {nsid}'s image {}: {}", image.display(), ok.map_or_else(|e| e.to_string(), |()| "ok".into())));
+}
+
 /// [`Step::Namespace`].
-fn namespace_step(attach: bool, nsid: u32) -> NsStep {
+fn namespace_step(op: super::ns_admin::NsOp, nsid: u32) -> NsStep {
     use super::machine::{with_machine, NVME_SLOT};
-    let mut r = NsStep { attach, nsid, ..NsStep::default() };
+    use super::ns_admin::NsOp;
+    let mut r = NsStep { op: Some(op), nsid, ..NsStep::default() };
     let image = with_machine(|m| m.lab.plugged(NVME_SLOT).and_then(|d| d.images.iter().find(|i| i.nsid == nsid)).map(|i| i.path.clone()));
-    if attach {
-        if let Some(image) = &image {
-            // What another host wrote there while the module's controller did not have it.
-            let ok = std::fs::OpenOptions::new().write(true).open(image).and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &io_pattern(), 0));
-            log(format!("  | subsystem: {IO_BYTES} bytes of the test pattern written at 0 of namespace {nsid}'s image {}: {}", image.display(), ok.map_or_else(|e| e.to_string(), |()| "ok".into())));
-        }
+    if let (NsOp::Attach, Some(image)) = (op, &image) {
+        leave_data(nsid, image);
     }
     let (created_before, gone_before) = disks_by_state();
     let ends = rescan_ends();
-    let lines = super::ns_admin::attachment(attach, nsid);
+    let lines = super::ns_admin::run(op, nsid);
     r.sent = lines.is_ok();
     for l in lines.unwrap_or_else(|l| l) {
         log(format!("  | {l}"));
     }
     if !r.sent {
         return r;
+    }
+    if let (NsOp::Reformat, Some(image)) = (op, &image) {
+        // Format NVM zeroed the namespace; the data another host writes after it.
+        leave_data(nsid, image);
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while rescan_ends() == ends && std::time::Instant::now() < deadline {
@@ -711,20 +719,26 @@ fn namespace_step(attach: bool, nsid: u32) -> NsStep {
     }
     let ran = super::sched::run_queues(1000);
     r.rescanned = rescan_ends() > ends;
-    log(format!("after the namespace {}: the module's rescan {}; threads ran {ran} times", if attach { "attach" } else { "detach" }, if r.rescanned { "ended" } else { "did NOT end in 5 s" }));
+    log(format!("after the namespace {}: the module's rescan {}; threads ran {ran} times", op.name(), if r.rescanned { "ended" } else { "did NOT end in 5 s" }));
     let (created, gone) = disks_by_state();
-    r.disks_added = created.iter().filter(|d| !created_before.contains(d)).cloned().collect();
-    r.disks_gone = gone.iter().filter(|d| !gone_before.contains(d)).cloned().collect();
-    if attach {
-        if let (Some(disk), Some(image)) = (r.disks_added.first().cloned(), image) {
+    r.disks_added = created.iter().filter(|d| !created_before.contains(d)).map(|d| d.1.clone()).collect();
+    r.disks_gone = gone.iter().filter(|d| !gone_before.contains(d)).map(|d| d.1.clone()).collect();
+    if op != NsOp::Detach {
+        // The disk of the namespace now: the new one, else (a reformat the module missed) the
+        // one it kept: on this machine namespace 1's disk is nvmehpd0 (made first at attach),
+        // so the other created disk.
+        let disk = r.disks_added.first().cloned().or_else(|| {
+            with(|e| e.disks.values().find(|d| d.state == super::geom::DiskState::Created && d.name != "nvmehpd0").map(|d| d.name.clone()))
+        });
+        if let (Some(disk), Some(image)) = (disk, image) {
             r.read_ok = Some(read_back(&disk, &image));
         }
     }
     r
 }
 
-/// Reads [`IO_BYTES`] at 0 of `disk` through d_strategy (bio data in guest RAM) and compares
-/// them with [`io_pattern`] and with the image file.
+/// Reads [`IO_BYTES`] at [`IO_OFFSET`] of `disk` through d_strategy (bio data in guest RAM)
+/// and compares them with [`io_pattern`] and with the image file.
 fn read_back(disk: &str, image: &std::path::Path) -> bool {
     let p = super::machine::with_machine(|m| m.contig_alloc(IO_BYTES as u64, 0, u64::MAX, 4096, 0));
     let Some(p) = p else { return false };
@@ -734,11 +748,12 @@ fn read_back(disk: &str, image: &std::path::Path) -> bool {
     buf.fill(0);
     let timeout = std::time::Duration::from_secs(10);
     let o = super::geom::open(disk);
-    let e = super::geom::io(disk, layouts::BIO_READ as u32, 0, buf, timeout);
+    let e = super::geom::io(disk, layouts::BIO_READ as u32, IO_OFFSET, buf, timeout);
     let c = super::geom::close(disk);
-    let on_disk = std::fs::read(image).ok().map(|b| b[..IO_BYTES].to_vec());
+    let at = IO_OFFSET as usize;
+    let on_disk = std::fs::read(image).ok().map(|b| b[at..at + IO_BYTES].to_vec());
     let ok = o == 0 && e == 0 && c == 0 && *buf == io_pattern()[..] && on_disk.as_deref() == Some(&io_pattern()[..]);
-    log(format!("read of {disk} at 0: d_open {o}, BIO_READ {e}, d_close {c}; {}", if ok { "the data on the medium" } else { "NOT the data on the medium" }));
+    log(format!("read of {disk} at {IO_OFFSET}: d_open {o}, BIO_READ {e}, d_close {c}; {}", if ok { "the data on the medium" } else { "NOT the data on the medium" }));
     ok
 }
 
@@ -771,14 +786,16 @@ pub enum Step {
     /// reboot(8): DEVICE_SHUTDOWN of every attached function, then a write to the target
     /// disk, expected to fail without reaching the medium ([`shutdown`]).
     Shutdown,
-    /// The subsystem's other host attaches (`attach`) or detaches namespace `nsid` to or from
-    /// the module's controller (Namespace Attachment through the lab-private controller,
-    /// [`super::ns_admin`]); QEMU sends the module's controller a Namespace Attribute Changed
-    /// notice; the interrupt and taskqueue threads run until the module said how its rescan
-    /// ended (5 s at most). Before an attach, the namespace's image gets [`io_pattern`] at 0
-    /// (data another host left on the medium), which the new disk must read back. Done when
-    /// the module rescanned, and a disk went (detach) or came and read the data (attach).
-    Namespace { attach: bool, nsid: u32 },
+    /// The subsystem's other host attaches, detaches or reformats namespace `nsid` of the
+    /// module's controller (Namespace Attachment, and for a reformat Format NVM, through the
+    /// lab-private controller, [`super::ns_admin`]); QEMU sends the module's controller a
+    /// Namespace Attribute Changed notice; the interrupt and taskqueue threads run until the
+    /// module said how its rescan ended (5 s at most). Before an attach or after a reformat's
+    /// format, the namespace's image gets [`io_pattern`] at [`IO_OFFSET`] (data another host
+    /// left on the medium), which the new disk must read back. Done when the module rescanned,
+    /// and a disk went (detach), came and read the data (attach), or was replaced by one that
+    /// reads the data (reformat).
+    Namespace { op: super::ns_admin::NsOp, nsid: u32 },
     /// devctl(8) detach of every attached function.
     Detach,
 }
@@ -836,9 +853,17 @@ impl Step {
                 log(format!("after Notify(slot {slot}, {value}): taskqueue and kernel threads ran {ran} times"));
                 n > 0
             }
-            Step::Namespace { attach, nsid } => {
-                let r = namespace_step(*attach, *nsid);
-                let ok = r.sent && r.rescanned && if *attach { r.read_ok == Some(true) && r.disks_added.len() == 1 } else { r.disks_gone.len() == 1 };
+            Step::Namespace { op, nsid } => {
+                use super::ns_admin::NsOp;
+                let r = namespace_step(*op, *nsid);
+                let read = r.read_ok == Some(true);
+                let ok = r.sent
+                    && r.rescanned
+                    && match op {
+                        NsOp::Attach => read && r.disks_added.len() == 1,
+                        NsOp::Detach => r.disks_gone.len() == 1,
+                        NsOp::Reformat => read && r.disks_added.len() == 1 && r.disks_gone.len() == 1,
+                    };
                 report.namespaces.push(r);
                 ok
             }
@@ -899,8 +924,8 @@ impl Options {
         for &(slot, value) in &self.notify {
             steps.push(Step::Notify { slot, value });
         }
-        for &(attach, nsid) in &self.namespace {
-            steps.push(Step::Namespace { attach, nsid });
+        for &(op, nsid) in &self.namespace {
+            steps.push(Step::Namespace { op, nsid });
             steps.push(Step::Io);
         }
         if self.shutdown {
