@@ -246,3 +246,39 @@ fn a_namespace_reformatted_under_the_same_id_gets_a_new_disk_with_its_new_block_
     assert!(out.contains("namespace 2 reformat: command ok, rescan ended, disks added [\"nvmehpd"), "{out}");
     assert!(out.contains("gone [\"nvmehpd1\"], the new disk reads the medium: ok"), "{out}");
 }
+
+/// Namespace 2 attached again by the other host while the rescan of its detach is still
+/// working (inside its 50th sleep, with each admin command answered 20 ms late: during the
+/// Identify of namespace 1, after the Changed Namespace List and the active list were read).
+/// That rescan finds namespace 2 gone; the attach's notice comes after it (reading the log
+/// with RAE = 0 re-armed the event), and a second rescan adds it back: the change is not lost,
+/// and the namespace has a node at the end. Fails on a .ko that reads the log with RAE = 1
+/// (QEMU keeps the notice masked: the second rescan never comes).
+#[test]
+fn a_namespace_attached_again_while_the_rescan_of_its_detach_works_is_not_lost() {
+    let Some((code, out)) = run(
+        "ns_attach_in_rescan",
+        &["--qemu", "--acpi", "--namespace", "detach:2", "--in-sleep", "nvmehpns:50=namespace:attach:2", "--device-fault", "admin-latency=20"],
+    ) else {
+        return;
+    };
+    assert_clean_unload(code, &out);
+    assert_in_order(
+        &out,
+        &[
+            DETACH_FROM,
+            "kldhost: in sleep 50 on nvmehpns, another thread: the subsystem's other host: namespace attach 2",
+            "Namespace Attachment (attach) of namespace 2 for CNTLID 0: status 0x0",
+            "kldhost: in sleep 50 on nvmehpns, another thread: the Namespace Attachment completed",
+            "nvmehp0: namespaces changed: 0 added, 1 removed",
+            "make_dev_s(\"nvmehp0ns2\"",
+            "nvmehp0: namespaces changed: 1 added, 0 removed",
+            "step Namespace { op: Detach, nsid: 2 }: done",
+        ],
+    );
+    // Namespace 2 has a node when the final detach starts.
+    let before_detach = &out[..out.find("nvmehp0: device_detach_desc").expect("the final detach")];
+    let made = before_detach.matches("make_dev_s(\"nvmehp0ns2\"").count();
+    let destroyed = before_detach.matches("destroy_dev(nvmehp0ns2)").count();
+    assert_eq!(made, destroyed + 1, "namespace 2's node at the end: made {made}, destroyed {destroyed}:\n{out}");
+}
