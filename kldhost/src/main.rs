@@ -130,14 +130,15 @@ enum Cmd {
         /// (src/emu/interleave.rs).
         #[arg(long = "in-sleep", value_name = "WMESG[:N]=ACTION", value_parser = kldhost::emu::interleave::parse)]
         in_sleep: Vec<kldhost::emu::interleave::InSleep>,
-        /// With --qemu --acpi (pc; repeatable, in order): the controller sits in an NVMe
+        /// With --qemu (pc; repeatable, in order; the module rescans only controllers in its
+        /// hotplug slots, so with --acpi): the controller sits in an NVMe
         /// subsystem with namespaces 1 and 2 and a lab-private second controller; after the
         /// I/O, that controller's Namespace Attachment attaches or detaches NSID for the
         /// module's controller, or detaches it, formats it to the other block size (512/4096)
         /// and attaches it again (reformat); QEMU then sends the module's controller a
         /// Namespace Attribute Changed notice, and the first disk is written and read again
         /// (src/emu/ns_admin.rs).
-        #[arg(long = "namespace", value_name = "attach:NSID|detach:NSID|reformat:NSID", value_parser = kldhost::emu::ns_admin::parse, requires = "acpi")]
+        #[arg(long = "namespace", value_name = "attach:NSID|detach:NSID|reformat:NSID", value_parser = kldhost::emu::ns_admin::parse, requires = "qemu")]
         namespace: Vec<(kldhost::emu::ns_admin::NsOp, u32)>,
         /// With --qemu: QEMU's q35 (ICH9) machine: the controller behind the pcie-root-port in
         /// slot 4 (pcib1 -> pci1), another port in slot 5 for --hot-add, and with --acpi q35's
@@ -517,7 +518,7 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
             n.nsid,
             n.op.map_or("?", |o| o.name()),
             if n.sent { "ok" } else { "FAILED" },
-            if n.rescanned { "ended" } else { "NOT ended" },
+            if n.rescanned { "ended" } else { "NOT done" },
             n.disks_added,
             n.disks_gone,
             n.read_ok.map_or(String::new(), |ok| format!(", the new disk reads the medium: {}", if ok { "ok" } else { "WRONG" }))

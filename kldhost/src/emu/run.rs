@@ -88,7 +88,7 @@ pub struct NsStep {
     pub nsid: u32,
     /// QEMU completed the Namespace Attachment command without error.
     pub sent: bool,
-    /// The module said how its rescan ended (a console line of the controller).
+    /// The module rescanned (its `namespaces changed:` line; not a failed or refused rescan).
     pub rescanned: bool,
     /// Disks created and gone (withered or destroyed) during the step.
     pub disks_added: Vec<String>,
@@ -673,6 +673,11 @@ fn rescan_ends() -> usize {
     with(|e| RESCAN_ENDS.iter().map(|w| e.console.matches(w).count()).sum())
 }
 
+/// Rescans the module carried out (its `namespaces changed:` lines).
+fn rescans_done() -> usize {
+    with(|e| e.console.matches(RESCAN_ENDS[0]).count())
+}
+
 /// Disks by state, as (record, name): (created, withered or destroyed). A unit number may be
 /// given again once its disk is destroyed, so disks are told apart by their record.
 fn disks_by_state() -> (Vec<(u64, String)>, Vec<(u64, String)>) {
@@ -700,6 +705,7 @@ fn namespace_step(op: super::ns_admin::NsOp, nsid: u32) -> NsStep {
     }
     let (created_before, gone_before) = disks_by_state();
     let ends = rescan_ends();
+    let done = rescans_done();
     let lines = super::ns_admin::run(op, nsid);
     r.sent = lines.is_ok();
     for l in lines.unwrap_or_else(|l| l) {
@@ -718,8 +724,15 @@ fn namespace_step(op: super::ns_admin::NsOp, nsid: u32) -> NsStep {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let ran = super::sched::run_queues(1000);
-    r.rescanned = rescan_ends() > ends;
-    log(format!("after the namespace {}: the module's rescan {}; threads ran {ran} times", op.name(), if r.rescanned { "ended" } else { "did NOT end in 5 s" }));
+    r.rescanned = rescans_done() > done;
+    let said = if r.rescanned {
+        "ended"
+    } else if rescan_ends() > ends {
+        "did NOT happen or failed (the console says why)"
+    } else {
+        "did NOT end in 5 s"
+    };
+    log(format!("after the namespace {}: the module's rescan {said}; threads ran {ran} times", op.name()));
     let (created, gone) = disks_by_state();
     r.disks_added = created.iter().filter(|d| !created_before.contains(d)).map(|d| d.1.clone()).collect();
     r.disks_gone = gone.iter().filter(|d| !gone_before.contains(d)).map(|d| d.1.clone()).collect();
