@@ -135,10 +135,11 @@ enum Cmd {
         /// subsystem with namespaces 1 and 2 and a lab-private second controller; after the
         /// I/O, that controller's Namespace Attachment attaches or detaches NSID for the
         /// module's controller, or detaches it, formats it to the other block size (512/4096)
-        /// and attaches it again (reformat); QEMU then sends the module's controller a
+        /// and attaches it again (reformat), or detaches it and reads its disk before the
+        /// module's threads run (detach+read); QEMU then sends the module's controller a
         /// Namespace Attribute Changed notice, and the first disk is written and read again
         /// (src/emu/ns_admin.rs).
-        #[arg(long = "namespace", value_name = "attach:NSID|detach:NSID|reformat:NSID", value_parser = kldhost::emu::ns_admin::parse, requires = "qemu")]
+        #[arg(long = "namespace", value_name = "attach:NSID|detach:NSID|detach+read:NSID|reformat:NSID", value_parser = kldhost::emu::ns_admin::parse, requires = "qemu")]
         namespace: Vec<(kldhost::emu::ns_admin::NsOp, u32)>,
         /// With --qemu: QEMU's q35 (ICH9) machine: the controller behind the pcie-root-port in
         /// slot 4 (pcib1 -> pci1), another port in slot 5 for --hot-add, and with --acpi q35's
@@ -522,6 +523,7 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
             n.disks_added,
             n.disks_gone,
             n.read_ok.map_or(String::new(), |ok| format!(", the new disk reads the medium: {}", if ok { "ok" } else { "WRONG" }))
+                + &n.early_read.map_or(String::new(), |e| format!(", the read after the detach: error {e}"))
         );
     }
     for (loc, name, e) in &r.shutdown {
@@ -542,6 +544,6 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
         println!("  {f}");
     }
     let io_ok = r.io.iter().all(|(_, e)| *e == 0) && (r.io.is_empty() || r.io_data_ok);
-    let ns_ok = r.namespaces.iter().all(|n| n.sent && n.rescanned && n.read_ok != Some(false));
+    let ns_ok = r.namespaces.iter().all(|n| n.sent && n.rescanned && n.read_ok != Some(false) && n.early_read.is_none_or(|e| e > 0));
     Ok(r.unloaded && r.findings.is_empty() && io_ok && ns_ok)
 }

@@ -270,7 +270,7 @@ pub fn run(op: NsOp, nsid: u32) -> Result<Vec<String>, Vec<String>> {
             if op == NsOp::Reformat {
                 format_other_block_size(m, &mut c, nsid, &mut out)?;
             }
-            if op != NsOp::Detach {
+            if matches!(op, NsOp::Attach | NsOp::Reformat) {
                 if attached_ctrls(m, &mut c, nsid)?.contains(&own) {
                     // QEMU 10.0.2 refuses an attach (Namespace Already Attached) when the
                     // controller the command comes to has the namespace, whichever controller
@@ -303,6 +303,9 @@ pub enum NsOp {
     Attach,
     /// Namespace Attachment, SEL 1, for the module's controller.
     Detach,
+    /// [`NsOp::Detach`], then a read of the namespace's disk sent before the module's threads
+    /// run: it reaches a controller that no longer has the namespace.
+    DetachRead,
     /// Detach it from the module's controller, Format NVM it to the other block size (512 or
     /// 4096 bytes, no metadata) through the private controller, attach it again: one namespace
     /// ID whose attributes changed, as the module's controller sees it.
@@ -314,18 +317,21 @@ impl NsOp {
         match self {
             NsOp::Attach => "attach",
             NsOp::Detach => "detach",
+            NsOp::DetachRead => "detach+read",
             NsOp::Reformat => "reformat",
         }
     }
 }
 
-/// `--namespace ACTION:NSID`: `attach:N`, `detach:N` or `reformat:N` (NSID 1..=256).
+/// `--namespace ACTION:NSID`: `attach:N`, `detach:N`, `detach+read:N` or `reformat:N` (NSID
+/// 1..=256).
 pub fn parse(s: &str) -> Result<(NsOp, u32), String> {
-    let bad = || format!("--namespace {s}: expected attach:NSID, detach:NSID or reformat:NSID (NSID 1..256)");
+    let bad = || format!("--namespace {s}: expected attach:NSID, detach:NSID, detach+read:NSID or reformat:NSID (NSID 1..256)");
     let (a, n) = s.split_once(':').ok_or_else(bad)?;
     let op = match a {
         "attach" => NsOp::Attach,
         "detach" => NsOp::Detach,
+        "detach+read" => NsOp::DetachRead,
         "reformat" => NsOp::Reformat,
         _ => return Err(bad()),
     };
@@ -340,6 +346,7 @@ mod tests {
         assert_eq!(super::parse("detach:2"), Ok((super::NsOp::Detach, 2)));
         assert_eq!(super::parse("attach:1"), Ok((super::NsOp::Attach, 1)));
         assert_eq!(super::parse("reformat:2"), Ok((super::NsOp::Reformat, 2)));
+        assert_eq!(super::parse("detach+read:2"), Ok((super::NsOp::DetachRead, 2)));
         assert!(super::parse("detach:0").is_err());
         assert!(super::parse("remove:2").is_err());
         assert!(super::parse("attach").is_err());

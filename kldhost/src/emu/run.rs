@@ -93,6 +93,9 @@ pub struct NsStep {
     /// Disks created and gone (withered or destroyed) during the step.
     pub disks_added: Vec<String>,
     pub disks_gone: Vec<String>,
+    /// `detach+read`: the bio_error of the read sent to the namespace's disk after the detach,
+    /// before the module's threads ran (-1: never done).
+    pub early_read: Option<c_int>,
     /// After an attach or a reformat: a read of the new disk gave the data on the medium.
     pub read_ok: Option<bool>,
 }
@@ -718,6 +721,16 @@ fn namespace_step(op: super::ns_admin::NsOp, nsid: u32) -> NsStep {
         // Format NVM zeroed the namespace; the data another host writes after it.
         leave_data(nsid, image);
     }
+    if op == NsOp::DetachRead {
+        // The namespace's disk as the module made it at attach (namespace N's is the N-th
+        // created on this machine): a consumer reads it now, before the module has seen the
+        // notice, so the read reaches a controller that no longer has the namespace. The
+        // module's threads run while it waits (its interrupt, its tasks).
+        let disk = created_before.get(nsid as usize - 1).map(|d| d.1.clone());
+        if let Some(disk) = disk {
+            r.early_read = Some(early_read(&disk));
+        }
+    }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while rescan_ends() == ends && std::time::Instant::now() < deadline {
         super::sched::run_queues(1000);
@@ -736,7 +749,7 @@ fn namespace_step(op: super::ns_admin::NsOp, nsid: u32) -> NsStep {
     let (created, gone) = disks_by_state();
     r.disks_added = created.iter().filter(|d| !created_before.contains(d)).map(|d| d.1.clone()).collect();
     r.disks_gone = gone.iter().filter(|d| !gone_before.contains(d)).map(|d| d.1.clone()).collect();
-    if op != NsOp::Detach {
+    if matches!(op, NsOp::Attach | NsOp::Reformat) {
         // The disk of the namespace now: the new one, else (a reformat the module missed) the
         // one it kept: on this machine namespace 1's disk is nvmehpd0 (made first at attach),
         // so the other created disk.
@@ -748,6 +761,20 @@ fn namespace_step(op: super::ns_admin::NsOp, nsid: u32) -> NsStep {
         }
     }
     r
+}
+
+/// [`NsOp::DetachRead`]'s read: [`IO_BYTES`] at [`IO_OFFSET`] of `disk`, its bio_error.
+fn early_read(disk: &str) -> c_int {
+    let p = super::machine::with_machine(|m| m.contig_alloc(IO_BYTES as u64, 0, u64::MAX, 4096, 0));
+    let Some(p) = p else { return layouts::ENOMEM };
+    // SAFETY: IO_BYTES bytes of the shared guest RAM mapping, handed out to nobody else, alive
+    // until the machine stops.
+    let buf = unsafe { std::slice::from_raw_parts_mut(p, IO_BYTES) };
+    let o = super::geom::open(disk);
+    let e = super::geom::io(disk, layouts::BIO_READ as u32, IO_OFFSET, buf, std::time::Duration::from_secs(10));
+    let c = super::geom::close(disk);
+    log(format!("read of {disk} at {IO_OFFSET} after its namespace's detach, before the module's rescan: d_open {o}, BIO_READ {e}, d_close {c}"));
+    e
 }
 
 /// Reads [`IO_BYTES`] at [`IO_OFFSET`] of `disk` through d_strategy (bio data in guest RAM)
@@ -875,6 +902,7 @@ impl Step {
                     && match op {
                         NsOp::Attach => read && r.disks_added.len() == 1,
                         NsOp::Detach => r.disks_gone.len() == 1,
+                        NsOp::DetachRead => r.disks_gone.len() == 1 && r.early_read.is_some_and(|e| e != 0),
                         NsOp::Reformat => read && r.disks_added.len() == 1 && r.disks_gone.len() == 1,
                     };
                 report.namespaces.push(r);
