@@ -83,6 +83,9 @@ fn title(step: &Step) -> String {
         Step::Namespace { op, nsid } => format!("namespace {nsid}: {}", op.name()),
         Step::Shutdown => "reboot's DEVICE_SHUTDOWN".to_string(),
         Step::ReadInFlight => "a read left in flight".to_string(),
+        Step::DevctlDelete { slot, func } => format!("devctl delete of {slot}.{func}"),
+        Step::HotAddFunction { slot, func, .. } => format!("hot-add at {slot}.{func}"),
+        Step::EjectSlot { slot } => format!("announced eject of slot {slot}"),
         Step::Detach => "devctl detach".to_string(),
     }
 }
@@ -118,6 +121,9 @@ fn announce(step: &Step, report: &Report) -> String {
         ),
         Step::Shutdown => "==> reboot: DEVICE_SHUTDOWN of every attached function, then a write that must fail".to_string(),
         Step::ReadInFlight => format!("==> a 4 KiB read sent to {disk} and left in flight while time passes"),
+        Step::DevctlDelete { slot, func } => format!("==> devctl delete of the function at {slot}.{func}"),
+        Step::HotAddFunction { slot, func, .. } => format!("==> hot-add: a controller plugged at {slot}.{func} (QMP device_add)"),
+        Step::EjectSlot { slot } => format!("==> eject of slot {slot} announced (QMP device_del, then Notify({}, 3))", slot_object(*slot)),
         Step::Detach => "==> devctl detach of every function still attached".to_string(),
     }
 }

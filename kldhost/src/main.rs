@@ -121,7 +121,8 @@ enum Cmd {
         /// controller is rewritten between the two (src/emu/device_fault.rs): cap-to=N,
         /// rdy-never, rdy-slow=MS, no-stop, csts-cfs, identify-garbage=FIELD, cqe-cid[=N],
         /// admin-latency=MS, io-stall[=N] (I/O SQ doorbells after the first N held back),
-        /// busmaster-stuck (config space: the bus-master bit cannot be cleared).
+        /// busmaster-stuck (config space: the bus-master bit cannot be cleared), header-layout=N
+        /// (config space: the header type byte reads with layout N).
         #[arg(long = "device-fault", value_name = "KIND[=ARG]", value_parser = kldhost::emu::device_fault::parse, requires = "qemu")]
         device_fault: Vec<kldhost::emu::device_fault::Fault>,
         /// A chosen interleaving (repeatable): while the module sleeps in pause(9) for the
@@ -165,6 +166,27 @@ enum Cmd {
         /// delivered (a negative control: the driver's I/O then completes only by polling).
         #[arg(long)]
         msi_undelivered: bool,
+        /// With --qemu (pc, repeatable): a multi-function slot at boot, an NVMe controller at
+        /// each listed function (0 among them), function 0 with multifunction=on, e.g. 6=0,1.
+        #[arg(long = "multifunction", value_name = "SLOT=F[,F...]", value_parser = parse_multifunction, requires = "qemu", conflicts_with = "q35")]
+        multifunction: Vec<(u8, Vec<u8>)>,
+        /// With --qemu (repeatable): after the attach, a consumer opens this disk and keeps it
+        /// open until the unload returned.
+        #[arg(long = "hold-open", value_name = "DISK", requires = "qemu")]
+        hold_open: Vec<String>,
+        /// With --qemu (repeatable): after the attach and the I/O, devctl delete of the
+        /// function at SLOT.FUNC (its driver detached, its device_t deleted; QEMU keeps it).
+        #[arg(long = "devctl-delete", value_name = "SLOT.FUNC", value_parser = parse_function, requires = "qemu")]
+        devctl_delete: Vec<(u8, u8)>,
+        /// With --acpi (pc, repeatable, in order): after the removal and hot-add steps, QMP
+        /// device_add of an NVMe controller at SLOT.FUNC (function 0 with multifunction=on
+        /// when another function of the slot is named too); the GPE's notifies delivered.
+        #[arg(long = "hot-add-function", value_name = "SLOT.FUNC", value_parser = parse_function, requires = "acpi", conflicts_with = "q35")]
+        hot_add_functions: Vec<(u8, u8)>,
+        /// With --acpi (repeatable): then the platform's removal request for SLOT (QMP
+        /// device_del of its lowest function), whatever functions it holds.
+        #[arg(long = "eject-slot", value_name = "SLOT", value_parser = clap::value_parser!(u8).range(0..32), requires = "acpi", conflicts_with = "q35")]
+        eject_slots: Vec<u8>,
     },
     /// The module's hotplug story on one QEMU machine, as FreeBSD's console shows it: kldload,
     /// attach, a write and a read, a surprise removal with writes in flight, a hot-add to
@@ -249,7 +271,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, namespace } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots, namespace } => {
             if msi_undelivered && !(msi_instead_of_msix || msi_with_msix) {
                 eprintln!("kldhost run: --msi-undelivered needs --msi-instead-of-msix or --msi-with-msix");
                 return ExitCode::from(2);
@@ -292,6 +314,11 @@ fn main() -> ExitCode {
                 },
                 msi_undelivered,
                 namespace,
+                multifunction,
+                hold_open,
+                devctl_delete,
+                hot_add_functions,
+                eject_slots,
             };
             match run(&ko, &opts) {
                 Ok(true) => ExitCode::SUCCESS,
@@ -311,6 +338,36 @@ fn parse_notify(s: &str) -> Result<(u8, u32), String> {
     let (slot, value) = s.split_once('=').ok_or_else(bad)?;
     let slot = slot.parse::<u8>().ok().filter(|&n| n < 32).ok_or_else(bad)?;
     Ok((slot, value.parse::<u32>().map_err(|_| bad())?))
+}
+
+/// `--hot-add-function` / `--devctl-delete SLOT.FUNC`: a slot (0..31) and a function (0..7).
+fn parse_function(s: &str) -> Result<(u8, u8), String> {
+    let bad = || format!("{s}: expected SLOT.FUNC (slot 0..31, function 0..7)");
+    let (slot, func) = s.split_once('.').ok_or_else(bad)?;
+    let slot = slot.parse::<u8>().ok().filter(|&n| n < 32).ok_or_else(bad)?;
+    Ok((slot, func.parse::<u8>().ok().filter(|&f| f < 8).ok_or_else(bad)?))
+}
+
+/// `--multifunction SLOT=F[,F...]`: a slot other than `run --qemu`'s controller's and the
+/// hot-add's (2..31 but 4 and 5), its functions (0..7, function 0 among them: a slot without
+/// function 0 is empty to every OS).
+fn parse_multifunction(s: &str) -> Result<(u8, Vec<u8>), String> {
+    let bad = |why: &str| format!("--multifunction {s}: {why}");
+    let (slot, funcs) = s.split_once('=').ok_or_else(|| bad("expected SLOT=F[,F...]"))?;
+    let slot = slot.parse::<u8>().ok().filter(|n| (2..32).contains(n) && *n != 4 && *n != 5).ok_or_else(|| bad("the slot must be 2..31, not 4 (the controller's) or 5 (--hot-add's)"))?;
+    let mut v = Vec::new();
+    for f in funcs.split(',') {
+        let f = f.parse::<u8>().ok().filter(|&f| f < 8).ok_or_else(|| bad("functions are 0..7"))?;
+        if v.contains(&f) {
+            return Err(bad("a function named twice"));
+        }
+        v.push(f);
+    }
+    if !v.contains(&0) {
+        return Err(bad("function 0 must be among the functions"));
+    }
+    v.sort_unstable();
+    Ok((slot, v))
 }
 
 fn demo(path: &PathBuf) -> Result<bool, Box<dyn std::error::Error>> {

@@ -37,6 +37,10 @@ pub mod cfg {
     pub const BAR0: u16 = 0x10;
     /// BAR1 (high dword of the 64-bit BAR0).
     pub const BAR1: u16 = 0x14;
+    /// Header type (8 bit): the layout in bits 0..6, PCIM_MFDEV in bit 7.
+    pub const HEADER_TYPE: u16 = 0x0e;
+    /// Header type: a multi-function device (meaningful on function 0).
+    pub const HEADER_MFDEV: u8 = 0x80;
     /// Capabilities pointer (8 bit).
     pub const CAP_PTR: u16 = 0x34;
     /// Interrupt pin (8 bit): 1..=4 for INTA..INTD, 0 for none.
@@ -49,7 +53,7 @@ pub mod cfg {
     pub const CMD_BUS_MASTER: u16 = 1 << 2;
 }
 
-/// Bus/device/function of a PCI function (the lab only uses bus 0, function 0).
+/// Bus/device/function of a PCI function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bdf {
     /// Bus number.
@@ -112,9 +116,25 @@ pub const BAR_WINDOW_BASE: u64 = 0xc000_0000;
 /// Size of each slot's window (the NVMe BAR0 is 16 KiB; 1 MiB keeps addresses readable).
 pub const BAR_WINDOW_SIZE: u64 = 0x10_0000;
 
-/// The BAR0 address the firmware gives `slot`.
+/// The BAR0 address the firmware gives `slot` (its function 0).
 pub fn bar0_for_slot(slot: u8) -> u64 {
-    BAR_WINDOW_BASE + slot as u64 * BAR_WINDOW_SIZE
+    bar0_for_function(slot, 0)
+}
+
+/// Each function's share of its slot's window: 8 functions fill the 1 MiB.
+pub const FUNCTION_BAR_STRIDE: u64 = BAR_WINDOW_SIZE / 8;
+
+/// The BAR0 address the firmware gives function `func` of `slot` (a multi-function slot's
+/// functions each get an eighth of the slot's window).
+pub fn bar0_for_function(slot: u8, func: u8) -> u64 {
+    BAR_WINDOW_BASE + slot as u64 * BAR_WINDOW_SIZE + u64::from(func & 7) * FUNCTION_BAR_STRIDE
+}
+
+/// The (slot, function) whose BAR0 window holds `phys`, if any.
+pub fn function_of_bar(phys: u64) -> Option<(u8, u8)> {
+    let off = phys.checked_sub(BAR_WINDOW_BASE)?;
+    let slot = off / BAR_WINDOW_SIZE;
+    (slot < 32).then(|| (slot as u8, ((off % BAR_WINDOW_SIZE) / FUNCTION_BAR_STRIDE) as u8))
 }
 
 /// What the firmware found and programmed in a slot.

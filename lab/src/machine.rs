@@ -70,6 +70,12 @@ pub struct PluggedDevice {
     pub id: String,
     /// PCI slot on bus 0.
     pub slot: u8,
+    /// PCI function in the slot (0 unless the slot is multi-function).
+    pub func: u8,
+    /// Function 0 of a multi-function slot: plugged with `multifunction=on`, so its header type
+    /// has PCIM_MFDEV and the OS looks at functions 1..7 (QEMU hw/pci/pci.c refuses a second
+    /// function in a slot whose function 0 lacks it).
+    pub multifunction: bool,
     /// qdev id of the `nvme` device (fresh per plug).
     pub qdev: String,
     /// Backing images, one per namespace.
@@ -89,8 +95,8 @@ pub struct Machine {
     qmp: QmpClient,
     acpi: AcpiHotplug,
     images_dir: tempfile::TempDir,
-    /// Devices currently in a slot (from QEMU's point of view), by slot.
-    plugged: BTreeMap<u8, PluggedDevice>,
+    /// Devices currently in a slot (from QEMU's point of view), by (slot, function).
+    plugged: BTreeMap<(u8, u8), PluggedDevice>,
     /// Ejected devices whose `DEVICE_DELETED`/`blockdev-del` has not happened yet.
     retiring: Vec<PluggedDevice>,
     generation: u64,
@@ -126,26 +132,43 @@ impl Machine {
         hot_slots: &[u8],
         ram_access: RamAccess,
     ) -> io::Result<Machine> {
+        let cold: Vec<(ControllerSpec, u8)> = cold.iter().map(|c| (c.clone(), 0)).collect();
+        Self::start_with_functions(kind, &cold, hot_slots, ram_access)
+    }
+
+    /// Like [`Machine::start_with`], each cold controller at a function of its slot (pc only
+    /// for functions above 0): function 0 of a slot that holds another function is plugged
+    /// with `multifunction=on`, the others at `addr=SLOT.FUNC`.
+    pub fn start_with_functions(
+        kind: MachineKind,
+        cold: &[(ControllerSpec, u8)],
+        hot_slots: &[u8],
+        ram_access: RamAccess,
+    ) -> io::Result<Machine> {
         Self::start_full(kind, cold, hot_slots, ram_access, None)
     }
 
-    /// Like [`Machine::start_with`]; with `subsys` the first cold controller is placed in an
-    /// NVMe subsystem with a lab-private second controller ([`SubsystemSpec`]; pc only).
+    /// Like [`Machine::start_with_functions`]; with `subsys` the first cold controller is
+    /// placed in an NVMe subsystem with a lab-private second controller ([`SubsystemSpec`];
+    /// pc only).
     pub fn start_full(
         kind: MachineKind,
-        cold: &[ControllerSpec],
+        cold: &[(ControllerSpec, u8)],
         hot_slots: &[u8],
         ram_access: RamAccess,
         subsys: Option<&SubsystemSpec>,
     ) -> io::Result<Machine> {
+        if kind == MachineKind::Q35 && cold.iter().any(|(_, f)| *f != 0) {
+            return Err(io::Error::other("q35: multi-function slots are not supported (a root port's bus has one device)"));
+        }
         if let Some(sub) = subsys {
-            if kind != MachineKind::Pc || cold.is_empty() || cold.iter().any(|c| c.slot == sub.private_slot) || !(2..32).contains(&sub.private_slot) {
+            if kind != MachineKind::Pc || cold.is_empty() || cold.iter().any(|(c, _)| c.slot == sub.private_slot) || !(2..32).contains(&sub.private_slot) {
                 return Err(io::Error::other("an NVMe subsystem needs pc, a cold controller, and a free slot 2..=31 for its private controller"));
             }
         }
         let mut ports: Vec<u8> = Vec::new();
         if kind == MachineKind::Q35 {
-            ports = cold.iter().map(|c| c.slot).chain(hot_slots.iter().copied()).collect();
+            ports = cold.iter().map(|(c, _)| c.slot).chain(hot_slots.iter().copied()).collect();
             ports.sort_unstable();
             ports.dedup();
             if let Some(bad) = ports.iter().find(|s| !(2..=30).contains(*s)) {
@@ -160,9 +183,10 @@ impl Machine {
             args.push(format!("pcie-root-port,id=rp{s},bus=pcie.0,chassis={s},addr=0x{s:x}"));
         }
         let mut plugged = BTreeMap::new();
-        for (i, spec) in cold.iter().enumerate() {
+        for (i, (spec, func)) in cold.iter().enumerate() {
             generation += 1;
-            let mut dev = Self::make_device(images_dir.path(), spec, generation)?;
+            let multifunction = *func == 0 && cold.iter().any(|(c, f)| c.slot == spec.slot && *f != 0);
+            let mut dev = Self::make_device(images_dir.path(), spec, *func, multifunction, generation)?;
             let sub = subsys.filter(|_| i == 0);
             if let Some(sub) = sub {
                 dev.private = Some((sub.private_slot, format!("{}-priv", dev.qdev)));
@@ -179,7 +203,7 @@ impl Machine {
                 let p: Vec<String> = props.iter().map(|(k, v)| format!("{k}={}", plain(v))).collect();
                 args.push(format!("{driver},{}", p.join(",")));
             }
-            plugged.insert(spec.slot, dev);
+            plugged.insert((spec.slot, *func), dev);
         }
         let shared = match ram_access {
             RamAccess::Shared => Some(SharedRam::create((GUEST_RAM_MIB as u64) << 20)?),
@@ -232,7 +256,7 @@ impl Machine {
         }
     }
 
-    fn make_device(dir: &std::path::Path, spec: &ControllerSpec, generation: u64) -> io::Result<PluggedDevice> {
+    fn make_device(dir: &std::path::Path, spec: &ControllerSpec, func: u8, multifunction: bool, generation: u64) -> io::Result<PluggedDevice> {
         let qdev = format!("{}-g{generation}", spec.id);
         let mut images = Vec::new();
         let mut nodes = Vec::new();
@@ -246,7 +270,7 @@ impl Machine {
             nodes.push(rnode);
             nodes.push(fnode);
         }
-        Ok(PluggedDevice { id: spec.id.clone(), slot: spec.slot, qdev, images, nodes, private: None })
+        Ok(PluggedDevice { id: spec.id.clone(), slot: spec.slot, func, multifunction, qdev, images, nodes, private: None })
     }
 
     /// Which machine model runs.
@@ -269,9 +293,14 @@ impl Machine {
         self.qmp.commands()
     }
 
-    /// The device QEMU has in `slot`, if any.
+    /// The device QEMU has at function 0 of `slot`, if any.
     pub fn plugged(&self, slot: u8) -> Option<&PluggedDevice> {
-        self.plugged.get(&slot)
+        self.plugged.get(&(slot, 0))
+    }
+
+    /// The device QEMU has at `slot`.`func`, if any.
+    pub fn plugged_function(&self, slot: u8, func: u8) -> Option<&PluggedDevice> {
+        self.plugged.get(&(slot, func))
     }
 
     /// The plugged device with scenario id `id`.
@@ -284,8 +313,9 @@ impl Machine {
         self.images_dir.path()
     }
 
-    /// Bus scan at "boot": probes and programs every slot; returns the NVMe functions found,
-    /// with the scenario slot each is in.
+    /// Bus scan at "boot": probes and programs every slot (functions 1..7 of a slot whose
+    /// function 0 has PCIM_MFDEV, each function's BAR0 in its eighth of the slot's window);
+    /// returns the NVMe functions found, with the scenario slot each is in.
     pub fn scan(&mut self) -> io::Result<Vec<(u8, PciFunction)>> {
         let mut found = Vec::new();
         let slots: Vec<u8> = match self.kind {
@@ -293,8 +323,18 @@ impl Machine {
             MachineKind::Q35 => self.ports.clone(),
         };
         for slot in slots {
-            if let Some(f) = self.probe(slot)? {
-                found.push((slot, f));
+            let bdf = self.bdf(slot);
+            // Functions 1..7 only when function 0 says the device has several (PCIM_MFDEV in
+            // its header type), as a BIOS and FreeBSD's pci_add_children look (a
+            // single-function device may answer at every function number).
+            let hdr = self.guest.qtest(|q| firmware::cfg_read8(q, bdf, firmware::cfg::HEADER_TYPE)).map_err(to_io)?;
+            let last = if hdr != 0xff && hdr & firmware::cfg::HEADER_MFDEV != 0 { 7 } else { 0 };
+            for func in 0..=last {
+                let bdf = Bdf { func, ..bdf };
+                let bar0 = firmware::bar0_for_function(slot, func);
+                if let Some(f) = self.guest.qtest(|q| firmware::probe_and_program(q, bdf, bar0)).map_err(to_io)? {
+                    found.push((slot, f));
+                }
             }
         }
         Ok(found)
@@ -349,9 +389,9 @@ impl Machine {
     pub fn sync_injected_removals(&mut self) {
         let fired: Vec<u8> = self.faults.borrow().iter().filter(|(_, f)| f.fired()).map(|(s, _)| *s).collect();
         for slot in fired {
-            if let Some(dev) = self.plugged.remove(&slot) {
+            let gone = self.unplug_slot(slot);
+            if gone > 0 {
                 self.acpi.forget_pending(slot);
-                self.retiring.push(dev);
             }
             self.faults.borrow_mut().remove(&slot);
         }
@@ -360,14 +400,27 @@ impl Machine {
     /// Hot-adds a controller: image files, block nodes, `device_add` (plus `nvme-ns` devices).
     /// QEMU then sets PCIU and raises the SCI; see [`Machine::poll_notifies`].
     pub fn hot_add(&mut self, spec: &ControllerSpec) -> io::Result<()> {
+        self.hot_add_function(spec, 0, false)
+    }
+
+    /// Hot-adds a controller at function `func` of its slot (pc only above 0), function 0 with
+    /// `multifunction=on` if `multifunction`. QEMU (hw/pci/pci.c do_pci_register_device)
+    /// refuses a function above 0 once function 0 is there; one plugged before function 0
+    /// reads all-ones until function 0 comes (pci_host.c pci_host_config_read_common hides a
+    /// hot-plugged function whose function 0 is missing). Each device_add sets the slot's
+    /// PCIU bit and raises the SCI (hw/acpi/pcihp.c acpi_pcihp_device_plug_cb).
+    pub fn hot_add_function(&mut self, spec: &ControllerSpec, func: u8, multifunction: bool) -> io::Result<()> {
         if self.kind == MachineKind::Q35 && !self.ports.contains(&spec.slot) {
             return Err(io::Error::other(format!("q35: no root port in slot {} (not named at start)", spec.slot)));
         }
-        if self.plugged.contains_key(&spec.slot) {
-            return Err(io::Error::other(format!("slot {} is already occupied", spec.slot)));
+        if self.kind == MachineKind::Q35 && func != 0 {
+            return Err(io::Error::other("q35: multi-function slots are not supported (a root port's bus has one device)"));
+        }
+        if self.plugged.contains_key(&(spec.slot, func)) {
+            return Err(io::Error::other(format!("slot {} function {func} is already occupied", spec.slot)));
         }
         self.generation += 1;
-        let dev = Self::make_device(self.images_dir.path(), spec, self.generation)?;
+        let dev = Self::make_device(self.images_dir.path(), spec, func, multifunction, self.generation)?;
         for img in &dev.images {
             let (f, r) = node_names(&dev.qdev, img.nsid);
             self.qmp.blockdev_add_raw(&img.path.to_string_lossy(), &f, &r)?;
@@ -377,14 +430,28 @@ impl Machine {
             let bus = props.iter().position(|(k, _)| *k == "bus").map(|i| plain(&props.remove(i).1)).unwrap_or_default();
             self.qmp.device_add(driver, &id, &bus, &props)?;
         }
-        self.plugged.insert(spec.slot, dev);
+        self.plugged.insert((spec.slot, func), dev);
         Ok(())
     }
 
+    /// Every function of `slot` leaves the plugged list for the retiring one (an eject removes
+    /// them all: hw/acpi/pcihp.c acpi_pcihp_eject_slot unplugs each device of the slot).
+    /// Returns how many.
+    fn unplug_slot(&mut self, slot: u8) -> usize {
+        let keys: Vec<(u8, u8)> = self.plugged.keys().filter(|(s, _)| *s == slot).copied().collect();
+        for k in &keys {
+            if let Some(dev) = self.plugged.remove(k) {
+                self.retiring.push(dev);
+            }
+        }
+        keys.len()
+    }
+
     /// Asks QEMU to remove the controller (QMP `device_del`): PCID is set and the SCI raised;
-    /// the device stays fully alive until ejected.
+    /// the device stays fully alive until ejected. In a multi-function slot the request names
+    /// its lowest function; PCID is per slot, and the eject removes every function.
     pub fn request_unplug(&mut self, slot: u8) -> io::Result<()> {
-        let dev = self.plugged.get(&slot).ok_or_else(|| io::Error::other(format!("slot {slot} is empty")))?;
+        let dev = self.plugged.iter().find(|((s, _), _)| *s == slot).map(|(_, d)| d).ok_or_else(|| io::Error::other(format!("slot {slot} is empty")))?;
         let qdev = dev.qdev.clone();
         self.qmp.device_del(&qdev)
     }
@@ -405,9 +472,7 @@ impl Machine {
         if let Some(f) = self.faults.borrow_mut().remove(&slot) {
             f.mark_removed();
         }
-        if let Some(dev) = self.plugged.remove(&slot) {
-            self.retiring.push(dev);
-        }
+        self.unplug_slot(slot);
         Ok(())
     }
 
@@ -471,7 +536,9 @@ impl Machine {
 
     /// Slots holding a plugged device (from QEMU's point of view).
     pub fn plugged_slots(&self) -> Vec<u8> {
-        self.plugged.keys().copied().collect()
+        let mut v: Vec<u8> = self.plugged.keys().map(|(s, _)| *s).collect();
+        v.dedup();
+        v
     }
 
     /// Devices ejected but not (yet) deleted by QEMU.
@@ -529,17 +596,18 @@ fn device_props_in(kind: MachineKind, dev: &PluggedDevice, subsys: Option<&Subsy
     if let (Some(sub), Some((pslot, pqdev))) = (subsys, dev.private.as_ref()) {
         let sid = format!("{}-subsys", dev.qdev);
         out.push(("nvme-subsys", vec![("id", Value::from(sid.clone())), ("nqn", Value::from(dev.qdev.clone()))]));
-        for (id, slot) in [(dev.qdev.clone(), dev.slot), (pqdev.clone(), *pslot)] {
-            out.push((
-                "nvme",
-                vec![
-                    ("id", Value::from(id)),
-                    ("bus", Value::from("pci.0")),
-                    ("addr", Value::from(format!("0x{slot:x}"))),
-                    ("serial", Value::from(serial.clone())),
-                    ("subsys", Value::from(sid.clone())),
-                ],
-            ));
+        for (id, slot, func, multifunction) in [(dev.qdev.clone(), dev.slot, dev.func, dev.multifunction), (pqdev.clone(), *pslot, 0, false)] {
+            let mut ctrl = vec![
+                ("id", Value::from(id)),
+                ("bus", Value::from("pci.0")),
+                ("addr", Value::from(format!("0x{slot:x}.0x{func:x}"))),
+                ("serial", Value::from(serial.clone())),
+                ("subsys", Value::from(sid.clone())),
+            ];
+            if multifunction {
+                ctrl.push(("multifunction", Value::from(true)));
+            }
+            out.push(("nvme", ctrl));
         }
         for img in &dev.images {
             let mut ns = vec![
@@ -562,7 +630,10 @@ fn device_props_in(kind: MachineKind, dev: &PluggedDevice, subsys: Option<&Subsy
     match kind {
         MachineKind::Pc => {
             ctrl.push(("bus", Value::from("pci.0")));
-            ctrl.push(("addr", Value::from(format!("0x{:x}", dev.slot))));
+            ctrl.push(("addr", Value::from(format!("0x{:x}.0x{:x}", dev.slot, dev.func))));
+            if dev.multifunction {
+                ctrl.push(("multifunction", Value::from(true)));
+            }
         }
         MachineKind::Q35 => ctrl.push(("bus", Value::from(format!("rp{}", dev.slot)))),
     }

@@ -2,7 +2,7 @@
 //! controller, for the controller behaviour QEMU will not produce (a CSTS.RDY that never
 //! rises, a controller that ignores the disable, hostile identify data, a stale CID, admin
 //! commands answered late, an I/O command that never completes, a bus-master bit that cannot
-//! be cleared).
+//! be cleared, a header type byte saying a layout the OS does not know).
 //!
 //! The layer sits between the module and QEMU, where kldhost already is: every register
 //! access of the module is trapped ([`super::mmio`]) and forwarded over qtest, so a register
@@ -15,10 +15,13 @@
 //! (`kldhost: injected device fault KIND: ...`, and each rewritten access names its fault), so
 //! a test can tell an injected fault from the driver's own doing.
 //!
-//! Config space has one hook too ([`on_config_write`], called by `machine::cfg_write`, which
-//! every config write of the module goes through: pci_write_config, pci_enable_busmaster and
+//! Config space has two hooks too: [`on_config_write`], called by `machine::cfg_write`, which
+//! every config write of the module goes through (pci_write_config, pci_enable_busmaster and
 //! pci_disable_busmaster): there the layer changes the value before QEMU gets it, so what the
-//! function does afterwards (and reads back) is QEMU's own answer to the changed write.
+//! function does afterwards (and reads back) is QEMU's own answer to the changed write; and
+//! [`on_config_read`], called by `machine::cfg_read`, which every config read of the emulated
+//! kernel goes through (the module's and pci(4)'s; not the lab firmware's boot scan, which
+//! reads QEMU directly), for `header-layout`.
 //!
 //! The armed faults are process-global, as the emulated kernel is, and apply to every NVMe
 //! BAR0 window; per controller (BAR address) the layer keeps what it needs to know: whether
@@ -46,6 +49,8 @@ const DOORBELLS: u64 = 0x1000;
 /// bus-master enable bit, and the class code an NVMe function has (01h/08h/02h).
 const PCIR_COMMAND: u16 = 0x04;
 const PCIM_CMD_BUSMASTEREN: u32 = 0x4;
+/// The header type byte: layout in bits 0..6, PCIM_MFDEV in bit 7.
+const PCIR_HDRTYPE: u16 = 0x0e;
 pub const CLASS_NVME: u32 = 0x01_08_02;
 
 const CC_EN: u64 = 1;
@@ -129,6 +134,10 @@ pub enum Fault {
     /// ids 1 and up) since the controller was enabled, every later one is not passed on, so
     /// QEMU never sees those commands and they never complete. The admin queue is untouched.
     IoStall(u64),
+    /// Config space: an NVMe function's header type byte (PCIR_HDRTYPE) reads with this
+    /// layout (bits 0..6) instead of QEMU's type 0, its PCIM_MFDEV bit kept: a function with a
+    /// header layout the OS does not know (above PCI_MAXHDRTYPE), whose slot pci(4) skips.
+    HeaderLayout(u8),
 }
 
 impl std::fmt::Display for Fault {
@@ -145,6 +154,7 @@ impl std::fmt::Display for Fault {
             Fault::AdminLatency(ms) => write!(f, "admin-latency={ms}"),
             Fault::BusmasterStuck => write!(f, "busmaster-stuck"),
             Fault::IoStall(n) => write!(f, "io-stall={n}"),
+            Fault::HeaderLayout(n) => write!(f, "header-layout={n}"),
         }
     }
 }
@@ -162,6 +172,7 @@ impl Fault {
             Fault::AdminLatency(_) => "admin-latency",
             Fault::BusmasterStuck => "busmaster-stuck",
             Fault::IoStall(_) => "io-stall",
+            Fault::HeaderLayout(_) => "header-layout",
         }
     }
 }
@@ -169,7 +180,8 @@ impl Fault {
 /// What `--device-fault` accepts, for the usage error.
 pub const USAGE: &str = "cap-to=N (0..255, 500 ms units), rdy-never, rdy-slow=MS, no-stop, csts-cfs, \
 identify-garbage=nn|mdts|flbas|lbads0|lbads63|nsze0|ncap, cqe-cid[=N] (the N-th admin command, default 1), \
-admin-latency=MS, busmaster-stuck, io-stall[=N] (I/O SQ doorbells after the first N, default 0, held back)";
+admin-latency=MS, busmaster-stuck, io-stall[=N] (I/O SQ doorbells after the first N, default 0, held back), \
+header-layout=N (0..127: PCIR_HDRTYPE's layout)";
 
 /// Parses `KIND[=ARG]` (`KIND:ARG` too).
 pub fn parse(spec: &str) -> Result<Fault, String> {
@@ -192,6 +204,7 @@ pub fn parse(spec: &str) -> Result<Fault, String> {
         ("busmaster-stuck", None) => Fault::BusmasterStuck,
         ("io-stall", None) => Fault::IoStall(0),
         ("io-stall", a) => Fault::IoStall(num(a)?),
+        ("header-layout", a) => Fault::HeaderLayout(u8::try_from(num(a)?).ok().filter(|&n| n < 0x80).ok_or_else(bad)?),
         _ => return Err(bad()),
     })
 }
@@ -607,6 +620,32 @@ pub fn on_config_write(class: u32, reg: u16, v: u32, width: i32, cmd: u32) -> (u
     (out, notes)
 }
 
+/// A config-space read through the emulated kernel of the function at `class` (its class
+/// code, 24 bits): the value it is given instead of QEMU's `v`, and the log lines to add.
+/// Only `header-layout` changes reads: the byte at PCIR_HDRTYPE, in a read of any width
+/// covering it.
+pub fn on_config_read(class: u32, reg: u16, width: i32, v: u32) -> (u32, Vec<String>) {
+    let mut notes = Vec::new();
+    let mut s = state();
+    let Some(f @ Fault::HeaderLayout(layout)) = s.has(|f| matches!(f, Fault::HeaderLayout(_))) else { return (v, notes) };
+    let covers = reg <= PCIR_HDRTYPE && u32::from(PCIR_HDRTYPE) < u32::from(reg) + width.max(1) as u32;
+    if class != CLASS_NVME || !covers {
+        return (v, notes);
+    }
+    let shift = 8 * u32::from(PCIR_HDRTYPE - reg);
+    let byte = (v >> shift) & 0xff;
+    let out = (v & !(0x7f << shift)) | (u32::from(layout) << shift);
+    notes.push(format!("device fault {f}: PCIR_HDRTYPE {byte:#x} reads as {:#x}", (out >> shift) & 0xff));
+    s.announce(f, "the function's header type byte says a layout the OS does not know", &mut notes);
+    (out, notes)
+}
+
+/// Whether a config read of `width` bytes at `reg` may concern the layer (so the caller reads
+/// the class code only then).
+pub fn wants_config_read(reg: u16, width: i32) -> bool {
+    armed() && reg <= PCIR_HDRTYPE && u32::from(PCIR_HDRTYPE) < u32::from(reg) + width.max(1) as u32 && state().has(|f| matches!(f, Fault::HeaderLayout(_))).is_some()
+}
+
 /// Whether a config write of `width` bytes at `reg` may concern the layer (so the caller reads
 /// the class code and command register only then).
 pub fn wants_config_write(reg: u16, width: i32) -> bool {
@@ -708,14 +747,14 @@ mod tests {
 
     #[test]
     fn parses_what_it_prints() {
-        for s in ["cap-to=1", "rdy-never", "rdy-slow=300", "no-stop", "csts-cfs", "identify-garbage=flbas", "identify-garbage=lbads63", "cqe-cid=3", "admin-latency=900", "busmaster-stuck", "io-stall=2"] {
+        for s in ["cap-to=1", "rdy-never", "rdy-slow=300", "no-stop", "csts-cfs", "identify-garbage=flbas", "identify-garbage=lbads63", "cqe-cid=3", "admin-latency=900", "busmaster-stuck", "io-stall=2", "header-layout=127"] {
             assert_eq!(parse(s).map(|f| f.to_string()), Ok(s.to_string()));
         }
         assert_eq!(parse("cap-to:2"), Ok(Fault::CapTo(2)));
         assert_eq!(parse("cqe-cid"), Ok(Fault::CqeCid(1)));
         assert_eq!(parse("io-stall"), Ok(Fault::IoStall(0)));
         assert_eq!(parse("admin-latency:50"), Ok(Fault::AdminLatency(50)));
-        for bad in ["cap-to", "cap-to=256", "rdy-slow", "identify-garbage", "identify-garbage=x", "rdy-never=1", "admin-latency", "admin-latency=", "admin-latency=-1", "admin-latency=1.5", "nonsense", "busmaster-stuck=1", "io-stall=x"] {
+        for bad in ["cap-to", "cap-to=256", "rdy-slow", "identify-garbage", "identify-garbage=x", "rdy-never=1", "admin-latency", "admin-latency=", "admin-latency=-1", "admin-latency=1.5", "nonsense", "busmaster-stuck=1", "io-stall=x", "header-layout", "header-layout=128"] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }

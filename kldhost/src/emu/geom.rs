@@ -197,6 +197,22 @@ pub fn hold_all_open() -> Vec<u64> {
     out
 }
 
+/// A consumer opens each disk of `names` (those created) and keeps it open, as
+/// [`hold_all_open`] does for all; returns those it holds.
+pub fn hold_open(names: &[String]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for name in names {
+        let Some(dp) = disk_by_name(name) else {
+            super::log(format!("hold open {name}: no such disk"));
+            continue;
+        };
+        if open(name) == 0 {
+            out.push(dp);
+        }
+    }
+    out
+}
+
 /// The consumer of [`hold_all_open`] closes: d_close of each disk not destroyed, and a withered
 /// disk's d_gone may now run.
 pub fn release_held(disks: &[u64]) {

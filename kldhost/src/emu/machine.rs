@@ -4,7 +4,9 @@
 //! *on* it needs: the pci(4) view of the functions, the contigmalloc pool, and the removal
 //! behaviour of a function's BAR once the function is gone.
 //!
-//! `kldhost run --qemu` starts it with one controller in slot 4 ([`Machine::start`]);
+//! `kldhost run --qemu` starts it with one controller in slot 4 ([`Machine::start`]), plus
+//! `--multifunction`'s controllers at functions of their slots
+//! ([`Machine::start_with_multifunction`]);
 //! `kldhost scenario` with the scenario's controllers ([`Machine::start_scenario`]), so a
 //! scenario gets the same slots, images, hot-adds, unplug requests, ejects and GPE polling in
 //! kld mode as in engine mode.
@@ -111,15 +113,26 @@ impl Machine {
     /// 256 MiB of shared RAM, an NVMe controller in slot [`NVME_SLOT`] with a 16 MiB zeroed
     /// namespace.
     pub fn start(kind: MachineKind) -> io::Result<Machine> {
-        let spec = ControllerSpec { id: NVME_ID.into(), slot: NVME_SLOT, namespaces: vec![NamespaceSpec { nsid: 1, size_mib: (IMAGE_BYTES >> 20) as u32, lba: 512 }] };
-        Self::start_scenario(kind, &[spec], &[5], RemovalReads::Zeros)
+        Self::start_with_multifunction(kind, &[])
+    }
+
+    /// [`Machine::start`], plus a cold multi-function slot per `(slot, functions)` of
+    /// `multifunction` (pc): an NVMe controller with a 16 MiB zeroed namespace at each listed
+    /// function (scenario id [`function_id`]), function 0 plugged with `multifunction=on`.
+    pub fn start_with_multifunction(kind: MachineKind, multifunction: &[(u8, Vec<u8>)]) -> io::Result<Machine> {
+        let mut cold = vec![(controller(NVME_ID, NVME_SLOT), 0)];
+        for (slot, funcs) in multifunction {
+            cold.extend(funcs.iter().map(|&f| (controller(&function_id(*slot, f), *slot), f)));
+        }
+        Self::start_functions(kind, &cold, &[5], RemovalReads::Zeros)
     }
 
     /// A scenario's machine: `cold` controllers present at power-on, `hot_slots` the slots
     /// hot-adds will use; the firmware's boot scan programs each cold function's BAR0, leaving
     /// bus mastering to the driver.
     pub fn start_scenario(kind: MachineKind, cold: &[ControllerSpec], hot_slots: &[u8], removal_reads: RemovalReads) -> io::Result<Machine> {
-        Self::start_scenario_with(kind, cold, hot_slots, removal_reads, None)
+        let cold: Vec<(ControllerSpec, u8)> = cold.iter().map(|c| (c.clone(), 0)).collect();
+        Self::start_functions(kind, &cold, hot_slots, removal_reads)
     }
 
     /// `run --qemu --namespace ...`'s machine (pc): the controller of [`Machine::start`] in
@@ -134,13 +147,18 @@ impl Machine {
             namespaces: vec![NamespaceSpec { nsid: 1, size_mib, lba: 512 }, NamespaceSpec { nsid: 2, size_mib, lba: 512 }],
         };
         let sub = nvmehp_lab::machine::SubsystemSpec { private_slot: PRIVATE_SLOT, detached: Vec::new() };
-        Self::start_scenario_with(MachineKind::Pc, &[spec], &[5], RemovalReads::Zeros, Some(&sub))
+        Self::start_functions_with(MachineKind::Pc, &[(spec, 0)], &[5], RemovalReads::Zeros, Some(&sub))
     }
 
-    /// [`Machine::start_scenario`], with `subsys` for the first cold controller.
-    pub fn start_scenario_with(
+    /// The machine with each cold controller at a function of its slot.
+    fn start_functions(kind: MachineKind, cold: &[(ControllerSpec, u8)], hot_slots: &[u8], removal_reads: RemovalReads) -> io::Result<Machine> {
+        Self::start_functions_with(kind, cold, hot_slots, removal_reads, None)
+    }
+
+    /// [`Machine::start_functions`], with `subsys` for the first cold controller.
+    fn start_functions_with(
         kind: MachineKind,
-        cold: &[ControllerSpec],
+        cold: &[(ControllerSpec, u8)],
         hot_slots: &[u8],
         removal_reads: RemovalReads,
         subsys: Option<&nvmehp_lab::machine::SubsystemSpec>,
@@ -161,7 +179,7 @@ impl Machine {
             }
             functions.push(f);
         }
-        let image = cold.first().and_then(|c| lab.plugged(c.slot)).and_then(|d| d.images.first()).map(|i| i.path.clone()).unwrap_or_default();
+        let image = cold.first().and_then(|(c, _)| lab.plugged(c.slot)).and_then(|d| d.images.first()).map(|i| i.path.clone()).unwrap_or_default();
         Ok(Machine { lab, functions, image, next_free: DMA_POOL_START, reclaimed: Vec::new(), removal_reads, ejects: BTreeMap::new(), traps: BTreeMap::new(), private })
     }
 
@@ -228,11 +246,17 @@ impl Machine {
     /// QMP `blockdev-add` + `device_add` of a controller (fresh zeroed images); QEMU sets PCIU
     /// and raises the GPE. Its image becomes [`Machine::image`].
     pub fn hot_add(&mut self, spec: &ControllerSpec) -> io::Result<()> {
-        self.lab.hot_add(spec)?;
+        self.hot_add_function(spec, 0, false)
+    }
+
+    /// [`Machine::hot_add`] at function `func` of the slot (`multifunction`: function 0 with
+    /// `multifunction=on`); see the lab's `hot_add_function` for what QEMU does with it.
+    pub fn hot_add_function(&mut self, spec: &ControllerSpec, func: u8, multifunction: bool) -> io::Result<()> {
+        self.lab.hot_add_function(spec, func, multifunction)?;
         // A new function: its accesses are counted from 0; a removal armed for it stays armed.
         let armed = self.traps.get(&spec.slot).and_then(|t| t.eject_before);
         self.traps.insert(spec.slot, Trap { eject_before: armed, ..Trap::default() });
-        if let Some(i) = self.lab.plugged(spec.slot).and_then(|d| d.images.first()) {
+        if let Some(i) = self.lab.plugged_function(spec.slot, func).and_then(|d| d.images.first()) {
             self.image = i.path.clone();
         }
         Ok(())
@@ -243,8 +267,8 @@ impl Machine {
     pub fn eject(&mut self, slot: u8) -> io::Result<()> {
         let r = self.lab.eject(slot);
         *self.ejects.entry(slot).or_default() += 1;
-        let bdf = self.lab.bdf(slot);
-        self.functions.retain(|f| f.bdf != bdf);
+        // Every function of the slot: the eject removes them all.
+        self.functions.retain(|f| slot_of(f.bdf) != slot);
         r
     }
 
@@ -280,9 +304,10 @@ impl Machine {
         !self.lab.retiring().iter().any(|d| d.id == id) && self.lab.plugged_by_id(id).is_none()
     }
 
-    /// The slot whose function's BAR0 is at `phys` (the lab's firmware places one per slot).
+    /// The slot whose window holds a function's BAR0 at `phys` (the lab's firmware gives each
+    /// slot a window, each function of it an eighth).
     pub fn slot_of_bar(&self, phys: u64) -> Option<u8> {
-        (0..32u8).find(|&s| firmware::bar0_for_slot(s) == phys)
+        firmware::function_of_bar(phys).map(|(s, _)| s)
     }
 
     /// Ejects of `slot` so far.
@@ -323,6 +348,18 @@ impl Machine {
     /// True while config space of `slot` answers.
     pub fn slot_present(&mut self, slot: u8) -> bool {
         self.lab.slot_present(slot).unwrap_or(false)
+    }
+
+    /// What QEMU's function at `bdf` answers to a config read (width 1, 2 or 4; all-ones if
+    /// QEMU is gone), past the device-fault layer: for the runner's own looking, never the
+    /// emulated kernel's ([`cfg_read`]).
+    pub fn qemu_cfg_read(&self, bdf: Bdf, reg: u16, width: i32) -> u32 {
+        let r = self.qtest(|q| match width {
+            1 => firmware::cfg_read8(q, bdf, reg).map(u32::from),
+            2 => firmware::cfg_read16(q, bdf, reg).map(u32::from),
+            _ => firmware::cfg_read32(q, bdf, reg),
+        });
+        r.unwrap_or(u32::MAX)
     }
 
     /// QEMU's stderr so far (for error messages).
@@ -377,12 +414,22 @@ pub fn slot_of(bdf: Bdf) -> u8 {
     if bdf.bus != 0 { bdf.bus } else { bdf.dev }
 }
 
+/// The scenario id of the controller `run --qemu --multifunction` plugs at `slot`.`func`.
+pub fn function_id(slot: u8, func: u8) -> String {
+    format!("mf{slot}f{func}")
+}
+
+/// A controller with one 16 MiB namespace ([`IMAGE_BYTES`]) in `slot`.
+pub fn controller(id: &str, slot: u8) -> ControllerSpec {
+    ControllerSpec { id: id.into(), slot, namespaces: vec![NamespaceSpec { nsid: 1, size_mib: (IMAGE_BYTES >> 20) as u32, lba: 512 }] }
+}
+
 /// The firmware's part for a function pci_add_child adds: BAR0 placed for its slot as
 /// pci_add_resources would reserve it (on q35 inside its root port's memory window, which the
 /// lab's firmware made that slot's window), memory decode on, bus mastering left to the driver.
 pub fn program_function(bdf: Bdf) -> Option<PciFunction> {
     with_machine(|m| {
-        let f = m.qtest(|q| firmware::probe_and_program(q, bdf, firmware::bar0_for_slot(slot_of(bdf)))).ok().flatten()?;
+        let f = m.qtest(|q| firmware::probe_and_program(q, bdf, firmware::bar0_for_function(slot_of(bdf), bdf.func))).ok().flatten()?;
         m.qtest(|q| clear_bus_master(q, bdf)).ok()?;
         m.functions.push(f);
         Some(f)
@@ -400,9 +447,10 @@ pub fn has_machine() -> bool {
     MACHINE.lock().unwrap_or_else(|p| p.into_inner()).is_some()
 }
 
-/// Starts `run --qemu`'s machine (`kind`) for this process's emulated kernel.
-pub fn start(kind: MachineKind) -> io::Result<()> {
-    install(Machine::start(kind)?);
+/// Starts `run --qemu`'s machine (`kind`, with `multifunction`'s cold multi-function slots)
+/// for this process's emulated kernel.
+pub fn start(kind: MachineKind, multifunction: &[(u8, Vec<u8>)]) -> io::Result<()> {
+    install(Machine::start_with_multifunction(kind, multifunction)?);
     Ok(())
 }
 
@@ -429,18 +477,22 @@ pub fn stop() {
 }
 
 /// A config-space read of `bdf` (width 1, 2 or 4) through qtest; all-ones if QEMU is gone.
+/// The device-fault layer may change the value on its way back
+/// ([`super::device_fault::on_config_read`]).
 pub fn cfg_read(bdf: Bdf, reg: u16, width: i32) -> u32 {
-    with_machine(|m| {
+    let (v, notes) = with_machine(|m| {
         if hidden(m, bdf) {
-            return if width == 4 { u32::MAX } else { (1u32 << (8 * width)) - 1 };
+            return (if width == 4 { u32::MAX } else { (1u32 << (8 * width)) - 1 }, Vec::new());
         }
-        let r = m.qtest(|q| match width {
-            1 => firmware::cfg_read8(q, bdf, reg).map(u32::from),
-            2 => firmware::cfg_read16(q, bdf, reg).map(u32::from),
-            _ => firmware::cfg_read32(q, bdf, reg),
-        });
-        r.unwrap_or(u32::MAX)
-    })
+        let v = m.qemu_cfg_read(bdf, reg, width);
+        if v == u32::MAX || !super::device_fault::wants_config_read(reg, width) {
+            return (v, Vec::new());
+        }
+        let class = m.qtest(|q| firmware::cfg_read32(q, bdf, 0x08)).unwrap_or(u32::MAX) >> 8;
+        super::device_fault::on_config_read(class, reg, width, v)
+    });
+    notes.into_iter().for_each(super::log);
+    v
 }
 
 /// A config-space write of `bdf` through qtest. The device-fault layer sees it first

@@ -606,10 +606,13 @@ pub fn pci_child_at(s: u8, f: u8) -> Option<u64> {
 }
 
 /// BUS_RESCAN of pci bus `bus`, as sys/dev/pci/pci.c `pci_rescan_method` does it: a child
-/// whose function reads all-ones is deleted (device_delete_child); a function 0 of an NVMe
-/// controller that answers and has no child gets one (pci_read_device, pci_add_child) and is
-/// probed and attached. Every slot is walked, also below a PCIe root port (amd64's
-/// `pcib_maxslots` is PCI_SLOTMAX for every bridge; only slot 0 answers there). (Only NVMe
+/// whose function reads all-ones is deleted (device_delete_child); each NVMe function that
+/// answers and has no child gets one (pci_read_device, pci_add_child), and once the walk is
+/// over the new children are probed and attached. Every slot is walked, also below a PCIe
+/// root port (amd64's `pcib_maxslots` is PCI_SLOTMAX for every bridge; only slot 0 answers
+/// there); functions 1..PCIB_MAXFUNCS of a slot only when function 0's header type has
+/// PCIM_MFDEV (a single-function device may answer at every function number), and no function
+/// of a slot whose function 0 has a header layout above PCI_MAXHDRTYPE. (Only NVMe
 /// functions are added: the lab firmware places BARs for them only; a bridge never leaves.)
 /// Called with the topology lock held.
 pub fn rescan_bus(bus: u64) {
@@ -622,22 +625,38 @@ pub fn rescan_bus(bus: u64) {
             log(format!("BUS_RESCAN({name}): {:02x}:{:02x}.{} is gone: device_delete_child = {r}", bdf.bus, bdf.dev, bdf.func));
         }
     }
+    let mut added = Vec::new();
     for s in 0..32u8 {
-        let bdf = nvmehp_lab::firmware::Bdf { bus: n, dev: s, func: 0 };
-        if child_at(bus, s, 0).is_some() || super::machine::cfg_read(bdf, 0, 2) == 0xffff {
+        let f0 = nvmehp_lab::firmware::Bdf { bus: n, dev: s, func: 0 };
+        if super::machine::cfg_read(f0, 0, 2) == 0xffff {
             continue;
         }
-        if super::machine::cfg_read(bdf, 0x08, 4) >> 8 != 0x01_08_02 {
+        // A header layout above PCI_MAXHDRTYPE: the slot is skipped, as pci_rescan_method does.
+        let hdrtype = super::machine::cfg_read(f0, 0x0e, 1);
+        if hdrtype & 0x7f > 2 {
             continue;
         }
-        let dinfo = emu_pci_read_device(std::ptr::null_mut(), std::ptr::null_mut(), 0, c_int::from(n), c_int::from(s), 0);
-        if dinfo.is_null() {
-            continue;
+        let last = if hdrtype & 0x80 != 0 { 7 } else { 0 };
+        for f in 0..=last {
+            let bdf = nvmehp_lab::firmware::Bdf { func: f, ..f0 };
+            if child_at(bus, s, f).is_some() || super::machine::cfg_read(bdf, 0, 2) == 0xffff {
+                continue;
+            }
+            if super::machine::cfg_read(bdf, 0x08, 4) >> 8 != 0x01_08_02 {
+                continue;
+            }
+            let dinfo = emu_pci_read_device(std::ptr::null_mut(), std::ptr::null_mut(), 0, c_int::from(n), c_int::from(s), c_int::from(f));
+            if dinfo.is_null() {
+                continue;
+            }
+            emu_pci_add_child(bus as *mut c_void, dinfo);
+            added.push((s, f));
         }
-        emu_pci_add_child(bus as *mut c_void, dinfo);
-        if let Some(child) = child_at(bus, s, 0) {
+    }
+    for (s, f) in added {
+        if let Some(child) = child_at(bus, s, f) {
             let r = probe_and_attach(child);
-            log(format!("BUS_RESCAN({name}): added {n:02x}:{s:02x}.0: device_probe_and_attach = {r}"));
+            log(format!("BUS_RESCAN({name}): added {n:02x}:{s:02x}.{f}: device_probe_and_attach = {r}"));
         }
     }
 }

@@ -46,11 +46,11 @@ use std::ffi::{c_int, c_void};
 pub const MSIX_MAILBOX: u64 = 0x10_0000;
 
 /// The mailbox of MSI-X vector `rid - 1` of the function at `bdf`: one 1 KiB block per
-/// scenario slot from [`MSIX_MAILBOX`] (the slot's device number on pc, its root port's on q35,
-/// where every function is device 0 of its own bus), so the messages of several controllers
-/// never share a word.
+/// function, eight per scenario slot, from [`MSIX_MAILBOX`] (the slot's device number on pc,
+/// its root port's on q35, where every function is device 0 of its own bus), so the messages
+/// of several controllers, or of several functions of one slot, never share a word.
 pub fn mailbox(bdf: Bdf, rid: c_int) -> u64 {
-    MSIX_MAILBOX + 0x400 * u64::from(machine::slot_of(bdf)) + 4 * rid as u64
+    MSIX_MAILBOX + 0x2000 * u64::from(machine::slot_of(bdf)) + 0x400 * u64::from(bdf.func & 7) + 4 * rid as u64
 }
 /// PCI capability ids and registers used here (PCI Local Bus 3.0, sys/dev/pci/pcireg.h).
 const PCIY_MSIX: u8 = 0x11;
@@ -535,9 +535,14 @@ extern "C" fn pcib_read_ivar(dev: *mut c_void, _child: *mut c_void, which: c_int
     0
 }
 
+/// PCIB_READ_CONFIG: the module's reads of functions it has no device_t for (its slot walk).
+/// Each is logged as `PCIB_READ_CONFIG(b:s.f, reg, width) = value`, so a test can tell which
+/// functions a rescan looked at.
 extern "C" fn pcib_read_config_m(_dev: *mut c_void, bus: u32, slot: u32, func: u32, reg: u32, width: c_int) -> u32 {
     let bdf = Bdf { bus: bus as u8, dev: slot as u8, func: func as u8 };
-    cfg_read(bdf, reg as u16, width)
+    let v = cfg_read(bdf, reg as u16, width);
+    log(format!("PCIB_READ_CONFIG({bus}:{slot}.{func}, {reg:#x}, {width}) = {v:#x}"));
+    v
 }
 
 extern "C" fn pcib_maxfuncs_m(_dev: *mut c_void) -> c_int {

@@ -379,6 +379,21 @@ pub struct Options {
     /// order is done to the module's controller's namespace ([`Step::Namespace`]),
     /// each followed by the I/O step on the first disk.
     pub namespace: Vec<(super::ns_admin::NsOp, u32)>,
+    /// With `qemu` (pc): cold multi-function slots, as (slot, functions): an NVMe controller
+    /// at each function, function 0 plugged with `multifunction=on`.
+    pub multifunction: Vec<(u8, Vec<u8>)>,
+    /// With `qemu`: after the attach step, a consumer opens each of these disks and keeps it
+    /// open until the unload returned (as `hold_disks_open`, for the named disks only).
+    pub hold_open: Vec<String>,
+    /// With `qemu`: after the attach and I/O steps, `devctl delete` of the function at each
+    /// (slot, function) ([`Step::DevctlDelete`]).
+    pub devctl_delete: Vec<(u8, u8)>,
+    /// With `acpi` (pc): after the removal and hot-add steps, QMP `device_add` of a
+    /// controller at each (slot, function), in order ([`Step::HotAddFunction`]).
+    pub hot_add_functions: Vec<(u8, u8)>,
+    /// With `acpi`: then the platform's removal request for each slot, whatever functions it
+    /// holds ([`Step::EjectSlot`]).
+    pub eject_slots: Vec<u8>,
 }
 
 type SysinitFn = extern "C" fn(*const c_void);
@@ -797,6 +812,94 @@ fn read_back(disk: &str, image: &std::path::Path) -> bool {
     ok
 }
 
+/// The functions newbus has in scenario slot `slot` (pc: pci0's children at device `slot`).
+fn functions_in_slot(slot: u8) -> Vec<u64> {
+    super::newbus::pci_functions().into_iter().filter(|&c| slot_of_child(c) == Some(slot)).collect()
+}
+
+/// `devctl delete pci0:0:SLOT:FUNC` ([`Step::DevctlDelete`]).
+fn devctl_delete(slot: u8, func: u8) -> bool {
+    let Some(child) = super::newbus::pci_child_at(slot, func) else {
+        log(format!("devctl delete {slot}.{func}: no such device"));
+        return false;
+    };
+    super::sched::topo_lock();
+    let r = super::newbus::device_delete_child(super::newbus::pci0(), child);
+    super::sched::topo_unlock();
+    super::sched::run_queues(1000);
+    log(format!("devctl delete {slot}.{func}: {r}"));
+    r == 0
+}
+
+/// [`Step::HotAddFunction`]: the lab's plug of a controller at `slot`.`func` (a new zeroed
+/// image), then the SCI's work and the module's tasks: until every function QEMU shows in
+/// the slot (function 0's, and the others only if its PCIM_MFDEV says so) has an attached
+/// device, at most 5 s; with none showing, 2 s of the same (the GPE and its Notify are still
+/// delivered and acted on).
+fn hot_add_function(report: &mut Report, slot: u8, func: u8, multifunction: bool) -> bool {
+    use super::machine::with_machine;
+    let id = super::machine::function_id(slot, func);
+    let spec = super::machine::controller(&id, slot);
+    let r = with_machine(|m| m.hot_add_function(&spec, func, multifunction));
+    let mf = if multifunction { ", multifunction=on" } else { "" };
+    log(format!("QMP device_add {id} at {slot}.{func}{mf}: {}", r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
+    if r.is_err() {
+        return false;
+    }
+    // What QEMU shows (past the device-fault layer: the runner looks, not the kernel).
+    let read = |bdf, reg, width| with_machine(|m| m.qemu_cfg_read(bdf, reg, width));
+    let showing = || -> Vec<u8> {
+        let f0 = nvmehp_lab::firmware::Bdf::slot(slot);
+        if read(f0, 0, 2) == 0xffff {
+            return Vec::new();
+        }
+        let last = if read(f0, 0x0e, 1) & 0x80 != 0 { 7 } else { 0 };
+        (0..=last).filter(|&f| read(nvmehp_lab::firmware::Bdf { func: f, ..f0 }, 0, 2) != 0xffff).collect()
+    };
+    let attached = |f: u8| super::newbus::pci_child_at(slot, f).is_some_and(|c| super::newbus::state(c) >= layouts::DS_ATTACHED);
+    let start = std::time::Instant::now();
+    loop {
+        for n in super::acpi::run_gpe() {
+            report.notifies.push(n);
+        }
+        super::sched::run_queues(1000);
+        let shown = showing();
+        let limit = if shown.is_empty() { 2 } else { 5 };
+        if (!shown.is_empty() && shown.iter().all(|&f| attached(f))) || start.elapsed() > std::time::Duration::from_secs(limit) {
+            let what: Vec<String> = shown.iter().map(|&f| format!("{slot}.{f} {}", if attached(f) { "attached" } else { "not attached" })).collect();
+            log(format!("after the device_add of {slot}.{func}: functions answering in slot {slot}: [{}]", what.join(", ")));
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// [`Step::EjectSlot`]: QMP `device_del` of the slot's lowest function (PCID is per slot),
+/// the SCI's work and the module's tasks until no function of the slot is in newbus (at most
+/// 5 s), then QEMU's `DEVICE_DELETED` of each of the slot's devices (2 s).
+fn eject_slot(report: &mut Report, slot: u8) -> bool {
+    use super::machine::with_machine;
+    let ids: Vec<String> = with_machine(|m| (0..8).filter_map(|f| m.lab.plugged_function(slot, f).map(|d| d.id.clone())).collect());
+    let r = with_machine(|m| m.request_unplug(slot));
+    log(format!("QMP device_del of slot {slot} ({}): {}", ids.join(", "), r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
+    if r.is_err() {
+        return false;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !functions_in_slot(slot).is_empty() && std::time::Instant::now() < deadline {
+        for n in super::acpi::run_gpe() {
+            report.notifies.push(n);
+        }
+        super::sched::run_queues(1000);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let left: Vec<String> = functions_in_slot(slot).into_iter().map(location).collect();
+    log(format!("after the eject request of slot {slot}: {}", if left.is_empty() { "no function left on pci0".to_string() } else { format!("still on pci0: {}", left.join(", ")) }));
+    let deleted = ids.iter().all(|id| with_machine(|m| m.deleted(id, std::time::Duration::from_secs(2)))) && !with_machine(|m| m.slot_present(slot));
+    log(format!("QMP: DEVICE_DELETED of slot {slot}'s devices: {}", if deleted { "received" } else { "not received" }));
+    left.is_empty() && deleted
+}
+
 /// One thing a run does to the machine after MOD_LOAD, in the order a plan lists them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -836,6 +939,19 @@ pub enum Step {
     /// and a disk went (detach), came and read the data (attach), or was replaced by one that
     /// reads the data (reformat).
     Namespace { op: super::ns_admin::NsOp, nsid: u32 },
+    /// devctl(8) delete of the function at `slot`.`func` (sys/kern/subr_bus.c devctl2_ioctl
+    /// DEV_DELETE: device_delete_child under the topology lock, its driver detached first):
+    /// QEMU keeps the function, newbus forgets it. Done when it was deleted.
+    DevctlDelete { slot: u8, func: u8 },
+    /// QMP `device_add` of a controller at `slot`.`func` (`multifunction`: function 0 with
+    /// `multifunction=on`), then the SCI's work and the module's tasks until every function
+    /// QEMU shows in the slot is attached, or 2 s with none to attach ([`hot_add_function`]).
+    /// Done when QEMU took the device.
+    HotAddFunction { slot: u8, func: u8, multifunction: bool },
+    /// The platform's removal request for `slot` (QMP `device_del` of its lowest function;
+    /// PCID is per slot), expected to end with no function of the slot left in newbus or in
+    /// QEMU ([`eject_slot`]).
+    EjectSlot { slot: u8 },
     /// devctl(8) detach of every attached function.
     Detach,
 }
@@ -908,6 +1024,9 @@ impl Step {
                 report.namespaces.push(r);
                 ok
             }
+            Step::DevctlDelete { slot, func } => devctl_delete(*slot, *func),
+            Step::HotAddFunction { slot, func, multifunction } => hot_add_function(report, *slot, *func, *multifunction),
+            Step::EjectSlot { slot } => eject_slot(report, *slot),
             Step::Shutdown => {
                 shutdown(report);
                 !report.shutdown.is_empty()
@@ -949,6 +1068,9 @@ impl Options {
         if self.burst > 0 {
             steps.push(Step::Burst(self.burst));
         }
+        for &(slot, func) in &self.devctl_delete {
+            steps.push(Step::DevctlDelete { slot, func });
+        }
         if self.eject {
             steps.push(Step::Eject { slot: NVME_SLOT, id: NVME_ID.to_string() });
         }
@@ -961,6 +1083,14 @@ impl Options {
         if self.eject && self.hot_add {
             steps.push(Step::HotAdd { slot: HOT_ADD_SLOT, id: "nvme1".to_string() });
             steps.push(Step::Io);
+        }
+        for &(slot, func) in &self.hot_add_functions {
+            // Function 0 of a slot given another function too: multifunction=on.
+            let multifunction = func == 0 && self.hot_add_functions.iter().any(|&(s, f)| s == slot && f != 0);
+            steps.push(Step::HotAddFunction { slot, func, multifunction });
+        }
+        for &slot in &self.eject_slots {
+            steps.push(Step::EjectSlot { slot });
         }
         for &(slot, value) in &self.notify {
             steps.push(Step::Notify { slot, value });
@@ -1019,10 +1149,10 @@ pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Momen
     if opts.qemu {
         let kind = if opts.q35 { nvmehp_lab::qemu::MachineKind::Q35 } else { nvmehp_lab::qemu::MachineKind::Pc };
         let subsystem = opts.effective_plan().steps.iter().any(|s| matches!(s, Step::Namespace { .. }));
-        if subsystem && opts.q35 {
-            return Err(LoadError::Bad("--namespace: the NVMe subsystem machine is pc only".to_string()));
+        if subsystem && (opts.q35 || !opts.multifunction.is_empty()) {
+            return Err(LoadError::Bad("--namespace: the NVMe subsystem machine is pc, without --multifunction".to_string()));
         }
-        let started = if subsystem { super::machine::start_with_subsystem() } else { super::machine::start(kind) };
+        let started = if subsystem { super::machine::start_with_subsystem() } else { super::machine::start(kind, &opts.multifunction) };
         started.map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
         super::newbus::build_tree(&functions);
@@ -1115,6 +1245,7 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
                     if opts.hold_disks_open {
                         held = super::geom::hold_all_open();
                     }
+                    held.extend(super::geom::hold_open(&opts.hold_open));
                 }
                 failed |= !ok && plan.stop_at_failure;
             }
