@@ -81,6 +81,7 @@ fn title(step: &Step) -> String {
         Step::Surprise { slot, in_flight, .. } => format!("surprise removal of slot {slot} with {in_flight} writes in flight"),
         Step::HotAdd { slot, id, .. } => format!("hot-add of {id} in slot {slot}"),
         Step::Notify { slot, value } => format!("Notify({value}) on slot {slot}"),
+        Step::Namespace { op, nsid } => format!("namespace {nsid}: {}", op.name()),
         Step::Shutdown => "reboot's DEVICE_SHUTDOWN".to_string(),
         Step::ReadInFlight => "a read left in flight".to_string(),
         Step::DevctlDelete { slot, func } => format!("devctl delete of {slot}.{func}"),
@@ -116,6 +117,10 @@ fn announce(step: &Step, report: &Report) -> String {
             slot_object(*slot)
         ),
         Step::Notify { slot, value } => format!("==> the firmware's Notify(S{slot:02X}_, {value}) with nothing changed in the machine"),
+        Step::Namespace { op, nsid } => format!(
+            "==> the subsystem's other host: {} of namespace {nsid} of the controller (Namespace Attachment; QEMU's Namespace Attribute Changed notice)",
+            op.name()
+        ),
         Step::Shutdown => "==> reboot: DEVICE_SHUTDOWN of every attached function, then a write that must fail".to_string(),
         Step::ReadInFlight => format!("==> a 4 KiB read sent to {disk} and left in flight while time passes"),
         Step::DevctlDelete { slot, func } => format!("==> devctl delete of the function at {slot}.{func}"),

@@ -137,6 +137,17 @@ enum Cmd {
         /// (src/emu/interleave.rs).
         #[arg(long = "in-sleep", value_name = "WMESG[:N]=ACTION", value_parser = kldhost::emu::interleave::parse)]
         in_sleep: Vec<kldhost::emu::interleave::InSleep>,
+        /// With --qemu (pc; repeatable, in order; the module rescans only controllers in its
+        /// hotplug slots, so with --acpi): the controller sits in an NVMe
+        /// subsystem with namespaces 1 and 2 and a lab-private second controller; after the
+        /// I/O, that controller's Namespace Attachment attaches or detaches NSID for the
+        /// module's controller, or detaches it, formats it to the other block size (512/4096)
+        /// and attaches it again (reformat), or detaches it and reads its disk before the
+        /// module's threads run (detach+read); QEMU then sends the module's controller a
+        /// Namespace Attribute Changed notice, and the first disk is written and read again
+        /// (src/emu/ns_admin.rs).
+        #[arg(long = "namespace", value_name = "attach:NSID|detach:NSID|detach+read:NSID|reformat:NSID", value_parser = kldhost::emu::ns_admin::parse, requires = "qemu")]
+        namespace: Vec<(kldhost::emu::ns_admin::NsOp, u32)>,
         /// With --qemu: QEMU's q35 (ICH9) machine: the controller behind the pcie-root-port in
         /// slot 4 (pcib1 -> pci1), another port in slot 5 for --hot-add, and with --acpi q35's
         /// namespace (\_SB_.PCI0.S20_.S00_ is slot 4's hotplug slot). Not with INTx (ICH9's
@@ -266,7 +277,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots, namespace } => {
             if msi_undelivered && !(msi_instead_of_msix || msi_with_msix) {
                 eprintln!("kldhost run: --msi-undelivered needs --msi-instead-of-msix or --msi-with-msix");
                 return ExitCode::from(2);
@@ -309,6 +320,7 @@ fn main() -> ExitCode {
                     kldhost::emu::msi::Mode::Off
                 },
                 msi_undelivered,
+                namespace,
                 multifunction,
                 hold_open,
                 devctl_delete,
@@ -568,6 +580,19 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
     for (what, e, resid) in &r.bad_bios {
         println!("bad bio {what}: error {e}, resid {resid}");
     }
+    for n in &r.namespaces {
+        println!(
+            "namespace {} {}: command {}, rescan {}, disks added {:?}, gone {:?}{}",
+            n.nsid,
+            n.op.map_or("?", |o| o.name()),
+            if n.sent { "ok" } else { "FAILED" },
+            if n.rescanned { "ended" } else { "NOT done" },
+            n.disks_added,
+            n.disks_gone,
+            n.read_ok.map_or(String::new(), |ok| format!(", the new disk reads the medium: {}", if ok { "ok" } else { "WRONG" }))
+                + &n.early_read.map_or(String::new(), |e| format!(", the read after the detach: error {e}"))
+        );
+    }
     for (loc, name, e) in &r.shutdown {
         println!("shutdown {loc} ({name}): {e}");
     }
@@ -586,5 +611,6 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
         println!("  {f}");
     }
     let io_ok = r.io.iter().all(|(_, e)| *e == 0) && (r.io.is_empty() || r.io_data_ok);
-    Ok(r.unloaded && r.findings.is_empty() && io_ok)
+    let ns_ok = r.namespaces.iter().all(|n| n.sent && n.rescanned && n.read_ok != Some(false) && n.early_read.is_none_or(|e| e > 0));
+    Ok(r.unloaded && r.findings.is_empty() && io_ok && ns_ok)
 }

@@ -78,7 +78,10 @@ fn a_bad_in_sleep_option_is_a_usage_error() {
     let ko = common::repo_root().join("nvme_hotplug.ko");
     let (code, out) = kldhost_run_with(&ko, &["--in-sleep", "nvmehpbu=reboot"]);
     assert_eq!(code, Some(2), "{out}");
-    assert!(out.contains("expected WMESG[:N]=detach, WMESG[:N]=kldunload or WMESG[:N]=notify:SLOT:VALUE"), "{out}");
+    assert!(
+        out.contains("expected WMESG[:N]=detach, WMESG[:N]=kldunload, WMESG[:N]=notify:SLOT:VALUE or WMESG[:N]=namespace:attach|detach|reformat:NSID"),
+        "{out}"
+    );
 }
 
 /// devctl detach while DEVICE_SHUTDOWN's stop sleeps (`nvmehpst`, made certain by

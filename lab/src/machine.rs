@@ -49,6 +49,20 @@ pub struct Image {
     pub bytes: u64,
 }
 
+/// A boot-time controller placed in an NVMe subsystem (QEMU `nvme-subsys`) with a second,
+/// lab-private controller: its namespaces are shared by the subsystem, and the lab can attach
+/// and detach them through the private controller's admin queue (Namespace Attachment), which
+/// makes QEMU send the first controller a Namespace Attribute Changed notice (hw/nvme/ctrl.c
+/// `nvme_ns_attachment`). QEMU 10 cannot hot-plug an `nvme-ns` (its NVMe bus refuses
+/// `device_add`), so this is the lab's way to change a live controller's namespaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubsystemSpec {
+    /// PCI slot on bus 0 of the private controller (pc only).
+    pub private_slot: u8,
+    /// Namespaces of the first controller that start detached (`nvme-ns detached=on`).
+    pub detached: Vec<u32>,
+}
+
 /// A controller plugged into QEMU (cold at start, or hot-added).
 #[derive(Debug, Clone)]
 pub struct PluggedDevice {
@@ -68,6 +82,8 @@ pub struct PluggedDevice {
     pub images: Vec<Image>,
     /// Block nodes to delete after the device is gone, raw nodes before their file nodes.
     pub nodes: Vec<String>,
+    /// With a [`SubsystemSpec`]: the private controller's slot and qdev id.
+    pub private: Option<(u8, String)>,
 }
 
 /// The running machine.
@@ -129,8 +145,26 @@ impl Machine {
         hot_slots: &[u8],
         ram_access: RamAccess,
     ) -> io::Result<Machine> {
+        Self::start_full(kind, cold, hot_slots, ram_access, None)
+    }
+
+    /// Like [`Machine::start_with_functions`]; with `subsys` the first cold controller is
+    /// placed in an NVMe subsystem with a lab-private second controller ([`SubsystemSpec`];
+    /// pc only).
+    pub fn start_full(
+        kind: MachineKind,
+        cold: &[(ControllerSpec, u8)],
+        hot_slots: &[u8],
+        ram_access: RamAccess,
+        subsys: Option<&SubsystemSpec>,
+    ) -> io::Result<Machine> {
         if kind == MachineKind::Q35 && cold.iter().any(|(_, f)| *f != 0) {
             return Err(io::Error::other("q35: multi-function slots are not supported (a root port's bus has one device)"));
+        }
+        if let Some(sub) = subsys {
+            if kind != MachineKind::Pc || cold.is_empty() || cold.iter().any(|(c, _)| c.slot == sub.private_slot) || !(2..32).contains(&sub.private_slot) {
+                return Err(io::Error::other("an NVMe subsystem needs pc, a cold controller, and a free slot 2..=31 for its private controller"));
+            }
         }
         let mut ports: Vec<u8> = Vec::new();
         if kind == MachineKind::Q35 {
@@ -149,10 +183,14 @@ impl Machine {
             args.push(format!("pcie-root-port,id=rp{s},bus=pcie.0,chassis={s},addr=0x{s:x}"));
         }
         let mut plugged = BTreeMap::new();
-        for (spec, func) in cold {
+        for (i, (spec, func)) in cold.iter().enumerate() {
             generation += 1;
             let multifunction = *func == 0 && cold.iter().any(|(c, f)| c.slot == spec.slot && *f != 0);
-            let dev = Self::make_device(images_dir.path(), spec, *func, multifunction, generation)?;
+            let mut dev = Self::make_device(images_dir.path(), spec, *func, multifunction, generation)?;
+            let sub = subsys.filter(|_| i == 0);
+            if let Some(sub) = sub {
+                dev.private = Some((sub.private_slot, format!("{}-priv", dev.qdev)));
+            }
             for img in &dev.images {
                 let (f, r) = node_names(&dev.qdev, img.nsid);
                 args.push("-blockdev".into());
@@ -160,7 +198,7 @@ impl Machine {
                 args.push("-blockdev".into());
                 args.push(format!("driver=raw,file={f},node-name={r}"));
             }
-            for (driver, props) in device_props(kind, &dev) {
+            for (driver, props) in device_props_in(kind, &dev, sub) {
                 args.push("-device".into());
                 let p: Vec<String> = props.iter().map(|(k, v)| format!("{k}={}", plain(v))).collect();
                 args.push(format!("{driver},{}", p.join(",")));
@@ -232,7 +270,7 @@ impl Machine {
             nodes.push(rnode);
             nodes.push(fnode);
         }
-        Ok(PluggedDevice { id: spec.id.clone(), slot: spec.slot, func, multifunction, qdev, images, nodes })
+        Ok(PluggedDevice { id: spec.id.clone(), slot: spec.slot, func, multifunction, qdev, images, nodes, private: None })
     }
 
     /// Which machine model runs.
@@ -543,8 +581,51 @@ fn node_names(qdev: &str, nsid: u32) -> (String, String) {
 /// Values are typed JSON: QMP's `device_add` checks types strictly (a size given as a string is
 /// refused), while the command line takes their plain text form.
 fn device_props(kind: MachineKind, dev: &PluggedDevice) -> Vec<(&'static str, Vec<(&'static str, Value)>)> {
+    device_props_in(kind, dev, None)
+}
+
+/// [`device_props`], with `subsys`: an `nvme-subsys` first, the controller in it, its private
+/// twin (same serial: QEMU refuses controllers of one subsystem with different ones) in
+/// `subsys.private_slot`, then one shared `nvme-ns` per namespace, those in `subsys.detached`
+/// with `detached=on`. A shared namespace is attached to every controller of the subsystem
+/// (hw/nvme/ns.c `nvme_ns_realize`).
+fn device_props_in(kind: MachineKind, dev: &PluggedDevice, subsys: Option<&SubsystemSpec>) -> Vec<(&'static str, Vec<(&'static str, Value)>)> {
     // NVMe serial numbers are at most 20 characters; the qdev id is unique per plug.
     let serial: String = format!("NVMEHP{}", dev.qdev).chars().take(20).collect();
+    let mut out = Vec::new();
+    if let (Some(sub), Some((pslot, pqdev))) = (subsys, dev.private.as_ref()) {
+        let sid = format!("{}-subsys", dev.qdev);
+        out.push(("nvme-subsys", vec![("id", Value::from(sid.clone())), ("nqn", Value::from(dev.qdev.clone()))]));
+        for (id, slot, func, multifunction) in [(dev.qdev.clone(), dev.slot, dev.func, dev.multifunction), (pqdev.clone(), *pslot, 0, false)] {
+            let mut ctrl = vec![
+                ("id", Value::from(id)),
+                ("bus", Value::from("pci.0")),
+                ("addr", Value::from(format!("0x{slot:x}.0x{func:x}"))),
+                ("serial", Value::from(serial.clone())),
+                ("subsys", Value::from(sid.clone())),
+            ];
+            if multifunction {
+                ctrl.push(("multifunction", Value::from(true)));
+            }
+            out.push(("nvme", ctrl));
+        }
+        for img in &dev.images {
+            let mut ns = vec![
+                ("id", Value::from(format!("{}-ns{}", dev.qdev, img.nsid))),
+                ("bus", Value::from(dev.qdev.clone())),
+                ("drive", Value::from(node_names(&dev.qdev, img.nsid).1)),
+                ("nsid", Value::from(img.nsid)),
+                ("logical_block_size", Value::from(img.lba_bytes)),
+                ("physical_block_size", Value::from(img.lba_bytes)),
+                ("shared", Value::from("on")),
+            ];
+            if sub.detached.contains(&img.nsid) {
+                ns.push(("detached", Value::from("on")));
+            }
+            out.push(("nvme-ns", ns));
+        }
+        return out;
+    }
     let mut ctrl = vec![("id", Value::from(dev.qdev.clone()))];
     match kind {
         MachineKind::Pc => {
@@ -558,7 +639,6 @@ fn device_props(kind: MachineKind, dev: &PluggedDevice) -> Vec<(&'static str, Ve
     }
     ctrl.push(("serial", Value::from(serial)));
     let single = dev.images.len() == 1 && dev.images[0].nsid == 1;
-    let mut out = Vec::new();
     if single {
         let img = &dev.images[0];
         ctrl.push(("drive", Value::from(node_names(&dev.qdev, 1).1)));

@@ -50,8 +50,6 @@ pub struct FakeNvme {
     pub held: Vec<(u16, u64)>,
     /// A normal shutdown notification (CC.SHN = 01b) arrived while the device was enabled.
     pub shutdown_notified: bool,
-    /// Leave admin commands in the ring (unanswered) until [`FakeNvme::release_admin`].
-    pub hold_admin: bool,
     /// Admin commands taken from the ring since the model was made.
     pub admin_commands: u32,
     /// How long after CC.EN = 1 CSTS.RDY rises, in the fake kernel's clock
@@ -60,7 +58,6 @@ pub struct FakeNvme {
     pub ready_after_us: Option<u64>,
     /// When CSTS.RDY rises (clock time), while an enable is pending.
     rdy_at: Option<u64>,
-    admin_tail: u16,
     cc: u32,
     csts: u32,
     aqa: u32,
@@ -107,11 +104,9 @@ impl FakeNvme {
             fill: 0xab,
             held: Vec::new(),
             shutdown_notified: false,
-            hold_admin: false,
             admin_commands: 0,
             ready_after_us: None,
             rdy_at: None,
-            admin_tail: 0,
             cc: 0,
             csts: 0,
             aqa: 0,
@@ -183,10 +178,7 @@ impl FakeNvme {
             ACQ => self.acq = (self.acq & !0xffff_ffff) | u64::from(val),
             0x34 => self.acq = (self.acq & 0xffff_ffff) | u64::from(val) << 32,
             0x1000 => {
-                self.admin_tail = val as u16;
-                if !self.hold_admin {
-                    self.run_admin(val as u16);
-                }
+                self.run_admin(val as u16);
             }
             0x1008 => self.run_io(val as u16),
             // Interrupt Mask Set: recorded (the model raises no pin-based interrupt).
@@ -258,12 +250,6 @@ impl FakeNvme {
         read_mem(ring.sq + u64::from(ring.sq_head) * 64, &mut sqe);
         ring.sq_head = (ring.sq_head + 1) % ring.entries;
         Some(sqe)
-    }
-
-    /// Answers the admin commands held by `hold_admin`, and stops holding.
-    pub fn release_admin(&mut self) {
-        self.hold_admin = false;
-        self.run_admin(self.admin_tail);
     }
 
     fn run_admin(&mut self, tail: u16) {

@@ -231,23 +231,41 @@ fn disk_spec(ctrl: CtrlRef, info: &ControllerInfo, ns: &Namespace) -> DiskSpec {
     }
 }
 
+/// What a namespace sync did: namespaces added and removed, and those replaced (the same ID
+/// with another size or block size: old node and disk gone, new ones made).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Synced {
+    added: u32,
+    removed: u32,
+    replaced: u32,
+}
+
 /// Brings the namespace nodes and disks of `live` in line with the engine's list (attach, and
-/// after a namespace attribute change). Every allocation here is fallible (ENOMEM), never a
-/// panic. Sleeps: `live` is not in the softc meanwhile (attach has not published it yet, or a
-/// [`Lease`] holds it).
-fn sync_namespaces(live: &mut LiveCtrl, ctrl: CtrlRef, k: &mut FreeBsdKernel, rescan: bool) -> Result<(u32, u32), Errno> {
+/// after a namespace attribute change). A namespace still there under the same ID whose size
+/// or block size changed (another host formatted or resized it) is replaced: its disk has the
+/// old geometry, so it goes as a removed namespace's does (withered, its requests failed, the
+/// node destroyed) and a new node and disk with the new geometry are made. Every allocation
+/// here is fallible (ENOMEM), never a panic. Sleeps: `live` is not in the softc meanwhile
+/// (attach has not published it yet, or a [`Lease`] holds it).
+fn sync_namespaces(live: &mut LiveCtrl, ctrl: CtrlRef, k: &mut FreeBsdKernel, rescan: bool) -> Result<Synced, Errno> {
     let nomem = |what: &str| {
         dev_printf!(&ctrl.device(), "out of memory for the {}\n", what);
         Errno::ENOMEM
     };
     let have: Vec<u32> = try_collect(live.namespaces()).map_err(|_| nomem("list of namespace nodes"))?;
     let (present, new): (Vec<u32>, Vec<DiskSpec>);
+    // Namespaces with a node whose size or block size the rescan found changed.
+    let mut replaced: Vec<u32> = Vec::new();
     if rescan {
         // Sleeps between the admin commands, with the controller mutex released.
-        if let Err(e) = ctrl.rescan_namespaces() {
-            dev_printf!(&ctrl.device(), "namespace rescan failed: {}\n", e);
-            return Err(Errno::ENXIO);
+        match ctrl.rescan_namespaces() {
+            Ok(changes) => replaced = changes.resized,
+            Err(e) => {
+                dev_printf!(&ctrl.device(), "namespace rescan failed: {}\n", e);
+                return Err(Errno::ENXIO);
+            }
         }
+        replaced.retain(|n| have.contains(n));
     }
     {
         let st = ctrl.state().lock();
@@ -255,8 +273,10 @@ fn sync_namespaces(live: &mut LiveCtrl, ctrl: CtrlRef, k: &mut FreeBsdKernel, re
         let info = engine.info().ok_or(Errno::ENXIO)?;
         let nss = engine.namespaces();
         present = try_collect(nss.iter().map(|ns| ns.nsid)).map_err(|_| nomem("namespace list"))?;
-        new = try_collect(nss.iter().filter(|ns| !have.contains(&ns.nsid)).map(|ns| disk_spec(ctrl, info, ns)))
-            .map_err(|_| nomem("disk parameters"))?;
+        new = try_collect(
+            nss.iter().filter(|ns| !have.contains(&ns.nsid) || replaced.contains(&ns.nsid)).map(|ns| disk_spec(ctrl, info, ns)),
+        )
+        .map_err(|_| nomem("disk parameters"))?;
     }
     let mut units: Vec<(u32, u32)> = try_vec_with_capacity(new.len()).map_err(|_| nomem("disk units"))?;
     for spec in new {
@@ -265,11 +285,25 @@ fn sync_namespaces(live: &mut LiveCtrl, ctrl: CtrlRef, k: &mut FreeBsdKernel, re
         let _ = push_within_capacity(&mut units, (nsid, unit)); // sized above
     }
     let unit_of = |nsid: u32| units.iter().find(|(n, _)| *n == nsid).map_or(u32::MAX, |(_, u)| *u);
-    live.sync_namespaces(k, &present, unit_of).inspect_err(|&e| {
+    let oom = |e: Errno| {
         if e == Errno::ENOMEM {
             dev_printf!(&ctrl.device(), "out of memory for a namespace node or its disk\n");
         }
-    })
+    };
+    let mut out = Synced::default();
+    if !replaced.is_empty() {
+        // First without the replaced ones: their old nodes and disks go (and new namespaces
+        // come); the sync below then makes them again with the new geometry.
+        let kept: Vec<u32> = try_collect(present.iter().copied().filter(|n| !replaced.contains(n))).map_err(|_| nomem("namespace list"))?;
+        let (added, removed) = live.sync_namespaces(k, &kept, unit_of).inspect_err(|&e| oom(e))?;
+        out.added = added;
+        out.removed = removed.saturating_sub(replaced.len() as u32); // each replaced one was removed here
+    }
+    let (added, removed) = live.sync_namespaces(k, &present, unit_of).inspect_err(|&e| oom(e))?;
+    out.replaced = replaced.len() as u32;
+    out.added += added.saturating_sub(out.replaced); // each replaced one was added here
+    out.removed += removed;
+    Ok(out)
 }
 
 /// SlotOps::rescan_namespaces for the controller `dev` (hotplug task, topology lock held).
@@ -284,8 +318,12 @@ pub fn rescan_namespaces(dev: Device, topo: &TopoLock) -> Result<(), Errno> {
     let mut k = FreeBsdKernel::new();
     let r = sync_namespaces(&mut lease.live, lease.ctrl, &mut k, true);
     lease.give_back(topo);
-    let (added, removed) = r?;
-    dev_printf!(&dev, "namespaces changed: {} added, {} removed\n", added, removed);
+    let Synced { added, removed, replaced } = r?;
+    if replaced > 0 {
+        dev_printf!(&dev, "namespaces changed: {} added, {} removed, {} replaced (size or block size changed)\n", added, removed, replaced);
+    } else {
+        dev_printf!(&dev, "namespaces changed: {} added, {} removed\n", added, removed);
+    }
     Ok(())
 }
 
@@ -481,7 +519,7 @@ fn build(dev: Device, unit: u32, ctrl: CtrlRef, gate: EngineGate, irq: IrqAlloc)
     let ok = intr.is_some() && timer.is_some();
     let mut a = box_waitok(Attached { live: Some(Live::new(unit, gate, softc, intr, timer, Some(queue))), lent_to: None, ctrl });
     let made = match (ok, a.live.as_mut()) {
-        (true, Some(live)) => live.create_controller_node(&mut k).and_then(|()| sync_namespaces(live, ctrl, &mut k, false)),
+        (true, Some(live)) => live.create_controller_node(&mut k).and_then(|()| sync_namespaces(live, ctrl, &mut k, false).map(|_| ())),
         _ => Err(failed),
     };
     if let Err(e) = made {

@@ -27,6 +27,10 @@ pub enum Action {
     /// The firmware's `Notify(Sxx_, value)` on slot `slot`, dispatched from acpi_task to the
     /// handlers installed on it.
     Notify { slot: u8, value: u32 },
+    /// The NVMe subsystem's other host attaches (`attach`) or detaches namespace `nsid` to or
+    /// from the module's controller (`run --qemu --namespace`'s machine, [`super::ns_admin`]):
+    /// QEMU's Namespace Attribute Changed notice for the controller follows.
+    Namespace { op: super::ns_admin::NsOp, nsid: u32 },
     /// kldunload(8) of the module (linker_file_unload, not forced): MOD_QUIESCE to each of its
     /// modules, the first veto ending it, then MOD_UNLOAD. A refusal of one of them is the only
     /// right answer while one of the module's threads sleeps in its code: if MOD_UNLOAD agrees,
@@ -43,6 +47,7 @@ impl std::fmt::Display for Action {
             Action::Detach => write!(f, "detach"),
             Action::Notify { slot, value } => write!(f, "notify:{slot}:{value}"),
             Action::Kldunload => write!(f, "kldunload"),
+            Action::Namespace { op, nsid } => write!(f, "namespace:{}:{nsid}", op.name()),
         }
     }
 }
@@ -62,10 +67,11 @@ impl std::fmt::Display for InSleep {
     }
 }
 
-/// Parses `WMESG[:N]=ACTION` (ACTION: `detach`, `kldunload`, or `notify:SLOT:VALUE` with SLOT
-/// the PCI slot number and VALUE the notify value, decimal).
+/// Parses `WMESG[:N]=ACTION` (ACTION: `detach`, `kldunload`, `notify:SLOT:VALUE` with SLOT
+/// the PCI slot number and VALUE the notify value, decimal, or `namespace:OP:NSID` with OP
+/// `attach`, `detach` or `reformat`).
 pub fn parse(s: &str) -> Result<InSleep, String> {
-    let usage = || format!("--in-sleep {s}: expected WMESG[:N]=detach, WMESG[:N]=kldunload or WMESG[:N]=notify:SLOT:VALUE");
+    let usage = || format!("--in-sleep {s}: expected WMESG[:N]=detach, WMESG[:N]=kldunload, WMESG[:N]=notify:SLOT:VALUE or WMESG[:N]=namespace:attach|detach|reformat:NSID");
     let (at, action) = s.split_once('=').ok_or_else(usage)?;
     let (wmesg, nth) = match at.split_once(':') {
         Some((w, n)) => (w, n.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(usage)?),
@@ -82,6 +88,10 @@ pub fn parse(s: &str) -> Result<InSleep, String> {
             let slot = slot.parse::<u8>().ok().filter(|&s| s < 32).ok_or_else(usage)?;
             let value = value.parse::<u32>().map_err(|_| usage())?;
             Action::Notify { slot, value }
+        }
+        ["namespace", sel, nsid] => {
+            let (op, nsid) = super::ns_admin::parse(&format!("{sel}:{nsid}")).map_err(|_| usage())?;
+            Action::Namespace { op, nsid }
         }
         _ => return Err(usage()),
     };
@@ -148,6 +158,15 @@ fn run(n: u64, wmesg: &str, action: &Action) {
             log(format!("{at}: the notify reached {n} handler(s)"));
         }
         Action::Kldunload => kldunload(&at),
+        Action::Namespace { op, nsid } => {
+            log(format!("{at}: the subsystem's other host: namespace {} {nsid}", op.name()));
+            let r = super::ns_admin::run(*op, *nsid);
+            let ok = r.is_ok();
+            for l in r.unwrap_or_else(|l| l) {
+                log(format!("  | {l}"));
+            }
+            log(format!("{at}: the Namespace Attachment {}", if ok { "completed" } else { "FAILED" }));
+        }
     }
 }
 
@@ -178,7 +197,7 @@ mod tests {
 
     #[test]
     fn the_option_round_trips_and_bad_spellings_are_refused() {
-        for s in ["nvmehpsd:1=detach", "nvmehpst:3=notify:4:3", "nvmehpbu:2=kldunload"] {
+        for s in ["nvmehpsd:1=detach", "nvmehpst:3=notify:4:3", "nvmehpbu:2=kldunload", "nvmehpns:2=namespace:attach:2"] {
             assert_eq!(parse(s).map(|x| x.to_string()), Ok(s.to_string()));
         }
         assert_eq!(parse("nvmehpst=detach").map(|x| x.nth), Ok(1));

@@ -55,6 +55,9 @@ pub const NVME_SLOT: u8 = 4;
 /// Its scenario id (`run --qemu`'s QMP messages name it).
 pub const NVME_ID: &str = "nvme0";
 
+/// The slot of the lab-private controller of `run --qemu --namespace` (pc: 00:06.0).
+pub const PRIVATE_SLOT: u8 = 6;
+
 /// Image size of `run --qemu`'s controller's namespace.
 pub const IMAGE_BYTES: u64 = 16 << 20;
 
@@ -86,6 +89,11 @@ pub struct Machine {
     /// Ejects per slot so far: a BAR window mapped before the last one is a removed function's.
     ejects: BTreeMap<u8, u64>,
     traps: BTreeMap<u8, Trap>,
+    /// `run --qemu --namespace`: the lab-private controller of the first controller's NVMe
+    /// subsystem ([`super::ns_admin`]). Not on pci0: config space at its address reads
+    /// all-ones and takes no writes for the emulated kernel (the module, pci(4), ACPI, nvme(4)
+    /// all see an empty slot), so nothing in the kernel claims it.
+    pub private: Option<super::ns_admin::PrivateCtrl>,
 }
 
 // SAFETY: the lab machine holds `Rc`s and `RefCell`s (its guest), which are not Send because
@@ -127,21 +135,52 @@ impl Machine {
         Self::start_functions(kind, &cold, hot_slots, removal_reads)
     }
 
+    /// `run --qemu --namespace ...`'s machine (pc): the controller of [`Machine::start`] in
+    /// slot [`NVME_SLOT`] with two shared namespaces (1 and 2, 16 MiB each) of an NVMe
+    /// subsystem, whose second, lab-private controller sits in [`PRIVATE_SLOT`], hidden from
+    /// the emulated kernel ([`Machine::private`]).
+    pub fn start_with_subsystem() -> io::Result<Machine> {
+        let size_mib = (IMAGE_BYTES >> 20) as u32;
+        let spec = ControllerSpec {
+            id: NVME_ID.into(),
+            slot: NVME_SLOT,
+            namespaces: vec![NamespaceSpec { nsid: 1, size_mib, lba: 512 }, NamespaceSpec { nsid: 2, size_mib, lba: 512 }],
+        };
+        let sub = nvmehp_lab::machine::SubsystemSpec { private_slot: PRIVATE_SLOT, detached: Vec::new() };
+        Self::start_functions_with(MachineKind::Pc, &[(spec, 0)], &[5], RemovalReads::Zeros, Some(&sub))
+    }
+
     /// The machine with each cold controller at a function of its slot.
     fn start_functions(kind: MachineKind, cold: &[(ControllerSpec, u8)], hot_slots: &[u8], removal_reads: RemovalReads) -> io::Result<Machine> {
-        let mut lab = LabMachine::start_with_functions(kind, cold, hot_slots, RamAccess::Shared)?;
+        Self::start_functions_with(kind, cold, hot_slots, removal_reads, None)
+    }
+
+    /// [`Machine::start_functions`], with `subsys` for the first cold controller.
+    fn start_functions_with(
+        kind: MachineKind,
+        cold: &[(ControllerSpec, u8)],
+        hot_slots: &[u8],
+        removal_reads: RemovalReads,
+        subsys: Option<&nvmehp_lab::machine::SubsystemSpec>,
+    ) -> io::Result<Machine> {
+        let mut lab = LabMachine::start_full(kind, cold, hot_slots, RamAccess::Shared, subsys)?;
         lab.set_removal_reads(removal_reads);
         // The lab's guest-RAM allocator hands out the bio data pool only (the scenario's I/O
         // buffers); below it is the module's contigmalloc pool.
         *lab.guest().ram() = nvmehp_lab::dma::GuestRam::new(BIO_POOL_START, u64::from(RAM_MIB) << 20);
         let found = lab.scan()?;
         let mut functions = Vec::new();
-        for (_, f) in found {
+        let mut private = None;
+        for (slot, f) in found {
             lab.guest().qtest(|q| clear_bus_master(q, f.bdf)).map_err(to_io)?;
+            if subsys.is_some_and(|s| s.private_slot == slot) {
+                private = Some(super::ns_admin::PrivateCtrl::new(f));
+                continue;
+            }
             functions.push(f);
         }
         let image = cold.first().and_then(|(c, _)| lab.plugged(c.slot)).and_then(|d| d.images.first()).map(|i| i.path.clone()).unwrap_or_default();
-        Ok(Machine { lab, functions, image, next_free: DMA_POOL_START, reclaimed: Vec::new(), removal_reads, ejects: BTreeMap::new(), traps: BTreeMap::new() })
+        Ok(Machine { lab, functions, image, next_free: DMA_POOL_START, reclaimed: Vec::new(), removal_reads, ejects: BTreeMap::new(), traps: BTreeMap::new(), private })
     }
 
     /// Runs `f` with the qtest connection.
@@ -415,6 +454,17 @@ pub fn start(kind: MachineKind, multifunction: &[(u8, Vec<u8>)]) -> io::Result<(
     Ok(())
 }
 
+/// Starts `run --qemu --namespace`'s machine ([`Machine::start_with_subsystem`]).
+pub fn start_with_subsystem() -> io::Result<()> {
+    install(Machine::start_with_subsystem()?);
+    Ok(())
+}
+
+/// Whether `bdf` is the lab-private controller, which the emulated kernel does not see.
+fn hidden(m: &Machine, bdf: Bdf) -> bool {
+    m.private.as_ref().is_some_and(|p| p.bdf() == bdf)
+}
+
 /// Makes `m` the machine of this process's emulated kernel.
 pub fn install(m: Machine) {
     *MACHINE.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
@@ -431,6 +481,9 @@ pub fn stop() {
 /// ([`super::device_fault::on_config_read`]).
 pub fn cfg_read(bdf: Bdf, reg: u16, width: i32) -> u32 {
     let (v, notes) = with_machine(|m| {
+        if hidden(m, bdf) {
+            return (if width == 4 { u32::MAX } else { (1u32 << (8 * width)) - 1 }, Vec::new());
+        }
         let v = m.qemu_cfg_read(bdf, reg, width);
         if v == u32::MAX || !super::device_fault::wants_config_read(reg, width) {
             return (v, Vec::new());
@@ -446,6 +499,9 @@ pub fn cfg_read(bdf: Bdf, reg: u16, width: i32) -> u32 {
 /// ([`super::device_fault::on_config_write`]) and may change the value QEMU gets.
 pub fn cfg_write(bdf: Bdf, reg: u16, val: u32, width: i32) {
     let notes = with_machine(|m| {
+        if hidden(m, bdf) {
+            return Vec::new();
+        }
         let mut val = val;
         let mut notes = Vec::new();
         if super::device_fault::wants_config_write(reg, width) {

@@ -37,6 +37,7 @@ pub mod machine;
 pub mod mmio;
 pub mod msi;
 pub mod newbus;
+pub mod ns_admin;
 pub mod pci;
 pub mod pcib;
 pub mod rules;

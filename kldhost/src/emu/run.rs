@@ -52,6 +52,8 @@ pub struct Report {
     /// With `eject`: the notifies delivered, as (slot, value, handlers called), and whether the
     /// function left pci0 and QEMU reported DEVICE_DELETED.
     pub notifies: Vec<(u8, u32, usize)>,
+    /// With `namespace`: each namespace step's outcome ([`Step::Namespace`]).
+    pub namespaces: Vec<NsStep>,
     pub ejected: bool,
     /// With `hot_add`: whether the hot-added function got attached, and its write and read.
     pub hot_added: bool,
@@ -80,6 +82,25 @@ pub struct Report {
     /// module stays loaded with them, as FreeBSD keeps a module whose unload it refused: they
     /// are not leaks (the leak check is one of the unload's end-of-life checks).
     pub kept_loaded: Option<(usize, usize)>,
+}
+
+/// What one [`Step::Namespace`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NsStep {
+    pub op: Option<super::ns_admin::NsOp>,
+    pub nsid: u32,
+    /// QEMU completed the Namespace Attachment command without error.
+    pub sent: bool,
+    /// The module rescanned (its `namespaces changed:` line; not a failed or refused rescan).
+    pub rescanned: bool,
+    /// Disks created and gone (withered or destroyed) during the step.
+    pub disks_added: Vec<String>,
+    pub disks_gone: Vec<String>,
+    /// `detach+read`: the bio_error of the read sent to the namespace's disk after the detach,
+    /// before the module's threads ran (-1: never done).
+    pub early_read: Option<c_int>,
+    /// After an attach or a reformat: a read of the new disk gave the data on the medium.
+    pub read_ok: Option<bool>,
 }
 
 /// A disk and the image file QEMU keeps its namespace in.
@@ -396,6 +417,11 @@ pub struct Options {
     /// With `msi`: the emulated messages are never delivered (a negative control: only the
     /// driver's polling can complete its I/O).
     pub msi_undelivered: bool,
+    /// With `qemu` (pc): the controller is in an NVMe subsystem with two namespaces and a
+    /// lab-private second controller ([`super::ns_admin`]); after the I/O, each (op, nsid) in
+    /// order is done to the module's controller's namespace ([`Step::Namespace`]),
+    /// each followed by the I/O step on the first disk.
+    pub namespace: Vec<(super::ns_admin::NsOp, u32)>,
     /// With `qemu` (pc): cold multi-function slots, as (slot, functions): an NVMe controller
     /// at each function, function 0 plugged with `multifunction=on`.
     pub multifunction: Vec<(u8, Vec<u8>)>,
@@ -751,6 +777,135 @@ fn hot_add(report: &mut Report, slot: u8, id: &str) {
     report.target = report.disks_attached.iter().find(|d| !before.contains(d)).map(|disk| Target { disk: disk.clone(), image });
 }
 
+/// Console lines that end a namespace rescan of the module (`pci_driver.rs`
+/// `rescan_namespaces`, `slots.rs` `namespace_changed`).
+const RESCAN_ENDS: &[&str] = &["namespaces changed:", "namespace rescan failed", "not rescanned"];
+
+fn rescan_ends() -> usize {
+    with(|e| RESCAN_ENDS.iter().map(|w| e.console.matches(w).count()).sum())
+}
+
+/// Rescans the module carried out (its `namespaces changed:` lines).
+fn rescans_done() -> usize {
+    with(|e| e.console.matches(RESCAN_ENDS[0]).count())
+}
+
+/// Disks by state, as (record, name): (created, withered or destroyed). A unit number may be
+/// given again once its disk is destroyed, so disks are told apart by their record.
+fn disks_by_state() -> (Vec<(u64, String)>, Vec<(u64, String)>) {
+    with(|e| {
+        let created = e.disks.iter().filter(|(_, d)| d.state == super::geom::DiskState::Created).map(|(k, d)| (*k, d.name.clone())).collect();
+        let gone = e.disks.iter().filter(|(_, d)| d.state != super::geom::DiskState::Created).map(|(k, d)| (*k, d.name.clone())).collect();
+        (created, gone)
+    })
+}
+
+/// Writes [`io_pattern`] at [`IO_OFFSET`] of `image` (what another host left on the medium).
+fn leave_data(nsid: u32, image: &std::path::Path) {
+    let ok = std::fs::OpenOptions::new().write(true).open(image).and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &io_pattern(), IO_OFFSET as u64));
+    log(format!("  | subsystem: {IO_BYTES} bytes of the test pattern written at {IO_OFFSET} of namespace {nsid}'s image {}: {}", image.display(), ok.map_or_else(|e| e.to_string(), |()| "ok".into())));
+}
+
+/// [`Step::Namespace`].
+fn namespace_step(op: super::ns_admin::NsOp, nsid: u32) -> NsStep {
+    use super::machine::{with_machine, NVME_SLOT};
+    use super::ns_admin::NsOp;
+    let mut r = NsStep { op: Some(op), nsid, ..NsStep::default() };
+    let image = with_machine(|m| m.lab.plugged(NVME_SLOT).and_then(|d| d.images.iter().find(|i| i.nsid == nsid)).map(|i| i.path.clone()));
+    if let (NsOp::Attach, Some(image)) = (op, &image) {
+        leave_data(nsid, image);
+    }
+    let (created_before, gone_before) = disks_by_state();
+    let ends = rescan_ends();
+    let done = rescans_done();
+    let lines = super::ns_admin::run(op, nsid);
+    r.sent = lines.is_ok();
+    for l in lines.unwrap_or_else(|l| l) {
+        log(format!("  | {l}"));
+    }
+    if !r.sent {
+        return r;
+    }
+    if let (NsOp::Reformat, Some(image)) = (op, &image) {
+        // Format NVM zeroed the namespace; the data another host writes after it.
+        leave_data(nsid, image);
+    }
+    if op == NsOp::DetachRead {
+        // The namespace's disk as the module made it at attach (namespace N's is the N-th
+        // created on this machine): a consumer reads it now, before the module has seen the
+        // notice, so the read reaches a controller that no longer has the namespace. The
+        // module's threads run while it waits (its interrupt, its tasks).
+        let disk = created_before.get(nsid as usize - 1).map(|d| d.1.clone());
+        if let Some(disk) = disk {
+            r.early_read = Some(early_read(&disk));
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while rescan_ends() == ends && std::time::Instant::now() < deadline {
+        super::sched::run_queues(1000);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let ran = super::sched::run_queues(1000);
+    r.rescanned = rescans_done() > done;
+    let said = if r.rescanned {
+        "ended"
+    } else if rescan_ends() > ends {
+        "did NOT happen or failed (the console says why)"
+    } else {
+        "did NOT end in 5 s"
+    };
+    log(format!("after the namespace {}: the module's rescan {said}; threads ran {ran} times", op.name()));
+    let (created, gone) = disks_by_state();
+    r.disks_added = created.iter().filter(|d| !created_before.contains(d)).map(|d| d.1.clone()).collect();
+    r.disks_gone = gone.iter().filter(|d| !gone_before.contains(d)).map(|d| d.1.clone()).collect();
+    if matches!(op, NsOp::Attach | NsOp::Reformat) {
+        // The disk of the namespace now: the new one, else (a reformat the module missed) the
+        // one it kept: on this machine namespace 1's disk is nvmehpd0 (made first at attach),
+        // so the other created disk.
+        let disk = r.disks_added.first().cloned().or_else(|| {
+            with(|e| e.disks.values().find(|d| d.state == super::geom::DiskState::Created && d.name != "nvmehpd0").map(|d| d.name.clone()))
+        });
+        if let (Some(disk), Some(image)) = (disk, image) {
+            r.read_ok = Some(read_back(&disk, &image));
+        }
+    }
+    r
+}
+
+/// [`NsOp::DetachRead`]'s read: [`IO_BYTES`] at [`IO_OFFSET`] of `disk`, its bio_error.
+fn early_read(disk: &str) -> c_int {
+    let p = super::machine::with_machine(|m| m.contig_alloc(IO_BYTES as u64, 0, u64::MAX, 4096, 0));
+    let Some(p) = p else { return layouts::ENOMEM };
+    // SAFETY: IO_BYTES bytes of the shared guest RAM mapping, handed out to nobody else, alive
+    // until the machine stops.
+    let buf = unsafe { std::slice::from_raw_parts_mut(p, IO_BYTES) };
+    let o = super::geom::open(disk);
+    let e = super::geom::io(disk, layouts::BIO_READ as u32, IO_OFFSET, buf, std::time::Duration::from_secs(10));
+    let c = super::geom::close(disk);
+    log(format!("read of {disk} at {IO_OFFSET} after its namespace's detach, before the module's rescan: d_open {o}, BIO_READ {e}, d_close {c}"));
+    e
+}
+
+/// Reads [`IO_BYTES`] at [`IO_OFFSET`] of `disk` through d_strategy (bio data in guest RAM)
+/// and compares them with [`io_pattern`] and with the image file.
+fn read_back(disk: &str, image: &std::path::Path) -> bool {
+    let p = super::machine::with_machine(|m| m.contig_alloc(IO_BYTES as u64, 0, u64::MAX, 4096, 0));
+    let Some(p) = p else { return false };
+    // SAFETY: IO_BYTES bytes of the shared guest RAM mapping, handed out to nobody else, alive
+    // until the machine stops.
+    let buf = unsafe { std::slice::from_raw_parts_mut(p, IO_BYTES) };
+    buf.fill(0);
+    let timeout = std::time::Duration::from_secs(10);
+    let o = super::geom::open(disk);
+    let e = super::geom::io(disk, layouts::BIO_READ as u32, IO_OFFSET, buf, timeout);
+    let c = super::geom::close(disk);
+    let at = IO_OFFSET as usize;
+    let on_disk = std::fs::read(image).ok().map(|b| b[at..at + IO_BYTES].to_vec());
+    let ok = o == 0 && e == 0 && c == 0 && *buf == io_pattern()[..] && on_disk.as_deref() == Some(&io_pattern()[..]);
+    log(format!("read of {disk} at {IO_OFFSET}: d_open {o}, BIO_READ {e}, d_close {c}; {}", if ok { "the data on the medium" } else { "NOT the data on the medium" }));
+    ok
+}
+
 /// The functions newbus has in scenario slot `slot` (pc: pci0's children at device `slot`).
 fn functions_in_slot(slot: u8) -> Vec<u64> {
     super::newbus::pci_functions().into_iter().filter(|&c| slot_of_child(c) == Some(slot)).collect()
@@ -870,6 +1025,16 @@ pub enum Step {
     /// reboot(8): DEVICE_SHUTDOWN of every attached function, then a write to the target
     /// disk, expected to fail without reaching the medium ([`shutdown`]).
     Shutdown,
+    /// The subsystem's other host attaches, detaches or reformats namespace `nsid` of the
+    /// module's controller (Namespace Attachment, and for a reformat Format NVM, through the
+    /// lab-private controller, [`super::ns_admin`]); QEMU sends the module's controller a
+    /// Namespace Attribute Changed notice; the interrupt and taskqueue threads run until the
+    /// module said how its rescan ended (5 s at most). Before an attach or after a reformat's
+    /// format, the namespace's image gets [`io_pattern`] at [`IO_OFFSET`] (data another host
+    /// left on the medium), which the new disk must read back. Done when the module rescanned,
+    /// and a disk went (detach), came and read the data (attach), or was replaced by one that
+    /// reads the data (reformat).
+    Namespace { op: super::ns_admin::NsOp, nsid: u32 },
     /// devctl(8) delete of the function at `slot`.`func` (sys/kern/subr_bus.c devctl2_ioctl
     /// DEV_DELETE: device_delete_child under the topology lock, its driver detached first):
     /// QEMU keeps the function, newbus forgets it. Done when it was deleted.
@@ -940,6 +1105,21 @@ impl Step {
                 let ran = super::sched::run_queues(1000);
                 log(format!("after Notify(slot {slot}, {value}): taskqueue and kernel threads ran {ran} times"));
                 n > 0
+            }
+            Step::Namespace { op, nsid } => {
+                use super::ns_admin::NsOp;
+                let r = namespace_step(*op, *nsid);
+                let read = r.read_ok == Some(true);
+                let ok = r.sent
+                    && r.rescanned
+                    && match op {
+                        NsOp::Attach => read && r.disks_added.len() == 1,
+                        NsOp::Detach => r.disks_gone.len() == 1,
+                        NsOp::DetachRead => r.disks_gone.len() == 1 && r.early_read.is_some_and(|e| e != 0),
+                        NsOp::Reformat => read && r.disks_added.len() == 1 && r.disks_gone.len() == 1,
+                    };
+                report.namespaces.push(r);
+                ok
             }
             Step::DevctlDelete { slot, func } => devctl_delete(*slot, *func),
             Step::HotAddFunction { slot, func, multifunction } => hot_add_function(report, *slot, *func, *multifunction),
@@ -1015,6 +1195,10 @@ impl Options {
         for &(slot, value) in &self.notify {
             steps.push(Step::Notify { slot, value });
         }
+        for &(op, nsid) in &self.namespace {
+            steps.push(Step::Namespace { op, nsid });
+            steps.push(Step::Io);
+        }
         if self.shutdown {
             steps.push(Step::Shutdown);
         }
@@ -1064,7 +1248,12 @@ pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Momen
     super::msi::set_delivered(!opts.msi_undelivered);
     if opts.qemu {
         let kind = if opts.q35 { nvmehp_lab::qemu::MachineKind::Q35 } else { nvmehp_lab::qemu::MachineKind::Pc };
-        super::machine::start(kind, &opts.multifunction).map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
+        let subsystem = opts.effective_plan().steps.iter().any(|s| matches!(s, Step::Namespace { .. }));
+        if subsystem && (opts.q35 || !opts.multifunction.is_empty()) {
+            return Err(LoadError::Bad("--namespace: the NVMe subsystem machine is pc, without --multifunction".to_string()));
+        }
+        let started = if subsystem { super::machine::start_with_subsystem() } else { super::machine::start(kind, &opts.multifunction) };
+        started.map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
         super::newbus::build_tree(&functions);
         if opts.acpi {
