@@ -610,15 +610,8 @@ fn device_props_in(kind: MachineKind, dev: &PluggedDevice, subsys: Option<&Subsy
             out.push(("nvme", ctrl));
         }
         for img in &dev.images {
-            let mut ns = vec![
-                ("id", Value::from(format!("{}-ns{}", dev.qdev, img.nsid))),
-                ("bus", Value::from(dev.qdev.clone())),
-                ("drive", Value::from(node_names(&dev.qdev, img.nsid).1)),
-                ("nsid", Value::from(img.nsid)),
-                ("logical_block_size", Value::from(img.lba_bytes)),
-                ("physical_block_size", Value::from(img.lba_bytes)),
-                ("shared", Value::from("on")),
-            ];
+            let mut ns = ns_props(dev, img);
+            ns.push(("shared", Value::from("on")));
             if sub.detached.contains(&img.nsid) {
                 ns.push(("detached", Value::from("on")));
             }
@@ -648,18 +641,20 @@ fn device_props_in(kind: MachineKind, dev: &PluggedDevice, subsys: Option<&Subsy
     } else {
         out.push(("nvme", ctrl));
         for img in &dev.images {
-            out.push((
-                "nvme-ns",
-                vec![
-                    ("id", Value::from(format!("{}-ns{}", dev.qdev, img.nsid))),
-                    ("bus", Value::from(dev.qdev.clone())),
-                    ("drive", Value::from(node_names(&dev.qdev, img.nsid).1)),
-                    ("nsid", Value::from(img.nsid)),
-                    ("logical_block_size", Value::from(img.lba_bytes)),
-                    ("physical_block_size", Value::from(img.lba_bytes)),
-                ],
-            ));
+            out.push(("nvme-ns", ns_props(dev, img)));
         }
     }
     out
+}
+
+/// The properties of the `nvme-ns` device of namespace `img` on the controller `dev`.
+fn ns_props(dev: &PluggedDevice, img: &Image) -> Vec<(&'static str, Value)> {
+    vec![
+        ("id", Value::from(format!("{}-ns{}", dev.qdev, img.nsid))),
+        ("bus", Value::from(dev.qdev.clone())),
+        ("drive", Value::from(node_names(&dev.qdev, img.nsid).1)),
+        ("nsid", Value::from(img.nsid)),
+        ("logical_block_size", Value::from(img.lba_bytes)),
+        ("physical_block_size", Value::from(img.lba_bytes)),
+    ]
 }
