@@ -168,6 +168,37 @@ fn a_device_check_touches_only_its_own_slot() {
     assert_clean_unload(code, &out);
 }
 
+/// A device check of a slot with a live function adds back the one newbus lost: 6.0 and 6.1
+/// attached, `devctl delete 6.1` (QEMU still has it), then `Notify(S06_, 1)`. The module walks
+/// slot 6 as acpi_pci's BUS_RESCAN would for that slot: 6.1 is read (pci_read_device), added
+/// and attached, 6.0 is neither re-added nor re-probed; nothing outside slot 6 is read and
+/// nothing is deleted. Fails when the check takes "a function has a device_t" for "nothing to
+/// do" (6.1 then stays without a driver until the next eject), or re-adds 6.0.
+#[test]
+fn a_device_check_of_an_occupied_slot_adds_its_missing_function() {
+    let Some((code, out)) = run("mf_occupied", &["--multifunction", "6=0,1", "--devctl-delete", "6.1", "--notify", "6=1"]) else { return };
+    assert!(out.contains("devctl delete 6.1: 0"), "{out}");
+    let check = nth_check(&out, 6, 0);
+    assert!(check.contains("Notify(\\_SB_.PCI0.S06_, 1) to 1 handler(s)"), "{check}");
+    let reads = config_reads(check);
+    assert!(reads.iter().all(|&(s, f, _)| s == 6 && f < 8), "{reads:?}");
+    assert_in_order(
+        check,
+        &[
+            "pci_read_device(0, 0, 6, 1) = 0x",
+            "pci_add_child(pci0, 00:06.1) = device_t",
+            "at device 6.1 on pci0",
+            "nvme_hotplug: slot \\\\_SB_.PCI0.S06_: 1 new functions, 1 attached",
+        ],
+    );
+    assert_eq!(check.matches("pci_read_device(").count(), 1, "{check}");
+    for never in ["pci_add_child(pci0, 00:06.0)", "device_delete_child(", "device_detach_desc"] {
+        assert!(!check.contains(never), "{never} in the check:\n{check}");
+    }
+    assert_eq!(check.matches("device_probe_desc ->").count(), 1, "only 6.1 is probed:\n{check}");
+    assert_clean_unload(code, &out);
+}
+
 /// An eject request on a slot holding two controllers of ours (6.0 and 6.1) while 6.0's disk
 /// is held open: the module refuses the whole slot before detaching anything (6.1, which it
 /// would detach first, last function first, included): no DEVICE_DETACH, no

@@ -52,8 +52,14 @@ impl Default for HotplugConfig {
 /// What one run did, for counters, `device_printf` and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RunReport {
-    /// Slot rescans performed.
+    /// Slot rescans performed (a check found a function answering in a slot without a
+    /// `device_t`).
     pub rescans: u32,
+    /// Walks of a slot that already had a `device_t`, on an ACPI device or bus check: they add
+    /// only functions newbus does not know (one hot-added beside a live function, or one an
+    /// administrator `devctl delete`d). Counted apart from [`RunReport::rescans`]: a notify storm
+    /// after an attach makes one rescan and any number of these, most of which add nothing.
+    pub rewalks: u32,
     /// Detaches performed (eject or stale sweep).
     pub detaches: u32,
     /// Of those, stale devices swept (config space gone, `device_t` still there).
@@ -145,7 +151,8 @@ impl SlotMachine {
             }
         }
         if bits & (Pending::CHECK | Pending::BUS_CHECK | Pending::QUIET_CHECK) != 0 {
-            let status = if self.check(i, ops, r) { OstStatus::Success } else { OstStatus::NonSpecificFailure };
+            let asked = bits & (Pending::CHECK | Pending::BUS_CHECK) != 0;
+            let status = if self.check(i, asked, ops, r) { OstStatus::Success } else { OstStatus::NonSpecificFailure };
             // One check answers every ACPI notify that asked for it, each with its own source.
             if bits & Pending::BUS_CHECK != 0 {
                 ops.ost(i, SOURCE_BUS_CHECK, status);
@@ -239,6 +246,15 @@ impl SlotMachine {
     }
 
     /// Device, bus or quiet fallback check; returns whether it succeeded (for `_OST`).
+    /// `asked` is set when the platform asked (ACPI Notify 0 or 1), not only our fallback.
+    ///
+    /// **Occupied slots.** A slot with a live `device_t` is walked again only when the platform
+    /// asked: a function may have been hot-added beside a live one, or `devctl delete`d by an
+    /// administrator, and FreeBSD's acpi_pci (`BUS_RESCAN`) and Linux's acpiphp
+    /// (`acpiphp_rescan_slot`, drivers/pci/hotplug/acpiphp_glue.c) both add it back on such a
+    /// notify. The quiet check (periodic fallback, a lost controller) never does: it would undo
+    /// an administrator's `devctl delete` every interval, and it exists to catch arrivals in
+    /// empty slots and departures, which need no walk of a live slot.
     ///
     /// **Observer rule.** On a slot we do not own (acpi_pci's handler is installed there, or
     /// `acpi_mode=off`) the check changes nothing: no slot rescan, no detach, no delete; it only
@@ -250,7 +266,7 @@ impl SlotMachine {
     /// stale list, a function we added could be added twice, and a detach of ours racing its
     /// eject makes its `device_detach` fail, so it skips `_EJ0` and the eject is lost. Only
     /// namespace rescans (inside our own driver) run on such slots.
-    fn check<O: SlotOps>(&mut self, i: SlotIndex, ops: &mut O, r: &mut RunReport) -> bool {
+    fn check<O: SlotOps>(&mut self, i: SlotIndex, asked: bool, ops: &mut O, r: &mut RunReport) -> bool {
         let child = ops.has_child(i);
         // Attaching needs config space; declaring a device stale needs every source to agree.
         let (attachable, alive) = if child { (false, Self::alive(i, ops)) } else { (ops.present(i), false) };
@@ -283,7 +299,11 @@ impl SlotMachine {
                 }
                 Err(_) => false,
             },
-            // Already attached (a spurious or duplicated check), or nothing there.
+            (_, true, true) if asked => {
+                r.rewalks += 1;
+                ops.rescan_slot(i).is_ok()
+            }
+            // Already attached and only our fallback asking, or nothing there.
             _ => true,
         };
         self.note_left_alone(i, left, ops, r);

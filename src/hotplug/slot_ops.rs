@@ -68,7 +68,9 @@ pub trait SlotOps {
     /// A `device_t` exists for the slot (attached or not), at any of its functions: an eject
     /// must not take "function 0 has none" for an empty slot.
     fn has_child(&mut self, slot: SlotIndex) -> bool;
-    /// Adds and attaches the functions of this slot only (not a whole-bus rescan).
+    /// Adds and attaches the functions of this slot that have no `device_t` yet, this slot
+    /// only (not a whole-bus rescan). Called on occupied slots too (an ACPI check of a slot with
+    /// a live function): known functions must be neither re-added nor re-probed.
     fn rescan_slot(&mut self, slot: SlotIndex) -> Result<(), OpFailed>;
     /// `device_detach` + `device_delete_child` of the slot's device(s), under the topology lock.
     fn detach_slot(&mut self, slot: SlotIndex, why: DetachReason) -> Result<(), DetachError>;

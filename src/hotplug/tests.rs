@@ -122,11 +122,38 @@ fn hundred_device_checks_make_one_rescan() {
     let r = hp.run_pending(&mut bus);
     assert_eq!(r.rescans, 1);
     assert_eq!(bus.calls, vec![Call::Rescan(2), Call::Ost(2, 1, OstStatus::Success)]);
-    // A second storm on an attached slot is a spurious check: no rescan at all.
+    // A second storm on an attached slot: one walk of the occupied slot (it may hold a new
+    // function beside the live one), counted apart, not a rescan of an empty slot.
+    bus.calls.clear();
     for _ in 0..100 {
         hp.notify(2, 1);
     }
-    assert_eq!(hp.run_pending(&mut bus).rescans, 0);
+    let r = hp.run_pending(&mut bus);
+    assert_eq!((r.rescans, r.rewalks), (0, 1));
+    assert_eq!(bus.calls, vec![Call::Rescan(2), Call::Ost(2, 1, OstStatus::Success)]);
+}
+
+/// A live occupied slot is walked again only when the platform asks (Notify 0 or 1): the
+/// periodic quiet check leaves it alone, so an administrator's `devctl delete` of one function
+/// is not undone every interval. Fails when the quiet check walks live slots, or a device check
+/// of an occupied slot does nothing (a function hot-added beside a live one never attaches).
+#[test]
+fn only_a_platform_check_walks_an_occupied_slot() {
+    let mut hp = owner(2);
+    let mut bus = FakeBus::new(2);
+    bus.present[1] = true;
+    bus.child[1] = true;
+    assert!(hp.pending_mut().check_all_quietly());
+    let r = hp.run_pending(&mut bus);
+    assert_eq!((r.rescans, r.rewalks, r.detaches), (0, 0, 0));
+    assert!(bus.calls.is_empty(), "{:?}", bus.calls);
+    for code in [0, 1] {
+        hp.notify(1, code);
+        let r = hp.run_pending(&mut bus);
+        assert_eq!((r.rescans, r.rewalks, r.failures), (0, 1, 0), "Notify {code}");
+        assert_eq!(bus.calls, vec![Call::Rescan(1), Call::Ost(1, code, OstStatus::Success)], "Notify {code}");
+        bus.calls.clear();
+    }
 }
 
 #[test]
