@@ -313,6 +313,18 @@ nvmehp_pci_get_device(device_t dev)
 	return (pci_get_device(dev));
 }
 
+uint16_t
+nvmehp_pci_get_subvendor(device_t dev)
+{
+	return (pci_get_subvendor(dev));
+}
+
+uint16_t
+nvmehp_pci_get_subdevice(device_t dev)
+{
+	return (pci_get_subdevice(dev));
+}
+
 uint8_t
 nvmehp_pci_get_class(device_t dev)
 {

@@ -98,6 +98,8 @@ void	nvmehp_bus_write_4(struct resource *r, bus_size_t off, uint32_t val);
 uint32_t nvmehp_pci_read_config(device_t dev, int reg, int width);
 uint16_t nvmehp_pci_get_vendor(device_t dev);
 uint16_t nvmehp_pci_get_device(device_t dev);
+uint16_t nvmehp_pci_get_subvendor(device_t dev);
+uint16_t nvmehp_pci_get_subdevice(device_t dev);
 uint8_t	nvmehp_pci_get_class(device_t dev);
 uint8_t	nvmehp_pci_get_subclass(device_t dev);
 uint8_t	nvmehp_pci_get_progif(device_t dev);

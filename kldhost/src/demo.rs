@@ -82,6 +82,7 @@ fn title(step: &Step) -> String {
         Step::HotAdd { slot, id, .. } => format!("hot-add of {id} in slot {slot}"),
         Step::Notify { slot, value } => format!("Notify({value}) on slot {slot}"),
         Step::Namespace { op, nsid } => format!("namespace {nsid}: {}", op.name()),
+        Step::Getattr(attrs) => format!("{} GEOM attribute(s) of every disk", attrs.len()),
         Step::Shutdown => "reboot's DEVICE_SHUTDOWN".to_string(),
         Step::ReadInFlight => "a read left in flight".to_string(),
         Step::DevctlDelete { slot, func } => format!("devctl delete of {slot}.{func}"),
@@ -121,6 +122,10 @@ fn announce(step: &Step, report: &Report) -> String {
             "==> the subsystem's other host: {} of namespace {nsid} of the controller (Namespace Attachment; QEMU's Namespace Attribute Changed notice)",
             op.name()
         ),
+        Step::Getattr(attrs) => {
+            let names: Vec<&str> = attrs.iter().map(|(a, _)| a.as_str()).collect();
+            format!("==> BIO_GETATTR {} of every disk, as GEOM's g_disk_start asks d_getattr", names.join(", "))
+        }
         Step::Shutdown => "==> reboot: DEVICE_SHUTDOWN of every attached function, then a write that must fail".to_string(),
         Step::ReadInFlight => format!("==> a 4 KiB read sent to {disk} and left in flight while time passes"),
         Step::DevctlDelete { slot, func } => format!("==> devctl delete of the function at {slot}.{func}"),

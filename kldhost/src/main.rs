@@ -148,6 +148,12 @@ enum Cmd {
         /// (src/emu/ns_admin.rs).
         #[arg(long = "namespace", value_name = "attach:NSID|detach:NSID|detach+read:NSID|reformat:NSID", value_parser = kldhost::emu::ns_admin::parse, requires = "qemu")]
         namespace: Vec<(kldhost::emu::ns_admin::NsOp, u32)>,
+        /// With --qemu: after the write and read, a BIO_GETATTR of GEOM::NAME with a LEN-byte
+        /// buffer (default: the size of the attribute's number, else 256) to every disk, as
+        /// geom_disk.c g_disk_start handles it: the driver's d_getattr first, then the disk's
+        /// fields; each answer is printed. Repeatable.
+        #[arg(long = "getattr", value_name = "GEOM::NAME[:LEN]", value_parser = kldhost::emu::geom::parse_getattr, requires = "qemu")]
+        getattr: Vec<(String, usize)>,
         /// With --qemu: QEMU's q35 (ICH9) machine: the controller behind the pcie-root-port in
         /// slot 4 (pcib1 -> pci1), another port in slot 5 for --hot-add, and with --acpi q35's
         /// namespace (\_SB_.PCI0.S20_.S00_ is slot 4's hotplug slot). Not with INTx (ICH9's
@@ -277,7 +283,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots, namespace } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots, namespace, getattr } => {
             if msi_undelivered && !(msi_instead_of_msix || msi_with_msix) {
                 eprintln!("kldhost run: --msi-undelivered needs --msi-instead-of-msix or --msi-with-msix");
                 return ExitCode::from(2);
@@ -321,6 +327,7 @@ fn main() -> ExitCode {
                 },
                 msi_undelivered,
                 namespace,
+                getattr,
                 multifunction,
                 hold_open,
                 devctl_delete,

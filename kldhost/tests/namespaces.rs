@@ -234,7 +234,7 @@ fn a_namespace_reformatted_under_the_same_id_gets_a_new_disk_with_its_new_block_
             "make_dev_s(\"nvmehp0ns2\"",
             "16777216 bytes, 4096-byte sectors",
             "device_unbusy(nvmehp0) -> 0",
-            "nvmehp0: namespaces changed: 0 added, 0 removed, 1 replaced (size or block size changed)",
+            "nvmehp0: namespaces changed: 0 added, 0 removed, 1 replaced (size, block size or unique ID changed)",
             "g_event: d_gone(nvmehpd1)",
             "disk_destroy(nvmehpd1)",
             "at 8192: d_open 0, BIO_READ 0, d_close 0; the data on the medium",

@@ -647,10 +647,22 @@ fn device_props_in(kind: MachineKind, dev: &PluggedDevice, subsys: Option<&Subsy
     out
 }
 
+/// The NGUID the lab gives namespace `nsid` of controller `qdev` (an `nvme-ns` `nguid`, 32
+/// hex digits, reported by Identify Namespace in this byte order): FNV-1a of the controller's
+/// id, then the NSID, so every namespace of a machine has its own, the same at every run, and
+/// a test can tell which namespace a disk is from what the driver reports (GEOM::lunid).
+/// (A controller's single built-in namespace has none: QEMU's `nvme` device has no such
+/// property.)
+pub fn nguid(qdev: &str, nsid: u32) -> String {
+    let hash = qdev.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
+    format!("{hash:016x}{:016x}", u64::from(nsid))
+}
+
 /// The properties of the `nvme-ns` device of namespace `img` on the controller `dev`.
 fn ns_props(dev: &PluggedDevice, img: &Image) -> Vec<(&'static str, Value)> {
     vec![
         ("id", Value::from(format!("{}-ns{}", dev.qdev, img.nsid))),
+        ("nguid", Value::from(nguid(&dev.qdev, img.nsid))),
         ("bus", Value::from(dev.qdev.clone())),
         ("drive", Value::from(node_names(&dev.qdev, img.nsid).1)),
         ("nsid", Value::from(img.nsid)),

@@ -21,7 +21,7 @@ fn namespace_attach_and_detach_are_reported_and_rescanned() {
         NsChanges {
             added: vec![2],
             removed: vec![],
-            resized: vec![]
+            replaced: vec![]
         }
     );
     let ns2 = c

@@ -227,4 +227,16 @@ impl Device {
         // SAFETY: as above.
         unsafe { bindings::nvmehp_pci_get_device(self.as_raw()) }
     }
+
+    /// Cached subsystem vendor ID.
+    pub fn pci_subvendor(&self) -> u16 {
+        // SAFETY: as above.
+        unsafe { bindings::nvmehp_pci_get_subvendor(self.as_raw()) }
+    }
+
+    /// Cached subsystem device ID.
+    pub fn pci_subdevice(&self) -> u16 {
+        // SAFETY: as above.
+        unsafe { bindings::nvmehp_pci_get_subdevice(self.as_raw()) }
+    }
 }

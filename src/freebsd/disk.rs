@@ -22,6 +22,22 @@ pub type GoneFn = unsafe extern "C" fn(*mut bindings::disk);
 /// `d_open` / `d_close`: first open and last close of the provider (GEOM access counts going
 /// from zero / back to zero). `d_open` may refuse with an errno.
 pub type OpenCloseFn = unsafe extern "C" fn(*mut bindings::disk) -> c_int;
+/// `d_getattr`: a BIO_GETATTR question, answered or left to GEOM (see `disk_attr`).
+pub type GetattrFn = unsafe extern "C" fn(*mut bindings::bio) -> c_int;
+
+/// The PCI IDs of the controller a disk sits on (`d_hba_*`: GEOM::hba_vendor and friends,
+/// which camcontrol(8) and smartd read), as nvd_new_disk fills them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HbaIds {
+    /// PCI vendor ID.
+    pub vendor: u16,
+    /// PCI device ID.
+    pub device: u16,
+    /// PCI subsystem vendor ID.
+    pub subvendor: u16,
+    /// PCI subsystem ID.
+    pub subdevice: u16,
+}
 
 /// What a disk is made of.
 pub struct DiskParams<'a> {
@@ -41,6 +57,16 @@ pub struct DiskParams<'a> {
     pub ident: &'a [u8],
     /// Model for `d_descr` (cut to fit).
     pub descr: &'a [u8],
+    /// The controller's device name for `d_attachment` (GEOM::attachment), cut to fit.
+    pub attachment: &'a [u8],
+    /// The controller's PCI IDs.
+    pub hba: HbaIds,
+    /// Solid state: `d_rotation_rate` DISK_RR_NON_ROTATING rather than "unknown" (ZFS's
+    /// vdev_geom marks a vdev non-rotating only on that answer, and then spreads its reads and
+    /// TRIMs accordingly).
+    pub non_rotating: bool,
+    /// Attribute questions the driver answers itself, if any.
+    pub getattr: Option<GetattrFn>,
     /// The I/O entry point.
     pub strategy: StrategyFn,
     /// The last-close callback; see module docs.
@@ -100,8 +126,17 @@ impl Disk {
         d.d_open = p.open;
         d.d_close = p.close;
         d.d_drv1 = p.drv1;
+        d.d_getattr = p.getattr;
         copy_ident(&mut d.d_ident, p.ident);
         copy_ident(&mut d.d_descr, p.descr);
+        copy_ident(&mut d.d_attachment, p.attachment);
+        d.d_hba_vendor = p.hba.vendor;
+        d.d_hba_device = p.hba.device;
+        d.d_hba_subvendor = p.hba.subvendor;
+        d.d_hba_subdevice = p.hba.subdevice;
+        if p.non_rotating {
+            d.d_rotation_rate = bindings::DISK_RR_NON_ROTATING as u16;
+        }
         // SAFETY: fully initialised disk of the version our headers describe.
         unsafe { bindings::disk_create(raw.as_ptr(), bindings::DISK_VERSION as c_int) };
         Disk { raw }

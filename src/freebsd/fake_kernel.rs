@@ -1480,6 +1480,27 @@ pub unsafe extern "C" fn nvmehp_tunable_cmd_timeout_ms() -> u32 {
     }
 }
 
+/// QEMU's NVMe IDs (1b36:0010, subsystem 1af4:1100): what a disk reports as its HBA.
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_get_vendor(_dev: device_t) -> u16 {
+    0x1b36
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_get_device(_dev: device_t) -> u16 {
+    0x0010
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_get_subvendor(_dev: device_t) -> u16 {
+    0x1af4
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_get_subdevice(_dev: device_t) -> u16 {
+    0x1100
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_get_class(_dev: device_t) -> u8 {
     let _fake = FakeWork::begin();

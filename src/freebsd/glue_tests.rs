@@ -68,6 +68,9 @@ fn spec(ctrl: CtrlRef, nsid: u32) -> DiskSpec {
         flags: 0,
         ident: *b"SERIAL0000000000000\0",
         descr: [b'm'; 40],
+        uid: crate::nvme::NsUid::None,
+        hba: Default::default(),
+        attachment: [0; 32],
     }
 }
 

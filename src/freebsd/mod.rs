@@ -68,6 +68,7 @@ pub mod slot_rescan;
 pub mod slot_discovery;
 pub mod cdev;
 pub mod disk;
+pub mod disk_attr;
 pub mod bio;
 pub mod tracker;
 pub mod tunables;

@@ -1,4 +1,5 @@
-//! A namespace as a GEOM disk (`/dev/nvmehpd<N>`): `d_strategy`, `d_open`/`d_close`, `d_gone`.
+//! A namespace as a GEOM disk (`/dev/nvmehpd<N>`): `d_strategy`, `d_open`/`d_close`,
+//! `d_getattr`, `d_gone`.
 //!
 //! **Why a per-disk context, not the softc, is `d_drv1`.** After `disk_gone` GEOM keeps the
 //! `struct disk` (and calls into us) until the last consumer closes, which may be long after
@@ -22,9 +23,11 @@
 use super::bindings;
 use super::bio::{Bio, BioCmd};
 use super::ctrl::CtrlRef;
-use super::disk::{DiskParams, GoneDisk};
+use super::disk::{DiskParams, GoneDisk, HbaIds};
+use super::disk_attr::{AttrQuery, NOT_MINE};
 use super::kernel::{FreeBsdKernel, KDisk};
 use super::mutex::Mutex;
+use crate::nvme::ns::{NsUid, NS_UID_HEX_MAX};
 use crate::nvme::IoOp;
 use alloc::boxed::Box;
 use core::ffi::c_int;
@@ -107,6 +110,8 @@ pub struct DiskLink {
     ctrl: Option<CtrlRef>,
     nsid: u32,
     geometry: Geometry,
+    /// The namespace's NGUID or EUI64, for `GEOM::lunid`.
+    uid: NsUid,
     /// GEOM has the provider open (between `d_open` and `d_close`).
     opened: bool,
 }
@@ -140,6 +145,12 @@ pub struct DiskSpec {
     pub ident: [u8; 20],
     /// Model (d_descr).
     pub descr: [u8; 40],
+    /// The namespace's unique ID (GEOM::lunid).
+    pub uid: NsUid,
+    /// The controller's PCI IDs (GEOM::hba_*).
+    pub hba: HbaIds,
+    /// The controller's device name, NUL-padded (GEOM::attachment).
+    pub attachment: [u8; 32],
 }
 
 /// `d_name` of our disks; must match `hotplug::node_name::DISK_NAME`.
@@ -165,6 +176,7 @@ impl DiskCtx {
                 ctrl: Some(spec.ctrl),
                 nsid: spec.nsid,
                 geometry: Geometry { lba_shift: spec.lba_shift, blocks: spec.media_size >> spec.lba_shift, max_io: spec.max_io },
+                uid: spec.uid,
                 opened: false,
             },
         )?;
@@ -185,6 +197,10 @@ impl DiskCtx {
             flags: spec.flags | bindings::DISKFLAG_UNMAPPED_BIO as u32,
             ident: until_nul(&spec.ident),
             descr: until_nul(&spec.descr),
+            attachment: until_nul(&spec.attachment),
+            hba: spec.hba,
+            non_rotating: true,
+            getattr: Some(disk_getattr),
             strategy: disk_strategy,
             gone: disk_gone_cb,
             open: Some(disk_open),
@@ -243,6 +259,29 @@ unsafe extern "C" fn disk_strategy(bp: *mut bindings::bio) {
         Verdict::Submit(x) => ctrl.start_bio(bio, link.nsid, x),
         Verdict::Done => bio.done(),
         Verdict::Fail(errno) => bio.fail(errno),
+    }
+}
+
+/// `d_getattr`, on the g_down thread (no sleep; the link mutex is an mtx(9)). Answers
+/// `GEOM::lunid` with the namespace's NGUID, else EUI64, in hex, as nvd_getattr does, so
+/// glabel's `/dev/diskid/DISK-<lunid>` names stay the same under nvd(4) and this driver and
+/// tell two namespaces of one controller apart (GEOM::ident, the controller's serial number,
+/// cannot). Everything else, and a namespace with neither ID, is left to GEOM, which answers
+/// from the disk's fields (ident, descr, rotation rate, attachment, HBA IDs).
+unsafe extern "C" fn disk_getattr(bp: *mut bindings::bio) -> c_int {
+    // SAFETY: GEOM passes d_getattr a bio for the length of the call.
+    let Some(mut q) = (unsafe { AttrQuery::from_d_getattr(bp) }) else { return NOT_MINE };
+    if !q.is(c"GEOM::lunid") {
+        return NOT_MINE;
+    }
+    // SAFETY: the question is about one of our disks, before its d_gone (GEOM sends no I/O,
+    // and so no question, to a provider whose d_gone may run).
+    let Some(ctx) = (unsafe { q.disk_drv1().cast::<DiskCtx>().as_ref() }) else { return NOT_MINE };
+    let uid = ctx.link().lock().uid;
+    let mut hex = [0u8; NS_UID_HEX_MAX];
+    match uid.hex(&mut hex) {
+        Some(h) => q.answer_str(h),
+        None => NOT_MINE,
     }
 }
 

@@ -50,6 +50,7 @@ use super::bus_topo::{BusyRef, TopoLock};
 use super::callout::Callout;
 use super::ctrl::{CtrlRef, CtrlShared, EngineGate, IntrHandler, WatchdogFire, WatchdogTask, WATCHDOG_US};
 use super::device::Device;
+use super::disk::HbaIds;
 use super::intr::Interrupt;
 use super::irq_source::IrqAlloc;
 use super::kernel::{next_disk_unit, CtrlIntr, FreeBsdKernel, KMem, OwnedQueue, Timer};
@@ -208,8 +209,26 @@ pub fn live_disks(topo: &TopoLock) -> usize {
         .sum()
 }
 
+/// What every disk of one controller reports about the controller itself.
+struct DiskHost {
+    hba: HbaIds,
+    attachment: [u8; 32],
+}
+
+impl DiskHost {
+    fn of(dev: &Device) -> DiskHost {
+        let mut attachment = [0u8; 32];
+        // Cut to leave a NUL; a newbus name is far shorter.
+        for (d, s) in attachment[..31].iter_mut().zip(dev.nameunit().to_bytes()) {
+            *d = *s;
+        }
+        let hba = HbaIds { vendor: dev.pci_vendor(), device: dev.pci_device(), subvendor: dev.pci_subvendor(), subdevice: dev.pci_subdevice() };
+        DiskHost { hba, attachment }
+    }
+}
+
 /// The disk parameters of one namespace.
-fn disk_spec(ctrl: CtrlRef, info: &ControllerInfo, ns: &Namespace) -> DiskSpec {
+fn disk_spec(ctrl: CtrlRef, info: &ControllerInfo, ns: &Namespace, host: &DiskHost) -> DiskSpec {
     let mut ident = [0u8; 20];
     let mut descr = [0u8; 40];
     for (d, s) in ident.iter_mut().zip(info.serial.bytes()) {
@@ -228,6 +247,9 @@ fn disk_spec(ctrl: CtrlRef, info: &ControllerInfo, ns: &Namespace) -> DiskSpec {
         flags: if info.vwc { bindings::DISKFLAG_CANFLUSHCACHE as u32 } else { 0 },
         ident,
         descr,
+        uid: ns.uid,
+        hba: host.hba,
+        attachment: host.attachment,
     }
 }
 
@@ -259,7 +281,7 @@ fn sync_namespaces(live: &mut LiveCtrl, ctrl: CtrlRef, k: &mut FreeBsdKernel, re
     if rescan {
         // Sleeps between the admin commands, with the controller mutex released.
         match ctrl.rescan_namespaces() {
-            Ok(changes) => replaced = changes.resized,
+            Ok(changes) => replaced = changes.replaced,
             Err(e) => {
                 dev_printf!(&ctrl.device(), "namespace rescan failed: {}\n", e);
                 return Err(Errno::ENXIO);
@@ -267,6 +289,8 @@ fn sync_namespaces(live: &mut LiveCtrl, ctrl: CtrlRef, k: &mut FreeBsdKernel, re
         }
         replaced.retain(|n| have.contains(n));
     }
+    // Read before the mutex: ivars go through the pci bus's methods.
+    let host = DiskHost::of(&ctrl.device());
     {
         let st = ctrl.state().lock();
         let engine = st.engine();
@@ -274,7 +298,7 @@ fn sync_namespaces(live: &mut LiveCtrl, ctrl: CtrlRef, k: &mut FreeBsdKernel, re
         let nss = engine.namespaces();
         present = try_collect(nss.iter().map(|ns| ns.nsid)).map_err(|_| nomem("namespace list"))?;
         new = try_collect(
-            nss.iter().filter(|ns| !have.contains(&ns.nsid) || replaced.contains(&ns.nsid)).map(|ns| disk_spec(ctrl, info, ns)),
+            nss.iter().filter(|ns| !have.contains(&ns.nsid) || replaced.contains(&ns.nsid)).map(|ns| disk_spec(ctrl, info, ns, &host)),
         )
         .map_err(|_| nomem("disk parameters"))?;
     }
@@ -320,7 +344,7 @@ pub fn rescan_namespaces(dev: Device, topo: &TopoLock) -> Result<(), Errno> {
     lease.give_back(topo);
     let Synced { added, removed, replaced } = r?;
     if replaced > 0 {
-        dev_printf!(&dev, "namespaces changed: {} added, {} removed, {} replaced (size or block size changed)\n", added, removed, replaced);
+        dev_printf!(&dev, "namespaces changed: {} added, {} removed, {} replaced (size, block size or unique ID changed)\n", added, removed, replaced);
     } else {
         dev_printf!(&dev, "namespaces changed: {} added, {} removed\n", added, removed);
     }

@@ -8,7 +8,7 @@
 use alloc::vec::Vec;
 
 use super::error::NvmeError;
-use super::ns::Namespace;
+use super::ns::{Namespace, NsUid};
 use super::regs::{Version, PAGE_SIZE};
 
 /// Size of every Identify data structure.
@@ -231,12 +231,17 @@ pub fn parse_namespace(
     let capacity = nsze
         .checked_mul(lba_bytes as u64)
         .ok_or("NSZE x block size overflows")?;
+    let mut nguid = [0u8; 16];
+    nguid.copy_from_slice(&d[104..120]);
+    let mut eui64 = [0u8; 8];
+    eui64.copy_from_slice(&d[120..128]);
     Ok(Some(Namespace {
         nsid,
         lba_shift: lbads,
         lba_bytes,
         blocks: nsze,
         capacity,
+        uid: NsUid::from_fields(nguid, eui64),
     }))
 }
 
@@ -327,6 +332,26 @@ mod tests {
         d[16..24].copy_from_slice(&nuse.to_le_bytes());
         d[128 + 2] = lbads;
         d
+    }
+
+    /// NGUID wins over EUI64, EUI64 is used alone, neither is none; the hex is the bytes in
+    /// the controller's order. Fails when the offsets or the priority are wrong.
+    #[test]
+    fn namespace_unique_id() {
+        let mut d = ns_page(100, 100, 10, 9);
+        let id = |d: &[u8]| parse_namespace(1, d, 4096).unwrap().unwrap().uid;
+        assert_eq!(id(&d), NsUid::None);
+        d[120..128].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 0, 0, 0x07]);
+        assert_eq!(id(&d), NsUid::Eui64([0x52, 0x54, 0, 0, 0, 0, 0, 0x07]));
+        let mut out = [0u8; super::super::ns::NS_UID_HEX_MAX];
+        assert_eq!(id(&d).hex(&mut out), Some(&b"5254000000000007"[..]));
+        for (i, b) in d[104..120].iter_mut().enumerate() {
+            *b = 0xf0 | i as u8;
+        }
+        let nguid = id(&d);
+        assert!(matches!(nguid, NsUid::Nguid(b) if b[0] == 0xf0 && b[15] == 0xff));
+        assert_eq!(nguid.hex(&mut out), Some(&b"f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff"[..]));
+        assert_eq!(NsUid::None.hex(&mut out), None);
     }
 
     #[test]

@@ -177,6 +177,7 @@ mod tests {
             lba_bytes: 1 << shift,
             blocks: 1 << 20,
             capacity: 1 << (20 + shift),
+            uid: crate::nvme::ns::NsUid::None,
         }
     }
 

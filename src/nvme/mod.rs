@@ -49,7 +49,7 @@ pub use error::{Completion, Event, NvmeError};
 pub use health::Health;
 pub use identify::ControllerInfo;
 pub use io::{DataBuf, IoOp, IoRequest};
-pub use ns::{Namespace, NsChanges};
+pub use ns::{Namespace, NsChanges, NsUid};
 pub use prp::DmaSeg;
 pub use status::{Status, StatusCode};
 pub use stop::{DeviceStop, StopOutcome};

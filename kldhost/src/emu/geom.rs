@@ -468,6 +468,129 @@ pub unsafe fn bio_done(bp: *mut layouts::bio) -> Option<c_int> {
     Some(if b.bio_flags & layouts::BIO_ERROR as u16 != 0 { b.bio_error.max(1) } else { 0 })
 }
 
+/// How an attribute's value is laid out in the caller's buffer (g_handleattr_int, _uint16_t
+/// and _str in sys/geom/geom_subr.c).
+#[derive(Clone, Copy)]
+enum AttrKind {
+    Int,
+    U16,
+    Str,
+}
+
+/// The attributes g_disk_start (sys/geom/geom_disk.c, FreeBSD 15) answers from `struct disk`
+/// after the driver's `d_getattr` said -1, and how. (GEOM::fwsectors/fwheads, kerneldump,
+/// setstate and physpath are left out: no driver of this project sets them.)
+const DISK_ATTRS: &[(&str, AttrKind)] = &[
+    ("GEOM::candelete", AttrKind::Int),
+    ("GEOM::ident", AttrKind::Str),
+    ("GEOM::descr", AttrKind::Str),
+    ("GEOM::hba_vendor", AttrKind::U16),
+    ("GEOM::hba_device", AttrKind::U16),
+    ("GEOM::hba_subvendor", AttrKind::U16),
+    ("GEOM::hba_subdevice", AttrKind::U16),
+    ("GEOM::rotation_rate", AttrKind::U16),
+    ("GEOM::attachment", AttrKind::Str),
+];
+
+/// The buffer a consumer gives for `attr` when none is named: the exact size of a number
+/// (g_getattr of an int or a uint16_t), else 256 bytes (DISK_IDENT_SIZE).
+pub fn getattr_default_len(attr: &str) -> usize {
+    match DISK_ATTRS.iter().find(|(a, _)| *a == attr) {
+        Some((_, AttrKind::Int)) => 4,
+        Some((_, AttrKind::U16)) => 2,
+        _ => 256,
+    }
+}
+
+/// `--getattr ATTR[:LEN]`: an attribute name (`GEOM::...`) and its buffer's size.
+pub fn parse_getattr(s: &str) -> Result<(String, usize), String> {
+    let (attr, len) = match s.rsplit_once(':') {
+        Some((a, l)) if !a.ends_with(':') && l.chars().all(|c| c.is_ascii_digit()) && !l.is_empty() => {
+            (a, l.parse::<usize>().map_err(|e| format!("{s}: {e}"))?)
+        }
+        _ => (s, getattr_default_len(s)),
+    };
+    if !attr.starts_with("GEOM::") || attr.len() <= "GEOM::".len() || attr.contains('\0') {
+        return Err(format!("{s}: expected GEOM::NAME[:LEN]"));
+    }
+    if len == 0 || len > 4096 {
+        return Err(format!("{s}: the buffer must be 1..4096 bytes"));
+    }
+    Ok((attr.to_string(), len))
+}
+
+/// A BIO_GETATTR for `attr` with a `len`-byte buffer, sent to disk `name` as g_disk_start
+/// handles it on the g_down thread: the driver's `d_getattr` first (bio_disk set), whose
+/// return is the bio's error unless it is -1; then the disk's own fields ([`DISK_ATTRS`],
+/// each answered as its g_handleattr_* does: the exact size for an int or a uint16_t, EFAULT
+/// when a string and its NUL do not fit); anything else ENOIOCTL. Returns the error and the
+/// value read back from the buffer (a string up to its NUL, a number in decimal).
+pub fn getattr(name: &str, attr: &str, len: usize) -> (c_int, String) {
+    let Some(dp) = disk_by_name(name) else { return (layouts::ENXIO, String::new()) };
+    let disk = dp as *mut layouts::disk;
+    let cattr = std::ffi::CString::new(attr).expect("an attribute name without NUL");
+    let mut buf = vec![0u8; len];
+    let mut bp = Box::<layouts::bio>::default();
+    bp.bio_cmd = layouts::BIO_GETATTR as u16;
+    bp.bio_attribute = cattr.as_ptr();
+    bp.bio_data = buf.as_mut_ptr().cast();
+    bp.bio_length = len as i64;
+    bp.bio_disk = disk;
+    // SAFETY: a created disk of the driver.
+    let driver = unsafe { (*disk).d_getattr };
+    let mut error = -1;
+    if let Some(f) = driver {
+        // SAFETY: the driver's d_getattr with a bio lent for the call; no emulation lock held.
+        error = unsafe { f(&mut *bp) };
+        log(format!("g_down: d_getattr({name}, {attr}, {len} bytes) = {error}"));
+    }
+    let mut kind = AttrKind::Str;
+    if error == -1 {
+        let known = DISK_ATTRS.iter().find(|(a, _)| *a == attr).map(|&(_, k)| k);
+        // SAFETY: a created disk: its fields are the driver's, filled in before disk_create.
+        let d = unsafe { &*disk };
+        error = match known {
+            None => layouts::ENOIOCTL,
+            Some(k) => {
+                kind = k;
+                let text = |a: &[std::ffi::c_char]| a.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect::<Vec<u8>>();
+                let value: Vec<u8> = match attr {
+                    "GEOM::candelete" => i32::from(d.d_flags & layouts::DISKFLAG_CANDELETE as u32 != 0).to_ne_bytes().to_vec(),
+                    "GEOM::ident" => text(&d.d_ident),
+                    "GEOM::descr" => text(&d.d_descr),
+                    "GEOM::hba_vendor" => d.d_hba_vendor.to_ne_bytes().to_vec(),
+                    "GEOM::hba_device" => d.d_hba_device.to_ne_bytes().to_vec(),
+                    "GEOM::hba_subvendor" => d.d_hba_subvendor.to_ne_bytes().to_vec(),
+                    "GEOM::hba_subdevice" => d.d_hba_subdevice.to_ne_bytes().to_vec(),
+                    "GEOM::rotation_rate" => d.d_rotation_rate.to_ne_bytes().to_vec(),
+                    _ => text(&d.d_attachment),
+                };
+                match k {
+                    AttrKind::Str if value.len() < len => {
+                        buf[..value.len()].copy_from_slice(&value);
+                        buf[value.len()] = 0;
+                        0
+                    }
+                    AttrKind::Str => layouts::EFAULT,
+                    _ if value.len() == len => {
+                        buf.copy_from_slice(&value);
+                        0
+                    }
+                    _ => layouts::EINVAL,
+                }
+            }
+        };
+        log(format!("GEOM: g_disk_start answers {attr} of {name} itself: {error}"));
+    }
+    let value = match (error, kind) {
+        (0, AttrKind::Int) if len == 4 => i32::from_ne_bytes(buf[..4].try_into().expect("4 bytes")).to_string(),
+        (0, AttrKind::U16) if len == 2 => u16::from_ne_bytes(buf[..2].try_into().expect("2 bytes")).to_string(),
+        (0, _) => String::from_utf8_lossy(&buf[..buf.iter().position(|&c| c == 0).unwrap_or(len)]).into_owned(),
+        _ => String::new(),
+    };
+    (error, value)
+}
+
 /// The created disks with their `d_ident` (the controller's serial), `d_unit` and sector size.
 pub fn created_disks() -> Vec<(String, String, u32, u32)> {
     let disks: Vec<(u64, String)> = with(|e| e.disks.iter().filter(|(_, d)| d.state == DiskState::Created).map(|(p, d)| (*p, d.name.clone())).collect());

@@ -422,6 +422,8 @@ pub struct Options {
     /// order is done to the module's controller's namespace ([`Step::Namespace`]),
     /// each followed by the I/O step on the first disk.
     pub namespace: Vec<(super::ns_admin::NsOp, u32)>,
+    /// With `qemu`: after the I/O, these attributes asked of every disk ([`Step::Getattr`]).
+    pub getattr: Vec<(String, usize)>,
     /// With `qemu` (pc): cold multi-function slots, as (slot, functions): an NVMe controller
     /// at each function, function 0 plugged with `multifunction=on`.
     pub multifunction: Vec<(u8, Vec<u8>)>,
@@ -911,6 +913,19 @@ fn functions_in_slot(slot: u8) -> Vec<u64> {
     super::newbus::pci_functions().into_iter().filter(|&c| slot_of_child(c) == Some(slot)).collect()
 }
 
+/// [`Step::Getattr`]: every (attribute, size) of `attrs` asked of every created disk.
+fn getattrs(attrs: &[(String, usize)]) -> bool {
+    let mut disks: Vec<String> = super::geom::created_disks().into_iter().map(|d| d.0).collect();
+    disks.sort();
+    for disk in &disks {
+        for (attr, len) in attrs {
+            let (e, value) = super::geom::getattr(disk, attr, *len);
+            log(format!("getattr {disk} {attr} ({len} bytes): error {e}, value \"{value}\""));
+        }
+    }
+    !disks.is_empty()
+}
+
 /// `devctl delete pci0:0:SLOT:FUNC` ([`Step::DevctlDelete`]).
 fn devctl_delete(slot: u8, func: u8) -> bool {
     let Some(child) = super::newbus::pci_child_at(slot, func) else {
@@ -1035,6 +1050,10 @@ pub enum Step {
     /// and a disk went (detach), came and read the data (attach), or was replaced by one that
     /// reads the data (reformat).
     Namespace { op: super::ns_admin::NsOp, nsid: u32 },
+    /// A BIO_GETATTR of each (attribute, buffer size) to every created disk, in name order, as
+    /// g_disk_start handles it ([`super::geom::getattr`]); each answer is logged. Done when
+    /// there was a disk to ask.
+    Getattr(Vec<(String, usize)>),
     /// devctl(8) delete of the function at `slot`.`func` (sys/kern/subr_bus.c devctl2_ioctl
     /// DEV_DELETE: device_delete_child under the topology lock, its driver detached first):
     /// QEMU keeps the function, newbus forgets it. Done when it was deleted.
@@ -1121,6 +1140,7 @@ impl Step {
                 report.namespaces.push(r);
                 ok
             }
+            Step::Getattr(attrs) => getattrs(attrs),
             Step::DevctlDelete { slot, func } => devctl_delete(*slot, *func),
             Step::HotAddFunction { slot, func, multifunction } => hot_add_function(report, *slot, *func, *multifunction),
             Step::EjectSlot { slot } => eject_slot(report, *slot),
@@ -1164,6 +1184,9 @@ impl Options {
         let mut steps = vec![Step::Attach, Step::Io];
         if self.bad_bios {
             steps.push(Step::BadBios);
+        }
+        if !self.getattr.is_empty() {
+            steps.push(Step::Getattr(self.getattr.clone()));
         }
         if self.burst > 0 {
             steps.push(Step::Burst(self.burst));

@@ -1,6 +1,6 @@
 /*
  * Stand-in for FreeBSD sys/dev/pci/pcivar.h, which the ziglang header set does not ship.
- * Declares only what nvme_hotplug uses: the ivar accessors for IDs, class codes and the
+ * Declares only what nvme_hotplug uses: the ivar accessors for IDs (subsystem IDs too), class codes and the
  * slot/function address, pci_read_config()/pci_write_config(), bus mastering (on and off) and MSI-X/MSI
  * allocation with the MSI-X table and PBA BARs, the bus and domain ivars of a
  * pci bus (read from its bridge), and pci_find_dbsf(). The ivar numbers are positions in the
@@ -31,6 +31,8 @@ enum pci_device_ivars {
 };
 
 #define	PCI_ACCESSOR(var, ivar, type)	__BUS_ACCESSOR(pci, var, PCI, ivar, type)
+PCI_ACCESSOR(subvendor,	SUBVENDOR,	uint16_t)
+PCI_ACCESSOR(subdevice,	SUBDEVICE,	uint16_t)
 PCI_ACCESSOR(vendor,	VENDOR,		uint16_t)
 PCI_ACCESSOR(device,	DEVICE,		uint16_t)
 PCI_ACCESSOR(class,	CLASS,		uint8_t)
