@@ -44,6 +44,20 @@ pub fn disks_of(serial: &str) -> Vec<String> {
     d.into_iter().map(|(_, n)| n).collect()
 }
 
+/// The module's disk for namespace `nsid` of the controller plugged as `qdev` with
+/// `namespaces` namespaces, found as glabel finds a volume: by its GEOM::lunid (asked through
+/// the driver's d_getattr), which must be the NGUID the lab gave that namespace
+/// (`nvmehp_lab::machine::nguid`), whatever unit the disk got. A controller whose only
+/// namespace is QEMU's built-in one has no NGUID; its one disk is the namespace's.
+pub fn disk_of(qdev: &str, nsid: u32, namespaces: usize) -> Option<String> {
+    let disks = disks_of(&serial_of(qdev));
+    if namespaces == 1 && nsid == 1 {
+        return disks.into_iter().next();
+    }
+    let want = nvmehp_lab::machine::nguid(qdev, nsid);
+    disks.into_iter().find(|d| emu::geom::getattr(d, "GEOM::lunid", 64) == (0, want.clone()))
+}
+
 /// Disks published now (created, not gone).
 pub fn disk_count() -> usize {
     emu::geom::created_disks().len()

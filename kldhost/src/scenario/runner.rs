@@ -70,6 +70,8 @@ pub struct Options {
 /// A controller the scenario plugged (cold or hot-added), by its scenario id.
 struct Ctrl {
     slot: u8,
+    /// qdev id of this plug (names its NGUIDs, and its serial).
+    qdev: String,
     serial: String,
     images: BTreeMap<u32, Image>,
 }
@@ -145,7 +147,7 @@ pub fn run(ko: &LoadedKo, sc: &Scenario, opts: &Options) -> Report {
     let mut ctrls = BTreeMap::new();
     for c in &sc.controllers {
         if let Some(d) = m.lab.plugged(c.slot) {
-            ctrls.insert(c.id.clone(), Ctrl { slot: c.slot, serial: devices::serial_of(&d.qdev), images: d.images.iter().map(|i| (i.nsid, i.clone())).collect() });
+            ctrls.insert(c.id.clone(), Ctrl { slot: c.slot, qdev: d.qdev.clone(), serial: devices::serial_of(&d.qdev), images: d.images.iter().map(|i| (i.nsid, i.clone())).collect() });
         }
     }
     machine::install(m);
@@ -373,7 +375,7 @@ impl Session<'_> {
                 for img in &d.images {
                     self.ledger.add_image(&img.path, img.lba_bytes);
                 }
-                self.ctrls.insert(id.to_string(), Ctrl { slot, serial: devices::serial_of(&d.qdev), images: d.images.iter().map(|i| (i.nsid, i.clone())).collect() });
+                self.ctrls.insert(id.to_string(), Ctrl { slot, qdev: d.qdev.clone(), serial: devices::serial_of(&d.qdev), images: d.images.iter().map(|i| (i.nsid, i.clone())).collect() });
                 true
             }
             Ok(None) => {
@@ -435,8 +437,7 @@ impl Session<'_> {
             self.violation(format!("io {target}: controller {ctrl} has no namespace {nsid}"));
             return None;
         };
-        let idx = c.images.keys().position(|&n| n == nsid).unwrap_or(0);
-        let Some(disk) = devices::disks_of(&c.serial).get(idx).cloned() else {
+        let Some(disk) = devices::disk_of(&c.qdev, nsid, c.images.len()) else {
             self.violation(format!("io {target}: the module has no disk for it"));
             return None;
         };
@@ -712,10 +713,9 @@ impl Session<'_> {
             return "no controller".into();
         };
         let slot = c.slot;
-        let idx = c.images.keys().position(|&n| n == nsid);
         let holder = match refuse {
             Refusal::InUse => {
-                let disk = idx.and_then(|i| devices::disks_of(&c.serial).get(i).cloned());
+                let disk = c.images.contains_key(&nsid).then(|| devices::disk_of(&c.qdev, nsid, c.images.len())).flatten();
                 let Some(disk) = disk else {
                     self.violation(format!("open {target}: no such disk"));
                     return "no disk".into();
