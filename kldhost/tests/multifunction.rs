@@ -168,34 +168,46 @@ fn a_device_check_touches_only_its_own_slot() {
     assert_clean_unload(code, &out);
 }
 
-/// A device check of a slot with a live function adds back the one newbus lost: 6.0 and 6.1
-/// attached, `devctl delete 6.1` (QEMU still has it), then `Notify(S06_, 1)`. The module walks
-/// slot 6 as acpi_pci's BUS_RESCAN would for that slot: 6.1 is read (pci_read_device), added
-/// and attached, 6.0 is neither re-added nor re-probed; nothing outside slot 6 is read and
-/// nothing is deleted. Fails when the check takes "a function has a device_t" for "nothing to
-/// do" (6.1 then stays without a driver until the next eject), or re-adds 6.0.
+/// A device check of a slot with live functions adds and attaches only the ones newbus lacks:
+/// functions 0, 1, 3 and 7 of slot 6 attached, 1 and 3 then `devctl delete`d (QEMU still has
+/// them), 2 and 4..6 empty; `Notify(S06_, 1)`. The module walks slot 6 as acpi_pci's
+/// BUS_RESCAN would for that slot: 6.1 and 6.3 are read in full (pci_read_device), added, and
+/// probed and attached only after both were added; 6.0 and 6.7 are neither re-added nor
+/// re-probed, the empty functions are only looked at, nothing outside slot 6 or beyond
+/// function 7 is read and nothing is deleted. Fails when the check takes "a function has a
+/// device_t" for "nothing to do" (6.1 and 6.3 then stay without a driver until the next
+/// eject), re-adds or re-probes a known function, or probes a new one before the last add.
+/// (Replaces the fake kernel's `a_multifunction_slot_adds_and_attaches_only_its_new_functions`.)
 #[test]
-fn a_device_check_of_an_occupied_slot_adds_its_missing_function() {
-    let Some((code, out)) = run("mf_occupied", &["--multifunction", "6=0,1", "--devctl-delete", "6.1", "--notify", "6=1"]) else { return };
-    assert!(out.contains("devctl delete 6.1: 0"), "{out}");
+fn a_device_check_of_an_occupied_slot_adds_only_its_missing_functions() {
+    let args = ["--multifunction", "6=0,1,3,7", "--devctl-delete", "6.1", "--devctl-delete", "6.3", "--notify", "6=1"];
+    let Some((code, out)) = run("mf_occupied", &args) else { return };
+    assert!(out.contains("devctl delete 6.1: 0") && out.contains("devctl delete 6.3: 0"), "{out}");
     let check = nth_check(&out, 6, 0);
     assert!(check.contains("Notify(\\_SB_.PCI0.S06_, 1) to 1 handler(s)"), "{check}");
     let reads = config_reads(check);
     assert!(reads.iter().all(|&(s, f, _)| s == 6 && f < 8), "{reads:?}");
+    assert!(reads.contains(&(6, 7, 0)), "function 7 not looked at: {reads:?}");
     assert_in_order(
         check,
         &[
             "pci_read_device(0, 0, 6, 1) = 0x",
             "pci_add_child(pci0, 00:06.1) = device_t",
+            "pci_read_device(0, 0, 6, 3) = 0x",
+            "pci_add_child(pci0, 00:06.3) = device_t",
             "at device 6.1 on pci0",
-            "nvme_hotplug: slot \\\\_SB_.PCI0.S06_: 1 new functions, 1 attached",
+            "at device 6.3 on pci0",
+            "nvme_hotplug: slot \\\\_SB_.PCI0.S06_: 2 new functions, 2 attached",
         ],
     );
-    assert_eq!(check.matches("pci_read_device(").count(), 1, "{check}");
-    for never in ["pci_add_child(pci0, 00:06.0)", "device_delete_child(", "device_detach_desc"] {
+    assert_eq!(check.matches("pci_read_device(").count(), 2, "{check}");
+    let last_add = check.rfind("pci_add_child(").expect("an add");
+    let first_probe = check.find("device_probe_desc ->").expect("a probe");
+    assert!(last_add < first_probe, "a new function was probed before the last one was added:\n{check}");
+    for never in ["pci_add_child(pci0, 00:06.0)", "pci_add_child(pci0, 00:06.7)", "device_delete_child(", "device_detach_desc"] {
         assert!(!check.contains(never), "{never} in the check:\n{check}");
     }
-    assert_eq!(check.matches("device_probe_desc ->").count(), 1, "only 6.1 is probed:\n{check}");
+    assert_eq!(check.matches("device_probe_desc ->").count(), 2, "only 6.1 and 6.3 are probed:\n{check}");
     assert_clean_unload(code, &out);
 }
 
