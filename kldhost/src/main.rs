@@ -154,6 +154,14 @@ enum Cmd {
         /// fields; each answer is printed. Repeatable.
         #[arg(long = "getattr", value_name = "GEOM::NAME[:LEN]", value_parser = kldhost::emu::geom::parse_getattr, requires = "qemu")]
         getattr: Vec<(String, usize)>,
+        /// With --namespace: the NVMe subsystem's controller at SLOT.FUNC, a function of a
+        /// --multifunction slot, instead of slot 4's controller (which is then a plain one).
+        #[arg(long = "subsystem-at", value_name = "SLOT.FUNC", value_parser = parse_function, requires = "namespace")]
+        subsystem_at: Option<(u8, u8)>,
+        /// With --qemu: nvme(4) in the kernel (as --stock-nvme) taking only SLOT.FUNC (repeatable);
+        /// every other NVMe function is left to the module, as after `devctl set driver`.
+        #[arg(long = "stock-nvme-at", value_name = "SLOT.FUNC", value_parser = parse_function, requires = "qemu")]
+        stock_nvme_at: Vec<(u8, u8)>,
         /// With --qemu: QEMU's q35 (ICH9) machine: the controller behind the pcie-root-port in
         /// slot 4 (pcib1 -> pci1), another port in slot 5 for --hot-add, and with --acpi q35's
         /// namespace (\_SB_.PCI0.S20_.S00_ is slot 4's hotplug slot). Not with INTx (ICH9's
@@ -283,7 +291,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots, namespace, getattr } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots, namespace, getattr, subsystem_at, stock_nvme_at } => {
             if msi_undelivered && !(msi_instead_of_msix || msi_with_msix) {
                 eprintln!("kldhost run: --msi-undelivered needs --msi-instead-of-msix or --msi-with-msix");
                 return ExitCode::from(2);
@@ -328,6 +336,8 @@ fn main() -> ExitCode {
                 msi_undelivered,
                 namespace,
                 getattr,
+                subsystem_at,
+                stock_nvme_at,
                 multifunction,
                 hold_open,
                 devctl_delete,
@@ -354,7 +364,7 @@ fn parse_notify(s: &str) -> Result<(u8, u32), String> {
     Ok((slot, value.parse::<u32>().map_err(|_| bad())?))
 }
 
-/// `--hot-add-function` / `--devctl-delete SLOT.FUNC`: a slot (0..31) and a function (0..7).
+/// `--hot-add-function`, `--devctl-delete`, `--subsystem-at`, `--stock-nvme-at SLOT.FUNC`: a slot (0..31) and a function (0..7).
 fn parse_function(s: &str) -> Result<(u8, u8), String> {
     let bad = || format!("{s}: expected SLOT.FUNC (slot 0..31, function 0..7)");
     let (slot, func) = s.split_once('.').ok_or_else(bad)?;

@@ -351,3 +351,28 @@ fn a_read_reaching_a_detached_namespace_before_the_rescan_fails_with_eio_and_the
     let io = between(&out, "step Namespace { op: DetachRead, nsid: 2 }: done", "step Io: done");
     assert!(io.contains("-ns1.raw at 8192: the written data; read back: the written data"), "{io}");
 }
+
+/// A namespace change on the module's controller at function 1 of a slot whose function 0 is
+/// nvme(4)'s (`--stock-nvme-at`; slot 7 holds both, the subsystem's controller at 7.1): the
+/// hotplug task's rescan walks the slot's functions, leaves 7.0 alone (another driver's: no
+/// lease, no rescan) and rescans 7.1 on a lease, which withers namespace 2's disk and destroys
+/// its node; the run reports no failure. Fails when the slot's namespace rescan looks at
+/// function 0 only (nvme(4)'s: the change is then never applied) or counts another driver's
+/// function as a failure. (Replaces the fake kernel's
+/// `a_namespace_change_on_function_1_rescans_function_1`, slot_detach_tests.rs.)
+#[test]
+fn a_namespace_change_on_function_1_rescans_function_1() {
+    let args = [
+        "--qemu", "--acpi", "--tunable", "hw.nvme_hotplug.claim=1", "--multifunction", "7=0,1", "--subsystem-at", "7.1",
+        "--stock-nvme-at", "4.0", "--stock-nvme-at", "7.0", "--namespace", "detach:2",
+    ];
+    let Some((code, out)) = run("ns_function_1", &args) else { return };
+    assert!(out.contains("stock nvme(4): nvme_attach(nvme1) = 0") && out.contains("nvmehp0: <NVMe controller (nvme_hotplug)> mem ") && out.contains(" at device 7.1 on pci0"), "{out}");
+    let detach = between(&out, DETACH_FROM, DETACH_TO);
+    assert_eq!(detach.matches("device_busy(nvmehp0) -> 1").count(), 1, "function 1 leased once for the rescan:\n{detach}");
+    assert!(!detach.contains("device_busy(nvme1)"), "nvme(4)'s function 0 was leased:\n{detach}");
+    assert_in_order(detach, &["device_busy(nvmehp0) -> 1", "disk_gone(nvmehpd1)", "destroy_dev(nvmehp0ns2)", "device_unbusy(nvmehp0) -> 0", "nvmehp0: namespaces changed: 0 added, 1 removed"]);
+    assert!(detach.lines().filter(|l| l.contains("hotplug run:")).all(|l| l.contains(" 0 failures")), "{detach}");
+    assert!(out.contains("step Namespace { op: Detach, nsid: 2 }: done"), "{out}");
+    assert_clean_unload(code, &out);
+}

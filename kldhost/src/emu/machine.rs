@@ -135,19 +135,31 @@ impl Machine {
         Self::start_functions(kind, &cold, hot_slots, removal_reads)
     }
 
-    /// `run --qemu --namespace ...`'s machine (pc): the controller of [`Machine::start`] in
-    /// slot [`NVME_SLOT`] with two shared namespaces (1 and 2, 16 MiB each) of an NVMe
-    /// subsystem, whose second, lab-private controller sits in [`PRIVATE_SLOT`], hidden from
-    /// the emulated kernel ([`Machine::private`]).
-    pub fn start_with_subsystem() -> io::Result<Machine> {
+    /// `run --qemu --namespace ...`'s machine (pc): a controller with two shared namespaces (1
+    /// and 2, 16 MiB each) of an NVMe subsystem, whose second, lab-private controller sits in
+    /// [`PRIVATE_SLOT`], hidden from the emulated kernel ([`Machine::private`]). The subsystem's
+    /// controller is at `at`: [`Machine::start`]'s controller ([`NVME_SLOT`], function 0), or
+    /// one function of a `multifunction` slot, whose other functions get plain controllers
+    /// (and slot 4 its own then).
+    pub fn start_with_subsystem(at: (u8, u8), multifunction: &[(u8, Vec<u8>)]) -> io::Result<Machine> {
         let size_mib = (IMAGE_BYTES >> 20) as u32;
+        let (slot, func) = at;
+        let main = at == (NVME_SLOT, 0);
         let spec = ControllerSpec {
-            id: NVME_ID.into(),
-            slot: NVME_SLOT,
+            id: if main { NVME_ID.into() } else { function_id(slot, func) },
+            slot,
             namespaces: vec![NamespaceSpec { nsid: 1, size_mib, lba: 512 }, NamespaceSpec { nsid: 2, size_mib, lba: 512 }],
         };
+        // The subsystem's controller first: the lab puts the first cold controller in it.
+        let mut cold = vec![(spec, func)];
+        if !main {
+            cold.push((controller(NVME_ID, NVME_SLOT), 0));
+        }
+        for (s, funcs) in multifunction {
+            cold.extend(funcs.iter().filter(|&&f| (*s, f) != at).map(|&f| (controller(&function_id(*s, f), *s), f)));
+        }
         let sub = nvmehp_lab::machine::SubsystemSpec { private_slot: PRIVATE_SLOT, detached: Vec::new() };
-        Self::start_functions_with(MachineKind::Pc, &[(spec, 0)], &[5], RemovalReads::Zeros, Some(&sub))
+        Self::start_functions_with(MachineKind::Pc, &cold, &[5], RemovalReads::Zeros, Some(&sub))
     }
 
     /// The machine with each cold controller at a function of its slot.
@@ -179,7 +191,7 @@ impl Machine {
             }
             functions.push(f);
         }
-        let image = cold.first().and_then(|(c, _)| lab.plugged(c.slot)).and_then(|d| d.images.first()).map(|i| i.path.clone()).unwrap_or_default();
+        let image = cold.first().and_then(|(c, f)| lab.plugged_function(c.slot, *f)).and_then(|d| d.images.first()).map(|i| i.path.clone()).unwrap_or_default();
         Ok(Machine { lab, functions, image, next_free: DMA_POOL_START, reclaimed: Vec::new(), removal_reads, ejects: BTreeMap::new(), traps: BTreeMap::new(), private })
     }
 
@@ -455,8 +467,8 @@ pub fn start(kind: MachineKind, multifunction: &[(u8, Vec<u8>)]) -> io::Result<(
 }
 
 /// Starts `run --qemu --namespace`'s machine ([`Machine::start_with_subsystem`]).
-pub fn start_with_subsystem() -> io::Result<()> {
-    install(Machine::start_with_subsystem()?);
+pub fn start_with_subsystem(at: (u8, u8), multifunction: &[(u8, Vec<u8>)]) -> io::Result<()> {
+    install(Machine::start_with_subsystem(at, multifunction)?);
     Ok(())
 }
 

@@ -424,6 +424,14 @@ pub struct Options {
     pub namespace: Vec<(super::ns_admin::NsOp, u32)>,
     /// With `qemu`: after the I/O, these attributes asked of every disk ([`Step::Getattr`]).
     pub getattr: Vec<(String, usize)>,
+    /// With `namespace`: where the NVMe subsystem's controller is, as (slot, function); `None`
+    /// is the controller's slot 4, function 0. Another place must be a function of a
+    /// `multifunction` slot.
+    pub subsystem_at: Option<(u8, u8)>,
+    /// nvme(4)'s stand-in ([`super::stock_nvme`]) in the kernel, bidding only for these
+    /// functions (as (slot, function)): the others were given to the module (`devctl set
+    /// driver`). Empty: as `stock_nvme` says.
+    pub stock_nvme_at: Vec<(u8, u8)>,
     /// With `qemu` (pc): cold multi-function slots, as (slot, functions): an NVMe controller
     /// at each function, function 0 plugged with `multifunction=on`.
     pub multifunction: Vec<(u8, Vec<u8>)>,
@@ -1272,10 +1280,14 @@ pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Momen
     if opts.qemu {
         let kind = if opts.q35 { nvmehp_lab::qemu::MachineKind::Q35 } else { nvmehp_lab::qemu::MachineKind::Pc };
         let subsystem = opts.effective_plan().steps.iter().any(|s| matches!(s, Step::Namespace { .. }));
-        if subsystem && (opts.q35 || !opts.multifunction.is_empty()) {
-            return Err(LoadError::Bad("--namespace: the NVMe subsystem machine is pc, without --multifunction".to_string()));
+        let at = opts.subsystem_at.unwrap_or((super::machine::NVME_SLOT, 0));
+        if subsystem && opts.q35 {
+            return Err(LoadError::Bad("--namespace: the NVMe subsystem machine is pc".to_string()));
         }
-        let started = if subsystem { super::machine::start_with_subsystem() } else { super::machine::start(kind, &opts.multifunction) };
+        if subsystem && at != (super::machine::NVME_SLOT, 0) && !opts.multifunction.iter().any(|(s, fs)| *s == at.0 && fs.contains(&at.1)) {
+            return Err(LoadError::Bad(format!("--subsystem-at {}.{}: not a function of a --multifunction slot", at.0, at.1)));
+        }
+        let started = if subsystem { super::machine::start_with_subsystem(at, &opts.multifunction) } else { super::machine::start(kind, &opts.multifunction) };
         started.map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
         super::newbus::build_tree(&functions);
@@ -1284,9 +1296,9 @@ pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Momen
             let pcib0 = with(|e| e.newbus.devices.get(&pci0).map_or(0, |d| d.parent));
             super::acpi::enable_with(pcib0, opts.acpi_pci);
         }
-        if opts.stock_nvme {
+        if opts.stock_nvme || !opts.stock_nvme_at.is_empty() {
             // devclass_add_driver takes the topology lock itself for each probe.
-            super::stock_nvme::boot();
+            super::stock_nvme::boot(&opts.stock_nvme_at);
         }
     }
     let r = run_module(ko, opts, observe);

@@ -45,9 +45,17 @@ const KNOWN_IDS: &[(u32, &str)] = &[
 /// The PCI class code of an NVMe I/O controller (NVM Express, programming interface 02h).
 const NVME_IO_CLASS: u32 = 0x01_08_02;
 
+/// The functions the stand-in may take, as (slot, function); empty: every one it matches.
+static ONLY_AT: std::sync::Mutex<Vec<(u8, u8)>> = std::sync::Mutex::new(Vec::new());
+
 extern "C" fn nvme_probe(dev: *mut c_void) -> c_int {
     let d = dev as u64;
     let Some(bdf) = newbus::pci_bdf(d) else { return layouts::ENXIO };
+    let only = ONLY_AT.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if !only.is_empty() && !only.contains(&(bdf.dev, bdf.func)) {
+        log(format!("stock nvme(4): nvme_pci_probe({:02x}:{:02x}.{}) = ENXIO (given to another driver)", bdf.bus, bdf.dev, bdf.func));
+        return layouts::ENXIO;
+    }
     let id = super::machine::cfg_read(bdf, 0x00, 4);
     let class = super::machine::cfg_read(bdf, 0x08, 4) >> 8;
     let (bid, desc) = match KNOWN_IDS.iter().find(|(known, _)| *known == id) {
@@ -90,7 +98,10 @@ fn method(name: &str, f: extern "C" fn(*mut c_void) -> c_int) -> layouts::kobj_m
 /// Boot: nvme(4)'s DRIVER_MODULE runs, devclass_add_driver puts "nvme" on pci and offers it
 /// every function no driver has (the boot-time controller becomes nvme0). Lives as long as
 /// the process, as a compiled-in driver does.
-pub fn boot() {
+/// Registers the stand-in on pci (it probes every child), taking only the functions of
+/// `only_at` when that is not empty: the administrator gave the others to the module.
+pub fn boot(only_at: &[(u8, u8)]) {
+    *ONLY_AT.lock().unwrap_or_else(|e| e.into_inner()) = only_at.to_vec();
     let methods = vec![
         method("device_probe_desc", nvme_probe),
         method("device_attach_desc", nvme_attach),
