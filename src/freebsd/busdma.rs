@@ -172,7 +172,7 @@ unsafe extern "C" fn load_cb(arg: *mut c_void, segs: *mut bindings::bus_dma_segm
     // SAFETY: busdma passes `nseg` segments at `segs`, valid during the callback.
     let given = unsafe { core::slice::from_raw_parts(segs, n) };
     for s in given {
-        if crate::fallible::push_within_capacity(&mut ctx.segs, DmaSeg { addr: s.ds_addr, len: s.ds_len as usize }).is_err() {
+        if crate::fallible::push_within_capacity(ctx.segs, DmaSeg { addr: s.ds_addr, len: s.ds_len as usize }).is_err() {
             ctx.error = bindings::EFBIG; // never grown here: refuse rather than allocate
             return;
         }

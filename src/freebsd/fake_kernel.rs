@@ -1558,6 +1558,12 @@ pub unsafe extern "C" fn nvmehp_pci_get_slot(dev: device_t) -> u8 {
 }
 
 #[no_mangle]
+pub unsafe extern "C" fn nvmehp_pci_get_function(dev: device_t) -> u8 {
+    let _fake = FakeWork::begin();
+    function_of(dev).map_or(0, |(_, _, f)| f)
+}
+
+#[no_mangle]
 pub unsafe extern "C" fn nvmehp_pci_msix_count(_dev: device_t) -> c_int {
     let _fake = FakeWork::begin();
     knobs().msix_count

@@ -77,6 +77,7 @@ pub mod ctrl;
 pub mod ns_disk;
 pub mod node;
 pub mod kernel;
+pub mod outside_rescan;
 pub mod slots;
 pub mod pci_driver;
 pub mod claim;

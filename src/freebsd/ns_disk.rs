@@ -308,7 +308,7 @@ unsafe extern "C" fn disk_gone_cb(dp: *mut bindings::disk) {
     // SAFETY: GEOM calls d_gone once for our disk, after disk_gone, as its last call.
     let Some(gone) = (unsafe { GoneDisk::in_d_gone(dp) }) else { return };
     // SAFETY: our disk, alive until on_disk_gone destroys it below.
-    let unit = unsafe { (*dp).d_unit } as u32;
+    let unit = unsafe { (*dp).d_unit };
     {
         let mut k = FreeBsdKernel::new();
         crate::hotplug::teardown::on_disk_gone(&mut k, KDisk::Gone(gone));

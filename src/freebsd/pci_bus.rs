@@ -6,6 +6,7 @@
 
 use super::bindings;
 use super::device::Device;
+use super::outside_rescan::PciLoc;
 use core::ffi::c_int;
 
 /// The vendor ID an empty slot (or a removed device) reads as.
@@ -92,6 +93,18 @@ impl PciBus {
     /// Function 0 of `slot` answers config reads.
     pub fn slot_present(&self, slot: u8) -> bool {
         self.vendor_id(slot, 0) != VENDOR_NONE
+    }
+
+    /// The newbus device pci has at a PCI location, if any (`pci_find_dbsf`). Only stable
+    /// while the caller holds the topology lock.
+    pub fn function_at(loc: PciLoc) -> Option<Device> {
+        // SAFETY: pci_find_dbsf only searches pci's device list.
+        unsafe { Device::from_raw(bindings::pci_find_dbsf(loc.domain, loc.bus, loc.slot, loc.func)) }
+    }
+
+    /// Where the PCI function `dev`, a child of this bus, is.
+    pub fn location_of(&self, dev: Device) -> Option<PciLoc> {
+        Some(PciLoc { domain: self.domain(), bus: u8::try_from(self.number()).ok()?, slot: dev.pci_slot(), func: dev.pci_function() })
     }
 
     /// The newbus device for `slot`.`func`, if pci has one. Only stable while the caller holds

@@ -14,7 +14,9 @@
 //! - **Fallback callout** (`hw.nvme_hotplug.rescan_interval_ms`): `FallbackRescan::tick` under
 //!   the pending mutex, enqueue the task.
 //! - **Controllers** ([`controller_lost`], [`namespace_changed`]), from their interrupt or
-//!   watchdog: record a quiet check or a namespace change for their slot and enqueue the task.
+//!   watchdog: record a quiet check or a namespace change for their slot and enqueue the task;
+//!   a namespace change of a controller outside the discovered slots waits by its PCI location
+//!   ([`super::outside_rescan`]) for [`OutsideNsTask`], on the same queue.
 //!
 //! Single-slot rescan: FreeBSD exports no "rescan this slot" KPI, and acpi_pci answers a device
 //! check with `BUS_RESCAN` of the whole bus (acpi_pci.c acpi_pci_device_notify_handler), which also
@@ -36,6 +38,7 @@ use super::callout::{Callout, CalloutHandler};
 use super::device::Device;
 use super::kernel::{OwnedQueue, Timer};
 use super::mutex::Mutex;
+use super::outside_rescan::{Added, OutsideRescans, WAITING_MAX};
 use super::pci_bus::PciBus;
 use super::slot_discovery::{self, BusPath, Found};
 use super::taskqueue::{Task, TaskHandler, TimeoutTask};
@@ -119,6 +122,10 @@ pub struct Hotplug {
     disc: AtomicPtr<Discovered>,
     task: AtomicPtr<Task<'static, HotplugTask>>,
     rerun: AtomicPtr<TimeoutTask<'static, HotplugTask>>,
+    /// Controllers outside the discovered slots whose namespaces changed ([`namespace_changed`]).
+    outside: Pin<Box<Mutex<OutsideRescans>>>,
+    /// Their rescans, on the hotplug task's queue ([`OutsideNsTask`]).
+    outside_task: AtomicPtr<Task<'static, OutsideNsTask>>,
 }
 
 /// The one instance, for the controllers' callbacks. Null before MOD_LOAD and after unload.
@@ -140,6 +147,13 @@ impl Hotplug {
     fn enqueue(&self) {
         // SAFETY: the task lives in the module's queue until unload, which first drains it.
         if let Some(t) = unsafe { self.task.load(Ordering::Acquire).as_ref() } {
+            t.enqueue();
+        }
+    }
+
+    fn enqueue_outside(&self) {
+        // SAFETY: as enqueue.
+        if let Some(t) = unsafe { self.outside_task.load(Ordering::Acquire).as_ref() } {
             t.enqueue();
         }
     }
@@ -188,6 +202,9 @@ pub fn load() -> Result<HotplugModule, core::ffi::c_int> {
         }
     };
     super::claim::announce(tunables::claim());
+    let Some(outside) = Mutex::new_boxed(c"nvmehp outside", OutsideRescans::default()) else {
+        return Err(super::bindings::ENOMEM);
+    };
     let hp = NonNull::from(Box::leak(box_waitok(Hotplug {
         mode,
         interval_ms: tunables::rescan_interval_ms(),
@@ -197,6 +214,8 @@ pub fn load() -> Result<HotplugModule, core::ffi::c_int> {
         disc: AtomicPtr::new(core::ptr::null_mut()),
         task: AtomicPtr::new(core::ptr::null_mut()),
         rerun: AtomicPtr::new(core::ptr::null_mut()),
+        outside,
+        outside_task: AtomicPtr::new(core::ptr::null_mut()),
     })));
     let mut m = HotplugModule { hp, queue: None };
     // A failure from here on frees what was made (`finish`: the queue's thread is stopped by
@@ -210,7 +229,7 @@ pub fn load() -> Result<HotplugModule, core::ffi::c_int> {
         }
     };
     let r = HpRef(hp);
-    let (Some(task), Some(rerun)) = (q.add_task(0, HotplugTask(r)), q.add_timeout_task(0, HotplugTask(r))) else {
+    let (Some(task), Some(rerun), Some(outside)) = (q.add_task(0, HotplugTask(r)), q.add_timeout_task(0, HotplugTask(r)), q.add_task(0, OutsideNsTask(r))) else {
         m.finish();
         return Err(super::bindings::ENOMEM);
     };
@@ -218,6 +237,7 @@ pub fn load() -> Result<HotplugModule, core::ffi::c_int> {
     let h = unsafe { hp.as_ref() };
     h.task.store(task.as_ptr(), Ordering::Release);
     h.rerun.store(rerun.as_ptr(), Ordering::Release);
+    h.outside_task.store(outside.as_ptr(), Ordering::Release);
     HOTPLUG.store(hp.as_ptr(), Ordering::Release);
     h.enqueue(); // first run: discovery
     Ok(m)
@@ -332,20 +352,53 @@ fn check_slots_quietly(dev: Device) -> bool {
     true
 }
 
-/// A controller reported a namespace attribute change: rescan its namespaces from the task.
+/// A controller reported a namespace attribute change: rescan its namespaces from the
+/// hotplug task's thread, through its slot's pending bits when it is in a discovered slot,
+/// else by its PCI location ([`super::outside_rescan`]). Never sleeps.
 pub fn namespace_changed(dev: Device) {
     let Some(hp) = hotplug() else { return };
-    match hp.slot_of(dev) {
-        Some((d, i)) => {
-            let enqueue = {
-                let mut p = d.pending.lock();
-                !p.stopping && p.events.namespace_changed(i)
-            };
-            if enqueue {
-                hp.enqueue();
-            }
+    if let Some((d, i)) = hp.slot_of(dev) {
+        let enqueue = {
+            let mut p = d.pending.lock();
+            !p.stopping && p.events.namespace_changed(i)
+        };
+        if enqueue {
+            hp.enqueue();
         }
-        None => dev_printf!(&dev, "namespace change on a controller outside the hotplug slots: not rescanned\n"),
+        return;
+    }
+    if hp.stopping.load(Ordering::Acquire) {
+        return; // unloading: the controller is about to be detached anyway
+    }
+    let Some(loc) = dev.parent().and_then(|bus| PciBus::new(bus).location_of(dev)) else { return };
+    let added = hp.outside.lock().add(loc);
+    match added {
+        Added::New => hp.enqueue_outside(),
+        Added::AlreadyWaiting => {}
+        Added::Full => dev_printf!(&dev, "namespace change not rescanned: {} other controllers are waiting for theirs\n", WAITING_MAX),
+    }
+}
+
+/// The namespace rescans of controllers outside the discovered slots (on the hotplug task's
+/// queue: one thread, so never at the same time as a [`HotplugTask`] run).
+pub struct OutsideNsTask(HpRef);
+
+impl TaskHandler for OutsideNsTask {
+    fn run(&self, _pending: u32) {
+        let hp = &*self.0;
+        // Paused for MOD_QUIESCE: a rescan's lease would make the unload's detach refuse. The
+        // locations keep waiting; the resume wakes this task again.
+        if hp.stopping.load(Ordering::Acquire) || hp.run_state.load(Ordering::Acquire) != RUNNING {
+            return;
+        }
+        loop {
+            let Some(loc) = hp.outside.lock().take() else { break };
+            let topo = TopoLock::lock();
+            // Found again by location under the lock: the notice's device_t may be gone.
+            let Some(dev) = PciBus::function_at(loc).filter(|&d| driver_of(d) == Driver::Ours) else { continue };
+            // Errors are said by the rescan itself; a detach in progress refuses the lease.
+            let _ = super::pci_driver::rescan_namespaces(dev, &topo);
+        }
     }
 }
 
@@ -965,6 +1018,9 @@ fn resume(hp: HpRef) {
     }
     if hp.run_state.compare_exchange(RESUMING, RUNNING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
         kprintf!("nvme_hotplug: unload refused: ACPI hotplug resumed ({} notify handlers reinstalled)\n", installed);
+        if hp.outside.lock().any() {
+            hp.enqueue_outside(); // namespace changes that came while paused
+        }
     }
 }
 
