@@ -448,3 +448,34 @@ fn a_lost_controller_still_present_is_left_alone_by_the_slot_check() {
     assert!(out.contains("detach device 4.0 (nvmehp0): 0") && common::console(&out).contains("nvmehp0: detached (device gone)"), "{out}");
     common::assert_clean_unload(code, &out);
 }
+
+/// Stock FreeBSD: pci0 is acpi_pci's, whose handler is on every slot, so `acpi_mode=auto`
+/// observes them. The module's controller in slot 4 vanishes (`--surprise`); its watchdog finds
+/// it lost and asks for a quiet check, and the fallback check (`rescan_interval_ms=100`) runs
+/// many more while the runner waits: none detaches or deletes the stale controller, adds a
+/// function, evaluates `_EJ0` or `_OST` (acpi_pci's eject or BUS_RESCAN does that, and a delete
+/// of ours could race pci_rescan_method's list of children), and the finding is said once, not
+/// at every check. The runner's surprise step is then NOT done (nothing swept it) and its
+/// final `devctl detach` tears it down. Fails when the observer rule is lost (the check sweeps
+/// the slot as on an owned one) or the message repeats. (Replaces the fake kernel's
+/// `a_slot_observed_by_acpi_pci_is_not_swept`, glue_tests.rs.)
+#[test]
+fn a_lost_controller_on_a_slot_acpi_pci_handles_is_left_alone_and_said_once() {
+    let Some(ko) = common::real_ko_on_qemu("acpi_observed_lost") else { return };
+    let args = ["--qemu", "--acpi", "--acpi-pci", "--tunable", "hw.nvme_hotplug.claim=1", "--tunable", "hw.nvme_hotplug.rescan_interval_ms=100", "--surprise"];
+    let (code, out) = kldhost_run_with(&ko, &args);
+    assert!(out.contains("(acpi_mode=auto): 0 owned (0 handlers), 30 observed") && out.contains("fallback rescan on"), "{out}");
+    assert!(out.contains("running: safe detach of nvmehp controllers") && out.contains("not running: _OST"), "{out}");
+    let lost = common::between(&out, "step Io: done", "step Surprise {");
+    assert!(lost.contains("nvmehp0: controller lost (controller gone"), "{lost}");
+    let runs = lost.matches("taskqueue nvmehp_hotplug: run task").count();
+    assert!(runs >= 2, "the hotplug task checked the slots {runs} times:\n{lost}");
+    let said = "slot \\\\_SB_.PCI0.S04_: its device is gone; left alone (acpi_pci handles this slot)";
+    assert_eq!(lost.matches(&format!("printf(\"nvme_hotplug: {said}")).count(), 1, "said once in {runs} checks:\n{lost}");
+    for never in ["device_detach_desc", "device_delete_child(", "pci_read_device(", "pci_add_child(", "acpi_SetInteger(", "\"_OST\""] {
+        assert!(!lost.contains(never), "{never} on an observed slot:\n{lost}");
+    }
+    assert!(out.contains("step Surprise { slot: 4, id: \"nvme0\", in_flight: 0 }: NOT done"), "{out}");
+    // The surprise step is NOT done on purpose; `kldhost run`'s status ignores the steps.
+    common::assert_clean_unload(code, &out);
+}

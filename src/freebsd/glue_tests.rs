@@ -595,36 +595,3 @@ fn a_stale_nvme4_device_is_left_alone() {
     assert!(!fk::function(3, 0).child);
     unload_module();
 }
-
-/// Stock FreeBSD: pci0 is acpi_pci's, whose handler is on the slot, so `acpi_mode=auto`
-/// observes it. Our controller there vanished (its watchdog calls controller_lost): the task's
-/// check neither detaches nor deletes it (acpi_pci's eject or BUS_RESCAN does, and a delete of
-/// ours could race pci_rescan_method's list of children), nor rescans; it says so once.
-#[test]
-fn a_slot_observed_by_acpi_pci_is_not_swept() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    load_module(Knobs { acpi_pci_bus: true, ..Knobs::default() });
-    fk::insert_slot3(0xffff); // our controller's device_t, its function gone
-    fk::run_queued(); // discovery
-    let log = fk::log();
-    assert!(log.iter().any(|l| l.contains("(acpi_mode=auto): 0 owned (0 handlers), 1 observed")), "{log:#?}");
-    assert!(positions(&log, "AcpiInstallNotifyHandler").is_empty());
-    // Stock FreeBSD is said plainly at load: who acts, what runs and what does not.
-    assert!(log.iter().any(|l| l.contains("acpi_pci handles these slots (its handler cannot be removed)")), "{log:#?}");
-    assert!(log.iter().any(|l| l.contains("running: safe detach of nvmehp controllers") && l.contains("not running: _OST")), "{log:#?}");
-
-    for round in 0..2 {
-        fk::record("-- lost --");
-        super::slots::controller_lost(dev());
-        fk::run_queued();
-        let log = fk::log();
-        let l = last(&log, "-- lost --");
-        for call in ["device_detach", "device_delete_child", "pci_read_device", "pci_add_child", "acpi_SetInteger", "AcpiEvaluateObject"] {
-            assert!(positions(&log[l..], call).is_empty(), "round {round}: {call} on an observed slot: {:#?}", &log[l..]);
-        }
-        let said = log[l..].iter().filter(|s| s.contains("its device is gone; left alone (acpi_pci handles this slot)")).count();
-        assert_eq!(said, usize::from(round == 0), "reported once: {:#?}", &log[l..]);
-    }
-    assert!(fk::function(3, 0).child);
-    unload_module();
-}
