@@ -132,10 +132,12 @@ enum Cmd {
         #[arg(long = "device-fault", value_name = "KIND[=ARG]", value_parser = kldhost::emu::device_fault::parse, requires = "qemu")]
         device_fault: Vec<kldhost::emu::device_fault::Fault>,
         /// A chosen interleaving (repeatable): while the module sleeps in pause(9) for the
-        /// N-th time (default 1) with wait message WMESG, another kernel thread runs ACTION:
-        /// `detach` (devctl detach of every attached function) or `notify:SLOT:VALUE`
+        /// N-th time (default 1) with wait message WMESG (with @unload: counting only sleeps
+        /// inside a kldunload's module events), another kernel thread runs ACTION: `detach`
+        /// (devctl detach of every attached function), `attach:SLOT` (devctl attach of the
+        /// slot's functions), `kldunload`, `notify:SLOT:VALUE` or `namespace:OP:NSID`
         /// (src/emu/interleave.rs).
-        #[arg(long = "in-sleep", value_name = "WMESG[:N]=ACTION", value_parser = kldhost::emu::interleave::parse)]
+        #[arg(long = "in-sleep", value_name = "WMESG[@unload][:N]=ACTION", value_parser = kldhost::emu::interleave::parse)]
         in_sleep: Vec<kldhost::emu::interleave::InSleep>,
         /// With --qemu (pc; repeatable, in order; the module rescans only controllers in its
         /// hotplug slots, so with --acpi): the controller sits in an NVMe

@@ -79,7 +79,7 @@ fn a_bad_in_sleep_option_is_a_usage_error() {
     let (code, out) = kldhost_run_with(&ko, &["--in-sleep", "nvmehpbu=reboot"]);
     assert_eq!(code, Some(2), "{out}");
     assert!(
-        out.contains("expected WMESG[:N]=detach, WMESG[:N]=kldunload, WMESG[:N]=notify:SLOT:VALUE or WMESG[:N]=namespace:attach|detach|reformat:NSID"),
+        out.contains("expected WMESG[@unload][:N]=detach, =attach:SLOT, =kldunload, =notify:SLOT:VALUE or =namespace:attach|detach|reformat:NSID"),
         "{out}"
     );
 }

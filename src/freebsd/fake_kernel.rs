@@ -1749,11 +1749,6 @@ pub fn newbus_attach(dev: device_t) -> c_int {
     e
 }
 
-/// Puts `dev` into DS_ATTACHING by hand (another thread's attach asleep in DEVICE_ATTACH).
-pub fn newbus_set_attaching(dev: device_t, attaching: bool) {
-    newbus_set(dev, |d| d.state = if attaching { DevState::Attaching } else { DevState::Alive });
-}
-
 fn newbus_detach(dev: device_t) -> c_int {
     let Some(d) = newbus_dev(dev) else { return 0 };
     if d.busy > 0 {

@@ -2,12 +2,16 @@
 //! kernel ([`fake_kernel`]'s `newbus_*`, `kldload`, `kldunload`): what the kldunload walk may
 //! touch (only attached devices' softcs), busy references across the sleeps of a namespace
 //! rescan and of DEVICE_SHUTDOWN (a detach arriving meanwhile is refused and frees nothing),
-//! and the module events' order and refusals (every refusal in MOD_QUIESCE, the unloading flag
-//! and the hotplug task restored on every refusal path).
+//! and the module events' refusals (a refusal in MOD_UNLOAD restoring the unloading flag and
+//! the hotplug task).
 //!
 //! `kldunload -f` and a busy unload run on the shipped .ko now (kldhost/tests/unload.rs: a
 //! forced unload of an open controller refused by its detach, the quiesce redone in
-//! MOD_UNLOAD, a plain unload refused in MOD_QUIESCE while a disk is open), and so does a
+//! MOD_UNLOAD, a plain unload refused in MOD_QUIESCE while a disk is open, a detach refused
+//! after MOD_QUIESCE ending the unload and restoring the module, MOD_UNLOAD refusing while a
+//! controller attached behind its detach walk is attached, an attach refused from a standing
+//! MOD_QUIESCE; MOD_QUIESCE refusing while an attach sleeps is kldhost/tests/interleave.rs),
+//! and so does a
 //! detach arriving while DEVICE_SHUTDOWN sleeps (kldhost/tests/interleave.rs, `--in-sleep`);
 //! they are no longer here; nor are a failed MOD_LOAD leaving nothing (kldhost/tests/failures.rs,
 //! `--fail taskqueue_create`/`taskqueue_start_threads`) and the unload walking a detached
@@ -21,7 +25,7 @@ use super::device::Device;
 use super::fake_kernel::{self as fk, DevState, Knobs};
 use super::fake_nvme::FakeNvme;
 use super::glue_tests::SERIAL;
-use super::module::{nvmehp_modevent, unloading};
+use super::module::unloading;
 use std::string::String;
 use std::vec::Vec;
 
@@ -58,13 +62,6 @@ fn load_module() {
     assert_eq!(fk::kldload(), 0);
     fk::run_queued(); // discovery
     assert_eq!(positions(&fk::log(), "AcpiInstallNotifyHandler").len(), 1);
-}
-
-/// Marks the namespace node open (devfs would count the open here), or closes it.
-fn set_node_open(open: bool) {
-    let node = fk::cdevs()[1];
-    // SAFETY: our fake cdev, made by the attach.
-    unsafe { (*node).si_usecount = u64::from(open) };
 }
 
 // --- 1. the kldunload walk and devices that are not attached --------------------------------
@@ -124,48 +121,6 @@ fn handler_installed() -> bool {
     installs > removes
 }
 
-/// A detach refused after MOD_QUIESCE succeeded ends the unload without any further module
-/// event (driver_module_handler calls our MOD_UNLOAD only if every detach succeeded): the
-/// refusing detach itself clears the unloading flag and has the hotplug task resume, which
-/// reinstalls the handler MOD_QUIESCE removed. (An open arriving after MOD_QUIESCE stands in
-/// for any such refusal here: in the kernel the unloading flag refuses it.) Before the fix
-/// the task and handlers were stopped only in MOD_UNLOAD and the flag could stay set.
-#[test]
-fn a_detach_refused_after_quiesce_restores_the_module() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(present_knobs());
-    super::module::reset_for_tests();
-    load_module();
-    attach_controller();
-    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
-    fk::record("-- quiesce --");
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
-    assert!(unloading());
-    assert_eq!(super::slots::paused_for_tests(), Some(true), "MOD_QUIESCE paused the hotplug task");
-    assert!(!handler_installed(), "MOD_QUIESCE removed our handler");
-    set_node_open(true);
-    fk::record("-- detaches --");
-    // SAFETY: newbus' detach of our controller, as devclass_delete_driver does it.
-    assert_eq!(unsafe { bindings::device_detach(fk::fake_device()) }, bindings::EBUSY);
-    assert!(!unloading(), "the refusing detach cleared the flag");
-    fk::run_queued(); // the resume
-    let log = fk::log();
-    let d = first(&log, "-- detaches --");
-    assert!(log[d..].iter().any(|l| l.contains("unload abandoned")), "{:#?}", &log[d..]);
-    assert_eq!(positions(&log[d..], "AcpiInstallNotifyHandler").len(), 1, "handler reinstalled: {:#?}", &log[d..]);
-    assert!(log[d..].iter().any(|l| l.contains("ACPI hotplug resumed (1 notify handlers reinstalled)")));
-    assert_eq!(super::slots::paused_for_tests(), Some(false));
-    // The reinstalled handler works: an eject request reaches the task (refused: open).
-    fk::record("-- notify --");
-    fk::deliver_notify(3);
-    fk::run_queued();
-    let log = fk::log();
-    let n = first(&log, "-- notify --");
-    assert!(log[n..].iter().any(|l| l.contains("eject request refused")), "{:#?}", &log[n..]);
-    set_node_open(false);
-    assert_eq!(fk::kldunload(false), 0);
-}
-
 /// A refusal that can only arise after the detaches (GEOM has not let go of a disk of a
 /// controller just detached) stays in MOD_UNLOAD; it too clears the flag and resumes the task.
 #[test]
@@ -188,71 +143,4 @@ fn a_refusal_in_mod_unload_restores_the_flag_and_the_task() {
         fk::geom_disk_gone(d);
     }
     assert_eq!(fk::kldunload(false), 0);
-}
-
-/// A controller whose DEVICE_ATTACH is asleep (DS_ATTACHING) when MOD_UNLOAD's detaches reach
-/// it makes newbus refuse the unload without an event to us ("device in attaching state",
-/// sys/kern/subr_bus.c device_detach): MOD_QUIESCE refuses while one is attaching, and from a
-/// standing MOD_QUIESCE on, our DEVICE_ATTACH refuses to start.
-#[test]
-fn attaches_and_the_unload_exclude_each_other() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(present_knobs());
-    super::module::reset_for_tests();
-    load_module();
-    let other = fk::function_device(4, 0);
-    fk::newbus_add(other);
-    fk::newbus_probe(other);
-    fk::newbus_set_attaching(other, true);
-    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), bindings::EBUSY);
-    assert!(fk::log().iter().any(|l| l.contains("a controller is attaching: not unloading")));
-    assert!(!unloading());
-    fk::newbus_set_attaching(other, false);
-
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
-    fk::record("-- attach while quiesced --");
-    assert_eq!(fk::newbus_attach(other), bindings::ENXIO);
-    let log = fk::log();
-    let a = first(&log, "-- attach while quiesced --");
-    assert!(log[a..].iter().any(|l| l.contains("module unloading: not attaching")), "{:#?}", &log[a..]);
-    assert!(positions(&log[a..], "bus_alloc_resource").is_empty(), "refused before touching the device");
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), 0);
-}
-
-/// A detach refused while MOD_UNLOAD's detaches run (a second `devctl detach` of a controller
-/// whose first detach sleeps: our DEVICE_DETACH refuses it) undoes the standing MOD_QUIESCE,
-/// so for a while attaches are allowed again, and one may attach a controller that newbus's
-/// detach walk does not visit again (a unit below the walk's position). MOD_UNLOAD must not
-/// free the module under an attached controller (its interrupt handler, callout and nodes
-/// call our code): it refuses, and the module stays loaded and usable. Before the fix
-/// MOD_UNLOAD took "newbus calls us only once every device detached" on trust and unloaded.
-#[test]
-fn mod_unload_refuses_while_a_controller_is_attached() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(present_knobs());
-    super::module::reset_for_tests();
-    load_module();
-    let (null, arg) = (core::ptr::null_mut(), core::ptr::null_mut());
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_QUIESCE as i32, arg), 0);
-    assert!(unloading());
-    // The racing second detach, refused by our DEVICE_DETACH.
-    super::module::detach_refused();
-    assert!(!unloading());
-    // An attach in the window, which the detach walk does not see.
-    attach_controller();
-    fk::record("-- MOD_UNLOAD --");
-    assert_eq!(nvmehp_modevent(null, bindings::MOD_UNLOAD as i32, arg), bindings::EBUSY, "{:#?}", fk::log());
-    let log = fk::log();
-    let u = first(&log, "-- MOD_UNLOAD --");
-    assert!(log[u..].iter().any(|l| l.contains("still attached: not unloading")), "{:#?}", &log[u..]);
-    assert!(positions(&log[u..], "destroy_dev_drain").is_empty(), "the module was not torn down");
-    assert_eq!(fk::newbus_state(fk::fake_device()), DevState::Attached);
-    assert!(!unloading());
-    fk::run_queued(); // the resume
-    assert_eq!(super::slots::paused_for_tests(), Some(false));
-    assert!(handler_installed());
-    // A real unload then detaches it first, and goes through.
-    assert_eq!(fk::kldunload(false), 0);
-    assert!(fk::log().last().unwrap().contains("unloaded"), "{:#?}", fk::log());
 }

@@ -10,6 +10,11 @@
 //! (bus_topo_lock), is released for the duration and taken back afterwards, so the other
 //! thread can take it as devctl(8) or acpi_task would.
 //!
+//! A sleep may be counted only while a kldunload's module events run (`WMESG@unload[:N]`):
+//! the N-th sleep on WMESG inside MOD_QUIESCE or MOD_UNLOAD (driver_module_handler's detaches
+//! included), whatever sleeps on WMESG came before (a devctl detach's stop sleeps as often as
+//! the controller takes, so a count from the start of the run would not be stable).
+//!
 //! Every action run says so in the call log (`kldhost: in sleep N on WMESG, another thread:
 //! ...`), with its outcome, so a test can tell where it happened. The armed interleavings
 //! are process-global, as the emulated kernel is.
@@ -24,6 +29,11 @@ pub enum Action {
     /// devctl(8) detach of every attached PCI function (DEV_DETACH: device_detach under the
     /// topology lock).
     Detach,
+    /// devctl(8) attach of each function newbus has in slot `slot` on pci0 (DEV_ATTACH,
+    /// sys/kern/subr_bus.c devctl2_ioctl: EBUSY for an attached device, else
+    /// device_probe_and_attach under the topology lock), e.g. one `devctl detach` left in the
+    /// driver's devclass.
+    Attach { slot: u8 },
     /// The firmware's `Notify(Sxx_, value)` on slot `slot`, dispatched from acpi_task to the
     /// handlers installed on it.
     Notify { slot: u8, value: u32 },
@@ -45,6 +55,7 @@ impl std::fmt::Display for Action {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Action::Detach => write!(f, "detach"),
+            Action::Attach { slot } => write!(f, "attach:{slot}"),
             Action::Notify { slot, value } => write!(f, "notify:{slot}:{value}"),
             Action::Kldunload => write!(f, "kldunload"),
             Action::Namespace { op, nsid } => write!(f, "namespace:{}:{nsid}", op.name()),
@@ -56,6 +67,8 @@ impl std::fmt::Display for Action {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InSleep {
     pub wmesg: String,
+    /// Only sleeps inside a kldunload's module events are counted (`@unload`).
+    pub in_unload: bool,
     /// The sleep (1-based, counting that wait message only) the action runs in.
     pub nth: u64,
     pub action: Action,
@@ -63,19 +76,24 @@ pub struct InSleep {
 
 impl std::fmt::Display for InSleep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}={}", self.wmesg, self.nth, self.action)
+        write!(f, "{}{}:{}={}", self.wmesg, if self.in_unload { "@unload" } else { "" }, self.nth, self.action)
     }
 }
 
-/// Parses `WMESG[:N]=ACTION` (ACTION: `detach`, `kldunload`, `notify:SLOT:VALUE` with SLOT
-/// the PCI slot number and VALUE the notify value, decimal, or `namespace:OP:NSID` with OP
-/// `attach`, `detach` or `reformat`).
+/// Parses `WMESG[@unload][:N]=ACTION` (ACTION: `detach`, `attach:SLOT`, `kldunload`,
+/// `notify:SLOT:VALUE` with SLOT the PCI slot number and VALUE the notify value, decimal, or
+/// `namespace:OP:NSID` with OP `attach`, `detach` or `reformat`).
 pub fn parse(s: &str) -> Result<InSleep, String> {
-    let usage = || format!("--in-sleep {s}: expected WMESG[:N]=detach, WMESG[:N]=kldunload, WMESG[:N]=notify:SLOT:VALUE or WMESG[:N]=namespace:attach|detach|reformat:NSID");
+    let usage = || format!("--in-sleep {s}: expected WMESG[@unload][:N]=detach, =attach:SLOT, =kldunload, =notify:SLOT:VALUE or =namespace:attach|detach|reformat:NSID");
     let (at, action) = s.split_once('=').ok_or_else(usage)?;
     let (wmesg, nth) = match at.split_once(':') {
         Some((w, n)) => (w, n.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(usage)?),
         None => (at, 1),
+    };
+    let (wmesg, in_unload) = match wmesg.split_once('@') {
+        Some((w, "unload")) => (w, true),
+        Some(_) => return Err(usage()),
+        None => (wmesg, false),
     };
     // pause(9)'s wmesg is a short C string (WMESGLEN, 8 characters, in struct thread).
     if wmesg.is_empty() || wmesg.len() > 8 {
@@ -83,6 +101,7 @@ pub fn parse(s: &str) -> Result<InSleep, String> {
     }
     let action = match action.split(':').collect::<Vec<_>>()[..] {
         ["detach"] => Action::Detach,
+        ["attach", slot] => Action::Attach { slot: slot.parse::<u8>().ok().filter(|&s| s < 32).ok_or_else(usage)? },
         ["kldunload"] => Action::Kldunload,
         ["notify", slot, value] => {
             let slot = slot.parse::<u8>().ok().filter(|&s| s < 32).ok_or_else(usage)?;
@@ -95,7 +114,7 @@ pub fn parse(s: &str) -> Result<InSleep, String> {
         }
         _ => return Err(usage()),
     };
-    Ok(InSleep { wmesg: wmesg.to_string(), nth, action })
+    Ok(InSleep { wmesg: wmesg.to_string(), in_unload, nth, action })
 }
 
 struct Armed {
@@ -106,6 +125,21 @@ struct Armed {
 
 static ARMED: Mutex<Vec<Armed>> = Mutex::new(Vec::new());
 
+/// How many kldunloads are sending their module events now (the runner's, or one run by
+/// [`Action::Kldunload`] inside a sleep).
+static IN_UNLOAD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A kldunload's module events begin (`true`) or are over (`false`): sleeps meanwhile count
+/// for `WMESG@unload`.
+pub fn unload_events(begin: bool) {
+    use std::sync::atomic::Ordering;
+    if begin {
+        IN_UNLOAD.fetch_add(1, Ordering::SeqCst);
+    } else {
+        IN_UNLOAD.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Arms `list` (replacing what was armed).
 pub fn arm(list: Vec<InSleep>) {
     let mut a = ARMED.lock().unwrap_or_else(|e| e.into_inner());
@@ -115,10 +149,11 @@ pub fn arm(list: Vec<InSleep>) {
 /// Called by every sleeping KPI with its wait message, after the sleep is logged: runs the
 /// actions armed for this sleep.
 pub fn at_sleep(wmesg: &str) {
+    let unloading = IN_UNLOAD.load(std::sync::atomic::Ordering::SeqCst) > 0;
     let due: Vec<(u64, Action)> = {
         let mut a = ARMED.lock().unwrap_or_else(|e| e.into_inner());
         a.iter_mut()
-            .filter(|x| x.what.wmesg == wmesg)
+            .filter(|x| x.what.wmesg == wmesg && (unloading || !x.what.in_unload))
             .filter_map(|x| {
                 x.seen += 1;
                 (x.seen == x.what.nth).then(|| (x.seen, x.what.action.clone()))
@@ -152,6 +187,20 @@ fn run(n: u64, wmesg: &str, action: &Action) {
                 log(format!("{at}: devctl detach {name} = {r}"));
             }
         }
+        Action::Attach { slot } => {
+            let functions: Vec<u64> = (0..8).filter_map(|f| super::newbus::pci_child_at(*slot, f)).collect();
+            if functions.is_empty() {
+                log(format!("{at}: devctl attach: no function in slot {slot}"));
+            }
+            for dev in functions {
+                let name = super::newbus::nameunit(dev);
+                log(format!("{at}: devctl attach {name}"));
+                super::sched::topo_lock();
+                let r = if super::newbus::state(dev) >= layouts::DS_ATTACHED { layouts::EBUSY } else { super::newbus::probe_and_attach(dev) };
+                super::sched::topo_unlock();
+                log(format!("{at}: devctl attach {name} = {r}"));
+            }
+        }
         Action::Notify { slot, value } => {
             log(format!("{at}: acpi_task: Notify(slot {slot}, {value})"));
             let n = super::acpi::notify(*slot, *value);
@@ -172,23 +221,35 @@ fn run(n: u64, wmesg: &str, action: &Action) {
 
 /// [`Action::Kldunload`]: the module events of an unload, stopping at the first refusal.
 fn kldunload(at: &str) {
-    use super::kern::{event_name, mod_event};
     let names: Vec<String> = with(|e| e.modules.iter().map(|m| m.name.clone()).collect());
     log(format!("{at}: kldunload"));
-    for what in [layouts::MOD_QUIESCE, layouts::MOD_UNLOAD] {
-        for name in &names {
-            let r = mod_event(name, what as std::ffi::c_int).unwrap_or(0);
-            let agreed = r == 0 || (what == layouts::MOD_QUIESCE && (r == layouts::EOPNOTSUPP || r == layouts::EINVAL));
-            if !agreed {
-                log(format!("{at}: kldunload: {name} refused {}: error {r}", event_name(what as std::ffi::c_int)));
-                return;
-            }
-        }
+    unload_events(true);
+    let agreed = unload_module_events(at, &names);
+    unload_events(false);
+    if !agreed {
+        return;
     }
     super::rules::finding(
         super::rules::Rule::UnloadWithLiveCallbacks,
         &format!("{at}: kldunload: every module agreed to unload while the module's own thread sleeps in it (its text would be freed under that thread)"),
     );
+}
+
+/// MOD_QUIESCE then MOD_UNLOAD to each of `names`, stopping at the first refusal (logged);
+/// whether every module agreed.
+fn unload_module_events(at: &str, names: &[String]) -> bool {
+    use super::kern::{event_name, mod_event};
+    for what in [layouts::MOD_QUIESCE, layouts::MOD_UNLOAD] {
+        for name in names {
+            let r = mod_event(name, what as std::ffi::c_int).unwrap_or(0);
+            let agreed = r == 0 || (what == layouts::MOD_QUIESCE && (r == layouts::EOPNOTSUPP || r == layouts::EINVAL));
+            if !agreed {
+                log(format!("{at}: kldunload: {name} refused {}: error {r}", event_name(what as std::ffi::c_int)));
+                return false;
+            }
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -197,11 +258,12 @@ mod tests {
 
     #[test]
     fn the_option_round_trips_and_bad_spellings_are_refused() {
-        for s in ["nvmehpsd:1=detach", "nvmehpst:3=notify:4:3", "nvmehpbu:2=kldunload", "nvmehpns:2=namespace:attach:2"] {
+        for s in ["nvmehpsd:1=detach", "nvmehpst:3=notify:4:3", "nvmehpbu:2=kldunload", "nvmehpns:2=namespace:attach:2", "nvmehpst@unload:1=attach:4"] {
             assert_eq!(parse(s).map(|x| x.to_string()), Ok(s.to_string()));
         }
         assert_eq!(parse("nvmehpst=detach").map(|x| x.nth), Ok(1));
-        for bad in ["nvmehpst", "=detach", "toolongwmesg=detach", "x:0=detach", "x=attach", "x=notify:40:1", "x=notify:4"] {
+        assert_eq!(parse("nvmehpst@unload=detach").map(|x| (x.wmesg, x.in_unload, x.nth)), Ok(("nvmehpst".to_string(), true, 1)));
+        for bad in ["nvmehpst", "=detach", "toolongwmesg=detach", "x:0=detach", "x=attach", "x=attach:32", "x@load=detach", "@unload=detach", "x=notify:40:1", "x=notify:4"] {
             assert!(parse(bad).is_err(), "{bad} accepted");
         }
     }

@@ -389,10 +389,22 @@ pub fn add_driver(bus: &str, driver: u64) {
 }
 
 /// devclass_delete_driver: every device attached with the driver is detached first; the
-/// first error is returned and the driver stays.
+/// first error is returned and the driver stays. As `devclass_driver_deleted`
+/// (sys/kern/subr_bus.c) walks it: the driver's devclass unit by unit, each unit looked at
+/// once, when the walk reaches it (`dc->devices[i]`, its driver compared then). A detach that
+/// sleeps drops Giant, so a device attached meanwhile at a unit the walk already passed is
+/// not visited (one at a unit above is).
 pub fn delete_driver(driver: u64) -> c_int {
-    let devs: Vec<u64> = with(|e| e.newbus.devices.iter().filter(|(_, d)| d.driver == driver).map(|(a, _)| *a).collect());
-    for d in devs {
+    // SAFETY: the module's driver_t.
+    let name = unsafe { cstr((*(driver as *const layouts::kobj_class)).name) };
+    let mut unit = 0;
+    loop {
+        let Some(at) = with(|e| e.newbus.devclasses.get(&name).map(|(_, units)| units.get(unit).copied())) else { break };
+        let Some(d) = at else { break };
+        unit += 1;
+        if d == 0 || with(|e| e.newbus.devices.get(&d).map_or(true, |x| x.driver != driver)) {
+            continue;
+        }
         super::sched::topo_lock();
         let r = device_detach(d);
         if r == 0 {
@@ -403,8 +415,6 @@ pub fn delete_driver(driver: u64) -> c_int {
             return r;
         }
     }
-    // SAFETY: the module's driver_t.
-    let name = unsafe { cstr((*(driver as *const layouts::kobj_class)).name) };
     with(|e| e.newbus.drivers.remove(&name));
     0
 }

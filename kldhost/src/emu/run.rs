@@ -110,9 +110,13 @@ pub struct Target {
     pub image: std::path::PathBuf,
 }
 
-/// The created disks, by name (a disk that went away is not one).
+/// The created disks, by name (a disk that went away is not one), in unit order: the first
+/// is the first attached controller's (`nvmehpd0` before `nvmehpd1`), whatever the order of
+/// their host addresses.
 fn created_disks() -> Vec<String> {
-    with(|e| e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect())
+    let mut d: Vec<String> = with(|e| e.disks.values().filter(|d| d.state == super::geom::DiskState::Created).map(|d| d.name.clone()).collect());
+    d.sort_by(|a, b| (a.len(), a).cmp(&(b.len(), b)));
+    d
 }
 
 /// Offset and size of the test I/O.
@@ -1429,6 +1433,8 @@ pub fn kldunload(ko: &LoadedKo, names: &[String], report: &mut Report, held: &[u
     // A module whose MOD_LOAD failed was released by module_register_init: the file stays
     // loaded without it and the unload sends it nothing.
     let live: Vec<&String> = names.iter().filter(|n| with(|e| e.modules.iter().any(|m| m.name == **n))).collect();
+    // The module events' sleeps count for `--in-sleep WMESG@unload`.
+    super::interleave::unload_events(true);
     // Every module is asked first (MOD_QUIESCE; EOPNOTSUPP and EINVAL count as agreement) and
     // the first veto ends the unload; only then is MOD_UNLOAD sent to each.
     for name in &live {
@@ -1457,6 +1463,7 @@ pub fn kldunload(ko: &LoadedKo, names: &[String], report: &mut Report, held: &[u
             with(|e| e.modules.retain(|m| m.name != **name));
         }
     }
+    super::interleave::unload_events(false);
     if !refused {
         run_sysinits(ko, &sets::sysuninits(ko)?, "sysuninit");
     }
