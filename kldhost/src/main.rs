@@ -164,6 +164,12 @@ enum Cmd {
         /// every other NVMe function is left to the module, as after `devctl set driver`.
         #[arg(long = "stock-nvme-at", value_name = "SLOT.FUNC", value_parser = parse_function, requires = "qemu")]
         stock_nvme_at: Vec<(u8, u8)>,
+        /// GEOM's event thread stalled (behind another provider's slow taste) from the first
+        /// kldunload until one that reached MOD_UNLOAD returned (or 200 sleeps of the module): the
+        /// d_gone callbacks of the disks the unload's own detaches gave up are still queued when
+        /// MOD_UNLOAD looks (use --kldunload-retries to unload after).
+        #[arg(long = "geom-stalled")]
+        geom_stalled: bool,
         /// With --qemu: QEMU's q35 (ICH9) machine: the controller behind the pcie-root-port in
         /// slot 4 (pcib1 -> pci1), another port in slot 5 for --hot-add, and with --acpi q35's
         /// namespace (\_SB_.PCI0.S20_.S00_ is slot 4's hotplug slot). Not with INTx (ICH9's
@@ -293,7 +299,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots, namespace, getattr, subsystem_at, stock_nvme_at } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots, namespace, getattr, subsystem_at, stock_nvme_at, geom_stalled } => {
             if msi_undelivered && !(msi_instead_of_msix || msi_with_msix) {
                 eprintln!("kldhost run: --msi-undelivered needs --msi-instead-of-msix or --msi-with-msix");
                 return ExitCode::from(2);
@@ -340,6 +346,7 @@ fn main() -> ExitCode {
                 getattr,
                 subsystem_at,
                 stock_nvme_at,
+                geom_stalled,
                 multifunction,
                 hold_open,
                 devctl_delete,

@@ -389,3 +389,47 @@ fn an_attach_is_refused_from_a_standing_quiesce_before_it_touches_the_device() {
     assert_in_order(console(&out), &["nvmehp0: module unloading: not attaching", "nvmehp1: detached", "nvme_hotplug: unloaded (30 ACPI notify handlers removed)"]);
     assert_clean_unload(code, &out);
 }
+
+/// A refusal that can only come after the unload's own detaches: the controller is still
+/// attached at kldunload (its disk held open, so the final `devctl detach` was refused, until
+/// the first kldunload returned), and GEOM's event thread is stalled (`--geom-stalled`, as
+/// behind another provider's slow taste). The retry's MOD_QUIESCE agrees, newbus's walk (in
+/// driver_module_handler's MOD_UNLOAD, before the module's own) detaches the controller and
+/// its disk goes to GEOM, but its d_gone cannot run: the module's MOD_UNLOAD
+/// gives GEOM's event thread its last chance (a 100 ms sleep, `nvmehpdg`), then refuses with
+/// "1 disks still held by GEOM", tears nothing down (no `destroy_dev_drain`, no
+/// `taskqueue_free` of the hotplug queue), clears the unloading flag and resumes the hotplug
+/// task, which reinstalls the 30 notify handlers MOD_QUIESCE removed. Once d_gone ran, the
+/// next kldunload unloads clean. Fails when MOD_UNLOAD takes "newbus detached everything" for
+/// "nothing calls us any more" (the module's code would be freed under GEOM's pending d_gone)
+/// or leaves the hotplug task paused. (Replaces the fake kernel's
+/// `a_refusal_in_mod_unload_restores_the_flag_and_the_task`, lifecycle_tests.rs.)
+#[test]
+fn a_disk_whose_d_gone_is_pending_makes_mod_unload_refuse_and_resume() {
+    let Some(ko) = real_ko("unload_d_gone_pending") else { return };
+    let args = ["--qemu", "--acpi", "--tunable", "hw.nvme_hotplug.claim=1", "--geom-stalled", "--hold-open", "nvmehpd0", "--kldunload-retries", "2"];
+    let (code, out) = kldhost_run_with(&ko, &args);
+    let refused = between(&out, "kldunload again (retry 1)", "GEOM's event thread runs again");
+    assert_in_order(
+        refused,
+        &[
+            "MOD_EVENT(pci/nvme_hotplug, MOD_QUIESCE) = 0",
+            // driver_module_handler's MOD_UNLOAD: newbus's detach walk, then the module's own.
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD)",
+            "nvmehp0: device_detach_desc ->",
+            "disk_gone(nvmehpd0)",
+            "nvmehp0: device_detach_desc = 0",
+            "pause_sbt(nvmehpdg, 100.000 ms)",
+            "printf(\"nvme_hotplug: 1 disks still held by GEOM: not unloading\\n\")",
+            "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 16",
+            "printf(\"nvme_hotplug: unload refused: ACPI hotplug resumed (30 notify handlers reinstalled)\\n\")",
+        ],
+    );
+    for never in ["d_gone(nvmehpd0)", "destroy_dev_drain(", "taskqueue_free(nvmehp_hotplug)", "nvme_hotplug: unloaded"] {
+        assert!(!refused.contains(never), "{never} in the refused unload:\n{refused}");
+    }
+    assert_eq!(refused.matches("AcpiInstallNotifyHandler(").count(), 30, "{refused}");
+    assert_in_order(&out, &["GEOM's event thread runs again", "g_event: d_gone(nvmehpd0)", "kldunload again (retry 2)", "MOD_EVENT(pci/nvme_hotplug, MOD_UNLOAD) = 0"]);
+    assert!(console(&out).contains("nvme_hotplug: unloaded (30 ACPI notify handlers removed)"), "{out}");
+    assert_clean_unload(code, &out);
+}

@@ -1,16 +1,15 @@
 //! Host tests of a controller's and the module's life through the newbus model of the fake
 //! kernel ([`fake_kernel`]'s `newbus_*`, `kldload`, `kldunload`): what the kldunload walk may
 //! touch (only attached devices' softcs), busy references across the sleeps of a namespace
-//! rescan and of DEVICE_SHUTDOWN (a detach arriving meanwhile is refused and frees nothing),
-//! and the module events' refusals (a refusal in MOD_UNLOAD restoring the unloading flag and
-//! the hotplug task).
+//! rescan and of DEVICE_SHUTDOWN (a detach arriving meanwhile is refused and frees nothing).
 //!
 //! `kldunload -f` and a busy unload run on the shipped .ko now (kldhost/tests/unload.rs: a
 //! forced unload of an open controller refused by its detach, the quiesce redone in
 //! MOD_UNLOAD, a plain unload refused in MOD_QUIESCE while a disk is open, a detach refused
 //! after MOD_QUIESCE ending the unload and restoring the module, MOD_UNLOAD refusing while a
 //! controller attached behind its detach walk is attached, an attach refused from a standing
-//! MOD_QUIESCE; MOD_QUIESCE refusing while an attach sleeps is kldhost/tests/interleave.rs),
+//! MOD_QUIESCE, MOD_UNLOAD refusing while GEOM has not run a disk's d_gone yet and resuming
+//! the hotplug task; MOD_QUIESCE refusing while an attach sleeps is kldhost/tests/interleave.rs),
 //! and so does a
 //! detach arriving while DEVICE_SHUTDOWN sleeps (kldhost/tests/interleave.rs, `--in-sleep`);
 //! they are no longer here; nor are a failed MOD_LOAD leaving nothing (kldhost/tests/failures.rs,
@@ -25,17 +24,8 @@ use super::device::Device;
 use super::fake_kernel::{self as fk, DevState, Knobs};
 use super::fake_nvme::FakeNvme;
 use super::glue_tests::SERIAL;
-use super::module::unloading;
-use std::string::String;
-use std::vec::Vec;
 
-fn positions(log: &[String], prefix: &str) -> Vec<usize> {
-    log.iter().enumerate().filter(|(_, l)| l.starts_with(prefix)).map(|(i, _)| i).collect()
-}
 
-fn first(log: &[String], prefix: &str) -> usize {
-    *positions(log, prefix).first().unwrap_or_else(|| panic!("no `{prefix}` in {log:#?}"))
-}
 
 fn ctrl_dev() -> Device {
     // SAFETY: the fakes never dereference the device.
@@ -55,14 +45,6 @@ fn attach_controller() {
     assert_eq!(fk::newbus_state(fk::fake_device()), DevState::Attached);
 }
 
-/// Loads the module on a fake `\_SB_.PCI0` whose slot 3 holds the controller; discovery
-/// installs our notify handler.
-fn load_module() {
-    fk::insert_slot3(0x1b36);
-    assert_eq!(fk::kldload(), 0);
-    fk::run_queued(); // discovery
-    assert_eq!(positions(&fk::log(), "AcpiInstallNotifyHandler").len(), 1);
-}
 
 // --- 1. the kldunload walk and devices that are not attached --------------------------------
 
@@ -111,36 +93,3 @@ fn the_glue_answers_nothing_for_devices_that_are_not_attached() {
 // device busy) and frees nothing: moved to the shipped .ko on QEMU, kldhost/tests/namespaces.rs
 // `a_detach_inside_the_namespace_rescans_sleep_is_refused_and_frees_nothing`.
 
-// --- 6. kldunload never wedges ---------------------------------------------------------------
-
-/// Whether our notify handler is installed on the slot (the fake ACPI keeps the last one).
-fn handler_installed() -> bool {
-    let log = fk::log();
-    let installs = positions(&log, "AcpiInstallNotifyHandler").len();
-    let removes = log.iter().filter(|l| l.starts_with("AcpiRemoveNotifyHandler") && l.contains("same_handler=true")).count();
-    installs > removes
-}
-
-/// A refusal that can only arise after the detaches (GEOM has not let go of a disk of a
-/// controller just detached) stays in MOD_UNLOAD; it too clears the flag and resumes the task.
-#[test]
-fn a_refusal_in_mod_unload_restores_the_flag_and_the_task() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(Knobs { d_gone_at_once: false, ..present_knobs() });
-    super::module::reset_for_tests();
-    load_module();
-    attach_controller();
-    fk::record("-- unload --");
-    assert_eq!(fk::kldunload(false), bindings::EBUSY);
-    fk::run_queued();
-    let log = fk::log();
-    let u = first(&log, "-- unload --");
-    assert!(log[u..].iter().any(|l| l.contains("1 disks still held by GEOM: not unloading")), "{:#?}", &log[u..]);
-    assert!(!unloading());
-    assert_eq!(super::slots::paused_for_tests(), Some(false));
-    assert!(handler_installed());
-    for d in fk::disks() {
-        fk::geom_disk_gone(d);
-    }
-    assert_eq!(fk::kldunload(false), 0);
-}

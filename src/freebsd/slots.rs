@@ -202,9 +202,9 @@ pub fn load() -> Result<HotplugModule, core::ffi::c_int> {
         }
     };
     super::claim::announce(tunables::claim());
-    let Some(outside) = Mutex::new_boxed(c"nvmehp outside", OutsideRescans::default()) else {
-        return Err(super::bindings::ENOMEM);
-    };
+    // M_WAITOK, as the Hotplug itself: a failed allocation here would fail MOD_LOAD, where
+    // discovery's allocations only disable ACPI hotplug.
+    let outside = Mutex::new_boxed_waitok(c"nvmehp outside", OutsideRescans::default());
     let hp = NonNull::from(Box::leak(box_waitok(Hotplug {
         mode,
         interval_ms: tunables::rescan_interval_ms(),
@@ -955,13 +955,6 @@ const RUNNING: u8 = 0;
 const PAUSED: u8 = 1;
 /// An unload was refused after MOD_QUIESCE: the next run reinstalls our handlers, then acts.
 const RESUMING: u8 = 2;
-
-/// Host tests: whether the task is paused (`Some(true)`), running (`Some(false)`), or there is
-/// no hotplug machinery (`None`).
-#[cfg(test)]
-pub(crate) fn paused_for_tests() -> Option<bool> {
-    hotplug().map(|h| h.run_state.load(Ordering::Acquire) != RUNNING)
-}
 
 /// Asks the hotplug task to resume after a refused unload: it reinstalls our notify handlers
 /// (removed at MOD_QUIESCE), checks every slot once for what it missed, and acts on events

@@ -141,6 +141,9 @@ fn opens(dp: u64) -> u32 {
 /// detaches only with its access counts at zero (sys/geom/geom_subr.c `g_wither_washer`,
 /// `g_detach`; sys/geom/geom_disk.c `g_disk_providergone`).
 pub fn run_events() -> usize {
+    if with(|e| e.geom_stalled) {
+        return 0;
+    }
     let mut n = 0;
     let mut held = Vec::new();
     while let Some(dp) = with(|e| e.geom_events.pop_front()) {
@@ -162,6 +165,39 @@ pub fn run_events() -> usize {
     with(|e| e.geom_events.extend(held));
     n
 }
+
+/// `run --geom-stalled`: GEOM's event thread is busy elsewhere (a slow taste of another
+/// provider, a stuck orphan method: everything on the one g_event thread waits behind it), so
+/// d_gone callbacks queued meanwhile do not run, however long the module sleeps, until
+/// `stalled` is cleared.
+pub fn set_stalled(stalled: bool) {
+    with(|e| {
+        e.geom_stalled = stalled;
+        e.geom_stalled_sleeps = 0;
+    });
+    log(format!("GEOM's event thread {}", if stalled { "stalled: queued events (d_gone) wait" } else { "runs again" }));
+}
+
+/// A sleep of the module while GEOM's event thread is stalled: a stall ends some time, so
+/// after [`STALL_SLEEPS`] sleeps of the module it does (logged), and a module that waits for
+/// d_gone by sleeping gets it late rather than never (the emulation's stall must not turn
+/// into a deadlock of its own making).
+pub fn stalled_sleep() {
+    let lifted = with(|e| {
+        if !e.geom_stalled {
+            return false;
+        }
+        e.geom_stalled_sleeps += 1;
+        e.geom_stalled_sleeps >= STALL_SLEEPS
+    });
+    if lifted {
+        log(format!("GEOM's event thread: the stall ends after {STALL_SLEEPS} sleeps of the module"));
+        set_stalled(false);
+    }
+}
+
+/// How many of the module's sleeps a `--geom-stalled` stall outlasts at most.
+pub const STALL_SLEEPS: u32 = 200;
 
 /// A sleep of the module (pause_sbt): while a withered disk is held open, its d_gone cannot run
 /// until the consumer closes it. Here that consumer is the runner, which gets to close only

@@ -88,6 +88,11 @@ pub struct Emu {
     /// disk(9): every disk by its struct disk, and GEOM's pending d_gone events.
     pub(crate) disks: BTreeMap<u64, geom::DiskRec>,
     pub(crate) geom_events: std::collections::VecDeque<u64>,
+    /// GEOM's event thread runs nothing (`run --geom-stalled`, [`geom::set_stalled`]): queued
+    /// d_gone callbacks wait.
+    pub(crate) geom_stalled: bool,
+    /// The module's sleeps since GEOM's event thread stalled ([`geom::stalled_sleep`]).
+    pub(crate) geom_stalled_sleeps: u32,
     /// sysctl contexts to the OIDs added to them.
     pub(crate) sysctl_ctxs: BTreeMap<u64, Vec<(String, u64)>>,
     /// ACPI: the emulated namespace (`--acpi`) and the notify handlers installed on it.

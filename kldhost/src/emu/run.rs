@@ -442,6 +442,11 @@ pub struct Options {
     /// With `qemu`: after the attach step, a consumer opens each of these disks and keeps it
     /// open until the unload returned (as `hold_disks_open`, for the named disks only).
     pub hold_open: Vec<String>,
+    /// GEOM's event thread stalled from the first kldunload until one that reached MOD_UNLOAD
+    /// returned, or for [`super::geom::STALL_SLEEPS`] sleeps of the module
+    /// ([`super::geom::set_stalled`]): the d_gone callbacks of the disks the unload's own
+    /// detaches gave up are still queued when MOD_UNLOAD checks them.
+    pub geom_stalled: bool,
     /// With `qemu`: after the attach and I/O steps, `devctl delete` of the function at each
     /// (slot, function) ([`Step::DevctlDelete`]).
     pub devctl_delete: Vec<(u8, u8)>,
@@ -1395,7 +1400,11 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
         log(format!("late MSI-X messages: {ran} interrupt handlers ran"));
     }
     observe(Moment::Unloading, &report);
+    if opts.geom_stalled {
+        super::geom::set_stalled(true);
+    }
     kldunload(ko, &names, &mut report, &held, opts.kldunload_force)?;
+    unstall_after_mod_unload(opts, &report);
     // The holding consumers closed when the first kldunload returned; a retry must not close
     // them again (a second last close would call d_close twice).
     held.clear();
@@ -1406,6 +1415,7 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
         let ran = super::sched::run_queues(1000);
         log(format!("kldunload refused; taskqueue threads ran {ran} tasks; kldunload again (retry {})", attempt + 1));
         kldunload(ko, &names, &mut report, &held, opts.kldunload_force)?;
+        unstall_after_mod_unload(opts, &report);
     }
     if !report.unloaded {
         let kept = with(|e| e.blocks.values().filter(|b| !b.freed).fold((0, 0), |(n, bytes), b| (n + 1, bytes + b.size)));
@@ -1420,6 +1430,13 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
         report.console = std::mem::take(&mut e.console);
     });
     Ok(report)
+}
+
+/// `--geom-stalled`: GEOM's event thread runs again once a kldunload got as far as MOD_UNLOAD.
+fn unstall_after_mod_unload(opts: &Options, report: &Report) {
+    if opts.geom_stalled && report.unload.is_some() && with(|e| e.geom_stalled) {
+        super::geom::set_stalled(false);
+    }
 }
 
 /// kldunload of a file whose modules are `names` (see the module doc): MOD_QUIESCE to every

@@ -432,6 +432,7 @@ extern "C" fn emu_pause_sbt(wmesg: *const c_char, sbt: i64, _pr: i64, _flags: c_
     super::device_fault::time_passes(super::device_fault::At::Sleep);
     // Another thread may have been chosen to run in this sleep (`--in-sleep`).
     super::interleave::at_sleep(&w);
+    super::geom::stalled_sleep();
     run_kernel_threads();
     super::geom::sleep_while_gone_held();
     // EWOULDBLOCK (FreeBSD's value): the timeout expired (pause(9)).
