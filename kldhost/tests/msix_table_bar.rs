@@ -157,6 +157,8 @@ fn an_attach_failing_after_bring_up_releases_the_unused_interrupt_and_its_table_
                 MSIX_GRANTED,
                 VECTOR_IRQ_ALLOCATED,
                 CC_ENABLE,
+                // The bring-up done: the controller identified, its I/O queues created.
+                "device_printf(\"nvmehp0: NVMe ",
                 injected,
                 VECTOR_IRQ_RELEASED,
                 VECTOR_RELEASED,
