@@ -6,7 +6,8 @@
 //! driver releasing it while MSI-X is allocated is a finding (src/emu/pci.rs). The shipped
 //! module must allocate BAR4 before pci_alloc_msix, hold it until its vector is given back,
 //! and release it then, before BAR0, on every path: detach, a failed bring-up, an attach
-//! failing after the bring-up. Needs QEMU (SKIP without it, a failure with
+//! failing after the bring-up; and keep it with the vector for a handler it could not tear
+//! down. Needs QEMU (SKIP without it, a failure with
 //! NVMEHP_REQUIRE_QEMU=1) and the built .ko (NVMEHP_REQUIRE_KO=1).
 
 mod common;
@@ -174,5 +175,44 @@ fn an_attach_failing_after_bring_up_releases_the_unused_interrupt_and_its_table_
         }
         assert!(!out.contains("Device leaked"), "--fail {fail}:\n{out}");
         assert_clean_unload(code, &out);
+    }
+}
+
+/// A handler whose bus_teardown_intr failed (`--fail bus_teardown_intr`) stays installed and
+/// may still run, so pci(4) still needs the table its vector is programmed in: the driver keeps
+/// the vector, its IRQ and BAR4 (and BAR0 with the controller's memory) through DEVICE_DETACH,
+/// pci(4)'s pci_child_detached cannot release the vector (EBUSY) and takes both BARs back,
+/// counted as kept for the handler, not leaked; a late MSI-X message still runs the handler;
+/// every unload is refused. Fails if the driver lets BAR4 go with the handler still installed
+/// (its release during the detach, and pci(4)'s finding that the table BAR went under an
+/// allocated vector).
+#[test]
+fn an_interrupt_that_cannot_be_torn_down_keeps_its_vector_and_table_bar() {
+    let Some((code, out)) = run("msix_bar4_stuck", &["--fail", "bus_teardown_intr", "--late-msix", "--kldunload-retries", "1"]) else { return };
+    assert_eq!(code, Some(1), "the module must stay loaded:\n{out}");
+    assert_in_order(&out, &[BAR4_ALLOCATED, MSIX_GRANTED, "bus_teardown_intr(nvmehp0, irq rid 1) = 22 (handler still installed and called, MSI-X vector still unmasked)"]);
+    let detach = common::between(&out, "kldhost: injected EINVAL into bus_teardown_intr", "nvmehp0: device_detach_desc = 0");
+    for never in [VECTOR_RELEASED, VECTOR_IRQ_RELEASED, BAR4_RELEASED, BAR0_RELEASED] {
+        assert!(!detach.contains(never), "{never} with the handler still installed:\n{detach}");
+    }
+    assert_in_order(
+        &out,
+        &[
+            "nvmehp0: device_detach_desc = 0",
+            "nvmehp0: the handler on irq rid 1 stays installed after its bus_teardown_intr failed (22)",
+            "pci_release_msi(nvmehp0) = EBUSY",
+            "nvmehp0: 2 memory resources kept by the driver for the handler its failed bus_teardown_intr left installed: not a leak of the driver's",
+            "nvmehp0: its BARs are unmapped now (pci(4) took them back)",
+            "nvmehp0: MSI-X message on table entry 0",
+            "nvmehp0: interrupt (IRQ rid 1, MSI-X table entry 0)",
+            "late MSI-X messages: 1 interrupt handlers ran",
+            "still loaded: ",
+            "findings: 0",
+        ],
+    );
+    // pci(4) takes both BARs back (in no particular order), the driver neither.
+    let taken_back = common::between(&out, "nvmehp0: 2 memory resources kept by the driver", "nvmehp0: its BARs are unmapped now");
+    for bar in [BAR0_RELEASED, BAR4_RELEASED] {
+        assert!(taken_back.contains(bar), "{bar} by pci_child_detached:\n{out}");
     }
 }
