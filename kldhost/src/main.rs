@@ -190,8 +190,10 @@ enum Cmd {
         msi_undelivered: bool,
         /// With --qemu: every controller (hot-added ones too) plugged with QEMU's
         /// msix-exclusive-bar=on: its MSI-X table and PBA in BAR4 (as on bhyve) instead of
-        /// BAR0, which then holds only the registers and doorbells.
-        #[arg(long, requires = "qemu")]
+        /// BAR0, which then holds only the registers and doorbells. Not with a removal: QEMU 10
+        /// aborts unplugging such a controller (hw/nvme/ctrl.c nvme_exit deletes its register
+        /// region from a BAR0 container it was never put in).
+        #[arg(long, requires = "qemu", conflicts_with_all = ["eject", "surprise", "eject_slots"])]
         msix_exclusive_bar: bool,
         /// With --qemu (pc, repeatable): a multi-function slot at boot, an NVMe controller at
         /// each listed function (0 among them), function 0 with multifunction=on, e.g. 6=0,1.

@@ -216,3 +216,18 @@ fn an_interrupt_that_cannot_be_torn_down_keeps_its_vector_and_table_bar() {
         assert!(taken_back.contains(bar), "{bar} by pci_child_detached:\n{out}");
     }
 }
+
+/// `--msix-exclusive-bar` with a removal is a usage error, not a run: QEMU 10 aborts unplugging
+/// a controller whose MSI-X table has a BAR of its own (hw/nvme/ctrl.c `nvme_exit`), which would
+/// look like the module's failure. Fails if the flag is accepted with `--eject`, `--surprise`
+/// or `--eject-slot`.
+#[test]
+fn msix_exclusive_bar_refuses_a_removal() {
+    for removal in [&["--acpi", "--eject"][..], &["--acpi", "--surprise"][..], &["--acpi", "--eject-slot", "4"][..]] {
+        let mut args = vec!["--qemu", "--msix-exclusive-bar"];
+        args.extend_from_slice(removal);
+        let (code, out) = kldhost_run_with(std::path::Path::new("nvme_hotplug.ko"), &args);
+        assert_eq!(code, Some(2), "{removal:?}:\n{out}");
+        assert!(out.contains("the argument '--msix-exclusive-bar' cannot be used with"), "{removal:?}:\n{out}");
+    }
+}

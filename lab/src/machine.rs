@@ -75,7 +75,9 @@ pub enum MsixPlacement {
     /// `msix_init_exclusive_bar`: 4 KiB for the 65 vectors, the table at offset 0, the PBA at
     /// 0x800), as on bhyve and many real controllers; BAR0 then holds only the registers and
     /// doorbells. The lab's engine refuses such a controller (crate::interrupts wants the table
-    /// in BAR0); kldhost's pci(4) takes it.
+    /// in BAR0); kldhost's pci(4) takes it. QEMU 10 aborts when such a controller is unplugged
+    /// (hw/nvme/ctrl.c `nvme_exit` deletes its register region from a BAR0 container it was
+    /// never added to: `memory_region_del_subregion` asserts), so no eject with it.
     ExclusiveBar,
 }
 
