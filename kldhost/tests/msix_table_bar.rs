@@ -217,6 +217,38 @@ fn an_interrupt_that_cannot_be_torn_down_keeps_its_vector_and_table_bar() {
     }
 }
 
+/// MSI-X refused by pci(4) (`--fail pci_alloc_msix`: ENXIO, as for a blacklisted system) after
+/// BAR4 was allocated for it: BAR4 is given back at once, before the fallback, and, with no MSI
+/// capability on QEMU's function, the module takes the shared INTx line (rid 0, RF_ACTIVE |
+/// RF_SHAREABLE) with only BAR0 held; its bios complete through INTx and nothing is left. The
+/// BAR4 half of bringup_tests.rs `msix_refused_gives_back_its_table_bars_and_falls_back_to_a_shared_intx`
+/// (whose PBA has a BAR5 of its own, which QEMU's controller cannot have). Fails if the module
+/// keeps BAR4 after the refusal (pci(4)'s "Device leaked memory resources" at the detach, a
+/// finding) or releases it only after taking INTx.
+#[test]
+fn msix_refused_gives_back_its_table_bar_before_falling_back_to_a_shared_intx() {
+    let Some((code, out)) = run("msix_bar4_refused", &["--fail", "pci_alloc_msix"]) else { return };
+    assert_in_order(
+        &out,
+        &[
+            BAR4_ALLOCATED,
+            "kldhost: injected ENXIO into pci_alloc_msix (call 1)",
+            BAR4_RELEASED,
+            "bus_alloc_resource(nvmehp0, type 1, rid 0x0, 0x0, 0xffffffffffffffff, 1, flags 0x6) = ",
+            CC_ENABLE,
+            "bus_setup_intr(nvmehp0, irq rid 0, flags 0x202) = 0 (INTx on GSI 11, level-triggered)",
+            "device_printf(\"nvmehp0: interrupt: INTx\\n\")",
+            "nvmehp0: interrupt (IRQ rid 0, INTx on GSI 11)",
+            "bus_release_resource(nvmehp0, type 1, rid 0x0) = 0",
+            BAR0_RELEASED,
+        ],
+    );
+    assert_eq!(count(&out, BAR4_RELEASED), 1, "{out}");
+    assert!(!out.contains("pci_release_msi(nvmehp0) = 0"), "a vector given back though none was granted:\n{out}");
+    assert!(!out.contains("Device leaked"), "{out}");
+    assert_clean_unload(code, &out);
+}
+
 /// `--msix-exclusive-bar` with a removal is a usage error, not a run: QEMU 10 aborts unplugging
 /// a controller whose MSI-X table has a BAR of its own (hw/nvme/ctrl.c `nvme_exit`), which would
 /// look like the module's failure. Fails if the flag is accepted with `--eject`, `--surprise`
