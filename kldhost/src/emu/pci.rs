@@ -424,17 +424,19 @@ extern "C" fn pci_alloc_msix_m(_dev: *mut c_void, child: *mut c_void, count: *mu
         log(format!("pci_alloc_msix({}, {want}) = ENODEV{}", newbus::nameunit(child as u64), if c.msix.is_some() { " (hw.pci.enable_msix=0)" } else { "" }));
         return layouts::ENODEV;
     };
-    // "Make sure the appropriate BARs are mapped": the table's, then the PBA's if another.
-    for (what, rid) in [("table", m.table_rid), ("PBA", m.pba_rid)] {
-        if active_bar(&c, rid).is_none() {
-            log(format!("pci_alloc_msix({}, {want}) = ENXIO (the MSI-X {what}'s BAR, rid {rid:#x}, is not allocated and active)", newbus::nameunit(child as u64)));
-            return layouts::ENXIO;
-        }
+    // "Make sure the appropriate BARs are mapped": the table's, kept to write the table
+    // through, then the PBA's if another.
+    let unmapped = |what: &str, rid: c_int| {
+        log(format!("pci_alloc_msix({}, {want}) = ENXIO (the MSI-X {what}'s BAR, rid {rid:#x}, is not allocated and active)", newbus::nameunit(child as u64)));
+        layouts::ENXIO
+    };
+    let Some(table_res) = active_bar(&c, m.table_rid) else { return unmapped("table", m.table_rid) };
+    if active_bar(&c, m.pba_rid).is_none() {
+        return unmapped("PBA", m.pba_rid);
     }
     if want < 1 {
         return layouts::ENXIO;
     }
-    let table_res = active_bar(&c, m.table_rid).unwrap_or(0);
     update_child(child as u64, |p| p.msix.as_mut().expect("msix").table_res = table_res);
     let c = child_of(child);
     let n = (want as u32).min(m.count);
