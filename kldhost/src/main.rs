@@ -194,6 +194,13 @@ enum Cmd {
         /// delivered (a negative control: the driver's I/O then completes only by polling).
         #[arg(long)]
         msi_undelivered: bool,
+        /// With --qemu: every controller (hot-added ones too) plugged with QEMU's
+        /// msix-exclusive-bar=on: its MSI-X table and PBA in BAR4 (as on bhyve) instead of
+        /// BAR0, which then holds only the registers and doorbells. Not with a removal: QEMU 10
+        /// aborts unplugging such a controller (hw/nvme/ctrl.c nvme_exit deletes its register
+        /// region from a BAR0 container it was never put in).
+        #[arg(long, requires = "qemu", conflicts_with_all = ["eject", "surprise", "eject_slots"])]
+        msix_exclusive_bar: bool,
         /// With --qemu (pc, repeatable): a multi-function slot at boot, an NVMe controller at
         /// each listed function (0 among them), function 0 with multifunction=on, e.g. 6=0,1.
         #[arg(long = "multifunction", value_name = "SLOT=F[,F...]", value_parser = parse_multifunction, requires = "qemu", conflicts_with = "q35")]
@@ -299,7 +306,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots, namespace, getattr, subsystem_at, stock_nvme_at, geom_stalled } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, msix_exclusive_bar, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots, namespace, getattr, subsystem_at, stock_nvme_at, geom_stalled } => {
             if msi_undelivered && !(msi_instead_of_msix || msi_with_msix) {
                 eprintln!("kldhost run: --msi-undelivered needs --msi-instead-of-msix or --msi-with-msix");
                 return ExitCode::from(2);
@@ -342,6 +349,7 @@ fn main() -> ExitCode {
                     kldhost::emu::msi::Mode::Off
                 },
                 msi_undelivered,
+                msix_exclusive_bar,
                 namespace,
                 getattr,
                 subsystem_at,

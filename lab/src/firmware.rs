@@ -2,9 +2,11 @@
 //! what SeaBIOS and the OS's PCI layer would do for the devices the lab uses.
 //!
 //! - PCI configuration mechanism #1 (ports 0xcf8/0xcfc), the only config path the pc machine has.
-//! - BAR0 of each NVMe function: 64-bit memory BAR, placed at a fixed window per slot inside the
-//!   pc machine's 32-bit PCI hole (which starts right after the 256 MiB of RAM and ends at the
-//!   I/O APIC), so two controllers never overlap and a re-added slot gets the same address.
+//! - The memory BARs of each NVMe function, sized and placed at a fixed window per slot inside
+//!   the pc machine's 32-bit PCI hole (which starts right after the 256 MiB of RAM and ends at
+//!   the I/O APIC), so two controllers never overlap and a re-added slot gets the same
+//!   addresses: BAR0 (64-bit) at the start of the function's share of the window, any other
+//!   (BAR4 of an `nvme` with `msix-exclusive-bar=on`, its MSI-X table and PBA) after it.
 //! - Command register: memory decode + bus master (without bus master, QEMU's NVMe model drops
 //!   every DMA, and nothing completes).
 //! - PIIX3 PIRQ routing (config 0x60–0x63 of 00:01.0) so INTx reaches the I/O APIC, as SeaBIOS
@@ -37,6 +39,8 @@ pub mod cfg {
     pub const BAR0: u16 = 0x10;
     /// BAR1 (high dword of the 64-bit BAR0).
     pub const BAR1: u16 = 0x14;
+    /// BAR5, the last BAR of a type 0 header.
+    pub const BAR5: u16 = 0x24;
     /// Header type (8 bit): the layout in bits 0..6, PCIM_MFDEV in bit 7.
     pub const HEADER_TYPE: u16 = 0x0e;
     /// Header type: a multi-function device (meaningful on function 0).
@@ -155,8 +159,9 @@ pub struct PciFunction {
 /// Class code of an NVMe controller (mass storage / NVM / NVMe).
 pub const CLASS_NVME: u32 = 0x01_08_02;
 
-/// Probes `bdf`; if an NVMe function is there, programs its 64-bit BAR0 at `bar0` and enables
-/// memory decode and bus mastering. Returns `None` for an empty slot or a non-NVMe function.
+/// Probes `bdf`; if an NVMe function is there, places its memory BARs from `bar0` on
+/// ([`place_memory_bars`]) and enables memory decode and bus mastering. Returns `None` for an
+/// empty slot or a non-NVMe function.
 pub fn probe_and_program(q: &mut Qtest, bdf: Bdf, bar0: u64) -> QtestResult<Option<PciFunction>> {
     let id = cfg_read32(q, bdf, cfg::VENDOR_ID)?;
     let vendor = id as u16;
@@ -167,13 +172,53 @@ pub fn probe_and_program(q: &mut Qtest, bdf: Bdf, bar0: u64) -> QtestResult<Opti
     if class != CLASS_NVME {
         return Ok(None);
     }
-    // Disable decode while the BAR moves, as every PCI layer does.
+    // Disable decode while the BARs move, as every PCI layer does.
     let cmd = cfg_read16(q, bdf, cfg::COMMAND)?;
     cfg_write16(q, bdf, cfg::COMMAND, cmd & !(cfg::CMD_MEM | cfg::CMD_BUS_MASTER))?;
-    cfg_write32(q, bdf, cfg::BAR0, bar0 as u32)?;
-    cfg_write32(q, bdf, cfg::BAR1, (bar0 >> 32) as u32)?;
+    place_memory_bars(q, bdf, bar0)?;
     cfg_write16(q, bdf, cfg::COMMAND, cmd | cfg::CMD_MEM | cfg::CMD_BUS_MASTER)?;
     Ok(Some(PciFunction { bdf, vendor, device: (id >> 16) as u16, class, bar0 }))
+}
+
+/// Sizes each memory BAR of `bdf` (all-ones written, the mask read back) and places them in
+/// BAR order from `base`, each aligned to its size, as a BIOS does, within the function's
+/// [`FUNCTION_BAR_STRIDE`]: BAR0 lands at `base` (a window is aligned to more than any BAR0
+/// the lab's controllers have). Unimplemented BARs (mask 0) and I/O BARs are left alone.
+/// Memory decode must be off.
+fn place_memory_bars(q: &mut Qtest, bdf: Bdf, base: u64) -> QtestResult<()> {
+    let mut next = base;
+    let mut reg = cfg::BAR0;
+    while reg <= cfg::BAR5 {
+        let lo = cfg_read32(q, bdf, reg)?;
+        // Bit 0: I/O space; bits 2:1 = 10b: a 64-bit memory BAR, which takes the next register.
+        let is64 = lo & 0x7 == 0x4;
+        let step = if is64 { 8 } else { 4 };
+        if lo & 1 != 0 {
+            reg += step;
+            continue;
+        }
+        cfg_write32(q, bdf, reg, u32::MAX)?;
+        let mask = cfg_read32(q, bdf, reg)? & !0xf;
+        if mask == 0 {
+            cfg_write32(q, bdf, reg, lo)?;
+            reg += step;
+            continue;
+        }
+        let size = u64::from(!mask) + 1;
+        let at = next.div_ceil(size) * size;
+        if at + size > base + FUNCTION_BAR_STRIDE {
+            return Err(crate::qtest::QtestError::Protocol(format!(
+                "{bdf:?}: BAR at {reg:#x} ({size:#x} bytes) does not fit in the function's {FUNCTION_BAR_STRIDE:#x}-byte window at {base:#x}"
+            )));
+        }
+        cfg_write32(q, bdf, reg, at as u32)?;
+        if is64 {
+            cfg_write32(q, bdf, reg + 4, (at >> 32) as u32)?;
+        }
+        next = at + size;
+        reg += step;
+    }
+    Ok(())
 }
 
 /// PIIX3 (00:01.0) PIRQ route control registers, one per PIRQA..D.

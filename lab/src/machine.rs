@@ -63,6 +63,24 @@ pub struct SubsystemSpec {
     pub detached: Vec<u32>,
 }
 
+/// Where QEMU's `nvme` device puts its MSI-X table and Pending Bit Array (hw/nvme/ctrl.c
+/// `nvme_init_pci`). Chosen per machine: every controller plugged into it, cold or hot-added,
+/// gets the same.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MsixPlacement {
+    /// In BAR0, after the registers and doorbells (QEMU's default since 6.0).
+    #[default]
+    Bar0,
+    /// `msix-exclusive-bar=on`: in a 32-bit BAR4 of their own (hw/pci/msix.c
+    /// `msix_init_exclusive_bar`: 4 KiB for the 65 vectors, the table at offset 0, the PBA at
+    /// 0x800), as on bhyve and many real controllers; BAR0 then holds only the registers and
+    /// doorbells. The lab's engine refuses such a controller (crate::interrupts wants the table
+    /// in BAR0); kldhost's pci(4) takes it. QEMU 10 aborts when such a controller is unplugged
+    /// (hw/nvme/ctrl.c `nvme_exit` deletes its register region from a BAR0 container it was
+    /// never added to: `memory_region_del_subregion` asserts), so no eject with it.
+    ExclusiveBar,
+}
+
 /// A controller plugged into QEMU (cold at start, or hot-added).
 #[derive(Debug, Clone)]
 pub struct PluggedDevice {
@@ -84,6 +102,8 @@ pub struct PluggedDevice {
     pub nodes: Vec<String>,
     /// With a [`SubsystemSpec`]: the private controller's slot and qdev id.
     pub private: Option<(u8, String)>,
+    /// Where its MSI-X table and PBA are.
+    pub msix: MsixPlacement,
 }
 
 /// The running machine.
@@ -106,6 +126,8 @@ pub struct Machine {
     armed: RefCell<BTreeMap<u8, u64>>,
     /// What reads of a removed device return.
     removal_reads: RemovalReads,
+    /// Where the controllers plugged into it have their MSI-X table and PBA.
+    msix: MsixPlacement,
     // Declared last: dropped (killed and reaped) after everything that talks to it.
     process: QemuProcess,
 }
@@ -145,18 +167,20 @@ impl Machine {
         hot_slots: &[u8],
         ram_access: RamAccess,
     ) -> io::Result<Machine> {
-        Self::start_full(kind, cold, hot_slots, ram_access, None)
+        Self::start_full(kind, cold, hot_slots, ram_access, None, MsixPlacement::Bar0)
     }
 
     /// Like [`Machine::start_with_functions`]; with `subsys` the first cold controller is
     /// placed in an NVMe subsystem with a lab-private second controller ([`SubsystemSpec`];
-    /// pc only).
+    /// pc only); every controller, cold or hot-added, with its MSI-X table and PBA where
+    /// `msix` says.
     pub fn start_full(
         kind: MachineKind,
         cold: &[(ControllerSpec, u8)],
         hot_slots: &[u8],
         ram_access: RamAccess,
         subsys: Option<&SubsystemSpec>,
+        msix: MsixPlacement,
     ) -> io::Result<Machine> {
         if kind == MachineKind::Q35 && cold.iter().any(|(_, f)| *f != 0) {
             return Err(io::Error::other("q35: multi-function slots are not supported (a root port's bus has one device)"));
@@ -186,7 +210,7 @@ impl Machine {
         for (i, (spec, func)) in cold.iter().enumerate() {
             generation += 1;
             let multifunction = *func == 0 && cold.iter().any(|(c, f)| c.slot == spec.slot && *f != 0);
-            let mut dev = Self::make_device(images_dir.path(), spec, *func, multifunction, generation)?;
+            let mut dev = Self::make_device(images_dir.path(), spec, *func, multifunction, generation, msix)?;
             let sub = subsys.filter(|_| i == 0);
             if let Some(sub) = sub {
                 dev.private = Some((sub.private_slot, format!("{}-priv", dev.qdev)));
@@ -243,6 +267,7 @@ impl Machine {
             faults: RefCell::new(BTreeMap::new()),
             armed: RefCell::new(BTreeMap::new()),
             removal_reads: RemovalReads::Zeros,
+            msix,
             process,
         })
     }
@@ -256,7 +281,7 @@ impl Machine {
         }
     }
 
-    fn make_device(dir: &std::path::Path, spec: &ControllerSpec, func: u8, multifunction: bool, generation: u64) -> io::Result<PluggedDevice> {
+    fn make_device(dir: &std::path::Path, spec: &ControllerSpec, func: u8, multifunction: bool, generation: u64, msix: MsixPlacement) -> io::Result<PluggedDevice> {
         let qdev = format!("{}-g{generation}", spec.id);
         let mut images = Vec::new();
         let mut nodes = Vec::new();
@@ -270,7 +295,7 @@ impl Machine {
             nodes.push(rnode);
             nodes.push(fnode);
         }
-        Ok(PluggedDevice { id: spec.id.clone(), slot: spec.slot, func, multifunction, qdev, images, nodes, private: None })
+        Ok(PluggedDevice { id: spec.id.clone(), slot: spec.slot, func, multifunction, qdev, images, nodes, private: None, msix })
     }
 
     /// Which machine model runs.
@@ -314,7 +339,7 @@ impl Machine {
     }
 
     /// Bus scan at "boot": probes and programs every slot (functions 1..7 of a slot whose
-    /// function 0 has PCIM_MFDEV, each function's BAR0 in its eighth of the slot's window);
+    /// function 0 has PCIM_MFDEV, each function's memory BARs in its eighth of the slot's window);
     /// returns the NVMe functions found, with the scenario slot each is in.
     pub fn scan(&mut self) -> io::Result<Vec<(u8, PciFunction)>> {
         let mut found = Vec::new();
@@ -340,7 +365,7 @@ impl Machine {
         Ok(found)
     }
 
-    /// Probes one slot and programs its BAR (the rescan that follows a Notify 1).
+    /// Probes one slot and programs its BARs (the rescan that follows a Notify 1).
     pub fn probe(&mut self, slot: u8) -> io::Result<Option<PciFunction>> {
         let bdf = self.bdf(slot);
         self.guest.qtest(|q| firmware::probe_and_program(q, bdf, firmware::bar0_for_slot(slot))).map_err(to_io)
@@ -420,7 +445,7 @@ impl Machine {
             return Err(io::Error::other(format!("slot {} function {func} is already occupied", spec.slot)));
         }
         self.generation += 1;
-        let dev = Self::make_device(self.images_dir.path(), spec, func, multifunction, self.generation)?;
+        let dev = Self::make_device(self.images_dir.path(), spec, func, multifunction, self.generation, self.msix)?;
         for img in &dev.images {
             let (f, r) = node_names(&dev.qdev, img.nsid);
             self.qmp.blockdev_add_raw(&img.path.to_string_lossy(), &f, &r)?;
@@ -607,6 +632,7 @@ fn device_props_in(kind: MachineKind, dev: &PluggedDevice, subsys: Option<&Subsy
             if multifunction {
                 ctrl.push(("multifunction", Value::from(true)));
             }
+            push_msix(&mut ctrl, dev.msix);
             out.push(("nvme", ctrl));
         }
         for img in &dev.images {
@@ -631,6 +657,7 @@ fn device_props_in(kind: MachineKind, dev: &PluggedDevice, subsys: Option<&Subsy
         MachineKind::Q35 => ctrl.push(("bus", Value::from(format!("rp{}", dev.slot)))),
     }
     ctrl.push(("serial", Value::from(serial)));
+    push_msix(&mut ctrl, dev.msix);
     let single = dev.images.len() == 1 && dev.images[0].nsid == 1;
     if single {
         let img = &dev.images[0];
@@ -645,6 +672,14 @@ fn device_props_in(kind: MachineKind, dev: &PluggedDevice, subsys: Option<&Subsy
         }
     }
     out
+}
+
+/// `msix-exclusive-bar=on` for a controller whose MSI-X table is in a BAR of its own (QEMU's
+/// default, off, is left unsaid).
+fn push_msix(ctrl: &mut Vec<(&'static str, Value)>, msix: MsixPlacement) {
+    if msix == MsixPlacement::ExclusiveBar {
+        ctrl.push(("msix-exclusive-bar", Value::from(true)));
+    }
 }
 
 /// The NGUID the lab gives namespace `nsid` of controller `qdev` (an `nvme-ns` `nguid`, 32

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use nvme_hotplug::platform::{PciPresence, RegisterIo};
 use nvmehp_lab::acpi_hotplug::{Notify, NotifyCode};
-use nvmehp_lab::machine::Machine;
+use nvmehp_lab::firmware::{self, Bdf};
+use nvmehp_lab::machine::{Machine, MsixPlacement};
 use nvmehp_lab::qemu::MachineKind;
+use nvmehp_lab::shared_ram::RamAccess;
 use nvmehp_lab::scenario::{ControllerSpec, NamespaceSpec};
 use nvmehp_lab::skip::qemu_or_skip;
 
@@ -42,6 +44,43 @@ fn firmware_finds_cold_controller_and_registers_answer() {
     let cap = p.read64(0);
     assert_eq!(cap & 0xffff, 0x7ff, "CAP.MQES {cap:#x}");
     assert_eq!(p.read32(8), 0x0001_0400, "VS");
+}
+
+/// `msix-exclusive-bar=on`: the boot scan sizes and places BAR4 (the MSI-X table and PBA, per
+/// the capability's BIRs) after BAR0 in the function's window, and a table entry written there
+/// reads back; without it BAR4 is not implemented and the table is in BAR0. Fails if the
+/// firmware places BAR0 only (BAR4 stays at 0, and reads there do not reach the table).
+#[test]
+fn the_firmware_places_an_exclusive_msix_bar_after_bar0() {
+    if !qemu_or_skip("the_firmware_places_an_exclusive_msix_bar_after_bar0") {
+        return;
+    }
+    for (msix, bir, bar4) in [(MsixPlacement::Bar0, 0, None), (MsixPlacement::ExclusiveBar, 4, Some(firmware::bar0_for_slot(4) + 0x2000))] {
+        let cold = [(spec("c0", 4), 0)];
+        let mut m = Machine::start_full(MachineKind::Pc, &cold, &[], RamAccess::Qtest, None, msix).unwrap();
+        let found = m.scan().unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        let bdf = Bdf::slot(4);
+        let (cap, table, pba, bar4_reg) = m
+            .guest()
+            .qtest(|q| {
+                let cap = firmware::find_capability(q, bdf, firmware::cfg::CAP_ID_MSIX)?.expect("an MSI-X capability");
+                Ok((cap, firmware::cfg_read32(q, bdf, cap + 4)?, firmware::cfg_read32(q, bdf, cap + 8)?, firmware::cfg_read32(q, bdf, 0x20)?))
+            })
+            .unwrap();
+        assert!(cap >= 0x40);
+        assert_eq!((table & 7, pba & 7), (bir, bir), "{msix:?}: Table BIR, PBA BIR");
+        assert_eq!(bar4.map(|b| b as u32), (bar4_reg != 0).then_some(bar4_reg & !0xf), "{msix:?}: BAR4 {bar4_reg:#x}");
+        if let Some(base) = bar4 {
+            // Table entry 0's Message Data, written and read back through BAR4's address.
+            let at = base + u64::from(table & !7) + 8;
+            let back = m.guest().qtest(|q| {
+                q.writel(at, 0x5a5a)?;
+                q.readl(at)
+            });
+            assert_eq!(back.unwrap(), 0x5a5a, "the table is not at BAR4's address");
+        }
+    }
 }
 
 #[test]

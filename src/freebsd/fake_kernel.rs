@@ -35,8 +35,6 @@ pub struct Knobs {
     /// pci0 has an ACPI handle, so acpi_pci drives it and its handler is on every `_EJ0` slot
     /// (stock FreeBSD); otherwise pci0 is a plain pci bus and nobody else handles the slots.
     pub acpi_pci_bus: bool,
-    /// taskqueue_create returns NULL.
-    pub taskqueue_create_fails: bool,
     /// What taskqueue_start_threads returns.
     pub start_threads_error: c_int,
     /// MSI-X vectors the function offers (0: no MSI-X capability).
@@ -53,10 +51,6 @@ pub struct Knobs {
     pub cmd_timeout_ms: u32,
     /// The function ignores writes of PCIM_CMD_BUSMASTEREN (bus mastering stays on).
     pub busmaster_stuck: bool,
-    /// What bus_dma_tag_create returns (0: success; the tag is then made).
-    pub dma_tag_create_error: c_int,
-    /// What bus_setup_intr returns (0: success; the handler is then installed).
-    pub setup_intr_error: c_int,
     /// Which hotplug slots the fake `\_SB_.PCI0` has ([`Layout`]).
     pub layout: Layout,
     /// The root port's secondary bus is not attached yet: `device_find_child(pcib1, "pci")`
@@ -511,11 +505,6 @@ pub unsafe extern "C" fn bus_setup_intr(
 ) -> c_int {
     let _fake = FakeWork::begin();
     record(format!("bus_setup_intr flags={flags:#x} filter={}", filter.is_some()));
-    let err = knobs().setup_intr_error;
-    if err != 0 {
-        record(format!("bus_setup_intr = error {err}"));
-        return err;
-    }
     INTR.with(|i| i.set(handler.map(|h| (h, arg))));
     // SAFETY: valid out pointer.
     unsafe { *cookie = 0xc00c1e as *mut c_void };
@@ -538,15 +527,8 @@ pub unsafe extern "C" fn bus_teardown_intr(_dev: device_t, _r: *mut resource, co
 #[no_mangle]
 pub unsafe extern "C" fn taskqueue_create(name: *const c_char, mflags: c_int, enq: taskqueue_enqueue_fn, ctx: *mut c_void) -> *mut taskqueue {
     let _fake = FakeWork::begin();
-    let fails = knobs().taskqueue_create_fails;
-    record(format!(
-        "taskqueue_create {} mflags={mflags} thread_enqueue={} ctx_set={}{}",
-        cstr(name),
-        enq.is_some(),
-        !ctx.is_null(),
-        if fails { " = NULL" } else { "" }
-    ));
-    if fails { core::ptr::null_mut() } else { 0x7a5c as *mut taskqueue }
+    record(format!("taskqueue_create {} mflags={mflags} thread_enqueue={} ctx_set={}", cstr(name), enq.is_some(), !ctx.is_null()));
+    0x7a5c as *mut taskqueue
 }
 
 #[no_mangle]
@@ -1967,11 +1949,6 @@ pub unsafe extern "C" fn bus_dma_tag_create(
     dmat: *mut bus_dma_tag_t,
 ) -> c_int {
     let _fake = FakeWork::begin();
-    let err = knobs().dma_tag_create_error;
-    if err != 0 {
-        record(format!("bus_dma_tag_create maxsize={maxsize} = error {err}"));
-        return err;
-    }
     count_allocation();
     let t = Box::into_raw(Box::new(FakeTag { boundary, nsegments, maxsegsz }));
     record(format!(

@@ -4,9 +4,8 @@
 //! *on* it needs: the pci(4) view of the functions, the contigmalloc pool, and the removal
 //! behaviour of a function's BAR once the function is gone.
 //!
-//! `kldhost run --qemu` starts it with one controller in slot 4 ([`Machine::start`]), plus
-//! `--multifunction`'s controllers at functions of their slots
-//! ([`Machine::start_with_multifunction`]);
+//! `kldhost run --qemu` starts it with one controller in slot 4, plus `--multifunction`'s
+//! controllers at functions of their slots ([`Machine::start_with_multifunction`]);
 //! `kldhost scenario` with the scenario's controllers ([`Machine::start_scenario`]), so a
 //! scenario gets the same slots, images, hot-adds, unplug requests, ejects and GPE polling in
 //! kld mode as in engine mode.
@@ -27,13 +26,13 @@
 //!   as a PCIe master abort completes) and writes go nowhere, imposed here so a stale window
 //!   never reaches a controller later plugged at the same address.
 //!
-//! The firmware role (what SeaBIOS and pci(4) do before a driver runs): BAR0 programmed, memory
-//! decode on. Bus mastering is left **off**: the driver's `pci_enable_busmaster` must turn it
+//! The firmware role (what SeaBIOS and pci(4) do before a driver runs): the memory BARs
+//! programmed (BAR0, and BAR4 with `--msix-exclusive-bar`), memory decode on. Bus mastering is left **off**: the driver's `pci_enable_busmaster` must turn it
 //! on, or QEMU's NVMe model drops every DMA.
 
 use nvmehp_lab::access_faults::RemovalReads;
 use nvmehp_lab::firmware::{self, Bdf, PciFunction};
-use nvmehp_lab::machine::Machine as LabMachine;
+use nvmehp_lab::machine::{Machine as LabMachine, MsixPlacement};
 use nvmehp_lab::qemu::MachineKind;
 use nvmehp_lab::qtest::{Qtest, QtestError};
 use nvmehp_lab::scenario::{ControllerSpec, NamespaceSpec};
@@ -111,20 +110,17 @@ fn to_io(e: QtestError) -> io::Error {
 impl Machine {
     /// `run --qemu`'s machine: `kind` (pc, or q35 with `--q35`: root ports in slots 4 and 5),
     /// 256 MiB of shared RAM, an NVMe controller in slot [`NVME_SLOT`] with a 16 MiB zeroed
-    /// namespace.
-    pub fn start(kind: MachineKind) -> io::Result<Machine> {
-        Self::start_with_multifunction(kind, &[])
-    }
-
-    /// [`Machine::start`], plus a cold multi-function slot per `(slot, functions)` of
-    /// `multifunction` (pc): an NVMe controller with a 16 MiB zeroed namespace at each listed
-    /// function (scenario id [`function_id`]), function 0 plugged with `multifunction=on`.
-    pub fn start_with_multifunction(kind: MachineKind, multifunction: &[(u8, Vec<u8>)]) -> io::Result<Machine> {
+    /// namespace, plus a cold multi-function slot per `(slot, functions)` of `multifunction`
+    /// (pc): an NVMe controller with a 16 MiB zeroed namespace at each listed function
+    /// (scenario id [`function_id`]), function 0 plugged with `multifunction=on`. Every
+    /// controller, hot-added ones too, has its MSI-X table where `msix` says
+    /// (`--msix-exclusive-bar`: BAR4).
+    pub fn start_with_multifunction(kind: MachineKind, multifunction: &[(u8, Vec<u8>)], msix: MsixPlacement) -> io::Result<Machine> {
         let mut cold = vec![(controller(NVME_ID, NVME_SLOT), 0)];
         for (slot, funcs) in multifunction {
             cold.extend(funcs.iter().map(|&f| (controller(&function_id(*slot, f), *slot), f)));
         }
-        Self::start_functions(kind, &cold, &[5], RemovalReads::Zeros)
+        Self::start_functions_with(kind, &cold, &[5], RemovalReads::Zeros, None, msix)
     }
 
     /// A scenario's machine: `cold` controllers present at power-on, `hot_slots` the slots
@@ -132,7 +128,7 @@ impl Machine {
     /// bus mastering to the driver.
     pub fn start_scenario(kind: MachineKind, cold: &[ControllerSpec], hot_slots: &[u8], removal_reads: RemovalReads) -> io::Result<Machine> {
         let cold: Vec<(ControllerSpec, u8)> = cold.iter().map(|c| (c.clone(), 0)).collect();
-        Self::start_functions(kind, &cold, hot_slots, removal_reads)
+        Self::start_functions_with(kind, &cold, hot_slots, removal_reads, None, MsixPlacement::Bar0)
     }
 
     /// `run --qemu --namespace ...`'s machine (pc): a controller with two shared namespaces (1
@@ -141,7 +137,7 @@ impl Machine {
     /// controller is at `at`: [`Machine::start`]'s controller ([`NVME_SLOT`], function 0), or
     /// one function of a `multifunction` slot, whose other functions get plain controllers
     /// (and slot 4 its own then).
-    pub fn start_with_subsystem(at: (u8, u8), multifunction: &[(u8, Vec<u8>)]) -> io::Result<Machine> {
+    pub fn start_with_subsystem(at: (u8, u8), multifunction: &[(u8, Vec<u8>)], msix: MsixPlacement) -> io::Result<Machine> {
         let size_mib = (IMAGE_BYTES >> 20) as u32;
         let (slot, func) = at;
         let main = at == (NVME_SLOT, 0);
@@ -159,23 +155,20 @@ impl Machine {
             cold.extend(funcs.iter().filter(|&&f| (*s, f) != at).map(|&f| (controller(&function_id(*s, f), *s), f)));
         }
         let sub = nvmehp_lab::machine::SubsystemSpec { private_slot: PRIVATE_SLOT, detached: Vec::new() };
-        Self::start_functions_with(MachineKind::Pc, &cold, &[5], RemovalReads::Zeros, Some(&sub))
+        Self::start_functions_with(MachineKind::Pc, &cold, &[5], RemovalReads::Zeros, Some(&sub), msix)
     }
 
-    /// The machine with each cold controller at a function of its slot.
-    fn start_functions(kind: MachineKind, cold: &[(ControllerSpec, u8)], hot_slots: &[u8], removal_reads: RemovalReads) -> io::Result<Machine> {
-        Self::start_functions_with(kind, cold, hot_slots, removal_reads, None)
-    }
-
-    /// [`Machine::start_functions`], with `subsys` for the first cold controller.
+    /// The machine with each cold controller at a function of its slot, `subsys` for the first
+    /// one, the MSI-X tables where `msix` says.
     fn start_functions_with(
         kind: MachineKind,
         cold: &[(ControllerSpec, u8)],
         hot_slots: &[u8],
         removal_reads: RemovalReads,
         subsys: Option<&nvmehp_lab::machine::SubsystemSpec>,
+        msix: MsixPlacement,
     ) -> io::Result<Machine> {
-        let mut lab = LabMachine::start_full(kind, cold, hot_slots, RamAccess::Shared, subsys)?;
+        let mut lab = LabMachine::start_full(kind, cold, hot_slots, RamAccess::Shared, subsys, msix)?;
         lab.set_removal_reads(removal_reads);
         // The lab's guest-RAM allocator hands out the bio data pool only (the scenario's I/O
         // buffers); below it is the module's contigmalloc pool.
@@ -436,7 +429,7 @@ pub fn controller(id: &str, slot: u8) -> ControllerSpec {
     ControllerSpec { id: id.into(), slot, namespaces: vec![NamespaceSpec { nsid: 1, size_mib: (IMAGE_BYTES >> 20) as u32, lba: 512 }] }
 }
 
-/// The firmware's part for a function pci_add_child adds: BAR0 placed for its slot as
+/// The firmware's part for a function pci_add_child adds: its memory BARs placed for its slot as
 /// pci_add_resources would reserve it (on q35 inside its root port's memory window, which the
 /// lab's firmware made that slot's window), memory decode on, bus mastering left to the driver.
 pub fn program_function(bdf: Bdf) -> Option<PciFunction> {
@@ -459,16 +452,16 @@ pub fn has_machine() -> bool {
     MACHINE.lock().unwrap_or_else(|p| p.into_inner()).is_some()
 }
 
-/// Starts `run --qemu`'s machine (`kind`, with `multifunction`'s cold multi-function slots)
-/// for this process's emulated kernel.
-pub fn start(kind: MachineKind, multifunction: &[(u8, Vec<u8>)]) -> io::Result<()> {
-    install(Machine::start_with_multifunction(kind, multifunction)?);
+/// Starts `run --qemu`'s machine ([`Machine::start_with_multifunction`]) for this process's
+/// emulated kernel.
+pub fn start(kind: MachineKind, multifunction: &[(u8, Vec<u8>)], msix: MsixPlacement) -> io::Result<()> {
+    install(Machine::start_with_multifunction(kind, multifunction, msix)?);
     Ok(())
 }
 
 /// Starts `run --qemu --namespace`'s machine ([`Machine::start_with_subsystem`]).
-pub fn start_with_subsystem(at: (u8, u8), multifunction: &[(u8, Vec<u8>)]) -> io::Result<()> {
-    install(Machine::start_with_subsystem(at, multifunction)?);
+pub fn start_with_subsystem(at: (u8, u8), multifunction: &[(u8, Vec<u8>)], msix: MsixPlacement) -> io::Result<()> {
+    install(Machine::start_with_subsystem(at, multifunction, msix)?);
     Ok(())
 }
 

@@ -10,8 +10,14 @@
 //!   off, the mask read back, the address restored). `bus_alloc_resource(SYS_RES_MEMORY, rid)`
 //!   of a BAR gives a `struct resource` whose bus tag is X86_BUS_SPACE_MEM and whose handle is
 //!   a trapping window (super::mmio); a BAR can be allocated once at a time (rman).
-//! - MSI-X: the vector count from the capability; `pci_alloc_msix` grants what is asked (up
-//!   to the count) and enables MSI-X with every vector masked, as pci_alloc_msix_method does;
+//! - MSI-X: the vector count, the table's and the PBA's BAR (Table BIR, PBA BIR: BAR0 on
+//!   QEMU's default `nvme`, BAR4 with `--msix-exclusive-bar`) and offsets from the capability;
+//!   `pci_alloc_msix` refuses (ENXIO) unless the driver holds the table's BAR, and the PBA's,
+//!   allocated and active, then grants what is asked (up to the count) and enables MSI-X with
+//!   every vector masked, as pci_alloc_msix_method does; it keeps the table BAR's resource
+//!   (`msix_table_res`), through which every table entry is written from then on, so a driver
+//!   that released it while MSI-X is allocated is found ([`release_resource`]) and a table write
+//!   through it after that is the page fault it is on FreeBSD;
 //!   `bus_setup_intr` on IRQ rid k programs table entry k-1 with an address in guest RAM (a
 //!   mailbox below the DMA pool) and data k, and unmasks it. The interrupt thread is
 //!   [`run_interrupts`]: a non-zero mailbox word is cleared and the handler runs (filter first,
@@ -79,6 +85,9 @@ pub struct Msix {
     pub table_off: u64,
     pub pba_rid: c_int,
     pub allocated: u32,
+    /// The table BAR's resource `pci_alloc_msix` found allocated and active (pci.c
+    /// `msix_table_res`); pci(4) writes the table through it. 0 before.
+    pub table_res: u64,
 }
 
 /// The pci(4) state of one child (its `struct pci_devinfo`, in part).
@@ -109,6 +118,9 @@ pub struct Res {
     pub rid: c_int,
     pub size: u64,
     pub window: u64,
+    /// Allocated with RF_ACTIVE (its mapping set up): what pci_alloc_msix_method checks of the
+    /// table and PBA BARs (`rman_get_flags(rle->res) & RF_ACTIVE`).
+    pub active: bool,
 }
 
 /// An interrupt handler set up on an IRQ resource.
@@ -187,6 +199,7 @@ pub fn enumerate(f: &PciFunction) -> PciChild {
             table_off: u64::from(table & !7),
             pba_rid: 0x10 + 4 * (pba & 7) as c_int,
             allocated: 0,
+            table_res: 0,
         }
     });
     // Multiple Message Capable: log2 of the vector count (PCI 3.0, 6.8.1.3).
@@ -343,12 +356,25 @@ extern "C" fn pci_msi_count_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
     n
 }
 
+/// The rid of the MSI-X table's BAR, from the capability's Table BIR (pci.c
+/// pci_msix_table_bar_method: `PCIR_BAR(bir)`), -1 without MSI-X.
 extern "C" fn pci_msix_table_bar_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
-    offered_msix(child).map_or(-1, |m| m.table_rid)
+    let rid = offered_msix(child).map_or(-1, |m| m.table_rid);
+    log(format!("pci_msix_table_bar({}) = {rid:#x}", newbus::nameunit(child as u64)));
+    rid
 }
 
+/// The rid of the PBA's BAR, from the capability's PBA BIR; -1 without MSI-X.
 extern "C" fn pci_msix_pba_bar_m(_dev: *mut c_void, child: *mut c_void) -> c_int {
-    offered_msix(child).map_or(-1, |m| m.pba_rid)
+    let rid = offered_msix(child).map_or(-1, |m| m.pba_rid);
+    log(format!("pci_msix_pba_bar({}) = {rid:#x}", newbus::nameunit(child as u64)));
+    rid
+}
+
+/// The resource `child` holds on its BAR `rid`, if it is allocated and active.
+fn active_bar(c: &PciChild, rid: c_int) -> Option<u64> {
+    let r = c.bars.iter().find(|b| b.rid == rid).map(|b| b.allocated).filter(|&r| r != 0)?;
+    with(|e| e.pci.resources.get(&r).is_some_and(|x| x.active)).then_some(r)
 }
 
 /// Whether `child`'s legacy IRQ (rid 0) is allocated: pci.c's alloc methods then refuse
@@ -357,10 +383,18 @@ fn intx_allocated(child: *mut c_void) -> bool {
     with(|e| e.pci.resources.values().any(|r| r.dev == child as u64 && r.kind == layouts::SYS_RES_IRQ && r.rid == 0))
 }
 
-/// Writes MSI-X table entry `i` of `c` (address, data, vector control) through qtest.
+/// Writes MSI-X table entry `i` of `c` (address, data, vector control) through the table
+/// BAR's resource pci_alloc_msix kept (at its address, over qtest). A resource the driver
+/// released since is unmapped on FreeBSD: pci(4)'s write (pci_mask_msix, pci_enable_msix)
+/// faults, the kernel's fatal trap.
 fn msix_entry(c: &PciChild, i: u32, addr: u64, data: u32, masked: bool) {
     let Some(m) = &c.msix else { return };
-    let Some(bar) = c.bars.iter().find(|b| b.rid == m.table_rid) else { return };
+    let Some(bar) = c.bars.iter().find(|b| b.rid == m.table_rid && b.allocated == m.table_res && m.table_res != 0) else {
+        kernel_panic(&format!(
+            "fatal trap 12: page fault in pci(4) writing MSI-X table entry {i} of pci0:{}:{}:{}: the table's BAR (rid {:#x}) was released while MSI-X is allocated",
+            c.bdf.bus, c.bdf.dev, c.bdf.func, m.table_rid
+        ));
+    };
     let at = bar.phys + m.table_off + 16 * u64::from(i);
     machine::with_machine(|mc| {
         let _ = mc.qtest(|q| {
@@ -390,9 +424,21 @@ extern "C" fn pci_alloc_msix_m(_dev: *mut c_void, child: *mut c_void, count: *mu
         log(format!("pci_alloc_msix({}, {want}) = ENODEV{}", newbus::nameunit(child as u64), if c.msix.is_some() { " (hw.pci.enable_msix=0)" } else { "" }));
         return layouts::ENODEV;
     };
+    // "Make sure the appropriate BARs are mapped": the table's, kept to write the table
+    // through, then the PBA's if another.
+    let unmapped = |what: &str, rid: c_int| {
+        log(format!("pci_alloc_msix({}, {want}) = ENXIO (the MSI-X {what}'s BAR, rid {rid:#x}, is not allocated and active)", newbus::nameunit(child as u64)));
+        layouts::ENXIO
+    };
+    let Some(table_res) = active_bar(&c, m.table_rid) else { return unmapped("table", m.table_rid) };
+    if active_bar(&c, m.pba_rid).is_none() {
+        return unmapped("PBA", m.pba_rid);
+    }
     if want < 1 {
         return layouts::ENXIO;
     }
+    update_child(child as u64, |p| p.msix.as_mut().expect("msix").table_res = table_res);
+    let c = child_of(child);
     let n = (want as u32).min(m.count);
     for i in 0..m.count {
         msix_entry(&c, i, 0, 0, true);
@@ -634,7 +680,8 @@ extern "C" fn emu_bus_alloc_resource(dev: *mut c_void, kind: c_int, rid: *mut c_
             }
         });
     }
-    with(|e| e.pci.resources.insert(p, Res { dev: dev as u64, kind, rid: r, size, window }));
+    let active = flags & layouts::RF_ACTIVE as u32 != 0;
+    with(|e| e.pci.resources.insert(p, Res { dev: dev as u64, kind, rid: r, size, window, active }));
     log(format!("bus_alloc_resource({name}, type {kind}, rid {r:#x}, {start:#x}, {end:#x}, {count}, flags {flags:#x}) = {p:#x}"));
     p as *mut _
 }
@@ -658,6 +705,13 @@ fn release_resource(dev: *mut c_void, r: *mut layouts::resource, by_pci: bool) -
     let has_intr = with(|e| e.pci.intrs.values().any(|i| i.res == r as u64));
     if has_intr && !by_pci {
         finding(format!("bus_release_resource({}, irq rid {}) with an interrupt handler still set up", newbus::nameunit(dev as u64), res.rid));
+    }
+    // pci(4) writes the MSI-X table through the resource pci_alloc_msix kept until the
+    // vectors are released (pci_teardown_intr's pci_mask_msix, pci_resume_msix): a driver
+    // must hold it until after pci_release_msi. pci_child_detached releases the vectors first.
+    let table_of = |pc: &PciChild| pc.msix.as_ref().is_some_and(|m| m.allocated > 0 && m.table_res == r as u64);
+    if !by_pci && with(|e| e.newbus.devices.get(&(dev as u64)).and_then(|d| d.pci.as_ref()).is_some_and(table_of)) {
+        finding(format!("bus_release_resource({}, memory rid {:#x}): the MSI-X table's BAR released while MSI-X vectors are allocated (pci(4) still writes the table through it)", newbus::nameunit(dev as u64), res.rid));
     }
     if res.window != 0 {
         super::mmio::unmap_bar(res.window);

@@ -24,6 +24,7 @@ use super::{log, with};
 use crate::layouts;
 use crate::sets::{self, ModRecord};
 use crate::{LoadError, LoadedKo};
+use nvmehp_lab::machine::MsixPlacement;
 use std::ffi::{c_int, c_void};
 
 #[derive(Debug, Default)]
@@ -418,6 +419,9 @@ pub struct Options {
     /// With `qemu`: pci(4) offers an emulated MSI capability (one message) over QEMU's NVMe
     /// function, instead of or besides its MSI-X one ([`super::msi`]).
     pub msi: super::msi::Mode,
+    /// With `qemu`: every controller plugged with `msix-exclusive-bar=on`, its MSI-X table and
+    /// PBA in BAR4 instead of BAR0, as on bhyve ([`nvmehp_lab::machine::MsixPlacement`]).
+    pub msix_exclusive_bar: bool,
     /// With `msi`: the emulated messages are never delivered (a negative control: only the
     /// driver's polling can complete its I/O).
     pub msi_undelivered: bool,
@@ -1296,7 +1300,8 @@ pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Momen
         if subsystem && at != (super::machine::NVME_SLOT, 0) && !opts.multifunction.iter().any(|(s, fs)| *s == at.0 && fs.contains(&at.1)) {
             return Err(LoadError::Bad(format!("--subsystem-at {}.{}: not a function of a --multifunction slot", at.0, at.1)));
         }
-        let started = if subsystem { super::machine::start_with_subsystem(at, &opts.multifunction) } else { super::machine::start(kind, &opts.multifunction) };
+        let msix = if opts.msix_exclusive_bar { MsixPlacement::ExclusiveBar } else { MsixPlacement::Bar0 };
+        let started = if subsystem { super::machine::start_with_subsystem(at, &opts.multifunction, msix) } else { super::machine::start(kind, &opts.multifunction, msix) };
         started.map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
         super::newbus::build_tree(&functions);
