@@ -77,6 +77,7 @@ fn title(step: &Step) -> String {
         Step::Io => "write and read".to_string(),
         Step::Burst(n) => format!("burst of {n} writes"),
         Step::BadBios => "bios the driver must refuse".to_string(),
+        Step::UnmappedIo => "unmapped write and read".to_string(),
         Step::Eject { slot, id } => format!("announced eject of {id} in slot {slot}"),
         Step::Surprise { slot, in_flight, .. } => format!("surprise removal of slot {slot} with {in_flight} writes in flight"),
         Step::HotAdd { slot, id, .. } => format!("hot-add of {id} in slot {slot}"),
@@ -103,6 +104,7 @@ fn announce(step: &Step, report: &Report) -> String {
         }
         Step::Burst(n) => format!("==> {n} writes of 4 KiB to {disk} at once"),
         Step::BadBios => format!("==> bios {disk} must refuse: bad lengths and offsets, past its end, BIO_DELETE, an empty read"),
+        Step::UnmappedIo => format!("==> an unmapped write and read of {disk}: pages without a kernel mapping (bio_ma), as GEOM passes them"),
         Step::Surprise { slot, in_flight, .. } => format!(
             "==> {in_flight} writes of 4 KiB sent to {disk} without waiting, then surprise removal of slot {slot} \
              (QEMU: the device vanishes, no ACPI notify); time passes until the driver notices"

@@ -115,6 +115,11 @@ enum Cmd {
         /// empty read), each waited for; their ends are printed.
         #[arg(long, requires = "qemu")]
         bad_bios: bool,
+        /// With --qemu: after the write and read, an unmapped write and read (BIO_UNMAPPED: the
+        /// data as guest pages in bio_ma, bio_data not an address), as GEOM sends them to a disk
+        /// with DISKFLAG_UNMAPPED_BIO; the medium and the read's pages are checked.
+        #[arg(long, requires = "qemu")]
+        unmapped_bios: bool,
         /// With --qemu, reboot(8) before the final detach: DEVICE_SHUTDOWN of every attached
         /// function, then a write to the disk, which must fail without reaching the medium.
         #[arg(long)]
@@ -306,7 +311,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, msix_exclusive_bar, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots, namespace, getattr, subsystem_at, stock_nvme_at, geom_stalled } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, msix_exclusive_bar, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots, namespace, getattr, subsystem_at, stock_nvme_at, geom_stalled, unmapped_bios } => {
             if msi_undelivered && !(msi_instead_of_msix || msi_with_msix) {
                 eprintln!("kldhost run: --msi-undelivered needs --msi-instead-of-msix or --msi-with-msix");
                 return ExitCode::from(2);
@@ -338,6 +343,7 @@ fn main() -> ExitCode {
                 stock_nvme,
                 shutdown,
                 bad_bios,
+                unmapped_bios,
                 notify,
                 q35,
                 late_msix,
@@ -644,7 +650,10 @@ fn run(path: &PathBuf, opts: &kldhost::emu::run::Options) -> Result<bool, Box<dy
     for f in &r.findings {
         println!("  {f}");
     }
-    let io_ok = r.io.iter().all(|(_, e)| *e == 0) && (r.io.is_empty() || r.io_data_ok);
+    if let Some((we, re, data)) = r.unmapped_io {
+        println!("unmapped bios: write {we}, read {re}, data {}", if data { "ok" } else { "WRONG" });
+    }
+    let io_ok = r.io.iter().all(|(_, e)| *e == 0) && (r.io.is_empty() || r.io_data_ok) && r.unmapped_io.is_none_or(|u| u == (0, 0, true));
     let ns_ok = r.namespaces.iter().all(|n| n.sent && n.rescanned && n.read_ok != Some(false) && n.early_read.is_none_or(|e| e > 0));
     Ok(r.unloaded && r.findings.is_empty() && io_ok && ns_ok)
 }

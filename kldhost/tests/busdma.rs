@@ -300,3 +300,39 @@ fn a_bio_busdma_cannot_load_fails_with_eio_and_gives_its_tracker_back() {
     assert!(!out.contains("panic:"), "{out}");
     assert_eq!(code, Some(1), "{out}");
 }
+
+/// An unmapped bio (`run --unmapped-bios`): the disk set DISKFLAG_UNMAPPED_BIO, so GEOM may
+/// pass a consumer's pages as `bio_ma` with `bio_data` pointing at a page that faults on any
+/// access (unmapped_buf). A write of 8 KiB from pages 4, 2 and 0 of a block (neither adjacent
+/// nor ascending), starting 512 bytes into the first, and a read into pages 5, 3 and 1: the
+/// module hands each to `bus_dmamap_load_bio`, whose segments are exactly those pages' pieces
+/// in bio order (3.5 KiB, 4 KiB, 0.5 KiB), the data lands on the medium and comes back into
+/// the read's pages at the same places, and nothing touched `bio_data`. Fails when the disk
+/// does not accept unmapped bios (GEOM then maps them first: nothing unmapped is sent), when
+/// the module reads or writes through `bio_data` (a fault in its code), or when its PRP list
+/// does not follow the segments (the medium or the read pages differ). (Replaces the fake
+/// kernel's `unmapped_bios_move_data_from_their_pages`, io_path_tests.rs.)
+#[test]
+fn an_unmapped_bio_moves_data_from_its_scattered_pages() {
+    let Some(ko) = common::real_ko_on_qemu("busdma_unmapped") else { return };
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--unmapped-bios"]);
+    for cmd in ["BIO_WRITE", "BIO_READ"] {
+        let tag = format!("d_strategy(nvmehpd0, {cmd} unmapped, offset 16384, 8192 bytes) bio ");
+        let line = out.lines().find(|l| l.contains(&tag)).unwrap_or_else(|| panic!("no unmapped {cmd} sent:\n{out}"));
+        let pages: Vec<u64> = line
+            .split("pages [")
+            .nth(1)
+            .and_then(|r| r.split(']').next())
+            .expect("pages")
+            .split(", ")
+            .map(|p| u64::from_str_radix(p.trim_start_matches("0x"), 16).expect("hex page"))
+            .collect();
+        assert_eq!(pages.len(), 3, "{line}");
+        let want = format!("3 segment(s) [{:#x}+0xe00, {:#x}+0x1000, {:#x}+0x200]", pages[0] + 0x200, pages[1], pages[2]);
+        let after = &out[out.find(line).expect("the line")..];
+        let load = after.lines().find(|l| l.contains("bus_dmamap_load_bio(")).unwrap_or_else(|| panic!("no load after the {cmd}:\n{out}"));
+        assert!(load.ends_with(&want), "{cmd}: {load}\nwanted {want}");
+    }
+    assert!(out.contains("unmapped bios: write error 0, read error 0; backing file ") && out.contains("at 16384: the written data; read pages: the written data"), "{out}");
+    common::assert_clean_unload(code, &out);
+}

@@ -1,10 +1,11 @@
 //! Host tests of the I/O path (`d_strategy` → busdma → engine → interrupt → `biodone`) against
 //! the recording fake kernel and the fake NVMe model: nothing is allocated per bio (nor under
-//! queue pressure), and unmapped bios move their pages' data.
+//! queue pressure).
 //!
 //! On the shipped .ko now: nvme(4)'s payload tag, the loads under the controller mutex,
 //! DISKFLAG_UNMAPPED_BIO, a full queue queueing bios (a cache flush among them) and restarting
-//! them on completion, a failed load giving its tracker back (kldhost/tests/busdma.rs), and the
+//! them on completion, a failed load giving its tracker back, unmapped bios moving their
+//! scattered pages' data (kldhost/tests/busdma.rs), and the
 //! queued bios failed with
 //! ENXIO exactly once before the interrupt's teardown (kldhost/tests/acpi.rs, `--in-flight`).
 
@@ -105,78 +106,6 @@ fn steady_state_io_allocates_nothing_per_bio() {
     let log = fk::log();
     assert!(positions(&log, "bus_dmamap_load_bio").len() >= bios.len() * 2);
     assert!(log.iter().filter(|l| l.starts_with("bus_dmamap_load_bio")).all(|l| l.contains("error=0")));
-    let _ = teardown(live, &mut k, Removal::Surprise);
-}
-
-/// An unmapped bio (DISKFLAG_UNMAPPED_BIO: GEOM may pass the pages, `bio_ma`, without a kernel
-/// mapping; `bio_data` is then not an address) is written and read through busdma from its
-/// scattered, non-adjacent pages, starting at an offset in the first: d_strategy never touches
-/// `bio_data`, and the data lands where the pages are.
-#[test]
-fn unmapped_bios_move_data_from_their_pages() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    fk::reset(Knobs { rman_size: 0x4000, pci_vendor: 0x1b36, d_gone_at_once: true, ..Knobs::default() });
-    fk::install_nvme(FakeNvme::new(false, false));
-    let mut k = FreeBsdKernel::new();
-    let (live, _ctrl) = attached_with(&mut k, &[1], true);
-
-    // Three pages taken from every other page of one buffer, used in reverse order.
-    let mut arena = std::vec![0u8; 8 * 4096];
-    let base = (arena.as_mut_ptr() as usize).next_multiple_of(4096);
-    let pages: Vec<usize> = [4usize, 2, 0].iter().map(|&p| base + p * 4096).collect();
-    let (offset, len) = (512usize, 2 * 4096);
-    let data = pattern(7, len);
-    let unmapped = |cmd: u32, lba: i64, ma: &mut [usize]| {
-        let bp = fk::new_bio(cmd as u16, lba * 512, len as i64);
-        // SAFETY: a fresh fake bio for our live disk; `ma` (the page list) outlives its use.
-        unsafe {
-            (*bp).bio_disk = fk::disks()[0];
-            (*bp).bio_data = 0xdead_0000 as *mut _; // not an address for an unmapped bio
-            (*bp).bio_flags |= bindings::BIO_UNMAPPED as u16;
-            (*bp).bio_ma = ma.as_mut_ptr().cast();
-            (*bp).bio_ma_n = ma.len() as i32;
-            (*bp).bio_ma_offset = offset as i32;
-        }
-        bp
-    };
-    // The payload as it sits in the pages: from `offset` in the first, then whole pages.
-    let mut at = 0;
-    let mut spans = Vec::new();
-    let mut off = offset;
-    for &p in &pages {
-        let n = (4096 - off).min(len - at);
-        spans.push((p + off, at, n));
-        at += n;
-        off = 0;
-        if at == len {
-            break;
-        }
-    }
-    for &(addr, at, n) in &spans {
-        // SAFETY: inside `arena`.
-        unsafe { core::ptr::copy_nonoverlapping(data[at..].as_ptr(), addr as *mut u8, n) };
-    }
-    let mut ma = pages.clone();
-    let w = unmapped(bindings::BIO_WRITE as u32, 40, &mut ma);
-    start(w);
-    fk::fire_interrupt();
-    assert_eq!((fk::biodone_count(w), error_of(w)), (1, 0));
-    for b in 0..len / 512 {
-        let block = fk::with_nvme(|d| d.media_block(40 + b as u64));
-        assert_eq!(&block[..], &data[b * 512..b * 512 + 512], "block {b} on the media");
-    }
-
-    arena.fill(0);
-    let mut ma = pages.clone();
-    let r = unmapped(bindings::BIO_READ as u32, 40, &mut ma);
-    start(r);
-    fk::fire_interrupt();
-    assert_eq!((fk::biodone_count(r), error_of(r)), (1, 0));
-    for &(addr, at, n) in &spans {
-        // SAFETY: inside `arena`.
-        let got = unsafe { core::slice::from_raw_parts(addr as *const u8, n) };
-        assert_eq!(got, &data[at..at + n], "bytes {at}.. landed in their page");
-    }
     let _ = teardown(live, &mut k, Removal::Surprise);
 }
 

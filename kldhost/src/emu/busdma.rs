@@ -440,32 +440,50 @@ fn emu_map_sync(tag: u64, map: u64, op: c_int) {
 /// The segments of `len` bytes at `va` for the tag (bounce_bus_dmamap_load_buffer and
 /// _bus_dmamap_addseg), or the errno and why.
 fn segments(c: &layouts::bus_dma_tag_common, va: u64, len: u64) -> Result<Vec<(u64, u64)>, (c_int, String)> {
-    let mut segs: Vec<(u64, u64)> = Vec::new();
-    let bmask = if c.boundary > 0 { !(c.boundary - 1) } else { 0 };
+    let mut chunks = Vec::new();
     let (mut va, mut left) = (va, len);
     while left > 0 {
         let pa = super::machine::has_machine().then(|| super::machine::with_machine(|m| m.phys_of(va))).flatten();
         let Some(pa) = pa else {
             return Err((layouts::EFAULT, format!("data at {va:#x} is not in guest RAM: no physical address the device can reach")));
         };
-        if (pa > c.lowaddr && pa <= c.highaddr) || pa & (c.alignment - 1) != 0 {
-            return Err((layouts::EFAULT, format!("physical {pa:#x} would need a bounce page (alignment {:#x}, window {:#x}..{:#x}): not emulated", c.alignment, c.lowaddr, c.highaddr)));
-        }
-        let mut sg = (PAGE - (pa & (PAGE - 1))).min(left).min(c.maxsegsz);
-        if c.boundary > 0 {
-            let baddr = (pa.wrapping_add(c.boundary)) & bmask;
-            sg = sg.min(baddr.wrapping_sub(pa));
-        }
-        let n = segs.len();
-        match segs.last_mut() {
-            Some(last) if last.0 + last.1 == pa && last.1 + sg <= c.maxsegsz && (c.boundary == 0 || last.0 & bmask == pa & bmask) => last.1 += sg,
-            _ if n as u64 >= u64::from(c.nsegments) => {
-                return Err((layouts::EFBIG, format!("more than the tag's {} segments", c.nsegments)));
+        let n = (PAGE - (pa & (PAGE - 1))).min(left);
+        chunks.push((pa, n));
+        va += n;
+        left -= n;
+    }
+    segments_of(c, &chunks)
+}
+
+/// The segments of physically contiguous `chunks` (each within one page), split and merged
+/// under the tag's rules (maxsegsz, boundary, nsegments), as busdma_bounce.c's
+/// `_bus_dmamap_addsegs` does for a mapped buffer (`_bus_dmamap_load_buffer`) and for pages
+/// (`_bus_dmamap_load_ma`) alike.
+fn segments_of(c: &layouts::bus_dma_tag_common, chunks: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, (c_int, String)> {
+    let mut segs: Vec<(u64, u64)> = Vec::new();
+    let bmask = if c.boundary > 0 { !(c.boundary - 1) } else { 0 };
+    for &(start, len) in chunks {
+        let (mut pa, mut left) = (start, len);
+        while left > 0 {
+            if (pa > c.lowaddr && pa <= c.highaddr) || pa & (c.alignment - 1) != 0 {
+                return Err((layouts::EFAULT, format!("physical {pa:#x} would need a bounce page (alignment {:#x}, window {:#x}..{:#x}): not emulated", c.alignment, c.lowaddr, c.highaddr)));
             }
-            _ => segs.push((pa, sg)),
+            let mut sg = left.min(c.maxsegsz);
+            if c.boundary > 0 {
+                let baddr = (pa.wrapping_add(c.boundary)) & bmask;
+                sg = sg.min(baddr.wrapping_sub(pa));
+            }
+            let n = segs.len();
+            match segs.last_mut() {
+                Some(last) if last.0 + last.1 == pa && last.1 + sg <= c.maxsegsz && (c.boundary == 0 || last.0 & bmask == pa & bmask) => last.1 += sg,
+                _ if n as u64 >= u64::from(c.nsegments) => {
+                    return Err((layouts::EFBIG, format!("more than the tag's {} segments", c.nsegments)));
+                }
+                _ => segs.push((pa, sg)),
+            }
+            pa += sg;
+            left -= sg;
         }
-        va += sg;
-        left -= sg;
     }
     Ok(segs)
 }
@@ -485,12 +503,17 @@ extern "C" fn emu_bus_dmamap_load_bio(tag: u64, map: u64, bp: *mut layouts::bio,
     if loaded {
         finding(format!("{what}: the map is already loaded"));
     }
-    let unmapped = b.bio_flags as u32 & (layouts::BIO_UNMAPPED | layouts::BIO_VLIST) as u32 != 0;
+    let vlist = b.bio_flags as u32 & layouts::BIO_VLIST as u32 != 0;
+    let unmapped = b.bio_flags as u32 & layouts::BIO_UNMAPPED as u32 != 0;
     let injected = super::fail::errno("bus_dmamap_load_bio");
     let r = if let Some(err) = injected {
         Err((err, "injected".to_string()))
+    } else if vlist {
+        Err((layouts::EINVAL, "a BIO_VLIST bio: not emulated".to_string()))
     } else if unmapped {
-        Err((layouts::EINVAL, "an unmapped bio (BIO_UNMAPPED/BIO_VLIST): not emulated".to_string()))
+        // bio_data is unmapped_buf, not the data: the pages are (bus_dmamap_load_bio's
+        // _bus_dmamap_load_ma branch, sys/kern/subr_bus_dma.c).
+        super::unmapped::chunks(b).map_err(|why| (layouts::EINVAL, why)).and_then(|ch| segments_of(&common(tag), &ch))
     } else {
         segments(&common(tag), va, len)
     };

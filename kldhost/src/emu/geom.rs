@@ -266,6 +266,11 @@ pub fn release_held(disks: &[u64]) {
     super::sched::run_queues(1000);
 }
 
+/// The created (not gone) disk named `name`.
+pub fn created_disk(name: &str) -> Option<*mut layouts::disk> {
+    disk_by_name(name).map(|p| p as *mut layouts::disk)
+}
+
 fn disk_by_name(name: &str) -> Option<u64> {
     with(|e| e.disks.iter().find(|(_, d)| d.name == name && d.state == DiskState::Created).map(|(p, _)| *p))
 }

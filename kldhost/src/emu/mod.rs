@@ -47,6 +47,7 @@ pub mod sched;
 pub mod stock_nvme;
 pub mod sysctl;
 pub mod trap;
+pub mod unmapped;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

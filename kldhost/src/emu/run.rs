@@ -50,6 +50,9 @@ pub struct Report {
     /// came back from it.
     pub io: Vec<(String, c_int)>,
     pub io_data_ok: bool,
+    /// With `unmapped_bios`: the unmapped write's and read's errors, and whether the data went
+    /// from the write's pages to the medium and from the medium into the read's pages.
+    pub unmapped_io: Option<(c_int, c_int, bool)>,
     /// With `eject`: the notifies delivered, as (slot, value, handlers called), and whether the
     /// function left pci0 and QEMU reported DEVICE_DELETED.
     pub notifies: Vec<(u8, u32, usize)>,
@@ -370,6 +373,8 @@ pub struct Options {
     /// With `qemu`: after the I/O, the bios of [`BAD_BIOS`] sent to the disk one by one
     /// ([`Step::BadBios`]).
     pub bad_bios: bool,
+    /// With `qemu`: after the I/O, an unmapped write and read ([`Step::UnmappedIo`]).
+    pub unmapped_bios: bool,
     /// With `qemu`: the steps to run instead of those the flags above describe
     /// ([`Options::effective_plan`]).
     pub plan: Option<Plan>,
@@ -757,6 +762,91 @@ fn bad_bios(report: &mut Report) -> bool {
     all
 }
 
+/// Where the unmapped write and read go (past the single write and read, before the bursts).
+pub const UNMAPPED_OFFSET: i64 = 16 * 1024;
+/// Their length: two pages' worth, spread over three pages by the offset into the first.
+const UNMAPPED_BYTES: usize = 2 * 4096;
+/// Where the data starts in the first page.
+const UNMAPPED_MA_OFFSET: usize = 512;
+
+/// [`Step::UnmappedIo`]: as GEOM passes a consumer's pages to a disk that accepts unmapped
+/// bios (src/emu/unmapped.rs), a write of [`UNMAPPED_BYTES`] at [`UNMAPPED_OFFSET`] from guest
+/// pages 4, 2 and 0 of a fresh six-page block (in that order: neither adjacent nor ascending),
+/// starting [`UNMAPPED_MA_OFFSET`] into the first, then a read into pages 5, 3 and 1 the same
+/// way; each waited for (10 s). Done when both ended without error, the medium holds the
+/// written bytes and the read's pages hold them at the same places.
+fn unmapped_io(report: &mut Report) -> bool {
+    let Some(Target { disk, image }) = report.target.clone() else { return false };
+    let Some(block) = super::machine::with_machine(|m| m.contig_alloc(6 * 4096, 0, u64::MAX, 4096, 0)) else {
+        report.io.push(("guest RAM for the unmapped bios".to_string(), layouts::ENOMEM));
+        return false;
+    };
+    let Some(base) = super::machine::with_machine(|m| m.phys_of(block as u64)) else { return false };
+    // SAFETY: six pages of the shared guest RAM mapping, handed out to nobody else, alive until
+    // the machine stops (after this run).
+    let mem = unsafe { std::slice::from_raw_parts_mut(block, 6 * 4096) };
+    mem.fill(0);
+    let pattern: Vec<u8> = (0..UNMAPPED_BYTES).map(|i| (i as u8).wrapping_mul(13) ^ 0xa5).collect();
+    // Where each byte of the payload sits in the block: (offset in the block, payload offset, length).
+    let spans = |pages: [usize; 3]| -> Vec<(usize, usize, usize)> {
+        let (mut at, mut off, mut out) = (0, UNMAPPED_MA_OFFSET, Vec::new());
+        for p in pages {
+            let n = (4096 - off).min(UNMAPPED_BYTES - at);
+            out.push((p * 4096 + off, at, n));
+            at += n;
+            off = 0;
+        }
+        out
+    };
+    let (wpages, rpages) = ([4, 2, 0], [5, 3, 1]);
+    for (m, at, n) in spans(wpages) {
+        mem[m..m + n].copy_from_slice(&pattern[at..at + n]);
+    }
+    report.io.push((format!("unmapped d_open {disk}"), super::geom::open(&disk)));
+    let phys = |pages: [usize; 3]| -> Vec<u64> { pages.iter().map(|&p| base + p as u64 * 4096).collect() };
+    let mut errors = [0; 2];
+    for (i, (cmd, pages)) in [(layouts::BIO_WRITE, wpages), (layouts::BIO_READ, rpages)].into_iter().enumerate() {
+        // SAFETY: the pages are this function's block of guest RAM, untouched until the bio ends.
+        let bp = match unsafe { super::unmapped::submit(&disk, cmd as u16, UNMAPPED_OFFSET, UNMAPPED_BYTES, &phys(pages), UNMAPPED_MA_OFFSET) } {
+            Ok(bp) => bp,
+            Err(e) => {
+                errors[i] = e;
+                continue;
+            }
+        };
+        let start = std::time::Instant::now();
+        errors[i] = loop {
+            // SAFETY: from unmapped::submit, not yet returned as done.
+            if let Some(e) = unsafe { super::unmapped::done(bp) } {
+                break e;
+            }
+            if start.elapsed() > std::time::Duration::from_secs(10) {
+                log(format!("unmapped bio {bp:p} not done after 10 s"));
+                break -1;
+            }
+            if super::sched::run_queues(1000) == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+    }
+    report.io.push((format!("unmapped d_close {disk}"), super::geom::close(&disk)));
+    let start = UNMAPPED_OFFSET as usize;
+    let on_disk = std::fs::read(&image).ok().map(|b| b[start..start + UNMAPPED_BYTES].to_vec());
+    let medium_ok = on_disk.as_deref() == Some(&pattern[..]);
+    let read_ok = spans(rpages).into_iter().all(|(m, at, n)| mem[m..m + n] == pattern[at..at + n]);
+    let ok = errors == [0, 0] && medium_ok && read_ok;
+    log(format!(
+        "unmapped bios: write error {}, read error {}; backing file {} at {start}: {}; read pages: {}",
+        errors[0],
+        errors[1],
+        image.display(),
+        if medium_ok { "the written data" } else { "NOT the written data" },
+        if read_ok { "the written data" } else { "NOT the written data" }
+    ));
+    report.unmapped_io = Some((errors[0], errors[1], medium_ok && read_ok));
+    ok
+}
+
 /// QMP `blockdev-add` of a new zeroed image and `device_add` of controller `id` into `slot`
 /// (the lab's plug), then the SCI's work and the module's tasks until a function in that slot
 /// is attached (at most 5 s). On success the new disk (the created one that was not there
@@ -1040,6 +1130,8 @@ pub enum Step {
     Io,
     /// The bios of [`BAD_BIOS`], each sent to the target disk and waited for ([`bad_bios`]).
     BadBios,
+    /// An unmapped write and read of the target disk ([`unmapped_io`]).
+    UnmappedIo,
     /// This many 4 KiB writes sent at once to the target disk, waited for, checked.
     Burst(usize),
     /// The platform's removal request for controller `id` in `slot` (QMP `device_del`,
@@ -1117,6 +1209,7 @@ impl Step {
                 ok
             }
             Step::BadBios => bad_bios(report),
+            Step::UnmappedIo => unmapped_io(report),
             Step::Burst(n) => {
                 let before = report.io.len();
                 burst_io(report, *n);
@@ -1205,6 +1298,9 @@ impl Options {
         let mut steps = vec![Step::Attach, Step::Io];
         if self.bad_bios {
             steps.push(Step::BadBios);
+        }
+        if self.unmapped_bios {
+            steps.push(Step::UnmappedIo);
         }
         if !self.getattr.is_empty() {
             steps.push(Step::Getattr(self.getattr.clone()));
