@@ -32,9 +32,6 @@ pub struct Knobs {
     pub pci_class: [u8; 3],
     /// `hw.nvme_hotplug.claim`.
     pub claim: c_int,
-    /// pci0 has an ACPI handle, so acpi_pci drives it and its handler is on every `_EJ0` slot
-    /// (stock FreeBSD); otherwise pci0 is a plain pci bus and nobody else handles the slots.
-    pub acpi_pci_bus: bool,
     /// What taskqueue_start_threads returns.
     pub start_threads_error: c_int,
     /// MSI-X vectors the function offers (0: no MSI-X capability).
@@ -1141,9 +1138,6 @@ pub unsafe extern "C" fn acpi_get_device(h: ACPI_HANDLE) -> device_t {
     let _fake = FakeWork::begin();
     match h as usize {
         PCI0_ACPI => PCIB0 as device_t,
-        // acpi_pci binds the object to the bridge's device_t when it adds pci0's children
-        // (acpi_pci_save_handle): only when it drives pci0.
-        ROOT_PORT_ACPI if has_root_port() && knobs().acpi_pci_bus => pcib1(),
         _ => core::ptr::null_mut(),
     }
 }
@@ -1206,15 +1200,11 @@ pub unsafe extern "C" fn AcpiEvaluateObject(h: ACPI_HANDLE, path: ACPI_STRING, a
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmehp_acpi_get_handle(dev: device_t) -> ACPI_HANDLE {
+pub unsafe extern "C" fn nvmehp_acpi_get_handle(_dev: device_t) -> ACPI_HANDLE {
     let _fake = FakeWork::begin();
-    match dev as usize {
-        // acpi_pci's bus: its handler is on the slot.
-        PCI0 if knobs().acpi_pci_bus => PCI0_ACPI as ACPI_HANDLE,
-        // acpi_pcib_pci's secondary bus (acpi_pcib_read_ivar): the root port's object.
-        PCI1 if knobs().acpi_pci_bus => ROOT_PORT_ACPI as ACPI_HANDLE,
-        _ => core::ptr::null_mut(), // the bus is not acpi_pci's: nobody else handles the slot
-    }
+    // No bus is acpi_pci's here: nobody else handles the slots (stock FreeBSD, acpi_pci on
+    // pci0 and on the ports' buses, runs on the .ko: kldhost --acpi-pci).
+    core::ptr::null_mut()
 }
 
 #[no_mangle]
