@@ -283,3 +283,89 @@ fn a_surprise_removal_behind_a_root_port_is_found_by_the_real_modules_watchdog()
     );
     assert!(!out.contains("acpi_SetInteger("), "no _EJ0 after a surprise removal:\n{out}");
 }
+
+/// Loaded early (loader.conf), before newbus attached the root ports' buses
+/// (`--bridge-buses-late`): discovery finds the ports' slot objects but not the buses below
+/// them, so it serves nothing yet and arms a retry a second later, instead of serving what it
+/// found without them; once the buses are attached the retry finds both slots, and an eject
+/// request on slot 4's port is served. Fails when discovery does not wait (a summary line or a
+/// handler before the buses are there), when no retry is armed, or when the retry misses a slot.
+#[test]
+fn a_root_ports_bus_attached_after_mod_load_is_waited_for() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_late_bus") || common::real_ko("q35_late_bus").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--q35", "--acpi", "--bridge-buses-late", "--eject", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (before, after) = out.split_at(out.find("pcib_attach_child(pcib1)").unwrap_or_else(|| panic!("pci1 never attached:\n{out}")));
+    assert!(before.contains("pcib1: <PCI-PCI bridge> at device 4.0 on pci0; its pci bus not attached yet"), "{before}");
+    assert!(!before.contains("hotplug slots under") && !before.contains("AcpiInstallNotifyHandler("), "served before the buses were there:\n{before}");
+    assert!(before.lines().any(|l| l.contains("taskqueue_enqueue_timeout_sbt(") && l.contains("sbt 0x100000000,")), "no retry a second later:\n{before}");
+    assert_in_order(
+        after,
+        &[
+            "pcib_attach_child(pcib2): pci2: <PCI bus> on pcib2 (secondary bus 5)",
+            "time passes: timeout task",
+            "AcpiInstallNotifyHandler(\\_SB_.PCI0.S20_.S00_, type 1,",
+            "AcpiInstallNotifyHandler(\\_SB_.PCI0.S28_.S00_, type 1,",
+            "acpi_task: Notify(\\_SB_.PCI0.S20_.S00_, 3) to 1 handler(s)",
+            "acpi_SetInteger(\\_SB_.PCI0.S20_.S00_, \"_EJ0\", 1) = 0x0",
+            "after the eject request: device 0.0 deleted from pci1",
+            "console:",
+            "nvme_hotplug: 2 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 2 owned (2 handlers), 0 observed, on 2 pci buses",
+            "findings: 0",
+        ],
+    );
+}
+
+/// `devctl detach pcib1` after discovery (`--bridge-detached 4`; pci_pci.c pcib_detach
+/// detaches the controller and deletes pci1): the slot's bus is found again at each action, so
+/// while it is gone a device check on `S20_.S00_` reads and adds nothing and an eject request
+/// is not carried out (no `_EJ0`; the module counts a failure), and no KPI call is made with
+/// pci1's freed device_t (kldhost poisons it; a use is a finding and a panic). After `devctl
+/// attach pcib1` (a new pci1, the controller attached again on it) the announced eject
+/// detaches and deletes that new child on the new bus and ejects the slot. Fails when the
+/// module keeps the bus's device_t from discovery, or acts on a slot whose bus is gone.
+#[test]
+fn a_slot_whose_bridge_lost_its_bus_fails_cleanly_and_works_once_the_bus_is_back() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_bridge_detached") || common::real_ko("q35_bridge_detached").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--q35", "--acpi", "--bridge-detached", "4", "--eject", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    // The old pci1's device_t never reaches the KPI again.
+    let freed = out.lines().find(|l| l.contains("device_delete_child(pcib1, pci1) = 0")).unwrap_or_else(|| panic!("pci1 not deleted:\n{out}"));
+    let old_pci1 = freed.split("device_t ").nth(1).and_then(|s| s.split(' ').next()).expect("the freed device_t");
+    let since = &out[out.find(freed).expect("the line") + freed.len()..];
+    assert!(!since.contains(old_pci1), "pci1's freed device_t {old_pci1} used:\n{since}");
+    // While the bus is gone: both notifies handled, nothing read, added or ejected.
+    let gone = between(&out, "step DetachBridge { slot: 4 }: done", "pcib_attach_child(pcib1)");
+    assert_in_order(
+        gone,
+        &[
+            "acpi_task: Notify(\\_SB_.PCI0.S20_.S00_, 1) to 1 handler(s)",
+            "acpi_task: Notify(\\_SB_.PCI0.S20_.S00_, 3) to 1 handler(s)",
+            "nvme_hotplug: hotplug run: 0 rescans, 0 detaches (0 stale), 0 ejected, 0 refused, 1 failures",
+        ],
+    );
+    assert!(!gone.contains("pci_read_device(") && !gone.contains("pci_add_child(") && !gone.contains("\"_EJ0\""), "{gone}");
+    // Back: the eject deletes the new pci1's child.
+    let added = out.lines().rfind(|l| l.contains("pci_add_child(pci1, 04:00.0) = device_t ")).unwrap_or_else(|| panic!("no new child on pci1:\n{out}"));
+    let child = added.rsplit(' ').next().expect("its device_t");
+    assert_in_order(
+        &out,
+        &[
+            "devctl detach pcib1: 0 (its pci bus deleted)",
+            "pcib_attach_child(pcib1): pci1: <PCI bus> on pcib1 (secondary bus 4)",
+            "BUS_RESCAN(pci1): added 04:00.0: device_probe_and_attach = 0",
+            "acpi_task: Notify(\\_SB_.PCI0.S20_.S00_, 3) to 1 handler(s)",
+            &format!("device_delete_child(pci1, pci0:4:0:0) = 0 (device_t {child} freed"),
+            "acpi_SetInteger(\\_SB_.PCI0.S20_.S00_, \"_EJ0\", 1) = 0x0",
+            "after the eject request: device 0.0 deleted from pci1",
+            "QMP: DEVICE_DELETED nvme0: received",
+            "findings: 0",
+        ],
+    );
+}

@@ -12,7 +12,6 @@ use std::string::String;
 use std::vec::Vec;
 
 const PRESENT: FakeFn = FakeFn { vendor: 0x1b36, hdrtype: 0, child: true };
-const NEW: FakeFn = FakeFn { vendor: 0x1b36, hdrtype: 0, child: false };
 const GONE: FakeFn = FakeFn { vendor: 0xffff, hdrtype: 0, child: true };
 
 fn matching<'a>(log: &'a [String], what: &str) -> Vec<&'a String> {
@@ -102,61 +101,5 @@ fn slots_on_pci0_and_behind_a_bridge_are_served_together() {
     assert_eq!(matching(&log, "device_delete_child"), [&format!("device_delete_child {:p}", fk::function_device(3, 0))], "{log:#?}");
     assert_eq!(matching(&log, "_EJ0"), [&format!("acpi_SetInteger {:p} _EJ0(1)", p(fk::SLOT3))], "{log:#?}");
     assert!(fk::function_on(PCI1_BUS, 0, 0).child);
-    unload();
-}
-
-/// Loaded early (loader.conf): the root port's bus is not attached yet. Discovery waits for it
-/// (retried a second later) instead of serving pci0 without it; once pci1 is there the slot is
-/// found.
-#[test]
-fn a_bridge_whose_bus_is_not_attached_yet_is_waited_for() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    load(Knobs { pci1_missing: true, ..q35() });
-    let log = fk::log();
-    assert!(fk::notify_objects().is_empty(), "{log:#?}");
-    assert!(matching(&log, "hotplug slots under").is_empty(), "{log:#?}");
-    assert_eq!(matching(&log, "taskqueue_enqueue_timeout").len(), 1, "a retry is armed: {log:#?}");
-
-    fk::set_knobs(q35());
-    fk::record("-- retry --");
-    fk::run_timeouts();
-    fk::run_queued();
-    let log = since("-- retry --");
-    assert_eq!(fk::notify_objects(), [fk::RP_SLOT_ACPI], "{log:#?}");
-    assert_eq!(matching(&log, "1 hotplug slots under").len(), 1, "{log:#?}");
-    unload();
-}
-
-/// The root port was detached after discovery (`devctl detach pcib1` deletes pci1): the slot's
-/// bus is found again at each action, so a device check finds nothing and an eject request is
-/// refused (`_OST` failure, no `_EJ0`), instead of using pci1's freed device_t; once pci1 is
-/// back the device check adds the slot's function on it.
-#[test]
-fn a_slot_whose_bridge_lost_its_bus_fails_cleanly_and_works_once_the_bus_is_back() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    load(q35());
-    fk::set_function_on(PCI1_BUS, 0, 0, NEW);
-    fk::set_knobs(Knobs { pci1_missing: true, ..q35() });
-    fk::record("-- bus gone --");
-    fk::deliver_notify_to(fk::RP_SLOT_ACPI, 1);
-    fk::run_queued();
-    fk::deliver_notify_to(fk::RP_SLOT_ACPI, 3);
-    fk::run_queued();
-    let log = since("-- bus gone --");
-    let pci1 = format!("{:p}", p(fk::PCI1));
-    assert!(log.iter().all(|l| !l.contains(&pci1)), "pci1's device_t used after its bridge's detach: {log:#?}");
-    assert!(matching(&log, "_EJ0").is_empty(), "{log:#?}");
-    // Nothing answers on a bus newbus does not have: the check finds the slot empty, and the
-    // eject is refused.
-    let slot = p(fk::RP_SLOT_ACPI);
-    assert_eq!(matching(&log, &format!("AcpiEvaluateObject {slot:p} _OST(0x1, 0x0)")).len(), 1, "{log:#?}");
-    assert_eq!(matching(&log, &format!("AcpiEvaluateObject {slot:p} _OST(0x3, 0x1)")).len(), 1, "{log:#?}");
-
-    fk::set_knobs(q35());
-    fk::record("-- bus back --");
-    fk::deliver_notify_to(fk::RP_SLOT_ACPI, 1);
-    fk::run_queued();
-    let log = since("-- bus back --");
-    assert_eq!(matching(&log, "pci_add_child"), [&format!("pci_add_child bus={pci1} 4:0.0")], "{log:#?}");
     unload();
 }
