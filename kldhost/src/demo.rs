@@ -89,6 +89,8 @@ fn title(step: &Step) -> String {
         Step::DevctlDelete { slot, func } => format!("devctl delete of {slot}.{func}"),
         Step::HotAddFunction { slot, func, .. } => format!("hot-add at {slot}.{func}"),
         Step::EjectSlot { slot } => format!("announced eject of slot {slot}"),
+        Step::DetachBridge { slot } => format!("devctl detach of the bridge in slot {slot}"),
+        Step::AttachBridge { slot } => format!("devctl attach of the bridge in slot {slot}"),
         Step::Detach => "devctl detach".to_string(),
     }
 }
@@ -133,6 +135,8 @@ fn announce(step: &Step, report: &Report) -> String {
         Step::DevctlDelete { slot, func } => format!("==> devctl delete of the function at {slot}.{func}"),
         Step::HotAddFunction { slot, func, .. } => format!("==> hot-add: a controller plugged at {slot}.{func} (QMP device_add)"),
         Step::EjectSlot { slot } => format!("==> eject of slot {slot} announced (QMP device_del, then Notify({}, 3))", slot_object(*slot)),
+        Step::DetachBridge { slot } => format!("==> devctl detach of the root port in slot {slot}: its pci bus and the functions on it deleted"),
+        Step::AttachBridge { slot } => format!("==> devctl attach of the root port in slot {slot}: a new pci bus, its functions probed and attached"),
         Step::Detach => "==> devctl detach of every function still attached".to_string(),
     }
 }

@@ -181,6 +181,16 @@ enum Cmd {
         /// routing is not emulated).
         #[arg(long, requires = "qemu", conflicts_with = "intx_undelivered")]
         q35: bool,
+        /// With --q35: the module loads before the root ports' pci buses attach (as from
+        /// loader.conf): each port's pcib is there, its pci bus is added (and the functions on
+        /// it probed) once the taskqueues ran what MOD_LOAD queued; then one timeout expiry.
+        #[arg(long, requires = "q35")]
+        bridge_buses_late: bool,
+        /// With --q35 --acpi (repeatable): after the I/O, devctl detach of the root port's
+        /// pcib in SLOT (its pci bus deleted), the firmware's Notify(S00_, 1) and
+        /// Notify(S00_, 3) on its slot while the bus is gone, then devctl attach of the pcib.
+        #[arg(long = "bridge-detached", value_name = "SLOT", value_parser = clap::value_parser!(u8).range(0..32), requires_all = ["q35", "acpi"])]
+        bridge_detached: Vec<u8>,
         /// With --qemu: after the detach, one MSI-X message on every vector that still has a
         /// handler set up and unmasked (a function's late message), run by the interrupt
         /// threads: the handler a failed bus_teardown_intr left must still be safe to run.
@@ -311,7 +321,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, msix_exclusive_bar, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots, namespace, getattr, subsystem_at, stock_nvme_at, geom_stalled, unmapped_bios } => {
+        Cmd::Run { ko, timeouts, qemu, bio_outside_guest_ram, burst, acpi, eject, hot_add, surprise, in_flight, read_in_flight, acpi_pci, open_nodes, hold_disks_open, park_readers, tunables, intx_undelivered, fail, kldunload_retries, kldunload_force, stock_nvme, shutdown, bad_bios, notify, q35, bridge_buses_late, bridge_detached, device_fault, in_sleep, late_msix, msi_instead_of_msix, msi_with_msix, msi_undelivered, msix_exclusive_bar, multifunction, hold_open, devctl_delete, hot_add_functions, eject_slots, namespace, getattr, subsystem_at, stock_nvme_at, geom_stalled, unmapped_bios } => {
             if msi_undelivered && !(msi_instead_of_msix || msi_with_msix) {
                 eprintln!("kldhost run: --msi-undelivered needs --msi-instead-of-msix or --msi-with-msix");
                 return ExitCode::from(2);
@@ -346,6 +356,8 @@ fn main() -> ExitCode {
                 unmapped_bios,
                 notify,
                 q35,
+                bridge_buses_late,
+                bridge_detached,
                 late_msix,
                 msi: if msi_instead_of_msix {
                     kldhost::emu::msi::Mode::InsteadOfMsix

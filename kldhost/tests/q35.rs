@@ -18,6 +18,13 @@ fn walk_fixture(test: &str) -> Option<std::path::PathBuf> {
     common::compile(test, "q35_walk", &flags).map(|b| common::temp_object(test, &b))
 }
 
+/// The part of `out` from the first `from` to the next `to` after it.
+fn between<'a>(out: &'a str, from: &str, to: &str) -> &'a str {
+    let start = out.find(from).unwrap_or_else(|| panic!("no `{from}` in:\n{out}"));
+    let len = out[start..].find(to).unwrap_or_else(|| panic!("no `{to}` after `{from}` in:\n{out}"));
+    &out[start..start + len]
+}
+
 /// The BSEL the namespace line gives the port object `port` (e.g. `S20_`).
 fn bsel_of(out: &str, port: &str) -> String {
     let key = format!("\\_SB_.PCI0.{port}.S00_ (BSEL ");
@@ -102,6 +109,11 @@ fn with_acpi_pci_a_root_ports_bus_and_bridge_answer_the_port_object() {
     );
 }
 
+/// The real module on q35: discovery finds each port's `S00_` on the port's secondary bus and
+/// installs its handler there and nowhere else (not on a port object such as `S20_`, nor on
+/// bus 0's other objects: the LPC bridge `SF8_`, ...); it attaches the controller behind
+/// slot 4's port and does its I/O. Fails when a handler goes on another object, when a port's
+/// slot is not found behind it, or when a port is offered to the module's driver.
 #[test]
 fn the_real_module_attaches_the_controller_behind_a_root_port_and_does_its_io() {
     if !nvmehp_lab::skip::qemu_or_skip("q35_real") || common::real_ko("q35_real").is_none() {
@@ -110,6 +122,9 @@ fn the_real_module_attaches_the_controller_behind_a_root_port_and_does_its_io() 
     let ko = common::repo_root().join("nvme_hotplug.ko");
     let (code, out) = kldhost_run_with(&ko, &["--qemu", "--q35", "--acpi", "--tunable", "hw.nvme_hotplug.claim=1"]);
     assert_eq!(code, Some(0), "kldhost run --qemu --q35 failed:\n{out}");
+    // Exactly the two ports' slots get a handler.
+    let installed: Vec<&str> = out.lines().filter_map(|l| l.trim().strip_prefix("AcpiInstallNotifyHandler(")?.split(',').next()).collect();
+    assert_eq!(installed, ["\\_SB_.PCI0.S20_.S00_", "\\_SB_.PCI0.S28_.S00_"], "{out}");
     assert_in_order(
         &out,
         &[
@@ -138,6 +153,10 @@ fn the_real_module_attaches_the_controller_behind_a_root_port_and_does_its_io() 
     }
 }
 
+/// Stock FreeBSD on q35: acpi_pci drives pci0 and, through acpi_pcib_pci, each port's bus, so
+/// its handler is on both ports' `S00_`: the module observes them, installs nothing and says
+/// that acpi_pci handles them. Fails when a port's pcib answers no ACPI handle for its bus
+/// (the module would own the slot), or when the module does not say who serves its slots.
 #[test]
 fn with_acpi_pci_on_the_ports_buses_the_real_module_observes_their_slots() {
     if !nvmehp_lab::skip::qemu_or_skip("q35_real_acpi_pci") || common::real_ko("q35_real_acpi_pci").is_none() {
@@ -150,9 +169,18 @@ fn with_acpi_pci_on_the_ports_buses_the_real_module_observes_their_slots() {
     // observes both slots and installs nothing (fails when pcibN answers no ACPI handle).
     assert!(out.contains("nvme_hotplug: 2 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 0 owned (0 handlers), 2 observed, on 2 pci buses"), "{out}");
     assert!(!out.contains("AcpiInstallNotifyHandler("), "{out}");
+    let said = out.lines().filter(|l| l.trim_start().starts_with("nvme_hotplug: acpi_pci handles these slots (its handler cannot be removed)"));
+    assert_eq!(said.count(), 1, "said once on the console:\n{out}");
     assert!(out.contains("findings: 0"), "{out}");
 }
 
+/// Slot actions behind root ports act on the port's bus alone. An eject request on
+/// `S20_.S00_` (slot 0 of pci1) detaches and deletes the controller on pci1, and nothing
+/// else, then `_EJ0`s that slot with the port's BSEL; a device check on `S28_.S00_` (slot 0 of
+/// pci2) reads and adds the new controller there and reads no function of pci0, whose slot 0
+/// (the host bridge) shares the slot number. Fails when a slot action goes to pci0 or to the
+/// other port's bus (wrong deletion, nothing added), when no handler gets the notify
+/// (control: `acpi_mode=off`), or when the eject does not reach QEMU.
 #[test]
 fn an_eject_request_and_a_hot_add_behind_root_ports_reach_the_real_module() {
     if !nvmehp_lab::skip::qemu_or_skip("q35_eject") || common::real_ko("q35_eject").is_none() {
@@ -181,6 +209,17 @@ fn an_eject_request_and_a_hot_add_behind_root_ports_reach_the_real_module() {
         ],
     );
     assert!(out.contains("hot-added and attached: true; its write and read: ok"), "{out}");
+    // The eject request's work, up to the next step: one deletion, of 04:00.0 on pci1.
+    let eject = between(&out, "acpi_task: Notify(\\_SB_.PCI0.S20_.S00_, 3)", "step Eject");
+    let deleted: Vec<&str> = eject.lines().map(str::trim).filter(|l| l.starts_with("device_delete_child(")).collect();
+    assert_eq!(deleted.len(), 1, "{eject}");
+    assert!(deleted[0].starts_with("device_delete_child(pci1, pci0:4:0:0) = 0"), "{eject}");
+    assert_eq!(eject.matches("\"_EJ0\"").count(), 1, "{eject}");
+    // The device check's work: functions of bus 5 only (besides finding the port at 00:05.0).
+    let check = between(&out, "acpi_task: Notify(\\_SB_.PCI0.S28_.S00_, 1)", "step HotAdd");
+    let reads: Vec<&str> = check.lines().map(str::trim).filter(|l| l.starts_with("pci_read_device(")).collect();
+    assert!(reads.len() == 1 && reads[0].starts_with("pci_read_device(0, 5, 0, 0) = "), "{check}");
+    assert!(!check.contains("pci_find_dbsf(0, 0, 0,") && !check.contains("pci_read_device(0, 0,"), "pci0's slot 0 looked at:\n{check}");
 
     // Control: with hw.nvme_hotplug.acpi_mode=off nobody handles the port's notify: the
     // controller stays on pci1 and QEMU keeps it.
@@ -243,4 +282,90 @@ fn a_surprise_removal_behind_a_root_port_is_found_by_the_real_modules_watchdog()
         ],
     );
     assert!(!out.contains("acpi_SetInteger("), "no _EJ0 after a surprise removal:\n{out}");
+}
+
+/// Loaded early (loader.conf), before newbus attached the root ports' buses
+/// (`--bridge-buses-late`): discovery finds the ports' slot objects but not the buses below
+/// them, so it serves nothing yet and arms a retry a second later, instead of serving what it
+/// found without them; once the buses are attached the retry finds both slots, and an eject
+/// request on slot 4's port is served. Fails when discovery does not wait (a summary line or a
+/// handler before the buses are there), when no retry is armed, or when the retry misses a slot.
+#[test]
+fn a_root_ports_bus_attached_after_mod_load_is_waited_for() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_late_bus") || common::real_ko("q35_late_bus").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--q35", "--acpi", "--bridge-buses-late", "--eject", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (before, after) = out.split_at(out.find("pcib_attach_child(pcib1)").unwrap_or_else(|| panic!("pci1 never attached:\n{out}")));
+    assert!(before.contains("pcib1: <PCI-PCI bridge> at device 4.0 on pci0; its pci bus not attached yet"), "{before}");
+    assert!(!before.contains("hotplug slots under") && !before.contains("AcpiInstallNotifyHandler("), "served before the buses were there:\n{before}");
+    assert!(before.lines().any(|l| l.contains("taskqueue_enqueue_timeout_sbt(") && l.contains("sbt 0x100000000,")), "no retry a second later:\n{before}");
+    assert_in_order(
+        after,
+        &[
+            "pcib_attach_child(pcib2): pci2: <PCI bus> on pcib2 (secondary bus 5)",
+            "time passes: timeout task",
+            "AcpiInstallNotifyHandler(\\_SB_.PCI0.S20_.S00_, type 1,",
+            "AcpiInstallNotifyHandler(\\_SB_.PCI0.S28_.S00_, type 1,",
+            "acpi_task: Notify(\\_SB_.PCI0.S20_.S00_, 3) to 1 handler(s)",
+            "acpi_SetInteger(\\_SB_.PCI0.S20_.S00_, \"_EJ0\", 1) = 0x0",
+            "after the eject request: device 0.0 deleted from pci1",
+            "console:",
+            "nvme_hotplug: 2 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 2 owned (2 handlers), 0 observed, on 2 pci buses",
+            "findings: 0",
+        ],
+    );
+}
+
+/// `devctl detach pcib1` after discovery (`--bridge-detached 4`; pci_pci.c pcib_detach
+/// detaches the controller and deletes pci1): the slot's bus is found again at each action, so
+/// while it is gone a device check on `S20_.S00_` reads and adds nothing and an eject request
+/// is not carried out (no `_EJ0`; the module counts a failure), and no KPI call is made with
+/// pci1's freed device_t (kldhost poisons it; a use is a finding and a panic). After `devctl
+/// attach pcib1` (a new pci1, the controller attached again on it) the announced eject
+/// detaches and deletes that new child on the new bus and ejects the slot. Fails when the
+/// module keeps the bus's device_t from discovery, or acts on a slot whose bus is gone.
+#[test]
+fn a_slot_whose_bridge_lost_its_bus_fails_cleanly_and_works_once_the_bus_is_back() {
+    if !nvmehp_lab::skip::qemu_or_skip("q35_bridge_detached") || common::real_ko("q35_bridge_detached").is_none() {
+        return;
+    }
+    let ko = common::repo_root().join("nvme_hotplug.ko");
+    let (code, out) = kldhost_run_with(&ko, &["--qemu", "--q35", "--acpi", "--bridge-detached", "4", "--eject", "--tunable", "hw.nvme_hotplug.claim=1"]);
+    assert_eq!(code, Some(0), "{out}");
+    // The old pci1's device_t never reaches the KPI again.
+    let freed = out.lines().find(|l| l.contains("device_delete_child(pcib1, pci1) = 0")).unwrap_or_else(|| panic!("pci1 not deleted:\n{out}"));
+    let old_pci1 = freed.split("device_t ").nth(1).and_then(|s| s.split(' ').next()).expect("the freed device_t");
+    let since = &out[out.find(freed).expect("the line") + freed.len()..];
+    assert!(!since.contains(old_pci1), "pci1's freed device_t {old_pci1} used:\n{since}");
+    // While the bus is gone: both notifies handled, nothing read, added or ejected.
+    let gone = between(&out, "step DetachBridge { slot: 4 }: done", "pcib_attach_child(pcib1)");
+    assert_in_order(
+        gone,
+        &[
+            "acpi_task: Notify(\\_SB_.PCI0.S20_.S00_, 1) to 1 handler(s)",
+            "acpi_task: Notify(\\_SB_.PCI0.S20_.S00_, 3) to 1 handler(s)",
+            "nvme_hotplug: hotplug run: 0 rescans, 0 detaches (0 stale), 0 ejected, 0 refused, 1 failures",
+        ],
+    );
+    assert!(!gone.contains("pci_read_device(") && !gone.contains("pci_add_child(") && !gone.contains("\"_EJ0\""), "{gone}");
+    // Back: the eject deletes the new pci1's child.
+    let added = out.lines().rfind(|l| l.contains("pci_add_child(pci1, 04:00.0) = device_t ")).unwrap_or_else(|| panic!("no new child on pci1:\n{out}"));
+    let child = added.rsplit(' ').next().expect("its device_t");
+    assert_in_order(
+        &out,
+        &[
+            "devctl detach pcib1: 0 (its pci bus deleted)",
+            "pcib_attach_child(pcib1): pci1: <PCI bus> on pcib1 (secondary bus 4)",
+            "BUS_RESCAN(pci1): added 04:00.0: device_probe_and_attach = 0",
+            "acpi_task: Notify(\\_SB_.PCI0.S20_.S00_, 3) to 1 handler(s)",
+            &format!("device_delete_child(pci1, pci0:4:0:0) = 0 (device_t {child} freed"),
+            "acpi_SetInteger(\\_SB_.PCI0.S20_.S00_, \"_EJ0\", 1) = 0x0",
+            "after the eject request: device 0.0 deleted from pci1",
+            "QMP: DEVICE_DELETED nvme0: received",
+            "findings: 0",
+        ],
+    );
 }

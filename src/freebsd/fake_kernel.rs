@@ -32,9 +32,6 @@ pub struct Knobs {
     pub pci_class: [u8; 3],
     /// `hw.nvme_hotplug.claim`.
     pub claim: c_int,
-    /// pci0 has an ACPI handle, so acpi_pci drives it and its handler is on every `_EJ0` slot
-    /// (stock FreeBSD); otherwise pci0 is a plain pci bus and nobody else handles the slots.
-    pub acpi_pci_bus: bool,
     /// What taskqueue_start_threads returns.
     pub start_threads_error: c_int,
     /// MSI-X vectors the function offers (0: no MSI-X capability).
@@ -53,9 +50,6 @@ pub struct Knobs {
     pub busmaster_stuck: bool,
     /// Which hotplug slots the fake `\_SB_.PCI0` has ([`Layout`]).
     pub layout: Layout,
-    /// The root port's secondary bus is not attached yet: `device_find_child(pcib1, "pci")`
-    /// finds nothing (as early in boot, loaded from loader.conf).
-    pub pci1_missing: bool,
 }
 
 /// The fake ACPI namespace below `\_SB_.PCI0` and the newbus tree it describes.
@@ -88,8 +82,6 @@ std::thread_local! {
     static CDEVS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     static DISKS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     static QUEUED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
-    /// Timeout tasks armed and not run yet ([`run_timeouts`]).
-    static TIMEOUTS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     /// The functions that answer config reads, or have a device_t (see [`FakeFn`]), by (bus
     /// number, slot, function): pci0's slot 3 is the ACPI slot `S18_`, pci1 (bus 4) slot 0 the
     /// root port's `S20_.S00_`.
@@ -171,7 +163,6 @@ pub fn reset(knobs: Knobs) {
     MEM_RES.with(|m| m.borrow_mut().clear());
     COMMAND.with(|c| c.set(0));
     QUEUED.with(|l| l.borrow_mut().clear());
-    TIMEOUTS.with(|l| l.borrow_mut().clear());
     FUNCS.with(|f| f.borrow_mut().clear());
     CONFIG_READS.with(|r| r.borrow_mut().clear());
     MAX_FUNCS.with(|m| m.set(7));
@@ -584,16 +575,6 @@ pub fn run_queued() {
     panic!("the task queue never became empty");
 }
 
-/// Simulates the armed timeout tasks coming due: runs each once (the module must still be
-/// loaded: they are its tasks).
-pub fn run_timeouts() {
-    let armed = TIMEOUTS.with(|l| core::mem::take(&mut *l.borrow_mut()));
-    for tt in armed {
-        // SAFETY: a timeout task the wrapper armed, alive while the module is loaded.
-        run_task(unsafe { &raw mut (*(tt as *mut timeout_task)).t });
-    }
-}
-
 /// Simulates the queue thread running a queued task (what taskqueue_run_locked does).
 pub fn run_task(t: *mut task) {
     // SAFETY: a task enqueued by the wrapper.
@@ -617,23 +598,17 @@ pub unsafe extern "C" fn _timeout_task_init(_q: *mut taskqueue, tt: *mut timeout
 #[no_mangle]
 pub unsafe extern "C" fn taskqueue_enqueue_timeout_sbt(_q: *mut taskqueue, tt: *mut timeout_task, sbt: i64, pr: i64, flags: c_int) -> c_int {
     let _fake = FakeWork::begin();
+    // Recorded, never run: time does not pass here (kldhost `--timeouts` lets it).
     record(format!("taskqueue_enqueue_timeout sbt={sbt} pr={pr} flags={flags}"));
-    TIMEOUTS.with(|l| {
-        let mut l = l.borrow_mut();
-        if !l.contains(&(tt as usize)) {
-            l.push(tt as usize);
-        }
-    });
     // SAFETY: the wrapper's timeout task.
     unsafe { (*tt).t.ta_pending += 1 };
     0
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn taskqueue_drain_timeout(_q: *mut taskqueue, tt: *mut timeout_task) {
+pub unsafe extern "C" fn taskqueue_drain_timeout(_q: *mut taskqueue, _tt: *mut timeout_task) {
     let _fake = FakeWork::begin();
     record("taskqueue_drain_timeout");
-    TIMEOUTS.with(|l| l.borrow_mut().retain(|&t| t != tt as usize));
 }
 
 #[no_mangle]
@@ -1141,9 +1116,6 @@ pub unsafe extern "C" fn acpi_get_device(h: ACPI_HANDLE) -> device_t {
     let _fake = FakeWork::begin();
     match h as usize {
         PCI0_ACPI => PCIB0 as device_t,
-        // acpi_pci binds the object to the bridge's device_t when it adds pci0's children
-        // (acpi_pci_save_handle): only when it drives pci0.
-        ROOT_PORT_ACPI if has_root_port() && knobs().acpi_pci_bus => pcib1(),
         _ => core::ptr::null_mut(),
     }
 }
@@ -1153,7 +1125,7 @@ pub unsafe extern "C" fn device_find_child(dev: device_t, class: *const c_char, 
     let _fake = FakeWork::begin();
     match (dev, cstr(class).as_str()) {
         (d, "pci") if d as usize == PCIB0 => PCI0 as device_t,
-        (d, "pci") if d == pcib1() && has_root_port() && !knobs().pci1_missing => PCI1 as device_t,
+        (d, "pci") if d == pcib1() && has_root_port() => PCI1 as device_t,
         _ => core::ptr::null_mut(),
     }
 }
@@ -1206,15 +1178,11 @@ pub unsafe extern "C" fn AcpiEvaluateObject(h: ACPI_HANDLE, path: ACPI_STRING, a
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmehp_acpi_get_handle(dev: device_t) -> ACPI_HANDLE {
+pub unsafe extern "C" fn nvmehp_acpi_get_handle(_dev: device_t) -> ACPI_HANDLE {
     let _fake = FakeWork::begin();
-    match dev as usize {
-        // acpi_pci's bus: its handler is on the slot.
-        PCI0 if knobs().acpi_pci_bus => PCI0_ACPI as ACPI_HANDLE,
-        // acpi_pcib_pci's secondary bus (acpi_pcib_read_ivar): the root port's object.
-        PCI1 if knobs().acpi_pci_bus => ROOT_PORT_ACPI as ACPI_HANDLE,
-        _ => core::ptr::null_mut(), // the bus is not acpi_pci's: nobody else handles the slot
-    }
+    // No bus is acpi_pci's here: nobody else handles the slots (stock FreeBSD, acpi_pci on
+    // pci0 and on the ports' buses, runs on the .ko: kldhost --acpi-pci).
+    core::ptr::null_mut()
 }
 
 #[no_mangle]

@@ -2,7 +2,8 @@
 //! fake kernel's q35 layout, where `\_SB_.PCI0` has no `_EJ0` child and the PCIe root port
 //! `S20_` (pci0 slot 4, device pcib1) holds the slot `S20_.S00_`, slot 0 of its secondary bus
 //! pci1 (bus number 4). Every action on that slot must go to pci1, and pci0's slot 0 is another
-//! slot altogether.
+//! slot altogether. The other bridge cases run on the .ko (kldhost tests/q35.rs); why these two
+//! cannot yet is in kldhost/README.md, "One emulated kernel".
 
 use super::device::Device;
 use super::fake_kernel::{self as fk, FakeFn, Knobs, Layout, PCI1_BUS};
@@ -12,7 +13,6 @@ use std::string::String;
 use std::vec::Vec;
 
 const PRESENT: FakeFn = FakeFn { vendor: 0x1b36, hdrtype: 0, child: true };
-const NEW: FakeFn = FakeFn { vendor: 0x1b36, hdrtype: 0, child: false };
 const GONE: FakeFn = FakeFn { vendor: 0xffff, hdrtype: 0, child: true };
 
 fn matching<'a>(log: &'a [String], what: &str) -> Vec<&'a String> {
@@ -49,85 +49,6 @@ fn unload() {
 
 fn q35() -> Knobs {
     Knobs { layout: Layout::Q35, ..Knobs::default() }
-}
-
-/// On q35 pci0 itself has no slot; the root port's `S00_` is found on pci1, through the
-/// bridge's function on pci0 (nobody bound `S20_` to a device: pci0 is not acpi_pci's), and our
-/// handler goes on `S00_` alone: not on the port, nor on the LPC bridge or its child.
-#[test]
-fn discovery_finds_the_slot_behind_a_root_port_on_its_secondary_bus() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    load(q35());
-    let log = fk::log();
-    assert_eq!(fk::notify_objects(), [fk::RP_SLOT_ACPI], "{log:#?}");
-    assert_eq!(
-        matching(&log, "hotplug slots under"),
-        ["printf nvme_hotplug: 1 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 1 owned (1 handlers), 0 observed, on 1 pci buses; fallback rescan off\n"],
-        "{log:#?}"
-    );
-    unload();
-}
-
-/// Stock FreeBSD: acpi_pci drives pci0, so `S20_` is bound to the root port's device_t, and
-/// acpi_pcib_pci gives pci1 the port's object, so acpi_pci drives pci1 too and its handler is
-/// on `S00_`: the slot is observed, not owned.
-#[test]
-fn with_acpi_pci_on_both_buses_the_root_port_slot_is_observed() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    load(Knobs { acpi_pci_bus: true, ..q35() });
-    let log = fk::log();
-    assert!(fk::notify_objects().is_empty(), "{log:#?}");
-    assert_eq!(matching(&log, "1 hotplug slots under \\_SB_.PCI0 (acpi_mode=auto): 0 owned (0 handlers), 1 observed, on 1 pci buses").len(), 1, "{log:#?}");
-    assert_eq!(matching(&log, "acpi_pci handles these slots").len(), 1, "{log:#?}");
-    unload();
-}
-
-/// A device check on `S00_` adds and attaches the new function at slot 0 of pci1, through
-/// pcib1, and nothing on pci0 (whose slot 0 has a new function too).
-#[test]
-fn a_device_check_on_the_root_port_slot_rescans_that_slot_of_pci1() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    load(q35());
-    fk::set_function_on(PCI1_BUS, 0, 0, NEW);
-    fk::set_function(0, 0, NEW);
-    fk::record("-- device check --");
-    fk::deliver_notify_to(fk::RP_SLOT_ACPI, 1);
-    fk::run_queued();
-    let log = since("-- device check --");
-    assert_eq!(
-        matching(&log, "pci_read_device"),
-        [&format!("pci_read_device pcib={:p} bus={:p} 4:0.0", fk::pcib1(), p(fk::PCI1))],
-        "{log:#?}"
-    );
-    assert_eq!(matching(&log, "pci_add_child"), [&format!("pci_add_child bus={:p} 4:0.0", p(fk::PCI1))], "{log:#?}");
-    assert_eq!(matching(&log, "device_probe_and_attach"), ["device_probe_and_attach 4:0.0"], "{log:#?}");
-    assert_eq!(matching(&log, &format!("AcpiEvaluateObject {:p} _OST(0x1, 0x0)", p(fk::RP_SLOT_ACPI))).len(), 1, "{log:#?}");
-    assert!(fk::function_on(PCI1_BUS, 0, 0).child);
-    assert!(!fk::function(0, 0).child, "pci0's slot 0 was rescanned: {log:#?}");
-    unload();
-}
-
-/// An eject request on `S00_` deletes the function at slot 0 of pci1 (driverless here) and
-/// evaluates `S00_._EJ0`; pci0's slot 0, whose function is gone too, is not touched.
-#[test]
-fn an_eject_request_on_the_root_port_slot_deletes_its_function_on_pci1_and_ejects_s00() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    load(q35());
-    fk::set_function_on(PCI1_BUS, 0, 0, PRESENT);
-    fk::set_function_driver_on(PCI1_BUS, 0, 0, None);
-    fk::set_function(0, 0, GONE);
-    fk::set_function_driver(0, 0, None);
-    fk::record("-- eject --");
-    fk::deliver_notify_to(fk::RP_SLOT_ACPI, 3);
-    fk::run_queued();
-    let log = since("-- eject --");
-    let rp_fn = fk::function_device_on(PCI1_BUS, 0, 0);
-    assert_eq!(matching(&log, "device_delete_child"), [&format!("device_delete_child {rp_fn:p}")], "{log:#?}");
-    assert_eq!(matching(&log, "_EJ0"), [&format!("acpi_SetInteger {:p} _EJ0(1)", p(fk::RP_SLOT_ACPI))], "{log:#?}");
-    assert_eq!(matching(&log, &format!("AcpiEvaluateObject {:p} _OST(0x3, 0x0)", p(fk::RP_SLOT_ACPI))).len(), 1, "{log:#?}");
-    assert!(!fk::function_on(PCI1_BUS, 0, 0).child);
-    assert!(fk::function(0, 0).child, "pci0's slot 0 was detached: {log:#?}");
-    unload();
 }
 
 /// A controller that lost its device at slot 0 of pci0 is in no hotplug slot (q35's pci0 has
@@ -181,61 +102,5 @@ fn slots_on_pci0_and_behind_a_bridge_are_served_together() {
     assert_eq!(matching(&log, "device_delete_child"), [&format!("device_delete_child {:p}", fk::function_device(3, 0))], "{log:#?}");
     assert_eq!(matching(&log, "_EJ0"), [&format!("acpi_SetInteger {:p} _EJ0(1)", p(fk::SLOT3))], "{log:#?}");
     assert!(fk::function_on(PCI1_BUS, 0, 0).child);
-    unload();
-}
-
-/// Loaded early (loader.conf): the root port's bus is not attached yet. Discovery waits for it
-/// (retried a second later) instead of serving pci0 without it; once pci1 is there the slot is
-/// found.
-#[test]
-fn a_bridge_whose_bus_is_not_attached_yet_is_waited_for() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    load(Knobs { pci1_missing: true, ..q35() });
-    let log = fk::log();
-    assert!(fk::notify_objects().is_empty(), "{log:#?}");
-    assert!(matching(&log, "hotplug slots under").is_empty(), "{log:#?}");
-    assert_eq!(matching(&log, "taskqueue_enqueue_timeout").len(), 1, "a retry is armed: {log:#?}");
-
-    fk::set_knobs(q35());
-    fk::record("-- retry --");
-    fk::run_timeouts();
-    fk::run_queued();
-    let log = since("-- retry --");
-    assert_eq!(fk::notify_objects(), [fk::RP_SLOT_ACPI], "{log:#?}");
-    assert_eq!(matching(&log, "1 hotplug slots under").len(), 1, "{log:#?}");
-    unload();
-}
-
-/// The root port was detached after discovery (`devctl detach pcib1` deletes pci1): the slot's
-/// bus is found again at each action, so a device check finds nothing and an eject request is
-/// refused (`_OST` failure, no `_EJ0`), instead of using pci1's freed device_t; once pci1 is
-/// back the device check adds the slot's function on it.
-#[test]
-fn a_slot_whose_bridge_lost_its_bus_fails_cleanly_and_works_once_the_bus_is_back() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    load(q35());
-    fk::set_function_on(PCI1_BUS, 0, 0, NEW);
-    fk::set_knobs(Knobs { pci1_missing: true, ..q35() });
-    fk::record("-- bus gone --");
-    fk::deliver_notify_to(fk::RP_SLOT_ACPI, 1);
-    fk::run_queued();
-    fk::deliver_notify_to(fk::RP_SLOT_ACPI, 3);
-    fk::run_queued();
-    let log = since("-- bus gone --");
-    let pci1 = format!("{:p}", p(fk::PCI1));
-    assert!(log.iter().all(|l| !l.contains(&pci1)), "pci1's device_t used after its bridge's detach: {log:#?}");
-    assert!(matching(&log, "_EJ0").is_empty(), "{log:#?}");
-    // Nothing answers on a bus newbus does not have: the check finds the slot empty, and the
-    // eject is refused.
-    let slot = p(fk::RP_SLOT_ACPI);
-    assert_eq!(matching(&log, &format!("AcpiEvaluateObject {slot:p} _OST(0x1, 0x0)")).len(), 1, "{log:#?}");
-    assert_eq!(matching(&log, &format!("AcpiEvaluateObject {slot:p} _OST(0x3, 0x1)")).len(), 1, "{log:#?}");
-
-    fk::set_knobs(q35());
-    fk::record("-- bus back --");
-    fk::deliver_notify_to(fk::RP_SLOT_ACPI, 1);
-    fk::run_queued();
-    let log = since("-- bus back --");
-    assert_eq!(matching(&log, "pci_add_child"), [&format!("pci_add_child bus={pci1} 4:0.0")], "{log:#?}");
     unload();
 }

@@ -198,10 +198,11 @@ fn remove_from_devclass(dev: u64) {
     });
 }
 
-/// Builds pcib0 and pci0, on q35 a pcib and pci bus per root port (in slot order), and a child
-/// per function of the machine on the bus its address names (pci(4)'s enumeration: each
-/// child's BARs sized and listed). Called once the machine runs.
-pub fn build_tree(functions: &[nvmehp_lab::firmware::PciFunction]) {
+/// Builds pcib0 and pci0, on q35 a pcib and (unless `bridge_buses_late`) a pci bus per root
+/// port (in slot order), and a child per function of the machine on the bus its address names
+/// (pci(4)'s enumeration: each child's BARs sized and listed; a late bus enumerates its own,
+/// [`super::pcib::attach_bus`]). Called once the machine runs.
+pub fn build_tree(functions: &[nvmehp_lab::firmware::PciFunction], bridge_buses_late: bool) {
     let pcib_cls = host_class(HostClass::Pcib, c"pcib");
     let pci_cls = host_class(HostClass::Pci, c"pci");
     let pcib0 = make_device(0, new_ops(pcib_cls), Some("pcib"), 0);
@@ -213,7 +214,7 @@ pub fn build_tree(functions: &[nvmehp_lab::firmware::PciFunction]) {
         }
     });
     let ports: Vec<u8> = super::machine::with_machine(|m| m.root_ports()).into_iter().map(|(s, _)| s).collect();
-    super::pcib::attach_root_ports(pci0, &ports, new_ops(pcib_cls), new_ops(pci_cls));
+    super::pcib::attach_root_ports(pci0, &ports, new_ops(pcib_cls), new_ops(pci_cls), bridge_buses_late);
     for f in functions {
         let Some(bus) = super::pcib::bus_by_number(f.bdf.bus) else {
             log(format!("{:02x}:{:02x}.{}: no pci bus {} in the tree; function left out", f.bdf.bus, f.bdf.dev, f.bdf.func, f.bdf.bus));
@@ -350,9 +351,14 @@ extern "C" fn emu_kobj_lookup_method(cls: *mut layouts::kobj_class, cep: *mut *m
 
 type DevMethod = unsafe extern "C" fn(*mut c_void) -> c_int;
 
-/// DEVICE_PROBE/ATTACH/DETACH/SHUTDOWN of `dev`'s driver; None when the driver lacks it.
+/// DEVICE_PROBE/ATTACH/DETACH/SHUTDOWN of `dev`'s driver; None when the driver lacks it, or
+/// when `dev` has no module driver (the emulated kernel's own buses: a root port's `pciN`
+/// detached with its bridge).
 fn call_device_method(dev: u64, name: &str) -> Option<c_int> {
     let driver = with(|e| e.newbus.devices.get(&dev).map_or(0, |d| d.driver));
+    if driver == 0 {
+        return None;
+    }
     let f = driver_method(driver, name)?;
     log(format!("{}: {name} ->", nameunit(dev)));
     // SAFETY: a device_method_t of the driver's table; device methods take the device_t.

@@ -16,6 +16,10 @@
 //!   and acpi_pci(4) attaches to pciN as to pci0. That driver only exists in the stock-FreeBSD
 //!   variant (`--acpi-pci`: acpi_pci drives pci0, so it gave the bridge its handle and
 //!   acpi_pcib_pci took it); otherwise pci_pci's `pcib_read_ivar` has no such ivar (ENOENT).
+//! - **A bus that comes and goes.** Loaded from loader.conf, the module may run before a
+//!   bridge's bus is attached ([`attach_root_ports`] with `buses_late`, then [`attach_bus`]);
+//!   `devctl detach pcibN` deletes the bus and `devctl attach pcibN` makes a new one
+//!   ([`devctl_detach`], [`attach_bus`]), so a `pciN` device_t kept across them is freed memory.
 //! - **Config space** of the functions behind a port: `PCIB_READ_CONFIG` of any bridge ends at
 //!   the host bridge (pci_pci.c `pcib_read_config` forwards to its grandparent), i.e.
 //!   configuration mechanism #1 with bus = the secondary bus; QEMU routes the type 1 cycle
@@ -42,9 +46,11 @@ const PCIB_IVAR_BUS: c_int = 1;
 pub const ACPI_IVAR_HANDLE: c_int = 0x100;
 
 /// Adds, under pci0, a `pcibN` for each root port in `slots` (in slot order, as pci(4)'s
-/// enumeration meets them) and its `pciN`, both DS_ATTACHED as after boot. A slot whose
-/// function 0 is not a PCI-PCI bridge is skipped with a log line.
-pub(super) fn attach_root_ports(pci0: u64, slots: &[u8], pcib_ops: u64, pci_ops: u64) {
+/// enumeration meets them), DS_ATTACHED as after boot, and, unless `buses_late`, its `pciN`.
+/// With `buses_late` the module loads before the bridges' buses attach (from loader.conf,
+/// before newbus's configure pass reaches them): [`attach_bus`] adds each one later. A slot
+/// whose function 0 is not a PCI-PCI bridge is skipped with a log line.
+pub(super) fn attach_root_ports(pci0: u64, slots: &[u8], pcib_ops: u64, pci_ops: u64, buses_late: bool) {
     for &s in slots {
         let bdf = Bdf { bus: 0, dev: s, func: 0 };
         let hdr = cfg_read(bdf, PCIR_HDRTYPE, 1) & PCIM_HDRTYPE;
@@ -54,23 +60,82 @@ pub(super) fn attach_root_ports(pci0: u64, slots: &[u8], pcib_ops: u64, pci_ops:
             continue;
         }
         let pcib = newbus::make_device(pci0, pcib_ops, Some("pcib"), -1);
-        let sec = cfg_read(bdf, PCIR_SECBUS_1, 1) as u8;
-        let bus = newbus::make_device(pcib, pci_ops, Some("pci"), -1);
         with(|e| {
             let d = e.newbus.devices.get_mut(&pcib).expect("pcib");
             d.state = layouts::DS_ATTACHED;
             d.desc = Some("PCI-PCI bridge".into());
             d.pci = Some(super::pci::PciChild { bdf, bars: Vec::new(), msix: None, msi: 0, msi_emulated: false, msi_alloc: 0, msi_enabled: false, bridge: true });
-            e.newbus.devices.get_mut(&bus).expect("pci").state = layouts::DS_ATTACHED;
-            e.newbus.buses.insert(bus, sec);
         });
-        log(format!(
-            "{}: <PCI-PCI bridge> at device {s}.0 on pci0; {}: <PCI bus> on {} (secondary bus {sec})",
-            newbus::nameunit(pcib),
-            newbus::nameunit(bus),
-            newbus::nameunit(pcib)
-        ));
+        if buses_late {
+            log(format!("{}: <PCI-PCI bridge> at device {s}.0 on pci0; its pci bus not attached yet", newbus::nameunit(pcib)));
+        } else {
+            let bus = add_bus(pcib, pci_ops);
+            log(format!("{}: <PCI-PCI bridge> at device {s}.0 on pci0; {}", newbus::nameunit(pcib), bus_line(pcib, bus)));
+        }
     }
+}
+
+/// pci_pci.c `pcib_attach_common` reads the secondary bus number from the bridge's config
+/// space (`PCIR_SECBUS_1`, which the lab's firmware programs as the port's slot number) and
+/// `pcib_attach_child` adds a `pci` child with the next free unit: that bus, DS_ATTACHED.
+fn add_bus(pcib: u64, pci_ops: u64) -> u64 {
+    let bdf = with(|e| e.newbus.devices.get(&pcib).and_then(|d| d.pci.as_ref()).map(|p| p.bdf)).expect("a pcib has its function");
+    let sec = cfg_read(bdf, PCIR_SECBUS_1, 1) as u8;
+    let bus = newbus::make_device(pcib, pci_ops, Some("pci"), -1);
+    with(|e| {
+        e.newbus.devices.get_mut(&bus).expect("pci").state = layouts::DS_ATTACHED;
+        e.newbus.buses.insert(bus, sec);
+    });
+    bus
+}
+
+fn bus_line(pcib: u64, bus: u64) -> String {
+    let sec = bus_number(bus).unwrap_or_default();
+    format!("{}: <PCI bus> on {} (secondary bus {sec})", newbus::nameunit(bus), newbus::nameunit(pcib))
+}
+
+/// `pcib_attach_child` for a bridge that has no pci bus (after [`attach_root_ports`] with
+/// `buses_late`, or after [`devctl_detach`]): a new `pciN` (the next free unit, so usually
+/// the old name; a new device_t), which pci_attach enumerates (`pci_add_children`: a child
+/// per function that answers) and `bus_generic_attach` probes and attaches: on an empty bus
+/// what [`newbus::rescan_bus`] does. The bridge becomes DS_ATTACHED. None (nothing done) for
+/// a device that is no bridge or a bridge that has its bus. Topology lock held.
+pub fn attach_bus(pcib: u64) -> Option<u64> {
+    let bridge = with(|e| e.newbus.devices.get(&pcib).and_then(|d| d.pci.as_ref()).is_some_and(|p| p.bridge));
+    if !bridge || bus_below(pcib).is_some() {
+        return None;
+    }
+    let pci_ops = with(|e| e.newbus.devices.get(&e.newbus.pci0).map(|d| d.ops)).expect("pci0");
+    let bus = add_bus(pcib, pci_ops);
+    with(|e| e.newbus.devices.get_mut(&pcib).expect("pcib").state = layouts::DS_ATTACHED);
+    log(format!("pcib_attach_child({}): {}", newbus::nameunit(pcib), bus_line(pcib, bus)));
+    newbus::rescan_bus(bus);
+    Some(bus)
+}
+
+/// `devctl detach pcibN` (subr_bus.c device_detach, pci_pci.c `pcib_detach`):
+/// `bus_generic_detach` (each function on the bridge's bus detached, the first refusal ends
+/// it and is returned, everything stays), then `device_delete_children`: the bus and its
+/// children are deleted, their device_t's freed. The bridge stays, DS_NOTPRESENT (its devclass
+/// is fixed here, so `devctl attach pcibN` finds it again). Topology lock held.
+pub fn devctl_detach(pcib: u64) -> c_int {
+    if let Some(bus) = bus_below(pcib) {
+        for child in newbus::children_of(bus).into_iter().rev() {
+            let r = newbus::device_detach(child);
+            if r != 0 {
+                log(format!("devctl detach {}: {} refused: {r}", newbus::nameunit(pcib), newbus::nameunit(child)));
+                return r;
+            }
+        }
+        let r = newbus::device_delete_child(pcib, bus);
+        if r != 0 {
+            return r;
+        }
+        with(|e| e.newbus.buses.remove(&bus));
+    }
+    with(|e| e.newbus.devices.get_mut(&pcib).expect("pcib").state = layouts::DS_NOTPRESENT);
+    log(format!("devctl detach {}: 0 (its pci bus deleted)", newbus::nameunit(pcib)));
+    0
 }
 
 /// The bus number of pci bus device `bus` (pci0: 0), or None for a device that is no pci bus.

@@ -421,6 +421,16 @@ pub struct Options {
     /// device 0.0 on that bus), `hot_add` plugs behind slot 5's port, and with `acpi` the
     /// namespace is q35's ([`super::acpi`]): the notifies go to the ports' `S00_`.
     pub q35: bool,
+    /// With `q35`: the module loads before the root ports' pci buses attach (from
+    /// loader.conf, before newbus's configure pass reached them): each port's pcib is there,
+    /// its bus is added and enumerated ([`super::pcib::attach_bus`]) once the taskqueue threads
+    /// ran what MOD_LOAD queued, and then one timeout task expiry is let pass.
+    pub bridge_buses_late: bool,
+    /// With `q35`: after the I/O, for each root port slot: `devctl detach` of its pcib (its
+    /// bus and the functions on it deleted, [`Step::DetachBridge`]), the firmware's device
+    /// check and eject request on its `S00_` while the bus is gone (`Notify` 1, then 3, with
+    /// nothing changed in the machine), and `devctl attach` of the pcib ([`Step::AttachBridge`]).
+    pub bridge_detached: Vec<u8>,
     /// With `qemu`: pci(4) offers an emulated MSI capability (one message) over QEMU's NVMe
     /// function, instead of or besides its MSI-X one ([`super::msi`]).
     pub msi: super::msi::Mode,
@@ -1051,6 +1061,20 @@ fn devctl_delete(slot: u8, func: u8) -> bool {
     r == 0
 }
 
+/// [`Step::DetachBridge`] (`detach`) and [`Step::AttachBridge`] of the root port in `slot`,
+/// under the topology lock as devctl2_ioctl takes it; then the kernel's threads run.
+fn devctl_bridge(slot: u8, detach: bool) -> bool {
+    let Some(pcib) = super::pcib::bridge_at(slot) else {
+        log(format!("devctl {} of the bridge in slot {slot}: no such device", if detach { "detach" } else { "attach" }));
+        return false;
+    };
+    super::sched::topo_lock();
+    let ok = if detach { super::pcib::devctl_detach(pcib) == 0 } else { super::pcib::attach_bus(pcib).is_some() };
+    super::sched::topo_unlock();
+    super::sched::run_queues(1000);
+    ok
+}
+
 /// [`Step::HotAddFunction`]: the lab's plug of a controller at `slot`.`func` (a new zeroed
 /// image), then the SCI's work and the module's tasks: until every function QEMU shows in
 /// the slot (function 0's, and the others only if its PCIM_MFDEV says so) has an attached
@@ -1180,6 +1204,13 @@ pub enum Step {
     /// PCID is per slot), expected to end with no function of the slot left in newbus or in
     /// QEMU ([`eject_slot`]).
     EjectSlot { slot: u8 },
+    /// devctl(8) detach of the pcib of the root port in `slot` (q35; pci_pci.c `pcib_detach`:
+    /// the functions on its bus detached, the bus deleted, [`super::pcib::devctl_detach`]).
+    /// Done when the bridge was detached.
+    DetachBridge { slot: u8 },
+    /// devctl(8) attach of that pcib: a new pci bus, enumerated, its functions probed and
+    /// attached ([`super::pcib::attach_bus`]). Done when the bus is back.
+    AttachBridge { slot: u8 },
     /// devctl(8) detach of every attached function.
     Detach,
 }
@@ -1258,6 +1289,8 @@ impl Step {
             Step::DevctlDelete { slot, func } => devctl_delete(*slot, *func),
             Step::HotAddFunction { slot, func, multifunction } => hot_add_function(report, *slot, *func, *multifunction),
             Step::EjectSlot { slot } => eject_slot(report, *slot),
+            Step::DetachBridge { slot } => devctl_bridge(*slot, true),
+            Step::AttachBridge { slot } => devctl_bridge(*slot, false),
             Step::Shutdown => {
                 shutdown(report);
                 !report.shutdown.is_empty()
@@ -1310,6 +1343,12 @@ impl Options {
         }
         for &(slot, func) in &self.devctl_delete {
             steps.push(Step::DevctlDelete { slot, func });
+        }
+        for &slot in &self.bridge_detached {
+            steps.push(Step::DetachBridge { slot });
+            steps.push(Step::Notify { slot, value: 1 });
+            steps.push(Step::Notify { slot, value: 3 });
+            steps.push(Step::AttachBridge { slot });
         }
         if self.eject {
             steps.push(Step::Eject { slot: NVME_SLOT, id: NVME_ID.to_string() });
@@ -1400,7 +1439,7 @@ pub fn run_observed(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Momen
         let started = if subsystem { super::machine::start_with_subsystem(at, &opts.multifunction, msix) } else { super::machine::start(kind, &opts.multifunction, msix) };
         started.map_err(|e| LoadError::Bad(format!("starting QEMU: {e}")))?;
         let functions = super::machine::with_machine(|m| m.functions.clone());
-        super::newbus::build_tree(&functions);
+        super::newbus::build_tree(&functions, opts.bridge_buses_late);
         if opts.acpi {
             let pci0 = super::newbus::pci0();
             let pcib0 = with(|e| e.newbus.devices.get(&pci0).map_or(0, |d| d.parent));
@@ -1451,6 +1490,17 @@ fn run_module(ko: &LoadedKo, opts: &Options, observe: &mut dyn FnMut(Moment, &Re
     let names = kldload(ko, &opts.tunables)?;
     let ran = super::sched::run_queues(1000);
     log(format!("taskqueue threads ran {ran} tasks"));
+    if opts.bridge_buses_late {
+        // newbus's configure pass reaches the root ports now; the module's discovery retries
+        // when its timeout task expires.
+        super::sched::topo_lock();
+        for pcib in super::newbus::pci_children() {
+            super::pcib::attach_bus(pcib);
+        }
+        super::sched::topo_unlock();
+        let fired = super::sched::fire_timeouts(1);
+        log(format!("the root ports' buses attached; {fired} timeout task expiries"));
+    }
     if timeout_expiries > 0 {
         let fired = super::sched::fire_timeouts(timeout_expiries);
         log(format!("{fired} timeout task expiries"));

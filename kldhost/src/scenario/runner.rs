@@ -151,7 +151,7 @@ pub fn run(ko: &LoadedKo, sc: &Scenario, opts: &Options) -> Report {
         }
     }
     machine::install(m);
-    emu::newbus::build_tree(&functions);
+    emu::newbus::build_tree(&functions, false);
     let pcib0 = emu::with(|e| e.newbus.devices.get(&e.newbus.pci0).map_or(0, |d| d.parent));
     acpi::enable_with(pcib0, false);
     let mut s = Session {
