@@ -231,3 +231,43 @@ fn with_the_claim_tunable_the_driver_takes_the_controller_at_load_with_a_hoover_
     assert!(!out.contains("no driver attached"), "{out}");
     assert!(!out.contains("devctl set driver -f"), "{out}");
 }
+
+/// The interrupt is allocated before the bring-up enables the controller (CC.EN = 1, which
+/// creates the admin completion queue, before Create I/O Completion Queue), whichever kind
+/// pci(4) offers: QEMU's NVMe model binds a completion queue to its MSI-X vector only if MSI-X
+/// was enabled when the queue was created (hw/nvme/ctrl.c `nvme_init_cq` asks
+/// `msix_enabled`), so a vector allocated after the bring-up leaves every I/O to the 1 s
+/// watchdog. The handler is set up only after the bring-up, and each bio is completed by it.
+/// Run twice: MSI-X (vector rid 1, not shareable), and with `hw.pci.enable_msix=0
+/// hw.pci.enable_msi=0` the shared INTx line (rid 0, RF_SHAREABLE). Fails when the interrupt
+/// is allocated after CC.EN (the MSI-X run's bios then wait for the watchdog) or the handler
+/// before the bring-up. (Replaces the fake kernel's
+/// `the_interrupt_is_allocated_before_the_completion_queues_are_created`; MSI's case is
+/// tests/msi.rs.)
+#[test]
+fn the_interrupt_is_allocated_before_the_bring_up_enables_the_controller() {
+    let Some(ko) = common::real_ko_on_qemu("attach_irq_first") else { return };
+    let cc_en = "bus_write_4(nvmehp0 BAR 0x10 + 0x14, 0x460001)";
+    for (args, allocated, handler) in [
+        (
+            &["--qemu"][..],
+            "bus_alloc_resource(nvmehp0, type 1, rid 0x1, 0x0, 0xffffffffffffffff, 1, flags 0x2) = ",
+            "bus_setup_intr(nvmehp0, irq rid 1, flags 0x202) = 0 (MSI-X",
+        ),
+        (
+            &["--qemu", "--tunable", "hw.pci.enable_msix=0", "--tunable", "hw.pci.enable_msi=0"][..],
+            "bus_alloc_resource(nvmehp0, type 1, rid 0x0, 0x0, 0xffffffffffffffff, 1, flags 0x6) = ",
+            "bus_setup_intr(nvmehp0, irq rid 0, flags 0x202) = 0 (INTx",
+        ),
+    ] {
+        let (code, out) = kldhost_run_with(&ko, args);
+        assert_in_order(&out, &[allocated, cc_en, handler, "nvmehp0: device_attach_desc = 0"]);
+        assert_eq!(out.matches("bus_alloc_resource(nvmehp0, type 1,").count(), 1, "one IRQ resource ({args:?}):\n{out}");
+        let bios = common::per_bio(&out);
+        assert_eq!(bios.len(), 2, "{out}");
+        for b in &bios {
+            assert_eq!(common::completed_by(b), "interrupt", "a bio not completed by the interrupt ({args:?}):\n{b}");
+        }
+        common::assert_clean_unload(code, &out);
+    }
+}

@@ -116,35 +116,3 @@ fn msix_refused_gives_back_its_table_bars_and_falls_back_to_a_shared_intx() {
     assert_eq!(detach(), 0);
     assert_eq!(fk::active_memory_rids(), Vec::<i32>::new());
 }
-
-/// The interrupt is allocated before the bring-up creates any completion queue (before
-/// CC.EN, which creates the admin CQ, and before Create I/O Completion Queue), whichever kind
-/// it is: QEMU's NVMe model binds a CQ's MSI-X vector only if MSI-X was enabled when the CQ
-/// was created. The handler is set up after the engine is behind the controller mutex, and
-/// the I/O CQ asks for vector 0, the only one allocated. Before the change MSI-X was
-/// allocated after the bring-up, and on QEMU every I/O waited for the 1 s watchdog. MSI's
-/// case runs on the shipped .ko (kldhost/tests/msi.rs: `pci_alloc_msi` before CC.EN, the
-/// handler after).
-#[test]
-fn the_interrupt_is_allocated_before_the_completion_queues_are_created() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let msix = Knobs { msix_count: 4, msix_table_rid: 0x20, msix_pba_rid: 0x20, msi_count: 1, ..Knobs::default() };
-    for (k, allocated) in [(msix, "pci_alloc_msix want=1 got=1"), (Knobs::default(), "bus_alloc_resource type=1 rid=0x0 ")] {
-        fk::reset(knobs(k));
-        fk::install_nvme(FakeNvme::new(false, false));
-
-        assert_eq!(attach(), 0, "{:#?}", fk::log());
-        let log = fk::log();
-        let allocated = first(&log, allocated);
-        let enabled = first(&log, "nvme cc enable");
-        let cq = first(&log, "nvme create_cq qid=1 ");
-        assert_eq!(log[cq], "nvme create_cq qid=1 iv=0 ien=1", "vector 0, the one allocated");
-        let mutex = first(&log, "mtx_init nvmehp ctrl");
-        let handler = first(&log, "bus_setup_intr");
-        assert!(allocated < enabled && enabled < cq, "allocated before the queues: {log:#?}");
-        assert!(cq < mutex && mutex < handler, "handler after the engine is behind its mutex: {log:#?}");
-        assert_eq!(positions(&log, "bus_alloc_resource type=1").len(), 1, "one IRQ resource: {log:#?}");
-        assert_eq!(detach(), 0);
-        assert_eq!(fk::active_memory_rids(), Vec::<i32>::new());
-    }
-}
