@@ -66,11 +66,14 @@ fn a_disk_says_it_is_solid_state_and_names_its_controller() {
     for a in attrs {
         args.extend(["--getattr", a]);
     }
+    // g_handleattr_uint16_t into a 4-byte buffer: EFAULT, as in geom_subr.c g_handleattr.
+    args.extend(["--getattr", "GEOM::rotation_rate:4"]);
     let (code, out) = kldhost_run_with(&ko, &args);
     assert!(out.contains("g_down: d_getattr(nvmehpd0, GEOM::lunid, 256 bytes) = -1"), "{out}");
     assert_eq!(answer(&out, "nvmehpd0", "GEOM::lunid", 256).0, ENOIOCTL, "{out}");
     // geom_disk.h DISK_RR_NON_ROTATING.
     assert_eq!(answer(&out, "nvmehpd0", "GEOM::rotation_rate", 2), (0, "1".to_string()), "{out}");
+    assert_eq!(answer(&out, "nvmehpd0", "GEOM::rotation_rate", 4).0, EFAULT, "{out}");
     assert_eq!(answer(&out, "nvmehpd0", "GEOM::attachment", 256), (0, "nvmehp0".to_string()), "{out}");
     for (attr, id) in [("GEOM::hba_vendor", 0x1b36), ("GEOM::hba_device", 0x0010), ("GEOM::hba_subvendor", 0x1af4), ("GEOM::hba_subdevice", 0x1100)] {
         assert_eq!(answer(&out, "nvmehpd0", attr, 2), (0, id.to_string()), "{attr}:\n{out}");

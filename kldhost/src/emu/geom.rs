@@ -563,8 +563,8 @@ pub fn parse_getattr(s: &str) -> Result<(String, usize), String> {
 /// A BIO_GETATTR for `attr` with a `len`-byte buffer, sent to disk `name` as g_disk_start
 /// handles it on the g_down thread: the driver's `d_getattr` first (bio_disk set), whose
 /// return is the bio's error unless it is -1; then the disk's own fields ([`DISK_ATTRS`],
-/// each answered as its g_handleattr_* does: the exact size for an int or a uint16_t, EFAULT
-/// when a string and its NUL do not fit); anything else ENOIOCTL. Returns the error and the
+/// each answered as its g_handleattr_* does: an int or a uint16_t into a buffer of exactly its
+/// size, a string with its NUL; EFAULT when the buffer does not fit the value); anything else ENOIOCTL. Returns the error and the
 /// value read back from the buffer (a string up to its NUL, a number in decimal).
 pub fn getattr(name: &str, attr: &str, len: usize) -> (c_int, String) {
     let Some(dp) = disk_by_name(name) else { return (layouts::ENXIO, String::new()) };
@@ -617,7 +617,8 @@ pub fn getattr(name: &str, attr: &str, len: usize) -> (c_int, String) {
                         buf.copy_from_slice(&value);
                         0
                     }
-                    _ => layouts::EINVAL,
+                    // g_handleattr: a buffer of another size than the value is EFAULT.
+                    _ => layouts::EFAULT,
                 }
             }
         };
