@@ -27,7 +27,7 @@ const ENOIOCTL: i32 = -3;
 /// The module's controller in an NVMe subsystem with namespaces 1 and 2, each given its own
 /// NGUID by the lab: GEOM::lunid of each disk is that NGUID in hex, answered by the driver's
 /// d_getattr itself (as nvd_getattr does), so the two disks of one controller, which share
-/// GEOM::ident (the controller's serial), get distinct /dev/diskid names; a buffer one byte
+/// GEOM::ident (the controller's serial), are told apart (`geom disk list`'s lunid); a buffer one byte
 /// short of the 32 digits and their NUL is EFAULT with nothing written, an exact one is
 /// answered. Fails when the driver has no d_getattr (GEOM answers ENOIOCTL), reads the wrong
 /// Identify bytes, prints them in another order, or overruns a short buffer.

@@ -4,8 +4,9 @@
 //! driver returns -1 to let GEOM answer from the `struct disk` fields (`GEOM::ident`,
 //! `GEOM::rotation_rate`, `GEOM::attachment`, ...), or an errno, 0 meaning answered. Either
 //! way GEOM, not the driver, delivers the bio afterwards, so unlike a [`super::bio::Bio`]
-//! an [`AttrQuery`] is borrowed, never completed. It runs on the g_down thread: nothing here
-//! sleeps or allocates.
+//! an [`AttrQuery`] is borrowed, never completed. g_disk_dumpconf also calls `d_getattr`
+//! directly, with a bio it made for the call. It runs on the g_down thread or the GEOM event
+//! thread: nothing here sleeps or allocates.
 
 use super::bindings;
 use core::ffi::{c_int, c_void, CStr};

@@ -262,20 +262,23 @@ unsafe extern "C" fn disk_strategy(bp: *mut bindings::bio) {
     }
 }
 
-/// `d_getattr`, on the g_down thread (no sleep; the link mutex is an mtx(9)). Answers
-/// `GEOM::lunid` with the namespace's NGUID, else EUI64, in hex, as nvd_getattr does, so
-/// glabel's `/dev/diskid/DISK-<lunid>` names stay the same under nvd(4) and this driver and
-/// tell two namespaces of one controller apart (GEOM::ident, the controller's serial number,
-/// cannot). Everything else, and a namespace with neither ID, is left to GEOM, which answers
-/// from the disk's fields (ident, descr, rotation rate, attachment, HBA IDs).
+/// `d_getattr`. Called by g_disk_start on the g_down thread for a consumer's BIO_GETATTR, and
+/// by g_disk_dumpconf (`kern.geom.confxml`, `geom disk list`) on the GEOM event thread with
+/// the topology lock held, asking GEOM::ident, GEOM::lunid and GEOM::lunname; both only while
+/// the provider exists, so before `d_gone` (g_disk_providergone). Nothing here sleeps (the
+/// link mutex is an mtx(9)). Answers `GEOM::lunid` with the namespace's NGUID, else EUI64, in
+/// hex, as nvd_getattr does: it tells two namespaces of one controller apart, which
+/// GEOM::ident (the controller's serial number, and so glabel's `/dev/diskid` name) cannot.
+/// Everything else, and a namespace with neither ID, is left to GEOM, which answers from the
+/// disk's fields (ident, descr, rotation rate, attachment, HBA IDs).
 unsafe extern "C" fn disk_getattr(bp: *mut bindings::bio) -> c_int {
     // SAFETY: GEOM passes d_getattr a bio for the length of the call.
     let Some(mut q) = (unsafe { AttrQuery::from_d_getattr(bp) }) else { return NOT_MINE };
     if !q.is(c"GEOM::lunid") {
         return NOT_MINE;
     }
-    // SAFETY: the question is about one of our disks, before its d_gone (GEOM sends no I/O,
-    // and so no question, to a provider whose d_gone may run).
+    // SAFETY: the question is about one of our disks while its provider exists, so before its
+    // d_gone, which frees the context only after GEOM's last call (see above).
     let Some(ctx) = (unsafe { q.disk_drv1().cast::<DiskCtx>().as_ref() }) else { return NOT_MINE };
     let uid = ctx.link().lock().uid;
     let mut hex = [0u8; NS_UID_HEX_MAX];

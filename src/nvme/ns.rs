@@ -25,9 +25,9 @@ pub struct Namespace {
 /// A namespace's globally unique identifier from Identify Namespace: NGUID (bytes 104..120)
 /// when the controller fills it, else EUI64 (bytes 120..128); both all-zero means none (NVMe
 /// 1.4 §7.11: a controller may report neither). nvd(4) answers GEOM's `GEOM::lunid` with the
-/// same choice (nvd_getattr), so a volume keeps one `/dev/diskid/DISK-...` name whichever
-/// driver serves it. The NSID alone does not name a namespace: another host may delete one
-/// and create another under the same ID, which only a changed ID reveals.
+/// same choice (nvd_getattr), so a volume shows one lunid (`geom disk list`) whichever driver
+/// serves it. The NSID alone does not name a namespace: another host may delete one and
+/// create another under the same ID, which only a changed ID reveals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NsUid {
     /// Neither field is set.
